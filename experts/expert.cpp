@@ -1,0 +1,53 @@
+#include "experts/expert.h"
+
+#include <cassert>
+
+namespace moesh {
+
+size_t dtype_size(moesh_dtype type) {
+    switch (type) {
+    case MOESH_DTYPE_F32: return 4;
+    case MOESH_DTYPE_F16: return 2;
+    case MOESH_DTYPE_BF16: return 2;
+    default: return 0;
+    }
+}
+
+const char * dtype_name(moesh_dtype type) {
+    switch (type) {
+    case MOESH_DTYPE_F32: return "f32";
+    case MOESH_DTYPE_F16: return "f16";
+    case MOESH_DTYPE_BF16: return "bf16";
+    default: return "?";
+    }
+}
+
+ExpertTable::ExpertTable(int64_t n_layer, int64_t n_expert)
+    : n_layer_(n_layer), n_expert_(n_expert), experts_(size_t(n_layer) * size_t(n_expert)) {}
+
+void ExpertTable::set(ExpertId id, const ExpertWeights & w) {
+    assert(id.layer >= 0 && id.layer < n_layer_ && id.index >= 0 && id.index < n_expert_);
+    experts_[slot(id)] = w;
+}
+
+size_t ExpertTable::bytes_per_expert(int32_t layer) const {
+    for (int64_t e = 0; e < n_expert_; ++e) {
+        const auto & w = experts_[slot({layer, int32_t(e)})];
+        if (!w.empty()) return w.n_bytes();
+    }
+    return 0;
+}
+
+size_t ExpertTable::total_bytes() const {
+    size_t s = 0;
+    for (const auto & w : experts_) s += w.n_bytes();
+    return s;
+}
+
+int64_t ExpertTable::n_present() const {
+    int64_t n = 0;
+    for (const auto & w : experts_) n += !w.empty();
+    return n;
+}
+
+} // namespace moesh

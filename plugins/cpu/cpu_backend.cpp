@@ -1,0 +1,589 @@
+// The CPU backend plugin: the moesh_backend_iface table, argument validation
+// and the split of every op over the context's thread pool. The SIMD kernels
+// are in cpu_kernels.cpp.
+#include <moesh/plugin.h>
+
+#include "cpu_kernels.h"
+#include "host_memory.h"
+#include "thread_pool.h"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdarg>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <system_error>
+#include <thread>
+
+static_assert(sizeof(moesh_dtype) == sizeof(int32_t) && sizeof(moesh_op) == sizeof(int32_t) &&
+                  sizeof(moesh_rope_mode) == sizeof(int32_t),
+              "the ABI's enums are read as int32_t");
+
+namespace {
+
+using moesh::cpu::ThreadPool;
+
+constexpr int32_t k_score = 10;
+constexpr int32_t k_max_threads = 1024;
+// Multiply-adds below which a call runs on the calling thread alone: waking
+// the workers would cost more than they save.
+constexpr int64_t k_min_work_per_thread = int64_t(1) << 15;
+// Floats between the per-thread slices of the context scratch (a cache line).
+constexpr int64_t k_scratch_align = 16;
+
+// 64-byte aligned float buffer that only ever grows.
+class ScratchBuffer {
+public:
+    ScratchBuffer() = default;
+    ScratchBuffer(const ScratchBuffer &) = delete;
+    ScratchBuffer & operator=(const ScratchBuffer &) = delete;
+    ~ScratchBuffer() { std::free(data_); }
+
+    float * reserve(size_t n_floats) {
+        if (n_floats > n_floats_) {
+            void * p = nullptr;
+            if (posix_memalign(&p, 64, n_floats * sizeof(float)) != 0) {
+                throw std::bad_alloc();
+            }
+            std::free(data_);
+            data_ = static_cast<float *>(p);
+            n_floats_ = n_floats;
+        }
+        return data_;
+    }
+
+private:
+    float * data_ = nullptr;
+    size_t n_floats_ = 0;
+};
+
+} // namespace
+
+struct moesh_backend {
+    explicit moesh_backend(int n_threads) : pool(n_threads) {}
+
+    moesh_host_api host{};   // the v1 members of the host's table, copied
+    ThreadPool pool;
+    ScratchBuffer scratch;   // [n_threads, stride]: rope cos/sin, attention scores
+    char last_error[512] = "";
+};
+
+namespace {
+
+// Enum members of argument structs come from C callers and may hold any value.
+template <class E>
+int32_t raw_enum(E e) {
+    int32_t v;
+    std::memcpy(&v, &e, sizeof v);
+    return v;
+}
+
+bool has_host_log(const moesh_host_api & host) {
+    return host.struct_size >= offsetof(moesh_host_api, log) + sizeof(host.log) && host.log != nullptr;
+}
+
+__attribute__((format(printf, 3, 4)))
+void host_log(const moesh_host_api * host, moesh_log_level level, const char * fmt, ...) {
+    if (!host || !has_host_log(*host)) {
+        return;
+    }
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    host->log(host->ctx, level, msg);
+}
+
+__attribute__((format(printf, 3, 4)))
+moesh_status fail(moesh_backend * be, moesh_status status, const char * fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(be->last_error, sizeof be->last_error, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+#define MOESH_CPU_REQUIRE(cond, ...)                                      \
+    do {                                                                  \
+        if (!(cond)) {                                                    \
+            return fail(be, MOESH_ERR_INVALID_ARGUMENT, __VA_ARGS__);     \
+        }                                                                 \
+    } while (0)
+
+// Runs an entry point's body so that no exception crosses the C boundary.
+template <class F>
+moesh_status guarded(moesh_backend * be, const char * op, F && body) noexcept {
+    if (!be) {
+        return MOESH_ERR_INVALID_ARGUMENT;
+    }
+    try {
+        return body();
+    } catch (const std::bad_alloc &) {
+        return fail(be, MOESH_ERR_OUT_OF_MEMORY, "%s: out of memory", op);
+    } catch (const std::exception & e) {
+        return fail(be, MOESH_ERR_INTERNAL, "%s: %s", op, e.what());
+    } catch (...) {
+        return fail(be, MOESH_ERR_INTERNAL, "%s: unknown exception", op);
+    }
+}
+
+long long ll(int64_t v) { return static_cast<long long>(v); }
+
+// a * b fits in int64 (both non-negative) and, as a float count, in size_t.
+bool product_fits(int64_t a, int64_t b, int64_t * out = nullptr) {
+    int64_t p;
+    if (__builtin_mul_overflow(a, b, &p) || p > (INT64_MAX >> 3)) {
+        return false;
+    }
+    if (out) {
+        *out = p;
+    }
+    return true;
+}
+
+bool weight_type_ok(moesh_dtype t) {
+    const int32_t v = raw_enum(t);
+    return v == MOESH_DTYPE_F32 || v == MOESH_DTYPE_F16 || v == MOESH_DTYPE_BF16;
+}
+
+moesh_status unsupported_weight_type(moesh_backend * be, const char * op, moesh_dtype t) {
+    return fail(be, MOESH_ERR_UNSUPPORTED, "%s: weight dtype %d is not supported by the cpu backend (f32, f16, bf16 are)",
+                op, int(raw_enum(t)));
+}
+
+// Byte ranges [p, p + n_p) and [q, q + n_q) do not overlap.
+bool disjoint(const void * p, size_t n_p, const void * q, size_t n_q) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t b = reinterpret_cast<uintptr_t>(q);
+    return a + n_p <= b || b + n_q <= a;
+}
+
+// Threads worth waking for this many multiply-adds.
+int n_active_threads(const moesh_backend * be, int64_t work) {
+    const int64_t n = std::max<int64_t>(1, work / k_min_work_per_thread);
+    return int(std::min<int64_t>(n, be->pool.n_threads()));
+}
+
+// Balanced share [begin, end) of n units for thread ith of nth.
+struct Range {
+    int64_t begin;
+    int64_t end;
+};
+
+Range split(int64_t n, int ith, int nth) {
+    return {n * ith / nth, n * (ith + 1) / nth};
+}
+
+int default_thread_count() {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        const int n = CPU_COUNT(&set);
+        if (n > 0) {
+            return n;
+        }
+    }
+    const unsigned n = std::thread::hardware_concurrency();
+    return n > 0 ? int(n) : 1;
+}
+
+// Per-thread slices of the context scratch, each n_per_thread floats.
+float * thread_scratch(moesh_backend * be, int64_t n_per_thread, int64_t * stride) {
+    *stride = (n_per_thread + k_scratch_align - 1) / k_scratch_align * k_scratch_align;
+    return be->scratch.reserve(size_t(*stride) * size_t(be->pool.n_threads()));
+}
+
+// ---------------------------------------------------------------- lifetime
+
+moesh_status cpu_create(const moesh_backend_params * params, const moesh_host_api * host, moesh_backend ** out) {
+    if (!out) {
+        host_log(host, MOESH_LOG_ERROR, "cpu backend: create: out is NULL");
+        return MOESH_ERR_INVALID_ARGUMENT;
+    }
+    *out = nullptr;
+    try {
+        int32_t n_threads = 0;
+        if (params) {
+            if (params->struct_size < offsetof(moesh_backend_params, n_threads) + sizeof(params->n_threads)) {
+                host_log(host, MOESH_LOG_ERROR, "cpu backend: create: params struct_size %u is too small",
+                         unsigned(params->struct_size));
+                return MOESH_ERR_INVALID_ARGUMENT;
+            }
+            n_threads = params->n_threads;
+        }
+        if (n_threads > k_max_threads) {
+            host_log(host, MOESH_LOG_ERROR, "cpu backend: create: n_threads %d is more than %d", int(n_threads),
+                     int(k_max_threads));
+            return MOESH_ERR_INVALID_ARGUMENT;
+        }
+        if (n_threads <= 0) {
+            n_threads = default_thread_count();
+        }
+        auto be = std::make_unique<moesh_backend>(n_threads);
+        if (host) {
+            std::memcpy(&be->host, host, std::min<size_t>(host->struct_size, sizeof be->host));
+            be->host.struct_size = std::min<uint32_t>(host->struct_size, sizeof be->host);
+        }
+        host_log(&be->host, MOESH_LOG_INFO, "cpu backend: %d threads, SIMD target %s", int(n_threads),
+                 moesh::cpu::simd_target_name());
+        *out = be.release();
+        return MOESH_OK;
+    } catch (const std::bad_alloc &) {
+        host_log(host, MOESH_LOG_ERROR, "cpu backend: create: out of memory");
+        return MOESH_ERR_OUT_OF_MEMORY;
+    } catch (const std::exception & e) {
+        host_log(host, MOESH_LOG_ERROR, "cpu backend: create: %s", e.what());
+        return MOESH_ERR_INTERNAL;
+    } catch (...) {
+        return MOESH_ERR_INTERNAL;
+    }
+}
+
+void cpu_destroy(moesh_backend * be) {
+    delete be;   // joins the workers; nothing in it throws
+}
+
+const char * cpu_last_error(moesh_backend * be) {
+    return be ? be->last_error : "cpu backend: NULL context";
+}
+
+// ---------------------------------------------------------------- memory
+
+moesh_status cpu_memory_info(moesh_backend * be, uint64_t * free_bytes, uint64_t * total_bytes) {
+    return guarded(be, "memory_info", [&] {
+        MOESH_CPU_REQUIRE(free_bytes && total_bytes, "memory_info: free_bytes and total_bytes must not be NULL");
+        moesh::cpu::HostMemory m;
+        if (!moesh::cpu::query_host_memory(&m)) {
+            return fail(be, MOESH_ERR_INTERNAL, "memory_info: cannot read the host's memory size");
+        }
+        *free_bytes = m.free_bytes;
+        *total_bytes = m.total_bytes;
+        return MOESH_OK;
+    });
+}
+
+moesh_status cpu_buffer_alloc(moesh_backend * be, size_t n_bytes, void ** out) {
+    return guarded(be, "buffer_alloc", [&] {
+        MOESH_CPU_REQUIRE(out, "buffer_alloc: out is NULL");
+        *out = nullptr;
+        MOESH_CPU_REQUIRE(n_bytes > 0, "buffer_alloc: n_bytes is 0");
+        MOESH_CPU_REQUIRE(n_bytes <= SIZE_MAX - 63, "buffer_alloc: n_bytes %zu is too large", n_bytes);
+        void * p = nullptr;
+        // A whole number of cache lines, so SIMD loads past the end stay inside.
+        if (posix_memalign(&p, 64, (n_bytes + 63) & ~size_t(63)) != 0) {
+            return fail(be, MOESH_ERR_OUT_OF_MEMORY, "buffer_alloc: cannot allocate %zu bytes", n_bytes);
+        }
+        *out = p;
+        return MOESH_OK;
+    });
+}
+
+void cpu_buffer_free(moesh_backend * be, void * ptr) {
+    std::free(ptr);
+}
+
+moesh_status copy_bytes(moesh_backend * be, const char * op, void * dst, const void * src, size_t n_bytes) {
+    return guarded(be, op, [&] {
+        MOESH_CPU_REQUIRE(n_bytes == 0 || (dst && src), "%s: dst and src must not be NULL", op);
+        if (n_bytes > 0) {
+            std::memmove(dst, src, n_bytes);
+        }
+        return MOESH_OK;
+    });
+}
+
+moesh_status cpu_copy_to_device(moesh_backend * be, void * dst, const void * src, size_t n_bytes) {
+    return copy_bytes(be, "copy_to_device", dst, src, n_bytes);
+}
+
+moesh_status cpu_copy_to_host(moesh_backend * be, void * dst, const void * src, size_t n_bytes) {
+    return copy_bytes(be, "copy_to_host", dst, src, n_bytes);
+}
+
+moesh_status cpu_synchronize(moesh_backend * be) {
+    return be ? MOESH_OK : MOESH_ERR_INVALID_ARGUMENT;   // every call is synchronous
+}
+
+int32_t cpu_supports(moesh_backend * be, moesh_op op, moesh_dtype w_type) {
+    switch (raw_enum(op)) {
+    case MOESH_OP_MATMUL:
+    case MOESH_OP_EXPERT_FFN:
+        return weight_type_ok(w_type) ? 1 : 0;
+    case MOESH_OP_RMS_NORM:
+    case MOESH_OP_ROPE:
+    case MOESH_OP_SOFTMAX:
+    case MOESH_OP_ATTENTION:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+// ---------------------------------------------------------------- ops
+
+moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
+    return guarded(be, "matmul", [&] {
+        MOESH_CPU_REQUIRE(args, "matmul: args is NULL");
+        const moesh_matmul_args a = *args;
+        MOESH_CPU_REQUIRE(a.w && a.x && a.y, "matmul: w, x and y must not be NULL");
+        MOESH_CPU_REQUIRE(a.n_in > 0 && a.n_out > 0 && a.n_tokens > 0,
+                          "matmul: n_in (%lld), n_out (%lld) and n_tokens (%lld) must be positive", ll(a.n_in),
+                          ll(a.n_out), ll(a.n_tokens));
+        MOESH_CPU_REQUIRE(a.x_stride >= a.n_in, "matmul: x_stride (%lld) is less than n_in (%lld)", ll(a.x_stride),
+                          ll(a.n_in));
+        MOESH_CPU_REQUIRE(a.y_stride >= a.n_out, "matmul: y_stride (%lld) is less than n_out (%lld)",
+                          ll(a.y_stride), ll(a.n_out));
+        int64_t n_w = 0;
+        int64_t n_x = 0;
+        int64_t n_y = 0;
+        MOESH_CPU_REQUIRE(product_fits(a.n_out, a.n_in, &n_w) && product_fits(a.n_tokens, a.x_stride, &n_x) &&
+                              product_fits(a.n_tokens, a.y_stride, &n_y),
+                          "matmul: sizes overflow");
+        if (!weight_type_ok(a.w_type)) {
+            return unsupported_weight_type(be, "matmul", a.w_type);
+        }
+        MOESH_CPU_REQUIRE(disjoint(a.y, size_t(n_y) * 4, a.x, size_t(n_x) * 4),
+                          "matmul: y overlaps x");
+
+        int64_t work = 0;
+        const int n_active = product_fits(n_w, a.n_tokens, &work) ? n_active_threads(be, work) : be->pool.n_threads();
+        // Threads take blocks of 4 rows; with few rows and many tokens (a
+        // router's logits over a prompt), they take tokens instead.
+        const int64_t n_row_blocks = (a.n_out + 3) / 4;
+        const bool by_tokens = n_row_blocks < 2 * n_active && a.n_tokens >= n_active;
+        auto task = [&](int ith, int nth) {
+            if (by_tokens) {
+                const Range t = split(a.n_tokens, ith, nth);
+                moesh::cpu::matmul_rows(a, 0, a.n_out, t.begin, t.end);
+            } else {
+                const Range r = split(n_row_blocks, ith, nth);
+                moesh::cpu::matmul_rows(a, r.begin * 4, std::min(r.end * 4, a.n_out), 0, a.n_tokens);
+            }
+        };
+        be->pool.run(n_active, task);
+        return MOESH_OK;
+    });
+}
+
+moesh_status cpu_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args) {
+    return guarded(be, "rms_norm", [&] {
+        MOESH_CPU_REQUIRE(args, "rms_norm: args is NULL");
+        const moesh_rms_norm_args a = *args;
+        MOESH_CPU_REQUIRE(a.x && a.weight && a.y, "rms_norm: x, weight and y must not be NULL");
+        MOESH_CPU_REQUIRE(a.n > 0 && a.n_rows > 0, "rms_norm: n (%lld) and n_rows (%lld) must be positive", ll(a.n),
+                          ll(a.n_rows));
+        int64_t n_x = 0;
+        MOESH_CPU_REQUIRE(product_fits(a.n, a.n_rows, &n_x), "rms_norm: sizes overflow");
+        MOESH_CPU_REQUIRE(std::isfinite(a.eps) && a.eps >= 0.0f, "rms_norm: eps (%g) must be finite and >= 0",
+                          double(a.eps));
+        MOESH_CPU_REQUIRE(a.y == a.x || disjoint(a.y, size_t(n_x) * 4, a.x, size_t(n_x) * 4),
+                          "rms_norm: y partly overlaps x (only y == x is allowed)");
+        auto task = [&](int ith, int nth) {
+            const Range r = split(a.n_rows, ith, nth);
+            moesh::cpu::rms_norm_rows(a, r.begin, r.end);
+        };
+        be->pool.run(std::min<int64_t>(n_active_threads(be, n_x), a.n_rows), task);
+        return MOESH_OK;
+    });
+}
+
+moesh_status cpu_rope(moesh_backend * be, const moesh_rope_args * args) {
+    return guarded(be, "rope", [&] {
+        MOESH_CPU_REQUIRE(args, "rope: args is NULL");
+        const moesh_rope_args a = *args;
+        MOESH_CPU_REQUIRE(a.x && a.pos && a.inv_freq, "rope: x, pos and inv_freq must not be NULL");
+        MOESH_CPU_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.head_dim > 0,
+                          "rope: n_tokens (%lld), n_head (%lld) and head_dim (%lld) must be positive", ll(a.n_tokens),
+                          ll(a.n_head), ll(a.head_dim));
+        MOESH_CPU_REQUIRE(a.rot_dim > 0 && a.rot_dim % 2 == 0 && a.rot_dim <= a.head_dim,
+                          "rope: rot_dim (%lld) must be even, positive and <= head_dim (%lld)", ll(a.rot_dim),
+                          ll(a.head_dim));
+        int64_t n_th = 0;
+        int64_t n_x = 0;
+        MOESH_CPU_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_th) && product_fits(n_th, a.head_dim, &n_x),
+                          "rope: sizes overflow");
+        MOESH_CPU_REQUIRE(std::isfinite(a.attn_factor), "rope: attn_factor must be finite");
+        const int32_t mode = raw_enum(a.mode);
+        if (mode != MOESH_ROPE_NEOX && mode != MOESH_ROPE_NORM) {
+            return fail(be, MOESH_ERR_UNSUPPORTED, "rope: mode %d is not supported", int(mode));
+        }
+        int64_t stride = 0;
+        float * cos_sin = thread_scratch(be, a.rot_dim, &stride);   // [n_threads, stride]
+        auto task = [&](int ith, int nth) {
+            const Range t = split(a.n_tokens, ith, nth);
+            moesh::cpu::rope_tokens(a, t.begin, t.end, cos_sin + ith * stride);
+        };
+        // cos/sin are the expensive part: count them as work too.
+        const int64_t work = n_th * a.rot_dim + a.n_tokens * a.rot_dim * 16;
+        be->pool.run(std::min<int64_t>(n_active_threads(be, work), a.n_tokens), task);
+        return MOESH_OK;
+    });
+}
+
+moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * args) {
+    return guarded(be, "expert_ffn", [&] {
+        MOESH_CPU_REQUIRE(args, "expert_ffn: args is NULL");
+        const moesh_expert_ffn_args a = *args;
+        MOESH_CPU_REQUIRE(a.gate && a.up && a.down && a.x && a.out && a.scratch,
+                          "expert_ffn: gate, up, down, x, out and scratch must not be NULL");
+        MOESH_CPU_REQUIRE(a.n_embd > 0 && a.n_ff > 0 && a.n_tokens > 0,
+                          "expert_ffn: n_embd (%lld), n_ff (%lld) and n_tokens (%lld) must be positive",
+                          ll(a.n_embd), ll(a.n_ff), ll(a.n_tokens));
+        int64_t n_w = 0;
+        int64_t n_x = 0;
+        int64_t n_h = 0;
+        int64_t work = 0;
+        MOESH_CPU_REQUIRE(product_fits(a.n_ff, a.n_embd, &n_w) && product_fits(a.n_tokens, a.n_embd, &n_x) &&
+                              product_fits(2 * a.n_tokens, a.n_ff, &n_h) && product_fits(3 * n_w, a.n_tokens, &work),
+                          "expert_ffn: sizes overflow");
+        if (!weight_type_ok(a.w_type)) {
+            return unsupported_weight_type(be, "expert_ffn", a.w_type);
+        }
+        MOESH_CPU_REQUIRE(disjoint(a.scratch, size_t(n_h) * 4, a.x, size_t(n_x) * 4) &&
+                              disjoint(a.scratch, size_t(n_h) * 4, a.out, size_t(n_x) * 4),
+                          "expert_ffn: scratch overlaps x or out");
+        const int n_active = n_active_threads(be, work);
+        // Two passes: every thread's down rows need all of h. The first pass
+        // reads all of x before the second writes out, so out may alias x.
+        auto gate_up = [&](int ith, int nth) {
+            const Range r = split((a.n_ff + 1) / 2, ith, nth);
+            moesh::cpu::expert_gate_up_rows(a, r.begin * 2, std::min(r.end * 2, a.n_ff));
+        };
+        be->pool.run(n_active, gate_up);
+        auto down = [&](int ith, int nth) {
+            const Range r = split((a.n_embd + 3) / 4, ith, nth);
+            moesh::cpu::expert_down_rows(a, r.begin * 4, std::min(r.end * 4, a.n_embd));
+        };
+        be->pool.run(n_active, down);
+        return MOESH_OK;
+    });
+}
+
+moesh_status cpu_softmax(moesh_backend * be, const moesh_softmax_args * args) {
+    return guarded(be, "softmax", [&] {
+        MOESH_CPU_REQUIRE(args, "softmax: args is NULL");
+        const moesh_softmax_args a = *args;
+        MOESH_CPU_REQUIRE(a.x, "softmax: x must not be NULL");
+        MOESH_CPU_REQUIRE(a.n > 0 && a.n_rows > 0, "softmax: n (%lld) and n_rows (%lld) must be positive", ll(a.n),
+                          ll(a.n_rows));
+        int64_t n_x = 0;
+        MOESH_CPU_REQUIRE(product_fits(a.n, a.n_rows, &n_x), "softmax: sizes overflow");
+        auto task = [&](int ith, int nth) {
+            const Range r = split(a.n_rows, ith, nth);
+            moesh::cpu::softmax_rows(a, r.begin, r.end);
+        };
+        be->pool.run(std::min<int64_t>(n_active_threads(be, n_x * 8), a.n_rows), task);
+        return MOESH_OK;
+    });
+}
+
+moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args) {
+    return guarded(be, "attention", [&] {
+        MOESH_CPU_REQUIRE(args, "attention: args is NULL");
+        const moesh_attention_args a = *args;
+        MOESH_CPU_REQUIRE(a.q && a.k_pool && a.v_pool && a.block_table && a.pos && a.out,
+                          "attention: q, k_pool, v_pool, block_table, pos and out must not be NULL");
+        MOESH_CPU_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 &&
+                              a.n_kv > 0,
+                          "attention: n_tokens (%lld), n_head (%lld), n_head_kv (%lld), head_dim (%lld), "
+                          "block_size (%lld) and n_kv (%lld) must be positive",
+                          ll(a.n_tokens), ll(a.n_head), ll(a.n_head_kv), ll(a.head_dim), ll(a.block_size),
+                          ll(a.n_kv));
+        MOESH_CPU_REQUIRE(a.n_head % a.n_head_kv == 0, "attention: n_head (%lld) is not a multiple of n_head_kv (%lld)",
+                          ll(a.n_head), ll(a.n_head_kv));
+        int64_t n_items = 0;
+        int64_t n_q = 0;
+        int64_t kv_row = 0;
+        int64_t n_rows_max = 0;
+        // block_table holds int32 block ids, so this bounds every cache offset.
+        MOESH_CPU_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_items) && product_fits(n_items, a.head_dim, &n_q) &&
+                              product_fits(a.n_head_kv, a.head_dim, &kv_row) &&
+                              product_fits(int64_t(INT32_MAX) + 1, a.block_size, &n_rows_max) &&
+                              product_fits(n_rows_max, kv_row),
+                          "attention: sizes overflow");
+        MOESH_CPU_REQUIRE(std::isfinite(a.scale), "attention: scale must be finite");
+        int64_t n_ctx_max = 0;   // longest context any query attends
+        for (int64_t t = 0; t < a.n_tokens; ++t) {
+            MOESH_CPU_REQUIRE(a.pos[t] >= 0 && a.pos[t] < a.n_kv, "attention: pos[%lld] = %d is outside [0, n_kv = %lld)",
+                              ll(t), int(a.pos[t]), ll(a.n_kv));
+            n_ctx_max = std::max(n_ctx_max, int64_t(a.pos[t]) + 1);
+        }
+        const int64_t n_blocks_used = (n_ctx_max + a.block_size - 1) / a.block_size;
+        for (int64_t b = 0; b < n_blocks_used; ++b) {
+            MOESH_CPU_REQUIRE(a.block_table[b] >= 0, "attention: block_table[%lld] = %d is negative", ll(b),
+                              int(a.block_table[b]));
+        }
+        int64_t stride = 0;
+        float * scores = thread_scratch(be, n_ctx_max, &stride);   // [n_threads, stride]
+        auto task = [&](int ith, int nth) {
+            const Range r = split(n_items, ith, nth);
+            moesh::cpu::attention_items(a, r.begin, r.end, scores + ith * stride);
+        };
+        int64_t work = 0;
+        product_fits(n_q, 2 * n_ctx_max, &work);
+        be->pool.run(std::min<int64_t>(n_active_threads(be, work), n_items), task);
+        return MOESH_OK;
+    });
+}
+
+const moesh_backend_iface k_cpu_iface = {
+    /* .abi_version    = */ MOESH_PLUGIN_ABI_VERSION,
+    /* .struct_size    = */ sizeof(moesh_backend_iface),
+    /* .name           = */ "cpu",
+    /* .host_memory    = */ 1,
+    /* .create         = */ cpu_create,
+    /* .destroy        = */ cpu_destroy,
+    /* .last_error     = */ cpu_last_error,
+    /* .memory_info    = */ cpu_memory_info,
+    /* .buffer_alloc   = */ cpu_buffer_alloc,
+    /* .buffer_free    = */ cpu_buffer_free,
+    /* .copy_to_device = */ cpu_copy_to_device,
+    /* .copy_to_host   = */ cpu_copy_to_host,
+    /* .synchronize    = */ cpu_synchronize,
+    /* .supports       = */ cpu_supports,
+    /* .matmul         = */ cpu_matmul,
+    /* .rms_norm       = */ cpu_rms_norm,
+    /* .rope           = */ cpu_rope,
+    /* .expert_ffn     = */ cpu_expert_ffn,
+    /* .softmax        = */ cpu_softmax,
+    /* .attention      = */ cpu_attention,
+};
+
+} // namespace
+
+extern "C" {
+
+MOESH_PLUGIN_EXPORT moesh_status moesh_plugin_init(const moesh_host_api * host, const moesh_backend_iface ** out) {
+    if (!out) {
+        host_log(host, MOESH_LOG_ERROR, "cpu backend: init: out is NULL");
+        return MOESH_ERR_INVALID_ARGUMENT;
+    }
+    *out = nullptr;
+    if (!host) {
+        return MOESH_ERR_INVALID_ARGUMENT;
+    }
+    // Tables are append-only, so a newer host still offers what this plugin
+    // reads; an older one (or one whose table is too short) does not.
+    if (host->abi_version < MOESH_PLUGIN_ABI_VERSION ||
+        host->struct_size < offsetof(moesh_host_api, log) + sizeof(host->log)) {
+        host_log(host, MOESH_LOG_ERROR,
+                 "cpu backend: host ABI version %u (struct_size %u) is older than the plugin's version %u",
+                 unsigned(host->abi_version), unsigned(host->struct_size), unsigned(MOESH_PLUGIN_ABI_VERSION));
+        return MOESH_ERR_ABI_MISMATCH;
+    }
+    *out = &k_cpu_iface;
+    return MOESH_OK;
+}
+
+MOESH_PLUGIN_EXPORT int32_t moesh_plugin_score(void) {
+    return k_score;
+}
+
+} // extern "C"

@@ -1,0 +1,605 @@
+// Highway compiles this file once per SIMD target (foreach_target.h re-includes
+// it) and HWY_DYNAMIC_DISPATCH picks the best one for the CPU at run time.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "cpu_kernels.cpp"
+#include <hwy/foreach_target.h>  // must precede highway.h
+
+#include <hwy/highway.h>
+#include <hwy/contrib/math/math-inl.h>
+
+#include "cpu_kernels.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace moesh::cpu {
+namespace HWY_NAMESPACE {
+
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;
+using VF = hn::Vec<DF>;
+
+// Lanes of the widest vector of any target: size of the zero-padded tail buffers.
+constexpr int64_t k_max_lanes = HWY_MAX_BYTES / sizeof(float);
+// Tokens that share one pass over a block of weight rows.
+constexpr int64_t k_max_token_block = 64;
+
+const char * target_name() { return hwy::TargetName(HWY_TARGET); }
+
+// Tokens per block such that their activations (n_in floats each) stay in L2
+// while every weight row block is multiplied with all of them.
+int64_t token_block(int64_t n_in) {
+    const int64_t n = (int64_t(256) * 1024 / int64_t(sizeof(float))) / n_in;
+    return std::clamp<int64_t>(n, 1, k_max_token_block);
+}
+
+// Weights of any dtype, widened to f32 lanes.
+HWY_INLINE VF load_f32(DF d, const float * HWY_RESTRICT p) { return hn::LoadU(d, p); }
+
+HWY_INLINE VF load_f32(DF d, const hwy::bfloat16_t * HWY_RESTRICT p) {
+    const hn::Rebind<hwy::bfloat16_t, DF> d_bf16;
+    return hn::PromoteTo(d, hn::LoadU(d_bf16, p));
+}
+
+HWY_INLINE VF load_f32(DF d, const hwy::float16_t * HWY_RESTRICT p) {
+    const hn::Rebind<hwy::float16_t, DF> d_f16;
+    return hn::PromoteTo(d, hn::LoadU(d_f16, p));
+}
+
+HWY_INLINE float reduce_sum(DF d, VF v) { return hn::GetLane(hn::SumOfLanes(d, v)); }
+
+// Copies the last n_rest (< lanes) elements of a row into a zero-padded buffer,
+// so that tails take the same vector path (and the same conversions) as the body.
+template <class T>
+HWY_INLINE void copy_tail(T * HWY_RESTRICT dst, const T * HWY_RESTRICT src, int64_t n_rest) {
+    for (int64_t i = 0; i < n_rest; ++i) {
+        dst[i] = src[i];
+    }
+}
+
+// out[j] = w_j . x for 4 weight rows and one activation row of length n. The
+// two accumulators per row keep enough FMAs in flight; decode is bound by
+// the weight stream, not by this loop.
+template <class WT>
+HWY_INLINE void dot_4x1(const WT * HWY_RESTRICT w0, const WT * HWY_RESTRICT w1,
+                        const WT * HWY_RESTRICT w2, const WT * HWY_RESTRICT w3,
+                        const float * HWY_RESTRICT x, int64_t n, float * HWY_RESTRICT out) {
+    const DF d;
+    const int64_t N = int64_t(hn::Lanes(d));
+    VF a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+    VF b0 = hn::Zero(d), b1 = hn::Zero(d), b2 = hn::Zero(d), b3 = hn::Zero(d);
+    int64_t i = 0;
+    for (; i + 2 * N <= n; i += 2 * N) {
+        const VF xa = hn::LoadU(d, x + i);
+        const VF xb = hn::LoadU(d, x + i + N);
+        a0 = hn::MulAdd(load_f32(d, w0 + i), xa, a0);
+        a1 = hn::MulAdd(load_f32(d, w1 + i), xa, a1);
+        a2 = hn::MulAdd(load_f32(d, w2 + i), xa, a2);
+        a3 = hn::MulAdd(load_f32(d, w3 + i), xa, a3);
+        b0 = hn::MulAdd(load_f32(d, w0 + i + N), xb, b0);
+        b1 = hn::MulAdd(load_f32(d, w1 + i + N), xb, b1);
+        b2 = hn::MulAdd(load_f32(d, w2 + i + N), xb, b2);
+        b3 = hn::MulAdd(load_f32(d, w3 + i + N), xb, b3);
+    }
+    for (; i + N <= n; i += N) {
+        const VF xa = hn::LoadU(d, x + i);
+        a0 = hn::MulAdd(load_f32(d, w0 + i), xa, a0);
+        a1 = hn::MulAdd(load_f32(d, w1 + i), xa, a1);
+        a2 = hn::MulAdd(load_f32(d, w2 + i), xa, a2);
+        a3 = hn::MulAdd(load_f32(d, w3 + i), xa, a3);
+    }
+    if (i < n) {
+        HWY_ALIGN WT tw[4][k_max_lanes] = {};
+        HWY_ALIGN float tx[k_max_lanes] = {};
+        copy_tail(tw[0], w0 + i, n - i);
+        copy_tail(tw[1], w1 + i, n - i);
+        copy_tail(tw[2], w2 + i, n - i);
+        copy_tail(tw[3], w3 + i, n - i);
+        copy_tail(tx, x + i, n - i);
+        const VF xa = hn::Load(d, tx);
+        a0 = hn::MulAdd(load_f32(d, tw[0]), xa, a0);
+        a1 = hn::MulAdd(load_f32(d, tw[1]), xa, a1);
+        a2 = hn::MulAdd(load_f32(d, tw[2]), xa, a2);
+        a3 = hn::MulAdd(load_f32(d, tw[3]), xa, a3);
+    }
+    out[0] = reduce_sum(d, hn::Add(a0, b0));
+    out[1] = reduce_sum(d, hn::Add(a1, b1));
+    out[2] = reduce_sum(d, hn::Add(a2, b2));
+    out[3] = reduce_sum(d, hn::Add(a3, b3));
+}
+
+// out[0..3] = w_j . xa, out[4..7] = w_j . xb: each widened weight vector is
+// used for two tokens.
+template <class WT>
+HWY_INLINE void dot_4x2(const WT * HWY_RESTRICT w0, const WT * HWY_RESTRICT w1,
+                        const WT * HWY_RESTRICT w2, const WT * HWY_RESTRICT w3,
+                        const float * HWY_RESTRICT xa, const float * HWY_RESTRICT xb, int64_t n,
+                        float * HWY_RESTRICT out) {
+    const DF d;
+    const int64_t N = int64_t(hn::Lanes(d));
+    VF a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+    VF b0 = hn::Zero(d), b1 = hn::Zero(d), b2 = hn::Zero(d), b3 = hn::Zero(d);
+    int64_t i = 0;
+    auto step = [&](const WT * p0, const WT * p1, const WT * p2, const WT * p3, VF va, VF vb) HWY_ATTR {
+        const VF v0 = load_f32(d, p0);
+        a0 = hn::MulAdd(v0, va, a0);
+        b0 = hn::MulAdd(v0, vb, b0);
+        const VF v1 = load_f32(d, p1);
+        a1 = hn::MulAdd(v1, va, a1);
+        b1 = hn::MulAdd(v1, vb, b1);
+        const VF v2 = load_f32(d, p2);
+        a2 = hn::MulAdd(v2, va, a2);
+        b2 = hn::MulAdd(v2, vb, b2);
+        const VF v3 = load_f32(d, p3);
+        a3 = hn::MulAdd(v3, va, a3);
+        b3 = hn::MulAdd(v3, vb, b3);
+    };
+    for (; i + N <= n; i += N) {
+        step(w0 + i, w1 + i, w2 + i, w3 + i, hn::LoadU(d, xa + i), hn::LoadU(d, xb + i));
+    }
+    if (i < n) {
+        HWY_ALIGN WT tw[4][k_max_lanes] = {};
+        HWY_ALIGN float txa[k_max_lanes] = {};
+        HWY_ALIGN float txb[k_max_lanes] = {};
+        copy_tail(tw[0], w0 + i, n - i);
+        copy_tail(tw[1], w1 + i, n - i);
+        copy_tail(tw[2], w2 + i, n - i);
+        copy_tail(tw[3], w3 + i, n - i);
+        copy_tail(txa, xa + i, n - i);
+        copy_tail(txb, xb + i, n - i);
+        step(tw[0], tw[1], tw[2], tw[3], hn::Load(d, txa), hn::Load(d, txb));
+    }
+    out[0] = reduce_sum(d, a0);
+    out[1] = reduce_sum(d, a1);
+    out[2] = reduce_sum(d, a2);
+    out[3] = reduce_sum(d, a3);
+    out[4] = reduce_sum(d, b0);
+    out[5] = reduce_sum(d, b1);
+    out[6] = reduce_sum(d, b2);
+    out[7] = reduce_sum(d, b3);
+}
+
+// dots[t, j] = w[j] . x[t] for 4 rows and n_tok (<= k_max_token_block) tokens.
+// The 4 rows (8 KiB-44 KiB) stay in L1/L2 while all tokens pass over them.
+template <class WT>
+HWY_INLINE void dot_rows4(const WT * const * w, const float * x, int64_t x_stride, int64_t n_tok,
+                          int64_t n, float * dots /* [n_tok, 4] */) {
+    int64_t t = 0;
+    for (; t + 2 <= n_tok; t += 2) {
+        dot_4x2(w[0], w[1], w[2], w[3], x + t * x_stride, x + (t + 1) * x_stride, n, dots + 4 * t);
+    }
+    if (t < n_tok) {
+        dot_4x1(w[0], w[1], w[2], w[3], x + t * x_stride, n, dots + 4 * t);
+    }
+}
+
+template <class WT>
+void matmul_rows_t(const moesh_matmul_args & a, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    const WT * w = static_cast<const WT *>(a.w);   // [n_out, n_in]
+    const int64_t n_tb = token_block(a.n_in);
+    HWY_ALIGN float dots[k_max_token_block * 4];   // [n_tb, 4]
+    for (int64_t tb = t0; tb < t1; tb += n_tb) {
+        const int64_t n_tok = std::min(n_tb, t1 - tb);
+        const float * x = a.x + tb * a.x_stride;   // [n_tok, x_stride]
+        for (int64_t r = r0; r < r1; r += 4) {
+            // A short last block repeats its last row; the extra dots are dropped.
+            const int64_t n_r = std::min<int64_t>(4, r1 - r);
+            const WT * rows[4];
+            for (int64_t j = 0; j < 4; ++j) {
+                rows[j] = w + (r + std::min(j, n_r - 1)) * a.n_in;
+            }
+            dot_rows4(rows, x, a.x_stride, n_tok, a.n_in, dots);
+            for (int64_t t = 0; t < n_tok; ++t) {
+                float * y = a.y + (tb + t) * a.y_stride + r;   // [n_r]
+                for (int64_t j = 0; j < n_r; ++j) {
+                    y[j] = dots[4 * t + j] + (a.bias ? a.bias[r + j] : 0.0f);
+                }
+            }
+        }
+    }
+}
+
+void matmul_rows(const moesh_matmul_args & a, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    switch (a.w_type) {
+    case MOESH_DTYPE_F32: matmul_rows_t<float>(a, r0, r1, t0, t1); break;
+    case MOESH_DTYPE_F16: matmul_rows_t<hwy::float16_t>(a, r0, r1, t0, t1); break;
+    case MOESH_DTYPE_BF16: matmul_rows_t<hwy::bfloat16_t>(a, r0, r1, t0, t1); break;
+    default: break;   // validated by the caller
+    }
+}
+
+HWY_INLINE float silu(float x) { return x / (1.0f + std::exp(-x)); }
+
+template <class WT>
+void expert_gate_up_rows_t(const moesh_expert_ffn_args & a, int64_t f0, int64_t f1) {
+    const WT * gate = static_cast<const WT *>(a.gate);   // [n_ff, n_embd]
+    const WT * up = static_cast<const WT *>(a.up);       // [n_ff, n_embd]
+    float * h = a.scratch;                               // [n_tokens, n_ff]
+    const int64_t n_embd = a.n_embd;
+    const int64_t n_tb = token_block(n_embd);
+    HWY_ALIGN float dots[k_max_token_block * 4];   // [n_tb, {g_f, g_f+1, u_f, u_f+1}]
+    for (int64_t tb = 0; tb < a.n_tokens; tb += n_tb) {
+        const int64_t n_tok = std::min(n_tb, a.n_tokens - tb);
+        // Gate and up rows of two features go through one pass over x.
+        for (int64_t f = f0; f < f1; f += 2) {
+            const int64_t f_b = std::min(f + 1, f1 - 1);
+            const WT * rows[4] = {gate + f * n_embd, gate + f_b * n_embd, up + f * n_embd, up + f_b * n_embd};
+            dot_rows4(rows, a.x + tb * n_embd, n_embd, n_tok, n_embd, dots);
+            for (int64_t t = 0; t < n_tok; ++t) {
+                float * ht = h + (tb + t) * a.n_ff;   // [n_ff]
+                ht[f] = silu(dots[4 * t]) * dots[4 * t + 2];
+                if (f + 1 < f1) {
+                    ht[f + 1] = silu(dots[4 * t + 1]) * dots[4 * t + 3];
+                }
+            }
+        }
+    }
+}
+
+template <class WT>
+void expert_down_rows_t(const moesh_expert_ffn_args & a, int64_t e0, int64_t e1) {
+    const WT * down = static_cast<const WT *>(a.down);   // [n_embd, n_ff]
+    const float * h = a.scratch;                         // [n_tokens, n_ff]
+    const int64_t n_ff = a.n_ff;
+    const int64_t n_tb = token_block(n_ff);
+    HWY_ALIGN float dots[k_max_token_block * 4];   // [n_tb, 4]
+    for (int64_t tb = 0; tb < a.n_tokens; tb += n_tb) {
+        const int64_t n_tok = std::min(n_tb, a.n_tokens - tb);
+        for (int64_t e = e0; e < e1; e += 4) {
+            const int64_t n_r = std::min<int64_t>(4, e1 - e);
+            const WT * rows[4];
+            for (int64_t j = 0; j < 4; ++j) {
+                rows[j] = down + (e + std::min(j, n_r - 1)) * n_ff;
+            }
+            dot_rows4(rows, h + tb * n_ff, n_ff, n_tok, n_ff, dots);
+            for (int64_t t = 0; t < n_tok; ++t) {
+                const float scale = a.scale ? a.scale[tb + t] : 1.0f;
+                float * out = a.out + (tb + t) * a.n_embd + e;   // [n_r]
+                for (int64_t j = 0; j < n_r; ++j) {
+                    out[j] += scale * dots[4 * t + j];
+                }
+            }
+        }
+    }
+}
+
+void expert_gate_up_rows(const moesh_expert_ffn_args & a, int64_t f0, int64_t f1) {
+    switch (a.w_type) {
+    case MOESH_DTYPE_F32: expert_gate_up_rows_t<float>(a, f0, f1); break;
+    case MOESH_DTYPE_F16: expert_gate_up_rows_t<hwy::float16_t>(a, f0, f1); break;
+    case MOESH_DTYPE_BF16: expert_gate_up_rows_t<hwy::bfloat16_t>(a, f0, f1); break;
+    default: break;
+    }
+}
+
+void expert_down_rows(const moesh_expert_ffn_args & a, int64_t e0, int64_t e1) {
+    switch (a.w_type) {
+    case MOESH_DTYPE_F32: expert_down_rows_t<float>(a, e0, e1); break;
+    case MOESH_DTYPE_F16: expert_down_rows_t<hwy::float16_t>(a, e0, e1); break;
+    case MOESH_DTYPE_BF16: expert_down_rows_t<hwy::bfloat16_t>(a, e0, e1); break;
+    default: break;
+    }
+}
+
+void rms_norm_rows(const moesh_rms_norm_args & a, int64_t r0, int64_t r1) {
+    const DF d;
+    const int64_t N = int64_t(hn::Lanes(d));
+    const int64_t n = a.n;
+    for (int64_t r = r0; r < r1; ++r) {
+        const float * x = a.x + r * n;   // [n]
+        float * y = a.y + r * n;         // [n], may be x
+        VF s0 = hn::Zero(d), s1 = hn::Zero(d);
+        int64_t i = 0;
+        for (; i + 2 * N <= n; i += 2 * N) {
+            const VF v0 = hn::LoadU(d, x + i);
+            const VF v1 = hn::LoadU(d, x + i + N);
+            s0 = hn::MulAdd(v0, v0, s0);
+            s1 = hn::MulAdd(v1, v1, s1);
+        }
+        for (; i + N <= n; i += N) {
+            const VF v0 = hn::LoadU(d, x + i);
+            s0 = hn::MulAdd(v0, v0, s0);
+        }
+        float sum_sq = reduce_sum(d, hn::Add(s0, s1));
+        for (; i < n; ++i) {
+            sum_sq += x[i] * x[i];
+        }
+        const float inv_rms = 1.0f / std::sqrt(sum_sq / float(n) + a.eps);
+        const VF v_inv_rms = hn::Set(d, inv_rms);
+        i = 0;
+        for (; i + N <= n; i += N) {
+            hn::StoreU(hn::Mul(hn::Mul(hn::LoadU(d, x + i), v_inv_rms), hn::LoadU(d, a.weight + i)), d, y + i);
+        }
+        for (; i < n; ++i) {
+            y[i] = x[i] * inv_rms * a.weight[i];
+        }
+    }
+}
+
+void softmax_rows(const moesh_softmax_args & a, int64_t r0, int64_t r1) {
+    const DF d;
+    const int64_t N = int64_t(hn::Lanes(d));
+    const int64_t n = a.n;
+    for (int64_t r = r0; r < r1; ++r) {
+        float * x = a.x + r * n;   // [n]
+        VF v_max = hn::Set(d, -std::numeric_limits<float>::infinity());
+        int64_t i = 0;
+        for (; i + N <= n; i += N) {
+            v_max = hn::Max(v_max, hn::LoadU(d, x + i));
+        }
+        float max = hn::GetLane(hn::MaxOfLanes(d, v_max));
+        for (; i < n; ++i) {
+            max = std::max(max, x[i]);
+        }
+        v_max = hn::Set(d, max);
+        VF v_sum = hn::Zero(d);
+        i = 0;
+        for (; i + N <= n; i += N) {
+            const VF e = hn::Exp(d, hn::Sub(hn::LoadU(d, x + i), v_max));
+            hn::StoreU(e, d, x + i);
+            v_sum = hn::Add(v_sum, e);
+        }
+        float sum = reduce_sum(d, v_sum);
+        for (; i < n; ++i) {
+            x[i] = std::exp(x[i] - max);
+            sum += x[i];
+        }
+        const float inv_sum = 1.0f / sum;
+        const VF v_inv_sum = hn::Set(d, inv_sum);
+        i = 0;
+        for (; i + N <= n; i += N) {
+            hn::StoreU(hn::Mul(hn::LoadU(d, x + i), v_inv_sum), d, x + i);
+        }
+        for (; i < n; ++i) {
+            x[i] *= inv_sum;
+        }
+    }
+}
+
+void rope_tokens(const moesh_rope_args & a, int64_t t0, int64_t t1, float * cos_sin) {
+    const DF d;
+    const int64_t N = int64_t(hn::Lanes(d));
+    const int64_t n_half = a.rot_dim / 2;
+    float * c = cos_sin;            // [n_half]
+    float * s = cos_sin + n_half;   // [n_half]
+    for (int64_t t = t0; t < t1; ++t) {
+        // float32 angle, then float32 cos/sin, as HF transformers computes them.
+        const float p = static_cast<float>(a.pos[t]);
+        for (int64_t i = 0; i < n_half; ++i) {
+            const float theta = p * a.inv_freq[i];
+            c[i] = std::cos(theta) * a.attn_factor;
+            s[i] = std::sin(theta) * a.attn_factor;
+        }
+        for (int64_t h = 0; h < a.n_head; ++h) {
+            float * x = a.x + (t * a.n_head + h) * a.head_dim;   // [head_dim]
+            if (a.mode == MOESH_ROPE_NEOX) {
+                float * x_hi = x + n_half;
+                int64_t i = 0;
+                for (; i + N <= n_half; i += N) {
+                    const VF x0 = hn::LoadU(d, x + i);
+                    const VF x1 = hn::LoadU(d, x_hi + i);
+                    const VF vc = hn::LoadU(d, c + i);
+                    const VF vs = hn::LoadU(d, s + i);
+                    hn::StoreU(hn::NegMulAdd(x1, vs, hn::Mul(x0, vc)), d, x + i);
+                    hn::StoreU(hn::MulAdd(x0, vs, hn::Mul(x1, vc)), d, x_hi + i);
+                }
+                for (; i < n_half; ++i) {
+                    const float x0 = x[i];
+                    const float x1 = x_hi[i];
+                    x[i] = x0 * c[i] - x1 * s[i];
+                    x_hi[i] = x0 * s[i] + x1 * c[i];
+                }
+            } else {
+                for (int64_t i = 0; i < n_half; ++i) {
+                    const float x0 = x[2 * i];
+                    const float x1 = x[2 * i + 1];
+                    x[2 * i] = x0 * c[i] - x1 * s[i];
+                    x[2 * i + 1] = x0 * s[i] + x1 * c[i];
+                }
+            }
+        }
+    }
+}
+
+// q . k_j for 4 cache rows.
+HWY_INLINE void dot_q_4(const float * HWY_RESTRICT q, const float * HWY_RESTRICT k0,
+                        const float * HWY_RESTRICT k1, const float * HWY_RESTRICT k2,
+                        const float * HWY_RESTRICT k3, int64_t n, float * HWY_RESTRICT out) {
+    const DF d;
+    const int64_t N = int64_t(hn::Lanes(d));
+    VF a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+    int64_t i = 0;
+    for (; i + N <= n; i += N) {
+        const VF vq = hn::LoadU(d, q + i);
+        a0 = hn::MulAdd(vq, hn::LoadU(d, k0 + i), a0);
+        a1 = hn::MulAdd(vq, hn::LoadU(d, k1 + i), a1);
+        a2 = hn::MulAdd(vq, hn::LoadU(d, k2 + i), a2);
+        a3 = hn::MulAdd(vq, hn::LoadU(d, k3 + i), a3);
+    }
+    out[0] = reduce_sum(d, a0);
+    out[1] = reduce_sum(d, a1);
+    out[2] = reduce_sum(d, a2);
+    out[3] = reduce_sum(d, a3);
+    for (; i < n; ++i) {
+        out[0] += q[i] * k0[i];
+        out[1] += q[i] * k1[i];
+        out[2] += q[i] * k2[i];
+        out[3] += q[i] * k3[i];
+    }
+}
+
+HWY_INLINE float dot_q_1(const float * HWY_RESTRICT q, const float * HWY_RESTRICT k, int64_t n) {
+    const DF d;
+    const int64_t N = int64_t(hn::Lanes(d));
+    VF acc = hn::Zero(d);
+    int64_t i = 0;
+    for (; i + N <= n; i += N) {
+        acc = hn::MulAdd(hn::LoadU(d, q + i), hn::LoadU(d, k + i), acc);
+    }
+    float sum = reduce_sum(d, acc);
+    for (; i < n; ++i) {
+        sum += q[i] * k[i];
+    }
+    return sum;
+}
+
+// o += sum_j p_j v_j over n_v (1..4) cache rows; with 4 rows, o is read and
+// written once per 4 rows instead of once per row.
+HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const float * const * v, const float * p, int64_t n_v,
+                             int64_t n) {
+    const DF d;
+    const int64_t N = int64_t(hn::Lanes(d));
+    if (n_v == 4) {
+        const VF p0 = hn::Set(d, p[0]), p1 = hn::Set(d, p[1]), p2 = hn::Set(d, p[2]), p3 = hn::Set(d, p[3]);
+        int64_t i = 0;
+        for (; i + N <= n; i += N) {
+            VF acc = hn::LoadU(d, o + i);
+            acc = hn::MulAdd(p0, hn::LoadU(d, v[0] + i), acc);
+            acc = hn::MulAdd(p1, hn::LoadU(d, v[1] + i), acc);
+            acc = hn::MulAdd(p2, hn::LoadU(d, v[2] + i), acc);
+            acc = hn::MulAdd(p3, hn::LoadU(d, v[3] + i), acc);
+            hn::StoreU(acc, d, o + i);
+        }
+        for (; i < n; ++i) {
+            o[i] += p[0] * v[0][i] + p[1] * v[1][i] + p[2] * v[2][i] + p[3] * v[3][i];
+        }
+        return;
+    }
+    for (int64_t j = 0; j < n_v; ++j) {
+        const VF pj = hn::Set(d, p[j]);
+        int64_t i = 0;
+        for (; i + N <= n; i += N) {
+            hn::StoreU(hn::MulAdd(pj, hn::LoadU(d, v[j] + i), hn::LoadU(d, o + i)), d, o + i);
+        }
+        for (; i < n; ++i) {
+            o[i] += p[j] * v[j][i];
+        }
+    }
+}
+
+void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores) {
+    const DF d;
+    const int64_t N = int64_t(hn::Lanes(d));
+    const int64_t n_group = a.n_head / a.n_head_kv;
+    const int64_t n_dim = a.head_dim;
+    const int64_t bs = a.block_size;
+    const int64_t row_stride = a.n_head_kv * n_dim;   // floats between cache rows of one kv head
+    for (int64_t item = i0; item < i1; ++item) {
+        const int64_t t = item / a.n_head;
+        const int64_t h_kv = (item % a.n_head) / n_group;
+        const float * q = a.q + item * n_dim;   // [head_dim]
+        float * o = a.out + item * n_dim;       // [head_dim]
+        const int64_t n_ctx = int64_t(a.pos[t]) + 1;
+        auto block_base = [&](const float * pool, int64_t p0) {
+            // Row 0 of the cache block holding position p0, for kv head h_kv.
+            return pool + (int64_t(a.block_table[p0 / bs]) * bs * a.n_head_kv + h_kv) * n_dim;
+        };
+
+        float max = -std::numeric_limits<float>::infinity();
+        for (int64_t p0 = 0; p0 < n_ctx; p0 += bs) {
+            const float * k = block_base(a.k_pool, p0);   // [bs, row_stride]
+            const int64_t n_r = std::min(bs, n_ctx - p0);
+            int64_t r = 0;
+            for (; r + 4 <= n_r; r += 4) {
+                dot_q_4(q, k + r * row_stride, k + (r + 1) * row_stride, k + (r + 2) * row_stride,
+                        k + (r + 3) * row_stride, n_dim, scores + p0 + r);
+            }
+            for (; r < n_r; ++r) {
+                scores[p0 + r] = dot_q_1(q, k + r * row_stride, n_dim);
+            }
+            for (r = 0; r < n_r; ++r) {
+                scores[p0 + r] *= a.scale;
+                max = std::max(max, scores[p0 + r]);
+            }
+        }
+
+        const VF v_max = hn::Set(d, max);
+        VF v_sum = hn::Zero(d);
+        int64_t j = 0;
+        for (; j + N <= n_ctx; j += N) {
+            const VF e = hn::Exp(d, hn::Sub(hn::LoadU(d, scores + j), v_max));
+            hn::StoreU(e, d, scores + j);
+            v_sum = hn::Add(v_sum, e);
+        }
+        float sum = reduce_sum(d, v_sum);
+        for (; j < n_ctx; ++j) {
+            scores[j] = std::exp(scores[j] - max);
+            sum += scores[j];
+        }
+
+        std::fill(o, o + n_dim, 0.0f);
+        for (int64_t p0 = 0; p0 < n_ctx; p0 += bs) {
+            const float * v = block_base(a.v_pool, p0);   // [bs, row_stride]
+            const int64_t n_r = std::min(bs, n_ctx - p0);
+            for (int64_t r = 0; r < n_r; r += 4) {
+                const int64_t n_v = std::min<int64_t>(4, n_r - r);
+                const float * rows[4];
+                for (int64_t jr = 0; jr < 4; ++jr) {
+                    rows[jr] = v + (r + std::min(jr, n_v - 1)) * row_stride;
+                }
+                accumulate_v(o, rows, scores + p0 + r, n_v, n_dim);
+            }
+        }
+        const VF v_inv_sum = hn::Set(d, 1.0f / sum);
+        int64_t i = 0;
+        for (; i + N <= n_dim; i += N) {
+            hn::StoreU(hn::Mul(hn::LoadU(d, o + i), v_inv_sum), d, o + i);
+        }
+        for (; i < n_dim; ++i) {
+            o[i] *= 1.0f / sum;
+        }
+    }
+}
+
+} // namespace HWY_NAMESPACE
+} // namespace moesh::cpu
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace moesh::cpu {
+
+HWY_EXPORT(target_name);
+HWY_EXPORT(matmul_rows);
+HWY_EXPORT(expert_gate_up_rows);
+HWY_EXPORT(expert_down_rows);
+HWY_EXPORT(rms_norm_rows);
+HWY_EXPORT(softmax_rows);
+HWY_EXPORT(rope_tokens);
+HWY_EXPORT(attention_items);
+
+const char * simd_target_name() { return HWY_DYNAMIC_DISPATCH(target_name)(); }
+
+void matmul_rows(const moesh_matmul_args & a, int64_t r0, int64_t r1, int64_t t0, int64_t t1) {
+    HWY_DYNAMIC_DISPATCH(matmul_rows)(a, r0, r1, t0, t1);
+}
+
+void expert_gate_up_rows(const moesh_expert_ffn_args & a, int64_t f0, int64_t f1) {
+    HWY_DYNAMIC_DISPATCH(expert_gate_up_rows)(a, f0, f1);
+}
+
+void expert_down_rows(const moesh_expert_ffn_args & a, int64_t e0, int64_t e1) {
+    HWY_DYNAMIC_DISPATCH(expert_down_rows)(a, e0, e1);
+}
+
+void rms_norm_rows(const moesh_rms_norm_args & a, int64_t r0, int64_t r1) {
+    HWY_DYNAMIC_DISPATCH(rms_norm_rows)(a, r0, r1);
+}
+
+void softmax_rows(const moesh_softmax_args & a, int64_t r0, int64_t r1) {
+    HWY_DYNAMIC_DISPATCH(softmax_rows)(a, r0, r1);
+}
+
+void rope_tokens(const moesh_rope_args & a, int64_t t0, int64_t t1, float * cos_sin) {
+    HWY_DYNAMIC_DISPATCH(rope_tokens)(a, t0, t1, cos_sin);
+}
+
+void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores) {
+    HWY_DYNAMIC_DISPATCH(attention_items)(a, i0, i1, scores);
+}
+
+} // namespace moesh::cpu
+#endif // HWY_ONCE

@@ -1,0 +1,36 @@
+// SIMD kernels of the CPU backend (Google Highway, dispatched at run time to
+// the best target the CPU offers). Each function does the share of one thread:
+// a range of rows, tokens or (token, head) items; cpu_backend.cpp validates the
+// arguments and splits the work. Nothing here allocates or throws.
+#pragma once
+
+#include <moesh/plugin.h>
+
+#include <cstdint>
+
+namespace moesh::cpu {
+
+// Name of the Highway target the kernels dispatch to on this CPU ("AVX2", ...).
+const char * simd_target_name();
+
+// y[t, r] for t in [t0, t1), r in [r0, r1).
+void matmul_rows(const moesh_matmul_args & a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
+
+// First half of a.scratch, h[n_tokens, n_ff]: h[t, f] = silu(gate[f] . x[t]) * (up[f] . x[t])
+// for f in [f0, f1).
+void expert_gate_up_rows(const moesh_expert_ffn_args & a, int64_t f0, int64_t f1);
+
+// out[t, e] += scale[t] * (down[e] . h[t]) for e in [e0, e1); h as left by expert_gate_up_rows.
+void expert_down_rows(const moesh_expert_ffn_args & a, int64_t e0, int64_t e1);
+
+void rms_norm_rows(const moesh_rms_norm_args & a, int64_t r0, int64_t r1);
+
+void softmax_rows(const moesh_softmax_args & a, int64_t r0, int64_t r1);
+
+// cos_sin: scratch of rot_dim floats for this thread.
+void rope_tokens(const moesh_rope_args & a, int64_t t0, int64_t t1, float * cos_sin);
+
+// Items i = t * n_head + h in [i0, i1); scores: scratch of n_kv floats for this thread.
+void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores);
+
+} // namespace moesh::cpu

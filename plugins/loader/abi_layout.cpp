@@ -1,0 +1,119 @@
+// Pins the plugin ABI layout: a reordered, resized or inserted member of any table or
+// argument struct breaks the build here instead of breaking every plugin built before it.
+// The numbers are for LP64 (Linux/macOS on x86-64 and AArch64); members are only appended,
+// so a new member adds lines and a new size, never changes an existing line.
+#include <cstddef>
+
+#include "moesh/plugin.h"
+
+#if defined(__LP64__)
+
+static_assert(sizeof(moesh_status) == 4 && sizeof(moesh_dtype) == 4 && sizeof(moesh_op) == 4 &&
+                  sizeof(moesh_log_level) == 4 && sizeof(moesh_rope_mode) == 4,
+              "ABI enums must stay int-sized");
+
+// moesh_backend_iface
+static_assert(offsetof(moesh_backend_iface, abi_version) == 0, "moesh_backend_iface.abi_version moved");
+static_assert(offsetof(moesh_backend_iface, struct_size) == 4, "moesh_backend_iface.struct_size moved");
+static_assert(offsetof(moesh_backend_iface, name) == 8, "moesh_backend_iface.name moved");
+static_assert(offsetof(moesh_backend_iface, host_memory) == 16, "moesh_backend_iface.host_memory moved");
+static_assert(offsetof(moesh_backend_iface, create) == 24, "moesh_backend_iface.create moved");
+static_assert(offsetof(moesh_backend_iface, destroy) == 32, "moesh_backend_iface.destroy moved");
+static_assert(offsetof(moesh_backend_iface, last_error) == 40, "moesh_backend_iface.last_error moved");
+static_assert(offsetof(moesh_backend_iface, memory_info) == 48, "moesh_backend_iface.memory_info moved");
+static_assert(offsetof(moesh_backend_iface, buffer_alloc) == 56, "moesh_backend_iface.buffer_alloc moved");
+static_assert(offsetof(moesh_backend_iface, buffer_free) == 64, "moesh_backend_iface.buffer_free moved");
+static_assert(offsetof(moesh_backend_iface, copy_to_device) == 72, "moesh_backend_iface.copy_to_device moved");
+static_assert(offsetof(moesh_backend_iface, copy_to_host) == 80, "moesh_backend_iface.copy_to_host moved");
+static_assert(offsetof(moesh_backend_iface, synchronize) == 88, "moesh_backend_iface.synchronize moved");
+static_assert(offsetof(moesh_backend_iface, supports) == 96, "moesh_backend_iface.supports moved");
+static_assert(offsetof(moesh_backend_iface, matmul) == 104, "moesh_backend_iface.matmul moved");
+static_assert(offsetof(moesh_backend_iface, rms_norm) == 112, "moesh_backend_iface.rms_norm moved");
+static_assert(offsetof(moesh_backend_iface, rope) == 120, "moesh_backend_iface.rope moved");
+static_assert(offsetof(moesh_backend_iface, expert_ffn) == 128, "moesh_backend_iface.expert_ffn moved");
+static_assert(offsetof(moesh_backend_iface, softmax) == 136, "moesh_backend_iface.softmax moved");
+static_assert(offsetof(moesh_backend_iface, attention) == 144, "moesh_backend_iface.attention moved");
+static_assert(sizeof(moesh_backend_iface) == 152, "moesh_backend_iface changed size");
+
+// moesh_host_api
+static_assert(offsetof(moesh_host_api, abi_version) == 0, "moesh_host_api.abi_version moved");
+static_assert(offsetof(moesh_host_api, struct_size) == 4, "moesh_host_api.struct_size moved");
+static_assert(offsetof(moesh_host_api, ctx) == 8, "moesh_host_api.ctx moved");
+static_assert(offsetof(moesh_host_api, log) == 16, "moesh_host_api.log moved");
+static_assert(sizeof(moesh_host_api) == 24, "moesh_host_api changed size");
+
+// moesh_backend_params
+static_assert(offsetof(moesh_backend_params, struct_size) == 0, "moesh_backend_params.struct_size moved");
+static_assert(offsetof(moesh_backend_params, n_threads) == 4, "moesh_backend_params.n_threads moved");
+static_assert(sizeof(moesh_backend_params) == 8, "moesh_backend_params changed size");
+
+// moesh_matmul_args
+static_assert(offsetof(moesh_matmul_args, w) == 0, "moesh_matmul_args.w moved");
+static_assert(offsetof(moesh_matmul_args, w_type) == 8, "moesh_matmul_args.w_type moved");
+static_assert(offsetof(moesh_matmul_args, bias) == 16, "moesh_matmul_args.bias moved");
+static_assert(offsetof(moesh_matmul_args, x) == 24, "moesh_matmul_args.x moved");
+static_assert(offsetof(moesh_matmul_args, y) == 32, "moesh_matmul_args.y moved");
+static_assert(offsetof(moesh_matmul_args, n_in) == 40, "moesh_matmul_args.n_in moved");
+static_assert(offsetof(moesh_matmul_args, n_out) == 48, "moesh_matmul_args.n_out moved");
+static_assert(offsetof(moesh_matmul_args, n_tokens) == 56, "moesh_matmul_args.n_tokens moved");
+static_assert(offsetof(moesh_matmul_args, x_stride) == 64, "moesh_matmul_args.x_stride moved");
+static_assert(offsetof(moesh_matmul_args, y_stride) == 72, "moesh_matmul_args.y_stride moved");
+static_assert(sizeof(moesh_matmul_args) == 80, "moesh_matmul_args changed size");
+
+// moesh_rms_norm_args
+static_assert(offsetof(moesh_rms_norm_args, x) == 0, "moesh_rms_norm_args.x moved");
+static_assert(offsetof(moesh_rms_norm_args, weight) == 8, "moesh_rms_norm_args.weight moved");
+static_assert(offsetof(moesh_rms_norm_args, y) == 16, "moesh_rms_norm_args.y moved");
+static_assert(offsetof(moesh_rms_norm_args, n) == 24, "moesh_rms_norm_args.n moved");
+static_assert(offsetof(moesh_rms_norm_args, n_rows) == 32, "moesh_rms_norm_args.n_rows moved");
+static_assert(offsetof(moesh_rms_norm_args, eps) == 40, "moesh_rms_norm_args.eps moved");
+static_assert(sizeof(moesh_rms_norm_args) == 48, "moesh_rms_norm_args changed size");
+
+// moesh_rope_args
+static_assert(offsetof(moesh_rope_args, x) == 0, "moesh_rope_args.x moved");
+static_assert(offsetof(moesh_rope_args, pos) == 8, "moesh_rope_args.pos moved");
+static_assert(offsetof(moesh_rope_args, inv_freq) == 16, "moesh_rope_args.inv_freq moved");
+static_assert(offsetof(moesh_rope_args, n_tokens) == 24, "moesh_rope_args.n_tokens moved");
+static_assert(offsetof(moesh_rope_args, n_head) == 32, "moesh_rope_args.n_head moved");
+static_assert(offsetof(moesh_rope_args, head_dim) == 40, "moesh_rope_args.head_dim moved");
+static_assert(offsetof(moesh_rope_args, rot_dim) == 48, "moesh_rope_args.rot_dim moved");
+static_assert(offsetof(moesh_rope_args, attn_factor) == 56, "moesh_rope_args.attn_factor moved");
+static_assert(offsetof(moesh_rope_args, mode) == 60, "moesh_rope_args.mode moved");
+static_assert(sizeof(moesh_rope_args) == 64, "moesh_rope_args changed size");
+
+// moesh_expert_ffn_args
+static_assert(offsetof(moesh_expert_ffn_args, gate) == 0, "moesh_expert_ffn_args.gate moved");
+static_assert(offsetof(moesh_expert_ffn_args, up) == 8, "moesh_expert_ffn_args.up moved");
+static_assert(offsetof(moesh_expert_ffn_args, down) == 16, "moesh_expert_ffn_args.down moved");
+static_assert(offsetof(moesh_expert_ffn_args, w_type) == 24, "moesh_expert_ffn_args.w_type moved");
+static_assert(offsetof(moesh_expert_ffn_args, x) == 32, "moesh_expert_ffn_args.x moved");
+static_assert(offsetof(moesh_expert_ffn_args, scale) == 40, "moesh_expert_ffn_args.scale moved");
+static_assert(offsetof(moesh_expert_ffn_args, out) == 48, "moesh_expert_ffn_args.out moved");
+static_assert(offsetof(moesh_expert_ffn_args, scratch) == 56, "moesh_expert_ffn_args.scratch moved");
+static_assert(offsetof(moesh_expert_ffn_args, n_embd) == 64, "moesh_expert_ffn_args.n_embd moved");
+static_assert(offsetof(moesh_expert_ffn_args, n_ff) == 72, "moesh_expert_ffn_args.n_ff moved");
+static_assert(offsetof(moesh_expert_ffn_args, n_tokens) == 80, "moesh_expert_ffn_args.n_tokens moved");
+static_assert(sizeof(moesh_expert_ffn_args) == 88, "moesh_expert_ffn_args changed size");
+
+// moesh_softmax_args
+static_assert(offsetof(moesh_softmax_args, x) == 0, "moesh_softmax_args.x moved");
+static_assert(offsetof(moesh_softmax_args, n) == 8, "moesh_softmax_args.n moved");
+static_assert(offsetof(moesh_softmax_args, n_rows) == 16, "moesh_softmax_args.n_rows moved");
+static_assert(sizeof(moesh_softmax_args) == 24, "moesh_softmax_args changed size");
+
+// moesh_attention_args
+static_assert(offsetof(moesh_attention_args, q) == 0, "moesh_attention_args.q moved");
+static_assert(offsetof(moesh_attention_args, k_pool) == 8, "moesh_attention_args.k_pool moved");
+static_assert(offsetof(moesh_attention_args, v_pool) == 16, "moesh_attention_args.v_pool moved");
+static_assert(offsetof(moesh_attention_args, block_table) == 24, "moesh_attention_args.block_table moved");
+static_assert(offsetof(moesh_attention_args, pos) == 32, "moesh_attention_args.pos moved");
+static_assert(offsetof(moesh_attention_args, out) == 40, "moesh_attention_args.out moved");
+static_assert(offsetof(moesh_attention_args, n_tokens) == 48, "moesh_attention_args.n_tokens moved");
+static_assert(offsetof(moesh_attention_args, n_head) == 56, "moesh_attention_args.n_head moved");
+static_assert(offsetof(moesh_attention_args, n_head_kv) == 64, "moesh_attention_args.n_head_kv moved");
+static_assert(offsetof(moesh_attention_args, head_dim) == 72, "moesh_attention_args.head_dim moved");
+static_assert(offsetof(moesh_attention_args, block_size) == 80, "moesh_attention_args.block_size moved");
+static_assert(offsetof(moesh_attention_args, n_kv) == 88, "moesh_attention_args.n_kv moved");
+static_assert(offsetof(moesh_attention_args, scale) == 96, "moesh_attention_args.scale moved");
+static_assert(sizeof(moesh_attention_args) == 104, "moesh_attention_args changed size");
+#endif // __LP64__

@@ -1,0 +1,126 @@
+// Finds, validates and opens moesh backend plugins (libmoesh_backend_<name>.so).
+//
+// Usage:
+//     moesh::PluginOptions opts;
+//     opts.search_dirs = moesh::default_plugin_dirs(cli.plugin_dir, config.plugin_dirs);
+//     opts.allowed = config.allowed_plugins;      // empty = any
+//     opts.preferred = cli.backend;                // empty = highest score
+//     std::string report;
+//     std::unique_ptr<moesh::Backend> be = moesh::load_backend(opts, &report);
+//     if (!be) { fprintf(stderr, "%s", report.c_str()); return 1; }
+//     if (verbose) fprintf(stderr, "%s", report.c_str());
+//     be->check(be->iface().matmul(be->ctx(), &args), "matmul");  // throws BackendError
+//
+// Thread safety: probe_plugins, load_backend and default_plugin_dirs may be called from any
+// thread. A Backend (its moesh_backend context) is used by one thread at a time, as plugin.h
+// requires; const accessors are safe to share. set_plugin_log_level/sink are thread-safe; the
+// sink is called from whatever thread the plugin logs on, under a lock.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "moesh/plugin.h"
+
+namespace moesh {
+
+// A plugin call returned a non-OK status (see Backend::check).
+class BackendError : public std::runtime_error {
+public:
+    BackendError(const std::string & msg, moesh_status status)
+        : std::runtime_error(msg), status_(status) {}
+    moesh_status status() const { return status_; }
+
+private:
+    moesh_status status_;
+};
+
+// "MOESH_ERR_UNSUPPORTED", ...; "MOESH_STATUS_<n>" for values this host does not know.
+std::string status_name(moesh_status s);
+
+struct PluginOptions {
+    std::vector<std::string> search_dirs;  // empty = default_plugin_dirs("", {})
+    std::vector<std::string> allowed;      // backend names; empty = all
+    std::string preferred;                 // backend name; empty = best score
+    int n_threads = 0;                     // <= 0: the plugin decides
+};
+
+namespace detail {
+struct HostState;       // host api table + logger context handed to one plugin library
+struct BackendFactory;  // the loader's way in to Backend's private constructor
+} // namespace detail
+
+// An opened plugin with a created context. Destruction destroys the context, then unloads
+// the library. The table is a copy of the plugin's, zero-filled past its struct_size, so
+// optional slots newer than the plugin read as NULL.
+class Backend {
+public:
+    Backend(Backend && other) noexcept;
+    Backend & operator=(Backend && other) noexcept;
+    Backend(const Backend &) = delete;
+    Backend & operator=(const Backend &) = delete;
+    ~Backend();
+
+    const moesh_backend_iface & iface() const { return iface_; }
+    moesh_backend * ctx() const { return ctx_; }
+    const std::string & name() const { return name_; }
+    const std::string & path() const { return path_; }
+    int32_t score() const { return score_; }
+
+    // Throws BackendError "<name>: <what> failed: <status name>: <last_error()>" unless s is OK.
+    void check(moesh_status s, const char * what) const;
+    bool supports(moesh_op op, moesh_dtype w_type) const;
+
+private:
+    friend struct detail::BackendFactory;
+    Backend() = default;
+    void release() noexcept;
+
+    void * handle_ = nullptr;              // dlopen handle
+    std::unique_ptr<detail::HostState> host_; // must outlive the context and the library
+    moesh_backend_iface iface_{};
+    moesh_backend * ctx_ = nullptr;
+    std::string name_;
+    std::string path_;
+    int32_t score_ = 0;
+};
+
+// Where to look, in order: cli_dir (if non-empty), each entry of $MOESH_PLUGIN_DIR
+// (colon-separated), config_dirs, then <dir of /proc/self/exe>/../lib/moesh. Empty entries
+// and repeats are dropped; the first occurrence keeps its place.
+std::vector<std::string> default_plugin_dirs(const std::string & cli_dir,
+                                             const std::vector<std::string> & config_dirs);
+
+struct PluginProbe {
+    std::string path;      // the .so, or the searched folder when nothing was found at all
+    bool ok = false;       // loadable: valid table, non-negative score
+    std::string name;      // backend name from the table (empty if it never got that far)
+    int32_t score = 0;
+    std::string reason;    // why not ok; empty when ok
+};
+
+// Opens every libmoesh_backend_*.so in dirs (folder order, then file name order), checks its
+// table and score, and unloads it again. Missing folders are skipped; if no plugin file is
+// found at all, the result holds one entry per folder saying what was there instead.
+// A name seen earlier in the search order shadows later files with the same name.
+std::vector<PluginProbe> probe_plugins(const std::vector<std::string> & dirs);
+
+// Probes, filters by allowed, picks preferred (or the highest score, earliest folder on a
+// tie, falling back to the next one if create fails) and creates a context. Returns nullptr
+// on failure. report (may be null) gets one line per candidate, on success too, and on
+// failure what to do about it.
+std::unique_ptr<Backend> load_backend(const PluginOptions & opts, std::string * report);
+
+// Host logger for plugin messages: stderr, "[moesh plugin <name>] msg", at or above the
+// level (default MOESH_LOG_WARN). A sink replaces stderr (pass nullptr to restore it).
+using PluginLogSink = std::function<void(moesh_log_level level, std::string_view plugin,
+                                         std::string_view msg)>;
+void set_plugin_log_level(moesh_log_level min_level);
+void set_plugin_log_sink(PluginLogSink sink);
+
+} // namespace moesh

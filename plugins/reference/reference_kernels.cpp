@@ -1,0 +1,248 @@
+#include "reference_kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+namespace moesh::ref {
+
+namespace {
+
+uint32_t float_bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+float bits_float(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+double silu(double x) { return x / (1.0 + std::exp(-x)); }
+
+} // namespace
+
+float f16_to_f32(uint16_t h) {
+    const uint32_t sign = h >> 15;
+    const uint32_t exponent = (h >> 10) & 0x1f;
+    const uint32_t mantissa = h & 0x3ff;
+    if (exponent == 0x1f) {
+        // inf, or NaN with its payload kept
+        return bits_float((sign << 31) | 0x7f800000u | (mantissa << 13));
+    }
+    const float magnitude = exponent == 0
+        ? std::ldexp(static_cast<float>(mantissa), -24)                     // subnormal
+        : std::ldexp(static_cast<float>(mantissa | 0x400), int(exponent) - 25);
+    return sign ? -magnitude : magnitude;
+}
+
+float bf16_to_f32(uint16_t b) { return bits_float(uint32_t(b) << 16); }
+
+uint16_t f32_to_bf16(float f) {
+    const uint32_t u = float_bits(f);
+    if (std::isnan(f)) {
+        return static_cast<uint16_t>((u >> 16) | 0x40);
+    }
+    // Adding 0x7fff plus the lowest kept bit rounds to nearest even; a carry
+    // into the exponent is the correct result (up to infinity).
+    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+uint16_t f32_to_f16(float f) {
+    const uint32_t u = float_bits(f);
+    const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000);
+    const uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) {
+        return static_cast<uint16_t>(sign | 0x7e00 | ((a >> 13) & 0x3ff));
+    }
+    const int exponent = int(a >> 23) - 127;
+    if (exponent > 15) {
+        return static_cast<uint16_t>(sign | 0x7c00);   // inf, or too large
+    }
+    const uint32_t mantissa = a & 0x7fffff;
+    uint32_t h;          // magnitude bits before rounding
+    uint32_t rest;       // dropped bits
+    uint32_t half;       // value of the dropped bits at exactly one half ulp
+    if (exponent >= -14) {
+        h = (uint32_t(exponent + 15) << 10) | (mantissa >> 13);
+        rest = mantissa & 0x1fff;
+        half = 0x1000;
+    } else {
+        // Subnormal f16: units of 2^-24. The float is (mantissa | 1 << 23) * 2^(exponent - 23).
+        const int shift = -1 - exponent;   // >= 14
+        if (shift > 24) {
+            return sign;   // below a quarter of the smallest subnormal: rounds to zero
+        }
+        const uint32_t full = mantissa | 0x800000u;
+        h = full >> shift;
+        rest = full & ((1u << shift) - 1);
+        half = 1u << (shift - 1);
+    }
+    if (rest > half || (rest == half && (h & 1))) {
+        ++h;   // a carry out of the mantissa lands in the exponent, as it should
+    }
+    return static_cast<uint16_t>(sign | h);
+}
+
+float load_weight(const void * w, moesh_dtype w_type, int64_t i) {
+    switch (w_type) {
+    case MOESH_DTYPE_F32:
+        return static_cast<const float *>(w)[i];
+    case MOESH_DTYPE_F16:
+        return f16_to_f32(static_cast<const uint16_t *>(w)[i]);
+    case MOESH_DTYPE_BF16:
+        return bf16_to_f32(static_cast<const uint16_t *>(w)[i]);
+    default:
+        throw std::invalid_argument("moesh::ref: unknown weight dtype");
+    }
+}
+
+void matmul(const moesh_matmul_args & a) {
+    for (int64_t t = 0; t < a.n_tokens; ++t) {
+        const float * x = a.x + t * a.x_stride;   // [n_in]
+        float * y = a.y + t * a.y_stride;         // [n_out]
+        for (int64_t o = 0; o < a.n_out; ++o) {
+            double sum = a.bias ? a.bias[o] : 0.0;
+            for (int64_t i = 0; i < a.n_in; ++i) {
+                sum += double(load_weight(a.w, a.w_type, o * a.n_in + i)) * x[i];
+            }
+            y[o] = static_cast<float>(sum);
+        }
+    }
+}
+
+void rms_norm(const moesh_rms_norm_args & a) {
+    for (int64_t r = 0; r < a.n_rows; ++r) {
+        const float * x = a.x + r * a.n;   // [n]
+        float * y = a.y + r * a.n;         // [n]
+        double sum_sq = 0.0;
+        for (int64_t i = 0; i < a.n; ++i) {
+            sum_sq += double(x[i]) * x[i];
+        }
+        const double inv_rms = 1.0 / std::sqrt(sum_sq / double(a.n) + a.eps);
+        for (int64_t i = 0; i < a.n; ++i) {
+            y[i] = static_cast<float>(x[i] * inv_rms * a.weight[i]);
+        }
+    }
+}
+
+void rope(const moesh_rope_args & a) {
+    if (a.mode != MOESH_ROPE_NEOX && a.mode != MOESH_ROPE_NORM) {
+        throw std::invalid_argument("moesh::ref: unknown rope mode");
+    }
+    const int64_t n_half = a.rot_dim / 2;
+    for (int64_t t = 0; t < a.n_tokens; ++t) {
+        for (int64_t i = 0; i < n_half; ++i) {
+            // The angle is a float32 product, as in HF transformers; only cos/sin
+            // and the rotation are done in double.
+            const float theta = static_cast<float>(a.pos[t]) * a.inv_freq[i];
+            const double c = std::cos(double(theta)) * a.attn_factor;
+            const double s = std::sin(double(theta)) * a.attn_factor;
+            const int64_t i0 = a.mode == MOESH_ROPE_NEOX ? i : 2 * i;
+            const int64_t i1 = a.mode == MOESH_ROPE_NEOX ? i + n_half : 2 * i + 1;
+            for (int64_t h = 0; h < a.n_head; ++h) {
+                float * x = a.x + (t * a.n_head + h) * a.head_dim;   // [head_dim]
+                const double x0 = x[i0];
+                const double x1 = x[i1];
+                x[i0] = static_cast<float>(x0 * c - x1 * s);
+                x[i1] = static_cast<float>(x0 * s + x1 * c);
+            }
+        }
+    }
+}
+
+void expert_ffn(const moesh_expert_ffn_args & a) {
+    std::vector<double> h(size_t(a.n_tokens * a.n_ff));   // [n_tokens, n_ff]
+    for (int64_t t = 0; t < a.n_tokens; ++t) {
+        const float * x = a.x + t * a.n_embd;   // [n_embd]
+        for (int64_t f = 0; f < a.n_ff; ++f) {
+            double g = 0.0;
+            double u = 0.0;
+            for (int64_t i = 0; i < a.n_embd; ++i) {
+                g += double(load_weight(a.gate, a.w_type, f * a.n_embd + i)) * x[i];
+                u += double(load_weight(a.up, a.w_type, f * a.n_embd + i)) * x[i];
+            }
+            h[size_t(t * a.n_ff + f)] = silu(g) * u;
+        }
+    }
+    // Only now write out, so that out may alias x.
+    for (int64_t t = 0; t < a.n_tokens; ++t) {
+        const double scale = a.scale ? a.scale[t] : 1.0;
+        for (int64_t e = 0; e < a.n_embd; ++e) {
+            double d = 0.0;
+            for (int64_t f = 0; f < a.n_ff; ++f) {
+                d += double(load_weight(a.down, a.w_type, e * a.n_ff + f)) * h[size_t(t * a.n_ff + f)];
+            }
+            float & o = a.out[t * a.n_embd + e];
+            o = static_cast<float>(o + scale * d);
+        }
+    }
+}
+
+void softmax(const moesh_softmax_args & a) {
+    for (int64_t r = 0; r < a.n_rows; ++r) {
+        float * x = a.x + r * a.n;   // [n]
+        double max = -std::numeric_limits<double>::infinity();
+        for (int64_t i = 0; i < a.n; ++i) {
+            max = std::max(max, double(x[i]));
+        }
+        double sum = 0.0;
+        for (int64_t i = 0; i < a.n; ++i) {
+            sum += std::exp(double(x[i]) - max);
+        }
+        for (int64_t i = 0; i < a.n; ++i) {
+            x[i] = static_cast<float>(std::exp(double(x[i]) - max) / sum);
+        }
+    }
+}
+
+void attention(const moesh_attention_args & a) {
+    const int64_t n_group = a.n_head / a.n_head_kv;
+    std::vector<double> p(size_t(a.n_kv));   // [n_kv] scores, then weights
+    std::vector<double> o(size_t(a.head_dim));
+    for (int64_t t = 0; t < a.n_tokens; ++t) {
+        const int64_t n_ctx = int64_t(a.pos[t]) + 1;
+        for (int64_t h = 0; h < a.n_head; ++h) {
+            const int64_t h_kv = h / n_group;
+            const float * q = a.q + (t * a.n_head + h) * a.head_dim;   // [head_dim]
+            auto kv_row = [&](const float * pool, int64_t pos) {
+                const int64_t block = a.block_table[pos / a.block_size];
+                const int64_t row = block * a.block_size + pos % a.block_size;
+                return pool + (row * a.n_head_kv + h_kv) * a.head_dim;   // [head_dim]
+            };
+            double max = -std::numeric_limits<double>::infinity();
+            for (int64_t j = 0; j < n_ctx; ++j) {
+                const float * k = kv_row(a.k_pool, j);
+                double dot = 0.0;
+                for (int64_t d = 0; d < a.head_dim; ++d) {
+                    dot += double(q[d]) * k[d];
+                }
+                p[size_t(j)] = dot * a.scale;
+                max = std::max(max, p[size_t(j)]);
+            }
+            double sum = 0.0;
+            for (int64_t j = 0; j < n_ctx; ++j) {
+                p[size_t(j)] = std::exp(p[size_t(j)] - max);
+                sum += p[size_t(j)];
+            }
+            std::fill(o.begin(), o.end(), 0.0);
+            for (int64_t j = 0; j < n_ctx; ++j) {
+                const float * v = kv_row(a.v_pool, j);
+                for (int64_t d = 0; d < a.head_dim; ++d) {
+                    o[size_t(d)] += p[size_t(j)] * v[d];
+                }
+            }
+            float * out = a.out + (t * a.n_head + h) * a.head_dim;   // [head_dim]
+            for (int64_t d = 0; d < a.head_dim; ++d) {
+                out[d] = static_cast<float>(o[size_t(d)] / sum);
+            }
+        }
+    }
+}
+
+} // namespace moesh::ref

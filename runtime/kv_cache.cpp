@@ -1,0 +1,62 @@
+#include "runtime/kv_cache.h"
+
+#include <cassert>
+
+namespace moesh {
+
+size_t KvCacheSpec::bytes() const {
+    return size_t(2) * size_t(n_layer) * size_t(n_blocks) * size_t(block_size) * size_t(n_head_kv) *
+           size_t(head_dim) * sizeof(float);
+}
+
+int64_t KvCacheSpec::blocks_for_budget(size_t budget, int64_t n_layer, int64_t n_head_kv, int64_t head_dim,
+                                       int64_t block_size) {
+    const size_t per_block = size_t(2) * size_t(n_layer) * size_t(block_size) * size_t(n_head_kv) *
+                             size_t(head_dim) * sizeof(float);
+    return per_block == 0 ? 0 : int64_t(budget / per_block);
+}
+
+KvCache::KvCache(const KvCacheSpec & spec)
+    : spec_(spec), row_elems_(spec.n_head_kv * spec.head_dim), tables_(size_t(spec.n_seq_max)) {
+    const size_t pool = size_t(spec.n_blocks) * size_t(spec.block_size) * size_t(row_elems_);
+    k_.assign(size_t(spec.n_layer), std::vector<float>(pool, 0.0f));
+    v_.assign(size_t(spec.n_layer), std::vector<float>(pool, 0.0f));
+    free_.reserve(size_t(spec.n_blocks));
+    for (int64_t b = spec.n_blocks - 1; b >= 0; --b) free_.push_back(int32_t(b));
+    for (auto & t : tables_) t.reserve(size_t(spec.n_blocks));
+}
+
+bool KvCache::reserve(int32_t seq, int64_t n_positions) {
+    if (seq < 0 || seq >= spec_.n_seq_max) return false;
+    auto & table = tables_[size_t(seq)];
+    const int64_t need = (n_positions + spec_.block_size - 1) / spec_.block_size - int64_t(table.size());
+    if (need <= 0) return true;
+    if (need > int64_t(free_.size())) return false;
+    for (int64_t i = 0; i < need; ++i) {
+        table.push_back(free_.back());
+        free_.pop_back();
+    }
+    return true;
+}
+
+void KvCache::release(int32_t seq) {
+    auto & table = tables_[size_t(seq)];
+    for (auto it = table.rbegin(); it != table.rend(); ++it) free_.push_back(*it);
+    table.clear();
+}
+
+int64_t KvCache::capacity(int32_t seq) const {
+    if (seq < 0 || seq >= spec_.n_seq_max) return 0;
+    return int64_t(tables_[size_t(seq)].size()) * spec_.block_size;
+}
+
+size_t KvCache::row_offset(int32_t seq, int64_t pos) const {
+    assert(pos >= 0 && pos < capacity(seq));
+    const int32_t block = tables_[size_t(seq)][size_t(pos / spec_.block_size)];
+    return (size_t(block) * size_t(spec_.block_size) + size_t(pos % spec_.block_size)) * size_t(row_elems_);
+}
+
+float * KvCache::k_row(int64_t layer, int32_t seq, int64_t pos) { return k_[size_t(layer)].data() + row_offset(seq, pos); }
+float * KvCache::v_row(int64_t layer, int32_t seq, int64_t pos) { return v_[size_t(layer)].data() + row_offset(seq, pos); }
+
+} // namespace moesh

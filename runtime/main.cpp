@@ -1,0 +1,269 @@
+// The moesh executable: `moesh run`, `moesh inspect`.
+#include "plugins/loader/plugin_loader.h"
+#include "runtime/error.h"
+#include "runtime/generate.h"
+#include "runtime/model.h"
+#include "runtime/npy.h"
+#include "runtime/run_config.h"
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <sstream>
+
+namespace {
+
+using moesh::Error;
+
+std::vector<int32_t> parse_ids(const std::string & text) {
+    std::vector<int32_t> ids;
+    std::stringstream ss(text);
+    std::string item;
+    size_t index = 0;
+    while (std::getline(ss, item, ',')) {
+        size_t b = item.find_first_not_of(" \t"), e = item.find_last_not_of(" \t");
+        if (b == std::string::npos) throw Error("--prompt-ids: empty entry at index " + std::to_string(index));
+        item = item.substr(b, e - b + 1);
+        size_t used = 0;
+        long long v = 0;
+        try {
+            v = std::stoll(item, &used);
+        } catch (...) {
+            used = 0;
+        }
+        if (used != item.size() || v < 0 || v > INT32_MAX)
+            throw Error("--prompt-ids: '" + item + "' at index " + std::to_string(index) + " is not a token id (a non-negative integer)");
+        ids.push_back(int32_t(v));
+        ++index;
+    }
+    if (ids.empty()) throw Error("--prompt-ids: no token ids given (example: --prompt-ids 1,2,3)");
+    return ids;
+}
+
+std::string human_bytes(double b) {
+    const char * units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    while (b >= 1024 && u < 4) {
+        b /= 1024;
+        ++u;
+    }
+    char buf[32];
+    std::snprintf(buf, sizeof buf, u ? "%.2f %s" : "%.0f %s", b, units[u]);
+    return buf;
+}
+
+struct CommonOptions {
+    std::string model;
+    std::string config;
+    std::string plugin_dir;
+    std::string backend;
+    int threads = -1;
+    bool verbose = false;
+};
+
+std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moesh::RunConfig & rc) {
+    moesh::PluginOptions po;
+    po.search_dirs = moesh::default_plugin_dirs(o.plugin_dir, rc.plugin_dirs);
+    po.allowed = rc.allowed_plugins;
+    po.preferred = o.backend.empty() ? rc.preferred_plugin : o.backend;
+    po.n_threads = o.threads >= 0 ? o.threads : rc.threads;
+    std::string report;
+    auto be = moesh::load_backend(po, &report);
+    if (!be) throw Error("no usable backend plugin:\n" + report);
+    if (o.verbose) std::fprintf(stderr, "%s", report.c_str());
+    return be;
+}
+
+moesh::Model load_model(const std::string & path, bool verbose) {
+    auto t0 = std::chrono::steady_clock::now();
+    std::fprintf(stderr, "moesh: loading %s ...\n", path.c_str());
+    moesh::Model m = moesh::Model::load_folder(path);
+    double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const auto & c = m.config();
+    std::fprintf(stderr, "moesh: %s, %lld layers, %lld experts (top-%lld), %s of weights mapped in %.2f s\n",
+                 moesh::arch_name(c.arch), (long long)c.n_layer, (long long)c.n_expert, (long long)c.n_expert_used,
+                 human_bytes(double(m.weight_bytes())).c_str(), s);
+    auto unused = m.unused_tensors();
+    if (!unused.empty()) {
+        std::fprintf(stderr, "moesh: warning: %zu tensors in the checkpoint are not used (first: %s)\n", unused.size(),
+                     unused.front().c_str());
+    }
+    (void)verbose;
+    return m;
+}
+
+int cmd_run(const CommonOptions & co, const std::string & prompt_ids, int64_t n, float temperature, int top_k,
+            float top_p, uint64_t seed, const std::string & output, const std::string & dump_logits) {
+    moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
+    moesh::GenerateOptions go;
+    go.prompt = parse_ids(prompt_ids);
+    go.n_generate = n;
+    go.sampling = {temperature, top_k, top_p, seed};
+    go.keep_logits = !dump_logits.empty();
+    go.max_batch = rc.max_batch;
+    go.kv_block_size = rc.kv_block_size;
+    if (std::string e = moesh::validate(go.sampling); !e.empty()) throw Error(e);
+
+    moesh::Model model = load_model(co.model, co.verbose);
+    auto backend = open_backend(co, rc);
+    std::fprintf(stderr, "moesh: backend '%s' (%s)\n", backend->name().c_str(), backend->path().c_str());
+
+    moesh::GenerateResult r = moesh::generate(model, *backend, go);
+
+    if (!dump_logits.empty()) {
+        moesh::write_npy_f32(dump_logits, r.logits.data(), {r.n_logit_rows, model.config().n_vocab});
+        std::fprintf(stderr, "moesh: wrote logits [%lld, %lld] to %s\n", (long long)r.n_logit_rows,
+                     (long long)model.config().n_vocab, dump_logits.c_str());
+    }
+    const double prompt_tps = r.prompt_seconds > 0 ? double(go.prompt.size()) / r.prompt_seconds : 0.0;
+    const double decode_tps = r.decode_seconds > 0 ? double(r.n_decode_steps) / r.decode_seconds : 0.0;
+
+    if (output == "json") {
+        nlohmann::json j;
+        j["prompt_ids"] = go.prompt;
+        j["tokens"] = r.tokens;
+        j["text"] = nullptr; // no tokenizer yet
+        j["timings"] = {{"prompt_tokens", go.prompt.size()},
+                        {"prompt_seconds", r.prompt_seconds},
+                        {"prompt_tokens_per_second", prompt_tps},
+                        {"decode_tokens", r.n_decode_steps},
+                        {"decode_seconds", r.decode_seconds},
+                        {"decode_tokens_per_second", decode_tps}};
+        nlohmann::json layers = nlohmann::json::array();
+        for (int64_t il = 0; il < model.config().n_layer; ++il) {
+            if (model.config().n_expert > 0 && model.layers()[size_t(il)].is_moe)
+                layers.push_back(r.heat.counts(il));
+            else
+                layers.push_back(nullptr);
+        }
+        j["experts"] = {{"n_expert", model.config().n_expert},
+                        {"n_expert_used", model.config().n_expert_used},
+                        {"activation_counts", layers}};
+        j["backend"] = backend->name();
+        j["kv_cache_bytes"] = r.kv_bytes;
+        std::cout << j.dump() << std::endl;
+    } else {
+        std::cout << "tokens:";
+        for (int32_t t : r.tokens) std::cout << ' ' << t;
+        std::cout << '\n';
+        std::fprintf(stdout, "prompt: %zu tokens, %.1f tokens/s; decode: %lld tokens, %.1f tokens/s\n", go.prompt.size(),
+                     prompt_tps, (long long)r.n_decode_steps, decode_tps);
+    }
+    return 0;
+}
+
+int cmd_inspect(const CommonOptions & co) {
+    moesh::Model model = moesh::Model::load_folder(co.model);
+    const auto & c = model.config();
+    std::printf("model:         %s\n", co.model.c_str());
+    std::printf("architecture:  %s\n", moesh::arch_name(c.arch));
+    std::printf("vocab:         %lld\n", (long long)c.n_vocab);
+    std::printf("hidden:        %lld\n", (long long)c.n_embd);
+    std::printf("layers:        %lld (%lld MoE)\n", (long long)c.n_layer, (long long)c.n_moe_layers());
+    std::printf("heads:         %lld query, %lld key/value, head_dim %lld\n", (long long)c.n_head,
+                (long long)c.n_head_kv, (long long)c.head_dim);
+    if (c.n_expert > 0) {
+        std::printf("experts:       %lld per MoE layer, top-%lld, ffn %lld, %s\n", (long long)c.n_expert,
+                    (long long)c.n_expert_used, (long long)c.n_ff_expert,
+                    c.norm_topk_prob ? "renormalised" : "not renormalised");
+        if (c.n_ff_shared > 0) std::printf("shared expert: ffn %lld, sigmoid-gated\n", (long long)c.n_ff_shared);
+    }
+    if (c.n_ff > 0) std::printf("dense ffn:     %lld\n", (long long)c.n_ff);
+    std::printf("rope:          %s, theta %g", moesh::rope_type_name(c.rope.type), c.rope.theta);
+    if (c.rope.type != moesh::RopeType::Default) std::printf(", factor %g", c.rope.factor);
+    std::printf("\nnorm eps:      %g\n", c.rms_eps);
+    std::printf("max positions: %lld\n", (long long)c.max_positions);
+    std::printf("tied embeds:   %s\n", c.tie_embeddings ? "yes" : "no");
+    std::printf("\ntensors:\n");
+    const auto & src = model.source();
+    for (const auto & name : src.names()) {
+        const moesh::SourceTensor * t = src.find(name);
+        std::string shape = "[";
+        for (size_t i = 0; i < t->shape.size(); ++i) shape += (i ? ", " : "") + std::to_string(t->shape[i]);
+        shape += "]";
+        std::printf("  %-60s %-5s %s\n", name.c_str(), t->dtype_name.c_str(), shape.c_str());
+    }
+    std::printf("\n");
+    for (int64_t il = 0; il < c.n_layer; ++il) {
+        size_t b = model.experts().bytes_per_expert(int32_t(il));
+        if (b) {
+            std::printf("bytes per expert: %s (layer %lld; every MoE layer alike)\n", human_bytes(double(b)).c_str(),
+                        (long long)il);
+            break;
+        }
+    }
+    std::printf("routed experts:   %s in all (%lld experts)\n", human_bytes(double(model.experts().total_bytes())).c_str(),
+                (long long)model.experts().n_present());
+    std::printf("weights in all:   %s\n", human_bytes(double(model.weight_bytes())).c_str());
+    std::printf("read per token:   %s (batch 1 decode)\n", human_bytes(double(model.active_bytes_per_token())).c_str());
+    return 0;
+}
+
+void add_common(CLI::App * sub, CommonOptions & co) {
+    sub->add_option("-m,--model", co.model, "Hugging Face model folder (config.json + *.safetensors)")->required();
+    sub->add_option("--config", co.config, "moesh TOML settings (plugins, threads, batching); see configs/default.toml");
+    sub->add_option("--plugin-dir", co.plugin_dir,
+                    "Folder with backend plugins (libmoesh_backend_*.so); searched before $MOESH_PLUGIN_DIR, the "
+                    "config's [plugins].dirs and <exe>/../lib/moesh");
+    sub->add_option("--backend", co.backend, "Backend plugin to use by name (default: the highest-scoring one)");
+    sub->add_option("-t,--threads", co.threads, "Worker threads of the backend (default: config, else all cores)")
+        ->check(CLI::Range(0, 1024));
+    sub->add_flag("-v,--verbose", co.verbose, "Say which plugins were found and why one was chosen");
+}
+
+} // namespace
+
+int main(int argc, char ** argv) {
+    CLI::App app{"moesh: Mixture-of-Experts inference that places experts by measured heat.\n"
+                 "Runs Hugging Face MoE checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and dense Llama\n"
+                 "on backend plugins (cpu always; cuda when built).",
+                 "moesh"};
+    app.require_subcommand(1);
+    app.set_version_flag("--version", "moesh 0.1.0");
+
+    CommonOptions co;
+    std::string prompt_ids, output = "text", dump_logits;
+    int64_t n = 16;
+    float temperature = 0.0f, top_p = 1.0f;
+    int top_k = 0;
+    uint64_t seed = 0;
+
+    CLI::App * run = app.add_subcommand("run", "Generate tokens from a prompt of token ids");
+    add_common(run, co);
+    run->add_option("--prompt-ids", prompt_ids, "Comma-separated prompt token ids, e.g. 1,2,3")->required();
+    run->add_option("-n,--n-predict", n, "Tokens to generate")->check(CLI::Range(int64_t(1), int64_t(1) << 30));
+    run->add_option("--temperature", temperature, "Sampling temperature; 0 = greedy (default)")->check(CLI::Range(0.0f, 1e6f));
+    run->add_option("--top-k", top_k, "Keep the k most likely tokens; 0 = off")->check(CLI::Range(0, 1 << 30));
+    run->add_option("--top-p", top_p, "Keep the smallest set of tokens with this much probability; 1 = off")
+        ->check(CLI::Range(1e-6f, 1.0f));
+    run->add_option("--seed", seed, "Random seed for sampling");
+    run->add_option("--output", output, "text, or json: one JSON object on the last line of stdout")
+        ->check(CLI::IsMember({"text", "json"}));
+    run->add_option("--dump-logits", dump_logits,
+                    "Write float32 logits of every prompt position and generated step to this .npy file "
+                    "[n_prompt + n - 1, n_vocab]");
+
+    CLI::App * inspect = app.add_subcommand("inspect", "Show architecture, hyper-parameters, tensors and expert sizes");
+    CommonOptions ico;
+    inspect->add_option("-m,--model", ico.model, "Hugging Face model folder")->required();
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError & e) {
+        return app.exit(e);
+    }
+    try {
+        if (*run) return cmd_run(co, prompt_ids, n, temperature, top_k, top_p, seed, output, dump_logits);
+        if (*inspect) return cmd_inspect(ico);
+    } catch (const moesh::BackendError & e) {
+        std::fprintf(stderr, "moesh: error: %s\n", e.what());
+        return 1;
+    } catch (const std::exception & e) {
+        std::fprintf(stderr, "moesh: error: %s\n", e.what());
+        return 1;
+    }
+    return 0;
+}

@@ -1,0 +1,36 @@
+// moesh's own TOML settings (plugins, threads, batching), e.g. configs/default.toml:
+//
+//   [plugins]
+//   dirs = ["build/lib/moesh"]   # searched after --plugin-dir and $MOESH_PLUGIN_DIR
+//   allowed = ["cpu"]            # empty or absent: any
+//   preferred = "cpu"            # absent: the highest-scoring plugin
+//   [runtime]
+//   threads = 2
+//   max_batch = 64
+//   kv_block_size = 16
+//
+// Unknown tables or keys and wrong types are errors naming file, line and
+// column. Relative plugin dirs are resolved against the TOML file's folder.
+// Thread safety: plain data.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace moesh {
+
+struct RunConfig {
+    std::vector<std::string> plugin_dirs;
+    std::vector<std::string> allowed_plugins;
+    std::string preferred_plugin;
+    int32_t threads = 0;        // 0 = the backend decides
+    int64_t max_batch = 64;
+    int64_t kv_block_size = 16;
+};
+
+RunConfig parse_run_config(std::string_view toml_text, std::string_view source_name);
+RunConfig load_run_config(const std::string & path);
+
+} // namespace moesh

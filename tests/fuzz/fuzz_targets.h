@@ -1,0 +1,16 @@
+// Entry points shared by the libFuzzer executables (MOESH_FUZZ=ON, where each
+// *_fuzz.cpp also defines LLVMFuzzerTestOneInput) and the corpus replay test
+// (plain gtest, any compiler). Each returns true when the input was accepted,
+// false when it was rejected with moesh::Error; any other exception, crash or
+// failed invariant (abort) is a finding.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace moesh::fuzz {
+
+bool safetensors_one_input(const uint8_t * data, size_t size);
+bool model_config_one_input(const uint8_t * data, size_t size);
+
+} // namespace moesh::fuzz

@@ -1,0 +1,1000 @@
+// Conformance of backend plugins: every op of every backend against the
+// reference kernels (plugins/reference), through the real dlopen path.
+//
+// A backend joins by adding a case to k_backends (its CMake target defines the
+// plugin path). Inputs and outputs go through the backend's own buffers
+// (buffer_alloc, copy_to_device, copy_to_host), so the same tests run on a
+// device-memory backend; the few checks that need host pointers say so.
+//
+// Tolerances: each output element gets a bound on its float32 rounding error,
+// computed from the data with u = 2^-24 (see sum_error and the comment above
+// each op's bound). The reference accumulates in double and widens weights
+// exactly, so the bound is all the error a correct float32 backend may have;
+// a wrong index, a dropped tail element or a missed block is far outside it.
+#include <moesh/plugin.h>
+
+#include "reference_kernels.h"
+
+#include <dlfcn.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <numeric>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+constexpr double k_u = 0x1p-24;       // unit roundoff of float32
+constexpr double k_tiny = 0x1p-126;   // FLT_MIN: slack for results that underflow
+constexpr float k_sentinel = 12345.0f;
+const float k_nan = std::numeric_limits<float>::quiet_NaN();
+
+// Error of a float32 sum of n terms in any order, relative to the sum of the
+// terms' magnitudes. The worst case is n*u, but for terms of random sign (all
+// inputs here) rounding errors add up like a random walk, ~sqrt(n)*u; using
+// the worst case would let a dropped term (~1/n of that sum) pass for large n.
+// The factor 4 and the +4 leave room for the final roundings and reductions.
+double sum_error(int64_t n) { return 4.0 * k_u * (std::sqrt(double(n)) + 4.0); }
+
+struct BackendCase {
+    const char * name;
+    const char * path;
+    int32_t n_threads;
+    bool all_weight_types;   // must support f32, f16 and bf16 weights
+};
+
+const BackendCase k_backends[] = {
+    {"cpu_1thread", MOESH_CPU_PLUGIN_PATH, 1, true},
+    {"cpu_2threads", MOESH_CPU_PLUGIN_PATH, 2, true},
+#ifdef MOESH_CUDA_PLUGIN_PATH
+    {"cuda", MOESH_CUDA_PLUGIN_PATH, 0, false},
+#endif
+};
+
+const moesh_dtype k_weight_types[] = {MOESH_DTYPE_F32, MOESH_DTYPE_F16, MOESH_DTYPE_BF16};
+
+const char * dtype_name(moesh_dtype t) {
+    switch (t) {
+    case MOESH_DTYPE_F32: return "f32";
+    case MOESH_DTYPE_F16: return "f16";
+    case MOESH_DTYPE_BF16: return "bf16";
+    default: return "?";
+    }
+}
+
+// An enum member holding a value no enumerator has, as a C host could pass.
+template <class E>
+E bad_enum(int32_t v) {
+    static_assert(sizeof(E) == sizeof(int32_t));
+    E e;
+    std::memcpy(&e, &v, sizeof e);
+    return e;
+}
+
+void on_plugin_log(void *, moesh_log_level level, const char * msg) {
+    if (level >= MOESH_LOG_WARN) {
+        std::fprintf(stderr, "[plugin] %s\n", msg);
+    }
+}
+
+// Static: a plugin may keep the host table for the life of its contexts.
+const moesh_host_api k_host = {MOESH_PLUGIN_ABI_VERSION, sizeof(moesh_host_api), nullptr, on_plugin_log};
+
+struct LoadedPlugin {
+    void * handle = nullptr;
+    moesh_plugin_init_fn init = nullptr;
+    moesh_plugin_score_fn score = nullptr;
+    std::string error;
+};
+
+// dlopen'ed once per path and never closed, so tables stay valid.
+const LoadedPlugin & load_plugin(const std::string & path) {
+    static std::map<std::string, LoadedPlugin> loaded;
+    auto it = loaded.find(path);
+    if (it != loaded.end()) {
+        return it->second;
+    }
+    LoadedPlugin p;
+    p.handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!p.handle) {
+        p.error = dlerror();
+    } else {
+        p.init = reinterpret_cast<moesh_plugin_init_fn>(dlsym(p.handle, MOESH_PLUGIN_INIT_SYMBOL));
+        p.score = reinterpret_cast<moesh_plugin_score_fn>(dlsym(p.handle, MOESH_PLUGIN_SCORE_SYMBOL));
+        if (!p.init) {
+            p.error = path + " does not export " MOESH_PLUGIN_INIT_SYMBOL;
+        }
+    }
+    return loaded.emplace(path, std::move(p)).first->second;
+}
+
+std::vector<float> uniform(size_t n, float lo, float hi, std::mt19937 & rng) {
+    std::uniform_real_distribution<float> dist(lo, hi);
+    std::vector<float> v(n);
+    for (float & x : v) {
+        x = dist(rng);
+    }
+    return v;
+}
+
+// Weights as the backend gets them and, exactly, as floats.
+struct Weights {
+    std::vector<uint8_t> bytes;   // [n] of the dtype
+    std::vector<float> values;    // [n]
+};
+
+Weights make_weights(moesh_dtype type, size_t n, float scale, std::mt19937 & rng) {
+    Weights w;
+    w.values = uniform(n, -scale, scale, rng);
+    if (type == MOESH_DTYPE_F32) {
+        w.bytes.resize(n * sizeof(float));
+        std::memcpy(w.bytes.data(), w.values.data(), w.bytes.size());
+        return w;
+    }
+    std::vector<uint16_t> bits(n);
+    for (size_t i = 0; i < n; ++i) {
+        if (type == MOESH_DTYPE_F16) {
+            if (i % 97 == 13) {
+                w.values[i] = float(int(i % 1000) - 500) * 0x1p-24f;   // f16 subnormals
+            }
+            bits[i] = moesh::ref::f32_to_f16(w.values[i]);
+            w.values[i] = moesh::ref::f16_to_f32(bits[i]);
+        } else {
+            bits[i] = moesh::ref::f32_to_bf16(w.values[i]);
+            w.values[i] = moesh::ref::bf16_to_f32(bits[i]);
+        }
+    }
+    w.bytes.resize(n * sizeof(uint16_t));
+    std::memcpy(w.bytes.data(), bits.data(), w.bytes.size());
+    return w;
+}
+
+// Largest error/bound ratio seen, printed when MOESH_CONFORMANCE_VERBOSE is
+// set: how much headroom the bounds leave.
+double g_worst_ratio = 0.0;
+
+// |got[i] - ref[i]| <= bound[i] for every i (a bound of 0 means bit-exact).
+::testing::AssertionResult within_bounds(const std::vector<float> & got, const std::vector<float> & ref,
+                                         const std::vector<double> & bound) {
+    if (got.size() != ref.size() || got.size() != bound.size()) {
+        return ::testing::AssertionFailure() << "size mismatch";
+    }
+    size_t n_bad = 0;
+    size_t first_bad = 0;
+    for (size_t i = 0; i < got.size(); ++i) {
+        const double err = std::fabs(double(got[i]) - double(ref[i]));
+        const bool exact = std::memcmp(&got[i], &ref[i], sizeof(float)) == 0;
+        if (!exact && !(err <= bound[i])) {
+            if (n_bad++ == 0) {
+                first_bad = i;
+            }
+        } else if (bound[i] > 0.0) {
+            g_worst_ratio = std::max(g_worst_ratio, err / bound[i]);
+        }
+    }
+    if (n_bad > 0) {
+        return ::testing::AssertionFailure()
+               << n_bad << " of " << got.size() << " elements outside the bound; first at " << first_bad << ": got "
+               << got[first_bad] << ", reference " << ref[first_bad] << ", |diff| "
+               << std::fabs(double(got[first_bad]) - double(ref[first_bad])) << ", bound " << bound[first_bad];
+    }
+    return ::testing::AssertionSuccess();
+}
+
+// A buffer of the backend's memory.
+class DeviceBuffer {
+public:
+    DeviceBuffer(const moesh_backend_iface * be, moesh_backend * ctx, size_t n_bytes) : be_(be), ctx_(ctx) {
+        status_ = be_->buffer_alloc(ctx_, std::max<size_t>(n_bytes, 1), &ptr_);
+    }
+    DeviceBuffer(DeviceBuffer && o) noexcept : be_(o.be_), ctx_(o.ctx_), ptr_(o.ptr_), status_(o.status_) {
+        o.ptr_ = nullptr;
+    }
+    DeviceBuffer(const DeviceBuffer &) = delete;
+    DeviceBuffer & operator=(const DeviceBuffer &) = delete;
+    DeviceBuffer & operator=(DeviceBuffer &&) = delete;
+    ~DeviceBuffer() {
+        if (ptr_) {
+            be_->buffer_free(ctx_, ptr_);
+        }
+    }
+
+    void * get() const { return ptr_; }
+    template <class T>
+    T * as() const { return static_cast<T *>(ptr_); }
+    moesh_status status() const { return status_; }
+
+private:
+    const moesh_backend_iface * be_;
+    moesh_backend * ctx_;
+    void * ptr_ = nullptr;
+    moesh_status status_;
+};
+
+class BackendConformance : public ::testing::TestWithParam<BackendCase> {
+protected:
+    void SetUp() override {
+        const LoadedPlugin & p = load_plugin(GetParam().path);
+        ASSERT_NE(p.init, nullptr) << p.error;
+        ASSERT_EQ(p.init(&k_host, &be_), MOESH_OK);
+        ASSERT_NE(be_, nullptr);
+        ctx_ = create_context();
+        ASSERT_NE(ctx_, nullptr);
+    }
+
+    void TearDown() override {
+        if (ctx_) {
+            be_->destroy(ctx_);
+        }
+        if (std::getenv("MOESH_CONFORMANCE_VERBOSE")) {
+            std::printf("worst error/bound ratio so far: %.3g\n", g_worst_ratio);
+        }
+    }
+
+    moesh_backend * create_context() {
+        moesh_backend_params params = {sizeof(moesh_backend_params), GetParam().n_threads};
+        moesh_backend * ctx = nullptr;
+        EXPECT_EQ(be_->create(&params, &k_host, &ctx), MOESH_OK);
+        return ctx;
+    }
+
+    const char * last_error() { return be_->last_error(ctx_); }
+
+    template <class T>
+    DeviceBuffer upload(const std::vector<T> & v) {
+        DeviceBuffer b(be_, ctx_, v.size() * sizeof(T));
+        EXPECT_EQ(b.status(), MOESH_OK) << last_error();
+        if (!v.empty() && b.get()) {
+            EXPECT_EQ(be_->copy_to_device(ctx_, b.get(), v.data(), v.size() * sizeof(T)), MOESH_OK) << last_error();
+        }
+        return b;
+    }
+
+    template <class T>
+    std::vector<T> download(const DeviceBuffer & b, size_t n) {
+        std::vector<T> v(n);
+        EXPECT_EQ(be_->synchronize(ctx_), MOESH_OK) << last_error();
+        EXPECT_EQ(be_->copy_to_host(ctx_, v.data(), b.get(), n * sizeof(T)), MOESH_OK) << last_error();
+        return v;
+    }
+
+    // Whether op with w_type is offered; if not, the call must say so.
+    bool offered(moesh_op op, moesh_dtype w_type) {
+        const int32_t s = be_->supports(ctx_, op, w_type);
+        if (GetParam().all_weight_types) {
+            EXPECT_EQ(s, 1) << "op " << op << " with " << dtype_name(w_type);
+        }
+        return s != 0;
+    }
+
+    const moesh_backend_iface * be_ = nullptr;
+    moesh_backend * ctx_ = nullptr;
+};
+
+// ------------------------------------------------------------------ matmul
+
+TEST_P(BackendConformance, MatmulMatchesReference) {
+    struct Shape {
+        int64_t n_in, n_out, n_tokens, x_pad, y_pad;
+        bool bias;
+    };
+    const Shape shapes[] = {
+        {1, 1, 1, 0, 0, false},    {7, 5, 1, 0, 0, true},      {13, 9, 3, 3, 2, false},
+        {64, 33, 17, 0, 0, true},  {100, 70, 2, 5, 1, true},   {2048, 37, 1, 0, 0, false},
+        {517, 64, 17, 0, 0, false}, {31, 5, 40, 0, 0, true},   // few rows, many tokens
+        {300, 8, 70, 1, 3, false},  {5000, 6, 17, 0, 0, true}, // tokens in several blocks
+    };
+    std::mt19937 rng(1);
+    for (moesh_dtype type : k_weight_types) {
+        for (const Shape & s : shapes) {
+            SCOPED_TRACE(testing::Message() << dtype_name(type) << " n_in " << s.n_in << " n_out " << s.n_out
+                                            << " n_tokens " << s.n_tokens);
+            const int64_t x_stride = s.n_in + s.x_pad;
+            const int64_t y_stride = s.n_out + s.y_pad;
+            const Weights w = make_weights(type, size_t(s.n_out * s.n_in), 1.0f, rng);
+            const std::vector<float> x = uniform(size_t(s.n_tokens * x_stride), -1.0f, 1.0f, rng);
+            const std::vector<float> bias = s.bias ? uniform(size_t(s.n_out), -1.0f, 1.0f, rng) : std::vector<float>();
+            const std::vector<float> y0(size_t(s.n_tokens * y_stride), k_sentinel);
+            DeviceBuffer d_w = upload(w.bytes);
+            DeviceBuffer d_x = upload(x);
+            DeviceBuffer d_bias = upload(bias);
+            DeviceBuffer d_y = upload(y0);
+            moesh_matmul_args a = {d_w.get(), type, s.bias ? d_bias.as<float>() : nullptr, d_x.as<float>(),
+                                   d_y.as<float>(), s.n_in, s.n_out, s.n_tokens, x_stride, y_stride};
+            if (!offered(MOESH_OP_MATMUL, type)) {
+                EXPECT_EQ(be_->matmul(ctx_, &a), MOESH_ERR_UNSUPPORTED);
+                continue;
+            }
+            ASSERT_EQ(be_->matmul(ctx_, &a), MOESH_OK) << last_error();
+            const std::vector<float> y = download<float>(d_y, y0.size());
+
+            std::vector<float> y_ref = y0;
+            moesh_matmul_args r = a;
+            r.w = w.bytes.data();
+            r.bias = s.bias ? bias.data() : nullptr;
+            r.x = x.data();
+            r.y = y_ref.data();
+            moesh::ref::matmul(r);
+
+            // One float32 sum of n_in products and the bias; padding untouched.
+            std::vector<double> bound(y0.size(), 0.0);
+            for (int64_t t = 0; t < s.n_tokens; ++t) {
+                for (int64_t o = 0; o < s.n_out; ++o) {
+                    double mag = s.bias ? std::fabs(bias[size_t(o)]) : 0.0;
+                    for (int64_t i = 0; i < s.n_in; ++i) {
+                        mag += std::fabs(double(w.values[size_t(o * s.n_in + i)]) * x[size_t(t * x_stride + i)]);
+                    }
+                    const size_t k = size_t(t * y_stride + o);
+                    bound[k] = sum_error(s.n_in + 1) * mag + k_u * std::fabs(y_ref[k]) + k_tiny;
+                }
+            }
+            EXPECT_TRUE(within_bounds(y, y_ref, bound));
+        }
+    }
+}
+
+// -------------------------------------------------------------- expert_ffn
+
+// Bound on |out - ref| for one expert, by first-order propagation of float32
+// rounding:
+//   g = gate.x, u = up.x:     e_g = sum_error(n_embd) * sum|gate x|, e_u alike
+//   h = silu(g) * u:          |silu'(g) u| e_g + |silu(g)| e_u + 8u|h| (exp, add, divide, multiply)
+//   d = down.h:               sum_f |down_ef| e_h,f + sum_error(n_ff) * sum_f |down_ef h_f|
+//   out += scale * d:         |scale| e_d + 2u (|out_0| + |scale d|) + u|out|
+std::vector<double> expert_ffn_bound(const moesh_expert_ffn_args & a, const Weights & gate, const Weights & up,
+                                     const Weights & down, const std::vector<float> & out0,
+                                     const std::vector<float> & out_ref) {
+    const size_t n_embd = size_t(a.n_embd);
+    const size_t n_ff = size_t(a.n_ff);
+    std::vector<double> h(size_t(a.n_tokens) * n_ff);     // [n_tokens, n_ff]
+    std::vector<double> e_h(size_t(a.n_tokens) * n_ff);   // [n_tokens, n_ff]
+    for (size_t t = 0; t < size_t(a.n_tokens); ++t) {
+        const float * x = a.x + t * n_embd;
+        for (size_t f = 0; f < n_ff; ++f) {
+            double g = 0, g_mag = 0, u = 0, u_mag = 0;
+            for (size_t i = 0; i < n_embd; ++i) {
+                g += double(gate.values[f * n_embd + i]) * x[i];
+                g_mag += std::fabs(double(gate.values[f * n_embd + i]) * x[i]);
+                u += double(up.values[f * n_embd + i]) * x[i];
+                u_mag += std::fabs(double(up.values[f * n_embd + i]) * x[i]);
+            }
+            const double sig = 1.0 / (1.0 + std::exp(-g));
+            const double silu = g * sig;
+            const double d_silu = sig * (1.0 + g * (1.0 - sig));
+            const double e_g = sum_error(a.n_embd) * g_mag;
+            const double e_u = sum_error(a.n_embd) * u_mag;
+            h[t * n_ff + f] = silu * u;
+            e_h[t * n_ff + f] = std::fabs(d_silu * u) * e_g + std::fabs(silu) * e_u + e_g * e_u +
+                                8.0 * k_u * std::fabs(silu * u);
+        }
+    }
+    std::vector<double> bound(out_ref.size());
+    for (size_t t = 0; t < size_t(a.n_tokens); ++t) {
+        const double scale = a.scale ? a.scale[t] : 1.0;
+        for (size_t e = 0; e < n_embd; ++e) {
+            double d = 0, propagated = 0, mag = 0;
+            for (size_t f = 0; f < n_ff; ++f) {
+                const double w = down.values[e * n_ff + f];
+                d += w * h[t * n_ff + f];
+                propagated += std::fabs(w) * e_h[t * n_ff + f];
+                mag += std::fabs(w * h[t * n_ff + f]);
+            }
+            const size_t k = t * n_embd + e;
+            bound[k] = std::fabs(scale) * (propagated + sum_error(a.n_ff) * mag) +
+                       2.0 * k_u * (std::fabs(out0[k]) + std::fabs(scale * d)) + k_u * std::fabs(out_ref[k]) + k_tiny;
+        }
+    }
+    return bound;
+}
+
+TEST_P(BackendConformance, ExpertFfnMatchesReference) {
+    struct Shape {
+        int64_t n_embd, n_ff, n_tokens;
+        bool scale;
+    };
+    const Shape shapes[] = {
+        {8, 16, 1, false}, {13, 7, 3, true},   {64, 96, 17, true},
+        {37, 51, 2, false}, {256, 704, 5, true}, {1000, 300, 20, true},
+    };
+    std::mt19937 rng(2);
+    for (moesh_dtype type : k_weight_types) {
+        for (const Shape & s : shapes) {
+            SCOPED_TRACE(testing::Message() << dtype_name(type) << " n_embd " << s.n_embd << " n_ff " << s.n_ff
+                                            << " n_tokens " << s.n_tokens);
+            const size_t n_w = size_t(s.n_ff * s.n_embd);
+            const Weights gate = make_weights(type, n_w, 3.0f / std::sqrt(float(s.n_embd)), rng);
+            const Weights up = make_weights(type, n_w, 3.0f / std::sqrt(float(s.n_embd)), rng);
+            const Weights down = make_weights(type, n_w, 3.0f / std::sqrt(float(s.n_ff)), rng);
+            const std::vector<float> x = uniform(size_t(s.n_tokens * s.n_embd), -1.0f, 1.0f, rng);
+            const std::vector<float> scale = s.scale ? uniform(size_t(s.n_tokens), 0.0f, 1.0f, rng) : std::vector<float>();
+            const std::vector<float> out0 = uniform(size_t(s.n_tokens * s.n_embd), -1.0f, 1.0f, rng);
+            DeviceBuffer d_gate = upload(gate.bytes);
+            DeviceBuffer d_up = upload(up.bytes);
+            DeviceBuffer d_down = upload(down.bytes);
+            DeviceBuffer d_x = upload(x);
+            DeviceBuffer d_scale = upload(scale);
+            DeviceBuffer d_out = upload(out0);
+            DeviceBuffer d_scratch(be_, ctx_, size_t(2 * s.n_tokens * s.n_ff) * sizeof(float));
+            moesh_expert_ffn_args a = {d_gate.get(), d_up.get(), d_down.get(), type,
+                                       d_x.as<float>(), s.scale ? d_scale.as<float>() : nullptr,
+                                       d_out.as<float>(), d_scratch.as<float>(), s.n_embd, s.n_ff, s.n_tokens};
+            if (!offered(MOESH_OP_EXPERT_FFN, type)) {
+                EXPECT_EQ(be_->expert_ffn(ctx_, &a), MOESH_ERR_UNSUPPORTED);
+                continue;
+            }
+            ASSERT_EQ(be_->expert_ffn(ctx_, &a), MOESH_OK) << last_error();
+            const std::vector<float> out = download<float>(d_out, out0.size());
+
+            std::vector<float> out_ref = out0;
+            moesh_expert_ffn_args r = a;
+            r.gate = gate.bytes.data();
+            r.up = up.bytes.data();
+            r.down = down.bytes.data();
+            r.x = x.data();
+            r.scale = s.scale ? scale.data() : nullptr;
+            r.out = out_ref.data();
+            r.scratch = nullptr;
+            moesh::ref::expert_ffn(r);
+            EXPECT_TRUE(within_bounds(out, out_ref, expert_ffn_bound(r, gate, up, down, out0, out_ref)));
+        }
+    }
+}
+
+// ---------------------------------------------------------------- rms_norm
+
+TEST_P(BackendConformance, RmsNormMatchesReference) {
+    struct Shape {
+        int64_t n, n_rows;
+    };
+    const Shape shapes[] = {{1, 1}, {7, 3}, {64, 17}, {2048, 2}, {4099, 5}};
+    std::mt19937 rng(3);
+    for (const Shape & s : shapes) {
+        for (bool in_place : {false, true}) {
+            SCOPED_TRACE(testing::Message() << "n " << s.n << " n_rows " << s.n_rows << (in_place ? " in place" : ""));
+            const std::vector<float> x = uniform(size_t(s.n * s.n_rows), -2.0f, 2.0f, rng);
+            const std::vector<float> weight = uniform(size_t(s.n), 0.5f, 1.5f, rng);
+            DeviceBuffer d_x = upload(x);
+            DeviceBuffer d_weight = upload(weight);
+            DeviceBuffer d_y = upload(std::vector<float>(x.size(), k_sentinel));
+            moesh_rms_norm_args a = {d_x.as<float>(), d_weight.as<float>(), in_place ? d_x.as<float>() : d_y.as<float>(),
+                                     s.n, s.n_rows, 1e-6f};
+            ASSERT_EQ(be_->rms_norm(ctx_, &a), MOESH_OK) << last_error();
+            const std::vector<float> y = download<float>(in_place ? d_x : d_y, x.size());
+
+            std::vector<float> y_ref(x.size());
+            moesh_rms_norm_args r = a;
+            r.x = x.data();
+            r.weight = weight.data();
+            r.y = y_ref.data();
+            moesh::ref::rms_norm(r);
+            // A float32 sum of n squares, then a sqrt, a divide and two multiplies.
+            std::vector<double> bound(y.size());
+            for (size_t i = 0; i < y.size(); ++i) {
+                bound[i] = (sum_error(s.n) + 8.0 * k_u) * std::fabs(y_ref[i]) + k_tiny;
+            }
+            EXPECT_TRUE(within_bounds(y, y_ref, bound));
+        }
+    }
+}
+
+// ----------------------------------------------------------------- softmax
+
+TEST_P(BackendConformance, SoftmaxMatchesReference) {
+    struct Shape {
+        int64_t n, n_rows;
+        float lo, hi;
+    };
+    const Shape shapes[] = {
+        {1, 1, -1.0f, 1.0f},   {5, 3, -8.0f, 8.0f},     {64, 17, -8.0f, 8.0f},
+        {1000, 4, -20.0f, 20.0f}, {32000, 2, -8.0f, 8.0f},
+        {37, 3, 80.0f, 100.0f},   // exp overflows unless the max is subtracted
+    };
+    std::mt19937 rng(4);
+    for (const Shape & s : shapes) {
+        SCOPED_TRACE(testing::Message() << "n " << s.n << " n_rows " << s.n_rows << " range " << s.lo << ".." << s.hi);
+        const std::vector<float> x = uniform(size_t(s.n * s.n_rows), s.lo, s.hi, rng);
+        DeviceBuffer d_x = upload(x);
+        moesh_softmax_args a = {d_x.as<float>(), s.n, s.n_rows};
+        ASSERT_EQ(be_->softmax(ctx_, &a), MOESH_OK) << last_error();
+        const std::vector<float> y = download<float>(d_x, x.size());
+
+        std::vector<float> y_ref = x;
+        moesh::ref::softmax({y_ref.data(), s.n, s.n_rows});
+        // x - max rounds by u|x - max| (exp turns that into a relative error),
+        // exp and the divide by a few u, the sum of n positive terms by sum_error.
+        std::vector<double> bound(y.size());
+        for (int64_t r = 0; r < s.n_rows; ++r) {
+            const float * row = x.data() + r * s.n;
+            const float max = *std::max_element(row, row + s.n);
+            for (int64_t i = 0; i < s.n; ++i) {
+                const size_t k = size_t(r * s.n + i);
+                bound[k] = (2.0 * k_u * std::fabs(double(row[i]) - max) + sum_error(s.n) + 8.0 * k_u) *
+                               std::fabs(y_ref[k]) + k_tiny;
+            }
+        }
+        EXPECT_TRUE(within_bounds(y, y_ref, bound));
+    }
+}
+
+// -------------------------------------------------------------------- rope
+
+TEST_P(BackendConformance, RopeMatchesReference) {
+    struct Shape {
+        int64_t head_dim, rot_dim, n_head, n_tokens;
+        float attn_factor;
+    };
+    const Shape shapes[] = {
+        {8, 8, 1, 1, 1.0f},   {8, 4, 3, 3, 1.0f},   {8, 2, 2, 17, 1.3f}, {64, 64, 3, 17, 1.0f},
+        {64, 16, 2, 3, 1.0f}, {80, 80, 2, 3, 1.0f}, {80, 32, 3, 17, 1.3f}, {128, 128, 4, 5, 0.9f},
+        {128, 64, 1, 1, 1.0f},
+    };
+    std::mt19937 rng(5);
+    for (moesh_rope_mode mode : {MOESH_ROPE_NEOX, MOESH_ROPE_NORM}) {
+        for (const Shape & s : shapes) {
+            SCOPED_TRACE(testing::Message() << (mode == MOESH_ROPE_NEOX ? "neox" : "norm") << " head_dim "
+                                            << s.head_dim << " rot_dim " << s.rot_dim << " n_head " << s.n_head
+                                            << " n_tokens " << s.n_tokens);
+            const int64_t n_half = s.rot_dim / 2;
+            // inv_freq as HF computes it: 1 / base^(arange(0, dim, 2) / dim), in float32.
+            std::vector<float> inv_freq(static_cast<size_t>(n_half));
+            for (int64_t i = 0; i < n_half; ++i) {
+                inv_freq[size_t(i)] = 1.0f / std::pow(10000.0f, float(2 * i) / float(s.rot_dim));
+            }
+            std::vector<int32_t> pos(static_cast<size_t>(s.n_tokens));
+            std::uniform_int_distribution<int32_t> pos_dist(0, 40000);
+            for (size_t t = 0; t < pos.size(); ++t) {
+                pos[t] = t == 0 ? 0 : pos_dist(rng);
+            }
+            const std::vector<float> x = uniform(size_t(s.n_tokens * s.n_head * s.head_dim), -2.0f, 2.0f, rng);
+            DeviceBuffer d_x = upload(x);
+            DeviceBuffer d_pos = upload(pos);
+            DeviceBuffer d_inv_freq = upload(inv_freq);
+            moesh_rope_args a = {d_x.as<float>(), d_pos.as<int32_t>(), d_inv_freq.as<float>(), s.n_tokens, s.n_head,
+                                 s.head_dim, s.rot_dim, s.attn_factor, mode};
+            ASSERT_EQ(be_->rope(ctx_, &a), MOESH_OK) << last_error();
+            const std::vector<float> y = download<float>(d_x, x.size());
+
+            std::vector<float> y_ref = x;
+            moesh_rope_args r = a;
+            r.x = y_ref.data();
+            r.pos = pos.data();
+            r.inv_freq = inv_freq.data();
+            moesh::ref::rope(r);
+            // Both sides rotate by the same float32 angle pos * inv_freq; then
+            // cos/sin (1 ulp), the attn_factor product and x0 c - x1 s cost a
+            // few u of |x0| + |x1|. Dims past rot_dim must be untouched.
+            std::vector<double> bound(y.size(), 0.0);
+            for (int64_t th = 0; th < s.n_tokens * s.n_head; ++th) {
+                const float * xh = x.data() + th * s.head_dim;
+                for (int64_t i = 0; i < n_half; ++i) {
+                    const int64_t i0 = mode == MOESH_ROPE_NEOX ? i : 2 * i;
+                    const int64_t i1 = mode == MOESH_ROPE_NEOX ? i + n_half : 2 * i + 1;
+                    const double mag = std::fabs(s.attn_factor) * (std::fabs(xh[i0]) + std::fabs(xh[i1]));
+                    for (int64_t k : {i0, i1}) {
+                        const size_t idx = size_t(th * s.head_dim + k);
+                        bound[idx] = 8.0 * k_u * mag + k_u * std::fabs(y_ref[idx]) + k_tiny;
+                    }
+                }
+            }
+            EXPECT_TRUE(within_bounds(y, y_ref, bound));
+        }
+    }
+}
+
+// --------------------------------------------------------------- attention
+
+// Bound on |out - ref| per output element, from float32 rounding:
+//   s_j = scale q.k_j:        e_s,j = sum_error(head_dim) |scale| sum|q k_j| + u|s_j|
+//   p_j = exp(s_j - m) / Z:   relative e_p,j = e_s,j + max e_s + 2u|s_j - m| + 4u + sum_error(n_ctx)
+//   o = sum_j p_j v_j:        sum_j p_j |v_j| (e_p,j + sum_error(n_ctx)) + 2u|o|
+std::vector<double> attention_bound(const moesh_attention_args & a, const std::vector<float> & out_ref) {
+    const int64_t n_group = a.n_head / a.n_head_kv;
+    std::vector<double> bound(out_ref.size());
+    for (int64_t t = 0; t < a.n_tokens; ++t) {
+        const int64_t n_ctx = int64_t(a.pos[t]) + 1;
+        for (int64_t h = 0; h < a.n_head; ++h) {
+            const float * q = a.q + (t * a.n_head + h) * a.head_dim;
+            auto row = [&](const float * pool, int64_t p) {
+                const int64_t block = a.block_table[p / a.block_size];
+                return pool + ((block * a.block_size + p % a.block_size) * a.n_head_kv + h / n_group) * a.head_dim;
+            };
+            std::vector<double> s(static_cast<size_t>(n_ctx)), e_s(static_cast<size_t>(n_ctx));
+            double m = -std::numeric_limits<double>::infinity(), e_s_max = 0.0;
+            for (int64_t j = 0; j < n_ctx; ++j) {
+                const float * k = row(a.k_pool, j);
+                double dot = 0, mag = 0;
+                for (int64_t d = 0; d < a.head_dim; ++d) {
+                    dot += double(q[d]) * k[d];
+                    mag += std::fabs(double(q[d]) * k[d]);
+                }
+                s[size_t(j)] = dot * a.scale;
+                e_s[size_t(j)] = sum_error(a.head_dim) * std::fabs(a.scale) * mag + k_u * std::fabs(s[size_t(j)]);
+                m = std::max(m, s[size_t(j)]);
+                e_s_max = std::max(e_s_max, e_s[size_t(j)]);
+            }
+            double z = 0;
+            for (int64_t j = 0; j < n_ctx; ++j) {
+                z += std::exp(s[size_t(j)] - m);
+            }
+            for (int64_t d = 0; d < a.head_dim; ++d) {
+                double b = 0;
+                for (int64_t j = 0; j < n_ctx; ++j) {
+                    const double p = std::exp(s[size_t(j)] - m) / z;
+                    const double e_p = e_s[size_t(j)] + e_s_max + 2.0 * k_u * std::fabs(s[size_t(j)] - m) + 4.0 * k_u +
+                                       sum_error(n_ctx);
+                    b += p * std::fabs(row(a.v_pool, j)[d]) * (e_p + sum_error(n_ctx));
+                }
+                const size_t idx = size_t((t * a.n_head + h) * a.head_dim + d);
+                bound[idx] = b + 2.0 * k_u * std::fabs(out_ref[idx]) + k_tiny;
+            }
+        }
+    }
+    return bound;
+}
+
+TEST_P(BackendConformance, AttentionMatchesReference) {
+    struct Shape {
+        int64_t head_dim, n_head, n_head_kv, n_tokens, block_size, n_kv;
+        float q_scale;
+        bool random_pos;   // otherwise the last n_tokens positions, as in prefill/decode
+    };
+    const Shape shapes[] = {
+        {8, 2, 2, 1, 16, 1, 1.0f, false},    {8, 4, 2, 3, 4, 13, 2.0f, false},
+        {64, 6, 2, 17, 16, 70, 4.0f, false}, {80, 3, 3, 1, 16, 300, 4.0f, false},
+        {80, 6, 3, 17, 5, 40, 4.0f, false},  {64, 4, 4, 3, 16, 50, 30.0f, false},   // peaked softmax
+        {8, 6, 1, 5, 3, 20, 2.0f, true},     {64, 8, 2, 1, 16, 1000, 4.0f, false},
+    };
+    std::mt19937 rng(6);
+    for (const Shape & s : shapes) {
+        SCOPED_TRACE(testing::Message() << "head_dim " << s.head_dim << " n_head " << s.n_head << " n_head_kv "
+                                        << s.n_head_kv << " n_tokens " << s.n_tokens << " block_size " << s.block_size
+                                        << " n_kv " << s.n_kv);
+        // The sequence's blocks are a shuffled subset of a larger pool; every
+        // other block, and the rows past n_kv, hold NaN, which poisons any
+        // output that reads them.
+        const int64_t n_blocks = (s.n_kv + s.block_size - 1) / s.block_size;
+        const int64_t n_pool_blocks = n_blocks + 3;
+        std::vector<int32_t> pool_ids(static_cast<size_t>(n_pool_blocks));
+        std::iota(pool_ids.begin(), pool_ids.end(), 0);
+        std::shuffle(pool_ids.begin(), pool_ids.end(), rng);
+        const std::vector<int32_t> block_table(pool_ids.begin(), pool_ids.begin() + n_blocks);
+        const size_t row_size = size_t(s.n_head_kv * s.head_dim);
+        const size_t pool_size = size_t(n_pool_blocks * s.block_size) * row_size;
+        std::vector<float> k_pool(pool_size, k_nan);
+        std::vector<float> v_pool(pool_size, k_nan);
+        std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+        for (int64_t p = 0; p < s.n_kv; ++p) {
+            const size_t base = size_t(block_table[size_t(p / s.block_size)] * s.block_size + p % s.block_size) * row_size;
+            for (size_t i = 0; i < row_size; ++i) {
+                k_pool[base + i] = dist(rng);
+                v_pool[base + i] = dist(rng);
+            }
+        }
+        std::vector<int32_t> pos(static_cast<size_t>(s.n_tokens));
+        std::uniform_int_distribution<int32_t> pos_dist(0, int32_t(s.n_kv - 1));
+        for (int64_t t = 0; t < s.n_tokens; ++t) {
+            pos[size_t(t)] = s.random_pos ? pos_dist(rng) : int32_t(s.n_kv - s.n_tokens + t);
+        }
+        const std::vector<float> q = uniform(size_t(s.n_tokens * s.n_head * s.head_dim), -s.q_scale, s.q_scale, rng);
+        DeviceBuffer d_q = upload(q);
+        DeviceBuffer d_k = upload(k_pool);
+        DeviceBuffer d_v = upload(v_pool);
+        DeviceBuffer d_table = upload(block_table);
+        DeviceBuffer d_pos = upload(pos);
+        DeviceBuffer d_out = upload(std::vector<float>(q.size(), k_sentinel));
+        moesh_attention_args a = {d_q.as<float>(),      d_k.as<float>(),   d_v.as<float>(),
+                                  d_table.as<int32_t>(), d_pos.as<int32_t>(), d_out.as<float>(),
+                                  s.n_tokens,           s.n_head,          s.n_head_kv,
+                                  s.head_dim,           s.block_size,      s.n_kv,
+                                  1.0f / std::sqrt(float(s.head_dim))};
+        ASSERT_EQ(be_->attention(ctx_, &a), MOESH_OK) << last_error();
+        const std::vector<float> out = download<float>(d_out, q.size());
+
+        std::vector<float> out_ref(q.size());
+        moesh_attention_args r = a;
+        r.q = q.data();
+        r.k_pool = k_pool.data();
+        r.v_pool = v_pool.data();
+        r.block_table = block_table.data();
+        r.pos = pos.data();
+        r.out = out_ref.data();
+        moesh::ref::attention(r);
+        EXPECT_TRUE(within_bounds(out, out_ref, attention_bound(r, out_ref)));
+    }
+}
+
+// --------------------------------------------------- argument validation
+
+// Each case gets a fresh context so that its last_error is its own.
+class Rejection {
+public:
+    Rejection(const moesh_backend_iface * be, moesh_backend * ctx) : be_(be), ctx_(ctx) {}
+    ~Rejection() { be_->destroy(ctx_); }
+    moesh_backend * ctx() const { return ctx_; }
+    void expect(moesh_status got, moesh_status want, const char * what) const {
+        EXPECT_EQ(got, want) << what;
+        const char * msg = be_->last_error(ctx_);
+        EXPECT_TRUE(msg != nullptr && msg[0] != '\0') << what << ": empty last_error";
+    }
+
+private:
+    const moesh_backend_iface * be_;
+    moesh_backend * ctx_;
+};
+
+TEST_P(BackendConformance, RejectsInvalidMatmulArguments) {
+    // Host arrays: validation must fail before anything is read.
+    std::vector<float> w(16, 0.5f), x(8, 1.0f), y(8);
+    const moesh_matmul_args ok = {w.data(), MOESH_DTYPE_F32, nullptr, x.data(), y.data(), 4, 4, 1, 4, 4};
+    auto check = [&](const char * what, auto mutate) {
+        moesh_matmul_args a = ok;
+        mutate(a);
+        Rejection r(be_, create_context());
+        r.expect(be_->matmul(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, what);
+    };
+    {
+        Rejection r(be_, create_context());
+        r.expect(be_->matmul(r.ctx(), nullptr), MOESH_ERR_INVALID_ARGUMENT, "args NULL");
+    }
+    check("w NULL", [](moesh_matmul_args & a) { a.w = nullptr; });
+    check("x NULL", [](moesh_matmul_args & a) { a.x = nullptr; });
+    check("y NULL", [](moesh_matmul_args & a) { a.y = nullptr; });
+    check("n_in 0", [](moesh_matmul_args & a) { a.n_in = 0; });
+    check("n_out -1", [](moesh_matmul_args & a) { a.n_out = -1; });
+    check("n_tokens 0", [](moesh_matmul_args & a) { a.n_tokens = 0; });
+    check("x_stride < n_in", [](moesh_matmul_args & a) { a.x_stride = 3; });
+    check("y_stride < n_out", [](moesh_matmul_args & a) { a.y_stride = 2; });
+    check("n_in huge", [](moesh_matmul_args & a) { a.n_in = a.x_stride = int64_t(1) << 62; });
+}
+
+TEST_P(BackendConformance, RejectsInvalidRmsNormSoftmaxArguments) {
+    std::vector<float> x(8, 1.0f), w(8, 1.0f), y(8);
+    const moesh_rms_norm_args ok = {x.data(), w.data(), y.data(), 4, 2, 1e-6f};
+    auto check = [&](const char * what, auto mutate) {
+        moesh_rms_norm_args a = ok;
+        mutate(a);
+        Rejection r(be_, create_context());
+        r.expect(be_->rms_norm(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, what);
+    };
+    check("x NULL", [](moesh_rms_norm_args & a) { a.x = nullptr; });
+    check("weight NULL", [](moesh_rms_norm_args & a) { a.weight = nullptr; });
+    check("y NULL", [](moesh_rms_norm_args & a) { a.y = nullptr; });
+    check("n 0", [](moesh_rms_norm_args & a) { a.n = 0; });
+    check("n_rows -2", [](moesh_rms_norm_args & a) { a.n_rows = -2; });
+    {
+        Rejection r(be_, create_context());
+        r.expect(be_->rms_norm(r.ctx(), nullptr), MOESH_ERR_INVALID_ARGUMENT, "rms_norm args NULL");
+    }
+    const moesh_softmax_args sm = {x.data(), 4, 2};
+    auto check_softmax = [&](const char * what, auto mutate) {
+        moesh_softmax_args a = sm;
+        mutate(a);
+        Rejection r(be_, create_context());
+        r.expect(be_->softmax(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, what);
+    };
+    check_softmax("softmax x NULL", [](moesh_softmax_args & a) { a.x = nullptr; });
+    check_softmax("softmax n 0", [](moesh_softmax_args & a) { a.n = 0; });
+    check_softmax("softmax n_rows 0", [](moesh_softmax_args & a) { a.n_rows = 0; });
+}
+
+TEST_P(BackendConformance, RejectsInvalidRopeArguments) {
+    std::vector<float> x(64, 1.0f), inv_freq(8, 1.0f);
+    std::vector<int32_t> pos(2, 0);
+    const moesh_rope_args ok = {x.data(), pos.data(), inv_freq.data(), 2, 2, 16, 16, 1.0f, MOESH_ROPE_NEOX};
+    auto check = [&](const char * what, auto mutate) {
+        moesh_rope_args a = ok;
+        mutate(a);
+        Rejection r(be_, create_context());
+        r.expect(be_->rope(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, what);
+    };
+    check("x NULL", [](moesh_rope_args & a) { a.x = nullptr; });
+    check("pos NULL", [](moesh_rope_args & a) { a.pos = nullptr; });
+    check("inv_freq NULL", [](moesh_rope_args & a) { a.inv_freq = nullptr; });
+    check("n_tokens 0", [](moesh_rope_args & a) { a.n_tokens = 0; });
+    check("n_head 0", [](moesh_rope_args & a) { a.n_head = 0; });
+    check("head_dim -16", [](moesh_rope_args & a) { a.head_dim = -16; });
+    check("rot_dim odd", [](moesh_rope_args & a) { a.rot_dim = 7; });
+    check("rot_dim > head_dim", [](moesh_rope_args & a) { a.rot_dim = 18; });
+    check("rot_dim 0", [](moesh_rope_args & a) { a.rot_dim = 0; });
+}
+
+TEST_P(BackendConformance, RejectsInvalidExpertFfnArguments) {
+    std::vector<float> w(64, 0.1f), x(8, 1.0f), out(8), scratch(64);
+    const moesh_expert_ffn_args ok = {w.data(), w.data(), w.data(), MOESH_DTYPE_F32, x.data(), nullptr, out.data(),
+                                      scratch.data(), 4, 8, 2};
+    auto check = [&](const char * what, auto mutate) {
+        moesh_expert_ffn_args a = ok;
+        mutate(a);
+        Rejection r(be_, create_context());
+        r.expect(be_->expert_ffn(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, what);
+    };
+    {
+        Rejection r(be_, create_context());
+        r.expect(be_->expert_ffn(r.ctx(), nullptr), MOESH_ERR_INVALID_ARGUMENT, "args NULL");
+    }
+    check("gate NULL", [](moesh_expert_ffn_args & a) { a.gate = nullptr; });
+    check("up NULL", [](moesh_expert_ffn_args & a) { a.up = nullptr; });
+    check("down NULL", [](moesh_expert_ffn_args & a) { a.down = nullptr; });
+    check("x NULL", [](moesh_expert_ffn_args & a) { a.x = nullptr; });
+    check("out NULL", [](moesh_expert_ffn_args & a) { a.out = nullptr; });
+    check("scratch NULL", [](moesh_expert_ffn_args & a) { a.scratch = nullptr; });
+    check("n_embd -1", [](moesh_expert_ffn_args & a) { a.n_embd = -1; });
+    check("n_ff 0", [](moesh_expert_ffn_args & a) { a.n_ff = 0; });
+    check("n_tokens 0", [](moesh_expert_ffn_args & a) { a.n_tokens = 0; });
+}
+
+TEST_P(BackendConformance, RejectsInvalidAttentionArguments) {
+    std::vector<float> q(32, 1.0f), pool(256, 1.0f), out(32);
+    std::vector<int32_t> table = {1, 0}, pos = {5};
+    const moesh_attention_args ok = {q.data(), pool.data(), pool.data(), table.data(), pos.data(), out.data(),
+                                     1, 4, 2, 8, 4, 6, 0.35f};
+    auto check = [&](const char * what, auto mutate) {
+        moesh_attention_args a = ok;
+        mutate(a);
+        Rejection r(be_, create_context());
+        r.expect(be_->attention(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, what);
+    };
+    check("q NULL", [](moesh_attention_args & a) { a.q = nullptr; });
+    check("k_pool NULL", [](moesh_attention_args & a) { a.k_pool = nullptr; });
+    check("v_pool NULL", [](moesh_attention_args & a) { a.v_pool = nullptr; });
+    check("block_table NULL", [](moesh_attention_args & a) { a.block_table = nullptr; });
+    check("pos NULL", [](moesh_attention_args & a) { a.pos = nullptr; });
+    check("out NULL", [](moesh_attention_args & a) { a.out = nullptr; });
+    check("n_tokens 0", [](moesh_attention_args & a) { a.n_tokens = 0; });
+    check("n_head_kv 0", [](moesh_attention_args & a) { a.n_head_kv = 0; });
+    check("n_head % n_head_kv != 0", [](moesh_attention_args & a) { a.n_head = 3; });
+    check("head_dim 0", [](moesh_attention_args & a) { a.head_dim = 0; });
+    check("block_size 0", [](moesh_attention_args & a) { a.block_size = 0; });
+    check("n_kv 0", [](moesh_attention_args & a) { a.n_kv = 0; });
+    int32_t bad_pos = 6;   // == n_kv
+    int32_t negative_pos = -1;
+    std::vector<int32_t> bad_table = {1, -3};
+    // Reading pos and block_table to check them needs host pointers.
+    if (be_->host_memory) {
+        check("pos >= n_kv", [&](moesh_attention_args & a) { a.pos = &bad_pos; });
+        check("pos < 0", [&](moesh_attention_args & a) { a.pos = &negative_pos; });
+        check("negative block id", [&](moesh_attention_args & a) { a.block_table = bad_table.data(); });
+    }
+}
+
+TEST_P(BackendConformance, RejectsUnknownWeightDtypeAndRopeMode) {
+    std::vector<float> w(64, 0.1f), x(8, 1.0f), y(8), scratch(64);
+    std::vector<int32_t> pos(2, 0);
+    {
+        moesh_matmul_args a = {w.data(), bad_enum<moesh_dtype>(99), nullptr, x.data(), y.data(), 4, 4, 1, 4, 4};
+        Rejection r(be_, create_context());
+        r.expect(be_->matmul(r.ctx(), &a), MOESH_ERR_UNSUPPORTED, "matmul dtype 99");
+    }
+    {
+        moesh_expert_ffn_args a = {w.data(), w.data(), w.data(), bad_enum<moesh_dtype>(99), x.data(), nullptr,
+                                   y.data(), scratch.data(), 4, 8, 1};
+        Rejection r(be_, create_context());
+        r.expect(be_->expert_ffn(r.ctx(), &a), MOESH_ERR_UNSUPPORTED, "expert_ffn dtype 99");
+    }
+    {
+        moesh_rope_args a = {x.data(), pos.data(), w.data(), 1, 1, 8, 8, 1.0f, bad_enum<moesh_rope_mode>(99)};
+        Rejection r(be_, create_context());
+        r.expect(be_->rope(r.ctx(), &a), MOESH_ERR_UNSUPPORTED, "rope mode 99");
+    }
+}
+
+// ------------------------------------------------- the rest of the table
+
+TEST_P(BackendConformance, SupportsAnswersForEveryOp) {
+    for (moesh_dtype t : k_weight_types) {
+        offered(MOESH_OP_MATMUL, t);
+        offered(MOESH_OP_EXPERT_FFN, t);
+    }
+    EXPECT_EQ(be_->supports(ctx_, MOESH_OP_MATMUL, bad_enum<moesh_dtype>(99)), 0);
+    EXPECT_EQ(be_->supports(ctx_, MOESH_OP_EXPERT_FFN, bad_enum<moesh_dtype>(-1)), 0);
+    EXPECT_EQ(be_->supports(ctx_, bad_enum<moesh_op>(99), MOESH_DTYPE_F32), 0);
+    // Ops without weights ignore w_type.
+    for (moesh_op op : {MOESH_OP_RMS_NORM, MOESH_OP_ROPE, MOESH_OP_SOFTMAX, MOESH_OP_ATTENTION}) {
+        EXPECT_EQ(be_->supports(ctx_, op, MOESH_DTYPE_F32), 1) << "op " << op;
+        EXPECT_EQ(be_->supports(ctx_, op, bad_enum<moesh_dtype>(99)), 1) << "op " << op;
+    }
+}
+
+TEST_P(BackendConformance, InitChecksTheHostAbi) {
+    const LoadedPlugin & p = load_plugin(GetParam().path);
+    const moesh_backend_iface * table = nullptr;
+    EXPECT_EQ(p.init(&k_host, nullptr), MOESH_ERR_INVALID_ARGUMENT);
+
+    moesh_host_api old_host = k_host;
+    old_host.abi_version = 0;
+    EXPECT_EQ(p.init(&old_host, &table), MOESH_ERR_ABI_MISMATCH);
+    EXPECT_EQ(table, nullptr);
+
+    // A newer host has a longer table; appended members do not concern v1 plugins.
+    struct NewerHost {
+        moesh_host_api v1;
+        void * appended[4];
+    } newer = {k_host, {}};
+    newer.v1.abi_version = MOESH_PLUGIN_ABI_VERSION + 1;
+    newer.v1.struct_size = sizeof newer;
+    EXPECT_EQ(p.init(&newer.v1, &table), MOESH_OK);
+    ASSERT_NE(table, nullptr);
+    EXPECT_EQ(table->abi_version, MOESH_PLUGIN_ABI_VERSION);
+    EXPECT_EQ(table->struct_size, sizeof(moesh_backend_iface));
+    EXPECT_STRNE(table->name, "");
+    if (p.score) {
+        EXPECT_GT(p.score(), 0);
+    }
+}
+
+TEST_P(BackendConformance, CreatesContextWithDefaultThreadCount) {
+    moesh_backend_params params = {sizeof params, 0};
+    moesh_backend * ctx = nullptr;
+    ASSERT_EQ(be_->create(&params, &k_host, &ctx), MOESH_OK);
+    ASSERT_NE(ctx, nullptr);
+    EXPECT_NE(be_->last_error(ctx), nullptr);
+    be_->destroy(ctx);
+    EXPECT_NE(be_->last_error(nullptr), nullptr);
+}
+
+TEST_P(BackendConformance, ReportsMemoryAndCopiesBuffers) {
+    uint64_t free_bytes = 0, total_bytes = 0;
+    ASSERT_EQ(be_->memory_info(ctx_, &free_bytes, &total_bytes), MOESH_OK) << last_error();
+    EXPECT_GT(total_bytes, 0u);
+    EXPECT_LE(free_bytes, total_bytes);
+
+    std::vector<uint8_t> data(1000);
+    std::iota(data.begin(), data.end(), uint8_t(0));
+    DeviceBuffer b = upload(data);
+    if (be_->host_memory) {
+        EXPECT_EQ(reinterpret_cast<uintptr_t>(b.get()) % 64, 0u) << "host buffers are 64-byte aligned";
+    }
+    EXPECT_EQ(download<uint8_t>(b, data.size()), data);
+
+    void * huge = nullptr;
+    EXPECT_EQ(be_->buffer_alloc(ctx_, size_t(1) << 62, &huge), MOESH_ERR_OUT_OF_MEMORY);
+    EXPECT_EQ(huge, nullptr);
+    EXPECT_STRNE(last_error(), "");
+}
+
+// The workers' hand-off (spinning, then sleeping) under many short calls,
+// some after the workers have gone to sleep: every result must be the same.
+TEST_P(BackendConformance, ManyShortCallsGiveTheSameResult) {
+    std::mt19937 rng(7);
+    const int64_t n_in = 1024, n_out = 64;
+    const Weights w = make_weights(MOESH_DTYPE_BF16, size_t(n_in * n_out), 1.0f, rng);
+    const std::vector<float> x = uniform(size_t(n_in), -1.0f, 1.0f, rng);
+    DeviceBuffer d_w = upload(w.bytes);
+    DeviceBuffer d_x = upload(x);
+    DeviceBuffer d_y = upload(std::vector<float>(size_t(n_out)));
+    DeviceBuffer d_s = upload(std::vector<float>(8, 0.0f));
+    moesh_matmul_args a = {d_w.get(), MOESH_DTYPE_BF16, nullptr, d_x.as<float>(), d_y.as<float>(),
+                           n_in, n_out, 1, n_in, n_out};
+    if (!offered(MOESH_OP_MATMUL, MOESH_DTYPE_BF16)) {
+        GTEST_SKIP() << "bf16 matmul not offered";
+    }
+    ASSERT_EQ(be_->matmul(ctx_, &a), MOESH_OK) << last_error();
+    const std::vector<float> first = download<float>(d_y, size_t(n_out));
+    moesh_softmax_args small = {d_s.as<float>(), 8, 1};   // too small to wake the workers
+    for (int i = 0; i < 3000; ++i) {
+        ASSERT_EQ(be_->matmul(ctx_, &a), MOESH_OK) << last_error();
+        ASSERT_EQ(be_->softmax(ctx_, &small), MOESH_OK) << last_error();
+        if (i % 500 == 499) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        }
+        if (i % 100 == 0) {
+            ASSERT_EQ(download<float>(d_y, size_t(n_out)), first) << "call " << i;
+        }
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Backends, BackendConformance, ::testing::ValuesIn(k_backends),
+                         [](const ::testing::TestParamInfo<BackendCase> & info) { return std::string(info.param.name); });
+
+} // namespace

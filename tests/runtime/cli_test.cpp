@@ -1,0 +1,116 @@
+// The real `moesh` executable, as a user runs it.
+#include "runtime/npy.h"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sys/wait.h>
+
+namespace moesh {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Result {
+    int status = -1;
+    std::string out; // stdout + stderr
+};
+
+Result run(const std::string & args, bool with_stderr = true) {
+    const std::string cmd = std::string(MOESH_BIN) + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
+    Result r;
+    FILE * p = popen(cmd.c_str(), "r");
+    if (!p) return r;
+    std::array<char, 4096> buf;
+    size_t n;
+    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+    const int st = pclose(p);
+    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return r;
+}
+
+const std::string k_fixture = std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/mixtral_top2";
+
+TEST(Cli, HelpExplainsSubcommandsAndOptions) {
+    Result r = run("--help");
+    EXPECT_EQ(r.status, 0);
+    EXPECT_NE(r.out.find("run"), std::string::npos);
+    EXPECT_NE(r.out.find("inspect"), std::string::npos);
+    r = run("run --help");
+    EXPECT_EQ(r.status, 0);
+    for (const char * opt : {"--prompt-ids", "--temperature", "--top-k", "--top-p", "--seed", "--threads", "--output",
+                             "--dump-logits", "--plugin-dir"})
+        EXPECT_NE(r.out.find(opt), std::string::npos) << opt;
+}
+
+TEST(Cli, RunJsonOutputAndLogitsDump) {
+    if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
+    std::ifstream in(k_fixture + "/reference.json");
+    const auto ref = nlohmann::json::parse(in);
+    const auto prompt = ref["prompts"][0].get<std::vector<int32_t>>();
+    const auto expected = ref["generated"][0].get<std::vector<int32_t>>();
+    std::string ids;
+    for (size_t i = 0; i < prompt.size(); ++i) ids += (i ? "," : "") + std::to_string(prompt[i]);
+    const fs::path npy = fs::temp_directory_path() / ("moesh_cli_logits_" + std::to_string(getpid()) + ".npy");
+
+    Result r = run("run --model " + k_fixture + " --prompt-ids " + ids + " -n 8 --threads 2 --output json --dump-logits " +
+                       npy.string(),
+                   false);
+    ASSERT_EQ(r.status, 0) << r.out;
+    const std::string last = r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1);
+    const auto j = nlohmann::json::parse(last);
+    for (const char * k : {"prompt_ids", "tokens", "text", "timings", "experts"}) EXPECT_TRUE(j.contains(k)) << k;
+    EXPECT_EQ(j["prompt_ids"].get<std::vector<int32_t>>(), prompt);
+    const auto tokens = j["tokens"].get<std::vector<int32_t>>();
+    EXPECT_EQ(tokens, std::vector<int32_t>(expected.begin(), expected.begin() + 8));
+    EXPECT_GT(j["timings"]["decode_tokens_per_second"].get<double>(), 0.0);
+    uint64_t routed = 0;
+    for (const auto & layer : j["experts"]["activation_counts"])
+        if (!layer.is_null())
+            for (const auto & c : layer) routed += c.get<uint64_t>();
+    const auto n_used = j["experts"]["n_expert_used"].get<uint64_t>();
+    // every token that went through the model (prompt + 7 decode steps) was routed in every layer
+    EXPECT_EQ(routed % ((prompt.size() + 7) * n_used), 0u);
+    EXPECT_GT(routed, 0u);
+
+    NpyArray a = read_npy_f32(npy);
+    ASSERT_EQ(a.shape.size(), 2u);
+    EXPECT_EQ(a.shape[0], int64_t(prompt.size() + 7));
+    fs::remove(npy);
+}
+
+TEST(Cli, InspectListsTensorsAndExpertBytes) {
+    if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
+    Result r = run("inspect --model " + k_fixture);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("MixtralForCausalLM"), std::string::npos);
+    EXPECT_NE(r.out.find("bytes per expert"), std::string::npos);
+    EXPECT_NE(r.out.find("w1.weight"), std::string::npos);
+}
+
+TEST(Cli, ErrorsSayWhatIsWrong) {
+    Result r = run("run --model /nonexistent/model --prompt-ids 1,2");
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.out.find("/nonexistent/model/config.json"), std::string::npos) << r.out;
+    if (fs::exists(k_fixture)) {
+        r = run("run --model " + k_fixture + " --prompt-ids 1,x,3");
+        EXPECT_EQ(r.status, 1);
+        EXPECT_NE(r.out.find("'x' at index 1"), std::string::npos) << r.out;
+        r = run("run --model " + k_fixture + " --prompt-ids 1,99999999");
+        EXPECT_EQ(r.status, 1);
+        EXPECT_NE(r.out.find("outside the vocabulary"), std::string::npos) << r.out;
+        r = run("run --model " + k_fixture + " --prompt-ids 1 --plugin-dir /nonexistent --backend nosuch");
+        EXPECT_EQ(r.status, 1);
+        EXPECT_NE(r.out.find("nosuch"), std::string::npos) << r.out;
+    }
+    r = run("run --prompt-ids 1");
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.out.find("--model"), std::string::npos) << r.out;
+}
+
+} // namespace
+} // namespace moesh
