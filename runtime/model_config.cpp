@@ -278,6 +278,16 @@ ModelConfig parse_model_config(std::string_view json_text, std::string_view sour
     };
 
     const int64_t k_max_experts = 4096;
+    // transformers aliases num_experts <-> num_local_experts per architecture
+    // (attribute_map), and writes whichever its class declares; accept either.
+    auto expert_count = [&]() {
+        const bool a = r.has("num_experts"), b = r.has("num_local_experts");
+        if (!a && !b) r.fail("num_experts", "missing (or num_local_experts; an integer is required)");
+        const int64_t n = a ? r.integer("num_experts", 1, k_max_experts) : r.integer("num_local_experts", 1, k_max_experts);
+        if (a && b && r.integer("num_local_experts", 1, k_max_experts) != n)
+            r.fail("num_local_experts", "disagrees with num_experts (" + std::to_string(n) + ")");
+        return n;
+    };
     switch (c.arch) {
     case Arch::Llama: {
         c.n_ff = r.integer("intermediate_size", 1, k_max_dim);
@@ -288,7 +298,7 @@ ModelConfig parse_model_config(std::string_view json_text, std::string_view sour
     }
     case Arch::Mixtral: {
         c.n_ff_expert = r.integer("intermediate_size", 1, k_max_dim);
-        c.n_expert = r.integer("num_local_experts", 1, k_max_experts);
+        c.n_expert = expert_count();
         c.n_expert_used = r.integer("num_experts_per_tok", 1, c.n_expert);
         c.norm_topk_prob = true;
         if (r.has("sliding_window"))
@@ -299,7 +309,7 @@ ModelConfig parse_model_config(std::string_view json_text, std::string_view sour
     case Arch::Qwen3Moe: {
         c.n_ff = r.integer_or("intermediate_size", 1, k_max_dim, 0);
         c.n_ff_expert = r.integer("moe_intermediate_size", 1, k_max_dim);
-        c.n_expert = r.integer("num_experts", 1, k_max_experts);
+        c.n_expert = expert_count();
         c.n_expert_used = r.integer("num_experts_per_tok", 1, c.n_expert);
         c.norm_topk_prob = r.boolean_or("norm_topk_prob", false);
         refuse_sliding("use_sliding_window");
@@ -316,7 +326,7 @@ ModelConfig parse_model_config(std::string_view json_text, std::string_view sour
     }
     case Arch::Olmoe: {
         c.n_ff_expert = r.integer("intermediate_size", 1, k_max_dim);
-        c.n_expert = r.integer("num_experts", 1, k_max_experts);
+        c.n_expert = expert_count();
         c.n_expert_used = r.integer("num_experts_per_tok", 1, c.n_expert);
         c.norm_topk_prob = r.boolean_or("norm_topk_prob", false);
         bool bias = r.boolean_or("attention_bias", false);

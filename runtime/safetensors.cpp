@@ -142,19 +142,26 @@ json parse_json_strict(const uint8_t * begin, const uint8_t * end, const std::st
         }
         return true;
     };
+    // "[json.exception.parse_error.101] parse error at line 1, column 5: ..." -> the tail, printable
+    auto reason = [](const json::exception & e) {
+        std::string what = e.what();
+        size_t colon = what.find(": ");
+        if (colon != std::string::npos) what = what.substr(colon + 2);
+        else if (what.find("] ") != std::string::npos) what = what.substr(what.find("] ") + 2);
+        if (what.size() > 200) what = what.substr(0, 197) + "...";
+        for (char & c : what)
+            if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7f) c = '?';
+        return what;
+    };
     try {
         return json::parse(begin, end, cb, /*allow_exceptions=*/true, /*ignore_comments=*/false);
     } catch (const json::parse_error & e) {
-        std::string what = e.what();
-        // "[json.exception.parse_error.101] parse error at line 1, column 5: ..." -> keep the tail
-        size_t colon = what.find(": ");
-        if (colon != std::string::npos) what = what.substr(colon + 2);
-        if (what.size() > 200) what = what.substr(0, 197) + "...";
-        for (char & c : what)
-            if (static_cast<unsigned char>(c) < 0x20) c = '?';
         uint64_t byte = e.byte > 0 ? e.byte - 1 : 0;
         throw Error(source + ": header is not valid JSON (near byte " + std::to_string(file_offset + byte) +
-                    " of the file): " + what);
+                    " of the file): " + reason(e));
+    } catch (const json::exception & e) {
+        // out_of_range.406: a number too large for a double (1e999)
+        throw Error(source + ": header is not valid JSON: " + reason(e));
     }
 }
 

@@ -9,6 +9,7 @@
 #include "bandwidth_probe.h"
 #include "plugins/loader/plugin_loader.h"
 #include "runtime/forward.h"
+#include "runtime/sampler.h"
 #include "runtime/synthetic_model.h"
 
 #include <nlohmann/json.hpp>

@@ -8,6 +8,8 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <cstdio>
+#include <ostream>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -31,6 +33,8 @@ struct GoldenCase {
     std::string fixture;
     int threads;
 };
+
+void PrintTo(const GoldenCase & c, std::ostream * os) { *os << c.fixture << " with " << c.threads << " thread(s)"; }
 
 std::string case_name(const testing::TestParamInfo<GoldenCase> & info) {
     return info.param.fixture + "_threads" + std::to_string(info.param.threads);
@@ -95,6 +99,8 @@ TEST_P(GoldenTest, LogitsAndGreedyTokensMatchTransformers) {
         }
         EXPECT_LE(worst, 1e-4) << "worst logits row " << worst_row << " of " << r.n_logit_rows;
         RecordProperty("max_rel_error_prompt" + std::to_string(p), std::to_string(worst));
+        std::printf("[ golden   ] %s threads=%d prompt=%zu rows=%lld max_rel_error=%.3g\n", GetParam().fixture.c_str(),
+                    GetParam().threads, p, (long long)r.n_logit_rows, worst);
     }
 }
 

@@ -104,7 +104,11 @@ TEST(ModelConfig, RejectsOutOfRangeValues) {
 TEST(ModelConfig, RejectsMissingRequiredKey) {
     json j = mixtral();
     j.erase("num_local_experts");
-    expect_error(j, {"num_local_experts", "missing"});
+    expect_error(j, {"num_experts", "missing"});
+    j["num_experts"] = 4; // the alias transformers also accepts
+    EXPECT_EQ(parse_model_config(j.dump(), "x").n_expert, 4);
+    j["num_local_experts"] = 6;
+    expect_error(j, {"num_local_experts", "disagrees"});
 }
 
 TEST(ModelConfig, RejectsHeadsNotDividingKvHeads) {

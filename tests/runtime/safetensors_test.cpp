@@ -244,6 +244,11 @@ TEST(SafetensorsParse, RejectsHeaderThatIsNotJson) {
     expect_error(image(std::string("{\"a\":{}}\0{", 10)), {"not valid JSON", "NUL byte at byte 16"});
 }
 
+TEST(SafetensorsParse, RejectsNumberTooLargeForADouble) {
+    // nlohmann reports this as out_of_range, not parse_error
+    expect_error(image(R"({"w":)" + entry("U8", "[1e999]", "[0,1]") + "}", Bytes(1)), {"not valid JSON", "number overflow"});
+}
+
 TEST(SafetensorsParse, RejectsHeaderThatIsNotAnObject) {
     expect_error(image("[1, 2, 3]"), {"header must be a JSON object", "array"});
 }
