@@ -4,6 +4,7 @@
 #include "runtime/error.h"
 #include "runtime/safetensors.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace moesh {
@@ -36,6 +37,7 @@ const SourceTensor * MemoryWeightSource::find(std::string_view name) const {
 std::vector<std::string> MemoryWeightSource::names() const {
     std::vector<std::string> out;
     for (const auto & [n, t] : tensors_) out.push_back(n);
+    std::sort(out.begin(), out.end());
     return out;
 }
 
@@ -64,6 +66,7 @@ public:
     std::vector<std::string> names() const override {
         std::vector<std::string> out;
         for (const auto & [n, t] : tensors_) out.push_back(n);
+        std::sort(out.begin(), out.end());
         return out;
     }
     std::string describe() const override { return folder_; }
