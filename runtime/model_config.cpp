@@ -210,10 +210,13 @@ int64_t ModelConfig::n_moe_layers() const {
 
 ModelConfig parse_model_config(std::string_view json_text, std::string_view source_name) {
     const std::string source(source_name);
+    // nlohmann stops at a NUL byte and would ignore whatever follows it
+    if (const size_t nul = json_text.find('\0'); nul != std::string_view::npos)
+        throw Error(source + ": not valid JSON: NUL byte at offset " + std::to_string(nul));
     json root;
     try {
         root = json::parse(json_text.begin(), json_text.end());
-    } catch (const json::parse_error & e) {
+    } catch (const json::exception & e) { // parse_error, and out_of_range for numbers past double
         throw Error(source + ": not valid JSON: " + e.what());
     }
     if (!root.is_object()) throw Error(source + ": expected a JSON object at the top level");

@@ -91,7 +91,13 @@ std::string shape_str(const std::vector<int64_t> & shape) {
 }
 
 std::string range_str(uint64_t a, uint64_t b) {
-    return "[" + std::to_string(a) + ", " + std::to_string(b) + "]";
+    // appended piecewise: "[" + std::to_string(a) trips GCC 12's -Wrestrict false positive
+    std::string s = "[";
+    s += std::to_string(a);
+    s += ", ";
+    s += std::to_string(b);
+    s += "]";
+    return s;
 }
 
 // Called with the chain of object keys leading to the object that holds a
@@ -307,6 +313,9 @@ std::vector<StTensorInfo> parse_safetensors(const uint8_t * data, size_t size, s
         throw Error(source + ": header length " + std::to_string(n_header) + " runs past the end of the file (" +
                     std::to_string(size - 8) + " bytes follow the length field; truncated file?)");
 
+    // nlohmann would skip a UTF-8 byte order mark; the reference loader refuses it.
+    if (n_header >= 3 && data[8] == 0xEF && data[9] == 0xBB && data[10] == 0xBF)
+        throw Error(source + ": header starts with a UTF-8 byte order mark, expected '{'");
     const uint64_t data_begin = 8 + n_header;
     const uint64_t data_size = size - data_begin;
     json header = parse_json_strict(data + 8, data + data_begin, source, 8, header_duplicate);

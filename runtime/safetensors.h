@@ -13,7 +13,7 @@
 // the data section. Every rule the reference implementation enforces is
 // enforced here too, so a file is accepted only if Hugging Face's own loader
 // would read it, plus a few stricter ones (rank <= 8, no unknown keys in a
-// tensor entry). Tensor data is little-endian, C order, and not necessarily
+// tensor entry, no duplicated key anywhere in the header). Tensor data is little-endian, C order, and not necessarily
 // aligned to its element size (the writer pads the header to 8 bytes only).
 //
 // Thread safety: all const member functions may be called concurrently once

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed corpora of the fuzz targets (standard library only).
 
-    python3 tests/fuzz/make_corpus.py        # rewrites tests/fuzz/corpus/{safetensors,model_config}/
+    python3 tests/fuzz/make_corpus.py        # rewrites tests/fuzz/corpus/{safetensors,model_config,npy}/
 
 Seeds named valid_* must be accepted and invalid_* rejected: the corpus replay
 test (moesh_fuzz_corpus_tests) checks that, so the seeds double as regression
@@ -81,6 +81,7 @@ SAFETENSORS = {
     "invalid_unknown_key.safetensors": safetensors({"w": dict(entry("U8", [1], 0, 1), offset=0)}, bytes(1)),
     "invalid_metadata_not_string.safetensors": safetensors({"__metadata__": {"n": 1}}),
     "invalid_f6_partial_byte.safetensors": safetensors({"w": entry("F6_E2M3", [2], 0, 2)}, bytes(2)),
+    "invalid_number_overflow.safetensors": safetensors(b'{"w":1e999}'),
 }
 
 
@@ -124,6 +125,35 @@ MODEL_CONFIG = {
 }
 
 
+def npy(header_dict, data, version=1):
+    """A .npy image laid out as numpy.save does (header padded to 64 bytes with a final newline)."""
+    prefix = 10 if version == 1 else 12
+    text = header_dict.encode()
+    text += b" " * ((64 - (prefix + len(text) + 1) % 64) % 64) + b"\n"
+    size = struct.pack("<H" if version == 1 else "<I", len(text))
+    return b"\x93NUMPY" + bytes([version, 0]) + size + text + data
+
+
+def npy_dict(shape, descr="<f4", fortran="False"):
+    return f"{{'descr': '{descr}', 'fortran_order': {fortran}, 'shape': {shape}, }}"
+
+
+NPY = {
+    "valid_2x3.npy": npy(npy_dict("(2, 3)"), struct.pack("<6f", -1, -0.5, 0, 0.5, 1, 1.5)),
+    "valid_v2_vector.npy": npy(npy_dict("(3,)"), struct.pack("<3f", 1.5, -2.25, 3e-8), version=2),
+    "valid_v3_scalar.npy": npy(npy_dict("()"), struct.pack("<f", 7.0), version=3),
+    "valid_empty.npy": npy(npy_dict("(0, 4)"), b""),
+    "valid_python2_longs.npy": npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2L, 1L), }", bytes(8)),
+    "invalid_float64.npy": npy(npy_dict("(2,)", descr="<f8"), bytes(16)),
+    "invalid_big_endian.npy": npy(npy_dict("(2,)", descr=">f4"), bytes(8)),
+    "invalid_fortran_order.npy": npy(npy_dict("(2, 3)", fortran="True"), bytes(24)),
+    "invalid_truncated_data.npy": npy(npy_dict("(2, 3)"), bytes(23)),
+    "invalid_version_4.npy": npy(npy_dict("(2,)"), bytes(8))[:6] + b"\x04\x00" + npy(npy_dict("(2,)"), bytes(8))[8:],
+    "invalid_overflow_shape.npy": npy(npy_dict("(4294967296, 4294967296)"), bytes(8)),
+    "invalid_missing_key.npy": npy("{'descr': '<f4', 'shape': (2,), }", bytes(8)),
+}
+
+
 def write(folder, files):
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
@@ -134,4 +164,6 @@ def write(folder, files):
 if __name__ == "__main__":
     write(HERE / "corpus" / "safetensors", SAFETENSORS)
     write(HERE / "corpus" / "model_config", MODEL_CONFIG)
-    print(f"wrote {len(SAFETENSORS)} safetensors and {len(MODEL_CONFIG)} config.json seeds under {HERE / 'corpus'}")
+    write(HERE / "corpus" / "npy", NPY)
+    print(f"wrote {len(SAFETENSORS)} safetensors, {len(MODEL_CONFIG)} config.json and {len(NPY)} .npy seeds "
+          f"under {HERE / 'corpus'}")

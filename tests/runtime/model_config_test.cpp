@@ -57,6 +57,8 @@ TEST(ModelConfig, RejectsInvalidJson) {
     EXPECT_THROW(parse_model_config("{\"a\": ", "c.json"), Error);
     EXPECT_THROW(parse_model_config("[1, 2]", "c.json"), Error);
     EXPECT_THROW(parse_model_config("", "c.json"), Error);
+    EXPECT_THROW(parse_model_config("1e300700011", "c.json"), Error); // past double: out_of_range, not parse_error
+    EXPECT_THROW(parse_model_config(std::string_view("{}\0{\"a\":1}", 11), "c.json"), Error);
 }
 
 TEST(ModelConfig, RejectsUnknownArchitectureNamingSupportedOnes) {

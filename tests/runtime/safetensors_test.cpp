@@ -24,8 +24,9 @@ using Bytes = std::vector<uint8_t>;
 // Whole file image: u64 LE header length (n_header overrides it), header, data.
 Bytes image(const std::string & header, const Bytes & data = {}, std::optional<uint64_t> n_header = {}) {
     uint64_t n = n_header.value_or(header.size());
-    Bytes out(8);
-    for (int i = 0; i < 8; ++i) out[i] = static_cast<uint8_t>(n >> (8 * i));
+    Bytes out;
+    out.reserve(8 + header.size() + data.size());
+    for (int i = 0; i < 8; ++i) out.push_back(static_cast<uint8_t>(n >> (8 * i)));
     out.insert(out.end(), header.begin(), header.end());
     out.insert(out.end(), data.begin(), data.end());
     return out;
@@ -251,6 +252,10 @@ TEST(SafetensorsParse, RejectsNumberTooLargeForADouble) {
 
 TEST(SafetensorsParse, RejectsHeaderThatIsNotAnObject) {
     expect_error(image("[1, 2, 3]"), {"header must be a JSON object", "array"});
+}
+
+TEST(SafetensorsParse, RejectsByteOrderMark) {
+    expect_error(image("\xEF\xBB\xBF{}"), {"byte order mark"});
 }
 
 TEST(SafetensorsParse, RejectsInvalidUtf8InHeader) {
