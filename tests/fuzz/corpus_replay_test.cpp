@@ -52,6 +52,8 @@ TEST(FuzzCorpus, SafetensorsSeedsParseAsLabelledAndNothingCrashes) { replay("saf
 
 TEST(FuzzCorpus, ModelConfigSeedsParseAsLabelledAndNothingCrashes) { replay("model_config", model_config_one_input, 8); }
 
+TEST(FuzzCorpus, RunConfigSeedsParseAsLabelledAndNothingCrashes) { replay("run_config", run_config_one_input, 8); }
+
 TEST(FuzzCorpus, NpySeedsParseAsLabelledAndNothingCrashes) { replay("npy", npy_one_input, 8); }
 
 } // namespace

@@ -13,5 +13,6 @@ namespace moesh::fuzz {
 bool safetensors_one_input(const uint8_t * data, size_t size);
 bool model_config_one_input(const uint8_t * data, size_t size);
 bool npy_one_input(const uint8_t * data, size_t size);
+bool run_config_one_input(const uint8_t * data, size_t size);
 
 } // namespace moesh::fuzz
