@@ -1,5 +1,6 @@
 #include "runtime/error.h"
 #include "runtime/mapped_file.h"
+#include "test_support.h"
 
 #include <gtest/gtest.h>
 
@@ -13,29 +14,7 @@
 namespace moesh {
 namespace {
 
-class TempDir {
-public:
-    TempDir() {
-        static std::atomic<int> counter{0};
-        std::random_device rd;
-        path_ = std::filesystem::temp_directory_path() /
-                ("moesh_mapped_file_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++) + "_" + std::to_string(rd()));
-        std::filesystem::create_directories(path_);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        std::filesystem::remove_all(path_, ec);
-    }
-    std::filesystem::path write(const std::string & name, const std::string & bytes) const {
-        auto p = path_ / name;
-        std::ofstream(p, std::ios::binary) << bytes;
-        return p;
-    }
-    const std::filesystem::path & path() const { return path_; }
-
-private:
-    std::filesystem::path path_;
-};
+using test::TempDir;
 
 std::string error_of(const std::filesystem::path & p) {
     try {

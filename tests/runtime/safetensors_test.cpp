@@ -3,6 +3,7 @@
 // here and one written by the reference Python library.
 #include "runtime/error.h"
 #include "runtime/safetensors.h"
+#include "test_support.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -384,32 +385,7 @@ TEST(SafetensorsParse, EscapesControlCharactersInMessages) {
 
 // ---- files on disk
 
-class TempDir {
-public:
-    TempDir() {
-        static std::atomic<int> counter{0};
-        std::random_device rd;
-        path_ = std::filesystem::temp_directory_path() /
-                ("moesh_st_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++) + "_" + std::to_string(rd()));
-        std::filesystem::create_directories(path_);
-    }
-    ~TempDir() {
-        std::error_code ec;
-        std::filesystem::remove_all(path_, ec);
-    }
-    const std::filesystem::path & path() const { return path_; }
-    std::filesystem::path write(const std::string & name, const Bytes & bytes) const {
-        auto p = path_ / name;
-        std::ofstream(p, std::ios::binary).write(reinterpret_cast<const char *>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-        return p;
-    }
-    std::filesystem::path write(const std::string & name, const std::string & text) const {
-        return write(name, Bytes(text.begin(), text.end()));
-    }
-
-private:
-    std::filesystem::path path_;
-};
+using test::TempDir;
 
 // Store errors must name the folder or file and hold every fact given.
 void expect_store_error(const std::filesystem::path & folder, std::initializer_list<std::string_view> facts) {

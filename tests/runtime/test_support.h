@@ -5,8 +5,15 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <memory>
+#include <random>
 #include <string>
+#include <unistd.h>
+#include <vector>
 
 namespace moesh::test {
 
@@ -20,6 +27,38 @@ inline std::unique_ptr<Backend> open_cpu_backend(int n_threads) {
     EXPECT_NE(be, nullptr) << report;
     return be;
 }
+
+// A fresh folder under the system temp dir, removed with everything in it.
+class TempDir {
+public:
+    TempDir() {
+        static std::atomic<int> counter{0};
+        std::random_device rd;
+        path_ = std::filesystem::temp_directory_path() / ("moesh_test_" + std::to_string(::getpid()) + "_" +
+                                                          std::to_string(counter++) + "_" + std::to_string(rd()));
+        std::filesystem::create_directories(path_);
+    }
+    ~TempDir() {
+        std::error_code ec;
+        std::filesystem::remove_all(path_, ec);
+    }
+    TempDir(const TempDir &) = delete;
+    TempDir & operator=(const TempDir &) = delete;
+
+    const std::filesystem::path & path() const { return path_; }
+    std::filesystem::path write(const std::string & name, const std::vector<uint8_t> & bytes) const {
+        auto p = path_ / name;
+        std::ofstream(p, std::ios::binary)
+            .write(reinterpret_cast<const char *>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+        return p;
+    }
+    std::filesystem::path write(const std::string & name, const std::string & text) const {
+        return write(name, std::vector<uint8_t>(text.begin(), text.end()));
+    }
+
+private:
+    std::filesystem::path path_;
+};
 
 inline std::string fixtures_dir() { return std::string(MOESH_SOURCE_DIR) + "/tests/fixtures"; }
 
