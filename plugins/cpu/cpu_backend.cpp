@@ -35,6 +35,9 @@ constexpr int32_t k_max_threads = 1024;
 // Multiply-adds below which a call runs on the calling thread alone: waking
 // the workers would cost more than they save.
 constexpr int64_t k_min_work_per_thread = int64_t(1) << 15;
+// Below this many multiply-adds (~100 us on one core) a call does not wait
+// for sleeping workers to wake up (tens of microseconds on a VM).
+constexpr int64_t k_short_work = int64_t(1) << 20;
 // Floats between the per-thread slices of the context scratch (a cache line).
 constexpr int64_t k_scratch_align = 16;
 
@@ -59,6 +62,8 @@ public:
         return data_;
     }
 
+    float * data() const { return data_; }
+
 private:
     float * data_ = nullptr;
     size_t n_floats_ = 0;
@@ -71,18 +76,28 @@ struct moesh_backend {
 
     moesh_host_api host{};   // the v1 members of the host's table, copied
     ThreadPool pool;
-    ScratchBuffer scratch;   // [n_threads, stride]: rope cos/sin, attention scores
+    ScratchBuffer scratch;       // [n_threads, stride]: rope cos/sin, attention scores
+    ScratchBuffer activations;   // [n_tokens, n_in]: matmul/expert_ffn input in kernel layout
     char last_error[512] = "";
 };
 
 namespace {
 
-// Enum members of argument structs come from C callers and may hold any value.
+// Enum members and parameters come from C callers and may hold any value;
+// in C++, loading one outside the enumerators' range is undefined, so they
+// are read as bytes, and argument structs are copied as bytes.
 template <class E>
-int32_t raw_enum(E e) {
+int32_t raw_enum(const E * e) {
     int32_t v;
-    std::memcpy(&v, &e, sizeof v);
+    std::memcpy(&v, e, sizeof v);
     return v;
+}
+
+template <class T>
+T copy_args(const T * args) {
+    T a;
+    std::memcpy(static_cast<void *>(&a), args, sizeof a);
+    return a;
 }
 
 bool has_host_log(const moesh_host_api & host) {
@@ -149,12 +164,12 @@ bool product_fits(int64_t a, int64_t b, int64_t * out = nullptr) {
     return true;
 }
 
-bool weight_type_ok(moesh_dtype t) {
+bool weight_type_ok(const moesh_dtype * t) {
     const int32_t v = raw_enum(t);
     return v == MOESH_DTYPE_F32 || v == MOESH_DTYPE_F16 || v == MOESH_DTYPE_BF16;
 }
 
-moesh_status unsupported_weight_type(moesh_backend * be, const char * op, moesh_dtype t) {
+moesh_status unsupported_weight_type(moesh_backend * be, const char * op, const moesh_dtype * t) {
     return fail(be, MOESH_ERR_UNSUPPORTED, "%s: weight dtype %d is not supported by the cpu backend (f32, f16, bf16 are)",
                 op, int(raw_enum(t)));
 }
@@ -172,14 +187,27 @@ int n_active_threads(const moesh_backend * be, int64_t work) {
     return int(std::min<int64_t>(n, be->pool.n_threads()));
 }
 
-// Balanced share [begin, end) of n units for thread ith of nth.
+// Runs task(ith, part, n_parts) over the pool for `work` multiply-adds, on
+// at most max_threads threads (the number of independent items).
+template <class F>
+void run_parallel(moesh_backend * be, int64_t work, int64_t max_threads, F & task) {
+    const int n_active = int(std::min<int64_t>(n_active_threads(be, work), std::max<int64_t>(max_threads, 1)));
+    be->pool.run(n_active, work < k_short_work, task);
+}
+
+// Balanced share [begin, end) of n units for one of n_parts parts.
 struct Range {
     int64_t begin;
     int64_t end;
 };
 
-Range split(int64_t n, int ith, int nth) {
-    return {n * ith / nth, n * (ith + 1) / nth};
+Range split(int64_t n, int64_t part, int64_t n_parts) {
+    return {n * part / n_parts, n * (part + 1) / n_parts};
+}
+
+// Parts the pool cuts a task into when n_active threads run it.
+int64_t n_parts_for(int n_active) {
+    return n_active > 1 ? int64_t(n_active) * ThreadPool::k_parts_per_thread : 1;
 }
 
 int default_thread_count() {
@@ -312,10 +340,10 @@ moesh_status cpu_synchronize(moesh_backend * be) {
 }
 
 int32_t cpu_supports(moesh_backend * be, moesh_op op, moesh_dtype w_type) {
-    switch (raw_enum(op)) {
+    switch (raw_enum(&op)) {
     case MOESH_OP_MATMUL:
     case MOESH_OP_EXPERT_FFN:
-        return weight_type_ok(w_type) ? 1 : 0;
+        return weight_type_ok(&w_type) ? 1 : 0;
     case MOESH_OP_RMS_NORM:
     case MOESH_OP_ROPE:
     case MOESH_OP_SOFTMAX:
@@ -331,7 +359,7 @@ int32_t cpu_supports(moesh_backend * be, moesh_op op, moesh_dtype w_type) {
 moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
     return guarded(be, "matmul", [&] {
         MOESH_CPU_REQUIRE(args, "matmul: args is NULL");
-        const moesh_matmul_args a = *args;
+        const moesh_matmul_args a = copy_args(args);
         MOESH_CPU_REQUIRE(a.w && a.x && a.y, "matmul: w, x and y must not be NULL");
         MOESH_CPU_REQUIRE(a.n_in > 0 && a.n_out > 0 && a.n_tokens > 0,
                           "matmul: n_in (%lld), n_out (%lld) and n_tokens (%lld) must be positive", ll(a.n_in),
@@ -346,28 +374,38 @@ moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
         MOESH_CPU_REQUIRE(product_fits(a.n_out, a.n_in, &n_w) && product_fits(a.n_tokens, a.x_stride, &n_x) &&
                               product_fits(a.n_tokens, a.y_stride, &n_y),
                           "matmul: sizes overflow");
-        if (!weight_type_ok(a.w_type)) {
-            return unsupported_weight_type(be, "matmul", a.w_type);
+        if (!weight_type_ok(&a.w_type)) {
+            return unsupported_weight_type(be, "matmul", &a.w_type);
         }
-        MOESH_CPU_REQUIRE(disjoint(a.y, size_t(n_y) * 4, a.x, size_t(n_x) * 4),
+        // Exact extents: rows are n_in (n_out) floats, x_stride (y_stride) apart.
+        MOESH_CPU_REQUIRE(disjoint(a.y, size_t(n_y - a.y_stride + a.n_out) * 4, a.x,
+                                   size_t(n_x - a.x_stride + a.n_in) * 4),
                           "matmul: y overlaps x");
 
-        int64_t work = 0;
-        const int n_active = product_fits(n_w, a.n_tokens, &work) ? n_active_threads(be, work) : be->pool.n_threads();
-        // Threads take blocks of 4 rows; with few rows and many tokens (a
-        // router's logits over a prompt), they take tokens instead.
+        int64_t work = INT64_MAX;
+        product_fits(n_w, a.n_tokens, &work);
+        const int n_active = n_active_threads(be, work);
+        moesh_matmul_args k = a;   // as the kernels see it
+        if (moesh::cpu::needs_kernel_layout(a.w_type)) {
+            k.x = be->activations.reserve(size_t(a.n_tokens * a.n_in));
+            k.x_stride = a.n_in;
+            moesh::cpu::to_kernel_layout(a.w_type, a.x, a.x_stride, a.n_in, a.n_tokens, be->activations.data());
+        }
+        // Parts are blocks of 4 rows; with few rows and more tokens (a
+        // router's logits over a prompt), they are tokens instead.
         const int64_t n_row_blocks = (a.n_out + 3) / 4;
-        const bool by_tokens = n_row_blocks < 2 * n_active && a.n_tokens >= n_active;
-        auto task = [&](int ith, int nth) {
+        const int64_t n_parts = n_parts_for(n_active);
+        const bool by_tokens = n_row_blocks < n_parts && a.n_tokens > n_row_blocks;
+        auto task = [&](int, int64_t part, int64_t n_parts_run) {
             if (by_tokens) {
-                const Range t = split(a.n_tokens, ith, nth);
-                moesh::cpu::matmul_rows(a, 0, a.n_out, t.begin, t.end);
+                const Range t = split(a.n_tokens, part, n_parts_run);
+                moesh::cpu::matmul_rows(k, 0, a.n_out, t.begin, t.end);
             } else {
-                const Range r = split(n_row_blocks, ith, nth);
-                moesh::cpu::matmul_rows(a, r.begin * 4, std::min(r.end * 4, a.n_out), 0, a.n_tokens);
+                const Range r = split(n_row_blocks, part, n_parts_run);
+                moesh::cpu::matmul_rows(k, r.begin * 4, std::min(r.end * 4, a.n_out), 0, a.n_tokens);
             }
         };
-        be->pool.run(n_active, task);
+        run_parallel(be, work, n_active, task);
         return MOESH_OK;
     });
 }
@@ -375,7 +413,7 @@ moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
 moesh_status cpu_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args) {
     return guarded(be, "rms_norm", [&] {
         MOESH_CPU_REQUIRE(args, "rms_norm: args is NULL");
-        const moesh_rms_norm_args a = *args;
+        const moesh_rms_norm_args a = copy_args(args);
         MOESH_CPU_REQUIRE(a.x && a.weight && a.y, "rms_norm: x, weight and y must not be NULL");
         MOESH_CPU_REQUIRE(a.n > 0 && a.n_rows > 0, "rms_norm: n (%lld) and n_rows (%lld) must be positive", ll(a.n),
                           ll(a.n_rows));
@@ -385,11 +423,11 @@ moesh_status cpu_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args) 
                           double(a.eps));
         MOESH_CPU_REQUIRE(a.y == a.x || disjoint(a.y, size_t(n_x) * 4, a.x, size_t(n_x) * 4),
                           "rms_norm: y partly overlaps x (only y == x is allowed)");
-        auto task = [&](int ith, int nth) {
-            const Range r = split(a.n_rows, ith, nth);
+        auto task = [&](int, int64_t part, int64_t n_parts) {
+            const Range r = split(a.n_rows, part, n_parts);
             moesh::cpu::rms_norm_rows(a, r.begin, r.end);
         };
-        be->pool.run(std::min<int64_t>(n_active_threads(be, n_x), a.n_rows), task);
+        run_parallel(be, n_x, a.n_rows, task);
         return MOESH_OK;
     });
 }
@@ -397,7 +435,7 @@ moesh_status cpu_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args) 
 moesh_status cpu_rope(moesh_backend * be, const moesh_rope_args * args) {
     return guarded(be, "rope", [&] {
         MOESH_CPU_REQUIRE(args, "rope: args is NULL");
-        const moesh_rope_args a = *args;
+        const moesh_rope_args a = copy_args(args);
         MOESH_CPU_REQUIRE(a.x && a.pos && a.inv_freq, "rope: x, pos and inv_freq must not be NULL");
         MOESH_CPU_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.head_dim > 0,
                           "rope: n_tokens (%lld), n_head (%lld) and head_dim (%lld) must be positive", ll(a.n_tokens),
@@ -410,19 +448,19 @@ moesh_status cpu_rope(moesh_backend * be, const moesh_rope_args * args) {
         MOESH_CPU_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_th) && product_fits(n_th, a.head_dim, &n_x),
                           "rope: sizes overflow");
         MOESH_CPU_REQUIRE(std::isfinite(a.attn_factor), "rope: attn_factor must be finite");
-        const int32_t mode = raw_enum(a.mode);
+        const int32_t mode = raw_enum(&a.mode);
         if (mode != MOESH_ROPE_NEOX && mode != MOESH_ROPE_NORM) {
             return fail(be, MOESH_ERR_UNSUPPORTED, "rope: mode %d is not supported", int(mode));
         }
         int64_t stride = 0;
         float * cos_sin = thread_scratch(be, a.rot_dim, &stride);   // [n_threads, stride]
-        auto task = [&](int ith, int nth) {
-            const Range t = split(a.n_tokens, ith, nth);
+        auto task = [&](int ith, int64_t part, int64_t n_parts) {
+            const Range t = split(a.n_tokens, part, n_parts);
             moesh::cpu::rope_tokens(a, t.begin, t.end, cos_sin + ith * stride);
         };
-        // cos/sin are the expensive part: count them as work too.
-        const int64_t work = n_th * a.rot_dim + a.n_tokens * a.rot_dim * 16;
-        be->pool.run(std::min<int64_t>(n_active_threads(be, work), a.n_tokens), task);
+        // Counted as 16 multiply-adds an element: cos/sin are the expensive part.
+        const int64_t work = n_x < (INT64_MAX >> 5) ? n_x * 16 : INT64_MAX;
+        run_parallel(be, work, a.n_tokens, task);
         return MOESH_OK;
     });
 }
@@ -430,7 +468,7 @@ moesh_status cpu_rope(moesh_backend * be, const moesh_rope_args * args) {
 moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * args) {
     return guarded(be, "expert_ffn", [&] {
         MOESH_CPU_REQUIRE(args, "expert_ffn: args is NULL");
-        const moesh_expert_ffn_args a = *args;
+        const moesh_expert_ffn_args a = copy_args(args);
         MOESH_CPU_REQUIRE(a.gate && a.up && a.down && a.x && a.out && a.scratch,
                           "expert_ffn: gate, up, down, x, out and scratch must not be NULL");
         MOESH_CPU_REQUIRE(a.n_embd > 0 && a.n_ff > 0 && a.n_tokens > 0,
@@ -443,25 +481,30 @@ moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * ar
         MOESH_CPU_REQUIRE(product_fits(a.n_ff, a.n_embd, &n_w) && product_fits(a.n_tokens, a.n_embd, &n_x) &&
                               product_fits(2 * a.n_tokens, a.n_ff, &n_h) && product_fits(3 * n_w, a.n_tokens, &work),
                           "expert_ffn: sizes overflow");
-        if (!weight_type_ok(a.w_type)) {
-            return unsupported_weight_type(be, "expert_ffn", a.w_type);
+        if (!weight_type_ok(&a.w_type)) {
+            return unsupported_weight_type(be, "expert_ffn", &a.w_type);
         }
         MOESH_CPU_REQUIRE(disjoint(a.scratch, size_t(n_h) * 4, a.x, size_t(n_x) * 4) &&
                               disjoint(a.scratch, size_t(n_h) * 4, a.out, size_t(n_x) * 4),
                           "expert_ffn: scratch overlaps x or out");
+        moesh_expert_ffn_args k = a;   // as the kernels see it
+        if (moesh::cpu::needs_kernel_layout(a.w_type)) {
+            k.x = be->activations.reserve(size_t(n_x));
+            moesh::cpu::to_kernel_layout(a.w_type, a.x, a.n_embd, a.n_embd, a.n_tokens, be->activations.data());
+        }
         const int n_active = n_active_threads(be, work);
         // Two passes: every thread's down rows need all of h. The first pass
         // reads all of x before the second writes out, so out may alias x.
-        auto gate_up = [&](int ith, int nth) {
-            const Range r = split((a.n_ff + 1) / 2, ith, nth);
-            moesh::cpu::expert_gate_up_rows(a, r.begin * 2, std::min(r.end * 2, a.n_ff));
+        auto gate_up = [&](int, int64_t part, int64_t n_parts) {
+            const Range r = split((a.n_ff + 1) / 2, part, n_parts);
+            moesh::cpu::expert_gate_up_rows(k, r.begin * 2, std::min(r.end * 2, a.n_ff));
         };
-        be->pool.run(n_active, gate_up);
-        auto down = [&](int ith, int nth) {
-            const Range r = split((a.n_embd + 3) / 4, ith, nth);
-            moesh::cpu::expert_down_rows(a, r.begin * 4, std::min(r.end * 4, a.n_embd));
+        run_parallel(be, work, n_active, gate_up);
+        auto down = [&](int, int64_t part, int64_t n_parts) {
+            const Range r = split((a.n_embd + 3) / 4, part, n_parts);
+            moesh::cpu::expert_down_rows(k, r.begin * 4, std::min(r.end * 4, a.n_embd));
         };
-        be->pool.run(n_active, down);
+        run_parallel(be, work, n_active, down);
         return MOESH_OK;
     });
 }
@@ -469,17 +512,17 @@ moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * ar
 moesh_status cpu_softmax(moesh_backend * be, const moesh_softmax_args * args) {
     return guarded(be, "softmax", [&] {
         MOESH_CPU_REQUIRE(args, "softmax: args is NULL");
-        const moesh_softmax_args a = *args;
+        const moesh_softmax_args a = copy_args(args);
         MOESH_CPU_REQUIRE(a.x, "softmax: x must not be NULL");
         MOESH_CPU_REQUIRE(a.n > 0 && a.n_rows > 0, "softmax: n (%lld) and n_rows (%lld) must be positive", ll(a.n),
                           ll(a.n_rows));
         int64_t n_x = 0;
         MOESH_CPU_REQUIRE(product_fits(a.n, a.n_rows, &n_x), "softmax: sizes overflow");
-        auto task = [&](int ith, int nth) {
-            const Range r = split(a.n_rows, ith, nth);
+        auto task = [&](int, int64_t part, int64_t n_parts) {
+            const Range r = split(a.n_rows, part, n_parts);
             moesh::cpu::softmax_rows(a, r.begin, r.end);
         };
-        be->pool.run(std::min<int64_t>(n_active_threads(be, n_x * 8), a.n_rows), task);
+        run_parallel(be, n_x * 8, a.n_rows, task);
         return MOESH_OK;
     });
 }
@@ -487,7 +530,7 @@ moesh_status cpu_softmax(moesh_backend * be, const moesh_softmax_args * args) {
 moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args) {
     return guarded(be, "attention", [&] {
         MOESH_CPU_REQUIRE(args, "attention: args is NULL");
-        const moesh_attention_args a = *args;
+        const moesh_attention_args a = copy_args(args);
         MOESH_CPU_REQUIRE(a.q && a.k_pool && a.v_pool && a.block_table && a.pos && a.out,
                           "attention: q, k_pool, v_pool, block_table, pos and out must not be NULL");
         MOESH_CPU_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 &&
@@ -522,13 +565,13 @@ moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args
         }
         int64_t stride = 0;
         float * scores = thread_scratch(be, n_ctx_max, &stride);   // [n_threads, stride]
-        auto task = [&](int ith, int nth) {
-            const Range r = split(n_items, ith, nth);
+        auto task = [&](int ith, int64_t part, int64_t n_parts) {
+            const Range r = split(n_items, part, n_parts);
             moesh::cpu::attention_items(a, r.begin, r.end, scores + ith * stride);
         };
         int64_t work = 0;
         product_fits(n_q, 2 * n_ctx_max, &work);
-        be->pool.run(std::min<int64_t>(n_active_threads(be, work), n_items), task);
+        run_parallel(be, work, n_items, task);
         return MOESH_OK;
     });
 }

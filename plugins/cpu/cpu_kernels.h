@@ -13,11 +13,20 @@ namespace moesh::cpu {
 // Name of the Highway target the kernels dispatch to on this CPU ("AVX2", ...).
 const char * simd_target_name();
 
+// Whether activations multiplied with weights of w_type must first be put in
+// "kernel layout" (an order that makes widening those weights cheaper; see
+// cpu_kernels.cpp). Then matmul's a.x and expert_ffn's a.x must be in it.
+bool needs_kernel_layout(moesh_dtype w_type);
+
+// out[r, :] = x[r, :] in the kernel layout for w_type, for r < n_rows.
+void to_kernel_layout(moesh_dtype w_type, const float * x, int64_t x_stride, int64_t n, int64_t n_rows,
+                      float * out /* [n_rows, n] */);
+
 // y[t, r] for t in [t0, t1), r in [r0, r1).
 void matmul_rows(const moesh_matmul_args & a, int64_t r0, int64_t r1, int64_t t0, int64_t t1);
 
 // First half of a.scratch, h[n_tokens, n_ff]: h[t, f] = silu(gate[f] . x[t]) * (up[f] . x[t])
-// for f in [f0, f1).
+// for f in [f0, f1), stored in the kernel layout for the down weights.
 void expert_gate_up_rows(const moesh_expert_ffn_args & a, int64_t f0, int64_t f1);
 
 // out[t, e] += scale[t] * (down[e] . h[t]) for e in [e0, e1); h as left by expert_gate_up_rows.
