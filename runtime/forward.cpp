@@ -44,6 +44,7 @@ ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, i
 void ForwardPass::matmul(const WeightMatrix & w, const std::vector<float> & bias, const float * x, float * y,
                          int64_t n) {
     moesh_matmul_args a{};
+    a.struct_size = sizeof a;
     a.w = w.data;
     a.w_type = w.type;
     a.bias = bias.empty() ? nullptr : bias.data();
@@ -59,6 +60,7 @@ void ForwardPass::matmul(const WeightMatrix & w, const std::vector<float> & bias
 
 void ForwardPass::rms_norm(const float * x, const std::vector<float> & w, float * y, int64_t n_rows, int64_t n) {
     moesh_rms_norm_args a{};
+    a.struct_size = sizeof a;
     a.x = x;
     a.weight = w.data();
     a.y = y;
@@ -70,6 +72,7 @@ void ForwardPass::rms_norm(const float * x, const std::vector<float> & w, float 
 
 void ForwardPass::run_expert(const ExpertWeights & w, const float * x, const float * scale, float * out, int64_t n) {
     moesh_expert_ffn_args a{};
+    a.struct_size = sizeof a;
     a.gate = w.gate.data;
     a.up = w.up.data;
     a.down = w.down.data;
@@ -113,6 +116,7 @@ void ForwardPass::attention(int64_t il, const Batch & batch, int64_t n) {
 
     const RopeTables & rt = model_.rope();
     moesh_rope_args r{};
+    r.struct_size = sizeof r;
     r.pos = batch.pos.data();
     r.inv_freq = rt.inv_freq.data();
     r.n_tokens = n;
@@ -141,6 +145,7 @@ void ForwardPass::attention(int64_t il, const Batch & batch, int64_t n) {
         int32_t max_pos = batch.pos[size_t(t0)];
         while (t1 < n && batch.seq[size_t(t1)] == seq) max_pos = std::max(max_pos, batch.pos[size_t(t1++)]);
         moesh_attention_args a{};
+        a.struct_size = sizeof a;
         a.q = &q_[size_t(t0 * q_dim)];
         a.k_pool = kv_.k_pool(il);
         a.v_pool = kv_.v_pool(il);
@@ -152,6 +157,7 @@ void ForwardPass::attention(int64_t il, const Batch & batch, int64_t n) {
         a.n_head_kv = c.n_head_kv;
         a.head_dim = c.head_dim;
         a.block_size = kv_.spec().block_size;
+        a.n_blocks = kv_.spec().n_blocks;
         a.n_kv = int64_t(max_pos) + 1;
         a.scale = 1.0f / std::sqrt(float(c.head_dim));
         be_.check(be_.iface().attention(be_.ctx(), &a), "attention");

@@ -222,6 +222,12 @@ int main(int argc, char ** argv) {
                  "on backend plugins (cpu always; cuda when built).",
                  "moesh"};
     app.require_subcommand(1);
+    app.footer("Examples:\n"
+               "  moesh inspect --model tests/fixtures/mixtral_top2\n"
+               "  moesh run --model tests/fixtures/mixtral_top2 --prompt-ids 1,2,3 -n 16\n"
+               "  moesh run --model DIR --prompt-ids 1,2,3 -n 64 --temperature 0.8 --top-p 0.95 --seed 7 --output json\n"
+               "Plugins: --plugin-dir, then $MOESH_PLUGIN_DIR (colon-separated), then [plugins].dirs of --config,\n"
+               "then <exe>/../lib/moesh. `moesh run -v` says which were found and why one was chosen.");
     app.set_version_flag("--version", "moesh 0.1.0");
 
     CommonOptions co;
@@ -234,12 +240,12 @@ int main(int argc, char ** argv) {
     CLI::App * run = app.add_subcommand("run", "Generate tokens from a prompt of token ids");
     add_common(run, co);
     run->add_option("--prompt-ids", prompt_ids, "Comma-separated prompt token ids, e.g. 1,2,3")->required();
-    run->add_option("-n,--n-predict", n, "Tokens to generate")->check(CLI::Range(int64_t(1), int64_t(1) << 30));
+    run->add_option("-n,--n-predict", n, "Tokens to generate")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 30));
     run->add_option("--temperature", temperature, "Sampling temperature; 0 = greedy (default)")->check(CLI::Range(0.0f, 1e6f));
     run->add_option("--top-k", top_k, "Keep the k most likely tokens; 0 = off")->check(CLI::Range(0, 1 << 30));
     run->add_option("--top-p", top_p, "Keep the smallest set of tokens with this much probability; 1 = off")
         ->check(CLI::Range(1e-6f, 1.0f));
-    run->add_option("--seed", seed, "Random seed for sampling");
+    run->add_option("--seed", seed, "Random seed for sampling")->capture_default_str();
     run->add_option("--output", output, "text, or json: one JSON object on the last line of stdout")
         ->check(CLI::IsMember({"text", "json"}));
     run->add_option("--dump-logits", dump_logits,

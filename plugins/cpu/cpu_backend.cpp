@@ -22,10 +22,6 @@
 #include <system_error>
 #include <thread>
 
-static_assert(sizeof(moesh_dtype) == sizeof(int32_t) && sizeof(moesh_op) == sizeof(int32_t) &&
-                  sizeof(moesh_rope_mode) == sizeof(int32_t),
-              "the ABI's enums are read as int32_t");
-
 namespace {
 
 using moesh::cpu::ThreadPool;
@@ -83,29 +79,12 @@ struct moesh_backend {
 
 namespace {
 
-// Enum members and parameters come from C callers and may hold any value;
-// in C++, loading one outside the enumerators' range is undefined, so they
-// are read as bytes, and argument structs are copied as bytes.
-template <class E>
-int32_t raw_enum(const E * e) {
-    int32_t v;
-    std::memcpy(&v, e, sizeof v);
-    return v;
-}
-
-template <class T>
-T copy_args(const T * args) {
-    T a;
-    std::memcpy(static_cast<void *>(&a), args, sizeof a);
-    return a;
-}
-
 bool has_host_log(const moesh_host_api & host) {
     return host.struct_size >= offsetof(moesh_host_api, log) + sizeof(host.log) && host.log != nullptr;
 }
 
 __attribute__((format(printf, 3, 4)))
-void host_log(const moesh_host_api * host, moesh_log_level level, const char * fmt, ...) {
+void host_log(const moesh_host_api * host, int32_t level, const char * fmt, ...) {
     if (!host || !has_host_log(*host)) {
         return;
     }
@@ -124,6 +103,27 @@ moesh_status fail(moesh_backend * be, moesh_status status, const char * fmt, ...
     std::vsnprintf(be->last_error, sizeof be->last_error, fmt, ap);
     va_end(ap);
     return status;
+}
+
+// Copies the caller's argument struct, of which the plugin reads its v1
+// members (all of them, for now), after checking that struct_size covers
+// them. False, with last_error set, when args is NULL or too short.
+template <class T>
+bool read_args(moesh_backend * be, const T * args, const char * op, const char * type_name, T * out) {
+    if (!args) {
+        fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: args is NULL", op);
+        return false;
+    }
+    constexpr size_t k_v1_size = sizeof(T);
+    uint32_t struct_size = 0;
+    std::memcpy(&struct_size, args, sizeof struct_size);   // the first member of every args struct
+    if (struct_size < k_v1_size) {
+        fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: %s struct_size %u is smaller than its v1 size %zu", op, type_name,
+             unsigned(struct_size), k_v1_size);
+        return false;
+    }
+    std::memcpy(static_cast<void *>(out), args, k_v1_size);
+    return true;
 }
 
 #define MOESH_CPU_REQUIRE(cond, ...)                                      \
@@ -164,14 +164,13 @@ bool product_fits(int64_t a, int64_t b, int64_t * out = nullptr) {
     return true;
 }
 
-bool weight_type_ok(const moesh_dtype * t) {
-    const int32_t v = raw_enum(t);
-    return v == MOESH_DTYPE_F32 || v == MOESH_DTYPE_F16 || v == MOESH_DTYPE_BF16;
+bool weight_type_ok(int32_t t) {
+    return t == MOESH_DTYPE_F32 || t == MOESH_DTYPE_F16 || t == MOESH_DTYPE_BF16;
 }
 
-moesh_status unsupported_weight_type(moesh_backend * be, const char * op, const moesh_dtype * t) {
+moesh_status unsupported_weight_type(moesh_backend * be, const char * op, int32_t t) {
     return fail(be, MOESH_ERR_UNSUPPORTED, "%s: weight dtype %d is not supported by the cpu backend (f32, f16, bf16 are)",
-                op, int(raw_enum(t)));
+                op, int(t));
 }
 
 // Byte ranges [p, p + n_p) and [q, q + n_q) do not overlap.
@@ -285,7 +284,7 @@ const char * cpu_last_error(moesh_backend * be) {
 // ---------------------------------------------------------------- memory
 
 moesh_status cpu_memory_info(moesh_backend * be, uint64_t * free_bytes, uint64_t * total_bytes) {
-    return guarded(be, "memory_info", [&] {
+    return guarded(be, "memory_info", [&]() -> moesh_status {
         MOESH_CPU_REQUIRE(free_bytes && total_bytes, "memory_info: free_bytes and total_bytes must not be NULL");
         moesh::cpu::HostMemory m;
         if (!moesh::cpu::query_host_memory(&m)) {
@@ -298,7 +297,7 @@ moesh_status cpu_memory_info(moesh_backend * be, uint64_t * free_bytes, uint64_t
 }
 
 moesh_status cpu_buffer_alloc(moesh_backend * be, size_t n_bytes, void ** out) {
-    return guarded(be, "buffer_alloc", [&] {
+    return guarded(be, "buffer_alloc", [&]() -> moesh_status {
         MOESH_CPU_REQUIRE(out, "buffer_alloc: out is NULL");
         *out = nullptr;
         MOESH_CPU_REQUIRE(n_bytes > 0, "buffer_alloc: n_bytes is 0");
@@ -318,7 +317,7 @@ void cpu_buffer_free(moesh_backend * be, void * ptr) {
 }
 
 moesh_status copy_bytes(moesh_backend * be, const char * op, void * dst, const void * src, size_t n_bytes) {
-    return guarded(be, op, [&] {
+    return guarded(be, op, [&]() -> moesh_status {
         MOESH_CPU_REQUIRE(n_bytes == 0 || (dst && src), "%s: dst and src must not be NULL", op);
         if (n_bytes > 0) {
             std::memmove(dst, src, n_bytes);
@@ -339,11 +338,11 @@ moesh_status cpu_synchronize(moesh_backend * be) {
     return be ? MOESH_OK : MOESH_ERR_INVALID_ARGUMENT;   // every call is synchronous
 }
 
-int32_t cpu_supports(moesh_backend * be, moesh_op op, moesh_dtype w_type) {
-    switch (raw_enum(&op)) {
+int32_t cpu_supports(moesh_backend * be, int32_t op, int32_t w_type) {
+    switch (op) {
     case MOESH_OP_MATMUL:
     case MOESH_OP_EXPERT_FFN:
-        return weight_type_ok(&w_type) ? 1 : 0;
+        return weight_type_ok(w_type) ? 1 : 0;
     case MOESH_OP_RMS_NORM:
     case MOESH_OP_ROPE:
     case MOESH_OP_SOFTMAX:
@@ -357,9 +356,11 @@ int32_t cpu_supports(moesh_backend * be, moesh_op op, moesh_dtype w_type) {
 // ---------------------------------------------------------------- ops
 
 moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
-    return guarded(be, "matmul", [&] {
-        MOESH_CPU_REQUIRE(args, "matmul: args is NULL");
-        const moesh_matmul_args a = copy_args(args);
+    return guarded(be, "matmul", [&]() -> moesh_status {
+        moesh_matmul_args a;
+        if (!read_args(be, args, "matmul", "moesh_matmul_args", &a)) {
+            return MOESH_ERR_INVALID_ARGUMENT;
+        }
         MOESH_CPU_REQUIRE(a.w && a.x && a.y, "matmul: w, x and y must not be NULL");
         MOESH_CPU_REQUIRE(a.n_in > 0 && a.n_out > 0 && a.n_tokens > 0,
                           "matmul: n_in (%lld), n_out (%lld) and n_tokens (%lld) must be positive", ll(a.n_in),
@@ -374,8 +375,8 @@ moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
         MOESH_CPU_REQUIRE(product_fits(a.n_out, a.n_in, &n_w) && product_fits(a.n_tokens, a.x_stride, &n_x) &&
                               product_fits(a.n_tokens, a.y_stride, &n_y),
                           "matmul: sizes overflow");
-        if (!weight_type_ok(&a.w_type)) {
-            return unsupported_weight_type(be, "matmul", &a.w_type);
+        if (!weight_type_ok(a.w_type)) {
+            return unsupported_weight_type(be, "matmul", a.w_type);
         }
         // Exact extents: rows are n_in (n_out) floats, x_stride (y_stride) apart.
         MOESH_CPU_REQUIRE(disjoint(a.y, size_t(n_y - a.y_stride + a.n_out) * 4, a.x,
@@ -411,9 +412,11 @@ moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
 }
 
 moesh_status cpu_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args) {
-    return guarded(be, "rms_norm", [&] {
-        MOESH_CPU_REQUIRE(args, "rms_norm: args is NULL");
-        const moesh_rms_norm_args a = copy_args(args);
+    return guarded(be, "rms_norm", [&]() -> moesh_status {
+        moesh_rms_norm_args a;
+        if (!read_args(be, args, "rms_norm", "moesh_rms_norm_args", &a)) {
+            return MOESH_ERR_INVALID_ARGUMENT;
+        }
         MOESH_CPU_REQUIRE(a.x && a.weight && a.y, "rms_norm: x, weight and y must not be NULL");
         MOESH_CPU_REQUIRE(a.n > 0 && a.n_rows > 0, "rms_norm: n (%lld) and n_rows (%lld) must be positive", ll(a.n),
                           ll(a.n_rows));
@@ -433,9 +436,11 @@ moesh_status cpu_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args) 
 }
 
 moesh_status cpu_rope(moesh_backend * be, const moesh_rope_args * args) {
-    return guarded(be, "rope", [&] {
-        MOESH_CPU_REQUIRE(args, "rope: args is NULL");
-        const moesh_rope_args a = copy_args(args);
+    return guarded(be, "rope", [&]() -> moesh_status {
+        moesh_rope_args a;
+        if (!read_args(be, args, "rope", "moesh_rope_args", &a)) {
+            return MOESH_ERR_INVALID_ARGUMENT;
+        }
         MOESH_CPU_REQUIRE(a.x && a.pos && a.inv_freq, "rope: x, pos and inv_freq must not be NULL");
         MOESH_CPU_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.head_dim > 0,
                           "rope: n_tokens (%lld), n_head (%lld) and head_dim (%lld) must be positive", ll(a.n_tokens),
@@ -448,9 +453,9 @@ moesh_status cpu_rope(moesh_backend * be, const moesh_rope_args * args) {
         MOESH_CPU_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_th) && product_fits(n_th, a.head_dim, &n_x),
                           "rope: sizes overflow");
         MOESH_CPU_REQUIRE(std::isfinite(a.attn_factor), "rope: attn_factor must be finite");
-        const int32_t mode = raw_enum(&a.mode);
-        if (mode != MOESH_ROPE_NEOX && mode != MOESH_ROPE_NORM) {
-            return fail(be, MOESH_ERR_UNSUPPORTED, "rope: mode %d is not supported", int(mode));
+        MOESH_CPU_REQUIRE(a.reserved == 0, "rope: reserved is %u, must be 0", unsigned(a.reserved));
+        if (a.mode != MOESH_ROPE_NEOX && a.mode != MOESH_ROPE_NORM) {
+            return fail(be, MOESH_ERR_UNSUPPORTED, "rope: mode %d is not supported", int(a.mode));
         }
         int64_t stride = 0;
         float * cos_sin = thread_scratch(be, a.rot_dim, &stride);   // [n_threads, stride]
@@ -466,9 +471,11 @@ moesh_status cpu_rope(moesh_backend * be, const moesh_rope_args * args) {
 }
 
 moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * args) {
-    return guarded(be, "expert_ffn", [&] {
-        MOESH_CPU_REQUIRE(args, "expert_ffn: args is NULL");
-        const moesh_expert_ffn_args a = copy_args(args);
+    return guarded(be, "expert_ffn", [&]() -> moesh_status {
+        moesh_expert_ffn_args a;
+        if (!read_args(be, args, "expert_ffn", "moesh_expert_ffn_args", &a)) {
+            return MOESH_ERR_INVALID_ARGUMENT;
+        }
         MOESH_CPU_REQUIRE(a.gate && a.up && a.down && a.x && a.out && a.scratch,
                           "expert_ffn: gate, up, down, x, out and scratch must not be NULL");
         MOESH_CPU_REQUIRE(a.n_embd > 0 && a.n_ff > 0 && a.n_tokens > 0,
@@ -481,12 +488,14 @@ moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * ar
         MOESH_CPU_REQUIRE(product_fits(a.n_ff, a.n_embd, &n_w) && product_fits(a.n_tokens, a.n_embd, &n_x) &&
                               product_fits(2 * a.n_tokens, a.n_ff, &n_h) && product_fits(3 * n_w, a.n_tokens, &work),
                           "expert_ffn: sizes overflow");
-        if (!weight_type_ok(&a.w_type)) {
-            return unsupported_weight_type(be, "expert_ffn", &a.w_type);
+        if (!weight_type_ok(a.w_type)) {
+            return unsupported_weight_type(be, "expert_ffn", a.w_type);
         }
         MOESH_CPU_REQUIRE(disjoint(a.scratch, size_t(n_h) * 4, a.x, size_t(n_x) * 4) &&
                               disjoint(a.scratch, size_t(n_h) * 4, a.out, size_t(n_x) * 4),
                           "expert_ffn: scratch overlaps x or out");
+        MOESH_CPU_REQUIRE(a.out == a.x || disjoint(a.out, size_t(n_x) * 4, a.x, size_t(n_x) * 4),
+                          "expert_ffn: out partly overlaps x (only out == x is allowed)");
         moesh_expert_ffn_args k = a;   // as the kernels see it
         if (moesh::cpu::needs_kernel_layout(a.w_type)) {
             k.x = be->activations.reserve(size_t(n_x));
@@ -494,7 +503,7 @@ moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * ar
         }
         const int n_active = n_active_threads(be, work);
         // Two passes: every thread's down rows need all of h. The first pass
-        // reads all of x before the second writes out, so out may alias x.
+        // reads all of x before the second writes out, so out may be x.
         auto gate_up = [&](int, int64_t part, int64_t n_parts) {
             const Range r = split((a.n_ff + 1) / 2, part, n_parts);
             moesh::cpu::expert_gate_up_rows(k, r.begin * 2, std::min(r.end * 2, a.n_ff));
@@ -510,10 +519,13 @@ moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * ar
 }
 
 moesh_status cpu_softmax(moesh_backend * be, const moesh_softmax_args * args) {
-    return guarded(be, "softmax", [&] {
-        MOESH_CPU_REQUIRE(args, "softmax: args is NULL");
-        const moesh_softmax_args a = copy_args(args);
+    return guarded(be, "softmax", [&]() -> moesh_status {
+        moesh_softmax_args a;
+        if (!read_args(be, args, "softmax", "moesh_softmax_args", &a)) {
+            return MOESH_ERR_INVALID_ARGUMENT;
+        }
         MOESH_CPU_REQUIRE(a.x, "softmax: x must not be NULL");
+        MOESH_CPU_REQUIRE(a.reserved == 0, "softmax: reserved is %u, must be 0", unsigned(a.reserved));
         MOESH_CPU_REQUIRE(a.n > 0 && a.n_rows > 0, "softmax: n (%lld) and n_rows (%lld) must be positive", ll(a.n),
                           ll(a.n_rows));
         int64_t n_x = 0;
@@ -528,28 +540,30 @@ moesh_status cpu_softmax(moesh_backend * be, const moesh_softmax_args * args) {
 }
 
 moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args) {
-    return guarded(be, "attention", [&] {
-        MOESH_CPU_REQUIRE(args, "attention: args is NULL");
-        const moesh_attention_args a = copy_args(args);
+    return guarded(be, "attention", [&]() -> moesh_status {
+        moesh_attention_args a;
+        if (!read_args(be, args, "attention", "moesh_attention_args", &a)) {
+            return MOESH_ERR_INVALID_ARGUMENT;
+        }
         MOESH_CPU_REQUIRE(a.q && a.k_pool && a.v_pool && a.block_table && a.pos && a.out,
                           "attention: q, k_pool, v_pool, block_table, pos and out must not be NULL");
         MOESH_CPU_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 &&
-                              a.n_kv > 0,
+                              a.n_blocks > 0 && a.n_kv > 0,
                           "attention: n_tokens (%lld), n_head (%lld), n_head_kv (%lld), head_dim (%lld), "
-                          "block_size (%lld) and n_kv (%lld) must be positive",
+                          "block_size (%lld), n_blocks (%lld) and n_kv (%lld) must be positive",
                           ll(a.n_tokens), ll(a.n_head), ll(a.n_head_kv), ll(a.head_dim), ll(a.block_size),
-                          ll(a.n_kv));
+                          ll(a.n_blocks), ll(a.n_kv));
         MOESH_CPU_REQUIRE(a.n_head % a.n_head_kv == 0, "attention: n_head (%lld) is not a multiple of n_head_kv (%lld)",
                           ll(a.n_head), ll(a.n_head_kv));
         int64_t n_items = 0;
         int64_t n_q = 0;
         int64_t kv_row = 0;
-        int64_t n_rows_max = 0;
-        // block_table holds int32 block ids, so this bounds every cache offset.
+        int64_t n_pool_rows = 0;
+        // Every block id is checked to be < n_blocks, so this bounds every cache offset.
         MOESH_CPU_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_items) && product_fits(n_items, a.head_dim, &n_q) &&
                               product_fits(a.n_head_kv, a.head_dim, &kv_row) &&
-                              product_fits(int64_t(INT32_MAX) + 1, a.block_size, &n_rows_max) &&
-                              product_fits(n_rows_max, kv_row),
+                              product_fits(a.n_blocks, a.block_size, &n_pool_rows) &&
+                              product_fits(n_pool_rows, kv_row),
                           "attention: sizes overflow");
         MOESH_CPU_REQUIRE(std::isfinite(a.scale), "attention: scale must be finite");
         int64_t n_ctx_max = 0;   // longest context any query attends
@@ -558,10 +572,11 @@ moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args
                               ll(t), int(a.pos[t]), ll(a.n_kv));
             n_ctx_max = std::max(n_ctx_max, int64_t(a.pos[t]) + 1);
         }
-        const int64_t n_blocks_used = (n_ctx_max + a.block_size - 1) / a.block_size;
-        for (int64_t b = 0; b < n_blocks_used; ++b) {
-            MOESH_CPU_REQUIRE(a.block_table[b] >= 0, "attention: block_table[%lld] = %d is negative", ll(b),
-                              int(a.block_table[b]));
+        const int64_t n_table = a.n_kv / a.block_size + (a.n_kv % a.block_size != 0);   // ceil(n_kv / block_size)
+        for (int64_t b = 0; b < n_table; ++b) {
+            MOESH_CPU_REQUIRE(a.block_table[b] >= 0 && a.block_table[b] < a.n_blocks,
+                              "attention: block_table[%lld] = %d is outside [0, n_blocks = %lld)", ll(b),
+                              int(a.block_table[b]), ll(a.n_blocks));
         }
         int64_t stride = 0;
         float * scores = thread_scratch(be, n_ctx_max, &stride);   // [n_threads, stride]

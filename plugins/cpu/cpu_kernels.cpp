@@ -252,7 +252,7 @@ HWY_INLINE void dot_4x2(const WT * HWY_RESTRICT w0, const WT * HWY_RESTRICT w1,
     out[7] = reduce_sum(d, b3);
 }
 
-void to_kernel_layout(moesh_dtype w_type, const float * x, int64_t x_stride, int64_t n, int64_t n_rows,
+void to_kernel_layout(int32_t w_type, const float * x, int64_t x_stride, int64_t n, int64_t n_rows,
                       float * out) {
     const int64_t N = int64_t(hn::Lanes(DF()));
     const int64_t n_full = w_type == MOESH_DTYPE_BF16 ? n / (2 * N) * (2 * N) : 0;
@@ -682,9 +682,9 @@ HWY_EXPORT(attention_items);
 
 const char * simd_target_name() { return HWY_DYNAMIC_DISPATCH(target_name)(); }
 
-bool needs_kernel_layout(moesh_dtype w_type) { return w_type == MOESH_DTYPE_BF16; }
+bool needs_kernel_layout(int32_t w_type) { return w_type == MOESH_DTYPE_BF16; }
 
-void to_kernel_layout(moesh_dtype w_type, const float * x, int64_t x_stride, int64_t n, int64_t n_rows,
+void to_kernel_layout(int32_t w_type, const float * x, int64_t x_stride, int64_t n, int64_t n_rows,
                       float * out) {
     HWY_DYNAMIC_DISPATCH(to_kernel_layout)(w_type, x, x_stride, n, n_rows, out);
 }

@@ -16,10 +16,10 @@ const char * simd_target_name();
 // Whether activations multiplied with weights of w_type must first be put in
 // "kernel layout" (an order that makes widening those weights cheaper; see
 // cpu_kernels.cpp). Then matmul's a.x and expert_ffn's a.x must be in it.
-bool needs_kernel_layout(moesh_dtype w_type);
+bool needs_kernel_layout(int32_t w_type);
 
 // out[r, :] = x[r, :] in the kernel layout for w_type, for r < n_rows.
-void to_kernel_layout(moesh_dtype w_type, const float * x, int64_t x_stride, int64_t n, int64_t n_rows,
+void to_kernel_layout(int32_t w_type, const float * x, int64_t x_stride, int64_t n, int64_t n_rows,
                       float * out /* [n_rows, n] */);
 
 // y[t, r] for t in [t0, t1), r in [r0, r1).

@@ -2,15 +2,50 @@
 // argument struct breaks the build here instead of breaking every plugin built before it.
 // The numbers are for LP64 (Linux/macOS on x86-64 and AArch64); members are only appended,
 // so a new member adds lines and a new size, never changes an existing line.
+// tests/plugins/abi_c_test.c holds the same pins for the C compiler.
 #include <cstddef>
+#include <cstdint>
+#include <type_traits>
 
 #include "moesh/plugin.h"
 
-#if defined(__LP64__)
+// No enum in the ABI's storage or signatures: these are int32_t.
+static_assert(std::is_same_v<moesh_status, int32_t>, "moesh_status must be int32_t");
+static_assert(std::is_same_v<decltype(moesh_matmul_args::w_type), int32_t> &&
+                  std::is_same_v<decltype(moesh_expert_ffn_args::w_type), int32_t> &&
+                  std::is_same_v<decltype(moesh_rope_args::mode), int32_t>,
+              "enum-valued members must be int32_t");
+static_assert(std::is_same_v<decltype(moesh_backend_iface::supports),
+                             int32_t (*)(moesh_backend *, int32_t, int32_t)> &&
+                  std::is_same_v<decltype(moesh_host_api::log), void (*)(void *, int32_t, const char *)>,
+              "enum-valued parameters must be int32_t");
 
-static_assert(sizeof(moesh_status) == 4 && sizeof(moesh_dtype) == 4 && sizeof(moesh_op) == 4 &&
-                  sizeof(moesh_log_level) == 4 && sizeof(moesh_rope_mode) == 4,
-              "ABI enums must stay int-sized");
+// Enum values are ABI too: a stored int32_t means the same thing on both sides
+static_assert(MOESH_OK == 0, "MOESH_OK changed value");
+static_assert(MOESH_ERR_INVALID_ARGUMENT == 1, "MOESH_ERR_INVALID_ARGUMENT changed value");
+static_assert(MOESH_ERR_UNSUPPORTED == 2, "MOESH_ERR_UNSUPPORTED changed value");
+static_assert(MOESH_ERR_OUT_OF_MEMORY == 3, "MOESH_ERR_OUT_OF_MEMORY changed value");
+static_assert(MOESH_ERR_INTERNAL == 4, "MOESH_ERR_INTERNAL changed value");
+static_assert(MOESH_ERR_ABI_MISMATCH == 5, "MOESH_ERR_ABI_MISMATCH changed value");
+static_assert(MOESH_DTYPE_F32 == 0, "MOESH_DTYPE_F32 changed value");
+static_assert(MOESH_DTYPE_F16 == 1, "MOESH_DTYPE_F16 changed value");
+static_assert(MOESH_DTYPE_BF16 == 2, "MOESH_DTYPE_BF16 changed value");
+static_assert(MOESH_DTYPE_COUNT_V1 == 3, "MOESH_DTYPE_COUNT_V1 changed value");
+static_assert(MOESH_OP_MATMUL == 0, "MOESH_OP_MATMUL changed value");
+static_assert(MOESH_OP_RMS_NORM == 1, "MOESH_OP_RMS_NORM changed value");
+static_assert(MOESH_OP_ROPE == 2, "MOESH_OP_ROPE changed value");
+static_assert(MOESH_OP_EXPERT_FFN == 3, "MOESH_OP_EXPERT_FFN changed value");
+static_assert(MOESH_OP_SOFTMAX == 4, "MOESH_OP_SOFTMAX changed value");
+static_assert(MOESH_OP_ATTENTION == 5, "MOESH_OP_ATTENTION changed value");
+static_assert(MOESH_OP_COUNT_V1 == 6, "MOESH_OP_COUNT_V1 changed value");
+static_assert(MOESH_LOG_DEBUG == 0, "MOESH_LOG_DEBUG changed value");
+static_assert(MOESH_LOG_INFO == 1, "MOESH_LOG_INFO changed value");
+static_assert(MOESH_LOG_WARN == 2, "MOESH_LOG_WARN changed value");
+static_assert(MOESH_LOG_ERROR == 3, "MOESH_LOG_ERROR changed value");
+static_assert(MOESH_ROPE_NEOX == 0, "MOESH_ROPE_NEOX changed value");
+static_assert(MOESH_ROPE_NORM == 1, "MOESH_ROPE_NORM changed value");
+
+#if defined(__LP64__)
 
 // moesh_backend_iface
 static_assert(offsetof(moesh_backend_iface, abi_version) == 0, "moesh_backend_iface.abi_version moved");
@@ -48,8 +83,9 @@ static_assert(offsetof(moesh_backend_params, n_threads) == 4, "moesh_backend_par
 static_assert(sizeof(moesh_backend_params) == 8, "moesh_backend_params changed size");
 
 // moesh_matmul_args
-static_assert(offsetof(moesh_matmul_args, w) == 0, "moesh_matmul_args.w moved");
-static_assert(offsetof(moesh_matmul_args, w_type) == 8, "moesh_matmul_args.w_type moved");
+static_assert(offsetof(moesh_matmul_args, struct_size) == 0, "moesh_matmul_args.struct_size moved");
+static_assert(offsetof(moesh_matmul_args, w_type) == 4, "moesh_matmul_args.w_type moved");
+static_assert(offsetof(moesh_matmul_args, w) == 8, "moesh_matmul_args.w moved");
 static_assert(offsetof(moesh_matmul_args, bias) == 16, "moesh_matmul_args.bias moved");
 static_assert(offsetof(moesh_matmul_args, x) == 24, "moesh_matmul_args.x moved");
 static_assert(offsetof(moesh_matmul_args, y) == 32, "moesh_matmul_args.y moved");
@@ -61,31 +97,35 @@ static_assert(offsetof(moesh_matmul_args, y_stride) == 72, "moesh_matmul_args.y_
 static_assert(sizeof(moesh_matmul_args) == 80, "moesh_matmul_args changed size");
 
 // moesh_rms_norm_args
-static_assert(offsetof(moesh_rms_norm_args, x) == 0, "moesh_rms_norm_args.x moved");
-static_assert(offsetof(moesh_rms_norm_args, weight) == 8, "moesh_rms_norm_args.weight moved");
-static_assert(offsetof(moesh_rms_norm_args, y) == 16, "moesh_rms_norm_args.y moved");
-static_assert(offsetof(moesh_rms_norm_args, n) == 24, "moesh_rms_norm_args.n moved");
-static_assert(offsetof(moesh_rms_norm_args, n_rows) == 32, "moesh_rms_norm_args.n_rows moved");
-static_assert(offsetof(moesh_rms_norm_args, eps) == 40, "moesh_rms_norm_args.eps moved");
+static_assert(offsetof(moesh_rms_norm_args, struct_size) == 0, "moesh_rms_norm_args.struct_size moved");
+static_assert(offsetof(moesh_rms_norm_args, eps) == 4, "moesh_rms_norm_args.eps moved");
+static_assert(offsetof(moesh_rms_norm_args, x) == 8, "moesh_rms_norm_args.x moved");
+static_assert(offsetof(moesh_rms_norm_args, weight) == 16, "moesh_rms_norm_args.weight moved");
+static_assert(offsetof(moesh_rms_norm_args, y) == 24, "moesh_rms_norm_args.y moved");
+static_assert(offsetof(moesh_rms_norm_args, n) == 32, "moesh_rms_norm_args.n moved");
+static_assert(offsetof(moesh_rms_norm_args, n_rows) == 40, "moesh_rms_norm_args.n_rows moved");
 static_assert(sizeof(moesh_rms_norm_args) == 48, "moesh_rms_norm_args changed size");
 
 // moesh_rope_args
-static_assert(offsetof(moesh_rope_args, x) == 0, "moesh_rope_args.x moved");
-static_assert(offsetof(moesh_rope_args, pos) == 8, "moesh_rope_args.pos moved");
-static_assert(offsetof(moesh_rope_args, inv_freq) == 16, "moesh_rope_args.inv_freq moved");
-static_assert(offsetof(moesh_rope_args, n_tokens) == 24, "moesh_rope_args.n_tokens moved");
-static_assert(offsetof(moesh_rope_args, n_head) == 32, "moesh_rope_args.n_head moved");
-static_assert(offsetof(moesh_rope_args, head_dim) == 40, "moesh_rope_args.head_dim moved");
-static_assert(offsetof(moesh_rope_args, rot_dim) == 48, "moesh_rope_args.rot_dim moved");
-static_assert(offsetof(moesh_rope_args, attn_factor) == 56, "moesh_rope_args.attn_factor moved");
-static_assert(offsetof(moesh_rope_args, mode) == 60, "moesh_rope_args.mode moved");
-static_assert(sizeof(moesh_rope_args) == 64, "moesh_rope_args changed size");
+static_assert(offsetof(moesh_rope_args, struct_size) == 0, "moesh_rope_args.struct_size moved");
+static_assert(offsetof(moesh_rope_args, mode) == 4, "moesh_rope_args.mode moved");
+static_assert(offsetof(moesh_rope_args, attn_factor) == 8, "moesh_rope_args.attn_factor moved");
+static_assert(offsetof(moesh_rope_args, reserved) == 12, "moesh_rope_args.reserved moved");
+static_assert(offsetof(moesh_rope_args, x) == 16, "moesh_rope_args.x moved");
+static_assert(offsetof(moesh_rope_args, pos) == 24, "moesh_rope_args.pos moved");
+static_assert(offsetof(moesh_rope_args, inv_freq) == 32, "moesh_rope_args.inv_freq moved");
+static_assert(offsetof(moesh_rope_args, n_tokens) == 40, "moesh_rope_args.n_tokens moved");
+static_assert(offsetof(moesh_rope_args, n_head) == 48, "moesh_rope_args.n_head moved");
+static_assert(offsetof(moesh_rope_args, head_dim) == 56, "moesh_rope_args.head_dim moved");
+static_assert(offsetof(moesh_rope_args, rot_dim) == 64, "moesh_rope_args.rot_dim moved");
+static_assert(sizeof(moesh_rope_args) == 72, "moesh_rope_args changed size");
 
 // moesh_expert_ffn_args
-static_assert(offsetof(moesh_expert_ffn_args, gate) == 0, "moesh_expert_ffn_args.gate moved");
-static_assert(offsetof(moesh_expert_ffn_args, up) == 8, "moesh_expert_ffn_args.up moved");
-static_assert(offsetof(moesh_expert_ffn_args, down) == 16, "moesh_expert_ffn_args.down moved");
-static_assert(offsetof(moesh_expert_ffn_args, w_type) == 24, "moesh_expert_ffn_args.w_type moved");
+static_assert(offsetof(moesh_expert_ffn_args, struct_size) == 0, "moesh_expert_ffn_args.struct_size moved");
+static_assert(offsetof(moesh_expert_ffn_args, w_type) == 4, "moesh_expert_ffn_args.w_type moved");
+static_assert(offsetof(moesh_expert_ffn_args, gate) == 8, "moesh_expert_ffn_args.gate moved");
+static_assert(offsetof(moesh_expert_ffn_args, up) == 16, "moesh_expert_ffn_args.up moved");
+static_assert(offsetof(moesh_expert_ffn_args, down) == 24, "moesh_expert_ffn_args.down moved");
 static_assert(offsetof(moesh_expert_ffn_args, x) == 32, "moesh_expert_ffn_args.x moved");
 static_assert(offsetof(moesh_expert_ffn_args, scale) == 40, "moesh_expert_ffn_args.scale moved");
 static_assert(offsetof(moesh_expert_ffn_args, out) == 48, "moesh_expert_ffn_args.out moved");
@@ -96,24 +136,28 @@ static_assert(offsetof(moesh_expert_ffn_args, n_tokens) == 80, "moesh_expert_ffn
 static_assert(sizeof(moesh_expert_ffn_args) == 88, "moesh_expert_ffn_args changed size");
 
 // moesh_softmax_args
-static_assert(offsetof(moesh_softmax_args, x) == 0, "moesh_softmax_args.x moved");
-static_assert(offsetof(moesh_softmax_args, n) == 8, "moesh_softmax_args.n moved");
-static_assert(offsetof(moesh_softmax_args, n_rows) == 16, "moesh_softmax_args.n_rows moved");
-static_assert(sizeof(moesh_softmax_args) == 24, "moesh_softmax_args changed size");
+static_assert(offsetof(moesh_softmax_args, struct_size) == 0, "moesh_softmax_args.struct_size moved");
+static_assert(offsetof(moesh_softmax_args, reserved) == 4, "moesh_softmax_args.reserved moved");
+static_assert(offsetof(moesh_softmax_args, x) == 8, "moesh_softmax_args.x moved");
+static_assert(offsetof(moesh_softmax_args, n) == 16, "moesh_softmax_args.n moved");
+static_assert(offsetof(moesh_softmax_args, n_rows) == 24, "moesh_softmax_args.n_rows moved");
+static_assert(sizeof(moesh_softmax_args) == 32, "moesh_softmax_args changed size");
 
 // moesh_attention_args
-static_assert(offsetof(moesh_attention_args, q) == 0, "moesh_attention_args.q moved");
-static_assert(offsetof(moesh_attention_args, k_pool) == 8, "moesh_attention_args.k_pool moved");
-static_assert(offsetof(moesh_attention_args, v_pool) == 16, "moesh_attention_args.v_pool moved");
-static_assert(offsetof(moesh_attention_args, block_table) == 24, "moesh_attention_args.block_table moved");
-static_assert(offsetof(moesh_attention_args, pos) == 32, "moesh_attention_args.pos moved");
-static_assert(offsetof(moesh_attention_args, out) == 40, "moesh_attention_args.out moved");
-static_assert(offsetof(moesh_attention_args, n_tokens) == 48, "moesh_attention_args.n_tokens moved");
-static_assert(offsetof(moesh_attention_args, n_head) == 56, "moesh_attention_args.n_head moved");
-static_assert(offsetof(moesh_attention_args, n_head_kv) == 64, "moesh_attention_args.n_head_kv moved");
-static_assert(offsetof(moesh_attention_args, head_dim) == 72, "moesh_attention_args.head_dim moved");
-static_assert(offsetof(moesh_attention_args, block_size) == 80, "moesh_attention_args.block_size moved");
-static_assert(offsetof(moesh_attention_args, n_kv) == 88, "moesh_attention_args.n_kv moved");
-static_assert(offsetof(moesh_attention_args, scale) == 96, "moesh_attention_args.scale moved");
-static_assert(sizeof(moesh_attention_args) == 104, "moesh_attention_args changed size");
+static_assert(offsetof(moesh_attention_args, struct_size) == 0, "moesh_attention_args.struct_size moved");
+static_assert(offsetof(moesh_attention_args, scale) == 4, "moesh_attention_args.scale moved");
+static_assert(offsetof(moesh_attention_args, q) == 8, "moesh_attention_args.q moved");
+static_assert(offsetof(moesh_attention_args, k_pool) == 16, "moesh_attention_args.k_pool moved");
+static_assert(offsetof(moesh_attention_args, v_pool) == 24, "moesh_attention_args.v_pool moved");
+static_assert(offsetof(moesh_attention_args, block_table) == 32, "moesh_attention_args.block_table moved");
+static_assert(offsetof(moesh_attention_args, pos) == 40, "moesh_attention_args.pos moved");
+static_assert(offsetof(moesh_attention_args, out) == 48, "moesh_attention_args.out moved");
+static_assert(offsetof(moesh_attention_args, n_tokens) == 56, "moesh_attention_args.n_tokens moved");
+static_assert(offsetof(moesh_attention_args, n_head) == 64, "moesh_attention_args.n_head moved");
+static_assert(offsetof(moesh_attention_args, n_head_kv) == 72, "moesh_attention_args.n_head_kv moved");
+static_assert(offsetof(moesh_attention_args, head_dim) == 80, "moesh_attention_args.head_dim moved");
+static_assert(offsetof(moesh_attention_args, block_size) == 88, "moesh_attention_args.block_size moved");
+static_assert(offsetof(moesh_attention_args, n_blocks) == 96, "moesh_attention_args.n_blocks moved");
+static_assert(offsetof(moesh_attention_args, n_kv) == 104, "moesh_attention_args.n_kv moved");
+static_assert(sizeof(moesh_attention_args) == 112, "moesh_attention_args changed size");
 #endif // __LP64__

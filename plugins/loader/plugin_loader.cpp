@@ -95,9 +95,18 @@ struct HostState {
 
 namespace {
 
+// A level from a plugin, as one of ours: below DEBUG is DEBUG, above ERROR (a newer
+// plugin's level, say) is ERROR.
+moesh_log_level known_level(int32_t level) {
+    if (level <= MOESH_LOG_DEBUG) return MOESH_LOG_DEBUG;
+    if (level >= MOESH_LOG_ERROR) return MOESH_LOG_ERROR;
+    return static_cast<moesh_log_level>(level);
+}
+
 // C callback handed to plugins: nothing may escape it.
-void host_log(void * ctx, moesh_log_level level, const char * msg) noexcept {
+void host_log(void * ctx, int32_t raw_level, const char * msg) noexcept {
     try {
+        const moesh_log_level level = known_level(raw_level);
         auto * host = static_cast<detail::HostState *>(ctx);
         std::string_view text = msg ? msg : "(null)";
         std::string_view plugin = host ? std::string_view(host->plugin) : "?";
@@ -392,7 +401,7 @@ void Backend::check(moesh_status s, const char * what) const {
                        s);
 }
 
-bool Backend::supports(moesh_op op, moesh_dtype w_type) const {
+bool Backend::supports(int32_t op, int32_t w_type) const {
     return ctx_ && iface_.supports && iface_.supports(ctx_, op, w_type) != 0;
 }
 

@@ -74,7 +74,8 @@ public:
 
     // Throws BackendError "<name>: <what> failed: <status name>: <last_error()>" unless s is OK.
     void check(moesh_status s, const char * what) const;
-    bool supports(moesh_op op, moesh_dtype w_type) const;
+    // iface().supports(ctx(), op, w_type) != 0; op is a moesh_op, w_type a moesh_dtype.
+    bool supports(int32_t op, int32_t w_type) const;
 
 private:
     friend struct detail::BackendFactory;

@@ -89,7 +89,7 @@ uint16_t f32_to_f16(float f) {
     return static_cast<uint16_t>(sign | h);
 }
 
-float load_weight(const void * w, moesh_dtype w_type, int64_t i) {
+float load_weight(const void * w, int32_t w_type /* moesh_dtype */, int64_t i) {
     switch (w_type) {
     case MOESH_DTYPE_F32:
         return static_cast<const float *>(w)[i];

@@ -6,9 +6,7 @@
 // Prints one JSON object per line: {"bench": ..., "metric": ..., "value": ..., ...}.
 // Weights rotate over enough copies (>= 512 MiB) that every call reads them
 // from DRAM, as a decode step reads experts it has not touched for a while.
-// Not built by scripts/bench/CMakeLists.txt yet; it needs bandwidth_probe.cpp,
-// PkgConfig::HWY, Threads and dl:
-//   add_executable(moesh_bench_cpu_kernels cpu_kernels_bench.cpp bandwidth_probe.cpp)
+// Built as moesh_bench_cpu_kernels by scripts/bench/CMakeLists.txt.
 #include "bandwidth_probe.h"
 
 #include <moesh/plugin.h>
@@ -135,7 +133,7 @@ int main(int argc, char ** argv) {
     }
     auto init = reinterpret_cast<moesh_plugin_init_fn>(dlsym(handle, MOESH_PLUGIN_INIT_SYMBOL));
     const moesh_host_api host = {MOESH_PLUGIN_ABI_VERSION, sizeof(moesh_host_api), nullptr,
-                                 [](void *, moesh_log_level, const char * msg) { std::fprintf(stderr, "%s\n", msg); }};
+                                 [](void *, int32_t, const char * msg) { std::fprintf(stderr, "%s\n", msg); }};
     const moesh_backend_iface * iface = nullptr;
     if (!init || init(&host, &iface) != MOESH_OK) {
         std::fprintf(stderr, "cannot initialise %s\n", plugin.c_str());
@@ -164,8 +162,8 @@ int main(int argc, char ** argv) {
                 std::vector<float> x(size_t(n_embd), 0.01f), y(static_cast<size_t>(n_ff));
                 size_t next = 0;
                 const double s = time_per_call(seconds, [&] {
-                    const moesh_matmul_args a = {copies[next].data(), type, nullptr, x.data(), y.data(),
-                                                 n_embd, n_ff, 1, n_embd, n_ff};
+                    const moesh_matmul_args a = {sizeof(moesh_matmul_args), type, copies[next].data(), nullptr,
+                                                 x.data(), y.data(), n_embd, n_ff, 1, n_embd, n_ff};
                     next = (next + 1) % copies.size();
                     check(iface->matmul(b.ctx, &a), b, "matmul");
                 });
@@ -181,8 +179,9 @@ int main(int argc, char ** argv) {
                 std::vector<float> x(size_t(n_embd), 0.01f), out(static_cast<size_t>(n_embd)), scratch(static_cast<size_t>(2 * n_ff));
                 size_t next = 0;
                 const double s = time_per_call(seconds, [&] {
-                    const moesh_expert_ffn_args a = {gates[next].data(), ups[next].data(), downs[next].data(), type,
-                                                     x.data(), nullptr, out.data(), scratch.data(), n_embd, n_ff, 1};
+                    const moesh_expert_ffn_args a = {sizeof(moesh_expert_ffn_args), type, gates[next].data(),
+                                                     ups[next].data(), downs[next].data(), x.data(), nullptr,
+                                                     out.data(), scratch.data(), n_embd, n_ff, 1};
                     next = (next + 1) % gates.size();
                     check(iface->expert_ffn(b.ctx, &a), b, "expert_ffn");
                 });
@@ -197,8 +196,8 @@ int main(int argc, char ** argv) {
                 const auto copies = make_copies(w_bytes, 1);
                 std::vector<float> x(size_t(n_tokens * n_embd), 0.01f), y(static_cast<size_t>(n_tokens * n_ff));
                 const double s = time_per_call(seconds, [&] {
-                    const moesh_matmul_args a = {copies[0].data(), type, nullptr, x.data(), y.data(),
-                                                 n_embd, n_ff, n_tokens, n_embd, n_ff};
+                    const moesh_matmul_args a = {sizeof(moesh_matmul_args), type, copies[0].data(), nullptr,
+                                                 x.data(), y.data(), n_embd, n_ff, n_tokens, n_embd, n_ff};
                     check(iface->matmul(b.ctx, &a), b, "matmul");
                 });
                 emit("matmul_32x5632x2048", "flops_per_second", 2.0 * double(n_tokens * n_ff * n_embd) / s, tags);

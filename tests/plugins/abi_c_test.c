@@ -7,8 +7,32 @@
 #include "moesh/plugin.h"
 
 _Static_assert(MOESH_PLUGIN_ABI_VERSION == 1u, "update these pins when the ABI version moves");
-_Static_assert(sizeof(moesh_status) == sizeof(int), "ABI enums must stay int-sized");
-_Static_assert(MOESH_OK == 0, "0 means OK across the boundary");
+_Static_assert(sizeof(moesh_status) == sizeof(int32_t), "moesh_status is int32_t");
+
+/* Enum values are ABI too: a stored int32_t means the same thing on both sides */
+_Static_assert(MOESH_OK == 0, "MOESH_OK changed value");
+_Static_assert(MOESH_ERR_INVALID_ARGUMENT == 1, "MOESH_ERR_INVALID_ARGUMENT changed value");
+_Static_assert(MOESH_ERR_UNSUPPORTED == 2, "MOESH_ERR_UNSUPPORTED changed value");
+_Static_assert(MOESH_ERR_OUT_OF_MEMORY == 3, "MOESH_ERR_OUT_OF_MEMORY changed value");
+_Static_assert(MOESH_ERR_INTERNAL == 4, "MOESH_ERR_INTERNAL changed value");
+_Static_assert(MOESH_ERR_ABI_MISMATCH == 5, "MOESH_ERR_ABI_MISMATCH changed value");
+_Static_assert(MOESH_DTYPE_F32 == 0, "MOESH_DTYPE_F32 changed value");
+_Static_assert(MOESH_DTYPE_F16 == 1, "MOESH_DTYPE_F16 changed value");
+_Static_assert(MOESH_DTYPE_BF16 == 2, "MOESH_DTYPE_BF16 changed value");
+_Static_assert(MOESH_DTYPE_COUNT_V1 == 3, "MOESH_DTYPE_COUNT_V1 changed value");
+_Static_assert(MOESH_OP_MATMUL == 0, "MOESH_OP_MATMUL changed value");
+_Static_assert(MOESH_OP_RMS_NORM == 1, "MOESH_OP_RMS_NORM changed value");
+_Static_assert(MOESH_OP_ROPE == 2, "MOESH_OP_ROPE changed value");
+_Static_assert(MOESH_OP_EXPERT_FFN == 3, "MOESH_OP_EXPERT_FFN changed value");
+_Static_assert(MOESH_OP_SOFTMAX == 4, "MOESH_OP_SOFTMAX changed value");
+_Static_assert(MOESH_OP_ATTENTION == 5, "MOESH_OP_ATTENTION changed value");
+_Static_assert(MOESH_OP_COUNT_V1 == 6, "MOESH_OP_COUNT_V1 changed value");
+_Static_assert(MOESH_LOG_DEBUG == 0, "MOESH_LOG_DEBUG changed value");
+_Static_assert(MOESH_LOG_INFO == 1, "MOESH_LOG_INFO changed value");
+_Static_assert(MOESH_LOG_WARN == 2, "MOESH_LOG_WARN changed value");
+_Static_assert(MOESH_LOG_ERROR == 3, "MOESH_LOG_ERROR changed value");
+_Static_assert(MOESH_ROPE_NEOX == 0, "MOESH_ROPE_NEOX changed value");
+_Static_assert(MOESH_ROPE_NORM == 1, "MOESH_ROPE_NORM changed value");
 
 #if defined(__LP64__)
 /* moesh_backend_iface */
@@ -47,8 +71,9 @@ _Static_assert(offsetof(moesh_backend_params, n_threads) == 4, "moesh_backend_pa
 _Static_assert(sizeof(moesh_backend_params) == 8, "moesh_backend_params changed size");
 
 /* moesh_matmul_args */
-_Static_assert(offsetof(moesh_matmul_args, w) == 0, "moesh_matmul_args.w moved");
-_Static_assert(offsetof(moesh_matmul_args, w_type) == 8, "moesh_matmul_args.w_type moved");
+_Static_assert(offsetof(moesh_matmul_args, struct_size) == 0, "moesh_matmul_args.struct_size moved");
+_Static_assert(offsetof(moesh_matmul_args, w_type) == 4, "moesh_matmul_args.w_type moved");
+_Static_assert(offsetof(moesh_matmul_args, w) == 8, "moesh_matmul_args.w moved");
 _Static_assert(offsetof(moesh_matmul_args, bias) == 16, "moesh_matmul_args.bias moved");
 _Static_assert(offsetof(moesh_matmul_args, x) == 24, "moesh_matmul_args.x moved");
 _Static_assert(offsetof(moesh_matmul_args, y) == 32, "moesh_matmul_args.y moved");
@@ -60,31 +85,35 @@ _Static_assert(offsetof(moesh_matmul_args, y_stride) == 72, "moesh_matmul_args.y
 _Static_assert(sizeof(moesh_matmul_args) == 80, "moesh_matmul_args changed size");
 
 /* moesh_rms_norm_args */
-_Static_assert(offsetof(moesh_rms_norm_args, x) == 0, "moesh_rms_norm_args.x moved");
-_Static_assert(offsetof(moesh_rms_norm_args, weight) == 8, "moesh_rms_norm_args.weight moved");
-_Static_assert(offsetof(moesh_rms_norm_args, y) == 16, "moesh_rms_norm_args.y moved");
-_Static_assert(offsetof(moesh_rms_norm_args, n) == 24, "moesh_rms_norm_args.n moved");
-_Static_assert(offsetof(moesh_rms_norm_args, n_rows) == 32, "moesh_rms_norm_args.n_rows moved");
-_Static_assert(offsetof(moesh_rms_norm_args, eps) == 40, "moesh_rms_norm_args.eps moved");
+_Static_assert(offsetof(moesh_rms_norm_args, struct_size) == 0, "moesh_rms_norm_args.struct_size moved");
+_Static_assert(offsetof(moesh_rms_norm_args, eps) == 4, "moesh_rms_norm_args.eps moved");
+_Static_assert(offsetof(moesh_rms_norm_args, x) == 8, "moesh_rms_norm_args.x moved");
+_Static_assert(offsetof(moesh_rms_norm_args, weight) == 16, "moesh_rms_norm_args.weight moved");
+_Static_assert(offsetof(moesh_rms_norm_args, y) == 24, "moesh_rms_norm_args.y moved");
+_Static_assert(offsetof(moesh_rms_norm_args, n) == 32, "moesh_rms_norm_args.n moved");
+_Static_assert(offsetof(moesh_rms_norm_args, n_rows) == 40, "moesh_rms_norm_args.n_rows moved");
 _Static_assert(sizeof(moesh_rms_norm_args) == 48, "moesh_rms_norm_args changed size");
 
 /* moesh_rope_args */
-_Static_assert(offsetof(moesh_rope_args, x) == 0, "moesh_rope_args.x moved");
-_Static_assert(offsetof(moesh_rope_args, pos) == 8, "moesh_rope_args.pos moved");
-_Static_assert(offsetof(moesh_rope_args, inv_freq) == 16, "moesh_rope_args.inv_freq moved");
-_Static_assert(offsetof(moesh_rope_args, n_tokens) == 24, "moesh_rope_args.n_tokens moved");
-_Static_assert(offsetof(moesh_rope_args, n_head) == 32, "moesh_rope_args.n_head moved");
-_Static_assert(offsetof(moesh_rope_args, head_dim) == 40, "moesh_rope_args.head_dim moved");
-_Static_assert(offsetof(moesh_rope_args, rot_dim) == 48, "moesh_rope_args.rot_dim moved");
-_Static_assert(offsetof(moesh_rope_args, attn_factor) == 56, "moesh_rope_args.attn_factor moved");
-_Static_assert(offsetof(moesh_rope_args, mode) == 60, "moesh_rope_args.mode moved");
-_Static_assert(sizeof(moesh_rope_args) == 64, "moesh_rope_args changed size");
+_Static_assert(offsetof(moesh_rope_args, struct_size) == 0, "moesh_rope_args.struct_size moved");
+_Static_assert(offsetof(moesh_rope_args, mode) == 4, "moesh_rope_args.mode moved");
+_Static_assert(offsetof(moesh_rope_args, attn_factor) == 8, "moesh_rope_args.attn_factor moved");
+_Static_assert(offsetof(moesh_rope_args, reserved) == 12, "moesh_rope_args.reserved moved");
+_Static_assert(offsetof(moesh_rope_args, x) == 16, "moesh_rope_args.x moved");
+_Static_assert(offsetof(moesh_rope_args, pos) == 24, "moesh_rope_args.pos moved");
+_Static_assert(offsetof(moesh_rope_args, inv_freq) == 32, "moesh_rope_args.inv_freq moved");
+_Static_assert(offsetof(moesh_rope_args, n_tokens) == 40, "moesh_rope_args.n_tokens moved");
+_Static_assert(offsetof(moesh_rope_args, n_head) == 48, "moesh_rope_args.n_head moved");
+_Static_assert(offsetof(moesh_rope_args, head_dim) == 56, "moesh_rope_args.head_dim moved");
+_Static_assert(offsetof(moesh_rope_args, rot_dim) == 64, "moesh_rope_args.rot_dim moved");
+_Static_assert(sizeof(moesh_rope_args) == 72, "moesh_rope_args changed size");
 
 /* moesh_expert_ffn_args */
-_Static_assert(offsetof(moesh_expert_ffn_args, gate) == 0, "moesh_expert_ffn_args.gate moved");
-_Static_assert(offsetof(moesh_expert_ffn_args, up) == 8, "moesh_expert_ffn_args.up moved");
-_Static_assert(offsetof(moesh_expert_ffn_args, down) == 16, "moesh_expert_ffn_args.down moved");
-_Static_assert(offsetof(moesh_expert_ffn_args, w_type) == 24, "moesh_expert_ffn_args.w_type moved");
+_Static_assert(offsetof(moesh_expert_ffn_args, struct_size) == 0, "moesh_expert_ffn_args.struct_size moved");
+_Static_assert(offsetof(moesh_expert_ffn_args, w_type) == 4, "moesh_expert_ffn_args.w_type moved");
+_Static_assert(offsetof(moesh_expert_ffn_args, gate) == 8, "moesh_expert_ffn_args.gate moved");
+_Static_assert(offsetof(moesh_expert_ffn_args, up) == 16, "moesh_expert_ffn_args.up moved");
+_Static_assert(offsetof(moesh_expert_ffn_args, down) == 24, "moesh_expert_ffn_args.down moved");
 _Static_assert(offsetof(moesh_expert_ffn_args, x) == 32, "moesh_expert_ffn_args.x moved");
 _Static_assert(offsetof(moesh_expert_ffn_args, scale) == 40, "moesh_expert_ffn_args.scale moved");
 _Static_assert(offsetof(moesh_expert_ffn_args, out) == 48, "moesh_expert_ffn_args.out moved");
@@ -95,29 +124,54 @@ _Static_assert(offsetof(moesh_expert_ffn_args, n_tokens) == 80, "moesh_expert_ff
 _Static_assert(sizeof(moesh_expert_ffn_args) == 88, "moesh_expert_ffn_args changed size");
 
 /* moesh_softmax_args */
-_Static_assert(offsetof(moesh_softmax_args, x) == 0, "moesh_softmax_args.x moved");
-_Static_assert(offsetof(moesh_softmax_args, n) == 8, "moesh_softmax_args.n moved");
-_Static_assert(offsetof(moesh_softmax_args, n_rows) == 16, "moesh_softmax_args.n_rows moved");
-_Static_assert(sizeof(moesh_softmax_args) == 24, "moesh_softmax_args changed size");
+_Static_assert(offsetof(moesh_softmax_args, struct_size) == 0, "moesh_softmax_args.struct_size moved");
+_Static_assert(offsetof(moesh_softmax_args, reserved) == 4, "moesh_softmax_args.reserved moved");
+_Static_assert(offsetof(moesh_softmax_args, x) == 8, "moesh_softmax_args.x moved");
+_Static_assert(offsetof(moesh_softmax_args, n) == 16, "moesh_softmax_args.n moved");
+_Static_assert(offsetof(moesh_softmax_args, n_rows) == 24, "moesh_softmax_args.n_rows moved");
+_Static_assert(sizeof(moesh_softmax_args) == 32, "moesh_softmax_args changed size");
 
 /* moesh_attention_args */
-_Static_assert(offsetof(moesh_attention_args, q) == 0, "moesh_attention_args.q moved");
-_Static_assert(offsetof(moesh_attention_args, k_pool) == 8, "moesh_attention_args.k_pool moved");
-_Static_assert(offsetof(moesh_attention_args, v_pool) == 16, "moesh_attention_args.v_pool moved");
-_Static_assert(offsetof(moesh_attention_args, block_table) == 24, "moesh_attention_args.block_table moved");
-_Static_assert(offsetof(moesh_attention_args, pos) == 32, "moesh_attention_args.pos moved");
-_Static_assert(offsetof(moesh_attention_args, out) == 40, "moesh_attention_args.out moved");
-_Static_assert(offsetof(moesh_attention_args, n_tokens) == 48, "moesh_attention_args.n_tokens moved");
-_Static_assert(offsetof(moesh_attention_args, n_head) == 56, "moesh_attention_args.n_head moved");
-_Static_assert(offsetof(moesh_attention_args, n_head_kv) == 64, "moesh_attention_args.n_head_kv moved");
-_Static_assert(offsetof(moesh_attention_args, head_dim) == 72, "moesh_attention_args.head_dim moved");
-_Static_assert(offsetof(moesh_attention_args, block_size) == 80, "moesh_attention_args.block_size moved");
-_Static_assert(offsetof(moesh_attention_args, n_kv) == 88, "moesh_attention_args.n_kv moved");
-_Static_assert(offsetof(moesh_attention_args, scale) == 96, "moesh_attention_args.scale moved");
-_Static_assert(sizeof(moesh_attention_args) == 104, "moesh_attention_args changed size");
+_Static_assert(offsetof(moesh_attention_args, struct_size) == 0, "moesh_attention_args.struct_size moved");
+_Static_assert(offsetof(moesh_attention_args, scale) == 4, "moesh_attention_args.scale moved");
+_Static_assert(offsetof(moesh_attention_args, q) == 8, "moesh_attention_args.q moved");
+_Static_assert(offsetof(moesh_attention_args, k_pool) == 16, "moesh_attention_args.k_pool moved");
+_Static_assert(offsetof(moesh_attention_args, v_pool) == 24, "moesh_attention_args.v_pool moved");
+_Static_assert(offsetof(moesh_attention_args, block_table) == 32, "moesh_attention_args.block_table moved");
+_Static_assert(offsetof(moesh_attention_args, pos) == 40, "moesh_attention_args.pos moved");
+_Static_assert(offsetof(moesh_attention_args, out) == 48, "moesh_attention_args.out moved");
+_Static_assert(offsetof(moesh_attention_args, n_tokens) == 56, "moesh_attention_args.n_tokens moved");
+_Static_assert(offsetof(moesh_attention_args, n_head) == 64, "moesh_attention_args.n_head moved");
+_Static_assert(offsetof(moesh_attention_args, n_head_kv) == 72, "moesh_attention_args.n_head_kv moved");
+_Static_assert(offsetof(moesh_attention_args, head_dim) == 80, "moesh_attention_args.head_dim moved");
+_Static_assert(offsetof(moesh_attention_args, block_size) == 88, "moesh_attention_args.block_size moved");
+_Static_assert(offsetof(moesh_attention_args, n_blocks) == 96, "moesh_attention_args.n_blocks moved");
+_Static_assert(offsetof(moesh_attention_args, n_kv) == 104, "moesh_attention_args.n_kv moved");
+_Static_assert(sizeof(moesh_attention_args) == 112, "moesh_attention_args changed size");
 #endif /* __LP64__ */
+
+/* The enum-valued members and parameters are int32_t: assigning these function pointers
+ * fails to compile (-Werror) if a signature goes back to an enum type. */
+static int32_t supports_fn(moesh_backend * be, int32_t op, int32_t w_type) {
+    (void)be;
+    return op == MOESH_OP_MATMUL && w_type == MOESH_DTYPE_F32;
+}
+static void log_fn(void * ctx, int32_t level, const char * msg) {
+    (void)ctx;
+    (void)level;
+    (void)msg;
+}
 
 int main(void) {
     moesh_backend_params params = { /* .struct_size = */ sizeof params, /* .n_threads = */ 1 };
-    return params.n_threads == 1 ? 0 : 1;
+    moesh_backend_iface iface = {0};
+    moesh_host_api host = {0};
+    moesh_rope_args rope = {0};
+    iface.supports = supports_fn;
+    host.log = log_fn;
+    rope.mode = -7; /* any int32_t can be stored; the plugin says UNSUPPORTED */
+    return params.n_threads == 1 && iface.supports(NULL, MOESH_OP_MATMUL, MOESH_DTYPE_F32) == 1 &&
+                   host.log != NULL && rope.mode == -7
+               ? 0
+               : 1;
 }

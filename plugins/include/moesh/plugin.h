@@ -8,21 +8,71 @@
  * and optionally `int32_t moesh_plugin_score(void)` (higher = preferred when
  * several plugins are found; a negative score means "cannot run here").
  * The host loads it with dlopen, calls init, then checks `abi_version`,
- * `struct_size` and every required slot before use. Members of every table are
- * only ever appended; optional slots say since which ABI version they exist.
+ * `struct_size` and every required slot before use.
  *
  * Usage (host side):
  *     const moesh_backend_iface * be; moesh_backend * ctx;
  *     init(&host, &be);                         // table is static, never freed
  *     moesh_backend_params p = { sizeof p, 2 };  // 2 threads
  *     be->create(&p, &host, &ctx);
- *     be->matmul(ctx, &args);
+ *     moesh_matmul_args a = {0};
+ *     a.struct_size = sizeof a;                  // then the other members
+ *     be->matmul(ctx, &a);
  *     be->destroy(ctx);
+ *
+ * The rules:
+ *
+ * Types. No C enum is stored in a struct or passed across the boundary (its
+ *   size is up to the compiler, and C++ may not hold a value outside its
+ *   enumerators): those members and parameters are int32_t, and the enums
+ *   below only name their values, which never change. A plugin must handle
+ *   any int32_t there (an unknown dtype, op or rope mode is
+ *   MOESH_ERR_UNSUPPORTED, or 0 from supports). No argument struct has
+ *   padding: the 4-byte members come first, and `reserved` members fill the
+ *   gaps (must be 0; a plugin rejects other values, so that a later ABI may
+ *   give them a meaning).
+ *
+ * Versions. The host accepts a plugin whose abi_version equals its own
+ *   MOESH_PLUGIN_ABI_VERSION; a plugin accepts a host whose abi_version is at
+ *   least its own. Members are only ever appended, never moved, resized or
+ *   removed. Every table and argument struct carries its struct_size, the
+ *   sizeof of the side that filled it in. A slot appended to
+ *   moesh_backend_iface is marked `// optional, since ABI vN`, and the host
+ *   reads it as NULL when the plugin's struct_size does not cover it. A plugin
+ *   rejects an argument struct whose struct_size is less than that struct's
+ *   v1 size (MOESH_ERR_INVALID_ARGUMENT), and reads a member appended later
+ *   only when struct_size covers it.
+ *
+ * Memory. Every data pointer in an argument struct (weights, activations,
+ *   outputs, scratch, and also bias, scale, pos, inv_freq, block_table) must
+ *   be memory the backend can address: for a backend whose table says
+ *   host_memory, any host pointer; otherwise a buffer from its buffer_alloc
+ *   (or a place inside one). The argument struct itself is ordinary host
+ *   memory, read during the call only. Whoever allocates frees.
+ *
+ * Aliasing. No output may overlap an input or another output, except:
+ *   rms_norm y == x (in place; no partial overlap); rope and softmax work in
+ *   place on x; expert_ffn out == x (in place; no partial overlap). Any other
+ *   overlap is undefined; the CPU plugin rejects the ones it checks (matmul y
+ *   with x, rms_norm and expert_ffn partial overlaps, expert_ffn scratch with
+ *   x or out) with MOESH_ERR_INVALID_ARGUMENT.
+ *
+ * Lifetime. The host api table stays valid, at the same address, until the
+ *   host unloads the library; a plugin may keep the pointer it got in init or
+ *   create. The backend table returned by init stays valid while the library
+ *   is loaded. Data pointed to by an argument struct must stay valid until
+ *   the op has completed (the call returns, or `synchronize` for a backend
+ *   that runs asynchronously).
+ *
+ * Errors. Every status-returning entry returns MOESH_OK (0) or an error code;
+ *   once a context exists, last_error says why. init and create have no
+ *   context to hold a message: they report failure detail through host->log
+ *   at MOESH_LOG_ERROR.
  *
  * Thread safety: a moesh_backend context is used by one host thread at a time;
  * the plugin may use its own worker threads inside a call. Calls are
  * synchronous unless the backend documents streams (CUDA: `synchronize`).
- * Memory: whoever allocates frees. No C++ exception may cross this boundary.
+ * No C++ exception may cross this boundary.
  */
 #ifndef MOESH_PLUGIN_H
 #define MOESH_PLUGIN_H
@@ -42,16 +92,19 @@ extern "C" {
 #define MOESH_PLUGIN_EXPORT __attribute__((visibility("default")))
 #endif
 
-typedef enum moesh_status {
+/* Status of every call: MOESH_OK (0) or one of the errors below. A host
+ * must expect values it does not know (a newer plugin's codes). */
+typedef int32_t moesh_status;
+enum moesh_status_code {
     MOESH_OK = 0,
     MOESH_ERR_INVALID_ARGUMENT = 1,
     MOESH_ERR_UNSUPPORTED = 2,   /* op/format combination not offered */
     MOESH_ERR_OUT_OF_MEMORY = 3,
     MOESH_ERR_INTERNAL = 4,
     MOESH_ERR_ABI_MISMATCH = 5
-} moesh_status;
+};
 
-/* Element types. Values are stable across ABI versions. */
+/* Element types (the int32_t w_type members). Values are stable across ABI versions. */
 typedef enum moesh_dtype {
     MOESH_DTYPE_F32 = 0,
     MOESH_DTYPE_F16 = 1,
@@ -59,6 +112,7 @@ typedef enum moesh_dtype {
     MOESH_DTYPE_COUNT_V1 = 3
 } moesh_dtype;
 
+/* Ops (the int32_t op parameter of supports). */
 typedef enum moesh_op {
     MOESH_OP_MATMUL = 0,
     MOESH_OP_RMS_NORM = 1,
@@ -69,6 +123,7 @@ typedef enum moesh_op {
     MOESH_OP_COUNT_V1 = 6
 } moesh_op;
 
+/* Levels of host->log. */
 typedef enum moesh_log_level {
     MOESH_LOG_DEBUG = 0,
     MOESH_LOG_INFO = 1,
@@ -81,7 +136,7 @@ typedef struct moesh_host_api {
     uint32_t abi_version;   /* MOESH_PLUGIN_ABI_VERSION of the host */
     uint32_t struct_size;   /* sizeof(moesh_host_api) of the host */
     void * ctx;
-    void (*log)(void * ctx, moesh_log_level level, const char * msg);
+    void (*log)(void * ctx, int32_t level /* moesh_log_level */, const char * msg);
 } moesh_host_api;
 
 typedef struct moesh_backend_params {
@@ -92,10 +147,12 @@ typedef struct moesh_backend_params {
 typedef struct moesh_backend moesh_backend; /* opaque, owned by the plugin */
 
 /* y[n_tokens, n_out] = x[n_tokens, n_in] . W[n_out, n_in]^T (+ bias[n_out]).
- * Rows of x and y are contiguous with the given strides (in elements). */
+ * Rows of x and y are contiguous with the given strides (in elements).
+ * y must not overlap x, w or bias. */
 typedef struct moesh_matmul_args {
+    uint32_t struct_size;   /* sizeof(moesh_matmul_args) of the caller */
+    int32_t w_type;         /* moesh_dtype */
     const void * w;         /* [n_out, n_in] of w_type, row-major */
-    moesh_dtype w_type;
     const float * bias;     /* [n_out] or NULL */
     const float * x;        /* [n_tokens, x_stride] */
     float * y;              /* [n_tokens, y_stride] */
@@ -106,16 +163,19 @@ typedef struct moesh_matmul_args {
     int64_t y_stride;       /* >= n_out */
 } moesh_matmul_args;
 
-/* y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight[:]; in place allowed. */
+/* y[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight[:].
+ * y == x (in place) is allowed; any other overlap is not. */
 typedef struct moesh_rms_norm_args {
+    uint32_t struct_size;   /* sizeof(moesh_rms_norm_args) of the caller */
+    float eps;              /* finite, >= 0 */
     const float * x;        /* [n_rows, n] contiguous */
     const float * weight;   /* [n] */
     float * y;              /* [n_rows, n] */
     int64_t n;
     int64_t n_rows;
-    float eps;
 } moesh_rms_norm_args;
 
+/* Values of moesh_rope_args.mode. */
 typedef enum moesh_rope_mode {
     MOESH_ROPE_NEOX = 0,    /* rotate-half: pairs (i, i + rot_dim/2), as in HF */
     MOESH_ROPE_NORM = 1     /* adjacent pairs (2i, 2i+1) */
@@ -124,6 +184,10 @@ typedef enum moesh_rope_mode {
 /* In place: x[t, h, 0:rot_dim] rotated by angle pos[t] * inv_freq[i];
  * cos/sin are multiplied by attn_factor (YaRN). Dims past rot_dim untouched. */
 typedef struct moesh_rope_args {
+    uint32_t struct_size;   /* sizeof(moesh_rope_args) of the caller */
+    int32_t mode;           /* moesh_rope_mode */
+    float attn_factor;      /* 1.0 unless the scaling variant says otherwise */
+    uint32_t reserved;      /* 0 */
     float * x;              /* [n_tokens, n_head, head_dim] contiguous */
     const int32_t * pos;    /* [n_tokens] */
     const float * inv_freq; /* [rot_dim / 2] */
@@ -131,19 +195,20 @@ typedef struct moesh_rope_args {
     int64_t n_head;
     int64_t head_dim;
     int64_t rot_dim;        /* even, <= head_dim */
-    float attn_factor;      /* 1.0 unless the scaling variant says otherwise */
-    moesh_rope_mode mode;
 } moesh_rope_args;
 
 /* SiLU-gated FFN of one expert over the tokens routed to it:
  *   out[t, :] += scale[t] * down( silu(gate . x[t]) * (up . x[t]) )
  * (scale == NULL means 1). gate/up are [n_ff, n_embd], down is [n_embd, n_ff],
- * all of w_type. scratch must hold 2 * n_tokens * n_ff floats. */
+ * all of w_type. scratch must hold 2 * n_tokens * n_ff floats; its contents
+ * on return are unspecified. out == x is allowed (x is read in full before
+ * out is written); any other overlap of out, x and scratch is not. */
 typedef struct moesh_expert_ffn_args {
+    uint32_t struct_size;   /* sizeof(moesh_expert_ffn_args) of the caller */
+    int32_t w_type;         /* moesh_dtype */
     const void * gate;      /* [n_ff, n_embd] */
     const void * up;        /* [n_ff, n_embd] */
     const void * down;      /* [n_embd, n_ff] */
-    moesh_dtype w_type;
     const float * x;        /* [n_tokens, n_embd] contiguous */
     const float * scale;    /* [n_tokens] or NULL */
     float * out;            /* [n_tokens, n_embd] accumulated into */
@@ -155,6 +220,8 @@ typedef struct moesh_expert_ffn_args {
 
 /* Row-wise softmax in place, in float32. */
 typedef struct moesh_softmax_args {
+    uint32_t struct_size;   /* sizeof(moesh_softmax_args) of the caller */
+    uint32_t reserved;      /* 0 */
     float * x;              /* [n_rows, n] */
     int64_t n;
     int64_t n_rows;
@@ -162,9 +229,13 @@ typedef struct moesh_softmax_args {
 
 /* Causal attention of n_tokens queries of ONE sequence against that sequence's
  * paged KV cache. Query t attends cache positions 0..pos[t] inclusive. The
- * cache position p lives in block block_table[p / block_size], row p % block_size.
- * Grouped-query: query head h reads kv head h / (n_head / n_head_kv). */
+ * cache position p lives in block block_table[p / block_size], row p % block_size;
+ * every entry of block_table is in [0, n_blocks).
+ * Grouped-query: query head h reads kv head h / (n_head / n_head_kv).
+ * out must not overlap any input. */
 typedef struct moesh_attention_args {
+    uint32_t struct_size;       /* sizeof(moesh_attention_args) of the caller */
+    float scale;                /* usually 1/sqrt(head_dim) */
     const float * q;            /* [n_tokens, n_head, head_dim] */
     const float * k_pool;       /* [n_blocks, block_size, n_head_kv, head_dim] */
     const float * v_pool;       /* [n_blocks, block_size, n_head_kv, head_dim] */
@@ -175,9 +246,9 @@ typedef struct moesh_attention_args {
     int64_t n_head;
     int64_t n_head_kv;
     int64_t head_dim;
-    int64_t block_size;
+    int64_t block_size;         /* cache positions per block */
+    int64_t n_blocks;           /* blocks in k_pool and in v_pool */
     int64_t n_kv;               /* cache positions filled for this sequence */
-    float scale;                /* usually 1/sqrt(head_dim) */
 } moesh_attention_args;
 
 /* The function table. Every slot is required unless marked optional. */
@@ -188,6 +259,7 @@ typedef struct moesh_backend_iface {
     /* nonzero when kernels accept host pointers (e.g. mmap'd weights) directly */
     int32_t host_memory;
 
+    /* failure detail goes to host->log (there is no context for last_error yet) */
     moesh_status (*create)(const moesh_backend_params * params,
                            const moesh_host_api * host, moesh_backend ** out);
     void (*destroy)(moesh_backend * be);
@@ -202,8 +274,8 @@ typedef struct moesh_backend_iface {
     moesh_status (*synchronize)(moesh_backend * be);
 
     /* 1 when op is offered for weights of w_type (w_type ignored for
-     * ops without weights), 0 otherwise. */
-    int32_t (*supports)(moesh_backend * be, moesh_op op, moesh_dtype w_type);
+     * ops without weights), 0 otherwise, also for values it does not know. */
+    int32_t (*supports)(moesh_backend * be, int32_t op /* moesh_op */, int32_t w_type /* moesh_dtype */);
 
     moesh_status (*matmul)(moesh_backend * be, const moesh_matmul_args * args);
     moesh_status (*rms_norm)(moesh_backend * be, const moesh_rms_norm_args * args);

@@ -39,9 +39,6 @@
 extern "C" const char * __asan_default_options() { return "allocator_may_return_null=1"; }
 extern "C" const char * __tsan_default_options() { return "allocator_may_return_null=1"; }
 
-extern "C" int32_t moesh_test_supports_raw(const moesh_backend_iface * be, moesh_backend * ctx, int32_t op,
-                                           int32_t w_type);   // raw_enum_calls.c
-
 namespace {
 
 constexpr double k_u = 0x1p-24;       // unit roundoff of float32
@@ -85,15 +82,7 @@ const char * dtype_name(moesh_dtype t) {
     }
 }
 
-// Stores a value no enumerator has into an enum member, as a C host could.
-// (Byte copies: forming such an enum value in C++ is undefined.)
-template <class E>
-void set_raw(E * member, int32_t v) {
-    static_assert(sizeof(E) == sizeof(int32_t));
-    std::memcpy(member, &v, sizeof v);
-}
-
-void on_plugin_log(void *, moesh_log_level level, const char * msg) {
+void on_plugin_log(void *, int32_t level, const char * msg) {
     if (level >= MOESH_LOG_WARN) {
         std::fprintf(stderr, "[plugin] %s\n", msg);
     }
@@ -321,8 +310,17 @@ TEST_P(BackendConformance, MatmulMatchesReference) {
             DeviceBuffer d_x = upload(x);
             DeviceBuffer d_bias = upload(bias);
             DeviceBuffer d_y = upload(y0);
-            moesh_matmul_args a = {d_w.get(), type, s.bias ? d_bias.as<float>() : nullptr, d_x.as<float>(),
-                                   d_y.as<float>(), s.n_in, s.n_out, s.n_tokens, x_stride, y_stride};
+            moesh_matmul_args a = {.struct_size = sizeof(moesh_matmul_args),
+                                   .w_type = type,
+                                   .w = d_w.get(),
+                                   .bias = s.bias ? d_bias.as<float>() : nullptr,
+                                   .x = d_x.as<float>(),
+                                   .y = d_y.as<float>(),
+                                   .n_in = s.n_in,
+                                   .n_out = s.n_out,
+                                   .n_tokens = s.n_tokens,
+                                   .x_stride = x_stride,
+                                   .y_stride = y_stride};
             if (!offered(MOESH_OP_MATMUL, type)) {
                 EXPECT_EQ(be_->matmul(ctx_, &a), MOESH_ERR_UNSUPPORTED);
                 continue;
@@ -437,9 +435,18 @@ TEST_P(BackendConformance, ExpertFfnMatchesReference) {
             DeviceBuffer d_scale = upload(scale);
             DeviceBuffer d_out = upload(out0);
             DeviceBuffer d_scratch(be_, ctx_, size_t(2 * s.n_tokens * s.n_ff) * sizeof(float));
-            moesh_expert_ffn_args a = {d_gate.get(), d_up.get(), d_down.get(), type,
-                                       d_x.as<float>(), s.scale ? d_scale.as<float>() : nullptr,
-                                       d_out.as<float>(), d_scratch.as<float>(), s.n_embd, s.n_ff, s.n_tokens};
+            moesh_expert_ffn_args a = {.struct_size = sizeof(moesh_expert_ffn_args),
+                                       .w_type = type,
+                                       .gate = d_gate.get(),
+                                       .up = d_up.get(),
+                                       .down = d_down.get(),
+                                       .x = d_x.as<float>(),
+                                       .scale = s.scale ? d_scale.as<float>() : nullptr,
+                                       .out = d_out.as<float>(),
+                                       .scratch = d_scratch.as<float>(),
+                                       .n_embd = s.n_embd,
+                                       .n_ff = s.n_ff,
+                                       .n_tokens = s.n_tokens};
             if (!offered(MOESH_OP_EXPERT_FFN, type)) {
                 EXPECT_EQ(be_->expert_ffn(ctx_, &a), MOESH_ERR_UNSUPPORTED);
                 continue;
@@ -462,6 +469,62 @@ TEST_P(BackendConformance, ExpertFfnMatchesReference) {
     }
 }
 
+// out == x: the FFN output is added to x in place.
+TEST_P(BackendConformance, ExpertFfnInPlaceMatchesReference) {
+    struct Shape {
+        int64_t n_embd, n_ff, n_tokens;
+    };
+    const Shape shapes[] = {{13, 7, 3}, {64, 96, 5}};
+    std::mt19937 rng(8);
+    for (moesh_dtype type : k_weight_types) {
+        for (const Shape & s : shapes) {
+            SCOPED_TRACE(testing::Message() << dtype_name(type) << " n_embd " << s.n_embd << " n_ff " << s.n_ff
+                                            << " n_tokens " << s.n_tokens);
+            const size_t n_w = size_t(s.n_ff * s.n_embd);
+            const Weights gate = make_weights(type, n_w, 3.0f / std::sqrt(float(s.n_embd)), rng);
+            const Weights up = make_weights(type, n_w, 3.0f / std::sqrt(float(s.n_embd)), rng);
+            const Weights down = make_weights(type, n_w, 3.0f / std::sqrt(float(s.n_ff)), rng);
+            const std::vector<float> x = uniform(size_t(s.n_tokens * s.n_embd), -1.0f, 1.0f, rng);
+            const std::vector<float> scale = uniform(size_t(s.n_tokens), 0.0f, 1.0f, rng);
+            DeviceBuffer d_gate = upload(gate.bytes);
+            DeviceBuffer d_up = upload(up.bytes);
+            DeviceBuffer d_down = upload(down.bytes);
+            DeviceBuffer d_x = upload(x);
+            DeviceBuffer d_scale = upload(scale);
+            DeviceBuffer d_scratch(be_, ctx_, size_t(2 * s.n_tokens * s.n_ff) * sizeof(float));
+            moesh_expert_ffn_args a = {.struct_size = sizeof(moesh_expert_ffn_args),
+                                       .w_type = type,
+                                       .gate = d_gate.get(),
+                                       .up = d_up.get(),
+                                       .down = d_down.get(),
+                                       .x = d_x.as<float>(),
+                                       .scale = d_scale.as<float>(),
+                                       .out = d_x.as<float>(),
+                                       .scratch = d_scratch.as<float>(),
+                                       .n_embd = s.n_embd,
+                                       .n_ff = s.n_ff,
+                                       .n_tokens = s.n_tokens};
+            if (!offered(MOESH_OP_EXPERT_FFN, type)) {
+                continue;
+            }
+            ASSERT_EQ(be_->expert_ffn(ctx_, &a), MOESH_OK) << last_error();
+            const std::vector<float> out = download<float>(d_x, x.size());
+
+            std::vector<float> out_ref = x;
+            moesh_expert_ffn_args r = a;
+            r.gate = gate.bytes.data();
+            r.up = up.bytes.data();
+            r.down = down.bytes.data();
+            r.x = x.data();
+            r.scale = scale.data();
+            r.out = out_ref.data();
+            r.scratch = nullptr;
+            moesh::ref::expert_ffn(r);
+            EXPECT_TRUE(within_bounds(out, out_ref, expert_ffn_bound(r, gate, up, down, x, out_ref)));
+        }
+    }
+}
+
 // ---------------------------------------------------------------- rms_norm
 
 TEST_P(BackendConformance, RmsNormMatchesReference) {
@@ -478,8 +541,13 @@ TEST_P(BackendConformance, RmsNormMatchesReference) {
             DeviceBuffer d_x = upload(x);
             DeviceBuffer d_weight = upload(weight);
             DeviceBuffer d_y = upload(std::vector<float>(x.size(), k_sentinel));
-            moesh_rms_norm_args a = {d_x.as<float>(), d_weight.as<float>(), in_place ? d_x.as<float>() : d_y.as<float>(),
-                                     s.n, s.n_rows, 1e-6f};
+            moesh_rms_norm_args a = {.struct_size = sizeof(moesh_rms_norm_args),
+                                     .eps = 1e-6f,
+                                     .x = d_x.as<float>(),
+                                     .weight = d_weight.as<float>(),
+                                     .y = in_place ? d_x.as<float>() : d_y.as<float>(),
+                                     .n = s.n,
+                                     .n_rows = s.n_rows};
             ASSERT_EQ(be_->rms_norm(ctx_, &a), MOESH_OK) << last_error();
             const std::vector<float> y = download<float>(in_place ? d_x : d_y, x.size());
 
@@ -516,12 +584,18 @@ TEST_P(BackendConformance, SoftmaxMatchesReference) {
         SCOPED_TRACE(testing::Message() << "n " << s.n << " n_rows " << s.n_rows << " range " << s.lo << ".." << s.hi);
         const std::vector<float> x = uniform(size_t(s.n * s.n_rows), s.lo, s.hi, rng);
         DeviceBuffer d_x = upload(x);
-        moesh_softmax_args a = {d_x.as<float>(), s.n, s.n_rows};
+        moesh_softmax_args a = {.struct_size = sizeof(moesh_softmax_args),
+                                .reserved = 0,
+                                .x = d_x.as<float>(),
+                                .n = s.n,
+                                .n_rows = s.n_rows};
         ASSERT_EQ(be_->softmax(ctx_, &a), MOESH_OK) << last_error();
         const std::vector<float> y = download<float>(d_x, x.size());
 
         std::vector<float> y_ref = x;
-        moesh::ref::softmax({y_ref.data(), s.n, s.n_rows});
+        moesh_softmax_args r = a;
+        r.x = y_ref.data();
+        moesh::ref::softmax(r);
         // x - max rounds by u|x - max| (exp turns that into a relative error),
         // exp and the divide by a few u, the sum of n positive terms by sum_error.
         std::vector<double> bound(y.size());
@@ -571,8 +645,17 @@ TEST_P(BackendConformance, RopeMatchesReference) {
             DeviceBuffer d_x = upload(x);
             DeviceBuffer d_pos = upload(pos);
             DeviceBuffer d_inv_freq = upload(inv_freq);
-            moesh_rope_args a = {d_x.as<float>(), d_pos.as<int32_t>(), d_inv_freq.as<float>(), s.n_tokens, s.n_head,
-                                 s.head_dim, s.rot_dim, s.attn_factor, mode};
+            moesh_rope_args a = {.struct_size = sizeof(moesh_rope_args),
+                                 .mode = mode,
+                                 .attn_factor = s.attn_factor,
+                                 .reserved = 0,
+                                 .x = d_x.as<float>(),
+                                 .pos = d_pos.as<int32_t>(),
+                                 .inv_freq = d_inv_freq.as<float>(),
+                                 .n_tokens = s.n_tokens,
+                                 .n_head = s.n_head,
+                                 .head_dim = s.head_dim,
+                                 .rot_dim = s.rot_dim};
             ASSERT_EQ(be_->rope(ctx_, &a), MOESH_OK) << last_error();
             const std::vector<float> y = download<float>(d_x, x.size());
 
@@ -705,11 +788,21 @@ TEST_P(BackendConformance, AttentionMatchesReference) {
         DeviceBuffer d_table = upload(block_table);
         DeviceBuffer d_pos = upload(pos);
         DeviceBuffer d_out = upload(std::vector<float>(q.size(), k_sentinel));
-        moesh_attention_args a = {d_q.as<float>(),      d_k.as<float>(),   d_v.as<float>(),
-                                  d_table.as<int32_t>(), d_pos.as<int32_t>(), d_out.as<float>(),
-                                  s.n_tokens,           s.n_head,          s.n_head_kv,
-                                  s.head_dim,           s.block_size,      s.n_kv,
-                                  1.0f / std::sqrt(float(s.head_dim))};
+        moesh_attention_args a = {.struct_size = sizeof(moesh_attention_args),
+                                  .scale = 1.0f / std::sqrt(float(s.head_dim)),
+                                  .q = d_q.as<float>(),
+                                  .k_pool = d_k.as<float>(),
+                                  .v_pool = d_v.as<float>(),
+                                  .block_table = d_table.as<int32_t>(),
+                                  .pos = d_pos.as<int32_t>(),
+                                  .out = d_out.as<float>(),
+                                  .n_tokens = s.n_tokens,
+                                  .n_head = s.n_head,
+                                  .n_head_kv = s.n_head_kv,
+                                  .head_dim = s.head_dim,
+                                  .block_size = s.block_size,
+                                  .n_blocks = n_pool_blocks,
+                                  .n_kv = s.n_kv};
         ASSERT_EQ(be_->attention(ctx_, &a), MOESH_OK) << last_error();
         const std::vector<float> out = download<float>(d_out, q.size());
 
@@ -748,7 +841,9 @@ private:
 TEST_P(BackendConformance, RejectsInvalidMatmulArguments) {
     // Host arrays: validation must fail before anything is read.
     std::vector<float> w(16, 0.5f), x(8, 1.0f), y(8);
-    const moesh_matmul_args ok = {w.data(), MOESH_DTYPE_F32, nullptr, x.data(), y.data(), 4, 4, 1, 4, 4};
+    const moesh_matmul_args ok = {.struct_size = sizeof(moesh_matmul_args), .w_type = MOESH_DTYPE_F32, .w = w.data(),
+                                  .bias = nullptr, .x = x.data(), .y = y.data(), .n_in = 4, .n_out = 4, .n_tokens = 1,
+                                  .x_stride = 4, .y_stride = 4};
     auto check = [&](const char * what, auto mutate) {
         moesh_matmul_args a = ok;
         mutate(a);
@@ -772,7 +867,8 @@ TEST_P(BackendConformance, RejectsInvalidMatmulArguments) {
 
 TEST_P(BackendConformance, RejectsInvalidRmsNormSoftmaxArguments) {
     std::vector<float> x(8, 1.0f), w(8, 1.0f), y(8);
-    const moesh_rms_norm_args ok = {x.data(), w.data(), y.data(), 4, 2, 1e-6f};
+    const moesh_rms_norm_args ok = {.struct_size = sizeof(moesh_rms_norm_args), .eps = 1e-6f, .x = x.data(),
+                                    .weight = w.data(), .y = y.data(), .n = 4, .n_rows = 2};
     auto check = [&](const char * what, auto mutate) {
         moesh_rms_norm_args a = ok;
         mutate(a);
@@ -788,7 +884,8 @@ TEST_P(BackendConformance, RejectsInvalidRmsNormSoftmaxArguments) {
         Rejection r(be_, create_context());
         r.expect(be_->rms_norm(r.ctx(), nullptr), MOESH_ERR_INVALID_ARGUMENT, "rms_norm args NULL");
     }
-    const moesh_softmax_args sm = {x.data(), 4, 2};
+    const moesh_softmax_args sm = {.struct_size = sizeof(moesh_softmax_args), .reserved = 0, .x = x.data(), .n = 4,
+                                   .n_rows = 2};
     auto check_softmax = [&](const char * what, auto mutate) {
         moesh_softmax_args a = sm;
         mutate(a);
@@ -798,12 +895,15 @@ TEST_P(BackendConformance, RejectsInvalidRmsNormSoftmaxArguments) {
     check_softmax("softmax x NULL", [](moesh_softmax_args & a) { a.x = nullptr; });
     check_softmax("softmax n 0", [](moesh_softmax_args & a) { a.n = 0; });
     check_softmax("softmax n_rows 0", [](moesh_softmax_args & a) { a.n_rows = 0; });
+    check_softmax("softmax reserved 1", [](moesh_softmax_args & a) { a.reserved = 1; });
 }
 
 TEST_P(BackendConformance, RejectsInvalidRopeArguments) {
     std::vector<float> x(64, 1.0f), inv_freq(8, 1.0f);
     std::vector<int32_t> pos(2, 0);
-    const moesh_rope_args ok = {x.data(), pos.data(), inv_freq.data(), 2, 2, 16, 16, 1.0f, MOESH_ROPE_NEOX};
+    const moesh_rope_args ok = {.struct_size = sizeof(moesh_rope_args), .mode = MOESH_ROPE_NEOX, .attn_factor = 1.0f,
+                                .reserved = 0, .x = x.data(), .pos = pos.data(), .inv_freq = inv_freq.data(),
+                                .n_tokens = 2, .n_head = 2, .head_dim = 16, .rot_dim = 16};
     auto check = [&](const char * what, auto mutate) {
         moesh_rope_args a = ok;
         mutate(a);
@@ -819,12 +919,15 @@ TEST_P(BackendConformance, RejectsInvalidRopeArguments) {
     check("rot_dim odd", [](moesh_rope_args & a) { a.rot_dim = 7; });
     check("rot_dim > head_dim", [](moesh_rope_args & a) { a.rot_dim = 18; });
     check("rot_dim 0", [](moesh_rope_args & a) { a.rot_dim = 0; });
+    check("reserved 1", [](moesh_rope_args & a) { a.reserved = 1; });
 }
 
 TEST_P(BackendConformance, RejectsInvalidExpertFfnArguments) {
     std::vector<float> w(64, 0.1f), x(8, 1.0f), out(8), scratch(64);
-    const moesh_expert_ffn_args ok = {w.data(), w.data(), w.data(), MOESH_DTYPE_F32, x.data(), nullptr, out.data(),
-                                      scratch.data(), 4, 8, 2};
+    const moesh_expert_ffn_args ok = {.struct_size = sizeof(moesh_expert_ffn_args), .w_type = MOESH_DTYPE_F32,
+                                      .gate = w.data(), .up = w.data(), .down = w.data(), .x = x.data(),
+                                      .scale = nullptr, .out = out.data(), .scratch = scratch.data(), .n_embd = 4,
+                                      .n_ff = 8, .n_tokens = 2};
     auto check = [&](const char * what, auto mutate) {
         moesh_expert_ffn_args a = ok;
         mutate(a);
@@ -844,13 +947,22 @@ TEST_P(BackendConformance, RejectsInvalidExpertFfnArguments) {
     check("n_embd -1", [](moesh_expert_ffn_args & a) { a.n_embd = -1; });
     check("n_ff 0", [](moesh_expert_ffn_args & a) { a.n_ff = 0; });
     check("n_tokens 0", [](moesh_expert_ffn_args & a) { a.n_tokens = 0; });
+    std::vector<float> xo(12, 1.0f);
+    check("out partly overlaps x", [&](moesh_expert_ffn_args & a) {
+        a.x = xo.data();
+        a.out = xo.data() + 2;
+    });
+    check("scratch overlaps out", [&](moesh_expert_ffn_args & a) { a.scratch = a.out; });
 }
 
 TEST_P(BackendConformance, RejectsInvalidAttentionArguments) {
     std::vector<float> q(32, 1.0f), pool(256, 1.0f), out(32);
     std::vector<int32_t> table = {1, 0}, pos = {5};
-    const moesh_attention_args ok = {q.data(), pool.data(), pool.data(), table.data(), pos.data(), out.data(),
-                                     1, 4, 2, 8, 4, 6, 0.35f};
+    // pool: 4 blocks of [block_size 4, n_head_kv 2, head_dim 8]; table: ceil(n_kv 6 / 4) = 2 entries.
+    const moesh_attention_args ok = {.struct_size = sizeof(moesh_attention_args), .scale = 0.35f, .q = q.data(),
+                                     .k_pool = pool.data(), .v_pool = pool.data(), .block_table = table.data(),
+                                     .pos = pos.data(), .out = out.data(), .n_tokens = 1, .n_head = 4, .n_head_kv = 2,
+                                     .head_dim = 8, .block_size = 4, .n_blocks = 4, .n_kv = 6};
     auto check = [&](const char * what, auto mutate) {
         moesh_attention_args a = ok;
         mutate(a);
@@ -869,14 +981,89 @@ TEST_P(BackendConformance, RejectsInvalidAttentionArguments) {
     check("head_dim 0", [](moesh_attention_args & a) { a.head_dim = 0; });
     check("block_size 0", [](moesh_attention_args & a) { a.block_size = 0; });
     check("n_kv 0", [](moesh_attention_args & a) { a.n_kv = 0; });
+    check("n_blocks 0", [](moesh_attention_args & a) { a.n_blocks = 0; });
     int32_t bad_pos = 6;   // == n_kv
     int32_t negative_pos = -1;
     std::vector<int32_t> bad_table = {1, -3};
+    std::vector<int32_t> past_pool = {1, 4};   // == n_blocks
     // Reading pos and block_table to check them needs host pointers.
     if (be_->host_memory) {
         check("pos >= n_kv", [&](moesh_attention_args & a) { a.pos = &bad_pos; });
         check("pos < 0", [&](moesh_attention_args & a) { a.pos = &negative_pos; });
         check("negative block id", [&](moesh_attention_args & a) { a.block_table = bad_table.data(); });
+        check("block id >= n_blocks", [&](moesh_attention_args & a) { a.block_table = past_pool.data(); });
+    }
+}
+
+// A struct_size short of the v1 size is rejected before anything else is
+// read, with a message naming the struct and both sizes.
+TEST_P(BackendConformance, RejectsArgsShorterThanV1) {
+    std::vector<float> f(64, 0.5f);
+    std::vector<int32_t> i32(4, 0);
+    auto check = [&](const char * type_name, size_t v1_size, auto call) {
+        for (uint32_t size : {uint32_t(0), uint32_t(v1_size - 1)}) {
+            Rejection r(be_, create_context());
+            const std::string what = std::string(type_name) + " struct_size " + std::to_string(size);
+            r.expect(call(r.ctx(), size), MOESH_ERR_INVALID_ARGUMENT, what.c_str());
+            const std::string msg = be_->last_error(r.ctx());
+            EXPECT_NE(msg.find(type_name), std::string::npos) << what << ": " << msg;
+            EXPECT_NE(msg.find(" " + std::to_string(size) + " "), std::string::npos) << what << ": " << msg;
+            EXPECT_NE(msg.find(std::to_string(v1_size)), std::string::npos) << what << ": " << msg;
+        }
+    };
+    check("moesh_matmul_args", sizeof(moesh_matmul_args), [&](moesh_backend * ctx, uint32_t size) {
+        const moesh_matmul_args a = {.struct_size = size, .w_type = MOESH_DTYPE_F32, .w = f.data(), .bias = nullptr,
+                                     .x = f.data(), .y = f.data() + 32, .n_in = 4, .n_out = 4, .n_tokens = 1,
+                                     .x_stride = 4, .y_stride = 4};
+        return be_->matmul(ctx, &a);
+    });
+    check("moesh_rms_norm_args", sizeof(moesh_rms_norm_args), [&](moesh_backend * ctx, uint32_t size) {
+        const moesh_rms_norm_args a = {.struct_size = size, .eps = 1e-6f, .x = f.data(), .weight = f.data(),
+                                       .y = f.data(), .n = 4, .n_rows = 1};
+        return be_->rms_norm(ctx, &a);
+    });
+    check("moesh_rope_args", sizeof(moesh_rope_args), [&](moesh_backend * ctx, uint32_t size) {
+        const moesh_rope_args a = {.struct_size = size, .mode = MOESH_ROPE_NEOX, .attn_factor = 1.0f, .reserved = 0,
+                                   .x = f.data(), .pos = i32.data(), .inv_freq = f.data() + 32, .n_tokens = 1,
+                                   .n_head = 1, .head_dim = 8, .rot_dim = 8};
+        return be_->rope(ctx, &a);
+    });
+    check("moesh_expert_ffn_args", sizeof(moesh_expert_ffn_args), [&](moesh_backend * ctx, uint32_t size) {
+        const moesh_expert_ffn_args a = {.struct_size = size, .w_type = MOESH_DTYPE_F32, .gate = f.data(),
+                                         .up = f.data(), .down = f.data(), .x = f.data(), .scale = nullptr,
+                                         .out = f.data(), .scratch = f.data() + 16, .n_embd = 4, .n_ff = 4,
+                                         .n_tokens = 1};
+        return be_->expert_ffn(ctx, &a);
+    });
+    check("moesh_softmax_args", sizeof(moesh_softmax_args), [&](moesh_backend * ctx, uint32_t size) {
+        const moesh_softmax_args a = {.struct_size = size, .reserved = 0, .x = f.data(), .n = 4, .n_rows = 1};
+        return be_->softmax(ctx, &a);
+    });
+    check("moesh_attention_args", sizeof(moesh_attention_args), [&](moesh_backend * ctx, uint32_t size) {
+        const moesh_attention_args a = {.struct_size = size, .scale = 1.0f, .q = f.data(), .k_pool = f.data(),
+                                        .v_pool = f.data(), .block_table = i32.data(), .pos = i32.data(),
+                                        .out = f.data() + 32, .n_tokens = 1, .n_head = 1, .n_head_kv = 1,
+                                        .head_dim = 4, .block_size = 4, .n_blocks = 1, .n_kv = 1};
+        return be_->attention(ctx, &a);
+    });
+}
+
+TEST_P(BackendConformance, AcceptsArgsLongerThanV1) {
+    // A newer host appends members; a v1 plugin reads its v1 prefix and ignores the rest.
+    std::vector<float> x = {0.0f, 1.0f, 2.0f, 3.0f};
+    DeviceBuffer d_x = upload(x);
+    struct Newer {
+        moesh_softmax_args v1;
+        int64_t appended[2];
+    } newer = {{.struct_size = sizeof(Newer), .reserved = 0, .x = d_x.as<float>(), .n = 4, .n_rows = 1}, {-1, -1}};
+    ASSERT_EQ(be_->softmax(ctx_, &newer.v1), MOESH_OK) << last_error();
+    std::vector<float> ref = x;
+    moesh_softmax_args r = newer.v1;
+    r.x = ref.data();
+    moesh::ref::softmax(r);
+    const std::vector<float> y = download<float>(d_x, x.size());
+    for (size_t i = 0; i < y.size(); ++i) {
+        EXPECT_NEAR(y[i], ref[i], 1e-6) << i;
     }
 }
 
@@ -884,21 +1071,23 @@ TEST_P(BackendConformance, RejectsUnknownWeightDtypeAndRopeMode) {
     std::vector<float> w(64, 0.1f), x(8, 1.0f), y(8), scratch(64);
     std::vector<int32_t> pos(2, 0);
     {
-        moesh_matmul_args a = {w.data(), MOESH_DTYPE_F32, nullptr, x.data(), y.data(), 4, 4, 1, 4, 4};
-        set_raw(&a.w_type, 99);
+        moesh_matmul_args a = {.struct_size = sizeof(moesh_matmul_args), .w_type = 99, .w = w.data(), .bias = nullptr,
+                               .x = x.data(), .y = y.data(), .n_in = 4, .n_out = 4, .n_tokens = 1, .x_stride = 4,
+                               .y_stride = 4};
         Rejection r(be_, create_context());
         r.expect(be_->matmul(r.ctx(), &a), MOESH_ERR_UNSUPPORTED, "matmul dtype 99");
     }
     {
-        moesh_expert_ffn_args a = {w.data(), w.data(), w.data(), MOESH_DTYPE_F32, x.data(), nullptr,
-                                   y.data(), scratch.data(), 4, 8, 1};
-        set_raw(&a.w_type, 99);
+        moesh_expert_ffn_args a = {.struct_size = sizeof(moesh_expert_ffn_args), .w_type = -1, .gate = w.data(),
+                                   .up = w.data(), .down = w.data(), .x = x.data(), .scale = nullptr, .out = y.data(),
+                                   .scratch = scratch.data(), .n_embd = 4, .n_ff = 8, .n_tokens = 1};
         Rejection r(be_, create_context());
-        r.expect(be_->expert_ffn(r.ctx(), &a), MOESH_ERR_UNSUPPORTED, "expert_ffn dtype 99");
+        r.expect(be_->expert_ffn(r.ctx(), &a), MOESH_ERR_UNSUPPORTED, "expert_ffn dtype -1");
     }
     {
-        moesh_rope_args a = {x.data(), pos.data(), w.data(), 1, 1, 8, 8, 1.0f, MOESH_ROPE_NEOX};
-        set_raw(&a.mode, 99);
+        moesh_rope_args a = {.struct_size = sizeof(moesh_rope_args), .mode = 99, .attn_factor = 1.0f, .reserved = 0,
+                             .x = x.data(), .pos = pos.data(), .inv_freq = w.data(), .n_tokens = 1, .n_head = 1,
+                             .head_dim = 8, .rot_dim = 8};
         Rejection r(be_, create_context());
         r.expect(be_->rope(r.ctx(), &a), MOESH_ERR_UNSUPPORTED, "rope mode 99");
     }
@@ -911,13 +1100,15 @@ TEST_P(BackendConformance, SupportsAnswersForEveryOp) {
         offered(MOESH_OP_MATMUL, t);
         offered(MOESH_OP_EXPERT_FFN, t);
     }
-    EXPECT_EQ(moesh_test_supports_raw(be_, ctx_, MOESH_OP_MATMUL, 99), 0);
-    EXPECT_EQ(moesh_test_supports_raw(be_, ctx_, MOESH_OP_EXPERT_FFN, -1), 0);
-    EXPECT_EQ(moesh_test_supports_raw(be_, ctx_, 99, MOESH_DTYPE_F32), 0);
+    // Values no enumerator has, as any host may pass.
+    EXPECT_EQ(be_->supports(ctx_, MOESH_OP_MATMUL, 99), 0);
+    EXPECT_EQ(be_->supports(ctx_, MOESH_OP_EXPERT_FFN, -1), 0);
+    EXPECT_EQ(be_->supports(ctx_, 99, MOESH_DTYPE_F32), 0);
+    EXPECT_EQ(be_->supports(ctx_, INT32_MIN, MOESH_DTYPE_F32), 0);
     // Ops without weights ignore w_type.
     for (moesh_op op : {MOESH_OP_RMS_NORM, MOESH_OP_ROPE, MOESH_OP_SOFTMAX, MOESH_OP_ATTENTION}) {
         EXPECT_EQ(be_->supports(ctx_, op, MOESH_DTYPE_F32), 1) << "op " << op;
-        EXPECT_EQ(moesh_test_supports_raw(be_, ctx_, op, 99), 1) << "op " << op;
+        EXPECT_EQ(be_->supports(ctx_, op, 99), 1) << "op " << op;
     }
 }
 
@@ -991,14 +1182,17 @@ TEST_P(BackendConformance, ManyShortCallsGiveTheSameResult) {
     DeviceBuffer d_x = upload(x);
     DeviceBuffer d_y = upload(std::vector<float>(size_t(n_out)));
     DeviceBuffer d_s = upload(std::vector<float>(8, 0.0f));
-    moesh_matmul_args a = {d_w.get(), MOESH_DTYPE_BF16, nullptr, d_x.as<float>(), d_y.as<float>(),
-                           n_in, n_out, 1, n_in, n_out};
+    moesh_matmul_args a = {.struct_size = sizeof(moesh_matmul_args), .w_type = MOESH_DTYPE_BF16, .w = d_w.get(),
+                           .bias = nullptr, .x = d_x.as<float>(), .y = d_y.as<float>(), .n_in = n_in,
+                           .n_out = n_out, .n_tokens = 1, .x_stride = n_in, .y_stride = n_out};
     if (!offered(MOESH_OP_MATMUL, MOESH_DTYPE_BF16)) {
         GTEST_SKIP() << "bf16 matmul not offered";
     }
     ASSERT_EQ(be_->matmul(ctx_, &a), MOESH_OK) << last_error();
     const std::vector<float> first = download<float>(d_y, size_t(n_out));
-    moesh_softmax_args small = {d_s.as<float>(), 8, 1};   // too small to wake the workers
+    // too small to wake the workers
+    moesh_softmax_args small = {.struct_size = sizeof(moesh_softmax_args), .reserved = 0, .x = d_s.as<float>(), .n = 8,
+                                .n_rows = 1};
     for (int i = 0; i < 2000; ++i) {
         ASSERT_EQ(be_->matmul(ctx_, &a), MOESH_OK) << last_error();
         ASSERT_EQ(be_->softmax(ctx_, &small), MOESH_OK) << last_error();

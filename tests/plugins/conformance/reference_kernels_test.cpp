@@ -108,7 +108,7 @@ TEST(ReferenceKernels, MatmulComputesSmallProduct) {
     const float bias[] = {0.5f, 0, -1};
     float y[8];                               // [2, 4]
     std::fill(std::begin(y), std::end(y), 7.0f);
-    matmul({w, MOESH_DTYPE_F32, bias, x, y, 2, 3, 2, 3, 4});
+    matmul({sizeof(moesh_matmul_args), MOESH_DTYPE_F32, w, bias, x, y, 2, 3, 2, 3, 4});
     const float want[] = {-0.5f, -1, -2, 7, 5, 9.5f, 13.5f, 7};
     for (int i = 0; i < 8; ++i) {
         EXPECT_EQ(y[i], want[i]) << i;
@@ -119,8 +119,8 @@ TEST(ReferenceKernels, MatmulComputesSmallProduct) {
         w_f16[i] = f32_to_f16(w[i]);
     }
     float y_bf16[8] = {}, y_f16[8] = {};
-    matmul({w_bf16, MOESH_DTYPE_BF16, bias, x, y_bf16, 2, 3, 2, 3, 4});
-    matmul({w_f16, MOESH_DTYPE_F16, bias, x, y_f16, 2, 3, 2, 3, 4});
+    matmul({sizeof(moesh_matmul_args), MOESH_DTYPE_BF16, w_bf16, bias, x, y_bf16, 2, 3, 2, 3, 4});
+    matmul({sizeof(moesh_matmul_args), MOESH_DTYPE_F16, w_f16, bias, x, y_f16, 2, 3, 2, 3, 4});
     for (int i : {0, 1, 2, 4, 5, 6}) {
         EXPECT_EQ(y_bf16[i], want[i]) << i;
         EXPECT_EQ(y_f16[i], want[i]) << i;
@@ -131,7 +131,7 @@ TEST(ReferenceKernels, RmsNormScalesByRootMeanSquare) {
     const float x[] = {3, 4};
     const float weight[] = {1, 2};
     float y[2];
-    rms_norm({x, weight, y, 2, 1, 0.0f});
+    rms_norm({sizeof(moesh_rms_norm_args), 0.0f, x, weight, y, 2, 1});
     const double rms = std::sqrt(12.5);
     EXPECT_FLOAT_EQ(y[0], float(3 / rms));
     EXPECT_FLOAT_EQ(y[1], float(8 / rms));
@@ -143,21 +143,21 @@ TEST(ReferenceKernels, RopeRotatesPairsOfEachLayout) {
     const int32_t pos[] = {1};
     // NEOX pairs (i, i + rot_dim/2): dims 0 and 2 rotate by 90 degrees.
     float neox[] = {1, 5, 0, 7};
-    rope({neox, pos, inv_freq, 1, 1, 4, 4, 1.0f, MOESH_ROPE_NEOX});
+    rope({sizeof(moesh_rope_args), MOESH_ROPE_NEOX, 1.0f, 0, neox, pos, inv_freq, 1, 1, 4, 4});
     EXPECT_NEAR(neox[0], 0.0f, 1e-7);
     EXPECT_FLOAT_EQ(neox[2], 1.0f);
     EXPECT_FLOAT_EQ(neox[1], 5.0f);   // angle 0
     EXPECT_FLOAT_EQ(neox[3], 7.0f);
     // NORM pairs (2i, 2i+1), with attn_factor scaling cos and sin.
     float norm[] = {1, 0, 5, 7};
-    rope({norm, pos, inv_freq, 1, 1, 4, 4, 2.0f, MOESH_ROPE_NORM});
+    rope({sizeof(moesh_rope_args), MOESH_ROPE_NORM, 2.0f, 0, norm, pos, inv_freq, 1, 1, 4, 4});
     EXPECT_NEAR(norm[0], 0.0f, 1e-6);
     EXPECT_FLOAT_EQ(norm[1], 2.0f);
     EXPECT_FLOAT_EQ(norm[2], 10.0f);
     EXPECT_FLOAT_EQ(norm[3], 14.0f);
     // Partial rotation leaves the dims past rot_dim alone.
     float partial[] = {1, 0, 3, 4};
-    rope({partial, pos, inv_freq, 1, 1, 4, 2, 1.0f, MOESH_ROPE_NEOX});
+    rope({sizeof(moesh_rope_args), MOESH_ROPE_NEOX, 1.0f, 0, partial, pos, inv_freq, 1, 1, 4, 2});
     EXPECT_FLOAT_EQ(partial[1], 1.0f);
     EXPECT_EQ(partial[2], 3.0f);
     EXPECT_EQ(partial[3], 4.0f);
@@ -165,7 +165,7 @@ TEST(ReferenceKernels, RopeRotatesPairsOfEachLayout) {
 
 TEST(ReferenceKernels, SoftmaxNormalisesStably) {
     float x[] = {0.0f, float(std::log(3.0)), 1000.0f, 1000.0f};
-    softmax({x, 2, 2});
+    softmax({sizeof(moesh_softmax_args), 0, x, 2, 2});
     EXPECT_FLOAT_EQ(x[0], 0.25f);
     EXPECT_FLOAT_EQ(x[1], 0.75f);
     EXPECT_FLOAT_EQ(x[2], 0.5f);
@@ -177,7 +177,7 @@ TEST(ReferenceKernels, ExpertFfnOfOneFeature) {
     const float x[] = {1, -1};
     const float scale[] = {1, 2};
     float out[] = {1, 1};
-    expert_ffn({gate, up, down, MOESH_DTYPE_F32, x, scale, out, nullptr, 1, 1, 2});
+    expert_ffn({sizeof(moesh_expert_ffn_args), MOESH_DTYPE_F32, gate, up, down, x, scale, out, nullptr, 1, 1, 2});
     const double silu2 = 2 / (1 + std::exp(-2.0));
     const double silu_m2 = -2 / (1 + std::exp(2.0));
     EXPECT_FLOAT_EQ(out[0], float(1 + 0.5 * silu2 * 3));
@@ -192,7 +192,7 @@ TEST(ReferenceKernels, AttentionFollowsBlockTableAndCausality) {
     const float q[] = {5, 0, 5, 0, 5, 0, 5, 0};                  // [2 tokens, 2 heads, 2]
     const int32_t pos[] = {0, 1};
     float out[8];
-    attention({q, k_pool, v_pool, block_table, pos, out, 2, 2, 1, 2, 1, 2, 1.0f});
+    attention({sizeof(moesh_attention_args), 1.0f, q, k_pool, v_pool, block_table, pos, out, 2, 2, 1, 2, 1, 2, 2});
     // Token 0 sees only position 0.
     EXPECT_FLOAT_EQ(out[0], 1.0f);
     EXPECT_FLOAT_EQ(out[1], 2.0f);

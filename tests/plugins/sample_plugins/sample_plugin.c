@@ -13,7 +13,8 @@
  *   SAMPLE_NULL_TABLE    init returns OK without a table
  *   SAMPLE_CREATE_FAILS  create logs an error and returns MOESH_ERR_OUT_OF_MEMORY
  *
- * Kernels are trivial: matmul checks its arguments and returns OK, the rest UNSUPPORTED.
+ * Kernels are trivial: matmul checks its arguments (struct_size, w_type) and returns OK, the
+ * rest UNSUPPORTED.
  * Built with hidden visibility, so only the MOESH_PLUGIN_EXPORT entry points are visible. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,7 +53,7 @@ static moesh_status fail(moesh_backend * be, moesh_status s, const char * msg) {
     return s;
 }
 
-static void host_log(const moesh_host_api * host, moesh_log_level level, const char * msg) {
+static void host_log(const moesh_host_api * host, int32_t level, const char * msg) {
     if (host && host->struct_size >= sizeof(moesh_host_api) && host->log) {
         host->log(host->ctx, level, msg);
     }
@@ -108,12 +109,18 @@ static moesh_status sample_copy(moesh_backend * be, void * dst, const void * src
 
 static moesh_status sample_synchronize(moesh_backend * be) { return MOESH_OK; }
 
-static int32_t sample_supports(moesh_backend * be, moesh_op op, moesh_dtype w_type) {
+static int32_t sample_supports(moesh_backend * be, int32_t op, int32_t w_type) {
     return op == MOESH_OP_MATMUL && w_type == MOESH_DTYPE_F32;
 }
 
 static moesh_status sample_matmul(moesh_backend * be, const moesh_matmul_args * args) {
     if (!args) return fail(be, MOESH_ERR_INVALID_ARGUMENT, "matmul args is NULL");
+    if (args->struct_size < sizeof(moesh_matmul_args)) {
+        char msg[96];
+        snprintf(msg, sizeof msg, "moesh_matmul_args struct_size %u is smaller than its v1 size %u",
+                 (unsigned)args->struct_size, (unsigned)sizeof(moesh_matmul_args));
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, msg);
+    }
     if (args->w_type != MOESH_DTYPE_F32) return fail(be, MOESH_ERR_UNSUPPORTED, "only f32");
     return MOESH_OK;
 }
