@@ -1,5 +1,6 @@
 #include "runtime/model.h"
 
+#include "experts/quant.h"
 #include "runtime/error.h"
 
 #include <algorithm>
@@ -20,33 +21,6 @@ std::string shape_str(const std::vector<int64_t> & shape) {
 
 float bf16_bits_to_f32(uint16_t h) {
     uint32_t u = uint32_t(h) << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-float f16_bits_to_f32(uint16_t h) {
-    const uint32_t sign = uint32_t(h & 0x8000) << 16;
-    uint32_t exp = (h >> 10) & 0x1f;
-    uint32_t mant = h & 0x3ff;
-    uint32_t u;
-    if (exp == 0) {
-        if (mant == 0) {
-            u = sign;
-        } else { // subnormal: normalise
-            exp = 127 - 15 + 1;
-            while (!(mant & 0x400)) {
-                mant <<= 1;
-                --exp;
-            }
-            mant &= 0x3ff;
-            u = sign | (exp << 23) | (mant << 13);
-        }
-    } else if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (mant << 13);
-    } else {
-        u = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-    }
     float f;
     std::memcpy(&f, &u, 4);
     return f;
@@ -123,7 +97,7 @@ void convert_to_f32(const void * src, moesh_dtype type, float * dst, int64_t n) 
     case MOESH_DTYPE_F32: std::memcpy(dst, src, size_t(n) * 4); break;
     case MOESH_DTYPE_F16: {
         const auto * h = static_cast<const uint16_t *>(src);
-        for (int64_t i = 0; i < n; ++i) dst[i] = f16_bits_to_f32(h[i]);
+        for (int64_t i = 0; i < n; ++i) dst[i] = fp16_to_f32(h[i]);
         break;
     }
     case MOESH_DTYPE_BF16: {

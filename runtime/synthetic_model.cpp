@@ -1,5 +1,7 @@
 #include "runtime/synthetic_model.h"
 
+#include "experts/quant.h"
+
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -13,21 +15,6 @@ uint16_t f32_to_bf16_bits(float f) {
     std::memcpy(&u, &f, 4);
     u += 0x7fff + ((u >> 16) & 1); // round to nearest even; inputs here are finite
     return uint16_t(u >> 16);
-}
-
-uint16_t f32_to_f16_bits(float f) {
-    // inputs are small and normal here: |f| in [2^-14, 65504] or zero-ish
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    const uint32_t sign = (u >> 16) & 0x8000;
-    int32_t exp = int32_t((u >> 23) & 0xff) - 127 + 15;
-    uint32_t mant = u & 0x7fffff;
-    if (exp <= 0) return uint16_t(sign); // flush tiny values to zero
-    if (exp >= 31) return uint16_t(sign | 0x7c00);
-    uint32_t h = sign | (uint32_t(exp) << 10) | (mant >> 13);
-    const uint32_t rest = mant & 0x1fff;
-    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) ++h;
-    return uint16_t(h);
 }
 
 class Filler {
@@ -61,7 +48,7 @@ private:
             auto * p = static_cast<uint16_t *>(data);
             for (int64_t i = 0; i < n; ++i) {
                 const float v = center + a * next();
-                p[i] = type == MOESH_DTYPE_BF16 ? f32_to_bf16_bits(v) : f32_to_f16_bits(v);
+                p[i] = type == MOESH_DTYPE_BF16 ? f32_to_bf16_bits(v) : f32_to_fp16(v);
             }
         }
     }

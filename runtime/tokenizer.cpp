@@ -1,0 +1,818 @@
+#include "runtime/tokenizer.h"
+
+#include "runtime/error.h"
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+
+#include <unicode/bytestream.h>
+#include <unicode/normalizer2.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <queue>
+#include <unordered_map>
+
+namespace moesh {
+
+namespace {
+
+// ---- UTF-8 ------------------------------------------------------------------
+
+// Length of the valid UTF-8 sequence at s[i], 0 if invalid; *n_ok gets how many
+// bytes form a valid prefix (the "maximal subpart" replaced by one U+FFFD), and
+// *truncated whether the sequence was cut short by the end of the input.
+size_t utf8_sequence(std::string_view s, size_t i, size_t * n_ok, bool * truncated, uint32_t * cp = nullptr) {
+    const auto b0 = uint8_t(s[i]);
+    *truncated = false;
+    if (b0 < 0x80) {
+        *n_ok = 1;
+        if (cp) *cp = b0;
+        return 1;
+    }
+    size_t len;
+    uint8_t lo = 0x80, hi = 0xBF;
+    if (b0 >= 0xC2 && b0 <= 0xDF) len = 2;
+    else if (b0 == 0xE0) len = 3, lo = 0xA0;
+    else if (b0 == 0xED) len = 3, hi = 0x9F;
+    else if (b0 >= 0xE1 && b0 <= 0xEF) len = 3;
+    else if (b0 == 0xF0) len = 4, lo = 0x90;
+    else if (b0 == 0xF4) len = 4, hi = 0x8F;
+    else if (b0 >= 0xF1 && b0 <= 0xF3) len = 4;
+    else {
+        *n_ok = 1;
+        return 0;
+    }
+    uint32_t c = b0 & (0xFF >> (len + 1));
+    for (size_t k = 1; k < len; ++k) {
+        if (i + k >= s.size()) {
+            *n_ok = k;
+            *truncated = true;
+            return 0;
+        }
+        const auto b = uint8_t(s[i + k]);
+        if (b < (k == 1 ? lo : 0x80) || b > (k == 1 ? hi : 0xBF)) {
+            *n_ok = k;
+            return 0;
+        }
+        c = (c << 6) | (b & 0x3F);
+    }
+    *n_ok = len;
+    if (cp) *cp = c;
+    return len;
+}
+
+size_t utf8_char_len(std::string_view s, size_t i) {
+    size_t n_ok;
+    bool truncated;
+    size_t len = utf8_sequence(s, i, &n_ok, &truncated);
+    return len ? len : 1;
+}
+
+void append_utf8(std::string & out, uint32_t cp) {
+    if (cp < 0x80) {
+        out += char(cp);
+    } else if (cp < 0x800) {
+        out += char(0xC0 | (cp >> 6));
+        out += char(0x80 | (cp & 0x3F));
+    } else if (cp < 0x10000) {
+        out += char(0xE0 | (cp >> 12));
+        out += char(0x80 | ((cp >> 6) & 0x3F));
+        out += char(0x80 | (cp & 0x3F));
+    } else {
+        out += char(0xF0 | (cp >> 18));
+        out += char(0x80 | ((cp >> 12) & 0x3F));
+        out += char(0x80 | ((cp >> 6) & 0x3F));
+        out += char(0x80 | (cp & 0x3F));
+    }
+}
+
+constexpr std::string_view k_replacement = "\xEF\xBF\xBD";
+
+// Appends the valid UTF-8 of `bytes` to out, one U+FFFD per maximal invalid
+// subpart (as Rust's String::from_utf8_lossy). With hold_incomplete, a
+// sequence cut short by the end stays unconsumed; returns the bytes consumed.
+size_t append_lossy(std::string & out, std::string_view bytes, bool hold_incomplete) {
+    size_t i = 0;
+    while (i < bytes.size()) {
+        size_t n_ok;
+        bool truncated;
+        size_t len = utf8_sequence(bytes, i, &n_ok, &truncated);
+        if (len) {
+            out.append(bytes.data() + i, len);
+            i += len;
+        } else if (truncated && hold_incomplete) {
+            return i;
+        } else {
+            out += k_replacement;
+            i += n_ok;
+        }
+    }
+    return i;
+}
+
+bool is_white_space(uint32_t c) {
+    return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
+           (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
+           c == 0x3000;
+}
+
+// ---- byte-level alphabet (GPT-2's bytes_to_unicode) ---------------------------
+
+struct ByteAlphabet {
+    std::array<std::string, 256> encode;       // byte -> UTF-8 of its stand-in character
+    std::array<int16_t, 512> decode;           // stand-in code point -> byte, -1 if none
+
+    ByteAlphabet() {
+        decode.fill(-1);
+        uint32_t n = 0;
+        for (uint32_t b = 0; b < 256; ++b) {
+            bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+            uint32_t cp = printable ? b : 256 + n++;
+            append_utf8(encode[b], cp);
+            decode[cp] = int16_t(b);
+        }
+    }
+};
+
+const ByteAlphabet & byte_alphabet() {
+    static const ByteAlphabet alphabet;
+    return alphabet;
+}
+
+// What the ByteLevel decoder turns a token into: its stand-in characters mapped
+// back to bytes, or the token's own bytes if any character is not a stand-in.
+std::string byte_level_decode(std::string_view token) {
+    const auto & alphabet = byte_alphabet();
+    std::string out;
+    size_t i = 0;
+    while (i < token.size()) {
+        size_t n_ok;
+        bool truncated;
+        uint32_t cp = 0;
+        size_t len = utf8_sequence(token, i, &n_ok, &truncated, &cp);
+        if (!len || cp >= alphabet.decode.size() || alphabet.decode[cp] < 0) return std::string(token);
+        out += char(alphabet.decode[cp]);
+        i += len;
+    }
+    return out;
+}
+
+// ---- regex --------------------------------------------------------------------
+
+constexpr std::string_view k_gpt2_regex =
+    R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
+
+// A compiled PCRE2 pattern (UTF + Unicode properties, invalid UTF-8 in the
+// subject never matches). Immutable after construction, so matching is
+// reentrant; match data is per call.
+class Regex {
+public:
+    // Throws a bare message; the caller adds file and key.
+    Regex(std::string_view pattern, bool literal) {
+        int err = 0;
+        PCRE2_SIZE offset = 0;
+        uint32_t options = PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : 0);
+        code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), options, &err, &offset,
+                              nullptr);
+        if (!code_) {
+            PCRE2_UCHAR msg[256];
+            pcre2_get_error_message(err, msg, sizeof msg);
+            throw std::runtime_error("invalid regex at offset " + std::to_string(offset) + ": " +
+                                     reinterpret_cast<const char *>(msg));
+        }
+        jit_ = pcre2_jit_compile(code_, PCRE2_JIT_COMPLETE) == 0;
+        context_ = pcre2_match_context_create(nullptr);
+        pcre2_set_match_limit(context_, 10'000'000);
+        pcre2_set_depth_limit(context_, 100'000);
+        pcre2_set_heap_limit(context_, 64 * 1024);   // KiB
+    }
+    Regex(const Regex &) = delete;
+    Regex & operator=(const Regex &) = delete;
+    ~Regex() {
+        pcre2_match_context_free(context_);
+        pcre2_code_free(code_);
+    }
+
+    // Non-overlapping matches, left to right, as (start, end) byte offsets.
+    std::vector<std::pair<size_t, size_t>> find_all(std::string_view text) const {
+        std::vector<std::pair<size_t, size_t>> out;
+        pcre2_match_data * md = pcre2_match_data_create_from_pattern(code_, nullptr);
+        size_t pos = 0;
+        while (pos <= text.size()) {
+            int rc = match(md, text, pos);
+            if (rc == PCRE2_ERROR_NOMATCH) break;
+            if (rc < 0) {
+                pcre2_match_data_free(md);
+                PCRE2_UCHAR msg[256];
+                pcre2_get_error_message(rc, msg, sizeof msg);
+                throw Error(std::string("tokenizer: pre-tokenizer regex failed: ") +
+                            reinterpret_cast<const char *>(msg));
+            }
+            const PCRE2_SIZE * ov = pcre2_get_ovector_pointer(md);
+            size_t start = ov[0], end = ov[1];
+            if (end < start || end > text.size()) break;   // \K tricks; not used by tokenizers
+            out.emplace_back(start, end);
+            if (end == start) {
+                if (end >= text.size()) break;
+                pos = end + utf8_char_len(text, end);
+            } else {
+                pos = end;
+            }
+        }
+        pcre2_match_data_free(md);
+        return out;
+    }
+
+    bool matches_at_start(std::string_view text) const {
+        pcre2_match_data * md = pcre2_match_data_create_from_pattern(code_, nullptr);
+        int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), 0, PCRE2_ANCHORED, md,
+                             context_);
+        pcre2_match_data_free(md);
+        return rc >= 0;
+    }
+
+private:
+    int match(pcre2_match_data * md, std::string_view text, size_t pos) const {
+        int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), pos, 0, md, context_);
+        if (rc == PCRE2_ERROR_JIT_STACKLIMIT && jit_)
+            rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), pos, PCRE2_NO_JIT, md,
+                             context_);
+        return rc;
+    }
+
+    pcre2_code * code_ = nullptr;
+    pcre2_match_context * context_ = nullptr;
+    bool jit_ = false;
+};
+
+bool is_word_char(uint32_t cp) {
+    static const Regex word("\\w", false);
+    std::string s;
+    append_utf8(s, cp);
+    return word.matches_at_start(s);
+}
+
+using Behavior = TokenizerSpec::SplitBehavior;
+
+// (piece, is_match) after one Split, following tokenizers' SplitDelimiterBehavior.
+std::vector<std::string> split_pieces(std::string_view text, const std::vector<std::pair<size_t, size_t>> & found,
+                                      Behavior behavior, bool invert) {
+    struct Part {
+        size_t start, end;
+        bool is_match;
+    };
+    std::vector<Part> parts;
+    size_t prev = 0;
+    for (auto [s, e] : found) {
+        if (s != prev) parts.push_back({prev, s, invert});
+        parts.push_back({s, e, !invert});
+        prev = e;
+    }
+    if (prev != text.size()) parts.push_back({prev, text.size(), invert});
+
+    std::vector<Part> merged;
+    bool previous_match = false;
+    switch (behavior) {
+    case Behavior::Isolated: merged = parts; break;
+    case Behavior::Removed:
+        for (const auto & p : parts)
+            if (!p.is_match) merged.push_back(p);
+        break;
+    case Behavior::MergedWithPrevious:
+        for (const auto & p : parts) {
+            if (p.is_match && !previous_match && !merged.empty()) merged.back().end = p.end;
+            else merged.push_back(p);
+            previous_match = p.is_match;
+        }
+        break;
+    case Behavior::MergedWithNext:
+        for (auto it = parts.rbegin(); it != parts.rend(); ++it) {
+            if (it->is_match && !previous_match && !merged.empty()) merged.back().start = it->start;
+            else merged.push_back(*it);
+            previous_match = it->is_match;
+        }
+        std::reverse(merged.begin(), merged.end());
+        break;
+    case Behavior::Contiguous:
+        for (const auto & p : parts) {
+            if (p.is_match == previous_match && !merged.empty()) merged.back().end = p.end;
+            else merged.push_back(p);
+            previous_match = p.is_match;
+        }
+        break;
+    }
+    std::vector<std::string> out;
+    for (const auto & p : merged)
+        if (p.end > p.start) out.emplace_back(text.substr(p.start, p.end - p.start));
+    return out;
+}
+
+uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t(uint32_t(a)) << 32) | uint32_t(b); }
+
+struct Merge {
+    uint32_t rank;
+    int32_t new_id;
+};
+
+} // namespace
+
+// ---- the loaded tokenizer -------------------------------------------------------
+
+struct Tokenizer::Impl {
+    struct PreTokenizer {
+        TokenizerSpec::PreTokenizer spec;
+        std::unique_ptr<Regex> regex;   // Split pattern, or the GPT-2 regex for ByteLevel(use_regex)
+    };
+    struct AddedPatterns {
+        std::vector<std::pair<std::string, size_t>> patterns;   // (text to match, index in added)
+        std::array<std::vector<size_t>, 256> by_first_byte;      // pattern indices, longest first
+    };
+
+    std::string source;
+    std::unordered_map<std::string, int32_t> vocab;
+    std::unordered_map<uint64_t, Merge> merges;
+    std::vector<std::string> id_text;    // [n_vocab] as written in the file
+    std::vector<std::string> id_bytes;   // [n_vocab] what the id decodes to
+    std::vector<uint8_t> id_special;     // [n_vocab]
+    int32_t unk_id = -1;
+    bool fuse_unk = false;
+    bool ignore_merges = false;
+    std::vector<AddedToken> added;
+    std::unordered_map<std::string, int32_t> added_by_content;
+    AddedPatterns raw_patterns, normalized_patterns;
+    std::vector<const icu::Normalizer2 *> normalizers;
+    std::vector<PreTokenizer> pre_tokenizers;
+    std::vector<TokenizerSpec::TemplateItem> single_template;
+    int32_t bos = -1, eos = -1;
+
+    void normalize(std::string & text) const;
+    void split_added(std::string_view text, const AddedPatterns & set,
+                     std::vector<std::pair<int32_t, std::string>> & out) const;
+    void encode_segment(std::string_view text, std::vector<int32_t> & ids) const;
+    void bpe(std::string_view word, std::vector<int32_t> & ids) const;
+};
+
+namespace {
+
+void build_patterns(Tokenizer::Impl::AddedPatterns & set) {
+    for (size_t i = 0; i < set.patterns.size(); ++i)
+        if (!set.patterns[i].first.empty())
+            set.by_first_byte[uint8_t(set.patterns[i].first[0])].push_back(i);
+    for (auto & list : set.by_first_byte)
+        std::stable_sort(list.begin(), list.end(), [&](size_t a, size_t b) {
+            return set.patterns[a].first.size() > set.patterns[b].first.size();
+        });
+}
+
+uint32_t last_code_point(std::string_view s) {
+    size_t i = s.size();
+    while (i > 0 && (uint8_t(s[i - 1]) & 0xC0) == 0x80 && s.size() - i < 3) --i;
+    if (i > 0) --i;
+    size_t n_ok;
+    bool truncated;
+    uint32_t cp = 0;
+    if (!utf8_sequence(s, i, &n_ok, &truncated, &cp) ) return 0xFFFD;
+    return cp;
+}
+
+} // namespace
+
+void Tokenizer::Impl::normalize(std::string & text) const {
+    for (const icu::Normalizer2 * n : normalizers) {
+        // ICU wants valid UTF-8: normalize the valid runs, keep invalid bytes as they are.
+        std::string out;
+        size_t i = 0, run = 0;
+        auto flush_run = [&](size_t end) {
+            if (end > run) {
+                UErrorCode status = U_ZERO_ERROR;
+                icu::StringByteSink<std::string> sink(&out);
+                n->normalizeUTF8(0, icu::StringPiece(text.data() + run, int32_t(end - run)), sink, nullptr, status);
+                if (U_FAILURE(status)) out.append(text, run, end - run);
+            }
+        };
+        while (i < text.size()) {
+            size_t n_ok;
+            bool truncated;
+            size_t len = utf8_sequence(text, i, &n_ok, &truncated);
+            if (len) {
+                i += len;
+                continue;
+            }
+            flush_run(i);
+            out.append(text, i, n_ok);
+            i += n_ok;
+            run = i;
+        }
+        flush_run(i);
+        text = std::move(out);
+    }
+}
+
+// Leftmost-longest matches of the added tokens, then tokenizers' single_word,
+// lstrip and rstrip rules; id -1 marks text between matches.
+void Tokenizer::Impl::split_added(std::string_view text, const AddedPatterns & set,
+                                  std::vector<std::pair<int32_t, std::string>> & out) const {
+    size_t start_offset = 0, pos = 0;
+    while (pos < text.size()) {
+        size_t hit = SIZE_MAX;
+        for (size_t p : set.by_first_byte[uint8_t(text[pos])]) {
+            const std::string & pat = set.patterns[p].first;
+            if (text.compare(pos, pat.size(), pat) == 0) {
+                hit = p;
+                break;
+            }
+        }
+        if (hit == SIZE_MAX) {
+            ++pos;
+            continue;
+        }
+        const AddedToken & tok = added[set.patterns[hit].second];
+        size_t start = pos, stop = pos + set.patterns[hit].first.size();
+        pos = stop;
+        if (tok.single_word) {
+            bool start_space = start == 0 || !is_word_char(last_code_point(text.substr(0, start)));
+            uint32_t next_cp = 0;
+            if (stop < text.size()) {
+                size_t n_ok;
+                bool truncated;
+                if (!utf8_sequence(text, stop, &n_ok, &truncated, &next_cp)) next_cp = 0xFFFD;
+            }
+            bool stop_space = stop == text.size() || !is_word_char(next_cp);
+            if (!start_space || !stop_space) continue;
+        }
+        if (tok.lstrip) {
+            size_t s = start;
+            while (s > 0) {
+                size_t i = s - 1;
+                while (i > 0 && (uint8_t(text[i]) & 0xC0) == 0x80 && s - i < 4) --i;
+                size_t n_ok;
+                bool truncated;
+                uint32_t cp = 0;
+                if (utf8_sequence(text, i, &n_ok, &truncated, &cp) != s - i || !is_white_space(cp)) break;
+                s = i;
+            }
+            start = std::max(s, start_offset);
+        }
+        if (tok.rstrip) {
+            while (stop < text.size()) {
+                size_t n_ok;
+                bool truncated;
+                uint32_t cp = 0;
+                size_t len = utf8_sequence(text, stop, &n_ok, &truncated, &cp);
+                if (!len || !is_white_space(cp)) break;
+                stop += len;
+            }
+            pos = stop;
+        }
+        if (start < start_offset) continue;
+        if (start_offset < start) out.emplace_back(-1, std::string(text.substr(start_offset, start - start_offset)));
+        out.emplace_back(tok.id, std::string());
+        start_offset = stop;
+    }
+    if (start_offset < text.size()) out.emplace_back(-1, std::string(text.substr(start_offset)));
+}
+
+void Tokenizer::Impl::encode_segment(std::string_view text, std::vector<int32_t> & ids) const {
+    std::vector<std::string> pieces{std::string(text)};
+    for (const auto & pt : pre_tokenizers) {
+        std::vector<std::string> next;
+        for (auto & piece : pieces) {
+            if (pt.spec.kind == TokenizerSpec::PreTokenizer::Kind::ByteLevel) {
+                if (pt.spec.add_prefix_space && (piece.empty() || piece[0] != ' ')) piece.insert(0, 1, ' ');
+                if (!pt.spec.use_regex) {
+                    if (!piece.empty()) next.push_back(std::move(piece));
+                    continue;
+                }
+                auto found = pt.regex->find_all(piece);
+                for (auto & p : split_pieces(piece, found, Behavior::Isolated, false)) next.push_back(std::move(p));
+            } else {
+                auto found = pt.regex->find_all(piece);
+                for (auto & p : split_pieces(piece, found, pt.spec.behavior, pt.spec.invert))
+                    next.push_back(std::move(p));
+            }
+        }
+        pieces = std::move(next);
+    }
+    const auto & alphabet = byte_alphabet();
+    std::string word;
+    for (const auto & piece : pieces) {
+        word.clear();
+        for (char c : piece) word += alphabet.encode[uint8_t(c)];
+        bpe(word, ids);
+    }
+}
+
+void Tokenizer::Impl::bpe(std::string_view word, std::vector<int32_t> & ids) const {
+    if (word.empty()) return;
+    if (ignore_merges) {
+        auto it = vocab.find(std::string(word));
+        if (it != vocab.end()) {
+            ids.push_back(it->second);
+            return;
+        }
+    }
+    struct Symbol {
+        int32_t id;
+        int32_t prev, next;
+        bool alive;
+    };
+    std::vector<Symbol> symbols;
+    std::string ch;
+    bool pending_unk = false;
+    auto add = [&](int32_t id) {
+        int32_t n = int32_t(symbols.size());
+        symbols.push_back({id, n - 1, n + 1, true});
+    };
+    for (size_t i = 0; i < word.size();) {
+        size_t len = utf8_char_len(word, i);
+        ch.assign(word.data() + i, len);
+        i += len;
+        auto it = vocab.find(ch);
+        if (it != vocab.end()) {
+            if (pending_unk) add(unk_id), pending_unk = false;
+            add(it->second);
+        } else if (unk_id >= 0) {
+            if (pending_unk && !fuse_unk) add(unk_id);
+            pending_unk = true;
+        }
+    }
+    if (pending_unk) add(unk_id);
+    if (symbols.empty()) return;
+    symbols.back().next = -1;
+
+    struct Candidate {
+        uint32_t rank;
+        int32_t pos;
+        int32_t new_id;
+        bool operator>(const Candidate & o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
+    };
+    std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>> queue;
+    auto consider = [&](int32_t pos) {
+        int32_t next = symbols[pos].next;
+        if (next < 0) return;
+        auto it = merges.find(pair_key(symbols[pos].id, symbols[next].id));
+        if (it != merges.end()) queue.push({it->second.rank, pos, it->second.new_id});
+    };
+    for (int32_t i = 0; i + 1 < int32_t(symbols.size()); ++i) consider(i);
+    while (!queue.empty()) {
+        Candidate top = queue.top();
+        queue.pop();
+        Symbol & cur = symbols[top.pos];
+        if (!cur.alive || cur.next < 0) continue;
+        Symbol & right = symbols[cur.next];
+        auto it = merges.find(pair_key(cur.id, right.id));
+        if (it == merges.end() || it->second.new_id != top.new_id) continue;
+        cur.id = top.new_id;
+        right.alive = false;
+        cur.next = right.next;
+        if (cur.next >= 0) symbols[cur.next].prev = top.pos;
+        if (cur.prev >= 0) consider(cur.prev);
+        consider(top.pos);
+    }
+    for (int32_t i = 0; i >= 0; i = symbols[i].next) ids.push_back(symbols[i].id);
+}
+
+// ---- Tokenizer --------------------------------------------------------------------
+
+Tokenizer::Tokenizer(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
+
+std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special) const {
+    std::vector<int32_t> ids;
+    if (!impl_) return ids;
+    const Impl & m = *impl_;
+    std::vector<int32_t> body;
+    std::vector<std::pair<int32_t, std::string>> raw_split;
+    m.split_added(text, m.raw_patterns, raw_split);
+    std::vector<std::pair<int32_t, std::string>> norm_split;
+    for (auto & [id, segment] : raw_split) {
+        if (id >= 0) {
+            body.push_back(id);
+            continue;
+        }
+        m.normalize(segment);
+        norm_split.clear();
+        m.split_added(segment, m.normalized_patterns, norm_split);
+        for (const auto & [id2, sub] : norm_split) {
+            if (id2 >= 0) body.push_back(id2);
+            else m.encode_segment(sub, body);
+        }
+    }
+    if (!add_special || m.single_template.empty()) return body;
+    for (const auto & item : m.single_template) {
+        if (item.is_sequence) ids.insert(ids.end(), body.begin(), body.end());
+        else ids.insert(ids.end(), item.ids.begin(), item.ids.end());
+    }
+    return ids;
+}
+
+std::string Tokenizer::decode(const std::vector<int32_t> & ids, bool skip_special) const {
+    std::string bytes, out;
+    if (!impl_) return out;
+    for (int32_t id : ids) {
+        if (id < 0 || id >= n_vocab()) continue;
+        if (skip_special && impl_->id_special[id]) continue;
+        bytes += impl_->id_bytes[id];
+    }
+    append_lossy(out, bytes, false);
+    return out;
+}
+
+const std::string & Tokenizer::token_to_piece(int32_t id) const {
+    static const std::string empty;
+    if (!impl_ || id < 0 || id >= n_vocab()) return empty;
+    return impl_->id_bytes[id];
+}
+
+const std::string & Tokenizer::token_text(int32_t id) const {
+    static const std::string empty;
+    if (!impl_ || id < 0 || id >= n_vocab()) return empty;
+    return impl_->id_text[id];
+}
+
+int32_t Tokenizer::token_id(std::string_view token_text) const {
+    if (!impl_) return -1;
+    std::string key(token_text);
+    if (auto it = impl_->added_by_content.find(key); it != impl_->added_by_content.end()) return it->second;
+    if (auto it = impl_->vocab.find(key); it != impl_->vocab.end()) return it->second;
+    return -1;
+}
+
+int32_t Tokenizer::n_vocab() const { return impl_ ? int32_t(impl_->id_text.size()) : 0; }
+int32_t Tokenizer::bos_id() const { return impl_ ? impl_->bos : -1; }
+int32_t Tokenizer::eos_id() const { return impl_ ? impl_->eos : -1; }
+
+bool Tokenizer::is_special(int32_t id) const {
+    return impl_ && id >= 0 && id < n_vocab() && impl_->id_special[id];
+}
+
+const std::vector<AddedToken> & Tokenizer::added_tokens() const {
+    static const std::vector<AddedToken> none;
+    return impl_ ? impl_->added : none;
+}
+
+const std::string & Tokenizer::source() const {
+    static const std::string none;
+    return impl_ ? impl_->source : none;
+}
+
+// ---- StreamDecoder ------------------------------------------------------------------
+
+StreamDecoder::StreamDecoder(const Tokenizer & tok, bool skip_special) : tok_(&tok), skip_special_(skip_special) {}
+
+std::string_view StreamDecoder::push(int32_t id) {
+    out_.clear();
+    if (id < 0 || id >= tok_->n_vocab() || (skip_special_ && tok_->is_special(id))) return out_;
+    pending_ += tok_->token_to_piece(id);
+    size_t used = append_lossy(out_, pending_, true);
+    pending_.erase(0, used);
+    return out_;
+}
+
+std::string_view StreamDecoder::flush() {
+    out_.clear();
+    append_lossy(out_, pending_, false);
+    pending_.clear();
+    return out_;
+}
+
+// ---- building from a spec -----------------------------------------------------------
+
+Tokenizer build_tokenizer(TokenizerSpec spec) {
+    auto m = std::make_shared<Tokenizer::Impl>();
+    const std::string & src = spec.source;
+    auto fail = [&](const std::string & key, const std::string & what) -> void {
+        throw Error(src + ": key '" + key + "': " + what);
+    };
+    constexpr int32_t k_max_id = (1 << 24) - 1;
+
+    m->source = spec.source;
+    int32_t max_id = -1;
+    for (size_t i = 0; i < spec.vocab.size(); ++i) {
+        const auto & [text, id] = spec.vocab[i];
+        if (id < 0 || id > k_max_id)
+            fail("model.vocab", "token '" + text + "' has id " + std::to_string(id) + " outside [0, " +
+                                    std::to_string(k_max_id) + "]");
+        if (text.empty()) fail("model.vocab", "empty token (id " + std::to_string(id) + ")");
+        if (!m->vocab.emplace(text, id).second) fail("model.vocab", "duplicate token '" + text + "'");
+        max_id = std::max(max_id, id);
+    }
+    for (const auto & a : spec.added_tokens) {
+        if (a.id < 0 || a.id > k_max_id)
+            fail("added_tokens", "token '" + a.content + "' has id " + std::to_string(a.id) + " outside [0, " +
+                                     std::to_string(k_max_id) + "]");
+        max_id = std::max(max_id, a.id);
+    }
+    const size_t n_vocab = size_t(max_id + 1);
+    m->id_text.assign(n_vocab, std::string());
+    std::vector<uint8_t> seen(n_vocab, 0);
+    for (const auto & [text, id] : spec.vocab) {
+        if (seen[id]) fail("model.vocab", "id " + std::to_string(id) + " is used by more than one token (another is '" +
+                                              text + "')");
+        seen[id] = 1;
+        m->id_text[id] = text;
+    }
+    m->id_bytes.assign(n_vocab, std::string());
+    for (size_t id = 0; id < n_vocab; ++id)
+        if (seen[id]) m->id_bytes[id] = byte_level_decode(m->id_text[id]);
+    m->id_special.assign(n_vocab, 0);
+
+    for (size_t i = 0; i < spec.merges.size(); ++i) {
+        const auto & [a, b] = spec.merges[i];
+        const std::string key = "model.merges[" + std::to_string(i) + "]";
+        auto ia = m->vocab.find(a), ib = m->vocab.find(b), ic = m->vocab.find(a + b);
+        if (ia == m->vocab.end()) fail(key, "merge names '" + a + "', which is not in model.vocab");
+        if (ib == m->vocab.end()) fail(key, "merge names '" + b + "', which is not in model.vocab");
+        if (ic == m->vocab.end()) fail(key, "merged token '" + a + b + "' is not in model.vocab");
+        m->merges[pair_key(ia->second, ib->second)] = Merge{uint32_t(i), ic->second};
+    }
+    if (!spec.unk_token.empty()) {
+        auto it = m->vocab.find(spec.unk_token);
+        if (it == m->vocab.end()) fail("model.unk_token", "'" + spec.unk_token + "' is not in model.vocab");
+        m->unk_id = it->second;
+    }
+    m->fuse_unk = spec.fuse_unk;
+    m->ignore_merges = spec.ignore_merges;
+
+    UErrorCode status = U_ZERO_ERROR;
+    for (auto n : spec.normalizers) {
+        const icu::Normalizer2 * inst = nullptr;
+        switch (n) {
+        case TokenizerSpec::Normalizer::NFC: inst = icu::Normalizer2::getNFCInstance(status); break;
+        case TokenizerSpec::Normalizer::NFD: inst = icu::Normalizer2::getNFDInstance(status); break;
+        case TokenizerSpec::Normalizer::NFKC: inst = icu::Normalizer2::getNFKCInstance(status); break;
+        case TokenizerSpec::Normalizer::NFKD: inst = icu::Normalizer2::getNFKDInstance(status); break;
+        }
+        if (U_FAILURE(status) || !inst) fail("normalizer", "ICU has no Unicode normalization data");
+        m->normalizers.push_back(inst);
+    }
+
+    m->added = spec.added_tokens;
+    std::vector<uint8_t> added_seen(n_vocab, 0);
+    for (size_t i = 0; i < m->added.size(); ++i) {
+        AddedToken & a = m->added[i];
+        const std::string key = "added_tokens[" + std::to_string(i) + "]";
+        if (a.content.empty()) fail(key + ".content", "empty token");
+        if (added_seen[a.id]) fail(key + ".id", "id " + std::to_string(a.id) + " is used by two added tokens");
+        added_seen[a.id] = 1;
+        if (seen[a.id] && m->id_text[a.id] != a.content)
+            fail(key + ".id", "id " + std::to_string(a.id) + " is '" + m->id_text[a.id] + "' in model.vocab but '" +
+                                  a.content + "' here");
+        if (!m->added_by_content.emplace(a.content, a.id).second)
+            fail(key + ".content", "'" + a.content + "' is added twice");
+        m->id_text[a.id] = a.content;
+        m->id_bytes[a.id] = byte_level_decode(a.content);
+        m->id_special[a.id] = a.special;
+        if (a.normalized && !m->normalizers.empty()) {
+            std::string pattern = a.content;
+            m->normalize(pattern);
+            m->normalized_patterns.patterns.emplace_back(pattern, i);
+        } else if (a.normalized) {
+            m->normalized_patterns.patterns.emplace_back(a.content, i);
+        } else {
+            m->raw_patterns.patterns.emplace_back(a.content, i);
+        }
+    }
+    build_patterns(m->raw_patterns);
+    build_patterns(m->normalized_patterns);
+
+    for (size_t i = 0; i < spec.pre_tokenizers.size(); ++i) {
+        const auto & pt = spec.pre_tokenizers[i];
+        Tokenizer::Impl::PreTokenizer step{pt, nullptr};
+        bool byte_level = pt.kind == TokenizerSpec::PreTokenizer::Kind::ByteLevel;
+        if (byte_level && i + 1 != spec.pre_tokenizers.size())
+            fail(pt.key, "ByteLevel must be the last pre-tokenizer (later steps would see its stand-in characters)");
+        try {
+            if (!byte_level) step.regex = std::make_unique<Regex>(pt.pattern, !pt.pattern_is_regex);
+            else if (pt.use_regex) step.regex = std::make_unique<Regex>(k_gpt2_regex, false);
+        } catch (const std::runtime_error & e) {
+            fail(pt.key + ".pattern", e.what());
+        }
+        m->pre_tokenizers.push_back(std::move(step));
+    }
+    if (m->pre_tokenizers.empty() ||
+        m->pre_tokenizers.back().spec.kind != TokenizerSpec::PreTokenizer::Kind::ByteLevel)
+        fail("pre_tokenizer", "a byte-level BPE needs a ByteLevel pre-tokenizer (alone or last in a Sequence)");
+
+    bool before_sequence = true;
+    for (const auto & item : spec.single_template) {
+        if (item.is_sequence) {
+            before_sequence = false;
+            continue;
+        }
+        for (int32_t id : item.ids) {
+            if (id < 0 || size_t(id) >= n_vocab)
+                fail("post_processor.special_tokens", "'" + item.special + "' has id " + std::to_string(id) +
+                                                          ", which is not a token");
+        }
+        if (item.ids.size() == 1) {
+            if (before_sequence && m->bos < 0) m->bos = item.ids[0];
+            if (!before_sequence) m->eos = item.ids[0];
+        }
+    }
+    m->single_template = std::move(spec.single_template);
+    return Tokenizer(std::move(m));
+}
+
+} // namespace moesh
