@@ -64,7 +64,8 @@ void GgufWriter::put_string(std::string_view s) {
 
 void GgufWriter::begin_kv(std::string_view key, GgufValueType type) {
     if (key.empty()) throw Error("GgufWriter: empty key");
-    if (key.size() > k_gguf_max_name_bytes) throw Error("GgufWriter: key of " + std::to_string(key.size()) + " bytes is too long");
+    if (key.size() > k_gguf_max_name_bytes)
+        throw Error("GgufWriter: key of " + std::to_string(key.size()) + " bytes is too long");
     if (key == "general.alignment" && type != GgufValueType::U32)
         throw Error("GgufWriter: general.alignment must be u32");
     if (!keys_.emplace(key).second) throw Error("GgufWriter: duplicate key '" + std::string(key) + "'");
@@ -73,15 +74,50 @@ void GgufWriter::begin_kv(std::string_view key, GgufValueType type) {
     ++n_kv_;
 }
 
-void GgufWriter::add_u8(std::string_view key, uint8_t v) { begin_kv(key, GgufValueType::U8); append_le(kv_bytes_, v, 1); }
-void GgufWriter::add_i8(std::string_view key, int8_t v) { begin_kv(key, GgufValueType::I8); append_le(kv_bytes_, static_cast<uint8_t>(v), 1); }
-void GgufWriter::add_u16(std::string_view key, uint16_t v) { begin_kv(key, GgufValueType::U16); append_le(kv_bytes_, v, 2); }
-void GgufWriter::add_i16(std::string_view key, int16_t v) { begin_kv(key, GgufValueType::I16); append_le(kv_bytes_, static_cast<uint16_t>(v), 2); }
-void GgufWriter::add_i32(std::string_view key, int32_t v) { begin_kv(key, GgufValueType::I32); append_le(kv_bytes_, static_cast<uint32_t>(v), 4); }
-void GgufWriter::add_u64(std::string_view key, uint64_t v) { begin_kv(key, GgufValueType::U64); append_le(kv_bytes_, v, 8); }
-void GgufWriter::add_i64(std::string_view key, int64_t v) { begin_kv(key, GgufValueType::I64); append_le(kv_bytes_, static_cast<uint64_t>(v), 8); }
-void GgufWriter::add_bool(std::string_view key, bool v) { begin_kv(key, GgufValueType::Bool); append_le(kv_bytes_, v ? 1 : 0, 1); }
-void GgufWriter::add_string(std::string_view key, std::string_view v) { begin_kv(key, GgufValueType::String); put_string(v); }
+void GgufWriter::add_u8(std::string_view key, uint8_t v) {
+    begin_kv(key, GgufValueType::U8);
+    append_le(kv_bytes_, v, 1);
+}
+
+void GgufWriter::add_i8(std::string_view key, int8_t v) {
+    begin_kv(key, GgufValueType::I8);
+    append_le(kv_bytes_, static_cast<uint8_t>(v), 1);
+}
+
+void GgufWriter::add_u16(std::string_view key, uint16_t v) {
+    begin_kv(key, GgufValueType::U16);
+    append_le(kv_bytes_, v, 2);
+}
+
+void GgufWriter::add_i16(std::string_view key, int16_t v) {
+    begin_kv(key, GgufValueType::I16);
+    append_le(kv_bytes_, static_cast<uint16_t>(v), 2);
+}
+
+void GgufWriter::add_i32(std::string_view key, int32_t v) {
+    begin_kv(key, GgufValueType::I32);
+    append_le(kv_bytes_, static_cast<uint32_t>(v), 4);
+}
+
+void GgufWriter::add_u64(std::string_view key, uint64_t v) {
+    begin_kv(key, GgufValueType::U64);
+    append_le(kv_bytes_, v, 8);
+}
+
+void GgufWriter::add_i64(std::string_view key, int64_t v) {
+    begin_kv(key, GgufValueType::I64);
+    append_le(kv_bytes_, static_cast<uint64_t>(v), 8);
+}
+
+void GgufWriter::add_bool(std::string_view key, bool v) {
+    begin_kv(key, GgufValueType::Bool);
+    append_le(kv_bytes_, v ? 1 : 0, 1);
+}
+
+void GgufWriter::add_string(std::string_view key, std::string_view v) {
+    begin_kv(key, GgufValueType::String);
+    put_string(v);
+}
 
 void GgufWriter::add_u32(std::string_view key, uint32_t v) {
     if (key == "general.alignment" && (v == 0 || (v & (v - 1)) != 0))

@@ -56,5 +56,7 @@ TEST(FuzzCorpus, RunConfigSeedsParseAsLabelledAndNothingCrashes) { replay("run_c
 
 TEST(FuzzCorpus, NpySeedsParseAsLabelledAndNothingCrashes) { replay("npy", npy_one_input, 8); }
 
+TEST(FuzzCorpus, GgufSeedsParseAsLabelledAndNothingCrashes) { replay("gguf", gguf_one_input, 16); }
+
 } // namespace
 } // namespace moesh::fuzz

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed corpora of the fuzz targets (standard library only).
 
-    python3 tests/fuzz/make_corpus.py        # rewrites tests/fuzz/corpus/{safetensors,model_config,npy}/
+    python3 tests/fuzz/make_corpus.py        # rewrites tests/fuzz/corpus/{safetensors,model_config,npy,gguf}/
 
 Seeds named valid_* must be accepted and invalid_* rejected: the corpus replay
 test (moesh_fuzz_corpus_tests) checks that, so the seeds double as regression
@@ -154,6 +154,113 @@ NPY = {
 }
 
 
+# ---- GGUF: images built field by field (see runtime/gguf.h for the layout)
+
+def g_str(s):
+    b = s.encode() if isinstance(s, str) else s
+    return struct.pack("<Q", len(b)) + b
+
+
+G_U8, G_I8, G_U16, G_I16, G_U32, G_I32, G_F32, G_BOOL, G_STR, G_ARR, G_U64, G_I64, G_F64 = range(13)
+G_FMT = {G_U8: "B", G_I8: "b", G_U16: "H", G_I16: "h", G_U32: "I", G_I32: "i", G_F32: "f", G_BOOL: "B",
+         G_U64: "Q", G_I64: "q", G_F64: "d"}
+T_F32, T_F16, T_Q4_0, T_Q8_0, T_Q4_K, T_BF16, T_MXFP4 = 0, 1, 2, 8, 12, 30, 39
+T_SIZE = {T_F32: (1, 4), T_F16: (1, 2), T_Q4_0: (32, 18), T_Q8_0: (32, 34), T_Q4_K: (256, 144), T_BF16: (1, 2),
+          T_MXFP4: (32, 17)}
+
+
+def g_val(vtype, value):
+    if vtype == G_STR:
+        return g_str(value)
+    if vtype == G_ARR:
+        etype, items = value
+        return struct.pack("<IQ", etype, len(items)) + b"".join(g_val(etype, v) for v in items)
+    return struct.pack("<" + G_FMT[vtype], value)
+
+
+def g_kv(key, vtype, value):
+    return g_str(key) + struct.pack("<I", vtype) + g_val(vtype, value)
+
+
+def g_nbytes(ttype, ne):
+    block, size = T_SIZE[ttype]
+    n = ne[0] // block * size
+    for d in ne[1:]:
+        n *= d
+    return n
+
+
+def gguf(kvs, tensors, version=3, align=32, n_kv=None, n_tensors=None, data=None):
+    """kvs: [(key, type, value)]; tensors: [(name, ne, ggml type, offset or None)], laid out
+    back to back at aligned offsets when offset is None; data defaults to a byte pattern."""
+    out = b"GGUF" + struct.pack("<IQQ", version, len(tensors) if n_tensors is None else n_tensors,
+                                len(kvs) if n_kv is None else n_kv)
+    out += b"".join(g_kv(*kv) for kv in kvs)
+    cursor, end = 0, 0
+    for name, ne, ttype, offset in tensors:
+        if offset is None:
+            offset = cursor
+        cursor = -(-(offset + g_nbytes(ttype, ne)) // align) * align
+        end = max(end, offset + g_nbytes(ttype, ne))
+        out += g_str(name) + struct.pack("<I", len(ne)) + struct.pack(f"<{len(ne)}q", *ne) + struct.pack("<IQ", ttype, offset)
+    if tensors:
+        out += bytes(-len(out) % align)
+        out += bytes(i * 37 % 251 for i in range(end)) if data is None else data
+    return out
+
+
+G_LLAMA = [("general.architecture", G_STR, "llama"), ("llama.block_count", G_U32, 1),
+           ("llama.embedding_length", G_U32, 64), ("llama.expert_count", G_U32, 4),
+           ("llama.expert_used_count", G_U32, 2), ("llama.rope.freq_base", G_F32, 10000.0)]
+G_TOKENS = [("tokenizer.ggml.tokens", G_ARR, (G_STR, ["<s>", "</s>", "a", "b"])),
+            ("tokenizer.ggml.scores", G_ARR, (G_F32, [0.0, -1.0, -2.0, -3.0]))]
+G_ONE = [("w", [8], T_F32, None)]
+
+GGUF = {
+    "valid_minimal.gguf": gguf([("general.architecture", G_STR, "llama")], G_ONE),
+    "valid_v2.gguf": gguf([("general.architecture", G_STR, "llama")], G_ONE, version=2),
+    "valid_no_tensors.gguf": gguf(G_LLAMA, []),
+    "valid_empty.gguf": gguf([], []),
+    "valid_tiny_moe.gguf": gguf(G_LLAMA + G_TOKENS, [
+        ("token_embd.weight", [32, 4], T_F16, None), ("blk.0.ffn_gate_inp.weight", [32, 4], T_F32, None),
+        ("blk.0.ffn_gate_exps.weight", [32, 2, 4], T_Q8_0, None), ("blk.0.ffn_down_exps.weight", [32, 1, 4], T_Q4_0, None),
+        ("output_norm.weight", [32], T_BF16, None)]),
+    "valid_alignment_64.gguf": gguf([("general.alignment", G_U32, 64)], [("a", [3], T_F32, None), ("b", [32, 1, 2], T_MXFP4, None)],
+                                    align=64),
+    "valid_every_scalar_type.gguf": gguf([(f"k.{t}", t, v) for t, v in [
+        (G_U8, 200), (G_I8, -3), (G_U16, 60000), (G_I16, -300), (G_U32, 7), (G_I32, -7), (G_F32, 0.5), (G_BOOL, 1),
+        (G_U64, 2**63), (G_I64, -2**62), (G_F64, 1e-300), (G_STR, "s")]], []),
+    "valid_nested_array.gguf": gguf([("nested", G_ARR, (G_ARR, [(G_U32, [1, 2]), (G_STR, ["x"]), (G_BOOL, [])]))], []),
+    "valid_q4_k_4d.gguf": gguf([], [("k", [256, 1, 2, 1], T_Q4_K, None)]),
+    "valid_unordered_offsets.gguf": gguf([], [("b", [8], T_F32, 32), ("a", [8], T_F32, 0)], data=bytes(64)),
+    "invalid_magic.gguf": b"GGUG" + gguf([], G_ONE)[4:],
+    "invalid_version_1.gguf": gguf([], [], version=1),
+    "invalid_version_99.gguf": gguf([], [], version=99),
+    "invalid_huge_n_kv.gguf": gguf(G_LLAMA, [], n_kv=2**40),
+    "invalid_negative_n_tensors.gguf": gguf([], G_ONE, n_tensors=2**64 - 1),
+    "invalid_duplicate_key.gguf": gguf([("a", G_U32, 1), ("a", G_U32, 2)], []),
+    "invalid_empty_key.gguf": gguf([("", G_U32, 1)], []),
+    "invalid_string_past_end.gguf": gguf([("general.name", G_STR, "abc")], [])[:-1],
+    "invalid_value_type.gguf": gguf([], [], n_kv=1) + g_str("k") + struct.pack("<II", 13, 0),
+    "invalid_array_count.gguf": gguf([], [], n_kv=1) + g_str("k") + struct.pack("<IIQ", G_ARR, G_F64, 2**61) + bytes(16),
+    "invalid_nested_3_deep.gguf": gguf([("d", G_ARR, (G_ARR, [(G_ARR, [])]))], []),
+    "invalid_bool_2.gguf": gguf([("b", G_U8, 2)], [])[:-5] + struct.pack("<IB", G_BOOL, 2),
+    "invalid_alignment_3.gguf": gguf([("general.alignment", G_U32, 3)], []),
+    "invalid_alignment_u64.gguf": gguf([("general.alignment", G_U64, 32)], []),
+    "invalid_offset_past_end.gguf": gguf([], [("w", [8], T_F32, 1024)], data=bytes(32)),
+    "invalid_size_past_end.gguf": gguf([], [("w", [32, 4], T_Q8_0, None)])[:-1],
+    "invalid_misaligned.gguf": gguf([], [("w", [8], T_F32, 16)], data=bytes(64)),
+    "invalid_overlap.gguf": gguf([], [("a", [16], T_F32, 0), ("b", [8], T_F32, 32)], data=bytes(128)),
+    "invalid_n_dims_5.gguf": gguf([], [("w", [1, 1, 1, 1, 1], T_F32, None)]),
+    "invalid_ne_zero.gguf": gguf([], [("w", [8, 0], T_F32, 0)], data=bytes(32)),
+    "invalid_ne_overflow.gguf": gguf([], [("w", [2**32, 2**32], T_F32, 0)], data=bytes(32)),
+    "invalid_block_size.gguf": gguf([], [("w", [64], T_Q8_0, None)]).replace(struct.pack("<q", 64), struct.pack("<q", 48), 1),
+    "invalid_ggml_type.gguf": gguf([], G_ONE).replace(struct.pack("<qIQ", 8, T_F32, 0), struct.pack("<qIQ", 8, 4, 0), 1),
+    "invalid_duplicate_tensor.gguf": gguf([], [("w", [8], T_F32, None), ("w", [8], T_F32, None)]),
+    "invalid_truncated_infos.gguf": gguf(G_LLAMA, [("blk.0.ffn_gate_exps.weight", [32, 2, 4], T_Q8_0, None)])[:300],
+}
+
+
 def write(folder, files):
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
@@ -165,5 +272,6 @@ if __name__ == "__main__":
     write(HERE / "corpus" / "safetensors", SAFETENSORS)
     write(HERE / "corpus" / "model_config", MODEL_CONFIG)
     write(HERE / "corpus" / "npy", NPY)
-    print(f"wrote {len(SAFETENSORS)} safetensors, {len(MODEL_CONFIG)} config.json and {len(NPY)} .npy seeds "
+    write(HERE / "corpus" / "gguf", GGUF)
+    print(f"wrote {len(SAFETENSORS)} safetensors, {len(MODEL_CONFIG)} config.json, {len(NPY)} .npy and {len(GGUF)} GGUF seeds "
           f"under {HERE / 'corpus'}")
