@@ -173,7 +173,8 @@ public:
     Regex(std::string_view pattern, bool literal) {
         int err = 0;
         PCRE2_SIZE offset = 0;
-        uint32_t options = PCRE2_UTF | PCRE2_UCP | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : 0);
+        // PCRE2_LITERAL refuses PCRE2_UCP, which a literal does not need anyway.
+        uint32_t options = PCRE2_UTF | PCRE2_MATCH_INVALID_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP);
         code_ = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), options, &err, &offset,
                               nullptr);
         if (!code_) {
@@ -685,7 +686,8 @@ Tokenizer build_tokenizer(TokenizerSpec spec) {
     auto fail = [&](const std::string & key, const std::string & what) -> void {
         throw Error(src + ": key '" + key + "': " + what);
     };
-    constexpr int32_t k_max_id = (1 << 24) - 1;
+    // Tables are indexed by id; real vocabularies stay below 300k.
+    constexpr int32_t k_max_id = (1 << 21) - 1;
 
     m->source = spec.source;
     int32_t max_id = -1;

@@ -5,9 +5,18 @@
 //   std::vector<int32_t> ids = tok.encode("Hello world", /*add_special=*/true);  // BOS per the post-processor
 //   std::string text = tok.decode(ids, /*skip_special=*/true);
 //
-//   StreamDecoder stream(tok);                    // while generating:
-//   for (int32_t id : generated) std::fputs(std::string(stream.push(id)).c_str(), stdout);
-//   std::fputs(std::string(stream.flush()).c_str(), stdout);
+//   StreamDecoder stream(tok, /*skip_special=*/true);   // while generating:
+//   for (int32_t id : generated) { std::string_view s = stream.push(id); fwrite(s.data(), 1, s.size(), stdout); }
+//   std::string_view rest = stream.flush();              // at the end
+//
+// Supported: model BPE (merges as "a b" or [a, b], ignore_merges, unk_token);
+// normalizers NFC/NFD/NFKC/NFKD (ICU) and Sequence; pre-tokenizers ByteLevel
+// alone or last in a Sequence after Split (Regex run by PCRE2, or String;
+// every behaviour, invert); decoder ByteLevel; post-processors ByteLevel,
+// TemplateProcessing (single: specials around $A) and Sequence; added tokens
+// with lstrip/rstrip/single_word/normalized, matched leftmost-longest before
+// pre-tokenization. Refused: byte_fallback, dropout, WordPiece/Unigram,
+// Metaspace and other pre-tokenizers/decoders. truncation/padding are ignored.
 //
 // Loading refuses anything it does not implement (model, normalizer,
 // pre-tokenizer, decoder or post-processor types, flag combinations) with a
@@ -74,7 +83,7 @@ private:
 // Turns ids into text one at a time, emitting only complete UTF-8 characters:
 // bytes of a character split across tokens are held back until it completes.
 // The concatenation of every push() and the final flush() equals
-// Tokenizer::decode of the same ids.
+// Tokenizer::decode of the same ids. The Tokenizer must outlive the decoder.
 class StreamDecoder {
 public:
     explicit StreamDecoder(const Tokenizer & tok, bool skip_special = false);

@@ -263,7 +263,7 @@ Tokenizer load_tokenizer_json(std::string_view json_text, std::string_view sourc
     json root;
     try {
         root = json::parse(json_text.begin(), json_text.end());
-    } catch (const json::parse_error & e) {
+    } catch (const json::exception & e) {   // parse_error, or out_of_range for numbers too big
         throw Error(std::string(source_name) + ": not valid JSON: " + e.what());
     }
     if (!root.is_object()) throw Error(std::string(source_name) + ": expected a JSON object at the top level");

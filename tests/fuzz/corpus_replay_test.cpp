@@ -58,5 +58,9 @@ TEST(FuzzCorpus, NpySeedsParseAsLabelledAndNothingCrashes) { replay("npy", npy_o
 
 TEST(FuzzCorpus, GgufSeedsParseAsLabelledAndNothingCrashes) { replay("gguf", gguf_one_input, 16); }
 
+TEST(FuzzCorpus, TokenizerJsonSeedsParseAsLabelledAndNothingCrashes) {
+    replay("tokenizer_json", tokenizer_json_one_input, 12);
+}
+
 } // namespace
 } // namespace moesh::fuzz

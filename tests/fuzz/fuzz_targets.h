@@ -15,5 +15,6 @@ bool model_config_one_input(const uint8_t * data, size_t size);
 bool npy_one_input(const uint8_t * data, size_t size);
 bool run_config_one_input(const uint8_t * data, size_t size);
 bool gguf_one_input(const uint8_t * data, size_t size);
+bool tokenizer_json_one_input(const uint8_t * data, size_t size);
 
 } // namespace moesh::fuzz
