@@ -59,6 +59,7 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
         if (p1 == n_prompt) last = logits + size_t(n_rows - 1) * n_vocab;
     }
     r.tokens.push_back(sampler.sample(last, c.n_vocab));
+    if (o.on_token) o.on_token(r.tokens.back());
     auto t1 = clock::now();
     r.prompt_seconds = std::chrono::duration<double>(t1 - t0).count();
 
@@ -71,6 +72,7 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
         if (!logits) throw Error("forward pass: " + err);
         if (o.keep_logits) r.logits.insert(r.logits.end(), logits, logits + n_vocab);
         r.tokens.push_back(sampler.sample(logits, c.n_vocab));
+        if (o.on_token) o.on_token(r.tokens.back());
         ++r.n_decode_steps;
     }
     r.decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();

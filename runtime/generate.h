@@ -27,6 +27,7 @@ struct GenerateOptions {
     bool stop_at_eos = false;
     int64_t max_batch = 64;      // prefill chunk
     int64_t kv_block_size = 16;
+    std::function<void(int32_t)> on_token; // called with each generated id as soon as it is sampled
 };
 
 struct GenerateResult {

@@ -5,11 +5,15 @@
 #include "runtime/model.h"
 #include "runtime/npy.h"
 #include "runtime/run_config.h"
+#include "runtime/tokenizer.h"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <optional>
 #include <cstdio>
 #include <iostream>
 #include <sstream>
@@ -55,6 +59,23 @@ std::string human_bytes(double b) {
     return buf;
 }
 
+// tokenizer.json of a model folder, or the file itself.
+std::optional<moesh::Tokenizer> find_tokenizer(const std::string & model) {
+    namespace fs = std::filesystem;
+    fs::path p(model);
+    if (fs::is_directory(p)) p /= "tokenizer.json";
+    if (!fs::exists(p)) return std::nullopt;
+    return moesh::load_tokenizer_json_file(p.string());
+}
+
+std::string read_text(const std::string & path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Error(path + ": cannot open the text file");
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
 struct CommonOptions {
     std::string model;
     std::string config;
@@ -95,11 +116,18 @@ moesh::Model load_model(const std::string & path, bool verbose) {
     return m;
 }
 
-int cmd_run(const CommonOptions & co, const std::string & prompt_ids, int64_t n, float temperature, int top_k,
-            float top_p, uint64_t seed, const std::string & output, const std::string & dump_logits) {
+int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std::string & prompt_text, int64_t n,
+            float temperature, int top_k, float top_p, uint64_t seed, const std::string & output,
+            const std::string & dump_logits) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
+    std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
     moesh::GenerateOptions go;
-    go.prompt = parse_ids(prompt_ids);
+    if (!prompt_text.empty()) {
+        if (!tok) throw Error(co.model + ": no tokenizer.json, so --prompt cannot be used; give --prompt-ids instead");
+        go.prompt = tok->encode(prompt_text, /*add_special=*/true);
+    } else {
+        go.prompt = parse_ids(prompt_ids);
+    }
     go.n_generate = n;
     go.sampling = {temperature, top_k, top_p, seed};
     go.keep_logits = !dump_logits.empty();
@@ -111,7 +139,30 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, int64_t n,
     auto backend = open_backend(co, rc);
     std::fprintf(stderr, "moesh: backend '%s' (%s)\n", backend->name().c_str(), backend->path().c_str());
 
+    if (tok && tok->n_vocab() > model.config().n_vocab)
+        std::fprintf(stderr, "moesh: warning: the tokenizer has %lld ids, the model %lld\n", (long long)tok->n_vocab(),
+                     (long long)model.config().n_vocab);
+    // text mode streams the generated text as it comes; never half a UTF-8 character
+    std::optional<moesh::StreamDecoder> stream;
+    if (tok && output == "text") {
+        stream.emplace(*tok, /*skip_special=*/false);
+        go.on_token = [&](int32_t id) {
+            if (id >= 0 && id < tok->n_vocab()) {
+                std::string_view piece = stream->push(id);
+                std::fwrite(piece.data(), 1, piece.size(), stdout);
+                std::fflush(stdout);
+            }
+        };
+    }
+
     moesh::GenerateResult r = moesh::generate(model, *backend, go);
+    std::string text;
+    if (tok) {
+        std::vector<int32_t> in_vocab;
+        for (int32_t t : r.tokens)
+            if (t < tok->n_vocab()) in_vocab.push_back(t);
+        text = tok->decode(in_vocab, /*skip_special=*/false);
+    }
 
     if (!dump_logits.empty()) {
         moesh::write_npy_f32(dump_logits, r.logits.data(), {r.n_logit_rows, model.config().n_vocab});
@@ -125,7 +176,10 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, int64_t n,
         nlohmann::json j;
         j["prompt_ids"] = go.prompt;
         j["tokens"] = r.tokens;
-        j["text"] = nullptr; // no tokenizer yet
+        if (tok)
+            j["text"] = text;
+        else
+            j["text"] = nullptr; // no tokenizer.json in the model folder
         j["timings"] = {{"prompt_tokens", go.prompt.size()},
                         {"prompt_seconds", r.prompt_seconds},
                         {"prompt_tokens_per_second", prompt_tps},
@@ -146,11 +200,36 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, int64_t n,
         j["kv_cache_bytes"] = r.kv_bytes;
         std::cout << j.dump() << std::endl;
     } else {
+        if (stream) {
+            std::string_view rest = stream->flush();
+            std::fwrite(rest.data(), 1, rest.size(), stdout);
+            std::fputc('\n', stdout);
+        }
         std::cout << "tokens:";
         for (int32_t t : r.tokens) std::cout << ' ' << t;
         std::cout << '\n';
         std::fprintf(stdout, "prompt: %zu tokens, %.1f tokens/s; decode: %lld tokens, %.1f tokens/s\n", go.prompt.size(),
                      prompt_tps, (long long)r.n_decode_steps, decode_tps);
+    }
+    return 0;
+}
+
+int cmd_tokenize(const std::string & model, const std::string & text_arg, const std::string & file, bool add_special,
+                 const std::string & output) {
+    std::optional<moesh::Tokenizer> tok = find_tokenizer(model);
+    if (!tok) throw Error(model + ": no tokenizer.json (give a model folder that has one, or the file itself)");
+    const std::string text = file.empty() ? text_arg : read_text(file);
+    const std::vector<int32_t> ids = tok->encode(text, add_special);
+    if (output == "json") {
+        nlohmann::json j;
+        j["ids"] = ids;
+        std::cout << j.dump() << std::endl;
+    } else {
+        for (size_t i = 0; i < ids.size(); ++i) {
+            nlohmann::json piece = tok->token_text(ids[i]);
+            std::cout << ids[i] << '\t' << piece.dump() << '\n';
+        }
+        std::cout << ids.size() << " tokens" << std::endl;
     }
     return 0;
 }
@@ -225,6 +304,8 @@ int main(int argc, char ** argv) {
     app.footer("Examples:\n"
                "  moesh inspect --model tests/fixtures/mixtral_top2\n"
                "  moesh run --model tests/fixtures/mixtral_top2 --prompt-ids 1,2,3 -n 16\n"
+               "  moesh run --model tests/fixtures/llama_gqa_tied --prompt \"Hello\" -n 16\n"
+               "  moesh tokenize --model tests/fixtures/tokenizers/qwen2 --text \"Hello world\" --output json\n"
                "  moesh run --model DIR --prompt-ids 1,2,3 -n 64 --temperature 0.8 --top-p 0.95 --seed 7 --output json\n"
                "Plugins: --plugin-dir, then $MOESH_PLUGIN_DIR (colon-separated), then [plugins].dirs of --config,\n"
                "then <exe>/../lib/moesh. `moesh run -v` says which were found and why one was chosen.");
@@ -239,7 +320,15 @@ int main(int argc, char ** argv) {
 
     CLI::App * run = app.add_subcommand("run", "Generate tokens from a prompt of token ids");
     add_common(run, co);
-    run->add_option("--prompt-ids", prompt_ids, "Comma-separated prompt token ids, e.g. 1,2,3")->required();
+    std::string prompt_text;
+    auto * ids_opt = run->add_option("--prompt-ids", prompt_ids, "Comma-separated prompt token ids, e.g. 1,2,3");
+    auto * text_opt = run->add_option("-p,--prompt", prompt_text,
+                                      "Prompt text, encoded with the model folder's tokenizer.json (BOS as its "
+                                      "post-processor adds it); the generated text is streamed");
+    ids_opt->excludes(text_opt);
+    run->callback([&]() {
+        if (prompt_ids.empty() && prompt_text.empty()) throw CLI::ValidationError("--prompt or --prompt-ids is required");
+    });
     run->add_option("-n,--n-predict", n, "Tokens to generate")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 30));
     run->add_option("--temperature", temperature, "Sampling temperature; 0 = greedy (default)")->check(CLI::Range(0.0f, 1e6f));
     run->add_option("--top-k", top_k, "Keep the k most likely tokens; 0 = off")->check(CLI::Range(0, 1 << 30));
@@ -252,6 +341,20 @@ int main(int argc, char ** argv) {
                     "Write float32 logits of every prompt position and generated step to this .npy file "
                     "[n_prompt + n - 1, n_vocab]");
 
+    CLI::App * tokenize = app.add_subcommand("tokenize", "Turn text into token ids with a model's tokenizer.json");
+    std::string tok_model, tok_text, tok_file, tok_output = "text";
+    bool tok_add_special = false;
+    tokenize->add_option("-m,--model", tok_model, "Model folder with tokenizer.json, or a tokenizer.json file")->required();
+    auto * tt = tokenize->add_option("--text", tok_text, "Text to tokenize");
+    auto * tf = tokenize->add_option("--file", tok_file, "File whose contents to tokenize");
+    tt->excludes(tf);
+    tokenize->add_flag("--add-special", tok_add_special, "Add BOS/special tokens as the tokenizer's post-processor does");
+    tokenize->add_option("--output", tok_output, "text (id and piece per line), or json: {\"ids\": [...]} on the last line")
+        ->check(CLI::IsMember({"text", "json"}));
+    tokenize->callback([&]() {
+        if (tok_text.empty() && tok_file.empty() && !*tt) throw CLI::ValidationError("--text or --file is required");
+    });
+
     CLI::App * inspect = app.add_subcommand("inspect", "Show architecture, hyper-parameters, tensors and expert sizes");
     CommonOptions ico;
     inspect->add_option("-m,--model", ico.model, "Hugging Face model folder")->required();
@@ -262,7 +365,8 @@ int main(int argc, char ** argv) {
         return app.exit(e);
     }
     try {
-        if (*run) return cmd_run(co, prompt_ids, n, temperature, top_k, top_p, seed, output, dump_logits);
+        if (*run) return cmd_run(co, prompt_ids, prompt_text, n, temperature, top_k, top_p, seed, output, dump_logits);
+        if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
     } catch (const moesh::BackendError & e) {
         std::fprintf(stderr, "moesh: error: %s\n", e.what());

@@ -151,6 +151,27 @@ def llama3_style(lines):
     return Tokenizer.from_str(json.dumps(doc))
 
 
+def model_sized_style(lines, n_vocab):
+    """Llama-3 style with exactly n_vocab ids, shipped beside a golden model of that vocabulary so that
+    `moesh run --prompt` has a real tokenizer.json to read (the model is random: text is gibberish)."""
+    specials = ["<|begin_of_text|>", "<|end_of_text|>"]
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=n_vocab - len(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines, trainer)
+    tok.add_special_tokens([AddedToken(t, special=True) for t in specials])
+    assert tok.get_vocab_size() == n_vocab, tok.get_vocab_size()
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                                       special_tokens=[("<|begin_of_text|>", bos)])
+    return tok
+
+
 def splits_style(llama3):
     """Llama-3's model behind every Split behaviour, invert, a literal pattern and NFKC."""
     doc = json.loads(llama3.to_str())
@@ -307,6 +328,10 @@ def main():
     write(out_dir, "llama3", llama3)
     write(out_dir, "splits", splits_style(llama3))
     write(out_dir, "qwen2", qwen2_style(lines))
+    # beside the llama_gqa_tied golden model (vocab 320): tokenizer.json only, no cases
+    model_dir = os.path.join(root, "tests", "fixtures", "llama_gqa_tied")
+    with open(os.path.join(model_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
+        f.write(model_sized_style(lines, 320).to_str())
 
 
 if __name__ == "__main__":

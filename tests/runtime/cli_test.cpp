@@ -92,6 +92,58 @@ TEST(Cli, InspectListsTensorsAndExpertBytes) {
     EXPECT_NE(r.out.find("w1.weight"), std::string::npos);
 }
 
+// Writes text to a temp file so it reaches the executable byte for byte (no shell quoting).
+fs::path temp_text(const std::string & text) {
+    static int counter = 0;
+    fs::path p = fs::temp_directory_path() / ("moesh_cli_text_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
+    std::ofstream(p, std::ios::binary) << text;
+    return p;
+}
+
+TEST(Cli, TokenizeMatchesHuggingFaceTokenizers) {
+    for (const char * flavour : {"qwen2", "llama3"}) {
+        const std::string dir = std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/tokenizers/" + flavour;
+        std::ifstream in(dir + "/cases.json");
+        const auto cases = nlohmann::json::parse(in)["cases"];
+        for (size_t i = 0; i < cases.size(); i += 9) { // a spread of the cases; all are checked in tokenizer_test
+            const std::string text = cases[i]["text"].get<std::string>();
+            const fs::path f = temp_text(text);
+            for (bool special : {false, true}) {
+                Result r = run("tokenize --model " + dir + " --file " + f.string() + " --output json" +
+                                   (special ? " --add-special" : ""),
+                               false);
+                ASSERT_EQ(r.status, 0) << r.out;
+                const std::string last = r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1);
+                EXPECT_EQ(nlohmann::json::parse(last)["ids"], cases[i][special ? "ids_special" : "ids"])
+                    << flavour << " case " << i;
+            }
+            fs::remove(f);
+        }
+    }
+}
+
+TEST(Cli, RunWithPromptTextEqualsRunWithItsIds) {
+    const std::string model = std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/llama_gqa_tied";
+    const fs::path f = temp_text("The quick brown fox");
+    Result t = run("tokenize --model " + model + " --file " + f.string() + " --add-special --output json", false);
+    ASSERT_EQ(t.status, 0) << t.out;
+    const auto ids = nlohmann::json::parse(t.out.substr(t.out.rfind('\n', t.out.size() - 2) + 1))["ids"];
+    std::string id_list;
+    for (size_t i = 0; i < ids.size(); ++i) id_list += (i ? "," : "") + std::to_string(ids[i].get<int>());
+    fs::remove(f);
+
+    Result a = run("run --model " + model + " --prompt 'The quick brown fox' -n 12 --output json", false);
+    Result b = run("run --model " + model + " --prompt-ids " + id_list + " -n 12 --output json", false);
+    ASSERT_EQ(a.status, 0) << a.out;
+    ASSERT_EQ(b.status, 0) << b.out;
+    const auto ja = nlohmann::json::parse(a.out.substr(a.out.rfind('\n', a.out.size() - 2) + 1));
+    const auto jb = nlohmann::json::parse(b.out.substr(b.out.rfind('\n', b.out.size() - 2) + 1));
+    EXPECT_EQ(ja["prompt_ids"], ids);
+    EXPECT_EQ(ja["tokens"], jb["tokens"]);
+    EXPECT_TRUE(ja["text"].is_string());
+    EXPECT_EQ(ja["text"], jb["text"]);
+}
+
 TEST(Cli, ErrorsSayWhatIsWrong) {
     Result r = run("run --model /nonexistent/model --prompt-ids 1,2");
     EXPECT_EQ(r.status, 1);
@@ -103,6 +155,9 @@ TEST(Cli, ErrorsSayWhatIsWrong) {
         r = run("run --model " + k_fixture + " --prompt-ids 1,99999999");
         EXPECT_EQ(r.status, 1);
         EXPECT_NE(r.out.find("outside the vocabulary"), std::string::npos) << r.out;
+        r = run("run --model " + k_fixture + " --prompt hello");
+        EXPECT_EQ(r.status, 1);
+        EXPECT_NE(r.out.find("no tokenizer.json"), std::string::npos) << r.out;
         r = run("run --model " + k_fixture + " --prompt-ids 1 --plugin-dir /nonexistent --backend nosuch");
         EXPECT_EQ(r.status, 1);
         EXPECT_NE(r.out.find("nosuch"), std::string::npos) << r.out;
