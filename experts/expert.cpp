@@ -13,11 +13,24 @@ size_t dtype_size(moesh_dtype type) {
     }
 }
 
+size_t dtype_row_bytes(moesh_dtype type, int64_t n_cols) {
+    if (n_cols < 0) return 0;
+    switch (type) {
+    case MOESH_DTYPE_Q8_0:
+    case MOESH_DTYPE_Q4_0:
+        if (n_cols % MOESH_QK_BLOCK != 0) return 0;
+        return size_t(n_cols / MOESH_QK_BLOCK) * (type == MOESH_DTYPE_Q8_0 ? 34 : 18);
+    default: return size_t(n_cols) * dtype_size(type);
+    }
+}
+
 const char * dtype_name(moesh_dtype type) {
     switch (type) {
     case MOESH_DTYPE_F32: return "f32";
     case MOESH_DTYPE_F16: return "f16";
     case MOESH_DTYPE_BF16: return "bf16";
+    case MOESH_DTYPE_Q8_0: return "q8_0";
+    case MOESH_DTYPE_Q4_0: return "q4_0";
     default: return "?";
     }
 }

@@ -8,6 +8,8 @@
 #pragma once
 
 #include <stdexcept>
+#include <string>
+#include <string_view>
 
 namespace moesh {
 
@@ -15,5 +17,9 @@ class Error : public std::runtime_error {
 public:
     using std::runtime_error::runtime_error;
 };
+
+// A name or key from an untrusted file, quoted for a message: control bytes
+// (and, unless keep_utf8, every byte >= 0x7f) as \xNN, cut after 160 bytes.
+std::string quote_untrusted(std::string_view s, bool keep_utf8);
 
 } // namespace moesh

@@ -61,25 +61,7 @@ const std::vector<TypeEntry> & type_table() {
     return table;
 }
 
-// Names and keys come from untrusted files: keep messages printable and short.
-std::string quote(std::string_view s) {
-    constexpr size_t k_max = 160;
-    std::string out = "'";
-    for (size_t i = 0; i < s.size() && i < k_max; ++i) {
-        unsigned char c = static_cast<unsigned char>(s[i]);
-        if (c < 0x20 || c >= 0x7f) {
-            static const char hex[] = "0123456789abcdef";
-            out += "\\x";
-            out += hex[c >> 4];
-            out += hex[c & 15];
-        } else {
-            out += static_cast<char>(c);
-        }
-    }
-    if (s.size() > k_max) out += "...";
-    out += "'";
-    return out;
-}
+std::string quote(std::string_view s) { return quote_untrusted(s, false); }
 
 uint32_t load_u32(const uint8_t * p) {
     return uint32_t(p[0]) | uint32_t(p[1]) << 8 | uint32_t(p[2]) << 16 | uint32_t(p[3]) << 24;

@@ -55,25 +55,7 @@ const DtypeEntry & dtype_entry(StDtype dtype) {
     throw std::logic_error("StDtype out of range");
 }
 
-// Names and keys come from untrusted files: keep messages printable and short.
-std::string quote(std::string_view s) {
-    constexpr size_t k_max = 160;
-    std::string out = "'";
-    for (size_t i = 0; i < s.size() && i < k_max; ++i) {
-        unsigned char c = static_cast<unsigned char>(s[i]);
-        if (c < 0x20 || c == 0x7f) {
-            static const char hex[] = "0123456789abcdef";
-            out += "\\x";
-            out += hex[c >> 4];
-            out += hex[c & 15];
-        } else {
-            out += static_cast<char>(c);
-        }
-    }
-    if (s.size() > k_max) out += "...";
-    out += "'";
-    return out;
-}
+std::string quote(std::string_view s) { return quote_untrusted(s, true); }
 
 std::string brief(const json & j) {
     std::string s = j.dump(-1, ' ', false, json::error_handler_t::replace);

@@ -165,11 +165,15 @@ bool product_fits(int64_t a, int64_t b, int64_t * out = nullptr) {
 }
 
 bool weight_type_ok(int32_t t) {
-    return t == MOESH_DTYPE_F32 || t == MOESH_DTYPE_F16 || t == MOESH_DTYPE_BF16;
+    return t == MOESH_DTYPE_F32 || t == MOESH_DTYPE_F16 || t == MOESH_DTYPE_BF16 || t == MOESH_DTYPE_Q8_0 ||
+           t == MOESH_DTYPE_Q4_0;
 }
 
+// Weights of block type t (rows of whole 32-element blocks).
+bool is_block_type(int32_t t) { return t == MOESH_DTYPE_Q8_0 || t == MOESH_DTYPE_Q4_0; }
+
 moesh_status unsupported_weight_type(moesh_backend * be, const char * op, int32_t t) {
-    return fail(be, MOESH_ERR_UNSUPPORTED, "%s: weight dtype %d is not supported by the cpu backend (f32, f16, bf16 are)",
+    return fail(be, MOESH_ERR_UNSUPPORTED, "%s: weight dtype %d is not supported by the cpu backend (f32, f16, bf16, q8_0, q4_0 are)",
                 op, int(t));
 }
 
@@ -378,6 +382,9 @@ moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
         if (!weight_type_ok(a.w_type)) {
             return unsupported_weight_type(be, "matmul", a.w_type);
         }
+        MOESH_CPU_REQUIRE(!is_block_type(a.w_type) || a.n_in % MOESH_QK_BLOCK == 0,
+                          "matmul: n_in (%lld) is not a multiple of %d, as block weight dtype %d needs", ll(a.n_in),
+                          int(MOESH_QK_BLOCK), int(a.w_type));
         // Exact extents: rows are n_in (n_out) floats, x_stride (y_stride) apart.
         MOESH_CPU_REQUIRE(disjoint(a.y, size_t(n_y - a.y_stride + a.n_out) * 4, a.x,
                                    size_t(n_x - a.x_stride + a.n_in) * 4),
@@ -491,6 +498,9 @@ moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * ar
         if (!weight_type_ok(a.w_type)) {
             return unsupported_weight_type(be, "expert_ffn", a.w_type);
         }
+        MOESH_CPU_REQUIRE(!is_block_type(a.w_type) || (a.n_embd % MOESH_QK_BLOCK == 0 && a.n_ff % MOESH_QK_BLOCK == 0),
+                          "expert_ffn: n_embd (%lld) and n_ff (%lld) must be multiples of %d for block weight dtype %d",
+                          ll(a.n_embd), ll(a.n_ff), int(MOESH_QK_BLOCK), int(a.w_type));
         MOESH_CPU_REQUIRE(disjoint(a.scratch, size_t(n_h) * 4, a.x, size_t(n_x) * 4) &&
                               disjoint(a.scratch, size_t(n_h) * 4, a.out, size_t(n_x) * 4),
                           "expert_ffn: scratch overlaps x or out");

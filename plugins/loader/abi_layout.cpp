@@ -31,6 +31,8 @@ static_assert(MOESH_DTYPE_F32 == 0, "MOESH_DTYPE_F32 changed value");
 static_assert(MOESH_DTYPE_F16 == 1, "MOESH_DTYPE_F16 changed value");
 static_assert(MOESH_DTYPE_BF16 == 2, "MOESH_DTYPE_BF16 changed value");
 static_assert(MOESH_DTYPE_COUNT_V1 == 3, "MOESH_DTYPE_COUNT_V1 changed value");
+static_assert(MOESH_DTYPE_Q8_0 == 3, "MOESH_DTYPE_Q8_0 changed value");
+static_assert(MOESH_DTYPE_Q4_0 == 4, "MOESH_DTYPE_Q4_0 changed value");
 static_assert(MOESH_OP_MATMUL == 0, "MOESH_OP_MATMUL changed value");
 static_assert(MOESH_OP_RMS_NORM == 1, "MOESH_OP_RMS_NORM changed value");
 static_assert(MOESH_OP_ROPE == 2, "MOESH_OP_ROPE changed value");

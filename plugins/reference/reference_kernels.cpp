@@ -89,6 +89,35 @@ uint16_t f32_to_f16(float f) {
     return static_cast<uint16_t>(sign | h);
 }
 
+namespace {
+
+constexpr int64_t k_qk = MOESH_QK_BLOCK;
+constexpr size_t k_q8_0_bytes = 2 + 32;   // fp16 d, int8 q[32]
+constexpr size_t k_q4_0_bytes = 2 + 16;   // fp16 d, uint8 qs[16]
+
+bool is_block_type(int32_t w_type) { return w_type == MOESH_DTYPE_Q8_0 || w_type == MOESH_DTYPE_Q4_0; }
+
+size_t block_bytes(int32_t w_type) { return w_type == MOESH_DTYPE_Q8_0 ? k_q8_0_bytes : k_q4_0_bytes; }
+
+// Element j (0..31) of the block at p, as GGUF's dequantize_row computes it.
+float block_element(int32_t w_type, const uint8_t * p, int64_t j) {
+    const float d = f16_to_f32(uint16_t(p[0] | (p[1] << 8)));
+    if (w_type == MOESH_DTYPE_Q8_0) {
+        return float(int8_t(p[2 + j])) * d;
+    }
+    const uint8_t q = p[2 + j % (k_qk / 2)];
+    const int nibble = j < k_qk / 2 ? (q & 0x0f) : (q >> 4);
+    return d * float(nibble - 8);
+}
+
+void check_row_length(int32_t w_type, int64_t n) {
+    if (is_block_type(w_type) && n % k_qk != 0) {
+        throw std::invalid_argument("moesh::ref: a row of a block dtype must be a multiple of 32 elements");
+    }
+}
+
+} // namespace
+
 float load_weight(const void * w, int32_t w_type /* moesh_dtype */, int64_t i) {
     switch (w_type) {
     case MOESH_DTYPE_F32:
@@ -97,21 +126,53 @@ float load_weight(const void * w, int32_t w_type /* moesh_dtype */, int64_t i) {
         return f16_to_f32(static_cast<const uint16_t *>(w)[i]);
     case MOESH_DTYPE_BF16:
         return bf16_to_f32(static_cast<const uint16_t *>(w)[i]);
+    case MOESH_DTYPE_Q8_0:
+    case MOESH_DTYPE_Q4_0:
+        return block_element(w_type, static_cast<const uint8_t *>(w) + size_t(i / k_qk) * block_bytes(w_type),
+                             i % k_qk);
     default:
         throw std::invalid_argument("moesh::ref: unknown weight dtype");
     }
 }
 
+size_t weight_row_bytes(int32_t w_type /* moesh_dtype */, int64_t n) {
+    switch (w_type) {
+    case MOESH_DTYPE_F32: return size_t(n) * 4;
+    case MOESH_DTYPE_F16:
+    case MOESH_DTYPE_BF16: return size_t(n) * 2;
+    case MOESH_DTYPE_Q8_0:
+    case MOESH_DTYPE_Q4_0: return n % k_qk == 0 ? size_t(n / k_qk) * block_bytes(w_type) : 0;
+    default: return 0;
+    }
+}
+
+void load_weight_row(const void * w, int32_t w_type /* moesh_dtype */, int64_t row, int64_t n, float * out) {
+    check_row_length(w_type, n);
+    if (is_block_type(w_type)) {
+        const uint8_t * p = static_cast<const uint8_t *>(w) + size_t(row) * weight_row_bytes(w_type, n);
+        for (int64_t b = 0; b < n / k_qk; ++b, p += block_bytes(w_type)) {
+            for (int64_t j = 0; j < k_qk; ++j) {
+                out[b * k_qk + j] = block_element(w_type, p, j);
+            }
+        }
+        return;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        out[i] = load_weight(w, w_type, row * n + i);
+    }
+}
+
 void matmul(const moesh_matmul_args & a) {
-    for (int64_t t = 0; t < a.n_tokens; ++t) {
-        const float * x = a.x + t * a.x_stride;   // [n_in]
-        float * y = a.y + t * a.y_stride;         // [n_out]
-        for (int64_t o = 0; o < a.n_out; ++o) {
+    std::vector<float> w(size_t(a.n_in));   // one weight row, widened
+    for (int64_t o = 0; o < a.n_out; ++o) {
+        load_weight_row(a.w, a.w_type, o, a.n_in, w.data());
+        for (int64_t t = 0; t < a.n_tokens; ++t) {
+            const float * x = a.x + t * a.x_stride;   // [n_in]
             double sum = a.bias ? a.bias[o] : 0.0;
             for (int64_t i = 0; i < a.n_in; ++i) {
-                sum += double(load_weight(a.w, a.w_type, o * a.n_in + i)) * x[i];
+                sum += double(w[size_t(i)]) * x[i];
             }
-            y[o] = static_cast<float>(sum);
+            a.y[t * a.y_stride + o] = static_cast<float>(sum);
         }
     }
 }
@@ -157,26 +218,34 @@ void rope(const moesh_rope_args & a) {
 }
 
 void expert_ffn(const moesh_expert_ffn_args & a) {
+    check_row_length(a.w_type, a.n_embd);
+    check_row_length(a.w_type, a.n_ff);
     std::vector<double> h(size_t(a.n_tokens * a.n_ff));   // [n_tokens, n_ff]
-    for (int64_t t = 0; t < a.n_tokens; ++t) {
-        const float * x = a.x + t * a.n_embd;   // [n_embd]
-        for (int64_t f = 0; f < a.n_ff; ++f) {
+    std::vector<float> wg(size_t(a.n_embd));               // one gate row, widened
+    std::vector<float> wu(size_t(a.n_embd));               // one up row
+    std::vector<float> wd(size_t(a.n_ff));                 // one down row
+    for (int64_t f = 0; f < a.n_ff; ++f) {
+        load_weight_row(a.gate, a.w_type, f, a.n_embd, wg.data());
+        load_weight_row(a.up, a.w_type, f, a.n_embd, wu.data());
+        for (int64_t t = 0; t < a.n_tokens; ++t) {
+            const float * x = a.x + t * a.n_embd;   // [n_embd]
             double g = 0.0;
             double u = 0.0;
             for (int64_t i = 0; i < a.n_embd; ++i) {
-                g += double(load_weight(a.gate, a.w_type, f * a.n_embd + i)) * x[i];
-                u += double(load_weight(a.up, a.w_type, f * a.n_embd + i)) * x[i];
+                g += double(wg[size_t(i)]) * x[i];
+                u += double(wu[size_t(i)]) * x[i];
             }
             h[size_t(t * a.n_ff + f)] = silu(g) * u;
         }
     }
     // Only now write out, so that out may alias x.
-    for (int64_t t = 0; t < a.n_tokens; ++t) {
-        const double scale = a.scale ? a.scale[t] : 1.0;
-        for (int64_t e = 0; e < a.n_embd; ++e) {
+    for (int64_t e = 0; e < a.n_embd; ++e) {
+        load_weight_row(a.down, a.w_type, e, a.n_ff, wd.data());
+        for (int64_t t = 0; t < a.n_tokens; ++t) {
+            const double scale = a.scale ? a.scale[t] : 1.0;
             double d = 0.0;
             for (int64_t f = 0; f < a.n_ff; ++f) {
-                d += double(load_weight(a.down, a.w_type, e * a.n_ff + f)) * h[size_t(t * a.n_ff + f)];
+                d += double(wd[size_t(f)]) * h[size_t(t * a.n_ff + f)];
             }
             float & o = a.out[t * a.n_embd + e];
             o = static_cast<float>(o + scale * d);

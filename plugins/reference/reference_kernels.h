@@ -9,12 +9,14 @@
 //
 // The functions assume valid arguments (the plugins validate theirs; struct_size
 // and reserved are not looked at); an unknown weight dtype or rope mode throws
-// std::invalid_argument.
+// std::invalid_argument, as does a block dtype (Q8_0, Q4_0) with a row length
+// that is not a multiple of 32.
 // Thread safety: no shared state; concurrent calls on disjoint outputs are fine.
 #pragma once
 
 #include <moesh/plugin.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace moesh::ref {
@@ -26,8 +28,20 @@ float bf16_to_f32(uint16_t b);
 uint16_t f32_to_f16(float f);
 uint16_t f32_to_bf16(float f);
 
-// Element i of a weight matrix of the given dtype, widened to float.
+// Element i of a weight matrix of the given dtype, widened to float. For the
+// block types (Q8_0, Q4_0) i counts elements of the whole matrix, whose rows
+// are whole numbers of blocks, so element i is element i % 32 of block i / 32.
 float load_weight(const void * w, int32_t w_type /* moesh_dtype */, int64_t i);
+
+// Row `row` of a [n_rows, n] weight matrix, widened (dequantized) to float:
+// out[0..n). Block types need n to be a multiple of 32 (else
+// std::invalid_argument); dequantization is exact (an fp16 scale times a small
+// integer), the same arithmetic as GGUF's dequantize_row.
+void load_weight_row(const void * w, int32_t w_type /* moesh_dtype */, int64_t row, int64_t n, float * out);
+
+// Bytes of one row of n elements of w_type (0 for an unknown dtype or for a
+// block type when n is not a multiple of 32).
+size_t weight_row_bytes(int32_t w_type /* moesh_dtype */, int64_t n);
 
 void matmul(const moesh_matmul_args & args);
 void rms_norm(const moesh_rms_norm_args & args);

@@ -104,13 +104,34 @@ enum moesh_status_code {
     MOESH_ERR_ABI_MISMATCH = 5
 };
 
-/* Element types (the int32_t w_type members). Values are stable across ABI versions. */
+/* Element types (the int32_t w_type members). Values are stable across ABI
+ * versions; they are moesh's own, not ggml type ids.
+ *
+ * Q8_0 and Q4_0 are block types, with GGUF's (ggml's) block layouts: 32
+ * elements per block, little-endian, an IEEE fp16 scale d first:
+ *   Q8_0, 34 bytes: d, int8 q[32];  element i = d * q[i]
+ *   Q4_0, 18 bytes: d, uint8 qs[16]; element i = d * (nibble(i) - 8), where
+ *                   elements 0..15 are the low nibbles of qs[0..15] and
+ *                   elements 16..31 the high nibbles.
+ * A weight row of n_in elements (n_ff for expert_ffn's down, n_embd for gate
+ * and up) is n_in / 32 consecutive blocks, rows one after the other with no
+ * padding; a row length that is not a multiple of 32 is
+ * MOESH_ERR_INVALID_ARGUMENT. Blocks need no alignment. Activations and
+ * outputs stay float32. Which weight types a backend offers for which op is
+ * what supports() answers (MOESH_ERR_UNSUPPORTED otherwise).
+ * MOESH_DTYPE_COUNT_V1 keeps its value: the number of the first (non-block)
+ * types, from before Q8_0 and Q4_0 were added. */
 typedef enum moesh_dtype {
     MOESH_DTYPE_F32 = 0,
     MOESH_DTYPE_F16 = 1,
     MOESH_DTYPE_BF16 = 2,
-    MOESH_DTYPE_COUNT_V1 = 3
+    MOESH_DTYPE_COUNT_V1 = 3,
+    MOESH_DTYPE_Q8_0 = 3,   /* 34-byte blocks of 32 elements */
+    MOESH_DTYPE_Q4_0 = 4    /* 18-byte blocks of 32 elements */
 } moesh_dtype;
+
+/* Elements per block of MOESH_DTYPE_Q8_0 and MOESH_DTYPE_Q4_0. */
+#define MOESH_QK_BLOCK 32
 
 /* Ops (the int32_t op parameter of supports). */
 typedef enum moesh_op {

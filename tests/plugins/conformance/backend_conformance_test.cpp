@@ -57,7 +57,7 @@ struct BackendCase {
     const char * name;
     const char * path;
     int32_t n_threads;
-    bool all_weight_types;   // must support f32, f16 and bf16 weights
+    bool all_weight_types;   // must support every type of k_weight_types
 };
 
 const BackendCase k_backends[] = {
@@ -71,13 +71,19 @@ const BackendCase k_backends[] = {
 // Names the case in gtest's messages.
 void PrintTo(const BackendCase & c, std::ostream * os) { *os << c.name; }
 
-const moesh_dtype k_weight_types[] = {MOESH_DTYPE_F32, MOESH_DTYPE_F16, MOESH_DTYPE_BF16};
+const moesh_dtype k_weight_types[] = {MOESH_DTYPE_F32, MOESH_DTYPE_F16, MOESH_DTYPE_BF16, MOESH_DTYPE_Q8_0,
+                                      MOESH_DTYPE_Q4_0};
+
+// Block types: rows are whole blocks of 32 elements, so the shapes differ.
+bool is_block_type(moesh_dtype t) { return t == MOESH_DTYPE_Q8_0 || t == MOESH_DTYPE_Q4_0; }
 
 const char * dtype_name(moesh_dtype t) {
     switch (t) {
     case MOESH_DTYPE_F32: return "f32";
     case MOESH_DTYPE_F16: return "f16";
     case MOESH_DTYPE_BF16: return "bf16";
+    case MOESH_DTYPE_Q8_0: return "q8_0";
+    case MOESH_DTYPE_Q4_0: return "q4_0";
     default: return "?";
     }
 }
@@ -134,9 +140,70 @@ struct Weights {
     std::vector<float> values;    // [n]
 };
 
+// Little-endian fp16 bits of f at p.
+void put_f16(uint8_t * p, float f) {
+    const uint16_t h = moesh::ref::f32_to_f16(f);
+    p[0] = uint8_t(h & 0xff);
+    p[1] = uint8_t(h >> 8);
+}
+
+// GGUF's Q8_0 / Q4_0 quantization of n (a multiple of 32) values, in the
+// spirit of gguf.quants (rounding details do not matter: the test compares
+// against the dequantized bytes). Every 11th block is all zero (d = 0), and
+// every 13th has a tiny scale (an fp16 subnormal).
+void quantize_blocks(moesh_dtype type, const std::vector<float> & x, std::vector<uint8_t> & bytes) {
+    const size_t n_blocks = x.size() / 32;
+    const size_t block_bytes = type == MOESH_DTYPE_Q8_0 ? 34 : 18;
+    bytes.assign(n_blocks * block_bytes, 0);
+    for (size_t b = 0; b < n_blocks; ++b) {
+        const float * v = x.data() + 32 * b;
+        uint8_t * p = bytes.data() + b * block_bytes;
+        if (b % 11 == 10) {
+            continue;   // d = 0, q = 0 (Q4_0: nibbles 0, i.e. -8 * 0)
+        }
+        if (type == MOESH_DTYPE_Q8_0) {
+            float amax = 0.0f;
+            for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
+            const float d = b % 13 == 12 ? 0x1p-20f : amax / 127.0f;
+            put_f16(p, d);
+            const float dq = moesh::ref::f16_to_f32(moesh::ref::f32_to_f16(d));
+            for (int j = 0; j < 32; ++j) {
+                const float q = dq != 0.0f ? std::round(v[j] / dq) : 0.0f;
+                p[2 + j] = uint8_t(int8_t(std::clamp(q, -127.0f, 127.0f)));
+            }
+        } else {
+            float amax = 0.0f, max = 0.0f;
+            for (int j = 0; j < 32; ++j) {
+                if (std::fabs(v[j]) > amax) {
+                    amax = std::fabs(v[j]);
+                    max = v[j];
+                }
+            }
+            const float d = b % 13 == 12 ? -0x1p-20f : max / -8.0f;
+            put_f16(p, d);
+            const float dq = moesh::ref::f16_to_f32(moesh::ref::f32_to_f16(d));
+            for (int j = 0; j < 16; ++j) {
+                auto nib = [&](float f) {
+                    const float q = dq != 0.0f ? std::floor(f / dq + 8.5f) : 8.0f;
+                    return uint8_t(std::clamp(q, 0.0f, 15.0f));
+                };
+                p[2 + j] = uint8_t(nib(v[j]) | (nib(v[j + 16]) << 4));
+            }
+        }
+    }
+}
+
+// n elements; for a block type, n must be a multiple of 32 (rows of whole blocks).
 Weights make_weights(moesh_dtype type, size_t n, float scale, std::mt19937 & rng) {
     Weights w;
     w.values = uniform(n, -scale, scale, rng);
+    if (is_block_type(type)) {
+        quantize_blocks(type, w.values, w.bytes);
+        for (size_t i = 0; i < n; ++i) {
+            w.values[i] = moesh::ref::load_weight(w.bytes.data(), type, int64_t(i));   // exact
+        }
+        return w;
+    }
     if (type == MOESH_DTYPE_F32) {
         w.bytes.resize(n * sizeof(float));
         std::memcpy(w.bytes.data(), w.values.data(), w.bytes.size());
@@ -295,9 +362,18 @@ TEST_P(BackendConformance, MatmulMatchesReference) {
         {517, 64, 17, 0, 0, false}, {31, 5, 40, 0, 0, true},   // few rows, many tokens
         {300, 8, 70, 1, 3, false},  {5000, 6, 17, 0, 0, true}, // tokens in several blocks
     };
+    // Block types: n_in a multiple of 32; odd block counts (1, 3, 5, 7, 65, 127).
+    const Shape block_shapes[] = {
+        {32, 1, 1, 0, 0, false},   {32, 5, 3, 3, 2, true},    {96, 33, 17, 0, 0, true},
+        {160, 70, 3, 5, 1, false}, {2080, 37, 1, 0, 0, true}, {224, 8, 70, 1, 3, false}, // few rows, many tokens
+        {4064, 6, 17, 0, 0, true}, {64, 9, 2, 0, 0, false},
+    };
     std::mt19937 rng(1);
     for (moesh_dtype type : k_weight_types) {
-        for (const Shape & s : shapes) {
+        const std::vector<Shape> type_shapes = is_block_type(type)
+            ? std::vector<Shape>(std::begin(block_shapes), std::end(block_shapes))
+            : std::vector<Shape>(std::begin(shapes), std::end(shapes));
+        for (const Shape & s : type_shapes) {
             SCOPED_TRACE(testing::Message() << dtype_name(type) << " n_in " << s.n_in << " n_out " << s.n_out
                                             << " n_tokens " << s.n_tokens);
             const int64_t x_stride = s.n_in + s.x_pad;
@@ -416,9 +492,16 @@ TEST_P(BackendConformance, ExpertFfnMatchesReference) {
         {8, 16, 1, false}, {13, 7, 3, true},   {64, 96, 17, true},
         {37, 51, 2, false}, {256, 704, 5, true}, {1000, 300, 20, true},
     };
+    // Block types: n_embd and n_ff multiples of 32, odd block counts included.
+    const Shape block_shapes[] = {
+        {32, 32, 1, false}, {96, 160, 3, true}, {64, 96, 17, true}, {288, 224, 17, true}, {32, 96, 2, false},
+    };
     std::mt19937 rng(2);
     for (moesh_dtype type : k_weight_types) {
-        for (const Shape & s : shapes) {
+        const std::vector<Shape> type_shapes = is_block_type(type)
+            ? std::vector<Shape>(std::begin(block_shapes), std::end(block_shapes))
+            : std::vector<Shape>(std::begin(shapes), std::end(shapes));
+        for (const Shape & s : type_shapes) {
             SCOPED_TRACE(testing::Message() << dtype_name(type) << " n_embd " << s.n_embd << " n_ff " << s.n_ff
                                             << " n_tokens " << s.n_tokens);
             const size_t n_w = size_t(s.n_ff * s.n_embd);
@@ -475,9 +558,13 @@ TEST_P(BackendConformance, ExpertFfnInPlaceMatchesReference) {
         int64_t n_embd, n_ff, n_tokens;
     };
     const Shape shapes[] = {{13, 7, 3}, {64, 96, 5}};
+    const Shape block_shapes[] = {{32, 96, 3}, {96, 32, 5}};
     std::mt19937 rng(8);
     for (moesh_dtype type : k_weight_types) {
-        for (const Shape & s : shapes) {
+        const std::vector<Shape> type_shapes = is_block_type(type)
+            ? std::vector<Shape>(std::begin(block_shapes), std::end(block_shapes))
+            : std::vector<Shape>(std::begin(shapes), std::end(shapes));
+        for (const Shape & s : type_shapes) {
             SCOPED_TRACE(testing::Message() << dtype_name(type) << " n_embd " << s.n_embd << " n_ff " << s.n_ff
                                             << " n_tokens " << s.n_tokens);
             const size_t n_w = size_t(s.n_ff * s.n_embd);
@@ -863,6 +950,37 @@ TEST_P(BackendConformance, RejectsInvalidMatmulArguments) {
     check("x_stride < n_in", [](moesh_matmul_args & a) { a.x_stride = 3; });
     check("y_stride < n_out", [](moesh_matmul_args & a) { a.y_stride = 2; });
     check("n_in huge", [](moesh_matmul_args & a) { a.n_in = a.x_stride = int64_t(1) << 62; });
+}
+
+// Block weight types need rows of whole 32-element blocks.
+TEST_P(BackendConformance, RejectsBlockRowsNotMultipleOf32) {
+    // Host arrays: validation must fail before anything is read.
+    std::vector<uint8_t> w(4096, 0);
+    std::vector<float> x(256, 1.0f), y(256), scratch(1024);
+    for (moesh_dtype type : {MOESH_DTYPE_Q8_0, MOESH_DTYPE_Q4_0}) {
+        SCOPED_TRACE(dtype_name(type));
+        if (offered(MOESH_OP_MATMUL, type)) {
+            for (int64_t n_in : {1, 16, 48, 33, 100}) {
+                moesh_matmul_args a = {.struct_size = sizeof(moesh_matmul_args), .w_type = type, .w = w.data(),
+                                       .bias = nullptr, .x = x.data(), .y = y.data(), .n_in = n_in, .n_out = 2,
+                                       .n_tokens = 1, .x_stride = n_in, .y_stride = 2};
+                Rejection r(be_, create_context());
+                r.expect(be_->matmul(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, "matmul n_in not a multiple of 32");
+            }
+        }
+        if (offered(MOESH_OP_EXPERT_FFN, type)) {
+            const int64_t sizes[][2] = {{48, 32}, {32, 40}, {16, 16}, {31, 64}};
+            for (const auto & sz : sizes) {
+                moesh_expert_ffn_args a = {.struct_size = sizeof(moesh_expert_ffn_args), .w_type = type,
+                                           .gate = w.data(), .up = w.data(), .down = w.data(), .x = x.data(),
+                                           .scale = nullptr, .out = y.data(), .scratch = scratch.data(),
+                                           .n_embd = sz[0], .n_ff = sz[1], .n_tokens = 1};
+                Rejection r(be_, create_context());
+                r.expect(be_->expert_ffn(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT,
+                         "expert_ffn n_embd or n_ff not a multiple of 32");
+            }
+        }
+    }
 }
 
 TEST_P(BackendConformance, RejectsInvalidRmsNormSoftmaxArguments) {

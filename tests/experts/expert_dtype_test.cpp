@@ -1,0 +1,69 @@
+// Weight dtypes as moesh_experts sizes and names them, and the block types'
+// dequantization in the reference kernels (plugins/reference) against the
+// GGUF oracle (experts/quant): the two are separate copies that must agree.
+#include "experts/expert.h"
+#include "experts/quant.h"
+#include "reference_kernels.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using moesh::QuantType;
+
+TEST(ExpertDtype, RowBytesOfElementAndBlockTypes) {
+    EXPECT_EQ(moesh::dtype_row_bytes(MOESH_DTYPE_F32, 7), 28u);
+    EXPECT_EQ(moesh::dtype_row_bytes(MOESH_DTYPE_F16, 7), 14u);
+    EXPECT_EQ(moesh::dtype_row_bytes(MOESH_DTYPE_BF16, 7), 14u);
+    EXPECT_EQ(moesh::dtype_row_bytes(MOESH_DTYPE_Q8_0, 96), 3u * 34u);
+    EXPECT_EQ(moesh::dtype_row_bytes(MOESH_DTYPE_Q4_0, 96), 3u * 18u);
+    EXPECT_EQ(moesh::dtype_row_bytes(MOESH_DTYPE_Q8_0, 48), 0u);
+    EXPECT_EQ(moesh::dtype_row_bytes(MOESH_DTYPE_Q4_0, -32), 0u);
+    EXPECT_EQ(moesh::dtype_row_bytes(moesh_dtype(99), 32), 0u);
+    EXPECT_EQ(moesh::dtype_row_bytes(MOESH_DTYPE_Q8_0, 4096), moesh::quant_row_bytes(QuantType::Q8_0, 4096));
+    EXPECT_EQ(moesh::dtype_row_bytes(MOESH_DTYPE_Q4_0, 4096), moesh::quant_row_bytes(QuantType::Q4_0, 4096));
+    EXPECT_EQ(moesh::dtype_size(MOESH_DTYPE_Q8_0), 0u);   // per block, not per element
+    EXPECT_EQ(std::string(moesh::dtype_name(MOESH_DTYPE_Q8_0)), "q8_0");
+    EXPECT_EQ(std::string(moesh::dtype_name(MOESH_DTYPE_Q4_0)), "q4_0");
+
+    const moesh::WeightMatrix m{nullptr, MOESH_DTYPE_Q4_0, 10, 64};
+    EXPECT_EQ(m.n_bytes(), 10u * 2u * 18u);
+    const moesh::WeightMatrix f{nullptr, MOESH_DTYPE_BF16, 10, 64};
+    EXPECT_EQ(f.n_bytes(), 10u * 64u * 2u);
+}
+
+TEST(ExpertDtype, ReferenceDequantizationMatchesGgufBitForBit) {
+    std::mt19937 rng(5);
+    std::uniform_int_distribution<int> byte(0, 255);
+    const int64_t n = 32 * 9, n_rows = 3;
+    for (auto [type, qt] : {std::pair{MOESH_DTYPE_Q8_0, QuantType::Q8_0}, std::pair{MOESH_DTYPE_Q4_0, QuantType::Q4_0}}) {
+        const size_t row_bytes = moesh::quant_row_bytes(qt, n);
+        ASSERT_EQ(moesh::ref::weight_row_bytes(type, n), row_bytes);
+        std::vector<uint8_t> w(row_bytes * n_rows);
+        for (auto & b : w) b = uint8_t(byte(rng));
+        // Sane scales: finite fp16 of either sign, subnormals included.
+        const size_t block = moesh::quant_block_bytes(qt);
+        for (size_t off = 0; off < w.size(); off += block) {
+            w[off + 1] &= 0x3b;   // exponent below 0x1f, often small
+        }
+        for (int64_t r = 0; r < n_rows; ++r) {
+            std::vector<float> want(static_cast<size_t>(n)), got(static_cast<size_t>(n));
+            ASSERT_TRUE(moesh::dequantize_row(qt, w.data() + size_t(r) * row_bytes, want.data(), n));
+            moesh::ref::load_weight_row(w.data(), type, r, n, got.data());
+            EXPECT_EQ(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)), 0) << "row " << r;
+            for (int64_t i = 0; i < n; ++i) {
+                const float e = moesh::ref::load_weight(w.data(), type, r * n + i);
+                ASSERT_EQ(std::memcmp(&e, &want[size_t(i)], sizeof e), 0) << "element " << i;
+            }
+        }
+        std::vector<float> out(48);
+        EXPECT_THROW(moesh::ref::load_weight_row(w.data(), type, 0, 48, out.data()), std::invalid_argument);
+    }
+}
+
+} // namespace
