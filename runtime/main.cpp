@@ -2,6 +2,7 @@
 #include "plugins/loader/plugin_loader.h"
 #include "runtime/error.h"
 #include "runtime/generate.h"
+#include "runtime/gguf.h"
 #include "runtime/model.h"
 #include "runtime/npy.h"
 #include "runtime/run_config.h"
@@ -234,7 +235,61 @@ int cmd_tokenize(const std::string & model, const std::string & text_arg, const 
     return 0;
 }
 
+// A GGUF file: metadata (arrays summarised), every tensor with its format, and expert sizes.
+int inspect_gguf(const std::string & path) {
+    moesh::GgufFile f(path);
+    std::printf("file:          %s\n", path.c_str());
+    std::printf("format:        GGUF v%u, alignment %u, %zu tensors, %zu metadata keys\n", f.version(), f.alignment(),
+                f.tensors().size(), f.kvs().size());
+    std::printf("\nmetadata:\n");
+    for (const moesh::GgufKv & kv : f.kvs()) {
+        const moesh::GgufValue & v = kv.value;
+        std::string shown;
+        switch (v.type) {
+        case moesh::GgufValueType::String:
+            shown = nlohmann::json(std::string(v.str.substr(0, 80)) + (v.str.size() > 80 ? "..." : "")).dump(
+                -1, ' ', false, nlohmann::json::error_handler_t::replace);
+            break;
+        case moesh::GgufValueType::Array:
+            shown = "array of " + std::to_string(v.array->size()) + " " +
+                    std::string(moesh::gguf_value_type_name(v.array->type()));
+            break;
+        case moesh::GgufValueType::Bool: shown = v.u ? "true" : "false"; break;
+        case moesh::GgufValueType::F32:
+        case moesh::GgufValueType::F64: {
+            char buf[32];
+            std::snprintf(buf, sizeof buf, "%g", v.f);
+            shown = buf;
+            break;
+        }
+        default: shown = v.is_integer() && v.type != moesh::GgufValueType::I8 && v.type != moesh::GgufValueType::I16 &&
+                                 v.type != moesh::GgufValueType::I32 && v.type != moesh::GgufValueType::I64
+                             ? std::to_string(v.u)
+                             : std::to_string(v.i);
+        }
+        std::printf("  %-45.*s %s\n", int(kv.key.size()), kv.key.data(), shown.c_str());
+    }
+    std::printf("\ntensors (ne[0] first):\n");
+    uint64_t total = 0, experts = 0;
+    int64_t n_expert = 0;
+    for (const moesh::GgufTensor & t : f.tensors()) {
+        std::printf("  %-40.*s %-7.*s %s\n", int(t.name.size()), t.name.data(), int(moesh::ggml_type_name(t.type).size()),
+                    moesh::ggml_type_name(t.type).data(), t.shape_string().c_str());
+        total += t.n_bytes;
+        if (t.n_dims == 3 && t.name.find("_exps.") != std::string_view::npos) {
+            experts += t.n_bytes;
+            n_expert = t.ne[2];
+        }
+    }
+    std::printf("\nweights in all:   %s\n", human_bytes(double(total)).c_str());
+    if (n_expert > 0)
+        std::printf("routed experts:   %s in merged tensors of %lld experts each\n", human_bytes(double(experts)).c_str(),
+                    (long long)n_expert);
+    return 0;
+}
+
 int cmd_inspect(const CommonOptions & co) {
+    if (co.model.size() > 5 && co.model.compare(co.model.size() - 5, 5, ".gguf") == 0) return inspect_gguf(co.model);
     moesh::Model model = moesh::Model::load_folder(co.model);
     const auto & c = model.config();
     std::printf("model:         %s\n", co.model.c_str());
@@ -357,7 +412,7 @@ int main(int argc, char ** argv) {
 
     CLI::App * inspect = app.add_subcommand("inspect", "Show architecture, hyper-parameters, tensors and expert sizes");
     CommonOptions ico;
-    inspect->add_option("-m,--model", ico.model, "Hugging Face model folder")->required();
+    inspect->add_option("-m,--model", ico.model, "Hugging Face model folder, or a .gguf file")->required();
 
     try {
         app.parse(argc, argv);

@@ -144,6 +144,25 @@ TEST(Cli, RunWithPromptTextEqualsRunWithItsIds) {
     EXPECT_EQ(ja["text"], jb["text"]);
 }
 
+TEST(Cli, InspectGgufListsMetadataAndEveryTensorFormat) {
+    const std::string file = std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/gguf/tiny_llama_moe.gguf";
+    Result r = run("inspect --model " + file);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("GGUF v3, alignment 64, 9 tensors"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("llama.expert_count"), std::string::npos);
+    EXPECT_NE(r.out.find("array of 32 string"), std::string::npos);
+    EXPECT_NE(r.out.find("token_embd.weight"), std::string::npos);
+    EXPECT_NE(r.out.find("Q8_0"), std::string::npos);
+    EXPECT_NE(r.out.find("merged tensors of 4 experts"), std::string::npos);
+    const fs::path bad = temp_text("GGUF not really");
+    const fs::path bad_gguf = bad.string() + ".gguf";
+    fs::rename(bad, bad_gguf);
+    r = run("inspect --model " + bad_gguf.string());
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.out.find(bad_gguf.string()), std::string::npos) << r.out;
+    fs::remove(bad_gguf);
+}
+
 TEST(Cli, ErrorsSayWhatIsWrong) {
     Result r = run("run --model /nonexistent/model --prompt-ids 1,2");
     EXPECT_EQ(r.status, 1);
