@@ -3,6 +3,7 @@
 #include "runtime/error.h"
 #include "runtime/generate.h"
 #include "runtime/gguf.h"
+#include "runtime/mapped_file.h"
 #include "runtime/model.h"
 #include "runtime/npy.h"
 #include "runtime/run_config.h"
@@ -13,7 +14,6 @@
 
 #include <chrono>
 #include <filesystem>
-#include <fstream>
 #include <optional>
 #include <cstdio>
 #include <iostream>
@@ -69,14 +69,6 @@ std::optional<moesh::Tokenizer> find_tokenizer(const std::string & model) {
     return moesh::load_tokenizer_json_file(p.string());
 }
 
-std::string read_text(const std::string & path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Error(path + ": cannot open the text file");
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-}
-
 struct CommonOptions {
     std::string model;
     std::string config;
@@ -99,7 +91,7 @@ std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moes
     return be;
 }
 
-moesh::Model load_model(const std::string & path, bool verbose) {
+moesh::Model load_model(const std::string & path) {
     auto t0 = std::chrono::steady_clock::now();
     std::fprintf(stderr, "moesh: loading %s ...\n", path.c_str());
     moesh::Model m = moesh::Model::load_folder(path);
@@ -113,7 +105,6 @@ moesh::Model load_model(const std::string & path, bool verbose) {
         std::fprintf(stderr, "moesh: warning: %zu tensors in the checkpoint are not used (first: %s)\n", unused.size(),
                      unused.front().c_str());
     }
-    (void)verbose;
     return m;
 }
 
@@ -136,7 +127,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
     go.kv_block_size = rc.kv_block_size;
     if (std::string e = moesh::validate(go.sampling); !e.empty()) throw Error(e);
 
-    moesh::Model model = load_model(co.model, co.verbose);
+    moesh::Model model = load_model(co.model);
     auto backend = open_backend(co, rc);
     std::fprintf(stderr, "moesh: backend '%s' (%s)\n", backend->name().c_str(), backend->path().c_str());
 
@@ -219,7 +210,7 @@ int cmd_tokenize(const std::string & model, const std::string & text_arg, const 
                  const std::string & output) {
     std::optional<moesh::Tokenizer> tok = find_tokenizer(model);
     if (!tok) throw Error(model + ": no tokenizer.json (give a model folder that has one, or the file itself)");
-    const std::string text = file.empty() ? text_arg : read_text(file);
+    const std::string text = file.empty() ? text_arg : moesh::read_text_file(file, "the text file");
     const std::vector<int32_t> ids = tok->encode(text, add_special);
     if (output == "json") {
         nlohmann::json j;

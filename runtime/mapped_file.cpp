@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <utility>
 
@@ -93,6 +95,15 @@ void MappedFile::advise(Advice advice, size_t offset, size_t length) const noexc
     static const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
     size_t begin = offset - offset % page;
     ::madvise(const_cast<uint8_t *>(data_) + begin, length + (offset - begin), flag);
+}
+
+std::string read_text_file(const std::filesystem::path & path, std::string_view what) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Error(path.string() + ": cannot open " + std::string(what) + " (" + std::strerror(errno) + ")");
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    if (in.bad()) throw Error(path.string() + ": read error in " + std::string(what));
+    return ss.str();
 }
 
 } // namespace moesh

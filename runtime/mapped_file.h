@@ -17,8 +17,14 @@
 #include <cstdint>
 #include <filesystem>
 #include <limits>
+#include <string>
+#include <string_view>
 
 namespace moesh {
+
+// The whole contents of a small text file (configs, tokenizer.json, prompts).
+// Throws moesh::Error("<path>: cannot open (<reason>)") naming `what` the file is.
+std::string read_text_file(const std::filesystem::path & path, std::string_view what);
 
 class MappedFile {
 public:

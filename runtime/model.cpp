@@ -2,12 +2,11 @@
 
 #include "experts/quant.h"
 #include "runtime/error.h"
+#include "runtime/mapped_file.h"
 
 #include <algorithm>
 #include <cstring>
-#include <fstream>
 #include <set>
-#include <sstream>
 
 namespace moesh {
 
@@ -67,11 +66,10 @@ public:
         const size_t esz = dtype_size(moesh_dtype(t.dtype));
         const auto * base = static_cast<const uint8_t *>(t.data);
         const size_t off = (size_t(e) * size_t(rows) + size_t(row0)) * size_t(cols) * esz;
-        return WeightMatrix{base + off, moesh_dtype(t.dtype), n_rows, n_cols_checked(cols)};
+        return WeightMatrix{base + off, moesh_dtype(t.dtype), n_rows, cols};
     }
 
 private:
-    static int64_t n_cols_checked(int64_t c) { return c; }
     const WeightSource & src_;
     std::vector<std::string> & used_;
 };
@@ -80,14 +78,6 @@ void check_same_type(const ExpertWeights & w, const std::string & where) {
     if (w.gate.type != w.up.type || w.gate.type != w.down.type)
         throw Error(where + ": gate/up/down weights have different dtypes (" + dtype_name(w.gate.type) + ", " +
                     dtype_name(w.up.type) + ", " + dtype_name(w.down.type) + "); moesh needs one dtype per expert");
-}
-
-std::string read_text_file(const std::string & path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Error(path + ": cannot open (does the model folder contain config.json?)");
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
 }
 
 } // namespace
@@ -111,7 +101,7 @@ void convert_to_f32(const void * src, moesh_dtype type, float * dst, int64_t n) 
 
 Model Model::load_folder(const std::string & folder) {
     const std::string config_path = folder + "/config.json";
-    ModelConfig cfg = parse_model_config(read_text_file(config_path), config_path);
+    ModelConfig cfg = parse_model_config(read_text_file(config_path, "the model config (does the folder hold config.json?)"), config_path);
     std::shared_ptr<WeightSource> src = open_safetensors_folder(folder);
     return load(std::move(cfg), std::move(src));
 }

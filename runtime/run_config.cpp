@@ -1,12 +1,11 @@
 #include "runtime/run_config.h"
 
 #include "runtime/error.h"
+#include "runtime/mapped_file.h"
 
 #include <toml++/toml.h>
 
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 namespace moesh {
 
@@ -90,11 +89,7 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
 }
 
 RunConfig load_run_config(const std::string & path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Error(path + ": cannot open the config file");
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    RunConfig rc = parse_run_config(ss.str(), path);
+    RunConfig rc = parse_run_config(read_text_file(path, "the config file"), path);
     const std::filesystem::path base = std::filesystem::path(path).parent_path();
     for (auto & d : rc.plugin_dirs)
         if (std::filesystem::path(d).is_relative()) d = (base / d).lexically_normal().string();

@@ -2,12 +2,11 @@
 // byte-level BPE families (GPT-2, Llama-3, Qwen2) use is accepted; anything
 // else is refused by name so that a model never runs with silently different ids.
 #include "runtime/error.h"
+#include "runtime/mapped_file.h"
 #include "runtime/tokenizer.h"
 
 #include <nlohmann/json.hpp>
 
-#include <fstream>
-#include <sstream>
 
 namespace moesh {
 
@@ -285,12 +284,7 @@ Tokenizer load_tokenizer_json(std::string_view json_text, std::string_view sourc
 }
 
 Tokenizer load_tokenizer_json_file(const std::string & path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Error(path + ": cannot open");
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    if (in.bad()) throw Error(path + ": read error");
-    return load_tokenizer_json(ss.str(), path);
+    return load_tokenizer_json(read_text_file(path, "the tokenizer"), path);
 }
 
 } // namespace moesh
