@@ -16,10 +16,12 @@ size_t dtype_size(moesh_dtype type) {
 size_t dtype_row_bytes(moesh_dtype type, int64_t n_cols) {
     if (n_cols < 0) return 0;
     switch (type) {
-    case MOESH_DTYPE_Q8_0:
-    case MOESH_DTYPE_Q4_0:
-        if (n_cols % MOESH_QK_BLOCK != 0) return 0;
-        return size_t(n_cols / MOESH_QK_BLOCK) * (type == MOESH_DTYPE_Q8_0 ? 34 : 18);
+    case MOESH_DTYPE_Q8_0: return n_cols % MOESH_QK_BLOCK ? 0 : size_t(n_cols / MOESH_QK_BLOCK) * 34;
+    case MOESH_DTYPE_Q4_0: return n_cols % MOESH_QK_BLOCK ? 0 : size_t(n_cols / MOESH_QK_BLOCK) * 18;
+    case MOESH_DTYPE_Q4_1: return n_cols % MOESH_QK_BLOCK ? 0 : size_t(n_cols / MOESH_QK_BLOCK) * 20;
+    case MOESH_DTYPE_Q4_K: return n_cols % MOESH_QK_K ? 0 : size_t(n_cols / MOESH_QK_K) * 144;
+    case MOESH_DTYPE_Q5_K: return n_cols % MOESH_QK_K ? 0 : size_t(n_cols / MOESH_QK_K) * 176;
+    case MOESH_DTYPE_Q6_K: return n_cols % MOESH_QK_K ? 0 : size_t(n_cols / MOESH_QK_K) * 210;
     default: return size_t(n_cols) * dtype_size(type);
     }
 }
@@ -31,6 +33,10 @@ const char * dtype_name(moesh_dtype type) {
     case MOESH_DTYPE_BF16: return "bf16";
     case MOESH_DTYPE_Q8_0: return "q8_0";
     case MOESH_DTYPE_Q4_0: return "q4_0";
+    case MOESH_DTYPE_Q4_1: return "q4_1";
+    case MOESH_DTYPE_Q4_K: return "q4_K";
+    case MOESH_DTYPE_Q5_K: return "q5_K";
+    case MOESH_DTYPE_Q6_K: return "q6_K";
     default: return "?";
     }
 }

@@ -22,14 +22,14 @@
 
 namespace moesh {
 
-// Bytes per element; 0 for the block types (Q8_0, Q4_0), whose size is per
-// block of 32 (see dtype_row_bytes), and for unknown values.
+// Bytes per element; 0 for the block types (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K,
+// Q6_K), whose size is per block (see dtype_row_bytes), and for unknown values.
 size_t dtype_size(moesh_dtype type);
 const char * dtype_name(moesh_dtype type);   // "f32", "q8_0", ...; "?" if unknown
 // Bytes of a row of n_cols elements of `type`: n_cols * dtype_size for the
-// element types, n_cols / 32 blocks of 34 (Q8_0) or 18 (Q4_0) bytes for the
-// block types. 0 when n_cols is negative, for a block type when n_cols is not a
-// multiple of 32, and for an unknown type.
+// element types, whole blocks (layouts in plugin.h) for the block types. 0 when
+// n_cols is negative, for a block type when n_cols is not a multiple of its
+// block size, and for an unknown type.
 size_t dtype_row_bytes(moesh_dtype type, int64_t n_cols);
 
 // A row-major weight matrix [n_rows, n_cols] of `type`, not owned.

@@ -107,31 +107,42 @@ enum moesh_status_code {
 /* Element types (the int32_t w_type members). Values are stable across ABI
  * versions; they are moesh's own, not ggml type ids.
  *
- * Q8_0 and Q4_0 are block types, with GGUF's (ggml's) block layouts: 32
- * elements per block, little-endian, an IEEE fp16 scale d first:
+ * The block types have GGUF's (ggml's) block layouts, little-endian, IEEE
+ * fp16 scales; blocks need no alignment. 32-element blocks:
  *   Q8_0, 34 bytes: d, int8 q[32];  element i = d * q[i]
  *   Q4_0, 18 bytes: d, uint8 qs[16]; element i = d * (nibble(i) - 8), where
  *                   elements 0..15 are the low nibbles of qs[0..15] and
  *                   elements 16..31 the high nibbles.
+ *   Q4_1, 20 bytes: d, m, uint8 qs[16]; element i = d * nibble(i) + m.
+ * 256-element super-blocks (ggml's K-quants; bit layouts in ggml-common.h,
+ * restated in moesh's experts/quant.h):
+ *   Q4_K, 144 bytes: d, dmin, scales[12] (8 x 6-bit scale and min), qs[128]
+ *   Q5_K, 176 bytes: as Q4_K plus qh[32], the fifth bit
+ *   Q6_K, 210 bytes: ql[128], qh[64], int8 scales[16], d (last)
  * A weight row of n_in elements (n_ff for expert_ffn's down, n_embd for gate
- * and up) is n_in / 32 consecutive blocks, rows one after the other with no
- * padding; a row length that is not a multiple of 32 is
- * MOESH_ERR_INVALID_ARGUMENT. Blocks need no alignment. Activations and
- * outputs stay float32. Which weight types a backend offers for which op is
- * what supports() answers (MOESH_ERR_UNSUPPORTED otherwise).
- * MOESH_DTYPE_COUNT_V1 keeps its value: the number of the first (non-block)
- * types, from before Q8_0 and Q4_0 were added. */
+ * and up) is n_in / block-size consecutive blocks, rows one after the other
+ * with no padding; a row length that is not a multiple of the block size is
+ * MOESH_ERR_INVALID_ARGUMENT. Activations and outputs stay float32. Which
+ * weight types a backend offers for which op is what supports() answers
+ * (MOESH_ERR_UNSUPPORTED otherwise). MOESH_DTYPE_COUNT_V1 keeps its value: the
+ * number of the first (non-block) types, from before the block types. */
 typedef enum moesh_dtype {
     MOESH_DTYPE_F32 = 0,
     MOESH_DTYPE_F16 = 1,
     MOESH_DTYPE_BF16 = 2,
     MOESH_DTYPE_COUNT_V1 = 3,
     MOESH_DTYPE_Q8_0 = 3,   /* 34-byte blocks of 32 elements */
-    MOESH_DTYPE_Q4_0 = 4    /* 18-byte blocks of 32 elements */
+    MOESH_DTYPE_Q4_0 = 4,   /* 18-byte blocks of 32 elements */
+    MOESH_DTYPE_Q4_1 = 5,   /* 20-byte blocks of 32 elements */
+    MOESH_DTYPE_Q4_K = 6,   /* 144-byte blocks of 256 elements */
+    MOESH_DTYPE_Q5_K = 7,   /* 176-byte blocks of 256 elements */
+    MOESH_DTYPE_Q6_K = 8    /* 210-byte blocks of 256 elements */
 } moesh_dtype;
 
-/* Elements per block of MOESH_DTYPE_Q8_0 and MOESH_DTYPE_Q4_0. */
+/* Elements per block of MOESH_DTYPE_Q8_0, Q4_0 and Q4_1. */
 #define MOESH_QK_BLOCK 32
+/* Elements per super-block of MOESH_DTYPE_Q4_K, Q5_K and Q6_K. */
+#define MOESH_QK_K 256
 
 /* Ops (the int32_t op parameter of supports). */
 typedef enum moesh_op {
