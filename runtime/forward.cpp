@@ -16,6 +16,20 @@ ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, i
     if (!be_.iface().host_memory)
         throw Error("backend '" + be_.name() +
                     "' computes in device memory; the forward pass runs on host-memory backends only for now");
+    // Refuse up front, naming the weight, rather than fail mid-generation.
+    auto need = [&](int32_t op, const WeightMatrix & w, const char * what) {
+        if (!w.empty() && !be_.supports(op, w.type))
+            throw Error("backend '" + be_.name() + "' cannot compute with " + dtype_name(w.type) + " weights (" + what +
+                        "); convert the model to a format it supports or use another backend");
+    };
+    need(MOESH_OP_MATMUL, model.output(), "output projection");
+    for (int64_t il = 0; il < c.n_layer; ++il) {
+        const LayerWeights & L = model.layers()[size_t(il)];
+        for (const WeightMatrix * w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.router, &L.shared_gate}) need(MOESH_OP_MATMUL, *w, "attention/router");
+        for (const ExpertWeights * e : {&L.dense, &L.shared}) need(MOESH_OP_EXPERT_FFN, e->gate, "dense/shared FFN");
+        for (int64_t e = 0; e < c.n_expert && L.is_moe; ++e)
+            need(MOESH_OP_EXPERT_FFN, model.experts().get({int32_t(il), int32_t(e)}).gate, "routed expert");
+    }
     const KvCacheSpec & ks = kv.spec();
     if (ks.n_layer != c.n_layer || ks.n_head_kv != c.n_head_kv || ks.head_dim != c.head_dim)
         throw Error("KV cache shape does not match the model");
@@ -123,7 +137,7 @@ void ForwardPass::attention(int64_t il, const Batch & batch, int64_t n) {
     r.head_dim = c.head_dim;
     r.rot_dim = c.head_dim;
     r.attn_factor = rt.attn_factor;
-    r.mode = MOESH_ROPE_NEOX;
+    r.mode = c.rope_adjacent_pairs ? MOESH_ROPE_NORM : MOESH_ROPE_NEOX;
     r.x = q_.data();
     r.n_head = c.n_head;
     be_.check(be_.iface().rope(be_.ctx(), &r), "rope");
@@ -239,7 +253,7 @@ const float * ForwardPass::run(const Batch & batch, std::string * error) {
     const size_t n_embd = size_t(c.n_embd);
     for (int64_t t = 0; t < n; ++t) {
         const WeightMatrix & E = model_.tok_embd();
-        const auto * row = static_cast<const uint8_t *>(E.data) + size_t(batch.token[size_t(t)]) * n_embd * dtype_size(E.type);
+        const auto * row = static_cast<const uint8_t *>(E.data) + size_t(batch.token[size_t(t)]) * dtype_row_bytes(E.type, c.n_embd);
         convert_to_f32(row, E.type, &x_[size_t(t) * n_embd], c.n_embd);
     }
     for (int64_t il = 0; il < c.n_layer; ++il) {

@@ -2,10 +2,12 @@
 
 #include "experts/quant.h"
 #include "runtime/error.h"
+#include "runtime/gguf_model.h"
 #include "runtime/mapped_file.h"
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <set>
 
 namespace moesh {
@@ -35,14 +37,17 @@ public:
     const SourceTensor & require(const std::string & name, const std::vector<int64_t> & shape, const char * what) {
         const SourceTensor * t = src_.find(name);
         if (!t)
-            throw Error(src_.describe() + ": missing tensor '" + name + "' (" + what + ", expected shape " +
-                        shape_str(shape) + ")");
+            throw Error(src_.describe() + ": missing tensor '" + src_.file_name_of(name) + "' (" + what +
+                        ", expected shape " + shape_str(shape) + " in NumPy order)");
         if (t->dtype < 0)
             throw Error(t->origin + ": tensor '" + name + "' has dtype " + t->dtype_name +
-                        "; moesh computes with F32, F16 and BF16 weights");
+                        "; moesh computes with F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K weights");
         if (t->shape != shape)
             throw Error(t->origin + ": tensor '" + name + "' has shape " + shape_str(t->shape) + ", expected " +
                         shape_str(shape) + " (" + what + ")");
+        if (shape.size() == 2 && dtype_row_bytes(moesh_dtype(t->dtype), shape[1]) == 0)
+            throw Error(t->origin + ": tensor '" + name + "' rows of " + std::to_string(shape[1]) + " elements are not whole " +
+                        t->dtype_name + " blocks");
         used_.push_back(name);
         return *t;
     }
@@ -82,6 +87,18 @@ void check_same_type(const ExpertWeights & w, const std::string & where) {
 
 } // namespace
 
+std::optional<QuantType> quant_type_of(moesh_dtype type) {
+    switch (type) {
+    case MOESH_DTYPE_Q8_0: return QuantType::Q8_0;
+    case MOESH_DTYPE_Q4_0: return QuantType::Q4_0;
+    case MOESH_DTYPE_Q4_1: return QuantType::Q4_1;
+    case MOESH_DTYPE_Q4_K: return QuantType::Q4_K;
+    case MOESH_DTYPE_Q5_K: return QuantType::Q5_K;
+    case MOESH_DTYPE_Q6_K: return QuantType::Q6_K;
+    default: return std::nullopt;
+    }
+}
+
 void convert_to_f32(const void * src, moesh_dtype type, float * dst, int64_t n) {
     switch (type) {
     case MOESH_DTYPE_F32: std::memcpy(dst, src, size_t(n) * 4); break;
@@ -95,7 +112,11 @@ void convert_to_f32(const void * src, moesh_dtype type, float * dst, int64_t n) 
         for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_f32(h[i]);
         break;
     }
-    default: throw Error("convert_to_f32: unsupported dtype");
+    default: {
+        const std::optional<QuantType> q = quant_type_of(type);
+        if (!q || !dequantize_row(*q, src, dst, n))
+            throw Error(std::string("convert_to_f32: cannot convert ") + dtype_name(type) + " x " + std::to_string(n));
+    }
     }
 }
 
@@ -104,6 +125,17 @@ Model Model::load_folder(const std::string & folder) {
     ModelConfig cfg = parse_model_config(read_text_file(config_path, "the model config (does the folder hold config.json?)"), config_path);
     std::shared_ptr<WeightSource> src = open_safetensors_folder(folder);
     return load(std::move(cfg), std::move(src));
+}
+
+Model Model::load_path(const std::string & path) {
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec)) return load_folder(path);
+    if (!std::filesystem::exists(path, ec))
+        throw Error(path + ": no such file or folder (expected a Hugging Face model folder or a .gguf file)");
+    auto file = std::make_shared<const GgufFile>(path);
+    ModelConfig cfg = model_config_from_gguf(*file);
+    const Arch arch = cfg.arch;
+    return load(std::move(cfg), gguf_weight_source(std::move(file), arch));
 }
 
 Model Model::load(ModelConfig cfg, std::shared_ptr<WeightSource> source) {

@@ -10,10 +10,12 @@
 #pragma once
 
 #include "experts/expert.h"
+#include "experts/quant.h"
 #include "runtime/model_config.h"
 #include "runtime/weight_source.h"
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -40,6 +42,8 @@ struct LayerWeights {
 class Model {
 public:
     static Model load_folder(const std::string & folder);
+    // A Hugging Face folder or a .gguf file.
+    static Model load_path(const std::string & path);
     static Model load(ModelConfig config, std::shared_ptr<WeightSource> source);
 
     const ModelConfig & config() const { return config_; }
@@ -67,7 +71,9 @@ private:
     std::vector<std::string> used_;
 };
 
-// Converts n values of `type` to float32.
+// Converts n values of `type` to float32 (a block type: whole blocks only).
 void convert_to_f32(const void * src, moesh_dtype type, float * dst, int64_t n);
+// The quant.h format of a block dtype; nullopt for the element types.
+std::optional<QuantType> quant_type_of(moesh_dtype type);
 
 } // namespace moesh

@@ -434,6 +434,8 @@ RopeTables compute_rope_tables(const ModelConfig & cfg) {
         break;
     }
     }
+    if (!rope.freq_factors.empty())
+        for (int64_t i = 0; i < n && size_t(i) < rope.freq_factors.size(); ++i) t.inv_freq[size_t(i)] /= rope.freq_factors[size_t(i)];
     return t;
 }
 

@@ -36,6 +36,7 @@ struct RopeConfig {
     double mscale = 0.0;                    // yarn
     double mscale_all_dim = 0.0;            // yarn
     bool truncate = true;                   // yarn
+    std::vector<float> freq_factors;        // [head_dim / 2] divisors of each frequency (GGUF rope_freqs); empty = none
 };
 
 enum class QkNorm { None, PerHead, Full };  // Qwen3: per head; OLMoE: whole projection
@@ -54,6 +55,7 @@ struct ModelConfig {
     int64_t max_positions = 0;
     double rms_eps = 1e-6;
     RopeConfig rope;
+    bool rope_adjacent_pairs = false;       // rotate (2i, 2i+1) instead of (i, i + d/2): GGUF llama q/k are permuted
     bool tie_embeddings = false;
 
     bool q_bias = false, k_bias = false, v_bias = false, o_bias = false;

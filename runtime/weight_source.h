@@ -21,6 +21,7 @@ struct SourceTensor {
     std::string dtype_name;         // as the file spells it ("BF16", "I64", ...)
     std::vector<int64_t> shape;     // outermost first (NumPy order)
     std::string origin;             // file it lives in, for messages
+    std::string file_name;          // its name in that file, when the source renames it
 };
 
 class WeightSource {
@@ -29,6 +30,8 @@ public:
     virtual const SourceTensor * find(std::string_view name) const = 0;
     virtual std::vector<std::string> names() const = 0;
     virtual std::string describe() const = 0; // e.g. the model folder
+    // What the file calls the tensor `name` (for messages); `name` itself unless renamed.
+    virtual std::string file_name_of(std::string_view name) const { return std::string(name); }
 };
 
 // Tensors owned in memory.

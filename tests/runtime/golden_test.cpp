@@ -29,21 +29,28 @@ std::vector<std::string> fixture_names() {
     return out;
 }
 
+// Each fixture folder is checked as it is and, where scripts/make_gguf_model_fixtures.py
+// converted it as llama.cpp's converter would, as model.gguf.
 struct GoldenCase {
     std::string fixture;
     int threads;
+    bool gguf;
 };
 
-void PrintTo(const GoldenCase & c, std::ostream * os) { *os << c.fixture << " with " << c.threads << " thread(s)"; }
+void PrintTo(const GoldenCase & c, std::ostream * os) {
+    *os << c.fixture << (c.gguf ? " (gguf)" : "") << " with " << c.threads << " thread(s)";
+}
 
 std::string case_name(const testing::TestParamInfo<GoldenCase> & info) {
-    return info.param.fixture + "_threads" + std::to_string(info.param.threads);
+    return info.param.fixture + (info.param.gguf ? "_gguf" : "") + "_threads" + std::to_string(info.param.threads);
 }
 
 std::vector<GoldenCase> golden_cases() {
     std::vector<GoldenCase> out;
     for (const auto & f : fixture_names())
-        for (int t : {1, 2}) out.push_back({f, t});
+        for (bool gguf : {false, true})
+            if (!gguf || fs::exists(fs::path(test::fixtures_dir()) / f / "model.gguf"))
+                for (int t : {1, 2}) out.push_back({f, t, gguf});
     return out;
 }
 
@@ -57,7 +64,7 @@ TEST_P(GoldenTest, LogitsAndGreedyTokensMatchTransformers) {
     std::ifstream in(dir / "reference.json");
     const nlohmann::json ref = nlohmann::json::parse(in);
 
-    Model model = Model::load_folder(dir.string());
+    Model model = GetParam().gguf ? Model::load_path((dir / "model.gguf").string()) : Model::load_folder(dir.string());
     auto backend = test::open_cpu_backend(GetParam().threads);
     ASSERT_NE(backend, nullptr);
     const int64_t n_vocab = model.config().n_vocab;
@@ -99,8 +106,8 @@ TEST_P(GoldenTest, LogitsAndGreedyTokensMatchTransformers) {
         }
         EXPECT_LE(worst, 1e-4) << "worst logits row " << worst_row << " of " << r.n_logit_rows;
         RecordProperty("max_rel_error_prompt" + std::to_string(p), std::to_string(worst));
-        std::printf("[ golden   ] %s threads=%d prompt=%zu rows=%lld max_rel_error=%.3g\n", GetParam().fixture.c_str(),
-                    GetParam().threads, p, (long long)r.n_logit_rows, worst);
+        std::printf("[ golden   ] %s%s threads=%d prompt=%zu rows=%lld max_rel_error=%.3g\n", GetParam().fixture.c_str(),
+                    GetParam().gguf ? " (gguf)" : "", GetParam().threads, p, (long long)r.n_logit_rows, worst);
     }
 }
 
