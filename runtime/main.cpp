@@ -6,6 +6,7 @@
 #include "runtime/mapped_file.h"
 #include "runtime/model.h"
 #include "runtime/npy.h"
+#include "runtime/perplexity.h"
 #include "runtime/run_config.h"
 #include "runtime/tokenizer.h"
 
@@ -64,6 +65,7 @@ std::string human_bytes(double b) {
 std::optional<moesh::Tokenizer> find_tokenizer(const std::string & model) {
     namespace fs = std::filesystem;
     fs::path p(model);
+    if (p.extension() == ".gguf") return std::nullopt; // its vocabulary: next
     if (fs::is_directory(p)) p /= "tokenizer.json";
     if (!fs::exists(p)) return std::nullopt;
     return moesh::load_tokenizer_json_file(p.string());
@@ -94,7 +96,7 @@ std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moes
 moesh::Model load_model(const std::string & path) {
     auto t0 = std::chrono::steady_clock::now();
     std::fprintf(stderr, "moesh: loading %s ...\n", path.c_str());
-    moesh::Model m = moesh::Model::load_folder(path);
+    moesh::Model m = moesh::Model::load_path(path);
     double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const auto & c = m.config();
     std::fprintf(stderr, "moesh: %s, %lld layers, %lld experts (top-%lld), %s of weights mapped in %.2f s\n",
@@ -202,6 +204,47 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
         std::cout << '\n';
         std::fprintf(stdout, "prompt: %zu tokens, %.1f tokens/s; decode: %lld tokens, %.1f tokens/s\n", go.prompt.size(),
                      prompt_tps, (long long)r.n_decode_steps, decode_tps);
+    }
+    return 0;
+}
+
+int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n_ctx, int64_t n_batch, int64_t n_chunks,
+                   const std::string & output) {
+    moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
+    std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
+    if (!tok) throw Error(co.model + ": no tokenizer (a .gguf file's vocabulary or a folder's tokenizer.json) to read --file with");
+    const std::string text = moesh::read_text_file(file, "the text to score");
+    // BOS as the tokenizer adds it, which is what llama.cpp's tool does too
+    moesh::PerplexityOptions po;
+    const std::vector<int32_t> bos_probe = tok->encode("", /*add_special=*/true);
+    po.add_bos = !bos_probe.empty() && bos_probe.front() == tok->bos_id();
+    po.bos_id = tok->bos_id();
+    const std::vector<int32_t> tokens = tok->encode(text, po.add_bos);
+    po.n_ctx = n_ctx;
+    po.n_batch = n_batch;
+    po.n_chunks = n_chunks;
+    moesh::Model model = load_model(co.model);
+    auto backend = open_backend(co, rc);
+    std::fprintf(stderr, "moesh: %zu tokens, %lld chunks of %lld (BOS %s), backend '%s'\n", tokens.size(),
+                 (long long)(n_chunks > 0 ? std::min<int64_t>(n_chunks, int64_t(tokens.size()) / n_ctx)
+                                          : int64_t(tokens.size()) / n_ctx),
+                 (long long)n_ctx, po.add_bos ? "added" : "not added", backend->name().c_str());
+    po.on_chunk = [](int64_t i, double ppl) {
+        std::fprintf(stderr, "[%lld]%.4f,", (long long)i + 1, ppl);
+        std::fflush(stderr);
+    };
+    const moesh::PerplexityResult r = moesh::perplexity(model, *backend, tokens, po);
+    std::fprintf(stderr, "\n");
+    if (output == "json") {
+        nlohmann::json j = {{"ppl", r.ppl},           {"ppl_error", r.ppl_error}, {"n_ctx", n_ctx},
+                            {"chunks", r.n_chunks},   {"scored", r.n_scored},     {"running", r.running},
+                            {"tokens", tokens.size()}, {"seconds", r.seconds},
+                            {"tokens_per_second", r.seconds > 0 ? double(r.n_evaluated) / r.seconds : 0.0}};
+        std::cout << j.dump() << std::endl;
+    } else {
+        std::printf("Final estimate: PPL = %.4f +/- %.5f\n", r.ppl, r.ppl_error);
+        std::printf("%lld chunks of %lld tokens, %lld predictions scored, %.1f tokens/s\n", (long long)r.n_chunks,
+                    (long long)n_ctx, (long long)r.n_scored, r.seconds > 0 ? double(r.n_evaluated) / r.seconds : 0.0);
     }
     return 0;
 }
@@ -328,7 +371,7 @@ int cmd_inspect(const CommonOptions & co) {
 }
 
 void add_common(CLI::App * sub, CommonOptions & co) {
-    sub->add_option("-m,--model", co.model, "Hugging Face model folder (config.json + *.safetensors)")->required();
+    sub->add_option("-m,--model", co.model, "Hugging Face model folder (config.json + *.safetensors), or a .gguf file")->required();
     sub->add_option("--config", co.config, "moesh TOML settings (plugins, threads, batching); see configs/default.toml");
     sub->add_option("--plugin-dir", co.plugin_dir,
                     "Folder with backend plugins (libmoesh_backend_*.so); searched before $MOESH_PLUGIN_DIR, the "
@@ -405,6 +448,20 @@ int main(int argc, char ** argv) {
     CommonOptions ico;
     inspect->add_option("-m,--model", ico.model, "Hugging Face model folder, or a .gguf file")->required();
 
+    CLI::App * ppl = app.add_subcommand(
+        "perplexity", "Perplexity of a text file, defined as llama.cpp's perplexity tool defines it (so they compare)");
+    CommonOptions pco;
+    add_common(ppl, pco);
+    std::string ppl_file, ppl_output = "text";
+    int64_t ppl_ctx = 512, ppl_batch = 512, ppl_chunks = -1;
+    ppl->add_option("-f,--file", ppl_file, "Text file to score (needs at least 2 x --ctx tokens)")->required();
+    ppl->add_option("-c,--ctx", ppl_ctx, "Tokens per chunk; the second half of each is scored")
+        ->capture_default_str()->check(CLI::Range(int64_t(4), int64_t(1) << 24));
+    ppl->add_option("-b,--batch", ppl_batch, "Tokens per forward step")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 24));
+    ppl->add_option("--chunks", ppl_chunks, "Score at most this many chunks (default: all)");
+    ppl->add_option("--output", ppl_output, "text, or json: one JSON object on the last line of stdout")
+        ->check(CLI::IsMember({"text", "json"}));
+
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError & e) {
@@ -414,6 +471,7 @@ int main(int argc, char ** argv) {
         if (*run) return cmd_run(co, prompt_ids, prompt_text, n, temperature, top_k, top_p, seed, output, dump_logits);
         if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
+        if (*ppl) return cmd_perplexity(pco, ppl_file, ppl_ctx, ppl_batch, ppl_chunks, ppl_output);
     } catch (const moesh::BackendError & e) {
         std::fprintf(stderr, "moesh: error: %s\n", e.what());
         return 1;
