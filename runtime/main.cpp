@@ -7,6 +7,7 @@
 #include "runtime/model.h"
 #include "runtime/npy.h"
 #include "runtime/perplexity.h"
+#include "runtime/quantize.h"
 #include "runtime/run_config.h"
 #include "runtime/tokenizer.h"
 
@@ -18,6 +19,7 @@
 #include <optional>
 #include <cstdio>
 #include <iostream>
+#include <map>
 #include <sstream>
 
 namespace {
@@ -93,7 +95,14 @@ std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moes
     return be;
 }
 
-moesh::Model load_model(const std::string & path) {
+void report_quantization(const moesh::QuantizeReport & q) {
+    std::fprintf(stderr, "moesh: quantized %lld matrices in %.2f s: %s -> %s\n", (long long)q.n_quantized, q.seconds,
+                 human_bytes(double(q.bytes_before)).c_str(), human_bytes(double(q.bytes_after)).c_str());
+    for (size_t i = 0; i < q.kept.size() && i < 8; ++i) std::fprintf(stderr, "moesh:   kept %s\n", q.kept[i].c_str());
+    if (q.kept.size() > 8) std::fprintf(stderr, "moesh:   ... and %zu more kept as they were\n", q.kept.size() - 8);
+}
+
+moesh::Model load_model(const std::string & path, const moesh::QuantizePlan & plan = {}, int threads = 0) {
     auto t0 = std::chrono::steady_clock::now();
     std::fprintf(stderr, "moesh: loading %s ...\n", path.c_str());
     moesh::Model m = moesh::Model::load_path(path);
@@ -107,6 +116,7 @@ moesh::Model load_model(const std::string & path) {
         std::fprintf(stderr, "moesh: warning: %zu tensors in the checkpoint are not used (first: %s)\n", unused.size(),
                      unused.front().c_str());
     }
+    if (!plan.empty()) report_quantization(moesh::quantize_model(m, plan, threads));
     return m;
 }
 
@@ -129,7 +139,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
     go.kv_block_size = rc.kv_block_size;
     if (std::string e = moesh::validate(go.sampling); !e.empty()) throw Error(e);
 
-    moesh::Model model = load_model(co.model);
+    moesh::Model model = load_model(co.model, rc.quantize, co.threads >= 0 ? co.threads : rc.threads);
     auto backend = open_backend(co, rc);
     std::fprintf(stderr, "moesh: backend '%s' (%s)\n", backend->name().c_str(), backend->path().c_str());
 
@@ -223,7 +233,7 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
     po.n_ctx = n_ctx;
     po.n_batch = n_batch;
     po.n_chunks = n_chunks;
-    moesh::Model model = load_model(co.model);
+    moesh::Model model = load_model(co.model, rc.quantize, co.threads >= 0 ? co.threads : rc.threads);
     auto backend = open_backend(co, rc);
     std::fprintf(stderr, "moesh: %zu tokens, %lld chunks of %lld (BOS %s), backend '%s'\n", tokens.size(),
                  (long long)(n_chunks > 0 ? std::min<int64_t>(n_chunks, int64_t(tokens.size()) / n_ctx)
@@ -246,6 +256,36 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
         std::printf("%lld chunks of %lld tokens, %lld predictions scored, %.1f tokens/s\n", (long long)r.n_chunks,
                     (long long)n_ctx, (long long)r.n_scored, r.seconds > 0 ? double(r.n_evaluated) / r.seconds : 0.0);
     }
+    return 0;
+}
+
+int cmd_quantize(const std::string & in, const std::string & out, const std::string & type,
+                 const std::map<std::string, std::string> & per_class, int threads) {
+    moesh::QuantizePlan plan;
+    auto target = [](const std::string & flag, const std::string & v) -> std::optional<moesh_dtype> {
+        if (v.empty()) return std::nullopt;
+        auto t = moesh::parse_quant_target(v);
+        if (!t) throw Error(flag + ": unknown type '" + v + "' (supported: " + moesh::k_quant_targets + ")");
+        return t;
+    };
+    plan.experts = plan.attention = plan.ffn = plan.embeddings = plan.output = target("--type", type);
+    for (const auto & [cls, v] : per_class) {
+        auto t = target("--" + cls, v);
+        if (!t) continue;
+        if (cls == "experts") plan.experts = t;
+        else if (cls == "attention") plan.attention = t;
+        else if (cls == "ffn") plan.ffn = t;
+        else if (cls == "embeddings") plan.embeddings = t;
+        else if (cls == "output") plan.output = t;
+    }
+    if (plan.empty()) throw Error("nothing to do: give --type or a per-class type (--experts, --attention, ...)");
+    std::shared_ptr<const moesh::GgufFile> src;
+    namespace fs = std::filesystem;
+    if (!fs::is_directory(in) && fs::exists(in)) src = std::make_shared<const moesh::GgufFile>(in);
+    moesh::Model model = load_model(in, plan, threads);
+    if (!src) std::fprintf(stderr, "moesh: note: %s is not a GGUF file, so %s gets no tokenizer metadata\n", in.c_str(), out.c_str());
+    moesh::write_model_gguf(model, out, src.get());
+    std::fprintf(stderr, "moesh: wrote %s (%s)\n", out.c_str(), human_bytes(double(fs::file_size(out))).c_str());
     return 0;
 }
 
@@ -462,6 +502,18 @@ int main(int argc, char ** argv) {
     ppl->add_option("--output", ppl_output, "text, or json: one JSON object on the last line of stdout")
         ->check(CLI::IsMember({"text", "json"}));
 
+    CLI::App * quant = app.add_subcommand(
+        "quantize", "Write a model (Hugging Face folder or GGUF with f32/f16/bf16 weights) as a quantized GGUF file");
+    std::string q_in, q_out, q_type;
+    std::map<std::string, std::string> q_class;
+    int q_threads = 0;
+    quant->add_option("input", q_in, "Hugging Face model folder or .gguf file")->required();
+    quant->add_option("output", q_out, "GGUF file to write (llama.cpp's layout and names)")->required();
+    quant->add_option("--type", q_type, "Type for every matrix (q8_0, q4_0, q4_1); routers, norms and biases stay as they are");
+    for (const char * cls : {"experts", "attention", "ffn", "embeddings", "output"})
+        quant->add_option(std::string("--") + cls, q_class[cls], std::string("Type for the ") + cls + " matrices, overriding --type");
+    quant->add_option("-t,--threads", q_threads, "Threads (default: all cores)")->check(CLI::Range(0, 1024));
+
     try {
         app.parse(argc, argv);
     } catch (const CLI::ParseError & e) {
@@ -471,6 +523,7 @@ int main(int argc, char ** argv) {
         if (*run) return cmd_run(co, prompt_ids, prompt_text, n, temperature, top_k, top_p, seed, output, dump_logits);
         if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
+        if (*quant) return cmd_quantize(q_in, q_out, q_type, q_class, q_threads);
         if (*ppl) return cmd_perplexity(pco, ppl_file, ppl_ctx, ppl_batch, ppl_chunks, ppl_output);
     } catch (const moesh::BackendError & e) {
         std::fprintf(stderr, "moesh: error: %s\n", e.what());

@@ -153,6 +153,7 @@ Model Model::load(ModelConfig cfg, std::shared_ptr<WeightSource> source) {
         m.output_ = b.matrix("lm_head.weight", c.n_vocab, c.n_embd, "output projection (tie_word_embeddings is false)");
     }
     m.rope_ = compute_rope_tables(c);
+    if (!c.rope.freq_factors.empty() && b.find("rope_freqs.weight")) m.used_.push_back("rope_freqs.weight"); // read into the config
     m.experts_ = ExpertTable(c.n_layer, c.n_expert);
 
     const int64_t q_dim = c.n_head * c.head_dim;

@@ -39,6 +39,9 @@ struct LayerWeights {
     WeightMatrix shared_gate;       // [1, n_embd]
 };
 
+struct QuantizePlan;
+struct QuantizeReport;
+
 class Model {
 public:
     static Model load_folder(const std::string & folder);
@@ -60,6 +63,8 @@ public:
     std::vector<std::string> unused_tensors() const;
 
 private:
+    friend QuantizeReport quantize_model(Model & model, const QuantizePlan & plan, int n_threads);
+
     ModelConfig config_;
     std::shared_ptr<WeightSource> source_;
     std::vector<LayerWeights> layers_;
@@ -69,6 +74,7 @@ private:
     std::vector<float> output_norm_;
     RopeTables rope_;
     std::vector<std::string> used_;
+    std::vector<std::unique_ptr<uint8_t[]>> owned_; // weights made at load time (quantized copies)
 };
 
 // Converts n values of `type` to float32 (a block type: whole blocks only).

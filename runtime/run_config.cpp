@@ -81,8 +81,25 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                     fail(source, v, key, "unknown key (known: threads, max_batch, kv_block_size)");
                 }
             }
+        } else if (sname == "quantize") {
+            for (auto && [k, v] : *tbl) {
+                const std::string key = sname + "." + std::string(k.str());
+                std::optional<moesh_dtype> * slot = k == "experts"      ? &rc.quantize.experts
+                                                    : k == "attention"  ? &rc.quantize.attention
+                                                    : k == "ffn"        ? &rc.quantize.ffn
+                                                    : k == "embeddings" ? &rc.quantize.embeddings
+                                                    : k == "output"     ? &rc.quantize.output
+                                                                        : nullptr;
+                if (!slot) fail(source, v, key, "unknown key (known: experts, attention, ffn, embeddings, output)");
+                auto s = v.value<std::string>();
+                if (!v.is_string() || !s) fail(source, v, key, std::string("expected a string (") + k_quant_targets + ")");
+                *slot = parse_quant_target(*s);
+                if (!*slot)
+                    fail(source, v, key, "unknown quantization type " + quote_untrusted(*s, true) + " (supported: " +
+                                             k_quant_targets + ")");
+            }
         } else {
-            fail(source, section, sname, "unknown table (known: [plugins], [runtime])");
+            fail(source, section, sname, "unknown table (known: [plugins], [runtime], [quantize])");
         }
     }
     return rc;

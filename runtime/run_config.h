@@ -8,11 +8,16 @@
 //   threads = 2
 //   max_batch = 64
 //   kv_block_size = 16
+//   [quantize]                   # at load time, from f32/f16/bf16 weights (see runtime/quantize.h)
+//   experts = "q4_0"             # q8_0, q4_0 or q4_1 per class:
+//   attention = "q8_0"           #   experts, attention, ffn, embeddings, output
 //
 // Unknown tables or keys and wrong types are errors naming file, line and
 // column. Relative plugin dirs are resolved against the TOML file's folder.
 // Thread safety: plain data.
 #pragma once
+
+#include "runtime/quantize.h"
 
 #include <cstdint>
 #include <string>
@@ -28,6 +33,7 @@ struct RunConfig {
     int32_t threads = 0;        // 0 = the backend decides
     int64_t max_batch = 64;
     int64_t kv_block_size = 16;
+    QuantizePlan quantize;
 };
 
 RunConfig parse_run_config(std::string_view toml_text, std::string_view source_name);
