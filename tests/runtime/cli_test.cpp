@@ -166,7 +166,8 @@ TEST(Cli, InspectGgufListsMetadataAndEveryTensorFormat) {
 TEST(Cli, ErrorsSayWhatIsWrong) {
     Result r = run("run --model /nonexistent/model --prompt-ids 1,2");
     EXPECT_EQ(r.status, 1);
-    EXPECT_NE(r.out.find("/nonexistent/model/config.json"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("/nonexistent/model: no such file or folder (expected a Hugging Face model folder or a .gguf file)"),
+              std::string::npos) << r.out;
     if (fs::exists(k_fixture)) {
         r = run("run --model " + k_fixture + " --prompt-ids 1,x,3");
         EXPECT_EQ(r.status, 1);
