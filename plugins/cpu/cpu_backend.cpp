@@ -5,6 +5,7 @@
 
 #include "cpu_kernels.h"
 #include "host_memory.h"
+#include "quant_kernels.h"
 #include "thread_pool.h"
 
 #include <sched.h>
@@ -36,6 +37,12 @@ constexpr int64_t k_min_work_per_thread = int64_t(1) << 15;
 constexpr int64_t k_short_work = int64_t(1) << 20;
 // Floats between the per-thread slices of the context scratch (a cache line).
 constexpr int64_t k_scratch_align = 16;
+// Rows (of float outputs) per work unit of the quantized kernels: whole cache
+// lines of a 64-byte aligned output row, so threads never write the same line.
+constexpr int64_t k_quant_row_unit = 16;
+// Features per work unit of the quantized gate/up pass: one activation group
+// of h, which that pass quantizes.
+constexpr int64_t k_quant_feature_unit = 32;
 
 // 64-byte aligned float buffer that only ever grows.
 class ScratchBuffer {
@@ -74,6 +81,11 @@ struct moesh_backend {
     ThreadPool pool;
     ScratchBuffer scratch;       // [n_threads, stride]: rope cos/sin, attention scores
     ScratchBuffer activations;   // [n_tokens, n_in]: matmul/expert_ffn input in kernel layout
+    // Block weight types: inputs quantized to 8 bits (moesh::cpu::QuantActs),
+    // expert_ffn's h likewise, and one unpacked-weights panel per thread.
+    ScratchBuffer quant_x;
+    ScratchBuffer quant_h;
+    ScratchBuffer panels;   // [n_threads, panel_stride]
     char last_error[512] = "";
 };
 
@@ -165,16 +177,30 @@ bool product_fits(int64_t a, int64_t b, int64_t * out = nullptr) {
 }
 
 bool weight_type_ok(int32_t t) {
-    return t == MOESH_DTYPE_F32 || t == MOESH_DTYPE_F16 || t == MOESH_DTYPE_BF16 || t == MOESH_DTYPE_Q8_0 ||
-           t == MOESH_DTYPE_Q4_0;
+    return t == MOESH_DTYPE_F32 || t == MOESH_DTYPE_F16 || t == MOESH_DTYPE_BF16 || moesh::cpu::is_quant_type(t);
 }
 
-// Weights of block type t (rows of whole 32-element blocks).
-bool is_block_type(int32_t t) { return t == MOESH_DTYPE_Q8_0 || t == MOESH_DTYPE_Q4_0; }
-
 moesh_status unsupported_weight_type(moesh_backend * be, const char * op, int32_t t) {
-    return fail(be, MOESH_ERR_UNSUPPORTED, "%s: weight dtype %d is not supported by the cpu backend (f32, f16, bf16, q8_0, q4_0 are)",
+    return fail(be, MOESH_ERR_UNSUPPORTED,
+                "%s: weight dtype %d is not supported by the cpu backend (f32, f16, bf16, q8_0, q4_0, q4_1, q4_K, "
+                "q5_K, q6_K are)",
                 op, int(t));
+}
+
+// Whether n is a whole number of w_type's blocks (always, for element types).
+bool whole_blocks(int32_t w_type, int64_t n) {
+    const int64_t b = moesh::cpu::quant_block_elems(w_type);
+    return b == 0 || n % b == 0;
+}
+
+// One panel per thread for rows of up to n_in values; returns the stride in bytes.
+uint8_t * thread_panels(moesh_backend * be, int64_t n_in, size_t * stride) {
+    *stride = (moesh::cpu::quant_panel_bytes(n_in) + 63) / 64 * 64;
+    return reinterpret_cast<uint8_t *>(be->panels.reserve(*stride / 4 * size_t(be->pool.n_threads())));
+}
+
+moesh::cpu::QuantActs quant_buffer(ScratchBuffer & buf, int64_t n, int64_t n_rows) {
+    return moesh::cpu::quant_acts_at(buf.reserve((moesh::cpu::quant_acts_bytes(n, n_rows) + 3) / 4), n, n_rows);
 }
 
 // Byte ranges [p, p + n_p) and [q, q + n_q) do not overlap.
@@ -382,9 +408,9 @@ moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
         if (!weight_type_ok(a.w_type)) {
             return unsupported_weight_type(be, "matmul", a.w_type);
         }
-        MOESH_CPU_REQUIRE(!is_block_type(a.w_type) || a.n_in % MOESH_QK_BLOCK == 0,
-                          "matmul: n_in (%lld) is not a multiple of %d, as block weight dtype %d needs", ll(a.n_in),
-                          int(MOESH_QK_BLOCK), int(a.w_type));
+        MOESH_CPU_REQUIRE(whole_blocks(a.w_type, a.n_in),
+                          "matmul: n_in (%lld) is not a multiple of %lld, as block weight dtype %d needs", ll(a.n_in),
+                          ll(moesh::cpu::quant_block_elems(a.w_type)), int(a.w_type));
         // Exact extents: rows are n_in (n_out) floats, x_stride (y_stride) apart.
         MOESH_CPU_REQUIRE(disjoint(a.y, size_t(n_y - a.y_stride + a.n_out) * 4, a.x,
                                    size_t(n_x - a.x_stride + a.n_in) * 4),
@@ -393,6 +419,28 @@ moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
         int64_t work = INT64_MAX;
         product_fits(n_w, a.n_tokens, &work);
         const int n_active = n_active_threads(be, work);
+        const int64_t n_parts = n_parts_for(n_active);
+        if (moesh::cpu::is_quant_type(a.w_type)) {
+            const moesh::cpu::QuantActs xq = quant_buffer(be->quant_x, a.n_in, a.n_tokens);
+            moesh::cpu::quantize_acts(a.x, a.x_stride, 0, a.n_tokens, xq);
+            size_t stride = 0;
+            uint8_t * panels = thread_panels(be, a.n_in, &stride);
+            const int64_t n_units = (a.n_out + k_quant_row_unit - 1) / k_quant_row_unit;
+            const bool by_tokens = n_units < n_parts && a.n_tokens > n_units;
+            auto task = [&](int ith, int64_t part, int64_t n_parts_run) {
+                if (by_tokens) {
+                    const Range t = split(a.n_tokens, part, n_parts_run);
+                    moesh::cpu::quant_matmul_rows(a, xq, 0, a.n_out, t.begin, t.end, panels + size_t(ith) * stride);
+                } else {
+                    const Range u = split(n_units, part, n_parts_run);
+                    moesh::cpu::quant_matmul_rows(a, xq, u.begin * k_quant_row_unit,
+                                                  std::min(u.end * k_quant_row_unit, a.n_out), 0, a.n_tokens,
+                                                  panels + size_t(ith) * stride);
+                }
+            };
+            run_parallel(be, work, n_active, task);
+            return MOESH_OK;
+        }
         moesh_matmul_args k = a;   // as the kernels see it
         if (moesh::cpu::needs_kernel_layout(a.w_type)) {
             k.x = be->activations.reserve(size_t(a.n_tokens * a.n_in));
@@ -402,7 +450,6 @@ moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
         // Parts are blocks of 4 rows; with few rows and more tokens (a
         // router's logits over a prompt), they are tokens instead.
         const int64_t n_row_blocks = (a.n_out + 3) / 4;
-        const int64_t n_parts = n_parts_for(n_active);
         const bool by_tokens = n_row_blocks < n_parts && a.n_tokens > n_row_blocks;
         auto task = [&](int, int64_t part, int64_t n_parts_run) {
             if (by_tokens) {
@@ -498,20 +545,44 @@ moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * ar
         if (!weight_type_ok(a.w_type)) {
             return unsupported_weight_type(be, "expert_ffn", a.w_type);
         }
-        MOESH_CPU_REQUIRE(!is_block_type(a.w_type) || (a.n_embd % MOESH_QK_BLOCK == 0 && a.n_ff % MOESH_QK_BLOCK == 0),
-                          "expert_ffn: n_embd (%lld) and n_ff (%lld) must be multiples of %d for block weight dtype %d",
-                          ll(a.n_embd), ll(a.n_ff), int(MOESH_QK_BLOCK), int(a.w_type));
+        MOESH_CPU_REQUIRE(whole_blocks(a.w_type, a.n_embd) && whole_blocks(a.w_type, a.n_ff),
+                          "expert_ffn: n_embd (%lld) and n_ff (%lld) must be multiples of %lld for block weight dtype %d",
+                          ll(a.n_embd), ll(a.n_ff), ll(moesh::cpu::quant_block_elems(a.w_type)), int(a.w_type));
         MOESH_CPU_REQUIRE(disjoint(a.scratch, size_t(n_h) * 4, a.x, size_t(n_x) * 4) &&
                               disjoint(a.scratch, size_t(n_h) * 4, a.out, size_t(n_x) * 4),
                           "expert_ffn: scratch overlaps x or out");
         MOESH_CPU_REQUIRE(a.out == a.x || disjoint(a.out, size_t(n_x) * 4, a.x, size_t(n_x) * 4),
                           "expert_ffn: out partly overlaps x (only out == x is allowed)");
+        const int n_active = n_active_threads(be, work);
+        if (moesh::cpu::is_quant_type(a.w_type)) {
+            // x quantized once; each thread quantizes the 32-feature groups of h it
+            // computes, so the down pass (after the barrier) reads h as 8-bit.
+            const moesh::cpu::QuantActs xq = quant_buffer(be->quant_x, a.n_embd, a.n_tokens);
+            const moesh::cpu::QuantActs hq = quant_buffer(be->quant_h, a.n_ff, a.n_tokens);
+            moesh::cpu::quantize_acts(a.x, a.n_embd, 0, a.n_tokens, xq);
+            size_t stride = 0;
+            uint8_t * panels = thread_panels(be, std::max(a.n_embd, a.n_ff), &stride);
+            auto gate_up = [&](int ith, int64_t part, int64_t n_parts) {
+                const Range u = split((a.n_ff + k_quant_feature_unit - 1) / k_quant_feature_unit, part, n_parts);
+                moesh::cpu::quant_gate_up_rows(a, xq, u.begin * k_quant_feature_unit,
+                                               std::min(u.end * k_quant_feature_unit, a.n_ff),
+                                               panels + size_t(ith) * stride, hq);
+            };
+            run_parallel(be, work, n_active, gate_up);
+            auto down = [&](int ith, int64_t part, int64_t n_parts) {
+                const Range u = split((a.n_embd + k_quant_row_unit - 1) / k_quant_row_unit, part, n_parts);
+                moesh::cpu::quant_down_rows(a, hq, u.begin * k_quant_row_unit,
+                                            std::min(u.end * k_quant_row_unit, a.n_embd),
+                                            panels + size_t(ith) * stride);
+            };
+            run_parallel(be, work, n_active, down);
+            return MOESH_OK;
+        }
         moesh_expert_ffn_args k = a;   // as the kernels see it
         if (moesh::cpu::needs_kernel_layout(a.w_type)) {
             k.x = be->activations.reserve(size_t(n_x));
             moesh::cpu::to_kernel_layout(a.w_type, a.x, a.n_embd, a.n_embd, a.n_tokens, be->activations.data());
         }
-        const int n_active = n_active_threads(be, work);
         // Two passes: every thread's down rows need all of h. The first pass
         // reads all of x before the second writes out, so out may be x.
         auto gate_up = [&](int, int64_t part, int64_t n_parts) {

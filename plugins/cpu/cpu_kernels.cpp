@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -123,154 +122,17 @@ HWY_INLINE void copy_tail(T * HWY_RESTRICT dst, const T * HWY_RESTRICT src, int6
     }
 }
 
-// ---- block types (MOESH_DTYPE_Q8_0, MOESH_DTYPE_Q4_0; layouts in plugin.h) ----
-// A row of n elements is n / 32 blocks; the dot kernels below take WT = the
-// block struct, so that `row + n / 32` steps over a row. Each block's dot
-// with the activations is summed in float, then scaled by the block's fp16 d
-// and added to the row's accumulator. Activations are in their own order.
-
-struct BlockQ8_0 {
-    uint16_t d;     // fp16 bits
-    int8_t qs[32];
-};
-struct BlockQ4_0 {
-    uint16_t d;     // fp16 bits
-    uint8_t qs[16]; // element j < 16: low nibble of qs[j]; j >= 16: high nibble of qs[j - 16]
-};
-static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18, "GGUF block sizes");
-
-template <class WT>
-constexpr bool k_is_block = std::is_same_v<WT, BlockQ8_0> || std::is_same_v<WT, BlockQ4_0>;
-
-// Elements a pointer step of WT covers (32 for blocks).
-template <class WT>
-constexpr int64_t k_elems_per = k_is_block<WT> ? 32 : 1;
-
 // Row r of a [n_rows, n] weight matrix.
 template <class WT>
 HWY_INLINE const WT * row_at(const WT * w, int64_t r, int64_t n) {
-    return w + r * (n / k_elems_per<WT>);
-}
-
-// fp16 bits -> float, exactly (subnormals included: the product by 2^112 is exact).
-HWY_INLINE float block_scale(const void * block) {
-    uint16_t h;
-    std::memcpy(&h, block, sizeof h);
-    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
-    const uint32_t em = h & 0x7fffu;
-    uint32_t bits;
-    float f;
-    if (em >= 0x7c00u) {
-        bits = sign | 0x7f800000u | ((em & 0x3ffu) << 13);   // inf / NaN
-        std::memcpy(&f, &bits, sizeof f);
-        return f;
-    }
-    bits = em << 13;
-    std::memcpy(&f, &bits, sizeof f);
-    f *= 0x1p112f;
-    return sign ? -f : f;
-}
-
-// At most 16 float lanes, so that a vector never spans more than one half-block.
-using DQ = hn::CappedTag<float, 16>;
-using VQ = hn::Vec<DQ>;
-
-HWY_INLINE float reduce_sum_q(DQ d, VQ v) { return hn::GetLane(hn::SumOfLanes(d, v)); }
-
-// acc_a += d * (block . xa[0..32)), and acc_b likewise with xb when NT == 2.
-template <int NT>
-HWY_INLINE void block_dot(const BlockQ8_0 * HWY_RESTRICT b, const float * HWY_RESTRICT xa,
-                          const float * HWY_RESTRICT xb, VQ & acc_a, VQ & acc_b) {
-    const DQ d;
-    const hn::Rebind<int32_t, DQ> di;
-    const hn::Rebind<int8_t, DQ> d8;
-    const int64_t N = int64_t(hn::Lanes(d));
-    const int8_t * qs = reinterpret_cast<const int8_t *>(reinterpret_cast<const uint8_t *>(b) + 2);
-    VQ sa = hn::Zero(d);
-    VQ sb = hn::Zero(d);
-    for (int64_t k = 0; k < 32; k += N) {
-        const VQ w = hn::ConvertTo(d, hn::PromoteTo(di, hn::LoadU(d8, qs + k)));
-        sa = hn::MulAdd(w, hn::LoadU(d, xa + k), sa);
-        if constexpr (NT == 2) {
-            sb = hn::MulAdd(w, hn::LoadU(d, xb + k), sb);
-        }
-    }
-    const VQ scale = hn::Set(d, block_scale(b));
-    acc_a = hn::MulAdd(sa, scale, acc_a);
-    if constexpr (NT == 2) {
-        acc_b = hn::MulAdd(sb, scale, acc_b);
-    }
-}
-
-template <int NT>
-HWY_INLINE void block_dot(const BlockQ4_0 * HWY_RESTRICT b, const float * HWY_RESTRICT xa,
-                          const float * HWY_RESTRICT xb, VQ & acc_a, VQ & acc_b) {
-    const DQ d;
-    const hn::Rebind<int32_t, DQ> di;
-    const hn::Rebind<uint8_t, DQ> du8;
-    const int64_t N = int64_t(hn::Lanes(d));
-    const uint8_t * qs = reinterpret_cast<const uint8_t *>(b) + 2;
-    const auto v_mask = hn::Set(di, 0x0f);
-    const auto v_8 = hn::Set(di, 8);
-    VQ sa = hn::Zero(d);
-    VQ sb = hn::Zero(d);
-    for (int64_t k = 0; k < 16; k += N) {
-        const auto q = hn::PromoteTo(di, hn::LoadU(du8, qs + k));
-        const VQ lo = hn::ConvertTo(d, hn::Sub(hn::And(q, v_mask), v_8));    // elements k..
-        const VQ hi = hn::ConvertTo(d, hn::Sub(hn::ShiftRight<4>(q), v_8));  // elements 16 + k..
-        sa = hn::MulAdd(lo, hn::LoadU(d, xa + k), sa);
-        sa = hn::MulAdd(hi, hn::LoadU(d, xa + 16 + k), sa);
-        if constexpr (NT == 2) {
-            sb = hn::MulAdd(lo, hn::LoadU(d, xb + k), sb);
-            sb = hn::MulAdd(hi, hn::LoadU(d, xb + 16 + k), sb);
-        }
-    }
-    const VQ scale = hn::Set(d, block_scale(b));
-    acc_a = hn::MulAdd(sa, scale, acc_a);
-    if constexpr (NT == 2) {
-        acc_b = hn::MulAdd(sb, scale, acc_b);
-    }
-}
-
-// out[j] = w_j . xa (and out[4 + j] = w_j . xb when NT == 2) for 4 rows of
-// n elements (a multiple of 32) of block type B.
-template <int NT, class B>
-HWY_INLINE void dot_blocks_4(const B * HWY_RESTRICT w0, const B * HWY_RESTRICT w1, const B * HWY_RESTRICT w2,
-                             const B * HWY_RESTRICT w3, const float * HWY_RESTRICT xa,
-                             const float * HWY_RESTRICT xb, int64_t n, float * HWY_RESTRICT out) {
-    const DQ d;
-    VQ a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
-    VQ b0 = hn::Zero(d), b1 = hn::Zero(d), b2 = hn::Zero(d), b3 = hn::Zero(d);
-    const int64_t n_blocks = n / 32;
-    for (int64_t i = 0; i < n_blocks; ++i) {
-        prefetch_ahead(w0 + i, k_prefetch_bytes);
-        prefetch_ahead(w1 + i, k_prefetch_bytes);
-        prefetch_ahead(w2 + i, k_prefetch_bytes);
-        prefetch_ahead(w3 + i, k_prefetch_bytes);
-        const float * pa = xa + 32 * i;
-        const float * pb = NT == 2 ? xb + 32 * i : pa;
-        block_dot<NT>(w0 + i, pa, pb, a0, b0);
-        block_dot<NT>(w1 + i, pa, pb, a1, b1);
-        block_dot<NT>(w2 + i, pa, pb, a2, b2);
-        block_dot<NT>(w3 + i, pa, pb, a3, b3);
-    }
-    out[0] = reduce_sum_q(d, a0);
-    out[1] = reduce_sum_q(d, a1);
-    out[2] = reduce_sum_q(d, a2);
-    out[3] = reduce_sum_q(d, a3);
-    if constexpr (NT == 2) {
-        out[4] = reduce_sum_q(d, b0);
-        out[5] = reduce_sum_q(d, b1);
-        out[6] = reduce_sum_q(d, b2);
-        out[7] = reduce_sum_q(d, b3);
-    }
+    return w + r * n;
 }
 
 // out[j] = w_j . x for 4 weight rows and one activation row (kernel layout)
 // of length n. Decode is bound by the weight stream, not by this loop; the
 // two accumulators per row keep enough FMAs in flight.
 template <class WT>
-HWY_INLINE void dot_4x1_elems(const WT * HWY_RESTRICT w0, const WT * HWY_RESTRICT w1,
+HWY_INLINE void dot_4x1(const WT * HWY_RESTRICT w0, const WT * HWY_RESTRICT w1,
                         const WT * HWY_RESTRICT w2, const WT * HWY_RESTRICT w3,
                         const float * HWY_RESTRICT x, int64_t n, int64_t next_row, float * HWY_RESTRICT out) {
     const DF d;
@@ -331,7 +193,7 @@ HWY_INLINE void dot_4x1_elems(const WT * HWY_RESTRICT w0, const WT * HWY_RESTRIC
 // out[0..3] = w_j . xa, out[4..7] = w_j . xb: each widened weight vector is
 // used for two tokens.
 template <class WT>
-HWY_INLINE void dot_4x2_elems(const WT * HWY_RESTRICT w0, const WT * HWY_RESTRICT w1,
+HWY_INLINE void dot_4x2(const WT * HWY_RESTRICT w0, const WT * HWY_RESTRICT w1,
                         const WT * HWY_RESTRICT w2, const WT * HWY_RESTRICT w3,
                         const float * HWY_RESTRICT xa, const float * HWY_RESTRICT xb, int64_t n,
                         float * HWY_RESTRICT out) {
@@ -394,30 +256,6 @@ HWY_INLINE void dot_4x2_elems(const WT * HWY_RESTRICT w0, const WT * HWY_RESTRIC
     out[5] = reduce_sum(d, b1);
     out[6] = reduce_sum(d, b2);
     out[7] = reduce_sum(d, b3);
-}
-
-// dot_4x1 / dot_4x2 for any weight type: element types or blocks.
-template <class WT>
-HWY_INLINE void dot_4x1(const WT * HWY_RESTRICT w0, const WT * HWY_RESTRICT w1,
-                        const WT * HWY_RESTRICT w2, const WT * HWY_RESTRICT w3,
-                        const float * HWY_RESTRICT x, int64_t n, int64_t next_row, float * HWY_RESTRICT out) {
-    if constexpr (k_is_block<WT>) {
-        dot_blocks_4<1>(w0, w1, w2, w3, x, x, n, out);
-    } else {
-        dot_4x1_elems(w0, w1, w2, w3, x, n, next_row, out);
-    }
-}
-
-template <class WT>
-HWY_INLINE void dot_4x2(const WT * HWY_RESTRICT w0, const WT * HWY_RESTRICT w1,
-                        const WT * HWY_RESTRICT w2, const WT * HWY_RESTRICT w3,
-                        const float * HWY_RESTRICT xa, const float * HWY_RESTRICT xb, int64_t n,
-                        float * HWY_RESTRICT out) {
-    if constexpr (k_is_block<WT>) {
-        dot_blocks_4<2>(w0, w1, w2, w3, xa, xb, n, out);
-    } else {
-        dot_4x2_elems(w0, w1, w2, w3, xa, xb, n, out);
-    }
 }
 
 void to_kernel_layout(int32_t w_type, const float * x, int64_t x_stride, int64_t n, int64_t n_rows,
@@ -484,8 +322,6 @@ void matmul_rows(const moesh_matmul_args & a, int64_t r0, int64_t r1, int64_t t0
     case MOESH_DTYPE_F32: matmul_rows_t<float>(a, r0, r1, t0, t1); break;
     case MOESH_DTYPE_F16: matmul_rows_t<hwy::float16_t>(a, r0, r1, t0, t1); break;
     case MOESH_DTYPE_BF16: matmul_rows_t<hwy::bfloat16_t>(a, r0, r1, t0, t1); break;
-    case MOESH_DTYPE_Q8_0: matmul_rows_t<BlockQ8_0>(a, r0, r1, t0, t1); break;
-    case MOESH_DTYPE_Q4_0: matmul_rows_t<BlockQ4_0>(a, r0, r1, t0, t1); break;
     default: break;   // validated by the caller
     }
 }
@@ -551,8 +387,6 @@ void expert_gate_up_rows(const moesh_expert_ffn_args & a, int64_t f0, int64_t f1
     case MOESH_DTYPE_F32: expert_gate_up_rows_t<float>(a, f0, f1); break;
     case MOESH_DTYPE_F16: expert_gate_up_rows_t<hwy::float16_t>(a, f0, f1); break;
     case MOESH_DTYPE_BF16: expert_gate_up_rows_t<hwy::bfloat16_t>(a, f0, f1); break;
-    case MOESH_DTYPE_Q8_0: expert_gate_up_rows_t<BlockQ8_0>(a, f0, f1); break;
-    case MOESH_DTYPE_Q4_0: expert_gate_up_rows_t<BlockQ4_0>(a, f0, f1); break;
     default: break;
     }
 }
@@ -562,8 +396,6 @@ void expert_down_rows(const moesh_expert_ffn_args & a, int64_t e0, int64_t e1) {
     case MOESH_DTYPE_F32: expert_down_rows_t<float>(a, e0, e1); break;
     case MOESH_DTYPE_F16: expert_down_rows_t<hwy::float16_t>(a, e0, e1); break;
     case MOESH_DTYPE_BF16: expert_down_rows_t<hwy::bfloat16_t>(a, e0, e1); break;
-    case MOESH_DTYPE_Q8_0: expert_down_rows_t<BlockQ8_0>(a, e0, e1); break;
-    case MOESH_DTYPE_Q4_0: expert_down_rows_t<BlockQ4_0>(a, e0, e1); break;
     default: break;
     }
 }

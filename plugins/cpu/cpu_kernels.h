@@ -1,7 +1,8 @@
 // SIMD kernels of the CPU backend (Google Highway, dispatched at run time to
 // the best target the CPU offers). Each function does the share of one thread:
 // a range of rows, tokens or (token, head) items; cpu_backend.cpp validates the
-// arguments and splits the work. Nothing here allocates or throws.
+// arguments and splits the work. Nothing here allocates or throws. These take
+// f32, f16 and bf16 weights; the block types are in quant_kernels.h.
 #pragma once
 
 #include <moesh/plugin.h>

@@ -91,28 +91,83 @@ uint16_t f32_to_f16(float f) {
 
 namespace {
 
-constexpr int64_t k_qk = MOESH_QK_BLOCK;
-constexpr size_t k_q8_0_bytes = 2 + 32;   // fp16 d, int8 q[32]
-constexpr size_t k_q4_0_bytes = 2 + 16;   // fp16 d, uint8 qs[16]
+// Elements and bytes of one block of a block dtype; {0, 0} for the others.
+struct BlockShape {
+    int64_t n_elems;
+    size_t n_bytes;
+};
 
-bool is_block_type(int32_t w_type) { return w_type == MOESH_DTYPE_Q8_0 || w_type == MOESH_DTYPE_Q4_0; }
-
-size_t block_bytes(int32_t w_type) { return w_type == MOESH_DTYPE_Q8_0 ? k_q8_0_bytes : k_q4_0_bytes; }
-
-// Element j (0..31) of the block at p, as GGUF's dequantize_row computes it.
-float block_element(int32_t w_type, const uint8_t * p, int64_t j) {
-    const float d = f16_to_f32(uint16_t(p[0] | (p[1] << 8)));
-    if (w_type == MOESH_DTYPE_Q8_0) {
-        return float(int8_t(p[2 + j])) * d;
+BlockShape block_shape(int32_t w_type) {
+    switch (w_type) {
+    case MOESH_DTYPE_Q8_0: return {MOESH_QK_BLOCK, 2 + 32};         // d, int8 q[32]
+    case MOESH_DTYPE_Q4_0: return {MOESH_QK_BLOCK, 2 + 16};         // d, qs[16]
+    case MOESH_DTYPE_Q4_1: return {MOESH_QK_BLOCK, 2 + 2 + 16};     // d, m, qs[16]
+    case MOESH_DTYPE_Q4_K: return {MOESH_QK_K, 2 + 2 + 12 + 128};   // d, dmin, scales[12], qs[128]
+    case MOESH_DTYPE_Q5_K: return {MOESH_QK_K, 2 + 2 + 12 + 32 + 128}; // ... qh[32], qs[128]
+    case MOESH_DTYPE_Q6_K: return {MOESH_QK_K, 128 + 64 + 16 + 2};  // ql[128], qh[64], scales[16], d
+    default: return {0, 0};
     }
-    const uint8_t q = p[2 + j % (k_qk / 2)];
-    const int nibble = j < k_qk / 2 ? (q & 0x0f) : (q >> 4);
-    return d * float(nibble - 8);
+}
+
+bool is_block_type(int32_t w_type) { return block_shape(w_type).n_elems != 0; }
+
+float f16_at(const uint8_t * p) { return f16_to_f32(uint16_t(p[0] | (p[1] << 8))); }
+
+// The 6-bit scale and min of sub-block j (0..7) of a Q4_K / Q5_K super-block.
+void k_scale_min(const uint8_t * scales /* [12] */, int j, int & sc, int & mn) {
+    if (j < 4) {
+        sc = scales[j] & 63;
+        mn = scales[j + 4] & 63;
+    } else {
+        sc = (scales[j + 4] & 0x0f) | ((scales[j - 4] >> 6) << 4);
+        mn = (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4);
+    }
+}
+
+// Element j of the block at p, with GGUF's dequantize_row arithmetic (an fp16
+// scale times a small integer is exact in float; K-quants round d * sc once,
+// then the product, as gguf does).
+float block_element(int32_t w_type, const uint8_t * p, int64_t j) {
+    switch (w_type) {
+    case MOESH_DTYPE_Q8_0:
+        return float(int8_t(p[2 + j])) * f16_at(p);
+    case MOESH_DTYPE_Q4_0:
+    case MOESH_DTYPE_Q4_1: {
+        const int off = w_type == MOESH_DTYPE_Q4_0 ? 2 : 4;
+        const uint8_t q = p[off + j % 16];
+        const int nibble = j < 16 ? (q & 0x0f) : (q >> 4);
+        return w_type == MOESH_DTYPE_Q4_0 ? f16_at(p) * float(nibble - 8) : f16_at(p) * float(nibble) + f16_at(p + 2);
+    }
+    case MOESH_DTYPE_Q4_K:
+    case MOESH_DTYPE_Q5_K: {
+        const int sub = int(j / 32);
+        const int l = int(j % 32);
+        int sc = 0, mn = 0;
+        k_scale_min(p + 4, sub, sc, mn);
+        const uint8_t * qs = p + (w_type == MOESH_DTYPE_Q4_K ? 16 : 48);   // [128]
+        int q = (qs[32 * (sub / 2) + l] >> (4 * (sub % 2))) & 0x0f;
+        if (w_type == MOESH_DTYPE_Q5_K) {
+            q |= ((p[16 + l] >> sub) & 1) << 4;   // qh[l], bit sub
+        }
+        return f16_at(p) * float(sc) * float(q) - f16_at(p + 2) * float(mn);
+    }
+    case MOESH_DTYPE_Q6_K: {
+        const uint8_t * ql = p;        // [128]
+        const uint8_t * qh = p + 128;  // [64]
+        const auto * scales = reinterpret_cast<const int8_t *>(p + 192);   // [16]
+        const int64_t h = j / 128, r = (j % 128) / 32, l = j % 32;
+        const int low = (ql[64 * h + 32 * (r % 2) + l] >> (4 * (r / 2))) & 0x0f;
+        const int high = (qh[32 * h + l] >> (2 * r)) & 3;
+        return f16_at(p + 208) * float(scales[j / 16]) * float((low | (high << 4)) - 32);
+    }
+    default:
+        throw std::invalid_argument("moesh::ref: not a block dtype");
+    }
 }
 
 void check_row_length(int32_t w_type, int64_t n) {
-    if (is_block_type(w_type) && n % k_qk != 0) {
-        throw std::invalid_argument("moesh::ref: a row of a block dtype must be a multiple of 32 elements");
+    if (is_block_type(w_type) && n % block_shape(w_type).n_elems != 0) {
+        throw std::invalid_argument("moesh::ref: a row of a block dtype must be a whole number of blocks");
     }
 }
 
@@ -126,13 +181,14 @@ float load_weight(const void * w, int32_t w_type /* moesh_dtype */, int64_t i) {
         return f16_to_f32(static_cast<const uint16_t *>(w)[i]);
     case MOESH_DTYPE_BF16:
         return bf16_to_f32(static_cast<const uint16_t *>(w)[i]);
-    case MOESH_DTYPE_Q8_0:
-    case MOESH_DTYPE_Q4_0:
-        return block_element(w_type, static_cast<const uint8_t *>(w) + size_t(i / k_qk) * block_bytes(w_type),
-                             i % k_qk);
     default:
+        break;
+    }
+    const BlockShape b = block_shape(w_type);
+    if (b.n_elems == 0) {
         throw std::invalid_argument("moesh::ref: unknown weight dtype");
     }
+    return block_element(w_type, static_cast<const uint8_t *>(w) + size_t(i / b.n_elems) * b.n_bytes, i % b.n_elems);
 }
 
 size_t weight_row_bytes(int32_t w_type /* moesh_dtype */, int64_t n) {
@@ -140,19 +196,20 @@ size_t weight_row_bytes(int32_t w_type /* moesh_dtype */, int64_t n) {
     case MOESH_DTYPE_F32: return size_t(n) * 4;
     case MOESH_DTYPE_F16:
     case MOESH_DTYPE_BF16: return size_t(n) * 2;
-    case MOESH_DTYPE_Q8_0:
-    case MOESH_DTYPE_Q4_0: return n % k_qk == 0 ? size_t(n / k_qk) * block_bytes(w_type) : 0;
-    default: return 0;
+    default: break;
     }
+    const BlockShape b = block_shape(w_type);
+    return b.n_elems != 0 && n % b.n_elems == 0 ? size_t(n / b.n_elems) * b.n_bytes : 0;
 }
 
 void load_weight_row(const void * w, int32_t w_type /* moesh_dtype */, int64_t row, int64_t n, float * out) {
     check_row_length(w_type, n);
     if (is_block_type(w_type)) {
+        const BlockShape b = block_shape(w_type);
         const uint8_t * p = static_cast<const uint8_t *>(w) + size_t(row) * weight_row_bytes(w_type, n);
-        for (int64_t b = 0; b < n / k_qk; ++b, p += block_bytes(w_type)) {
-            for (int64_t j = 0; j < k_qk; ++j) {
-                out[b * k_qk + j] = block_element(w_type, p, j);
+        for (int64_t k = 0; k < n / b.n_elems; ++k, p += b.n_bytes) {
+            for (int64_t j = 0; j < b.n_elems; ++j) {
+                out[k * b.n_elems + j] = block_element(w_type, p, j);
             }
         }
         return;

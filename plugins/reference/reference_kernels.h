@@ -9,8 +9,8 @@
 //
 // The functions assume valid arguments (the plugins validate theirs; struct_size
 // and reserved are not looked at); an unknown weight dtype or rope mode throws
-// std::invalid_argument, as does a block dtype (Q8_0, Q4_0) with a row length
-// that is not a multiple of 32.
+// std::invalid_argument, as does a block dtype (Q8_0 ... Q6_K) with a row
+// length that is not a whole number of blocks (32 or 256 elements).
 // Thread safety: no shared state; concurrent calls on disjoint outputs are fine.
 #pragma once
 
@@ -29,18 +29,19 @@ uint16_t f32_to_f16(float f);
 uint16_t f32_to_bf16(float f);
 
 // Element i of a weight matrix of the given dtype, widened to float. For the
-// block types (Q8_0, Q4_0) i counts elements of the whole matrix, whose rows
-// are whole numbers of blocks, so element i is element i % 32 of block i / 32.
+// block types i counts elements of the whole matrix, whose rows are whole
+// numbers of blocks, so element i is element i % B of block i / B (B = 32 or
+// 256, MOESH_QK_BLOCK or MOESH_QK_K).
 float load_weight(const void * w, int32_t w_type /* moesh_dtype */, int64_t i);
 
 // Row `row` of a [n_rows, n] weight matrix, widened (dequantized) to float:
-// out[0..n). Block types need n to be a multiple of 32 (else
-// std::invalid_argument); dequantization is exact (an fp16 scale times a small
-// integer), the same arithmetic as GGUF's dequantize_row.
+// out[0..n). Block types need n to be a whole number of blocks (else
+// std::invalid_argument); the values are bit-identical to GGUF's
+// dequantize_row (tests/experts checks them against experts/quant.cpp).
 void load_weight_row(const void * w, int32_t w_type /* moesh_dtype */, int64_t row, int64_t n, float * out);
 
 // Bytes of one row of n elements of w_type (0 for an unknown dtype or for a
-// block type when n is not a multiple of 32).
+// block type when n is not a whole number of blocks).
 size_t weight_row_bytes(int32_t w_type /* moesh_dtype */, int64_t n);
 
 void matmul(const moesh_matmul_args & args);

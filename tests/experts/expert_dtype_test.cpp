@@ -40,16 +40,32 @@ TEST(ExpertDtype, RowBytesOfElementAndBlockTypes) {
 TEST(ExpertDtype, ReferenceDequantizationMatchesGgufBitForBit) {
     std::mt19937 rng(5);
     std::uniform_int_distribution<int> byte(0, 255);
-    const int64_t n = 32 * 9, n_rows = 3;
-    for (auto [type, qt] : {std::pair{MOESH_DTYPE_Q8_0, QuantType::Q8_0}, std::pair{MOESH_DTYPE_Q4_0, QuantType::Q4_0}}) {
+    const int64_t n_rows = 3;
+    const std::pair<moesh_dtype, QuantType> types[] = {
+        {MOESH_DTYPE_Q8_0, QuantType::Q8_0}, {MOESH_DTYPE_Q4_0, QuantType::Q4_0}, {MOESH_DTYPE_Q4_1, QuantType::Q4_1},
+        {MOESH_DTYPE_Q4_K, QuantType::Q4_K}, {MOESH_DTYPE_Q5_K, QuantType::Q5_K}, {MOESH_DTYPE_Q6_K, QuantType::Q6_K},
+    };
+    for (auto [type, qt] : types) {
+        SCOPED_TRACE(moesh::quant_type_name(qt));
+        const int64_t block_elems = moesh::quant_block_elems(qt);
+        const int64_t n = block_elems * 3;
         const size_t row_bytes = moesh::quant_row_bytes(qt, n);
         ASSERT_EQ(moesh::ref::weight_row_bytes(type, n), row_bytes);
+        ASSERT_EQ(moesh::dtype_row_bytes(type, n), row_bytes);
         std::vector<uint8_t> w(row_bytes * n_rows);
         for (auto & b : w) b = uint8_t(byte(rng));
-        // Sane scales: finite fp16 of either sign, subnormals included.
+        // Sane scales: finite fp16 of either sign, subnormals included. Q6_K
+        // has its d last; the others d first (and Q4_1's m, K-quants' dmin next).
         const size_t block = moesh::quant_block_bytes(qt);
         for (size_t off = 0; off < w.size(); off += block) {
-            w[off + 1] &= 0x3b;   // exponent below 0x1f, often small
+            if (qt == QuantType::Q6_K) {
+                w[off + block - 1] &= 0x3b;   // exponent below 0x1f, often small
+            } else {
+                w[off + 1] &= 0x3b;
+                if (qt != QuantType::Q8_0 && qt != QuantType::Q4_0) {
+                    w[off + 3] &= 0x3b;
+                }
+            }
         }
         for (int64_t r = 0; r < n_rows; ++r) {
             std::vector<float> want(static_cast<size_t>(n)), got(static_cast<size_t>(n));
@@ -61,8 +77,10 @@ TEST(ExpertDtype, ReferenceDequantizationMatchesGgufBitForBit) {
                 ASSERT_EQ(std::memcmp(&e, &want[size_t(i)], sizeof e), 0) << "element " << i;
             }
         }
-        std::vector<float> out(48);
-        EXPECT_THROW(moesh::ref::load_weight_row(w.data(), type, 0, 48, out.data()), std::invalid_argument);
+        std::vector<float> out(size_t(block_elems + 16));
+        EXPECT_THROW(moesh::ref::load_weight_row(w.data(), type, 0, block_elems + 16, out.data()),
+                     std::invalid_argument);
+        EXPECT_EQ(moesh::ref::weight_row_bytes(type, block_elems + 16), 0u);
     }
 }
 

@@ -11,6 +11,8 @@
 // each op's bound). The reference accumulates in double and widens weights
 // exactly, so the bound is all the error a correct float32 backend may have;
 // a wrong index, a dropped tail element or a missed block is far outside it.
+// Block weight types may also round the activations to 8 bits (as ggml and
+// the cpu backend do); see act_quant_error for that part of the bound.
 #include <moesh/plugin.h>
 
 #include "reference_kernels.h"
@@ -71,11 +73,25 @@ const BackendCase k_backends[] = {
 // Names the case in gtest's messages.
 void PrintTo(const BackendCase & c, std::ostream * os) { *os << c.name; }
 
-const moesh_dtype k_weight_types[] = {MOESH_DTYPE_F32, MOESH_DTYPE_F16, MOESH_DTYPE_BF16, MOESH_DTYPE_Q8_0,
-                                      MOESH_DTYPE_Q4_0};
+const moesh_dtype k_weight_types[] = {MOESH_DTYPE_F32,  MOESH_DTYPE_F16,  MOESH_DTYPE_BF16,
+                                      MOESH_DTYPE_Q8_0, MOESH_DTYPE_Q4_0, MOESH_DTYPE_Q4_1,
+                                      MOESH_DTYPE_Q4_K, MOESH_DTYPE_Q5_K, MOESH_DTYPE_Q6_K};
 
-// Block types: rows are whole blocks of 32 elements, so the shapes differ.
-bool is_block_type(moesh_dtype t) { return t == MOESH_DTYPE_Q8_0 || t == MOESH_DTYPE_Q4_0; }
+// Elements per block: 32 or 256 for the block types, 0 for the element types.
+int64_t block_elems(moesh_dtype t) {
+    switch (t) {
+    case MOESH_DTYPE_Q8_0:
+    case MOESH_DTYPE_Q4_0:
+    case MOESH_DTYPE_Q4_1: return MOESH_QK_BLOCK;
+    case MOESH_DTYPE_Q4_K:
+    case MOESH_DTYPE_Q5_K:
+    case MOESH_DTYPE_Q6_K: return MOESH_QK_K;
+    default: return 0;
+    }
+}
+
+// Block types: rows are whole blocks, so the shapes differ.
+bool is_block_type(moesh_dtype t) { return block_elems(t) != 0; }
 
 const char * dtype_name(moesh_dtype t) {
     switch (t) {
@@ -84,6 +100,10 @@ const char * dtype_name(moesh_dtype t) {
     case MOESH_DTYPE_BF16: return "bf16";
     case MOESH_DTYPE_Q8_0: return "q8_0";
     case MOESH_DTYPE_Q4_0: return "q4_0";
+    case MOESH_DTYPE_Q4_1: return "q4_1";
+    case MOESH_DTYPE_Q4_K: return "q4_K";
+    case MOESH_DTYPE_Q5_K: return "q5_K";
+    case MOESH_DTYPE_Q6_K: return "q6_K";
     default: return "?";
     }
 }
@@ -150,28 +170,34 @@ void put_f16(uint8_t * p, float f) {
 // GGUF's Q8_0 / Q4_0 quantization of n (a multiple of 32) values, in the
 // spirit of gguf.quants (rounding details do not matter: the test compares
 // against the dequantized bytes). Every 11th block is all zero (d = 0), and
-// every 13th has a tiny scale (an fp16 subnormal).
-void quantize_blocks(moesh_dtype type, const std::vector<float> & x, std::vector<uint8_t> & bytes) {
-    const size_t n_blocks = x.size() / 32;
-    const size_t block_bytes = type == MOESH_DTYPE_Q8_0 ? 34 : 18;
+// every 13th has a tiny scale (an fp16 subnormal). The other block types get
+// random bytes with scales that keep values within about [-scale, scale]
+// (the K-quants' 6-bit scales and mins, Q6_K's int8 scales all random).
+void quantize_blocks(moesh_dtype type, const std::vector<float> & x, float scale, std::mt19937 & rng,
+                     std::vector<uint8_t> & bytes) {
+    const size_t n_per_block = size_t(block_elems(type));
+    const size_t n_blocks = x.size() / n_per_block;
+    const size_t block_bytes = moesh::ref::weight_row_bytes(type, int64_t(n_per_block));
     bytes.assign(n_blocks * block_bytes, 0);
+    std::uniform_int_distribution<int> byte(0, 255);
     for (size_t b = 0; b < n_blocks; ++b) {
-        const float * v = x.data() + 32 * b;
+        const float * v = x.data() + n_per_block * b;
         uint8_t * p = bytes.data() + b * block_bytes;
         if (b % 11 == 10) {
             continue;   // d = 0, q = 0 (Q4_0: nibbles 0, i.e. -8 * 0)
         }
+        const bool tiny = b % 13 == 12;
         if (type == MOESH_DTYPE_Q8_0) {
             float amax = 0.0f;
             for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(v[j]));
-            const float d = b % 13 == 12 ? 0x1p-20f : amax / 127.0f;
+            const float d = tiny ? 0x1p-20f : amax / 127.0f;
             put_f16(p, d);
             const float dq = moesh::ref::f16_to_f32(moesh::ref::f32_to_f16(d));
             for (int j = 0; j < 32; ++j) {
                 const float q = dq != 0.0f ? std::round(v[j] / dq) : 0.0f;
                 p[2 + j] = uint8_t(int8_t(std::clamp(q, -127.0f, 127.0f)));
             }
-        } else {
+        } else if (type == MOESH_DTYPE_Q4_0) {
             float amax = 0.0f, max = 0.0f;
             for (int j = 0; j < 32; ++j) {
                 if (std::fabs(v[j]) > amax) {
@@ -179,7 +205,7 @@ void quantize_blocks(moesh_dtype type, const std::vector<float> & x, std::vector
                     max = v[j];
                 }
             }
-            const float d = b % 13 == 12 ? -0x1p-20f : max / -8.0f;
+            const float d = tiny ? -0x1p-20f : max / -8.0f;
             put_f16(p, d);
             const float dq = moesh::ref::f16_to_f32(moesh::ref::f32_to_f16(d));
             for (int j = 0; j < 16; ++j) {
@@ -189,16 +215,35 @@ void quantize_blocks(moesh_dtype type, const std::vector<float> & x, std::vector
                 };
                 p[2 + j] = uint8_t(nib(v[j]) | (nib(v[j + 16]) << 4));
             }
+        } else {
+            for (size_t i = 0; i < block_bytes; ++i) {
+                p[i] = uint8_t(byte(rng));
+            }
+            const float t = tiny ? 0x1p-12f : 1.0f;
+            switch (type) {
+            case MOESH_DTYPE_Q4_1:   // d * [0, 15] + m
+                put_f16(p, t * scale * 2.0f / 15.0f);
+                put_f16(p + 2, -t * scale * (b % 2 ? 1.0f : 0.5f));
+                break;
+            case MOESH_DTYPE_Q4_K:   // d * sc * [0, 15] - dmin * mn, sc and mn in [0, 63]
+            case MOESH_DTYPE_Q5_K:   // d * sc * [0, 31] - dmin * mn
+                put_f16(p, t * scale / (type == MOESH_DTYPE_Q4_K ? 15.0f * 32.0f : 31.0f * 32.0f));
+                put_f16(p + 2, t * scale / 64.0f);
+                break;
+            default:                 // Q6_K: d * sc * [-32, 31], sc in [-128, 127]
+                put_f16(p + 208, t * scale / (128.0f * 32.0f));
+                break;
+            }
         }
     }
 }
 
-// n elements; for a block type, n must be a multiple of 32 (rows of whole blocks).
+// n elements; for a block type, n must be a whole number of blocks.
 Weights make_weights(moesh_dtype type, size_t n, float scale, std::mt19937 & rng) {
     Weights w;
     w.values = uniform(n, -scale, scale, rng);
     if (is_block_type(type)) {
-        quantize_blocks(type, w.values, w.bytes);
+        quantize_blocks(type, w.values, scale, rng, w.bytes);
         for (size_t i = 0; i < n; ++i) {
             w.values[i] = moesh::ref::load_weight(w.bytes.data(), type, int64_t(i));   // exact
         }
@@ -226,6 +271,38 @@ Weights make_weights(moesh_dtype type, size_t n, float scale, std::mt19937 & rng
     std::memcpy(w.bytes.data(), bits.data(), w.bytes.size());
     return w;
 }
+
+// Activation rounding of block-type kernels. A backend may round activations
+// to 8 bits with one scale per block of up to 256 values (ggml's Q8_0 uses 32,
+// Q8_K 256; the cpu backend 32): |x - x_q| <= h = max|x over the block| / 254.
+// h_i below uses the 256-aligned block around i, the largest such h for any
+// block size up to 256. The rounding errors of random inputs are independent,
+// so sum_i w_i (x_i - x_q,i) has standard deviation sqrt(sum (w_i h_i)^2 / 3);
+// the bound 6 sqrt(sum (w_i h_i)^2) is over 10 of those, and for n <= 36 it is
+// above the worst case sum |w_i h_i|. A dropped or misplaced 32-value block
+// still moves a result by ~sqrt(32) rms(w x): 2-20 times this bound at the
+// sizes below (each result of a wrong kernel has a fair chance to exceed it,
+// and there are hundreds).
+std::vector<double> act_half_steps(const float * x, int64_t n) {
+    std::vector<double> h(static_cast<size_t>(n));
+    for (int64_t b = 0; b < n; b += 256) {
+        const int64_t e = std::min<int64_t>(n, b + 256);
+        double amax = 0.0;
+        for (int64_t i = b; i < e; ++i) amax = std::max(amax, std::fabs(double(x[i])));
+        std::fill(h.begin() + b, h.begin() + e, amax / 254.0);
+    }
+    return h;
+}
+
+double act_quant_error(const float * w, const std::vector<double> & h) {
+    double sum_sq = 0.0;
+    for (size_t i = 0; i < h.size(); ++i) sum_sq += (double(w[i]) * h[i]) * (double(w[i]) * h[i]);
+    return 6.0 * std::sqrt(sum_sq);
+}
+
+// Integer kernels add the blocks' offsets (Q4_0's -8, mins, Q6_K's -32) as
+// separate float terms, up to ~4x the magnitude of the final sum's terms.
+constexpr double k_block_float_factor = 4.0;
 
 // Largest error/bound ratio seen, printed when MOESH_CONFORMANCE_VERBOSE is
 // set: how much headroom the bounds leave.
@@ -362,17 +439,30 @@ TEST_P(BackendConformance, MatmulMatchesReference) {
         {517, 64, 17, 0, 0, false}, {31, 5, 40, 0, 0, true},   // few rows, many tokens
         {300, 8, 70, 1, 3, false},  {5000, 6, 17, 0, 0, true}, // tokens in several blocks
     };
-    // Block types: n_in a multiple of 32; odd block counts (1, 3, 5, 7, 65, 127).
-    const Shape block_shapes[] = {
-        {32, 1, 1, 0, 0, false},   {32, 5, 3, 3, 2, true},    {96, 33, 17, 0, 0, true},
-        {160, 70, 3, 5, 1, false}, {2080, 37, 1, 0, 0, true}, {224, 8, 70, 1, 3, false}, // few rows, many tokens
-        {4064, 6, 17, 0, 0, true}, {64, 9, 2, 0, 0, false},
+    // Block types, in blocks (32 or 256 values): odd block counts; n_out not a
+    // multiple of 4; n_tokens 1..9, 17 and 70; strides past the row; one-token
+    // rows whose 32-value groups are not a multiple of 16 (decode chunks).
+    struct BlockShape {
+        int64_t n_blocks_32, n_blocks_256, n_out, n_tokens, x_pad, y_pad;
+        bool bias;
+    };
+    const BlockShape block_shapes[] = {
+        {1, 1, 1, 1, 0, 0, false},   {1, 1, 5, 3, 3, 2, true},    {3, 3, 33, 9, 0, 0, true},
+        {5, 5, 70, 2, 5, 1, false},  {65, 9, 37, 1, 0, 0, true},  {7, 3, 8, 70, 1, 3, false},
+        {127, 16, 6, 17, 0, 0, true}, {2, 2, 9, 4, 0, 0, false},  {3, 1, 18, 5, 40, 0, false},
+        {2, 2, 23, 6, 0, 0, true},   {1, 1, 13, 7, 0, 0, false},  {4, 2, 11, 8, 0, 5, true},
+        {9, 3, 10, 1, 7, 0, false},
     };
     std::mt19937 rng(1);
     for (moesh_dtype type : k_weight_types) {
-        const std::vector<Shape> type_shapes = is_block_type(type)
-            ? std::vector<Shape>(std::begin(block_shapes), std::end(block_shapes))
-            : std::vector<Shape>(std::begin(shapes), std::end(shapes));
+        std::vector<Shape> type_shapes(std::begin(shapes), std::end(shapes));
+        if (is_block_type(type)) {
+            type_shapes.clear();
+            for (const BlockShape & b : block_shapes) {
+                const int64_t n_in = block_elems(type) == 32 ? 32 * b.n_blocks_32 : 256 * b.n_blocks_256;
+                type_shapes.push_back({n_in, b.n_out, b.n_tokens, b.x_pad, b.y_pad, b.bias});
+            }
+        }
         for (const Shape & s : type_shapes) {
             SCOPED_TRACE(testing::Message() << dtype_name(type) << " n_in " << s.n_in << " n_out " << s.n_out
                                             << " n_tokens " << s.n_tokens);
@@ -412,16 +502,24 @@ TEST_P(BackendConformance, MatmulMatchesReference) {
             r.y = y_ref.data();
             moesh::ref::matmul(r);
 
-            // One float32 sum of n_in products and the bias; padding untouched.
+            // One float32 sum of n_in products and the bias, plus the activations'
+            // rounding for block types; padding untouched.
+            const bool block = is_block_type(type);
             std::vector<double> bound(y0.size(), 0.0);
             for (int64_t t = 0; t < s.n_tokens; ++t) {
+                const std::vector<double> h = block ? act_half_steps(x.data() + t * x_stride, s.n_in)
+                                                    : std::vector<double>();
                 for (int64_t o = 0; o < s.n_out; ++o) {
                     double mag = s.bias ? std::fabs(bias[size_t(o)]) : 0.0;
                     for (int64_t i = 0; i < s.n_in; ++i) {
                         mag += std::fabs(double(w.values[size_t(o * s.n_in + i)]) * x[size_t(t * x_stride + i)]);
                     }
                     const size_t k = size_t(t * y_stride + o);
-                    bound[k] = sum_error(s.n_in + 1) * mag + k_u * std::fabs(y_ref[k]) + k_tiny;
+                    bound[k] = sum_error(s.n_in + 1) * mag * (block ? k_block_float_factor : 1.0) +
+                               k_u * std::fabs(y_ref[k]) + k_tiny;
+                    if (block) {
+                        bound[k] += act_quant_error(w.values.data() + o * s.n_in, h);
+                    }
                 }
             }
             EXPECT_TRUE(within_bounds(y, y_ref, bound));
@@ -432,20 +530,24 @@ TEST_P(BackendConformance, MatmulMatchesReference) {
 // -------------------------------------------------------------- expert_ffn
 
 // Bound on |out - ref| for one expert, by first-order propagation of float32
-// rounding:
-//   g = gate.x, u = up.x:     e_g = sum_error(n_embd) * sum|gate x|, e_u alike
+// rounding (and, for block types, of the activations' 8-bit rounding: q(w, x)
+// = act_quant_error, 0 for element types; f = k_block_float_factor, else 1):
+//   g = gate.x, u = up.x:     e_g = f sum_error(n_embd) * sum|gate x| + q(gate, x), e_u alike
 //   h = silu(g) * u:          |silu'(g) u| e_g + |silu(g)| e_u + 8u|h| (exp, add, divide, multiply)
-//   d = down.h:               sum_f |down_ef| e_h,f + sum_error(n_ff) * sum_f |down_ef h_f|
+//   d = down.h:               sum_f |down_ef| e_h,f + f sum_error(n_ff) * sum_f |down_ef h_f| + q(down, h)
 //   out += scale * d:         |scale| e_d + 2u (|out_0| + |scale d|) + u|out|
 std::vector<double> expert_ffn_bound(const moesh_expert_ffn_args & a, const Weights & gate, const Weights & up,
                                      const Weights & down, const std::vector<float> & out0,
                                      const std::vector<float> & out_ref) {
+    const bool block = is_block_type(moesh_dtype(a.w_type));
+    const double f_float = block ? k_block_float_factor : 1.0;
     const size_t n_embd = size_t(a.n_embd);
     const size_t n_ff = size_t(a.n_ff);
     std::vector<double> h(size_t(a.n_tokens) * n_ff);     // [n_tokens, n_ff]
     std::vector<double> e_h(size_t(a.n_tokens) * n_ff);   // [n_tokens, n_ff]
     for (size_t t = 0; t < size_t(a.n_tokens); ++t) {
         const float * x = a.x + t * n_embd;
+        const std::vector<double> hx = block ? act_half_steps(x, a.n_embd) : std::vector<double>();
         for (size_t f = 0; f < n_ff; ++f) {
             double g = 0, g_mag = 0, u = 0, u_mag = 0;
             for (size_t i = 0; i < n_embd; ++i) {
@@ -457,8 +559,12 @@ std::vector<double> expert_ffn_bound(const moesh_expert_ffn_args & a, const Weig
             const double sig = 1.0 / (1.0 + std::exp(-g));
             const double silu = g * sig;
             const double d_silu = sig * (1.0 + g * (1.0 - sig));
-            const double e_g = sum_error(a.n_embd) * g_mag;
-            const double e_u = sum_error(a.n_embd) * u_mag;
+            double e_g = f_float * sum_error(a.n_embd) * g_mag;
+            double e_u = f_float * sum_error(a.n_embd) * u_mag;
+            if (block) {
+                e_g += act_quant_error(gate.values.data() + f * n_embd, hx);
+                e_u += act_quant_error(up.values.data() + f * n_embd, hx);
+            }
             h[t * n_ff + f] = silu * u;
             e_h[t * n_ff + f] = std::fabs(d_silu * u) * e_g + std::fabs(silu) * e_u + e_g * e_u +
                                 8.0 * k_u * std::fabs(silu * u);
@@ -467,6 +573,15 @@ std::vector<double> expert_ffn_bound(const moesh_expert_ffn_args & a, const Weig
     std::vector<double> bound(out_ref.size());
     for (size_t t = 0; t < size_t(a.n_tokens); ++t) {
         const double scale = a.scale ? a.scale[t] : 1.0;
+        std::vector<double> hh;
+        if (block) {
+            // Steps of the backend's h, which is within e_h of the reference h.
+            std::vector<float> h_upper(n_ff);
+            for (size_t f = 0; f < n_ff; ++f) {
+                h_upper[f] = float(std::fabs(h[t * n_ff + f]) + e_h[t * n_ff + f]);
+            }
+            hh = act_half_steps(h_upper.data(), a.n_ff);
+        }
         for (size_t e = 0; e < n_embd; ++e) {
             double d = 0, propagated = 0, mag = 0;
             for (size_t f = 0; f < n_ff; ++f) {
@@ -475,9 +590,13 @@ std::vector<double> expert_ffn_bound(const moesh_expert_ffn_args & a, const Weig
                 propagated += std::fabs(w) * e_h[t * n_ff + f];
                 mag += std::fabs(w * h[t * n_ff + f]);
             }
+            double e_d = propagated + f_float * sum_error(a.n_ff) * mag;
+            if (block) {
+                e_d += act_quant_error(down.values.data() + e * n_ff, hh);
+            }
             const size_t k = t * n_embd + e;
-            bound[k] = std::fabs(scale) * (propagated + sum_error(a.n_ff) * mag) +
-                       2.0 * k_u * (std::fabs(out0[k]) + std::fabs(scale * d)) + k_u * std::fabs(out_ref[k]) + k_tiny;
+            bound[k] = std::fabs(scale) * e_d + 2.0 * k_u * (std::fabs(out0[k]) + std::fabs(scale * d)) +
+                       k_u * std::fabs(out_ref[k]) + k_tiny;
         }
     }
     return bound;
@@ -492,15 +611,26 @@ TEST_P(BackendConformance, ExpertFfnMatchesReference) {
         {8, 16, 1, false}, {13, 7, 3, true},   {64, 96, 17, true},
         {37, 51, 2, false}, {256, 704, 5, true}, {1000, 300, 20, true},
     };
-    // Block types: n_embd and n_ff multiples of 32, odd block counts included.
-    const Shape block_shapes[] = {
-        {32, 32, 1, false}, {96, 160, 3, true}, {64, 96, 17, true}, {288, 224, 17, true}, {32, 96, 2, false},
+    // Block types, in blocks (32 or 256 values): odd block counts included;
+    // 33 tokens: several experts' worth of a prompt.
+    const Shape block_shapes_32[] = {
+        {1, 1, 1, false}, {3, 5, 3, true}, {2, 3, 17, true}, {9, 7, 17, true}, {1, 3, 2, false},
+        {3, 2, 33, true}, {5, 9, 1, true}, {2, 1, 6, false},
+    };
+    const Shape block_shapes_256[] = {
+        {1, 1, 1, false}, {1, 2, 3, true}, {2, 1, 9, true}, {3, 2, 1, true}, {1, 1, 33, false}, {2, 3, 5, false},
     };
     std::mt19937 rng(2);
     for (moesh_dtype type : k_weight_types) {
-        const std::vector<Shape> type_shapes = is_block_type(type)
-            ? std::vector<Shape>(std::begin(block_shapes), std::end(block_shapes))
-            : std::vector<Shape>(std::begin(shapes), std::end(shapes));
+        std::vector<Shape> type_shapes(std::begin(shapes), std::end(shapes));
+        if (is_block_type(type)) {
+            type_shapes.clear();
+            const int64_t b = block_elems(type);
+            for (const Shape & bs : b == 32 ? std::vector<Shape>(std::begin(block_shapes_32), std::end(block_shapes_32))
+                                            : std::vector<Shape>(std::begin(block_shapes_256), std::end(block_shapes_256))) {
+                type_shapes.push_back({bs.n_embd * b, bs.n_ff * b, bs.n_tokens, bs.scale});
+            }
+        }
         for (const Shape & s : type_shapes) {
             SCOPED_TRACE(testing::Message() << dtype_name(type) << " n_embd " << s.n_embd << " n_ff " << s.n_ff
                                             << " n_tokens " << s.n_tokens);
@@ -558,12 +688,16 @@ TEST_P(BackendConformance, ExpertFfnInPlaceMatchesReference) {
         int64_t n_embd, n_ff, n_tokens;
     };
     const Shape shapes[] = {{13, 7, 3}, {64, 96, 5}};
-    const Shape block_shapes[] = {{32, 96, 3}, {96, 32, 5}};
+    const Shape block_shapes[] = {{1, 3, 3}, {3, 1, 5}};   // in blocks
     std::mt19937 rng(8);
     for (moesh_dtype type : k_weight_types) {
-        const std::vector<Shape> type_shapes = is_block_type(type)
-            ? std::vector<Shape>(std::begin(block_shapes), std::end(block_shapes))
-            : std::vector<Shape>(std::begin(shapes), std::end(shapes));
+        std::vector<Shape> type_shapes(std::begin(shapes), std::end(shapes));
+        if (is_block_type(type)) {
+            type_shapes.clear();
+            for (const Shape & bs : block_shapes) {
+                type_shapes.push_back({bs.n_embd * block_elems(type), bs.n_ff * block_elems(type), bs.n_tokens});
+            }
+        }
         for (const Shape & s : type_shapes) {
             SCOPED_TRACE(testing::Message() << dtype_name(type) << " n_embd " << s.n_embd << " n_ff " << s.n_ff
                                             << " n_tokens " << s.n_tokens);
@@ -952,24 +1086,28 @@ TEST_P(BackendConformance, RejectsInvalidMatmulArguments) {
     check("n_in huge", [](moesh_matmul_args & a) { a.n_in = a.x_stride = int64_t(1) << 62; });
 }
 
-// Block weight types need rows of whole 32-element blocks.
-TEST_P(BackendConformance, RejectsBlockRowsNotMultipleOf32) {
+// Block weight types need rows of whole blocks (32 or 256 elements).
+TEST_P(BackendConformance, RejectsRowsOfPartialBlocks) {
     // Host arrays: validation must fail before anything is read.
-    std::vector<uint8_t> w(4096, 0);
-    std::vector<float> x(256, 1.0f), y(256), scratch(1024);
-    for (moesh_dtype type : {MOESH_DTYPE_Q8_0, MOESH_DTYPE_Q4_0}) {
+    std::vector<uint8_t> w(8192, 0);
+    std::vector<float> x(1024, 1.0f), y(1024), scratch(4096);
+    for (moesh_dtype type : k_weight_types) {
+        if (!is_block_type(type)) {
+            continue;
+        }
         SCOPED_TRACE(dtype_name(type));
+        const int64_t b = block_elems(type);
         if (offered(MOESH_OP_MATMUL, type)) {
-            for (int64_t n_in : {1, 16, 48, 33, 100}) {
+            for (int64_t n_in : {int64_t(1), int64_t(16), b + 16, b / 2, 2 * b - 16, int64_t(100)}) {
                 moesh_matmul_args a = {.struct_size = sizeof(moesh_matmul_args), .w_type = type, .w = w.data(),
                                        .bias = nullptr, .x = x.data(), .y = y.data(), .n_in = n_in, .n_out = 2,
                                        .n_tokens = 1, .x_stride = n_in, .y_stride = 2};
                 Rejection r(be_, create_context());
-                r.expect(be_->matmul(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, "matmul n_in not a multiple of 32");
+                r.expect(be_->matmul(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, "matmul n_in not whole blocks");
             }
         }
         if (offered(MOESH_OP_EXPERT_FFN, type)) {
-            const int64_t sizes[][2] = {{48, 32}, {32, 40}, {16, 16}, {31, 64}};
+            const int64_t sizes[][2] = {{b + 16, b}, {b, b + 8}, {16, 16}, {b - 1, 2 * b}, {b / 2, b}};
             for (const auto & sz : sizes) {
                 moesh_expert_ffn_args a = {.struct_size = sizeof(moesh_expert_ffn_args), .w_type = type,
                                            .gate = w.data(), .up = w.data(), .down = w.data(), .x = x.data(),
@@ -977,7 +1115,7 @@ TEST_P(BackendConformance, RejectsBlockRowsNotMultipleOf32) {
                                            .n_embd = sz[0], .n_ff = sz[1], .n_tokens = 1};
                 Rejection r(be_, create_context());
                 r.expect(be_->expert_ffn(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT,
-                         "expert_ffn n_embd or n_ff not a multiple of 32");
+                         "expert_ffn n_embd or n_ff not whole blocks");
             }
         }
     }

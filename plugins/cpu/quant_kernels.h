@@ -1,0 +1,68 @@
+// Integer kernels of the CPU backend for block-quantized weights (MOESH_DTYPE_Q8_0
+// ... Q6_K): activations are quantized on the fly to 8 bits, one scale per 32
+// values (as ggml's Q8_0 activations), and multiplied with the weights' small
+// integers in 8/16-bit SIMD arithmetic (AVX2 maddubs/madd), scaled to float
+// once per 32 values. Results differ from a float dot product by the rounding
+// of the activations (relative error about 1/254 of each 32-value group's
+// largest magnitude, per element).
+//
+//     QuantActs xq = quant_acts_at(buf, n_in, n_tokens);       // buf: quant_acts_bytes(n_in, n_tokens)
+//     quantize_acts(x, x_stride, 0, n_tokens, xq);
+//     quant_matmul_rows(args, xq, r0, r1, t0, t1, panel);      // panel: quant_panel_bytes(n_in), per thread
+//
+// Each weight row block (4 rows) is first unpacked into a per-thread "panel"
+// (one byte per weight, plus float scales and offsets per 32 values), then one
+// kernel multiplies the panel with up to 2 tokens at a time: a prefill reuses
+// the unpacked rows for every token, decode unpacks 512 columns at a time so
+// that the panel stays in L1. Nothing here allocates or throws.
+// Thread safety: distinct threads need distinct panels and disjoint outputs.
+#pragma once
+
+#include <moesh/plugin.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace moesh::cpu {
+
+// Whether w_type is one of the block types these kernels take.
+bool is_quant_type(int32_t w_type);
+// Elements per block of w_type (32 or 256); 0 when not a block type.
+int64_t quant_block_elems(int32_t w_type);
+
+// Quantized activations, rows of n values (n a multiple of 32), with
+// ng8 = n / 32 rounded up to a multiple of 8 (the padding is zero):
+struct QuantActs {
+    int8_t * q;     // [n_rows, n], round(x / d) in [-127, 127]
+    float * d;      // [n_rows, ng8] scale of each group of 32
+    float * s32;    // [n_rows, ng8] d * (sum of q over the group)
+    float * s16;    // [n_rows, 2 * ng8] d * (sum of q over each half-group of 16)
+    int64_t n;
+    int64_t ng8;
+};
+
+size_t quant_acts_bytes(int64_t n, int64_t n_rows);
+// Lays a QuantActs over mem (4-byte aligned, quant_acts_bytes(n, n_rows) bytes).
+QuantActs quant_acts_at(void * mem, int64_t n, int64_t n_rows);
+
+// Rows r0..r1 of x (row r at x + r * x_stride, n values) into rows r0..r1 of out.
+void quantize_acts(const float * x, int64_t x_stride, int64_t r0, int64_t r1, const QuantActs & out);
+
+// Bytes of one thread's panel for rows of n_in values.
+size_t quant_panel_bytes(int64_t n_in);
+
+// y[t, r] = w[r] . x[t] (+ bias[r]) for r in [r0, r1), t in [t0, t1); xq holds
+// a.x quantized (all a.n_tokens rows).
+void quant_matmul_rows(const moesh_matmul_args & a, const QuantActs & xq, int64_t r0, int64_t r1, int64_t t0,
+                       int64_t t1, void * panel);
+
+// For features f in [f0, f1), f0 and f1 multiples of 32 (or f1 = n_ff):
+// h[t, f] = silu(gate[f] . x[t]) * (up[f] . x[t]) into the first half of
+// a.scratch, then those groups of h quantized into hq.
+void quant_gate_up_rows(const moesh_expert_ffn_args & a, const QuantActs & xq, int64_t f0, int64_t f1,
+                        void * panel, const QuantActs & hq);
+
+// out[t, e] += scale[t] * (down[e] . h[t]) for e in [e0, e1), h as quantized in hq.
+void quant_down_rows(const moesh_expert_ffn_args & a, const QuantActs & hq, int64_t e0, int64_t e1, void * panel);
+
+} // namespace moesh::cpu
