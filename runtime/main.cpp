@@ -291,8 +291,14 @@ int cmd_quantize(const std::string & in, const std::string & out, const std::str
 
 int cmd_tokenize(const std::string & model, const std::string & text_arg, const std::string & file, bool add_special,
                  const std::string & output) {
-    std::optional<moesh::Tokenizer> tok = find_tokenizer(model);
-    if (!tok) throw Error(model + ": no tokenizer.json (give a model folder that has one, or the file itself)");
+    std::optional<moesh::Tokenizer> tok;
+    if (model.size() > 5 && model.compare(model.size() - 5, 5, ".gguf") == 0) {
+        moesh::GgufFile f(model);
+        tok = moesh::load_tokenizer_gguf(f, model);
+    } else {
+        tok = find_tokenizer(model);
+    }
+    if (!tok) throw Error(model + ": no tokenizer.json (give a model folder that has one, the file itself, or a .gguf file)");
     const std::string text = file.empty() ? text_arg : moesh::read_text_file(file, "the text file");
     const std::vector<int32_t> ids = tok->encode(text, add_special);
     if (output == "json") {
@@ -470,14 +476,17 @@ int main(int argc, char ** argv) {
                     "Write float32 logits of every prompt position and generated step to this .npy file "
                     "[n_prompt + n - 1, n_vocab]");
 
-    CLI::App * tokenize = app.add_subcommand("tokenize", "Turn text into token ids with a model's tokenizer.json");
+    CLI::App * tokenize = app.add_subcommand("tokenize", "Turn text into token ids with a model's tokenizer.json or GGUF");
     std::string tok_model, tok_text, tok_file, tok_output = "text";
     bool tok_add_special = false;
-    tokenize->add_option("-m,--model", tok_model, "Model folder with tokenizer.json, or a tokenizer.json file")->required();
+    tokenize->add_option("-m,--model", tok_model,
+                         "Model folder with tokenizer.json, a tokenizer.json file, or a .gguf file (its tokenizer metadata)")
+        ->required();
     auto * tt = tokenize->add_option("--text", tok_text, "Text to tokenize");
     auto * tf = tokenize->add_option("--file", tok_file, "File whose contents to tokenize");
     tt->excludes(tf);
-    tokenize->add_flag("--add-special", tok_add_special, "Add BOS/special tokens as the tokenizer's post-processor does");
+    tokenize->add_flag("--add-special", tok_add_special,
+                       "Add BOS/special tokens as the tokenizer's post-processor (or the GGUF's add_bos_token) does");
     tokenize->add_option("--output", tok_output, "text (id and piece per line), or json: {\"ids\": [...]} on the last line")
         ->check(CLI::IsMember({"text", "json"}));
     tokenize->callback([&]() {

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <queue>
 #include <unordered_map>
@@ -310,6 +312,25 @@ std::vector<std::string> split_pieces(std::string_view text, const std::vector<s
     return out;
 }
 
+std::string replace_all(std::string_view text, std::string_view from, std::string_view to) {
+    std::string out;
+    size_t pos = 0;
+    for (size_t hit; (hit = text.find(from, pos)) != std::string_view::npos; pos = hit + from.size()) {
+        out.append(text.substr(pos, hit - pos));
+        out.append(to);
+    }
+    out.append(text.substr(pos));
+    return out;
+}
+
+// The byte of a "<0xNN>" token, -1 if the text is not one.
+int byte_token_value(std::string_view text) {
+    auto hex = [](char c) { return c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1; };
+    if (text.size() != 6 || text.substr(0, 3) != "<0x" || text[5] != '>') return -1;
+    int hi = hex(text[3]), lo = hex(text[4]);
+    return hi < 0 || lo < 0 ? -1 : hi * 16 + lo;
+}
+
 uint64_t pair_key(int32_t a, int32_t b) { return (uint64_t(uint32_t(a)) << 32) | uint32_t(b); }
 
 struct Merge {
@@ -324,7 +345,11 @@ struct Merge {
 struct Tokenizer::Impl {
     struct PreTokenizer {
         TokenizerSpec::PreTokenizer spec;
-        std::unique_ptr<Regex> regex;   // Split pattern, or the GPT-2 regex for ByteLevel(use_regex)
+        std::unique_ptr<Regex> regex;   // Split pattern, the GPT-2 regex for ByteLevel(use_regex), Metaspace(split)
+    };
+    struct NormalizerStep {
+        TokenizerSpec::Normalizer spec;
+        const icu::Normalizer2 * icu = nullptr;   // NFC, NFD, NFKC, NFKD
     };
     struct AddedPatterns {
         std::vector<std::pair<std::string, size_t>> patterns;   // (text to match, index in added)
@@ -337,22 +362,31 @@ struct Tokenizer::Impl {
     std::vector<std::string> id_text;    // [n_vocab] as written in the file
     std::vector<std::string> id_bytes;   // [n_vocab] what the id decodes to
     std::vector<uint8_t> id_special;     // [n_vocab]
+    std::vector<float> scores;           // [n_vocab] non-empty: merge by score (SentencePiece)
+    std::array<int32_t, 256> byte_ids;   // id of "<0xNN>", -1 if none
     int32_t unk_id = -1;
     bool fuse_unk = false;
     bool ignore_merges = false;
+    bool byte_fallback = false;
+    bool byte_level = true;              // words are mapped to GPT-2's byte alphabet before BPE
     std::vector<AddedToken> added;
     std::unordered_map<std::string, int32_t> added_by_content;
     AddedPatterns raw_patterns, normalized_patterns;
-    std::vector<const icu::Normalizer2 *> normalizers;
+    std::vector<NormalizerStep> normalizers;
     std::vector<PreTokenizer> pre_tokenizers;
     std::vector<TokenizerSpec::TemplateItem> single_template;
-    int32_t bos = -1, eos = -1;
+    int32_t bos = -1, eos = -1, pad = -1;
+    std::string strip_content;           // the decoder's Strip: this character ...
+    uint32_t n_strip_leading = 0;        // ... at most this many times at the start
 
     void normalize(std::string & text) const;
     void split_added(std::string_view text, const AddedPatterns & set,
                      std::vector<std::pair<int32_t, std::string>> & out) const;
-    void encode_segment(std::string_view text, std::vector<int32_t> & ids) const;
+    // at_start: the text begins the input (Metaspace's prepend_scheme "first")
+    void encode_segment(std::string_view text, bool at_start, std::vector<int32_t> & ids) const;
     void bpe(std::string_view word, std::vector<int32_t> & ids) const;
+    void merge_by_score(std::string_view word, std::vector<int32_t> & ids) const;
+    void strip_front(std::string & text, size_t & n_stripped) const;
 };
 
 namespace {
@@ -381,7 +415,17 @@ uint32_t last_code_point(std::string_view s) {
 } // namespace
 
 void Tokenizer::Impl::normalize(std::string & text) const {
-    for (const icu::Normalizer2 * n : normalizers) {
+    using Kind = TokenizerSpec::Normalizer::Kind;
+    for (const NormalizerStep & step : normalizers) {
+        if (step.spec.kind == Kind::Prepend) {
+            if (!text.empty()) text.insert(0, step.spec.text);
+            continue;
+        }
+        if (step.spec.kind == Kind::Replace) {
+            text = replace_all(text, step.spec.text, step.spec.content);
+            continue;
+        }
+        const icu::Normalizer2 * n = step.icu;
         // ICU wants valid UTF-8: normalize the valid runs, keep invalid bytes as they are.
         std::string out;
         size_t i = 0, run = 0;
@@ -475,12 +519,27 @@ void Tokenizer::Impl::split_added(std::string_view text, const AddedPatterns & s
     if (start_offset < text.size()) out.emplace_back(-1, std::string(text.substr(start_offset)));
 }
 
-void Tokenizer::Impl::encode_segment(std::string_view text, std::vector<int32_t> & ids) const {
+void Tokenizer::Impl::encode_segment(std::string_view text, bool at_start, std::vector<int32_t> & ids) const {
+    using PreKind = TokenizerSpec::PreTokenizer::Kind;
+    using Scheme = TokenizerSpec::PrependScheme;
     std::vector<std::string> pieces{std::string(text)};
     for (const auto & pt : pre_tokenizers) {
         std::vector<std::string> next;
-        for (auto & piece : pieces) {
-            if (pt.spec.kind == TokenizerSpec::PreTokenizer::Kind::ByteLevel) {
+        for (size_t i = 0; i < pieces.size(); ++i) {
+            std::string & piece = pieces[i];
+            if (pt.spec.kind == PreKind::Metaspace) {
+                const std::string & rep = pt.spec.replacement;
+                piece = replace_all(piece, " ", rep);
+                bool first = at_start && i == 0;
+                bool prepend = pt.spec.prepend_scheme == Scheme::Always || (pt.spec.prepend_scheme == Scheme::First && first);
+                if (prepend && piece.compare(0, rep.size(), rep) != 0) piece.insert(0, rep);
+                if (!pt.spec.split) {
+                    if (!piece.empty()) next.push_back(std::move(piece));
+                    continue;
+                }
+                auto found = pt.regex->find_all(piece);
+                for (auto & p : split_pieces(piece, found, Behavior::MergedWithNext, false)) next.push_back(std::move(p));
+            } else if (pt.spec.kind == PreKind::ByteLevel) {
                 if (pt.spec.add_prefix_space && (piece.empty() || piece[0] != ' ')) piece.insert(0, 1, ' ');
                 if (!pt.spec.use_regex) {
                     if (!piece.empty()) next.push_back(std::move(piece));
@@ -496,12 +555,78 @@ void Tokenizer::Impl::encode_segment(std::string_view text, std::vector<int32_t>
         }
         pieces = std::move(next);
     }
+    if (!scores.empty()) {
+        for (const auto & piece : pieces) merge_by_score(piece, ids);
+        return;
+    }
+    if (!byte_level) {
+        for (const auto & piece : pieces) bpe(piece, ids);
+        return;
+    }
     const auto & alphabet = byte_alphabet();
     std::string word;
     for (const auto & piece : pieces) {
         word.clear();
         for (char c : piece) word += alphabet.encode[uint8_t(c)];
         bpe(word, ids);
+    }
+}
+
+// SentencePiece's BPE encoding, as llama.cpp's SPM tokenizer runs it: start
+// from characters and repeatedly join the adjacent pair whose concatenation
+// is the vocabulary token of highest score (leftmost on ties); what stays
+// outside the vocabulary becomes <0xNN> byte tokens.
+void Tokenizer::Impl::merge_by_score(std::string_view word, std::vector<int32_t> & ids) const {
+    struct Symbol {
+        size_t start, n;   // n == 0: merged into its left neighbour
+        int32_t prev, next;
+    };
+    struct Bigram {
+        float score;
+        int32_t left, right;
+        size_t size;
+        bool operator<(const Bigram & o) const { return score != o.score ? score < o.score : left > o.left; }
+    };
+    std::vector<Symbol> symbols;
+    for (size_t i = 0; i < word.size();) {
+        size_t len = utf8_char_len(word, i);
+        int32_t n = int32_t(symbols.size());
+        symbols.push_back({i, len, n - 1, i + len < word.size() ? n + 1 : -1});
+        i += len;
+    }
+    std::priority_queue<Bigram> queue;
+    std::string key;
+    auto consider = [&](int32_t left, int32_t right) {
+        if (left < 0 || right < 0) return;
+        key.assign(word.substr(symbols[left].start, symbols[left].n + symbols[right].n));
+        auto it = vocab.find(key);
+        if (it != vocab.end()) queue.push({scores[it->second], left, right, key.size()});
+    };
+    for (int32_t i = 1; i < int32_t(symbols.size()); ++i) consider(i - 1, i);
+    while (!queue.empty()) {
+        Bigram top = queue.top();
+        queue.pop();
+        Symbol & left = symbols[top.left];
+        Symbol & right = symbols[top.right];
+        if (left.n == 0 || right.n == 0 || left.n + right.n != top.size) continue;
+        left.n += right.n;
+        right.n = 0;
+        left.next = right.next;
+        if (right.next >= 0) symbols[right.next].prev = top.left;
+        consider(left.prev, top.left);
+        consider(top.left, left.next);
+    }
+    for (int32_t i = symbols.empty() ? -1 : 0; i >= 0; i = symbols[i].next) {
+        key.assign(word.substr(symbols[i].start, symbols[i].n));
+        if (auto it = vocab.find(key); it != vocab.end()) {
+            ids.push_back(it->second);
+            continue;
+        }
+        for (char c : key) {
+            int32_t id = byte_ids[uint8_t(c)];
+            if (id < 0) id = unk_id;
+            if (id >= 0) ids.push_back(id);
+        }
     }
 }
 
@@ -534,6 +659,11 @@ void Tokenizer::Impl::bpe(std::string_view word, std::vector<int32_t> & ids) con
         if (it != vocab.end()) {
             if (pending_unk) add(unk_id), pending_unk = false;
             add(it->second);
+            continue;
+        }
+        // as `tokenizers`: byte tokens only when every byte has one, and a pending unk stays pending
+        if (byte_fallback && std::all_of(ch.begin(), ch.end(), [&](char c) { return byte_ids[uint8_t(c)] >= 0; })) {
+            for (char c : ch) add(byte_ids[uint8_t(c)]);
         } else if (unk_id >= 0) {
             if (pending_unk && !fuse_unk) add(unk_id);
             pending_unk = true;
@@ -587,7 +717,8 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special) 
     std::vector<std::pair<int32_t, std::string>> raw_split;
     m.split_added(text, m.raw_patterns, raw_split);
     std::vector<std::pair<int32_t, std::string>> norm_split;
-    for (auto & [id, segment] : raw_split) {
+    for (size_t i = 0; i < raw_split.size(); ++i) {
+        auto & [id, segment] = raw_split[i];
         if (id >= 0) {
             body.push_back(id);
             continue;
@@ -595,9 +726,10 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special) 
         m.normalize(segment);
         norm_split.clear();
         m.split_added(segment, m.normalized_patterns, norm_split);
-        for (const auto & [id2, sub] : norm_split) {
+        for (size_t k = 0; k < norm_split.size(); ++k) {
+            const auto & [id2, sub] = norm_split[k];
             if (id2 >= 0) body.push_back(id2);
-            else m.encode_segment(sub, body);
+            else m.encode_segment(sub, i == 0 && k == 0, body);
         }
     }
     if (!add_special || m.single_template.empty()) return body;
@@ -617,6 +749,8 @@ std::string Tokenizer::decode(const std::vector<int32_t> & ids, bool skip_specia
         bytes += impl_->id_bytes[id];
     }
     append_lossy(out, bytes, false);
+    size_t n_stripped = 0;
+    impl_->strip_front(out, n_stripped);
     return out;
 }
 
@@ -643,6 +777,17 @@ int32_t Tokenizer::token_id(std::string_view token_text) const {
 int32_t Tokenizer::n_vocab() const { return impl_ ? int32_t(impl_->id_text.size()) : 0; }
 int32_t Tokenizer::bos_id() const { return impl_ ? impl_->bos : -1; }
 int32_t Tokenizer::eos_id() const { return impl_ ? impl_->eos : -1; }
+int32_t Tokenizer::unk_id() const { return impl_ ? impl_->unk_id : -1; }
+int32_t Tokenizer::pad_id() const { return impl_ ? impl_->pad : -1; }
+
+void Tokenizer::Impl::strip_front(std::string & text, size_t & n_stripped) const {
+    size_t cut = 0;
+    while (n_stripped < n_strip_leading && text.compare(cut, strip_content.size(), strip_content) == 0) {
+        cut += strip_content.size();
+        ++n_stripped;
+    }
+    text.erase(0, cut);
+}
 
 bool Tokenizer::is_special(int32_t id) const {
     return impl_ && id >= 0 && id < n_vocab() && impl_->id_special[id];
@@ -668,6 +813,7 @@ std::string_view StreamDecoder::push(int32_t id) {
     pending_ += tok_->token_to_piece(id);
     size_t used = append_lossy(out_, pending_, true);
     pending_.erase(0, used);
+    strip();
     return out_;
 }
 
@@ -675,7 +821,16 @@ std::string_view StreamDecoder::flush() {
     out_.clear();
     append_lossy(out_, pending_, false);
     pending_.clear();
+    strip();
+    started_ = false;
+    n_stripped_ = 0;
     return out_;
+}
+
+void StreamDecoder::strip() {
+    if (started_ || !tok_->impl_) return;
+    tok_->impl_->strip_front(out_, n_stripped_);
+    started_ = !out_.empty();
 }
 
 // ---- building from a spec -----------------------------------------------------------
@@ -683,6 +838,7 @@ std::string_view StreamDecoder::flush() {
 Tokenizer build_tokenizer(TokenizerSpec spec) {
     auto m = std::make_shared<Tokenizer::Impl>();
     const std::string & src = spec.source;
+    const TokenizerSpec::Keys & keys = spec.keys;
     auto fail = [&](const std::string & key, const std::string & what) -> void {
         throw Error(src + ": key '" + key + "': " + what);
     };
@@ -694,15 +850,15 @@ Tokenizer build_tokenizer(TokenizerSpec spec) {
     for (size_t i = 0; i < spec.vocab.size(); ++i) {
         const auto & [text, id] = spec.vocab[i];
         if (id < 0 || id > k_max_id)
-            fail("model.vocab", "token '" + text + "' has id " + std::to_string(id) + " outside [0, " +
-                                    std::to_string(k_max_id) + "]");
-        if (text.empty()) fail("model.vocab", "empty token (id " + std::to_string(id) + ")");
-        if (!m->vocab.emplace(text, id).second) fail("model.vocab", "duplicate token '" + text + "'");
+            fail(keys.vocab, "token '" + text + "' has id " + std::to_string(id) + " outside [0, " +
+                                 std::to_string(k_max_id) + "]");
+        if (text.empty()) fail(keys.vocab, "empty token (id " + std::to_string(id) + ")");
+        if (!m->vocab.emplace(text, id).second) fail(keys.vocab, "duplicate token '" + text + "'");
         max_id = std::max(max_id, id);
     }
     for (const auto & a : spec.added_tokens) {
         if (a.id < 0 || a.id > k_max_id)
-            fail("added_tokens", "token '" + a.content + "' has id " + std::to_string(a.id) + " outside [0, " +
+            fail(keys.added, "token '" + a.content + "' has id " + std::to_string(a.id) + " outside [0, " +
                                      std::to_string(k_max_id) + "]");
         max_id = std::max(max_id, a.id);
     }
@@ -710,61 +866,95 @@ Tokenizer build_tokenizer(TokenizerSpec spec) {
     m->id_text.assign(n_vocab, std::string());
     std::vector<uint8_t> seen(n_vocab, 0);
     for (const auto & [text, id] : spec.vocab) {
-        if (seen[id]) fail("model.vocab", "id " + std::to_string(id) + " is used by more than one token (another is '" +
+        if (seen[id]) fail(keys.vocab, "id " + std::to_string(id) + " is used by more than one token (another is '" +
                                               text + "')");
         seen[id] = 1;
         m->id_text[id] = text;
     }
+    m->byte_level = spec.decoder.byte_level;
+    m->strip_content = spec.decoder.strip_content;
+    m->n_strip_leading = spec.decoder.strip_content.empty() ? 0 : spec.decoder.n_strip_leading;
+    // What a token decodes to: the byte-level alphabet mapped back, or the
+    // decoder's replacements and byte fallback applied to its text.
+    auto decode_token = [&](const std::string & text) {
+        if (spec.decoder.byte_level) return byte_level_decode(text);
+        if (int b = byte_token_value(text); spec.decoder.byte_fallback && b >= 0) return std::string(1, char(b));
+        std::string out = text;
+        for (const auto & [from, to] : spec.decoder.replace) out = replace_all(out, from, to);
+        return out;
+    };
     m->id_bytes.assign(n_vocab, std::string());
     for (size_t id = 0; id < n_vocab; ++id)
-        if (seen[id]) m->id_bytes[id] = byte_level_decode(m->id_text[id]);
+        if (seen[id]) m->id_bytes[id] = decode_token(m->id_text[id]);
     m->id_special.assign(n_vocab, 0);
 
+    const std::string & vocab_key = keys.vocab;
     for (size_t i = 0; i < spec.merges.size(); ++i) {
         const auto & [a, b] = spec.merges[i];
-        const std::string key = "model.merges[" + std::to_string(i) + "]";
+        const std::string key = keys.merges + "[" + std::to_string(i) + "]";
         auto ia = m->vocab.find(a), ib = m->vocab.find(b), ic = m->vocab.find(a + b);
-        if (ia == m->vocab.end()) fail(key, "merge names '" + a + "', which is not in model.vocab");
-        if (ib == m->vocab.end()) fail(key, "merge names '" + b + "', which is not in model.vocab");
-        if (ic == m->vocab.end()) fail(key, "merged token '" + a + b + "' is not in model.vocab");
+        if (ia == m->vocab.end()) fail(key, "merge names '" + a + "', which is not in " + vocab_key);
+        if (ib == m->vocab.end()) fail(key, "merge names '" + b + "', which is not in " + vocab_key);
+        if (ic == m->vocab.end()) fail(key, "merged token '" + a + b + "' is not in " + vocab_key);
         m->merges[pair_key(ia->second, ib->second)] = Merge{uint32_t(i), ic->second};
+    }
+    if (!spec.scores.empty()) {
+        if (spec.scores.size() != n_vocab)
+            fail(keys.scores, std::to_string(spec.scores.size()) + " scores for " + std::to_string(n_vocab) + " tokens");
+        for (size_t id = 0; id < n_vocab; ++id)
+            if (!std::isfinite(spec.scores[id]))
+                fail(keys.scores, "score of token " + std::to_string(id) + " is not a finite number");
+        m->scores = std::move(spec.scores);
     }
     if (!spec.unk_token.empty()) {
         auto it = m->vocab.find(spec.unk_token);
-        if (it == m->vocab.end()) fail("model.unk_token", "'" + spec.unk_token + "' is not in model.vocab");
+        if (it == m->vocab.end()) fail(keys.unk, "'" + spec.unk_token + "' is not in " + vocab_key);
         m->unk_id = it->second;
     }
     m->fuse_unk = spec.fuse_unk;
     m->ignore_merges = spec.ignore_merges;
+    m->byte_fallback = spec.byte_fallback || !m->scores.empty();
+    m->byte_ids.fill(-1);
+    for (int b = 0; b < 256; ++b) {
+        char name[8];
+        std::snprintf(name, sizeof name, "<0x%02X>", b);
+        if (auto it = m->vocab.find(name); it != m->vocab.end()) m->byte_ids[b] = it->second;
+    }
 
     UErrorCode status = U_ZERO_ERROR;
-    for (auto n : spec.normalizers) {
-        const icu::Normalizer2 * inst = nullptr;
-        switch (n) {
-        case TokenizerSpec::Normalizer::NFC: inst = icu::Normalizer2::getNFCInstance(status); break;
-        case TokenizerSpec::Normalizer::NFD: inst = icu::Normalizer2::getNFDInstance(status); break;
-        case TokenizerSpec::Normalizer::NFKC: inst = icu::Normalizer2::getNFKCInstance(status); break;
-        case TokenizerSpec::Normalizer::NFKD: inst = icu::Normalizer2::getNFKDInstance(status); break;
+    for (const auto & n : spec.normalizers) {
+        using Kind = TokenizerSpec::Normalizer::Kind;
+        Tokenizer::Impl::NormalizerStep step{n, nullptr};
+        switch (n.kind) {
+        case Kind::NFC: step.icu = icu::Normalizer2::getNFCInstance(status); break;
+        case Kind::NFD: step.icu = icu::Normalizer2::getNFDInstance(status); break;
+        case Kind::NFKC: step.icu = icu::Normalizer2::getNFKCInstance(status); break;
+        case Kind::NFKD: step.icu = icu::Normalizer2::getNFKDInstance(status); break;
+        case Kind::Prepend: break;
+        case Kind::Replace:
+            if (n.text.empty()) fail("normalizer", "Replace with an empty pattern");
+            break;
         }
-        if (U_FAILURE(status) || !inst) fail("normalizer", "ICU has no Unicode normalization data");
-        m->normalizers.push_back(inst);
+        if (U_FAILURE(status) || (n.kind != Kind::Prepend && n.kind != Kind::Replace && !step.icu))
+            fail("normalizer", "ICU has no Unicode normalization data");
+        m->normalizers.push_back(std::move(step));
     }
 
     m->added = spec.added_tokens;
     std::vector<uint8_t> added_seen(n_vocab, 0);
     for (size_t i = 0; i < m->added.size(); ++i) {
         AddedToken & a = m->added[i];
-        const std::string key = "added_tokens[" + std::to_string(i) + "]";
+        const std::string key = keys.added + "[" + std::to_string(i) + "]";
         if (a.content.empty()) fail(key + ".content", "empty token");
         if (added_seen[a.id]) fail(key + ".id", "id " + std::to_string(a.id) + " is used by two added tokens");
         added_seen[a.id] = 1;
         if (seen[a.id] && m->id_text[a.id] != a.content)
-            fail(key + ".id", "id " + std::to_string(a.id) + " is '" + m->id_text[a.id] + "' in model.vocab but '" +
-                                  a.content + "' here");
+            fail(key + ".id", "id " + std::to_string(a.id) + " is '" + m->id_text[a.id] + "' in " + vocab_key +
+                                  " but '" + a.content + "' here");
         if (!m->added_by_content.emplace(a.content, a.id).second)
             fail(key + ".content", "'" + a.content + "' is added twice");
         m->id_text[a.id] = a.content;
-        m->id_bytes[a.id] = byte_level_decode(a.content);
+        m->id_bytes[a.id] = decode_token(a.content);
         m->id_special[a.id] = a.special;
         if (a.normalized && !m->normalizers.empty()) {
             std::string pattern = a.content;
@@ -779,22 +969,25 @@ Tokenizer build_tokenizer(TokenizerSpec spec) {
     build_patterns(m->raw_patterns);
     build_patterns(m->normalized_patterns);
 
+    using PreKind = TokenizerSpec::PreTokenizer::Kind;
     for (size_t i = 0; i < spec.pre_tokenizers.size(); ++i) {
         const auto & pt = spec.pre_tokenizers[i];
         Tokenizer::Impl::PreTokenizer step{pt, nullptr};
-        bool byte_level = pt.kind == TokenizerSpec::PreTokenizer::Kind::ByteLevel;
+        bool byte_level = pt.kind == PreKind::ByteLevel;
         if (byte_level && i + 1 != spec.pre_tokenizers.size())
             fail(pt.key, "ByteLevel must be the last pre-tokenizer (later steps would see its stand-in characters)");
+        if (byte_level && !m->byte_level) fail(pt.key, "a ByteLevel pre-tokenizer needs the ByteLevel decoder");
+        if (pt.kind == PreKind::Metaspace && pt.replacement.empty()) fail(pt.key + ".replacement", "empty");
         try {
-            if (!byte_level) step.regex = std::make_unique<Regex>(pt.pattern, !pt.pattern_is_regex);
-            else if (pt.use_regex) step.regex = std::make_unique<Regex>(k_gpt2_regex, false);
+            if (pt.kind == PreKind::Split) step.regex = std::make_unique<Regex>(pt.pattern, !pt.pattern_is_regex);
+            else if (pt.kind == PreKind::Metaspace && pt.split) step.regex = std::make_unique<Regex>(pt.replacement, true);
+            else if (byte_level && pt.use_regex) step.regex = std::make_unique<Regex>(k_gpt2_regex, false);
         } catch (const std::runtime_error & e) {
             fail(pt.key + ".pattern", e.what());
         }
         m->pre_tokenizers.push_back(std::move(step));
     }
-    if (m->pre_tokenizers.empty() ||
-        m->pre_tokenizers.back().spec.kind != TokenizerSpec::PreTokenizer::Kind::ByteLevel)
+    if (m->byte_level && (m->pre_tokenizers.empty() || m->pre_tokenizers.back().spec.kind != PreKind::ByteLevel))
         fail("pre_tokenizer", "a byte-level BPE needs a ByteLevel pre-tokenizer (alone or last in a Sequence)");
 
     bool before_sequence = true;
@@ -805,7 +998,7 @@ Tokenizer build_tokenizer(TokenizerSpec spec) {
         }
         for (int32_t id : item.ids) {
             if (id < 0 || size_t(id) >= n_vocab)
-                fail("post_processor.special_tokens", "'" + item.special + "' has id " + std::to_string(id) +
+                fail(keys.special, "'" + item.special + "' has id " + std::to_string(id) +
                                                           ", which is not a token");
         }
         if (item.ids.size() == 1) {
@@ -814,6 +1007,13 @@ Tokenizer build_tokenizer(TokenizerSpec spec) {
         }
     }
     m->single_template = std::move(spec.single_template);
+    for (auto [id, key] : {std::pair{spec.bos_id, "bos"}, {spec.eos_id, "eos"}, {spec.pad_id, "pad"}}) {
+        if (id >= 0 && size_t(id) >= n_vocab)
+            fail(std::string(key) + " id", std::to_string(id) + " is not a token (n_vocab " + std::to_string(n_vocab) + ")");
+    }
+    if (spec.bos_id >= 0) m->bos = spec.bos_id;
+    if (spec.eos_id >= 0) m->eos = spec.eos_id;
+    m->pad = spec.pad_id;
     return Tokenizer(std::move(m));
 }
 

@@ -1,5 +1,6 @@
 // Hugging Face tokenizer.json -> TokenizerSpec -> Tokenizer. Only what the
-// byte-level BPE families (GPT-2, Llama-3, Qwen2) use is accepted; anything
+// byte-level BPE families (GPT-2, Llama-3, Qwen2, SmolLM) and the
+// SentencePiece-style BPE ones (Llama-2, Mistral) use is accepted; anything
 // else is refused by name so that a model never runs with silently different ids.
 #include "runtime/error.h"
 #include "runtime/mapped_file.h"
@@ -111,28 +112,48 @@ void parse_model(const JsonReader & r, const json & root, TokenizerSpec & spec) 
     }
     spec.unk_token = r.string(model, "unk_token", "model.unk_token", "");
     if (!r.string(model, "continuing_subword_prefix", "model.continuing_subword_prefix", "").empty())
-        r.fail("model.continuing_subword_prefix", "not supported for byte-level BPE (only null or \"\")");
+        r.fail("model.continuing_subword_prefix", "not supported (only null or \"\")");
     if (!r.string(model, "end_of_word_suffix", "model.end_of_word_suffix", "").empty())
-        r.fail("model.end_of_word_suffix", "not supported for byte-level BPE (only null or \"\")");
+        r.fail("model.end_of_word_suffix", "not supported (only null or \"\")");
     spec.fuse_unk = r.boolean(model, "fuse_unk", "model.fuse_unk", false);
-    if (r.boolean(model, "byte_fallback", "model.byte_fallback", false))
-        r.fail("model.byte_fallback", "byte_fallback (SentencePiece-style BPE) is not supported (only false)");
+    spec.byte_fallback = r.boolean(model, "byte_fallback", "model.byte_fallback", false);
     spec.ignore_merges = r.boolean(model, "ignore_merges", "model.ignore_merges", false);
 }
 
+// {"String": s} -> s; a Regex pattern is refused (no tokenizer we support uses one here).
+std::string literal_pattern(const JsonReader & r, const json & parent, const std::string & path) {
+    const json * pattern = r.optional(parent, "pattern");
+    if (!pattern || !pattern->is_object() || !pattern->contains("String"))
+        r.fail(path + ".pattern", "expected {\"String\": ...} (Regex patterns are not supported here)");
+    std::string s = r.string(*pattern, "String", path + ".pattern.String", "");
+    if (s.empty()) r.fail(path + ".pattern.String", "empty pattern");
+    return s;
+}
+
 void parse_normalizer(const JsonReader & r, const json & n, const std::string & path, TokenizerSpec & spec) {
+    using Kind = TokenizerSpec::Normalizer::Kind;
     std::string type = r.type(n, path);
-    if (type == "NFC") spec.normalizers.push_back(TokenizerSpec::Normalizer::NFC);
-    else if (type == "NFD") spec.normalizers.push_back(TokenizerSpec::Normalizer::NFD);
-    else if (type == "NFKC") spec.normalizers.push_back(TokenizerSpec::Normalizer::NFKC);
-    else if (type == "NFKD") spec.normalizers.push_back(TokenizerSpec::Normalizer::NFKD);
-    else if (type == "Sequence") {
+    if (type == "NFC") spec.normalizers.push_back({Kind::NFC, "", ""});
+    else if (type == "NFD") spec.normalizers.push_back({Kind::NFD, "", ""});
+    else if (type == "NFKC") spec.normalizers.push_back({Kind::NFKC, "", ""});
+    else if (type == "NFKD") spec.normalizers.push_back({Kind::NFKD, "", ""});
+    else if (type == "Prepend") {
+        const json * v = r.optional(n, "prepend");
+        if (!v || !v->is_string()) r.fail(path + ".prepend", "expected a string");
+        spec.normalizers.push_back({Kind::Prepend, v->get<std::string>(), ""});
+    } else if (type == "Replace") {
+        std::string from = literal_pattern(r, n, path);
+        const json * v = r.optional(n, "content");
+        if (!v || !v->is_string()) r.fail(path + ".content", "expected a string");
+        spec.normalizers.push_back({Kind::Replace, from, v->get<std::string>()});
+    } else if (type == "Sequence") {
         const json * list = r.optional(n, "normalizers");
         if (!list || !list->is_array()) r.fail(path + ".normalizers", "expected an array");
         for (size_t i = 0; i < list->size(); ++i)
             parse_normalizer(r, (*list)[i], path + ".normalizers[" + std::to_string(i) + "]", spec);
     } else {
-        r.fail(path + ".type", "unsupported normalizer '" + type + "' (supported: NFC, NFD, NFKC, NFKD, Sequence)");
+        r.fail(path + ".type",
+               "unsupported normalizer '" + type + "' (supported: NFC, NFD, NFKC, NFKD, Prepend, Replace, Sequence)");
     }
 }
 
@@ -153,6 +174,23 @@ void parse_pre_tokenizer(const JsonReader & r, const json & p, const std::string
         step.add_prefix_space = r.boolean(p, "add_prefix_space", path + ".add_prefix_space", true);
         step.use_regex = r.boolean(p, "use_regex", path + ".use_regex", true);
         r.boolean(p, "trim_offsets", path + ".trim_offsets", true);   // offsets only
+    } else if (type == "Digits") {
+        // tokenizers splits at char::is_numeric, which is \p{N}
+        step.kind = PreTokenizer::Kind::Split;
+        step.pattern = r.boolean(p, "individual_digits", path + ".individual_digits", false) ? "\\p{N}" : "\\p{N}+";
+    } else if (type == "Metaspace") {
+        step.kind = PreTokenizer::Kind::Metaspace;
+        step.replacement = r.string(p, "replacement", path + ".replacement", "\u2581");
+        if (step.replacement.empty()) r.fail(path + ".replacement", "empty");
+        step.split = r.boolean(p, "split", path + ".split", true);
+        // older files say add_prefix_space instead of prepend_scheme
+        bool add_prefix = r.boolean(p, "add_prefix_space", path + ".add_prefix_space", true);
+        std::string scheme = r.string(p, "prepend_scheme", path + ".prepend_scheme", add_prefix ? "always" : "never");
+        using Scheme = TokenizerSpec::PrependScheme;
+        if (scheme == "always") step.prepend_scheme = Scheme::Always;
+        else if (scheme == "first") step.prepend_scheme = Scheme::First;
+        else if (scheme == "never") step.prepend_scheme = Scheme::Never;
+        else r.fail(path + ".prepend_scheme", "unsupported '" + scheme + "' (supported: always, first, never)");
     } else if (type == "Split") {
         step.kind = PreTokenizer::Kind::Split;
         const json * pattern = r.optional(p, "pattern");
@@ -181,7 +219,8 @@ void parse_pre_tokenizer(const JsonReader & r, const json & p, const std::string
                                            "Contiguous)");
         step.invert = r.boolean(p, "invert", path + ".invert", false);
     } else {
-        r.fail(path + ".type", "unsupported pre-tokenizer '" + type + "' (supported: ByteLevel, Split, Sequence)");
+        r.fail(path + ".type",
+               "unsupported pre-tokenizer '" + type + "' (supported: ByteLevel, Split, Digits, Metaspace, Sequence)");
     }
     spec.pre_tokenizers.push_back(std::move(step));
 }
@@ -235,6 +274,73 @@ void parse_post_processor(const JsonReader & r, const json & p, const std::strin
     if (n_sequence != 1) r.fail(path + ".single", "must contain $A exactly once");
 }
 
+constexpr const char * k_decoders = "supported: ByteLevel, Metaspace, or a Sequence of Replace, ByteFallback, Fuse, Strip";
+
+// Per-token steps (Replace, ByteFallback) must come before Fuse; Strip of
+// leading characters may only follow Fuse, where it applies to the whole text.
+void parse_decoder_step(const JsonReader & r, const json & d, const std::string & path, bool & fused,
+                        TokenizerSpec::Decoder & out) {
+    std::string type = r.type(d, path);
+    if (!out.strip_content.empty()) r.fail(path, "only Strip may end the decoder sequence");
+    if (type == "Replace") {
+        if (fused) r.fail(path, "Replace after Fuse is not supported");
+        std::string from = literal_pattern(r, d, path);
+        const json * v = r.optional(d, "content");
+        if (!v || !v->is_string()) r.fail(path + ".content", "expected a string");
+        out.replace.emplace_back(from, v->get<std::string>());
+    } else if (type == "ByteFallback") {
+        if (fused) r.fail(path, "ByteFallback after Fuse is not supported");
+        if (out.byte_fallback) r.fail(path, "ByteFallback twice");
+        out.byte_fallback = true;
+    } else if (type == "Fuse") {
+        fused = true;
+    } else if (type == "Strip") {
+        const json * content = r.optional(d, "content");
+        const json * start = r.optional(d, "start");
+        const json * stop = r.optional(d, "stop");
+        if (!content || !content->is_string() || content->get<std::string>().empty())
+            r.fail(path + ".content", "expected a character");
+        if (!start || !start->is_number_unsigned() || start->get<uint64_t>() > 16)
+            r.fail(path + ".start", "expected a count of at most 16");
+        if (stop && (!stop->is_number_integer() || stop->get<int64_t>() != 0))
+            r.fail(path + ".stop", "only 0 is supported (no stripping at the end)");
+        if (!fused) r.fail(path, "Strip before Fuse is not supported");
+        out.strip_content = content->get<std::string>();
+        out.n_strip_leading = uint32_t(start->get<uint64_t>());
+        if (out.n_strip_leading == 0) out.strip_content.clear();
+    } else {
+        r.fail(path + ".type", "unsupported decoder '" + type + "' (" + k_decoders + ")");
+    }
+}
+
+void parse_decoder(const JsonReader & r, const json & d, TokenizerSpec & spec) {
+    std::string type = r.type(d, "decoder");
+    TokenizerSpec::Decoder & out = spec.decoder;
+    if (type == "ByteLevel") return;
+    out.byte_level = false;
+    if (type == "Metaspace") {
+        // replacement -> ' ' on every token, then one leading space dropped unless prepend_scheme is never
+        std::string replacement = r.string(d, "replacement", "decoder.replacement", "\u2581");
+        if (replacement.empty()) r.fail("decoder.replacement", "empty");
+        bool add_prefix = r.boolean(d, "add_prefix_space", "decoder.add_prefix_space", true);
+        std::string scheme = r.string(d, "prepend_scheme", "decoder.prepend_scheme", add_prefix ? "always" : "never");
+        if (scheme != "always" && scheme != "first" && scheme != "never")
+            r.fail("decoder.prepend_scheme", "unsupported '" + scheme + "' (supported: always, first, never)");
+        out.replace.emplace_back(replacement, " ");
+        if (scheme != "never") {
+            out.strip_content = " ";
+            out.n_strip_leading = 1;
+        }
+        return;
+    }
+    if (type != "Sequence") r.fail("decoder.type", "unsupported decoder '" + type + "' (" + k_decoders + ")");
+    const json * list = r.optional(d, "decoders");
+    if (!list || !list->is_array()) r.fail("decoder.decoders", "expected an array");
+    bool fused = false;
+    for (size_t i = 0; i < list->size(); ++i)
+        parse_decoder_step(r, (*list)[i], "decoder.decoders[" + std::to_string(i) + "]", fused, out);
+}
+
 void parse_added_tokens(const JsonReader & r, const json & list, TokenizerSpec & spec) {
     if (!list.is_array()) r.fail("added_tokens", "expected an array, got " + JsonReader::describe(list));
     for (size_t i = 0; i < list.size(); ++i) {
@@ -271,13 +377,13 @@ Tokenizer load_tokenizer_json(std::string_view json_text, std::string_view sourc
     spec.source = std::string(source_name);
     parse_model(r, root, spec);
     if (const json * n = r.optional(root, "normalizer")) parse_normalizer(r, *n, "normalizer", spec);
-    const json * pre = r.optional(root, "pre_tokenizer");
-    if (!pre) r.fail("pre_tokenizer", "missing (byte-level BPE needs ByteLevel, alone or last in a Sequence)");
-    parse_pre_tokenizer(r, *pre, "pre_tokenizer", spec);
     const json * dec = r.optional(root, "decoder");
-    if (!dec) r.fail("decoder", "missing (supported: ByteLevel)");
-    if (std::string type = r.type(*dec, "decoder"); type != "ByteLevel")
-        r.fail("decoder.type", "unsupported decoder '" + type + "' (supported: ByteLevel)");
+    if (!dec) r.fail("decoder", std::string("missing (") + k_decoders + ")");
+    parse_decoder(r, *dec, spec);
+    const json * pre = r.optional(root, "pre_tokenizer");
+    if (!pre && spec.decoder.byte_level)
+        r.fail("pre_tokenizer", "missing (byte-level BPE needs ByteLevel, alone or last in a Sequence)");
+    if (pre) parse_pre_tokenizer(r, *pre, "pre_tokenizer", spec);
     if (const json * p = r.optional(root, "post_processor")) parse_post_processor(r, *p, "post_processor", spec);
     if (const json * a = r.optional(root, "added_tokens")) parse_added_tokens(r, *a, spec);
     return build_tokenizer(std::move(spec));

@@ -62,5 +62,9 @@ TEST(FuzzCorpus, TokenizerJsonSeedsParseAsLabelledAndNothingCrashes) {
     replay("tokenizer_json", tokenizer_json_one_input, 12);
 }
 
+TEST(FuzzCorpus, TokenizerGgufSeedsParseAsLabelledAndNothingCrashes) {
+    replay("tokenizer_gguf", tokenizer_gguf_one_input, 12);
+}
+
 } // namespace
 } // namespace moesh::fuzz

@@ -122,6 +122,34 @@ TEST(Cli, TokenizeMatchesHuggingFaceTokenizers) {
     }
 }
 
+TEST(Cli, TokenizeReadsTheTokenizerOfAGgufFile) {
+    for (const char * flavour : {"smollm", "spm"}) {
+        const std::string dir = std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/tokenizers/" + flavour;
+        std::ifstream in(dir + "/cases.json");
+        const auto cases = nlohmann::json::parse(in)["cases"];
+        for (size_t i = 0; i < cases.size(); i += 13) {
+            const fs::path f = temp_text(cases[i]["text"].get<std::string>());
+            for (bool special : {false, true}) {
+                Result r = run("tokenize --model " + dir + "/tokenizer.gguf --file " + f.string() + " --output json" +
+                                   (special ? " --add-special" : ""),
+                               false);
+                ASSERT_EQ(r.status, 0) << r.out;
+                const std::string last = r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1);
+                EXPECT_EQ(nlohmann::json::parse(last)["ids"], cases[i][special ? "ids_special" : "ids"])
+                    << flavour << " case " << i;
+            }
+            fs::remove(f);
+        }
+    }
+    Result r = run("tokenize --model " + std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/tokenizers/spm/tokenizer.gguf" +
+                   " --text 'Hi the'");
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("\"\u2581the\""), std::string::npos) << r.out;
+    r = run("tokenize --model /nonexistent/model.gguf --text hi");
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.out.find("/nonexistent/model.gguf"), std::string::npos) << r.out;
+}
+
 TEST(Cli, RunWithPromptTextEqualsRunWithItsIds) {
     const std::string model = std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/llama_gqa_tied";
     const fs::path f = temp_text("The quick brown fox");

@@ -156,7 +156,9 @@ TEST_P(TokenizerFixture, EncodesLongInputsWithoutQuadraticBlowUp) {
     }
 }
 
-INSTANTIATE_TEST_SUITE_P(Flavours, TokenizerFixture, ::testing::Values("gpt2", "gpt2_prefix", "llama3", "qwen2", "splits"));
+INSTANTIATE_TEST_SUITE_P(Flavours, TokenizerFixture,
+                         ::testing::Values("gpt2", "gpt2_prefix", "llama3", "qwen2", "splits", "smollm", "spm",
+                                           "spm_metaspace"));
 
 TEST(Tokenizer, ReportsSpecialTokensAndBosFromTheTemplate) {
     Tokenizer llama = load_tokenizer_json_file(fixture_dir("llama3") + "/tokenizer.json");
@@ -288,9 +290,6 @@ TEST_F(MalformedTokenizer, RejectsMergesNamingUnknownTokens) {
 
 TEST_F(MalformedTokenizer, RejectsUnsupportedBpeOptions) {
     json doc = base_;
-    doc["model"]["byte_fallback"] = true;
-    expect_refused(doc, {"model.byte_fallback", "not supported"});
-    doc = base_;
     doc["model"]["dropout"] = 0.1;
     expect_refused(doc, {"model.dropout"});
     doc = base_;
@@ -327,8 +326,14 @@ TEST_F(MalformedTokenizer, RejectsUnknownNormalizerDecoderAndPostProcessor) {
     doc["normalizer"] = {{"type", "Sequence"}, {"normalizers", json::array({{{"type", "NFC"}}, {{"type", "Strip"}}})}};
     expect_refused(doc, {"normalizer.normalizers[1].type", "Strip"});
     doc = base_;
-    doc["decoder"] = {{"type", "Metaspace"}};
-    expect_refused(doc, {"decoder.type", "Metaspace", "ByteLevel"});
+    doc["decoder"] = {{"type", "WordPiece"}};
+    expect_refused(doc, {"decoder.type", "WordPiece", "ByteLevel, Metaspace"});
+    doc = base_;
+    doc["decoder"] = {{"type", "Metaspace"}};   // a ByteLevel pre-tokenizer with a SentencePiece-style decoder
+    expect_refused(doc, {"pre_tokenizer.pretokenizers[1]", "needs the ByteLevel decoder"});
+    doc = base_;
+    doc["decoder"] = {{"type", "Sequence"}, {"decoders", json::array({{{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}, {{"type", "Fuse"}}})}};
+    expect_refused(doc, {"decoder.decoders[0]", "Strip before Fuse"});
     doc = base_;
     doc["post_processor"] = {{"type", "RobertaProcessing"}};
     expect_refused(doc, {"post_processor.type", "RobertaProcessing", "TemplateProcessing"});
