@@ -63,11 +63,19 @@ std::string human_bytes(double b) {
     return buf;
 }
 
-// tokenizer.json of a model folder, or the file itself.
+bool is_gguf_path(const std::string & path) {
+    return !std::filesystem::is_directory(path) && std::filesystem::path(path).extension() == ".gguf";
+}
+
+// A .gguf file's vocabulary, the tokenizer.json of a model folder, or that file itself.
 std::optional<moesh::Tokenizer> find_tokenizer(const std::string & model) {
     namespace fs = std::filesystem;
     fs::path p(model);
-    if (p.extension() == ".gguf") return std::nullopt; // its vocabulary: next
+    if (is_gguf_path(model)) {
+        moesh::GgufFile f(model);
+        if (!f.find("tokenizer.ggml.model")) return std::nullopt;
+        return moesh::load_tokenizer_gguf(f, model);
+    }
     if (fs::is_directory(p)) p /= "tokenizer.json";
     if (!fs::exists(p)) return std::nullopt;
     return moesh::load_tokenizer_json_file(p.string());
@@ -127,7 +135,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
     std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
     moesh::GenerateOptions go;
     if (!prompt_text.empty()) {
-        if (!tok) throw Error(co.model + ": no tokenizer.json, so --prompt cannot be used; give --prompt-ids instead");
+        if (!tok) throw Error(co.model + ": no tokenizer (tokenizer.json or GGUF vocabulary), so --prompt cannot be used; give --prompt-ids instead");
         go.prompt = tok->encode(prompt_text, /*add_special=*/true);
     } else {
         go.prompt = parse_ids(prompt_ids);
@@ -223,7 +231,8 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
     std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
     if (!tok) throw Error(co.model + ": no tokenizer (a .gguf file's vocabulary or a folder's tokenizer.json) to read --file with");
-    const std::string text = moesh::read_text_file(file, "the text to score");
+    std::string text = moesh::read_text_file(file, "the text to score");
+    if (!text.empty() && text.back() == '\n') text.pop_back(); // llama.cpp's -f drops one trailing newline
     // BOS as the tokenizer adds it, which is what llama.cpp's tool does too
     moesh::PerplexityOptions po;
     const std::vector<int32_t> bos_probe = tok->encode("", /*add_special=*/true);
@@ -291,13 +300,7 @@ int cmd_quantize(const std::string & in, const std::string & out, const std::str
 
 int cmd_tokenize(const std::string & model, const std::string & text_arg, const std::string & file, bool add_special,
                  const std::string & output) {
-    std::optional<moesh::Tokenizer> tok;
-    if (model.size() > 5 && model.compare(model.size() - 5, 5, ".gguf") == 0) {
-        moesh::GgufFile f(model);
-        tok = moesh::load_tokenizer_gguf(f, model);
-    } else {
-        tok = find_tokenizer(model);
-    }
+    std::optional<moesh::Tokenizer> tok = find_tokenizer(model);
     if (!tok) throw Error(model + ": no tokenizer.json (give a model folder that has one, the file itself, or a .gguf file)");
     const std::string text = file.empty() ? text_arg : moesh::read_text_file(file, "the text file");
     const std::vector<int32_t> ids = tok->encode(text, add_special);
@@ -369,7 +372,7 @@ int inspect_gguf(const std::string & path) {
 }
 
 int cmd_inspect(const CommonOptions & co) {
-    if (co.model.size() > 5 && co.model.compare(co.model.size() - 5, 5, ".gguf") == 0) return inspect_gguf(co.model);
+    if (is_gguf_path(co.model)) return inspect_gguf(co.model);
     moesh::Model model = moesh::Model::load_folder(co.model);
     const auto & c = model.config();
     std::printf("model:         %s\n", co.model.c_str());

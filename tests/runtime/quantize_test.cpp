@@ -90,7 +90,7 @@ TEST(Quantize, PlanReachesEveryClassAndQ8_0StaysClose) {
     EXPECT_LT(d, 6e-2);
 
     // a second pass does not requantize
-    const QuantizeReport again = quantize_model(m, {MOESH_DTYPE_Q4_0}, 1);
+    const QuantizeReport again = quantize_model(m, {MOESH_DTYPE_Q4_0, {}, {}, {}, {}}, 1);
     EXPECT_EQ(again.n_quantized, 0);
     ASSERT_FALSE(again.kept.empty());
     EXPECT_NE(again.kept[0].find("already q8_0"), std::string::npos) << again.kept[0];
