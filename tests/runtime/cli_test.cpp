@@ -205,7 +205,7 @@ TEST(Cli, ErrorsSayWhatIsWrong) {
         EXPECT_NE(r.out.find("outside the vocabulary"), std::string::npos) << r.out;
         r = run("run --model " + k_fixture + " --prompt hello");
         EXPECT_EQ(r.status, 1);
-        EXPECT_NE(r.out.find("no tokenizer.json"), std::string::npos) << r.out;
+        EXPECT_NE(r.out.find("no tokenizer (tokenizer.json or GGUF vocabulary)"), std::string::npos) << r.out;
         r = run("run --model " + k_fixture + " --prompt-ids 1 --plugin-dir /nonexistent --backend nosuch");
         EXPECT_EQ(r.status, 1);
         EXPECT_NE(r.out.find("nosuch"), std::string::npos) << r.out;
