@@ -54,7 +54,7 @@ TEST(Cli, RunJsonOutputAndLogitsDump) {
     const auto prompt = ref["prompts"][0].get<std::vector<int32_t>>();
     const auto expected = ref["generated"][0].get<std::vector<int32_t>>();
     std::string ids;
-    for (size_t i = 0; i < prompt.size(); ++i) ids += (i ? "," : "") + std::to_string(prompt[i]);
+    for (size_t i = 0; i < prompt.size(); ++i) (ids += i ? "," : "") += std::to_string(prompt[i]);
     const fs::path npy = fs::temp_directory_path() / ("moesh_cli_logits_" + std::to_string(getpid()) + ".npy");
 
     Result r = run("run --model " + k_fixture + " --prompt-ids " + ids + " -n 8 --threads 2 --output json --dump-logits " +
@@ -157,7 +157,7 @@ TEST(Cli, RunWithPromptTextEqualsRunWithItsIds) {
     ASSERT_EQ(t.status, 0) << t.out;
     const auto ids = nlohmann::json::parse(t.out.substr(t.out.rfind('\n', t.out.size() - 2) + 1))["ids"];
     std::string id_list;
-    for (size_t i = 0; i < ids.size(); ++i) id_list += (i ? "," : "") + std::to_string(ids[i].get<int>());
+    for (size_t i = 0; i < ids.size(); ++i) (id_list += i ? "," : "") += std::to_string(ids[i].get<int>());
     fs::remove(f);
 
     Result a = run("run --model " + model + " --prompt 'The quick brown fox' -n 12 --output json", false);
