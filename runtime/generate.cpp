@@ -64,7 +64,8 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
     r.prompt_seconds = std::chrono::duration<double>(t1 - t0).count();
 
     for (int64_t step = 1; step < o.n_generate; ++step) {
-        if (o.stop_at_eos && std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), r.tokens.back()) != c.eos_token_ids.end())
+        if (o.stop_at_eos && (std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), r.tokens.back()) != c.eos_token_ids.end() ||
+                              std::find(o.stop_ids.begin(), o.stop_ids.end(), r.tokens.back()) != o.stop_ids.end()))
             break;
         batch.clear();
         batch.add(r.tokens.back(), int32_t(n_prompt + step - 1), 0, true);

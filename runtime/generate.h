@@ -24,7 +24,8 @@ struct GenerateOptions {
     int64_t n_generate = 16;
     SamplerParams sampling;
     bool keep_logits = false;    // keep every prompt position's and every step's logits
-    bool stop_at_eos = false;
+    bool stop_at_eos = false;    // stop after the model's EOS ids or any of stop_ids
+    std::vector<int32_t> stop_ids; // e.g. a chat template's end-of-turn token
     int64_t max_batch = 64;      // prefill chunk
     int64_t kv_block_size = 16;
     std::function<void(int32_t)> on_token; // called with each generated id as soon as it is sampled

@@ -1,5 +1,6 @@
 // The moesh executable: `moesh run`, `moesh inspect`.
 #include "plugins/loader/plugin_loader.h"
+#include "runtime/chat_template.h"
 #include "runtime/error.h"
 #include "runtime/generate.h"
 #include "runtime/gguf.h"
@@ -81,6 +82,32 @@ std::optional<moesh::Tokenizer> find_tokenizer(const std::string & model) {
     return moesh::load_tokenizer_json_file(p.string());
 }
 
+// The chat template of a .gguf file (tokenizer.chat_template) or a folder's tokenizer_config.json.
+std::optional<std::string> find_chat_template_text(const std::string & model) {
+    namespace fs = std::filesystem;
+    if (is_gguf_path(model)) {
+        moesh::GgufFile f(model);
+        if (auto t = f.find_string("tokenizer.chat_template")) return std::string(*t);
+        return std::nullopt;
+    }
+    const fs::path cfg = fs::path(model) / "tokenizer_config.json";
+    if (!fs::is_directory(model) || !fs::exists(cfg)) return std::nullopt;
+    const nlohmann::json j = nlohmann::json::parse(moesh::read_text_file(cfg.string(), "tokenizer_config.json"), nullptr, false);
+    if (j.is_discarded() || !j.is_object() || !j.contains("chat_template")) return std::nullopt;
+    const auto & t = j["chat_template"];
+    if (t.is_string()) return t.get<std::string>();
+    if (t.is_array()) // [{"name": "default", "template": ...}, ...]
+        for (const auto & e : t)
+            if (e.is_object() && e.value("name", "") == "default" && e.contains("template") && e["template"].is_string())
+                return e["template"].get<std::string>();
+    return std::nullopt;
+}
+
+struct ChatOptions {
+    bool enabled = false;
+    std::string system;
+};
+
 struct CommonOptions {
     std::string model;
     std::string config;
@@ -130,13 +157,36 @@ moesh::Model load_model(const std::string & path, const moesh::QuantizePlan & pl
 
 int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std::string & prompt_text, int64_t n,
             float temperature, int top_k, float top_p, uint64_t seed, const std::string & output,
-            const std::string & dump_logits) {
+            const std::string & dump_logits, const ChatOptions & chat) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
     std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
     moesh::GenerateOptions go;
+    bool chatting = false;
     if (!prompt_text.empty()) {
         if (!tok) throw Error(co.model + ": no tokenizer (tokenizer.json or GGUF vocabulary), so --prompt cannot be used; give --prompt-ids instead");
-        go.prompt = tok->encode(prompt_text, /*add_special=*/true);
+        std::optional<moesh::ChatTemplate> tmpl;
+        if (chat.enabled) {
+            const std::optional<std::string> text = find_chat_template_text(co.model);
+            if (text) tmpl = moesh::detect_chat_template(*text, *tok);
+            if (!tmpl)
+                std::fprintf(stderr, "moesh: warning: --chat: %s; using the prompt as it is (raw mode). Known: ChatML, "
+                                     "Llama-3, Mistral v0.1/v0.3 templates\n",
+                             text ? "the model's chat template is not one moesh recognises" : "the model has no chat template");
+        }
+        if (tmpl) {
+            std::vector<moesh::ChatMessage> msgs;
+            if (!chat.system.empty()) msgs.push_back({"system", chat.system});
+            msgs.push_back({"user", prompt_text});
+            const std::string rendered = tmpl->apply(msgs, /*add_generation_prompt=*/true);
+            go.prompt = tok->encode(rendered, /*add_special=*/false); // BOS is in the rendering where the template wants it
+            go.stop_at_eos = true;
+            for (const char * end : {"<|im_end|>", "<|eot_id|>", "</s>"})
+                if (int32_t id = tok->token_id(end); id >= 0) go.stop_ids.push_back(id);
+            chatting = true;
+            if (co.verbose) std::fprintf(stderr, "moesh: chat template %.*s\n", int(tmpl->name().size()), tmpl->name().data());
+        } else {
+            go.prompt = tok->encode(prompt_text, /*add_special=*/true);
+        }
     } else {
         go.prompt = parse_ids(prompt_ids);
     }
@@ -157,7 +207,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
     // text mode streams the generated text as it comes; never half a UTF-8 character
     std::optional<moesh::StreamDecoder> stream;
     if (tok && output == "text") {
-        stream.emplace(*tok, /*skip_special=*/false);
+        stream.emplace(*tok, /*skip_special=*/chatting);
         go.on_token = [&](int32_t id) {
             if (id >= 0 && id < tok->n_vocab()) {
                 std::string_view piece = stream->push(id);
@@ -173,7 +223,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
         std::vector<int32_t> in_vocab;
         for (int32_t t : r.tokens)
             if (t < tok->n_vocab()) in_vocab.push_back(t);
-        text = tok->decode(in_vocab, /*skip_special=*/false);
+        text = tok->decode(in_vocab, /*skip_special=*/chatting);
     }
 
     if (!dump_logits.empty()) {
@@ -464,6 +514,11 @@ int main(int argc, char ** argv) {
                                       "Prompt text, encoded with the model folder's tokenizer.json (BOS as its "
                                       "post-processor adds it); the generated text is streamed");
     ids_opt->excludes(text_opt);
+    ChatOptions chat;
+    run->add_flag("--chat", chat.enabled,
+                  "Treat --prompt as a user message and apply the model's chat template (ChatML, Llama-3, Mistral; "
+                  "recognised from the GGUF or tokenizer_config.json, never executed); stops at the end of the turn");
+    run->add_option("--system", chat.system, "System message for --chat");
     run->callback([&]() {
         if (prompt_ids.empty() && prompt_text.empty()) throw CLI::ValidationError("--prompt or --prompt-ids is required");
     });
@@ -532,7 +587,7 @@ int main(int argc, char ** argv) {
         return app.exit(e);
     }
     try {
-        if (*run) return cmd_run(co, prompt_ids, prompt_text, n, temperature, top_k, top_p, seed, output, dump_logits);
+        if (*run) return cmd_run(co, prompt_ids, prompt_text, n, temperature, top_k, top_p, seed, output, dump_logits, chat);
         if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
         if (*quant) return cmd_quantize(q_in, q_out, q_type, q_class, q_threads);
