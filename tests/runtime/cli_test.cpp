@@ -1,5 +1,6 @@
 // The real `moesh` executable, as a user runs it.
 #include "runtime/npy.h"
+#include "test_support.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -15,23 +16,9 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct Result {
-    int status = -1;
-    std::string out; // stdout + stderr
-};
+using Result = test::CommandResult;
 
-Result run(const std::string & args, bool with_stderr = true) {
-    const std::string cmd = std::string(MOESH_BIN) + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
-    Result r;
-    FILE * p = popen(cmd.c_str(), "r");
-    if (!p) return r;
-    std::array<char, 4096> buf;
-    size_t n;
-    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-    const int st = pclose(p);
-    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-    return r;
-}
+Result run(const std::string & args, bool with_stderr = true) { return test::run_moesh(args, with_stderr); }
 
 const std::string k_fixture = std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/mixtral_top2";
 
@@ -100,54 +87,31 @@ fs::path temp_text(const std::string & text) {
     return p;
 }
 
-TEST(Cli, TokenizeMatchesHuggingFaceTokenizers) {
-    for (const char * flavour : {"qwen2", "llama3"}) {
-        const std::string dir = std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/tokenizers/" + flavour;
-        std::ifstream in(dir + "/cases.json");
-        const auto cases = nlohmann::json::parse(in)["cases"];
-        for (size_t i = 0; i < cases.size(); i += 9) { // a spread of the cases; all are checked in tokenizer_test
-            const std::string text = cases[i]["text"].get<std::string>();
-            const fs::path f = temp_text(text);
-            for (bool special : {false, true}) {
-                Result r = run("tokenize --model " + dir + " --file " + f.string() + " --output json" +
-                                   (special ? " --add-special" : ""),
-                               false);
-                ASSERT_EQ(r.status, 0) << r.out;
-                const std::string last = r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1);
-                EXPECT_EQ(nlohmann::json::parse(last)["ids"], cases[i][special ? "ids_special" : "ids"])
-                    << flavour << " case " << i;
-            }
-            fs::remove(f);
+// `moesh tokenize --model <model>` on every stride-th case of a tokenizer fixture gives HF tokenizers' ids.
+void check_tokenize_cli(const std::string & flavour, const std::string & model_file, size_t stride) {
+    const std::string dir = std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/tokenizers/" + flavour;
+    std::ifstream in(dir + "/cases.json");
+    const auto cases = nlohmann::json::parse(in)["cases"];
+    for (size_t i = 0; i < cases.size(); i += stride) { // a spread of the cases; all are checked in tokenizer tests
+        const fs::path f = temp_text(cases[i]["text"].get<std::string>());
+        for (bool special : {false, true}) {
+            Result r = run("tokenize --model " + dir + model_file + " --file " + f.string() + " --output json" +
+                               (special ? " --add-special" : ""),
+                           false);
+            ASSERT_EQ(r.status, 0) << r.out;
+            const std::string last = r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1);
+            EXPECT_EQ(nlohmann::json::parse(last)["ids"], cases[i][special ? "ids_special" : "ids"]) << flavour << " case " << i;
         }
+        fs::remove(f);
     }
 }
 
+TEST(Cli, TokenizeMatchesHuggingFaceTokenizers) {
+    for (const char * flavour : {"qwen2", "llama3"}) check_tokenize_cli(flavour, "", 9);
+}
+
 TEST(Cli, TokenizeReadsTheTokenizerOfAGgufFile) {
-    for (const char * flavour : {"smollm", "spm"}) {
-        const std::string dir = std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/tokenizers/" + flavour;
-        std::ifstream in(dir + "/cases.json");
-        const auto cases = nlohmann::json::parse(in)["cases"];
-        for (size_t i = 0; i < cases.size(); i += 13) {
-            const fs::path f = temp_text(cases[i]["text"].get<std::string>());
-            for (bool special : {false, true}) {
-                Result r = run("tokenize --model " + dir + "/tokenizer.gguf --file " + f.string() + " --output json" +
-                                   (special ? " --add-special" : ""),
-                               false);
-                ASSERT_EQ(r.status, 0) << r.out;
-                const std::string last = r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1);
-                EXPECT_EQ(nlohmann::json::parse(last)["ids"], cases[i][special ? "ids_special" : "ids"])
-                    << flavour << " case " << i;
-            }
-            fs::remove(f);
-        }
-    }
-    Result r = run("tokenize --model " + std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/tokenizers/spm/tokenizer.gguf" +
-                   " --text 'Hi the'");
-    ASSERT_EQ(r.status, 0) << r.out;
-    EXPECT_NE(r.out.find("\"\u2581the\""), std::string::npos) << r.out;
-    r = run("tokenize --model /nonexistent/model.gguf --text hi");
-    EXPECT_EQ(r.status, 1);
-    EXPECT_NE(r.out.find("/nonexistent/model.gguf"), std::string::npos) << r.out;
+    for (const char * flavour : {"smollm", "spm"}) check_tokenize_cli(flavour, "/tokenizer.gguf", 13);
 }
 
 TEST(Cli, RunWithPromptTextEqualsRunWithItsIds) {

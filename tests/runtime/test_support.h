@@ -5,13 +5,16 @@
 
 #include <gtest/gtest.h>
 
+#include <array>
 #include <atomic>
+#include <cstdio>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
 #include <memory>
 #include <random>
 #include <string>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <vector>
 
@@ -61,5 +64,24 @@ private:
 };
 
 inline std::string fixtures_dir() { return std::string(MOESH_SOURCE_DIR) + "/tests/fixtures"; }
+
+struct CommandResult {
+    int status = -1;
+    std::string out; // stdout (+ stderr)
+};
+
+// Runs the built `moesh` executable with these arguments through the shell.
+inline CommandResult run_moesh(const std::string & args, bool with_stderr = true) {
+    const std::string cmd = std::string(MOESH_BIN) + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
+    CommandResult r;
+    FILE * p = popen(cmd.c_str(), "r");
+    if (!p) return r;
+    std::array<char, 4096> buf;
+    size_t n;
+    while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+    const int st = pclose(p);
+    r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return r;
+}
 
 } // namespace moesh::test
