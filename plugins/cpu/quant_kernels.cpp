@@ -30,9 +30,9 @@ constexpr int64_t k_panel_rows = 8;
 constexpr int64_t k_tile_rows = 4;
 // Groups of 32 a single token unpacks at a time: 512 columns of 8 rows stay in L1.
 constexpr int64_t k_decode_chunk = 16;
-// How far ahead of the chunk being unpacked each row's bytes are prefetched in
-// decode (a few chunks: 4-8 row streams, each starting a new page every row).
-constexpr int64_t k_prefetch_chunks = 3;
+// How far ahead of the 8 groups being multiplied each row's bytes are
+// prefetched in decode, in such chunks (4 row streams).
+constexpr int64_t k_prefetch_chunks = 6;
 
 inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 
@@ -135,68 +135,125 @@ HWY_INLINE void f16_scales(const uint8_t * p, size_t stride, int64_t n, float * 
     }
 }
 
-// w[0..16) = low nibbles of qs[0..16), w[16..32) = high nibbles.
-HWY_INLINE void unpack_nibbles16(const uint8_t * HWY_RESTRICT qs, uint8_t * HWY_RESTRICT w) {
+// ---- weight types ----
+// Each type offers, for groups of 32 weights of one row (file bytes, as is):
+//   scales(row, g0, n, ...): the float scale (and offset) of groups
+//       g0 .. g0 + n - 1 (n <= 8; K-quants: g0 a multiple of 8 and n = 8),
+//       in registers (AVX2: Sc) or into memory (sw, ow, sub)
+//   AVX2: group2(row, g, w0, w1) -> groups g, g + 1 as bytes in registers
+//       (32-value types also group(row, g), for an odd last group)
+//   other targets: bytes2 / bytes, the same into memory
+
 #if MOESH_QK_AVX2
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs));
-    const __m256i v = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(w), _mm256_and_si256(v, _mm256_set1_epi8(0x0f)));
+HWY_INLINE __m256i load256(const uint8_t * p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)); }
+
+// Low nibbles of qs[0..16) then the high ones, as 32 bytes.
+HWY_INLINE __m256i nibbles16(const uint8_t * qs) {
+    const __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qs)));
+    const __m256i v = _mm256_srlv_epi32(q, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+}
+// Scales of up to 8 groups, in registers: sw, ow (offsets per group, or per
+// half-group for Q6_K: ow then ow_hi) and, for Q6_K, its 16 int8 scales
+// widened to int16 (see sub_of).
+struct Sc {
+    __m256 sw, ow, ow_hi;
+    __m256i sc16;
+};
+
+// The fp16 at p + i * stride for i < n (n <= 8; lanes past n are 0), as floats.
+// Built in a register: scalar stores read back as a vector would stall.
+HWY_INLINE __m256 f16x8(const uint8_t * p, size_t stride, int64_t n) {
+    if (n == 8) {
+        __m128i h = _mm_cvtsi32_si128(load_u16(p));
+        h = _mm_insert_epi16(h, load_u16(p + stride), 1);
+        h = _mm_insert_epi16(h, load_u16(p + 2 * stride), 2);
+        h = _mm_insert_epi16(h, load_u16(p + 3 * stride), 3);
+        h = _mm_insert_epi16(h, load_u16(p + 4 * stride), 4);
+        h = _mm_insert_epi16(h, load_u16(p + 5 * stride), 5);
+        h = _mm_insert_epi16(h, load_u16(p + 6 * stride), 6);
+        h = _mm_insert_epi16(h, load_u16(p + 7 * stride), 7);
+        return _mm256_cvtph_ps(h);
+    }
+    HWY_ALIGN uint16_t h[8] = {};
+    for (int64_t i = 0; i < n; ++i) {
+        h[i] = load_u16(p + size_t(i) * stride);
+    }
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i *>(h)));
+}
+
+// Q6_K's per-half scales of group g as 16 int16: sc[2g] in the low 8, sc[2g + 1] in the high 8.
+HWY_INLINE __m256i sub_of(__m256i sc16, int64_t g) {
+    const __m256i pair = _mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(int(g)));   // (sc[2g], sc[2g+1]) everywhere
+    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+                                          2, 3, 2, 3, 2, 3);
+    return _mm256_shuffle_epi8(pair, pick);
+}
 #else
+HWY_INLINE void nibbles16(const uint8_t * HWY_RESTRICT qs, uint8_t * HWY_RESTRICT w) {
     for (int j = 0; j < 16; ++j) {
         w[j] = qs[j] & 0x0f;
         w[j + 16] = qs[j] >> 4;
     }
-#endif
 }
+#endif
 
-// lo[l] = qs[l] & 15, hi[l] = qs[l] >> 4 for l < 32.
-HWY_INLINE void unpack_nibbles32(const uint8_t * HWY_RESTRICT qs, uint8_t * HWY_RESTRICT lo, uint8_t * HWY_RESTRICT hi) {
+struct TQ8_0 {
+    static constexpr Kind kind = Kind::Signed;
+    static constexpr int64_t block_elems = 32;
+    static constexpr size_t block_bytes = 34;
 #if MOESH_QK_AVX2
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(qs));
-    const __m256i m = _mm256_set1_epi8(0x0f);
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(lo), _mm256_and_si256(q, m));
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(hi), _mm256_and_si256(_mm256_srli_epi16(q, 4), m));
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t n, Sc & s) {
+        s.sw = f16x8(row + g0 * 34, 34, n);
+    }
+    static HWY_INLINE __m256i group(const uint8_t * row, int64_t g) { return load256(row + g * 34 + 2); }
 #else
-    for (int l = 0; l < 32; ++l) {
-        lo[l] = qs[l] & 0x0f;
-        hi[l] = qs[l] >> 4;
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t n, float * sw, float *, int16_t *) {
+        f16_scales(row + g0 * 34, 34, n, sw);
     }
+    static HWY_INLINE void bytes(const uint8_t * row, int64_t g, uint8_t * w) { std::memcpy(w, row + g * 34 + 2, 32); }
 #endif
-}
+};
 
-// ---- unpackers: groups [g0, g0 + n_g) of one weight row into panel row r ----
+struct TQ4_0 {
+    static constexpr Kind kind = Kind::Unsigned;
+    static constexpr int64_t block_elems = 32;
+    static constexpr size_t block_bytes = 18;
+#if MOESH_QK_AVX2
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t n, Sc & s) {
+        s.sw = f16x8(row + g0 * 18, 18, n);
+        s.ow = _mm256_mul_ps(s.sw, _mm256_set1_ps(-8.0f));
+    }
+    static HWY_INLINE __m256i group(const uint8_t * row, int64_t g) { return nibbles16(row + g * 18 + 2); }
+#else
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t n, float * sw, float * ow, int16_t *) {
+        f16_scales(row + g0 * 18, 18, n, sw);
+        for (int64_t i = 0; i < n; ++i) {
+            ow[i] = -8.0f * sw[i];
+        }
+    }
+    static HWY_INLINE void bytes(const uint8_t * row, int64_t g, uint8_t * w) { nibbles16(row + g * 18 + 2, w); }
+#endif
+};
 
-void unpack_q8_0(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
-    const uint8_t * b = row + g0 * 34;
-    for (int64_t g = 0; g < p.n_g; ++g) {
-        std::memcpy(p.w + (r * p.n_g + g) * 32, b + g * 34 + 2, 32);
+struct TQ4_1 {
+    static constexpr Kind kind = Kind::Unsigned;
+    static constexpr int64_t block_elems = 32;
+    static constexpr size_t block_bytes = 20;
+#if MOESH_QK_AVX2
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t n, Sc & s) {
+        s.sw = f16x8(row + g0 * 20, 20, n);
+        s.ow = f16x8(row + g0 * 20 + 2, 20, n);
     }
-    f16_scales(b, 34, p.n_g, p.sw + r * p.n_g8);
-}
-
-void unpack_q4_0(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
-    const uint8_t * b = row + g0 * 18;
-    for (int64_t g = 0; g < p.n_g; ++g) {
-        unpack_nibbles16(b + g * 18 + 2, p.w + (r * p.n_g + g) * 32);
+    static HWY_INLINE __m256i group(const uint8_t * row, int64_t g) { return nibbles16(row + g * 20 + 4); }
+#else
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t n, float * sw, float * ow, int16_t *) {
+        f16_scales(row + g0 * 20, 20, n, sw);
+        f16_scales(row + g0 * 20 + 2, 20, n, ow);
     }
-    float * sw = p.sw + r * p.n_g8;
-    float * ow = p.ow + r * 2 * p.n_g8;
-    f16_scales(b, 18, p.n_g, sw);
-    for (int64_t g = 0; g < p.n_g8; ++g) {
-        ow[g] = g < p.n_g ? -8.0f * sw[g] : 0.0f;
-    }
-}
-
-void unpack_q4_1(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
-    const uint8_t * b = row + g0 * 20;
-    for (int64_t g = 0; g < p.n_g; ++g) {
-        unpack_nibbles16(b + g * 20 + 4, p.w + (r * p.n_g + g) * 32);
-    }
-    float * ow = p.ow + r * 2 * p.n_g8;
-    f16_scales(b, 20, p.n_g, p.sw + r * p.n_g8);
-    f16_scales(b + 2, 20, p.n_g, ow);
-    std::fill(ow + p.n_g, ow + p.n_g8, 0.0f);
-}
+    static HWY_INLINE void bytes(const uint8_t * row, int64_t g, uint8_t * w) { nibbles16(row + g * 20 + 4, w); }
+#endif
+};
 
 // The 6-bit scales and mins of the 8 sub-blocks of a Q4_K / Q5_K super-block.
 HWY_INLINE void k_scales_mins(const uint8_t * s /* [12] */, int * sc, int * mn) {
@@ -220,96 +277,220 @@ HWY_INLINE void k_group_scales(const uint8_t * b, float * sw, float * ow) {
     }
 }
 
-void unpack_q4_k(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
-    for (int64_t s = 0; s < p.n_g / 8; ++s) {
-        const uint8_t * b = row + (g0 / 8 + s) * 144;
-        uint8_t * w = p.w + (r * p.n_g + 8 * s) * 32;   // [8, 32]
-        for (int k = 0; k < 4; ++k) {
-            unpack_nibbles32(b + 16 + 32 * k, w + 64 * k, w + 64 * k + 32);
-        }
-        k_group_scales(b, p.sw + r * p.n_g8 + 8 * s, p.ow + r * 2 * p.n_g8 + 8 * s);
-    }
-}
-
-void unpack_q5_k(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
-    for (int64_t s = 0; s < p.n_g / 8; ++s) {
-        const uint8_t * b = row + (g0 / 8 + s) * 176;
-        const uint8_t * qh = b + 16;    // [32], bit j: the fifth bit in group j
-        const uint8_t * qs = b + 48;    // [128]
-        uint8_t * w = p.w + (r * p.n_g + 8 * s) * 32;   // [8, 32]
 #if MOESH_QK_AVX2
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(qh));
-        const __m256i m4 = _mm256_set1_epi8(0x0f);
+// k_group_scales in registers: the 12 bytes as three u32, each byte's fields
+// moved into place with shifts and masks.
+HWY_INLINE void k_group_scales_v(const uint8_t * b, Sc & s) {
+    uint32_t w[3];
+    std::memcpy(w, b + 4, sizeof w);
+    const uint32_t sc_lo = w[0] & 0x3f3f3f3fu;
+    const uint32_t mn_lo = w[1] & 0x3f3f3f3fu;
+    const uint32_t sc_hi = (w[2] & 0x0f0f0f0fu) | ((w[0] >> 2) & 0x30303030u);
+    const uint32_t mn_hi = ((w[2] >> 4) & 0x0f0f0f0fu) | ((w[1] >> 2) & 0x30303030u);
+    auto widen = [](uint32_t lo, uint32_t hi) {
+        const __m128i v = _mm_cvtsi64_si128(int64_t(uint64_t(lo) | (uint64_t(hi) << 32)));
+        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    };
+    s.sw = _mm256_mul_ps(widen(sc_lo, sc_hi), _mm256_set1_ps(f16_to_f32(load_u16(b))));
+    s.ow = _mm256_mul_ps(widen(mn_lo, mn_hi), _mm256_set1_ps(-f16_to_f32(load_u16(b + 2))));
+}
+#endif
+
+// Q4_K: groups 2k and 2k + 1 of a super-block are the low and high nibbles of qs[32k .. 32k + 32).
+struct TQ4_K {
+    static constexpr Kind kind = Kind::Unsigned;
+    static constexpr int64_t block_elems = 256;
+    static constexpr size_t block_bytes = 144;
+#if MOESH_QK_AVX2
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, Sc & s) {
+        k_group_scales_v(row + (g0 / 8) * 144, s);
+    }
+    static HWY_INLINE void group2(const uint8_t * row, int64_t g, __m256i & w0, __m256i & w1) {
+        const __m256i q = load256(row + (g / 8) * 144 + 16 + 16 * (g % 8));
+        const __m256i m = _mm256_set1_epi8(0x0f);
+        w0 = _mm256_and_si256(q, m);
+        w1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), m);
+    }
+#else
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, float * sw, float * ow, int16_t *) {
+        k_group_scales(row + (g0 / 8) * 144, sw, ow);
+    }
+    static HWY_INLINE void bytes2(const uint8_t * row, int64_t g, uint8_t * w0, uint8_t * w1) {
+        const uint8_t * q = row + (g / 8) * 144 + 16 + 16 * (g % 8);
+        for (int l = 0; l < 32; ++l) {
+            w0[l] = q[l] & 0x0f;
+            w1[l] = q[l] >> 4;
+        }
+    }
+#endif
+};
+
+// Q5_K: as Q4_K, plus the fifth bit of group j in bit j of qh[l].
+struct TQ5_K {
+    static constexpr Kind kind = Kind::Unsigned;
+    static constexpr int64_t block_elems = 256;
+    static constexpr size_t block_bytes = 176;
+#if MOESH_QK_AVX2
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, Sc & s) {
+        k_group_scales_v(row + (g0 / 8) * 176, s);
+    }
+    static HWY_INLINE void group2(const uint8_t * row, int64_t g, __m256i & w0, __m256i & w1) {
+        const uint8_t * b = row + (g / 8) * 176;
+        const int j = int(g % 8);
+        const __m256i q = load256(b + 48 + 16 * j);
+        const __m256i h = load256(b + 16);
+        const __m256i m = _mm256_set1_epi8(0x0f);
         const __m256i b4 = _mm256_set1_epi8(0x10);
-        for (int k = 0; k < 4; ++k) {
-            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(qs + 32 * k));
-            const __m256i bit_lo = _mm256_set1_epi8(char(1 << (2 * k)));
-            const __m256i bit_hi = _mm256_set1_epi8(char(1 << (2 * k + 1)));
-            const __m256i h_lo = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit_lo), bit_lo), b4);
-            const __m256i h_hi = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit_hi), bit_hi), b4);
-            _mm256_storeu_si256(reinterpret_cast<__m256i *>(w + 64 * k),
-                                _mm256_or_si256(_mm256_and_si256(q, m4), h_lo));
-            _mm256_storeu_si256(reinterpret_cast<__m256i *>(w + 64 * k + 32),
-                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), h_hi));
-        }
-#else
-        for (int j = 0; j < 8; ++j) {
-            for (int l = 0; l < 32; ++l) {
-                const int nib = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0f;
-                w[32 * j + l] = uint8_t(nib | (((qh[l] >> j) & 1) << 4));
-            }
-        }
-#endif
-        k_group_scales(b, p.sw + r * p.n_g8 + 8 * s, p.ow + r * 2 * p.n_g8 + 8 * s);
+        const __m256i bit0 = _mm256_set1_epi8(char(1 << j));
+        const __m256i bit1 = _mm256_set1_epi8(char(2 << j));
+        w0 = _mm256_or_si256(_mm256_and_si256(q, m),
+                             _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit0), bit0), b4));
+        w1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m),
+                             _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit1), bit1), b4));
     }
-}
-
-void unpack_q6_k(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
-    for (int64_t s = 0; s < p.n_g / 8; ++s) {
-        const uint8_t * b = row + (g0 / 8 + s) * 210;
-        const uint8_t * ql = b;                                        // [128]
-        const uint8_t * qh = b + 128;                                  // [64]
-        const auto * scales = reinterpret_cast<const int8_t *>(b + 192);   // [16]
-        const float d = f16_to_f32(load_u16(b + 208));
-        uint8_t * w = p.w + (r * p.n_g + 8 * s) * 32;   // [8, 32]
-        for (int h = 0; h < 2; ++h) {
-#if MOESH_QK_AVX2
-            const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(ql + 64 * h));
-            const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(ql + 64 * h + 32));
-            const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(qh + 32 * h));
-            const __m256i m4 = _mm256_set1_epi8(0x0f);
-            auto put = [&](int rr, __m256i lo, __m256i hi2) {
-                _mm256_storeu_si256(reinterpret_cast<__m256i *>(w + 32 * (4 * h + rr)), _mm256_or_si256(lo, hi2));
-            };
-            // Masking before each 16-bit shift keeps bits from crossing bytes.
-            put(0, _mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(0x03)), 4));
-            put(1, _mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(0x0c)), 2));
-            put(2, _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, _mm256_set1_epi8(0x30)));
-            put(3, _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                _mm256_srli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(char(0xc0))), 2));
 #else
-            for (int rr = 0; rr < 4; ++rr) {
-                for (int l = 0; l < 32; ++l) {
-                    const int low = (ql[64 * h + 32 * (rr % 2) + l] >> (4 * (rr / 2))) & 0x0f;
-                    const int high = (qh[32 * h + l] >> (2 * rr)) & 3;
-                    w[32 * (4 * h + rr) + l] = uint8_t(low | (high << 4));
-                }
-            }
-#endif
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, float * sw, float * ow, int16_t *) {
+        k_group_scales(row + (g0 / 8) * 176, sw, ow);
+    }
+    static HWY_INLINE void bytes2(const uint8_t * row, int64_t g, uint8_t * w0, uint8_t * w1) {
+        const uint8_t * b = row + (g / 8) * 176;
+        const int j = int(g % 8);
+        const uint8_t * q = b + 48 + 16 * j;
+        for (int l = 0; l < 32; ++l) {
+            w0[l] = uint8_t((q[l] & 0x0f) | (((b[16 + l] >> j) & 1) << 4));
+            w1[l] = uint8_t((q[l] >> 4) | (((b[16 + l] >> (j + 1)) & 1) << 4));
         }
-        float * sw = p.sw + r * p.n_g8 + 8 * s;
-        float * ow = p.ow + r * 2 * p.n_g8 + 16 * s;
-        int16_t * sub = p.sub + (r * p.n_g + 8 * s) * 16;   // [8, 16]
+    }
+#endif
+};
+
+// Q6_K: group 4h + r (h = half, r 0..3) takes its low 4 bits from ql[64h + 32 (r % 2) ..]
+// (low nibbles for r < 2, high for r >= 2) and its top 2 bits from bits 2r of qh[32h ..].
+struct TQ6_K {
+    static constexpr Kind kind = Kind::Sub16;
+    static constexpr int64_t block_elems = 256;
+    static constexpr size_t block_bytes = 210;
+#if MOESH_QK_AVX2
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, Sc & s) {
+        const uint8_t * b = row + (g0 / 8) * 210;
+        const float d = f16_to_f32(load_u16(b + 208));
+        const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i *>(b + 192));   // int8 [16]
+        s.sw = _mm256_set1_ps(d);
+        s.sc16 = _mm256_cvtepi8_epi16(sc);
+        const __m256 o = _mm256_set1_ps(-32.0f * d);
+        s.ow = _mm256_mul_ps(o, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+        s.ow_hi = _mm256_mul_ps(o, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
+    }
+    static HWY_INLINE void group2(const uint8_t * row, int64_t g, __m256i & w0, __m256i & w1) {
+        const uint8_t * b = row + (g / 8) * 210;
+        const int h = int(g % 8) / 4;
+        const int r = int(g % 4);   // 0 or 2
+        const __m256i l0 = load256(b + 64 * h);
+        const __m256i l1 = load256(b + 64 * h + 32);
+        const __m256i hb = _mm256_srli_epi16(load256(b + 128 + 32 * h), 2 * r);
+        const __m256i m4 = _mm256_set1_epi8(0x0f);
+        const __m256i lo0 = r == 0 ? _mm256_and_si256(l0, m4) : _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4);
+        const __m256i lo1 = r == 0 ? _mm256_and_si256(l1, m4) : _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4);
+        // Masking before each 16-bit shift keeps bits from crossing bytes.
+        w0 = _mm256_or_si256(lo0, _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(0x03)), 4));
+        w1 = _mm256_or_si256(lo1, _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(0x0c)), 2));
+    }
+#else
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, float * sw, float * ow, int16_t * sub) {
+        const uint8_t * b = row + (g0 / 8) * 210;
+        const auto * sc = reinterpret_cast<const int8_t *>(b + 192);   // [16]
+        const float d = f16_to_f32(load_u16(b + 208));
         for (int g = 0; g < 8; ++g) {
             sw[g] = d;
             for (int l = 0; l < 8; ++l) {
-                sub[16 * g + l] = scales[2 * g];
-                sub[16 * g + 8 + l] = scales[2 * g + 1];
+                sub[16 * g + l] = sc[2 * g];
+                sub[16 * g + 8 + l] = sc[2 * g + 1];
             }
         }
         for (int k = 0; k < 16; ++k) {
-            ow[k] = -32.0f * d * float(scales[k]);
+            ow[k] = -32.0f * d * float(sc[k]);
         }
+    }
+    static HWY_INLINE void bytes2(const uint8_t * row, int64_t g, uint8_t * w0, uint8_t * w1) {
+        const uint8_t * b = row + (g / 8) * 210;
+        const int h = int(g % 8) / 4;
+        const int r = int(g % 4);
+        for (int l = 0; l < 32; ++l) {
+            const int high = b[128 + 32 * h + l] >> (2 * r);
+            w0[l] = uint8_t(((b[64 * h + l] >> (2 * r)) & 0x0f) | ((high & 3) << 4));
+            w1[l] = uint8_t(((b[64 * h + 32 + l] >> (2 * r)) & 0x0f) | ((high & 0x0c) << 2));
+        }
+    }
+#endif
+};
+
+#if MOESH_QK_AVX2
+template <class Ty>
+HWY_INLINE void group2(const uint8_t * row, int64_t g, __m256i & w0, __m256i & w1) {
+    if constexpr (Ty::block_elems == 32) {
+        w0 = Ty::group(row, g);
+        w1 = Ty::group(row, g + 1);
+    } else {
+        Ty::group2(row, g, w0, w1);
+    }
+}
+#endif
+
+// Groups g and g + 1 (or g alone when one is false) as bytes at w0, w1.
+template <class Ty>
+HWY_INLINE void group_bytes(const uint8_t * row, int64_t g, bool two, uint8_t * w0, uint8_t * w1) {
+#if MOESH_QK_AVX2
+    if (two) {
+        __m256i a, b;
+        group2<Ty>(row, g, a, b);
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(w0), a);
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(w1), b);
+    } else if constexpr (Ty::block_elems == 32) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(w0), Ty::group(row, g));
+    }
+#else
+    if constexpr (Ty::block_elems == 32) {
+        Ty::bytes(row, g, w0);
+        if (two) {
+            Ty::bytes(row, g + 1, w1);
+        }
+    } else {
+        Ty::bytes2(row, g, w0, w1);
+    }
+#endif
+}
+
+// Groups [g0, g0 + p.n_g) of one weight row into panel row r.
+template <class Ty>
+void unpack(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
+    uint8_t * w = p.w + r * p.n_g * 32;   // [n_g, 32]
+    float * ow = p.ow + r * 2 * p.n_g8;
+    for (int64_t c = 0; c < p.n_g; c += 8) {
+        const int64_t n = std::min<int64_t>(8, p.n_g - c);
+#if MOESH_QK_AVX2
+        // 8 lanes fit: c + 8 <= n_g8.
+        Sc sc;
+        Ty::scales(row, g0 + c, n, sc);
+        _mm256_storeu_ps(p.sw + r * p.n_g8 + c, sc.sw);
+        if constexpr (Ty::kind == Kind::Unsigned) {
+            _mm256_storeu_ps(ow + c, sc.ow);
+        } else if constexpr (Ty::kind == Kind::Sub16) {
+            _mm256_storeu_ps(ow + 2 * c, sc.ow);
+            _mm256_storeu_ps(ow + 2 * c + 8, sc.ow_hi);
+            for (int64_t g = 0; g < n; ++g) {
+                _mm256_storeu_si256(reinterpret_cast<__m256i *>(p.sub + (r * p.n_g + c + g) * 16), sub_of(sc.sc16, g));
+            }
+        }
+#else
+        Ty::scales(row, g0 + c, n, p.sw + r * p.n_g8 + c, ow + (Ty::kind == Kind::Sub16 ? 2 * c : c),
+                   p.sub + (r * p.n_g + c) * 16);
+#endif
+        for (int64_t g = 0; g < n; g += 2) {
+            group_bytes<Ty>(row, g0 + c + g, g + 1 < n, w + (c + g) * 32, w + (c + g + 1) * 32);
+        }
+    }
+    if (Ty::kind == Kind::Unsigned) {
+        std::fill(ow + p.n_g, ow + p.n_g8, 0.0f);
     }
 }
 
@@ -420,49 +601,120 @@ HWY_INLINE float lanes_sum(const float * v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-// One weight type: its kernel kind, block geometry and unpacker.
-struct TypeInfo {
-    Kind kind;
-    int64_t block_elems;
-    size_t block_bytes;
-    void (*unpack)(const uint8_t * row, int64_t g0, const Panel & p, int64_t r);
-};
-
-HWY_INLINE TypeInfo type_info(int32_t w_type) {
-    switch (w_type) {
-    case MOESH_DTYPE_Q8_0: return {Kind::Signed, 32, 34, unpack_q8_0};
-    case MOESH_DTYPE_Q4_0: return {Kind::Unsigned, 32, 18, unpack_q4_0};
-    case MOESH_DTYPE_Q4_1: return {Kind::Unsigned, 32, 20, unpack_q4_1};
-    case MOESH_DTYPE_Q4_K: return {Kind::Unsigned, 256, 144, unpack_q4_k};
-    case MOESH_DTYPE_Q5_K: return {Kind::Unsigned, 256, 176, unpack_q5_k};
-    default: return {Kind::Sub16, 256, 210, unpack_q6_k};   // MOESH_DTYPE_Q6_K, validated by the caller
+#if MOESH_QK_AVX2
+// Decode (one token): dots[j] = rows[j] . x for 4 rows, straight from the
+// file's bytes: per 8 groups, the rows' scales (times the activation scales)
+// go to a small stack buffer, then each group is unpacked in registers and
+// multiplied at once; no panel stores.
+template <class Ty>
+HWY_INLINE void decode_tile(const uint8_t * const * rows, int64_t n_g, const TokenActs & x, float * dots) {
+    constexpr Kind K = Ty::kind;
+    const size_t chunk_bytes = size_t(8 * 32 / Ty::block_elems) * Ty::block_bytes;
+    const size_t row_bytes = size_t(n_g * 32 / Ty::block_elems) * Ty::block_bytes;
+    HWY_ALIGN float sw[k_tile_rows][8];   // scale times activation scale, per group
+    __m256 ow[k_tile_rows], ow_hi[k_tile_rows];
+    __m256i sc16[k_tile_rows];
+    __m256 acc[k_tile_rows];
+    for (int r = 0; r < k_tile_rows; ++r) {
+        acc[r] = _mm256_setzero_ps();
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t c = 0; c < n_g; c += 8) {
+        const int64_t n = std::min<int64_t>(8, n_g - c);
+        const size_t off = size_t(c * 32 / Ty::block_elems) * Ty::block_bytes;
+        const __m256 dx = _mm256_loadu_ps(x.d + c);   // zero past the row
+        for (int r = 0; r < k_tile_rows; ++r) {
+            // Past the end of its row, each stream prefetches the same place in
+            // the next tile's row (the tile's rows are consecutive, and so are
+            // the tiles), so a new tile starts with its first lines in flight.
+            // Integer arithmetic: the address may lie past the matrix.
+            const size_t ahead = off + k_prefetch_chunks * chunk_bytes;
+            const size_t pf = ahead < row_bytes ? ahead : ahead + (k_tile_rows - 1) * row_bytes;
+            for (size_t b = 0; b < chunk_bytes; b += 64) {
+                __builtin_prefetch(reinterpret_cast<const void *>(reinterpret_cast<uintptr_t>(rows[r]) + pf + b), 0, 3);
+            }
+            Sc sc;
+            Ty::scales(rows[r], c, n, sc);
+            _mm256_store_ps(sw[r], _mm256_mul_ps(sc.sw, dx));
+            ow[r] = sc.ow;
+            ow_hi[r] = sc.ow_hi;
+            sc16[r] = sc.sc16;
+        }
+        auto dot = [&](int r, int64_t g, __m256i w, __m256i xq) {
+            __m256i m = ones;
+            if constexpr (K == Kind::Sub16) {
+                m = sub_of(sc16[r], g);
+            }
+            const __m256i wu = K == Kind::Signed ? _mm256_sign_epi8(w, w) : w;
+            const __m256i xs = K == Kind::Signed ? _mm256_sign_epi8(xq, w) : xq;
+            const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), m);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(&sw[r][g]), acc[r]);
+        };
+        int64_t g = 0;
+        for (; g + 2 <= n; g += 2) {
+            const __m256i x0 = load256(reinterpret_cast<const uint8_t *>(x.q + 32 * (c + g)));
+            const __m256i x1 = load256(reinterpret_cast<const uint8_t *>(x.q + 32 * (c + g + 1)));
+            for (int r = 0; r < k_tile_rows; ++r) {
+                __m256i w0, w1;
+                group2<Ty>(rows[r], c + g, w0, w1);
+                dot(r, g, w0, x0);
+                dot(r, g + 1, w1, x1);
+            }
+        }
+        if constexpr (Ty::block_elems == 32) {
+            if (g < n) {
+                const __m256i x0 = load256(reinterpret_cast<const uint8_t *>(x.q + 32 * (c + g)));
+                for (int r = 0; r < k_tile_rows; ++r) {
+                    dot(r, g, Ty::group(rows[r], c + g), x0);
+                }
+            }
+        }
+        if constexpr (K == Kind::Unsigned) {
+            const __m256 s = _mm256_loadu_ps(x.s + c);   // zero past the row, as ow past n
+            for (int r = 0; r < k_tile_rows; ++r) {
+                acc[r] = _mm256_fmadd_ps(ow[r], s, acc[r]);
+            }
+        } else if constexpr (K == Kind::Sub16) {
+            const __m256 s0 = _mm256_loadu_ps(x.s + 2 * c);
+            const __m256 s1 = _mm256_loadu_ps(x.s + 2 * c + 8);
+            for (int r = 0; r < k_tile_rows; ++r) {
+                acc[r] = _mm256_fmadd_ps(ow[r], s0, acc[r]);
+                acc[r] = _mm256_fmadd_ps(ow_hi[r], s1, acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < k_tile_rows; ++r) {
+        HWY_ALIGN float v[8];
+        _mm256_store_ps(v, acc[r]);
+        dots[r] = lanes_sum(v);
     }
 }
+#endif
 
 // dots[t, j] = rows[j] . x[t] for n_rows (4 or 8) weight rows of n_in values
 // and tokens [t0, t1) of xq; out(t, dots) receives each token's n_rows dots.
-template <Kind K, class Out>
-HWY_INLINE void row_block_t(const TypeInfo & ti, const uint8_t * const * rows, int64_t n_rows, int64_t n_in,
-                            const QuantActs & xq, int64_t t0, int64_t t1, void * mem, Out && out) {
+template <class Ty, class Out>
+HWY_INLINE void row_block(const uint8_t * const * rows, int64_t n_rows, int64_t n_in, const QuantActs & xq,
+                          int64_t t0, int64_t t1, void * mem, Out && out) {
+    constexpr Kind K = Ty::kind;
     const int64_t n_g = n_in / 32;
     const int64_t n_tiles = n_rows / k_tile_rows;
     HWY_ALIGN float acc[k_panel_rows * 2 * 8];   // [n_rows, NT, 8]
     HWY_ALIGN float dots[2][k_panel_rows];
     if (t1 - t0 == 1) {
+#if MOESH_QK_AVX2
+        (void)mem;
+        const TokenActs x = token_acts(xq, t0, 0, K);
+        for (int64_t tr = 0; tr < n_tiles; ++tr) {
+            decode_tile<Ty>(rows + tr * k_tile_rows, n_g, x, dots[0] + tr * k_tile_rows);
+        }
+#else
         // Decode: unpack a chunk of columns and use it at once, while it is in L1.
         std::fill(acc, acc + n_rows * 8, 0.0f);
-        const size_t row_bytes = size_t(n_in / ti.block_elems) * ti.block_bytes;
-        const size_t chunk_bytes = size_t(k_decode_chunk * 32 / ti.block_elems) * ti.block_bytes;
         for (int64_t g0 = 0; g0 < n_g; g0 += k_decode_chunk) {
             const Panel p = panel_at(mem, std::min(k_decode_chunk, n_g - g0));
-            const size_t off = size_t(g0 * 32 / ti.block_elems) * ti.block_bytes;
             for (int64_t r = 0; r < n_rows; ++r) {
-                // Within the row (whole lines past its end would be the next row's, wasted here).
-                for (size_t pf = off + k_prefetch_chunks * chunk_bytes;
-                     pf < std::min(row_bytes, off + (k_prefetch_chunks + 1) * chunk_bytes); pf += 64) {
-                    __builtin_prefetch(rows[r] + pf, 0, 3);
-                }
-                ti.unpack(rows[r], g0, p, r);
+                unpack<Ty>(rows[r], g0, p, r);
             }
             const TokenActs x = token_acts(xq, t0, g0, K);
             for (int64_t tr = 0; tr < n_tiles; ++tr) {
@@ -472,13 +724,14 @@ HWY_INLINE void row_block_t(const TypeInfo & ti, const uint8_t * const * rows, i
         for (int64_t j = 0; j < n_rows; ++j) {
             dots[0][j] = lanes_sum(acc + j * 8);
         }
+#endif
         out(t0, dots[0]);
         return;
     }
     // Several tokens: unpack whole rows once, then every token pair reads them.
     const Panel p = panel_at(mem, n_g);
     for (int64_t r = 0; r < n_rows; ++r) {
-        ti.unpack(rows[r], 0, p, r);
+        unpack<Ty>(rows[r], 0, p, r);
     }
     int64_t t = t0;
     for (; t + 2 <= t1; t += 2) {
@@ -507,19 +760,24 @@ HWY_INLINE void row_block_t(const TypeInfo & ti, const uint8_t * const * rows, i
     }
 }
 
-template <class Out>
-HWY_INLINE void row_block(const TypeInfo & ti, const uint8_t * const * rows, int64_t n_rows, int64_t n_in,
-                          const QuantActs & xq, int64_t t0, int64_t t1, void * mem, Out && out) {
-    switch (ti.kind) {
-    case Kind::Signed: row_block_t<Kind::Signed>(ti, rows, n_rows, n_in, xq, t0, t1, mem, out); break;
-    case Kind::Unsigned: row_block_t<Kind::Unsigned>(ti, rows, n_rows, n_in, xq, t0, t1, mem, out); break;
-    case Kind::Sub16: row_block_t<Kind::Sub16>(ti, rows, n_rows, n_in, xq, t0, t1, mem, out); break;
+// f(Ty{}) with the type traits of w_type (a block type, validated by the caller).
+template <class F>
+HWY_INLINE void with_type(int32_t w_type, F && f) {
+    switch (w_type) {
+    case MOESH_DTYPE_Q8_0: f(TQ8_0{}); break;
+    case MOESH_DTYPE_Q4_0: f(TQ4_0{}); break;
+    case MOESH_DTYPE_Q4_1: f(TQ4_1{}); break;
+    case MOESH_DTYPE_Q4_K: f(TQ4_K{}); break;
+    case MOESH_DTYPE_Q5_K: f(TQ5_K{}); break;
+    case MOESH_DTYPE_Q6_K: f(TQ6_K{}); break;
+    default: break;
     }
 }
 
 // Row r of a weight matrix of rows of n_in values.
-HWY_INLINE const uint8_t * row_at(const TypeInfo & ti, const void * w, int64_t r, int64_t n_in) {
-    return static_cast<const uint8_t *>(w) + size_t(r) * size_t(n_in / ti.block_elems) * ti.block_bytes;
+template <class Ty>
+HWY_INLINE const uint8_t * row_at(const void * w, int64_t r, int64_t n_in) {
+    return static_cast<const uint8_t *>(w) + size_t(r) * size_t(n_in / Ty::block_elems) * Ty::block_bytes;
 }
 
 // ---- activation quantization ----
@@ -579,21 +837,23 @@ void quantize_acts(const float * x, int64_t x_stride, int64_t r0, int64_t r1, co
 
 void quant_matmul_rows(const moesh_matmul_args & a, const QuantActs & xq, int64_t r0, int64_t r1, int64_t t0,
                        int64_t t1, void * panel) {
-    const TypeInfo ti = type_info(a.w_type);
-    for (int64_t r = r0; r < r1; r += k_tile_rows) {
-        // A short last block repeats its last row; the extra dots are dropped.
-        const int64_t n_r = std::min(k_tile_rows, r1 - r);
-        const uint8_t * rows[k_tile_rows];
-        for (int64_t j = 0; j < k_tile_rows; ++j) {
-            rows[j] = row_at(ti, a.w, r + std::min(j, n_r - 1), a.n_in);
-        }
-        row_block(ti, rows, k_tile_rows, a.n_in, xq, t0, t1, panel, [&](int64_t t, const float * dots) {
-            float * y = a.y + t * a.y_stride + r;   // [n_r]
-            for (int64_t j = 0; j < n_r; ++j) {
-                y[j] = dots[j] + (a.bias ? a.bias[r + j] : 0.0f);
+    with_type(a.w_type, [&](auto ty) {
+        using Ty = decltype(ty);
+        for (int64_t r = r0; r < r1; r += k_tile_rows) {
+            // A short last block repeats its last row; the extra dots are dropped.
+            const int64_t n_r = std::min(k_tile_rows, r1 - r);
+            const uint8_t * rows[k_tile_rows];
+            for (int64_t j = 0; j < k_tile_rows; ++j) {
+                rows[j] = row_at<Ty>(a.w, r + std::min(j, n_r - 1), a.n_in);
             }
-        });
-    }
+            row_block<Ty>(rows, k_tile_rows, a.n_in, xq, t0, t1, panel, [&](int64_t t, const float * dots) {
+                float * y = a.y + t * a.y_stride + r;   // [n_r]
+                for (int64_t j = 0; j < n_r; ++j) {
+                    y[j] = dots[j] + (a.bias ? a.bias[r + j] : 0.0f);
+                }
+            });
+        }
+    });
 }
 
 HWY_INLINE float silu(float x) { return x / (1.0f + std::exp(-x)); }
@@ -603,42 +863,46 @@ void quant_gate_up_rows(const moesh_expert_ffn_args & a, const QuantActs & xq, i
     if (f0 >= f1) {
         return;   // an empty share: another thread writes the padding of hq
     }
-    const TypeInfo ti = type_info(a.w_type);
     float * h = a.scratch;   // [n_tokens, n_ff]
-    for (int64_t f = f0; f < f1; f += 4) {
-        // Gate rows f..f+3 in panel rows 0-3, up rows in 4-7, through one pass over x.
-        const int64_t n_r = std::min<int64_t>(4, f1 - f);
-        const uint8_t * rows[k_panel_rows];
-        for (int64_t j = 0; j < 4; ++j) {
-            rows[j] = row_at(ti, a.gate, f + std::min(j, n_r - 1), a.n_embd);
-            rows[4 + j] = row_at(ti, a.up, f + std::min(j, n_r - 1), a.n_embd);
-        }
-        row_block(ti, rows, k_panel_rows, a.n_embd, xq, 0, a.n_tokens, panel, [&](int64_t t, const float * dots) {
-            float * ht = h + t * a.n_ff + f;   // [n_r]
-            for (int64_t j = 0; j < n_r; ++j) {
-                ht[j] = silu(dots[j]) * dots[4 + j];
+    with_type(a.w_type, [&](auto ty) {
+        using Ty = decltype(ty);
+        for (int64_t f = f0; f < f1; f += 4) {
+            // Gate rows f..f+3 in panel rows 0-3, up rows in 4-7, through one pass over x.
+            const int64_t n_r = std::min<int64_t>(4, f1 - f);
+            const uint8_t * rows[k_panel_rows];
+            for (int64_t j = 0; j < 4; ++j) {
+                rows[j] = row_at<Ty>(a.gate, f + std::min(j, n_r - 1), a.n_embd);
+                rows[4 + j] = row_at<Ty>(a.up, f + std::min(j, n_r - 1), a.n_embd);
             }
-        });
-    }
+            row_block<Ty>(rows, k_panel_rows, a.n_embd, xq, 0, a.n_tokens, panel, [&](int64_t t, const float * dots) {
+                float * ht = h + t * a.n_ff + f;   // [n_r]
+                for (int64_t j = 0; j < n_r; ++j) {
+                    ht[j] = silu(dots[j]) * dots[4 + j];
+                }
+            });
+        }
+    });
     quantize_groups(h, a.n_ff, 0, a.n_tokens, f0 / 32, (f1 + 31) / 32, hq);
 }
 
 void quant_down_rows(const moesh_expert_ffn_args & a, const QuantActs & hq, int64_t e0, int64_t e1, void * panel) {
-    const TypeInfo ti = type_info(a.w_type);
-    for (int64_t e = e0; e < e1; e += k_tile_rows) {
-        const int64_t n_r = std::min(k_tile_rows, e1 - e);
-        const uint8_t * rows[k_tile_rows];
-        for (int64_t j = 0; j < k_tile_rows; ++j) {
-            rows[j] = row_at(ti, a.down, e + std::min(j, n_r - 1), a.n_ff);
-        }
-        row_block(ti, rows, k_tile_rows, a.n_ff, hq, 0, a.n_tokens, panel, [&](int64_t t, const float * dots) {
-            const float scale = a.scale ? a.scale[t] : 1.0f;
-            float * out = a.out + t * a.n_embd + e;   // [n_r]
-            for (int64_t j = 0; j < n_r; ++j) {
-                out[j] += scale * dots[j];
+    with_type(a.w_type, [&](auto ty) {
+        using Ty = decltype(ty);
+        for (int64_t e = e0; e < e1; e += k_tile_rows) {
+            const int64_t n_r = std::min(k_tile_rows, e1 - e);
+            const uint8_t * rows[k_tile_rows];
+            for (int64_t j = 0; j < k_tile_rows; ++j) {
+                rows[j] = row_at<Ty>(a.down, e + std::min(j, n_r - 1), a.n_ff);
             }
-        });
-    }
+            row_block<Ty>(rows, k_tile_rows, a.n_ff, hq, 0, a.n_tokens, panel, [&](int64_t t, const float * dots) {
+                const float scale = a.scale ? a.scale[t] : 1.0f;
+                float * out = a.out + t * a.n_embd + e;   // [n_r]
+                for (int64_t j = 0; j < n_r; ++j) {
+                    out[j] += scale * dots[j];
+                }
+            });
+        }
+    });
 }
 
 } // namespace HWY_NAMESPACE
