@@ -28,8 +28,6 @@ namespace moesh::cpu::quant {
 constexpr int64_t k_panel_rows = 8;
 // Rows the dot kernel multiplies at once.
 constexpr int64_t k_tile_rows = 4;
-// Groups of 32 a single token unpacks at a time: 512 columns of 8 rows stay in L1.
-constexpr int64_t k_decode_chunk = 16;
 // How far ahead of the 8 groups being multiplied each row's bytes are
 // prefetched in decode, in such chunks (4 row streams).
 constexpr int64_t k_prefetch_chunks = 6;
@@ -48,7 +46,7 @@ struct Panel {
     uint8_t * w;     // [k_panel_rows, n_g, 32] one byte per weight
     float * sw;      // [k_panel_rows, n_g8] scale
     float * ow;      // [k_panel_rows, 2 * n_g8] offset per group (Sub16: per half-group), zero padded
-    int16_t * sub;   // [k_panel_rows, n_g, 16] Sub16 only: per-half integer scales, 8 lanes each
+    int16_t * sub;   // [k_panel_rows, n_g, 16] K-quants only: per-half integer scales, 8 lanes each
     int64_t n_g;
     int64_t n_g8;
 };
@@ -265,21 +263,24 @@ HWY_INLINE void k_scales_mins(const uint8_t * s /* [12] */, int * sc, int * mn) 
     }
 }
 
-// sw = d * sc, ow = -dmin * mn for the 8 groups of the super-block at b.
-HWY_INLINE void k_group_scales(const uint8_t * b, float * sw, float * ow) {
+// For the panel of several tokens: sw = d, ow = -dmin * mn and integer
+// sub-scales sc (16 lanes each) for the 8 groups of the super-block at b.
+HWY_INLINE void k_panel_scales(const uint8_t * b, float * sw, float * ow, int16_t * sub) {
     const float d = f16_to_f32(load_u16(b));
     const float dmin = f16_to_f32(load_u16(b + 2));
     int sc[8], mn[8];
     k_scales_mins(b + 4, sc, mn);
     for (int j = 0; j < 8; ++j) {
-        sw[j] = d * float(sc[j]);
+        sw[j] = d;
         ow[j] = -dmin * float(mn[j]);
+        std::fill(sub + 16 * j, sub + 16 * j + 16, int16_t(sc[j]));
     }
 }
 
 #if MOESH_QK_AVX2
-// k_group_scales in registers: the 12 bytes as three u32, each byte's fields
-// moved into place with shifts and masks.
+// The decode scales d * sc and offsets -dmin * mn of a super-block's 8 groups,
+// in registers: the 12 bytes as three u32, each byte's fields moved into place
+// with shifts and masks (as k_scales_mins).
 HWY_INLINE void k_group_scales_v(const uint8_t * b, Sc & s) {
     uint32_t w[3];
     std::memcpy(w, b + 4, sizeof w);
@@ -301,6 +302,9 @@ struct TQ4_K {
     static constexpr Kind kind = Kind::Unsigned;
     static constexpr int64_t block_elems = 256;
     static constexpr size_t block_bytes = 144;
+    static HWY_INLINE void panel_scales(const uint8_t * row, int64_t g0, float * sw, float * ow, int16_t * sub) {
+        k_panel_scales(row + (g0 / 8) * 144, sw, ow, sub);
+    }
 #if MOESH_QK_AVX2
     static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, Sc & s) {
         k_group_scales_v(row + (g0 / 8) * 144, s);
@@ -312,9 +316,6 @@ struct TQ4_K {
         w1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), m);
     }
 #else
-    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, float * sw, float * ow, int16_t *) {
-        k_group_scales(row + (g0 / 8) * 144, sw, ow);
-    }
     static HWY_INLINE void bytes2(const uint8_t * row, int64_t g, uint8_t * w0, uint8_t * w1) {
         const uint8_t * q = row + (g / 8) * 144 + 16 + 16 * (g % 8);
         for (int l = 0; l < 32; ++l) {
@@ -330,6 +331,9 @@ struct TQ5_K {
     static constexpr Kind kind = Kind::Unsigned;
     static constexpr int64_t block_elems = 256;
     static constexpr size_t block_bytes = 176;
+    static HWY_INLINE void panel_scales(const uint8_t * row, int64_t g0, float * sw, float * ow, int16_t * sub) {
+        k_panel_scales(row + (g0 / 8) * 176, sw, ow, sub);
+    }
 #if MOESH_QK_AVX2
     static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, Sc & s) {
         k_group_scales_v(row + (g0 / 8) * 176, s);
@@ -349,9 +353,6 @@ struct TQ5_K {
                              _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit1), bit1), b4));
     }
 #else
-    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, float * sw, float * ow, int16_t *) {
-        k_group_scales(row + (g0 / 8) * 176, sw, ow);
-    }
     static HWY_INLINE void bytes2(const uint8_t * row, int64_t g, uint8_t * w0, uint8_t * w1) {
         const uint8_t * b = row + (g / 8) * 176;
         const int j = int(g % 8);
@@ -370,6 +371,21 @@ struct TQ6_K {
     static constexpr Kind kind = Kind::Sub16;
     static constexpr int64_t block_elems = 256;
     static constexpr size_t block_bytes = 210;
+    static HWY_INLINE void panel_scales(const uint8_t * row, int64_t g0, float * sw, float * ow, int16_t * sub) {
+        const uint8_t * b = row + (g0 / 8) * 210;
+        const auto * sc = reinterpret_cast<const int8_t *>(b + 192);   // [16]
+        const float d = f16_to_f32(load_u16(b + 208));
+        for (int g = 0; g < 8; ++g) {
+            sw[g] = d;
+            for (int l = 0; l < 8; ++l) {
+                sub[16 * g + l] = sc[2 * g];
+                sub[16 * g + 8 + l] = sc[2 * g + 1];
+            }
+        }
+        for (int k = 0; k < 16; ++k) {
+            ow[k] = -32.0f * d * float(sc[k]);
+        }
+    }
 #if MOESH_QK_AVX2
     static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, Sc & s) {
         const uint8_t * b = row + (g0 / 8) * 210;
@@ -396,21 +412,6 @@ struct TQ6_K {
         w1 = _mm256_or_si256(lo1, _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(0x0c)), 2));
     }
 #else
-    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, float * sw, float * ow, int16_t * sub) {
-        const uint8_t * b = row + (g0 / 8) * 210;
-        const auto * sc = reinterpret_cast<const int8_t *>(b + 192);   // [16]
-        const float d = f16_to_f32(load_u16(b + 208));
-        for (int g = 0; g < 8; ++g) {
-            sw[g] = d;
-            for (int l = 0; l < 8; ++l) {
-                sub[16 * g + l] = sc[2 * g];
-                sub[16 * g + 8 + l] = sc[2 * g + 1];
-            }
-        }
-        for (int k = 0; k < 16; ++k) {
-            ow[k] = -32.0f * d * float(sc[k]);
-        }
-    }
     static HWY_INLINE void bytes2(const uint8_t * row, int64_t g, uint8_t * w0, uint8_t * w1) {
         const uint8_t * b = row + (g / 8) * 210;
         const int h = int(g % 8) / 4;
@@ -467,6 +468,10 @@ void unpack(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
     float * ow = p.ow + r * 2 * p.n_g8;
     for (int64_t c = 0; c < p.n_g; c += 8) {
         const int64_t n = std::min<int64_t>(8, p.n_g - c);
+        if constexpr (Ty::block_elems == 256) {
+            Ty::panel_scales(row, g0 + c, p.sw + r * p.n_g8 + c, ow + (Ty::kind == Kind::Sub16 ? 2 * c : c),
+                             p.sub + (r * p.n_g + c) * 16);
+        } else {
 #if MOESH_QK_AVX2
         // 8 lanes fit: c + 8 <= n_g8.
         Sc sc;
@@ -474,17 +479,11 @@ void unpack(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
         _mm256_storeu_ps(p.sw + r * p.n_g8 + c, sc.sw);
         if constexpr (Ty::kind == Kind::Unsigned) {
             _mm256_storeu_ps(ow + c, sc.ow);
-        } else if constexpr (Ty::kind == Kind::Sub16) {
-            _mm256_storeu_ps(ow + 2 * c, sc.ow);
-            _mm256_storeu_ps(ow + 2 * c + 8, sc.ow_hi);
-            for (int64_t g = 0; g < n; ++g) {
-                _mm256_storeu_si256(reinterpret_cast<__m256i *>(p.sub + (r * p.n_g + c + g) * 16), sub_of(sc.sc16, g));
-            }
         }
 #else
-        Ty::scales(row, g0 + c, n, p.sw + r * p.n_g8 + c, ow + (Ty::kind == Kind::Sub16 ? 2 * c : c),
-                   p.sub + (r * p.n_g + c) * 16);
+        Ty::scales(row, g0 + c, n, p.sw + r * p.n_g8 + c, ow + c, nullptr);
 #endif
+        }
         for (int64_t g = 0; g < n; g += 2) {
             group_bytes<Ty>(row, g0 + c + g, g + 1 < n, w + (c + g) * 32, w + (c + g + 1) * 32);
         }
@@ -508,48 +507,13 @@ HWY_INLINE TokenActs token_acts(const QuantActs & a, int64_t t, int64_t g0, Kind
             kind == Kind::Sub16 ? a.s16 + t * 2 * a.ng8 + 2 * g0 : a.s32 + t * a.ng8 + g0};
 }
 
-// acc[(r * NT + t) * 8 + lane] += lanes of (panel row r0 + r) . (token t), for
-// r < 4 and t < NT; the row's dot product is the sum of its 8 lanes.
-template <int NT, Kind K>
-HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * HWY_RESTRICT acc) {
-    const int64_t n_g = p.n_g;
 #if MOESH_QK_AVX2
-    __m256 a[k_tile_rows][NT];
-    for (int r = 0; r < k_tile_rows; ++r) {
-        for (int t = 0; t < NT; ++t) {
-            a[r][t] = _mm256_loadu_ps(acc + (r * NT + t) * 8);
-        }
-    }
-    const __m256i ones = _mm256_set1_epi16(1);
-    const uint8_t * w0 = p.w + r0 * n_g * 32;
-    const float * sw0 = p.sw + r0 * p.n_g8;
-    const int16_t * sub0 = p.sub + r0 * n_g * 16;
-    for (int64_t g = 0; g < n_g; ++g) {
-        __m256i xq[NT];
-        __m256 xd[NT];
-        for (int t = 0; t < NT; ++t) {
-            xq[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[t].q + 32 * g));
-            xd[t] = _mm256_broadcast_ss(x[t].d + g);
-        }
-        for (int r = 0; r < k_tile_rows; ++r) {
-            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w0 + (r * n_g + g) * 32));
-            const __m256 s = _mm256_broadcast_ss(sw0 + r * p.n_g8 + g);
-            __m256i m = ones;
-            if constexpr (K == Kind::Sub16) {
-                m = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(sub0 + (r * n_g + g) * 16));
-            }
-            // maddubs takes unsigned x signed bytes; Q8_0's signs move to the activations.
-            const __m256i wu = K == Kind::Signed ? _mm256_sign_epi8(w, w) : w;
-            for (int t = 0; t < NT; ++t) {
-                const __m256i xs = K == Kind::Signed ? _mm256_sign_epi8(xq[t], w) : xq[t];
-                const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), m);
-                a[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, xd[t]), a[r][t]);
-            }
-        }
-    }
+// a[r][t] += offsets times activation sums, 8 (half-)groups per vector: the
+// lanes are summed anyway.
+template <int NT, Kind K>
+HWY_INLINE void add_offsets(const Panel & p, int64_t r0, const TokenActs * x, __m256 (&a)[k_tile_rows][NT]) {
     if constexpr (K != Kind::Signed) {
-        // Offsets times activation sums, 8 (half-)groups per vector: the lanes are summed anyway.
-        const int64_t n_off = K == Kind::Sub16 ? 2 * n_g : p.n_g8;
+        const int64_t n_off = K == Kind::Sub16 ? 2 * p.n_g : p.n_g8;
         const float * ow0 = p.ow + r0 * 2 * p.n_g8;
         for (int64_t k = 0; k < n_off; k += 8) {
             for (int t = 0; t < NT; ++t) {
@@ -560,6 +524,100 @@ HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * H
             }
         }
     }
+}
+
+template <int NT, Kind K>
+HWY_INLINE void tile_super(const Panel & p, int64_t r0, const TokenActs * x, float * HWY_RESTRICT acc) {
+    const int64_t n_g = p.n_g;
+    const uint8_t * w0 = p.w + r0 * n_g * 32;
+    const float * sw0 = p.sw + r0 * p.n_g8;
+    const int16_t * sub0 = p.sub + r0 * n_g * 16;
+    __m256 a[k_tile_rows][NT];
+    for (int r = 0; r < k_tile_rows; ++r) {
+        for (int t = 0; t < NT; ++t) {
+            a[r][t] = _mm256_setzero_ps();
+        }
+    }
+    for (int64_t sb = 0; sb < n_g; sb += 8) {
+        __m256i ai[k_tile_rows][NT];
+        for (int r = 0; r < k_tile_rows; ++r) {
+            for (int t = 0; t < NT; ++t) {
+                ai[r][t] = _mm256_setzero_si256();
+            }
+        }
+        for (int64_t g = sb; g < sb + 8; ++g) {
+            __m256i xq[NT];
+            for (int t = 0; t < NT; ++t) {
+                xq[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[t].q + 32 * g));
+            }
+            for (int r = 0; r < k_tile_rows; ++r) {
+                const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w0 + (r * n_g + g) * 32));
+                const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(sub0 + (r * n_g + g) * 16));
+                for (int t = 0; t < NT; ++t) {
+                    ai[r][t] = _mm256_add_epi32(ai[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xq[t]), m));
+                }
+            }
+        }
+        for (int r = 0; r < k_tile_rows; ++r) {
+            const __m256 s = _mm256_broadcast_ss(sw0 + r * p.n_g8 + sb);
+            for (int t = 0; t < NT; ++t) {
+                a[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[r][t]),
+                                          _mm256_mul_ps(s, _mm256_broadcast_ss(x[t].d + sb)), a[r][t]);
+            }
+        }
+    }
+    add_offsets<NT, K>(p, r0, x, a);
+    for (int r = 0; r < k_tile_rows; ++r) {
+        for (int t = 0; t < NT; ++t) {
+            _mm256_storeu_ps(acc + (r * NT + t) * 8, a[r][t]);
+        }
+    }
+}
+#endif
+
+// acc[(r * NT + t) * 8 + lane] = lanes of (panel row r0 + r) . (token t), for
+// r < 4 and t < NT; the row's dot product is the sum of its 8 lanes. Super:
+// K-quant panels (sw = d, integer sub-scales in sub, activations with one
+// scale per 256), whose 8 groups of a super-block are summed in int32 and
+// scaled to float once.
+template <int NT, Kind K, bool Super>
+HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * HWY_RESTRICT acc) {
+    const int64_t n_g = p.n_g;
+#if MOESH_QK_AVX2
+    if constexpr (Super) {
+        tile_super<NT, K>(p, r0, x, acc);
+        return;
+    }
+    __m256 a[k_tile_rows][NT];
+    for (int r = 0; r < k_tile_rows; ++r) {
+        for (int t = 0; t < NT; ++t) {
+            a[r][t] = _mm256_setzero_ps();
+        }
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    const uint8_t * w0 = p.w + r0 * n_g * 32;
+    const float * sw0 = p.sw + r0 * p.n_g8;
+    for (int64_t g = 0; g < n_g; ++g) {
+        __m256i xq[NT];
+        __m256 xd[NT];
+        for (int t = 0; t < NT; ++t) {
+            xq[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[t].q + 32 * g));
+            xd[t] = _mm256_broadcast_ss(x[t].d + g);
+        }
+        for (int r = 0; r < k_tile_rows; ++r) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w0 + (r * n_g + g) * 32));
+            const __m256 s = _mm256_broadcast_ss(sw0 + r * p.n_g8 + g);
+            const __m256i m = ones;
+            // maddubs takes unsigned x signed bytes; Q8_0's signs move to the activations.
+            const __m256i wu = K == Kind::Signed ? _mm256_sign_epi8(w, w) : w;
+            for (int t = 0; t < NT; ++t) {
+                const __m256i xs = K == Kind::Signed ? _mm256_sign_epi8(xq[t], w) : xq[t];
+                const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), m);
+                a[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, xd[t]), a[r][t]);
+            }
+        }
+    }
+    add_offsets<NT, K>(p, r0, x, a);
     for (int r = 0; r < k_tile_rows; ++r) {
         for (int t = 0; t < NT; ++t) {
             _mm256_storeu_ps(acc + (r * NT + t) * 8, a[r][t]);
@@ -579,7 +637,7 @@ HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * H
                     half[j / 16] += wv * int(q[j]);
                 }
                 int32_t dot = half[0] + half[1];
-                if constexpr (K == Kind::Sub16) {
+                if constexpr (Super) {
                     const int16_t * sub = p.sub + (pr * n_g + g) * 16;
                     dot = half[0] * sub[0] + half[1] * sub[8];
                 }
@@ -591,7 +649,8 @@ HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * H
                     sum += p.ow[pr * 2 * p.n_g8 + k] * x[t].s[k];
                 }
             }
-            acc[(r * NT + t) * 8] += sum;
+            std::fill(acc + (r * NT + t) * 8, acc + (r * NT + t + 1) * 8, 0.0f);
+            acc[(r * NT + t) * 8] = sum;
         }
     }
 #endif
@@ -697,38 +756,22 @@ template <class Ty, class Out>
 HWY_INLINE void row_block(const uint8_t * const * rows, int64_t n_rows, int64_t n_in, const QuantActs & xq,
                           int64_t t0, int64_t t1, void * mem, Out && out) {
     constexpr Kind K = Ty::kind;
+    constexpr bool k_super = Ty::block_elems == 256;
     const int64_t n_g = n_in / 32;
     const int64_t n_tiles = n_rows / k_tile_rows;
     HWY_ALIGN float acc[k_panel_rows * 2 * 8];   // [n_rows, NT, 8]
     HWY_ALIGN float dots[2][k_panel_rows];
-    if (t1 - t0 == 1) {
 #if MOESH_QK_AVX2
-        (void)mem;
+    if (t1 - t0 == 1) {
         const TokenActs x = token_acts(xq, t0, 0, K);
         for (int64_t tr = 0; tr < n_tiles; ++tr) {
             decode_tile<Ty>(rows + tr * k_tile_rows, n_g, x, dots[0] + tr * k_tile_rows);
         }
-#else
-        // Decode: unpack a chunk of columns and use it at once, while it is in L1.
-        std::fill(acc, acc + n_rows * 8, 0.0f);
-        for (int64_t g0 = 0; g0 < n_g; g0 += k_decode_chunk) {
-            const Panel p = panel_at(mem, std::min(k_decode_chunk, n_g - g0));
-            for (int64_t r = 0; r < n_rows; ++r) {
-                unpack<Ty>(rows[r], g0, p, r);
-            }
-            const TokenActs x = token_acts(xq, t0, g0, K);
-            for (int64_t tr = 0; tr < n_tiles; ++tr) {
-                tile<1, K>(p, tr * k_tile_rows, &x, acc + tr * k_tile_rows * 8);
-            }
-        }
-        for (int64_t j = 0; j < n_rows; ++j) {
-            dots[0][j] = lanes_sum(acc + j * 8);
-        }
-#endif
         out(t0, dots[0]);
         return;
     }
-    // Several tokens: unpack whole rows once, then every token pair reads them.
+#endif
+    // Unpack whole rows once, then every token pair reads them.
     const Panel p = panel_at(mem, n_g);
     for (int64_t r = 0; r < n_rows; ++r) {
         unpack<Ty>(rows[r], 0, p, r);
@@ -736,9 +779,8 @@ HWY_INLINE void row_block(const uint8_t * const * rows, int64_t n_rows, int64_t 
     int64_t t = t0;
     for (; t + 2 <= t1; t += 2) {
         const TokenActs x[2] = {token_acts(xq, t, 0, K), token_acts(xq, t + 1, 0, K)};
-        std::fill(acc, acc + n_rows * 2 * 8, 0.0f);
         for (int64_t tr = 0; tr < n_tiles; ++tr) {
-            tile<2, K>(p, tr * k_tile_rows, x, acc + tr * k_tile_rows * 2 * 8);
+            tile<2, K, k_super>(p, tr * k_tile_rows, x, acc + tr * k_tile_rows * 2 * 8);
         }
         for (int64_t j = 0; j < n_rows; ++j) {
             dots[0][j] = lanes_sum(acc + (2 * j) * 8);
@@ -749,9 +791,8 @@ HWY_INLINE void row_block(const uint8_t * const * rows, int64_t n_rows, int64_t 
     }
     if (t < t1) {
         const TokenActs x = token_acts(xq, t, 0, K);
-        std::fill(acc, acc + n_rows * 8, 0.0f);
         for (int64_t tr = 0; tr < n_tiles; ++tr) {
-            tile<1, K>(p, tr * k_tile_rows, &x, acc + tr * k_tile_rows * 8);
+            tile<1, K, k_super>(p, tr * k_tile_rows, &x, acc + tr * k_tile_rows * 8);
         }
         for (int64_t j = 0; j < n_rows; ++j) {
             dots[0][j] = lanes_sum(acc + j * 8);
@@ -782,6 +823,8 @@ HWY_INLINE const uint8_t * row_at(const void * w, int64_t r, int64_t n_in) {
 
 // ---- activation quantization ----
 
+// Groups [gb, ge) of rows [r0, r1); gb and ge are multiples of out.scale_groups
+// (or ge is the row's last group).
 void quantize_groups(const float * x, int64_t x_stride, int64_t r0, int64_t r1, int64_t gb, int64_t ge,
                      const QuantActs & out) {
     // At most 8 lanes, so that a half-group of 16 is whole vectors on every target.
@@ -791,35 +834,39 @@ void quantize_groups(const float * x, int64_t x_stride, int64_t r0, int64_t r1, 
     const int64_t N = int64_t(hn::Lanes(df));
     const int64_t n_g = out.n / 32;
     for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t g = gb; g < ge; ++g) {
-            const float * v = x + r * x_stride + 32 * g;   // [32]
+        for (int64_t gs = gb; gs < ge; gs += out.scale_groups) {
+            const int64_t g_end = std::min(ge, gs + out.scale_groups);
+            const float * v0 = x + r * x_stride + 32 * gs;   // [32 * (g_end - gs)]
             auto amax_v = hn::Zero(df);
-            for (int64_t k = 0; k < 32; k += N) {
-                amax_v = hn::Max(amax_v, hn::Abs(hn::LoadU(df, v + k)));
+            for (int64_t k = 0; k < 32 * (g_end - gs); k += N) {
+                amax_v = hn::Max(amax_v, hn::Abs(hn::LoadU(df, v0 + k)));
             }
             const float amax = hn::GetLane(hn::MaxOfLanes(df, amax_v));
             const float d = amax / 127.0f;
             const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
-            // Below ~1e-36 the inverse overflows; those rare groups divide instead.
+            // Below ~1e-36 the inverse overflows; those rare blocks divide instead.
             const bool divide = std::isinf(inv) && d != 0.0f;
             const auto id = hn::Set(df, inv);
             const auto vd = hn::Set(df, d);
-            int8_t * q = out.q + r * out.n + 32 * g;
-            int32_t sums[2];
-            for (int h = 0; h < 2; ++h) {
-                auto s = hn::Zero(di);
-                for (int64_t k = 16 * h; k < 16 * h + 16; k += N) {
-                    const auto xv = hn::LoadU(df, v + k);
-                    const auto qi = hn::NearestInt(divide ? hn::Div(xv, vd) : hn::Mul(xv, id));
-                    s = hn::Add(s, qi);
-                    hn::StoreU(hn::DemoteTo(d8, qi), d8, q + k);
+            for (int64_t g = gs; g < g_end; ++g) {
+                const float * v = x + r * x_stride + 32 * g;   // [32]
+                int8_t * q = out.q + r * out.n + 32 * g;
+                int32_t sums[2];
+                for (int h = 0; h < 2; ++h) {
+                    auto s = hn::Zero(di);
+                    for (int64_t k = 16 * h; k < 16 * h + 16; k += N) {
+                        const auto xv = hn::LoadU(df, v + k);
+                        const auto qi = hn::NearestInt(divide ? hn::Div(xv, vd) : hn::Mul(xv, id));
+                        s = hn::Add(s, qi);
+                        hn::StoreU(hn::DemoteTo(d8, qi), d8, q + k);
+                    }
+                    sums[h] = hn::GetLane(hn::SumOfLanes(di, s));
                 }
-                sums[h] = hn::GetLane(hn::SumOfLanes(di, s));
+                out.d[r * out.ng8 + g] = d;
+                out.s32[r * out.ng8 + g] = d * float(sums[0] + sums[1]);
+                out.s16[r * 2 * out.ng8 + 2 * g] = d * float(sums[0]);
+                out.s16[r * 2 * out.ng8 + 2 * g + 1] = d * float(sums[1]);
             }
-            out.d[r * out.ng8 + g] = d;
-            out.s32[r * out.ng8 + g] = d * float(sums[0] + sums[1]);
-            out.s16[r * 2 * out.ng8 + 2 * g] = d * float(sums[0]);
-            out.s16[r * 2 * out.ng8 + 2 * g + 1] = d * float(sums[1]);
         }
         if (ge == n_g) {
             std::fill(out.d + r * out.ng8 + n_g, out.d + (r + 1) * out.ng8, 0.0f);
@@ -936,9 +983,10 @@ size_t quant_acts_bytes(int64_t n, int64_t n_rows) {
     return size_t(n_rows) * (size_t(n) + 4 * ng8 * 4);
 }
 
-QuantActs quant_acts_at(void * mem, int64_t n, int64_t n_rows) {
+QuantActs quant_acts_at(void * mem, int64_t n, int64_t n_rows, int64_t scale_block) {
     QuantActs a;
     a.n = n;
+    a.scale_groups = scale_block / 32;
     a.ng8 = (n / 32 + 7) / 8 * 8;
     auto * b = static_cast<uint8_t *>(mem);
     a.d = reinterpret_cast<float *>(b);
