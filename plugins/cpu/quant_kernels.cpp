@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "quant_kernels.cpp"
@@ -837,13 +838,19 @@ void quantize_groups(const float * x, int64_t x_stride, int64_t r0, int64_t r1, 
         for (int64_t gs = gb; gs < ge; gs += out.scale_groups) {
             const int64_t g_end = std::min(ge, gs + out.scale_groups);
             const float * v0 = x + r * x_stride + 32 * gs;   // [32 * (g_end - gs)]
-            auto amax_v = hn::Zero(df);
+            // Largest magnitude as an integer max of the bits without sign: ordered
+            // like the values, and a NaN (above infinity) is not dropped.
+            auto amax_v = hn::Zero(di);
             for (int64_t k = 0; k < 32 * (g_end - gs); k += N) {
-                amax_v = hn::Max(amax_v, hn::Abs(hn::LoadU(df, v0 + k)));
+                amax_v = hn::Max(amax_v, hn::And(hn::BitCast(di, hn::LoadU(df, v0 + k)), hn::Set(di, 0x7fffffff)));
             }
-            const float amax = hn::GetLane(hn::MaxOfLanes(df, amax_v));
-            const float d = amax / 127.0f;
-            const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
+            const int32_t amax_bits = hn::GetLane(hn::MaxOfLanes(di, amax_v));
+            float amax;
+            std::memcpy(&amax, &amax_bits, sizeof amax);
+            // A NaN or infinity makes d (and so every dot with this block) NaN.
+            const bool finite = amax_bits < 0x7f800000;
+            const float d = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+            const float inv = finite && amax != 0.0f ? 127.0f / amax : 0.0f;
             // Below ~1e-36 the inverse overflows; those rare blocks divide instead.
             const bool divide = std::isinf(inv) && d != 0.0f;
             const auto id = hn::Set(df, inv);
