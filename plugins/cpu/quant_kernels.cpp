@@ -116,29 +116,22 @@ HWY_INLINE float f16_to_f32(uint16_t h) {
 #endif
 }
 
+#if !MOESH_QK_AVX2
 // out[i] = the fp16 at p + i * stride, for i < n.
 HWY_INLINE void f16_scales(const uint8_t * p, size_t stride, int64_t n, float * out) {
-    const hn::CappedTag<float, 8> df;
-    const hn::Rebind<hwy::float16_t, decltype(df)> dh;
-    const int64_t N = int64_t(hn::Lanes(df));
-    HWY_ALIGN uint16_t h[8];
-    int64_t i = 0;
-    for (; i + N <= n; i += N) {
-        for (int64_t k = 0; k < N; ++k) {
-            h[k] = load_u16(p + size_t(i + k) * stride);
-        }
-        hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t *>(h))), df, out + i);
-    }
-    for (; i < n; ++i) {
+    for (int64_t i = 0; i < n; ++i) {
         out[i] = f16_to_f32(load_u16(p + size_t(i) * stride));
     }
 }
+#endif
 
 // ---- weight types ----
 // Each type offers, for groups of 32 weights of one row (file bytes, as is):
 //   scales(row, g0, n, ...): the float scale (and offset) of groups
 //       g0 .. g0 + n - 1 (n <= 8; K-quants: g0 a multiple of 8 and n = 8),
-//       in registers (AVX2: Sc) or into memory (sw, ow, sub)
+//       in registers (AVX2: Sc) or into memory (other targets, 32-value types)
+//   K-quants: panel_scales(row, g0, sw, ow, sub): a super-block's d, offsets
+//       and integer sub-scales, for the panel of several tokens (all targets)
 //   AVX2: group2(row, g, w0, w1) -> groups g, g + 1 as bytes in registers
 //       (32-value types also group(row, g), for an odd last group)
 //   other targets: bytes2 / bytes, the same into memory
@@ -152,6 +145,7 @@ HWY_INLINE __m256i nibbles16(const uint8_t * qs) {
     const __m256i v = _mm256_srlv_epi32(q, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0));
     return _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
 }
+
 // Scales of up to 8 groups, in registers: sw, ow (offsets per group, or per
 // half-group for Q6_K: ow then ow_hi) and, for Q6_K, its 16 int8 scales
 // widened to int16 (see sub_of).
