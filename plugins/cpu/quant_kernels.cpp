@@ -42,7 +42,7 @@ enum class Kind {
     Sub16,      // bytes 0..63; value = sw * sub[half] * byte + ow16[half] per 16 (Q6_K)
 };
 
-// Unpacked rows: for each panel row r and group g (32 weights) of the chunk.
+// Unpacked rows: for each panel row r and group g (32 weights).
 struct Panel {
     uint8_t * w;     // [k_panel_rows, n_g, 32] one byte per weight
     float * sw;      // [k_panel_rows, n_g8] scale
@@ -490,16 +490,15 @@ void unpack(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
 
 // ---- the dot kernel ----
 
-// Where one token's quantized activations for the chunk start.
+// One token's quantized activations.
 struct TokenActs {
     const int8_t * q;   // [n_g, 32]
     const float * d;    // [n_g]
-    const float * s;    // [n_g8] s32, or [2 * n_g] s16 for Sub16
+    const float * s;    // [n_g8] s32, or [2 * n_g8] s16 for Sub16
 };
 
-HWY_INLINE TokenActs token_acts(const QuantActs & a, int64_t t, int64_t g0, Kind kind) {
-    return {a.q + t * a.n + g0 * 32, a.d + t * a.ng8 + g0,
-            kind == Kind::Sub16 ? a.s16 + t * 2 * a.ng8 + 2 * g0 : a.s32 + t * a.ng8 + g0};
+HWY_INLINE TokenActs token_acts(const QuantActs & a, int64_t t, Kind kind) {
+    return {a.q + t * a.n, a.d + t * a.ng8, kind == Kind::Sub16 ? a.s16 + t * 2 * a.ng8 : a.s32 + t * a.ng8};
 }
 
 #if MOESH_QK_AVX2
@@ -758,7 +757,7 @@ HWY_INLINE void row_block(const uint8_t * const * rows, int64_t n_rows, int64_t 
     HWY_ALIGN float dots[2][k_panel_rows];
 #if MOESH_QK_AVX2
     if (t1 - t0 == 1) {
-        const TokenActs x = token_acts(xq, t0, 0, K);
+        const TokenActs x = token_acts(xq, t0, K);
         for (int64_t tr = 0; tr < n_tiles; ++tr) {
             decode_tile<Ty>(rows + tr * k_tile_rows, n_g, x, dots[0] + tr * k_tile_rows);
         }
@@ -773,7 +772,7 @@ HWY_INLINE void row_block(const uint8_t * const * rows, int64_t n_rows, int64_t 
     }
     int64_t t = t0;
     for (; t + 2 <= t1; t += 2) {
-        const TokenActs x[2] = {token_acts(xq, t, 0, K), token_acts(xq, t + 1, 0, K)};
+        const TokenActs x[2] = {token_acts(xq, t, K), token_acts(xq, t + 1, K)};
         for (int64_t tr = 0; tr < n_tiles; ++tr) {
             tile<2, K, k_super>(p, tr * k_tile_rows, x, acc + tr * k_tile_rows * 2 * 8);
         }
@@ -785,7 +784,7 @@ HWY_INLINE void row_block(const uint8_t * const * rows, int64_t n_rows, int64_t 
         out(t + 1, dots[1]);
     }
     if (t < t1) {
-        const TokenActs x = token_acts(xq, t, 0, K);
+        const TokenActs x = token_acts(xq, t, K);
         for (int64_t tr = 0; tr < n_tiles; ++tr) {
             tile<1, K, k_super>(p, tr * k_tile_rows, &x, acc + tr * k_tile_rows * 8);
         }

@@ -7,15 +7,16 @@
 // float dot product by the rounding of the activations (at most 1/254 of the
 // largest magnitude in each activation block, per element).
 //
-//     QuantActs xq = quant_acts_at(buf, n_in, n_tokens, quant_block_elems(w_type));   // buf: quant_acts_bytes(n_in, n_tokens)
+//     // buf: quant_acts_bytes(n_in, n_tokens); panel: quant_panel_bytes(n_in), one per thread
+//     QuantActs xq = quant_acts_at(buf, n_in, n_tokens, quant_block_elems(w_type));
 //     quantize_acts(x, x_stride, 0, n_tokens, xq);
-//     quant_matmul_rows(args, xq, r0, r1, t0, t1, panel);      // panel: quant_panel_bytes(n_in), per thread
+//     quant_matmul_rows(args, xq, r0, r1, t0, t1, panel);
 //
-// Each weight row block (4 rows) is first unpacked into a per-thread "panel"
-// (one byte per weight, plus float scales and offsets per 32 values), then one
-// kernel multiplies the panel with up to 2 tokens at a time: a prefill reuses
-// the unpacked rows for every token, decode unpacks 512 columns at a time so
-// that the panel stays in L1. Nothing here allocates or throws.
+// Decode (one token) multiplies 4 weight rows at a time straight from their
+// bytes, unpacking in registers (AVX2). Several tokens first unpack each block
+// of 4 rows into a per-thread "panel" (one byte per weight, plus scales and
+// offsets), which a 4-row x 2-token kernel then reads for every token pair.
+// Nothing here allocates or throws.
 // Thread safety: distinct threads need distinct panels and disjoint outputs.
 #pragma once
 
