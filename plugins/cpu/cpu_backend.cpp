@@ -40,9 +40,6 @@ constexpr int64_t k_scratch_align = 16;
 // Rows (of float outputs) per work unit of the quantized kernels: whole cache
 // lines of a 64-byte aligned output row, so threads never write the same line.
 constexpr int64_t k_quant_row_unit = 16;
-// Features per work unit of the quantized gate/up pass: one activation group
-// of h, which that pass quantizes.
-constexpr int64_t k_quant_feature_unit = 32;
 
 // 64-byte aligned float buffer that only ever grows.
 class ScratchBuffer {
@@ -199,8 +196,9 @@ uint8_t * thread_panels(moesh_backend * be, int64_t n_in, size_t * stride) {
     return reinterpret_cast<uint8_t *>(be->panels.reserve(*stride / 4 * size_t(be->pool.n_threads())));
 }
 
-moesh::cpu::QuantActs quant_buffer(ScratchBuffer & buf, int64_t n, int64_t n_rows) {
-    return moesh::cpu::quant_acts_at(buf.reserve((moesh::cpu::quant_acts_bytes(n, n_rows) + 3) / 4), n, n_rows);
+moesh::cpu::QuantActs quant_buffer(ScratchBuffer & buf, int64_t n, int64_t n_rows, int32_t w_type) {
+    return moesh::cpu::quant_acts_at(buf.reserve((moesh::cpu::quant_acts_bytes(n, n_rows) + 3) / 4), n, n_rows,
+                                     moesh::cpu::quant_block_elems(w_type));
 }
 
 // Byte ranges [p, p + n_p) and [q, q + n_q) do not overlap.
@@ -421,7 +419,7 @@ moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
         const int n_active = n_active_threads(be, work);
         const int64_t n_parts = n_parts_for(n_active);
         if (moesh::cpu::is_quant_type(a.w_type)) {
-            const moesh::cpu::QuantActs xq = quant_buffer(be->quant_x, a.n_in, a.n_tokens);
+            const moesh::cpu::QuantActs xq = quant_buffer(be->quant_x, a.n_in, a.n_tokens, a.w_type);
             moesh::cpu::quantize_acts(a.x, a.x_stride, 0, a.n_tokens, xq);
             size_t stride = 0;
             uint8_t * panels = thread_panels(be, a.n_in, &stride);
@@ -555,18 +553,19 @@ moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * ar
                           "expert_ffn: out partly overlaps x (only out == x is allowed)");
         const int n_active = n_active_threads(be, work);
         if (moesh::cpu::is_quant_type(a.w_type)) {
-            // x quantized once; each thread quantizes the 32-feature groups of h it
-            // computes, so the down pass (after the barrier) reads h as 8-bit.
-            const moesh::cpu::QuantActs xq = quant_buffer(be->quant_x, a.n_embd, a.n_tokens);
-            const moesh::cpu::QuantActs hq = quant_buffer(be->quant_h, a.n_ff, a.n_tokens);
+            // x quantized once; each thread quantizes the activation blocks of h
+            // it computes (its features come in whole blocks), so the down pass
+            // (after the barrier) reads h as 8-bit.
+            const moesh::cpu::QuantActs xq = quant_buffer(be->quant_x, a.n_embd, a.n_tokens, a.w_type);
+            const moesh::cpu::QuantActs hq = quant_buffer(be->quant_h, a.n_ff, a.n_tokens, a.w_type);
+            const int64_t unit = moesh::cpu::quant_block_elems(a.w_type);
             moesh::cpu::quantize_acts(a.x, a.n_embd, 0, a.n_tokens, xq);
             size_t stride = 0;
             uint8_t * panels = thread_panels(be, std::max(a.n_embd, a.n_ff), &stride);
             auto gate_up = [&](int ith, int64_t part, int64_t n_parts) {
-                const Range u = split((a.n_ff + k_quant_feature_unit - 1) / k_quant_feature_unit, part, n_parts);
-                moesh::cpu::quant_gate_up_rows(a, xq, u.begin * k_quant_feature_unit,
-                                               std::min(u.end * k_quant_feature_unit, a.n_ff),
-                                               panels + size_t(ith) * stride, hq);
+                const Range u = split(a.n_ff / unit, part, n_parts);
+                moesh::cpu::quant_gate_up_rows(a, xq, u.begin * unit, u.end * unit, panels + size_t(ith) * stride,
+                                               hq);
             };
             run_parallel(be, work, n_active, gate_up);
             auto down = [&](int ith, int64_t part, int64_t n_parts) {

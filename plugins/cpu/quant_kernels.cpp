@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "quant_kernels.cpp"
@@ -28,11 +29,9 @@ namespace moesh::cpu::quant {
 constexpr int64_t k_panel_rows = 8;
 // Rows the dot kernel multiplies at once.
 constexpr int64_t k_tile_rows = 4;
-// Groups of 32 a single token unpacks at a time: 512 columns of 8 rows stay in L1.
-constexpr int64_t k_decode_chunk = 16;
-// How far ahead of the chunk being unpacked each row's bytes are prefetched in
-// decode (a few chunks: 4-8 row streams, each starting a new page every row).
-constexpr int64_t k_prefetch_chunks = 3;
+// How far ahead of the 8 groups being multiplied each row's bytes are
+// prefetched in decode, in such chunks (4 row streams).
+constexpr int64_t k_prefetch_chunks = 6;
 
 inline int64_t round8(int64_t n) { return (n + 7) / 8 * 8; }
 
@@ -43,12 +42,12 @@ enum class Kind {
     Sub16,      // bytes 0..63; value = sw * sub[half] * byte + ow16[half] per 16 (Q6_K)
 };
 
-// Unpacked rows: for each panel row r and group g (32 weights) of the chunk.
+// Unpacked rows: for each panel row r and group g (32 weights).
 struct Panel {
     uint8_t * w;     // [k_panel_rows, n_g, 32] one byte per weight
     float * sw;      // [k_panel_rows, n_g8] scale
     float * ow;      // [k_panel_rows, 2 * n_g8] offset per group (Sub16: per half-group), zero padded
-    int16_t * sub;   // [k_panel_rows, n_g, 16] Sub16 only: per-half integer scales, 8 lanes each
+    int16_t * sub;   // [k_panel_rows, n_g, 16] K-quants only: per-half integer scales, 8 lanes each
     int64_t n_g;
     int64_t n_g8;
 };
@@ -117,86 +116,137 @@ HWY_INLINE float f16_to_f32(uint16_t h) {
 #endif
 }
 
+#if !MOESH_QK_AVX2
 // out[i] = the fp16 at p + i * stride, for i < n.
 HWY_INLINE void f16_scales(const uint8_t * p, size_t stride, int64_t n, float * out) {
-    const hn::CappedTag<float, 8> df;
-    const hn::Rebind<hwy::float16_t, decltype(df)> dh;
-    const int64_t N = int64_t(hn::Lanes(df));
-    HWY_ALIGN uint16_t h[8];
-    int64_t i = 0;
-    for (; i + N <= n; i += N) {
-        for (int64_t k = 0; k < N; ++k) {
-            h[k] = load_u16(p + size_t(i + k) * stride);
-        }
-        hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t *>(h))), df, out + i);
-    }
-    for (; i < n; ++i) {
+    for (int64_t i = 0; i < n; ++i) {
         out[i] = f16_to_f32(load_u16(p + size_t(i) * stride));
     }
 }
+#endif
 
-// w[0..16) = low nibbles of qs[0..16), w[16..32) = high nibbles.
-HWY_INLINE void unpack_nibbles16(const uint8_t * HWY_RESTRICT qs, uint8_t * HWY_RESTRICT w) {
+// ---- weight types ----
+// Each type offers, for groups of 32 weights of one row (file bytes, as is):
+//   scales(row, g0, n, ...): the float scale (and offset) of groups
+//       g0 .. g0 + n - 1 (n <= 8; K-quants: g0 a multiple of 8 and n = 8),
+//       in registers (AVX2: Sc) or into memory (other targets, 32-value types)
+//   K-quants: panel_scales(row, g0, sw, ow, sub): a super-block's d, offsets
+//       and integer sub-scales, for the panel of several tokens (all targets)
+//   AVX2: group2(row, g, w0, w1) -> groups g, g + 1 as bytes in registers
+//       (32-value types also group(row, g), for an odd last group)
+//   other targets: bytes2 / bytes, the same into memory
+
 #if MOESH_QK_AVX2
-    const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i *>(qs));
-    const __m256i v = _mm256_set_m128i(_mm_srli_epi16(q, 4), q);
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(w), _mm256_and_si256(v, _mm256_set1_epi8(0x0f)));
+HWY_INLINE __m256i load256(const uint8_t * p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)); }
+
+// Low nibbles of qs[0..16) then the high ones, as 32 bytes.
+HWY_INLINE __m256i nibbles16(const uint8_t * qs) {
+    const __m256i q = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(qs)));
+    const __m256i v = _mm256_srlv_epi32(q, _mm256_set_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+}
+
+// Scales of up to 8 groups, in registers: sw, ow (offsets per group, or per
+// half-group for Q6_K: ow then ow_hi) and, for Q6_K, its 16 int8 scales
+// widened to int16 (see sub_of).
+struct Sc {
+    __m256 sw, ow, ow_hi;
+    __m256i sc16;
+};
+
+// The fp16 at p + i * stride for i < n (n <= 8; lanes past n are 0), as floats.
+// Built in a register: scalar stores read back as a vector would stall.
+HWY_INLINE __m256 f16x8(const uint8_t * p, size_t stride, int64_t n) {
+    if (n == 8) {
+        __m128i h = _mm_cvtsi32_si128(load_u16(p));
+        h = _mm_insert_epi16(h, load_u16(p + stride), 1);
+        h = _mm_insert_epi16(h, load_u16(p + 2 * stride), 2);
+        h = _mm_insert_epi16(h, load_u16(p + 3 * stride), 3);
+        h = _mm_insert_epi16(h, load_u16(p + 4 * stride), 4);
+        h = _mm_insert_epi16(h, load_u16(p + 5 * stride), 5);
+        h = _mm_insert_epi16(h, load_u16(p + 6 * stride), 6);
+        h = _mm_insert_epi16(h, load_u16(p + 7 * stride), 7);
+        return _mm256_cvtph_ps(h);
+    }
+    HWY_ALIGN uint16_t h[8] = {};
+    for (int64_t i = 0; i < n; ++i) {
+        h[i] = load_u16(p + size_t(i) * stride);
+    }
+    return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i *>(h)));
+}
+
+// Q6_K's per-half scales of group g as 16 int16: sc[2g] in the low 8, sc[2g + 1] in the high 8.
+HWY_INLINE __m256i sub_of(__m256i sc16, int64_t g) {
+    const __m256i pair = _mm256_permutevar8x32_epi32(sc16, _mm256_set1_epi32(int(g)));   // (sc[2g], sc[2g+1]) everywhere
+    const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3,
+                                          2, 3, 2, 3, 2, 3);
+    return _mm256_shuffle_epi8(pair, pick);
+}
 #else
+HWY_INLINE void nibbles16(const uint8_t * HWY_RESTRICT qs, uint8_t * HWY_RESTRICT w) {
     for (int j = 0; j < 16; ++j) {
         w[j] = qs[j] & 0x0f;
         w[j + 16] = qs[j] >> 4;
     }
-#endif
 }
+#endif
 
-// lo[l] = qs[l] & 15, hi[l] = qs[l] >> 4 for l < 32.
-HWY_INLINE void unpack_nibbles32(const uint8_t * HWY_RESTRICT qs, uint8_t * HWY_RESTRICT lo, uint8_t * HWY_RESTRICT hi) {
+struct TQ8_0 {
+    static constexpr Kind kind = Kind::Signed;
+    static constexpr int64_t block_elems = 32;
+    static constexpr size_t block_bytes = 34;
 #if MOESH_QK_AVX2
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(qs));
-    const __m256i m = _mm256_set1_epi8(0x0f);
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(lo), _mm256_and_si256(q, m));
-    _mm256_storeu_si256(reinterpret_cast<__m256i *>(hi), _mm256_and_si256(_mm256_srli_epi16(q, 4), m));
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t n, Sc & s) {
+        s.sw = f16x8(row + g0 * 34, 34, n);
+    }
+    static HWY_INLINE __m256i group(const uint8_t * row, int64_t g) { return load256(row + g * 34 + 2); }
 #else
-    for (int l = 0; l < 32; ++l) {
-        lo[l] = qs[l] & 0x0f;
-        hi[l] = qs[l] >> 4;
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t n, float * sw, float *, int16_t *) {
+        f16_scales(row + g0 * 34, 34, n, sw);
     }
+    static HWY_INLINE void bytes(const uint8_t * row, int64_t g, uint8_t * w) { std::memcpy(w, row + g * 34 + 2, 32); }
 #endif
-}
+};
 
-// ---- unpackers: groups [g0, g0 + n_g) of one weight row into panel row r ----
+struct TQ4_0 {
+    static constexpr Kind kind = Kind::Unsigned;
+    static constexpr int64_t block_elems = 32;
+    static constexpr size_t block_bytes = 18;
+#if MOESH_QK_AVX2
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t n, Sc & s) {
+        s.sw = f16x8(row + g0 * 18, 18, n);
+        s.ow = _mm256_mul_ps(s.sw, _mm256_set1_ps(-8.0f));
+    }
+    static HWY_INLINE __m256i group(const uint8_t * row, int64_t g) { return nibbles16(row + g * 18 + 2); }
+#else
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t n, float * sw, float * ow, int16_t *) {
+        f16_scales(row + g0 * 18, 18, n, sw);
+        for (int64_t i = 0; i < n; ++i) {
+            ow[i] = -8.0f * sw[i];
+        }
+    }
+    static HWY_INLINE void bytes(const uint8_t * row, int64_t g, uint8_t * w) { nibbles16(row + g * 18 + 2, w); }
+#endif
+};
 
-void unpack_q8_0(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
-    const uint8_t * b = row + g0 * 34;
-    for (int64_t g = 0; g < p.n_g; ++g) {
-        std::memcpy(p.w + (r * p.n_g + g) * 32, b + g * 34 + 2, 32);
+struct TQ4_1 {
+    static constexpr Kind kind = Kind::Unsigned;
+    static constexpr int64_t block_elems = 32;
+    static constexpr size_t block_bytes = 20;
+#if MOESH_QK_AVX2
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t n, Sc & s) {
+        s.sw = f16x8(row + g0 * 20, 20, n);
+        s.ow = f16x8(row + g0 * 20 + 2, 20, n);
     }
-    f16_scales(b, 34, p.n_g, p.sw + r * p.n_g8);
-}
-
-void unpack_q4_0(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
-    const uint8_t * b = row + g0 * 18;
-    for (int64_t g = 0; g < p.n_g; ++g) {
-        unpack_nibbles16(b + g * 18 + 2, p.w + (r * p.n_g + g) * 32);
+    static HWY_INLINE __m256i group(const uint8_t * row, int64_t g) { return nibbles16(row + g * 20 + 4); }
+#else
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t n, float * sw, float * ow, int16_t *) {
+        f16_scales(row + g0 * 20, 20, n, sw);
+        f16_scales(row + g0 * 20 + 2, 20, n, ow);
     }
-    float * sw = p.sw + r * p.n_g8;
-    float * ow = p.ow + r * 2 * p.n_g8;
-    f16_scales(b, 18, p.n_g, sw);
-    for (int64_t g = 0; g < p.n_g8; ++g) {
-        ow[g] = g < p.n_g ? -8.0f * sw[g] : 0.0f;
-    }
-}
-
-void unpack_q4_1(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
-    const uint8_t * b = row + g0 * 20;
-    for (int64_t g = 0; g < p.n_g; ++g) {
-        unpack_nibbles16(b + g * 20 + 4, p.w + (r * p.n_g + g) * 32);
-    }
-    float * ow = p.ow + r * 2 * p.n_g8;
-    f16_scales(b, 20, p.n_g, p.sw + r * p.n_g8);
-    f16_scales(b + 2, 20, p.n_g, ow);
-    std::fill(ow + p.n_g, ow + p.n_g8, 0.0f);
-}
+    static HWY_INLINE void bytes(const uint8_t * row, int64_t g, uint8_t * w) { nibbles16(row + g * 20 + 4, w); }
+#endif
+};
 
 // The 6-bit scales and mins of the 8 sub-blocks of a Q4_K / Q5_K super-block.
 HWY_INLINE void k_scales_mins(const uint8_t * s /* [12] */, int * sc, int * mn) {
@@ -208,167 +258,256 @@ HWY_INLINE void k_scales_mins(const uint8_t * s /* [12] */, int * sc, int * mn) 
     }
 }
 
-// sw = d * sc, ow = -dmin * mn for the 8 groups of the super-block at b.
-HWY_INLINE void k_group_scales(const uint8_t * b, float * sw, float * ow) {
+// For the panel of several tokens: sw = d, ow = -dmin * mn and integer
+// sub-scales sc (16 lanes each) for the 8 groups of the super-block at b.
+HWY_INLINE void k_panel_scales(const uint8_t * b, float * sw, float * ow, int16_t * sub) {
     const float d = f16_to_f32(load_u16(b));
     const float dmin = f16_to_f32(load_u16(b + 2));
     int sc[8], mn[8];
     k_scales_mins(b + 4, sc, mn);
     for (int j = 0; j < 8; ++j) {
-        sw[j] = d * float(sc[j]);
+        sw[j] = d;
         ow[j] = -dmin * float(mn[j]);
+        std::fill(sub + 16 * j, sub + 16 * j + 16, int16_t(sc[j]));
     }
 }
 
-void unpack_q4_k(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
-    for (int64_t s = 0; s < p.n_g / 8; ++s) {
-        const uint8_t * b = row + (g0 / 8 + s) * 144;
-        uint8_t * w = p.w + (r * p.n_g + 8 * s) * 32;   // [8, 32]
-        for (int k = 0; k < 4; ++k) {
-            unpack_nibbles32(b + 16 + 32 * k, w + 64 * k, w + 64 * k + 32);
-        }
-        k_group_scales(b, p.sw + r * p.n_g8 + 8 * s, p.ow + r * 2 * p.n_g8 + 8 * s);
-    }
-}
-
-void unpack_q5_k(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
-    for (int64_t s = 0; s < p.n_g / 8; ++s) {
-        const uint8_t * b = row + (g0 / 8 + s) * 176;
-        const uint8_t * qh = b + 16;    // [32], bit j: the fifth bit in group j
-        const uint8_t * qs = b + 48;    // [128]
-        uint8_t * w = p.w + (r * p.n_g + 8 * s) * 32;   // [8, 32]
 #if MOESH_QK_AVX2
-        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(qh));
-        const __m256i m4 = _mm256_set1_epi8(0x0f);
+// The decode scales d * sc and offsets -dmin * mn of a super-block's 8 groups,
+// in registers: the 12 bytes as three u32, each byte's fields moved into place
+// with shifts and masks (as k_scales_mins).
+HWY_INLINE void k_group_scales_v(const uint8_t * b, Sc & s) {
+    uint32_t w[3];
+    std::memcpy(w, b + 4, sizeof w);
+    const uint32_t sc_lo = w[0] & 0x3f3f3f3fu;
+    const uint32_t mn_lo = w[1] & 0x3f3f3f3fu;
+    const uint32_t sc_hi = (w[2] & 0x0f0f0f0fu) | ((w[0] >> 2) & 0x30303030u);
+    const uint32_t mn_hi = ((w[2] >> 4) & 0x0f0f0f0fu) | ((w[1] >> 2) & 0x30303030u);
+    auto widen = [](uint32_t lo, uint32_t hi) {
+        const __m128i v = _mm_cvtsi64_si128(int64_t(uint64_t(lo) | (uint64_t(hi) << 32)));
+        return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    };
+    s.sw = _mm256_mul_ps(widen(sc_lo, sc_hi), _mm256_set1_ps(f16_to_f32(load_u16(b))));
+    s.ow = _mm256_mul_ps(widen(mn_lo, mn_hi), _mm256_set1_ps(-f16_to_f32(load_u16(b + 2))));
+}
+#endif
+
+// Q4_K: groups 2k and 2k + 1 of a super-block are the low and high nibbles of qs[32k .. 32k + 32).
+struct TQ4_K {
+    static constexpr Kind kind = Kind::Unsigned;
+    static constexpr int64_t block_elems = 256;
+    static constexpr size_t block_bytes = 144;
+    static HWY_INLINE void panel_scales(const uint8_t * row, int64_t g0, float * sw, float * ow, int16_t * sub) {
+        k_panel_scales(row + (g0 / 8) * 144, sw, ow, sub);
+    }
+#if MOESH_QK_AVX2
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, Sc & s) {
+        k_group_scales_v(row + (g0 / 8) * 144, s);
+    }
+    static HWY_INLINE void group2(const uint8_t * row, int64_t g, __m256i & w0, __m256i & w1) {
+        const __m256i q = load256(row + (g / 8) * 144 + 16 + 16 * (g % 8));
+        const __m256i m = _mm256_set1_epi8(0x0f);
+        w0 = _mm256_and_si256(q, m);
+        w1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), m);
+    }
+#else
+    static HWY_INLINE void bytes2(const uint8_t * row, int64_t g, uint8_t * w0, uint8_t * w1) {
+        const uint8_t * q = row + (g / 8) * 144 + 16 + 16 * (g % 8);
+        for (int l = 0; l < 32; ++l) {
+            w0[l] = q[l] & 0x0f;
+            w1[l] = q[l] >> 4;
+        }
+    }
+#endif
+};
+
+// Q5_K: as Q4_K, plus the fifth bit of group j in bit j of qh[l].
+struct TQ5_K {
+    static constexpr Kind kind = Kind::Unsigned;
+    static constexpr int64_t block_elems = 256;
+    static constexpr size_t block_bytes = 176;
+    static HWY_INLINE void panel_scales(const uint8_t * row, int64_t g0, float * sw, float * ow, int16_t * sub) {
+        k_panel_scales(row + (g0 / 8) * 176, sw, ow, sub);
+    }
+#if MOESH_QK_AVX2
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, Sc & s) {
+        k_group_scales_v(row + (g0 / 8) * 176, s);
+    }
+    static HWY_INLINE void group2(const uint8_t * row, int64_t g, __m256i & w0, __m256i & w1) {
+        const uint8_t * b = row + (g / 8) * 176;
+        const int j = int(g % 8);
+        const __m256i q = load256(b + 48 + 16 * j);
+        const __m256i h = load256(b + 16);
+        const __m256i m = _mm256_set1_epi8(0x0f);
         const __m256i b4 = _mm256_set1_epi8(0x10);
-        for (int k = 0; k < 4; ++k) {
-            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(qs + 32 * k));
-            const __m256i bit_lo = _mm256_set1_epi8(char(1 << (2 * k)));
-            const __m256i bit_hi = _mm256_set1_epi8(char(1 << (2 * k + 1)));
-            const __m256i h_lo = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit_lo), bit_lo), b4);
-            const __m256i h_hi = _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit_hi), bit_hi), b4);
-            _mm256_storeu_si256(reinterpret_cast<__m256i *>(w + 64 * k),
-                                _mm256_or_si256(_mm256_and_si256(q, m4), h_lo));
-            _mm256_storeu_si256(reinterpret_cast<__m256i *>(w + 64 * k + 32),
-                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m4), h_hi));
-        }
-#else
-        for (int j = 0; j < 8; ++j) {
-            for (int l = 0; l < 32; ++l) {
-                const int nib = (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0x0f;
-                w[32 * j + l] = uint8_t(nib | (((qh[l] >> j) & 1) << 4));
-            }
-        }
-#endif
-        k_group_scales(b, p.sw + r * p.n_g8 + 8 * s, p.ow + r * 2 * p.n_g8 + 8 * s);
+        const __m256i bit0 = _mm256_set1_epi8(char(1 << j));
+        const __m256i bit1 = _mm256_set1_epi8(char(2 << j));
+        w0 = _mm256_or_si256(_mm256_and_si256(q, m),
+                             _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit0), bit0), b4));
+        w1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q, 4), m),
+                             _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(h, bit1), bit1), b4));
     }
-}
-
-void unpack_q6_k(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
-    for (int64_t s = 0; s < p.n_g / 8; ++s) {
-        const uint8_t * b = row + (g0 / 8 + s) * 210;
-        const uint8_t * ql = b;                                        // [128]
-        const uint8_t * qh = b + 128;                                  // [64]
-        const auto * scales = reinterpret_cast<const int8_t *>(b + 192);   // [16]
-        const float d = f16_to_f32(load_u16(b + 208));
-        uint8_t * w = p.w + (r * p.n_g + 8 * s) * 32;   // [8, 32]
-        for (int h = 0; h < 2; ++h) {
-#if MOESH_QK_AVX2
-            const __m256i l0 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(ql + 64 * h));
-            const __m256i l1 = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(ql + 64 * h + 32));
-            const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(qh + 32 * h));
-            const __m256i m4 = _mm256_set1_epi8(0x0f);
-            auto put = [&](int rr, __m256i lo, __m256i hi2) {
-                _mm256_storeu_si256(reinterpret_cast<__m256i *>(w + 32 * (4 * h + rr)), _mm256_or_si256(lo, hi2));
-            };
-            // Masking before each 16-bit shift keeps bits from crossing bytes.
-            put(0, _mm256_and_si256(l0, m4), _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(0x03)), 4));
-            put(1, _mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(0x0c)), 2));
-            put(2, _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, _mm256_set1_epi8(0x30)));
-            put(3, _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
-                _mm256_srli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(char(0xc0))), 2));
 #else
-            for (int rr = 0; rr < 4; ++rr) {
-                for (int l = 0; l < 32; ++l) {
-                    const int low = (ql[64 * h + 32 * (rr % 2) + l] >> (4 * (rr / 2))) & 0x0f;
-                    const int high = (qh[32 * h + l] >> (2 * rr)) & 3;
-                    w[32 * (4 * h + rr) + l] = uint8_t(low | (high << 4));
-                }
-            }
-#endif
+    static HWY_INLINE void bytes2(const uint8_t * row, int64_t g, uint8_t * w0, uint8_t * w1) {
+        const uint8_t * b = row + (g / 8) * 176;
+        const int j = int(g % 8);
+        const uint8_t * q = b + 48 + 16 * j;
+        for (int l = 0; l < 32; ++l) {
+            w0[l] = uint8_t((q[l] & 0x0f) | (((b[16 + l] >> j) & 1) << 4));
+            w1[l] = uint8_t((q[l] >> 4) | (((b[16 + l] >> (j + 1)) & 1) << 4));
         }
-        float * sw = p.sw + r * p.n_g8 + 8 * s;
-        float * ow = p.ow + r * 2 * p.n_g8 + 16 * s;
-        int16_t * sub = p.sub + (r * p.n_g + 8 * s) * 16;   // [8, 16]
+    }
+#endif
+};
+
+// Q6_K: group 4h + r (h = half, r 0..3) takes its low 4 bits from ql[64h + 32 (r % 2) ..]
+// (low nibbles for r < 2, high for r >= 2) and its top 2 bits from bits 2r of qh[32h ..].
+struct TQ6_K {
+    static constexpr Kind kind = Kind::Sub16;
+    static constexpr int64_t block_elems = 256;
+    static constexpr size_t block_bytes = 210;
+    static HWY_INLINE void panel_scales(const uint8_t * row, int64_t g0, float * sw, float * ow, int16_t * sub) {
+        const uint8_t * b = row + (g0 / 8) * 210;
+        const auto * sc = reinterpret_cast<const int8_t *>(b + 192);   // [16]
+        const float d = f16_to_f32(load_u16(b + 208));
         for (int g = 0; g < 8; ++g) {
             sw[g] = d;
             for (int l = 0; l < 8; ++l) {
-                sub[16 * g + l] = scales[2 * g];
-                sub[16 * g + 8 + l] = scales[2 * g + 1];
+                sub[16 * g + l] = sc[2 * g];
+                sub[16 * g + 8 + l] = sc[2 * g + 1];
             }
         }
         for (int k = 0; k < 16; ++k) {
-            ow[k] = -32.0f * d * float(scales[k]);
+            ow[k] = -32.0f * d * float(sc[k]);
         }
+    }
+#if MOESH_QK_AVX2
+    static HWY_INLINE void scales(const uint8_t * row, int64_t g0, int64_t, Sc & s) {
+        const uint8_t * b = row + (g0 / 8) * 210;
+        const float d = f16_to_f32(load_u16(b + 208));
+        const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i *>(b + 192));   // int8 [16]
+        s.sw = _mm256_set1_ps(d);
+        s.sc16 = _mm256_cvtepi8_epi16(sc);
+        const __m256 o = _mm256_set1_ps(-32.0f * d);
+        s.ow = _mm256_mul_ps(o, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+        s.ow_hi = _mm256_mul_ps(o, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
+    }
+    static HWY_INLINE void group2(const uint8_t * row, int64_t g, __m256i & w0, __m256i & w1) {
+        const uint8_t * b = row + (g / 8) * 210;
+        const int h = int(g % 8) / 4;
+        const int r = int(g % 4);   // 0 or 2
+        const __m256i l0 = load256(b + 64 * h);
+        const __m256i l1 = load256(b + 64 * h + 32);
+        const __m256i hb = _mm256_srli_epi16(load256(b + 128 + 32 * h), 2 * r);
+        const __m256i m4 = _mm256_set1_epi8(0x0f);
+        const __m256i lo0 = r == 0 ? _mm256_and_si256(l0, m4) : _mm256_and_si256(_mm256_srli_epi16(l0, 4), m4);
+        const __m256i lo1 = r == 0 ? _mm256_and_si256(l1, m4) : _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4);
+        // Masking before each 16-bit shift keeps bits from crossing bytes.
+        w0 = _mm256_or_si256(lo0, _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(0x03)), 4));
+        w1 = _mm256_or_si256(lo1, _mm256_slli_epi16(_mm256_and_si256(hb, _mm256_set1_epi8(0x0c)), 2));
+    }
+#else
+    static HWY_INLINE void bytes2(const uint8_t * row, int64_t g, uint8_t * w0, uint8_t * w1) {
+        const uint8_t * b = row + (g / 8) * 210;
+        const int h = int(g % 8) / 4;
+        const int r = int(g % 4);
+        for (int l = 0; l < 32; ++l) {
+            const int high = b[128 + 32 * h + l] >> (2 * r);
+            w0[l] = uint8_t(((b[64 * h + l] >> (2 * r)) & 0x0f) | ((high & 3) << 4));
+            w1[l] = uint8_t(((b[64 * h + 32 + l] >> (2 * r)) & 0x0f) | ((high & 0x0c) << 2));
+        }
+    }
+#endif
+};
+
+#if MOESH_QK_AVX2
+template <class Ty>
+HWY_INLINE void group2(const uint8_t * row, int64_t g, __m256i & w0, __m256i & w1) {
+    if constexpr (Ty::block_elems == 32) {
+        w0 = Ty::group(row, g);
+        w1 = Ty::group(row, g + 1);
+    } else {
+        Ty::group2(row, g, w0, w1);
+    }
+}
+#endif
+
+// Groups g and g + 1 (or g alone when one is false) as bytes at w0, w1.
+template <class Ty>
+HWY_INLINE void group_bytes(const uint8_t * row, int64_t g, bool two, uint8_t * w0, uint8_t * w1) {
+#if MOESH_QK_AVX2
+    if (two) {
+        __m256i a, b;
+        group2<Ty>(row, g, a, b);
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(w0), a);
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(w1), b);
+    } else if constexpr (Ty::block_elems == 32) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i *>(w0), Ty::group(row, g));
+    }
+#else
+    if constexpr (Ty::block_elems == 32) {
+        Ty::bytes(row, g, w0);
+        if (two) {
+            Ty::bytes(row, g + 1, w1);
+        }
+    } else {
+        Ty::bytes2(row, g, w0, w1);
+    }
+#endif
+}
+
+// Groups [g0, g0 + p.n_g) of one weight row into panel row r.
+template <class Ty>
+void unpack(const uint8_t * row, int64_t g0, const Panel & p, int64_t r) {
+    uint8_t * w = p.w + r * p.n_g * 32;   // [n_g, 32]
+    float * ow = p.ow + r * 2 * p.n_g8;
+    for (int64_t c = 0; c < p.n_g; c += 8) {
+        const int64_t n = std::min<int64_t>(8, p.n_g - c);
+        if constexpr (Ty::block_elems == 256) {
+            Ty::panel_scales(row, g0 + c, p.sw + r * p.n_g8 + c, ow + (Ty::kind == Kind::Sub16 ? 2 * c : c),
+                             p.sub + (r * p.n_g + c) * 16);
+        } else {
+#if MOESH_QK_AVX2
+        // 8 lanes fit: c + 8 <= n_g8.
+        Sc sc;
+        Ty::scales(row, g0 + c, n, sc);
+        _mm256_storeu_ps(p.sw + r * p.n_g8 + c, sc.sw);
+        if constexpr (Ty::kind == Kind::Unsigned) {
+            _mm256_storeu_ps(ow + c, sc.ow);
+        }
+#else
+        Ty::scales(row, g0 + c, n, p.sw + r * p.n_g8 + c, ow + c, nullptr);
+#endif
+        }
+        for (int64_t g = 0; g < n; g += 2) {
+            group_bytes<Ty>(row, g0 + c + g, g + 1 < n, w + (c + g) * 32, w + (c + g + 1) * 32);
+        }
+    }
+    if (Ty::kind == Kind::Unsigned) {
+        std::fill(ow + p.n_g, ow + p.n_g8, 0.0f);
     }
 }
 
 // ---- the dot kernel ----
 
-// Where one token's quantized activations for the chunk start.
+// One token's quantized activations.
 struct TokenActs {
     const int8_t * q;   // [n_g, 32]
     const float * d;    // [n_g]
-    const float * s;    // [n_g8] s32, or [2 * n_g] s16 for Sub16
+    const float * s;    // [n_g8] s32, or [2 * n_g8] s16 for Sub16
 };
 
-HWY_INLINE TokenActs token_acts(const QuantActs & a, int64_t t, int64_t g0, Kind kind) {
-    return {a.q + t * a.n + g0 * 32, a.d + t * a.ng8 + g0,
-            kind == Kind::Sub16 ? a.s16 + t * 2 * a.ng8 + 2 * g0 : a.s32 + t * a.ng8 + g0};
+HWY_INLINE TokenActs token_acts(const QuantActs & a, int64_t t, Kind kind) {
+    return {a.q + t * a.n, a.d + t * a.ng8, kind == Kind::Sub16 ? a.s16 + t * 2 * a.ng8 : a.s32 + t * a.ng8};
 }
 
-// acc[(r * NT + t) * 8 + lane] += lanes of (panel row r0 + r) . (token t), for
-// r < 4 and t < NT; the row's dot product is the sum of its 8 lanes.
-template <int NT, Kind K>
-HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * HWY_RESTRICT acc) {
-    const int64_t n_g = p.n_g;
 #if MOESH_QK_AVX2
-    __m256 a[k_tile_rows][NT];
-    for (int r = 0; r < k_tile_rows; ++r) {
-        for (int t = 0; t < NT; ++t) {
-            a[r][t] = _mm256_loadu_ps(acc + (r * NT + t) * 8);
-        }
-    }
-    const __m256i ones = _mm256_set1_epi16(1);
-    const uint8_t * w0 = p.w + r0 * n_g * 32;
-    const float * sw0 = p.sw + r0 * p.n_g8;
-    const int16_t * sub0 = p.sub + r0 * n_g * 16;
-    for (int64_t g = 0; g < n_g; ++g) {
-        __m256i xq[NT];
-        __m256 xd[NT];
-        for (int t = 0; t < NT; ++t) {
-            xq[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[t].q + 32 * g));
-            xd[t] = _mm256_broadcast_ss(x[t].d + g);
-        }
-        for (int r = 0; r < k_tile_rows; ++r) {
-            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w0 + (r * n_g + g) * 32));
-            const __m256 s = _mm256_broadcast_ss(sw0 + r * p.n_g8 + g);
-            __m256i m = ones;
-            if constexpr (K == Kind::Sub16) {
-                m = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(sub0 + (r * n_g + g) * 16));
-            }
-            // maddubs takes unsigned x signed bytes; Q8_0's signs move to the activations.
-            const __m256i wu = K == Kind::Signed ? _mm256_sign_epi8(w, w) : w;
-            for (int t = 0; t < NT; ++t) {
-                const __m256i xs = K == Kind::Signed ? _mm256_sign_epi8(xq[t], w) : xq[t];
-                const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), m);
-                a[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, xd[t]), a[r][t]);
-            }
-        }
-    }
+// a[r][t] += offsets times activation sums, 8 (half-)groups per vector: the
+// lanes are summed anyway.
+template <int NT, Kind K>
+HWY_INLINE void add_offsets(const Panel & p, int64_t r0, const TokenActs * x, __m256 (&a)[k_tile_rows][NT]) {
     if constexpr (K != Kind::Signed) {
-        // Offsets times activation sums, 8 (half-)groups per vector: the lanes are summed anyway.
-        const int64_t n_off = K == Kind::Sub16 ? 2 * n_g : p.n_g8;
+        const int64_t n_off = K == Kind::Sub16 ? 2 * p.n_g : p.n_g8;
         const float * ow0 = p.ow + r0 * 2 * p.n_g8;
         for (int64_t k = 0; k < n_off; k += 8) {
             for (int t = 0; t < NT; ++t) {
@@ -379,6 +518,100 @@ HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * H
             }
         }
     }
+}
+
+template <int NT, Kind K>
+HWY_INLINE void tile_super(const Panel & p, int64_t r0, const TokenActs * x, float * HWY_RESTRICT acc) {
+    const int64_t n_g = p.n_g;
+    const uint8_t * w0 = p.w + r0 * n_g * 32;
+    const float * sw0 = p.sw + r0 * p.n_g8;
+    const int16_t * sub0 = p.sub + r0 * n_g * 16;
+    __m256 a[k_tile_rows][NT];
+    for (int r = 0; r < k_tile_rows; ++r) {
+        for (int t = 0; t < NT; ++t) {
+            a[r][t] = _mm256_setzero_ps();
+        }
+    }
+    for (int64_t sb = 0; sb < n_g; sb += 8) {
+        __m256i ai[k_tile_rows][NT];
+        for (int r = 0; r < k_tile_rows; ++r) {
+            for (int t = 0; t < NT; ++t) {
+                ai[r][t] = _mm256_setzero_si256();
+            }
+        }
+        for (int64_t g = sb; g < sb + 8; ++g) {
+            __m256i xq[NT];
+            for (int t = 0; t < NT; ++t) {
+                xq[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[t].q + 32 * g));
+            }
+            for (int r = 0; r < k_tile_rows; ++r) {
+                const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w0 + (r * n_g + g) * 32));
+                const __m256i m = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(sub0 + (r * n_g + g) * 16));
+                for (int t = 0; t < NT; ++t) {
+                    ai[r][t] = _mm256_add_epi32(ai[r][t], _mm256_madd_epi16(_mm256_maddubs_epi16(w, xq[t]), m));
+                }
+            }
+        }
+        for (int r = 0; r < k_tile_rows; ++r) {
+            const __m256 s = _mm256_broadcast_ss(sw0 + r * p.n_g8 + sb);
+            for (int t = 0; t < NT; ++t) {
+                a[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[r][t]),
+                                          _mm256_mul_ps(s, _mm256_broadcast_ss(x[t].d + sb)), a[r][t]);
+            }
+        }
+    }
+    add_offsets<NT, K>(p, r0, x, a);
+    for (int r = 0; r < k_tile_rows; ++r) {
+        for (int t = 0; t < NT; ++t) {
+            _mm256_storeu_ps(acc + (r * NT + t) * 8, a[r][t]);
+        }
+    }
+}
+#endif
+
+// acc[(r * NT + t) * 8 + lane] = lanes of (panel row r0 + r) . (token t), for
+// r < 4 and t < NT; the row's dot product is the sum of its 8 lanes. Super:
+// K-quant panels (sw = d, integer sub-scales in sub, activations with one
+// scale per 256), whose 8 groups of a super-block are summed in int32 and
+// scaled to float once.
+template <int NT, Kind K, bool Super>
+HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * HWY_RESTRICT acc) {
+    const int64_t n_g = p.n_g;
+#if MOESH_QK_AVX2
+    if constexpr (Super) {
+        tile_super<NT, K>(p, r0, x, acc);
+        return;
+    }
+    __m256 a[k_tile_rows][NT];
+    for (int r = 0; r < k_tile_rows; ++r) {
+        for (int t = 0; t < NT; ++t) {
+            a[r][t] = _mm256_setzero_ps();
+        }
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    const uint8_t * w0 = p.w + r0 * n_g * 32;
+    const float * sw0 = p.sw + r0 * p.n_g8;
+    for (int64_t g = 0; g < n_g; ++g) {
+        __m256i xq[NT];
+        __m256 xd[NT];
+        for (int t = 0; t < NT; ++t) {
+            xq[t] = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x[t].q + 32 * g));
+            xd[t] = _mm256_broadcast_ss(x[t].d + g);
+        }
+        for (int r = 0; r < k_tile_rows; ++r) {
+            const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w0 + (r * n_g + g) * 32));
+            const __m256 s = _mm256_broadcast_ss(sw0 + r * p.n_g8 + g);
+            const __m256i m = ones;
+            // maddubs takes unsigned x signed bytes; Q8_0's signs move to the activations.
+            const __m256i wu = K == Kind::Signed ? _mm256_sign_epi8(w, w) : w;
+            for (int t = 0; t < NT; ++t) {
+                const __m256i xs = K == Kind::Signed ? _mm256_sign_epi8(xq[t], w) : xq[t];
+                const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), m);
+                a[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, xd[t]), a[r][t]);
+            }
+        }
+    }
+    add_offsets<NT, K>(p, r0, x, a);
     for (int r = 0; r < k_tile_rows; ++r) {
         for (int t = 0; t < NT; ++t) {
             _mm256_storeu_ps(acc + (r * NT + t) * 8, a[r][t]);
@@ -398,7 +631,7 @@ HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * H
                     half[j / 16] += wv * int(q[j]);
                 }
                 int32_t dot = half[0] + half[1];
-                if constexpr (K == Kind::Sub16) {
+                if constexpr (Super) {
                     const int16_t * sub = p.sub + (pr * n_g + g) * 16;
                     dot = half[0] * sub[0] + half[1] * sub[8];
                 }
@@ -410,7 +643,8 @@ HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * H
                     sum += p.ow[pr * 2 * p.n_g8 + k] * x[t].s[k];
                 }
             }
-            acc[(r * NT + t) * 8] += sum;
+            std::fill(acc + (r * NT + t) * 8, acc + (r * NT + t + 1) * 8, 0.0f);
+            acc[(r * NT + t) * 8] = sum;
         }
     }
 #endif
@@ -420,72 +654,127 @@ HWY_INLINE float lanes_sum(const float * v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-// One weight type: its kernel kind, block geometry and unpacker.
-struct TypeInfo {
-    Kind kind;
-    int64_t block_elems;
-    size_t block_bytes;
-    void (*unpack)(const uint8_t * row, int64_t g0, const Panel & p, int64_t r);
-};
-
-HWY_INLINE TypeInfo type_info(int32_t w_type) {
-    switch (w_type) {
-    case MOESH_DTYPE_Q8_0: return {Kind::Signed, 32, 34, unpack_q8_0};
-    case MOESH_DTYPE_Q4_0: return {Kind::Unsigned, 32, 18, unpack_q4_0};
-    case MOESH_DTYPE_Q4_1: return {Kind::Unsigned, 32, 20, unpack_q4_1};
-    case MOESH_DTYPE_Q4_K: return {Kind::Unsigned, 256, 144, unpack_q4_k};
-    case MOESH_DTYPE_Q5_K: return {Kind::Unsigned, 256, 176, unpack_q5_k};
-    default: return {Kind::Sub16, 256, 210, unpack_q6_k};   // MOESH_DTYPE_Q6_K, validated by the caller
+#if MOESH_QK_AVX2
+// Decode (one token): dots[j] = rows[j] . x for 4 rows, straight from the
+// file's bytes: per 8 groups, the rows' scales (times the activation scales)
+// go to a small stack buffer, then each group is unpacked in registers and
+// multiplied at once; no panel stores.
+template <class Ty>
+HWY_INLINE void decode_tile(const uint8_t * const * rows, int64_t n_g, const TokenActs & x, float * dots) {
+    constexpr Kind K = Ty::kind;
+    const size_t chunk_bytes = size_t(8 * 32 / Ty::block_elems) * Ty::block_bytes;
+    const size_t row_bytes = size_t(n_g * 32 / Ty::block_elems) * Ty::block_bytes;
+    HWY_ALIGN float sw[k_tile_rows][8];   // scale times activation scale, per group
+    __m256 ow[k_tile_rows], ow_hi[k_tile_rows];
+    __m256i sc16[k_tile_rows];
+    __m256 acc[k_tile_rows];
+    for (int r = 0; r < k_tile_rows; ++r) {
+        acc[r] = _mm256_setzero_ps();
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t c = 0; c < n_g; c += 8) {
+        const int64_t n = std::min<int64_t>(8, n_g - c);
+        const size_t off = size_t(c * 32 / Ty::block_elems) * Ty::block_bytes;
+        const __m256 dx = _mm256_loadu_ps(x.d + c);   // zero past the row
+        for (int r = 0; r < k_tile_rows; ++r) {
+            // Past the end of its row, each stream prefetches the same place in
+            // the next tile's row (the tile's rows are consecutive, and so are
+            // the tiles), so a new tile starts with its first lines in flight.
+            // Integer arithmetic: the address may lie past the matrix.
+            const size_t ahead = off + k_prefetch_chunks * chunk_bytes;
+            const size_t pf = ahead < row_bytes ? ahead : ahead + (k_tile_rows - 1) * row_bytes;
+            for (size_t b = 0; b < chunk_bytes; b += 64) {
+                __builtin_prefetch(reinterpret_cast<const void *>(reinterpret_cast<uintptr_t>(rows[r]) + pf + b), 0, 3);
+            }
+            Sc sc;
+            Ty::scales(rows[r], c, n, sc);
+            _mm256_store_ps(sw[r], _mm256_mul_ps(sc.sw, dx));
+            ow[r] = sc.ow;
+            ow_hi[r] = sc.ow_hi;
+            sc16[r] = sc.sc16;
+        }
+        auto dot = [&](int r, int64_t g, __m256i w, __m256i xq) {
+            __m256i m = ones;
+            if constexpr (K == Kind::Sub16) {
+                m = sub_of(sc16[r], g);
+            }
+            const __m256i wu = K == Kind::Signed ? _mm256_sign_epi8(w, w) : w;
+            const __m256i xs = K == Kind::Signed ? _mm256_sign_epi8(xq, w) : xq;
+            const __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), m);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_broadcast_ss(&sw[r][g]), acc[r]);
+        };
+        int64_t g = 0;
+        for (; g + 2 <= n; g += 2) {
+            const __m256i x0 = load256(reinterpret_cast<const uint8_t *>(x.q + 32 * (c + g)));
+            const __m256i x1 = load256(reinterpret_cast<const uint8_t *>(x.q + 32 * (c + g + 1)));
+            for (int r = 0; r < k_tile_rows; ++r) {
+                __m256i w0, w1;
+                group2<Ty>(rows[r], c + g, w0, w1);
+                dot(r, g, w0, x0);
+                dot(r, g + 1, w1, x1);
+            }
+        }
+        if constexpr (Ty::block_elems == 32) {
+            if (g < n) {
+                const __m256i x0 = load256(reinterpret_cast<const uint8_t *>(x.q + 32 * (c + g)));
+                for (int r = 0; r < k_tile_rows; ++r) {
+                    dot(r, g, Ty::group(rows[r], c + g), x0);
+                }
+            }
+        }
+        if constexpr (K == Kind::Unsigned) {
+            const __m256 s = _mm256_loadu_ps(x.s + c);   // zero past the row, as ow past n
+            for (int r = 0; r < k_tile_rows; ++r) {
+                acc[r] = _mm256_fmadd_ps(ow[r], s, acc[r]);
+            }
+        } else if constexpr (K == Kind::Sub16) {
+            const __m256 s0 = _mm256_loadu_ps(x.s + 2 * c);
+            const __m256 s1 = _mm256_loadu_ps(x.s + 2 * c + 8);
+            for (int r = 0; r < k_tile_rows; ++r) {
+                acc[r] = _mm256_fmadd_ps(ow[r], s0, acc[r]);
+                acc[r] = _mm256_fmadd_ps(ow_hi[r], s1, acc[r]);
+            }
+        }
+    }
+    for (int r = 0; r < k_tile_rows; ++r) {
+        HWY_ALIGN float v[8];
+        _mm256_store_ps(v, acc[r]);
+        dots[r] = lanes_sum(v);
     }
 }
+#endif
 
 // dots[t, j] = rows[j] . x[t] for n_rows (4 or 8) weight rows of n_in values
 // and tokens [t0, t1) of xq; out(t, dots) receives each token's n_rows dots.
-template <Kind K, class Out>
-HWY_INLINE void row_block_t(const TypeInfo & ti, const uint8_t * const * rows, int64_t n_rows, int64_t n_in,
-                            const QuantActs & xq, int64_t t0, int64_t t1, void * mem, Out && out) {
+template <class Ty, class Out>
+HWY_INLINE void row_block(const uint8_t * const * rows, int64_t n_rows, int64_t n_in, const QuantActs & xq,
+                          int64_t t0, int64_t t1, void * mem, Out && out) {
+    constexpr Kind K = Ty::kind;
+    constexpr bool k_super = Ty::block_elems == 256;
     const int64_t n_g = n_in / 32;
     const int64_t n_tiles = n_rows / k_tile_rows;
     HWY_ALIGN float acc[k_panel_rows * 2 * 8];   // [n_rows, NT, 8]
     HWY_ALIGN float dots[2][k_panel_rows];
+#if MOESH_QK_AVX2
     if (t1 - t0 == 1) {
-        // Decode: unpack a chunk of columns and use it at once, while it is in L1.
-        std::fill(acc, acc + n_rows * 8, 0.0f);
-        const size_t row_bytes = size_t(n_in / ti.block_elems) * ti.block_bytes;
-        const size_t chunk_bytes = size_t(k_decode_chunk * 32 / ti.block_elems) * ti.block_bytes;
-        for (int64_t g0 = 0; g0 < n_g; g0 += k_decode_chunk) {
-            const Panel p = panel_at(mem, std::min(k_decode_chunk, n_g - g0));
-            const size_t off = size_t(g0 * 32 / ti.block_elems) * ti.block_bytes;
-            for (int64_t r = 0; r < n_rows; ++r) {
-                // Within the row (whole lines past its end would be the next row's, wasted here).
-                for (size_t pf = off + k_prefetch_chunks * chunk_bytes;
-                     pf < std::min(row_bytes, off + (k_prefetch_chunks + 1) * chunk_bytes); pf += 64) {
-                    __builtin_prefetch(rows[r] + pf, 0, 3);
-                }
-                ti.unpack(rows[r], g0, p, r);
-            }
-            const TokenActs x = token_acts(xq, t0, g0, K);
-            for (int64_t tr = 0; tr < n_tiles; ++tr) {
-                tile<1, K>(p, tr * k_tile_rows, &x, acc + tr * k_tile_rows * 8);
-            }
-        }
-        for (int64_t j = 0; j < n_rows; ++j) {
-            dots[0][j] = lanes_sum(acc + j * 8);
+        const TokenActs x = token_acts(xq, t0, K);
+        for (int64_t tr = 0; tr < n_tiles; ++tr) {
+            decode_tile<Ty>(rows + tr * k_tile_rows, n_g, x, dots[0] + tr * k_tile_rows);
         }
         out(t0, dots[0]);
         return;
     }
-    // Several tokens: unpack whole rows once, then every token pair reads them.
+#endif
+    // Unpack whole rows once, then every token pair reads them.
     const Panel p = panel_at(mem, n_g);
     for (int64_t r = 0; r < n_rows; ++r) {
-        ti.unpack(rows[r], 0, p, r);
+        unpack<Ty>(rows[r], 0, p, r);
     }
     int64_t t = t0;
     for (; t + 2 <= t1; t += 2) {
-        const TokenActs x[2] = {token_acts(xq, t, 0, K), token_acts(xq, t + 1, 0, K)};
-        std::fill(acc, acc + n_rows * 2 * 8, 0.0f);
+        const TokenActs x[2] = {token_acts(xq, t, K), token_acts(xq, t + 1, K)};
         for (int64_t tr = 0; tr < n_tiles; ++tr) {
-            tile<2, K>(p, tr * k_tile_rows, x, acc + tr * k_tile_rows * 2 * 8);
+            tile<2, K, k_super>(p, tr * k_tile_rows, x, acc + tr * k_tile_rows * 2 * 8);
         }
         for (int64_t j = 0; j < n_rows; ++j) {
             dots[0][j] = lanes_sum(acc + (2 * j) * 8);
@@ -495,10 +784,9 @@ HWY_INLINE void row_block_t(const TypeInfo & ti, const uint8_t * const * rows, i
         out(t + 1, dots[1]);
     }
     if (t < t1) {
-        const TokenActs x = token_acts(xq, t, 0, K);
-        std::fill(acc, acc + n_rows * 8, 0.0f);
+        const TokenActs x = token_acts(xq, t, K);
         for (int64_t tr = 0; tr < n_tiles; ++tr) {
-            tile<1, K>(p, tr * k_tile_rows, &x, acc + tr * k_tile_rows * 8);
+            tile<1, K, k_super>(p, tr * k_tile_rows, &x, acc + tr * k_tile_rows * 8);
         }
         for (int64_t j = 0; j < n_rows; ++j) {
             dots[0][j] = lanes_sum(acc + j * 8);
@@ -507,23 +795,30 @@ HWY_INLINE void row_block_t(const TypeInfo & ti, const uint8_t * const * rows, i
     }
 }
 
-template <class Out>
-HWY_INLINE void row_block(const TypeInfo & ti, const uint8_t * const * rows, int64_t n_rows, int64_t n_in,
-                          const QuantActs & xq, int64_t t0, int64_t t1, void * mem, Out && out) {
-    switch (ti.kind) {
-    case Kind::Signed: row_block_t<Kind::Signed>(ti, rows, n_rows, n_in, xq, t0, t1, mem, out); break;
-    case Kind::Unsigned: row_block_t<Kind::Unsigned>(ti, rows, n_rows, n_in, xq, t0, t1, mem, out); break;
-    case Kind::Sub16: row_block_t<Kind::Sub16>(ti, rows, n_rows, n_in, xq, t0, t1, mem, out); break;
+// f(Ty{}) with the type traits of w_type (a block type, validated by the caller).
+template <class F>
+HWY_INLINE void with_type(int32_t w_type, F && f) {
+    switch (w_type) {
+    case MOESH_DTYPE_Q8_0: f(TQ8_0{}); break;
+    case MOESH_DTYPE_Q4_0: f(TQ4_0{}); break;
+    case MOESH_DTYPE_Q4_1: f(TQ4_1{}); break;
+    case MOESH_DTYPE_Q4_K: f(TQ4_K{}); break;
+    case MOESH_DTYPE_Q5_K: f(TQ5_K{}); break;
+    case MOESH_DTYPE_Q6_K: f(TQ6_K{}); break;
+    default: break;
     }
 }
 
 // Row r of a weight matrix of rows of n_in values.
-HWY_INLINE const uint8_t * row_at(const TypeInfo & ti, const void * w, int64_t r, int64_t n_in) {
-    return static_cast<const uint8_t *>(w) + size_t(r) * size_t(n_in / ti.block_elems) * ti.block_bytes;
+template <class Ty>
+HWY_INLINE const uint8_t * row_at(const void * w, int64_t r, int64_t n_in) {
+    return static_cast<const uint8_t *>(w) + size_t(r) * size_t(n_in / Ty::block_elems) * Ty::block_bytes;
 }
 
 // ---- activation quantization ----
 
+// Groups [gb, ge) of rows [r0, r1); gb and ge are multiples of out.scale_groups
+// (or ge is the row's last group).
 void quantize_groups(const float * x, int64_t x_stride, int64_t r0, int64_t r1, int64_t gb, int64_t ge,
                      const QuantActs & out) {
     // At most 8 lanes, so that a half-group of 16 is whole vectors on every target.
@@ -533,35 +828,45 @@ void quantize_groups(const float * x, int64_t x_stride, int64_t r0, int64_t r1, 
     const int64_t N = int64_t(hn::Lanes(df));
     const int64_t n_g = out.n / 32;
     for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t g = gb; g < ge; ++g) {
-            const float * v = x + r * x_stride + 32 * g;   // [32]
-            auto amax_v = hn::Zero(df);
-            for (int64_t k = 0; k < 32; k += N) {
-                amax_v = hn::Max(amax_v, hn::Abs(hn::LoadU(df, v + k)));
+        for (int64_t gs = gb; gs < ge; gs += out.scale_groups) {
+            const int64_t g_end = std::min(ge, gs + out.scale_groups);
+            const float * v0 = x + r * x_stride + 32 * gs;   // [32 * (g_end - gs)]
+            // Largest magnitude as an integer max of the bits without sign: ordered
+            // like the values, and a NaN (above infinity) is not dropped.
+            auto amax_v = hn::Zero(di);
+            for (int64_t k = 0; k < 32 * (g_end - gs); k += N) {
+                amax_v = hn::Max(amax_v, hn::And(hn::BitCast(di, hn::LoadU(df, v0 + k)), hn::Set(di, 0x7fffffff)));
             }
-            const float amax = hn::GetLane(hn::MaxOfLanes(df, amax_v));
-            const float d = amax / 127.0f;
-            const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
-            // Below ~1e-36 the inverse overflows; those rare groups divide instead.
+            const int32_t amax_bits = hn::GetLane(hn::MaxOfLanes(di, amax_v));
+            float amax;
+            std::memcpy(&amax, &amax_bits, sizeof amax);
+            // A NaN or infinity makes d (and so every dot with this block) NaN.
+            const bool finite = amax_bits < 0x7f800000;
+            const float d = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+            const float inv = finite && amax != 0.0f ? 127.0f / amax : 0.0f;
+            // Below ~1e-36 the inverse overflows; those rare blocks divide instead.
             const bool divide = std::isinf(inv) && d != 0.0f;
             const auto id = hn::Set(df, inv);
             const auto vd = hn::Set(df, d);
-            int8_t * q = out.q + r * out.n + 32 * g;
-            int32_t sums[2];
-            for (int h = 0; h < 2; ++h) {
-                auto s = hn::Zero(di);
-                for (int64_t k = 16 * h; k < 16 * h + 16; k += N) {
-                    const auto xv = hn::LoadU(df, v + k);
-                    const auto qi = hn::NearestInt(divide ? hn::Div(xv, vd) : hn::Mul(xv, id));
-                    s = hn::Add(s, qi);
-                    hn::StoreU(hn::DemoteTo(d8, qi), d8, q + k);
+            for (int64_t g = gs; g < g_end; ++g) {
+                const float * v = x + r * x_stride + 32 * g;   // [32]
+                int8_t * q = out.q + r * out.n + 32 * g;
+                int32_t sums[2];
+                for (int h = 0; h < 2; ++h) {
+                    auto s = hn::Zero(di);
+                    for (int64_t k = 16 * h; k < 16 * h + 16; k += N) {
+                        const auto xv = hn::LoadU(df, v + k);
+                        const auto qi = hn::NearestInt(divide ? hn::Div(xv, vd) : hn::Mul(xv, id));
+                        s = hn::Add(s, qi);
+                        hn::StoreU(hn::DemoteTo(d8, qi), d8, q + k);
+                    }
+                    sums[h] = hn::GetLane(hn::SumOfLanes(di, s));
                 }
-                sums[h] = hn::GetLane(hn::SumOfLanes(di, s));
+                out.d[r * out.ng8 + g] = d;
+                out.s32[r * out.ng8 + g] = d * float(sums[0] + sums[1]);
+                out.s16[r * 2 * out.ng8 + 2 * g] = d * float(sums[0]);
+                out.s16[r * 2 * out.ng8 + 2 * g + 1] = d * float(sums[1]);
             }
-            out.d[r * out.ng8 + g] = d;
-            out.s32[r * out.ng8 + g] = d * float(sums[0] + sums[1]);
-            out.s16[r * 2 * out.ng8 + 2 * g] = d * float(sums[0]);
-            out.s16[r * 2 * out.ng8 + 2 * g + 1] = d * float(sums[1]);
         }
         if (ge == n_g) {
             std::fill(out.d + r * out.ng8 + n_g, out.d + (r + 1) * out.ng8, 0.0f);
@@ -579,21 +884,23 @@ void quantize_acts(const float * x, int64_t x_stride, int64_t r0, int64_t r1, co
 
 void quant_matmul_rows(const moesh_matmul_args & a, const QuantActs & xq, int64_t r0, int64_t r1, int64_t t0,
                        int64_t t1, void * panel) {
-    const TypeInfo ti = type_info(a.w_type);
-    for (int64_t r = r0; r < r1; r += k_tile_rows) {
-        // A short last block repeats its last row; the extra dots are dropped.
-        const int64_t n_r = std::min(k_tile_rows, r1 - r);
-        const uint8_t * rows[k_tile_rows];
-        for (int64_t j = 0; j < k_tile_rows; ++j) {
-            rows[j] = row_at(ti, a.w, r + std::min(j, n_r - 1), a.n_in);
-        }
-        row_block(ti, rows, k_tile_rows, a.n_in, xq, t0, t1, panel, [&](int64_t t, const float * dots) {
-            float * y = a.y + t * a.y_stride + r;   // [n_r]
-            for (int64_t j = 0; j < n_r; ++j) {
-                y[j] = dots[j] + (a.bias ? a.bias[r + j] : 0.0f);
+    with_type(a.w_type, [&](auto ty) {
+        using Ty = decltype(ty);
+        for (int64_t r = r0; r < r1; r += k_tile_rows) {
+            // A short last block repeats its last row; the extra dots are dropped.
+            const int64_t n_r = std::min(k_tile_rows, r1 - r);
+            const uint8_t * rows[k_tile_rows];
+            for (int64_t j = 0; j < k_tile_rows; ++j) {
+                rows[j] = row_at<Ty>(a.w, r + std::min(j, n_r - 1), a.n_in);
             }
-        });
-    }
+            row_block<Ty>(rows, k_tile_rows, a.n_in, xq, t0, t1, panel, [&](int64_t t, const float * dots) {
+                float * y = a.y + t * a.y_stride + r;   // [n_r]
+                for (int64_t j = 0; j < n_r; ++j) {
+                    y[j] = dots[j] + (a.bias ? a.bias[r + j] : 0.0f);
+                }
+            });
+        }
+    });
 }
 
 HWY_INLINE float silu(float x) { return x / (1.0f + std::exp(-x)); }
@@ -603,42 +910,46 @@ void quant_gate_up_rows(const moesh_expert_ffn_args & a, const QuantActs & xq, i
     if (f0 >= f1) {
         return;   // an empty share: another thread writes the padding of hq
     }
-    const TypeInfo ti = type_info(a.w_type);
     float * h = a.scratch;   // [n_tokens, n_ff]
-    for (int64_t f = f0; f < f1; f += 4) {
-        // Gate rows f..f+3 in panel rows 0-3, up rows in 4-7, through one pass over x.
-        const int64_t n_r = std::min<int64_t>(4, f1 - f);
-        const uint8_t * rows[k_panel_rows];
-        for (int64_t j = 0; j < 4; ++j) {
-            rows[j] = row_at(ti, a.gate, f + std::min(j, n_r - 1), a.n_embd);
-            rows[4 + j] = row_at(ti, a.up, f + std::min(j, n_r - 1), a.n_embd);
-        }
-        row_block(ti, rows, k_panel_rows, a.n_embd, xq, 0, a.n_tokens, panel, [&](int64_t t, const float * dots) {
-            float * ht = h + t * a.n_ff + f;   // [n_r]
-            for (int64_t j = 0; j < n_r; ++j) {
-                ht[j] = silu(dots[j]) * dots[4 + j];
+    with_type(a.w_type, [&](auto ty) {
+        using Ty = decltype(ty);
+        for (int64_t f = f0; f < f1; f += 4) {
+            // Gate rows f..f+3 in panel rows 0-3, up rows in 4-7, through one pass over x.
+            const int64_t n_r = std::min<int64_t>(4, f1 - f);
+            const uint8_t * rows[k_panel_rows];
+            for (int64_t j = 0; j < 4; ++j) {
+                rows[j] = row_at<Ty>(a.gate, f + std::min(j, n_r - 1), a.n_embd);
+                rows[4 + j] = row_at<Ty>(a.up, f + std::min(j, n_r - 1), a.n_embd);
             }
-        });
-    }
+            row_block<Ty>(rows, k_panel_rows, a.n_embd, xq, 0, a.n_tokens, panel, [&](int64_t t, const float * dots) {
+                float * ht = h + t * a.n_ff + f;   // [n_r]
+                for (int64_t j = 0; j < n_r; ++j) {
+                    ht[j] = silu(dots[j]) * dots[4 + j];
+                }
+            });
+        }
+    });
     quantize_groups(h, a.n_ff, 0, a.n_tokens, f0 / 32, (f1 + 31) / 32, hq);
 }
 
 void quant_down_rows(const moesh_expert_ffn_args & a, const QuantActs & hq, int64_t e0, int64_t e1, void * panel) {
-    const TypeInfo ti = type_info(a.w_type);
-    for (int64_t e = e0; e < e1; e += k_tile_rows) {
-        const int64_t n_r = std::min(k_tile_rows, e1 - e);
-        const uint8_t * rows[k_tile_rows];
-        for (int64_t j = 0; j < k_tile_rows; ++j) {
-            rows[j] = row_at(ti, a.down, e + std::min(j, n_r - 1), a.n_ff);
-        }
-        row_block(ti, rows, k_tile_rows, a.n_ff, hq, 0, a.n_tokens, panel, [&](int64_t t, const float * dots) {
-            const float scale = a.scale ? a.scale[t] : 1.0f;
-            float * out = a.out + t * a.n_embd + e;   // [n_r]
-            for (int64_t j = 0; j < n_r; ++j) {
-                out[j] += scale * dots[j];
+    with_type(a.w_type, [&](auto ty) {
+        using Ty = decltype(ty);
+        for (int64_t e = e0; e < e1; e += k_tile_rows) {
+            const int64_t n_r = std::min(k_tile_rows, e1 - e);
+            const uint8_t * rows[k_tile_rows];
+            for (int64_t j = 0; j < k_tile_rows; ++j) {
+                rows[j] = row_at<Ty>(a.down, e + std::min(j, n_r - 1), a.n_ff);
             }
-        });
-    }
+            row_block<Ty>(rows, k_tile_rows, a.n_ff, hq, 0, a.n_tokens, panel, [&](int64_t t, const float * dots) {
+                const float scale = a.scale ? a.scale[t] : 1.0f;
+                float * out = a.out + t * a.n_embd + e;   // [n_r]
+                for (int64_t j = 0; j < n_r; ++j) {
+                    out[j] += scale * dots[j];
+                }
+            });
+        }
+    });
 }
 
 } // namespace HWY_NAMESPACE
@@ -672,9 +983,10 @@ size_t quant_acts_bytes(int64_t n, int64_t n_rows) {
     return size_t(n_rows) * (size_t(n) + 4 * ng8 * 4);
 }
 
-QuantActs quant_acts_at(void * mem, int64_t n, int64_t n_rows) {
+QuantActs quant_acts_at(void * mem, int64_t n, int64_t n_rows, int64_t scale_block) {
     QuantActs a;
     a.n = n;
+    a.scale_groups = scale_block / 32;
     a.ng8 = (n / 32 + 7) / 8 * 8;
     auto * b = static_cast<uint8_t *>(mem);
     a.d = reinterpret_cast<float *>(b);

@@ -1,20 +1,22 @@
 // Integer kernels of the CPU backend for block-quantized weights (MOESH_DTYPE_Q8_0
-// ... Q6_K): activations are quantized on the fly to 8 bits, one scale per 32
-// values (as ggml's Q8_0 activations), and multiplied with the weights' small
-// integers in 8/16-bit SIMD arithmetic (AVX2 maddubs/madd), scaled to float
-// once per 32 values. Results differ from a float dot product by the rounding
-// of the activations (relative error about 1/254 of each 32-value group's
-// largest magnitude, per element).
+// ... Q6_K): activations are quantized on the fly to 8 bits, one scale per
+// weight block (32 values, as ggml's Q8_0 activations; 256 for the K-quants,
+// as ggml's Q8_K), and multiplied with the weights' small integers in
+// 8/16-bit SIMD arithmetic (AVX2 maddubs/madd), scaled to float once per 32
+// values (K-quants with several tokens: once per 256). Results differ from a
+// float dot product by the rounding of the activations (at most 1/254 of the
+// largest magnitude in each activation block, per element).
 //
-//     QuantActs xq = quant_acts_at(buf, n_in, n_tokens);       // buf: quant_acts_bytes(n_in, n_tokens)
+//     // buf: quant_acts_bytes(n_in, n_tokens); panel: quant_panel_bytes(n_in), one per thread
+//     QuantActs xq = quant_acts_at(buf, n_in, n_tokens, quant_block_elems(w_type));
 //     quantize_acts(x, x_stride, 0, n_tokens, xq);
-//     quant_matmul_rows(args, xq, r0, r1, t0, t1, panel);      // panel: quant_panel_bytes(n_in), per thread
+//     quant_matmul_rows(args, xq, r0, r1, t0, t1, panel);
 //
-// Each weight row block (4 rows) is first unpacked into a per-thread "panel"
-// (one byte per weight, plus float scales and offsets per 32 values), then one
-// kernel multiplies the panel with up to 2 tokens at a time: a prefill reuses
-// the unpacked rows for every token, decode unpacks 512 columns at a time so
-// that the panel stays in L1. Nothing here allocates or throws.
+// Decode (one token) multiplies 4 weight rows at a time straight from their
+// bytes, unpacking in registers (AVX2). Several tokens first unpack each block
+// of 4 rows into a per-thread "panel" (one byte per weight, plus scales and
+// offsets), which a 4-row x 2-token kernel then reads for every token pair.
+// Nothing here allocates or throws.
 // Thread safety: distinct threads need distinct panels and disjoint outputs.
 #pragma once
 
@@ -31,7 +33,8 @@ bool is_quant_type(int32_t w_type);
 int64_t quant_block_elems(int32_t w_type);
 
 // Quantized activations, rows of n values (n a multiple of 32), with
-// ng8 = n / 32 rounded up to a multiple of 8 (the padding is zero):
+// ng8 = n / 32 rounded up to a multiple of 8 (the padding is zero). Each run
+// of scale_groups groups of 32 (1, or 8 for K-quant weights) shares a scale.
 struct QuantActs {
     int8_t * q;     // [n_rows, n], round(x / d) in [-127, 127]
     float * d;      // [n_rows, ng8] scale of each group of 32
@@ -39,11 +42,13 @@ struct QuantActs {
     float * s16;    // [n_rows, 2 * ng8] d * (sum of q over each half-group of 16)
     int64_t n;
     int64_t ng8;
+    int64_t scale_groups;
 };
 
 size_t quant_acts_bytes(int64_t n, int64_t n_rows);
-// Lays a QuantActs over mem (4-byte aligned, quant_acts_bytes(n, n_rows) bytes).
-QuantActs quant_acts_at(void * mem, int64_t n, int64_t n_rows);
+// Lays a QuantActs over mem (4-byte aligned, quant_acts_bytes(n, n_rows) bytes)
+// for weights of scale_block values per block (32 or 256; n a multiple of it).
+QuantActs quant_acts_at(void * mem, int64_t n, int64_t n_rows, int64_t scale_block);
 
 // Rows r0..r1 of x (row r at x + r * x_stride, n values) into rows r0..r1 of out.
 void quantize_acts(const float * x, int64_t x_stride, int64_t r0, int64_t r1, const QuantActs & out);
@@ -56,7 +61,7 @@ size_t quant_panel_bytes(int64_t n_in);
 void quant_matmul_rows(const moesh_matmul_args & a, const QuantActs & xq, int64_t r0, int64_t r1, int64_t t0,
                        int64_t t1, void * panel);
 
-// For features f in [f0, f1), f0 and f1 multiples of 32 (or f1 = n_ff):
+// For features f in [f0, f1), f0 and f1 multiples of hq's scale block (or f1 = n_ff):
 // h[t, f] = silu(gate[f] . x[t]) * (up[f] . x[t]) into the first half of
 // a.scratch, then those groups of h quantized into hq.
 void quant_gate_up_rows(const moesh_expert_ffn_args & a, const QuantActs & xq, int64_t f0, int64_t f1,

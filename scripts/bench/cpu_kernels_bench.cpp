@@ -1,11 +1,18 @@
-// CPU backend kernels at decode shapes, through the real plugin (dlopen), as
-// a fraction of the read bandwidth measured in the same run.
+// CPU backend kernels at Mixtral-moe-mid shapes (n_embd 2048, n_ff 5632),
+// through the real plugin (dlopen), for every weight dtype the plugin offers:
+//   matvec   one token through W [n_ff, n_embd]           (decode GEMV)
+//   matmul   128 tokens through the same W                (prefill GEMM)
+//   moe      top-2 of 8 experts: one token (decode), and 128 tokens routed
+//            evenly, 32 per expert (prefill), through expert_ffn calls
 //
-//   cpu_kernels_bench [--threads 1,2] [--probe-gib 1] [--seconds 1] [--plugin path/libmoesh_backend_cpu.so]
+//   cpu_kernels_bench [--threads 1,2] [--types q4_0,q4_K] [--probe-gib 1] [--seconds 1] [--plugin path.so]
 //
-// Prints one JSON object per line: {"bench": ..., "metric": ..., "value": ..., ...}.
-// Weights rotate over enough copies (>= 512 MiB) that every call reads them
-// from DRAM, as a decode step reads experts it has not touched for a while.
+// Prints one JSON object per line: {"bench": ..., "metric": ..., "value": ...,
+// "threads": ..., "dtype": ...}, metrics weight_gb_per_s (weight bytes streamed
+// per second), gflop_per_s, fraction_of_probe_bandwidth (of the read bandwidth
+// measured in the same run) and microseconds_per_call.
+// Decode weights rotate over enough copies (>= 512 MiB) that every call reads
+// them from DRAM, as a decode step reads experts it has not touched for a while.
 // Built as moesh_bench_cpu_kernels by scripts/bench/CMakeLists.txt.
 #include "bandwidth_probe.h"
 
@@ -37,11 +44,24 @@ void emit(const char * bench, const char * metric, double value, const std::stri
     std::fflush(stdout);
 }
 
-const char * dtype_name(moesh_dtype t) {
-    return t == MOESH_DTYPE_F32 ? "f32" : t == MOESH_DTYPE_F16 ? "f16" : "bf16";
-}
+struct DtypeInfo {
+    moesh_dtype type;
+    const char * name;
+    int64_t block_elems;   // 1 for the element types
+    size_t block_bytes;
+};
 
-size_t dtype_size(moesh_dtype t) { return t == MOESH_DTYPE_F32 ? 4 : 2; }
+const DtypeInfo k_dtypes[] = {
+    {MOESH_DTYPE_F32, "f32", 1, 4},         {MOESH_DTYPE_F16, "f16", 1, 2},
+    {MOESH_DTYPE_BF16, "bf16", 1, 2},       {MOESH_DTYPE_Q8_0, "q8_0", 32, 34},
+    {MOESH_DTYPE_Q4_0, "q4_0", 32, 18},     {MOESH_DTYPE_Q4_1, "q4_1", 32, 20},
+    {MOESH_DTYPE_Q4_K, "q4_K", 256, 144},   {MOESH_DTYPE_Q5_K, "q5_K", 256, 176},
+    {MOESH_DTYPE_Q6_K, "q6_K", 256, 210},
+};
+
+size_t matrix_bytes(const DtypeInfo & t, int64_t n_rows, int64_t n_cols) {
+    return size_t(n_rows) * size_t(n_cols / t.block_elems) * t.block_bytes;
+}
 
 // Copies of one weight matrix, filled with small non-zero values (zero pages
 // would not be read from DRAM at all).
@@ -50,7 +70,8 @@ std::vector<std::vector<uint8_t>> make_copies(size_t n_bytes, size_t min_total) 
     std::vector<std::vector<uint8_t>> copies(n_copies, std::vector<uint8_t>(n_bytes));
     uint32_t state = 12345;
     for (auto & c : copies) {
-        // 0x3c00-ish bit patterns: small finite values in f16, bf16 and f32 alike.
+        // 0x3a00-ish bit patterns: small finite values in f16, bf16 and f32
+        // alike, and finite fp16 block scales (every block size is even).
         for (size_t i = 0; i < n_bytes; i += 2) {
             state = state * 1664525u + 1013904223u;
             const uint16_t v = uint16_t(0x3a00 | (state >> 24));
@@ -98,6 +119,7 @@ int main(int argc, char ** argv) {
     std::vector<int> threads = {1, 2};
     double probe_gib = 1.0;
     double seconds = 1.0;
+    std::string types;   // ",q4_0,q4_K," or empty for all
 #ifdef MOESH_PLUGIN_BUILD_DIR
     std::string plugin = MOESH_PLUGIN_BUILD_DIR "/libmoesh_backend_cpu.so";
 #else
@@ -117,10 +139,12 @@ int main(int argc, char ** argv) {
             probe_gib = std::stod(argv[++i]);
         } else if (a == "--seconds" && has_value) {
             seconds = std::stod(argv[++i]);
+        } else if (a == "--types" && has_value) {
+            types = "," + std::string(argv[++i]) + ",";
         } else if (a == "--plugin" && has_value) {
             plugin = argv[++i];
         } else {
-            std::fprintf(stderr, "usage: %s [--threads 1,2] [--probe-gib 1] [--seconds 1] [--plugin path.so]\n",
+            std::fprintf(stderr, "usage: %s [--threads 1,2] [--types q4_0,q4_K] [--probe-gib 1] [--seconds 1] [--plugin path.so]\n",
                          argv[0]);
             return a == "--help" ? 0 : 2;
         }
@@ -142,10 +166,12 @@ int main(int argc, char ** argv) {
 
     const int64_t n_embd = 2048;
     const int64_t n_ff = 5632;
+    const int64_t n_expert = 8;
+    const int64_t n_prefill = 128;
     const size_t min_total = size_t(512) << 20;
     for (int nt : threads) {
         const double probe = moesh::bench::measure_read_bandwidth(size_t(probe_gib * double(1 << 30)), nt, 10);
-        emit("bandwidth_probe", "read_bytes_per_second", probe,
+        emit("bandwidth_probe", "read_gb_per_s", probe * 1e-9,
              "\"threads\": " + std::to_string(nt) + ", \"buffer_gib\": " + std::to_string(probe_gib));
 
         Backend b;
@@ -153,54 +179,85 @@ int main(int argc, char ** argv) {
         moesh_backend_params params = {sizeof params, nt};
         check(iface->create(&params, &host, &b.ctx), b, "create");
 
-        for (moesh_dtype type : {MOESH_DTYPE_F32, MOESH_DTYPE_F16, MOESH_DTYPE_BF16}) {
-            const std::string tags = "\"threads\": " + std::to_string(nt) + ", \"dtype\": \"" + dtype_name(type) + "\"";
-            // Batch-1 matvec, W [n_ff, n_embd] (an expert's gate projection).
+        for (const DtypeInfo & dt : k_dtypes) {
+            if (!types.empty() && types.find("," + std::string(dt.name) + ",") == std::string::npos) {
+                continue;
+            }
+            if (!iface->supports(b.ctx, MOESH_OP_MATMUL, dt.type) || !iface->supports(b.ctx, MOESH_OP_EXPERT_FFN, dt.type)) {
+                continue;
+            }
+            const std::string tags = "\"threads\": " + std::to_string(nt) + ", \"dtype\": \"" + dt.name + "\"";
+            auto report = [&](const char * bench, double s, double w_bytes, double flops) {
+                emit(bench, "weight_gb_per_s", w_bytes / s * 1e-9, tags);
+                emit(bench, "gflop_per_s", flops / s * 1e-9, tags);
+                emit(bench, "fraction_of_probe_bandwidth", w_bytes / s / probe, tags);
+                emit(bench, "microseconds_per_call", s * 1e6, tags);
+            };
+            const size_t w_bytes = matrix_bytes(dt, n_ff, n_embd);
+            const double mat_flops = 2.0 * double(n_ff * n_embd);
+            // Decode GEMV: W [n_ff, n_embd] (an expert's gate projection), a fresh copy each call.
             {
-                const size_t w_bytes = size_t(n_ff * n_embd) * dtype_size(type);
                 const auto copies = make_copies(w_bytes, min_total);
                 std::vector<float> x(size_t(n_embd), 0.01f), y(static_cast<size_t>(n_ff));
                 size_t next = 0;
                 const double s = time_per_call(seconds, [&] {
-                    const moesh_matmul_args a = {sizeof(moesh_matmul_args), type, copies[next].data(), nullptr,
+                    const moesh_matmul_args a = {sizeof(moesh_matmul_args), dt.type, copies[next].data(), nullptr,
                                                  x.data(), y.data(), n_embd, n_ff, 1, n_embd, n_ff};
                     next = (next + 1) % copies.size();
                     check(iface->matmul(b.ctx, &a), b, "matmul");
                 });
-                emit("matvec_5632x2048", "weight_read_bytes_per_second", double(w_bytes) / s, tags);
-                emit("matvec_5632x2048", "fraction_of_probe_bandwidth", double(w_bytes) / s / probe, tags);
+                report("matvec_5632x2048", s, double(w_bytes), mat_flops);
             }
-            // One expert for one token: gate, up [n_ff, n_embd] and down [n_embd, n_ff].
+            // Prefill GEMM: 128 tokens through one W (cache-resident after the first call).
             {
-                const size_t w_bytes = size_t(n_ff * n_embd) * dtype_size(type);
-                const auto gates = make_copies(w_bytes, min_total / 3);
-                const auto ups = make_copies(w_bytes, min_total / 3);
-                const auto downs = make_copies(w_bytes, min_total / 3);
-                std::vector<float> x(size_t(n_embd), 0.01f), out(static_cast<size_t>(n_embd)), scratch(static_cast<size_t>(2 * n_ff));
-                size_t next = 0;
-                const double s = time_per_call(seconds, [&] {
-                    const moesh_expert_ffn_args a = {sizeof(moesh_expert_ffn_args), type, gates[next].data(),
-                                                     ups[next].data(), downs[next].data(), x.data(), nullptr,
-                                                     out.data(), scratch.data(), n_embd, n_ff, 1};
-                    next = (next + 1) % gates.size();
-                    check(iface->expert_ffn(b.ctx, &a), b, "expert_ffn");
-                });
-                emit("expert_ffn_2048x5632", "weight_read_bytes_per_second", 3.0 * double(w_bytes) / s, tags);
-                emit("expert_ffn_2048x5632", "fraction_of_probe_bandwidth", 3.0 * double(w_bytes) / s / probe, tags);
-                emit("expert_ffn_2048x5632", "microseconds_per_call", s * 1e6, tags);
-            }
-            // Prefill-like batch: 32 tokens through the same matrix, in FLOP/s.
-            {
-                const int64_t n_tokens = 32;
-                const size_t w_bytes = size_t(n_ff * n_embd) * dtype_size(type);
                 const auto copies = make_copies(w_bytes, 1);
-                std::vector<float> x(size_t(n_tokens * n_embd), 0.01f), y(static_cast<size_t>(n_tokens * n_ff));
+                std::vector<float> x(size_t(n_prefill * n_embd)), y(static_cast<size_t>(n_prefill * n_ff));
+                for (size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * float(int(i % 17) - 8);
                 const double s = time_per_call(seconds, [&] {
-                    const moesh_matmul_args a = {sizeof(moesh_matmul_args), type, copies[0].data(), nullptr,
-                                                 x.data(), y.data(), n_embd, n_ff, n_tokens, n_embd, n_ff};
+                    const moesh_matmul_args a = {sizeof(moesh_matmul_args), dt.type, copies[0].data(), nullptr,
+                                                 x.data(), y.data(), n_embd, n_ff, n_prefill, n_embd, n_ff};
                     check(iface->matmul(b.ctx, &a), b, "matmul");
                 });
-                emit("matmul_32x5632x2048", "flops_per_second", 2.0 * double(n_tokens * n_ff * n_embd) / s, tags);
+                report("matmul_128x5632x2048", s, double(w_bytes), mat_flops * double(n_prefill));
+            }
+            // MoE layer, top-2 of 8 experts: layers of 8 experts (gate, up, down each), enough
+            // layers that decode reads from DRAM; each call is one layer.
+            const size_t expert_bytes = 3 * w_bytes;
+            const size_t n_layers = std::max<size_t>(1, (min_total + n_expert * expert_bytes - 1) / (n_expert * expert_bytes));
+            const auto experts = make_copies(expert_bytes, n_layers * n_expert * expert_bytes);   // [n_layers * n_expert]
+            auto run_expert = [&](size_t e, const float * x, float * out, float * scratch, int64_t n_tok) {
+                const uint8_t * w = experts[e].data();
+                const moesh_expert_ffn_args a = {sizeof(moesh_expert_ffn_args), dt.type, w, w + w_bytes,
+                                                 w + 2 * w_bytes, x, nullptr, out, scratch, n_embd, n_ff, n_tok};
+                check(iface->expert_ffn(b.ctx, &a), b, "expert_ffn");
+            };
+            {
+                std::vector<float> x(size_t(n_embd), 0.01f), out(static_cast<size_t>(n_embd)),
+                    scratch(static_cast<size_t>(2 * n_ff));
+                size_t layer = 0;
+                uint32_t pick = 1;
+                const double s = time_per_call(seconds, [&] {
+                    pick = pick * 1103515245u + 12345u;
+                    const size_t e0 = (pick >> 16) % n_expert;
+                    const size_t e1 = (e0 + 1 + (pick >> 8) % (n_expert - 1)) % n_expert;
+                    run_expert(layer * n_expert + e0, x.data(), out.data(), scratch.data(), 1);
+                    run_expert(layer * n_expert + e1, x.data(), out.data(), scratch.data(), 1);
+                    layer = (layer + 1) % n_layers;
+                });
+                report("moe_top2of8_decode", s, 2.0 * double(expert_bytes), 2.0 * 3.0 * mat_flops);
+            }
+            {
+                const int64_t n_per_expert = n_prefill * 2 / n_expert;
+                std::vector<float> x(size_t(n_per_expert * n_embd)), out(static_cast<size_t>(n_per_expert * n_embd)),
+                    scratch(static_cast<size_t>(2 * n_per_expert * n_ff));
+                for (size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * float(int(i % 13) - 6);
+                const double s = time_per_call(seconds, [&] {
+                    for (int64_t e = 0; e < n_expert; ++e) {
+                        run_expert(size_t(e), x.data(), out.data(), scratch.data(), n_per_expert);
+                    }
+                });
+                report("moe_top2of8_prefill128", s, double(n_expert) * double(expert_bytes),
+                       3.0 * mat_flops * double(n_prefill * 2));
             }
         }
         iface->destroy(b.ctx);

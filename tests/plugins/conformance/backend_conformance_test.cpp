@@ -527,6 +527,35 @@ TEST_P(BackendConformance, MatmulMatchesReference) {
     }
 }
 
+// A NaN in a token's activations makes all of that token's outputs NaN, as in
+// the reference (block types too, whose activation scales it must not slip past).
+TEST_P(BackendConformance, MatmulPropagatesNanActivations) {
+    std::mt19937 rng(9);
+    for (moesh_dtype type : k_weight_types) {
+        SCOPED_TRACE(dtype_name(type));
+        const int64_t n_in = is_block_type(type) ? 2 * block_elems(type) : 70, n_out = 6, n_tokens = 3;
+        const Weights w = make_weights(type, size_t(n_out * n_in), 1.0f, rng);
+        std::vector<float> x = uniform(size_t(n_tokens * n_in), -1.0f, 1.0f, rng);
+        x[size_t(n_in + 37)] = k_nan;   // token 1
+        DeviceBuffer d_w = upload(w.bytes);
+        DeviceBuffer d_x = upload(x);
+        DeviceBuffer d_y = upload(std::vector<float>(size_t(n_tokens * n_out), 0.0f));
+        moesh_matmul_args a = {.struct_size = sizeof(moesh_matmul_args), .w_type = type, .w = d_w.get(),
+                               .bias = nullptr, .x = d_x.as<float>(), .y = d_y.as<float>(), .n_in = n_in,
+                               .n_out = n_out, .n_tokens = n_tokens, .x_stride = n_in, .y_stride = n_out};
+        if (!offered(MOESH_OP_MATMUL, type)) {
+            continue;
+        }
+        ASSERT_EQ(be_->matmul(ctx_, &a), MOESH_OK) << last_error();
+        const std::vector<float> y = download<float>(d_y, size_t(n_tokens * n_out));
+        for (int64_t t = 0; t < n_tokens; ++t) {
+            for (int64_t o = 0; o < n_out; ++o) {
+                EXPECT_EQ(std::isnan(y[size_t(t * n_out + o)]), t == 1) << "token " << t << " row " << o;
+            }
+        }
+    }
+}
+
 // -------------------------------------------------------------- expert_ffn
 
 // Bound on |out - ref| for one expert, by first-order propagation of float32
