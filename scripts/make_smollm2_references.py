@@ -240,7 +240,10 @@ def run_perplexity_tool(binary, model, text_path, c, chunks, b, threads, extra=(
         "final_ppl": float(m.group(1)),
         "final_ppl_plus_minus": float(m.group(2)),
         "final_line": m.group(0),
-        "tool_log_tail": [l for l in log.splitlines() if "perplexity:" in l or "Final estimate" in l],
+        # deterministic excerpts only (the log also has timestamps and timings)
+        "tool_lines": [re.sub(r"^[0-9.]+ [IWE] ", "", l) for l in log.splitlines()
+                       if "calculating perplexity over" in l]
+                      + re.findall(r"(?:\[\d+\][0-9.]+,)+", log) + [m.group(0)],
     }
 
 

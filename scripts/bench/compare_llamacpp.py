@@ -10,7 +10,10 @@
 
 For every shape x type x threads it runs, in this order:
   1. the probe (template; {threads} substituted) - must print a JSON line with "gbps";
-  2. llama-bench -m MODEL -p 128 -n 64 -t THREADS -r REPS -o jsonl  (pp128 and tg64 t/s);
+  2. llama-bench -m MODEL -p 128 -n 64 -t THREADS -r REPS -o jsonl  (pp128 and tg64 t/s;
+     llama_cpp.prefill_tps / decode_tps are the MEDIAN of llama-bench's per-repetition
+     samples, robust to preemption on a shared machine; *_mean/_stddev are llama-bench's
+     own avg_ts/stddev_ts, *_best the fastest repetition, *_samples all of them);
   3. the moesh command (template; {model} {threads} {prompt} {tokens} substituted) - must
      print JSON lines with "prefill_tps" and/or "decode_tps"; if it is missing, fails or
      prints neither, the row says so in moesh.error and the ratios are null;
@@ -26,12 +29,16 @@ output.weight, i.e. tied embeddings). roofline_decode_tps = bandwidth / bytes_pe
 with bandwidth = mean of the probe before and after; decode_roofline_fraction =
 measured decode t/s / roofline_decode_tps. KV-cache and activation traffic are ignored,
 so the fraction is an upper-bound-style efficiency measure (at 64 tokens KV is tiny).
+Each row also records the 1-minute load average before and after: on a shared machine,
+runs with threads == cores are easily wrecked by other processes (spinning barriers).
 """
 
 import argparse
 import json
+import os
 import pathlib
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -113,9 +120,15 @@ def llama_bench(binary, model, threads, prompt, tokens, reps, timeout):
         return res
     for j in rows:
         if j.get("n_prompt") == prompt and j.get("n_gen") == 0:
-            res["prefill_tps"], res["prefill_tps_stddev"] = j["avg_ts"], j["stddev_ts"]
+            key = "prefill"
         elif j.get("n_gen") == tokens and j.get("n_prompt") == 0:
-            res["decode_tps"], res["decode_tps_stddev"] = j["avg_ts"], j["stddev_ts"]
+            key = "decode"
+        else:
+            continue
+        samples = sorted(j.get("samples_ts") or [j["avg_ts"]])
+        res[f"{key}_tps"] = statistics.median(samples)
+        res[f"{key}_tps_mean"], res[f"{key}_tps_stddev"] = j["avg_ts"], j["stddev_ts"]
+        res[f"{key}_tps_best"], res[f"{key}_tps_samples"] = samples[-1], j.get("samples_ts")
     res["build"] = f'{rows[0].get("build_number")} ({rows[0].get("build_commit")})'
     res["cpu_info"] = rows[0].get("cpu_info")
     return res
@@ -178,6 +191,7 @@ def main():
             for threads in [int(t) for t in a.threads.split(",")]:
                 log(f"== {model.name} threads={threads}")
                 t0 = time.time()
+                load0 = os.getloadavg()[0]
                 p0 = probe(a.probe, threads, a.timeout)
                 lb = llama_bench(a.llama_bench, model, threads, a.prompt, a.tokens, a.reps, a.timeout)
                 ms = moesh(a.moesh, model, threads, a.prompt, a.tokens, a.timeout)
@@ -196,6 +210,7 @@ def main():
                                                   "decode": ratio(ms.get("decode_tps"), lb.get("decode_tps"))},
                     "decode_roofline_fraction": {"llama_cpp": ratio(lb.get("decode_tps"), roof),
                                                  "moesh": ratio(ms.get("decode_tps"), roof)},
+                    "loadavg_1min_before_after": [load0, os.getloadavg()[0]],
                     "wall_s": round(time.time() - t0, 1),
                 }
                 n_fail += "error" in lb or "error" in ms
