@@ -115,6 +115,7 @@ struct CommonOptions {
     std::string backend;
     int threads = -1;
     bool verbose = false;
+    std::string activations;   // "", "fast" or "precise"
 };
 
 std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moesh::RunConfig & rc) {
@@ -123,6 +124,7 @@ std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moes
     po.allowed = rc.allowed_plugins;
     po.preferred = o.backend.empty() ? rc.preferred_plugin : o.backend;
     po.n_threads = o.threads >= 0 ? o.threads : rc.threads;
+    po.precise_activations = o.activations.empty() ? rc.precise_activations : o.activations == "precise";
     std::string report;
     auto be = moesh::load_backend(po, &report);
     if (!be) throw Error("no usable backend plugin:\n" + report);
@@ -479,6 +481,10 @@ void add_common(CLI::App * sub, CommonOptions & co) {
     sub->add_option("-t,--threads", co.threads, "Worker threads of the backend (default: config, else all cores)")
         ->check(CLI::Range(0, 1024));
     sub->add_flag("-v,--verbose", co.verbose, "Say which plugins were found and why one was chosen");
+    sub->add_option("--activations", co.activations,
+                    "How quantized weights see activations: fast (8 bits per value, as llama.cpp) or precise "
+                    "(two 8-bit passes: ~100x less rounding error, slower); default: config, else fast")
+        ->check(CLI::IsMember({"fast", "precise"}));
 }
 
 } // namespace

@@ -77,8 +77,13 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                     rc.max_batch = integer(source, v, key, 1, 1 << 16);
                 } else if (k == "kv_block_size") {
                     rc.kv_block_size = integer(source, v, key, 1, 1 << 16);
+                } else if (k == "activations") {
+                    auto s = v.value<std::string>();
+                    if (!v.is_string() || !s || (*s != "fast" && *s != "precise"))
+                        fail(source, v, key, "expected \"fast\" (8-bit, as llama.cpp) or \"precise\"");
+                    rc.precise_activations = *s == "precise";
                 } else {
-                    fail(source, v, key, "unknown key (known: threads, max_batch, kv_block_size)");
+                    fail(source, v, key, "unknown key (known: threads, max_batch, kv_block_size, activations)");
                 }
             }
         } else if (sname == "quantize") {

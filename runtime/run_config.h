@@ -8,6 +8,7 @@
 //   threads = 2
 //   max_batch = 64
 //   kv_block_size = 16
+//   activations = "fast"         # or "precise": see moesh_activations in plugin.h
 //   [quantize]                   # at load time, from f32/f16/bf16 weights (see runtime/quantize.h)
 //   experts = "q4_0"             # q8_0, q4_0 or q4_1 per class:
 //   attention = "q8_0"           #   experts, attention, ffn, embeddings, output
@@ -33,6 +34,7 @@ struct RunConfig {
     int32_t threads = 0;        // 0 = the backend decides
     int64_t max_batch = 64;
     int64_t kv_block_size = 16;
+    bool precise_activations = false;
     QuantizePlan quantize;
 };
 

@@ -72,7 +72,7 @@ private:
 } // namespace
 
 struct moesh_backend {
-    explicit moesh_backend(int n_threads) : pool(n_threads) {}
+    moesh_backend(int n_threads, bool precise) : pool(n_threads), precise(precise) {}
 
     moesh_host_api host{};   // the v1 members of the host's table, copied
     ThreadPool pool;
@@ -83,6 +83,12 @@ struct moesh_backend {
     ScratchBuffer quant_x;
     ScratchBuffer quant_h;
     ScratchBuffer panels;   // [n_threads, panel_stride]
+    // MOESH_ACTIVATIONS_PRECISE: block weights see x as two 8-bit passes, x and
+    // the rounding error of the first; these hold that error and the second pass.
+    bool precise = false;
+    ScratchBuffer residual;  // [n_tokens, n_in]
+    ScratchBuffer second;    // [n_tokens, n_out]
+    ScratchBuffer ffn_tmp;   // [n_tokens, n_embd]: expert_ffn's down output before scaling
     char last_error[512] = "";
 };
 
@@ -265,6 +271,7 @@ moesh_status cpu_create(const moesh_backend_params * params, const moesh_host_ap
     *out = nullptr;
     try {
         int32_t n_threads = 0;
+        int32_t activations = MOESH_ACTIVATIONS_FAST;
         if (params) {
             if (params->struct_size < offsetof(moesh_backend_params, n_threads) + sizeof(params->n_threads)) {
                 host_log(host, MOESH_LOG_ERROR, "cpu backend: create: params struct_size %u is too small",
@@ -272,6 +279,13 @@ moesh_status cpu_create(const moesh_backend_params * params, const moesh_host_ap
                 return MOESH_ERR_INVALID_ARGUMENT;
             }
             n_threads = params->n_threads;
+            if (params->struct_size >= offsetof(moesh_backend_params, activations) + sizeof(params->activations)) {
+                activations = params->activations;
+            }
+        }
+        if (activations != MOESH_ACTIVATIONS_FAST && activations != MOESH_ACTIVATIONS_PRECISE) {
+            host_log(host, MOESH_LOG_ERROR, "cpu backend: create: unknown activations mode %d", int(activations));
+            return MOESH_ERR_UNSUPPORTED;
         }
         if (n_threads > k_max_threads) {
             host_log(host, MOESH_LOG_ERROR, "cpu backend: create: n_threads %d is more than %d", int(n_threads),
@@ -281,13 +295,13 @@ moesh_status cpu_create(const moesh_backend_params * params, const moesh_host_ap
         if (n_threads <= 0) {
             n_threads = default_thread_count();
         }
-        auto be = std::make_unique<moesh_backend>(n_threads);
+        auto be = std::make_unique<moesh_backend>(n_threads, activations == MOESH_ACTIVATIONS_PRECISE);
         if (host) {
             std::memcpy(&be->host, host, std::min<size_t>(host->struct_size, sizeof be->host));
             be->host.struct_size = std::min<uint32_t>(host->struct_size, sizeof be->host);
         }
-        host_log(&be->host, MOESH_LOG_INFO, "cpu backend: %d threads, SIMD target %s", int(n_threads),
-                 moesh::cpu::simd_target_name());
+        host_log(&be->host, MOESH_LOG_INFO, "cpu backend: %d threads, SIMD target %s, %s activations", int(n_threads),
+                 moesh::cpu::simd_target_name(), be->precise ? "precise" : "8-bit");
         *out = be.release();
         return MOESH_OK;
     } catch (const std::bad_alloc &) {
@@ -383,6 +397,95 @@ int32_t cpu_supports(moesh_backend * be, int32_t op, int32_t w_type) {
 
 // ---------------------------------------------------------------- ops
 
+// y = W . x (+ bias) for block weights, x rounded to 8 bits per value; with
+// be->precise, a second pass adds W . (x - that rounding), whose own rounding
+// error is ~127x smaller.
+void quant_matmul_pass(moesh_backend * be, const moesh_matmul_args & a, int64_t work, int n_active, int64_t n_parts,
+                       const moesh::cpu::QuantActs & xq) {
+    moesh::cpu::quantize_acts(a.x, a.x_stride, 0, a.n_tokens, xq);
+    size_t stride = 0;
+    uint8_t * panels = thread_panels(be, a.n_in, &stride);
+    const int64_t n_units = (a.n_out + k_quant_row_unit - 1) / k_quant_row_unit;
+    const bool by_tokens = n_units < n_parts && a.n_tokens > n_units;
+    auto task = [&](int ith, int64_t part, int64_t n_parts_run) {
+        if (by_tokens) {
+            const Range t = split(a.n_tokens, part, n_parts_run);
+            moesh::cpu::quant_matmul_rows(a, xq, 0, a.n_out, t.begin, t.end, panels + size_t(ith) * stride);
+        } else {
+            const Range u = split(n_units, part, n_parts_run);
+            moesh::cpu::quant_matmul_rows(a, xq, u.begin * k_quant_row_unit, std::min(u.end * k_quant_row_unit, a.n_out),
+                                          0, a.n_tokens, panels + size_t(ith) * stride);
+        }
+    };
+    run_parallel(be, work, n_active, task);
+}
+
+void quant_matmul(moesh_backend * be, const moesh_matmul_args & a, int64_t work, int n_active, int64_t n_parts) {
+    const moesh::cpu::QuantActs xq = quant_buffer(be->quant_x, a.n_in, a.n_tokens, a.w_type);
+    quant_matmul_pass(be, a, work, n_active, n_parts, xq);
+    if (!be->precise) {
+        return;
+    }
+    float * r = be->residual.reserve(size_t(a.n_tokens * a.n_in));
+    for (int64_t t = 0; t < a.n_tokens; ++t) {
+        for (int64_t i = 0; i < a.n_in; ++i) {
+            r[t * a.n_in + i] = a.x[t * a.x_stride + i] - float(xq.q[t * xq.n + i]) * xq.d[t * xq.ng8 + i / 32];
+        }
+    }
+    moesh_matmul_args b = a;
+    b.x = r;
+    b.x_stride = a.n_in;
+    b.bias = nullptr;
+    b.y = be->second.reserve(size_t(a.n_tokens * a.n_out));
+    b.y_stride = a.n_out;
+    quant_matmul_pass(be, b, work, n_active, n_parts, xq);
+    for (int64_t t = 0; t < a.n_tokens; ++t) {
+        for (int64_t o = 0; o < a.n_out; ++o) {
+            a.y[t * a.y_stride + o] += b.y[t * a.n_out + o];
+        }
+    }
+}
+
+// expert_ffn as three precise matmuls: h = silu(gate x) * (up x) in scratch, out += scale * (down h).
+void quant_expert_ffn_precise(moesh_backend * be, const moesh_expert_ffn_args & a, int64_t work, int n_active) {
+    const int64_t n_parts = n_parts_for(n_active);
+    float * g = a.scratch;
+    float * u = a.scratch + a.n_tokens * a.n_ff;
+    moesh_matmul_args m{};
+    m.struct_size = sizeof m;
+    m.w_type = a.w_type;
+    m.x = a.x;
+    m.n_in = a.n_embd;
+    m.n_out = a.n_ff;
+    m.n_tokens = a.n_tokens;
+    m.x_stride = a.n_embd;
+    m.y_stride = a.n_ff;
+    m.w = a.gate;
+    m.y = g;
+    quant_matmul(be, m, work / 3, n_active, n_parts);
+    m.w = a.up;
+    m.y = u;
+    quant_matmul(be, m, work / 3, n_active, n_parts);
+    for (int64_t i = 0; i < a.n_tokens * a.n_ff; ++i) {
+        g[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+    }
+    float * o = be->ffn_tmp.reserve(size_t(a.n_tokens * a.n_embd));
+    m.w = a.down;
+    m.x = g;
+    m.y = o;
+    m.n_in = a.n_ff;
+    m.n_out = a.n_embd;
+    m.x_stride = a.n_ff;
+    m.y_stride = a.n_embd;
+    quant_matmul(be, m, work / 3, n_active, n_parts);
+    for (int64_t t = 0; t < a.n_tokens; ++t) {
+        const float s = a.scale ? a.scale[t] : 1.0f;
+        for (int64_t e = 0; e < a.n_embd; ++e) {
+            a.out[t * a.n_embd + e] += s * o[t * a.n_embd + e];
+        }
+    }
+}
+
 moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
     return guarded(be, "matmul", [&]() -> moesh_status {
         moesh_matmul_args a;
@@ -419,24 +522,7 @@ moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
         const int n_active = n_active_threads(be, work);
         const int64_t n_parts = n_parts_for(n_active);
         if (moesh::cpu::is_quant_type(a.w_type)) {
-            const moesh::cpu::QuantActs xq = quant_buffer(be->quant_x, a.n_in, a.n_tokens, a.w_type);
-            moesh::cpu::quantize_acts(a.x, a.x_stride, 0, a.n_tokens, xq);
-            size_t stride = 0;
-            uint8_t * panels = thread_panels(be, a.n_in, &stride);
-            const int64_t n_units = (a.n_out + k_quant_row_unit - 1) / k_quant_row_unit;
-            const bool by_tokens = n_units < n_parts && a.n_tokens > n_units;
-            auto task = [&](int ith, int64_t part, int64_t n_parts_run) {
-                if (by_tokens) {
-                    const Range t = split(a.n_tokens, part, n_parts_run);
-                    moesh::cpu::quant_matmul_rows(a, xq, 0, a.n_out, t.begin, t.end, panels + size_t(ith) * stride);
-                } else {
-                    const Range u = split(n_units, part, n_parts_run);
-                    moesh::cpu::quant_matmul_rows(a, xq, u.begin * k_quant_row_unit,
-                                                  std::min(u.end * k_quant_row_unit, a.n_out), 0, a.n_tokens,
-                                                  panels + size_t(ith) * stride);
-                }
-            };
-            run_parallel(be, work, n_active, task);
+            quant_matmul(be, a, work, n_active, n_parts);
             return MOESH_OK;
         }
         moesh_matmul_args k = a;   // as the kernels see it
@@ -552,6 +638,10 @@ moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * ar
         MOESH_CPU_REQUIRE(a.out == a.x || disjoint(a.out, size_t(n_x) * 4, a.x, size_t(n_x) * 4),
                           "expert_ffn: out partly overlaps x (only out == x is allowed)");
         const int n_active = n_active_threads(be, work);
+        if (moesh::cpu::is_quant_type(a.w_type) && be->precise) {
+            quant_expert_ffn_precise(be, a, work, n_active);
+            return MOESH_OK;
+        }
         if (moesh::cpu::is_quant_type(a.w_type)) {
             // x quantized once; each thread quantizes the activation blocks of h
             // it computes (its features come in whole blocks), so the down pass

@@ -86,7 +86,9 @@ static_assert(sizeof(moesh_host_api) == 24, "moesh_host_api changed size");
 // moesh_backend_params
 static_assert(offsetof(moesh_backend_params, struct_size) == 0, "moesh_backend_params.struct_size moved");
 static_assert(offsetof(moesh_backend_params, n_threads) == 4, "moesh_backend_params.n_threads moved");
-static_assert(sizeof(moesh_backend_params) == 8, "moesh_backend_params changed size");
+static_assert(offsetof(moesh_backend_params, activations) == 8, "moesh_backend_params.activations moved");
+static_assert(sizeof(moesh_backend_params) == 12, "moesh_backend_params changed size");
+static_assert(MOESH_ACTIVATIONS_FAST == 0 && MOESH_ACTIVATIONS_PRECISE == 1, "moesh_activations changed value");
 
 // moesh_matmul_args
 static_assert(offsetof(moesh_matmul_args, struct_size) == 0, "moesh_matmul_args.struct_size moved");

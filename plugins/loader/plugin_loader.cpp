@@ -479,6 +479,7 @@ std::unique_ptr<Backend> load_backend(const PluginOptions & opts, std::string * 
         moesh_backend_params params{};
         params.struct_size = sizeof params;
         params.n_threads = opts.n_threads;
+        params.activations = opts.precise_activations ? MOESH_ACTIVATIONS_PRECISE : MOESH_ACTIVATIONS_FAST;
         moesh_backend * ctx = nullptr;
         c.host->take_last_error();
         const moesh_status st = c.iface.create(&params, &c.host->api, &ctx);

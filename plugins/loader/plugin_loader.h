@@ -48,6 +48,7 @@ struct PluginOptions {
     std::vector<std::string> allowed;      // backend names; empty = all
     std::string preferred;                 // backend name; empty = best score
     int n_threads = 0;                     // <= 0: the plugin decides
+    bool precise_activations = false;      // MOESH_ACTIVATIONS_PRECISE (see plugin.h)
 };
 
 namespace detail {

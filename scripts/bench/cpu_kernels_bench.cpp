@@ -176,7 +176,7 @@ int main(int argc, char ** argv) {
 
         Backend b;
         b.be = iface;
-        moesh_backend_params params = {sizeof params, nt};
+        moesh_backend_params params = {sizeof params, nt, MOESH_ACTIVATIONS_FAST};
         check(iface->create(&params, &host, &b.ctx), b, "create");
 
         for (const DtypeInfo & dt : k_dtypes) {

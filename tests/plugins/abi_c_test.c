@@ -74,7 +74,7 @@ _Static_assert(sizeof(moesh_host_api) == 24, "moesh_host_api changed size");
 /* moesh_backend_params */
 _Static_assert(offsetof(moesh_backend_params, struct_size) == 0, "moesh_backend_params.struct_size moved");
 _Static_assert(offsetof(moesh_backend_params, n_threads) == 4, "moesh_backend_params.n_threads moved");
-_Static_assert(sizeof(moesh_backend_params) == 8, "moesh_backend_params changed size");
+_Static_assert(sizeof(moesh_backend_params) == 12, "moesh_backend_params changed size");
 
 /* moesh_matmul_args */
 _Static_assert(offsetof(moesh_matmul_args, struct_size) == 0, "moesh_matmul_args.struct_size moved");
@@ -169,7 +169,8 @@ static void log_fn(void * ctx, int32_t level, const char * msg) {
 }
 
 int main(void) {
-    moesh_backend_params params = { /* .struct_size = */ sizeof params, /* .n_threads = */ 1 };
+    moesh_backend_params params = { /* .struct_size = */ sizeof params, /* .n_threads = */ 1,
+                                    /* .activations = */ MOESH_ACTIVATIONS_FAST };
     moesh_backend_iface iface = {0};
     moesh_host_api host = {0};
     moesh_rope_args rope = {0};

@@ -20,8 +20,9 @@
 
 namespace moesh::test {
 
-inline std::unique_ptr<Backend> open_cpu_backend(int n_threads) {
+inline std::unique_ptr<Backend> open_cpu_backend(int n_threads, bool precise_activations = false) {
     PluginOptions po;
+    po.precise_activations = precise_activations;
     po.search_dirs = {MOESH_PLUGIN_BUILD_DIR};
     po.preferred = "cpu";
     po.n_threads = n_threads;

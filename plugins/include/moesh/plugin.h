@@ -13,7 +13,7 @@
  * Usage (host side):
  *     const moesh_backend_iface * be; moesh_backend * ctx;
  *     init(&host, &be);                         // table is static, never freed
- *     moesh_backend_params p = { sizeof p, 2 };  // 2 threads
+ *     moesh_backend_params p = { sizeof p, 2, MOESH_ACTIVATIONS_FAST };  // 2 threads
  *     be->create(&p, &host, &ctx);
  *     moesh_matmul_args a = {0};
  *     a.struct_size = sizeof a;                  // then the other members
@@ -171,9 +171,17 @@ typedef struct moesh_host_api {
     void (*log)(void * ctx, int32_t level /* moesh_log_level */, const char * msg);
 } moesh_host_api;
 
+/* Values of moesh_backend_params.activations: how a backend may round the
+ * float32 activations it multiplies with block (quantized) weights. */
+typedef enum moesh_activations {
+    MOESH_ACTIVATIONS_FAST = 0,    /* 8 bits per value (a scale per block), as llama.cpp does */
+    MOESH_ACTIVATIONS_PRECISE = 1  /* error at least 100x smaller than FAST (e.g. two 8-bit passes) */
+} moesh_activations;
+
 typedef struct moesh_backend_params {
     uint32_t struct_size;   /* sizeof(moesh_backend_params) of the host */
     int32_t n_threads;      /* <= 0: plugin decides */
+    int32_t activations;    /* moesh_activations; absent (older host) = FAST */
 } moesh_backend_params;
 
 typedef struct moesh_backend moesh_backend; /* opaque, owned by the plugin */

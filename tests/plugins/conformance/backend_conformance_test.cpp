@@ -386,8 +386,8 @@ protected:
         }
     }
 
-    moesh_backend * create_context() {
-        moesh_backend_params params = {sizeof(moesh_backend_params), GetParam().n_threads};
+    moesh_backend * create_context(int32_t activations = MOESH_ACTIVATIONS_FAST) {
+        moesh_backend_params params = {sizeof(moesh_backend_params), GetParam().n_threads, activations};
         moesh_backend * ctx = nullptr;
         EXPECT_EQ(be_->create(&params, &k_host, &ctx), MOESH_OK);
         return ctx;
@@ -709,6 +709,69 @@ TEST_P(BackendConformance, ExpertFfnMatchesReference) {
             EXPECT_TRUE(within_bounds(out, out_ref, expert_ffn_bound(r, gate, up, down, out0, out_ref)));
         }
     }
+}
+
+// MOESH_ACTIVATIONS_PRECISE promises an activation rounding error at least
+// 100x below FAST's: measured against the reference on the same inputs, the
+// precise context's largest error must be under 1/100 of the fast one's (which
+// must be visible at all), for matmul and expert_ffn of every block type.
+TEST_P(BackendConformance, PreciseActivationsCutTheRoundingError) {
+    moesh_backend * precise = create_context(MOESH_ACTIVATIONS_PRECISE);
+    ASSERT_NE(precise, nullptr);
+    std::mt19937 rng(9);
+    auto worst = [](const std::vector<float> & a, const std::vector<float> & b) {
+        double w = 0;
+        for (size_t i = 0; i < a.size(); ++i) w = std::max(w, double(std::fabs(a[i] - b[i])));
+        return w;
+    };
+    for (moesh_dtype type : k_weight_types) {
+        if (!is_block_type(type) || !offered(MOESH_OP_MATMUL, type)) continue;
+        SCOPED_TRACE(dtype_name(type));
+        const int64_t n_in = 2 * 256, n_out = 24, n_ff = 256;
+        for (int64_t n_tokens : {int64_t(1), int64_t(9)}) {
+            const Weights w = make_weights(type, size_t(n_out * n_in), 3.0f / std::sqrt(float(n_in)), rng);
+            const std::vector<float> x = uniform(size_t(n_tokens * n_in), -1.0f, 1.0f, rng);
+            std::vector<float> ref(size_t(n_tokens * n_out)), fast(ref.size()), prec(ref.size());
+            moesh_matmul_args a = {sizeof(moesh_matmul_args), type, w.bytes.data(), nullptr, x.data(), fast.data(),
+                                   n_in, n_out, n_tokens, n_in, n_out};
+            ASSERT_EQ(be_->matmul(ctx_, &a), MOESH_OK) << last_error();
+            a.y = prec.data();
+            ASSERT_EQ(be_->matmul(precise, &a), MOESH_OK) << be_->last_error(precise);
+            a.y = ref.data();
+            moesh::ref::matmul(a);
+            const double e_fast = worst(fast, ref), e_prec = worst(prec, ref);
+            EXPECT_GT(e_fast, 0.0) << "fast mode shows no rounding at all: is it still 8-bit?";
+            EXPECT_LT(e_prec, e_fast / 100.0) << "matmul, " << n_tokens << " tokens";
+
+            const Weights gate = make_weights(type, size_t(n_ff * n_in), 3.0f / std::sqrt(float(n_in)), rng);
+            const Weights up = make_weights(type, size_t(n_ff * n_in), 3.0f / std::sqrt(float(n_in)), rng);
+            const Weights down = make_weights(type, size_t(n_in * n_ff), 3.0f / std::sqrt(float(n_ff)), rng);
+            const std::vector<float> scale = uniform(size_t(n_tokens), 0.0f, 1.0f, rng);
+            std::vector<float> scratch(size_t(2 * n_tokens * n_ff));
+            std::vector<float> o_ref(size_t(n_tokens * n_in), 0.0f), o_fast = o_ref, o_prec = o_ref;
+            moesh_expert_ffn_args f = {.struct_size = sizeof(moesh_expert_ffn_args), .w_type = type,
+                                       .gate = gate.bytes.data(), .up = up.bytes.data(), .down = down.bytes.data(),
+                                       .x = x.data(), .scale = scale.data(), .out = o_fast.data(),
+                                       .scratch = scratch.data(), .n_embd = n_in, .n_ff = n_ff, .n_tokens = n_tokens};
+            ASSERT_EQ(be_->expert_ffn(ctx_, &f), MOESH_OK) << last_error();
+            f.out = o_prec.data();
+            ASSERT_EQ(be_->expert_ffn(precise, &f), MOESH_OK) << be_->last_error(precise);
+            f.out = o_ref.data();
+            f.scratch = nullptr;
+            moesh::ref::expert_ffn(f);
+            const double f_fast = worst(o_fast, o_ref), f_prec = worst(o_prec, o_ref);
+            EXPECT_GT(f_fast, 0.0);
+            EXPECT_LT(f_prec, f_fast / 100.0) << "expert_ffn, " << n_tokens << " tokens";
+        }
+    }
+    be_->destroy(precise);
+}
+
+TEST_P(BackendConformance, RefusesAnUnknownActivationsMode) {
+    moesh_backend_params params = {sizeof params, 1, 7};
+    moesh_backend * ctx = nullptr;
+    EXPECT_NE(be_->create(&params, &k_host, &ctx), MOESH_OK);
+    EXPECT_EQ(ctx, nullptr);
 }
 
 // out == x: the FFN output is added to x in place.
@@ -1425,7 +1488,7 @@ TEST_P(BackendConformance, InitChecksTheHostAbi) {
 }
 
 TEST_P(BackendConformance, CreatesContextWithDefaultThreadCount) {
-    moesh_backend_params params = {sizeof params, 0};
+    moesh_backend_params params = {sizeof params, 0, MOESH_ACTIVATIONS_FAST};
     moesh_backend * ctx = nullptr;
     ASSERT_EQ(be_->create(&params, &k_host, &ctx), MOESH_OK);
     ASSERT_NE(ctx, nullptr);
