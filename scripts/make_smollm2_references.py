@@ -67,6 +67,15 @@ PROMPTS = [
     ("list", "Things to pack for a weekend camping trip:\n1. Tent\n2. Sleeping bag\n3."),
     ("spanish", "La ciudad de Barcelona es conocida en todo el mundo por su arquitectura, "
                 "especialmente por las obras de"),
+    # Continuations that no near-tie can flip (every step's best two logits at least ~0.7
+    # apart in llama.cpp), so two correct implementations must agree token for token.
+    ("count", "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"),
+    ("evens", "0, 2, 4, 6, 8, 10, 12,"),
+    ("hundreds", "100, 200, 300, 400,"),
+    ("countdown", "10, 9, 8, 7, 6,"),
+    ("fives", "5, 10, 15, 20, 25,"),
+    ("letters", "a, b, c, d, e, f,"),
+    ("thousands", "1000, 2000, 3000,"),
 ]
 
 TOKENIZER_CORPUS = [

@@ -4,13 +4,14 @@
     python3 scripts/bench/compare_llamacpp.py \
         --models-dir /work/llama-ref/models/moe \
         --llama-bench /work/llama-ref/build/bin/llama-bench \
-        --probe "python3 scripts/bench/bw_probe.py --threads {threads}" \
-        --moesh "build/bin/moesh bench --model {model} --threads {threads} --prompt 128 --tokens 64" \
+        --probe "build/bin/moesh_bench_gguf --probe-only --probe-gib 1 --threads {threads}" \
+        --moesh "build/bin/moesh_bench_gguf --model {model} --threads {threads} --prompt {prompt} --gen {tokens} --reps 3 --probe-gib 0.25" \
         [--shapes moe-small,moe-mid] [--types q8_0,q4_0] [--threads 1,2] [--reps 3]
 
 For every shape x type x threads it runs, in this order:
   1. the probe (template; {threads} substituted) - must print a JSON line with "gbps";
-  2. llama-bench -m MODEL -p 128 -n 64 -t THREADS -r REPS -o jsonl  (pp128 and tg64 t/s;
+  2. llama-bench -m MODEL -p 128 -n 64 -d 0,128 -t THREADS -r REPS -o jsonl  (pp128 at depth 0
+     and tg64 at depth 128, i.e. 64 tokens decoded after a 128-token context;
      llama_cpp.prefill_tps / decode_tps are the MEDIAN of llama-bench's per-repetition
      samples, robust to preemption on a shared machine; *_mean/_stddev are llama-bench's
      own avg_ts/stddev_ts, *_best the fastest repetition, *_samples all of them);
@@ -110,8 +111,9 @@ def bytes_per_token(model_path):
 
 
 def llama_bench(binary, model, threads, prompt, tokens, reps, timeout):
+    # depth 0 and `prompt`: prefill from an empty context, decode after a prompt-long one (as moesh measures)
     cmd = [str(binary), "-m", str(model), "-p", str(prompt), "-n", str(tokens), "-t", str(threads),
-           "-r", str(reps), "-o", "jsonl"]
+           "-d", f"0,{prompt}", "-r", str(reps), "-o", "jsonl"]
     rc, out, err = run(cmd, timeout)
     res = {"cmd": " ".join(shlex.quote(c) for c in cmd)}
     rows = json_lines(out)
@@ -119,9 +121,10 @@ def llama_bench(binary, model, threads, prompt, tokens, reps, timeout):
         res["error"] = f"rc={rc}; {err.strip()[-800:]}"
         return res
     for j in rows:
-        if j.get("n_prompt") == prompt and j.get("n_gen") == 0:
+        depth = j.get("n_depth", 0)
+        if j.get("n_prompt") == prompt and j.get("n_gen") == 0 and depth == 0:
             key = "prefill"
-        elif j.get("n_gen") == tokens and j.get("n_prompt") == 0:
+        elif j.get("n_gen") == tokens and j.get("n_prompt") == 0 and depth == prompt:
             key = "decode"
         else:
             continue
