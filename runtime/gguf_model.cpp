@@ -126,7 +126,7 @@ std::optional<std::pair<int64_t, std::string_view>> split_block_name(std::string
 
 class GgufWeightSource final : public WeightSource {
 public:
-    GgufWeightSource(std::shared_ptr<const GgufFile> file, Arch arch) : file_(std::move(file)), arch_(arch) {
+    GgufWeightSource(std::shared_ptr<const GgufContents> file, Arch arch) : file_(std::move(file)), arch_(arch) {
         for (const GgufTensor & t : file_->tensors()) add(t);
     }
 
@@ -250,7 +250,7 @@ private:
                         "'; the file holds the same weight twice");
     }
 
-    std::shared_ptr<const GgufFile> file_;
+    std::shared_ptr<const GgufContents> file_;
     Arch arch_;
     std::unordered_map<std::string, SourceTensor> tensors_;
 };
@@ -393,7 +393,7 @@ ModelConfig model_config_from_gguf(const GgufContents & f) {
     return c;
 }
 
-std::unique_ptr<WeightSource> gguf_weight_source(std::shared_ptr<const GgufFile> file, Arch arch) {
+std::unique_ptr<WeightSource> gguf_weight_source(std::shared_ptr<const GgufContents> file, Arch arch) {
     return std::make_unique<GgufWeightSource>(std::move(file), arch);
 }
 

@@ -28,7 +28,8 @@ ModelConfig model_config_from_gguf(const GgufContents & file);
 
 // The file's tensors under Hugging Face names for `arch` (expert tensors split
 // into per-expert views); tensors with no counterpart keep their GGUF names.
-std::unique_ptr<WeightSource> gguf_weight_source(std::shared_ptr<const GgufFile> file, Arch arch);
+// A GgufFile converts to the shared_ptr<const GgufContents> taken here.
+std::unique_ptr<WeightSource> gguf_weight_source(std::shared_ptr<const GgufContents> file, Arch arch);
 
 // The moesh dtype of a ggml type, or -1 when no backend computes with it.
 int gguf_type_to_dtype(GgmlType type);

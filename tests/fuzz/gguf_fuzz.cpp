@@ -1,11 +1,13 @@
 // libFuzzer target for parse_gguf: the parser must either accept the input
 // with every invariant of its result holding, or throw moesh::Error. Accepted
 // files also go through every accessor and expert_view, touching the bytes
-// they point at (ASan checks those stay inside the input).
+// they point at (ASan checks those stay inside the input), and through the
+// model binding (model_config_from_gguf, gguf_weight_source).
 #include "fuzz_targets.h"
 
 #include "runtime/error.h"
 #include "runtime/gguf.h"
+#include "runtime/gguf_model.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -97,6 +99,35 @@ void walk_array(const GgufArray & a, const Image & image, int depth) {
 
 } // namespace
 
+// The file as a model: its metadata as a ModelConfig (or a clear refusal),
+// its tensors under Hugging Face names, every expert view inside the input.
+void exercise_model_binding(const GgufContents & g, const Image & image) {
+    ModelConfig c;
+    try {
+        c = model_config_from_gguf(g);
+    } catch (const Error &) {
+        return;
+    }
+    check(c.n_layer >= 1 && c.n_embd >= 1 && c.n_head >= 1 && c.n_head % c.n_head_kv == 0, "config out of range");
+    check(c.layer_is_moe.size() == size_t(c.n_layer), "layer_is_moe size");
+    std::unique_ptr<WeightSource> src;
+    try {
+        src = gguf_weight_source(std::shared_ptr<const GgufContents>(&g, [](const GgufContents *) {}), c.arch);
+    } catch (const Error &) {
+        return; // the same weight twice
+    }
+    for (const std::string & n : src->names()) {
+        const SourceTensor * t = src->find(n);
+        check(t != nullptr, "a listed tensor is not found");
+        int64_t elems = 1;
+        for (int64_t d : t->shape) elems *= d;
+        check(elems > 0, "empty tensor shape");
+        check(image.holds(t->data, 1), "tensor data outside the input");
+        check(!src->file_name_of(n).empty(), "no file name");
+    }
+    (void)src->file_name_of("model.layers.0.mlp.experts.3.up_proj.weight");
+}
+
 bool gguf_one_input(const uint8_t * data, size_t size) {
     GgufContents g;
     try {
@@ -157,6 +188,7 @@ bool gguf_one_input(const uint8_t * data, size_t size) {
               [](const GgufTensor * a, const GgufTensor * b) { return a->offset < b->offset; });
     for (size_t i = 1; i < by_offset.size(); ++i)
         check(by_offset[i - 1]->offset + by_offset[i - 1]->n_bytes <= by_offset[i]->offset, "tensors overlap");
+    exercise_model_binding(g, image);
     return true;
 }
 

@@ -109,7 +109,7 @@ TEST(Quantize, RowsThatAreNotWholeBlocksAreKeptAndReported) {
 
 TEST(Quantize, QuantizedGgufKeepsTheSourceTokenizerAndLoadsBack) {
     Model m = Model::load_folder((fs::path(test::fixtures_dir()) / "olmoe_clip").string());
-    quantize_model(m, {MOESH_DTYPE_Q4_0, MOESH_DTYPE_Q8_0, {}, {}, {}}, 2);
+    quantize_model(m, {MOESH_DTYPE_Q4_0, MOESH_DTYPE_Q4_1, {}, {}, {}}, 2);
     GgufWriter meta;
     meta.add_string("general.architecture", "olmoe");
     meta.add_string("general.name", "tiny");
@@ -132,7 +132,7 @@ TEST(Quantize, QuantizedGgufKeepsTheSourceTokenizerAndLoadsBack) {
     EXPECT_EQ(f.find("olmoe.something_else"), nullptr);
     EXPECT_EQ(f.get_u32("general.file_type"), 2u); // mostly q4_0
     EXPECT_EQ(f.require_tensor("blk.0.ffn_up_exps.weight").type, GgmlType::Q4_0);
-    EXPECT_EQ(f.require_tensor("blk.0.attn_q.weight").type, GgmlType::Q8_0);
+    EXPECT_EQ(f.require_tensor("blk.0.attn_q.weight").type, GgmlType::Q4_1);
     EXPECT_EQ(f.require_tensor("blk.0.ffn_gate_inp.weight").type, GgmlType::F32);
 
     const Model back = Model::load_path(path);
