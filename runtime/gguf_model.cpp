@@ -257,19 +257,31 @@ private:
 
 } // namespace
 
+namespace {
+constexpr std::pair<GgmlType, moesh_dtype> k_types[] = {
+    {GgmlType::F32, MOESH_DTYPE_F32},   {GgmlType::F16, MOESH_DTYPE_F16},   {GgmlType::BF16, MOESH_DTYPE_BF16},
+    {GgmlType::Q8_0, MOESH_DTYPE_Q8_0}, {GgmlType::Q4_0, MOESH_DTYPE_Q4_0}, {GgmlType::Q4_1, MOESH_DTYPE_Q4_1},
+    {GgmlType::Q4_K, MOESH_DTYPE_Q4_K}, {GgmlType::Q5_K, MOESH_DTYPE_Q5_K}, {GgmlType::Q6_K, MOESH_DTYPE_Q6_K},
+};
+} // namespace
+
 int gguf_type_to_dtype(GgmlType type) {
-    switch (type) {
-    case GgmlType::F32: return MOESH_DTYPE_F32;
-    case GgmlType::F16: return MOESH_DTYPE_F16;
-    case GgmlType::BF16: return MOESH_DTYPE_BF16;
-    case GgmlType::Q8_0: return MOESH_DTYPE_Q8_0;
-    case GgmlType::Q4_0: return MOESH_DTYPE_Q4_0;
-    case GgmlType::Q4_1: return MOESH_DTYPE_Q4_1;
-    case GgmlType::Q4_K: return MOESH_DTYPE_Q4_K;
-    case GgmlType::Q5_K: return MOESH_DTYPE_Q5_K;
-    case GgmlType::Q6_K: return MOESH_DTYPE_Q6_K;
-    default: return -1;
-    }
+    for (const auto & [g, d] : k_types)
+        if (g == type) return d;
+    return -1;
+}
+
+std::optional<GgmlType> dtype_to_gguf_type(moesh_dtype type) {
+    for (const auto & [g, d] : k_types)
+        if (d == type) return g;
+    return std::nullopt;
+}
+
+const char * gguf_arch_name(Arch arch) {
+    if (arch == Arch::Mixtral) return "llama";
+    for (const auto & a : k_archs)
+        if (a.arch == arch) return a.gguf_name;
+    return "?";
 }
 
 ModelConfig model_config_from_gguf(const GgufContents & f) {

@@ -21,6 +21,7 @@
 #include "runtime/weight_source.h"
 
 #include <memory>
+#include <optional>
 
 namespace moesh {
 
@@ -31,7 +32,10 @@ ModelConfig model_config_from_gguf(const GgufContents & file);
 // A GgufFile converts to the shared_ptr<const GgufContents> taken here.
 std::unique_ptr<WeightSource> gguf_weight_source(std::shared_ptr<const GgufContents> file, Arch arch);
 
-// The moesh dtype of a ggml type, or -1 when no backend computes with it.
+// The moesh dtype of a ggml type, or -1 when no backend computes with it; and back.
 int gguf_type_to_dtype(GgmlType type);
+std::optional<GgmlType> dtype_to_gguf_type(moesh_dtype type);
+// general.architecture for a moesh architecture ("llama" for Llama and Mixtral).
+const char * gguf_arch_name(Arch arch);
 
 } // namespace moesh

@@ -17,6 +17,7 @@
 
 #include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 #include <cstdio>
 #include <iostream>
@@ -64,8 +65,11 @@ std::string human_bytes(double b) {
     return buf;
 }
 
+// A file that starts with GGUF's magic (whatever its name); a tokenizer.json or a folder is not.
 bool is_gguf_path(const std::string & path) {
-    return !std::filesystem::is_directory(path) && std::filesystem::path(path).extension() == ".gguf";
+    char magic[4] = {};
+    std::ifstream in(path, std::ios::binary);
+    return !std::filesystem::is_directory(path) && in.read(magic, 4) && std::string_view(magic, 4) == "GGUF";
 }
 
 // A .gguf file's vocabulary, the tokenizer.json of a model folder, or that file itself.
@@ -342,7 +346,7 @@ int cmd_quantize(const std::string & in, const std::string & out, const std::str
     if (plan.empty()) throw Error("nothing to do: give --type or a per-class type (--experts, --attention, ...)");
     std::shared_ptr<const moesh::GgufFile> src;
     namespace fs = std::filesystem;
-    if (!fs::is_directory(in) && fs::exists(in)) src = std::make_shared<const moesh::GgufFile>(in);
+    if (is_gguf_path(in)) src = std::make_shared<const moesh::GgufFile>(in);
     moesh::Model model = load_model(in, plan, threads);
     if (!src) std::fprintf(stderr, "moesh: note: %s is not a GGUF file, so %s gets no tokenizer metadata\n", in.c_str(), out.c_str());
     moesh::write_model_gguf(model, out, src.get());
@@ -424,7 +428,7 @@ int inspect_gguf(const std::string & path) {
 }
 
 int cmd_inspect(const CommonOptions & co) {
-    if (is_gguf_path(co.model)) return inspect_gguf(co.model);
+    if (!std::filesystem::is_directory(co.model)) return inspect_gguf(co.model); // a GGUF file, or its error
     moesh::Model model = moesh::Model::load_folder(co.model);
     const auto & c = model.config();
     std::printf("model:         %s\n", co.model.c_str());

@@ -2,6 +2,7 @@
 
 #include "experts/quant.h"
 #include "runtime/error.h"
+#include "runtime/gguf_model.h"
 #include "runtime/gguf_writer.h"
 
 #include <algorithm>
@@ -14,21 +15,6 @@
 namespace moesh {
 
 namespace {
-
-std::optional<GgmlType> ggml_type_of(moesh_dtype t) {
-    switch (t) {
-    case MOESH_DTYPE_F32: return GgmlType::F32;
-    case MOESH_DTYPE_F16: return GgmlType::F16;
-    case MOESH_DTYPE_BF16: return GgmlType::BF16;
-    case MOESH_DTYPE_Q8_0: return GgmlType::Q8_0;
-    case MOESH_DTYPE_Q4_0: return GgmlType::Q4_0;
-    case MOESH_DTYPE_Q4_1: return GgmlType::Q4_1;
-    case MOESH_DTYPE_Q4_K: return GgmlType::Q4_K;
-    case MOESH_DTYPE_Q5_K: return GgmlType::Q5_K;
-    case MOESH_DTYPE_Q6_K: return GgmlType::Q6_K;
-    default: return std::nullopt;
-    }
-}
 
 bool is_element_type(moesh_dtype t) { return t == MOESH_DTYPE_F32 || t == MOESH_DTYPE_F16 || t == MOESH_DTYPE_BF16; }
 
@@ -122,17 +108,6 @@ QuantizeReport quantize_model(Model & m, const QuantizePlan & plan, int n_thread
 
 namespace {
 
-const char * gguf_arch_name(Arch a) {
-    switch (a) {
-    case Arch::Llama:
-    case Arch::Mixtral: return "llama";
-    case Arch::Qwen2Moe: return "qwen2moe";
-    case Arch::Qwen3Moe: return "qwen3moe";
-    case Arch::Olmoe: return "olmoe";
-    }
-    return "?";
-}
-
 // Carries a general.* / tokenizer.* value over from the source file.
 void copy_kv(GgufWriter & w, const GgufKv & kv) {
     const GgufValue & v = kv.value;
@@ -175,11 +150,9 @@ void copy_kv(GgufWriter & w, const GgufKv & kv) {
         case GgufValueType::F32: scalars.operator()<float>(); break;
         case GgufValueType::F64: scalars.operator()<double>(); break;
         case GgufValueType::Bool: {
-            std::vector<uint8_t> raw(n);
-            if (n) std::memcpy(raw.data(), a.raw(), n);
-            std::unique_ptr<bool[]> arr(new bool[n ? n : 1]);
-            for (size_t i = 0; i < n; ++i) arr[i] = raw[i] != 0;
-            w.add_array<bool>(kv.key, std::span<const bool>(arr.get(), n));
+            std::unique_ptr<bool[]> b(new bool[n ? n : 1]);
+            for (size_t i = 0; i < n; ++i) b[i] = a.raw()[i] != 0;
+            w.add_array<bool>(kv.key, std::span<const bool>(b.get(), n));
             break;
         }
         case GgufValueType::Array: break; // arrays of arrays: nothing llama.cpp reads; dropped
@@ -256,7 +229,7 @@ void write_model_gguf(const Model & m, const std::string & path, const GgufConte
     w.add_u32("general.quantization_version", 2);
 
     auto matrix = [&](const std::string & name, const WeightMatrix & mat) {
-        const auto t = ggml_type_of(mat.type);
+        const auto t = dtype_to_gguf_type(mat.type);
         if (!t) throw Error("cannot write " + name + ": no GGUF type for " + dtype_name(mat.type));
         w.add_tensor_view(name, *t, {mat.n_cols, mat.n_rows},
                           std::span<const uint8_t>(static_cast<const uint8_t *>(mat.data), mat.n_bytes()));
@@ -267,27 +240,24 @@ void write_model_gguf(const Model & m, const std::string & path, const GgufConte
         std::memcpy(b.data(), v.data(), b.size());
         w.add_tensor(name, GgmlType::F32, {int64_t(v.size())}, std::move(b));
     };
-    // llama.cpp's llama graph rotates adjacent pairs: reorder each head's rows (i, i + d/2) -> (2i, 2i+1)
+    // llama.cpp's llama graph rotates adjacent pairs: within each head, row 2i + j
+    // of the file is row j * d/2 + i of the rotate-half layout (rows are whole, so
+    // quantized ones move as they are)
     const bool permute = llama && !c.rope_adjacent_pairs;
-    auto permuted = [&](const std::string & name, const WeightMatrix & mat, int64_t n_head) {
+    const int64_t d = c.head_dim;
+    auto source_row = [d](int64_t r) { return r / d * d + (r % d) % 2 * (d / 2) + (r % d) / 2; };
+    auto permuted = [&](const std::string & name, const WeightMatrix & mat) {
         if (!permute) return matrix(name, mat);
         const size_t rb = dtype_row_bytes(mat.type, mat.n_cols);
-        const int64_t d = c.head_dim;
         std::vector<uint8_t> & out = keep.emplace_back(rb * size_t(mat.n_rows));
         const auto * src = static_cast<const uint8_t *>(mat.data);
-        for (int64_t h = 0; h < n_head; ++h)
-            for (int64_t i = 0; i < d / 2; ++i)
-                for (int64_t j = 0; j < 2; ++j)
-                    std::memcpy(&out[size_t(h * d + 2 * i + j) * rb], src + size_t(h * d + j * (d / 2) + i) * rb, rb);
+        for (int64_t r = 0; r < mat.n_rows; ++r) std::memcpy(&out[size_t(r) * rb], src + size_t(source_row(r)) * rb, rb);
         matrix(name, WeightMatrix{out.data(), mat.type, mat.n_rows, mat.n_cols});
     };
-    auto permuted_vec = [&](const std::string & name, const std::vector<float> & v, int64_t n_head) {
+    auto permuted_vec = [&](const std::string & name, const std::vector<float> & v) {
         if (!permute || v.empty()) return vec(name, v);
         std::vector<float> o(v.size());
-        const int64_t d = c.head_dim;
-        for (int64_t h = 0; h < n_head; ++h)
-            for (int64_t i = 0; i < d / 2; ++i)
-                for (int64_t j = 0; j < 2; ++j) o[size_t(h * d + 2 * i + j)] = v[size_t(h * d + j * (d / 2) + i)];
+        for (size_t r = 0; r < v.size(); ++r) o[r] = v[size_t(source_row(int64_t(r)))];
         vec(name, o);
     };
 
@@ -309,12 +279,12 @@ void write_model_gguf(const Model & m, const std::string & path, const GgufConte
         const std::string b = "blk." + std::to_string(il) + ".";
         vec(b + "attn_norm.weight", L.attn_norm);
         vec(b + "ffn_norm.weight", L.ffn_norm);
-        permuted(b + "attn_q.weight", L.wq, c.n_head);
-        permuted(b + "attn_k.weight", L.wk, c.n_head_kv);
+        permuted(b + "attn_q.weight", L.wq);
+        permuted(b + "attn_k.weight", L.wk);
         matrix(b + "attn_v.weight", L.wv);
         matrix(b + "attn_output.weight", L.wo);
-        permuted_vec(b + "attn_q.bias", L.bq, c.n_head);
-        permuted_vec(b + "attn_k.bias", L.bk, c.n_head_kv);
+        permuted_vec(b + "attn_q.bias", L.bq);
+        permuted_vec(b + "attn_k.bias", L.bk);
         vec(b + "attn_v.bias", L.bv);
         vec(b + "attn_output.bias", L.bo);
         vec(b + "attn_q_norm.weight", L.q_norm);
@@ -340,7 +310,7 @@ void write_model_gguf(const Model & m, const std::string & path, const GgufConte
                                 std::to_string(e) + " has another type or size than expert 0");
                 std::memcpy(&out[size_t(e) * bytes], we.data, bytes);
             }
-            w.add_tensor_view(b + "ffn_" + k + "_exps.weight", *ggml_type_of(e0.type), {e0.n_cols, e0.n_rows, c.n_expert},
+            w.add_tensor_view(b + "ffn_" + k + "_exps.weight", *dtype_to_gguf_type(e0.type), {e0.n_cols, e0.n_rows, c.n_expert},
                               std::span<const uint8_t>(out));
         }
         if (!L.shared.empty()) {
