@@ -8,7 +8,7 @@
 //     predict token j + 1, with nll = -log softmax(logits_j)[token_{j+1}]
 //     (max-subtracted, the sum of exponentials in double);
 //   - PPL = exp(mean nll), reported running after each chunk; the uncertainty
-//     is PPL * sqrt((mean nll^2 - mean nll^2) / (count - 1)).
+//     is PPL * sqrt((mean(nll^2) - mean(nll)^2) / (count - 1)).
 //
 //   PerplexityOptions o; o.n_ctx = 512;
 //   PerplexityResult r = perplexity(model, backend, tokens, o);   // r.ppl, r.ppl_error
