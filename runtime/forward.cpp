@@ -8,8 +8,9 @@
 
 namespace moesh {
 
-ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, int64_t max_batch)
-    : model_(model), be_(backend), kv_(kv), max_batch_(max_batch),
+ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, int64_t max_batch,
+                         const PackedWeights * packed)
+    : model_(model), be_(backend), packed_(packed), kv_(kv), max_batch_(max_batch),
       heat_(model.config().n_layer, std::max<int64_t>(1, model.config().n_expert)),
       dispatch_(std::max<int64_t>(1, model.config().n_expert), max_batch * std::max<int64_t>(1, model.config().n_expert_used)) {
     const ModelConfig & c = model.config();
@@ -61,6 +62,10 @@ void ForwardPass::matmul(const WeightMatrix & w, const std::vector<float> & bias
     a.struct_size = sizeof a;
     a.w = w.data;
     a.w_type = w.type;
+    if (const void * p = packed_ ? packed_->find(w) : nullptr) {
+        a.w = p;
+        a.w_type = int32_t(w.type) | MOESH_DTYPE_PACKED;
+    }
     a.bias = bias.empty() ? nullptr : bias.data();
     a.x = x;
     a.y = y;
@@ -91,6 +96,12 @@ void ForwardPass::run_expert(const ExpertWeights & w, const float * x, const flo
     a.up = w.up.data;
     a.down = w.down.data;
     a.w_type = w.gate.type;
+    if (const void * g = packed_ ? packed_->find(w.gate) : nullptr) {   // packed as a set (PackedWeights)
+        a.gate = g;
+        a.up = packed_->find(w.up);
+        a.down = packed_->find(w.down);
+        a.w_type = int32_t(w.gate.type) | MOESH_DTYPE_PACKED;
+    }
     a.x = x;
     a.scale = scale;
     a.out = out;

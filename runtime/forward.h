@@ -17,6 +17,7 @@
 #include "runtime/batch.h"
 #include "runtime/kv_cache.h"
 #include "runtime/model.h"
+#include "runtime/packed_weights.h"
 
 #include <string>
 #include <vector>
@@ -25,7 +26,9 @@ namespace moesh {
 
 class ForwardPass {
 public:
-    ForwardPass(const Model & model, Backend & backend, KvCache & kv, int64_t max_batch);
+    // packed (may be null, must outlive this): copies of weights in the backend's own layout.
+    ForwardPass(const Model & model, Backend & backend, KvCache & kv, int64_t max_batch,
+                const PackedWeights * packed = nullptr);
 
     // Returns the logits of the tokens with want_logits set, in batch order,
     // or nullptr with *error set when the batch is invalid (token outside the
@@ -45,6 +48,7 @@ private:
 
     const Model & model_;
     Backend & be_;
+    const PackedWeights * packed_;
     KvCache & kv_;
     int64_t max_batch_;
     ExpertHeat heat_;

@@ -36,7 +36,7 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
     if (!kv.reserve(0, n_total)) throw Error("KV cache: cannot reserve " + std::to_string(n_total) + " positions");
 
     const int64_t max_batch = std::min(o.max_batch, n_prompt);
-    ForwardPass fwd(model, backend, kv, std::max<int64_t>(1, max_batch));
+    ForwardPass fwd(model, backend, kv, std::max<int64_t>(1, max_batch), o.packed);
     Sampler sampler(o.sampling, c.n_vocab);
     GenerateResult r;
     r.kv_bytes = ks.bytes();

@@ -7,6 +7,7 @@
 #include "runtime/mapped_file.h"
 #include "runtime/model.h"
 #include "runtime/npy.h"
+#include "runtime/packed_weights.h"
 #include "runtime/perplexity.h"
 #include "runtime/quantize.h"
 #include "runtime/run_config.h"
@@ -120,7 +121,23 @@ struct CommonOptions {
     int threads = -1;
     bool verbose = false;
     std::string activations;   // "", "fast" or "precise"
+    bool no_repack = false;
 };
+
+// The model's weights in the backend's own layout, when it has one and they fit.
+std::unique_ptr<moesh::PackedWeights> pack_weights(const moesh::Model & model, moesh::Backend & backend,
+                                                   const CommonOptions & co, const moesh::RunConfig & rc) {
+    moesh::PackOptions o;
+    o.enabled = rc.repack && !co.no_repack;
+    o.progress = [](size_t done, size_t total) {
+        std::fprintf(stderr, "\rmoesh: packing weights for the backend: %3d%%", int(100.0 * double(done) / double(total)));
+        if (done == total) std::fprintf(stderr, "\r");
+        std::fflush(stderr);
+    };
+    auto p = std::make_unique<moesh::PackedWeights>(model, backend, o);
+    std::fprintf(stderr, "moesh: %s\n", p->summary().c_str());
+    return p;
+}
 
 std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moesh::RunConfig & rc) {
     moesh::PluginOptions po;
@@ -223,6 +240,8 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
         };
     }
 
+    const auto packed = pack_weights(model, *backend, co, rc);
+    go.packed = packed.get();
     moesh::GenerateResult r = moesh::generate(model, *backend, go);
     std::string text;
     if (tok) {
@@ -308,6 +327,8 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
         std::fprintf(stderr, "[%lld]%.4f,", (long long)i + 1, ppl);
         std::fflush(stderr);
     };
+    const auto packed = pack_weights(model, *backend, co, rc);
+    po.packed = packed.get();
     const moesh::PerplexityResult r = moesh::perplexity(model, *backend, tokens, po);
     std::fprintf(stderr, "\n");
     if (output == "json") {
@@ -489,6 +510,9 @@ void add_common(CLI::App * sub, CommonOptions & co) {
                     "How quantized weights see activations: fast (8 bits per value, as llama.cpp) or precise "
                     "(two 8-bit passes: ~100x less rounding error, slower); default: config, else fast")
         ->check(CLI::IsMember({"fast", "precise"}));
+    sub->add_flag("--no-repack", co.no_repack,
+                  "Keep quantized weights in the file's layout instead of repacking them at load into the backend's "
+                  "faster one (which takes a second copy of them in memory); also [runtime] repack = false");
 }
 
 } // namespace

@@ -41,7 +41,7 @@ PerplexityResult perplexity(const Model & model, Backend & backend, const std::v
     ks.n_blocks = (n_ctx + ks.block_size - 1) / ks.block_size;
     ks.n_seq_max = 1;
     KvCache kv(ks);
-    ForwardPass fwd(model, backend, kv, n_batch);
+    ForwardPass fwd(model, backend, kv, n_batch, o.packed);
 
     PerplexityResult r;
     const size_t n_vocab = size_t(c.n_vocab);

@@ -82,8 +82,12 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                     if (!v.is_string() || !s || (*s != "fast" && *s != "precise"))
                         fail(source, v, key, "expected \"fast\" (8-bit, as llama.cpp) or \"precise\"");
                     rc.precise_activations = *s == "precise";
+                } else if (k == "repack") {
+                    auto b = v.value<bool>();
+                    if (!v.is_boolean() || !b) fail(source, v, key, "expected true or false");
+                    rc.repack = *b;
                 } else {
-                    fail(source, v, key, "unknown key (known: threads, max_batch, kv_block_size, activations)");
+                    fail(source, v, key, "unknown key (known: threads, max_batch, kv_block_size, activations, repack)");
                 }
             }
         } else if (sname == "quantize") {

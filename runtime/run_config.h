@@ -9,6 +9,7 @@
 //   max_batch = 64
 //   kv_block_size = 16
 //   activations = "fast"         # or "precise": see moesh_activations in plugin.h
+//   repack = true                # weights in the backend's own layout at load (runtime/packed_weights.h)
 //   [quantize]                   # at load time, from f32/f16/bf16 weights (see runtime/quantize.h)
 //   experts = "q4_0"             # q8_0, q4_0 or q4_1 per class:
 //   attention = "q8_0"           #   experts, attention, ffn, embeddings, output
@@ -35,6 +36,7 @@ struct RunConfig {
     int64_t max_batch = 64;
     int64_t kv_block_size = 16;
     bool precise_activations = false;
+    bool repack = true;
     QuantizePlan quantize;
 };
 

@@ -186,8 +186,14 @@ bool weight_type_ok(int32_t t) {
 moesh_status unsupported_weight_type(moesh_backend * be, const char * op, int32_t t) {
     return fail(be, MOESH_ERR_UNSUPPORTED,
                 "%s: weight dtype %d is not supported by the cpu backend (f32, f16, bf16, q8_0, q4_0, q4_1, q4_K, "
-                "q5_K, q6_K are)",
+                "q5_K, q6_K are, and q8_0, q4_0 packed)",
                 op, int(t));
+}
+
+// A packed weight's header matches the type and shape of the call.
+bool packed_ok(int32_t w_type, const void * w, int64_t n_rows, int64_t n_cols) {
+    return !(w_type & MOESH_DTYPE_PACKED) ||
+           moesh::cpu::packed_matches(w, w_type & ~MOESH_DTYPE_PACKED, n_rows, n_cols);
 }
 
 // Whether n is a whole number of w_type's blocks (always, for element types).
@@ -295,6 +301,7 @@ moesh_status cpu_create(const moesh_backend_params * params, const moesh_host_ap
         if (n_threads <= 0) {
             n_threads = default_thread_count();
         }
+        moesh::cpu::apply_simd_limit_from_env();
         auto be = std::make_unique<moesh_backend>(n_threads, activations == MOESH_ACTIVATIONS_PRECISE);
         if (host) {
             std::memcpy(&be->host, host, std::min<size_t>(host->struct_size, sizeof be->host));
@@ -512,6 +519,9 @@ moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
         MOESH_CPU_REQUIRE(whole_blocks(a.w_type, a.n_in),
                           "matmul: n_in (%lld) is not a multiple of %lld, as block weight dtype %d needs", ll(a.n_in),
                           ll(moesh::cpu::quant_block_elems(a.w_type)), int(a.w_type));
+        MOESH_CPU_REQUIRE(packed_ok(a.w_type, a.w, a.n_out, a.n_in),
+                          "matmul: w is not what pack_weights wrote for dtype %d and shape [%lld, %lld]",
+                          int(a.w_type & ~MOESH_DTYPE_PACKED), ll(a.n_out), ll(a.n_in));
         // Exact extents: rows are n_in (n_out) floats, x_stride (y_stride) apart.
         MOESH_CPU_REQUIRE(disjoint(a.y, size_t(n_y - a.y_stride + a.n_out) * 4, a.x,
                                    size_t(n_x - a.x_stride + a.n_in) * 4),
@@ -632,6 +642,11 @@ moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * ar
         MOESH_CPU_REQUIRE(whole_blocks(a.w_type, a.n_embd) && whole_blocks(a.w_type, a.n_ff),
                           "expert_ffn: n_embd (%lld) and n_ff (%lld) must be multiples of %lld for block weight dtype %d",
                           ll(a.n_embd), ll(a.n_ff), ll(moesh::cpu::quant_block_elems(a.w_type)), int(a.w_type));
+        MOESH_CPU_REQUIRE(packed_ok(a.w_type, a.gate, a.n_ff, a.n_embd) && packed_ok(a.w_type, a.up, a.n_ff, a.n_embd) &&
+                              packed_ok(a.w_type, a.down, a.n_embd, a.n_ff),
+                          "expert_ffn: gate, up and down are not what pack_weights wrote for dtype %d and shapes "
+                          "[%lld, %lld], [%lld, %lld]",
+                          int(a.w_type & ~MOESH_DTYPE_PACKED), ll(a.n_ff), ll(a.n_embd), ll(a.n_embd), ll(a.n_ff));
         MOESH_CPU_REQUIRE(disjoint(a.scratch, size_t(n_h) * 4, a.x, size_t(n_x) * 4) &&
                               disjoint(a.scratch, size_t(n_h) * 4, a.out, size_t(n_x) * 4),
                           "expert_ffn: scratch overlaps x or out");
@@ -761,6 +776,52 @@ moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args
     });
 }
 
+// ---------------------------------------------------------------- packing
+
+moesh_status cpu_packed_size(moesh_backend * be, int32_t w_type, int64_t n_rows, int64_t n_cols, size_t * out) {
+    return guarded(be, "packed_size", [&]() -> moesh_status {
+        MOESH_CPU_REQUIRE(out, "packed_size: out_bytes is NULL");
+        *out = 0;
+        if (!moesh::cpu::is_packable(w_type)) {
+            return fail(be, MOESH_ERR_UNSUPPORTED, "packed_size: dtype %d is not packed by the cpu backend (q8_0, q4_0 are)",
+                        int(w_type));
+        }
+        MOESH_CPU_REQUIRE(n_rows > 0 && n_cols > 0 && n_cols % 32 == 0,
+                          "packed_size: n_rows (%lld) must be positive and n_cols (%lld) a positive multiple of 32",
+                          ll(n_rows), ll(n_cols));
+        *out = moesh::cpu::packed_bytes(w_type, n_rows, n_cols);
+        MOESH_CPU_REQUIRE(*out > 0, "packed_size: [%lld, %lld] overflows", ll(n_rows), ll(n_cols));
+        return MOESH_OK;
+    });
+}
+
+moesh_status cpu_pack_weights(moesh_backend * be, int32_t w_type, const void * w, int64_t n_rows, int64_t n_cols,
+                              void * dst, size_t dst_bytes) {
+    return guarded(be, "pack_weights", [&]() -> moesh_status {
+        size_t need = 0;
+        const moesh_status s = cpu_packed_size(be, w_type, n_rows, n_cols, &need);
+        if (s != MOESH_OK) {
+            return s;
+        }
+        MOESH_CPU_REQUIRE(w && dst, "pack_weights: w and dst must not be NULL");
+        MOESH_CPU_REQUIRE(dst_bytes >= need, "pack_weights: dst_bytes %zu is less than the %zu packed_size says",
+                          dst_bytes, need);
+        MOESH_CPU_REQUIRE(disjoint(w, size_t(n_rows) * size_t(n_cols / 32) * (w_type == MOESH_DTYPE_Q4_0 ? 18 : 34),
+                                   dst, need),
+                          "pack_weights: dst overlaps w");
+        moesh::cpu::pack_header(w_type, n_rows, n_cols, dst);
+        const int64_t n_tiles = (n_rows + 7) / 8;
+        auto task = [&](int, int64_t part, int64_t n_parts) {
+            const Range r = split(n_tiles, part, n_parts);
+            moesh::cpu::pack_tiles(w_type, w, n_rows, n_cols, dst, r.begin, r.end);
+        };
+        int64_t work = INT64_MAX;
+        product_fits(n_rows, n_cols, &work);
+        run_parallel(be, work, n_tiles, task);
+        return MOESH_OK;
+    });
+}
+
 const moesh_backend_iface k_cpu_iface = {
     /* .abi_version    = */ MOESH_PLUGIN_ABI_VERSION,
     /* .struct_size    = */ sizeof(moesh_backend_iface),
@@ -782,6 +843,8 @@ const moesh_backend_iface k_cpu_iface = {
     /* .expert_ffn     = */ cpu_expert_ffn,
     /* .softmax        = */ cpu_softmax,
     /* .attention      = */ cpu_attention,
+    /* .packed_size    = */ cpu_packed_size,
+    /* .pack_weights   = */ cpu_pack_weights,
 };
 
 } // namespace

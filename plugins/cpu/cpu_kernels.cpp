@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -688,6 +690,31 @@ HWY_EXPORT(rope_tokens);
 HWY_EXPORT(attention_items);
 
 const char * simd_target_name() { return HWY_DYNAMIC_DISPATCH(target_name)(); }
+
+bool apply_simd_limit_from_env() {
+    const char * v = std::getenv("MOESH_CPU_SIMD");
+    if (!v || std::strcmp(v, "portable") != 0) {
+        return false;
+    }
+    int64_t above_sse4 = 0;
+#ifdef HWY_AVX2
+    above_sse4 |= HWY_AVX2;
+#endif
+#ifdef HWY_AVX3
+    above_sse4 |= HWY_AVX3;
+#endif
+#ifdef HWY_AVX3_DL
+    above_sse4 |= HWY_AVX3_DL;
+#endif
+#ifdef HWY_AVX3_ZEN4
+    above_sse4 |= HWY_AVX3_ZEN4;
+#endif
+#ifdef HWY_AVX3_SPR
+    above_sse4 |= HWY_AVX3_SPR;
+#endif
+    hwy::DisableTargets(above_sse4);
+    return true;
+}
 
 bool needs_kernel_layout(int32_t w_type) { return w_type == MOESH_DTYPE_BF16; }
 

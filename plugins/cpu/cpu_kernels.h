@@ -14,6 +14,11 @@ namespace moesh::cpu {
 // Name of the Highway target the kernels dispatch to on this CPU ("AVX2", ...).
 const char * simd_target_name();
 
+// With MOESH_CPU_SIMD=portable in the environment, turns off the x86 targets
+// from AVX2 up for the whole process, so that the portable code paths run
+// (tests use it); returns whether it did. Call before any kernel.
+bool apply_simd_limit_from_env();
+
 // Whether activations multiplied with weights of w_type must first be put in
 // "kernel layout" (an order that makes widening those weights cheaper; see
 // cpu_kernels.cpp). Then matmul's a.x and expert_ffn's a.x must be in it.

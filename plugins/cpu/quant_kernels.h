@@ -27,10 +27,24 @@
 
 namespace moesh::cpu {
 
-// Whether w_type is one of the block types these kernels take.
+// Whether w_type is one of the block types these kernels take (packed ones too).
 bool is_quant_type(int32_t w_type);
 // Elements per block of w_type (32 or 256); 0 when not a block type.
 int64_t quant_block_elems(int32_t w_type);
+
+// Packed weights (w_type | MOESH_DTYPE_PACKED; layout in quant_kernels.cpp):
+// Q4_0 and Q8_0 rows interleaved 8 at a time, so one SIMD multiply serves 8
+// rows. A 64-byte header records the type and shape, checked by every op.
+bool is_packable(int32_t w_type);
+// Bytes of a packed [n_rows, n_cols] matrix; 0 when w_type is not packed or
+// the shape is invalid (n_cols not a multiple of 32, overflow).
+size_t packed_bytes(int32_t w_type, int64_t n_rows, int64_t n_cols);
+void pack_header(int32_t w_type, int64_t n_rows, int64_t n_cols, void * dst);
+// Tiles [tile0, tile1) of the 8-row tiles of w into dst (after its header).
+void pack_tiles(int32_t w_type, const void * w, int64_t n_rows, int64_t n_cols, void * dst, int64_t tile0,
+                int64_t tile1);
+// Whether the header at w says w_type (without the flag) and this shape.
+bool packed_matches(const void * w, int32_t w_type, int64_t n_rows, int64_t n_cols);
 
 // Quantized activations, rows of n values (n a multiple of 32), with
 // ng8 = n / 32 rounded up to a multiple of 8 (the padding is zero). Each run

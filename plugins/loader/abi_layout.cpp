@@ -74,7 +74,10 @@ static_assert(offsetof(moesh_backend_iface, rope) == 120, "moesh_backend_iface.r
 static_assert(offsetof(moesh_backend_iface, expert_ffn) == 128, "moesh_backend_iface.expert_ffn moved");
 static_assert(offsetof(moesh_backend_iface, softmax) == 136, "moesh_backend_iface.softmax moved");
 static_assert(offsetof(moesh_backend_iface, attention) == 144, "moesh_backend_iface.attention moved");
-static_assert(sizeof(moesh_backend_iface) == 152, "moesh_backend_iface changed size");
+// Optional slots appended in ABI v1 (a v1 table may end at attention).
+static_assert(offsetof(moesh_backend_iface, packed_size) == 152, "moesh_backend_iface.packed_size moved");
+static_assert(offsetof(moesh_backend_iface, pack_weights) == 160, "moesh_backend_iface.pack_weights moved");
+static_assert(sizeof(moesh_backend_iface) == 168, "moesh_backend_iface changed size");
 
 // moesh_host_api
 static_assert(offsetof(moesh_host_api, abi_version) == 0, "moesh_host_api.abi_version moved");

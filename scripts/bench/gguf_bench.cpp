@@ -13,6 +13,7 @@
 #include "plugins/loader/plugin_loader.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
+#include "runtime/packed_weights.h"
 
 #include <nlohmann/json.hpp>
 
@@ -51,6 +52,7 @@ int main(int argc, char ** argv) {
     int reps = 3;
     double probe_gib = 1.0;
     bool probe_only = false;
+    bool repack = true;
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         auto next = [&]() -> std::string {
@@ -72,11 +74,12 @@ int main(int argc, char ** argv) {
         else if (a == "--reps") reps = std::stoi(next());
         else if (a == "--probe-gib") probe_gib = std::stod(next());
         else if (a == "--probe-only") probe_only = true;
+        else if (a == "--no-repack") repack = false;
         else if (a == "--plugin-dir") plugin_dir = next();
         else {
             std::fprintf(stderr,
                          "usage: %s --model PATH [--threads 1,2] [--prompt 128] [--gen 64] [--batch 128] [--reps 3]\n"
-                         "          [--probe-gib 1] [--plugin-dir D]\n"
+                         "          [--probe-gib 1] [--plugin-dir D] [--no-repack]\n"
                          "       %s --probe-only [--threads 2] [--probe-gib 1]\n",
                          argv[0], argv[0]);
             return a == "--help" ? 0 : 2;
@@ -112,6 +115,11 @@ int main(int argc, char ** argv) {
                 std::fprintf(stderr, "no backend:\n%s", report.c_str());
                 return 1;
             }
+            moesh::PackOptions pk;
+            pk.enabled = repack;
+            const moesh::PackedWeights packed(model, *be, pk);
+            std::fprintf(stderr, "%s\n", packed.summary().c_str());
+            o.packed = &packed;
             moesh::generate(model, *be, o); // warm-up: page in the weights
             const double bw_before = probe_gbps(probe_gib, t);
             std::vector<double> pp, tg;
@@ -126,6 +134,7 @@ int main(int argc, char ** argv) {
             nlohmann::json j = {{"bench", "moesh"},
                                 {"model", model_path},
                                 {"threads", t},
+                                {"repack", packed.n_matrices() > 0},
                                 {"n_prompt", n_prompt},
                                 {"n_gen", n_gen},
                                 {"reps", reps},

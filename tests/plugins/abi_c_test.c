@@ -62,7 +62,9 @@ _Static_assert(offsetof(moesh_backend_iface, rope) == 120, "moesh_backend_iface.
 _Static_assert(offsetof(moesh_backend_iface, expert_ffn) == 128, "moesh_backend_iface.expert_ffn moved");
 _Static_assert(offsetof(moesh_backend_iface, softmax) == 136, "moesh_backend_iface.softmax moved");
 _Static_assert(offsetof(moesh_backend_iface, attention) == 144, "moesh_backend_iface.attention moved");
-_Static_assert(sizeof(moesh_backend_iface) == 152, "moesh_backend_iface changed size");
+_Static_assert(offsetof(moesh_backend_iface, packed_size) == 152, "moesh_backend_iface.packed_size moved");
+_Static_assert(offsetof(moesh_backend_iface, pack_weights) == 160, "moesh_backend_iface.pack_weights moved");
+_Static_assert(sizeof(moesh_backend_iface) == 168, "moesh_backend_iface changed size");
 
 /* moesh_host_api */
 _Static_assert(offsetof(moesh_host_api, abi_version) == 0, "moesh_host_api.abi_version moved");

@@ -139,6 +139,13 @@ typedef enum moesh_dtype {
     MOESH_DTYPE_Q6_K = 8    /* 210-byte blocks of 256 elements */
 } moesh_dtype;
 
+/* Packed weights: w_type = (block type) | MOESH_DTYPE_PACKED says that a weight
+ * pointer holds what this backend's pack_weights wrote from a matrix of that
+ * block type (its own layout, e.g. rows interleaved for its SIMD kernels),
+ * not the GGUF layout. supports(op, t | MOESH_DTYPE_PACKED) says which ops
+ * take them; a packed matrix is only valid with the shape it was packed for. */
+#define MOESH_DTYPE_PACKED 0x100
+
 /* Elements per block of MOESH_DTYPE_Q8_0, Q4_0 and Q4_1. */
 #define MOESH_QK_BLOCK 32
 /* Elements per super-block of MOESH_DTYPE_Q4_K, Q5_K and Q6_K. */
@@ -323,6 +330,21 @@ typedef struct moesh_backend_iface {
     moesh_status (*expert_ffn)(moesh_backend * be, const moesh_expert_ffn_args * args);
     moesh_status (*softmax)(moesh_backend * be, const moesh_softmax_args * args);
     moesh_status (*attention)(moesh_backend * be, const moesh_attention_args * args);
+
+    /* Optional, since ABI v1 (NULL when the plugin does not pack): rewriting
+     * block weights into the backend's own layout at load time, so that its
+     * kernels read them faster. The host decides what to pack and owns the
+     * memory (a buffer_alloc buffer of packed_size bytes; free it with
+     * buffer_free), so memory budgets stay the host's.
+     * packed_size: bytes that a [n_rows, n_cols] matrix of block type w_type
+     *   takes packed; MOESH_ERR_UNSUPPORTED for a type the backend does not pack.
+     * pack_weights: packs w (GGUF layout, host memory) into dst (dst_bytes
+     *   >= packed_size). Ops then take dst with w_type | MOESH_DTYPE_PACKED
+     *   and the same shape. */
+    moesh_status (*packed_size)(moesh_backend * be, int32_t w_type, int64_t n_rows, int64_t n_cols,
+                                size_t * out_bytes);
+    moesh_status (*pack_weights)(moesh_backend * be, int32_t w_type, const void * w, int64_t n_rows,
+                                 int64_t n_cols, void * dst, size_t dst_bytes);
     /* append new members below this line only */
 } moesh_backend_iface;
 

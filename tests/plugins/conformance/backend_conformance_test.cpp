@@ -108,9 +108,13 @@ const char * dtype_name(moesh_dtype t) {
     }
 }
 
+std::string g_last_info;   // the plugin's last INFO message
+
 void on_plugin_log(void *, int32_t level, const char * msg) {
     if (level >= MOESH_LOG_WARN) {
         std::fprintf(stderr, "[plugin] %s\n", msg);
+    } else if (level == MOESH_LOG_INFO) {
+        g_last_info = msg;
     }
 }
 
@@ -422,6 +426,23 @@ protected:
         return s != 0;
     }
 
+    // Whether op takes w_type packed: the plugin has the optional pack slots
+    // and says so. A plugin with the slots must pack what it says it takes.
+    bool packs(moesh_op op, moesh_dtype w_type) {
+        return be_->packed_size && be_->pack_weights &&
+               be_->supports(ctx_, op, int32_t(w_type) | MOESH_DTYPE_PACKED) != 0;
+    }
+
+    // w (GGUF layout, [n_rows, n_cols] of w_type) packed into a backend buffer.
+    DeviceBuffer pack(moesh_dtype w_type, const std::vector<uint8_t> & w, int64_t n_rows, int64_t n_cols) {
+        size_t n = 0;
+        EXPECT_EQ(be_->packed_size(ctx_, w_type, n_rows, n_cols, &n), MOESH_OK) << last_error();
+        DeviceBuffer b(be_, ctx_, n);
+        EXPECT_EQ(b.status(), MOESH_OK) << last_error();
+        EXPECT_EQ(be_->pack_weights(ctx_, w_type, w.data(), n_rows, n_cols, b.get(), n), MOESH_OK) << last_error();
+        return b;
+    }
+
     const moesh_backend_iface * be_ = nullptr;
     moesh_backend * ctx_ = nullptr;
 };
@@ -523,6 +544,16 @@ TEST_P(BackendConformance, MatmulMatchesReference) {
                 }
             }
             EXPECT_TRUE(within_bounds(y, y_ref, bound));
+            if (packs(MOESH_OP_MATMUL, type)) {   // the same call on packed weights
+                DeviceBuffer d_p = pack(type, w.bytes, s.n_out, s.n_in);
+                DeviceBuffer d_yp = upload(y0);
+                moesh_matmul_args p = a;
+                p.w_type = int32_t(type) | MOESH_DTYPE_PACKED;
+                p.w = d_p.get();
+                p.y = d_yp.as<float>();
+                ASSERT_EQ(be_->matmul(ctx_, &p), MOESH_OK) << last_error();
+                EXPECT_TRUE(within_bounds(download<float>(d_yp, y0.size()), y_ref, bound)) << "packed";
+            }
         }
     }
 }
@@ -706,7 +737,22 @@ TEST_P(BackendConformance, ExpertFfnMatchesReference) {
             r.out = out_ref.data();
             r.scratch = nullptr;
             moesh::ref::expert_ffn(r);
-            EXPECT_TRUE(within_bounds(out, out_ref, expert_ffn_bound(r, gate, up, down, out0, out_ref)));
+            const std::vector<double> bound = expert_ffn_bound(r, gate, up, down, out0, out_ref);
+            EXPECT_TRUE(within_bounds(out, out_ref, bound));
+            if (packs(MOESH_OP_EXPERT_FFN, type)) {   // the same call on packed weights
+                DeviceBuffer p_gate = pack(type, gate.bytes, s.n_ff, s.n_embd);
+                DeviceBuffer p_up = pack(type, up.bytes, s.n_ff, s.n_embd);
+                DeviceBuffer p_down = pack(type, down.bytes, s.n_embd, s.n_ff);
+                DeviceBuffer d_out_p = upload(out0);
+                moesh_expert_ffn_args p = a;
+                p.w_type = int32_t(type) | MOESH_DTYPE_PACKED;
+                p.gate = p_gate.get();
+                p.up = p_up.get();
+                p.down = p_down.get();
+                p.out = d_out_p.as<float>();
+                ASSERT_EQ(be_->expert_ffn(ctx_, &p), MOESH_OK) << last_error();
+                EXPECT_TRUE(within_bounds(download<float>(d_out_p, out0.size()), out_ref, bound)) << "packed";
+            }
         }
     }
 }
@@ -742,6 +788,15 @@ TEST_P(BackendConformance, PreciseActivationsCutTheRoundingError) {
             const double e_fast = worst(fast, ref), e_prec = worst(prec, ref);
             EXPECT_GT(e_fast, 0.0) << "fast mode shows no rounding at all: is it still 8-bit?";
             EXPECT_LT(e_prec, e_fast / 100.0) << "matmul, " << n_tokens << " tokens";
+            if (packs(MOESH_OP_MATMUL, type)) {
+                DeviceBuffer d_p = pack(type, w.bytes, n_out, n_in);
+                moesh_matmul_args p = a;
+                p.w_type = int32_t(type) | MOESH_DTYPE_PACKED;
+                p.w = d_p.get();
+                p.y = prec.data();
+                ASSERT_EQ(be_->matmul(precise, &p), MOESH_OK) << be_->last_error(precise);
+                EXPECT_LT(worst(prec, ref), e_fast / 100.0) << "packed matmul, " << n_tokens << " tokens";
+            }
 
             const Weights gate = make_weights(type, size_t(n_ff * n_in), 3.0f / std::sqrt(float(n_in)), rng);
             const Weights up = make_weights(type, size_t(n_ff * n_in), 3.0f / std::sqrt(float(n_in)), rng);
@@ -765,6 +820,59 @@ TEST_P(BackendConformance, PreciseActivationsCutTheRoundingError) {
         }
     }
     be_->destroy(precise);
+}
+
+// Packing refuses what it does not pack, and ops refuse packed weights whose
+// header says another type or shape.
+TEST_P(BackendConformance, PackedWeightsAreCheckedAgainstTheCall) {
+    if (!packs(MOESH_OP_MATMUL, MOESH_DTYPE_Q8_0)) {
+        GTEST_SKIP() << "the backend does not pack q8_0";
+    }
+    size_t n = 0;
+    EXPECT_EQ(be_->packed_size(ctx_, MOESH_DTYPE_F32, 8, 32, &n), MOESH_ERR_UNSUPPORTED);
+    EXPECT_EQ(be_->packed_size(ctx_, MOESH_DTYPE_Q8_0, 8, 33, &n), MOESH_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(be_->packed_size(ctx_, MOESH_DTYPE_Q8_0, 0, 32, &n), MOESH_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(be_->packed_size(ctx_, MOESH_DTYPE_Q8_0, INT64_MAX / 2, 1 << 20, &n), MOESH_ERR_INVALID_ARGUMENT);
+    std::mt19937 rng(4);
+    const int64_t n_out = 12, n_in = 64;
+    const Weights w = make_weights(MOESH_DTYPE_Q8_0, size_t(n_out * n_in), 1.0f, rng);
+    ASSERT_EQ(be_->packed_size(ctx_, MOESH_DTYPE_Q8_0, n_out, n_in, &n), MOESH_OK);
+    std::vector<uint8_t> small(n - 1);
+    EXPECT_EQ(be_->pack_weights(ctx_, MOESH_DTYPE_Q8_0, w.bytes.data(), n_out, n_in, small.data(), small.size()),
+              MOESH_ERR_INVALID_ARGUMENT);
+    DeviceBuffer d_p = pack(MOESH_DTYPE_Q8_0, w.bytes, n_out, n_in);
+    const std::vector<float> x = uniform(size_t(2 * n_in), -1.0f, 1.0f, rng);
+    std::vector<float> y(size_t(2 * n_out));
+    moesh_matmul_args a = {sizeof(moesh_matmul_args), MOESH_DTYPE_Q8_0 | MOESH_DTYPE_PACKED, d_p.get(), nullptr,
+                           x.data(), y.data(), n_in, n_out, 2, n_in, n_out};
+    EXPECT_EQ(be_->matmul(ctx_, &a), MOESH_OK) << last_error();
+    a.n_out = n_out - 1;   // another shape
+    EXPECT_EQ(be_->matmul(ctx_, &a), MOESH_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::string(last_error()).find("pack_weights"), std::string::npos) << last_error();
+    a.n_out = n_out;
+    a.w_type = MOESH_DTYPE_Q4_0 | MOESH_DTYPE_PACKED;   // another type
+    EXPECT_EQ(be_->matmul(ctx_, &a), MOESH_ERR_INVALID_ARGUMENT);
+    a.w_type = MOESH_DTYPE_Q8_0 | MOESH_DTYPE_PACKED;
+    a.w = w.bytes.data();   // not packed at all
+    EXPECT_EQ(be_->matmul(ctx_, &a), MOESH_ERR_INVALID_ARGUMENT);
+    a.w_type = MOESH_DTYPE_Q4_K | MOESH_DTYPE_PACKED;   // a type it never packs
+    EXPECT_EQ(be_->matmul(ctx_, &a), MOESH_ERR_UNSUPPORTED);
+}
+
+// ctest runs this suite a second time with MOESH_CPU_SIMD=portable, so that
+// the cpu plugin's non-AVX2 code (other CPUs' path) is checked too: it must
+// then really run below AVX2.
+TEST_P(BackendConformance, HonoursThePortableSimdSetting) {
+    const char * v = std::getenv("MOESH_CPU_SIMD");
+    if (!v || std::string(v) != "portable" || std::string(be_->name) != "cpu") {
+        GTEST_SKIP() << "MOESH_CPU_SIMD=portable is not set";
+    }
+    moesh_backend * ctx = create_context();
+    ASSERT_NE(ctx, nullptr);
+    be_->destroy(ctx);
+    EXPECT_NE(g_last_info.find("SIMD target"), std::string::npos) << g_last_info;
+    EXPECT_EQ(g_last_info.find("AVX2"), std::string::npos) << g_last_info;
+    EXPECT_EQ(g_last_info.find("AVX3"), std::string::npos) << g_last_info;
 }
 
 TEST_P(BackendConformance, RefusesAnUnknownActivationsMode) {

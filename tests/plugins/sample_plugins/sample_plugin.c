@@ -172,6 +172,8 @@ static const moesh_backend_iface sample_iface = {
 #else
     /* .attention      = */ sample_attention,
 #endif
+    /* .packed_size    = */ NULL,   /* optional: this plugin does not pack */
+    /* .pack_weights   = */ NULL,
 };
 
 /* Not an entry point: hidden visibility keeps it out of the dynamic symbol table. */
