@@ -1,5 +1,7 @@
 // CPU backend kernels at Mixtral-moe-mid shapes (n_embd 2048, n_ff 5632),
-// through the real plugin (dlopen), for every weight dtype the plugin offers:
+// through the real plugin (dlopen), for every weight dtype the plugin offers,
+// in the file's layout and, where the plugin packs the dtype, packed
+// ("layout": "file" / "packed"):
 //   matvec   one token through W [n_ff, n_embd]           (decode GEMV)
 //   matmul   128 tokens through the same W                (prefill GEMM)
 //   moe      top-2 of 8 experts: one token (decode), and 128 tokens routed
@@ -8,7 +10,7 @@
 //   cpu_kernels_bench [--threads 1,2] [--types q4_0,q4_K] [--probe-gib 1] [--seconds 1] [--plugin path.so]
 //
 // Prints one JSON object per line: {"bench": ..., "metric": ..., "value": ...,
-// "threads": ..., "dtype": ...}, metrics weight_gb_per_s (weight bytes streamed
+// "threads": ..., "dtype": ..., "layout": ...}, metrics weight_gb_per_s (weight bytes streamed
 // per second), gflop_per_s, fraction_of_probe_bandwidth (of the read bandwidth
 // measured in the same run) and microseconds_per_call.
 // Decode weights rotate over enough copies (>= 512 MiB) that every call reads
@@ -21,6 +23,7 @@
 #include <dlfcn.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -180,13 +183,53 @@ int main(int argc, char ** argv) {
         check(iface->create(&params, &host, &b.ctx), b, "create");
 
         for (const DtypeInfo & dt : k_dtypes) {
+          for (const bool packed : {false, true}) {
             if (!types.empty() && types.find("," + std::string(dt.name) + ",") == std::string::npos) {
                 continue;
             }
-            if (!iface->supports(b.ctx, MOESH_OP_MATMUL, dt.type) || !iface->supports(b.ctx, MOESH_OP_EXPERT_FFN, dt.type)) {
+            const int32_t w_type = int32_t(dt.type) | (packed ? MOESH_DTYPE_PACKED : 0);
+            if (!iface->supports(b.ctx, MOESH_OP_MATMUL, w_type) || !iface->supports(b.ctx, MOESH_OP_EXPERT_FFN, w_type) ||
+                (packed && !(iface->packed_size && iface->pack_weights))) {
                 continue;
             }
-            const std::string tags = "\"threads\": " + std::to_string(nt) + ", \"dtype\": \"" + dt.name + "\"";
+            // Matrices [n_rows, n_cols] at the given offsets of each copy, packed
+            // into the backend's layout (one blob per copy, same offsets order).
+            auto pack_all = [&](std::vector<std::vector<uint8_t>> copies,
+                                const std::vector<std::array<int64_t, 2>> & shapes) {
+                if (!packed) {
+                    return copies;
+                }
+                for (auto & c : copies) {
+                    std::vector<uint8_t> out;
+                    size_t in_off = 0;
+                    for (const auto & sh : shapes) {
+                        size_t n = 0;
+                        check(iface->packed_size(b.ctx, dt.type, sh[0], sh[1], &n), b, "packed_size");
+                        const size_t out_off = (out.size() + 63) / 64 * 64;
+                        out.resize(out_off + n);
+                        check(iface->pack_weights(b.ctx, dt.type, c.data() + in_off, sh[0], sh[1], out.data() + out_off, n),
+                              b, "pack_weights");
+                        in_off += matrix_bytes(dt, sh[0], sh[1]);
+                    }
+                    c = std::move(out);
+                }
+                return copies;
+            };
+            // Where matrix k of a blob packed by pack_all starts.
+            auto blob_offset = [&](const std::vector<std::array<int64_t, 2>> & shapes, size_t k) {
+                size_t off = 0;
+                for (size_t i = 0; i < k; ++i) {
+                    size_t n = matrix_bytes(dt, shapes[i][0], shapes[i][1]);
+                    if (packed) {
+                        check(iface->packed_size(b.ctx, dt.type, shapes[i][0], shapes[i][1], &n), b, "packed_size");
+                        off = (off + 63) / 64 * 64;
+                    }
+                    off += n;
+                }
+                return packed ? (off + 63) / 64 * 64 : off;
+            };
+            const std::string tags = "\"threads\": " + std::to_string(nt) + ", \"dtype\": \"" + dt.name +
+                                     (packed ? "\", \"layout\": \"packed\"" : "\", \"layout\": \"file\"");
             auto report = [&](const char * bench, double s, double w_bytes, double flops) {
                 emit(bench, "weight_gb_per_s", w_bytes / s * 1e-9, tags);
                 emit(bench, "gflop_per_s", flops / s * 1e-9, tags);
@@ -197,11 +240,11 @@ int main(int argc, char ** argv) {
             const double mat_flops = 2.0 * double(n_ff * n_embd);
             // Decode GEMV: W [n_ff, n_embd] (an expert's gate projection), a fresh copy each call.
             {
-                const auto copies = make_copies(w_bytes, min_total);
+                const auto copies = pack_all(make_copies(w_bytes, min_total), {{n_ff, n_embd}});
                 std::vector<float> x(size_t(n_embd), 0.01f), y(static_cast<size_t>(n_ff));
                 size_t next = 0;
                 const double s = time_per_call(seconds, [&] {
-                    const moesh_matmul_args a = {sizeof(moesh_matmul_args), dt.type, copies[next].data(), nullptr,
+                    const moesh_matmul_args a = {sizeof(moesh_matmul_args), w_type, copies[next].data(), nullptr,
                                                  x.data(), y.data(), n_embd, n_ff, 1, n_embd, n_ff};
                     next = (next + 1) % copies.size();
                     check(iface->matmul(b.ctx, &a), b, "matmul");
@@ -210,11 +253,11 @@ int main(int argc, char ** argv) {
             }
             // Prefill GEMM: 128 tokens through one W (cache-resident after the first call).
             {
-                const auto copies = make_copies(w_bytes, 1);
+                const auto copies = pack_all(make_copies(w_bytes, 1), {{n_ff, n_embd}});
                 std::vector<float> x(size_t(n_prefill * n_embd)), y(static_cast<size_t>(n_prefill * n_ff));
                 for (size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * float(int(i % 17) - 8);
                 const double s = time_per_call(seconds, [&] {
-                    const moesh_matmul_args a = {sizeof(moesh_matmul_args), dt.type, copies[0].data(), nullptr,
+                    const moesh_matmul_args a = {sizeof(moesh_matmul_args), w_type, copies[0].data(), nullptr,
                                                  x.data(), y.data(), n_embd, n_ff, n_prefill, n_embd, n_ff};
                     check(iface->matmul(b.ctx, &a), b, "matmul");
                 });
@@ -224,11 +267,14 @@ int main(int argc, char ** argv) {
             // layers that decode reads from DRAM; each call is one layer.
             const size_t expert_bytes = 3 * w_bytes;
             const size_t n_layers = std::max<size_t>(1, (min_total + n_expert * expert_bytes - 1) / (n_expert * expert_bytes));
-            const auto experts = make_copies(expert_bytes, n_layers * n_expert * expert_bytes);   // [n_layers * n_expert]
+            const std::vector<std::array<int64_t, 2>> ffn_shapes = {{n_ff, n_embd}, {n_ff, n_embd}, {n_embd, n_ff}};
+            const auto experts = pack_all(make_copies(expert_bytes, n_layers * n_expert * expert_bytes),
+                                          ffn_shapes);   // [n_layers * n_expert]
+            const size_t up_off = blob_offset(ffn_shapes, 1), down_off = blob_offset(ffn_shapes, 2);
             auto run_expert = [&](size_t e, const float * x, float * out, float * scratch, int64_t n_tok) {
                 const uint8_t * w = experts[e].data();
-                const moesh_expert_ffn_args a = {sizeof(moesh_expert_ffn_args), dt.type, w, w + w_bytes,
-                                                 w + 2 * w_bytes, x, nullptr, out, scratch, n_embd, n_ff, n_tok};
+                const moesh_expert_ffn_args a = {sizeof(moesh_expert_ffn_args), w_type, w, w + up_off,
+                                                 w + down_off, x, nullptr, out, scratch, n_embd, n_ff, n_tok};
                 check(iface->expert_ffn(b.ctx, &a), b, "expert_ffn");
             };
             {
@@ -259,6 +305,7 @@ int main(int argc, char ** argv) {
                 report("moe_top2of8_prefill128", s, double(n_expert) * double(expert_bytes),
                        3.0 * mat_flops * double(n_prefill * 2));
             }
+          }
         }
         iface->destroy(b.ctx);
     }
