@@ -1,0 +1,32 @@
+// Kernel launchers of the CUDA backend plugin. Each enqueues its work on
+// `stream` and returns the launch's status (cudaGetLastError); nothing here
+// allocates or synchronizes. Arguments are validated by cuda_backend.cpp
+// before these are called: every pointer is device memory of the right size,
+// shapes are positive, block-type rows are whole blocks, strides >= widths.
+#pragma once
+
+#include <moesh/plugin.h>
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace moesh::cuda {
+
+// ---- matmul_kernels.cu ----
+// Weight types matmul and expert_ffn take: f32, f16, bf16, q8_0, q4_0, q4_K.
+bool matmul_supports(int32_t w_type);
+// y[t, o] = x[t, :] . w[o, :] (+ bias[o]), as moesh_matmul_args documents.
+cudaError_t launch_matmul(const moesh_matmul_args & a, cudaStream_t stream);
+// out[t, :] += scale[t] * down(silu(gate . x[t]) * (up . x[t])); a.scratch
+// holds [2, n_tokens, n_ff] floats. out may equal x.
+cudaError_t launch_expert_ffn(const moesh_expert_ffn_args & a, cudaStream_t stream);
+
+// ---- elementwise_kernels.cu ----
+cudaError_t launch_rms_norm(const moesh_rms_norm_args & a, cudaStream_t stream);
+cudaError_t launch_rope(const moesh_rope_args & a, cudaStream_t stream);
+cudaError_t launch_softmax(const moesh_softmax_args & a, cudaStream_t stream);
+// pos and block_table are device memory too.
+cudaError_t launch_attention(const moesh_attention_args & a, cudaStream_t stream);
+
+} // namespace moesh::cuda
