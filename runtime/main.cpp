@@ -14,6 +14,8 @@
 #include "runtime/tokenizer.h"
 
 #include <CLI/CLI.hpp>
+
+#include <unistd.h>
 #include <nlohmann/json.hpp>
 
 #include <chrono>
@@ -129,11 +131,12 @@ std::unique_ptr<moesh::PackedWeights> pack_weights(const moesh::Model & model, m
                                                    const CommonOptions & co, const moesh::RunConfig & rc) {
     moesh::PackOptions o;
     o.enabled = rc.repack && !co.no_repack;
-    o.progress = [](size_t done, size_t total) {
-        std::fprintf(stderr, "\rmoesh: packing weights for the backend: %3d%%", int(100.0 * double(done) / double(total)));
-        if (done == total) std::fprintf(stderr, "\r");
-        std::fflush(stderr);
-    };
+    if (isatty(STDERR_FILENO)) // a percentage that rewrites itself; logs get the summary line only
+        o.progress = [](size_t done, size_t total) {
+            std::fprintf(stderr, "\rmoesh: packing weights for the backend: %3d%%", int(100.0 * double(done) / double(total)));
+            if (done == total) std::fprintf(stderr, "\r\033[K");
+            std::fflush(stderr);
+        };
     auto p = std::make_unique<moesh::PackedWeights>(model, backend, o);
     std::fprintf(stderr, "moesh: %s\n", p->summary().c_str());
     return p;
@@ -148,6 +151,22 @@ std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moes
     po.precise_activations = o.activations.empty() ? rc.precise_activations : o.activations == "precise";
     std::string report;
     auto be = moesh::load_backend(po, &report);
+    if (!be && !po.preferred.empty() && report.find("'" + po.preferred + "' was requested but rejected") != std::string::npos) {
+        // The backend asked for cannot run here (a GPU plugin without a GPU): say why, then use the best one that can.
+        std::string why;
+        for (size_t a = 0, b; a < report.size(); a = b + 1) {
+            b = report.find('\n', a);
+            if (b == std::string::npos) b = report.size();
+            const std::string line = report.substr(a, b - a);
+            if (line.find("'" + po.preferred + "'") != std::string::npos) why = line.rfind("moesh: ", 0) == 0 ? line.substr(7) : line;
+        }
+        po.preferred.clear();
+        std::string fallback_report;
+        be = moesh::load_backend(po, &fallback_report);
+        if (be)
+            std::fprintf(stderr, "moesh: warning: %s\nmoesh: falling back to backend '%s'\n",
+                         why.empty() ? "the requested backend cannot run here" : why.c_str(), be->name().c_str());
+    }
     if (!be) throw Error("no usable backend plugin:\n" + report);
     if (o.verbose) std::fprintf(stderr, "%s", report.c_str());
     return be;

@@ -26,7 +26,11 @@ cudaError_t launch_expert_ffn(const moesh_expert_ffn_args & a, cudaStream_t stre
 cudaError_t launch_rms_norm(const moesh_rms_norm_args & a, cudaStream_t stream);
 cudaError_t launch_rope(const moesh_rope_args & a, cudaStream_t stream);
 cudaError_t launch_softmax(const moesh_softmax_args & a, cudaStream_t stream);
-// pos and block_table are device memory too.
-cudaError_t launch_attention(const moesh_attention_args & a, cudaStream_t stream);
+// pos and block_table are device memory too, so they are checked in the
+// kernel: a position outside [0, n_kv) or a block id outside [0, n_blocks)
+// sets *error_flag (device memory) to 1 and makes that output NaN.
+cudaError_t launch_attention(const moesh_attention_args & a, int32_t * error_flag, cudaStream_t stream);
+// Largest head_dim launch_attention handles.
+int64_t attention_max_head_dim();
 
 } // namespace moesh::cuda

@@ -70,6 +70,21 @@ TEST(Cli, RunJsonOutputAndLogitsDump) {
     fs::remove(npy);
 }
 
+// A GPU plugin on a machine without a GPU: the run still happens, on the CPU, and says so.
+TEST(Cli, RequestedBackendThatCannotRunFallsBackToTheCpu) {
+    if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
+    if (!fs::exists(fs::path(MOESH_PLUGIN_BUILD_DIR) / "libmoesh_backend_cuda.so")) GTEST_SKIP() << "no cuda plugin built";
+    Result r = run("run --model " + k_fixture + " --prompt-ids 1,2,3 -n 2 --backend cuda");
+    if (r.out.find("falling back") == std::string::npos && r.out.find("backend 'cuda'") != std::string::npos)
+        GTEST_SKIP() << "this machine has a GPU: the cuda plugin was taken";
+    EXPECT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("warning: backend 'cuda' was requested but rejected"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("falling back to backend 'cpu'"), std::string::npos) << r.out;
+    r = run("run --model " + k_fixture + " --prompt-ids 1,2,3 -n 2 --backend nosuch");   // a typo is an error
+    EXPECT_NE(r.status, 0);
+    EXPECT_EQ(r.out.find("falling back"), std::string::npos) << r.out;
+}
+
 TEST(Cli, InspectListsTensorsAndExpertBytes) {
     if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
     Result r = run("inspect --model " + k_fixture);

@@ -1,0 +1,491 @@
+// The CUDA backend plugin: the moesh_backend_iface table over one NVIDIA GPU.
+// Weights, activations and the KV cache live in device memory that the host
+// allocates through buffer_alloc (cudaMalloc at set-up time, never inside an
+// op); ops are queued on a compute stream and run asynchronously until
+// synchronize or a copy back. Copies go through pinned staging buffers on a
+// copy stream that first waits for the compute work queued before them.
+// Without a device the score is negative and create fails with a message, so
+// the loader falls back to another plugin (the CPU).
+#include <moesh/plugin.h>
+
+#include "cuda_kernels.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <new>
+
+namespace {
+
+constexpr int32_t k_score = 100;          // above the CPU plugin's
+constexpr size_t k_staging_bytes = size_t(16) << 20;   // per staging buffer; two of them
+
+} // namespace
+
+struct moesh_backend {
+    moesh_host_api host{};
+    int device = 0;
+    cudaStream_t compute = nullptr;
+    cudaStream_t copy = nullptr;
+    cudaEvent_t compute_done = nullptr;       // recorded before a copy
+    void * staging[2] = {nullptr, nullptr};   // pinned host memory
+    cudaEvent_t staged[2] = {nullptr, nullptr};
+    int32_t * error_flag = nullptr;           // device: set by kernels that find bad indices
+    char last_error[512] = "";
+};
+
+namespace {
+
+bool has_host_log(const moesh_host_api & host) {
+    return host.struct_size >= offsetof(moesh_host_api, log) + sizeof(host.log) && host.log != nullptr;
+}
+
+__attribute__((format(printf, 3, 4)))
+void host_log(const moesh_host_api * host, int32_t level, const char * fmt, ...) {
+    if (!host || !has_host_log(*host)) return;
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    host->log(host->ctx, level, msg);
+}
+
+__attribute__((format(printf, 3, 4)))
+moesh_status fail(moesh_backend * be, moesh_status status, const char * fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(be->last_error, sizeof be->last_error, fmt, ap);
+    va_end(ap);
+    return status;
+}
+
+#define MOESH_CUDA_REQUIRE(cond, ...)                                   \
+    do {                                                                \
+        if (!(cond)) return fail(be, MOESH_ERR_INVALID_ARGUMENT, __VA_ARGS__); \
+    } while (0)
+
+// A CUDA call's error as a status, with the call named in last_error.
+moesh_status cuda_check(moesh_backend * be, cudaError_t e, const char * what) {
+    if (e == cudaSuccess) return MOESH_OK;
+    return fail(be, e == cudaErrorMemoryAllocation ? MOESH_ERR_OUT_OF_MEMORY : MOESH_ERR_INTERNAL, "%s: %s (%s)", what,
+                cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+#define MOESH_CUDA_CALL(expr, what)                                     \
+    do {                                                                \
+        const moesh_status st_ = cuda_check(be, (expr), what);          \
+        if (st_ != MOESH_OK) return st_;                                \
+    } while (0)
+
+long long ll(int64_t v) { return static_cast<long long>(v); }
+
+// Copies an argument struct after checking that its struct_size covers the v1 members.
+template <class T>
+bool read_args(moesh_backend * be, const T * args, const char * op, T * out) {
+    if (!args) {
+        fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: args is NULL", op);
+        return false;
+    }
+    uint32_t struct_size = 0;
+    std::memcpy(&struct_size, args, sizeof struct_size);
+    if (struct_size < sizeof(T)) {
+        fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: struct_size %u is smaller than its v1 size %zu", op,
+             unsigned(struct_size), sizeof(T));
+        return false;
+    }
+    std::memcpy(static_cast<void *>(out), args, sizeof(T));
+    return true;
+}
+
+bool product_fits(int64_t a, int64_t b, int64_t * out = nullptr) {
+    int64_t p;
+    if (__builtin_mul_overflow(a, b, &p) || p > (INT64_MAX >> 3)) return false;
+    if (out) *out = p;
+    return true;
+}
+
+int64_t block_elems(int32_t w_type) {
+    switch (w_type) {
+    case MOESH_DTYPE_Q8_0:
+    case MOESH_DTYPE_Q4_0: return MOESH_QK_BLOCK;
+    case MOESH_DTYPE_Q4_K: return MOESH_QK_K;
+    default: return 1;
+    }
+}
+
+// The copy stream waits for the compute work queued so far (GPU side, no host wait).
+moesh_status order_copy_after_compute(moesh_backend * be) {
+    MOESH_CUDA_CALL(cudaEventRecord(be->compute_done, be->compute), "cudaEventRecord");
+    MOESH_CUDA_CALL(cudaStreamWaitEvent(be->copy, be->compute_done, 0), "cudaStreamWaitEvent");
+    return MOESH_OK;
+}
+
+template <class F>
+moesh_status guarded(moesh_backend * be, const char * op, F && body) noexcept {
+    if (!be) return MOESH_ERR_INVALID_ARGUMENT;
+    try {
+        return body();
+    } catch (const std::bad_alloc &) {
+        return fail(be, MOESH_ERR_OUT_OF_MEMORY, "%s: out of memory", op);
+    } catch (...) {
+        return fail(be, MOESH_ERR_INTERNAL, "%s: unexpected exception", op);
+    }
+}
+
+// ---------------------------------------------------------------- lifetime
+
+void release(moesh_backend * be) {
+    if (be->compute) cudaStreamSynchronize(be->compute);
+    if (be->copy) cudaStreamSynchronize(be->copy);
+    for (int i = 0; i < 2; ++i) {
+        if (be->staged[i]) cudaEventDestroy(be->staged[i]);
+        if (be->staging[i]) cudaFreeHost(be->staging[i]);
+    }
+    if (be->compute_done) cudaEventDestroy(be->compute_done);
+    if (be->error_flag) cudaFree(be->error_flag);
+    if (be->compute) cudaStreamDestroy(be->compute);
+    if (be->copy) cudaStreamDestroy(be->copy);
+}
+
+moesh_status cuda_create(const moesh_backend_params * params, const moesh_host_api * host, moesh_backend ** out) {
+    if (!out) return MOESH_ERR_INVALID_ARGUMENT;
+    *out = nullptr;
+    if (params && params->struct_size >= offsetof(moesh_backend_params, activations) + sizeof(params->activations) &&
+        params->activations != MOESH_ACTIVATIONS_FAST && params->activations != MOESH_ACTIVATIONS_PRECISE) {
+        host_log(host, MOESH_LOG_ERROR, "cuda backend: create: unknown activations mode %d", int(params->activations));
+        return MOESH_ERR_UNSUPPORTED;
+    }
+    int n_devices = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n_devices);
+    if (e != cudaSuccess || n_devices == 0) {
+        host_log(host, MOESH_LOG_ERROR, "cuda backend: no CUDA device (%s); use another backend (the cpu plugin)",
+                 e != cudaSuccess ? cudaGetErrorString(e) : "device count is 0");
+        return MOESH_ERR_UNSUPPORTED;
+    }
+    auto be = std::unique_ptr<moesh_backend>(new (std::nothrow) moesh_backend());
+    if (!be) return MOESH_ERR_OUT_OF_MEMORY;
+    if (host) {
+        std::memcpy(&be->host, host, std::min<size_t>(host->struct_size, sizeof be->host));
+        be->host.struct_size = std::min<uint32_t>(host->struct_size, sizeof be->host);
+    }
+    auto setup = [&]() -> cudaError_t {
+        cudaError_t r;
+        if ((r = cudaSetDevice(be->device)) != cudaSuccess) return r;
+        if ((r = cudaStreamCreateWithFlags(&be->compute, cudaStreamNonBlocking)) != cudaSuccess) return r;
+        if ((r = cudaStreamCreateWithFlags(&be->copy, cudaStreamNonBlocking)) != cudaSuccess) return r;
+        if ((r = cudaEventCreateWithFlags(&be->compute_done, cudaEventDisableTiming)) != cudaSuccess) return r;
+        for (int i = 0; i < 2; ++i) {
+            if ((r = cudaHostAlloc(&be->staging[i], k_staging_bytes, cudaHostAllocDefault)) != cudaSuccess) return r;
+            if ((r = cudaEventCreateWithFlags(&be->staged[i], cudaEventDisableTiming)) != cudaSuccess) return r;
+        }
+        if ((r = cudaMalloc(reinterpret_cast<void **>(&be->error_flag), sizeof(int32_t))) != cudaSuccess) return r;
+        return cudaMemset(be->error_flag, 0, sizeof(int32_t));
+    };
+    const cudaError_t r = setup();
+    if (r != cudaSuccess) {
+        host_log(host, MOESH_LOG_ERROR, "cuda backend: create: %s", cudaGetErrorString(r));
+        release(be.get());
+        return r == cudaErrorMemoryAllocation ? MOESH_ERR_OUT_OF_MEMORY : MOESH_ERR_INTERNAL;
+    }
+    cudaDeviceProp prop{};
+    cudaGetDeviceProperties(&prop, be->device);
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    host_log(&be->host, MOESH_LOG_INFO, "cuda backend: device %d %s (sm_%d%d), %.1f of %.1f GiB free", be->device,
+             prop.name, prop.major, prop.minor, double(free_b) / double(1u << 30), double(total_b) / double(1u << 30));
+    *out = be.release();
+    return MOESH_OK;
+}
+
+void cuda_destroy(moesh_backend * be) {
+    if (!be) return;
+    release(be);
+    delete be;
+}
+
+const char * cuda_last_error(moesh_backend * be) { return be ? be->last_error : "cuda backend: NULL context"; }
+
+// ---------------------------------------------------------------- memory
+
+moesh_status cuda_memory_info(moesh_backend * be, uint64_t * free_bytes, uint64_t * total_bytes) {
+    return guarded(be, "memory_info", [&]() -> moesh_status {
+        MOESH_CUDA_REQUIRE(free_bytes && total_bytes, "memory_info: free_bytes and total_bytes must not be NULL");
+        size_t f = 0, t = 0;
+        MOESH_CUDA_CALL(cudaMemGetInfo(&f, &t), "memory_info: cudaMemGetInfo");
+        *free_bytes = f;
+        *total_bytes = t;
+        return MOESH_OK;
+    });
+}
+
+moesh_status cuda_buffer_alloc(moesh_backend * be, size_t n_bytes, void ** out) {
+    return guarded(be, "buffer_alloc", [&]() -> moesh_status {
+        MOESH_CUDA_REQUIRE(out, "buffer_alloc: out is NULL");
+        *out = nullptr;
+        MOESH_CUDA_REQUIRE(n_bytes > 0, "buffer_alloc: n_bytes is 0");
+        MOESH_CUDA_REQUIRE(n_bytes <= SIZE_MAX - 255, "buffer_alloc: n_bytes %zu is too large", n_bytes);
+        // Whole 256-byte units, so vector loads past a row's end stay inside.
+        MOESH_CUDA_CALL(cudaMalloc(out, (n_bytes + 255) & ~size_t(255)), "buffer_alloc: cudaMalloc");
+        return MOESH_OK;
+    });
+}
+
+void cuda_buffer_free(moesh_backend * be, void * ptr) {
+    if (ptr) cudaFree(ptr);   // waits for the device, so no queued op still reads it
+}
+
+moesh_status cuda_copy_to_device(moesh_backend * be, void * dst, const void * src, size_t n_bytes) {
+    return guarded(be, "copy_to_device", [&]() -> moesh_status {
+        MOESH_CUDA_REQUIRE(n_bytes == 0 || (dst && src), "copy_to_device: dst and src must not be NULL");
+        if (n_bytes == 0) return MOESH_OK;
+        const moesh_status s = order_copy_after_compute(be);
+        if (s != MOESH_OK) return s;
+        // Two pinned buffers in turn: filling one overlaps the other's transfer.
+        for (size_t off = 0, i = 0; off < n_bytes; off += k_staging_bytes, ++i) {
+            const size_t n = std::min(k_staging_bytes, n_bytes - off);
+            const int k = int(i % 2);
+            MOESH_CUDA_CALL(cudaEventSynchronize(be->staged[k]), "copy_to_device: cudaEventSynchronize");
+            std::memcpy(be->staging[k], static_cast<const uint8_t *>(src) + off, n);
+            MOESH_CUDA_CALL(cudaMemcpyAsync(static_cast<uint8_t *>(dst) + off, be->staging[k], n,
+                                            cudaMemcpyHostToDevice, be->copy),
+                            "copy_to_device: cudaMemcpyAsync");
+            MOESH_CUDA_CALL(cudaEventRecord(be->staged[k], be->copy), "copy_to_device: cudaEventRecord");
+        }
+        MOESH_CUDA_CALL(cudaStreamSynchronize(be->copy), "copy_to_device");
+        return MOESH_OK;
+    });
+}
+
+moesh_status cuda_copy_to_host(moesh_backend * be, void * dst, const void * src, size_t n_bytes) {
+    return guarded(be, "copy_to_host", [&]() -> moesh_status {
+        MOESH_CUDA_REQUIRE(n_bytes == 0 || (dst && src), "copy_to_host: dst and src must not be NULL");
+        if (n_bytes == 0) return MOESH_OK;
+        const moesh_status s = order_copy_after_compute(be);
+        if (s != MOESH_OK) return s;
+        for (size_t off = 0; off < n_bytes; off += k_staging_bytes) {
+            const size_t n = std::min(k_staging_bytes, n_bytes - off);
+            MOESH_CUDA_CALL(cudaMemcpyAsync(be->staging[0], static_cast<const uint8_t *>(src) + off, n,
+                                            cudaMemcpyDeviceToHost, be->copy),
+                            "copy_to_host: cudaMemcpyAsync");
+            MOESH_CUDA_CALL(cudaStreamSynchronize(be->copy), "copy_to_host");
+            std::memcpy(static_cast<uint8_t *>(dst) + off, be->staging[0], n);
+        }
+        return MOESH_OK;
+    });
+}
+
+moesh_status cuda_synchronize(moesh_backend * be) {
+    return guarded(be, "synchronize", [&]() -> moesh_status {
+        MOESH_CUDA_CALL(cudaStreamSynchronize(be->compute), "synchronize");
+        int32_t flag = 0;
+        MOESH_CUDA_CALL(cudaMemcpy(&flag, be->error_flag, sizeof flag, cudaMemcpyDeviceToHost), "synchronize");
+        if (flag != 0) {
+            MOESH_CUDA_CALL(cudaMemset(be->error_flag, 0, sizeof flag), "synchronize");
+            return fail(be, MOESH_ERR_INVALID_ARGUMENT,
+                        "attention: a position or KV block id was outside its range (those outputs are NaN)");
+        }
+        return MOESH_OK;
+    });
+}
+
+int32_t cuda_supports(moesh_backend *, int32_t op, int32_t w_type) {
+    switch (op) {
+    case MOESH_OP_MATMUL:
+    case MOESH_OP_EXPERT_FFN: return moesh::cuda::matmul_supports(w_type) ? 1 : 0;
+    case MOESH_OP_RMS_NORM:
+    case MOESH_OP_ROPE:
+    case MOESH_OP_SOFTMAX:
+    case MOESH_OP_ATTENTION: return 1;
+    default: return 0;
+    }
+}
+
+// ---------------------------------------------------------------- ops
+
+moesh_status launched(moesh_backend * be, cudaError_t e, const char * op) { return cuda_check(be, e, op); }
+
+moesh_status cuda_matmul(moesh_backend * be, const moesh_matmul_args * args) {
+    return guarded(be, "matmul", [&]() -> moesh_status {
+        moesh_matmul_args a;
+        if (!read_args(be, args, "matmul", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        MOESH_CUDA_REQUIRE(a.w && a.x && a.y, "matmul: w, x and y must not be NULL");
+        MOESH_CUDA_REQUIRE(a.n_in > 0 && a.n_out > 0 && a.n_tokens > 0,
+                           "matmul: n_in (%lld), n_out (%lld) and n_tokens (%lld) must be positive", ll(a.n_in),
+                           ll(a.n_out), ll(a.n_tokens));
+        MOESH_CUDA_REQUIRE(a.x_stride >= a.n_in && a.y_stride >= a.n_out,
+                           "matmul: x_stride (%lld) and y_stride (%lld) must be at least n_in and n_out",
+                           ll(a.x_stride), ll(a.y_stride));
+        MOESH_CUDA_REQUIRE(product_fits(a.n_out, a.n_in) && product_fits(a.n_tokens, a.x_stride) &&
+                               product_fits(a.n_tokens, a.y_stride),
+                           "matmul: sizes overflow");
+        if (!moesh::cuda::matmul_supports(a.w_type)) {
+            return fail(be, MOESH_ERR_UNSUPPORTED,
+                        "matmul: weight dtype %d is not supported by the cuda backend (f32, f16, bf16, q8_0, q4_0, q4_K are)",
+                        int(a.w_type));
+        }
+        MOESH_CUDA_REQUIRE(a.n_in % block_elems(a.w_type) == 0,
+                           "matmul: n_in (%lld) is not a multiple of %lld, as block weight dtype %d needs", ll(a.n_in),
+                           ll(block_elems(a.w_type)), int(a.w_type));
+        return launched(be, moesh::cuda::launch_matmul(a, be->compute), "matmul");
+    });
+}
+
+moesh_status cuda_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args) {
+    return guarded(be, "rms_norm", [&]() -> moesh_status {
+        moesh_rms_norm_args a;
+        if (!read_args(be, args, "rms_norm", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        MOESH_CUDA_REQUIRE(a.x && a.weight && a.y, "rms_norm: x, weight and y must not be NULL");
+        MOESH_CUDA_REQUIRE(a.n > 0 && a.n_rows > 0 && a.n_rows <= INT32_MAX,
+                           "rms_norm: n (%lld) and n_rows (%lld) must be positive", ll(a.n), ll(a.n_rows));
+        MOESH_CUDA_REQUIRE(a.eps >= 0.0f && a.eps <= 3.4e38f, "rms_norm: eps must be finite and >= 0");
+        MOESH_CUDA_REQUIRE(product_fits(a.n, a.n_rows), "rms_norm: sizes overflow");
+        return launched(be, moesh::cuda::launch_rms_norm(a, be->compute), "rms_norm");
+    });
+}
+
+moesh_status cuda_rope(moesh_backend * be, const moesh_rope_args * args) {
+    return guarded(be, "rope", [&]() -> moesh_status {
+        moesh_rope_args a;
+        if (!read_args(be, args, "rope", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        MOESH_CUDA_REQUIRE(a.x && a.pos && a.inv_freq, "rope: x, pos and inv_freq must not be NULL");
+        MOESH_CUDA_REQUIRE(a.reserved == 0, "rope: reserved is %u, must be 0", unsigned(a.reserved));
+        if (a.mode != MOESH_ROPE_NEOX && a.mode != MOESH_ROPE_NORM) {
+            return fail(be, MOESH_ERR_UNSUPPORTED, "rope: unknown mode %d", int(a.mode));
+        }
+        MOESH_CUDA_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.head_dim > 0,
+                           "rope: n_tokens (%lld), n_head (%lld) and head_dim (%lld) must be positive", ll(a.n_tokens),
+                           ll(a.n_head), ll(a.head_dim));
+        MOESH_CUDA_REQUIRE(a.rot_dim >= 0 && a.rot_dim % 2 == 0 && a.rot_dim <= a.head_dim,
+                           "rope: rot_dim (%lld) must be even and at most head_dim (%lld)", ll(a.rot_dim),
+                           ll(a.head_dim));
+        int64_t n = 0;
+        MOESH_CUDA_REQUIRE(product_fits(a.n_tokens, a.n_head, &n) && product_fits(n, a.head_dim),
+                           "rope: sizes overflow");
+        return launched(be, moesh::cuda::launch_rope(a, be->compute), "rope");
+    });
+}
+
+moesh_status cuda_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * args) {
+    return guarded(be, "expert_ffn", [&]() -> moesh_status {
+        moesh_expert_ffn_args a;
+        if (!read_args(be, args, "expert_ffn", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        MOESH_CUDA_REQUIRE(a.gate && a.up && a.down && a.x && a.out && a.scratch,
+                           "expert_ffn: gate, up, down, x, out and scratch must not be NULL");
+        MOESH_CUDA_REQUIRE(a.n_embd > 0 && a.n_ff > 0 && a.n_tokens > 0,
+                           "expert_ffn: n_embd (%lld), n_ff (%lld) and n_tokens (%lld) must be positive",
+                           ll(a.n_embd), ll(a.n_ff), ll(a.n_tokens));
+        int64_t n_w = 0;
+        MOESH_CUDA_REQUIRE(product_fits(a.n_ff, a.n_embd, &n_w) && product_fits(a.n_tokens, a.n_embd) &&
+                               product_fits(2 * a.n_tokens, a.n_ff) && product_fits(3 * n_w, a.n_tokens),
+                           "expert_ffn: sizes overflow");
+        if (!moesh::cuda::matmul_supports(a.w_type)) {
+            return fail(be, MOESH_ERR_UNSUPPORTED,
+                        "expert_ffn: weight dtype %d is not supported by the cuda backend (f32, f16, bf16, q8_0, q4_0, "
+                        "q4_K are)",
+                        int(a.w_type));
+        }
+        MOESH_CUDA_REQUIRE(a.n_embd % block_elems(a.w_type) == 0 && a.n_ff % block_elems(a.w_type) == 0,
+                           "expert_ffn: n_embd (%lld) and n_ff (%lld) must be multiples of %lld for dtype %d",
+                           ll(a.n_embd), ll(a.n_ff), ll(block_elems(a.w_type)), int(a.w_type));
+        return launched(be, moesh::cuda::launch_expert_ffn(a, be->compute), "expert_ffn");
+    });
+}
+
+moesh_status cuda_softmax(moesh_backend * be, const moesh_softmax_args * args) {
+    return guarded(be, "softmax", [&]() -> moesh_status {
+        moesh_softmax_args a;
+        if (!read_args(be, args, "softmax", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        MOESH_CUDA_REQUIRE(a.x, "softmax: x must not be NULL");
+        MOESH_CUDA_REQUIRE(a.reserved == 0, "softmax: reserved is %u, must be 0", unsigned(a.reserved));
+        MOESH_CUDA_REQUIRE(a.n > 0 && a.n_rows > 0 && a.n_rows <= INT32_MAX,
+                           "softmax: n (%lld) and n_rows (%lld) must be positive", ll(a.n), ll(a.n_rows));
+        MOESH_CUDA_REQUIRE(product_fits(a.n, a.n_rows), "softmax: sizes overflow");
+        return launched(be, moesh::cuda::launch_softmax(a, be->compute), "softmax");
+    });
+}
+
+moesh_status cuda_attention(moesh_backend * be, const moesh_attention_args * args) {
+    return guarded(be, "attention", [&]() -> moesh_status {
+        moesh_attention_args a;
+        if (!read_args(be, args, "attention", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        MOESH_CUDA_REQUIRE(a.q && a.k_pool && a.v_pool && a.block_table && a.pos && a.out,
+                           "attention: q, k_pool, v_pool, block_table, pos and out must not be NULL");
+        MOESH_CUDA_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 &&
+                               a.n_blocks > 0 && a.n_kv > 0,
+                           "attention: n_tokens (%lld), n_head (%lld), n_head_kv (%lld), head_dim (%lld), "
+                           "block_size (%lld), n_blocks (%lld) and n_kv (%lld) must be positive",
+                           ll(a.n_tokens), ll(a.n_head), ll(a.n_head_kv), ll(a.head_dim), ll(a.block_size),
+                           ll(a.n_blocks), ll(a.n_kv));
+        MOESH_CUDA_REQUIRE(a.n_head % a.n_head_kv == 0, "attention: n_head (%lld) is not a multiple of n_head_kv (%lld)",
+                           ll(a.n_head), ll(a.n_head_kv));
+        if (a.head_dim > moesh::cuda::attention_max_head_dim()) {
+            return fail(be, MOESH_ERR_UNSUPPORTED, "attention: head_dim %lld is more than the cuda backend's %lld",
+                        ll(a.head_dim), ll(moesh::cuda::attention_max_head_dim()));
+        }
+        int64_t n_items = 0, kv_row = 0, n_pool_rows = 0;
+        MOESH_CUDA_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_items) && n_items <= INT32_MAX &&
+                               product_fits(a.n_head_kv, a.head_dim, &kv_row) &&
+                               product_fits(a.n_blocks, a.block_size, &n_pool_rows) && product_fits(n_pool_rows, kv_row),
+                           "attention: sizes overflow");
+        MOESH_CUDA_REQUIRE(a.scale == a.scale && a.scale - a.scale == 0.0f, "attention: scale must be finite");
+        return launched(be, moesh::cuda::launch_attention(a, be->error_flag, be->compute), "attention");
+    });
+}
+
+const moesh_backend_iface k_cuda_iface = {
+    /* .abi_version    = */ MOESH_PLUGIN_ABI_VERSION,
+    /* .struct_size    = */ sizeof(moesh_backend_iface),
+    /* .name           = */ "cuda",
+    /* .host_memory    = */ 0,
+    /* .create         = */ cuda_create,
+    /* .destroy        = */ cuda_destroy,
+    /* .last_error     = */ cuda_last_error,
+    /* .memory_info    = */ cuda_memory_info,
+    /* .buffer_alloc   = */ cuda_buffer_alloc,
+    /* .buffer_free    = */ cuda_buffer_free,
+    /* .copy_to_device = */ cuda_copy_to_device,
+    /* .copy_to_host   = */ cuda_copy_to_host,
+    /* .synchronize    = */ cuda_synchronize,
+    /* .supports       = */ cuda_supports,
+    /* .matmul         = */ cuda_matmul,
+    /* .rms_norm       = */ cuda_rms_norm,
+    /* .rope           = */ cuda_rope,
+    /* .expert_ffn     = */ cuda_expert_ffn,
+    /* .softmax        = */ cuda_softmax,
+    /* .attention      = */ cuda_attention,
+    /* .packed_size    = */ nullptr,   // not yet: weights stay in the GGUF layout
+    /* .pack_weights   = */ nullptr,
+};
+
+} // namespace
+
+extern "C" {
+
+MOESH_PLUGIN_EXPORT moesh_status moesh_plugin_init(const moesh_host_api * host, const moesh_backend_iface ** out) {
+    if (!out) return MOESH_ERR_INVALID_ARGUMENT;
+    *out = nullptr;
+    if (!host) return MOESH_ERR_INVALID_ARGUMENT;
+    if (host->abi_version < MOESH_PLUGIN_ABI_VERSION ||
+        host->struct_size < offsetof(moesh_host_api, log) + sizeof(host->log)) {
+        host_log(host, MOESH_LOG_ERROR, "cuda backend: host ABI version %u is older than the plugin's %u",
+                 unsigned(host->abi_version), unsigned(MOESH_PLUGIN_ABI_VERSION));
+        return MOESH_ERR_ABI_MISMATCH;
+    }
+    *out = &k_cuda_iface;
+    return MOESH_OK;
+}
+
+// Negative (cannot run here) without a usable device, so the loader skips it.
+MOESH_PLUGIN_EXPORT int32_t moesh_plugin_score(void) {
+    int n = 0;
+    return cudaGetDeviceCount(&n) == cudaSuccess && n > 0 ? k_score : -1;
+}
+
+} // extern "C"
