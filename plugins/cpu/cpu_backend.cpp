@@ -4,6 +4,7 @@
 #include <moesh/plugin.h>
 
 #include "cpu_kernels.h"
+#include "common/plugin_support.h"
 #include "host_memory.h"
 #include "quant_kernels.h"
 #include "thread_pool.h"
@@ -94,90 +95,12 @@ struct moesh_backend {
 
 namespace {
 
-bool has_host_log(const moesh_host_api & host) {
-    return host.struct_size >= offsetof(moesh_host_api, log) + sizeof(host.log) && host.log != nullptr;
-}
-
-__attribute__((format(printf, 3, 4)))
-void host_log(const moesh_host_api * host, int32_t level, const char * fmt, ...) {
-    if (!host || !has_host_log(*host)) {
-        return;
-    }
-    char msg[512];
-    va_list ap;
-    va_start(ap, fmt);
-    std::vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    host->log(host->ctx, level, msg);
-}
-
-__attribute__((format(printf, 3, 4)))
-moesh_status fail(moesh_backend * be, moesh_status status, const char * fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    std::vsnprintf(be->last_error, sizeof be->last_error, fmt, ap);
-    va_end(ap);
-    return status;
-}
-
-// Copies the caller's argument struct, of which the plugin reads its v1
-// members (all of them, for now), after checking that struct_size covers
-// them. False, with last_error set, when args is NULL or too short.
-template <class T>
-bool read_args(moesh_backend * be, const T * args, const char * op, const char * type_name, T * out) {
-    if (!args) {
-        fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: args is NULL", op);
-        return false;
-    }
-    constexpr size_t k_v1_size = sizeof(T);
-    uint32_t struct_size = 0;
-    std::memcpy(&struct_size, args, sizeof struct_size);   // the first member of every args struct
-    if (struct_size < k_v1_size) {
-        fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: %s struct_size %u is smaller than its v1 size %zu", op, type_name,
-             unsigned(struct_size), k_v1_size);
-        return false;
-    }
-    std::memcpy(static_cast<void *>(out), args, k_v1_size);
-    return true;
-}
-
-#define MOESH_CPU_REQUIRE(cond, ...)                                      \
-    do {                                                                  \
-        if (!(cond)) {                                                    \
-            return fail(be, MOESH_ERR_INVALID_ARGUMENT, __VA_ARGS__);     \
-        }                                                                 \
-    } while (0)
-
-// Runs an entry point's body so that no exception crosses the C boundary.
-template <class F>
-moesh_status guarded(moesh_backend * be, const char * op, F && body) noexcept {
-    if (!be) {
-        return MOESH_ERR_INVALID_ARGUMENT;
-    }
-    try {
-        return body();
-    } catch (const std::bad_alloc &) {
-        return fail(be, MOESH_ERR_OUT_OF_MEMORY, "%s: out of memory", op);
-    } catch (const std::exception & e) {
-        return fail(be, MOESH_ERR_INTERNAL, "%s: %s", op, e.what());
-    } catch (...) {
-        return fail(be, MOESH_ERR_INTERNAL, "%s: unknown exception", op);
-    }
-}
-
-long long ll(int64_t v) { return static_cast<long long>(v); }
-
-// a * b fits in int64 (both non-negative) and, as a float count, in size_t.
-bool product_fits(int64_t a, int64_t b, int64_t * out = nullptr) {
-    int64_t p;
-    if (__builtin_mul_overflow(a, b, &p) || p > (INT64_MAX >> 3)) {
-        return false;
-    }
-    if (out) {
-        *out = p;
-    }
-    return true;
-}
+using moesh::plugin::fail;
+using moesh::plugin::guarded;
+using moesh::plugin::host_log;
+using moesh::plugin::ll;
+using moesh::plugin::product_fits;
+using moesh::plugin::read_args;
 
 bool weight_type_ok(int32_t t) {
     return t == MOESH_DTYPE_F32 || t == MOESH_DTYPE_F16 || t == MOESH_DTYPE_BF16 || moesh::cpu::is_quant_type(t);
@@ -334,7 +257,7 @@ const char * cpu_last_error(moesh_backend * be) {
 
 moesh_status cpu_memory_info(moesh_backend * be, uint64_t * free_bytes, uint64_t * total_bytes) {
     return guarded(be, "memory_info", [&]() -> moesh_status {
-        MOESH_CPU_REQUIRE(free_bytes && total_bytes, "memory_info: free_bytes and total_bytes must not be NULL");
+        MOESH_PLUGIN_REQUIRE(free_bytes && total_bytes, "memory_info: free_bytes and total_bytes must not be NULL");
         moesh::cpu::HostMemory m;
         if (!moesh::cpu::query_host_memory(&m)) {
             return fail(be, MOESH_ERR_INTERNAL, "memory_info: cannot read the host's memory size");
@@ -347,10 +270,10 @@ moesh_status cpu_memory_info(moesh_backend * be, uint64_t * free_bytes, uint64_t
 
 moesh_status cpu_buffer_alloc(moesh_backend * be, size_t n_bytes, void ** out) {
     return guarded(be, "buffer_alloc", [&]() -> moesh_status {
-        MOESH_CPU_REQUIRE(out, "buffer_alloc: out is NULL");
+        MOESH_PLUGIN_REQUIRE(out, "buffer_alloc: out is NULL");
         *out = nullptr;
-        MOESH_CPU_REQUIRE(n_bytes > 0, "buffer_alloc: n_bytes is 0");
-        MOESH_CPU_REQUIRE(n_bytes <= SIZE_MAX - 63, "buffer_alloc: n_bytes %zu is too large", n_bytes);
+        MOESH_PLUGIN_REQUIRE(n_bytes > 0, "buffer_alloc: n_bytes is 0");
+        MOESH_PLUGIN_REQUIRE(n_bytes <= SIZE_MAX - 63, "buffer_alloc: n_bytes %zu is too large", n_bytes);
         void * p = nullptr;
         // A whole number of cache lines, so SIMD loads past the end stay inside.
         if (posix_memalign(&p, 64, (n_bytes + 63) & ~size_t(63)) != 0) {
@@ -367,7 +290,7 @@ void cpu_buffer_free(moesh_backend * be, void * ptr) {
 
 moesh_status copy_bytes(moesh_backend * be, const char * op, void * dst, const void * src, size_t n_bytes) {
     return guarded(be, op, [&]() -> moesh_status {
-        MOESH_CPU_REQUIRE(n_bytes == 0 || (dst && src), "%s: dst and src must not be NULL", op);
+        MOESH_PLUGIN_REQUIRE(n_bytes == 0 || (dst && src), "%s: dst and src must not be NULL", op);
         if (n_bytes > 0) {
             std::memmove(dst, src, n_bytes);
         }
@@ -499,31 +422,31 @@ moesh_status cpu_matmul(moesh_backend * be, const moesh_matmul_args * args) {
         if (!read_args(be, args, "matmul", "moesh_matmul_args", &a)) {
             return MOESH_ERR_INVALID_ARGUMENT;
         }
-        MOESH_CPU_REQUIRE(a.w && a.x && a.y, "matmul: w, x and y must not be NULL");
-        MOESH_CPU_REQUIRE(a.n_in > 0 && a.n_out > 0 && a.n_tokens > 0,
+        MOESH_PLUGIN_REQUIRE(a.w && a.x && a.y, "matmul: w, x and y must not be NULL");
+        MOESH_PLUGIN_REQUIRE(a.n_in > 0 && a.n_out > 0 && a.n_tokens > 0,
                           "matmul: n_in (%lld), n_out (%lld) and n_tokens (%lld) must be positive", ll(a.n_in),
                           ll(a.n_out), ll(a.n_tokens));
-        MOESH_CPU_REQUIRE(a.x_stride >= a.n_in, "matmul: x_stride (%lld) is less than n_in (%lld)", ll(a.x_stride),
+        MOESH_PLUGIN_REQUIRE(a.x_stride >= a.n_in, "matmul: x_stride (%lld) is less than n_in (%lld)", ll(a.x_stride),
                           ll(a.n_in));
-        MOESH_CPU_REQUIRE(a.y_stride >= a.n_out, "matmul: y_stride (%lld) is less than n_out (%lld)",
+        MOESH_PLUGIN_REQUIRE(a.y_stride >= a.n_out, "matmul: y_stride (%lld) is less than n_out (%lld)",
                           ll(a.y_stride), ll(a.n_out));
         int64_t n_w = 0;
         int64_t n_x = 0;
         int64_t n_y = 0;
-        MOESH_CPU_REQUIRE(product_fits(a.n_out, a.n_in, &n_w) && product_fits(a.n_tokens, a.x_stride, &n_x) &&
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n_out, a.n_in, &n_w) && product_fits(a.n_tokens, a.x_stride, &n_x) &&
                               product_fits(a.n_tokens, a.y_stride, &n_y),
                           "matmul: sizes overflow");
         if (!weight_type_ok(a.w_type)) {
             return unsupported_weight_type(be, "matmul", a.w_type);
         }
-        MOESH_CPU_REQUIRE(whole_blocks(a.w_type, a.n_in),
+        MOESH_PLUGIN_REQUIRE(whole_blocks(a.w_type, a.n_in),
                           "matmul: n_in (%lld) is not a multiple of %lld, as block weight dtype %d needs", ll(a.n_in),
                           ll(moesh::cpu::quant_block_elems(a.w_type)), int(a.w_type));
-        MOESH_CPU_REQUIRE(packed_ok(a.w_type, a.w, a.n_out, a.n_in),
+        MOESH_PLUGIN_REQUIRE(packed_ok(a.w_type, a.w, a.n_out, a.n_in),
                           "matmul: w is not what pack_weights wrote for dtype %d and shape [%lld, %lld]",
                           int(a.w_type & ~MOESH_DTYPE_PACKED), ll(a.n_out), ll(a.n_in));
         // Exact extents: rows are n_in (n_out) floats, x_stride (y_stride) apart.
-        MOESH_CPU_REQUIRE(disjoint(a.y, size_t(n_y - a.y_stride + a.n_out) * 4, a.x,
+        MOESH_PLUGIN_REQUIRE(disjoint(a.y, size_t(n_y - a.y_stride + a.n_out) * 4, a.x,
                                    size_t(n_x - a.x_stride + a.n_in) * 4),
                           "matmul: y overlaps x");
 
@@ -565,14 +488,14 @@ moesh_status cpu_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args) 
         if (!read_args(be, args, "rms_norm", "moesh_rms_norm_args", &a)) {
             return MOESH_ERR_INVALID_ARGUMENT;
         }
-        MOESH_CPU_REQUIRE(a.x && a.weight && a.y, "rms_norm: x, weight and y must not be NULL");
-        MOESH_CPU_REQUIRE(a.n > 0 && a.n_rows > 0, "rms_norm: n (%lld) and n_rows (%lld) must be positive", ll(a.n),
+        MOESH_PLUGIN_REQUIRE(a.x && a.weight && a.y, "rms_norm: x, weight and y must not be NULL");
+        MOESH_PLUGIN_REQUIRE(a.n > 0 && a.n_rows > 0, "rms_norm: n (%lld) and n_rows (%lld) must be positive", ll(a.n),
                           ll(a.n_rows));
         int64_t n_x = 0;
-        MOESH_CPU_REQUIRE(product_fits(a.n, a.n_rows, &n_x), "rms_norm: sizes overflow");
-        MOESH_CPU_REQUIRE(std::isfinite(a.eps) && a.eps >= 0.0f, "rms_norm: eps (%g) must be finite and >= 0",
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n, a.n_rows, &n_x), "rms_norm: sizes overflow");
+        MOESH_PLUGIN_REQUIRE(std::isfinite(a.eps) && a.eps >= 0.0f, "rms_norm: eps (%g) must be finite and >= 0",
                           double(a.eps));
-        MOESH_CPU_REQUIRE(a.y == a.x || disjoint(a.y, size_t(n_x) * 4, a.x, size_t(n_x) * 4),
+        MOESH_PLUGIN_REQUIRE(a.y == a.x || disjoint(a.y, size_t(n_x) * 4, a.x, size_t(n_x) * 4),
                           "rms_norm: y partly overlaps x (only y == x is allowed)");
         auto task = [&](int, int64_t part, int64_t n_parts) {
             const Range r = split(a.n_rows, part, n_parts);
@@ -589,19 +512,19 @@ moesh_status cpu_rope(moesh_backend * be, const moesh_rope_args * args) {
         if (!read_args(be, args, "rope", "moesh_rope_args", &a)) {
             return MOESH_ERR_INVALID_ARGUMENT;
         }
-        MOESH_CPU_REQUIRE(a.x && a.pos && a.inv_freq, "rope: x, pos and inv_freq must not be NULL");
-        MOESH_CPU_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.head_dim > 0,
+        MOESH_PLUGIN_REQUIRE(a.x && a.pos && a.inv_freq, "rope: x, pos and inv_freq must not be NULL");
+        MOESH_PLUGIN_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.head_dim > 0,
                           "rope: n_tokens (%lld), n_head (%lld) and head_dim (%lld) must be positive", ll(a.n_tokens),
                           ll(a.n_head), ll(a.head_dim));
-        MOESH_CPU_REQUIRE(a.rot_dim > 0 && a.rot_dim % 2 == 0 && a.rot_dim <= a.head_dim,
+        MOESH_PLUGIN_REQUIRE(a.rot_dim > 0 && a.rot_dim % 2 == 0 && a.rot_dim <= a.head_dim,
                           "rope: rot_dim (%lld) must be even, positive and <= head_dim (%lld)", ll(a.rot_dim),
                           ll(a.head_dim));
         int64_t n_th = 0;
         int64_t n_x = 0;
-        MOESH_CPU_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_th) && product_fits(n_th, a.head_dim, &n_x),
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_th) && product_fits(n_th, a.head_dim, &n_x),
                           "rope: sizes overflow");
-        MOESH_CPU_REQUIRE(std::isfinite(a.attn_factor), "rope: attn_factor must be finite");
-        MOESH_CPU_REQUIRE(a.reserved == 0, "rope: reserved is %u, must be 0", unsigned(a.reserved));
+        MOESH_PLUGIN_REQUIRE(std::isfinite(a.attn_factor), "rope: attn_factor must be finite");
+        MOESH_PLUGIN_REQUIRE(a.reserved == 0, "rope: reserved is %u, must be 0", unsigned(a.reserved));
         if (a.mode != MOESH_ROPE_NEOX && a.mode != MOESH_ROPE_NORM) {
             return fail(be, MOESH_ERR_UNSUPPORTED, "rope: mode %d is not supported", int(a.mode));
         }
@@ -624,33 +547,33 @@ moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * ar
         if (!read_args(be, args, "expert_ffn", "moesh_expert_ffn_args", &a)) {
             return MOESH_ERR_INVALID_ARGUMENT;
         }
-        MOESH_CPU_REQUIRE(a.gate && a.up && a.down && a.x && a.out && a.scratch,
+        MOESH_PLUGIN_REQUIRE(a.gate && a.up && a.down && a.x && a.out && a.scratch,
                           "expert_ffn: gate, up, down, x, out and scratch must not be NULL");
-        MOESH_CPU_REQUIRE(a.n_embd > 0 && a.n_ff > 0 && a.n_tokens > 0,
+        MOESH_PLUGIN_REQUIRE(a.n_embd > 0 && a.n_ff > 0 && a.n_tokens > 0,
                           "expert_ffn: n_embd (%lld), n_ff (%lld) and n_tokens (%lld) must be positive",
                           ll(a.n_embd), ll(a.n_ff), ll(a.n_tokens));
         int64_t n_w = 0;
         int64_t n_x = 0;
         int64_t n_h = 0;
         int64_t work = 0;
-        MOESH_CPU_REQUIRE(product_fits(a.n_ff, a.n_embd, &n_w) && product_fits(a.n_tokens, a.n_embd, &n_x) &&
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n_ff, a.n_embd, &n_w) && product_fits(a.n_tokens, a.n_embd, &n_x) &&
                               product_fits(2 * a.n_tokens, a.n_ff, &n_h) && product_fits(3 * n_w, a.n_tokens, &work),
                           "expert_ffn: sizes overflow");
         if (!weight_type_ok(a.w_type)) {
             return unsupported_weight_type(be, "expert_ffn", a.w_type);
         }
-        MOESH_CPU_REQUIRE(whole_blocks(a.w_type, a.n_embd) && whole_blocks(a.w_type, a.n_ff),
+        MOESH_PLUGIN_REQUIRE(whole_blocks(a.w_type, a.n_embd) && whole_blocks(a.w_type, a.n_ff),
                           "expert_ffn: n_embd (%lld) and n_ff (%lld) must be multiples of %lld for block weight dtype %d",
                           ll(a.n_embd), ll(a.n_ff), ll(moesh::cpu::quant_block_elems(a.w_type)), int(a.w_type));
-        MOESH_CPU_REQUIRE(packed_ok(a.w_type, a.gate, a.n_ff, a.n_embd) && packed_ok(a.w_type, a.up, a.n_ff, a.n_embd) &&
+        MOESH_PLUGIN_REQUIRE(packed_ok(a.w_type, a.gate, a.n_ff, a.n_embd) && packed_ok(a.w_type, a.up, a.n_ff, a.n_embd) &&
                               packed_ok(a.w_type, a.down, a.n_embd, a.n_ff),
                           "expert_ffn: gate, up and down are not what pack_weights wrote for dtype %d and shapes "
                           "[%lld, %lld], [%lld, %lld]",
                           int(a.w_type & ~MOESH_DTYPE_PACKED), ll(a.n_ff), ll(a.n_embd), ll(a.n_embd), ll(a.n_ff));
-        MOESH_CPU_REQUIRE(disjoint(a.scratch, size_t(n_h) * 4, a.x, size_t(n_x) * 4) &&
+        MOESH_PLUGIN_REQUIRE(disjoint(a.scratch, size_t(n_h) * 4, a.x, size_t(n_x) * 4) &&
                               disjoint(a.scratch, size_t(n_h) * 4, a.out, size_t(n_x) * 4),
                           "expert_ffn: scratch overlaps x or out");
-        MOESH_CPU_REQUIRE(a.out == a.x || disjoint(a.out, size_t(n_x) * 4, a.x, size_t(n_x) * 4),
+        MOESH_PLUGIN_REQUIRE(a.out == a.x || disjoint(a.out, size_t(n_x) * 4, a.x, size_t(n_x) * 4),
                           "expert_ffn: out partly overlaps x (only out == x is allowed)");
         const int n_active = n_active_threads(be, work);
         if (moesh::cpu::is_quant_type(a.w_type) && be->precise) {
@@ -709,12 +632,12 @@ moesh_status cpu_softmax(moesh_backend * be, const moesh_softmax_args * args) {
         if (!read_args(be, args, "softmax", "moesh_softmax_args", &a)) {
             return MOESH_ERR_INVALID_ARGUMENT;
         }
-        MOESH_CPU_REQUIRE(a.x, "softmax: x must not be NULL");
-        MOESH_CPU_REQUIRE(a.reserved == 0, "softmax: reserved is %u, must be 0", unsigned(a.reserved));
-        MOESH_CPU_REQUIRE(a.n > 0 && a.n_rows > 0, "softmax: n (%lld) and n_rows (%lld) must be positive", ll(a.n),
+        MOESH_PLUGIN_REQUIRE(a.x, "softmax: x must not be NULL");
+        MOESH_PLUGIN_REQUIRE(a.reserved == 0, "softmax: reserved is %u, must be 0", unsigned(a.reserved));
+        MOESH_PLUGIN_REQUIRE(a.n > 0 && a.n_rows > 0, "softmax: n (%lld) and n_rows (%lld) must be positive", ll(a.n),
                           ll(a.n_rows));
         int64_t n_x = 0;
-        MOESH_CPU_REQUIRE(product_fits(a.n, a.n_rows, &n_x), "softmax: sizes overflow");
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n, a.n_rows, &n_x), "softmax: sizes overflow");
         auto task = [&](int, int64_t part, int64_t n_parts) {
             const Range r = split(a.n_rows, part, n_parts);
             moesh::cpu::softmax_rows(a, r.begin, r.end);
@@ -730,36 +653,36 @@ moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args
         if (!read_args(be, args, "attention", "moesh_attention_args", &a)) {
             return MOESH_ERR_INVALID_ARGUMENT;
         }
-        MOESH_CPU_REQUIRE(a.q && a.k_pool && a.v_pool && a.block_table && a.pos && a.out,
+        MOESH_PLUGIN_REQUIRE(a.q && a.k_pool && a.v_pool && a.block_table && a.pos && a.out,
                           "attention: q, k_pool, v_pool, block_table, pos and out must not be NULL");
-        MOESH_CPU_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 &&
+        MOESH_PLUGIN_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 &&
                               a.n_blocks > 0 && a.n_kv > 0,
                           "attention: n_tokens (%lld), n_head (%lld), n_head_kv (%lld), head_dim (%lld), "
                           "block_size (%lld), n_blocks (%lld) and n_kv (%lld) must be positive",
                           ll(a.n_tokens), ll(a.n_head), ll(a.n_head_kv), ll(a.head_dim), ll(a.block_size),
                           ll(a.n_blocks), ll(a.n_kv));
-        MOESH_CPU_REQUIRE(a.n_head % a.n_head_kv == 0, "attention: n_head (%lld) is not a multiple of n_head_kv (%lld)",
+        MOESH_PLUGIN_REQUIRE(a.n_head % a.n_head_kv == 0, "attention: n_head (%lld) is not a multiple of n_head_kv (%lld)",
                           ll(a.n_head), ll(a.n_head_kv));
         int64_t n_items = 0;
         int64_t n_q = 0;
         int64_t kv_row = 0;
         int64_t n_pool_rows = 0;
         // Every block id is checked to be < n_blocks, so this bounds every cache offset.
-        MOESH_CPU_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_items) && product_fits(n_items, a.head_dim, &n_q) &&
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_items) && product_fits(n_items, a.head_dim, &n_q) &&
                               product_fits(a.n_head_kv, a.head_dim, &kv_row) &&
                               product_fits(a.n_blocks, a.block_size, &n_pool_rows) &&
                               product_fits(n_pool_rows, kv_row),
                           "attention: sizes overflow");
-        MOESH_CPU_REQUIRE(std::isfinite(a.scale), "attention: scale must be finite");
+        MOESH_PLUGIN_REQUIRE(std::isfinite(a.scale), "attention: scale must be finite");
         int64_t n_ctx_max = 0;   // longest context any query attends
         for (int64_t t = 0; t < a.n_tokens; ++t) {
-            MOESH_CPU_REQUIRE(a.pos[t] >= 0 && a.pos[t] < a.n_kv, "attention: pos[%lld] = %d is outside [0, n_kv = %lld)",
+            MOESH_PLUGIN_REQUIRE(a.pos[t] >= 0 && a.pos[t] < a.n_kv, "attention: pos[%lld] = %d is outside [0, n_kv = %lld)",
                               ll(t), int(a.pos[t]), ll(a.n_kv));
             n_ctx_max = std::max(n_ctx_max, int64_t(a.pos[t]) + 1);
         }
         const int64_t n_table = a.n_kv / a.block_size + (a.n_kv % a.block_size != 0);   // ceil(n_kv / block_size)
         for (int64_t b = 0; b < n_table; ++b) {
-            MOESH_CPU_REQUIRE(a.block_table[b] >= 0 && a.block_table[b] < a.n_blocks,
+            MOESH_PLUGIN_REQUIRE(a.block_table[b] >= 0 && a.block_table[b] < a.n_blocks,
                               "attention: block_table[%lld] = %d is outside [0, n_blocks = %lld)", ll(b),
                               int(a.block_table[b]), ll(a.n_blocks));
         }
@@ -780,17 +703,17 @@ moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args
 
 moesh_status cpu_packed_size(moesh_backend * be, int32_t w_type, int64_t n_rows, int64_t n_cols, size_t * out) {
     return guarded(be, "packed_size", [&]() -> moesh_status {
-        MOESH_CPU_REQUIRE(out, "packed_size: out_bytes is NULL");
+        MOESH_PLUGIN_REQUIRE(out, "packed_size: out_bytes is NULL");
         *out = 0;
         if (!moesh::cpu::is_packable(w_type)) {
             return fail(be, MOESH_ERR_UNSUPPORTED, "packed_size: dtype %d is not packed by the cpu backend (q8_0, q4_0 are)",
                         int(w_type));
         }
-        MOESH_CPU_REQUIRE(n_rows > 0 && n_cols > 0 && n_cols % 32 == 0,
+        MOESH_PLUGIN_REQUIRE(n_rows > 0 && n_cols > 0 && n_cols % 32 == 0,
                           "packed_size: n_rows (%lld) must be positive and n_cols (%lld) a positive multiple of 32",
                           ll(n_rows), ll(n_cols));
         *out = moesh::cpu::packed_bytes(w_type, n_rows, n_cols);
-        MOESH_CPU_REQUIRE(*out > 0, "packed_size: [%lld, %lld] overflows", ll(n_rows), ll(n_cols));
+        MOESH_PLUGIN_REQUIRE(*out > 0, "packed_size: [%lld, %lld] overflows", ll(n_rows), ll(n_cols));
         return MOESH_OK;
     });
 }
@@ -803,10 +726,10 @@ moesh_status cpu_pack_weights(moesh_backend * be, int32_t w_type, const void * w
         if (s != MOESH_OK) {
             return s;
         }
-        MOESH_CPU_REQUIRE(w && dst, "pack_weights: w and dst must not be NULL");
-        MOESH_CPU_REQUIRE(dst_bytes >= need, "pack_weights: dst_bytes %zu is less than the %zu packed_size says",
+        MOESH_PLUGIN_REQUIRE(w && dst, "pack_weights: w and dst must not be NULL");
+        MOESH_PLUGIN_REQUIRE(dst_bytes >= need, "pack_weights: dst_bytes %zu is less than the %zu packed_size says",
                           dst_bytes, need);
-        MOESH_CPU_REQUIRE(disjoint(w, size_t(n_rows) * size_t(n_cols / 32) * (w_type == MOESH_DTYPE_Q4_0 ? 18 : 34),
+        MOESH_PLUGIN_REQUIRE(disjoint(w, size_t(n_rows) * size_t(n_cols / 32) * (w_type == MOESH_DTYPE_Q4_0 ? 18 : 34),
                                    dst, need),
                           "pack_weights: dst overlaps w");
         moesh::cpu::pack_header(w_type, n_rows, n_cols, dst);

@@ -8,6 +8,7 @@
 // the loader falls back to another plugin (the CPU).
 #include <moesh/plugin.h>
 
+#include "common/plugin_support.h"
 #include "cuda_kernels.h"
 
 #include <cuda_runtime.h>
@@ -42,34 +43,12 @@ struct moesh_backend {
 
 namespace {
 
-bool has_host_log(const moesh_host_api & host) {
-    return host.struct_size >= offsetof(moesh_host_api, log) + sizeof(host.log) && host.log != nullptr;
-}
-
-__attribute__((format(printf, 3, 4)))
-void host_log(const moesh_host_api * host, int32_t level, const char * fmt, ...) {
-    if (!host || !has_host_log(*host)) return;
-    char msg[512];
-    va_list ap;
-    va_start(ap, fmt);
-    std::vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    host->log(host->ctx, level, msg);
-}
-
-__attribute__((format(printf, 3, 4)))
-moesh_status fail(moesh_backend * be, moesh_status status, const char * fmt, ...) {
-    va_list ap;
-    va_start(ap, fmt);
-    std::vsnprintf(be->last_error, sizeof be->last_error, fmt, ap);
-    va_end(ap);
-    return status;
-}
-
-#define MOESH_CUDA_REQUIRE(cond, ...)                                   \
-    do {                                                                \
-        if (!(cond)) return fail(be, MOESH_ERR_INVALID_ARGUMENT, __VA_ARGS__); \
-    } while (0)
+using moesh::plugin::fail;
+using moesh::plugin::guarded;
+using moesh::plugin::host_log;
+using moesh::plugin::ll;
+using moesh::plugin::product_fits;
+using moesh::plugin::read_args;
 
 // A CUDA call's error as a status, with the call named in last_error.
 moesh_status cuda_check(moesh_backend * be, cudaError_t e, const char * what) {
@@ -83,33 +62,6 @@ moesh_status cuda_check(moesh_backend * be, cudaError_t e, const char * what) {
         const moesh_status st_ = cuda_check(be, (expr), what);          \
         if (st_ != MOESH_OK) return st_;                                \
     } while (0)
-
-long long ll(int64_t v) { return static_cast<long long>(v); }
-
-// Copies an argument struct after checking that its struct_size covers the v1 members.
-template <class T>
-bool read_args(moesh_backend * be, const T * args, const char * op, T * out) {
-    if (!args) {
-        fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: args is NULL", op);
-        return false;
-    }
-    uint32_t struct_size = 0;
-    std::memcpy(&struct_size, args, sizeof struct_size);
-    if (struct_size < sizeof(T)) {
-        fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: struct_size %u is smaller than its v1 size %zu", op,
-             unsigned(struct_size), sizeof(T));
-        return false;
-    }
-    std::memcpy(static_cast<void *>(out), args, sizeof(T));
-    return true;
-}
-
-bool product_fits(int64_t a, int64_t b, int64_t * out = nullptr) {
-    int64_t p;
-    if (__builtin_mul_overflow(a, b, &p) || p > (INT64_MAX >> 3)) return false;
-    if (out) *out = p;
-    return true;
-}
 
 int64_t block_elems(int32_t w_type) {
     switch (w_type) {
@@ -125,18 +77,6 @@ moesh_status order_copy_after_compute(moesh_backend * be) {
     MOESH_CUDA_CALL(cudaEventRecord(be->compute_done, be->compute), "cudaEventRecord");
     MOESH_CUDA_CALL(cudaStreamWaitEvent(be->copy, be->compute_done, 0), "cudaStreamWaitEvent");
     return MOESH_OK;
-}
-
-template <class F>
-moesh_status guarded(moesh_backend * be, const char * op, F && body) noexcept {
-    if (!be) return MOESH_ERR_INVALID_ARGUMENT;
-    try {
-        return body();
-    } catch (const std::bad_alloc &) {
-        return fail(be, MOESH_ERR_OUT_OF_MEMORY, "%s: out of memory", op);
-    } catch (...) {
-        return fail(be, MOESH_ERR_INTERNAL, "%s: unexpected exception", op);
-    }
 }
 
 // ---------------------------------------------------------------- lifetime
@@ -216,7 +156,7 @@ const char * cuda_last_error(moesh_backend * be) { return be ? be->last_error : 
 
 moesh_status cuda_memory_info(moesh_backend * be, uint64_t * free_bytes, uint64_t * total_bytes) {
     return guarded(be, "memory_info", [&]() -> moesh_status {
-        MOESH_CUDA_REQUIRE(free_bytes && total_bytes, "memory_info: free_bytes and total_bytes must not be NULL");
+        MOESH_PLUGIN_REQUIRE(free_bytes && total_bytes, "memory_info: free_bytes and total_bytes must not be NULL");
         size_t f = 0, t = 0;
         MOESH_CUDA_CALL(cudaMemGetInfo(&f, &t), "memory_info: cudaMemGetInfo");
         *free_bytes = f;
@@ -227,10 +167,10 @@ moesh_status cuda_memory_info(moesh_backend * be, uint64_t * free_bytes, uint64_
 
 moesh_status cuda_buffer_alloc(moesh_backend * be, size_t n_bytes, void ** out) {
     return guarded(be, "buffer_alloc", [&]() -> moesh_status {
-        MOESH_CUDA_REQUIRE(out, "buffer_alloc: out is NULL");
+        MOESH_PLUGIN_REQUIRE(out, "buffer_alloc: out is NULL");
         *out = nullptr;
-        MOESH_CUDA_REQUIRE(n_bytes > 0, "buffer_alloc: n_bytes is 0");
-        MOESH_CUDA_REQUIRE(n_bytes <= SIZE_MAX - 255, "buffer_alloc: n_bytes %zu is too large", n_bytes);
+        MOESH_PLUGIN_REQUIRE(n_bytes > 0, "buffer_alloc: n_bytes is 0");
+        MOESH_PLUGIN_REQUIRE(n_bytes <= SIZE_MAX - 255, "buffer_alloc: n_bytes %zu is too large", n_bytes);
         // Whole 256-byte units, so vector loads past a row's end stay inside.
         MOESH_CUDA_CALL(cudaMalloc(out, (n_bytes + 255) & ~size_t(255)), "buffer_alloc: cudaMalloc");
         return MOESH_OK;
@@ -243,7 +183,7 @@ void cuda_buffer_free(moesh_backend * be, void * ptr) {
 
 moesh_status cuda_copy_to_device(moesh_backend * be, void * dst, const void * src, size_t n_bytes) {
     return guarded(be, "copy_to_device", [&]() -> moesh_status {
-        MOESH_CUDA_REQUIRE(n_bytes == 0 || (dst && src), "copy_to_device: dst and src must not be NULL");
+        MOESH_PLUGIN_REQUIRE(n_bytes == 0 || (dst && src), "copy_to_device: dst and src must not be NULL");
         if (n_bytes == 0) return MOESH_OK;
         const moesh_status s = order_copy_after_compute(be);
         if (s != MOESH_OK) return s;
@@ -265,7 +205,7 @@ moesh_status cuda_copy_to_device(moesh_backend * be, void * dst, const void * sr
 
 moesh_status cuda_copy_to_host(moesh_backend * be, void * dst, const void * src, size_t n_bytes) {
     return guarded(be, "copy_to_host", [&]() -> moesh_status {
-        MOESH_CUDA_REQUIRE(n_bytes == 0 || (dst && src), "copy_to_host: dst and src must not be NULL");
+        MOESH_PLUGIN_REQUIRE(n_bytes == 0 || (dst && src), "copy_to_host: dst and src must not be NULL");
         if (n_bytes == 0) return MOESH_OK;
         const moesh_status s = order_copy_after_compute(be);
         if (s != MOESH_OK) return s;
@@ -314,15 +254,15 @@ moesh_status launched(moesh_backend * be, cudaError_t e, const char * op) { retu
 moesh_status cuda_matmul(moesh_backend * be, const moesh_matmul_args * args) {
     return guarded(be, "matmul", [&]() -> moesh_status {
         moesh_matmul_args a;
-        if (!read_args(be, args, "matmul", &a)) return MOESH_ERR_INVALID_ARGUMENT;
-        MOESH_CUDA_REQUIRE(a.w && a.x && a.y, "matmul: w, x and y must not be NULL");
-        MOESH_CUDA_REQUIRE(a.n_in > 0 && a.n_out > 0 && a.n_tokens > 0,
+        if (!read_args(be, args, "matmul", "moesh_matmul_args", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        MOESH_PLUGIN_REQUIRE(a.w && a.x && a.y, "matmul: w, x and y must not be NULL");
+        MOESH_PLUGIN_REQUIRE(a.n_in > 0 && a.n_out > 0 && a.n_tokens > 0,
                            "matmul: n_in (%lld), n_out (%lld) and n_tokens (%lld) must be positive", ll(a.n_in),
                            ll(a.n_out), ll(a.n_tokens));
-        MOESH_CUDA_REQUIRE(a.x_stride >= a.n_in && a.y_stride >= a.n_out,
+        MOESH_PLUGIN_REQUIRE(a.x_stride >= a.n_in && a.y_stride >= a.n_out,
                            "matmul: x_stride (%lld) and y_stride (%lld) must be at least n_in and n_out",
                            ll(a.x_stride), ll(a.y_stride));
-        MOESH_CUDA_REQUIRE(product_fits(a.n_out, a.n_in) && product_fits(a.n_tokens, a.x_stride) &&
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n_out, a.n_in) && product_fits(a.n_tokens, a.x_stride) &&
                                product_fits(a.n_tokens, a.y_stride),
                            "matmul: sizes overflow");
         if (!moesh::cuda::matmul_supports(a.w_type)) {
@@ -330,7 +270,7 @@ moesh_status cuda_matmul(moesh_backend * be, const moesh_matmul_args * args) {
                         "matmul: weight dtype %d is not supported by the cuda backend (f32, f16, bf16, q8_0, q4_0, q4_K are)",
                         int(a.w_type));
         }
-        MOESH_CUDA_REQUIRE(a.n_in % block_elems(a.w_type) == 0,
+        MOESH_PLUGIN_REQUIRE(a.n_in % block_elems(a.w_type) == 0,
                            "matmul: n_in (%lld) is not a multiple of %lld, as block weight dtype %d needs", ll(a.n_in),
                            ll(block_elems(a.w_type)), int(a.w_type));
         return launched(be, moesh::cuda::launch_matmul(a, be->compute), "matmul");
@@ -340,12 +280,12 @@ moesh_status cuda_matmul(moesh_backend * be, const moesh_matmul_args * args) {
 moesh_status cuda_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args) {
     return guarded(be, "rms_norm", [&]() -> moesh_status {
         moesh_rms_norm_args a;
-        if (!read_args(be, args, "rms_norm", &a)) return MOESH_ERR_INVALID_ARGUMENT;
-        MOESH_CUDA_REQUIRE(a.x && a.weight && a.y, "rms_norm: x, weight and y must not be NULL");
-        MOESH_CUDA_REQUIRE(a.n > 0 && a.n_rows > 0 && a.n_rows <= INT32_MAX,
+        if (!read_args(be, args, "rms_norm", "moesh_rms_norm_args", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        MOESH_PLUGIN_REQUIRE(a.x && a.weight && a.y, "rms_norm: x, weight and y must not be NULL");
+        MOESH_PLUGIN_REQUIRE(a.n > 0 && a.n_rows > 0 && a.n_rows <= INT32_MAX,
                            "rms_norm: n (%lld) and n_rows (%lld) must be positive", ll(a.n), ll(a.n_rows));
-        MOESH_CUDA_REQUIRE(a.eps >= 0.0f && a.eps <= 3.4e38f, "rms_norm: eps must be finite and >= 0");
-        MOESH_CUDA_REQUIRE(product_fits(a.n, a.n_rows), "rms_norm: sizes overflow");
+        MOESH_PLUGIN_REQUIRE(a.eps >= 0.0f && a.eps <= 3.4e38f, "rms_norm: eps must be finite and >= 0");
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n, a.n_rows), "rms_norm: sizes overflow");
         return launched(be, moesh::cuda::launch_rms_norm(a, be->compute), "rms_norm");
     });
 }
@@ -353,20 +293,20 @@ moesh_status cuda_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args)
 moesh_status cuda_rope(moesh_backend * be, const moesh_rope_args * args) {
     return guarded(be, "rope", [&]() -> moesh_status {
         moesh_rope_args a;
-        if (!read_args(be, args, "rope", &a)) return MOESH_ERR_INVALID_ARGUMENT;
-        MOESH_CUDA_REQUIRE(a.x && a.pos && a.inv_freq, "rope: x, pos and inv_freq must not be NULL");
-        MOESH_CUDA_REQUIRE(a.reserved == 0, "rope: reserved is %u, must be 0", unsigned(a.reserved));
+        if (!read_args(be, args, "rope", "moesh_rope_args", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        MOESH_PLUGIN_REQUIRE(a.x && a.pos && a.inv_freq, "rope: x, pos and inv_freq must not be NULL");
+        MOESH_PLUGIN_REQUIRE(a.reserved == 0, "rope: reserved is %u, must be 0", unsigned(a.reserved));
         if (a.mode != MOESH_ROPE_NEOX && a.mode != MOESH_ROPE_NORM) {
             return fail(be, MOESH_ERR_UNSUPPORTED, "rope: unknown mode %d", int(a.mode));
         }
-        MOESH_CUDA_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.head_dim > 0,
+        MOESH_PLUGIN_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.head_dim > 0,
                            "rope: n_tokens (%lld), n_head (%lld) and head_dim (%lld) must be positive", ll(a.n_tokens),
                            ll(a.n_head), ll(a.head_dim));
-        MOESH_CUDA_REQUIRE(a.rot_dim >= 0 && a.rot_dim % 2 == 0 && a.rot_dim <= a.head_dim,
+        MOESH_PLUGIN_REQUIRE(a.rot_dim >= 0 && a.rot_dim % 2 == 0 && a.rot_dim <= a.head_dim,
                            "rope: rot_dim (%lld) must be even and at most head_dim (%lld)", ll(a.rot_dim),
                            ll(a.head_dim));
         int64_t n = 0;
-        MOESH_CUDA_REQUIRE(product_fits(a.n_tokens, a.n_head, &n) && product_fits(n, a.head_dim),
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n_tokens, a.n_head, &n) && product_fits(n, a.head_dim),
                            "rope: sizes overflow");
         return launched(be, moesh::cuda::launch_rope(a, be->compute), "rope");
     });
@@ -375,14 +315,14 @@ moesh_status cuda_rope(moesh_backend * be, const moesh_rope_args * args) {
 moesh_status cuda_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * args) {
     return guarded(be, "expert_ffn", [&]() -> moesh_status {
         moesh_expert_ffn_args a;
-        if (!read_args(be, args, "expert_ffn", &a)) return MOESH_ERR_INVALID_ARGUMENT;
-        MOESH_CUDA_REQUIRE(a.gate && a.up && a.down && a.x && a.out && a.scratch,
+        if (!read_args(be, args, "expert_ffn", "moesh_expert_ffn_args", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        MOESH_PLUGIN_REQUIRE(a.gate && a.up && a.down && a.x && a.out && a.scratch,
                            "expert_ffn: gate, up, down, x, out and scratch must not be NULL");
-        MOESH_CUDA_REQUIRE(a.n_embd > 0 && a.n_ff > 0 && a.n_tokens > 0,
+        MOESH_PLUGIN_REQUIRE(a.n_embd > 0 && a.n_ff > 0 && a.n_tokens > 0,
                            "expert_ffn: n_embd (%lld), n_ff (%lld) and n_tokens (%lld) must be positive",
                            ll(a.n_embd), ll(a.n_ff), ll(a.n_tokens));
         int64_t n_w = 0;
-        MOESH_CUDA_REQUIRE(product_fits(a.n_ff, a.n_embd, &n_w) && product_fits(a.n_tokens, a.n_embd) &&
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n_ff, a.n_embd, &n_w) && product_fits(a.n_tokens, a.n_embd) &&
                                product_fits(2 * a.n_tokens, a.n_ff) && product_fits(3 * n_w, a.n_tokens),
                            "expert_ffn: sizes overflow");
         if (!moesh::cuda::matmul_supports(a.w_type)) {
@@ -391,7 +331,7 @@ moesh_status cuda_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * a
                         "q4_K are)",
                         int(a.w_type));
         }
-        MOESH_CUDA_REQUIRE(a.n_embd % block_elems(a.w_type) == 0 && a.n_ff % block_elems(a.w_type) == 0,
+        MOESH_PLUGIN_REQUIRE(a.n_embd % block_elems(a.w_type) == 0 && a.n_ff % block_elems(a.w_type) == 0,
                            "expert_ffn: n_embd (%lld) and n_ff (%lld) must be multiples of %lld for dtype %d",
                            ll(a.n_embd), ll(a.n_ff), ll(block_elems(a.w_type)), int(a.w_type));
         return launched(be, moesh::cuda::launch_expert_ffn(a, be->compute), "expert_ffn");
@@ -401,12 +341,12 @@ moesh_status cuda_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * a
 moesh_status cuda_softmax(moesh_backend * be, const moesh_softmax_args * args) {
     return guarded(be, "softmax", [&]() -> moesh_status {
         moesh_softmax_args a;
-        if (!read_args(be, args, "softmax", &a)) return MOESH_ERR_INVALID_ARGUMENT;
-        MOESH_CUDA_REQUIRE(a.x, "softmax: x must not be NULL");
-        MOESH_CUDA_REQUIRE(a.reserved == 0, "softmax: reserved is %u, must be 0", unsigned(a.reserved));
-        MOESH_CUDA_REQUIRE(a.n > 0 && a.n_rows > 0 && a.n_rows <= INT32_MAX,
+        if (!read_args(be, args, "softmax", "moesh_softmax_args", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        MOESH_PLUGIN_REQUIRE(a.x, "softmax: x must not be NULL");
+        MOESH_PLUGIN_REQUIRE(a.reserved == 0, "softmax: reserved is %u, must be 0", unsigned(a.reserved));
+        MOESH_PLUGIN_REQUIRE(a.n > 0 && a.n_rows > 0 && a.n_rows <= INT32_MAX,
                            "softmax: n (%lld) and n_rows (%lld) must be positive", ll(a.n), ll(a.n_rows));
-        MOESH_CUDA_REQUIRE(product_fits(a.n, a.n_rows), "softmax: sizes overflow");
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n, a.n_rows), "softmax: sizes overflow");
         return launched(be, moesh::cuda::launch_softmax(a, be->compute), "softmax");
     });
 }
@@ -414,27 +354,27 @@ moesh_status cuda_softmax(moesh_backend * be, const moesh_softmax_args * args) {
 moesh_status cuda_attention(moesh_backend * be, const moesh_attention_args * args) {
     return guarded(be, "attention", [&]() -> moesh_status {
         moesh_attention_args a;
-        if (!read_args(be, args, "attention", &a)) return MOESH_ERR_INVALID_ARGUMENT;
-        MOESH_CUDA_REQUIRE(a.q && a.k_pool && a.v_pool && a.block_table && a.pos && a.out,
+        if (!read_args(be, args, "attention", "moesh_attention_args", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        MOESH_PLUGIN_REQUIRE(a.q && a.k_pool && a.v_pool && a.block_table && a.pos && a.out,
                            "attention: q, k_pool, v_pool, block_table, pos and out must not be NULL");
-        MOESH_CUDA_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 &&
+        MOESH_PLUGIN_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 &&
                                a.n_blocks > 0 && a.n_kv > 0,
                            "attention: n_tokens (%lld), n_head (%lld), n_head_kv (%lld), head_dim (%lld), "
                            "block_size (%lld), n_blocks (%lld) and n_kv (%lld) must be positive",
                            ll(a.n_tokens), ll(a.n_head), ll(a.n_head_kv), ll(a.head_dim), ll(a.block_size),
                            ll(a.n_blocks), ll(a.n_kv));
-        MOESH_CUDA_REQUIRE(a.n_head % a.n_head_kv == 0, "attention: n_head (%lld) is not a multiple of n_head_kv (%lld)",
+        MOESH_PLUGIN_REQUIRE(a.n_head % a.n_head_kv == 0, "attention: n_head (%lld) is not a multiple of n_head_kv (%lld)",
                            ll(a.n_head), ll(a.n_head_kv));
         if (a.head_dim > moesh::cuda::attention_max_head_dim()) {
             return fail(be, MOESH_ERR_UNSUPPORTED, "attention: head_dim %lld is more than the cuda backend's %lld",
                         ll(a.head_dim), ll(moesh::cuda::attention_max_head_dim()));
         }
         int64_t n_items = 0, kv_row = 0, n_pool_rows = 0;
-        MOESH_CUDA_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_items) && n_items <= INT32_MAX &&
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_items) && n_items <= INT32_MAX &&
                                product_fits(a.n_head_kv, a.head_dim, &kv_row) &&
                                product_fits(a.n_blocks, a.block_size, &n_pool_rows) && product_fits(n_pool_rows, kv_row),
                            "attention: sizes overflow");
-        MOESH_CUDA_REQUIRE(a.scale == a.scale && a.scale - a.scale == 0.0f, "attention: scale must be finite");
+        MOESH_PLUGIN_REQUIRE(a.scale == a.scale && a.scale - a.scale == 0.0f, "attention: scale must be finite");
         return launched(be, moesh::cuda::launch_attention(a, be->error_flag, be->compute), "attention");
     });
 }
