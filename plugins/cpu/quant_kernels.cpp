@@ -882,143 +882,76 @@ HWY_INLINE __m256i bcast4(const int8_t * p) {
     return _mm256_set1_epi32(v);
 }
 
-// Decode (one token): dots[j] = row j of a packed tile . x, for its 8 rows.
-template <class Ty>
-HWY_INLINE void decode_packed(const uint8_t * tile, int64_t n_g, const TokenActs & x, float * dots) {
+// NT tokens on a packed tile, straight from it: out[t * out_stride + j] =
+// row j . x[t]. Each group's weights are unpacked into registers once and
+// multiplied with every token: Q4_0's nibbles as they are (8 maddubs pair
+// sums, each <= 2 * 15 * 127, add up within int16), Q8_0's as |w| with the
+// signs moved to each token's activations (maddubs takes unsigned x signed).
+template <class Ty, int NT>
+HWY_INLINE void gemm_packed(const uint8_t * tile, int64_t n_g, const TokenActs * x, float * out, int64_t out_stride) {
     constexpr size_t gb = pack_group_bytes(Ty::type);
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-    auto group = [&](int64_t g, __m256 & a) {
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 acc[NT];
+    for (int t = 0; t < NT; ++t) {
+        acc[t] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < n_g; ++g) {
         const uint8_t * gp = tile + size_t(g) * gb;
         const uint8_t * q = gp + 16;
-        // The hardware prefetcher alone leaves ~15% on the table here. Integer
-        // arithmetic: the address may lie past the matrix.
-        for (size_t b = 0; b < gb; b += 64) {
-            __builtin_prefetch(
-                reinterpret_cast<const void *>(reinterpret_cast<uintptr_t>(gp) + k_pack_prefetch_groups * gb + b), 0, 3);
+        if constexpr (NT == 1) {
+            // Decode streams the tile from memory: the hardware prefetcher alone
+            // leaves ~15% on the table. Integer arithmetic: the address may lie
+            // past the matrix (tiles are consecutive, so this runs into the next).
+            for (size_t b = 0; b < gb; b += 64) {
+                __builtin_prefetch(
+                    reinterpret_cast<const void *>(reinterpret_cast<uintptr_t>(gp) + k_pack_prefetch_groups * gb + b), 0,
+                    3);
+            }
         }
-        const int8_t * xq = x.q + 32 * g;
         const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(gp)));
+        __m256i w[8];   // Q4_0: w[c] values 4c..4c+3 of the 8 rows, w[4 + c] values 16+4c..; Q8_0: |w| of piece c
         if constexpr (Ty::kind == Kind::Unsigned) {
-            // Nibbles are at most 15 and |x| at most 127: 8 maddubs pair sums
-            // (each <= 2 * 15 * 127) add up within int16.
-            const __m256i m4 = _mm256_set1_epi8(0x0f);
-            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
             for (int c = 0; c < 4; ++c) {
                 const __m256i l = load256(q + 32 * c);
-                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(_mm256_and_si256(l, m4), bcast4(xq + 4 * c)));
-                s1 = _mm256_add_epi16(
-                    s1, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(l, 4), m4), bcast4(xq + 16 + 4 * c)));
+                w[c] = _mm256_and_si256(l, m4);
+                w[4 + c] = _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
             }
-            const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones));
-            // sw * (dx * sum(nibble * q) - 8 * dx * sum(q)), the offset of Q4_0's -8
-            const __m256 t = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), _mm256_broadcast_ss(x.s + g),
-                                              _mm256_mul_ps(f, _mm256_broadcast_ss(x.d + g)));
-            a = _mm256_fmadd_ps(sw, t, a);
         } else {
-            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-            for (int c = 0; c < 8; c += 2) {
-                const __m256i w0 = load256(q + 32 * c);
-                const __m256i w1 = load256(q + 32 * c + 32);
-                const __m256i x0 = bcast4(xq + 4 * c);
-                const __m256i x1 = bcast4(xq + 4 * c + 4);
-                s0 = _mm256_add_epi32(
-                    s0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w0, w0), _mm256_sign_epi8(x0, w0)), ones));
-                s1 = _mm256_add_epi32(
-                    s1, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w1, w1), _mm256_sign_epi8(x1, w1)), ones));
+            for (int c = 0; c < 8; ++c) {
+                const __m256i l = load256(q + 32 * c);
+                w[c] = _mm256_sign_epi8(l, l);
             }
-            const __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
-            a = _mm256_fmadd_ps(_mm256_mul_ps(sw, _mm256_broadcast_ss(x.d + g)), f, a);
         }
-    };
-    int64_t g = 0;
-    for (; g + 2 <= n_g; g += 2) {
-        group(g, acc[0]);
-        group(g + 1, acc[1]);
-    }
-    if (g < n_g) {
-        group(g, acc[0]);
-    }
-    _mm256_storeu_ps(dots, _mm256_add_ps(acc[0], acc[1]));
-}
-#endif
-
-#if MOESH_QK_AVX2
-// Several tokens (prefill) on a packed Q4_0 tile, straight from it: each
-// group's nibbles are unpacked into registers once and multiplied with NT
-// tokens. dots[t * 8 + j] = row j . x[t].
-template <int NT>
-HWY_INLINE void gemm_packed_q4_0(const uint8_t * tile, int64_t n_g, const TokenActs * x, float * dots) {
-    constexpr size_t gb = pack_group_bytes(MOESH_DTYPE_Q4_0);
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[NT];
-    for (int t = 0; t < NT; ++t) {
-        acc[t] = _mm256_setzero_ps();
-    }
-    for (int64_t g = 0; g < n_g; ++g) {
-        const uint8_t * gp = tile + size_t(g) * gb;
-        __m256i w[8];   // w[c]: values 4c..4c+3 of the 8 rows; w[4 + c]: values 16+4c..
-        for (int c = 0; c < 4; ++c) {
-            const __m256i l = load256(gp + 16 + 32 * c);
-            w[c] = _mm256_and_si256(l, m4);
-            w[4 + c] = _mm256_and_si256(_mm256_srli_epi16(l, 4), m4);
-        }
-        const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(gp)));
         for (int t = 0; t < NT; ++t) {
             const int8_t * xq = x[t].q + 32 * g;
-            __m256i s0 = _mm256_maddubs_epi16(w[0], bcast4(xq));
-            __m256i s1 = _mm256_maddubs_epi16(w[4], bcast4(xq + 16));
-            for (int c = 1; c < 4; ++c) {
-                s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(w[c], bcast4(xq + 4 * c)));
-                s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(w[4 + c], bcast4(xq + 16 + 4 * c)));
+            if constexpr (Ty::kind == Kind::Unsigned) {
+                __m256i s0 = _mm256_maddubs_epi16(w[0], bcast4(xq));
+                __m256i s1 = _mm256_maddubs_epi16(w[4], bcast4(xq + 16));
+                for (int c = 1; c < 4; ++c) {
+                    s0 = _mm256_add_epi16(s0, _mm256_maddubs_epi16(w[c], bcast4(xq + 4 * c)));
+                    s1 = _mm256_add_epi16(s1, _mm256_maddubs_epi16(w[4 + c], bcast4(xq + 16 + 4 * c)));
+                }
+                const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones));
+                // sw * (dx * sum(nibble * q) - 8 * dx * sum(q)): Q4_0's offset of -8
+                const __m256 v = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), _mm256_broadcast_ss(x[t].s + g),
+                                                  _mm256_mul_ps(f, _mm256_broadcast_ss(x[t].d + g)));
+                acc[t] = _mm256_fmadd_ps(sw, v, acc[t]);
+            } else {
+                __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
+                for (int c = 0; c < 8; c += 2) {
+                    const __m256i xs0 = _mm256_sign_epi8(bcast4(xq + 4 * c), load256(q + 32 * c));
+                    const __m256i xs1 = _mm256_sign_epi8(bcast4(xq + 4 * c + 4), load256(q + 32 * c + 32));
+                    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(w[c], xs0), ones));
+                    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(w[c + 1], xs1), ones));
+                }
+                const __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(sw, _mm256_broadcast_ss(x[t].d + g)), f, acc[t]);
             }
-            const __m256 f = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_add_epi16(s0, s1), ones));
-            const __m256 v = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), _mm256_broadcast_ss(x[t].s + g),
-                                              _mm256_mul_ps(f, _mm256_broadcast_ss(x[t].d + g)));
-            acc[t] = _mm256_fmadd_ps(sw, v, acc[t]);
         }
     }
     for (int t = 0; t < NT; ++t) {
-        _mm256_storeu_ps(dots + t * 8, acc[t]);
-    }
-}
-#endif
-
-#if MOESH_QK_AVX2
-// As gemm_packed_q4_0, for Q8_0: the rows' |w| stay in registers; the signs
-// move to each token's activations (maddubs takes unsigned x signed bytes).
-template <int NT>
-HWY_INLINE void gemm_packed_q8_0(const uint8_t * tile, int64_t n_g, const TokenActs * x, float * dots) {
-    constexpr size_t gb = pack_group_bytes(MOESH_DTYPE_Q8_0);
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 acc[NT];
-    for (int t = 0; t < NT; ++t) {
-        acc[t] = _mm256_setzero_ps();
-    }
-    for (int64_t g = 0; g < n_g; ++g) {
-        const uint8_t * gp = tile + size_t(g) * gb;
-        __m256i wa[8];   // |w| of values 4c..4c+3 of the 8 rows
-        for (int c = 0; c < 8; ++c) {
-            const __m256i w = load256(gp + 16 + 32 * c);
-            wa[c] = _mm256_sign_epi8(w, w);
-        }
-        const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(gp)));
-        for (int t = 0; t < NT; ++t) {
-            const int8_t * xq = x[t].q + 32 * g;
-            __m256i s0 = _mm256_setzero_si256(), s1 = _mm256_setzero_si256();
-            for (int c = 0; c < 8; c += 2) {
-                const __m256i xs0 = _mm256_sign_epi8(bcast4(xq + 4 * c), load256(gp + 16 + 32 * c));
-                const __m256i xs1 = _mm256_sign_epi8(bcast4(xq + 4 * c + 4), load256(gp + 16 + 32 * c + 32));
-                s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(wa[c], xs0), ones));
-                s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(_mm256_maddubs_epi16(wa[c + 1], xs1), ones));
-            }
-            const __m256 f = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
-            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(sw, _mm256_broadcast_ss(x[t].d + g)), f, acc[t]);
-        }
-    }
-    for (int t = 0; t < NT; ++t) {
-        _mm256_storeu_ps(dots + t * 8, acc[t]);
+        _mm256_storeu_ps(out + t * out_stride, acc[t]);
     }
 }
 #endif
@@ -1031,53 +964,33 @@ HWY_INLINE void packed_block(const uint8_t * const * tiles, int64_t n_tiles, int
     constexpr Kind K = Ty::kind;
     const int64_t n_g = n_in / 32;
 #if MOESH_QK_AVX2
-    if (t1 - t0 == 1) {
-        HWY_ALIGN float dots[k_panel_rows];
-        const TokenActs x = token_acts(xq, t0, K);
+    // Tokens 4 at a time (then 2, then 1: decode) per pass over the tiles.
+    constexpr int NT = 4;
+    HWY_ALIGN float dots[NT][k_panel_rows];
+    auto run = [&](auto nt, int64_t t) {
+        constexpr int n = decltype(nt)::value;
+        TokenActs x[n];
+        for (int k = 0; k < n; ++k) {
+            x[k] = token_acts(xq, t + k, K);
+        }
         for (int64_t i = 0; i < n_tiles; ++i) {
-            decode_packed<Ty>(tiles[i], n_g, x, dots + i * k_pack_rows);
+            gemm_packed<Ty, n>(tiles[i], n_g, x, dots[0] + i * k_pack_rows, k_panel_rows);
         }
-        out(t0, dots);
-        return;
+        for (int k = 0; k < n; ++k) {
+            out(t + k, dots[k]);
+        }
+    };
+    int64_t t = t0;
+    for (; t + NT <= t1; t += NT) {
+        run(std::integral_constant<int, NT>{}, t);
     }
-#endif
-#if MOESH_QK_AVX2
-    {
-        constexpr int NT = 4;
-        HWY_ALIGN float dots[NT][k_panel_rows];
-        HWY_ALIGN float part[NT * 8];
-        auto run = [&](auto nt, int64_t t) {
-            constexpr int n = decltype(nt)::value;
-            TokenActs x[n];
-            for (int k = 0; k < n; ++k) {
-                x[k] = token_acts(xq, t + k, K);
-            }
-            for (int64_t i = 0; i < n_tiles; ++i) {
-                if constexpr (Ty::type == MOESH_DTYPE_Q4_0) {
-                    gemm_packed_q4_0<n>(tiles[i], n_g, x, part);
-                } else {
-                    gemm_packed_q8_0<n>(tiles[i], n_g, x, part);
-                }
-                for (int k = 0; k < n; ++k) {
-                    std::memcpy(dots[k] + i * k_pack_rows, part + k * 8, 8 * sizeof(float));
-                }
-            }
-            for (int k = 0; k < n; ++k) {
-                out(t + k, dots[k]);
-            }
-        };
-        int64_t t = t0;
-        for (; t + NT <= t1; t += NT) {
-            run(std::integral_constant<int, NT>{}, t);
-        }
-        for (; t + 2 <= t1; t += 2) {
-            run(std::integral_constant<int, 2>{}, t);
-        }
-        if (t < t1) {
-            run(std::integral_constant<int, 1>{}, t);
-        }
-        return;
+    for (; t + 2 <= t1; t += 2) {
+        run(std::integral_constant<int, 2>{}, t);
     }
+    if (t < t1) {
+        run(std::integral_constant<int, 1>{}, t);
+    }
+    return;
 #endif
     // Other targets: unpack the rows into a panel, as for the file's layout.
     const Panel p = panel_at(mem, n_g);

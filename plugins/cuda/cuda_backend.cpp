@@ -249,8 +249,6 @@ int32_t cuda_supports(moesh_backend *, int32_t op, int32_t w_type) {
 
 // ---------------------------------------------------------------- ops
 
-moesh_status launched(moesh_backend * be, cudaError_t e, const char * op) { return cuda_check(be, e, op); }
-
 moesh_status cuda_matmul(moesh_backend * be, const moesh_matmul_args * args) {
     return guarded(be, "matmul", [&]() -> moesh_status {
         moesh_matmul_args a;
@@ -273,7 +271,7 @@ moesh_status cuda_matmul(moesh_backend * be, const moesh_matmul_args * args) {
         MOESH_PLUGIN_REQUIRE(a.n_in % block_elems(a.w_type) == 0,
                            "matmul: n_in (%lld) is not a multiple of %lld, as block weight dtype %d needs", ll(a.n_in),
                            ll(block_elems(a.w_type)), int(a.w_type));
-        return launched(be, moesh::cuda::launch_matmul(a, be->compute), "matmul");
+        return cuda_check(be, moesh::cuda::launch_matmul(a, be->compute), "matmul");
     });
 }
 
@@ -286,7 +284,7 @@ moesh_status cuda_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args)
                            "rms_norm: n (%lld) and n_rows (%lld) must be positive", ll(a.n), ll(a.n_rows));
         MOESH_PLUGIN_REQUIRE(a.eps >= 0.0f && a.eps <= 3.4e38f, "rms_norm: eps must be finite and >= 0");
         MOESH_PLUGIN_REQUIRE(product_fits(a.n, a.n_rows), "rms_norm: sizes overflow");
-        return launched(be, moesh::cuda::launch_rms_norm(a, be->compute), "rms_norm");
+        return cuda_check(be, moesh::cuda::launch_rms_norm(a, be->compute), "rms_norm");
     });
 }
 
@@ -308,7 +306,7 @@ moesh_status cuda_rope(moesh_backend * be, const moesh_rope_args * args) {
         int64_t n = 0;
         MOESH_PLUGIN_REQUIRE(product_fits(a.n_tokens, a.n_head, &n) && product_fits(n, a.head_dim),
                            "rope: sizes overflow");
-        return launched(be, moesh::cuda::launch_rope(a, be->compute), "rope");
+        return cuda_check(be, moesh::cuda::launch_rope(a, be->compute), "rope");
     });
 }
 
@@ -334,7 +332,7 @@ moesh_status cuda_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * a
         MOESH_PLUGIN_REQUIRE(a.n_embd % block_elems(a.w_type) == 0 && a.n_ff % block_elems(a.w_type) == 0,
                            "expert_ffn: n_embd (%lld) and n_ff (%lld) must be multiples of %lld for dtype %d",
                            ll(a.n_embd), ll(a.n_ff), ll(block_elems(a.w_type)), int(a.w_type));
-        return launched(be, moesh::cuda::launch_expert_ffn(a, be->compute), "expert_ffn");
+        return cuda_check(be, moesh::cuda::launch_expert_ffn(a, be->compute), "expert_ffn");
     });
 }
 
@@ -347,7 +345,7 @@ moesh_status cuda_softmax(moesh_backend * be, const moesh_softmax_args * args) {
         MOESH_PLUGIN_REQUIRE(a.n > 0 && a.n_rows > 0 && a.n_rows <= INT32_MAX,
                            "softmax: n (%lld) and n_rows (%lld) must be positive", ll(a.n), ll(a.n_rows));
         MOESH_PLUGIN_REQUIRE(product_fits(a.n, a.n_rows), "softmax: sizes overflow");
-        return launched(be, moesh::cuda::launch_softmax(a, be->compute), "softmax");
+        return cuda_check(be, moesh::cuda::launch_softmax(a, be->compute), "softmax");
     });
 }
 
@@ -375,7 +373,7 @@ moesh_status cuda_attention(moesh_backend * be, const moesh_attention_args * arg
                                product_fits(a.n_blocks, a.block_size, &n_pool_rows) && product_fits(n_pool_rows, kv_row),
                            "attention: sizes overflow");
         MOESH_PLUGIN_REQUIRE(a.scale == a.scale && a.scale - a.scale == 0.0f, "attention: scale must be finite");
-        return launched(be, moesh::cuda::launch_attention(a, be->error_flag, be->compute), "attention");
+        return cuda_check(be, moesh::cuda::launch_attention(a, be->error_flag, be->compute), "attention");
     });
 }
 
