@@ -1,9 +1,9 @@
 #include "runtime/packed_weights.h"
 
-#include "runtime/error.h"
-
 #include <chrono>
 #include <cstdio>
+#include <initializer_list>
+#include <unordered_set>
 
 namespace moesh {
 namespace {
@@ -16,7 +16,6 @@ std::string gib(double bytes) {
 
 struct Candidate {
     const WeightMatrix * w;
-    int32_t op;
     size_t bytes;
 };
 
@@ -34,30 +33,32 @@ PackedWeights::PackedWeights(const Model & model, Backend & backend, const PackO
     }
     // Every block matrix the backend takes packed, once (experts may share storage).
     std::vector<Candidate> todo;
-    std::unordered_map<const void *, bool> seen;
-    auto consider = [&](const WeightMatrix & w, int32_t op) {
-        if (w.empty() || seen.count(w.data) || !backend.supports(op, int32_t(w.type) | MOESH_DTYPE_PACKED)) return;
-        size_t n = 0;
-        if (be.packed_size(backend.ctx(), w.type, w.n_rows, w.n_cols, &n) != MOESH_OK) return;
-        seen[w.data] = true;
-        todo.push_back({&w, op, n});
+    std::unordered_set<const void *> seen;
+    auto packable = [&](const WeightMatrix & w, int32_t op, size_t * n) {
+        return !w.empty() && backend.supports(op, int32_t(w.type) | MOESH_DTYPE_PACKED) &&
+               be.packed_size(backend.ctx(), w.type, w.n_rows, w.n_cols, n) == MOESH_OK;
     };
-    auto consider_ffn = [&](const ExpertWeights & e) {
-        // expert_ffn takes one w_type for all three: pack all or none
-        if (e.empty() || !(e.up.type == e.gate.type && e.down.type == e.gate.type)) return;
-        consider(e.gate, MOESH_OP_EXPERT_FFN);
-        consider(e.up, MOESH_OP_EXPERT_FFN);
-        consider(e.down, MOESH_OP_EXPERT_FFN);
+    auto consider = [&](std::initializer_list<const WeightMatrix *> set, int32_t op) {
+        // All of a set or none: expert_ffn takes gate, up and down with one w_type.
+        std::vector<Candidate> add;
+        for (const WeightMatrix * w : set) {
+            size_t n = 0;
+            if (w->type != (*set.begin())->type || !packable(*w, op, &n)) return;
+            add.push_back({w, n});
+        }
+        for (const Candidate & k : add)
+            if (seen.insert(k.w->data).second) todo.push_back(k);
     };
+    auto consider_ffn = [&](const ExpertWeights & e) { consider({&e.gate, &e.up, &e.down}, MOESH_OP_EXPERT_FFN); };
     const ModelConfig & c = model.config();
     for (int64_t il = 0; il < c.n_layer; ++il) {
         const LayerWeights & L = model.layers()[size_t(il)];
-        for (const WeightMatrix * w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.router, &L.shared_gate}) consider(*w, MOESH_OP_MATMUL);
+        for (const WeightMatrix * w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.router, &L.shared_gate}) consider({w}, MOESH_OP_MATMUL);
         consider_ffn(L.dense);
         consider_ffn(L.shared);
         for (int64_t e = 0; L.is_moe && e < c.n_expert; ++e) consider_ffn(model.experts().get({int32_t(il), int32_t(e)}));
     }
-    consider(model.output(), MOESH_OP_MATMUL);
+    consider({&model.output()}, MOESH_OP_MATMUL);
     if (todo.empty()) {
         summary_ = "weights not packed: backend '" + backend.name() + "' packs none of this model's weight types";
         return;
