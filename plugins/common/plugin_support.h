@@ -97,6 +97,64 @@ inline bool product_fits(int64_t a, int64_t b, int64_t * out = nullptr) {
     return true;
 }
 
+// The byte ranges [p, p + n_p) and [q, q + n_q) do not overlap.
+inline bool disjoint(const void * p, size_t n_p, const void * q, size_t n_q) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t b = reinterpret_cast<uintptr_t>(q);
+    return a + n_p <= b || b + n_q <= a;
+}
+
+// The checks of moesh_copy_rows_args that need no look at the index arrays
+// (which may be device memory). MOESH_OK, or INVALID_ARGUMENT with last_error.
+template <class Be>
+moesh_status check_copy_rows(Be * be, const moesh_copy_rows_args & a) {
+    if (!a.dst) return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: dst must not be NULL");
+    if (a.reserved != 0) return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: reserved is %u, must be 0", unsigned(a.reserved));
+    if (a.accumulate != 0 && a.accumulate != 1)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: accumulate is %d, must be 0 or 1", int(a.accumulate));
+    if (!(a.clamp >= 0.0f && a.clamp <= 3.4e38f))
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: clamp must be finite and >= 0");
+    if (a.n_rows < 0 || a.n_cols <= 0 || a.src_n_rows < 0 || a.dst_n_rows < 0)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT,
+                    "copy_rows: n_rows (%lld), src_n_rows (%lld) and dst_n_rows (%lld) must be >= 0 and n_cols (%lld) > 0",
+                    ll(a.n_rows), ll(a.src_n_rows), ll(a.dst_n_rows), ll(a.n_cols));
+    if (a.dst_stride < a.n_cols || (a.src && a.src_stride < a.n_cols))
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: src_stride (%lld) and dst_stride (%lld) must be at least n_cols (%lld)",
+                    ll(a.src_stride), ll(a.dst_stride), ll(a.n_cols));
+    int64_t n_src = 0, n_dst = 0;
+    if (!product_fits(a.dst_n_rows, a.dst_stride, &n_dst) || (a.src && !product_fits(a.src_n_rows, a.src_stride, &n_src)) ||
+        a.n_rows > INT32_MAX)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: sizes overflow");
+    if (!a.dst_rows && a.n_rows > a.dst_n_rows)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: n_rows (%lld) is more than dst_n_rows (%lld)", ll(a.n_rows),
+                    ll(a.dst_n_rows));
+    if (a.src && !a.src_rows && a.n_rows > a.src_n_rows)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: n_rows (%lld) is more than src_n_rows (%lld)", ll(a.n_rows),
+                    ll(a.src_n_rows));
+    if (a.src == a.dst) {
+        if (a.src_rows || a.dst_rows || a.src_stride != a.dst_stride)
+            return fail(be, MOESH_ERR_INVALID_ARGUMENT,
+                        "copy_rows: in place (src == dst) needs no index arrays and equal strides");
+    } else if (a.src && !disjoint(a.src, size_t(n_src) * sizeof(float), a.dst, size_t(n_dst) * sizeof(float))) {
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: src overlaps dst");
+    }
+    return MOESH_OK;
+}
+
+// The index arrays' check, for a backend that can read them (host memory).
+template <class Be>
+moesh_status check_copy_rows_indices(Be * be, const moesh_copy_rows_args & a) {
+    for (int64_t i = 0; i < a.n_rows; ++i) {
+        if (a.src && a.src_rows && (a.src_rows[i] < 0 || a.src_rows[i] >= a.src_n_rows))
+            return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: src_rows[%lld] = %d is outside [0, src_n_rows = %lld)",
+                        ll(i), int(a.src_rows[i]), ll(a.src_n_rows));
+        if (a.dst_rows && (a.dst_rows[i] < 0 || a.dst_rows[i] >= a.dst_n_rows))
+            return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: dst_rows[%lld] = %d is outside [0, dst_n_rows = %lld)",
+                        ll(i), int(a.dst_rows[i]), ll(a.dst_n_rows));
+    }
+    return MOESH_OK;
+}
+
 } // namespace moesh::plugin
 
 // Returns MOESH_ERR_INVALID_ARGUMENT with the message from the enclosing

@@ -95,6 +95,7 @@ struct moesh_backend {
 
 namespace {
 
+using moesh::plugin::disjoint;
 using moesh::plugin::fail;
 using moesh::plugin::guarded;
 using moesh::plugin::host_log;
@@ -137,12 +138,6 @@ moesh::cpu::QuantActs quant_buffer(ScratchBuffer & buf, int64_t n, int64_t n_row
 }
 
 // Byte ranges [p, p + n_p) and [q, q + n_q) do not overlap.
-bool disjoint(const void * p, size_t n_p, const void * q, size_t n_q) {
-    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-    const uintptr_t b = reinterpret_cast<uintptr_t>(q);
-    return a + n_p <= b || b + n_q <= a;
-}
-
 // Threads worth waking for this many multiply-adds.
 int n_active_threads(const moesh_backend * be, int64_t work) {
     const int64_t n = std::max<int64_t>(1, work / k_min_work_per_thread);
@@ -319,6 +314,7 @@ int32_t cpu_supports(moesh_backend * be, int32_t op, int32_t w_type) {
     case MOESH_OP_ROPE:
     case MOESH_OP_SOFTMAX:
     case MOESH_OP_ATTENTION:
+    case MOESH_OP_COPY_ROWS:
         return 1;
     default:
         return 0;
@@ -699,6 +695,32 @@ moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args
     });
 }
 
+moesh_status cpu_copy_rows(moesh_backend * be, const moesh_copy_rows_args * args) {
+    return guarded(be, "copy_rows", [&]() -> moesh_status {
+        moesh_copy_rows_args a;
+        if (!read_args(be, args, "copy_rows", "moesh_copy_rows_args", &a)) {
+            return MOESH_ERR_INVALID_ARGUMENT;
+        }
+        moesh_status s = moesh::plugin::check_copy_rows(be, a);
+        if (s == MOESH_OK) {
+            s = moesh::plugin::check_copy_rows_indices(be, a);
+        }
+        if (s == MOESH_OK) {
+            // A few rows of activations per call: memory-bound, one thread.
+            for (int64_t i = 0; i < a.n_rows; ++i) {
+                const int64_t r = a.src_rows ? a.src_rows[i] : i;
+                const float * src = a.src ? a.src + r * a.src_stride : nullptr;
+                float * dst = a.dst + (a.dst_rows ? a.dst_rows[i] : i) * a.dst_stride;
+                for (int64_t j = 0; j < a.n_cols; ++j) {
+                    float v = (a.accumulate ? dst[j] : 0.0f) + (src ? src[j] : 0.0f);
+                    dst[j] = a.clamp > 0.0f ? std::clamp(v, -a.clamp, a.clamp) : v;
+                }
+            }
+        }
+        return s;
+    });
+}
+
 // ---------------------------------------------------------------- packing
 
 moesh_status cpu_packed_size(moesh_backend * be, int32_t w_type, int64_t n_rows, int64_t n_cols, size_t * out) {
@@ -768,6 +790,7 @@ const moesh_backend_iface k_cpu_iface = {
     /* .attention      = */ cpu_attention,
     /* .packed_size    = */ cpu_packed_size,
     /* .pack_weights   = */ cpu_pack_weights,
+    /* .copy_rows      = */ cpu_copy_rows,
 };
 
 } // namespace

@@ -229,7 +229,8 @@ moesh_status cuda_synchronize(moesh_backend * be) {
         if (flag != 0) {
             MOESH_CUDA_CALL(cudaMemset(be->error_flag, 0, sizeof flag), "synchronize");
             return fail(be, MOESH_ERR_INVALID_ARGUMENT,
-                        "attention: a position or KV block id was outside its range (those outputs are NaN)");
+                        "attention or copy_rows: a position, KV block id or row index was outside its range "
+                        "(attention wrote NaN there, copy_rows skipped the row)");
         }
         return MOESH_OK;
     });
@@ -242,7 +243,8 @@ int32_t cuda_supports(moesh_backend *, int32_t op, int32_t w_type) {
     case MOESH_OP_RMS_NORM:
     case MOESH_OP_ROPE:
     case MOESH_OP_SOFTMAX:
-    case MOESH_OP_ATTENTION: return 1;
+    case MOESH_OP_ATTENTION:
+    case MOESH_OP_COPY_ROWS: return 1;
     default: return 0;
     }
 }
@@ -377,6 +379,17 @@ moesh_status cuda_attention(moesh_backend * be, const moesh_attention_args * arg
     });
 }
 
+moesh_status cuda_copy_rows(moesh_backend * be, const moesh_copy_rows_args * args) {
+    return guarded(be, "copy_rows", [&]() -> moesh_status {
+        moesh_copy_rows_args a;
+        if (!read_args(be, args, "copy_rows", "moesh_copy_rows_args", &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        const moesh_status s = moesh::plugin::check_copy_rows(be, a);
+        if (s != MOESH_OK || a.n_rows == 0) return s;
+        // The indices are device memory: the kernel checks them and sets error_flag.
+        return cuda_check(be, moesh::cuda::launch_copy_rows(a, be->error_flag, be->compute), "copy_rows");
+    });
+}
+
 const moesh_backend_iface k_cuda_iface = {
     /* .abi_version    = */ MOESH_PLUGIN_ABI_VERSION,
     /* .struct_size    = */ sizeof(moesh_backend_iface),
@@ -400,6 +413,7 @@ const moesh_backend_iface k_cuda_iface = {
     /* .attention      = */ cuda_attention,
     /* .packed_size    = */ nullptr,   // not yet: weights stay in the GGUF layout
     /* .pack_weights   = */ nullptr,
+    /* .copy_rows      = */ cuda_copy_rows,
 };
 
 } // namespace

@@ -158,7 +158,31 @@ attention_kernel(moesh_attention_args a, int32_t * error_flag) {
     }
 }
 
+// One block per row (the grid strides over rows past 65535); a bad index skips the row and sets the flag.
+__global__ void copy_rows_kernel(moesh_copy_rows_args a, int32_t * error_flag) {
+    for (int64_t i = blockIdx.x; i < a.n_rows; i += gridDim.x) {
+        const int64_t s = a.src_rows ? a.src_rows[i] : i;
+        const int64_t d = a.dst_rows ? a.dst_rows[i] : i;
+        if ((a.src && (s < 0 || s >= a.src_n_rows)) || d < 0 || d >= a.dst_n_rows) {
+            if (threadIdx.x == 0) atomicExch(error_flag, 1);
+            continue;
+        }
+        const float * src = a.src ? a.src + s * a.src_stride : nullptr;
+        float * dst = a.dst + d * a.dst_stride;
+        for (int64_t j = threadIdx.x; j < a.n_cols; j += blockDim.x) {
+            float v = (a.accumulate ? dst[j] : 0.0f) + (src ? src[j] : 0.0f);
+            dst[j] = a.clamp > 0.0f ? fminf(fmaxf(v, -a.clamp), a.clamp) : v;
+        }
+    }
+}
+
 } // namespace
+
+cudaError_t launch_copy_rows(const moesh_copy_rows_args & a, int32_t * error_flag, cudaStream_t stream) {
+    const int64_t n_grid = a.n_rows < 65535 ? a.n_rows : 65535;
+    copy_rows_kernel<<<unsigned(n_grid), k_block, 0, stream>>>(a, error_flag);
+    return cudaGetLastError();
+}
 
 cudaError_t launch_rms_norm(const moesh_rms_norm_args & a, cudaStream_t stream) {
     rms_norm_kernel<<<unsigned(a.n_rows), k_block, 0, stream>>>(a.x, a.weight, a.y, a.n, a.eps);

@@ -77,7 +77,8 @@ static_assert(offsetof(moesh_backend_iface, attention) == 144, "moesh_backend_if
 // Optional slots appended in ABI v1 (a v1 table may end at attention).
 static_assert(offsetof(moesh_backend_iface, packed_size) == 152, "moesh_backend_iface.packed_size moved");
 static_assert(offsetof(moesh_backend_iface, pack_weights) == 160, "moesh_backend_iface.pack_weights moved");
-static_assert(sizeof(moesh_backend_iface) == 168, "moesh_backend_iface changed size");
+static_assert(offsetof(moesh_backend_iface, copy_rows) == 168, "moesh_backend_iface.copy_rows moved");
+static_assert(sizeof(moesh_backend_iface) == 176, "moesh_backend_iface changed size");
 
 // moesh_host_api
 static_assert(offsetof(moesh_host_api, abi_version) == 0, "moesh_host_api.abi_version moved");
@@ -171,4 +172,21 @@ static_assert(offsetof(moesh_attention_args, block_size) == 88, "moesh_attention
 static_assert(offsetof(moesh_attention_args, n_blocks) == 96, "moesh_attention_args.n_blocks moved");
 static_assert(offsetof(moesh_attention_args, n_kv) == 104, "moesh_attention_args.n_kv moved");
 static_assert(sizeof(moesh_attention_args) == 112, "moesh_attention_args changed size");
+
+// moesh_copy_rows_args
+static_assert(offsetof(moesh_copy_rows_args, struct_size) == 0, "moesh_copy_rows_args.struct_size moved");
+static_assert(offsetof(moesh_copy_rows_args, accumulate) == 4, "moesh_copy_rows_args.accumulate moved");
+static_assert(offsetof(moesh_copy_rows_args, clamp) == 8, "moesh_copy_rows_args.clamp moved");
+static_assert(offsetof(moesh_copy_rows_args, reserved) == 12, "moesh_copy_rows_args.reserved moved");
+static_assert(offsetof(moesh_copy_rows_args, src) == 16, "moesh_copy_rows_args.src moved");
+static_assert(offsetof(moesh_copy_rows_args, dst) == 24, "moesh_copy_rows_args.dst moved");
+static_assert(offsetof(moesh_copy_rows_args, src_rows) == 32, "moesh_copy_rows_args.src_rows moved");
+static_assert(offsetof(moesh_copy_rows_args, dst_rows) == 40, "moesh_copy_rows_args.dst_rows moved");
+static_assert(offsetof(moesh_copy_rows_args, n_rows) == 48, "moesh_copy_rows_args.n_rows moved");
+static_assert(offsetof(moesh_copy_rows_args, n_cols) == 56, "moesh_copy_rows_args.n_cols moved");
+static_assert(offsetof(moesh_copy_rows_args, src_stride) == 64, "moesh_copy_rows_args.src_stride moved");
+static_assert(offsetof(moesh_copy_rows_args, dst_stride) == 72, "moesh_copy_rows_args.dst_stride moved");
+static_assert(offsetof(moesh_copy_rows_args, src_n_rows) == 80, "moesh_copy_rows_args.src_n_rows moved");
+static_assert(offsetof(moesh_copy_rows_args, dst_n_rows) == 88, "moesh_copy_rows_args.dst_n_rows moved");
+static_assert(sizeof(moesh_copy_rows_args) == 96, "moesh_copy_rows_args changed size");
 #endif // __LP64__

@@ -327,6 +327,18 @@ void softmax(const moesh_softmax_args & a) {
     }
 }
 
+void copy_rows(const moesh_copy_rows_args & a) {
+    for (int64_t i = 0; i < a.n_rows; ++i) {
+        const int64_t s = a.src_rows ? a.src_rows[i] : i, d = a.dst_rows ? a.dst_rows[i] : i;
+        float * dst = a.dst + d * a.dst_stride;
+        for (int64_t j = 0; j < a.n_cols; ++j) {
+            float v = (a.accumulate ? dst[j] : 0.0f) + (a.src ? a.src[s * a.src_stride + j] : 0.0f);
+            if (a.clamp > 0.0f) v = std::clamp(v, -a.clamp, a.clamp);
+            dst[j] = v;
+        }
+    }
+}
+
 void attention(const moesh_attention_args & a) {
     const int64_t n_group = a.n_head / a.n_head_kv;
     std::vector<double> p(size_t(a.n_kv));   // [n_kv] scores, then weights

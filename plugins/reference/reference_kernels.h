@@ -51,5 +51,7 @@ void rope(const moesh_rope_args & args);
 void expert_ffn(const moesh_expert_ffn_args & args);
 void softmax(const moesh_softmax_args & args);
 void attention(const moesh_attention_args & args);
+// Indices must be in range (callers check them).
+void copy_rows(const moesh_copy_rows_args & args);
 
 } // namespace moesh::ref

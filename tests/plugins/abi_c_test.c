@@ -64,7 +64,8 @@ _Static_assert(offsetof(moesh_backend_iface, softmax) == 136, "moesh_backend_ifa
 _Static_assert(offsetof(moesh_backend_iface, attention) == 144, "moesh_backend_iface.attention moved");
 _Static_assert(offsetof(moesh_backend_iface, packed_size) == 152, "moesh_backend_iface.packed_size moved");
 _Static_assert(offsetof(moesh_backend_iface, pack_weights) == 160, "moesh_backend_iface.pack_weights moved");
-_Static_assert(sizeof(moesh_backend_iface) == 168, "moesh_backend_iface changed size");
+_Static_assert(offsetof(moesh_backend_iface, copy_rows) == 168, "moesh_backend_iface.copy_rows moved");
+_Static_assert(sizeof(moesh_backend_iface) == 176, "moesh_backend_iface changed size");
 
 /* moesh_host_api */
 _Static_assert(offsetof(moesh_host_api, abi_version) == 0, "moesh_host_api.abi_version moved");

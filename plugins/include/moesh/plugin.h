@@ -159,7 +159,8 @@ typedef enum moesh_op {
     MOESH_OP_EXPERT_FFN = 3,
     MOESH_OP_SOFTMAX = 4,
     MOESH_OP_ATTENTION = 5,
-    MOESH_OP_COUNT_V1 = 6
+    MOESH_OP_COUNT_V1 = 6,  /* the ops of the first table; later ones follow */
+    MOESH_OP_COPY_ROWS = 6
 } moesh_op;
 
 /* Levels of host->log. */
@@ -298,6 +299,37 @@ typedef struct moesh_attention_args {
     int64_t n_kv;               /* cache positions filled for this sequence */
 } moesh_attention_args;
 
+/* Rows of float32 moved inside backend memory, for the host-side glue of a
+ * forward pass on a device-memory backend (residual adds, gathering the
+ * tokens of one expert and scattering its output back, KV cache writes,
+ * clipping). For i in [0, n_rows), with s = src_rows ? src_rows[i] : i and
+ * d = dst_rows ? dst_rows[i] : i:
+ *   dst[d, 0:n_cols] = (accumulate ? dst[d, 0:n_cols] : 0) + (src ? src[s, 0:n_cols] : 0)
+ * then, when clamp > 0, each written value is clamped to [-clamp, clamp].
+ * Rows are src_stride / dst_stride elements apart. Every s must be in
+ * [0, src_n_rows) and every d in [0, dst_n_rows): the index arrays live in
+ * backend memory, so a backend that cannot check them before returning (an
+ * asynchronous one) writes no row for a bad index and reports the error from
+ * synchronize. dst_rows must not name a row twice. src == dst (in place) is
+ * allowed when both index arrays are NULL and the strides are equal; no other
+ * overlap is. */
+typedef struct moesh_copy_rows_args {
+    uint32_t struct_size;       /* sizeof(moesh_copy_rows_args) of the caller */
+    int32_t accumulate;         /* 0: dst = src; 1: dst += src */
+    float clamp;                /* > 0: clamp written values to [-clamp, clamp]; 0: no clamp */
+    uint32_t reserved;          /* 0 */
+    const float * src;          /* [src_n_rows, src_stride], or NULL for rows of zeros */
+    float * dst;                /* [dst_n_rows, dst_stride] */
+    const int32_t * src_rows;   /* [n_rows] or NULL (row i) */
+    const int32_t * dst_rows;   /* [n_rows] or NULL (row i) */
+    int64_t n_rows;
+    int64_t n_cols;             /* <= src_stride and dst_stride */
+    int64_t src_stride;
+    int64_t dst_stride;
+    int64_t src_n_rows;         /* rows src holds (bounds the indices) */
+    int64_t dst_n_rows;         /* rows dst holds */
+} moesh_copy_rows_args;
+
 /* The function table. Every slot is required unless marked optional. */
 typedef struct moesh_backend_iface {
     uint32_t abi_version;   /* MOESH_PLUGIN_ABI_VERSION the plugin was built for */
@@ -345,6 +377,9 @@ typedef struct moesh_backend_iface {
                                 size_t * out_bytes);
     moesh_status (*pack_weights)(moesh_backend * be, int32_t w_type, const void * w, int64_t n_rows,
                                  int64_t n_cols, void * dst, size_t dst_bytes);
+    /* Optional, since ABI v1 (NULL when absent): moesh_copy_rows_args above.
+     * The forward pass needs it, so a backend without it cannot run a model. */
+    moesh_status (*copy_rows)(moesh_backend * be, const moesh_copy_rows_args * args);
     /* append new members below this line only */
 } moesh_backend_iface;
 

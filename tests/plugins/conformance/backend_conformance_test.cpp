@@ -1265,6 +1265,128 @@ private:
     moesh_backend * ctx_;
 };
 
+// --------------------------------------------------------------- copy_rows
+
+TEST_P(BackendConformance, CopyRowsMatchesReference) {
+    ASSERT_NE(be_->copy_rows, nullptr) << "the forward pass needs copy_rows";
+    struct Case {
+        const char * what;
+        int64_t n_rows, n_cols, src_n_rows, dst_n_rows, src_stride, dst_stride;
+        bool src_idx, dst_idx, zeros, in_place;
+        int32_t accumulate;
+        float clamp;
+    };
+    const Case cases[] = {
+        {"copy", 3, 5, 3, 3, 5, 5, false, false, false, false, 0, 0.0f},
+        {"add (residual)", 4, 2048, 4, 4, 2048, 2048, false, false, false, false, 1, 0.0f},
+        {"gather", 5, 67, 9, 5, 70, 67, true, false, false, false, 0, 0.0f},
+        {"scatter-add", 5, 67, 5, 9, 67, 67, false, true, false, false, 1, 0.0f},
+        {"gather and scatter", 7, 33, 11, 13, 33, 40, true, true, false, false, 0, 0.0f},
+        {"zeros", 6, 100, 0, 8, 0, 100, false, true, true, false, 0, 0.0f},
+        {"clamp in place", 3, 130, 3, 3, 130, 130, false, false, false, true, 0, 0.75f},
+        {"many rows", 70000, 3, 70000, 70000, 3, 4, false, true, false, false, 1, 0.0f},
+        {"no rows", 0, 8, 0, 0, 8, 8, false, false, false, false, 0, 0.0f},
+    };
+    std::mt19937 rng(13);
+    for (const Case & c : cases) {
+        SCOPED_TRACE(c.what);
+        std::vector<float> src = uniform(size_t(std::max<int64_t>(1, c.src_n_rows * c.src_stride)), -1.0f, 1.0f, rng);
+        std::vector<float> dst = uniform(size_t(std::max<int64_t>(1, c.dst_n_rows * c.dst_stride)), -1.0f, 1.0f, rng);
+        std::vector<int32_t> src_rows(size_t(std::max<int64_t>(1, c.n_rows))), dst_rows(src_rows.size());
+        for (int64_t i = 0; i < c.n_rows; ++i) src_rows[size_t(i)] = int32_t(rng() % uint32_t(std::max<int64_t>(1, c.src_n_rows)));
+        std::vector<int32_t> perm(size_t(std::max<int64_t>(1, c.dst_n_rows)));   // distinct destinations
+        std::iota(perm.begin(), perm.end(), 0);
+        std::shuffle(perm.begin(), perm.end(), rng);
+        std::copy_n(perm.begin(), c.n_rows, dst_rows.begin());
+        DeviceBuffer d_src = upload(src), d_dst = upload(dst), d_si = upload(src_rows), d_di = upload(dst_rows);
+        moesh_copy_rows_args a = {.struct_size = sizeof(moesh_copy_rows_args),
+                                  .accumulate = c.accumulate,
+                                  .clamp = c.clamp,
+                                  .reserved = 0,
+                                  .src = c.zeros ? nullptr : c.in_place ? d_dst.as<float>() : d_src.as<float>(),
+                                  .dst = d_dst.as<float>(),
+                                  .src_rows = c.src_idx ? d_si.as<int32_t>() : nullptr,
+                                  .dst_rows = c.dst_idx ? d_di.as<int32_t>() : nullptr,
+                                  .n_rows = c.n_rows,
+                                  .n_cols = c.n_cols,
+                                  .src_stride = c.src_stride,
+                                  .dst_stride = c.dst_stride,
+                                  .src_n_rows = c.in_place ? c.dst_n_rows : c.src_n_rows,
+                                  .dst_n_rows = c.dst_n_rows};
+        ASSERT_EQ(be_->copy_rows(ctx_, &a), MOESH_OK) << last_error();
+        const std::vector<float> got = download<float>(d_dst, dst.size());
+        std::vector<float> want = dst;
+        moesh_copy_rows_args r = a;
+        r.src = c.zeros ? nullptr : c.in_place ? want.data() : src.data();
+        r.dst = want.data();
+        r.src_rows = c.src_idx ? src_rows.data() : nullptr;
+        r.dst_rows = c.dst_idx ? dst_rows.data() : nullptr;
+        moesh::ref::copy_rows(r);
+        EXPECT_EQ(got, want);   // one add per value at most: exact
+    }
+}
+
+TEST_P(BackendConformance, CopyRowsChecksIndicesAndShapes) {
+    std::vector<float> host(64, 1.0f);
+    DeviceBuffer d_src = upload(host), d_dst = upload(host);
+    const std::vector<int32_t> bad_src = {0, 8}, bad_dst = {-1, 0}, good = {0, 1};
+    DeviceBuffer d_bad_src = upload(bad_src), d_bad_dst = upload(bad_dst), d_good = upload(good);
+    const moesh_copy_rows_args base = {.struct_size = sizeof(moesh_copy_rows_args),
+                                       .accumulate = 0,
+                                       .clamp = 0.0f,
+                                       .reserved = 0,
+                                       .src = d_src.as<float>(),
+                                       .dst = d_dst.as<float>(),
+                                       .src_rows = nullptr,
+                                       .dst_rows = nullptr,
+                                       .n_rows = 2,
+                                       .n_cols = 8,
+                                       .src_stride = 8,
+                                       .dst_stride = 8,
+                                       .src_n_rows = 8,
+                                       .dst_n_rows = 8};
+    // Indices live in backend memory: refused by the call or, asynchronously, by synchronize.
+    for (int which = 0; which < 2; ++which) {
+        SCOPED_TRACE(which == 0 ? "src_rows[1] = 8 of 8" : "dst_rows[0] = -1");
+        Rejection rj(be_, create_context());
+        moesh_copy_rows_args a = base;
+        (which == 0 ? a.src_rows : a.dst_rows) = which == 0 ? d_bad_src.as<int32_t>() : d_bad_dst.as<int32_t>();
+        moesh_status st = be_->copy_rows(rj.ctx(), &a);
+        if (st == MOESH_OK) st = be_->synchronize(rj.ctx());
+        rj.expect(st, MOESH_ERR_INVALID_ARGUMENT, "bad index");
+        // The context still works afterwards.
+        a = base;
+        a.src_rows = d_good.as<int32_t>();
+        EXPECT_EQ(be_->copy_rows(rj.ctx(), &a), MOESH_OK);
+        EXPECT_EQ(be_->synchronize(rj.ctx()), MOESH_OK);
+    }
+    struct Bad {
+        const char * what;
+        void (*change)(moesh_copy_rows_args &);
+    };
+    const Bad bad[] = {
+        {"dst NULL", [](moesh_copy_rows_args & a) { a.dst = nullptr; }},
+        {"accumulate 2", [](moesh_copy_rows_args & a) { a.accumulate = 2; }},
+        {"negative clamp", [](moesh_copy_rows_args & a) { a.clamp = -1.0f; }},
+        {"NaN clamp", [](moesh_copy_rows_args & a) { a.clamp = std::nanf(""); }},
+        {"reserved", [](moesh_copy_rows_args & a) { a.reserved = 1; }},
+        {"n_cols 0", [](moesh_copy_rows_args & a) { a.n_cols = 0; }},
+        {"negative n_rows", [](moesh_copy_rows_args & a) { a.n_rows = -1; }},
+        {"stride < n_cols", [](moesh_copy_rows_args & a) { a.dst_stride = 4; }},
+        {"more rows than dst", [](moesh_copy_rows_args & a) { a.n_rows = 9; }},
+        {"more rows than src", [](moesh_copy_rows_args & a) { a.src_n_rows = 1; }},
+        {"overflow", [](moesh_copy_rows_args & a) { a.dst_n_rows = INT64_MAX / 2; }},
+        {"overlap", [](moesh_copy_rows_args & a) { a.src = a.dst + 4; a.src_n_rows = 2; }},
+        {"in place with indices", [](moesh_copy_rows_args & a) { a.src = a.dst; a.dst_rows = a.src_rows = nullptr; a.dst_stride = 8; a.src_stride = 16; }},
+    };
+    for (const Bad & b : bad) {
+        Rejection rj(be_, create_context());
+        moesh_copy_rows_args a = base;
+        b.change(a);
+        rj.expect(be_->copy_rows(rj.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, b.what);
+    }
+}
+
 TEST_P(BackendConformance, RejectsInvalidMatmulArguments) {
     // Host arrays: validation must fail before anything is read.
     std::vector<float> w(16, 0.5f), x(8, 1.0f), y(8);
@@ -1568,7 +1690,7 @@ TEST_P(BackendConformance, SupportsAnswersForEveryOp) {
     EXPECT_EQ(be_->supports(ctx_, 99, MOESH_DTYPE_F32), 0);
     EXPECT_EQ(be_->supports(ctx_, INT32_MIN, MOESH_DTYPE_F32), 0);
     // Ops without weights ignore w_type.
-    for (moesh_op op : {MOESH_OP_RMS_NORM, MOESH_OP_ROPE, MOESH_OP_SOFTMAX, MOESH_OP_ATTENTION}) {
+    for (moesh_op op : {MOESH_OP_RMS_NORM, MOESH_OP_ROPE, MOESH_OP_SOFTMAX, MOESH_OP_ATTENTION, MOESH_OP_COPY_ROWS}) {
         EXPECT_EQ(be_->supports(ctx_, op, MOESH_DTYPE_F32), 1) << "op " << op;
         EXPECT_EQ(be_->supports(ctx_, op, 99), 1) << "op " << op;
     }
