@@ -47,6 +47,11 @@ public:
     // token indices routed to `expert`, and the matching router weights
     const int32_t * tokens_for(int64_t expert) const { return tokens_.data() + offsets_[size_t(expert)]; }
     const float * weights_for(int64_t expert) const { return weights_.data() + offsets_[size_t(expert)]; }
+    // All pairs of the last build, grouped by expert: expert e's are [offset(e), offset(e + 1)).
+    int64_t offset(int64_t expert) const { return offsets_[size_t(expert)]; }
+    int64_t n_pairs() const { return offsets_[size_t(n_expert_)]; }
+    const int32_t * tokens() const { return tokens_.data(); }
+    const float * weights() const { return weights_.data(); }
 
 private:
     int64_t n_expert_;

@@ -7,16 +7,44 @@
 #include <cstring>
 
 namespace moesh {
+namespace {
+
+struct Sizes {   // elements of each buffer, B = max_batch
+    size_t embd, q, kv, expert, used, ff, vocab, step;
+};
+
+Sizes sizes(const ModelConfig & c, int64_t max_batch, int64_t kv_blocks) {
+    const size_t B = size_t(max_batch);
+    Sizes s;
+    s.embd = B * size_t(c.n_embd);
+    s.q = B * size_t(c.n_head * c.head_dim);
+    s.kv = B * size_t(c.n_head_kv * c.head_dim);
+    s.expert = B * size_t(std::max<int64_t>(1, c.n_expert));
+    s.used = B * size_t(std::max<int64_t>(1, c.n_expert_used));
+    s.ff = 2 * B * size_t(std::max({c.n_ff, c.n_ff_expert, c.n_ff_shared}));
+    s.vocab = B * size_t(c.n_vocab);
+    // Block tables: sequences own disjoint blocks, so the tables of a batch's sequences hold at most kv_blocks.
+    s.step = 3 * B + size_t(kv_blocks);
+    return s;
+}
+
+} // namespace
+
+size_t ForwardPass::scratch_bytes(const ModelConfig & c, int64_t max_batch, int64_t kv_blocks) {
+    const Sizes s = sizes(c, max_batch, kv_blocks);
+    const size_t floats = 5 * s.embd + 2 * s.q + 2 * s.kv + s.expert + size_t(max_batch) + s.ff + s.vocab + s.used;
+    return (floats + s.step + s.used) * 4;
+}
 
 ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, int64_t max_batch,
-                         const PackedWeights * packed)
-    : model_(model), be_(backend), packed_(packed), kv_(kv), max_batch_(max_batch),
+                         const BackendWeights * weights)
+    : model_(model), be_(backend), weights_(weights), kv_(kv), max_batch_(max_batch),
       heat_(model.config().n_layer, std::max<int64_t>(1, model.config().n_expert)),
       dispatch_(std::max<int64_t>(1, model.config().n_expert), max_batch * std::max<int64_t>(1, model.config().n_expert_used)) {
     const ModelConfig & c = model.config();
-    if (!be_.iface().host_memory)
-        throw Error("backend '" + be_.name() +
-                    "' computes in device memory; the forward pass runs on host-memory backends only for now");
+    if (max_batch <= 0) throw Error("max_batch must be positive");
+    if (!be_.iface().copy_rows)
+        throw Error("backend '" + be_.name() + "' has no copy_rows, which the forward pass needs; update the plugin");
     // Refuse up front, naming the weight, rather than fail mid-generation.
     auto need = [&](int32_t op, const WeightMatrix & w, const char * what) {
         if (!w.empty() && !be_.supports(op, w.type))
@@ -34,39 +62,44 @@ ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, i
     const KvCacheSpec & ks = kv.spec();
     if (ks.n_layer != c.n_layer || ks.n_head_kv != c.n_head_kv || ks.head_dim != c.head_dim)
         throw Error("KV cache shape does not match the model");
-    const size_t B = size_t(max_batch);
-    const size_t q_dim = size_t(c.n_head * c.head_dim), kv_dim = size_t(c.n_head_kv * c.head_dim);
-    int64_t max_ff = std::max({c.n_ff, c.n_ff_expert, c.n_ff_shared});
-    x_.resize(B * size_t(c.n_embd));
-    h_.resize(B * size_t(c.n_embd));
-    q_.resize(B * q_dim);
-    k_.resize(B * kv_dim);
-    v_.resize(B * kv_dim);
-    attn_.resize(B * q_dim);
-    out_.resize(B * size_t(c.n_embd));
-    router_.resize(B * size_t(std::max<int64_t>(1, c.n_expert)));
-    ids_.resize(B * size_t(std::max<int64_t>(1, c.n_expert_used)));
-    weights_.resize(ids_.size());
-    xe_.resize(B * size_t(c.n_embd));
-    oe_.resize(B * size_t(c.n_embd));
-    scale_.resize(B);
-    ffn_tmp_.resize(2 * B * size_t(max_ff));
-    run_pos_.resize(B);
-    logits_.resize(B * size_t(c.n_vocab));
-    out_rows_.reserve(B);
+    if (weights_ && &weights_->backend() != &be_) throw Error("the weights were prepared for another backend");
+    if (!weights_) {
+        WeightOptions o;
+        o.repack = false;   // on a host backend: read the mapping, no copy
+        o.reserve_bytes = scratch_bytes(c, max_batch, ks.n_blocks);
+        own_weights_ = std::make_unique<BackendWeights>(model, backend, o);
+        weights_ = own_weights_.get();
+    }
+
+    const Sizes s = sizes(c, max_batch, ks.n_blocks);
+    auto buf = [&](size_t n) { return BackendBuffer(be_, n * sizeof(float), "buffer_alloc (activations)"); };
+    x_ = Staged<float>(be_, s.embd, "buffer_alloc (activations)");
+    h_ = buf(s.embd);
+    q_ = buf(s.q);
+    k_ = buf(s.kv);
+    v_ = buf(s.kv);
+    attn_ = buf(s.q);
+    out_ = buf(s.embd);
+    router_ = Staged<float>(be_, s.expert, "buffer_alloc (activations)");
+    xe_ = buf(s.embd);
+    oe_ = buf(s.embd);
+    shared_scale_ = Staged<float>(be_, size_t(max_batch), "buffer_alloc (activations)");
+    ffn_tmp_ = buf(s.ff);
+    logits_ = Staged<float>(be_, s.vocab, "buffer_alloc (logits)");
+    step_ = Staged<int32_t>(be_, s.step, "buffer_alloc (step indices)");
+    route_tok_ = Staged<int32_t>(be_, s.used, "buffer_alloc (routing)");
+    route_w_ = Staged<float>(be_, s.used, "buffer_alloc (routing)");
+    runs_.reserve(size_t(max_batch));
 }
 
 void ForwardPass::matmul(const WeightMatrix & w, const std::vector<float> & bias, const float * x, float * y,
                          int64_t n) {
+    const WeightRef r = weights_->get(w);
     moesh_matmul_args a{};
     a.struct_size = sizeof a;
-    a.w = w.data;
-    a.w_type = w.type;
-    if (const void * p = packed_ ? packed_->find(w) : nullptr) {
-        a.w = p;
-        a.w_type = int32_t(w.type) | MOESH_DTYPE_PACKED;
-    }
-    a.bias = bias.empty() ? nullptr : bias.data();
+    a.w = r.data;
+    a.w_type = r.type;
+    a.bias = weights_->get(bias);
     a.x = x;
     a.y = y;
     a.n_in = w.n_cols;
@@ -81,7 +114,7 @@ void ForwardPass::rms_norm(const float * x, const std::vector<float> & w, float 
     moesh_rms_norm_args a{};
     a.struct_size = sizeof a;
     a.x = x;
-    a.weight = w.data();
+    a.weight = weights_->get(w);
     a.y = y;
     a.n = n;
     a.n_rows = n_rows;
@@ -89,153 +122,169 @@ void ForwardPass::rms_norm(const float * x, const std::vector<float> & w, float 
     be_.check(be_.iface().rms_norm(be_.ctx(), &a), "rms_norm");
 }
 
+void ForwardPass::copy_rows(const float * src, int64_t src_n_rows, const int32_t * src_rows, float * dst,
+                            int64_t dst_n_rows, const int32_t * dst_rows, int64_t n_rows, int64_t n_cols, bool accumulate,
+                            float clamp) {
+    moesh_copy_rows_args a{};
+    a.struct_size = sizeof a;
+    a.accumulate = accumulate ? 1 : 0;
+    a.clamp = clamp;
+    a.src = src;
+    a.dst = dst;
+    a.src_rows = src_rows;
+    a.dst_rows = dst_rows;
+    a.n_rows = n_rows;
+    a.n_cols = n_cols;
+    a.src_stride = n_cols;
+    a.dst_stride = n_cols;
+    a.src_n_rows = src_n_rows;
+    a.dst_n_rows = dst_n_rows;
+    be_.check(be_.iface().copy_rows(be_.ctx(), &a), "copy_rows");
+}
+
 void ForwardPass::run_expert(const ExpertWeights & w, const float * x, const float * scale, float * out, int64_t n) {
+    const WeightRef gate = weights_->get(w.gate);   // gate, up and down are packed (or not) as a set
     moesh_expert_ffn_args a{};
     a.struct_size = sizeof a;
-    a.gate = w.gate.data;
-    a.up = w.up.data;
-    a.down = w.down.data;
-    a.w_type = w.gate.type;
-    if (const void * g = packed_ ? packed_->find(w.gate) : nullptr) {   // packed as a set (PackedWeights)
-        a.gate = g;
-        a.up = packed_->find(w.up);
-        a.down = packed_->find(w.down);
-        a.w_type = int32_t(w.gate.type) | MOESH_DTYPE_PACKED;
-    }
+    a.gate = gate.data;
+    a.up = weights_->get(w.up).data;
+    a.down = weights_->get(w.down).data;
+    a.w_type = gate.type;
     a.x = x;
     a.scale = scale;
     a.out = out;
-    a.scratch = ffn_tmp_.data();
+    a.scratch = ffn_tmp_.as<float>();
     a.n_embd = w.gate.n_cols;
     a.n_ff = w.gate.n_rows;
     a.n_tokens = n;
     be_.check(be_.iface().expert_ffn(be_.ctx(), &a), "expert_ffn");
 }
 
-void ForwardPass::attention(int64_t il, const Batch & batch, int64_t n) {
+void ForwardPass::attention(int64_t il, int64_t n) {
     const ModelConfig & c = model_.config();
     const LayerWeights & L = model_.layers()[size_t(il)];
     const int64_t q_dim = c.n_head * c.head_dim, kv_dim = c.n_head_kv * c.head_dim;
+    float * q = q_.as<float>();
+    float * k = k_.as<float>();
+    float * v = v_.as<float>();
 
-    rms_norm(x_.data(), L.attn_norm, h_.data(), n, c.n_embd);
-    matmul(L.wq, L.bq, h_.data(), q_.data(), n);
-    matmul(L.wk, L.bk, h_.data(), k_.data(), n);
-    matmul(L.wv, L.bv, h_.data(), v_.data(), n);
+    rms_norm(x_.dev(), L.attn_norm, h_.as<float>(), n, c.n_embd);
+    matmul(L.wq, L.bq, h_.as<float>(), q, n);
+    matmul(L.wk, L.bk, h_.as<float>(), k, n);
+    matmul(L.wv, L.bv, h_.as<float>(), v, n);
 
     if (c.qk_norm == QkNorm::Full) {
-        rms_norm(q_.data(), L.q_norm, q_.data(), n, q_dim);
-        rms_norm(k_.data(), L.k_norm, k_.data(), n, kv_dim);
+        rms_norm(q, L.q_norm, q, n, q_dim);
+        rms_norm(k, L.k_norm, k, n, kv_dim);
     } else if (c.qk_norm == QkNorm::PerHead) {
-        rms_norm(q_.data(), L.q_norm, q_.data(), n * c.n_head, c.head_dim);
-        rms_norm(k_.data(), L.k_norm, k_.data(), n * c.n_head_kv, c.head_dim);
+        rms_norm(q, L.q_norm, q, n * c.n_head, c.head_dim);
+        rms_norm(k, L.k_norm, k, n * c.n_head_kv, c.head_dim);
     }
-    if (c.clip_qkv > 0) {
+    if (c.clip_qkv > 0) {   // in place
         const float lim = float(c.clip_qkv);
-        auto clip = [lim](std::vector<float> & v, size_t count) {
-            for (size_t i = 0; i < count; ++i) v[i] = std::clamp(v[i], -lim, lim);
-        };
-        clip(q_, size_t(n * q_dim));
-        clip(k_, size_t(n * kv_dim));
-        clip(v_, size_t(n * kv_dim));
+        copy_rows(q, n, nullptr, q, n, nullptr, n, q_dim, false, lim);
+        copy_rows(k, n, nullptr, k, n, nullptr, n, kv_dim, false, lim);
+        copy_rows(v, n, nullptr, v, n, nullptr, n, kv_dim, false, lim);
     }
 
+    const int32_t * pos = step_.dev();   // step layout: see run()
+    const int32_t * pool_rows = pos + max_batch_;
+    const int32_t * tables = pos + 3 * max_batch_;
     const RopeTables & rt = model_.rope();
     moesh_rope_args r{};
     r.struct_size = sizeof r;
-    r.pos = batch.pos.data();
-    r.inv_freq = rt.inv_freq.data();
+    r.pos = pos;
+    r.inv_freq = weights_->get(rt.inv_freq);
     r.n_tokens = n;
     r.head_dim = c.head_dim;
     r.rot_dim = c.head_dim;
     r.attn_factor = rt.attn_factor;
     r.mode = c.rope_adjacent_pairs ? MOESH_ROPE_NORM : MOESH_ROPE_NEOX;
-    r.x = q_.data();
+    r.x = q;
     r.n_head = c.n_head;
     be_.check(be_.iface().rope(be_.ctx(), &r), "rope");
-    r.x = k_.data();
+    r.x = k;
     r.n_head = c.n_head_kv;
     be_.check(be_.iface().rope(be_.ctx(), &r), "rope");
 
-    for (int64_t t = 0; t < n; ++t) {
-        std::memcpy(kv_.k_row(il, batch.seq[size_t(t)], batch.pos[size_t(t)]), &k_[size_t(t * kv_dim)],
-                    size_t(kv_dim) * sizeof(float));
-        std::memcpy(kv_.v_row(il, batch.seq[size_t(t)], batch.pos[size_t(t)]), &v_[size_t(t * kv_dim)],
-                    size_t(kv_dim) * sizeof(float));
-    }
+    const int64_t n_pool_rows = kv_.spec().n_blocks * kv_.spec().block_size;
+    copy_rows(k, n, nullptr, kv_.k_pool(il), n_pool_rows, pool_rows, n, kv_dim, false);
+    copy_rows(v, n, nullptr, kv_.v_pool(il), n_pool_rows, pool_rows, n, kv_dim, false);
 
-    // One attention call per run of consecutive tokens of the same sequence.
-    for (int64_t t0 = 0; t0 < n;) {
-        const int32_t seq = batch.seq[size_t(t0)];
-        int64_t t1 = t0 + 1;
-        int32_t max_pos = batch.pos[size_t(t0)];
-        while (t1 < n && batch.seq[size_t(t1)] == seq) max_pos = std::max(max_pos, batch.pos[size_t(t1++)]);
+    for (const Run & run : runs_) {
         moesh_attention_args a{};
         a.struct_size = sizeof a;
-        a.q = &q_[size_t(t0 * q_dim)];
+        a.q = q + run.t0 * q_dim;
         a.k_pool = kv_.k_pool(il);
         a.v_pool = kv_.v_pool(il);
-        a.block_table = kv_.block_table(seq);
-        a.pos = &batch.pos[size_t(t0)];
-        a.out = &attn_[size_t(t0 * q_dim)];
-        a.n_tokens = t1 - t0;
+        a.block_table = tables + run.table;
+        a.pos = pos + run.t0;
+        a.out = attn_.as<float>() + run.t0 * q_dim;
+        a.n_tokens = run.t1 - run.t0;
         a.n_head = c.n_head;
         a.n_head_kv = c.n_head_kv;
         a.head_dim = c.head_dim;
         a.block_size = kv_.spec().block_size;
         a.n_blocks = kv_.spec().n_blocks;
-        a.n_kv = int64_t(max_pos) + 1;
+        a.n_kv = int64_t(run.max_pos) + 1;
         a.scale = 1.0f / std::sqrt(float(c.head_dim));
         be_.check(be_.iface().attention(be_.ctx(), &a), "attention");
-        t0 = t1;
     }
 
-    matmul(L.wo, L.bo, attn_.data(), out_.data(), n);
-    for (size_t i = 0; i < size_t(n * c.n_embd); ++i) x_[i] += out_[i];
+    matmul(L.wo, L.bo, attn_.as<float>(), out_.as<float>(), n);
+    copy_rows(out_.as<float>(), n, nullptr, x_.dev(), n, nullptr, n, c.n_embd, true);   // residual
 }
 
+// Every FFN output accumulates straight into the residual stream x.
 void ForwardPass::ffn(int64_t il, int64_t n) {
     const ModelConfig & c = model_.config();
     const LayerWeights & L = model_.layers()[size_t(il)];
-    const size_t n_embd = size_t(c.n_embd);
+    float * h = h_.as<float>();
+    float * x = x_.dev();
 
-    rms_norm(x_.data(), L.ffn_norm, h_.data(), n, c.n_embd);
-    std::fill(out_.begin(), out_.begin() + long(size_t(n) * n_embd), 0.0f);
-
+    rms_norm(x, L.ffn_norm, h, n, c.n_embd);
     if (!L.is_moe) {
-        run_expert(L.dense, h_.data(), nullptr, out_.data(), n);
-    } else {
-        matmul(L.router, {}, h_.data(), router_.data(), n);
-        RouterSpec spec{c.n_expert, c.n_expert_used, c.norm_topk_prob};
-        route_softmax_topk(router_.data(), n, spec, ids_.data(), weights_.data());
-        heat_.add(il, ids_.data(), n * c.n_expert_used);
-        dispatch_.build(ids_.data(), weights_.data(), n, c.n_expert_used);
-
-        for (int64_t e = 0; e < c.n_expert; ++e) {
-            const int64_t n_e = dispatch_.n_tokens_for(e);
-            if (n_e == 0) continue;
-            const ExpertWeights & w = model_.experts().get({int32_t(il), int32_t(e)});
-            const int32_t * tok = dispatch_.tokens_for(e);
-            if (n == 1) { // decode: no gather/scatter
-                run_expert(w, h_.data(), dispatch_.weights_for(e), out_.data(), 1);
-                continue;
-            }
-            for (int64_t i = 0; i < n_e; ++i)
-                std::memcpy(&xe_[size_t(i) * n_embd], &h_[size_t(tok[i]) * n_embd], n_embd * sizeof(float));
-            std::fill(oe_.begin(), oe_.begin() + long(size_t(n_e) * n_embd), 0.0f);
-            run_expert(w, xe_.data(), dispatch_.weights_for(e), oe_.data(), n_e);
-            for (int64_t i = 0; i < n_e; ++i) {
-                float * dst = &out_[size_t(tok[i]) * n_embd];
-                const float * src = &oe_[size_t(i) * n_embd];
-                for (size_t j = 0; j < n_embd; ++j) dst[j] += src[j];
-            }
-        }
-        if (!L.shared.empty()) {
-            matmul(L.shared_gate, {}, h_.data(), scale_.data(), n);
-            shared_expert_gate(scale_.data(), n);
-            run_expert(L.shared, h_.data(), scale_.data(), out_.data(), n);
-        }
+        run_expert(L.dense, h, nullptr, x, n);
+        return;
     }
-    for (size_t i = 0; i < size_t(n) * n_embd; ++i) x_[i] += out_[i];
+    matmul(L.router, {}, h, router_.dev(), n);
+    router_.download(0, size_t(n * c.n_expert));
+    int32_t * ids = route_tok_.host();   // borrowed for the (token, slot) ids; overwritten below
+    float * wts = route_w_.host();
+    const RouterSpec spec{c.n_expert, c.n_expert_used, c.norm_topk_prob};
+    route_softmax_topk(router_.host(), n, spec, ids, wts);
+    heat_.add(il, ids, n * c.n_expert_used);
+    dispatch_.build(ids, wts, n, c.n_expert_used);
+    const int64_t n_pairs = dispatch_.n_pairs();
+    std::memcpy(route_w_.host(), dispatch_.weights(), size_t(n_pairs) * sizeof(float));
+    route_w_.upload(0, size_t(n_pairs));
+    if (n > 1) {
+        std::memcpy(route_tok_.host(), dispatch_.tokens(), size_t(n_pairs) * sizeof(int32_t));
+        route_tok_.upload(0, size_t(n_pairs));
+    }
+
+    for (int64_t e = 0; e < c.n_expert; ++e) {
+        const int64_t n_e = dispatch_.n_tokens_for(e);
+        if (n_e == 0) continue;
+        const ExpertWeights & w = model_.experts().get({int32_t(il), int32_t(e)});
+        const float * scale = route_w_.dev() + dispatch_.offset(e);
+        if (n == 1) {   // decode: no gather/scatter
+            run_expert(w, h, scale, x, 1);
+            continue;
+        }
+        const int32_t * tok = route_tok_.dev() + dispatch_.offset(e);
+        copy_rows(h, n, tok, xe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);           // gather
+        copy_rows(nullptr, 0, nullptr, oe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);  // zero
+        run_expert(w, xe_.as<float>(), scale, oe_.as<float>(), n_e);
+        copy_rows(oe_.as<float>(), n_e, nullptr, x, n, tok, n_e, c.n_embd, true);            // scatter-add
+    }
+    if (!L.shared.empty()) {
+        matmul(L.shared_gate, {}, h, shared_scale_.dev(), n);
+        shared_scale_.download(0, size_t(n));
+        shared_expert_gate(shared_scale_.host(), n);
+        shared_scale_.upload(0, size_t(n));
+        run_expert(L.shared, h, shared_scale_.dev(), x, n);
+    }
 }
 
 const float * ForwardPass::run(const Batch & batch, std::string * error) {
@@ -261,27 +310,63 @@ const float * ForwardPass::run(const Batch & batch, std::string * error) {
                         " is beyond its reserved KV capacity (" + std::to_string(kv_.capacity(seq)) + ")");
     }
 
-    const size_t n_embd = size_t(c.n_embd);
+    // Step indices: [0, B) positions, [B, 2B) KV pool rows, [2B, 3B) rows that want logits,
+    // then the block table of each sequence in the batch, once.
+    int32_t * step = step_.host();
+    int32_t * pool_rows = step + max_batch_;
+    int32_t * out_rows = step + 2 * max_batch_;
+    int64_t n_out = 0, n_tables = 0;
+    runs_.clear();
     for (int64_t t = 0; t < n; ++t) {
-        const WeightMatrix & E = model_.tok_embd();
-        const auto * row = static_cast<const uint8_t *>(E.data) + size_t(batch.token[size_t(t)]) * dtype_row_bytes(E.type, c.n_embd);
-        convert_to_f32(row, E.type, &x_[size_t(t) * n_embd], c.n_embd);
+        const int32_t seq = batch.seq[size_t(t)], pos = batch.pos[size_t(t)];
+        step[t] = pos;
+        pool_rows[t] = kv_.pool_row(seq, pos);
+        if (batch.want_logits[size_t(t)]) out_rows[n_out++] = int32_t(t);
+        if (!runs_.empty() && batch.seq[size_t(runs_.back().t0)] == seq) {
+            runs_.back().t1 = t + 1;
+            runs_.back().max_pos = std::max(runs_.back().max_pos, pos);
+        } else {
+            runs_.push_back({t, t + 1, pos, -1});
+        }
     }
+    for (size_t i = 0; i < runs_.size(); ++i) {
+        const int32_t seq = batch.seq[size_t(runs_[i].t0)];
+        for (size_t j = 0; j < i && runs_[i].table < 0; ++j)
+            if (batch.seq[size_t(runs_[j].t0)] == seq) runs_[i].table = runs_[j].table;
+        if (runs_[i].table >= 0) continue;
+        const int64_t len = kv_.capacity(seq) / kv_.spec().block_size;   // the whole table: later runs may need more
+        std::memcpy(step + 3 * max_batch_ + n_tables, kv_.block_table(seq), size_t(len) * sizeof(int32_t));
+        runs_[i].table = n_tables;
+        n_tables += len;
+    }
+    step_.upload(0, size_t(3 * max_batch_ + n_tables));
+
+    const size_t n_embd = size_t(c.n_embd);
+    const WeightMatrix & E = model_.tok_embd();   // stays in host memory
+    for (int64_t t = 0; t < n; ++t) {
+        const auto * row = static_cast<const uint8_t *>(E.data) + size_t(batch.token[size_t(t)]) * dtype_row_bytes(E.type, c.n_embd);
+        convert_to_f32(row, E.type, x_.host() + size_t(t) * n_embd, c.n_embd);
+    }
+    x_.upload(0, size_t(n) * n_embd);
+
     for (int64_t il = 0; il < c.n_layer; ++il) {
-        attention(il, batch, n);
+        attention(il, n);
         ffn(il, n);
     }
 
-    out_rows_.clear();
-    for (int64_t t = 0; t < n; ++t)
-        if (batch.want_logits[size_t(t)]) out_rows_.push_back(t);
-    const int64_t n_out = int64_t(out_rows_.size());
-    if (n_out == 0) return logits_.data();
-    for (int64_t i = 0; i < n_out; ++i)
-        std::memcpy(&h_[size_t(i) * n_embd], &x_[size_t(out_rows_[size_t(i)]) * n_embd], n_embd * sizeof(float));
-    rms_norm(h_.data(), model_.output_norm(), h_.data(), n_out, c.n_embd);
-    matmul(model_.output(), {}, h_.data(), logits_.data(), n_out);
-    return logits_.data();
+    if (n_out > 0) {
+        float * h = h_.as<float>();
+        if (n_out == n) {
+            rms_norm(x_.dev(), model_.output_norm(), h, n, c.n_embd);
+        } else {
+            copy_rows(x_.dev(), n, step_.dev() + 2 * max_batch_, h, n_out, nullptr, n_out, c.n_embd, false);
+            rms_norm(h, model_.output_norm(), h, n_out, c.n_embd);
+        }
+        matmul(model_.output(), {}, h, logits_.dev(), n_out);
+        logits_.download(0, size_t(n_out * c.n_vocab));
+    }
+    be_.check(be_.iface().synchronize(be_.ctx()), "synchronize");
+    return logits_.host();
 }
 
 } // namespace moesh

@@ -1,38 +1,76 @@
 // The forward pass of a loaded model over a Batch, on one backend plugin.
 //
+//   KvCache kv(spec, backend);
 //   ForwardPass fwd(model, backend, kv, /*max_batch=*/64);
 //   kv.reserve(seq, n_prompt + n_generate);
 //   std::string err;
-//   const float * logits = fwd.run(batch, &err);  // [batch.n_logits(), n_vocab]
+//   const float * logits = fwd.run(batch, &err);  // [batch.n_logits(), n_vocab], host memory
 //
-// All scratch buffers are sized in the constructor from max_batch; run() does
-// not allocate. Per layer: attention over the paged KV cache, then the router
-// picks experts, tokens are grouped by expert and each expert's FFN runs once
-// over its tokens, weighted and accumulated. Activation counts go to heat().
+// Every activation lives in the backend's memory (VRAM on a GPU backend) and
+// every op runs there, including the glue between kernels (residual adds,
+// gathering an expert's tokens, KV writes: copy_rows). The host keeps what it
+// decides with: per step it uploads positions, KV rows and block tables; per
+// MoE layer it reads the router logits back, picks the experts, and uploads
+// the grouping of tokens by expert and their weights. On a host-memory
+// backend those transfers are no-ops (the staging memory is the buffer).
+// All buffers are sized in the constructor from max_batch; run() does not
+// allocate. Activation counts go to heat().
 // Thread safety: one thread drives a ForwardPass; the backend may use workers.
 #pragma once
 
 #include "plugins/loader/plugin_loader.h"
 #include "router/router.h"
+#include "runtime/backend_weights.h"
 #include "runtime/batch.h"
 #include "runtime/kv_cache.h"
 #include "runtime/model.h"
-#include "runtime/packed_weights.h"
 
+#include <memory>
 #include <string>
 #include <vector>
 
 namespace moesh {
 
+// Data the host writes or reads, in backend memory. On a host-memory backend
+// host() is the buffer itself and upload/download do nothing.
+template <class T>
+class Staged {
+public:
+    Staged() = default;
+    Staged(const Backend & backend, size_t n, const char * what)
+        : backend_(&backend), buf_(backend, n * sizeof(T), what) {
+        if (!backend.host_memory()) host_.resize(n);
+    }
+    T * host() { return host_.empty() ? buf_.as<T>() : host_.data(); }
+    T * dev() const { return buf_.as<T>(); }
+    void upload(size_t first, size_t count) {
+        if (!host_.empty()) backend_->upload(dev() + first, host_.data() + first, count * sizeof(T), "copy_to_device");
+    }
+    void download(size_t first, size_t count) {
+        if (!host_.empty()) backend_->download(host_.data() + first, dev() + first, count * sizeof(T), "copy_to_host");
+    }
+
+private:
+    const Backend * backend_ = nullptr;
+    BackendBuffer buf_;
+    std::vector<T> host_;   // empty on a host-memory backend
+};
+
 class ForwardPass {
 public:
-    // packed (may be null, must outlive this): copies of weights in the backend's own layout.
+    // weights (may be null; must outlive this): the weights as the backend reads
+    // them. When null, the model's own memory is used on a host-memory backend,
+    // and a device-memory backend gets a private upload (BackendWeights).
     ForwardPass(const Model & model, Backend & backend, KvCache & kv, int64_t max_batch,
-                const PackedWeights * packed = nullptr);
+                const BackendWeights * weights = nullptr);
 
-    // Returns the logits of the tokens with want_logits set, in batch order,
-    // or nullptr with *error set when the batch is invalid (token outside the
-    // vocabulary, position beyond the sequence's reserved KV capacity, ...).
+    // Backend memory a ForwardPass allocates besides the weights and the KV cache.
+    static size_t scratch_bytes(const ModelConfig & config, int64_t max_batch, int64_t kv_blocks);
+
+    // Returns the logits of the tokens with want_logits set, in batch order
+    // (host memory, valid until the next run), or nullptr with *error set when
+    // the batch is invalid (token outside the vocabulary, position beyond the
+    // sequence's reserved KV capacity, ...). Backend failures throw BackendError.
     const float * run(const Batch & batch, std::string * error);
 
     int64_t max_batch() const { return max_batch_; }
@@ -40,37 +78,48 @@ public:
     ExpertHeat & heat() { return heat_; }
 
 private:
-    void attention(int64_t il, const Batch & batch, int64_t n);
+    struct Run {   // consecutive tokens of one sequence: one attention call
+        int64_t t0, t1;
+        int32_t max_pos;
+        int64_t table;   // offset of its block table in the step buffer
+    };
+
+    void attention(int64_t il, int64_t n);
     void ffn(int64_t il, int64_t n);
     void run_expert(const ExpertWeights & w, const float * x, const float * scale, float * out, int64_t n);
     void matmul(const WeightMatrix & w, const std::vector<float> & bias, const float * x, float * y, int64_t n);
     void rms_norm(const float * x, const std::vector<float> & w, float * y, int64_t n_rows, int64_t n);
+    // dst[dst_rows[i]] (+)= src[src_rows[i]] over n_cols; see moesh_copy_rows_args.
+    void copy_rows(const float * src, int64_t src_n_rows, const int32_t * src_rows, float * dst, int64_t dst_n_rows,
+                   const int32_t * dst_rows, int64_t n_rows, int64_t n_cols, bool accumulate, float clamp = 0.0f);
 
     const Model & model_;
     Backend & be_;
-    const PackedWeights * packed_;
+    std::unique_ptr<BackendWeights> own_weights_;
+    const BackendWeights * weights_;
     KvCache & kv_;
     int64_t max_batch_;
     ExpertHeat heat_;
     ExpertDispatch dispatch_;
+    std::vector<Run> runs_;       // reserved max_batch
 
-    std::vector<float> x_;        // [max_batch, n_embd] residual stream
-    std::vector<float> h_;        // [max_batch, n_embd] normed input of a block
-    std::vector<float> q_;        // [max_batch, n_head * head_dim]
-    std::vector<float> k_;        // [max_batch, n_head_kv * head_dim]
-    std::vector<float> v_;        // [max_batch, n_head_kv * head_dim]
-    std::vector<float> attn_;     // [max_batch, n_head * head_dim]
-    std::vector<float> out_;      // [max_batch, n_embd] block output
-    std::vector<float> router_;   // [max_batch, n_expert]
-    std::vector<int32_t> ids_;    // [max_batch, n_expert_used]
-    std::vector<float> weights_;  // [max_batch, n_expert_used]
-    std::vector<float> xe_;       // [max_batch, n_embd] tokens gathered for one expert
-    std::vector<float> oe_;       // [max_batch, n_embd] that expert's output
-    std::vector<float> scale_;    // [max_batch]
-    std::vector<float> ffn_tmp_;  // [2, max_batch, max n_ff]
-    std::vector<int32_t> run_pos_;// [max_batch] positions of one attention run
-    std::vector<float> logits_;   // [max_batch, n_vocab]
-    std::vector<int64_t> out_rows_; // [max_batch] batch rows that want logits
+    // Backend memory; B = max_batch.
+    Staged<float> x_;             // [B, n_embd] residual stream (embedding rows come from the host)
+    BackendBuffer h_;             // [B, n_embd] normed input of a block
+    BackendBuffer q_;             // [B, n_head * head_dim]
+    BackendBuffer k_;             // [B, n_head_kv * head_dim]
+    BackendBuffer v_;             // [B, n_head_kv * head_dim]
+    BackendBuffer attn_;          // [B, n_head * head_dim]
+    BackendBuffer out_;           // [B, n_embd] attention output
+    Staged<float> router_;        // [B, n_expert] router logits, read by the host
+    BackendBuffer xe_;            // [B, n_embd] tokens gathered for one expert
+    BackendBuffer oe_;            // [B, n_embd] that expert's output
+    Staged<float> shared_scale_;  // [B] shared expert gate
+    BackendBuffer ffn_tmp_;       // [2, B, max n_ff]
+    Staged<float> logits_;        // [B, n_vocab]
+    Staged<int32_t> step_;        // [3B + kv blocks]: positions, KV pool rows, logit rows, block tables
+    Staged<int32_t> route_tok_;   // [B * n_expert_used] token of each (token, slot) pair, grouped by expert
+    Staged<float> route_w_;       // [B * n_expert_used] its router weight
 };
 
 } // namespace moesh

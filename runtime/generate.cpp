@@ -32,11 +32,11 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
     ks.block_size = o.kv_block_size;
     ks.n_blocks = (n_total + ks.block_size - 1) / ks.block_size;
     ks.n_seq_max = 1;
-    KvCache kv(ks);
+    KvCache kv(ks, backend);
     if (!kv.reserve(0, n_total)) throw Error("KV cache: cannot reserve " + std::to_string(n_total) + " positions");
 
     const int64_t max_batch = std::min(o.max_batch, n_prompt);
-    ForwardPass fwd(model, backend, kv, std::max<int64_t>(1, max_batch), o.packed);
+    ForwardPass fwd(model, backend, kv, std::max<int64_t>(1, max_batch), o.weights);
     Sampler sampler(o.sampling, c.n_vocab);
     GenerateResult r;
     r.kv_bytes = ks.bytes();

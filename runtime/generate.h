@@ -11,7 +11,7 @@
 #include "plugins/loader/plugin_loader.h"
 #include "router/router.h"
 #include "runtime/model.h"
-#include "runtime/packed_weights.h"
+#include "runtime/backend_weights.h"
 #include "runtime/sampler.h"
 
 #include <cstdint>
@@ -30,7 +30,7 @@ struct GenerateOptions {
     int64_t max_batch = 64;      // prefill chunk
     int64_t kv_block_size = 16;
     std::function<void(int32_t)> on_token; // called with each generated id as soon as it is sampled
-    const PackedWeights * packed = nullptr; // weights in the backend's layout (runtime/packed_weights.h)
+    const BackendWeights * weights = nullptr; // weights as the backend reads them (runtime/backend_weights.h); null: the model as is
 };
 
 struct GenerateResult {

@@ -1,6 +1,9 @@
 #include "runtime/kv_cache.h"
 
+#include "runtime/error.h"
+
 #include <cassert>
+#include <cstdio>
 
 namespace moesh {
 
@@ -16,11 +19,27 @@ int64_t KvCacheSpec::blocks_for_budget(size_t budget, int64_t n_layer, int64_t n
     return per_block == 0 ? 0 : int64_t(budget / per_block);
 }
 
-KvCache::KvCache(const KvCacheSpec & spec)
-    : spec_(spec), row_elems_(spec.n_head_kv * spec.head_dim), tables_(size_t(spec.n_seq_max)) {
-    const size_t pool = size_t(spec.n_blocks) * size_t(spec.block_size) * size_t(row_elems_);
-    k_.assign(size_t(spec.n_layer), std::vector<float>(pool, 0.0f));
-    v_.assign(size_t(spec.n_layer), std::vector<float>(pool, 0.0f));
+KvCache::KvCache(const KvCacheSpec & spec, const Backend & backend) : spec_(spec), tables_(size_t(spec.n_seq_max)) {
+    if (spec.n_layer <= 0 || spec.n_head_kv <= 0 || spec.head_dim <= 0 || spec.block_size <= 0 || spec.n_blocks <= 0 ||
+        spec.n_seq_max <= 0)
+        throw Error("KV cache: every size must be positive");
+    if (spec.n_blocks > INT32_MAX / spec.block_size)
+        throw Error("KV cache: " + std::to_string(spec.n_blocks) + " blocks of " + std::to_string(spec.block_size) +
+                    " positions are more rows than a 32-bit index holds");
+    const size_t pool = size_t(spec.n_blocks) * size_t(spec.block_size) * size_t(spec.n_head_kv * spec.head_dim) *
+                        sizeof(float);
+    try {
+        for (int64_t il = 0; il < spec.n_layer; ++il) {
+            k_.emplace_back(backend, pool, "buffer_alloc (KV cache)");
+            v_.emplace_back(backend, pool, "buffer_alloc (KV cache)");
+        }
+    } catch (const BackendError & e) {
+        char need[64];
+        std::snprintf(need, sizeof need, "%.2f GiB", double(spec.bytes()) / double(1u << 30));
+        throw Error("the KV cache (" + std::string(need) + " for " + std::to_string(spec.n_blocks * spec.block_size) +
+                    " positions) does not fit in backend '" + backend.name() + "' memory (" + e.what() +
+                    "); use a shorter context (--ctx)");
+    }
     free_.reserve(size_t(spec.n_blocks));
     for (int64_t b = spec.n_blocks - 1; b >= 0; --b) free_.push_back(int32_t(b));
     for (auto & t : tables_) t.reserve(size_t(spec.n_blocks));
@@ -50,13 +69,10 @@ int64_t KvCache::capacity(int32_t seq) const {
     return int64_t(tables_[size_t(seq)].size()) * spec_.block_size;
 }
 
-size_t KvCache::row_offset(int32_t seq, int64_t pos) const {
+int32_t KvCache::pool_row(int32_t seq, int64_t pos) const {
     assert(pos >= 0 && pos < capacity(seq));
     const int32_t block = tables_[size_t(seq)][size_t(pos / spec_.block_size)];
-    return (size_t(block) * size_t(spec_.block_size) + size_t(pos % spec_.block_size)) * size_t(row_elems_);
+    return int32_t(int64_t(block) * spec_.block_size + pos % spec_.block_size);   // < INT32_MAX (constructor)
 }
-
-float * KvCache::k_row(int64_t layer, int32_t seq, int64_t pos) { return k_[size_t(layer)].data() + row_offset(seq, pos); }
-float * KvCache::v_row(int64_t layer, int32_t seq, int64_t pos) { return v_[size_t(layer)].data() + row_offset(seq, pos); }
 
 } // namespace moesh

@@ -1,14 +1,17 @@
-// Paged KV cache: per layer, a pool of fixed-size blocks of keys and values;
-// each sequence owns a block table. The pool is sized once, up front, from a
-// byte budget; a sequence gets blocks only through reserve(), which says no
+// Paged KV cache: per layer, a pool of fixed-size blocks of keys and values in
+// the backend's memory (VRAM for a GPU backend); each sequence owns a block
+// table, kept on the host. The pool is sized once, up front, from a byte
+// budget; a sequence gets blocks only through reserve(), which says no
 // (returns false) instead of allocating when the pool is exhausted.
 //
-//   KvCache kv(KvCacheSpec{n_layer, n_head_kv, head_dim, 16, n_blocks, n_seq});
+//   KvCache kv(KvCacheSpec{n_layer, n_head_kv, head_dim, 16, n_blocks, n_seq}, backend);
 //   if (!kv.reserve(seq, n_positions)) { /* not admitted: wait or refuse */ }
-//   float * k = kv.k_row(layer, seq, pos);   // [n_head_kv * head_dim]
+//   int32_t row = kv.pool_row(seq, pos);     // row of k_pool(layer) / v_pool(layer)
 //
 // Thread safety: owned by the thread that runs the forward pass.
 #pragma once
+
+#include "plugins/loader/plugin_loader.h"
 
 #include <cstddef>
 #include <cstdint>
@@ -32,7 +35,9 @@ struct KvCacheSpec {
 
 class KvCache {
 public:
-    explicit KvCache(const KvCacheSpec & spec);
+    // Allocates the pools with backend's buffer_alloc (which must outlive this);
+    // throws moesh::Error saying how much did not fit.
+    KvCache(const KvCacheSpec & spec, const Backend & backend);
 
     const KvCacheSpec & spec() const { return spec_; }
 
@@ -42,18 +47,18 @@ public:
     int64_t capacity(int32_t seq) const; // positions reserved
     int64_t n_free_blocks() const { return int64_t(free_.size()); }
 
-    float * k_row(int64_t layer, int32_t seq, int64_t pos); // [n_head_kv * head_dim]
-    float * v_row(int64_t layer, int32_t seq, int64_t pos);
-    const float * k_pool(int64_t layer) const { return k_[size_t(layer)].data(); }
-    const float * v_pool(int64_t layer) const { return v_[size_t(layer)].data(); }
+    // Row of the pools ([n_blocks * block_size] rows of n_head_kv * head_dim
+    // floats) that holds position pos of seq; pos < capacity(seq).
+    int32_t pool_row(int32_t seq, int64_t pos) const;
+    // Backend memory: [n_blocks, block_size, n_head_kv, head_dim].
+    float * k_pool(int64_t layer) const { return k_[size_t(layer)].as<float>(); }
+    float * v_pool(int64_t layer) const { return v_[size_t(layer)].as<float>(); }
+    // Host memory: the sequence's blocks, capacity(seq) / block_size of them.
     const int32_t * block_table(int32_t seq) const { return tables_[size_t(seq)].data(); }
 
 private:
-    size_t row_offset(int32_t seq, int64_t pos) const;
-
     KvCacheSpec spec_;
-    int64_t row_elems_;                          // n_head_kv * head_dim
-    std::vector<std::vector<float>> k_, v_;      // [n_layer][n_blocks * block_size * row_elems]
+    std::vector<BackendBuffer> k_, v_;           // [n_layer] pools
     std::vector<std::vector<int32_t>> tables_;   // [n_seq_max][blocks of the sequence]
     std::vector<int32_t> free_;                  // free block ids
 };

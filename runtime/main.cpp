@@ -1,5 +1,6 @@
 // The moesh executable: `moesh run`, `moesh inspect`.
 #include "plugins/loader/plugin_loader.h"
+#include "runtime/backend_weights.h"
 #include "runtime/chat_template.h"
 #include "runtime/error.h"
 #include "runtime/generate.h"
@@ -7,7 +8,8 @@
 #include "runtime/mapped_file.h"
 #include "runtime/model.h"
 #include "runtime/npy.h"
-#include "runtime/packed_weights.h"
+#include "runtime/forward.h"
+#include "runtime/kv_cache.h"
 #include "runtime/perplexity.h"
 #include "runtime/quantize.h"
 #include "runtime/run_config.h"
@@ -126,20 +128,27 @@ struct CommonOptions {
     bool no_repack = false;
 };
 
-// The model's weights in the backend's own layout, when it has one and they fit.
-std::unique_ptr<moesh::PackedWeights> pack_weights(const moesh::Model & model, moesh::Backend & backend,
-                                                   const CommonOptions & co, const moesh::RunConfig & rc) {
-    moesh::PackOptions o;
-    o.enabled = rc.repack && !co.no_repack;
+// The weights as the backend reads them: packed into its layout where it has one and
+// they fit; on a GPU backend, uploaded whole (refused, with what it needs, when
+// weights + KV cache for n_positions + activations for max_batch do not fit).
+std::unique_ptr<moesh::BackendWeights> prepare_weights(const moesh::Model & model, moesh::Backend & backend,
+                                                       const CommonOptions & co, const moesh::RunConfig & rc,
+                                                       int64_t n_positions, int64_t max_batch) {
+    const moesh::ModelConfig & c = model.config();
+    moesh::WeightOptions o;
+    o.repack = rc.repack && !co.no_repack;
+    moesh::KvCacheSpec ks{c.n_layer, c.n_head_kv, c.head_dim, 16, (n_positions + 15) / 16, 1};
+    o.reserve_bytes = ks.bytes() + moesh::ForwardPass::scratch_bytes(c, std::max<int64_t>(1, max_batch), ks.n_blocks);
+    const char * verb = backend.host_memory() ? "packing weights for" : "uploading weights to";
     if (isatty(STDERR_FILENO)) // a percentage that rewrites itself; logs get the summary line only
-        o.progress = [](size_t done, size_t total) {
-            std::fprintf(stderr, "\rmoesh: packing weights for the backend: %3d%%", int(100.0 * double(done) / double(total)));
+        o.progress = [verb](size_t done, size_t total) {
+            std::fprintf(stderr, "\rmoesh: %s the backend: %3d%%", verb, int(100.0 * double(done) / double(total)));
             if (done == total) std::fprintf(stderr, "\r\033[K");
             std::fflush(stderr);
         };
-    auto p = std::make_unique<moesh::PackedWeights>(model, backend, o);
-    std::fprintf(stderr, "moesh: %s\n", p->summary().c_str());
-    return p;
+    auto w = std::make_unique<moesh::BackendWeights>(model, backend, o);
+    std::fprintf(stderr, "moesh: %s\n", w->summary().c_str());
+    return w;
 }
 
 std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moesh::RunConfig & rc) {
@@ -259,8 +268,9 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
         };
     }
 
-    const auto packed = pack_weights(model, *backend, co, rc);
-    go.packed = packed.get();
+    const auto weights = prepare_weights(model, *backend, co, rc, int64_t(go.prompt.size()) + go.n_generate,
+                                         std::min<int64_t>(go.max_batch, int64_t(go.prompt.size())));
+    go.weights = weights.get();
     moesh::GenerateResult r = moesh::generate(model, *backend, go);
     std::string text;
     if (tok) {
@@ -346,8 +356,8 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
         std::fprintf(stderr, "[%lld]%.4f,", (long long)i + 1, ppl);
         std::fflush(stderr);
     };
-    const auto packed = pack_weights(model, *backend, co, rc);
-    po.packed = packed.get();
+    const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, std::min(n_batch, n_ctx));
+    po.weights = weights.get();
     const moesh::PerplexityResult r = moesh::perplexity(model, *backend, tokens, po);
     std::fprintf(stderr, "\n");
     if (output == "json") {

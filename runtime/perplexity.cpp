@@ -40,8 +40,8 @@ PerplexityResult perplexity(const Model & model, Backend & backend, const std::v
     ks.block_size = 16;
     ks.n_blocks = (n_ctx + ks.block_size - 1) / ks.block_size;
     ks.n_seq_max = 1;
-    KvCache kv(ks);
-    ForwardPass fwd(model, backend, kv, n_batch, o.packed);
+    KvCache kv(ks, backend);
+    ForwardPass fwd(model, backend, kv, n_batch, o.weights);
 
     PerplexityResult r;
     const size_t n_vocab = size_t(c.n_vocab);

@@ -18,7 +18,7 @@
 
 #include "plugins/loader/plugin_loader.h"
 #include "runtime/model.h"
-#include "runtime/packed_weights.h"
+#include "runtime/backend_weights.h"
 
 #include <cstdint>
 #include <functional>
@@ -34,7 +34,7 @@ struct PerplexityOptions {
     int32_t bos_id = -1;          // required when add_bos
     // Called after each chunk with its index (0-based) and the running PPL.
     std::function<void(int64_t, double)> on_chunk;
-    const PackedWeights * packed = nullptr; // weights in the backend's layout (runtime/packed_weights.h)
+    const BackendWeights * weights = nullptr; // weights as the backend reads them (runtime/backend_weights.h); null: the model as is
 };
 
 struct PerplexityResult {

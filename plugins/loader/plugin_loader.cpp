@@ -405,6 +405,48 @@ bool Backend::supports(int32_t op, int32_t w_type) const {
     return ctx_ && iface_.supports && iface_.supports(ctx_, op, w_type) != 0;
 }
 
+void Backend::upload(void * dst, const void * src, size_t n_bytes, const char * what) const {
+    if (n_bytes == 0) return;
+    check(iface_.copy_to_device(ctx_, dst, src, n_bytes), what);
+}
+
+void Backend::download(void * dst, const void * src, size_t n_bytes, const char * what) const {
+    if (n_bytes == 0) return;
+    check(iface_.copy_to_host(ctx_, dst, src, n_bytes), what);
+}
+
+BackendBuffer::BackendBuffer(const Backend & backend, size_t n_bytes, const char * what) : backend_(&backend) {
+    void * p = nullptr;
+    backend.check(backend.iface().buffer_alloc(backend.ctx(), n_bytes == 0 ? 1 : n_bytes, &p), what);
+    ptr_ = p;
+    bytes_ = n_bytes;
+}
+
+BackendBuffer::BackendBuffer(BackendBuffer && o) noexcept : backend_(o.backend_), ptr_(o.ptr_), bytes_(o.bytes_) {
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+}
+
+BackendBuffer & BackendBuffer::operator=(BackendBuffer && o) noexcept {
+    if (this != &o) {
+        release();
+        backend_ = o.backend_;
+        ptr_ = o.ptr_;
+        bytes_ = o.bytes_;
+        o.ptr_ = nullptr;
+        o.bytes_ = 0;
+    }
+    return *this;
+}
+
+BackendBuffer::~BackendBuffer() { release(); }
+
+void BackendBuffer::release() noexcept {
+    if (ptr_) backend_->iface().buffer_free(backend_->ctx(), ptr_);
+    ptr_ = nullptr;
+    bytes_ = 0;
+}
+
 namespace detail {
 
 struct BackendFactory {

@@ -77,6 +77,11 @@ public:
     void check(moesh_status s, const char * what) const;
     // iface().supports(ctx(), op, w_type) != 0; op is a moesh_op, w_type a moesh_dtype.
     bool supports(int32_t op, int32_t w_type) const;
+    // Kernels take host pointers (iface().host_memory).
+    bool host_memory() const { return iface_.host_memory != 0; }
+    // copy_to_device / copy_to_host; throw BackendError naming `what`.
+    void upload(void * dst, const void * src, size_t n_bytes, const char * what) const;
+    void download(void * dst, const void * src, size_t n_bytes, const char * what) const;
 
 private:
     friend struct detail::BackendFactory;
@@ -90,6 +95,32 @@ private:
     std::string name_;
     std::string path_;
     int32_t score_ = 0;
+};
+
+// A buffer from the backend's buffer_alloc, released with its buffer_free. The
+// backend must outlive it. Empty (get() == nullptr) when default-constructed.
+class BackendBuffer {
+public:
+    BackendBuffer() = default;
+    // Throws BackendError (MOESH_ERR_OUT_OF_MEMORY when it does not fit) naming `what`.
+    BackendBuffer(const Backend & backend, size_t n_bytes, const char * what);
+    BackendBuffer(BackendBuffer && other) noexcept;
+    BackendBuffer & operator=(BackendBuffer && other) noexcept;
+    BackendBuffer(const BackendBuffer &) = delete;
+    BackendBuffer & operator=(const BackendBuffer &) = delete;
+    ~BackendBuffer();
+
+    void * get() const { return ptr_; }
+    template <class T>
+    T * as() const { return static_cast<T *>(ptr_); }
+    size_t bytes() const { return bytes_; }
+
+private:
+    void release() noexcept;
+
+    const Backend * backend_ = nullptr;
+    void * ptr_ = nullptr;
+    size_t bytes_ = 0;
 };
 
 // Where to look, in order: cli_dir (if non-empty), each entry of $MOESH_PLUGIN_DIR

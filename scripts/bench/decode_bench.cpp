@@ -117,7 +117,7 @@ int main(int argc, char ** argv) {
             return 1;
         }
         const int n_warm = 4;
-        moesh::KvCache kv({cfg.n_layer, cfg.n_head_kv, cfg.head_dim, 16, (n_tokens + n_warm + 15) / 16 + 1, 1});
+        moesh::KvCache kv({cfg.n_layer, cfg.n_head_kv, cfg.head_dim, 16, (n_tokens + n_warm + 15) / 16 + 1, 1}, *be);
         kv.reserve(0, n_tokens + n_warm + 1);
         moesh::ForwardPass fwd(model, *be, kv, 1);
         moesh::Batch b;

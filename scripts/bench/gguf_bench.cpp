@@ -13,7 +13,7 @@
 #include "plugins/loader/plugin_loader.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
-#include "runtime/packed_weights.h"
+#include "runtime/backend_weights.h"
 
 #include <nlohmann/json.hpp>
 
@@ -115,11 +115,11 @@ int main(int argc, char ** argv) {
                 std::fprintf(stderr, "no backend:\n%s", report.c_str());
                 return 1;
             }
-            moesh::PackOptions pk;
-            pk.enabled = repack;
-            const moesh::PackedWeights packed(model, *be, pk);
-            std::fprintf(stderr, "%s\n", packed.summary().c_str());
-            o.packed = &packed;
+            moesh::WeightOptions wo;
+            wo.repack = repack;
+            const moesh::BackendWeights weights(model, *be, wo);
+            std::fprintf(stderr, "%s\n", weights.summary().c_str());
+            o.weights = &weights;
             moesh::generate(model, *be, o); // warm-up: page in the weights
             const double bw_before = probe_gbps(probe_gib, t);
             std::vector<double> pp, tg;
@@ -134,7 +134,7 @@ int main(int argc, char ** argv) {
             nlohmann::json j = {{"bench", "moesh"},
                                 {"model", model_path},
                                 {"threads", t},
-                                {"repack", packed.n_matrices() > 0},
+                                {"repack", weights.n_packed() > 0},
                                 {"n_prompt", n_prompt},
                                 {"n_gen", n_gen},
                                 {"reps", reps},

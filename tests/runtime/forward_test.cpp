@@ -65,7 +65,7 @@ TEST_P(ForwardBatching, TwoSequencesInOneBatchMatchSeparateRuns) {
     const size_t V = size_t(cfg.n_vocab);
 
     auto run_alone = [&](const std::vector<int32_t> & p) {
-        KvCache kv({cfg.n_layer, cfg.n_head_kv, cfg.head_dim, 4, 8, 1});
+        KvCache kv({cfg.n_layer, cfg.n_head_kv, cfg.head_dim, 4, 8, 1}, *be);
         EXPECT_TRUE(kv.reserve(0, int64_t(p.size())));
         ForwardPass f(m, *be, kv, 8);
         Batch batch;
@@ -78,7 +78,7 @@ TEST_P(ForwardBatching, TwoSequencesInOneBatchMatchSeparateRuns) {
     const auto la = run_alone(a), lb = run_alone(b);
 
     // interleaved: a0 b0 a1 b1 ... in one batch, sequences in separate KV slots
-    KvCache kv({cfg.n_layer, cfg.n_head_kv, cfg.head_dim, 4, 8, 2});
+    KvCache kv({cfg.n_layer, cfg.n_head_kv, cfg.head_dim, 4, 8, 2}, *be);
     ASSERT_TRUE(kv.reserve(1, 3));
     ASSERT_TRUE(kv.reserve(0, 5));
     ForwardPass f(m, *be, kv, 8);
@@ -109,7 +109,7 @@ TEST(Forward, RefusesInvalidBatches) {
     Model m = Model::load(cfg, make_synthetic_weights(cfg, MOESH_DTYPE_BF16, 3));
     auto be = test::open_cpu_backend(1);
     ASSERT_NE(be, nullptr);
-    KvCache kv({cfg.n_layer, cfg.n_head_kv, cfg.head_dim, 4, 2, 1});
+    KvCache kv({cfg.n_layer, cfg.n_head_kv, cfg.head_dim, 4, 2, 1}, *be);
     ASSERT_TRUE(kv.reserve(0, 8));
     ForwardPass f(m, *be, kv, 4);
     std::string err;
@@ -137,7 +137,9 @@ TEST(Forward, RefusesInvalidBatches) {
 }
 
 TEST(Forward, KvCacheRefusesWhenPoolIsExhausted) {
-    KvCache kv({2, 2, 8, 4, 3, 2});
+    auto be = test::open_cpu_backend(1);
+    ASSERT_NE(be, nullptr);
+    KvCache kv({2, 2, 8, 4, 3, 2}, *be);
     EXPECT_TRUE(kv.reserve(0, 8));  // 2 blocks
     EXPECT_FALSE(kv.reserve(1, 8)); // needs 2, 1 left
     EXPECT_EQ(kv.capacity(1), 0);
