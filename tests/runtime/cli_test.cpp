@@ -18,7 +18,9 @@ namespace fs = std::filesystem;
 
 using Result = test::CommandResult;
 
-Result run(const std::string & args, bool with_stderr = true) { return test::run_moesh(args, with_stderr); }
+Result run(const std::string & args, bool with_stderr = true, const std::string & env = "") {
+    return test::run_moesh(args, with_stderr, env);
+}
 
 const std::string k_fixture = std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/mixtral_top2";
 
@@ -83,6 +85,31 @@ TEST(Cli, RequestedBackendThatCannotRunFallsBackToTheCpu) {
     r = run("run --model " + k_fixture + " --prompt-ids 1,2,3 -n 2 --backend nosuch");   // a typo is an error
     EXPECT_NE(r.status, 0);
     EXPECT_EQ(r.out.find("falling back"), std::string::npos) << r.out;
+}
+
+// The device-memory path end to end (the devsim test plugin): the tokens transformers
+// generates, the upload announced; a device too small for the model says what it needs.
+TEST(Cli, RunOnADeviceMemoryBackendUploadsTheModel) {
+    if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
+    std::ifstream in(k_fixture + "/reference.json");
+    const auto ref = nlohmann::json::parse(in);
+    const auto prompt = ref["prompts"][1].get<std::vector<int32_t>>();
+    const auto expected = ref["generated"][1].get<std::vector<int32_t>>();
+    std::string ids;
+    for (size_t i = 0; i < prompt.size(); ++i) (ids += i ? "," : "") += std::to_string(prompt[i]);
+    const std::string devsim = std::string(MOESH_TEST_PLUGIN_DIR) + "/devsim";
+    Result r = run("run --model " + k_fixture + " --prompt-ids " + ids + " -n 6 --output json --backend devsim --plugin-dir " +
+                   devsim);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("uploaded"), std::string::npos) << r.out;
+    const std::string last = r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1);
+    EXPECT_EQ(nlohmann::json::parse(last)["tokens"].get<std::vector<int32_t>>(),
+              std::vector<int32_t>(expected.begin(), expected.begin() + 6));
+
+    r = run("run --model " + k_fixture + " --prompt-ids 1,2 -n 2 --backend devsim --plugin-dir " + devsim,
+            true, "MOESH_DEVSIM_MEMORY=100000");
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.out.find("does not fit in backend 'devsim' memory"), std::string::npos) << r.out;
 }
 
 TEST(Cli, InspectListsTensorsAndExpertBytes) {

@@ -31,6 +31,8 @@ std::vector<std::string> fixture_names() {
 
 // Each fixture folder is checked as it is and, where scripts/make_gguf_model_fixtures.py
 // converted it as llama.cpp's converter would, as model.gguf.
+// threads == 0: the devsim backend (tests/plugins/devsim), i.e. the forward
+// pass's device-memory path, on the reference kernels.
 struct GoldenCase {
     std::string fixture;
     int threads;
@@ -38,11 +40,13 @@ struct GoldenCase {
 };
 
 void PrintTo(const GoldenCase & c, std::ostream * os) {
-    *os << c.fixture << (c.gguf ? " (gguf)" : "") << " with " << c.threads << " thread(s)";
+    *os << c.fixture << (c.gguf ? " (gguf)" : "") << " with "
+        << (c.threads ? std::to_string(c.threads) + " thread(s)" : std::string("the device-memory path"));
 }
 
 std::string case_name(const testing::TestParamInfo<GoldenCase> & info) {
-    return info.param.fixture + (info.param.gguf ? "_gguf" : "") + "_threads" + std::to_string(info.param.threads);
+    return info.param.fixture + (info.param.gguf ? "_gguf" : "") +
+           (info.param.threads ? "_threads" + std::to_string(info.param.threads) : std::string("_devsim"));
 }
 
 std::vector<GoldenCase> golden_cases() {
@@ -50,7 +54,7 @@ std::vector<GoldenCase> golden_cases() {
     for (const auto & f : fixture_names())
         for (bool gguf : {false, true})
             if (!gguf || fs::exists(fs::path(test::fixtures_dir()) / f / "model.gguf"))
-                for (int t : {1, 2}) out.push_back({f, t, gguf});
+                for (int t : {1, 2, 0}) out.push_back({f, t, gguf});
     return out;
 }
 
@@ -65,7 +69,7 @@ TEST_P(GoldenTest, LogitsAndGreedyTokensMatchTransformers) {
     const nlohmann::json ref = nlohmann::json::parse(in);
 
     Model model = GetParam().gguf ? Model::load_path((dir / "model.gguf").string()) : Model::load_folder(dir.string());
-    auto backend = test::open_cpu_backend(GetParam().threads);
+    auto backend = GetParam().threads ? test::open_cpu_backend(GetParam().threads) : test::open_devsim_backend();
     ASSERT_NE(backend, nullptr);
     const int64_t n_vocab = model.config().n_vocab;
 

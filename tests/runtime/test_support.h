@@ -32,6 +32,18 @@ inline std::unique_ptr<Backend> open_cpu_backend(int n_threads, bool precise_act
     return be;
 }
 
+// tests/plugins/devsim: a device-memory backend (reference kernels, buffers
+// the host cannot touch) that runs the forward pass's device path without a GPU.
+inline std::unique_ptr<Backend> open_devsim_backend() {
+    PluginOptions po;
+    po.search_dirs = {std::string(MOESH_TEST_PLUGIN_DIR) + "/devsim"};
+    po.preferred = "devsim";
+    std::string report;
+    auto be = load_backend(po, &report);
+    EXPECT_NE(be, nullptr) << report;
+    return be;
+}
+
 // A fresh folder under the system temp dir, removed with everything in it.
 class TempDir {
 public:
@@ -72,8 +84,10 @@ struct CommandResult {
 };
 
 // Runs the built `moesh` executable with these arguments through the shell.
-inline CommandResult run_moesh(const std::string & args, bool with_stderr = true) {
-    const std::string cmd = std::string(MOESH_BIN) + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
+// env: "NAME=value ..." assignments for this command only.
+inline CommandResult run_moesh(const std::string & args, bool with_stderr = true, const std::string & env = "") {
+    const std::string cmd =
+        (env.empty() ? "" : "env " + env + " ") + std::string(MOESH_BIN) + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
     CommandResult r;
     FILE * p = popen(cmd.c_str(), "r");
     if (!p) return r;

@@ -1,0 +1,308 @@
+// "devsim": a device-memory backend for tests on machines without a GPU. It
+// computes with the reference kernels but keeps the rules a GPU imposes, and
+// enforces them so that a host that breaks one fails here instead of on a GPU:
+//   - host_memory = 0: every data pointer of an op must lie, with its whole
+//     extent, inside a live buffer_alloc buffer; a host pointer is refused;
+//   - buffers are mapped PROT_NONE except during the op or copy that uses
+//     them, so a host that reads or writes "device" memory directly crashes;
+//   - copy_to_device / copy_to_host check that one side is a buffer and the
+//     other is not;
+//   - memory is limited: MOESH_DEVSIM_MEMORY (bytes, default 1 GiB) is what
+//     memory_info reports and what buffer_alloc gives out at most.
+// Not installed; built for the tests only.
+#include <moesh/plugin.h>
+
+#include "common/plugin_support.h"
+#include "reference_kernels.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <new>
+#include <vector>
+
+struct moesh_backend {
+    moesh_host_api host{};
+    std::map<uintptr_t, size_t> buffers;   // start -> mapped bytes
+    size_t limit = 0, used = 0;
+    char last_error[512] = "";
+};
+
+namespace {
+
+using moesh::plugin::fail;
+using moesh::plugin::guarded;
+using moesh::plugin::ll;
+using moesh::plugin::read_args;
+
+size_t page_round(size_t n) {
+    const size_t page = size_t(sysconf(_SC_PAGESIZE));
+    return (n + page - 1) / page * page;
+}
+
+// The buffer holding [p, p + n), or buffers.end().
+std::map<uintptr_t, size_t>::iterator find_buffer(moesh_backend * be, const void * p, size_t n) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+    auto it = be->buffers.upper_bound(a);
+    if (it == be->buffers.begin()) return be->buffers.end();
+    --it;
+    if (a < it->first || a + n > it->first + it->second || a + n < a) return be->buffers.end();
+    return it;
+}
+
+// The buffers an op touches, opened for the op and closed again after it.
+class Access {
+public:
+    explicit Access(moesh_backend * be) : be_(be) {}
+    ~Access() {
+        for (auto & [start, size] : open_) mprotect(reinterpret_cast<void *>(start), size, PROT_NONE);
+    }
+    // False (with last_error) unless [p, p + n) lies in one buffer. NULL with n == 0 is fine.
+    bool need(const void * p, size_t n, const char * what) {
+        if (!p && n == 0) return true;
+        auto it = find_buffer(be_, p, n ? n : 1);
+        if (it == be_->buffers.end()) {
+            fail(be_, MOESH_ERR_INVALID_ARGUMENT, "%s: %p (+%zu bytes) is not inside a buffer_alloc buffer", what, p, n);
+            return false;
+        }
+        for (auto & o : open_)
+            if (o.first == it->first) return true;
+        mprotect(reinterpret_cast<void *>(it->first), it->second, PROT_READ | PROT_WRITE);
+        open_.push_back(*it);
+        return true;
+    }
+
+private:
+    moesh_backend * be_;
+    std::vector<std::pair<uintptr_t, size_t>> open_;
+};
+
+size_t f32s(int64_t n) { return size_t(n) * sizeof(float); }
+size_t rows(int64_t n_rows, int64_t stride, int64_t width) { return n_rows <= 0 ? 0 : f32s((n_rows - 1) * stride + width); }
+
+moesh_status devsim_create(const moesh_backend_params *, const moesh_host_api * host, moesh_backend ** out) {
+    if (!out) return MOESH_ERR_INVALID_ARGUMENT;
+    auto * be = new (std::nothrow) moesh_backend();
+    if (!be) return MOESH_ERR_OUT_OF_MEMORY;
+    if (host) std::memcpy(&be->host, host, std::min<size_t>(host->struct_size, sizeof be->host));
+    const char * env = std::getenv("MOESH_DEVSIM_MEMORY");
+    be->limit = env ? size_t(std::strtoull(env, nullptr, 10)) : size_t(1) << 30;
+    *out = be;
+    return MOESH_OK;
+}
+
+void devsim_destroy(moesh_backend * be) {
+    if (!be) return;
+    for (auto & [start, size] : be->buffers) munmap(reinterpret_cast<void *>(start), size);
+    delete be;
+}
+
+const char * devsim_last_error(moesh_backend * be) { return be ? be->last_error : "devsim: NULL context"; }
+
+moesh_status devsim_memory_info(moesh_backend * be, uint64_t * free_bytes, uint64_t * total_bytes) {
+    if (!be || !free_bytes || !total_bytes) return MOESH_ERR_INVALID_ARGUMENT;
+    *free_bytes = be->limit - be->used;
+    *total_bytes = be->limit;
+    return MOESH_OK;
+}
+
+moesh_status devsim_buffer_alloc(moesh_backend * be, size_t n_bytes, void ** out) {
+    return guarded(be, "buffer_alloc", [&]() -> moesh_status {
+        if (!out || n_bytes == 0) return fail(be, MOESH_ERR_INVALID_ARGUMENT, "buffer_alloc: out NULL or 0 bytes");
+        const size_t size = page_round(n_bytes);
+        if (size > be->limit - be->used)
+            return fail(be, MOESH_ERR_OUT_OF_MEMORY, "buffer_alloc: %zu bytes wanted, %zu of %zu free", n_bytes,
+                        be->limit - be->used, be->limit);
+        void * p = mmap(nullptr, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return fail(be, MOESH_ERR_OUT_OF_MEMORY, "buffer_alloc: mmap of %zu bytes failed", size);
+        be->buffers[reinterpret_cast<uintptr_t>(p)] = size;
+        be->used += size;
+        *out = p;
+        return MOESH_OK;
+    });
+}
+
+void devsim_buffer_free(moesh_backend * be, void * ptr) {
+    if (!be || !ptr) return;
+    auto it = be->buffers.find(reinterpret_cast<uintptr_t>(ptr));
+    if (it == be->buffers.end()) std::abort();   // freeing what was not allocated: a host bug, loudly
+    munmap(ptr, it->second);
+    be->used -= it->second;
+    be->buffers.erase(it);
+}
+
+moesh_status devsim_copy(moesh_backend * be, void * dst, const void * src, size_t n, bool to_device) {
+    const char * what = to_device ? "copy_to_device" : "copy_to_host";
+    const void * dev = to_device ? static_cast<const void *>(dst) : src;
+    const void * host = to_device ? src : static_cast<const void *>(dst);
+    if (n == 0) return MOESH_OK;
+    if (!dst || !src) return fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: NULL pointer", what);
+    if (find_buffer(be, host, 1) != be->buffers.end())
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: the host side %p is device memory", what, host);
+    Access acc(be);
+    if (!acc.need(dev, n, what)) return MOESH_ERR_INVALID_ARGUMENT;
+    std::memcpy(dst, src, n);
+    return MOESH_OK;
+}
+
+moesh_status devsim_copy_to_device(moesh_backend * be, void * dst, const void * src, size_t n) {
+    return guarded(be, "copy_to_device", [&] { return devsim_copy(be, dst, src, n, true); });
+}
+
+moesh_status devsim_copy_to_host(moesh_backend * be, void * dst, const void * src, size_t n) {
+    return guarded(be, "copy_to_host", [&] { return devsim_copy(be, dst, src, n, false); });
+}
+
+moesh_status devsim_synchronize(moesh_backend *) { return MOESH_OK; }
+
+int32_t devsim_supports(moesh_backend *, int32_t op, int32_t w_type) {
+    switch (op) {
+    case MOESH_OP_MATMUL:
+    case MOESH_OP_EXPERT_FFN: return w_type >= MOESH_DTYPE_F32 && w_type <= MOESH_DTYPE_Q6_K ? 1 : 0;
+    case MOESH_OP_RMS_NORM:
+    case MOESH_OP_ROPE:
+    case MOESH_OP_SOFTMAX:
+    case MOESH_OP_ATTENTION:
+    case MOESH_OP_COPY_ROWS: return 1;
+    default: return 0;
+    }
+}
+
+template <class T, class Check, class Run>
+moesh_status op(moesh_backend * be, const T * args, const char * name, Check check, Run run) {
+    return guarded(be, name, [&]() -> moesh_status {
+        T a;
+        if (!read_args(be, args, name, name, &a)) return MOESH_ERR_INVALID_ARGUMENT;
+        Access acc(be);
+        if (!check(a, acc)) return MOESH_ERR_INVALID_ARGUMENT;
+        return run(a);
+    });
+}
+
+moesh_status devsim_matmul(moesh_backend * be, const moesh_matmul_args * args) {
+    return op(be, args, "matmul", [&](const moesh_matmul_args & a, Access & acc) {
+        const size_t row = moesh::ref::weight_row_bytes(a.w_type, a.n_in);
+        return row > 0 && a.n_tokens > 0 && acc.need(a.w, row * size_t(a.n_out), "matmul w") &&
+               acc.need(a.bias, a.bias ? f32s(a.n_out) : 0, "matmul bias") &&
+               acc.need(a.x, rows(a.n_tokens, a.x_stride, a.n_in), "matmul x") &&
+               acc.need(a.y, rows(a.n_tokens, a.y_stride, a.n_out), "matmul y");
+    }, [](const moesh_matmul_args & a) { moesh::ref::matmul(a); return MOESH_OK; });
+}
+
+moesh_status devsim_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args) {
+    return op(be, args, "rms_norm", [&](const moesh_rms_norm_args & a, Access & acc) {
+        return acc.need(a.x, f32s(a.n * a.n_rows), "rms_norm x") && acc.need(a.y, f32s(a.n * a.n_rows), "rms_norm y") &&
+               acc.need(a.weight, f32s(a.n), "rms_norm weight");
+    }, [](const moesh_rms_norm_args & a) { moesh::ref::rms_norm(a); return MOESH_OK; });
+}
+
+moesh_status devsim_rope(moesh_backend * be, const moesh_rope_args * args) {
+    return op(be, args, "rope", [&](const moesh_rope_args & a, Access & acc) {
+        return acc.need(a.x, f32s(a.n_tokens * a.n_head * a.head_dim), "rope x") &&
+               acc.need(a.pos, size_t(a.n_tokens) * 4, "rope pos") && acc.need(a.inv_freq, f32s(a.rot_dim / 2), "rope inv_freq");
+    }, [](const moesh_rope_args & a) { moesh::ref::rope(a); return MOESH_OK; });
+}
+
+moesh_status devsim_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * args) {
+    return op(be, args, "expert_ffn", [&](const moesh_expert_ffn_args & a, Access & acc) {
+        const size_t in_row = moesh::ref::weight_row_bytes(a.w_type, a.n_embd);
+        const size_t ff_row = moesh::ref::weight_row_bytes(a.w_type, a.n_ff);
+        return in_row > 0 && ff_row > 0 && acc.need(a.gate, in_row * size_t(a.n_ff), "expert_ffn gate") &&
+               acc.need(a.up, in_row * size_t(a.n_ff), "expert_ffn up") &&
+               acc.need(a.down, ff_row * size_t(a.n_embd), "expert_ffn down") &&
+               acc.need(a.x, f32s(a.n_tokens * a.n_embd), "expert_ffn x") &&
+               acc.need(a.out, f32s(a.n_tokens * a.n_embd), "expert_ffn out") &&
+               acc.need(a.scale, a.scale ? f32s(a.n_tokens) : 0, "expert_ffn scale") &&
+               acc.need(a.scratch, f32s(2 * a.n_tokens * a.n_ff), "expert_ffn scratch");
+    }, [](const moesh_expert_ffn_args & a) { moesh::ref::expert_ffn(a); return MOESH_OK; });
+}
+
+moesh_status devsim_softmax(moesh_backend * be, const moesh_softmax_args * args) {
+    return op(be, args, "softmax", [&](const moesh_softmax_args & a, Access & acc) {
+        return acc.need(a.x, f32s(a.n * a.n_rows), "softmax x");
+    }, [](const moesh_softmax_args & a) { moesh::ref::softmax(a); return MOESH_OK; });
+}
+
+moesh_status devsim_attention(moesh_backend * be, const moesh_attention_args * args) {
+    return op(be, args, "attention", [&](const moesh_attention_args & a, Access & acc) {
+        const size_t pool = f32s(a.n_blocks * a.block_size * a.n_head_kv * a.head_dim);
+        const int64_t n_table = (a.n_kv + a.block_size - 1) / a.block_size;
+        if (!(acc.need(a.q, f32s(a.n_tokens * a.n_head * a.head_dim), "attention q") &&
+              acc.need(a.out, f32s(a.n_tokens * a.n_head * a.head_dim), "attention out") &&
+              acc.need(a.k_pool, pool, "attention k_pool") && acc.need(a.v_pool, pool, "attention v_pool") &&
+              acc.need(a.block_table, size_t(n_table) * 4, "attention block_table") &&
+              acc.need(a.pos, size_t(a.n_tokens) * 4, "attention pos")))
+            return false;
+        for (int64_t t = 0; t < a.n_tokens; ++t) {
+            if (a.pos[t] < 0 || a.pos[t] >= a.n_kv) {
+                fail(be, MOESH_ERR_INVALID_ARGUMENT, "attention: pos[%lld] = %d outside [0, %lld)", ll(t), int(a.pos[t]),
+                     ll(a.n_kv));
+                return false;
+            }
+        }
+        for (int64_t b = 0; b < n_table; ++b) {
+            if (a.block_table[b] < 0 || a.block_table[b] >= a.n_blocks) {
+                fail(be, MOESH_ERR_INVALID_ARGUMENT, "attention: block_table[%lld] = %d outside [0, %lld)", ll(b),
+                     int(a.block_table[b]), ll(a.n_blocks));
+                return false;
+            }
+        }
+        return true;
+    }, [](const moesh_attention_args & a) { moesh::ref::attention(a); return MOESH_OK; });
+}
+
+moesh_status devsim_copy_rows(moesh_backend * be, const moesh_copy_rows_args * args) {
+    return op(be, args, "copy_rows", [&](const moesh_copy_rows_args & a, Access & acc) {
+        return moesh::plugin::check_copy_rows(be, a) == MOESH_OK &&
+               acc.need(a.dst, rows(a.dst_n_rows, a.dst_stride, a.n_cols), "copy_rows dst") &&
+               acc.need(a.src, a.src ? rows(a.src_n_rows, a.src_stride, a.n_cols) : 0, "copy_rows src") &&
+               acc.need(a.src_rows, a.src_rows ? size_t(a.n_rows) * 4 : 0, "copy_rows src_rows") &&
+               acc.need(a.dst_rows, a.dst_rows ? size_t(a.n_rows) * 4 : 0, "copy_rows dst_rows") &&
+               moesh::plugin::check_copy_rows_indices(be, a) == MOESH_OK;
+    }, [](const moesh_copy_rows_args & a) { moesh::ref::copy_rows(a); return MOESH_OK; });
+}
+
+const moesh_backend_iface k_iface = {
+    /* .abi_version    = */ MOESH_PLUGIN_ABI_VERSION,
+    /* .struct_size    = */ sizeof(moesh_backend_iface),
+    /* .name           = */ "devsim",
+    /* .host_memory    = */ 0,
+    /* .create         = */ devsim_create,
+    /* .destroy        = */ devsim_destroy,
+    /* .last_error     = */ devsim_last_error,
+    /* .memory_info    = */ devsim_memory_info,
+    /* .buffer_alloc   = */ devsim_buffer_alloc,
+    /* .buffer_free    = */ devsim_buffer_free,
+    /* .copy_to_device = */ devsim_copy_to_device,
+    /* .copy_to_host   = */ devsim_copy_to_host,
+    /* .synchronize    = */ devsim_synchronize,
+    /* .supports       = */ devsim_supports,
+    /* .matmul         = */ devsim_matmul,
+    /* .rms_norm       = */ devsim_rms_norm,
+    /* .rope           = */ devsim_rope,
+    /* .expert_ffn     = */ devsim_expert_ffn,
+    /* .softmax        = */ devsim_softmax,
+    /* .attention      = */ devsim_attention,
+    /* .packed_size    = */ nullptr,
+    /* .pack_weights   = */ nullptr,
+    /* .copy_rows      = */ devsim_copy_rows,
+};
+
+} // namespace
+
+extern "C" {
+
+MOESH_PLUGIN_EXPORT moesh_status moesh_plugin_init(const moesh_host_api * host, const moesh_backend_iface ** out) {
+    if (!out || !host) return MOESH_ERR_INVALID_ARGUMENT;
+    *out = &k_iface;
+    return MOESH_OK;
+}
+
+// Below the cpu plugin: chosen only by name.
+MOESH_PLUGIN_EXPORT int32_t moesh_plugin_score(void) { return 1; }
+
+} // extern "C"
