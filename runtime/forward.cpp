@@ -254,6 +254,7 @@ void ForwardPass::ffn(int64_t il, int64_t n) {
     const RouterSpec spec{c.n_expert, c.n_expert_used, c.norm_topk_prob};
     route_softmax_topk(router_.host(), n, spec, ids, wts);
     heat_.add(il, ids, n * c.n_expert_used);
+    if (observer_) observer_(il, n, ids, wts);
     dispatch_.build(ids, wts, n, c.n_expert_used);
     const int64_t n_pairs = dispatch_.n_pairs();
     std::memcpy(route_w_.host(), dispatch_.weights(), size_t(n_pairs) * sizeof(float));

@@ -25,6 +25,7 @@
 #include "runtime/kv_cache.h"
 #include "runtime/model.h"
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -73,6 +74,11 @@ public:
     // sequence's reserved KV capacity, ...). Backend failures throw BackendError.
     const float * run(const Batch & batch, std::string * error);
 
+    // Called in every MoE layer with the router's choice for the batch's tokens:
+    // ids and weights are [n_tokens, n_expert_used], valid during the call.
+    using RouteObserver = std::function<void(int64_t layer, int64_t n_tokens, const int32_t * ids, const float * weights)>;
+    void set_route_observer(RouteObserver observer) { observer_ = std::move(observer); }
+
     int64_t max_batch() const { return max_batch_; }
     const ExpertHeat & heat() const { return heat_; }
     ExpertHeat & heat() { return heat_; }
@@ -101,6 +107,7 @@ private:
     int64_t max_batch_;
     ExpertHeat heat_;
     ExpertDispatch dispatch_;
+    RouteObserver observer_;
     std::vector<Run> runs_;       // reserved max_batch
 
     // Backend memory; B = max_batch.

@@ -47,13 +47,21 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
     Batch batch;
     std::string err;
     const float * last = nullptr;
+    if (o.trace)
+        fwd.set_route_observer([&](int64_t layer, int64_t n, const int32_t * ids, const float * w) { o.trace->route(layer, n, ids, w); });
+    auto run = [&](const Batch & b) {
+        if (o.trace) o.trace->begin(b);
+        const float * logits = fwd.run(b, &err);
+        if (!logits) throw Error("forward pass: " + err);
+        if (o.trace) o.trace->end();
+        return logits;
+    };
     auto t0 = clock::now();
     for (int64_t p0 = 0; p0 < n_prompt; p0 += max_batch) {
         const int64_t p1 = std::min(n_prompt, p0 + max_batch);
         batch.clear();
         for (int64_t p = p0; p < p1; ++p) batch.add(o.prompt[size_t(p)], int32_t(p), 0, o.keep_logits || p == n_prompt - 1);
-        const float * logits = fwd.run(batch, &err);
-        if (!logits) throw Error("forward pass: " + err);
+        const float * logits = run(batch);
         const int64_t n_rows = batch.n_logits();
         if (o.keep_logits) r.logits.insert(r.logits.end(), logits, logits + size_t(n_rows) * n_vocab);
         if (p1 == n_prompt) last = logits + size_t(n_rows - 1) * n_vocab;
@@ -69,8 +77,7 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
             break;
         batch.clear();
         batch.add(r.tokens.back(), int32_t(n_prompt + step - 1), 0, true);
-        const float * logits = fwd.run(batch, &err);
-        if (!logits) throw Error("forward pass: " + err);
+        const float * logits = run(batch);
         if (o.keep_logits) r.logits.insert(r.logits.end(), logits, logits + n_vocab);
         r.tokens.push_back(sampler.sample(logits, c.n_vocab));
         if (o.on_token) o.on_token(r.tokens.back());

@@ -12,6 +12,7 @@
 #include "router/router.h"
 #include "runtime/model.h"
 #include "runtime/backend_weights.h"
+#include "runtime/route_trace.h"
 #include "runtime/sampler.h"
 
 #include <cstdint>
@@ -31,6 +32,7 @@ struct GenerateOptions {
     int64_t kv_block_size = 16;
     std::function<void(int32_t)> on_token; // called with each generated id as soon as it is sampled
     const BackendWeights * weights = nullptr; // weights as the backend reads them (runtime/backend_weights.h); null: the model as is
+    RouteTraceWriter * trace = nullptr;       // gets every token's routing (runtime/route_trace.h)
 };
 
 struct GenerateResult {

@@ -208,7 +208,7 @@ moesh::Model load_model(const std::string & path, const moesh::QuantizePlan & pl
 
 int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std::string & prompt_text, int64_t n,
             float temperature, int top_k, float top_p, uint64_t seed, const std::string & output,
-            const std::string & dump_logits, const ChatOptions & chat) {
+            const std::string & dump_logits, const std::string & trace_path, const ChatOptions & chat) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
     std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
     moesh::GenerateOptions go;
@@ -271,7 +271,16 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
     const auto weights = prepare_weights(model, *backend, co, rc, int64_t(go.prompt.size()) + go.n_generate,
                                          std::min<int64_t>(go.max_batch, int64_t(go.prompt.size())));
     go.weights = weights.get();
+    std::optional<moesh::RouteTraceWriter> trace;
+    if (!trace_path.empty()) {
+        const std::filesystem::path mp = std::filesystem::path(co.model).lexically_normal();
+        trace.emplace(trace_path, model.config(), (mp.has_filename() ? mp : mp.parent_path()).filename().string());
+        go.trace = &*trace;
+    }
     moesh::GenerateResult r = moesh::generate(model, *backend, go);
+    if (trace)
+        std::fprintf(stderr, "moesh: wrote the routing of %lld tokens to %s\n", (long long)trace->n_tokens(),
+                     trace_path.c_str());
     std::string text;
     if (tok) {
         std::vector<int32_t> in_vocab;
@@ -563,7 +572,7 @@ int main(int argc, char ** argv) {
     app.set_version_flag("--version", "moesh 0.1.0");
 
     CommonOptions co;
-    std::string prompt_ids, output = "text", dump_logits;
+    std::string prompt_ids, output = "text", dump_logits, trace_path;
     int64_t n = 16;
     float temperature = 0.0f, top_p = 1.0f;
     int top_k = 0;
@@ -596,6 +605,9 @@ int main(int argc, char ** argv) {
     run->add_option("--dump-logits", dump_logits,
                     "Write float32 logits of every prompt position and generated step to this .npy file "
                     "[n_prompt + n - 1, n_vocab]");
+    run->add_option("--trace", trace_path,
+                    "Write the routing trace to this file: per token and layer the chosen experts and their weights, "
+                    "as JSON lines (format in runtime/route_trace.h); the input of moesh's placement work");
 
     CLI::App * tokenize = app.add_subcommand("tokenize", "Turn text into token ids with a model's tokenizer.json or GGUF");
     std::string tok_model, tok_text, tok_file, tok_output = "text";
@@ -650,7 +662,7 @@ int main(int argc, char ** argv) {
         return app.exit(e);
     }
     try {
-        if (*run) return cmd_run(co, prompt_ids, prompt_text, n, temperature, top_k, top_p, seed, output, dump_logits, chat);
+        if (*run) return cmd_run(co, prompt_ids, prompt_text, n, temperature, top_k, top_p, seed, output, dump_logits, trace_path, chat);
         if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
         if (*quant) return cmd_quantize(q_in, q_out, q_type, q_class, q_threads);

@@ -112,6 +112,19 @@ TEST(Cli, RunOnADeviceMemoryBackendUploadsTheModel) {
     EXPECT_NE(r.out.find("does not fit in backend 'devsim' memory"), std::string::npos) << r.out;
 }
 
+TEST(Cli, RunWritesTheRoutingTrace) {
+    if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
+    test::TempDir dir;
+    const std::string trace = (dir.path() / "t.jsonl").string();
+    Result r = run("run --model " + k_fixture + "/ --prompt-ids 1,2,3 -n 4 --trace " + trace);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("wrote the routing of 6 tokens"), std::string::npos) << r.out;
+    std::ifstream in(trace);
+    std::string header;
+    std::getline(in, header);
+    EXPECT_EQ(nlohmann::json::parse(header)["model"], "mixtral_top2");
+}
+
 TEST(Cli, InspectListsTensorsAndExpertBytes) {
     if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
     Result r = run("inspect --model " + k_fixture);

@@ -1,0 +1,72 @@
+// Routing traces: which experts the router chose, per token and per layer, with
+// their weights. The input of the placement work (policies, `moesh sim`).
+//
+// Format: JSON lines, UTF-8. The first line is the header:
+//   {"moesh_route_trace": 1, "model": "NAME", "n_layer": L, "n_expert": E,
+//    "n_expert_used": K, "moe_layers": [true, false, ...]}
+// then one line per token, in the order the forward pass saw them:
+//   {"seq": 0, "pos": 5, "token": 123,
+//    "experts": [[3, 7], null, [1, 2], ...],      // per layer: K expert ids, null for a dense layer
+//    "weights": [[0.61, 0.39], null, [0.5, 0.5], ...]}   // the router weights of those experts
+// Expert ids of a layer are in the router's order (highest weight first).
+//
+//   RouteTraceWriter w("trace.jsonl", model.config(), "moesh-tiny-py");
+//   GenerateOptions o; o.trace = &w; generate(model, backend, o);
+//   RouteTrace t = read_route_trace("trace.jsonl");   // checks every field
+#pragma once
+
+#include "runtime/batch.h"
+#include "runtime/model_config.h"
+
+#include <cstdint>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace moesh {
+
+class RouteTraceWriter {
+public:
+    // Creates (truncates) path and writes the header; throws moesh::Error.
+    RouteTraceWriter(const std::string & path, const ModelConfig & config, const std::string & model_name);
+
+    // Around each forward pass: begin with its batch, route() from the
+    // ForwardPass's route observer, end() writes one line per token.
+    void begin(const Batch & batch);
+    void route(int64_t layer, int64_t n_tokens, const int32_t * ids, const float * weights);
+    void end();   // throws moesh::Error when the write fails
+    int64_t n_tokens() const { return n_written_; }
+
+private:
+    std::string path_;
+    std::ofstream out_;
+    int64_t n_layer_, k_;
+    std::vector<bool> moe_;
+    Batch batch_;
+    std::vector<int32_t> ids_;     // [n_tokens, n_layer, k]
+    std::vector<float> weights_;   // [n_tokens, n_layer, k]
+    int64_t n_written_ = 0;
+};
+
+struct RouteTrace {
+    std::string model;
+    int64_t n_layer = 0, n_expert = 0, n_expert_used = 0;
+    std::vector<bool> moe_layers;   // [n_layer]
+    struct Token {
+        int32_t seq = 0, pos = 0, token = 0;
+    };
+    std::vector<Token> tokens;
+    std::vector<int32_t> experts;   // [n_tokens, n_layer, k]; -1 in dense layers
+    std::vector<float> weights;     // [n_tokens, n_layer, k]; 0 in dense layers
+
+    const int32_t * experts_of(size_t token, int64_t layer) const {
+        return experts.data() + (token * size_t(n_layer) + size_t(layer)) * size_t(n_expert_used);
+    }
+};
+
+// Reads and checks a trace (every field, type and range; ids < n_expert, no
+// repeats within a token's layer); throws moesh::Error naming the line and field.
+RouteTrace read_route_trace(const std::string & path);
+RouteTrace parse_route_trace(const std::string & text, const std::string & name);
+
+} // namespace moesh

@@ -1,0 +1,121 @@
+// Routing traces: what generate() saw, written as documented and read back with
+// every field checked; malformed traces are refused with the line and the field.
+#include "runtime/error.h"
+#include "runtime/generate.h"
+#include "runtime/route_trace.h"
+#include "runtime/synthetic_model.h"
+#include "test_support.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <fstream>
+#include <set>
+
+namespace moesh {
+namespace {
+
+ModelConfig config() {
+    nlohmann::json j = {{"architectures", {"Qwen2MoeForCausalLM"}},
+                        {"vocab_size", 97},
+                        {"hidden_size", 32},
+                        {"intermediate_size", 32},
+                        {"moe_intermediate_size", 16},
+                        {"shared_expert_intermediate_size", 16},
+                        {"num_hidden_layers", 3},
+                        {"num_attention_heads", 4},
+                        {"num_key_value_heads", 2},
+                        {"num_experts", 6},
+                        {"num_experts_per_tok", 2},
+                        {"norm_topk_prob", true},
+                        {"max_position_embeddings", 64},
+                        {"mlp_only_layers", {1}}};
+    return parse_model_config(j.dump(), "synthetic");
+}
+
+TEST(RouteTrace, GenerateWritesEveryTokensRoutingAndItReadsBack) {
+    const ModelConfig cfg = config();
+    Model m = Model::load(cfg, make_synthetic_weights(cfg, MOESH_DTYPE_F32, 3));
+    auto be = test::open_cpu_backend(1);
+    ASSERT_NE(be, nullptr);
+    test::TempDir dir;
+    const std::string path = (dir.path() / "trace.jsonl").string();
+    GenerateOptions o;
+    o.prompt = {4, 8, 15, 16, 23, 42, 7};
+    o.n_generate = 6;
+    o.max_batch = 3;
+    GenerateResult r;
+    {
+        RouteTraceWriter w(path, cfg, "tiny");
+        o.trace = &w;
+        r = generate(m, *be, o);
+        EXPECT_EQ(w.n_tokens(), 7 + 5);
+    }
+    const RouteTrace t = read_route_trace(path);
+    EXPECT_EQ(t.model, "tiny");
+    EXPECT_EQ(t.n_layer, 3);
+    EXPECT_EQ(t.n_expert, 6);
+    EXPECT_EQ(t.n_expert_used, 2);
+    EXPECT_EQ(t.moe_layers, (std::vector<bool>{true, false, true}));
+    ASSERT_EQ(t.tokens.size(), 12u);
+    for (size_t i = 0; i < t.tokens.size(); ++i) {
+        EXPECT_EQ(t.tokens[i].pos, int32_t(i));
+        EXPECT_EQ(t.tokens[i].token, i < 7 ? o.prompt[i] : r.tokens[i - 7]);
+    }
+    // The trace's expert counts are the forward pass's heat; normalised weights sum to 1.
+    for (int64_t l = 0; l < 3; ++l) {
+        std::vector<uint64_t> counts(6, 0);
+        for (size_t i = 0; i < t.tokens.size(); ++i) {
+            const int32_t * e = t.experts_of(i, l);
+            if (!t.moe_layers[size_t(l)]) {
+                EXPECT_EQ(e[0], -1);
+                continue;
+            }
+            EXPECT_NE(e[0], e[1]);
+            for (int k = 0; k < 2; ++k) ++counts[size_t(e[k])];
+            const float * w = t.weights.data() + (i * 3 + size_t(l)) * 2;
+            EXPECT_NEAR(w[0] + w[1], 1.0f, 1e-5f);
+            EXPECT_GE(w[0], w[1]);   // the router's order
+        }
+        if (t.moe_layers[size_t(l)]) EXPECT_EQ(counts, r.heat.counts(l)) << "layer " << l;
+    }
+}
+
+TEST(RouteTrace, MalformedTracesNameTheLineAndTheProblem) {
+    const std::string header =
+        R"({"moesh_route_trace":1,"model":"m","n_layer":2,"n_expert":4,"n_expert_used":2,"moe_layers":[true,false]})";
+    const std::string good = R"({"seq":0,"pos":0,"token":5,"experts":[[1,2],null],"weights":[[0.6,0.4],null]})";
+    EXPECT_EQ(parse_route_trace(header + "\n" + good + "\n", "t").tokens.size(), 1u);
+    struct Bad {
+        std::string text, want;
+    };
+    const Bad bad[] = {
+        {"", "no header"},
+        {"not json\n", "t:1: not a JSON object"},
+        {R"({"moesh_route_trace":2})", "outside [1, 1]"},
+        {R"({"moesh_route_trace":1,"model":"m","n_layer":2,"n_expert":4,"n_expert_used":9,"moe_layers":[true,false]})",
+         "n_expert_used"},
+        {R"({"moesh_route_trace":1,"model":"m","n_layer":2,"n_expert":4,"n_expert_used":2,"moe_layers":[true]})", "moe_layers"},
+        {header + "\n" + R"({"seq":0,"pos":0,"token":5,"experts":[[1,9],null],"weights":[[0.6,0.4],null]})",
+         "t:2: layer 0: expert ids must be integers in [0, n_expert)"},
+        {header + "\n" + R"({"seq":0,"pos":0,"token":5,"experts":[[1,1],null],"weights":[[0.6,0.4],null]})", "chosen twice"},
+        {header + "\n" + R"({"seq":0,"pos":0,"token":5,"experts":[[1,2],[0,1]],"weights":[[0.6,0.4],null]})",
+         "a dense layer must be null"},
+        {header + "\n" + R"({"seq":0,"pos":0,"token":5,"experts":[[1,2],null],"weights":[[0.6,-1],null]})", "finite and >= 0"},
+        {header + "\n" + R"({"seq":-1,"pos":0,"token":5,"experts":[[1,2],null],"weights":[[0.6,0.4],null]})", "\"seq\""},
+        {header + "\n" + R"({"seq":0,"pos":0,"token":5,"experts":[[1,2]],"weights":[[0.6,0.4],null]})", "n_layer entries"},
+        {header + "\n" + good + "\n" + "[1,2]", "t:3: not a JSON object"},
+    };
+    for (const Bad & b : bad) {
+        try {
+            parse_route_trace(b.text, "t");
+            ADD_FAILURE() << "accepted: " << b.text;
+        } catch (const Error & e) {
+            EXPECT_NE(std::string(e.what()).find(b.want), std::string::npos) << e.what() << "\nwanted: " << b.want;
+        }
+    }
+    EXPECT_THROW(read_route_trace("/nonexistent/trace.jsonl"), Error);
+}
+
+} // namespace
+} // namespace moesh
