@@ -54,6 +54,8 @@ TEST(FuzzCorpus, ModelConfigSeedsParseAsLabelledAndNothingCrashes) { replay("mod
 
 TEST(FuzzCorpus, RunConfigSeedsParseAsLabelledAndNothingCrashes) { replay("run_config", run_config_one_input, 8); }
 
+TEST(FuzzCorpus, RouteTraceSeedsParseAsLabelledAndNothingCrashes) { replay("route_trace", route_trace_one_input, 6); }
+
 TEST(FuzzCorpus, NpySeedsParseAsLabelledAndNothingCrashes) { replay("npy", npy_one_input, 8); }
 
 TEST(FuzzCorpus, GgufSeedsParseAsLabelledAndNothingCrashes) { replay("gguf", gguf_one_input, 16); }

@@ -17,5 +17,6 @@ bool run_config_one_input(const uint8_t * data, size_t size);
 bool gguf_one_input(const uint8_t * data, size_t size);
 bool tokenizer_json_one_input(const uint8_t * data, size_t size);
 bool tokenizer_gguf_one_input(const uint8_t * data, size_t size);
+bool route_trace_one_input(const uint8_t * data, size_t size);
 
 } // namespace moesh::fuzz

@@ -260,6 +260,24 @@ GGUF = {
     "invalid_truncated_infos.gguf": gguf(G_LLAMA, [("blk.0.ffn_gate_exps.weight", [32, 2, 4], T_Q8_0, None)])[:300],
 }
 
+# ---- routing traces (runtime/route_trace.h) ----
+T_HEAD = ('{"moesh_route_trace":1,"model":"m","n_layer":3,"n_expert":4,"n_expert_used":2,'
+          '"moe_layers":[true,false,true]}\n')
+T_TOK = '{"seq":0,"pos":%d,"token":%d,"experts":[[%d,%d],null,[0,3]],"weights":[[0.7,0.3],null,[0.5,0.5]]}\n'
+ROUTE_TRACE = {
+    "valid_header_only.jsonl": T_HEAD.encode(),
+    "valid_three_tokens.jsonl": (T_HEAD + T_TOK % (0, 5, 1, 2) + T_TOK % (1, 9, 2, 3) + T_TOK % (2, 1, 0, 1)).encode(),
+    "valid_dense_model.jsonl": b'{"moesh_route_trace":1,"model":"d","n_layer":1,"n_expert":0,"n_expert_used":0,'
+                               b'"moe_layers":[false]}\n{"seq":0,"pos":0,"token":1,"experts":[null],"weights":[null]}\n',
+    "invalid_empty.jsonl": b"",
+    "invalid_no_header.jsonl": (T_TOK % (0, 5, 1, 2)).encode(),
+    "invalid_expert_range.jsonl": (T_HEAD + T_TOK % (0, 5, 1, 4)).encode(),
+    "invalid_repeat.jsonl": (T_HEAD + T_TOK % (0, 5, 2, 2)).encode(),
+    "invalid_truncated.jsonl": (T_HEAD + T_TOK % (0, 5, 1, 2))[:-20].encode(),
+    "invalid_huge_layers.jsonl": b'{"moesh_route_trace":1,"model":"m","n_layer":999999999,"n_expert":4,"n_expert_used":2,'
+                                 b'"moe_layers":[]}\n',
+}
+
 
 def write(folder, files):
     folder.mkdir(parents=True, exist_ok=True)
@@ -273,5 +291,6 @@ if __name__ == "__main__":
     write(HERE / "corpus" / "model_config", MODEL_CONFIG)
     write(HERE / "corpus" / "npy", NPY)
     write(HERE / "corpus" / "gguf", GGUF)
+    write(HERE / "corpus" / "route_trace", ROUTE_TRACE)
     print(f"wrote {len(SAFETENSORS)} safetensors, {len(MODEL_CONFIG)} config.json, {len(NPY)} .npy and {len(GGUF)} GGUF seeds "
           f"under {HERE / 'corpus'}")

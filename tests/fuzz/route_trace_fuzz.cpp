@@ -1,0 +1,38 @@
+// libFuzzer target for parse_route_trace (routing traces: `moesh run --trace`, `moesh sim`).
+#include "fuzz_targets.h"
+
+#include "runtime/error.h"
+#include "runtime/route_trace.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace moesh::fuzz {
+
+bool route_trace_one_input(const uint8_t * data, size_t size) {
+    RouteTrace t;
+    try {
+        t = parse_route_trace(std::string(reinterpret_cast<const char *>(data), size), "fuzz.jsonl");
+    } catch (const Error &) {
+        return false;
+    }
+    const size_t per_token = size_t(t.n_layer) * size_t(t.n_expert_used);
+    if (t.moe_layers.size() != size_t(t.n_layer) || t.experts.size() != t.tokens.size() * per_token ||
+        t.weights.size() != t.experts.size()) {
+        std::fprintf(stderr, "route trace invariant violated: array sizes\n");
+        std::abort();
+    }
+    for (int32_t e : t.experts)
+        if (e < -1 || e >= t.n_expert) std::abort();
+    return true;
+}
+
+} // namespace moesh::fuzz
+
+#ifdef MOESH_FUZZ_ENTRY
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
+    moesh::fuzz::route_trace_one_input(data, size);
+    return 0;
+}
+#endif
