@@ -9,7 +9,7 @@
 //   max_batch = 64
 //   kv_block_size = 16
 //   activations = "fast"         # or "precise": see moesh_activations in plugin.h
-//   repack = true                # weights in the backend's own layout at load (runtime/packed_weights.h)
+//   repack = true                # weights in the backend's own layout at load (runtime/backend_weights.h)
 //   [quantize]                   # at load time, from f32/f16/bf16 weights (see runtime/quantize.h)
 //   experts = "q4_0"             # q8_0, q4_0 or q4_1 per class:
 //   attention = "q8_0"           #   experts, attention, ffn, embeddings, output

@@ -2,6 +2,7 @@
 // way llama-bench reports them, next to the machine's read bandwidth.
 //
 //   moesh_bench_gguf --model moe-mid-q4_0.gguf --threads 1,2 --prompt 128 --gen 64
+//   moesh_bench_gguf --synthetic moe-mid --type q4_0 --backend cuda --roofline-gbps 3900
 //   moesh_bench_gguf --probe-only --threads 2        # {"bench":"probe","gbps":...}
 //
 // One JSON line per thread count: prefill tokens/s (the whole --prompt in
@@ -9,20 +10,34 @@
 // step), the bytes of weights one decode step reads, and the probe's GB/s
 // measured just before and after, so decode can be stated as a fraction of
 // the bandwidth roofline. Prompts are random token ids from a fixed seed.
+//
+// --synthetic SHAPE builds the model in memory instead of reading a file: the
+// shapes of scripts/bench/make_moe_gguf.py (moe-small, moe-mid), random bf16
+// weights (runtime/synthetic_model.h) quantized at load to --type (q8_0, q4_0,
+// q4_1; bf16 keeps them), every matrix but the router, as that script's files
+// are. The values differ from the script's; the bytes read per token do not.
+// --backend NAME picks the plugin (default cpu). The probe reads host memory,
+// so it is the roofline of the cpu backend only: --roofline-gbps GBPS gives
+// the bandwidth to compare with instead (e.g. a GPU's, from moesh_bench_cuda),
+// and without it a non-cpu backend gets no roofline fraction.
 #include "bandwidth_probe.h"
 #include "plugins/loader/plugin_loader.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
 #include "runtime/backend_weights.h"
+#include "runtime/quantize.h"
+#include "runtime/synthetic_model.h"
 
 #include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <cstdio>
 #include <iostream>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -43,10 +58,38 @@ Stat stat(const std::vector<double> & v) {
     return s;
 }
 
+// The shapes of scripts/bench/make_moe_gguf.py (Mixtral layout, untied output).
+std::optional<moesh::ModelConfig> synthetic_config(const std::string & shape) {
+    int64_t n_embd, n_layer, n_ff, n_head, n_head_kv;
+    if (shape == "moe-small") {
+        n_embd = 512, n_layer = 4, n_ff = 1408, n_head = 8, n_head_kv = 4;
+    } else if (shape == "moe-mid") {
+        n_embd = 2048, n_layer = 8, n_ff = 5632, n_head = 16, n_head_kv = 8;
+    } else {
+        return std::nullopt;
+    }
+    const nlohmann::json j = {{"architectures", {"MixtralForCausalLM"}},
+                              {"vocab_size", 32000},
+                              {"hidden_size", n_embd},
+                              {"intermediate_size", n_ff},
+                              {"num_hidden_layers", n_layer},
+                              {"num_attention_heads", n_head},
+                              {"num_key_value_heads", n_head_kv},
+                              {"num_local_experts", 8},
+                              {"num_experts_per_tok", 2},
+                              {"max_position_embeddings", 4096},
+                              {"rope_theta", 1e6},
+                              {"rms_norm_eps", 1e-5},
+                              {"tie_word_embeddings", false}};
+    return moesh::parse_model_config(j.dump(), "synthetic " + shape);
+}
+
 } // namespace
 
 int main(int argc, char ** argv) {
     std::string model_path, plugin_dir = MOESH_PLUGIN_BUILD_DIR;
+    std::string synthetic, synthetic_type = "q4_0", backend = "cpu";
+    double roofline_gbps = 0;
     std::vector<int> threads = {1, 2};
     int64_t n_prompt = 128, n_gen = 64, batch = 128;
     int reps = 3;
@@ -63,6 +106,10 @@ int main(int argc, char ** argv) {
             return argv[++i];
         };
         if (a == "--model") model_path = next();
+        else if (a == "--synthetic") synthetic = next();
+        else if (a == "--type") synthetic_type = next();
+        else if (a == "--backend") backend = next();
+        else if (a == "--roofline-gbps") roofline_gbps = std::stod(next());
         else if (a == "--threads") {
             threads.clear();
             std::stringstream ss(next());
@@ -79,9 +126,10 @@ int main(int argc, char ** argv) {
         else {
             std::fprintf(stderr,
                          "usage: %s --model PATH [--threads 1,2] [--prompt 128] [--gen 64] [--batch 128] [--reps 3]\n"
-                         "          [--probe-gib 1] [--plugin-dir D] [--no-repack]\n"
+                         "          [--probe-gib 1] [--plugin-dir D] [--no-repack] [--backend cpu] [--roofline-gbps G]\n"
+                         "       %s --synthetic moe-small|moe-mid [--type q4_0|q8_0|q4_1|bf16] [same options]\n"
                          "       %s --probe-only [--threads 2] [--probe-gib 1]\n",
-                         argv[0], argv[0]);
+                         argv[0], argv[0], argv[0]);
             return a == "--help" ? 0 : 2;
         }
     }
@@ -91,12 +139,55 @@ int main(int argc, char ** argv) {
                       << std::endl;
         return 0;
     }
-    if (model_path.empty() || n_prompt < 1 || n_gen < 2 || reps < 1) {
-        std::fprintf(stderr, "--model is required; --prompt >= 1, --gen >= 2, --reps >= 1\n");
+    if (model_path.empty() == synthetic.empty() || n_prompt < 1 || n_gen < 2 || reps < 1 || roofline_gbps < 0) {
+        std::fprintf(stderr, "one of --model and --synthetic is required; --prompt >= 1, --gen >= 2, --reps >= 1,"
+                             " --roofline-gbps >= 0\n");
         return 2;
     }
+    std::optional<moesh::ModelConfig> synthetic_cfg;
+    moesh::QuantizePlan plan;
+    if (!synthetic.empty()) {
+        synthetic_cfg = synthetic_config(synthetic);
+        if (!synthetic_cfg) {
+            std::fprintf(stderr, "--synthetic: unknown shape '%s' (moe-small, moe-mid)\n", synthetic.c_str());
+            return 2;
+        }
+        if (synthetic_type != "bf16") {
+            const auto t = moesh::parse_quant_target(synthetic_type);
+            if (!t) {
+                std::fprintf(stderr, "--type: unknown type '%s' (bf16, %s)\n", synthetic_type.c_str(),
+                             moesh::k_quant_targets);
+                return 2;
+            }
+            plan.experts = plan.attention = plan.ffn = plan.embeddings = plan.output = *t;
+        }
+        model_path = "synthetic " + synthetic + " " + synthetic_type;
+    }
+    // The probe measures host memory: the roofline of the cpu backend only.
+    const bool probe = roofline_gbps == 0 && backend == "cpu";
+    if (roofline_gbps == 0 && !probe)
+        std::fprintf(stderr, "note: backend %s and no --roofline-gbps: no roofline fraction\n", backend.c_str());
+    {   // before spending a minute on the model: can the backend be loaded at all?
+        moesh::PluginOptions po;
+        po.search_dirs = {plugin_dir};
+        po.preferred = backend;
+        std::string report;
+        if (!moesh::load_backend(po, &report)) {
+            std::fprintf(stderr, "no backend:\n%s", report.c_str());
+            return 1;
+        }
+    }
     try {
-        const moesh::Model model = moesh::Model::load_path(model_path);
+        moesh::Model model = synthetic.empty()
+                                 ? moesh::Model::load_path(model_path)
+                                 : moesh::Model::load(*synthetic_cfg,
+                                                      moesh::make_synthetic_weights(*synthetic_cfg, MOESH_DTYPE_BF16, 1));
+        if (!plan.empty()) {
+            const moesh::QuantizeReport q =
+                moesh::quantize_model(model, plan, int(std::max(1u, std::thread::hardware_concurrency())));
+            std::fprintf(stderr, "%lld matrices quantized to %s in %.1f s\n", (long long)q.n_quantized,
+                         synthetic_type.c_str(), q.seconds);
+        }
         const size_t bytes_per_token = model.active_bytes_per_token();
         std::mt19937 rng(1234);
         std::uniform_int_distribution<int32_t> tok(0, int32_t(model.config().n_vocab - 1));
@@ -108,7 +199,7 @@ int main(int argc, char ** argv) {
             moesh::PluginOptions po;
             po.search_dirs = {plugin_dir};
             po.n_threads = t;
-            po.preferred = "cpu";
+            po.preferred = backend;
             std::string report;
             auto be = moesh::load_backend(po, &report);
             if (!be) {
@@ -121,18 +212,19 @@ int main(int argc, char ** argv) {
             std::fprintf(stderr, "%s\n", weights.summary().c_str());
             o.weights = &weights;
             moesh::generate(model, *be, o); // warm-up: page in the weights
-            const double bw_before = probe_gbps(probe_gib, t);
+            const double bw_before = probe ? probe_gbps(probe_gib, t) : 0.0;
             std::vector<double> pp, tg;
             for (int r = 0; r < reps; ++r) {
                 const moesh::GenerateResult g = moesh::generate(model, *be, o);
                 pp.push_back(double(n_prompt) / g.prompt_seconds);
                 tg.push_back(double(g.n_decode_steps) / g.decode_seconds);
             }
-            const double bw_after = probe_gbps(probe_gib, t);
+            const double bw_after = probe ? probe_gbps(probe_gib, t) : 0.0;
             const Stat p = stat(pp), d = stat(tg);
-            const double bw = 0.5 * (bw_before + bw_after);
+            const double bw = probe ? 0.5 * (bw_before + bw_after) : roofline_gbps;
             nlohmann::json j = {{"bench", "moesh"},
                                 {"model", model_path},
+                                {"backend", be->name()},
                                 {"threads", t},
                                 {"repack", weights.n_packed() > 0},
                                 {"n_prompt", n_prompt},
@@ -142,10 +234,14 @@ int main(int argc, char ** argv) {
                                 {"prefill_tps_sd", p.sd},
                                 {"decode_tps", d.mean},
                                 {"decode_tps_sd", d.sd},
-                                {"bytes_per_token", bytes_per_token},
-                                {"probe_gbps_before", bw_before},
-                                {"probe_gbps_after", bw_after},
-                                {"decode_roofline_fraction", d.mean * double(bytes_per_token) / (bw * 1e9)}};
+                                {"bytes_per_token", bytes_per_token}};
+            if (probe) {
+                j["probe_gbps_before"] = bw_before;
+                j["probe_gbps_after"] = bw_after;
+            } else if (bw > 0) {
+                j["roofline_gbps"] = bw;   // given with --roofline-gbps
+            }
+            if (bw > 0) j["decode_roofline_fraction"] = d.mean * double(bytes_per_token) / (bw * 1e9);
             std::cout << j.dump() << std::endl;
         }
     } catch (const std::exception & e) {
