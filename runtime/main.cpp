@@ -83,8 +83,11 @@ std::optional<moesh::Tokenizer> find_tokenizer(const std::string & model) {
     fs::path p(model);
     if (is_gguf_path(model)) {
         moesh::GgufFile f(model);
-        if (!f.find("tokenizer.ggml.model")) return std::nullopt;
-        return moesh::load_tokenizer_gguf(f, model);
+        if (f.find("tokenizer.ggml.model")) return moesh::load_tokenizer_gguf(f, model);
+        // A file without a vocabulary (moesh quantize of a folder): the folder's tokenizer.json beside it.
+        p = p.parent_path() / "tokenizer.json";
+        if (!fs::exists(p)) return std::nullopt;
+        return moesh::load_tokenizer_json_file(p.string());
     }
     if (fs::is_directory(p)) p /= "tokenizer.json";
     if (!fs::exists(p)) return std::nullopt;
@@ -534,8 +537,25 @@ int cmd_inspect(const CommonOptions & co) {
     return 0;
 }
 
-void add_common(CLI::App * sub, CommonOptions & co) {
-    sub->add_option("-m,--model", co.model, "Hugging Face model folder (config.json + *.safetensors), or a .gguf file")->required();
+// The model shipped with moesh (models/moesh-tiny-py), found next to the executable: the
+// source tree of a build (<exe>/../../models) or an install (<exe>/../share/moesh/models).
+// Empty when it is in neither place.
+std::string shipped_model() {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+    if (ec) return {};
+    for (const fs::path & p : {exe.parent_path() / "../../models/moesh-tiny-py", exe.parent_path() / "../share/moesh/models/moesh-tiny-py"})
+        if (fs::exists(p / "config.json", ec)) return fs::weakly_canonical(p, ec).string();
+    return {};
+}
+
+void add_common(CLI::App * sub, CommonOptions & co, bool model_optional = false) {
+    auto * m = sub->add_option("-m,--model", co.model,
+                               model_optional ? "Hugging Face model folder (config.json + *.safetensors), or a .gguf file "
+                                                "(default: moesh-tiny-py, the small Python-code model shipped in models/)"
+                                              : "Hugging Face model folder (config.json + *.safetensors), or a .gguf file");
+    if (!model_optional) m->required();
     sub->add_option("--config", co.config, "moesh TOML settings (plugins, threads, batching); see configs/default.toml");
     sub->add_option("--plugin-dir", co.plugin_dir,
                     "Folder with backend plugins (libmoesh_backend_*.so); searched before $MOESH_PLUGIN_DIR, the "
@@ -579,7 +599,7 @@ int main(int argc, char ** argv) {
     uint64_t seed = 0;
 
     CLI::App * run = app.add_subcommand("run", "Generate tokens from a prompt of token ids");
-    add_common(run, co);
+    add_common(run, co, /*model_optional=*/true);
     std::string prompt_text;
     auto * ids_opt = run->add_option("--prompt-ids", prompt_ids, "Comma-separated prompt token ids, e.g. 1,2,3");
     auto * text_opt = run->add_option("-p,--prompt", prompt_text,
@@ -662,6 +682,13 @@ int main(int argc, char ** argv) {
         return app.exit(e);
     }
     try {
+        if (*run && co.model.empty()) {
+            co.model = shipped_model();
+            if (co.model.empty())
+                throw Error("no --model given, and the shipped model (models/moesh-tiny-py) is not next to this "
+                            "executable; pass --model DIR_OR.gguf");
+            std::fprintf(stderr, "moesh: no --model given: using the shipped model %s\n", co.model.c_str());
+        }
         if (*run) return cmd_run(co, prompt_ids, prompt_text, n, temperature, top_k, top_p, seed, output, dump_logits, trace_path, chat);
         if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
