@@ -1,7 +1,9 @@
 // The moesh executable: `moesh run`, `moesh inspect`.
 #include "plugins/loader/plugin_loader.h"
+#include "experts/cache_policy.h"
 #include "runtime/backend_weights.h"
 #include "runtime/chat_template.h"
+#include "runtime/route_trace.h"
 #include "runtime/error.h"
 #include "runtime/generate.h"
 #include "runtime/gguf.h"
@@ -343,7 +345,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
 }
 
 int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n_ctx, int64_t n_batch, int64_t n_chunks,
-                   const std::string & output) {
+                   const std::string & output, const std::string & trace_path) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
     std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
     if (!tok) throw Error(co.model + ": no tokenizer (a .gguf file's vocabulary or a folder's tokenizer.json) to read --file with");
@@ -370,7 +372,16 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
     };
     const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, std::min(n_batch, n_ctx));
     po.weights = weights.get();
+    std::optional<moesh::RouteTraceWriter> trace;
+    if (!trace_path.empty()) {
+        const std::filesystem::path mp = std::filesystem::path(co.model).lexically_normal();
+        trace.emplace(trace_path, model.config(), (mp.has_filename() ? mp : mp.parent_path()).filename().string());
+        po.trace = &*trace;
+    }
     const moesh::PerplexityResult r = moesh::perplexity(model, *backend, tokens, po);
+    if (trace)
+        std::fprintf(stderr, "moesh: wrote the routing of %lld tokens to %s\n", (long long)trace->n_tokens(),
+                     trace_path.c_str());
     std::fprintf(stderr, "\n");
     if (output == "json") {
         nlohmann::json j = {{"ppl", r.ppl},           {"ppl_error", r.ppl_error}, {"n_ctx", n_ctx},
@@ -537,6 +548,79 @@ int cmd_inspect(const CommonOptions & co) {
     return 0;
 }
 
+// "a,b,,c" -> {"a", "b", "c"}
+std::vector<std::string> split_list(const std::string & s) {
+    std::vector<std::string> out;
+    std::stringstream ss(s);
+    std::string item;
+    while (std::getline(ss, item, ','))
+        if (!item.empty()) out.push_back(item);
+    return out;
+}
+
+// Replays a routing trace through every cache policy at several cache sizes (fractions of all
+// routed experts), beside Belady's optimum.
+int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const std::string & policies_arg, double decay,
+            const std::string & output) {
+    const moesh::RouteTrace t = moesh::read_route_trace(trace_path);
+    std::vector<moesh::ExpertRequest> reqs;
+    int64_t n_moe = 0;
+    for (bool m : t.moe_layers) n_moe += m ? 1 : 0;
+    if (n_moe == 0 || t.tokens.empty()) throw Error(trace_path + ": the trace has no routed tokens (a dense model, or empty)");
+    for (size_t i = 0; i < t.tokens.size(); ++i)
+        for (int64_t l = 0; l < t.n_layer; ++l) {
+            if (!t.moe_layers[size_t(l)]) continue;
+            const int32_t * e = t.experts_of(i, l);
+            for (int64_t k = 0; k < t.n_expert_used; ++k) reqs.push_back({int64_t(i), int32_t(l), e[k]});
+        }
+    std::vector<double> sizes;
+    for (const std::string & f : split_list(sizes_arg)) {
+        const double v = std::stod(f);
+        if (!(v > 0 && v <= 100)) throw Error("--sizes: " + f + " is not a percentage in (0, 100]");
+        sizes.push_back(v);
+    }
+    std::vector<moesh::Policy> policies;
+    for (const std::string & name : split_list(policies_arg)) {
+        moesh::Policy p;
+        if (!moesh::parse_policy(name, &p)) throw Error("--policies: unknown policy '" + name + "' (static, lru, lfu, heat, belady)");
+        policies.push_back(p);
+    }
+    const int64_t total = n_moe * t.n_expert;
+    nlohmann::json rows = nlohmann::json::array();
+    if (output == "text") {
+        std::printf("trace %s: model %s, %zu tokens, %lld MoE layers x %lld experts (top-%lld), %zu requests\n",
+                    trace_path.c_str(), t.model.c_str(), t.tokens.size(), (long long)n_moe, (long long)t.n_expert,
+                    (long long)t.n_expert_used, reqs.size());
+        std::printf("%-8s", "cache");
+        for (moesh::Policy p : policies) std::printf(" %8s", moesh::policy_name(p));
+        std::printf("   (hit rate; cache = share of all routed experts)\n");
+    }
+    for (double pct : sizes) {
+        const int64_t cap = std::max<int64_t>(1, int64_t(std::llround(pct / 100.0 * double(total))));
+        if (output == "text") std::printf("%5.1f%%  ", pct);
+        for (moesh::Policy p : policies) {
+            moesh::PolicyParams pp;
+            pp.policy = p;
+            pp.heat_decay = decay;
+            if (p == moesh::Policy::Static) pp.pinned = moesh::most_used_experts(reqs, int32_t(t.n_expert), cap);
+            const moesh::CacheStats st = moesh::simulate_cache(reqs, int32_t(t.n_expert), cap, pp);
+            if (output == "text") std::printf(" %8.4f", st.hit_rate());
+            rows.push_back({{"cache_percent", pct}, {"cache_experts", cap}, {"policy", moesh::policy_name(p)},
+                            {"hit_rate", st.hit_rate()}, {"hits", st.hits}, {"requests", st.requests}, {"loads", st.loads},
+                            {"evictions", st.evictions}});
+        }
+        if (output == "text") std::printf("\n");
+    }
+    if (output == "json")
+        std::cout << nlohmann::json{{"trace", trace_path}, {"model", t.model}, {"tokens", t.tokens.size()},
+                                    {"heat_decay", decay}, {"results", rows}}.dump()
+                  << std::endl;
+    else
+        std::printf("static: the most used experts of this trace pinned (the best frequency rule); heat decay %.3g per "
+                    "token; belady: the offline optimum\n", decay);
+    return 0;
+}
+
 // The model shipped with moesh (models/moesh-tiny-py), found next to the executable: the
 // source tree of a build (<exe>/../../models) or an install (<exe>/../share/moesh/models).
 // Empty when it is in neither place.
@@ -629,6 +713,19 @@ int main(int argc, char ** argv) {
                     "Write the routing trace to this file: per token and layer the chosen experts and their weights, "
                     "as JSON lines (format in runtime/route_trace.h); the input of moesh's placement work");
 
+    CLI::App * sim = app.add_subcommand("sim", "Replay a routing trace (moesh run/perplexity --trace) through the "
+                                                "expert cache policies and print their hit rates beside Belady's");
+    std::string sim_trace, sim_sizes = "25,50,75", sim_policies = "static,lru,lfu,heat,belady", sim_output = "text";
+    double sim_decay = 0.95;
+    sim->add_option("--trace", sim_trace, "Routing trace (JSON lines)")->required();
+    sim->add_option("--sizes", sim_sizes, "Cache sizes as percentages of all routed experts, comma-separated")
+        ->capture_default_str();
+    sim->add_option("--policies", sim_policies, "Policies to compare: static, lru, lfu, heat, belady")->capture_default_str();
+    sim->add_option("--decay", sim_decay, "Heat policy: decay of an expert's count per token")
+        ->capture_default_str()
+        ->check(CLI::Range(1e-6, 1.0));
+    sim->add_option("--output", sim_output, "text, or json: one JSON object on the last line")->check(CLI::IsMember({"text", "json"}));
+
     CLI::App * tokenize = app.add_subcommand("tokenize", "Turn text into token ids with a model's tokenizer.json or GGUF");
     std::string tok_model, tok_text, tok_file, tok_output = "text";
     bool tok_add_special = false;
@@ -661,6 +758,9 @@ int main(int argc, char ** argv) {
         ->capture_default_str()->check(CLI::Range(int64_t(4), int64_t(1) << 24));
     ppl->add_option("-b,--batch", ppl_batch, "Tokens per forward step")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 24));
     ppl->add_option("--chunks", ppl_chunks, "Score at most this many chunks (default: all)");
+    std::string ppl_trace;
+    ppl->add_option("--trace", ppl_trace,
+                    "Write the routing trace of every evaluated token to this file (JSON lines, runtime/route_trace.h)");
     ppl->add_option("--output", ppl_output, "text, or json: one JSON object on the last line of stdout")
         ->check(CLI::IsMember({"text", "json"}));
 
@@ -693,7 +793,8 @@ int main(int argc, char ** argv) {
         if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
         if (*quant) return cmd_quantize(q_in, q_out, q_type, q_class, q_threads);
-        if (*ppl) return cmd_perplexity(pco, ppl_file, ppl_ctx, ppl_batch, ppl_chunks, ppl_output);
+        if (*sim) return cmd_sim(sim_trace, sim_sizes, sim_policies, sim_decay, sim_output);
+        if (*ppl) return cmd_perplexity(pco, ppl_file, ppl_ctx, ppl_batch, ppl_chunks, ppl_output, ppl_trace);
     } catch (const moesh::BackendError & e) {
         std::fprintf(stderr, "moesh: error: %s\n", e.what());
         return 1;

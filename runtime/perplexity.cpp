@@ -49,6 +49,8 @@ PerplexityResult perplexity(const Model & model, Backend & backend, const std::v
     int64_t count = 0;
     Batch batch;
     std::string err;
+    if (o.trace)
+        fwd.set_route_observer([&](int64_t layer, int64_t n, const int32_t * ids, const float * w) { o.trace->route(layer, n, ids, w); });
     const auto t0 = std::chrono::steady_clock::now();
     for (int64_t ch = 0; ch < n_chunk; ++ch) {
         kv.release(0);
@@ -61,8 +63,10 @@ PerplexityResult perplexity(const Model & model, Backend & backend, const std::v
                 const int32_t t = (j == 0 && o.add_bos) ? o.bos_id : chunk[j];
                 batch.add(t, int32_t(j), 0, j >= first && j < n_ctx - 1);
             }
+            if (o.trace) o.trace->begin(batch);
             const float * logits = fwd.run(batch, &err);
             if (!logits) throw Error("forward pass: " + err);
+            if (o.trace) o.trace->end();
             r.n_evaluated += b1 - b0;
             for (int64_t j = std::max(b0, first); j < std::min(b1, n_ctx - 1); ++j) {
                 const float * row = logits + size_t(j - std::max(b0, first)) * n_vocab;

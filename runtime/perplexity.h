@@ -19,6 +19,7 @@
 #include "plugins/loader/plugin_loader.h"
 #include "runtime/model.h"
 #include "runtime/backend_weights.h"
+#include "runtime/route_trace.h"
 
 #include <cstdint>
 #include <functional>
@@ -35,6 +36,7 @@ struct PerplexityOptions {
     // Called after each chunk with its index (0-based) and the running PPL.
     std::function<void(int64_t, double)> on_chunk;
     const BackendWeights * weights = nullptr; // weights as the backend reads them (runtime/backend_weights.h); null: the model as is
+    RouteTraceWriter * trace = nullptr;       // gets every evaluated token's routing (runtime/route_trace.h)
 };
 
 struct PerplexityResult {

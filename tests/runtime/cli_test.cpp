@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sys/wait.h>
 
 namespace moesh {
@@ -123,6 +124,23 @@ TEST(Cli, RunWritesTheRoutingTrace) {
     std::string header;
     std::getline(in, header);
     EXPECT_EQ(nlohmann::json::parse(header)["model"], "mixtral_top2");
+
+    // moesh sim replays it: every policy at every size, none above Belady's optimum.
+    r = run("sim --trace " + trace + " --sizes 25,50 --output json", false);
+    ASSERT_EQ(r.status, 0) << r.out;
+    const auto j = nlohmann::json::parse(r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1));
+    std::map<double, double> best;
+    for (const auto & row : j["results"])
+        if (row["policy"] == "belady") best[row["cache_percent"].get<double>()] = row["hit_rate"].get<double>();
+    ASSERT_EQ(j["results"].size(), 10u);
+    for (const auto & row : j["results"]) {
+        EXPECT_EQ(row["requests"].get<int64_t>(), 6 * 2 * 2);   // tokens x MoE layers x k
+        if (row["policy"] != "static")
+            EXPECT_LE(row["hit_rate"].get<double>(), best[row["cache_percent"].get<double>()]) << row.dump();
+    }
+    r = run("sim --trace " + trace + " --policies mru");
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.out.find("unknown policy 'mru'"), std::string::npos) << r.out;
 }
 
 TEST(Cli, InspectListsTensorsAndExpertBytes) {

@@ -1,0 +1,71 @@
+// Which experts a fast tier keeps when it cannot hold them all: replacement
+// policies as pure functions of the access history, and a simulator that
+// replays a sequence of expert requests through one of them.
+//
+//   std::vector<ExpertRequest> reqs = ...;          // in the order the forward pass asks
+//   CacheStats s = simulate_cache(reqs, n_experts_total, /*capacity=*/16, {Policy::Lru});
+//   s.hit_rate();                                   // beside simulate_cache(..., {Policy::Belady})
+//
+// A request is one (token, layer) needing one expert; the k experts a token
+// chooses in a layer are k requests with the same step. Every expert has the
+// same size (one slot). A miss always loads the expert (evicting one when the
+// cache is full); pinned experts are loaded first and never evicted.
+// Policies:
+//   static  only the pins are resident; misses are served from the slower tier
+//           without caching (the llama.cpp "-ot" / ktransformers rule style)
+//   lru     evict the least recently used
+//   lfu     evict the least frequently used so far (ties: least recent)
+//   heat    decayed counts: heat = heat * decay^(steps since its last update)
+//           + 1 per use (decay per step, e.g. 0.95); when full, the incoming
+//           expert replaces the coldest resident only if it is now hotter,
+//           else it is used from the slower tier without being cached
+//   belady  evict the one needed again farthest in the future, or do not
+//           cache the requested one when it is needed later than all of them
+//           (the offline optimum for unit-size items; the yardstick). Pins
+//           are loaded before the first request and the others are not, so a
+//           static policy can beat it by at most the capacity (cold misses).
+// Thread safety: pure functions.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace moesh {
+
+struct ExpertRequest {
+    int64_t step = 0;      // token index in the sequence (decay and recency are per step)
+    int32_t layer = 0;
+    int32_t expert = 0;
+};
+
+enum class Policy { Static, Lru, Lfu, Heat, Belady };
+const char * policy_name(Policy p);
+// "static", "lru", "lfu", "heat", "belady"; false if unknown.
+bool parse_policy(const std::string & name, Policy * out);
+
+struct PolicyParams {
+    Policy policy = Policy::Lru;
+    double heat_decay = 0.95;               // per step, in (0, 1]
+    std::vector<int64_t> pinned;            // expert keys (layer * n_expert + expert), at most capacity
+};
+
+struct CacheStats {
+    int64_t requests = 0;
+    int64_t hits = 0;
+    int64_t loads = 0;        // misses that brought the expert in
+    int64_t evictions = 0;
+    double hit_rate() const { return requests ? double(hits) / double(requests) : 0.0; }
+};
+
+// n_expert: experts per layer (keys are layer * n_expert + expert). capacity:
+// slots in the cache (0..). Throws std::invalid_argument for an expert or layer
+// out of range, more pins than capacity, or a decay outside (0, 1].
+CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n_expert, int64_t capacity,
+                          const PolicyParams & params);
+
+// The capacity experts used most often in requests (ties: lower key), as pins
+// for Policy::Static: the best any frequency-based static rule could do.
+std::vector<int64_t> most_used_experts(const std::vector<ExpertRequest> & requests, int32_t n_expert, int64_t capacity);
+
+} // namespace moesh
