@@ -39,7 +39,139 @@ int64_t integer(std::string_view source, const toml::node & n, const std::string
     return v;
 }
 
+std::string string_value(std::string_view source, const toml::node & n, const std::string & key) {
+    auto s = n.value<std::string>();
+    if (!n.is_string() || !s) fail(source, n, key, "expected a string");
+    return *s;
+}
+
+IndexRange index_range(std::string_view source, const toml::node & n, const std::string & key) {
+    const std::string s = string_value(source, n, key);
+    if (s == "*") return {};
+    IndexRange r;
+    const size_t dash = s.find('-');
+    try {
+        size_t used = 0;
+        r.first = std::stoll(s.substr(0, dash), &used);
+        if (used != (dash == std::string::npos ? s.size() : dash)) throw std::invalid_argument(s);
+        r.last = r.first;
+        if (dash != std::string::npos) {
+            r.last = std::stoll(s.substr(dash + 1), &used);
+            if (used != s.size() - dash - 1) throw std::invalid_argument(s);
+        }
+    } catch (const std::exception &) {
+        fail(source, n, key, "expected \"N\", \"A-B\" or \"*\", got " + quote_untrusted(s, true));
+    }
+    if (r.first < 0 || r.last < r.first) fail(source, n, key, "range " + s + " is empty or negative");
+    return r;
+}
+
+void parse_tier(std::string_view source, const toml::node & n, PlacementConfig & pc) {
+    const toml::table * t = n.as_table();
+    if (!t) fail(source, n, "tier", "expected a table ([[tier]])");
+    TierConfig tier;
+    bool have_kind = false, have_budget = false;
+    for (auto && [k, v] : *t) {
+        const std::string key = "tier." + std::string(k.str());
+        if (k == "name") {
+            tier.name = string_value(source, v, key);
+        } else if (k == "kind") {
+            const std::string kind = string_value(source, v, key);
+            if (kind == "gpu") tier.kind = TierKind::Gpu;
+            else if (kind == "host") tier.kind = TierKind::Host;
+            else if (kind == "disk") tier.kind = TierKind::Disk;
+            else fail(source, v, key, "unknown tier kind " + quote_untrusted(kind, true) + " (gpu, host, disk)");
+            have_kind = true;
+        } else if (k == "budget") {
+            if (v.is_integer() && v.as_integer()->get() > 0) {
+                tier.budget = uint64_t(v.as_integer()->get());
+            } else if (!v.is_string() || !parse_byte_size(*v.value<std::string>(), &tier.budget) || tier.budget == 0) {
+                fail(source, v, key, "expected a positive size such as \"20GiB\", \"512MiB\" or a byte count");
+            }
+            have_budget = true;
+        } else if (k == "device") {
+            tier.device = int32_t(integer(source, v, key, 0, 1023));
+        } else {
+            fail(source, v, key, "unknown key (known: name, kind, budget, device)");
+        }
+    }
+    if (!have_kind) fail(source, n, "tier", "missing 'kind' (gpu, host or disk)");
+    if (!have_budget) fail(source, n, "tier", "missing 'budget' (bytes the tier may hold)");
+    if (tier.name.empty()) tier.name = tier.kind == TierKind::Gpu ? "gpu" + std::to_string(tier.device)
+                                       : tier.kind == TierKind::Host ? "host" : "disk";
+    for (const TierConfig & o : pc.tiers)
+        if (o.name == tier.name) fail(source, n, "tier.name", "a second tier named '" + tier.name + "'");
+    pc.tiers.push_back(tier);
+}
+
+void parse_placement(std::string_view source, const toml::table & tbl, PlacementConfig & pc) {
+    for (auto && [k, v] : tbl) {
+        const std::string key = "placement." + std::string(k.str());
+        if (k == "policy") {
+            pc.policy = string_value(source, v, key);
+            if (pc.policy != "static" && pc.policy != "lru" && pc.policy != "lfu" && pc.policy != "heat")
+                fail(source, v, key, "unknown policy " + quote_untrusted(pc.policy, true) + " (static, lru, lfu, heat)");
+        } else if (k == "heat_decay") {
+            auto d = v.value<double>();
+            if (!(v.is_floating_point() || v.is_integer()) || !d || !(*d > 0.0 && *d <= 1.0))
+                fail(source, v, key, "expected a number in (0, 1]");
+            pc.heat_decay = *d;
+        } else if (k == "prefetch") {
+            auto b = v.value<bool>();
+            if (!v.is_boolean() || !b) fail(source, v, key, "expected true or false");
+            pc.prefetch = *b;
+        } else if (k == "pin") {
+            const toml::array * arr = v.as_array();
+            if (!arr) fail(source, v, key, "expected [[placement.pin]] tables");
+            for (const toml::node & p : *arr) {
+                const toml::table * pt = p.as_table();
+                if (!pt) fail(source, p, key, "expected a table");
+                PinConfig pin;
+                for (auto && [pk, pv] : *pt) {
+                    const std::string pkey = key + "." + std::string(pk.str());
+                    if (pk == "tier") pin.tier = string_value(source, pv, pkey);
+                    else if (pk == "layers") pin.layers = index_range(source, pv, pkey);
+                    else if (pk == "experts") pin.experts = index_range(source, pv, pkey);
+                    else fail(source, pv, pkey, "unknown key (known: tier, layers, experts)");
+                }
+                if (pin.tier.empty()) fail(source, p, key, "missing 'tier'");
+                pc.pins.push_back(pin);
+            }
+        } else {
+            fail(source, v, key, "unknown key (known: policy, heat_decay, prefetch, pin)");
+        }
+    }
+}
+
 } // namespace
+
+bool parse_byte_size(std::string_view text, uint64_t * out) {
+    std::string s(text);
+    size_t used = 0;
+    double v = 0;
+    try {
+        v = std::stod(s, &used);
+    } catch (const std::exception &) {
+        return false;
+    }
+    std::string unit = s.substr(used);
+    while (!unit.empty() && unit.front() == ' ') unit.erase(unit.begin());
+    double mul = 0;
+    if (unit.empty() || unit == "B") mul = 1;
+    else if (unit == "KiB") mul = 1024.0;
+    else if (unit == "MiB") mul = 1024.0 * 1024;
+    else if (unit == "GiB") mul = 1024.0 * 1024 * 1024;
+    else if (unit == "TiB") mul = 1024.0 * 1024 * 1024 * 1024;
+    else if (unit == "KB") mul = 1e3;
+    else if (unit == "MB") mul = 1e6;
+    else if (unit == "GB") mul = 1e9;
+    else if (unit == "TB") mul = 1e12;
+    else return false;
+    const double bytes = v * mul;
+    if (!(bytes >= 0) || bytes > 1.8e19) return false;
+    *out = uint64_t(bytes);
+    return true;
+}
 
 RunConfig parse_run_config(std::string_view text, std::string_view source) {
     toml::table root;
@@ -51,6 +183,12 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
     RunConfig rc;
     for (auto && [section_key, section] : root) {
         const std::string sname(section_key.str());
+        if (sname == "tier") {
+            const toml::array * arr = section.as_array();
+            if (!arr) fail(source, section, sname, "expected [[tier]] tables");
+            for (const toml::node & t : *arr) parse_tier(source, t, rc.placement);
+            continue;
+        }
         const toml::table * tbl = section.as_table();
         if (!tbl) fail(source, section, sname, "expected a table ([plugins] or [runtime])");
         if (sname == "plugins") {
@@ -107,10 +245,22 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                     fail(source, v, key, "unknown quantization type " + quote_untrusted(*s, true) + " (supported: " +
                                              k_quant_targets + ")");
             }
+        } else if (sname == "placement") {
+            parse_placement(source, *tbl, rc.placement);
         } else {
-            fail(source, section, sname, "unknown table (known: [plugins], [runtime], [quantize])");
+            fail(source, section, sname, "unknown table (known: [plugins], [runtime], [quantize], [[tier]], [placement])");
         }
     }
+    // Pins name tiers that exist (tiers may come after [placement] in the file).
+    if (auto * pl = root["placement"].as_table())
+        if (auto * pins = (*pl)["pin"].as_array())
+            for (size_t i = 0; i < rc.placement.pins.size() && i < pins->size(); ++i) {
+                bool found = false;
+                for (const TierConfig & t : rc.placement.tiers) found = found || t.name == rc.placement.pins[i].tier;
+                if (!found)
+                    fail(source, (*pins)[i], "placement.pin.tier",
+                         "no [[tier]] named '" + rc.placement.pins[i].tier + "'");
+            }
     return rc;
 }
 

@@ -39,7 +39,7 @@ TEST(RunConfig, ErrorsNameFileLineColumnAndKey) {
     EXPECT_NE(e.find("out of range"), std::string::npos) << e;
     e = error_of("[runtime]\nthread = 1\n");
     EXPECT_NE(e.find("unknown key"), std::string::npos) << e;
-    e = error_of("[placement]\n");
+    e = error_of("[placements]\n");
     EXPECT_NE(e.find("unknown table"), std::string::npos) << e;
     e = error_of("[plugins]\ndirs = 'x'\n");
     EXPECT_NE(e.find("array of strings"), std::string::npos) << e;
@@ -47,6 +47,70 @@ TEST(RunConfig, ErrorsNameFileLineColumnAndKey) {
     EXPECT_NE(e.find("moesh.toml:1:"), std::string::npos) << e;
     e = error_of("plugins = 3\n");
     EXPECT_NE(e.find("expected a table"), std::string::npos) << e;
+}
+
+} // namespace
+} // namespace moesh
+
+namespace moesh {
+namespace {
+
+TEST(PlacementConfig, TheExampleLoads) {
+    const RunConfig rc = load_run_config(std::string(MOESH_SOURCE_DIR) + "/configs/placement.toml");
+    const PlacementConfig & p = rc.placement;
+    ASSERT_EQ(p.tiers.size(), 3u);
+    EXPECT_EQ(p.tiers[0].name, "gpu0");
+    EXPECT_EQ(p.tiers[0].kind, TierKind::Gpu);
+    EXPECT_EQ(p.tiers[0].budget, uint64_t(20) << 30);
+    EXPECT_EQ(p.tiers[2].kind, TierKind::Disk);
+    EXPECT_EQ(p.policy, "heat");
+    EXPECT_DOUBLE_EQ(p.heat_decay, 0.95);
+    ASSERT_EQ(p.pins.size(), 1u);
+    EXPECT_TRUE(p.pins[0].layers.contains(3));
+    EXPECT_FALSE(p.pins[0].layers.contains(4));
+    EXPECT_TRUE(p.pins[0].experts.all());
+}
+
+TEST(PlacementConfig, SizesWithUnits) {
+    uint64_t b = 0;
+    EXPECT_TRUE(parse_byte_size("1.5GiB", &b));
+    EXPECT_EQ(b, uint64_t(3) << 29);
+    EXPECT_TRUE(parse_byte_size("512 MiB", &b));
+    EXPECT_EQ(b, uint64_t(512) << 20);
+    EXPECT_TRUE(parse_byte_size("2GB", &b));
+    EXPECT_EQ(b, 2000000000u);
+    EXPECT_TRUE(parse_byte_size("4096", &b));
+    EXPECT_EQ(b, 4096u);
+    for (const char * bad : {"", "GiB", "12 parsecs", "-1GiB", "1e30GiB", "nan"}) EXPECT_FALSE(parse_byte_size(bad, &b)) << bad;
+}
+
+TEST(PlacementConfig, MistakesNameTheLineAndColumn) {
+    struct Bad {
+        const char * toml;
+        const char * want;
+    };
+    const Bad bad[] = {
+        {"[[tier]]\nkind = \"ssd\"\nbudget = 1\n", "t.toml:2:8: key 'tier.kind': unknown tier kind"},
+        {"[[tier]]\nkind = \"host\"\n", "t.toml:1:1: key 'tier': missing 'budget'"},
+        {"[[tier]]\nkind = \"host\"\nbudget = \"lots\"\n", "t.toml:3:10: key 'tier.budget'"},
+        {"[[tier]]\nkind = \"host\"\nbudget = 0\n", "key 'tier.budget'"},
+        {"[[tier]]\nkind = \"host\"\nbudget = 1\n[[tier]]\nkind = \"host\"\nbudget = 2\n", "a second tier named 'host'"},
+        {"[placement]\npolicy = \"mru\"\n", "t.toml:2:10: key 'placement.policy': unknown policy"},
+        {"[placement]\nheat_decay = 1.5\n", "key 'placement.heat_decay'"},
+        {"[[placement.pin]]\ntier = \"gpu0\"\nlayers = \"3-1\"\n", "key 'placement.pin.layers': range 3-1"},
+        {"[[placement.pin]]\ntier = \"gpu0\"\nexperts = \"x\"\n", "key 'placement.pin.experts': expected"},
+        {"[[tier]]\nkind = \"host\"\nbudget = 1\n[[placement.pin]]\ntier = \"gpu0\"\n", "no [[tier]] named 'gpu0'"},
+        {"[placement]\nbudget = 1\n", "unknown key (known: policy"},
+        {"tier = 3\n", "expected [[tier]] tables"},
+    };
+    for (const Bad & b : bad) {
+        try {
+            parse_run_config(b.toml, "t.toml");
+            ADD_FAILURE() << "accepted:\n" << b.toml;
+        } catch (const Error & e) {
+            EXPECT_NE(std::string(e.what()).find(b.want), std::string::npos) << e.what() << "\nwanted: " << b.want;
+        }
+    }
 }
 
 } // namespace
