@@ -247,9 +247,22 @@ TEST(Cli, ErrorsSayWhatIsWrong) {
         EXPECT_EQ(r.status, 1);
         EXPECT_NE(r.out.find("nosuch"), std::string::npos) << r.out;
     }
-    r = run("run --prompt-ids 1");
-    EXPECT_NE(r.status, 0);
-    EXPECT_NE(r.out.find("--model"), std::string::npos) << r.out;
+    // Without --model, the shipped model next to the executable is used; a copy of the executable
+    // elsewhere has none and says what to do.
+    r = run("run --prompt-ids 1 -n 2");
+    EXPECT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("using the shipped model"), std::string::npos) << r.out;
+    test::TempDir dir;
+    fs::create_directories(dir.path() / "bin");
+    fs::copy_file(MOESH_BIN, dir.path() / "bin" / "moesh");
+    const std::string cmd = (dir.path() / "bin" / "moesh").string() + " run --prompt-ids 1 2>&1";
+    FILE * p = popen(cmd.c_str(), "r");
+    ASSERT_NE(p, nullptr);
+    std::string out;
+    char buf[4096];
+    for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
+    EXPECT_NE(pclose(p), 0);
+    EXPECT_NE(out.find("no --model given, and the shipped model"), std::string::npos) << out;
 }
 
 } // namespace
