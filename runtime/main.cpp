@@ -211,6 +211,20 @@ moesh::Model load_model(const std::string & path, const moesh::QuantizePlan & pl
     return m;
 }
 
+// --trace: a routing trace writer named after the model folder or file; none for an empty path.
+std::optional<moesh::RouteTraceWriter> open_trace(const std::string & path, const std::string & model_path,
+                                                  const moesh::Model & model) {
+    if (path.empty()) return std::nullopt;
+    const std::filesystem::path mp = std::filesystem::path(model_path).lexically_normal();
+    return std::optional<moesh::RouteTraceWriter>(
+        std::in_place, path, model.config(), (mp.has_filename() ? mp : mp.parent_path()).filename().string());
+}
+
+void report_trace(const std::optional<moesh::RouteTraceWriter> & trace, const std::string & path) {
+    if (trace)
+        std::fprintf(stderr, "moesh: wrote the routing of %lld tokens to %s\n", (long long)trace->n_tokens(), path.c_str());
+}
+
 int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std::string & prompt_text, int64_t n,
             float temperature, int top_k, float top_p, uint64_t seed, const std::string & output,
             const std::string & dump_logits, const std::string & trace_path, const ChatOptions & chat) {
@@ -276,16 +290,10 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
     const auto weights = prepare_weights(model, *backend, co, rc, int64_t(go.prompt.size()) + go.n_generate,
                                          std::min<int64_t>(go.max_batch, int64_t(go.prompt.size())));
     go.weights = weights.get();
-    std::optional<moesh::RouteTraceWriter> trace;
-    if (!trace_path.empty()) {
-        const std::filesystem::path mp = std::filesystem::path(co.model).lexically_normal();
-        trace.emplace(trace_path, model.config(), (mp.has_filename() ? mp : mp.parent_path()).filename().string());
-        go.trace = &*trace;
-    }
+    std::optional<moesh::RouteTraceWriter> trace = open_trace(trace_path, co.model, model);
+    go.trace = trace ? &*trace : nullptr;
     moesh::GenerateResult r = moesh::generate(model, *backend, go);
-    if (trace)
-        std::fprintf(stderr, "moesh: wrote the routing of %lld tokens to %s\n", (long long)trace->n_tokens(),
-                     trace_path.c_str());
+    report_trace(trace, trace_path);
     std::string text;
     if (tok) {
         std::vector<int32_t> in_vocab;
@@ -372,16 +380,10 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
     };
     const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, std::min(n_batch, n_ctx));
     po.weights = weights.get();
-    std::optional<moesh::RouteTraceWriter> trace;
-    if (!trace_path.empty()) {
-        const std::filesystem::path mp = std::filesystem::path(co.model).lexically_normal();
-        trace.emplace(trace_path, model.config(), (mp.has_filename() ? mp : mp.parent_path()).filename().string());
-        po.trace = &*trace;
-    }
+    std::optional<moesh::RouteTraceWriter> trace = open_trace(trace_path, co.model, model);
+    po.trace = trace ? &*trace : nullptr;
     const moesh::PerplexityResult r = moesh::perplexity(model, *backend, tokens, po);
-    if (trace)
-        std::fprintf(stderr, "moesh: wrote the routing of %lld tokens to %s\n", (long long)trace->n_tokens(),
-                     trace_path.c_str());
+    report_trace(trace, trace_path);
     std::fprintf(stderr, "\n");
     if (output == "json") {
         nlohmann::json j = {{"ppl", r.ppl},           {"ppl_error", r.ppl_error}, {"n_ctx", n_ctx},
