@@ -39,16 +39,6 @@ int64_t key_of(const ExpertRequest & r, int32_t n_expert) {
     return int64_t(r.layer) * n_expert + r.expert;
 }
 
-// What is known about one expert: its statistics persist across evictions
-// (the heat of an expert is the expert's, not its cache entry's).
-struct Stat {
-    int64_t count = 0;      // uses so far
-    int64_t last_use = 0;   // request index of the last use
-    int64_t next = 0;       // belady: request index of the next use
-    double heat = 0;        // decayed count as of heat_step
-    int64_t heat_step = 0;
-};
-
 } // namespace
 
 std::vector<int64_t> most_used_experts(const std::vector<ExpertRequest> & requests, int32_t n_expert, int64_t capacity) {
@@ -61,8 +51,63 @@ std::vector<int64_t> most_used_experts(const std::vector<ExpertRequest> & reques
     return out;
 }
 
-CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n_expert, int64_t capacity,
-                          const PolicyParams & p) {
+PolicyState::PolicyState(int32_t n_layer, int32_t n_expert, int32_t n_expert_used, const PolicyParams & params)
+    : n_layer_(std::max(1, n_layer)), n_expert_(std::max(1, n_expert)), k_(std::max(1, n_expert_used)), params_(params),
+      stats_(size_t(n_layer_) * size_t(n_expert_)), layer_heat_(size_t(n_layer_)), layer_step_(size_t(n_layer_)) {
+    if (!(params.heat_decay > 0.0 && params.heat_decay <= 1.0)) throw std::invalid_argument("heat decay must be in (0, 1]");
+}
+
+double PolicyState::heat(int64_t key, int64_t step) const {
+    const Stat & e = stats_[size_t(key)];
+    return e.heat * std::pow(params_.heat_decay, double(step - e.heat_step));
+}
+
+void PolicyState::use(int64_t key, int64_t step) {
+    if (key < 0 || key >= int64_t(stats_.size())) throw std::invalid_argument("expert key " + std::to_string(key) + " out of range");
+    Stat & e = stats_[size_t(key)];
+    e.heat = heat(key, step) + 1.0;
+    e.heat_step = step;
+    ++e.count;
+    e.last_use = ++clock_;
+    const size_t l = size_t(key / n_expert_);
+    layer_heat_[l] = layer_heat_[l] * std::pow(params_.heat_decay, double(step - layer_step_[l])) + 1.0;
+    layer_step_[l] = step;
+}
+
+double PolicyState::expected_next_use(int64_t key, int64_t step, int32_t layer) const {
+    const int32_t l = int32_t(key / n_expert_);
+    const int32_t d = l > layer ? l - layer : l - layer + n_layer_;
+    const double lh = layer_heat_[size_t(l)] * std::pow(params_.heat_decay, double(step - layer_step_[size_t(l)]));
+    // +1 per expert: an expert never seen is as likely as any other in its layer
+    const double p = std::min(1.0, double(k_) * (heat(key, step) + 1.0) / (lh + double(n_expert_)));
+    return double(d) + double(n_layer_) * (1.0 / p - 1.0);
+}
+
+size_t PolicyState::victim(const int64_t * cand, size_t n, int64_t step, int32_t layer) const {
+    size_t best = 0;
+    auto worse = [&](size_t i, size_t j) {   // is candidate i a better victim than j?
+        const Stat & a = stats_[size_t(cand[i])];
+        const Stat & b = stats_[size_t(cand[j])];
+        switch (params_.policy) {
+        case Policy::Lfu:
+            if (a.count != b.count) return a.count < b.count;
+            break;
+        case Policy::Heat: {
+            const double x = expected_next_use(cand[i], step, layer), y = expected_next_use(cand[j], step, layer);
+            if (x != y) return x > y;
+            break;
+        }
+        default: break;
+        }
+        return a.last_use < b.last_use;   // lru, and every tie
+    };
+    for (size_t i = 1; i < n; ++i)
+        if (worse(i, best)) best = i;
+    return best;
+}
+
+CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n_expert, int32_t n_expert_used,
+                          int64_t capacity, const PolicyParams & p) {
     if (n_expert <= 0) throw std::invalid_argument("n_expert must be positive");
     if (capacity < 0) throw std::invalid_argument("capacity must be >= 0");
     if (int64_t(p.pinned.size()) > capacity)
@@ -87,70 +132,68 @@ CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n
 
     CacheStats s;
     const std::set<int64_t> pinned(p.pinned.begin(), p.pinned.end());
-    std::unordered_map<int64_t, Stat> stats;
-    // Residents in eviction order: (rank, last use, key) ascending, the first goes.
-    using Rank = std::tuple<double, int64_t, int64_t>;
-    std::set<Rank> order;
-    std::unordered_map<int64_t, Rank> resident;
-    auto heat_now = [&](const Stat & e, int64_t step) { return e.heat * std::pow(p.heat_decay, double(step - e.heat_step)); };
-    auto rank = [&](int64_t key, const Stat & e) -> Rank {
-        switch (p.policy) {
-        case Policy::Lru: return {double(e.last_use), e.last_use, key};
-        case Policy::Lfu: return {double(e.count), e.last_use, key};
-        case Policy::Belady: return {-double(e.next), e.last_use, key};
-        default: return {0.0, e.last_use, key};   // heat: ranked by a scan at eviction time
-        }
-    };
     const int64_t slots = capacity - int64_t(pinned.size());
+    if (p.policy == Policy::Static || slots <= 0) {   // misses are served from the slower tier, not cached
+        for (int64_t k : keys) s.hits += pinned.count(k) ? 1 : 0;
+        s.requests = int64_t(n);
+        return s;
+    }
 
+    if (p.policy == Policy::Belady) {
+        // Residents by next use, latest first; an expert needed later than every resident is not cached.
+        std::set<std::pair<int64_t, int64_t>, std::greater<>> order;   // (next use, key)
+        std::unordered_map<int64_t, int64_t> resident;                 // key -> next use
+        for (size_t i = 0; i < n; ++i) {
+            const int64_t k = keys[i];
+            ++s.requests;
+            if (pinned.count(k)) {
+                ++s.hits;
+                continue;
+            }
+            auto it = resident.find(k);
+            if (it != resident.end()) {
+                ++s.hits;
+                order.erase({it->second, k});
+                it->second = next_use[i];
+                order.insert({next_use[i], k});
+                continue;
+            }
+            if (int64_t(resident.size()) >= slots) {
+                const auto victim = *order.begin();
+                if (victim.first <= next_use[i]) continue;
+                order.erase(order.begin());
+                resident.erase(victim.second);
+                ++s.evictions;
+            }
+            resident[k] = next_use[i];
+            order.insert({next_use[i], k});
+            ++s.loads;
+        }
+        return s;
+    }
+
+    int32_t n_layer = 1;
+    for (const ExpertRequest & r : requests) n_layer = std::max(n_layer, r.layer + 1);
+    PolicyState state(n_layer, n_expert, n_expert_used, p);
+    std::vector<int64_t> resident;   // keys, unordered
+    std::vector<char> is_resident(size_t(n_layer) * size_t(n_expert));
     for (size_t i = 0; i < n; ++i) {
         const int64_t k = keys[i];
-        const int64_t step = requests[i].step;
-        Stat & e = stats[k];
-        e.heat = heat_now(e, step) + 1.0;
-        e.heat_step = step;
-        ++e.count;
-        e.last_use = int64_t(i);
-        if (p.policy == Policy::Belady) e.next = next_use[i];
+        state.use(k, requests[i].step);
         ++s.requests;
-        if (pinned.count(k)) {
+        if (pinned.count(k) || is_resident[size_t(k)]) {
             ++s.hits;
-            continue;
-        }
-        if (p.policy == Policy::Static || slots <= 0) continue;   // served from the slower tier, not cached
-        auto it = resident.find(k);
-        if (it != resident.end()) {
-            ++s.hits;
-            order.erase(it->second);
-            it->second = rank(k, e);
-            order.insert(it->second);
             continue;
         }
         if (int64_t(resident.size()) >= slots) {
-            Rank victim = *order.begin();
-            // Belady may bypass: an expert needed later than every resident is not worth a slot.
-            if (p.policy == Policy::Belady && -std::get<0>(victim) <= double(e.next)) continue;
-            if (p.policy == Policy::Heat) {   // heat decays with time: compare everyone's as of now
-                double best = std::numeric_limits<double>::infinity();
-                for (const auto & [key, r] : resident) {
-                    const Stat & o = stats[key];
-                    const double h = heat_now(o, step);
-                    if (h < best || (h == best && std::make_pair(o.last_use, key) <
-                                                      std::make_pair(std::get<1>(victim), std::get<2>(victim)))) {
-                        best = h;
-                        victim = r;
-                    }
-                }
-                // Admission: a slot goes to the incoming expert only if it is now hotter than the coldest
-                // resident; otherwise it is served from the slower tier this time (no copy).
-                if (e.heat <= best) continue;
-            }
-            order.erase(victim);
-            resident.erase(std::get<2>(victim));
+            const size_t v = state.victim(resident.data(), resident.size(), requests[i].step, requests[i].layer);
+            is_resident[size_t(resident[v])] = 0;
+            resident[v] = resident.back();
+            resident.pop_back();
             ++s.evictions;
         }
-        resident[k] = rank(k, e);
-        order.insert(resident[k]);
+        resident.push_back(k);
+        is_resident[size_t(k)] = 1;
         ++s.loads;
     }
     return s;

@@ -15,16 +15,22 @@
 //           without caching (the llama.cpp "-ot" / ktransformers rule style)
 //   lru     evict the least recently used
 //   lfu     evict the least frequently used so far (ties: least recent)
-//   heat    decayed counts: heat = heat * decay^(steps since its last update)
-//           + 1 per use (decay per step, e.g. 0.95); when full, the incoming
-//           expert replaces the coldest resident only if it is now hotter,
-//           else it is used from the slower tier without being cached
+//   heat    evict the expert expected to be needed last: layers are visited
+//           in order, so an expert of layer l is next wanted when the forward
+//           pass comes back to l (d layers from now) and then with probability
+//           p per visit, p from decayed counts (heat = heat * decay^(steps
+//           since its last update) + 1 per use; decay per step, e.g. 0.95),
+//           p = min(1, k * (heat + 1) / (layer's heat + n_expert)). Expected
+//           next use: d + n_layer * (1/p - 1); the largest goes. Unlike LRU it
+//           does not throw out the layer that comes next.
 //   belady  evict the one needed again farthest in the future, or do not
 //           cache the requested one when it is needed later than all of them
 //           (the offline optimum for unit-size items; the yardstick). Pins
 //           are loaded before the first request and the others are not, so a
 //           static policy can beat it by at most the capacity (cold misses).
-// Thread safety: pure functions.
+// PolicyState is the online part, shared by the simulator and the run-time
+// cache (experts/expert_store.h): statistics per expert and the victim choice.
+// Thread safety: pure functions; a PolicyState is used by one thread at a time.
 #pragma once
 
 #include <cstdint>
@@ -50,6 +56,35 @@ struct PolicyParams {
     std::vector<int64_t> pinned;            // expert keys (layer * n_expert + expert), at most capacity
 };
 
+// What the online policies know: per expert, its uses so far, and where the
+// forward pass is (token step, layer).
+class PolicyState {
+public:
+    // n_layer: layers that route (keys are layer * n_expert + expert, layer < n_layer).
+    PolicyState(int32_t n_layer, int32_t n_expert, int32_t n_expert_used, const PolicyParams & params);
+
+    void use(int64_t key, int64_t step);   // one use by the token at `step`
+    // Which of candidates[0, n) to evict when the forward pass is at (step, layer); n > 0.
+    size_t victim(const int64_t * candidates, size_t n, int64_t step, int32_t layer) const;
+    // heat: the expected number of layer visits until key is needed again.
+    double expected_next_use(int64_t key, int64_t step, int32_t layer) const;
+    double heat(int64_t key, int64_t step) const;
+
+private:
+    struct Stat {
+        int64_t count = 0;
+        int64_t last_use = 0;   // use counter, for recency
+        double heat = 0;        // as of heat_step
+        int64_t heat_step = 0;
+    };
+    int32_t n_layer_, n_expert_, k_;
+    PolicyParams params_;
+    std::vector<Stat> stats_;                  // [n_layer * n_expert]
+    std::vector<double> layer_heat_;           // [n_layer] sum of the layer's heat, as of layer_step_
+    std::vector<int64_t> layer_step_;
+    int64_t clock_ = 0;
+};
+
 struct CacheStats {
     int64_t requests = 0;
     int64_t hits = 0;
@@ -58,11 +93,12 @@ struct CacheStats {
     double hit_rate() const { return requests ? double(hits) / double(requests) : 0.0; }
 };
 
-// n_expert: experts per layer (keys are layer * n_expert + expert). capacity:
+// n_expert: experts per layer (keys are layer * n_expert + expert); n_expert_used:
+// the router's k (heat's estimate of p). capacity:
 // slots in the cache (0..). Throws std::invalid_argument for an expert or layer
 // out of range, more pins than capacity, or a decay outside (0, 1].
-CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n_expert, int64_t capacity,
-                          const PolicyParams & params);
+CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n_expert, int32_t n_expert_used,
+                          int64_t capacity, const PolicyParams & params);
 
 // The capacity experts used most often in requests (ties: lower key), as pins
 // for Policy::Static: the best any frequency-based static rule could do.

@@ -605,7 +605,7 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
             pp.policy = p;
             pp.heat_decay = decay;
             if (p == moesh::Policy::Static) pp.pinned = moesh::most_used_experts(reqs, int32_t(t.n_expert), cap);
-            const moesh::CacheStats st = moesh::simulate_cache(reqs, int32_t(t.n_expert), cap, pp);
+            const moesh::CacheStats st = moesh::simulate_cache(reqs, int32_t(t.n_expert), int32_t(t.n_expert_used), cap, pp);
             if (output == "text") std::printf(" %8.4f", st.hit_rate());
             rows.push_back({{"cache_percent", pct}, {"cache_experts", cap}, {"policy", moesh::policy_name(p)},
                             {"hit_rate", st.hit_rate()}, {"hits", st.hits}, {"requests", st.requests}, {"loads", st.loads},

@@ -96,7 +96,10 @@ void parse_tier(std::string_view source, const toml::node & n, PlacementConfig &
         }
     }
     if (!have_kind) fail(source, n, "tier", "missing 'kind' (gpu, host or disk)");
-    if (!have_budget) fail(source, n, "tier", "missing 'budget' (bytes the tier may hold)");
+    if (tier.kind == TierKind::Disk && have_budget)
+        fail(source, n, "tier.budget", "a disk tier has no budget: the model file holds every expert, and the host tier's "
+                                       "budget bounds the memory its reads fill; remove the key");
+    if (tier.kind != TierKind::Disk && !have_budget) fail(source, n, "tier", "missing 'budget' (bytes the tier may hold)");
     if (tier.name.empty()) tier.name = tier.kind == TierKind::Gpu ? "gpu" + std::to_string(tier.device)
                                        : tier.kind == TierKind::Host ? "host" : "disk";
     for (const TierConfig & o : pc.tiers)
@@ -120,6 +123,10 @@ void parse_placement(std::string_view source, const toml::table & tbl, Placement
             auto b = v.value<bool>();
             if (!v.is_boolean() || !b) fail(source, v, key, "expected true or false");
             pc.prefetch = *b;
+        } else if (k == "direct_io") {
+            auto b = v.value<bool>();
+            if (!v.is_boolean() || !b) fail(source, v, key, "expected true or false");
+            pc.direct_io = *b;
         } else if (k == "pin") {
             const toml::array * arr = v.as_array();
             if (!arr) fail(source, v, key, "expected [[placement.pin]] tables");
@@ -138,7 +145,7 @@ void parse_placement(std::string_view source, const toml::table & tbl, Placement
                 pc.pins.push_back(pin);
             }
         } else {
-            fail(source, v, key, "unknown key (known: policy, heat_decay, prefetch, pin)");
+            fail(source, v, key, "unknown key (known: policy, heat_decay, prefetch, direct_io, pin)");
         }
     }
 }

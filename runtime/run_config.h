@@ -13,15 +13,16 @@
 //   [quantize]                   # at load time, from f32/f16/bf16 weights (see runtime/quantize.h)
 //   experts = "q4_0"             # q8_0, q4_0 or q4_1 per class:
 //   attention = "q8_0"           #   experts, attention, ffn, embeddings, output
-//   [[tier]]                     # memory tiers for experts, fastest first (configs/placement.toml)
-//   name = "gpu0"                # unique
+//   [[tier]]                     # memory tiers for experts, fastest first (configs/placement.toml,
+//   name = "gpu0"                #   experts/placement.h); unique names
 //   kind = "gpu"                 # gpu, host or disk
-//   budget = "20GiB"             # bytes the tier may hold ("512MiB", "1.5GiB" or an integer)
+//   budget = "20GiB"             # bytes the tier may hold ("512MiB", "1.5GiB" or an integer); not for disk
 //   device = 0                   # gpu only
 //   [placement]
 //   policy = "heat"              # static, lru, lfu or heat (experts/cache_policy.h)
 //   heat_decay = 0.95            # per token, in (0, 1]
 //   prefetch = true
+//   direct_io = true             # O_DIRECT reads from the disk tier where the file system allows it
 //   [[placement.pin]]            # experts that always live on a tier
 //   tier = "gpu0"
 //   layers = "0-3"               # "N", "A-B" or "*"
@@ -32,6 +33,7 @@
 // Thread safety: plain data.
 #pragma once
 
+#include "experts/placement.h"
 #include "runtime/quantize.h"
 
 #include <cstdint>
@@ -40,36 +42,6 @@
 #include <vector>
 
 namespace moesh {
-
-// An inclusive range of layer or expert indices; "*" is every index.
-struct IndexRange {
-    int64_t first = 0;
-    int64_t last = -1;   // -1 with first 0: every index
-    bool all() const { return first == 0 && last == -1; }
-    bool contains(int64_t i) const { return all() || (i >= first && i <= last); }
-};
-
-enum class TierKind { Gpu, Host, Disk };
-
-struct TierConfig {
-    std::string name;
-    TierKind kind = TierKind::Host;
-    uint64_t budget = 0;   // bytes
-    int32_t device = 0;    // gpu
-};
-
-struct PinConfig {
-    std::string tier;
-    IndexRange layers, experts;
-};
-
-struct PlacementConfig {
-    std::vector<TierConfig> tiers;   // fastest first, as written
-    std::string policy = "heat";
-    double heat_decay = 0.95;
-    bool prefetch = true;
-    std::vector<PinConfig> pins;
-};
 
 // "512MiB", "1.5GiB", "2GB", "4096" -> bytes; false when not a size.
 bool parse_byte_size(std::string_view text, uint64_t * out);

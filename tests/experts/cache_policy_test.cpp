@@ -19,7 +19,7 @@ CacheStats run(const std::vector<ExpertRequest> & r, int64_t capacity, Policy p,
     pp.policy = p;
     pp.heat_decay = decay;
     if (p == Policy::Static) pp.pinned = most_used_experts(r, 4, capacity);
-    return simulate_cache(r, 4, capacity, pp);
+    return simulate_cache(r, 4, 1, capacity, pp);
 }
 
 // 0 1 2 0 1 3 0 with two slots.
@@ -51,11 +51,35 @@ TEST(CachePolicy, HeatForgetsWhatLfuRemembers) {
     EXPECT_EQ(run(r, 2, Policy::Lfu).hits, 3);
     // heat, decay 0.5: at step 5 A has 1.875 * 0.5^2 = 0.47 < B's 0.5, so A goes: 3 + 4 hits
     EXPECT_EQ(run(r, 2, Policy::Heat, 0.5).hits, 7);
-    // with no decay, counts: C (1, then 2, 3) never beats the coldest resident B (1, 2, 3), so it is not
-    // cached and B stays: A's 3 hits + B's 2
-    EXPECT_EQ(run(r, 2, Policy::Heat, 1.0).hits, 5);
+    // with no decay heat is LFU: A (4 uses) stays, B and C take turns in the other slot: A's 3 hits
+    EXPECT_EQ(run(r, 2, Policy::Heat, 1.0).hits, 3);
     EXPECT_EQ(run(r, 2, Policy::Lru).hits, 7);
     EXPECT_EQ(run(r, 2, Policy::Belady).hits, 7);
+}
+
+// Three layers of one expert each, visited in order, two slots.
+TEST(CachePolicy, HeatKeepsTheLayerThatComesNext) {
+    std::vector<ExpertRequest> r;
+    for (int64_t t = 0; t < 4; ++t)
+        for (int32_t l = 0; l < 3; ++l) r.push_back({t, l, 0});
+    PolicyParams p;
+    p.policy = Policy::Lru;
+    // lru always evicts the layer that comes next: {0} {0,1} {1,2} {2,0} ... never a hit
+    EXPECT_EQ(simulate_cache(r, 1, 1, 2, p).hits, 0);
+    // heat (p = 1 for a layer's only expert): evict the layer visited last, the one wanted farthest away.
+    // t0: {0} {0,1} 2 evicts 1 (next in 2 layers; 0 is next) {0,2}; t1: 0 hit, 1 evicts 0 {2,1}, 2 hit;
+    // t2: 0 evicts 2 {1,0}, 1 hit, 2 evicts 1 {0,2}; t3: 0 hit, 1 evicts 0, 2 hit: 5 hits
+    p.policy = Policy::Heat;
+    EXPECT_EQ(simulate_cache(r, 1, 1, 2, p).hits, 5);
+    p.policy = Policy::Belady;
+    EXPECT_GE(simulate_cache(r, 1, 1, 2, p).hits, 5);
+    // the state agrees: at layer 2, layer 0's expert is 1 visit away and layer 1's 2
+    PolicyState st(3, 1, 1, PolicyParams{Policy::Heat, 0.95, {}});
+    for (int64_t k : {0, 1, 2}) st.use(k, 0);
+    EXPECT_DOUBLE_EQ(st.expected_next_use(0, 0, 2), 1.0);
+    EXPECT_DOUBLE_EQ(st.expected_next_use(1, 0, 2), 2.0);
+    const int64_t cand[] = {0, 1};
+    EXPECT_EQ(st.victim(cand, 2, 0, 2), 1u);
 }
 
 TEST(CachePolicy, BeladyIsNeverBeaten) {
@@ -83,24 +107,24 @@ TEST(CachePolicy, PinsAreAlwaysResidentAndNeverEvicted) {
     PolicyParams p;
     p.policy = Policy::Lru;
     p.pinned = {3};
-    const CacheStats s = simulate_cache(r, 4, 2, p);   // one free slot for 0 1 2: all miss; 3 always hits
+    const CacheStats s = simulate_cache(r, 4, 1, 2, p);   // one free slot for 0 1 2: all miss; 3 always hits
     EXPECT_EQ(s.hits, 3);
     EXPECT_EQ(s.loads, 6);
 }
 
 TEST(CachePolicy, RefusesWhatCannotBe) {
     PolicyParams p;
-    EXPECT_THROW(simulate_cache(one_layer({4}), 4, 2, p), std::invalid_argument);   // expert out of range
+    EXPECT_THROW(simulate_cache(one_layer({4}), 4, 1, 2, p), std::invalid_argument);   // expert out of range
     p.pinned = {0, 1, 2};
-    EXPECT_THROW(simulate_cache(one_layer({0}), 4, 2, p), std::invalid_argument);   // more pins than slots
+    EXPECT_THROW(simulate_cache(one_layer({0}), 4, 1, 2, p), std::invalid_argument);   // more pins than slots
     p.pinned = {};
     p.heat_decay = 0.0;
-    EXPECT_THROW(simulate_cache(one_layer({0}), 4, 2, p), std::invalid_argument);
+    EXPECT_THROW(simulate_cache(one_layer({0}), 4, 1, 2, p), std::invalid_argument);
     Policy q;
     EXPECT_TRUE(parse_policy("heat", &q));
     EXPECT_EQ(q, Policy::Heat);
     EXPECT_FALSE(parse_policy("mru", &q));
-    EXPECT_EQ(simulate_cache({}, 4, 0, PolicyParams{}).hit_rate(), 0.0);
+    EXPECT_EQ(simulate_cache({}, 4, 1, 0, PolicyParams{}).hit_rate(), 0.0);
 }
 
 } // namespace

@@ -63,6 +63,8 @@ TEST(PlacementConfig, TheExampleLoads) {
     EXPECT_EQ(p.tiers[0].kind, TierKind::Gpu);
     EXPECT_EQ(p.tiers[0].budget, uint64_t(20) << 30);
     EXPECT_EQ(p.tiers[2].kind, TierKind::Disk);
+    EXPECT_EQ(p.tiers[2].budget, 0u);
+    EXPECT_TRUE(p.direct_io);
     EXPECT_EQ(p.policy, "heat");
     EXPECT_DOUBLE_EQ(p.heat_decay, 0.95);
     ASSERT_EQ(p.pins.size(), 1u);
@@ -101,6 +103,8 @@ TEST(PlacementConfig, MistakesNameTheLineAndColumn) {
         {"[[placement.pin]]\ntier = \"gpu0\"\nexperts = \"x\"\n", "key 'placement.pin.experts': expected"},
         {"[[tier]]\nkind = \"host\"\nbudget = 1\n[[placement.pin]]\ntier = \"gpu0\"\n", "no [[tier]] named 'gpu0'"},
         {"[placement]\nbudget = 1\n", "unknown key (known: policy"},
+        {"[[tier]]\nkind = \"disk\"\nbudget = \"1GiB\"\n", "t.toml:1:1: key 'tier.budget': a disk tier has no budget"},
+        {"[placement]\ndirect_io = 1\n", "t.toml:2:13: key 'placement.direct_io': expected true or false"},
         {"tier = 3\n", "expected [[tier]] tables"},
     };
     for (const Bad & b : bad) {

@@ -1,0 +1,192 @@
+#include "experts/placement.h"
+
+#include <algorithm>
+#include <cinttypes>
+#include <cstdio>
+#include <set>
+
+namespace moesh {
+
+const char * tier_kind_name(TierKind k) {
+    switch (k) {
+    case TierKind::Gpu: return "gpu";
+    case TierKind::Host: return "host";
+    case TierKind::Disk: return "disk";
+    }
+    return "?";
+}
+
+size_t ModelFootprint::routed_expert_bytes() const {
+    size_t s = 0;
+    for (size_t b : expert_bytes) s += b * size_t(n_expert);
+    return s;
+}
+
+int64_t ModelFootprint::n_routed() const {
+    int64_t n = 0;
+    for (size_t b : expert_bytes) n += b ? n_expert : 0;
+    return n;
+}
+
+size_t ModelFootprint::max_expert_bytes() const {
+    size_t m = 0;
+    for (size_t b : expert_bytes) m = std::max(m, b);
+    return m;
+}
+
+size_t slot_bytes_for(size_t expert_bytes) {
+    // three matrices, each widened by at most one page at either end, then whole pages
+    const size_t a = k_direct_io_align;
+    return (expert_bytes + a - 1) / a * a + 6 * a;
+}
+
+namespace {
+
+std::string gib(double bytes) {
+    char buf[32];
+    if (bytes >= 1024.0 * 1024 * 1024) std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / (1024.0 * 1024 * 1024));
+    else std::snprintf(buf, sizeof buf, "%.1f MiB", bytes / (1024.0 * 1024));
+    return buf;
+}
+
+} // namespace
+
+PlacementPlan plan_placement(const ModelFootprint & m, const PlacementConfig & c) {
+    PlacementPlan p;
+    if (!parse_policy(c.policy, &p.policy) || p.policy == Policy::Belady)
+        throw PlacementError("placement policy '" + c.policy + "' is not one of static, lru, lfu, heat");
+    if (!(c.heat_decay > 0.0 && c.heat_decay <= 1.0))
+        throw PlacementError("placement heat_decay " + std::to_string(c.heat_decay) + " is outside (0, 1]");
+    p.heat_decay = c.heat_decay;
+    p.prefetch = c.prefetch;
+    p.direct_io = c.direct_io;
+    if (m.expert_bytes.size() != size_t(m.n_layer)) throw PlacementError("model footprint has no per-layer expert sizes");
+
+    const size_t slot = slot_bytes_for(m.max_expert_bytes());
+    bool have_disk = false;
+    for (const TierConfig & t : c.tiers) {
+        TierPlan tp;
+        tp.name = t.name;
+        tp.kind = t.kind;
+        tp.budget = t.budget;
+        if (t.kind == TierKind::Disk) {
+            have_disk = true;
+        } else {
+            if (t.kind == TierKind::Host) {
+                if (p.host_tier >= 0) throw PlacementError("a second host tier '" + t.name + "': RAM is one tier");
+                p.host_tier = int32_t(p.tiers.size());
+            }
+            tp.slot_bytes = slot;
+            tp.n_slots = slot ? int64_t(t.budget / slot) : 0;
+        }
+        p.tiers.push_back(tp);
+    }
+
+    // Pins: each expert at most once, on a tier with slots.
+    std::set<int64_t> seen;
+    for (const PinConfig & pin : c.pins) {
+        auto it = std::find_if(p.tiers.begin(), p.tiers.end(), [&](const TierPlan & t) { return t.name == pin.tier; });
+        if (it == p.tiers.end()) throw PlacementError("pin names tier '" + pin.tier + "', which is not configured");
+        if (it->kind == TierKind::Disk) throw PlacementError("pin on disk tier '" + pin.tier + "': the disk holds every expert anyway; pin to a faster tier");
+        if (!pin.layers.all() && pin.layers.last >= m.n_layer)
+            throw PlacementError("pin layers " + std::to_string(pin.layers.first) + "-" + std::to_string(pin.layers.last) +
+                                 " outside the model's " + std::to_string(m.n_layer) + " layers");
+        if (!pin.experts.all() && pin.experts.last >= m.n_expert)
+            throw PlacementError("pin experts " + std::to_string(pin.experts.first) + "-" + std::to_string(pin.experts.last) +
+                                 " outside the model's " + std::to_string(m.n_expert) + " experts per layer");
+        for (int32_t l = 0; l < m.n_layer; ++l) {
+            if (!pin.layers.contains(l) || m.expert_bytes[size_t(l)] == 0) continue;
+            for (int32_t e = 0; e < m.n_expert; ++e) {
+                if (!pin.experts.contains(e)) continue;
+                const int64_t key = int64_t(l) * m.n_expert + e;
+                if (!seen.insert(key).second)
+                    throw PlacementError("expert (layer " + std::to_string(l) + ", expert " + std::to_string(e) + ") is pinned twice");
+                it->pinned.push_back(key);
+            }
+        }
+        if (int64_t(it->pinned.size()) > it->n_slots)
+            throw PlacementError(std::to_string(it->pinned.size()) + " experts pinned to tier '" + it->name + "' need " +
+                                 gib(double(it->pinned.size()) * double(slot)) + ", its budget holds " +
+                                 std::to_string(it->n_slots) + " (" + gib(double(it->budget)) + ")");
+    }
+
+    // Without a host tier, everything stays in the mapping as before (no budget was asked for).
+    if (p.host_tier < 0) {
+        if (have_disk) throw PlacementError("a disk tier needs a host tier: its budget is the RAM that caches experts read from disk");
+        return p;
+    }
+    const TierPlan & h = p.tiers[size_t(p.host_tier)];
+    const int64_t n_routed = m.n_routed();
+    int64_t faster = 0;   // slots of tiers above host
+    for (size_t i = 0; i < size_t(p.host_tier); ++i) faster += p.tiers[i].n_slots;
+    if (h.n_slots + faster >= n_routed) return p;   // every expert has a place: nothing streams
+    if (!have_disk)
+        throw PlacementError("the routed experts need " + gib(double(m.routed_expert_bytes())) + " but host tier '" + h.name +
+                             "' holds " + std::to_string(h.n_slots) + " of " + std::to_string(n_routed) + " (" +
+                             gib(double(h.budget)) + "); add a [[tier]] with kind = \"disk\" to read the rest from the model "
+                             "file on demand, or raise the budget");
+    const int64_t free_slots = h.n_slots - int64_t(h.pinned.size());
+    if (free_slots < 2)
+        throw PlacementError("host tier '" + h.name + "' has " + std::to_string(free_slots) + " unpinned slot" +
+                             (free_slots == 1 ? "" : "s") + " of " + gib(double(slot)) +
+                             "; reading experts from disk needs at least 2 (one computing, one loading): raise its budget to " +
+                             gib(double(slot) * double(h.pinned.size() + 2)) + " or more, or pin fewer experts");
+    p.all_resident = false;
+    return p;
+}
+
+std::string describe_plan(const ModelFootprint & m, const PlacementPlan & p) {
+    std::string out;
+    char line[512];
+    const size_t fixed = m.attention_bytes + m.embedding_bytes + m.output_bytes + m.other_bytes;
+    std::snprintf(line, sizeof line, "model %s: %d layers, %" PRId64 " routed experts (%d per layer, top-%d), %s of routed experts\n",
+                  m.name.c_str(), m.n_layer, m.n_routed(), m.n_expert, m.n_expert_used, gib(double(m.routed_expert_bytes())).c_str());
+    out += line;
+    std::snprintf(line, sizeof line, "host RAM outside the expert budget: %s\n", gib(double(fixed + m.kv_bytes + m.activation_bytes)).c_str());
+    out += line;
+    auto row = [&](const char * what, size_t bytes) {
+        std::snprintf(line, sizeof line, "  %-28s %12s\n", what, gib(double(bytes)).c_str());
+        out += line;
+    };
+    row("attention (q, k, v, o)", m.attention_bytes);
+    row("token embedding", m.embedding_bytes);
+    row("output projection", m.output_bytes);
+    row("routers, dense/shared FFN, norms", m.other_bytes);
+    row("KV cache", m.kv_bytes);
+    row("activations", m.activation_bytes);
+
+    if (p.tiers.empty() || p.host_tier < 0) {
+        out += "experts: all " + std::to_string(m.n_routed()) + " read from the model file's mapping (no [[tier]] configured: "
+               "no budget binds; the page cache holds what the OS keeps)\n";
+        return out;
+    }
+    out += "expert tiers, fastest first:\n";
+    for (const TierPlan & t : p.tiers) {
+        if (t.kind == TierKind::Disk) {
+            std::snprintf(line, sizeof line, "  %-8s disk   home of every expert; misses are read on demand%s\n", t.name.c_str(),
+                          p.direct_io ? " with O_DIRECT where the file system allows it" : " (buffered, page cache dropped after each read)");
+            out += line;
+            continue;
+        }
+        std::snprintf(line, sizeof line, "  %-8s %-6s budget %s = %" PRId64 " slots of %s; pinned %zu%s\n", t.name.c_str(),
+                      tier_kind_name(t.kind), gib(double(t.budget)).c_str(), t.n_slots, gib(double(t.slot_bytes)).c_str(),
+                      t.pinned.size(), t.kind == TierKind::Gpu ? " (GPU expert cache: planned, not run yet)" : "");
+        out += line;
+    }
+    const TierPlan & h = *p.host();
+    if (p.all_resident) {
+        out += "every routed expert fits: all are resident (read from the mapping), the policy never evicts\n";
+    } else {
+        std::snprintf(line, sizeof line,
+                      "streaming: %" PRId64 " of %" PRId64 " experts fit in '%s' (%.0f%%), %" PRId64 " pinned; the rest are read "
+                      "from disk on a miss and cached by policy '%s'%s\n",
+                      std::min<int64_t>(h.n_slots, m.n_routed()), m.n_routed(), h.name.c_str(),
+                      100.0 * double(std::min<int64_t>(h.n_slots, m.n_routed())) / double(std::max<int64_t>(1, m.n_routed())),
+                      int64_t(h.pinned.size()), policy_name(p.policy),
+                      p.prefetch ? ", the next layer's experts prefetched from the router's prediction" : "");
+        out += line;
+    }
+    return out;
+}
+
+} // namespace moesh
