@@ -69,7 +69,7 @@ BackendWeights::BackendWeights(const Model & model, Backend & backend, const Wei
         for (const WeightMatrix * w : {&L.router, &L.shared_gate}) matrices({w}, MOESH_OP_MATMUL, "routers");
         ffn(L.dense, "dense and shared FFN");
         ffn(L.shared, "dense and shared FFN");
-        for (int64_t e = 0; L.is_moe && e < c.n_expert; ++e)
+        for (int64_t e = 0; L.is_moe && o.routed_experts && e < c.n_expert; ++e)
             ffn(model.experts().get({int32_t(il), int32_t(e)}), "routed experts");
         for (const std::vector<float> * v : {&L.attn_norm, &L.ffn_norm, &L.q_norm, &L.k_norm, &L.bq, &L.bk, &L.bv, &L.bo})
             vector(*v);

@@ -39,6 +39,8 @@ struct WeightOptions {
     double keep_free_fraction = 0.1;
     // Device-memory backends: bytes that must stay free after the weights (KV cache, activations).
     size_t reserve_bytes = 0;
+    // false: routed experts are left alone (an ExpertStore serves them from their file).
+    bool routed_experts = true;
     // Called now and then with the bytes packed or uploaded so far and the total.
     std::function<void(size_t done, size_t total)> progress;
 };

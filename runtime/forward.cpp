@@ -90,6 +90,92 @@ ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, i
     route_tok_ = Staged<int32_t>(be_, s.used, "buffer_alloc (routing)");
     route_w_ = Staged<float>(be_, s.used, "buffer_alloc (routing)");
     runs_.reserve(size_t(max_batch));
+
+    next_moe_.assign(size_t(c.n_layer), -1);
+    for (int64_t il = c.n_layer - 1, next = -1; il >= 0; --il) {
+        next_moe_[size_t(il)] = next;
+        if (model.layers()[size_t(il)].is_moe) next = il;
+        first_moe_ = next;
+    }
+}
+
+void ForwardPass::set_expert_store(ExpertStore * store, bool prefetch) {
+    const ModelConfig & c = model_.config();
+    if (store && !be_.host_memory())
+        throw Error("backend '" + be_.name() + "' keeps weights in device memory; an expert budget (host/disk tiers) needs a "
+                    "host-memory backend until the GPU expert cache is built: use --backend cpu or drop the [[tier]] tables");
+    store_ = store;
+    prefetch_ = store && prefetch;
+    const size_t E = size_t(std::max<int64_t>(1, c.n_expert)), B = size_t(max_batch_);
+    wanted_.reserve(E);
+    wanted_n_.reserve(E);
+    pred_count_.reserve(E);
+    pred_list_.reserve(E);
+    if (prefetch_ && pred_ids_.empty()) {
+        router_next_ = Staged<float>(be_, B * E, "buffer_alloc (activations)");
+        pred_ids_.resize(B * size_t(std::max<int64_t>(1, c.n_expert_used)));
+        pred_w_.resize(pred_ids_.size());
+    }
+}
+
+void ForwardPass::predict(int64_t il, const float * h, int64_t n) {
+    const ModelConfig & c = model_.config();
+    matmul(model_.layers()[size_t(il)].router, {}, h, router_next_.dev(), n);
+    router_next_.download(0, size_t(n * c.n_expert));
+    route_softmax_topk(router_next_.host(), n, RouterSpec{c.n_expert, c.n_expert_used, c.norm_topk_prob}, pred_ids_.data(),
+                       pred_w_.data());
+    // Most-wanted first: the store stops prefetching when it runs out of evictable slots.
+    pred_count_.clear();
+    for (int64_t e = 0; e < c.n_expert; ++e) pred_count_.push_back({0, int32_t(e)});
+    for (int64_t i = 0; i < n * c.n_expert_used; ++i) --pred_count_[size_t(pred_ids_[size_t(i)])].first;
+    std::sort(pred_count_.begin(), pred_count_.end());
+    pred_list_.clear();
+    for (const auto & [neg, e] : pred_count_)
+        if (neg < 0) pred_list_.push_back(e);
+    store_->prefetch(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
+}
+
+// Routed experts from the store: ask for all of the layer's, prefetch the next layer's, compute in
+// the order they arrive. A failure anywhere leaves the store consistent (Layer's destructor).
+void ForwardPass::stored_experts(int64_t il, int64_t n, const float * h, float * x) {
+    const ModelConfig & c = model_.config();
+    wanted_.clear();
+    wanted_n_.clear();
+    for (int64_t e = 0; e < c.n_expert; ++e)
+        if (dispatch_.n_tokens_for(e) > 0) {
+            wanted_.push_back(int32_t(e));
+            wanted_n_.push_back(int32_t(dispatch_.n_tokens_for(e)));
+        }
+    struct Layer {
+        ExpertStore & s;
+        ExpertId held{0, -1};
+        ~Layer() {
+            if (held.index >= 0) s.release(held);
+            s.end_layer();
+        }
+    } layer{*store_};
+    store_->begin_layer(int32_t(il), n_steps_, wanted_.data(), int64_t(wanted_.size()), wanted_n_.data());
+    if (prefetch_ && next_moe_[size_t(il)] >= 0) predict(next_moe_[size_t(il)], h, n);
+    std::stable_sort(wanted_.begin(), wanted_.end(), [&](int32_t a, int32_t b) {
+        return store_->order({int32_t(il), a}) < store_->order({int32_t(il), b});
+    });
+    for (int32_t e : wanted_) {
+        const ExpertWeights & w = store_->acquire({int32_t(il), e});
+        layer.held = {int32_t(il), e};
+        const int64_t n_e = dispatch_.n_tokens_for(e);
+        const float * scale = route_w_.dev() + dispatch_.offset(e);
+        if (n == 1) {
+            run_expert(w, h, scale, x, 1);
+        } else {
+            const int32_t * tok = route_tok_.dev() + dispatch_.offset(e);
+            copy_rows(h, n, tok, xe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);
+            copy_rows(nullptr, 0, nullptr, oe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);
+            run_expert(w, xe_.as<float>(), scale, oe_.as<float>(), n_e);
+            copy_rows(oe_.as<float>(), n_e, nullptr, x, n, tok, n_e, c.n_embd, true);
+        }
+        layer.held.index = -1;
+        store_->release({int32_t(il), e});
+    }
 }
 
 void ForwardPass::matmul(const WeightMatrix & w, const std::vector<float> & bias, const float * x, float * y,
@@ -264,7 +350,7 @@ void ForwardPass::ffn(int64_t il, int64_t n) {
         route_tok_.upload(0, size_t(n_pairs));
     }
 
-    for (int64_t e = 0; e < c.n_expert; ++e) {
+    for (int64_t e = 0; e < c.n_expert && !store_; ++e) {
         const int64_t n_e = dispatch_.n_tokens_for(e);
         if (n_e == 0) continue;
         const ExpertWeights & w = model_.experts().get({int32_t(il), int32_t(e)});
@@ -279,6 +365,7 @@ void ForwardPass::ffn(int64_t il, int64_t n) {
         run_expert(w, xe_.as<float>(), scale, oe_.as<float>(), n_e);
         copy_rows(oe_.as<float>(), n_e, nullptr, x, n, tok, n_e, c.n_embd, true);            // scatter-add
     }
+    if (store_) stored_experts(il, n, h, x);
     if (!L.shared.empty()) {
         matmul(L.shared_gate, {}, h, shared_scale_.dev(), n);
         shared_scale_.download(0, size_t(n));
@@ -349,6 +436,11 @@ const float * ForwardPass::run(const Batch & batch, std::string * error) {
         convert_to_f32(row, E.type, x_.host() + size_t(t) * n_embd, c.n_embd);
     }
     x_.upload(0, size_t(n) * n_embd);
+    ++n_steps_;
+    if (prefetch_ && first_moe_ >= 0) {   // the first MoE layer's guess: its router on the normed embeddings
+        rms_norm(x_.dev(), model_.layers()[size_t(first_moe_)].ffn_norm, h_.as<float>(), n, c.n_embd);
+        predict(first_moe_, h_.as<float>(), n);
+    }
 
     for (int64_t il = 0; il < c.n_layer; ++il) {
         attention(il, n);

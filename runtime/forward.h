@@ -15,9 +15,16 @@
 // backend those transfers are no-ops (the staging memory is the buffer).
 // All buffers are sized in the constructor from max_batch; run() does not
 // allocate. Activation counts go to heat().
+// With an ExpertStore (set_expert_store), routed experts come from its slots
+// instead of the model's mapping: each MoE layer tells the store what it
+// wants, computes the experts in the order they become ready, and (prefetch)
+// applies the next MoE layer's router to this layer's normed hidden state to
+// start loading what it will probably want; the first MoE layer's guess comes
+// from the token embeddings.
 // Thread safety: one thread drives a ForwardPass; the backend may use workers.
 #pragma once
 
+#include "experts/expert_store.h"
 #include "plugins/loader/plugin_loader.h"
 #include "router/router.h"
 #include "runtime/backend_weights.h"
@@ -78,6 +85,10 @@ public:
     // ids and weights are [n_tokens, n_expert_used], valid during the call.
     using RouteObserver = std::function<void(int64_t layer, int64_t n_tokens, const int32_t * ids, const float * weights)>;
     void set_route_observer(RouteObserver observer) { observer_ = std::move(observer); }
+    // Routed experts from store (must outlive this; nullptr: the model's own). The
+    // weights must have been prepared without routed experts (WeightOptions).
+    // Throws on a device-memory backend: the GPU expert cache is not built yet.
+    void set_expert_store(ExpertStore * store, bool prefetch);
 
     int64_t max_batch() const { return max_batch_; }
     const ExpertHeat & heat() const { return heat_; }
@@ -91,6 +102,8 @@ private:
     };
 
     void attention(int64_t il, int64_t n);
+    void stored_experts(int64_t il, int64_t n, const float * h, float * x);
+    void predict(int64_t il, const float * h, int64_t n);   // prefetch layer il's likely experts
     void ffn(int64_t il, int64_t n);
     void run_expert(const ExpertWeights & w, const float * x, const float * scale, float * out, int64_t n);
     void matmul(const WeightMatrix & w, const std::vector<float> & bias, const float * x, float * y, int64_t n);
@@ -108,6 +121,14 @@ private:
     ExpertHeat heat_;
     ExpertDispatch dispatch_;
     RouteObserver observer_;
+    ExpertStore * store_ = nullptr;
+    bool prefetch_ = false;
+    int64_t n_steps_ = 0;                 // forward passes run: the store's clock
+    std::vector<int64_t> next_moe_;       // [n_layer] next MoE layer, -1 after the last
+    int64_t first_moe_ = -1;
+    std::vector<int32_t> wanted_, wanted_n_, pred_ids_, pred_list_;   // host scratch for the store, reserved
+    std::vector<float> pred_w_;
+    std::vector<std::pair<int32_t, int32_t>> pred_count_;
     std::vector<Run> runs_;       // reserved max_batch
 
     // Backend memory; B = max_batch.
@@ -119,6 +140,7 @@ private:
     BackendBuffer attn_;          // [B, n_head * head_dim]
     BackendBuffer out_;           // [B, n_embd] attention output
     Staged<float> router_;        // [B, n_expert] router logits, read by the host
+    Staged<float> router_next_;   // [B, n_expert] the next layer's router on this layer's input (prefetch)
     BackendBuffer xe_;            // [B, n_embd] tokens gathered for one expert
     BackendBuffer oe_;            // [B, n_embd] that expert's output
     Staged<float> shared_scale_;  // [B] shared expert gate

@@ -33,6 +33,9 @@ struct GenerateOptions {
     std::function<void(int32_t)> on_token; // called with each generated id as soon as it is sampled
     const BackendWeights * weights = nullptr; // weights as the backend reads them (runtime/backend_weights.h); null: the model as is
     RouteTraceWriter * trace = nullptr;       // gets every token's routing (runtime/route_trace.h)
+    ExpertStore * experts = nullptr;          // routed experts from a budgeted cache (experts/expert_store.h); weights
+                                              //   must then be prepared without them (WeightOptions::routed_experts)
+    bool prefetch = true;                     // with experts: predict and prefetch the next layer's
 };
 
 struct GenerateResult {

@@ -141,6 +141,15 @@ public:
         return out;
     }
     std::string describe() const override { return file_->source(); }
+    // The image starts data_offset + offset before any tensor's data; it spans at least to the last tensor's end.
+    std::vector<MappedRegion> mapped_files() const override {
+        const auto & ts = file_->tensors();
+        if (ts.empty()) return {};
+        const uint8_t * base = ts.front().data - file_->data_offset() - ts.front().offset;
+        size_t end = 0;
+        for (const GgufTensor & t : ts) end = std::max(end, size_t(t.data + t.n_bytes - base));
+        return {{file_->source(), base, end}};
+    }
     // Also for names the file lacks, so that "missing tensor" names what the file should hold.
     std::string file_name_of(std::string_view name) const override {
         auto it = tensors_.find(std::string(name));

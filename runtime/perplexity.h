@@ -37,6 +37,9 @@ struct PerplexityOptions {
     std::function<void(int64_t, double)> on_chunk;
     const BackendWeights * weights = nullptr; // weights as the backend reads them (runtime/backend_weights.h); null: the model as is
     RouteTraceWriter * trace = nullptr;       // gets every evaluated token's routing (runtime/route_trace.h)
+    ExpertStore * experts = nullptr;          // routed experts from a budgeted cache (experts/expert_store.h); weights
+                                              //   must then be prepared without them (WeightOptions::routed_experts)
+    bool prefetch = true;                     // with experts: predict and prefetch the next layer's
 };
 
 struct PerplexityResult {

@@ -70,6 +70,11 @@ public:
         return out;
     }
     std::string describe() const override { return folder_; }
+    std::vector<MappedRegion> mapped_files() const override {
+        std::vector<MappedRegion> out;
+        for (const SafetensorsFile & f : store_.files()) out.push_back({f.path().string(), f.mapping().data(), f.mapping().size()});
+        return out;
+    }
 
 private:
     std::string folder_;

@@ -3,6 +3,8 @@
 // Thread safety: read-only after construction.
 #pragma once
 
+#include "experts/expert_store.h"
+
 #include <moesh/plugin.h>
 
 #include <cstdint>
@@ -32,6 +34,9 @@ public:
     virtual std::string describe() const = 0; // e.g. the model folder
     // What the file calls the tensor `name` (for messages); `name` itself unless renamed.
     virtual std::string file_name_of(std::string_view name) const { return std::string(name); }
+    // The files the tensors are mapped from, so an expert can be read from its
+    // file instead of through the mapping (ExpertStore); none for memory.
+    virtual std::vector<MappedRegion> mapped_files() const { return {}; }
 };
 
 // Tensors owned in memory.

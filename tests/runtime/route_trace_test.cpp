@@ -77,7 +77,9 @@ TEST(RouteTrace, GenerateWritesEveryTokensRoutingAndItReadsBack) {
             EXPECT_NEAR(w[0] + w[1], 1.0f, 1e-5f);
             EXPECT_GE(w[0], w[1]);   // the router's order
         }
-        if (t.moe_layers[size_t(l)]) EXPECT_EQ(counts, r.heat.counts(l)) << "layer " << l;
+        if (t.moe_layers[size_t(l)]) {
+            EXPECT_EQ(counts, r.heat.counts(l)) << "layer " << l;
+        }
     }
 }
 
