@@ -5,6 +5,7 @@
 
 #include <toml++/toml.h>
 
+#include <algorithm>
 #include <filesystem>
 
 namespace moesh {
@@ -270,6 +271,39 @@ RunConfig load_run_config(const std::string & path) {
     for (auto & d : rc.plugin_dirs)
         if (std::filesystem::path(d).is_relative()) d = (base / d).lexically_normal().string();
     return rc;
+}
+
+namespace {
+
+std::string range_text(const IndexRange & r) {
+    if (r.all()) return "*";
+    return r.first == r.last ? std::to_string(r.first) : std::to_string(r.first) + "-" + std::to_string(r.last);
+}
+
+} // namespace
+
+std::vector<int64_t> pinned_expert_keys(const PlacementConfig & placement, const std::string & tier,
+                                        const std::vector<bool> & moe_layers, int64_t n_expert) {
+    const int64_t n_layer = int64_t(moe_layers.size());
+    std::vector<int64_t> keys;
+    for (size_t i = 0; i < placement.pins.size(); ++i) {
+        const PinConfig & pin = placement.pins[i];
+        if (pin.tier != tier) continue;
+        const std::string which = "[[placement.pin]] " + std::to_string(i + 1) + " (tier '" + pin.tier + "')";
+        if (!pin.layers.all() && pin.layers.last >= n_layer)
+            throw Error(which + ": layers " + range_text(pin.layers) + " go past the model's " + std::to_string(n_layer) +
+                        " layers (0-" + std::to_string(n_layer - 1) + ")");
+        if (!pin.experts.all() && pin.experts.last >= n_expert)
+            throw Error(which + ": experts " + range_text(pin.experts) + " go past the model's " +
+                        std::to_string(n_expert) + " experts per layer (0-" + std::to_string(n_expert - 1) + ")");
+        for (int64_t l = 0; l < n_layer; ++l)
+            if (moe_layers[size_t(l)] && pin.layers.contains(l))
+                for (int64_t e = 0; e < n_expert; ++e)
+                    if (pin.experts.contains(e)) keys.push_back(l * n_expert + e);
+    }
+    std::sort(keys.begin(), keys.end());
+    keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+    return keys;
 }
 
 } // namespace moesh

@@ -90,4 +90,11 @@ struct RunConfig {
 RunConfig parse_run_config(std::string_view toml_text, std::string_view source_name);
 RunConfig load_run_config(const std::string & path);
 
+// The expert keys (layer * n_expert + expert, sorted, no repeats) that the pins
+// on `tier` name in a model with these MoE layers. Dense layers inside a pin's
+// range have no experts and are passed over; a range past the model's layers or
+// experts is a config written for another model: moesh::Error names the pin.
+std::vector<int64_t> pinned_expert_keys(const PlacementConfig & placement, const std::string & tier,
+                                        const std::vector<bool> & moe_layers, int64_t n_expert);
+
 } // namespace moesh
