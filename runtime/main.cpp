@@ -1,4 +1,4 @@
-// The moesh executable: `moesh run`, `moesh inspect`.
+// The moesh executable: `moesh run`, `moesh inspect`, `moesh sim`, `moesh heatmap`, ...
 #include "plugins/loader/plugin_loader.h"
 #include "experts/cache_policy.h"
 #include "runtime/backend_weights.h"
@@ -7,6 +7,7 @@
 #include "runtime/error.h"
 #include "runtime/generate.h"
 #include "runtime/gguf.h"
+#include "runtime/heatmap.h"
 #include "runtime/mapped_file.h"
 #include "runtime/model.h"
 #include "runtime/npy.h"
@@ -664,6 +665,20 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
     return 0;
 }
 
+// Draws a routing trace as an SVG heat map of expert activations per layer.
+int cmd_heatmap(const std::string & trace_path, const std::string & output) {
+    const moesh::RouteTrace t = moesh::read_route_trace(trace_path);
+    int64_t n_moe = 0;
+    for (bool m : t.moe_layers) n_moe += m ? 1 : 0;
+    if (n_moe == 0 || t.tokens.empty())
+        throw Error(trace_path + ": the trace has no routed tokens (a dense model, or empty); nothing to draw");
+    const moesh::ExpertActivations a = moesh::count_activations(t);
+    moesh::write_heatmap_svg(a, output);
+    std::printf("wrote %s: expert activations of %zu tokens of %s, %lld layers x %lld experts\n", output.c_str(),
+                t.tokens.size(), t.model.c_str(), (long long)t.n_layer, (long long)t.n_expert);
+    return 0;
+}
+
 // The model shipped with moesh (models/moesh-tiny-py), found next to the executable: the
 // source tree of a build (<exe>/../../models) or an install (<exe>/../share/moesh/models).
 // Empty when it is in neither place.
@@ -775,6 +790,20 @@ int main(int argc, char ** argv) {
                     "keeps only them; they must fit in every --sizes)");
     sim->add_option("--output", sim_output, "text, or json: one JSON object on the last line")->check(CLI::IsMember({"text", "json"}));
 
+    CLI::App * heatmap = app.add_subcommand("heatmap", "Draw a routing trace (moesh run/perplexity --trace) as an SVG heat "
+                                                        "map: per layer, how often the router chose each expert");
+    std::string hm_trace, hm_output;
+    heatmap->add_option("--trace", hm_trace, "Routing trace (JSON lines, runtime/route_trace.h)")->required();
+    heatmap->add_option("-o,--output", hm_output,
+                        "SVG file to write (one picture, no external files); in a browser, hovering a cell shows its "
+                        "layer, expert, tokens and share")
+        ->required();
+    heatmap->footer("Layers run down, experts across; a cell's colour is the expert's share of its layer's activations "
+                    "(dark: rarely chosen, light: often). Dense layers are grey.\n"
+                    "Example:\n"
+                    "  moesh run --prompt \"def fibonacci(n):\" -n 64 --trace trace.jsonl\n"
+                    "  moesh heatmap --trace trace.jsonl --output heatmap.svg");
+
     CLI::App * tokenize = app.add_subcommand("tokenize", "Turn text into token ids with a model's tokenizer.json or GGUF");
     std::string tok_model, tok_text, tok_file, tok_output = "text";
     bool tok_add_special = false;
@@ -843,6 +872,7 @@ int main(int argc, char ** argv) {
         if (*inspect) return cmd_inspect(ico);
         if (*quant) return cmd_quantize(q_in, q_out, q_type, q_class, q_threads);
         if (*sim) return cmd_sim(sim_trace, sim_sizes, sim_policies, sim_decay, sim_decay_opt->count() > 0, sim_config, sim_output);
+        if (*heatmap) return cmd_heatmap(hm_trace, hm_output);
         if (*ppl) return cmd_perplexity(pco, ppl_file, ppl_ctx, ppl_batch, ppl_chunks, ppl_output, ppl_trace);
     } catch (const moesh::BackendError & e) {
         std::fprintf(stderr, "moesh: error: %s\n", e.what());

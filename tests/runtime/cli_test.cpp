@@ -1,6 +1,7 @@
 // The real `moesh` executable, as a user runs it.
 #include "runtime/npy.h"
 #include "test_support.h"
+#include "xml_check.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -157,6 +158,60 @@ std::string hand_trace(const std::string & model_json = "\"hand\"") {
 
 nlohmann::json last_json_line(const std::string & out) {
     return nlohmann::json::parse(out.substr(out.rfind('\n', out.size() - 2) + 1));
+}
+
+TEST(Cli, HeatmapDrawsATraceAsAnSvg) {
+    if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
+    test::TempDir dir;
+    const std::string trace = (dir.path() / "t.jsonl").string(), svg = (dir.path() / "h.svg").string();
+    Result r = run("run --model " + k_fixture + " --prompt-ids 1,2,3 -n 4 --trace " + trace);
+    ASSERT_EQ(r.status, 0) << r.out;
+    r = run("heatmap --trace " + trace + " --output " + svg);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("wrote " + svg + ": expert activations of 6 tokens of mixtral_top2, 2 layers x 6 experts"),
+              std::string::npos) << r.out;
+    std::ifstream in(svg);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(test::xml_well_formed(text), "");
+    size_t cells = 0;
+    for (size_t p = text.find("<rect class=\"cell"); p != std::string::npos; p = text.find("<rect class=\"cell", p + 1)) ++cells;
+    EXPECT_EQ(cells, 2u * 6u);
+
+    r = run("heatmap --help");
+    EXPECT_EQ(r.status, 0);
+    for (const char * opt : {"--trace", "--output", "moesh heatmap --trace trace.jsonl"}) EXPECT_NE(r.out.find(opt), std::string::npos) << opt;
+    r = run("heatmap --trace " + (dir.path() / "none.jsonl").string() + " --output " + svg);
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.out.find("none.jsonl: cannot open the routing trace"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("--trace FILE"), std::string::npos) << r.out;
+    r = run("heatmap --trace " + trace + " --output /nonexistent-moesh-dir/h.svg");
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.out.find("/nonexistent-moesh-dir/h.svg: cannot create the file (does its folder exist"), std::string::npos)
+        << r.out;
+    r = run("heatmap --trace " + trace);
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.out.find("--output is required"), std::string::npos) << r.out;
+}
+
+// An XML parser nobody here wrote agrees that the picture is well-formed, model name included.
+TEST(Cli, HeatmapSvgParsesWithPythonsXmlParser) {
+    if (std::system("python3 -c 'import xml.dom.minidom' >/dev/null 2>&1") != 0) GTEST_SKIP() << "no python3 with xml.dom.minidom";
+    test::TempDir dir;
+    const fs::path trace = dir.write("t.jsonl", hand_trace("\"<moe & \\\"friends\\\">\""));
+    const std::string svg = (dir.path() / "h.svg").string();
+    Result r = run("heatmap --trace " + trace.string() + " --output " + svg);
+    ASSERT_EQ(r.status, 0) << r.out;
+    const std::string cmd = "python3 -c 'import sys, xml.dom.minidom as m; d = m.parse(sys.argv[1]); "
+                            "print(len(d.getElementsByTagName(\"rect\"))); print(d.getElementsByTagName(\"title\")[0].firstChild.data)' " +
+                            svg + " 2>&1";
+    FILE * p = popen(cmd.c_str(), "r");
+    ASSERT_NE(p, nullptr);
+    std::string out;
+    char buf[4096];
+    for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
+    EXPECT_EQ(pclose(p), 0) << out;
+    // 8 cells, the background and the colour bar; the title decoded back to the model's name
+    EXPECT_EQ(out, "10\n<moe & \"friends\">: expert activations per layer, 4 tokens\n");
 }
 
 // sim --config: the [placement] heat decay and the pins of the first tier, for every policy.
