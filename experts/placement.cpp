@@ -49,7 +49,36 @@ std::string gib(double bytes) {
     return buf;
 }
 
+std::string range_text(const IndexRange & r) {
+    if (r.all()) return "*";
+    return r.first == r.last ? std::to_string(r.first) : std::to_string(r.first) + "-" + std::to_string(r.last);
+}
+
 } // namespace
+
+std::vector<int64_t> pinned_expert_keys(const PlacementConfig & placement, const std::string & tier,
+                                        const std::vector<bool> & moe_layers, int64_t n_expert) {
+    const int64_t n_layer = int64_t(moe_layers.size());
+    std::vector<int64_t> keys;
+    for (size_t i = 0; i < placement.pins.size(); ++i) {
+        const PinConfig & pin = placement.pins[i];
+        if (pin.tier != tier) continue;
+        const std::string which = "[[placement.pin]] " + std::to_string(i + 1) + " (tier '" + pin.tier + "')";
+        if (!pin.layers.all() && pin.layers.last >= n_layer)
+            throw PlacementError(which + ": layers " + range_text(pin.layers) + " go past the model's " + std::to_string(n_layer) +
+                                 " layers (0-" + std::to_string(n_layer - 1) + ")");
+        if (!pin.experts.all() && pin.experts.last >= n_expert)
+            throw PlacementError(which + ": experts " + range_text(pin.experts) + " go past the model's " +
+                                 std::to_string(n_expert) + " experts per layer (0-" + std::to_string(n_expert - 1) + ")");
+        for (int64_t l = 0; l < n_layer; ++l)
+            if (moe_layers[size_t(l)] && pin.layers.contains(l))
+                for (int64_t e = 0; e < n_expert; ++e)
+                    if (pin.experts.contains(e)) keys.push_back(l * n_expert + e);
+    }
+    std::sort(keys.begin(), keys.end());
+    keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+    return keys;
+}
 
 PlacementPlan plan_placement(const ModelFootprint & m, const PlacementConfig & c) {
     PlacementPlan p;
@@ -82,32 +111,27 @@ PlacementPlan plan_placement(const ModelFootprint & m, const PlacementConfig & c
         p.tiers.push_back(tp);
     }
 
-    // Pins: each expert at most once, on a tier with slots.
-    std::set<int64_t> seen;
+    // Pins: each expert on at most one tier, a tier with slots.
+    std::vector<bool> moe_layers;
+    for (size_t b : m.expert_bytes) moe_layers.push_back(b > 0);
     for (const PinConfig & pin : c.pins) {
         auto it = std::find_if(p.tiers.begin(), p.tiers.end(), [&](const TierPlan & t) { return t.name == pin.tier; });
         if (it == p.tiers.end()) throw PlacementError("pin names tier '" + pin.tier + "', which is not configured");
-        if (it->kind == TierKind::Disk) throw PlacementError("pin on disk tier '" + pin.tier + "': the disk holds every expert anyway; pin to a faster tier");
-        if (!pin.layers.all() && pin.layers.last >= m.n_layer)
-            throw PlacementError("pin layers " + std::to_string(pin.layers.first) + "-" + std::to_string(pin.layers.last) +
-                                 " outside the model's " + std::to_string(m.n_layer) + " layers");
-        if (!pin.experts.all() && pin.experts.last >= m.n_expert)
-            throw PlacementError("pin experts " + std::to_string(pin.experts.first) + "-" + std::to_string(pin.experts.last) +
-                                 " outside the model's " + std::to_string(m.n_expert) + " experts per layer");
-        for (int32_t l = 0; l < m.n_layer; ++l) {
-            if (!pin.layers.contains(l) || m.expert_bytes[size_t(l)] == 0) continue;
-            for (int32_t e = 0; e < m.n_expert; ++e) {
-                if (!pin.experts.contains(e)) continue;
-                const int64_t key = int64_t(l) * m.n_expert + e;
-                if (!seen.insert(key).second)
-                    throw PlacementError("expert (layer " + std::to_string(l) + ", expert " + std::to_string(e) + ") is pinned twice");
-                it->pinned.push_back(key);
-            }
-        }
-        if (int64_t(it->pinned.size()) > it->n_slots)
-            throw PlacementError(std::to_string(it->pinned.size()) + " experts pinned to tier '" + it->name + "' need " +
-                                 gib(double(it->pinned.size()) * double(slot)) + ", its budget holds " +
-                                 std::to_string(it->n_slots) + " (" + gib(double(it->budget)) + ")");
+        if (it->kind == TierKind::Disk)
+            throw PlacementError("pin on disk tier '" + pin.tier + "': the disk holds every expert anyway; pin to a faster tier");
+    }
+    std::set<int64_t> seen;
+    for (TierPlan & t : p.tiers) {
+        if (t.kind == TierKind::Disk) continue;
+        t.pinned = pinned_expert_keys(c, t.name, moe_layers, m.n_expert);
+        for (int64_t key : t.pinned)
+            if (!seen.insert(key).second)
+                throw PlacementError("expert (layer " + std::to_string(key / m.n_expert) + ", expert " +
+                                     std::to_string(key % m.n_expert) + ") is pinned to two tiers");
+        if (int64_t(t.pinned.size()) > t.n_slots)
+            throw PlacementError(std::to_string(t.pinned.size()) + " experts pinned to tier '" + t.name + "' need " +
+                                 gib(double(t.pinned.size()) * double(slot)) + ", its budget holds " +
+                                 std::to_string(t.n_slots) + " (" + gib(double(t.budget)) + ")");
     }
 
     // Without a host tier, everything stays in the mapping as before (no budget was asked for).

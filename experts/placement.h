@@ -105,6 +105,13 @@ public:
     using std::runtime_error::runtime_error;
 };
 
+// The expert keys (layer * n_expert + expert, sorted, no repeats) that the pins
+// on `tier` name in a model with these MoE layers. Dense layers inside a pin's
+// range have no experts and are passed over; a range past the model's layers or
+// experts is a config written for another model: PlacementError names the pin.
+std::vector<int64_t> pinned_expert_keys(const PlacementConfig & placement, const std::string & tier,
+                                        const std::vector<bool> & moe_layers, int64_t n_expert);
+
 // Bytes a slot takes for an expert of `bytes`: its three matrices may each
 // start and end mid-page in the file, and direct reads need whole pages.
 size_t slot_bytes_for(size_t expert_bytes);

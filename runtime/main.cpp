@@ -1,4 +1,4 @@
-// The moesh executable: `moesh run`, `moesh inspect`.
+// The moesh executable: `moesh run`, `moesh inspect`, `moesh sim`, `moesh heatmap`, ...
 #include "plugins/loader/plugin_loader.h"
 #include "experts/cache_policy.h"
 #include "runtime/backend_weights.h"
@@ -7,6 +7,7 @@
 #include "runtime/error.h"
 #include "runtime/generate.h"
 #include "runtime/gguf.h"
+#include "runtime/heatmap.h"
 #include "runtime/mapped_file.h"
 #include "runtime/model.h"
 #include "runtime/npy.h"
@@ -561,9 +562,11 @@ std::vector<std::string> split_list(const std::string & s) {
 }
 
 // Replays a routing trace through every cache policy at several cache sizes (fractions of all
-// routed experts), beside Belady's optimum.
+// routed experts), beside Belady's optimum. config_path: a moesh TOML whose [placement] gives the
+// heat decay (unless decay_given) and the pins of the tier the cache stands for: the host tier (the
+// one `moesh run` caches disk reads in), or the first tier when there is no host tier.
 int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const std::string & policies_arg, double decay,
-            const std::string & output) {
+            bool decay_given, const std::string & config_path, const std::string & output) {
     const moesh::RouteTrace t = moesh::read_route_trace(trace_path);
     std::vector<moesh::ExpertRequest> reqs;
     int64_t n_moe = 0;
@@ -588,23 +591,60 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
         policies.push_back(p);
     }
     const int64_t total = n_moe * t.n_expert;
+    auto capacity = [&](double pct) { return std::max<int64_t>(1, int64_t(std::llround(pct / 100.0 * double(total)))); };
+
+    // Pins on the cache's tier are its; pins on other tiers do not change what it holds.
+    std::vector<int64_t> pins;
+    nlohmann::json config_json;
+    std::string config_line;
+    if (!config_path.empty()) {
+        const moesh::PlacementConfig pc = moesh::load_run_config(config_path).placement;
+        if (!decay_given) decay = pc.heat_decay;
+        std::string tier = pc.tiers.empty() ? "" : pc.tiers.front().name;
+        for (const moesh::TierConfig & tc : pc.tiers)
+            if (tc.kind == moesh::TierKind::Host) tier = tc.name;
+        try {
+            pins = moesh::pinned_expert_keys(pc, tier, t.moe_layers, t.n_expert);
+        } catch (const moesh::PlacementError & e) {
+            throw Error(config_path + ": " + e.what() + "; trace " + trace_path + " is of model " + t.model);
+        }
+        char buf[64];
+        for (double pct : sizes)
+            if (int64_t(pins.size()) > capacity(pct)) {
+                std::snprintf(buf, sizeof buf, "%g%%", pct);
+                throw Error(config_path + ": the pins on tier '" + tier + "' name " + std::to_string(pins.size()) +
+                            " experts, more than a cache of " + buf + " (" + std::to_string(capacity(pct)) + " of " +
+                            std::to_string(total) + " routed experts) holds; pass larger --sizes or pin fewer experts");
+            }
+        size_t elsewhere = 0;
+        for (const moesh::PinConfig & p : pc.pins) elsewhere += p.tier != tier ? 1 : 0;
+        std::snprintf(buf, sizeof buf, "%g", pc.heat_decay);
+        config_line = "config " + config_path + ": [placement] policy " + pc.policy + ", heat decay " + buf + "; " +
+                      std::to_string(pins.size()) + " experts pinned" + (tier.empty() ? "" : " on tier '" + tier + "'") +
+                      (elsewhere ? " (pins on other tiers left out: " + std::to_string(elsewhere) + ")" : "");
+        config_json = {{"path", config_path}, {"policy", pc.policy}, {"heat_decay", pc.heat_decay}, {"tier", tier},
+                       {"pinned", pins.size()}};
+    }
+
     nlohmann::json rows = nlohmann::json::array();
     if (output == "text") {
         std::printf("trace %s: model %s, %zu tokens, %lld MoE layers x %lld experts (top-%lld), %zu requests\n",
                     trace_path.c_str(), t.model.c_str(), t.tokens.size(), (long long)n_moe, (long long)t.n_expert,
                     (long long)t.n_expert_used, reqs.size());
+        if (!config_line.empty()) std::printf("%s\n", config_line.c_str());
         std::printf("%-8s", "cache");
         for (moesh::Policy p : policies) std::printf(" %8s", moesh::policy_name(p));
         std::printf("   (hit rate; cache = share of all routed experts)\n");
     }
     for (double pct : sizes) {
-        const int64_t cap = std::max<int64_t>(1, int64_t(std::llround(pct / 100.0 * double(total))));
+        const int64_t cap = capacity(pct);
         if (output == "text") std::printf("%5.1f%%  ", pct);
         for (moesh::Policy p : policies) {
             moesh::PolicyParams pp;
             pp.policy = p;
             pp.heat_decay = decay;
-            if (p == moesh::Policy::Static) pp.pinned = moesh::most_used_experts(reqs, int32_t(t.n_expert), cap);
+            pp.pinned = pins;
+            if (p == moesh::Policy::Static && pins.empty()) pp.pinned = moesh::most_used_experts(reqs, int32_t(t.n_expert), cap);
             const moesh::CacheStats st = moesh::simulate_cache(reqs, int32_t(t.n_expert), int32_t(t.n_expert_used), cap, pp);
             if (output == "text") std::printf(" %8.4f", st.hit_rate());
             rows.push_back({{"cache_percent", pct}, {"cache_experts", cap}, {"policy", moesh::policy_name(p)},
@@ -613,13 +653,32 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
         }
         if (output == "text") std::printf("\n");
     }
-    if (output == "json")
-        std::cout << nlohmann::json{{"trace", trace_path}, {"model", t.model}, {"tokens", t.tokens.size()},
-                                    {"heat_decay", decay}, {"results", rows}}.dump()
-                  << std::endl;
-    else
+    if (output == "json") {
+        nlohmann::json j{{"trace", trace_path}, {"model", t.model}, {"tokens", t.tokens.size()}, {"heat_decay", decay},
+                         {"results", rows}};
+        if (!config_json.is_null()) j["config"] = config_json;
+        std::cout << j.dump() << std::endl;
+    } else if (pins.empty()) {
         std::printf("static: the most used experts of this trace pinned (the best frequency rule); heat decay %.3g per "
                     "token; belady: the offline optimum\n", decay);
+    } else {
+        std::printf("every policy keeps the config's %zu pinned experts resident, static keeps only them; heat decay %.3g "
+                    "per token; belady: the offline optimum with the same pins\n", pins.size(), decay);
+    }
+    return 0;
+}
+
+// Draws a routing trace as an SVG heat map of expert activations per layer.
+int cmd_heatmap(const std::string & trace_path, const std::string & output) {
+    const moesh::RouteTrace t = moesh::read_route_trace(trace_path);
+    int64_t n_moe = 0;
+    for (bool m : t.moe_layers) n_moe += m ? 1 : 0;
+    if (n_moe == 0 || t.tokens.empty())
+        throw Error(trace_path + ": the trace has no routed tokens (a dense model, or empty); nothing to draw");
+    const moesh::ExpertActivations a = moesh::count_activations(t);
+    moesh::write_heatmap_svg(a, output);
+    std::printf("wrote %s: expert activations of %zu tokens of %s, %lld layers x %lld experts\n", output.c_str(),
+                t.tokens.size(), t.model.c_str(), (long long)t.n_layer, (long long)t.n_expert);
     return 0;
 }
 
@@ -719,14 +778,34 @@ int main(int argc, char ** argv) {
                                                 "expert cache policies and print their hit rates beside Belady's");
     std::string sim_trace, sim_sizes = "25,50,75", sim_policies = "static,lru,lfu,heat,belady", sim_output = "text";
     double sim_decay = 0.95;
+    std::string sim_config;
     sim->add_option("--trace", sim_trace, "Routing trace (JSON lines)")->required();
     sim->add_option("--sizes", sim_sizes, "Cache sizes as percentages of all routed experts, comma-separated")
         ->capture_default_str();
     sim->add_option("--policies", sim_policies, "Policies to compare: static, lru, lfu, heat, belady")->capture_default_str();
-    sim->add_option("--decay", sim_decay, "Heat policy: decay of an expert's count per token")
-        ->capture_default_str()
-        ->check(CLI::Range(1e-6, 1.0));
+    auto * sim_decay_opt = sim->add_option("--decay", sim_decay,
+                                           "Heat policy: decay of an expert's count per token (default: --config's "
+                                           "[placement] heat_decay, else 0.95)")
+                               ->check(CLI::Range(1e-6, 1.0));
+    sim->add_option("--config", sim_config,
+                    "moesh TOML settings (configs/placement.toml): its [placement] heat_decay, and its "
+                    "[[placement.pin]] experts on the first [[tier]], which every policy then keeps resident (static "
+                    "keeps only them; they must fit in every --sizes)");
     sim->add_option("--output", sim_output, "text, or json: one JSON object on the last line")->check(CLI::IsMember({"text", "json"}));
+
+    CLI::App * heatmap = app.add_subcommand("heatmap", "Draw a routing trace (moesh run/perplexity --trace) as an SVG heat "
+                                                        "map: per layer, how often the router chose each expert");
+    std::string hm_trace, hm_output;
+    heatmap->add_option("--trace", hm_trace, "Routing trace (JSON lines, runtime/route_trace.h)")->required();
+    heatmap->add_option("-o,--output", hm_output,
+                        "SVG file to write (one picture, no external files); in a browser, hovering a cell shows its "
+                        "layer, expert, tokens and share")
+        ->required();
+    heatmap->footer("Layers run down, experts across; a cell's colour is the expert's share of its layer's activations "
+                    "(dark: rarely chosen, light: often). Dense layers are grey.\n"
+                    "Example:\n"
+                    "  moesh run --prompt \"def fibonacci(n):\" -n 64 --trace trace.jsonl\n"
+                    "  moesh heatmap --trace trace.jsonl --output heatmap.svg");
 
     CLI::App * tokenize = app.add_subcommand("tokenize", "Turn text into token ids with a model's tokenizer.json or GGUF");
     std::string tok_model, tok_text, tok_file, tok_output = "text";
@@ -795,7 +874,8 @@ int main(int argc, char ** argv) {
         if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
         if (*quant) return cmd_quantize(q_in, q_out, q_type, q_class, q_threads);
-        if (*sim) return cmd_sim(sim_trace, sim_sizes, sim_policies, sim_decay, sim_output);
+        if (*sim) return cmd_sim(sim_trace, sim_sizes, sim_policies, sim_decay, sim_decay_opt->count() > 0, sim_config, sim_output);
+        if (*heatmap) return cmd_heatmap(hm_trace, hm_output);
         if (*ppl) return cmd_perplexity(pco, ppl_file, ppl_ctx, ppl_batch, ppl_chunks, ppl_output, ppl_trace);
     } catch (const moesh::BackendError & e) {
         std::fprintf(stderr, "moesh: error: %s\n", e.what());

@@ -4,8 +4,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <sstream>
 
 namespace moesh {
@@ -160,7 +162,9 @@ RouteTrace parse_route_trace(const std::string & text, const std::string & name)
 
 RouteTrace read_route_trace(const std::string & path) {
     std::ifstream in(path, std::ios::binary);
-    if (!in) throw Error(path + ": cannot open the routing trace");
+    if (!in)
+        throw Error(path + ": cannot open the routing trace (" + std::strerror(errno) +
+                    "); write one with `moesh run --prompt TEXT --trace FILE` or `moesh perplexity ... --trace FILE`");
     std::ostringstream ss;
     ss << in.rdbuf();
     return parse_route_trace(ss.str(), path);

@@ -5,6 +5,7 @@
 
 #include <toml++/toml.h>
 
+#include <algorithm>
 #include <filesystem>
 
 namespace moesh {
@@ -278,5 +279,9 @@ RunConfig load_run_config(const std::string & path) {
         if (std::filesystem::path(d).is_relative()) d = (base / d).lexically_normal().string();
     return rc;
 }
+
+namespace {
+
+} // namespace
 
 } // namespace moesh

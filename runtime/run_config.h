@@ -62,4 +62,5 @@ struct RunConfig {
 RunConfig parse_run_config(std::string_view toml_text, std::string_view source_name);
 RunConfig load_run_config(const std::string & path);
 
+
 } // namespace moesh

@@ -1,6 +1,7 @@
 // The real `moesh` executable, as a user runs it.
 #include "runtime/npy.h"
 #include "test_support.h"
+#include "xml_check.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
@@ -141,6 +142,142 @@ TEST(Cli, RunWritesTheRoutingTrace) {
     r = run("sim --trace " + trace + " --policies mru");
     EXPECT_NE(r.status, 0);
     EXPECT_NE(r.out.find("unknown policy 'mru'"), std::string::npos) << r.out;
+}
+
+// A trace by hand: 2 MoE layers of 4 experts, top-2, 4 tokens (16 expert requests).
+//   layer 0: [0,1] [2,3] [0,2] [1,3]     layer 1: [0,2] [1,0] [3,2] [0,1]
+std::string hand_trace(const std::string & model_json = "\"hand\"") {
+    std::string t = "{\"moesh_route_trace\": 1, \"model\": " + model_json +
+                    ", \"n_layer\": 2, \"n_expert\": 4, \"n_expert_used\": 2, \"moe_layers\": [true, true]}\n";
+    const char * experts[] = {"[[0, 1], [0, 2]]", "[[2, 3], [1, 0]]", "[[0, 2], [3, 2]]", "[[1, 3], [0, 1]]"};
+    for (int i = 0; i < 4; ++i)
+        t += "{\"seq\": 0, \"pos\": " + std::to_string(i) + ", \"token\": 1, \"experts\": " + experts[i] +
+             ", \"weights\": [[0.5, 0.5], [0.5, 0.5]]}\n";
+    return t;
+}
+
+nlohmann::json last_json_line(const std::string & out) {
+    return nlohmann::json::parse(out.substr(out.rfind('\n', out.size() - 2) + 1));
+}
+
+TEST(Cli, HeatmapDrawsATraceAsAnSvg) {
+    if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
+    test::TempDir dir;
+    const std::string trace = (dir.path() / "t.jsonl").string(), svg = (dir.path() / "h.svg").string();
+    Result r = run("run --model " + k_fixture + " --prompt-ids 1,2,3 -n 4 --trace " + trace);
+    ASSERT_EQ(r.status, 0) << r.out;
+    r = run("heatmap --trace " + trace + " --output " + svg);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("wrote " + svg + ": expert activations of 6 tokens of mixtral_top2, 2 layers x 6 experts"),
+              std::string::npos) << r.out;
+    std::ifstream in(svg);
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    EXPECT_EQ(test::xml_well_formed(text), "");
+    size_t cells = 0;
+    for (size_t p = text.find("<rect class=\"cell"); p != std::string::npos; p = text.find("<rect class=\"cell", p + 1)) ++cells;
+    EXPECT_EQ(cells, 2u * 6u);
+
+    r = run("heatmap --help");
+    EXPECT_EQ(r.status, 0);
+    for (const char * opt : {"--trace", "--output", "moesh heatmap --trace trace.jsonl"}) EXPECT_NE(r.out.find(opt), std::string::npos) << opt;
+    r = run("heatmap --trace " + (dir.path() / "none.jsonl").string() + " --output " + svg);
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.out.find("none.jsonl: cannot open the routing trace"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("--trace FILE"), std::string::npos) << r.out;
+    r = run("heatmap --trace " + trace + " --output /nonexistent-moesh-dir/h.svg");
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.out.find("/nonexistent-moesh-dir/h.svg: cannot create the file (does its folder exist"), std::string::npos)
+        << r.out;
+    r = run("heatmap --trace " + trace);
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.out.find("--output is required"), std::string::npos) << r.out;
+}
+
+// An XML parser nobody here wrote agrees that the picture is well-formed, model name included.
+TEST(Cli, HeatmapSvgParsesWithPythonsXmlParser) {
+    if (std::system("python3 -c 'import xml.dom.minidom' >/dev/null 2>&1") != 0) GTEST_SKIP() << "no python3 with xml.dom.minidom";
+    test::TempDir dir;
+    const fs::path trace = dir.write("t.jsonl", hand_trace("\"<moe & \\\"friends\\\">\""));
+    const std::string svg = (dir.path() / "h.svg").string();
+    Result r = run("heatmap --trace " + trace.string() + " --output " + svg);
+    ASSERT_EQ(r.status, 0) << r.out;
+    const std::string cmd = "python3 -c 'import sys, xml.dom.minidom as m; d = m.parse(sys.argv[1]); "
+                            "print(len(d.getElementsByTagName(\"rect\"))); print(d.getElementsByTagName(\"title\")[0].firstChild.data)' " +
+                            svg + " 2>&1";
+    FILE * p = popen(cmd.c_str(), "r");
+    ASSERT_NE(p, nullptr);
+    std::string out;
+    char buf[4096];
+    for (size_t n; (n = fread(buf, 1, sizeof buf, p)) > 0;) out.append(buf, n);
+    EXPECT_EQ(pclose(p), 0) << out;
+    // 8 cells, the background and the colour bar; the title decoded back to the model's name
+    EXPECT_EQ(out, "10\n<moe & \"friends\">: expert activations per layer, 4 tokens\n");
+}
+
+// sim --config: the [placement] heat decay and the pins of the host tier (the cache), for every policy.
+TEST(Cli, SimTakesHeatDecayAndPinsFromAConfig) {
+    test::TempDir dir;
+    const std::string trace = dir.write("t.jsonl", hand_trace()).string();
+    const std::string tiers = "[[tier]]\nname = \"slow\"\nkind = \"gpu\"\nbudget = \"8GiB\"\n"
+                              "[[tier]]\nname = \"fast\"\nkind = \"host\"\nbudget = \"1GiB\"\n";
+    const std::string config = dir.write("p.toml", tiers +
+                                                       "[placement]\npolicy = \"lru\"\nheat_decay = 0.5\n"
+                                                       "[[placement.pin]]\ntier = \"fast\"\nlayers = \"1\"\nexperts = \"2-3\"\n"
+                                                       "[[placement.pin]]\ntier = \"slow\"\nlayers = \"*\"\nexperts = \"*\"\n")
+                                   .string();
+    auto rows = [](const nlohmann::json & j) {
+        std::map<std::string, nlohmann::json> by;
+        for (const auto & row : j["results"]) by[row["policy"].get<std::string>() + "@" + row["cache_percent"].dump()] = row;
+        return by;
+    };
+
+    // Without --config (as before): static pins the 2 most used experts, layer 1 expert 0 (3 uses)
+    // and layer 0 expert 0 (2 uses, the lowest key of the ties): 5 of 16 requests.
+    Result r = run("sim --trace " + trace + " --sizes 25,50 --output json", false);
+    ASSERT_EQ(r.status, 0) << r.out;
+    nlohmann::json j = last_json_line(r.out);
+    EXPECT_FALSE(j.contains("config"));
+    EXPECT_DOUBLE_EQ(j["heat_decay"].get<double>(), 0.95);
+    EXPECT_EQ(rows(j)["static@25.0"]["hits"], 5);
+
+    // With it: only layer 1's experts 2 and 3 are pinned (the gpu tier's pin is not the cache's):
+    // 3 of 16 requests for static at both sizes, and every policy hits at least those.
+    r = run("sim --trace " + trace + " --sizes 25,50 --output json --config " + config, false);
+    ASSERT_EQ(r.status, 0) << r.out;
+    j = last_json_line(r.out);
+    EXPECT_DOUBLE_EQ(j["heat_decay"].get<double>(), 0.5);
+    EXPECT_EQ(j["config"]["pinned"], 2);
+    EXPECT_EQ(j["config"]["tier"], "fast");
+    EXPECT_EQ(j["config"]["policy"], "lru");
+    auto by = rows(j);
+    EXPECT_EQ(by["static@25.0"]["hits"], 3);
+    EXPECT_EQ(by["static@50.0"]["hits"], 3);
+    for (const auto & row : j["results"]) {
+        EXPECT_GE(row["hits"].get<int64_t>(), 3) << row.dump();
+        EXPECT_LE(row["hits"].get<int64_t>(), by["belady@" + row["cache_percent"].dump()]["hits"].get<int64_t>()) << row.dump();
+    }
+    r = run("sim --trace " + trace + " --sizes 25 --output json --decay 0.8 --config " + config, false);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_DOUBLE_EQ(last_json_line(r.out)["heat_decay"].get<double>(), 0.8);   // the command line wins
+    r = run("sim --trace " + trace + " --sizes 25 --config " + config);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("[placement] policy lru, heat decay 0.5; 2 experts pinned on tier 'fast' (pins on slower tiers left out: 1;"),
+              std::string::npos) << r.out;
+
+    // Pins that do not fit a cache size, or name layers the trace's model lacks, are errors.
+    r = run("sim --trace " + trace + " --sizes 10,50 --config " + config);
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.out.find(config + ": the pins on tier 'fast' name 2 experts, more than a cache of 10% (1 of 8 routed "
+                                  "experts) holds; pass larger --sizes or pin fewer experts"),
+              std::string::npos) << r.out;
+    const std::string wide = dir.write("w.toml", tiers + "[[placement.pin]]\ntier = \"fast\"\nlayers = \"0-5\"\n").string();
+    r = run("sim --trace " + trace + " --config " + wide);
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.out.find(wide + ": [[placement.pin]] 1 (tier 'fast'): layers 0-5 go past the model's 2 layers (0-1)"),
+              std::string::npos) << r.out;
+    r = run("sim --trace " + trace + " --config " + (dir.path() / "missing.toml").string());
+    EXPECT_EQ(r.status, 1);
+    EXPECT_NE(r.out.find("missing.toml"), std::string::npos) << r.out;
 }
 
 TEST(Cli, InspectListsTensorsAndExpertBytes) {

@@ -117,5 +117,37 @@ TEST(PlacementConfig, MistakesNameTheLineAndColumn) {
     }
 }
 
+// Pins become the keys the cache simulator takes (layer * n_expert + expert): only the
+// tier asked for, dense layers passed over, overlaps once; ranges past the model are errors.
+TEST(PlacementConfig, PinsBecomeExpertKeysOfOneTier) {
+    const std::string tiers = "[[tier]]\nname = \"fast\"\nkind = \"gpu\"\nbudget = 1\n"
+                              "[[tier]]\nname = \"slow\"\nkind = \"host\"\nbudget = 1\n";
+    const PlacementConfig pc = parse_run_config(tiers +
+                                                    "[[placement.pin]]\ntier = \"fast\"\nlayers = \"*\"\nexperts = \"1\"\n"
+                                                    "[[placement.pin]]\ntier = \"fast\"\nlayers = \"0-1\"\nexperts = \"1-2\"\n"
+                                                    "[[placement.pin]]\ntier = \"slow\"\nlayers = \"2\"\nexperts = \"*\"\n",
+                                                "t.toml")
+                                    .placement;
+    const std::vector<bool> moe = {true, false, true};   // layer 1 is dense
+    EXPECT_EQ(pinned_expert_keys(pc, "fast", moe, 4), (std::vector<int64_t>{1, 2, 9}));
+    EXPECT_EQ(pinned_expert_keys(pc, "slow", moe, 4), (std::vector<int64_t>{8, 9, 10, 11}));
+    EXPECT_TRUE(pinned_expert_keys(pc, "none", moe, 4).empty());
+
+    auto error_of_pin = [&](const std::string & pin) {
+        const PlacementConfig p = parse_run_config(tiers + "[[placement.pin]]\ntier = \"fast\"\n" + pin, "t.toml").placement;
+        try {
+            pinned_expert_keys(p, "fast", moe, 4);
+        } catch (const PlacementError & e) {
+            return std::string(e.what());
+        }
+        return std::string();
+    };
+    EXPECT_EQ(error_of_pin("layers = \"2-3\"\n"),
+              "[[placement.pin]] 1 (tier 'fast'): layers 2-3 go past the model's 3 layers (0-2)");
+    EXPECT_EQ(error_of_pin("experts = \"4\"\n"),
+              "[[placement.pin]] 1 (tier 'fast'): experts 4 go past the model's 4 experts per layer (0-3)");
+    EXPECT_EQ(error_of_pin("layers = \"2\"\nexperts = \"3\"\n"), "");
+}
+
 } // namespace
 } // namespace moesh
