@@ -5,6 +5,7 @@
 #include "runtime/chat_template.h"
 #include "runtime/route_trace.h"
 #include "runtime/error.h"
+#include "runtime/expert_placement.h"
 #include "runtime/generate.h"
 #include "runtime/gguf.h"
 #include "runtime/heatmap.h"
@@ -132,6 +133,8 @@ struct CommonOptions {
     bool verbose = false;
     std::string activations;   // "", "fast" or "precise"
     bool no_repack = false;
+    std::string expert_budget;   // --expert-budget: host tier of this size + disk tier
+    bool stats = false;          // --stats
 };
 
 // The weights as the backend reads them: packed into its layout where it has one and
@@ -139,10 +142,11 @@ struct CommonOptions {
 // weights + KV cache for n_positions + activations for max_batch do not fit).
 std::unique_ptr<moesh::BackendWeights> prepare_weights(const moesh::Model & model, moesh::Backend & backend,
                                                        const CommonOptions & co, const moesh::RunConfig & rc,
-                                                       int64_t n_positions, int64_t max_batch) {
+                                                       int64_t n_positions, int64_t max_batch, bool routed_experts = true) {
     const moesh::ModelConfig & c = model.config();
     moesh::WeightOptions o;
     o.repack = rc.repack && !co.no_repack;
+    o.routed_experts = routed_experts;
     moesh::KvCacheSpec ks{c.n_layer, c.n_head_kv, c.head_dim, 16, (n_positions + 15) / 16, 1};
     o.reserve_bytes = ks.bytes() + moesh::ForwardPass::scratch_bytes(c, std::max<int64_t>(1, max_batch), ks.n_blocks);
     const char * verb = backend.host_memory() ? "packing weights for" : "uploading weights to";
@@ -185,6 +189,78 @@ std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moes
     if (!be) throw Error("no usable backend plugin:\n" + report);
     if (o.verbose) std::fprintf(stderr, "%s", report.c_str());
     return be;
+}
+
+// --expert-budget SIZE: the same as a host tier of SIZE and a disk tier in the TOML.
+void apply_expert_budget(const CommonOptions & co, moesh::RunConfig & rc) {
+    if (co.expert_budget.empty()) return;
+    uint64_t bytes = 0;
+    if (!moesh::parse_byte_size(co.expert_budget, &bytes) || bytes == 0)
+        throw Error("--expert-budget: '" + co.expert_budget + "' is not a size such as 1.5GiB or 512MiB");
+    rc.placement.tiers = {{"host", moesh::TierKind::Host, bytes, 0}, {"disk", moesh::TierKind::Disk, 0, 0}};
+    std::erase_if(rc.placement.pins, [](const moesh::PinConfig & p) { return p.tier != "host"; });
+}
+
+// The plan for the configured tiers and, when it streams experts from disk, the store serving them.
+std::unique_ptr<moesh::ExpertStore> open_placement(const moesh::Model & model, const CommonOptions & co, const moesh::RunConfig & rc,
+                                                   int64_t n_ctx, int64_t max_batch) {
+    if (rc.placement.tiers.empty()) return nullptr;
+    const moesh::ModelFootprint f = moesh::footprint_of(model, co.model, n_ctx, max_batch);
+    moesh::PlacementPlan plan;
+    try {
+        plan = moesh::plan_placement(f, rc.placement);
+    } catch (const moesh::PlacementError & e) {
+        throw Error(std::string(co.config.empty() ? "--expert-budget" : co.config) + ": " + e.what());
+    }
+    if (co.verbose) std::fprintf(stderr, "%s", moesh::describe_plan(f, plan).c_str());
+    std::function<void(size_t, size_t)> progress;
+    if (isatty(STDERR_FILENO))
+        progress = [](size_t done, size_t total) {
+            std::fprintf(stderr, "\rmoesh: loading pinned experts: %3d%%", int(100.0 * double(done) / double(total)));
+            if (done == total) std::fprintf(stderr, "\r\033[K");
+            std::fflush(stderr);
+        };
+    auto store = moesh::open_expert_store(model, plan, progress);
+    if (!store) {
+        std::fprintf(stderr, "moesh: experts: all %lld fit the host tier; read from the mapping\n", (long long)f.n_routed());
+        return nullptr;
+    }
+    std::fprintf(stderr, "moesh: experts: %lld slots of %s (%s budget) for %lld routed experts, %lld pinned; misses read from "
+                         "disk%s; policy %s%s\n",
+                 (long long)store->slots(), human_bytes(double(store->slot_bytes())).c_str(), human_bytes(double(store->budget())).c_str(),
+                 (long long)f.n_routed(), (long long)store->n_pinned(), store->direct_io() ? " (O_DIRECT)" : " (buffered)",
+                 rc.placement.policy.c_str(), rc.placement.prefetch ? ", prefetch on" : "");
+    return store;
+}
+
+nlohmann::json store_json(const moesh::StoreStats & s, int64_t n_tokens) {
+    return {{"requests", s.requests},
+            {"hits", s.hits},
+            {"misses", s.misses},
+            {"hit_rate", s.hit_rate()},
+            {"prefetch_hits", s.prefetch_hits},
+            {"prefetches", s.prefetches},
+            {"prefetch_unused", s.prefetch_unused},
+            {"prefetch_precision", s.prefetch_precision()},
+            {"prefetch_recall", s.prefetch_recall()},
+            {"evictions", s.evictions},
+            {"disk_bytes_read", s.bytes_read},
+            {"disk_bytes_per_token", n_tokens > 0 ? double(s.bytes_read) / double(n_tokens) : 0.0},
+            {"disk_read_seconds", s.read_seconds},
+            {"disk_read_gbps", s.read_seconds > 0 ? double(s.bytes_read) / s.read_seconds / 1e9 : 0.0},
+            {"stall_seconds", s.stall_seconds}};
+}
+
+void print_store_stats(const moesh::StoreStats & s, int64_t n_tokens) {
+    std::printf("experts: %lld requests, %lld hits (%.1f%%, %lld of them prefetched), %lld misses, %lld evictions\n",
+                (long long)s.requests, (long long)s.hits, 100.0 * s.hit_rate(), (long long)s.prefetch_hits, (long long)s.misses,
+                (long long)s.evictions);
+    std::printf("prefetch: %lld loads, %lld unused; next-layer prediction precision %.3f, recall %.3f\n", (long long)s.prefetches,
+                (long long)s.prefetch_unused, s.prefetch_precision(), s.prefetch_recall());
+    std::printf("disk -> host: %s read (%s per token) in %.2f s of reads (%.2f GB/s); forward pass stalled %.2f s\n",
+                human_bytes(double(s.bytes_read)).c_str(),
+                human_bytes(n_tokens > 0 ? double(s.bytes_read) / double(n_tokens) : 0.0).c_str(), s.read_seconds,
+                s.read_seconds > 0 ? double(s.bytes_read) / s.read_seconds / 1e9 : 0.0, s.stall_seconds);
 }
 
 void report_quantization(const moesh::QuantizeReport & q) {
@@ -230,6 +306,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
             float temperature, int top_k, float top_p, uint64_t seed, const std::string & output,
             const std::string & dump_logits, const std::string & trace_path, const ChatOptions & chat) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
+    apply_expert_budget(co, rc);
     std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
     moesh::GenerateOptions go;
     bool chatting = false;
@@ -288,9 +365,13 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
         };
     }
 
-    const auto weights = prepare_weights(model, *backend, co, rc, int64_t(go.prompt.size()) + go.n_generate,
-                                         std::min<int64_t>(go.max_batch, int64_t(go.prompt.size())));
+    const int64_t n_positions = int64_t(go.prompt.size()) + go.n_generate;
+    const int64_t max_batch = std::min<int64_t>(go.max_batch, int64_t(go.prompt.size()));
+    const auto store = open_placement(model, co, rc, n_positions, max_batch);
+    const auto weights = prepare_weights(model, *backend, co, rc, n_positions, max_batch, !store);
     go.weights = weights.get();
+    go.experts = store.get();
+    go.prefetch = rc.placement.prefetch;
     std::optional<moesh::RouteTraceWriter> trace = open_trace(trace_path, co.model, model);
     go.trace = trace ? &*trace : nullptr;
     moesh::GenerateResult r = moesh::generate(model, *backend, go);
@@ -337,6 +418,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
                         {"activation_counts", layers}};
         j["backend"] = backend->name();
         j["kv_cache_bytes"] = r.kv_bytes;
+        if (store) j["placement"] = store_json(store->stats(), int64_t(go.prompt.size()) + int64_t(r.tokens.size()));
         std::cout << j.dump() << std::endl;
     } else {
         if (stream) {
@@ -349,6 +431,10 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
         std::cout << '\n';
         std::fprintf(stdout, "prompt: %zu tokens, %.1f tokens/s; decode: %lld tokens, %.1f tokens/s\n", go.prompt.size(),
                      prompt_tps, (long long)r.n_decode_steps, decode_tps);
+        if (co.stats) {
+            if (store) print_store_stats(store->stats(), int64_t(go.prompt.size()) + int64_t(r.tokens.size()));
+            else std::printf("experts: no expert budget (--expert-budget or [[tier]] in --config): every expert read from the mapping\n");
+        }
     }
     return 0;
 }
@@ -356,6 +442,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
 int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n_ctx, int64_t n_batch, int64_t n_chunks,
                    const std::string & output, const std::string & trace_path) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
+    apply_expert_budget(co, rc);
     std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
     if (!tok) throw Error(co.model + ": no tokenizer (a .gguf file's vocabulary or a folder's tokenizer.json) to read --file with");
     std::string text = moesh::read_text_file(file, "the text to score");
@@ -379,8 +466,11 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
         std::fprintf(stderr, "[%lld]%.4f,", (long long)i + 1, ppl);
         std::fflush(stderr);
     };
-    const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, std::min(n_batch, n_ctx));
+    const auto store = open_placement(model, co, rc, n_ctx, std::min(n_batch, n_ctx));
+    const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, std::min(n_batch, n_ctx), !store);
     po.weights = weights.get();
+    po.experts = store.get();
+    po.prefetch = rc.placement.prefetch;
     std::optional<moesh::RouteTraceWriter> trace = open_trace(trace_path, co.model, model);
     po.trace = trace ? &*trace : nullptr;
     const moesh::PerplexityResult r = moesh::perplexity(model, *backend, tokens, po);
@@ -391,11 +481,30 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
                             {"chunks", r.n_chunks},   {"scored", r.n_scored},     {"running", r.running},
                             {"tokens", tokens.size()}, {"seconds", r.seconds},
                             {"tokens_per_second", r.seconds > 0 ? double(r.n_evaluated) / r.seconds : 0.0}};
+        if (store) j["placement"] = store_json(store->stats(), r.n_evaluated);
         std::cout << j.dump() << std::endl;
     } else {
         std::printf("Final estimate: PPL = %.4f +/- %.5f\n", r.ppl, r.ppl_error);
         std::printf("%lld chunks of %lld tokens, %lld predictions scored, %.1f tokens/s\n", (long long)r.n_chunks,
                     (long long)n_ctx, (long long)r.n_scored, r.seconds > 0 ? double(r.n_evaluated) / r.seconds : 0.0);
+        if (co.stats && store) print_store_stats(store->stats(), r.n_evaluated);
+    }
+    return 0;
+}
+
+// Where every expert, the attention weights and the KV cache will live, before any matrix is read
+// (the model's header and small norm vectors are).
+int cmd_plan(const CommonOptions & co, int64_t n_ctx, int64_t max_batch) {
+    moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
+    apply_expert_budget(co, rc);
+    const moesh::Model model = moesh::Model::load_path(co.model);
+    const moesh::ModelFootprint f = moesh::footprint_of(model, co.model, n_ctx, std::min(max_batch, n_ctx));
+    try {
+        const moesh::PlacementPlan plan = moesh::plan_placement(f, rc.placement);
+        std::printf("%s", moesh::describe_plan(f, plan).c_str());
+    } catch (const moesh::PlacementError & e) {
+        std::printf("%s", moesh::describe_plan(f, moesh::PlacementPlan{}).c_str());
+        throw Error(std::string(co.config.empty() ? "--expert-budget" : co.config) + ": does not fit: " + e.what());
     }
     return 0;
 }
@@ -713,6 +822,14 @@ void add_common(CLI::App * sub, CommonOptions & co, bool model_optional = false)
                     "How quantized weights see activations: fast (8 bits per value, as llama.cpp) or precise "
                     "(two 8-bit passes: ~100x less rounding error, slower); default: config, else fast")
         ->check(CLI::IsMember({"fast", "precise"}));
+    sub->add_option("--expert-budget", co.expert_budget,
+                    "Host memory for routed experts, e.g. 1.5GiB: the rest are read from the model file on demand "
+                    "(O_DIRECT) into that many expert slots, evicted by the [placement] policy (default heat) and "
+                    "prefetched from the next layer's router. Same as a host [[tier]] of that budget plus a disk tier; "
+                    "`moesh plan` shows the split. Output is unchanged, only speed");
+    sub->add_flag("--stats", co.stats,
+                  "After the run, print the expert cache's hits, misses, prefetch precision/recall, bytes read from "
+                  "disk and time stalled (always in --output json when a budget is set)");
     sub->add_flag("--no-repack", co.no_repack,
                   "Keep quantized weights in the file's layout instead of repacking them at load into the backend's "
                   "faster one (which takes a second copy of them in memory); also [runtime] repack = false");
@@ -828,6 +945,17 @@ int main(int argc, char ** argv) {
     CommonOptions ico;
     inspect->add_option("-m,--model", ico.model, "Hugging Face model folder, or a .gguf file")->required();
 
+    CLI::App * plan = app.add_subcommand(
+        "plan", "Print where every expert, the attention weights and the KV cache will live under the [[tier]] budgets of "
+                "--config (or --expert-budget), and what does not fit and why, before any weight is read");
+    CommonOptions plco;
+    int64_t plan_ctx = 4096, plan_batch = 64;
+    plan->add_option("-m,--model", plco.model, "Hugging Face model folder or .gguf file")->required();
+    plan->add_option("--config", plco.config, "moesh TOML with [[tier]] and [placement] (see configs/placement.toml)");
+    plan->add_option("--expert-budget", plco.expert_budget, "Instead of --config's tiers: host memory for experts, e.g. 1.5GiB");
+    plan->add_option("-c,--ctx", plan_ctx, "Context length the KV cache is sized for")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 24));
+    plan->add_option("-b,--batch", plan_batch, "Tokens per forward step (activation buffers)")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+
     CLI::App * ppl = app.add_subcommand(
         "perplexity", "Perplexity of a text file, defined as llama.cpp's perplexity tool defines it (so they compare)");
     CommonOptions pco;
@@ -876,6 +1004,7 @@ int main(int argc, char ** argv) {
         if (*quant) return cmd_quantize(q_in, q_out, q_type, q_class, q_threads);
         if (*sim) return cmd_sim(sim_trace, sim_sizes, sim_policies, sim_decay, sim_decay_opt->count() > 0, sim_config, sim_output);
         if (*heatmap) return cmd_heatmap(hm_trace, hm_output);
+        if (*plan) return cmd_plan(plco, plan_ctx, plan_batch);
         if (*ppl) return cmd_perplexity(pco, ppl_file, ppl_ctx, ppl_batch, ppl_chunks, ppl_output, ppl_trace);
     } catch (const moesh::BackendError & e) {
         std::fprintf(stderr, "moesh: error: %s\n", e.what());
