@@ -23,7 +23,7 @@ std::string mib(double b) { return std::to_string(int64_t(b / (1024.0 * 1024.0) 
 
 ExpertStore::ExpertStore(const ExpertTable & experts, std::vector<MappedRegion> files, const StoreOptions & o)
     : table_(experts), files_(std::move(files)), n_layer_(int32_t(experts.n_layer())), n_expert_(int32_t(experts.n_expert())),
-      budget_(o.budget), slot_bytes_(o.slot_bytes), direct_(o.direct_io),
+      budget_(o.budget), slot_bytes_(o.slot_bytes), direct_(o.direct_io), min_precision_(o.prefetch_min_precision),
       policy_(int32_t(experts.n_layer()), int32_t(experts.n_expert()), o.n_expert_used, o.policy) {
     const size_t n_keys = size_t(n_layer_) * size_t(n_expert_);
     where_.assign(n_keys, -1);
@@ -218,15 +218,31 @@ void ExpertStore::begin_layer(int32_t layer, int64_t step, const int32_t * exper
         ++stats_.misses;
         place(lk, key, true);   // may find no slot now; acquire will wait for one
     }
-    // This layer's prediction is used up; prefetches it did not want count as unused now.
-    for (Slot & sl : slots_)
-        if (sl.prefetched && sl.key / n_expert_ == layer && !protected_[size_t(sl.key)]) {
-            sl.prefetched = false;
-            ++stats_.prefetch_unused;
+    // This layer's prediction is used up. Prefetches it did not want count as unused now, and
+    // those not yet read are dropped: reading them would only take the disk from demand.
+    for (size_t i = 0; i < slots_.size(); ++i) {
+        Slot & sl = slots_[i];
+        if (!sl.prefetched || sl.key / n_expert_ != layer || protected_[size_t(sl.key)]) continue;
+        sl.prefetched = false;
+        ++stats_.prefetch_unused;
+        if (sl.state == State::Queued) {
+            where_[size_t(sl.key)] = -1;
+            sl.key = -1;
+            sl.state = State::Free;
+            ++sl.generation;   // its job is skipped
+            ++stats_.prefetch_dropped;
         }
+    }
     if (had_prediction) {
+        int64_t n_pred = 0, n_right = 0;
+        for (int32_t e = 0; e < n_expert_; ++e) {
+            const size_t key = size_t(int64_t(layer) * n_expert_ + e);
+            n_pred += predicted_[key];
+            n_right += predicted_[key] && protected_[key];
+            predicted_[key] = 0;
+        }
         layer_predicted_[size_t(layer)] = 0;
-        for (int32_t e = 0; e < n_expert_; ++e) predicted_[size_t(int64_t(layer) * n_expert_ + e)] = 0;
+        if (n_pred > 0) precision_ = 0.9 * precision_ + 0.1 * double(n_right) / double(n_pred);
     }
 }
 
@@ -239,6 +255,12 @@ void ExpertStore::prefetch(int32_t layer, const int32_t * experts, int64_t n) {
         if (predicted_[size_t(key)]) continue;
         predicted_[size_t(key)] = 1;
         ++stats_.predicted;
+    }
+    // A wrong prefetch costs a read the disk may not have to spare; below the bar, only predict
+    // (the precision keeps being measured, and loads resume when it recovers).
+    if (precision_ < min_precision_) {
+        ++stats_.prefetch_skipped;
+        return;
     }
     for (int64_t i = 0; i < n; ++i) {
         const int64_t key = int64_t(layer) * n_expert_ + experts[i];

@@ -52,6 +52,9 @@ struct StoreOptions {
     int32_t n_expert_used = 1;  // the router's k (the heat policy's estimate)
     PolicyParams policy;        // pins (keys) are loaded at construction and never evicted
     bool direct_io = true;
+    // Prefetch loads only while the prediction's running precision (per layer visit,
+    // exponentially weighted, starting at 1) is at least this; 0: always.
+    double prefetch_min_precision = 0.75;
     // Called while the pins load, with bytes done and total.
     std::function<void(size_t done, size_t total)> progress;
 };
@@ -62,7 +65,9 @@ struct StoreStats {
     int64_t prefetch_hits = 0;  // of those, brought in by a prefetch
     int64_t misses = 0;         // demand loads
     int64_t prefetches = 0;     // loads started by prefetch
-    int64_t prefetch_unused = 0;   // prefetched, then evicted without being used
+    int64_t prefetch_unused = 0;   // prefetched, then not wanted by its layer (or evicted before)
+    int64_t prefetch_dropped = 0;  // of those, dropped before being read
+    int64_t prefetch_skipped = 0;  // predictions not loaded: running precision below the bar
     int64_t evictions = 0;
     int64_t predicted = 0;      // experts predicted for a layer
     int64_t predicted_wanted = 0;  // ... that the layer then wanted
@@ -152,6 +157,8 @@ private:
     uint8_t * memory_ = nullptr;
     size_t memory_bytes_ = 0;
     bool direct_;
+    double min_precision_;
+    double precision_ = 1.0;          // running precision of the predictions
 
     mutable std::mutex mu_;
     std::condition_variable cv_;      // slot state changes, new jobs

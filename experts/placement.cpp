@@ -88,6 +88,9 @@ PlacementPlan plan_placement(const ModelFootprint & m, const PlacementConfig & c
         throw PlacementError("placement heat_decay " + std::to_string(c.heat_decay) + " is outside (0, 1]");
     p.heat_decay = c.heat_decay;
     p.prefetch = c.prefetch;
+    if (!(c.prefetch_min_precision >= 0.0 && c.prefetch_min_precision <= 1.0))
+        throw PlacementError("placement prefetch_min_precision " + std::to_string(c.prefetch_min_precision) + " is outside [0, 1]");
+    p.prefetch_min_precision = c.prefetch_min_precision;
     p.direct_io = c.direct_io;
     if (m.expert_bytes.size() != size_t(m.n_layer)) throw PlacementError("model footprint has no per-layer expert sizes");
 

@@ -54,6 +54,7 @@ struct PlacementConfig {
     std::string policy = "heat";
     double heat_decay = 0.95;
     bool prefetch = true;
+    double prefetch_min_precision = 0.75;   // load predictions only while they are this often right
     bool direct_io = true;           // O_DIRECT reads from the disk tier where the file system allows it
     std::vector<PinConfig> pins;
 };
@@ -95,6 +96,7 @@ struct PlacementPlan {
     Policy policy = Policy::Heat;
     double heat_decay = 0.95;
     bool prefetch = true;
+    double prefetch_min_precision = 0.75;
     bool direct_io = true;
 
     const TierPlan * host() const { return host_tier < 0 ? nullptr : &tiers[size_t(host_tier)]; }

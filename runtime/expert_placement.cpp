@@ -47,6 +47,7 @@ std::unique_ptr<ExpertStore> open_expert_store(const Model & model, const Placem
     o.policy.heat_decay = plan.heat_decay;
     o.policy.pinned = h.pinned;
     o.direct_io = plan.direct_io;
+    o.prefetch_min_precision = plan.prefetch_min_precision;
     o.progress = std::move(progress);
     std::vector<MappedRegion> files = model.source().mapped_files();
     try {

@@ -118,9 +118,11 @@ void ForwardPass::set_expert_store(ExpertStore * store, bool prefetch) {
     }
 }
 
-void ForwardPass::predict(int64_t il, const float * h, int64_t n) {
+void ForwardPass::predict(int64_t il, int64_t n) {
     const ModelConfig & c = model_.config();
-    matmul(model_.layers()[size_t(il)].router, {}, h, router_next_.dev(), n);
+    // The target layer's router on the residual stream as it is now, normed as that layer will norm it.
+    rms_norm(x_.dev(), model_.layers()[size_t(il)].ffn_norm, xe_.as<float>(), n, c.n_embd);
+    matmul(model_.layers()[size_t(il)].router, {}, xe_.as<float>(), router_next_.dev(), n);
     router_next_.download(0, size_t(n * c.n_expert));
     route_softmax_topk(router_next_.host(), n, RouterSpec{c.n_expert, c.n_expert_used, c.norm_topk_prob}, pred_ids_.data(),
                        pred_w_.data());
@@ -155,7 +157,7 @@ void ForwardPass::stored_experts(int64_t il, int64_t n, const float * h, float *
         }
     } layer{*store_};
     store_->begin_layer(int32_t(il), n_steps_, wanted_.data(), int64_t(wanted_.size()), wanted_n_.data());
-    if (prefetch_ && next_moe_[size_t(il)] >= 0) predict(next_moe_[size_t(il)], h, n);
+    if (prefetch_ && next_moe_[size_t(il)] >= 0) predict(next_moe_[size_t(il)], n);
     std::stable_sort(wanted_.begin(), wanted_.end(), [&](int32_t a, int32_t b) {
         return store_->order({int32_t(il), a}) < store_->order({int32_t(il), b});
     });
@@ -437,10 +439,7 @@ const float * ForwardPass::run(const Batch & batch, std::string * error) {
     }
     x_.upload(0, size_t(n) * n_embd);
     ++n_steps_;
-    if (prefetch_ && first_moe_ >= 0) {   // the first MoE layer's guess: its router on the normed embeddings
-        rms_norm(x_.dev(), model_.layers()[size_t(first_moe_)].ffn_norm, h_.as<float>(), n, c.n_embd);
-        predict(first_moe_, h_.as<float>(), n);
-    }
+    if (prefetch_ && first_moe_ >= 0) predict(first_moe_, n);   // the first MoE layer's guess, from the embeddings
 
     for (int64_t il = 0; il < c.n_layer; ++il) {
         attention(il, n);

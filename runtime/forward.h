@@ -18,9 +18,9 @@
 // With an ExpertStore (set_expert_store), routed experts come from its slots
 // instead of the model's mapping: each MoE layer tells the store what it
 // wants, computes the experts in the order they become ready, and (prefetch)
-// applies the next MoE layer's router to this layer's normed hidden state to
-// start loading what it will probably want; the first MoE layer's guess comes
-// from the token embeddings.
+// applies the next MoE layer's norm and router to the residual stream as it
+// is before this layer's FFN, to start loading what that layer will probably
+// want; the first MoE layer's guess comes from the token embeddings.
 // Thread safety: one thread drives a ForwardPass; the backend may use workers.
 #pragma once
 
@@ -103,7 +103,7 @@ private:
 
     void attention(int64_t il, int64_t n);
     void stored_experts(int64_t il, int64_t n, const float * h, float * x);
-    void predict(int64_t il, const float * h, int64_t n);   // prefetch layer il's likely experts
+    void predict(int64_t il, int64_t n);   // prefetch layer il's likely experts (uses xe_ as scratch)
     void ffn(int64_t il, int64_t n);
     void run_expert(const ExpertWeights & w, const float * x, const float * scale, float * out, int64_t n);
     void matmul(const WeightMatrix & w, const std::vector<float> & bias, const float * x, float * y, int64_t n);

@@ -241,6 +241,8 @@ nlohmann::json store_json(const moesh::StoreStats & s, int64_t n_tokens) {
             {"prefetch_hits", s.prefetch_hits},
             {"prefetches", s.prefetches},
             {"prefetch_unused", s.prefetch_unused},
+            {"prefetch_dropped", s.prefetch_dropped},
+            {"prefetch_skipped", s.prefetch_skipped},
             {"prefetch_precision", s.prefetch_precision()},
             {"prefetch_recall", s.prefetch_recall()},
             {"evictions", s.evictions},
@@ -255,8 +257,10 @@ void print_store_stats(const moesh::StoreStats & s, int64_t n_tokens) {
     std::printf("experts: %lld requests, %lld hits (%.1f%%, %lld of them prefetched), %lld misses, %lld evictions\n",
                 (long long)s.requests, (long long)s.hits, 100.0 * s.hit_rate(), (long long)s.prefetch_hits, (long long)s.misses,
                 (long long)s.evictions);
-    std::printf("prefetch: %lld loads, %lld unused; next-layer prediction precision %.3f, recall %.3f\n", (long long)s.prefetches,
-                (long long)s.prefetch_unused, s.prefetch_precision(), s.prefetch_recall());
+    std::printf("prefetch: %lld loads, %lld unused (%lld dropped before the read), %lld layer predictions not loaded (precision "
+                "below the bar); next-layer prediction precision %.3f, recall %.3f\n",
+                (long long)s.prefetches, (long long)s.prefetch_unused, (long long)s.prefetch_dropped, (long long)s.prefetch_skipped,
+                s.prefetch_precision(), s.prefetch_recall());
     std::printf("disk -> host: %s read (%s per token) in %.2f s of reads (%.2f GB/s); forward pass stalled %.2f s\n",
                 human_bytes(double(s.bytes_read)).c_str(),
                 human_bytes(n_tokens > 0 ? double(s.bytes_read) / double(n_tokens) : 0.0).c_str(), s.read_seconds,

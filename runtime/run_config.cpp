@@ -124,6 +124,11 @@ void parse_placement(std::string_view source, const toml::table & tbl, Placement
             auto b = v.value<bool>();
             if (!v.is_boolean() || !b) fail(source, v, key, "expected true or false");
             pc.prefetch = *b;
+        } else if (k == "prefetch_min_precision") {
+            auto d = v.value<double>();
+            if (!(v.is_floating_point() || v.is_integer()) || !d || !(*d >= 0.0 && *d <= 1.0))
+                fail(source, v, key, "expected a number in [0, 1]");
+            pc.prefetch_min_precision = *d;
         } else if (k == "direct_io") {
             auto b = v.value<bool>();
             if (!v.is_boolean() || !b) fail(source, v, key, "expected true or false");
@@ -146,7 +151,7 @@ void parse_placement(std::string_view source, const toml::table & tbl, Placement
                 pc.pins.push_back(pin);
             }
         } else {
-            fail(source, v, key, "unknown key (known: policy, heat_decay, prefetch, direct_io, pin)");
+            fail(source, v, key, "unknown key (known: policy, heat_decay, prefetch, prefetch_min_precision, direct_io, pin)");
         }
     }
 }

@@ -24,6 +24,7 @@ PlacementConfig budget_config(uint64_t host_bytes, const std::string & policy, b
     c.tiers.push_back({"disk", TierKind::Disk, 0, 0});
     c.policy = policy;
     c.prefetch = prefetch;
+    c.prefetch_min_precision = 0;   // load every prediction, right or wrong: the worst case for correctness
     return c;
 }
 
@@ -90,6 +91,7 @@ void check_model(const Case & k) {
                     EXPECT_GT(s.misses, 0);
                     EXPECT_GT(s.bytes_read, 0u);
                     EXPECT_EQ(s.predicted > 0, prefetch);
+                    EXPECT_EQ(s.prefetches > 0, prefetch);
                 }
             }
         }
@@ -127,7 +129,7 @@ TEST(ExpertBudget, PlanRefusesWhatCannotWork) {
     EXPECT_NE(error_of(pc).find("experts pinned to tier 'host'"), std::string::npos) << error_of(pc);
     pc = budget_config(4 * slot, "lru", true);
     pc.pins.push_back({"host", {99, 99}, {0, -1}});
-    EXPECT_NE(error_of(pc).find("outside the model's"), std::string::npos) << error_of(pc);
+    EXPECT_NE(error_of(pc).find("go past the model's 2 layers"), std::string::npos) << error_of(pc);
     pc = budget_config(4 * slot, "belady", true);
     EXPECT_NE(error_of(pc).find("not one of"), std::string::npos) << error_of(pc);
     // Everything fits: nothing streams, no store.
