@@ -281,6 +281,43 @@ TEST(Cli, SimTakesHeatDecayAndPinsFromAConfig) {
     EXPECT_NE(r.out.find("missing.toml"), std::string::npos) << r.out;
 }
 
+// Expert budgets through the executable: the plan before loading, the same tokens with experts
+// streamed from the file, the cache's statistics, and a budget that cannot work refused.
+TEST(Cli, ExpertBudgetPlansAndRunsWithTheSameTokens) {
+    const std::string model = std::string(MOESH_SOURCE_DIR) + "/models/moesh-tiny-py";
+    Result r = run("plan --model " + model + " --expert-budget 2MiB", false);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("streaming: 4 of 32 experts fit in 'host'"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("KV cache"), std::string::npos) << r.out;
+    r = run("plan --model " + model + " --config " + std::string(MOESH_SOURCE_DIR) + "/configs/placement.toml", false);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("every routed expert fits"), std::string::npos) << r.out;
+    r = run("plan --model " + model + " --expert-budget 600KiB");   // one slot
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.out.find("at least 2"), std::string::npos) << r.out;
+
+    const std::string args = "run --model " + model + " --prompt-ids 785,3110,402,13,576 -n 24 --output json";
+    Result free_run = run(args, false);
+    ASSERT_EQ(free_run.status, 0) << free_run.out;
+    Result budget = run(args + " --expert-budget 2MiB", false);
+    ASSERT_EQ(budget.status, 0) << budget.out;
+    const nlohmann::json a = last_json_line(free_run.out), b = last_json_line(budget.out);
+    EXPECT_EQ(a["tokens"], b["tokens"]);
+    EXPECT_FALSE(a.contains("placement"));
+    ASSERT_TRUE(b.contains("placement"));
+    EXPECT_GT(b["placement"]["misses"].get<int64_t>(), 0);
+    EXPECT_GT(b["placement"]["disk_bytes_read"].get<int64_t>(), 0);
+    EXPECT_EQ(b["placement"]["hits"].get<int64_t>() + b["placement"]["misses"].get<int64_t>(),
+              b["placement"]["requests"].get<int64_t>());
+    r = run("run --model " + model + " --prompt-ids 785,3110 -n 4 --expert-budget 2MiB --stats", false);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("disk -> host:"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("recall"), std::string::npos) << r.out;
+    r = run("run --model " + model + " --prompt-ids 1,2 -n 2 --expert-budget lots");
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.out.find("--expert-budget: 'lots' is not a size"), std::string::npos) << r.out;
+}
+
 TEST(Cli, InspectListsTensorsAndExpertBytes) {
     if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
     Result r = run("inspect --model " + k_fixture);
