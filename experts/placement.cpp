@@ -172,12 +172,12 @@ std::string describe_plan(const ModelFootprint & m, const PlacementPlan & p) {
     std::snprintf(line, sizeof line, "host RAM outside the expert budget: %s\n", gib(double(fixed + m.kv_bytes + m.activation_bytes)).c_str());
     out += line;
     auto row = [&](const char * what, size_t bytes) {
-        std::snprintf(line, sizeof line, "  %-28s %12s\n", what, gib(double(bytes)).c_str());
+        std::snprintf(line, sizeof line, "  %-34s %12s\n", what, gib(double(bytes)).c_str());
         out += line;
     };
     row("attention (q, k, v, o)", m.attention_bytes);
     row("token embedding", m.embedding_bytes);
-    row("output projection", m.output_bytes);
+    row(m.output_bytes ? "output projection" : "output projection (tied: the embedding)", m.output_bytes);
     row("routers, dense/shared FFN, norms", m.other_bytes);
     row("KV cache", m.kv_bytes);
     row("activations", m.activation_bytes);
@@ -199,6 +199,21 @@ std::string describe_plan(const ModelFootprint & m, const PlacementPlan & p) {
                       tier_kind_name(t.kind), gib(double(t.budget)).c_str(), t.n_slots, gib(double(t.slot_bytes)).c_str(),
                       t.pinned.size(), t.kind == TierKind::Gpu ? " (GPU expert cache: planned, not run yet)" : "");
         out += line;
+        // Pinned experts per layer, as ranges: "layer 0: 0-7".
+        std::string pins;
+        for (size_t i = 0; i < t.pinned.size();) {
+            const int64_t layer = t.pinned[i] / std::max(1, m.n_expert);
+            std::string ranges;
+            while (i < t.pinned.size() && t.pinned[i] / std::max(1, m.n_expert) == layer) {
+                size_t j = i;
+                while (j + 1 < t.pinned.size() && t.pinned[j + 1] == t.pinned[j] + 1 && t.pinned[j + 1] / std::max(1, m.n_expert) == layer) ++j;
+                const int64_t a = t.pinned[i] % std::max(1, m.n_expert), b = t.pinned[j] % std::max(1, m.n_expert);
+                ranges += (ranges.empty() ? "" : ",") + (a == b ? std::to_string(a) : std::to_string(a) + "-" + std::to_string(b));
+                i = j + 1;
+            }
+            pins += (pins.empty() ? "" : "; ") + std::string("layer ") + std::to_string(layer) + ": " + ranges;
+        }
+        if (!pins.empty()) out += "           pinned " + pins + "\n";
     }
     const TierPlan & h = *p.host();
     if (p.all_resident) {

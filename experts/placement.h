@@ -55,6 +55,7 @@ struct PlacementConfig {
     double heat_decay = 0.95;
     bool prefetch = true;
     double prefetch_min_precision = 0.75;   // load predictions only while they are this often right
+    int32_t prefetch_extra = 0;      // predict the router's top k + this many per token
     bool direct_io = true;           // O_DIRECT reads from the disk tier where the file system allows it
     std::vector<PinConfig> pins;
 };

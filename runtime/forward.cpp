@@ -99,13 +99,14 @@ ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, i
     }
 }
 
-void ForwardPass::set_expert_store(ExpertStore * store, bool prefetch) {
+void ForwardPass::set_expert_store(ExpertStore * store, bool prefetch, int32_t prefetch_extra) {
     const ModelConfig & c = model_.config();
     if (store && !be_.host_memory())
         throw Error("backend '" + be_.name() + "' keeps weights in device memory; an expert budget (host/disk tiers) needs a "
                     "host-memory backend until the GPU expert cache is built: use --backend cpu or drop the [[tier]] tables");
     store_ = store;
     prefetch_ = store && prefetch;
+    prefetch_extra_ = std::max(0, prefetch_extra);
     const size_t E = size_t(std::max<int64_t>(1, c.n_expert)), B = size_t(max_batch_);
     wanted_.reserve(E);
     wanted_n_.reserve(E);
@@ -113,7 +114,7 @@ void ForwardPass::set_expert_store(ExpertStore * store, bool prefetch) {
     pred_list_.reserve(E);
     if (prefetch_ && pred_ids_.empty()) {
         router_next_ = Staged<float>(be_, B * E, "buffer_alloc (activations)");
-        pred_ids_.resize(B * size_t(std::max<int64_t>(1, c.n_expert_used)));
+        pred_ids_.resize(B * size_t(std::max<int64_t>(1, c.n_expert)));
         pred_w_.resize(pred_ids_.size());
     }
 }
@@ -124,12 +125,13 @@ void ForwardPass::predict(int64_t il, int64_t n) {
     rms_norm(x_.dev(), model_.layers()[size_t(il)].ffn_norm, xe_.as<float>(), n, c.n_embd);
     matmul(model_.layers()[size_t(il)].router, {}, xe_.as<float>(), router_next_.dev(), n);
     router_next_.download(0, size_t(n * c.n_expert));
-    route_softmax_topk(router_next_.host(), n, RouterSpec{c.n_expert, c.n_expert_used, c.norm_topk_prob}, pred_ids_.data(),
+    const int64_t kk = std::min<int64_t>(c.n_expert, c.n_expert_used + prefetch_extra_);
+    route_softmax_topk(router_next_.host(), n, RouterSpec{c.n_expert, kk, c.norm_topk_prob}, pred_ids_.data(),
                        pred_w_.data());
     // Most-wanted first: the store stops prefetching when it runs out of evictable slots.
     pred_count_.clear();
     for (int64_t e = 0; e < c.n_expert; ++e) pred_count_.push_back({0, int32_t(e)});
-    for (int64_t i = 0; i < n * c.n_expert_used; ++i) --pred_count_[size_t(pred_ids_[size_t(i)])].first;
+    for (int64_t i = 0; i < n * kk; ++i) --pred_count_[size_t(pred_ids_[size_t(i)])].first;
     std::sort(pred_count_.begin(), pred_count_.end());
     pred_list_.clear();
     for (const auto & [neg, e] : pred_count_)

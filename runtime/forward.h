@@ -88,7 +88,8 @@ public:
     // Routed experts from store (must outlive this; nullptr: the model's own). The
     // weights must have been prepared without routed experts (WeightOptions).
     // Throws on a device-memory backend: the GPU expert cache is not built yet.
-    void set_expert_store(ExpertStore * store, bool prefetch);
+    // prefetch_extra: predict the top k + extra experts per token (recall for precision).
+    void set_expert_store(ExpertStore * store, bool prefetch, int32_t prefetch_extra = 0);
 
     int64_t max_batch() const { return max_batch_; }
     const ExpertHeat & heat() const { return heat_; }
@@ -123,6 +124,7 @@ private:
     RouteObserver observer_;
     ExpertStore * store_ = nullptr;
     bool prefetch_ = false;
+    int32_t prefetch_extra_ = 0;
     int64_t n_steps_ = 0;                 // forward passes run: the store's clock
     std::vector<int64_t> next_moe_;       // [n_layer] next MoE layer, -1 after the last
     int64_t first_moe_ = -1;

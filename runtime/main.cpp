@@ -376,6 +376,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
     go.weights = weights.get();
     go.experts = store.get();
     go.prefetch = rc.placement.prefetch;
+    go.prefetch_extra = rc.placement.prefetch_extra;
     std::optional<moesh::RouteTraceWriter> trace = open_trace(trace_path, co.model, model);
     go.trace = trace ? &*trace : nullptr;
     moesh::GenerateResult r = moesh::generate(model, *backend, go);
@@ -475,6 +476,7 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
     po.weights = weights.get();
     po.experts = store.get();
     po.prefetch = rc.placement.prefetch;
+    po.prefetch_extra = rc.placement.prefetch_extra;
     std::optional<moesh::RouteTraceWriter> trace = open_trace(trace_path, co.model, model);
     po.trace = trace ? &*trace : nullptr;
     const moesh::PerplexityResult r = moesh::perplexity(model, *backend, tokens, po);

@@ -40,6 +40,7 @@ struct PerplexityOptions {
     ExpertStore * experts = nullptr;          // routed experts from a budgeted cache (experts/expert_store.h); weights
                                               //   must then be prepared without them (WeightOptions::routed_experts)
     bool prefetch = true;                     // with experts: predict and prefetch the next layer's
+    int32_t prefetch_extra = 0;               // ... predicting k + this many per token
 };
 
 struct PerplexityResult {

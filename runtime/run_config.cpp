@@ -129,6 +129,8 @@ void parse_placement(std::string_view source, const toml::table & tbl, Placement
             if (!(v.is_floating_point() || v.is_integer()) || !d || !(*d >= 0.0 && *d <= 1.0))
                 fail(source, v, key, "expected a number in [0, 1]");
             pc.prefetch_min_precision = *d;
+        } else if (k == "prefetch_extra") {
+            pc.prefetch_extra = int32_t(integer(source, v, key, 0, 64));
         } else if (k == "direct_io") {
             auto b = v.value<bool>();
             if (!v.is_boolean() || !b) fail(source, v, key, "expected true or false");
@@ -151,7 +153,7 @@ void parse_placement(std::string_view source, const toml::table & tbl, Placement
                 pc.pins.push_back(pin);
             }
         } else {
-            fail(source, v, key, "unknown key (known: policy, heat_decay, prefetch, prefetch_min_precision, direct_io, pin)");
+            fail(source, v, key, "unknown key (known: policy, heat_decay, prefetch, prefetch_min_precision, prefetch_extra, direct_io, pin)");
         }
     }
 }

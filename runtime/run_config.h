@@ -23,6 +23,7 @@
 //   heat_decay = 0.95            # per token, in (0, 1]
 //   prefetch = true
 //   prefetch_min_precision = 0.75  # load predictions only while they are right this often
+//   prefetch_extra = 0           # predict the router's top k + this many per token
 //   direct_io = true             # O_DIRECT reads from the disk tier where the file system allows it
 //   [[placement.pin]]            # experts that always live on a tier
 //   tier = "gpu0"

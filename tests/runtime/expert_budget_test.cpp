@@ -83,6 +83,7 @@ void check_model(const Case & k) {
                     EXPECT_EQ(store->slots(), n_slots);
                     o.experts = store.get();
                     o.prefetch = prefetch;
+                    o.prefetch_extra = prefetch && std::string(policy) == "heat" ? 1 : 0;   // wider predictions too
                     EXPECT_EQ(generate(model, *be, o).tokens, free_run) << "prompt " << pi;
                     o.experts = nullptr;
                     EXPECT_EQ(store->check(), "");
