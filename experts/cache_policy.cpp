@@ -83,6 +83,11 @@ double PolicyState::expected_next_use(int64_t key, int64_t step, int32_t layer) 
     return double(d) + double(n_layer_) * (1.0 / p - 1.0);
 }
 
+bool PolicyState::admit(int64_t incoming, int64_t victim, int64_t step, int32_t layer) const {
+    if (params_.policy != Policy::Heat) return true;
+    return expected_next_use(incoming, step, layer) < expected_next_use(victim, step, layer);
+}
+
 size_t PolicyState::victim(const int64_t * cand, size_t n, int64_t step, int32_t layer) const {
     size_t best = 0;
     auto worse = [&](size_t i, size_t j) {   // is candidate i a better victim than j?
@@ -187,6 +192,7 @@ CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n
         }
         if (int64_t(resident.size()) >= slots) {
             const size_t v = state.victim(resident.data(), resident.size(), requests[i].step, requests[i].layer);
+            if (!state.admit(k, resident[v], requests[i].step, requests[i].layer)) continue;   // used from the slower tier
             is_resident[size_t(resident[v])] = 0;
             resident[v] = resident.back();
             resident.pop_back();

@@ -22,7 +22,9 @@
 //           since its last update) + 1 per use; decay per step, e.g. 0.95),
 //           p = min(1, k * (heat + 1) / (layer's heat + n_expert)). Expected
 //           next use: d + n_layer * (1/p - 1); the largest goes. Unlike LRU it
-//           does not throw out the layer that comes next.
+//           does not throw out the layer that comes next. Admission: a missed
+//           expert expected back later than that victim is not cached (the
+//           run-time store reads it into its one streaming slot instead).
 //   belady  evict the one needed again farthest in the future, or do not
 //           cache the requested one when it is needed later than all of them
 //           (the offline optimum for unit-size items; the yardstick). Pins
@@ -66,6 +68,9 @@ public:
     void use(int64_t key, int64_t step);   // one use by the token at `step`
     // Which of candidates[0, n) to evict when the forward pass is at (step, layer); n > 0.
     size_t victim(const int64_t * candidates, size_t n, int64_t step, int32_t layer) const;
+    // Whether incoming deserves victim's slot; heat: only if it is expected back sooner (the
+    // others always admit). A declined expert is used from where it is, not cached.
+    bool admit(int64_t incoming, int64_t victim, int64_t step, int32_t layer) const;
     // heat: the expected number of layer visits until key is needed again.
     double expected_next_use(int64_t key, int64_t step, int32_t layer) const;
     double heat(int64_t key, int64_t step) const;

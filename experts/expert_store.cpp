@@ -124,6 +124,8 @@ ExpertStore::ExpertStore(const ExpertTable & experts, std::vector<MappedRegion> 
         if (o.progress) o.progress(done, total);
     }
     stats_ = StoreStats{};   // the pins are set-up, not traffic
+    // Admission needs somewhere to put what it declines: one slot, when two others stay free to cache.
+    if (o.policy.policy == Policy::Heat && slots() - n_pinned_ >= 3) stream_ = int32_t(slots() - 1);
 }
 
 ExpertStore::~ExpertStore() { shutdown(); }
@@ -151,7 +153,15 @@ int64_t ExpertStore::key_of(ExpertId id) const {
 int32_t ExpertStore::place(std::unique_lock<std::mutex> &, int64_t key, bool demand, bool force) {
     int32_t chosen = -1;
     for (size_t i = 0; i < slots_.size() && chosen < 0; ++i)
-        if (slots_[i].state == State::Free) chosen = int32_t(i);
+        if (slots_[i].state == State::Free && int32_t(i) != stream_) chosen = int32_t(i);
+    // The streaming slot takes a demand load the policy does not admit: it is read and used
+    // without evicting anything the cache chose to keep.
+    auto stream_idle = [&] {
+        if (stream_ < 0 || !demand) return false;
+        const Slot & s = slots_[size_t(stream_)];
+        return s.state == State::Free ||
+               ((s.state == State::Ready || s.state == State::Failed) && s.locks == 0 && !protected_[size_t(s.key)]);
+    };
     if (chosen < 0) {
         // Evictable: ready (or, for demand, a prefetch not started yet), unlocked, unpinned, not wanted now.
         // A demand may take what was predicted; a prefetch may not.
@@ -160,18 +170,29 @@ int32_t ExpertStore::place(std::unique_lock<std::mutex> &, int64_t key, bool dem
         for (size_t i = 0; i < slots_.size(); ++i) {
             const Slot & s = slots_[i];
             const bool idle = s.state == State::Ready || s.state == State::Failed || (demand && s.state == State::Queued);
-            if (!idle || s.locks > 0 || s.pinned || (protected_[size_t(s.key)] && !force)) continue;
+            if (!idle || s.locks > 0 || s.pinned || int32_t(i) == stream_ || (protected_[size_t(s.key)] && !force)) continue;
             if (!demand && predicted_[size_t(s.key)]) continue;
             cand.push_back(s.key);
             cand_slot.push_back(int32_t(i));
         }
-        if (cand.empty()) return -1;
-        const size_t v = policy_.victim(cand.data(), cand.size(), step_, layer_);
-        chosen = cand_slot[v];
+        if (!cand.empty()) {
+            const size_t v = policy_.victim(cand.data(), cand.size(), step_, layer_);
+            chosen = cand_slot[v];
+            if (stream_idle() && !policy_.admit(key, cand[v], step_, layer_)) {
+                chosen = stream_;
+                ++stats_.streamed;
+            }
+        } else if (stream_idle()) {
+            chosen = stream_;
+        } else {
+            return -1;
+        }
         Slot & s = slots_[size_t(chosen)];
-        if (s.prefetched) ++stats_.prefetch_unused;
-        where_[size_t(s.key)] = -1;
-        ++stats_.evictions;
+        if (s.state != State::Free) {
+            if (s.prefetched) ++stats_.prefetch_unused;
+            where_[size_t(s.key)] = -1;
+            ++stats_.evictions;
+        }
     }
     Slot & s = slots_[size_t(chosen)];
     s.key = key;

@@ -16,7 +16,9 @@
 // so the page cache does not grow past the budget behind our back. Demand
 // loads go before prefetches. An expert that is locked (being computed),
 // loading, wanted by the current layer or pinned is never evicted; the policy
-// picks among the rest. Memory: the slots are the only expert memory the
+// picks among the rest. With heat's admission one slot is kept for streaming:
+// a missed expert the policy would not keep is read there and used, and the
+// cache keeps what it has. Memory: the slots are the only expert memory the
 // store ever holds; slots() * slot_bytes() <= the budget, always.
 // Thread safety: one thread calls the methods (the forward pass); the I/O
 // thread is internal.
@@ -69,6 +71,7 @@ struct StoreStats {
     int64_t prefetch_dropped = 0;  // of those, dropped before being read
     int64_t prefetch_skipped = 0;  // predictions not loaded: running precision below the bar
     int64_t evictions = 0;
+    int64_t streamed = 0;       // misses the policy did not admit: read into the streaming slot
     int64_t predicted = 0;      // experts predicted for a layer
     int64_t predicted_wanted = 0;  // ... that the layer then wanted
     int64_t wanted_predicted_layers = 0;   // experts wanted by layers that had a prediction
@@ -159,6 +162,7 @@ private:
     bool direct_;
     double min_precision_;
     double precision_ = 1.0;          // running precision of the predictions
+    int32_t stream_ = -1;             // the streaming slot (heat's admission), -1 when none
 
     mutable std::mutex mu_;
     std::condition_variable cv_;      // slot state changes, new jobs

@@ -246,6 +246,7 @@ nlohmann::json store_json(const moesh::StoreStats & s, int64_t n_tokens) {
             {"prefetch_precision", s.prefetch_precision()},
             {"prefetch_recall", s.prefetch_recall()},
             {"evictions", s.evictions},
+            {"streamed", s.streamed},
             {"disk_bytes_read", s.bytes_read},
             {"disk_bytes_per_token", n_tokens > 0 ? double(s.bytes_read) / double(n_tokens) : 0.0},
             {"disk_read_seconds", s.read_seconds},
@@ -254,9 +255,10 @@ nlohmann::json store_json(const moesh::StoreStats & s, int64_t n_tokens) {
 }
 
 void print_store_stats(const moesh::StoreStats & s, int64_t n_tokens) {
-    std::printf("experts: %lld requests, %lld hits (%.1f%%, %lld of them prefetched), %lld misses, %lld evictions\n",
+    std::printf("experts: %lld requests, %lld hits (%.1f%%, %lld of them prefetched), %lld misses (%lld streamed, not "
+                "cached), %lld evictions\n",
                 (long long)s.requests, (long long)s.hits, 100.0 * s.hit_rate(), (long long)s.prefetch_hits, (long long)s.misses,
-                (long long)s.evictions);
+                (long long)s.streamed, (long long)s.evictions);
     std::printf("prefetch: %lld loads, %lld unused (%lld dropped before the read), %lld layer predictions not loaded (precision "
                 "below the bar); next-layer prediction precision %.3f, recall %.3f\n",
                 (long long)s.prefetches, (long long)s.prefetch_unused, (long long)s.prefetch_dropped, (long long)s.prefetch_skipped,

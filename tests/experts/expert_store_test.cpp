@@ -150,7 +150,8 @@ TEST(ExpertStore, MoreExpertsThanSlotsInOneLayer) {
 }
 
 TEST(ExpertStore, HeatKeepsTheNextLayersExperts) {
-    // Three layers of one expert, two slots: in layer order, the expert of the layer just done goes.
+    // Three layers of one expert, two slots (too few for a streaming slot, so every miss is cached):
+    // in layer order, the expert of the layer just done goes.
     ExpertFile f(3, 1, 5);
     ExpertStore store(f.table, f.regions(), options(f, 2, Policy::Heat, true));
     const int32_t e0[] = {0};
@@ -161,7 +162,30 @@ TEST(ExpertStore, HeatKeepsTheNextLayersExperts) {
             store.release({l, 0});
             store.end_layer();
         }
-    EXPECT_EQ(store.stats().hits, 5);   // as the simulator's hand-worked trace (cache_policy_test)
+    EXPECT_EQ(store.stats().hits, 5);   // the simulator's hand-worked trace (cache_policy_test) without admission
+    EXPECT_EQ(store.stats().streamed, 0);
+}
+
+TEST(ExpertStore, HeatStreamsWhatItDoesNotAdmit) {
+    // Four layers of one expert, three slots: two cache, one streams. The cache keeps two layers'
+    // experts for good; the other two take turns in the streaming slot.
+    ExpertFile f(4, 1, 6);
+    const int32_t e0[] = {0};
+    auto hits = [&](Policy p) {
+        ExpertStore store(f.table, f.regions(), options(f, 3, p, true));
+        for (int64_t step = 0; step < 6; ++step)
+            for (int32_t l = 0; l < 4; ++l) {
+                store.begin_layer(l, step, e0, 1);
+                EXPECT_TRUE(same_bytes(store.acquire({l, 0}), f.table.get({l, 0})));
+                store.release({l, 0});
+                store.end_layer();
+                EXPECT_EQ(store.check(), "");
+            }
+        if (p == Policy::Heat) EXPECT_GT(store.stats().streamed, 0);
+        return store.stats().hits;
+    };
+    EXPECT_EQ(hits(Policy::Lru), 0);    // lru on a cycle longer than the cache: never a hit
+    EXPECT_EQ(hits(Policy::Heat), 10);  // two layers' experts hit from the second step on: 2 x 5
 }
 
 TEST(ExpertStore, RefusesABudgetBelowTwoFreeSlots) {
