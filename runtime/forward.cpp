@@ -3,6 +3,7 @@
 #include "runtime/error.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 
@@ -102,8 +103,8 @@ ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, i
 void ForwardPass::set_expert_store(ExpertStore * store, bool prefetch, int32_t prefetch_extra) {
     const ModelConfig & c = model_.config();
     if (store && !be_.host_memory())
-        throw Error("backend '" + be_.name() + "' keeps weights in device memory; an expert budget (host/disk tiers) needs a "
-                    "host-memory backend until the GPU expert cache is built: use --backend cpu or drop the [[tier]] tables");
+        throw Error("backend '" + be_.name() + "' keeps weights in device memory: experts streamed from disk into host slots "
+                    "are not built for it yet; give the experts a gpu tier and a host tier that holds the rest, or use --backend cpu");
     store_ = store;
     prefetch_ = store && prefetch;
     prefetch_extra_ = std::max(0, prefetch_extra);
@@ -116,6 +117,111 @@ void ForwardPass::set_expert_store(ExpertStore * store, bool prefetch, int32_t p
         router_next_ = Staged<float>(be_, B * E, "buffer_alloc (activations)");
         pred_ids_.resize(B * size_t(std::max<int64_t>(1, c.n_expert)));
         pred_w_.resize(pred_ids_.size());
+    }
+}
+
+void ForwardPass::set_device_experts(DeviceExperts * dev, Backend * host, CostModel * cost) {
+    const ModelConfig & c = model_.config();
+    if (dev && be_.host_memory())
+        throw Error("a gpu tier needs a device-memory backend (cuda); backend '" + be_.name() + "' computes in host memory");
+    if (dev && (!host || !host->host_memory() || !cost))
+        throw Error("a gpu tier needs a host-memory backend (cpu) for the experts it does not hold, and a cost model");
+    if (dev && store_) throw Error("a gpu tier with experts streamed from disk is not built yet; give the host tier every expert");
+    dev_experts_ = dev;
+    host_be_ = dev ? host : nullptr;
+    cost_ = dev ? cost : nullptr;
+    if (dev) {
+        const size_t B = size_t(max_batch_);
+        hx_ = BackendBuffer(*host_be_, B * size_t(c.n_embd) * sizeof(float), "buffer_alloc (host expert input)");
+        ho_ = BackendBuffer(*host_be_, B * size_t(c.n_embd) * sizeof(float), "buffer_alloc (host expert output)");
+        hscratch_ = BackendBuffer(*host_be_, 2 * B * size_t(std::max({c.n_ff, c.n_ff_expert, int64_t(1)})) * sizeof(float),
+                                  "buffer_alloc (host expert scratch)");
+        wanted_.reserve(size_t(std::max<int64_t>(1, c.n_expert)));
+        wanted_n_.reserve(size_t(std::max<int64_t>(1, c.n_expert)));
+    }
+}
+
+// An expert the gpu tier does not hold, computed on the host backend from the model's own copy:
+// its tokens' rows go down, its weighted output comes back up and is added to the residual.
+void ForwardPass::run_expert_on_host(const ExpertWeights & w, int64_t e, int64_t n, const float * h, float * x) {
+    const ModelConfig & c = model_.config();
+    const int64_t n_e = dispatch_.n_tokens_for(e);
+    const size_t row_bytes = size_t(c.n_embd) * sizeof(float);
+    const int32_t * tok = route_tok_.dev() + dispatch_.offset(e);
+    const float * src = h;
+    if (n > 1) {
+        copy_rows(h, n, tok, xe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);   // gather on the device
+        src = xe_.as<float>();
+    }
+    be_.download(hx_.get(), src, size_t(n_e) * row_bytes, "copy_to_host (in-place expert input)");
+    std::memset(ho_.get(), 0, size_t(n_e) * row_bytes);
+    moesh_expert_ffn_args a{};
+    a.struct_size = sizeof a;
+    a.gate = w.gate.data;
+    a.up = w.up.data;
+    a.down = w.down.data;
+    a.w_type = w.gate.type;
+    a.x = hx_.as<float>();
+    a.scale = route_w_.host() + dispatch_.offset(e);   // the host copy of the routing weights
+    a.out = ho_.as<float>();
+    a.scratch = hscratch_.as<float>();
+    a.n_embd = w.gate.n_cols;
+    a.n_ff = w.gate.n_rows;
+    a.n_tokens = n_e;
+    host_be_->check(host_be_->iface().expert_ffn(host_be_->ctx(), &a), "expert_ffn (host, in place)");
+    host_be_->check(host_be_->iface().synchronize(host_be_->ctx()), "synchronize (host)");
+    be_.upload(oe_.as<float>(), ho_.get(), size_t(n_e) * row_bytes, "copy_to_device (in-place expert output)");
+    copy_rows(oe_.as<float>(), n_e, nullptr, x, n, n > 1 ? tok : nullptr, n_e, c.n_embd, true);   // scatter-add
+}
+
+// Routed experts with a gpu tier: resident ones on the device; the others promoted or computed on
+// the host, per expert and per step, by the cost model.
+void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, float * x) {
+    const ModelConfig & c = model_.config();
+    wanted_.clear();
+    wanted_n_.clear();
+    for (int64_t e = 0; e < c.n_expert; ++e)
+        if (dispatch_.n_tokens_for(e) > 0) {
+            wanted_.push_back(int32_t(e));
+            wanted_n_.push_back(int32_t(dispatch_.n_tokens_for(e)));
+        }
+    struct Layer {
+        DeviceExperts & d;
+        ~Layer() { d.end_layer(); }
+    } layer{*dev_experts_};
+    dev_experts_->begin_layer(int32_t(il), n_steps_, wanted_.data(), int64_t(wanted_.size()), wanted_n_.data());
+    for (int32_t e : wanted_) {
+        const ExpertId id{int32_t(il), e};
+        const int64_t n_e = dispatch_.n_tokens_for(e);
+        const ExpertWeights & host_w = model_.experts().get(id);
+        const ExpertWeights * w = dev_experts_->resident(id);
+        if (!w && dev_experts_->can_promote() &&
+            cost_->choose(host_w.n_bytes(), n_e, c.n_embd, dev_experts_->admits(id)) == Placement::Promote) {
+            const double t0 = dev_experts_->stats().upload_seconds;
+            const uint64_t b0 = dev_experts_->stats().bytes_uploaded;
+            w = &dev_experts_->promote(id);
+            cost_->observe_upload(size_t(dev_experts_->stats().bytes_uploaded - b0), dev_experts_->stats().upload_seconds - t0);
+        }
+        if (!w) {
+            const auto t0 = std::chrono::steady_clock::now();
+            run_expert_on_host(host_w, e, n, h, x);
+            const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            dev_experts_->note_in_place(secs);
+            cost_->observe_host(host_w.n_bytes(), n_e, secs);
+            dev_experts_->done(id);
+            continue;
+        }
+        const float * scale = route_w_.dev() + dispatch_.offset(e);
+        if (n == 1) {
+            run_expert(*w, h, scale, x, 1, true);
+        } else {
+            const int32_t * tok = route_tok_.dev() + dispatch_.offset(e);
+            copy_rows(h, n, tok, xe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);
+            copy_rows(nullptr, 0, nullptr, oe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);
+            run_expert(*w, xe_.as<float>(), scale, oe_.as<float>(), n_e, true);
+            copy_rows(oe_.as<float>(), n_e, nullptr, x, n, tok, n_e, c.n_embd, true);
+        }
+        dev_experts_->done(id);
     }
 }
 
@@ -169,12 +275,12 @@ void ForwardPass::stored_experts(int64_t il, int64_t n, const float * h, float *
         const int64_t n_e = dispatch_.n_tokens_for(e);
         const float * scale = route_w_.dev() + dispatch_.offset(e);
         if (n == 1) {
-            run_expert(w, h, scale, x, 1);
+            run_expert(w, h, scale, x, 1, true);
         } else {
             const int32_t * tok = route_tok_.dev() + dispatch_.offset(e);
             copy_rows(h, n, tok, xe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);
             copy_rows(nullptr, 0, nullptr, oe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);
-            run_expert(w, xe_.as<float>(), scale, oe_.as<float>(), n_e);
+            run_expert(w, xe_.as<float>(), scale, oe_.as<float>(), n_e, true);
             copy_rows(oe_.as<float>(), n_e, nullptr, x, n, tok, n_e, c.n_embd, true);
         }
         layer.held.index = -1;
@@ -232,13 +338,15 @@ void ForwardPass::copy_rows(const float * src, int64_t src_n_rows, const int32_t
     be_.check(be_.iface().copy_rows(be_.ctx(), &a), "copy_rows");
 }
 
-void ForwardPass::run_expert(const ExpertWeights & w, const float * x, const float * scale, float * out, int64_t n) {
-    const WeightRef gate = weights_->get(w.gate);   // gate, up and down are packed (or not) as a set
+void ForwardPass::run_expert(const ExpertWeights & w, const float * x, const float * scale, float * out, int64_t n,
+                             bool as_is) {
+    // gate, up and down are packed (or not) as a set; as_is: a cache slot's copy, not the model's
+    const WeightRef gate = as_is ? WeightRef{w.gate.data, int32_t(w.gate.type)} : weights_->get(w.gate);
     moesh_expert_ffn_args a{};
     a.struct_size = sizeof a;
     a.gate = gate.data;
-    a.up = weights_->get(w.up).data;
-    a.down = weights_->get(w.down).data;
+    a.up = as_is ? w.up.data : weights_->get(w.up).data;
+    a.down = as_is ? w.down.data : weights_->get(w.down).data;
     a.w_type = gate.type;
     a.x = x;
     a.scale = scale;
@@ -354,7 +462,7 @@ void ForwardPass::ffn(int64_t il, int64_t n) {
         route_tok_.upload(0, size_t(n_pairs));
     }
 
-    for (int64_t e = 0; e < c.n_expert && !store_; ++e) {
+    for (int64_t e = 0; e < c.n_expert && !store_ && !dev_experts_; ++e) {
         const int64_t n_e = dispatch_.n_tokens_for(e);
         if (n_e == 0) continue;
         const ExpertWeights & w = model_.experts().get({int32_t(il), int32_t(e)});
@@ -370,6 +478,7 @@ void ForwardPass::ffn(int64_t il, int64_t n) {
         copy_rows(oe_.as<float>(), n_e, nullptr, x, n, tok, n_e, c.n_embd, true);            // scatter-add
     }
     if (store_) stored_experts(il, n, h, x);
+    if (dev_experts_) device_tier_experts(il, n, h, x);
     if (!L.shared.empty()) {
         matmul(L.shared_gate, {}, h, shared_scale_.dev(), n);
         shared_scale_.download(0, size_t(n));

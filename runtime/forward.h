@@ -24,6 +24,8 @@
 // Thread safety: one thread drives a ForwardPass; the backend may use workers.
 #pragma once
 
+#include "experts/cost_model.h"
+#include "experts/device_experts.h"
 #include "experts/expert_store.h"
 #include "plugins/loader/plugin_loader.h"
 #include "router/router.h"
@@ -90,6 +92,11 @@ public:
     // Throws on a device-memory backend: the GPU expert cache is not built yet.
     // prefetch_extra: predict the top k + extra experts per token (recall for precision).
     void set_expert_store(ExpertStore * store, bool prefetch, int32_t prefetch_extra = 0);
+    // The gpu tier (a device-memory backend only): routed experts from dev's slots;
+    // one that is not there is promoted into one or computed on host (a host-memory
+    // backend, e.g. cpu, reading the model's own copy), as cost decides. All three
+    // must outlive this; the weights must have been prepared without routed experts.
+    void set_device_experts(DeviceExperts * dev, Backend * host, CostModel * cost);
 
     int64_t max_batch() const { return max_batch_; }
     const ExpertHeat & heat() const { return heat_; }
@@ -105,8 +112,10 @@ private:
     void attention(int64_t il, int64_t n);
     void stored_experts(int64_t il, int64_t n, const float * h, float * x);
     void predict(int64_t il, int64_t n);   // prefetch layer il's likely experts (uses xe_ as scratch)
+    void device_tier_experts(int64_t il, int64_t n, const float * h, float * x);
+    void run_expert_on_host(const ExpertWeights & w, int64_t e, int64_t n, const float * h, float * x);
     void ffn(int64_t il, int64_t n);
-    void run_expert(const ExpertWeights & w, const float * x, const float * scale, float * out, int64_t n);
+    void run_expert(const ExpertWeights & w, const float * x, const float * scale, float * out, int64_t n, bool as_is = false);
     void matmul(const WeightMatrix & w, const std::vector<float> & bias, const float * x, float * y, int64_t n);
     void rms_norm(const float * x, const std::vector<float> & w, float * y, int64_t n_rows, int64_t n);
     // dst[dst_rows[i]] (+)= src[src_rows[i]] over n_cols; see moesh_copy_rows_args.
@@ -131,6 +140,10 @@ private:
     std::vector<int32_t> wanted_, wanted_n_, pred_ids_, pred_list_;   // host scratch for the store, reserved
     std::vector<float> pred_w_;
     std::vector<std::pair<int32_t, int32_t>> pred_count_;
+    DeviceExperts * dev_experts_ = nullptr;
+    Backend * host_be_ = nullptr;
+    CostModel * cost_ = nullptr;
+    BackendBuffer hx_, ho_, hscratch_;   // host backend: an in-place expert's input, output, scratch
     std::vector<Run> runs_;       // reserved max_batch
 
     // Backend memory; B = max_batch.

@@ -8,6 +8,8 @@
 // Thread safety: one call at a time per Backend.
 #pragma once
 
+#include "experts/cost_model.h"
+#include "experts/device_experts.h"
 #include "plugins/loader/plugin_loader.h"
 #include "router/router.h"
 #include "runtime/model.h"
@@ -37,6 +39,9 @@ struct GenerateOptions {
                                               //   must then be prepared without them (WeightOptions::routed_experts)
     bool prefetch = true;                     // with experts: predict and prefetch the next layer's
     int32_t prefetch_extra = 0;               // ... predicting k + this many per token
+    DeviceExperts * device_experts = nullptr; // the gpu tier (experts/device_experts.h), with:
+    Backend * host_backend = nullptr;         //   where the experts it lacks run in place
+    CostModel * cost = nullptr;               //   what decides promote vs in place
 };
 
 struct GenerateResult {

@@ -43,6 +43,7 @@ PerplexityResult perplexity(const Model & model, Backend & backend, const std::v
     KvCache kv(ks, backend);
     ForwardPass fwd(model, backend, kv, n_batch, o.weights);
     fwd.set_expert_store(o.experts, o.prefetch, o.prefetch_extra);
+    if (o.device_experts) fwd.set_device_experts(o.device_experts, o.host_backend, o.cost);
 
     PerplexityResult r;
     const size_t n_vocab = size_t(c.n_vocab);

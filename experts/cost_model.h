@@ -1,0 +1,58 @@
+// Where an expert that is not in the fast tier runs this step: copied up (promoted)
+// and computed there, or computed in place on the tier that holds it (the host
+// CPU), by the time each would take — from rates measured at start-up and
+// refined with every observation — and by how many tokens the step routes to it.
+//
+//   CostModel cm(rates);
+//   Choice c = cm.choose(expert_bytes, n_tokens, n_embd, /*reuse=*/store.admits(...));
+//   ... after running it: cm.observe_host(expert_bytes, n_tokens, seconds); ...
+//
+// Times: host compute  t_h(n) = bytes / host_gbps + n * host_token_s   (streams the weights once)
+//        device compute t_d(n) = n * device_token_s                   (weights already there)
+//        promotion      t_up   = bytes / upload_gbps
+//        activations    t_x(n) = 2 * n * n_embd * 4 / upload_gbps + 2 * transfer_latency_s
+// In place costs t_h(n) + t_x(n); promoting costs t_up + t_d(n), less one future
+// use saved (t_h(1) + t_x(1) - t_d(1)) when the policy would keep it (reuse).
+// Thread safety: one thread uses a CostModel.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace moesh {
+
+struct CostRates {
+    double upload_gbps = 10.0;          // host -> device, GB/s
+    double transfer_latency_s = 20e-6;  // one small copy each way
+    double host_gbps = 10.0;            // host expert compute, weight bytes per second (GB/s)
+    double host_token_s = 50e-6;        // host compute per routed token beyond streaming the weights
+    double device_token_s = 5e-6;       // device compute per routed token
+};
+
+enum class Placement { Promote, InPlace };
+const char * placement_name(Placement p);   // "promote", "in-place"
+
+enum class CostMode { Auto, AlwaysPromote, AlwaysInPlace };   // the last two for tests and comparisons
+
+class CostModel {
+public:
+    explicit CostModel(const CostRates & rates, CostMode mode = CostMode::Auto) : r_(rates), mode_(mode) {}
+
+    Placement choose(size_t expert_bytes, int64_t n_tokens, int64_t n_embd, bool reuse) const;
+    double in_place_seconds(size_t expert_bytes, int64_t n_tokens, int64_t n_embd) const;
+    double promote_seconds(size_t expert_bytes, int64_t n_tokens, int64_t n_embd, bool reuse) const;
+
+    // Refine the rates from what a step took (exponentially weighted, weight 0.2).
+    void observe_upload(size_t bytes, double seconds);
+    void observe_host(size_t expert_bytes, int64_t n_tokens, double seconds);
+
+    const CostRates & rates() const { return r_; }
+    std::string describe() const;   // the rates, one line
+
+private:
+    CostRates r_;
+    CostMode mode_;
+};
+
+} // namespace moesh

@@ -1,0 +1,103 @@
+// The gpu tier: a fixed set of expert slots in a device backend's memory (VRAM),
+// paid for up front from the tier's budget, holding pinned experts and the ones
+// the policy (cache_policy.h) keeps. An expert that is not there is either
+// promoted (uploaded into a slot, evicting per policy) or computed in place on
+// the host by the forward pass; which one, the cost model decides (cost_model.h).
+//
+//   DeviceExperts dev(model.experts(), backend, {budget, slot_bytes, policy, k});
+//   dev.begin_layer(layer, step, wanted, n_wanted, tokens_per_expert);
+//   const ExpertWeights * w = dev.resident({layer, e});     // device copy, or nullptr
+//   if (!w && promote) w = &dev.promote({layer, e});        // upload from the host copy
+//   dev.end_layer();
+//
+// Uploads come from the experts' host copies (the model's mapping) through the
+// backend's copy_to_device. Experts wanted by the current layer are never
+// evicted while it runs. slots() * slot_bytes() <= the budget, always.
+// Thread safety: used by the thread that drives the backend.
+#pragma once
+
+#include "experts/cache_policy.h"
+#include "experts/expert.h"
+#include "plugins/loader/plugin_loader.h"
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace moesh {
+
+struct DeviceExpertOptions {
+    uint64_t budget = 0;        // bytes of device memory for expert copies
+    int32_t n_expert_used = 1;
+    PolicyParams policy;        // pins: uploaded at construction, never evicted
+    std::function<void(size_t done, size_t total)> progress;   // while the pins upload
+};
+
+struct DeviceExpertStats {
+    int64_t requests = 0;       // (layer, expert) wanted by a layer
+    int64_t hits = 0;           // already on the device
+    int64_t promotions = 0;     // uploaded for this step
+    int64_t in_place = 0;       // computed on the host instead
+    int64_t evictions = 0;
+    uint64_t bytes_uploaded = 0;
+    double upload_seconds = 0;
+    double host_seconds = 0;    // host compute of in-place experts, activation copies included
+    double hit_rate() const { return requests ? double(hits) / double(requests) : 0.0; }
+};
+
+class DeviceExperts {
+public:
+    // Throws std::runtime_error when the budget holds no unpinned slot, memory cannot be had,
+    // or a pin is not a routed expert.
+    DeviceExperts(const ExpertTable & experts, const Backend & device, const DeviceExpertOptions & options);
+
+    // Bytes of one slot: an expert of `bytes`, its three matrices each aligned to 256 bytes.
+    static size_t slot_bytes_for(size_t expert_bytes);
+
+    void begin_layer(int32_t layer, int64_t step, const int32_t * experts, int64_t n, const int32_t * tokens = nullptr);
+    const ExpertWeights * resident(ExpertId id) const;
+    // Whether the policy would keep id if it were promoted now (a free slot, or it beats the victim).
+    bool admits(ExpertId id) const;
+    // Uploads id into a slot (evicting per policy) and returns its device weights. Throws
+    // std::runtime_error when every slot holds an expert this layer still wants.
+    const ExpertWeights & promote(ExpertId id);
+    bool can_promote() const { return victim() >= 0; }   // a slot that may take an expert now
+    void done(ExpertId id);   // id was computed: this layer no longer needs it kept
+    void end_layer();
+    void note_in_place(double seconds);
+
+    int64_t slots() const { return int64_t(slots_.size()); }
+    size_t slot_bytes() const { return slot_bytes_; }
+    uint64_t budget() const { return budget_; }
+    int64_t n_pinned() const { return n_pinned_; }
+    const DeviceExpertStats & stats() const { return stats_; }
+    std::string check() const;   // "" when the invariants hold (see ExpertStore::check)
+
+private:
+    struct Slot {
+        int64_t key = -1;
+        bool pinned = false;
+        ExpertWeights w;   // device pointers
+    };
+    int64_t key_of(ExpertId id) const;
+    int32_t victim() const;   // -1 when none may go
+
+    const ExpertTable & table_;
+    const Backend & dev_;
+    int32_t n_layer_, n_expert_;
+    uint64_t budget_;
+    size_t slot_bytes_ = 0;
+    BackendBuffer memory_;
+    std::vector<Slot> slots_;
+    std::vector<int32_t> where_;      // [key] slot or -1
+    std::vector<char> wanted_now_;    // [key] wanted by the current layer
+    std::vector<int64_t> wanted_;
+    PolicyState policy_;
+    int32_t layer_ = 0;
+    int64_t step_ = 0;
+    int64_t n_pinned_ = 0;
+    DeviceExpertStats stats_;
+};
+
+} // namespace moesh
