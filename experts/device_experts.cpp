@@ -1,5 +1,7 @@
 #include "experts/device_experts.h"
 
+#include "experts/placement.h"
+
 #include <algorithm>
 #include <chrono>
 #include <stdexcept>
@@ -15,7 +17,7 @@ std::string mib(double b) { return std::to_string(int64_t(b / (1024.0 * 1024.0) 
 
 } // namespace
 
-size_t DeviceExperts::slot_bytes_for(size_t expert_bytes) { return round_up(expert_bytes) + 3 * k_align; }
+size_t DeviceExperts::slot_bytes_for(size_t expert_bytes) { return device_slot_bytes_for(expert_bytes); }
 
 DeviceExperts::DeviceExperts(const ExpertTable & experts, const Backend & device, const DeviceExpertOptions & o)
     : table_(experts), dev_(device), n_layer_(int32_t(experts.n_layer())), n_expert_(int32_t(experts.n_expert())),

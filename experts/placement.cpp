@@ -40,6 +40,8 @@ size_t slot_bytes_for(size_t expert_bytes) {
     return (expert_bytes + a - 1) / a * a + 6 * a;
 }
 
+size_t device_slot_bytes_for(size_t expert_bytes) { return (expert_bytes + 255) / 256 * 256 + 3 * 256; }
+
 namespace {
 
 std::string gib(double bytes) {
@@ -108,8 +110,8 @@ PlacementPlan plan_placement(const ModelFootprint & m, const PlacementConfig & c
                 if (p.host_tier >= 0) throw PlacementError("a second host tier '" + t.name + "': RAM is one tier");
                 p.host_tier = int32_t(p.tiers.size());
             }
-            tp.slot_bytes = slot;
-            tp.n_slots = slot ? int64_t(t.budget / slot) : 0;
+            tp.slot_bytes = t.kind == TierKind::Gpu ? device_slot_bytes_for(m.max_expert_bytes()) : slot;
+            tp.n_slots = tp.slot_bytes ? int64_t(t.budget / tp.slot_bytes) : 0;
         }
         p.tiers.push_back(tp);
     }
@@ -133,7 +135,7 @@ PlacementPlan plan_placement(const ModelFootprint & m, const PlacementConfig & c
                                      std::to_string(key % m.n_expert) + ") is pinned to two tiers");
         if (int64_t(t.pinned.size()) > t.n_slots)
             throw PlacementError(std::to_string(t.pinned.size()) + " experts pinned to tier '" + t.name + "' need " +
-                                 gib(double(t.pinned.size()) * double(slot)) + ", its budget holds " +
+                                 gib(double(t.pinned.size()) * double(t.slot_bytes)) + ", its budget holds " +
                                  std::to_string(t.n_slots) + " (" + gib(double(t.budget)) + ")");
     }
 
@@ -197,7 +199,7 @@ std::string describe_plan(const ModelFootprint & m, const PlacementPlan & p) {
         }
         std::snprintf(line, sizeof line, "  %-8s %-6s budget %s = %" PRId64 " slots of %s; pinned %zu%s\n", t.name.c_str(),
                       tier_kind_name(t.kind), gib(double(t.budget)).c_str(), t.n_slots, gib(double(t.slot_bytes)).c_str(),
-                      t.pinned.size(), t.kind == TierKind::Gpu ? " (GPU expert cache: planned, not run yet)" : "");
+                      t.pinned.size(), t.kind == TierKind::Gpu ? " (experts it lacks: promoted or computed on the host, by the cost model)" : "");
         out += line;
         // Pinned experts per layer, as ranges: "layer 0: 0-7".
         std::string pins;

@@ -119,6 +119,8 @@ std::vector<int64_t> pinned_expert_keys(const PlacementConfig & placement, const
 // start and end mid-page in the file, and direct reads need whole pages.
 size_t slot_bytes_for(size_t expert_bytes);
 constexpr size_t k_direct_io_align = 4096;
+// A gpu tier's slot: the three matrices each aligned to 256 bytes (no page rounding: no direct reads).
+size_t device_slot_bytes_for(size_t expert_bytes);
 
 // Throws PlacementError when the settings cannot work for this model: an
 // unknown policy, pins outside the model, more pins than a tier holds, experts

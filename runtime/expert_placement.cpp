@@ -5,6 +5,8 @@
 #include "runtime/kv_cache.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstring>
 
 namespace moesh {
 
@@ -34,10 +36,6 @@ ModelFootprint footprint_of(const Model & model, const std::string & name, int64
 std::unique_ptr<ExpertStore> open_expert_store(const Model & model, const PlacementPlan & plan,
                                                std::function<void(size_t, size_t)> progress) {
     if (plan.all_resident) return nullptr;
-    for (const TierPlan & t : plan.tiers)
-        if (t.kind == TierKind::Gpu)
-            throw Error("tier '" + t.name + "' is a gpu tier: the GPU expert cache is not built yet, so only host and disk "
-                        "tiers run; remove it (moesh plan still shows what it would hold)");
     const TierPlan & h = *plan.host();
     StoreOptions o;
     o.budget = h.budget;
@@ -55,6 +53,76 @@ std::unique_ptr<ExpertStore> open_expert_store(const Model & model, const Placem
     } catch (const std::runtime_error & e) {
         throw Error(e.what());
     }
+}
+
+std::unique_ptr<DeviceExperts> open_device_experts(const Model & model, const PlacementPlan & plan, const Backend & device,
+                                                   std::function<void(size_t, size_t)> progress) {
+    const TierPlan * gpu = nullptr;
+    for (const TierPlan & t : plan.tiers) {
+        if (t.kind != TierKind::Gpu) continue;
+        if (gpu) throw Error("tiers '" + gpu->name + "' and '" + t.name + "': one gpu tier per run (one device backend) for now");
+        gpu = &t;
+    }
+    if (!gpu) return nullptr;
+    DeviceExpertOptions o;
+    o.budget = gpu->budget;
+    o.n_expert_used = int32_t(std::max<int64_t>(1, model.config().n_expert_used));
+    o.policy.policy = plan.policy;
+    o.policy.heat_decay = plan.heat_decay;
+    o.policy.pinned = gpu->pinned;
+    o.progress = std::move(progress);
+    try {
+        return std::make_unique<DeviceExperts>(model.experts(), device, o);
+    } catch (const std::runtime_error & e) {
+        throw Error(e.what());
+    }
+}
+
+CostRates measure_cost_rates(const Model & model, const Backend & device, const Backend & host) {
+    CostRates r;
+    const ModelConfig & c = model.config();
+    int32_t layer = -1;
+    for (int64_t il = 0; il < c.n_layer && layer < 0; ++il)
+        if (model.layers()[size_t(il)].is_moe) layer = int32_t(il);
+    if (layer < 0) return r;
+    const ExpertWeights & w = model.experts().get({layer, 0});
+    using Clock = std::chrono::steady_clock;
+    auto seconds = [](Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); };
+    {
+        BackendBuffer buf(device, w.gate.n_bytes(), "buffer_alloc (cost probe)");
+        device.upload(buf.get(), w.gate.data, w.gate.n_bytes(), "copy_to_device (cost probe)");   // warm
+        const auto t0 = Clock::now();
+        device.upload(buf.get(), w.gate.data, w.gate.n_bytes(), "copy_to_device (cost probe)");
+        const double s = seconds(t0);
+        if (s > 0) r.upload_gbps = double(w.gate.n_bytes()) / s / 1e9;
+    }
+    {
+        BackendBuffer x(host, size_t(c.n_embd) * 4, "buffer_alloc (cost probe)");
+        BackendBuffer out(host, size_t(c.n_embd) * 4, "buffer_alloc (cost probe)");
+        BackendBuffer scratch(host, 2 * size_t(w.n_ff()) * 4, "buffer_alloc (cost probe)");
+        std::memset(x.get(), 0, size_t(c.n_embd) * 4);
+        moesh_expert_ffn_args a{};
+        a.struct_size = sizeof a;
+        a.gate = w.gate.data;
+        a.up = w.up.data;
+        a.down = w.down.data;
+        a.w_type = w.gate.type;
+        a.x = x.as<float>();
+        a.out = out.as<float>();
+        a.scratch = scratch.as<float>();
+        a.n_embd = w.gate.n_cols;
+        a.n_ff = w.gate.n_rows;
+        a.n_tokens = 1;
+        double best = 1e30;
+        for (int i = 0; i < 3; ++i) {   // the first pass pages the weights in
+            const auto t0 = Clock::now();
+            host.check(host.iface().expert_ffn(host.ctx(), &a), "expert_ffn (cost probe)");
+            host.check(host.iface().synchronize(host.ctx()), "synchronize (cost probe)");
+            best = std::min(best, seconds(t0));
+        }
+        if (best > 0) r.host_gbps = double(w.n_bytes()) / best / 1e9;
+    }
+    return r;
 }
 
 } // namespace moesh

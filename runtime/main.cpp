@@ -197,14 +197,59 @@ void apply_expert_budget(const CommonOptions & co, moesh::RunConfig & rc) {
     uint64_t bytes = 0;
     if (!moesh::parse_byte_size(co.expert_budget, &bytes) || bytes == 0)
         throw Error("--expert-budget: '" + co.expert_budget + "' is not a size such as 1.5GiB or 512MiB");
-    rc.placement.tiers = {{"host", moesh::TierKind::Host, bytes, 0}, {"disk", moesh::TierKind::Disk, 0, 0}};
-    std::erase_if(rc.placement.pins, [](const moesh::PinConfig & p) { return p.tier != "host"; });
+    std::erase_if(rc.placement.tiers, [](const moesh::TierConfig & t) { return t.kind != moesh::TierKind::Gpu; });
+    std::erase_if(rc.placement.pins, [&](const moesh::PinConfig & p) {
+        return p.tier != "host" && std::none_of(rc.placement.tiers.begin(), rc.placement.tiers.end(),
+                                                [&](const moesh::TierConfig & t) { return t.name == p.tier; });
+    });
+    rc.placement.tiers.push_back({"host", moesh::TierKind::Host, bytes, 0});
+    rc.placement.tiers.push_back({"disk", moesh::TierKind::Disk, 0, 0});
 }
 
-// The plan for the configured tiers and, when it streams experts from disk, the store serving them.
-std::unique_ptr<moesh::ExpertStore> open_placement(const moesh::Model & model, const CommonOptions & co, const moesh::RunConfig & rc,
-                                                   int64_t n_ctx, int64_t max_batch) {
-    if (rc.placement.tiers.empty()) return nullptr;
+// What the configured tiers set up: the disk-streaming store for the host tier, the gpu tier with
+// the host backend and cost model for the experts it lacks; all empty without tiers.
+struct PlacementSetup {
+    std::unique_ptr<moesh::ExpertStore> store;
+    std::unique_ptr<moesh::DeviceExperts> gpu;
+    std::unique_ptr<moesh::Backend> host;
+    std::unique_ptr<moesh::CostModel> cost;
+
+    void apply(moesh::GenerateOptions & o, bool prefetch, int32_t extra) const {
+        o.experts = store.get();
+        o.prefetch = prefetch;
+        o.prefetch_extra = extra;
+        o.device_experts = gpu.get();
+        o.host_backend = host.get();
+        o.cost = cost.get();
+    }
+    void apply(moesh::PerplexityOptions & o, bool prefetch, int32_t extra) const {
+        o.experts = store.get();
+        o.prefetch = prefetch;
+        o.prefetch_extra = extra;
+        o.device_experts = gpu.get();
+        o.host_backend = host.get();
+        o.cost = cost.get();
+    }
+    bool routed_experts_in_weights() const { return !store && !gpu; }
+};
+
+PlacementSetup open_placement(const moesh::Model & model, const CommonOptions & co, moesh::RunConfig rc,
+                              const moesh::Backend & backend, int64_t n_ctx, int64_t max_batch) {
+    PlacementSetup p;
+    if (rc.placement.tiers.empty()) return p;
+    const bool has_gpu = std::any_of(rc.placement.tiers.begin(), rc.placement.tiers.end(),
+                                     [](const moesh::TierConfig & t) { return t.kind == moesh::TierKind::Gpu; });
+    if (has_gpu && backend.host_memory()) {
+        std::fprintf(stderr, "moesh: warning: backend '%s' computes in host memory: the gpu tier is ignored (use --backend cuda)\n",
+                     backend.name().c_str());
+        std::erase_if(rc.placement.pins, [&](const moesh::PinConfig & pin) {
+            for (const moesh::TierConfig & t : rc.placement.tiers)
+                if (t.name == pin.tier && t.kind == moesh::TierKind::Gpu) return true;
+            return false;
+        });
+        std::erase_if(rc.placement.tiers, [](const moesh::TierConfig & t) { return t.kind == moesh::TierKind::Gpu; });
+        if (rc.placement.tiers.empty()) return p;
+    }
     const moesh::ModelFootprint f = moesh::footprint_of(model, co.model, n_ctx, max_batch);
     moesh::PlacementPlan plan;
     try {
@@ -213,24 +258,63 @@ std::unique_ptr<moesh::ExpertStore> open_placement(const moesh::Model & model, c
         throw Error(std::string(co.config.empty() ? "--expert-budget" : co.config) + ": " + e.what());
     }
     if (co.verbose) std::fprintf(stderr, "%s", moesh::describe_plan(f, plan).c_str());
-    std::function<void(size_t, size_t)> progress;
-    if (isatty(STDERR_FILENO))
-        progress = [](size_t done, size_t total) {
-            std::fprintf(stderr, "\rmoesh: loading pinned experts: %3d%%", int(100.0 * double(done) / double(total)));
+    auto progress_for = [](const char * what) -> std::function<void(size_t, size_t)> {
+        if (!isatty(STDERR_FILENO)) return {};
+        return [what](size_t done, size_t total) {
+            std::fprintf(stderr, "\rmoesh: %s: %3d%%", what, int(100.0 * double(done) / double(total)));
             if (done == total) std::fprintf(stderr, "\r\033[K");
             std::fflush(stderr);
         };
-    auto store = moesh::open_expert_store(model, plan, progress);
-    if (!store) {
-        std::fprintf(stderr, "moesh: experts: all %lld fit the host tier; read from the mapping\n", (long long)f.n_routed());
-        return nullptr;
+    };
+    if (!backend.host_memory()) {
+        p.gpu = moesh::open_device_experts(model, plan, backend, progress_for("uploading pinned experts"));
+        if (p.gpu) {
+            moesh::PluginOptions po;
+            po.search_dirs = moesh::default_plugin_dirs(co.plugin_dir, rc.plugin_dirs);
+            po.preferred = "cpu";
+            po.n_threads = co.threads >= 0 ? co.threads : rc.threads;
+            std::string report;
+            p.host = moesh::load_backend(po, &report);
+            if (!p.host || !p.host->host_memory())
+                throw Error("the gpu tier computes the experts it lacks on the cpu backend, which cannot be loaded:\n" + report);
+            p.cost = std::make_unique<moesh::CostModel>(moesh::measure_cost_rates(model, backend, *p.host));
+            std::fprintf(stderr, "moesh: gpu tier: %lld expert slots of %s (%s budget), %lld pinned; the rest promoted or "
+                                 "computed on the host (%s); cost model: %s\n",
+                         (long long)p.gpu->slots(), human_bytes(double(p.gpu->slot_bytes())).c_str(),
+                         human_bytes(double(p.gpu->budget())).c_str(), (long long)p.gpu->n_pinned(), p.host->name().c_str(),
+                         p.cost->describe().c_str());
+        }
     }
-    std::fprintf(stderr, "moesh: experts: %lld slots of %s (%s budget) for %lld routed experts, %lld pinned; misses read from "
-                         "disk%s; policy %s%s\n",
-                 (long long)store->slots(), human_bytes(double(store->slot_bytes())).c_str(), human_bytes(double(store->budget())).c_str(),
-                 (long long)f.n_routed(), (long long)store->n_pinned(), store->direct_io() ? " (O_DIRECT)" : " (buffered)",
-                 rc.placement.policy.c_str(), rc.placement.prefetch ? ", prefetch on" : "");
-    return store;
+    p.store = moesh::open_expert_store(model, plan, progress_for("loading pinned experts"));
+    if (!p.store && !p.gpu) {
+        std::fprintf(stderr, "moesh: experts: all %lld fit the host tier; read from the mapping\n", (long long)f.n_routed());
+    } else if (p.store) {
+        std::fprintf(stderr, "moesh: experts: %lld slots of %s (%s budget) for %lld routed experts, %lld pinned; misses read from "
+                             "disk%s; policy %s%s\n",
+                     (long long)p.store->slots(), human_bytes(double(p.store->slot_bytes())).c_str(),
+                     human_bytes(double(p.store->budget())).c_str(), (long long)f.n_routed(), (long long)p.store->n_pinned(),
+                     p.store->direct_io() ? " (O_DIRECT)" : " (buffered)", rc.placement.policy.c_str(),
+                     rc.placement.prefetch ? ", prefetch on" : "");
+    }
+    return p;
+}
+
+nlohmann::json gpu_json(const moesh::DeviceExpertStats & s) {
+    return {{"requests", s.requests},       {"hits", s.hits},
+            {"hit_rate", s.hit_rate()},     {"promotions", s.promotions},
+            {"in_place", s.in_place},       {"evictions", s.evictions},
+            {"bytes_uploaded", s.bytes_uploaded}, {"upload_seconds", s.upload_seconds},
+            {"host_compute_seconds", s.host_seconds}};
+}
+
+void print_gpu_stats(const moesh::DeviceExpertStats & s, int64_t n_tokens) {
+    std::printf("gpu tier: %lld requests, %lld hits (%.1f%%), %lld promoted, %lld computed in place on the host, %lld evictions\n",
+                (long long)s.requests, (long long)s.hits, 100.0 * s.hit_rate(), (long long)s.promotions, (long long)s.in_place,
+                (long long)s.evictions);
+    std::printf("host -> gpu: %s uploaded (%s per token) in %.3f s; host expert compute %.3f s\n",
+                human_bytes(double(s.bytes_uploaded)).c_str(),
+                human_bytes(n_tokens > 0 ? double(s.bytes_uploaded) / double(n_tokens) : 0.0).c_str(), s.upload_seconds,
+                s.host_seconds);
 }
 
 nlohmann::json store_json(const moesh::StoreStats & s, int64_t n_tokens) {
@@ -373,12 +457,10 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
 
     const int64_t n_positions = int64_t(go.prompt.size()) + go.n_generate;
     const int64_t max_batch = std::min<int64_t>(go.max_batch, int64_t(go.prompt.size()));
-    const auto store = open_placement(model, co, rc, n_positions, max_batch);
-    const auto weights = prepare_weights(model, *backend, co, rc, n_positions, max_batch, !store);
+    const PlacementSetup placement = open_placement(model, co, rc, *backend, n_positions, max_batch);
+    const auto weights = prepare_weights(model, *backend, co, rc, n_positions, max_batch, placement.routed_experts_in_weights());
     go.weights = weights.get();
-    go.experts = store.get();
-    go.prefetch = rc.placement.prefetch;
-    go.prefetch_extra = rc.placement.prefetch_extra;
+    placement.apply(go, rc.placement.prefetch, rc.placement.prefetch_extra);
     std::optional<moesh::RouteTraceWriter> trace = open_trace(trace_path, co.model, model);
     go.trace = trace ? &*trace : nullptr;
     moesh::GenerateResult r = moesh::generate(model, *backend, go);
@@ -425,7 +507,9 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
                         {"activation_counts", layers}};
         j["backend"] = backend->name();
         j["kv_cache_bytes"] = r.kv_bytes;
-        if (store) j["placement"] = store_json(store->stats(), int64_t(go.prompt.size()) + int64_t(r.tokens.size()));
+        const int64_t n_tokens = int64_t(go.prompt.size()) + int64_t(r.tokens.size());
+        if (placement.store) j["placement"] = store_json(placement.store->stats(), n_tokens);
+        if (placement.gpu) j["gpu_tier"] = gpu_json(placement.gpu->stats());
         std::cout << j.dump() << std::endl;
     } else {
         if (stream) {
@@ -439,8 +523,11 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
         std::fprintf(stdout, "prompt: %zu tokens, %.1f tokens/s; decode: %lld tokens, %.1f tokens/s\n", go.prompt.size(),
                      prompt_tps, (long long)r.n_decode_steps, decode_tps);
         if (co.stats) {
-            if (store) print_store_stats(store->stats(), int64_t(go.prompt.size()) + int64_t(r.tokens.size()));
-            else std::printf("experts: no expert budget (--expert-budget or [[tier]] in --config): every expert read from the mapping\n");
+            const int64_t n_tokens = int64_t(go.prompt.size()) + int64_t(r.tokens.size());
+            if (placement.store) print_store_stats(placement.store->stats(), n_tokens);
+            if (placement.gpu) print_gpu_stats(placement.gpu->stats(), n_tokens);
+            if (!placement.store && !placement.gpu)
+                std::printf("experts: no expert budget (--expert-budget or [[tier]] in --config): every expert read from the mapping\n");
         }
     }
     return 0;
@@ -473,12 +560,10 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
         std::fprintf(stderr, "[%lld]%.4f,", (long long)i + 1, ppl);
         std::fflush(stderr);
     };
-    const auto store = open_placement(model, co, rc, n_ctx, std::min(n_batch, n_ctx));
-    const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, std::min(n_batch, n_ctx), !store);
+    const PlacementSetup placement = open_placement(model, co, rc, *backend, n_ctx, std::min(n_batch, n_ctx));
+    const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, std::min(n_batch, n_ctx), placement.routed_experts_in_weights());
     po.weights = weights.get();
-    po.experts = store.get();
-    po.prefetch = rc.placement.prefetch;
-    po.prefetch_extra = rc.placement.prefetch_extra;
+    placement.apply(po, rc.placement.prefetch, rc.placement.prefetch_extra);
     std::optional<moesh::RouteTraceWriter> trace = open_trace(trace_path, co.model, model);
     po.trace = trace ? &*trace : nullptr;
     const moesh::PerplexityResult r = moesh::perplexity(model, *backend, tokens, po);
@@ -489,13 +574,15 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
                             {"chunks", r.n_chunks},   {"scored", r.n_scored},     {"running", r.running},
                             {"tokens", tokens.size()}, {"seconds", r.seconds},
                             {"tokens_per_second", r.seconds > 0 ? double(r.n_evaluated) / r.seconds : 0.0}};
-        if (store) j["placement"] = store_json(store->stats(), r.n_evaluated);
+        if (placement.store) j["placement"] = store_json(placement.store->stats(), r.n_evaluated);
+        if (placement.gpu) j["gpu_tier"] = gpu_json(placement.gpu->stats());
         std::cout << j.dump() << std::endl;
     } else {
         std::printf("Final estimate: PPL = %.4f +/- %.5f\n", r.ppl, r.ppl_error);
         std::printf("%lld chunks of %lld tokens, %lld predictions scored, %.1f tokens/s\n", (long long)r.n_chunks,
                     (long long)n_ctx, (long long)r.n_scored, r.seconds > 0 ? double(r.n_evaluated) / r.seconds : 0.0);
-        if (co.stats && store) print_store_stats(store->stats(), r.n_evaluated);
+        if (co.stats && placement.store) print_store_stats(placement.store->stats(), r.n_evaluated);
+        if (co.stats && placement.gpu) print_gpu_stats(placement.gpu->stats(), r.n_evaluated);
     }
     return 0;
 }

@@ -26,6 +26,10 @@ Result run(const std::string & args, bool with_stderr = true, const std::string 
 
 const std::string k_fixture = std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/mixtral_top2";
 
+nlohmann::json last_json_line(const std::string & out) {
+    return nlohmann::json::parse(out.substr(out.rfind('\n', out.size() - 2) + 1));
+}
+
 TEST(Cli, HelpExplainsSubcommandsAndOptions) {
     Result r = run("--help");
     EXPECT_EQ(r.status, 0);
@@ -114,6 +118,41 @@ TEST(Cli, RunOnADeviceMemoryBackendUploadsTheModel) {
     EXPECT_NE(r.out.find("does not fit in backend 'devsim' memory"), std::string::npos) << r.out;
 }
 
+// A gpu tier smaller than the experts: the rest are promoted or computed on the cpu backend, and the
+// tokens stay transformers'. A budget the device cannot hold is refused at start.
+TEST(Cli, GpuTierOnADeviceMemoryBackendKeepsTheTokens) {
+    std::ifstream in(k_fixture + "/reference.json");
+    const auto ref = nlohmann::json::parse(in);
+    const auto prompt = ref["prompts"][0].get<std::vector<int32_t>>();
+    const auto expected = ref["generated"][0].get<std::vector<int32_t>>();
+    std::string ids;
+    for (size_t i = 0; i < prompt.size(); ++i) (ids += i ? "," : "") += std::to_string(prompt[i]);
+    const std::string devsim = std::string(MOESH_TEST_PLUGIN_DIR) + "/devsim";
+    test::TempDir dir;
+    const std::string config =
+        dir.write("gpu.toml", "[[tier]]\nname = \"gpu0\"\nkind = \"gpu\"\nbudget = \"100KiB\"\n[placement]\npolicy = \"heat\"\n").string();
+    Result r = run("run --model " + k_fixture + " --prompt-ids " + ids + " -n 12 --output json --backend devsim --plugin-dir " +
+                       devsim + " --config " + config,
+                   false);
+    ASSERT_EQ(r.status, 0) << r.out;
+    const nlohmann::json j = last_json_line(r.out);
+    EXPECT_EQ(j["tokens"].get<std::vector<int32_t>>(), std::vector<int32_t>(expected.begin(), expected.begin() + 12));
+    ASSERT_TRUE(j.contains("gpu_tier")) << r.out;
+    EXPECT_EQ(j["gpu_tier"]["hits"].get<int64_t>() + j["gpu_tier"]["promotions"].get<int64_t>() +
+                  j["gpu_tier"]["in_place"].get<int64_t>(),
+              j["gpu_tier"]["requests"].get<int64_t>());
+    // on the cpu backend the gpu tier is ignored, with a warning
+    r = run("run --model " + k_fixture + " --prompt-ids " + ids + " -n 2 --config " + config);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("the gpu tier is ignored"), std::string::npos) << r.out;
+    // a tier budget beyond the device's memory
+    const std::string big = dir.write("big.toml", "[[tier]]\nkind = \"gpu\"\nbudget = \"64GiB\"\n").string();
+    r = run("run --model " + k_fixture + " --prompt-ids 1,2 -n 2 --backend devsim --plugin-dir " + devsim + " --config " + big,
+            true, "MOESH_DEVSIM_MEMORY=200000000");
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.out.find("gpu tier expert slots"), std::string::npos) << r.out;
+}
+
 TEST(Cli, RunWritesTheRoutingTrace) {
     if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
     test::TempDir dir;
@@ -157,9 +196,6 @@ std::string hand_trace(const std::string & model_json = "\"hand\"") {
     return t;
 }
 
-nlohmann::json last_json_line(const std::string & out) {
-    return nlohmann::json::parse(out.substr(out.rfind('\n', out.size() - 2) + 1));
-}
 
 TEST(Cli, HeatmapDrawsATraceAsAnSvg) {
     if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
