@@ -20,12 +20,20 @@
 // so it is the roofline of the cpu backend only: --roofline-gbps GBPS gives
 // the bandwidth to compare with instead (e.g. a GPU's, from moesh_bench_cuda),
 // and without it a non-cpu backend gets no roofline fraction.
+// --gpu-budgets 50,25 (a device backend): instead of every weight in device
+// memory, a gpu tier holding that percentage of the routed experts' bytes
+// (experts/device_experts.h); the experts it lacks are promoted or computed on
+// the cpu plugin from the same --plugin-dir, as --costs says (auto: the cost
+// model; promote; in-place: the static rule, the first layers' experts pinned
+// and every other one on the cpu). One line per budget x cost x thread count, with
+// the tier's hits, promotions and in-place counts.
 #include "bandwidth_probe.h"
 #include "plugins/loader/plugin_loader.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
 #include "runtime/backend_weights.h"
 #include "runtime/quantize.h"
+#include "runtime/expert_placement.h"
 #include "runtime/synthetic_model.h"
 
 #include <nlohmann/json.hpp>
@@ -96,6 +104,8 @@ int main(int argc, char ** argv) {
     double probe_gib = 1.0;
     bool probe_only = false;
     bool repack = true;
+    std::vector<double> gpu_budgets;
+    std::vector<std::string> costs = {"auto"};
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         auto next = [&]() -> std::string {
@@ -122,11 +132,21 @@ int main(int argc, char ** argv) {
         else if (a == "--probe-gib") probe_gib = std::stod(next());
         else if (a == "--probe-only") probe_only = true;
         else if (a == "--no-repack") repack = false;
+        else if (a == "--gpu-budgets" || a == "--costs") {
+            std::stringstream ss(next());
+            std::string t;
+            if (a == "--costs") costs.clear();
+            while (std::getline(ss, t, ',')) {
+                if (a == "--costs") costs.push_back(t);
+                else gpu_budgets.push_back(std::stod(t));
+            }
+        }
         else if (a == "--plugin-dir") plugin_dir = next();
         else {
             std::fprintf(stderr,
                          "usage: %s --model PATH [--threads 1,2] [--prompt 128] [--gen 64] [--batch 128] [--reps 3]\n"
                          "          [--probe-gib 1] [--plugin-dir D] [--no-repack] [--backend cpu] [--roofline-gbps G]\n"
+                         "          [--gpu-budgets 50,25 [--costs auto,promote,in-place]]   (a device backend)\n"
                          "       %s --synthetic moe-small|moe-mid [--type q4_0|q8_0|q4_1|bf16] [same options]\n"
                          "       %s --probe-only [--threads 2] [--probe-gib 1]\n",
                          argv[0], argv[0], argv[0]);
@@ -205,6 +225,73 @@ int main(int argc, char ** argv) {
             if (!be) {
                 std::fprintf(stderr, "no backend:\n%s", report.c_str());
                 return 1;
+            }
+            if (!gpu_budgets.empty()) {
+                if (be->host_memory()) {
+                    std::fprintf(stderr, "--gpu-budgets needs a device-memory backend (--backend cuda)\n");
+                    return 2;
+                }
+                moesh::PluginOptions hpo;
+                hpo.search_dirs = {plugin_dir, MOESH_PLUGIN_BUILD_DIR};
+                hpo.n_threads = t;
+                hpo.preferred = "cpu";
+                auto host = moesh::load_backend(hpo, &report);
+                if (!host) {
+                    std::fprintf(stderr, "no cpu backend for the experts the gpu tier lacks:\n%s", report.c_str());
+                    return 1;
+                }
+                moesh::WeightOptions wo;
+                wo.repack = repack;
+                wo.routed_experts = false;
+                const moesh::BackendWeights weights(model, *be, wo);
+                std::fprintf(stderr, "%s\n", weights.summary().c_str());
+                const moesh::CostRates rates = moesh::measure_cost_rates(model, *be, *host);
+                const size_t expert_bytes = model.experts().total_bytes();
+                for (double pct : gpu_budgets)
+                    for (const std::string & cost_name : costs) {
+                        const moesh::CostMode mode = cost_name == "promote" ? moesh::CostMode::AlwaysPromote
+                                                     : cost_name == "in-place" ? moesh::CostMode::AlwaysInPlace
+                                                                               : moesh::CostMode::Auto;
+                        moesh::DeviceExpertOptions dopt;
+                        dopt.budget = uint64_t(pct / 100.0 * double(expert_bytes));
+                        dopt.n_expert_used = int32_t(model.config().n_expert_used);
+                        dopt.policy.policy = moesh::Policy::Heat;
+                        if (mode == moesh::CostMode::AlwaysInPlace) {
+                            // the static rule (llama.cpp's --n-cpu-moe): the first layers' experts pinned, the rest on the cpu
+                            const int64_t n_slots = int64_t(dopt.budget / moesh::DeviceExperts::slot_bytes_for(
+                                                                             model.experts().bytes_per_expert(0)));
+                            for (int64_t k = 0; k < n_slots && k < model.config().n_layer * model.config().n_expert; ++k)
+                                dopt.policy.pinned.push_back(k);
+                            if (!dopt.policy.pinned.empty()) dopt.policy.pinned.pop_back();   // one slot stays unpinned
+                        }
+                        moesh::DeviceExperts tier(model.experts(), *be, dopt);
+                        moesh::CostModel cost(rates, mode);
+                        moesh::GenerateOptions go = o;
+                        go.weights = &weights;
+                        go.device_experts = &tier;
+                        go.host_backend = host.get();
+                        go.cost = &cost;
+                        moesh::generate(model, *be, go);   // warm-up: fills the tier
+                        std::vector<double> pp, tg;
+                        for (int r = 0; r < reps; ++r) {
+                            const moesh::GenerateResult g = moesh::generate(model, *be, go);
+                            pp.push_back(double(n_prompt) / g.prompt_seconds);
+                            tg.push_back(double(g.n_decode_steps) / g.decode_seconds);
+                        }
+                        const Stat p = stat(pp), d = stat(tg);
+                        const moesh::DeviceExpertStats & ts = tier.stats();
+                        std::cout << nlohmann::json{{"bench", "moesh_gpu_tier"}, {"model", model_path}, {"backend", be->name()},
+                                                    {"threads", t}, {"gpu_budget_percent", pct}, {"gpu_slots", tier.slots()},
+                                                    {"cost", cost_name}, {"cost_rates", cost.describe()},
+                                                    {"n_prompt", n_prompt}, {"n_gen", n_gen}, {"reps", reps},
+                                                    {"prefill_tps", p.mean}, {"decode_tps", d.mean}, {"decode_tps_sd", d.sd},
+                                                    {"tier_requests", ts.requests}, {"tier_hits", ts.hits},
+                                                    {"tier_promotions", ts.promotions}, {"tier_in_place", ts.in_place},
+                                                    {"tier_bytes_uploaded", ts.bytes_uploaded}}
+                                         .dump()
+                                  << std::endl;
+                    }
+                continue;
             }
             moesh::WeightOptions wo;
             wo.repack = repack;
