@@ -1,0 +1,192 @@
+#include "runtime/scheduler.h"
+
+#include "runtime/error.h"
+
+#include <algorithm>
+
+namespace moesh {
+
+const char * finish_reason_name(FinishReason r) {
+    switch (r) {
+    case FinishReason::Length: return "length";
+    case FinishReason::Eos: return "eos";
+    case FinishReason::Stop: return "stop";
+    case FinishReason::Cancelled: return "cancelled";
+    }
+    return "?";
+}
+
+namespace {
+
+KvCacheSpec kv_spec(const ModelConfig & c, const SchedulerOptions & o) {
+    KvCacheSpec s;
+    s.n_layer = c.n_layer;
+    s.n_head_kv = c.n_head_kv;
+    s.head_dim = c.head_dim;
+    s.block_size = o.kv_block_size;
+    s.n_blocks = o.kv_blocks;
+    s.n_seq_max = o.max_sequences;
+    return s;
+}
+
+double ms(std::chrono::steady_clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
+
+} // namespace
+
+Scheduler::Scheduler(const Model & model, Backend & backend, const SchedulerOptions & o, const BackendWeights * weights)
+    : model_(model), opt_(o), kv_(kv_spec(model.config(), o), backend), fwd_(model, backend, kv_, o.max_batch, weights),
+      max_context_(std::min(model.config().max_positions, o.kv_blocks * o.kv_block_size)) {
+    if (o.max_batch < 1 || o.max_sequences < 1 || o.prefill_chunk < 1 || o.max_queue < 0)
+        throw Error("scheduler: max_batch, max_sequences and prefill_chunk must be positive, max_queue not negative");
+    for (int32_t s = int32_t(o.max_sequences) - 1; s >= 0; --s) free_slots_.push_back(s);
+    running_.reserve(size_t(o.max_sequences));
+    batch_.token.reserve(size_t(o.max_batch));
+    logit_owner_.reserve(size_t(o.max_batch));
+    stats_.kv_blocks_total = o.kv_blocks;
+}
+
+Admit Scheduler::submit(GenRequest r, uint64_t * handle, std::string * why) {
+    const ModelConfig & c = model_.config();
+    auto refuse = [&](Admit a, const std::string & msg) {
+        if (why) *why = msg;
+        ++stats_.requests_refused;
+        return a;
+    };
+    if (r.prompt.empty()) return refuse(Admit::Invalid, "the prompt is empty");
+    for (int32_t t : r.prompt)
+        if (t < 0 || t >= c.n_vocab)
+            return refuse(Admit::Invalid, "prompt token " + std::to_string(t) + " is outside the vocabulary [0, " +
+                                              std::to_string(c.n_vocab) + ")");
+    if (r.max_tokens < 1) return refuse(Admit::Invalid, "max_tokens must be at least 1");
+    if (std::string e = validate(r.sampling); !e.empty()) return refuse(Admit::Invalid, e);
+    const int64_t need = int64_t(r.prompt.size()) + r.max_tokens;
+    if (need > max_context_)
+        return refuse(Admit::TooLong, "prompt (" + std::to_string(r.prompt.size()) + " tokens) + max_tokens (" +
+                                          std::to_string(r.max_tokens) + ") exceed the context of " + std::to_string(max_context_) +
+                                          " positions (the model's limit or the KV pool)");
+    if (int64_t(queue_.size()) >= opt_.max_queue)
+        return refuse(Admit::Busy, "the queue is full (" + std::to_string(opt_.max_queue) + " waiting)");
+    Seq s;
+    s.handle = next_handle_++;
+    s.req = std::move(r);
+    s.submitted = Clock::now();
+    *handle = s.handle;
+    queue_.push_back(std::move(s));
+    return Admit::Queued;
+}
+
+// First come, first served: a request that does not fit yet blocks the ones behind it, so a
+// long request is not starved by a stream of short ones.
+void Scheduler::admit() {
+    while (!queue_.empty() && !free_slots_.empty()) {
+        Seq & s = queue_.front();
+        const int32_t slot = free_slots_.back();
+        if (!kv_.reserve(slot, int64_t(s.req.prompt.size()) + s.req.max_tokens)) break;
+        free_slots_.pop_back();
+        s.slot = slot;
+        s.admitted = Clock::now();
+        s.sampler = std::make_unique<Sampler>(s.req.sampling, model_.config().n_vocab);
+        s.generated.reserve(size_t(s.req.max_tokens));
+        running_.push_back(std::move(s));
+        queue_.pop_front();
+    }
+}
+
+void Scheduler::finish(size_t i, FinishReason why) {
+    Seq s = std::move(running_[i]);
+    running_.erase(running_.begin() + std::ptrdiff_t(i));
+    kv_.release(s.slot);
+    free_slots_.push_back(s.slot);
+    const auto now = Clock::now();
+    RequestTimings t;
+    t.queue_ms = ms(s.admitted - s.submitted);
+    t.ttft_ms = s.generated.empty() ? 0 : ms(s.first_token - s.submitted);
+    t.total_ms = ms(now - s.submitted);
+    const double decode_s = std::chrono::duration<double>(now - s.first_token).count();
+    t.decode_tokens_per_second = s.generated.size() > 1 && decode_s > 0 ? double(s.generated.size() - 1) / decode_s : 0;
+    if (why == FinishReason::Cancelled) ++stats_.requests_cancelled;
+    else ++stats_.requests_done;
+    if (s.req.on_done) s.req.on_done(s.handle, why, s.generated, t);
+}
+
+bool Scheduler::cancel(uint64_t handle) {
+    for (size_t i = 0; i < running_.size(); ++i)
+        if (running_[i].handle == handle) {
+            finish(i, FinishReason::Cancelled);
+            return true;
+        }
+    for (auto it = queue_.begin(); it != queue_.end(); ++it)
+        if (it->handle == handle) {
+            Seq s = std::move(*it);
+            queue_.erase(it);
+            ++stats_.requests_cancelled;
+            RequestTimings t;
+            t.total_ms = t.queue_ms = ms(Clock::now() - s.submitted);
+            if (s.req.on_done) s.req.on_done(s.handle, FinishReason::Cancelled, s.generated, t);
+            return true;
+        }
+    return false;
+}
+
+bool Scheduler::step() {
+    admit();
+    if (running_.empty()) return false;
+    batch_.clear();
+    logit_owner_.clear();
+    // Decodes first: one token each, so they never wait behind a prompt.
+    for (size_t i = 0; i < running_.size() && batch_.size() < opt_.max_batch; ++i) {
+        const Seq & s = running_[i];
+        if (s.n_prefilled < int64_t(s.req.prompt.size())) continue;
+        const int64_t pos = int64_t(s.req.prompt.size() + s.generated.size()) - 1;
+        batch_.add(s.generated.back(), int32_t(pos), s.slot, true);
+        logit_owner_.push_back(int64_t(i));
+    }
+    // Then prompt chunks in admission order.
+    for (size_t i = 0; i < running_.size() && batch_.size() < opt_.max_batch; ++i) {
+        Seq & s = running_[i];
+        const int64_t n_prompt = int64_t(s.req.prompt.size());
+        if (s.n_prefilled >= n_prompt) continue;
+        const int64_t n = std::min({opt_.prefill_chunk, n_prompt - s.n_prefilled, opt_.max_batch - batch_.size()});
+        for (int64_t p = s.n_prefilled; p < s.n_prefilled + n; ++p) {
+            const bool last = p == n_prompt - 1;
+            batch_.add(s.req.prompt[size_t(p)], int32_t(p), s.slot, last);
+            if (last) logit_owner_.push_back(int64_t(i));
+        }
+        s.n_prefilled += n;
+        stats_.tokens_prefilled += n;
+    }
+    std::string err;
+    const float * logits = fwd_.run(batch_, &err);
+    if (!logits) throw Error("scheduler: forward pass: " + err);
+    ++stats_.steps;
+
+    // Sample in row order; finish afterwards (finishing reorders running_).
+    const ModelConfig & c = model_.config();
+    std::vector<std::pair<size_t, FinishReason>> ended;
+    for (size_t row = 0; row < logit_owner_.size(); ++row) {
+        Seq & s = running_[size_t(logit_owner_[row])];
+        const int32_t tok = s.sampler->sample(logits + row * size_t(c.n_vocab), c.n_vocab);
+        if (s.generated.empty()) s.first_token = Clock::now();
+        s.generated.push_back(tok);
+        ++stats_.tokens_generated;
+        const bool keep = !s.req.on_token || s.req.on_token(s.handle, tok);
+        if (!keep) ended.push_back({size_t(logit_owner_[row]), FinishReason::Stop});
+        else if (std::find(s.req.stop_ids.begin(), s.req.stop_ids.end(), tok) != s.req.stop_ids.end())
+            ended.push_back({size_t(logit_owner_[row]), FinishReason::Eos});
+        else if (int64_t(s.generated.size()) >= s.req.max_tokens)
+            ended.push_back({size_t(logit_owner_[row]), FinishReason::Length});
+    }
+    std::sort(ended.begin(), ended.end(), [](const auto & a, const auto & b) { return a.first > b.first; });
+    for (const auto & [i, why] : ended) finish(i, why);
+    return true;
+}
+
+SchedulerStats Scheduler::stats() const {
+    SchedulerStats s = stats_;
+    s.running = int64_t(running_.size());
+    s.queued = int64_t(queue_.size());
+    s.kv_blocks_used = opt_.kv_blocks - kv_.n_free_blocks();
+    return s;
+}
+
+} // namespace moesh

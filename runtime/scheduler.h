@@ -1,0 +1,125 @@
+// Continuous batching: many generation requests share each forward step.
+// Requests wait in a bounded queue until a sequence slot and the KV blocks for
+// their whole length (prompt + max_tokens) can be had — admission is decided
+// up front, so a running request never runs out of KV memory — then join the
+// running set between steps. Each step takes one token from every decoding
+// sequence first, then fills the rest of the batch with prompt chunks (at most
+// prefill_chunk tokens of one prompt per step), so a long prompt never stalls
+// the others. The forward pass groups all the step's tokens by expert, across
+// sequences, before the expert kernels run. A finished or cancelled request
+// frees its slot and blocks at once.
+//
+//   Scheduler s(model, backend, opts, &weights);
+//   uint64_t h; s.submit(std::move(req), &h);   // Admit::Queued, or Busy / TooLong / Invalid
+//   while (!s.idle()) s.step();                 // callbacks: on_token, on_done
+//
+// Thread safety: one thread calls everything (the server's loop); callbacks
+// run on it, inside step() and cancel().
+#pragma once
+
+#include "plugins/loader/plugin_loader.h"
+#include "runtime/backend_weights.h"
+#include "runtime/forward.h"
+#include "runtime/kv_cache.h"
+#include "runtime/model.h"
+#include "runtime/sampler.h"
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moesh {
+
+struct SchedulerOptions {
+    int64_t max_batch = 64;        // tokens per forward step
+    int64_t max_sequences = 16;    // requests running at once (KV sequence slots)
+    int64_t kv_blocks = 256;       // KV pool, in blocks of kv_block_size positions
+    int64_t kv_block_size = 16;
+    int64_t prefill_chunk = 32;    // prompt tokens of one request per step
+    int64_t max_queue = 64;        // waiting requests; beyond that submit() says Busy
+};
+
+enum class FinishReason { Length, Eos, Stop, Cancelled };
+const char * finish_reason_name(FinishReason r);   // "length", "eos", "stop", "cancelled"
+
+struct RequestTimings {
+    double queue_ms = 0;     // submitted -> admitted
+    double ttft_ms = 0;      // submitted -> first token
+    double total_ms = 0;     // submitted -> done
+    double decode_tokens_per_second = 0;   // after the first token
+};
+
+struct GenRequest {
+    std::vector<int32_t> prompt;
+    int64_t max_tokens = 16;
+    SamplerParams sampling;
+    std::vector<int32_t> stop_ids;   // end the request when sampled (e.g. the model's EOS)
+    // Called with each sampled token; return false to end the request (finish reason Stop),
+    // e.g. when a stop string appeared in the text so far.
+    std::function<bool(uint64_t handle, int32_t token)> on_token;
+    std::function<void(uint64_t handle, FinishReason, const std::vector<int32_t> & tokens, const RequestTimings &)> on_done;
+};
+
+enum class Admit { Queued, Busy, TooLong, Invalid };
+
+struct SchedulerStats {
+    int64_t running = 0, queued = 0;
+    int64_t kv_blocks_used = 0, kv_blocks_total = 0;
+    int64_t steps = 0, tokens_prefilled = 0, tokens_generated = 0;
+    int64_t requests_done = 0, requests_cancelled = 0, requests_refused = 0;
+};
+
+class Scheduler {
+public:
+    // weights may be null (the model's own memory on a host backend).
+    Scheduler(const Model & model, Backend & backend, const SchedulerOptions & options, const BackendWeights * weights = nullptr);
+
+    // Queues a request; *handle identifies it in callbacks and cancel(). Busy: the queue is
+    // full (try later); TooLong: prompt + max_tokens can never fit (context or KV pool);
+    // Invalid: empty prompt, a token outside the vocabulary, max_tokens < 1, bad sampling
+    // (*why says which).
+    Admit submit(GenRequest request, uint64_t * handle, std::string * why = nullptr);
+    // Ends a queued or running request now (on_done with Cancelled); false if unknown.
+    bool cancel(uint64_t handle);
+    // One forward step over the running requests (admitting waiting ones first).
+    // Returns false when there was nothing to do. Backend failures throw.
+    bool step();
+    bool idle() const { return running_.empty() && queue_.empty(); }
+
+    SchedulerStats stats() const;
+    ForwardPass & forward() { return fwd_; }
+    int64_t max_context() const { return max_context_; }
+
+private:
+    using Clock = std::chrono::steady_clock;
+    struct Seq {
+        uint64_t handle = 0;
+        GenRequest req;
+        int32_t slot = -1;
+        int64_t n_prefilled = 0;          // prompt tokens already in the KV cache
+        std::vector<int32_t> generated;
+        std::unique_ptr<Sampler> sampler;
+        Clock::time_point submitted, admitted, first_token;
+    };
+    void admit();
+    void finish(size_t running_index, FinishReason why);
+
+    const Model & model_;
+    SchedulerOptions opt_;
+    KvCache kv_;
+    ForwardPass fwd_;
+    int64_t max_context_;
+    uint64_t next_handle_ = 1;
+    std::deque<Seq> queue_;
+    std::vector<Seq> running_;
+    std::vector<int32_t> free_slots_;
+    Batch batch_;
+    std::vector<int64_t> logit_owner_;   // running index of each logits row of the step
+    SchedulerStats stats_;
+};
+
+} // namespace moesh

@@ -1,0 +1,156 @@
+// Continuous batching gives every request what it would get alone: many
+// requests of different lengths, joining at different steps, in chunks of
+// prefill, produce the same tokens as generate() one by one (greedy and
+// seeded sampling). Admission, busy, too long, cancel and stop do what they say.
+#include "runtime/generate.h"
+#include "runtime/scheduler.h"
+#include "test_support.h"
+
+#include <map>
+
+namespace moesh {
+namespace {
+
+const std::string k_model = std::string(MOESH_SOURCE_DIR) + "/models/moesh-tiny-py";
+
+struct Outcome {
+    std::vector<int32_t> streamed, final_tokens;
+    FinishReason why = FinishReason::Length;
+    int done = 0;
+};
+
+GenRequest request(std::vector<int32_t> prompt, int64_t max_tokens, std::map<uint64_t, Outcome> & out, SamplerParams sp = {}) {
+    GenRequest r;
+    r.prompt = std::move(prompt);
+    r.max_tokens = max_tokens;
+    r.sampling = sp;
+    r.on_token = [&out](uint64_t h, int32_t t) {
+        out[h].streamed.push_back(t);
+        return true;
+    };
+    r.on_done = [&out](uint64_t h, FinishReason why, const std::vector<int32_t> & toks, const RequestTimings &) {
+        out[h].final_tokens = toks;
+        out[h].why = why;
+        ++out[h].done;
+    };
+    return r;
+}
+
+std::vector<int32_t> alone(const Model & m, Backend & be, const std::vector<int32_t> & prompt, int64_t n, SamplerParams sp = {}) {
+    GenerateOptions o;
+    o.prompt = prompt;
+    o.n_generate = n;
+    o.sampling = sp;
+    return generate(m, be, o).tokens;
+}
+
+TEST(Scheduler, BatchedRequestsGetWhatTheyGetAlone) {
+    const Model model = Model::load_folder(k_model);
+    auto be = test::open_cpu_backend(2);
+    ASSERT_NE(be, nullptr);
+    std::vector<std::vector<int32_t>> prompts;
+    for (int i = 0; i < 7; ++i) {
+        std::vector<int32_t> p;
+        for (int j = 0; j < 3 + 9 * i; ++j) p.push_back(int32_t((37 * i + 11 * j + 5) % 4000));
+        prompts.push_back(p);
+    }
+    SchedulerOptions so;
+    so.max_batch = 24;
+    so.max_sequences = 4;   // fewer than the requests: some wait, then join between steps
+    so.kv_blocks = 64;
+    so.prefill_chunk = 8;   // the longer prompts take several steps
+    Scheduler s(model, *be, so);
+    std::map<uint64_t, Outcome> out;
+    std::vector<uint64_t> handles;
+    std::vector<SamplerParams> sps;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+        SamplerParams sp;
+        if (i % 2) sp = SamplerParams{0.8f, 20, 0.95f, 1000 + i};   // seeded sampling for the odd ones
+        sps.push_back(sp);
+        uint64_t h = 0;
+        ASSERT_EQ(s.submit(request(prompts[i], 10 + int64_t(i), out, sp), &h), Admit::Queued);
+        handles.push_back(h);
+        if (i == 3) {   // a few steps before the rest arrive
+            for (int k = 0; k < 3; ++k) s.step();
+        }
+    }
+    int64_t max_running = 0;
+    while (!s.idle()) {
+        s.step();
+        max_running = std::max(max_running, s.stats().running);
+        EXPECT_LE(s.stats().running, so.max_sequences);
+    }
+    EXPECT_EQ(max_running, so.max_sequences);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+        const Outcome & o = out[handles[i]];
+        EXPECT_EQ(o.done, 1) << i;
+        EXPECT_EQ(o.final_tokens, alone(model, *be, prompts[i], 10 + int64_t(i), sps[i])) << "request " << i;
+        EXPECT_EQ(o.streamed, o.final_tokens) << i;
+        EXPECT_EQ(o.why, FinishReason::Length);
+    }
+    const SchedulerStats st = s.stats();
+    EXPECT_EQ(st.kv_blocks_used, 0);
+    EXPECT_EQ(st.requests_done, int64_t(prompts.size()));
+}
+
+TEST(Scheduler, RefusesWhatItCannotHoldAndCancelFreesAtOnce) {
+    const Model model = Model::load_folder(k_model);
+    auto be = test::open_cpu_backend(2);
+    ASSERT_NE(be, nullptr);
+    SchedulerOptions so;
+    so.max_batch = 16;
+    so.max_sequences = 1;
+    so.kv_blocks = 4;   // 64 positions
+    so.kv_block_size = 16;
+    so.max_queue = 2;
+    Scheduler s(model, *be, so);
+    std::map<uint64_t, Outcome> out;
+    uint64_t h = 0;
+    std::string why;
+    EXPECT_EQ(s.submit(request({1, 2, 3}, 70, out), &h, &why), Admit::TooLong);
+    EXPECT_NE(why.find("exceed the context of 64"), std::string::npos) << why;
+    EXPECT_EQ(s.submit(request({}, 4, out), &h, &why), Admit::Invalid);
+    EXPECT_EQ(s.submit(request({99999}, 4, out), &h, &why), Admit::Invalid);
+    EXPECT_NE(why.find("outside the vocabulary"), std::string::npos) << why;
+
+    uint64_t a = 0, b = 0, c = 0, d = 0;
+    ASSERT_EQ(s.submit(request({5, 6, 7}, 40, out), &a), Admit::Queued);
+    ASSERT_EQ(s.submit(request({8, 9}, 5, out), &b), Admit::Queued);
+    EXPECT_EQ(s.submit(request({1}, 5, out), &c, &why), Admit::Busy);   // two waiting already
+    s.step();   // a runs (one slot), b waits
+    EXPECT_EQ(s.stats().running, 1);
+    EXPECT_EQ(s.stats().queued, 1);
+    EXPECT_GT(s.stats().kv_blocks_used, 0);
+    ASSERT_EQ(s.submit(request({1}, 5, out), &c), Admit::Queued);
+    EXPECT_TRUE(s.cancel(a));   // frees its slot and blocks now
+    EXPECT_EQ(out[a].why, FinishReason::Cancelled);
+    EXPECT_EQ(s.stats().kv_blocks_used, 0);
+    EXPECT_TRUE(s.cancel(c));   // a queued one
+    EXPECT_EQ(out[c].done, 1);
+    EXPECT_FALSE(s.cancel(12345));
+    while (!s.idle()) s.step();
+    EXPECT_EQ(out[b].final_tokens.size(), 5u);
+    EXPECT_EQ(out[b].why, FinishReason::Length);
+
+    // on_token returning false ends the request (a stop string); a stop id ends it too
+    GenRequest r = request({5, 6, 7}, 20, out);
+    r.on_token = [&](uint64_t hh, int32_t t) {
+        out[hh].streamed.push_back(t);
+        return out[hh].streamed.size() < 3;
+    };
+    ASSERT_EQ(s.submit(std::move(r), &d), Admit::Queued);
+    while (!s.idle()) s.step();
+    EXPECT_EQ(out[d].why, FinishReason::Stop);
+    EXPECT_EQ(out[d].final_tokens.size(), 3u);
+    const std::vector<int32_t> free_run = alone(model, *be, {5, 6, 7}, 4);
+    GenRequest e = request({5, 6, 7}, 20, out);
+    e.stop_ids = {free_run[1]};
+    uint64_t he = 0;
+    ASSERT_EQ(s.submit(std::move(e), &he), Admit::Queued);
+    while (!s.idle()) s.step();
+    EXPECT_EQ(out[he].why, FinishReason::Eos);
+    EXPECT_EQ(out[he].final_tokens, std::vector<int32_t>(free_run.begin(), free_run.begin() + 2));
+}
+
+} // namespace
+} // namespace moesh
