@@ -17,14 +17,18 @@
 #include "runtime/perplexity.h"
 #include "runtime/quantize.h"
 #include "runtime/run_config.h"
+#include "runtime/server.h"
 #include "runtime/tokenizer.h"
+#include "transport/client.h"
 
 #include <CLI/CLI.hpp>
 
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 
+#include <atomic>
 #include <chrono>
+#include <csignal>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -589,6 +593,77 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
 
 // Where every expert, the attention weights and the KV cache will live, before any matrix is read
 // (the model's header and small norm vectors are).
+std::atomic<bool> g_stop{false};
+extern "C" void on_stop_signal(int) { g_stop.store(true); }
+
+// A ZeroMQ server until SIGTERM/SIGINT, then a bounded drain (server.h).
+int cmd_serve(const CommonOptions & co, const std::string & endpoint) {
+    moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
+    if (!endpoint.empty()) rc.server.endpoint = endpoint;
+    std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
+    std::optional<moesh::ChatTemplate> chat;
+    if (tok)
+        if (const std::optional<std::string> text = find_chat_template_text(co.model)) chat = moesh::detect_chat_template(*text, *tok);
+    moesh::Model model = load_model(co.model, rc.quantize, co.threads >= 0 ? co.threads : rc.threads);
+    auto backend = open_backend(co, rc);
+    const int64_t n_ctx = std::min<int64_t>(model.config().max_positions, int64_t(rc.server.max_tokens) + 1024);
+    const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, rc.max_batch);
+    const std::filesystem::path mp = std::filesystem::path(co.model).lexically_normal();
+    moesh::Server server(model, *backend, tok ? &*tok : nullptr, chat, rc.server, rc.max_batch, weights.get(),
+                         (mp.has_filename() ? mp : mp.parent_path()).filename().string());
+    server.bind();
+    std::signal(SIGTERM, on_stop_signal);
+    std::signal(SIGINT, on_stop_signal);
+    std::fprintf(stderr, "moesh: serving %s on %s (%lld sequences, KV %s, queue %lld); SIGTERM drains for %.0f s\n",
+                 co.model.c_str(), server.endpoint().c_str(), (long long)rc.server.max_sequences,
+                 human_bytes(double(rc.server.kv_cache)).c_str(), (long long)rc.server.max_queue, rc.server.drain_timeout_s);
+    std::printf("%s\n", server.endpoint().c_str());   // for scripts: the endpoint actually bound
+    std::fflush(stdout);
+    server.run(g_stop);
+    const moesh::ServerStats & st = server.stats();
+    std::fprintf(stderr, "moesh: stopped: %lld requests, %lld completed, %lld cancelled, %lld busy, %lld refused, %lld bad, "
+                         "%lld replies undeliverable, %lld tokens\n",
+                 (long long)st.requests, (long long)st.completed, (long long)st.cancelled, (long long)st.busy,
+                 (long long)st.rejected, (long long)st.bad_requests, (long long)st.undeliverable, (long long)st.tokens_out);
+    return 0;
+}
+
+// One request to a server; streamed text as it comes, or the final frame.
+int cmd_client(const std::string & endpoint, const std::string & prompt, const std::string & prompt_ids, int64_t max_tokens,
+               float temperature, int top_k, float top_p, uint64_t seed, bool stream, const std::string & output, double timeout_s) {
+    moesh::Client c(endpoint);
+    nlohmann::json req = {{"id", "moesh-client-" + std::to_string(::getpid())},
+                          {"max_tokens", max_tokens},
+                          {"temperature", temperature},
+                          {"top_k", top_k},
+                          {"top_p", top_p},
+                          {"seed", seed},
+                          {"stream", stream}};
+    if (!prompt_ids.empty()) req["prompt_ids"] = parse_ids(prompt_ids);
+    else req["prompt"] = prompt;
+    auto r = c.request(req, std::chrono::milliseconds(int64_t(timeout_s * 1000)), [&](const moesh::Response & f) {
+        if (output == "text") {
+            const std::string piece = f.body.value("text", "");
+            std::fwrite(piece.data(), 1, piece.size(), stdout);
+            std::fflush(stdout);
+        } else {
+            std::cout << f.body.dump() << std::endl;
+        }
+    });
+    if (!r) throw Error("no answer from " + endpoint + " within " + std::to_string(int(timeout_s)) +
+                        " s (is `moesh serve` running there?)");
+    if (r->type == "error")
+        throw Error("the server refused the request: " + r->body.value("code", "?") + ": " + r->body.value("message", ""));
+    if (output == "json") {
+        std::cout << r->body.dump() << std::endl;
+    } else {
+        if (!stream) std::cout << r->body.value("text", "");
+        std::cout << "\n[" << r->body.value("finish_reason", "?") << ", " << r->body["usage"].value("completion_tokens", 0)
+                  << " tokens]" << std::endl;
+    }
+    return 0;
+}
+
 int cmd_plan(const CommonOptions & co, int64_t n_ctx, int64_t max_batch) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
     apply_expert_budget(co, rc);
@@ -1040,6 +1115,35 @@ int main(int argc, char ** argv) {
     CommonOptions ico;
     inspect->add_option("-m,--model", ico.model, "Hugging Face model folder, or a .gguf file")->required();
 
+    CLI::App * serve = app.add_subcommand(
+        "serve", "Serve requests over ZeroMQ (protocol: docs/PROTOCOL.md) with continuous batching; settings in "
+                 "[server] of --config (configs/serve.toml). Prints the bound endpoint on stdout. SIGTERM drains and exits");
+    CommonOptions sco;
+    add_common(serve, sco, /*model_optional=*/true);
+    std::string serve_endpoint;
+    serve->add_option("--endpoint", serve_endpoint, "ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5555 (default: [server] endpoint)");
+
+    CLI::App * client = app.add_subcommand("client", "Send one request to `moesh serve` and print the answer");
+    std::string cl_endpoint = "tcp://127.0.0.1:5555", cl_prompt, cl_ids, cl_output = "text";
+    int64_t cl_max = 64;
+    float cl_temp = 0, cl_top_p = 1;
+    int cl_top_k = 0;
+    uint64_t cl_seed = 0;
+    bool cl_stream = false;
+    double cl_timeout = 120;
+    client->add_option("--endpoint", cl_endpoint, "The server's endpoint")->capture_default_str();
+    auto * clp = client->add_option("-p,--prompt", cl_prompt, "Prompt text (the server tokenizes it)");
+    auto * cli = client->add_option("--prompt-ids", cl_ids, "Comma-separated prompt token ids instead");
+    clp->excludes(cli);
+    client->add_option("-n,--max-tokens", cl_max, "Tokens to generate")->capture_default_str();
+    client->add_option("--temperature", cl_temp, "0 = greedy");
+    client->add_option("--top-k", cl_top_k, "0 = off");
+    client->add_option("--top-p", cl_top_p, "1 = off");
+    client->add_option("--seed", cl_seed, "Sampling seed");
+    client->add_flag("--stream", cl_stream, "Print tokens as they are generated");
+    client->add_option("--output", cl_output, "text, or json: the frames as JSON lines")->check(CLI::IsMember({"text", "json"}));
+    client->add_option("--timeout", cl_timeout, "Seconds to wait for the answer")->capture_default_str();
+
     CLI::App * plan = app.add_subcommand(
         "plan", "Print where every expert, the attention weights and the KV cache will live under the [[tier]] budgets of "
                 "--config (or --expert-budget), and what does not fit and why, before any weight is read");
@@ -1100,6 +1204,15 @@ int main(int argc, char ** argv) {
         if (*sim) return cmd_sim(sim_trace, sim_sizes, sim_policies, sim_decay, sim_decay_opt->count() > 0, sim_config, sim_output);
         if (*heatmap) return cmd_heatmap(hm_trace, hm_output);
         if (*plan) return cmd_plan(plco, plan_ctx, plan_batch);
+        if (*serve) {
+            if (sco.model.empty()) sco.model = shipped_model();
+            if (sco.model.empty()) throw Error("no --model given and the shipped model was not found next to the executable");
+            return cmd_serve(sco, serve_endpoint);
+        }
+        if (*client) {
+            if (cl_prompt.empty() && cl_ids.empty()) throw Error("client: give --prompt or --prompt-ids");
+            return cmd_client(cl_endpoint, cl_prompt, cl_ids, cl_max, cl_temp, cl_top_k, cl_top_p, cl_seed, cl_stream, cl_output, cl_timeout);
+        }
         if (*ppl) return cmd_perplexity(pco, ppl_file, ppl_ctx, ppl_batch, ppl_chunks, ppl_output, ppl_trace);
     } catch (const moesh::BackendError & e) {
         std::fprintf(stderr, "moesh: error: %s\n", e.what());

@@ -262,8 +262,44 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
             }
         } else if (sname == "placement") {
             parse_placement(source, *tbl, rc.placement);
+        } else if (sname == "server") {
+            ServerConfig & sc = rc.server;
+            for (auto && [k, v] : *tbl) {
+                const std::string key = sname + "." + std::string(k.str());
+                if (k == "endpoint") {
+                    sc.endpoint = string_value(source, v, key);
+                    if (sc.endpoint.rfind("tcp://", 0) != 0 && sc.endpoint.rfind("ipc://", 0) != 0)
+                        fail(source, v, key, "expected a ZeroMQ endpoint such as \"tcp://127.0.0.1:5555\" or \"ipc:///tmp/moesh\"");
+                } else if (k == "max_sequences") {
+                    sc.max_sequences = integer(source, v, key, 1, 4096);
+                } else if (k == "kv_cache") {
+                    if (v.is_integer() && v.as_integer()->get() > 0) sc.kv_cache = uint64_t(v.as_integer()->get());
+                    else if (!v.is_string() || !parse_byte_size(*v.value<std::string>(), &sc.kv_cache) || sc.kv_cache == 0)
+                        fail(source, v, key, "expected a positive size such as \"256MiB\" or a byte count");
+                } else if (k == "prefill_chunk") {
+                    sc.prefill_chunk = integer(source, v, key, 1, 1 << 16);
+                } else if (k == "max_queue") {
+                    sc.max_queue = integer(source, v, key, 0, 1 << 20);
+                } else if (k == "max_tokens") {
+                    sc.max_tokens = integer(source, v, key, 1, 1 << 24);
+                } else if (k == "max_message_bytes") {
+                    sc.max_message_bytes = integer(source, v, key, 256, int64_t(1) << 30);
+                } else if (k == "send_hwm") {
+                    sc.send_hwm = integer(source, v, key, 1, 1 << 24);
+                } else if (k == "recv_hwm") {
+                    sc.recv_hwm = integer(source, v, key, 1, 1 << 24);
+                } else if (k == "drain_timeout_s") {
+                    auto d = v.value<double>();
+                    if (!(v.is_floating_point() || v.is_integer()) || !d || !(*d >= 0 && *d <= 86400))
+                        fail(source, v, key, "expected seconds in [0, 86400]");
+                    sc.drain_timeout_s = *d;
+                } else {
+                    fail(source, v, key, "unknown key (known: endpoint, max_sequences, kv_cache, prefill_chunk, max_queue, "
+                                         "max_tokens, max_message_bytes, send_hwm, recv_hwm, drain_timeout_s)");
+                }
+            }
         } else {
-            fail(source, section, sname, "unknown table (known: [plugins], [runtime], [quantize], [[tier]], [placement])");
+            fail(source, section, sname, "unknown table (known: [plugins], [runtime], [quantize], [[tier]], [placement], [server])");
         }
     }
     // Pins name tiers that exist (tiers may come after [placement] in the file).

@@ -25,6 +25,11 @@
 //   prefetch_min_precision = 0.75  # load predictions only while they are right this often
 //   prefetch_extra = 0           # predict the router's top k + this many per token
 //   direct_io = true             # O_DIRECT reads from the disk tier where the file system allows it
+//   [server]                     # moesh serve (configs/serve.toml)
+//   endpoint = "tcp://127.0.0.1:5555"
+//   max_sequences = 16, kv_cache = "256MiB", prefill_chunk = 32, max_queue = 64,
+//   max_tokens = 4096, max_message_bytes = 1048576, send_hwm = 10000, recv_hwm = 10000,
+//   drain_timeout_s = 30
 //   [[placement.pin]]            # experts that always live on a tier
 //   tier = "gpu0"
 //   layers = "0-3"               # "N", "A-B" or "*"
@@ -45,6 +50,20 @@
 
 namespace moesh {
 
+// `moesh serve` (configs/serve.toml).
+struct ServerConfig {
+    std::string endpoint = "tcp://127.0.0.1:5555";   // ZeroMQ ROUTER; "tcp://127.0.0.1:*" picks a free port
+    int64_t max_sequences = 16;      // requests running at once
+    uint64_t kv_cache = 256ull << 20;   // bytes of KV pool shared by the running requests
+    int64_t prefill_chunk = 32;      // prompt tokens of one request per step
+    int64_t max_queue = 64;          // waiting requests; beyond: "busy"
+    int64_t max_tokens = 4096;       // largest max_tokens a request may ask
+    int64_t max_message_bytes = 1 << 20;
+    int64_t send_hwm = 10000;        // ZeroMQ high-water marks (messages)
+    int64_t recv_hwm = 10000;
+    double drain_timeout_s = 30;     // SIGTERM: finish running requests for at most this long
+};
+
 // "512MiB", "1.5GiB", "2GB", "4096" -> bytes; false when not a size.
 bool parse_byte_size(std::string_view text, uint64_t * out);
 
@@ -59,6 +78,7 @@ struct RunConfig {
     bool repack = true;
     QuantizePlan quantize;
     PlacementConfig placement;
+    ServerConfig server;
 };
 
 RunConfig parse_run_config(std::string_view toml_text, std::string_view source_name);

@@ -1,0 +1,98 @@
+// `moesh serve`: the ZeroMQ ROUTER front of the Scheduler (protocol:
+// docs/PROTOCOL.md, transport/protocol.h). One thread polls the socket and
+// steps the scheduler: requests are parsed and checked, tokenized (prompt text,
+// or chat messages through the model's chat template) and queued; every step's
+// tokens go out as frames as soon as they are sampled; cancel and ping are
+// answered between steps. The socket is ROUTER_MANDATORY with bounded
+// high-water marks: a reply that cannot be delivered (the client went away, or
+// stopped reading) cancels its request at once, frees its KV blocks and is
+// counted — never dropped silently.
+//
+//   Server srv(model, backend, tokenizer, rc.server, rc.max_batch);
+//   srv.bind();                         // throws moesh::Error (address in use, bad endpoint)
+//   srv.run(stop_flag);                 // until stop_flag, then drains (drain_timeout_s)
+//
+// Thread safety: run() on one thread; request_stop() from any thread or a signal handler.
+#pragma once
+
+#include "runtime/chat_template.h"
+#include "runtime/model.h"
+#include "runtime/run_config.h"
+#include "runtime/scheduler.h"
+#include "runtime/tokenizer.h"
+#include "transport/protocol.h"
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace zmq {
+class context_t;
+class socket_t;
+} // namespace zmq
+
+namespace moesh {
+
+struct ServerStats {
+    int64_t requests = 0, completed = 0, cancelled = 0, rejected = 0, busy = 0, bad_requests = 0;
+    int64_t undeliverable = 0;   // replies the socket refused (client gone or not reading)
+    int64_t tokens_out = 0;
+};
+
+class Server {
+public:
+    // tokenizer may be null (then only prompt_ids are accepted); chat: the model's template
+    // for "messages" (without it they are refused). weights may be null.
+    Server(const Model & model, Backend & backend, const Tokenizer * tokenizer, std::optional<ChatTemplate> chat,
+           const ServerConfig & config, int64_t max_batch, const BackendWeights * weights = nullptr, std::string model_name = "");
+    ~Server();
+
+    void bind();                                   // the endpoint actually bound: endpoint()
+    const std::string & endpoint() const { return bound_; }
+    // Serves until stop is set, then refuses new requests ("shutting_down"), lets running ones
+    // finish for at most drain_timeout_s, cancels the rest, and returns.
+    void run(const std::atomic<bool> & stop);
+
+    const ServerStats & stats() const { return stats_; }
+    const Scheduler & scheduler() const { return *sched_; }
+
+private:
+    struct Active {
+        std::string peer;      // ZeroMQ routing id
+        std::string id;        // the client's request id
+        bool stream = false;
+        std::vector<std::string> stop;
+        std::string text;      // decoded so far (stop strings, final text)
+        std::unique_ptr<StreamDecoder> decoder;
+        int64_t prompt_tokens = 0;
+        int64_t index = 0;
+        bool gone = false;     // a reply was undeliverable
+    };
+
+    void handle(const std::string & peer, const std::string & body, bool draining);
+    void generate(const std::string & peer, Request && req);
+    bool send(const std::string & peer, const std::string & frame);   // false: undeliverable
+    bool on_token(uint64_t handle, int32_t token);
+    void on_done(uint64_t handle, FinishReason why, const std::vector<int32_t> & tokens, const RequestTimings & t);
+
+    const Model & model_;
+    const Tokenizer * tok_;
+    std::optional<ChatTemplate> chat_;
+    std::vector<int32_t> chat_stop_;   // end-of-turn tokens of the chat template
+    ServerConfig cfg_;
+    std::string model_name_;
+    Limits limits_;
+    std::unique_ptr<Scheduler> sched_;
+    std::unique_ptr<zmq::context_t> ctx_;
+    std::unique_ptr<zmq::socket_t> sock_;
+    std::string bound_;
+    std::map<uint64_t, Active> active_;
+    std::vector<uint64_t> to_cancel_;   // undeliverable: cancelled after the step
+    std::vector<int32_t> eos_;
+    ServerStats stats_;
+};
+
+} // namespace moesh

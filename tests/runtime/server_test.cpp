@@ -1,0 +1,240 @@
+// `moesh serve` as a real process on a loopback port, driven by the C++ client
+// over real ZeroMQ sockets: answers equal generate()'s, streaming adds up,
+// cancel and clients that vanish free their requests, overload gets "busy"
+// and loses nothing, bad input gets error frames while everyone else is
+// served, and SIGTERM drains and exits cleanly. Every wait is bounded.
+#include "runtime/generate.h"
+#include "runtime/model.h"
+#include "runtime/tokenizer.h"
+#include "test_support.h"
+#include "transport/client.h"
+
+#include <csignal>
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+namespace moesh {
+namespace {
+
+using namespace std::chrono_literals;
+const std::string k_model = std::string(MOESH_SOURCE_DIR) + "/models/moesh-tiny-py";
+
+// moesh serve in a child process; its stderr goes to a file for the final checks.
+class ServerProcess {
+public:
+    explicit ServerProcess(const std::string & config_text) {
+        config_ = dir_.write("serve.toml", config_text).string();
+        log_ = (dir_.path() / "server.log").string();
+        int out[2];
+        EXPECT_EQ(::pipe(out), 0);
+        pid_ = ::fork();
+        if (pid_ == 0) {
+            ::dup2(out[1], 1);
+            const int err = ::open(log_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+            ::dup2(err, 2);
+            ::close(out[0]);
+            ::execl(MOESH_BIN, MOESH_BIN, "serve", "--model", k_model.c_str(), "--config", config_.c_str(), "--endpoint",
+                    "tcp://127.0.0.1:*", "--threads", "2", (char *)nullptr);
+            ::_exit(127);
+        }
+        ::close(out[1]);
+        // The first stdout line is the endpoint; give it 60 s to load.
+        pollfd p{out[0], POLLIN, 0};
+        std::string line;
+        const auto deadline = std::chrono::steady_clock::now() + 60s;
+        while (line.find('\n') == std::string::npos && std::chrono::steady_clock::now() < deadline) {
+            if (::poll(&p, 1, 200) > 0) {
+                char buf[256];
+                const ssize_t n = ::read(out[0], buf, sizeof buf);
+                if (n <= 0) break;
+                line.append(buf, size_t(n));
+            }
+        }
+        ::close(out[0]);
+        endpoint_ = line.substr(0, line.find('\n'));
+    }
+    ~ServerProcess() {
+        if (pid_ > 0 && !stopped_) {
+            ::kill(pid_, SIGKILL);
+            ::waitpid(pid_, nullptr, 0);
+        }
+    }
+    const std::string & endpoint() const { return endpoint_; }
+    // SIGTERM, then wait (bounded); returns the exit status, -1 if it had to be killed.
+    int stop(std::chrono::seconds limit = 30s) {
+        ::kill(pid_, SIGTERM);
+        const auto deadline = std::chrono::steady_clock::now() + limit;
+        int st = 0;
+        while (std::chrono::steady_clock::now() < deadline) {
+            if (::waitpid(pid_, &st, WNOHANG) == pid_) {
+                stopped_ = true;
+                return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+            }
+            std::this_thread::sleep_for(20ms);
+        }
+        return -1;
+    }
+    std::string log() const {
+        std::ifstream in(log_);
+        return std::string(std::istreambuf_iterator<char>(in), {});
+    }
+
+private:
+    test::TempDir dir_;
+    std::string config_, log_, endpoint_;
+    pid_t pid_ = -1;
+    bool stopped_ = false;
+};
+
+const char * k_config = "[server]\nmax_sequences = 4\nkv_cache = \"16MiB\"\nprefill_chunk = 16\nmax_queue = 64\n"
+                        "max_tokens = 512\nmax_message_bytes = 65536\ndrain_timeout_s = 10\n[runtime]\nmax_batch = 32\n";
+
+std::vector<int32_t> alone(const Model & m, Backend & be, const std::vector<int32_t> & prompt, int64_t n) {
+    GenerateOptions o;
+    o.prompt = prompt;
+    o.n_generate = n;
+    return generate(m, be, o).tokens;
+}
+
+TEST(Server, AnswersEqualGenerateStreamingAddsUpAndManyClientsShareSteps) {
+    ServerProcess srv(k_config);
+    ASSERT_EQ(srv.endpoint().rfind("tcp://127.0.0.1:", 0), 0u) << srv.log();
+    const Model model = Model::load_folder(k_model);
+    auto be = test::open_cpu_backend(2);
+    const Tokenizer tok = load_tokenizer_json_file(k_model + "/tokenizer.json");
+
+    Client c(srv.endpoint());
+    auto pong = c.request({{"type", "ping"}, {"id", "p"}}, 10s);
+    ASSERT_TRUE(pong);
+    EXPECT_EQ(pong->type, "pong");
+
+    const std::string prompt = "def fibonacci(n):";
+    const std::vector<int32_t> expect = alone(model, *be, tok.encode(prompt, true), 24);
+    auto done = c.request({{"id", "a"}, {"prompt", prompt}, {"max_tokens", 24}}, 60s);
+    ASSERT_TRUE(done) << srv.log();
+    ASSERT_EQ(done->type, "done") << done->body.dump();
+    EXPECT_EQ(done->body["tokens"].get<std::vector<int32_t>>(), expect);
+    EXPECT_EQ(done->body["finish_reason"], "length");
+    EXPECT_EQ(done->body["usage"]["completion_tokens"], 24);
+
+    std::string streamed;
+    int n_frames = 0;
+    done = c.request({{"id", "s"}, {"prompt", prompt}, {"max_tokens", 24}, {"stream", true}}, 60s, [&](const Response & f) {
+        streamed += f.body["text"].get<std::string>();
+        EXPECT_EQ(f.body["index"], n_frames);
+        ++n_frames;
+    });
+    ASSERT_TRUE(done);
+    EXPECT_EQ(n_frames, 24);
+    EXPECT_EQ(streamed, done->body["text"].get<std::string>());
+    EXPECT_EQ(done->body["tokens"].get<std::vector<int32_t>>(), expect);
+
+    // Eight clients at once, different prompts: each gets what it would get alone.
+    std::vector<std::vector<int32_t>> prompts;
+    for (int i = 0; i < 8; ++i) {
+        std::vector<int32_t> p;
+        for (int j = 0; j < 4 + 5 * i; ++j) p.push_back(int32_t((29 * i + 13 * j + 7) % 4000));
+        prompts.push_back(p);
+    }
+    std::vector<std::unique_ptr<Client>> clients;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+        clients.push_back(std::make_unique<Client>(srv.endpoint()));
+        clients.back()->send({{"id", "m" + std::to_string(i)}, {"prompt_ids", prompts[i]}, {"max_tokens", 12}});
+    }
+    for (size_t i = 0; i < prompts.size(); ++i) {
+        auto f = clients[i]->receive(60s);
+        ASSERT_TRUE(f) << "client " << i;
+        ASSERT_EQ(f->type, "done") << f->body.dump();
+        EXPECT_EQ(f->body["tokens"].get<std::vector<int32_t>>(), alone(model, *be, prompts[i], 12)) << "client " << i;
+    }
+    EXPECT_EQ(srv.stop(), 0) << srv.log();
+    EXPECT_NE(srv.log().find("11 completed"), std::string::npos) << srv.log();
+}
+
+TEST(Server, CancelBusyAndVanishingClientsLoseNothing) {
+    ServerProcess srv("[server]\nmax_sequences = 1\nkv_cache = \"16MiB\"\nmax_queue = 2\nmax_tokens = 2000\n"
+                      "drain_timeout_s = 10\n");
+    ASSERT_FALSE(srv.endpoint().empty()) << srv.log();
+    Client c(srv.endpoint());
+    // cancel a streaming request after its second token
+    c.send({{"id", "long"}, {"prompt_ids", {1, 2, 3}}, {"max_tokens", 1500}, {"stream", true}});
+    int tokens = 0;
+    std::optional<Response> f;
+    while ((f = c.receive(30s)) && f->type == "token")
+        if (++tokens == 2) c.send({{"type", "cancel"}, {"id", "long"}});
+    ASSERT_TRUE(f);
+    EXPECT_EQ(f->type, "done") << f->body.dump();
+    EXPECT_EQ(f->body["finish_reason"], "cancelled");
+    auto nf = c.request({{"type", "cancel"}, {"id", "nosuch"}}, 10s);
+    ASSERT_TRUE(nf);
+    EXPECT_EQ(nf->body["code"], "not_found");
+
+    // one running, two waiting, the rest "busy" with a retry hint; every accepted one completes
+    for (int i = 0; i < 6; ++i) c.send({{"id", "b" + std::to_string(i)}, {"prompt_ids", {5, 6, 7}}, {"max_tokens", 30}});
+    int n_done = 0, n_busy = 0;
+    for (int i = 0; i < 6; ++i) {
+        auto r = c.receive(60s);
+        ASSERT_TRUE(r);
+        if (r->type == "done") ++n_done;
+        if (r->type == "error") {
+            EXPECT_EQ(r->body["code"], "busy");
+            EXPECT_GT(r->body["retry_after_ms"].get<int64_t>(), 0);
+            ++n_busy;
+        }
+    }
+    EXPECT_EQ(n_done + n_busy, 6);
+    EXPECT_GE(n_done, 3);
+    EXPECT_GE(n_busy, 1);
+
+    // a client that goes away mid-request: its request is cancelled and its blocks freed
+    {
+        Client gone(srv.endpoint());
+        gone.send({{"id", "g"}, {"prompt_ids", {1, 2}}, {"max_tokens", 1900}, {"stream", true}});
+        ASSERT_TRUE(gone.receive(30s));   // it started
+    }
+    // the server still serves (the slot came free: this one would wait behind 1900 tokens otherwise)
+    auto after = c.request({{"id", "after"}, {"prompt_ids", {9, 8}}, {"max_tokens", 4}}, 60s);
+    ASSERT_TRUE(after) << srv.log();
+    EXPECT_EQ(after->type, "done");
+    EXPECT_EQ(srv.stop(), 0);
+    EXPECT_NE(srv.log().find("replies undeliverable"), std::string::npos) << srv.log();
+    EXPECT_EQ(srv.log().find(" 0 replies undeliverable"), std::string::npos) << srv.log();
+}
+
+TEST(Server, BadInputGetsErrorFramesAndEveryoneElseIsServed) {
+    ServerProcess srv(k_config);
+    ASSERT_FALSE(srv.endpoint().empty()) << srv.log();
+    Client c(srv.endpoint());
+    auto error_for = [&](const std::string & raw) -> std::string {
+        c.send_raw(raw);
+        auto f = c.receive(10s);
+        if (!f) return "no answer";
+        return f->type == "error" ? f->body["code"].get<std::string>() + ": " + f->body["message"].get<std::string>() : f->type;
+    };
+    EXPECT_EQ(error_for("\x01\x02garbage\xff").rfind("bad_request", 0), 0u);
+    EXPECT_EQ(error_for("{\"id\": \"x\", \"prompt\": ").rfind("bad_request", 0), 0u);
+    EXPECT_NE(error_for(R"({"id": "x", "prompt": "a", "bogus": 1})").find("bogus"), std::string::npos);
+    EXPECT_NE(error_for(R"({"id": "x", "prompt": "a", "max_tokens": -5})").find("max_tokens"), std::string::npos);
+    EXPECT_NE(error_for(R"({"id": "x", "prompt": "a", "max_tokens": 100000000})").find("max_tokens"), std::string::npos);
+    EXPECT_NE(error_for(R"({"id": "x", "prompt": "a", "top_k": -1})").find("top_k"), std::string::npos);
+    EXPECT_NE(error_for(R"({"id": "x", "prompt_ids": [1, 99999]})").find("prompt_ids"), std::string::npos);
+    EXPECT_EQ(error_for(R"({"id": "x", "prompt_ids": [1, 2], "max_tokens": 512})").rfind("too_long", 0), 0u);   // > 16 MiB of KV
+    EXPECT_EQ(error_for(std::string(70000, 'x')).rfind("too_large", 0), 0u);   // over max_message_bytes
+    // thousands of connects and disconnects
+    for (int i = 0; i < 500; ++i) {
+        Client k(srv.endpoint());
+        if (i % 50 == 0) EXPECT_TRUE(k.request({{"type", "ping"}, {"id", "k"}}, 10s));
+    }
+    auto ok = c.request({{"id", "fine"}, {"prompt", "import os"}, {"max_tokens", 8}}, 60s);
+    ASSERT_TRUE(ok) << srv.log();
+    EXPECT_EQ(ok->type, "done") << ok->body.dump();
+    EXPECT_EQ(srv.stop(), 0) << srv.log();
+}
+
+} // namespace
+} // namespace moesh
