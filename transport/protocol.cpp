@@ -87,11 +87,17 @@ std::string describe_parse_error(const json::parse_error & e) {
     if (size_t p = what.find("] "); p != std::string::npos) what.erase(0, p + 2);
     constexpr std::string_view last = "; last read: '";
     if (size_t p = what.find(last); p != std::string::npos) {
-        std::string_view token = std::string_view(what).substr(p + last.size());
-        if (!token.empty() && token.back() == '\'') token.remove_suffix(1);
+        // "...; last read: '<token>'" or "...; last read: '<token>'; expected '}'"
+        std::string_view token = std::string_view(what).substr(p + last.size()), after;
+        if (size_t q = token.rfind("'; expected "); q != std::string_view::npos) {
+            after = token.substr(q + 1);
+            token = token.substr(0, q);
+        } else if (!token.empty() && token.back() == '\'') {
+            token.remove_suffix(1);
+        }
         const size_t keep = 40;
         std::string tail = token.size() > keep ? "..." + std::string(token.substr(token.size() - keep)) : std::string(token);
-        what = what.substr(0, p) + "; last read: " + quote(tail, keep + 3);
+        what = what.substr(0, p) + "; last read: " + quote(tail, keep + 3) + std::string(after);
     }
     return "invalid JSON: " + what;
 }
