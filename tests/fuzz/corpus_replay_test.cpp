@@ -56,6 +56,8 @@ TEST(FuzzCorpus, RunConfigSeedsParseAsLabelledAndNothingCrashes) { replay("run_c
 
 TEST(FuzzCorpus, RouteTraceSeedsParseAsLabelledAndNothingCrashes) { replay("route_trace", route_trace_one_input, 6); }
 
+TEST(FuzzCorpus, RequestSeedsParseAsLabelledAndNothingCrashes) { replay("request", request_one_input, 30); }
+
 TEST(FuzzCorpus, NpySeedsParseAsLabelledAndNothingCrashes) { replay("npy", npy_one_input, 8); }
 
 TEST(FuzzCorpus, GgufSeedsParseAsLabelledAndNothingCrashes) { replay("gguf", gguf_one_input, 16); }

@@ -18,5 +18,6 @@ bool gguf_one_input(const uint8_t * data, size_t size);
 bool tokenizer_json_one_input(const uint8_t * data, size_t size);
 bool tokenizer_gguf_one_input(const uint8_t * data, size_t size);
 bool route_trace_one_input(const uint8_t * data, size_t size);
+bool request_one_input(const uint8_t * data, size_t size);   // transport/protocol.h: parse_request
 
 } // namespace moesh::fuzz

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed corpora of the fuzz targets (standard library only).
 
-    python3 tests/fuzz/make_corpus.py        # rewrites tests/fuzz/corpus/{safetensors,model_config,npy,gguf}/
+    python3 tests/fuzz/make_corpus.py        # rewrites tests/fuzz/corpus/{safetensors,model_config,npy,gguf,route_trace,request}/
 
 Seeds named valid_* must be accepted and invalid_* rejected: the corpus replay
 test (moesh_fuzz_corpus_tests) checks that, so the seeds double as regression
@@ -278,6 +278,82 @@ ROUTE_TRACE = {
                                  b'"moe_layers":[]}\n',
 }
 
+# Client protocol requests (transport/protocol.h), read with the fuzz target's
+# limits: 2048-byte messages, n_vocab 32000, 4 stop strings of 16 bytes, 16-byte
+# ids, 8 messages. frame_* seeds are server frames for parse_response, which
+# the target also runs; the replay test only checks they do not crash.
+def req(**fields):
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+def gen(**fields):
+    return req(**{"id": "r1", "prompt": "Hello", **fields})
+
+
+USER = {"role": "user", "content": "Hi"}
+REQUEST = {
+    "valid_minimal.json": req(id="r1", prompt="Hello"),
+    "valid_every_field.json": req(type="generate", id="abc-123", prompt="Once upon a time", max_tokens=64,
+                                  temperature=0.7, top_p=0.9, top_k=40, seed=18446744073709551615,
+                                  stop=["\n\n", "END"], stream=True),
+    "valid_prompt_ids.json": req(id="r2", prompt_ids=[1, 2, 31999], max_tokens=4096),
+    "valid_messages.json": req(id="r3", messages=[{"role": "system", "content": "Be brief."}, USER,
+                                                   {"role": "assistant", "content": ""}], stream=True),
+    "valid_cancel.json": req(type="cancel", id="r1"),
+    "valid_ping.json": req(type="ping"),
+    "valid_ping_with_id.json": req(type="ping", id="p1"),
+    "valid_stop_string.json": gen(stop="</s>", temperature=0, top_k=0),
+    "valid_unicode.json": rb'{"id":"u1","prompt":"caf\u00e9 \ud83d\ude00 \u0000 \"q\" \/ ' + "日本語".encode() + b'"}',
+    "valid_whitespace.json": b'\n {\n\t"id" : "w1" ,\r\n "prompt" : "x",  "temperature": 1e-3, "top_p": 1.0 }\n',
+    "valid_negative_zero_seed.json": b'{"id":"z","prompt":"x","seed":-0,"temperature":-0.0}',
+    "invalid_empty.json": b"",
+    "invalid_not_json.json": b"generate please",
+    "invalid_array.json": b'[{"id":"r1","prompt":"Hello"}]',
+    "invalid_truncated.json": gen()[:-3],
+    "invalid_trailing_data.json": gen() + b" {}",
+    "invalid_utf8.json": b'{"id":"r1","prompt":"a\xff"}',
+    "invalid_lone_surrogate.json": b'{"id":"r1","prompt":"\\ud800"}',
+    "invalid_nan.json": b'{"id":"r1","prompt":"x","temperature":NaN}',
+    "invalid_duplicate_field.json": b'{"id":"r1","prompt":"a","prompt":"b"}',
+    "invalid_deep_nesting.json": b'{"id":"r1","prompt":"a","x":' + b"[" * 50 + b"]" * 50 + b"}",
+    "invalid_too_large.json": gen(prompt="x" * 2100),
+    "invalid_unknown_field.json": gen(temprature=0.5),
+    "invalid_type.json": gen(type="complete"),
+    "invalid_missing_id.json": req(prompt="Hello"),
+    "invalid_id_too_long.json": gen(id="i" * 17),
+    "invalid_id_control.json": gen(id="a\nb"),
+    "invalid_missing_prompt.json": req(id="r1", max_tokens=3),
+    "invalid_two_prompts.json": gen(prompt_ids=[1]),
+    "invalid_empty_prompt.json": gen(prompt=""),
+    "invalid_prompt_ids_range.json": req(id="r1", prompt_ids=[1, 32000]),
+    "invalid_prompt_ids_float.json": req(id="r1", prompt_ids=[1.0]),
+    "invalid_messages_role.json": req(id="r1", messages=[{"role": "tool", "content": "x"}]),
+    "invalid_message_extra_field.json": req(id="r1", messages=[{**USER, "name": "bob"}]),
+    "invalid_too_many_messages.json": req(id="r1", messages=[USER] * 9),
+    "invalid_max_tokens_negative.json": gen(max_tokens=-5),
+    "invalid_max_tokens_float.json": gen(max_tokens=5.0),
+    "invalid_max_tokens_huge.json": gen(max_tokens=4097),
+    "invalid_temperature_overflow.json": b'{"id":"r1","prompt":"x","temperature":1e999}',
+    "invalid_temperature_range.json": gen(temperature=100.5),
+    "invalid_top_p_zero.json": gen(top_p=0),
+    "invalid_top_p_underflow.json": gen(top_p=1e-300),
+    "invalid_top_k_range.json": gen(top_k=32001),
+    "invalid_seed_negative.json": gen(seed=-1),
+    "invalid_seed_overflow.json": b'{"id":"r1","prompt":"x","seed":18446744073709551616}',
+    "invalid_stop_empty.json": gen(stop=[""]),
+    "invalid_stop_too_many.json": gen(stop=["a", "b", "c", "d", "e"]),
+    "invalid_stop_too_long.json": gen(stop="s" * 17),
+    "invalid_stream_string.json": gen(stream="true"),
+    "invalid_null_field.json": gen(max_tokens=None),
+    "invalid_cancel_with_prompt.json": req(type="cancel", id="r1", prompt="x"),
+    "frame_token.json": req(type="token", id="r1", index=0, token=15, text=" world"),
+    "frame_done.json": req(type="done", id="r1", tokens=[15, 16], text=" world!", finish_reason="eos",
+                           usage={"prompt_tokens": 5, "completion_tokens": 2},
+                           timings={"queue_ms": 0.1, "ttft_ms": 12.5, "total_ms": 30.0, "decode_tokens_per_second": None}),
+    "frame_error.json": req(type="error", id=None, code="busy", message="queue full", retry_after_ms=100),
+    "frame_pong.json": req(type="pong", id="p1", info={"model": "m", "queue": {"waiting": 0}}),
+}
+
 
 def write(folder, files):
     folder.mkdir(parents=True, exist_ok=True)
@@ -292,5 +368,6 @@ if __name__ == "__main__":
     write(HERE / "corpus" / "npy", NPY)
     write(HERE / "corpus" / "gguf", GGUF)
     write(HERE / "corpus" / "route_trace", ROUTE_TRACE)
+    write(HERE / "corpus" / "request", REQUEST)
     print(f"wrote {len(SAFETENSORS)} safetensors, {len(MODEL_CONFIG)} config.json, {len(NPY)} .npy and {len(GGUF)} GGUF seeds "
-          f"under {HERE / 'corpus'}")
+          f"and {len(REQUEST)} request seeds under {HERE / 'corpus'}")

@@ -1,0 +1,592 @@
+#include "transport/protocol.h"
+
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <exception>
+#include <limits>
+#include <new>
+#include <set>
+#include <utility>
+
+namespace moesh::protocol {
+
+namespace {
+
+using json = nlohmann::json;
+using ojson = nlohmann::ordered_json;   // frames keep "type" and "id" first for people reading them
+
+// A request nests three deep (object, messages, message); anything deeper is
+// refused while parsing, before it costs memory. Pong info is the server's own.
+constexpr int max_request_depth = 8;
+constexpr int max_response_depth = 64;
+
+constexpr uint64_t max_seed = std::numeric_limits<uint64_t>::max();
+
+// Stops the parser from inside its callback; caught in parse_json.
+struct Refused {
+    std::string message;
+};
+
+// Untrusted bytes as a short, printable, valid UTF-8 (ASCII) JSON string literal for a message.
+std::string quote(std::string_view s, size_t max_bytes = 40) {
+    std::string q = json(std::string(s.substr(0, max_bytes))).dump(-1, ' ', true, json::error_handler_t::replace);
+    if (s.size() > max_bytes) q.insert(q.size() - 1, "...");
+    return q;
+}
+
+// A field name from the input, for 'name' in a message.
+std::string name_of(std::string_view key) {
+    std::string q = quote(key);
+    return q.substr(1, q.size() - 2);
+}
+
+std::string describe(const json & v) {
+    switch (v.type()) {
+    case json::value_t::null: return "null";
+    case json::value_t::boolean: return v.get<bool>() ? "true" : "false";
+    case json::value_t::number_integer: return std::to_string(v.get<int64_t>());
+    case json::value_t::number_unsigned: return std::to_string(v.get<uint64_t>());
+    case json::value_t::number_float: {
+        const double d = v.get<double>();
+        if (!std::isfinite(d)) return "a number too large to represent";
+        return v.dump();
+    }
+    case json::value_t::string: return "a string " + quote(v.get_ref<const std::string &>());
+    case json::value_t::array: return v.empty() ? "an empty array" : "an array";
+    case json::value_t::object: return "an object";
+    default: return "a value of another type";
+    }
+}
+
+std::string expected(std::string_view field, std::string_view what, const json & got) {
+    return "field '" + std::string(field) + "': expected " + std::string(what) + ", got " + describe(got);
+}
+
+std::string range(int64_t lo, int64_t hi) {
+    std::string s = "[";   // appended, not operator+: GCC 12 warns falsely (-Wrestrict) on "[" + to_string
+    s += std::to_string(lo);
+    s += ", ";
+    s += std::to_string(hi);
+    s += "]";
+    return s;
+}
+
+// A library message for a ParseError: printable ASCII, short.
+std::string printable(std::string_view s, size_t max_bytes = 200) {
+    std::string out;
+    for (char c : s.substr(0, max_bytes)) out += (c >= 0x20 && c <= 0x7e) ? c : '?';
+    if (s.size() > max_bytes) out += "...";
+    return out;
+}
+
+// nlohmann's message without its "[json.exception...] " prefix, and with the
+// token it stopped in cut short (it can be a whole 1 MiB string).
+std::string describe_parse_error(const json::parse_error & e) {
+    std::string what = e.what();   // "[json.exception.parse_error.101] parse error at line 1, column 5: ..."
+    if (size_t p = what.find("] "); p != std::string::npos) what.erase(0, p + 2);
+    constexpr std::string_view last = "; last read: '";
+    if (size_t p = what.find(last); p != std::string::npos) {
+        // "...; last read: '<token>'" or "...; last read: '<token>'; expected '}'"
+        std::string_view token = std::string_view(what).substr(p + last.size()), after;
+        if (size_t q = token.rfind("'; expected "); q != std::string_view::npos) {
+            after = token.substr(q + 1);
+            token = token.substr(0, q);
+        } else if (!token.empty() && token.back() == '\'') {
+            token.remove_suffix(1);
+        }
+        const size_t keep = 40;
+        std::string tail = token.size() > keep ? "..." + std::string(token.substr(token.size() - keep)) : std::string(token);
+        what = what.substr(0, p) + "; last read: " + quote(tail, keep + 3) + std::string(after);
+    }
+    return "invalid JSON: " + what;
+}
+
+// Parses untrusted text, refusing nesting deeper than max_depth and duplicate
+// keys (two readers of one request could otherwise each see another value).
+// Holds the document or the reason it was refused.
+std::variant<json, std::string> parse_json(std::string_view bytes, int max_depth) {
+    std::vector<std::set<std::string>> keys;   // per open object: the keys seen so far
+    auto callback = [&](int depth, json::parse_event_t event, json & parsed) -> bool {
+        switch (event) {
+        case json::parse_event_t::object_start:
+        case json::parse_event_t::array_start:
+            if (depth >= max_depth)
+                throw Refused{"invalid JSON: nested deeper than " + std::to_string(max_depth) + " levels"};
+            if (event == json::parse_event_t::object_start) keys.emplace_back();
+            break;
+        case json::parse_event_t::object_end: keys.pop_back(); break;
+        case json::parse_event_t::key:
+            if (!keys.back().insert(parsed.get<std::string>()).second)
+                throw Refused{"duplicate field '" + name_of(parsed.get_ref<const std::string &>()) + "'"};
+            break;
+        default: break;
+        }
+        return true;
+    };
+    try {
+        return json::parse(bytes.begin(), bytes.end(), callback);
+    } catch (const Refused & r) {
+        return r.message;
+    } catch (const json::parse_error & e) {
+        return describe_parse_error(e);
+    } catch (const json::exception & e) {   // out_of_range: a number too large for a double
+        std::string what = e.what();
+        if (size_t p = what.find("] "); p != std::string::npos) what.erase(0, p + 2);
+        return "invalid JSON: " + printable(what);
+    }
+}
+
+// An integer in [lo, hi]; floats such as 5.0 are not integers here.
+bool get_integer(const json & v, int64_t lo, int64_t hi, int64_t & out) {
+    if (v.is_number_unsigned()) {
+        const uint64_t u = v.get<uint64_t>();
+        if (u > uint64_t(std::numeric_limits<int64_t>::max())) return false;
+        out = int64_t(u);
+    } else if (v.is_number_integer()) {
+        out = v.get<int64_t>();
+    } else {
+        return false;
+    }
+    return out >= lo && out <= hi;
+}
+
+bool get_finite(const json & v, double & out) {
+    if (!v.is_number()) return false;
+    out = v.get<double>();
+    return std::isfinite(out);
+}
+
+bool valid_id(const std::string & s, int64_t max_bytes) {
+    if (s.empty() || int64_t(s.size()) > max_bytes) return false;
+    for (unsigned char c : s)
+        if (c < 0x20 || c > 0x7e) return false;
+    return true;
+}
+
+bool generate_field(std::string_view k) {
+    static constexpr std::string_view fields[] = {"prompt", "prompt_ids", "messages", "max_tokens", "temperature",
+                                                  "top_p",  "top_k",      "seed",     "stop",       "stream"};
+    for (std::string_view f : fields)
+        if (k == f) return true;
+    return false;
+}
+
+class RequestParser {
+public:
+    explicit RequestParser(const Limits & limits) : limits_(limits) {}
+
+    std::variant<Request, ParseError> parse(std::string_view bytes) {
+        if (int64_t(bytes.size()) > limits_.max_message_bytes)
+            return fail(ErrorCode::TooLarge, "request of " + std::to_string(bytes.size()) +
+                                                 " bytes is larger than the limit of " +
+                                                 std::to_string(limits_.max_message_bytes) + " bytes");
+        auto doc = parse_json(bytes, max_request_depth);
+        if (auto * message = std::get_if<std::string>(&doc)) return fail(*message);
+        const json & o = std::get<json>(doc);
+        if (!o.is_object()) return fail("a request must be a JSON object, got " + describe(o));
+
+        Request r;
+        // the id first, so that every later error can name the request
+        if (auto it = o.find("id"); it != o.end()) {
+            if (!it->is_string() || !valid_id(it->get_ref<const std::string &>(), limits_.max_id_bytes))
+                return fail(expected("id", "a string of 1 to " + std::to_string(limits_.max_id_bytes) +
+                                               " printable ASCII characters", *it));
+            r.id = it->get<std::string>();
+            id_ = r.id;
+        }
+        if (auto it = o.find("type"); it != o.end()) {
+            const json & t = *it;
+            if (t == "generate") r.type = RequestType::Generate;
+            else if (t == "cancel") r.type = RequestType::Cancel;
+            else if (t == "ping") r.type = RequestType::Ping;
+            else return fail(expected("type", "one of \"generate\", \"cancel\", \"ping\"", t));
+        }
+        if (r.type != RequestType::Ping && r.id.empty())
+            return fail(std::string("field 'id': missing (a ") + request_type_name(r.type) + " request needs one)");
+        for (const auto & [k, v] : o.items()) {
+            if (k == "id" || k == "type") continue;
+            if (!generate_field(k)) return fail("unknown field '" + name_of(k) + "'");
+            if (r.type != RequestType::Generate)
+                return fail("field '" + k + "' does not apply to a " + request_type_name(r.type) + " request");
+        }
+        if (r.type != RequestType::Generate) return r;
+
+        if (!read_prompt(o, r)) return fail(error_);
+        if (auto it = o.find("max_tokens"); it != o.end() &&
+                                             !get_integer(*it, 1, limits_.max_tokens, r.max_tokens))
+            return fail(expected("max_tokens", "an integer in " + range(1, limits_.max_tokens), *it));
+        if (auto it = o.find("temperature"); it != o.end()) {
+            double d = 0;
+            if (!get_finite(*it, d) || d < 0 || d > 100)
+                return fail(expected("temperature", "a number in [0, 100]", *it));
+            r.temperature = float(d);
+        }
+        if (auto it = o.find("top_p"); it != o.end()) {
+            double d = 0;
+            // checked as float too: a tiny positive double rounds to 0
+            if (!get_finite(*it, d) || !(d > 0 && d <= 1) || !(float(d) > 0))
+                return fail(expected("top_p", "a number in (0, 1]", *it));
+            r.top_p = float(d);
+        }
+        if (auto it = o.find("top_k"); it != o.end()) {
+            const int64_t hi = limits_.n_vocab > 0 ? std::min<int64_t>(limits_.n_vocab, INT32_MAX) : 1 << 20;
+            int64_t k = 0;
+            if (!get_integer(*it, 0, hi, k)) return fail(expected("top_k", "an integer in " + range(0, hi), *it));
+            r.top_k = int32_t(k);
+        }
+        if (auto it = o.find("seed"); it != o.end()) {
+            int64_t i = 0;
+            if (it->is_number_unsigned()) r.seed = it->get<uint64_t>();
+            else if (get_integer(*it, 0, 0, i)) r.seed = 0;   // "-0"
+            else return fail(expected("seed", "an integer in [0, " + std::to_string(max_seed) + "]", *it));
+        }
+        if (auto it = o.find("stop"); it != o.end() && !read_stop(*it, r.stop)) return fail(error_);
+        if (auto it = o.find("stream"); it != o.end()) {
+            if (!it->is_boolean()) return fail(expected("stream", "true or false", *it));
+            r.stream = it->get<bool>();
+        }
+        return r;
+    }
+
+    ParseError fail(ErrorCode code, std::string message) { return ParseError{code, std::move(message), id_}; }
+    ParseError fail(std::string message) { return fail(ErrorCode::BadRequest, std::move(message)); }
+
+private:
+    bool error(std::string message) {
+        error_ = std::move(message);
+        return false;
+    }
+
+    bool read_prompt(const json & o, Request & r) {
+        const auto prompt = o.find("prompt"), ids = o.find("prompt_ids"), messages = o.find("messages");
+        std::vector<std::string> given;
+        if (prompt != o.end()) given.push_back("'prompt'");
+        if (ids != o.end()) given.push_back("'prompt_ids'");
+        if (messages != o.end()) given.push_back("'messages'");
+        if (given.size() != 1) {
+            std::string which = given.empty() ? "missing the prompt" : "fields " + given[0] + " and " + given[1] + " both given";
+            return error(which + ": give exactly one of 'prompt', 'prompt_ids' or 'messages'");
+        }
+        if (prompt != o.end()) {
+            if (!prompt->is_string() || prompt->get_ref<const std::string &>().empty())
+                return error(expected("prompt", "a non-empty string", *prompt));
+            r.prompt = prompt->get<std::string>();
+        } else if (ids != o.end()) {
+            if (!ids->is_array() || ids->empty())
+                return error(expected("prompt_ids", "a non-empty array of token ids", *ids));
+            const int64_t hi = limits_.n_vocab > 0 ? std::min<int64_t>(limits_.n_vocab - 1, INT32_MAX) : INT32_MAX;
+            std::vector<int32_t> out;
+            out.reserve(ids->size());
+            for (size_t i = 0; i < ids->size(); ++i) {
+                int64_t t = 0;
+                if (!get_integer((*ids)[i], 0, hi, t))
+                    return error(expected("prompt_ids[" + std::to_string(i) + "]", "an integer in " + range(0, hi), (*ids)[i]));
+                out.push_back(int32_t(t));
+            }
+            r.prompt_ids = std::move(out);
+        } else {
+            return read_messages(*messages, r);
+        }
+        return true;
+    }
+
+    bool read_messages(const json & a, Request & r) {
+        if (!a.is_array() || a.empty())
+            return error(expected("messages", "a non-empty array of {\"role\", \"content\"} objects", a));
+        if (int64_t(a.size()) > limits_.max_messages)
+            return error("field 'messages': expected at most " + std::to_string(limits_.max_messages) +
+                         " messages, got " + std::to_string(a.size()));
+        std::vector<ChatMessage> out;
+        out.reserve(a.size());
+        for (size_t i = 0; i < a.size(); ++i) {
+            const std::string field = "messages[" + std::to_string(i) + "]";
+            const json & m = a[i];
+            if (!m.is_object()) return error(expected(field, "an object {\"role\", \"content\"}", m));
+            for (const auto & [k, v] : m.items())
+                if (k != "role" && k != "content") return error("unknown field '" + field + "." + name_of(k) + "'");
+            const auto role = m.find("role"), content = m.find("content");
+            if (role == m.end()) return error("field '" + field + ".role': missing");
+            if (*role != "system" && *role != "user" && *role != "assistant")
+                return error(expected(field + ".role", "one of \"system\", \"user\", \"assistant\"", *role));
+            if (content == m.end()) return error("field '" + field + ".content': missing");
+            if (!content->is_string()) return error(expected(field + ".content", "a string", *content));
+            out.push_back({role->get<std::string>(), content->get<std::string>()});
+        }
+        r.messages = std::move(out);
+        return true;
+    }
+
+    bool read_stop(const json & v, std::vector<std::string> & out) {
+        const std::string one = "a non-empty string of at most " + std::to_string(limits_.max_stop_bytes) + " bytes";
+        auto good = [&](const json & s) {
+            return s.is_string() && !s.get_ref<const std::string &>().empty() &&
+                   int64_t(s.get_ref<const std::string &>().size()) <= limits_.max_stop_bytes;
+        };
+        if (v.is_string()) {
+            if (!good(v)) return error(expected("stop", one, v));
+            out = {v.get<std::string>()};
+            return true;
+        }
+        if (!v.is_array()) return error(expected("stop", one + " or an array of them", v));
+        if (int64_t(v.size()) > limits_.max_stop)
+            return error("field 'stop': expected at most " + std::to_string(limits_.max_stop) + " stop strings, got " +
+                         std::to_string(v.size()));
+        out.clear();
+        for (size_t i = 0; i < v.size(); ++i) {
+            if (!good(v[i])) return error(expected("stop[" + std::to_string(i) + "]", one, v[i]));
+            out.push_back(v[i].get<std::string>());
+        }
+        return true;
+    }
+
+    const Limits & limits_;
+    std::string id_;
+    std::string error_;
+};
+
+// A float as the shortest decimal that reads back as the same float (0.7f as
+// 0.7, not 0.699999988079071), or exactly when reading as a double would not.
+ojson float_value(float f) {
+    char buf[32];
+    const auto res = std::to_chars(buf, buf + sizeof buf, f);
+    double d = 0;
+    std::from_chars(buf, res.ptr, d);   // not strtod: that one follows the locale
+    return float(d) == f ? ojson(d) : ojson(double(f));
+}
+
+std::string dump(const ojson & o) { return o.dump(-1, ' ', false, ojson::error_handler_t::replace); }
+
+ojson id_or_null(std::string_view id) { return id.empty() ? ojson(nullptr) : ojson(std::string(id)); }
+
+ojson finite_or_null(double d) { return std::isfinite(d) ? ojson(d) : ojson(nullptr); }
+
+// The message of an unexpected exception, made safe to put in a ParseError.
+std::string internal_message(const char * what) {
+    return "internal error while parsing: " + printable(what ? what : "");
+}
+
+class ResponseChecker {
+public:
+    explicit ResponseChecker(const json & o) : o_(o) {}
+
+    // Empty when every documented field of the frame's type is present with its type.
+    std::string check(const std::string & type) {
+        if (type == "token") {
+            if (!has_integer("index", 0, std::numeric_limits<int64_t>::max())) return error_;
+            if (!has_integer("token", 0, INT32_MAX)) return error_;
+            if (!has_string("text", true)) return error_;
+        } else if (type == "done") {
+            const auto tokens = o_.find("tokens");
+            if (tokens == o_.end() || !tokens->is_array()) return expected_or_missing("tokens", "an array of token ids");
+            for (size_t i = 0; i < tokens->size(); ++i) {
+                int64_t t = 0;
+                if (!get_integer((*tokens)[i], 0, INT32_MAX, t))
+                    return expected("tokens[" + std::to_string(i) + "]", "a token id", (*tokens)[i]);
+            }
+            if (!has_string("text", true) || !has_string("finish_reason", false)) return error_;
+            const auto usage = o_.find("usage");
+            if (usage == o_.end() || !usage->is_object()) return expected_or_missing("usage", "an object");
+            for (const char * k : {"prompt_tokens", "completion_tokens"}) {
+                const auto it = usage->find(k);
+                int64_t n = 0;
+                if (it == usage->end()) return std::string("field 'usage.") + k + "': missing";
+                if (!get_integer(*it, 0, std::numeric_limits<int64_t>::max(), n))
+                    return expected(std::string("usage.") + k, "a non-negative integer", *it);
+            }
+            const auto timings = o_.find("timings");
+            if (timings == o_.end() || !timings->is_object()) return expected_or_missing("timings", "an object");
+            for (const char * k : {"queue_ms", "ttft_ms", "total_ms", "decode_tokens_per_second"}) {
+                const auto it = timings->find(k);
+                if (it == timings->end()) return std::string("field 'timings.") + k + "': missing";
+                if (!it->is_number() && !it->is_null())
+                    return expected(std::string("timings.") + k, "a number or null", *it);
+            }
+        } else if (type == "error") {
+            if (!has_string("code", false) || !has_string("message", true)) return error_;
+            if (o_.contains("retry_after_ms") &&
+                !has_integer("retry_after_ms", 0, std::numeric_limits<int64_t>::max()))
+                return error_;
+        }
+        return {};
+    }
+
+private:
+    std::string expected_or_missing(const std::string & k, std::string_view what) {
+        const auto it = o_.find(k);
+        return it == o_.end() ? "field '" + k + "': missing" : expected(k, what, *it);
+    }
+    bool has_integer(const std::string & k, int64_t lo, int64_t hi) {
+        const auto it = o_.find(k);
+        int64_t v = 0;
+        if (it != o_.end() && get_integer(*it, lo, hi, v)) return true;
+        error_ = expected_or_missing(k, "an integer in " + range(lo, hi));
+        return false;
+    }
+    bool has_string(const std::string & k, bool may_be_empty) {
+        const auto it = o_.find(k);
+        if (it != o_.end() && it->is_string() && (may_be_empty || !it->get_ref<const std::string &>().empty()))
+            return true;
+        error_ = expected_or_missing(k, may_be_empty ? "a string" : "a non-empty string");
+        return false;
+    }
+
+    const json & o_;
+    std::string error_;
+};
+
+std::variant<Response, ParseError> parse_response_unchecked(std::string_view bytes) {
+    auto doc = parse_json(bytes, max_response_depth);
+    if (auto * message = std::get_if<std::string>(&doc)) return ParseError{ErrorCode::BadRequest, *message, {}};
+    json & o = std::get<json>(doc);
+    if (!o.is_object())
+        return ParseError{ErrorCode::BadRequest, "a response must be a JSON object, got " + describe(o), {}};
+    Response r;
+    const auto type = o.find("type");
+    if (type == o.end()) return ParseError{ErrorCode::BadRequest, "field 'type': missing", {}};
+    if (*type != "token" && *type != "done" && *type != "error" && *type != "pong")
+        return ParseError{ErrorCode::BadRequest,
+                          expected("type", "one of \"token\", \"done\", \"error\", \"pong\"", *type), {}};
+    r.type = type->get<std::string>();
+    // tokens and done frames belong to a request; errors and pongs may not
+    const bool id_required = r.type == "token" || r.type == "done";
+    const auto id = o.find("id");
+    if (id == o.end()) return ParseError{ErrorCode::BadRequest, "field 'id': missing", {}};
+    if (id->is_string() && !id->get_ref<const std::string &>().empty()) r.id = id->get<std::string>();
+    else if (id_required || !id->is_null())
+        return ParseError{ErrorCode::BadRequest,
+                          expected("id", id_required ? "a non-empty string" : "a non-empty string or null", *id), {}};
+    if (std::string problem = ResponseChecker(o).check(r.type); !problem.empty())
+        return ParseError{ErrorCode::BadRequest, std::move(problem), r.id};
+    r.body = std::move(o);
+    return r;
+}
+
+} // namespace
+
+const char * request_type_name(RequestType t) {
+    switch (t) {
+    case RequestType::Generate: return "generate";
+    case RequestType::Cancel: return "cancel";
+    case RequestType::Ping: return "ping";
+    }
+    return "?";
+}
+
+const char * error_code_name(ErrorCode c) {
+    switch (c) {
+    case ErrorCode::BadRequest: return "bad_request";
+    case ErrorCode::TooLarge: return "too_large";
+    case ErrorCode::TooLong: return "too_long";
+    case ErrorCode::Busy: return "busy";
+    case ErrorCode::NotFound: return "not_found";
+    case ErrorCode::ShuttingDown: return "shutting_down";
+    case ErrorCode::Internal: return "internal";
+    }
+    return "internal";
+}
+
+std::optional<ErrorCode> error_code_from_name(std::string_view name) {
+    for (ErrorCode c : {ErrorCode::BadRequest, ErrorCode::TooLarge, ErrorCode::TooLong, ErrorCode::Busy,
+                        ErrorCode::NotFound, ErrorCode::ShuttingDown, ErrorCode::Internal})
+        if (name == error_code_name(c)) return c;
+    return std::nullopt;
+}
+
+const char * finish_reason_name(FinishReason f) {
+    switch (f) {
+    case FinishReason::Length: return "length";
+    case FinishReason::Stop: return "stop";
+    case FinishReason::Eos: return "eos";
+    case FinishReason::Cancelled: return "cancelled";
+    }
+    return "?";
+}
+
+std::variant<Request, ParseError> parse_request(std::string_view bytes, const Limits & limits) {
+    RequestParser parser(limits);
+    try {
+        return parser.parse(bytes);
+    } catch (const std::bad_alloc &) {
+        return parser.fail(ErrorCode::Internal, "out of memory while parsing the request");
+    } catch (const std::exception & e) {
+        return parser.fail(ErrorCode::Internal, internal_message(e.what()));
+    }
+}
+
+std::string request_frame(const Request & r) {
+    ojson o;
+    o["type"] = request_type_name(r.type);
+    if (!r.id.empty()) o["id"] = r.id;
+    if (r.type != RequestType::Generate) return dump(o);
+    if (r.prompt) o["prompt"] = *r.prompt;
+    if (r.prompt_ids) o["prompt_ids"] = *r.prompt_ids;
+    if (r.messages) {
+        ojson & a = o["messages"] = ojson::array();
+        for (const ChatMessage & m : *r.messages) a.push_back({{"role", m.role}, {"content", m.content}});
+    }
+    o["max_tokens"] = r.max_tokens;
+    o["temperature"] = float_value(r.temperature);
+    o["top_p"] = float_value(r.top_p);
+    o["top_k"] = r.top_k;
+    o["seed"] = r.seed;
+    if (!r.stop.empty()) o["stop"] = r.stop;
+    o["stream"] = r.stream;
+    return dump(o);
+}
+
+std::string token_frame(std::string_view id, int64_t index, int32_t token, std::string_view text) {
+    ojson o;
+    o["type"] = "token";
+    o["id"] = id_or_null(id);
+    o["index"] = index;
+    o["token"] = token;
+    o["text"] = std::string(text);
+    return dump(o);
+}
+
+std::string done_frame(std::string_view id, const Done & d) {
+    ojson o;
+    o["type"] = "done";
+    o["id"] = id_or_null(id);
+    o["tokens"] = d.tokens;
+    o["text"] = d.text;
+    o["finish_reason"] = finish_reason_name(d.finish_reason);
+    o["usage"] = {{"prompt_tokens", d.prompt_tokens}, {"completion_tokens", d.completion_tokens}};
+    ojson & t = o["timings"] = ojson::object();
+    t["queue_ms"] = finite_or_null(d.queue_ms);
+    t["ttft_ms"] = finite_or_null(d.ttft_ms);
+    t["total_ms"] = finite_or_null(d.total_ms);
+    t["decode_tokens_per_second"] = finite_or_null(d.decode_tokens_per_second);
+    return dump(o);
+}
+
+std::string error_frame(std::string_view id, ErrorCode code, std::string_view message, int64_t retry_after_ms) {
+    ojson o;
+    o["type"] = "error";
+    o["id"] = id_or_null(id);
+    o["code"] = error_code_name(code);
+    o["message"] = std::string(message);
+    if (retry_after_ms >= 0) o["retry_after_ms"] = retry_after_ms;
+    return dump(o);
+}
+
+std::string pong_frame(std::string_view id, const nlohmann::json & info) {
+    ojson o;
+    o["type"] = "pong";
+    o["id"] = id_or_null(id);
+    o["info"] = info;
+    return dump(o);
+}
+
+std::variant<Response, ParseError> parse_response(std::string_view bytes) {
+    try {
+        return parse_response_unchecked(bytes);
+    } catch (const std::bad_alloc &) {
+        return ParseError{ErrorCode::Internal, "out of memory while parsing the response", {}};
+    } catch (const std::exception & e) {
+        return ParseError{ErrorCode::Internal, internal_message(e.what()), {}};
+    }
+}
+
+} // namespace moesh::protocol

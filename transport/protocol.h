@@ -1,0 +1,121 @@
+// The client protocol of `moesh serve` (docs/PROTOCOL.md), without sockets:
+// requests are parsed and checked here, replies are built here, and clients
+// check what the server sends back here. One JSON object per ZeroMQ frame.
+//
+// Server:
+//   protocol::Limits limits;  limits.n_vocab = tok.n_vocab();
+//   auto parsed = protocol::parse_request(frame, limits);
+//   if (auto * e = std::get_if<protocol::ParseError>(&parsed)) {
+//       send(protocol::error_frame(e->id, e->code, e->message));
+//   } else {
+//       const protocol::Request & r = std::get<protocol::Request>(parsed);
+//       ... send(protocol::token_frame(r.id, i, token, text)) per token when r.stream,
+//       ... then send(protocol::done_frame(r.id, done));
+//   }
+// Client:
+//   send(protocol::request_frame(request));
+//   auto reply = protocol::parse_response(frame);   // never trusts the server either
+//
+// Every function takes untrusted bytes and never throws (short of running out
+// of memory) or crashes on any input; frames are always valid UTF-8 JSON, with
+// invalid bytes in text replaced by U+FFFD.
+// Thread safety: plain data and pure functions.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+namespace moesh::protocol {
+
+// What the server accepts; every bound is inclusive.
+struct Limits {
+    int64_t max_message_bytes = 1 << 20;   // a request frame's size
+    int64_t max_tokens = 4096;             // the largest max_tokens a request may ask for
+    int64_t n_vocab = 0;                   // prompt_ids and top_k are checked against it when > 0
+    int64_t max_stop = 16;                 // stop strings per request
+    int64_t max_stop_bytes = 256;          // bytes per stop string
+    int64_t max_id_bytes = 128;
+    int64_t max_messages = 256;            // chat messages per request
+};
+
+// Not runtime's moesh::ChatMessage (the same shape): the protocol stays free
+// of the runtime; the server copies one into the other.
+struct ChatMessage {
+    std::string role;   // "system", "user" or "assistant"
+    std::string content;
+};
+
+enum class RequestType { Generate, Cancel, Ping };
+const char * request_type_name(RequestType);   // "generate", "cancel", "ping"
+
+struct Request {
+    RequestType type = RequestType::Generate;
+    std::string id;   // generate, cancel: 1..max_id_bytes printable ASCII; ping: may be empty
+    // Generate: exactly one of the three is set.
+    std::optional<std::string> prompt;                 // raw text, tokenized by the server
+    std::optional<std::vector<int32_t>> prompt_ids;    // [n_prompt], each in [0, n_vocab)
+    std::optional<std::vector<ChatMessage>> messages;  // rendered by the model's chat template
+    int64_t max_tokens = 16;
+    float temperature = 0;   // 0 = greedy
+    float top_p = 1;
+    int32_t top_k = 0;       // 0 = off
+    uint64_t seed = 0;
+    std::vector<std::string> stop;   // each non-empty
+    bool stream = false;
+};
+
+enum class ErrorCode { BadRequest, TooLarge, TooLong, Busy, NotFound, ShuttingDown, Internal };
+// "bad_request", "too_large", "too_long", "busy", "not_found", "shutting_down", "internal"
+const char * error_code_name(ErrorCode);
+std::optional<ErrorCode> error_code_from_name(std::string_view);
+
+struct ParseError {
+    ErrorCode code = ErrorCode::BadRequest;
+    std::string message;   // names the field and what was expected; valid UTF-8
+    std::string id;        // the request's id if it could be read, else empty
+};
+
+std::variant<Request, ParseError> parse_request(std::string_view bytes, const Limits & limits);
+
+// The frame a client sends for r (only the fields that apply to r.type);
+// parse_request reads it back as r when r is within the limits.
+std::string request_frame(const Request & r);
+
+enum class FinishReason { Length, Stop, Eos, Cancelled };
+const char * finish_reason_name(FinishReason);   // "length", "stop", "eos", "cancelled"
+
+struct Done {
+    std::vector<int32_t> tokens;   // [completion_tokens]: the generated ids
+    std::string text;              // their text, stop string excluded
+    FinishReason finish_reason = FinishReason::Length;
+    int64_t prompt_tokens = 0, completion_tokens = 0;
+    double queue_ms = 0, ttft_ms = 0, total_ms = 0, decode_tokens_per_second = 0;   // non-finite: null
+};
+
+// {"type":"token","id","index","token","text"}
+std::string token_frame(std::string_view id, int64_t index, int32_t token, std::string_view text);
+// {"type":"done","id","tokens","text","finish_reason","usage":{...},"timings":{...}}
+std::string done_frame(std::string_view id, const Done & done);
+// {"type":"error","id" (null when empty),"code","message"[,"retry_after_ms" when >= 0]}
+std::string error_frame(std::string_view id, ErrorCode code, std::string_view message, int64_t retry_after_ms = -1);
+// {"type":"pong","id" (null when empty),"info":info}
+std::string pong_frame(std::string_view id, const nlohmann::json & info);
+
+struct Response {
+    std::string type;      // "token", "done", "error" or "pong"
+    std::string id;        // empty where the frame's id is null
+    nlohmann::json body;   // the whole object, its fields checked as parse_response says
+};
+
+// A server frame, checked so that a client can read every documented field of
+// its type with the documented JSON type without further checks (unknown
+// fields are kept and ignored; unknown error codes are accepted as strings).
+std::variant<Response, ParseError> parse_response(std::string_view bytes);
+
+} // namespace moesh::protocol
