@@ -641,7 +641,7 @@ int cmd_client(const std::string & endpoint, const std::string & prompt, const s
                           {"stream", stream}};
     if (!prompt_ids.empty()) req["prompt_ids"] = parse_ids(prompt_ids);
     else req["prompt"] = prompt;
-    auto r = c.request(req, std::chrono::milliseconds(int64_t(timeout_s * 1000)), [&](const moesh::Response & f) {
+    auto r = c.request(req, std::chrono::milliseconds(int64_t(timeout_s * 1000)), [&](const moesh::protocol::Response & f) {
         if (output == "text") {
             const std::string piece = f.body.value("text", "");
             std::fwrite(piece.data(), 1, piece.size(), stdout);

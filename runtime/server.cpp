@@ -3,11 +3,18 @@
 #include "runtime/error.h"
 
 #include <zmq.hpp>
+#include <zmq_addon.hpp>
 
 #include <chrono>
 #include <cstdio>
 
 namespace moesh {
+
+using protocol::ErrorCode;
+using protocol::done_frame;
+using protocol::error_frame;
+using protocol::pong_frame;
+using protocol::token_frame;
 
 Server::Server(const Model & model, Backend & backend, const Tokenizer * tokenizer, std::optional<ChatTemplate> chat,
                const ServerConfig & config, int64_t max_batch, const BackendWeights * weights, std::string model_name)
@@ -26,7 +33,7 @@ Server::Server(const Model & model, Backend & backend, const Tokenizer * tokeniz
     limits_.max_message_bytes = config.max_message_bytes;
     limits_.max_tokens = config.max_tokens;
     limits_.n_vocab = c.n_vocab;
-    eos_ = c.eos_token_ids;
+    for (int64_t id : c.eos_token_ids) eos_.push_back(int32_t(id));
     if (tok_ && chat_)
         for (const char * end : {"<|im_end|>", "<|eot_id|>", "</s>"})
             if (int32_t id = tok_->token_id(end); id >= 0) chat_stop_.push_back(id);
@@ -93,10 +100,13 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     if (why == FinishReason::Stop)   // cut the text at the first stop string
         for (const std::string & s : a.stop)
             if (size_t p = a.text.find(s); !s.empty() && p != std::string::npos) a.text.resize(p);
-    Done d;
+    protocol::Done d;
     d.tokens = tokens;
     d.text = a.text;
-    d.finish_reason = finish_reason_name(why);
+    d.finish_reason = why == FinishReason::Length ? protocol::FinishReason::Length
+                      : why == FinishReason::Eos  ? protocol::FinishReason::Eos
+                      : why == FinishReason::Stop ? protocol::FinishReason::Stop
+                                                  : protocol::FinishReason::Cancelled;
     d.prompt_tokens = a.prompt_tokens;
     d.completion_tokens = int64_t(tokens.size());
     d.queue_ms = t.queue_ms;
@@ -109,7 +119,7 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     active_.erase(it);
 }
 
-void Server::generate(const std::string & peer, Request && req) {
+void Server::generate(const std::string & peer, protocol::Request && req) {
     for (const auto & [h, a] : active_)
         if (a.peer == peer && a.id == req.id) {
             ++stats_.bad_requests;
@@ -164,19 +174,19 @@ void Server::generate(const std::string & peer, Request && req) {
 }
 
 void Server::handle(const std::string & peer, const std::string & body, bool draining) {
-    auto parsed = parse_request(body, limits_);
-    if (auto * err = std::get_if<ParseError>(&parsed)) {
+    auto parsed = protocol::parse_request(body, limits_);
+    if (auto * err = std::get_if<protocol::ParseError>(&parsed)) {
         ++stats_.bad_requests;
         send(peer, error_frame(err->id, err->code, err->message));
         return;
     }
-    Request & req = std::get<Request>(parsed);
+    protocol::Request & req = std::get<protocol::Request>(parsed);
     switch (req.type) {
-    case RequestType::Ping:
+    case protocol::RequestType::Ping:
         send(peer, pong_frame(req.id, {{"server", "moesh"}, {"model", model_name_},
                                        {"running", sched_->stats().running}, {"queued", sched_->stats().queued}}));
         return;
-    case RequestType::Cancel:
+    case protocol::RequestType::Cancel:
         for (const auto & [h, a] : active_)
             if (a.peer == peer && a.id == req.id) {
                 sched_->cancel(h);   // on_done sends the final frame and erases it
@@ -184,7 +194,7 @@ void Server::handle(const std::string & peer, const std::string & body, bool dra
             }
         send(peer, error_frame(req.id, ErrorCode::NotFound, "no running or queued request with id '" + req.id + "'"));
         return;
-    case RequestType::Generate:
+    case protocol::RequestType::Generate:
         if (draining) {
             send(peer, error_frame(req.id, ErrorCode::ShuttingDown, "the server is shutting down; send it elsewhere"));
             return;
@@ -205,7 +215,12 @@ void Server::run(const std::atomic<bool> & stop) {
         if (drain_until && (sched_->idle() || Clock::now() >= *drain_until)) break;
         // Read everything waiting (without blocking while there is work to step).
         zmq::pollitem_t item{sock_->handle(), 0, ZMQ_POLLIN, 0};
-        zmq::poll(&item, 1, std::chrono::milliseconds(sched_->idle() ? 50 : 0));
+        try {
+            zmq::poll(&item, 1, std::chrono::milliseconds(sched_->idle() ? 50 : 0));
+        } catch (const zmq::error_t & e) {
+            if (e.num() != EINTR) throw;   // a signal (SIGTERM) woke us: the loop sees the flag
+            continue;
+        }
         for (int n = 0; n < 1000 && (item.revents & ZMQ_POLLIN); ++n) {
             std::vector<zmq::message_t> parts;
             if (!zmq::recv_multipart(*sock_, std::back_inserter(parts), zmq::recv_flags::dontwait)) break;

@@ -73,7 +73,7 @@ private:
     };
 
     void handle(const std::string & peer, const std::string & body, bool draining);
-    void generate(const std::string & peer, Request && req);
+    void generate(const std::string & peer, protocol::Request && req);
     bool send(const std::string & peer, const std::string & frame);   // false: undeliverable
     bool on_token(uint64_t handle, int32_t token);
     void on_done(uint64_t handle, FinishReason why, const std::vector<int32_t> & tokens, const RequestTimings & t);
@@ -84,7 +84,7 @@ private:
     std::vector<int32_t> chat_stop_;   // end-of-turn tokens of the chat template
     ServerConfig cfg_;
     std::string model_name_;
-    Limits limits_;
+    protocol::Limits limits_;
     std::unique_ptr<Scheduler> sched_;
     std::unique_ptr<zmq::context_t> ctx_;
     std::unique_ptr<zmq::socket_t> sock_;

@@ -1,6 +1,7 @@
 #include "transport/client.h"
 
 #include <zmq.hpp>
+#include <zmq_addon.hpp>
 
 #include <stdexcept>
 
@@ -25,18 +26,18 @@ void Client::send_raw(const std::string & bytes) {
         throw std::runtime_error("cannot queue the request: the connection's send queue is full");
 }
 
-std::optional<Response> Client::receive(std::chrono::milliseconds timeout) {
+std::optional<protocol::Response> Client::receive(std::chrono::milliseconds timeout) {
     zmq::pollitem_t item{sock_->handle(), 0, ZMQ_POLLIN, 0};
     if (zmq::poll(&item, 1, timeout) <= 0) return std::nullopt;
     std::vector<zmq::message_t> parts;
     if (!zmq::recv_multipart(*sock_, std::back_inserter(parts), zmq::recv_flags::dontwait) || parts.empty()) return std::nullopt;
-    auto r = parse_response(parts.back().to_string_view());
-    if (auto * e = std::get_if<ParseError>(&r)) return Response{"invalid", "", {{"error", e->message}}};
-    return std::get<Response>(r);
+    auto r = protocol::parse_response(parts.back().to_string_view());
+    if (auto * e = std::get_if<protocol::ParseError>(&r)) return protocol::Response{"invalid", "", {{"error", e->message}}};
+    return std::get<protocol::Response>(r);
 }
 
-std::optional<Response> Client::request(const nlohmann::json & req, std::chrono::milliseconds timeout,
-                                        const std::function<void(const Response &)> & on_token) {
+std::optional<protocol::Response> Client::request(const nlohmann::json & req, std::chrono::milliseconds timeout,
+                                        const std::function<void(const protocol::Response &)> & on_token) {
     send(req);
     const auto deadline = std::chrono::steady_clock::now() + timeout;
     const std::string id = req.contains("id") && req["id"].is_string() ? req["id"].get<std::string>() : "";

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -37,12 +38,12 @@ public:
     void send_raw(const std::string & bytes);    // anything, for tests of the server's input checks
     // The next frame, parsed; nullopt on timeout. A frame that is not a valid response becomes
     // a Response of type "invalid" whose body holds the parse error.
-    std::optional<Response> receive(std::chrono::milliseconds timeout);
+    std::optional<protocol::Response> receive(std::chrono::milliseconds timeout);
 
     // One whole request: send, then collect until its done or error frame (or timeout).
     // Token frames of a streaming request are passed to on_token when given.
-    std::optional<Response> request(const nlohmann::json & req, std::chrono::milliseconds timeout,
-                                    const std::function<void(const Response &)> & on_token = {});
+    std::optional<protocol::Response> request(const nlohmann::json & req, std::chrono::milliseconds timeout,
+                                    const std::function<void(const protocol::Response &)> & on_token = {});
 
 private:
     std::unique_ptr<zmq::context_t> ctx_;
