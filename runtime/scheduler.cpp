@@ -64,7 +64,8 @@ Admit Scheduler::submit(GenRequest r, uint64_t * handle, std::string * why) {
         return refuse(Admit::TooLong, "prompt (" + std::to_string(r.prompt.size()) + " tokens) + max_tokens (" +
                                           std::to_string(r.max_tokens) + ") exceed the context of " + std::to_string(max_context_) +
                                           " positions (the model's limit or the KV pool)");
-    if (int64_t(queue_.size()) >= opt_.max_queue)
+    admit();   // what can run now does not count against the queue
+    if (int64_t(queue_.size()) >= opt_.max_queue && !(queue_.empty() && !free_slots_.empty()))
         return refuse(Admit::Busy, "the queue is full (" + std::to_string(opt_.max_queue) + " waiting)");
     Seq s;
     s.handle = next_handle_++;
@@ -72,6 +73,7 @@ Admit Scheduler::submit(GenRequest r, uint64_t * handle, std::string * why) {
     s.submitted = Clock::now();
     *handle = s.handle;
     queue_.push_back(std::move(s));
+    admit();
     return Admit::Queued;
 }
 

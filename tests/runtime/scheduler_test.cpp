@@ -113,15 +113,16 @@ TEST(Scheduler, RefusesWhatItCannotHoldAndCancelFreesAtOnce) {
     EXPECT_EQ(s.submit(request({99999}, 4, out), &h, &why), Admit::Invalid);
     EXPECT_NE(why.find("outside the vocabulary"), std::string::npos) << why;
 
-    uint64_t a = 0, b = 0, c = 0, d = 0;
-    ASSERT_EQ(s.submit(request({5, 6, 7}, 40, out), &a), Admit::Queued);
+    uint64_t a = 0, b = 0, c = 0, d = 0, x = 0;
+    ASSERT_EQ(s.submit(request({5, 6, 7}, 40, out), &a), Admit::Queued);   // the free slot takes it at once
     ASSERT_EQ(s.submit(request({8, 9}, 5, out), &b), Admit::Queued);
-    EXPECT_EQ(s.submit(request({1}, 5, out), &c, &why), Admit::Busy);   // two waiting already
-    s.step();   // a runs (one slot), b waits
-    EXPECT_EQ(s.stats().running, 1);
-    EXPECT_EQ(s.stats().queued, 1);
-    EXPECT_GT(s.stats().kv_blocks_used, 0);
     ASSERT_EQ(s.submit(request({1}, 5, out), &c), Admit::Queued);
+    EXPECT_EQ(s.submit(request({1}, 5, out), &x, &why), Admit::Busy);   // two waiting already
+    EXPECT_NE(why.find("queue is full"), std::string::npos) << why;
+    s.step();
+    EXPECT_EQ(s.stats().running, 1);
+    EXPECT_EQ(s.stats().queued, 2);
+    EXPECT_GT(s.stats().kv_blocks_used, 0);
     EXPECT_TRUE(s.cancel(a));   // frees its slot and blocks now
     EXPECT_EQ(out[a].why, FinishReason::Cancelled);
     EXPECT_EQ(s.stats().kv_blocks_used, 0);

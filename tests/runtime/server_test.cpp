@@ -187,9 +187,8 @@ TEST(Server, CancelBusyAndVanishingClientsLoseNothing) {
             ++n_busy;
         }
     }
-    EXPECT_EQ(n_done + n_busy, 6);
-    EXPECT_GE(n_done, 3);
-    EXPECT_GE(n_busy, 1);
+    EXPECT_EQ(n_done, 3);   // one slot + a queue of two
+    EXPECT_EQ(n_busy, 3);
 
     // a client that goes away mid-request: its request is cancelled and its blocks freed
     {
