@@ -100,14 +100,22 @@ ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, i
     }
 }
 
-void ForwardPass::set_expert_store(ExpertStore * store, bool prefetch, int32_t prefetch_extra) {
+void ForwardPass::set_placement(const ExpertPlacement & p) {
     const ModelConfig & c = model_.config();
-    if (store && !be_.host_memory())
+    if (p.store && p.device) throw Error("a gpu tier with experts streamed from disk is not built yet; give the host tier every expert");
+    if (p.store && !be_.host_memory())
         throw Error("backend '" + be_.name() + "' keeps weights in device memory: experts streamed from disk into host slots "
                     "are not built for it yet; give the experts a gpu tier and a host tier that holds the rest, or use --backend cpu");
-    store_ = store;
-    prefetch_ = store && prefetch;
-    prefetch_extra_ = std::max(0, prefetch_extra);
+    if (p.device && be_.host_memory())
+        throw Error("a gpu tier needs a device-memory backend (cuda); backend '" + be_.name() + "' computes in host memory");
+    if (p.device && (!p.host || !p.host->host_memory() || !p.cost))
+        throw Error("a gpu tier needs a host-memory backend (cpu) for the experts it does not hold, and a cost model");
+    store_ = p.store;
+    prefetch_ = p.store && p.prefetch;
+    prefetch_extra_ = std::max(0, p.prefetch_extra);
+    dev_experts_ = p.device;
+    host_be_ = p.device ? p.host : nullptr;
+    cost_ = p.device ? p.cost : nullptr;
     const size_t E = size_t(std::max<int64_t>(1, c.n_expert)), B = size_t(max_batch_);
     wanted_.reserve(E);
     wanted_n_.reserve(E);
@@ -115,30 +123,40 @@ void ForwardPass::set_expert_store(ExpertStore * store, bool prefetch, int32_t p
     pred_list_.reserve(E);
     if (prefetch_ && pred_ids_.empty()) {
         router_next_ = Staged<float>(be_, B * E, "buffer_alloc (activations)");
-        pred_ids_.resize(B * size_t(std::max<int64_t>(1, c.n_expert)));
+        pred_ids_.resize(B * E);
         pred_w_.resize(pred_ids_.size());
     }
-}
-
-void ForwardPass::set_device_experts(DeviceExperts * dev, Backend * host, CostModel * cost) {
-    const ModelConfig & c = model_.config();
-    if (dev && be_.host_memory())
-        throw Error("a gpu tier needs a device-memory backend (cuda); backend '" + be_.name() + "' computes in host memory");
-    if (dev && (!host || !host->host_memory() || !cost))
-        throw Error("a gpu tier needs a host-memory backend (cpu) for the experts it does not hold, and a cost model");
-    if (dev && store_) throw Error("a gpu tier with experts streamed from disk is not built yet; give the host tier every expert");
-    dev_experts_ = dev;
-    host_be_ = dev ? host : nullptr;
-    cost_ = dev ? cost : nullptr;
-    if (dev) {
-        const size_t B = size_t(max_batch_);
+    if (dev_experts_ && !hx_.get()) {
         hx_ = BackendBuffer(*host_be_, B * size_t(c.n_embd) * sizeof(float), "buffer_alloc (host expert input)");
         ho_ = BackendBuffer(*host_be_, B * size_t(c.n_embd) * sizeof(float), "buffer_alloc (host expert output)");
         hscratch_ = BackendBuffer(*host_be_, 2 * B * size_t(std::max({c.n_ff, c.n_ff_expert, int64_t(1)})) * sizeof(float),
                                   "buffer_alloc (host expert scratch)");
-        wanted_.reserve(size_t(std::max<int64_t>(1, c.n_expert)));
-        wanted_n_.reserve(size_t(std::max<int64_t>(1, c.n_expert)));
     }
+}
+
+void ForwardPass::collect_wanted() {
+    wanted_.clear();
+    wanted_n_.clear();
+    for (int64_t e = 0; e < model_.config().n_expert; ++e)
+        if (dispatch_.n_tokens_for(e) > 0) {
+            wanted_.push_back(int32_t(e));
+            wanted_n_.push_back(int32_t(dispatch_.n_tokens_for(e)));
+        }
+}
+
+void ForwardPass::run_routed(const ExpertWeights & w, int64_t e, int64_t n, const float * h, float * x, bool as_is) {
+    const int64_t n_embd = model_.config().n_embd;
+    const float * scale = route_w_.dev() + dispatch_.offset(e);
+    if (n == 1) {   // decode: no gather/scatter
+        run_expert(w, h, scale, x, 1, as_is);
+        return;
+    }
+    const int64_t n_e = dispatch_.n_tokens_for(e);
+    const int32_t * tok = route_tok_.dev() + dispatch_.offset(e);
+    copy_rows(h, n, tok, xe_.as<float>(), n_e, nullptr, n_e, n_embd, false);           // gather
+    copy_rows(nullptr, 0, nullptr, oe_.as<float>(), n_e, nullptr, n_e, n_embd, false);  // zero
+    run_expert(w, xe_.as<float>(), scale, oe_.as<float>(), n_e, as_is);
+    copy_rows(oe_.as<float>(), n_e, nullptr, x, n, tok, n_e, n_embd, true);            // scatter-add
 }
 
 // An expert the gpu tier does not hold, computed on the host backend from the model's own copy:
@@ -178,13 +196,7 @@ void ForwardPass::run_expert_on_host(const ExpertWeights & w, int64_t e, int64_t
 // the host, per expert and per step, by the cost model.
 void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, float * x) {
     const ModelConfig & c = model_.config();
-    wanted_.clear();
-    wanted_n_.clear();
-    for (int64_t e = 0; e < c.n_expert; ++e)
-        if (dispatch_.n_tokens_for(e) > 0) {
-            wanted_.push_back(int32_t(e));
-            wanted_n_.push_back(int32_t(dispatch_.n_tokens_for(e)));
-        }
+    collect_wanted();
     struct Layer {
         DeviceExperts & d;
         ~Layer() { d.end_layer(); }
@@ -211,16 +223,7 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
             dev_experts_->done(id);
             continue;
         }
-        const float * scale = route_w_.dev() + dispatch_.offset(e);
-        if (n == 1) {
-            run_expert(*w, h, scale, x, 1, true);
-        } else {
-            const int32_t * tok = route_tok_.dev() + dispatch_.offset(e);
-            copy_rows(h, n, tok, xe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);
-            copy_rows(nullptr, 0, nullptr, oe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);
-            run_expert(*w, xe_.as<float>(), scale, oe_.as<float>(), n_e, true);
-            copy_rows(oe_.as<float>(), n_e, nullptr, x, n, tok, n_e, c.n_embd, true);
-        }
+        run_routed(*w, e, n, h, x, /*as_is=*/true);
         dev_experts_->done(id);
     }
 }
@@ -248,14 +251,7 @@ void ForwardPass::predict(int64_t il, int64_t n) {
 // Routed experts from the store: ask for all of the layer's, prefetch the next layer's, compute in
 // the order they arrive. A failure anywhere leaves the store consistent (Layer's destructor).
 void ForwardPass::stored_experts(int64_t il, int64_t n, const float * h, float * x) {
-    const ModelConfig & c = model_.config();
-    wanted_.clear();
-    wanted_n_.clear();
-    for (int64_t e = 0; e < c.n_expert; ++e)
-        if (dispatch_.n_tokens_for(e) > 0) {
-            wanted_.push_back(int32_t(e));
-            wanted_n_.push_back(int32_t(dispatch_.n_tokens_for(e)));
-        }
+    collect_wanted();
     struct Layer {
         ExpertStore & s;
         ExpertId held{0, -1};
@@ -272,17 +268,7 @@ void ForwardPass::stored_experts(int64_t il, int64_t n, const float * h, float *
     for (int32_t e : wanted_) {
         const ExpertWeights & w = store_->acquire({int32_t(il), e});
         layer.held = {int32_t(il), e};
-        const int64_t n_e = dispatch_.n_tokens_for(e);
-        const float * scale = route_w_.dev() + dispatch_.offset(e);
-        if (n == 1) {
-            run_expert(w, h, scale, x, 1, true);
-        } else {
-            const int32_t * tok = route_tok_.dev() + dispatch_.offset(e);
-            copy_rows(h, n, tok, xe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);
-            copy_rows(nullptr, 0, nullptr, oe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);
-            run_expert(w, xe_.as<float>(), scale, oe_.as<float>(), n_e, true);
-            copy_rows(oe_.as<float>(), n_e, nullptr, x, n, tok, n_e, c.n_embd, true);
-        }
+        run_routed(w, e, n, h, x, /*as_is=*/true);
         layer.held.index = -1;
         store_->release({int32_t(il), e});
     }
@@ -462,21 +448,8 @@ void ForwardPass::ffn(int64_t il, int64_t n) {
         route_tok_.upload(0, size_t(n_pairs));
     }
 
-    for (int64_t e = 0; e < c.n_expert && !store_ && !dev_experts_; ++e) {
-        const int64_t n_e = dispatch_.n_tokens_for(e);
-        if (n_e == 0) continue;
-        const ExpertWeights & w = model_.experts().get({int32_t(il), int32_t(e)});
-        const float * scale = route_w_.dev() + dispatch_.offset(e);
-        if (n == 1) {   // decode: no gather/scatter
-            run_expert(w, h, scale, x, 1);
-            continue;
-        }
-        const int32_t * tok = route_tok_.dev() + dispatch_.offset(e);
-        copy_rows(h, n, tok, xe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);           // gather
-        copy_rows(nullptr, 0, nullptr, oe_.as<float>(), n_e, nullptr, n_e, c.n_embd, false);  // zero
-        run_expert(w, xe_.as<float>(), scale, oe_.as<float>(), n_e);
-        copy_rows(oe_.as<float>(), n_e, nullptr, x, n, tok, n_e, c.n_embd, true);            // scatter-add
-    }
+    for (int64_t e = 0; e < c.n_expert && !store_ && !dev_experts_; ++e)
+        if (dispatch_.n_tokens_for(e) > 0) run_routed(model_.experts().get({int32_t(il), int32_t(e)}), e, n, h, x, /*as_is=*/false);
     if (store_) stored_experts(il, n, h, x);
     if (dev_experts_) device_tier_experts(il, n, h, x);
     if (!L.shared.empty()) {

@@ -66,6 +66,17 @@ private:
     std::vector<T> host_;   // empty on a host-memory backend
 };
 
+// Where the routed experts come from, when not the model's own memory (all optional; must
+// outlive the ForwardPass; the weights must then be prepared without routed experts):
+struct ExpertPlacement {
+    ExpertStore * store = nullptr;           // host slots filled from disk (experts/expert_store.h)
+    bool prefetch = true;                    // with store: predict and prefetch the next layer's
+    int32_t prefetch_extra = 0;              // ... predicting k + this many per token
+    DeviceExperts * device = nullptr;        // the gpu tier (experts/device_experts.h), with:
+    Backend * host = nullptr;                //   where the experts it lacks run in place
+    CostModel * cost = nullptr;              //   what decides promote vs in place
+};
+
 class ForwardPass {
 public:
     // weights (may be null; must outlive this): the weights as the backend reads
@@ -87,16 +98,11 @@ public:
     // ids and weights are [n_tokens, n_expert_used], valid during the call.
     using RouteObserver = std::function<void(int64_t layer, int64_t n_tokens, const int32_t * ids, const float * weights)>;
     void set_route_observer(RouteObserver observer) { observer_ = std::move(observer); }
-    // Routed experts from store (must outlive this; nullptr: the model's own). The
-    // weights must have been prepared without routed experts (WeightOptions).
-    // Throws on a device-memory backend: the GPU expert cache is not built yet.
-    // prefetch_extra: predict the top k + extra experts per token (recall for precision).
-    void set_expert_store(ExpertStore * store, bool prefetch, int32_t prefetch_extra = 0);
-    // The gpu tier (a device-memory backend only): routed experts from dev's slots;
-    // one that is not there is promoted into one or computed on host (a host-memory
-    // backend, e.g. cpu, reading the model's own copy), as cost decides. All three
-    // must outlive this; the weights must have been prepared without routed experts.
-    void set_device_experts(DeviceExperts * dev, Backend * host, CostModel * cost);
+    // Routed experts from p.store (a host-memory backend) or p.device (the gpu tier of a
+    // device-memory backend: an expert it lacks is promoted into it or computed on p.host,
+    // as p.cost decides). Throws for a combination that is not built (both, or the wrong
+    // kind of backend).
+    void set_placement(const ExpertPlacement & p);
 
     int64_t max_batch() const { return max_batch_; }
     const ExpertHeat & heat() const { return heat_; }
@@ -111,6 +117,9 @@ private:
 
     void attention(int64_t il, int64_t n);
     void stored_experts(int64_t il, int64_t n, const float * h, float * x);
+    void collect_wanted();   // the layer's experts with tokens, and their counts, into wanted_ / wanted_n_
+    // Expert e's tokens through w (gather, FFN, scatter-add into x; in place at decode).
+    void run_routed(const ExpertWeights & w, int64_t e, int64_t n, const float * h, float * x, bool as_is);
     void predict(int64_t il, int64_t n);   // prefetch layer il's likely experts (uses xe_ as scratch)
     void device_tier_experts(int64_t il, int64_t n, const float * h, float * x);
     void run_expert_on_host(const ExpertWeights & w, int64_t e, int64_t n, const float * h, float * x);

@@ -37,8 +37,7 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
 
     const int64_t max_batch = std::min(o.max_batch, n_prompt);
     ForwardPass fwd(model, backend, kv, std::max<int64_t>(1, max_batch), o.weights);
-    fwd.set_expert_store(o.experts, o.prefetch, o.prefetch_extra);
-    if (o.device_experts) fwd.set_device_experts(o.device_experts, o.host_backend, o.cost);
+    fwd.set_placement(o.placement);
     Sampler sampler(o.sampling, c.n_vocab);
     GenerateResult r;
     r.kv_bytes = ks.bytes();

@@ -218,21 +218,8 @@ struct PlacementSetup {
     std::unique_ptr<moesh::Backend> host;
     std::unique_ptr<moesh::CostModel> cost;
 
-    void apply(moesh::GenerateOptions & o, bool prefetch, int32_t extra) const {
-        o.experts = store.get();
-        o.prefetch = prefetch;
-        o.prefetch_extra = extra;
-        o.device_experts = gpu.get();
-        o.host_backend = host.get();
-        o.cost = cost.get();
-    }
-    void apply(moesh::PerplexityOptions & o, bool prefetch, int32_t extra) const {
-        o.experts = store.get();
-        o.prefetch = prefetch;
-        o.prefetch_extra = extra;
-        o.device_experts = gpu.get();
-        o.host_backend = host.get();
-        o.cost = cost.get();
+    moesh::ExpertPlacement refs(bool prefetch, int32_t extra) const {
+        return {store.get(), prefetch, extra, gpu.get(), host.get(), cost.get()};
     }
     bool routed_experts_in_weights() const { return !store && !gpu; }
 };
@@ -464,7 +451,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
     const PlacementSetup placement = open_placement(model, co, rc, *backend, n_positions, max_batch);
     const auto weights = prepare_weights(model, *backend, co, rc, n_positions, max_batch, placement.routed_experts_in_weights());
     go.weights = weights.get();
-    placement.apply(go, rc.placement.prefetch, rc.placement.prefetch_extra);
+    go.placement = placement.refs(rc.placement.prefetch, rc.placement.prefetch_extra);
     std::optional<moesh::RouteTraceWriter> trace = open_trace(trace_path, co.model, model);
     go.trace = trace ? &*trace : nullptr;
     moesh::GenerateResult r = moesh::generate(model, *backend, go);
@@ -567,7 +554,7 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
     const PlacementSetup placement = open_placement(model, co, rc, *backend, n_ctx, std::min(n_batch, n_ctx));
     const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, std::min(n_batch, n_ctx), placement.routed_experts_in_weights());
     po.weights = weights.get();
-    placement.apply(po, rc.placement.prefetch, rc.placement.prefetch_extra);
+    po.placement = placement.refs(rc.placement.prefetch, rc.placement.prefetch_extra);
     std::optional<moesh::RouteTraceWriter> trace = open_trace(trace_path, co.model, model);
     po.trace = trace ? &*trace : nullptr;
     const moesh::PerplexityResult r = moesh::perplexity(model, *backend, tokens, po);

@@ -42,8 +42,7 @@ PerplexityResult perplexity(const Model & model, Backend & backend, const std::v
     ks.n_seq_max = 1;
     KvCache kv(ks, backend);
     ForwardPass fwd(model, backend, kv, n_batch, o.weights);
-    fwd.set_expert_store(o.experts, o.prefetch, o.prefetch_extra);
-    if (o.device_experts) fwd.set_device_experts(o.device_experts, o.host_backend, o.cost);
+    fwd.set_placement(o.placement);
 
     PerplexityResult r;
     const size_t n_vocab = size_t(c.n_vocab);

@@ -16,11 +16,10 @@
 // Thread safety: one call at a time per Backend.
 #pragma once
 
-#include "experts/cost_model.h"
-#include "experts/device_experts.h"
 #include "plugins/loader/plugin_loader.h"
 #include "runtime/model.h"
 #include "runtime/backend_weights.h"
+#include "runtime/forward.h"
 #include "runtime/route_trace.h"
 
 #include <cstdint>
@@ -39,13 +38,7 @@ struct PerplexityOptions {
     std::function<void(int64_t, double)> on_chunk;
     const BackendWeights * weights = nullptr; // weights as the backend reads them (runtime/backend_weights.h); null: the model as is
     RouteTraceWriter * trace = nullptr;       // gets every evaluated token's routing (runtime/route_trace.h)
-    ExpertStore * experts = nullptr;          // routed experts from a budgeted cache (experts/expert_store.h); weights
-                                              //   must then be prepared without them (WeightOptions::routed_experts)
-    bool prefetch = true;                     // with experts: predict and prefetch the next layer's
-    int32_t prefetch_extra = 0;               // ... predicting k + this many per token
-    DeviceExperts * device_experts = nullptr; // the gpu tier (experts/device_experts.h), with:
-    Backend * host_backend = nullptr;         //   where the experts it lacks run in place
-    CostModel * cost = nullptr;               //   what decides promote vs in place
+    ExpertPlacement placement;                // routed experts from budgeted tiers (runtime/forward.h)
 };
 
 struct PerplexityResult {

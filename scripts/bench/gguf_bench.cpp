@@ -268,9 +268,9 @@ int main(int argc, char ** argv) {
                         moesh::CostModel cost(rates, mode);
                         moesh::GenerateOptions go = o;
                         go.weights = &weights;
-                        go.device_experts = &tier;
-                        go.host_backend = host.get();
-                        go.cost = &cost;
+                        go.placement.device = &tier;
+                        go.placement.host = host.get();
+                        go.placement.cost = &cost;
                         moesh::generate(model, *be, go);   // warm-up: fills the tier
                         std::vector<double> pp, tg;
                         for (int r = 0; r < reps; ++r) {

@@ -81,11 +81,11 @@ void check_model(const Case & k) {
                     std::unique_ptr<ExpertStore> store = open_expert_store(model, plan);
                     ASSERT_NE(store, nullptr);
                     EXPECT_EQ(store->slots(), n_slots);
-                    o.experts = store.get();
-                    o.prefetch = prefetch;
-                    o.prefetch_extra = prefetch && std::string(policy) == "heat" ? 1 : 0;   // wider predictions too
+                    o.placement.store = store.get();
+                    o.placement.prefetch = prefetch;
+                    o.placement.prefetch_extra = prefetch && std::string(policy) == "heat" ? 1 : 0;   // wider predictions too
                     EXPECT_EQ(generate(model, *be, o).tokens, free_run) << "prompt " << pi;
-                    o.experts = nullptr;
+                    o.placement.store = nullptr;
                     EXPECT_EQ(store->check(), "");
                     const StoreStats s = store->stats();
                     EXPECT_EQ(s.hits + s.misses, s.requests);

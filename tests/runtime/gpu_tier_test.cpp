@@ -70,9 +70,9 @@ void check_gpu_tier(const std::string & model_dir, const std::string & reference
                     g.n_generate = int64_t(ref.generated[i].size());
                     g.max_batch = 4;   // prefill chunks route several tokens to an expert
                     g.weights = &weights;
-                    g.device_experts = &tier;
-                    g.host_backend = host.get();
-                    g.cost = &cost;
+                    g.placement.device = &tier;
+                    g.placement.host = host.get();
+                    g.placement.cost = &cost;
                     EXPECT_EQ(generate(model, *dev, g).tokens, ref.generated[i]) << "prompt " << i;
                     EXPECT_EQ(tier.check(), "");
                 }
