@@ -1,9 +1,9 @@
 #include "transport/protocol.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
-#include <algorithm>
 #include <exception>
 #include <limits>
 #include <new>
@@ -36,11 +36,25 @@ std::string quote(std::string_view s, size_t max_bytes = 40) {
     return q;
 }
 
-// A field name from the input, for 'name' in a message.
-std::string name_of(std::string_view key) {
-    std::string q = quote(key);
-    return q.substr(1, q.size() - 2);
+// Input bytes for a message, between single quotes: printable ASCII as is,
+// anything else as \xNN, at most max_bytes of input.
+std::string escaped(std::string_view s, size_t max_bytes = 40) {
+    std::string out;
+    for (unsigned char c : s.substr(0, max_bytes)) {
+        if (c >= 0x20 && c <= 0x7e && c != '\\') {
+            out += char(c);
+        } else {
+            char buf[5];
+            std::snprintf(buf, sizeof buf, "\\x%02x", c);
+            out += buf;
+        }
+    }
+    if (s.size() > max_bytes) out += "...";
+    return out;
 }
+
+// A field name from the input, for 'name' in a message.
+std::string name_of(std::string_view key) { return escaped(key); }
 
 std::string describe(const json & v) {
     switch (v.type()) {
@@ -104,7 +118,7 @@ std::string describe_parse_error(const json::parse_error & e, std::string_view i
     if (size_t p = what.find("; last read: "); p != std::string::npos) what.erase(p);
     std::string message = "invalid JSON: " + printable(what);
     const size_t end = std::min<size_t>(e.byte, input.size()), begin = end > 24 ? end - 24 : 0;
-    if (end > begin) message += "; near " + quote(input.substr(begin, end - begin));
+    if (end > begin) message += "; near '" + escaped(input.substr(begin, end - begin)) + "'";
     return message + expected;
 }
 
