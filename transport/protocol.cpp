@@ -1,5 +1,6 @@
 #include "transport/protocol.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
@@ -35,11 +36,25 @@ std::string quote(std::string_view s, size_t max_bytes = 40) {
     return q;
 }
 
-// A field name from the input, for 'name' in a message.
-std::string name_of(std::string_view key) {
-    std::string q = quote(key);
-    return q.substr(1, q.size() - 2);
+// Input bytes for a message, between single quotes: printable ASCII as is,
+// anything else as \xNN, at most max_bytes of input.
+std::string escaped(std::string_view s, size_t max_bytes = 40) {
+    std::string out;
+    for (unsigned char c : s.substr(0, max_bytes)) {
+        if (c >= 0x20 && c <= 0x7e && c != '\\') {
+            out += char(c);
+        } else {
+            char buf[5];
+            std::snprintf(buf, sizeof buf, "\\x%02x", c);
+            out += buf;
+        }
+    }
+    if (s.size() > max_bytes) out += "...";
+    return out;
 }
+
+// A field name from the input, for 'name' in a message.
+std::string name_of(std::string_view key) { return escaped(key); }
 
 std::string describe(const json & v) {
     switch (v.type()) {
@@ -80,26 +95,31 @@ std::string printable(std::string_view s, size_t max_bytes = 200) {
     return out;
 }
 
-// nlohmann's message without its "[json.exception...] " prefix, and with the
-// token it stopped in cut short (it can be a whole 1 MiB string).
-std::string describe_parse_error(const json::parse_error & e) {
-    std::string what = e.what();   // "[json.exception.parse_error.101] parse error at line 1, column 5: ..."
+// nlohmann's message ("parse error at line 1, column 5: syntax error while
+// parsing value - invalid literal; last read: '<token>'; expected ...") without
+// its "[json.exception...]" prefix and without the token it echoes, which holds
+// raw input and can itself contain "'; expected": the input shown comes from
+// the input, quoted, and the expected part only from nlohmann's fixed names.
+std::string describe_parse_error(const json::parse_error & e, std::string_view input) {
+    std::string what = e.what();
     if (size_t p = what.find("] "); p != std::string::npos) what.erase(0, p + 2);
-    constexpr std::string_view last = "; last read: '";
-    if (size_t p = what.find(last); p != std::string::npos) {
-        // "...; last read: '<token>'" or "...; last read: '<token>'; expected '}'"
-        std::string_view token = std::string_view(what).substr(p + last.size()), after;
-        if (size_t q = token.rfind("'; expected "); q != std::string_view::npos) {
-            after = token.substr(q + 1);
-            token = token.substr(0, q);
-        } else if (!token.empty() && token.back() == '\'') {
-            token.remove_suffix(1);
+    std::string expected;
+    static constexpr std::string_view names[] = {"true literal", "false literal", "null literal", "string literal",
+                                                 "number literal", "'['", "'{'", "']'", "'}'", "':'", "','",
+                                                 "end of input", "'[', '{', or a literal"};
+    for (std::string_view name : names) {
+        const std::string suffix = "; expected " + std::string(name);
+        if (what.size() >= suffix.size() && what.compare(what.size() - suffix.size(), suffix.size(), suffix) == 0) {
+            expected = suffix;
+            what.erase(what.size() - suffix.size());
+            break;
         }
-        const size_t keep = 40;
-        std::string tail = token.size() > keep ? "..." + std::string(token.substr(token.size() - keep)) : std::string(token);
-        what = what.substr(0, p) + "; last read: " + quote(tail, keep + 3) + std::string(after);
     }
-    return "invalid JSON: " + what;
+    if (size_t p = what.find("; last read: "); p != std::string::npos) what.erase(p);
+    std::string message = "invalid JSON: " + printable(what);
+    const size_t end = std::min<size_t>(e.byte, input.size()), begin = end > 24 ? end - 24 : 0;
+    if (end > begin) message += "; near '" + escaped(input.substr(begin, end - begin)) + "'";
+    return message + expected;
 }
 
 // Parses untrusted text, refusing nesting deeper than max_depth and duplicate
@@ -129,7 +149,7 @@ std::variant<json, std::string> parse_json(std::string_view bytes, int max_depth
     } catch (const Refused & r) {
         return r.message;
     } catch (const json::parse_error & e) {
-        return describe_parse_error(e);
+        return describe_parse_error(e, bytes);
     } catch (const json::exception & e) {   // out_of_range: a number too large for a double
         std::string what = e.what();
         if (size_t p = what.find("] "); p != std::string::npos) what.erase(0, p + 2);

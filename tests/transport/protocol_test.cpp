@@ -145,6 +145,21 @@ TEST(ProtocolRequest, RefusesInvalidUtf8AndKeepsTheMessageValidUtf8) {
     }
 }
 
+TEST(ProtocolRequest, ParseErrorShowsTheInputNearItAndWhatWasExpected) {
+    const ParseError e = refuse(R"({"id":"r1","prompt":"x",})");
+    EXPECT_EQ(e.message, R"(invalid JSON: parse error at line 1, column 25: syntax error while parsing object key - )"
+                         R"(unexpected '}'; near '"id":"r1","prompt":"x",}'; expected string literal)");
+}
+
+// Found by the fuzzer: a string that contains nlohmann's own "'; expected "
+// made the message echo raw, invalid UTF-8 input.
+TEST(ProtocolRequest, ParseErrorMessageStaysValidWhenTheInputMimicsIt) {
+    const ParseError e = refuse(std::string("{\"type\":\"x'; expected ") + std::string(100, 'x') + "\xff\"}");
+    EXPECT_NO_THROW((void)json(e.message).dump()) << e.message;
+    EXPECT_LT(e.message.size(), 300u) << e.message;
+    EXPECT_NE(e.message.find("ill-formed UTF-8 byte; near 'xxxx"), std::string::npos) << e.message;
+}
+
 TEST(ProtocolRequest, RefusesLoneSurrogateEscape) { EXPECT_BAD_REQUEST(R"({"id":"r1","prompt":"\ud800"})", "invalid JSON"); }
 
 TEST(ProtocolRequest, RefusesARequestThatIsNotAnObject) {
@@ -168,7 +183,7 @@ TEST(ProtocolRequest, RefusesDeepNesting) {
 TEST(ProtocolRequest, RefusesUnknownFieldsNamingThem) {
     EXPECT_BAD_REQUEST(with("temprature", 0.5), "unknown field 'temprature'");
     EXPECT_BAD_REQUEST(with("n", 2), "unknown field 'n'");
-    EXPECT_BAD_REQUEST(with(std::string("bad\x01name"), 2), "unknown field 'bad\\u0001name'");
+    EXPECT_BAD_REQUEST(with(std::string("bad\x01name"), 2), "unknown field 'bad\\x01name'");
 }
 
 TEST(ProtocolRequest, RefusesGenerateFieldsOnCancelAndPing) {
