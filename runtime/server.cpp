@@ -5,7 +5,9 @@
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 
 namespace moesh {
@@ -33,6 +35,7 @@ Server::Server(const Model & model, Backend & backend, const Tokenizer * tokeniz
     limits_.max_message_bytes = config.max_message_bytes;
     limits_.max_tokens = config.max_tokens;
     limits_.n_vocab = c.n_vocab;
+    max_stop_bytes_ = size_t(limits_.max_stop_bytes);
     for (int64_t id : c.eos_token_ids) eos_.push_back(int32_t(id));
     if (tok_ && chat_)
         for (const char * end : {"<|im_end|>", "<|eot_id|>", "</s>"})
@@ -58,13 +61,14 @@ void Server::bind() {
     bound_ = sock_->get(zmq::sockopt::last_endpoint);
 }
 
-bool Server::send(const std::string & peer, const std::string & frame) {
+bool Server::send(const std::string & peer, bool delim, const std::string & frame) {
     try {
         // Never block the loop on one slow client: a full queue counts as undeliverable.
         if (!sock_->send(zmq::buffer(peer), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) {
             ++stats_.undeliverable;
             return false;
         }
+        if (delim) (void)sock_->send(zmq::message_t(), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
         (void)sock_->send(zmq::buffer(frame), zmq::send_flags::dontwait);
         return true;
     } catch (const zmq::error_t &) {   // EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY)
@@ -73,22 +77,36 @@ bool Server::send(const std::string & peer, const std::string & frame) {
     }
 }
 
-bool Server::on_token(uint64_t handle, int32_t token) {
-    auto it = active_.find(handle);
-    if (it == active_.end()) return false;
-    Active & a = it->second;
-    std::string piece;
-    if (a.decoder && token >= 0 && token < tok_->n_vocab()) piece = std::string(a.decoder->push(token));
-    a.text += piece;
-    ++stats_.tokens_out;
-    if (a.stream && !a.gone && !send(a.peer, token_frame(a.id, a.index, token, piece))) {
+// Token frames lag one token behind: a frame goes out when the next token comes (or at the end),
+// carrying the text that became final meanwhile. The text that may still turn into a stop string
+// (its last max_stop_bytes - 1 bytes) and the end-of-sequence token itself are never sent, so the
+// frames' texts add up to the done frame's text.
+void Server::send_pending(uint64_t handle, Active & a, size_t safe) {
+    if (!a.pending) return;
+    const std::string piece = safe > a.sent ? a.text.substr(a.sent, safe - a.sent) : std::string();
+    a.sent = std::max(a.sent, safe);
+    if (a.stream && !a.gone && !send(a.peer, a.delim, token_frame(a.id, a.index, *a.pending, piece))) {
         a.gone = true;
         to_cancel_.push_back(handle);
     }
     ++a.index;
-    for (const std::string & s : a.stop)
-        if (!s.empty() && a.text.size() >= s.size() && a.text.find(s, a.text.size() > s.size() + piece.size() ? a.text.size() - s.size() - piece.size() : 0) != std::string::npos)
-            return false;
+    a.pending.reset();
+}
+
+bool Server::on_token(uint64_t handle, int32_t token) {
+    auto it = active_.find(handle);
+    if (it == active_.end()) return false;
+    Active & a = it->second;
+    ++stats_.tokens_out;
+    if (std::find(eos_.begin(), eos_.end(), token) != eos_.end() ||
+        std::find(chat_stop_.begin(), chat_stop_.end(), token) != chat_stop_.end())
+        return true;   // the scheduler ends the request (Eos); its text is not part of the completion
+    const size_t hold = a.stop.empty() ? 0 : max_stop_bytes_ - 1;
+    send_pending(handle, a, a.text.size() > hold ? a.text.size() - hold : 0);
+    if (a.decoder && token >= 0 && token < tok_->n_vocab()) a.text += std::string(a.decoder->push(token));
+    a.pending = token;
+    for (const std::string & s : a.stop)   // only the tail can hold a new match
+        if (a.text.find(s, a.text.size() > s.size() + 64 ? a.text.size() - s.size() - 64 : 0) != std::string::npos) return false;
     return true;
 }
 
@@ -97,33 +115,38 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     if (it == active_.end()) return;
     Active & a = it->second;
     if (a.decoder) a.text += std::string(a.decoder->flush());
-    if (why == FinishReason::Stop)   // cut the text at the first stop string
+    if (why == FinishReason::Stop) {   // cut the text at the first stop string
+        size_t cut = a.text.size();
         for (const std::string & s : a.stop)
-            if (size_t p = a.text.find(s); !s.empty() && p != std::string::npos) a.text.resize(p);
+            if (size_t p = a.text.find(s); p != std::string::npos) cut = std::min(cut, p);
+        a.text.resize(cut);
+    }
+    send_pending(handle, a, a.text.size());
     protocol::Done d;
     d.tokens = tokens;
+    if (why == FinishReason::Eos && !d.tokens.empty()) d.tokens.pop_back();   // the end-of-sequence token itself
     d.text = a.text;
     d.finish_reason = why == FinishReason::Length ? protocol::FinishReason::Length
                       : why == FinishReason::Eos  ? protocol::FinishReason::Eos
                       : why == FinishReason::Stop ? protocol::FinishReason::Stop
                                                   : protocol::FinishReason::Cancelled;
     d.prompt_tokens = a.prompt_tokens;
-    d.completion_tokens = int64_t(tokens.size());
+    d.completion_tokens = int64_t(d.tokens.size());
     d.queue_ms = t.queue_ms;
-    d.ttft_ms = t.ttft_ms;
+    d.ttft_ms = tokens.empty() ? std::nan("") : t.ttft_ms;   // not measured: null
     d.total_ms = t.total_ms;
-    d.decode_tokens_per_second = t.decode_tokens_per_second;
+    d.decode_tokens_per_second = tokens.size() > 1 ? t.decode_tokens_per_second : std::nan("");
     if (why == FinishReason::Cancelled) ++stats_.cancelled;
     else ++stats_.completed;
-    if (!a.gone) send(a.peer, done_frame(a.id, d));
+    if (!a.gone) send(a.peer, a.delim, done_frame(a.id, d));
     active_.erase(it);
 }
 
-void Server::generate(const std::string & peer, protocol::Request && req) {
+void Server::generate(const std::string & peer, bool delim, protocol::Request && req) {
     for (const auto & [h, a] : active_)
         if (a.peer == peer && a.id == req.id) {
             ++stats_.bad_requests;
-            send(peer, error_frame(req.id, ErrorCode::BadRequest, "a request with id '" + req.id + "' is already running"));
+            send(peer, delim, error_frame(req.id, ErrorCode::BadRequest, "a request with id '" + req.id + "' is already running"));
             return;
         }
     GenRequest g;
@@ -131,12 +154,12 @@ void Server::generate(const std::string & peer, protocol::Request && req) {
         g.prompt = std::move(*req.prompt_ids);
     } else if (!tok_) {
         ++stats_.bad_requests;
-        send(peer, error_frame(req.id, ErrorCode::BadRequest, "this model has no tokenizer: send prompt_ids"));
+        send(peer, delim, error_frame(req.id, ErrorCode::BadRequest, "this model has no tokenizer: send prompt_ids"));
         return;
     } else if (req.messages) {
         if (!chat_) {
             ++stats_.bad_requests;
-            send(peer, error_frame(req.id, ErrorCode::BadRequest,
+            send(peer, delim, error_frame(req.id, ErrorCode::BadRequest,
                                    "this model has no chat template moesh recognises (ChatML, Llama-3, Mistral): send prompt"));
             return;
         }
@@ -160,7 +183,7 @@ void Server::generate(const std::string & peer, protocol::Request && req) {
         const ErrorCode code = a == Admit::Busy ? ErrorCode::Busy : a == Admit::TooLong ? ErrorCode::TooLong : ErrorCode::BadRequest;
         (a == Admit::Busy ? stats_.busy : stats_.rejected) += 1;
         // Busy: retry once about a request's worth of decoding has passed.
-        send(peer, error_frame(req.id, code, why, a == Admit::Busy ? 1000 : -1));
+        send(peer, delim, error_frame(req.id, code, why, a == Admit::Busy ? 1000 : -1));
         return;
     }
     ++stats_.requests;
@@ -170,20 +193,21 @@ void Server::generate(const std::string & peer, protocol::Request && req) {
     act.stream = req.stream;
     act.stop = std::move(req.stop);
     act.prompt_tokens = n_prompt;
+    act.delim = delim;
     if (tok_) act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/req.messages.has_value());
 }
 
-void Server::handle(const std::string & peer, const std::string & body, bool draining) {
+void Server::handle(const std::string & peer, const std::string & body, bool delim, bool draining) {
     auto parsed = protocol::parse_request(body, limits_);
     if (auto * err = std::get_if<protocol::ParseError>(&parsed)) {
         ++stats_.bad_requests;
-        send(peer, error_frame(err->id, err->code, err->message));
+        send(peer, delim, error_frame(err->id, err->code, err->message));
         return;
     }
     protocol::Request & req = std::get<protocol::Request>(parsed);
     switch (req.type) {
     case protocol::RequestType::Ping:
-        send(peer, pong_frame(req.id, {{"server", "moesh"}, {"model", model_name_},
+        send(peer, delim, pong_frame(req.id, {{"server", "moesh"}, {"model", model_name_},
                                        {"running", sched_->stats().running}, {"queued", sched_->stats().queued}}));
         return;
     case protocol::RequestType::Cancel:
@@ -192,14 +216,14 @@ void Server::handle(const std::string & peer, const std::string & body, bool dra
                 sched_->cancel(h);   // on_done sends the final frame and erases it
                 return;
             }
-        send(peer, error_frame(req.id, ErrorCode::NotFound, "no running or queued request with id '" + req.id + "'"));
+        send(peer, delim, error_frame(req.id, ErrorCode::NotFound, "no running or queued request with id '" + req.id + "'"));
         return;
     case protocol::RequestType::Generate:
         if (draining) {
-            send(peer, error_frame(req.id, ErrorCode::ShuttingDown, "the server is shutting down; send it elsewhere"));
+            send(peer, delim, error_frame(req.id, ErrorCode::ShuttingDown, "the server is shutting down; send it elsewhere"));
             return;
         }
-        generate(peer, std::move(req));
+        generate(peer, delim, std::move(req));
         return;
     }
 }
@@ -227,12 +251,14 @@ void Server::run(const std::atomic<bool> & stop) {
             if (parts.size() >= 2) {
                 const std::string peer = parts[0].to_string();
                 // [peer][optional empty delimiter][body]: anything else is answered as malformed
-                const size_t body = parts.size() == 3 && parts[1].size() == 0 ? 2 : 1;
+                const bool delim = parts.size() == 3 && parts[1].size() == 0;
+                const size_t body = delim ? 2 : 1;
                 if (parts.size() - body != 1) {
                     ++stats_.bad_requests;
-                    send(peer, error_frame("", ErrorCode::BadRequest, "expected one frame holding a JSON object (after an optional empty frame)"));
+                    send(peer, parts[1].size() == 0, error_frame("", ErrorCode::BadRequest,
+                                                                 "expected one frame holding a JSON object (after an optional empty frame)"));
                 } else {
-                    handle(peer, parts[body].to_string(), draining);
+                    handle(peer, parts[body].to_string(), delim, draining);
                 }
             }
             zmq::poll(&item, 1, std::chrono::milliseconds(0));

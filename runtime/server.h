@@ -69,12 +69,16 @@ private:
         std::unique_ptr<StreamDecoder> decoder;
         int64_t prompt_tokens = 0;
         int64_t index = 0;
+        bool delim = false;    // the client sent [empty, body]: replies get the empty frame too
         bool gone = false;     // a reply was undeliverable
+        size_t sent = 0;       // bytes of text already in token frames
+        std::optional<int32_t> pending;   // the last token, its frame not sent yet (see on_token)
     };
 
-    void handle(const std::string & peer, const std::string & body, bool draining);
-    void generate(const std::string & peer, protocol::Request && req);
-    bool send(const std::string & peer, const std::string & frame);   // false: undeliverable
+    void handle(const std::string & peer, const std::string & body, bool delim, bool draining);
+    void generate(const std::string & peer, bool delim, protocol::Request && req);
+    bool send(const std::string & peer, bool delim, const std::string & frame);   // false: undeliverable
+    void send_pending(uint64_t handle, Active & a, size_t safe);   // the held token frame, text up to safe
     bool on_token(uint64_t handle, int32_t token);
     void on_done(uint64_t handle, FinishReason why, const std::vector<int32_t> & tokens, const RequestTimings & t);
 
@@ -92,6 +96,7 @@ private:
     std::map<uint64_t, Active> active_;
     std::vector<uint64_t> to_cancel_;   // undeliverable: cancelled after the step
     std::vector<int32_t> eos_;
+    size_t max_stop_bytes_ = 0;
     ServerStats stats_;
 };
 

@@ -9,6 +9,8 @@
 #include "test_support.h"
 #include "transport/client.h"
 
+#include <zmq.hpp>
+
 #include <csignal>
 #include <fcntl.h>
 #include <poll.h>
@@ -134,6 +136,33 @@ TEST(Server, AnswersEqualGenerateStreamingAddsUpAndManyClientsShareSteps) {
     EXPECT_EQ(streamed, done->body["text"].get<std::string>());
     EXPECT_EQ(done->body["tokens"].get<std::vector<int32_t>>(), expect);
 
+    // A stop string: the completion ends at it, its text is never streamed, frames still add up.
+    const std::string full = done->body["text"].get<std::string>();
+    ASSERT_GT(full.size(), 12u);
+    const std::string stop = full.substr(full.size() / 2, 3);
+    streamed.clear();
+    done = c.request({{"id", "st"}, {"prompt", prompt}, {"max_tokens", 24}, {"stream", true}, {"stop", stop}}, 60s,
+                     [&](const protocol::Response & f) { streamed += f.body["text"].get<std::string>(); });
+    ASSERT_TRUE(done);
+    EXPECT_EQ(done->body["finish_reason"], "stop");
+    EXPECT_EQ(done->body["text"].get<std::string>(), full.substr(0, full.find(stop)));
+    EXPECT_EQ(streamed, done->body["text"].get<std::string>());
+
+    // A REQ-style client ([empty, body]) gets its replies in the same shape.
+    {
+        zmq::context_t ctx;
+        zmq::socket_t req(ctx, zmq::socket_type::req);
+        req.set(zmq::sockopt::linger, 0);
+        req.connect(srv.endpoint());
+        const std::string body = R"({"type": "ping", "id": "r"})";
+        req.send(zmq::buffer(body));
+        zmq::pollitem_t item{req.handle(), 0, ZMQ_POLLIN, 0};
+        ASSERT_EQ(zmq::poll(&item, 1, std::chrono::milliseconds(10000)), 1);
+        zmq::message_t reply;
+        ASSERT_TRUE(req.recv(reply));
+        EXPECT_NE(reply.to_string().find("\"pong\""), std::string::npos) << reply.to_string();
+    }
+
     // Eight clients at once, different prompts: each gets what it would get alone.
     std::vector<std::vector<int32_t>> prompts;
     for (int i = 0; i < 8; ++i) {
@@ -153,7 +182,7 @@ TEST(Server, AnswersEqualGenerateStreamingAddsUpAndManyClientsShareSteps) {
         EXPECT_EQ(f->body["tokens"].get<std::vector<int32_t>>(), alone(model, *be, prompts[i], 12)) << "client " << i;
     }
     EXPECT_EQ(srv.stop(), 0) << srv.log();
-    EXPECT_NE(srv.log().find("10 requests, 10 completed"), std::string::npos) << srv.log();
+    EXPECT_NE(srv.log().find("11 requests, 11 completed"), std::string::npos) << srv.log();
 }
 
 TEST(Server, CancelBusyAndVanishingClientsLoseNothing) {
