@@ -1,0 +1,234 @@
+"""A Python client of `moesh serve` (docs/PROTOCOL.md): a ZeroMQ DEALER that sends
+one JSON request per frame and reads the server's frames back.
+
+    from moesh_client import Client, MoeshError
+
+    with Client("tcp://127.0.0.1:5555") as c:
+        done = c.generate(prompt="def add(a, b):", max_tokens=16)
+        print(done["text"], done["finish_reason"])
+        for frame in c.stream(prompt="def add(a, b):", max_tokens=16):
+            print(frame["text"], end="")      # token frames, then the done frame
+
+Several requests may be in flight on one Client (e.g. two stream() generators
+advanced in turns): frames are matched by id, and frames that arrive for another
+request wait in that request's queue. Leaving a stream() early, or a timeout,
+cancels the request on the server.
+
+Thread safety: none; use one Client per thread (each has its own socket).
+"""
+
+import collections
+import itertools
+import json
+import time
+import uuid
+
+import zmq
+
+_MAX_ID_BYTES = 128   # the protocol's max_id_bytes
+
+
+class MoeshError(Exception):
+    """An error frame: code is the protocol's code ("busy", "bad_request", ...)."""
+
+    def __init__(self, code, message, retry_after_ms=None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retry_after_ms = retry_after_ms
+
+
+class _InFlight:
+    def __init__(self):
+        self.frames = collections.deque()
+        self.answered = False    # has any frame arrived (see _owner_of_anonymous_error)
+        self.cancels = 0         # cancel frames sent for it
+        self.abandoned = False   # nobody waits for it any more: its frames are dropped
+
+
+class Client:
+    def __init__(self, endpoint, context=None):
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._prefix = f"py-{uuid.uuid4().hex[:12]}-"
+        self._counter = itertools.count()
+        self._inflight = {}   # id -> _InFlight, in the order the requests were sent
+        # Cancels whose answer will be a not_found error for a request already over;
+        # counted so that such an answer never lands on a later request reusing the id.
+        self._stale_not_found = collections.Counter()
+
+    def close(self):
+        self._sock.close(0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def new_id(self):
+        return self._prefix + str(next(self._counter))
+
+    def generate(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
+                 seed=0, stop=None, id=None, timeout=60):
+        """The done frame as a dict; MoeshError on an error frame, TimeoutError when no
+        answer came within timeout seconds (the request is then cancelled)."""
+        req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, False)
+        deadline = time.monotonic() + timeout
+        self._submit(req)
+        try:
+            while True:
+                frame = self._next(req["id"], deadline)
+                if frame["type"] == "done":
+                    return frame
+        except BaseException:
+            self._abandon(req["id"])
+            raise
+
+    def stream(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
+               seed=0, stop=None, id=None, timeout=60):
+        """A generator of the token frames, then the done frame (dicts). Arguments are
+        checked now; the request is sent on the first next(), and timeout bounds it
+        from there to its done frame."""
+        req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, True)
+        return self._stream(req, timeout)
+
+    def cancel(self, id):
+        """Asks the server to end request id; returns at once. The request's own call then
+        gets its done frame with finish_reason "cancelled". A cancel that finds nothing to
+        cancel (the request was over) is answered with not_found, which is dropped."""
+        self._send({"type": "cancel", "id": id})
+        r = self._inflight.get(id)
+        if r is not None:
+            r.cancels += 1
+        else:
+            self._stale_not_found[id] += 1
+
+    def ping(self, timeout=10):
+        """The pong frame as a dict (its "info" describes the server)."""
+        rid = self.new_id()
+        self._submit({"type": "ping", "id": rid})
+        try:
+            return self._next(rid, time.monotonic() + timeout)
+        except BaseException:
+            self._abandon(rid, cancel=False)   # a ping has nothing to cancel
+            raise
+
+    # -- internals --
+
+    def _request(self, prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, rid, stream):
+        given = [(k, v) for k, v in (("prompt", prompt), ("prompt_ids", prompt_ids), ("messages", messages)) if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of prompt, prompt_ids and messages")
+        rid = self.new_id() if rid is None else rid
+        # An id the server cannot read would come back as an error with a null id,
+        # which no request could claim; refuse it here instead.
+        if not (isinstance(rid, str) and 1 <= len(rid) <= _MAX_ID_BYTES and all(" " <= ch <= "~" for ch in rid)):
+            raise ValueError(f"id must be 1 to {_MAX_ID_BYTES} printable ASCII characters, got {rid!r}")
+        key, value = given[0]
+        req = {"id": rid, key: [int(t) for t in value] if key == "prompt_ids" else value,
+               "max_tokens": int(max_tokens), "temperature": float(temperature), "top_p": float(top_p),
+               "top_k": int(top_k), "seed": int(seed), "stream": stream}
+        if stop is not None:
+            req["stop"] = stop
+        return req
+
+    def _submit(self, req):
+        if req["id"] in self._inflight:
+            raise ValueError(f"request {req['id']!r} is still in flight on this client")
+        self._inflight[req["id"]] = _InFlight()
+        try:
+            self._send(req)
+        except BaseException:
+            del self._inflight[req["id"]]
+            raise
+
+    def _stream(self, req, timeout):
+        deadline = time.monotonic() + timeout
+        self._submit(req)
+        try:
+            while True:
+                frame = self._next(req["id"], deadline)
+                yield frame
+                if frame["type"] == "done":
+                    return
+        except BaseException:   # GeneratorExit too: the caller stopped reading
+            self._abandon(req["id"])
+            raise
+
+    def _send(self, obj):
+        # allow_nan=False: NaN is not JSON, and the server would refuse the frame with a null id
+        self._sock.send(json.dumps(obj, allow_nan=False).encode())
+
+    def _abandon(self, rid, cancel=True):
+        r = self._inflight.get(rid)
+        if r is None:
+            return
+        r.abandoned = True
+        r.frames.clear()
+        if cancel and r.cancels == 0:
+            try:
+                self._send({"type": "cancel", "id": rid})
+                r.cancels += 1
+            except zmq.ZMQError:
+                pass   # the socket is closed (the client is going away): nothing to cancel with
+
+    def _next(self, rid, deadline):
+        """The next frame of request rid (raising MoeshError for an error frame), reading
+        the socket until deadline and queueing frames of other requests."""
+        r = self._inflight[rid]
+        while not r.frames:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
+                raise TimeoutError(f"no answer to request {rid!r} in time")
+            self._dispatch(self._sock.recv_multipart()[-1])   # [body] or [empty, body]
+        frame = r.frames.popleft()
+        if frame["type"] in ("done", "error", "pong"):
+            self._finish(rid, frame)
+        if frame["type"] == "error":
+            raise MoeshError(frame.get("code"), frame.get("message", ""), frame.get("retry_after_ms"))
+        return frame
+
+    def _dispatch(self, body):
+        try:
+            frame = json.loads(body)
+            ok = isinstance(frame, dict) and isinstance(frame.get("type"), str)
+        except ValueError:
+            ok = False
+        if not ok:   # no id to go by: the call that read it fails
+            raise MoeshError("invalid_response", f"the server sent a frame that is not a JSON object: {body[:200]!r}")
+        fid = frame.get("id")
+        if fid is None and frame["type"] == "error":
+            fid = self._owner_of_anonymous_error()
+        if frame["type"] == "error" and frame.get("code") == "not_found" and self._stale_not_found[fid] > 0:
+            self._stale_not_found[fid] -= 1
+            if self._stale_not_found[fid] == 0:
+                del self._stale_not_found[fid]
+            return
+        r = self._inflight.get(fid)
+        if r is None:
+            return   # a late frame of a request already over
+        r.answered = True
+        if r.abandoned:
+            if frame["type"] in ("done", "error", "pong"):
+                self._finish(fid, frame)
+            return
+        r.frames.append(frame)
+
+    def _owner_of_anonymous_error(self):
+        # The server answers with a null id when it cannot read the request (too_large):
+        # the oldest request that has had no answer yet is the best guess the protocol allows.
+        for rid, r in self._inflight.items():
+            if not r.answered:
+                return rid
+        return None
+
+    def _finish(self, rid, frame):
+        r = self._inflight.pop(rid)
+        took = 1 if frame["type"] == "done" and frame.get("finish_reason") == "cancelled" else 0
+        if r.cancels > took:
+            self._stale_not_found[rid] += r.cancels - took
+        if self._stale_not_found[rid] <= 0:
+            self._stale_not_found.pop(rid, None)

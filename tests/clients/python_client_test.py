@@ -1,0 +1,227 @@
+#!/usr/bin/env python3
+"""`moesh serve` as a real process on a loopback port, driven by the Python client
+(scripts/clients/python): greedy answers equal `moesh run`'s, streamed text adds up to
+the done frame's, two requests share one socket, cancel ends a request "cancelled", a
+bad field is a bad_request MoeshError (and an oversized frame, answered with a null id,
+a too_large one), a timeout leaves the client usable, and SIGTERM drains and exits 0.
+Every wait is bounded; the server is killed in any case.
+
+    python3 tests/clients/python_client_test.py --moesh build/bin/moesh --model models/moesh-tiny-py
+
+Exit status: 0 passed, 1 failed, 77 skipped (pyzmq cannot be imported).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+try:
+    import zmq  # noqa: F401  (the client needs it)
+except ImportError as e:
+    print(f"SKIP: pyzmq cannot be imported ({e}); install python3-zmq (scripts/setup)")
+    sys.exit(77)
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts" / "clients" / "python"))
+from moesh_client import Client, MoeshError  # noqa: E402
+
+CONFIG = """[server]
+max_sequences = 4
+kv_cache = "16MiB"
+prefill_chunk = 16
+max_queue = 64
+max_tokens = 512
+max_message_bytes = 65536
+drain_timeout_s = 10
+[runtime]
+max_batch = 32
+"""
+THREADS = "2"
+BUDGET_S = 240   # the whole test, under ctest's TIMEOUT so that the finally clause still runs
+failures = []
+
+
+def check(ok, what):
+    print(("ok    " if ok else "FAIL  ") + what, flush=True)
+    if not ok:
+        failures.append(what)
+    return ok
+
+
+def start_server(moesh, model, config, log):
+    return subprocess.Popen([moesh, "serve", "--model", model, "--config", config, "--endpoint", "tcp://127.0.0.1:*",
+                             "--threads", THREADS], stdout=subprocess.PIPE, stderr=log)
+
+
+def read_endpoint(proc):
+    """The server's first stdout line: the endpoint it bound (loading the model may take a while)."""
+    line = b""
+    deadline = time.monotonic() + 60
+    while not line.endswith(b"\n") and time.monotonic() < deadline:
+        if select.select([proc.stdout], [], [], 0.2)[0]:
+            chunk = os.read(proc.stdout.fileno(), 256)
+            if not chunk:
+                break
+            line += chunk
+    return line.decode(errors="replace").split("\n")[0]
+
+
+def moesh_run(moesh, model, prompt, n):
+    """The tokens `moesh run` generates alone, greedily."""
+    out = subprocess.run([moesh, "run", "--model", model, "--prompt", prompt, "-n", str(n), "--output", "json",
+                          "--threads", THREADS], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"moesh run failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["tokens"]
+
+
+def matches_run(done, expected, eos_ids, n):
+    """done equals `moesh run`'s tokens, which go on past EOS where the server stops."""
+    k = len(done["tokens"])
+    if done["tokens"] != expected[:k]:
+        return False
+    if done["finish_reason"] == "length":
+        return k == n
+    return done["finish_reason"] == "eos" and k < n and expected[k] in eos_ids
+
+
+def stream_all(c, **kw):
+    frames = list(c.stream(**kw))
+    tokens = [f for f in frames[:-1] if f["type"] == "token"]
+    return tokens, frames[-1]
+
+
+def run_tests(c, moesh, model, eos_ids):
+    pong = c.ping()
+    check(pong["type"] == "pong" and isinstance(pong.get("info"), dict), f"ping answers with a pong: {pong}")
+
+    n = 24
+    prompts = ["def fibonacci(n):", "import os\nimport sys\n\nclass Config:"]
+    expected = {p: moesh_run(moesh, model, p, n) for p in prompts}
+    for p in prompts:
+        done = c.generate(prompt=p, max_tokens=n, timeout=60)
+        check(done["type"] == "done" and matches_run(done, expected[p], eos_ids, n),
+              f"greedy generate({p!r}) equals moesh run's tokens: {done['tokens']} vs {expected[p]}")
+        check(done["usage"]["completion_tokens"] == len(done["tokens"]), "usage.completion_tokens counts the tokens")
+
+    p = prompts[0]
+    tokens, done = stream_all(c, prompt=p, max_tokens=n, timeout=60)
+    check(done["type"] == "done", "a stream ends with its done frame")
+    check("".join(f["text"] for f in tokens) == done["text"], f"streamed text adds up to the done text {done['text']!r}")
+    check([f["token"] for f in tokens] == done["tokens"] and [f["index"] for f in tokens] == list(range(len(tokens))),
+          "token frames carry the done frame's tokens, indexed from 0")
+    check(matches_run(done, expected[p], eos_ids, n), "streaming generates the same tokens")
+
+    # Two requests on one socket: the generate() reads the stream's frames and queues them for it.
+    s = c.stream(prompt=prompts[0], max_tokens=n, timeout=60)
+    first = next(s)
+    other = c.generate(prompt=prompts[1], max_tokens=n, timeout=60)
+    rest = list(s)
+    check(matches_run(other, expected[prompts[1]], eos_ids, n), "a generate() while a stream is open gets its own answer")
+    check(first["type"] == "token" and [f["token"] for f in [first] + rest[:-1]] == rest[-1]["tokens"]
+          and matches_run(rest[-1], expected[prompts[0]], eos_ids, n), "the stream's frames wait for it meanwhile")
+
+    # Cancel after the first token of a long request.
+    s = c.stream(prompt="class Node:", max_tokens=500, timeout=60)
+    first = next(s)
+    c.cancel(first["id"])
+    rest = list(s)
+    done = rest[-1]
+    check(done["finish_reason"] == "cancelled" and done["usage"]["completion_tokens"] < 500,
+          f"cancel ends the request with finish_reason 'cancelled' ({done['finish_reason']}, "
+          f"{done['usage']['completion_tokens']} tokens)")
+    check([f["token"] for f in [first] + rest[:-1]] == done["tokens"],
+          "the cancelled request's done frame holds the tokens streamed")
+
+    try:
+        c.generate(prompt="x", max_tokens=-5, timeout=30)
+        check(False, "max_tokens -5 is refused")
+    except MoeshError as e:
+        check(e.code == "bad_request" and "max_tokens" in e.message, f"max_tokens -5 is a bad_request MoeshError: {e}")
+    try:
+        c.generate(prompt_ids=[10**9], max_tokens=4, timeout=30)
+        check(False, "a token id past the vocabulary is refused")
+    except MoeshError as e:
+        check(e.code == "bad_request", f"a token id past the vocabulary is a bad_request MoeshError: {e}")
+
+    # too_large comes back with a null id (the server does not read the frame); the client
+    # gives it to the request that had no answer yet.
+    try:
+        c.generate(prompt="x" * 70000, max_tokens=4, timeout=30)
+        check(False, "a 70000-byte request is refused")
+    except MoeshError as e:
+        check(e.code == "too_large", f"a request over max_message_bytes is a too_large MoeshError: {e}")
+
+    # A cancel of nothing is answered not_found, which must not land on a later request with that id.
+    c.cancel("reused-id")
+    done = c.generate(prompt=prompts[0], max_tokens=4, id="reused-id", timeout=60)
+    check(done["id"] == "reused-id" and done["type"] == "done", "a not_found answer to a stray cancel is dropped")
+
+    try:
+        c.generate(prompt=prompts[0], max_tokens=500, timeout=0.001)
+        check(False, "a 1 ms timeout expires")
+    except TimeoutError:
+        check(True, "a request not answered in time raises TimeoutError")
+    done = c.generate(prompt=prompts[1], max_tokens=n, timeout=60)
+    check(matches_run(done, expected[prompts[1]], eos_ids, n), "the client works after a timeout (late frames dropped)")
+
+
+def out_of_time(signum, frame):
+    raise TimeoutError(f"the test took longer than {BUDGET_S} s")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--moesh", required=True, help="the moesh binary")
+    ap.add_argument("--model", required=True, help="model folder")
+    args = ap.parse_args()
+
+    cfg = json.loads((pathlib.Path(args.model) / "config.json").read_text())
+    eos = cfg.get("eos_token_id")
+    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    signal.signal(signal.SIGALRM, out_of_time)
+    signal.alarm(BUDGET_S)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = pathlib.Path(tmp) / "serve.toml"
+        config.write_text(CONFIG)
+        log_path = pathlib.Path(tmp) / "server.log"
+        with open(log_path, "wb") as log:
+            proc = start_server(args.moesh, args.model, str(config), log)
+        try:
+            endpoint = read_endpoint(proc)
+            if not check(endpoint.startswith("tcp://127.0.0.1:"), f"the server prints its endpoint first: {endpoint!r}"):
+                return 1
+            with Client(endpoint) as c:
+                try:
+                    run_tests(c, args.moesh, args.model, eos_ids)
+                except (MoeshError, TimeoutError, RuntimeError, StopIteration) as e:
+                    check(False, f"unexpected {type(e).__name__}: {e}")
+            proc.send_signal(signal.SIGTERM)
+            try:
+                rc = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                rc = None
+            check(rc == 0, f"SIGTERM drains and exits 0 (exit status {rc})")
+        except TimeoutError as e:
+            check(False, str(e))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            proc.stdout.close()
+            if failures:
+                print("server log (tail):\n" + log_path.read_text(errors="replace")[-4000:])
+    print(f"{len(failures)} failed" if failures else "all passed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
