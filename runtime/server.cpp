@@ -207,7 +207,7 @@ void Server::handle(const std::string & peer, const std::string & body, bool del
     protocol::Request & req = std::get<protocol::Request>(parsed);
     switch (req.type) {
     case protocol::RequestType::Ping:
-        send(peer, delim, pong_frame(req.id, {{"server", "moesh"}, {"model", model_name_},
+        send(peer, delim, pong_frame(req.id, {{"server", "moesh"}, {"version", MOESH_VERSION}, {"model", model_name_},
                                        {"running", sched_->stats().running}, {"queued", sched_->stats().queued}}));
         return;
     case protocol::RequestType::Cancel:
