@@ -4,6 +4,24 @@
 
 namespace moesh {
 
+moesh_expert_ffn_args expert_ffn_args(const ExpertWeights & w, const float * x, const float * scale, float * out,
+                                      float * scratch, int64_t n_tokens) {
+    moesh_expert_ffn_args a{};
+    a.struct_size = sizeof a;
+    a.gate = w.gate.data;
+    a.up = w.up.data;
+    a.down = w.down.data;
+    a.w_type = w.gate.type;
+    a.x = x;
+    a.scale = scale;
+    a.out = out;
+    a.scratch = scratch;
+    a.n_embd = w.gate.n_cols;
+    a.n_ff = w.gate.n_rows;
+    a.n_tokens = n_tokens;
+    return a;
+}
+
 size_t dtype_size(moesh_dtype type) {
     switch (type) {
     case MOESH_DTYPE_F32: return 4;

@@ -54,6 +54,11 @@ struct ExpertWeights {
     int64_t n_ff() const { return gate.n_rows; }
 };
 
+// The expert_ffn arguments (plugin.h) for w, stored as it is, over n_tokens rows of x:
+// out[t] += scale[t] * down(silu(gate x[t]) * up x[t]) (scale may be null: 1).
+moesh_expert_ffn_args expert_ffn_args(const ExpertWeights & w, const float * x, const float * scale, float * out,
+                                      float * scratch, int64_t n_tokens);
+
 struct ExpertId {
     int32_t layer = 0;
     int32_t index = 0;

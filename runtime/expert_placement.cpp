@@ -101,18 +101,7 @@ CostRates measure_cost_rates(const Model & model, const Backend & device, const 
         BackendBuffer out(host, size_t(c.n_embd) * 4, "buffer_alloc (cost probe)");
         BackendBuffer scratch(host, 2 * size_t(w.n_ff()) * 4, "buffer_alloc (cost probe)");
         std::memset(x.get(), 0, size_t(c.n_embd) * 4);
-        moesh_expert_ffn_args a{};
-        a.struct_size = sizeof a;
-        a.gate = w.gate.data;
-        a.up = w.up.data;
-        a.down = w.down.data;
-        a.w_type = w.gate.type;
-        a.x = x.as<float>();
-        a.out = out.as<float>();
-        a.scratch = scratch.as<float>();
-        a.n_embd = w.gate.n_cols;
-        a.n_ff = w.gate.n_rows;
-        a.n_tokens = 1;
+        moesh_expert_ffn_args a = expert_ffn_args(w, x.as<float>(), nullptr, out.as<float>(), scratch.as<float>(), 1);
         double best = 1e30;
         for (int i = 0; i < 3; ++i) {   // the first pass pages the weights in
             const auto t0 = Clock::now();

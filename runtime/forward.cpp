@@ -173,19 +173,9 @@ void ForwardPass::run_expert_on_host(const ExpertWeights & w, int64_t e, int64_t
     }
     be_.download(hx_.get(), src, size_t(n_e) * row_bytes, "copy_to_host (in-place expert input)");
     std::memset(ho_.get(), 0, size_t(n_e) * row_bytes);
-    moesh_expert_ffn_args a{};
-    a.struct_size = sizeof a;
-    a.gate = w.gate.data;
-    a.up = w.up.data;
-    a.down = w.down.data;
-    a.w_type = w.gate.type;
-    a.x = hx_.as<float>();
-    a.scale = route_w_.host() + dispatch_.offset(e);   // the host copy of the routing weights
-    a.out = ho_.as<float>();
-    a.scratch = hscratch_.as<float>();
-    a.n_embd = w.gate.n_cols;
-    a.n_ff = w.gate.n_rows;
-    a.n_tokens = n_e;
+    // the routing weights from their host copy
+    moesh_expert_ffn_args a = expert_ffn_args(w, hx_.as<float>(), route_w_.host() + dispatch_.offset(e), ho_.as<float>(),
+                                              hscratch_.as<float>(), n_e);
     host_be_->check(host_be_->iface().expert_ffn(host_be_->ctx(), &a), "expert_ffn (host, in place)");
     host_be_->check(host_be_->iface().synchronize(host_be_->ctx()), "synchronize (host)");
     be_.upload(oe_.as<float>(), ho_.get(), size_t(n_e) * row_bytes, "copy_to_device (in-place expert output)");
