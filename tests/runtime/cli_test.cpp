@@ -93,16 +93,21 @@ TEST(Cli, RequestedBackendThatCannotRunFallsBackToTheCpu) {
     EXPECT_EQ(r.out.find("falling back"), std::string::npos) << r.out;
 }
 
+// Prompt i of the Mixtral fixture as comma-separated ids, and the tokens transformers generated.
+std::pair<std::string, std::vector<int32_t>> fixture_case(size_t i) {
+    std::ifstream in(k_fixture + "/reference.json");
+    const auto ref = nlohmann::json::parse(in);
+    const auto prompt = ref["prompts"][i].get<std::vector<int32_t>>();
+    std::string ids;
+    for (size_t k = 0; k < prompt.size(); ++k) (ids += k ? "," : "") += std::to_string(prompt[k]);
+    return {ids, ref["generated"][i].get<std::vector<int32_t>>()};
+}
+
 // The device-memory path end to end (the devsim test plugin): the tokens transformers
 // generates, the upload announced; a device too small for the model says what it needs.
 TEST(Cli, RunOnADeviceMemoryBackendUploadsTheModel) {
     if (!fs::exists(k_fixture)) GTEST_SKIP() << "fixture missing: " << k_fixture;
-    std::ifstream in(k_fixture + "/reference.json");
-    const auto ref = nlohmann::json::parse(in);
-    const auto prompt = ref["prompts"][1].get<std::vector<int32_t>>();
-    const auto expected = ref["generated"][1].get<std::vector<int32_t>>();
-    std::string ids;
-    for (size_t i = 0; i < prompt.size(); ++i) (ids += i ? "," : "") += std::to_string(prompt[i]);
+    const auto [ids, expected] = fixture_case(1);
     const std::string devsim = std::string(MOESH_TEST_PLUGIN_DIR) + "/devsim";
     Result r = run("run --model " + k_fixture + " --prompt-ids " + ids + " -n 6 --output json --backend devsim --plugin-dir " +
                    devsim);
@@ -121,12 +126,7 @@ TEST(Cli, RunOnADeviceMemoryBackendUploadsTheModel) {
 // A gpu tier smaller than the experts: the rest are promoted or computed on the cpu backend, and the
 // tokens stay transformers'. A budget the device cannot hold is refused at start.
 TEST(Cli, GpuTierOnADeviceMemoryBackendKeepsTheTokens) {
-    std::ifstream in(k_fixture + "/reference.json");
-    const auto ref = nlohmann::json::parse(in);
-    const auto prompt = ref["prompts"][0].get<std::vector<int32_t>>();
-    const auto expected = ref["generated"][0].get<std::vector<int32_t>>();
-    std::string ids;
-    for (size_t i = 0; i < prompt.size(); ++i) (ids += i ? "," : "") += std::to_string(prompt[i]);
+    const auto [ids, expected] = fixture_case(0);
     const std::string devsim = std::string(MOESH_TEST_PLUGIN_DIR) + "/devsim";
     test::TempDir dir;
     const std::string config =
