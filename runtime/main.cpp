@@ -596,7 +596,7 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint) {
     const int64_t n_ctx = std::min<int64_t>(model.config().max_positions, int64_t(rc.server.max_tokens) + 1024);
     const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, rc.max_batch);
     const std::filesystem::path mp = std::filesystem::path(co.model).lexically_normal();
-    moesh::Server server(model, *backend, tok ? &*tok : nullptr, chat, rc.server, rc.max_batch, weights.get(),
+    moesh::Server server(model, *backend, tok ? &*tok : nullptr, chat, rc.server, rc.max_batch, rc.kv_block_size, weights.get(),
                          (mp.has_filename() ? mp : mp.parent_path()).filename().string());
     server.bind();
     std::signal(SIGTERM, on_stop_signal);

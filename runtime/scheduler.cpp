@@ -42,6 +42,7 @@ Scheduler::Scheduler(const Model & model, Backend & backend, const SchedulerOpti
     running_.reserve(size_t(o.max_sequences));
     batch_.token.reserve(size_t(o.max_batch));
     logit_owner_.reserve(size_t(o.max_batch));
+    ended_.reserve(size_t(o.max_sequences));
     stats_.kv_blocks_total = o.kv_blocks;
 }
 
@@ -164,7 +165,8 @@ bool Scheduler::step() {
 
     // Sample in row order; finish afterwards (finishing reorders running_).
     const ModelConfig & c = model_.config();
-    std::vector<std::pair<size_t, FinishReason>> ended;
+    std::vector<std::pair<size_t, FinishReason>> & ended = ended_;
+    ended.clear();
     for (size_t row = 0; row < logit_owner_.size(); ++row) {
         Seq & s = running_[size_t(logit_owner_[row])];
         const int32_t tok = s.sampler->sample(logits + row * size_t(c.n_vocab), c.n_vocab);

@@ -119,6 +119,7 @@ private:
     std::vector<int32_t> free_slots_;
     Batch batch_;
     std::vector<int64_t> logit_owner_;   // running index of each logits row of the step
+    std::vector<std::pair<size_t, FinishReason>> ended_;   // requests a step finished (reserved: no allocation per step)
     SchedulerStats stats_;
 };
 

@@ -8,7 +8,7 @@
 // stopped reading) cancels its request at once, frees its KV blocks and is
 // counted — never dropped silently.
 //
-//   Server srv(model, backend, tokenizer, rc.server, rc.max_batch);
+//   Server srv(model, backend, tokenizer, chat, rc.server, rc.max_batch, rc.kv_block_size);
 //   srv.bind();                         // throws moesh::Error (address in use, bad endpoint)
 //   srv.run(stop_flag);                 // until stop_flag, then drains (drain_timeout_s)
 //
@@ -47,7 +47,8 @@ public:
     // tokenizer may be null (then only prompt_ids are accepted); chat: the model's template
     // for "messages" (without it they are refused). weights may be null.
     Server(const Model & model, Backend & backend, const Tokenizer * tokenizer, std::optional<ChatTemplate> chat,
-           const ServerConfig & config, int64_t max_batch, const BackendWeights * weights = nullptr, std::string model_name = "");
+           const ServerConfig & config, int64_t max_batch, int64_t kv_block_size, const BackendWeights * weights = nullptr,
+           std::string model_name = "");
     ~Server();
 
     void bind();                                   // the endpoint actually bound: endpoint()
