@@ -18,6 +18,7 @@
 #include "runtime/quantize.h"
 #include "runtime/run_config.h"
 #include "runtime/server.h"
+#include "transport/http_server.h"
 #include "runtime/tokenizer.h"
 #include "transport/client.h"
 
@@ -28,6 +29,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <thread>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -583,10 +585,35 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
 std::atomic<bool> g_stop{false};
 extern "C" void on_stop_signal(int) { g_stop.store(true); }
 
-// A ZeroMQ server until SIGTERM/SIGINT, then a bounded drain (server.h).
-int cmd_serve(const CommonOptions & co, const std::string & endpoint) {
+// A ZeroMQ server, and the HTTP front when configured, until SIGTERM/SIGINT, then a bounded
+// drain (server.h). HTTP listens before the model loads, so /health can say "loading".
+int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std::string & http) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
+    apply_expert_budget(co, rc);
     if (!endpoint.empty()) rc.server.endpoint = endpoint;
+    if (!http.empty()) rc.server.http = http == "off" ? "" : http;
+    moesh::LocalPort port;
+    std::unique_ptr<moesh::HttpFront> front;
+    const std::filesystem::path mp = std::filesystem::path(co.model).lexically_normal();
+    const std::string model_name = (mp.has_filename() ? mp : mp.parent_path()).filename().string();
+    if (!rc.server.http.empty()) {
+        moesh::HttpOptions ho;
+        if (!moesh::parse_host_port(rc.server.http, &ho.address, &ho.port))
+            throw Error("--http: '" + rc.server.http + "' is not ADDRESS:PORT such as 127.0.0.1:8080 (or off)");
+        ho.max_connections = rc.server.http_max_connections;
+        ho.max_body_bytes = rc.server.max_message_bytes;
+        ho.request_timeout_s = rc.server.http_request_timeout_s;
+        ho.default_max_tokens = std::min<int64_t>(16, rc.server.max_tokens);
+        ho.default_chat_max_tokens = std::min(rc.server.default_max_tokens, rc.server.max_tokens);
+        ho.model_name = model_name;
+        front = std::make_unique<moesh::HttpFront>(ho, port);
+        try {
+            front->start();
+        } catch (const std::runtime_error & e) {
+            throw Error(e.what());
+        }
+        std::fprintf(stderr, "moesh: http on %s (503 until the model is loaded)\n", front->url().c_str());
+    }
     std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
     std::optional<moesh::ChatTemplate> chat;
     if (tok)
@@ -594,24 +621,39 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint) {
     moesh::Model model = load_model(co.model, rc.quantize, co.threads >= 0 ? co.threads : rc.threads);
     auto backend = open_backend(co, rc);
     const int64_t n_ctx = std::min<int64_t>(model.config().max_positions, int64_t(rc.server.max_tokens) + 1024);
-    const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, rc.max_batch);
-    const std::filesystem::path mp = std::filesystem::path(co.model).lexically_normal();
+    const PlacementSetup placement = open_placement(model, co, rc, *backend, n_ctx, rc.max_batch);
+    const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, rc.max_batch, placement.routed_experts_in_weights());
     moesh::Server server(model, *backend, tok ? &*tok : nullptr, chat, rc.server, rc.max_batch, rc.kv_block_size, weights.get(),
-                         (mp.has_filename() ? mp : mp.parent_path()).filename().string());
+                         model_name);
+    if (!placement.routed_experts_in_weights()) server.set_placement(placement.refs(rc.placement.prefetch, rc.placement.prefetch_extra));
     server.bind();
+    if (front) server.attach(port);
     std::signal(SIGTERM, on_stop_signal);
     std::signal(SIGINT, on_stop_signal);
-    std::fprintf(stderr, "moesh: serving %s on %s (%lld sequences, KV %s, queue %lld); SIGTERM drains for %.0f s\n",
-                 co.model.c_str(), server.endpoint().c_str(), (long long)rc.server.max_sequences,
-                 human_bytes(double(rc.server.kv_cache)).c_str(), (long long)rc.server.max_queue, rc.server.drain_timeout_s);
-    std::printf("%s\n", server.endpoint().c_str());   // for scripts: the endpoint actually bound
+    std::fprintf(stderr, "moesh: serving %s on %s%s%s (%lld sequences, KV %s, queue %lld); SIGTERM drains for %.0f s\n",
+                 co.model.c_str(), server.endpoint().c_str(), front ? " and " : "", front ? front->url().c_str() : "",
+                 (long long)rc.server.max_sequences, human_bytes(double(rc.server.kv_cache)).c_str(), (long long)rc.server.max_queue,
+                 rc.server.drain_timeout_s);
+    std::printf("%s\n", server.endpoint().c_str());   // for scripts: the endpoints actually bound, once ready
+    if (front) std::printf("%s\n", front->url().c_str());
     std::fflush(stdout);
+    std::thread watcher;   // SIGTERM: the HTTP front stops accepting at once, while the loop drains
+    std::atomic<bool> served{false};
+    if (front)
+        watcher = std::thread([&] {
+            while (!g_stop.load() && !served.load()) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+            front->stop_accepting();
+        });
     server.run(g_stop);
+    served = true;
+    if (watcher.joinable()) watcher.join();
+    if (front) front->stop();
     const moesh::ServerStats & st = server.stats();
     std::fprintf(stderr, "moesh: stopped: %lld requests, %lld completed, %lld cancelled, %lld busy, %lld refused, %lld bad, "
                          "%lld replies undeliverable, %lld tokens\n",
                  (long long)st.requests, (long long)st.completed, (long long)st.cancelled, (long long)st.busy,
                  (long long)st.rejected, (long long)st.bad_requests, (long long)st.undeliverable, (long long)st.tokens_out);
+    if (co.stats && placement.store) print_store_stats(placement.store->stats(), st.tokens_out);
     return 0;
 }
 
@@ -1103,12 +1145,17 @@ int main(int argc, char ** argv) {
     inspect->add_option("-m,--model", ico.model, "Hugging Face model folder, or a .gguf file")->required();
 
     CLI::App * serve = app.add_subcommand(
-        "serve", "Serve requests over ZeroMQ (protocol: docs/PROTOCOL.md) with continuous batching; settings in "
-                 "[server] of --config (configs/serve.toml). Prints the bound endpoint on stdout. SIGTERM drains and exits");
+        "serve", "Serve requests over ZeroMQ and HTTP (OpenAI-compatible /v1/completions, /v1/chat/completions, "
+                 "/v1/models, /health, /metrics; docs/PROTOCOL.md) with continuous batching; settings in [server] of "
+                 "--config (configs/serve.toml). Prints the bound ZeroMQ endpoint, then the HTTP URL, on stdout once "
+                 "ready. SIGTERM stops accepting, drains running requests, and exits");
     CommonOptions sco;
     add_common(serve, sco, /*model_optional=*/true);
-    std::string serve_endpoint;
+    std::string serve_endpoint, serve_http;
     serve->add_option("--endpoint", serve_endpoint, "ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5555 (default: [server] endpoint)");
+    serve->add_option("--http", serve_http,
+                      "HTTP address for the OpenAI-compatible API, /health and /metrics, e.g. 127.0.0.1:8080 (port 0: a free "
+                      "one), or off (default: [server] http, else 127.0.0.1:8080)");
 
     CLI::App * client = app.add_subcommand("client", "Send one request to `moesh serve` and print the answer");
     std::string cl_endpoint = "tcp://127.0.0.1:5555", cl_prompt, cl_ids, cl_output = "text";
@@ -1194,7 +1241,7 @@ int main(int argc, char ** argv) {
         if (*serve) {
             if (sco.model.empty()) sco.model = shipped_model();
             if (sco.model.empty()) throw Error("no --model given and the shipped model was not found next to the executable");
-            return cmd_serve(sco, serve_endpoint);
+            return cmd_serve(sco, serve_endpoint, serve_http);
         }
         if (*client) {
             if (cl_prompt.empty() && cl_ids.empty()) throw Error("client: give --prompt or --prompt-ids");

@@ -6,6 +6,7 @@
 #include <toml++/toml.h>
 
 #include <algorithm>
+#include <cctype>
 #include <filesystem>
 
 namespace moesh {
@@ -160,6 +161,27 @@ void parse_placement(std::string_view source, const toml::table & tbl, Placement
 
 } // namespace
 
+bool parse_host_port(std::string_view text, std::string * address, uint16_t * port) {
+    const size_t colon = text.rfind(':');
+    if (colon == std::string_view::npos || colon == 0 || colon + 1 == text.size() || text.size() - colon - 1 > 5) return false;
+    std::string_view host = text.substr(0, colon), digits = text.substr(colon + 1);
+    if (host.front() == '[') {   // [::1]:8080
+        if (host.size() < 3 || host.back() != ']') return false;
+        host = host.substr(1, host.size() - 2);
+    }
+    unsigned p = 0;
+    for (char c : digits) {
+        if (c < '0' || c > '9') return false;
+        p = p * 10 + unsigned(c - '0');
+    }
+    if (p > 65535) return false;
+    for (char c : host)
+        if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == ':' || c == '-')) return false;
+    *address = std::string(host);
+    *port = uint16_t(p);
+    return true;
+}
+
 bool parse_byte_size(std::string_view text, uint64_t * out) {
     std::string s(text);
     size_t used = 0;
@@ -293,9 +315,25 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                     if (!(v.is_floating_point() || v.is_integer()) || !d || !(*d >= 0 && *d <= 86400))
                         fail(source, v, key, "expected seconds in [0, 86400]");
                     sc.drain_timeout_s = *d;
+                } else if (k == "http") {
+                    sc.http = string_value(source, v, key);
+                    std::string a;
+                    uint16_t port = 0;
+                    if (!sc.http.empty() && !parse_host_port(sc.http, &a, &port))
+                        fail(source, v, key, "expected \"ADDRESS:PORT\" such as \"127.0.0.1:8080\" (port 0: any free port), or \"\" for no HTTP");
+                } else if (k == "http_max_connections") {
+                    sc.http_max_connections = integer(source, v, key, 1, 1 << 20);
+                } else if (k == "http_request_timeout_s") {
+                    auto d = v.value<double>();
+                    if (!(v.is_floating_point() || v.is_integer()) || !d || !(*d > 0 && *d <= 3600))
+                        fail(source, v, key, "expected seconds in (0, 3600]");
+                    sc.http_request_timeout_s = *d;
+                } else if (k == "default_max_tokens") {
+                    sc.default_max_tokens = integer(source, v, key, 1, 1 << 24);
                 } else {
                     fail(source, v, key, "unknown key (known: endpoint, max_sequences, kv_cache, prefill_chunk, max_queue, "
-                                         "max_tokens, max_message_bytes, send_hwm, recv_hwm, drain_timeout_s)");
+                                         "max_tokens, max_message_bytes, send_hwm, recv_hwm, drain_timeout_s, http, "
+                                         "http_max_connections, http_request_timeout_s, default_max_tokens)");
                 }
             }
         } else {

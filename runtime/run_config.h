@@ -62,7 +62,16 @@ struct ServerConfig {
     int64_t send_hwm = 10000;        // ZeroMQ high-water marks (messages)
     int64_t recv_hwm = 10000;
     double drain_timeout_s = 30;     // SIGTERM: finish running requests for at most this long
+    // HTTP (OpenAI-compatible API, /health, /metrics): "ADDRESS:PORT" ("127.0.0.1:0" picks a
+    // free port), or "" for none.
+    std::string http = "127.0.0.1:8080";
+    int64_t http_max_connections = 256;
+    double http_request_timeout_s = 30;   // to receive a request; also the keep-alive idle limit
+    int64_t default_max_tokens = 256;     // a chat request that gives no max_tokens
 };
+
+// "127.0.0.1:8080" / "[::1]:8080" -> address and port; false when not that shape.
+bool parse_host_port(std::string_view text, std::string * address, uint16_t * port);
 
 // "512MiB", "1.5GiB", "2GB", "4096" -> bytes; false when not a size.
 bool parse_byte_size(std::string_view text, uint64_t * out);

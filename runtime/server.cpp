@@ -1,5 +1,7 @@
 #include "runtime/server.h"
 
+#include "experts/device_experts.h"
+#include "experts/expert_store.h"
 #include "runtime/error.h"
 
 #include <zmq.hpp>
@@ -38,6 +40,14 @@ Server::Server(const Model & model, Backend & backend, const Tokenizer * tokeniz
     limits_.n_vocab = c.n_vocab;
     max_stop_bytes_ = size_t(limits_.max_stop_bytes);
     for (int64_t id : c.eos_token_ids) eos_.push_back(int32_t(id));
+    if (c.n_expert > 0) {
+        expert_load_.assign(size_t(c.n_layer * c.n_expert), 0);
+        const int64_t n_used = c.n_expert_used, n_expert = c.n_expert;
+        sched_->forward().set_route_observer([this, n_used, n_expert](int64_t layer, int64_t n, const int32_t * ids, const float *) {
+            int64_t * row = expert_load_.data() + layer * n_expert;
+            for (int64_t i = 0; i < n * n_used; ++i) ++row[ids[i]];
+        });
+    }
     if (tok_ && chat_)
         for (const char * end : {"<|im_end|>", "<|eot_id|>", "</s>"})
             if (int32_t id = tok_->token_id(end); id >= 0) chat_stop_.push_back(id);
@@ -62,14 +72,19 @@ void Server::bind() {
     bound_ = sock_->get(zmq::sockopt::last_endpoint);
 }
 
-bool Server::send(const std::string & peer, bool delim, const std::string & frame) {
+bool Server::send(const Origin & to, const std::string & frame) {
+    if (to.local) {
+        if (port_ && port_->deliver(to.local, frame)) return true;
+        ++stats_.undeliverable;
+        return false;
+    }
     try {
         // Never block the loop on one slow client: a full queue counts as undeliverable.
-        if (!sock_->send(zmq::buffer(peer), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) {
+        if (!sock_->send(zmq::buffer(to.peer), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) {
             ++stats_.undeliverable;
             return false;
         }
-        if (delim) (void)sock_->send(zmq::message_t(), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
+        if (to.delim) (void)sock_->send(zmq::message_t(), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
         (void)sock_->send(zmq::buffer(frame), zmq::send_flags::dontwait);
         return true;
     } catch (const zmq::error_t &) {   // EHOSTUNREACH: the peer is gone (ROUTER_MANDATORY)
@@ -86,7 +101,7 @@ void Server::send_pending(uint64_t handle, Active & a, size_t safe) {
     if (!a.pending) return;
     const std::string piece = safe > a.sent ? a.text.substr(a.sent, safe - a.sent) : std::string();
     a.sent = std::max(a.sent, safe);
-    if (a.stream && !a.gone && !send(a.peer, a.delim, token_frame(a.id, a.index, *a.pending, piece))) {
+    if (a.stream && !a.gone && !send(a.origin, token_frame(a.id, a.index, *a.pending, piece))) {
         a.gone = true;
         to_cancel_.push_back(handle);
     }
@@ -99,6 +114,10 @@ bool Server::on_token(uint64_t handle, int32_t token) {
     if (it == active_.end()) return false;
     Active & a = it->second;
     ++stats_.tokens_out;
+    const auto now = std::chrono::steady_clock::now();
+    if (a.any_token) itl_.observe(std::chrono::duration<double>(now - a.last_token).count());
+    a.last_token = now;
+    a.any_token = true;
     if (std::find(eos_.begin(), eos_.end(), token) != eos_.end() ||
         std::find(chat_stop_.begin(), chat_stop_.end(), token) != chat_stop_.end())
         return true;   // the scheduler ends the request (Eos); its text is not part of the completion
@@ -139,15 +158,18 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     d.decode_tokens_per_second = tokens.size() > 1 ? t.decode_tokens_per_second : std::nan("");
     if (why == FinishReason::Cancelled) ++stats_.cancelled;
     else ++stats_.completed;
-    if (!a.gone) send(a.peer, a.delim, done_frame(a.id, d));
+    if (!tokens.empty()) ttft_.observe(t.ttft_ms / 1e3);
+    duration_.observe(t.total_ms / 1e3);
+    queue_.observe(t.queue_ms / 1e3);
+    if (!a.gone) send(a.origin, done_frame(a.id, d));
     active_.erase(it);
 }
 
-void Server::generate(const std::string & peer, bool delim, protocol::Request && req) {
+void Server::generate(const Origin & from, protocol::Request && req) {
     for (const auto & [h, a] : active_)
-        if (a.peer == peer && a.id == req.id) {
+        if (a.origin == from && a.id == req.id) {
             ++stats_.bad_requests;
-            send(peer, delim, error_frame(req.id, ErrorCode::BadRequest, "a request with id '" + req.id + "' is already running"));
+            send(from, error_frame(req.id, ErrorCode::BadRequest, "a request with id '" + req.id + "' is already running"));
             return;
         }
     GenRequest g;
@@ -155,12 +177,12 @@ void Server::generate(const std::string & peer, bool delim, protocol::Request &&
         g.prompt = std::move(*req.prompt_ids);
     } else if (!tok_) {
         ++stats_.bad_requests;
-        send(peer, delim, error_frame(req.id, ErrorCode::BadRequest, "this model has no tokenizer: send prompt_ids"));
+        send(from, error_frame(req.id, ErrorCode::BadRequest, "this model has no tokenizer: send prompt_ids"));
         return;
     } else if (req.messages) {
         if (!chat_) {
             ++stats_.bad_requests;
-            send(peer, delim, error_frame(req.id, ErrorCode::BadRequest,
+            send(from, error_frame(req.id, ErrorCode::BadRequest,
                                    "this model has no chat template moesh recognises (ChatML, Llama-3, Mistral): send prompt"));
             return;
         }
@@ -184,48 +206,72 @@ void Server::generate(const std::string & peer, bool delim, protocol::Request &&
         const ErrorCode code = a == Admit::Busy ? ErrorCode::Busy : a == Admit::TooLong ? ErrorCode::TooLong : ErrorCode::BadRequest;
         (a == Admit::Busy ? stats_.busy : stats_.rejected) += 1;
         // Busy: retry once about a request's worth of decoding has passed.
-        send(peer, delim, error_frame(req.id, code, why, a == Admit::Busy ? 1000 : -1));
+        send(from, error_frame(req.id, code, why, a == Admit::Busy ? 1000 : -1));
         return;
     }
     ++stats_.requests;
+    stats_.prompt_tokens += n_prompt;
     Active & act = active_[handle];
-    act.peer = peer;
+    act.origin = from;
     act.id = req.id;
     act.stream = req.stream;
     act.stop = std::move(req.stop);
     act.prompt_tokens = n_prompt;
-    act.delim = delim;
     if (tok_) act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/req.messages.has_value());
 }
 
-void Server::handle(const std::string & peer, const std::string & body, bool delim, bool draining) {
+void Server::handle(const Origin & from, const std::string & body, bool draining) {
     auto parsed = protocol::parse_request(body, limits_);
     if (auto * err = std::get_if<protocol::ParseError>(&parsed)) {
         ++stats_.bad_requests;
-        send(peer, delim, error_frame(err->id, err->code, err->message));
+        send(from, error_frame(err->id, err->code, err->message));
         return;
     }
     protocol::Request & req = std::get<protocol::Request>(parsed);
     switch (req.type) {
     case protocol::RequestType::Ping:
-        send(peer, delim, pong_frame(req.id, {{"server", "moesh"}, {"version", MOESH_VERSION}, {"model", model_name_},
+        send(from, pong_frame(req.id, {{"server", "moesh"}, {"version", MOESH_VERSION}, {"model", model_name_},
                                        {"running", sched_->stats().running}, {"queued", sched_->stats().queued}}));
         return;
     case protocol::RequestType::Cancel:
         for (const auto & [h, a] : active_)
-            if (a.peer == peer && a.id == req.id) {
+            if (a.origin == from && a.id == req.id) {
                 sched_->cancel(h);   // on_done sends the final frame and erases it
                 return;
             }
-        send(peer, delim, error_frame(req.id, ErrorCode::NotFound, "no running or queued request with id '" + req.id + "'"));
+        send(from, error_frame(req.id, ErrorCode::NotFound, "no running or queued request with id '" + req.id + "'"));
         return;
     case protocol::RequestType::Generate:
         if (draining) {
-            send(peer, delim, error_frame(req.id, ErrorCode::ShuttingDown, "the server is shutting down; send it elsewhere"));
+            send(from, error_frame(req.id, ErrorCode::ShuttingDown, "the server is shutting down; send it elsewhere"));
             return;
         }
-        generate(peer, delim, std::move(req));
+        generate(from, std::move(req));
         return;
+    }
+}
+
+void Server::attach(LocalPort & port) {
+    port_ = &port;
+    port.max_queue = cfg_.max_queue;
+}
+
+void Server::set_placement(const ExpertPlacement & p) {
+    sched_->forward().set_placement(p);
+    store_ = p.store;
+    gpu_ = p.device;
+}
+
+void Server::take_local(bool draining) {
+    inbox_.clear();
+    port_->take(inbox_);
+    for (LocalPort::Message & m : inbox_) {
+        const Origin from{{}, m.client, false};
+        if (m.kind == LocalPort::Kind::Metrics) {
+            if (!port_->deliver(m.client, metrics_text())) ++stats_.undeliverable;
+        } else {
+            handle(from, m.body, draining);
+        }
     }
 }
 
@@ -233,33 +279,39 @@ void Server::run(const std::atomic<bool> & stop) {
     if (!sock_) bind();
     using Clock = std::chrono::steady_clock;
     std::optional<Clock::time_point> drain_until;
+    if (port_) port_->state = LocalPort::State::Ready;
     for (;;) {
         const bool draining = stop.load();
-        if (draining && !drain_until) drain_until = Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                                                       std::chrono::duration<double>(cfg_.drain_timeout_s));
+        if (draining && !drain_until) {
+            drain_until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(cfg_.drain_timeout_s));
+            if (port_) port_->state = LocalPort::State::Draining;
+        }
         if (drain_until && (sched_->idle() || Clock::now() >= *drain_until)) break;
         // Read everything waiting (without blocking while there is work to step).
-        zmq::pollitem_t item{sock_->handle(), 0, ZMQ_POLLIN, 0};
+        zmq::pollitem_t items[2] = {{sock_->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, port_ ? port_->fd() : -1, ZMQ_POLLIN, 0}};
+        const int n_items = port_ ? 2 : 1;
         try {
-            zmq::poll(&item, 1, std::chrono::milliseconds(sched_->idle() ? 50 : 0));
+            zmq::poll(items, size_t(n_items), std::chrono::milliseconds(sched_->idle() ? 50 : 0));
         } catch (const zmq::error_t & e) {
             if (e.num() != EINTR) throw;   // a signal (SIGTERM) woke us: the loop sees the flag
             continue;
         }
+        if (port_ && (items[1].revents & ZMQ_POLLIN)) take_local(draining);
+        zmq::pollitem_t & item = items[0];
         for (int n = 0; n < 1000 && (item.revents & ZMQ_POLLIN); ++n) {
             std::vector<zmq::message_t> parts;
             if (!zmq::recv_multipart(*sock_, std::back_inserter(parts), zmq::recv_flags::dontwait)) break;
             if (parts.size() >= 2) {
-                const std::string peer = parts[0].to_string();
+                Origin from{parts[0].to_string(), 0, false};
                 // [peer][optional empty delimiter][body]: anything else is answered as malformed
-                const bool delim = parts.size() == 3 && parts[1].size() == 0;
-                const size_t body = delim ? 2 : 1;
+                from.delim = parts.size() == 3 && parts[1].size() == 0;
+                const size_t body = from.delim ? 2 : 1;
                 if (parts.size() - body != 1) {
                     ++stats_.bad_requests;
-                    send(peer, parts[1].size() == 0, error_frame("", ErrorCode::BadRequest,
-                                                                 "expected one frame holding a JSON object (after an optional empty frame)"));
+                    from.delim = parts[1].size() == 0;
+                    send(from, error_frame("", ErrorCode::BadRequest, "expected one frame holding a JSON object (after an optional empty frame)"));
                 } else {
-                    handle(peer, parts[body].to_string(), delim, draining);
+                    handle(from, parts[body].to_string(), draining);
                 }
             }
             zmq::poll(&item, 1, std::chrono::milliseconds(0));
@@ -267,11 +319,103 @@ void Server::run(const std::atomic<bool> & stop) {
         if (!sched_->idle()) sched_->step();
         for (uint64_t h : to_cancel_) sched_->cancel(h);   // clients that went away free their blocks now
         to_cancel_.clear();
+        if (port_) {
+            const SchedulerStats st = sched_->stats();
+            port_->queued = st.queued;
+            port_->running = st.running;
+        }
     }
     // Out of time: what still runs is cancelled (each gets its final frame).
     std::vector<uint64_t> left;
     for (const auto & [h, a] : active_) left.push_back(h);
     for (uint64_t h : left) sched_->cancel(h);
+}
+
+void Histogram::observe(double v) {
+    if (!std::isfinite(v)) return;
+    const size_t b = size_t(std::lower_bound(bounds_.begin(), bounds_.end(), v) - bounds_.begin());
+    ++counts_[b];
+    sum_ += v;
+    ++count_;
+}
+
+void Histogram::write(std::string & out, const char * name, const char * help) const {
+    char line[256];
+    out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " histogram\n";
+    int64_t cum = 0;
+    for (size_t i = 0; i < bounds_.size(); ++i) {
+        cum += counts_[i];
+        std::snprintf(line, sizeof line, "%s_bucket{le=\"%g\"} %lld\n", name, bounds_[i], (long long)cum);
+        out += line;
+    }
+    std::snprintf(line, sizeof line, "%s_bucket{le=\"+Inf\"} %lld\n%s_sum %.9g\n%s_count %lld\n", name, (long long)count_, name, sum_,
+                  name, (long long)count_);
+    out += line;
+}
+
+namespace {
+
+void metric(std::string & out, const char * name, const char * type, const char * help, double value) {
+    char line[128];
+    std::snprintf(line, sizeof line, " %.17g\n", value);
+    out += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " " + type + "\n" + name + line;
+}
+
+} // namespace
+
+std::string Server::metrics_text() const {
+    std::string o;
+    metric(o, "moesh_up", "gauge", "1 when the model is loaded and requests are served.", 1);
+    o += "# HELP moesh_requests_total Requests by outcome.\n# TYPE moesh_requests_total counter\n";
+    const std::pair<const char *, int64_t> outcomes[] = {{"completed", stats_.completed}, {"cancelled", stats_.cancelled},
+                                                          {"busy", stats_.busy},           {"refused", stats_.rejected},
+                                                          {"bad_request", stats_.bad_requests}};
+    for (const auto & [name, n] : outcomes) o += std::string("moesh_requests_total{outcome=\"") + name + "\"} " + std::to_string(n) + "\n";
+    metric(o, "moesh_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", double(stats_.prompt_tokens));
+    metric(o, "moesh_generated_tokens_total", "counter", "Tokens generated.", double(stats_.tokens_out));
+    metric(o, "moesh_replies_undeliverable_total", "counter", "Replies a client could not take (gone, or not reading): its request was cancelled.",
+           double(stats_.undeliverable));
+    const SchedulerStats st = sched_->stats();
+    metric(o, "moesh_requests_running", "gauge", "Requests decoding or prefilling.", double(st.running));
+    metric(o, "moesh_requests_queued", "gauge", "Requests waiting for a sequence slot or KV blocks.", double(st.queued));
+    metric(o, "moesh_queue_capacity", "gauge", "Waiting requests beyond which a request is answered busy.", double(cfg_.max_queue));
+    metric(o, "moesh_kv_blocks_used", "gauge", "KV cache blocks held by running requests.", double(st.kv_blocks_used));
+    metric(o, "moesh_kv_blocks_total", "gauge", "KV cache blocks in the pool.", double(st.kv_blocks_total));
+    metric(o, "moesh_forward_steps_total", "counter", "Batched forward steps.", double(st.steps));
+    ttft_.write(o, "moesh_time_to_first_token_seconds", "From a request's arrival to its first generated token.");
+    itl_.write(o, "moesh_inter_token_latency_seconds", "Between consecutive tokens of a request.");
+    duration_.write(o, "moesh_request_duration_seconds", "From a request's arrival to its end.");
+    queue_.write(o, "moesh_queue_time_seconds", "From a request's arrival to its admission.");
+    const ModelConfig & c = model_.config();
+    if (c.n_expert > 0) {
+        o += "# HELP moesh_expert_tokens_total Tokens routed to each expert (its load).\n# TYPE moesh_expert_tokens_total counter\n";
+        for (int64_t l = 0; l < c.n_layer; ++l)
+            for (int64_t e = 0; e < c.n_expert; ++e)
+                if (int64_t n = expert_load_[size_t(l * c.n_expert + e)])
+                    o += "moesh_expert_tokens_total{layer=\"" + std::to_string(l) + "\",expert=\"" + std::to_string(e) + "\"} " +
+                         std::to_string(n) + "\n";
+    }
+    if (store_) {
+        const StoreStats s = store_->stats();
+        metric(o, "moesh_expert_host_requests_total", "counter", "Experts wanted by a layer from the host tier.", double(s.requests));
+        metric(o, "moesh_expert_host_hits_total", "counter", "... already in host memory (or on their way) when wanted.", double(s.hits));
+        metric(o, "moesh_expert_host_misses_total", "counter", "... read from disk on demand.", double(s.misses));
+        metric(o, "moesh_expert_host_evictions_total", "counter", "Experts evicted from the host tier.", double(s.evictions));
+        metric(o, "moesh_expert_prefetches_total", "counter", "Expert reads started by prefetch.", double(s.prefetches));
+        metric(o, "moesh_expert_prefetch_precision", "gauge", "Predicted experts that their layer then wanted.", s.prefetch_precision());
+        metric(o, "moesh_expert_prefetch_recall", "gauge", "Wanted experts that had been predicted.", s.prefetch_recall());
+        metric(o, "moesh_expert_disk_read_bytes_total", "counter", "Bytes of experts read from disk.", double(s.bytes_read));
+        metric(o, "moesh_expert_stall_seconds_total", "counter", "Forward pass time spent waiting for experts.", s.stall_seconds);
+    }
+    if (gpu_) {
+        const DeviceExpertStats & s = gpu_->stats();
+        metric(o, "moesh_expert_gpu_requests_total", "counter", "Experts wanted by a layer from the gpu tier.", double(s.requests));
+        metric(o, "moesh_expert_gpu_hits_total", "counter", "... already in device memory.", double(s.hits));
+        metric(o, "moesh_expert_gpu_promotions_total", "counter", "Experts uploaded to the device for a step.", double(s.promotions));
+        metric(o, "moesh_expert_gpu_in_place_total", "counter", "Experts computed on the host instead.", double(s.in_place));
+        metric(o, "moesh_expert_gpu_uploaded_bytes_total", "counter", "Bytes of experts uploaded to the device.", double(s.bytes_uploaded));
+    }
+    return o;
 }
 
 } // namespace moesh

@@ -6,13 +6,16 @@
 // answered between steps. The socket is ROUTER_MANDATORY with bounded
 // high-water marks: a reply that cannot be delivered (the client went away, or
 // stopped reading) cancels its request at once, frees its KV blocks and is
-// counted — never dropped silently.
+// counted — never dropped silently. In-process clients (the HTTP front,
+// transport/http_server.h) reach the same loop through a LocalPort, with the
+// same frames; metrics_text() is what GET /metrics shows.
 //
 //   Server srv(model, backend, tokenizer, chat, rc.server, rc.max_batch, rc.kv_block_size);
 //   srv.bind();                         // throws moesh::Error (address in use, bad endpoint)
+//   srv.attach(port);                   // optional: the HTTP front's port
 //   srv.run(stop_flag);                 // until stop_flag, then drains (drain_timeout_s)
 //
-// Thread safety: run() on one thread; request_stop() from any thread or a signal handler.
+// Thread safety: run() on one thread; the stop flag from any thread or a signal handler.
 #pragma once
 
 #include "runtime/chat_template.h"
@@ -20,14 +23,17 @@
 #include "runtime/run_config.h"
 #include "runtime/scheduler.h"
 #include "runtime/tokenizer.h"
+#include "transport/local_port.h"
 #include "transport/protocol.h"
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace zmq {
 class context_t;
@@ -39,7 +45,21 @@ namespace moesh {
 struct ServerStats {
     int64_t requests = 0, completed = 0, cancelled = 0, rejected = 0, busy = 0, bad_requests = 0;
     int64_t undeliverable = 0;   // replies the socket refused (client gone or not reading)
-    int64_t tokens_out = 0;
+    int64_t tokens_out = 0, prompt_tokens = 0;
+};
+
+// Cumulative histogram in Prometheus' shape: counts per upper bound, sum, count.
+class Histogram {
+public:
+    explicit Histogram(std::vector<double> bounds) : bounds_(std::move(bounds)), counts_(bounds_.size() + 1) {}
+    void observe(double v);
+    void write(std::string & out, const char * name, const char * help) const;
+
+private:
+    std::vector<double> bounds_;
+    std::vector<int64_t> counts_;   // per bucket (not cumulative); the last is +Inf
+    double sum_ = 0;
+    int64_t count_ = 0;
 };
 
 class Server {
@@ -57,12 +77,25 @@ public:
     // finish for at most drain_timeout_s, cancels the rest, and returns.
     void run(const std::atomic<bool> & stop);
 
+    // In-process clients through port (kept until the server is destroyed): served by run()
+    // beside the socket; run() also publishes the port's state and queue fill.
+    void attach(LocalPort & port);
+    // Routed experts from a store or gpu tier (ForwardPass::set_placement); /metrics reports them.
+    void set_placement(const ExpertPlacement & p);
+
     const ServerStats & stats() const { return stats_; }
     const Scheduler & scheduler() const { return *sched_; }
+    std::string metrics_text() const;   // Prometheus text format 0.0.4
 
 private:
+    struct Origin {            // who sent a request, and so where its replies go
+        std::string peer;      // ZeroMQ routing id (empty for an in-process client)
+        uint64_t local = 0;    // LocalPort client (0 for a ZeroMQ peer)
+        bool delim = false;    // the ZeroMQ client sent [empty, body]: replies get the empty frame too
+        bool operator==(const Origin & o) const { return peer == o.peer && local == o.local; }
+    };
     struct Active {
-        std::string peer;      // ZeroMQ routing id
+        Origin origin;
         std::string id;        // the client's request id
         bool stream = false;
         std::vector<std::string> stop;
@@ -70,15 +103,17 @@ private:
         std::unique_ptr<StreamDecoder> decoder;
         int64_t prompt_tokens = 0;
         int64_t index = 0;
-        bool delim = false;    // the client sent [empty, body]: replies get the empty frame too
         bool gone = false;     // a reply was undeliverable
+        std::chrono::steady_clock::time_point last_token;   // inter-token latency
+        bool any_token = false;
         size_t sent = 0;       // bytes of text already in token frames
         std::optional<int32_t> pending;   // the last token, its frame not sent yet (see on_token)
     };
 
-    void handle(const std::string & peer, const std::string & body, bool delim, bool draining);
-    void generate(const std::string & peer, bool delim, protocol::Request && req);
-    bool send(const std::string & peer, bool delim, const std::string & frame);   // false: undeliverable
+    void handle(const Origin & from, const std::string & body, bool draining);
+    void generate(const Origin & from, protocol::Request && req);
+    bool send(const Origin & to, const std::string & frame);   // false: undeliverable
+    void take_local(bool draining);   // the port's waiting messages
     void send_pending(uint64_t handle, Active & a, size_t safe);   // the held token frame, text up to safe
     bool on_token(uint64_t handle, int32_t token);
     void on_done(uint64_t handle, FinishReason why, const std::vector<int32_t> & tokens, const RequestTimings & t);
@@ -99,6 +134,15 @@ private:
     std::vector<int32_t> eos_;
     size_t max_stop_bytes_ = 0;
     ServerStats stats_;
+    LocalPort * port_ = nullptr;
+    std::vector<LocalPort::Message> inbox_;
+    const ExpertStore * store_ = nullptr;
+    const DeviceExperts * gpu_ = nullptr;
+    std::vector<int64_t> expert_load_;   // [n_layer * n_expert]: tokens routed to each expert
+    Histogram ttft_{{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30}};
+    Histogram itl_{{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1}};
+    Histogram duration_{{0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300}};
+    Histogram queue_{{0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30}};
 };
 
 } // namespace moesh

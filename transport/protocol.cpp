@@ -122,41 +122,6 @@ std::string describe_parse_error(const json::parse_error & e, std::string_view i
     return message + expected;
 }
 
-// Parses untrusted text, refusing nesting deeper than max_depth and duplicate
-// keys (two readers of one request could otherwise each see another value).
-// Holds the document or the reason it was refused.
-std::variant<json, std::string> parse_json(std::string_view bytes, int max_depth) {
-    std::vector<std::set<std::string>> keys;   // per open object: the keys seen so far
-    auto callback = [&](int depth, json::parse_event_t event, json & parsed) -> bool {
-        switch (event) {
-        case json::parse_event_t::object_start:
-        case json::parse_event_t::array_start:
-            if (depth >= max_depth)
-                throw Refused{"invalid JSON: nested deeper than " + std::to_string(max_depth) + " levels"};
-            if (event == json::parse_event_t::object_start) keys.emplace_back();
-            break;
-        case json::parse_event_t::object_end: keys.pop_back(); break;
-        case json::parse_event_t::key:
-            if (!keys.back().insert(parsed.get<std::string>()).second)
-                throw Refused{"duplicate field '" + name_of(parsed.get_ref<const std::string &>()) + "'"};
-            break;
-        default: break;
-        }
-        return true;
-    };
-    try {
-        return json::parse(bytes.begin(), bytes.end(), callback);
-    } catch (const Refused & r) {
-        return r.message;
-    } catch (const json::parse_error & e) {
-        return describe_parse_error(e, bytes);
-    } catch (const json::exception & e) {   // out_of_range: a number too large for a double
-        std::string what = e.what();
-        if (size_t p = what.find("] "); p != std::string::npos) what.erase(0, p + 2);
-        return "invalid JSON: " + printable(what);
-    }
-}
-
 // An integer in [lo, hi]; floats such as 5.0 are not integers here.
 bool get_integer(const json & v, int64_t lo, int64_t hi, int64_t & out) {
     if (v.is_number_unsigned()) {
@@ -483,6 +448,40 @@ std::variant<Response, ParseError> parse_response_unchecked(std::string_view byt
 }
 
 } // namespace
+
+std::string describe_json(const nlohmann::json & v) { return describe(v); }
+
+std::variant<json, std::string> parse_json(std::string_view bytes, int max_depth) {
+    std::vector<std::set<std::string>> keys;   // per open object: the keys seen so far
+    auto callback = [&](int depth, json::parse_event_t event, json & parsed) -> bool {
+        switch (event) {
+        case json::parse_event_t::object_start:
+        case json::parse_event_t::array_start:
+            if (depth >= max_depth)
+                throw Refused{"invalid JSON: nested deeper than " + std::to_string(max_depth) + " levels"};
+            if (event == json::parse_event_t::object_start) keys.emplace_back();
+            break;
+        case json::parse_event_t::object_end: keys.pop_back(); break;
+        case json::parse_event_t::key:
+            if (!keys.back().insert(parsed.get<std::string>()).second)
+                throw Refused{"duplicate field '" + name_of(parsed.get_ref<const std::string &>()) + "'"};
+            break;
+        default: break;
+        }
+        return true;
+    };
+    try {
+        return json::parse(bytes.begin(), bytes.end(), callback);
+    } catch (const Refused & r) {
+        return r.message;
+    } catch (const json::parse_error & e) {
+        return describe_parse_error(e, bytes);
+    } catch (const json::exception & e) {   // out_of_range: a number too large for a double
+        std::string what = e.what();
+        if (size_t p = what.find("] "); p != std::string::npos) what.erase(0, p + 2);
+        return "invalid JSON: " + printable(what);
+    }
+}
 
 const char * request_type_name(RequestType t) {
     switch (t) {

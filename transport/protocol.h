@@ -83,6 +83,13 @@ struct ParseError {
 
 std::variant<Request, ParseError> parse_request(std::string_view bytes, const Limits & limits);
 
+// Untrusted JSON text, refused when nested deeper than max_depth or when an
+// object repeats a key (two readers could otherwise each see another value).
+// The document, or why it was refused ("invalid JSON: ... near '...'").
+std::variant<nlohmann::json, std::string> parse_json(std::string_view bytes, int max_depth);
+// A value for an error message: "null", "5", "a string \"ab...\"", "an array".
+std::string describe_json(const nlohmann::json & v);
+
 // The frame a client sends for r (only the fields that apply to r.type);
 // parse_request reads it back as r when r is within the limits.
 std::string request_frame(const Request & r);

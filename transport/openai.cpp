@@ -1,0 +1,358 @@
+#include "transport/openai.h"
+
+#include <new>
+#include <optional>
+#include <span>
+
+namespace moesh::openai {
+
+namespace {
+
+using json = nlohmann::json;
+using ojson = nlohmann::ordered_json;   // bodies keep OpenAI's field order for people reading them
+
+// The body nests object > messages > message > content parts > part: 6 is room to spare.
+constexpr int max_body_depth = 8;
+
+HttpError bad(std::string message, std::string param = {}) { return HttpError{400, "invalid_request_error", std::move(message), std::move(param), {}}; }
+
+HttpError expected(const std::string & field, const std::string & what, const json & got) {
+    return bad("field '" + field + "': expected " + what + ", got " + protocol::describe_json(got), field);
+}
+
+// Fields of the OpenAI API that moesh accepts only at the value that means "off".
+// Anything else is refused by name rather than silently ignored.
+struct OffOnly {
+    const char * name;
+    bool (*is_off)(const json &);
+    const char * off;     // what is accepted, for the message
+    const char * why;     // what moesh does instead
+};
+
+bool zero(const json & v) { return v.is_number() && v.get<double>() == 0; }
+bool one(const json & v) { return v.is_number_integer() && v.get<int64_t>() == 1; }
+bool falsy(const json & v) { return v.is_boolean() && !v.get<bool>(); }
+bool empty_object(const json & v) { return v.is_object() && v.empty(); }
+bool empty_array(const json & v) { return v.is_array() && v.empty(); }
+bool empty_string(const json & v) { return v.is_string() && v.get_ref<const std::string &>().empty(); }
+bool text_format(const json & v) { return v.is_object() && v.size() == 1 && v.value("type", json()) == "text"; }
+bool none_choice(const json & v) { return v == "none"; }
+bool any_string(const json & v) { return v.is_string(); }
+bool any_bool(const json & v) { return v.is_boolean(); }
+bool any_object(const json & v) { return v.is_object(); }
+
+constexpr OffOnly common_off[] = {
+    {"n", one, "1", "one choice per request; send n requests (they are batched together)"},
+    {"presence_penalty", zero, "0", "penalties are not implemented"},
+    {"frequency_penalty", zero, "0", "penalties are not implemented"},
+    {"logit_bias", empty_object, "{}", "logit bias is not implemented"},
+    {"user", any_string, "a string", ""},
+};
+constexpr OffOnly completion_off[] = {
+    {"logprobs", zero, "0", "log probabilities are not returned"},
+    {"echo", falsy, "false", "the prompt is not echoed"},
+    {"best_of", one, "1", "one candidate per request"},
+    {"suffix", empty_string, "\"\"", "insertion (suffix) is not implemented"},
+};
+constexpr OffOnly chat_off[] = {
+    {"logprobs", falsy, "false", "log probabilities are not returned"},
+    {"top_logprobs", zero, "0", "log probabilities are not returned"},
+    {"response_format", text_format, "{\"type\": \"text\"}", "constrained output (JSON mode) is not implemented"},
+    {"tools", empty_array, "[]", "tool calling is not implemented"},
+    {"tool_choice", none_choice, "\"none\"", "tool calling is not implemented"},
+    {"parallel_tool_calls", any_bool, "true or false", ""},
+    {"store", falsy, "false", "completions are not stored"},
+    {"metadata", any_object, "an object", ""},
+};
+
+// Passed through to the protocol, which checks them (and names them in its messages).
+constexpr const char * pass_through[] = {"temperature", "top_p", "top_k", "seed", "stop"};
+
+// A field name from the input, for a message: printable ASCII, others as '?', at most 40 bytes.
+std::string printable(std::string_view s) {
+    std::string out;
+    for (char c : s.substr(0, 40)) out += (c >= 0x20 && c <= 0x7e) ? c : '?';
+    if (s.size() > 40) out += "...";
+    return out;
+}
+
+std::string dump(const ojson & o) { return o.dump(-1, ' ', false, ojson::error_handler_t::replace); }
+
+std::string sse(const ojson & o) { return "data: " + dump(o) + "\n\n"; }
+
+// A chat message's content: a string, null (an assistant turn with no text), or text parts.
+std::variant<std::string, HttpError> read_content(const json & c, const std::string & field) {
+    if (c.is_null()) return std::string();
+    if (c.is_string()) return c.get<std::string>();
+    if (!c.is_array()) return expected(field, "a string or an array of {\"type\": \"text\", \"text\"} parts", c);
+    std::string text;
+    for (size_t i = 0; i < c.size(); ++i) {
+        const std::string pf = field + "[" + std::to_string(i) + "]";
+        const json & p = c[i];
+        if (!p.is_object()) return expected(pf, "an object {\"type\": \"text\", \"text\"}", p);
+        const auto type = p.find("type");
+        if (type == p.end() || *type != "text")
+            return bad("field '" + pf + ".type': only \"text\" parts are accepted (this model reads text), got " +
+                           (type == p.end() ? std::string("nothing") : protocol::describe_json(*type)),
+                       pf + ".type");
+        const auto t = p.find("text");
+        if (t == p.end() || !t->is_string()) return expected(pf + ".text", "a string", t == p.end() ? json() : *t);
+        text += t->get_ref<const std::string &>();
+    }
+    return text;
+}
+
+std::variant<json, HttpError> read_messages(const json & a) {
+    if (!a.is_array() || a.empty()) return expected("messages", "a non-empty array of {\"role\", \"content\"} objects", a);
+    json out = json::array();
+    for (size_t i = 0; i < a.size(); ++i) {
+        const std::string field = "messages[" + std::to_string(i) + "]";
+        const json & m = a[i];
+        if (!m.is_object()) return expected(field, "an object {\"role\", \"content\"}", m);
+        const auto role = m.find("role");
+        if (role == m.end()) return bad("field '" + field + ".role': missing", field + ".role");
+        std::string r;
+        if (*role == "system" || *role == "developer") r = "system";
+        else if (*role == "user" || *role == "assistant") r = role->get<std::string>();
+        else if (*role == "tool" || *role == "function")
+            return bad("field '" + field + ".role': tool messages are not accepted (tool calling is not implemented)", field + ".role");
+        else return expected(field + ".role", "one of \"system\", \"developer\", \"user\", \"assistant\"", *role);
+        std::string content;
+        for (const auto & [k, v] : m.items()) {
+            if (k == "role" || k == "name") continue;
+            if (k == "content") {
+                auto c = read_content(v, field + ".content");
+                if (auto * e = std::get_if<HttpError>(&c)) return *e;
+                content = std::move(std::get<std::string>(c));
+            } else if ((k == "tool_calls" && empty_array(v)) || (k == "refusal" && v.is_null())) {
+                continue;
+            } else if (k == "tool_calls" || k == "function_call" || k == "audio") {
+                return bad("field '" + field + "." + k + "': not accepted (tool calling and audio are not implemented)", field + "." + k);
+            } else {
+                return bad("unknown field '" + field + "." + printable(k) + "'", field + "." + printable(k));
+            }
+        }
+        if (m.find("content") == m.end() && r != "assistant") return bad("field '" + field + ".content': missing", field + ".content");
+        out.push_back({{"role", r}, {"content", content}});
+    }
+    return out;
+}
+
+bool is_token_array(const json & v) {
+    if (!v.is_array() || v.empty()) return false;
+    for (const json & t : v)
+        if (!t.is_number_integer() && !t.is_number_unsigned()) return false;
+    return true;
+}
+
+// prompt: a string, an array of token ids, or either inside a one-element array.
+std::variant<json, HttpError> read_prompt(const json & p, json & frame, bool & ids) {
+    const json * one = &p;
+    if (p.is_array() && !p.empty() && (p[0].is_string() || p[0].is_array())) {
+        if (p.size() != 1)
+            return bad("field 'prompt': " + std::to_string(p.size()) +
+                           " prompts in one request are not accepted; send one request per prompt (they are batched together)",
+                       "prompt");
+        one = &p[0];
+    }
+    if (one->is_string()) {
+        frame["prompt"] = *one;
+        return json();
+    }
+    if (is_token_array(*one)) {
+        frame["prompt_ids"] = *one;
+        ids = true;
+        return json();
+    }
+    return expected("prompt", "a non-empty string or a non-empty array of token ids", p);
+}
+
+const char * finish_reason(const json & done) {
+    const std::string r = done.value("finish_reason", "");
+    if (r == "length") return "length";
+    if (r == "cancelled") return "cancelled";   // the server drained or the client left: not an OpenAI reason
+    return "stop";                              // eos or a stop string
+}
+
+ojson usage(const json & done) {
+    const json & u = done.at("usage");
+    const int64_t p = u.value("prompt_tokens", int64_t(0)), c = u.value("completion_tokens", int64_t(0));
+    return {{"prompt_tokens", p}, {"completion_tokens", c}, {"total_tokens", p + c}};
+}
+
+ojson head(Endpoint e, const Reply & r, bool chunk) {
+    const char * object = e == Endpoint::Completions ? "text_completion" : chunk ? "chat.completion.chunk" : "chat.completion";
+    return {{"id", r.id}, {"object", object}, {"created", r.created}, {"model", r.model}};
+}
+
+ojson choice(Endpoint e, std::string_view text, const char * finish, bool first, bool whole) {
+    ojson c = {{"index", 0}};
+    if (e == Endpoint::Completions) {
+        c["text"] = std::string(text);
+    } else if (whole) {
+        c["message"] = {{"role", "assistant"}, {"content", std::string(text)}};
+    } else {
+        ojson delta = ojson::object();
+        if (first) delta["role"] = "assistant";
+        if (!text.empty() || first) delta["content"] = std::string(text);
+        c["delta"] = std::move(delta);
+    }
+    c["logprobs"] = nullptr;
+    c["finish_reason"] = finish ? ojson(finish) : ojson(nullptr);
+    return c;
+}
+
+std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::string_view body, const Defaults & d) {
+    if (int64_t(body.size()) > d.max_body_bytes)
+        return HttpError{413, "invalid_request_error",
+                         "request body of " + std::to_string(body.size()) + " bytes is larger than the limit of " +
+                             std::to_string(d.max_body_bytes) + " bytes",
+                         {}, {}};
+    auto doc = protocol::parse_json(body, max_body_depth);
+    if (auto * m = std::get_if<std::string>(&doc)) return bad(*m);
+    const json & o = std::get<json>(doc);
+    if (!o.is_object()) return bad("the request body must be a JSON object, got " + protocol::describe_json(o));
+
+    const bool chat = endpoint == Endpoint::Chat;
+    Translated t;
+    json frame = {{"id", d.id}};
+    bool have_max = false, have_seed = false, have_temperature = false;
+    const json * stream_options = nullptr;
+    for (const auto & [k, v] : o.items()) {
+        if (v.is_null()) continue;   // OpenAI clients send null for "not given"
+        if (k == "model") {
+            if (!v.is_string()) return expected("model", "a string", v);   // any name: this server has one model
+        } else if (k == (chat ? "messages" : "prompt")) {
+            if (chat) {
+                auto m = read_messages(v);
+                if (auto * e = std::get_if<HttpError>(&m)) return *e;
+                frame["messages"] = std::move(std::get<json>(m));
+            } else if (auto p = read_prompt(v, frame, t.prompt_ids); std::holds_alternative<HttpError>(p)) {
+                return std::get<HttpError>(p);
+            }
+        } else if (k == "max_tokens" || (chat && k == "max_completion_tokens")) {
+            if (have_max && frame["max_tokens"] != v)
+                return bad("fields 'max_tokens' and 'max_completion_tokens' disagree: give one", k);
+            frame["max_tokens"] = v;
+            have_max = true;
+        } else if (k == "stream") {
+            if (!v.is_boolean()) return expected("stream", "true or false", v);
+            t.stream = v.get<bool>();
+            frame["stream"] = t.stream;
+        } else if (k == "stream_options") {
+            stream_options = &v;
+        } else {
+            bool known = false;
+            for (const char * p : pass_through)
+                if (k == p) {
+                    frame[k] = v;
+                    known = true;
+                }
+            have_seed |= k == "seed";
+            have_temperature |= k == "temperature";
+            auto check = [&](const OffOnly & f) -> std::optional<HttpError> {
+                if (k != f.name) return std::nullopt;
+                known = true;
+                if (f.is_off(v)) return std::nullopt;
+                std::string m = "field '" + k + "': only " + f.off + " is accepted, got " + protocol::describe_json(v);
+                if (*f.why) m += std::string(" (") + f.why + ")";
+                return bad(std::move(m), k);
+            };
+            for (const OffOnly & f : common_off)
+                if (auto e = check(f)) return *e;
+            for (const OffOnly & f : chat ? std::span<const OffOnly>(chat_off) : std::span<const OffOnly>(completion_off))
+                if (auto e = check(f)) return *e;
+            if (!known)
+                return bad("unknown field '" + printable(k) + "' for " + (chat ? "/v1/chat/completions" : "/v1/completions"),
+                           printable(k));
+        }
+    }
+    if (!frame.contains(chat ? "messages" : (t.prompt_ids ? "prompt_ids" : "prompt")))
+        return bad(std::string("field '") + (chat ? "messages" : "prompt") + "': missing", chat ? "messages" : "prompt");
+    if (stream_options) {
+        if (!t.stream) return bad("field 'stream_options': only allowed with \"stream\": true", "stream_options");
+        if (!stream_options->is_object()) return expected("stream_options", "an object {\"include_usage\"}", *stream_options);
+        for (const auto & [k, v] : stream_options->items()) {
+            if (k != "include_usage")
+                return bad("unknown field 'stream_options." + printable(k) + "'", "stream_options." + printable(k));
+            if (!v.is_boolean()) return expected("stream_options.include_usage", "true or false", v);
+            t.include_usage = v.get<bool>();
+        }
+    }
+    if (!have_max) frame["max_tokens"] = d.max_tokens;
+    if (!have_temperature) frame["temperature"] = 1.0;   // OpenAI's default: sampling
+    if (!have_seed) frame["seed"] = d.seed;
+    t.frame = frame.dump(-1, ' ', false, json::error_handler_t::replace);
+    return t;
+}
+
+} // namespace
+
+std::variant<Translated, HttpError> translate(Endpoint endpoint, std::string_view body, const Defaults & defaults) {
+    try {
+        return translate_checked(endpoint, body, defaults);
+    } catch (const std::bad_alloc &) {
+        throw;
+    } catch (const std::exception & e) {   // a library type error: a bug here, not the client's
+        return HttpError{500, "server_error", std::string("internal error reading the request: ") + e.what(), {}, {}};
+    }
+}
+
+std::string error_body(const HttpError & e) {
+    ojson err = {{"message", e.message}, {"type", e.type}, {"param", e.param.empty() ? ojson(nullptr) : ojson(e.param)},
+                 {"code", e.code.empty() ? ojson(nullptr) : ojson(e.code)}};
+    return dump(ojson{{"error", std::move(err)}});
+}
+
+HttpError from_protocol_error(protocol::ErrorCode code, std::string message, bool prompt_ids) {
+    using protocol::ErrorCode;
+    if (prompt_ids)   // the client sent "prompt": the protocol's name for token ids is not theirs
+        for (size_t p = 0; (p = message.find("'prompt_ids", p)) != std::string::npos;) message.replace(p, 11, "'prompt");
+    std::string param;   // "field 'max_tokens': ..." names it
+    if (message.rfind("field '", 0) == 0)
+        if (size_t end = message.find('\'', 7); end != std::string::npos) param = message.substr(7, end - 7);
+    switch (code) {
+    case ErrorCode::BadRequest: return {400, "invalid_request_error", std::move(message), std::move(param), {}};
+    case ErrorCode::TooLarge: return {413, "invalid_request_error", std::move(message), {}, {}};
+    case ErrorCode::TooLong: return {400, "invalid_request_error", std::move(message), {}, "context_length_exceeded"};
+    case ErrorCode::Busy: return {503, "server_overloaded", std::move(message), {}, "busy"};
+    case ErrorCode::NotFound: return {404, "not_found_error", std::move(message), {}, {}};
+    case ErrorCode::ShuttingDown: return {503, "server_shutting_down", std::move(message), {}, "shutting_down"};
+    case ErrorCode::Internal: break;
+    }
+    return {500, "server_error", std::move(message), {}, {}};
+}
+
+std::string completion_body(Endpoint e, const Reply & r, const nlohmann::json & done) {
+    ojson o = head(e, r, false);
+    o["choices"] = ojson::array({choice(e, done.value("text", ""), finish_reason(done), false, true)});
+    o["usage"] = usage(done);
+    if (auto t = done.find("timings"); t != done.end()) o["timings"] = *t;   // moesh's: queue, first token, total
+    return dump(o);
+}
+
+std::string text_chunk(Endpoint e, const Reply & r, std::string_view text, bool first) {
+    ojson o = head(e, r, true);
+    o["choices"] = ojson::array({choice(e, text, nullptr, first, false)});
+    return sse(o);
+}
+
+std::string finish_chunk(Endpoint e, const Reply & r, const nlohmann::json & done) {
+    ojson o = head(e, r, true);
+    o["choices"] = ojson::array({choice(e, "", finish_reason(done), false, false)});
+    return sse(o);
+}
+
+std::string usage_chunk(Endpoint e, const Reply & r, const nlohmann::json & done) {
+    ojson o = head(e, r, true);
+    o["choices"] = ojson::array();
+    o["usage"] = usage(done);
+    return sse(o);
+}
+
+std::string models_body(const std::string & model, int64_t created) {
+    return dump(ojson{{"object", "list"},
+                      {"data", ojson::array({ojson{{"id", model}, {"object", "model"}, {"created", created}, {"owned_by", "moesh"}}})}});
+}
+
+} // namespace moesh::openai

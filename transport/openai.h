@@ -1,0 +1,75 @@
+// The OpenAI-compatible HTTP API of `moesh serve`, without sockets: request
+// bodies of /v1/completions and /v1/chat/completions are translated into
+// protocol request frames (transport/protocol.h), which the server then checks
+// like any ZeroMQ request; the server's frames are translated back into OpenAI
+// response bodies and server-sent-event chunks. docs/PROTOCOL.md lists what is
+// honoured, what is refused and why.
+//
+//   auto t = openai::translate(openai::Endpoint::Chat, body, defaults);
+//   if (auto * e = std::get_if<openai::HttpError>(&t)) reply(e->status, openai::error_body(*e));
+//   else port.send(client, std::get<openai::Translated>(t).frame);
+//
+// Every function takes untrusted bytes and never throws (short of running out
+// of memory) or crashes on any input.
+// Thread safety: plain data and pure functions.
+#pragma once
+
+#include "transport/protocol.h"
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <variant>
+
+namespace moesh::openai {
+
+enum class Endpoint { Completions, Chat };
+
+struct Defaults {
+    std::string id;              // the request id to use ("cmpl-..." / "chatcmpl-...")
+    int64_t max_tokens = 16;     // when the request gives none
+    uint64_t seed = 0;           // when the request gives none (sampling only)
+    int64_t max_body_bytes = 1 << 20;
+};
+
+struct Translated {
+    std::string frame;           // a protocol generate request
+    bool stream = false;
+    bool include_usage = false;  // stream_options.include_usage: a last chunk with usage
+    bool prompt_ids = false;     // the prompt was token ids (error messages name 'prompt')
+};
+
+struct HttpError {
+    int status = 400;
+    std::string type = "invalid_request_error";
+    std::string message;
+    std::string param;           // the field at fault, or empty
+    std::string code;            // e.g. "context_length_exceeded", or empty
+};
+
+std::variant<Translated, HttpError> translate(Endpoint endpoint, std::string_view body, const Defaults & defaults);
+
+// {"error":{"message","type","param","code"}}
+std::string error_body(const HttpError & e);
+// A protocol error frame's code and message as the HTTP error a client of this API expects.
+HttpError from_protocol_error(protocol::ErrorCode code, std::string message, bool prompt_ids);
+
+struct Reply {
+    std::string id, model;
+    int64_t created = 0;         // Unix seconds
+};
+
+// The whole answer, from the server's done frame (a parse_response "done").
+std::string completion_body(Endpoint endpoint, const Reply & r, const nlohmann::json & done);
+// One SSE event "data: {...}\n\n": a text delta (first: the chat chunk also carries the role).
+std::string text_chunk(Endpoint endpoint, const Reply & r, std::string_view text, bool first);
+// The closing chunk with the finish reason (and its text, when a last delta remains).
+std::string finish_chunk(Endpoint endpoint, const Reply & r, const nlohmann::json & done);
+// stream_options.include_usage: the chunk with no choices and the usage.
+std::string usage_chunk(Endpoint endpoint, const Reply & r, const nlohmann::json & done);
+inline constexpr std::string_view done_event = "data: [DONE]\n\n";
+
+// GET /v1/models
+std::string models_body(const std::string & model, int64_t created);
+
+} // namespace moesh::openai
