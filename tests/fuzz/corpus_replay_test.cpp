@@ -58,6 +58,8 @@ TEST(FuzzCorpus, RouteTraceSeedsParseAsLabelledAndNothingCrashes) { replay("rout
 
 TEST(FuzzCorpus, RequestSeedsParseAsLabelledAndNothingCrashes) { replay("request", request_one_input, 30); }
 
+TEST(FuzzCorpus, OpenAiSeedsParseAsLabelledAndNothingCrashes) { replay("openai", openai_one_input, 20); }
+
 TEST(FuzzCorpus, NpySeedsParseAsLabelledAndNothingCrashes) { replay("npy", npy_one_input, 8); }
 
 TEST(FuzzCorpus, GgufSeedsParseAsLabelledAndNothingCrashes) { replay("gguf", gguf_one_input, 16); }

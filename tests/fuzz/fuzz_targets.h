@@ -19,5 +19,6 @@ bool tokenizer_json_one_input(const uint8_t * data, size_t size);
 bool tokenizer_gguf_one_input(const uint8_t * data, size_t size);
 bool route_trace_one_input(const uint8_t * data, size_t size);
 bool request_one_input(const uint8_t * data, size_t size);   // transport/protocol.h: parse_request
+bool openai_one_input(const uint8_t * data, size_t size);    // transport/openai.h: translate
 
 } // namespace moesh::fuzz

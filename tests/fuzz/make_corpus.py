@@ -362,6 +362,54 @@ def write(folder, files):
         (folder / name).write_bytes(data)
 
 
+# OpenAI-compatible bodies (transport/openai.h), translated as /v1/completions and
+# as /v1/chat/completions: valid_* is accepted by one of them (the protocol may
+# still refuse a value later), invalid_* by neither. 2048-byte body limit.
+def body(**fields):
+    return json.dumps(fields, separators=(",", ":")).encode()
+
+
+OPENAI = {
+    "valid_completion.json": body(model="m", prompt="def add(a, b):", max_tokens=16, temperature=0),
+    "valid_completion_stream.json": body(model="m", prompt="x", stream=True, stream_options={"include_usage": True}),
+    "valid_completion_ids.json": body(prompt=[1, 2, 3], max_tokens=4),
+    "valid_completion_nested.json": body(prompt=[[5, 6]], n=1, echo=False, logprobs=None, best_of=1, suffix=""),
+    "valid_completion_one_string.json": body(prompt=["Hello"], stop=["\n", "END"], seed=7, top_p=0.9, top_k=40),
+    "valid_completion_nulls.json": body(model=None, prompt="x", max_tokens=None, stop=None, user="u", presence_penalty=0,
+                                        frequency_penalty=0.0, logit_bias={}),
+    "valid_chat.json": body(model="m", messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]),
+    "valid_chat_parts.json": body(messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                           {"type": "text", "text": "b"}]}]),
+    "valid_chat_developer.json": body(messages=[{"role": "developer", "content": "x", "name": "n"},
+                                                {"role": "assistant", "content": None}, {"role": "user", "content": "y"}],
+                                      max_completion_tokens=8, response_format={"type": "text"}, tools=[],
+                                      tool_choice="none", logprobs=False, store=False),
+    "valid_chat_stream.json": body(messages=[{"role": "user", "content": "Hi"}], stream=True, temperature=0.5),
+    "valid_protocol_refuses.json": body(prompt="x", max_tokens=-5, temperature="hot"),
+    "invalid_not_json.json": b"{prompt: hello}",
+    "invalid_array.json": b"[1,2,3]",
+    "invalid_empty.json": b"",
+    "invalid_deep.json": b'{"prompt":' + b"[" * 20 + b"]" * 20 + b"}",
+    "invalid_duplicate.json": b'{"prompt":"a","prompt":"b"}',
+    "invalid_unknown_field.json": body(prompt="x", temprature=0.5),
+    "invalid_no_prompt.json": body(max_tokens=3),
+    "invalid_two_prompts.json": body(prompt=["a", "b"]),
+    "invalid_prompt_type.json": body(prompt={"text": "a"}),
+    "invalid_n.json": body(prompt="x", n=3),
+    "invalid_penalty.json": body(prompt="x", presence_penalty=1.5),
+    "invalid_logprobs.json": body(prompt="x", logprobs=5),
+    "invalid_stream_options_alone.json": body(prompt="x", stream_options={"include_usage": True}),
+    "invalid_stream_type.json": body(prompt="x", stream="yes"),
+    "invalid_role.json": body(messages=[{"role": "tool", "content": "x"}]),
+    "invalid_image_part.json": body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
+    "invalid_tools.json": body(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]),
+    "invalid_json_mode.json": body(messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}),
+    "invalid_max_disagree.json": body(messages=[{"role": "user", "content": "x"}], max_tokens=3, max_completion_tokens=4),
+    "invalid_too_large.json": body(prompt="x" * 3000),
+    "invalid_bad_utf8.json": b'{"prompt":"\xff\xfe"}',
+}
+
+
 if __name__ == "__main__":
     write(HERE / "corpus" / "safetensors", SAFETENSORS)
     write(HERE / "corpus" / "model_config", MODEL_CONFIG)
@@ -369,5 +417,6 @@ if __name__ == "__main__":
     write(HERE / "corpus" / "gguf", GGUF)
     write(HERE / "corpus" / "route_trace", ROUTE_TRACE)
     write(HERE / "corpus" / "request", REQUEST)
+    write(HERE / "corpus" / "openai", OPENAI)
     print(f"wrote {len(SAFETENSORS)} safetensors, {len(MODEL_CONFIG)} config.json, {len(NPY)} .npy and {len(GGUF)} GGUF seeds "
           f"and {len(REQUEST)} request seeds under {HERE / 'corpus'}")

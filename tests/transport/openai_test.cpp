@@ -1,0 +1,189 @@
+// The OpenAI-compatible API's translation (transport/openai.h): request bodies
+// as OpenAI documents them become the protocol frames they mean; what moesh
+// cannot honour is refused by name, never ignored; replies have the shapes
+// OpenAI's clients parse. End to end with the `openai` package:
+// tests/clients/http_openai_test.py.
+#include "transport/openai.h"
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <string>
+#include <variant>
+
+namespace moesh::openai {
+namespace {
+
+using json = nlohmann::json;
+
+Defaults defaults() {
+    Defaults d;
+    d.id = "cmpl-1";
+    d.max_tokens = 16;
+    d.seed = 42;
+    d.max_body_bytes = 4096;
+    return d;
+}
+
+json frame_of(Endpoint e, const json & body) {
+    auto t = translate(e, body.dump(), defaults());
+    if (auto * err = std::get_if<HttpError>(&t)) {
+        ADD_FAILURE() << "refused: " << err->message;
+        return {};
+    }
+    return json::parse(std::get<Translated>(t).frame);
+}
+
+HttpError error_of(Endpoint e, const std::string & body) {
+    auto t = translate(e, body, defaults());
+    if (auto * err = std::get_if<HttpError>(&t)) return *err;
+    ADD_FAILURE() << "accepted: " << std::get<Translated>(t).frame;
+    return {};
+}
+
+TEST(OpenAi, CompletionTakesOpenAiDefaults) {
+    // OpenAI: max_tokens 16, temperature 1; the seed is the server's when not given.
+    const json f = frame_of(Endpoint::Completions, {{"model", "x"}, {"prompt", "Hi"}});
+    EXPECT_EQ(f, json({{"id", "cmpl-1"}, {"prompt", "Hi"}, {"max_tokens", 16}, {"temperature", 1.0}, {"seed", 42}}));
+}
+
+TEST(OpenAi, CompletionPassesSamplingThrough) {
+    const json f = frame_of(Endpoint::Completions, {{"prompt", "Hi"}, {"max_tokens", 5}, {"temperature", 0}, {"top_p", 0.5},
+                                                    {"top_k", 3}, {"seed", 7}, {"stop", {"a", "b"}}, {"stream", true},
+                                                    {"stream_options", {{"include_usage", true}}}});
+    EXPECT_EQ(f["max_tokens"], 5);
+    EXPECT_EQ(f["temperature"], 0);
+    EXPECT_EQ(f["top_p"], 0.5);
+    EXPECT_EQ(f["top_k"], 3);
+    EXPECT_EQ(f["seed"], 7);
+    EXPECT_EQ(f["stop"], json({"a", "b"}));
+    EXPECT_EQ(f["stream"], true);
+    auto t = translate(Endpoint::Completions, json({{"prompt", "x"}, {"stream", true}, {"stream_options", {{"include_usage", true}}}}).dump(),
+                       defaults());
+    ASSERT_TRUE(std::holds_alternative<Translated>(t));
+    EXPECT_TRUE(std::get<Translated>(t).include_usage);
+    EXPECT_TRUE(std::get<Translated>(t).stream);
+}
+
+TEST(OpenAi, PromptShapes) {
+    EXPECT_EQ(frame_of(Endpoint::Completions, {{"prompt", {"one"}}})["prompt"], "one");
+    EXPECT_EQ(frame_of(Endpoint::Completions, {{"prompt", {1, 2, 3}}})["prompt_ids"], json({1, 2, 3}));
+    EXPECT_EQ(frame_of(Endpoint::Completions, {{"prompt", {{4, 5}}}})["prompt_ids"], json({4, 5}));
+    const HttpError many = error_of(Endpoint::Completions, R"({"prompt": ["a", "b"]})");
+    EXPECT_EQ(many.status, 400);
+    EXPECT_EQ(many.param, "prompt");
+    EXPECT_NE(many.message.find("2 prompts"), std::string::npos) << many.message;
+    EXPECT_EQ(error_of(Endpoint::Completions, R"({"prompt": {"a": 1}})").param, "prompt");
+    EXPECT_EQ(error_of(Endpoint::Completions, R"({"max_tokens": 3})").message, "field 'prompt': missing");
+}
+
+TEST(OpenAi, NullMeansNotGiven) {
+    const json f = frame_of(Endpoint::Completions, {{"prompt", "x"}, {"max_tokens", nullptr}, {"stop", nullptr}, {"n", nullptr},
+                                                    {"logprobs", nullptr}, {"user", "u"}});
+    EXPECT_EQ(f["max_tokens"], 16);
+    EXPECT_FALSE(f.contains("stop"));
+}
+
+TEST(OpenAi, UnhonouredValuesAreRefusedByName) {
+    struct Case {
+        const char * body;
+        const char * param;
+        const char * says;
+    };
+    for (const Case & c : {Case{R"({"prompt":"x","n":2})", "n", "one choice per request"},
+                           Case{R"({"prompt":"x","presence_penalty":0.5})", "presence_penalty", "not implemented"},
+                           Case{R"({"prompt":"x","logprobs":3})", "logprobs", "not returned"},
+                           Case{R"({"prompt":"x","echo":true})", "echo", "not echoed"},
+                           Case{R"({"prompt":"x","logit_bias":{"5":1}})", "logit_bias", "not implemented"},
+                           Case{R"({"prompt":"x","temprature":0})", "temprature", "unknown field"},
+                           Case{R"({"prompt":"x","stream_options":{"include_usage":true}})", "stream_options", "only allowed with"}}) {
+        const HttpError e = error_of(Endpoint::Completions, c.body);
+        EXPECT_EQ(e.status, 400) << c.body;
+        EXPECT_EQ(e.param, c.param) << c.body;
+        EXPECT_NE(e.message.find(c.says), std::string::npos) << e.message;
+    }
+    // The values that mean "off" are accepted.
+    (void)frame_of(Endpoint::Completions, {{"prompt", "x"}, {"n", 1}, {"presence_penalty", 0}, {"frequency_penalty", 0.0},
+                                           {"echo", false}, {"best_of", 1}, {"logit_bias", json::object()}, {"suffix", ""}});
+}
+
+TEST(OpenAi, ChatMessagesAreNormalised) {
+    const json f = frame_of(Endpoint::Chat, {{"model", "m"},
+                                             {"messages",
+                                              {{{"role", "developer"}, {"content", "Be brief."}},
+                                               {{"role", "user"}, {"content", {{{"type", "text"}, {"text", "Hel"}}, {{"type", "text"}, {"text", "lo"}}}}},
+                                               {{"role", "assistant"}, {"content", nullptr}, {"name", "bot"}}}},
+                                             {"max_completion_tokens", 9}});
+    EXPECT_EQ(f["messages"], json({{{"role", "system"}, {"content", "Be brief."}},
+                                   {{"role", "user"}, {"content", "Hello"}},
+                                   {{"role", "assistant"}, {"content", ""}}}));
+    EXPECT_EQ(f["max_tokens"], 9);
+    EXPECT_FALSE(f.contains("prompt"));
+}
+
+TEST(OpenAi, ChatRefusals) {
+    EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"tool","content":"x"}]})").param, "messages[0].role");
+    EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":[{"type":"image_url"}]}]})").param,
+              "messages[0].content[0].type");
+    EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]})").param, "tools");
+    EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}})").param,
+              "response_format");
+    EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":"x"}],"max_tokens":3,"max_completion_tokens":4})").status, 400);
+    EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[]})").param, "messages");
+    EXPECT_EQ(error_of(Endpoint::Chat, R"({"prompt":"x"})").param, "prompt");   // not a chat field
+    EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user"}]})").param, "messages[0].content");
+}
+
+TEST(OpenAi, MalformedBodies) {
+    EXPECT_NE(error_of(Endpoint::Completions, "{prompt: 1}").message.find("invalid JSON"), std::string::npos);
+    EXPECT_NE(error_of(Endpoint::Completions, R"({"prompt":"a","prompt":"b"})").message.find("duplicate field 'prompt'"), std::string::npos);
+    EXPECT_NE(error_of(Endpoint::Completions, "[1]").message.find("must be a JSON object"), std::string::npos);
+    EXPECT_EQ(error_of(Endpoint::Completions, std::string(5000, ' ')).status, 413);
+    EXPECT_EQ(error_of(Endpoint::Completions, "{\"prompt\":\"\xff\"}").status, 400);
+}
+
+TEST(OpenAi, ProtocolErrorsBecomeHttpStatuses) {
+    using protocol::ErrorCode;
+    const HttpError busy = from_protocol_error(ErrorCode::Busy, "queue full", false);
+    EXPECT_EQ(busy.status, 503);
+    EXPECT_EQ(from_protocol_error(ErrorCode::TooLong, "prompt too long", false).code, "context_length_exceeded");
+    EXPECT_EQ(from_protocol_error(ErrorCode::TooLarge, "big", false).status, 413);
+    EXPECT_EQ(from_protocol_error(ErrorCode::Internal, "oops", false).status, 500);
+    const HttpError ids = from_protocol_error(ErrorCode::BadRequest, "field 'prompt_ids[2]': expected an integer in [0, 9], got 12", true);
+    EXPECT_EQ(ids.message, "field 'prompt[2]': expected an integer in [0, 9], got 12");
+    EXPECT_EQ(ids.param, "prompt[2]");
+}
+
+TEST(OpenAi, ReplyShapes) {
+    const Reply r{"chatcmpl-1", "tiny", 1700000000};
+    const json done = {{"text", "Hi there"}, {"finish_reason", "eos"}, {"usage", {{"prompt_tokens", 5}, {"completion_tokens", 3}}}};
+    const json whole = json::parse(completion_body(Endpoint::Chat, r, done));
+    EXPECT_EQ(whole["object"], "chat.completion");
+    EXPECT_EQ(whole["choices"][0]["message"], json({{"role", "assistant"}, {"content", "Hi there"}}));
+    EXPECT_EQ(whole["choices"][0]["finish_reason"], "stop");   // eos is OpenAI's "stop"
+    EXPECT_EQ(whole["usage"], json({{"prompt_tokens", 5}, {"completion_tokens", 3}, {"total_tokens", 8}}));
+
+    const std::string first = text_chunk(Endpoint::Chat, r, "Hi", true);
+    ASSERT_EQ(first.rfind("data: ", 0), 0u);
+    ASSERT_EQ(first.substr(first.size() - 2), "\n\n");
+    const json c = json::parse(first.substr(6));
+    EXPECT_EQ(c["object"], "chat.completion.chunk");
+    EXPECT_EQ(c["choices"][0]["delta"], json({{"role", "assistant"}, {"content", "Hi"}}));
+    EXPECT_TRUE(c["choices"][0]["finish_reason"].is_null());
+
+    const json fin = json::parse(finish_chunk(Endpoint::Chat, r, json({{"finish_reason", "length"}})).substr(6));
+    EXPECT_EQ(fin["choices"][0]["delta"], json::object());
+    EXPECT_EQ(fin["choices"][0]["finish_reason"], "length");
+
+    const json text = json::parse(completion_body(Endpoint::Completions, {"cmpl-1", "tiny", 1}, done));
+    EXPECT_EQ(text["object"], "text_completion");
+    EXPECT_EQ(text["choices"][0]["text"], "Hi there");
+    const json usage = json::parse(usage_chunk(Endpoint::Completions, r, done).substr(6));
+    EXPECT_TRUE(usage["choices"].empty());
+    EXPECT_EQ(usage["usage"]["total_tokens"], 8);
+    EXPECT_EQ(json::parse(error_body({400, "invalid_request_error", "bad", "n", {}})),
+              json({{"error", {{"message", "bad"}, {"type", "invalid_request_error"}, {"param", "n"}, {"code", nullptr}}}}));
+}
+
+} // namespace
+} // namespace moesh::openai
