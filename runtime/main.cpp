@@ -1155,7 +1155,7 @@ int main(int argc, char ** argv) {
     serve->add_option("--endpoint", serve_endpoint, "ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5555 (default: [server] endpoint)");
     serve->add_option("--http", serve_http,
                       "HTTP address for the OpenAI-compatible API, /health and /metrics, e.g. 127.0.0.1:8080 (port 0: a free "
-                      "one), or off (default: [server] http, else 127.0.0.1:8080)");
+                      "one), or off (default: [server] http, else 127.0.0.1:8090)");
 
     CLI::App * client = app.add_subcommand("client", "Send one request to `moesh serve` and print the answer");
     std::string cl_endpoint = "tcp://127.0.0.1:5555", cl_prompt, cl_ids, cl_output = "text";

@@ -64,7 +64,7 @@ struct ServerConfig {
     double drain_timeout_s = 30;     // SIGTERM: finish running requests for at most this long
     // HTTP (OpenAI-compatible API, /health, /metrics): "ADDRESS:PORT" ("127.0.0.1:0" picks a
     // free port), or "" for none.
-    std::string http = "127.0.0.1:8080";
+    std::string http = "127.0.0.1:8090";
     int64_t http_max_connections = 256;
     double http_request_timeout_s = 30;   // to receive a request; also the keep-alive idle limit
     int64_t default_max_tokens = 256;     // a chat request that gives no max_tokens

@@ -44,6 +44,7 @@ struct HttpFront::Impl {
     std::map<std::pair<std::string, int>, int64_t> responses;   // (route, status) -> count
     std::atomic<bool> accepting{false};
     std::atomic<int64_t> connections{0};
+    std::atomic<int64_t> exchanges{0};   // requests read and not yet answered to the last byte
     std::mt19937_64 rng{std::random_device{}()};   // request ids and default seeds; io thread only
     std::string url;
     std::thread thread;
@@ -88,6 +89,7 @@ class Session : public std::enable_shared_from_this<Session> {
 public:
     Session(HttpFront::Impl & f, tcp::socket socket) : f_(f), stream_(std::move(socket)) { ++f_.connections; }
     ~Session() {
+        exchange_ends();
         --f_.connections;
         forget();
     }
@@ -122,11 +124,22 @@ private:
         http::async_read(stream_, buf_, *parser_, [self = shared_from_this()](beast::error_code ec, size_t) { self->on_read(ec); });
     }
 
+    // A request was read (or refused): counted until its answer's last byte is written.
+    void exchange_begins() {
+        if (!in_exchange_) ++f_.exchanges;
+        in_exchange_ = true;
+    }
+    void exchange_ends() {
+        if (in_exchange_) --f_.exchanges;
+        in_exchange_ = false;
+    }
+
     void on_read(beast::error_code ec) {
         if (ec == http::error::end_of_stream || ec == asio::error::eof || ec == asio::error::operation_aborted ||
             ec == asio::error::connection_reset)
             return close();
         if (ec == beast::error::timeout) return close();   // idle keep-alive, or a request too slow to arrive
+        exchange_begins();
         if (ec) {
             int status = 400;
             std::string what = "malformed HTTP request: " + ec.message();
@@ -375,6 +388,7 @@ private:
         if (writing_ || closed_) return;
         if (out_.empty()) {
             const Then t = std::exchange(then_, Then::Nothing);
+            if (t != Then::Nothing) exchange_ends();
             if (t == Then::Read) read();
             else if (t == Then::Close) shutdown();
             return;
@@ -395,6 +409,7 @@ private:
     }
 
     void close() {
+        exchange_ends();
         closed_ = true;
         wait_ = Wait::None;
         forget();
@@ -412,6 +427,7 @@ private:
     std::atomic<bool> closed_{false};
     std::atomic<int64_t> pending_{0};
     bool keep_alive_ = false;
+    bool in_exchange_ = false;
     unsigned version_ = 11;
     std::string route_;
 
@@ -502,6 +518,8 @@ void HttpFront::stop() {
     Impl & m = *impl_;
     if (!m.thread.joinable()) return;
     stop_accepting();
+    // Answers the server has handed over are still being written: let them go out (bounded).
+    for (int i = 0; i < 200 && m.exchanges.load() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
     m.port.set_receiver({});
     m.ioc.stop();
     m.thread.join();

@@ -56,7 +56,7 @@ def check(ok, what):
 
 
 def start_server(moesh, model, config, log):
-    return subprocess.Popen([moesh, "serve", "--model", model, "--config", config, "--endpoint", "tcp://127.0.0.1:*",
+    return subprocess.Popen([moesh, "serve", "--model", model, "--config", config, "--endpoint", "tcp://127.0.0.1:*", "--http", "off",
                              "--threads", THREADS], stdout=subprocess.PIPE, stderr=log)
 
 

@@ -23,6 +23,34 @@ TEST(RunConfig, LoadsTheShippedDefault) {
     EXPECT_EQ(rc.max_batch, 64);
 }
 
+TEST(RunConfig, LoadsTheShippedServeConfig) {
+    const RunConfig rc = load_run_config(std::string(MOESH_SOURCE_DIR) + "/configs/serve.toml");
+    EXPECT_EQ(rc.server.endpoint, "tcp://127.0.0.1:5555");
+    EXPECT_EQ(rc.server.http, "127.0.0.1:8090");
+    EXPECT_EQ(rc.server.http_max_connections, 256);
+    EXPECT_EQ(rc.server.default_max_tokens, 256);
+    std::string address;
+    uint16_t port = 0;
+    ASSERT_TRUE(parse_host_port(rc.server.http, &address, &port));
+    EXPECT_EQ(address, "127.0.0.1");
+    EXPECT_EQ(port, 8090);
+}
+
+TEST(RunConfig, HttpAddresses) {
+    std::string a;
+    uint16_t p = 1;
+    EXPECT_TRUE(parse_host_port("[::1]:0", &a, &p));
+    EXPECT_EQ(a, "::1");
+    EXPECT_EQ(p, 0);
+    for (const char * bad : {"8080", ":8080", "127.0.0.1:", "127.0.0.1:65536", "127.0.0.1:80a", "a b:80", "[::1:80"})
+        EXPECT_FALSE(parse_host_port(bad, &a, &p)) << bad;
+    EXPECT_EQ(parse_run_config("[server]\nhttp = ''\n", "x").server.http, "");
+    const std::string e = error_of("[server]\nhttp = 'localhost'\n");
+    EXPECT_NE(e.find("moesh.toml:2:"), std::string::npos) << e;
+    EXPECT_NE(e.find("ADDRESS:PORT"), std::string::npos) << e;
+    EXPECT_NE(error_of("[server]\nhttp_request_timeout_s = 0\n").find("server.http_request_timeout_s"), std::string::npos);
+}
+
 TEST(RunConfig, ParsesAllKeys) {
     RunConfig rc = parse_run_config("[plugins]\ndirs=['/a','b']\npreferred='cpu'\n[runtime]\nthreads=3\nkv_block_size=32\n", "x");
     EXPECT_EQ(rc.plugin_dirs.size(), 2u);

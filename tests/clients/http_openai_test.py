@@ -1,0 +1,436 @@
+#!/usr/bin/env python3
+"""`moesh serve`'s HTTP API as a real process on loopback, driven by OpenAI's own Python
+package (`openai`, pinned in scripts/setup) and by raw sockets:
+
+- greedy /v1/completions (JSON and SSE) equal `moesh run`'s text; /v1/chat/completions on a
+  model with a chat template (SmolLM2, when fetched) equals `moesh run --chat`;
+- /v1/models, /health, /metrics (counters that match what was sent);
+- refusals: bad fields (400 naming the field), unknown fields, prompts longer than the
+  context, oversize bodies (413), malformed HTTP, wrong methods and routes;
+- a client that disconnects mid-request has it cancelled and its KV blocks freed;
+- overload: a full queue answers 503 with Retry-After, /health says "busy", and every
+  accepted request completes;
+- hundreds of connects and disconnects, then the server still answers correctly;
+- SIGTERM: running requests finish, new ones are refused, exit 0.
+Every wait is bounded; servers are killed in any case.
+
+    .cache/venv/bin/python tests/clients/http_openai_test.py --moesh build/bin/moesh \\
+        --model models/moesh-tiny-py [--chat-model .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf]
+
+Exit status: 0 passed, 1 failed.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+
+CONFIG = """[server]
+max_sequences = {seqs}
+kv_cache = "16MiB"
+prefill_chunk = 16
+max_queue = {queue}
+max_tokens = 512
+max_message_bytes = 65536
+drain_timeout_s = 20
+http_request_timeout_s = 3
+[runtime]
+max_batch = 32
+"""
+THREADS = "2"
+failures = []
+
+
+def check(ok, what):
+    print(("ok    " if ok else "FAIL  ") + what, flush=True)
+    if not ok:
+        failures.append(what)
+    return ok
+
+
+class Server:
+    """`moesh serve` with a config, its ZeroMQ endpoint and HTTP URL read from stdout."""
+
+    def __init__(self, moesh, model, tmp, name, seqs=4, queue=64):
+        self.config = pathlib.Path(tmp) / f"{name}.toml"
+        self.config.write_text(CONFIG.format(seqs=seqs, queue=queue))
+        self.log_path = pathlib.Path(tmp) / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([moesh, "serve", "--model", model, "--config", str(self.config),
+                                          "--endpoint", "tcp://127.0.0.1:*", "--http", "127.0.0.1:0", "--threads", THREADS],
+                                         stdout=subprocess.PIPE, stderr=log)
+        lines = self._read_lines(2, 90)
+        self.url = lines[1] if len(lines) == 2 else ""
+        m = re.match(r"http://127\.0\.0\.1:(\d+)$", self.url)
+        self.port = int(m.group(1)) if m else 0
+
+    def _read_lines(self, n, timeout):
+        buf = b""
+        deadline = time.monotonic() + timeout
+        while buf.count(b"\n") < n and time.monotonic() < deadline:
+            if select.select([self.proc.stdout], [], [], 0.2)[0]:
+                chunk = os.read(self.proc.stdout.fileno(), 256)
+                if not chunk:
+                    break
+                buf += chunk
+        return buf.decode(errors="replace").split("\n")[:n]
+
+    def client(self):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+def http(server, method, path, body=None, timeout=30):
+    """(status, headers, body text) of one request on its own connection."""
+    req = urllib.request.Request(server.url + path, method=method,
+                                 data=None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode()),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read().decode()
+
+
+def raw(server, data, timeout=10, read=True):
+    """Sends bytes on a fresh connection; what came back until the server closed or timeout."""
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    try:
+        s.sendall(data)
+        if not read:
+            return b""
+        out = b""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            out += chunk
+            if b"\r\n\r\n" in out and not out.startswith(b"HTTP/1.1 200"):
+                head, _, rest = out.partition(b"\r\n\r\n")
+                m = re.search(rb"Content-Length: (\d+)", head, re.I)
+                if m and len(rest) >= int(m.group(1)):
+                    break
+        return out
+    finally:
+        s.close()
+
+
+def metric(server, name):
+    status, _, text = http(server, "GET", "/metrics")
+    if status != 200:
+        return None
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def wait_for(pred, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def moesh_run(moesh, model, prompt, n, chat=False):
+    cmd = [moesh, "run", "--model", model, "--prompt", prompt, "-n", str(n), "--output", "json", "--threads", THREADS]
+    if chat:
+        cmd.append("--chat")
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"moesh run failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def completions(moesh, model, srv):
+    c = srv.client()
+    n = 24
+    prompts = ["def fibonacci(n):", "import os\nimport sys\n\nclass Config:"]
+    for p in prompts:
+        ref = moesh_run(moesh, model, p, n)
+        r = c.completions.create(model="any", prompt=p, max_tokens=n, temperature=0)
+        ch = r.choices[0]
+        # `moesh run` goes on past the end of sequence; the server stops there
+        check(ref["text"].startswith(ch.text) and (ch.finish_reason == "stop" or ch.text == ref["text"]),
+              f"greedy completion of {p!r} equals moesh run's: {ch.text!r} vs {ref['text']!r}")
+        check(r.object == "text_completion" and r.id.startswith("cmpl-") and r.usage.completion_tokens <= n
+              and r.usage.prompt_tokens == len(ref["prompt_ids"]), f"completion shape and usage: {r.usage}")
+        chunks = list(c.completions.create(model="any", prompt=p, max_tokens=n, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}))
+        text = "".join(x.choices[0].text for x in chunks if x.choices)
+        check(text == ch.text, f"streamed completion adds up to the whole one: {text!r}")
+        finals = [x.choices[0].finish_reason for x in chunks if x.choices and x.choices[0].finish_reason]
+        check(finals == [ch.finish_reason], f"one closing chunk with the finish reason: {finals}")
+        check(chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == r.usage.completion_tokens,
+              "include_usage: the last chunk carries the usage")
+    ids = moesh_run(moesh, model, prompts[0], 8)["prompt_ids"]
+    r = c.completions.create(model="any", prompt=ids, max_tokens=8, temperature=0)
+    check(r.usage.prompt_tokens == len(ids), "a prompt of token ids is taken as ids")
+    a = c.completions.create(model="any", prompt=prompts[0], max_tokens=12, temperature=0.9, seed=5)
+    b = c.completions.create(model="any", prompt=prompts[0], max_tokens=12, temperature=0.9, seed=5)
+    check(a.choices[0].text == b.choices[0].text, "sampling with a seed repeats")
+    full = c.completions.create(model="any", prompt=prompts[0], max_tokens=n, temperature=0).choices[0].text
+    cut = full.split()[2]   # a word that comes after some text
+    stop = c.completions.create(model="any", prompt=prompts[0], max_tokens=n, temperature=0, stop=[cut])
+    check(stop.choices[0].text == full[:full.index(cut)] and stop.choices[0].finish_reason == "stop",
+          f"stop string {cut!r}: the text ends before it ({stop.choices[0].text!r})")
+
+    models = c.models.list()
+    check([m.id for m in models.data] == ["moesh-tiny-py"], f"/v1/models lists the model: {[m.id for m in models.data]}")
+    # the shipped model has no chat template: a clear refusal
+    try:
+        c.chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        check(False, "chat on a model without a template is refused")
+    except openai.BadRequestError as e:
+        check("chat template" in str(e), f"chat without a template: 400 that says why ({e})")
+
+
+def refusals(srv):
+    c = srv.client()
+    cases = [(dict(max_tokens=-1), "max_tokens"), (dict(max_tokens=100000), "max_tokens"), (dict(temperature=-1), "temperature"),
+             (dict(n=2), "n"), (dict(extra_body={"temprature": 0.5}), "temprature"), (dict(presence_penalty=1.0), "presence_penalty"),
+             (dict(extra_body={"top_k": -3}), "top_k")]
+    for kw, param in cases:
+        try:
+            c.completions.create(model="any", prompt="def f():", **kw)
+            check(False, f"{kw} is refused")
+        except openai.BadRequestError as e:
+            check(e.status_code == 400 and e.body.get("param") == param and param in e.body.get("message", ""),
+                  f"{kw}: 400 naming {param!r}: {e.body.get('message')!r}")
+    try:
+        c.completions.create(model="any", prompt="x " * 3000, max_tokens=4)
+        check(False, "a prompt longer than the context is refused")
+    except openai.BadRequestError as e:
+        check(e.body.get("code") == "context_length_exceeded", f"long prompt: context_length_exceeded ({e.body.get('message')!r})")
+    try:
+        c.completions.create(model="any", prompt=[1, 2, 999999], max_tokens=4)
+        check(False, "a token id outside the vocabulary is refused")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "prompt[2]", f"bad token id: names prompt[2] ({e.body.get('message')!r})")
+
+    status, _, body = http(srv, "POST", "/v1/completions", b"{not json")
+    check(status == 400 and "invalid JSON" in body, f"malformed JSON: 400 invalid JSON ({status} {body[:120]})")
+    status, _, body = http(srv, "POST", "/v1/completions", b'{"prompt": "' + b"x" * 70000 + b'"}')
+    check(status == 413, f"oversize body: 413 ({status} {body[:120]})")
+    status, headers, _ = http(srv, "GET", "/v1/completions")
+    check(status == 405 and headers.get("Allow") == "POST", f"GET on a POST route: 405 with Allow ({status} {headers.get('Allow')})")
+    status, _, body = http(srv, "GET", "/v2/nothing")
+    check(status == 404 and "/v1/completions" in body, f"unknown route: 404 listing the routes ({status})")
+    out = raw(srv, b"\x00\x01garbage\xff\r\n\r\n")
+    check(out.startswith(b"HTTP/1.1 400"), f"binary garbage: 400 and close ({out[:40]!r})")
+    out = raw(srv, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
+    check(out.startswith(b"HTTP/1.1 431"), f"oversize header: 431 ({out[:40]!r})")
+    t0 = time.monotonic()
+    out = raw(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{", timeout=15)
+    took = time.monotonic() - t0
+    check(out == b"" and took < 10, f"a body that never arrives: closed after the request timeout ({took:.1f} s)")
+
+
+def health_and_metrics(srv):
+    status, _, body = http(srv, "GET", "/health")
+    check(status == 200 and json.loads(body)["status"] == "ok", f"/health: 200 ok ({status} {body})")
+    status, headers, text = http(srv, "GET", "/metrics")
+    check(status == 200 and headers.get("Content-Type", "").startswith("text/plain; version=0.0.4"), "/metrics: Prometheus text")
+    done = metric(srv, 'moesh_requests_total{outcome="completed"}')
+    c = srv.client()
+    r = c.completions.create(model="any", prompt="def f(x):", max_tokens=5, temperature=0)
+    after = metric(srv, 'moesh_requests_total{outcome="completed"}')
+    check(done is not None and after == done + 1, f"a completion counts once in moesh_requests_total ({done} -> {after})")
+    _, _, text = http(srv, "GET", "/metrics")
+    names = ["moesh_time_to_first_token_seconds_bucket", "moesh_inter_token_latency_seconds_count", "moesh_kv_blocks_total",
+             "moesh_requests_queued", "moesh_expert_tokens_total{layer=\"0\"", 'moesh_http_responses_total{route="/v1/completions",status="200"}']
+    for n in names:
+        check(n in text, f"/metrics has {n}")
+    routed = sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith('moesh_expert_tokens_total{layer="0"'))
+    tokens = metric(srv, "moesh_prompt_tokens_total") + metric(srv, "moesh_generated_tokens_total")
+    # every token goes through layer 0 with top-2 routing, except each request's last sampled token
+    check(routed > 0 and routed <= 2 * tokens, f"expert load of layer 0 ({routed:.0f}) within 2 x tokens ({tokens:.0f})")
+    del r
+
+
+def disconnects(srv):
+    before = metric(srv, 'moesh_requests_total{outcome="cancelled"}')
+    body = json.dumps({"prompt": "def main():", "max_tokens": 500, "temperature": 0, "stream": True}).encode()
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    got = s.recv(4096)
+    s.close()
+    check(got.startswith(b"HTTP/1.1 200") and b"text/event-stream" in got, "a stream starts")
+    ok = wait_for(lambda: metric(srv, 'moesh_requests_total{outcome="cancelled"}') == before + 1
+                  and metric(srv, "moesh_kv_blocks_used") == 0)
+    check(ok, "a client that leaves mid-stream has its request cancelled and its KV blocks freed")
+    body = json.dumps({"prompt": "def main():", "max_tokens": 500, "temperature": 0}).encode()
+    raw(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body, read=False)
+    ok = wait_for(lambda: metric(srv, 'moesh_requests_total{outcome="cancelled"}') == before + 2
+                  and metric(srv, "moesh_kv_blocks_used") == 0)
+    check(ok, "a client that leaves while waiting for a whole answer has it cancelled too")
+
+    for i in range(300):
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        if i % 3 == 0:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+        s.close()
+    r = srv.client().completions.create(model="any", prompt="def fibonacci(n):", max_tokens=8, temperature=0)
+    check(r.usage.completion_tokens >= 1, "after 300 connects and disconnects the server still answers")
+    check(wait_for(lambda: metric(srv, "moesh_http_connections") <= 1, 10), "and holds no connection of theirs")
+
+
+def overload(moesh, model, tmp):
+    srv = Server(moesh, model, tmp, "busy", seqs=1, queue=1)
+    try:
+        if not check(srv.port > 0, f"second server up: {srv.url!r}"):
+            return
+        # One sequence and one queue place: of 6 requests sent at once, one runs, one waits, and the others
+        # are answered 503 busy at once (a request takes ~0.4 s here; they all arrive within milliseconds).
+        results, health = {}, []
+        go = threading.Barrier(7)
+
+        def long_request(i):
+            go.wait(timeout=10)
+            results[i] = http(srv, "POST", "/v1/completions", {"prompt": "def main():", "max_tokens": 500, "temperature": 0})
+
+        def watch_health():
+            go.wait(timeout=10)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and len(results) < 6:
+                health.append(http(srv, "GET", "/health"))
+
+        threads = [threading.Thread(target=long_request, args=(i,)) for i in range(6)] + [threading.Thread(target=watch_health)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        statuses = sorted(r[0] for r in results.values())
+        busy = [r for r in results.values() if r[0] == 503]
+        check(len(results) == 6 and statuses.count(200) >= 2 and statuses.count(200) + statuses.count(503) == 6 and busy,
+              f"6 requests at once on 1 sequence + 1 queue place: 200s and 503s only, both kinds ({statuses})")
+        check(all(r[1].get("Retry-After") == "1" and json.loads(r[2])["error"]["code"] == "busy" for r in busy),
+              "each 503 says busy, with Retry-After")
+        check(all(len(json.loads(r[2])["choices"][0]["text"]) > 0 for r in results.values() if r[0] == 200),
+              "every accepted request completes with its text: nothing lost")
+        check(any(h[0] == 503 and json.loads(h[2])["status"] == "busy" for h in health),
+              f"/health says busy (503) while the queue is full ({sorted(set(h[0] for h in health))})")
+        try:
+            r = srv.client().completions.create(model="any", prompt="x", max_tokens=4)
+            check(r.usage.completion_tokens >= 1, "after the burst the server answers again")
+        except openai.APIError as e:
+            check(False, f"after the burst the server answers again ({e})")
+    finally:
+        srv.stop()
+
+
+def chat(moesh, chat_model, tmp):
+    srv = Server(moesh, chat_model, tmp, "chat")
+    try:
+        if not check(srv.port > 0, f"chat server up: {srv.url!r}"):
+            return
+        c = srv.client()
+        for q in ["What is 2+2?", "Name a colour."]:
+            ref = moesh_run(moesh, chat_model, q, 24, chat=True)
+            r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0)
+            m = r.choices[0].message
+            check(m.role == "assistant" and ref["text"].startswith(m.content) and len(m.content) > 0,
+                  f"greedy chat answer to {q!r} equals moesh run --chat's: {m.content!r} vs {ref['text']!r}")
+            chunks = list(c.chat.completions.create(model="smol", messages=[{"role": "user", "content": q}], max_tokens=24,
+                                                    temperature=0, stream=True))
+            text = "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
+            check(text == m.content and chunks[0].choices[0].delta.role == "assistant",
+                  f"streamed chat adds up, first delta has the role: {text!r}")
+            check(r.choices[0].finish_reason in ("stop", "length"), f"finish reason {r.choices[0].finish_reason}")
+    finally:
+        srv.stop()
+
+
+def drain(srv):
+    out = {}
+
+    def streaming():
+        try:
+            chunks = list(srv.client().completions.create(model="any", prompt="def main():", max_tokens=200, temperature=0,
+                                                          stream=True))
+            out["text"] = "".join(x.choices[0].text for x in chunks if x.choices)
+            out["finish"] = chunks[-1].choices[0].finish_reason
+        except Exception as e:  # noqa: BLE001 - reported as a failure below
+            out["error"] = repr(e)
+
+    t = threading.Thread(target=streaming)
+    t.start()
+    wait_for(lambda: metric(srv, "moesh_requests_running") == 1, 10)
+    srv.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    try:
+        socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
+        refused = False
+    except OSError:
+        refused = True
+    check(refused, "after SIGTERM new connections are refused")
+    t.join(timeout=30)
+    check("error" not in out and out.get("finish") in ("length", "stop"), f"the running stream finishes during the drain: {out}")
+    try:
+        rc = srv.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        rc = None
+    check(rc == 0, f"exits 0 after the drain (exit status {rc})")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--moesh", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--chat-model", default="", help="a model with a chat template (skipped when absent)")
+    args = ap.parse_args()
+    print(f"openai {openai.__version__}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        srv = Server(args.moesh, args.model, tmp, "main")
+        try:
+            if not check(srv.port > 0, f"the server prints its ZeroMQ endpoint, then its HTTP URL: {srv.url!r}"):
+                print(srv.log())
+                return 1
+            for part in (completions, refusals, health_and_metrics, disconnects):
+                try:
+                    part(args.moesh, args.model, srv) if part is completions else part(srv)
+                except Exception as e:  # noqa: BLE001 - any escape is a failure, with what it was
+                    check(False, f"{part.__name__}: unexpected {type(e).__name__}: {e}")
+            drain(srv)
+        finally:
+            srv.stop()
+            if failures:
+                print("--- server log ---\n" + srv.log())
+        overload(args.moesh, args.model, tmp)
+        if args.chat_model and pathlib.Path(args.chat_model).exists():
+            chat(args.moesh, args.chat_model, tmp)
+        else:
+            print(f"note: no chat model at {args.chat_model!r}; chat completions checked for refusal only", flush=True)
+    print(f"{len(failures)} failed" if failures else "all passed", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
