@@ -108,7 +108,7 @@ bool DeviceExperts::admits(ExpertId id) const {
     return s.key < 0 || policy_.admit(key, s.key, step_, layer_);
 }
 
-const ExpertWeights & DeviceExperts::promote(ExpertId id) {
+const ExpertWeights & DeviceExperts::promote(ExpertId id, const ExpertWeights * from) {
     const int64_t key = key_of(id);
     if (where_[size_t(key)] >= 0) return slots_[size_t(where_[size_t(key)])].w;
     const int32_t v = victim();
@@ -122,7 +122,7 @@ const ExpertWeights & DeviceExperts::promote(ExpertId id) {
     }
     s.key = -1;   // until the upload succeeds
     const auto t0 = std::chrono::steady_clock::now();
-    ExpertWeights w = table_.get(id);
+    ExpertWeights w = from ? *from : table_.get(id);
     auto * base = static_cast<uint8_t *>(memory_.get()) + size_t(v) * slot_bytes_;
     size_t off = 0;
     for (WeightMatrix * m : {&w.gate, &w.up, &w.down}) {

@@ -10,8 +10,8 @@
 //   if (!w && promote) w = &dev.promote({layer, e});        // upload from the host copy
 //   dev.end_layer();
 //
-// Uploads come from the experts' host copies (the model's mapping) through the
-// backend's copy_to_device. Experts wanted by the current layer are never
+// Uploads come from the experts' host copies (the model's mapping, or the host
+// tier's slots when experts stream from disk) through the backend's copy_to_device. Experts wanted by the current layer are never
 // evicted while it runs. slots() * slot_bytes() <= the budget, always.
 // Thread safety: used by the thread that drives the backend.
 #pragma once
@@ -59,9 +59,11 @@ public:
     const ExpertWeights * resident(ExpertId id) const;
     // Whether the policy would keep id if it were promoted now (a free slot, or it beats the victim).
     bool admits(ExpertId id) const;
-    // Uploads id into a slot (evicting per policy) and returns its device weights. Throws
+    // Uploads id into a slot (evicting per policy) and returns its device weights, from `from`
+    // (a host copy of id, e.g. an ExpertStore slot) or else the table's. Throws
     // std::runtime_error when every slot holds an expert this layer still wants.
-    const ExpertWeights & promote(ExpertId id);
+    const ExpertWeights & promote(ExpertId id, const ExpertWeights * from = nullptr);
+    const ExpertWeights & promote(ExpertId id, const ExpertWeights & from) { return promote(id, &from); }
     bool can_promote() const { return victim() >= 0; }   // a slot that may take an expert now
     void done(ExpertId id);   // id was computed: this layer no longer needs it kept
     void end_layer();

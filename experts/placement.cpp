@@ -47,7 +47,8 @@ namespace {
 std::string gib(double bytes) {
     char buf[32];
     if (bytes >= 1024.0 * 1024 * 1024) std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / (1024.0 * 1024 * 1024));
-    else std::snprintf(buf, sizeof buf, "%.1f MiB", bytes / (1024.0 * 1024));
+    else if (bytes >= 1024.0 * 1024) std::snprintf(buf, sizeof buf, "%.1f MiB", bytes / (1024.0 * 1024));
+    else std::snprintf(buf, sizeof buf, "%.1f KiB", bytes / 1024.0);
     return buf;
 }
 
@@ -210,7 +211,12 @@ std::string describe_plan(const ModelFootprint & m, const PlacementPlan & p) {
                 size_t j = i;
                 while (j + 1 < t.pinned.size() && t.pinned[j + 1] == t.pinned[j] + 1 && t.pinned[j + 1] / std::max(1, m.n_expert) == layer) ++j;
                 const int64_t a = t.pinned[i] % std::max(1, m.n_expert), b = t.pinned[j] % std::max(1, m.n_expert);
-                ranges += (ranges.empty() ? "" : ",") + (a == b ? std::to_string(a) : std::to_string(a) + "-" + std::to_string(b));
+                if (!ranges.empty()) ranges += ',';   // appended piece by piece: GCC 12 warns falsely (-Wrestrict) on "," + to_string
+                ranges += std::to_string(a);
+                if (a != b) {
+                    ranges += '-';
+                    ranges += std::to_string(b);
+                }
                 i = j + 1;
             }
             pins += (pins.empty() ? "" : "; ") + std::string("layer ") + std::to_string(layer) + ": " + ranges;

@@ -102,10 +102,9 @@ ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, i
 
 void ForwardPass::set_placement(const ExpertPlacement & p) {
     const ModelConfig & c = model_.config();
-    if (p.store && p.device) throw Error("a gpu tier with experts streamed from disk is not built yet; give the host tier every expert");
-    if (p.store && !be_.host_memory())
+    if (p.store && !p.device && !be_.host_memory())
         throw Error("backend '" + be_.name() + "' keeps weights in device memory: experts streamed from disk into host slots "
-                    "are not built for it yet; give the experts a gpu tier and a host tier that holds the rest, or use --backend cpu");
+                    "feed its gpu tier: configure one, or use --backend cpu");
     if (p.device && be_.host_memory())
         throw Error("a gpu tier needs a device-memory backend (cuda); backend '" + be_.name() + "' computes in host memory");
     if (p.device && (!p.host || !p.host->host_memory() || !p.cost))
@@ -119,6 +118,8 @@ void ForwardPass::set_placement(const ExpertPlacement & p) {
     const size_t E = size_t(std::max<int64_t>(1, c.n_expert)), B = size_t(max_batch_);
     wanted_.reserve(E);
     wanted_n_.reserve(E);
+    host_wanted_.reserve(E);
+    host_wanted_n_.reserve(E);
     pred_count_.reserve(E);
     pred_list_.reserve(E);
     if (prefetch_ && pred_ids_.empty()) {
@@ -183,37 +184,70 @@ void ForwardPass::run_expert_on_host(const ExpertWeights & w, int64_t e, int64_t
 }
 
 // Routed experts with a gpu tier: resident ones on the device; the others promoted or computed on
-// the host, per expert and per step, by the cost model.
+// the host, per expert and per step, by the cost model. Their host copies come from the model's
+// mapping, or, with a host tier that cannot hold every expert, from the store, which reads the
+// missing ones from disk (and prefetches the next layer's that the gpu tier lacks).
 void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, float * x) {
     const ModelConfig & c = model_.config();
     collect_wanted();
     struct Layer {
         DeviceExperts & d;
-        ~Layer() { d.end_layer(); }
-    } layer{*dev_experts_};
+        ExpertStore * s;
+        ExpertId held{0, -1};
+        ~Layer() {
+            if (s && held.index >= 0) s->release(held);
+            if (s) s->end_layer();
+            d.end_layer();
+        }
+    } layer{*dev_experts_, store_};
     dev_experts_->begin_layer(int32_t(il), n_steps_, wanted_.data(), int64_t(wanted_.size()), wanted_n_.data());
+    if (store_) {   // the store is asked only for what the device lacks: resident first, then as the store has them
+        host_wanted_.clear();
+        host_wanted_n_.clear();
+        for (size_t i = 0; i < wanted_.size(); ++i)
+            if (!dev_experts_->resident({int32_t(il), wanted_[i]})) {
+                host_wanted_.push_back(wanted_[i]);
+                host_wanted_n_.push_back(wanted_n_[i]);
+            }
+        store_->begin_layer(int32_t(il), n_steps_, host_wanted_.data(), int64_t(host_wanted_.size()), host_wanted_n_.data());
+        if (prefetch_ && next_moe_[size_t(il)] >= 0) predict(next_moe_[size_t(il)], n);
+        std::stable_sort(wanted_.begin(), wanted_.end(), [&](int32_t a, int32_t b) {
+            const bool ra = dev_experts_->resident({int32_t(il), a}) != nullptr, rb = dev_experts_->resident({int32_t(il), b}) != nullptr;
+            if (ra != rb) return ra;
+            return !ra && store_->order({int32_t(il), a}) < store_->order({int32_t(il), b});
+        });
+    }
     for (int32_t e : wanted_) {
         const ExpertId id{int32_t(il), e};
         const int64_t n_e = dispatch_.n_tokens_for(e);
-        const ExpertWeights & host_w = model_.experts().get(id);
         const ExpertWeights * w = dev_experts_->resident(id);
-        if (!w && dev_experts_->can_promote() &&
+        if (w) {
+            run_routed(*w, e, n, h, x, /*as_is=*/true);
+            dev_experts_->done(id);
+            continue;
+        }
+        const ExpertWeights & host_w = store_ ? store_->acquire(id) : model_.experts().get(id);
+        if (store_) layer.held = id;
+        if (dev_experts_->can_promote() &&
             cost_->choose(host_w.n_bytes(), n_e, c.n_embd, dev_experts_->admits(id)) == Placement::Promote) {
             const double t0 = dev_experts_->stats().upload_seconds;
             const uint64_t b0 = dev_experts_->stats().bytes_uploaded;
-            w = &dev_experts_->promote(id);
+            w = &dev_experts_->promote(id, host_w);
             cost_->observe_upload(size_t(dev_experts_->stats().bytes_uploaded - b0), dev_experts_->stats().upload_seconds - t0);
         }
-        if (!w) {
+        if (w) {
+            run_routed(*w, e, n, h, x, /*as_is=*/true);
+        } else {
             const auto t0 = std::chrono::steady_clock::now();
             run_expert_on_host(host_w, e, n, h, x);
             const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             dev_experts_->note_in_place(secs);
             cost_->observe_host(host_w.n_bytes(), n_e, secs);
-            dev_experts_->done(id);
-            continue;
         }
-        run_routed(*w, e, n, h, x, /*as_is=*/true);
+        if (store_) {
+            store_->release(id);
+            layer.held.index = -1;
+        }
         dev_experts_->done(id);
     }
 }
@@ -233,8 +267,8 @@ void ForwardPass::predict(int64_t il, int64_t n) {
     for (int64_t i = 0; i < n * kk; ++i) --pred_count_[size_t(pred_ids_[size_t(i)])].first;
     std::sort(pred_count_.begin(), pred_count_.end());
     pred_list_.clear();
-    for (const auto & [neg, e] : pred_count_)
-        if (neg < 0) pred_list_.push_back(e);
+    for (const auto & [neg, e] : pred_count_)   // what the gpu tier holds needs no host copy
+        if (neg < 0 && !(dev_experts_ && dev_experts_->resident({int32_t(il), e}))) pred_list_.push_back(e);
     store_->prefetch(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
 }
 
@@ -440,8 +474,8 @@ void ForwardPass::ffn(int64_t il, int64_t n) {
 
     for (int64_t e = 0; e < c.n_expert && !store_ && !dev_experts_; ++e)
         if (dispatch_.n_tokens_for(e) > 0) run_routed(model_.experts().get({int32_t(il), int32_t(e)}), e, n, h, x, /*as_is=*/false);
-    if (store_) stored_experts(il, n, h, x);
-    if (dev_experts_) device_tier_experts(il, n, h, x);
+    if (dev_experts_) device_tier_experts(il, n, h, x);   // with a store: it feeds the gpu tier
+    else if (store_) stored_experts(il, n, h, x);
     if (!L.shared.empty()) {
         matmul(L.shared_gate, {}, h, shared_scale_.dev(), n);
         shared_scale_.download(0, size_t(n));

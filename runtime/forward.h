@@ -100,8 +100,9 @@ public:
     void set_route_observer(RouteObserver observer) { observer_ = std::move(observer); }
     // Routed experts from p.store (a host-memory backend) or p.device (the gpu tier of a
     // device-memory backend: an expert it lacks is promoted into it or computed on p.host,
-    // as p.cost decides). Throws for a combination that is not built (both, or the wrong
-    // kind of backend).
+    // as p.cost decides), or both: the gpu tier's missing experts then come from the store,
+    // read from disk when the host tier lacks them too. Throws for a combination that is not
+    // built (a store alone on a device backend, a gpu tier on a host backend).
     void set_placement(const ExpertPlacement & p);
 
     int64_t max_batch() const { return max_batch_; }
@@ -150,6 +151,7 @@ private:
     std::vector<float> pred_w_;
     std::vector<std::pair<int32_t, int32_t>> pred_count_;
     DeviceExperts * dev_experts_ = nullptr;
+    std::vector<int32_t> host_wanted_, host_wanted_n_;   // a layer's experts the gpu tier lacks, and their token counts
     Backend * host_be_ = nullptr;
     CostModel * cost_ = nullptr;
     BackendBuffer hx_, ho_, hscratch_;   // host backend: an in-place expert's input, output, scratch

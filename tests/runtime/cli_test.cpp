@@ -141,6 +141,20 @@ TEST(Cli, GpuTierOnADeviceMemoryBackendKeepsTheTokens) {
     EXPECT_EQ(j["gpu_tier"]["hits"].get<int64_t>() + j["gpu_tier"]["promotions"].get<int64_t>() +
                   j["gpu_tier"]["in_place"].get<int64_t>(),
               j["gpu_tier"]["requests"].get<int64_t>());
+    // three tiers: 3 experts in VRAM, 2 in RAM, the rest read from the model's files on a miss
+    const std::string three = dir.write("three.toml", "[[tier]]\nname = \"gpu0\"\nkind = \"gpu\"\nbudget = \"100KiB\"\n"
+                                                      "[[tier]]\nname = \"ram\"\nkind = \"host\"\nbudget = \"110KiB\"\n"
+                                                      "[[tier]]\nname = \"disk\"\nkind = \"disk\"\n")
+                                  .string();
+    r = run("run --model " + k_fixture + " --prompt-ids " + ids + " -n 12 --output json --backend devsim --plugin-dir " + devsim +
+                " --config " + three,
+            false);
+    ASSERT_EQ(r.status, 0) << r.out;
+    const nlohmann::json t = last_json_line(r.out);
+    EXPECT_EQ(t["tokens"].get<std::vector<int32_t>>(), std::vector<int32_t>(expected.begin(), expected.begin() + 12));
+    ASSERT_TRUE(t.contains("gpu_tier") && t.contains("placement")) << r.out;
+    EXPECT_GT(t["placement"]["misses"].get<int64_t>(), 0) << r.out;
+    EXPECT_EQ(t["placement"]["requests"].get<int64_t>(), t["gpu_tier"]["requests"].get<int64_t>() - t["gpu_tier"]["hits"].get<int64_t>());
     // on the cpu backend the gpu tier is ignored, with a warning
     r = run("run --model " + k_fixture + " --prompt-ids " + ids + " -n 2 --config " + config);
     ASSERT_EQ(r.status, 0) << r.out;

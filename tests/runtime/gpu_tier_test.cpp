@@ -4,6 +4,7 @@
 // tokens must equal transformers' references with every budget, policy and
 // cost-model choice; the slots stay within the budget; pins stay resident.
 #include "experts/placement.h"
+#include "runtime/expert_placement.h"
 #include "runtime/backend_weights.h"
 #include "runtime/generate.h"
 #include "runtime/model.h"
@@ -100,6 +101,60 @@ TEST(GpuTier, MixtralGreedyEqualsTransformersWithEveryBudget) {
 TEST(GpuTier, ShippedModelGreedyEqualsTransformersWithEveryBudget) {
     // devsim runs the reference kernels: fewer combinations on this larger model
     check_gpu_tier("models/moesh-tiny-py", "tests/fixtures/shipped/moesh-tiny-py/reference.json", /*quick=*/true);
+}
+
+// Neither the gpu tier nor the host tier holds every expert: the ones the device lacks come from
+// the host tier's slots, read from the model's files on a miss (and prefetched for the next layer).
+TEST(GpuTier, WithExpertsStreamedFromDiskGreedyEqualsTransformers) {
+    const std::string dir = "tests/fixtures/mixtral_top2";
+    const Model model = Model::load_path(std::string(MOESH_SOURCE_DIR) + "/" + dir);
+    const Reference ref = load_reference(std::string(MOESH_SOURCE_DIR) + "/" + dir + "/reference.json");
+    auto dev = test::open_devsim_backend();
+    auto host = test::open_cpu_backend(2);
+    ASSERT_NE(dev, nullptr);
+    ASSERT_NE(host, nullptr);
+    WeightOptions wo;
+    wo.routed_experts = false;
+    const BackendWeights weights(model, *dev, wo);
+    const ModelFootprint f = footprint_of(model, dir, 256, 8);
+    const int64_t n_routed = f.n_routed();
+    for (CostMode mode : {CostMode::Auto, CostMode::AlwaysPromote, CostMode::AlwaysInPlace}) {
+        for (bool prefetch : {false, true}) {
+            SCOPED_TRACE("mode " + std::to_string(int(mode)) + (prefetch ? ", prefetch" : ""));
+            PlacementConfig pc;
+            pc.tiers.push_back({"vram", TierKind::Gpu, uint64_t(n_routed / 4) * device_slot_bytes_for(f.max_expert_bytes()), 0});
+            pc.tiers.push_back({"ram", TierKind::Host, uint64_t(n_routed / 4) * slot_bytes_for(f.max_expert_bytes()), 0});
+            pc.tiers.push_back({"disk", TierKind::Disk, 0, 0});
+            pc.policy = "heat";
+            pc.prefetch = prefetch;
+            pc.prefetch_min_precision = 0;   // load every prediction: the worst case for correctness
+            const PlacementPlan plan = plan_placement(f, pc);
+            ASSERT_FALSE(plan.all_resident);
+            std::unique_ptr<ExpertStore> store = open_expert_store(model, plan);
+            std::unique_ptr<DeviceExperts> tier = open_device_experts(model, plan, *dev);
+            ASSERT_NE(store, nullptr);
+            ASSERT_NE(tier, nullptr);
+            CostModel cost(CostRates{}, mode);
+            for (size_t i = 0; i < ref.prompts.size(); ++i) {
+                GenerateOptions g;
+                g.prompt = ref.prompts[i];
+                g.n_generate = int64_t(ref.generated[i].size());
+                g.max_batch = 4;
+                g.weights = &weights;
+                g.placement = {store.get(), prefetch, 0, tier.get(), host.get(), &cost};
+                EXPECT_EQ(generate(model, *dev, g).tokens, ref.generated[i]) << "prompt " << i;
+                EXPECT_EQ(tier->check(), "");
+                EXPECT_EQ(store->check(), "");
+            }
+            const DeviceExpertStats & d = tier->stats();
+            const StoreStats s = store->stats();
+            EXPECT_EQ(d.hits + d.promotions + d.in_place, d.requests);
+            EXPECT_EQ(s.requests, d.requests - d.hits) << "the store is asked exactly for what the device lacks";
+            EXPECT_GT(s.misses, 0);
+            EXPECT_GT(s.bytes_read, 0u);
+            EXPECT_EQ(s.prefetches > 0, prefetch);
+        }
+    }
 }
 
 TEST(GpuTier, RefusesWhatCannotWork) {
