@@ -218,7 +218,9 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
     json frame = {{"id", d.id}};
     bool have_max = false, have_seed = false, have_temperature = false;
     const json * stream_options = nullptr;
-    for (const auto & [k, v] : o.items()) {
+    for (const auto & item : o.items()) {
+        const std::string & k = item.key();   // not structured bindings: clang 14's lambdas cannot capture them
+        const json & v = item.value();
         if (v.is_null()) continue;   // OpenAI clients send null for "not given"
         if (k == "model") {
             if (!v.is_string()) return expected("model", "a string", v);   // any name: this server has one model

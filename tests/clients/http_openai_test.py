@@ -64,13 +64,14 @@ def check(ok, what):
 class Server:
     """`moesh serve` with a config, its ZeroMQ endpoint and HTTP URL read from stdout."""
 
-    def __init__(self, moesh, model, tmp, name, seqs=4, queue=64):
+    def __init__(self, moesh, model, tmp, name, seqs=4, queue=64, extra=()):
         self.config = pathlib.Path(tmp) / f"{name}.toml"
         self.config.write_text(CONFIG.format(seqs=seqs, queue=queue))
         self.log_path = pathlib.Path(tmp) / f"{name}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([moesh, "serve", "--model", model, "--config", str(self.config),
-                                          "--endpoint", "tcp://127.0.0.1:*", "--http", "127.0.0.1:0", "--threads", THREADS],
+                                          "--endpoint", "tcp://127.0.0.1:*", "--http", "127.0.0.1:0", "--threads", THREADS,
+                                          *extra],
                                          stdout=subprocess.PIPE, stderr=log)
         lines = self._read_lines(2, 90)
         self.url = lines[1] if len(lines) == 2 else ""
@@ -346,6 +347,25 @@ def overload(moesh, model, tmp):
         srv.stop()
 
 
+def expert_budget(moesh, model, tmp):
+    """Serving with experts streamed from disk: the same tokens, and the host tier's counters in /metrics."""
+    srv = Server(moesh, model, tmp, "budget", extra=("--expert-budget", "1MiB"))
+    try:
+        if not check(srv.port > 0, f"server with --expert-budget up: {srv.url!r}"):
+            return
+        p = "def fibonacci(n):"
+        ref = moesh_run(moesh, model, p, 16)
+        r = srv.client().completions.create(model="any", prompt=p, max_tokens=16, temperature=0)
+        check(ref["text"].startswith(r.choices[0].text) and len(r.choices[0].text) > 0,
+              f"with an expert budget the completion is unchanged: {r.choices[0].text!r}")
+        misses = metric(srv, "moesh_expert_host_misses_total")
+        requests = metric(srv, "moesh_expert_host_requests_total")
+        check(misses is not None and misses > 0 and requests >= misses and metric(srv, "moesh_expert_disk_read_bytes_total") > 0,
+              f"/metrics reports the host tier: {misses} misses of {requests}, bytes read from disk")
+    finally:
+        srv.stop()
+
+
 def chat(moesh, chat_model, tmp):
     srv = Server(moesh, chat_model, tmp, "chat")
     try:
@@ -424,6 +444,7 @@ def main():
             if failures:
                 print("--- server log ---\n" + srv.log())
         overload(args.moesh, args.model, tmp)
+        expert_budget(args.moesh, args.model, tmp)
         if args.chat_model and pathlib.Path(args.chat_model).exists():
             chat(args.moesh, args.chat_model, tmp)
         else:
