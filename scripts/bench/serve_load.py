@@ -19,6 +19,14 @@ token's frame or event. One JSON line per C on stdout (progress on stderr):
   finish_reasons        of the completed requests (eos ends a request early)
   decode_tokens_per_second   completion tokens of all completed requests / wall seconds
   ttft_ms, latency_ms   p50 and p99 over completed requests (latency: send to done)
+  ttft_ms_after_first   the same over each client's later requests: all C clients send their
+                        first request at once, so the first C requests queue behind each
+                        other's prompts (a burst no steady state has); at C = 16 and
+                        --duration 10 they are about a sixth of the requests, enough to set p99
+  server_ttft_ms        moesh only (null for llama.cpp): the done frame's timings.ttft_ms,
+                        arrival to first token on the server's clock. moesh sends a token's
+                        frame when the next token is sampled (server.cpp), so the client sees
+                        the first token about one decode step after the server has it
   server                how the server was run (config, or its command line) and what it says
 moesh: one server (--config, --threads) serves every C; clients use their own DEALER
 socket (scripts/clients/python). One warm-up request, not counted, goes first.
@@ -60,6 +68,9 @@ class Stats:
 
     def __init__(self):
         self.ttft, self.latency = [], []
+        self.ttft_after_first = []   # TTFTs of the client's requests after its first
+        self.n_sent = 0              # requests this client has sent (done or not)
+        self.server_ttft = []        # moesh: the done frame's timings.ttft_ms (the server's own clock)
         self.completion_tokens = 0
         self.errors = collections.Counter()
         self.error_examples = {}   # code -> the first such error's text (truncated)
@@ -68,12 +79,16 @@ class Stats:
     def done(self, ttft, latency, n_tokens, finish_reason):
         if ttft is not None:
             self.ttft.append(ttft * 1000)
+            if self.n_sent > 1:
+                self.ttft_after_first.append(ttft * 1000)
         self.latency.append(latency * 1000)
         self.completion_tokens += n_tokens
         self.finish[finish_reason] += 1
 
     def merge(self, other):
         self.ttft += other.ttft
+        self.ttft_after_first += other.ttft_after_first
+        self.server_ttft += other.server_ttft
         self.latency += other.latency
         self.completion_tokens += other.completion_tokens
         self.errors.update(other.errors)
@@ -132,6 +147,9 @@ def report(engine, n_clients, total, wall, args, server):
         "wall_s": round(wall, 3),
         "decode_tokens_per_second": round(total.completion_tokens / wall, 2) if wall > 0 else None,
         "ttft_ms": {"p50": percentile(total.ttft, 50), "p99": percentile(total.ttft, 99)},
+        "ttft_ms_after_first": {"p50": percentile(total.ttft_after_first, 50),
+                                "p99": percentile(total.ttft_after_first, 99)},
+        "server_ttft_ms": {"p50": percentile(total.server_ttft, 50), "p99": percentile(total.server_ttft, 99)},
         "latency_ms": {"p50": percentile(total.latency, 50), "p99": percentile(total.latency, 99)},
         "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens,
@@ -229,12 +247,16 @@ def run_moesh(args, clients):
                     if time.monotonic() >= stop_at:
                         return
                     t0 = time.monotonic()
+                    st.n_sent += 1
                     ttft = None
                     try:
                         for f in c.stream(prompt_ids=next(gen), max_tokens=args.max_tokens, timeout=args.timeout):
                             if ttft is None and f["type"] == "token":
                                 ttft = time.monotonic() - t0
                             if f["type"] == "done":
+                                server_ttft = (f.get("timings") or {}).get("ttft_ms")
+                                if server_ttft is not None:
+                                    st.server_ttft.append(server_ttft)
                                 st.done(ttft, time.monotonic() - t0, f["usage"]["completion_tokens"], f["finish_reason"])
                     except MoeshError as e:
                         st.errors[e.code] += 1
@@ -374,6 +396,7 @@ def run_llama(args, clients):
                     # loopback costs ~0.1 ms and is inside the measured time, as for a client
                     # that does not pool connections.
                     t0 = time.monotonic()
+                    st.n_sent += 1
                     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
                     try:
                         llama_request(conn, next(gen), args, st, t0)
