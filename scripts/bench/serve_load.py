@@ -19,12 +19,22 @@ token's frame or event. One JSON line per C on stdout (progress on stderr):
   finish_reasons        of the completed requests (eos ends a request early)
   decode_tokens_per_second   completion tokens of all completed requests / wall seconds
   ttft_ms, latency_ms   p50 and p99 over completed requests (latency: send to done)
+  ttft_ms_after_first   the same over each client's later requests: all C clients send their
+                        first request at once, so the first C requests queue behind each
+                        other's prompts (a burst no steady state has); at C = 16 and
+                        --duration 10 they are about a sixth of the requests, enough to set p99
+  server_ttft_ms        moesh only (null for llama.cpp): the done frame's timings.ttft_ms,
+                        arrival to first token on the server's clock. moesh sends a token's
+                        frame when the next token is sampled (server.cpp), so the client sees
+                        the first token about one decode step after the server has it
   server                how the server was run (config, or its command line) and what it says
 moesh: one server (--config, --threads) serves every C; clients use their own DEALER
 socket (scripts/clients/python). One warm-up request, not counted, goes first.
 llama.cpp: one llama-server per C, with -np C slots and a context of C * (prompt + max
 tokens + 64) so that every slot fits a request; driven through /v1/completions with
-"prompt" as token ids and stream=true (plain http.client). Loopback only.
+"prompt" as token ids and stream=true (plain http.client, a new connection per request:
+llama-server closes kept-alive connections on its own terms). Non-200 answers are
+counted as errors ("http_500"), with the first one's body under error_examples. Loopback only.
 Python threads measure the client side too: at high C, token frames are parsed under the
 GIL, which inflates TTFT a little for both engines alike.
 """
@@ -58,22 +68,32 @@ class Stats:
 
     def __init__(self):
         self.ttft, self.latency = [], []
+        self.ttft_after_first = []   # TTFTs of the client's requests after its first
+        self.n_sent = 0              # requests this client has sent (done or not)
+        self.server_ttft = []        # moesh: the done frame's timings.ttft_ms (the server's own clock)
         self.completion_tokens = 0
         self.errors = collections.Counter()
+        self.error_examples = {}   # code -> the first such error's text (truncated)
         self.finish = collections.Counter()
 
     def done(self, ttft, latency, n_tokens, finish_reason):
         if ttft is not None:
             self.ttft.append(ttft * 1000)
+            if self.n_sent > 1:
+                self.ttft_after_first.append(ttft * 1000)
         self.latency.append(latency * 1000)
         self.completion_tokens += n_tokens
         self.finish[finish_reason] += 1
 
     def merge(self, other):
         self.ttft += other.ttft
+        self.ttft_after_first += other.ttft_after_first
+        self.server_ttft += other.server_ttft
         self.latency += other.latency
         self.completion_tokens += other.completion_tokens
         self.errors.update(other.errors)
+        for code, text in other.error_examples.items():
+            self.error_examples.setdefault(code, text)
         self.finish.update(other.finish)
 
 
@@ -121,11 +141,15 @@ def report(engine, n_clients, total, wall, args, server):
         "clients": n_clients,
         "requests": len(total.latency),
         "errors": dict(sorted(total.errors.items())),
+        "error_examples": dict(sorted(total.error_examples.items())),
         "finish_reasons": dict(sorted(total.finish.items())),
         "completion_tokens": total.completion_tokens,
         "wall_s": round(wall, 3),
         "decode_tokens_per_second": round(total.completion_tokens / wall, 2) if wall > 0 else None,
         "ttft_ms": {"p50": percentile(total.ttft, 50), "p99": percentile(total.ttft, 99)},
+        "ttft_ms_after_first": {"p50": percentile(total.ttft_after_first, 50),
+                                "p99": percentile(total.ttft_after_first, 99)},
+        "server_ttft_ms": {"p50": percentile(total.server_ttft, 50), "p99": percentile(total.server_ttft, 99)},
         "latency_ms": {"p50": percentile(total.latency, 50), "p99": percentile(total.latency, 99)},
         "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens,
@@ -223,12 +247,16 @@ def run_moesh(args, clients):
                     if time.monotonic() >= stop_at:
                         return
                     t0 = time.monotonic()
+                    st.n_sent += 1
                     ttft = None
                     try:
                         for f in c.stream(prompt_ids=next(gen), max_tokens=args.max_tokens, timeout=args.timeout):
                             if ttft is None and f["type"] == "token":
                                 ttft = time.monotonic() - t0
                             if f["type"] == "done":
+                                server_ttft = (f.get("timings") or {}).get("ttft_ms")
+                                if server_ttft is not None:
+                                    st.server_ttft.append(server_ttft)
                                 st.done(ttft, time.monotonic() - t0, f["usage"]["completion_tokens"], f["finish_reason"])
                     except MoeshError as e:
                         st.errors[e.code] += 1
@@ -295,16 +323,22 @@ def start_llama(args, n_clients):
 
 
 def llama_request(conn, ids, args, st, t0):
-    """One streamed /v1/completions request; records it in st. Raises OSError and
-    http.client.HTTPException when the connection breaks."""
+    """One streamed /v1/completions request on a new connection, closed after it; records it
+    in st. Raises OSError and http.client.HTTPException when the connection breaks.
+    Connections are not reused: llama-server (cpp-httplib) closes a kept-alive connection
+    on its own terms (after a streamed response, or when idle), and http.client only notices
+    when the next request's response fails (RemoteDisconnected), which would count a healthy
+    request as a broken one."""
     # bytes, so that http.client sends headers and body in one write: two small writes meet
-    # Nagle's algorithm and delayed ACKs on a kept-alive connection (a 40 ms stall)
+    # Nagle's algorithm and delayed ACKs (a 40 ms stall)
     body = json.dumps({"prompt": ids, "max_tokens": args.max_tokens, "temperature": 0, "stream": True}).encode()
-    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    conn.request("POST", "/v1/completions", body=body,
+                 headers={"Content-Type": "application/json", "Connection": "close"})
     r = conn.getresponse()
-    if r.status != 200:
-        r.read()
-        st.errors[f"http_{r.status}"] += 1
+    if r.status != 200:   # counted, never retried: llama-server answers some requests with 500
+        code = f"http_{r.status}"
+        st.errors[code] += 1
+        st.error_examples.setdefault(code, r.read()[:300].decode(errors="replace"))
         return
     ttft = None
     n_chunks = 0
@@ -316,7 +350,6 @@ def llama_request(conn, ids, args, st, t0):
             continue
         data = line[6:]
         if data == b"[DONE]":
-            r.read()   # the end of the chunked body, so that the connection can be reused
             break
         ev = json.loads(data)
         if "error" in ev:
@@ -356,21 +389,23 @@ def run_llama(args, clients):
 
             def worker(index, st, stop_at):
                 gen = prompts(args.seed, index, vocab, args.prompt_len)
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
-                try:
-                    for _ in range(args.requests):
-                        if time.monotonic() >= stop_at:
-                            return
-                        try:
-                            llama_request(conn, next(gen), args, st, time.monotonic())
-                        except (socket.timeout, TimeoutError):
-                            st.errors["timeout"] += 1
-                            conn.close()
-                        except (OSError, http.client.HTTPException, ValueError) as e:
-                            st.errors["connection_" + type(e).__name__] += 1
-                            conn.close()   # http.client reconnects on the next request
-                finally:
-                    conn.close()
+                for _ in range(args.requests):
+                    if time.monotonic() >= stop_at:
+                        return
+                    # A fresh connection per request (see llama_request); connecting on
+                    # loopback costs ~0.1 ms and is inside the measured time, as for a client
+                    # that does not pool connections.
+                    t0 = time.monotonic()
+                    st.n_sent += 1
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
+                    try:
+                        llama_request(conn, next(gen), args, st, t0)
+                    except (socket.timeout, TimeoutError):
+                        st.errors["timeout"] += 1
+                    except (OSError, http.client.HTTPException, ValueError) as e:
+                        st.errors["connection_" + type(e).__name__] += 1
+                    finally:
+                        conn.close()
 
             warm = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
             try:   # not counted
