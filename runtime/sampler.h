@@ -6,7 +6,8 @@
 // temperature <= 0 means greedy (argmax, ties to the lower id). Otherwise, in
 // the order Hugging Face's generate applies them: temperature, top-k, top-p,
 // then a draw from the remaining distribution with a seeded generator, so a
-// seed gives the same tokens on every machine. Buffers are sized once.
+// seed gives the same tokens on every machine. Buffers are sized once; only
+// the part of the vocabulary the draw reaches is sorted.
 // Thread safety: one thread per Sampler.
 #pragma once
 
@@ -36,7 +37,7 @@ private:
     SamplerParams params_;
     std::mt19937_64 rng_;
     std::vector<int32_t> idx_;   // [n_vocab]
-    std::vector<float> probs_;   // [n_vocab]
+    std::vector<float> probs_;   // [n_vocab]: weights, by rank with top-k, else by id
 };
 
 int32_t argmax(const float * x, int64_t n);
