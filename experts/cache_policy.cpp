@@ -17,13 +17,14 @@ const char * policy_name(Policy p) {
     case Policy::Lfu: return "lfu";
     case Policy::Heat: return "heat";
     case Policy::Lookahead: return "lookahead";
+    case Policy::Window: return "window";
     case Policy::Belady: return "belady";
     }
     return "?";
 }
 
 bool parse_policy(const std::string & name, Policy * out) {
-    for (Policy p : {Policy::Static, Policy::Lru, Policy::Lfu, Policy::Heat, Policy::Lookahead, Policy::Belady})
+    for (Policy p : {Policy::Static, Policy::Lru, Policy::Lfu, Policy::Heat, Policy::Lookahead, Policy::Window, Policy::Belady})
         if (name == policy_name(p)) {
             *out = p;
             return true;
@@ -224,9 +225,10 @@ CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n
             if (i > 0 && std::make_pair(q.step, q.layer) <= std::make_pair((*predictions)[i - 1].step, (*predictions)[i - 1].layer))
                 throw std::invalid_argument("predictions must be sorted by step, then layer, one per visit");
         }
-    // Belady: for each request, the index of the next request of the same key.
+    if (p.window < 0) throw std::invalid_argument("window must be >= 0");
+    // Belady, window: for each request, the index of the next request of the same key.
     std::vector<int64_t> next_use;
-    if (p.policy == Policy::Belady) {
+    if (p.policy == Policy::Belady || p.policy == Policy::Window) {
         next_use.assign(n, std::numeric_limits<int64_t>::max());
         std::unordered_map<int64_t, int64_t> seen;
         for (size_t i = n; i-- > 0;) {
@@ -280,9 +282,25 @@ CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n
 
     int32_t n_layer = 1;
     for (const ExpertRequest & r : requests) n_layer = std::max(n_layer, r.layer + 1);
-    PolicyState state(n_layer, n_expert, n_expert_used, p);
+    PolicyParams online = p;
+    if (p.policy == Policy::Window) online.policy = Policy::Lookahead;   // its estimate beyond the window
+    PolicyState state(n_layer, n_expert, n_expert_used, online);
     std::vector<int64_t> resident;   // keys, unordered
     std::vector<char> is_resident(size_t(n_layer) * size_t(n_expert));
+    // window: the visit of each request, and each key's next request from now on
+    std::vector<int64_t> visit_of, key_next;
+    if (p.policy == Policy::Window) {
+        visit_of.assign(n, 0);
+        for (size_t i = 1; i < n; ++i)
+            visit_of[i] = visit_of[i - 1] + (requests[i].step != requests[i - 1].step || requests[i].layer != requests[i - 1].layer);
+        key_next.assign(size_t(n_layer) * size_t(n_expert), std::numeric_limits<int64_t>::max());
+    }
+    auto window_score = [&](int64_t key, size_t i) {
+        const int64_t at = key_next[size_t(key)];
+        if (at != std::numeric_limits<int64_t>::max() && visit_of[size_t(at)] - visit_of[i] <= p.window)
+            return double(visit_of[size_t(at)] - visit_of[i]);
+        return std::max(double(p.window + 1), state.expected_next_use(key, requests[i].step, requests[i].layer));
+    };
     std::vector<int32_t> visit;      // experts of the visit beginning at request i
     size_t next_pred = 0;
     auto same_visit = [&](size_t a, size_t b) { return requests[a].step == requests[b].step && requests[a].layer == requests[b].layer; };
@@ -308,12 +326,28 @@ CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n
             state.begin_visit(requests[i].layer, visit.data(), int64_t(visit.size()));
         }
         state.use(k, requests[i].step);
+        if (p.policy == Policy::Window) key_next[size_t(k)] = next_use[i];
         ++s.requests;
         if (pinned.count(k) || is_resident[size_t(k)]) {
             ++s.hits;
             continue;
         }
-        if (int64_t(resident.size()) >= slots) {
+        if (int64_t(resident.size()) >= slots && p.policy == Policy::Window) {
+            size_t v = 0;
+            double worst = -1;
+            for (size_t c = 0; c < resident.size(); ++c) {
+                const double x = window_score(resident[c], i);
+                if (x > worst) {
+                    worst = x;
+                    v = c;
+                }
+            }
+            if (!(window_score(k, i) < worst)) continue;
+            is_resident[size_t(resident[v])] = 0;
+            resident[v] = resident.back();
+            resident.pop_back();
+            ++s.evictions;
+        } else if (int64_t(resident.size()) >= slots) {
             const size_t v = state.victim(resident.data(), resident.size(), requests[i].step, requests[i].layer);
             if (!state.admit(k, resident[v], requests[i].step, requests[i].layer)) continue;   // used from the slower tier
             is_resident[size_t(resident[v])] = 0;

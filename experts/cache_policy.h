@@ -38,6 +38,12 @@
 //             these rates are averaged with heat's p (p0 from the non-use side).
 //           Without predictions (a tier that is not prefetched) it is the reuse
 //           part alone. Admission as heat.
+//   window  a yardstick, not an online policy (simulator only): an oracle that
+//           knows every request of the next `window` layer visits and uses
+//           Belady's rule on them; an expert not wanted within them counts as
+//           window + 1 visits away or lookahead's estimate, whichever is more.
+//           Shows how much lookahead (in visits) a policy would need to come
+//           near Belady: window = n_layer is the whole next token known.
 //   belady  evict the one needed again farthest in the future, or do not
 //           cache the requested one when it is needed later than all of them
 //           (the offline optimum for unit-size items; the yardstick). Pins
@@ -69,11 +75,12 @@ struct LayerPrediction {
     std::vector<int32_t> experts;   // [n] expert ids of `layer`, ranked
 };
 
-enum class Policy { Static, Lru, Lfu, Heat, Lookahead, Belady };
+enum class Policy { Static, Lru, Lfu, Heat, Lookahead, Window, Belady };
 const char * policy_name(Policy p);
-// "static", "lru", "lfu", "heat", "lookahead", "belady"; false if unknown.
+// "static", "lru", "lfu", "heat", "lookahead", "window", "belady"; false if unknown.
 bool parse_policy(const std::string & name, Policy * out);
 // Whether PolicyState::admit can decline (heat, lookahead): a cache then keeps a streaming slot.
+// (window and belady are yardsticks of the simulator; a run-time cache refuses them.)
 inline bool policy_admits_selectively(Policy p) { return p == Policy::Heat || p == Policy::Lookahead; }
 
 struct PolicyParams {
@@ -81,6 +88,7 @@ struct PolicyParams {
     double heat_decay = 0.95;               // per step, in (0, 1]
     std::vector<int64_t> pinned;            // expert keys (layer * n_expert + expert), at most capacity
     double lookahead_decay = 0.99;          // lookahead's reuse and precision counts, per visit, in (0, 1]
+    int64_t window = 0;                     // window: layer visits the oracle sees ahead (>= 0)
 };
 
 // What the online policies know: per expert, its uses so far, and where the

@@ -26,6 +26,7 @@
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -837,7 +838,8 @@ std::vector<std::string> split_list(const std::string & s) {
 // n_predicted: the prediction's ranks the lookahead policy is told per layer (-1: the router's k, as the
 // run-time prefetch with prefetch_extra = 0; 0: none).
 int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const std::string & policies_arg, double decay,
-            bool decay_given, const std::string & config_path, const std::string & output, int64_t n_predicted) {
+            bool decay_given, const std::string & config_path, const std::string & output, int64_t n_predicted,
+            int64_t window) {
     const moesh::RouteTrace t = moesh::read_route_trace(trace_path);
     std::vector<moesh::ExpertRequest> reqs;
     int64_t n_moe = 0;
@@ -879,10 +881,11 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
     for (const std::string & name : split_list(policies_arg)) {
         moesh::Policy p;
         if (!moesh::parse_policy(name, &p))
-            throw Error("--policies: unknown policy '" + name + "' (static, lru, lfu, heat, lookahead, belady)");
+            throw Error("--policies: unknown policy '" + name + "' (static, lru, lfu, heat, lookahead, window, belady)");
         policies.push_back(p);
     }
     const int64_t total = n_moe * t.n_expert;
+    if (window < 0) window = n_moe;   // the next token's routing, known one token ahead
     auto capacity = [&](double pct) { return std::max<int64_t>(1, int64_t(std::llround(pct / 100.0 * double(total)))); };
 
     // Pins on the cache's tier are its; pins on other tiers do not change what it holds.
@@ -941,6 +944,7 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
             pp.policy = p;
             pp.heat_decay = decay;
             pp.pinned = pins;
+            pp.window = window;
             if (p == moesh::Policy::Static && pins.empty()) pp.pinned = moesh::most_used_experts(reqs, int32_t(t.n_expert), cap);
             const moesh::CacheStats st =
                 moesh::simulate_cache(reqs, int32_t(t.n_expert), int32_t(t.n_expert_used), cap, pp, preds.empty() ? nullptr : &preds);
@@ -948,9 +952,13 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
             rows.push_back({{"cache_percent", pct}, {"cache_experts", cap}, {"policy", moesh::policy_name(p)},
                             {"hit_rate", st.hit_rate()}, {"hits", st.hits}, {"requests", st.requests}, {"loads", st.loads},
                             {"evictions", st.evictions}});
+            if (p == moesh::Policy::Window) rows.back()["window"] = window;
         }
         if (output == "text") std::printf("\n");
     }
+    if (output == "text" && std::find(policies.begin(), policies.end(), moesh::Policy::Window) != policies.end())
+        std::printf("window: an oracle that knows the next %lld layer visits' routing (not an online policy)\n",
+                    (long long)window);
     if (output == "json") {
         nlohmann::json j{{"trace", trace_path}, {"model", t.model}, {"tokens", t.tokens.size()}, {"heat_decay", decay},
                          {"results", rows}};
@@ -1087,12 +1095,17 @@ int main(int argc, char ** argv) {
                                                 "expert cache policies and print their hit rates beside Belady's");
     std::string sim_trace, sim_sizes = "25,50,75", sim_policies = "static,lru,lfu,heat,lookahead,belady", sim_output = "text";
     double sim_decay = 0.95;
-    int64_t sim_predicted = -1;
+    int64_t sim_predicted = -1, sim_window = -1;
     std::string sim_config;
     sim->add_option("--trace", sim_trace, "Routing trace (JSON lines)")->required();
     sim->add_option("--sizes", sim_sizes, "Cache sizes as percentages of all routed experts, comma-separated")
         ->capture_default_str();
-    sim->add_option("--policies", sim_policies, "Policies to compare: static, lru, lfu, heat, lookahead, belady")->capture_default_str();
+    sim->add_option("--policies", sim_policies, "Policies to compare: static, lru, lfu, heat, lookahead, window, belady")
+        ->capture_default_str();
+    sim->add_option("--window", sim_window,
+                    "The window yardstick: how many layer visits ahead its oracle sees (default: the trace's MoE "
+                    "layers, one token)")
+        ->check(CLI::Range(int64_t(0), int64_t(1) << 40));
     sim->add_option("--predicted", sim_predicted,
                     "Lookahead: how many of the trace's ranked predicted experts per layer it is told, as the run-time "
                     "prefetch predicts k + prefetch_extra (default: the router's k; 0: none)")
@@ -1228,7 +1241,7 @@ int main(int argc, char ** argv) {
         if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
         if (*quant) return cmd_quantize(q_in, q_out, q_type, q_class, q_threads);
-        if (*sim) return cmd_sim(sim_trace, sim_sizes, sim_policies, sim_decay, sim_decay_opt->count() > 0, sim_config, sim_output, sim_predicted);
+        if (*sim) return cmd_sim(sim_trace, sim_sizes, sim_policies, sim_decay, sim_decay_opt->count() > 0, sim_config, sim_output, sim_predicted, sim_window);
         if (*heatmap) return cmd_heatmap(hm_trace, hm_output);
         if (*plan) return cmd_plan(plco, plan_ctx, plan_batch);
         if (*serve) {

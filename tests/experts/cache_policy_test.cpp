@@ -97,6 +97,17 @@ TEST(CachePolicy, BeladyIsNeverBeaten) {
             EXPECT_LE(run(r, cap, p).hits, opt) << policy_name(p) << " capacity " << cap;
         EXPECT_LE(run(r, cap, Policy::Static).hits, opt + cap) << "capacity " << cap;   // pins start loaded
     }
+    // The window oracle is Belady's rule within its window: never above it, equal when it sees everything
+    // (one request per visit here, so visits and requests count alike).
+    PolicyParams w;
+    w.policy = Policy::Window;
+    for (int64_t cap : {1, 3, 6, 9}) {
+        const int64_t opt = run(r, cap, Policy::Belady).hits;
+        w.window = 4;
+        EXPECT_LE(simulate_cache(r, 4, 1, cap, w).hits, opt) << "capacity " << cap;
+        w.window = int64_t(r.size());
+        EXPECT_EQ(simulate_cache(r, 4, 1, cap, w).hits, opt) << "capacity " << cap;
+    }
     EXPECT_EQ(run(r, 12, Policy::Lru).hits, run(r, 12, Policy::Belady).hits);   // everything fits: only cold misses
     EXPECT_EQ(run(r, 1, Policy::Lru).hits, 0);   // layers alternate: one slot never hits
     EXPECT_GT(run(r, 1, Policy::Belady).hits, 0);   // but keeping one hot expert does
@@ -215,6 +226,11 @@ TEST(CachePolicy, RefusesWhatCannotBe) {
     Policy q;
     EXPECT_TRUE(parse_policy("heat", &q));
     EXPECT_EQ(q, Policy::Heat);
+    p.heat_decay = 0.95;
+    p.policy = Policy::Window;
+    p.window = -1;
+    EXPECT_THROW(simulate_cache(one_layer({0}), 4, 1, 2, p), std::invalid_argument);
+    EXPECT_TRUE(parse_policy("window", &q));
     EXPECT_TRUE(parse_policy("lookahead", &q));
     EXPECT_EQ(q, Policy::Lookahead);
     EXPECT_FALSE(parse_policy("mru", &q));

@@ -182,6 +182,9 @@ TEST(Cli, RunWritesTheRoutingTrace) {
             EXPECT_LE(row["hit_rate"].get<double>(), best[row["cache_percent"].get<double>()]) << row.dump();
         }
     }
+    r = run("sim --trace " + trace + " --policies window --window 2", false);   // an oracle of 2 layer visits
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("knows the next 2 layer visits"), std::string::npos) << r.out;
     r = run("sim --trace " + trace + " --policies lookahead --predicted 5");
     EXPECT_NE(r.status, 0);
     EXPECT_NE(r.out.find("records 4 predicted experts per layer"), std::string::npos) << r.out;
