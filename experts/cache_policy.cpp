@@ -16,13 +16,15 @@ const char * policy_name(Policy p) {
     case Policy::Lru: return "lru";
     case Policy::Lfu: return "lfu";
     case Policy::Heat: return "heat";
+    case Policy::Lookahead: return "lookahead";
+    case Policy::Window: return "window";
     case Policy::Belady: return "belady";
     }
     return "?";
 }
 
 bool parse_policy(const std::string & name, Policy * out) {
-    for (Policy p : {Policy::Static, Policy::Lru, Policy::Lfu, Policy::Heat, Policy::Belady})
+    for (Policy p : {Policy::Static, Policy::Lru, Policy::Lfu, Policy::Heat, Policy::Lookahead, Policy::Window, Policy::Belady})
         if (name == policy_name(p)) {
             *out = p;
             return true;
@@ -31,6 +33,8 @@ bool parse_policy(const std::string & name, Policy * out) {
 }
 
 namespace {
+
+constexpr double kPriorVisits = 4.0;
 
 int64_t key_of(const ExpertRequest & r, int32_t n_expert) {
     if (r.layer < 0 || r.expert < 0 || r.expert >= n_expert)
@@ -53,8 +57,85 @@ std::vector<int64_t> most_used_experts(const std::vector<ExpertRequest> & reques
 
 PolicyState::PolicyState(int32_t n_layer, int32_t n_expert, int32_t n_expert_used, const PolicyParams & params)
     : n_layer_(std::max(1, n_layer)), n_expert_(std::max(1, n_expert)), k_(std::max(1, n_expert_used)), params_(params),
-      stats_(size_t(n_layer_) * size_t(n_expert_)), layer_heat_(size_t(n_layer_)), layer_step_(size_t(n_layer_)) {
+      stats_(size_t(n_layer_) * size_t(n_expert_)), layer_heat_(size_t(n_layer_)), layer_step_(size_t(n_layer_)),
+      layer_predicted_(size_t(n_layer_)), visit_wants_(size_t(n_expert_)), rank_right_(size_t(n_expert_) + 1),
+      rank_n_(size_t(n_expert_) + 1) {
     if (!(params.heat_decay > 0.0 && params.heat_decay <= 1.0)) throw std::invalid_argument("heat decay must be in (0, 1]");
+    if (!(params.lookahead_decay > 0.0 && params.lookahead_decay <= 1.0))
+        throw std::invalid_argument("lookahead decay must be in (0, 1]");
+    // Priors worth a few visits: an expert is wanted at the layer's average rate k / n_expert, a
+    // prediction's first k ranks come true 3 times in 4, the others and the unpredicted at that rate.
+    const double base = std::min(1.0, double(k_) / double(n_expert_));
+    for (Stat & e : stats_) {
+        e.after_use = e.after_idle = kPriorVisits;
+        e.used_after_use = e.used_after_idle = kPriorVisits * base;
+    }
+    for (size_t r = 0; r < rank_n_.size(); ++r) {
+        rank_n_[r] = kPriorVisits;
+        rank_right_[r] = kPriorVisits * (int64_t(r) < k_ && r < size_t(n_expert_) ? 0.75 : base);
+    }
+}
+
+void PolicyState::begin_visit(int32_t layer, const int32_t * experts, int64_t n) {
+    if (layer < 0 || layer >= n_layer_) throw std::invalid_argument("layer " + std::to_string(layer) + " out of range");
+    std::fill(visit_wants_.begin(), visit_wants_.end(), 0);
+    for (int64_t i = 0; i < n; ++i)
+        if (experts[i] >= 0 && experts[i] < n_expert_) visit_wants_[size_t(experts[i])] = 1;
+    const double dec = params_.lookahead_decay;
+    const bool predicted = layer_predicted_[size_t(layer)];
+    for (size_t r = 0; r < rank_n_.size() && predicted; ++r) {
+        rank_n_[r] *= dec;
+        rank_right_[r] *= dec;
+    }
+    for (int32_t x = 0; x < n_expert_; ++x) {
+        Stat & e = stats_[size_t(layer) * size_t(n_expert_) + size_t(x)];
+        const double wanted = visit_wants_[size_t(x)] ? 1.0 : 0.0;
+        e.after_use *= dec;
+        e.used_after_use *= dec;
+        e.after_idle *= dec;
+        e.used_after_idle *= dec;
+        if (e.used_last) {
+            e.after_use += 1.0;
+            e.used_after_use += wanted;
+        } else {
+            e.after_idle += 1.0;
+            e.used_after_idle += wanted;
+        }
+        e.used_last = wanted > 0;
+        if (predicted) {
+            const size_t r = e.rank >= 0 ? size_t(e.rank) : size_t(n_expert_);
+            rank_n_[r] += 1.0;
+            rank_right_[r] += wanted;
+        }
+        e.rank = -1;
+    }
+    layer_predicted_[size_t(layer)] = 0;
+}
+
+void PolicyState::predict(int32_t layer, const int32_t * experts, int64_t n) {
+    if (layer < 0 || layer >= n_layer_) return;
+    Stat * row = stats_.data() + size_t(layer) * size_t(n_expert_);
+    for (int32_t x = 0; x < n_expert_; ++x) row[x].rank = -1;
+    int32_t rank = 0;
+    for (int64_t i = 0; i < n; ++i)
+        if (experts[i] >= 0 && experts[i] < n_expert_ && row[experts[i]].rank < 0) row[experts[i]].rank = rank++;
+    layer_predicted_[size_t(layer)] = 1;
+}
+
+int32_t PolicyState::predicted_rank(int64_t key) const {
+    if (!layer_predicted_[size_t(key / n_expert_)]) return -2;
+    return stats_[size_t(key)].rank;
+}
+
+double PolicyState::prediction_precision(int32_t rank) const {
+    const size_t r = rank >= 0 && rank < n_expert_ ? size_t(rank) : size_t(n_expert_);
+    return rank_right_[r] / rank_n_[r];
+}
+
+double PolicyState::reuse_probability(int64_t key, int64_t step) const {
+    const Stat & e = stats_[size_t(key)];
+    const double reuse = e.used_last ? e.used_after_use / e.after_use : e.used_after_idle / e.after_idle;
+    return 0.5 * reuse + 0.5 * heat_p(key, step);
 }
 
 double PolicyState::heat(int64_t key, int64_t step) const {
@@ -74,17 +155,29 @@ void PolicyState::use(int64_t key, int64_t step) {
     layer_step_[l] = step;
 }
 
+double PolicyState::heat_p(int64_t key, int64_t step) const {
+    const size_t l = size_t(key / n_expert_);
+    const double lh = layer_heat_[l] * std::pow(params_.heat_decay, double(step - layer_step_[l]));
+    // +1 per expert: an expert never seen is as likely as any other in its layer
+    return std::min(1.0, double(k_) * (heat(key, step) + 1.0) / (lh + double(n_expert_)));
+}
+
 double PolicyState::expected_next_use(int64_t key, int64_t step, int32_t layer) const {
     const int32_t l = int32_t(key / n_expert_);
     const int32_t d = l > layer ? l - layer : l - layer + n_layer_;
-    const double lh = layer_heat_[size_t(l)] * std::pow(params_.heat_decay, double(step - layer_step_[size_t(l)]));
-    // +1 per expert: an expert never seen is as likely as any other in its layer
-    const double p = std::min(1.0, double(k_) * (heat(key, step) + 1.0) / (lh + double(n_expert_)));
-    return double(d) + double(n_layer_) * (1.0 / p - 1.0);
+    if (params_.policy != Policy::Lookahead) return double(d) + double(n_layer_) * (1.0 / heat_p(key, step) - 1.0);
+    const Stat & e = stats_[size_t(key)];
+    const double hp = heat_p(key, step);
+    // Next visit: the prediction when one is pending for it (a pending prediction of the layer being
+    // visited is for its visit after this one, which the reuse counts estimate better).
+    double p1 = reuse_probability(key, step);
+    if (layer_predicted_[size_t(l)] && l != layer) p1 = prediction_precision(e.rank);
+    const double p0 = std::max(1e-3, 0.5 * e.used_after_idle / e.after_idle + 0.5 * hp);
+    return double(d) + (1.0 - p1) * double(n_layer_) / p0;
 }
 
 bool PolicyState::admit(int64_t incoming, int64_t victim, int64_t step, int32_t layer) const {
-    if (params_.policy != Policy::Heat) return true;
+    if (!policy_admits_selectively(params_.policy)) return true;
     return expected_next_use(incoming, step, layer) < expected_next_use(victim, step, layer);
 }
 
@@ -97,7 +190,8 @@ size_t PolicyState::victim(const int64_t * cand, size_t n, int64_t step, int32_t
         case Policy::Lfu:
             if (a.count != b.count) return a.count < b.count;
             break;
-        case Policy::Heat: {
+        case Policy::Heat:
+        case Policy::Lookahead: {
             const double x = expected_next_use(cand[i], step, layer), y = expected_next_use(cand[j], step, layer);
             if (x != y) return x > y;
             break;
@@ -112,7 +206,7 @@ size_t PolicyState::victim(const int64_t * cand, size_t n, int64_t step, int32_t
 }
 
 CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n_expert, int32_t n_expert_used,
-                          int64_t capacity, const PolicyParams & p) {
+                          int64_t capacity, const PolicyParams & p, const std::vector<LayerPrediction> * predictions) {
     if (n_expert <= 0) throw std::invalid_argument("n_expert must be positive");
     if (capacity < 0) throw std::invalid_argument("capacity must be >= 0");
     if (int64_t(p.pinned.size()) > capacity)
@@ -120,12 +214,21 @@ CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n
                                     std::to_string(capacity) + " slots");
     if (!(p.heat_decay > 0.0 && p.heat_decay <= 1.0)) throw std::invalid_argument("heat decay must be in (0, 1]");
 
+    if (!(p.lookahead_decay > 0.0 && p.lookahead_decay <= 1.0)) throw std::invalid_argument("lookahead decay must be in (0, 1]");
     const size_t n = requests.size();
     std::vector<int64_t> keys(n);
     for (size_t i = 0; i < n; ++i) keys[i] = key_of(requests[i], n_expert);
-    // Belady: for each request, the index of the next request of the same key.
+    if (predictions)
+        for (size_t i = 0; i < predictions->size(); ++i) {
+            const LayerPrediction & q = (*predictions)[i];
+            for (int32_t e : q.experts) key_of({q.step, q.layer, e}, n_expert);
+            if (i > 0 && std::make_pair(q.step, q.layer) <= std::make_pair((*predictions)[i - 1].step, (*predictions)[i - 1].layer))
+                throw std::invalid_argument("predictions must be sorted by step, then layer, one per visit");
+        }
+    if (p.window < 0) throw std::invalid_argument("window must be >= 0");
+    // Belady, window: for each request, the index of the next request of the same key.
     std::vector<int64_t> next_use;
-    if (p.policy == Policy::Belady) {
+    if (p.policy == Policy::Belady || p.policy == Policy::Window) {
         next_use.assign(n, std::numeric_limits<int64_t>::max());
         std::unordered_map<int64_t, int64_t> seen;
         for (size_t i = n; i-- > 0;) {
@@ -179,18 +282,72 @@ CacheStats simulate_cache(const std::vector<ExpertRequest> & requests, int32_t n
 
     int32_t n_layer = 1;
     for (const ExpertRequest & r : requests) n_layer = std::max(n_layer, r.layer + 1);
-    PolicyState state(n_layer, n_expert, n_expert_used, p);
+    PolicyParams online = p;
+    if (p.policy == Policy::Window) online.policy = Policy::Lookahead;   // its estimate beyond the window
+    PolicyState state(n_layer, n_expert, n_expert_used, online);
     std::vector<int64_t> resident;   // keys, unordered
     std::vector<char> is_resident(size_t(n_layer) * size_t(n_expert));
+    // window: the visit of each request, and each key's next request from now on
+    std::vector<int64_t> visit_of, key_next;
+    if (p.policy == Policy::Window) {
+        visit_of.assign(n, 0);
+        for (size_t i = 1; i < n; ++i)
+            visit_of[i] = visit_of[i - 1] + (requests[i].step != requests[i - 1].step || requests[i].layer != requests[i - 1].layer);
+        key_next.assign(size_t(n_layer) * size_t(n_expert), std::numeric_limits<int64_t>::max());
+    }
+    auto window_score = [&](int64_t key, size_t i) {
+        const int64_t at = key_next[size_t(key)];
+        if (at != std::numeric_limits<int64_t>::max() && visit_of[size_t(at)] - visit_of[i] <= p.window)
+            return double(visit_of[size_t(at)] - visit_of[i]);
+        return std::max(double(p.window + 1), state.expected_next_use(key, requests[i].step, requests[i].layer));
+    };
+    std::vector<int32_t> visit;      // experts of the visit beginning at request i
+    size_t next_pred = 0;
+    auto same_visit = [&](size_t a, size_t b) { return requests[a].step == requests[b].step && requests[a].layer == requests[b].layer; };
     for (size_t i = 0; i < n; ++i) {
         const int64_t k = keys[i];
+        if (i == 0 || !same_visit(i, i - 1)) {
+            size_t end = i;
+            visit.clear();
+            for (; end < n && same_visit(end, i); ++end)
+                if (std::find(visit.begin(), visit.end(), requests[end].expert) == visit.end()) visit.push_back(requests[end].expert);
+            // The next visit's prediction, when that visit is of this step, is known from now on.
+            if (predictions && end < n && requests[end].step == requests[i].step) {
+                const auto at = std::make_pair(requests[end].step, requests[end].layer);
+                while (next_pred < predictions->size() &&
+                       std::make_pair((*predictions)[next_pred].step, (*predictions)[next_pred].layer) < at)
+                    ++next_pred;
+                if (next_pred < predictions->size() &&
+                    std::make_pair((*predictions)[next_pred].step, (*predictions)[next_pred].layer) == at) {
+                    const LayerPrediction & q = (*predictions)[next_pred];
+                    state.predict(q.layer, q.experts.data(), int64_t(q.experts.size()));
+                }
+            }
+            state.begin_visit(requests[i].layer, visit.data(), int64_t(visit.size()));
+        }
         state.use(k, requests[i].step);
+        if (p.policy == Policy::Window) key_next[size_t(k)] = next_use[i];
         ++s.requests;
         if (pinned.count(k) || is_resident[size_t(k)]) {
             ++s.hits;
             continue;
         }
-        if (int64_t(resident.size()) >= slots) {
+        if (int64_t(resident.size()) >= slots && p.policy == Policy::Window) {
+            size_t v = 0;
+            double worst = -1;
+            for (size_t c = 0; c < resident.size(); ++c) {
+                const double x = window_score(resident[c], i);
+                if (x > worst) {
+                    worst = x;
+                    v = c;
+                }
+            }
+            if (!(window_score(k, i) < worst)) continue;
+            is_resident[size_t(resident[v])] = 0;
+            resident[v] = resident.back();
+            resident.pop_back();
+            ++s.evictions;
+        } else if (int64_t(resident.size()) >= slots) {
             const size_t v = state.victim(resident.data(), resident.size(), requests[i].step, requests[i].layer);
             if (!state.admit(k, resident[v], requests[i].step, requests[i].layer)) continue;   // used from the slower tier
             is_resident[size_t(resident[v])] = 0;

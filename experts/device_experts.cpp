@@ -64,6 +64,7 @@ int64_t DeviceExperts::key_of(ExpertId id) const {
 void DeviceExperts::begin_layer(int32_t layer, int64_t step, const int32_t * experts, int64_t n, const int32_t * tokens) {
     layer_ = layer;
     step_ = step;
+    if (layer >= 0 && layer < n_layer_) policy_.begin_visit(layer, experts, n);   // a bad id throws below
     for (int64_t i = 0; i < n; ++i) {
         const int64_t key = key_of({layer, experts[i]});
         for (int32_t t = 0, nt = tokens ? std::max(1, tokens[i]) : 1; t < nt; ++t) policy_.use(key, step);

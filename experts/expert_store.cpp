@@ -125,7 +125,7 @@ ExpertStore::ExpertStore(const ExpertTable & experts, std::vector<MappedRegion> 
     }
     stats_ = StoreStats{};   // the pins are set-up, not traffic
     // Admission needs somewhere to put what it declines: one slot, when two others stay free to cache.
-    if (o.policy.policy == Policy::Heat && slots() - n_pinned_ >= 3) stream_ = int32_t(slots() - 1);
+    if (policy_admits_selectively(o.policy.policy) && slots() - n_pinned_ >= 3) stream_ = int32_t(slots() - 1);
 }
 
 ExpertStore::~ExpertStore() { shutdown(); }
@@ -213,6 +213,7 @@ void ExpertStore::begin_layer(int32_t layer, int64_t step, const int32_t * exper
     layer_ = layer;
     step_ = step;
     const bool had_prediction = layer >= 0 && layer < n_layer_ && layer_predicted_[size_t(layer)];
+    if (layer >= 0 && layer < n_layer_) policy_.begin_visit(layer, experts, n);   // a bad id throws below
     for (int64_t i = 0; i < n; ++i) {
         const int64_t key = key_of({layer, experts[i]});
         for (int32_t t = 0, nt = tokens ? std::max(1, tokens[i]) : 1; t < nt; ++t) policy_.use(key, step);
@@ -267,9 +268,8 @@ void ExpertStore::begin_layer(int32_t layer, int64_t step, const int32_t * exper
     }
 }
 
-void ExpertStore::prefetch(int32_t layer, const int32_t * experts, int64_t n) {
-    std::unique_lock<std::mutex> lk(mu_);
-    if (layer < 0 || layer >= n_layer_) return;
+void ExpertStore::note_prediction(int32_t layer, const int32_t * experts, int64_t n) {
+    if (!layer_predicted_[size_t(layer)]) policy_.predict(layer, experts, n);
     layer_predicted_[size_t(layer)] = 1;
     for (int64_t i = 0; i < n; ++i) {
         const int64_t key = key_of({layer, experts[i]});
@@ -277,6 +277,18 @@ void ExpertStore::prefetch(int32_t layer, const int32_t * experts, int64_t n) {
         predicted_[size_t(key)] = 1;
         ++stats_.predicted;
     }
+}
+
+void ExpertStore::predict(int32_t layer, const int32_t * experts, int64_t n) {
+    std::unique_lock<std::mutex> lk(mu_);
+    if (layer < 0 || layer >= n_layer_) return;
+    note_prediction(layer, experts, n);
+}
+
+void ExpertStore::prefetch(int32_t layer, const int32_t * experts, int64_t n) {
+    std::unique_lock<std::mutex> lk(mu_);
+    if (layer < 0 || layer >= n_layer_) return;
+    note_prediction(layer, experts, n);
     // A wrong prefetch costs a read the disk may not have to spare; below the bar, only predict
     // (the precision keeps being measured, and loads resume when it recovers).
     if (precision_ < min_precision_) {

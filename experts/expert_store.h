@@ -4,8 +4,9 @@
 // The forward pass asks, layer by layer:
 //
 //   ExpertStore store(model.experts(), files, options);     // slots allocated and touched here
+//   store.predict(layer + 1, predicted, n_predicted);         // next layer's guess, for the policy
 //   store.begin_layer(layer, step, wanted, n_wanted);         // demand: misses start loading
-//   store.prefetch(layer + 1, predicted, n_predicted);        // next layer's guess, lower priority
+//   store.prefetch(layer + 1, predicted, n_predicted);        // the guess loaded, lower priority
 //   const ExpertWeights & w = store.acquire({layer, e});      // waits for its bytes
 //   ... compute with w ...
 //   store.release({layer, e});
@@ -16,7 +17,7 @@
 // so the page cache does not grow past the budget behind our back. Demand
 // loads go before prefetches. An expert that is locked (being computed),
 // loading, wanted by the current layer or pinned is never evicted; the policy
-// picks among the rest. With heat's admission one slot is kept for streaming:
+// picks among the rest. With heat's or lookahead's admission one slot is kept for streaming:
 // a missed expert the policy would not keep is read there and used, and the
 // cache keeps what it has. Memory: the slots are the only expert memory the
 // store ever holds; slots() * slot_bytes() <= the budget, always.
@@ -96,6 +97,12 @@ public:
     ExpertStore & operator=(const ExpertStore &) = delete;
 
     void begin_layer(int32_t layer, int64_t step, const int32_t * experts, int64_t n, const int32_t * tokens_per_expert = nullptr);
+    // The next visit of layer will likely want experts[0, n) (most likely first): the policy
+    // (lookahead) evicts knowing it. Made before begin_layer of the layer before, so that its
+    // demand misses see it. Calling it again for the same visit, or prefetch with the same
+    // list, changes nothing.
+    void predict(int32_t layer, const int32_t * experts, int64_t n);
+    // predict(), and the experts not resident start loading behind the demand loads.
     void prefetch(int32_t layer, const int32_t * experts, int64_t n);
     bool ready(ExpertId id) const;   // acquire would not wait
     // The order to compute a layer's experts in: 0 ready, 1 on its way, 2 no slot yet.
@@ -142,6 +149,7 @@ private:
     };
 
     int64_t key_of(ExpertId id) const;
+    void note_prediction(int32_t layer, const int32_t * experts, int64_t n);   // under mu_
     // A slot for key (state Queued, job enqueued), or -1 when every slot is busy or protected.
     // force: a demand may take a slot the current layer still wants (last resort against deadlock).
     int32_t place(std::unique_lock<std::mutex> & lk, int64_t key, bool demand, bool force = false);

@@ -85,8 +85,8 @@ std::vector<int64_t> pinned_expert_keys(const PlacementConfig & placement, const
 
 PlacementPlan plan_placement(const ModelFootprint & m, const PlacementConfig & c) {
     PlacementPlan p;
-    if (!parse_policy(c.policy, &p.policy) || p.policy == Policy::Belady)
-        throw PlacementError("placement policy '" + c.policy + "' is not one of static, lru, lfu, heat");
+    if (!parse_policy(c.policy, &p.policy) || p.policy == Policy::Belady || p.policy == Policy::Window)
+        throw PlacementError("placement policy '" + c.policy + "' is not one of static, lru, lfu, heat, lookahead");
     if (!(c.heat_decay > 0.0 && c.heat_decay <= 1.0))
         throw PlacementError("placement heat_decay " + std::to_string(c.heat_decay) + " is outside (0, 1]");
     p.heat_decay = c.heat_decay;

@@ -122,11 +122,7 @@ void ForwardPass::set_placement(const ExpertPlacement & p) {
     host_wanted_n_.reserve(E);
     pred_count_.reserve(E);
     pred_list_.reserve(E);
-    if (prefetch_ && pred_ids_.empty()) {
-        router_next_ = Staged<float>(be_, B * E, "buffer_alloc (activations)");
-        pred_ids_.resize(B * E);
-        pred_w_.resize(pred_ids_.size());
-    }
+    if (prefetch_) reserve_prediction();
     if (dev_experts_ && !hx_.get()) {
         hx_ = BackendBuffer(*host_be_, B * size_t(c.n_embd) * sizeof(float), "buffer_alloc (host expert input)");
         ho_ = BackendBuffer(*host_be_, B * size_t(c.n_embd) * sizeof(float), "buffer_alloc (host expert output)");
@@ -209,8 +205,11 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
                 host_wanted_.push_back(wanted_[i]);
                 host_wanted_n_.push_back(wanted_n_[i]);
             }
+        // The next layer's prediction before this layer's misses are placed: the policy evicts knowing it.
+        const int64_t next = prefetch_ ? next_moe_[size_t(il)] : -1;
+        if (next >= 0) predict(next, n);
         store_->begin_layer(int32_t(il), n_steps_, host_wanted_.data(), int64_t(host_wanted_.size()), host_wanted_n_.data());
-        if (prefetch_ && next_moe_[size_t(il)] >= 0) predict(next_moe_[size_t(il)], n);
+        if (next >= 0) store_->prefetch(int32_t(next), pred_list_.data(), int64_t(pred_list_.size()));
         std::stable_sort(wanted_.begin(), wanted_.end(), [&](int32_t a, int32_t b) {
             const bool ra = dev_experts_->resident({int32_t(il), a}) != nullptr, rb = dev_experts_->resident({int32_t(il), b}) != nullptr;
             if (ra != rb) return ra;
@@ -252,24 +251,42 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
     }
 }
 
+void ForwardPass::reserve_prediction() {
+    if (!pred_ids_.empty()) return;
+    const size_t E = size_t(std::max<int64_t>(1, model_.config().n_expert)), B = size_t(max_batch_);
+    router_next_ = Staged<float>(be_, B * E, "buffer_alloc (activations)");
+    pred_ids_.resize(B * E);
+    pred_w_.resize(pred_ids_.size());
+}
+
+void ForwardPass::set_predict_observer(PredictObserver observer, int64_t n_ranked) {
+    predict_observer_ = std::move(observer);
+    predict_n_ranked_ = std::clamp<int64_t>(n_ranked, 1, std::max<int64_t>(1, model_.config().n_expert));
+    if (predict_observer_) reserve_prediction();
+}
+
 void ForwardPass::predict(int64_t il, int64_t n) {
     const ModelConfig & c = model_.config();
     // The target layer's router on the residual stream as it is now, normed as that layer will norm it.
     rms_norm(x_.dev(), model_.layers()[size_t(il)].ffn_norm, xe_.as<float>(), n, c.n_embd);
     matmul(model_.layers()[size_t(il)].router, {}, xe_.as<float>(), router_next_.dev(), n);
     router_next_.download(0, size_t(n * c.n_expert));
-    const int64_t kk = std::min<int64_t>(c.n_expert, c.n_expert_used + prefetch_extra_);
+    const int64_t k_store = std::min<int64_t>(c.n_expert, c.n_expert_used + prefetch_extra_);
+    const int64_t kk = std::max(prefetch_ ? k_store : 0, predict_observer_ ? predict_n_ranked_ : 0);
     route_softmax_topk(router_next_.host(), n, RouterSpec{c.n_expert, kk, c.norm_topk_prob}, pred_ids_.data(),
                        pred_w_.data());
+    if (predict_observer_) predict_observer_(il, n, kk, pred_ids_.data());
+    if (!prefetch_) return;
     // Most-wanted first: the store stops prefetching when it runs out of evictable slots.
     pred_count_.clear();
     for (int64_t e = 0; e < c.n_expert; ++e) pred_count_.push_back({0, int32_t(e)});
-    for (int64_t i = 0; i < n * kk; ++i) --pred_count_[size_t(pred_ids_[size_t(i)])].first;
+    for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = 0; j < k_store; ++j) --pred_count_[size_t(pred_ids_[size_t(t * kk + j)])].first;
     std::sort(pred_count_.begin(), pred_count_.end());
     pred_list_.clear();
     for (const auto & [neg, e] : pred_count_)   // what the gpu tier holds needs no host copy
         if (neg < 0 && !(dev_experts_ && dev_experts_->resident({int32_t(il), e}))) pred_list_.push_back(e);
-    store_->prefetch(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
+    store_->predict(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
 }
 
 // Routed experts from the store: ask for all of the layer's, prefetch the next layer's, compute in
@@ -284,8 +301,11 @@ void ForwardPass::stored_experts(int64_t il, int64_t n, const float * h, float *
             s.end_layer();
         }
     } layer{*store_};
+    // The next layer's prediction before this layer's misses are placed: the policy evicts knowing it.
+    const int64_t next = prefetch_ ? next_moe_[size_t(il)] : -1;
+    if (next >= 0) predict(next, n);
     store_->begin_layer(int32_t(il), n_steps_, wanted_.data(), int64_t(wanted_.size()), wanted_n_.data());
-    if (prefetch_ && next_moe_[size_t(il)] >= 0) predict(next_moe_[size_t(il)], n);
+    if (next >= 0) store_->prefetch(int32_t(next), pred_list_.data(), int64_t(pred_list_.size()));
     std::stable_sort(wanted_.begin(), wanted_.end(), [&](int32_t a, int32_t b) {
         return store_->order({int32_t(il), a}) < store_->order({int32_t(il), b});
     });
@@ -474,6 +494,7 @@ void ForwardPass::ffn(int64_t il, int64_t n) {
 
     for (int64_t e = 0; e < c.n_expert && !store_ && !dev_experts_; ++e)
         if (dispatch_.n_tokens_for(e) > 0) run_routed(model_.experts().get({int32_t(il), int32_t(e)}), e, n, h, x, /*as_is=*/false);
+    if (!prefetch_ && predict_observer_ && next_moe_[size_t(il)] >= 0) predict(next_moe_[size_t(il)], n);   // before the FFN, as stored_experts
     if (dev_experts_) device_tier_experts(il, n, h, x);   // with a store: it feeds the gpu tier
     else if (store_) stored_experts(il, n, h, x);
     if (!L.shared.empty()) {
@@ -547,7 +568,10 @@ const float * ForwardPass::run(const Batch & batch, std::string * error) {
     }
     x_.upload(0, size_t(n) * n_embd);
     ++n_steps_;
-    if (prefetch_ && first_moe_ >= 0) predict(first_moe_, n);   // the first MoE layer's guess, from the embeddings
+    if ((prefetch_ || predict_observer_) && first_moe_ >= 0) {   // the first MoE layer's guess, from the embeddings
+        predict(first_moe_, n);
+        if (prefetch_) store_->prefetch(int32_t(first_moe_), pred_list_.data(), int64_t(pred_list_.size()));
+    }
 
     for (int64_t il = 0; il < c.n_layer; ++il) {
         attention(il, n);

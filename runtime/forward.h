@@ -98,6 +98,12 @@ public:
     // ids and weights are [n_tokens, n_expert_used], valid during the call.
     using RouteObserver = std::function<void(int64_t layer, int64_t n_tokens, const int32_t * ids, const float * weights)>;
     void set_route_observer(RouteObserver observer) { observer_ = std::move(observer); }
+    // Called before each MoE layer with the prediction made for it, as prefetch makes it (that
+    // layer's norm and router applied to the residual stream one layer earlier; for the first
+    // MoE layer, to the embeddings): ids are [n_tokens, n_ranked], most likely first, with
+    // n_ranked >= the n_ranked asked for here (at most n_expert). Valid during the call.
+    using PredictObserver = std::function<void(int64_t layer, int64_t n_tokens, int64_t n_ranked, const int32_t * ids)>;
+    void set_predict_observer(PredictObserver observer, int64_t n_ranked);
     // Routed experts from p.store (a host-memory backend) or p.device (the gpu tier of a
     // device-memory backend: an expert it lacks is promoted into it or computed on p.host,
     // as p.cost decides), or both: the gpu tier's missing experts then come from the store,
@@ -121,7 +127,9 @@ private:
     void collect_wanted();   // the layer's experts with tokens, and their counts, into wanted_ / wanted_n_
     // Expert e's tokens through w (gather, FFN, scatter-add into x; in place at decode).
     void run_routed(const ExpertWeights & w, int64_t e, int64_t n, const float * h, float * x, bool as_is);
-    void predict(int64_t il, int64_t n);   // prefetch layer il's likely experts (uses xe_ as scratch)
+    // Layer il's likely experts: to the predict observer, and prefetched when prefetch_ (uses xe_ as scratch).
+    void predict(int64_t il, int64_t n);
+    void reserve_prediction();
     void device_tier_experts(int64_t il, int64_t n, const float * h, float * x);
     void run_expert_on_host(const ExpertWeights & w, int64_t e, int64_t n, const float * h, float * x);
     void ffn(int64_t il, int64_t n);
@@ -141,6 +149,8 @@ private:
     ExpertHeat heat_;
     ExpertDispatch dispatch_;
     RouteObserver observer_;
+    PredictObserver predict_observer_;
+    int64_t predict_n_ranked_ = 0;
     ExpertStore * store_ = nullptr;
     bool prefetch_ = false;
     int32_t prefetch_extra_ = 0;

@@ -48,8 +48,13 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
     Batch batch;
     std::string err;
     const float * last = nullptr;
-    if (o.trace)
+    if (o.trace) {
         fwd.set_route_observer([&](int64_t layer, int64_t n, const int32_t * ids, const float * w) { o.trace->route(layer, n, ids, w); });
+        if (o.trace->n_predicted() > 0)
+            fwd.set_predict_observer([&](int64_t layer, int64_t n, int64_t n_ranked, const int32_t * ids) {
+                o.trace->predict(layer, n, n_ranked, ids);
+            }, o.trace->n_predicted());
+    }
     auto run = [&](const Batch & b) {
         if (o.trace) o.trace->begin(b);
         const float * logits = fwd.run(b, &err);

@@ -27,6 +27,7 @@
 #include <unistd.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <thread>
@@ -372,12 +373,15 @@ moesh::Model load_model(const std::string & path, const moesh::QuantizePlan & pl
 }
 
 // --trace: a routing trace writer named after the model folder or file; none for an empty path.
+// It records the prefetch prediction's 2k best-ranked experts per layer as well (the lookahead
+// `moesh sim` gives the prediction-aware policies).
 std::optional<moesh::RouteTraceWriter> open_trace(const std::string & path, const std::string & model_path,
                                                   const moesh::Model & model) {
     if (path.empty()) return std::nullopt;
     const std::filesystem::path mp = std::filesystem::path(model_path).lexically_normal();
-    return std::optional<moesh::RouteTraceWriter>(
-        std::in_place, path, model.config(), (mp.has_filename() ? mp : mp.parent_path()).filename().string());
+    return std::optional<moesh::RouteTraceWriter>(std::in_place, path, model.config(),
+                                                  (mp.has_filename() ? mp : mp.parent_path()).filename().string(),
+                                                  2 * model.config().n_expert_used);
 }
 
 void report_trace(const std::optional<moesh::RouteTraceWriter> & trace, const std::string & path) {
@@ -873,8 +877,11 @@ std::vector<std::string> split_list(const std::string & s) {
 // routed experts), beside Belady's optimum. config_path: a moesh TOML whose [placement] gives the
 // heat decay (unless decay_given) and the pins of the tier the cache stands for: the host tier (the
 // one `moesh run` caches disk reads in), or the first tier when there is no host tier.
+// n_predicted: the prediction's ranks the lookahead policy is told per layer (-1: the router's k, as the
+// run-time prefetch with prefetch_extra = 0; 0: none).
 int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const std::string & policies_arg, double decay,
-            bool decay_given, const std::string & config_path, const std::string & output) {
+            bool decay_given, const std::string & config_path, const std::string & output, int64_t n_predicted,
+            int64_t window) {
     const moesh::RouteTrace t = moesh::read_route_trace(trace_path);
     std::vector<moesh::ExpertRequest> reqs;
     int64_t n_moe = 0;
@@ -886,6 +893,26 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
             const int32_t * e = t.experts_of(i, l);
             for (int64_t k = 0; k < t.n_expert_used; ++k) reqs.push_back({int64_t(i), int32_t(l), e[k]});
         }
+    // The prefetch prediction of each visit, and how good it is (token by token, as at batch 1).
+    if (n_predicted < 0) n_predicted = t.n_expert_used;
+    if (t.n_predicted > 0 && n_predicted > t.n_predicted)
+        throw Error("--predicted " + std::to_string(n_predicted) + ": " + trace_path + " records " +
+                    std::to_string(t.n_predicted) + " predicted experts per layer");
+    if (t.n_predicted == 0) n_predicted = 0;
+    std::vector<moesh::LayerPrediction> preds;
+    int64_t n_pred_right = 0, n_pred_visits = 0;
+    for (size_t i = 0; i < t.tokens.size() && n_predicted > 0; ++i)
+        for (int64_t l = 0; l < t.n_layer; ++l) {
+            const int32_t * p = t.predicted_of(i, l);
+            if (!t.moe_layers[size_t(l)] || !p) continue;
+            preds.push_back({int64_t(i), int32_t(l), std::vector<int32_t>(p, p + n_predicted)});
+            const int32_t * e = t.experts_of(i, l);
+            for (int64_t j = 0; j < n_predicted; ++j) n_pred_right += std::count(e, e + t.n_expert_used, p[j]);
+            ++n_pred_visits;
+        }
+    const double pred_precision = n_pred_visits ? double(n_pred_right) / double(n_pred_visits * n_predicted) : 0.0;
+    const double pred_recall = n_pred_visits ? double(n_pred_right) / double(n_pred_visits * t.n_expert_used) : 0.0;
+
     std::vector<double> sizes;
     for (const std::string & f : split_list(sizes_arg)) {
         const double v = std::stod(f);
@@ -895,10 +922,12 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
     std::vector<moesh::Policy> policies;
     for (const std::string & name : split_list(policies_arg)) {
         moesh::Policy p;
-        if (!moesh::parse_policy(name, &p)) throw Error("--policies: unknown policy '" + name + "' (static, lru, lfu, heat, belady)");
+        if (!moesh::parse_policy(name, &p))
+            throw Error("--policies: unknown policy '" + name + "' (static, lru, lfu, heat, lookahead, window, belady)");
         policies.push_back(p);
     }
     const int64_t total = n_moe * t.n_expert;
+    if (window < 0) window = n_moe;   // the next token's routing, known one token ahead
     auto capacity = [&](double pct) { return std::max<int64_t>(1, int64_t(std::llround(pct / 100.0 * double(total)))); };
 
     // Pins on the cache's tier are its; pins on other tiers do not change what it holds.
@@ -940,8 +969,13 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
                     trace_path.c_str(), t.model.c_str(), t.tokens.size(), (long long)n_moe, (long long)t.n_expert,
                     (long long)t.n_expert_used, reqs.size());
         if (!config_line.empty()) std::printf("%s\n", config_line.c_str());
+        if (n_predicted > 0)
+            std::printf("prefetch prediction (top-%lld of the next layer's router, per token): precision %.4f, recall %.4f "
+                        "over %lld layer visits\n", (long long)n_predicted, pred_precision, pred_recall, (long long)n_pred_visits);
+        else
+            std::printf("no predictions in this trace (or --predicted 0): lookahead uses its reuse counts alone\n");
         std::printf("%-8s", "cache");
-        for (moesh::Policy p : policies) std::printf(" %8s", moesh::policy_name(p));
+        for (moesh::Policy p : policies) std::printf(" %9s", moesh::policy_name(p));
         std::printf("   (hit rate; cache = share of all routed experts)\n");
     }
     for (double pct : sizes) {
@@ -952,23 +986,32 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
             pp.policy = p;
             pp.heat_decay = decay;
             pp.pinned = pins;
+            pp.window = window;
             if (p == moesh::Policy::Static && pins.empty()) pp.pinned = moesh::most_used_experts(reqs, int32_t(t.n_expert), cap);
-            const moesh::CacheStats st = moesh::simulate_cache(reqs, int32_t(t.n_expert), int32_t(t.n_expert_used), cap, pp);
-            if (output == "text") std::printf(" %8.4f", st.hit_rate());
+            const moesh::CacheStats st =
+                moesh::simulate_cache(reqs, int32_t(t.n_expert), int32_t(t.n_expert_used), cap, pp, preds.empty() ? nullptr : &preds);
+            if (output == "text") std::printf(" %9.4f", st.hit_rate());
             rows.push_back({{"cache_percent", pct}, {"cache_experts", cap}, {"policy", moesh::policy_name(p)},
                             {"hit_rate", st.hit_rate()}, {"hits", st.hits}, {"requests", st.requests}, {"loads", st.loads},
                             {"evictions", st.evictions}});
+            if (p == moesh::Policy::Window) rows.back()["window"] = window;
         }
         if (output == "text") std::printf("\n");
     }
+    if (output == "text" && std::find(policies.begin(), policies.end(), moesh::Policy::Window) != policies.end())
+        std::printf("window: an oracle that knows the next %lld layer visits' routing (not an online policy)\n",
+                    (long long)window);
     if (output == "json") {
         nlohmann::json j{{"trace", trace_path}, {"model", t.model}, {"tokens", t.tokens.size()}, {"heat_decay", decay},
                          {"results", rows}};
         if (!config_json.is_null()) j["config"] = config_json;
+        if (n_predicted > 0)
+            j["prediction"] = {{"ranks", n_predicted}, {"precision", pred_precision}, {"recall", pred_recall}, {"visits", n_pred_visits}};
         std::cout << j.dump() << std::endl;
     } else if (pins.empty()) {
         std::printf("static: the most used experts of this trace pinned (the best frequency rule); heat decay %.3g per "
-                    "token; belady: the offline optimum\n", decay);
+                    "token; lookahead: heat with reuse counts and the prediction of the next layer; belady: the offline "
+                    "optimum\n", decay);
     } else {
         std::printf("every policy keeps the config's %zu pinned experts resident, static keeps only them; heat decay %.3g "
                     "per token; belady: the offline optimum with the same pins\n", pins.size(), decay);
@@ -1092,13 +1135,23 @@ int main(int argc, char ** argv) {
 
     CLI::App * sim = app.add_subcommand("sim", "Replay a routing trace (moesh run/perplexity --trace) through the "
                                                 "expert cache policies and print their hit rates beside Belady's");
-    std::string sim_trace, sim_sizes = "25,50,75", sim_policies = "static,lru,lfu,heat,belady", sim_output = "text";
+    std::string sim_trace, sim_sizes = "25,50,75", sim_policies = "static,lru,lfu,heat,lookahead,belady", sim_output = "text";
     double sim_decay = 0.95;
+    int64_t sim_predicted = -1, sim_window = -1;
     std::string sim_config;
     sim->add_option("--trace", sim_trace, "Routing trace (JSON lines)")->required();
     sim->add_option("--sizes", sim_sizes, "Cache sizes as percentages of all routed experts, comma-separated")
         ->capture_default_str();
-    sim->add_option("--policies", sim_policies, "Policies to compare: static, lru, lfu, heat, belady")->capture_default_str();
+    sim->add_option("--policies", sim_policies, "Policies to compare: static, lru, lfu, heat, lookahead, window, belady")
+        ->capture_default_str();
+    sim->add_option("--window", sim_window,
+                    "The window yardstick: how many layer visits ahead its oracle sees (default: the trace's MoE "
+                    "layers, one token)")
+        ->check(CLI::Range(int64_t(0), int64_t(1) << 40));
+    sim->add_option("--predicted", sim_predicted,
+                    "Lookahead: how many of the trace's ranked predicted experts per layer it is told, as the run-time "
+                    "prefetch predicts k + prefetch_extra (default: the router's k; 0: none)")
+        ->check(CLI::Range(int64_t(0), int64_t(65536)));
     auto * sim_decay_opt = sim->add_option("--decay", sim_decay,
                                            "Heat policy: decay of an expert's count per token (default: --config's "
                                            "[placement] heat_decay, else 0.95)")
@@ -1235,7 +1288,7 @@ int main(int argc, char ** argv) {
         if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
         if (*quant) return cmd_quantize(q_in, q_out, q_type, q_class, q_threads);
-        if (*sim) return cmd_sim(sim_trace, sim_sizes, sim_policies, sim_decay, sim_decay_opt->count() > 0, sim_config, sim_output);
+        if (*sim) return cmd_sim(sim_trace, sim_sizes, sim_policies, sim_decay, sim_decay_opt->count() > 0, sim_config, sim_output, sim_predicted, sim_window);
         if (*heatmap) return cmd_heatmap(hm_trace, hm_output);
         if (*plan) return cmd_plan(plco, plan_ctx, plan_batch);
         if (*serve) {

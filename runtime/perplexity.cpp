@@ -50,8 +50,13 @@ PerplexityResult perplexity(const Model & model, Backend & backend, const std::v
     int64_t count = 0;
     Batch batch;
     std::string err;
-    if (o.trace)
+    if (o.trace) {
         fwd.set_route_observer([&](int64_t layer, int64_t n, const int32_t * ids, const float * w) { o.trace->route(layer, n, ids, w); });
+        if (o.trace->n_predicted() > 0)
+            fwd.set_predict_observer([&](int64_t layer, int64_t n, int64_t n_ranked, const int32_t * ids) {
+                o.trace->predict(layer, n, n_ranked, ids);
+            }, o.trace->n_predicted());
+    }
     const auto t0 = std::chrono::steady_clock::now();
     for (int64_t ch = 0; ch < n_chunk; ++ch) {
         kv.release(0);

@@ -4,6 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -12,13 +13,15 @@
 
 namespace moesh {
 
-RouteTraceWriter::RouteTraceWriter(const std::string & path, const ModelConfig & c, const std::string & model_name)
+RouteTraceWriter::RouteTraceWriter(const std::string & path, const ModelConfig & c, const std::string & model_name,
+                                   int64_t n_predicted)
     : path_(path), out_(path, std::ios::binary | std::ios::trunc), n_layer_(c.n_layer), k_(std::max<int64_t>(1, c.n_expert_used)),
-      moe_(c.layer_is_moe) {
+      n_pred_(std::clamp<int64_t>(n_predicted, 0, std::max<int64_t>(0, c.n_expert))), moe_(c.layer_is_moe) {
     if (!out_) throw Error(path + ": cannot create the routing trace");
     moe_.resize(size_t(n_layer_), false);
     nlohmann::json h = {{"moesh_route_trace", 1}, {"model", model_name},     {"n_layer", c.n_layer},
                         {"n_expert", c.n_expert}, {"n_expert_used", c.n_expert_used}, {"moe_layers", moe_}};
+    if (n_pred_ > 0) h["n_predicted"] = n_pred_;
     out_ << h.dump() << '\n';
 }
 
@@ -27,6 +30,14 @@ void RouteTraceWriter::begin(const Batch & batch) {
     const size_t n = size_t(batch.size()) * size_t(n_layer_) * size_t(k_);
     ids_.assign(n, -1);
     weights_.assign(n, 0.0f);
+    pred_.assign(size_t(batch.size()) * size_t(n_layer_) * size_t(n_pred_), -1);
+}
+
+void RouteTraceWriter::predict(int64_t layer, int64_t n_tokens, int64_t n_ranked, const int32_t * ids) {
+    if (n_pred_ == 0 || layer < 0 || layer >= n_layer_ || n_tokens != batch_.size() || n_ranked < n_pred_) return;
+    for (int64_t t = 0; t < n_tokens; ++t)
+        for (int64_t j = 0; j < n_pred_; ++j)
+            pred_[(size_t(t) * size_t(n_layer_) + size_t(layer)) * size_t(n_pred_) + size_t(j)] = ids[t * n_ranked + j];
 }
 
 void RouteTraceWriter::route(int64_t layer, int64_t n_tokens, const int32_t * ids, const float * weights) {
@@ -64,7 +75,26 @@ void RouteTraceWriter::end() {
             line += "]";
             w += "]";
         }
-        out_ << line << "]" << w << "]}\n";
+        out_ << line << "]" << w << "]";
+        if (n_pred_ > 0) {
+            line = ",\"predicted\":[";
+            for (int64_t l = 0; l < n_layer_; ++l) {
+                const size_t at = (size_t(t) * size_t(n_layer_) + size_t(l)) * size_t(n_pred_);
+                if (l) line += ",";
+                if (!moe_[size_t(l)] || pred_[at] < 0) {
+                    line += "null";
+                    continue;
+                }
+                line += "[";
+                for (int64_t j = 0; j < n_pred_; ++j) {
+                    if (j) line += ',';
+                    line += std::to_string(pred_[at + size_t(j)]);
+                }
+                line += "]";
+            }
+            out_ << line << "]";
+        }
+        out_ << "}\n";
     }
     out_.flush();
     if (!out_) throw Error(path_ + ": writing the routing trace failed");
@@ -116,6 +146,8 @@ RouteTrace parse_route_trace(const std::string & text, const std::string & name)
                 t.moe_layers.push_back(b.get<bool>());
                 if (t.moe_layers.back() && t.n_expert == 0) bad(name, line, "a MoE layer in a model without experts");
             }
+            if (j.contains("n_predicted")) t.n_predicted = get_int(j, "n_predicted", 1, std::max<int64_t>(t.n_expert, 1), name, line);
+            if (t.n_predicted > 0 && t.n_expert == 0) bad(name, line, "\"n_predicted\" in a model without experts");
             header = true;
             continue;
         }
@@ -153,6 +185,32 @@ RouteTrace parse_route_trace(const std::string & text, const std::string & name)
                 t.experts.push_back(id);
                 t.weights.push_back(wl[k].get<float>());
             }
+        }
+        if (t.n_predicted > 0) {
+            auto p = j.find("predicted");
+            if (p == j.end() || !p->is_array() || p->size() != size_t(t.n_layer))
+                bad(name, line, "\"predicted\" must be an array of n_layer entries (the header has \"n_predicted\")");
+            for (int64_t l = 0; l < t.n_layer; ++l) {
+                const auto & pl = (*p)[size_t(l)];
+                const std::string where = "layer " + std::to_string(l) + ": ";
+                if (pl.is_null()) {
+                    for (int64_t k = 0; k < t.n_predicted; ++k) t.predicted.push_back(-1);
+                    continue;
+                }
+                if (!t.moe_layers[size_t(l)]) bad(name, line, where + "a dense layer's prediction must be null");
+                if (!pl.is_array() || pl.size() != size_t(t.n_predicted))
+                    bad(name, line, where + "a prediction must be null or hold n_predicted expert ids");
+                for (size_t k = 0; k < pl.size(); ++k) {
+                    if (!pl[k].is_number_integer() || pl[k].get<int64_t>() < 0 || pl[k].get<int64_t>() >= t.n_expert)
+                        bad(name, line, where + "predicted expert ids must be integers in [0, n_expert)");
+                    const int32_t id = int32_t(pl[k].get<int64_t>());
+                    for (size_t q = 0; q < k; ++q)
+                        if (pl[q].get<int64_t>() == id) bad(name, line, where + "expert " + std::to_string(id) + " predicted twice");
+                    t.predicted.push_back(id);
+                }
+            }
+        } else if (j.contains("predicted")) {
+            bad(name, line, "\"predicted\" without \"n_predicted\" in the header");
         }
         t.tokens.push_back(tok);
     }

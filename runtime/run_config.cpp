@@ -114,8 +114,8 @@ void parse_placement(std::string_view source, const toml::table & tbl, Placement
         const std::string key = "placement." + std::string(k.str());
         if (k == "policy") {
             pc.policy = string_value(source, v, key);
-            if (pc.policy != "static" && pc.policy != "lru" && pc.policy != "lfu" && pc.policy != "heat")
-                fail(source, v, key, "unknown policy " + quote_untrusted(pc.policy, true) + " (static, lru, lfu, heat)");
+            if (pc.policy != "static" && pc.policy != "lru" && pc.policy != "lfu" && pc.policy != "heat" && pc.policy != "lookahead")
+                fail(source, v, key, "unknown policy " + quote_untrusted(pc.policy, true) + " (static, lru, lfu, heat, lookahead)");
         } else if (k == "heat_decay") {
             auto d = v.value<double>();
             if (!(v.is_floating_point() || v.is_integer()) || !d || !(*d > 0.0 && *d <= 1.0))

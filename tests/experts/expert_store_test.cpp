@@ -92,7 +92,7 @@ StoreOptions options(const ExpertFile & f, int64_t n_slots, Policy p, bool direc
 TEST(ExpertStore, RandomWorkloadKeepsBytesBudgetAndPins) {
     const int32_t L = 3, E = 6;
     ExpertFile f(L, E, 7);
-    for (Policy p : {Policy::Lru, Policy::Lfu, Policy::Heat})
+    for (Policy p : {Policy::Lru, Policy::Lfu, Policy::Heat, Policy::Lookahead})
         for (bool direct : {true, false}) {
             StoreOptions o = options(f, 5, p, direct);
             o.policy.pinned = {int64_t(1) * E + 2};   // layer 1, expert 2
@@ -108,9 +108,10 @@ TEST(ExpertStore, RandomWorkloadKeepsBytesBudgetAndPins) {
                     std::shuffle(all.begin(), all.end(), rng);
                     const int64_t n = 1 + int64_t(rng() % 4);   // up to 4: more than the unpinned slots free
                     std::vector<int32_t> want(all.begin(), all.begin() + n);
+                    std::shuffle(all.begin(), all.end(), rng);
+                    store.predict((l + 1) % L, all.data(), 2);   // as the forward pass: before this layer's misses
                     store.begin_layer(l, step, want.data(), n);
                     wanted_total += n;
-                    std::shuffle(all.begin(), all.end(), rng);
                     store.prefetch((l + 1) % L, all.data(), 2);
                     std::stable_sort(want.begin(), want.end(), [&](int32_t a, int32_t b) { return store.order({l, a}) < store.order({l, b}); });
                     for (int32_t e : want) {
@@ -181,11 +182,46 @@ TEST(ExpertStore, HeatStreamsWhatItDoesNotAdmit) {
                 store.end_layer();
                 EXPECT_EQ(store.check(), "");
             }
-        if (p == Policy::Heat) EXPECT_GT(store.stats().streamed, 0);
+        if (p != Policy::Lru) {
+            EXPECT_GT(store.stats().streamed, 0);
+        }
         return store.stats().hits;
     };
     EXPECT_EQ(hits(Policy::Lru), 0);    // lru on a cycle longer than the cache: never a hit
     EXPECT_EQ(hits(Policy::Heat), 10);  // two layers' experts hit from the second step on: 2 x 5
+    EXPECT_EQ(hits(Policy::Lookahead), 10);   // every layer wants its one expert each time: as heat
+}
+
+// The forward pass tells the store the next layer's prediction before the layer's misses, then
+// prefetches the same list: the prediction is counted once and scored when that layer comes.
+TEST(ExpertStore, APredictionThenItsPrefetchCountOnce) {
+    ExpertFile f(2, 4, 9);
+    StoreOptions o = options(f, 5, Policy::Lookahead, true);   // 4 to cache, 1 to stream
+    o.prefetch_min_precision = 0;
+    ExpertStore store(f.table, f.regions(), o);
+    const int32_t want0[] = {0, 1}, guess[] = {2, 3}, want1[] = {2, 0};
+    store.predict(1, guess, 2);
+    store.begin_layer(0, 0, want0, 2);
+    store.prefetch(1, guess, 2);
+    for (int32_t e : want0) {
+        store.acquire({0, e});
+        store.release({0, e});
+    }
+    store.end_layer();
+    EXPECT_EQ(store.stats().predicted, 2);
+    EXPECT_EQ(store.stats().prefetches, 2);
+    store.begin_layer(1, 0, want1, 2);
+    for (int32_t e : want1) {
+        EXPECT_TRUE(same_bytes(store.acquire({1, e}), f.table.get({1, e})));
+        store.release({1, e});
+    }
+    store.end_layer();
+    const StoreStats s = store.stats();
+    EXPECT_EQ(s.predicted_wanted, 1);   // 2 was predicted and wanted, 3 predicted in vain, 0 not predicted
+    EXPECT_EQ(s.prefetch_hits, 1);
+    EXPECT_DOUBLE_EQ(s.prefetch_precision(), 0.5);
+    EXPECT_DOUBLE_EQ(s.prefetch_recall(), 0.5);
+    EXPECT_EQ(store.check(), "");
 }
 
 TEST(ExpertStore, RefusesABudgetBelowTwoFreeSlots) {

@@ -54,7 +54,7 @@ TEST(FuzzCorpus, ModelConfigSeedsParseAsLabelledAndNothingCrashes) { replay("mod
 
 TEST(FuzzCorpus, RunConfigSeedsParseAsLabelledAndNothingCrashes) { replay("run_config", run_config_one_input, 8); }
 
-TEST(FuzzCorpus, RouteTraceSeedsParseAsLabelledAndNothingCrashes) { replay("route_trace", route_trace_one_input, 6); }
+TEST(FuzzCorpus, RouteTraceSeedsParseAsLabelledAndNothingCrashes) { replay("route_trace", route_trace_one_input, 16); }
 
 TEST(FuzzCorpus, RequestSeedsParseAsLabelledAndNothingCrashes) { replay("request", request_one_input, 30); }
 

@@ -264,6 +264,8 @@ GGUF = {
 T_HEAD = ('{"moesh_route_trace":1,"model":"m","n_layer":3,"n_expert":4,"n_expert_used":2,'
           '"moe_layers":[true,false,true]}\n')
 T_TOK = '{"seq":0,"pos":%d,"token":%d,"experts":[[%d,%d],null,[0,3]],"weights":[[0.7,0.3],null,[0.5,0.5]]}\n'
+T_PHEAD = T_HEAD.replace('"moe_layers"', '"n_predicted":3,"moe_layers"')
+T_PTOK = T_TOK.replace('}\n', ',"predicted":[%s,null,[1,2,3]]}\n')
 ROUTE_TRACE = {
     "valid_header_only.jsonl": T_HEAD.encode(),
     "valid_three_tokens.jsonl": (T_HEAD + T_TOK % (0, 5, 1, 2) + T_TOK % (1, 9, 2, 3) + T_TOK % (2, 1, 0, 1)).encode(),
@@ -276,6 +278,15 @@ ROUTE_TRACE = {
     "invalid_truncated.jsonl": (T_HEAD + T_TOK % (0, 5, 1, 2))[:-20].encode(),
     "invalid_huge_layers.jsonl": b'{"moesh_route_trace":1,"model":"m","n_layer":999999999,"n_expert":4,"n_expert_used":2,'
                                  b'"moe_layers":[]}\n',
+    # with the prefetch predictions (header "n_predicted", per token "predicted")
+    "valid_predicted.jsonl": (T_PHEAD + T_PTOK % (0, 5, 1, 2, "[1,2,0]") + T_PTOK % (1, 9, 2, 3, "null")).encode(),
+    "invalid_predicted_repeat.jsonl": (T_PHEAD + T_PTOK % (0, 5, 1, 2, "[1,1,0]")).encode(),
+    "invalid_predicted_range.jsonl": (T_PHEAD + T_PTOK % (0, 5, 1, 2, "[1,2,4]")).encode(),
+    "invalid_predicted_length.jsonl": (T_PHEAD + T_PTOK % (0, 5, 1, 2, "[1,2]")).encode(),
+    "invalid_predicted_missing.jsonl": (T_PHEAD + T_TOK % (0, 5, 1, 2)).encode(),
+    "invalid_predicted_without_header.jsonl": (T_HEAD + T_PTOK % (0, 5, 1, 2, "[1,2,0]")).encode(),
+    "invalid_predicted_dense.jsonl": (T_PHEAD + T_PTOK.replace(',null,[1,2,3]]}', ',[0,1,2],[1,2,3]]}')
+                                      % (0, 5, 1, 2, "[1,2,0]")).encode(),
 }
 
 # Client protocol requests (transport/protocol.h), read with the fuzz target's

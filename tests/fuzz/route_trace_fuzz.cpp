@@ -25,6 +25,15 @@ bool route_trace_one_input(const uint8_t * data, size_t size) {
     }
     for (int32_t e : t.experts)
         if (e < -1 || e >= t.n_expert) std::abort();
+    if (t.predicted.size() != t.tokens.size() * size_t(t.n_layer) * size_t(t.n_predicted)) {
+        std::fprintf(stderr, "route trace invariant violated: predicted size\n");
+        std::abort();
+    }
+    for (size_t i = 0; i < t.tokens.size(); ++i)
+        for (int64_t l = 0; l < t.n_layer; ++l)
+            if (const int32_t * p = t.predicted_of(i, l))
+                for (int64_t k = 0; k < t.n_predicted; ++k)
+                    if (p[k] < 0 || p[k] >= t.n_expert || !t.moe_layers[size_t(l)]) std::abort();
     return true;
 }
 

@@ -178,6 +178,7 @@ TEST(Cli, RunWritesTheRoutingTrace) {
     std::string header;
     std::getline(in, header);
     EXPECT_EQ(nlohmann::json::parse(header)["model"], "mixtral_top2");
+    EXPECT_EQ(nlohmann::json::parse(header)["n_predicted"], 4);   // the prefetch prediction's 2k best
 
     // moesh sim replays it: every policy at every size, none above Belady's optimum.
     r = run("sim --trace " + trace + " --sizes 25,50 --output json", false);
@@ -186,13 +187,21 @@ TEST(Cli, RunWritesTheRoutingTrace) {
     std::map<double, double> best;
     for (const auto & row : j["results"])
         if (row["policy"] == "belady") best[row["cache_percent"].get<double>()] = row["hit_rate"].get<double>();
-    ASSERT_EQ(j["results"].size(), 10u);
+    ASSERT_EQ(j["results"].size(), 12u);   // static, lru, lfu, heat, lookahead, belady at 2 sizes
+    EXPECT_EQ(j["prediction"]["ranks"], 2);
+    EXPECT_EQ(j["prediction"]["visits"], 6 * 2);
     for (const auto & row : j["results"]) {
         EXPECT_EQ(row["requests"].get<int64_t>(), 6 * 2 * 2);   // tokens x MoE layers x k
         if (row["policy"] != "static") {
             EXPECT_LE(row["hit_rate"].get<double>(), best[row["cache_percent"].get<double>()]) << row.dump();
         }
     }
+    r = run("sim --trace " + trace + " --policies window --window 2", false);   // an oracle of 2 layer visits
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("knows the next 2 layer visits"), std::string::npos) << r.out;
+    r = run("sim --trace " + trace + " --policies lookahead --predicted 5");
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.out.find("records 4 predicted experts per layer"), std::string::npos) << r.out;
     r = run("sim --trace " + trace + " --policies mru");
     EXPECT_NE(r.status, 0);
     EXPECT_NE(r.out.find("unknown policy 'mru'"), std::string::npos) << r.out;

@@ -83,11 +83,70 @@ TEST(RouteTrace, GenerateWritesEveryTokensRoutingAndItReadsBack) {
     }
 }
 
+// With n_predicted, every MoE layer of every token carries the prefetch prediction made for it (its
+// router one layer early, the embeddings for the first), dense layers none; the routing is unchanged.
+TEST(RouteTrace, RecordsThePredictionOfEveryMoeLayer) {
+    const ModelConfig cfg = config();
+    Model m = Model::load(cfg, make_synthetic_weights(cfg, MOESH_DTYPE_F32, 3));
+    auto be = test::open_cpu_backend(1);
+    ASSERT_NE(be, nullptr);
+    test::TempDir dir;
+    GenerateOptions o;
+    o.prompt = {4, 8, 15, 16, 23, 42, 7};
+    o.n_generate = 4;
+    o.max_batch = 3;
+    GenerateResult r0, r1;
+    {
+        RouteTraceWriter w((dir.path() / "plain.jsonl").string(), cfg, "tiny");
+        o.trace = &w;
+        r0 = generate(m, *be, o);
+        EXPECT_EQ(w.n_predicted(), 0);
+    }
+    {
+        RouteTraceWriter w((dir.path() / "pred.jsonl").string(), cfg, "tiny", 3);
+        o.trace = &w;
+        r1 = generate(m, *be, o);
+        EXPECT_EQ(w.n_predicted(), 3);
+    }
+    EXPECT_EQ(r0.tokens, r1.tokens);
+    const RouteTrace t0 = read_route_trace((dir.path() / "plain.jsonl").string());
+    const RouteTrace t = read_route_trace((dir.path() / "pred.jsonl").string());
+    EXPECT_EQ(t0.n_predicted, 0);
+    EXPECT_TRUE(t0.predicted.empty());
+    EXPECT_EQ(t0.predicted_of(0, 0), nullptr);
+    EXPECT_EQ(t.experts, t0.experts);
+    ASSERT_EQ(t.n_predicted, 3);
+    ASSERT_EQ(t.tokens.size(), 10u);
+    int64_t right = 0;
+    for (size_t i = 0; i < t.tokens.size(); ++i)
+        for (int64_t l = 0; l < 3; ++l) {
+            const int32_t * p = t.predicted_of(i, l);
+            if (!t.moe_layers[size_t(l)]) {
+                EXPECT_EQ(p, nullptr);
+                continue;
+            }
+            ASSERT_NE(p, nullptr) << "token " << i << " layer " << l;
+            std::set<int32_t> distinct(p, p + 3);
+            EXPECT_EQ(distinct.size(), 3u);
+            const int32_t * e = t.experts_of(i, l);
+            for (int k = 0; k < 2; ++k) right += distinct.count(e[k]);
+        }
+    EXPECT_GT(right, 0);   // 3 of 6 experts ranked: chance alone gets half of them
+}
+
 TEST(RouteTrace, MalformedTracesNameTheLineAndTheProblem) {
     const std::string header =
         R"({"moesh_route_trace":1,"model":"m","n_layer":2,"n_expert":4,"n_expert_used":2,"moe_layers":[true,false]})";
     const std::string good = R"({"seq":0,"pos":0,"token":5,"experts":[[1,2],null],"weights":[[0.6,0.4],null]})";
     EXPECT_EQ(parse_route_trace(header + "\n" + good + "\n", "t").tokens.size(), 1u);
+    const std::string pheader =
+        R"({"moesh_route_trace":1,"model":"m","n_layer":2,"n_expert":4,"n_expert_used":2,"n_predicted":3,"moe_layers":[true,false]})";
+    const std::string pgood =
+        R"({"seq":0,"pos":0,"token":5,"experts":[[1,2],null],"weights":[[0.6,0.4],null],"predicted":[[2,0,1],null]})";
+    const RouteTrace pt = parse_route_trace(pheader + "\n" + pgood + "\n" + pgood.substr(0, pgood.find("[[2,0,1]")) + "[null,null]}", "t");
+    ASSERT_EQ(pt.tokens.size(), 2u);
+    EXPECT_EQ(pt.predicted, (std::vector<int32_t>{2, 0, 1, -1, -1, -1, -1, -1, -1, -1, -1, -1}));
+    EXPECT_EQ(pt.predicted_of(1, 0), nullptr);
     struct Bad {
         std::string text, want;
     };
@@ -107,6 +166,17 @@ TEST(RouteTrace, MalformedTracesNameTheLineAndTheProblem) {
         {header + "\n" + R"({"seq":-1,"pos":0,"token":5,"experts":[[1,2],null],"weights":[[0.6,0.4],null]})", "\"seq\""},
         {header + "\n" + R"({"seq":0,"pos":0,"token":5,"experts":[[1,2]],"weights":[[0.6,0.4],null]})", "n_layer entries"},
         {header + "\n" + good + "\n" + "[1,2]", "t:3: not a JSON object"},
+        {header + "\n" + R"({"seq":0,"pos":0,"token":5,"experts":[[1,2],null],"weights":[[0.6,0.4],null],"predicted":[[1,2],null]})",
+         "\"predicted\" without \"n_predicted\""},
+        {pheader + "\n" + good, "t:2: \"predicted\" must be an array of n_layer entries"},
+        {pheader + "\n" + pgood.substr(0, pgood.find("\"predicted\"")) + R"("predicted":[[1,2,3],[0,1,2]]})",
+         "a dense layer's prediction must be null"},
+        {pheader + "\n" + pgood.substr(0, pgood.find("\"predicted\"")) + R"("predicted":[[1,2],null]})", "hold n_predicted"},
+        {pheader + "\n" + pgood.substr(0, pgood.find("\"predicted\"")) + R"("predicted":[[1,2,4],null]})",
+         "predicted expert ids must be integers in [0, n_expert)"},
+        {pheader + "\n" + pgood.substr(0, pgood.find("\"predicted\"")) + R"("predicted":[[1,2,1],null]})", "predicted twice"},
+        {R"({"moesh_route_trace":1,"model":"m","n_layer":2,"n_expert":4,"n_expert_used":2,"n_predicted":5,"moe_layers":[true,false]})",
+         "\"n_predicted\" is 5"},
     };
     for (const Bad & b : bad) {
         try {
