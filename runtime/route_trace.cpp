@@ -68,7 +68,8 @@ void RouteTraceWriter::end() {
             line += std::string(sep) + "[";
             w += std::string(sep) + "[";
             for (int64_t j = 0; j < k_; ++j) {
-                line += (j ? "," : "") + std::to_string(ids_[at + size_t(j)]);
+                if (j) line += ',';   // appended apart: GCC 12 warns falsely (-Wrestrict) on "," + to_string
+                line += std::to_string(ids_[at + size_t(j)]);
                 std::snprintf(num, sizeof num, "%s%.6g", j ? "," : "", double(weights_[at + size_t(j)]));
                 w += num;
             }
