@@ -93,10 +93,12 @@ bool Server::send(const Origin & to, const std::string & frame) {
     }
 }
 
-// Token frames lag one token behind: a frame goes out when the next token comes (or at the end),
-// carrying the text that became final meanwhile. The text that may still turn into a stop string
-// (its last max_stop_bytes - 1 bytes) and the end-of-sequence token itself are never sent, so the
-// frames' texts add up to the done frame's text.
+// A token's frame goes out as soon as it is sampled, except in two cases where it waits for the
+// next token (or the end): when the request has stop strings (the text that may still turn into
+// one, its last max_stop_bytes - 1 bytes, is held back), and for the request's last possible
+// token (it carries the decoder's final bytes). The end-of-sequence token is never sent, and a
+// dangling part of a UTF-8 character after the last frame is dropped, so the frames' texts add
+// up to the done frame's text.
 void Server::send_pending(uint64_t handle, Active & a, size_t safe) {
     if (!a.pending) return;
     const std::string piece = safe > a.sent ? a.text.substr(a.sent, safe - a.sent) : std::string();
@@ -125,6 +127,7 @@ bool Server::on_token(uint64_t handle, int32_t token) {
     send_pending(handle, a, a.text.size() > hold ? a.text.size() - hold : 0);
     if (a.decoder && token >= 0 && token < tok_->n_vocab()) a.text += std::string(a.decoder->push(token));
     a.pending = token;
+    if (a.stop.empty() && a.index + 1 < a.max_tokens) send_pending(handle, a, a.text.size());   // no reason to wait
     for (const std::string & s : a.stop)   // only the tail can hold a new match
         if (a.text.find(s, a.text.size() > s.size() + 64 ? a.text.size() - s.size() - 64 : 0) != std::string::npos) return false;
     return true;
@@ -134,7 +137,7 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     auto it = active_.find(handle);
     if (it == active_.end()) return;
     Active & a = it->second;
-    if (a.decoder) a.text += std::string(a.decoder->flush());
+    if (a.decoder && a.pending) a.text += std::string(a.decoder->flush());
     if (why == FinishReason::Stop) {   // cut the text at the first stop string
         size_t cut = a.text.size();
         for (const std::string & s : a.stop)
@@ -217,6 +220,7 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     act.stream = req.stream;
     act.stop = std::move(req.stop);
     act.prompt_tokens = n_prompt;
+    act.max_tokens = req.max_tokens;
     if (tok_) act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/req.messages.has_value());
 }
 

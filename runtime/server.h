@@ -103,6 +103,7 @@ private:
         std::unique_ptr<StreamDecoder> decoder;
         int64_t prompt_tokens = 0;
         int64_t index = 0;
+        int64_t max_tokens = 0;
         bool gone = false;     // a reply was undeliverable
         std::chrono::steady_clock::time_point last_token;   // inter-token latency
         bool any_token = false;
