@@ -160,17 +160,22 @@ def report(engine, n_clients, total, wall, args, server):
     print(json.dumps(line), flush=True)
 
 
-def wait_line(proc, timeout):
-    """The first stdout line of proc, or '' if none came within timeout seconds."""
-    line = b""
+def wait_lines(proc, n, timeout):
+    """The first n stdout lines of proc (fewer if they did not come within timeout seconds)."""
+    buf = b""
     deadline = time.monotonic() + timeout
-    while not line.endswith(b"\n") and time.monotonic() < deadline:
+    while buf.count(b"\n") < n and time.monotonic() < deadline:
         if select.select([proc.stdout], [], [], 0.2)[0]:
             chunk = os.read(proc.stdout.fileno(), 256)
             if not chunk:
                 break
-            line += chunk
-    return line.decode(errors="replace").split("\n")[0].strip()
+            buf += chunk
+    return [line.strip() for line in buf.decode(errors="replace").split("\n")[:n]]
+
+
+def wait_line(proc, timeout):
+    """The first stdout line of proc, or '' if none came within timeout seconds."""
+    return wait_lines(proc, 1, timeout)[0]
 
 
 def stop_process(proc, what):
@@ -205,6 +210,55 @@ def read_toml(path):
         return {"text": pathlib.Path(path).read_text()}
     with open(path, "rb") as f:
         return tomllib.load(f)
+
+
+def peak_rss_mb(pid):
+    """The process's peak resident memory so far (VmHWM), in MB; None when it cannot be read."""
+    try:
+        for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def run_moesh_http(args, clients):
+    """moesh serve driven through its OpenAI-compatible HTTP API, exactly as llama-server is."""
+    vocab = moesh_vocab(args)
+    log_file = tempfile.NamedTemporaryFile(prefix="moesh-serve-", suffix=".log", delete=False)
+    cmd = [args.moesh, "serve", "--model", args.model, "--config", args.config, "--endpoint", "tcp://127.0.0.1:*",
+           "--http", "127.0.0.1:0"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    log(f"serve_load: {' '.join(cmd)} (log: {log_file.name})")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file)
+    try:
+        lines = wait_lines(proc, 2, 120)
+        url = lines[1] if len(lines) == 2 else ""
+        if not url.startswith("http://127.0.0.1:"):
+            sys.exit(f"serve_load: moesh serve printed no HTTP URL within 120 s; see {log_file.name}")
+        port = int(url.rsplit(":", 1)[1])
+        server = {"model": args.model, "command": cmd, "config_file": args.config, "config": read_toml(args.config),
+                  "url": url}
+        warm = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
+        try:   # not counted
+            llama_request(warm, next(prompts(args.seed, -1, vocab, args.prompt_len)), args, Stats(), time.monotonic())
+        finally:
+            warm.close()
+        for n in clients:
+            log(f"serve_load: moesh (HTTP), {n} clients, {args.duration:g} s")
+            total, wall = run_phase(n, http_worker(port, vocab, args), args)
+            server["rss_peak_mb"] = peak_rss_mb(proc.pid)
+            report("moesh-http", n, total, wall, args, server)
+    finally:
+        rc = stop_process(proc, "moesh serve")
+        proc.stdout.close()
+        log_file.close()
+        if rc == 0:
+            os.unlink(log_file.name)
+        else:
+            log(f"serve_load: moesh serve exited with {rc}; see {log_file.name}")
 
 
 def run_moesh(args, clients):
@@ -268,6 +322,8 @@ def run_moesh(args, clients):
         for n in clients:
             log(f"serve_load: moesh, {n} clients, {args.duration:g} s")
             total, wall = run_phase(n, worker, args)
+            if proc is not None:
+                server["rss_peak_mb"] = peak_rss_mb(proc.pid)
             report("moesh", n, total, wall, args, server)
     finally:
         if proc is not None:
@@ -331,7 +387,8 @@ def llama_request(conn, ids, args, st, t0):
     request as a broken one."""
     # bytes, so that http.client sends headers and body in one write: two small writes meet
     # Nagle's algorithm and delayed ACKs (a 40 ms stall)
-    body = json.dumps({"prompt": ids, "max_tokens": args.max_tokens, "temperature": 0, "stream": True}).encode()
+    body = json.dumps({"prompt": ids, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
     conn.request("POST", "/v1/completions", body=body,
                  headers={"Content-Type": "application/json", "Connection": "close"})
     r = conn.getresponse()
@@ -357,6 +414,8 @@ def llama_request(conn, ids, args, st, t0):
             st.errors["stream_" + str(err.get("type", "error") if isinstance(err, dict) else "error")] += 1
             r.read()
             return
+        if isinstance(ev.get("usage"), dict):
+            usage = ev["usage"]
         choices = ev.get("choices") or []
         if not choices:
             continue
@@ -366,12 +425,34 @@ def llama_request(conn, ids, args, st, t0):
             n_chunks += 1
         else:
             finish = choices[0]["finish_reason"]
-            usage = ev.get("usage")
     if finish is None:
         st.errors["stream_incomplete"] += 1
         return
     n = usage["completion_tokens"] if isinstance(usage, dict) and "completion_tokens" in usage else n_chunks
     st.done(ttft, time.monotonic() - t0, n, finish)
+
+
+def http_worker(port, vocab, args):
+    def worker(index, st, stop_at):
+        gen = prompts(args.seed, index, vocab, args.prompt_len)
+        for _ in range(args.requests):
+            if time.monotonic() >= stop_at:
+                return
+            # A fresh connection per request (see llama_request); connecting on loopback
+            # costs ~0.1 ms and is inside the measured time, as for a client that does not
+            # pool connections.
+            t0 = time.monotonic()
+            st.n_sent += 1
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
+            try:
+                llama_request(conn, next(gen), args, st, t0)
+            except (socket.timeout, TimeoutError):
+                st.errors["timeout"] += 1
+            except (OSError, http.client.HTTPException, ValueError) as e:
+                st.errors["connection_" + type(e).__name__] += 1
+            finally:
+                conn.close()
+    return worker
 
 
 def run_llama(args, clients):
@@ -387,25 +468,7 @@ def run_llama(args, clients):
                 sys.exit(f"serve_load: llama-server did not say n_vocab (/v1/models: {status}); give --vocab")
             server = {"command": cmd, "model": args.model, "meta": meta}
 
-            def worker(index, st, stop_at):
-                gen = prompts(args.seed, index, vocab, args.prompt_len)
-                for _ in range(args.requests):
-                    if time.monotonic() >= stop_at:
-                        return
-                    # A fresh connection per request (see llama_request); connecting on
-                    # loopback costs ~0.1 ms and is inside the measured time, as for a client
-                    # that does not pool connections.
-                    t0 = time.monotonic()
-                    st.n_sent += 1
-                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
-                    try:
-                        llama_request(conn, next(gen), args, st, t0)
-                    except (socket.timeout, TimeoutError):
-                        st.errors["timeout"] += 1
-                    except (OSError, http.client.HTTPException, ValueError) as e:
-                        st.errors["connection_" + type(e).__name__] += 1
-                    finally:
-                        conn.close()
+            worker = http_worker(port, vocab, args)
 
             warm = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
             try:   # not counted
@@ -414,6 +477,7 @@ def run_llama(args, clients):
                 warm.close()
             log(f"serve_load: llama.cpp, {n} clients, {args.duration:g} s")
             total, wall = run_phase(n, worker, args)
+            server["rss_peak_mb"] = peak_rss_mb(proc.pid)
             report("llama.cpp", n, total, wall, args, server)
         finally:
             rc = stop_process(proc, "llama-server")
@@ -432,6 +496,8 @@ def main():
     ap.add_argument("--config", default=str(ROOT / "configs" / "serve.toml"), help="moesh serve's TOML")
     ap.add_argument("--endpoint", help="drive this running moesh server instead of starting one")
     ap.add_argument("--llama-server", help="drive llama.cpp's llama-server (this binary) instead of moesh")
+    ap.add_argument("--http", action="store_true",
+                    help="drive moesh through its HTTP API (/v1/completions, SSE), as llama-server is driven")
     ap.add_argument("--threads", type=int, help="server threads (default: the server's own default)")
     ap.add_argument("--clients", default="1,4,16,64", help="comma-separated client counts, one run each")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
@@ -457,7 +523,7 @@ def main():
         run_llama(args, clients)
     else:
         args.model = args.model or str(ROOT / "models" / "moesh-tiny-py")
-        run_moesh(args, clients)
+        (run_moesh_http if args.http else run_moesh)(args, clients)
 
 
 if __name__ == "__main__":
