@@ -241,11 +241,7 @@ def run_moesh_http(args, clients):
         port = int(url.rsplit(":", 1)[1])
         server = {"model": args.model, "command": cmd, "config_file": args.config, "config": read_toml(args.config),
                   "url": url}
-        warm = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
-        try:   # not counted
-            llama_request(warm, next(prompts(args.seed, -1, vocab, args.prompt_len)), args, Stats(), time.monotonic())
-        finally:
-            warm.close()
+        http_warm_up(port, vocab, args)
         for n in clients:
             log(f"serve_load: moesh (HTTP), {n} clients, {args.duration:g} s")
             total, wall = run_phase(n, http_worker(port, vocab, args), args)
@@ -432,6 +428,15 @@ def llama_request(conn, ids, args, st, t0):
     st.done(ttft, time.monotonic() - t0, n, finish)
 
 
+def http_warm_up(port, vocab, args):
+    """One request, not counted: pages the weights in."""
+    warm = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
+    try:
+        llama_request(warm, next(prompts(args.seed, -1, vocab, args.prompt_len)), args, Stats(), time.monotonic())
+    finally:
+        warm.close()
+
+
 def http_worker(port, vocab, args):
     def worker(index, st, stop_at):
         gen = prompts(args.seed, index, vocab, args.prompt_len)
@@ -470,11 +475,7 @@ def run_llama(args, clients):
 
             worker = http_worker(port, vocab, args)
 
-            warm = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
-            try:   # not counted
-                llama_request(warm, next(prompts(args.seed, -1, vocab, args.prompt_len)), args, Stats(), time.monotonic())
-            finally:
-                warm.close()
+            http_warm_up(port, vocab, args)
             log(f"serve_load: llama.cpp, {n} clients, {args.duration:g} s")
             total, wall = run_phase(n, worker, args)
             server["rss_peak_mb"] = peak_rss_mb(proc.pid)
