@@ -159,8 +159,11 @@ bool Scheduler::step() {
         stats_.tokens_prefilled += n;
     }
     std::string err;
+    const auto t0 = Clock::now();
     const float * logits = fwd_.run(batch_, &err);
     if (!logits) throw Error("scheduler: forward pass: " + err);
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    step_seconds_ = stats_.steps == 0 ? secs : 0.8 * step_seconds_ + 0.2 * secs;
     ++stats_.steps;
 
     // Sample in row order; finish afterwards (finishing reorders running_).
@@ -183,6 +186,20 @@ bool Scheduler::step() {
     std::sort(ended.begin(), ended.end(), [](const auto & a, const auto & b) { return a.first > b.first; });
     for (const auto & [i, why] : ended) finish(i, why);
     return true;
+}
+
+double Scheduler::retry_after_seconds() const {
+    // A queue place frees when a queued request is admitted, which needs a running one to finish:
+    // the soonest, at the recent step time, is the earliest a retry can get in.
+    if (running_.empty()) return 0.05;
+    int64_t soonest = INT64_MAX;
+    for (const Seq & s : running_) {
+        const int64_t prompt_left = int64_t(s.req.prompt.size()) - s.n_prefilled;
+        const int64_t steps = (prompt_left + opt_.prefill_chunk - 1) / opt_.prefill_chunk + s.req.max_tokens -
+                              int64_t(s.generated.size());
+        soonest = std::min(soonest, steps);
+    }
+    return std::clamp(double(soonest) * step_seconds_, 0.05, 60.0);
 }
 
 SchedulerStats Scheduler::stats() const {

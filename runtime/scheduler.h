@@ -89,6 +89,9 @@ public:
     // Returns false when there was nothing to do. Backend failures throw.
     bool step();
     bool idle() const { return running_.empty() && queue_.empty(); }
+    // When a refused (Busy) request may get a queue place: the running request closest to its
+    // end, its steps left times the recent step time; in [0.05, 60] seconds.
+    double retry_after_seconds() const;
 
     SchedulerStats stats() const;
     ForwardPass & forward() { return fwd_; }
@@ -121,6 +124,7 @@ private:
     std::vector<int64_t> logit_owner_;   // running index of each logits row of the step
     std::vector<std::pair<size_t, FinishReason>> ended_;   // requests a step finished (reserved: no allocation per step)
     SchedulerStats stats_;
+    double step_seconds_ = 0;   // recent forward step time (moving average)
 };
 
 } // namespace moesh

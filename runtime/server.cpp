@@ -208,8 +208,8 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     if (a != Admit::Queued) {
         const ErrorCode code = a == Admit::Busy ? ErrorCode::Busy : a == Admit::TooLong ? ErrorCode::TooLong : ErrorCode::BadRequest;
         (a == Admit::Busy ? stats_.busy : stats_.rejected) += 1;
-        // Busy: retry once about a request's worth of decoding has passed.
-        send(from, error_frame(req.id, code, why, a == Admit::Busy ? 1000 : -1));
+        // Busy: retry when the running request closest to its end should be done.
+        send(from, error_frame(req.id, code, why, a == Admit::Busy ? std::max<int64_t>(1, std::llround(sched_->retry_after_seconds() * 1e3)) : -1));
         return;
     }
     ++stats_.requests;

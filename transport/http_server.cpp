@@ -319,8 +319,11 @@ private:
         } else if (r.type == "error") {
             finish();
             const auto code = protocol::error_code_from_name(r.body.value("code", "internal"));
+            std::string retry;   // whole seconds, at least 1 (RFC 9110)
+            if (auto it = r.body.find("retry_after_ms"); it != r.body.end() && it->is_number_integer())
+                retry = std::to_string(std::max<int64_t>(1, (it->get<int64_t>() + 999) / 1000));
             fail_exchange(openai::from_protocol_error(code.value_or(protocol::ErrorCode::Internal), r.body.value("message", ""), prompt_ids_),
-                          r.body.contains("retry_after_ms") ? "1" : nullptr);
+                          retry.empty() ? nullptr : retry.c_str());
         }
     }
 
