@@ -603,7 +603,7 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
     if (!rc.server.http.empty()) {
         moesh::HttpOptions ho;
         if (!moesh::parse_host_port(rc.server.http, &ho.address, &ho.port))
-            throw Error("--http: '" + rc.server.http + "' is not ADDRESS:PORT such as 127.0.0.1:8080 (or off)");
+            throw Error("--http: '" + rc.server.http + "' is not ADDRESS:PORT such as 127.0.0.1:8090 (or off)");
         ho.max_connections = rc.server.http_max_connections;
         ho.max_body_bytes = rc.server.max_message_bytes;
         ho.request_timeout_s = rc.server.http_request_timeout_s;
@@ -1207,7 +1207,7 @@ int main(int argc, char ** argv) {
     std::string serve_endpoint, serve_http;
     serve->add_option("--endpoint", serve_endpoint, "ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5555 (default: [server] endpoint)");
     serve->add_option("--http", serve_http,
-                      "HTTP address for the OpenAI-compatible API, /health and /metrics, e.g. 127.0.0.1:8080 (port 0: a free "
+                      "HTTP address for the OpenAI-compatible API, /health and /metrics, e.g. 127.0.0.1:8090 (port 0: a free "
                       "one), or off (default: [server] http, else 127.0.0.1:8090)");
 
     CLI::App * client = app.add_subcommand("client", "Send one request to `moesh serve` and print the answer");

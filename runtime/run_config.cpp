@@ -320,7 +320,7 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                     std::string a;
                     uint16_t port = 0;
                     if (!sc.http.empty() && !parse_host_port(sc.http, &a, &port))
-                        fail(source, v, key, "expected \"ADDRESS:PORT\" such as \"127.0.0.1:8080\" (port 0: any free port), or \"\" for no HTTP");
+                        fail(source, v, key, "expected \"ADDRESS:PORT\" such as \"127.0.0.1:8090\" (port 0: any free port), or \"\" for no HTTP");
                 } else if (k == "http_max_connections") {
                     sc.http_max_connections = integer(source, v, key, 1, 1 << 20);
                 } else if (k == "http_request_timeout_s") {
