@@ -46,6 +46,15 @@ void CostModel::observe_host(size_t bytes, int64_t n, double seconds) {
     else r_.host_token_s = blend(r_.host_token_s, std::max(0.0, seconds - stream) / double(n));
 }
 
+Placement CostModel::choose_for(int32_t layer, int32_t expert, size_t expert_bytes, int64_t n_tokens, int64_t n_embd,
+                                bool reuse) const {
+    const Placement p = choose(expert_bytes, n_tokens, n_embd, reuse);
+    if (log_)
+        log_(layer, expert, n_tokens, promote_seconds(expert_bytes, n_tokens, n_embd, reuse),
+             in_place_seconds(expert_bytes, n_tokens, n_embd), reuse, p);
+    return p;
+}
+
 std::string CostModel::describe() const {
     char buf[256];
     std::snprintf(buf, sizeof buf, "upload %.2f GB/s, host expert compute %.2f GB/s + %.1f us/token, device %.1f us/token",

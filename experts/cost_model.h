@@ -18,6 +18,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace moesh {
@@ -50,9 +51,17 @@ public:
     const CostRates & rates() const { return r_; }
     std::string describe() const;   // the rates, one line
 
+    // Debug log of every decision (MOESH_LOG=debug): the expert, its tokens, both estimates, the choice.
+    using DecisionLog = std::function<void(int32_t layer, int32_t expert, int64_t n_tokens, double promote_s, double in_place_s,
+                                           bool reuse, Placement chosen)>;
+    void set_decision_log(DecisionLog log) { log_ = std::move(log); }
+    // choose() for expert (layer, expert), logged when a decision log is set.
+    Placement choose_for(int32_t layer, int32_t expert, size_t expert_bytes, int64_t n_tokens, int64_t n_embd, bool reuse) const;
+
 private:
     CostRates r_;
     CostMode mode_;
+    DecisionLog log_;
 };
 
 } // namespace moesh

@@ -228,7 +228,7 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
         const ExpertWeights & host_w = store_ ? store_->acquire(id) : model_.experts().get(id);
         if (store_) layer.held = id;
         if (dev_experts_->can_promote() &&
-            cost_->choose(host_w.n_bytes(), n_e, c.n_embd, dev_experts_->admits(id)) == Placement::Promote) {
+            cost_->choose_for(id.layer, e, host_w.n_bytes(), n_e, c.n_embd, dev_experts_->admits(id)) == Placement::Promote) {
             const double t0 = dev_experts_->stats().upload_seconds;
             const uint64_t b0 = dev_experts_->stats().bytes_uploaded;
             w = &dev_experts_->promote(id, host_w);

@@ -131,6 +131,8 @@ struct ChatOptions {
     std::string system;
 };
 
+bool g_debug = false;   // MOESH_LOG=debug
+
 struct CommonOptions {
     std::string model;
     std::string config;
@@ -272,6 +274,13 @@ PlacementSetup open_placement(const moesh::Model & model, const CommonOptions & 
             if (!p.host || !p.host->host_memory())
                 throw Error("the gpu tier computes the experts it lacks on the cpu backend, which cannot be loaded:\n" + report);
             p.cost = std::make_unique<moesh::CostModel>(moesh::measure_cost_rates(model, backend, *p.host));
+            if (g_debug)
+                p.cost->set_decision_log([](int32_t layer, int32_t expert, int64_t n, double promote_s, double in_place_s, bool reuse,
+                                            moesh::Placement chosen) {
+                    std::fprintf(stderr, "moesh: debug: cost: layer %d expert %d, %lld token%s: promote %.3f ms%s, in place %.3f ms -> %s\n",
+                                 layer, expert, (long long)n, n == 1 ? "" : "s", promote_s * 1e3, reuse ? " (net of the in-place run a kept copy saves)" : "",
+                                 in_place_s * 1e3, chosen == moesh::Placement::Promote ? "promote" : "in place");
+                });
             std::fprintf(stderr, "moesh: gpu tier: %lld expert slots of %s (%s budget), %lld pinned; the rest promoted or "
                                  "computed on the host (%s); cost model: %s\n",
                          (long long)p.gpu->slots(), human_bytes(double(p.gpu->slot_bytes())).c_str(),
@@ -1080,6 +1089,14 @@ void add_common(CLI::App * sub, CommonOptions & co, bool model_optional = false)
 } // namespace
 
 int main(int argc, char ** argv) {
+    if (const char * level = std::getenv("MOESH_LOG")) {
+        if (std::string_view(level) == "debug") {
+            g_debug = true;
+            moesh::set_plugin_log_level(MOESH_LOG_DEBUG);
+        } else if (*level && std::string_view(level) != "info") {
+            std::fprintf(stderr, "moesh: warning: MOESH_LOG=%s is not a level moesh knows (debug, info); ignored\n", level);
+        }
+    }
     CLI::App app{"moesh: Mixture-of-Experts inference that places experts by measured heat.\n"
                  "Runs Hugging Face MoE checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) and dense Llama\n"
                  "on backend plugins (cpu always; cuda when built).",
@@ -1092,7 +1109,9 @@ int main(int argc, char ** argv) {
                "  moesh tokenize --model tests/fixtures/tokenizers/qwen2 --text \"Hello world\" --output json\n"
                "  moesh run --model DIR --prompt-ids 1,2,3 -n 64 --temperature 0.8 --top-p 0.95 --seed 7 --output json\n"
                "Plugins: --plugin-dir, then $MOESH_PLUGIN_DIR (colon-separated), then [plugins].dirs of --config,\n"
-               "then <exe>/../lib/moesh. `moesh run -v` says which were found and why one was chosen.");
+               "then <exe>/../lib/moesh. `moesh run -v` says which were found and why one was chosen.\n"
+               "Logging: MOESH_LOG=debug also prints every cost-model decision of a gpu tier (promote or compute\n"
+               "in place, with both estimates) and the plugins' debug messages.");
     app.set_version_flag("--version", "moesh 0.1.0");
 
     CommonOptions co;

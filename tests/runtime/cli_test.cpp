@@ -155,6 +155,12 @@ TEST(Cli, GpuTierOnADeviceMemoryBackendKeepsTheTokens) {
     ASSERT_TRUE(t.contains("gpu_tier") && t.contains("placement")) << r.out;
     EXPECT_GT(t["placement"]["misses"].get<int64_t>(), 0) << r.out;
     EXPECT_EQ(t["placement"]["requests"].get<int64_t>(), t["gpu_tier"]["requests"].get<int64_t>() - t["gpu_tier"]["hits"].get<int64_t>());
+    // MOESH_LOG=debug shows each cost-model decision with both estimates
+    r = run("run --model " + k_fixture + " --prompt-ids " + ids + " -n 2 --backend devsim --plugin-dir " + devsim + " --config " + three,
+            true, "MOESH_LOG=debug");
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("moesh: debug: cost: layer "), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find(" in place "), std::string::npos) << r.out;
     // on the cpu backend the gpu tier is ignored, with a warning
     r = run("run --model " + k_fixture + " --prompt-ids " + ids + " -n 2 --config " + config);
     ASSERT_EQ(r.status, 0) << r.out;
