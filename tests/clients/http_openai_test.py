@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import pathlib
+import random
 import re
 import select
 import signal
@@ -244,6 +245,13 @@ def refusals(srv):
     check(status == 405 and headers.get("Allow") == "POST", f"GET on a POST route: 405 with Allow ({status} {headers.get('Allow')})")
     status, _, body = http(srv, "GET", "/v2/nothing")
     check(status == 404 and "/v1/completions" in body, f"unknown route: 404 listing the routes ({status})")
+    rng = random.Random(7)   # 300 connections of random bytes, some shaped like a request line, closed at once
+    for i in range(300):
+        junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400)))
+        if i % 3 == 0:
+            junk = b"POST /v1/completions HTTP/1.1\r\nContent-Length: " + str(rng.randrange(10**9)).encode() + b"\r\n\r\n" + junk
+        raw(srv, junk, read=False)
+    check(http(srv, "GET", "/health")[0] == 200, "after 300 connections of random bytes the server is healthy")
     out = raw(srv, b"\x00\x01garbage\xff\r\n\r\n")
     check(out.startswith(b"HTTP/1.1 400"), f"binary garbage: 400 and close ({out[:40]!r})")
     out = raw(srv, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n")
