@@ -119,9 +119,13 @@ TEST(Scheduler, RefusesWhatItCannotHoldAndCancelFreesAtOnce) {
     ASSERT_EQ(s.submit(request({1}, 5, out), &c), Admit::Queued);
     EXPECT_EQ(s.submit(request({1}, 5, out), &x, &why), Admit::Busy);   // two waiting already
     EXPECT_NE(why.find("queue is full"), std::string::npos) << why;
+    EXPECT_EQ(s.retry_after_seconds(), 0.05);   // nothing has run yet: the floor
     s.step();
     EXPECT_EQ(s.stats().running, 1);
     EXPECT_EQ(s.stats().queued, 2);
+    // a busy client's hint: a's 39 tokens left at the measured step time, within [0.05, 60] s
+    EXPECT_GE(s.retry_after_seconds(), 0.05);
+    EXPECT_LE(s.retry_after_seconds(), 60.0);
     EXPECT_GT(s.stats().kv_blocks_used, 0);
     EXPECT_TRUE(s.cancel(a));   // frees its slot and blocks now
     EXPECT_EQ(out[a].why, FinishReason::Cancelled);
