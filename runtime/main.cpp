@@ -30,7 +30,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <thread>
 #include <csignal>
 #include <filesystem>
 #include <fstream>
@@ -650,16 +649,7 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
     std::printf("%s\n", server.endpoint().c_str());   // for scripts: the endpoints actually bound, once ready
     if (front) std::printf("%s\n", front->url().c_str());
     std::fflush(stdout);
-    std::thread watcher;   // SIGTERM: the HTTP front stops accepting at once, while the loop drains
-    std::atomic<bool> served{false};
-    if (front)
-        watcher = std::thread([&] {
-            while (!g_stop.load() && !served.load()) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-            front->stop_accepting();
-        });
-    server.run(g_stop);
-    served = true;
-    if (watcher.joinable()) watcher.join();
+    server.run(g_stop);   // on SIGTERM it drains the port: the HTTP front stops accepting
     if (front) front->stop();
     const moesh::ServerStats & st = server.stats();
     std::fprintf(stderr, "moesh: stopped: %lld requests, %lld completed, %lld cancelled, %lld busy, %lld refused, %lld bad, "

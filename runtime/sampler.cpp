@@ -39,40 +39,13 @@ int32_t Sampler::sample(const float * logits, int64_t n_vocab) {
     // distributions are not, so this keeps seeds portable across libraries.
     const double u = double(rng_() >> 11) * 0x1.0p-53;
 
-    if (params_.top_k > 0 && params_.top_k < n_vocab) {   // a small candidate set: sort it whole
-        const int64_t k = params_.top_k;
-        std::partial_sort(idx_.begin(), idx_.begin() + k, idx_.end(), by_logit);
-        probs_.resize(size_t(k));
-        const float max_l = logits[idx_[0]] * inv_t;
-        double sum = 0.0;
-        for (int64_t i = 0; i < k; ++i) sum += probs_[size_t(i)] = std::exp(logits[idx_[size_t(i)]] * inv_t - max_l);
-        int64_t n = k;
-        if (params_.top_p < 1.0f) {   // the smallest prefix whose mass reaches top_p (at least one token)
-            double cum = 0.0, kept = 0.0;
-            for (n = 0; n < k;) {
-                kept += probs_[size_t(n)];
-                cum += probs_[size_t(n)] / sum;
-                ++n;
-                if (cum >= params_.top_p) break;
-            }
-            sum = kept;
-        }
-        double r = u * sum;
-        for (int64_t i = 0; i < n; ++i) {
-            r -= probs_[size_t(i)];
-            if (r <= 0.0) return idx_[size_t(i)];
-        }
-        return idx_[size_t(n - 1)];
+    // The candidates idx_[0, n): the top-k, sorted whole, or the vocabulary, sorted as the walk goes.
+    int64_t n = n_vocab, sorted = 0, chunk = 64;
+    if (params_.top_k > 0 && params_.top_k < n_vocab) {
+        n = params_.top_k;
+        std::partial_sort(idx_.begin(), idx_.begin() + n, idx_.end(), by_logit);
+        sorted = n;
     }
-
-    // The whole vocabulary: weights in id order, then a walk in logit order, sorted as it goes.
-    probs_.resize(size_t(n_vocab));
-    float max_logit = logits[0];
-    for (int64_t i = 1; i < n_vocab; ++i) max_logit = std::max(max_logit, logits[i]);
-    const float max_l = max_logit * inv_t;
-    double sum = 0.0;
-    for (int64_t i = 0; i < n_vocab; ++i) sum += probs_[size_t(i)] = std::exp(logits[i] * inv_t - max_l);
-    int64_t sorted = 0, chunk = 64;
     auto ensure_sorted = [&](int64_t upto) {   // idx_[0, upto) holds the upto largest, in order
         while (sorted < upto) {
             const int64_t m = std::min<int64_t>(n_vocab, std::max(upto, sorted + chunk));
@@ -82,17 +55,29 @@ int32_t Sampler::sample(const float * logits, int64_t n_vocab) {
             chunk *= 4;
         }
     };
-    int64_t n = n_vocab;
-    if (params_.top_p < 1.0f) {   // the nucleus: the smallest prefix whose mass reaches top_p
+    // Weights by token id, summed over the candidates.
+    probs_.resize(size_t(n_vocab));
+    float max_logit = logits[idx_[0]];
+    if (sorted == 0)
+        for (int64_t i = 1; i < n_vocab; ++i) max_logit = std::max(max_logit, logits[i]);
+    const float max_l = max_logit * inv_t;
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+        const int32_t t = idx_[size_t(i)];
+        sum += probs_[size_t(t)] = std::exp(logits[t] * inv_t - max_l);
+    }
+    if (params_.top_p < 1.0f) {   // the nucleus: the smallest prefix whose mass reaches top_p (at least one token)
         double cum = 0.0, kept = 0.0;
-        for (n = 0; n < n_vocab;) {
-            ensure_sorted(n + 1);
-            const double p = probs_[size_t(idx_[size_t(n)])];
+        int64_t keep = 0;
+        while (keep < n) {
+            ensure_sorted(keep + 1);
+            const double p = probs_[size_t(idx_[size_t(keep)])];
             kept += p;
             cum += p / sum;
-            ++n;
+            ++keep;
             if (cum >= params_.top_p) break;
         }
+        n = keep;
         sum = kept;
     }
     double r = u * sum;

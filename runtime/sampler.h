@@ -37,7 +37,7 @@ private:
     SamplerParams params_;
     std::mt19937_64 rng_;
     std::vector<int32_t> idx_;   // [n_vocab]
-    std::vector<float> probs_;   // [n_vocab]: weights, by rank with top-k, else by id
+    std::vector<float> probs_;   // [n_vocab]: the candidates' weights, by token id
 };
 
 int32_t argmax(const float * x, int64_t n);

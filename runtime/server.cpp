@@ -288,7 +288,7 @@ void Server::run(const std::atomic<bool> & stop) {
         const bool draining = stop.load();
         if (draining && !drain_until) {
             drain_until = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(cfg_.drain_timeout_s));
-            if (port_) port_->state = LocalPort::State::Draining;
+            if (port_) port_->drain();   // the HTTP front stops accepting at once
         }
         if (drain_until && (sched_->idle() || Clock::now() >= *drain_until)) break;
         // Read everything waiting (without blocking while there is work to step).

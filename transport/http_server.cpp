@@ -492,6 +492,7 @@ void HttpFront::start() {
     const tcp::endpoint bound = m.acceptor.local_endpoint();
     m.url = "http://" + bound.address().to_string() + ":" + std::to_string(bound.port());
     m.port.set_receiver([&m](uint64_t client, std::string frame) { return m.receive(client, std::move(frame)); });
+    m.port.set_drain_hook([this] { stop_accepting(); });
     m.accepting = true;
     m.accept();
     m.thread = std::thread([&m] {
@@ -524,6 +525,7 @@ void HttpFront::stop() {
     // Answers the server has handed over are still being written: let them go out (bounded).
     for (int i = 0; i < 200 && m.exchanges.load() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
     m.port.set_receiver({});
+    m.port.set_drain_hook({});
     m.ioc.stop();
     m.thread.join();
     std::map<uint64_t, std::shared_ptr<Session>> left;   // destroyed outside the lock their destructors take

@@ -14,8 +14,8 @@
 // ZeroMQ peer that is gone. The port also carries what a health check needs
 // without a round trip through the loop (state, queue fill), as atomics.
 //
-// Thread safety: send/take/set_state and the atomics from any thread;
-// deliver() on the server's thread; set_receiver() before the server runs.
+// Thread safety: send/take, drain and the atomics from any thread; deliver()
+// on the server's thread; set_receiver/set_drain_hook before the server runs.
 #pragma once
 
 #include <atomic>
@@ -51,6 +51,12 @@ public:
     void take(std::vector<Message> & out);   // appends every waiting message, in order
 
     void set_receiver(Receiver r) { receiver_ = std::move(r); }
+    // The server stops taking requests: state Draining, and the front's hook (it stops accepting).
+    void set_drain_hook(std::function<void()> hook) { drain_hook_ = std::move(hook); }
+    void drain() {
+        state = State::Draining;
+        if (drain_hook_) drain_hook_();
+    }
     bool deliver(uint64_t client, std::string frame) const { return receiver_ && receiver_(client, std::move(frame)); }
 
     std::atomic<State> state{State::Loading};
@@ -64,6 +70,7 @@ private:
     std::vector<Message> inbox_;
     std::atomic<uint64_t> next_client_{0};
     Receiver receiver_;
+    std::function<void()> drain_hook_;
 };
 
 } // namespace moesh

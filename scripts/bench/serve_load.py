@@ -173,11 +173,6 @@ def wait_lines(proc, n, timeout):
     return [line.strip() for line in buf.decode(errors="replace").split("\n")[:n]]
 
 
-def wait_line(proc, timeout):
-    """The first stdout line of proc, or '' if none came within timeout seconds."""
-    return wait_lines(proc, 1, timeout)[0]
-
-
 def stop_process(proc, what):
     """SIGTERM, a bounded wait, then SIGKILL; -> exit status (None if it had to be killed)."""
     if proc.poll() is None:
@@ -223,19 +218,36 @@ def peak_rss_mb(pid):
     return None
 
 
-def run_moesh_http(args, clients):
-    """moesh serve driven through its OpenAI-compatible HTTP API, exactly as llama-server is."""
-    vocab = moesh_vocab(args)
+def start_moesh(args, http):
+    """moesh serve with --config; -> (process, its log file, command, [ZeroMQ endpoint, HTTP URL or ''])."""
     log_file = tempfile.NamedTemporaryFile(prefix="moesh-serve-", suffix=".log", delete=False)
     cmd = [args.moesh, "serve", "--model", args.model, "--config", args.config, "--endpoint", "tcp://127.0.0.1:*",
-           "--http", "127.0.0.1:0"]
+           "--http", "127.0.0.1:0" if http else "off"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     log(f"serve_load: {' '.join(cmd)} (log: {log_file.name})")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file)
+    lines = wait_lines(proc, 2 if http else 1, 120) + ["", ""]
+    return proc, log_file, cmd, lines[:2]
+
+
+def end_server(proc, log_file, what):
+    """Stops the server; its log is kept (and named) only when it did not exit cleanly."""
+    rc = stop_process(proc, what)
+    if proc.stdout:
+        proc.stdout.close()
+    log_file.close()
+    if rc == 0:
+        os.unlink(log_file.name)
+    else:
+        log(f"serve_load: {what} exited with {rc}; see {log_file.name}")
+
+
+def run_moesh_http(args, clients):
+    """moesh serve driven through its OpenAI-compatible HTTP API, exactly as llama-server is."""
+    vocab = moesh_vocab(args)
+    proc, log_file, cmd, (_, url) = start_moesh(args, http=True)
     try:
-        lines = wait_lines(proc, 2, 120)
-        url = lines[1] if len(lines) == 2 else ""
         if not url.startswith("http://127.0.0.1:"):
             sys.exit(f"serve_load: moesh serve printed no HTTP URL within 120 s; see {log_file.name}")
         port = int(url.rsplit(":", 1)[1])
@@ -248,13 +260,7 @@ def run_moesh_http(args, clients):
             server["rss_peak_mb"] = peak_rss_mb(proc.pid)
             report("moesh-http", n, total, wall, args, server)
     finally:
-        rc = stop_process(proc, "moesh serve")
-        proc.stdout.close()
-        log_file.close()
-        if rc == 0:
-            os.unlink(log_file.name)
-        else:
-            log(f"serve_load: moesh serve exited with {rc}; see {log_file.name}")
+        end_server(proc, log_file, "moesh serve")
 
 
 def run_moesh(args, clients):
@@ -273,13 +279,7 @@ def run_moesh(args, clients):
         server["endpoint"] = endpoint
         server["started_here"] = False
     else:
-        log_file = tempfile.NamedTemporaryFile(prefix="moesh-serve-", suffix=".log", delete=False)
-        cmd = [args.moesh, "serve", "--model", args.model, "--config", args.config, "--endpoint", "tcp://127.0.0.1:*"]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-        log(f"serve_load: {' '.join(cmd)} (log: {log_file.name})")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file)
-        endpoint = wait_line(proc, 120)
+        proc, log_file, cmd, (endpoint, _) = start_moesh(args, http=False)
         if not endpoint.startswith("tcp://"):
             stop_process(proc, "moesh serve")
             sys.exit(f"serve_load: moesh serve printed no endpoint within 120 s; see {log_file.name}")
@@ -323,13 +323,7 @@ def run_moesh(args, clients):
             report("moesh", n, total, wall, args, server)
     finally:
         if proc is not None:
-            rc = stop_process(proc, "moesh serve")
-            proc.stdout.close()
-            log_file.close()
-            if rc == 0:
-                os.unlink(log_file.name)
-            else:
-                log(f"serve_load: moesh serve exited with {rc}; see {log_file.name}")
+            end_server(proc, log_file, "moesh serve")
 
 
 # -- llama.cpp --
@@ -481,12 +475,7 @@ def run_llama(args, clients):
             server["rss_peak_mb"] = peak_rss_mb(proc.pid)
             report("llama.cpp", n, total, wall, args, server)
         finally:
-            rc = stop_process(proc, "llama-server")
-            log_file.close()
-            if rc == 0:
-                os.unlink(log_file.name)
-            else:
-                log(f"serve_load: llama-server exited with {rc}; see {log_file.name}")
+            end_server(proc, log_file, "llama-server")
 
 
 def main():
