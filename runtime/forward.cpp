@@ -11,7 +11,7 @@ namespace moesh {
 namespace {
 
 struct Sizes {   // elements of each buffer, B = max_batch
-    size_t embd, q, kv, expert, used, ff, vocab, step;
+    size_t embd, q, kv, expert, used, ff, vocab, step, moe;
 };
 
 Sizes sizes(const ModelConfig & c, int64_t max_batch, int64_t kv_blocks) {
@@ -24,6 +24,7 @@ Sizes sizes(const ModelConfig & c, int64_t max_batch, int64_t kv_blocks) {
     s.used = B * size_t(std::max<int64_t>(1, c.n_expert_used));
     s.ff = 2 * B * size_t(std::max({c.n_ff, c.n_ff_expert, c.n_ff_shared}));
     s.vocab = B * size_t(c.n_vocab);
+    s.moe = c.n_expert > 0 ? s.used * size_t(std::max<int64_t>(1, c.n_ff_expert)) : 0;
     // Block tables: sequences own disjoint blocks, so the tables of a batch's sequences hold at most kv_blocks.
     s.step = 3 * B + size_t(kv_blocks);
     return s;
@@ -33,7 +34,7 @@ Sizes sizes(const ModelConfig & c, int64_t max_batch, int64_t kv_blocks) {
 
 size_t ForwardPass::scratch_bytes(const ModelConfig & c, int64_t max_batch, int64_t kv_blocks) {
     const Sizes s = sizes(c, max_batch, kv_blocks);
-    const size_t floats = 5 * s.embd + 2 * s.q + 2 * s.kv + s.expert + size_t(max_batch) + s.ff + s.vocab + s.used;
+    const size_t floats = 5 * s.embd + 2 * s.q + 2 * s.kv + s.expert + size_t(max_batch) + s.ff + s.vocab + s.used + s.moe;
     return (floats + s.step + s.used) * 4;
 }
 
@@ -86,6 +87,10 @@ ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, i
     oe_ = buf(s.embd);
     shared_scale_ = Staged<float>(be_, size_t(max_batch), "buffer_alloc (activations)");
     ffn_tmp_ = buf(s.ff);
+    if (be_.iface().moe_ffn && s.moe > 0) {
+        moe_tmp_ = buf(s.moe);
+        moe_experts_.reserve(size_t(c.n_expert));
+    }
     logits_ = Staged<float>(be_, s.vocab, "buffer_alloc (logits)");
     step_ = Staged<int32_t>(be_, s.step, "buffer_alloc (step indices)");
     route_tok_ = Staged<int32_t>(be_, s.used, "buffer_alloc (routing)");
@@ -154,6 +159,47 @@ void ForwardPass::run_routed(const ExpertWeights & w, int64_t e, int64_t n, cons
     copy_rows(nullptr, 0, nullptr, oe_.as<float>(), n_e, nullptr, n_e, n_embd, false);  // zero
     run_expert(w, xe_.as<float>(), scale, oe_.as<float>(), n_e, as_is);
     copy_rows(oe_.as<float>(), n_e, nullptr, x, n, tok, n_e, n_embd, true);            // scatter-add
+}
+
+bool ForwardPass::run_moe(int64_t il, const float * h, float * x, int64_t n) {
+    if (!moe_tmp_.get()) return false;
+    const ModelConfig & c = model_.config();
+    moe_experts_.clear();
+    int32_t type = -1;
+    int64_t end = 0, n_ff = 0;
+    for (int64_t e = 0; e < c.n_expert; ++e) {
+        const int64_t n_e = dispatch_.n_tokens_for(e);
+        if (n_e == 0) {
+            moe_experts_.push_back({nullptr, nullptr, nullptr, end, 0});
+            continue;
+        }
+        const ExpertWeights & w = model_.experts().get({int32_t(il), int32_t(e)});
+        const WeightRef gate = weights_->get(w.gate);
+        if (type < 0) {
+            type = gate.type;
+            n_ff = w.n_ff();
+        }
+        if (gate.type != type || w.n_ff() != n_ff) return false;   // experts of mixed types or sizes
+        moe_experts_.push_back({gate.data, weights_->get(w.up).data, weights_->get(w.down).data, dispatch_.offset(e), n_e});
+        end = dispatch_.offset(e) + n_e;
+    }
+    if (type < 0 || n_ff > std::max<int64_t>(1, c.n_ff_expert) || !be_.supports(MOESH_OP_MOE_FFN, type)) return false;
+    moesh_moe_ffn_args a{};
+    a.struct_size = sizeof a;
+    a.w_type = type;
+    a.experts = moe_experts_.data();
+    a.token = route_tok_.dev();
+    a.weight = route_w_.dev();
+    a.x = h;
+    a.out = x;
+    a.scratch = moe_tmp_.as<float>();
+    a.n_embd = c.n_embd;
+    a.n_ff = n_ff;
+    a.n_tokens = n;
+    a.n_experts = c.n_expert;
+    a.n_pairs = dispatch_.n_pairs();
+    be_.check(be_.iface().moe_ffn(be_.ctx(), &a), "moe_ffn");
+    return true;
 }
 
 // An expert the gpu tier does not hold, computed on the host backend from the model's own copy:
@@ -487,13 +533,14 @@ void ForwardPass::ffn(int64_t il, int64_t n) {
     const int64_t n_pairs = dispatch_.n_pairs();
     std::memcpy(route_w_.host(), dispatch_.weights(), size_t(n_pairs) * sizeof(float));
     route_w_.upload(0, size_t(n_pairs));
-    if (n > 1) {
+    if (n > 1 || moe_tmp_.get()) {
         std::memcpy(route_tok_.host(), dispatch_.tokens(), size_t(n_pairs) * sizeof(int32_t));
         route_tok_.upload(0, size_t(n_pairs));
     }
 
-    for (int64_t e = 0; e < c.n_expert && !store_ && !dev_experts_; ++e)
-        if (dispatch_.n_tokens_for(e) > 0) run_routed(model_.experts().get({int32_t(il), int32_t(e)}), e, n, h, x, /*as_is=*/false);
+    if (!store_ && !dev_experts_ && !run_moe(il, h, x, n))
+        for (int64_t e = 0; e < c.n_expert; ++e)
+            if (dispatch_.n_tokens_for(e) > 0) run_routed(model_.experts().get({int32_t(il), int32_t(e)}), e, n, h, x, /*as_is=*/false);
     if (!prefetch_ && predict_observer_ && next_moe_[size_t(il)] >= 0) predict(next_moe_[size_t(il)], n);   // before the FFN, as stored_experts
     if (dev_experts_) device_tier_experts(il, n, h, x);   // with a store: it feeds the gpu tier
     else if (store_) stored_experts(il, n, h, x);

@@ -127,6 +127,9 @@ private:
     void collect_wanted();   // the layer's experts with tokens, and their counts, into wanted_ / wanted_n_
     // Expert e's tokens through w (gather, FFN, scatter-add into x; in place at decode).
     void run_routed(const ExpertWeights & w, int64_t e, int64_t n, const float * h, float * x, bool as_is);
+    // Every routed expert of layer il in one moe_ffn call; false (nothing done) when the backend
+    // cannot take this layer's experts that way.
+    bool run_moe(int64_t il, const float * h, float * x, int64_t n);
     // Layer il's likely experts: to the predict observer, and prefetched when prefetch_ (uses xe_ as scratch).
     void predict(int64_t il, int64_t n);
     void reserve_prediction();
@@ -166,6 +169,7 @@ private:
     CostModel * cost_ = nullptr;
     BackendBuffer hx_, ho_, hscratch_;   // host backend: an in-place expert's input, output, scratch
     std::vector<Run> runs_;       // reserved max_batch
+    std::vector<moesh_moe_expert> moe_experts_;   // [n_expert] a moe_ffn call's experts, reserved
 
     // Backend memory; B = max_batch.
     Staged<float> x_;             // [B, n_embd] residual stream (embedding rows come from the host)
@@ -181,6 +185,7 @@ private:
     BackendBuffer oe_;            // [B, n_embd] that expert's output
     Staged<float> shared_scale_;  // [B] shared expert gate
     BackendBuffer ffn_tmp_;       // [2, B, max n_ff]
+    BackendBuffer moe_tmp_;       // [B * n_expert_used, n_ff_expert] moe_ffn's scratch, when the backend has moe_ffn
     Staged<float> logits_;        // [B, n_vocab]
     Staged<int32_t> step_;        // [3B + kv blocks]: positions, KV pool rows, logit rows, block tables
     Staged<int32_t> route_tok_;   // [B * n_expert_used] token of each (token, slot) pair, grouped by expert

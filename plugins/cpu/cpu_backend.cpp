@@ -24,6 +24,7 @@
 #include <new>
 #include <system_error>
 #include <thread>
+#include <vector>
 
 namespace {
 
@@ -98,6 +99,7 @@ struct moesh_backend {
     ScratchBuffer residual;  // [n_tokens, n_in]
     ScratchBuffer second;    // [n_tokens, n_out]
     ScratchBuffer ffn_tmp;   // [n_tokens, n_embd]: expert_ffn's down output before scaling
+    std::vector<int64_t> moe_cost;   // moe_ffn's work split; grows once
     char last_error[512] = "";
 };
 
@@ -329,6 +331,8 @@ int32_t cpu_supports(moesh_backend * be, int32_t op, int32_t w_type) {
     case MOESH_OP_MATMUL:
     case MOESH_OP_EXPERT_FFN:
         return weight_type_ok(w_type) ? 1 : 0;
+    case MOESH_OP_MOE_FFN:   // the integer kernels; precise activations take expert_ffn's route
+        return be && !be->precise && moesh::cpu::is_quant_type(w_type) ? 1 : 0;
     case MOESH_OP_RMS_NORM:
     case MOESH_OP_ROPE:
     case MOESH_OP_SOFTMAX:
@@ -641,6 +645,154 @@ moesh_status cpu_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * ar
     });
 }
 
+// A gate/up work unit of expert e costs this many tokens' worth plus its n tokens:
+// its weights stream in once, then every token multiplies them.
+constexpr int64_t k_moe_unit_weight_cost = 4;
+
+moesh_status cpu_moe_ffn(moesh_backend * be, const moesh_moe_ffn_args * args) {
+    return guarded(be, "moe_ffn", [&]() -> moesh_status {
+        moesh_moe_ffn_args a;
+        if (!read_args(be, args, "moe_ffn", "moesh_moe_ffn_args", &a)) {
+            return MOESH_ERR_INVALID_ARGUMENT;
+        }
+        MOESH_PLUGIN_REQUIRE(a.experts && a.token && a.x && a.out && a.scratch,
+                          "moe_ffn: experts, token, x, out and scratch must not be NULL");
+        MOESH_PLUGIN_REQUIRE(a.n_embd > 0 && a.n_ff > 0 && a.n_tokens > 0 && a.n_experts > 0 && a.n_pairs > 0,
+                          "moe_ffn: n_embd (%lld), n_ff (%lld), n_tokens (%lld), n_experts (%lld) and n_pairs (%lld) "
+                          "must be positive",
+                          ll(a.n_embd), ll(a.n_ff), ll(a.n_tokens), ll(a.n_experts), ll(a.n_pairs));
+        int64_t n_w = 0, n_x = 0, n_h = 0, work = 0;
+        MOESH_PLUGIN_REQUIRE(product_fits(a.n_ff, a.n_embd, &n_w) && product_fits(a.n_tokens, a.n_embd, &n_x) &&
+                              product_fits(a.n_pairs, a.n_ff, &n_h) && product_fits(3 * n_w, a.n_pairs, &work) &&
+                              product_fits(a.n_pairs, a.n_embd),
+                          "moe_ffn: sizes overflow");
+        if (!moesh::cpu::is_quant_type(a.w_type) || be->precise) {
+            return fail(be, MOESH_ERR_UNSUPPORTED,
+                        "moe_ffn: weight dtype %d%s is not supported (block types only, with fast activations); "
+                        "use expert_ffn", int(a.w_type), be->precise ? " with precise activations" : "");
+        }
+        MOESH_PLUGIN_REQUIRE(whole_blocks(a.w_type, a.n_embd) && whole_blocks(a.w_type, a.n_ff),
+                          "moe_ffn: n_embd (%lld) and n_ff (%lld) must be multiples of %lld for block weight dtype %d",
+                          ll(a.n_embd), ll(a.n_ff), ll(moesh::cpu::quant_block_elems(a.w_type)), int(a.w_type));
+        int64_t end = 0;   // of the previous expert's pairs
+        for (int64_t e = 0; e < a.n_experts; ++e) {
+            const moesh_moe_expert & x = a.experts[e];
+            MOESH_PLUGIN_REQUIRE(x.n >= 0 && x.first >= end && x.first <= a.n_pairs && x.n <= a.n_pairs - x.first,
+                              "moe_ffn: expert %lld's pairs [%lld, +%lld) overlap an earlier expert's, come out of "
+                              "order or leave [0, n_pairs = %lld)",
+                              ll(e), ll(x.first), ll(x.n), ll(a.n_pairs));
+            end = x.first + x.n;
+            if (x.n == 0) {
+                continue;
+            }
+            MOESH_PLUGIN_REQUIRE(x.gate && x.up && x.down, "moe_ffn: expert %lld has a NULL gate, up or down", ll(e));
+            MOESH_PLUGIN_REQUIRE(packed_ok(a.w_type, x.gate, a.n_ff, a.n_embd) &&
+                                  packed_ok(a.w_type, x.up, a.n_ff, a.n_embd) &&
+                                  packed_ok(a.w_type, x.down, a.n_embd, a.n_ff),
+                              "moe_ffn: expert %lld's gate, up and down are not what pack_weights wrote for dtype %d "
+                              "and shapes [%lld, %lld], [%lld, %lld]",
+                              ll(e), int(a.w_type & ~MOESH_DTYPE_PACKED), ll(a.n_ff), ll(a.n_embd), ll(a.n_embd),
+                              ll(a.n_ff));
+        }
+        for (int64_t p = 0; p < a.n_pairs; ++p) {
+            MOESH_PLUGIN_REQUIRE(a.token[p] >= 0 && a.token[p] < a.n_tokens,
+                              "moe_ffn: token[%lld] = %d is outside [0, n_tokens = %lld)", ll(p), int(a.token[p]),
+                              ll(a.n_tokens));
+        }
+        MOESH_PLUGIN_REQUIRE(disjoint(a.out, size_t(n_x) * 4, a.x, size_t(n_x) * 4) &&
+                              disjoint(a.out, size_t(n_x) * 4, a.scratch, size_t(n_h) * 4) &&
+                              disjoint(a.scratch, size_t(n_h) * 4, a.x, size_t(n_x) * 4),
+                          "moe_ffn: out, x and scratch must not overlap");
+
+        // Each pair's row of x quantized, so that an expert's rows lie together.
+        const moesh::cpu::QuantActs xq = quant_buffer(be->quant_x, a.n_embd, a.n_pairs, a.w_type);
+        const moesh::cpu::QuantActs hq = quant_buffer(be->quant_h, a.n_ff, a.n_pairs, a.w_type);
+        auto quantize = [&](int, int64_t part, int64_t n_parts) {
+            const Range r = split(a.n_pairs, part, n_parts);
+            for (int64_t p = r.begin; p < r.end; ++p) {
+                moesh::cpu::quantize_acts(a.x + size_t(a.token[p]) * size_t(a.n_embd), a.n_embd, 0, 1,
+                                          moesh::cpu::quant_rows_from(xq, p));
+            }
+        };
+        run_parallel(be, 4 * a.n_pairs * a.n_embd, a.n_pairs, quantize);
+
+        auto expert_args = [&](const moesh_moe_expert & x) {
+            moesh_expert_ffn_args f{};
+            f.struct_size = sizeof f;
+            f.w_type = a.w_type;
+            f.gate = x.gate;
+            f.up = x.up;
+            f.down = x.down;
+            f.x = a.x;   // unread: the kernels take xq
+            f.scale = a.weight ? a.weight + x.first : nullptr;
+            f.out = a.out;
+            f.scratch = a.scratch + size_t(x.first) * size_t(a.n_ff);
+            f.n_embd = a.n_embd;
+            f.n_ff = a.n_ff;
+            f.n_tokens = x.n;
+            return f;
+        };
+        // gate/up: units of `unit` features of every expert with tokens, shared out by cost
+        // (cum[e] is the cost before expert e; ubase[e] the units before it).
+        const int64_t unit = moesh::cpu::quant_block_elems(a.w_type);
+        const int64_t per_expert = a.n_ff / unit;
+        std::vector<int64_t> & cum = be->moe_cost;
+        cum.resize(size_t(2 * a.n_experts + 2));
+        int64_t * ubase = cum.data() + a.n_experts + 1;
+        cum[0] = 0;
+        ubase[0] = 0;
+        for (int64_t e = 0; e < a.n_experts; ++e) {
+            const int64_t n = a.experts[e].n;
+            cum[size_t(e) + 1] = cum[size_t(e)] + (n > 0 ? per_expert * (k_moe_unit_weight_cost + n) : 0);
+            ubase[e + 1] = ubase[e] + (n > 0 ? per_expert : 0);
+        }
+        const int64_t total_cost = cum[size_t(a.n_experts)], n_units = ubase[a.n_experts];
+        // The first unit at or after cost position c (units of expert e cost k + n_e each).
+        auto unit_at = [&](int64_t c) -> int64_t {
+            if (c >= total_cost) {
+                return n_units;
+            }
+            const int64_t e = std::upper_bound(cum.begin(), cum.begin() + a.n_experts + 1, c) - cum.begin() - 1;
+            const int64_t uc = k_moe_unit_weight_cost + a.experts[e].n;
+            return ubase[e] + (c - cum[size_t(e)] + uc - 1) / uc;
+        };
+        size_t stride = 0;
+        uint8_t * panels = thread_panels(be, std::max(a.n_embd, a.n_ff), &stride);
+        auto gate_up = [&](int ith, int64_t part, int64_t n_parts) {
+            // floor(total_cost * p / n_parts) without overflow
+            auto cost_at = [&](int64_t p) { return total_cost / n_parts * p + total_cost % n_parts * p / n_parts; };
+            const int64_t u1 = unit_at(cost_at(part)), u2 = unit_at(cost_at(part + 1));
+            int64_t e = std::upper_bound(ubase, ubase + a.n_experts + 1, u1) - ubase - 1;
+            for (int64_t u = u1; u < u2; ++e) {
+                if (ubase[e + 1] <= u) {
+                    continue;   // an expert without tokens (no units)
+                }
+                const int64_t u_end = std::min(u2, ubase[e + 1]);
+                const moesh_moe_expert & x = a.experts[e];
+                moesh::cpu::quant_gate_up_rows(expert_args(x), moesh::cpu::quant_rows_from(xq, x.first),
+                                               (u - ubase[e]) * unit, (u_end - ubase[e]) * unit,
+                                               panels + size_t(ith) * stride, moesh::cpu::quant_rows_from(hq, x.first));
+                u = u_end;
+            }
+        };
+        run_parallel(be, work, n_units, gate_up);
+        // down: every part owns whole cache lines of each output row, for every expert in turn.
+        auto down = [&](int ith, int64_t part, int64_t n_parts) {
+            const Range u = split((a.n_embd + k_quant_row_unit - 1) / k_quant_row_unit, part, n_parts);
+            for (int64_t e = 0; e < a.n_experts; ++e) {
+                const moesh_moe_expert & x = a.experts[e];
+                if (x.n > 0) {
+                    moesh::cpu::quant_down_rows(expert_args(x), moesh::cpu::quant_rows_from(hq, x.first),
+                                                u.begin * k_quant_row_unit, std::min(u.end * k_quant_row_unit, a.n_embd),
+                                                panels + size_t(ith) * stride, a.token + x.first);
+                }
+            }
+        };
+        run_parallel(be, work, (a.n_embd + k_quant_row_unit - 1) / k_quant_row_unit, down);
+        return MOESH_OK;
+    });
+}
+
 moesh_status cpu_softmax(moesh_backend * be, const moesh_softmax_args * args) {
     return guarded(be, "softmax", [&]() -> moesh_status {
         moesh_softmax_args a;
@@ -823,6 +975,7 @@ const moesh_backend_iface k_cpu_iface = {
     /* .packed_size    = */ cpu_packed_size,
     /* .pack_weights   = */ cpu_pack_weights,
     /* .copy_rows      = */ cpu_copy_rows,
+    /* .moe_ffn        = */ cpu_moe_ffn,
 };
 
 } // namespace

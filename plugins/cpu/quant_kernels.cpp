@@ -1068,21 +1068,24 @@ void quantize_groups(const float * x, int64_t x_stride, int64_t r0, int64_t r1, 
             for (int64_t g = gs; g < g_end; ++g) {
                 const float * v = x + r * x_stride + 32 * g;   // [32]
                 int8_t * q = out.q + r * out.n + 32 * g;
-                int32_t sums[2];
-                for (int h = 0; h < 2; ++h) {
+                // The half sums stay in registers: a spill to a two-int array that is
+                // read back as one 64-bit value stalled store forwarding, and cost
+                // more than the rest of this loop.
+                auto half_sum = [&](int64_t k0) {
                     auto s = hn::Zero(di);
-                    for (int64_t k = 16 * h; k < 16 * h + 16; k += N) {
+                    for (int64_t k = k0; k < k0 + 16; k += N) {
                         const auto xv = hn::LoadU(df, v + k);
                         const auto qi = hn::NearestInt(divide ? hn::Div(xv, vd) : hn::Mul(xv, id));
                         s = hn::Add(s, qi);
                         hn::StoreU(hn::DemoteTo(d8, qi), d8, q + k);
                     }
-                    sums[h] = hn::GetLane(hn::SumOfLanes(di, s));
-                }
+                    return float(hn::GetLane(hn::SumOfLanes(di, s)));
+                };
+                const float s0 = half_sum(0), s1 = half_sum(16);
                 out.d[r * out.ng8 + g] = d;
-                out.s32[r * out.ng8 + g] = d * float(sums[0] + sums[1]);
-                out.s16[r * 2 * out.ng8 + 2 * g] = d * float(sums[0]);
-                out.s16[r * 2 * out.ng8 + 2 * g + 1] = d * float(sums[1]);
+                out.s32[r * out.ng8 + g] = d * (s0 + s1);
+                out.s16[r * 2 * out.ng8 + 2 * g] = d * s0;
+                out.s16[r * 2 * out.ng8 + 2 * g + 1] = d * s1;
             }
         }
         if (ge == n_g) {
@@ -1187,7 +1190,8 @@ void quant_gate_up_rows(const moesh_expert_ffn_args & a, const QuantActs & xq, i
     quantize_groups(h, a.n_ff, 0, a.n_tokens, f0 / 32, (f1 + 31) / 32, hq);
 }
 
-void quant_down_rows(const moesh_expert_ffn_args & a, const QuantActs & hq, int64_t e0, int64_t e1, void * panel) {
+void quant_down_rows(const moesh_expert_ffn_args & a, const QuantActs & hq, int64_t e0, int64_t e1, void * panel,
+                     const int32_t * out_rows) {
     if (a.w_type & MOESH_DTYPE_PACKED) {
         const int32_t base = a.w_type & ~MOESH_DTYPE_PACKED;
         const int64_t n_g = a.n_ff / 32;
@@ -1198,7 +1202,7 @@ void quant_down_rows(const moesh_expert_ffn_args & a, const QuantActs & hq, int6
                 const uint8_t * tile = packed_tile(a.down, e / k_pack_rows, n_g, pack_group_bytes(base));
                 packed_block<Ty>(&tile, 1, a.n_ff, hq, 0, a.n_tokens, panel, [&](int64_t t, const float * dots) {
                     const float scale = a.scale ? a.scale[t] : 1.0f;
-                    float * out = a.out + t * a.n_embd + e;   // [n_r]
+                    float * out = a.out + (out_rows ? out_rows[t] : t) * a.n_embd + e;   // [n_r]
                     for (int64_t j = 0; j < n_r; ++j) {
                         out[j] += scale * dots[j];
                     }
@@ -1217,7 +1221,7 @@ void quant_down_rows(const moesh_expert_ffn_args & a, const QuantActs & hq, int6
             }
             row_block<Ty>(rows, k_tile_rows, a.n_ff, hq, 0, a.n_tokens, panel, [&](int64_t t, const float * dots) {
                 const float scale = a.scale ? a.scale[t] : 1.0f;
-                float * out = a.out + t * a.n_embd + e;   // [n_r]
+                float * out = a.out + (out_rows ? out_rows[t] : t) * a.n_embd + e;   // [n_r]
                 for (int64_t j = 0; j < n_r; ++j) {
                     out[j] += scale * dots[j];
                 }
@@ -1356,8 +1360,9 @@ void quant_gate_up_rows(const moesh_expert_ffn_args & a, const QuantActs & xq, i
     HWY_DYNAMIC_DISPATCH(quant_gate_up_rows)(a, xq, f0, f1, panel, hq);
 }
 
-void quant_down_rows(const moesh_expert_ffn_args & a, const QuantActs & hq, int64_t e0, int64_t e1, void * panel) {
-    HWY_DYNAMIC_DISPATCH(quant_down_rows)(a, hq, e0, e1, panel);
+void quant_down_rows(const moesh_expert_ffn_args & a, const QuantActs & hq, int64_t e0, int64_t e1, void * panel,
+                     const int32_t * out_rows) {
+    HWY_DYNAMIC_DISPATCH(quant_down_rows)(a, hq, e0, e1, panel, out_rows);
 }
 
 } // namespace moesh::cpu

@@ -59,6 +59,16 @@ struct QuantActs {
     int64_t scale_groups;
 };
 
+// The rows from r on of a, as a QuantActs of its own (no copy).
+inline QuantActs quant_rows_from(const QuantActs & a, int64_t r) {
+    QuantActs v = a;
+    v.q += r * a.n;
+    v.d += r * a.ng8;
+    v.s32 += r * a.ng8;
+    v.s16 += r * 2 * a.ng8;
+    return v;
+}
+
 size_t quant_acts_bytes(int64_t n, int64_t n_rows);
 // Lays a QuantActs over mem (4-byte aligned, quant_acts_bytes(n, n_rows) bytes)
 // for weights of scale_block values per block (32 or 256; n a multiple of it).
@@ -81,7 +91,9 @@ void quant_matmul_rows(const moesh_matmul_args & a, const QuantActs & xq, int64_
 void quant_gate_up_rows(const moesh_expert_ffn_args & a, const QuantActs & xq, int64_t f0, int64_t f1,
                         void * panel, const QuantActs & hq);
 
-// out[t, e] += scale[t] * (down[e] . h[t]) for e in [e0, e1), h as quantized in hq.
-void quant_down_rows(const moesh_expert_ffn_args & a, const QuantActs & hq, int64_t e0, int64_t e1, void * panel);
+// out[o, e] += scale[t] * (down[e] . h[t]) for e in [e0, e1), h as quantized in hq,
+// o = out_rows[t] (t when out_rows is null).
+void quant_down_rows(const moesh_expert_ffn_args & a, const QuantActs & hq, int64_t e0, int64_t e1, void * panel,
+                     const int32_t * out_rows = nullptr);
 
 } // namespace moesh::cpu

@@ -414,6 +414,7 @@ const moesh_backend_iface k_cuda_iface = {
     /* .packed_size    = */ nullptr,   // not yet: weights stay in the GGUF layout
     /* .pack_weights   = */ nullptr,
     /* .copy_rows      = */ cuda_copy_rows,
+    /* .moe_ffn        = */ nullptr,   // expert_ffn per expert
 };
 
 } // namespace

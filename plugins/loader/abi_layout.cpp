@@ -78,7 +78,8 @@ static_assert(offsetof(moesh_backend_iface, attention) == 144, "moesh_backend_if
 static_assert(offsetof(moesh_backend_iface, packed_size) == 152, "moesh_backend_iface.packed_size moved");
 static_assert(offsetof(moesh_backend_iface, pack_weights) == 160, "moesh_backend_iface.pack_weights moved");
 static_assert(offsetof(moesh_backend_iface, copy_rows) == 168, "moesh_backend_iface.copy_rows moved");
-static_assert(sizeof(moesh_backend_iface) == 176, "moesh_backend_iface changed size");
+static_assert(offsetof(moesh_backend_iface, moe_ffn) == 176, "moesh_backend_iface.moe_ffn moved");
+static_assert(sizeof(moesh_backend_iface) == 184, "moesh_backend_iface changed size");
 
 // moesh_host_api
 static_assert(offsetof(moesh_host_api, abi_version) == 0, "moesh_host_api.abi_version moved");
@@ -189,4 +190,26 @@ static_assert(offsetof(moesh_copy_rows_args, dst_stride) == 72, "moesh_copy_rows
 static_assert(offsetof(moesh_copy_rows_args, src_n_rows) == 80, "moesh_copy_rows_args.src_n_rows moved");
 static_assert(offsetof(moesh_copy_rows_args, dst_n_rows) == 88, "moesh_copy_rows_args.dst_n_rows moved");
 static_assert(sizeof(moesh_copy_rows_args) == 96, "moesh_copy_rows_args changed size");
+
+// moesh_moe_expert, moesh_moe_ffn_args
+static_assert(offsetof(moesh_moe_expert, gate) == 0, "moesh_moe_expert.gate moved");
+static_assert(offsetof(moesh_moe_expert, up) == 8, "moesh_moe_expert.up moved");
+static_assert(offsetof(moesh_moe_expert, down) == 16, "moesh_moe_expert.down moved");
+static_assert(offsetof(moesh_moe_expert, first) == 24, "moesh_moe_expert.first moved");
+static_assert(offsetof(moesh_moe_expert, n) == 32, "moesh_moe_expert.n moved");
+static_assert(sizeof(moesh_moe_expert) == 40, "moesh_moe_expert changed size");
+static_assert(offsetof(moesh_moe_ffn_args, struct_size) == 0, "moesh_moe_ffn_args.struct_size moved");
+static_assert(offsetof(moesh_moe_ffn_args, w_type) == 4, "moesh_moe_ffn_args.w_type moved");
+static_assert(offsetof(moesh_moe_ffn_args, experts) == 8, "moesh_moe_ffn_args.experts moved");
+static_assert(offsetof(moesh_moe_ffn_args, token) == 16, "moesh_moe_ffn_args.token moved");
+static_assert(offsetof(moesh_moe_ffn_args, weight) == 24, "moesh_moe_ffn_args.weight moved");
+static_assert(offsetof(moesh_moe_ffn_args, x) == 32, "moesh_moe_ffn_args.x moved");
+static_assert(offsetof(moesh_moe_ffn_args, out) == 40, "moesh_moe_ffn_args.out moved");
+static_assert(offsetof(moesh_moe_ffn_args, scratch) == 48, "moesh_moe_ffn_args.scratch moved");
+static_assert(offsetof(moesh_moe_ffn_args, n_embd) == 56, "moesh_moe_ffn_args.n_embd moved");
+static_assert(offsetof(moesh_moe_ffn_args, n_ff) == 64, "moesh_moe_ffn_args.n_ff moved");
+static_assert(offsetof(moesh_moe_ffn_args, n_tokens) == 72, "moesh_moe_ffn_args.n_tokens moved");
+static_assert(offsetof(moesh_moe_ffn_args, n_experts) == 80, "moesh_moe_ffn_args.n_experts moved");
+static_assert(offsetof(moesh_moe_ffn_args, n_pairs) == 88, "moesh_moe_ffn_args.n_pairs moved");
+static_assert(sizeof(moesh_moe_ffn_args) == 96, "moesh_moe_ffn_args changed size");
 #endif // __LP64__

@@ -65,7 +65,12 @@ _Static_assert(offsetof(moesh_backend_iface, attention) == 144, "moesh_backend_i
 _Static_assert(offsetof(moesh_backend_iface, packed_size) == 152, "moesh_backend_iface.packed_size moved");
 _Static_assert(offsetof(moesh_backend_iface, pack_weights) == 160, "moesh_backend_iface.pack_weights moved");
 _Static_assert(offsetof(moesh_backend_iface, copy_rows) == 168, "moesh_backend_iface.copy_rows moved");
-_Static_assert(sizeof(moesh_backend_iface) == 176, "moesh_backend_iface changed size");
+_Static_assert(offsetof(moesh_backend_iface, moe_ffn) == 176, "moesh_backend_iface.moe_ffn moved");
+_Static_assert(sizeof(moesh_backend_iface) == 184, "moesh_backend_iface changed size");
+_Static_assert(sizeof(moesh_moe_expert) == 40, "moesh_moe_expert changed size");
+_Static_assert(offsetof(moesh_moe_ffn_args, experts) == 8, "moesh_moe_ffn_args.experts moved");
+_Static_assert(offsetof(moesh_moe_ffn_args, n_pairs) == 88, "moesh_moe_ffn_args.n_pairs moved");
+_Static_assert(sizeof(moesh_moe_ffn_args) == 96, "moesh_moe_ffn_args changed size");
 
 /* moesh_host_api */
 _Static_assert(offsetof(moesh_host_api, abi_version) == 0, "moesh_host_api.abi_version moved");

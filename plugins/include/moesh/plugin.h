@@ -160,7 +160,8 @@ typedef enum moesh_op {
     MOESH_OP_SOFTMAX = 4,
     MOESH_OP_ATTENTION = 5,
     MOESH_OP_COUNT_V1 = 6,  /* the ops of the first table; later ones follow */
-    MOESH_OP_COPY_ROWS = 6
+    MOESH_OP_COPY_ROWS = 6,
+    MOESH_OP_MOE_FFN = 7
 } moesh_op;
 
 /* Levels of host->log. */
@@ -330,6 +331,42 @@ typedef struct moesh_copy_rows_args {
     int64_t dst_n_rows;         /* rows dst holds */
 } moesh_copy_rows_args;
 
+/* One routed expert of a moe_ffn call: its weights (as in moesh_expert_ffn_args)
+ * and its pairs, [first, first + n) of the call's token and weight arrays. */
+typedef struct moesh_moe_expert {
+    const void * gate;      /* [n_ff, n_embd] */
+    const void * up;        /* [n_ff, n_embd] */
+    const void * down;      /* [n_embd, n_ff] */
+    int64_t first;
+    int64_t n;              /* 0: the expert is skipped */
+} moesh_moe_expert;
+
+/* The routed experts of one MoE layer over a batch, in one call, so that a
+ * backend can share its work out across experts at once (ggml's mul_mat_id,
+ * with the FFN fused). For each expert e and each pair p of it:
+ *   out[token[p]] += weight[p] * (down_e . (silu(gate_e . x[token[p]]) * (up_e . x[token[p]])))
+ * The result equals expert_ffn over each expert's rows, experts in order.
+ * experts is host memory read during the call; the experts' pair ranges come
+ * in ascending order, do not overlap and lie in [0, n_pairs); every token is
+ * in [0, n_tokens); all weights are of w_type. scratch holds n_pairs * n_ff
+ * floats; its contents on return are unspecified. out must not overlap x or
+ * scratch. */
+typedef struct moesh_moe_ffn_args {
+    uint32_t struct_size;       /* sizeof(moesh_moe_ffn_args) of the caller */
+    int32_t w_type;             /* moesh_dtype */
+    const moesh_moe_expert * experts;  /* [n_experts] */
+    const int32_t * token;      /* [n_pairs] row of x and out */
+    const float * weight;       /* [n_pairs] routing weight, or NULL (1) */
+    const float * x;            /* [n_tokens, n_embd] contiguous */
+    float * out;                /* [n_tokens, n_embd] accumulated into */
+    float * scratch;            /* [n_pairs, n_ff] */
+    int64_t n_embd;
+    int64_t n_ff;
+    int64_t n_tokens;
+    int64_t n_experts;
+    int64_t n_pairs;
+} moesh_moe_ffn_args;
+
 /* The function table. Every slot is required unless marked optional. */
 typedef struct moesh_backend_iface {
     uint32_t abi_version;   /* MOESH_PLUGIN_ABI_VERSION the plugin was built for */
@@ -380,6 +417,10 @@ typedef struct moesh_backend_iface {
     /* Optional, since ABI v1 (NULL when absent): moesh_copy_rows_args above.
      * The forward pass needs it, so a backend without it cannot run a model. */
     moesh_status (*copy_rows)(moesh_backend * be, const moesh_copy_rows_args * args);
+    /* Optional, since ABI v1 (NULL when absent): moesh_moe_ffn_args above, for
+     * the types supports(MOESH_OP_MOE_FFN) names; the host falls back to
+     * expert_ffn per expert otherwise. */
+    moesh_status (*moe_ffn)(moesh_backend * be, const moesh_moe_ffn_args * args);
     /* append new members below this line only */
 } moesh_backend_iface;
 

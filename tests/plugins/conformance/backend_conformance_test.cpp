@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cfloat>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -768,6 +769,99 @@ TEST_P(BackendConformance, ExpertFfnMatchesReference) {
                 p.out = d_out_p.as<float>();
                 ASSERT_EQ(be_->expert_ffn(ctx_, &p), MOESH_OK) << last_error();
                 EXPECT_TRUE(within_bounds(download<float>(d_out_p, out0.size()), out_ref, bound)) << "packed";
+            }
+        }
+    }
+}
+
+// moe_ffn (optional) must equal expert_ffn over each expert's rows, experts in
+// order (which the test above holds to the reference): the same kernels on the
+// same rows, so only the order of the final additions may differ (a few ulp).
+TEST_P(BackendConformance, MoeFfnEqualsExpertFfnPerExpert) {
+    if (!be_->moe_ffn || !be_->host_memory) {
+        GTEST_SKIP() << "no moe_ffn (or not a host-memory backend, whose buffers this test reads directly)";
+    }
+    struct Shape {
+        int64_t n_embd, n_ff, n_tokens, n_experts, top_k;   // n_embd, n_ff in blocks
+        bool weights;
+    };
+    const Shape shapes[] = {{1, 1, 1, 2, 2, true},  {3, 5, 1, 8, 2, true},  {2, 3, 17, 5, 2, false},
+                            {3, 4, 33, 8, 2, true}, {2, 5, 7, 4, 3, true},  {1, 2, 64, 6, 1, true}};
+    std::mt19937 rng(11);
+    for (moesh_dtype base : k_weight_types) {
+        if (!is_block_type(base)) continue;
+        for (const bool packed : {false, true}) {
+            const int32_t type = int32_t(base) | (packed ? MOESH_DTYPE_PACKED : 0);
+            if (packed && !packs(MOESH_OP_MOE_FFN, base)) continue;
+            if (!be_->supports(ctx_, MOESH_OP_MOE_FFN, type)) continue;
+            for (const Shape & sh : shapes) {
+                // K-quant blocks are 256 wide: fewer of them keep the test fast
+                const int64_t b = block_elems(base), n_embd = (b == 32 ? sh.n_embd : 1) * b,
+                              n_ff = (b == 32 ? sh.n_ff : std::min<int64_t>(sh.n_ff, 2)) * b;
+                SCOPED_TRACE(testing::Message() << dtype_name(base) << (packed ? " packed" : "") << " n_embd " << n_embd
+                                                << " n_ff " << n_ff << " n_tokens " << sh.n_tokens);
+                std::vector<Weights> w;   // gate, up, down of each expert
+                std::vector<DeviceBuffer> d_w;
+                for (int64_t e = 0; e < sh.n_experts; ++e) {
+                    for (int m = 0; m < 3; ++m) {
+                        w.push_back(make_weights(base, size_t(n_embd * n_ff), 3.0f / std::sqrt(float(m < 2 ? n_embd : n_ff)), rng));
+                        d_w.push_back(packed ? pack(base, w.back().bytes, m < 2 ? n_ff : n_embd, m < 2 ? n_embd : n_ff)
+                                             : upload(w.back().bytes));
+                    }
+                }
+                // Routing: top_k distinct experts per token, never the last (an expert without tokens).
+                std::vector<std::vector<int32_t>> toks(size_t(sh.n_experts));
+                for (int64_t t = 0; t < sh.n_tokens; ++t) {
+                    std::vector<int32_t> ids(size_t(sh.n_experts - 1));
+                    std::iota(ids.begin(), ids.end(), 0);
+                    std::shuffle(ids.begin(), ids.end(), rng);
+                    for (int64_t k = 0; k < std::min<int64_t>(sh.top_k, sh.n_experts - 1); ++k) toks[size_t(ids[size_t(k)])].push_back(int32_t(t));
+                }
+                std::vector<moesh_moe_expert> ex;
+                std::vector<int32_t> token;
+                for (int64_t e = 0; e < sh.n_experts; ++e) {
+                    ex.push_back({d_w[size_t(3 * e)].get(), d_w[size_t(3 * e + 1)].get(), d_w[size_t(3 * e + 2)].get(),
+                                  int64_t(token.size()), int64_t(toks[size_t(e)].size())});
+                    token.insert(token.end(), toks[size_t(e)].begin(), toks[size_t(e)].end());
+                }
+                const int64_t n_pairs = int64_t(token.size());
+                const std::vector<float> weight = uniform(size_t(n_pairs), 0.0f, 1.0f, rng);
+                const std::vector<float> x = uniform(size_t(sh.n_tokens * n_embd), -1.0f, 1.0f, rng);
+                const std::vector<float> out0 = uniform(size_t(sh.n_tokens * n_embd), -1.0f, 1.0f, rng);
+                std::vector<float> out = out0, scratch(size_t(n_pairs * n_ff));
+                const moesh_moe_ffn_args a = {.struct_size = sizeof(moesh_moe_ffn_args), .w_type = type,
+                                              .experts = ex.data(), .token = token.data(),
+                                              .weight = sh.weights ? weight.data() : nullptr, .x = x.data(),
+                                              .out = out.data(), .scratch = scratch.data(), .n_embd = n_embd,
+                                              .n_ff = n_ff, .n_tokens = sh.n_tokens, .n_experts = sh.n_experts,
+                                              .n_pairs = n_pairs};
+                ASSERT_EQ(be_->moe_ffn(ctx_, &a), MOESH_OK) << last_error();
+
+                std::vector<float> want = out0, s2(size_t(2 * sh.n_tokens * n_ff));
+                std::vector<double> mag(out0.size());   // |out0| + the contributions' magnitudes
+                for (size_t i = 0; i < mag.size(); ++i) mag[i] = std::fabs(double(out0[i]));
+                for (int64_t e = 0; e < sh.n_experts; ++e) {
+                    const std::vector<int32_t> & te = toks[size_t(e)];
+                    if (te.empty()) continue;
+                    std::vector<float> xe, oe(te.size() * size_t(n_embd), 0.0f);
+                    for (int32_t t : te) xe.insert(xe.end(), x.begin() + t * n_embd, x.begin() + (t + 1) * n_embd);
+                    const moesh_expert_ffn_args f = {.struct_size = sizeof(moesh_expert_ffn_args), .w_type = type,
+                                                     .gate = ex[size_t(e)].gate, .up = ex[size_t(e)].up,
+                                                     .down = ex[size_t(e)].down, .x = xe.data(),
+                                                     .scale = sh.weights ? weight.data() + ex[size_t(e)].first : nullptr,
+                                                     .out = oe.data(), .scratch = s2.data(), .n_embd = n_embd,
+                                                     .n_ff = n_ff, .n_tokens = int64_t(te.size())};
+                    ASSERT_EQ(be_->expert_ffn(ctx_, &f), MOESH_OK) << last_error();
+                    for (size_t i = 0; i < te.size(); ++i)
+                        for (int64_t c = 0; c < n_embd; ++c) {
+                            want[size_t(te[i] * n_embd + c)] += oe[i * size_t(n_embd) + size_t(c)];
+                            mag[size_t(te[i] * n_embd + c)] += std::fabs(double(oe[i * size_t(n_embd) + size_t(c)]));
+                        }
+                }
+                std::vector<double> bound(want.size());
+                for (size_t i = 0; i < want.size(); ++i)
+                    bound[i] = 4.0 * FLT_EPSILON * mag[i];
+                EXPECT_TRUE(within_bounds(out, want, bound));
             }
         }
     }
@@ -1552,6 +1646,67 @@ TEST_P(BackendConformance, RejectsInvalidExpertFfnArguments) {
     check("scratch overlaps out", [&](moesh_expert_ffn_args & a) { a.scratch = a.out; });
 }
 
+TEST_P(BackendConformance, RejectsInvalidMoeFfnArguments) {
+    if (!be_->moe_ffn) {
+        GTEST_SKIP() << "no moe_ffn";
+    }
+    if (!be_->supports(ctx_, MOESH_OP_MOE_FFN, MOESH_DTYPE_Q8_0)) {
+        GTEST_SKIP() << "moe_ffn does not take q8_0";
+    }
+    std::mt19937 rng(12);
+    const Weights wq = make_weights(MOESH_DTYPE_Q8_0, 64 * 32, 1.0f, rng);   // [64, 32] and [32, 64]
+    std::vector<float> x(2 * 32, 0.5f), out(2 * 32), scratch(3 * 64), weight(3, 1.0f);
+    std::vector<int32_t> token = {0, 1, 1};
+    std::vector<moesh_moe_expert> ex = {{wq.bytes.data(), wq.bytes.data(), wq.bytes.data(), 0, 2},
+                                        {nullptr, nullptr, nullptr, 2, 0},
+                                        {wq.bytes.data(), wq.bytes.data(), wq.bytes.data(), 2, 1}};
+    const moesh_moe_ffn_args ok = {.struct_size = sizeof(moesh_moe_ffn_args), .w_type = MOESH_DTYPE_Q8_0,
+                                   .experts = ex.data(), .token = token.data(), .weight = weight.data(), .x = x.data(),
+                                   .out = out.data(), .scratch = scratch.data(), .n_embd = 32, .n_ff = 64,
+                                   .n_tokens = 2, .n_experts = 3, .n_pairs = 3};
+    EXPECT_EQ(be_->moe_ffn(ctx_, &ok), MOESH_OK) << last_error();
+    auto check = [&](const char * what, const char * says, auto mutate) {
+        std::vector<moesh_moe_expert> e2 = ex;
+        std::vector<int32_t> t2 = token;
+        moesh_moe_ffn_args a = ok;
+        a.experts = e2.data();
+        a.token = t2.data();
+        mutate(a, e2, t2);
+        Rejection r(be_, create_context());
+        r.expect(be_->moe_ffn(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, what);
+        EXPECT_NE(std::string(be_->last_error(r.ctx())).find(says), std::string::npos) << be_->last_error(r.ctx());
+    };
+    {
+        Rejection r(be_, create_context());
+        r.expect(be_->moe_ffn(r.ctx(), nullptr), MOESH_ERR_INVALID_ARGUMENT, "args NULL");
+    }
+    using E = std::vector<moesh_moe_expert>;
+    using T = std::vector<int32_t>;
+    check("experts NULL", "must not be NULL", [](moesh_moe_ffn_args & a, E &, T &) { a.experts = nullptr; });
+    check("scratch NULL", "must not be NULL", [](moesh_moe_ffn_args & a, E &, T &) { a.scratch = nullptr; });
+    check("n_pairs 0", "must be positive", [](moesh_moe_ffn_args & a, E &, T &) { a.n_pairs = 0; });
+    check("n_ff not whole blocks", "multiples of 32", [](moesh_moe_ffn_args & a, E &, T &) { a.n_ff = 48; });
+    check("token out of range", "token[2] = 2", [](moesh_moe_ffn_args &, E &, T & t) { t[2] = 2; });
+    check("negative token", "token[0] = -1", [](moesh_moe_ffn_args &, E &, T & t) { t[0] = -1; });
+    check("pairs overlap", "expert 2's pairs", [](moesh_moe_ffn_args &, E & e, T &) { e[2].first = 1; });
+    check("pairs past n_pairs", "expert 2's pairs", [](moesh_moe_ffn_args &, E & e, T &) { e[2].n = 2; });
+    check("negative count", "expert 1's pairs", [](moesh_moe_ffn_args &, E & e, T &) { e[1].n = -1; });
+    check("huge first", "expert 2's pairs", [](moesh_moe_ffn_args &, E & e, T &) { e[2].first = INT64_MAX; });
+    check("NULL weights of a used expert", "expert 0 has a NULL", [](moesh_moe_ffn_args &, E & e, T &) { e[0].up = nullptr; });
+    check("out overlaps x", "must not overlap", [&](moesh_moe_ffn_args & a, E &, T &) { a.out = x.data(); });
+    check("sizes overflow", "overflow", [](moesh_moe_ffn_args & a, E &, T &) { a.n_ff = INT64_MAX / 32 * 32; });
+    if (packs(MOESH_OP_MOE_FFN, MOESH_DTYPE_Q8_0)) {
+        check("unpacked weights as packed", "pack_weights", [](moesh_moe_ffn_args & a, E &, T &) {
+            a.w_type = MOESH_DTYPE_Q8_0 | MOESH_DTYPE_PACKED;
+        });
+    }
+    moesh_moe_ffn_args f = ok;
+    f.w_type = MOESH_DTYPE_F32;
+    if (!be_->supports(ctx_, MOESH_OP_MOE_FFN, MOESH_DTYPE_F32)) {
+        EXPECT_EQ(be_->moe_ffn(ctx_, &f), MOESH_ERR_UNSUPPORTED);
+    }
+}
+
 TEST_P(BackendConformance, RejectsInvalidAttentionArguments) {
     std::vector<float> q(32, 1.0f), pool(256, 1.0f), out(32);
     std::vector<int32_t> table = {1, 0}, pos = {5};
@@ -1700,6 +1855,10 @@ TEST_P(BackendConformance, SupportsAnswersForEveryOp) {
     // Values no enumerator has, as any host may pass.
     EXPECT_EQ(be_->supports(ctx_, MOESH_OP_MATMUL, 99), 0);
     EXPECT_EQ(be_->supports(ctx_, MOESH_OP_EXPERT_FFN, -1), 0);
+    EXPECT_EQ(be_->supports(ctx_, MOESH_OP_MOE_FFN, 99), 0);
+    if (!be_->moe_ffn) {   // the optional op: only a plugin that has it may say yes
+        for (moesh_dtype t : k_weight_types) EXPECT_EQ(be_->supports(ctx_, MOESH_OP_MOE_FFN, t), 0) << dtype_name(t);
+    }
     EXPECT_EQ(be_->supports(ctx_, 99, MOESH_DTYPE_F32), 0);
     EXPECT_EQ(be_->supports(ctx_, INT32_MIN, MOESH_DTYPE_F32), 0);
     // Ops without weights ignore w_type.

@@ -290,6 +290,7 @@ const moesh_backend_iface k_iface = {
     /* .packed_size    = */ nullptr,
     /* .pack_weights   = */ nullptr,
     /* .copy_rows      = */ devsim_copy_rows,
+    /* .moe_ffn        = */ nullptr,
 };
 
 } // namespace

@@ -175,6 +175,7 @@ static const moesh_backend_iface sample_iface = {
     /* .packed_size    = */ NULL,   /* optional: this plugin does not pack */
     /* .pack_weights   = */ NULL,
     /* .copy_rows      = */ NULL,   /* optional: without it no forward pass runs here */
+    /* .moe_ffn        = */ NULL,   /* optional */
 };
 
 /* Not an entry point: hidden visibility keeps it out of the dynamic symbol table. */
