@@ -16,7 +16,8 @@ For every shape x type x threads it runs, in this order:
      samples, robust to preemption on a shared machine; *_mean/_stddev are llama-bench's
      own avg_ts/stddev_ts, *_best the fastest repetition, *_samples all of them);
   3. the moesh command (template; {model} {threads} {prompt} {tokens} substituted) - must
-     print JSON lines with "prefill_tps" and/or "decode_tps"; if it is missing, fails or
+     print JSON lines with "prefill_tps" and/or "decode_tps" (moesh_bench_gguf prints the
+     median of its repetitions, as taken from llama-bench above); if it is missing, fails or
      prints neither, the row says so in moesh.error and the ratios are null;
   4. the probe again.
 and prints one JSON line per combination (stdout; progress on stderr).

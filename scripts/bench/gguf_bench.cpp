@@ -7,7 +7,7 @@
 //
 // One JSON line per thread count: prefill tokens/s (the whole --prompt in
 // chunks of --batch), decode tokens/s (--gen tokens after that prompt, one per
-// step), the bytes of weights one decode step reads, and the probe's GB/s
+// step), each the median over --reps (means and sd beside them), the bytes of weights one decode step reads, and the probe's GB/s
 // measured just before and after, so decode can be stated as a fraction of
 // the bandwidth roofline. Prompts are random token ids from a fixed seed.
 //
@@ -38,6 +38,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
@@ -54,11 +55,15 @@ double probe_gbps(double gib, int threads) {
     return moesh::bench::measure_read_bandwidth(size_t(gib * double(1ull << 30)), threads, 3) / 1e9;
 }
 
+// median: the figure reported, as compare_llamacpp.py reports llama-bench's (robust
+// to a repetition preempted on a shared machine); mean and sd beside it.
 struct Stat {
-    double mean = 0, sd = 0;
+    double median = 0, mean = 0, sd = 0;
 };
-Stat stat(const std::vector<double> & v) {
+Stat stat(std::vector<double> v) {
     Stat s;
+    std::sort(v.begin(), v.end());
+    s.median = v.size() % 2 ? v[v.size() / 2] : 0.5 * (v[v.size() / 2 - 1] + v[v.size() / 2]);
     for (double x : v) s.mean += x;
     s.mean /= double(v.size());
     for (double x : v) s.sd += (x - s.mean) * (x - s.mean);
@@ -284,7 +289,9 @@ int main(int argc, char ** argv) {
                                                     {"threads", t}, {"gpu_budget_percent", pct}, {"gpu_slots", tier.slots()},
                                                     {"cost", cost_name}, {"cost_rates", cost.describe()},
                                                     {"n_prompt", n_prompt}, {"n_gen", n_gen}, {"reps", reps},
-                                                    {"prefill_tps", p.mean}, {"decode_tps", d.mean}, {"decode_tps_sd", d.sd},
+                                                    {"prefill_tps", p.median}, {"decode_tps", d.median},
+                                                    {"prefill_tps_mean", p.mean}, {"decode_tps_mean", d.mean},
+                                                    {"decode_tps_sd", d.sd},
                                                     {"tier_requests", ts.requests}, {"tier_hits", ts.hits},
                                                     {"tier_promotions", ts.promotions}, {"tier_in_place", ts.in_place},
                                                     {"tier_bytes_uploaded", ts.bytes_uploaded}}
@@ -317,9 +324,11 @@ int main(int argc, char ** argv) {
                                 {"n_prompt", n_prompt},
                                 {"n_gen", n_gen},
                                 {"reps", reps},
-                                {"prefill_tps", p.mean},
+                                {"prefill_tps", p.median},
+                                {"prefill_tps_mean", p.mean},
                                 {"prefill_tps_sd", p.sd},
-                                {"decode_tps", d.mean},
+                                {"decode_tps", d.median},
+                                {"decode_tps_mean", d.mean},
                                 {"decode_tps_sd", d.sd},
                                 {"bytes_per_token", bytes_per_token}};
             if (probe) {
@@ -328,7 +337,7 @@ int main(int argc, char ** argv) {
             } else if (bw > 0) {
                 j["roofline_gbps"] = bw;   // given with --roofline-gbps
             }
-            if (bw > 0) j["decode_roofline_fraction"] = d.mean * double(bytes_per_token) / (bw * 1e9);
+            if (bw > 0) j["decode_roofline_fraction"] = d.median * double(bytes_per_token) / (bw * 1e9);
             std::cout << j.dump() << std::endl;
         }
     } catch (const std::exception & e) {
