@@ -25,8 +25,8 @@ token's frame or event. One JSON line per C on stdout (progress on stderr):
                         --duration 10 they are about a sixth of the requests, enough to set p99
   server_ttft_ms        moesh only (null for llama.cpp): the done frame's timings.ttft_ms,
                         arrival to first token on the server's clock. moesh sends a token's
-                        frame when the next token is sampled (server.cpp), so the client sees
-                        the first token about one decode step after the server has it
+                        frame as soon as it is sampled, unless stop strings or the last token
+                        make it wait for the next (server.cpp)
   server                how the server was run (config, or its command line) and what it says
 moesh: one server (--config, --threads) serves every C; clients use their own DEALER
 socket (scripts/clients/python). One warm-up request, not counted, goes first.
