@@ -96,6 +96,7 @@ ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, i
     route_tok_ = Staged<int32_t>(be_, s.used, "buffer_alloc (routing)");
     route_w_ = Staged<float>(be_, s.used, "buffer_alloc (routing)");
     runs_.reserve(size_t(max_batch));
+    attn_runs_.reserve(size_t(max_batch));
 
     next_moe_.assign(size_t(c.n_layer), -1);
     for (int64_t il = c.n_layer - 1, next = -1; il >= 0; --il) {
@@ -485,7 +486,31 @@ void ForwardPass::attention(int64_t il, int64_t n) {
     copy_rows(k, n, nullptr, kv_.k_pool(il), n_pool_rows, pool_rows, n, kv_dim, false);
     copy_rows(v, n, nullptr, kv_.v_pool(il), n_pool_rows, pool_rows, n, kv_dim, false);
 
-    for (const Run & run : runs_) {
+    if (be_.iface().attention_batch) {   // every sequence's queries in one call
+        attn_runs_.clear();
+        for (const Run & run : runs_) attn_runs_.push_back({run.t0, run.t1 - run.t0, run.table, int64_t(run.max_pos) + 1});
+        moesh_attention_batch_args a{};
+        a.struct_size = sizeof a;
+        a.scale = 1.0f / std::sqrt(float(c.head_dim));
+        a.q = q;
+        a.k_pool = kv_.k_pool(il);
+        a.v_pool = kv_.v_pool(il);
+        a.block_tables = tables;
+        a.pos = pos;
+        a.out = attn_.as<float>();
+        a.runs = attn_runs_.data();
+        a.n_tokens = n;
+        a.n_runs = int64_t(attn_runs_.size());
+        a.n_table = n_tables_;
+        a.n_head = c.n_head;
+        a.n_head_kv = c.n_head_kv;
+        a.head_dim = c.head_dim;
+        a.block_size = kv_.spec().block_size;
+        a.n_blocks = kv_.spec().n_blocks;
+        be_.check(be_.iface().attention_batch(be_.ctx(), &a), "attention_batch");
+    }
+    for (size_t i = 0; i < runs_.size() && !be_.iface().attention_batch; ++i) {
+        const Run & run = runs_[i];
         moesh_attention_args a{};
         a.struct_size = sizeof a;
         a.q = q + run.t0 * q_dim;
@@ -605,6 +630,7 @@ const float * ForwardPass::run(const Batch & batch, std::string * error) {
         runs_[i].table = n_tables;
         n_tables += len;
     }
+    n_tables_ = n_tables;
     step_.upload(0, size_t(3 * max_batch_ + n_tables));
 
     const size_t n_embd = size_t(c.n_embd);

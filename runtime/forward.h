@@ -169,6 +169,8 @@ private:
     CostModel * cost_ = nullptr;
     BackendBuffer hx_, ho_, hscratch_;   // host backend: an in-place expert's input, output, scratch
     std::vector<Run> runs_;       // reserved max_batch
+    std::vector<moesh_attention_run> attn_runs_;   // runs_ as attention_batch takes them, reserved max_batch
+    int64_t n_tables_ = 0;        // block-table entries in this step's step_ buffer
     std::vector<moesh_moe_expert> moe_experts_;   // [n_expert] a moe_ffn call's experts, reserved
 
     // Backend memory; B = max_batch.

@@ -100,6 +100,7 @@ struct moesh_backend {
     ScratchBuffer second;    // [n_tokens, n_out]
     ScratchBuffer ffn_tmp;   // [n_tokens, n_embd]: expert_ffn's down output before scaling
     std::vector<int64_t> moe_cost;   // moe_ffn's work split; grows once
+    std::vector<moesh_attention_args> attention_runs;   // attention_batch's runs as single calls; grows once
     char last_error[512] = "";
 };
 
@@ -814,45 +815,56 @@ moesh_status cpu_softmax(moesh_backend * be, const moesh_softmax_args * args) {
     });
 }
 
+// Checks one sequence's attention arguments (op names the call in messages); the longest
+// context any of its queries attends into *n_ctx_max.
+moesh_status check_attention(moesh_backend * be, const moesh_attention_args & a, const char * op, int64_t * n_ctx_max) {
+    MOESH_PLUGIN_REQUIRE(a.q && a.k_pool && a.v_pool && a.block_table && a.pos && a.out,
+                      "%s: q, k_pool, v_pool, block_table, pos and out must not be NULL", op);
+    MOESH_PLUGIN_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 &&
+                          a.n_blocks > 0 && a.n_kv > 0,
+                      "%s: n_tokens (%lld), n_head (%lld), n_head_kv (%lld), head_dim (%lld), "
+                      "block_size (%lld), n_blocks (%lld) and n_kv (%lld) must be positive",
+                      op, ll(a.n_tokens), ll(a.n_head), ll(a.n_head_kv), ll(a.head_dim), ll(a.block_size),
+                      ll(a.n_blocks), ll(a.n_kv));
+    MOESH_PLUGIN_REQUIRE(a.n_head % a.n_head_kv == 0, "%s: n_head (%lld) is not a multiple of n_head_kv (%lld)", op,
+                      ll(a.n_head), ll(a.n_head_kv));
+    int64_t n_items = 0;
+    int64_t n_q = 0;
+    int64_t kv_row = 0;
+    int64_t n_pool_rows = 0;
+    // Every block id is checked to be < n_blocks, so this bounds every cache offset.
+    MOESH_PLUGIN_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_items) && product_fits(n_items, a.head_dim, &n_q) &&
+                          product_fits(a.n_head_kv, a.head_dim, &kv_row) &&
+                          product_fits(a.n_blocks, a.block_size, &n_pool_rows) && product_fits(n_pool_rows, kv_row),
+                      "%s: sizes overflow", op);
+    MOESH_PLUGIN_REQUIRE(std::isfinite(a.scale), "%s: scale must be finite", op);
+    *n_ctx_max = 0;
+    for (int64_t t = 0; t < a.n_tokens; ++t) {
+        MOESH_PLUGIN_REQUIRE(a.pos[t] >= 0 && a.pos[t] < a.n_kv, "%s: pos[%lld] = %d is outside [0, n_kv = %lld)", op,
+                          ll(t), int(a.pos[t]), ll(a.n_kv));
+        *n_ctx_max = std::max(*n_ctx_max, int64_t(a.pos[t]) + 1);
+    }
+    const int64_t n_table = a.n_kv / a.block_size + (a.n_kv % a.block_size != 0);   // ceil(n_kv / block_size)
+    for (int64_t b = 0; b < n_table; ++b) {
+        MOESH_PLUGIN_REQUIRE(a.block_table[b] >= 0 && a.block_table[b] < a.n_blocks,
+                          "%s: block_table[%lld] = %d is outside [0, n_blocks = %lld)", op, ll(b),
+                          int(a.block_table[b]), ll(a.n_blocks));
+    }
+    return MOESH_OK;
+}
+
 moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args) {
     return guarded(be, "attention", [&]() -> moesh_status {
         moesh_attention_args a;
         if (!read_args(be, args, "attention", "moesh_attention_args", &a)) {
             return MOESH_ERR_INVALID_ARGUMENT;
         }
-        MOESH_PLUGIN_REQUIRE(a.q && a.k_pool && a.v_pool && a.block_table && a.pos && a.out,
-                          "attention: q, k_pool, v_pool, block_table, pos and out must not be NULL");
-        MOESH_PLUGIN_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 &&
-                              a.n_blocks > 0 && a.n_kv > 0,
-                          "attention: n_tokens (%lld), n_head (%lld), n_head_kv (%lld), head_dim (%lld), "
-                          "block_size (%lld), n_blocks (%lld) and n_kv (%lld) must be positive",
-                          ll(a.n_tokens), ll(a.n_head), ll(a.n_head_kv), ll(a.head_dim), ll(a.block_size),
-                          ll(a.n_blocks), ll(a.n_kv));
-        MOESH_PLUGIN_REQUIRE(a.n_head % a.n_head_kv == 0, "attention: n_head (%lld) is not a multiple of n_head_kv (%lld)",
-                          ll(a.n_head), ll(a.n_head_kv));
-        int64_t n_items = 0;
-        int64_t n_q = 0;
-        int64_t kv_row = 0;
-        int64_t n_pool_rows = 0;
-        // Every block id is checked to be < n_blocks, so this bounds every cache offset.
-        MOESH_PLUGIN_REQUIRE(product_fits(a.n_tokens, a.n_head, &n_items) && product_fits(n_items, a.head_dim, &n_q) &&
-                              product_fits(a.n_head_kv, a.head_dim, &kv_row) &&
-                              product_fits(a.n_blocks, a.block_size, &n_pool_rows) &&
-                              product_fits(n_pool_rows, kv_row),
-                          "attention: sizes overflow");
-        MOESH_PLUGIN_REQUIRE(std::isfinite(a.scale), "attention: scale must be finite");
-        int64_t n_ctx_max = 0;   // longest context any query attends
-        for (int64_t t = 0; t < a.n_tokens; ++t) {
-            MOESH_PLUGIN_REQUIRE(a.pos[t] >= 0 && a.pos[t] < a.n_kv, "attention: pos[%lld] = %d is outside [0, n_kv = %lld)",
-                              ll(t), int(a.pos[t]), ll(a.n_kv));
-            n_ctx_max = std::max(n_ctx_max, int64_t(a.pos[t]) + 1);
+        int64_t n_ctx_max = 0;
+        const moesh_status s = check_attention(be, a, "attention", &n_ctx_max);
+        if (s != MOESH_OK) {
+            return s;
         }
-        const int64_t n_table = a.n_kv / a.block_size + (a.n_kv % a.block_size != 0);   // ceil(n_kv / block_size)
-        for (int64_t b = 0; b < n_table; ++b) {
-            MOESH_PLUGIN_REQUIRE(a.block_table[b] >= 0 && a.block_table[b] < a.n_blocks,
-                              "attention: block_table[%lld] = %d is outside [0, n_blocks = %lld)", ll(b),
-                              int(a.block_table[b]), ll(a.n_blocks));
-        }
+        const int64_t n_items = a.n_tokens * a.n_head;
         int64_t stride = 0;
         float * scores = thread_scratch(be, n_ctx_max, &stride);   // [n_threads, stride]
         auto task = [&](int ith, int64_t part, int64_t n_parts) {
@@ -860,7 +872,91 @@ moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args
             moesh::cpu::attention_items(a, r.begin, r.end, scores + ith * stride);
         };
         int64_t work = 0;
-        product_fits(n_q, 2 * n_ctx_max, &work);
+        product_fits(n_items * a.head_dim, 2 * n_ctx_max, &work);
+        run_parallel(be, work, n_items, task);
+        return MOESH_OK;
+    });
+}
+
+moesh_status cpu_attention_batch(moesh_backend * be, const moesh_attention_batch_args * args) {
+    return guarded(be, "attention_batch", [&]() -> moesh_status {
+        moesh_attention_batch_args b;
+        if (!read_args(be, args, "attention_batch", "moesh_attention_batch_args", &b)) {
+            return MOESH_ERR_INVALID_ARGUMENT;
+        }
+        MOESH_PLUGIN_REQUIRE(b.runs && b.block_tables && b.pos, "attention_batch: runs, block_tables and pos must not be NULL");
+        MOESH_PLUGIN_REQUIRE(b.n_runs > 0 && b.n_tokens > 0 && b.n_table > 0 && b.n_head > 0 && b.head_dim > 0 &&
+                              b.block_size > 0,
+                          "attention_batch: n_runs (%lld), n_tokens (%lld), n_table (%lld), n_head (%lld), head_dim "
+                          "(%lld) and block_size (%lld) must be positive", ll(b.n_runs), ll(b.n_tokens), ll(b.n_table),
+                          ll(b.n_head), ll(b.head_dim), ll(b.block_size));
+        int64_t q_row = 0, n_q = 0;   // floats per row of q and out, and in all of them
+        MOESH_PLUGIN_REQUIRE(product_fits(b.n_head, b.head_dim, &q_row) && product_fits(b.n_tokens, q_row, &n_q),
+                          "attention_batch: sizes overflow");
+        // Each run as the attention call it stands for, checked as that call is.
+        std::vector<moesh_attention_args> & runs = be->attention_runs;
+        runs.resize(size_t(b.n_runs));
+        int64_t end = 0, n_items = 0, n_ctx_max = 0, work = 0;
+        for (int64_t r = 0; r < b.n_runs; ++r) {
+            const moesh_attention_run & u = b.runs[r];
+            MOESH_PLUGIN_REQUIRE(u.first >= end && u.n_tokens > 0 && u.first < b.n_tokens &&
+                                  u.n_tokens <= b.n_tokens - u.first,
+                              "attention_batch: run %lld's rows [%lld, +%lld) overlap an earlier run's, come out of "
+                              "order or leave [0, n_tokens = %lld)", ll(r), ll(u.first), ll(u.n_tokens), ll(b.n_tokens));
+            end = u.first + u.n_tokens;
+            MOESH_PLUGIN_REQUIRE(u.n_kv > 0 && u.table >= 0 && u.table < b.n_table &&
+                                  (u.n_kv - 1) / b.block_size < b.n_table - u.table,
+                              "attention_batch: run %lld's block table (from %lld, for n_kv = %lld) leaves "
+                              "block_tables [0, n_table = %lld)", ll(r), ll(u.table), ll(u.n_kv), ll(b.n_table));
+            const int64_t row = u.first * q_row;   // < n_q
+            moesh_attention_args & a = runs[size_t(r)];
+            a = {};
+            a.struct_size = sizeof a;
+            a.scale = b.scale;
+            a.q = b.q ? b.q + row : nullptr;
+            a.k_pool = b.k_pool;
+            a.v_pool = b.v_pool;
+            a.block_table = b.block_tables + u.table;
+            a.pos = b.pos + u.first;
+            a.out = b.out ? b.out + row : nullptr;
+            a.n_tokens = u.n_tokens;
+            a.n_head = b.n_head;
+            a.n_head_kv = b.n_head_kv;
+            a.head_dim = b.head_dim;
+            a.block_size = b.block_size;
+            a.n_blocks = b.n_blocks;
+            a.n_kv = u.n_kv;
+            char op[64];
+            std::snprintf(op, sizeof op, "attention_batch: run %lld", ll(r));
+            int64_t n_ctx = 0;
+            const moesh_status s = check_attention(be, a, op, &n_ctx);
+            if (s != MOESH_OK) {
+                return s;
+            }
+            n_ctx_max = std::max(n_ctx_max, n_ctx);
+            n_items += u.n_tokens * b.n_head;
+            int64_t w = INT64_MAX;
+            product_fits(u.n_tokens * q_row, 2 * n_ctx, &w);
+            work = w > INT64_MAX - work ? INT64_MAX : work + w;
+        }
+        int64_t stride = 0;
+        float * scores = thread_scratch(be, n_ctx_max, &stride);   // [n_threads, stride]
+        // Items (token, head) of all runs in order; a part walks the runs its range covers.
+        auto task = [&](int ith, int64_t part, int64_t n_parts) {
+            const Range rg = split(n_items, part, n_parts);
+            int64_t base = 0;
+            for (const moesh_attention_args & a : runs) {
+                const int64_t n = a.n_tokens * a.n_head;
+                const int64_t i0 = std::max(rg.begin - base, int64_t(0)), i1 = std::min(rg.end - base, n);
+                if (i0 < i1) {
+                    moesh::cpu::attention_items(a, i0, i1, scores + ith * stride);
+                }
+                base += n;
+                if (base >= rg.end) {
+                    break;
+                }
+            }
+        };
         run_parallel(be, work, n_items, task);
         return MOESH_OK;
     });
@@ -976,6 +1072,7 @@ const moesh_backend_iface k_cpu_iface = {
     /* .pack_weights   = */ cpu_pack_weights,
     /* .copy_rows      = */ cpu_copy_rows,
     /* .moe_ffn        = */ cpu_moe_ffn,
+    /* .attention_batch = */ cpu_attention_batch,
 };
 
 } // namespace

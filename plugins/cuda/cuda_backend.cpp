@@ -415,6 +415,7 @@ const moesh_backend_iface k_cuda_iface = {
     /* .pack_weights   = */ nullptr,
     /* .copy_rows      = */ cuda_copy_rows,
     /* .moe_ffn        = */ nullptr,   // expert_ffn per expert
+    /* .attention_batch = */ nullptr,
 };
 
 } // namespace

@@ -79,7 +79,15 @@ static_assert(offsetof(moesh_backend_iface, packed_size) == 152, "moesh_backend_
 static_assert(offsetof(moesh_backend_iface, pack_weights) == 160, "moesh_backend_iface.pack_weights moved");
 static_assert(offsetof(moesh_backend_iface, copy_rows) == 168, "moesh_backend_iface.copy_rows moved");
 static_assert(offsetof(moesh_backend_iface, moe_ffn) == 176, "moesh_backend_iface.moe_ffn moved");
-static_assert(sizeof(moesh_backend_iface) == 184, "moesh_backend_iface changed size");
+static_assert(offsetof(moesh_backend_iface, attention_batch) == 184, "moesh_backend_iface.attention_batch moved");
+static_assert(sizeof(moesh_backend_iface) == 192, "moesh_backend_iface changed size");
+static_assert(sizeof(moesh_attention_run) == 32, "moesh_attention_run changed size");
+static_assert(offsetof(moesh_attention_batch_args, scale) == 4, "moesh_attention_batch_args.scale moved");
+static_assert(offsetof(moesh_attention_batch_args, q) == 8, "moesh_attention_batch_args.q moved");
+static_assert(offsetof(moesh_attention_batch_args, runs) == 56, "moesh_attention_batch_args.runs moved");
+static_assert(offsetof(moesh_attention_batch_args, n_tokens) == 64, "moesh_attention_batch_args.n_tokens moved");
+static_assert(offsetof(moesh_attention_batch_args, n_blocks) == 120, "moesh_attention_batch_args.n_blocks moved");
+static_assert(sizeof(moesh_attention_batch_args) == 128, "moesh_attention_batch_args changed size");
 
 // moesh_host_api
 static_assert(offsetof(moesh_host_api, abi_version) == 0, "moesh_host_api.abi_version moved");

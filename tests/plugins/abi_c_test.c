@@ -66,7 +66,11 @@ _Static_assert(offsetof(moesh_backend_iface, packed_size) == 152, "moesh_backend
 _Static_assert(offsetof(moesh_backend_iface, pack_weights) == 160, "moesh_backend_iface.pack_weights moved");
 _Static_assert(offsetof(moesh_backend_iface, copy_rows) == 168, "moesh_backend_iface.copy_rows moved");
 _Static_assert(offsetof(moesh_backend_iface, moe_ffn) == 176, "moesh_backend_iface.moe_ffn moved");
-_Static_assert(sizeof(moesh_backend_iface) == 184, "moesh_backend_iface changed size");
+_Static_assert(offsetof(moesh_backend_iface, attention_batch) == 184, "moesh_backend_iface.attention_batch moved");
+_Static_assert(sizeof(moesh_backend_iface) == 192, "moesh_backend_iface changed size");
+_Static_assert(sizeof(moesh_attention_run) == 32, "moesh_attention_run changed size");
+_Static_assert(offsetof(moesh_attention_batch_args, runs) == 56, "moesh_attention_batch_args.runs moved");
+_Static_assert(sizeof(moesh_attention_batch_args) == 128, "moesh_attention_batch_args changed size");
 _Static_assert(sizeof(moesh_moe_expert) == 40, "moesh_moe_expert changed size");
 _Static_assert(offsetof(moesh_moe_ffn_args, experts) == 8, "moesh_moe_ffn_args.experts moved");
 _Static_assert(offsetof(moesh_moe_ffn_args, n_pairs) == 88, "moesh_moe_ffn_args.n_pairs moved");

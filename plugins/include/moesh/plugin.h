@@ -300,6 +300,42 @@ typedef struct moesh_attention_args {
     int64_t n_kv;               /* cache positions filled for this sequence */
 } moesh_attention_args;
 
+/* One sequence's run of query rows in an attention_batch call. */
+typedef struct moesh_attention_run {
+    int64_t first;          /* its rows are [first, first + n_tokens) of q, pos and out */
+    int64_t n_tokens;
+    int64_t table;          /* its block table starts at block_tables[table] */
+    int64_t n_kv;           /* cache positions filled for its sequence */
+} moesh_attention_run;
+
+/* attention for several sequences in one call, so that a backend can share
+ * the work of a decode step's many short queries out at once. Run r is the
+ * attention call with q, pos and out advanced to row runs[r].first,
+ * block_table = block_tables + runs[r].table, n_tokens and n_kv from the run,
+ * and the other members from here; every rule of that call holds for it.
+ * runs is host memory read during the call; runs come in ascending row order,
+ * do not overlap and lie in [0, n_tokens); each run's block table lies in
+ * [0, n_table). */
+typedef struct moesh_attention_batch_args {
+    uint32_t struct_size;       /* sizeof(moesh_attention_batch_args) of the caller */
+    float scale;
+    const float * q;            /* [n_tokens, n_head, head_dim] */
+    const float * k_pool;       /* [n_blocks, block_size, n_head_kv, head_dim] */
+    const float * v_pool;       /* [n_blocks, block_size, n_head_kv, head_dim] */
+    const int32_t * block_tables;  /* [n_table] */
+    const int32_t * pos;        /* [n_tokens] */
+    float * out;                /* [n_tokens, n_head, head_dim] */
+    const moesh_attention_run * runs;  /* [n_runs] */
+    int64_t n_tokens;
+    int64_t n_runs;
+    int64_t n_table;
+    int64_t n_head;
+    int64_t n_head_kv;
+    int64_t head_dim;
+    int64_t block_size;
+    int64_t n_blocks;
+} moesh_attention_batch_args;
+
 /* Rows of float32 moved inside backend memory, for the host-side glue of a
  * forward pass on a device-memory backend (residual adds, gathering the
  * tokens of one expert and scattering its output back, KV cache writes,
@@ -421,6 +457,9 @@ typedef struct moesh_backend_iface {
      * the types supports(MOESH_OP_MOE_FFN) names; the host falls back to
      * expert_ffn per expert otherwise. */
     moesh_status (*moe_ffn)(moesh_backend * be, const moesh_moe_ffn_args * args);
+    /* Optional, since ABI v1 (NULL when absent): moesh_attention_batch_args above;
+     * the host calls attention per sequence otherwise. */
+    moesh_status (*attention_batch)(moesh_backend * be, const moesh_attention_batch_args * args);
     /* append new members below this line only */
 } moesh_backend_iface;
 

@@ -1353,6 +1353,89 @@ TEST_P(BackendConformance, AttentionMatchesReference) {
     }
 }
 
+// attention_batch (optional) must equal one attention call per run, run by
+// run: the same kernel on the same rows, so bit for bit on the cpu backend;
+// here within the attention bound of the reference, run by run, to let other
+// backends reorder. Sequences share one pool (interleaved blocks, NaN between
+// them); a decode step's runs of one row and a prefill's longer runs mixed.
+TEST_P(BackendConformance, AttentionBatchEqualsAttentionPerRun) {
+    if (!be_->attention_batch || !be_->host_memory) {
+        GTEST_SKIP() << "no attention_batch (or not a host-memory backend, whose buffers this test reads directly)";
+    }
+    struct Shape {
+        int64_t head_dim, n_head, n_head_kv, block_size;
+        std::vector<std::pair<int64_t, int64_t>> runs;   // (n_tokens, n_kv) per sequence
+    };
+    const Shape shapes[] = {
+        {8, 2, 2, 16, {{1, 1}}},
+        {64, 4, 2, 16, {{1, 20}, {1, 70}, {1, 3}, {1, 33}, {1, 16}}},   // decode step
+        {20, 6, 3, 5, {{7, 7}, {1, 40}, {3, 12}, {1, 2}}},               // chunks and decodes
+        {64, 8, 1, 16, {{17, 17}, {16, 100}}},
+    };
+    std::mt19937 rng(14);
+    for (const Shape & s : shapes) {
+        SCOPED_TRACE(testing::Message() << "head_dim " << s.head_dim << " runs " << s.runs.size());
+        std::vector<int64_t> n_blocks;
+        int64_t n_pool_blocks = 0, n_rows = 0;
+        for (const auto & r : s.runs) {
+            n_blocks.push_back((r.second + s.block_size - 1) / s.block_size);
+            n_pool_blocks += n_blocks.back() + 1;   // one NaN block per sequence
+            n_rows += r.first;
+        }
+        std::vector<int32_t> pool_ids(static_cast<size_t>(n_pool_blocks));
+        std::iota(pool_ids.begin(), pool_ids.end(), 0);
+        std::shuffle(pool_ids.begin(), pool_ids.end(), rng);
+        const size_t row_size = size_t(s.n_head_kv * s.head_dim);
+        std::vector<float> k_pool(size_t(n_pool_blocks * s.block_size) * row_size, k_nan), v_pool = k_pool;
+        std::vector<int32_t> tables, pos;
+        std::vector<moesh_attention_run> runs;
+        std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+        size_t next_block = 0;
+        for (size_t i = 0; i < s.runs.size(); ++i) {
+            const auto [n_tok, n_kv] = s.runs[i];
+            runs.push_back({int64_t(pos.size()), n_tok, int64_t(tables.size()), n_kv});
+            const size_t t0 = tables.size();
+            for (int64_t b = 0; b < n_blocks[i]; ++b) tables.push_back(pool_ids[next_block++]);
+            ++next_block;   // the NaN block
+            for (int64_t p = 0; p < n_kv; ++p) {
+                const size_t base = size_t(tables[t0 + size_t(p / s.block_size)] * s.block_size + p % s.block_size) * row_size;
+                for (size_t j = 0; j < row_size; ++j) {
+                    k_pool[base + j] = dist(rng);
+                    v_pool[base + j] = dist(rng);
+                }
+            }
+            for (int64_t t = 0; t < n_tok; ++t) pos.push_back(int32_t(n_kv - n_tok + t));
+        }
+        const size_t q_row = size_t(s.n_head * s.head_dim);
+        const std::vector<float> q = uniform(size_t(n_rows) * q_row, -3.0f, 3.0f, rng);
+        std::vector<float> out(q.size(), k_sentinel);
+        const moesh_attention_batch_args a = {.struct_size = sizeof(moesh_attention_batch_args),
+                                              .scale = 1.0f / std::sqrt(float(s.head_dim)), .q = q.data(),
+                                              .k_pool = k_pool.data(), .v_pool = v_pool.data(),
+                                              .block_tables = tables.data(), .pos = pos.data(), .out = out.data(),
+                                              .runs = runs.data(), .n_tokens = n_rows, .n_runs = int64_t(runs.size()),
+                                              .n_table = int64_t(tables.size()), .n_head = s.n_head,
+                                              .n_head_kv = s.n_head_kv, .head_dim = s.head_dim,
+                                              .block_size = s.block_size, .n_blocks = n_pool_blocks};
+        ASSERT_EQ(be_->attention_batch(ctx_, &a), MOESH_OK) << last_error();
+        for (const moesh_attention_run & r : runs) {
+            std::vector<float> one(size_t(r.n_tokens) * q_row, k_sentinel), ref(one.size());
+            moesh_attention_args b = {.struct_size = sizeof(moesh_attention_args), .scale = a.scale,
+                                      .q = q.data() + size_t(r.first) * q_row, .k_pool = k_pool.data(),
+                                      .v_pool = v_pool.data(), .block_table = tables.data() + r.table,
+                                      .pos = pos.data() + r.first, .out = one.data(), .n_tokens = r.n_tokens,
+                                      .n_head = s.n_head, .n_head_kv = s.n_head_kv, .head_dim = s.head_dim,
+                                      .block_size = s.block_size, .n_blocks = n_pool_blocks, .n_kv = r.n_kv};
+            ASSERT_EQ(be_->attention(ctx_, &b), MOESH_OK) << last_error();
+            const std::vector<float> got(out.begin() + r.first * int64_t(q_row), out.begin() + (r.first + r.n_tokens) * int64_t(q_row));
+            EXPECT_EQ(std::memcmp(got.data(), one.data(), got.size() * sizeof(float)), 0) << "run at row " << r.first;
+            b.out = ref.data();
+            moesh::ref::attention(b);
+            EXPECT_TRUE(within_bounds(got, ref, attention_bound(b, ref))) << "run at row " << r.first;
+        }
+    }
+}
+
 // --------------------------------------------------- argument validation
 
 // Each case gets a fresh context so that its last_error is its own.
@@ -1705,6 +1788,58 @@ TEST_P(BackendConformance, RejectsInvalidMoeFfnArguments) {
     if (!be_->supports(ctx_, MOESH_OP_MOE_FFN, MOESH_DTYPE_F32)) {
         EXPECT_EQ(be_->moe_ffn(ctx_, &f), MOESH_ERR_UNSUPPORTED);
     }
+}
+
+TEST_P(BackendConformance, RejectsInvalidAttentionBatchArguments) {
+    if (!be_->attention_batch) {
+        GTEST_SKIP() << "no attention_batch";
+    }
+    // Two sequences of 4-row blocks: rows 0-1 (n_kv 6, blocks 0-1), row 2 (n_kv 3, block 2).
+    std::vector<float> q(3 * 2 * 8, 0.5f), out(q.size()), pool(4 * 4 * 1 * 8, 0.25f);
+    std::vector<int32_t> tables = {0, 1, 2}, pos = {4, 5, 2};
+    std::vector<moesh_attention_run> runs = {{0, 2, 0, 6}, {2, 1, 2, 3}};
+    const moesh_attention_batch_args ok = {.struct_size = sizeof(moesh_attention_batch_args), .scale = 0.35f,
+                                           .q = q.data(), .k_pool = pool.data(), .v_pool = pool.data(),
+                                           .block_tables = tables.data(), .pos = pos.data(), .out = out.data(),
+                                           .runs = runs.data(), .n_tokens = 3, .n_runs = 2, .n_table = 3,
+                                           .n_head = 2, .n_head_kv = 1, .head_dim = 8, .block_size = 4, .n_blocks = 4};
+    EXPECT_EQ(be_->attention_batch(ctx_, &ok), MOESH_OK) << last_error();
+    using R = std::vector<moesh_attention_run>;
+    using T = std::vector<int32_t>;
+    auto check = [&](const char * what, const char * says, auto mutate) {
+        R r2 = runs;
+        T t2 = tables, p2 = pos;
+        moesh_attention_batch_args a = ok;
+        a.runs = r2.data();
+        a.block_tables = t2.data();
+        a.pos = p2.data();
+        mutate(a, r2, t2, p2);
+        Rejection r(be_, create_context());
+        r.expect(be_->attention_batch(r.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, what);
+        EXPECT_NE(std::string(be_->last_error(r.ctx())).find(says), std::string::npos) << be_->last_error(r.ctx());
+    };
+    {
+        Rejection r(be_, create_context());
+        r.expect(be_->attention_batch(r.ctx(), nullptr), MOESH_ERR_INVALID_ARGUMENT, "args NULL");
+    }
+    check("runs NULL", "must not be NULL", [](moesh_attention_batch_args & a, R &, T &, T &) { a.runs = nullptr; });
+    check("n_runs 0", "must be positive", [](moesh_attention_batch_args & a, R &, T &, T &) { a.n_runs = 0; });
+    check("head_dim 0", "must be positive", [](moesh_attention_batch_args & a, R &, T &, T &) { a.head_dim = 0; });
+    check("sizes overflow", "overflow", [](moesh_attention_batch_args & a, R &, T &, T &) { a.n_tokens = INT64_MAX / 4; });
+    check("runs overlap", "run 1's rows", [](moesh_attention_batch_args &, R & r, T &, T &) { r[1].first = 1; });
+    check("run past n_tokens", "run 1's rows", [](moesh_attention_batch_args &, R & r, T &, T &) { r[1].n_tokens = 2; });
+    check("empty run", "run 0's rows", [](moesh_attention_batch_args &, R & r, T &, T &) { r[0].n_tokens = 0; });
+    check("huge first", "run 1's rows", [](moesh_attention_batch_args &, R & r, T &, T &) { r[1].first = INT64_MAX; });
+    check("table past n_table", "run 1's block table", [](moesh_attention_batch_args &, R & r, T &, T &) { r[1].table = 3; });
+    check("table too short for n_kv", "run 0's block table", [](moesh_attention_batch_args &, R & r, T &, T &) {
+        r[0].table = 2;
+    });
+    check("bad block id", "run 0: block_table[1] = 4", [](moesh_attention_batch_args &, R &, T & t, T &) { t[1] = 4; });
+    check("pos past n_kv", "run 1: pos[0] = 3", [](moesh_attention_batch_args &, R &, T &, T & p) { p[2] = 3; });
+    check("negative pos", "run 0: pos[1] = -1", [](moesh_attention_batch_args &, R &, T &, T & p) { p[1] = -1; });
+    check("q NULL", "run 0: q, k_pool", [](moesh_attention_batch_args & a, R &, T &, T &) { a.q = nullptr; });
+    check("n_head not a multiple", "not a multiple", [](moesh_attention_batch_args & a, R &, T &, T &) { a.n_head_kv = 3; });
+    check("scale NaN", "scale must be finite", [](moesh_attention_batch_args & a, R &, T &, T &) { a.scale = NAN; });
 }
 
 TEST_P(BackendConformance, RejectsInvalidAttentionArguments) {

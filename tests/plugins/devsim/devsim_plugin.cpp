@@ -291,6 +291,7 @@ const moesh_backend_iface k_iface = {
     /* .pack_weights   = */ nullptr,
     /* .copy_rows      = */ devsim_copy_rows,
     /* .moe_ffn        = */ nullptr,
+    /* .attention_batch = */ nullptr,
 };
 
 } // namespace

@@ -176,6 +176,7 @@ static const moesh_backend_iface sample_iface = {
     /* .pack_weights   = */ NULL,
     /* .copy_rows      = */ NULL,   /* optional: without it no forward pass runs here */
     /* .moe_ffn        = */ NULL,   /* optional */
+    /* .attention_batch = */ NULL,
 };
 
 /* Not an entry point: hidden visibility keeps it out of the dynamic symbol table. */
