@@ -955,6 +955,52 @@ HWY_INLINE void gemm_packed(const uint8_t * tile, int64_t n_g, const TokenActs *
         _mm256_storeu_ps(out + t * out_stride, acc[t]);
     }
 }
+
+// Q8_0's gemm_packed for several tokens: the group in two halves of 4 loads, so that |w|,
+// one int32 sum per token and the NT accumulators fit the 16 AVX2 registers (with all 8 |w|
+// live, the accumulators went to the stack every group). Out of line: inlined, it moved the
+// Q4_0 kernel's code and cost that 5-8%. The halves ran 14% faster at 128 tokens.
+template <int NT>
+HWY_NOINLINE void gemm_packed_q8(const uint8_t * tile, int64_t n_g, const TokenActs * x, float * out, int64_t out_stride) {
+    constexpr size_t gb = pack_group_bytes(MOESH_DTYPE_Q8_0);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[NT];
+    for (int t = 0; t < NT; ++t) {
+        acc[t] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < n_g; ++g) {
+        const uint8_t * gp = tile + size_t(g) * gb;
+        const uint8_t * q = gp + 16;
+        const __m256 sw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(gp)));
+        __m256i s[NT];   // per token, the group's integer dot products
+        for (int half = 0; half < 2; ++half) {
+            const int c = 4 * half;
+            __m256i w[4];   // |w| of loads c..c+3
+            for (int k = 0; k < 4; ++k) {
+                const __m256i l = load256(q + 32 * (c + k));
+                w[k] = _mm256_sign_epi8(l, l);
+            }
+            for (int t = 0; t < NT; ++t) {
+                const int8_t * xq = x[t].q + 32 * g;
+                __m256i p16[4];
+                for (int k = 0; k < 4; ++k) {
+                    const __m256i xs = _mm256_sign_epi8(bcast4(xq + 4 * (c + k)), load256(q + 32 * (c + k)));
+                    p16[k] = _mm256_maddubs_epi16(w[k], xs);
+                }
+                const __m256i p =
+                    _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(p16[0], ones), _mm256_madd_epi16(p16[1], ones)),
+                                     _mm256_add_epi32(_mm256_madd_epi16(p16[2], ones), _mm256_madd_epi16(p16[3], ones)));
+                s[t] = half == 0 ? p : _mm256_add_epi32(s[t], p);
+            }
+        }
+        for (int t = 0; t < NT; ++t) {
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(sw, _mm256_broadcast_ss(x[t].d + g)), _mm256_cvtepi32_ps(s[t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; ++t) {
+        _mm256_storeu_ps(out + t * out_stride, acc[t]);
+    }
+}
 #endif
 
 // As row_block, for n_tiles (1 or 2) packed tiles of 8 rows: dots[8 * i + j]
@@ -975,7 +1021,11 @@ HWY_INLINE void packed_block(const uint8_t * const * tiles, int64_t n_tiles, int
             x[k] = token_acts(xq, t + k, K);
         }
         for (int64_t i = 0; i < n_tiles; ++i) {
-            gemm_packed<Ty, n>(tiles[i], n_g, x, dots[0] + i * k_pack_rows, k_panel_rows);
+            if constexpr (Ty::kind == Kind::Unsigned || n == 1) {   // decode keeps the prefetching one-token form
+                gemm_packed<Ty, n>(tiles[i], n_g, x, dots[0] + i * k_pack_rows, k_panel_rows);
+            } else {
+                gemm_packed_q8<n>(tiles[i], n_g, x, dots[0] + i * k_pack_rows, k_panel_rows);
+            }
         }
         for (int k = 0; k < n; ++k) {
             out(t + k, dots[k]);
