@@ -51,7 +51,7 @@ struct PinConfig {
 
 struct PlacementConfig {
     std::vector<TierConfig> tiers;   // fastest first, as written
-    std::string policy = "heat";
+    std::string policy = "lookahead";
     double heat_decay = 0.95;
     bool prefetch = true;
     double prefetch_min_precision = 0.75;   // load predictions only while they are this often right
@@ -94,7 +94,7 @@ struct PlacementPlan {
     // false: the host tier's slots cache experts read from the disk tier.
     bool all_resident = true;
     int32_t host_tier = -1;             // index in tiers, -1 when none
-    Policy policy = Policy::Heat;
+    Policy policy = Policy::Lookahead;
     double heat_decay = 0.95;
     bool prefetch = true;
     double prefetch_min_precision = 0.75;

@@ -1065,7 +1065,7 @@ void add_common(CLI::App * sub, CommonOptions & co, bool model_optional = false)
         ->check(CLI::IsMember({"fast", "precise"}));
     sub->add_option("--expert-budget", co.expert_budget,
                     "Host memory for routed experts, e.g. 1.5GiB: the rest are read from the model file on demand "
-                    "(O_DIRECT) into that many expert slots, evicted by the [placement] policy (default heat) and "
+                    "(O_DIRECT) into that many expert slots, evicted by the [placement] policy (default lookahead) and "
                     "prefetched from the next layer's router. Same as a host [[tier]] of that budget plus a disk tier; "
                     "`moesh plan` shows the split. Output is unchanged, only speed");
     sub->add_flag("--stats", co.stats,

@@ -93,7 +93,7 @@ TEST(PlacementConfig, TheExampleLoads) {
     EXPECT_EQ(p.tiers[2].kind, TierKind::Disk);
     EXPECT_EQ(p.tiers[2].budget, 0u);
     EXPECT_TRUE(p.direct_io);
-    EXPECT_EQ(p.policy, "heat");
+    EXPECT_EQ(p.policy, "lookahead");
     EXPECT_DOUBLE_EQ(p.heat_decay, 0.95);
     ASSERT_EQ(p.pins.size(), 1u);
     EXPECT_TRUE(p.pins[0].layers.contains(3));
