@@ -5,7 +5,8 @@
 //   matvec   one token through W [n_ff, n_embd]           (decode GEMV)
 //   matmul   128 tokens through the same W                (prefill GEMM)
 //   moe      top-2 of 8 experts: one token (decode), and 128 tokens routed
-//            evenly, 32 per expert (prefill), through expert_ffn calls
+//            evenly, 32 per expert (prefill), and 16 tokens, 4 per expert, with the
+//            weights from DRAM (a serving step of 16 sequences), through expert_ffn calls
 //
 //   cpu_kernels_bench [--threads 1,2] [--types q4_0,q4_K] [--probe-gib 1] [--seconds 1] [--plugin path.so]
 //
@@ -304,6 +305,23 @@ int main(int argc, char ** argv) {
                 });
                 report("moe_top2of8_prefill128", s, double(n_expert) * double(expert_bytes),
                        3.0 * mat_flops * double(n_prefill * 2));
+            }
+            {
+                // A serving step of 16 sequences: 4 tokens per expert, every expert of a layer,
+                // layers rotating so that the weights come from DRAM as in a decode step.
+                const int64_t n_batch = 16, n_per_expert = n_batch * 2 / n_expert;
+                std::vector<float> x(size_t(n_per_expert * n_embd)), out(static_cast<size_t>(n_per_expert * n_embd)),
+                    scratch(static_cast<size_t>(2 * n_per_expert * n_ff));
+                for (size_t i = 0; i < x.size(); ++i) x[i] = 0.01f * float(int(i % 13) - 6);
+                size_t layer = 0;
+                const double s = time_per_call(seconds, [&] {
+                    for (int64_t e = 0; e < n_expert; ++e) {
+                        run_expert(layer * n_expert + size_t(e), x.data(), out.data(), scratch.data(), n_per_expert);
+                    }
+                    layer = (layer + 1) % n_layers;
+                });
+                report("moe_top2of8_batch16", s, double(n_expert) * double(expert_bytes),
+                       3.0 * mat_flops * double(n_batch * 2));
             }
           }
         }
