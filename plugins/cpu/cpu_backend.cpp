@@ -664,9 +664,10 @@ moesh_status cpu_moe_ffn(moesh_backend * be, const moesh_moe_ffn_args * args) {
                           ll(a.n_embd), ll(a.n_ff), ll(a.n_tokens), ll(a.n_experts), ll(a.n_pairs));
         int64_t n_w = 0, n_x = 0, n_h = 0, work = 0;
         MOESH_PLUGIN_REQUIRE(product_fits(a.n_ff, a.n_embd, &n_w) && product_fits(a.n_tokens, a.n_embd, &n_x) &&
-                              product_fits(a.n_pairs, a.n_ff, &n_h) && product_fits(3 * n_w, a.n_pairs, &work) &&
-                              product_fits(a.n_pairs, a.n_embd),
+                              product_fits(a.n_pairs, a.n_ff, &n_h) && product_fits(n_w, a.n_pairs, &work) &&
+                              work <= INT64_MAX / 3 && product_fits(a.n_pairs, a.n_embd),
                           "moe_ffn: sizes overflow");
+        work *= 3;   // gate, up and down
         if (!moesh::cpu::is_quant_type(a.w_type) || be->precise) {
             return fail(be, MOESH_ERR_UNSUPPORTED,
                         "moe_ffn: weight dtype %d%s is not supported (block types only, with fast activations); "
