@@ -716,7 +716,7 @@ moesh_status cpu_moe_ffn(moesh_backend * be, const moesh_moe_ffn_args * args) {
                                           moesh::cpu::quant_rows_from(xq, p));
             }
         };
-        run_parallel(be, 4 * a.n_pairs * a.n_embd, a.n_pairs, quantize);
+        run_parallel(be, a.n_pairs * a.n_embd, a.n_pairs, quantize);   // fits: checked above
 
         auto expert_args = [&](const moesh_moe_expert & x) {
             moesh_expert_ffn_args f{};
