@@ -96,7 +96,6 @@ ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, i
     route_tok_ = Staged<int32_t>(be_, s.used, "buffer_alloc (routing)");
     route_w_ = Staged<float>(be_, s.used, "buffer_alloc (routing)");
     runs_.reserve(size_t(max_batch));
-    attn_runs_.reserve(size_t(max_batch));
 
     next_moe_.assign(size_t(c.n_layer), -1);
     for (int64_t il = c.n_layer - 1, next = -1; il >= 0; --il) {
@@ -486,21 +485,20 @@ void ForwardPass::attention(int64_t il, int64_t n) {
     copy_rows(k, n, nullptr, kv_.k_pool(il), n_pool_rows, pool_rows, n, kv_dim, false);
     copy_rows(v, n, nullptr, kv_.v_pool(il), n_pool_rows, pool_rows, n, kv_dim, false);
 
+    const float scale = 1.0f / std::sqrt(float(c.head_dim));
     if (be_.iface().attention_batch) {   // every sequence's queries in one call
-        attn_runs_.clear();
-        for (const Run & run : runs_) attn_runs_.push_back({run.t0, run.t1 - run.t0, run.table, int64_t(run.max_pos) + 1});
         moesh_attention_batch_args a{};
         a.struct_size = sizeof a;
-        a.scale = 1.0f / std::sqrt(float(c.head_dim));
+        a.scale = scale;
         a.q = q;
         a.k_pool = kv_.k_pool(il);
         a.v_pool = kv_.v_pool(il);
         a.block_tables = tables;
         a.pos = pos;
         a.out = attn_.as<float>();
-        a.runs = attn_runs_.data();
+        a.runs = runs_.data();
         a.n_tokens = n;
-        a.n_runs = int64_t(attn_runs_.size());
+        a.n_runs = int64_t(runs_.size());
         a.n_table = n_tables_;
         a.n_head = c.n_head;
         a.n_head_kv = c.n_head_kv;
@@ -508,26 +506,26 @@ void ForwardPass::attention(int64_t il, int64_t n) {
         a.block_size = kv_.spec().block_size;
         a.n_blocks = kv_.spec().n_blocks;
         be_.check(be_.iface().attention_batch(be_.ctx(), &a), "attention_batch");
-    }
-    for (size_t i = 0; i < runs_.size() && !be_.iface().attention_batch; ++i) {
-        const Run & run = runs_[i];
-        moesh_attention_args a{};
-        a.struct_size = sizeof a;
-        a.q = q + run.t0 * q_dim;
-        a.k_pool = kv_.k_pool(il);
-        a.v_pool = kv_.v_pool(il);
-        a.block_table = tables + run.table;
-        a.pos = pos + run.t0;
-        a.out = attn_.as<float>() + run.t0 * q_dim;
-        a.n_tokens = run.t1 - run.t0;
-        a.n_head = c.n_head;
-        a.n_head_kv = c.n_head_kv;
-        a.head_dim = c.head_dim;
-        a.block_size = kv_.spec().block_size;
-        a.n_blocks = kv_.spec().n_blocks;
-        a.n_kv = int64_t(run.max_pos) + 1;
-        a.scale = 1.0f / std::sqrt(float(c.head_dim));
-        be_.check(be_.iface().attention(be_.ctx(), &a), "attention");
+    } else {
+        for (const moesh_attention_run & run : runs_) {
+            moesh_attention_args a{};
+            a.struct_size = sizeof a;
+            a.q = q + run.first * q_dim;
+            a.k_pool = kv_.k_pool(il);
+            a.v_pool = kv_.v_pool(il);
+            a.block_table = tables + run.table;
+            a.pos = pos + run.first;
+            a.out = attn_.as<float>() + run.first * q_dim;
+            a.n_tokens = run.n_tokens;
+            a.n_head = c.n_head;
+            a.n_head_kv = c.n_head_kv;
+            a.head_dim = c.head_dim;
+            a.block_size = kv_.spec().block_size;
+            a.n_blocks = kv_.spec().n_blocks;
+            a.n_kv = run.n_kv;
+            a.scale = scale;
+            be_.check(be_.iface().attention(be_.ctx(), &a), "attention");
+        }
     }
 
     matmul(L.wo, L.bo, attn_.as<float>(), out_.as<float>(), n);
@@ -613,17 +611,17 @@ const float * ForwardPass::run(const Batch & batch, std::string * error) {
         step[t] = pos;
         pool_rows[t] = kv_.pool_row(seq, pos);
         if (batch.want_logits[size_t(t)]) out_rows[n_out++] = int32_t(t);
-        if (!runs_.empty() && batch.seq[size_t(runs_.back().t0)] == seq) {
-            runs_.back().t1 = t + 1;
-            runs_.back().max_pos = std::max(runs_.back().max_pos, pos);
+        if (!runs_.empty() && batch.seq[size_t(runs_.back().first)] == seq) {
+            runs_.back().n_tokens = t + 1 - runs_.back().first;
+            runs_.back().n_kv = std::max(runs_.back().n_kv, int64_t(pos) + 1);
         } else {
-            runs_.push_back({t, t + 1, pos, -1});
+            runs_.push_back({t, 1, -1, int64_t(pos) + 1});
         }
     }
     for (size_t i = 0; i < runs_.size(); ++i) {
-        const int32_t seq = batch.seq[size_t(runs_[i].t0)];
+        const int32_t seq = batch.seq[size_t(runs_[i].first)];
         for (size_t j = 0; j < i && runs_[i].table < 0; ++j)
-            if (batch.seq[size_t(runs_[j].t0)] == seq) runs_[i].table = runs_[j].table;
+            if (batch.seq[size_t(runs_[j].first)] == seq) runs_[i].table = runs_[j].table;
         if (runs_[i].table >= 0) continue;
         const int64_t len = kv_.capacity(seq) / kv_.spec().block_size;   // the whole table: later runs may need more
         std::memcpy(step + 3 * max_batch_ + n_tables, kv_.block_table(seq), size_t(len) * sizeof(int32_t));

@@ -116,12 +116,6 @@ public:
     ExpertHeat & heat() { return heat_; }
 
 private:
-    struct Run {   // consecutive tokens of one sequence: one attention call
-        int64_t t0, t1;
-        int32_t max_pos;
-        int64_t table;   // offset of its block table in the step buffer
-    };
-
     void attention(int64_t il, int64_t n);
     void stored_experts(int64_t il, int64_t n, const float * h, float * x);
     void collect_wanted();   // the layer's experts with tokens, and their counts, into wanted_ / wanted_n_
@@ -168,8 +162,9 @@ private:
     Backend * host_be_ = nullptr;
     CostModel * cost_ = nullptr;
     BackendBuffer hx_, ho_, hscratch_;   // host backend: an in-place expert's input, output, scratch
-    std::vector<Run> runs_;       // reserved max_batch
-    std::vector<moesh_attention_run> attn_runs_;   // runs_ as attention_batch takes them, reserved max_batch
+    // Runs of consecutive tokens of one sequence (one attention call each, or all in one
+    // attention_batch call); table: offset of its block table in the step buffer. Reserved max_batch.
+    std::vector<moesh_attention_run> runs_;
     int64_t n_tables_ = 0;        // block-table entries in this step's step_ buffer
     std::vector<moesh_moe_expert> moe_experts_;   // [n_expert] a moe_ffn call's experts, reserved
 
