@@ -35,7 +35,10 @@ DeviceExperts::DeviceExperts(const ExpertTable & experts, const Backend & device
     const size_t n_keys = size_t(n_layer_) * size_t(n_expert_);
     where_.assign(n_keys, -1);
     wanted_now_.assign(n_keys, 0);
+    predicted_.assign(n_keys, 0);
+    layer_predicted_.assign(size_t(n_layer_), 0);
     slots_.resize(size_t(n_slots));
+    min_precision_ = o.prefetch_min_precision;
 
     size_t total = 0, done = 0;
     for (int64_t key : o.policy.pinned) {
@@ -45,13 +48,14 @@ DeviceExperts::DeviceExperts(const ExpertTable & experts, const Backend & device
     }
     for (int64_t key : o.policy.pinned) {
         if (where_[size_t(key)] >= 0) continue;
-        const ExpertWeights & w = promote({int32_t(key / n_expert_), int32_t(key % n_expert_)});
+        const ExpertWeights & w = promote({int32_t(key / n_expert_), int32_t(key % n_expert_)});   // synchronous: async_ is set below
         slots_[size_t(where_[size_t(key)])].pinned = true;
         ++n_pinned_;
         done += w.n_bytes();
         if (o.progress) o.progress(done, total);
     }
     stats_ = DeviceExpertStats{};   // pins are set-up, not traffic
+    async_ = o.async_uploads && dev_.has_async_upload();
 }
 
 int64_t DeviceExperts::key_of(ExpertId id) const {
@@ -64,14 +68,67 @@ int64_t DeviceExperts::key_of(ExpertId id) const {
 void DeviceExperts::begin_layer(int32_t layer, int64_t step, const int32_t * experts, int64_t n, const int32_t * tokens) {
     layer_ = layer;
     step_ = step;
+    const bool had_prediction = layer >= 0 && layer < n_layer_ && layer_predicted_[size_t(layer)];
     if (layer >= 0 && layer < n_layer_) policy_.begin_visit(layer, experts, n);   // a bad id throws below
     for (int64_t i = 0; i < n; ++i) {
         const int64_t key = key_of({layer, experts[i]});
         for (int32_t t = 0, nt = tokens ? std::max(1, tokens[i]) : 1; t < nt; ++t) policy_.use(key, step);
         ++stats_.requests;
-        stats_.hits += where_[size_t(key)] >= 0 ? 1 : 0;
+        if (had_prediction) {
+            ++stats_.wanted_predicted_layers;
+            stats_.predicted_wanted += predicted_[size_t(key)];
+        }
+        if (const int32_t sl = where_[size_t(key)]; sl >= 0) {
+            ++stats_.hits;
+            if (slots_[size_t(sl)].prefetched) ++stats_.prefetch_hits;
+            slots_[size_t(sl)].prefetched = false;
+        }
         wanted_now_[size_t(key)] = 1;
         wanted_.push_back(key);
+    }
+    if (!had_prediction) return;
+    // This layer's prediction is used up: what it uploaded and the layer did not want is unused.
+    for (Slot & sl : slots_)
+        if (sl.prefetched && sl.key / n_expert_ == layer) {
+            sl.prefetched = false;
+            ++stats_.prefetch_unused;
+        }
+    int64_t n_pred = 0, n_right = 0;
+    for (int32_t e = 0; e < n_expert_; ++e) {
+        const size_t key = size_t(int64_t(layer) * n_expert_ + e);
+        n_pred += predicted_[key];
+        n_right += predicted_[key] && wanted_now_[key];
+        predicted_[key] = 0;
+    }
+    layer_predicted_[size_t(layer)] = 0;
+    if (n_pred > 0) precision_ = 0.9 * precision_ + 0.1 * double(n_right) / double(n_pred);
+}
+
+void DeviceExperts::prefetch(int32_t layer, const int32_t * experts, int64_t n) {
+    if (layer < 0 || layer >= n_layer_) return;
+    if (!layer_predicted_[size_t(layer)]) policy_.predict(layer, experts, n);
+    layer_predicted_[size_t(layer)] = 1;
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t key = key_of({layer, experts[i]});
+        if (!predicted_[size_t(key)]) ++stats_.predicted;
+        predicted_[size_t(key)] = 1;
+    }
+    // Without a copy queue an upload would stall the compute it should hide behind; below the
+    // bar a wrong guess would take the bus from the next layer's demand.
+    if (!async_) return;
+    if (precision_ < min_precision_) {
+        ++stats_.prefetch_skipped;
+        return;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+        const ExpertId id{layer, experts[i]};
+        const int64_t key = key_of(id);
+        if (where_[size_t(key)] >= 0) continue;
+        const int32_t v = victim(/*for_prefetch=*/true);
+        if (v < 0) break;   // nothing evictable: the rest would not fit either
+        upload_into(v, key, table_.get(id), true);
+        slots_[size_t(v)].prefetched = true;
+        ++stats_.prefetches;
     }
 }
 
@@ -87,13 +144,25 @@ const ExpertWeights * DeviceExperts::resident(ExpertId id) const {
     return s < 0 ? nullptr : &slots_[size_t(s)].w;
 }
 
-int32_t DeviceExperts::victim() const {
+const ExpertWeights * DeviceExperts::ready(ExpertId id) {
+    const int32_t s = where_[size_t(key_of(id))];
+    if (s < 0) return nullptr;
+    Slot & sl = slots_[size_t(s)];
+    if (sl.ticket) {
+        dev_.wait_upload(sl.ticket, /*host=*/false, "copy_wait (gpu tier upload)");
+        sl.ticket = 0;
+    }
+    return &sl.w;
+}
+
+int32_t DeviceExperts::victim(bool for_prefetch) const {
     std::vector<int64_t> cand;
     std::vector<int32_t> cand_slot;
     for (size_t i = 0; i < slots_.size(); ++i) {
         const Slot & s = slots_[i];
         if (s.key < 0) return int32_t(i);   // a free slot
         if (s.pinned || wanted_now_[size_t(s.key)]) continue;
+        if (for_prefetch && predicted_[size_t(s.key)]) continue;   // a demand may take a prediction; a prefetch may not
         cand.push_back(s.key);
         cand_slot.push_back(int32_t(i));
     }
@@ -116,18 +185,33 @@ const ExpertWeights & DeviceExperts::promote(ExpertId id, const ExpertWeights * 
     if (v < 0)
         throw std::runtime_error("gpu tier: no slot to promote (layer " + std::to_string(id.layer) + ", expert " +
                                  std::to_string(id.index) + ") into: every slot is pinned or wanted by this layer");
+    const ExpertWeights & w = upload_into(v, key, from ? *from : table_.get(id), async_ && !from);
+    ++stats_.promotions;
+    return w;
+}
+
+const ExpertWeights & DeviceExperts::upload_into(int32_t v, int64_t key, const ExpertWeights & from, bool async) {
     Slot & s = slots_[size_t(v)];
     if (s.key >= 0) {
         where_[size_t(s.key)] = -1;
         ++stats_.evictions;
+        if (s.prefetched) ++stats_.prefetch_unused;
     }
-    s.key = -1;   // until the upload succeeds
+    // A synchronous copy is not ordered after the async queue: let an earlier upload into this slot land first.
+    if (s.ticket && !async) dev_.wait_upload(s.ticket, /*host=*/true, "copy_wait (gpu tier slot reuse)");
+    s.key = -1;   // until the upload is queued or done
+    s.prefetched = false;
+    s.ticket = 0;
     const auto t0 = std::chrono::steady_clock::now();
-    ExpertWeights w = from ? *from : table_.get(id);
+    ExpertWeights w = from;
     auto * base = static_cast<uint8_t *>(memory_.get()) + size_t(v) * slot_bytes_;
     size_t off = 0;
     for (WeightMatrix * m : {&w.gate, &w.up, &w.down}) {
-        dev_.upload(base + off, m->data, m->n_bytes(), "copy_to_device (expert promotion)");
+        // The copy queue runs in order: the last matrix's ticket covers the expert.
+        if (async)
+            s.ticket = dev_.upload_async(base + off, m->data, m->n_bytes(), "copy_to_device_async (gpu tier upload)");
+        else
+            dev_.upload(base + off, m->data, m->n_bytes(), "copy_to_device (gpu tier upload)");
         m->data = base + off;
         off += round_up(m->n_bytes());
     }
@@ -135,9 +219,11 @@ const ExpertWeights & DeviceExperts::promote(ExpertId id, const ExpertWeights * 
     s.w = w;
     s.pinned = false;
     where_[size_t(key)] = v;
-    ++stats_.promotions;
     stats_.bytes_uploaded += w.n_bytes();
-    stats_.upload_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (async)
+        ++stats_.async_uploads;
+    else
+        stats_.upload_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return s.w;
 }
 

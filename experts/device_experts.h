@@ -6,13 +6,20 @@
 //
 //   DeviceExperts dev(model.experts(), backend, {budget, slot_bytes, policy, k});
 //   dev.begin_layer(layer, step, wanted, n_wanted, tokens_per_expert);
-//   const ExpertWeights * w = dev.resident({layer, e});     // device copy, or nullptr
-//   if (!w && promote) w = &dev.promote({layer, e});        // upload from the host copy
+//   if (!dev.resident({layer, e}) && promote) dev.promote({layer, e});   // upload queued
+//   dev.prefetch(next_layer, predicted, n_predicted);         // the guess, behind the demand
+//   ... compute the resident experts first ...
+//   const ExpertWeights * w = dev.ready({layer, e});         // device copy (upload fenced), or nullptr
 //   dev.end_layer();
 //
-// Uploads come from the experts' host copies (the model's mapping, or the host
-// tier's slots when experts stream from disk) through the backend's copy_to_device. Experts wanted by the current layer are never
-// evicted while it runs. slots() * slot_bytes() <= the budget, always.
+// Uploads come from the experts' host copies: the model's mapping, or the host
+// tier's slots when experts stream from disk. From the mapping, which stays put,
+// they go through the backend's async copy queue when it has one
+// (copy_to_device_async): promote() and prefetch() return at once and the copy
+// runs beside the compute queued after it; ready() makes later ops wait for it on
+// the device, not the host. From a store slot, which is reused once released,
+// the upload is synchronous. Experts wanted by the current layer, and in-flight
+// prefetches, are never evicted while it runs. slots() * slot_bytes() <= the budget, always.
 // Thread safety: used by the thread that drives the backend.
 #pragma once
 
@@ -31,6 +38,10 @@ struct DeviceExpertOptions {
     uint64_t budget = 0;        // bytes of device memory for expert copies
     int32_t n_expert_used = 1;
     PolicyParams policy;        // pins: uploaded at construction, never evicted
+    bool async_uploads = true;  // use the backend's async copy queue when it has one
+    // prefetch() uploads only while the prediction's running precision (per layer visit,
+    // exponentially weighted, starting at 1) is at least this; 0: always.
+    double prefetch_min_precision = 0.75;
     std::function<void(size_t done, size_t total)> progress;   // while the pins upload
 };
 
@@ -40,10 +51,22 @@ struct DeviceExpertStats {
     int64_t promotions = 0;     // uploaded for this step
     int64_t in_place = 0;       // computed on the host instead
     int64_t evictions = 0;
-    uint64_t bytes_uploaded = 0;
-    double upload_seconds = 0;
+    int64_t async_uploads = 0;  // promotions and prefetches queued beside the compute
+    int64_t prefetches = 0;     // uploads started by prefetch()
+    int64_t prefetch_hits = 0;  // of those, wanted by their layer
+    int64_t prefetch_unused = 0;   // not wanted by their layer
+    int64_t prefetch_skipped = 0;  // predictions not uploaded: running precision below the bar
+    int64_t predicted = 0;      // experts predicted for a layer
+    int64_t predicted_wanted = 0;  // ... that the layer then wanted
+    int64_t wanted_predicted_layers = 0;   // experts wanted by layers that had a prediction
+    uint64_t bytes_uploaded = 0;   // promotions and prefetches
+    double upload_seconds = 0;  // synchronous uploads only (an async one's time is not seen by the host)
     double host_seconds = 0;    // host compute of in-place experts, activation copies included
     double hit_rate() const { return requests ? double(hits) / double(requests) : 0.0; }
+    double prefetch_precision() const { return predicted ? double(predicted_wanted) / double(predicted) : 0.0; }
+    double prefetch_recall() const {
+        return wanted_predicted_layers ? double(predicted_wanted) / double(wanted_predicted_layers) : 0.0;
+    }
 };
 
 class DeviceExperts {
@@ -60,11 +83,21 @@ public:
     // Whether the policy would keep id if it were promoted now (a free slot, or it beats the victim).
     bool admits(ExpertId id) const;
     // Uploads id into a slot (evicting per policy) and returns its device weights, from `from`
-    // (a host copy of id, e.g. an ExpertStore slot) or else the table's. Throws
-    // std::runtime_error when every slot holds an expert this layer still wants.
+    // (a host copy of id that may change once this returns, e.g. an ExpertStore slot: uploaded
+    // synchronously) or else the table's (queued when async). Compute with ready(), not with the
+    // returned weights. Throws std::runtime_error when every slot holds an expert this layer still wants.
     const ExpertWeights & promote(ExpertId id, const ExpertWeights * from = nullptr);
     const ExpertWeights & promote(ExpertId id, const ExpertWeights & from) { return promote(id, &from); }
     bool can_promote() const { return victim() >= 0; }   // a slot that may take an expert now
+    // The next visit of layer will likely want experts[0, n) (most likely first): the policy
+    // evicts knowing it, and those not resident are uploaded from the table, in order, into
+    // slots that this layer and the prediction do not need, while the running precision allows.
+    // Call after this layer's promotions, so that their uploads go first.
+    void prefetch(int32_t layer, const int32_t * experts, int64_t n);
+    // id's device weights with its upload (if any) ordered before the ops queued next; nullptr
+    // when id is not resident.
+    const ExpertWeights * ready(ExpertId id);
+    bool async() const { return async_; }
     void done(ExpertId id);   // id was computed: this layer no longer needs it kept
     void end_layer();
     void note_in_place(double seconds);
@@ -80,10 +113,13 @@ private:
     struct Slot {
         int64_t key = -1;
         bool pinned = false;
+        bool prefetched = false;   // uploaded by prefetch() and not wanted yet
+        uint64_t ticket = 0;       // async upload not yet fenced by ready()
         ExpertWeights w;   // device pointers
     };
     int64_t key_of(ExpertId id) const;
-    int32_t victim() const;   // -1 when none may go
+    int32_t victim(bool for_prefetch = false) const;   // -1 when none may go
+    const ExpertWeights & upload_into(int32_t slot, int64_t key, const ExpertWeights & from, bool async);
 
     const ExpertTable & table_;
     const Backend & dev_;
@@ -94,6 +130,11 @@ private:
     std::vector<Slot> slots_;
     std::vector<int32_t> where_;      // [key] slot or -1
     std::vector<char> wanted_now_;    // [key] wanted by the current layer
+    std::vector<char> predicted_;     // [key] in the pending prediction of its layer
+    std::vector<char> layer_predicted_;   // [layer] a prediction of its next visit is pending
+    bool async_ = false;
+    double min_precision_ = 0.75;
+    double precision_ = 1.0;          // running precision of the predictions
     std::vector<int64_t> wanted_;
     PolicyState policy_;
     int32_t layer_ = 0;

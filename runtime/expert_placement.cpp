@@ -70,6 +70,7 @@ std::unique_ptr<DeviceExperts> open_device_experts(const Model & model, const Pl
     o.policy.policy = plan.policy;
     o.policy.heat_decay = plan.heat_decay;
     o.policy.pinned = gpu->pinned;
+    o.prefetch_min_precision = plan.prefetch_min_precision;
     o.progress = std::move(progress);
     try {
         return std::make_unique<DeviceExperts>(model.experts(), device, o);

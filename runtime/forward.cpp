@@ -115,7 +115,8 @@ void ForwardPass::set_placement(const ExpertPlacement & p) {
     if (p.device && (!p.host || !p.host->host_memory() || !p.cost))
         throw Error("a gpu tier needs a host-memory backend (cpu) for the experts it does not hold, and a cost model");
     store_ = p.store;
-    prefetch_ = p.store && p.prefetch;
+    // Prefetch fills the store, or else the gpu tier when its uploads can run beside the compute.
+    prefetch_ = p.prefetch && (p.store || (p.device && p.device->async()));
     prefetch_extra_ = std::max(0, p.prefetch_extra);
     dev_experts_ = p.device;
     host_be_ = p.device ? p.host : nullptr;
@@ -261,11 +262,29 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
             if (ra != rb) return ra;
             return !ra && store_->order({int32_t(il), a}) < store_->order({int32_t(il), b});
         });
+    } else if (dev_experts_->async()) {
+        // Promotions first, then the next layer's prefetch, all on the copy queue; the experts
+        // already resident compute (and the misses computed on the host run) while they upload.
+        std::stable_partition(wanted_.begin(), wanted_.end(), [&](int32_t e) { return dev_experts_->resident({int32_t(il), e}); });
+        for (int32_t e : wanted_) {
+            const ExpertId id{int32_t(il), e};
+            if (dev_experts_->resident(id) || !dev_experts_->can_promote()) continue;
+            const ExpertWeights & host_w = model_.experts().get(id);
+            if (cost_->choose_for(id.layer, e, host_w.n_bytes(), dispatch_.n_tokens_for(e), c.n_embd, dev_experts_->admits(id)) ==
+                Placement::Promote)
+                dev_experts_->promote(id);
+        }
+        const int64_t next = prefetch_ ? next_moe_[size_t(il)] : -1;
+        if (next >= 0) {
+            predict(next, n);
+            prefetch_predicted(next);
+        }
+        std::stable_partition(wanted_.begin(), wanted_.end(), [&](int32_t e) { return dev_experts_->resident({int32_t(il), e}); });
     }
     for (int32_t e : wanted_) {
         const ExpertId id{int32_t(il), e};
         const int64_t n_e = dispatch_.n_tokens_for(e);
-        const ExpertWeights * w = dev_experts_->resident(id);
+        const ExpertWeights * w = dev_experts_->ready(id);
         if (w) {
             run_routed(*w, e, n, h, x, /*as_is=*/true);
             dev_experts_->done(id);
@@ -275,10 +294,12 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
         if (store_) layer.held = id;
         if (dev_experts_->can_promote() &&
             cost_->choose_for(id.layer, e, host_w.n_bytes(), n_e, c.n_embd, dev_experts_->admits(id)) == Placement::Promote) {
-            const double t0 = dev_experts_->stats().upload_seconds;
-            const uint64_t b0 = dev_experts_->stats().bytes_uploaded;
-            w = &dev_experts_->promote(id, host_w);
-            cost_->observe_upload(size_t(dev_experts_->stats().bytes_uploaded - b0), dev_experts_->stats().upload_seconds - t0);
+            const DeviceExpertStats before = dev_experts_->stats();
+            dev_experts_->promote(id, store_ ? &host_w : nullptr);   // a store slot is reused once released: synchronous
+            const DeviceExpertStats & after = dev_experts_->stats();
+            if (after.async_uploads == before.async_uploads)   // an async upload's time is not seen here
+                cost_->observe_upload(size_t(after.bytes_uploaded - before.bytes_uploaded), after.upload_seconds - before.upload_seconds);
+            w = dev_experts_->ready(id);
         }
         if (w) {
             run_routed(*w, e, n, h, x, /*as_is=*/true);
@@ -331,8 +352,15 @@ void ForwardPass::predict(int64_t il, int64_t n) {
     std::sort(pred_count_.begin(), pred_count_.end());
     pred_list_.clear();
     for (const auto & [neg, e] : pred_count_)   // what the gpu tier holds needs no host copy
-        if (neg < 0 && !(dev_experts_ && dev_experts_->resident({int32_t(il), e}))) pred_list_.push_back(e);
-    store_->predict(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
+        if (neg < 0 && !(store_ && dev_experts_ && dev_experts_->resident({int32_t(il), e}))) pred_list_.push_back(e);
+    if (store_) store_->predict(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
+}
+
+void ForwardPass::prefetch_predicted(int64_t il) {
+    if (store_)
+        store_->prefetch(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
+    else
+        dev_experts_->prefetch(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
 }
 
 // Routed experts from the store: ask for all of the layer's, prefetch the next layer's, compute in
@@ -641,7 +669,7 @@ const float * ForwardPass::run(const Batch & batch, std::string * error) {
     ++n_steps_;
     if ((prefetch_ || predict_observer_) && first_moe_ >= 0) {   // the first MoE layer's guess, from the embeddings
         predict(first_moe_, n);
-        if (prefetch_) store_->prefetch(int32_t(first_moe_), pred_list_.data(), int64_t(pred_list_.size()));
+        if (prefetch_) prefetch_predicted(first_moe_);
     }
 
     for (int64_t il = 0; il < c.n_layer; ++il) {

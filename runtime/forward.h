@@ -126,6 +126,7 @@ private:
     bool run_moe(int64_t il, const float * h, float * x, int64_t n);
     // Layer il's likely experts: to the predict observer, and prefetched when prefetch_ (uses xe_ as scratch).
     void predict(int64_t il, int64_t n);
+    void prefetch_predicted(int64_t il);   // pred_list_ into the store, or else the gpu tier
     void reserve_prediction();
     void device_tier_experts(int64_t il, int64_t n, const float * h, float * x);
     void run_expert_on_host(const ExpertWeights & w, int64_t e, int64_t n, const float * h, float * x);

@@ -1074,6 +1074,8 @@ const moesh_backend_iface k_cpu_iface = {
     /* .copy_rows      = */ cpu_copy_rows,
     /* .moe_ffn        = */ cpu_moe_ffn,
     /* .attention_batch = */ cpu_attention_batch,
+    /* .copy_to_device_async = */ nullptr,
+    /* .copy_wait = */ nullptr,
 };
 
 } // namespace

@@ -2,8 +2,16 @@
 // Weights, activations and the KV cache live in device memory that the host
 // allocates through buffer_alloc (cudaMalloc at set-up time, never inside an
 // op); ops are queued on a compute stream and run asynchronously until
-// synchronize or a copy back. Copies go through pinned staging buffers on a
-// copy stream that first waits for the compute work queued before them.
+// synchronize or a copy back. Three streams:
+//   compute  every op, in call order.
+//   copy     copy_to_device / copy_to_host, through two pinned staging buffers,
+//            after the compute work queued before them; small router reads go
+//            here, so they never queue behind an expert upload.
+//   upload   copy_to_device_async, fed by a plugin thread (started on first
+//            use): copying from pageable memory blocks the thread that issues
+//            it, and the host thread must not. Each ticket waits (on the GPU)
+//            for an event recorded on compute at call time and records a done
+//            event that copy_wait makes compute wait for.
 // Without a device the score is negative and create fails with a message, so
 // the loader falls back to another plugin (the CPU).
 #include <moesh/plugin.h>
@@ -14,18 +22,54 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <cstdarg>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <new>
+#include <thread>
 
 namespace {
 
 constexpr int32_t k_score = 100;          // above the CPU plugin's
 constexpr size_t k_staging_bytes = size_t(16) << 20;   // per staging buffer; two of them
+// Tickets queued but not yet taken by the uploader before copy_to_device_async
+// blocks; also how many of the latest tickets keep their own done event.
+constexpr uint64_t k_upload_slots = 256;
+constexpr int k_upload_chunks = 4;        // pinned chunks of k_staging_bytes for the uploader
+
+// Ticket t lives in slot t % k_upload_slots.
+struct UploadSlot {
+    void * dst = nullptr;
+    const void * src = nullptr;
+    size_t n_bytes = 0;
+    cudaEvent_t compute_mark = nullptr;   // on compute at call time; the copy waits for it
+    cudaEvent_t done = nullptr;           // on upload after the copy of the slot's latest ticket
+};
+
+// copy_to_device_async's queue and the thread that drains it.
+struct Uploader {
+    cudaStream_t stream = nullptr;
+    UploadSlot slots[k_upload_slots];
+    void * staging[k_upload_chunks] = {};         // pinned host memory, [k_staging_bytes] each
+    cudaEvent_t staged[k_upload_chunks] = {};     // a chunk is refilled once its transfer is done
+    std::thread worker;
+    std::mutex mutex;
+    std::condition_variable cv;                   // every change below is notified
+    // Under mutex:
+    uint64_t queued = 0;    // last ticket handed out
+    uint64_t started = 0;   // last ticket whose compute_mark the worker has waited on (its slot is free)
+    uint64_t issued = 0;    // last ticket whose done event is recorded
+    int pinned = -1;        // slot whose done event the host is synchronizing; not re-recorded meanwhile
+    bool stop = false;
+    bool dead = false;      // the worker ended early; every call fails from then on
+    moesh_status status = MOESH_OK;   // a worker error not yet reported
+    char error[512] = "";
+};
 
 } // namespace
 
@@ -38,6 +82,7 @@ struct moesh_backend {
     void * staging[2] = {nullptr, nullptr};   // pinned host memory
     cudaEvent_t staged[2] = {nullptr, nullptr};
     int32_t * error_flag = nullptr;           // device: set by kernels that find bad indices
+    Uploader up;
     char last_error[512] = "";
 };
 
@@ -79,11 +124,162 @@ moesh_status order_copy_after_compute(moesh_backend * be) {
     return MOESH_OK;
 }
 
+// ---------------------------------------------------------------- uploader
+
+// Keeps the first unreported worker error (caller holds up.mutex).
+__attribute__((format(printf, 3, 4)))
+void upload_error(Uploader & up, moesh_status status, const char * fmt, ...) {
+    if (up.status != MOESH_OK || up.dead) return;
+    va_list ap;
+    va_start(ap, fmt);
+    std::vsnprintf(up.error, sizeof up.error, fmt, ap);
+    va_end(ap);
+    up.status = status;
+}
+
+// A stored worker error as this call's status, reported once (caller holds up.mutex).
+moesh_status take_upload_error(moesh_backend * be) {
+    Uploader & up = be->up;
+    if (up.dead) return fail(be, MOESH_ERR_INTERNAL, "%s", up.error);
+    if (up.status == MOESH_OK) return MOESH_OK;
+    const moesh_status s = up.status;
+    up.status = MOESH_OK;
+    return fail(be, s, "%s", up.error);
+}
+
+// One ticket's bytes through the pinned chunks, round robin across tickets.
+cudaError_t upload_staged(Uploader & up, const UploadSlot & job, int * chunk, const char ** what) {
+    for (size_t off = 0; off < job.n_bytes; off += k_staging_bytes) {
+        const size_t n = std::min(k_staging_bytes, job.n_bytes - off);
+        const int k = *chunk;
+        *chunk = (k + 1) % k_upload_chunks;
+        *what = "cudaEventSynchronize";
+        cudaError_t e = cudaEventSynchronize(up.staged[k]);
+        if (e != cudaSuccess) return e;
+        std::memcpy(up.staging[k], static_cast<const uint8_t *>(job.src) + off, n);
+        *what = "cudaMemcpyAsync";
+        e = cudaMemcpyAsync(static_cast<uint8_t *>(job.dst) + off, up.staging[k], n, cudaMemcpyHostToDevice, up.stream);
+        if (e != cudaSuccess) return e;
+        *what = "cudaEventRecord";
+        e = cudaEventRecord(up.staged[k], up.stream);
+        if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+}
+
+// The uploader thread: tickets in order until stop, then the rest. Every
+// ticket gets its done event recorded, failed or not, so no waiter hangs.
+void upload_worker(moesh_backend * be) noexcept {
+    Uploader & up = be->up;
+    const cudaError_t dev_e = cudaSetDevice(be->device);
+    try {
+        std::unique_lock<std::mutex> lock(up.mutex);
+        if (dev_e != cudaSuccess) {
+            upload_error(up, MOESH_ERR_INTERNAL, "copy_to_device_async: upload thread: cudaSetDevice(%d): %s (%s)",
+                         be->device, cudaGetErrorString(dev_e), cudaGetErrorName(dev_e));
+        }
+        int chunk = 0;
+        for (;;) {
+            up.cv.wait(lock, [&] { return up.stop || up.started < up.queued; });
+            if (up.started == up.queued) return;
+            const uint64_t t = up.started + 1;
+            const size_t s = size_t(t % k_upload_slots);
+            const UploadSlot job = up.slots[s];
+            lock.unlock();
+            const char * what = "cudaStreamWaitEvent";
+            cudaError_t e = cudaStreamWaitEvent(up.stream, job.compute_mark, 0);
+            lock.lock();
+            up.started = t;   // compute_mark is captured: the host may reuse the slot
+            up.cv.notify_all();
+            lock.unlock();
+            if (e == cudaSuccess) e = upload_staged(up, job, &chunk, &what);
+            lock.lock();
+            up.cv.wait(lock, [&] { return up.pinned != int(s); });
+            const cudaError_t r = cudaEventRecord(job.done, up.stream);
+            if (e == cudaSuccess && r != cudaSuccess) {
+                e = r;
+                what = "cudaEventRecord";
+            }
+            if (e != cudaSuccess) {
+                upload_error(up, e == cudaErrorMemoryAllocation ? MOESH_ERR_OUT_OF_MEMORY : MOESH_ERR_INTERNAL,
+                             "copy_to_device_async (ticket %llu, %zu bytes): %s: %s (%s)", (unsigned long long)t,
+                             job.n_bytes, what, cudaGetErrorString(e), cudaGetErrorName(e));
+            }
+            up.issued = t;
+            up.cv.notify_all();
+        }
+    } catch (...) {
+        // Only the mutex can throw (std::system_error); an exception must not end the process.
+        try {
+            std::lock_guard<std::mutex> g(up.mutex);
+            std::snprintf(up.error, sizeof up.error, "copy_to_device_async: the upload thread stopped on an exception");
+            up.dead = true;
+            up.cv.notify_all();
+        } catch (...) {
+        }
+    }
+}
+
+// The uploader's stream, events, pinned chunks and thread, on first use (a
+// failure leaves what was made for the next try, or for release).
+moesh_status start_uploader(moesh_backend * be) {
+    Uploader & up = be->up;
+    if (up.worker.joinable()) return MOESH_OK;
+    if (!up.stream) {
+        MOESH_CUDA_CALL(cudaStreamCreateWithFlags(&up.stream, cudaStreamNonBlocking),
+                        "copy_to_device_async: cudaStreamCreateWithFlags");
+    }
+    for (UploadSlot & slot : up.slots) {
+        for (cudaEvent_t * ev : {&slot.compute_mark, &slot.done}) {
+            if (!*ev) {
+                MOESH_CUDA_CALL(cudaEventCreateWithFlags(ev, cudaEventDisableTiming),
+                                "copy_to_device_async: cudaEventCreateWithFlags");
+            }
+        }
+    }
+    for (int k = 0; k < k_upload_chunks; ++k) {
+        if (!up.staging[k]) {
+            MOESH_CUDA_CALL(cudaHostAlloc(&up.staging[k], k_staging_bytes, cudaHostAllocDefault),
+                            "copy_to_device_async: cudaHostAlloc");
+        }
+        if (!up.staged[k]) {
+            MOESH_CUDA_CALL(cudaEventCreateWithFlags(&up.staged[k], cudaEventDisableTiming),
+                            "copy_to_device_async: cudaEventCreateWithFlags");
+        }
+    }
+    up.worker = std::thread(upload_worker, be);
+    return MOESH_OK;
+}
+
+// Lets the worker finish the queued tickets, then joins it. noexcept: a
+// mutex that cannot be locked here is a broken invariant, and aborts.
+void stop_uploader(Uploader & up) noexcept {
+    if (!up.worker.joinable()) return;
+    {
+        std::lock_guard<std::mutex> g(up.mutex);
+        up.stop = true;
+    }
+    up.cv.notify_all();
+    up.worker.join();
+}
+
 // ---------------------------------------------------------------- lifetime
 
 void release(moesh_backend * be) {
+    Uploader & up = be->up;
+    stop_uploader(up);
     if (be->compute) cudaStreamSynchronize(be->compute);
     if (be->copy) cudaStreamSynchronize(be->copy);
+    if (up.stream) cudaStreamSynchronize(up.stream);
+    for (UploadSlot & slot : up.slots) {
+        if (slot.compute_mark) cudaEventDestroy(slot.compute_mark);
+        if (slot.done) cudaEventDestroy(slot.done);
+    }
+    for (int k = 0; k < k_upload_chunks; ++k) {
+        if (up.staged[k]) cudaEventDestroy(up.staged[k]);
+        if (up.staging[k]) cudaFreeHost(up.staging[k]);
+    }
+    if (up.stream) cudaStreamDestroy(up.stream);
     for (int i = 0; i < 2; ++i) {
         if (be->staged[i]) cudaEventDestroy(be->staged[i]);
         if (be->staging[i]) cudaFreeHost(be->staging[i]);
@@ -221,8 +417,85 @@ moesh_status cuda_copy_to_host(moesh_backend * be, void * dst, const void * src,
     });
 }
 
+moesh_status cuda_copy_to_device_async(moesh_backend * be, void * dst, const void * src, size_t n_bytes,
+                                       uint64_t * ticket) {
+    return guarded(be, "copy_to_device_async", [&]() -> moesh_status {
+        MOESH_PLUGIN_REQUIRE(ticket, "copy_to_device_async: ticket is NULL");
+        *ticket = 0;
+        MOESH_PLUGIN_REQUIRE(n_bytes == 0 || (dst && src), "copy_to_device_async: dst and src must not be NULL");
+        moesh_status s = start_uploader(be);
+        if (s != MOESH_OK) return s;
+        Uploader & up = be->up;
+        std::unique_lock<std::mutex> lock(up.mutex);
+        if ((s = take_upload_error(be)) != MOESH_OK) return s;
+        const uint64_t t = up.queued + 1;
+        // Blocks only with k_upload_slots tickets queued that the worker has not reached.
+        up.cv.wait(lock, [&] { return up.dead || t - up.started <= k_upload_slots; });
+        if (up.dead) return take_upload_error(be);
+        UploadSlot & slot = up.slots[t % k_upload_slots];
+        MOESH_CUDA_CALL(cudaEventRecord(slot.compute_mark, be->compute), "copy_to_device_async: cudaEventRecord");
+        slot.dst = dst;
+        slot.src = src;
+        slot.n_bytes = n_bytes;
+        up.queued = t;
+        up.cv.notify_all();
+        *ticket = t;
+        return MOESH_OK;
+    });
+}
+
+moesh_status cuda_copy_wait(moesh_backend * be, uint64_t ticket, int32_t wait_host) {
+    return guarded(be, "copy_wait", [&]() -> moesh_status {
+        MOESH_PLUGIN_REQUIRE(wait_host == 0 || wait_host == 1, "copy_wait: wait_host is %d, must be 0 or 1",
+                             int(wait_host));
+        Uploader & up = be->up;
+        std::unique_lock<std::mutex> lock(up.mutex);
+        MOESH_PLUGIN_REQUIRE(ticket != 0 && ticket <= up.queued,
+                             "copy_wait: ticket %llu was never issued (the last one is %llu)",
+                             (unsigned long long)ticket, (unsigned long long)up.queued);
+        // Only an issued ticket has a done event to wait for.
+        up.cv.wait(lock, [&] { return up.dead || up.issued >= ticket; });
+        if (up.dead) return take_upload_error(be);
+        // The latest k_upload_slots tickets still hold their own done event. An
+        // older one's slot was recycled; it completed before the oldest kept
+        // ticket, which is the closest one to wait for instead.
+        const uint64_t oldest_kept = up.issued >= k_upload_slots ? up.issued - k_upload_slots + 1 : 1;
+        const size_t s = size_t(std::max(ticket, oldest_kept) % k_upload_slots);
+        MOESH_CUDA_CALL(cudaStreamWaitEvent(be->compute, up.slots[s].done, 0), "copy_wait: cudaStreamWaitEvent");
+        if (wait_host) {
+            up.pinned = int(s);
+            lock.unlock();
+            const cudaError_t e = cudaEventSynchronize(up.slots[s].done);
+            lock.lock();
+            up.pinned = -1;
+            up.cv.notify_all();
+            MOESH_CUDA_CALL(e, "copy_wait: cudaEventSynchronize");
+        }
+        return take_upload_error(be);
+    });
+}
+
+// Every queued upload issued and finished; a worker error is reported here.
+moesh_status wait_uploads(moesh_backend * be) {
+    Uploader & up = be->up;
+    if (!up.worker.joinable()) return MOESH_OK;
+    std::unique_lock<std::mutex> lock(up.mutex);
+    up.cv.wait(lock, [&] { return up.dead || up.issued == up.queued; });
+    if (!up.dead) {
+        lock.unlock();   // the worker is idle: only this thread queues
+        MOESH_CUDA_CALL(cudaStreamSynchronize(up.stream), "synchronize: upload stream");
+        lock.lock();
+    }
+    return take_upload_error(be);
+}
+
 moesh_status cuda_synchronize(moesh_backend * be) {
     return guarded(be, "synchronize", [&]() -> moesh_status {
+        const moesh_status s = wait_uploads(be);
+        if (s != MOESH_OK) {
+            cudaStreamSynchronize(be->compute);   // still a full wait; its error shows on the next call
+            return s;
+        }
         MOESH_CUDA_CALL(cudaStreamSynchronize(be->compute), "synchronize");
         int32_t flag = 0;
         MOESH_CUDA_CALL(cudaMemcpy(&flag, be->error_flag, sizeof flag, cudaMemcpyDeviceToHost), "synchronize");
@@ -416,6 +689,8 @@ const moesh_backend_iface k_cuda_iface = {
     /* .copy_rows      = */ cuda_copy_rows,
     /* .moe_ffn        = */ nullptr,   // expert_ffn per expert
     /* .attention_batch = */ nullptr,
+    /* .copy_to_device_async = */ cuda_copy_to_device_async,
+    /* .copy_wait = */ cuda_copy_wait,
 };
 
 } // namespace

@@ -243,6 +243,9 @@ Candidate probe_file(const std::string & path, const std::string & stem) {
         if (!fn) return reject(std::string("required slot '") + slot.name + "' is NULL");
     }
 
+    if (!c.iface.copy_to_device_async != !c.iface.copy_wait)
+        return reject("table has one of 'copy_to_device_async' and 'copy_wait' but not the other");
+
     if (auto score = reinterpret_cast<moesh_plugin_score_fn>(
             dlsym(c.lib.get(), MOESH_PLUGIN_SCORE_SYMBOL))) {
         c.probe.score = score();
@@ -408,6 +411,18 @@ bool Backend::supports(int32_t op, int32_t w_type) const {
 void Backend::upload(void * dst, const void * src, size_t n_bytes, const char * what) const {
     if (n_bytes == 0) return;
     check(iface_.copy_to_device(ctx_, dst, src, n_bytes), what);
+}
+
+bool Backend::has_async_upload() const { return iface_.copy_to_device_async && iface_.copy_wait; }
+
+uint64_t Backend::upload_async(void * dst, const void * src, size_t n_bytes, const char * what) const {
+    uint64_t ticket = 0;
+    check(iface_.copy_to_device_async(ctx_, dst, src, n_bytes, &ticket), what);
+    return ticket;
+}
+
+void Backend::wait_upload(uint64_t ticket, bool host, const char * what) const {
+    check(iface_.copy_wait(ctx_, ticket, host ? 1 : 0), what);
 }
 
 void Backend::download(void * dst, const void * src, size_t n_bytes, const char * what) const {

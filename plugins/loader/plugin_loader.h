@@ -82,6 +82,11 @@ public:
     // copy_to_device / copy_to_host; throw BackendError naming `what`.
     void upload(void * dst, const void * src, size_t n_bytes, const char * what) const;
     void download(void * dst, const void * src, size_t n_bytes, const char * what) const;
+    // copy_to_device_async and copy_wait are offered (a copy queue beside the ops).
+    bool has_async_upload() const;
+    // copy_to_device_async: returns the ticket; wait_upload: copy_wait(ticket, host).
+    uint64_t upload_async(void * dst, const void * src, size_t n_bytes, const char * what) const;
+    void wait_upload(uint64_t ticket, bool host, const char * what) const;
 
 private:
     friend struct detail::BackendFactory;

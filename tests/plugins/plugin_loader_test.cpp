@@ -133,6 +133,12 @@ TEST(PluginProbe, RejectsNullRequiredSlotNamingTheSlot) {
     EXPECT_EQ(p.reason, "required slot 'attention' is NULL");
 }
 
+TEST(PluginProbe, RejectsHalfOfTheAsyncCopyPair) {
+    const PluginProbe p = probe_one("half_async");
+    EXPECT_FALSE(p.ok);
+    EXPECT_EQ(p.reason, "table has one of 'copy_to_device_async' and 'copy_wait' but not the other");
+}
+
 TEST(PluginProbe, RejectsLibraryWithoutInitSymbol) {
     const PluginProbe p = probe_one("no_init");
     EXPECT_FALSE(p.ok);

@@ -82,6 +82,53 @@ TEST(DeviceForward, TheSimulatedDeviceRefusesHostPointers) {
     EXPECT_EQ(out[0], 4.0f);
 }
 
+// The simulated device's async copies land as late as the ABI allows, so a host that computes
+// with an upload it has not waited for, or reuses its source too early, sees it fail here.
+TEST(DeviceForward, TheSimulatedDeviceEnforcesAsyncCopyRules) {
+    auto be = test::open_devsim_backend();
+    ASSERT_NE(be, nullptr);
+    ASSERT_TRUE(be->has_async_upload());
+    const auto err = [&] { return std::string(be->iface().last_error(be->ctx())); };
+    BackendBuffer w(*be, 16 * sizeof(float), "test"), x(*be, 4 * sizeof(float), "test"), y(*be, 4 * sizeof(float), "test");
+    std::vector<float> ones(16, 1.0f), twos(16, 2.0f), xs(4, 1.0f), out(4);
+    be->upload(x.get(), xs.data(), 4 * sizeof(float), "test");
+    moesh_matmul_args a{};
+    a.struct_size = sizeof a;
+    a.w_type = MOESH_DTYPE_F32;
+    a.w = w.get();
+    a.x = x.as<float>();
+    a.y = y.as<float>();
+    a.n_in = a.n_out = 4;
+    a.n_tokens = 1;
+    a.x_stride = a.y_stride = 4;
+
+    const uint64_t t1 = be->upload_async(w.get(), ones.data(), 16 * sizeof(float), "test");
+    EXPECT_GT(t1, 0u);
+    EXPECT_EQ(be->iface().matmul(be->ctx(), &a), MOESH_ERR_INVALID_ARGUMENT);   // not waited for
+    EXPECT_NE(err().find("no copy_wait has covered yet"), std::string::npos) << err();
+    be->wait_upload(t1, /*host=*/false, "test");
+    ones.assign(16, 3.0f);   // too early: the copy reads its source when it runs
+    ASSERT_EQ(be->iface().matmul(be->ctx(), &a), MOESH_OK) << err();
+    be->download(out.data(), y.get(), 4 * sizeof(float), "test");
+    EXPECT_EQ(out[0], 12.0f);   // 3 * 4: the late source; a GPU might give either
+
+    const uint64_t t2 = be->upload_async(w.get(), twos.data(), 16 * sizeof(float), "test");
+    EXPECT_GT(t2, t1);
+    be->wait_upload(t2, /*host=*/true, "test");
+    twos.assign(16, 5.0f);   // allowed now: the copy is done
+    ASSERT_EQ(be->iface().matmul(be->ctx(), &a), MOESH_OK) << err();
+    be->download(out.data(), y.get(), 4 * sizeof(float), "test");
+    EXPECT_EQ(out[0], 8.0f);
+
+    EXPECT_EQ(be->iface().copy_wait(be->ctx(), t2 + 1, 0), MOESH_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(err().find("was never issued"), std::string::npos) << err();
+    EXPECT_EQ(be->iface().copy_wait(be->ctx(), 0, 1), MOESH_ERR_INVALID_ARGUMENT);
+    EXPECT_EQ(be->iface().copy_to_device_async(be->ctx(), xs.data(), xs.data(), 4, nullptr), MOESH_ERR_INVALID_ARGUMENT);
+    uint64_t t = 0;
+    EXPECT_EQ(be->iface().copy_to_device_async(be->ctx(), xs.data(), xs.data(), 4, &t), MOESH_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(err().find("not inside a buffer_alloc buffer"), std::string::npos) << err();
+}
+
 class DeviceArch : public testing::TestWithParam<const char *> {};
 
 // Prefill in chunks, then decode: logits equal the cpu backend's (f32 weights:

@@ -61,6 +61,9 @@ void check_gpu_tier(const std::string & model_dir, const std::string & reference
                 o.budget = uint64_t(n_slots) * slot + slot / 3;
                 o.n_expert_used = int32_t(model.config().n_expert_used);
                 o.policy.policy = policy;
+                // devsim's copy queue lands each upload as late as allowed: a missing fence fails here
+                o.async_uploads = policy == Policy::Heat;
+                o.prefetch_min_precision = 0;   // upload every prediction: the worst case for correctness
                 if (n_slots >= 3) o.policy.pinned = {int64_t(model.config().n_expert)};   // layer 1, expert 0
                 DeviceExperts tier(model.experts(), *dev, o);
                 EXPECT_EQ(tier.slots(), n_slots);
@@ -89,6 +92,17 @@ void check_gpu_tier(const std::string & model_dir, const std::string & reference
                     EXPECT_EQ(s.in_place, 0);
                     EXPECT_GT(s.promotions, 0);
                 }
+                EXPECT_EQ(tier.async(), o.async_uploads);
+                if (!o.async_uploads) {
+                    EXPECT_EQ(s.async_uploads, 0);
+                    EXPECT_EQ(s.prefetches, 0) << "without a copy queue a prefetch would stall the compute";
+                } else if (n_slots >= n_routed / 2) {
+                    EXPECT_GT(s.prefetches, 0);
+                    EXPECT_GT(s.prefetch_hits, 0);
+                    EXPECT_GE(s.async_uploads, s.prefetches);
+                }
+                EXPECT_LE(s.prefetch_hits + s.prefetch_unused, s.prefetches);
+                EXPECT_EQ(s.predicted > 0, o.async_uploads) << "the next layer is predicted when it can be prefetched";
             }
         }
     }

@@ -460,6 +460,23 @@ typedef struct moesh_backend_iface {
     /* Optional, since ABI v1 (NULL when absent): moesh_attention_batch_args above;
      * the host calls attention per sequence otherwise. */
     moesh_status (*attention_batch)(moesh_backend * be, const moesh_attention_batch_args * args);
+    /* Optional, since ABI v1 (NULL when absent; a host-memory backend has no
+     * use for them): host-to-device copies that run beside the ops, so that
+     * expert uploads overlap compute.
+     * copy_to_device_async queues the copy and returns at once with a ticket
+     * (nonzero, increasing; copies complete in ticket order). The copy starts
+     * after every op queued before the call has finished with dst; ops queued
+     * later may run while it is in flight, so until it is waited for, no op
+     * may touch dst, and src must stay valid and unchanged.
+     * copy_wait(ticket, wait_host): every copy up to ticket is done before any
+     * op queued after this call runs. With wait_host = 0 the host does not
+     * wait (src must still stay unchanged until a later wait_host = 1 or
+     * synchronize); with wait_host = 1 it returns when those copies are done
+     * and their src may be reused. synchronize also waits for every copy.
+     * A ticket never issued is MOESH_ERR_INVALID_ARGUMENT. */
+    moesh_status (*copy_to_device_async)(moesh_backend * be, void * dst, const void * src, size_t n_bytes,
+                                         uint64_t * ticket);
+    moesh_status (*copy_wait)(moesh_backend * be, uint64_t ticket, int32_t wait_host);
     /* append new members below this line only */
 } moesh_backend_iface;
 

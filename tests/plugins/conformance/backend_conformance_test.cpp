@@ -2060,6 +2060,74 @@ TEST_P(BackendConformance, ReportsMemoryAndCopiesBuffers) {
     EXPECT_STRNE(last_error(), "");
 }
 
+// The optional copy queue (copy_to_device_async / copy_wait): copies land in ticket order, an op
+// queued after copy_wait(ticket, 0) sees the copy, and an old ticket can still be waited for.
+// Copies of 40 MiB span several of a backend's staging chunks.
+TEST_P(BackendConformance, AsyncCopiesLandInTicketOrderAfterTheirWait) {
+    if (!be_->copy_to_device_async || !be_->copy_wait) {
+        GTEST_SKIP() << "no copy queue";
+    }
+    const int64_t n_cols = 1024, n_rows = 10240;   // 40 MiB of floats
+    const size_t n = size_t(n_cols * n_rows);
+    std::vector<float> a(n), b(n);
+    for (size_t i = 0; i < n; ++i) {
+        a[i] = float(i % 9973);
+        b[i] = -float(i % 7919) - 1.0f;
+    }
+    DeviceBuffer d = upload(std::vector<float>(n, 0.0f));
+    DeviceBuffer e = upload(std::vector<float>(n, 0.0f));
+    uint64_t t1 = 0, t2 = 0;
+    ASSERT_EQ(be_->copy_to_device_async(ctx_, d.get(), a.data(), n * 4, &t1), MOESH_OK) << last_error();
+    ASSERT_EQ(be_->copy_to_device_async(ctx_, d.get(), b.data(), n * 2, &t2), MOESH_OK) << last_error();   // first half again
+    EXPECT_GT(t1, 0u);
+    EXPECT_GT(t2, t1);
+    ASSERT_EQ(be_->copy_wait(ctx_, t2, 1), MOESH_OK) << last_error();
+    std::vector<float> want(b.begin(), b.begin() + ptrdiff_t(n / 2));
+    want.insert(want.end(), a.begin() + ptrdiff_t(n / 2), a.end());
+    EXPECT_EQ(download<float>(d, n), want) << "copies land in ticket order";
+
+    // The device waits, not the host: an op queued after copy_wait(t, 0) reads the new bytes.
+    uint64_t t3 = 0;
+    ASSERT_EQ(be_->copy_to_device_async(ctx_, d.get(), a.data(), n * 4, &t3), MOESH_OK) << last_error();
+    ASSERT_EQ(be_->copy_wait(ctx_, t3, 0), MOESH_OK) << last_error();
+    const moesh_copy_rows_args c = {.struct_size = sizeof(moesh_copy_rows_args), .accumulate = 0, .clamp = 0.0f, .reserved = 0,
+                                    .src = d.as<float>(), .dst = e.as<float>(), .src_rows = nullptr, .dst_rows = nullptr,
+                                    .n_rows = n_rows, .n_cols = n_cols, .src_stride = n_cols, .dst_stride = n_cols,
+                                    .src_n_rows = n_rows, .dst_n_rows = n_rows};
+    ASSERT_EQ(be_->copy_rows(ctx_, &c), MOESH_OK) << last_error();
+    EXPECT_EQ(download<float>(e, n), a) << "the op ran before the copy it was ordered after";
+
+    // Many small tickets; the first of them is waited for last.
+    std::vector<uint64_t> tickets(300);
+    for (size_t i = 0; i < tickets.size(); ++i)
+        ASSERT_EQ(be_->copy_to_device_async(ctx_, d.as<float>() + i, b.data() + i, 4, &tickets[i]), MOESH_OK) << last_error();
+    ASSERT_EQ(be_->copy_wait(ctx_, tickets.back(), 0), MOESH_OK) << last_error();
+    ASSERT_EQ(be_->copy_wait(ctx_, tickets.front(), 1), MOESH_OK) << last_error();
+    const std::vector<float> got = download<float>(d, tickets.size());
+    EXPECT_EQ(got, std::vector<float>(b.begin(), b.begin() + ptrdiff_t(tickets.size())));
+    uint64_t t0 = 0;
+    EXPECT_EQ(be_->copy_to_device_async(ctx_, d.get(), nullptr, 0, &t0), MOESH_OK) << "0 bytes: " << last_error();
+    EXPECT_GT(t0, tickets.back());
+    EXPECT_EQ(be_->copy_wait(ctx_, t0, 1), MOESH_OK) << last_error();
+
+    EXPECT_EQ(be_->copy_wait(ctx_, t0 + 1, 1), MOESH_ERR_INVALID_ARGUMENT) << "a ticket never issued";
+    EXPECT_NE(std::string(last_error()).find("never issued"), std::string::npos) << last_error();
+    EXPECT_EQ(be_->copy_wait(ctx_, t0, 2), MOESH_ERR_INVALID_ARGUMENT) << "wait_host 2";
+    {
+        Rejection r(be_, create_context());
+        r.expect(be_->copy_wait(r.ctx(), 0, 0), MOESH_ERR_INVALID_ARGUMENT, "ticket 0");
+    }
+    {
+        Rejection r(be_, create_context());
+        r.expect(be_->copy_to_device_async(r.ctx(), d.get(), a.data(), 16, nullptr), MOESH_ERR_INVALID_ARGUMENT, "ticket NULL");
+    }
+    {
+        Rejection r(be_, create_context());
+        uint64_t t = 0;
+        r.expect(be_->copy_to_device_async(r.ctx(), nullptr, a.data(), 16, &t), MOESH_ERR_INVALID_ARGUMENT, "dst NULL");
+    }
+}
+
 // The workers' hand-off (spinning, then sleeping) under many short calls,
 // some after the workers have gone to sleep: every result must be the same.
 // The matmul is just big enough (1M multiply-adds) for the cpu backend to

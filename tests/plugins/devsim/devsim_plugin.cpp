@@ -8,7 +8,11 @@
 //   - copy_to_device / copy_to_host check that one side is a buffer and the
 //     other is not;
 //   - memory is limited: MOESH_DEVSIM_MEMORY (bytes, default 1 GiB) is what
-//     memory_info reports and what buffer_alloc gives out at most.
+//     memory_info reports and what buffer_alloc gives out at most;
+//   - copy_to_device_async copies as late as the ABI allows: when an op or copy
+//     first touches dst after a copy_wait covering the ticket, at copy_wait with
+//     wait_host = 1, or at synchronize. Touching dst before any copy_wait is an
+//     error, and a src changed or freed too early gives wrong bytes, as on a GPU.
 // Not installed; built for the tests only.
 #include <moesh/plugin.h>
 
@@ -18,6 +22,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -30,6 +35,15 @@ struct moesh_backend {
     std::map<uintptr_t, size_t> buffers;   // start -> mapped bytes
     size_t limit = 0, used = 0;
     char last_error[512] = "";
+    struct Pending {
+        uint64_t ticket;
+        uint8_t * dst;
+        const void * src;
+        size_t n;
+    };
+    std::vector<Pending> pending;   // async copies not performed yet, in ticket order
+    uint64_t next_ticket = 1;
+    uint64_t fenced = 0;            // copies up to this ticket may be touched by ops
 };
 
 namespace {
@@ -54,6 +68,40 @@ std::map<uintptr_t, size_t>::iterator find_buffer(moesh_backend * be, const void
     return it;
 }
 
+// Performs pending async copies [0, upto) of the list (their dst buffers opened just for it).
+void perform(moesh_backend * be, size_t upto) {
+    for (size_t i = 0; i < upto; ++i) {
+        const auto & c = be->pending[i];
+        auto it = find_buffer(be, c.dst, c.n);
+        if (it == be->buffers.end()) continue;   // its buffer was freed (a GPU's free waits for the copy)
+        mprotect(reinterpret_cast<void *>(it->first), it->second, PROT_READ | PROT_WRITE);
+        std::memcpy(c.dst, c.src, c.n);
+        mprotect(reinterpret_cast<void *>(it->first), it->second, PROT_NONE);
+    }
+    be->pending.erase(be->pending.begin(), be->pending.begin() + ptrdiff_t(upto));
+}
+
+// Before an op or copy touches [p, p + n): false (with last_error) when a copy not yet waited
+// for writes there; otherwise the copies up to the last that writes there are performed.
+bool settle(moesh_backend * be, const void * p, size_t n, const char * what, bool * performed) {
+    const auto * a = static_cast<const uint8_t *>(p);
+    size_t upto = 0;
+    for (size_t i = 0; i < be->pending.size(); ++i) {
+        const auto & c = be->pending[i];
+        if (c.dst >= a + n || a >= c.dst + c.n) continue;
+        if (c.ticket > be->fenced) {
+            fail(be, MOESH_ERR_INVALID_ARGUMENT,
+                 "%s: %p (+%zu bytes) is written by async copy %llu, which no copy_wait has covered yet", what, p, n,
+                 static_cast<unsigned long long>(c.ticket));
+            return false;
+        }
+        upto = i + 1;
+    }
+    perform(be, upto);
+    *performed = upto > 0;
+    return true;
+}
+
 // The buffers an op touches, opened for the op and closed again after it.
 class Access {
 public:
@@ -69,6 +117,10 @@ public:
             fail(be_, MOESH_ERR_INVALID_ARGUMENT, "%s: %p (+%zu bytes) is not inside a buffer_alloc buffer", what, p, n);
             return false;
         }
+        bool performed = false;
+        if (!settle(be_, p, n ? n : 1, what, &performed)) return false;
+        if (performed)   // perform closed the buffers it wrote; reopen what this op holds
+            for (auto & o : open_) mprotect(reinterpret_cast<void *>(o.first), o.second, PROT_READ | PROT_WRITE);
         for (auto & o : open_)
             if (o.first == it->first) return true;
         mprotect(reinterpret_cast<void *>(it->first), it->second, PROT_READ | PROT_WRITE);
@@ -130,6 +182,8 @@ void devsim_buffer_free(moesh_backend * be, void * ptr) {
     if (!be || !ptr) return;
     auto it = be->buffers.find(reinterpret_cast<uintptr_t>(ptr));
     if (it == be->buffers.end()) std::abort();   // freeing what was not allocated: a host bug, loudly
+    const auto * lo = static_cast<const uint8_t *>(ptr);
+    std::erase_if(be->pending, [&](const moesh_backend::Pending & c) { return c.dst >= lo && c.dst < lo + it->second; });
     munmap(ptr, it->second);
     be->used -= it->second;
     be->buffers.erase(it);
@@ -157,7 +211,46 @@ moesh_status devsim_copy_to_host(moesh_backend * be, void * dst, const void * sr
     return guarded(be, "copy_to_host", [&] { return devsim_copy(be, dst, src, n, false); });
 }
 
-moesh_status devsim_synchronize(moesh_backend *) { return MOESH_OK; }
+moesh_status devsim_copy_to_device_async(moesh_backend * be, void * dst, const void * src, size_t n, uint64_t * ticket) {
+    return guarded(be, "copy_to_device_async", [&]() -> moesh_status {
+        if (!ticket) return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_to_device_async: ticket is NULL");
+        if (n > 0) {
+            if (!dst || !src) return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_to_device_async: NULL pointer");
+            if (find_buffer(be, src, 1) != be->buffers.end())
+                return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_to_device_async: the host side %p is device memory", src);
+            if (find_buffer(be, dst, n) == be->buffers.end())
+                return fail(be, MOESH_ERR_INVALID_ARGUMENT,
+                            "copy_to_device_async: %p (+%zu bytes) is not inside a buffer_alloc buffer", dst, n);
+        }
+        *ticket = be->next_ticket++;
+        if (n > 0) be->pending.push_back({*ticket, static_cast<uint8_t *>(dst), src, n});
+        return MOESH_OK;
+    });
+}
+
+moesh_status devsim_copy_wait(moesh_backend * be, uint64_t ticket, int32_t wait_host) {
+    return guarded(be, "copy_wait", [&]() -> moesh_status {
+        if (wait_host != 0 && wait_host != 1)
+            return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_wait: wait_host is %d, must be 0 or 1", int(wait_host));
+        if (ticket == 0 || ticket >= be->next_ticket)
+            return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_wait: ticket %llu was never issued (last: %llu)",
+                        static_cast<unsigned long long>(ticket), static_cast<unsigned long long>(be->next_ticket - 1));
+        be->fenced = std::max(be->fenced, ticket);
+        if (wait_host) {
+            size_t upto = 0;
+            while (upto < be->pending.size() && be->pending[upto].ticket <= ticket) ++upto;
+            perform(be, upto);
+        }
+        return MOESH_OK;
+    });
+}
+
+moesh_status devsim_synchronize(moesh_backend * be) {
+    if (!be) return MOESH_ERR_INVALID_ARGUMENT;
+    be->fenced = be->next_ticket - 1;
+    perform(be, be->pending.size());
+    return MOESH_OK;
+}
 
 int32_t devsim_supports(moesh_backend *, int32_t op, int32_t w_type) {
     switch (op) {
@@ -292,6 +385,8 @@ const moesh_backend_iface k_iface = {
     /* .copy_rows      = */ devsim_copy_rows,
     /* .moe_ffn        = */ nullptr,
     /* .attention_batch = */ nullptr,
+    /* .copy_to_device_async = */ devsim_copy_to_device_async,
+    /* .copy_wait = */ devsim_copy_wait,
 };
 
 } // namespace

@@ -12,6 +12,7 @@
  *   SAMPLE_INIT_FAILS    init logs an error and returns MOESH_ERR_INTERNAL
  *   SAMPLE_NULL_TABLE    init returns OK without a table
  *   SAMPLE_CREATE_FAILS  create logs an error and returns MOESH_ERR_OUT_OF_MEMORY
+ *   SAMPLE_HALF_ASYNC    offer copy_to_device_async without copy_wait
  *
  * Kernels are trivial: matmul checks its arguments (struct_size, w_type) and returns OK, the
  * rest UNSUPPORTED.
@@ -141,6 +142,12 @@ static moesh_status sample_softmax(moesh_backend * be, const moesh_softmax_args 
     return fail(be, MOESH_ERR_UNSUPPORTED, "softmax is not offered");
 }
 
+#ifdef SAMPLE_HALF_ASYNC
+static moesh_status sample_copy_async(moesh_backend * be, void * dst, const void * src, size_t n, uint64_t * ticket) {
+    return fail(be, MOESH_ERR_UNSUPPORTED, "copy_to_device_async is not offered");
+}
+#endif
+
 #ifndef SAMPLE_NO_ATTENTION
 static moesh_status sample_attention(moesh_backend * be, const moesh_attention_args * args) {
     return fail(be, MOESH_ERR_UNSUPPORTED, "attention is not offered");
@@ -177,6 +184,12 @@ static const moesh_backend_iface sample_iface = {
     /* .copy_rows      = */ NULL,   /* optional: without it no forward pass runs here */
     /* .moe_ffn        = */ NULL,   /* optional */
     /* .attention_batch = */ NULL,
+#ifdef SAMPLE_HALF_ASYNC
+    /* .copy_to_device_async = */ sample_copy_async,
+#else
+    /* .copy_to_device_async = */ NULL,
+#endif
+    /* .copy_wait = */ NULL,
 };
 
 /* Not an entry point: hidden visibility keeps it out of the dynamic symbol table. */
