@@ -104,7 +104,7 @@ void DeviceExperts::begin_layer(int32_t layer, int64_t step, const int32_t * exp
     if (n_pred > 0) precision_ = 0.9 * precision_ + 0.1 * double(n_right) / double(n_pred);
 }
 
-void DeviceExperts::prefetch(int32_t layer, const int32_t * experts, int64_t n) {
+void DeviceExperts::predict(int32_t layer, const int32_t * experts, int64_t n) {
     if (layer < 0 || layer >= n_layer_) return;
     if (!layer_predicted_[size_t(layer)]) policy_.predict(layer, experts, n);
     layer_predicted_[size_t(layer)] = 1;
@@ -113,6 +113,11 @@ void DeviceExperts::prefetch(int32_t layer, const int32_t * experts, int64_t n) 
         if (!predicted_[size_t(key)]) ++stats_.predicted;
         predicted_[size_t(key)] = 1;
     }
+}
+
+void DeviceExperts::prefetch(int32_t layer, const int32_t * experts, int64_t n) {
+    if (layer < 0 || layer >= n_layer_) return;
+    predict(layer, experts, n);
     // Without a copy queue an upload would stall the compute it should hide behind; below the
     // bar a wrong guess would take the bus from the next layer's demand.
     if (!async_) return;

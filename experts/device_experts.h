@@ -6,6 +6,7 @@
 //
 //   DeviceExperts dev(model.experts(), backend, {budget, slot_bytes, policy, k});
 //   dev.begin_layer(layer, step, wanted, n_wanted, tokens_per_expert);
+//   dev.predict(next_layer, predicted, n_predicted);          // before promoting: evict knowing it
 //   if (!dev.resident({layer, e}) && promote) dev.promote({layer, e});   // upload queued
 //   dev.prefetch(next_layer, predicted, n_predicted);         // the guess, behind the demand
 //   ... compute the resident experts first ...
@@ -90,7 +91,9 @@ public:
     const ExpertWeights & promote(ExpertId id, const ExpertWeights & from) { return promote(id, &from); }
     bool can_promote() const { return victim() >= 0; }   // a slot that may take an expert now
     // The next visit of layer will likely want experts[0, n) (most likely first): the policy
-    // evicts knowing it, and those not resident are uploaded from the table, in order, into
+    // evicts knowing it. Calling it again for the same visit changes nothing.
+    void predict(int32_t layer, const int32_t * experts, int64_t n);
+    // predict(), and those not resident are uploaded from the table, in order, into
     // slots that this layer and the prediction do not need, while the running precision allows.
     // Call after this layer's promotions, so that their uploads go first.
     void prefetch(int32_t layer, const int32_t * experts, int64_t n);

@@ -265,6 +265,9 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
     } else if (dev_experts_->async()) {
         // Promotions first, then the next layer's prefetch, all on the copy queue; the experts
         // already resident compute (and the misses computed on the host run) while they upload.
+        // The next layer's prediction before this layer's promotions: the policy evicts knowing it.
+        const int64_t next = prefetch_ ? next_moe_[size_t(il)] : -1;
+        if (next >= 0) predict(next, n);
         std::stable_partition(wanted_.begin(), wanted_.end(), [&](int32_t e) { return dev_experts_->resident({int32_t(il), e}); });
         for (int32_t e : wanted_) {
             const ExpertId id{int32_t(il), e};
@@ -274,11 +277,7 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
                 Placement::Promote)
                 dev_experts_->promote(id);
         }
-        const int64_t next = prefetch_ ? next_moe_[size_t(il)] : -1;
-        if (next >= 0) {
-            predict(next, n);
-            prefetch_predicted(next);
-        }
+        if (next >= 0) prefetch_predicted(next);
         std::stable_partition(wanted_.begin(), wanted_.end(), [&](int32_t e) { return dev_experts_->resident({int32_t(il), e}); });
     }
     for (int32_t e : wanted_) {
@@ -353,7 +352,10 @@ void ForwardPass::predict(int64_t il, int64_t n) {
     pred_list_.clear();
     for (const auto & [neg, e] : pred_count_)   // what the gpu tier holds needs no host copy
         if (neg < 0 && !(store_ && dev_experts_ && dev_experts_->resident({int32_t(il), e}))) pred_list_.push_back(e);
-    if (store_) store_->predict(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
+    if (store_)
+        store_->predict(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
+    else
+        dev_experts_->predict(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
 }
 
 void ForwardPass::prefetch_predicted(int64_t il) {
