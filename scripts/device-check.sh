@@ -41,10 +41,11 @@
 #         e2e_q4_0, e2e_q8_0
 #                      moesh_bench_gguf --synthetic moe-mid --type T --backend cuda: decode and
 #                      prefill tokens/s, and decode as a fraction of the measured copy bandwidth
-#         tier_q4_0    moesh_bench_gguf ... --gpu-budgets 50,25 --costs auto,in-place: the gpu tier
-#                      holding 50% / 25% of moe-mid's expert bytes, the rest promoted or computed on
-#                      the cpu plugin by the cost model, beside the static rule (first layers pinned,
-#                      the rest always on the cpu)
+#         tier_q4_0    moesh_bench_gguf ... --gpu-budgets 50,25 --costs auto,auto-sync,in-place: the
+#                      gpu tier holding 50% / 25% of moe-mid's expert bytes, the rest promoted (on the
+#                      copy queue, with the next layer prefetched; auto-sync: blocking, no prefetch) or
+#                      computed on the cpu plugin by the cost model, beside the static rule (first
+#                      layers pinned, the rest always on the cpu)
 #         torch        PyTorch's bf16 matmul TFLOP/s and bf16 GEMV GB/s on the same GPU
 #       and prints a table of the results LAST. Every JSON line (the benchmarks' and one per step)
 #       goes to $OUT/device-check.jsonl, and the steps' logs to $OUT/device-check-logs/, when
@@ -459,14 +460,15 @@ run() {
         (( limit < 0 )) && limit=0
         run_step tier_q4_0 "$limit" "$BIN/moesh_bench_gguf" --synthetic moe-mid --type q4_0 --backend cuda \
             --plugin-dir "$PLUG" --threads "$(nproc)" --prompt 128 --gen 64 --batch 128 --reps 2 \
-            --gpu-budgets 50,25 --costs auto,in-place
-        local full half stat
+            --gpu-budgets 50,25 --costs auto,auto-sync,in-place
+        local full half sync stat
         full=$(jfield "$(jline bench=moesh "model=synthetic moe-mid q4_0")" decode_tps)
         half=$(jfield "$(jline bench=moesh_gpu_tier gpu_budget_percent=50.0 cost=auto)" decode_tps)
+        sync=$(jfield "$(jline bench=moesh_gpu_tier gpu_budget_percent=50.0 cost=auto-sync)" decode_tps)
         stat=$(jfield "$(jline bench=moesh_gpu_tier gpu_budget_percent=50.0 cost=in-place)" decode_tps)
         if (( STEP_RC == -1 )); then record tier_q4_0 skip 0 "out of time"
         elif (( STEP_RC == 0 )); then
-            record tier_q4_0 pass "$STEP_T" "50% of experts in VRAM: $(fmt %.1f "$half") tok/s (all in VRAM $(fmt %.1f "$full"), static rule $(fmt %.1f "$stat"))"
+            record tier_q4_0 pass "$STEP_T" "50% of experts in VRAM: $(fmt %.1f "$half") tok/s (blocking uploads $(fmt %.1f "$sync"), all in VRAM $(fmt %.1f "$full"), static rule $(fmt %.1f "$stat"))"
         else
             record tier_q4_0 fail "$STEP_T" "$(failure_note tier_q4_0)"
         fi

@@ -24,9 +24,11 @@
 // memory, a gpu tier holding that percentage of the routed experts' bytes
 // (experts/device_experts.h); the experts it lacks are promoted or computed on
 // the cpu plugin from the same --plugin-dir, as --costs says (auto: the cost
-// model; promote; in-place: the static rule, the first layers' experts pinned
-// and every other one on the cpu). One line per budget x cost x thread count, with
-// the tier's hits, promotions and in-place counts.
+// model, uploads on the backend's copy queue and the next layer prefetched into
+// VRAM; auto-sync: the same with blocking uploads and no prefetch; promote;
+// in-place: the static rule, the first layers' experts pinned and every other
+// one on the cpu). One line per budget x cost x thread count, with the tier's
+// hits, promotions, in-place counts and prefetches.
 #include "bandwidth_probe.h"
 #include "plugins/loader/plugin_loader.h"
 #include "runtime/generate.h"
@@ -151,7 +153,7 @@ int main(int argc, char ** argv) {
             std::fprintf(stderr,
                          "usage: %s --model PATH [--threads 1,2] [--prompt 128] [--gen 64] [--batch 128] [--reps 3]\n"
                          "          [--probe-gib 1] [--plugin-dir D] [--no-repack] [--backend cpu] [--roofline-gbps G]\n"
-                         "          [--gpu-budgets 50,25 [--costs auto,promote,in-place]]   (a device backend)\n"
+                         "          [--gpu-budgets 50,25 [--costs auto,auto-sync,promote,in-place]]   (a device backend)\n"
                          "       %s --synthetic moe-small|moe-mid [--type q4_0|q8_0|q4_1|bf16] [same options]\n"
                          "       %s --probe-only [--threads 2] [--probe-gib 1]\n",
                          argv[0], argv[0], argv[0]);
@@ -260,7 +262,8 @@ int main(int argc, char ** argv) {
                         moesh::DeviceExpertOptions dopt;
                         dopt.budget = uint64_t(pct / 100.0 * double(expert_bytes));
                         dopt.n_expert_used = int32_t(model.config().n_expert_used);
-                        dopt.policy.policy = moesh::Policy::Heat;
+                        dopt.policy.policy = moesh::Policy::Lookahead;
+                        dopt.async_uploads = cost_name != "auto-sync";   // auto-sync: uploads block, no prefetch
                         if (mode == moesh::CostMode::AlwaysInPlace) {
                             // the static rule (llama.cpp's --n-cpu-moe): the first layers' experts pinned, the rest on the cpu
                             const int64_t n_slots = int64_t(dopt.budget / moesh::DeviceExperts::slot_bytes_for(
@@ -294,7 +297,11 @@ int main(int argc, char ** argv) {
                                                     {"decode_tps_sd", d.sd},
                                                     {"tier_requests", ts.requests}, {"tier_hits", ts.hits},
                                                     {"tier_promotions", ts.promotions}, {"tier_in_place", ts.in_place},
-                                                    {"tier_bytes_uploaded", ts.bytes_uploaded}}
+                                                    {"tier_bytes_uploaded", ts.bytes_uploaded},
+                                                    {"tier_async_uploads", ts.async_uploads}, {"tier_prefetches", ts.prefetches},
+                                                    {"tier_prefetch_hits", ts.prefetch_hits},
+                                                    {"tier_prefetch_precision", ts.prefetch_precision()},
+                                                    {"tier_prefetch_recall", ts.prefetch_recall()}}
                                          .dump()
                                   << std::endl;
                     }
