@@ -21,7 +21,8 @@ size_t DeviceExperts::slot_bytes_for(size_t expert_bytes) { return device_slot_b
 
 DeviceExperts::DeviceExperts(const ExpertTable & experts, const Backend & device, const DeviceExpertOptions & o)
     : table_(experts), dev_(device), n_layer_(int32_t(experts.n_layer())), n_expert_(int32_t(experts.n_expert())),
-      budget_(o.budget), policy_(int32_t(experts.n_layer()), int32_t(experts.n_expert()), o.n_expert_used, o.policy) {
+      budget_(o.budget), policy_(int32_t(experts.n_layer()), int32_t(experts.n_expert()), o.n_expert_used, o.policy),
+      prediction_(int32_t(experts.n_layer()), int32_t(experts.n_expert()), o.prefetch_min_precision) {
     size_t largest = 0;
     for (int32_t l = 0; l < n_layer_; ++l) largest = std::max(largest, table_.bytes_per_expert(l));
     slot_bytes_ = slot_bytes_for(largest);
@@ -35,10 +36,9 @@ DeviceExperts::DeviceExperts(const ExpertTable & experts, const Backend & device
     const size_t n_keys = size_t(n_layer_) * size_t(n_expert_);
     where_.assign(n_keys, -1);
     wanted_now_.assign(n_keys, 0);
-    predicted_.assign(n_keys, 0);
-    layer_predicted_.assign(size_t(n_layer_), 0);
     slots_.resize(size_t(n_slots));
-    min_precision_ = o.prefetch_min_precision;
+    cand_.reserve(slots_.size());
+    cand_slot_.reserve(slots_.size());
 
     size_t total = 0, done = 0;
     for (int64_t key : o.policy.pinned) {
@@ -68,16 +68,11 @@ int64_t DeviceExperts::key_of(ExpertId id) const {
 void DeviceExperts::begin_layer(int32_t layer, int64_t step, const int32_t * experts, int64_t n, const int32_t * tokens) {
     layer_ = layer;
     step_ = step;
-    const bool had_prediction = layer >= 0 && layer < n_layer_ && layer_predicted_[size_t(layer)];
     if (layer >= 0 && layer < n_layer_) policy_.begin_visit(layer, experts, n);   // a bad id throws below
     for (int64_t i = 0; i < n; ++i) {
         const int64_t key = key_of({layer, experts[i]});
         for (int32_t t = 0, nt = tokens ? std::max(1, tokens[i]) : 1; t < nt; ++t) policy_.use(key, step);
         ++stats_.requests;
-        if (had_prediction) {
-            ++stats_.wanted_predicted_layers;
-            stats_.predicted_wanted += predicted_[size_t(key)];
-        }
         if (const int32_t sl = where_[size_t(key)]; sl >= 0) {
             ++stats_.hits;
             if (slots_[size_t(sl)].prefetched) ++stats_.prefetch_hits;
@@ -86,33 +81,23 @@ void DeviceExperts::begin_layer(int32_t layer, int64_t step, const int32_t * exp
         wanted_now_[size_t(key)] = 1;
         wanted_.push_back(key);
     }
-    if (!had_prediction) return;
     // This layer's prediction is used up: what it uploaded and the layer did not want is unused.
     for (Slot & sl : slots_)
         if (sl.prefetched && sl.key / n_expert_ == layer) {
             sl.prefetched = false;
             ++stats_.prefetch_unused;
         }
-    int64_t n_pred = 0, n_right = 0;
-    for (int32_t e = 0; e < n_expert_; ++e) {
-        const size_t key = size_t(int64_t(layer) * n_expert_ + e);
-        n_pred += predicted_[key];
-        n_right += predicted_[key] && wanted_now_[key];
-        predicted_[key] = 0;
-    }
-    layer_predicted_[size_t(layer)] = 0;
-    if (n_pred > 0) precision_ = 0.9 * precision_ + 0.1 * double(n_right) / double(n_pred);
+    const PredictionTracker::Visit v = prediction_.visit(layer, wanted_.data(), int64_t(wanted_.size()));
+    stats_.wanted_predicted_layers += v.wanted;
+    stats_.predicted_wanted += v.right;
 }
 
 void DeviceExperts::predict(int32_t layer, const int32_t * experts, int64_t n) {
     if (layer < 0 || layer >= n_layer_) return;
-    if (!layer_predicted_[size_t(layer)]) policy_.predict(layer, experts, n);
-    layer_predicted_[size_t(layer)] = 1;
-    for (int64_t i = 0; i < n; ++i) {
-        const int64_t key = key_of({layer, experts[i]});
-        if (!predicted_[size_t(key)]) ++stats_.predicted;
-        predicted_[size_t(key)] = 1;
-    }
+    for (int64_t i = 0; i < n; ++i) key_of({layer, experts[i]});   // a bad id throws
+    bool first = false;
+    stats_.predicted += prediction_.note(layer, experts, n, &first);
+    if (first) policy_.predict(layer, experts, n);
 }
 
 void DeviceExperts::prefetch(int32_t layer, const int32_t * experts, int64_t n) {
@@ -121,7 +106,7 @@ void DeviceExperts::prefetch(int32_t layer, const int32_t * experts, int64_t n) 
     // Without a copy queue an upload would stall the compute it should hide behind; below the
     // bar a wrong guess would take the bus from the next layer's demand.
     if (!async_) return;
-    if (precision_ < min_precision_) {
+    if (!prediction_.loads_allowed()) {
         ++stats_.prefetch_skipped;
         return;
     }
@@ -154,20 +139,42 @@ const ExpertWeights * DeviceExperts::ready(ExpertId id) {
     if (s < 0) return nullptr;
     Slot & sl = slots_[size_t(s)];
     if (sl.ticket) {
-        dev_.wait_upload(sl.ticket, /*host=*/false, "copy_wait (gpu tier upload)");
+        try {
+            dev_.wait_upload(sl.ticket, /*host=*/false, "copy_wait (gpu tier upload)");
+        } catch (...) {
+            drop_unfenced();
+            throw;
+        }
         sl.ticket = 0;
     }
     return &sl.w;
 }
 
+bool DeviceExperts::pending(ExpertId id) const {
+    const int32_t s = where_[size_t(key_of(id))];
+    return s >= 0 && slots_[size_t(s)].ticket != 0;
+}
+
+void DeviceExperts::drop_unfenced() {
+    for (Slot & sl : slots_) {
+        if (!sl.ticket) continue;
+        if (sl.key >= 0) where_[size_t(sl.key)] = -1;
+        sl.key = -1;
+        sl.ticket = 0;
+        sl.prefetched = false;
+    }
+}
+
 int32_t DeviceExperts::victim(bool for_prefetch) const {
-    std::vector<int64_t> cand;
-    std::vector<int32_t> cand_slot;
+    std::vector<int64_t> & cand = cand_;
+    std::vector<int32_t> & cand_slot = cand_slot_;
+    cand.clear();
+    cand_slot.clear();
     for (size_t i = 0; i < slots_.size(); ++i) {
         const Slot & s = slots_[i];
         if (s.key < 0) return int32_t(i);   // a free slot
         if (s.pinned || wanted_now_[size_t(s.key)]) continue;
-        if (for_prefetch && predicted_[size_t(s.key)]) continue;   // a demand may take a prediction; a prefetch may not
+        if (for_prefetch && prediction_.predicted(s.key)) continue;   // a demand may take a prediction; a prefetch may not
         cand.push_back(s.key);
         cand_slot.push_back(int32_t(i));
     }
@@ -213,9 +220,14 @@ const ExpertWeights & DeviceExperts::upload_into(int32_t v, int64_t key, const E
     size_t off = 0;
     for (WeightMatrix * m : {&w.gate, &w.up, &w.down}) {
         // The copy queue runs in order: the last matrix's ticket covers the expert.
-        if (async)
-            s.ticket = dev_.upload_async(base + off, m->data, m->n_bytes(), "copy_to_device_async (gpu tier upload)");
-        else
+        if (async) {
+            try {
+                s.ticket = dev_.upload_async(base + off, m->data, m->n_bytes(), "copy_to_device_async (gpu tier upload)");
+            } catch (...) {
+                drop_unfenced();   // the error may be an earlier upload's
+                throw;
+            }
+        } else
             dev_.upload(base + off, m->data, m->n_bytes(), "copy_to_device (gpu tier upload)");
         m->data = base + off;
         off += round_up(m->n_bytes());

@@ -17,14 +17,18 @@
 // tier's slots when experts stream from disk. From the mapping, which stays put,
 // they go through the backend's async copy queue when it has one
 // (copy_to_device_async): promote() and prefetch() return at once and the copy
-// runs beside the compute queued after it; ready() makes later ops wait for it on
-// the device, not the host. From a store slot, which is reused once released,
-// the upload is synchronous. Experts wanted by the current layer, and in-flight
-// prefetches, are never evicted while it runs. slots() * slot_bytes() <= the budget, always.
+// runs beside the compute queued after it; ready() orders later ops after it (the
+// device waits for the transfer; the cuda plugin's host thread waits only until the
+// bytes are staged into its pinned buffers). From a store slot, which is reused once
+// released, the upload is synchronous. Experts wanted by the current layer are never
+// evicted while it runs; a prefetch never evicts another prediction (a demand promotion
+// may). After an upload error, every expert whose upload was not yet fenced is dropped.
+// slots() * slot_bytes() <= the budget, always.
 // Thread safety: used by the thread that drives the backend.
 #pragma once
 
 #include "experts/cache_policy.h"
+#include "experts/prediction.h"
 #include "experts/expert.h"
 #include "plugins/loader/plugin_loader.h"
 
@@ -56,7 +60,7 @@ struct DeviceExpertStats {
     int64_t prefetches = 0;     // uploads started by prefetch()
     int64_t prefetch_hits = 0;  // of those, wanted by their layer
     int64_t prefetch_unused = 0;   // not wanted by their layer
-    int64_t prefetch_skipped = 0;  // predictions not uploaded: running precision below the bar
+    int64_t prefetch_skipped = 0;  // layer predictions not uploaded: running precision below the bar
     int64_t predicted = 0;      // experts predicted for a layer
     int64_t predicted_wanted = 0;  // ... that the layer then wanted
     int64_t wanted_predicted_layers = 0;   // experts wanted by layers that had a prediction
@@ -100,6 +104,8 @@ public:
     // id's device weights with its upload (if any) ordered before the ops queued next; nullptr
     // when id is not resident.
     const ExpertWeights * ready(ExpertId id);
+    // id is resident but its upload has not been fenced by ready() yet (still in flight).
+    bool pending(ExpertId id) const;
     bool async() const { return async_; }
     void done(ExpertId id);   // id was computed: this layer no longer needs it kept
     void end_layer();
@@ -123,6 +129,7 @@ private:
     int64_t key_of(ExpertId id) const;
     int32_t victim(bool for_prefetch = false) const;   // -1 when none may go
     const ExpertWeights & upload_into(int32_t slot, int64_t key, const ExpertWeights & from, bool async);
+    void drop_unfenced();   // after an upload error: slots whose bytes may not have arrived
 
     const ExpertTable & table_;
     const Backend & dev_;
@@ -133,13 +140,12 @@ private:
     std::vector<Slot> slots_;
     std::vector<int32_t> where_;      // [key] slot or -1
     std::vector<char> wanted_now_;    // [key] wanted by the current layer
-    std::vector<char> predicted_;     // [key] in the pending prediction of its layer
-    std::vector<char> layer_predicted_;   // [layer] a prediction of its next visit is pending
     bool async_ = false;
-    double min_precision_ = 0.75;
-    double precision_ = 1.0;          // running precision of the predictions
+    mutable std::vector<int64_t> cand_;       // victim()'s scratch, reserved once
+    mutable std::vector<int32_t> cand_slot_;
     std::vector<int64_t> wanted_;
     PolicyState policy_;
+    PredictionTracker prediction_;
     int32_t layer_ = 0;
     int64_t step_ = 0;
     int64_t n_pinned_ = 0;

@@ -23,13 +23,12 @@ std::string mib(double b) { return std::to_string(int64_t(b / (1024.0 * 1024.0) 
 
 ExpertStore::ExpertStore(const ExpertTable & experts, std::vector<MappedRegion> files, const StoreOptions & o)
     : table_(experts), files_(std::move(files)), n_layer_(int32_t(experts.n_layer())), n_expert_(int32_t(experts.n_expert())),
-      budget_(o.budget), slot_bytes_(o.slot_bytes), direct_(o.direct_io), min_precision_(o.prefetch_min_precision),
-      policy_(int32_t(experts.n_layer()), int32_t(experts.n_expert()), o.n_expert_used, o.policy) {
+      budget_(o.budget), slot_bytes_(o.slot_bytes), direct_(o.direct_io),
+      policy_(int32_t(experts.n_layer()), int32_t(experts.n_expert()), o.n_expert_used, o.policy),
+      prediction_(int32_t(experts.n_layer()), int32_t(experts.n_expert()), o.prefetch_min_precision) {
     const size_t n_keys = size_t(n_layer_) * size_t(n_expert_);
     where_.assign(n_keys, -1);
     protected_.assign(n_keys, 0);
-    predicted_.assign(n_keys, 0);
-    layer_predicted_.assign(size_t(n_layer_), 0);
     homes_.resize(n_keys * 3);
 
     // Every expert's home: a file offset when its bytes lie in a mapping, else memory.
@@ -171,7 +170,7 @@ int32_t ExpertStore::place(std::unique_lock<std::mutex> &, int64_t key, bool dem
             const Slot & s = slots_[i];
             const bool idle = s.state == State::Ready || s.state == State::Failed || (demand && s.state == State::Queued);
             if (!idle || s.locks > 0 || s.pinned || int32_t(i) == stream_ || (protected_[size_t(s.key)] && !force)) continue;
-            if (!demand && predicted_[size_t(s.key)]) continue;
+            if (!demand && prediction_.predicted(s.key)) continue;
             cand.push_back(s.key);
             cand_slot.push_back(int32_t(i));
         }
@@ -212,16 +211,11 @@ void ExpertStore::begin_layer(int32_t layer, int64_t step, const int32_t * exper
     std::unique_lock<std::mutex> lk(mu_);
     layer_ = layer;
     step_ = step;
-    const bool had_prediction = layer >= 0 && layer < n_layer_ && layer_predicted_[size_t(layer)];
     if (layer >= 0 && layer < n_layer_) policy_.begin_visit(layer, experts, n);   // a bad id throws below
     for (int64_t i = 0; i < n; ++i) {
         const int64_t key = key_of({layer, experts[i]});
         for (int32_t t = 0, nt = tokens ? std::max(1, tokens[i]) : 1; t < nt; ++t) policy_.use(key, step);
         ++stats_.requests;
-        if (had_prediction) {
-            ++stats_.wanted_predicted_layers;
-            if (predicted_[size_t(key)]) ++stats_.predicted_wanted;
-        }
         protected_[size_t(key)] = 1;
         wanted_.push_back(key);
         const int32_t s = where_[size_t(key)];
@@ -255,28 +249,16 @@ void ExpertStore::begin_layer(int32_t layer, int64_t step, const int32_t * exper
             ++stats_.prefetch_dropped;
         }
     }
-    if (had_prediction) {
-        int64_t n_pred = 0, n_right = 0;
-        for (int32_t e = 0; e < n_expert_; ++e) {
-            const size_t key = size_t(int64_t(layer) * n_expert_ + e);
-            n_pred += predicted_[key];
-            n_right += predicted_[key] && protected_[key];
-            predicted_[key] = 0;
-        }
-        layer_predicted_[size_t(layer)] = 0;
-        if (n_pred > 0) precision_ = 0.9 * precision_ + 0.1 * double(n_right) / double(n_pred);
-    }
+    const PredictionTracker::Visit v = prediction_.visit(layer, wanted_.data(), int64_t(wanted_.size()));
+    stats_.wanted_predicted_layers += v.wanted;
+    stats_.predicted_wanted += v.right;
 }
 
 void ExpertStore::note_prediction(int32_t layer, const int32_t * experts, int64_t n) {
-    if (!layer_predicted_[size_t(layer)]) policy_.predict(layer, experts, n);
-    layer_predicted_[size_t(layer)] = 1;
-    for (int64_t i = 0; i < n; ++i) {
-        const int64_t key = key_of({layer, experts[i]});
-        if (predicted_[size_t(key)]) continue;
-        predicted_[size_t(key)] = 1;
-        ++stats_.predicted;
-    }
+    for (int64_t i = 0; i < n; ++i) key_of({layer, experts[i]});   // a bad id throws
+    bool first = false;
+    stats_.predicted += prediction_.note(layer, experts, n, &first);
+    if (first) policy_.predict(layer, experts, n);
 }
 
 void ExpertStore::predict(int32_t layer, const int32_t * experts, int64_t n) {
@@ -291,7 +273,7 @@ void ExpertStore::prefetch(int32_t layer, const int32_t * experts, int64_t n) {
     note_prediction(layer, experts, n);
     // A wrong prefetch costs a read the disk may not have to spare; below the bar, only predict
     // (the precision keeps being measured, and loads resume when it recovers).
-    if (precision_ < min_precision_) {
+    if (!prediction_.loads_allowed()) {
         ++stats_.prefetch_skipped;
         return;
     }

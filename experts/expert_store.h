@@ -26,6 +26,7 @@
 #pragma once
 
 #include "experts/cache_policy.h"
+#include "experts/prediction.h"
 #include "experts/expert.h"
 
 #include <condition_variable>
@@ -70,7 +71,7 @@ struct StoreStats {
     int64_t prefetches = 0;     // loads started by prefetch
     int64_t prefetch_unused = 0;   // prefetched, then not wanted by its layer (or evicted before)
     int64_t prefetch_dropped = 0;  // of those, dropped before being read
-    int64_t prefetch_skipped = 0;  // predictions not loaded: running precision below the bar
+    int64_t prefetch_skipped = 0;  // layer predictions not loaded: running precision below the bar
     int64_t evictions = 0;
     int64_t streamed = 0;       // misses the policy did not admit: read into the streaming slot
     int64_t predicted = 0;      // experts predicted for a layer
@@ -168,8 +169,6 @@ private:
     uint8_t * memory_ = nullptr;
     size_t memory_bytes_ = 0;
     bool direct_;
-    double min_precision_;
-    double precision_ = 1.0;          // running precision of the predictions
     int32_t stream_ = -1;             // the streaming slot (heat's admission), -1 when none
 
     mutable std::mutex mu_;
@@ -180,8 +179,7 @@ private:
     PolicyState policy_;
     std::vector<char> protected_;     // [key] wanted by the current layer, not yet released
     std::vector<int64_t> wanted_;     // keys protected now
-    std::vector<char> predicted_;     // [key] predicted for its layer's next visit
-    std::vector<char> layer_predicted_;   // [layer] a prediction exists for its next visit
+    PredictionTracker prediction_;
     int32_t layer_ = 0;
     int64_t step_ = 0;
     int64_t n_pinned_ = 0;

@@ -128,6 +128,9 @@ void ForwardPass::set_placement(const ExpertPlacement & p) {
     host_wanted_n_.reserve(E);
     pred_count_.reserve(E);
     pred_list_.reserve(E);
+    order_.reserve(E);
+    order_rank_.reserve(E);
+    declined_.assign(E, 0);
     if (prefetch_) reserve_prediction();
     if (dev_experts_ && !hx_.get()) {
         hx_ = BackendBuffer(*host_be_, B * size_t(c.n_embd) * sizeof(float), "buffer_alloc (host expert input)");
@@ -226,6 +229,17 @@ void ForwardPass::run_expert_on_host(const ExpertWeights & w, int64_t e, int64_t
     copy_rows(oe_.as<float>(), n_e, nullptr, x, n, n > 1 ? tok : nullptr, n_e, c.n_embd, true);   // scatter-add
 }
 
+template <class Rank>
+void ForwardPass::order_wanted(int32_t n_ranks, Rank rank) {
+    order_rank_.clear();
+    for (int32_t e : wanted_) order_rank_.push_back(rank(e));   // once: a store's answer changes as reads finish
+    order_.clear();
+    for (int32_t r = 0; r < n_ranks; ++r)
+        for (size_t i = 0; i < wanted_.size(); ++i)
+            if (order_rank_[i] == r) order_.push_back(wanted_[i]);
+    wanted_.swap(order_);
+}
+
 // Routed experts with a gpu tier: resident ones on the device; the others promoted or computed on
 // the host, per expert and per step, by the cost model. Their host copies come from the model's
 // mapping, or, with a host tier that cannot hold every expert, from the store, which reads the
@@ -243,6 +257,8 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
             d.end_layer();
         }
     } layer{*dev_experts_, store_};
+    // Uploads from the mapping go on the copy queue; from a store slot they stay synchronous.
+    const bool queued_uploads = !store_ && dev_experts_->async();
     dev_experts_->begin_layer(int32_t(il), n_steps_, wanted_.data(), int64_t(wanted_.size()), wanted_n_.data());
     if (store_) {   // the store is asked only for what the device lacks: resident first, then as the store has them
         host_wanted_.clear();
@@ -257,28 +273,35 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
         if (next >= 0) predict(next, n);
         store_->begin_layer(int32_t(il), n_steps_, host_wanted_.data(), int64_t(host_wanted_.size()), host_wanted_n_.data());
         if (next >= 0) store_->prefetch(int32_t(next), pred_list_.data(), int64_t(pred_list_.size()));
-        std::stable_sort(wanted_.begin(), wanted_.end(), [&](int32_t a, int32_t b) {
-            const bool ra = dev_experts_->resident({int32_t(il), a}) != nullptr, rb = dev_experts_->resident({int32_t(il), b}) != nullptr;
-            if (ra != rb) return ra;
-            return !ra && store_->order({int32_t(il), a}) < store_->order({int32_t(il), b});
+        order_wanted(4, [&](int32_t e) {   // resident, then as the store has them
+            const ExpertId id{int32_t(il), e};
+            return dev_experts_->resident(id) ? 0 : 1 + store_->order(id);
         });
-    } else if (dev_experts_->async()) {
-        // Promotions first, then the next layer's prefetch, all on the copy queue; the experts
-        // already resident compute (and the misses computed on the host run) while they upload.
-        // The next layer's prediction before this layer's promotions: the policy evicts knowing it.
+    } else if (queued_uploads) {
+        // Every promotion is decided and queued before anything computes, then the next layer's
+        // prefetch behind them (its prediction made first, so that the policy evicts knowing it).
+        // Then: the resident experts (GPU), the misses the cost model keeps on the host (while the
+        // copy queue runs), the uploads just queued (each fenced by ready()), and last the experts
+        // that found no slot (done() frees slots: they may be promoted then).
         const int64_t next = prefetch_ ? next_moe_[size_t(il)] : -1;
         if (next >= 0) predict(next, n);
-        std::stable_partition(wanted_.begin(), wanted_.end(), [&](int32_t e) { return dev_experts_->resident({int32_t(il), e}); });
         for (int32_t e : wanted_) {
             const ExpertId id{int32_t(il), e};
-            if (dev_experts_->resident(id) || !dev_experts_->can_promote()) continue;
+            declined_[size_t(e)] = 0;
+            if (dev_experts_->resident(id) || !dev_experts_->can_promote()) continue;   // no slot now: asked again below
             const ExpertWeights & host_w = model_.experts().get(id);
             if (cost_->choose_for(id.layer, e, host_w.n_bytes(), dispatch_.n_tokens_for(e), c.n_embd, dev_experts_->admits(id)) ==
                 Placement::Promote)
                 dev_experts_->promote(id);
+            else
+                declined_[size_t(e)] = 1;
         }
         if (next >= 0) prefetch_predicted(next);
-        std::stable_partition(wanted_.begin(), wanted_.end(), [&](int32_t e) { return dev_experts_->resident({int32_t(il), e}); });
+        order_wanted(4, [&](int32_t e) {
+            const ExpertId id{int32_t(il), e};
+            if (!dev_experts_->resident(id)) return declined_[size_t(e)] ? 1 : 3;
+            return dev_experts_->pending(id) ? 2 : 0;
+        });
     }
     for (int32_t e : wanted_) {
         const ExpertId id{int32_t(il), e};
@@ -291,13 +314,15 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
         }
         const ExpertWeights & host_w = store_ ? store_->acquire(id) : model_.experts().get(id);
         if (store_) layer.held = id;
-        if (dev_experts_->can_promote() &&
+        // With queued uploads, only the experts that found no slot above are asked (once done()
+        // has freed slots, one may now).
+        if (!(queued_uploads && declined_[size_t(e)]) && dev_experts_->can_promote() &&
             cost_->choose_for(id.layer, e, host_w.n_bytes(), n_e, c.n_embd, dev_experts_->admits(id)) == Placement::Promote) {
-            const DeviceExpertStats before = dev_experts_->stats();
-            dev_experts_->promote(id, store_ ? &host_w : nullptr);   // a store slot is reused once released: synchronous
-            const DeviceExpertStats & after = dev_experts_->stats();
-            if (after.async_uploads == before.async_uploads)   // an async upload's time is not seen here
-                cost_->observe_upload(size_t(after.bytes_uploaded - before.bytes_uploaded), after.upload_seconds - before.upload_seconds);
+            const double t0 = dev_experts_->stats().upload_seconds;
+            const uint64_t b0 = dev_experts_->stats().bytes_uploaded;
+            dev_experts_->promote(id, queued_uploads ? nullptr : &host_w);   // a store slot is reused once released: synchronous
+            if (!queued_uploads)   // an async upload's time is not seen here
+                cost_->observe_upload(size_t(dev_experts_->stats().bytes_uploaded - b0), dev_experts_->stats().upload_seconds - t0);
             w = dev_experts_->ready(id);
         }
         if (w) {
@@ -382,9 +407,7 @@ void ForwardPass::stored_experts(int64_t il, int64_t n, const float * h, float *
     if (next >= 0) predict(next, n);
     store_->begin_layer(int32_t(il), n_steps_, wanted_.data(), int64_t(wanted_.size()), wanted_n_.data());
     if (next >= 0) store_->prefetch(int32_t(next), pred_list_.data(), int64_t(pred_list_.size()));
-    std::stable_sort(wanted_.begin(), wanted_.end(), [&](int32_t a, int32_t b) {
-        return store_->order({int32_t(il), a}) < store_->order({int32_t(il), b});
-    });
+    order_wanted(3, [&](int32_t e) { return store_->order({int32_t(il), e}); });
     for (int32_t e : wanted_) {
         const ExpertWeights & w = store_->acquire({int32_t(il), e});
         layer.held = {int32_t(il), e};

@@ -127,6 +127,9 @@ private:
     // Layer il's likely experts: to the predict observer, and prefetched when prefetch_ (uses xe_ as scratch).
     void predict(int64_t il, int64_t n);
     void prefetch_predicted(int64_t il);   // pred_list_ into the store, or else the gpu tier
+    // wanted_ reordered by rank(e) in [0, n_ranks), stable, without allocating (order_ is reserved).
+    template <class Rank>
+    void order_wanted(int32_t n_ranks, Rank rank);
     void reserve_prediction();
     void device_tier_experts(int64_t il, int64_t n, const float * h, float * x);
     void run_expert_on_host(const ExpertWeights & w, int64_t e, int64_t n, const float * h, float * x);
@@ -155,7 +158,8 @@ private:
     int64_t n_steps_ = 0;                 // forward passes run: the store's clock
     std::vector<int64_t> next_moe_;       // [n_layer] next MoE layer, -1 after the last
     int64_t first_moe_ = -1;
-    std::vector<int32_t> wanted_, wanted_n_, pred_ids_, pred_list_;   // host scratch for the store, reserved
+    std::vector<int32_t> wanted_, wanted_n_, pred_ids_, pred_list_, order_, order_rank_;   // host scratch for the tiers, reserved
+    std::vector<char> declined_;   // [n_expert] the cost model chose in place for it this layer (queued uploads)
     std::vector<float> pred_w_;
     std::vector<std::pair<int32_t, int32_t>> pred_count_;
     DeviceExperts * dev_experts_ = nullptr;

@@ -36,7 +36,7 @@
 namespace {
 
 constexpr int32_t k_score = 100;          // above the CPU plugin's
-constexpr size_t k_staging_bytes = size_t(16) << 20;   // per staging buffer; two of them
+constexpr size_t k_staging_bytes = size_t(16) << 20;   // per pinned buffer: two for copies, k_upload_chunks for uploads
 // Tickets queued but not yet taken by the uploader before copy_to_device_async
 // blocks; also how many of the latest tickets keep their own done event.
 constexpr uint64_t k_upload_slots = 256;
@@ -209,7 +209,7 @@ void upload_worker(moesh_backend * be) noexcept {
             up.cv.notify_all();
         }
     } catch (...) {
-        // Only the mutex can throw (std::system_error); an exception must not end the process.
+        // The mutex and the condition variable can throw (std::system_error); an exception must not end the process.
         try {
             std::lock_guard<std::mutex> g(up.mutex);
             std::snprintf(up.error, sizeof up.error, "copy_to_device_async: the upload thread stopped on an exception");
@@ -373,8 +373,14 @@ moesh_status cuda_buffer_alloc(moesh_backend * be, size_t n_bytes, void ** out) 
     });
 }
 
+moesh_status wait_uploads(moesh_backend * be);
+
 void cuda_buffer_free(moesh_backend * be, void * ptr) {
-    if (ptr) cudaFree(ptr);   // waits for the device, so no queued op still reads it
+    if (!ptr) return;
+    // cudaFree waits for work already on a stream, not for tickets the uploader has not issued
+    // yet (an error path may free a tier's slots with copies queued); its error shows on the next call.
+    if (be) (void)wait_uploads(be);
+    cudaFree(ptr);
 }
 
 moesh_status cuda_copy_to_device(moesh_backend * be, void * dst, const void * src, size_t n_bytes) {

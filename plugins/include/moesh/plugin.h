@@ -467,7 +467,8 @@ typedef struct moesh_backend_iface {
      * (nonzero, increasing; copies complete in ticket order). The copy starts
      * after every op queued before the call has finished with dst; ops queued
      * later may run while it is in flight, so until it is waited for, no op
-     * may touch dst, and src must stay valid and unchanged.
+     * (copy_to_device and copy_to_host included) may touch dst, and src must
+     * stay valid and unchanged. buffer_free waits for the copies into it.
      * copy_wait(ticket, wait_host): every copy up to ticket is done before any
      * op queued after this call runs. With wait_host = 0 the host does not
      * wait (src must still stay unchanged until a later wait_host = 1 or

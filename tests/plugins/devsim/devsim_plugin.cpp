@@ -73,7 +73,7 @@ void perform(moesh_backend * be, size_t upto) {
     for (size_t i = 0; i < upto; ++i) {
         const auto & c = be->pending[i];
         auto it = find_buffer(be, c.dst, c.n);
-        if (it == be->buffers.end()) continue;   // its buffer was freed (a GPU's free waits for the copy)
+        if (it == be->buffers.end()) std::abort();   // buffer_free drops a buffer's copies: a devsim bug
         mprotect(reinterpret_cast<void *>(it->first), it->second, PROT_READ | PROT_WRITE);
         std::memcpy(c.dst, c.src, c.n);
         mprotect(reinterpret_cast<void *>(it->first), it->second, PROT_NONE);
@@ -183,6 +183,7 @@ void devsim_buffer_free(moesh_backend * be, void * ptr) {
     auto it = be->buffers.find(reinterpret_cast<uintptr_t>(ptr));
     if (it == be->buffers.end()) std::abort();   // freeing what was not allocated: a host bug, loudly
     const auto * lo = static_cast<const uint8_t *>(ptr);
+    // A GPU's free waits for the copies into the buffer; their bytes are gone with it.
     std::erase_if(be->pending, [&](const moesh_backend::Pending & c) { return c.dst >= lo && c.dst < lo + it->second; });
     munmap(ptr, it->second);
     be->used -= it->second;
