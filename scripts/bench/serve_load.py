@@ -68,6 +68,7 @@ class Stats:
 
     def __init__(self):
         self.ttft, self.latency = [], []
+        self.records = []            # --dump-requests: one dict per completed request
         self.ttft_after_first = []   # TTFTs of the client's requests after its first
         self.n_sent = 0              # requests this client has sent (done or not)
         self.server_ttft = []        # moesh: the done frame's timings.ttft_ms (the server's own clock)
@@ -87,6 +88,7 @@ class Stats:
 
     def merge(self, other):
         self.ttft += other.ttft
+        self.records += other.records
         self.ttft_after_first += other.ttft_after_first
         self.server_ttft += other.server_ttft
         self.latency += other.latency
@@ -307,6 +309,11 @@ def run_moesh(args, clients):
                                 server_ttft = (f.get("timings") or {}).get("ttft_ms")
                                 if server_ttft is not None:
                                     st.server_ttft.append(server_ttft)
+                                if args.dump_requests:
+                                    st.records.append({"client": index, "sent_s": t0,
+                                                       "ttft_ms": ttft * 1000 if ttft is not None else None,
+                                                       "server_ttft_ms": server_ttft,
+                                                       "tokens": f["usage"]["completion_tokens"]})
                                 st.done(ttft, time.monotonic() - t0, f["usage"]["completion_tokens"], f["finish_reason"])
                     except MoeshError as e:
                         st.errors[e.code] += 1
@@ -321,6 +328,10 @@ def run_moesh(args, clients):
             if proc is not None:
                 server["rss_peak_mb"] = peak_rss_mb(proc.pid)
             report("moesh", n, total, wall, args, server)
+            if args.dump_requests:
+                with open(args.dump_requests, "a") as f:
+                    for r in sorted(total.records, key=lambda r: r["sent_s"]):
+                        f.write(json.dumps({"clients": n, **r}) + "\n")
     finally:
         if proc is not None:
             end_server(proc, log_file, "moesh serve")
@@ -496,6 +507,9 @@ def main():
     ap.add_argument("--requests", type=int, default=1000, help="requests per client at most, per C")
     ap.add_argument("--timeout", type=float, default=120, help="seconds one request may take")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    ap.add_argument("--dump-requests", metavar="FILE",
+                    help="moesh over ZeroMQ: append one JSON line per completed request to FILE (client, "
+                         "monotonic send time, client and server TTFT, tokens), to see what sets the TTFT tail")
     ap.add_argument("--vocab", type=int, help="vocabulary size for the prompt ids (default: from the model/server)")
     args = ap.parse_args()
 
