@@ -36,6 +36,10 @@
 #         quant_math   moesh_cuda_quant_math_tests (host code; runs without a GPU too)
 #         conformance  moesh_backend_conformance_tests --gtest_filter='*/cuda*': every cuda
 #                      kernel against the CPU reference on fresh random data, all formats
+#         golden, golden_tier
+#                      scripts/check_golden.py --backend cuda [--gpu-budget 7MiB]: the shipped
+#                      model's greedy tokens against transformers' references, all weights in VRAM,
+#                      then with a gpu tier holding under half the experts (copy queue, prefetch)
 #         cuda_bench   moesh_bench_cuda: device copy and read bandwidth, the plugin's GEMV
 #                      (n_tokens 1), expert FFN and prefill GEMM per weight type, through the ABI
 #         e2e_q4_0, e2e_q8_0
@@ -402,6 +406,25 @@ run() {
         else record conformance fail "$STEP_T" "$counts; $(failure_note conformance)"
         fi
     fi
+
+    # ---- a2. whole-model greedy tokens on the GPU against transformers' references (the shipped
+    #          model), with every weight in VRAM and with a gpu tier holding under half the experts
+    #          (uploads on the copy queue, next layer prefetched, the rest on the cpu plugin)
+    local g
+    for g in golden golden_tier; do
+        if (( !have_gpu )); then record "$g" skip 0 "$no_gpu_note"; continue
+        elif (( !have_bins )); then record "$g" skip 0 "no binaries"; continue
+        fi
+        local budget=()
+        [[ "$g" == golden_tier ]] && budget=(--gpu-budget 7MiB)
+        run_step "$g" 90 python3 scripts/check_golden.py --moesh "$BIN/moesh" --backend cuda --plugin-dir "$PLUG" "${budget[@]}"
+        local nf
+        nf=$(grep '"golden_summary"' "$LOGDIR/$g.log" | sed -nE 's/.*"failed": ([0-9]+).*/\1/p' | tail -1)
+        if (( STEP_RC == -1 )); then record "$g" skip 0 "out of time"
+        elif (( STEP_RC == 0 )); then record "$g" pass "$STEP_T" "3 prompts x 24 tokens equal transformers'"
+        else record "$g" fail "$STEP_T" "${nf:-?} of 3 prompts differ (first_diff in the log); $(failure_note "$g")"
+        fi
+    done
 
     # ---- b. bandwidth, and the plugin's kernels as a fraction of it
     local copy_gbps=""
