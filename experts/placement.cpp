@@ -185,7 +185,7 @@ std::string describe_plan(const ModelFootprint & m, const PlacementPlan & p) {
     row("KV cache", m.kv_bytes);
     row("activations", m.activation_bytes);
 
-    if (p.tiers.empty() || p.host_tier < 0) {
+    if (p.tiers.empty()) {
         out += "experts: all " + std::to_string(m.n_routed()) + " read from the model file's mapping (no [[tier]] configured: "
                "no budget binds; the page cache holds what the OS keeps)\n";
         return out;
@@ -222,6 +222,15 @@ std::string describe_plan(const ModelFootprint & m, const PlacementPlan & p) {
             pins += (pins.empty() ? "" : "; ") + std::string("layer ") + std::to_string(layer) + ": " + ranges;
         }
         if (!pins.empty()) out += "           pinned " + pins + "\n";
+    }
+    const bool gpu = std::any_of(p.tiers.begin(), p.tiers.end(), [](const TierPlan & t) { return t.kind == TierKind::Gpu; });
+    if (gpu)
+        out += std::string("gpu tier: uploads go on the backend's copy queue when it has one (beside the compute)") +
+               (p.prefetch && p.host_tier < 0 ? ", and the next layer's predicted experts are prefetched into it" : "") + "\n";
+    if (p.host_tier < 0) {
+        out += "host copies of the experts: the model file's mapping (no host tier: no budget binds; the page cache holds "
+               "what the OS keeps)\n";
+        return out;
     }
     const TierPlan & h = *p.host();
     if (p.all_resident) {

@@ -360,6 +360,14 @@ TEST(Cli, ExpertBudgetPlansAndRunsWithTheSameTokens) {
     r = run("plan --model " + model + " --config " + std::string(MOESH_SOURCE_DIR) + "/configs/placement.toml", false);
     ASSERT_EQ(r.status, 0) << r.out;
     EXPECT_NE(r.out.find("every routed expert fits"), std::string::npos) << r.out;
+    test::TempDir dir;   // a gpu tier alone: listed, with the mapping as the experts' host copies
+    r = run("plan --model " + model + " --config " +
+                dir.write("gpu.toml", "[[tier]]\nname = \"gpu0\"\nkind = \"gpu\"\nbudget = \"2MiB\"\n").string(),
+            false);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find("gpu0     gpu    budget 2.0 MiB = 4 slots"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("host copies of the experts: the model file's mapping"), std::string::npos) << r.out;
+    EXPECT_EQ(r.out.find("no [[tier]] configured"), std::string::npos) << r.out;
     r = run("plan --model " + model + " --expert-budget 600KiB");   // one slot
     EXPECT_NE(r.status, 0);
     EXPECT_NE(r.out.find("at least 2"), std::string::npos) << r.out;
