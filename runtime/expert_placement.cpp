@@ -10,7 +10,7 @@
 
 namespace moesh {
 
-ModelFootprint footprint_of(const Model & model, const std::string & name, int64_t n_ctx, int64_t max_batch) {
+ModelFootprint footprint_of(const Model & model, const std::string & name, int64_t n_ctx, int64_t max_batch, int32_t kv_type) {
     const ModelConfig & c = model.config();
     ModelFootprint f;
     f.name = name;
@@ -27,7 +27,7 @@ ModelFootprint footprint_of(const Model & model, const std::string & name, int64
             f.other_bytes += v->size() * sizeof(float);
         f.expert_bytes.push_back(L.is_moe ? model.experts().bytes_per_expert(int32_t(il)) : 0);
     }
-    const KvCacheSpec ks{c.n_layer, c.n_head_kv, c.head_dim, 16, (std::max<int64_t>(1, n_ctx) + 15) / 16, 1};
+    const KvCacheSpec ks{c.n_layer, c.n_head_kv, c.head_dim, 16, (std::max<int64_t>(1, n_ctx) + 15) / 16, 1, kv_type};
     f.kv_bytes = ks.bytes();
     f.activation_bytes = ForwardPass::scratch_bytes(c, std::max<int64_t>(1, max_batch), ks.n_blocks);
     return f;

@@ -22,7 +22,8 @@
 namespace moesh {
 
 // n_ctx and max_batch size the KV cache and the activations the plan reports.
-ModelFootprint footprint_of(const Model & model, const std::string & name, int64_t n_ctx, int64_t max_batch);
+ModelFootprint footprint_of(const Model & model, const std::string & name, int64_t n_ctx, int64_t max_batch,
+                            int32_t kv_type = MOESH_DTYPE_F32);
 
 // The host/disk part: nullptr when the plan keeps every expert resident on the
 // host. Throws moesh::Error when the store cannot be set up (ExpertStore's message).

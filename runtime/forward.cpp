@@ -447,11 +447,12 @@ void ForwardPass::rms_norm(const float * x, const std::vector<float> & w, float 
     be_.check(be_.iface().rms_norm(be_.ctx(), &a), "rms_norm");
 }
 
-void ForwardPass::copy_rows(const float * src, int64_t src_n_rows, const int32_t * src_rows, float * dst,
+void ForwardPass::copy_rows(const float * src, int64_t src_n_rows, const int32_t * src_rows, void * dst,
                             int64_t dst_n_rows, const int32_t * dst_rows, int64_t n_rows, int64_t n_cols, bool accumulate,
-                            float clamp) {
+                            float clamp, int32_t dst_type) {
     moesh_copy_rows_args a{};
     a.struct_size = sizeof a;
+    a.dst_type = dst_type;
     a.accumulate = accumulate ? 1 : 0;
     a.clamp = clamp;
     a.src = src;
@@ -535,8 +536,9 @@ void ForwardPass::attention(int64_t il, int64_t n) {
     be_.check(be_.iface().rope(be_.ctx(), &r), "rope");
 
     const int64_t n_pool_rows = kv_.spec().n_blocks * kv_.spec().block_size;
-    copy_rows(k, n, nullptr, kv_.k_pool(il), n_pool_rows, pool_rows, n, kv_dim, false);
-    copy_rows(v, n, nullptr, kv_.v_pool(il), n_pool_rows, pool_rows, n, kv_dim, false);
+    const int32_t kv_type = kv_.spec().type;   // the write rounds to it (f16: to nearest even)
+    copy_rows(k, n, nullptr, kv_.k_pool(il), n_pool_rows, pool_rows, n, kv_dim, false, 0.0f, kv_type);
+    copy_rows(v, n, nullptr, kv_.v_pool(il), n_pool_rows, pool_rows, n, kv_dim, false, 0.0f, kv_type);
 
     const float scale = 1.0f / std::sqrt(float(c.head_dim));
     if (be_.iface().attention_batch) {   // every sequence's queries in one call
@@ -558,6 +560,7 @@ void ForwardPass::attention(int64_t il, int64_t n) {
         a.head_dim = c.head_dim;
         a.block_size = kv_.spec().block_size;
         a.n_blocks = kv_.spec().n_blocks;
+        a.kv_type = kv_type;
         be_.check(be_.iface().attention_batch(be_.ctx(), &a), "attention_batch");
     } else {
         for (const moesh_attention_run & run : runs_) {
@@ -577,6 +580,7 @@ void ForwardPass::attention(int64_t il, int64_t n) {
             a.n_blocks = kv_.spec().n_blocks;
             a.n_kv = run.n_kv;
             a.scale = scale;
+            a.kv_type = kv_type;
             be_.check(be_.iface().attention(be_.ctx(), &a), "attention");
         }
     }

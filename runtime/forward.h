@@ -138,8 +138,9 @@ private:
     void matmul(const WeightMatrix & w, const std::vector<float> & bias, const float * x, float * y, int64_t n);
     void rms_norm(const float * x, const std::vector<float> & w, float * y, int64_t n_rows, int64_t n);
     // dst[dst_rows[i]] (+)= src[src_rows[i]] over n_cols; see moesh_copy_rows_args.
-    void copy_rows(const float * src, int64_t src_n_rows, const int32_t * src_rows, float * dst, int64_t dst_n_rows,
-                   const int32_t * dst_rows, int64_t n_rows, int64_t n_cols, bool accumulate, float clamp = 0.0f);
+    void copy_rows(const float * src, int64_t src_n_rows, const int32_t * src_rows, void * dst, int64_t dst_n_rows,
+                   const int32_t * dst_rows, int64_t n_rows, int64_t n_cols, bool accumulate, float clamp = 0.0f,
+                   int32_t dst_type = MOESH_DTYPE_F32);
 
     const Model & model_;
     Backend & be_;

@@ -32,6 +32,7 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
     ks.block_size = o.kv_block_size;
     ks.n_blocks = (n_total + ks.block_size - 1) / ks.block_size;
     ks.n_seq_max = 1;
+    ks.type = o.kv_type;
     KvCache kv(ks, backend);
     if (!kv.reserve(0, n_total)) throw Error("KV cache: cannot reserve " + std::to_string(n_total) + " positions");
 

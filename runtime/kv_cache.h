@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace moesh {
@@ -26,12 +27,21 @@ struct KvCacheSpec {
     int64_t block_size = 16;   // positions per block
     int64_t n_blocks = 0;      // blocks in the pool (shared by all sequences)
     int64_t n_seq_max = 1;     // sequence ids are 0..n_seq_max-1
+    int32_t type = MOESH_DTYPE_F32;   // of the pools: MOESH_DTYPE_F32 or MOESH_DTYPE_F16
 
     size_t bytes() const; // the whole pool, keys and values, all layers
-    // blocks needed for a budget in bytes
+    size_t elem_bytes() const { return type == MOESH_DTYPE_F16 ? 2 : 4; }
+    // blocks that fit a budget in bytes
     static int64_t blocks_for_budget(size_t budget, int64_t n_layer, int64_t n_head_kv, int64_t head_dim,
-                                     int64_t block_size);
+                                     int64_t block_size, int32_t type = MOESH_DTYPE_F32);
 };
+
+// "f32" / "f16" -> MOESH_DTYPE_F32 / MOESH_DTYPE_F16; -1 for anything else. Inline: the TOML
+// parser (and its fuzz target) uses it without the cache.
+inline int32_t parse_kv_type(const std::string & name) {
+    return name == "f32" ? MOESH_DTYPE_F32 : name == "f16" ? MOESH_DTYPE_F16 : -1;
+}
+inline const char * kv_type_name(int32_t type) { return type == MOESH_DTYPE_F16 ? "f16" : "f32"; }
 
 class KvCache {
 public:
@@ -48,11 +58,11 @@ public:
     int64_t n_free_blocks() const { return int64_t(free_.size()); }
 
     // Row of the pools ([n_blocks * block_size] rows of n_head_kv * head_dim
-    // floats) that holds position pos of seq; pos < capacity(seq).
+    // elements of spec().type) that holds position pos of seq; pos < capacity(seq).
     int32_t pool_row(int32_t seq, int64_t pos) const;
-    // Backend memory: [n_blocks, block_size, n_head_kv, head_dim].
-    float * k_pool(int64_t layer) const { return k_[size_t(layer)].as<float>(); }
-    float * v_pool(int64_t layer) const { return v_[size_t(layer)].as<float>(); }
+    // Backend memory: [n_blocks, block_size, n_head_kv, head_dim] of spec().type.
+    void * k_pool(int64_t layer) const { return k_[size_t(layer)].get(); }
+    void * v_pool(int64_t layer) const { return v_[size_t(layer)].get(); }
     // Host memory: the sequence's blocks, capacity(seq) / block_size of them.
     const int32_t * block_table(int32_t seq) const { return tables_[size_t(seq)].data(); }
 

@@ -142,6 +142,7 @@ struct CommonOptions {
     std::string activations;   // "", "fast" or "precise"
     bool no_repack = false;
     std::string expert_budget;   // --expert-budget: host tier of this size + disk tier
+    std::string kv_type;         // --kv-type: "", "f32" or "f16"
     bool stats = false;          // --stats
 };
 
@@ -155,7 +156,7 @@ std::unique_ptr<moesh::BackendWeights> prepare_weights(const moesh::Model & mode
     moesh::WeightOptions o;
     o.repack = rc.repack && !co.no_repack;
     o.routed_experts = routed_experts;
-    moesh::KvCacheSpec ks{c.n_layer, c.n_head_kv, c.head_dim, 16, (n_positions + 15) / 16, 1};
+    moesh::KvCacheSpec ks{c.n_layer, c.n_head_kv, c.head_dim, 16, (n_positions + 15) / 16, 1, rc.kv_type};
     o.reserve_bytes = ks.bytes() + moesh::ForwardPass::scratch_bytes(c, std::max<int64_t>(1, max_batch), ks.n_blocks);
     const char * verb = backend.host_memory() ? "packing weights for" : "uploading weights to";
     if (isatty(STDERR_FILENO)) // a percentage that rewrites itself; logs get the summary line only
@@ -199,8 +200,19 @@ std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moes
     return be;
 }
 
-// --expert-budget SIZE: the same as a host tier of SIZE and a disk tier in the TOML.
+// [runtime] kv_type auto: f16 where the backend's attention and copy_rows offer it, else f32.
+void resolve_kv_type(moesh::RunConfig & rc, const moesh::Backend & backend) {
+    if (rc.kv_type < 0)
+        rc.kv_type = backend.supports(MOESH_OP_ATTENTION, MOESH_DTYPE_F16) && backend.supports(MOESH_OP_COPY_ROWS, MOESH_DTYPE_F16)
+                         ? MOESH_DTYPE_F16
+                         : MOESH_DTYPE_F32;
+    rc.server.kv_type = rc.kv_type;
+}
+
+// --expert-budget SIZE: the same as a host tier of SIZE and a disk tier in the TOML; --kv-type
+// over [runtime] kv_type.
 void apply_expert_budget(const CommonOptions & co, moesh::RunConfig & rc) {
+    if (!co.kv_type.empty()) rc.kv_type = co.kv_type == "auto" ? -1 : moesh::parse_kv_type(co.kv_type);   // CLI11 checked it
     if (co.expert_budget.empty()) return;
     uint64_t bytes = 0;
     if (!moesh::parse_byte_size(co.expert_budget, &bytes) || bytes == 0)
@@ -245,7 +257,7 @@ PlacementSetup open_placement(const moesh::Model & model, const CommonOptions & 
         std::erase_if(rc.placement.tiers, [](const moesh::TierConfig & t) { return t.kind == moesh::TierKind::Gpu; });
         if (rc.placement.tiers.empty()) return p;
     }
-    const moesh::ModelFootprint f = moesh::footprint_of(model, co.model, n_ctx, max_batch);
+    const moesh::ModelFootprint f = moesh::footprint_of(model, co.model, n_ctx, max_batch, rc.kv_type);
     moesh::PlacementPlan plan;
     try {
         plan = moesh::plan_placement(f, rc.placement);
@@ -451,6 +463,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
 
     moesh::Model model = load_model(co.model, rc.quantize, co.threads >= 0 ? co.threads : rc.threads);
     auto backend = open_backend(co, rc);
+    resolve_kv_type(rc, *backend);
     std::fprintf(stderr, "moesh: backend '%s' (%s)\n", backend->name().c_str(), backend->path().c_str());
 
     if (tok && tok->n_vocab() > model.config().n_vocab)
@@ -474,6 +487,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
     const PlacementSetup placement = open_placement(model, co, rc, *backend, n_positions, max_batch);
     const auto weights = prepare_weights(model, *backend, co, rc, n_positions, max_batch, placement.routed_experts_in_weights());
     go.weights = weights.get();
+    go.kv_type = rc.kv_type;
     go.placement = placement.refs(rc.placement.prefetch, rc.placement.prefetch_extra);
     std::optional<moesh::RouteTraceWriter> trace = open_trace(trace_path, co.model, model);
     go.trace = trace ? &*trace : nullptr;
@@ -566,6 +580,7 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
     po.n_chunks = n_chunks;
     moesh::Model model = load_model(co.model, rc.quantize, co.threads >= 0 ? co.threads : rc.threads);
     auto backend = open_backend(co, rc);
+    resolve_kv_type(rc, *backend);
     std::fprintf(stderr, "moesh: %zu tokens, %lld chunks of %lld (BOS %s), backend '%s'\n", tokens.size(),
                  (long long)(n_chunks > 0 ? std::min<int64_t>(n_chunks, int64_t(tokens.size()) / n_ctx)
                                           : int64_t(tokens.size()) / n_ctx),
@@ -577,6 +592,7 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
     const PlacementSetup placement = open_placement(model, co, rc, *backend, n_ctx, std::min(n_batch, n_ctx));
     const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, std::min(n_batch, n_ctx), placement.routed_experts_in_weights());
     po.weights = weights.get();
+    po.kv_type = rc.kv_type;
     po.placement = placement.refs(rc.placement.prefetch, rc.placement.prefetch_extra);
     std::optional<moesh::RouteTraceWriter> trace = open_trace(trace_path, co.model, model);
     po.trace = trace ? &*trace : nullptr;
@@ -641,6 +657,7 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
         if (const std::optional<std::string> text = find_chat_template_text(co.model)) chat = moesh::detect_chat_template(*text, *tok);
     moesh::Model model = load_model(co.model, rc.quantize, co.threads >= 0 ? co.threads : rc.threads);
     auto backend = open_backend(co, rc);
+    resolve_kv_type(rc, *backend);
     const int64_t n_ctx = std::min<int64_t>(model.config().max_positions, int64_t(rc.server.max_tokens) + 1024);
     const PlacementSetup placement = open_placement(model, co, rc, *backend, n_ctx, rc.max_batch);
     const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, rc.max_batch, placement.routed_experts_in_weights());
@@ -709,7 +726,8 @@ int cmd_plan(const CommonOptions & co, int64_t n_ctx, int64_t max_batch) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
     apply_expert_budget(co, rc);
     const moesh::Model model = moesh::Model::load_path(co.model);
-    const moesh::ModelFootprint f = moesh::footprint_of(model, co.model, n_ctx, std::min(max_batch, n_ctx));
+    const int32_t kv_type = rc.kv_type < 0 ? MOESH_DTYPE_F16 : rc.kv_type;   // auto: what the cpu plugin keeps
+    const moesh::ModelFootprint f = moesh::footprint_of(model, co.model, n_ctx, std::min(max_batch, n_ctx), kv_type);
     try {
         const moesh::PlacementPlan plan = moesh::plan_placement(f, rc.placement);
         std::printf("%s", moesh::describe_plan(f, plan).c_str());
@@ -1080,6 +1098,11 @@ void add_common(CLI::App * sub, CommonOptions & co, bool model_optional = false)
     sub->add_flag("--stats", co.stats,
                   "After the run, print the expert cache's hits, misses, prefetch precision/recall, bytes read from "
                   "disk and time stalled (always in --output json when a budget is set)");
+    sub->add_option("--kv-type", co.kv_type,
+                    "KV cache elements: f16 (half the memory and half the bytes attention reads, as llama.cpp keeps "
+                    "it; logits move by a few 1e-4), f32, or auto: f16 where the backend offers it (the cpu plugin "
+                    "does, the cuda one not yet); default: [runtime] kv_type, else auto")
+        ->check(CLI::IsMember({"auto", "f32", "f16"}));
     sub->add_flag("--no-repack", co.no_repack,
                   "Keep quantized weights in the file's layout instead of repacking them at load into the backend's "
                   "faster one (which takes a second copy of them in memory); also [runtime] repack = false");
@@ -1257,6 +1280,9 @@ int main(int argc, char ** argv) {
     plan->add_option("-m,--model", plco.model, "Hugging Face model folder or .gguf file")->required();
     plan->add_option("--config", plco.config, "moesh TOML with [[tier]] and [placement] (see configs/placement.toml)");
     plan->add_option("--expert-budget", plco.expert_budget, "Instead of --config's tiers: host memory for experts, e.g. 1.5GiB");
+    plan->add_option("--kv-type", plco.kv_type,
+                     "KV cache elements the plan sizes it in: f32, f16 or auto (planned as f16; default: config, else auto)")
+        ->check(CLI::IsMember({"auto", "f32", "f16"}));
     plan->add_option("-c,--ctx", plan_ctx, "Context length the KV cache is sized for")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 24));
     plan->add_option("-b,--batch", plan_batch, "Tokens per forward step (activation buffers)")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 20));
 

@@ -40,6 +40,7 @@ PerplexityResult perplexity(const Model & model, Backend & backend, const std::v
     ks.block_size = 16;
     ks.n_blocks = (n_ctx + ks.block_size - 1) / ks.block_size;
     ks.n_seq_max = 1;
+    ks.type = o.kv_type;
     KvCache kv(ks, backend);
     ForwardPass fwd(model, backend, kv, n_batch, o.weights);
     fwd.set_placement(o.placement);

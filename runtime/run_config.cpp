@@ -1,5 +1,7 @@
 #include "runtime/run_config.h"
 
+#include "runtime/kv_cache.h"
+
 #include "runtime/error.h"
 #include "runtime/mapped_file.h"
 
@@ -261,8 +263,13 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                     auto b = v.value<bool>();
                     if (!v.is_boolean() || !b) fail(source, v, key, "expected true or false");
                     rc.repack = *b;
+                } else if (k == "kv_type") {
+                    auto s = v.value<std::string>();
+                    if (!v.is_string() || !s || (*s != "auto" && parse_kv_type(*s) < 0))
+                        fail(source, v, key, "expected \"auto\", \"f16\" (half the KV cache's memory) or \"f32\"");
+                    rc.kv_type = *s == "auto" ? -1 : parse_kv_type(*s);
                 } else {
-                    fail(source, v, key, "unknown key (known: threads, max_batch, kv_block_size, activations, repack)");
+                    fail(source, v, key, "unknown key (known: threads, max_batch, kv_block_size, activations, repack, kv_type)");
                 }
             }
         } else if (sname == "quantize") {

@@ -10,6 +10,7 @@
 //   kv_block_size = 16
 //   activations = "fast"         # or "precise": see moesh_activations in plugin.h
 //   repack = true                # weights in the backend's own layout at load (runtime/backend_weights.h)
+//   kv_type = "auto"             # KV cache elements: f16 where the backend offers it, else f32; or "f16"/"f32"
 //   [quantize]                   # at load time, from f32/f16/bf16 weights (see runtime/quantize.h)
 //   experts = "q4_0"             # q8_0, q4_0 or q4_1 per class:
 //   attention = "q8_0"           #   experts, attention, ffn, embeddings, output
@@ -55,6 +56,7 @@ struct ServerConfig {
     std::string endpoint = "tcp://127.0.0.1:5555";   // ZeroMQ ROUTER; "tcp://127.0.0.1:*" picks a free port
     int64_t max_sequences = 16;      // requests running at once
     uint64_t kv_cache = 256ull << 20;   // bytes of KV pool shared by the running requests
+    int32_t kv_type = MOESH_DTYPE_F32;  // its elements; set from [runtime] kv_type (not a [server] key)
     int64_t prefill_chunk = 32;      // prompt tokens of one request per step
     int64_t max_queue = 64;          // waiting requests; beyond: "busy"
     int64_t max_tokens = 4096;       // largest max_tokens a request may ask
@@ -85,6 +87,7 @@ struct RunConfig {
     int64_t kv_block_size = 16;
     bool precise_activations = false;
     bool repack = true;
+    int32_t kv_type = -1;   // [runtime] kv_type: MOESH_DTYPE_F32, MOESH_DTYPE_F16, or -1 (auto: f16 where offered)
     QuantizePlan quantize;
     PlacementConfig placement;
     ServerConfig server;

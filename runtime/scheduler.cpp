@@ -26,6 +26,7 @@ KvCacheSpec kv_spec(const ModelConfig & c, const SchedulerOptions & o) {
     s.block_size = o.kv_block_size;
     s.n_blocks = o.kv_blocks;
     s.n_seq_max = o.max_sequences;
+    s.type = o.kv_type;
     return s;
 }
 

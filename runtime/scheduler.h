@@ -39,6 +39,7 @@ struct SchedulerOptions {
     int64_t max_sequences = 16;    // requests running at once (KV sequence slots)
     int64_t kv_blocks = 256;       // KV pool, in blocks of kv_block_size positions
     int64_t kv_block_size = 16;
+    int32_t kv_type = MOESH_DTYPE_F32;   // KV pool elements: MOESH_DTYPE_F32 or MOESH_DTYPE_F16
     int64_t prefill_chunk = 32;    // prompt tokens of one request per step
     int64_t max_queue = 64;        // waiting requests; beyond that submit() says Busy
 };

@@ -29,7 +29,9 @@ Server::Server(const Model & model, Backend & backend, const Tokenizer * tokeniz
     so.max_batch = max_batch;
     so.max_sequences = config.max_sequences;
     so.kv_block_size = kv_block_size;
-    so.kv_blocks = KvCacheSpec::blocks_for_budget(config.kv_cache, c.n_layer, c.n_head_kv, c.head_dim, so.kv_block_size);
+    so.kv_type = config.kv_type;
+    so.kv_blocks = KvCacheSpec::blocks_for_budget(config.kv_cache, c.n_layer, c.n_head_kv, c.head_dim, so.kv_block_size,
+                                                  so.kv_type);
     if (so.kv_blocks < 1)
         throw Error("[server] kv_cache = " + std::to_string(config.kv_cache) + " bytes holds no KV block of this model; raise it");
     so.prefill_chunk = config.prefill_chunk;

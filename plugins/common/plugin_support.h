@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <new>
@@ -46,8 +47,19 @@ moesh_status fail(Be * be, moesh_status status, const char * fmt, ...) {
     return status;
 }
 
-// Copies the caller's argument struct, of which the plugin reads its v1
-// members, after checking that struct_size covers them. False, with
+// Bytes of an argument struct's first members, the least a caller may pass; members appended
+// after them read as zero when the caller's struct_size ends before them.
+template <class T>
+constexpr size_t args_min_size() { return sizeof(T); }
+template <>
+constexpr size_t args_min_size<moesh_attention_args>() { return offsetof(moesh_attention_args, kv_type); }
+template <>
+constexpr size_t args_min_size<moesh_attention_batch_args>() { return offsetof(moesh_attention_batch_args, kv_type); }
+template <>
+constexpr size_t args_min_size<moesh_copy_rows_args>() { return offsetof(moesh_copy_rows_args, dst_type); }
+
+// Copies the caller's argument struct after checking that struct_size covers its first
+// members (args_min_size); what the caller's struct_size leaves out of T is zero. False, with
 // last_error set, when args is NULL or too short.
 template <class Be, class T>
 bool read_args(Be * be, const T * args, const char * op, const char * type_name, T * out) {
@@ -57,12 +69,13 @@ bool read_args(Be * be, const T * args, const char * op, const char * type_name,
     }
     uint32_t struct_size = 0;
     std::memcpy(&struct_size, args, sizeof struct_size);   // the first member of every args struct
-    if (struct_size < sizeof(T)) {
+    if (struct_size < args_min_size<T>()) {
         fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: %s struct_size %u is smaller than its v1 size %zu", op, type_name,
-             unsigned(struct_size), sizeof(T));
+             unsigned(struct_size), args_min_size<T>());
         return false;
     }
-    std::memcpy(static_cast<void *>(out), args, sizeof(T));
+    std::memset(static_cast<void *>(out), 0, sizeof(T));
+    std::memcpy(static_cast<void *>(out), args, std::min<size_t>(struct_size, sizeof(T)));
     return true;
 }
 
@@ -109,7 +122,12 @@ inline bool disjoint(const void * p, size_t n_p, const void * q, size_t n_q) {
 template <class Be>
 moesh_status check_copy_rows(Be * be, const moesh_copy_rows_args & a) {
     if (!a.dst) return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: dst must not be NULL");
-    if (a.reserved != 0) return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: reserved is %u, must be 0", unsigned(a.reserved));
+    if (a.reserved != 0 || a.reserved2 != 0)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: reserved (%u) and reserved2 (%u) must be 0", unsigned(a.reserved),
+                    unsigned(a.reserved2));
+    if (a.dst_type != MOESH_DTYPE_F32 && a.dst_type != MOESH_DTYPE_F16)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: dst_type %d is neither f32 (%d) nor f16 (%d)", int(a.dst_type),
+                    int(MOESH_DTYPE_F32), int(MOESH_DTYPE_F16));
     if (a.accumulate != 0 && a.accumulate != 1)
         return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: accumulate is %d, must be 0 or 1", int(a.accumulate));
     if (!(a.clamp >= 0.0f && a.clamp <= 3.4e38f))
@@ -131,11 +149,12 @@ moesh_status check_copy_rows(Be * be, const moesh_copy_rows_args & a) {
     if (a.src && !a.src_rows && a.n_rows > a.src_n_rows)
         return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: n_rows (%lld) is more than src_n_rows (%lld)", ll(a.n_rows),
                     ll(a.src_n_rows));
+    const size_t dst_elem = a.dst_type == MOESH_DTYPE_F16 ? 2 : sizeof(float);
     if (a.src == a.dst) {
-        if (a.src_rows || a.dst_rows || a.src_stride != a.dst_stride)
+        if (a.src_rows || a.dst_rows || a.src_stride != a.dst_stride || a.dst_type != MOESH_DTYPE_F32)
             return fail(be, MOESH_ERR_INVALID_ARGUMENT,
-                        "copy_rows: in place (src == dst) needs no index arrays and equal strides");
-    } else if (a.src && !disjoint(a.src, size_t(n_src) * sizeof(float), a.dst, size_t(n_dst) * sizeof(float))) {
+                        "copy_rows: in place (src == dst) needs f32, no index arrays and equal strides");
+    } else if (a.src && !disjoint(a.src, size_t(n_src) * sizeof(float), a.dst, size_t(n_dst) * dst_elem)) {
         return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: src overlaps dst");
     }
     return MOESH_OK;

@@ -334,11 +334,12 @@ int32_t cpu_supports(moesh_backend * be, int32_t op, int32_t w_type) {
         return weight_type_ok(w_type) ? 1 : 0;
     case MOESH_OP_MOE_FFN:   // the integer kernels; precise activations take expert_ffn's route
         return be && !be->precise && moesh::cpu::is_quant_type(w_type) ? 1 : 0;
+    case MOESH_OP_ATTENTION:   // w_type: the KV pools' type; copy_rows: dst's
+    case MOESH_OP_COPY_ROWS:
+        return w_type == MOESH_DTYPE_F32 || w_type == MOESH_DTYPE_F16 ? 1 : 0;
     case MOESH_OP_RMS_NORM:
     case MOESH_OP_ROPE:
     case MOESH_OP_SOFTMAX:
-    case MOESH_OP_ATTENTION:
-    case MOESH_OP_COPY_ROWS:
         return 1;
     default:
         return 0;
@@ -829,6 +830,9 @@ moesh_status check_attention(moesh_backend * be, const moesh_attention_args & a,
                       ll(a.n_blocks), ll(a.n_kv));
     MOESH_PLUGIN_REQUIRE(a.n_head % a.n_head_kv == 0, "%s: n_head (%lld) is not a multiple of n_head_kv (%lld)", op,
                       ll(a.n_head), ll(a.n_head_kv));
+    MOESH_PLUGIN_REQUIRE((a.kv_type == MOESH_DTYPE_F32 || a.kv_type == MOESH_DTYPE_F16) && a.reserved2 == 0,
+                      "%s: kv_type %d is neither f32 (%d) nor f16 (%d), or reserved2 (%u) is not 0", op, int(a.kv_type),
+                      int(MOESH_DTYPE_F32), int(MOESH_DTYPE_F16), unsigned(a.reserved2));
     int64_t n_items = 0;
     int64_t n_q = 0;
     int64_t kv_row = 0;
@@ -927,6 +931,8 @@ moesh_status cpu_attention_batch(moesh_backend * be, const moesh_attention_batch
             a.block_size = b.block_size;
             a.n_blocks = b.n_blocks;
             a.n_kv = u.n_kv;
+            a.kv_type = b.kv_type;
+            a.reserved2 = b.reserved2;
             char op[64];
             std::snprintf(op, sizeof op, "attention_batch: run %lld", ll(r));
             int64_t n_ctx = 0;
@@ -979,10 +985,14 @@ moesh_status cpu_copy_rows(moesh_backend * be, const moesh_copy_rows_args * args
             const size_t row_bytes = size_t(a.n_cols) * sizeof(float);
             auto task = [&](int, int64_t part, int64_t n_parts) {
                 const Range r = split(a.n_rows, part, n_parts);
+                if (a.dst_type == MOESH_DTYPE_F16) {   // KV cache writes: few rows, converted one by one
+                    moesh::cpu::copy_rows_f16(a, r.begin, r.end);
+                    return;
+                }
                 for (int64_t i = r.begin; i < r.end; ++i) {
                     const int64_t k = a.src_rows ? a.src_rows[i] : i;
                     const float * src = a.src ? a.src + k * a.src_stride : nullptr;
-                    float * dst = a.dst + (a.dst_rows ? a.dst_rows[i] : i) * a.dst_stride;
+                    float * dst = static_cast<float *>(a.dst) + (a.dst_rows ? a.dst_rows[i] : i) * a.dst_stride;
                     if (!a.accumulate && src != dst) {
                         if (src) std::memcpy(dst, src, row_bytes);
                         else std::memset(dst, 0, row_bytes);

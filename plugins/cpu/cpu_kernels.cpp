@@ -16,6 +16,7 @@
 #include <hwy/contrib/math/math-inl.h>
 
 #include "cpu_kernels.h"
+#include "reference_kernels.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace moesh::cpu {
@@ -522,51 +523,62 @@ void rope_tokens(const moesh_rope_args & a, int64_t t0, int64_t t1, float * cos_
     }
 }
 
-// q . k_j for 4 cache rows.
-HWY_INLINE void dot_q_4(const float * HWY_RESTRICT q, const float * HWY_RESTRICT k0,
-                        const float * HWY_RESTRICT k1, const float * HWY_RESTRICT k2,
-                        const float * HWY_RESTRICT k3, int64_t n, float * HWY_RESTRICT out) {
+// One KV cache element as f32 (the tails of the loops below).
+HWY_INLINE float kv_at(const float * p) { return *p; }
+HWY_INLINE float kv_at(const hwy::float16_t * p) {
+    const hn::CappedTag<float, 1> d1;
+    const hn::Rebind<hwy::float16_t, decltype(d1)> dh;
+    return hn::GetLane(hn::PromoteTo(d1, hn::LoadU(dh, p)));
+}
+
+// q . k_j for 4 cache rows (f32 or f16 rows, widened in registers).
+template <class T>
+HWY_INLINE void dot_q_4(const float * HWY_RESTRICT q, const T * HWY_RESTRICT k0,
+                        const T * HWY_RESTRICT k1, const T * HWY_RESTRICT k2,
+                        const T * HWY_RESTRICT k3, int64_t n, float * HWY_RESTRICT out) {
     const DF d;
     const int64_t N = int64_t(hn::Lanes(d));
     VF a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
     int64_t i = 0;
     for (; i + N <= n; i += N) {
         const VF vq = hn::LoadU(d, q + i);
-        a0 = hn::MulAdd(vq, hn::LoadU(d, k0 + i), a0);
-        a1 = hn::MulAdd(vq, hn::LoadU(d, k1 + i), a1);
-        a2 = hn::MulAdd(vq, hn::LoadU(d, k2 + i), a2);
-        a3 = hn::MulAdd(vq, hn::LoadU(d, k3 + i), a3);
+        a0 = hn::MulAdd(vq, load_f32(d, k0 + i), a0);
+        a1 = hn::MulAdd(vq, load_f32(d, k1 + i), a1);
+        a2 = hn::MulAdd(vq, load_f32(d, k2 + i), a2);
+        a3 = hn::MulAdd(vq, load_f32(d, k3 + i), a3);
     }
     out[0] = reduce_sum(d, a0);
     out[1] = reduce_sum(d, a1);
     out[2] = reduce_sum(d, a2);
     out[3] = reduce_sum(d, a3);
     for (; i < n; ++i) {
-        out[0] += q[i] * k0[i];
-        out[1] += q[i] * k1[i];
-        out[2] += q[i] * k2[i];
-        out[3] += q[i] * k3[i];
+        out[0] += q[i] * kv_at(k0 + i);
+        out[1] += q[i] * kv_at(k1 + i);
+        out[2] += q[i] * kv_at(k2 + i);
+        out[3] += q[i] * kv_at(k3 + i);
     }
 }
 
-HWY_INLINE float dot_q_1(const float * HWY_RESTRICT q, const float * HWY_RESTRICT k, int64_t n) {
+template <class T>
+HWY_INLINE float dot_q_1(const float * HWY_RESTRICT q, const T * HWY_RESTRICT k, int64_t n) {
     const DF d;
     const int64_t N = int64_t(hn::Lanes(d));
     VF acc = hn::Zero(d);
     int64_t i = 0;
     for (; i + N <= n; i += N) {
-        acc = hn::MulAdd(hn::LoadU(d, q + i), hn::LoadU(d, k + i), acc);
+        acc = hn::MulAdd(hn::LoadU(d, q + i), load_f32(d, k + i), acc);
     }
     float sum = reduce_sum(d, acc);
     for (; i < n; ++i) {
-        sum += q[i] * k[i];
+        sum += q[i] * kv_at(k + i);
     }
     return sum;
 }
 
 // o += sum_j p_j v_j over n_v (1..4) cache rows; with 4 rows, o is read and
 // written once per 4 rows instead of once per row.
-HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const float * const * v, const float * p, int64_t n_v,
+template <class T>
+HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const T * const * v, const float * p, int64_t n_v,
                              int64_t n) {
     const DF d;
     const int64_t N = int64_t(hn::Lanes(d));
@@ -575,14 +587,14 @@ HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const float * const * v, co
         int64_t i = 0;
         for (; i + N <= n; i += N) {
             VF acc = hn::LoadU(d, o + i);
-            acc = hn::MulAdd(p0, hn::LoadU(d, v[0] + i), acc);
-            acc = hn::MulAdd(p1, hn::LoadU(d, v[1] + i), acc);
-            acc = hn::MulAdd(p2, hn::LoadU(d, v[2] + i), acc);
-            acc = hn::MulAdd(p3, hn::LoadU(d, v[3] + i), acc);
+            acc = hn::MulAdd(p0, load_f32(d, v[0] + i), acc);
+            acc = hn::MulAdd(p1, load_f32(d, v[1] + i), acc);
+            acc = hn::MulAdd(p2, load_f32(d, v[2] + i), acc);
+            acc = hn::MulAdd(p3, load_f32(d, v[3] + i), acc);
             hn::StoreU(acc, d, o + i);
         }
         for (; i < n; ++i) {
-            o[i] += p[0] * v[0][i] + p[1] * v[1][i] + p[2] * v[2][i] + p[3] * v[3][i];
+            o[i] += p[0] * kv_at(v[0] + i) + p[1] * kv_at(v[1] + i) + p[2] * kv_at(v[2] + i) + p[3] * kv_at(v[3] + i);
         }
         return;
     }
@@ -590,15 +602,16 @@ HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const float * const * v, co
         const VF pj = hn::Set(d, p[j]);
         int64_t i = 0;
         for (; i + N <= n; i += N) {
-            hn::StoreU(hn::MulAdd(pj, hn::LoadU(d, v[j] + i), hn::LoadU(d, o + i)), d, o + i);
+            hn::StoreU(hn::MulAdd(pj, load_f32(d, v[j] + i), hn::LoadU(d, o + i)), d, o + i);
         }
         for (; i < n; ++i) {
-            o[i] += p[j] * v[j][i];
+            o[i] += p[j] * kv_at(v[j] + i);
         }
     }
 }
 
-void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores) {
+template <class T>
+void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores) {
     const DF d;
     const int64_t N = int64_t(hn::Lanes(d));
     const int64_t n_group = a.n_head / a.n_head_kv;
@@ -611,14 +624,14 @@ void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, flo
         const float * q = a.q + item * n_dim;   // [head_dim]
         float * o = a.out + item * n_dim;       // [head_dim]
         const int64_t n_ctx = int64_t(a.pos[t]) + 1;
-        auto block_base = [&](const float * pool, int64_t p0) {
+        auto block_base = [&](const void * pool, int64_t p0) {
             // Row 0 of the cache block holding position p0, for kv head h_kv.
-            return pool + (int64_t(a.block_table[p0 / bs]) * bs * a.n_head_kv + h_kv) * n_dim;
+            return static_cast<const T *>(pool) + (int64_t(a.block_table[p0 / bs]) * bs * a.n_head_kv + h_kv) * n_dim;
         };
 
         float max = -std::numeric_limits<float>::infinity();
         for (int64_t p0 = 0; p0 < n_ctx; p0 += bs) {
-            const float * k = block_base(a.k_pool, p0);   // [bs, row_stride]
+            const T * k = block_base(a.k_pool, p0);   // [bs, row_stride]
             const int64_t n_r = std::min(bs, n_ctx - p0);
             int64_t r = 0;
             for (; r + 4 <= n_r; r += 4) {
@@ -650,11 +663,11 @@ void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, flo
 
         std::fill(o, o + n_dim, 0.0f);
         for (int64_t p0 = 0; p0 < n_ctx; p0 += bs) {
-            const float * v = block_base(a.v_pool, p0);   // [bs, row_stride]
+            const T * v = block_base(a.v_pool, p0);   // [bs, row_stride]
             const int64_t n_r = std::min(bs, n_ctx - p0);
             for (int64_t r = 0; r < n_r; r += 4) {
                 const int64_t n_v = std::min<int64_t>(4, n_r - r);
-                const float * rows[4];
+                const T * rows[4];
                 for (int64_t jr = 0; jr < 4; ++jr) {
                     rows[jr] = v + (r + std::min(jr, n_v - 1)) * row_stride;
                 }
@@ -670,6 +683,44 @@ void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, flo
             o[i] *= 1.0f / sum;
         }
     }
+}
+
+// copy_rows with an f16 dst (KV cache writes): rows [r0, r1). Rounding to nearest even, as the
+// reference: F16C's conversion on x86 targets that have it, the reference's elsewhere.
+void copy_rows_f16(const moesh_copy_rows_args & a, int64_t r0, int64_t r1) {
+    const DF d;
+    const hn::Rebind<hwy::float16_t, DF> dh;
+    const int64_t N = int64_t(hn::Lanes(d));
+    (void)dh;
+    (void)N;
+    for (int64_t i = r0; i < r1; ++i) {
+        const int64_t k = a.src_rows ? a.src_rows[i] : i;
+        const float * src = a.src ? a.src + k * a.src_stride : nullptr;
+        uint16_t * dst = static_cast<uint16_t *>(a.dst) + (a.dst_rows ? a.dst_rows[i] : i) * a.dst_stride;
+        int64_t j = 0;
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+        auto * dst16 = reinterpret_cast<hwy::float16_t *>(dst);
+        const VF lo = hn::Set(d, -a.clamp), hi = hn::Set(d, a.clamp);
+        for (; j + N <= a.n_cols; j += N) {
+            VF v = src ? hn::LoadU(d, src + j) : hn::Zero(d);
+            if (a.accumulate) v = hn::Add(hn::PromoteTo(d, hn::LoadU(dh, dst16 + j)), v);
+            if (a.clamp > 0.0f) v = hn::Min(hn::Max(v, lo), hi);
+            hn::StoreU(hn::DemoteTo(dh, v), dh, dst16 + j);
+        }
+#endif
+        for (; j < a.n_cols; ++j) {
+            float v = (a.accumulate ? moesh::ref::f16_to_f32(dst[j]) : 0.0f) + (src ? src[j] : 0.0f);
+            if (a.clamp > 0.0f) v = std::clamp(v, -a.clamp, a.clamp);
+            dst[j] = moesh::ref::f32_to_f16(v);
+        }
+    }
+}
+
+void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores) {
+    if (a.kv_type == MOESH_DTYPE_F16)
+        attention_items_t<hwy::float16_t>(a, i0, i1, scores);
+    else
+        attention_items_t<float>(a, i0, i1, scores);
 }
 
 } // namespace HWY_NAMESPACE
@@ -688,6 +739,7 @@ HWY_EXPORT(rms_norm_rows);
 HWY_EXPORT(softmax_rows);
 HWY_EXPORT(rope_tokens);
 HWY_EXPORT(attention_items);
+HWY_EXPORT(copy_rows_f16);
 
 const char * simd_target_name() { return HWY_DYNAMIC_DISPATCH(target_name)(); }
 
@@ -750,6 +802,8 @@ void rope_tokens(const moesh_rope_args & a, int64_t t0, int64_t t1, float * cos_
 void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores) {
     HWY_DYNAMIC_DISPATCH(attention_items)(a, i0, i1, scores);
 }
+
+void copy_rows_f16(const moesh_copy_rows_args & a, int64_t r0, int64_t r1) { HWY_DYNAMIC_DISPATCH(copy_rows_f16)(a, r0, r1); }
 
 } // namespace moesh::cpu
 #endif // HWY_ONCE

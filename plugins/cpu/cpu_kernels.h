@@ -48,4 +48,7 @@ void rope_tokens(const moesh_rope_args & a, int64_t t0, int64_t t1, float * cos_
 // Items i = t * n_head + h in [i0, i1); scores: scratch of n_kv floats for this thread.
 void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores);
 
+// copy_rows into an f16 dst (dst_type F16), rows [r0, r1) of the call.
+void copy_rows_f16(const moesh_copy_rows_args & a, int64_t r0, int64_t r1);
+
 } // namespace moesh::cpu

@@ -519,11 +519,11 @@ int32_t cuda_supports(moesh_backend *, int32_t op, int32_t w_type) {
     switch (op) {
     case MOESH_OP_MATMUL:
     case MOESH_OP_EXPERT_FFN: return moesh::cuda::matmul_supports(w_type) ? 1 : 0;
+    case MOESH_OP_ATTENTION:   // f32 KV pools and copy_rows dst only, for now
+    case MOESH_OP_COPY_ROWS: return w_type == MOESH_DTYPE_F32 ? 1 : 0;
     case MOESH_OP_RMS_NORM:
     case MOESH_OP_ROPE:
-    case MOESH_OP_SOFTMAX:
-    case MOESH_OP_ATTENTION:
-    case MOESH_OP_COPY_ROWS: return 1;
+    case MOESH_OP_SOFTMAX: return 1;
     default: return 0;
     }
 }
@@ -644,6 +644,11 @@ moesh_status cuda_attention(moesh_backend * be, const moesh_attention_args * arg
                            ll(a.n_blocks), ll(a.n_kv));
         MOESH_PLUGIN_REQUIRE(a.n_head % a.n_head_kv == 0, "attention: n_head (%lld) is not a multiple of n_head_kv (%lld)",
                            ll(a.n_head), ll(a.n_head_kv));
+        MOESH_PLUGIN_REQUIRE((a.kv_type == MOESH_DTYPE_F32 || a.kv_type == MOESH_DTYPE_F16) && a.reserved2 == 0,
+                           "attention: kv_type %d is neither f32 nor f16, or reserved2 (%u) is not 0", int(a.kv_type),
+                           unsigned(a.reserved2));
+        if (a.kv_type != MOESH_DTYPE_F32)
+            return fail(be, MOESH_ERR_UNSUPPORTED, "attention: kv_type f16: the cuda backend reads f32 KV pools only");
         if (a.head_dim > moesh::cuda::attention_max_head_dim()) {
             return fail(be, MOESH_ERR_UNSUPPORTED, "attention: head_dim %lld is more than the cuda backend's %lld",
                         ll(a.head_dim), ll(moesh::cuda::attention_max_head_dim()));
@@ -664,6 +669,8 @@ moesh_status cuda_copy_rows(moesh_backend * be, const moesh_copy_rows_args * arg
         if (!read_args(be, args, "copy_rows", "moesh_copy_rows_args", &a)) return MOESH_ERR_INVALID_ARGUMENT;
         const moesh_status s = moesh::plugin::check_copy_rows(be, a);
         if (s != MOESH_OK || a.n_rows == 0) return s;
+        if (a.dst_type != MOESH_DTYPE_F32)
+            return fail(be, MOESH_ERR_UNSUPPORTED, "copy_rows: dst_type %d: the cuda backend writes f32 only", int(a.dst_type));
         // The indices are device memory: the kernel checks them and sets error_flag.
         return cuda_check(be, moesh::cuda::launch_copy_rows(a, be->error_flag, be->compute), "copy_rows");
     });

@@ -115,8 +115,8 @@ attention_kernel(moesh_attention_args a, int32_t * error_flag) {
             break;
         }
         const int64_t row = (int64_t(block) * a.block_size + p % a.block_size) * a.n_head_kv + h_kv;
-        const float * k = a.k_pool + row * a.head_dim;
-        const float * v = a.v_pool + row * a.head_dim;
+        const float * k = static_cast<const float *>(a.k_pool) + row * a.head_dim;   // f32 pools (checked by the host side)
+        const float * v = static_cast<const float *>(a.v_pool) + row * a.head_dim;
         float dot = 0.0f;
 #pragma unroll
         for (int j = 0; j < k_max_dims_per_lane; ++j) {   // unrolled: qv and acc stay in registers
@@ -168,7 +168,7 @@ __global__ void copy_rows_kernel(moesh_copy_rows_args a, int32_t * error_flag) {
             continue;
         }
         const float * src = a.src ? a.src + s * a.src_stride : nullptr;
-        float * dst = a.dst + d * a.dst_stride;
+        float * dst = static_cast<float *>(a.dst) + d * a.dst_stride;   // f32 (checked by the host side)
         for (int64_t j = threadIdx.x; j < a.n_cols; j += blockDim.x) {
             float v = (a.accumulate ? dst[j] : 0.0f) + (src ? src[j] : 0.0f);
             dst[j] = a.clamp > 0.0f ? fminf(fmaxf(v, -a.clamp), a.clamp) : v;

@@ -89,7 +89,8 @@ static_assert(offsetof(moesh_attention_batch_args, q) == 8, "moesh_attention_bat
 static_assert(offsetof(moesh_attention_batch_args, runs) == 56, "moesh_attention_batch_args.runs moved");
 static_assert(offsetof(moesh_attention_batch_args, n_tokens) == 64, "moesh_attention_batch_args.n_tokens moved");
 static_assert(offsetof(moesh_attention_batch_args, n_blocks) == 120, "moesh_attention_batch_args.n_blocks moved");
-static_assert(sizeof(moesh_attention_batch_args) == 128, "moesh_attention_batch_args changed size");
+static_assert(offsetof(moesh_attention_batch_args, kv_type) == 128, "moesh_attention_batch_args.kv_type moved");
+static_assert(sizeof(moesh_attention_batch_args) == 136, "moesh_attention_batch_args changed size");
 
 // moesh_host_api
 static_assert(offsetof(moesh_host_api, abi_version) == 0, "moesh_host_api.abi_version moved");
@@ -182,7 +183,8 @@ static_assert(offsetof(moesh_attention_args, head_dim) == 80, "moesh_attention_a
 static_assert(offsetof(moesh_attention_args, block_size) == 88, "moesh_attention_args.block_size moved");
 static_assert(offsetof(moesh_attention_args, n_blocks) == 96, "moesh_attention_args.n_blocks moved");
 static_assert(offsetof(moesh_attention_args, n_kv) == 104, "moesh_attention_args.n_kv moved");
-static_assert(sizeof(moesh_attention_args) == 112, "moesh_attention_args changed size");
+static_assert(offsetof(moesh_attention_args, kv_type) == 112, "moesh_attention_args.kv_type moved");
+static_assert(sizeof(moesh_attention_args) == 120, "moesh_attention_args changed size");
 
 // moesh_copy_rows_args
 static_assert(offsetof(moesh_copy_rows_args, struct_size) == 0, "moesh_copy_rows_args.struct_size moved");
@@ -199,7 +201,8 @@ static_assert(offsetof(moesh_copy_rows_args, src_stride) == 64, "moesh_copy_rows
 static_assert(offsetof(moesh_copy_rows_args, dst_stride) == 72, "moesh_copy_rows_args.dst_stride moved");
 static_assert(offsetof(moesh_copy_rows_args, src_n_rows) == 80, "moesh_copy_rows_args.src_n_rows moved");
 static_assert(offsetof(moesh_copy_rows_args, dst_n_rows) == 88, "moesh_copy_rows_args.dst_n_rows moved");
-static_assert(sizeof(moesh_copy_rows_args) == 96, "moesh_copy_rows_args changed size");
+static_assert(offsetof(moesh_copy_rows_args, dst_type) == 96, "moesh_copy_rows_args.dst_type moved");
+static_assert(sizeof(moesh_copy_rows_args) == 104, "moesh_copy_rows_args changed size");
 
 // moesh_moe_expert, moesh_moe_ffn_args
 static_assert(offsetof(moesh_moe_expert, gate) == 0, "moesh_moe_expert.gate moved");

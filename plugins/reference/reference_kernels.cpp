@@ -328,13 +328,19 @@ void softmax(const moesh_softmax_args & a) {
 }
 
 void copy_rows(const moesh_copy_rows_args & a) {
+    const bool f16 = a.dst_type == MOESH_DTYPE_F16;
     for (int64_t i = 0; i < a.n_rows; ++i) {
         const int64_t s = a.src_rows ? a.src_rows[i] : i, d = a.dst_rows ? a.dst_rows[i] : i;
-        float * dst = a.dst + d * a.dst_stride;
+        float * dst = f16 ? nullptr : static_cast<float *>(a.dst) + d * a.dst_stride;
+        uint16_t * dst16 = f16 ? static_cast<uint16_t *>(a.dst) + d * a.dst_stride : nullptr;
         for (int64_t j = 0; j < a.n_cols; ++j) {
-            float v = (a.accumulate ? dst[j] : 0.0f) + (a.src ? a.src[s * a.src_stride + j] : 0.0f);
+            const float old = !a.accumulate ? 0.0f : f16 ? f16_to_f32(dst16[j]) : dst[j];
+            float v = old + (a.src ? a.src[s * a.src_stride + j] : 0.0f);
             if (a.clamp > 0.0f) v = std::clamp(v, -a.clamp, a.clamp);
-            dst[j] = v;
+            if (f16)
+                dst16[j] = f32_to_f16(v);
+            else
+                dst[j] = v;
         }
     }
 }
@@ -348,17 +354,19 @@ void attention(const moesh_attention_args & a) {
         for (int64_t h = 0; h < a.n_head; ++h) {
             const int64_t h_kv = h / n_group;
             const float * q = a.q + (t * a.n_head + h) * a.head_dim;   // [head_dim]
-            auto kv_row = [&](const float * pool, int64_t pos) {
+            // Element d of the [head_dim] row of pool at cache position pos, as f32.
+            auto kv = [&](const void * pool, int64_t pos, int64_t d) {
                 const int64_t block = a.block_table[pos / a.block_size];
                 const int64_t row = block * a.block_size + pos % a.block_size;
-                return pool + (row * a.n_head_kv + h_kv) * a.head_dim;   // [head_dim]
+                const int64_t i = (row * a.n_head_kv + h_kv) * a.head_dim + d;
+                return a.kv_type == MOESH_DTYPE_F16 ? f16_to_f32(static_cast<const uint16_t *>(pool)[i])
+                                                    : static_cast<const float *>(pool)[i];
             };
             double max = -std::numeric_limits<double>::infinity();
             for (int64_t j = 0; j < n_ctx; ++j) {
-                const float * k = kv_row(a.k_pool, j);
                 double dot = 0.0;
                 for (int64_t d = 0; d < a.head_dim; ++d) {
-                    dot += double(q[d]) * k[d];
+                    dot += double(q[d]) * kv(a.k_pool, j, d);
                 }
                 p[size_t(j)] = dot * a.scale;
                 max = std::max(max, p[size_t(j)]);
@@ -370,9 +378,8 @@ void attention(const moesh_attention_args & a) {
             }
             std::fill(o.begin(), o.end(), 0.0);
             for (int64_t j = 0; j < n_ctx; ++j) {
-                const float * v = kv_row(a.v_pool, j);
                 for (int64_t d = 0; d < a.head_dim; ++d) {
-                    o[size_t(d)] += p[size_t(j)] * v[d];
+                    o[size_t(d)] += p[size_t(j)] * kv(a.v_pool, j, d);
                 }
             }
             float * out = a.out + (t * a.n_head + h) * a.head_dim;   // [head_dim]

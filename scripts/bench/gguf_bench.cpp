@@ -32,6 +32,7 @@
 #include "bandwidth_probe.h"
 #include "plugins/loader/plugin_loader.h"
 #include "runtime/generate.h"
+#include "runtime/kv_cache.h"
 #include "runtime/model.h"
 #include "runtime/backend_weights.h"
 #include "runtime/quantize.h"
@@ -111,6 +112,7 @@ int main(int argc, char ** argv) {
     double probe_gib = 1.0;
     bool probe_only = false;
     bool repack = true;
+    int32_t kv_type = MOESH_DTYPE_F32;
     std::vector<double> gpu_budgets;
     std::vector<std::string> costs = {"auto"};
     for (int i = 1; i < argc; ++i) {
@@ -139,6 +141,13 @@ int main(int argc, char ** argv) {
         else if (a == "--probe-gib") probe_gib = std::stod(next());
         else if (a == "--probe-only") probe_only = true;
         else if (a == "--no-repack") repack = false;
+        else if (a == "--kv-type") {
+            kv_type = moesh::parse_kv_type(next());
+            if (kv_type < 0) {
+                std::fprintf(stderr, "--kv-type: f32 or f16\n");
+                return 2;
+            }
+        }
         else if (a == "--gpu-budgets" || a == "--costs") {
             std::stringstream ss(next());
             std::string t;
@@ -152,7 +161,8 @@ int main(int argc, char ** argv) {
         else {
             std::fprintf(stderr,
                          "usage: %s --model PATH [--threads 1,2] [--prompt 128] [--gen 64] [--batch 128] [--reps 3]\n"
-                         "          [--probe-gib 1] [--plugin-dir D] [--no-repack] [--backend cpu] [--roofline-gbps G]\n"
+                         "          [--probe-gib 1] [--plugin-dir D] [--no-repack] [--kv-type f32|f16] [--backend cpu]\n"
+                         "          [--roofline-gbps G]\n"
                          "          [--gpu-budgets 50,25 [--costs auto,auto-sync,promote,in-place]]   (a device backend)\n"
                          "       %s --synthetic moe-small|moe-mid [--type q4_0|q8_0|q4_1|bf16] [same options]\n"
                          "       %s --probe-only [--threads 2] [--probe-gib 1]\n",
@@ -222,6 +232,7 @@ int main(int argc, char ** argv) {
         for (int64_t i = 0; i < n_prompt; ++i) o.prompt.push_back(tok(rng));
         o.n_generate = n_gen + 1; // the first token comes with the prefill
         o.max_batch = batch;
+        o.kv_type = kv_type;
         for (int t : threads) {
             moesh::PluginOptions po;
             po.search_dirs = {plugin_dir};
@@ -328,6 +339,7 @@ int main(int argc, char ** argv) {
                                 {"backend", be->name()},
                                 {"threads", t},
                                 {"repack", weights.n_packed() > 0},
+                                {"kv_type", moesh::kv_type_name(kv_type)},
                                 {"n_prompt", n_prompt},
                                 {"n_gen", n_gen},
                                 {"reps", reps},

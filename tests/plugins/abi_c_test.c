@@ -72,7 +72,8 @@ _Static_assert(offsetof(moesh_backend_iface, copy_wait) == 200, "moesh_backend_i
 _Static_assert(sizeof(moesh_backend_iface) == 208, "moesh_backend_iface changed size");
 _Static_assert(sizeof(moesh_attention_run) == 32, "moesh_attention_run changed size");
 _Static_assert(offsetof(moesh_attention_batch_args, runs) == 56, "moesh_attention_batch_args.runs moved");
-_Static_assert(sizeof(moesh_attention_batch_args) == 128, "moesh_attention_batch_args changed size");
+_Static_assert(offsetof(moesh_attention_batch_args, kv_type) == 128, "moesh_attention_batch_args.kv_type moved");
+_Static_assert(sizeof(moesh_attention_batch_args) == 136, "moesh_attention_batch_args changed size");
 _Static_assert(sizeof(moesh_moe_expert) == 40, "moesh_moe_expert changed size");
 _Static_assert(offsetof(moesh_moe_ffn_args, experts) == 8, "moesh_moe_ffn_args.experts moved");
 _Static_assert(offsetof(moesh_moe_ffn_args, n_pairs) == 88, "moesh_moe_ffn_args.n_pairs moved");
@@ -167,7 +168,8 @@ _Static_assert(offsetof(moesh_attention_args, head_dim) == 80, "moesh_attention_
 _Static_assert(offsetof(moesh_attention_args, block_size) == 88, "moesh_attention_args.block_size moved");
 _Static_assert(offsetof(moesh_attention_args, n_blocks) == 96, "moesh_attention_args.n_blocks moved");
 _Static_assert(offsetof(moesh_attention_args, n_kv) == 104, "moesh_attention_args.n_kv moved");
-_Static_assert(sizeof(moesh_attention_args) == 112, "moesh_attention_args changed size");
+_Static_assert(offsetof(moesh_attention_args, kv_type) == 112, "moesh_attention_args.kv_type moved");
+_Static_assert(sizeof(moesh_attention_args) == 120, "moesh_attention_args changed size");
 #endif /* __LP64__ */
 
 /* The enum-valued members and parameters are int32_t: assigning these function pointers

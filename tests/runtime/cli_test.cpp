@@ -379,6 +379,14 @@ TEST(Cli, ExpertBudgetPlansAndRunsWithTheSameTokens) {
     ASSERT_EQ(budget.status, 0) << budget.out;
     const nlohmann::json a = last_json_line(free_run.out), b = last_json_line(budget.out);
     EXPECT_EQ(a["tokens"], b["tokens"]);
+    // The default KV cache on the cpu plugin is f16 (auto): --kv-type f32 takes twice the bytes and
+    // gives the same tokens on this model
+    Result full = run(args + " --kv-type f32", false);
+    ASSERT_EQ(full.status, 0) << full.out;
+    const nlohmann::json f = last_json_line(full.out);
+    EXPECT_EQ(f["tokens"], a["tokens"]);
+    EXPECT_EQ(f["kv_cache_bytes"].get<int64_t>(), 2 * a["kv_cache_bytes"].get<int64_t>());
+    EXPECT_EQ(last_json_line(run(args + " --kv-type f16", false).out)["kv_cache_bytes"], a["kv_cache_bytes"]);
     EXPECT_FALSE(a.contains("placement"));
     ASSERT_TRUE(b.contains("placement"));
     EXPECT_GT(b["placement"]["misses"].get<int64_t>(), 0);

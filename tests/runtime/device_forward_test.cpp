@@ -153,6 +153,33 @@ TEST_P(DeviceArch, GenerateEqualsTheCpuBackend) {
     EXPECT_LT(max_rel_diff(got.logits, want.logits), 1e-5);
 }
 
+// An f16 KV cache (--kv-type f16): each backend rounds the keys and values it writes to f16 and
+// reads them back; logits stay within a few 1e-3 of the f32 cache's, and devsim (the reference
+// kernels) agrees with the cpu backend as closely as with f32.
+TEST_P(DeviceArch, F16KvCacheStaysCloseToF32) {
+    const ModelConfig cfg = config(GetParam());
+    Model m = Model::load(cfg, make_synthetic_weights(cfg, MOESH_DTYPE_F32, 21));
+    auto cpu = test::open_cpu_backend(1);
+    auto dev = test::open_devsim_backend();
+    ASSERT_TRUE(cpu && dev);
+    GenerateOptions o;
+    o.prompt = {5, 17, 3, 88, 42, 1, 0, 96, 12, 7, 7};
+    o.n_generate = 10;
+    o.keep_logits = true;
+    o.max_batch = 4;
+    const GenerateResult f32 = generate(m, *cpu, o);
+    o.kv_type = MOESH_DTYPE_F16;
+    const GenerateResult f16 = generate(m, *cpu, o);
+    EXPECT_EQ(f16.tokens, f32.tokens);
+    EXPECT_LT(max_rel_diff(f16.logits, f32.logits), 5e-3);
+    EXPECT_GT(max_rel_diff(f16.logits, f32.logits), 0.0) << "the f16 cache was not used";
+    const BackendWeights weights(m, *dev, {});
+    o.weights = &weights;
+    const GenerateResult dev16 = generate(m, *dev, o);
+    EXPECT_EQ(dev16.tokens, f16.tokens);
+    EXPECT_LT(max_rel_diff(dev16.logits, f16.logits), 1e-3);
+}
+
 INSTANTIATE_TEST_SUITE_P(Archs, DeviceArch,
                          testing::Values("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
                                          "OlmoeForCausalLM", "LlamaForCausalLM"));

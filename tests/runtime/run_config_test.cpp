@@ -57,6 +57,13 @@ TEST(RunConfig, ParsesAllKeys) {
     EXPECT_EQ(rc.preferred_plugin, "cpu");
     EXPECT_EQ(rc.threads, 3);
     EXPECT_EQ(rc.kv_block_size, 32);
+    EXPECT_EQ(rc.kv_type, -1);   // the default: auto, f16 where the backend offers it
+    rc = parse_run_config("[runtime]\nkv_type = 'f16'\n", "x");
+    EXPECT_EQ(rc.kv_type, MOESH_DTYPE_F16);
+    rc = parse_run_config("[runtime]\nkv_type = 'f32'\n", "x");
+    EXPECT_EQ(rc.kv_type, MOESH_DTYPE_F32);
+    rc = parse_run_config("[runtime]\nkv_type = 'auto'\n", "x");
+    EXPECT_EQ(rc.kv_type, -1);
 }
 
 TEST(RunConfig, ErrorsNameFileLineColumnAndKey) {
@@ -69,6 +76,9 @@ TEST(RunConfig, ErrorsNameFileLineColumnAndKey) {
     EXPECT_NE(e.find("unknown key"), std::string::npos) << e;
     e = error_of("[placements]\n");
     EXPECT_NE(e.find("unknown table"), std::string::npos) << e;
+    e = error_of("[runtime]\nkv_type = 'q8_0'\n");
+    EXPECT_NE(e.find("moesh.toml:2:"), std::string::npos) << e;
+    EXPECT_NE(e.find("expected \"auto\", \"f16\""), std::string::npos) << e;
     e = error_of("[plugins]\ndirs = 'x'\n");
     EXPECT_NE(e.find("array of strings"), std::string::npos) << e;
     e = error_of("[plugins\n");

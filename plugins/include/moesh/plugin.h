@@ -286,8 +286,8 @@ typedef struct moesh_attention_args {
     uint32_t struct_size;       /* sizeof(moesh_attention_args) of the caller */
     float scale;                /* usually 1/sqrt(head_dim) */
     const float * q;            /* [n_tokens, n_head, head_dim] */
-    const float * k_pool;       /* [n_blocks, block_size, n_head_kv, head_dim] */
-    const float * v_pool;       /* [n_blocks, block_size, n_head_kv, head_dim] */
+    const void * k_pool;        /* [n_blocks, block_size, n_head_kv, head_dim] of kv_type */
+    const void * v_pool;        /* [n_blocks, block_size, n_head_kv, head_dim] of kv_type */
     const int32_t * block_table;/* [ceil(n_kv / block_size)] */
     const int32_t * pos;        /* [n_tokens], each < n_kv */
     float * out;                /* [n_tokens, n_head, head_dim] */
@@ -298,6 +298,9 @@ typedef struct moesh_attention_args {
     int64_t block_size;         /* cache positions per block */
     int64_t n_blocks;           /* blocks in k_pool and in v_pool */
     int64_t n_kv;               /* cache positions filled for this sequence */
+    /* Appended in ABI v1 (a caller whose struct_size ends before them means F32): */
+    int32_t kv_type;            /* MOESH_DTYPE_F32 or MOESH_DTYPE_F16, as supports(ATTENTION) offers */
+    uint32_t reserved2;         /* 0 */
 } moesh_attention_args;
 
 /* One sequence's run of query rows in an attention_batch call. */
@@ -320,8 +323,8 @@ typedef struct moesh_attention_batch_args {
     uint32_t struct_size;       /* sizeof(moesh_attention_batch_args) of the caller */
     float scale;
     const float * q;            /* [n_tokens, n_head, head_dim] */
-    const float * k_pool;       /* [n_blocks, block_size, n_head_kv, head_dim] */
-    const float * v_pool;       /* [n_blocks, block_size, n_head_kv, head_dim] */
+    const void * k_pool;        /* [n_blocks, block_size, n_head_kv, head_dim] of kv_type */
+    const void * v_pool;        /* [n_blocks, block_size, n_head_kv, head_dim] of kv_type */
     const int32_t * block_tables;  /* [n_table] */
     const int32_t * pos;        /* [n_tokens] */
     float * out;                /* [n_tokens, n_head, head_dim] */
@@ -334,6 +337,9 @@ typedef struct moesh_attention_batch_args {
     int64_t head_dim;
     int64_t block_size;
     int64_t n_blocks;
+    /* Appended in ABI v1 (a caller whose struct_size ends before them means F32): */
+    int32_t kv_type;            /* as moesh_attention_args.kv_type */
+    uint32_t reserved2;         /* 0 */
 } moesh_attention_batch_args;
 
 /* Rows of float32 moved inside backend memory, for the host-side glue of a
@@ -356,7 +362,7 @@ typedef struct moesh_copy_rows_args {
     float clamp;                /* > 0: clamp written values to [-clamp, clamp]; 0: no clamp */
     uint32_t reserved;          /* 0 */
     const float * src;          /* [src_n_rows, src_stride], or NULL for rows of zeros */
-    float * dst;                /* [dst_n_rows, dst_stride] */
+    void * dst;                 /* [dst_n_rows, dst_stride] of dst_type */
     const int32_t * src_rows;   /* [n_rows] or NULL (row i) */
     const int32_t * dst_rows;   /* [n_rows] or NULL (row i) */
     int64_t n_rows;
@@ -365,6 +371,10 @@ typedef struct moesh_copy_rows_args {
     int64_t dst_stride;
     int64_t src_n_rows;         /* rows src holds (bounds the indices) */
     int64_t dst_n_rows;         /* rows dst holds */
+    /* Appended in ABI v1 (a caller whose struct_size ends before them means F32): */
+    int32_t dst_type;           /* MOESH_DTYPE_F32, or MOESH_DTYPE_F16 (values rounded to nearest
+                                   even; with accumulate, dst is read as f16, added in f32, rounded) */
+    uint32_t reserved2;         /* 0 */
 } moesh_copy_rows_args;
 
 /* One routed expert of a moe_ffn call: its weights (as in moesh_expert_ffn_args)
@@ -425,8 +435,10 @@ typedef struct moesh_backend_iface {
     moesh_status (*copy_to_host)(moesh_backend * be, void * dst, const void * src, size_t n_bytes);
     moesh_status (*synchronize)(moesh_backend * be);
 
-    /* 1 when op is offered for weights of w_type (w_type ignored for
-     * ops without weights), 0 otherwise, also for values it does not know. */
+    /* 1 when op is offered for weights of w_type, 0 otherwise, also for
+     * values it does not know. For MOESH_OP_ATTENTION w_type is the KV pools'
+     * type (kv_type), for MOESH_OP_COPY_ROWS dst's type (dst_type); other ops
+     * without weights ignore it. */
     int32_t (*supports)(moesh_backend * be, int32_t op /* moesh_op */, int32_t w_type /* moesh_dtype */);
 
     moesh_status (*matmul)(moesh_backend * be, const moesh_matmul_args * args);

@@ -1233,18 +1233,20 @@ std::vector<double> attention_bound(const moesh_attention_args & a, const std::v
         const int64_t n_ctx = int64_t(a.pos[t]) + 1;
         for (int64_t h = 0; h < a.n_head; ++h) {
             const float * q = a.q + (t * a.n_head + h) * a.head_dim;
-            auto row = [&](const float * pool, int64_t p) {
+            auto kv = [&](const void * pool, int64_t p, int64_t d) {   // element d of position p's row, as f32
                 const int64_t block = a.block_table[p / a.block_size];
-                return pool + ((block * a.block_size + p % a.block_size) * a.n_head_kv + h / n_group) * a.head_dim;
+                const int64_t i = ((block * a.block_size + p % a.block_size) * a.n_head_kv + h / n_group) * a.head_dim + d;
+                return a.kv_type == MOESH_DTYPE_F16 ? moesh::ref::f16_to_f32(static_cast<const uint16_t *>(pool)[i])
+                                                    : static_cast<const float *>(pool)[i];
             };
             std::vector<double> s(static_cast<size_t>(n_ctx)), e_s(static_cast<size_t>(n_ctx));
             double m = -std::numeric_limits<double>::infinity(), e_s_max = 0.0;
             for (int64_t j = 0; j < n_ctx; ++j) {
-                const float * k = row(a.k_pool, j);
                 double dot = 0, mag = 0;
                 for (int64_t d = 0; d < a.head_dim; ++d) {
-                    dot += double(q[d]) * k[d];
-                    mag += std::fabs(double(q[d]) * k[d]);
+                    const double k = kv(a.k_pool, j, d);
+                    dot += double(q[d]) * k;
+                    mag += std::fabs(double(q[d]) * k);
                 }
                 s[size_t(j)] = dot * a.scale;
                 e_s[size_t(j)] = sum_error(a.head_dim) * std::fabs(a.scale) * mag + k_u * std::fabs(s[size_t(j)]);
@@ -1261,7 +1263,7 @@ std::vector<double> attention_bound(const moesh_attention_args & a, const std::v
                     const double p = std::exp(s[size_t(j)] - m) / z;
                     const double e_p = e_s[size_t(j)] + e_s_max + 2.0 * k_u * std::fabs(s[size_t(j)] - m) + 4.0 * k_u +
                                        sum_error(n_ctx);
-                    b += p * std::fabs(row(a.v_pool, j)[d]) * (e_p + sum_error(n_ctx));
+                    b += p * std::fabs(kv(a.v_pool, j, d)) * (e_p + sum_error(n_ctx));
                 }
                 const size_t idx = size_t((t * a.n_head + h) * a.head_dim + d);
                 bound[idx] = b + 2.0 * k_u * std::fabs(out_ref[idx]) + k_tiny;
@@ -1285,10 +1287,15 @@ TEST_P(BackendConformance, AttentionMatchesReference) {
         {20, 4, 2, 3, 16, 37, 3.0f, false},  // head_dim not a multiple of any vector width
     };
     std::mt19937 rng(6);
+    for (const int32_t kv_type : {MOESH_DTYPE_F32, MOESH_DTYPE_F16})
     for (const Shape & s : shapes) {
-        SCOPED_TRACE(testing::Message() << "head_dim " << s.head_dim << " n_head " << s.n_head << " n_head_kv "
-                                        << s.n_head_kv << " n_tokens " << s.n_tokens << " block_size " << s.block_size
-                                        << " n_kv " << s.n_kv);
+        if (!be_->supports(ctx_, MOESH_OP_ATTENTION, kv_type)) {
+            EXPECT_FALSE(GetParam().all_weight_types) << "the cpu backend reads f16 KV pools";
+            continue;
+        }
+        SCOPED_TRACE(testing::Message() << "kv_type " << kv_type << " head_dim " << s.head_dim << " n_head " << s.n_head
+                                        << " n_head_kv " << s.n_head_kv << " n_tokens " << s.n_tokens << " block_size "
+                                        << s.block_size << " n_kv " << s.n_kv);
         // The sequence's blocks are a shuffled subset of a larger pool; every
         // other block, and the rows past n_kv, hold NaN, which poisons any
         // output that reads them.
@@ -1316,9 +1323,16 @@ TEST_P(BackendConformance, AttentionMatchesReference) {
             pos[size_t(t)] = s.random_pos ? pos_dist(rng) : int32_t(s.n_kv - s.n_tokens + t);
         }
         const std::vector<float> q = uniform(size_t(s.n_tokens * s.n_head * s.head_dim), -s.q_scale, s.q_scale, rng);
+        // f16 pools: the same values rounded (NaN stays NaN), read by both sides.
+        std::vector<uint16_t> k16(pool_size), v16(pool_size);
+        for (size_t i = 0; i < pool_size; ++i) {
+            k16[i] = moesh::ref::f32_to_f16(k_pool[i]);
+            v16[i] = moesh::ref::f32_to_f16(v_pool[i]);
+        }
+        const bool f16 = kv_type == MOESH_DTYPE_F16;
         DeviceBuffer d_q = upload(q);
-        DeviceBuffer d_k = upload(k_pool);
-        DeviceBuffer d_v = upload(v_pool);
+        DeviceBuffer d_k = f16 ? upload(k16) : upload(k_pool);
+        DeviceBuffer d_v = f16 ? upload(v16) : upload(v_pool);
         DeviceBuffer d_table = upload(block_table);
         DeviceBuffer d_pos = upload(pos);
         DeviceBuffer d_out = upload(std::vector<float>(q.size(), k_sentinel));
@@ -1336,15 +1350,17 @@ TEST_P(BackendConformance, AttentionMatchesReference) {
                                   .head_dim = s.head_dim,
                                   .block_size = s.block_size,
                                   .n_blocks = n_pool_blocks,
-                                  .n_kv = s.n_kv};
+                                  .n_kv = s.n_kv,
+                                  .kv_type = kv_type,
+                                  .reserved2 = 0};
         ASSERT_EQ(be_->attention(ctx_, &a), MOESH_OK) << last_error();
         const std::vector<float> out = download<float>(d_out, q.size());
 
         std::vector<float> out_ref(q.size());
         moesh_attention_args r = a;
         r.q = q.data();
-        r.k_pool = k_pool.data();
-        r.v_pool = v_pool.data();
+        r.k_pool = f16 ? static_cast<const void *>(k16.data()) : k_pool.data();
+        r.v_pool = f16 ? static_cast<const void *>(v16.data()) : v_pool.data();
         r.block_table = block_table.data();
         r.pos = pos.data();
         r.out = out_ref.data();
@@ -1416,7 +1432,8 @@ TEST_P(BackendConformance, AttentionBatchEqualsAttentionPerRun) {
                                               .runs = runs.data(), .n_tokens = n_rows, .n_runs = int64_t(runs.size()),
                                               .n_table = int64_t(tables.size()), .n_head = s.n_head,
                                               .n_head_kv = s.n_head_kv, .head_dim = s.head_dim,
-                                              .block_size = s.block_size, .n_blocks = n_pool_blocks};
+                                              .block_size = s.block_size, .n_blocks = n_pool_blocks,
+                                              .kv_type = MOESH_DTYPE_F32, .reserved2 = 0};
         ASSERT_EQ(be_->attention_batch(ctx_, &a), MOESH_OK) << last_error();
         for (const moesh_attention_run & r : runs) {
             std::vector<float> one(size_t(r.n_tokens) * q_row, k_sentinel), ref(one.size());
@@ -1425,7 +1442,8 @@ TEST_P(BackendConformance, AttentionBatchEqualsAttentionPerRun) {
                                       .v_pool = v_pool.data(), .block_table = tables.data() + r.table,
                                       .pos = pos.data() + r.first, .out = one.data(), .n_tokens = r.n_tokens,
                                       .n_head = s.n_head, .n_head_kv = s.n_head_kv, .head_dim = s.head_dim,
-                                      .block_size = s.block_size, .n_blocks = n_pool_blocks, .n_kv = r.n_kv};
+                                      .block_size = s.block_size, .n_blocks = n_pool_blocks, .n_kv = r.n_kv,
+                                      .kv_type = MOESH_DTYPE_F32, .reserved2 = 0};
             ASSERT_EQ(be_->attention(ctx_, &b), MOESH_OK) << last_error();
             const std::vector<float> got(out.begin() + r.first * int64_t(q_row), out.begin() + (r.first + r.n_tokens) * int64_t(q_row));
             EXPECT_EQ(std::memcmp(got.data(), one.data(), got.size() * sizeof(float)), 0) << "run at row " << r.first;
@@ -1502,7 +1520,9 @@ TEST_P(BackendConformance, CopyRowsMatchesReference) {
                                   .src_stride = c.src_stride,
                                   .dst_stride = c.dst_stride,
                                   .src_n_rows = c.in_place ? c.dst_n_rows : c.src_n_rows,
-                                  .dst_n_rows = c.dst_n_rows};
+                                  .dst_n_rows = c.dst_n_rows,
+                                  .dst_type = MOESH_DTYPE_F32,
+                                  .reserved2 = 0};
         ASSERT_EQ(be_->copy_rows(ctx_, &a), MOESH_OK) << last_error();
         const std::vector<float> got = download<float>(d_dst, dst.size());
         std::vector<float> want = dst;
@@ -1534,7 +1554,9 @@ TEST_P(BackendConformance, CopyRowsChecksIndicesAndShapes) {
                                        .src_stride = 8,
                                        .dst_stride = 8,
                                        .src_n_rows = 8,
-                                       .dst_n_rows = 8};
+                                       .dst_n_rows = 8,
+                                       .dst_type = MOESH_DTYPE_F32,
+                                       .reserved2 = 0};
     // Indices live in backend memory: refused by the call or, asynchronously, by synchronize.
     for (int which = 0; which < 2; ++which) {
         SCOPED_TRACE(which == 0 ? "src_rows[1] = 8 of 8" : "dst_rows[0] = -1");
@@ -1566,8 +1588,10 @@ TEST_P(BackendConformance, CopyRowsChecksIndicesAndShapes) {
         {"more rows than dst", [](moesh_copy_rows_args & a) { a.n_rows = 9; }},
         {"more rows than src", [](moesh_copy_rows_args & a) { a.src_n_rows = 1; }},
         {"overflow", [](moesh_copy_rows_args & a) { a.dst_n_rows = INT64_MAX / 2; }},
-        {"overlap", [](moesh_copy_rows_args & a) { a.src = a.dst + 4; a.src_n_rows = 2; }},
-        {"in place with indices", [](moesh_copy_rows_args & a) { a.src = a.dst; a.dst_rows = a.src_rows = nullptr; a.dst_stride = 8; a.src_stride = 16; }},
+        {"overlap", [](moesh_copy_rows_args & a) { a.src = static_cast<float *>(a.dst) + 4; a.src_n_rows = 2; }},
+        {"in place with indices", [](moesh_copy_rows_args & a) { a.src = static_cast<float *>(a.dst); a.dst_rows = a.src_rows = nullptr; a.dst_stride = 8; a.src_stride = 16; }},
+        {"dst_type bf16", [](moesh_copy_rows_args & a) { a.dst_type = MOESH_DTYPE_BF16; }},
+        {"reserved2", [](moesh_copy_rows_args & a) { a.reserved2 = 1; }},
     };
     for (const Bad & b : bad) {
         Rejection rj(be_, create_context());
@@ -1575,6 +1599,46 @@ TEST_P(BackendConformance, CopyRowsChecksIndicesAndShapes) {
         b.change(a);
         rj.expect(be_->copy_rows(rj.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, b.what);
     }
+}
+
+// copy_rows into an f16 dst (KV cache writes): bit for bit the reference's rounding to
+// nearest even, with accumulate (dst read as f16) and clamp, gathered and scattered rows, and
+// values that overflow f16, fall to its subnormals or sit halfway between two f16 values.
+TEST_P(BackendConformance, CopyRowsIntoF16MatchesReference) {
+    if (!be_->supports(ctx_, MOESH_OP_COPY_ROWS, MOESH_DTYPE_F16)) {
+        EXPECT_FALSE(GetParam().all_weight_types) << "the cpu backend writes f16";
+        GTEST_SKIP() << "copy_rows into f16 not offered";
+    }
+    std::mt19937 rng(12);
+    for (const int64_t n_cols : {int64_t(5), int64_t(64), int64_t(67)})
+        for (const int32_t accumulate : {0, 1})
+            for (const float clamp : {0.0f, 3.0f}) {
+                SCOPED_TRACE(testing::Message() << "n_cols " << n_cols << " accumulate " << accumulate << " clamp " << clamp);
+                const int64_t n_src = 8, n_dst = 10, n_rows = 6, stride = n_cols + 3;
+                std::vector<float> src = uniform(size_t(n_src * stride), -4.0f, 4.0f, rng);
+                src[0] = 70000.0f;                       // beyond f16: inf (or the clamp)
+                src[1] = 3e-6f;                          // an f16 subnormal
+                src[2] = 1.0f + 1.0f / 2048.0f;          // halfway between two f16 values: to even
+                src[3] = -(1.0f + 3.0f / 2048.0f);       // halfway, rounds away from zero to even
+                std::vector<uint16_t> dst(size_t(n_dst * stride));
+                for (uint16_t & h : dst) h = moesh::ref::f32_to_f16(std::uniform_real_distribution<float>(-2.0f, 2.0f)(rng));
+                const std::vector<int32_t> src_rows = {7, 0, 3, 3, 5, 1}, dst_rows = {9, 2, 0, 4, 6, 1};
+                DeviceBuffer d_src = upload(src), d_dst = upload(dst), d_sr = upload(src_rows), d_dr = upload(dst_rows);
+                moesh_copy_rows_args a = {.struct_size = sizeof(moesh_copy_rows_args), .accumulate = accumulate,
+                                          .clamp = clamp, .reserved = 0, .src = d_src.as<float>(), .dst = d_dst.get(),
+                                          .src_rows = d_sr.as<int32_t>(), .dst_rows = d_dr.as<int32_t>(), .n_rows = n_rows,
+                                          .n_cols = n_cols, .src_stride = stride, .dst_stride = stride, .src_n_rows = n_src,
+                                          .dst_n_rows = n_dst, .dst_type = MOESH_DTYPE_F16, .reserved2 = 0};
+                ASSERT_EQ(be_->copy_rows(ctx_, &a), MOESH_OK) << last_error();
+                std::vector<uint16_t> want = dst;
+                moesh_copy_rows_args r = a;
+                r.src = src.data();
+                r.dst = want.data();
+                r.src_rows = src_rows.data();
+                r.dst_rows = dst_rows.data();
+                moesh::ref::copy_rows(r);
+                EXPECT_EQ(download<uint16_t>(d_dst, dst.size()), want);
+            }
 }
 
 TEST_P(BackendConformance, RejectsInvalidMatmulArguments) {
@@ -1802,7 +1866,8 @@ TEST_P(BackendConformance, RejectsInvalidAttentionBatchArguments) {
                                            .q = q.data(), .k_pool = pool.data(), .v_pool = pool.data(),
                                            .block_tables = tables.data(), .pos = pos.data(), .out = out.data(),
                                            .runs = runs.data(), .n_tokens = 3, .n_runs = 2, .n_table = 3,
-                                           .n_head = 2, .n_head_kv = 1, .head_dim = 8, .block_size = 4, .n_blocks = 4};
+                                           .n_head = 2, .n_head_kv = 1, .head_dim = 8, .block_size = 4, .n_blocks = 4,
+                                           .kv_type = MOESH_DTYPE_F32, .reserved2 = 0};
     EXPECT_EQ(be_->attention_batch(ctx_, &ok), MOESH_OK) << last_error();
     using R = std::vector<moesh_attention_run>;
     using T = std::vector<int32_t>;
@@ -1849,7 +1914,8 @@ TEST_P(BackendConformance, RejectsInvalidAttentionArguments) {
     const moesh_attention_args ok = {.struct_size = sizeof(moesh_attention_args), .scale = 0.35f, .q = q.data(),
                                      .k_pool = pool.data(), .v_pool = pool.data(), .block_table = table.data(),
                                      .pos = pos.data(), .out = out.data(), .n_tokens = 1, .n_head = 4, .n_head_kv = 2,
-                                     .head_dim = 8, .block_size = 4, .n_blocks = 4, .n_kv = 6};
+                                     .head_dim = 8, .block_size = 4, .n_blocks = 4, .n_kv = 6,
+                                     .kv_type = MOESH_DTYPE_F32, .reserved2 = 0};
     auto check = [&](const char * what, auto mutate) {
         moesh_attention_args a = ok;
         mutate(a);
@@ -1869,6 +1935,8 @@ TEST_P(BackendConformance, RejectsInvalidAttentionArguments) {
     check("block_size 0", [](moesh_attention_args & a) { a.block_size = 0; });
     check("n_kv 0", [](moesh_attention_args & a) { a.n_kv = 0; });
     check("n_blocks 0", [](moesh_attention_args & a) { a.n_blocks = 0; });
+    check("kv_type bf16", [](moesh_attention_args & a) { a.kv_type = MOESH_DTYPE_BF16; });
+    check("reserved2", [](moesh_attention_args & a) { a.reserved2 = 1; });
     int32_t bad_pos = 6;   // == n_kv
     int32_t negative_pos = -1;
     std::vector<int32_t> bad_table = {1, -3};
@@ -1926,13 +1994,30 @@ TEST_P(BackendConformance, RejectsArgsShorterThanV1) {
         const moesh_softmax_args a = {.struct_size = size, .reserved = 0, .x = f.data(), .n = 4, .n_rows = 1};
         return be_->softmax(ctx, &a);
     });
-    check("moesh_attention_args", sizeof(moesh_attention_args), [&](moesh_backend * ctx, uint32_t size) {
+    check("moesh_attention_args", offsetof(moesh_attention_args, kv_type), [&](moesh_backend * ctx, uint32_t size) {
         const moesh_attention_args a = {.struct_size = size, .scale = 1.0f, .q = f.data(), .k_pool = f.data(),
                                         .v_pool = f.data(), .block_table = i32.data(), .pos = i32.data(),
                                         .out = f.data() + 32, .n_tokens = 1, .n_head = 1, .n_head_kv = 1,
-                                        .head_dim = 4, .block_size = 4, .n_blocks = 1, .n_kv = 1};
+                                        .head_dim = 4, .block_size = 4, .n_blocks = 1, .n_kv = 1,
+                                        .kv_type = MOESH_DTYPE_F32, .reserved2 = 0};
         return be_->attention(ctx, &a);
     });
+}
+
+// Members appended to a struct after its first release (attention's kv_type) read as their
+// default when the caller's struct_size ends before them, whatever the bytes beyond say.
+TEST_P(BackendConformance, AcceptsArgsFromBeforeAnAppendedMember) {
+    const std::vector<float> q = {1.0f, 0.0f, 0.0f, 0.0f}, pool = {0.5f, 0.25f, -1.0f, 2.0f};
+    DeviceBuffer d_q = upload(q), d_k = upload(pool), d_v = upload(pool);
+    DeviceBuffer d_table = upload(std::vector<int32_t>{0}), d_pos = upload(std::vector<int32_t>{0});
+    DeviceBuffer d_out = upload(std::vector<float>(4, k_sentinel));
+    moesh_attention_args a = {.struct_size = uint32_t(offsetof(moesh_attention_args, kv_type)), .scale = 1.0f,
+                              .q = d_q.as<float>(), .k_pool = d_k.get(), .v_pool = d_v.get(),
+                              .block_table = d_table.as<int32_t>(), .pos = d_pos.as<int32_t>(), .out = d_out.as<float>(),
+                              .n_tokens = 1, .n_head = 1, .n_head_kv = 1, .head_dim = 4, .block_size = 1, .n_blocks = 1,
+                              .n_kv = 1, .kv_type = 77, .reserved2 = 9};   // beyond struct_size: not read
+    ASSERT_EQ(be_->attention(ctx_, &a), MOESH_OK) << last_error();
+    EXPECT_EQ(download<float>(d_out, 4), pool) << "one position: the output is its value row, read as f32";
 }
 
 TEST_P(BackendConformance, AcceptsArgsLongerThanV1) {
@@ -1996,10 +2081,19 @@ TEST_P(BackendConformance, SupportsAnswersForEveryOp) {
     }
     EXPECT_EQ(be_->supports(ctx_, 99, MOESH_DTYPE_F32), 0);
     EXPECT_EQ(be_->supports(ctx_, INT32_MIN, MOESH_DTYPE_F32), 0);
-    // Ops without weights ignore w_type.
-    for (moesh_op op : {MOESH_OP_RMS_NORM, MOESH_OP_ROPE, MOESH_OP_SOFTMAX, MOESH_OP_ATTENTION, MOESH_OP_COPY_ROWS}) {
+    // Ops without weights ignore w_type; attention and copy_rows read it as the KV pools' / dst's
+    // type: f32 always, f16 where offered, nothing else.
+    for (moesh_op op : {MOESH_OP_RMS_NORM, MOESH_OP_ROPE, MOESH_OP_SOFTMAX}) {
         EXPECT_EQ(be_->supports(ctx_, op, MOESH_DTYPE_F32), 1) << "op " << op;
         EXPECT_EQ(be_->supports(ctx_, op, 99), 1) << "op " << op;
+    }
+    for (moesh_op op : {MOESH_OP_ATTENTION, MOESH_OP_COPY_ROWS}) {
+        EXPECT_EQ(be_->supports(ctx_, op, MOESH_DTYPE_F32), 1) << "op " << op;
+        EXPECT_EQ(be_->supports(ctx_, op, MOESH_DTYPE_BF16), 0) << "op " << op;
+        EXPECT_EQ(be_->supports(ctx_, op, 99), 0) << "op " << op;
+        if (GetParam().all_weight_types) {
+            EXPECT_EQ(be_->supports(ctx_, op, MOESH_DTYPE_F16), 1) << "op " << op;
+        }
     }
 }
 
@@ -2093,7 +2187,7 @@ TEST_P(BackendConformance, AsyncCopiesLandInTicketOrderAfterTheirWait) {
     const moesh_copy_rows_args c = {.struct_size = sizeof(moesh_copy_rows_args), .accumulate = 0, .clamp = 0.0f, .reserved = 0,
                                     .src = d.as<float>(), .dst = e.as<float>(), .src_rows = nullptr, .dst_rows = nullptr,
                                     .n_rows = n_rows, .n_cols = n_cols, .src_stride = n_cols, .dst_stride = n_cols,
-                                    .src_n_rows = n_rows, .dst_n_rows = n_rows};
+                                    .src_n_rows = n_rows, .dst_n_rows = n_rows, .dst_type = MOESH_DTYPE_F32, .reserved2 = 0};
     ASSERT_EQ(be_->copy_rows(ctx_, &c), MOESH_OK) << last_error();
     EXPECT_EQ(download<float>(e, n), a) << "the op ran before the copy it was ordered after";
 

@@ -192,7 +192,8 @@ TEST(ReferenceKernels, AttentionFollowsBlockTableAndCausality) {
     const float q[] = {5, 0, 5, 0, 5, 0, 5, 0};                  // [2 tokens, 2 heads, 2]
     const int32_t pos[] = {0, 1};
     float out[8];
-    attention({sizeof(moesh_attention_args), 1.0f, q, k_pool, v_pool, block_table, pos, out, 2, 2, 1, 2, 1, 2, 2});
+    attention({sizeof(moesh_attention_args), 1.0f, q, k_pool, v_pool, block_table, pos, out, 2, 2, 1, 2, 1, 2, 2,
+               MOESH_DTYPE_F32, 0});
     // Token 0 sees only position 0.
     EXPECT_FLOAT_EQ(out[0], 1.0f);
     EXPECT_FLOAT_EQ(out[1], 2.0f);

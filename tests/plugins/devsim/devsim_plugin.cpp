@@ -257,11 +257,11 @@ int32_t devsim_supports(moesh_backend *, int32_t op, int32_t w_type) {
     switch (op) {
     case MOESH_OP_MATMUL:
     case MOESH_OP_EXPERT_FFN: return w_type >= MOESH_DTYPE_F32 && w_type <= MOESH_DTYPE_Q6_K ? 1 : 0;
+    case MOESH_OP_ATTENTION:   // w_type: the KV pools' type; copy_rows: dst's
+    case MOESH_OP_COPY_ROWS: return w_type == MOESH_DTYPE_F32 || w_type == MOESH_DTYPE_F16 ? 1 : 0;
     case MOESH_OP_RMS_NORM:
     case MOESH_OP_ROPE:
-    case MOESH_OP_SOFTMAX:
-    case MOESH_OP_ATTENTION:
-    case MOESH_OP_COPY_ROWS: return 1;
+    case MOESH_OP_SOFTMAX: return 1;
     default: return 0;
     }
 }
@@ -323,7 +323,11 @@ moesh_status devsim_softmax(moesh_backend * be, const moesh_softmax_args * args)
 
 moesh_status devsim_attention(moesh_backend * be, const moesh_attention_args * args) {
     return op(be, args, "attention", [&](const moesh_attention_args & a, Access & acc) {
-        const size_t pool = f32s(a.n_blocks * a.block_size * a.n_head_kv * a.head_dim);
+        if (a.kv_type != MOESH_DTYPE_F32 && a.kv_type != MOESH_DTYPE_F16) {
+            fail(be, MOESH_ERR_INVALID_ARGUMENT, "attention: kv_type %d is neither f32 nor f16", int(a.kv_type));
+            return false;
+        }
+        const size_t pool = size_t(a.n_blocks * a.block_size * a.n_head_kv * a.head_dim) * (a.kv_type == MOESH_DTYPE_F16 ? 2 : 4);
         const int64_t n_table = (a.n_kv + a.block_size - 1) / a.block_size;
         if (!(acc.need(a.q, f32s(a.n_tokens * a.n_head * a.head_dim), "attention q") &&
               acc.need(a.out, f32s(a.n_tokens * a.n_head * a.head_dim), "attention out") &&
@@ -352,7 +356,8 @@ moesh_status devsim_attention(moesh_backend * be, const moesh_attention_args * a
 moesh_status devsim_copy_rows(moesh_backend * be, const moesh_copy_rows_args * args) {
     return op(be, args, "copy_rows", [&](const moesh_copy_rows_args & a, Access & acc) {
         return moesh::plugin::check_copy_rows(be, a) == MOESH_OK &&
-               acc.need(a.dst, rows(a.dst_n_rows, a.dst_stride, a.n_cols), "copy_rows dst") &&
+               acc.need(a.dst, rows(a.dst_n_rows, a.dst_stride, a.n_cols) / (a.dst_type == MOESH_DTYPE_F16 ? 2 : 1),
+                        "copy_rows dst") &&
                acc.need(a.src, a.src ? rows(a.src_n_rows, a.src_stride, a.n_cols) : 0, "copy_rows src") &&
                acc.need(a.src_rows, a.src_rows ? size_t(a.n_rows) * 4 : 0, "copy_rows src_rows") &&
                acc.need(a.dst_rows, a.dst_rows ? size_t(a.n_rows) * 4 : 0, "copy_rows dst_rows") &&
