@@ -20,12 +20,20 @@ int64_t KvCacheSpec::blocks_for_budget(size_t budget, int64_t n_layer, int64_t n
 }
 
 
+bool backend_offers_kv_type(const Backend & backend, int32_t type) {
+    if (type == MOESH_DTYPE_F32) return true;
+    constexpr int32_t k_unknown = 99;   // no moesh_dtype
+    for (int32_t op : {MOESH_OP_ATTENTION, MOESH_OP_COPY_ROWS})
+        if (!backend.supports(op, type) || backend.supports(op, k_unknown)) return false;
+    return true;
+}
+
 KvCache::KvCache(const KvCacheSpec & spec, const Backend & backend) : spec_(spec), tables_(size_t(spec.n_seq_max)) {
     if (spec.n_layer <= 0 || spec.n_head_kv <= 0 || spec.head_dim <= 0 || spec.block_size <= 0 || spec.n_blocks <= 0 ||
         spec.n_seq_max <= 0)
         throw Error("KV cache: every size must be positive");
     if (spec.type != MOESH_DTYPE_F32 && spec.type != MOESH_DTYPE_F16) throw Error("KV cache: the type must be f32 or f16");
-    if (!backend.supports(MOESH_OP_ATTENTION, spec.type) || !backend.supports(MOESH_OP_COPY_ROWS, spec.type))
+    if (!backend_offers_kv_type(backend, spec.type))
         throw Error(std::string("backend '") + backend.name() + "' cannot keep the KV cache in " + kv_type_name(spec.type) +
                     " (its attention or copy_rows does not offer it); use --kv-type f32");
     if (spec.n_blocks > INT32_MAX / spec.block_size)

@@ -41,7 +41,12 @@ struct KvCacheSpec {
 inline int32_t parse_kv_type(const std::string & name) {
     return name == "f32" ? MOESH_DTYPE_F32 : name == "f16" ? MOESH_DTYPE_F16 : -1;
 }
-inline const char * kv_type_name(int32_t type) { return type == MOESH_DTYPE_F16 ? "f16" : "f32"; }
+inline const char * kv_type_name(int32_t type) { return type == MOESH_DTYPE_F16 ? "f16" : type < 0 ? "auto" : "f32"; }
+
+// Whether backend's attention and copy_rows take KV pools of type. f32 always; f16 only from a
+// plugin that answers supports() per type: one built before the KV type existed ignored w_type
+// for these ops and says yes to anything (an unknown type too), yet reads the pools as f32.
+bool backend_offers_kv_type(const Backend & backend, int32_t type);
 
 class KvCache {
 public:

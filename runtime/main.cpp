@@ -200,12 +200,14 @@ std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moes
     return be;
 }
 
-// [runtime] kv_type auto: f16 where the backend's attention and copy_rows offer it, else f32.
+// [runtime] kv_type auto: f16 where the backend's attention and copy_rows offer it, else f32. An
+// explicit type the backend lacks is refused here, before any weight is read.
 void resolve_kv_type(moesh::RunConfig & rc, const moesh::Backend & backend) {
     if (rc.kv_type < 0)
-        rc.kv_type = backend.supports(MOESH_OP_ATTENTION, MOESH_DTYPE_F16) && backend.supports(MOESH_OP_COPY_ROWS, MOESH_DTYPE_F16)
-                         ? MOESH_DTYPE_F16
-                         : MOESH_DTYPE_F32;
+        rc.kv_type = moesh::backend_offers_kv_type(backend, MOESH_DTYPE_F16) ? MOESH_DTYPE_F16 : MOESH_DTYPE_F32;
+    else if (!moesh::backend_offers_kv_type(backend, rc.kv_type))
+        throw Error(std::string("backend '") + backend.name() + "' cannot keep the KV cache in " +
+                    moesh::kv_type_name(rc.kv_type) + "; use --kv-type f32 or auto (or [runtime] kv_type)");
     rc.server.kv_type = rc.kv_type;
 }
 
@@ -726,7 +728,11 @@ int cmd_plan(const CommonOptions & co, int64_t n_ctx, int64_t max_batch) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
     apply_expert_budget(co, rc);
     const moesh::Model model = moesh::Model::load_path(co.model);
-    const int32_t kv_type = rc.kv_type < 0 ? MOESH_DTYPE_F16 : rc.kv_type;   // auto: what the cpu plugin keeps
+    // auto: f16 as the cpu plugin keeps it, f32 where a GPU will (the cuda plugin has no f16 cache yet)
+    const bool gpu = rc.preferred_plugin == "cuda" || co.backend == "cuda" ||
+                     std::any_of(rc.placement.tiers.begin(), rc.placement.tiers.end(),
+                                 [](const moesh::TierConfig & t) { return t.kind == moesh::TierKind::Gpu; });
+    const int32_t kv_type = rc.kv_type >= 0 ? rc.kv_type : gpu ? MOESH_DTYPE_F32 : MOESH_DTYPE_F16;
     const moesh::ModelFootprint f = moesh::footprint_of(model, co.model, n_ctx, std::min(max_batch, n_ctx), kv_type);
     try {
         const moesh::PlacementPlan plan = moesh::plan_placement(f, rc.placement);

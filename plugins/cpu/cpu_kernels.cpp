@@ -523,12 +523,45 @@ void rope_tokens(const moesh_rope_args & a, int64_t t0, int64_t t1, float * cos_
     }
 }
 
+// x86 targets with F16C convert f16 in hardware, exactly (round to nearest even going down, every
+// value including inf and NaN going up); Highway 1.0's emulation elsewhere reads inf and NaN as
+// finite numbers and truncates when it rounds, so those targets convert as below.
+#undef MOESH_CPU_HW_F16   // this file is compiled once per target
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2 && !defined(HWY_DISABLE_F16C)
+#define MOESH_CPU_HW_F16 1
+#else
+#define MOESH_CPU_HW_F16 0
+#endif
+
+// KV cache elements widened to f32 lanes.
+HWY_INLINE VF load_kv(DF d, const float * HWY_RESTRICT p) { return hn::LoadU(d, p); }
+HWY_INLINE VF load_kv(DF d, const hwy::float16_t * HWY_RESTRICT p) {
+#if MOESH_CPU_HW_F16
+    return load_f32(d, p);
+#else
+    // The bits rebuilt: sign, exponent 31 (inf, NaN), normal, and subnormal (mantissa * 2^-24).
+    const hn::RebindToUnsigned<DF> du;
+    const hn::RebindToSigned<DF> di;
+    const hn::Rebind<uint16_t, DF> du16;
+    const auto h = hn::PromoteTo(du, hn::LoadU(du16, reinterpret_cast<const uint16_t *>(p)));
+    const auto sign = hn::ShiftLeft<16>(hn::And(h, hn::Set(du, 0x8000u)));
+    const auto exp = hn::And(hn::ShiftRight<10>(h), hn::Set(du, 0x1fu));
+    const auto mant = hn::And(h, hn::Set(du, 0x3ffu));
+    const auto normal = hn::Or(hn::ShiftLeft<23>(hn::Add(exp, hn::Set(du, 112u))), hn::ShiftLeft<13>(mant));
+    const auto special = hn::Or(hn::Set(du, 0x7f800000u), hn::ShiftLeft<13>(mant));
+    const VF sub = hn::Mul(hn::ConvertTo(d, hn::BitCast(di, mant)), hn::Set(d, 5.9604644775390625e-8f));
+    VF v = hn::BitCast(d, hn::IfThenElse(hn::Eq(exp, hn::Set(du, 31u)), special, normal));
+    v = hn::IfThenElse(hn::RebindMask(d, hn::Eq(exp, hn::Zero(du))), sub, v);
+    return hn::BitCast(d, hn::Or(hn::BitCast(du, v), sign));
+#endif
+}
+
 // One KV cache element as f32 (the tails of the loops below).
 HWY_INLINE float kv_at(const float * p) { return *p; }
 HWY_INLINE float kv_at(const hwy::float16_t * p) {
-    const hn::CappedTag<float, 1> d1;
-    const hn::Rebind<hwy::float16_t, decltype(d1)> dh;
-    return hn::GetLane(hn::PromoteTo(d1, hn::LoadU(dh, p)));
+    uint16_t bits;
+    std::memcpy(&bits, p, sizeof bits);
+    return moesh::ref::f16_to_f32(bits);
 }
 
 // q . k_j for 4 cache rows (f32 or f16 rows, widened in registers).
@@ -542,10 +575,10 @@ HWY_INLINE void dot_q_4(const float * HWY_RESTRICT q, const T * HWY_RESTRICT k0,
     int64_t i = 0;
     for (; i + N <= n; i += N) {
         const VF vq = hn::LoadU(d, q + i);
-        a0 = hn::MulAdd(vq, load_f32(d, k0 + i), a0);
-        a1 = hn::MulAdd(vq, load_f32(d, k1 + i), a1);
-        a2 = hn::MulAdd(vq, load_f32(d, k2 + i), a2);
-        a3 = hn::MulAdd(vq, load_f32(d, k3 + i), a3);
+        a0 = hn::MulAdd(vq, load_kv(d, k0 + i), a0);
+        a1 = hn::MulAdd(vq, load_kv(d, k1 + i), a1);
+        a2 = hn::MulAdd(vq, load_kv(d, k2 + i), a2);
+        a3 = hn::MulAdd(vq, load_kv(d, k3 + i), a3);
     }
     out[0] = reduce_sum(d, a0);
     out[1] = reduce_sum(d, a1);
@@ -566,7 +599,7 @@ HWY_INLINE float dot_q_1(const float * HWY_RESTRICT q, const T * HWY_RESTRICT k,
     VF acc = hn::Zero(d);
     int64_t i = 0;
     for (; i + N <= n; i += N) {
-        acc = hn::MulAdd(hn::LoadU(d, q + i), load_f32(d, k + i), acc);
+        acc = hn::MulAdd(hn::LoadU(d, q + i), load_kv(d, k + i), acc);
     }
     float sum = reduce_sum(d, acc);
     for (; i < n; ++i) {
@@ -587,10 +620,10 @@ HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const T * const * v, const 
         int64_t i = 0;
         for (; i + N <= n; i += N) {
             VF acc = hn::LoadU(d, o + i);
-            acc = hn::MulAdd(p0, load_f32(d, v[0] + i), acc);
-            acc = hn::MulAdd(p1, load_f32(d, v[1] + i), acc);
-            acc = hn::MulAdd(p2, load_f32(d, v[2] + i), acc);
-            acc = hn::MulAdd(p3, load_f32(d, v[3] + i), acc);
+            acc = hn::MulAdd(p0, load_kv(d, v[0] + i), acc);
+            acc = hn::MulAdd(p1, load_kv(d, v[1] + i), acc);
+            acc = hn::MulAdd(p2, load_kv(d, v[2] + i), acc);
+            acc = hn::MulAdd(p3, load_kv(d, v[3] + i), acc);
             hn::StoreU(acc, d, o + i);
         }
         for (; i < n; ++i) {
@@ -602,7 +635,7 @@ HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const T * const * v, const 
         const VF pj = hn::Set(d, p[j]);
         int64_t i = 0;
         for (; i + N <= n; i += N) {
-            hn::StoreU(hn::MulAdd(pj, load_f32(d, v[j] + i), hn::LoadU(d, o + i)), d, o + i);
+            hn::StoreU(hn::MulAdd(pj, load_kv(d, v[j] + i), hn::LoadU(d, o + i)), d, o + i);
         }
         for (; i < n; ++i) {
             o[i] += p[j] * kv_at(v[j] + i);
@@ -617,7 +650,7 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
     const int64_t n_group = a.n_head / a.n_head_kv;
     const int64_t n_dim = a.head_dim;
     const int64_t bs = a.block_size;
-    const int64_t row_stride = a.n_head_kv * n_dim;   // floats between cache rows of one kv head
+    const int64_t row_stride = a.n_head_kv * n_dim;   // elements between cache rows of one kv head
     for (int64_t item = i0; item < i1; ++item) {
         const int64_t t = item / a.n_head;
         const int64_t h_kv = (item % a.n_head) / n_group;
@@ -698,13 +731,13 @@ void copy_rows_f16(const moesh_copy_rows_args & a, int64_t r0, int64_t r1) {
         const float * src = a.src ? a.src + k * a.src_stride : nullptr;
         uint16_t * dst = static_cast<uint16_t *>(a.dst) + (a.dst_rows ? a.dst_rows[i] : i) * a.dst_stride;
         int64_t j = 0;
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+#if MOESH_CPU_HW_F16
         auto * dst16 = reinterpret_cast<hwy::float16_t *>(dst);
         const VF lo = hn::Set(d, -a.clamp), hi = hn::Set(d, a.clamp);
         for (; j + N <= a.n_cols; j += N) {
             VF v = src ? hn::LoadU(d, src + j) : hn::Zero(d);
             if (a.accumulate) v = hn::Add(hn::PromoteTo(d, hn::LoadU(dh, dst16 + j)), v);
-            if (a.clamp > 0.0f) v = hn::Min(hn::Max(v, lo), hi);
+            if (a.clamp > 0.0f) v = hn::IfThenElse(hn::IsNaN(v), v, hn::Min(hn::Max(v, lo), hi));   // NaN stays, as std::clamp
             hn::StoreU(hn::DemoteTo(dh, v), dh, dst16 + j);
         }
 #endif

@@ -129,6 +129,35 @@ TEST(DeviceForward, TheSimulatedDeviceEnforcesAsyncCopyRules) {
     EXPECT_NE(err().find("not inside a buffer_alloc buffer"), std::string::npos) << err();
 }
 
+// An f16 KV cache only from a plugin that answers supports() per KV type: one built before the
+// type existed says yes to anything, and would read the pools as f32 (twice past their end).
+TEST(KvCacheType, OnlyAPluginThatAnswersPerTypeGetsAnF16Cache) {
+    auto cpu = test::open_cpu_backend(1);
+    auto dev = test::open_devsim_backend();
+    ASSERT_TRUE(cpu && dev);
+    EXPECT_TRUE(backend_offers_kv_type(*cpu, MOESH_DTYPE_F16));
+    EXPECT_TRUE(backend_offers_kv_type(*dev, MOESH_DTYPE_F16));
+    PluginOptions po;
+    po.search_dirs = {std::string(MOESH_TEST_PLUGIN_DIR) + "/says_yes"};
+    po.preferred = "says_yes";
+    std::string report;
+    auto old = load_backend(po, &report);
+    ASSERT_NE(old, nullptr) << report;
+    EXPECT_TRUE(old->supports(MOESH_OP_ATTENTION, MOESH_DTYPE_F16));
+    EXPECT_FALSE(backend_offers_kv_type(*old, MOESH_DTYPE_F16));
+    EXPECT_TRUE(backend_offers_kv_type(*old, MOESH_DTYPE_F32));
+    KvCacheSpec ks;
+    ks.n_layer = ks.n_head_kv = ks.n_blocks = 1;
+    ks.head_dim = 4;
+    ks.type = MOESH_DTYPE_F16;
+    try {
+        KvCache kv(ks, *old);
+        FAIL() << "an f16 cache on a plugin that cannot say";
+    } catch (const Error & e) {
+        EXPECT_NE(std::string(e.what()).find("cannot keep the KV cache in f16"), std::string::npos) << e.what();
+    }
+}
+
 class DeviceArch : public testing::TestWithParam<const char *> {};
 
 // Prefill in chunks, then decode: logits equal the cpu backend's (f32 weights:

@@ -342,7 +342,8 @@ typedef struct moesh_attention_batch_args {
     uint32_t reserved2;         /* 0 */
 } moesh_attention_batch_args;
 
-/* Rows of float32 moved inside backend memory, for the host-side glue of a
+/* Rows of float32 moved inside backend memory (written as f32, or as f16 into
+ * an f16 KV cache: dst_type), for the host-side glue of a
  * forward pass on a device-memory backend (residual adds, gathering the
  * tokens of one expert and scattering its output back, KV cache writes,
  * clipping). For i in [0, n_rows), with s = src_rows ? src_rows[i] : i and
@@ -438,7 +439,9 @@ typedef struct moesh_backend_iface {
     /* 1 when op is offered for weights of w_type, 0 otherwise, also for
      * values it does not know. For MOESH_OP_ATTENTION w_type is the KV pools'
      * type (kv_type), for MOESH_OP_COPY_ROWS dst's type (dst_type); other ops
-     * without weights ignore it. */
+     * without weights ignore it. (A plugin built before kv_type/dst_type said
+     * 1 for these ops whatever w_type was; the host takes a 1 for a value no
+     * dtype has as the sign of such a plugin, and keeps its KV cache f32.) */
     int32_t (*supports)(moesh_backend * be, int32_t op /* moesh_op */, int32_t w_type /* moesh_dtype */);
 
     moesh_status (*matmul)(moesh_backend * be, const moesh_matmul_args * args);

@@ -323,8 +323,9 @@ moesh_status devsim_softmax(moesh_backend * be, const moesh_softmax_args * args)
 
 moesh_status devsim_attention(moesh_backend * be, const moesh_attention_args * args) {
     return op(be, args, "attention", [&](const moesh_attention_args & a, Access & acc) {
-        if (a.kv_type != MOESH_DTYPE_F32 && a.kv_type != MOESH_DTYPE_F16) {
-            fail(be, MOESH_ERR_INVALID_ARGUMENT, "attention: kv_type %d is neither f32 nor f16", int(a.kv_type));
+        if ((a.kv_type != MOESH_DTYPE_F32 && a.kv_type != MOESH_DTYPE_F16) || a.reserved2 != 0) {
+            fail(be, MOESH_ERR_INVALID_ARGUMENT, "attention: kv_type %d is neither f32 nor f16, or reserved2 (%u) is not 0",
+                 int(a.kv_type), unsigned(a.reserved2));
             return false;
         }
         const size_t pool = size_t(a.n_blocks * a.block_size * a.n_head_kv * a.head_dim) * (a.kv_type == MOESH_DTYPE_F16 ? 2 : 4);

@@ -13,6 +13,8 @@
  *   SAMPLE_NULL_TABLE    init returns OK without a table
  *   SAMPLE_CREATE_FAILS  create logs an error and returns MOESH_ERR_OUT_OF_MEMORY
  *   SAMPLE_HALF_ASYNC    offer copy_to_device_async without copy_wait
+ *   SAMPLE_SAYS_YES      supports() answers 1 to everything, as plugins did for ops without
+ *                        weights before attention/copy_rows read w_type as the KV type
  *
  * Kernels are trivial: matmul checks its arguments (struct_size, w_type) and returns OK, the
  * rest UNSUPPORTED.
@@ -111,7 +113,11 @@ static moesh_status sample_copy(moesh_backend * be, void * dst, const void * src
 static moesh_status sample_synchronize(moesh_backend * be) { return MOESH_OK; }
 
 static int32_t sample_supports(moesh_backend * be, int32_t op, int32_t w_type) {
+#ifdef SAMPLE_SAYS_YES
+    return 1;
+#else
     return op == MOESH_OP_MATMUL && w_type == MOESH_DTYPE_F32;
+#endif
 }
 
 static moesh_status sample_matmul(moesh_backend * be, const moesh_matmul_args * args) {
