@@ -137,12 +137,8 @@ TEST(KvCacheType, OnlyAPluginThatAnswersPerTypeGetsAnF16Cache) {
     ASSERT_TRUE(cpu && dev);
     EXPECT_TRUE(backend_offers_kv_type(*cpu, MOESH_DTYPE_F16));
     EXPECT_TRUE(backend_offers_kv_type(*dev, MOESH_DTYPE_F16));
-    PluginOptions po;
-    po.search_dirs = {std::string(MOESH_TEST_PLUGIN_DIR) + "/says_yes"};
-    po.preferred = "says_yes";
-    std::string report;
-    auto old = load_backend(po, &report);
-    ASSERT_NE(old, nullptr) << report;
+    auto old = test::open_test_plugin("says_yes");
+    ASSERT_NE(old, nullptr);
     EXPECT_TRUE(old->supports(MOESH_OP_ATTENTION, MOESH_DTYPE_F16));
     EXPECT_FALSE(backend_offers_kv_type(*old, MOESH_DTYPE_F16));
     EXPECT_TRUE(backend_offers_kv_type(*old, MOESH_DTYPE_F32));

@@ -32,17 +32,20 @@ inline std::unique_ptr<Backend> open_cpu_backend(int n_threads, bool precise_act
     return be;
 }
 
-// tests/plugins/devsim: a device-memory backend (reference kernels, buffers
-// the host cannot touch) that runs the forward pass's device path without a GPU.
-inline std::unique_ptr<Backend> open_devsim_backend() {
+// A test plugin of build/test_plugins/<name> (devsim, or a sample plugin), by its table name.
+inline std::unique_ptr<Backend> open_test_plugin(const std::string & name) {
     PluginOptions po;
-    po.search_dirs = {std::string(MOESH_TEST_PLUGIN_DIR) + "/devsim"};
-    po.preferred = "devsim";
+    po.search_dirs = {std::string(MOESH_TEST_PLUGIN_DIR) + "/" + name};
+    po.preferred = name;
     std::string report;
     auto be = load_backend(po, &report);
     EXPECT_NE(be, nullptr) << report;
     return be;
 }
+
+// tests/plugins/devsim: a device-memory backend (reference kernels, buffers
+// the host cannot touch) that runs the forward pass's device path without a GPU.
+inline std::unique_ptr<Backend> open_devsim_backend() { return open_test_plugin("devsim"); }
 
 // A fresh folder under the system temp dir, removed with everything in it.
 class TempDir {
