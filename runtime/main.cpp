@@ -670,10 +670,10 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
     if (front) server.attach(port);
     std::signal(SIGTERM, on_stop_signal);
     std::signal(SIGINT, on_stop_signal);
-    std::fprintf(stderr, "moesh: serving %s on %s%s%s (%lld sequences, KV %s, queue %lld); SIGTERM drains for %.0f s\n",
+    std::fprintf(stderr, "moesh: serving %s on %s%s%s (%lld sequences, KV %s in %s, queue %lld); SIGTERM drains for %.0f s\n",
                  co.model.c_str(), server.endpoint().c_str(), front ? " and " : "", front ? front->url().c_str() : "",
-                 (long long)rc.server.max_sequences, human_bytes(double(rc.server.kv_cache)).c_str(), (long long)rc.server.max_queue,
-                 rc.server.drain_timeout_s);
+                 (long long)rc.server.max_sequences, human_bytes(double(rc.server.kv_cache)).c_str(),
+                 moesh::kv_type_name(rc.server.kv_type), (long long)rc.server.max_queue, rc.server.drain_timeout_s);
     std::printf("%s\n", server.endpoint().c_str());   // for scripts: the endpoints actually bound, once ready
     if (front) std::printf("%s\n", front->url().c_str());
     std::fflush(stdout);
