@@ -208,7 +208,6 @@ void resolve_kv_type(moesh::RunConfig & rc, const moesh::Backend & backend) {
     else if (!moesh::backend_offers_kv_type(backend, rc.kv_type))
         throw Error(std::string("backend '") + backend.name() + "' cannot keep the KV cache in " +
                     moesh::kv_type_name(rc.kv_type) + "; use --kv-type f32 or auto (or [runtime] kv_type)");
-    rc.server.kv_type = rc.kv_type;
 }
 
 // --expert-budget SIZE: the same as a host tier of SIZE and a disk tier in the TOML; --kv-type
@@ -663,7 +662,8 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
     const int64_t n_ctx = std::min<int64_t>(model.config().max_positions, int64_t(rc.server.max_tokens) + 1024);
     const PlacementSetup placement = open_placement(model, co, rc, *backend, n_ctx, rc.max_batch);
     const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, rc.max_batch, placement.routed_experts_in_weights());
-    moesh::Server server(model, *backend, tok ? &*tok : nullptr, chat, rc.server, rc.max_batch, rc.kv_block_size, weights.get(),
+    moesh::Server server(model, *backend, tok ? &*tok : nullptr, chat, rc.server, rc.max_batch, rc.kv_block_size, rc.kv_type,
+                         weights.get(),
                          model_name);
     if (!placement.routed_experts_in_weights()) server.set_placement(placement.refs(rc.placement.prefetch, rc.placement.prefetch_extra));
     server.bind();
@@ -673,7 +673,7 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
     std::fprintf(stderr, "moesh: serving %s on %s%s%s (%lld sequences, KV %s in %s, queue %lld); SIGTERM drains for %.0f s\n",
                  co.model.c_str(), server.endpoint().c_str(), front ? " and " : "", front ? front->url().c_str() : "",
                  (long long)rc.server.max_sequences, human_bytes(double(rc.server.kv_cache)).c_str(),
-                 moesh::kv_type_name(rc.server.kv_type), (long long)rc.server.max_queue, rc.server.drain_timeout_s);
+                 moesh::kv_type_name(rc.kv_type), (long long)rc.server.max_queue, rc.server.drain_timeout_s);
     std::printf("%s\n", server.endpoint().c_str());   // for scripts: the endpoints actually bound, once ready
     if (front) std::printf("%s\n", front->url().c_str());
     std::fflush(stdout);

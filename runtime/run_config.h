@@ -56,7 +56,6 @@ struct ServerConfig {
     std::string endpoint = "tcp://127.0.0.1:5555";   // ZeroMQ ROUTER; "tcp://127.0.0.1:*" picks a free port
     int64_t max_sequences = 16;      // requests running at once
     uint64_t kv_cache = 256ull << 20;   // bytes of KV pool shared by the running requests
-    int32_t kv_type = MOESH_DTYPE_F32;  // its elements; set from [runtime] kv_type (not a [server] key)
     int64_t prefill_chunk = 32;      // prompt tokens of one request per step
     int64_t max_queue = 64;          // waiting requests; beyond: "busy"
     int64_t max_tokens = 4096;       // largest max_tokens a request may ask

@@ -21,7 +21,7 @@ using protocol::pong_frame;
 using protocol::token_frame;
 
 Server::Server(const Model & model, Backend & backend, const Tokenizer * tokenizer, std::optional<ChatTemplate> chat,
-               const ServerConfig & config, int64_t max_batch, int64_t kv_block_size, const BackendWeights * weights,
+               const ServerConfig & config, int64_t max_batch, int64_t kv_block_size, int32_t kv_type, const BackendWeights * weights,
                std::string model_name)
     : model_(model), tok_(tokenizer), chat_(std::move(chat)), cfg_(config), model_name_(std::move(model_name)) {
     const ModelConfig & c = model.config();
@@ -29,7 +29,7 @@ Server::Server(const Model & model, Backend & backend, const Tokenizer * tokeniz
     so.max_batch = max_batch;
     so.max_sequences = config.max_sequences;
     so.kv_block_size = kv_block_size;
-    so.kv_type = config.kv_type;
+    so.kv_type = kv_type;
     so.kv_blocks = KvCacheSpec::blocks_for_budget(config.kv_cache, c.n_layer, c.n_head_kv, c.head_dim, so.kv_block_size,
                                                   so.kv_type);
     if (so.kv_blocks < 1)

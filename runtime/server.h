@@ -10,7 +10,7 @@
 // transport/http_server.h) reach the same loop through a LocalPort, with the
 // same frames; metrics_text() is what GET /metrics shows.
 //
-//   Server srv(model, backend, tokenizer, chat, rc.server, rc.max_batch, rc.kv_block_size);
+//   Server srv(model, backend, tokenizer, chat, rc.server, rc.max_batch, rc.kv_block_size, rc.kv_type);
 //   srv.bind();                         // throws moesh::Error (address in use, bad endpoint)
 //   srv.attach(port);                   // optional: the HTTP front's port
 //   srv.run(stop_flag);                 // until stop_flag, then drains (drain_timeout_s)
@@ -67,7 +67,8 @@ public:
     // tokenizer may be null (then only prompt_ids are accepted); chat: the model's template
     // for "messages" (without it they are refused). weights may be null.
     Server(const Model & model, Backend & backend, const Tokenizer * tokenizer, std::optional<ChatTemplate> chat,
-           const ServerConfig & config, int64_t max_batch, int64_t kv_block_size, const BackendWeights * weights = nullptr,
+           const ServerConfig & config, int64_t max_batch, int64_t kv_block_size, int32_t kv_type = MOESH_DTYPE_F32,
+           const BackendWeights * weights = nullptr,
            std::string model_name = "");
     ~Server();
 
