@@ -33,6 +33,35 @@ Placement CostModel::choose(size_t bytes, int64_t n, int64_t n_embd, bool reuse)
                                                                                          : Placement::InPlace;
 }
 
+double CostModel::plan_layer(const LayerMiss * misses, int64_t n, int64_t n_embd, double queue_backlog_s, Placement * out,
+                             int32_t * order) const {
+    for (int64_t i = 0; i < n; ++i) order[i] = int32_t(i);
+    std::stable_sort(order, order + n, [&](int32_t a, int32_t b) { return misses[a].n_tokens > misses[b].n_tokens; });
+    // The compute queue runs in order: promoted experts compute after the in-place ones have been
+    // added back (their outputs come up behind them) and after their own upload.
+    double queue = std::max(0.0, queue_backlog_s), host = 0, device = 0;
+    for (int64_t k = 0; k < n; ++k) {
+        const LayerMiss & m = misses[order[k]];
+        Placement p = mode_ == CostMode::AlwaysPromote ? Placement::Promote : Placement::InPlace;
+        const double up = double(m.bytes) / (r_.upload_gbps * 1e9);
+        const double dev = double(m.n_tokens) * r_.device_token_s;
+        const double here = in_place_seconds(m.bytes, m.n_tokens, n_embd);
+        const double credit = m.reuse ? std::max(0.0, in_place_seconds(m.bytes, 1, n_embd) - r_.device_token_s) : 0.0;
+        const double end_promote = std::max(host, queue + up) + device + dev - credit;
+        const double end_in_place = std::max(host + here, queue) + device;
+        if (mode_ == CostMode::Auto) p = end_promote < end_in_place ? Placement::Promote : Placement::InPlace;
+        if (log_) log_(m.layer, m.expert, m.n_tokens, end_promote, end_in_place, m.reuse, p, true);
+        if (p == Placement::Promote) {
+            queue += up;
+            device += dev;
+        } else {
+            host += here;
+        }
+        out[order[k]] = p;
+    }
+    return queue;
+}
+
 void CostModel::observe_upload(size_t bytes, double seconds) {
     if (bytes < (1u << 16) || seconds <= 0) return;   // too small to say anything about bandwidth
     r_.upload_gbps = blend(r_.upload_gbps, double(bytes) / seconds / 1e9);
@@ -51,7 +80,7 @@ Placement CostModel::choose_for(int32_t layer, int32_t expert, size_t expert_byt
     const Placement p = choose(expert_bytes, n_tokens, n_embd, reuse);
     if (log_)
         log_(layer, expert, n_tokens, promote_seconds(expert_bytes, n_tokens, n_embd, reuse),
-             in_place_seconds(expert_bytes, n_tokens, n_embd), reuse, p);
+             in_place_seconds(expert_bytes, n_tokens, n_embd), reuse, p, false);
     return p;
 }
 

@@ -13,6 +13,12 @@
 //        activations    t_x(n) = 2 * n * n_embd * 4 / upload_gbps + 2 * transfer_latency_s
 // In place costs t_h(n) + t_x(n); promoting costs t_up + t_d(n), less one future
 // use saved (t_h(1) + t_x(1) - t_d(1)) when the policy would keep it (reuse).
+//
+// With a copy queue beside the compute (queued uploads), the host and the queue work at
+// once, so one layer's misses are placed together (plan_layer): each, most tokens first,
+// goes where the layer would end sooner, the queue busy for its backlog plus the uploads
+// already given to it, the host for the in-place experts already given to it. Deciding
+// each miss alone would send every one up the faster path while the other stands idle.
 // Thread safety: one thread uses a CostModel.
 #pragma once
 
@@ -36,11 +42,25 @@ const char * placement_name(Placement p);   // "promote", "in-place"
 
 enum class CostMode { Auto, AlwaysPromote, AlwaysInPlace };   // the last two for tests and comparisons
 
+// One expert of a layer that the fast tier lacks, as plan_layer() weighs it.
+struct LayerMiss {
+    int32_t layer = 0, expert = 0;   // for the decision log
+    size_t bytes = 0;                // the expert's weights
+    int64_t n_tokens = 0;            // routed to it in this step
+    bool reuse = false;              // the policy would keep it if promoted
+};
+
 class CostModel {
 public:
     explicit CostModel(const CostRates & rates, CostMode mode = CostMode::Auto) : r_(rates), mode_(mode) {}
 
     Placement choose(size_t expert_bytes, int64_t n_tokens, int64_t n_embd, bool reuse) const;
+    // The misses of one layer shared between a copy queue that is busy for queue_backlog_s
+    // more seconds and the host, both running at once: out[i] for misses[i]. The misses
+    // are weighed most tokens first (ties in the given order); order_scratch holds n indices.
+    // Returns the estimated seconds until the queue has done the promotions planned here.
+    double plan_layer(const LayerMiss * misses, int64_t n, int64_t n_embd, double queue_backlog_s, Placement * out,
+                      int32_t * order_scratch) const;
     double in_place_seconds(size_t expert_bytes, int64_t n_tokens, int64_t n_embd) const;
     double promote_seconds(size_t expert_bytes, int64_t n_tokens, int64_t n_embd, bool reuse) const;
 
@@ -52,8 +72,10 @@ public:
     std::string describe() const;   // the rates, one line
 
     // Debug log of every decision (MOESH_LOG=debug): the expert, its tokens, both estimates, the choice.
+    // planned: the estimates are when the layer's misses would be done (plan_layer), else the
+    // expert's own time.
     using DecisionLog = std::function<void(int32_t layer, int32_t expert, int64_t n_tokens, double promote_s, double in_place_s,
-                                           bool reuse, Placement chosen)>;
+                                           bool reuse, Placement chosen, bool planned)>;
     void set_decision_log(DecisionLog log) { log_ = std::move(log); }
     // choose() for expert (layer, expert), logged when a decision log is set.
     Placement choose_for(int32_t layer, int32_t expert, size_t expert_bytes, int64_t n_tokens, int64_t n_embd, bool reuse) const;

@@ -10,6 +10,8 @@
 namespace moesh {
 namespace {
 
+double steady_seconds() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
 struct Sizes {   // elements of each buffer, B = max_batch
     size_t embd, q, kv, expert, used, ff, vocab, step, moe;
 };
@@ -131,6 +133,9 @@ void ForwardPass::set_placement(const ExpertPlacement & p) {
     order_.reserve(E);
     order_rank_.reserve(E);
     declined_.assign(E, 0);
+    misses_.reserve(E);
+    plan_.resize(E);
+    plan_order_.resize(E);
     if (prefetch_) reserve_prediction();
     if (dev_experts_ && !hx_.get()) {
         hx_ = BackendBuffer(*host_be_, B * size_t(c.n_embd) * sizeof(float), "buffer_alloc (host expert input)");
@@ -282,20 +287,28 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
         // prefetch behind them (its prediction made first, so that the policy evicts knowing it).
         // Then: the resident experts (GPU), the misses the cost model keeps on the host (while the
         // copy queue runs), the uploads just queued (each fenced by ready()), and last the experts
-        // that found no slot (done() frees slots: they may be promoted then).
+        // that found no slot (done() frees slots: they may be promoted then). The misses are
+        // planned together: the host and the copy queue share them (CostModel::plan_layer).
         const int64_t next = prefetch_ ? next_moe_[size_t(il)] : -1;
         if (next >= 0) predict(next, n);
+        misses_.clear();
         for (int32_t e : wanted_) {
             const ExpertId id{int32_t(il), e};
             declined_[size_t(e)] = 0;
-            if (dev_experts_->resident(id) || !dev_experts_->can_promote()) continue;   // no slot now: asked again below
-            const ExpertWeights & host_w = model_.experts().get(id);
-            if (cost_->choose_for(id.layer, e, host_w.n_bytes(), dispatch_.n_tokens_for(e), c.n_embd, dev_experts_->admits(id)) ==
-                Placement::Promote)
-                dev_experts_->promote(id);
-            else
-                declined_[size_t(e)] = 1;
+            if (dev_experts_->resident(id)) continue;
+            misses_.push_back({id.layer, e, model_.experts().get(id).n_bytes(), dispatch_.n_tokens_for(e), dev_experts_->admits(id)});
         }
+        const uint64_t b0 = dev_experts_->stats().bytes_uploaded;
+        cost_->plan_layer(misses_.data(), int64_t(misses_.size()), c.n_embd, queue_free_at_ - steady_seconds(), plan_.data(),
+                          plan_order_.data());
+        for (size_t i = 0; i < misses_.size(); ++i) {
+            const ExpertId id{int32_t(il), misses_[i].expert};
+            if (plan_[i] == Placement::InPlace)
+                declined_[size_t(id.index)] = 1;
+            else if (dev_experts_->can_promote())   // else no slot now: asked again below
+                dev_experts_->promote(id);
+        }
+        note_queued(b0);
         if (next >= 0) prefetch_predicted(next);
         order_wanted(4, [&](int32_t e) {
             const ExpertId id{int32_t(il), e};
@@ -384,10 +397,19 @@ void ForwardPass::predict(int64_t il, int64_t n) {
 }
 
 void ForwardPass::prefetch_predicted(int64_t il) {
-    if (store_)
+    if (store_) {
         store_->prefetch(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
-    else
-        dev_experts_->prefetch(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
+        return;
+    }
+    const uint64_t b0 = dev_experts_->stats().bytes_uploaded;
+    dev_experts_->prefetch(int32_t(il), pred_list_.data(), int64_t(pred_list_.size()));
+    note_queued(b0);
+}
+
+void ForwardPass::note_queued(uint64_t bytes_before) {
+    const uint64_t bytes = dev_experts_->stats().bytes_uploaded - bytes_before;
+    if (!bytes || !cost_ || !dev_experts_->async()) return;
+    queue_free_at_ = std::max(queue_free_at_, steady_seconds()) + double(bytes) / (cost_->rates().upload_gbps * 1e9);
 }
 
 // Routed experts from the store: ask for all of the layer's, prefetch the next layer's, compute in
@@ -718,6 +740,7 @@ const float * ForwardPass::run(const Batch & batch, std::string * error) {
         logits_.download(0, size_t(n_out * c.n_vocab));
     }
     be_.check(be_.iface().synchronize(be_.ctx()), "synchronize");
+    queue_free_at_ = 0;   // the copy queue is empty too
     return logits_.host();
 }
 

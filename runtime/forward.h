@@ -127,6 +127,7 @@ private:
     // Layer il's likely experts: to the predict observer, and prefetched when prefetch_ (uses xe_ as scratch).
     void predict(int64_t il, int64_t n);
     void prefetch_predicted(int64_t il);   // pred_list_ into the store, or else the gpu tier
+    void note_queued(uint64_t bytes_before);   // the gpu tier's uploads since then went on the copy queue
     // wanted_ reordered by rank(e) in [0, n_ranks), stable, without allocating (order_ is reserved).
     template <class Rank>
     void order_wanted(int32_t n_ranks, Rank rank);
@@ -167,6 +168,10 @@ private:
     std::vector<int32_t> host_wanted_, host_wanted_n_;   // a layer's experts the gpu tier lacks, and their token counts
     Backend * host_be_ = nullptr;
     CostModel * cost_ = nullptr;
+    std::vector<LayerMiss> misses_;        // [n_expert] a layer's misses, as the cost model plans them (reserved)
+    std::vector<Placement> plan_;          // [n_expert] its plan
+    std::vector<int32_t> plan_order_;      // [n_expert] its scratch
+    double queue_free_at_ = 0;   // steady-clock seconds when the copy queue should have done what it was given
     BackendBuffer hx_, ho_, hscratch_;   // host backend: an in-place expert's input, output, scratch
     // Runs of consecutive tokens of one sequence (one attention call each, or all in one
     // attention_batch call); table: offset of its block table in the step buffer. Reserved max_batch.

@@ -288,10 +288,12 @@ PlacementSetup open_placement(const moesh::Model & model, const CommonOptions & 
             p.cost = std::make_unique<moesh::CostModel>(moesh::measure_cost_rates(model, backend, *p.host));
             if (g_debug)
                 p.cost->set_decision_log([](int32_t layer, int32_t expert, int64_t n, double promote_s, double in_place_s, bool reuse,
-                                            moesh::Placement chosen) {
-                    std::fprintf(stderr, "moesh: debug: cost: layer %d expert %d, %lld token%s: promote %.3f ms%s, in place %.3f ms -> %s\n",
-                                 layer, expert, (long long)n, n == 1 ? "" : "s", promote_s * 1e3, reuse ? " (net of the in-place run a kept copy saves)" : "",
-                                 in_place_s * 1e3, chosen == moesh::Placement::Promote ? "promote" : "in place");
+                                            moesh::Placement chosen, bool planned) {
+                    std::fprintf(stderr, "moesh: debug: cost: layer %d expert %d, %lld token%s: %spromote %.3f ms%s, in place %.3f ms -> %s\n",
+                                 layer, expert, (long long)n, n == 1 ? "" : "s",
+                                 planned ? "the layer's misses done (copy queue and host at once) if " : "", promote_s * 1e3,
+                                 reuse ? " (net of the in-place run a kept copy saves)" : "", in_place_s * 1e3,
+                                 chosen == moesh::Placement::Promote ? "promote" : "in place");
                 });
             std::fprintf(stderr, "moesh: gpu tier: %lld expert slots of %s (%s budget), %lld pinned; the rest promoted or "
                                  "computed on the host (%s); cost model: %s\n",
