@@ -10,6 +10,7 @@ namespace moesh {
 namespace {
 
 constexpr size_t k_align = 256;   // device kernels read whole cache lines and vectors
+constexpr size_t k_untimed = 64;   // copy_elapsed keeps at least the last 64 tickets
 
 size_t round_up(size_t n) { return (n + k_align - 1) / k_align * k_align; }
 
@@ -37,6 +38,7 @@ DeviceExperts::DeviceExperts(const ExpertTable & experts, const Backend & device
     where_.assign(n_keys, -1);
     wanted_now_.assign(n_keys, 0);
     slots_.resize(size_t(n_slots));
+    untimed_.reserve(k_untimed);
     cand_.reserve(slots_.size());
     cand_slot_.reserve(slots_.size());
 
@@ -227,6 +229,9 @@ const ExpertWeights & DeviceExperts::upload_into(int32_t v, int64_t key, const E
                 drop_unfenced();   // the error may be an earlier upload's
                 throw;
             }
+            // The backend keeps the times of its last k_untimed tickets at least: older ones are let go.
+            if (untimed_.size() == k_untimed) untimed_.erase(untimed_.begin());
+            untimed_.push_back({s.ticket, m->n_bytes()});
         } else
             dev_.upload(base + off, m->data, m->n_bytes(), "copy_to_device (gpu tier upload)");
         m->data = base + off;
@@ -242,6 +247,21 @@ const ExpertWeights & DeviceExperts::upload_into(int32_t v, int64_t key, const E
     else
         stats_.upload_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return s.w;
+}
+
+std::pair<uint64_t, double> DeviceExperts::take_upload_times() {
+    uint64_t bytes = 0;
+    double seconds = 0;
+    for (const Untimed & u : untimed_) {
+        const double t = dev_.upload_seconds(u.ticket, "copy_elapsed (gpu tier upload)");
+        if (t < 0) continue;
+        bytes += u.bytes;
+        seconds += t;
+    }
+    untimed_.clear();
+    stats_.async_upload_seconds += seconds;
+    stats_.async_bytes_timed += bytes;
+    return {bytes, seconds};
 }
 
 void DeviceExperts::note_in_place(double seconds) {

@@ -35,6 +35,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace moesh {
@@ -65,7 +66,9 @@ struct DeviceExpertStats {
     int64_t predicted_wanted = 0;  // ... that the layer then wanted
     int64_t wanted_predicted_layers = 0;   // experts wanted by layers that had a prediction
     uint64_t bytes_uploaded = 0;   // promotions and prefetches
-    double upload_seconds = 0;  // synchronous uploads only (an async one's time is not seen by the host)
+    double upload_seconds = 0;  // synchronous uploads (host clock)
+    double async_upload_seconds = 0;   // async uploads, as the device timed them (copy_elapsed)
+    uint64_t async_bytes_timed = 0;    // ... their bytes (a backend without copy_elapsed times none)
     double host_seconds = 0;    // host compute of in-place experts, activation copies included
     double hit_rate() const { return requests ? double(hits) / double(requests) : 0.0; }
     double prefetch_precision() const { return predicted ? double(predicted_wanted) / double(predicted) : 0.0; }
@@ -110,6 +113,9 @@ public:
     void done(ExpertId id);   // id was computed: this layer no longer needs it kept
     void end_layer();
     void note_in_place(double seconds);
+    // After the device has synchronized: the async uploads it has timed since the last call
+    // (bytes, seconds), for the cost model; uploads it no longer knows are dropped.
+    std::pair<uint64_t, double> take_upload_times();
 
     int64_t slots() const { return int64_t(slots_.size()); }
     size_t slot_bytes() const { return slot_bytes_; }
@@ -144,6 +150,10 @@ private:
     mutable std::vector<int64_t> cand_;       // victim()'s scratch, reserved once
     mutable std::vector<int32_t> cand_slot_;
     std::vector<int64_t> wanted_;
+    struct Untimed {
+        uint64_t ticket, bytes;
+    };
+    std::vector<Untimed> untimed_;   // async copies not yet timed, oldest first; at most k_untimed (reserved)
     PolicyState policy_;
     PredictionTracker prediction_;
     int32_t layer_ = 0;

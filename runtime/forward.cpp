@@ -741,6 +741,10 @@ const float * ForwardPass::run(const Batch & batch, std::string * error) {
     }
     be_.check(be_.iface().synchronize(be_.ctx()), "synchronize");
     queue_free_at_ = 0;   // the copy queue is empty too
+    if (dev_experts_ && dev_experts_->async()) {   // its rate, as the device timed it, for the cost model
+        const auto [bytes, seconds] = dev_experts_->take_upload_times();
+        if (cost_) cost_->observe_upload(size_t(bytes), seconds);
+    }
     return logits_.host();
 }
 

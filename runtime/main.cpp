@@ -321,6 +321,7 @@ nlohmann::json gpu_json(const moesh::DeviceExpertStats & s) {
             {"hit_rate", s.hit_rate()},     {"promotions", s.promotions},
             {"in_place", s.in_place},       {"evictions", s.evictions},
             {"bytes_uploaded", s.bytes_uploaded}, {"upload_seconds", s.upload_seconds},
+            {"async_upload_seconds", s.async_upload_seconds}, {"async_bytes_timed", s.async_bytes_timed},
             {"async_uploads", s.async_uploads}, {"prefetches", s.prefetches},
             {"prefetch_hits", s.prefetch_hits},  {"prefetch_unused", s.prefetch_unused},
             {"prefetch_skipped", s.prefetch_skipped}, {"prefetch_precision", s.prefetch_precision()},
@@ -331,11 +332,12 @@ void print_gpu_stats(const moesh::DeviceExpertStats & s, int64_t n_tokens) {
     std::printf("gpu tier: %lld requests, %lld hits (%.1f%%), %lld promoted, %lld computed in place on the host, %lld evictions\n",
                 (long long)s.requests, (long long)s.hits, 100.0 * s.hit_rate(), (long long)s.promotions, (long long)s.in_place,
                 (long long)s.evictions);
-    std::printf("host -> gpu: %s uploaded (%s per token), %lld beside the compute, synchronous ones in %.3f s; host expert "
-                "compute %.3f s\n",
+    std::printf("host -> gpu: %s uploaded (%s per token), %lld beside the compute (%s of them timed by the device: %.3f s), "
+                "synchronous ones in %.3f s; host expert compute %.3f s\n",
                 human_bytes(double(s.bytes_uploaded)).c_str(),
                 human_bytes(n_tokens > 0 ? double(s.bytes_uploaded) / double(n_tokens) : 0.0).c_str(),
-                (long long)s.async_uploads, s.upload_seconds, s.host_seconds);
+                (long long)s.async_uploads, human_bytes(double(s.async_bytes_timed)).c_str(), s.async_upload_seconds,
+                s.upload_seconds, s.host_seconds);
     if (s.predicted > 0)
         std::printf("gpu prefetch: %lld uploads, %lld used, %lld unused, %lld skipped (precision below the bar); "
                     "prediction precision %.3f, recall %.3f\n",

@@ -420,6 +420,9 @@ std::string Server::metrics_text() const {
         metric(o, "moesh_expert_gpu_promotions_total", "counter", "Experts uploaded to the device for a step.", double(s.promotions));
         metric(o, "moesh_expert_gpu_in_place_total", "counter", "Experts computed on the host instead.", double(s.in_place));
         metric(o, "moesh_expert_gpu_uploaded_bytes_total", "counter", "Bytes of experts uploaded to the device.", double(s.bytes_uploaded));
+        metric(o, "moesh_expert_gpu_upload_seconds_total", "counter",
+               "Upload time: synchronous uploads on the host's clock, queued ones as the device timed them.",
+               s.upload_seconds + s.async_upload_seconds);
         metric(o, "moesh_expert_gpu_prefetches_total", "counter", "Expert uploads started by prefetch.", double(s.prefetches));
         metric(o, "moesh_expert_gpu_prefetch_hits_total", "counter", "... that their layer then wanted.", double(s.prefetch_hits));
     }

@@ -78,7 +78,8 @@ def main():
             if "gpu_tier" in j:
                 g = j["gpu_tier"]
                 line["gpu_tier"] = {k: g.get(k) for k in ("requests", "hits", "promotions", "in_place",
-                                                          "async_uploads", "prefetches", "prefetch_hits")}
+                                                          "async_uploads", "async_bytes_timed", "async_upload_seconds",
+                                                          "prefetches", "prefetch_hits")}
             if not ok:
                 line.update(got=got, want=want)
                 failed += 1

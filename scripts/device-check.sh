@@ -484,14 +484,15 @@ run() {
         run_step tier_q4_0 "$limit" "$BIN/moesh_bench_gguf" --synthetic moe-mid --type q4_0 --backend cuda \
             --plugin-dir "$PLUG" --threads "$(nproc)" --prompt 128 --gen 64 --batch 128 --reps 2 \
             --gpu-budgets 50,25 --costs auto,auto-sync,in-place
-        local full half sync stat
+        local full half sync stat qrate
         full=$(jfield "$(jline bench=moesh "model=synthetic moe-mid q4_0")" decode_tps)
         half=$(jfield "$(jline bench=moesh_gpu_tier gpu_budget_percent=50.0 cost=auto)" decode_tps)
+        qrate=$(jfield "$(jline bench=moesh_gpu_tier gpu_budget_percent=50.0 cost=auto)" tier_async_upload_gbps)
         sync=$(jfield "$(jline bench=moesh_gpu_tier gpu_budget_percent=50.0 cost=auto-sync)" decode_tps)
         stat=$(jfield "$(jline bench=moesh_gpu_tier gpu_budget_percent=50.0 cost=in-place)" decode_tps)
         if (( STEP_RC == -1 )); then record tier_q4_0 skip 0 "out of time"
         elif (( STEP_RC == 0 )); then
-            record tier_q4_0 pass "$STEP_T" "50% of experts in VRAM: $(fmt %.1f "$half") tok/s (blocking uploads $(fmt %.1f "$sync"), all in VRAM $(fmt %.1f "$full"), static rule $(fmt %.1f "$stat"))"
+            record tier_q4_0 pass "$STEP_T" "50% of experts in VRAM: $(fmt %.1f "$half") tok/s (blocking uploads $(fmt %.1f "$sync"), all in VRAM $(fmt %.1f "$full"), static rule $(fmt %.1f "$stat")); copy queue $(fmt %.1f "$qrate") GB/s as the GPU timed it"
         else
             record tier_q4_0 fail "$STEP_T" "$(failure_note tier_q4_0)"
         fi

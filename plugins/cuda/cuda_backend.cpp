@@ -11,7 +11,8 @@
 //            use): copying from pageable memory blocks the thread that issues
 //            it, and the host thread must not. Each ticket waits (on the GPU)
 //            for an event recorded on compute at call time and records a done
-//            event that copy_wait makes compute wait for.
+//            event that copy_wait makes compute wait for; a start event beside
+//            it times the copy for copy_elapsed.
 // Without a device the score is negative and create fails with a message, so
 // the loader falls back to another plugin (the CPU).
 #include <moesh/plugin.h>
@@ -48,7 +49,9 @@ struct UploadSlot {
     const void * src = nullptr;
     size_t n_bytes = 0;
     cudaEvent_t compute_mark = nullptr;   // on compute at call time; the copy waits for it
-    cudaEvent_t done = nullptr;           // on upload after the copy of the slot's latest ticket
+    cudaEvent_t start = nullptr;          // on upload before the copy of the slot's latest ticket (timing)
+    cudaEvent_t done = nullptr;           // on upload after it (timing)
+    uint64_t timed = 0;                   // the ticket start and done were last recorded for; 0: none, or it failed
 };
 
 // copy_to_device_async's queue and the thread that drains it.
@@ -189,6 +192,9 @@ void upload_worker(moesh_backend * be) noexcept {
             const char * what = "cudaStreamWaitEvent";
             cudaError_t e = cudaStreamWaitEvent(up.stream, job.compute_mark, 0);
             lock.lock();
+            // start and done are re-recorded only under the mutex, where copy_elapsed reads them.
+            up.slots[s].timed = 0;
+            if (e == cudaSuccess && (e = cudaEventRecord(job.start, up.stream)) != cudaSuccess) what = "cudaEventRecord";
             up.started = t;   // compute_mark is captured: the host may reuse the slot
             up.cv.notify_all();
             lock.unlock();
@@ -204,6 +210,8 @@ void upload_worker(moesh_backend * be) noexcept {
                 upload_error(up, e == cudaErrorMemoryAllocation ? MOESH_ERR_OUT_OF_MEMORY : MOESH_ERR_INTERNAL,
                              "copy_to_device_async (ticket %llu, %zu bytes): %s: %s (%s)", (unsigned long long)t,
                              job.n_bytes, what, cudaGetErrorString(e), cudaGetErrorName(e));
+            } else {
+                up.slots[s].timed = t;
             }
             up.issued = t;
             up.cv.notify_all();
@@ -230,11 +238,12 @@ moesh_status start_uploader(moesh_backend * be) {
                         "copy_to_device_async: cudaStreamCreateWithFlags");
     }
     for (UploadSlot & slot : up.slots) {
-        for (cudaEvent_t * ev : {&slot.compute_mark, &slot.done}) {
-            if (!*ev) {
-                MOESH_CUDA_CALL(cudaEventCreateWithFlags(ev, cudaEventDisableTiming),
-                                "copy_to_device_async: cudaEventCreateWithFlags");
-            }
+        if (!slot.compute_mark) {
+            MOESH_CUDA_CALL(cudaEventCreateWithFlags(&slot.compute_mark, cudaEventDisableTiming),
+                            "copy_to_device_async: cudaEventCreateWithFlags");
+        }
+        for (cudaEvent_t * ev : {&slot.start, &slot.done}) {   // timed: copy_elapsed
+            if (!*ev) MOESH_CUDA_CALL(cudaEventCreate(ev), "copy_to_device_async: cudaEventCreate");
         }
     }
     for (int k = 0; k < k_upload_chunks; ++k) {
@@ -273,6 +282,7 @@ void release(moesh_backend * be) {
     if (up.stream) cudaStreamSynchronize(up.stream);
     for (UploadSlot & slot : up.slots) {
         if (slot.compute_mark) cudaEventDestroy(slot.compute_mark);
+        if (slot.start) cudaEventDestroy(slot.start);
         if (slot.done) cudaEventDestroy(slot.done);
     }
     for (int k = 0; k < k_upload_chunks; ++k) {
@@ -478,6 +488,27 @@ moesh_status cuda_copy_wait(moesh_backend * be, uint64_t ticket, int32_t wait_ho
             MOESH_CUDA_CALL(e, "copy_wait: cudaEventSynchronize");
         }
         return take_upload_error(be);
+    });
+}
+
+moesh_status cuda_copy_elapsed(moesh_backend * be, uint64_t ticket, double * seconds) {
+    return guarded(be, "copy_elapsed", [&]() -> moesh_status {
+        MOESH_PLUGIN_REQUIRE(seconds, "copy_elapsed: seconds is NULL");
+        *seconds = -1;
+        Uploader & up = be->up;
+        std::lock_guard<std::mutex> lock(up.mutex);
+        MOESH_PLUGIN_REQUIRE(ticket != 0 && ticket <= up.queued,
+                             "copy_elapsed: ticket %llu was never issued (the last one is %llu)",
+                             (unsigned long long)ticket, (unsigned long long)up.queued);
+        const UploadSlot & slot = up.slots[ticket % k_upload_slots];
+        if (slot.timed != ticket) return MOESH_OK;   // not recorded yet, failed, or its slot recycled
+        const cudaError_t q = cudaEventQuery(slot.done);
+        if (q == cudaErrorNotReady) return MOESH_OK;
+        MOESH_CUDA_CALL(q, "copy_elapsed: cudaEventQuery");
+        float ms = 0;
+        MOESH_CUDA_CALL(cudaEventElapsedTime(&ms, slot.start, slot.done), "copy_elapsed: cudaEventElapsedTime");
+        *seconds = double(ms) * 1e-3;
+        return MOESH_OK;
     });
 }
 
@@ -704,6 +735,7 @@ const moesh_backend_iface k_cuda_iface = {
     /* .attention_batch = */ nullptr,
     /* .copy_to_device_async = */ cuda_copy_to_device_async,
     /* .copy_wait = */ cuda_copy_wait,
+    /* .copy_elapsed = */ cuda_copy_elapsed,
 };
 
 } // namespace

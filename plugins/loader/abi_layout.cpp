@@ -82,7 +82,8 @@ static_assert(offsetof(moesh_backend_iface, moe_ffn) == 176, "moesh_backend_ifac
 static_assert(offsetof(moesh_backend_iface, attention_batch) == 184, "moesh_backend_iface.attention_batch moved");
 static_assert(offsetof(moesh_backend_iface, copy_to_device_async) == 192, "moesh_backend_iface.copy_to_device_async moved");
 static_assert(offsetof(moesh_backend_iface, copy_wait) == 200, "moesh_backend_iface.copy_wait moved");
-static_assert(sizeof(moesh_backend_iface) == 208, "moesh_backend_iface changed size");
+static_assert(offsetof(moesh_backend_iface, copy_elapsed) == 208, "moesh_backend_iface.copy_elapsed moved");
+static_assert(sizeof(moesh_backend_iface) == 216, "moesh_backend_iface changed size");
 static_assert(sizeof(moesh_attention_run) == 32, "moesh_attention_run changed size");
 static_assert(offsetof(moesh_attention_batch_args, scale) == 4, "moesh_attention_batch_args.scale moved");
 static_assert(offsetof(moesh_attention_batch_args, q) == 8, "moesh_attention_batch_args.q moved");

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
@@ -245,6 +246,8 @@ Candidate probe_file(const std::string & path, const std::string & stem) {
 
     if (!c.iface.copy_to_device_async != !c.iface.copy_wait)
         return reject("table has one of 'copy_to_device_async' and 'copy_wait' but not the other");
+    if (c.iface.copy_elapsed && !c.iface.copy_wait)
+        return reject("table has 'copy_elapsed' without the copy queue ('copy_to_device_async', 'copy_wait')");
 
     if (auto score = reinterpret_cast<moesh_plugin_score_fn>(
             dlsym(c.lib.get(), MOESH_PLUGIN_SCORE_SYMBOL))) {
@@ -423,6 +426,13 @@ uint64_t Backend::upload_async(void * dst, const void * src, size_t n_bytes, con
 
 void Backend::wait_upload(uint64_t ticket, bool host, const char * what) const {
     check(iface_.copy_wait(ctx_, ticket, host ? 1 : 0), what);
+}
+
+double Backend::upload_seconds(uint64_t ticket, const char * what) const {
+    if (!iface_.copy_elapsed) return -1;
+    double seconds = -1;
+    check(iface_.copy_elapsed(ctx_, ticket, &seconds), what);
+    return seconds >= 0 && std::isfinite(seconds) ? seconds : -1;   // a plugin's answer is not trusted blindly
 }
 
 void Backend::download(void * dst, const void * src, size_t n_bytes, const char * what) const {

@@ -87,6 +87,9 @@ public:
     // copy_to_device_async: returns the ticket; wait_upload: copy_wait(ticket, host).
     uint64_t upload_async(void * dst, const void * src, size_t n_bytes, const char * what) const;
     void wait_upload(uint64_t ticket, bool host, const char * what) const;
+    // copy_elapsed: the device's seconds for ticket's copy, or -1 when not known (not offered,
+    // still running, or too old).
+    double upload_seconds(uint64_t ticket, const char * what) const;
 
 private:
     friend struct detail::BackendFactory;

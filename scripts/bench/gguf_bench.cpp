@@ -310,6 +310,10 @@ int main(int argc, char ** argv) {
                                                     {"tier_promotions", ts.promotions}, {"tier_in_place", ts.in_place},
                                                     {"tier_bytes_uploaded", ts.bytes_uploaded},
                                                     {"tier_async_uploads", ts.async_uploads}, {"tier_prefetches", ts.prefetches},
+                                                    {"tier_async_upload_gbps",   // the copy queue's rate as the device timed it
+                                                     ts.async_upload_seconds > 0
+                                                         ? double(ts.async_bytes_timed) / ts.async_upload_seconds / 1e9
+                                                         : 0.0},
                                                     {"tier_prefetch_hits", ts.prefetch_hits},
                                                     {"tier_prefetch_precision", ts.prefetch_precision()},
                                                     {"tier_prefetch_recall", ts.prefetch_recall()}}

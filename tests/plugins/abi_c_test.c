@@ -69,7 +69,8 @@ _Static_assert(offsetof(moesh_backend_iface, moe_ffn) == 176, "moesh_backend_ifa
 _Static_assert(offsetof(moesh_backend_iface, attention_batch) == 184, "moesh_backend_iface.attention_batch moved");
 _Static_assert(offsetof(moesh_backend_iface, copy_to_device_async) == 192, "moesh_backend_iface.copy_to_device_async moved");
 _Static_assert(offsetof(moesh_backend_iface, copy_wait) == 200, "moesh_backend_iface.copy_wait moved");
-_Static_assert(sizeof(moesh_backend_iface) == 208, "moesh_backend_iface changed size");
+_Static_assert(offsetof(moesh_backend_iface, copy_elapsed) == 208, "moesh_backend_iface.copy_elapsed moved");
+_Static_assert(sizeof(moesh_backend_iface) == 216, "moesh_backend_iface changed size");
 _Static_assert(sizeof(moesh_attention_run) == 32, "moesh_attention_run changed size");
 _Static_assert(offsetof(moesh_attention_batch_args, runs) == 56, "moesh_attention_batch_args.runs moved");
 _Static_assert(offsetof(moesh_attention_batch_args, kv_type) == 128, "moesh_attention_batch_args.kv_type moved");

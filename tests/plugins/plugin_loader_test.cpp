@@ -139,6 +139,12 @@ TEST(PluginProbe, RejectsHalfOfTheAsyncCopyPair) {
     EXPECT_EQ(p.reason, "table has one of 'copy_to_device_async' and 'copy_wait' but not the other");
 }
 
+TEST(PluginProbe, RejectsCopyElapsedWithoutTheCopyQueue) {
+    const PluginProbe p = probe_one("lone_elapsed");
+    EXPECT_FALSE(p.ok);
+    EXPECT_EQ(p.reason, "table has 'copy_elapsed' without the copy queue ('copy_to_device_async', 'copy_wait')");
+}
+
 TEST(PluginProbe, RejectsLibraryWithoutInitSymbol) {
     const PluginProbe p = probe_one("no_init");
     EXPECT_FALSE(p.ok);

@@ -143,6 +143,7 @@ TEST(Cli, GpuTierOnADeviceMemoryBackendKeepsTheTokens) {
               j["gpu_tier"]["requests"].get<int64_t>());
     // devsim has a copy queue: uploads go beside the compute, and the next layer is predicted
     EXPECT_GT(j["gpu_tier"]["async_uploads"].get<int64_t>(), 0) << r.out;
+    EXPECT_GT(j["gpu_tier"]["async_bytes_timed"].get<int64_t>(), 0) << "devsim times its copies: " << r.out;
     EXPECT_GT(j["gpu_tier"]["prefetch_recall"].get<double>(), 0.0) << r.out;
     // three tiers: 3 experts in VRAM, 2 in RAM, the rest read from the model's files on a miss
     const std::string three = dir.write("three.toml", "[[tier]]\nname = \"gpu0\"\nkind = \"gpu\"\nbudget = \"100KiB\"\n"

@@ -105,6 +105,11 @@ void check_gpu_tier(const std::string & model_dir, const std::string & reference
                     EXPECT_EQ(s.async_uploads, 0);
                     EXPECT_EQ(s.prefetches, 0) << "without a copy queue a prefetch would stall the compute";
                 } else if (n_slots >= n_routed / 2) {
+                    // devsim times its copies (copy_elapsed): the cost model learns the queue's rate
+                    EXPECT_GT(s.async_bytes_timed, 0u);
+                    EXPECT_LE(s.async_bytes_timed, s.bytes_uploaded);
+                    EXPECT_GT(s.async_upload_seconds, 0.0);
+                    if (mode == CostMode::Auto) EXPECT_NE(cost.rates().upload_gbps, CostRates{}.upload_gbps);
                     EXPECT_GT(s.prefetches, 0);
                     EXPECT_GT(s.prefetch_hits, 0);
                     EXPECT_GE(s.async_uploads, s.prefetches);

@@ -493,6 +493,15 @@ typedef struct moesh_backend_iface {
     moesh_status (*copy_to_device_async)(moesh_backend * be, void * dst, const void * src, size_t n_bytes,
                                          uint64_t * ticket);
     moesh_status (*copy_wait)(moesh_backend * be, uint64_t ticket, int32_t wait_host);
+    /* Optional, since ABI v1 (NULL when absent; only beside the copy queue
+     * above): how long the device spent on an async copy, so that the host's
+     * cost model learns the queue's rate (the host does not see the copy run).
+     * *seconds: from the copy's start on the queue (after the ops it waits for)
+     * to its end, once known; -1 while it runs, or when the plugin no longer
+     * keeps it (it keeps at least the last 64 tickets). After copy_wait(ticket, 1)
+     * or synchronize, a kept ticket is known. A ticket never issued is
+     * MOESH_ERR_INVALID_ARGUMENT. */
+    moesh_status (*copy_elapsed)(moesh_backend * be, uint64_t ticket, double * seconds);
     /* append new members below this line only */
 } moesh_backend_iface;
 

@@ -69,6 +69,9 @@ const BackendCase k_backends[] = {
 #ifdef MOESH_CUDA_PLUGIN_PATH
     {"cuda", MOESH_CUDA_PLUGIN_PATH, 0, false},
 #endif
+#ifdef MOESH_DEVSIM_PLUGIN_PATH
+    {"devsim", MOESH_DEVSIM_PLUGIN_PATH, 0, false},
+#endif
 };
 
 // Names the case in gtest's messages.
@@ -2301,6 +2304,49 @@ TEST_P(BackendConformance, AsyncCopiesLandInTicketOrderAfterTheirWait) {
         uint64_t t = 0;
         r.expect(be_->copy_to_device_async(r.ctx(), nullptr, a.data(), 16, &t), MOESH_ERR_INVALID_ARGUMENT, "dst NULL");
     }
+}
+
+// copy_elapsed: once a copy has been waited for, the device's time for it, for the host's cost
+// model. At least the last 64 tickets are kept; older ones may be forgotten (-1).
+TEST_P(BackendConformance, CopyQueueReportsDeviceTimes) {
+    if (!be_->copy_to_device_async || !be_->copy_wait || !be_->copy_elapsed) {
+        GTEST_SKIP() << "no copy queue, or it keeps no times";
+    }
+    const size_t n = size_t(10) << 20;   // 40 MiB of floats
+    const std::vector<float> a(n, 1.5f);
+    DeviceBuffer d = upload(std::vector<float>(n, 0.0f));
+    uint64_t big = 0;
+    ASSERT_EQ(be_->copy_to_device_async(ctx_, d.get(), a.data(), n * 4, &big), MOESH_OK) << last_error();
+    ASSERT_EQ(be_->copy_wait(ctx_, big, 1), MOESH_OK) << last_error();
+    double s = -2;
+    ASSERT_EQ(be_->copy_elapsed(ctx_, big, &s), MOESH_OK) << last_error();
+    EXPECT_GT(s, 0.0) << "a 40 MiB copy that has been waited for";
+    EXPECT_LT(s, 60.0);
+    EXPECT_LT(double(n * 4) / s, 1e13) << "faster than 10 TB/s: not the copy's time";
+
+    std::vector<uint64_t> small(100);
+    for (size_t i = 0; i < small.size(); ++i)
+        ASSERT_EQ(be_->copy_to_device_async(ctx_, d.as<float>() + i, a.data() + i, 4, &small[i]), MOESH_OK) << last_error();
+    ASSERT_EQ(be_->synchronize(ctx_), MOESH_OK) << last_error();
+    for (size_t i = small.size() - 64; i < small.size(); ++i) {
+        s = -2;
+        ASSERT_EQ(be_->copy_elapsed(ctx_, small[i], &s), MOESH_OK) << last_error();
+        EXPECT_GE(s, 0.0) << "ticket " << small[i] << ", one of the last 64, after synchronize";
+        EXPECT_LT(s, 60.0);
+    }
+    s = -2;
+    ASSERT_EQ(be_->copy_elapsed(ctx_, big, &s), MOESH_OK) << "an old ticket: " << last_error();
+    EXPECT_TRUE(s == -1.0 || (s > 0.0 && s < 60.0)) << s;
+
+    {
+        Rejection r(be_, create_context());
+        r.expect(be_->copy_elapsed(r.ctx(), small.back() + 1000, &s), MOESH_ERR_INVALID_ARGUMENT, "a ticket never issued");
+    }
+    {
+        Rejection r(be_, create_context());
+        r.expect(be_->copy_elapsed(r.ctx(), 0, &s), MOESH_ERR_INVALID_ARGUMENT, "ticket 0");
+    }
+    EXPECT_EQ(be_->copy_elapsed(ctx_, big, nullptr), MOESH_ERR_INVALID_ARGUMENT) << "seconds NULL";
 }
 
 // The workers' hand-off (spinning, then sleeping) under many short calls,

@@ -13,6 +13,7 @@
 //     first touches dst after a copy_wait covering the ticket, at copy_wait with
 //     wait_host = 1, or at synchronize. Touching dst before any copy_wait is an
 //     error, and a src changed or freed too early gives wrong bytes, as on a GPU.
+//     copy_elapsed reports how long the memcpy took, once performed.
 // Not installed; built for the tests only.
 #include <moesh/plugin.h>
 
@@ -23,6 +24,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -44,6 +46,12 @@ struct moesh_backend {
     std::vector<Pending> pending;   // async copies not performed yet, in ticket order
     uint64_t next_ticket = 1;
     uint64_t fenced = 0;            // copies up to this ticket may be touched by ops
+    static constexpr uint64_t k_timed = 64;   // the latest tickets whose time is kept
+    struct Timed {
+        uint64_t ticket = 0;
+        double seconds = -1;
+    };
+    Timed timed[k_timed];   // ticket t in t % k_timed
 };
 
 namespace {
@@ -75,7 +83,9 @@ void perform(moesh_backend * be, size_t upto) {
         auto it = find_buffer(be, c.dst, c.n);
         if (it == be->buffers.end()) std::abort();   // buffer_free drops a buffer's copies: a devsim bug
         mprotect(reinterpret_cast<void *>(it->first), it->second, PROT_READ | PROT_WRITE);
+        const auto t0 = std::chrono::steady_clock::now();
         std::memcpy(c.dst, c.src, c.n);
+        be->timed[c.ticket % be->k_timed] = {c.ticket, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()};
         mprotect(reinterpret_cast<void *>(it->first), it->second, PROT_NONE);
     }
     be->pending.erase(be->pending.begin(), be->pending.begin() + ptrdiff_t(upto));
@@ -224,7 +234,10 @@ moesh_status devsim_copy_to_device_async(moesh_backend * be, void * dst, const v
                             "copy_to_device_async: %p (+%zu bytes) is not inside a buffer_alloc buffer", dst, n);
         }
         *ticket = be->next_ticket++;
-        if (n > 0) be->pending.push_back({*ticket, static_cast<uint8_t *>(dst), src, n});
+        if (n > 0)
+            be->pending.push_back({*ticket, static_cast<uint8_t *>(dst), src, n});
+        else
+            be->timed[*ticket % be->k_timed] = {*ticket, 0.0};
         return MOESH_OK;
     });
 }
@@ -242,6 +255,18 @@ moesh_status devsim_copy_wait(moesh_backend * be, uint64_t ticket, int32_t wait_
             while (upto < be->pending.size() && be->pending[upto].ticket <= ticket) ++upto;
             perform(be, upto);
         }
+        return MOESH_OK;
+    });
+}
+
+moesh_status devsim_copy_elapsed(moesh_backend * be, uint64_t ticket, double * seconds) {
+    return guarded(be, "copy_elapsed", [&]() -> moesh_status {
+        if (!seconds) return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_elapsed: seconds is NULL");
+        if (ticket == 0 || ticket >= be->next_ticket)
+            return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_elapsed: ticket %llu was never issued (last: %llu)",
+                        static_cast<unsigned long long>(ticket), static_cast<unsigned long long>(be->next_ticket - 1));
+        const auto & t = be->timed[ticket % be->k_timed];
+        *seconds = t.ticket == ticket ? t.seconds : -1.0;
         return MOESH_OK;
     });
 }
@@ -394,6 +419,7 @@ const moesh_backend_iface k_iface = {
     /* .attention_batch = */ nullptr,
     /* .copy_to_device_async = */ devsim_copy_to_device_async,
     /* .copy_wait = */ devsim_copy_wait,
+    /* .copy_elapsed = */ devsim_copy_elapsed,
 };
 
 } // namespace

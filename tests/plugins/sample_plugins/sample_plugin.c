@@ -13,6 +13,7 @@
  *   SAMPLE_NULL_TABLE    init returns OK without a table
  *   SAMPLE_CREATE_FAILS  create logs an error and returns MOESH_ERR_OUT_OF_MEMORY
  *   SAMPLE_HALF_ASYNC    offer copy_to_device_async without copy_wait
+ *   SAMPLE_LONE_ELAPSED  offer copy_elapsed without the copy queue
  *   SAMPLE_SAYS_YES      supports() answers 1 to everything, as plugins did for ops without
  *                        weights before attention/copy_rows read w_type as the KV type
  *
@@ -154,6 +155,12 @@ static moesh_status sample_copy_async(moesh_backend * be, void * dst, const void
 }
 #endif
 
+#ifdef SAMPLE_LONE_ELAPSED
+static moesh_status sample_copy_elapsed(moesh_backend * be, uint64_t ticket, double * seconds) {
+    return fail(be, MOESH_ERR_INVALID_ARGUMENT, "no copy was ever queued");
+}
+#endif
+
 #ifndef SAMPLE_NO_ATTENTION
 static moesh_status sample_attention(moesh_backend * be, const moesh_attention_args * args) {
     return fail(be, MOESH_ERR_UNSUPPORTED, "attention is not offered");
@@ -196,6 +203,11 @@ static const moesh_backend_iface sample_iface = {
     /* .copy_to_device_async = */ NULL,
 #endif
     /* .copy_wait = */ NULL,
+#ifdef SAMPLE_LONE_ELAPSED
+    /* .copy_elapsed = */ sample_copy_elapsed,
+#else
+    /* .copy_elapsed = */ NULL,
+#endif
 };
 
 /* Not an entry point: hidden visibility keeps it out of the dynamic symbol table. */
