@@ -33,10 +33,13 @@ Placement CostModel::choose(size_t bytes, int64_t n, int64_t n_embd, bool reuse)
                                                                                          : Placement::InPlace;
 }
 
-double CostModel::plan_layer(const LayerMiss * misses, int64_t n, int64_t n_embd, double queue_backlog_s, Placement * out,
-                             int32_t * order) const {
+double CostModel::plan_layer(const LayerMiss * misses, int64_t n, int64_t n_embd, double queue_backlog_s,
+                             int64_t max_promotions, Placement * out, int32_t * order) const {
     for (int64_t i = 0; i < n; ++i) order[i] = int32_t(i);
-    std::stable_sort(order, order + n, [&](int32_t a, int32_t b) { return misses[a].n_tokens > misses[b].n_tokens; });
+    // std::sort with the index as tie-break: stable_sort may allocate, and this runs every layer.
+    std::sort(order, order + n, [&](int32_t a, int32_t b) {
+        return misses[a].n_tokens != misses[b].n_tokens ? misses[a].n_tokens > misses[b].n_tokens : a < b;
+    });
     // The compute queue runs in order: promoted experts compute after the in-place ones have been
     // added back (their outputs come up behind them) and after their own upload.
     double queue = std::max(0.0, queue_backlog_s), host = 0, device = 0;
@@ -49,11 +52,13 @@ double CostModel::plan_layer(const LayerMiss * misses, int64_t n, int64_t n_embd
         const double credit = m.reuse ? std::max(0.0, in_place_seconds(m.bytes, 1, n_embd) - r_.device_token_s) : 0.0;
         const double end_promote = std::max(host, queue + up) + device + dev - credit;
         const double end_in_place = std::max(host + here, queue) + device;
-        if (mode_ == CostMode::Auto) p = end_promote < end_in_place ? Placement::Promote : Placement::InPlace;
+        if (mode_ == CostMode::Auto)
+            p = max_promotions > 0 && end_promote < end_in_place ? Placement::Promote : Placement::InPlace;
         if (log_) log_(m.layer, m.expert, m.n_tokens, end_promote, end_in_place, m.reuse, p, true);
         if (p == Placement::Promote) {
             queue += up;
             device += dev;
+            --max_promotions;
         } else {
             host += here;
         }

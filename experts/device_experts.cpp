@@ -184,6 +184,12 @@ int32_t DeviceExperts::victim(bool for_prefetch) const {
     return cand_slot[policy_.victim(cand.data(), cand.size(), step_, layer_)];
 }
 
+int64_t DeviceExperts::n_promotable() const {
+    int64_t n = 0;
+    for (const Slot & s : slots_) n += s.key < 0 || (!s.pinned && !wanted_now_[size_t(s.key)]) ? 1 : 0;
+    return n;
+}
+
 bool DeviceExperts::admits(ExpertId id) const {
     const int64_t key = key_of(id);
     const int32_t v = victim();

@@ -97,6 +97,9 @@ public:
     const ExpertWeights & promote(ExpertId id, const ExpertWeights * from = nullptr);
     const ExpertWeights & promote(ExpertId id, const ExpertWeights & from) { return promote(id, &from); }
     bool can_promote() const { return victim() >= 0; }   // a slot that may take an expert now
+    // How many promotions in a row would find a slot now (free, or holding an expert that is
+    // neither pinned nor wanted by this layer).
+    int64_t n_promotable() const;
     // The next visit of layer will likely want experts[0, n) (most likely first): the policy
     // evicts knowing it. Calling it again for the same visit changes nothing.
     void predict(int32_t layer, const int32_t * experts, int64_t n);

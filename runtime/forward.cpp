@@ -299,15 +299,23 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
             misses_.push_back({id.layer, e, model_.experts().get(id).n_bytes(), dispatch_.n_tokens_for(e), dev_experts_->admits(id)});
         }
         const uint64_t b0 = dev_experts_->stats().bytes_uploaded;
-        cost_->plan_layer(misses_.data(), int64_t(misses_.size()), c.n_embd, queue_free_at_ - steady_seconds(), plan_.data(),
-                          plan_order_.data());
-        for (size_t i = 0; i < misses_.size(); ++i) {
+        cost_->plan_layer(misses_.data(), int64_t(misses_.size()), c.n_embd, queue_free_at_ - steady_seconds(),
+                          dev_experts_->n_promotable(), plan_.data(), plan_order_.data());
+        // Queued in the plan's order (most tokens first), which is also the order they compute in below.
+        order_.clear();
+        for (size_t k = 0; k < misses_.size(); ++k) {
+            const size_t i = size_t(plan_order_[k]);
             const ExpertId id{int32_t(il), misses_[i].expert};
+            order_.push_back(id.index);
             if (plan_[i] == Placement::InPlace)
                 declined_[size_t(id.index)] = 1;
             else if (dev_experts_->can_promote())   // else no slot now: asked again below
                 dev_experts_->promote(id);
         }
+        for (int32_t e : wanted_)   // the misses in plan order, then the resident experts
+            if (dev_experts_->resident({int32_t(il), e}) && std::find(order_.begin(), order_.end(), e) == order_.end())
+                order_.push_back(e);
+        wanted_.swap(order_);
         note_queued(b0);
         if (next >= 0) prefetch_predicted(next);
         order_wanted(4, [&](int32_t e) {
@@ -334,7 +342,9 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
             const double t0 = dev_experts_->stats().upload_seconds;
             const uint64_t b0 = dev_experts_->stats().bytes_uploaded;
             dev_experts_->promote(id, queued_uploads ? nullptr : &host_w);   // a store slot is reused once released: synchronous
-            if (!queued_uploads)   // an async upload's time is not seen here
+            if (queued_uploads)   // its time is taken from the device after the step
+                note_queued(b0);
+            else
                 cost_->observe_upload(size_t(dev_experts_->stats().bytes_uploaded - b0), dev_experts_->stats().upload_seconds - t0);
             w = dev_experts_->ready(id);
         }

@@ -917,31 +917,28 @@ std::vector<std::string> split_list(const std::string & s) {
 // run-time prefetch with prefetch_extra = 0; 0: none).
 int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const std::string & policies_arg, double decay,
             bool decay_given, const std::string & config_path, const std::string & output, int64_t n_predicted,
-            int64_t window) {
+            int64_t window, bool by_step) {
     const moesh::RouteTrace t = moesh::read_route_trace(trace_path);
-    std::vector<moesh::ExpertRequest> reqs;
+    if (by_step && !t.has_steps)
+        throw Error("--replay steps: " + trace_path + " does not say which tokens were computed together (no \"step\"); "
+                    "write the trace again with this moesh, or use --replay tokens");
     int64_t n_moe = 0;
     for (bool m : t.moe_layers) n_moe += m ? 1 : 0;
     if (n_moe == 0 || t.tokens.empty()) throw Error(trace_path + ": the trace has no routed tokens (a dense model, or empty)");
-    for (size_t i = 0; i < t.tokens.size(); ++i)
-        for (int64_t l = 0; l < t.n_layer; ++l) {
-            if (!t.moe_layers[size_t(l)]) continue;
-            const int32_t * e = t.experts_of(i, l);
-            for (int64_t k = 0; k < t.n_expert_used; ++k) reqs.push_back({int64_t(i), int32_t(l), e[k]});
-        }
-    // The prefetch prediction of each visit, and how good it is (token by token, as at batch 1).
     if (n_predicted < 0) n_predicted = t.n_expert_used;
     if (t.n_predicted > 0 && n_predicted > t.n_predicted)
         throw Error("--predicted " + std::to_string(n_predicted) + ": " + trace_path + " records " +
                     std::to_string(t.n_predicted) + " predicted experts per layer");
     if (t.n_predicted == 0) n_predicted = 0;
-    std::vector<moesh::LayerPrediction> preds;
+    const moesh::TraceReplay r = moesh::trace_requests(t, by_step, n_predicted);
+    const std::vector<moesh::ExpertRequest> & reqs = r.requests;
+    const std::vector<moesh::LayerPrediction> & preds = r.predictions;
+    // How good the prediction is, token by token (as at batch 1).
     int64_t n_pred_right = 0, n_pred_visits = 0;
     for (size_t i = 0; i < t.tokens.size() && n_predicted > 0; ++i)
         for (int64_t l = 0; l < t.n_layer; ++l) {
             const int32_t * p = t.predicted_of(i, l);
             if (!t.moe_layers[size_t(l)] || !p) continue;
-            preds.push_back({int64_t(i), int32_t(l), std::vector<int32_t>(p, p + n_predicted)});
             const int32_t * e = t.experts_of(i, l);
             for (int64_t j = 0; j < n_predicted; ++j) n_pred_right += std::count(e, e + t.n_expert_used, p[j]);
             ++n_pred_visits;
@@ -1001,9 +998,12 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
 
     nlohmann::json rows = nlohmann::json::array();
     if (output == "text") {
-        std::printf("trace %s: model %s, %zu tokens, %lld MoE layers x %lld experts (top-%lld), %zu requests\n",
+        std::printf("trace %s: model %s, %zu tokens, %lld MoE layers x %lld experts (top-%lld), %zu requests (%s)\n",
                     trace_path.c_str(), t.model.c_str(), t.tokens.size(), (long long)n_moe, (long long)t.n_expert,
-                    (long long)t.n_expert_used, reqs.size());
+                    (long long)t.n_expert_used, reqs.size(),
+                    by_step ? ("replayed by forward pass: " + std::to_string(r.n_steps) + " steps, each expert once per step")
+                                  .c_str()
+                            : "replayed token by token");
         if (!config_line.empty()) std::printf("%s\n", config_line.c_str());
         if (n_predicted > 0)
             std::printf("prefetch prediction (top-%lld of the next layer's router, per token): precision %.4f, recall %.4f "
@@ -1039,7 +1039,7 @@ int cmd_sim(const std::string & trace_path, const std::string & sizes_arg, const
                     (long long)window);
     if (output == "json") {
         nlohmann::json j{{"trace", trace_path}, {"model", t.model}, {"tokens", t.tokens.size()}, {"heat_decay", decay},
-                         {"results", rows}};
+                         {"replay", by_step ? "steps" : "tokens"}, {"steps", r.n_steps}, {"results", rows}};
         if (!config_json.is_null()) j["config"] = config_json;
         if (n_predicted > 0)
             j["prediction"] = {{"ranks", n_predicted}, {"precision", pred_precision}, {"recall", pred_recall}, {"visits", n_pred_visits}};
@@ -1212,6 +1212,13 @@ int main(int argc, char ** argv) {
                     "[[placement.pin]] experts on the first [[tier]], which every policy then keeps resident (static "
                     "keeps only them; they must fit in every --sizes)");
     sim->add_option("--output", sim_output, "text, or json: one JSON object on the last line")->check(CLI::IsMember({"text", "json"}));
+    std::string sim_replay = "tokens";
+    sim->add_option("--replay", sim_replay,
+                    "tokens: every token visits each layer alone (decoding one token at a time); steps: the tokens of "
+                    "one forward pass visit together and each expert they want counts once, as the engine fetched it "
+                    "(needs a trace with \"step\", written by moesh run/perplexity since it was added)")
+        ->check(CLI::IsMember({"tokens", "steps"}))
+        ->capture_default_str();
 
     CLI::App * heatmap = app.add_subcommand("heatmap", "Draw a routing trace (moesh run/perplexity --trace) as an SVG heat "
                                                         "map: per layer, how often the router chose each expert");
@@ -1342,7 +1349,9 @@ int main(int argc, char ** argv) {
         if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
         if (*quant) return cmd_quantize(q_in, q_out, q_type, q_class, q_threads);
-        if (*sim) return cmd_sim(sim_trace, sim_sizes, sim_policies, sim_decay, sim_decay_opt->count() > 0, sim_config, sim_output, sim_predicted, sim_window);
+        if (*sim)
+            return cmd_sim(sim_trace, sim_sizes, sim_policies, sim_decay, sim_decay_opt->count() > 0, sim_config, sim_output,
+                           sim_predicted, sim_window, sim_replay == "steps");
         if (*heatmap) return cmd_heatmap(hm_trace, hm_output);
         if (*plan) return cmd_plan(plco, plan_ctx, plan_batch);
         if (*serve) {

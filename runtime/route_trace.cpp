@@ -55,7 +55,8 @@ void RouteTraceWriter::end() {
     char num[32];
     for (int64_t t = 0; t < batch_.size(); ++t) {
         line = "{\"seq\":" + std::to_string(batch_.seq[size_t(t)]) + ",\"pos\":" + std::to_string(batch_.pos[size_t(t)]) +
-               ",\"token\":" + std::to_string(batch_.token[size_t(t)]) + ",\"experts\":[";
+               ",\"token\":" + std::to_string(batch_.token[size_t(t)]) + ",\"step\":" + std::to_string(n_steps_) +
+               ",\"experts\":[";
         std::string w = ",\"weights\":[";
         for (int64_t l = 0; l < n_layer_; ++l) {
             const size_t at = (size_t(t) * size_t(n_layer_) + size_t(l)) * size_t(k_);
@@ -100,6 +101,7 @@ void RouteTraceWriter::end() {
     out_.flush();
     if (!out_) throw Error(path_ + ": writing the routing trace failed");
     n_written_ += batch_.size();
+    ++n_steps_;
 }
 
 namespace {
@@ -156,6 +158,19 @@ RouteTrace parse_route_trace(const std::string & text, const std::string & name)
         tok.seq = int32_t(get_int(j, "seq", 0, INT32_MAX, name, line));
         tok.pos = int32_t(get_int(j, "pos", 0, INT32_MAX, name, line));
         tok.token = int32_t(get_int(j, "token", 0, INT32_MAX, name, line));
+        const bool has_step = j.contains("step");
+        if (t.tokens.empty()) t.has_steps = has_step;
+        if (has_step != t.has_steps)
+            bad(name, line, t.has_steps ? "\"step\" is missing (earlier token lines have it)"
+                                        : "\"step\" appears, but the first token line has none");
+        if (has_step) {
+            tok.step = get_int(j, "step", 0, INT64_MAX, name, line);
+            if (!t.tokens.empty() && tok.step < t.tokens.back().step)
+                bad(name, line, "\"step\" is " + std::to_string(tok.step) + ", before the previous line's " +
+                                    std::to_string(t.tokens.back().step) + " (steps never go back)");
+        } else {
+            tok.step = int64_t(t.tokens.size());
+        }
         auto e = j.find("experts");
         auto w = j.find("weights");
         if (e == j.end() || w == j.end() || !e->is_array() || !w->is_array() || e->size() != size_t(t.n_layer) ||
@@ -217,6 +232,51 @@ RouteTrace parse_route_trace(const std::string & text, const std::string & name)
     }
     if (!header) bad(name, line, "no header line (an empty file?)");
     return t;
+}
+
+TraceReplay trace_requests(const RouteTrace & t, bool by_step, int64_t n_predicted) {
+    TraceReplay r;
+    n_predicted = std::min(n_predicted, t.n_predicted);
+    std::vector<std::pair<int64_t, int32_t>> votes;   // (-count, expert), sorted
+    auto ranked = [&](size_t i0, size_t i1, int64_t l, bool predicted, std::vector<int32_t> & out) {
+        votes.assign(size_t(t.n_expert), {0, 0});
+        for (int64_t e = 0; e < t.n_expert; ++e) votes[size_t(e)].second = int32_t(e);
+        for (size_t i = i0; i < i1; ++i) {
+            const int32_t * ids = predicted ? t.predicted_of(i, l) : t.experts_of(i, l);
+            if (!ids) continue;
+            for (int64_t k = 0; k < (predicted ? n_predicted : t.n_expert_used); ++k) --votes[size_t(ids[k])].first;
+        }
+        std::sort(votes.begin(), votes.end());
+        out.clear();
+        for (const auto & [neg, e] : votes)
+            if (neg < 0) out.push_back(e);
+    };
+    std::vector<int32_t> ids;
+    for (size_t i0 = 0; i0 < t.tokens.size();) {
+        size_t i1 = i0 + 1;
+        while (by_step && i1 < t.tokens.size() && t.tokens[i1].step == t.tokens[i0].step) ++i1;
+        const int64_t step = by_step ? r.n_steps : int64_t(i0);
+        for (int64_t l = 0; l < t.n_layer; ++l) {
+            if (!t.moe_layers[size_t(l)]) continue;
+            if (by_step) {
+                ranked(i0, i1, l, false, ids);
+                for (int32_t e : ids) r.requests.push_back({step, int32_t(l), e});
+            } else {
+                const int32_t * e = t.experts_of(i0, l);
+                for (int64_t k = 0; k < t.n_expert_used; ++k) r.requests.push_back({step, int32_t(l), e[k]});
+            }
+            if (n_predicted <= 0) continue;
+            if (by_step) {
+                ranked(i0, i1, l, true, ids);
+                if (!ids.empty()) r.predictions.push_back({step, int32_t(l), ids});
+            } else if (const int32_t * p = t.predicted_of(i0, l)) {
+                r.predictions.push_back({step, int32_t(l), std::vector<int32_t>(p, p + n_predicted)});
+            }
+        }
+        ++r.n_steps;
+        i0 = i1;
+    }
+    return r;
 }
 
 RouteTrace read_route_trace(const std::string & path) {

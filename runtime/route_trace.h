@@ -5,7 +5,7 @@
 //   {"moesh_route_trace": 1, "model": "NAME", "n_layer": L, "n_expert": E,
 //    "n_expert_used": K, "moe_layers": [true, false, ...]}
 // then one line per token, in the order the forward pass saw them:
-//   {"seq": 0, "pos": 5, "token": 123,
+//   {"seq": 0, "pos": 5, "token": 123, "step": 2,    // step: optional, see below
 //    "experts": [[3, 7], null, [1, 2], ...],      // per layer: K expert ids, null for a dense layer
 //    "weights": [[0.61, 0.39], null, [0.5, 0.5], ...],   // the router weights of those experts
 //    "predicted": [[3, 1, 7, 0], null, [2, 5, 1, 6], ...]}  // optional, see below
@@ -14,6 +14,9 @@
 // per token "predicted": per layer the P experts the prefetch prediction ranked first for that
 // layer (its router on the residual stream one layer earlier, or on the embeddings for the first
 // MoE layer; most likely first), or null for a dense layer or a layer no prediction was made for.
+// Optional (written since traces carried it; all token lines or none): "step", the index of the
+// forward pass that computed the token (0, 1, ...; never decreasing). Tokens of one step were
+// routed together, so each expert a layer wanted was fetched once for all of them.
 // Traces without them stay valid; readers that ignore unknown keys read the new ones.
 //
 //   RouteTraceWriter w("trace.jsonl", model.config(), "moesh-tiny-py");
@@ -21,6 +24,7 @@
 //   RouteTrace t = read_route_trace("trace.jsonl");   // checks every field
 #pragma once
 
+#include "experts/cache_policy.h"
 #include "runtime/batch.h"
 #include "runtime/model_config.h"
 
@@ -58,6 +62,7 @@ private:
     std::vector<float> weights_;   // [n_tokens, n_layer, k]
     std::vector<int32_t> pred_;    // [n_tokens, n_layer, n_pred]; -1: no prediction
     int64_t n_written_ = 0;
+    int64_t n_steps_ = 0;   // forward passes written
 };
 
 struct RouteTrace {
@@ -65,8 +70,10 @@ struct RouteTrace {
     int64_t n_layer = 0, n_expert = 0, n_expert_used = 0;
     int64_t n_predicted = 0;        // 0: the trace carries no predictions
     std::vector<bool> moe_layers;   // [n_layer]
+    bool has_steps = false;         // the token lines carry "step"
     struct Token {
         int32_t seq = 0, pos = 0, token = 0;
+        int64_t step = 0;           // its forward pass; without "step", its own index
     };
     std::vector<Token> tokens;
     std::vector<int32_t> experts;   // [n_tokens, n_layer, k]; -1 in dense layers
@@ -83,6 +90,19 @@ struct RouteTrace {
         return p[0] < 0 ? nullptr : p;
     }
 };
+
+// A trace as the cache simulator (simulate_cache) replays it.
+struct TraceReplay {
+    std::vector<ExpertRequest> requests;        // per layer visit, the experts it wants
+    std::vector<LayerPrediction> predictions;   // per visit that had one (n_predicted > 0)
+    int64_t n_steps = 0;                        // visits per MoE layer
+};
+// by_step false: every token visits each MoE layer alone (step = its index) with its k experts
+// and its first n_predicted predicted ones. by_step true (a trace with steps): the tokens of one
+// step visit together, each distinct expert once (most wanted first, then by id), and the visit's
+// prediction is their first n_predicted predicted experts ranked by votes, as the forward pass
+// ranks a batch's prediction.
+TraceReplay trace_requests(const RouteTrace & t, bool by_step, int64_t n_predicted);
 
 // Reads and checks a trace (every field, type and range; ids < n_expert, no
 // repeats within a token's layer or prediction); throws moesh::Error naming the line and field.

@@ -11,8 +11,8 @@
 //            use): copying from pageable memory blocks the thread that issues
 //            it, and the host thread must not. Each ticket waits (on the GPU)
 //            for an event recorded on compute at call time and records a done
-//            event that copy_wait makes compute wait for; a start event beside
-//            it times the copy for copy_elapsed.
+//            event that copy_wait makes compute wait for; start and end events
+//            around the copy time it for copy_elapsed.
 // Without a device the score is negative and create fails with a message, so
 // the loader falls back to another plugin (the CPU).
 #include <moesh/plugin.h>
@@ -49,9 +49,9 @@ struct UploadSlot {
     const void * src = nullptr;
     size_t n_bytes = 0;
     cudaEvent_t compute_mark = nullptr;   // on compute at call time; the copy waits for it
-    cudaEvent_t start = nullptr;          // on upload before the copy of the slot's latest ticket (timing)
-    cudaEvent_t done = nullptr;           // on upload after it (timing)
-    uint64_t timed = 0;                   // the ticket start and done were last recorded for; 0: none, or it failed
+    cudaEvent_t done = nullptr;           // on upload after the copy of the slot's latest ticket
+    cudaEvent_t start = nullptr, end = nullptr;   // timing events around that copy (done stays a cheap event)
+    uint64_t timed = 0;                   // the ticket start and end were last recorded for; 0: none, or it failed
 };
 
 // copy_to_device_async's queue and the thread that drains it.
@@ -192,7 +192,7 @@ void upload_worker(moesh_backend * be) noexcept {
             const char * what = "cudaStreamWaitEvent";
             cudaError_t e = cudaStreamWaitEvent(up.stream, job.compute_mark, 0);
             lock.lock();
-            // start and done are re-recorded only under the mutex, where copy_elapsed reads them.
+            // start and end are re-recorded only under the mutex, where copy_elapsed reads them.
             up.slots[s].timed = 0;
             if (e == cudaSuccess && (e = cudaEventRecord(job.start, up.stream)) != cudaSuccess) what = "cudaEventRecord";
             up.started = t;   // compute_mark is captured: the host may reuse the slot
@@ -201,6 +201,7 @@ void upload_worker(moesh_backend * be) noexcept {
             if (e == cudaSuccess) e = upload_staged(up, job, &chunk, &what);
             lock.lock();
             up.cv.wait(lock, [&] { return up.pinned != int(s); });
+            if (e == cudaSuccess && (e = cudaEventRecord(job.end, up.stream)) != cudaSuccess) what = "cudaEventRecord";
             const cudaError_t r = cudaEventRecord(job.done, up.stream);
             if (e == cudaSuccess && r != cudaSuccess) {
                 e = r;
@@ -238,11 +239,13 @@ moesh_status start_uploader(moesh_backend * be) {
                         "copy_to_device_async: cudaStreamCreateWithFlags");
     }
     for (UploadSlot & slot : up.slots) {
-        if (!slot.compute_mark) {
-            MOESH_CUDA_CALL(cudaEventCreateWithFlags(&slot.compute_mark, cudaEventDisableTiming),
-                            "copy_to_device_async: cudaEventCreateWithFlags");
+        for (cudaEvent_t * ev : {&slot.compute_mark, &slot.done}) {
+            if (!*ev) {
+                MOESH_CUDA_CALL(cudaEventCreateWithFlags(ev, cudaEventDisableTiming),
+                                "copy_to_device_async: cudaEventCreateWithFlags");
+            }
         }
-        for (cudaEvent_t * ev : {&slot.start, &slot.done}) {   // timed: copy_elapsed
+        for (cudaEvent_t * ev : {&slot.start, &slot.end}) {   // timed: copy_elapsed
             if (!*ev) MOESH_CUDA_CALL(cudaEventCreate(ev), "copy_to_device_async: cudaEventCreate");
         }
     }
@@ -283,6 +286,7 @@ void release(moesh_backend * be) {
     for (UploadSlot & slot : up.slots) {
         if (slot.compute_mark) cudaEventDestroy(slot.compute_mark);
         if (slot.start) cudaEventDestroy(slot.start);
+        if (slot.end) cudaEventDestroy(slot.end);
         if (slot.done) cudaEventDestroy(slot.done);
     }
     for (int k = 0; k < k_upload_chunks; ++k) {
@@ -502,11 +506,11 @@ moesh_status cuda_copy_elapsed(moesh_backend * be, uint64_t ticket, double * sec
                              (unsigned long long)ticket, (unsigned long long)up.queued);
         const UploadSlot & slot = up.slots[ticket % k_upload_slots];
         if (slot.timed != ticket) return MOESH_OK;   // not recorded yet, failed, or its slot recycled
-        const cudaError_t q = cudaEventQuery(slot.done);
+        const cudaError_t q = cudaEventQuery(slot.end);
         if (q == cudaErrorNotReady) return MOESH_OK;
         MOESH_CUDA_CALL(q, "copy_elapsed: cudaEventQuery");
         float ms = 0;
-        MOESH_CUDA_CALL(cudaEventElapsedTime(&ms, slot.start, slot.done), "copy_elapsed: cudaEventElapsedTime");
+        MOESH_CUDA_CALL(cudaEventElapsedTime(&ms, slot.start, slot.end), "copy_elapsed: cudaEventElapsedTime");
         *seconds = double(ms) * 1e-3;
         return MOESH_OK;
     });

@@ -20,7 +20,10 @@ remaining non-expert + 150 MB). Needs root (cgroup v1 memory controller at
      to uniform over the vocabulary, as llama-bench's random tokens), --expert-budget,
      --output json --trace, once per --configs entry (a [placement] policy, "-prefetch" for
      prefetch on), in the cgroup (page cache dropped first);
-  4. moesh sim on that trace at the store's slot count: Belady's misses, the yardstick.
+  4. moesh sim --replay steps on that trace at the store's slot count: Belady's misses, the
+     yardstick, on the accesses the engine made (the prompt's tokens, computed in one forward
+     pass, fetch each expert once; before, the sim counted them token by token, which made
+     Belady read more than it would have and flattered moesh's ratio to it).
 Bytes read from disk come from /usr/bin/time -v ("File system inputs", 512-byte blocks):
 everything the process read, load included. moesh's own count of expert bytes read
 (disk_bytes_per_token) is reported beside it. One JSON line per run on stdout.
@@ -177,12 +180,12 @@ def run_moesh(args, cgroup, budget, policy, prefetch, trace):
 
 def belady(args, trace, slots, n_routed, expert_bytes_each):
     pct = 100.0 * slots / n_routed
-    p = subprocess.run([args.moesh, "sim", "--trace", trace, "--sizes", repr(pct), "--policies", "heat,belady", "--output", "json"],
-                       capture_output=True, text=True)
+    p = subprocess.run([args.moesh, "sim", "--trace", trace, "--sizes", repr(pct), "--policies", "heat,lookahead,belady",
+                        "--replay", "steps", "--output", "json"], capture_output=True, text=True)
     j = last_json(p.stdout)
     if not j:
         return {"error": p.stderr[-400:]}
-    out = {"cache_percent": pct, "tokens": j["tokens"]}
+    out = {"cache_percent": pct, "tokens": j["tokens"], "replay": j.get("replay"), "steps": j.get("steps")}
     for row in j["results"]:
         misses = row["requests"] - row["hits"]
         out[row["policy"]] = {"hit_rate": row["hit_rate"], "misses_per_token": misses / j["tokens"],

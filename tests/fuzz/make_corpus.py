@@ -266,6 +266,7 @@ T_HEAD = ('{"moesh_route_trace":1,"model":"m","n_layer":3,"n_expert":4,"n_expert
 T_TOK = '{"seq":0,"pos":%d,"token":%d,"experts":[[%d,%d],null,[0,3]],"weights":[[0.7,0.3],null,[0.5,0.5]]}\n'
 T_PHEAD = T_HEAD.replace('"moe_layers"', '"n_predicted":3,"moe_layers"')
 T_PTOK = T_TOK.replace('}\n', ',"predicted":[%s,null,[1,2,3]]}\n')
+T_STOK = T_PTOK.replace('"token":%d,', '"token":%d,"step":%d,')
 ROUTE_TRACE = {
     "valid_header_only.jsonl": T_HEAD.encode(),
     "valid_three_tokens.jsonl": (T_HEAD + T_TOK % (0, 5, 1, 2) + T_TOK % (1, 9, 2, 3) + T_TOK % (2, 1, 0, 1)).encode(),
@@ -287,6 +288,11 @@ ROUTE_TRACE = {
     "invalid_predicted_without_header.jsonl": (T_HEAD + T_PTOK % (0, 5, 1, 2, "[1,2,0]")).encode(),
     "invalid_predicted_dense.jsonl": (T_PHEAD + T_PTOK.replace(',null,[1,2,3]]}', ',[0,1,2],[1,2,3]]}')
                                       % (0, 5, 1, 2, "[1,2,0]")).encode(),
+    # with the forward pass of each token ("step")
+    "valid_steps.jsonl": (T_PHEAD + T_STOK % (0, 5, 0, 1, 2, "[1,2,0]") + T_STOK % (1, 9, 0, 2, 3, "null")
+                          + T_STOK % (2, 1, 1, 0, 1, "[3,2,1]")).encode(),
+    "invalid_step_back.jsonl": (T_PHEAD + T_STOK % (0, 5, 1, 1, 2, "[1,2,0]") + T_STOK % (1, 9, 0, 2, 3, "null")).encode(),
+    "invalid_step_missing.jsonl": (T_PHEAD + T_STOK % (0, 5, 0, 1, 2, "[1,2,0]") + T_PTOK % (1, 9, 2, 3, "null")).encode(),
 }
 
 # Client protocol requests (transport/protocol.h), read with the fuzz target's

@@ -34,6 +34,23 @@ bool route_trace_one_input(const uint8_t * data, size_t size) {
             if (const int32_t * p = t.predicted_of(i, l))
                 for (int64_t k = 0; k < t.n_predicted; ++k)
                     if (p[k] < 0 || p[k] >= t.n_expert || !t.moe_layers[size_t(l)]) std::abort();
+    for (size_t i = 1; i < t.tokens.size(); ++i)
+        if (t.tokens[i].step < t.tokens[i - 1].step) std::abort();
+    // The simulator's replay: ids in range, and by step never more requests than token by token.
+    const TraceReplay by_token = trace_requests(t, false, t.n_predicted);
+    const TraceReplay by_step = trace_requests(t, true, t.n_predicted);
+    for (const TraceReplay * r : {&by_token, &by_step}) {
+        for (const ExpertRequest & q : r->requests)
+            if (q.expert < 0 || q.expert >= t.n_expert || q.layer < 0 || q.layer >= t.n_layer || !t.moe_layers[size_t(q.layer)])
+                std::abort();
+        for (const LayerPrediction & p : r->predictions)
+            for (int32_t e : p.experts)
+                if (e < 0 || e >= t.n_expert) std::abort();
+    }
+    if (by_step.requests.size() > by_token.requests.size() || by_step.n_steps > by_token.n_steps) {
+        std::fprintf(stderr, "route trace invariant violated: replay by step\n");
+        std::abort();
+    }
     return true;
 }
 

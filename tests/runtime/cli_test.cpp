@@ -215,6 +215,30 @@ TEST(Cli, RunWritesTheRoutingTrace) {
     r = run("sim --trace " + trace + " --policies mru");
     EXPECT_NE(r.status, 0);
     EXPECT_NE(r.out.find("unknown policy 'mru'"), std::string::npos) << r.out;
+    // --replay steps: the 3 prompt tokens were one forward pass, then 3 passes of one token
+    // each; each expert a pass wanted counts once, so at most 2 x 4 + 3 x 2 x 2 requests.
+    r = run("sim --trace " + trace + " --sizes 50 --replay steps --output json", false);
+    ASSERT_EQ(r.status, 0) << r.out;
+    const auto js = nlohmann::json::parse(r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1));
+    EXPECT_EQ(js["replay"], "steps");
+    EXPECT_EQ(js["steps"], 4);
+    for (const auto & row : js["results"]) {
+        EXPECT_LE(row["requests"].get<int64_t>(), 2 * 4 + 3 * 2 * 2) << row.dump();
+        EXPECT_GE(row["requests"].get<int64_t>(), 2 * 2 + 3 * 2 * 2) << row.dump();
+    }
+    // A trace that does not say which tokens went together cannot be replayed by step.
+    std::ifstream full(trace);
+    std::string old_trace, line;
+    while (std::getline(full, line)) {
+        const size_t at = line.find(",\"step\":");
+        if (at != std::string::npos) line.erase(at, line.find(',', at + 1) - at);
+        old_trace += line + "\n";
+    }
+    const std::string old_path = dir.write("old.jsonl", old_trace).string();
+    r = run("sim --trace " + old_path + " --sizes 50 --replay steps");
+    EXPECT_NE(r.status, 0);
+    EXPECT_NE(r.out.find("does not say which tokens were computed together"), std::string::npos) << r.out;
+    EXPECT_EQ(run("sim --trace " + old_path + " --sizes 50", false).status, 0);
 }
 
 // A trace by hand: 2 MoE layers of 4 experts, top-2, 4 tokens (16 expert requests).

@@ -58,9 +58,12 @@ TEST(RouteTrace, GenerateWritesEveryTokensRoutingAndItReadsBack) {
     EXPECT_EQ(t.n_expert_used, 2);
     EXPECT_EQ(t.moe_layers, (std::vector<bool>{true, false, true}));
     ASSERT_EQ(t.tokens.size(), 12u);
+    ASSERT_TRUE(t.has_steps);
     for (size_t i = 0; i < t.tokens.size(); ++i) {
         EXPECT_EQ(t.tokens[i].pos, int32_t(i));
         EXPECT_EQ(t.tokens[i].token, i < 7 ? o.prompt[i] : r.tokens[i - 7]);
+        // the prompt in chunks of max_batch 3 (steps 0-2), then one token per step
+        EXPECT_EQ(t.tokens[i].step, i < 7 ? int64_t(i / 3) : int64_t(3 + i - 7)) << "token " << i;
     }
     // The trace's expert counts are the forward pass's heat; normalised weights sum to 1.
     for (int64_t l = 0; l < 3; ++l) {
@@ -143,6 +146,10 @@ TEST(RouteTrace, MalformedTracesNameTheLineAndTheProblem) {
         R"({"moesh_route_trace":1,"model":"m","n_layer":2,"n_expert":4,"n_expert_used":2,"n_predicted":3,"moe_layers":[true,false]})";
     const std::string pgood =
         R"({"seq":0,"pos":0,"token":5,"experts":[[1,2],null],"weights":[[0.6,0.4],null],"predicted":[[2,0,1],null]})";
+    auto stepped = [&](int64_t step) {
+        return good.substr(0, good.size() - 1) + ",\"step\":" + std::to_string(step) + "}";
+    };
+    EXPECT_EQ(parse_route_trace(header + "\n" + stepped(0) + "\n" + stepped(0) + "\n" + stepped(4) + "\n", "t").tokens.back().step, 4);
     const RouteTrace pt = parse_route_trace(pheader + "\n" + pgood + "\n" + pgood.substr(0, pgood.find("[[2,0,1]")) + "[null,null]}", "t");
     ASSERT_EQ(pt.tokens.size(), 2u);
     EXPECT_EQ(pt.predicted, (std::vector<int32_t>{2, 0, 1, -1, -1, -1, -1, -1, -1, -1, -1, -1}));
@@ -177,6 +184,10 @@ TEST(RouteTrace, MalformedTracesNameTheLineAndTheProblem) {
         {pheader + "\n" + pgood.substr(0, pgood.find("\"predicted\"")) + R"("predicted":[[1,2,1],null]})", "predicted twice"},
         {R"({"moesh_route_trace":1,"model":"m","n_layer":2,"n_expert":4,"n_expert_used":2,"n_predicted":5,"moe_layers":[true,false]})",
          "\"n_predicted\" is 5"},
+        {header + "\n" + stepped(1) + "\n" + good, "t:3: \"step\" is missing (earlier token lines have it)"},
+        {header + "\n" + good + "\n" + stepped(1), "t:3: \"step\" appears, but the first token line has none"},
+        {header + "\n" + stepped(2) + "\n" + stepped(1), "t:3: \"step\" is 1, before the previous line's 2"},
+        {header + "\n" + stepped(-1), "t:2: \"step\" is -1, outside"},
     };
     for (const Bad & b : bad) {
         try {
@@ -187,6 +198,42 @@ TEST(RouteTrace, MalformedTracesNameTheLineAndTheProblem) {
         }
     }
     EXPECT_THROW(read_route_trace("/nonexistent/trace.jsonl"), Error);
+}
+
+// The simulator's view of a trace, hand-worked: token by token, or a step's tokens together with
+// each expert once (most wanted first) and their predictions ranked by votes.
+TEST(RouteTrace, ReplaysTokenByTokenOrStepByStep) {
+    const std::string text =
+        R"({"moesh_route_trace":1,"model":"m","n_layer":2,"n_expert":4,"n_expert_used":2,"n_predicted":2,"moe_layers":[true,true]})"
+        "\n"
+        R"({"seq":0,"pos":0,"token":1,"step":0,"experts":[[1,2],[0,3]],"weights":[[0.5,0.5],[0.5,0.5]],"predicted":[[1,0],[3,2]]})"
+        "\n"
+        R"({"seq":0,"pos":1,"token":1,"step":0,"experts":[[2,3],[3,1]],"weights":[[0.5,0.5],[0.5,0.5]],"predicted":[[2,1],null]})"
+        "\n"
+        R"({"seq":0,"pos":2,"token":1,"step":1,"experts":[[0,1],[2,3]],"weights":[[0.5,0.5],[0.5,0.5]],"predicted":[[0,3],[2,3]]})"
+        "\n";
+    const RouteTrace t = parse_route_trace(text, "t");
+    auto keys = [](const TraceReplay & r) {
+        std::vector<std::vector<int64_t>> out;
+        for (const ExpertRequest & q : r.requests) out.push_back({q.step, q.layer, q.expert});
+        return out;
+    };
+    const TraceReplay tokens = trace_requests(t, false, 2);
+    EXPECT_EQ(tokens.n_steps, 3);
+    EXPECT_EQ(keys(tokens), (std::vector<std::vector<int64_t>>{{0, 0, 1}, {0, 0, 2}, {0, 1, 0}, {0, 1, 3}, {1, 0, 2}, {1, 0, 3},
+                                                                {1, 1, 3}, {1, 1, 1}, {2, 0, 0}, {2, 0, 1}, {2, 1, 2}, {2, 1, 3}}));
+    ASSERT_EQ(tokens.predictions.size(), 5u);   // token 1's layer 1 has none
+    EXPECT_EQ(tokens.predictions[2].step, 1);
+    EXPECT_EQ(tokens.predictions[2].experts, (std::vector<int32_t>{2, 1}));
+    const TraceReplay steps = trace_requests(t, true, 2);
+    EXPECT_EQ(steps.n_steps, 2);
+    // step 0, layer 0: 2 twice, then 1 and 3 once (by id); layer 1: 3 twice, then 0, 1
+    EXPECT_EQ(keys(steps), (std::vector<std::vector<int64_t>>{{0, 0, 2}, {0, 0, 1}, {0, 0, 3}, {0, 1, 3}, {0, 1, 0}, {0, 1, 1},
+                                                               {1, 0, 0}, {1, 0, 1}, {1, 1, 2}, {1, 1, 3}}));
+    ASSERT_EQ(steps.predictions.size(), 4u);
+    EXPECT_EQ(steps.predictions[0].experts, (std::vector<int32_t>{1, 0, 2}));   // votes: 1 twice, 0 and 2 once
+    EXPECT_EQ(steps.predictions[1].experts, (std::vector<int32_t>{2, 3}));      // token 1 predicted nothing there
+    EXPECT_EQ(trace_requests(t, true, 0).predictions.size(), 0u);
 }
 
 } // namespace

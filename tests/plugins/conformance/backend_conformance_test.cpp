@@ -2338,10 +2338,8 @@ TEST_P(BackendConformance, CopyQueueReportsDeviceTimes) {
     ASSERT_EQ(be_->copy_elapsed(ctx_, big, &s), MOESH_OK) << "an old ticket: " << last_error();
     EXPECT_TRUE(s == -1.0 || (s > 0.0 && s < 60.0)) << s;
 
-    {
-        Rejection r(be_, create_context());
-        r.expect(be_->copy_elapsed(r.ctx(), small.back() + 1000, &s), MOESH_ERR_INVALID_ARGUMENT, "a ticket never issued");
-    }
+    EXPECT_EQ(be_->copy_elapsed(ctx_, small.back() + 1, &s), MOESH_ERR_INVALID_ARGUMENT) << "the next ticket, not issued yet";
+    EXPECT_NE(std::string(last_error()).find("never issued"), std::string::npos) << last_error();
     {
         Rejection r(be_, create_context());
         r.expect(be_->copy_elapsed(r.ctx(), 0, &s), MOESH_ERR_INVALID_ARGUMENT, "ticket 0");

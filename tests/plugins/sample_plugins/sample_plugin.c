@@ -14,6 +14,7 @@
  *   SAMPLE_CREATE_FAILS  create logs an error and returns MOESH_ERR_OUT_OF_MEMORY
  *   SAMPLE_HALF_ASYNC    offer copy_to_device_async without copy_wait
  *   SAMPLE_LONE_ELAPSED  offer copy_elapsed without the copy queue
+ *   SAMPLE_OLD_TABLE     struct_size ends before copy_elapsed, as a plugin built before it
  *   SAMPLE_SAYS_YES      supports() answers 1 to everything, as plugins did for ops without
  *                        weights before attention/copy_rows read w_type as the KV type
  *
@@ -40,6 +41,8 @@
 
 #if defined(SAMPLE_SMALL_STRUCT)
 #define SAMPLE_STRUCT_SIZE offsetof(moesh_backend_iface, attention)
+#elif defined(SAMPLE_OLD_TABLE)
+#define SAMPLE_STRUCT_SIZE offsetof(moesh_backend_iface, copy_elapsed)
 #elif defined(SAMPLE_HUGE_STRUCT)
 #define SAMPLE_STRUCT_SIZE 0xFFFFFFFFu
 #else
