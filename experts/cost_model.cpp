@@ -34,7 +34,7 @@ Placement CostModel::choose(size_t bytes, int64_t n, int64_t n_embd, bool reuse)
 }
 
 double CostModel::plan_layer(const LayerMiss * misses, int64_t n, int64_t n_embd, double queue_backlog_s,
-                             int64_t max_promotions, Placement * out, int32_t * order) const {
+                             bool backlog_needed, int64_t max_promotions, Placement * out, int32_t * order) const {
     for (int64_t i = 0; i < n; ++i) order[i] = int32_t(i);
     // std::sort with the index as tie-break: stable_sort may allocate, and this runs every layer.
     std::sort(order, order + n, [&](int32_t a, int32_t b) {
@@ -43,6 +43,7 @@ double CostModel::plan_layer(const LayerMiss * misses, int64_t n, int64_t n_embd
     // The compute queue runs in order: promoted experts compute after the in-place ones have been
     // added back (their outputs come up behind them) and after their own upload.
     double queue = std::max(0.0, queue_backlog_s), host = 0, device = 0;
+    double needed = backlog_needed ? queue : 0.0;   // until the queue has done what this layer computes with
     for (int64_t k = 0; k < n; ++k) {
         const LayerMiss & m = misses[order[k]];
         Placement p = mode_ == CostMode::AlwaysPromote ? Placement::Promote : Placement::InPlace;
@@ -51,12 +52,13 @@ double CostModel::plan_layer(const LayerMiss * misses, int64_t n, int64_t n_embd
         const double here = in_place_seconds(m.bytes, m.n_tokens, n_embd);
         const double credit = m.reuse ? std::max(0.0, in_place_seconds(m.bytes, 1, n_embd) - r_.device_token_s) : 0.0;
         const double end_promote = std::max(host, queue + up) + device + dev - credit;
-        const double end_in_place = std::max(host + here, queue) + device;
+        const double end_in_place = std::max(host + here, needed) + device;
         if (mode_ == CostMode::Auto)
             p = max_promotions > 0 && end_promote < end_in_place ? Placement::Promote : Placement::InPlace;
         if (log_) log_(m.layer, m.expert, m.n_tokens, end_promote, end_in_place, m.reuse, p, true);
         if (p == Placement::Promote) {
             queue += up;
+            needed = queue;
             device += dev;
             --max_promotions;
         } else {

@@ -58,11 +58,13 @@ public:
     // The misses of one layer shared between a copy queue that is busy for queue_backlog_s
     // more seconds and the host, both running at once: out[i] for misses[i]. The misses
     // are weighed most tokens first (ties in the given order); order_scratch holds n indices.
-    // max_promotions: slots free for them now; Auto plans no more promotions than that
-    // (AlwaysPromote ignores it). Allocates nothing. Returns the estimated seconds until the
-    // queue has done the promotions planned here.
-    double plan_layer(const LayerMiss * misses, int64_t n, int64_t n_embd, double queue_backlog_s, int64_t max_promotions,
-                      Placement * out, int32_t * order_scratch) const;
+    // backlog_needed: the layer computes with something in that backlog (an expert whose upload
+    // is still queued), so it ends after the backlog whatever the plan; else only promotions
+    // planned here make it wait for the queue. max_promotions: slots free for them now; Auto
+    // plans no more promotions than that (AlwaysPromote ignores it). Allocates nothing.
+    // Returns the estimated seconds until the queue has done the promotions planned here.
+    double plan_layer(const LayerMiss * misses, int64_t n, int64_t n_embd, double queue_backlog_s, bool backlog_needed,
+                      int64_t max_promotions, Placement * out, int32_t * order_scratch) const;
     double in_place_seconds(size_t expert_bytes, int64_t n_tokens, int64_t n_embd) const;
     double promote_seconds(size_t expert_bytes, int64_t n_tokens, int64_t n_embd, bool reuse) const;
 

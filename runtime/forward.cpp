@@ -292,14 +292,16 @@ void ForwardPass::device_tier_experts(int64_t il, int64_t n, const float * h, fl
         const int64_t next = prefetch_ ? next_moe_[size_t(il)] : -1;
         if (next >= 0) predict(next, n);
         misses_.clear();
+        bool waits = false;   // a resident expert's upload is still on the queue
         for (int32_t e : wanted_) {
             const ExpertId id{int32_t(il), e};
             declined_[size_t(e)] = 0;
+            waits = waits || dev_experts_->pending(id);
             if (dev_experts_->resident(id)) continue;
             misses_.push_back({id.layer, e, model_.experts().get(id).n_bytes(), dispatch_.n_tokens_for(e), dev_experts_->admits(id)});
         }
         const uint64_t b0 = dev_experts_->stats().bytes_uploaded;
-        cost_->plan_layer(misses_.data(), int64_t(misses_.size()), c.n_embd, queue_free_at_ - steady_seconds(),
+        cost_->plan_layer(misses_.data(), int64_t(misses_.size()), c.n_embd, queue_free_at_ - steady_seconds(), waits,
                           dev_experts_->n_promotable(), plan_.data(), plan_order_.data());
         // Queued in the plan's order (most tokens first), which is also the order they compute in below.
         order_.clear();

@@ -245,32 +245,44 @@ TEST(CostModel, PlansALayersMissesAcrossTheCopyQueueAndTheHost) {
     EXPECT_EQ(cm.choose(bytes, 1, 1024, false), Placement::Promote);   // each alone: all promoted
     // Together: promote (queue ends at 1 ms), in place (host 1.1208 ms beats the queue's 2 ms),
     // promote (2 ms beats the host's 2.2416 ms), in place (2.2416 ms beats 3 ms).
-    double queue = cm.plan_layer(m.data(), 4, 1024, 0.0, 8, out.data(), scratch.data());
+    double queue = cm.plan_layer(m.data(), 4, 1024, 0.0, true, 8, out.data(), scratch.data());
     EXPECT_EQ(out, (std::vector<Placement>{Placement::Promote, Placement::InPlace, Placement::Promote, Placement::InPlace}));
     EXPECT_NEAR(queue, 2e-3, 1e-9);
-    // The queue still busy for 5 ms with earlier uploads: the host does all four by 4.48 ms.
-    queue = cm.plan_layer(m.data(), 4, 1024, 5e-3, 8, out.data(), scratch.data());
+    // The queue still busy for 5 ms with uploads this layer computes with: the host does all
+    // four by 4.48 ms, while the layer waits for the queue anyway.
+    queue = cm.plan_layer(m.data(), 4, 1024, 5e-3, true, 8, out.data(), scratch.data());
     EXPECT_EQ(out, std::vector<Placement>(4, Placement::InPlace));
     EXPECT_NEAR(queue, 5e-3, 1e-9);
+    // The same backlog, of uploads for later layers (prefetches): the layer need not wait for it,
+    // so the host's share counts from 0. First: promote ends at 6.001 ms, in place at 1.1208 ms;
+    // then in place each time (2.24, 3.36, 4.48 ms against 6+ ms).
+    queue = cm.plan_layer(m.data(), 4, 1024, 5e-3, false, 8, out.data(), scratch.data());
+    EXPECT_EQ(out, std::vector<Placement>(4, Placement::InPlace));
+    // A backlog of 1.5 ms it does not need: two in place (1.12, 2.24 ms), then a promotion (its
+    // upload ends at 2.5 ms) beats a third in-place run (3.36 ms), then in place again (3.36 ms
+    // beats the queue's 3.5 ms).
+    queue = cm.plan_layer(m.data(), 4, 1024, 1.5e-3, false, 8, out.data(), scratch.data());
+    EXPECT_EQ(std::count(out.begin(), out.end(), Placement::Promote), 1);
+    EXPECT_NEAR(queue, 2.5e-3, 1e-9);
     // Most tokens first: the 200-token expert (20 ms on the host) takes the queue, and the
     // 1-token one then finishes sooner on the host (1.32 ms) than behind it (2.2 ms).
     m[1].n_tokens = 200;
-    cm.plan_layer(m.data(), 2, 1024, 0.0, 8, out.data(), scratch.data());
+    cm.plan_layer(m.data(), 2, 1024, 0.0, true, 8, out.data(), scratch.data());
     EXPECT_EQ(out[0], Placement::InPlace);
     EXPECT_EQ(out[1], Placement::Promote);
     // A copy the policy keeps saves a later in-place run (1.1198 ms): worth waiting for, all four go up.
     for (LayerMiss & x : m) x = LayerMiss{0, 0, bytes, 1, true};
-    EXPECT_NEAR(cm.plan_layer(m.data(), 4, 1024, 0.0, 8, out.data(), scratch.data()), 4e-3, 1e-9);
+    EXPECT_NEAR(cm.plan_layer(m.data(), 4, 1024, 0.0, true, 8, out.data(), scratch.data()), 4e-3, 1e-9);
     EXPECT_EQ(out, std::vector<Placement>(4, Placement::Promote));
     // Only two slots free: two go up, the rest stay on the host.
-    EXPECT_NEAR(cm.plan_layer(m.data(), 4, 1024, 0.0, 2, out.data(), scratch.data()), 2e-3, 1e-9);
+    EXPECT_NEAR(cm.plan_layer(m.data(), 4, 1024, 0.0, true, 2, out.data(), scratch.data()), 2e-3, 1e-9);
     EXPECT_EQ(out, (std::vector<Placement>{Placement::Promote, Placement::Promote, Placement::InPlace, Placement::InPlace}));
     // The forced modes keep their meaning; nothing planned up adds to the queue.
     const CostModel in_place(r, CostMode::AlwaysInPlace);
-    EXPECT_NEAR(in_place.plan_layer(m.data(), 4, 1024, 1e-3, 8, out.data(), scratch.data()), 1e-3, 1e-9);
+    EXPECT_NEAR(in_place.plan_layer(m.data(), 4, 1024, 1e-3, true, 8, out.data(), scratch.data()), 1e-3, 1e-9);
     EXPECT_EQ(out, std::vector<Placement>(4, Placement::InPlace));
     const CostModel promote(r, CostMode::AlwaysPromote);
-    promote.plan_layer(m.data(), 4, 1024, 9.0, 0, out.data(), scratch.data());   // even without a free slot now
+    promote.plan_layer(m.data(), 4, 1024, 9.0, true, 0, out.data(), scratch.data());   // even without a free slot now
     EXPECT_EQ(out, std::vector<Placement>(4, Placement::Promote));
     // Every decision is logged, with the layer-end estimates.
     int logged = 0;
@@ -281,7 +293,7 @@ TEST(CostModel, PlansALayersMissesAcrossTheCopyQueueAndTheHost) {
         EXPECT_GT(i, 0.0);
         EXPECT_EQ(chosen, p < i ? Placement::Promote : Placement::InPlace);
     });
-    logging.plan_layer(m.data(), 4, 1024, 0.0, 8, out.data(), scratch.data());
+    logging.plan_layer(m.data(), 4, 1024, 0.0, true, 8, out.data(), scratch.data());
     EXPECT_EQ(logged, 4);
 }
 
