@@ -288,8 +288,8 @@ Weights make_weights(moesh_dtype type, size_t n, float scale, std::mt19937 & rng
             w.values[i] = moesh::ref::bf16_to_f32(bits[i]);
         }
     }
-    w.bytes.resize(n * sizeof(uint16_t));
-    std::memcpy(w.bytes.data(), bits.data(), w.bytes.size());
+    w.bytes.resize(bits.size() * sizeof(uint16_t));
+    std::memcpy(w.bytes.data(), bits.data(), bits.size() * sizeof(uint16_t));
     return w;
 }
 
