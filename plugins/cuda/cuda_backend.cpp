@@ -554,8 +554,8 @@ int32_t cuda_supports(moesh_backend *, int32_t op, int32_t w_type) {
     switch (op) {
     case MOESH_OP_MATMUL:
     case MOESH_OP_EXPERT_FFN: return moesh::cuda::matmul_supports(w_type) ? 1 : 0;
-    case MOESH_OP_ATTENTION:   // f32 KV pools and copy_rows dst only, for now
-    case MOESH_OP_COPY_ROWS: return w_type == MOESH_DTYPE_F32 ? 1 : 0;
+    case MOESH_OP_ATTENTION:   // KV pools, and copy_rows destinations, of f32 or f16
+    case MOESH_OP_COPY_ROWS: return w_type == MOESH_DTYPE_F32 || w_type == MOESH_DTYPE_F16 ? 1 : 0;
     case MOESH_OP_RMS_NORM:
     case MOESH_OP_ROPE:
     case MOESH_OP_SOFTMAX: return 1;
@@ -682,8 +682,6 @@ moesh_status cuda_attention(moesh_backend * be, const moesh_attention_args * arg
         MOESH_PLUGIN_REQUIRE((a.kv_type == MOESH_DTYPE_F32 || a.kv_type == MOESH_DTYPE_F16) && a.reserved2 == 0,
                            "attention: kv_type %d is neither f32 nor f16, or reserved2 (%u) is not 0", int(a.kv_type),
                            unsigned(a.reserved2));
-        if (a.kv_type != MOESH_DTYPE_F32)
-            return fail(be, MOESH_ERR_UNSUPPORTED, "attention: kv_type f16: the cuda backend reads f32 KV pools only");
         if (a.head_dim > moesh::cuda::attention_max_head_dim()) {
             return fail(be, MOESH_ERR_UNSUPPORTED, "attention: head_dim %lld is more than the cuda backend's %lld",
                         ll(a.head_dim), ll(moesh::cuda::attention_max_head_dim()));
@@ -704,8 +702,6 @@ moesh_status cuda_copy_rows(moesh_backend * be, const moesh_copy_rows_args * arg
         if (!read_args(be, args, "copy_rows", "moesh_copy_rows_args", &a)) return MOESH_ERR_INVALID_ARGUMENT;
         const moesh_status s = moesh::plugin::check_copy_rows(be, a);
         if (s != MOESH_OK || a.n_rows == 0) return s;
-        if (a.dst_type != MOESH_DTYPE_F32)
-            return fail(be, MOESH_ERR_UNSUPPORTED, "copy_rows: dst_type %d: the cuda backend writes f32 only", int(a.dst_type));
         // The indices are device memory: the kernel checks them and sets error_flag.
         return cuda_check(be, moesh::cuda::launch_copy_rows(a, be->error_flag, be->compute), "copy_rows");
     });

@@ -4,6 +4,8 @@
 // the reference does) and at keeping every row's work inside one block.
 #include "cuda_kernels.h"
 
+#include <cuda_fp16.h>
+
 #include <cfloat>
 #include <cmath>
 
@@ -90,6 +92,19 @@ __global__ void softmax_kernel(float * x, int64_t n) {
 constexpr int k_warps = 8;
 constexpr int k_max_dims_per_lane = 8;   // head_dim <= 256
 
+// KV pools and copy_rows destinations hold f32 or f16 (kv_type / dst_type, checked by the host side).
+__device__ __forceinline__ float kv_load(const float * p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float kv_load(const __half * p, int64_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ void kv_store(float * p, int64_t i, float v) { p[i] = v; }
+// Rounded to nearest even as the reference rounds, NaN included: the reference keeps a NaN's sign
+// and top payload bits (quiet), where __float2half_rn gives one canonical NaN.
+__device__ __forceinline__ void kv_store(__half * p, int64_t i, float v) {
+    const uint32_t u = __float_as_uint(v), mag = u & 0x7fffffffu;
+    p[i] = mag > 0x7f800000u ? __ushort_as_half((unsigned short)(((u >> 16) & 0x8000u) | 0x7e00u | ((mag >> 13) & 0x3ffu)))
+                             : __float2half_rn(v);
+}
+
+template <class KV>
 __global__ void __launch_bounds__(k_warps * 32)
 attention_kernel(moesh_attention_args a, int32_t * error_flag) {
     const int64_t t = blockIdx.x / a.n_head;
@@ -115,13 +130,13 @@ attention_kernel(moesh_attention_args a, int32_t * error_flag) {
             break;
         }
         const int64_t row = (int64_t(block) * a.block_size + p % a.block_size) * a.n_head_kv + h_kv;
-        const float * k = static_cast<const float *>(a.k_pool) + row * a.head_dim;   // f32 pools (checked by the host side)
-        const float * v = static_cast<const float *>(a.v_pool) + row * a.head_dim;
+        const KV * k = static_cast<const KV *>(a.k_pool) + row * a.head_dim;
+        const KV * v = static_cast<const KV *>(a.v_pool) + row * a.head_dim;
         float dot = 0.0f;
 #pragma unroll
         for (int j = 0; j < k_max_dims_per_lane; ++j) {   // unrolled: qv and acc stay in registers
             const int64_t d = lane + 32 * j;
-            if (j < n_dims && d < a.head_dim) dot = fmaf(qv[j], k[d], dot);
+            if (j < n_dims && d < a.head_dim) dot = fmaf(qv[j], kv_load(k, d), dot);
         }
         for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
         const float s = dot * a.scale;
@@ -131,7 +146,7 @@ attention_kernel(moesh_attention_args a, int32_t * error_flag) {
 #pragma unroll
         for (int j = 0; j < k_max_dims_per_lane; ++j) {
             const int64_t d = lane + 32 * j;
-            if (j < n_dims) acc[j] = acc[j] * alpha + (d < a.head_dim ? e * v[d] : 0.0f);
+            if (j < n_dims) acc[j] = acc[j] * alpha + (d < a.head_dim ? e * kv_load(v, d) : 0.0f);
         }
         m = m_new;
     }
@@ -159,6 +174,7 @@ attention_kernel(moesh_attention_args a, int32_t * error_flag) {
 }
 
 // One block per row (the grid strides over rows past 65535); a bad index skips the row and sets the flag.
+template <class Dst>
 __global__ void copy_rows_kernel(moesh_copy_rows_args a, int32_t * error_flag) {
     for (int64_t i = blockIdx.x; i < a.n_rows; i += gridDim.x) {
         const int64_t s = a.src_rows ? a.src_rows[i] : i;
@@ -168,10 +184,12 @@ __global__ void copy_rows_kernel(moesh_copy_rows_args a, int32_t * error_flag) {
             continue;
         }
         const float * src = a.src ? a.src + s * a.src_stride : nullptr;
-        float * dst = static_cast<float *>(a.dst) + d * a.dst_stride;   // f32 (checked by the host side)
+        Dst * dst = static_cast<Dst *>(a.dst) + d * a.dst_stride;
         for (int64_t j = threadIdx.x; j < a.n_cols; j += blockDim.x) {
-            float v = (a.accumulate ? dst[j] : 0.0f) + (src ? src[j] : 0.0f);
-            dst[j] = a.clamp > 0.0f ? fminf(fmaxf(v, -a.clamp), a.clamp) : v;
+            float v = (a.accumulate ? kv_load(dst, j) : 0.0f) + (src ? src[j] : 0.0f);
+            // as std::clamp: a NaN stays NaN (fminf/fmaxf would turn it into the bound)
+            if (a.clamp > 0.0f) v = v < -a.clamp ? -a.clamp : a.clamp < v ? a.clamp : v;
+            kv_store(dst, j, v);
         }
     }
 }
@@ -180,7 +198,10 @@ __global__ void copy_rows_kernel(moesh_copy_rows_args a, int32_t * error_flag) {
 
 cudaError_t launch_copy_rows(const moesh_copy_rows_args & a, int32_t * error_flag, cudaStream_t stream) {
     const int64_t n_grid = a.n_rows < 65535 ? a.n_rows : 65535;
-    copy_rows_kernel<<<unsigned(n_grid), k_block, 0, stream>>>(a, error_flag);
+    if (a.dst_type == MOESH_DTYPE_F16)
+        copy_rows_kernel<__half><<<unsigned(n_grid), k_block, 0, stream>>>(a, error_flag);
+    else
+        copy_rows_kernel<float><<<unsigned(n_grid), k_block, 0, stream>>>(a, error_flag);
     return cudaGetLastError();
 }
 
@@ -206,7 +227,10 @@ cudaError_t launch_softmax(const moesh_softmax_args & a, cudaStream_t stream) {
 int64_t attention_max_head_dim() { return 32 * k_max_dims_per_lane; }
 
 cudaError_t launch_attention(const moesh_attention_args & a, int32_t * error_flag, cudaStream_t stream) {
-    attention_kernel<<<unsigned(a.n_tokens * a.n_head), k_warps * 32, 0, stream>>>(a, error_flag);
+    if (a.kv_type == MOESH_DTYPE_F16)
+        attention_kernel<__half><<<unsigned(a.n_tokens * a.n_head), k_warps * 32, 0, stream>>>(a, error_flag);
+    else
+        attention_kernel<float><<<unsigned(a.n_tokens * a.n_head), k_warps * 32, 0, stream>>>(a, error_flag);
     return cudaGetLastError();
 }
 
