@@ -115,6 +115,17 @@ def prompts(seed, client, vocab, n):
         yield [rng.randrange(lo, vocab) for _ in range(n)]
 
 
+def lengths(seed, client, args):
+    """Endless max_tokens for one client's requests: --max-tokens, or with --max-tokens-spread S
+    drawn uniformly from [M (1 - S), M (1 + S)] (the same mean), so that clients that started
+    together do not finish together."""
+    rng = random.Random(seed * 1_000_033 + client + 7)
+    lo = max(1, round(args.max_tokens * (1 - args.max_tokens_spread)))
+    hi = max(lo, round(args.max_tokens * (1 + args.max_tokens_spread)))
+    while True:
+        yield rng.randint(lo, hi) if hi > lo else lo
+
+
 def run_phase(n_clients, worker, args):
     """Runs n_clients worker threads; -> (merged Stats, wall seconds)."""
     stats = [Stats() for _ in range(n_clients)]
@@ -155,6 +166,7 @@ def report(engine, n_clients, total, wall, args, server):
         "latency_ms": {"p50": percentile(total.latency, 50), "p99": percentile(total.latency, 99)},
         "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens,
+        "max_tokens_spread": args.max_tokens_spread,
         "duration_s": args.duration,
         "requests_per_client_max": args.requests,
         "server": server,
@@ -295,6 +307,7 @@ def run_moesh(args, clients):
         def worker(index, st, stop_at):
             with Client(endpoint) as c:
                 gen = prompts(args.seed, index, vocab, args.prompt_len)
+                lens = lengths(args.seed, index, args)
                 for _ in range(args.requests):
                     if time.monotonic() >= stop_at:
                         return
@@ -302,7 +315,7 @@ def run_moesh(args, clients):
                     st.n_sent += 1
                     ttft = None
                     try:
-                        for f in c.stream(prompt_ids=next(gen), max_tokens=args.max_tokens, timeout=args.timeout):
+                        for f in c.stream(prompt_ids=next(gen), max_tokens=next(lens), timeout=args.timeout):
                             if ttft is None and f["type"] == "token":
                                 ttft = time.monotonic() - t0
                             if f["type"] == "done":
@@ -357,7 +370,7 @@ def http_json(port, method, path, timeout):
 
 def start_llama(args, n_clients):
     port = free_port()
-    ctx = n_clients * (args.prompt_len + args.max_tokens + 64)
+    ctx = n_clients * (args.prompt_len + math.ceil(args.max_tokens * (1 + args.max_tokens_spread)) + 64)
     cmd = [args.llama_server, "-m", args.model, "--host", "127.0.0.1", "--port", str(port), "-np", str(n_clients),
            "-c", str(ctx), "--no-webui"]
     if args.threads:
@@ -379,7 +392,7 @@ def start_llama(args, n_clients):
     sys.exit(f"serve_load: llama-server not ready within 180 s; see {log_file.name}")
 
 
-def llama_request(conn, ids, args, st, t0):
+def llama_request(conn, ids, args, st, t0, max_tokens=None):
     """One streamed /v1/completions request on a new connection, closed after it; records it
     in st. Raises OSError and http.client.HTTPException when the connection breaks.
     Connections are not reused: llama-server (cpp-httplib) closes a kept-alive connection
@@ -388,7 +401,7 @@ def llama_request(conn, ids, args, st, t0):
     request as a broken one."""
     # bytes, so that http.client sends headers and body in one write: two small writes meet
     # Nagle's algorithm and delayed ACKs (a 40 ms stall)
-    body = json.dumps({"prompt": ids, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+    body = json.dumps({"prompt": ids, "max_tokens": max_tokens or args.max_tokens, "temperature": 0, "stream": True,
                        "stream_options": {"include_usage": True}}).encode()
     conn.request("POST", "/v1/completions", body=body,
                  headers={"Content-Type": "application/json", "Connection": "close"})
@@ -445,6 +458,7 @@ def http_warm_up(port, vocab, args):
 def http_worker(port, vocab, args):
     def worker(index, st, stop_at):
         gen = prompts(args.seed, index, vocab, args.prompt_len)
+        lens = lengths(args.seed, index, args)
         for _ in range(args.requests):
             if time.monotonic() >= stop_at:
                 return
@@ -455,7 +469,7 @@ def http_worker(port, vocab, args):
             st.n_sent += 1
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
             try:
-                llama_request(conn, next(gen), args, st, t0)
+                llama_request(conn, next(gen), args, st, t0, next(lens))
             except (socket.timeout, TimeoutError):
                 st.errors["timeout"] += 1
             except (OSError, http.client.HTTPException, ValueError) as e:
@@ -503,6 +517,9 @@ def main():
     ap.add_argument("--clients", default="1,4,16,64", help="comma-separated client counts, one run each")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per request")
+    ap.add_argument("--max-tokens-spread", type=float, default=0.0, metavar="S",
+                    help="draw each request's max_tokens from [M (1 - S), M (1 + S)] (0 <= S < 1; default 0: every "
+                         "request M, so clients that finish in the same step send again together)")
     ap.add_argument("--duration", type=float, default=30, help="seconds each client keeps sending, per C")
     ap.add_argument("--requests", type=int, default=1000, help="requests per client at most, per C")
     ap.add_argument("--timeout", type=float, default=120, help="seconds one request may take")
@@ -519,6 +536,8 @@ def main():
         sys.exit(f"serve_load: --clients: expected comma-separated integers, got {args.clients!r}")
     if any(c < 1 for c in clients) or args.prompt_len < 1 or args.max_tokens < 1 or args.requests < 1 or args.duration <= 0:
         sys.exit("serve_load: --clients, --prompt-len, --max-tokens, --requests and --duration must be positive")
+    if not 0 <= args.max_tokens_spread < 1:
+        sys.exit(f"serve_load: --max-tokens-spread {args.max_tokens_spread}: must be in [0, 1)")
     if args.endpoint and not args.endpoint.startswith(("tcp://127.0.0.1:", "tcp://localhost:", "ipc://")):
         sys.exit(f"serve_load: --endpoint {args.endpoint}: loopback only (tcp://127.0.0.1:PORT)")
     if args.llama_server:
