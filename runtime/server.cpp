@@ -388,10 +388,10 @@ std::string Server::metrics_text() const {
     metric(o, "moesh_kv_blocks_used", "gauge", "KV cache blocks held by running requests.", double(st.kv_blocks_used));
     metric(o, "moesh_kv_blocks_total", "gauge", "KV cache blocks in the pool.", double(st.kv_blocks_total));
     metric(o, "moesh_forward_steps_total", "counter", "Batched forward steps.", double(st.steps));
-    ttft_.write(o, "moesh_time_to_first_token_seconds", "From a request's arrival to its first generated token.");
+    ttft_.write(o, "moesh_time_to_first_token_seconds", "From the server reading a request (between forward steps) to its first generated token.");
     itl_.write(o, "moesh_inter_token_latency_seconds", "Between consecutive tokens of a request.");
-    duration_.write(o, "moesh_request_duration_seconds", "From a request's arrival to its end.");
-    queue_.write(o, "moesh_queue_time_seconds", "From a request's arrival to its admission.");
+    duration_.write(o, "moesh_request_duration_seconds", "From the server reading a request (between forward steps) to its end.");
+    queue_.write(o, "moesh_queue_time_seconds", "From the server reading a request (between forward steps) to its admission.");
     const ModelConfig & c = model_.config();
     if (c.n_expert > 0) {
         o += "# HELP moesh_expert_tokens_total Tokens routed to each expert (its load).\n# TYPE moesh_expert_tokens_total counter\n";
