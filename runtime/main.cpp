@@ -732,11 +732,8 @@ int cmd_plan(const CommonOptions & co, int64_t n_ctx, int64_t max_batch) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
     apply_expert_budget(co, rc);
     const moesh::Model model = moesh::Model::load_path(co.model);
-    // auto: f16 as the cpu plugin keeps it, f32 where a GPU will (the cuda plugin has no f16 cache yet)
-    const bool gpu = rc.preferred_plugin == "cuda" || co.backend == "cuda" ||
-                     std::any_of(rc.placement.tiers.begin(), rc.placement.tiers.end(),
-                                 [](const moesh::TierConfig & t) { return t.kind == moesh::TierKind::Gpu; });
-    const int32_t kv_type = rc.kv_type >= 0 ? rc.kv_type : gpu ? MOESH_DTYPE_F32 : MOESH_DTYPE_F16;
+    // auto: f16, as both the cpu and the cuda plugin keep it (no plugin is loaded here)
+    const int32_t kv_type = rc.kv_type >= 0 ? rc.kv_type : MOESH_DTYPE_F16;
     const moesh::ModelFootprint f = moesh::footprint_of(model, co.model, n_ctx, std::min(max_batch, n_ctx), kv_type);
     try {
         const moesh::PlacementPlan plan = moesh::plan_placement(f, rc.placement);
@@ -1110,8 +1107,8 @@ void add_common(CLI::App * sub, CommonOptions & co, bool model_optional = false)
                   "disk and time stalled (always in --output json when a budget is set)");
     sub->add_option("--kv-type", co.kv_type,
                     "KV cache elements: f16 (half the memory and half the bytes attention reads, as llama.cpp keeps "
-                    "it; logits move by a few 1e-4), f32, or auto: f16 where the backend offers it (the cpu plugin "
-                    "does, the cuda one not yet); default: [runtime] kv_type, else auto")
+                    "it; logits move by a few 1e-4), f32, or auto: f16 where the backend offers it (the cpu and cuda "
+                    "plugins do); default: [runtime] kv_type, else auto")
         ->check(CLI::IsMember({"auto", "f32", "f16"}));
     sub->add_flag("--no-repack", co.no_repack,
                   "Keep quantized weights in the file's layout instead of repacking them at load into the backend's "

@@ -186,7 +186,10 @@ __global__ void copy_rows_kernel(moesh_copy_rows_args a, int32_t * error_flag) {
         const float * src = a.src ? a.src + s * a.src_stride : nullptr;
         Dst * dst = static_cast<Dst *>(a.dst) + d * a.dst_stride;
         for (int64_t j = threadIdx.x; j < a.n_cols; j += blockDim.x) {
-            float v = (a.accumulate ? kv_load(dst, j) : 0.0f) + (src ? src[j] : 0.0f);
+            const float o = a.accumulate ? kv_load(dst, j) : 0.0f, x = src ? src[j] : 0.0f;
+            float v = o + x;
+            // GPU arithmetic returns one canonical NaN; the host's keeps the NaN operand, as the reference sees it.
+            if (v != v) v = o != o ? o : x != x ? x : v;
             // as std::clamp: a NaN stays NaN (fminf/fmaxf would turn it into the bound)
             if (a.clamp > 0.0f) v = v < -a.clamp ? -a.clamp : a.clamp < v ? a.clamp : v;
             kv_store(dst, j, v);

@@ -1581,7 +1581,9 @@ TEST_P(BackendConformance, CopyRowsMatchesReference) {
         r.dst_rows = c.dst_idx ? dst_rows.data() : nullptr;
         moesh::ref::copy_rows(r);
         for (size_t i = 0; i < got.size(); ++i)   // one add per value at most: exact (a NaN stays NaN)
-            if (!(std::isnan(want[i]) && std::isnan(got[i]))) ASSERT_EQ(got[i], want[i]) << "element " << i;
+            if (!(std::isnan(want[i]) && std::isnan(got[i]))) {
+                ASSERT_EQ(got[i], want[i]) << "element " << i;
+            }
     }
 }
 
@@ -1688,7 +1690,14 @@ TEST_P(BackendConformance, CopyRowsIntoF16MatchesReference) {
                 r.src_rows = src_rows.data();
                 r.dst_rows = dst_rows.data();
                 moesh::ref::copy_rows(r);
-                EXPECT_EQ(download<uint16_t>(d_dst, dst.size()), want);
+                // Bit for bit, except that any NaN matches a NaN: the payload a NaN carries depends on
+                // the hardware's arithmetic (one canonical NaN on a GPU), which the ABI leaves open.
+                const std::vector<uint16_t> got = download<uint16_t>(d_dst, dst.size());
+                auto is_nan16 = [](uint16_t h) { return (h & 0x7c00) == 0x7c00 && (h & 0x3ff) != 0; };
+                for (size_t i = 0; i < got.size(); ++i)
+                    if (!(is_nan16(got[i]) && is_nan16(want[i]))) {
+                        ASSERT_EQ(got[i], want[i]) << "element " << i;
+                    }
             }
 }
 
