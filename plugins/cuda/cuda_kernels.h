@@ -30,6 +30,9 @@ cudaError_t launch_softmax(const moesh_softmax_args & a, cudaStream_t stream);
 // kernel: a position outside [0, n_kv) or a block id outside [0, n_blocks)
 // sets *error_flag (device memory) to 1 and makes that output NaN.
 cudaError_t launch_attention(const moesh_attention_args & a, int32_t * error_flag, cudaStream_t stream);
+// Every run as launch_attention would do it, in a launch per 64 runs; runs (host memory) are
+// checked by the caller: ordered, not overlapping, n_tokens * n_head of a launch fits in 32 bits.
+cudaError_t launch_attention_batch(const moesh_attention_batch_args & a, int32_t * error_flag, cudaStream_t stream);
 // dst rows (=|+=) src rows as moesh_copy_rows_args says; n_rows > 0. Indices
 // are checked in the kernel: a bad one skips its row and sets *error_flag.
 cudaError_t launch_copy_rows(const moesh_copy_rows_args & a, int32_t * error_flag, cudaStream_t stream);

@@ -104,11 +104,10 @@ __device__ __forceinline__ void kv_store(__half * p, int64_t i, float v) {
                              : __float2half_rn(v);
 }
 
+// One (token t, head h) item of the attention call a, by one block: the body of both kernels, so
+// that a run of attention_batch gives the bits its single call gives.
 template <class KV>
-__global__ void __launch_bounds__(k_warps * 32)
-attention_kernel(moesh_attention_args a, int32_t * error_flag) {
-    const int64_t t = blockIdx.x / a.n_head;
-    const int64_t h = blockIdx.x % a.n_head;
+__device__ __forceinline__ void attend(const moesh_attention_args & a, int64_t t, int64_t h, int32_t * error_flag) {
     const int64_t h_kv = h / (a.n_head / a.n_head_kv);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const float * q = a.q + (t * a.n_head + h) * a.head_dim;
@@ -173,6 +172,46 @@ attention_kernel(moesh_attention_args a, int32_t * error_flag) {
     }
 }
 
+template <class KV>
+__global__ void __launch_bounds__(k_warps * 32)
+attention_kernel(moesh_attention_args a, int32_t * error_flag) {
+    attend<KV>(a, blockIdx.x / a.n_head, blockIdx.x % a.n_head, error_flag);
+}
+
+// attention_batch: the runs travel in the kernel's parameters (4 KiB of them), at most
+// k_batch_runs per launch; a block finds its row's run and attends as that run's single call.
+constexpr int k_batch_runs = 64;
+struct BatchLaunch {
+    moesh_attention_args base;        // scale, pools, shape and kv_type of every run
+    const float * q;                  // the batch's rows
+    const int32_t * pos;
+    float * out;
+    const int32_t * block_tables;
+    int64_t row0;                     // the launch covers rows [row0, row0 + grid / n_head)
+    int32_t n_runs;
+    moesh_attention_run runs[k_batch_runs];
+};
+static_assert(sizeof(BatchLaunch) <= 4000, "kernel parameters are limited to 4 KiB");
+
+template <class KV>
+__global__ void __launch_bounds__(k_warps * 32)
+attention_batch_kernel(BatchLaunch b, int32_t * error_flag) {
+    const int64_t row = b.row0 + blockIdx.x / b.base.n_head, h = blockIdx.x % b.base.n_head;
+    int r = 0;
+    while (r < b.n_runs && b.runs[r].first + b.runs[r].n_tokens <= row) ++r;
+    if (r == b.n_runs || row < b.runs[r].first) return;   // a row between runs: no call covers it (the whole block leaves)
+    const moesh_attention_run & u = b.runs[r];
+    moesh_attention_args a = b.base;
+    const int64_t q_row = a.n_head * a.head_dim;
+    a.q = b.q + u.first * q_row;
+    a.pos = b.pos + u.first;
+    a.out = b.out + u.first * q_row;
+    a.block_table = b.block_tables + u.table;
+    a.n_tokens = u.n_tokens;
+    a.n_kv = u.n_kv;
+    attend<KV>(a, row - u.first, h, error_flag);
+}
+
 // One block per row (the grid strides over rows past 65535); a bad index skips the row and sets the flag.
 template <class Dst>
 __global__ void copy_rows_kernel(moesh_copy_rows_args a, int32_t * error_flag) {
@@ -228,6 +267,39 @@ cudaError_t launch_softmax(const moesh_softmax_args & a, cudaStream_t stream) {
 }
 
 int64_t attention_max_head_dim() { return 32 * k_max_dims_per_lane; }
+
+cudaError_t launch_attention_batch(const moesh_attention_batch_args & a, int32_t * error_flag, cudaStream_t stream) {
+    BatchLaunch b{};
+    b.base.struct_size = sizeof(moesh_attention_args);
+    b.base.scale = a.scale;
+    b.base.k_pool = a.k_pool;
+    b.base.v_pool = a.v_pool;
+    b.base.n_head = a.n_head;
+    b.base.n_head_kv = a.n_head_kv;
+    b.base.head_dim = a.head_dim;
+    b.base.block_size = a.block_size;
+    b.base.n_blocks = a.n_blocks;
+    b.base.kv_type = a.kv_type;
+    b.q = a.q;
+    b.pos = a.pos;
+    b.out = a.out;
+    b.block_tables = a.block_tables;
+    for (int64_t r0 = 0; r0 < a.n_runs; r0 += k_batch_runs) {
+        const int64_t n = a.n_runs - r0 < k_batch_runs ? a.n_runs - r0 : k_batch_runs;
+        b.n_runs = int32_t(n);
+        for (int64_t i = 0; i < n; ++i) b.runs[i] = a.runs[r0 + i];
+        b.row0 = b.runs[0].first;
+        const int64_t n_rows = b.runs[n - 1].first + b.runs[n - 1].n_tokens - b.row0;
+        const unsigned grid = unsigned(n_rows * a.n_head);   // the host side checked it fits
+        if (a.kv_type == MOESH_DTYPE_F16)
+            attention_batch_kernel<__half><<<grid, k_warps * 32, 0, stream>>>(b, error_flag);
+        else
+            attention_batch_kernel<float><<<grid, k_warps * 32, 0, stream>>>(b, error_flag);
+        const cudaError_t e = cudaGetLastError();
+        if (e != cudaSuccess) return e;
+    }
+    return cudaSuccess;
+}
 
 cudaError_t launch_attention(const moesh_attention_args & a, int32_t * error_flag, cudaStream_t stream) {
     if (a.kv_type == MOESH_DTYPE_F16)
