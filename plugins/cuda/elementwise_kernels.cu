@@ -191,7 +191,7 @@ struct BatchLaunch {
     int32_t n_runs;
     moesh_attention_run runs[k_batch_runs];
 };
-static_assert(sizeof(BatchLaunch) <= 4000, "kernel parameters are limited to 4 KiB");
+static_assert(sizeof(BatchLaunch) + sizeof(int32_t *) <= 4096, "kernel parameters are limited to 4 KiB");
 
 template <class KV>
 __global__ void __launch_bounds__(k_warps * 32)

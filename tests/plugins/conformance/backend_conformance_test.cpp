@@ -1437,18 +1437,20 @@ TEST_P(BackendConformance, AttentionBatchEqualsAttentionPerRun) {
         {64, 8, 1, 16, {{17, 17}, {16, 100}}},
         {16, 2, 1, 4, std::vector<std::pair<int64_t, int64_t>>(70, {1, 9})},   // more runs than a GPU launch takes
     };
+    const int64_t gap_every = 9;   // in the last shape, a row no run covers after every 9th run: left as it was
     std::mt19937 rng(14);
     for (const int32_t kv_type : {int32_t(MOESH_DTYPE_F32), int32_t(MOESH_DTYPE_F16)}) {
         if (!be_->supports(ctx_, MOESH_OP_ATTENTION, kv_type)) continue;
         for (const Shape & s : shapes) {
             SCOPED_TRACE(testing::Message() << (kv_type == MOESH_DTYPE_F16 ? "f16" : "f32") << " KV, head_dim " << s.head_dim
                                             << " runs " << s.runs.size());
-            std::vector<int64_t> n_blocks;
+            const bool gaps = s.runs.size() > 64;
+            std::vector<int64_t> n_blocks, gap_rows;
             int64_t n_pool_blocks = 0, n_rows = 0;
-            for (const auto & r : s.runs) {
-                n_blocks.push_back((r.second + s.block_size - 1) / s.block_size);
+            for (size_t i = 0; i < s.runs.size(); ++i) {
+                n_blocks.push_back((s.runs[i].second + s.block_size - 1) / s.block_size);
                 n_pool_blocks += n_blocks.back() + 1;   // one NaN block per sequence
-                n_rows += r.first;
+                n_rows += s.runs[i].first + (gaps && i % gap_every == gap_every - 1 ? 1 : 0);
             }
             std::vector<int32_t> pool_ids(static_cast<size_t>(n_pool_blocks));
             std::iota(pool_ids.begin(), pool_ids.end(), 0);
@@ -1473,7 +1475,12 @@ TEST_P(BackendConformance, AttentionBatchEqualsAttentionPerRun) {
                     }
                 }
                 for (int64_t t = 0; t < n_tok; ++t) pos.push_back(int32_t(n_kv - n_tok + t));
+                if (gaps && i % gap_every == gap_every - 1) {
+                    gap_rows.push_back(int64_t(pos.size()));
+                    pos.push_back(0);
+                }
             }
+            ASSERT_EQ(int64_t(pos.size()), n_rows);
             const size_t q_row = size_t(s.n_head * s.head_dim);
             const std::vector<float> q = uniform(size_t(n_rows) * q_row, -3.0f, 3.0f, rng);
             // The pools as the backend keeps them; the reference reads the same values.
@@ -1497,6 +1504,8 @@ TEST_P(BackendConformance, AttentionBatchEqualsAttentionPerRun) {
                                                   .kv_type = kv_type, .reserved2 = 0};
             ASSERT_EQ(be_->attention_batch(ctx_, &a), MOESH_OK) << last_error();
             const std::vector<float> out = download<float>(d_out, q.size());
+            for (const int64_t g : gap_rows)
+                for (size_t j = 0; j < q_row; ++j) ASSERT_EQ(out[size_t(g) * q_row + j], k_sentinel) << "row " << g << " is in no run";
             const std::vector<float> & k_ref = f16 ? f16_values(k16) : k_pool;
             const std::vector<float> & v_ref = f16 ? f16_values(v16) : v_pool;
             for (const moesh_attention_run & r : runs) {
