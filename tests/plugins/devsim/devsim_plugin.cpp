@@ -353,6 +353,11 @@ moesh_status devsim_attention(moesh_backend * be, const moesh_attention_args * a
                  int(a.kv_type), unsigned(a.reserved2));
             return false;
         }
+        if (!(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 && a.n_blocks > 0 &&
+              a.n_kv > 0 && a.n_head % a.n_head_kv == 0)) {   // the sizes below divide by them
+            fail(be, MOESH_ERR_INVALID_ARGUMENT, "attention: a size is not positive, or n_head is not a multiple of n_head_kv");
+            return false;
+        }
         const size_t pool = size_t(a.n_blocks * a.block_size * a.n_head_kv * a.head_dim) * (a.kv_type == MOESH_DTYPE_F16 ? 2 : 4);
         const int64_t n_table = (a.n_kv + a.block_size - 1) / a.block_size;
         if (!(acc.need(a.q, f32s(a.n_tokens * a.n_head * a.head_dim), "attention q") &&
