@@ -117,6 +117,81 @@ inline bool disjoint(const void * p, size_t n_p, const void * q, size_t n_q) {
     return a + n_p <= b || b + n_q <= a;
 }
 
+// The checks of one attention call (op names it in messages) that every backend makes before
+// its own: pointers, sizes, heads, kv_type. MOESH_OK, or INVALID_ARGUMENT with last_error.
+template <class Be>
+moesh_status check_attention_shape(Be * be, const moesh_attention_args & a, const char * op) {
+    if (!(a.q && a.k_pool && a.v_pool && a.block_table && a.pos && a.out))
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: q, k_pool, v_pool, block_table, pos and out must not be NULL", op);
+    if (!(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 && a.n_blocks > 0 &&
+          a.n_kv > 0))
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT,
+                    "%s: n_tokens (%lld), n_head (%lld), n_head_kv (%lld), head_dim (%lld), block_size (%lld), n_blocks "
+                    "(%lld) and n_kv (%lld) must be positive", op, ll(a.n_tokens), ll(a.n_head), ll(a.n_head_kv),
+                    ll(a.head_dim), ll(a.block_size), ll(a.n_blocks), ll(a.n_kv));
+    if (a.n_head % a.n_head_kv != 0)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: n_head (%lld) is not a multiple of n_head_kv (%lld)", op,
+                    ll(a.n_head), ll(a.n_head_kv));
+    if ((a.kv_type != MOESH_DTYPE_F32 && a.kv_type != MOESH_DTYPE_F16) || a.reserved2 != 0)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: kv_type %d is neither f32 (%d) nor f16 (%d), or reserved2 (%u) is not 0",
+                    op, int(a.kv_type), int(MOESH_DTYPE_F32), int(MOESH_DTYPE_F16), unsigned(a.reserved2));
+    return MOESH_OK;
+}
+
+// attention_batch's checks of the call as a whole; *q_row: floats per row of q and out.
+// MOESH_OK, or INVALID_ARGUMENT with last_error.
+template <class Be>
+moesh_status check_attention_batch(Be * be, const moesh_attention_batch_args & b, int64_t * q_row) {
+    if (!b.runs || !b.block_tables || !b.pos)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "attention_batch: runs, block_tables and pos must not be NULL");
+    if (!(b.n_runs > 0 && b.n_tokens > 0 && b.n_table > 0 && b.n_head > 0 && b.head_dim > 0 && b.block_size > 0))
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT,
+                    "attention_batch: n_runs (%lld), n_tokens (%lld), n_table (%lld), n_head (%lld), head_dim (%lld) and "
+                    "block_size (%lld) must be positive", ll(b.n_runs), ll(b.n_tokens), ll(b.n_table), ll(b.n_head),
+                    ll(b.head_dim), ll(b.block_size));
+    if (!product_fits(b.n_head, b.head_dim, q_row) || !product_fits(b.n_tokens, *q_row))
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "attention_batch: sizes overflow");
+    return MOESH_OK;
+}
+
+// Run r of b (its rows after *end, the end of the previous run's, which it advances) as the
+// attention call it stands for, in *a, once its rows and block table are checked; the plugin
+// then checks *a as it checks an attention call. q_row: from check_attention_batch.
+template <class Be>
+moesh_status attention_batch_run(Be * be, const moesh_attention_batch_args & b, int64_t r, int64_t q_row, int64_t * end,
+                                 moesh_attention_args * a) {
+    const moesh_attention_run & u = b.runs[r];
+    if (!(u.first >= *end && u.n_tokens > 0 && u.first < b.n_tokens && u.n_tokens <= b.n_tokens - u.first))
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT,
+                    "attention_batch: run %lld's rows [%lld, +%lld) overlap an earlier run's, come out of order or leave "
+                    "[0, n_tokens = %lld)", ll(r), ll(u.first), ll(u.n_tokens), ll(b.n_tokens));
+    *end = u.first + u.n_tokens;
+    if (!(u.n_kv > 0 && u.table >= 0 && u.table < b.n_table && (u.n_kv - 1) / b.block_size < b.n_table - u.table))
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT,
+                    "attention_batch: run %lld's block table (from %lld, for n_kv = %lld) leaves block_tables [0, n_table = "
+                    "%lld)", ll(r), ll(u.table), ll(u.n_kv), ll(b.n_table));
+    const int64_t row = u.first * q_row;   // < n_tokens * q_row, which fits
+    *a = {};
+    a->struct_size = sizeof *a;
+    a->scale = b.scale;
+    a->q = b.q ? b.q + row : nullptr;
+    a->k_pool = b.k_pool;
+    a->v_pool = b.v_pool;
+    a->block_table = b.block_tables + u.table;
+    a->pos = b.pos + u.first;
+    a->out = b.out ? b.out + row : nullptr;
+    a->n_tokens = u.n_tokens;
+    a->n_head = b.n_head;
+    a->n_head_kv = b.n_head_kv;
+    a->head_dim = b.head_dim;
+    a->block_size = b.block_size;
+    a->n_blocks = b.n_blocks;
+    a->n_kv = u.n_kv;
+    a->kv_type = b.kv_type;
+    a->reserved2 = b.reserved2;
+    return MOESH_OK;
+}
+
 // The checks of moesh_copy_rows_args that need no look at the index arrays
 // (which may be device memory). MOESH_OK, or INVALID_ARGUMENT with last_error.
 template <class Be>

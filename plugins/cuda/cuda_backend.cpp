@@ -667,19 +667,8 @@ moesh_status cuda_softmax(moesh_backend * be, const moesh_softmax_args * args) {
 
 // The checks of one attention call (op names it in messages): MOESH_OK when the kernel may run it.
 moesh_status check_attention(moesh_backend * be, const moesh_attention_args & a, const char * op) {
-    MOESH_PLUGIN_REQUIRE(a.q && a.k_pool && a.v_pool && a.block_table && a.pos && a.out,
-                         "%s: q, k_pool, v_pool, block_table, pos and out must not be NULL", op);
-    MOESH_PLUGIN_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.n_head_kv > 0 && a.head_dim > 0 && a.block_size > 0 &&
-                             a.n_blocks > 0 && a.n_kv > 0,
-                         "%s: n_tokens (%lld), n_head (%lld), n_head_kv (%lld), head_dim (%lld), "
-                         "block_size (%lld), n_blocks (%lld) and n_kv (%lld) must be positive",
-                         op, ll(a.n_tokens), ll(a.n_head), ll(a.n_head_kv), ll(a.head_dim), ll(a.block_size),
-                         ll(a.n_blocks), ll(a.n_kv));
-    MOESH_PLUGIN_REQUIRE(a.n_head % a.n_head_kv == 0, "%s: n_head (%lld) is not a multiple of n_head_kv (%lld)", op,
-                         ll(a.n_head), ll(a.n_head_kv));
-    MOESH_PLUGIN_REQUIRE((a.kv_type == MOESH_DTYPE_F32 || a.kv_type == MOESH_DTYPE_F16) && a.reserved2 == 0,
-                         "%s: kv_type %d is neither f32 nor f16, or reserved2 (%u) is not 0", op, int(a.kv_type),
-                         unsigned(a.reserved2));
+    const moesh_status s = moesh::plugin::check_attention_shape(be, a, op);
+    if (s != MOESH_OK) return s;
     if (a.head_dim > moesh::cuda::attention_max_head_dim()) {
         return fail(be, MOESH_ERR_UNSUPPORTED, "%s: head_dim %lld is more than the cuda backend's %lld", op,
                     ll(a.head_dim), ll(moesh::cuda::attention_max_head_dim()));
@@ -709,49 +698,18 @@ moesh_status cuda_attention_batch(moesh_backend * be, const moesh_attention_batc
     return guarded(be, "attention_batch", [&]() -> moesh_status {
         moesh_attention_batch_args b;
         if (!read_args(be, args, "attention_batch", "moesh_attention_batch_args", &b)) return MOESH_ERR_INVALID_ARGUMENT;
-        MOESH_PLUGIN_REQUIRE(b.runs && b.block_tables && b.pos, "attention_batch: runs, block_tables and pos must not be NULL");
-        MOESH_PLUGIN_REQUIRE(b.n_runs > 0 && b.n_tokens > 0 && b.n_table > 0 && b.n_head > 0 && b.head_dim > 0 &&
-                                 b.block_size > 0,
-                             "attention_batch: n_runs (%lld), n_tokens (%lld), n_table (%lld), n_head (%lld), head_dim "
-                             "(%lld) and block_size (%lld) must be positive", ll(b.n_runs), ll(b.n_tokens), ll(b.n_table),
-                             ll(b.n_head), ll(b.head_dim), ll(b.block_size));
-        int64_t q_row = 0, n_q = 0, n_items = 0;
-        MOESH_PLUGIN_REQUIRE(product_fits(b.n_head, b.head_dim, &q_row) && product_fits(b.n_tokens, q_row, &n_q) &&
-                                 product_fits(b.n_tokens, b.n_head, &n_items) && n_items <= INT32_MAX,
-                             "attention_batch: sizes overflow");
+        int64_t q_row = 0, n_items = 0;
+        moesh_status s = moesh::plugin::check_attention_batch(be, b, &q_row);
+        if (s != MOESH_OK) return s;
+        MOESH_PLUGIN_REQUIRE(product_fits(b.n_tokens, b.n_head, &n_items) && n_items <= INT32_MAX,
+                             "attention_batch: sizes overflow");   // the blocks of a launch
         int64_t end = 0;
         for (int64_t r = 0; r < b.n_runs; ++r) {
-            const moesh_attention_run & u = b.runs[r];
-            MOESH_PLUGIN_REQUIRE(u.first >= end && u.n_tokens > 0 && u.first < b.n_tokens && u.n_tokens <= b.n_tokens - u.first,
-                                 "attention_batch: run %lld's rows [%lld, +%lld) overlap an earlier run's, come out of "
-                                 "order or leave [0, n_tokens = %lld)", ll(r), ll(u.first), ll(u.n_tokens), ll(b.n_tokens));
-            end = u.first + u.n_tokens;
-            MOESH_PLUGIN_REQUIRE(u.n_kv > 0 && u.table >= 0 && u.table < b.n_table &&
-                                     (u.n_kv - 1) / b.block_size < b.n_table - u.table,
-                                 "attention_batch: run %lld's block table (from %lld, for n_kv = %lld) leaves "
-                                 "block_tables [0, n_table = %lld)", ll(r), ll(u.table), ll(u.n_kv), ll(b.n_table));
             moesh_attention_args a{};
-            a.struct_size = sizeof a;
-            a.scale = b.scale;
-            a.q = b.q ? b.q + u.first * q_row : nullptr;
-            a.k_pool = b.k_pool;
-            a.v_pool = b.v_pool;
-            a.block_table = b.block_tables + u.table;
-            a.pos = b.pos + u.first;
-            a.out = b.out ? b.out + u.first * q_row : nullptr;
-            a.n_tokens = u.n_tokens;
-            a.n_head = b.n_head;
-            a.n_head_kv = b.n_head_kv;
-            a.head_dim = b.head_dim;
-            a.block_size = b.block_size;
-            a.n_blocks = b.n_blocks;
-            a.n_kv = u.n_kv;
-            a.kv_type = b.kv_type;
-            a.reserved2 = b.reserved2;
+            if ((s = moesh::plugin::attention_batch_run(be, b, r, q_row, &end, &a)) != MOESH_OK) return s;
             char op[64];
             std::snprintf(op, sizeof op, "attention_batch: run %lld", ll(r));
-            const moesh_status s = check_attention(be, a, op);
-            if (s != MOESH_OK) return s;
+            if ((s = check_attention(be, a, op)) != MOESH_OK) return s;
         }
         return cuda_check(be, moesh::cuda::launch_attention_batch(b, be->error_flag, be->compute), "attention_batch");
     });
