@@ -2014,6 +2014,56 @@ TEST_P(BackendConformance, RejectsInvalidAttentionBatchArguments) {
     check("scale NaN", "scale must be finite", [](moesh_attention_batch_args & a, R &, T &, T &) { a.scale = NAN; });
 }
 
+// Block ids and positions live in backend memory: a bad one is refused by the call or, on a
+// backend that checks them in its kernel, by the next synchronize; the context works afterwards.
+TEST_P(BackendConformance, AttentionReportsBadBlockIdsAndPositions) {
+    // pool: 4 blocks of [block_size 4, n_head_kv 1, head_dim 8]; one sequence of n_kv 6 (blocks 2, 0).
+    DeviceBuffer d_q = upload(std::vector<float>(2 * 8, 0.5f)), d_pool = upload(std::vector<float>(4 * 4 * 8, 0.25f));
+    DeviceBuffer d_out = upload(std::vector<float>(2 * 8, k_sentinel));
+    DeviceBuffer d_table = upload(std::vector<int32_t>{2, 0}), d_pos = upload(std::vector<int32_t>{4, 5});
+    DeviceBuffer d_bad_table = upload(std::vector<int32_t>{2, 4}), d_past = upload(std::vector<int32_t>{4, 6}),
+                 d_negative = upload(std::vector<int32_t>{-1, 5});
+    const moesh_attention_args base = {.struct_size = sizeof(moesh_attention_args), .scale = 0.35f, .q = d_q.as<float>(),
+                                       .k_pool = d_pool.get(), .v_pool = d_pool.get(), .block_table = d_table.as<int32_t>(),
+                                       .pos = d_pos.as<int32_t>(), .out = d_out.as<float>(), .n_tokens = 2, .n_head = 1,
+                                       .n_head_kv = 1, .head_dim = 8, .block_size = 4, .n_blocks = 4, .n_kv = 6,
+                                       .kv_type = MOESH_DTYPE_F32, .reserved2 = 0};
+    struct Case {
+        const char * what;
+        const int32_t * table;
+        const int32_t * pos;
+    };
+    const Case cases[] = {{"block id 4 of 4 blocks", d_bad_table.as<int32_t>(), d_pos.as<int32_t>()},
+                          {"pos 6 of n_kv 6", d_table.as<int32_t>(), d_past.as<int32_t>()},
+                          {"pos -1", d_table.as<int32_t>(), d_negative.as<int32_t>()}};
+    for (const bool batch : {false, true}) {
+        if (batch && !be_->attention_batch) continue;
+        for (const Case & c : cases) {
+            SCOPED_TRACE(testing::Message() << (batch ? "attention_batch: " : "attention: ") << c.what);
+            Rejection rj(be_, create_context());
+            moesh_attention_args a = base;
+            a.block_table = c.table;
+            a.pos = c.pos;
+            const moesh_attention_run run = {0, 2, 0, 6};
+            auto call = [&](const moesh_attention_args & x) {
+                if (!batch) return be_->attention(rj.ctx(), &x);
+                const moesh_attention_batch_args b = {.struct_size = sizeof(moesh_attention_batch_args), .scale = x.scale,
+                                                      .q = x.q, .k_pool = x.k_pool, .v_pool = x.v_pool,
+                                                      .block_tables = x.block_table, .pos = x.pos, .out = x.out,
+                                                      .runs = &run, .n_tokens = 2, .n_runs = 1, .n_table = 2,
+                                                      .n_head = 1, .n_head_kv = 1, .head_dim = 8, .block_size = 4,
+                                                      .n_blocks = 4, .kv_type = MOESH_DTYPE_F32, .reserved2 = 0};
+                return be_->attention_batch(rj.ctx(), &b);
+            };
+            moesh_status st = call(a);
+            if (st == MOESH_OK) st = be_->synchronize(rj.ctx());
+            rj.expect(st, MOESH_ERR_INVALID_ARGUMENT, c.what);
+            EXPECT_EQ(call(base), MOESH_OK) << "a good call after it";
+            EXPECT_EQ(be_->synchronize(rj.ctx()), MOESH_OK) << "the error was reported once";
+        }
+    }
+}
+
 TEST_P(BackendConformance, RejectsInvalidAttentionArguments) {
     std::vector<float> q(32, 1.0f), pool(256, 1.0f), out(32);
     std::vector<int32_t> table = {1, 0}, pos = {5};
