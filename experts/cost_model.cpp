@@ -21,9 +21,11 @@ double CostModel::in_place_seconds(size_t bytes, int64_t n, int64_t n_embd) cons
 }
 
 double CostModel::promote_seconds(size_t bytes, int64_t n, int64_t n_embd, bool reuse) const {
-    double t = double(bytes) / (r_.upload_gbps * 1e9) + double(n) * r_.device_token_s;
-    if (reuse) t -= std::max(0.0, in_place_seconds(bytes, 1, n_embd) - r_.device_token_s);
-    return t;
+    return double(bytes) / (r_.upload_gbps * 1e9) + double(n) * r_.device_token_s - (reuse ? reuse_credit(bytes, n_embd) : 0.0);
+}
+
+double CostModel::reuse_credit(size_t bytes, int64_t n_embd) const {
+    return std::max(0.0, in_place_seconds(bytes, 1, n_embd) - r_.device_token_s);
 }
 
 Placement CostModel::choose(size_t bytes, int64_t n, int64_t n_embd, bool reuse) const {
@@ -50,7 +52,7 @@ double CostModel::plan_layer(const LayerMiss * misses, int64_t n, int64_t n_embd
         const double up = double(m.bytes) / (r_.upload_gbps * 1e9);
         const double dev = double(m.n_tokens) * r_.device_token_s;
         const double here = in_place_seconds(m.bytes, m.n_tokens, n_embd);
-        const double credit = m.reuse ? std::max(0.0, in_place_seconds(m.bytes, 1, n_embd) - r_.device_token_s) : 0.0;
+        const double credit = m.reuse ? reuse_credit(m.bytes, n_embd) : 0.0;
         const double end_promote = std::max(host, queue + up) + device + dev - credit;
         const double end_in_place = std::max(host + here, needed) + device;
         if (mode_ == CostMode::Auto)

@@ -85,6 +85,8 @@ public:
     Placement choose_for(int32_t layer, int32_t expert, size_t expert_bytes, int64_t n_tokens, int64_t n_embd, bool reuse) const;
 
 private:
+    // What a kept copy saves: one later in-place run of a token, less its device compute.
+    double reuse_credit(size_t expert_bytes, int64_t n_embd) const;
     CostRates r_;
     CostMode mode_;
     DecisionLog log_;

@@ -100,8 +100,8 @@ void check_gpu_tier(const std::string & model_dir, const std::string & reference
                 // With a copy queue every layer's misses are planned together (an expert that found
                 // no slot is asked again alone once one frees), else one by one.
                 EXPECT_EQ(planned > 0, o.async_uploads);
-                if (!o.async_uploads) EXPECT_GT(alone, 0);
                 if (!o.async_uploads) {
+                    EXPECT_GT(alone, 0);
                     EXPECT_EQ(s.async_uploads, 0);
                     EXPECT_EQ(s.prefetches, 0) << "without a copy queue a prefetch would stall the compute";
                 } else if (n_slots >= n_routed / 2) {
@@ -109,7 +109,9 @@ void check_gpu_tier(const std::string & model_dir, const std::string & reference
                     EXPECT_GT(s.async_bytes_timed, 0u);
                     EXPECT_LE(s.async_bytes_timed, s.bytes_uploaded);
                     EXPECT_GT(s.async_upload_seconds, 0.0);
-                    if (mode == CostMode::Auto) EXPECT_NE(cost.rates().upload_gbps, CostRates{}.upload_gbps);
+                    if (mode == CostMode::Auto) {
+                        EXPECT_NE(cost.rates().upload_gbps, CostRates{}.upload_gbps);
+                    }
                     EXPECT_GT(s.prefetches, 0);
                     EXPECT_GT(s.prefetch_hits, 0);
                     EXPECT_GE(s.async_uploads, s.prefetches);
