@@ -7,7 +7,7 @@
     python3 scripts/bench/serve_load.py --llama-server /work/llama-ref/build/bin/llama-server \\
         --model /work/llama-ref/models/moe/moe-small-q4_0.gguf --clients 1,4 --duration 10
 
-For each C in --clients, C threads each send requests back to back (the next as soon as
+For each C in --clients, C clients each send requests back to back (the next as soon as
 the last is done) until --duration seconds have passed or each has sent --requests, and
 finish the request in flight. Prompts are --prompt-len random token ids (from --seed and
 the client's index, so every run and both engines see the same prompts), --max-tokens,
@@ -23,24 +23,29 @@ token's frame or event. One JSON line per C on stdout (progress on stderr):
                         first request at once, so the first C requests queue behind each
                         other's prompts (a burst no steady state has); at C = 16 and
                         --duration 10 they are about a sixth of the requests, enough to set p99
+  client_cpu_s          CPU seconds this script used during the run (user + system): what the
+                        load took from the cores the server runs on
   server_ttft_ms        moesh only (null for llama.cpp): the done frame's timings.ttft_ms,
                         arrival to first token on the server's clock. moesh sends a token's
                         frame as soon as it is sampled, unless stop strings or the last token
                         make it wait for the next (server.cpp)
   server                how the server was run (config, or its command line) and what it says
-moesh: one server (--config, --threads) serves every C; clients use their own DEALER
-socket (scripts/clients/python). One warm-up request, not counted, goes first.
+All C clients run in one thread, one event loop (a zmq.Poller over their sockets): a frame is
+timed when it arrives rather than when its thread next gets the interpreter, and the load
+costs the server's cores little (threads, one per client, took 0.4 of a core at C = 16 on the
+shipped model; see client_cpu_s). One warm-up request, not counted, goes first.
+moesh: one server (--config, --threads) serves every C; each client has its own DEALER socket
+and speaks docs/PROTOCOL.md (the ping goes through scripts/clients/python).
 llama.cpp: one llama-server per C, with -np C slots and a context of C * (prompt + max
 tokens + 64) so that every slot fits a request; driven through /v1/completions with
-"prompt" as token ids and stream=true (plain http.client, a new connection per request:
-llama-server closes kept-alive connections on its own terms). Non-200 answers are
-counted as errors ("http_500"), with the first one's body under error_examples. Loopback only.
-Python threads measure the client side too: at high C, token frames are parsed under the
-GIL, which inflates TTFT a little for both engines alike.
+"prompt" as token ids and stream=true (a new connection per request: llama-server closes
+kept-alive connections on its own terms). Non-200 answers are counted as errors ("http_500"),
+with the first one's body under error_examples. Loopback only.
 """
 
 import argparse
 import collections
+import heapq
 import http.client
 import json
 import math
@@ -53,8 +58,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+try:
+    import zmq
+except ImportError as e:   # main() says what to do
+    zmq = None
+    ZMQ_MISSING = str(e)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -77,7 +87,12 @@ class Stats:
         self.error_examples = {}   # code -> the first such error's text (truncated)
         self.finish = collections.Counter()
 
-    def done(self, ttft, latency, n_tokens, finish_reason):
+    def done(self, ttft, latency, n_tokens, finish_reason, server_ttft=None, record=None):
+        if server_ttft is not None:
+            self.server_ttft.append(server_ttft)
+        if record is not None:
+            self.records.append({**record, "ttft_ms": ttft * 1000 if ttft is not None else None,
+                                 "server_ttft_ms": server_ttft, "tokens": n_tokens})
         if ttft is not None:
             self.ttft.append(ttft * 1000)
             if self.n_sent > 1:
@@ -126,29 +141,376 @@ def lengths(seed, client, args):
         yield rng.randint(lo, hi) if hi > lo else lo
 
 
-def run_phase(n_clients, worker, args):
-    """Runs n_clients worker threads; -> (merged Stats, wall seconds)."""
+class Loop:
+    """Every client of a phase in this one thread: a zmq.Poller over their sockets (ZeroMQ
+    DEALERs and plain TCP sockets alike) and timers (request deadlines, busy retries). With one
+    thread a frame is timed when it arrives, not when its thread next gets the interpreter, and
+    the load takes little of the CPU the server needs (measured: client_cpu_s)."""
+
+    def __init__(self):
+        self.poller = zmq.Poller()
+        self.handlers = {}   # socket -> callback when readable
+        self.timers = []     # heap of (monotonic time, sequence, callback)
+        self.seq = 0
+
+    @staticmethod
+    def key(sock):   # poll() names a plain socket by its descriptor
+        return sock if isinstance(sock, zmq.Socket) else sock.fileno()
+
+    def watch(self, sock, callback):
+        self.poller.register(self.key(sock), zmq.POLLIN)
+        self.handlers[self.key(sock)] = callback
+
+    def unwatch(self, sock):
+        if self.handlers.pop(self.key(sock), None) is not None:
+            self.poller.unregister(self.key(sock))
+
+    def later(self, when, callback):
+        self.seq += 1
+        heapq.heappush(self.timers, (when, self.seq, callback))
+
+    def run(self, busy, hard_stop):
+        """Dispatches events while busy() and before hard_stop (monotonic seconds)."""
+        while busy():
+            now = time.monotonic()
+            if now >= hard_stop:
+                return
+            while self.timers and self.timers[0][0] <= now:
+                heapq.heappop(self.timers)[2]()
+                now = time.monotonic()
+            wait = min(hard_stop, self.timers[0][0] if self.timers else hard_stop) - now
+            if not busy():
+                return
+            for sock, _ in self.poller.poll(max(0, math.ceil(wait * 1000))):
+                handler = self.handlers.get(sock)
+                if handler is not None:   # an earlier handler of this round may have closed it
+                    handler()
+
+
+class LoadClient:
+    """One client: sends its next request as soon as the last one is over, until stop_at or
+    --requests. Subclasses send a request (send) and read its answer (on_readable); each
+    request has an id, so a late answer to one that timed out is told apart."""
+
+    def __init__(self, index, st, stop_at, loop, vocab, args):
+        self.index, self.st, self.stop_at, self.loop, self.args = index, st, stop_at, loop, args
+        self.gen = prompts(args.seed, index, vocab, args.prompt_len)
+        self.lens = lengths(args.seed, index, args)
+        self.active = True
+        self.rid = None   # the request in flight
+        self.t0 = 0.0
+        self.ttft = None
+
+    def next_request(self):
+        self.rid = None
+        if time.monotonic() >= self.stop_at or self.st.n_sent >= self.args.requests:
+            self.active = False
+            self.close()
+            return
+        self.st.n_sent += 1
+        self.rid = f"c{self.index}-{self.st.n_sent}"
+        self.ttft = None
+        self.t0 = time.monotonic()
+        rid = self.rid
+        self.loop.later(self.t0 + self.args.timeout, lambda: self.expire(rid))
+        self.send(next(self.gen), next(self.lens))
+
+    def first_token(self):
+        if self.ttft is None:
+            self.ttft = time.monotonic() - self.t0
+
+    def completed(self, n_tokens, finish_reason, server_ttft=None):
+        self.st.done(self.ttft, time.monotonic() - self.t0, n_tokens, finish_reason, server_ttft,
+                     {"client": self.index, "sent_s": self.t0})
+        self.next_request()
+
+    def failed(self, code, example=None, retry_after_s=None):
+        """Counts the request as failed; the next one goes out now, or after retry_after_s."""
+        self.st.errors[code] += 1
+        if example is not None:
+            self.st.error_examples.setdefault(code, example[:300])
+        self.rid = None
+        self.abandon()
+        if retry_after_s is None:
+            self.next_request()
+        else:   # as the server asks, but never past the end
+            self.loop.later(min(time.monotonic() + retry_after_s, self.stop_at), self.next_request)
+
+    def expire(self, rid):
+        if self.rid == rid:
+            self.failed("timeout")
+
+    def abandon(self):
+        """The request in flight is over for us (failed or timed out)."""
+
+    def close(self):
+        """The client is done."""
+
+
+class ZmqLoadClient(LoadClient):
+    """moesh's ZeroMQ protocol (docs/PROTOCOL.md) on the client's own DEALER socket."""
+
+    def __init__(self, ctx, endpoint, *a):
+        super().__init__(*a)
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.loop.watch(self.sock, self.on_readable)
+
+    def send(self, ids, max_tokens):
+        self.sock.send(json.dumps({"id": self.rid, "prompt_ids": ids, "max_tokens": max_tokens, "temperature": 0,
+                                   "stream": True}).encode())
+
+    def on_readable(self):
+        # Asking for EVENTS costs less than the exception of a recv on an empty socket.
+        while self.active and self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            body = self.sock.recv_multipart()[-1]   # [body] or [empty, body]
+            try:
+                f = json.loads(body)
+                kind = f["type"]
+            except (ValueError, TypeError, KeyError):
+                self.failed("invalid_response", body.decode(errors="replace"))
+                continue
+            if f.get("id") != self.rid or self.rid is None:
+                continue   # a late frame of a request that timed out
+            if kind == "token":
+                self.first_token()
+            elif kind == "done":
+                self.completed(f["usage"]["completion_tokens"], f["finish_reason"], (f.get("timings") or {}).get("ttft_ms"))
+            elif kind == "error":
+                code = f.get("code") or "error"
+                busy = code == "busy"
+                self.failed(code, f.get("message"), (f.get("retry_after_ms") or 0) / 1000 if busy else None)
+
+    def expire(self, rid):
+        if self.rid == rid:   # free its KV blocks on the server; the not_found or done answer is ignored
+            self.sock.send(json.dumps({"type": "cancel", "id": rid}).encode())
+        super().expire(rid)
+
+    def close(self):
+        self.loop.unwatch(self.sock)
+        self.sock.close(0)
+
+
+class HttpLoadClient(LoadClient):
+    """/v1/completions with stream=true on a new connection per request, read as it comes:
+    llama-server (cpp-httplib) closes a kept-alive connection on its own terms, so reusing one
+    would count a healthy request as a broken one. The request goes out in one write (two small
+    writes meet Nagle's algorithm and delayed ACKs: a 40 ms stall)."""
+
+    def __init__(self, port, *a):
+        super().__init__(*a)
+        self.port = port
+        self.sock = None
+        self.resp = None
+
+    def send(self, ids, max_tokens):
+        body = json.dumps({"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        try:
+            # Connecting on loopback costs ~0.1 ms and is inside the measured time, as for a
+            # client that does not pool connections.
+            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.args.timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.sendall(head + body)
+            self.sock.setblocking(False)
+        except OSError as e:
+            self.failed("connection_" + type(e).__name__)
+            return
+        self.resp = SseResponse()
+        self.usage, self.finish, self.n_chunks = None, None, 0
+        self.loop.watch(self.sock, self.on_readable)
+
+    def on_readable(self):
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self.failed("connection_" + type(e).__name__)
+            return
+        try:
+            events = self.resp.feed(data)
+        except ValueError as e:
+            self.failed("invalid_response", str(e))
+            return
+        if self.resp.status is not None and self.resp.status != 200:
+            if self.resp.complete or not data:   # counted, never retried: llama-server answers some requests with 500
+                self.failed(f"http_{self.resp.status}", self.resp.error_body.decode(errors="replace"))
+            return
+        for data_line in events:   # server-sent events: "data: {json}", then "data: [DONE]"
+            if data_line == b"[DONE]":
+                self.end()
+                return
+            try:
+                ev = json.loads(data_line)
+            except ValueError:
+                self.failed("invalid_response", data_line.decode(errors="replace"))
+                return
+            if "error" in ev:
+                err = ev["error"]
+                self.failed("stream_" + str(err.get("type", "error") if isinstance(err, dict) else "error"), json.dumps(err))
+                return
+            if isinstance(ev.get("usage"), dict):
+                self.usage = ev["usage"]
+            choices = ev.get("choices") or []
+            if not choices:
+                continue
+            self.first_token()
+            if choices[0].get("finish_reason") is None:
+                self.n_chunks += 1
+            else:
+                self.finish = choices[0]["finish_reason"]
+        if self.resp.complete or not data:
+            self.end()
+
+    def end(self):
+        if self.finish is None:
+            self.failed("stream_incomplete")
+            return
+        u = self.usage
+        n = u["completion_tokens"] if isinstance(u, dict) and "completion_tokens" in u else self.n_chunks
+        self.abandon()
+        self.completed(n, self.finish)
+
+    def abandon(self):
+        if self.sock is not None:
+            self.loop.unwatch(self.sock)
+            self.sock.close()
+            self.sock = None
+
+
+class SseResponse:
+    """An HTTP/1.1 response read incrementally: status, headers, then a body framed by chunked
+    transfer coding, Content-Length or the end of the connection; feed() returns the payloads
+    of the body's "data: " lines so far. A non-200 body is kept (its first 300 bytes)."""
+
+    def __init__(self):
+        self.buf = b""
+        self.status = None
+        self.chunked = False
+        self.length = None     # Content-Length, when given
+        self.chunk_left = 0    # bytes of the current chunk still to come (chunked)
+        self.complete = False
+        self.text = b""        # body bytes not yet split into lines
+        self.error_body = b""
+
+    def feed(self, data):
+        if not data:
+            if self.status is None:
+                raise ValueError("the connection closed before a complete response header")
+            if self.chunked:
+                return []   # cut short: the caller sees no [DONE] and no finish
+            self.complete = True
+            return self.lines(final=True)
+        self.buf += data
+        if self.status is None:
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > 65536:
+                    raise ValueError("a response header over 64 KiB")
+                return []
+            head = self.buf[:end].decode("latin-1").split("\r\n")
+            self.buf = self.buf[end + 4:]
+            parts = head[0].split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+                raise ValueError(f"not an HTTP/1.x status line: {head[0][:100]!r}")
+            self.status = int(parts[1])
+            for h in head[1:]:
+                name, _, value = h.partition(":")
+                name, value = name.strip().lower(), value.strip()
+                if name == "transfer-encoding" and "chunked" in value.lower():
+                    self.chunked = True
+                elif name == "content-length" and value.isdigit():
+                    self.length = int(value)
+        body = self.unframe()
+        if self.status != 200:
+            self.error_body = (self.error_body + body)[:300]
+            return []
+        self.text += body
+        return self.lines(final=self.complete)
+
+    def unframe(self):
+        out = []
+        if not self.chunked:
+            out.append(self.buf)
+            if self.length is not None:
+                self.length -= len(self.buf)
+                self.complete = self.length <= 0
+            self.buf = b""
+            return b"".join(out)
+        while not self.complete:
+            if self.chunk_left > 0:
+                take = self.buf[:self.chunk_left]
+                out.append(take)
+                self.chunk_left -= len(take)
+                self.buf = self.buf[len(take):]
+                if self.chunk_left > 0:
+                    break
+                self.chunk_left = -2   # the CRLF after the chunk's data
+            if self.chunk_left == -2:
+                if len(self.buf) < 2:
+                    break
+                if self.buf[:2] != b"\r\n":
+                    raise ValueError("a chunk's data is not followed by CRLF")
+                self.buf = self.buf[2:]
+                self.chunk_left = 0
+            end = self.buf.find(b"\r\n")
+            if end < 0:
+                if len(self.buf) > 1024:
+                    raise ValueError("a chunk size line over 1 KiB")
+                break
+            size = self.buf[:end].split(b";")[0].strip()
+            try:
+                n = int(size, 16)
+            except ValueError:
+                raise ValueError(f"a chunk size that is not hexadecimal: {size[:40]!r}") from None
+            self.buf = self.buf[end + 2:]
+            if n == 0:
+                self.complete = True   # trailers, if any, are not read
+            else:
+                self.chunk_left = n
+        return b"".join(out)
+
+    def lines(self, final):
+        *whole, self.text = self.text.split(b"\n")
+        if final and self.text:
+            whole.append(self.text)
+            self.text = b""
+        return [line.strip()[5:].strip() for line in whole if line.strip().startswith(b"data:")]
+
+
+def run_phase(n_clients, make_client, args, index=None):
+    """Runs n_clients clients (make_client(index, stats, stop_at, loop)) in one event loop;
+    -> (merged Stats, wall seconds, CPU seconds this process used). index: every client uses
+    that index's prompts (the warm-up's -1)."""
+    loop = Loop()
     stats = [Stats() for _ in range(n_clients)]
     start = time.monotonic()
+    cpu0 = os.times()
     stop_at = start + args.duration
-    threads = [threading.Thread(target=worker, args=(i, stats[i], stop_at), daemon=True) for i in range(n_clients)]
-    for t in threads:
-        t.start()
-    # A worker ends at most one request timeout after stop_at; a stuck one is reported, not waited for.
-    hard_stop = stop_at + args.timeout + 10
-    for t in threads:
-        t.join(max(0.0, hard_stop - time.monotonic()))
+    clients = [make_client(i if index is None else index, stats[i], stop_at, loop) for i in range(n_clients)]
+    for c in clients:
+        c.next_request()
+    # A client ends at most one request timeout after stop_at; a stuck one is reported, not waited for.
+    loop.run(lambda: any(c.active for c in clients), stop_at + args.timeout + 10)
     wall = time.monotonic() - start
+    cpu1 = os.times()
     total = Stats()
     for s in stats:
         total.merge(s)
-    stuck = sum(t.is_alive() for t in threads)
+    stuck = [c for c in clients if c.active]
+    for c in stuck:
+        c.abandon()
+        c.close()
     if stuck:
-        total.errors["client_stuck"] += stuck
-    return total, wall
+        total.errors["client_stuck"] += len(stuck)
+    return total, wall, (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
 
 
-def report(engine, n_clients, total, wall, args, server):
+def report(engine, n_clients, total, wall, cpu, args, server):
     line = {
         "engine": engine,
         "clients": n_clients,
@@ -164,6 +526,7 @@ def report(engine, n_clients, total, wall, args, server):
                                 "p99": percentile(total.ttft_after_first, 99)},
         "server_ttft_ms": {"p50": percentile(total.server_ttft, 50), "p99": percentile(total.server_ttft, 99)},
         "latency_ms": {"p50": percentile(total.latency, 50), "p99": percentile(total.latency, 99)},
+        "client_cpu_s": round(cpu, 3),
         "prompt_len": args.prompt_len,
         "max_tokens": args.max_tokens,
         "max_tokens_spread": args.max_tokens_spread,
@@ -172,6 +535,10 @@ def report(engine, n_clients, total, wall, args, server):
         "server": server,
     }
     print(json.dumps(line), flush=True)
+    if args.dump_requests:
+        with open(args.dump_requests, "a") as f:
+            for r in sorted(total.records, key=lambda r: r["sent_s"]):
+                f.write(json.dumps({"engine": engine, "clients": n_clients, **r}) + "\n")
 
 
 def wait_lines(proc, n, timeout):
@@ -267,23 +634,20 @@ def run_moesh_http(args, clients):
         port = int(url.rsplit(":", 1)[1])
         server = {"model": args.model, "command": cmd, "config_file": args.config, "config": read_toml(args.config),
                   "url": url}
-        http_warm_up(port, vocab, args)
+        make = http_clients(port, vocab, args)
+        warm_up(make, args)
         for n in clients:
             log(f"serve_load: moesh (HTTP), {n} clients, {args.duration:g} s")
-            total, wall = run_phase(n, http_worker(port, vocab, args), args)
+            total, wall, cpu = run_phase(n, make, args)
             server["rss_peak_mb"] = peak_rss_mb(proc.pid)
-            report("moesh-http", n, total, wall, args, server)
+            report("moesh-http", n, total, wall, cpu, args, server)
     finally:
         end_server(proc, log_file, "moesh serve")
 
 
 def run_moesh(args, clients):
-    try:
-        sys.path.insert(0, str(ROOT / "scripts" / "clients" / "python"))
-        from moesh_client import Client, MoeshError
-    except ImportError as e:
-        sys.exit(f"serve_load: the moesh client needs pyzmq ({e}): apt install python3-zmq and use /usr/bin/python3, "
-                 "or pip install pyzmq")
+    sys.path.insert(0, str(ROOT / "scripts" / "clients" / "python"))
+    from moesh_client import Client
     vocab = moesh_vocab(args)
     proc = None
     log_file = None
@@ -301,50 +665,19 @@ def run_moesh(args, clients):
     try:
         with Client(endpoint) as c:
             server["info"] = c.ping(timeout=30).get("info")
-            c.generate(prompt_ids=next(prompts(args.seed, -1, vocab, args.prompt_len)), max_tokens=args.max_tokens,
-                       timeout=args.timeout)   # warm-up: page the weights in
+        ctx = zmq.Context.instance()
 
-        def worker(index, st, stop_at):
-            with Client(endpoint) as c:
-                gen = prompts(args.seed, index, vocab, args.prompt_len)
-                lens = lengths(args.seed, index, args)
-                for _ in range(args.requests):
-                    if time.monotonic() >= stop_at:
-                        return
-                    t0 = time.monotonic()
-                    st.n_sent += 1
-                    ttft = None
-                    try:
-                        for f in c.stream(prompt_ids=next(gen), max_tokens=next(lens), timeout=args.timeout):
-                            if ttft is None and f["type"] == "token":
-                                ttft = time.monotonic() - t0
-                            if f["type"] == "done":
-                                server_ttft = (f.get("timings") or {}).get("ttft_ms")
-                                if server_ttft is not None:
-                                    st.server_ttft.append(server_ttft)
-                                if args.dump_requests:
-                                    st.records.append({"client": index, "sent_s": t0,
-                                                       "ttft_ms": ttft * 1000 if ttft is not None else None,
-                                                       "server_ttft_ms": server_ttft,
-                                                       "tokens": f["usage"]["completion_tokens"]})
-                                st.done(ttft, time.monotonic() - t0, f["usage"]["completion_tokens"], f["finish_reason"])
-                    except MoeshError as e:
-                        st.errors[e.code] += 1
-                        if e.code == "busy":   # as the server asks, but never past the end
-                            time.sleep(max(0.0, min((e.retry_after_ms or 0) / 1000, stop_at - time.monotonic())))
-                    except TimeoutError:
-                        st.errors["timeout"] += 1
+        def make(index, st, stop_at, loop):
+            return ZmqLoadClient(ctx, endpoint, index, st, stop_at, loop, vocab, args)
+
+        warm_up(make, args)
 
         for n in clients:
             log(f"serve_load: moesh, {n} clients, {args.duration:g} s")
-            total, wall = run_phase(n, worker, args)
+            total, wall, cpu = run_phase(n, make, args)
             if proc is not None:
                 server["rss_peak_mb"] = peak_rss_mb(proc.pid)
-            report("moesh", n, total, wall, args, server)
-            if args.dump_requests:
-                with open(args.dump_requests, "a") as f:
-                    for r in sorted(total.records, key=lambda r: r["sent_s"]):
-                        f.write(json.dumps({"clients": n, **r}) + "\n")
+            report("moesh", n, total, wall, cpu, args, server)
     finally:
         if proc is not None:
             end_server(proc, log_file, "moesh serve")
@@ -392,91 +725,18 @@ def start_llama(args, n_clients):
     sys.exit(f"serve_load: llama-server not ready within 180 s; see {log_file.name}")
 
 
-def llama_request(conn, ids, args, st, t0, max_tokens=None):
-    """One streamed /v1/completions request on a new connection, closed after it; records it
-    in st. Raises OSError and http.client.HTTPException when the connection breaks.
-    Connections are not reused: llama-server (cpp-httplib) closes a kept-alive connection
-    on its own terms (after a streamed response, or when idle), and http.client only notices
-    when the next request's response fails (RemoteDisconnected), which would count a healthy
-    request as a broken one."""
-    # bytes, so that http.client sends headers and body in one write: two small writes meet
-    # Nagle's algorithm and delayed ACKs (a 40 ms stall)
-    body = json.dumps({"prompt": ids, "max_tokens": max_tokens or args.max_tokens, "temperature": 0, "stream": True,
-                       "stream_options": {"include_usage": True}}).encode()
-    conn.request("POST", "/v1/completions", body=body,
-                 headers={"Content-Type": "application/json", "Connection": "close"})
-    r = conn.getresponse()
-    if r.status != 200:   # counted, never retried: llama-server answers some requests with 500
-        code = f"http_{r.status}"
-        st.errors[code] += 1
-        st.error_examples.setdefault(code, r.read()[:300].decode(errors="replace"))
-        return
-    ttft = None
-    n_chunks = 0
-    usage = None
-    finish = None
-    for raw in r:   # server-sent events: "data: {json}" lines, then "data: [DONE]"
-        line = raw.strip()
-        if not line.startswith(b"data: "):
-            continue
-        data = line[6:]
-        if data == b"[DONE]":
-            break
-        ev = json.loads(data)
-        if "error" in ev:
-            err = ev["error"]
-            st.errors["stream_" + str(err.get("type", "error") if isinstance(err, dict) else "error")] += 1
-            r.read()
-            return
-        if isinstance(ev.get("usage"), dict):
-            usage = ev["usage"]
-        choices = ev.get("choices") or []
-        if not choices:
-            continue
-        if ttft is None:
-            ttft = time.monotonic() - t0
-        if choices[0].get("finish_reason") is None:
-            n_chunks += 1
-        else:
-            finish = choices[0]["finish_reason"]
-    if finish is None:
-        st.errors["stream_incomplete"] += 1
-        return
-    n = usage["completion_tokens"] if isinstance(usage, dict) and "completion_tokens" in usage else n_chunks
-    st.done(ttft, time.monotonic() - t0, n, finish)
+def http_clients(port, vocab, args):
+    def make(index, st, stop_at, loop):
+        return HttpLoadClient(port, index, st, stop_at, loop, vocab, args)
+    return make
 
 
-def http_warm_up(port, vocab, args):
+def warm_up(make, args):
     """One request, not counted: pages the weights in."""
-    warm = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
-    try:
-        llama_request(warm, next(prompts(args.seed, -1, vocab, args.prompt_len)), args, Stats(), time.monotonic())
-    finally:
-        warm.close()
-
-
-def http_worker(port, vocab, args):
-    def worker(index, st, stop_at):
-        gen = prompts(args.seed, index, vocab, args.prompt_len)
-        lens = lengths(args.seed, index, args)
-        for _ in range(args.requests):
-            if time.monotonic() >= stop_at:
-                return
-            # A fresh connection per request (see llama_request); connecting on loopback
-            # costs ~0.1 ms and is inside the measured time, as for a client that does not
-            # pool connections.
-            t0 = time.monotonic()
-            st.n_sent += 1
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=args.timeout)
-            try:
-                llama_request(conn, next(gen), args, st, t0, next(lens))
-            except (socket.timeout, TimeoutError):
-                st.errors["timeout"] += 1
-            except (OSError, http.client.HTTPException, ValueError) as e:
-                st.errors["connection_" + type(e).__name__] += 1
-            finally:
-                conn.close()
-    return worker
+    once = argparse.Namespace(**{**vars(args), "requests": 1, "dump_requests": None})
+    total, _, _ = run_phase(1, make, once, index=-1)
+    if not total.latency:
+        sys.exit(f"serve_load: the warm-up request failed: {dict(total.errors)} {total.error_examples}")
 
 
 def run_llama(args, clients):
@@ -492,13 +752,12 @@ def run_llama(args, clients):
                 sys.exit(f"serve_load: llama-server did not say n_vocab (/v1/models: {status}); give --vocab")
             server = {"command": cmd, "model": args.model, "meta": meta}
 
-            worker = http_worker(port, vocab, args)
-
-            http_warm_up(port, vocab, args)
+            make = http_clients(port, vocab, args)
+            warm_up(make, args)
             log(f"serve_load: llama.cpp, {n} clients, {args.duration:g} s")
-            total, wall = run_phase(n, worker, args)
+            total, wall, cpu = run_phase(n, make, args)
             server["rss_peak_mb"] = peak_rss_mb(proc.pid)
-            report("llama.cpp", n, total, wall, args, server)
+            report("llama.cpp", n, total, wall, cpu, args, server)
         finally:
             end_server(proc, log_file, "llama-server")
 
@@ -525,10 +784,13 @@ def main():
     ap.add_argument("--timeout", type=float, default=120, help="seconds one request may take")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompts")
     ap.add_argument("--dump-requests", metavar="FILE",
-                    help="moesh over ZeroMQ: append one JSON line per completed request to FILE (client, "
-                         "monotonic send time, client and server TTFT, tokens), to see what sets the TTFT tail")
+                    help="append one JSON line per completed request to FILE (engine, C, client, monotonic "
+                         "send time, client and server TTFT, tokens), to see what sets the TTFT tail")
     ap.add_argument("--vocab", type=int, help="vocabulary size for the prompt ids (default: from the model/server)")
     args = ap.parse_args()
+    if zmq is None:
+        sys.exit(f"serve_load: needs pyzmq ({ZMQ_MISSING}): apt install python3-zmq and use /usr/bin/python3, "
+                 "or pip install pyzmq")
 
     try:
         clients = [int(c) for c in args.clients.split(",")]
