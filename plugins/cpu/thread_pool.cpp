@@ -132,6 +132,13 @@ uint64_t ThreadPool::wait_for_task(uint64_t seen_gen) {
             return task;
         }
         cpu_relax();
+        // Now and then, give the core to any other thread that is ready (a server's I/O
+        // threads, a client on the same machine): with only compute threads to run, a
+        // spinning worker made them wait for its time slice, up to milliseconds. With
+        // nothing else ready the yield returns at once.
+        if (i % 64 == 0) {
+            std::this_thread::yield();
+        }
         if (i % 256 == 0 && std::chrono::steady_clock::now() - t_start > k_spin_time) {
             break;
         }

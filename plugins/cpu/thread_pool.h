@@ -10,8 +10,9 @@
 // that is descheduled (another process, a slower core) delays the call by at
 // most the part it is in. The calling thread is thread 0 and returns when all
 // parts are done. Workers spin briefly between tasks because decode issues
-// calls ~100 us apart and a futex wake-up costs tens of microseconds; then they
-// sleep on a condition variable.
+// calls ~100 us apart and a futex wake-up costs tens of microseconds, yielding
+// the core every few microseconds to any other ready thread; then they sleep on
+// a condition variable.
 // Thread safety: run() is called by one thread at a time (the context's owner).
 #pragma once
 

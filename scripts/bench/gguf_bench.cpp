@@ -29,6 +29,11 @@
 // in-place: the static rule, the first layers' experts pinned and every other
 // one on the cpu). One line per budget x cost x thread count, with the tier's
 // hits, promotions, in-place counts and prefetches.
+// --sequences N: then a serving step as `moesh serve` runs it (runtime/scheduler.h):
+// N requests of --prompt random tokens and --gen tokens each, prefilled, then decoded
+// together, one token of every sequence per step. Its line gives the decode steps'
+// tokens/s and that as a fraction of the prefill rate (what issue 7's "0.6 of the
+// prefill rate" asks of aggregate decode), without sockets or clients.
 #include "bandwidth_probe.h"
 #include "plugins/loader/plugin_loader.h"
 #include "runtime/generate.h"
@@ -36,12 +41,15 @@
 #include "runtime/model.h"
 #include "runtime/backend_weights.h"
 #include "runtime/quantize.h"
+#include "runtime/error.h"
+#include "runtime/scheduler.h"
 #include "runtime/expert_placement.h"
 #include "runtime/synthetic_model.h"
 
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
@@ -100,6 +108,47 @@ std::optional<moesh::ModelConfig> synthetic_config(const std::string & shape) {
     return moesh::parse_model_config(j.dump(), "synthetic " + shape);
 }
 
+// Tokens/s of the decode steps of n_seq requests served together (see --sequences), over
+// reps rounds. Steps that still prefill a prompt are left out.
+Stat batched_decode(const moesh::Model & model, moesh::Backend & be, const moesh::BackendWeights & weights, int64_t n_prompt,
+                    int64_t n_gen, int64_t n_seq, int64_t batch, int32_t kv_type, int reps, std::mt19937 & rng) {
+    moesh::SchedulerOptions so;
+    so.max_batch = std::max(batch, n_seq);
+    so.max_sequences = n_seq;
+    so.kv_type = kv_type;
+    so.kv_blocks = n_seq * ((n_prompt + n_gen + so.kv_block_size - 1) / so.kv_block_size);
+    so.prefill_chunk = n_prompt;
+    so.max_queue = n_seq;
+    moesh::Scheduler sched(model, be, so, &weights);
+    std::uniform_int_distribution<int32_t> tok(0, int32_t(model.config().n_vocab - 1));
+    std::vector<double> out;
+    for (int r = 0; r <= reps; ++r) {   // the first round warms up
+        for (int64_t i = 0; i < n_seq; ++i) {
+            moesh::GenRequest q;
+            for (int64_t k = 0; k < n_prompt; ++k) q.prompt.push_back(tok(rng));
+            q.max_tokens = n_gen;
+            uint64_t h = 0;
+            std::string why;
+            if (sched.submit(std::move(q), &h, &why) != moesh::Admit::Queued) throw moesh::Error("--sequences: " + why);
+        }
+        double seconds = 0;
+        int64_t tokens = 0;
+        while (!sched.idle()) {
+            const moesh::SchedulerStats before = sched.stats();
+            const auto t0 = std::chrono::steady_clock::now();
+            sched.step();
+            const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+            const moesh::SchedulerStats after = sched.stats();
+            if (after.tokens_prefilled == before.tokens_prefilled) {
+                seconds += dt;
+                tokens += after.tokens_generated - before.tokens_generated;
+            }
+        }
+        if (r > 0 && seconds > 0) out.push_back(double(tokens) / seconds);
+    }
+    return stat(out);
+}
+
 } // namespace
 
 int main(int argc, char ** argv) {
@@ -107,7 +156,7 @@ int main(int argc, char ** argv) {
     std::string synthetic, synthetic_type = "q4_0", backend = "cpu";
     double roofline_gbps = 0;
     std::vector<int> threads = {1, 2};
-    int64_t n_prompt = 128, n_gen = 64, batch = 128;
+    int64_t n_prompt = 128, n_gen = 64, batch = 128, n_sequences = 0;
     int reps = 3;
     double probe_gib = 1.0;
     bool probe_only = false;
@@ -137,6 +186,7 @@ int main(int argc, char ** argv) {
         } else if (a == "--prompt") n_prompt = std::stoll(next());
         else if (a == "--gen") n_gen = std::stoll(next());
         else if (a == "--batch") batch = std::stoll(next());
+        else if (a == "--sequences") n_sequences = std::stoll(next());
         else if (a == "--reps") reps = std::stoi(next());
         else if (a == "--probe-gib") probe_gib = std::stod(next());
         else if (a == "--probe-only") probe_only = true;
@@ -162,7 +212,7 @@ int main(int argc, char ** argv) {
             std::fprintf(stderr,
                          "usage: %s --model PATH [--threads 1,2] [--prompt 128] [--gen 64] [--batch 128] [--reps 3]\n"
                          "          [--probe-gib 1] [--plugin-dir D] [--no-repack] [--kv-type f32|f16] [--backend cpu]\n"
-                         "          [--roofline-gbps G]\n"
+                         "          [--roofline-gbps G] [--sequences N]\n"
                          "          [--gpu-budgets 50,25 [--costs auto,auto-sync,promote,in-place]]   (a device backend)\n"
                          "       %s --synthetic moe-small|moe-mid [--type q4_0|q8_0|q4_1|bf16] [same options]\n"
                          "       %s --probe-only [--threads 2] [--probe-gib 1]\n",
@@ -176,9 +226,10 @@ int main(int argc, char ** argv) {
                       << std::endl;
         return 0;
     }
-    if (model_path.empty() == synthetic.empty() || n_prompt < 1 || n_gen < 2 || reps < 1 || roofline_gbps < 0) {
+    if (model_path.empty() == synthetic.empty() || n_prompt < 1 || n_gen < 2 || reps < 1 || roofline_gbps < 0 ||
+        n_sequences < 0) {
         std::fprintf(stderr, "one of --model and --synthetic is required; --prompt >= 1, --gen >= 2, --reps >= 1,"
-                             " --roofline-gbps >= 0\n");
+                             " --roofline-gbps >= 0, --sequences >= 0\n");
         return 2;
     }
     std::optional<moesh::ModelConfig> synthetic_cfg;
@@ -362,6 +413,17 @@ int main(int argc, char ** argv) {
             }
             if (bw > 0) j["decode_roofline_fraction"] = d.median * double(bytes_per_token) / (bw * 1e9);
             std::cout << j.dump() << std::endl;
+            if (n_sequences > 0) {
+                const Stat b = batched_decode(model, *be, weights, n_prompt, n_gen, n_sequences, batch, kv_type, reps, rng);
+                std::cout << nlohmann::json{{"bench", "moesh_batched_decode"}, {"model", model_path}, {"backend", be->name()},
+                                            {"threads", t}, {"kv_type", moesh::kv_type_name(kv_type)},
+                                            {"sequences", n_sequences}, {"n_prompt", n_prompt}, {"n_gen", n_gen},
+                                            {"reps", reps}, {"decode_tps", b.median}, {"decode_tps_mean", b.mean},
+                                            {"decode_tps_sd", b.sd}, {"prefill_tps", p.median},
+                                            {"of_prefill", b.median / p.median}}
+                                 .dump()
+                          << std::endl;
+            }
         }
     } catch (const std::exception & e) {
         std::fprintf(stderr, "error: %s\n", e.what());
