@@ -860,12 +860,13 @@ moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args
         if (s != MOESH_OK) {
             return s;
         }
-        const int64_t n_items = a.n_tokens * a.n_head;
+        const int hpi = moesh::cpu::attention_heads_per_item(a.n_head, a.n_head_kv, a.n_tokens, be->pool.n_threads());
+        const int64_t n_items = a.n_tokens * (a.n_head / hpi);
         int64_t stride = 0;
-        float * scores = thread_scratch(be, n_ctx_max, &stride);   // [n_threads, stride]
+        float * scores = thread_scratch(be, hpi * n_ctx_max, &stride);   // [n_threads, stride]
         auto task = [&](int ith, int64_t part, int64_t n_parts) {
             const Range r = split(n_items, part, n_parts);
-            moesh::cpu::attention_items(a, r.begin, r.end, scores + ith * stride);
+            moesh::cpu::attention_items(a, hpi, r.begin, r.end, scores + ith * stride);
         };
         int64_t work = 0;
         product_fits(n_items * a.head_dim, 2 * n_ctx_max, &work);
@@ -888,7 +889,7 @@ moesh_status cpu_attention_batch(moesh_backend * be, const moesh_attention_batch
         // Each run as the attention call it stands for, checked as that call is.
         std::vector<moesh_attention_args> & runs = be->attention_runs;
         runs.resize(size_t(b.n_runs));
-        int64_t end = 0, n_items = 0, n_ctx_max = 0, work = 0;
+        int64_t end = 0, n_tokens = 0, n_ctx_max = 0, work = 0;
         for (int64_t r = 0; r < b.n_runs; ++r) {
             moesh_attention_args & a = runs[size_t(r)];
             if ((s = moesh::plugin::attention_batch_run(be, b, r, q_row, &end, &a)) != MOESH_OK) {
@@ -902,22 +903,24 @@ moesh_status cpu_attention_batch(moesh_backend * be, const moesh_attention_batch
                 return s;
             }
             n_ctx_max = std::max(n_ctx_max, n_ctx);
-            n_items += u.n_tokens * b.n_head;
+            n_tokens += u.n_tokens;
             int64_t w = INT64_MAX;
             product_fits(u.n_tokens * q_row, 2 * n_ctx, &w);
             work = w > INT64_MAX - work ? INT64_MAX : work + w;
         }
+        const int hpi = moesh::cpu::attention_heads_per_item(b.n_head, b.n_head_kv, n_tokens, be->pool.n_threads());
+        const int64_t n_items = n_tokens * (b.n_head / hpi);
         int64_t stride = 0;
-        float * scores = thread_scratch(be, n_ctx_max, &stride);   // [n_threads, stride]
-        // Items (token, head) of all runs in order; a part walks the runs its range covers.
+        float * scores = thread_scratch(be, hpi * n_ctx_max, &stride);   // [n_threads, stride]
+        // Items (token, heads) of all runs in order; a part walks the runs its range covers.
         auto task = [&](int ith, int64_t part, int64_t n_parts) {
             const Range rg = split(n_items, part, n_parts);
             int64_t base = 0;
             for (const moesh_attention_args & a : runs) {
-                const int64_t n = a.n_tokens * a.n_head;
+                const int64_t n = a.n_tokens * (a.n_head / hpi);
                 const int64_t i0 = std::max(rg.begin - base, int64_t(0)), i1 = std::min(rg.end - base, n);
                 if (i0 < i1) {
-                    moesh::cpu::attention_items(a, i0, i1, scores + ith * stride);
+                    moesh::cpu::attention_items(a, hpi, i0, i1, scores + ith * stride);
                 }
                 base += n;
                 if (base >= rg.end) {

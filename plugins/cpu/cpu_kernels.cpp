@@ -584,11 +584,11 @@ HWY_INLINE void dot_q_4(const float * HWY_RESTRICT q, const T * HWY_RESTRICT k0,
     out[1] = reduce_sum(d, a1);
     out[2] = reduce_sum(d, a2);
     out[3] = reduce_sum(d, a3);
-    for (; i < n; ++i) {
-        out[0] += q[i] * kv_at(k0 + i);
-        out[1] += q[i] * kv_at(k1 + i);
-        out[2] += q[i] * kv_at(k2 + i);
-        out[3] += q[i] * kv_at(k3 + i);
+    for (; i < n; ++i) {   // fma, as every path of attention_items_t rounds the tails alike
+        out[0] = std::fma(q[i], kv_at(k0 + i), out[0]);
+        out[1] = std::fma(q[i], kv_at(k1 + i), out[1]);
+        out[2] = std::fma(q[i], kv_at(k2 + i), out[2]);
+        out[3] = std::fma(q[i], kv_at(k3 + i), out[3]);
     }
 }
 
@@ -603,7 +603,7 @@ HWY_INLINE float dot_q_1(const float * HWY_RESTRICT q, const T * HWY_RESTRICT k,
     }
     float sum = reduce_sum(d, acc);
     for (; i < n; ++i) {
-        sum += q[i] * kv_at(k + i);
+        sum = std::fma(q[i], kv_at(k + i), sum);
     }
     return sum;
 }
@@ -626,8 +626,12 @@ HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const T * const * v, const 
             acc = hn::MulAdd(p3, load_kv(d, v[3] + i), acc);
             hn::StoreU(acc, d, o + i);
         }
-        for (; i < n; ++i) {
-            o[i] += p[0] * kv_at(v[0] + i) + p[1] * kv_at(v[1] + i) + p[2] * kv_at(v[2] + i) + p[3] * kv_at(v[3] + i);
+        for (; i < n; ++i) {   // row by row, as the vector lanes (and every heads-per-item path)
+            float x = o[i];
+            for (int j = 0; j < 4; ++j) {
+                x = std::fma(p[j], kv_at(v[j] + i), x);
+            }
+            o[i] = x;
         }
         return;
     }
@@ -638,82 +642,175 @@ HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const T * const * v, const 
             hn::StoreU(hn::MulAdd(pj, load_kv(d, v[j] + i), hn::LoadU(d, o + i)), d, o + i);
         }
         for (; i < n; ++i) {
-            o[i] += p[j] * kv_at(v[j] + i);
+            o[i] = std::fma(p[j], kv_at(v[j] + i), o[i]);
         }
     }
 }
 
-template <class T>
+// Items (token, HPI query heads of one kv head): the HPI heads share each K and V
+// row's load (and f16 widening) instead of reading it once per head. Rows per pass:
+// QK keeps R * HPI <= 4 dot products going (then 8 for HPI = 8), V keeps RV * HPI
+// weights in registers.
+template <class T, int HPI>
 void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores) {
+    constexpr int R = HPI >= 4 ? 1 : 4 / HPI;
+    constexpr int RV = HPI >= 8 ? 1 : 8 / HPI > 4 ? 4 : 8 / HPI;
     const DF d;
     const int64_t N = int64_t(hn::Lanes(d));
     const int64_t n_group = a.n_head / a.n_head_kv;
+    const int64_t n_items_token = a.n_head / HPI;
     const int64_t n_dim = a.head_dim;
     const int64_t bs = a.block_size;
     const int64_t row_stride = a.n_head_kv * n_dim;   // elements between cache rows of one kv head
     for (int64_t item = i0; item < i1; ++item) {
-        const int64_t t = item / a.n_head;
-        const int64_t h_kv = (item % a.n_head) / n_group;
-        const float * q = a.q + item * n_dim;   // [head_dim]
-        float * o = a.out + item * n_dim;       // [head_dim]
+        const int64_t t = item / n_items_token;
+        const int64_t h0 = (item % n_items_token) * HPI;   // first query head
+        const int64_t h_kv = h0 / n_group;
         const int64_t n_ctx = int64_t(a.pos[t]) + 1;
+        const float * q[HPI];
+        float * o[HPI];
+        float * sc[HPI];   // scores of head h0 + h: [n_ctx]
+        for (int h = 0; h < HPI; ++h) {
+            q[h] = a.q + (t * a.n_head + h0 + h) * n_dim;
+            o[h] = a.out + (t * a.n_head + h0 + h) * n_dim;
+            sc[h] = scores + h * n_ctx;
+        }
         auto block_base = [&](const void * pool, int64_t p0) {
             // Row 0 of the cache block holding position p0, for kv head h_kv.
             return static_cast<const T *>(pool) + (int64_t(a.block_table[p0 / bs]) * bs * a.n_head_kv + h_kv) * n_dim;
         };
 
-        float max = -std::numeric_limits<float>::infinity();
         for (int64_t p0 = 0; p0 < n_ctx; p0 += bs) {
             const T * k = block_base(a.k_pool, p0);   // [bs, row_stride]
             const int64_t n_r = std::min(bs, n_ctx - p0);
             int64_t r = 0;
-            for (; r + 4 <= n_r; r += 4) {
-                dot_q_4(q, k + r * row_stride, k + (r + 1) * row_stride, k + (r + 2) * row_stride,
-                        k + (r + 3) * row_stride, n_dim, scores + p0 + r);
+            if constexpr (HPI == 1) {
+                for (; r + 4 <= n_r; r += 4) {
+                    dot_q_4(q[0], k + r * row_stride, k + (r + 1) * row_stride, k + (r + 2) * row_stride,
+                            k + (r + 3) * row_stride, n_dim, sc[0] + p0 + r);
+                }
+            } else {
+                for (; r + R <= n_r; r += R) {
+                    VF acc[R][HPI];
+                    for (int j = 0; j < R; ++j) {
+                        for (int h = 0; h < HPI; ++h) {
+                            acc[j][h] = hn::Zero(d);
+                        }
+                    }
+                    int64_t i = 0;
+                    for (; i + N <= n_dim; i += N) {
+                        for (int j = 0; j < R; ++j) {
+                            const VF vk = load_kv(d, k + (r + j) * row_stride + i);
+                            for (int h = 0; h < HPI; ++h) {
+                                acc[j][h] = hn::MulAdd(hn::LoadU(d, q[h] + i), vk, acc[j][h]);
+                            }
+                        }
+                    }
+                    for (int j = 0; j < R; ++j) {
+                        for (int h = 0; h < HPI; ++h) {
+                            float sum = reduce_sum(d, acc[j][h]);
+                            for (int64_t ii = i; ii < n_dim; ++ii) {
+                                sum = std::fma(q[h][ii], kv_at(k + (r + j) * row_stride + ii), sum);
+                            }
+                            sc[h][p0 + r + j] = sum;
+                        }
+                    }
+                }
             }
             for (; r < n_r; ++r) {
-                scores[p0 + r] = dot_q_1(q, k + r * row_stride, n_dim);
-            }
-            for (r = 0; r < n_r; ++r) {
-                scores[p0 + r] *= a.scale;
-                max = std::max(max, scores[p0 + r]);
+                for (int h = 0; h < HPI; ++h) {
+                    sc[h][p0 + r] = dot_q_1(q[h], k + r * row_stride, n_dim);
+                }
             }
         }
 
-        const VF v_max = hn::Set(d, max);
-        VF v_sum = hn::Zero(d);
-        int64_t j = 0;
-        for (; j + N <= n_ctx; j += N) {
-            const VF e = hn::Exp(d, hn::Sub(hn::LoadU(d, scores + j), v_max));
-            hn::StoreU(e, d, scores + j);
-            v_sum = hn::Add(v_sum, e);
-        }
-        float sum = reduce_sum(d, v_sum);
-        for (; j < n_ctx; ++j) {
-            scores[j] = std::exp(scores[j] - max);
-            sum += scores[j];
+        float inv_sum[HPI];
+        for (int h = 0; h < HPI; ++h) {
+            float * s = sc[h];
+            float max = -std::numeric_limits<float>::infinity();
+            for (int64_t j = 0; j < n_ctx; ++j) {
+                s[j] *= a.scale;
+                max = std::max(max, s[j]);
+            }
+            const VF v_max = hn::Set(d, max);
+            VF v_sum = hn::Zero(d);
+            int64_t j = 0;
+            for (; j + N <= n_ctx; j += N) {
+                const VF e = hn::Exp(d, hn::Sub(hn::LoadU(d, s + j), v_max));
+                hn::StoreU(e, d, s + j);
+                v_sum = hn::Add(v_sum, e);
+            }
+            float sum = reduce_sum(d, v_sum);
+            for (; j < n_ctx; ++j) {
+                s[j] = std::exp(s[j] - max);
+                sum += s[j];
+            }
+            inv_sum[h] = 1.0f / sum;
+            std::fill(o[h], o[h] + n_dim, 0.0f);
         }
 
-        std::fill(o, o + n_dim, 0.0f);
         for (int64_t p0 = 0; p0 < n_ctx; p0 += bs) {
             const T * v = block_base(a.v_pool, p0);   // [bs, row_stride]
             const int64_t n_r = std::min(bs, n_ctx - p0);
-            for (int64_t r = 0; r < n_r; r += 4) {
-                const int64_t n_v = std::min<int64_t>(4, n_r - r);
-                const T * rows[4];
-                for (int64_t jr = 0; jr < 4; ++jr) {
-                    rows[jr] = v + (r + std::min(jr, n_v - 1)) * row_stride;
+            if constexpr (HPI == 1) {
+                for (int64_t r = 0; r < n_r; r += 4) {
+                    const int64_t n_v = std::min<int64_t>(4, n_r - r);
+                    const T * rows[4];
+                    for (int64_t jr = 0; jr < 4; ++jr) {
+                        rows[jr] = v + (r + std::min(jr, n_v - 1)) * row_stride;
+                    }
+                    accumulate_v(o[0], rows, sc[0] + p0 + r, n_v, n_dim);
                 }
-                accumulate_v(o, rows, scores + p0 + r, n_v, n_dim);
+            } else {
+                int64_t r = 0;
+                for (; r + RV <= n_r; r += RV) {
+                    VF p[RV][HPI];
+                    for (int j = 0; j < RV; ++j) {
+                        for (int h = 0; h < HPI; ++h) {
+                            p[j][h] = hn::Set(d, sc[h][p0 + r + j]);
+                        }
+                    }
+                    int64_t i = 0;
+                    for (; i + N <= n_dim; i += N) {
+                        VF vv[RV];
+                        for (int j = 0; j < RV; ++j) {
+                            vv[j] = load_kv(d, v + (r + j) * row_stride + i);
+                        }
+                        for (int h = 0; h < HPI; ++h) {
+                            VF acc = hn::LoadU(d, o[h] + i);
+                            for (int j = 0; j < RV; ++j) {
+                                acc = hn::MulAdd(p[j][h], vv[j], acc);
+                            }
+                            hn::StoreU(acc, d, o[h] + i);
+                        }
+                    }
+                    for (; i < n_dim; ++i) {
+                        for (int h = 0; h < HPI; ++h) {
+                            float x = o[h][i];
+                            for (int j = 0; j < RV; ++j) {
+                                x = std::fma(sc[h][p0 + r + j], kv_at(v + (r + j) * row_stride + i), x);
+                            }
+                            o[h][i] = x;
+                        }
+                    }
+                }
+                for (; r < n_r; ++r) {
+                    const T * row = v + r * row_stride;
+                    for (int h = 0; h < HPI; ++h) {
+                        accumulate_v(o[h], &row, sc[h] + p0 + r, 1, n_dim);
+                    }
+                }
             }
         }
-        const VF v_inv_sum = hn::Set(d, 1.0f / sum);
-        int64_t i = 0;
-        for (; i + N <= n_dim; i += N) {
-            hn::StoreU(hn::Mul(hn::LoadU(d, o + i), v_inv_sum), d, o + i);
-        }
-        for (; i < n_dim; ++i) {
-            o[i] *= 1.0f / sum;
+        for (int h = 0; h < HPI; ++h) {
+            const VF v_inv_sum = hn::Set(d, inv_sum[h]);
+            int64_t i = 0;
+            for (; i + N <= n_dim; i += N) {
+                hn::StoreU(hn::Mul(hn::LoadU(d, o[h] + i), v_inv_sum), d, o[h] + i);
+            }
+            for (; i < n_dim; ++i) {
+                o[h][i] *= inv_sum[h];
+            }
         }
     }
 }
@@ -749,11 +846,21 @@ void copy_rows_f16(const moesh_copy_rows_args & a, int64_t r0, int64_t r1) {
     }
 }
 
-void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores) {
+template <class T>
+void attention_items_kv(const moesh_attention_args & a, int heads_per_item, int64_t i0, int64_t i1, float * scores) {
+    switch (heads_per_item) {
+    case 8: return attention_items_t<T, 8>(a, i0, i1, scores);
+    case 4: return attention_items_t<T, 4>(a, i0, i1, scores);
+    case 2: return attention_items_t<T, 2>(a, i0, i1, scores);
+    default: return attention_items_t<T, 1>(a, i0, i1, scores);
+    }
+}
+
+void attention_items(const moesh_attention_args & a, int heads_per_item, int64_t i0, int64_t i1, float * scores) {
     if (a.kv_type == MOESH_DTYPE_F16)
-        attention_items_t<hwy::float16_t>(a, i0, i1, scores);
+        attention_items_kv<hwy::float16_t>(a, heads_per_item, i0, i1, scores);
     else
-        attention_items_t<float>(a, i0, i1, scores);
+        attention_items_kv<float>(a, heads_per_item, i0, i1, scores);
 }
 
 } // namespace HWY_NAMESPACE
@@ -832,8 +939,18 @@ void rope_tokens(const moesh_rope_args & a, int64_t t0, int64_t t1, float * cos_
     HWY_DYNAMIC_DISPATCH(rope_tokens)(a, t0, t1, cos_sin);
 }
 
-void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores) {
-    HWY_DYNAMIC_DISPATCH(attention_items)(a, i0, i1, scores);
+void attention_items(const moesh_attention_args & a, int heads_per_item, int64_t i0, int64_t i1, float * scores) {
+    HWY_DYNAMIC_DISPATCH(attention_items)(a, heads_per_item, i0, i1, scores);
+}
+
+int attention_heads_per_item(int64_t n_head, int64_t n_head_kv, int64_t n_tokens, int n_threads) {
+    const int64_t n_group = n_head / n_head_kv;
+    for (int h : {8, 4, 2}) {
+        if (n_group % h == 0 && n_tokens * (n_head / h) >= 2 * int64_t(n_threads)) {
+            return h;
+        }
+    }
+    return 1;
 }
 
 void copy_rows_f16(const moesh_copy_rows_args & a, int64_t r0, int64_t r1) { HWY_DYNAMIC_DISPATCH(copy_rows_f16)(a, r0, r1); }

@@ -45,8 +45,13 @@ void softmax_rows(const moesh_softmax_args & a, int64_t r0, int64_t r1);
 // cos_sin: scratch of rot_dim floats for this thread.
 void rope_tokens(const moesh_rope_args & a, int64_t t0, int64_t t1, float * cos_sin);
 
-// Items i = t * n_head + h in [i0, i1); scores: scratch of n_kv floats for this thread.
-void attention_items(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores);
+// Items i = t * (n_head / heads_per_item) + g in [i0, i1): token t's query heads
+// g * heads_per_item ... (heads_per_item of 1, 2, 4 or 8 dividing n_head / n_head_kv, so
+// that they share one kv head and each cache row is read once for them all).
+// scores: scratch of heads_per_item * n_kv floats for this thread.
+void attention_items(const moesh_attention_args & a, int heads_per_item, int64_t i0, int64_t i1, float * scores);
+// The most query heads per item (of 8, 4, 2, 1) that still leaves two items per thread.
+int attention_heads_per_item(int64_t n_head, int64_t n_head_kv, int64_t n_tokens, int n_threads);
 
 // copy_rows into an f16 dst (dst_type F16), rows [r0, r1) of the call.
 void copy_rows_f16(const moesh_copy_rows_args & a, int64_t r0, int64_t r1);

@@ -1375,6 +1375,23 @@ TEST_P(BackendConformance, AttentionMatchesReference) {
         r.out = out_ref.data();
         moesh::ref::attention(r);
         EXPECT_TRUE(within_bounds(out, out_ref, attention_bound(r, out_ref)));
+
+        // Each token alone gives the bits it got among the others: a kernel may share a cache
+        // row's reads among more of a token's heads when the call has more tokens, but not
+        // change its arithmetic, so that a sequence's logits do not depend on what it was
+        // batched with (a served request's greedy tokens equal `moesh run`'s).
+        const size_t q_row = size_t(s.n_head * s.head_dim);
+        DeviceBuffer d_one = upload(std::vector<float>(q_row, k_sentinel));
+        for (int64_t t = 0; t < s.n_tokens && s.n_tokens > 1; ++t) {
+            moesh_attention_args one = a;
+            one.q = d_q.as<float>() + size_t(t) * q_row;
+            one.pos = d_pos.as<int32_t>() + t;
+            one.out = d_one.as<float>();
+            one.n_tokens = 1;
+            ASSERT_EQ(be_->attention(ctx_, &one), MOESH_OK) << last_error();
+            const std::vector<float> got = download<float>(d_one, q_row);
+            EXPECT_EQ(std::memcmp(got.data(), out.data() + size_t(t) * q_row, q_row * sizeof(float)), 0) << "token " << t << " alone";
+        }
     }
 }
 
