@@ -166,6 +166,8 @@ bool Scheduler::step() {
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     step_seconds_ = stats_.steps == 0 ? secs : 0.8 * step_seconds_ + 0.2 * secs;
     ++stats_.steps;
+    stats_.last_step_tokens = batch_.size();
+    stats_.last_step_seconds = secs;
 
     // Sample in row order; finish afterwards (finishing reorders running_).
     const ModelConfig & c = model_.config();

@@ -72,6 +72,8 @@ struct SchedulerStats {
     int64_t kv_blocks_used = 0, kv_blocks_total = 0;
     int64_t steps = 0, tokens_prefilled = 0, tokens_generated = 0;
     int64_t requests_done = 0, requests_cancelled = 0, requests_refused = 0;
+    int64_t last_step_tokens = 0;      // tokens (prompt and decode) the last forward step ran
+    double last_step_seconds = 0;      // its forward pass, wall time
 };
 
 class Scheduler {

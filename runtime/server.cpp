@@ -322,7 +322,11 @@ void Server::run(const std::atomic<bool> & stop) {
             }
             zmq::poll(&item, 1, std::chrono::milliseconds(0));
         }
-        if (!sched_->idle()) sched_->step();
+        if (!sched_->idle() && sched_->step()) {
+            const SchedulerStats st = sched_->stats();
+            step_seconds_.observe(st.last_step_seconds);
+            step_tokens_.observe(double(st.last_step_tokens));
+        }
         for (uint64_t h : to_cancel_) sched_->cancel(h);   // clients that went away free their blocks now
         to_cancel_.clear();
         if (port_) {
@@ -392,6 +396,9 @@ std::string Server::metrics_text() const {
     itl_.write(o, "moesh_inter_token_latency_seconds", "Between consecutive tokens of a request.");
     duration_.write(o, "moesh_request_duration_seconds", "From the server reading a request (between forward steps) to its end.");
     queue_.write(o, "moesh_queue_time_seconds", "From the server reading a request (between forward steps) to its admission.");
+    step_seconds_.write(o, "moesh_step_duration_seconds",
+                        "Forward steps' wall time: a request read during one waits for its end, then for its own.");
+    step_tokens_.write(o, "moesh_step_tokens", "Tokens of each forward step (one per decoding request, plus prompt chunks).");
     const ModelConfig & c = model_.config();
     if (c.n_expert > 0) {
         o += "# HELP moesh_expert_tokens_total Tokens routed to each expert (its load).\n# TYPE moesh_expert_tokens_total counter\n";

@@ -277,6 +277,13 @@ def health_and_metrics(srv):
              "moesh_requests_queued", "moesh_expert_tokens_total{layer=\"0\"", 'moesh_http_responses_total{route="/v1/completions",status="200"}']
     for n in names:
         check(n in text, f"/metrics has {n}")
+    steps = metric(srv, "moesh_forward_steps_total")
+    check(steps > 0 and metric(srv, "moesh_step_duration_seconds_count") == steps and metric(srv, "moesh_step_tokens_count") == steps,
+          f"one step duration and one step size observed per forward step ({steps})")
+    step_tokens = metric(srv, "moesh_step_tokens_sum")
+    fed = metric(srv, "moesh_prompt_tokens_total") + metric(srv, "moesh_generated_tokens_total")
+    # a step runs prompt tokens and each decoding request's last token; a request's last token is never run
+    check(steps <= step_tokens <= fed, f"steps ran {step_tokens:.0f} tokens: at least one a step, at most prompt + generated ({fed:.0f})")
     routed = sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith('moesh_expert_tokens_total{layer="0"'))
     tokens = metric(srv, "moesh_prompt_tokens_total") + metric(srv, "moesh_generated_tokens_total")
     # every token goes through layer 0 with top-2 routing, except each request's last sampled token
