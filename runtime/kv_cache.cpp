@@ -2,6 +2,7 @@
 
 #include "runtime/error.h"
 
+#include <algorithm>
 #include <cassert>
 #include <cstdio>
 
@@ -56,6 +57,15 @@ KvCache::KvCache(const KvCacheSpec & spec, const Backend & backend) : spec_(spec
     free_.reserve(size_t(spec.n_blocks));
     for (int64_t b = spec.n_blocks - 1; b >= 0; --b) free_.push_back(int32_t(b));
     for (auto & t : tables_) t.reserve(size_t(spec.n_blocks));
+    const size_t nb = size_t(spec.n_blocks);
+    refs_.assign(nb, 0);
+    cached_.assign(nb, 0);
+    tokens_.assign(nb * size_t(spec.block_size), 0);
+    parent_.assign(nb, -1);
+    parent_gen_.assign(nb, 0);
+    gen_.assign(nb, 0);
+    idle_prev_.assign(nb, -1);
+    idle_next_.assign(nb, -1);
 }
 
 bool KvCache::reserve(int32_t seq, int64_t n_positions) {
@@ -63,18 +73,115 @@ bool KvCache::reserve(int32_t seq, int64_t n_positions) {
     auto & table = tables_[size_t(seq)];
     const int64_t need = (n_positions + spec_.block_size - 1) / spec_.block_size - int64_t(table.size());
     if (need <= 0) return true;
-    if (need > int64_t(free_.size())) return false;
+    if (need > n_free_blocks()) return false;
     for (int64_t i = 0; i < need; ++i) {
-        table.push_back(free_.back());
-        free_.pop_back();
+        int32_t b;
+        if (!free_.empty()) {
+            b = free_.back();
+            free_.pop_back();
+        } else {   // the cached block released longest ago
+            b = idle_head_;
+            idle_remove(b);
+            forget(b);
+        }
+        refs_[size_t(b)] = 1;
+        table.push_back(b);
     }
     return true;
 }
 
 void KvCache::release(int32_t seq) {
     auto & table = tables_[size_t(seq)];
-    for (auto it = table.rbegin(); it != table.rend(); ++it) free_.push_back(*it);
+    // Last block first: a prefix's later blocks leave the cache before its earlier ones.
+    for (auto it = table.rbegin(); it != table.rend(); ++it) {
+        const int32_t b = *it;
+        if (--refs_[size_t(b)] > 0) continue;
+        if (cached_[size_t(b)]) idle_push(b);
+        else free_.push_back(b);
+    }
     table.clear();
+}
+
+uint64_t KvCache::key(int32_t parent, uint32_t parent_gen, const int32_t * tokens) const {
+    uint64_t h = 0x9e3779b97f4a7c15ull ^ (uint64_t(uint32_t(parent)) << 32 | parent_gen);
+    auto mix = [&h](uint64_t v) {
+        h ^= v + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+        h *= 0xbf58476d1ce4e5b9ull;
+        h ^= h >> 31;
+    };
+    for (int64_t i = 0; i < spec_.block_size; ++i) mix(uint32_t(tokens[i]));
+    return h;
+}
+
+void KvCache::idle_push(int32_t b) {
+    idle_prev_[size_t(b)] = idle_tail_;
+    idle_next_[size_t(b)] = -1;
+    if (idle_tail_ >= 0) idle_next_[size_t(idle_tail_)] = b;
+    else idle_head_ = b;
+    idle_tail_ = b;
+    ++n_idle_cached_;
+}
+
+void KvCache::idle_remove(int32_t b) {
+    const int32_t p = idle_prev_[size_t(b)], n = idle_next_[size_t(b)];
+    if (p >= 0) idle_next_[size_t(p)] = n;
+    else idle_head_ = n;
+    if (n >= 0) idle_prev_[size_t(n)] = p;
+    else idle_tail_ = p;
+    idle_prev_[size_t(b)] = idle_next_[size_t(b)] = -1;
+    --n_idle_cached_;
+}
+
+void KvCache::forget(int32_t b) {
+    const auto it = index_.find(key(parent_[size_t(b)], parent_gen_[size_t(b)], &tokens_[size_t(b) * size_t(spec_.block_size)]));
+    if (it != index_.end() && it->second == b) index_.erase(it);
+    cached_[size_t(b)] = 0;
+    ++gen_[size_t(b)];
+}
+
+int64_t KvCache::attach_prefix(int32_t seq, const int32_t * tokens, int64_t max_positions) {
+    if (seq < 0 || seq >= spec_.n_seq_max || !tables_[size_t(seq)].empty()) return 0;
+    auto & table = tables_[size_t(seq)];
+    const int64_t bs = spec_.block_size;
+    int32_t parent = -1;
+    uint32_t parent_gen = 0;
+    for (int64_t k = 0; (k + 1) * bs <= max_positions; ++k) {
+        const int32_t * t = tokens + k * bs;
+        const auto it = index_.find(key(parent, parent_gen, t));
+        if (it == index_.end()) break;
+        const int32_t b = it->second;
+        const int32_t * held = &tokens_[size_t(b) * size_t(bs)];
+        if (!cached_[size_t(b)] || parent_[size_t(b)] != parent || parent_gen_[size_t(b)] != parent_gen ||
+            !std::equal(t, t + bs, held))
+            break;   // a hash collision: not this prefix
+        if (refs_[size_t(b)]++ == 0) idle_remove(b);
+        table.push_back(b);
+        parent = b;
+        parent_gen = gen_[size_t(b)];
+    }
+    return int64_t(table.size()) * bs;
+}
+
+void KvCache::publish(int32_t seq, const int32_t * tokens, int64_t n) {
+    if (seq < 0 || seq >= spec_.n_seq_max) return;
+    const auto & table = tables_[size_t(seq)];
+    const int64_t bs = spec_.block_size;
+    int32_t parent = -1;
+    uint32_t parent_gen = 0;
+    for (int64_t k = 0; k < int64_t(table.size()) && (k + 1) * bs <= n; ++k) {
+        const int32_t b = table[size_t(k)];
+        if (!cached_[size_t(b)]) {
+            const uint64_t h = key(parent, parent_gen, tokens + k * bs);
+            if (index_.count(h)) return;   // this prefix is published already (by another sequence), or a collision
+            index_.emplace(h, b);
+            cached_[size_t(b)] = 1;
+            parent_[size_t(b)] = parent;
+            parent_gen_[size_t(b)] = parent_gen;
+            std::copy(tokens + k * bs, tokens + (k + 1) * bs, &tokens_[size_t(b) * size_t(bs)]);
+        }
+        parent = b;
+        parent_gen = gen_[size_t(b)];
+    }
 }
 
 int64_t KvCache::capacity(int32_t seq) const {

@@ -4,6 +4,15 @@
 // budget; a sequence gets blocks only through reserve(), which says no
 // (returns false) instead of allocating when the pool is exhausted.
 //
+// Prefix cache: a full block whose positions hold the keys and values of known
+// tokens can be published; a later sequence whose first tokens are the same
+// attaches it instead of computing them again (a chat's system prompt, the turns
+// before the last). A block is found by its tokens and by the block before it
+// (checked, not only hashed), so it is found only after the same prefix. A
+// published block that no sequence holds stays cached until reserve() needs the
+// memory, least recently released first: cached blocks count as free, so the
+// cache never costs a request its admission.
+//
 //   KvCache kv(KvCacheSpec{n_layer, n_head_kv, head_dim, 16, n_blocks, n_seq}, backend);
 //   if (!kv.reserve(seq, n_positions)) { /* not admitted: wait or refuse */ }
 //   int32_t row = kv.pool_row(seq, pos);     // row of k_pool(layer) / v_pool(layer)
@@ -16,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace moesh {
@@ -60,7 +70,16 @@ public:
     bool reserve(int32_t seq, int64_t n_positions);
     void release(int32_t seq);
     int64_t capacity(int32_t seq) const; // positions reserved
-    int64_t n_free_blocks() const { return int64_t(free_.size()); }
+    // Blocks reserve() can hand out: never used, or cached with no sequence holding them.
+    int64_t n_free_blocks() const { return int64_t(free_.size()) + n_idle_cached_; }
+    int64_t n_idle_cached_blocks() const { return n_idle_cached_; }
+
+    // On an empty table of seq: attaches the published blocks that hold tokens[0, k * block_size)
+    // for the largest such k with k * block_size <= max_positions; returns k * block_size.
+    int64_t attach_prefix(int32_t seq, const int32_t * tokens, int64_t max_positions);
+    // Positions [0, n) of seq hold the keys and values of tokens[0, n): publishes its full blocks
+    // in that range (those not yet published, unless the same prefix already is).
+    void publish(int32_t seq, const int32_t * tokens, int64_t n);
 
     // Row of the pools ([n_blocks * block_size] rows of n_head_kv * head_dim
     // elements of spec().type) that holds position pos of seq; pos < capacity(seq).
@@ -72,10 +91,28 @@ public:
     const int32_t * block_table(int32_t seq) const { return tables_[size_t(seq)].data(); }
 
 private:
+    uint64_t key(int32_t parent, uint32_t parent_gen, const int32_t * tokens) const;
+    void idle_push(int32_t b);     // a cached block no sequence holds: last in the eviction order
+    void idle_remove(int32_t b);
+    void forget(int32_t b);        // no longer cached (its memory is about to be reused)
+
     KvCacheSpec spec_;
     std::vector<BackendBuffer> k_, v_;           // [n_layer] pools
     std::vector<std::vector<int32_t>> tables_;   // [n_seq_max][blocks of the sequence]
-    std::vector<int32_t> free_;                  // free block ids
+    std::vector<int32_t> free_;                  // never-used (or forgotten) block ids
+    // Per block: how many tables hold it; whether published, then its tokens, the block before it
+    // (-1: none) and that block's generation, which changes each time a block is forgotten, so
+    // that a block whose predecessor's memory was reused is never found again.
+    std::vector<int32_t> refs_;
+    std::vector<uint8_t> cached_;
+    std::vector<int32_t> tokens_;                // [n_blocks, block_size]
+    std::vector<int32_t> parent_;
+    std::vector<uint32_t> parent_gen_, gen_;
+    std::unordered_map<uint64_t, int32_t> index_;   // key(parent, gen, tokens) -> block
+    // Cached blocks no table holds, least recently released first (links by block id, -1 ends).
+    std::vector<int32_t> idle_prev_, idle_next_;
+    int32_t idle_head_ = -1, idle_tail_ = -1;
+    int64_t n_idle_cached_ = 0;
 };
 
 } // namespace moesh

@@ -307,6 +307,9 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                         fail(source, v, key, "expected a positive size such as \"256MiB\" or a byte count");
                 } else if (k == "prefill_chunk") {
                     sc.prefill_chunk = integer(source, v, key, 1, 1 << 16);
+                } else if (k == "prefix_cache") {
+                    if (!v.is_boolean()) fail(source, v, key, "expected true or false");
+                    sc.prefix_cache = *v.value<bool>();
                 } else if (k == "max_queue") {
                     sc.max_queue = integer(source, v, key, 0, 1 << 20);
                 } else if (k == "max_tokens") {
@@ -338,7 +341,7 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                 } else if (k == "default_max_tokens") {
                     sc.default_max_tokens = integer(source, v, key, 1, 1 << 24);
                 } else {
-                    fail(source, v, key, "unknown key (known: endpoint, max_sequences, kv_cache, prefill_chunk, max_queue, "
+                    fail(source, v, key, "unknown key (known: endpoint, max_sequences, kv_cache, prefill_chunk, prefix_cache, max_queue, "
                                          "max_tokens, max_message_bytes, send_hwm, recv_hwm, drain_timeout_s, http, "
                                          "http_max_connections, http_request_timeout_s, default_max_tokens)");
                 }

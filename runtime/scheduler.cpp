@@ -85,9 +85,17 @@ void Scheduler::admit() {
     while (!queue_.empty() && !free_slots_.empty()) {
         Seq & s = queue_.front();
         const int32_t slot = free_slots_.back();
-        if (!kv_.reserve(slot, int64_t(s.req.prompt.size()) + s.req.max_tokens)) break;
+        const int64_t n_prompt = int64_t(s.req.prompt.size());
+        // The last prompt token is always computed: its logits give the first token.
+        const int64_t cached = opt_.prefix_cache ? kv_.attach_prefix(slot, s.req.prompt.data(), n_prompt - 1) : 0;
+        if (!kv_.reserve(slot, n_prompt + s.req.max_tokens)) {
+            kv_.release(slot);
+            break;
+        }
         free_slots_.pop_back();
         s.slot = slot;
+        s.n_prefilled = cached;
+        stats_.tokens_prefix_cached += cached;
         s.admitted = Clock::now();
         s.sampler = std::make_unique<Sampler>(s.req.sampling, model_.config().n_vocab);
         s.generated.reserve(size_t(s.req.max_tokens));
@@ -96,9 +104,26 @@ void Scheduler::admit() {
     }
 }
 
+void Scheduler::publish(const Seq & s) {
+    if (!opt_.prefix_cache) return;
+    // Positions holding KV: the prompt computed so far, then every generated token but the last
+    // (a token's KV is written when it is fed back).
+    const int64_t n_prompt = int64_t(s.req.prompt.size());
+    const int64_t n = s.n_prefilled < n_prompt || s.generated.empty() ? s.n_prefilled
+                                                                       : n_prompt + int64_t(s.generated.size()) - 1;
+    if (n <= n_prompt) {
+        kv_.publish(s.slot, s.req.prompt.data(), n);
+        return;
+    }
+    fed_.assign(s.req.prompt.begin(), s.req.prompt.end());
+    fed_.insert(fed_.end(), s.generated.begin(), s.generated.end());
+    kv_.publish(s.slot, fed_.data(), n);
+}
+
 void Scheduler::finish(size_t i, FinishReason why) {
     Seq s = std::move(running_[i]);
     running_.erase(running_.begin() + std::ptrdiff_t(i));
+    publish(s);
     kv_.release(s.slot);
     free_slots_.push_back(s.slot);
     const auto now = Clock::now();
@@ -165,6 +190,9 @@ bool Scheduler::step() {
     if (!logits) throw Error("scheduler: forward pass: " + err);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     step_seconds_ = stats_.steps == 0 ? secs : 0.8 * step_seconds_ + 0.2 * secs;
+    // Prompts that grew this step: their new full blocks can serve the next request now.
+    for (size_t i = 0; i < running_.size() && opt_.prefix_cache; ++i)
+        if (running_[i].generated.empty()) publish(running_[i]);
     ++stats_.steps;
     stats_.last_step_tokens = batch_.size();
     stats_.last_step_seconds = secs;
@@ -210,6 +238,7 @@ SchedulerStats Scheduler::stats() const {
     s.running = int64_t(running_.size());
     s.queued = int64_t(queue_.size());
     s.kv_blocks_used = opt_.kv_blocks - kv_.n_free_blocks();
+    s.kv_blocks_cached_idle = kv_.n_idle_cached_blocks();
     return s;
 }
 

@@ -7,7 +7,9 @@
 // prefill_chunk tokens of one prompt per step), so a long prompt never stalls
 // the others. The forward pass groups all the step's tokens by expert, across
 // sequences, before the expert kernels run. A finished or cancelled request
-// frees its slot and blocks at once.
+// frees its slot and blocks at once. With prefix_cache, a request starts after
+// the longest start of its prompt whose KV blocks are cached (KvCache), and its
+// own full blocks are published as they are computed and when it ends.
 //
 //   Scheduler s(model, backend, opts, &weights);
 //   uint64_t h; s.submit(std::move(req), &h);   // Admit::Queued, or Busy / TooLong / Invalid
@@ -42,6 +44,7 @@ struct SchedulerOptions {
     int32_t kv_type = MOESH_DTYPE_F32;   // KV pool elements: MOESH_DTYPE_F32 or MOESH_DTYPE_F16
     int64_t prefill_chunk = 32;    // prompt tokens of one request per step
     int64_t max_queue = 64;        // waiting requests; beyond that submit() says Busy
+    bool prefix_cache = true;      // reuse the KV blocks of a prompt's start computed before (kv_cache.h)
 };
 
 enum class FinishReason { Length, Eos, Stop, Cancelled };
@@ -71,6 +74,8 @@ struct SchedulerStats {
     int64_t running = 0, queued = 0;
     int64_t kv_blocks_used = 0, kv_blocks_total = 0;
     int64_t steps = 0, tokens_prefilled = 0, tokens_generated = 0;
+    int64_t tokens_prefix_cached = 0;   // prompt tokens not computed: their KV blocks were cached
+    int64_t kv_blocks_cached_idle = 0;  // cached blocks no request holds (reclaimable)
     int64_t requests_done = 0, requests_cancelled = 0, requests_refused = 0;
     int64_t last_step_tokens = 0;      // tokens (prompt and decode) the last forward step ran
     double last_step_seconds = 0;      // its forward pass, wall time
@@ -113,6 +118,7 @@ private:
     };
     void admit();
     void finish(size_t running_index, FinishReason why);
+    void publish(const Seq & s);   // its computed full blocks, to the prefix cache
 
     const Model & model_;
     SchedulerOptions opt_;
@@ -126,6 +132,7 @@ private:
     Batch batch_;
     std::vector<int64_t> logit_owner_;   // running index of each logits row of the step
     std::vector<std::pair<size_t, FinishReason>> ended_;   // requests a step finished (reserved: no allocation per step)
+    std::vector<int32_t> fed_;   // publish(): a request's prompt and generated tokens (reused)
     SchedulerStats stats_;
     double step_seconds_ = 0;   // recent forward step time (moving average)
 };

@@ -35,6 +35,7 @@ Server::Server(const Model & model, Backend & backend, const Tokenizer * tokeniz
     if (so.kv_blocks < 1)
         throw Error("[server] kv_cache = " + std::to_string(config.kv_cache) + " bytes holds no KV block of this model; raise it");
     so.prefill_chunk = config.prefill_chunk;
+    so.prefix_cache = config.prefix_cache;
     so.max_queue = config.max_queue;
     sched_ = std::make_unique<Scheduler>(model, backend, so, weights);
     limits_.max_message_bytes = config.max_message_bytes;
@@ -391,6 +392,10 @@ std::string Server::metrics_text() const {
     metric(o, "moesh_queue_capacity", "gauge", "Waiting requests beyond which a request is answered busy.", double(cfg_.max_queue));
     metric(o, "moesh_kv_blocks_used", "gauge", "KV cache blocks held by running requests.", double(st.kv_blocks_used));
     metric(o, "moesh_kv_blocks_total", "gauge", "KV cache blocks in the pool.", double(st.kv_blocks_total));
+    metric(o, "moesh_kv_blocks_cached", "gauge", "KV cache blocks holding a cached prompt start that no request holds (reused when needed, least recently released first).",
+           double(st.kv_blocks_cached_idle));
+    metric(o, "moesh_prefix_cache_hit_tokens_total", "counter", "Prompt tokens not computed: their KV blocks were cached from an earlier request.",
+           double(st.tokens_prefix_cached));
     metric(o, "moesh_forward_steps_total", "counter", "Batched forward steps.", double(st.steps));
     ttft_.write(o, "moesh_time_to_first_token_seconds", "From the server reading a request (between forward steps) to its first generated token.");
     itl_.write(o, "moesh_inter_token_latency_seconds", "Between consecutive tokens of a request.");

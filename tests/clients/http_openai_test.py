@@ -284,6 +284,14 @@ def health_and_metrics(srv):
     fed = metric(srv, "moesh_prompt_tokens_total") + metric(srv, "moesh_generated_tokens_total")
     # a step runs prompt tokens and each decoding request's last token; a request's last token is never run
     check(steps <= step_tokens <= fed, f"steps ran {step_tokens:.0f} tokens: at least one a step, at most prompt + generated ({fed:.0f})")
+    # The same long prompt twice: the second attaches the first's cached KV blocks, same answer.
+    prompt = 'def fibonacci(n):\n    """Return the n-th Fibonacci number, counting from zero."""\n    if n < 2:\n'
+    hits = metric(srv, "moesh_prefix_cache_hit_tokens_total")
+    a = c.completions.create(model="any", prompt=prompt, max_tokens=12, temperature=0)
+    b = c.completions.create(model="any", prompt=prompt, max_tokens=12, temperature=0)
+    hits2 = metric(srv, "moesh_prefix_cache_hit_tokens_total")
+    check(hits is not None and hits2 >= hits + 16 and a.choices[0].text == b.choices[0].text,
+          f"a prompt sent again reuses its cached start ({hits} -> {hits2} tokens) and gets the same text")
     routed = sum(float(l.split()[-1]) for l in text.splitlines() if l.startswith('moesh_expert_tokens_total{layer="0"'))
     tokens = metric(srv, "moesh_prompt_tokens_total") + metric(srv, "moesh_generated_tokens_total")
     # every token goes through layer 0 with top-2 routing, except each request's last sampled token

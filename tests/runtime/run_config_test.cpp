@@ -29,6 +29,8 @@ TEST(RunConfig, LoadsTheShippedServeConfig) {
     EXPECT_EQ(rc.server.http, "127.0.0.1:8090");
     EXPECT_EQ(rc.server.http_max_connections, 256);
     EXPECT_EQ(rc.server.default_max_tokens, 256);
+    EXPECT_TRUE(rc.server.prefix_cache);
+    EXPECT_FALSE(parse_run_config("[server]\nprefix_cache = false\n", "x").server.prefix_cache);
     std::string address;
     uint16_t port = 0;
     ASSERT_TRUE(parse_host_port(rc.server.http, &address, &port));
@@ -143,6 +145,7 @@ TEST(PlacementConfig, MistakesNameTheLineAndColumn) {
         {"[placement]\nbudget = 1\n", "unknown key (known: policy"},
         {"[[tier]]\nkind = \"disk\"\nbudget = \"1GiB\"\n", "t.toml:1:1: key 'tier.budget': a disk tier has no budget"},
         {"[placement]\ndirect_io = 1\n", "t.toml:2:13: key 'placement.direct_io': expected true or false"},
+        {"[server]\nprefix_cache = \"yes\"\n", "t.toml:2:16: key 'server.prefix_cache': expected true or false"},
         {"tier = 3\n", "expected [[tier]] tables"},
     };
     for (const Bad & b : bad) {

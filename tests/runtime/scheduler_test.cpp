@@ -157,5 +157,75 @@ TEST(Scheduler, RefusesWhatItCannotHoldAndCancelFreesAtOnce) {
     EXPECT_EQ(out[he].final_tokens, std::vector<int32_t>(free_run.begin(), free_run.begin() + 2));
 }
 
+// A request whose prompt starts as an earlier one did attaches that start's KV blocks instead of
+// computing it, and gets the tokens it gets alone: the same prompt again, a shared start with
+// another end, a chat's next turn (the earlier answer's blocks too), and after a request that
+// needs the whole pool (the cached blocks give way; nothing is refused).
+TEST(Scheduler, PrefixCacheReusesAPromptsStartAndChangesNoToken) {
+    const Model model = Model::load_folder(k_model);
+    auto be = test::open_cpu_backend(2);
+    ASSERT_NE(be, nullptr);
+    SchedulerOptions so;
+    so.max_batch = 24;
+    so.max_sequences = 2;
+    so.kv_blocks = 16;   // 256 positions
+    so.kv_block_size = 16;
+    so.prefill_chunk = 8;
+    Scheduler s(model, *be, so);
+    std::map<uint64_t, Outcome> out;
+    auto run = [&](const std::vector<int32_t> & prompt, int64_t n, int64_t want_cached) {
+        const int64_t before = s.stats().tokens_prefix_cached;
+        uint64_t h = 0;
+        EXPECT_EQ(s.submit(request(prompt, n, out), &h), Admit::Queued);
+        while (!s.idle()) s.step();
+        EXPECT_EQ(s.stats().tokens_prefix_cached - before, want_cached) << "prompt of " << prompt.size();
+        EXPECT_EQ(out[h].final_tokens, alone(model, *be, prompt, n)) << "prompt of " << prompt.size();
+        EXPECT_EQ(s.stats().kv_blocks_used, 0);
+        return out[h].final_tokens;
+    };
+    std::vector<int32_t> p;
+    for (int j = 0; j < 40; ++j) p.push_back(int32_t((13 * j + 7) % 4000));
+    const std::vector<int32_t> first = run(p, 20, 0);           // nothing cached yet
+    EXPECT_GT(s.stats().kv_blocks_cached_idle, 0);
+    run(p, 20, 32);                                               // two whole blocks; the 40th token is computed
+    std::vector<int32_t> other(p.begin(), p.begin() + 35);
+    for (int j = 0; j < 10; ++j) other.push_back(int32_t(100 + j));
+    run(other, 6, 32);                                            // the same start, another end
+    std::vector<int32_t> next_turn = p;                           // the prompt, the answer's fed tokens, more
+    next_turn.insert(next_turn.end(), first.begin(), first.end() - 1);
+    for (int32_t t : {21, 22, 23}) next_turn.push_back(t);
+    run(next_turn, 5, 48);                                        // 40 + 19 fed: three whole blocks
+    std::vector<int32_t> big;
+    for (int j = 0; j < 200; ++j) big.push_back(int32_t((29 * j + 3) % 4000));
+    run(big, 56, 0);                                              // all 16 blocks: the cached ones give way
+    EXPECT_EQ(s.stats().kv_blocks_cached_idle, 15);               // big's whole blocks: 255 positions fed
+    run(p, 20, 0);                                                // p's blocks were reused for big
+
+    // While a prompt is still being computed, only its whole computed blocks are found: after 3
+    // steps of 8 tokens, one block of 16 (the second is half written).
+    std::vector<int32_t> q;
+    for (int j = 0; j < 64; ++j) q.push_back(int32_t((17 * j + 5) % 4000));
+    uint64_t ha = 0, hb = 0;
+    ASSERT_EQ(s.submit(request(q, 8, out), &ha), Admit::Queued);
+    for (int k = 0; k < 3; ++k) s.step();
+    const int64_t before = s.stats().tokens_prefix_cached;
+    ASSERT_EQ(s.submit(request(q, 8, out), &hb), Admit::Queued);
+    while (!s.idle()) s.step();
+    EXPECT_EQ(s.stats().tokens_prefix_cached - before, 16);
+    EXPECT_EQ(out[ha].final_tokens, alone(model, *be, q, 8));
+    EXPECT_EQ(out[hb].final_tokens, out[ha].final_tokens);
+
+    SchedulerOptions off = so;
+    off.prefix_cache = false;
+    Scheduler s2(model, *be, off);
+    uint64_t h = 0;
+    ASSERT_EQ(s2.submit(request(p, 4, out), &h), Admit::Queued);
+    while (!s2.idle()) s2.step();
+    ASSERT_EQ(s2.submit(request(p, 4, out), &h), Admit::Queued);
+    while (!s2.idle()) s2.step();
+    EXPECT_EQ(s2.stats().tokens_prefix_cached, 0);
+    EXPECT_EQ(s2.stats().kv_blocks_cached_idle, 0);
+}
+
 } // namespace
 } // namespace moesh
