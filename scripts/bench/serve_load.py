@@ -10,7 +10,8 @@
 For each C in --clients, C clients each send requests back to back (the next as soon as
 the last is done) until --duration seconds have passed or each has sent --requests, and
 finish the request in flight. Prompts are --prompt-len random token ids (from --seed and
-the client's index, so every run and both engines see the same prompts), --max-tokens,
+the client's index, so every run and both engines see the same prompts), after
+--shared-prefix ids common to every prompt (a system prompt: what a prefix cache saves), --max-tokens,
 greedy, streamed so that time to first token is measured here, from send to the first
 token's frame or event. One JSON line per C on stdout (progress on stderr):
   requests              completed requests (a done frame / a finished stream)
@@ -122,12 +123,15 @@ def percentile(values, p):
     return round(v[max(0, math.ceil(p / 100 * len(v)) - 1)], 3)
 
 
-def prompts(seed, client, vocab, n):
-    """Endless prompts of n random token ids; ids below 16 (special tokens) left out."""
-    rng = random.Random(seed * 1_000_003 + client)
+def prompts(seed, client, vocab, n, shared=0):
+    """Endless prompts: the same `shared` random token ids for every client and request (a
+    system prompt), then n of the client's own; ids below 16 (special tokens) left out."""
     lo = min(16, vocab - 1)
+    common = random.Random(seed * 1_000_003 - 1)
+    head = [common.randrange(lo, vocab) for _ in range(shared)]
+    rng = random.Random(seed * 1_000_003 + client)
     while True:
-        yield [rng.randrange(lo, vocab) for _ in range(n)]
+        yield head + [rng.randrange(lo, vocab) for _ in range(n)]
 
 
 def lengths(seed, client, args):
@@ -194,7 +198,7 @@ class LoadClient:
 
     def __init__(self, index, st, stop_at, loop, vocab, args):
         self.index, self.st, self.stop_at, self.loop, self.args = index, st, stop_at, loop, args
-        self.gen = prompts(args.seed, index, vocab, args.prompt_len)
+        self.gen = prompts(args.seed, index, vocab, args.prompt_len, args.shared_prefix)
         self.lens = lengths(args.seed, index, args)
         self.active = True
         self.rid = None   # the request in flight
@@ -528,6 +532,7 @@ def report(engine, n_clients, total, wall, cpu, args, server):
         "latency_ms": {"p50": percentile(total.latency, 50), "p99": percentile(total.latency, 99)},
         "client_cpu_s": round(cpu, 3),
         "prompt_len": args.prompt_len,
+        "shared_prefix": args.shared_prefix,
         "max_tokens": args.max_tokens,
         "max_tokens_spread": args.max_tokens_spread,
         "duration_s": args.duration,
@@ -703,7 +708,7 @@ def http_json(port, method, path, timeout):
 
 def start_llama(args, n_clients):
     port = free_port()
-    ctx = n_clients * (args.prompt_len + math.ceil(args.max_tokens * (1 + args.max_tokens_spread)) + 64)
+    ctx = n_clients * (args.shared_prefix + args.prompt_len + math.ceil(args.max_tokens * (1 + args.max_tokens_spread)) + 64)
     cmd = [args.llama_server, "-m", args.model, "--host", "127.0.0.1", "--port", str(port), "-np", str(n_clients),
            "-c", str(ctx), "--no-webui"]
     if args.threads:
@@ -776,6 +781,8 @@ def main():
     ap.add_argument("--clients", default="1,4,16,64", help="comma-separated client counts, one run each")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per request")
+    ap.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                    help="put the same N random tokens before every prompt (a system prompt; default 0)")
     ap.add_argument("--max-tokens-spread", type=float, default=0.0, metavar="S",
                     help="draw each request's max_tokens from [M (1 - S), M (1 + S)] (0 <= S < 1; default 0: every "
                          "request M, so clients that finish in the same step send again together)")
@@ -796,8 +803,9 @@ def main():
         clients = [int(c) for c in args.clients.split(",")]
     except ValueError:
         sys.exit(f"serve_load: --clients: expected comma-separated integers, got {args.clients!r}")
-    if any(c < 1 for c in clients) or args.prompt_len < 1 or args.max_tokens < 1 or args.requests < 1 or args.duration <= 0:
-        sys.exit("serve_load: --clients, --prompt-len, --max-tokens, --requests and --duration must be positive")
+    if any(c < 1 for c in clients) or args.shared_prefix < 0 or args.prompt_len < 1 or args.max_tokens < 1 or args.requests < 1 or args.duration <= 0:
+        sys.exit("serve_load: --clients, --prompt-len, --max-tokens, --requests and --duration must be positive, "
+                 "--shared-prefix not negative")
     if not 0 <= args.max_tokens_spread < 1:
         sys.exit(f"serve_load: --max-tokens-spread {args.max_tokens_spread}: must be in [0, 1)")
     if args.endpoint and not args.endpoint.startswith(("tcp://127.0.0.1:", "tcp://localhost:", "ipc://")):
