@@ -16,7 +16,15 @@ struct Sizes {   // elements of each buffer, B = max_batch
     size_t embd, q, kv, expert, used, ff, vocab, step, moe;
 };
 
-Sizes sizes(const ModelConfig & c, int64_t max_batch, int64_t kv_blocks) {
+// Block-table entries one step may carry: each sequence of the batch (at most max_batch of the
+// pool's n_seq_max) once, its table at most the pool's blocks and the model's context. Not the pool's
+// blocks alone: with the prefix cache, sequences share blocks, and each table lists them.
+size_t table_entries(const ModelConfig & c, int64_t max_batch, const KvCacheSpec & ks) {
+    const int64_t per_seq = std::min(ks.n_blocks, (c.max_positions + ks.block_size - 1) / std::max<int64_t>(1, ks.block_size));
+    return size_t(std::min(max_batch, ks.n_seq_max)) * size_t(std::max<int64_t>(0, per_seq));
+}
+
+Sizes sizes(const ModelConfig & c, int64_t max_batch, const KvCacheSpec & ks) {
     const size_t B = size_t(max_batch);
     Sizes s;
     s.embd = B * size_t(c.n_embd);
@@ -27,15 +35,14 @@ Sizes sizes(const ModelConfig & c, int64_t max_batch, int64_t kv_blocks) {
     s.ff = 2 * B * size_t(std::max({c.n_ff, c.n_ff_expert, c.n_ff_shared}));
     s.vocab = B * size_t(c.n_vocab);
     s.moe = c.n_expert > 0 ? s.used * size_t(std::max<int64_t>(1, c.n_ff_expert)) : 0;
-    // Block tables: sequences own disjoint blocks, so the tables of a batch's sequences hold at most kv_blocks.
-    s.step = 3 * B + size_t(kv_blocks);
+    s.step = 3 * B + table_entries(c, max_batch, ks);
     return s;
 }
 
 } // namespace
 
-size_t ForwardPass::scratch_bytes(const ModelConfig & c, int64_t max_batch, int64_t kv_blocks) {
-    const Sizes s = sizes(c, max_batch, kv_blocks);
+size_t ForwardPass::scratch_bytes(const ModelConfig & c, int64_t max_batch, const KvCacheSpec & ks) {
+    const Sizes s = sizes(c, max_batch, ks);
     const size_t floats = 5 * s.embd + 2 * s.q + 2 * s.kv + s.expert + size_t(max_batch) + s.ff + s.vocab + s.used + s.moe;
     return (floats + s.step + s.used) * 4;
 }
@@ -70,12 +77,13 @@ ForwardPass::ForwardPass(const Model & model, Backend & backend, KvCache & kv, i
     if (!weights_) {
         WeightOptions o;
         o.repack = false;   // on a host backend: read the mapping, no copy
-        o.reserve_bytes = scratch_bytes(c, max_batch, ks.n_blocks);
+        o.reserve_bytes = scratch_bytes(c, max_batch, ks);
         own_weights_ = std::make_unique<BackendWeights>(model, backend, o);
         weights_ = own_weights_.get();
     }
 
-    const Sizes s = sizes(c, max_batch, ks.n_blocks);
+    const Sizes s = sizes(c, max_batch, ks);
+    max_table_entries_ = int64_t(table_entries(c, max_batch, ks));
     auto buf = [&](size_t n) { return BackendBuffer(be_, n * sizeof(float), "buffer_alloc (activations)"); };
     x_ = Staged<float>(be_, s.embd, "buffer_alloc (activations)");
     h_ = buf(s.embd);
@@ -715,6 +723,9 @@ const float * ForwardPass::run(const Batch & batch, std::string * error) {
             if (batch.seq[size_t(runs_[j].first)] == seq) runs_[i].table = runs_[j].table;
         if (runs_[i].table >= 0) continue;
         const int64_t len = kv_.capacity(seq) / kv_.spec().block_size;   // the whole table: later runs may need more
+        if (n_tables + len > max_table_entries_)   // a reservation beyond the model's context: refused, never overrun
+            return fail("the batch's block tables (" + std::to_string(n_tables + len) + " entries) exceed the " +
+                        std::to_string(max_table_entries_) + " this pass holds: a sequence reserved beyond the model's context");
         std::memcpy(step + 3 * max_batch_ + n_tables, kv_.block_table(seq), size_t(len) * sizeof(int32_t));
         runs_[i].table = n_tables;
         n_tables += len;

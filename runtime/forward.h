@@ -86,7 +86,7 @@ public:
                 const BackendWeights * weights = nullptr);
 
     // Backend memory a ForwardPass allocates besides the weights and the KV cache.
-    static size_t scratch_bytes(const ModelConfig & config, int64_t max_batch, int64_t kv_blocks);
+    static size_t scratch_bytes(const ModelConfig & config, int64_t max_batch, const KvCacheSpec & kv);
 
     // Returns the logits of the tokens with want_logits set, in batch order
     // (host memory, valid until the next run), or nullptr with *error set when
@@ -177,6 +177,7 @@ private:
     // attention_batch call); table: offset of its block table in the step buffer. Reserved max_batch.
     std::vector<moesh_attention_run> runs_;
     int64_t n_tables_ = 0;        // block-table entries in this step's step_ buffer
+    int64_t max_table_entries_ = 0;   // room for them
     std::vector<moesh_moe_expert> moe_experts_;   // [n_expert] a moe_ffn call's experts, reserved
 
     // Backend memory; B = max_batch.
@@ -195,7 +196,7 @@ private:
     BackendBuffer ffn_tmp_;       // [2, B, max n_ff]
     BackendBuffer moe_tmp_;       // [B * n_expert_used, n_ff_expert] moe_ffn's scratch, when the backend has moe_ffn
     Staged<float> logits_;        // [B, n_vocab]
-    Staged<int32_t> step_;        // [3B + kv blocks]: positions, KV pool rows, logit rows, block tables
+    Staged<int32_t> step_;        // [3B + table entries]: positions, KV pool rows, logit rows, block tables
     Staged<int32_t> route_tok_;   // [B * n_expert_used] token of each (token, slot) pair, grouped by expert
     Staged<float> route_w_;       // [B * n_expert_used] its router weight
 };

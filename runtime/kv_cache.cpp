@@ -66,6 +66,11 @@ KvCache::KvCache(const KvCacheSpec & spec, const Backend & backend) : spec_(spec
     gen_.assign(nb, 0);
     idle_prev_.assign(nb, -1);
     idle_next_.assign(nb, -1);
+    size_t slots = 16;
+    while (slots < 2 * nb) slots *= 2;
+    slot_key_.assign(slots, 0);
+    slot_block_.assign(slots, -1);
+    slot_mask_ = slots - 1;
 }
 
 bool KvCache::reserve(int32_t seq, int64_t n_positions) {
@@ -132,9 +137,47 @@ void KvCache::idle_remove(int32_t b) {
     --n_idle_cached_;
 }
 
+int32_t KvCache::index_find(uint64_t k) const {
+    for (uint64_t i = k & slot_mask_;; i = (i + 1) & slot_mask_) {
+        if (slot_block_[i] < 0) return -1;
+        if (slot_key_[i] == k) return slot_block_[i];
+    }
+}
+
+void KvCache::index_insert(uint64_t k, int32_t b) {   // k is not in the index; there is room (<= n_blocks entries)
+    uint64_t i = k & slot_mask_;
+    while (slot_block_[i] >= 0) i = (i + 1) & slot_mask_;
+    slot_key_[i] = k;
+    slot_block_[i] = b;
+}
+
+void KvCache::index_erase(uint64_t k, int32_t b) {
+    uint64_t i = k & slot_mask_;
+    while (slot_block_[i] >= 0 && !(slot_key_[i] == k && slot_block_[i] == b)) i = (i + 1) & slot_mask_;
+    if (slot_block_[i] < 0) return;
+    // Backward shift: move up each later entry of the run that may sit at or before its home slot.
+    for (uint64_t j = (i + 1) & slot_mask_; slot_block_[j] >= 0; j = (j + 1) & slot_mask_) {
+        const uint64_t home = slot_key_[j] & slot_mask_;
+        const bool stays = i <= j ? (i < home && home <= j) : (i < home || home <= j);
+        if (stays) continue;
+        slot_key_[i] = slot_key_[j];
+        slot_block_[i] = slot_block_[j];
+        i = j;
+    }
+    slot_block_[i] = -1;
+}
+
+int32_t KvCache::lookup(int32_t parent, uint32_t parent_gen, const int32_t * tokens) const {
+    const int32_t b = index_find(key(parent, parent_gen, tokens));
+    if (b < 0) return -1;
+    const int32_t * held = &tokens_[size_t(b) * size_t(spec_.block_size)];
+    const bool same = cached_[size_t(b)] && parent_[size_t(b)] == parent && parent_gen_[size_t(b)] == parent_gen &&
+                      std::equal(tokens, tokens + spec_.block_size, held);
+    return same ? b : -1;   // else a hash collision: not this prefix
+}
+
 void KvCache::forget(int32_t b) {
-    const auto it = index_.find(key(parent_[size_t(b)], parent_gen_[size_t(b)], &tokens_[size_t(b) * size_t(spec_.block_size)]));
-    if (it != index_.end() && it->second == b) index_.erase(it);
+    index_erase(key(parent_[size_t(b)], parent_gen_[size_t(b)], &tokens_[size_t(b) * size_t(spec_.block_size)]), b);
     cached_[size_t(b)] = 0;
     ++gen_[size_t(b)];
 }
@@ -146,14 +189,8 @@ int64_t KvCache::attach_prefix(int32_t seq, const int32_t * tokens, int64_t max_
     int32_t parent = -1;
     uint32_t parent_gen = 0;
     for (int64_t k = 0; (k + 1) * bs <= max_positions; ++k) {
-        const int32_t * t = tokens + k * bs;
-        const auto it = index_.find(key(parent, parent_gen, t));
-        if (it == index_.end()) break;
-        const int32_t b = it->second;
-        const int32_t * held = &tokens_[size_t(b) * size_t(bs)];
-        if (!cached_[size_t(b)] || parent_[size_t(b)] != parent || parent_gen_[size_t(b)] != parent_gen ||
-            !std::equal(t, t + bs, held))
-            break;   // a hash collision: not this prefix
+        const int32_t b = lookup(parent, parent_gen, tokens + k * bs);
+        if (b < 0) break;
         if (refs_[size_t(b)]++ == 0) idle_remove(b);
         table.push_back(b);
         parent = b;
@@ -169,11 +206,20 @@ void KvCache::publish(int32_t seq, const int32_t * tokens, int64_t n) {
     int32_t parent = -1;
     uint32_t parent_gen = 0;
     for (int64_t k = 0; k < int64_t(table.size()) && (k + 1) * bs <= n; ++k) {
-        const int32_t b = table[size_t(k)];
+        int32_t b = table[size_t(k)];
         if (!cached_[size_t(b)]) {
             const uint64_t h = key(parent, parent_gen, tokens + k * bs);
-            if (index_.count(h)) return;   // this prefix is published already (by another sequence), or a collision
-            index_.emplace(h, b);
+            if (index_find(h) >= 0) {
+                // Another request published these tokens after this parent (the same system prompt
+                // computed at once): go on from its block, which holds the same keys and values,
+                // so that what follows here (another end, this answer) is found after it.
+                b = lookup(parent, parent_gen, tokens + k * bs);
+                if (b < 0) return;   // a hash collision
+                parent = b;
+                parent_gen = gen_[size_t(b)];
+                continue;
+            }
+            index_insert(h, b);
             cached_[size_t(b)] = 1;
             parent_[size_t(b)] = parent;
             parent_gen_[size_t(b)] = parent_gen;

@@ -25,7 +25,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 namespace moesh {
@@ -92,6 +91,13 @@ public:
 
 private:
     uint64_t key(int32_t parent, uint32_t parent_gen, const int32_t * tokens) const;
+    // The index: open addressing over a fixed table (twice the blocks), so that publishing
+    // during a forward step allocates nothing. find: the block under key, or -1.
+    int32_t index_find(uint64_t key) const;
+    void index_insert(uint64_t key, int32_t b);
+    void index_erase(uint64_t key, int32_t b);   // the entry of key if it is b's
+    // The published block that holds tokens after parent (checked, not only hashed), or -1.
+    int32_t lookup(int32_t parent, uint32_t parent_gen, const int32_t * tokens) const;
     void idle_push(int32_t b);     // a cached block no sequence holds: last in the eviction order
     void idle_remove(int32_t b);
     void forget(int32_t b);        // no longer cached (its memory is about to be reused)
@@ -102,13 +108,16 @@ private:
     std::vector<int32_t> free_;                  // never-used (or forgotten) block ids
     // Per block: how many tables hold it; whether published, then its tokens, the block before it
     // (-1: none) and that block's generation, which changes each time a block is forgotten, so
-    // that a block whose predecessor's memory was reused is never found again.
+    // that a block whose predecessor's memory was reused is never found again (a block published
+    // after another request's block can outlive it in the cache).
     std::vector<int32_t> refs_;
     std::vector<uint8_t> cached_;
     std::vector<int32_t> tokens_;                // [n_blocks, block_size]
     std::vector<int32_t> parent_;
     std::vector<uint32_t> parent_gen_, gen_;
-    std::unordered_map<uint64_t, int32_t> index_;   // key(parent, gen, tokens) -> block
+    std::vector<uint64_t> slot_key_;   // index slots: key(parent, gen, tokens) ...
+    std::vector<int32_t> slot_block_;  // ... -> block, -1: empty
+    uint64_t slot_mask_ = 0;
     // Cached blocks no table holds, least recently released first (links by block id, -1 ends).
     std::vector<int32_t> idle_prev_, idle_next_;
     int32_t idle_head_ = -1, idle_tail_ = -1;

@@ -157,7 +157,7 @@ std::unique_ptr<moesh::BackendWeights> prepare_weights(const moesh::Model & mode
     o.repack = rc.repack && !co.no_repack;
     o.routed_experts = routed_experts;
     moesh::KvCacheSpec ks{c.n_layer, c.n_head_kv, c.head_dim, 16, (n_positions + 15) / 16, 1, rc.kv_type};
-    o.reserve_bytes = ks.bytes() + moesh::ForwardPass::scratch_bytes(c, std::max<int64_t>(1, max_batch), ks.n_blocks);
+    o.reserve_bytes = ks.bytes() + moesh::ForwardPass::scratch_bytes(c, std::max<int64_t>(1, max_batch), ks);
     const char * verb = backend.host_memory() ? "packing weights for" : "uploading weights to";
     if (isatty(STDERR_FILENO)) // a percentage that rewrites itself; logs get the summary line only
         o.progress = [verb](size_t done, size_t total) {

@@ -868,8 +868,8 @@ moesh_status cpu_attention(moesh_backend * be, const moesh_attention_args * args
             const Range r = split(n_items, part, n_parts);
             moesh::cpu::attention_items(a, hpi, r.begin, r.end, scores + ith * stride);
         };
-        int64_t work = 0;
-        product_fits(n_items * a.head_dim, 2 * n_ctx_max, &work);
+        int64_t work = 0;   // multiply-adds, however the heads are grouped
+        product_fits(a.n_tokens * a.n_head * a.head_dim, 2 * n_ctx_max, &work);
         run_parallel(be, work, n_items, task);
         return MOESH_OK;
     });

@@ -227,5 +227,36 @@ TEST(Scheduler, PrefixCacheReusesAPromptsStartAndChangesNoToken) {
     EXPECT_EQ(s2.stats().kv_blocks_cached_idle, 0);
 }
 
+// Requests that share cached blocks list them in each of their block tables: a step's tables then
+// hold more entries than the pool has blocks (here 3 x 8 against 10), which the forward pass's step
+// buffer must hold (it once assumed disjoint tables and wrote past its end; found by review).
+TEST(Scheduler, SharedPrefixTablesOutnumberThePoolsBlocks) {
+    const Model model = Model::load_folder(k_model);
+    auto be = test::open_cpu_backend(2);
+    ASSERT_NE(be, nullptr);
+    SchedulerOptions so;
+    so.max_batch = 9;
+    so.max_sequences = 3;
+    so.kv_blocks = 10;
+    so.kv_block_size = 4;
+    so.prefill_chunk = 8;
+    Scheduler s(model, *be, so);
+    std::map<uint64_t, Outcome> out;
+    std::vector<int32_t> p;
+    for (int j = 0; j < 29; ++j) p.push_back(int32_t((31 * j + 9) % 4000));
+    const std::vector<int32_t> want = alone(model, *be, p, 3);
+    uint64_t h = 0;
+    ASSERT_EQ(s.submit(request(p, 3, out), &h), Admit::Queued);
+    while (!s.idle()) s.step();
+    std::vector<uint64_t> hs(3);
+    for (uint64_t & x : hs) ASSERT_EQ(s.submit(request(p, 3, out), &x), Admit::Queued);
+    s.step();
+    EXPECT_EQ(s.stats().running, 3);   // all three at once: 7 shared blocks and 1 own each
+    while (!s.idle()) s.step();
+    EXPECT_EQ(out[h].final_tokens, want);
+    for (uint64_t x : hs) EXPECT_EQ(out[x].final_tokens, want);
+    EXPECT_EQ(s.stats().tokens_prefix_cached, 3 * 28);
+}
+
 } // namespace
 } // namespace moesh

@@ -1294,6 +1294,8 @@ TEST_P(BackendConformance, AttentionMatchesReference) {
         {80, 6, 3, 17, 5, 40, 4.0f, false},  {64, 4, 4, 3, 16, 50, 30.0f, false},   // peaked softmax
         {8, 6, 1, 5, 3, 20, 2.0f, true},     {64, 8, 2, 1, 16, 1000, 4.0f, false},
         {20, 4, 2, 3, 16, 37, 3.0f, false},  // head_dim not a multiple of any vector width
+        {64, 8, 1, 5, 16, 40, 4.0f, false},  // 8 heads a kv head: the cpu plugin takes 8 a call, 4 or 2 a token alone
+        {20, 4, 1, 3, 5, 30, 2.0f, false},   // 4 a kv head, with tails
     };
     std::mt19937 rng(6);
     for (const int32_t kv_type : {MOESH_DTYPE_F32, MOESH_DTYPE_F16})
