@@ -340,10 +340,15 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                     sc.http_request_timeout_s = *d;
                 } else if (k == "default_max_tokens") {
                     sc.default_max_tokens = integer(source, v, key, 1, 1 << 24);
+                } else if (k == "log_interval_s") {
+                    auto d = v.value<double>();
+                    if (!(v.is_floating_point() || v.is_integer()) || !d || !(*d >= 0 && *d <= 86400))
+                        fail(source, v, key, "expected seconds in [0, 86400] (0: no status lines)");
+                    sc.log_interval_s = *d;
                 } else {
                     fail(source, v, key, "unknown key (known: endpoint, max_sequences, kv_cache, prefill_chunk, prefix_cache, max_queue, "
                                          "max_tokens, max_message_bytes, send_hwm, recv_hwm, drain_timeout_s, http, "
-                                         "http_max_connections, http_request_timeout_s, default_max_tokens)");
+                                         "http_max_connections, http_request_timeout_s, default_max_tokens, log_interval_s)");
                 }
             }
         } else {

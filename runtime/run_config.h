@@ -30,7 +30,7 @@
 //   endpoint = "tcp://127.0.0.1:5555"
 //   max_sequences = 16, kv_cache = "256MiB", prefill_chunk = 32, prefix_cache = true, max_queue = 64,
 //   max_tokens = 4096, max_message_bytes = 1048576, send_hwm = 10000, recv_hwm = 10000,
-//   drain_timeout_s = 30
+//   drain_timeout_s = 30, log_interval_s = 10
 //   [[placement.pin]]            # experts that always live on a tier
 //   tier = "gpu0"
 //   layers = "0-3"               # "N", "A-B" or "*"
@@ -70,6 +70,7 @@ struct ServerConfig {
     int64_t http_max_connections = 256;
     double http_request_timeout_s = 30;   // to receive a request; also the keep-alive idle limit
     int64_t default_max_tokens = 256;     // a chat request that gives no max_tokens
+    double log_interval_s = 10;           // a status line on stderr this often while serving; 0: none
 };
 
 // "127.0.0.1:8080" / "[::1]:8080" -> address and port; false when not that shape.

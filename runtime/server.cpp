@@ -287,6 +287,7 @@ void Server::run(const std::atomic<bool> & stop) {
     using Clock = std::chrono::steady_clock;
     std::optional<Clock::time_point> drain_until;
     if (port_) port_->state = LocalPort::State::Ready;
+    Clock::time_point last_log = Clock::now();
     for (;;) {
         const bool draining = stop.load();
         if (draining && !drain_until) {
@@ -335,11 +336,36 @@ void Server::run(const std::atomic<bool> & stop) {
             port_->queued = st.queued;
             port_->running = st.running;
         }
+        if (cfg_.log_interval_s > 0) {
+            const double since = std::chrono::duration<double>(Clock::now() - last_log).count();
+            if (since >= cfg_.log_interval_s) {
+                log_status(since);
+                last_log = Clock::now();
+            }
+        }
     }
     // Out of time: what still runs is cancelled (each gets its final frame).
     std::vector<uint64_t> left;
     for (const auto & [h, a] : active_) left.push_back(h);
     for (uint64_t h : left) sched_->cancel(h);
+}
+
+// What vLLM users look for every few seconds: throughput both ways, the queue and the KV pool.
+void Server::log_status(double seconds) {
+    const SchedulerStats st = sched_->stats();
+    const int64_t prefilled = st.tokens_prefilled - logged_.tokens_prefilled;
+    const int64_t cached = st.tokens_prefix_cached - logged_.tokens_prefix_cached;
+    const int64_t out = stats_.tokens_out - logged_tokens_out_;
+    if (prefilled == 0 && out == 0 && st.running == 0 && st.queued == 0) return;   // idle: nothing to say
+    const double total = double(std::max<int64_t>(1, st.kv_blocks_total));
+    std::fprintf(stderr,
+                 "moesh: last %.1f s: prompt %.1f tokens/s (%.0f%% from the prefix cache), generation %.1f tokens/s; "
+                 "%lld running, %lld queued; KV %.0f%% used, %.0f%% cached\n",
+                 seconds, double(prefilled) / seconds, prefilled + cached > 0 ? 100.0 * double(cached) / double(prefilled + cached) : 0.0,
+                 double(out) / seconds, (long long)st.running, (long long)st.queued, 100.0 * double(st.kv_blocks_used) / total,
+                 100.0 * double(st.kv_blocks_cached_idle) / total);
+    logged_ = st;
+    logged_tokens_out_ = stats_.tokens_out;
 }
 
 void Histogram::observe(double v) {

@@ -133,6 +133,10 @@ private:
     std::string bound_;
     std::map<uint64_t, Active> active_;
     std::vector<uint64_t> to_cancel_;   // undeliverable: cancelled after the step
+    // The status line every log_interval_s while there is work (stderr): counters at the last one.
+    void log_status(double seconds);
+    SchedulerStats logged_;
+    int64_t logged_tokens_out_ = 0;
     std::vector<int32_t> eos_;
     size_t max_stop_bytes_ = 0;
     ServerStats stats_;

@@ -40,6 +40,7 @@ max_queue = 64
 max_tokens = 512
 max_message_bytes = 65536
 drain_timeout_s = 10
+log_interval_s = 0.05
 [runtime]
 max_batch = 32
 """
@@ -202,6 +203,7 @@ def main():
             with Client(endpoint) as c:
                 try:
                     run_tests(c, args.moesh, args.model, eos_ids)
+                    c.generate(prompt_ids=[5, 6, 7], max_tokens=400, timeout=60)   # long enough for status lines
                 except (MoeshError, TimeoutError, RuntimeError, StopIteration) as e:
                     check(False, f"unexpected {type(e).__name__}: {e}")
             proc.send_signal(signal.SIGTERM)
@@ -210,6 +212,9 @@ def main():
             except subprocess.TimeoutExpired:
                 rc = None
             check(rc == 0, f"SIGTERM drains and exits 0 (exit status {rc})")
+            status = [l for l in log_path.read_text(errors="replace").splitlines() if l.startswith("moesh: last ")]
+            check(len(status) > 0 and "generation" in status[0] and "tokens/s" in status[0] and "KV" in status[0],
+                  f"the server logs status lines while it serves ({len(status)}: {status[:1]})")
         except TimeoutError as e:
             check(False, str(e))
         finally:

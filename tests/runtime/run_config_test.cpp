@@ -30,6 +30,7 @@ TEST(RunConfig, LoadsTheShippedServeConfig) {
     EXPECT_EQ(rc.server.http_max_connections, 256);
     EXPECT_EQ(rc.server.default_max_tokens, 256);
     EXPECT_TRUE(rc.server.prefix_cache);
+    EXPECT_EQ(rc.server.log_interval_s, 10);
     EXPECT_FALSE(parse_run_config("[server]\nprefix_cache = false\n", "x").server.prefix_cache);
     std::string address;
     uint16_t port = 0;
@@ -146,6 +147,7 @@ TEST(PlacementConfig, MistakesNameTheLineAndColumn) {
         {"[[tier]]\nkind = \"disk\"\nbudget = \"1GiB\"\n", "t.toml:1:1: key 'tier.budget': a disk tier has no budget"},
         {"[placement]\ndirect_io = 1\n", "t.toml:2:13: key 'placement.direct_io': expected true or false"},
         {"[server]\nprefix_cache = \"yes\"\n", "t.toml:2:16: key 'server.prefix_cache': expected true or false"},
+        {"[server]\nlog_interval_s = -1\n", "key 'server.log_interval_s': expected seconds"},
         {"tier = 3\n", "expected [[tier]] tables"},
     };
     for (const Bad & b : bad) {
