@@ -564,34 +564,6 @@ HWY_INLINE float kv_at(const hwy::float16_t * p) {
     return moesh::ref::f16_to_f32(bits);
 }
 
-// q . k_j for 4 cache rows (f32 or f16 rows, widened in registers).
-template <class T>
-HWY_INLINE void dot_q_4(const float * HWY_RESTRICT q, const T * HWY_RESTRICT k0,
-                        const T * HWY_RESTRICT k1, const T * HWY_RESTRICT k2,
-                        const T * HWY_RESTRICT k3, int64_t n, float * HWY_RESTRICT out) {
-    const DF d;
-    const int64_t N = int64_t(hn::Lanes(d));
-    VF a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
-    int64_t i = 0;
-    for (; i + N <= n; i += N) {
-        const VF vq = hn::LoadU(d, q + i);
-        a0 = hn::MulAdd(vq, load_kv(d, k0 + i), a0);
-        a1 = hn::MulAdd(vq, load_kv(d, k1 + i), a1);
-        a2 = hn::MulAdd(vq, load_kv(d, k2 + i), a2);
-        a3 = hn::MulAdd(vq, load_kv(d, k3 + i), a3);
-    }
-    out[0] = reduce_sum(d, a0);
-    out[1] = reduce_sum(d, a1);
-    out[2] = reduce_sum(d, a2);
-    out[3] = reduce_sum(d, a3);
-    for (; i < n; ++i) {   // fma, as every path of attention_items_t rounds the tails alike
-        out[0] = std::fma(q[i], kv_at(k0 + i), out[0]);
-        out[1] = std::fma(q[i], kv_at(k1 + i), out[1]);
-        out[2] = std::fma(q[i], kv_at(k2 + i), out[2]);
-        out[3] = std::fma(q[i], kv_at(k3 + i), out[3]);
-    }
-}
-
 template <class T>
 HWY_INLINE float dot_q_1(const float * HWY_RESTRICT q, const T * HWY_RESTRICT k, int64_t n) {
     const DF d;
@@ -608,49 +580,26 @@ HWY_INLINE float dot_q_1(const float * HWY_RESTRICT q, const T * HWY_RESTRICT k,
     return sum;
 }
 
-// o += sum_j p_j v_j over n_v (1..4) cache rows; with 4 rows, o is read and
-// written once per 4 rows instead of once per row.
+// o += p v for one cache row (f32 or f16, widened in registers).
 template <class T>
-HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const T * const * v, const float * p, int64_t n_v,
-                             int64_t n) {
+HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const T * HWY_RESTRICT v, float p, int64_t n) {
     const DF d;
     const int64_t N = int64_t(hn::Lanes(d));
-    if (n_v == 4) {
-        const VF p0 = hn::Set(d, p[0]), p1 = hn::Set(d, p[1]), p2 = hn::Set(d, p[2]), p3 = hn::Set(d, p[3]);
-        int64_t i = 0;
-        for (; i + N <= n; i += N) {
-            VF acc = hn::LoadU(d, o + i);
-            acc = hn::MulAdd(p0, load_kv(d, v[0] + i), acc);
-            acc = hn::MulAdd(p1, load_kv(d, v[1] + i), acc);
-            acc = hn::MulAdd(p2, load_kv(d, v[2] + i), acc);
-            acc = hn::MulAdd(p3, load_kv(d, v[3] + i), acc);
-            hn::StoreU(acc, d, o + i);
-        }
-        for (; i < n; ++i) {   // row by row, as the vector lanes (and every heads-per-item path)
-            float x = o[i];
-            for (int j = 0; j < 4; ++j) {
-                x = std::fma(p[j], kv_at(v[j] + i), x);
-            }
-            o[i] = x;
-        }
-        return;
+    const VF vp = hn::Set(d, p);
+    int64_t i = 0;
+    for (; i + N <= n; i += N) {
+        hn::StoreU(hn::MulAdd(vp, load_kv(d, v + i), hn::LoadU(d, o + i)), d, o + i);
     }
-    for (int64_t j = 0; j < n_v; ++j) {
-        const VF pj = hn::Set(d, p[j]);
-        int64_t i = 0;
-        for (; i + N <= n; i += N) {
-            hn::StoreU(hn::MulAdd(pj, load_kv(d, v[j] + i), hn::LoadU(d, o + i)), d, o + i);
-        }
-        for (; i < n; ++i) {
-            o[i] = std::fma(p[j], kv_at(v[j] + i), o[i]);
-        }
+    for (; i < n; ++i) {   // fma, as the vector lanes
+        o[i] = std::fma(p, kv_at(v + i), o[i]);
     }
 }
 
 // Items (token, HPI query heads of one kv head): the HPI heads share each K and V
 // row's load (and f16 widening) instead of reading it once per head. Rows per pass:
 // QK keeps R * HPI <= 4 dot products going (then 8 for HPI = 8), V keeps RV * HPI
-// weights in registers.
+// weights in registers. Every HPI adds the same products in the same order (rows in
+// order, fma tails), so a head's output has the same bits however it is grouped.
 template <class T, int HPI>
 void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, float * scores) {
     constexpr int R = HPI >= 4 ? 1 : 4 / HPI;
@@ -684,36 +633,29 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
             const T * k = block_base(a.k_pool, p0);   // [bs, row_stride]
             const int64_t n_r = std::min(bs, n_ctx - p0);
             int64_t r = 0;
-            if constexpr (HPI == 1) {
-                for (; r + 4 <= n_r; r += 4) {
-                    dot_q_4(q[0], k + r * row_stride, k + (r + 1) * row_stride, k + (r + 2) * row_stride,
-                            k + (r + 3) * row_stride, n_dim, sc[0] + p0 + r);
+            for (; r + R <= n_r; r += R) {
+                VF acc[R][HPI];
+                for (int j = 0; j < R; ++j) {
+                    for (int h = 0; h < HPI; ++h) {
+                        acc[j][h] = hn::Zero(d);
+                    }
                 }
-            } else {
-                for (; r + R <= n_r; r += R) {
-                    VF acc[R][HPI];
+                int64_t i = 0;
+                for (; i + N <= n_dim; i += N) {
                     for (int j = 0; j < R; ++j) {
+                        const VF vk = load_kv(d, k + (r + j) * row_stride + i);
                         for (int h = 0; h < HPI; ++h) {
-                            acc[j][h] = hn::Zero(d);
+                            acc[j][h] = hn::MulAdd(hn::LoadU(d, q[h] + i), vk, acc[j][h]);
                         }
                     }
-                    int64_t i = 0;
-                    for (; i + N <= n_dim; i += N) {
-                        for (int j = 0; j < R; ++j) {
-                            const VF vk = load_kv(d, k + (r + j) * row_stride + i);
-                            for (int h = 0; h < HPI; ++h) {
-                                acc[j][h] = hn::MulAdd(hn::LoadU(d, q[h] + i), vk, acc[j][h]);
-                            }
+                }
+                for (int j = 0; j < R; ++j) {
+                    for (int h = 0; h < HPI; ++h) {
+                        float sum = reduce_sum(d, acc[j][h]);
+                        for (int64_t ii = i; ii < n_dim; ++ii) {
+                            sum = std::fma(q[h][ii], kv_at(k + (r + j) * row_stride + ii), sum);
                         }
-                    }
-                    for (int j = 0; j < R; ++j) {
-                        for (int h = 0; h < HPI; ++h) {
-                            float sum = reduce_sum(d, acc[j][h]);
-                            for (int64_t ii = i; ii < n_dim; ++ii) {
-                                sum = std::fma(q[h][ii], kv_at(k + (r + j) * row_stride + ii), sum);
-                            }
-                            sc[h][p0 + r + j] = sum;
-                        }
+                        sc[h][p0 + r + j] = sum;
                     }
                 }
             }
@@ -752,53 +694,41 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
         for (int64_t p0 = 0; p0 < n_ctx; p0 += bs) {
             const T * v = block_base(a.v_pool, p0);   // [bs, row_stride]
             const int64_t n_r = std::min(bs, n_ctx - p0);
-            if constexpr (HPI == 1) {
-                for (int64_t r = 0; r < n_r; r += 4) {
-                    const int64_t n_v = std::min<int64_t>(4, n_r - r);
-                    const T * rows[4];
-                    for (int64_t jr = 0; jr < 4; ++jr) {
-                        rows[jr] = v + (r + std::min(jr, n_v - 1)) * row_stride;
-                    }
-                    accumulate_v(o[0], rows, sc[0] + p0 + r, n_v, n_dim);
-                }
-            } else {
-                int64_t r = 0;
-                for (; r + RV <= n_r; r += RV) {
-                    VF p[RV][HPI];
-                    for (int j = 0; j < RV; ++j) {
-                        for (int h = 0; h < HPI; ++h) {
-                            p[j][h] = hn::Set(d, sc[h][p0 + r + j]);
-                        }
-                    }
-                    int64_t i = 0;
-                    for (; i + N <= n_dim; i += N) {
-                        VF vv[RV];
-                        for (int j = 0; j < RV; ++j) {
-                            vv[j] = load_kv(d, v + (r + j) * row_stride + i);
-                        }
-                        for (int h = 0; h < HPI; ++h) {
-                            VF acc = hn::LoadU(d, o[h] + i);
-                            for (int j = 0; j < RV; ++j) {
-                                acc = hn::MulAdd(p[j][h], vv[j], acc);
-                            }
-                            hn::StoreU(acc, d, o[h] + i);
-                        }
-                    }
-                    for (; i < n_dim; ++i) {
-                        for (int h = 0; h < HPI; ++h) {
-                            float x = o[h][i];
-                            for (int j = 0; j < RV; ++j) {
-                                x = std::fma(sc[h][p0 + r + j], kv_at(v + (r + j) * row_stride + i), x);
-                            }
-                            o[h][i] = x;
-                        }
-                    }
-                }
-                for (; r < n_r; ++r) {
-                    const T * row = v + r * row_stride;
+            int64_t r = 0;
+            for (; r + RV <= n_r; r += RV) {
+                VF p[RV][HPI];
+                for (int j = 0; j < RV; ++j) {
                     for (int h = 0; h < HPI; ++h) {
-                        accumulate_v(o[h], &row, sc[h] + p0 + r, 1, n_dim);
+                        p[j][h] = hn::Set(d, sc[h][p0 + r + j]);
                     }
+                }
+                int64_t i = 0;
+                for (; i + N <= n_dim; i += N) {
+                    VF vv[RV];
+                    for (int j = 0; j < RV; ++j) {
+                        vv[j] = load_kv(d, v + (r + j) * row_stride + i);
+                    }
+                    for (int h = 0; h < HPI; ++h) {
+                        VF acc = hn::LoadU(d, o[h] + i);
+                        for (int j = 0; j < RV; ++j) {
+                            acc = hn::MulAdd(p[j][h], vv[j], acc);
+                        }
+                        hn::StoreU(acc, d, o[h] + i);
+                    }
+                }
+                for (; i < n_dim; ++i) {
+                    for (int h = 0; h < HPI; ++h) {
+                        float x = o[h][i];
+                        for (int j = 0; j < RV; ++j) {
+                            x = std::fma(sc[h][p0 + r + j], kv_at(v + (r + j) * row_stride + i), x);
+                        }
+                        o[h][i] = x;
+                    }
+                }
+            }
+            for (; r < n_r; ++r) {
+                for (int h = 0; h < HPI; ++h) {
+                    accumulate_v(o[h], v + r * row_stride, sc[h][p0 + r], n_dim);
                 }
             }
         }
