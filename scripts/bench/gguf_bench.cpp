@@ -135,7 +135,7 @@ Stat batched_decode(const moesh::Model & model, moesh::Backend & be, const moesh
         int64_t tokens = 0;
         while (!sched.idle()) {
             const moesh::SchedulerStats before = sched.stats();
-            const auto t0 = std::chrono::steady_clock::now();
+            const auto t0 = std::chrono::steady_clock::now();   // the whole step, sampling included (not only last_step_seconds)
             sched.step();
             const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             const moesh::SchedulerStats after = sched.stats();
