@@ -39,7 +39,7 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
     const int64_t max_batch = std::min(o.max_batch, n_prompt);
     ForwardPass fwd(model, backend, kv, std::max<int64_t>(1, max_batch), o.weights);
     fwd.set_placement(o.placement);
-    Sampler sampler(o.sampling, c.n_vocab);
+    Sampler sampler(o.sampling, c.n_vocab, o.prompt);
     GenerateResult r;
     r.kv_bytes = ks.bytes();
     const size_t n_vocab = size_t(c.n_vocab);

@@ -10,6 +10,9 @@ std::string validate(const SamplerParams & p) {
     if (!std::isfinite(p.temperature) || p.temperature < 0) return "temperature must be >= 0 (0 = greedy)";
     if (p.top_k < 0) return "top-k must be >= 0 (0 = off)";
     if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) return "top-p must be in (0, 1] (1 = off)";
+    if (!(p.repetition_penalty > 0.0f && p.repetition_penalty <= 10.0f)) return "repetition penalty must be in (0, 10] (1 = off)";
+    if (!(p.frequency_penalty >= -2.0f && p.frequency_penalty <= 2.0f)) return "frequency penalty must be in [-2, 2] (0 = off)";
+    if (!(p.presence_penalty >= -2.0f && p.presence_penalty <= 2.0f)) return "presence penalty must be in [-2, 2] (0 = off)";
     return {};
 }
 
@@ -20,16 +23,76 @@ int32_t argmax(const float * x, int64_t n) {
     return int32_t(best);
 }
 
-Sampler::Sampler(const SamplerParams & params, int64_t n_vocab) : params_(params), rng_(params.seed) {
+Sampler::Sampler(const SamplerParams & params, int64_t n_vocab, const std::vector<int32_t> & prompt)
+    : params_(params), rng_(params.seed) {
     idx_.reserve(size_t(n_vocab));
     probs_.reserve(size_t(n_vocab));
+    if (!penalized()) return;
+    count_.assign(size_t(n_vocab), 0);
+    in_prompt_.assign(size_t(n_vocab), 0);
+    work_.reserve(size_t(n_vocab));
+    if (params_.repetition_penalty == 1.0f) return;   // only the output counts
+    for (int32_t t : prompt)
+        if (t >= 0 && t < n_vocab && !in_prompt_[size_t(t)]) {
+            in_prompt_[size_t(t)] = 1;
+            seen_.push_back(t);
+        }
+}
+
+bool Sampler::penalized() const {
+    return params_.repetition_penalty != 1.0f || params_.frequency_penalty != 0.0f || params_.presence_penalty != 0.0f;
+}
+
+// The row with the penalties applied to the ids seen so far (a copy; the caller's row is left).
+const float * Sampler::penalize(const float * logits, int64_t n_vocab) {
+    if (int64_t(count_.size()) != n_vocab) return logits;   // sized for another vocabulary: nothing counted
+    work_.assign(logits, logits + n_vocab);
+    for (int32_t t : seen_) {
+        float & l = work_[size_t(t)];
+        const int32_t n = count_[size_t(t)];
+        if (params_.repetition_penalty != 1.0f) l = l > 0 ? l / params_.repetition_penalty : l * params_.repetition_penalty;
+        l -= params_.frequency_penalty * float(n) + (n > 0 ? params_.presence_penalty : 0.0f);
+    }
+    return work_.data();
+}
+
+int32_t Sampler::sample(const float * logits, int64_t n_vocab) {
+    if (!penalized()) return draw(logits, n_vocab);
+    const int32_t t = draw(penalize(logits, n_vocab), n_vocab);
+    if (t >= 0 && t < int64_t(count_.size()) && count_[size_t(t)]++ == 0 && !in_prompt_[size_t(t)]) seen_.push_back(t);
+    return t;
+}
+
+void token_logprobs(const float * logits, int64_t n_vocab, int32_t token, int32_t n_top, TokenLogprobs * out) {
+    n_top = std::clamp<int32_t>(n_top, 0, int32_t(std::min<int64_t>(k_max_top_logprobs, n_vocab)));
+    float mx = logits[0];
+    for (int64_t i = 1; i < n_vocab; ++i) mx = std::max(mx, logits[i]);
+    double sum = 0.0;
+    for (int64_t i = 0; i < n_vocab; ++i) sum += std::exp(double(logits[i]) - double(mx));
+    const double lse = double(mx) + std::log(sum);
+    // The n_top largest by insertion into a short sorted list; a later equal logit has the
+    // higher id and stays behind, so ties go to the lower id.
+    int32_t n = 0;
+    for (int64_t i = 0; i < n_vocab && n_top > 0; ++i) {
+        const float l = logits[i];
+        if (n == n_top && !(l > logits[out->top_ids[n - 1]])) continue;
+        int32_t j = n < n_top ? n++ : n - 1;
+        while (j > 0 && l > logits[out->top_ids[j - 1]]) {
+            out->top_ids[j] = out->top_ids[j - 1];
+            --j;
+        }
+        out->top_ids[j] = int32_t(i);
+    }
+    out->n_top = n;
+    for (int32_t j = 0; j < n; ++j) out->top_logprobs[j] = float(double(logits[out->top_ids[j]]) - lse);
+    out->logprob = token >= 0 && token < n_vocab ? float(double(logits[token]) - lse) : -INFINITY;
 }
 
 // Tokens are visited in descending logit order (ties: lower id first), the order the
 // cumulative draw walks. Only as much of the vocabulary is sorted as the walk reaches: the
 // mass sits in a few dozen tokens, so a full 32000-entry sort per token (5 ms on this
 // machine, 5x a decode step's forward pass at 16 sequences) becomes a partial one.
-int32_t Sampler::sample(const float * logits, int64_t n_vocab) {
+int32_t Sampler::draw(const float * logits, int64_t n_vocab) {
     if (params_.temperature <= 0.0f) return argmax(logits, n_vocab);
     idx_.resize(size_t(n_vocab));
     std::iota(idx_.begin(), idx_.end(), 0);

@@ -3,11 +3,20 @@
 //   Sampler s(SamplerParams{.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .seed = 1});
 //   int32_t tok = s.sample(logits, n_vocab);
 //
-// temperature <= 0 means greedy (argmax, ties to the lower id). Otherwise, in
-// the order Hugging Face's generate applies them: temperature, top-k, top-p,
-// then a draw from the remaining distribution with a seeded generator, so a
-// seed gives the same tokens on every machine. Buffers are sized once; only
-// the part of the vocabulary the draw reaches is sorted.
+// Penalties on tokens seen before come first, in vLLM's order: repetition
+// (Hugging Face's: every token of the prompt and of the output so far, a
+// positive logit divided by it, a negative one multiplied), then frequency and
+// presence (OpenAI's: minus frequency times the token's count in the output,
+// minus presence once it is there). Then temperature <= 0 means greedy (argmax,
+// ties to the lower id); otherwise, in the order Hugging Face's generate
+// applies them: temperature, top-k, top-p, then a draw from the remaining
+// distribution with a seeded generator, so a seed gives the same tokens on
+// every machine. Buffers are sized once; only the part of the vocabulary the
+// draw reaches is sorted.
+//
+// token_logprobs() gives a token's log-probability under the model's own
+// logits (before penalties and temperature, as vLLM's default and
+// transformers' output_logits) and the most likely tokens.
 // Thread safety: one thread per Sampler.
 #pragma once
 
@@ -23,6 +32,9 @@ struct SamplerParams {
     int32_t top_k = 0;      // 0 = off
     float top_p = 1.0f;     // 1 = off
     uint64_t seed = 0;
+    float repetition_penalty = 1.0f;   // (0, 10]; 1 = off
+    float frequency_penalty = 0.0f;    // [-2, 2]; 0 = off
+    float presence_penalty = 0.0f;     // [-2, 2]; 0 = off
 };
 
 // Empty when valid, else a message naming the bad parameter.
@@ -30,15 +42,40 @@ std::string validate(const SamplerParams & p);
 
 class Sampler {
 public:
-    explicit Sampler(const SamplerParams & params, int64_t n_vocab = 0);
-    int32_t sample(const float * logits, int64_t n_vocab); // logits [n_vocab]
+    // prompt: what the repetition penalty counts besides the output (ids outside
+    // [0, n_vocab) are ignored).
+    explicit Sampler(const SamplerParams & params, int64_t n_vocab = 0, const std::vector<int32_t> & prompt = {});
+    // The next token from logits [n_vocab], which stay as they are; it counts as output.
+    int32_t sample(const float * logits, int64_t n_vocab);
 
 private:
+    bool penalized() const;
+    const float * penalize(const float * logits, int64_t n_vocab);
+    int32_t draw(const float * logits, int64_t n_vocab);
+
     SamplerParams params_;
     std::mt19937_64 rng_;
     std::vector<int32_t> idx_;   // [n_vocab]
     std::vector<float> probs_;   // [n_vocab]: the candidates' weights, by token id
+    // Penalties only: per token id, its count in the output and whether the prompt has it;
+    // seen_ lists each id with either, once; work_ is the penalized copy of a row.
+    std::vector<int32_t> count_;
+    std::vector<uint8_t> in_prompt_;
+    std::vector<int32_t> seen_;
+    std::vector<float> work_;
 };
+
+constexpr int32_t k_max_top_logprobs = 20;
+
+struct TokenLogprobs {
+    float logprob = 0;                      // of the token asked about
+    int32_t n_top = 0;                      // entries of top_*: the most likely first, ties to the lower id
+    int32_t top_ids[k_max_top_logprobs] = {};
+    float top_logprobs[k_max_top_logprobs] = {};
+};
+
+// log softmax(logits)[token] and the n_top (<= k_max_top_logprobs, clamped) largest entries.
+void token_logprobs(const float * logits, int64_t n_vocab, int32_t token, int32_t n_top, TokenLogprobs * out);
 
 int32_t argmax(const float * x, int64_t n);
 

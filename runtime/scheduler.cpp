@@ -61,6 +61,8 @@ Admit Scheduler::submit(GenRequest r, uint64_t * handle, std::string * why) {
                                               std::to_string(c.n_vocab) + ")");
     if (r.max_tokens < 1) return refuse(Admit::Invalid, "max_tokens must be at least 1");
     if (std::string e = validate(r.sampling); !e.empty()) return refuse(Admit::Invalid, e);
+    if (r.logprobs < -1 || r.logprobs > k_max_top_logprobs)
+        return refuse(Admit::Invalid, "logprobs must be in [0, " + std::to_string(k_max_top_logprobs) + "] (or -1: none)");
     const int64_t need = int64_t(r.prompt.size()) + r.max_tokens;
     if (need > max_context_)
         return refuse(Admit::TooLong, "prompt (" + std::to_string(r.prompt.size()) + " tokens) + max_tokens (" +
@@ -97,7 +99,7 @@ void Scheduler::admit() {
         s.n_prefilled = cached;
         stats_.tokens_prefix_cached += cached;
         s.admitted = Clock::now();
-        s.sampler = std::make_unique<Sampler>(s.req.sampling, model_.config().n_vocab);
+        s.sampler = std::make_unique<Sampler>(s.req.sampling, model_.config().n_vocab, s.req.prompt);
         s.generated.reserve(size_t(s.req.max_tokens));
         running_.push_back(std::move(s));
         queue_.pop_front();
@@ -203,11 +205,17 @@ bool Scheduler::step() {
     ended.clear();
     for (size_t row = 0; row < logit_owner_.size(); ++row) {
         Seq & s = running_[size_t(logit_owner_[row])];
-        const int32_t tok = s.sampler->sample(logits + row * size_t(c.n_vocab), c.n_vocab);
+        const float * row_logits = logits + row * size_t(c.n_vocab);
+        const int32_t tok = s.sampler->sample(row_logits, c.n_vocab);
         if (s.generated.empty()) s.first_token = Clock::now();
         s.generated.push_back(tok);
         ++stats_.tokens_generated;
-        const bool keep = !s.req.on_token || s.req.on_token(s.handle, tok);
+        const TokenLogprobs * lp = nullptr;
+        if (s.req.logprobs >= 0) {
+            token_logprobs(row_logits, c.n_vocab, tok, s.req.logprobs, &logprobs_);
+            lp = &logprobs_;
+        }
+        const bool keep = !s.req.on_token || s.req.on_token(s.handle, tok, lp);
         if (!keep) ended.push_back({size_t(logit_owner_[row]), FinishReason::Stop});
         else if (std::find(s.req.stop_ids.begin(), s.req.stop_ids.end(), tok) != s.req.stop_ids.end())
             ended.push_back({size_t(logit_owner_[row]), FinishReason::Eos});

@@ -62,9 +62,13 @@ struct GenRequest {
     int64_t max_tokens = 16;
     SamplerParams sampling;
     std::vector<int32_t> stop_ids;   // end the request when sampled (e.g. the model's EOS)
-    // Called with each sampled token; return false to end the request (finish reason Stop),
-    // e.g. when a stop string appeared in the text so far.
-    std::function<bool(uint64_t handle, int32_t token)> on_token;
+    // -1: none; 0..k_max_top_logprobs: each token's log-probability and this many of the most
+    // likely tokens (token_logprobs in runtime/sampler.h), given to on_token.
+    int32_t logprobs = -1;
+    // Called with each sampled token (lp: null unless logprobs >= 0; valid during the call);
+    // return false to end the request (finish reason Stop), e.g. when a stop string appeared
+    // in the text so far.
+    std::function<bool(uint64_t handle, int32_t token, const TokenLogprobs * lp)> on_token;
     std::function<void(uint64_t handle, FinishReason, const std::vector<int32_t> & tokens, const RequestTimings &)> on_done;
 };
 
@@ -88,7 +92,7 @@ public:
 
     // Queues a request; *handle identifies it in callbacks and cancel(). Busy: the queue is
     // full (try later); TooLong: prompt + max_tokens can never fit (context or KV pool);
-    // Invalid: empty prompt, a token outside the vocabulary, max_tokens < 1, bad sampling
+    // Invalid: empty prompt, a token outside the vocabulary, max_tokens < 1, bad sampling or logprobs
     // (*why says which).
     Admit submit(GenRequest request, uint64_t * handle, std::string * why = nullptr);
     // Ends a queued or running request now (on_done with Cancelled); false if unknown.
@@ -133,6 +137,7 @@ private:
     std::vector<int64_t> logit_owner_;   // running index of each logits row of the step
     std::vector<std::pair<size_t, FinishReason>> ended_;   // requests a step finished (reserved: no allocation per step)
     std::vector<int32_t> fed_;   // publish(): a request's prompt and generated tokens (reused)
+    TokenLogprobs logprobs_;     // the token on_token is called with, when its request asked
     SchedulerStats stats_;
     double step_seconds_ = 0;   // recent forward step time (moving average)
 };

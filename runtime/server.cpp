@@ -106,7 +106,8 @@ void Server::send_pending(uint64_t handle, Active & a, size_t safe) {
     if (!a.pending) return;
     const std::string piece = safe > a.sent ? a.text.substr(a.sent, safe - a.sent) : std::string();
     a.sent = std::max(a.sent, safe);
-    if (a.stream && !a.gone && !send(a.origin, token_frame(a.id, a.index, *a.pending, piece))) {
+    const protocol::Logprobs * lp = a.logprobs && !a.token_logprobs.empty() ? &a.token_logprobs.back() : nullptr;
+    if (a.stream && !a.gone && !send(a.origin, token_frame(a.id, a.index, *a.pending, piece, lp))) {
         a.gone = true;
         to_cancel_.push_back(handle);
     }
@@ -114,7 +115,15 @@ void Server::send_pending(uint64_t handle, Active & a, size_t safe) {
     a.pending.reset();
 }
 
-bool Server::on_token(uint64_t handle, int32_t token) {
+protocol::TokenLogprob Server::token_logprob(int32_t token, float logprob) const {
+    protocol::TokenLogprob t;
+    t.token = token;
+    t.logprob = logprob;
+    if (tok_ && token >= 0 && token < tok_->n_vocab()) t.bytes = tok_->token_to_piece(token);
+    return t;
+}
+
+bool Server::on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp) {
     auto it = active_.find(handle);
     if (it == active_.end()) return false;
     Active & a = it->second;
@@ -130,6 +139,11 @@ bool Server::on_token(uint64_t handle, int32_t token) {
     send_pending(handle, a, a.text.size() > hold ? a.text.size() - hold : 0);
     if (a.decoder && token >= 0 && token < tok_->n_vocab()) a.text += std::string(a.decoder->push(token));
     a.pending = token;
+    if (a.logprobs && lp) {
+        protocol::Logprobs & l = a.token_logprobs.emplace_back();
+        l.sampled = token_logprob(token, lp->logprob);
+        for (int32_t j = 0; j < lp->n_top; ++j) l.top.push_back(token_logprob(lp->top_ids[j], lp->top_logprobs[j]));
+    }
     if (a.stop.empty() && a.index + 1 < a.max_tokens) send_pending(handle, a, a.text.size());   // no reason to wait
     for (const std::string & s : a.stop)   // only the tail can hold a new match
         if (a.text.find(s, a.text.size() > s.size() + 64 ? a.text.size() - s.size() - 64 : 0) != std::string::npos) return false;
@@ -151,6 +165,7 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     protocol::Done d;
     d.tokens = tokens;
     if (why == FinishReason::Eos && !d.tokens.empty()) d.tokens.pop_back();   // the end-of-sequence token itself
+    if (a.logprobs) d.logprobs = std::move(a.token_logprobs);   // on_token kept none for the EOS token
     d.text = a.text;
     d.finish_reason = why == FinishReason::Length ? protocol::FinishReason::Length
                       : why == FinishReason::Eos  ? protocol::FinishReason::Eos
@@ -201,8 +216,10 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     }
     g.stop_ids.insert(g.stop_ids.end(), eos_.begin(), eos_.end());
     g.max_tokens = req.max_tokens;
-    g.sampling = SamplerParams{req.temperature, req.top_k, req.top_p, req.seed};
-    g.on_token = [this](uint64_t h, int32_t t) { return on_token(h, t); };
+    g.sampling = SamplerParams{req.temperature, req.top_k,           req.top_p,          req.seed,
+                               req.repetition_penalty, req.frequency_penalty, req.presence_penalty};
+    g.logprobs = req.logprobs;
+    g.on_token = [this](uint64_t h, int32_t t, const TokenLogprobs * lp) { return on_token(h, t, lp); };
     g.on_done = [this](uint64_t h, FinishReason w, const std::vector<int32_t> & toks, const RequestTimings & t) { on_done(h, w, toks, t); };
     const int64_t n_prompt = int64_t(g.prompt.size());
     uint64_t handle = 0;
@@ -224,6 +241,7 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     act.stop = std::move(req.stop);
     act.prompt_tokens = n_prompt;
     act.max_tokens = req.max_tokens;
+    act.logprobs = req.logprobs >= 0;
     if (tok_) act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/req.messages.has_value());
 }
 

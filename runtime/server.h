@@ -110,6 +110,8 @@ private:
         bool any_token = false;
         size_t sent = 0;       // bytes of text already in token frames
         std::optional<int32_t> pending;   // the last token, its frame not sent yet (see on_token)
+        bool logprobs = false;                   // the request asked for them: one per token in order
+        std::vector<protocol::Logprobs> token_logprobs;
     };
 
     void handle(const Origin & from, const std::string & body, bool draining);
@@ -117,7 +119,8 @@ private:
     bool send(const Origin & to, const std::string & frame);   // false: undeliverable
     void take_local(bool draining);   // the port's waiting messages
     void send_pending(uint64_t handle, Active & a, size_t safe);   // the held token frame, text up to safe
-    bool on_token(uint64_t handle, int32_t token);
+    bool on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp);
+    protocol::TokenLogprob token_logprob(int32_t token, float logprob) const;
     void on_done(uint64_t handle, FinishReason why, const std::vector<int32_t> & tokens, const RequestTimings & t);
 
     const Model & model_;

@@ -246,6 +246,7 @@ private:
         wait_ = w;
         headers_sent_ = false;
         first_chunk_ = true;
+        text_offset_ = 0;
         client_ = f_.port.new_client();
         std::lock_guard<std::mutex> lock(f_.mu);
         f_.clients[client_] = shared_from_this();
@@ -305,8 +306,10 @@ private:
         if (r.type == "token") {
             if (!stream_req_) return;
             const std::string & text = r.body["text"].get_ref<const std::string &>();
-            if (text.empty() && !first_chunk_) return;
-            sse(openai::text_chunk(endpoint_, reply_, text, first_chunk_));
+            const auto lp = r.body.find("logprobs");
+            const bool with_lp = lp != r.body.end();
+            if (text.empty() && !first_chunk_ && !with_lp) return;
+            sse(openai::text_chunk(endpoint_, reply_, text, first_chunk_, with_lp ? &*lp : nullptr, &text_offset_));
             first_chunk_ = false;
         } else if (r.type == "done") {
             finish();
@@ -441,6 +444,7 @@ private:
     openai::Reply reply_;
     bool stream_req_ = false, include_usage_ = false, prompt_ids_ = false;
     bool headers_sent_ = false, first_chunk_ = true;
+    int64_t text_offset_ = 0;   // completions' characters streamed so far (logprobs' text_offset)
     const int64_t created_ = unix_now();
 };
 

@@ -43,20 +43,15 @@ bool any_object(const json & v) { return v.is_object(); }
 
 constexpr OffOnly common_off[] = {
     {"n", one, "1", "one choice per request; send n requests (they are batched together)"},
-    {"presence_penalty", zero, "0", "penalties are not implemented"},
-    {"frequency_penalty", zero, "0", "penalties are not implemented"},
     {"logit_bias", empty_object, "{}", "logit bias is not implemented"},
     {"user", any_string, "a string", ""},
 };
 constexpr OffOnly completion_off[] = {
-    {"logprobs", zero, "0", "log probabilities are not returned"},
-    {"echo", falsy, "false", "the prompt is not echoed"},
+    {"echo", falsy, "false", "the prompt is not echoed (nor are its log probabilities computed)"},
     {"best_of", one, "1", "one candidate per request"},
     {"suffix", empty_string, "\"\"", "insertion (suffix) is not implemented"},
 };
 constexpr OffOnly chat_off[] = {
-    {"logprobs", falsy, "false", "log probabilities are not returned"},
-    {"top_logprobs", zero, "0", "log probabilities are not returned"},
     {"response_format", text_format, "{\"type\": \"text\"}", "constrained output (JSON mode) is not implemented"},
     {"tools", empty_array, "[]", "tool calling is not implemented"},
     {"tool_choice", none_choice, "\"none\"", "tool calling is not implemented"},
@@ -66,7 +61,8 @@ constexpr OffOnly chat_off[] = {
 };
 
 // Passed through to the protocol, which checks them (and names them in its messages).
-constexpr const char * pass_through[] = {"temperature", "top_p", "top_k", "seed", "stop"};
+constexpr const char * pass_through[] = {"temperature",       "top_p",            "top_k",             "seed", "stop",
+                                         "frequency_penalty", "presence_penalty", "repetition_penalty"};
 
 // A field name from the input, for a message: printable ASCII, others as '?', at most 40 bytes.
 std::string printable(std::string_view s) {
@@ -185,7 +181,61 @@ ojson head(Endpoint e, const Reply & r, bool chunk) {
     return {{"id", r.id}, {"object", object}, {"created", r.created}, {"model", r.model}};
 }
 
-ojson choice(Endpoint e, std::string_view text, const char * finish, bool first, bool whole) {
+// A protocol logprobs entry's token as text: its text, or "token_id:N" (a server without a tokenizer).
+std::string token_string(const json & entry) {
+    if (auto t = entry.find("text"); t != entry.end() && t->is_string()) return t->get<std::string>();
+    return "token_id:" + std::to_string(entry.value("token", 0));
+}
+
+ojson logprob_value(const json & entry) {
+    const auto l = entry.find("logprob");
+    return l != entry.end() && l->is_number() ? ojson(l->get<double>()) : ojson(nullptr);
+}
+
+ojson token_bytes(const json & entry) {
+    const auto b = entry.find("bytes");
+    return b != entry.end() && b->is_array() ? ojson(*b) : ojson(nullptr);
+}
+
+// Characters (code points) of valid UTF-8: completions' text_offset counts them, as OpenAI's does.
+int64_t code_points(const std::string & s) {
+    int64_t n = 0;
+    for (unsigned char c : s) n += (c & 0xC0) != 0x80;
+    return n;
+}
+
+// OpenAI's logprobs object for protocol entries (parse_response checked their shape); offset:
+// the completion's characters before the first entry, advanced past the last.
+ojson openai_logprobs(Endpoint e, const json & entries, int64_t & offset) {
+    if (e == Endpoint::Chat) {
+        ojson content = ojson::array();
+        for (const json & x : entries) {
+            ojson top = ojson::array();
+            for (const json & t : x.at("top_logprobs"))
+                top.push_back({{"token", token_string(t)}, {"logprob", logprob_value(t)}, {"bytes", token_bytes(t)}});
+            content.push_back({{"token", token_string(x)}, {"logprob", logprob_value(x)}, {"bytes", token_bytes(x)},
+                               {"top_logprobs", std::move(top)}});
+        }
+        return {{"content", std::move(content)}, {"refusal", nullptr}};
+    }
+    ojson tokens = ojson::array(), lps = ojson::array(), tops = ojson::array(), offsets = ojson::array();
+    for (const json & x : entries) {
+        const std::string text = token_string(x);
+        tokens.push_back(text);
+        lps.push_back(logprob_value(x));
+        // The sampled token is always among them, as in OpenAI's legacy API (up to logprobs + 1).
+        ojson top = ojson::object();
+        for (const json & t : x.at("top_logprobs")) top[token_string(t)] = logprob_value(t);
+        if (!top.contains(text)) top[text] = logprob_value(x);
+        tops.push_back(std::move(top));
+        offsets.push_back(offset);
+        offset += code_points(text);
+    }
+    return {{"tokens", std::move(tokens)}, {"token_logprobs", std::move(lps)}, {"top_logprobs", std::move(tops)},
+            {"text_offset", std::move(offsets)}};
+}
+
+ojson choice(Endpoint e, std::string_view text, const char * finish, bool first, bool whole, ojson logprobs = nullptr) {
     ojson c = {{"index", 0}};
     if (e == Endpoint::Completions) {
         c["text"] = std::string(text);
@@ -197,7 +247,7 @@ ojson choice(Endpoint e, std::string_view text, const char * finish, bool first,
         if (!text.empty() || first) delta["content"] = std::string(text);
         c["delta"] = std::move(delta);
     }
-    c["logprobs"] = nullptr;
+    c["logprobs"] = std::move(logprobs);
     c["finish_reason"] = finish ? ojson(finish) : ojson(nullptr);
     return c;
 }
@@ -218,6 +268,8 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
     json frame = {{"id", d.id}};
     bool have_max = false, have_seed = false, have_temperature = false;
     const json * stream_options = nullptr;
+    const json * chat_logprobs = nullptr;   // chat: "logprobs" (true/false) and "top_logprobs" (how many)
+    const json * top_logprobs = nullptr;
     for (const auto & item : o.items()) {
         const std::string & k = item.key();   // not structured bindings: clang 14's lambdas cannot capture them
         const json & v = item.value();
@@ -243,6 +295,11 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
             frame["stream"] = t.stream;
         } else if (k == "stream_options") {
             stream_options = &v;
+        } else if (k == "logprobs") {
+            if (chat) chat_logprobs = &v;
+            else frame["logprobs"] = v;   // how many most likely tokens; the protocol checks it
+        } else if (chat && k == "top_logprobs") {
+            top_logprobs = &v;
         } else {
             bool known = false;
             for (const char * p : pass_through)
@@ -281,6 +338,12 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
             t.include_usage = v.get<bool>();
         }
     }
+    if (chat_logprobs && !chat_logprobs->is_boolean()) return expected("logprobs", "true or false", *chat_logprobs);
+    if (const int64_t hi = protocol::Limits{}.max_logprobs;
+        top_logprobs && !(top_logprobs->is_number_integer() && top_logprobs->get<int64_t>() >= 0 && top_logprobs->get<int64_t>() <= hi))
+        return expected("top_logprobs", "an integer in [0, " + std::to_string(hi) + "]", *top_logprobs);
+    if (chat_logprobs && chat_logprobs->get<bool>()) frame["logprobs"] = top_logprobs ? *top_logprobs : json(0);
+    else if (top_logprobs) return bad("field 'top_logprobs': only allowed with \"logprobs\": true", "top_logprobs");
     if (!have_max) frame["max_tokens"] = d.max_tokens;
     if (!have_temperature) frame["temperature"] = 1.0;   // OpenAI's default: sampling
     if (!have_seed) frame["seed"] = d.seed;
@@ -327,15 +390,22 @@ HttpError from_protocol_error(protocol::ErrorCode code, std::string message, boo
 
 std::string completion_body(Endpoint e, const Reply & r, const nlohmann::json & done) {
     ojson o = head(e, r, false);
-    o["choices"] = ojson::array({choice(e, done.value("text", ""), finish_reason(done), false, true)});
+    ojson lp = nullptr;
+    int64_t offset = 0;
+    if (auto it = done.find("logprobs"); it != done.end()) lp = openai_logprobs(e, *it, offset);
+    o["choices"] = ojson::array({choice(e, done.value("text", ""), finish_reason(done), false, true, std::move(lp))});
     o["usage"] = usage(done);
     if (auto t = done.find("timings"); t != done.end()) o["timings"] = *t;   // moesh's: queue, first token, total
     return dump(o);
 }
 
-std::string text_chunk(Endpoint e, const Reply & r, std::string_view text, bool first) {
+std::string text_chunk(Endpoint e, const Reply & r, std::string_view text, bool first, const nlohmann::json * logprobs,
+                       int64_t * text_offset) {
     ojson o = head(e, r, true);
-    o["choices"] = ojson::array({choice(e, text, nullptr, first, false)});
+    ojson lp = nullptr;
+    int64_t unused = 0;
+    if (logprobs) lp = openai_logprobs(e, json::array({*logprobs}), text_offset ? *text_offset : unused);
+    o["choices"] = ojson::array({choice(e, text, nullptr, first, false, std::move(lp))});
     return sse(o);
 }
 

@@ -150,8 +150,9 @@ bool valid_id(const std::string & s, int64_t max_bytes) {
 }
 
 bool generate_field(std::string_view k) {
-    static constexpr std::string_view fields[] = {"prompt", "prompt_ids", "messages", "max_tokens", "temperature",
-                                                  "top_p",  "top_k",      "seed",     "stop",       "stream"};
+    static constexpr std::string_view fields[] = {
+        "prompt", "prompt_ids", "messages", "max_tokens", "temperature",        "top_p",             "top_k",
+        "seed",   "stop",       "stream",   "logprobs",   "repetition_penalty", "frequency_penalty", "presence_penalty"};
     for (std::string_view f : fields)
         if (k == f) return true;
     return false;
@@ -231,6 +232,24 @@ public:
             if (!it->is_boolean()) return fail(expected("stream", "true or false", *it));
             r.stream = it->get<bool>();
         }
+        if (auto it = o.find("logprobs"); it != o.end()) {
+            int64_t k = 0;
+            if (!get_integer(*it, 0, limits_.max_logprobs, k))
+                return fail(expected("logprobs", "an integer in " + range(0, limits_.max_logprobs), *it));
+            r.logprobs = int32_t(k);
+        }
+        if (auto it = o.find("repetition_penalty"); it != o.end()) {
+            double d = 0;
+            if (!get_finite(*it, d) || !(d > 0 && d <= 10) || !(float(d) > 0))
+                return fail(expected("repetition_penalty", "a number in (0, 10]", *it));
+            r.repetition_penalty = float(d);
+        }
+        for (const char * k : {"frequency_penalty", "presence_penalty"})
+            if (auto it = o.find(k); it != o.end()) {
+                double d = 0;
+                if (!get_finite(*it, d) || d < -2 || d > 2) return fail(expected(k, "a number in [-2, 2]", *it));
+                (k[0] == 'f' ? r.frequency_penalty : r.presence_penalty) = float(d);
+            }
         return r;
     }
 
@@ -361,6 +380,8 @@ public:
             if (!has_integer("index", 0, std::numeric_limits<int64_t>::max())) return error_;
             if (!has_integer("token", 0, INT32_MAX)) return error_;
             if (!has_string("text", true)) return error_;
+            if (auto lp = o_.find("logprobs"); lp != o_.end())
+                if (std::string e = check_logprobs(*lp, "logprobs", true); !e.empty()) return e;
         } else if (type == "done") {
             const auto tokens = o_.find("tokens");
             if (tokens == o_.end() || !tokens->is_array()) return expected_or_missing("tokens", "an array of token ids");
@@ -368,6 +389,13 @@ public:
                 int64_t t = 0;
                 if (!get_integer((*tokens)[i], 0, INT32_MAX, t))
                     return expected("tokens[" + std::to_string(i) + "]", "a token id", (*tokens)[i]);
+            }
+            if (auto lp = o_.find("logprobs"); lp != o_.end()) {
+                if (!lp->is_array() || lp->size() != tokens->size())
+                    return expected("logprobs", "an array with an entry per token", *lp);
+                for (size_t i = 0; i < lp->size(); ++i)
+                    if (std::string e = check_logprobs((*lp)[i], "logprobs[" + std::to_string(i) + "]", true); !e.empty())
+                        return e;
             }
             if (!has_string("text", true) || !has_string("finish_reason", false)) return error_;
             const auto usage = o_.find("usage");
@@ -397,6 +425,31 @@ public:
     }
 
 private:
+    // A TokenLogprob entry at field f (with its top_logprobs when top): empty when well formed.
+    static std::string check_logprobs(const json & e, const std::string & f, bool top) {
+        if (!e.is_object()) return expected(f, "an object {\"token\", \"logprob\", ...}", e);
+        int64_t t = 0;
+        const auto token = e.find("token"), logprob = e.find("logprob");
+        if (token == e.end() || !get_integer(*token, 0, INT32_MAX, t))
+            return expected(f + ".token", "a token id", token == e.end() ? json() : *token);
+        if (logprob == e.end() || !(logprob->is_number() || logprob->is_null()))
+            return expected(f + ".logprob", "a number or null", logprob == e.end() ? json() : *logprob);
+        if (auto it = e.find("text"); it != e.end() && !it->is_string()) return expected(f + ".text", "a string", *it);
+        if (auto it = e.find("bytes"); it != e.end()) {
+            bool ok = it->is_array();
+            for (size_t i = 0; ok && i < it->size(); ++i) ok = get_integer((*it)[i], 0, 255, t);
+            if (!ok) return expected(f + ".bytes", "an array of byte values", *it);
+        }
+        if (!top) return {};
+        const auto tl = e.find("top_logprobs");
+        if (tl == e.end() || !tl->is_array())
+            return expected(f + ".top_logprobs", "an array", tl == e.end() ? json() : *tl);
+        for (size_t i = 0; i < tl->size(); ++i)
+            if (std::string m = check_logprobs((*tl)[i], f + ".top_logprobs[" + std::to_string(i) + "]", false); !m.empty())
+                return m;
+        return {};
+    }
+
     std::string expected_or_missing(const std::string & k, std::string_view what) {
         const auto it = o_.find(k);
         return it == o_.end() ? "field '" + k + "': missing" : expected(k, what, *it);
@@ -551,16 +604,44 @@ std::string request_frame(const Request & r) {
     o["seed"] = r.seed;
     if (!r.stop.empty()) o["stop"] = r.stop;
     o["stream"] = r.stream;
+    if (r.logprobs >= 0) o["logprobs"] = r.logprobs;
+    if (r.repetition_penalty != 1) o["repetition_penalty"] = float_value(r.repetition_penalty);
+    if (r.frequency_penalty != 0) o["frequency_penalty"] = float_value(r.frequency_penalty);
+    if (r.presence_penalty != 0) o["presence_penalty"] = float_value(r.presence_penalty);
     return dump(o);
 }
 
-std::string token_frame(std::string_view id, int64_t index, int32_t token, std::string_view text) {
+namespace {
+
+ojson logprob_entry(const TokenLogprob & t) {
+    ojson o;
+    o["token"] = t.token;
+    o["logprob"] = std::isfinite(t.logprob) ? float_value(t.logprob) : ojson(nullptr);
+    if (t.bytes) {
+        o["text"] = *t.bytes;   // dump() replaces invalid UTF-8
+        ojson & b = o["bytes"] = ojson::array();
+        for (unsigned char c : *t.bytes) b.push_back(int(c));
+    }
+    return o;
+}
+
+ojson logprobs_object(const Logprobs & l) {
+    ojson o = logprob_entry(l.sampled);
+    ojson & top = o["top_logprobs"] = ojson::array();
+    for (const TokenLogprob & t : l.top) top.push_back(logprob_entry(t));
+    return o;
+}
+
+} // namespace
+
+std::string token_frame(std::string_view id, int64_t index, int32_t token, std::string_view text, const Logprobs * logprobs) {
     ojson o;
     o["type"] = "token";
     o["id"] = id_or_null(id);
     o["index"] = index;
     o["token"] = token;
     o["text"] = std::string(text);
+    if (logprobs) o["logprobs"] = logprobs_object(*logprobs);
     return dump(o);
 }
 
@@ -569,6 +650,10 @@ std::string done_frame(std::string_view id, const Done & d) {
     o["type"] = "done";
     o["id"] = id_or_null(id);
     o["tokens"] = d.tokens;
+    if (d.logprobs) {
+        ojson & a = o["logprobs"] = ojson::array();
+        for (const Logprobs & l : *d.logprobs) a.push_back(logprobs_object(l));
+    }
     o["text"] = d.text;
     o["finish_reason"] = finish_reason_name(d.finish_reason);
     o["usage"] = {{"prompt_tokens", d.prompt_tokens}, {"completion_tokens", d.completion_tokens}};

@@ -42,6 +42,7 @@ struct Limits {
     int64_t max_stop_bytes = 256;          // bytes per stop string
     int64_t max_id_bytes = 128;
     int64_t max_messages = 256;            // chat messages per request
+    int64_t max_logprobs = 20;             // most likely tokens a request may ask for with each token
 };
 
 // Not runtime's moesh::ChatMessage (the same shape): the protocol stays free
@@ -68,6 +69,10 @@ struct Request {
     uint64_t seed = 0;
     std::vector<std::string> stop;   // each non-empty
     bool stream = false;
+    int32_t logprobs = -1;   // -1: none; k >= 0: each token's log-probability and the k most likely
+    float repetition_penalty = 1;   // (0, 10]: prompt and output tokens (Hugging Face's)
+    float frequency_penalty = 0;    // [-2, 2]: per count in the output (OpenAI's)
+    float presence_penalty = 0;     // [-2, 2]: once in the output (OpenAI's)
 };
 
 enum class ErrorCode { BadRequest, TooLarge, TooLong, Busy, NotFound, ShuttingDown, Internal };
@@ -97,17 +102,33 @@ std::string request_frame(const Request & r);
 enum class FinishReason { Length, Stop, Eos, Cancelled };
 const char * finish_reason_name(FinishReason);   // "length", "stop", "eos", "cancelled"
 
+// A token's log-probability: {"token", "logprob" (null when not finite), "text", "bytes"}
+// (text and bytes when the server has a tokenizer: the token's bytes, and them as UTF-8
+// with invalid bytes replaced).
+struct TokenLogprob {
+    int32_t token = 0;
+    float logprob = 0;
+    std::optional<std::string> bytes;
+};
+// The sampled token's entry with "top_logprobs": [entries], the most likely first.
+struct Logprobs {
+    TokenLogprob sampled;
+    std::vector<TokenLogprob> top;
+};
+
 struct Done {
     std::vector<int32_t> tokens;   // [completion_tokens]: the generated ids
+    std::optional<std::vector<Logprobs>> logprobs;   // [completion_tokens], when the request asked
     std::string text;              // their text, stop string excluded
     FinishReason finish_reason = FinishReason::Length;
     int64_t prompt_tokens = 0, completion_tokens = 0;
     double queue_ms = 0, ttft_ms = 0, total_ms = 0, decode_tokens_per_second = 0;   // non-finite: null
 };
 
-// {"type":"token","id","index","token","text"}
-std::string token_frame(std::string_view id, int64_t index, int32_t token, std::string_view text);
-// {"type":"done","id","tokens","text","finish_reason","usage":{...},"timings":{...}}
+// {"type":"token","id","index","token","text"[,"logprobs":{...}]}
+std::string token_frame(std::string_view id, int64_t index, int32_t token, std::string_view text,
+                        const Logprobs * logprobs = nullptr);
+// {"type":"done","id","tokens"[,"logprobs":[...]],"text","finish_reason","usage":{...},"timings":{...}}
 std::string done_frame(std::string_view id, const Done & done);
 // {"type":"error","id" (null when empty),"code","message"[,"retry_after_ms" when >= 0]}
 std::string error_frame(std::string_view id, ErrorCode code, std::string_view message, int64_t retry_after_ms = -1);

@@ -52,6 +52,67 @@ TEST(Sampler, ValidateNamesBadParameters) {
     EXPECT_NE(validate({1.0f, -1, 1.0f, 0}).find("top-k"), std::string::npos);
     EXPECT_NE(validate({1.0f, 0, 1.5f, 0}).find("top-p"), std::string::npos);
     EXPECT_TRUE(validate({0.7f, 40, 0.9f, 0}).empty());
+    EXPECT_NE(validate({0.0f, 0, 1.0f, 0, 0.0f}).find("repetition penalty"), std::string::npos);
+    EXPECT_NE(validate({0.0f, 0, 1.0f, 0, 1.0f, 2.5f}).find("frequency penalty"), std::string::npos);
+    EXPECT_NE(validate({0.0f, 0, 1.0f, 0, 1.0f, 0.0f, -2.1f}).find("presence penalty"), std::string::npos);
+    EXPECT_NE(validate({0.0f, 0, 1.0f, 0, 1.0f, 0.0f, NAN}).find("presence penalty"), std::string::npos);
+    EXPECT_TRUE(validate({0.0f, 0, 1.0f, 0, 1.3f, -2.0f, 2.0f}).empty());
+}
+
+// Greedy on a fixed row: each penalty moves the choice exactly where its formula says.
+TEST(Sampler, FrequencyAndPresencePenaltiesCountTheOutputOnly) {
+    const float l[3] = {2.0f, 1.5f, 0.0f};
+    SamplerParams p;
+    p.frequency_penalty = 0.4f;   // token 0 after n picks: 2 - 0.4 n; token 1: 1.5 - 0.4 m
+    Sampler s(p, 3, {1, 1, 1});   // the prompt does not count
+    std::vector<int32_t> got;
+    for (int i = 0; i < 6; ++i) got.push_back(s.sample(l, 3));
+    // 0 (2 vs 1.5), 0 (1.6 vs 1.5), 1 (1.2 vs 1.5), 0 (1.2 vs 1.1), 1 (0.8 vs 1.1), 0 (0.8 vs 0.7)
+    EXPECT_EQ(got, (std::vector<int32_t>{0, 0, 1, 0, 1, 0}));
+    EXPECT_EQ(l[0], 2.0f);   // the caller's row is left as it was
+
+    SamplerParams q;
+    q.presence_penalty = 0.6f;   // once: 1.4 vs 1.5, then both are present: 1.4 vs 0.9
+    Sampler t(q, 3);
+    EXPECT_EQ(t.sample(l, 3), 0);
+    EXPECT_EQ(t.sample(l, 3), 1);
+    EXPECT_EQ(t.sample(l, 3), 0);
+    EXPECT_EQ(t.sample(l, 3), 0);
+}
+
+TEST(Sampler, RepetitionPenaltyDividesPositiveAndMultipliesNegativeLogits) {
+    const float l[3] = {2.0f, 1.2f, -0.5f};
+    SamplerParams p;
+    p.repetition_penalty = 2.0f;
+    Sampler s(p, 3, {0, 7, -1});   // ids outside the vocabulary are ignored
+    EXPECT_EQ(s.sample(l, 3), 1);  // 2 / 2 = 1 < 1.2
+    EXPECT_EQ(s.sample(l, 3), 0);  // 1.2 / 2 = 0.6 < 1
+    const float m[3] = {-1.0f, -0.9f, -0.6f};
+    Sampler t(p, 3, {2});
+    EXPECT_EQ(t.sample(m, 3), 1);  // -0.6 * 2 = -1.2 < -0.9
+}
+
+TEST(Sampler, TokenLogprobsAreTheLogSoftmaxAndItsLargestEntries) {
+    const float l[6] = {1.0f, 3.0f, -2.0f, 3.0f, 0.5f, 2.0f};
+    double z = 0;
+    for (float v : l) z += std::exp(double(v));
+    TokenLogprobs lp;
+    token_logprobs(l, 6, 4, 3, &lp);
+    EXPECT_NEAR(lp.logprob, 0.5 - std::log(z), 1e-6);
+    ASSERT_EQ(lp.n_top, 3);
+    EXPECT_EQ(lp.top_ids[0], 1);   // ties to the lower id
+    EXPECT_EQ(lp.top_ids[1], 3);
+    EXPECT_EQ(lp.top_ids[2], 5);
+    EXPECT_NEAR(lp.top_logprobs[2], 2.0 - std::log(z), 1e-6);
+    double total = 0;
+    token_logprobs(l, 6, 0, 99, &lp);   // clamped to the vocabulary
+    ASSERT_EQ(lp.n_top, 6);
+    for (int j = 0; j < lp.n_top; ++j) total += std::exp(double(lp.top_logprobs[j]));
+    EXPECT_NEAR(total, 1.0, 1e-6);
+    EXPECT_EQ(lp.top_ids[5], 2);
+    token_logprobs(l, 6, 2, 0, &lp);
+    EXPECT_EQ(lp.n_top, 0);
+    EXPECT_NEAR(lp.logprob, -2.0 - std::log(z), 1e-6);
 }
 
 } // namespace

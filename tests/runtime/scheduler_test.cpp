@@ -24,7 +24,7 @@ GenRequest request(std::vector<int32_t> prompt, int64_t max_tokens, std::map<uin
     r.prompt = std::move(prompt);
     r.max_tokens = max_tokens;
     r.sampling = sp;
-    r.on_token = [&out](uint64_t h, int32_t t) {
+    r.on_token = [&out](uint64_t h, int32_t t, const TokenLogprobs *) {
         out[h].streamed.push_back(t);
         return true;
     };
@@ -139,7 +139,7 @@ TEST(Scheduler, RefusesWhatItCannotHoldAndCancelFreesAtOnce) {
 
     // on_token returning false ends the request (a stop string); a stop id ends it too
     GenRequest r = request({5, 6, 7}, 20, out);
-    r.on_token = [&](uint64_t hh, int32_t t) {
+    r.on_token = [&](uint64_t hh, int32_t t, const TokenLogprobs *) {
         out[hh].streamed.push_back(t);
         return out[hh].streamed.size() < 3;
     };

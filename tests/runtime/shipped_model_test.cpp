@@ -1,13 +1,15 @@
 // The model shipped in models/moesh-tiny-py against Hugging Face transformers'
 // outputs on it (tests/fixtures/shipped/moesh-tiny-py, written by
 // scripts/make_shipped_model_references.py): tokenizer ids, greedy tokens,
-// logits, and llama.cpp-style perplexity on its held-out text.
+// logits, log-probabilities of served tokens, and llama.cpp-style perplexity on
+// its held-out text.
 // MOESH_SHIPPED_MODEL / MOESH_SHIPPED_REFERENCE point it at another pair.
 #include "runtime/generate.h"
 #include "runtime/kv_cache.h"
 #include "runtime/model.h"
 #include "runtime/npy.h"
 #include "runtime/perplexity.h"
+#include "runtime/scheduler.h"
 #include "runtime/tokenizer.h"
 #include "test_support.h"
 
@@ -17,6 +19,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 
 namespace moesh {
@@ -91,6 +94,72 @@ TEST(ShippedModel, GreedyTokensAndLogitsEqualTransformers) {
         std::printf("[ shipped  ] prompt %zu, %s KV cache: %lld rows, max relative logit error %.3g\n", i,
                     kv_type_name(kv_type), (long long)r.n_logit_rows, worst);
     }
+}
+
+// The scheduler's logprobs (every prompt in one batch) are the log-softmax of transformers'
+// logits at each generated position: the sampled token's value and the 5 most likely, in order.
+TEST(ShippedModel, ServedLogprobsEqualTransformersLogSoftmax) {
+    const nlohmann::json ref = reference();
+    const Model model = Model::load_folder(k_model.string());
+    auto be = test::open_cpu_backend(2);
+    ASSERT_NE(be, nullptr);
+    const int64_t n_vocab = model.config().n_vocab;
+    SchedulerOptions so;
+    so.max_batch = 48;   // prompts in chunks beside the others' decodes
+    so.kv_blocks = 64;
+    Scheduler sched(model, *be, so);
+    const size_t n_prompts = ref.at("prompts").size();
+    std::vector<std::vector<std::pair<int32_t, TokenLogprobs>>> got(n_prompts);
+    std::map<uint64_t, size_t> which;
+    constexpr int32_t k_top = 5;
+    for (size_t i = 0; i < n_prompts; ++i) {
+        GenRequest r;
+        r.prompt = ref.at("prompts")[i].at("ids").get<std::vector<int32_t>>();
+        r.max_tokens = int64_t(ref.at("prompts")[i].at("generated").size());
+        r.logprobs = k_top;
+        r.on_token = [&got, &which](uint64_t h, int32_t t, const TokenLogprobs * lp) {
+            EXPECT_NE(lp, nullptr);
+            if (lp) got[which.at(h)].push_back({t, *lp});
+            return true;
+        };
+        uint64_t h = 0;
+        ASSERT_EQ(sched.submit(std::move(r), &h), Admit::Queued);
+        which[h] = i;
+    }
+    while (!sched.idle()) sched.step();
+    double worst = 0;
+    for (size_t i = 0; i < n_prompts; ++i) {
+        SCOPED_TRACE("prompt " + std::to_string(i));
+        const auto & p = ref.at("prompts")[i];
+        const auto expected = p.at("generated").get<std::vector<int32_t>>();
+        const int64_t n_prompt = int64_t(p.at("ids").size());
+        const NpyArray logits = read_npy_f32(k_ref / ("prompt" + std::to_string(i) + ".logits.npy"));
+        ASSERT_EQ(got[i].size(), expected.size());
+        for (size_t j = 0; j < expected.size(); ++j) {
+            const auto & [tok, lp] = got[i][j];
+            EXPECT_EQ(tok, expected[j]);
+            const float * row = logits.data.data() + size_t(n_prompt - 1 + int64_t(j)) * size_t(n_vocab);
+            double mx = row[0], z = 0;
+            for (int64_t v = 1; v < n_vocab; ++v) mx = std::max(mx, double(row[v]));
+            for (int64_t v = 0; v < n_vocab; ++v) z += std::exp(double(row[v]) - mx);
+            auto ref_lp = [&](int32_t t) { return double(row[t]) - mx - std::log(z); };
+            std::vector<int32_t> order(static_cast<size_t>(n_vocab));
+            for (int64_t v = 0; v < n_vocab; ++v) order[size_t(v)] = int32_t(v);
+            std::partial_sort(order.begin(), order.begin() + k_top + 1, order.end(),
+                              [&](int32_t a, int32_t b) { return row[a] > row[b] || (row[a] == row[b] && a < b); });
+            worst = std::max(worst, std::fabs(lp.logprob - ref_lp(tok)));
+            ASSERT_EQ(lp.n_top, k_top);
+            for (int32_t k = 0; k < k_top; ++k) {
+                worst = std::max(worst, std::fabs(lp.top_logprobs[k] - ref_lp(order[size_t(k)])));
+                // the same ids, unless two candidates are too close for float logits to order
+                const bool clear = (k == 0 || ref_lp(order[size_t(k - 1)]) - ref_lp(order[size_t(k)]) > 1e-3) &&
+                                   ref_lp(order[size_t(k)]) - ref_lp(order[size_t(k + 1)]) > 1e-3;
+                if (clear) EXPECT_EQ(lp.top_ids[k], order[size_t(k)]) << "step " << j << ", rank " << k;
+            }
+        }
+    }
+    EXPECT_LE(worst, 2e-4);
+    std::printf("[ shipped  ] served logprobs: max |moesh - transformers| %.3g\n", worst);
 }
 
 TEST(ShippedModel, PerplexityOnHeldOutTextEqualsTransformers) {

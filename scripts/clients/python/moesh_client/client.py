@@ -72,10 +72,15 @@ class Client:
         return self._prefix + str(next(self._counter))
 
     def generate(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
-                 seed=0, stop=None, id=None, timeout=60):
+                 seed=0, stop=None, id=None, timeout=60, logprobs=None, repetition_penalty=1.0,
+                 frequency_penalty=0.0, presence_penalty=0.0):
         """The done frame as a dict; MoeshError on an error frame, TimeoutError when no
-        answer came within timeout seconds (the request is then cancelled)."""
-        req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, False)
+        answer came within timeout seconds (the request is then cancelled). logprobs=k
+        (0..20) adds each token's log-probability and the k most likely tokens
+        (docs/PROTOCOL.md); the penalties are Hugging Face's repetition penalty and
+        OpenAI's frequency and presence penalties."""
+        req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, False,
+                            logprobs, repetition_penalty, frequency_penalty, presence_penalty)
         deadline = time.monotonic() + timeout
         self._submit(req)
         try:
@@ -88,11 +93,13 @@ class Client:
             raise
 
     def stream(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
-               seed=0, stop=None, id=None, timeout=60):
+               seed=0, stop=None, id=None, timeout=60, logprobs=None, repetition_penalty=1.0,
+               frequency_penalty=0.0, presence_penalty=0.0):
         """A generator of the token frames, then the done frame (dicts). Arguments are
         checked now; the request is sent on the first next(), and timeout bounds it
-        from there to its done frame."""
-        req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, True)
+        from there to its done frame. Options as for generate()."""
+        req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, True,
+                            logprobs, repetition_penalty, frequency_penalty, presence_penalty)
         return self._stream(req, timeout)
 
     def cancel(self, id):
@@ -118,7 +125,8 @@ class Client:
 
     # -- internals --
 
-    def _request(self, prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, rid, stream):
+    def _request(self, prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, rid, stream,
+                 logprobs, repetition_penalty, frequency_penalty, presence_penalty):
         given = [(k, v) for k, v in (("prompt", prompt), ("prompt_ids", prompt_ids), ("messages", messages)) if v is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of prompt, prompt_ids and messages")
@@ -133,6 +141,12 @@ class Client:
                "top_k": int(top_k), "seed": int(seed), "stream": stream}
         if stop is not None:
             req["stop"] = stop
+        if logprobs is not None:
+            req["logprobs"] = int(logprobs)
+        for k, v, off in (("repetition_penalty", repetition_penalty, 1.0), ("frequency_penalty", frequency_penalty, 0.0),
+                          ("presence_penalty", presence_penalty, 0.0)):
+            if float(v) != off:
+                req[k] = float(v)
         return req
 
     def _submit(self, req):
