@@ -423,8 +423,27 @@ void report_trace(const std::optional<moesh::RouteTraceWriter> & trace, const st
         std::fprintf(stderr, "moesh: wrote the routing of %lld tokens to %s\n", (long long)trace->n_tokens(), path.c_str());
 }
 
+// The sampling options `run` and `client` share (runtime/sampler.h says what each does).
+void add_sampling(CLI::App * app, moesh::SamplerParams & sp) {
+    app->add_option("--temperature", sp.temperature, "Sampling temperature; 0 = greedy (default)")->check(CLI::Range(0.0f, 1e6f));
+    app->add_option("--top-k", sp.top_k, "Keep the k most likely tokens; 0 = off")->check(CLI::Range(0, 1 << 30));
+    app->add_option("--top-p", sp.top_p, "Keep the smallest set of tokens with this much probability; 1 = off")
+        ->check(CLI::Range(1e-6f, 1.0f));
+    app->add_option("--seed", sp.seed, "Random seed for sampling")->capture_default_str();
+    app->add_option("--repetition-penalty", sp.repetition_penalty,
+                    "Hugging Face's: divide a positive logit (multiply a negative one) of every token already in the "
+                    "prompt or output by this; 1 = off")
+        ->check(CLI::Range(1e-6f, 10.0f));
+    app->add_option("--frequency-penalty", sp.frequency_penalty,
+                    "OpenAI's: subtract this times the token's count in the output so far; 0 = off")
+        ->check(CLI::Range(-2.0f, 2.0f));
+    app->add_option("--presence-penalty", sp.presence_penalty,
+                    "OpenAI's: subtract this from every token already in the output; 0 = off")
+        ->check(CLI::Range(-2.0f, 2.0f));
+}
+
 int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std::string & prompt_text, int64_t n,
-            float temperature, int top_k, float top_p, uint64_t seed, const std::string & output,
+            const moesh::SamplerParams & sampling, const std::string & output,
             const std::string & dump_logits, const std::string & trace_path, const ChatOptions & chat) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
     apply_expert_budget(co, rc);
@@ -460,7 +479,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
         go.prompt = parse_ids(prompt_ids);
     }
     go.n_generate = n;
-    go.sampling = {temperature, top_k, top_p, seed};
+    go.sampling = sampling;
     go.keep_logits = !dump_logits.empty();
     go.max_batch = rc.max_batch;
     go.kv_block_size = rc.kv_block_size;
@@ -694,15 +713,19 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
 
 // One request to a server; streamed text as it comes, or the final frame.
 int cmd_client(const std::string & endpoint, const std::string & prompt, const std::string & prompt_ids, int64_t max_tokens,
-               float temperature, int top_k, float top_p, uint64_t seed, bool stream, const std::string & output, double timeout_s) {
+               const moesh::SamplerParams & sp, int logprobs, bool stream, const std::string & output, double timeout_s) {
     moesh::Client c(endpoint);
     nlohmann::json req = {{"id", "moesh-client-" + std::to_string(::getpid())},
                           {"max_tokens", max_tokens},
-                          {"temperature", temperature},
-                          {"top_k", top_k},
-                          {"top_p", top_p},
-                          {"seed", seed},
+                          {"temperature", sp.temperature},
+                          {"top_k", sp.top_k},
+                          {"top_p", sp.top_p},
+                          {"seed", sp.seed},
                           {"stream", stream}};
+    if (logprobs >= 0) req["logprobs"] = logprobs;
+    if (sp.repetition_penalty != 1.0f) req["repetition_penalty"] = sp.repetition_penalty;
+    if (sp.frequency_penalty != 0.0f) req["frequency_penalty"] = sp.frequency_penalty;
+    if (sp.presence_penalty != 0.0f) req["presence_penalty"] = sp.presence_penalty;
     if (!prompt_ids.empty()) req["prompt_ids"] = parse_ids(prompt_ids);
     else req["prompt"] = prompt;
     auto r = c.request(req, std::chrono::milliseconds(int64_t(timeout_s * 1000)), [&](const moesh::protocol::Response & f) {
@@ -1146,9 +1169,7 @@ int main(int argc, char ** argv) {
     CommonOptions co;
     std::string prompt_ids, output = "text", dump_logits, trace_path;
     int64_t n = 16;
-    float temperature = 0.0f, top_p = 1.0f;
-    int top_k = 0;
-    uint64_t seed = 0;
+    moesh::SamplerParams sampling;
 
     CLI::App * run = app.add_subcommand("run", "Generate tokens from a prompt of token ids");
     add_common(run, co, /*model_optional=*/true);
@@ -1167,11 +1188,7 @@ int main(int argc, char ** argv) {
         if (prompt_ids.empty() && prompt_text.empty()) throw CLI::ValidationError("--prompt or --prompt-ids is required");
     });
     run->add_option("-n,--n-predict", n, "Tokens to generate")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 30));
-    run->add_option("--temperature", temperature, "Sampling temperature; 0 = greedy (default)")->check(CLI::Range(0.0f, 1e6f));
-    run->add_option("--top-k", top_k, "Keep the k most likely tokens; 0 = off")->check(CLI::Range(0, 1 << 30));
-    run->add_option("--top-p", top_p, "Keep the smallest set of tokens with this much probability; 1 = off")
-        ->check(CLI::Range(1e-6f, 1.0f));
-    run->add_option("--seed", seed, "Random seed for sampling")->capture_default_str();
+    add_sampling(run, sampling);
     run->add_option("--output", output, "text, or json: one JSON object on the last line of stdout")
         ->check(CLI::IsMember({"text", "json"}));
     run->add_option("--dump-logits", dump_logits,
@@ -1268,9 +1285,8 @@ int main(int argc, char ** argv) {
     CLI::App * client = app.add_subcommand("client", "Send one request to `moesh serve` and print the answer");
     std::string cl_endpoint = "tcp://127.0.0.1:5555", cl_prompt, cl_ids, cl_output = "text";
     int64_t cl_max = 64;
-    float cl_temp = 0, cl_top_p = 1;
-    int cl_top_k = 0;
-    uint64_t cl_seed = 0;
+    moesh::SamplerParams cl_sampling;
+    int cl_logprobs = -1;
     bool cl_stream = false;
     double cl_timeout = 120;
     client->add_option("--endpoint", cl_endpoint, "The server's endpoint")->capture_default_str();
@@ -1278,10 +1294,11 @@ int main(int argc, char ** argv) {
     auto * cli = client->add_option("--prompt-ids", cl_ids, "Comma-separated prompt token ids instead");
     clp->excludes(cli);
     client->add_option("-n,--max-tokens", cl_max, "Tokens to generate")->capture_default_str();
-    client->add_option("--temperature", cl_temp, "0 = greedy");
-    client->add_option("--top-k", cl_top_k, "0 = off");
-    client->add_option("--top-p", cl_top_p, "1 = off");
-    client->add_option("--seed", cl_seed, "Sampling seed");
+    add_sampling(client, cl_sampling);
+    client->add_option("--logprobs", cl_logprobs,
+                       "Ask for each token's log-probability and this many of the most likely tokens (0-20; see them "
+                       "with --output json)")
+        ->check(CLI::Range(0, 20));
     client->add_flag("--stream", cl_stream, "Print tokens as they are generated");
     client->add_option("--output", cl_output, "text, or json: the frames as JSON lines")->check(CLI::IsMember({"text", "json"}));
     client->add_option("--timeout", cl_timeout, "Seconds to wait for the answer")->capture_default_str();
@@ -1342,7 +1359,7 @@ int main(int argc, char ** argv) {
                             "executable; pass --model DIR_OR.gguf");
             std::fprintf(stderr, "moesh: no --model given: using the shipped model %s\n", co.model.c_str());
         }
-        if (*run) return cmd_run(co, prompt_ids, prompt_text, n, temperature, top_k, top_p, seed, output, dump_logits, trace_path, chat);
+        if (*run) return cmd_run(co, prompt_ids, prompt_text, n, sampling, output, dump_logits, trace_path, chat);
         if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
         if (*quant) return cmd_quantize(q_in, q_out, q_type, q_class, q_threads);
@@ -1358,7 +1375,7 @@ int main(int argc, char ** argv) {
         }
         if (*client) {
             if (cl_prompt.empty() && cl_ids.empty()) throw Error("client: give --prompt or --prompt-ids");
-            return cmd_client(cl_endpoint, cl_prompt, cl_ids, cl_max, cl_temp, cl_top_k, cl_top_p, cl_seed, cl_stream, cl_output, cl_timeout);
+            return cmd_client(cl_endpoint, cl_prompt, cl_ids, cl_max, cl_sampling, cl_logprobs, cl_stream, cl_output, cl_timeout);
         }
         if (*ppl) return cmd_perplexity(pco, ppl_file, ppl_ctx, ppl_batch, ppl_chunks, ppl_output, ppl_trace);
     } catch (const moesh::BackendError & e) {

@@ -75,6 +75,7 @@ class Server:
                                           *extra],
                                          stdout=subprocess.PIPE, stderr=log)
         lines = self._read_lines(2, 90)
+        self.endpoint = lines[0] if len(lines) == 2 else ""
         self.url = lines[1] if len(lines) == 2 else ""
         m = re.match(r"http://127\.0\.0\.1:(\d+)$", self.url)
         self.port = int(m.group(1)) if m else 0
@@ -161,8 +162,8 @@ def wait_for(pred, timeout=15):
     return False
 
 
-def moesh_run(moesh, model, prompt, n, chat=False):
-    cmd = [moesh, "run", "--model", model, "--prompt", prompt, "-n", str(n), "--output", "json", "--threads", THREADS]
+def moesh_run(moesh, model, prompt, n, chat=False, extra=()):
+    cmd = [moesh, "run", "--model", model, "--prompt", prompt, "-n", str(n), "--output", "json", "--threads", THREADS, *extra]
     if chat:
         cmd.append("--chat")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -214,10 +215,56 @@ def completions(moesh, model, srv):
         check("chat template" in str(e), f"chat without a template: 400 that says why ({e})")
 
 
+def logprobs_and_penalties(moesh, model, srv):
+    """Logprobs through the openai package, streamed and whole; penalised greedy text equals moesh run's.
+    (Their values against transformers: ShippedModel tests in C++.)"""
+    c = srv.client()
+    p = "def fibonacci(n):"
+    r = c.completions.create(model="any", prompt=p, max_tokens=16, temperature=0, logprobs=5)
+    ch = r.choices[0]
+    lp = ch.logprobs
+    n = r.usage.completion_tokens
+    check(lp is not None and len(lp.tokens) == n and len(lp.token_logprobs) == n and len(lp.top_logprobs) == n
+          and len(lp.text_offset) == n, f"completions logprobs: an entry per token ({n})")
+    check("".join(lp.tokens) == ch.text, f"the tokens' texts add up to the text: {lp.tokens}")
+    check(all(a < b for a, b in zip(lp.text_offset, lp.text_offset[1:])) and lp.text_offset[0] == 0,
+          f"text offsets rise from 0: {lp.text_offset}")
+    # greedy: the sampled token is the most likely, and among its 5 (+1) alternatives
+    check(all(len(t) in (5, 6) and t[tok] == max(t.values()) and abs(t[tok] - v) < 1e-6 and v <= 0
+              for t, tok, v in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs)),
+          f"greedy tokens are the top of their logprobs: {lp.top_logprobs[:2]}")
+    chunks = list(c.completions.create(model="any", prompt=p, max_tokens=16, temperature=0, logprobs=5, stream=True))
+    streamed = [x.choices[0].logprobs for x in chunks if x.choices and x.choices[0].logprobs]
+    check([t for x in streamed for t in x.tokens] == lp.tokens
+          and [v for x in streamed for v in x.token_logprobs] == lp.token_logprobs
+          and [o for x in streamed for o in x.text_offset] == lp.text_offset,
+          "streamed logprobs equal the whole answer's")
+    # the same request over ZeroMQ (the C++ client) gives the same numbers
+    out = subprocess.run([moesh, "client", "--endpoint", srv.endpoint, "--prompt", p, "-n", "16", "--logprobs", "5",
+                          "--output", "json"], capture_output=True, text=True, timeout=60)
+    d = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {"logprobs": []}
+    check([e["logprob"] for e in d["logprobs"]] == lp.token_logprobs,
+          f"`moesh client --logprobs 5`: the done frame carries the same logprobs {out.stderr[-300:]}")
+    check(all(e["bytes"] == list(e["text"].encode()) for e in d["logprobs"]), "each entry's bytes are its text's")
+    pen = dict(frequency_penalty=0.5, presence_penalty=0.3)
+    ref = moesh_run(moesh, model, p, 24, extra=["--frequency-penalty", "0.5", "--presence-penalty", "0.3",
+                                                "--repetition-penalty", "1.2"])
+    got = c.completions.create(model="any", prompt=p, max_tokens=24, temperature=0, extra_body={"repetition_penalty": 1.2},
+                               **pen).choices[0].text
+    plain = c.completions.create(model="any", prompt=p, max_tokens=24, temperature=0).choices[0].text
+    check(ref["text"].startswith(got) and got != plain,
+          f"penalised greedy completion equals moesh run's and differs from the plain one: {got!r} vs {plain!r}")
+    try:
+        c.completions.create(model="any", prompt=p, max_tokens=4, presence_penalty=2.5)
+        check(False, "presence_penalty 2.5 is refused")
+    except openai.BadRequestError as e:
+        check("presence_penalty" in str(e) and "[-2, 2]" in str(e), f"presence_penalty out of range: 400 that says why ({e})")
+
+
 def refusals(srv):
     c = srv.client()
     cases = [(dict(max_tokens=-1), "max_tokens"), (dict(max_tokens=100000), "max_tokens"), (dict(temperature=-1), "temperature"),
-             (dict(n=2), "n"), (dict(extra_body={"temprature": 0.5}), "temprature"), (dict(presence_penalty=1.0), "presence_penalty"),
+             (dict(n=2), "n"), (dict(extra_body={"temprature": 0.5}), "temprature"), (dict(logit_bias={"5": 1}), "logit_bias"),
              (dict(extra_body={"top_k": -3}), "top_k")]
     for kw, param in cases:
         try:
@@ -457,9 +504,9 @@ def main():
             if not check(srv.port > 0, f"the server prints its ZeroMQ endpoint, then its HTTP URL: {srv.url!r}"):
                 print(srv.log())
                 return 1
-            for part in (completions, refusals, health_and_metrics, disconnects):
+            for part in (completions, logprobs_and_penalties, refusals, health_and_metrics, disconnects):
                 try:
-                    part(args.moesh, args.model, srv) if part is completions else part(srv)
+                    part(args.moesh, args.model, srv) if part in (completions, logprobs_and_penalties) else part(srv)
                 except Exception as e:  # noqa: BLE001 - any escape is a failure, with what it was
                     check(False, f"{part.__name__}: unexpected {type(e).__name__}: {e}")
             drain(srv)

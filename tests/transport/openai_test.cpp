@@ -91,8 +91,6 @@ TEST(OpenAi, UnhonouredValuesAreRefusedByName) {
         const char * says;
     };
     for (const Case & c : {Case{R"({"prompt":"x","n":2})", "n", "one choice per request"},
-                           Case{R"({"prompt":"x","presence_penalty":0.5})", "presence_penalty", "not implemented"},
-                           Case{R"({"prompt":"x","logprobs":3})", "logprobs", "not returned"},
                            Case{R"({"prompt":"x","echo":true})", "echo", "not echoed"},
                            Case{R"({"prompt":"x","logit_bias":{"5":1}})", "logit_bias", "not implemented"},
                            Case{R"({"prompt":"x","temprature":0})", "temprature", "unknown field"},
@@ -105,6 +103,59 @@ TEST(OpenAi, UnhonouredValuesAreRefusedByName) {
     // The values that mean "off" are accepted.
     (void)frame_of(Endpoint::Completions, {{"prompt", "x"}, {"n", 1}, {"presence_penalty", 0}, {"frequency_penalty", 0.0},
                                            {"echo", false}, {"best_of", 1}, {"logit_bias", json::object()}, {"suffix", ""}});
+}
+
+TEST(OpenAi, LogprobsAndPenaltiesPassThrough) {
+    const json f = frame_of(Endpoint::Completions, {{"prompt", "x"}, {"logprobs", 3}, {"presence_penalty", 0.5},
+                                                    {"frequency_penalty", -1}, {"repetition_penalty", 1.2}});
+    EXPECT_EQ(f["logprobs"], 3);   // the protocol checks the values
+    EXPECT_EQ(f["presence_penalty"], 0.5);
+    EXPECT_EQ(f["frequency_penalty"], -1);
+    EXPECT_EQ(f["repetition_penalty"], 1.2);
+    // chat: logprobs true, with top_logprobs most likely (0 when not given)
+    const json msgs = json::array({{{"role", "user"}, {"content", "hi"}}});
+    EXPECT_EQ(frame_of(Endpoint::Chat, {{"messages", msgs}, {"logprobs", true}, {"top_logprobs", 4}})["logprobs"], 4);
+    EXPECT_EQ(frame_of(Endpoint::Chat, {{"messages", msgs}, {"logprobs", true}})["logprobs"], 0);
+    EXPECT_FALSE(frame_of(Endpoint::Chat, {{"messages", msgs}, {"logprobs", false}}).contains("logprobs"));
+    const std::string m = R"("messages":[{"role":"user","content":"hi"}])";
+    const HttpError alone = error_of(Endpoint::Chat, "{" + m + R"(,"top_logprobs":2})");
+    EXPECT_EQ(alone.param, "top_logprobs");
+    EXPECT_NE(alone.message.find("only allowed with \"logprobs\": true"), std::string::npos) << alone.message;
+    EXPECT_EQ(error_of(Endpoint::Chat, "{" + m + R"(,"logprobs":true,"top_logprobs":21})").param, "top_logprobs");
+    EXPECT_EQ(error_of(Endpoint::Chat, "{" + m + R"(,"logprobs":1})").param, "logprobs");
+}
+
+TEST(OpenAi, LogprobsReplyShapes) {
+    const Reply r{"cmpl-1", "tiny", 1};
+    // two tokens: "H\xc3" (ends inside a character; the server's text replaced it) and "i"
+    const json e0 = {{"token", 5}, {"logprob", -0.5}, {"text", "H\xef\xbf\xbd"}, {"bytes", {72, 195}},
+                     {"top_logprobs", {{{"token", 5}, {"logprob", -0.5}, {"text", "H\xef\xbf\xbd"}, {"bytes", {72, 195}}},
+                                       {{"token", 6}, {"logprob", -1.5}, {"text", "A"}, {"bytes", {65}}}}}};
+    const json e1 = {{"token", 9}, {"logprob", -2.0}, {"top_logprobs", {{{"token", 4}, {"logprob", -0.1}}}}};   // no tokenizer
+    const json done = {{"text", "Hi"}, {"finish_reason", "length"}, {"usage", {{"prompt_tokens", 1}, {"completion_tokens", 2}}},
+                       {"logprobs", {e0, e1}}};
+    const json c = json::parse(completion_body(Endpoint::Completions, r, done))["choices"][0]["logprobs"];
+    EXPECT_EQ(c["tokens"], json({"H\xef\xbf\xbd", "token_id:9"}));
+    EXPECT_EQ(c["token_logprobs"], json({-0.5, -2.0}));
+    EXPECT_EQ(c["top_logprobs"][0], json({{"H\xef\xbf\xbd", -0.5}, {"A", -1.5}}));
+    EXPECT_EQ(c["top_logprobs"][1], json({{"token_id:4", -0.1}, {"token_id:9", -2.0}}));   // the sampled one added
+    EXPECT_EQ(c["text_offset"], json({0, 2}));   // characters: "H" and the replacement character
+
+    const json chat = json::parse(completion_body(Endpoint::Chat, r, done))["choices"][0]["logprobs"];
+    EXPECT_TRUE(chat["refusal"].is_null());
+    ASSERT_EQ(chat["content"].size(), 2u);
+    EXPECT_EQ(chat["content"][0]["token"], "H\xef\xbf\xbd");
+    EXPECT_EQ(chat["content"][0]["bytes"], json({72, 195}));
+    EXPECT_EQ(chat["content"][0]["top_logprobs"][1], json({{"token", "A"}, {"logprob", -1.5}, {"bytes", {65}}}));
+    EXPECT_TRUE(chat["content"][1]["bytes"].is_null());
+
+    int64_t offset = 7;   // streamed: each chunk carries its token, offsets continue
+    const json k = json::parse(text_chunk(Endpoint::Completions, r, "x", false, &e0, &offset).substr(6));
+    EXPECT_EQ(k["choices"][0]["logprobs"]["text_offset"], json({7}));
+    EXPECT_EQ(offset, 9);
+    const json kc = json::parse(text_chunk(Endpoint::Chat, r, "", false, &e1).substr(6));
+    EXPECT_EQ(kc["choices"][0]["logprobs"]["content"][0]["token"], "token_id:9");
+    EXPECT_TRUE(json::parse(text_chunk(Endpoint::Chat, r, "x", false).substr(6))["choices"][0]["logprobs"].is_null());
 }
 
 TEST(OpenAi, ChatMessagesAreNormalised) {

@@ -385,6 +385,28 @@ TEST(ProtocolRequest, ChecksStream) {
     EXPECT_BAD_REQUEST(with("stream", 1), "field 'stream'");
 }
 
+TEST(ProtocolRequest, ChecksLogprobsAndPenalties) {
+    EXPECT_EQ(accept(with("top_k", 0)).logprobs, -1);   // absent: none
+    EXPECT_EQ(accept(with("logprobs", 0)).logprobs, 0);
+    EXPECT_EQ(accept(with("logprobs", 20)).logprobs, 20);
+    EXPECT_BAD_REQUEST(with("logprobs", 21), "field 'logprobs': expected an integer in [0, 20], got 21");
+    EXPECT_BAD_REQUEST(with("logprobs", -1), "field 'logprobs'");
+    EXPECT_BAD_REQUEST(with("logprobs", true), "field 'logprobs'");
+    EXPECT_FLOAT_EQ(accept(with("repetition_penalty", 1.3)).repetition_penalty, 1.3f);
+    EXPECT_BAD_REQUEST(with("repetition_penalty", 0), "field 'repetition_penalty': expected a number in (0, 10], got 0");
+    EXPECT_BAD_REQUEST(with("repetition_penalty", 10.5), "field 'repetition_penalty'");
+    EXPECT_BAD_REQUEST(with("repetition_penalty", 1e-300), "field 'repetition_penalty'");   // 0 as a float
+    EXPECT_FLOAT_EQ(accept(with("frequency_penalty", -2)).frequency_penalty, -2.0f);
+    EXPECT_FLOAT_EQ(accept(with("presence_penalty", 1.5)).presence_penalty, 1.5f);
+    EXPECT_BAD_REQUEST(with("frequency_penalty", 2.01), "field 'frequency_penalty': expected a number in [-2, 2], got 2.01");
+    EXPECT_BAD_REQUEST(with("presence_penalty", "1"), "field 'presence_penalty'");
+    Limits l;
+    l.max_logprobs = 3;
+    auto parsed = parse_request(with("logprobs", 4).dump(), l);
+    ASSERT_TRUE(std::holds_alternative<ParseError>(parsed));
+    EXPECT_NE(std::get<ParseError>(parsed).message.find("[0, 3]"), std::string::npos);
+}
+
 TEST(ProtocolRequest, NeverThrowsOnPrefixesOrByteNoise) {
     const std::string valid = R"({"type":"generate","id":"r1","messages":[{"role":"user","content":"h\u00e9"}],"stop":["x"],"seed":1})";
     for (size_t n = 0; n <= valid.size(); ++n) {
@@ -413,6 +435,10 @@ TEST(ProtocolRequest, RequestFrameReadsBackAsTheSameRequest) {
     g.seed = 18446744073709551615ull;
     g.stop = {"\n", "</s>"};
     g.stream = true;
+    g.logprobs = 4;
+    g.repetition_penalty = 1.1f;
+    g.frequency_penalty = -0.3f;
+    g.presence_penalty = 0.7f;
     const Request r = accept(request_frame(g));
     EXPECT_EQ(r.id, g.id);
     ASSERT_TRUE(r.messages);
@@ -424,6 +450,10 @@ TEST(ProtocolRequest, RequestFrameReadsBackAsTheSameRequest) {
     EXPECT_EQ(r.seed, g.seed);
     EXPECT_EQ(r.stop, g.stop);
     EXPECT_TRUE(r.stream);
+    EXPECT_EQ(r.logprobs, 4);
+    EXPECT_EQ(r.repetition_penalty, g.repetition_penalty);
+    EXPECT_EQ(r.frequency_penalty, g.frequency_penalty);
+    EXPECT_EQ(r.presence_penalty, g.presence_penalty);
 
     EXPECT_NE(request_frame(g).find(R"("temperature":0.7,"top_p":0.95,)"), std::string::npos) << request_frame(g);
 
@@ -431,6 +461,8 @@ TEST(ProtocolRequest, RequestFrameReadsBackAsTheSameRequest) {
     ids.id = "g2";
     ids.prompt_ids = std::vector<int32_t>{5, 6};
     EXPECT_EQ(*accept(request_frame(ids)).prompt_ids, *ids.prompt_ids);
+    EXPECT_EQ(request_frame(ids).find("logprobs"), std::string::npos);   // the defaults are not written
+    EXPECT_EQ(request_frame(ids).find("penalty"), std::string::npos);
 
     Request c;
     c.type = RequestType::Cancel;
@@ -501,6 +533,29 @@ TEST(ProtocolFrames, DoneFrameReadsBack) {
     EXPECT_EQ(r.body["timings"]["ttft_ms"], 20.0);
     EXPECT_EQ(r.body["timings"]["total_ms"], 45.25);
     EXPECT_EQ(r.body["timings"]["decode_tokens_per_second"], 80.0);
+}
+
+TEST(ProtocolFrames, LogprobsReadBackInTokenAndDoneFrames) {
+    Logprobs l;
+    l.sampled = {7, -0.25f, std::string("a\xe2")};   // part of a UTF-8 character: text replaced, bytes exact
+    l.top = {{7, -0.25f, std::string("a\xe2")}, {9, -1.5f, std::nullopt}, {3, -INFINITY, std::string("")}};
+    const Response t = read_back(token_frame("r1", 0, 7, "a", &l));
+    const json & e = t.body["logprobs"];
+    EXPECT_EQ(e["token"], 7);
+    EXPECT_EQ(e["logprob"], -0.25);
+    EXPECT_EQ(e["text"], "a\xef\xbf\xbd");
+    EXPECT_EQ(e["bytes"], json({97, 226}));
+    ASSERT_EQ(e["top_logprobs"].size(), 3u);
+    EXPECT_FALSE(e["top_logprobs"][1].contains("text"));   // no tokenizer: no text
+    EXPECT_TRUE(e["top_logprobs"][2]["logprob"].is_null());   // -inf
+    EXPECT_FALSE(read_back(token_frame("r1", 0, 7, "a")).body.contains("logprobs"));
+
+    Done d;
+    d.tokens = {7, 7};
+    d.logprobs = std::vector<Logprobs>{l, l};
+    EXPECT_EQ(read_back(done_frame("r1", d)).body["logprobs"].size(), 2u);
+    d.logprobs->pop_back();   // one entry for two tokens
+    EXPECT_TRUE(std::holds_alternative<ParseError>(parse_response(done_frame("r1", d))));
 }
 
 TEST(ProtocolFrames, DoneFrameWritesUnmeasuredTimingsAsNull) {
@@ -583,6 +638,12 @@ TEST(ProtocolResponse, RefusesMalformedFrames) {
         {R"({"type":"token","id":"r1","index":0,"token":1.5,"text":""})", "field 'token'"},
         {R"({"type":"token","id":"r1","index":0,"token":1})", "field 'text': missing"},
         {R"({"type":"token","id":"r1","index":0,"token":1,"text":7})", "field 'text'"},
+        {R"({"type":"token","id":"r1","index":0,"token":1,"text":"","logprobs":[]})", "field 'logprobs'"},
+        {R"({"type":"token","id":"r1","index":0,"token":1,"text":"","logprobs":{"token":1,"logprob":"x","top_logprobs":[]}})", "field 'logprobs.logprob'"},
+        {R"({"type":"token","id":"r1","index":0,"token":1,"text":"","logprobs":{"token":1,"logprob":0}})", "field 'logprobs.top_logprobs'"},
+        {R"({"type":"token","id":"r1","index":0,"token":1,"text":"","logprobs":{"token":1,"logprob":0,"top_logprobs":[{"token":-2,"logprob":0}]}})", "field 'logprobs.top_logprobs[0].token'"},
+        {R"({"type":"token","id":"r1","index":0,"token":1,"text":"","logprobs":{"token":1,"logprob":0,"bytes":[256],"top_logprobs":[]}})", "field 'logprobs.bytes'"},
+        {R"({"type":"done","id":"r1","tokens":[1],"logprobs":[{"token":1}],"text":"","finish_reason":"eos","usage":{"prompt_tokens":1,"completion_tokens":1},"timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'logprobs[0].logprob'"},
         {R"({"type":"done","id":"r1","tokens":[1,"2"],"text":"","finish_reason":"eos","usage":{"prompt_tokens":1,"completion_tokens":2},"timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'tokens[1]'"},
         {R"({"type":"done","id":"r1","tokens":[],"text":"","finish_reason":"eos","timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'usage': missing"},
         {R"({"type":"done","id":"r1","tokens":[],"text":"","finish_reason":"eos","usage":{"prompt_tokens":-1,"completion_tokens":2},"timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'usage.prompt_tokens'"},
