@@ -42,7 +42,7 @@ Scheduler::Scheduler(const Model & model, Backend & backend, const SchedulerOpti
     for (int32_t s = int32_t(o.max_sequences) - 1; s >= 0; --s) free_slots_.push_back(s);
     running_.reserve(size_t(o.max_sequences));
     batch_.token.reserve(size_t(o.max_batch));
-    logit_owner_.reserve(size_t(o.max_batch));
+    logit_rows_.reserve(size_t(o.max_batch));
     ended_.reserve(size_t(o.max_sequences));
     stats_.kv_blocks_total = o.kv_blocks;
 }
@@ -59,10 +59,14 @@ Admit Scheduler::submit(GenRequest r, uint64_t * handle, std::string * why) {
         if (t < 0 || t >= c.n_vocab)
             return refuse(Admit::Invalid, "prompt token " + std::to_string(t) + " is outside the vocabulary [0, " +
                                               std::to_string(c.n_vocab) + ")");
-    if (r.max_tokens < 1) return refuse(Admit::Invalid, "max_tokens must be at least 1");
+    if (r.max_tokens < (r.prompt_logprobs >= 0 ? 0 : 1))
+        return refuse(Admit::Invalid, r.prompt_logprobs >= 0 ? "max_tokens must be at least 0"
+                                                             : "max_tokens must be at least 1 (0 only with prompt logprobs)");
     if (std::string e = validate(r.sampling); !e.empty()) return refuse(Admit::Invalid, e);
-    if (r.logprobs < -1 || r.logprobs > k_max_top_logprobs)
-        return refuse(Admit::Invalid, "logprobs must be in [0, " + std::to_string(k_max_top_logprobs) + "] (or -1: none)");
+    for (int32_t k : {r.logprobs, r.prompt_logprobs})
+        if (k < -1 || k > k_max_top_logprobs)
+            return refuse(Admit::Invalid, std::string(k == r.logprobs ? "logprobs" : "prompt logprobs") + " must be in [0, " +
+                                              std::to_string(k_max_top_logprobs) + "] (or -1: none)");
     const int64_t need = int64_t(r.prompt.size()) + r.max_tokens;
     if (need > max_context_)
         return refuse(Admit::TooLong, "prompt (" + std::to_string(r.prompt.size()) + " tokens) + max_tokens (" +
@@ -88,8 +92,10 @@ void Scheduler::admit() {
         Seq & s = queue_.front();
         const int32_t slot = free_slots_.back();
         const int64_t n_prompt = int64_t(s.req.prompt.size());
-        // The last prompt token is always computed: its logits give the first token.
-        const int64_t cached = opt_.prefix_cache ? kv_.attach_prefix(slot, s.req.prompt.data(), n_prompt - 1) : 0;
+        // The last prompt token is always computed: its logits give the first token. Scoring the
+        // prompt needs every position's logits, so such a request computes it all.
+        const int64_t cached = opt_.prefix_cache && s.req.prompt_logprobs < 0
+                                   ? kv_.attach_prefix(slot, s.req.prompt.data(), n_prompt - 1) : 0;
         if (!kv_.reserve(slot, n_prompt + s.req.max_tokens)) {
             kv_.release(slot);
             break;
@@ -163,14 +169,14 @@ bool Scheduler::step() {
     admit();
     if (running_.empty()) return false;
     batch_.clear();
-    logit_owner_.clear();
+    logit_rows_.clear();
     // Decodes first: one token each, so they never wait behind a prompt.
     for (size_t i = 0; i < running_.size() && batch_.size() < opt_.max_batch; ++i) {
         const Seq & s = running_[i];
         if (s.n_prefilled < int64_t(s.req.prompt.size())) continue;
         const int64_t pos = int64_t(s.req.prompt.size() + s.generated.size()) - 1;
         batch_.add(s.generated.back(), int32_t(pos), s.slot, true);
-        logit_owner_.push_back(int64_t(i));
+        logit_rows_.push_back({int64_t(i), -1});
     }
     // Then prompt chunks in admission order.
     for (size_t i = 0; i < running_.size() && batch_.size() < opt_.max_batch; ++i) {
@@ -179,9 +185,10 @@ bool Scheduler::step() {
         if (s.n_prefilled >= n_prompt) continue;
         const int64_t n = std::min({opt_.prefill_chunk, n_prompt - s.n_prefilled, opt_.max_batch - batch_.size()});
         for (int64_t p = s.n_prefilled; p < s.n_prefilled + n; ++p) {
-            const bool last = p == n_prompt - 1;
-            batch_.add(s.req.prompt[size_t(p)], int32_t(p), s.slot, last);
-            if (last) logit_owner_.push_back(int64_t(i));
+            const bool sample = p == n_prompt - 1 && s.req.max_tokens > 0;
+            const bool score = p + 1 < n_prompt && s.req.prompt_logprobs >= 0;
+            batch_.add(s.req.prompt[size_t(p)], int32_t(p), s.slot, sample || score);
+            if (sample || score) logit_rows_.push_back({int64_t(i), sample ? -1 : p});
         }
         s.n_prefilled += n;
         stats_.tokens_prefilled += n;
@@ -203,9 +210,15 @@ bool Scheduler::step() {
     const ModelConfig & c = model_.config();
     std::vector<std::pair<size_t, FinishReason>> & ended = ended_;
     ended.clear();
-    for (size_t row = 0; row < logit_owner_.size(); ++row) {
-        Seq & s = running_[size_t(logit_owner_[row])];
+    for (size_t row = 0; row < logit_rows_.size(); ++row) {
+        const size_t i = size_t(logit_rows_[row].seq);
+        Seq & s = running_[i];
         const float * row_logits = logits + row * size_t(c.n_vocab);
+        if (const int64_t p = logit_rows_[row].prompt_pos; p >= 0) {   // scores prompt token p + 1
+            token_logprobs(row_logits, c.n_vocab, s.req.prompt[size_t(p + 1)], s.req.prompt_logprobs, &logprobs_);
+            if (s.req.on_prompt_logprobs) s.req.on_prompt_logprobs(s.handle, p + 1, logprobs_);
+            continue;
+        }
         const int32_t tok = s.sampler->sample(row_logits, c.n_vocab);
         if (s.generated.empty()) s.first_token = Clock::now();
         s.generated.push_back(tok);
@@ -216,12 +229,16 @@ bool Scheduler::step() {
             lp = &logprobs_;
         }
         const bool keep = !s.req.on_token || s.req.on_token(s.handle, tok, lp);
-        if (!keep) ended.push_back({size_t(logit_owner_[row]), FinishReason::Stop});
+        if (!keep) ended.push_back({i, FinishReason::Stop});
         else if (std::find(s.req.stop_ids.begin(), s.req.stop_ids.end(), tok) != s.req.stop_ids.end())
-            ended.push_back({size_t(logit_owner_[row]), FinishReason::Eos});
+            ended.push_back({i, FinishReason::Eos});
         else if (int64_t(s.generated.size()) >= s.req.max_tokens)
-            ended.push_back({size_t(logit_owner_[row]), FinishReason::Length});
+            ended.push_back({i, FinishReason::Length});
     }
+    // A request that only scores its prompt ends when the prompt is computed.
+    for (size_t i = 0; i < running_.size(); ++i)
+        if (running_[i].req.max_tokens == 0 && running_[i].n_prefilled == int64_t(running_[i].req.prompt.size()))
+            ended.push_back({i, FinishReason::Length});
     std::sort(ended.begin(), ended.end(), [](const auto & a, const auto & b) { return a.first > b.first; });
     for (const auto & [i, why] : ended) finish(i, why);
     return true;

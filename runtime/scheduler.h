@@ -69,6 +69,12 @@ struct GenRequest {
     // return false to end the request (finish reason Stop), e.g. when a stop string appeared
     // in the text so far.
     std::function<bool(uint64_t handle, int32_t token, const TokenLogprobs * lp)> on_token;
+    // -1: none; k >= 0: the log-probability of each prompt token after the ones before it, with
+    // the k most likely there, given to on_prompt_logprobs for positions 1..n_prompt-1 in order
+    // as they are computed. The prompt is then computed whole (no prefix cache), and max_tokens
+    // may be 0 (score the prompt, generate nothing).
+    int32_t prompt_logprobs = -1;
+    std::function<void(uint64_t handle, int64_t position, const TokenLogprobs & lp)> on_prompt_logprobs;
     std::function<void(uint64_t handle, FinishReason, const std::vector<int32_t> & tokens, const RequestTimings &)> on_done;
 };
 
@@ -92,7 +98,8 @@ public:
 
     // Queues a request; *handle identifies it in callbacks and cancel(). Busy: the queue is
     // full (try later); TooLong: prompt + max_tokens can never fit (context or KV pool);
-    // Invalid: empty prompt, a token outside the vocabulary, max_tokens < 1, bad sampling or logprobs
+    // Invalid: empty prompt, a token outside the vocabulary, max_tokens < 1 (0 without prompt_logprobs),
+    // bad sampling or logprobs
     // (*why says which).
     Admit submit(GenRequest request, uint64_t * handle, std::string * why = nullptr);
     // Ends a queued or running request now (on_done with Cancelled); false if unknown.
@@ -134,7 +141,11 @@ private:
     std::vector<Seq> running_;
     std::vector<int32_t> free_slots_;
     Batch batch_;
-    std::vector<int64_t> logit_owner_;   // running index of each logits row of the step
+    struct LogitRow {
+        int64_t seq;           // index in running_
+        int64_t prompt_pos;    // -1: sample the next token; else the prompt position it scores (+1)
+    };
+    std::vector<LogitRow> logit_rows_;   // each logits row of the step
     std::vector<std::pair<size_t, FinishReason>> ended_;   // requests a step finished (reserved: no allocation per step)
     std::vector<int32_t> fed_;   // publish(): a request's prompt and generated tokens (reused)
     TokenLogprobs logprobs_;     // the token on_token is called with, when its request asked

@@ -123,6 +123,13 @@ protocol::TokenLogprob Server::token_logprob(int32_t token, float logprob) const
     return t;
 }
 
+protocol::Logprobs Server::logprobs_entry(int32_t token, const TokenLogprobs * lp) const {
+    protocol::Logprobs l;
+    l.sampled = token_logprob(token, lp ? lp->logprob : std::nanf(""));
+    for (int32_t j = 0; lp && j < lp->n_top; ++j) l.top.push_back(token_logprob(lp->top_ids[j], lp->top_logprobs[j]));
+    return l;
+}
+
 bool Server::on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp) {
     auto it = active_.find(handle);
     if (it == active_.end()) return false;
@@ -139,11 +146,7 @@ bool Server::on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp) 
     send_pending(handle, a, a.text.size() > hold ? a.text.size() - hold : 0);
     if (a.decoder && token >= 0 && token < tok_->n_vocab()) a.text += std::string(a.decoder->push(token));
     a.pending = token;
-    if (a.logprobs && lp) {
-        protocol::Logprobs & l = a.token_logprobs.emplace_back();
-        l.sampled = token_logprob(token, lp->logprob);
-        for (int32_t j = 0; j < lp->n_top; ++j) l.top.push_back(token_logprob(lp->top_ids[j], lp->top_logprobs[j]));
-    }
+    if (a.logprobs && lp) a.token_logprobs.push_back(logprobs_entry(token, lp));
     if (a.stop.empty() && a.index + 1 < a.max_tokens) send_pending(handle, a, a.text.size());   // no reason to wait
     for (const std::string & s : a.stop)   // only the tail can hold a new match
         if (a.text.find(s, a.text.size() > s.size() + 64 ? a.text.size() - s.size() - 64 : 0) != std::string::npos) return false;
@@ -166,6 +169,10 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     d.tokens = tokens;
     if (why == FinishReason::Eos && !d.tokens.empty()) d.tokens.pop_back();   // the end-of-sequence token itself
     if (a.logprobs) d.logprobs = std::move(a.token_logprobs);   // on_token kept none for the EOS token
+    if (!a.prompt.empty()) {
+        d.prompt_logprobs = std::move(a.prompt_logprobs);
+        d.prompt_text = tok_ ? tok_->decode(a.prompt, /*skip_special=*/true) : std::string();
+    }
     d.text = a.text;
     d.finish_reason = why == FinishReason::Length ? protocol::FinishReason::Length
                       : why == FinishReason::Eos  ? protocol::FinishReason::Eos
@@ -220,6 +227,16 @@ void Server::generate(const Origin & from, protocol::Request && req) {
                                req.repetition_penalty, req.frequency_penalty, req.presence_penalty};
     g.logprobs = req.logprobs;
     g.on_token = [this](uint64_t h, int32_t t, const TokenLogprobs * lp) { return on_token(h, t, lp); };
+    g.prompt_logprobs = req.prompt_logprobs;
+    std::vector<int32_t> scored;
+    if (req.prompt_logprobs >= 0) {
+        scored = g.prompt;
+        g.on_prompt_logprobs = [this](uint64_t h, int64_t pos, const TokenLogprobs & lp) {
+            auto it = active_.find(h);
+            if (it == active_.end() || pos >= int64_t(it->second.prompt.size())) return;
+            it->second.prompt_logprobs.push_back(logprobs_entry(it->second.prompt[size_t(pos)], &lp));
+        };
+    }
     g.on_done = [this](uint64_t h, FinishReason w, const std::vector<int32_t> & toks, const RequestTimings & t) { on_done(h, w, toks, t); };
     const int64_t n_prompt = int64_t(g.prompt.size());
     uint64_t handle = 0;
@@ -242,6 +259,10 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     act.prompt_tokens = n_prompt;
     act.max_tokens = req.max_tokens;
     act.logprobs = req.logprobs >= 0;
+    if (!scored.empty()) {
+        act.prompt_logprobs.push_back(logprobs_entry(scored[0], nullptr));   // nothing before it to score it by
+        act.prompt = std::move(scored);
+    }
     if (tok_) act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/req.messages.has_value());
 }
 

@@ -112,6 +112,8 @@ private:
         std::optional<int32_t> pending;   // the last token, its frame not sent yet (see on_token)
         bool logprobs = false;                   // the request asked for them: one per token in order
         std::vector<protocol::Logprobs> token_logprobs;
+        std::vector<int32_t> prompt;             // only when the request scores its prompt:
+        std::vector<protocol::Logprobs> prompt_logprobs;   // one per prompt token so far
     };
 
     void handle(const Origin & from, const std::string & body, bool draining);
@@ -121,6 +123,7 @@ private:
     void send_pending(uint64_t handle, Active & a, size_t safe);   // the held token frame, text up to safe
     bool on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp);
     protocol::TokenLogprob token_logprob(int32_t token, float logprob) const;
+    protocol::Logprobs logprobs_entry(int32_t token, const TokenLogprobs * lp) const;   // lp null: logprob unknown
     void on_done(uint64_t handle, FinishReason why, const std::vector<int32_t> & tokens, const RequestTimings & t);
 
     const Model & model_;

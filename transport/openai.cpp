@@ -47,7 +47,6 @@ constexpr OffOnly common_off[] = {
     {"user", any_string, "a string", ""},
 };
 constexpr OffOnly completion_off[] = {
-    {"echo", falsy, "false", "the prompt is not echoed (nor are its log probabilities computed)"},
     {"best_of", one, "1", "one candidate per request"},
     {"suffix", empty_string, "\"\"", "insertion (suffix) is not implemented"},
 };
@@ -224,10 +223,11 @@ ojson openai_logprobs(Endpoint e, const json & entries, int64_t & offset) {
         tokens.push_back(text);
         lps.push_back(logprob_value(x));
         // The sampled token is always among them, as in OpenAI's legacy API (up to logprobs + 1).
+        const ojson lp = logprob_value(x);
         ojson top = ojson::object();
         for (const json & t : x.at("top_logprobs")) top[token_string(t)] = logprob_value(t);
-        if (!top.contains(text)) top[text] = logprob_value(x);
-        tops.push_back(std::move(top));
+        if (!top.contains(text) && !lp.is_null()) top[text] = lp;
+        tops.push_back(top.empty() ? ojson(nullptr) : std::move(top));   // a prompt's first token: nothing scored it
         offsets.push_back(offset);
         offset += code_points(text);
     }
@@ -268,6 +268,7 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
     json frame = {{"id", d.id}};
     bool have_max = false, have_seed = false, have_temperature = false;
     const json * stream_options = nullptr;
+    bool echo = false;
     const json * chat_logprobs = nullptr;   // chat: "logprobs" (true/false) and "top_logprobs" (how many)
     const json * top_logprobs = nullptr;
     for (const auto & item : o.items()) {
@@ -300,6 +301,9 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
             else frame["logprobs"] = v;   // how many most likely tokens; the protocol checks it
         } else if (chat && k == "top_logprobs") {
             top_logprobs = &v;
+        } else if (!chat && k == "echo") {
+            if (!v.is_boolean()) return expected("echo", "true or false", v);
+            echo = v.get<bool>();
         } else {
             bool known = false;
             for (const char * p : pass_through)
@@ -344,6 +348,11 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
         return expected("top_logprobs", "an integer in [0, " + std::to_string(hi) + "]", *top_logprobs);
     if (chat_logprobs && chat_logprobs->get<bool>()) frame["logprobs"] = top_logprobs ? *top_logprobs : json(0);
     else if (top_logprobs) return bad("field 'top_logprobs': only allowed with \"logprobs\": true", "top_logprobs");
+    if (echo) {   // the prompt's text, and its tokens' log-probabilities when logprobs asks for them
+        if (t.stream) return bad("field 'echo': only without \"stream\": true (the prompt comes back with the whole answer)", "echo");
+        const auto lp = frame.find("logprobs");
+        frame["prompt_logprobs"] = lp != frame.end() && lp->is_number_integer() ? *lp : json(0);
+    }
     if (!have_max) frame["max_tokens"] = d.max_tokens;
     if (!have_temperature) frame["temperature"] = 1.0;   // OpenAI's default: sampling
     if (!have_seed) frame["seed"] = d.seed;
@@ -392,8 +401,15 @@ std::string completion_body(Endpoint e, const Reply & r, const nlohmann::json & 
     ojson o = head(e, r, false);
     ojson lp = nullptr;
     int64_t offset = 0;
-    if (auto it = done.find("logprobs"); it != done.end()) lp = openai_logprobs(e, *it, offset);
-    o["choices"] = ojson::array({choice(e, done.value("text", ""), finish_reason(done), false, true, std::move(lp))});
+    std::string text = done.value("text", "");
+    const auto prompt = done.find("prompt_logprobs");
+    if (auto it = done.find("logprobs"); it != done.end()) {
+        json entries = prompt != done.end() ? *prompt : json::array();   // echo: the prompt's tokens first
+        entries.insert(entries.end(), it->begin(), it->end());
+        lp = openai_logprobs(e, entries, offset);
+    }
+    if (prompt != done.end()) text = done.value("prompt_text", "") + text;   // echo
+    o["choices"] = ojson::array({choice(e, text, finish_reason(done), false, true, std::move(lp))});
     o["usage"] = usage(done);
     if (auto t = done.find("timings"); t != done.end()) o["timings"] = *t;   // moesh's: queue, first token, total
     return dump(o);

@@ -152,7 +152,8 @@ bool valid_id(const std::string & s, int64_t max_bytes) {
 bool generate_field(std::string_view k) {
     static constexpr std::string_view fields[] = {
         "prompt", "prompt_ids", "messages", "max_tokens", "temperature",        "top_p",             "top_k",
-        "seed",   "stop",       "stream",   "logprobs",   "repetition_penalty", "frequency_penalty", "presence_penalty"};
+        "seed",   "stop",       "stream",   "logprobs",   "repetition_penalty", "frequency_penalty", "presence_penalty",
+        "prompt_logprobs"};
     for (std::string_view f : fields)
         if (k == f) return true;
     return false;
@@ -199,9 +200,16 @@ public:
         if (r.type != RequestType::Generate) return r;
 
         if (!read_prompt(o, r)) return fail(error_);
-        if (auto it = o.find("max_tokens"); it != o.end() &&
-                                             !get_integer(*it, 1, limits_.max_tokens, r.max_tokens))
-            return fail(expected("max_tokens", "an integer in " + range(1, limits_.max_tokens), *it));
+        if (auto it = o.find("prompt_logprobs"); it != o.end()) {
+            int64_t k = 0;
+            if (!get_integer(*it, 0, limits_.max_logprobs, k))
+                return fail(expected("prompt_logprobs", "an integer in " + range(0, limits_.max_logprobs), *it));
+            r.prompt_logprobs = int32_t(k);
+        }
+        // 0 tokens: only scoring a prompt
+        if (const int64_t lo = r.prompt_logprobs >= 0 ? 0 : 1; o.contains("max_tokens") &&
+                                                                !get_integer(o.at("max_tokens"), lo, limits_.max_tokens, r.max_tokens))
+            return fail(expected("max_tokens", "an integer in " + range(lo, limits_.max_tokens), o.at("max_tokens")));
         if (auto it = o.find("temperature"); it != o.end()) {
             double d = 0;
             if (!get_finite(*it, d) || d < 0 || d > 100)
@@ -396,6 +404,13 @@ public:
                 for (size_t i = 0; i < lp->size(); ++i)
                     if (std::string e = check_logprobs((*lp)[i], "logprobs[" + std::to_string(i) + "]", true); !e.empty())
                         return e;
+            }
+            if (auto lp = o_.find("prompt_logprobs"); lp != o_.end()) {
+                if (!lp->is_array()) return expected("prompt_logprobs", "an array with an entry per prompt token", *lp);
+                for (size_t i = 0; i < lp->size(); ++i)
+                    if (std::string e = check_logprobs((*lp)[i], "prompt_logprobs[" + std::to_string(i) + "]", true); !e.empty())
+                        return e;
+                if (!has_string("prompt_text", true)) return error_;
             }
             if (!has_string("text", true) || !has_string("finish_reason", false)) return error_;
             const auto usage = o_.find("usage");
@@ -605,6 +620,7 @@ std::string request_frame(const Request & r) {
     if (!r.stop.empty()) o["stop"] = r.stop;
     o["stream"] = r.stream;
     if (r.logprobs >= 0) o["logprobs"] = r.logprobs;
+    if (r.prompt_logprobs >= 0) o["prompt_logprobs"] = r.prompt_logprobs;
     if (r.repetition_penalty != 1) o["repetition_penalty"] = float_value(r.repetition_penalty);
     if (r.frequency_penalty != 0) o["frequency_penalty"] = float_value(r.frequency_penalty);
     if (r.presence_penalty != 0) o["presence_penalty"] = float_value(r.presence_penalty);
@@ -653,6 +669,11 @@ std::string done_frame(std::string_view id, const Done & d) {
     if (d.logprobs) {
         ojson & a = o["logprobs"] = ojson::array();
         for (const Logprobs & l : *d.logprobs) a.push_back(logprobs_object(l));
+    }
+    if (d.prompt_logprobs) {
+        ojson & a = o["prompt_logprobs"] = ojson::array();
+        for (const Logprobs & l : *d.prompt_logprobs) a.push_back(logprobs_object(l));
+        o["prompt_text"] = d.prompt_text.value_or("");
     }
     o["text"] = d.text;
     o["finish_reason"] = finish_reason_name(d.finish_reason);

@@ -70,6 +70,7 @@ struct Request {
     std::vector<std::string> stop;   // each non-empty
     bool stream = false;
     int32_t logprobs = -1;   // -1: none; k >= 0: each token's log-probability and the k most likely
+    int32_t prompt_logprobs = -1;   // as logprobs, for the prompt's tokens; then max_tokens may be 0
     float repetition_penalty = 1;   // (0, 10]: prompt and output tokens (Hugging Face's)
     float frequency_penalty = 0;    // [-2, 2]: per count in the output (OpenAI's)
     float presence_penalty = 0;     // [-2, 2]: once in the output (OpenAI's)
@@ -119,6 +120,10 @@ struct Logprobs {
 struct Done {
     std::vector<int32_t> tokens;   // [completion_tokens]: the generated ids
     std::optional<std::vector<Logprobs>> logprobs;   // [completion_tokens], when the request asked
+    // When the request asked prompt_logprobs: [prompt_tokens] (fewer if cancelled while its prompt
+    // was computed), the first with a null logprob; and the prompt as text (special tokens left out).
+    std::optional<std::vector<Logprobs>> prompt_logprobs;
+    std::optional<std::string> prompt_text;
     std::string text;              // their text, stop string excluded
     FinishReason finish_reason = FinishReason::Length;
     int64_t prompt_tokens = 0, completion_tokens = 0;
@@ -128,7 +133,8 @@ struct Done {
 // {"type":"token","id","index","token","text"[,"logprobs":{...}]}
 std::string token_frame(std::string_view id, int64_t index, int32_t token, std::string_view text,
                         const Logprobs * logprobs = nullptr);
-// {"type":"done","id","tokens"[,"logprobs":[...]],"text","finish_reason","usage":{...},"timings":{...}}
+// {"type":"done","id","tokens"[,"logprobs":[...]][,"prompt_logprobs":[...],"prompt_text"],"text","finish_reason",
+//  "usage":{...},"timings":{...}}
 std::string done_frame(std::string_view id, const Done & done);
 // {"type":"error","id" (null when empty),"code","message"[,"retry_after_ms" when >= 0]}
 std::string error_frame(std::string_view id, ErrorCode code, std::string_view message, int64_t retry_after_ms = -1);

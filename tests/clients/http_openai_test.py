@@ -246,6 +246,19 @@ def logprobs_and_penalties(moesh, model, srv):
     check([e["logprob"] for e in d["logprobs"]] == lp.token_logprobs,
           f"`moesh client --logprobs 5`: the done frame carries the same logprobs {out.stderr[-300:]}")
     check(all(e["bytes"] == list(e["text"].encode()) for e in d["logprobs"]), "each entry's bytes are its text's")
+    # lm-eval's loglikelihood request: prompt and continuation echoed with their logprobs, nothing generated;
+    # the continuation scores as it was generated (one prefill against decode steps: f16 KV, other kernel
+    # paths, ~1e-4 apart; against transformers: the ShippedModel tests)
+    ids = moesh_run(moesh, model, p, 1)["prompt_ids"]
+    e = c.completions.create(model="any", prompt=ids + d["tokens"], max_tokens=0, echo=True, logprobs=1, temperature=0)
+    el = e.choices[0].logprobs
+    check(e.usage.completion_tokens == 0 and e.usage.prompt_tokens == len(ids) + len(d["tokens"])
+          and len(el.token_logprobs) == e.usage.prompt_tokens and el.token_logprobs[0] is None and el.top_logprobs[0] is None,
+          f"echo, max_tokens 0: a logprob per prompt token, none for the first ({e.usage})")
+    tail = el.token_logprobs[len(ids):]
+    check(len(tail) == len(lp.token_logprobs) and max(abs(a - b) for a, b in zip(tail, lp.token_logprobs)) < 1e-3,
+          f"the greedy continuation, scored, has the logprobs it was generated with: max difference {max(abs(a - b) for a, b in zip(tail, lp.token_logprobs)):.3g}")
+    check(e.choices[0].text == p + ch.text, f"echo's text is the prompt's and the continuation's: {e.choices[0].text!r}")
     pen = dict(frequency_penalty=0.5, presence_penalty=0.3)
     ref = moesh_run(moesh, model, p, 24, extra=["--frequency-penalty", "0.5", "--presence-penalty", "0.3",
                                                 "--repetition-penalty", "1.2"])

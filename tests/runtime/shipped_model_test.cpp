@@ -162,6 +162,70 @@ TEST(ShippedModel, ServedLogprobsEqualTransformersLogSoftmax) {
     std::printf("[ shipped  ] served logprobs: max |moesh - transformers| %.3g\n", worst);
 }
 
+// Scoring a prompt (max_tokens 0) gives each of its tokens the log-softmax of transformers'
+// logits at the position before: the fixture's whole sequence, in chunks beside another request
+// that generates, twice over (the second time its blocks are cached: it computes them anyway).
+TEST(ShippedModel, PromptLogprobsEqualTransformersLogSoftmax) {
+    const nlohmann::json ref = reference();
+    const Model model = Model::load_folder(k_model.string());
+    auto be = test::open_cpu_backend(2);
+    ASSERT_NE(be, nullptr);
+    const int64_t n_vocab = model.config().n_vocab;
+    SchedulerOptions so;
+    so.max_batch = 16;
+    so.prefill_chunk = 7;
+    so.kv_blocks = 64;
+    Scheduler sched(model, *be, so);
+    const auto & p = ref.at("prompts")[1];
+    std::vector<int32_t> seq = p.at("ids").get<std::vector<int32_t>>();
+    const auto generated = p.at("generated").get<std::vector<int32_t>>();
+    seq.insert(seq.end(), generated.begin(), generated.end() - 1);   // the fixture's logits rows cover these
+    const NpyArray logits = read_npy_f32(k_ref / "prompt1.logits.npy");
+    ASSERT_EQ(logits.shape.at(0), int64_t(seq.size()));
+    double worst = 0;
+    for (int round = 0; round < 2; ++round) {
+        GenRequest other;   // decodes while the prompt is scored
+        other.prompt = ref.at("prompts")[0].at("ids").get<std::vector<int32_t>>();
+        other.max_tokens = 12;
+        uint64_t h_other = 0, h = 0;
+        ASSERT_EQ(sched.submit(std::move(other), &h_other), Admit::Queued);
+        std::vector<std::pair<int64_t, TokenLogprobs>> got;
+        int done = 0;
+        GenRequest r;
+        r.prompt = seq;
+        r.max_tokens = 0;
+        r.prompt_logprobs = 3;
+        r.on_token = [](uint64_t, int32_t, const TokenLogprobs *) {
+            ADD_FAILURE() << "a scoring request generated a token";
+            return true;
+        };
+        r.on_prompt_logprobs = [&got](uint64_t, int64_t pos, const TokenLogprobs & lp) { got.push_back({pos, lp}); };
+        r.on_done = [&done](uint64_t, FinishReason why, const std::vector<int32_t> & toks, const RequestTimings &) {
+            EXPECT_EQ(why, FinishReason::Length);
+            EXPECT_TRUE(toks.empty());
+            ++done;
+        };
+        ASSERT_EQ(sched.submit(std::move(r), &h), Admit::Queued);
+        while (!sched.idle()) sched.step();
+        EXPECT_EQ(done, 1);
+        ASSERT_EQ(got.size(), seq.size() - 1);
+        for (size_t k = 0; k < got.size(); ++k) {
+            const auto & [pos, lp] = got[k];
+            ASSERT_EQ(pos, int64_t(k + 1));
+            const float * row = logits.data.data() + size_t(pos - 1) * size_t(n_vocab);
+            double mx = row[0], z = 0;
+            for (int64_t v = 1; v < n_vocab; ++v) mx = std::max(mx, double(row[v]));
+            for (int64_t v = 0; v < n_vocab; ++v) z += std::exp(double(row[v]) - mx);
+            const double want = double(row[seq[size_t(pos)]]) - mx - std::log(z);
+            worst = std::max(worst, std::fabs(lp.logprob - want));
+            ASSERT_EQ(lp.n_top, 3);
+            EXPECT_NEAR(lp.top_logprobs[0], double(row[lp.top_ids[0]]) - mx - std::log(z), 2e-4);
+        }
+    }
+    EXPECT_LE(worst, 2e-4);
+    std::printf("[ shipped  ] prompt logprobs over %zu tokens: max |moesh - transformers| %.3g\n", seq.size(), worst);
+}
+
 TEST(ShippedModel, PerplexityOnHeldOutTextEqualsTransformers) {
     const nlohmann::json ref = reference();
     const auto & pr = ref.at("perplexity");

@@ -91,7 +91,7 @@ TEST(OpenAi, UnhonouredValuesAreRefusedByName) {
         const char * says;
     };
     for (const Case & c : {Case{R"({"prompt":"x","n":2})", "n", "one choice per request"},
-                           Case{R"({"prompt":"x","echo":true})", "echo", "not echoed"},
+                           Case{R"({"prompt":"x","echo":true,"stream":true})", "echo", "only without"},
                            Case{R"({"prompt":"x","logit_bias":{"5":1}})", "logit_bias", "not implemented"},
                            Case{R"({"prompt":"x","temprature":0})", "temprature", "unknown field"},
                            Case{R"({"prompt":"x","stream_options":{"include_usage":true}})", "stream_options", "only allowed with"}}) {
@@ -123,6 +123,15 @@ TEST(OpenAi, LogprobsAndPenaltiesPassThrough) {
     EXPECT_NE(alone.message.find("only allowed with \"logprobs\": true"), std::string::npos) << alone.message;
     EXPECT_EQ(error_of(Endpoint::Chat, "{" + m + R"(,"logprobs":true,"top_logprobs":21})").param, "top_logprobs");
     EXPECT_EQ(error_of(Endpoint::Chat, "{" + m + R"(,"logprobs":1})").param, "logprobs");
+    // echo: the prompt's text, and its tokens' logprobs with logprobs (lm-eval's loglikelihood request)
+    const json echo = frame_of(Endpoint::Completions, {{"prompt", {1, 2, 3}}, {"echo", true}, {"max_tokens", 0}, {"logprobs", 1}});
+    EXPECT_EQ(echo["prompt_logprobs"], 1);
+    EXPECT_EQ(echo["max_tokens"], 0);
+    EXPECT_EQ(frame_of(Endpoint::Completions, {{"prompt", "x"}, {"echo", true}})["prompt_logprobs"], 0);
+    EXPECT_FALSE(frame_of(Endpoint::Completions, {{"prompt", "x"}, {"echo", false}}).contains("prompt_logprobs"));
+    EXPECT_EQ(error_of(Endpoint::Completions, R"({"prompt":"x","echo":true,"stream":true})").param, "echo");
+    EXPECT_EQ(error_of(Endpoint::Completions, R"({"prompt":"x","echo":1})").param, "echo");
+    EXPECT_EQ(error_of(Endpoint::Chat, "{" + m + R"(,"echo":true})").param, "echo");   // not a chat field
 }
 
 TEST(OpenAi, LogprobsReplyShapes) {
@@ -148,6 +157,22 @@ TEST(OpenAi, LogprobsReplyShapes) {
     EXPECT_EQ(chat["content"][0]["bytes"], json({72, 195}));
     EXPECT_EQ(chat["content"][0]["top_logprobs"][1], json({{"token", "A"}, {"logprob", -1.5}, {"bytes", {65}}}));
     EXPECT_TRUE(chat["content"][1]["bytes"].is_null());
+
+    // echo: the prompt's text first, its tokens' logprobs first; the first token has none
+    const json p0 = {{"token", 1}, {"logprob", nullptr}, {"text", "<s>"}, {"top_logprobs", json::array()}};
+    const json p1 = {{"token", 2}, {"logprob", -3.0}, {"text", "ab"}, {"top_logprobs", json::array()}};
+    json echoed = done;
+    echoed["prompt_logprobs"] = {p0, p1};
+    echoed["prompt_text"] = "ab";
+    const json ec = json::parse(completion_body(Endpoint::Completions, r, echoed))["choices"][0];
+    EXPECT_EQ(ec["text"], "abHi");
+    EXPECT_EQ(ec["logprobs"]["tokens"], json({"<s>", "ab", "H\xef\xbf\xbd", "token_id:9"}));
+    EXPECT_EQ(ec["logprobs"]["token_logprobs"], json({nullptr, -3.0, -0.5, -2.0}));
+    EXPECT_TRUE(ec["logprobs"]["top_logprobs"][0].is_null());
+    EXPECT_EQ(ec["logprobs"]["top_logprobs"][1], json({{"ab", -3.0}}));
+    EXPECT_EQ(ec["logprobs"]["text_offset"], json({0, 3, 5, 7}));
+    echoed.erase("logprobs");   // echo without logprobs: the text only
+    EXPECT_TRUE(json::parse(completion_body(Endpoint::Completions, r, echoed))["choices"][0]["logprobs"].is_null());
 
     int64_t offset = 7;   // streamed: each chunk carries its token, offsets continue
     const json k = json::parse(text_chunk(Endpoint::Completions, r, "x", false, &e0, &offset).substr(6));

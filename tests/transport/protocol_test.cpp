@@ -400,6 +400,12 @@ TEST(ProtocolRequest, ChecksLogprobsAndPenalties) {
     EXPECT_FLOAT_EQ(accept(with("presence_penalty", 1.5)).presence_penalty, 1.5f);
     EXPECT_BAD_REQUEST(with("frequency_penalty", 2.01), "field 'frequency_penalty': expected a number in [-2, 2], got 2.01");
     EXPECT_BAD_REQUEST(with("presence_penalty", "1"), "field 'presence_penalty'");
+    EXPECT_EQ(accept(with("prompt_logprobs", 2)).prompt_logprobs, 2);
+    EXPECT_BAD_REQUEST(with("prompt_logprobs", 21), "field 'prompt_logprobs': expected an integer in [0, 20], got 21");
+    // max_tokens 0 only scores a prompt
+    EXPECT_EQ(accept(R"({"id":"r1","prompt":"a","max_tokens":0,"prompt_logprobs":0})").max_tokens, 0);
+    EXPECT_EQ(accept(R"({"id":"r1","max_tokens":0,"prompt_logprobs":1,"prompt":"a"})").max_tokens, 0);   // any order
+    EXPECT_BAD_REQUEST(with("max_tokens", 0), "field 'max_tokens': expected an integer in [1, 4096], got 0");
     Limits l;
     l.max_logprobs = 3;
     auto parsed = parse_request(with("logprobs", 4).dump(), l);
@@ -436,6 +442,7 @@ TEST(ProtocolRequest, RequestFrameReadsBackAsTheSameRequest) {
     g.stop = {"\n", "</s>"};
     g.stream = true;
     g.logprobs = 4;
+    g.prompt_logprobs = 0;
     g.repetition_penalty = 1.1f;
     g.frequency_penalty = -0.3f;
     g.presence_penalty = 0.7f;
@@ -451,6 +458,7 @@ TEST(ProtocolRequest, RequestFrameReadsBackAsTheSameRequest) {
     EXPECT_EQ(r.stop, g.stop);
     EXPECT_TRUE(r.stream);
     EXPECT_EQ(r.logprobs, 4);
+    EXPECT_EQ(r.prompt_logprobs, 0);
     EXPECT_EQ(r.repetition_penalty, g.repetition_penalty);
     EXPECT_EQ(r.frequency_penalty, g.frequency_penalty);
     EXPECT_EQ(r.presence_penalty, g.presence_penalty);
@@ -554,6 +562,12 @@ TEST(ProtocolFrames, LogprobsReadBackInTokenAndDoneFrames) {
     d.tokens = {7, 7};
     d.logprobs = std::vector<Logprobs>{l, l};
     EXPECT_EQ(read_back(done_frame("r1", d)).body["logprobs"].size(), 2u);
+    d.prompt_logprobs = std::vector<Logprobs>{Logprobs{{1, NAN, std::string("<s>")}, {}}, l};
+    d.prompt_text = "def";
+    const Response pr = read_back(done_frame("r1", d));
+    EXPECT_TRUE(pr.body["prompt_logprobs"][0]["logprob"].is_null());   // nothing before the first token
+    EXPECT_EQ(pr.body["prompt_logprobs"][1]["token"], 7);
+    EXPECT_EQ(pr.body["prompt_text"], "def");
     d.logprobs->pop_back();   // one entry for two tokens
     EXPECT_TRUE(std::holds_alternative<ParseError>(parse_response(done_frame("r1", d))));
 }
@@ -643,6 +657,7 @@ TEST(ProtocolResponse, RefusesMalformedFrames) {
         {R"({"type":"token","id":"r1","index":0,"token":1,"text":"","logprobs":{"token":1,"logprob":0}})", "field 'logprobs.top_logprobs'"},
         {R"({"type":"token","id":"r1","index":0,"token":1,"text":"","logprobs":{"token":1,"logprob":0,"top_logprobs":[{"token":-2,"logprob":0}]}})", "field 'logprobs.top_logprobs[0].token'"},
         {R"({"type":"token","id":"r1","index":0,"token":1,"text":"","logprobs":{"token":1,"logprob":0,"bytes":[256],"top_logprobs":[]}})", "field 'logprobs.bytes'"},
+        {R"({"type":"done","id":"r1","tokens":[],"prompt_logprobs":[],"text":"","finish_reason":"eos","usage":{"prompt_tokens":1,"completion_tokens":0},"timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'prompt_text': missing"},
         {R"({"type":"done","id":"r1","tokens":[1],"logprobs":[{"token":1}],"text":"","finish_reason":"eos","usage":{"prompt_tokens":1,"completion_tokens":1},"timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'logprobs[0].logprob'"},
         {R"({"type":"done","id":"r1","tokens":[1,"2"],"text":"","finish_reason":"eos","usage":{"prompt_tokens":1,"completion_tokens":2},"timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'tokens[1]'"},
         {R"({"type":"done","id":"r1","tokens":[],"text":"","finish_reason":"eos","timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'usage': missing"},

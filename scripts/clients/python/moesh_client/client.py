@@ -73,14 +73,15 @@ class Client:
 
     def generate(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
                  seed=0, stop=None, id=None, timeout=60, logprobs=None, repetition_penalty=1.0,
-                 frequency_penalty=0.0, presence_penalty=0.0):
+                 frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None):
         """The done frame as a dict; MoeshError on an error frame, TimeoutError when no
         answer came within timeout seconds (the request is then cancelled). logprobs=k
         (0..20) adds each token's log-probability and the k most likely tokens
-        (docs/PROTOCOL.md); the penalties are Hugging Face's repetition penalty and
-        OpenAI's frequency and presence penalties."""
+        (docs/PROTOCOL.md), prompt_logprobs=k the same for the prompt's tokens (then
+        max_tokens may be 0: score the prompt only); the penalties are Hugging Face's
+        repetition penalty and OpenAI's frequency and presence penalties."""
         req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, False,
-                            logprobs, repetition_penalty, frequency_penalty, presence_penalty)
+                            logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs)
         deadline = time.monotonic() + timeout
         self._submit(req)
         try:
@@ -94,12 +95,12 @@ class Client:
 
     def stream(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
                seed=0, stop=None, id=None, timeout=60, logprobs=None, repetition_penalty=1.0,
-               frequency_penalty=0.0, presence_penalty=0.0):
+               frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None):
         """A generator of the token frames, then the done frame (dicts). Arguments are
         checked now; the request is sent on the first next(), and timeout bounds it
         from there to its done frame. Options as for generate()."""
         req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, True,
-                            logprobs, repetition_penalty, frequency_penalty, presence_penalty)
+                            logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs)
         return self._stream(req, timeout)
 
     def cancel(self, id):
@@ -126,7 +127,7 @@ class Client:
     # -- internals --
 
     def _request(self, prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, rid, stream,
-                 logprobs, repetition_penalty, frequency_penalty, presence_penalty):
+                 logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs):
         given = [(k, v) for k, v in (("prompt", prompt), ("prompt_ids", prompt_ids), ("messages", messages)) if v is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of prompt, prompt_ids and messages")
@@ -143,6 +144,8 @@ class Client:
             req["stop"] = stop
         if logprobs is not None:
             req["logprobs"] = int(logprobs)
+        if prompt_logprobs is not None:
+            req["prompt_logprobs"] = int(prompt_logprobs)
         for k, v, off in (("repetition_penalty", repetition_penalty, 1.0), ("frequency_penalty", frequency_penalty, 0.0),
                           ("presence_penalty", presence_penalty, 0.0)):
             if float(v) != off:
