@@ -45,7 +45,7 @@ bool Sampler::penalized() const {
 
 // The row with the penalties applied to the ids seen so far (a copy; the caller's row is left).
 const float * Sampler::penalize(const float * logits, int64_t n_vocab) {
-    if (int64_t(count_.size()) != n_vocab) return logits;   // sized for another vocabulary: nothing counted
+    if (!penalized() || int64_t(count_.size()) != n_vocab) return logits;   // off, or sized for another vocabulary
     work_.assign(logits, logits + n_vocab);
     for (int32_t t : seen_) {
         float & l = work_[size_t(t)];
@@ -59,8 +59,12 @@ const float * Sampler::penalize(const float * logits, int64_t n_vocab) {
 int32_t Sampler::sample(const float * logits, int64_t n_vocab) {
     if (!penalized()) return draw(logits, n_vocab);
     const int32_t t = draw(penalize(logits, n_vocab), n_vocab);
-    if (t >= 0 && t < int64_t(count_.size()) && count_[size_t(t)]++ == 0 && !in_prompt_[size_t(t)]) seen_.push_back(t);
+    accept(t);
     return t;
+}
+
+void Sampler::accept(int32_t t) {
+    if (t >= 0 && t < int64_t(count_.size()) && count_[size_t(t)]++ == 0 && !in_prompt_[size_t(t)]) seen_.push_back(t);
 }
 
 void token_logprobs(const float * logits, int64_t n_vocab, int32_t token, int32_t n_top, TokenLogprobs * out) {

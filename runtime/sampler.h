@@ -47,10 +47,14 @@ public:
     explicit Sampler(const SamplerParams & params, int64_t n_vocab = 0, const std::vector<int32_t> & prompt = {});
     // The next token from logits [n_vocab], which stay as they are; it counts as output.
     int32_t sample(const float * logits, int64_t n_vocab);
+    // Counts token as output without sampling it (replaying a history).
+    void accept(int32_t token);
+    // logits [n_vocab] with the penalties applied, in a buffer of the Sampler's (valid until the
+    // next call); logits themselves when no penalty is set.
+    const float * penalize(const float * logits, int64_t n_vocab);
 
 private:
     bool penalized() const;
-    const float * penalize(const float * logits, int64_t n_vocab);
     int32_t draw(const float * logits, int64_t n_vocab);
 
     SamplerParams params_;

@@ -16,7 +16,10 @@ scripts/make_shipped_model_references.py (not generate(): see there).
         [--out tests/fixtures/shipped/moesh-tiny-py/penalties.json]
 
 Writes one JSON file: versions, and per case and prompt the 24 greedy tokens and the smallest
-gap between the two largest penalized logits met on the way (a tie would make the case fragile).
+gap between the two largest penalized logits met on the way (a tie would make the case fragile);
+and "rows": per case, a seeded random row of 64 logits, a prompt and an output history (with
+repeats, and ids the row's tokens on both sides of 0), and the whole row after the penalties, so
+that each penalty's arithmetic is checked value by value, not only where it moves an argmax.
 """
 
 from __future__ import annotations
@@ -41,9 +44,10 @@ CASES = [
 class LlamaPenalties:
     """llama.cpp's penalties sampler over a row of logits (its window holds every accepted token)."""
 
-    def __init__(self, llama_cpp, frequency: float, presence: float):
+    def __init__(self, llama_cpp, n_vocab: int, frequency: float, presence: float):
         self.ll = llama_cpp
-        self.smpl = llama_cpp.llama_sampler_init_penalties(-1, 1.0, frequency, presence)
+        # (n_vocab, last_n, repeat, frequency, presence): a window of 64 holds all 24 output tokens
+        self.smpl = llama_cpp.llama_sampler_init_penalties(n_vocab, 64, 1.0, frequency, presence)
 
     def accept(self, token: int):
         self.ll.llama_sampler_accept(self.smpl, token)
@@ -95,7 +99,8 @@ def main() -> int:
                 rep = RepetitionPenaltyLogitsProcessor(case["repetition_penalty"]) if case["repetition_penalty"] != 1.0 else None
                 pen = None
                 if case["frequency_penalty"] or case["presence_penalty"]:
-                    pen = LlamaPenalties(llama_cpp, case["frequency_penalty"], case["presence_penalty"])
+                    pen = LlamaPenalties(llama_cpp, model.config.vocab_size, case["frequency_penalty"],
+                                         case["presence_penalty"])
                 seq, min_gap = list(ids), math.inf
                 for _ in range(N_GENERATE):
                     row = model(input_ids=torch.tensor([seq])).logits[0, -1:].float()
@@ -117,6 +122,25 @@ def main() -> int:
                 assert min_gap > 1e-3, "a near tie: choose other penalties"
             cases.append(dict(**case, prompts=runs))
 
+    rng = np.random.default_rng(7)
+    rows = []
+    for case in CASES:
+        logits = (rng.standard_normal(64) * 3).astype(np.float32)
+        prompt = [int(t) for t in rng.integers(0, 64, 10)]
+        output = [int(t) for t in rng.integers(0, 64, 20)] + [5, 5, 5, 9]   # repeats for the counts
+        row = torch.tensor(logits)[None, :]
+        if case["repetition_penalty"] != 1.0:
+            row = RepetitionPenaltyLogitsProcessor(case["repetition_penalty"])(torch.tensor([prompt + output]), row)
+        row = row[0].numpy().astype(np.float32)
+        if case["frequency_penalty"] or case["presence_penalty"]:
+            pen = LlamaPenalties(llama_cpp, 64, case["frequency_penalty"], case["presence_penalty"])
+            for t in output:
+                pen.accept(t)
+            row = np.array(pen.apply(row.tolist()), dtype=np.float32)
+            pen.close()
+        rows.append(dict(**case, logits=[float(v) for v in logits], prompt=prompt, output=output,
+                         penalized=[float(v) for v in row]))
+
     out = dict(
         model=args.model,
         generator="scripts/make_penalty_references.py",
@@ -124,6 +148,7 @@ def main() -> int:
                       llama_cpp_python=llama_cpp.__version__, numpy=np.__version__),
         n_generate=N_GENERATE,
         cases=cases,
+        rows=rows,
     )
     pathlib.Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -2,7 +2,10 @@
 
 #include <gtest/gtest.h>
 
+#include <nlohmann/json.hpp>
+
 #include <cmath>
+#include <fstream>
 #include <map>
 
 namespace moesh {
@@ -90,6 +93,32 @@ TEST(Sampler, RepetitionPenaltyDividesPositiveAndMultipliesNegativeLogits) {
     const float m[3] = {-1.0f, -0.9f, -0.6f};
     Sampler t(p, 3, {2});
     EXPECT_EQ(t.sample(m, 3), 1);  // -0.6 * 2 = -1.2 < -0.9
+}
+
+// Whole rows against transformers' RepetitionPenaltyLogitsProcessor and llama.cpp's penalties
+// sampler (scripts/make_penalty_references.py): every value, not only where the argmax moves.
+TEST(Sampler, PenalisedRowsEqualTransformersAndLlamaCpp) {
+    std::ifstream in(std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/shipped/moesh-tiny-py/penalties.json");
+    ASSERT_TRUE(in.good());
+    const auto rows = nlohmann::json::parse(in).at("rows");
+    ASSERT_EQ(rows.size(), 3u);
+    for (const auto & r : rows) {
+        SamplerParams p;
+        p.repetition_penalty = r.at("repetition_penalty").get<float>();
+        p.frequency_penalty = r.at("frequency_penalty").get<float>();
+        p.presence_penalty = r.at("presence_penalty").get<float>();
+        const auto logits = r.at("logits").get<std::vector<float>>();
+        const auto want = r.at("penalized").get<std::vector<float>>();
+        Sampler s(p, int64_t(logits.size()), r.at("prompt").get<std::vector<int32_t>>());
+        for (int32_t t : r.at("output").get<std::vector<int32_t>>()) s.accept(t);
+        const float * got = s.penalize(logits.data(), int64_t(logits.size()));
+        int changed = 0;
+        for (size_t i = 0; i < want.size(); ++i) {
+            EXPECT_NEAR(got[i], want[i], 1e-5f * std::max(1.0f, std::fabs(want[i]))) << r.dump().substr(0, 80) << ", token " << i;
+            changed += got[i] != logits[i];
+        }
+        EXPECT_GT(changed, 10);   // the case moves many values
+    }
 }
 
 TEST(Sampler, TokenLogprobsAreTheLogSoftmaxAndItsLargestEntries) {

@@ -226,6 +226,52 @@ TEST(ShippedModel, PromptLogprobsEqualTransformersLogSoftmax) {
     std::printf("[ shipped  ] prompt logprobs over %zu tokens: max |moesh - transformers| %.3g\n", seq.size(), worst);
 }
 
+// Greedy tokens under penalties equal those of transformers' logits with its repetition-penalty
+// processor and llama.cpp's frequency/presence sampler (penalties.json, written by
+// scripts/make_penalty_references.py), through generate() and through the scheduler, every
+// case and prompt in one batch.
+TEST(ShippedModel, PenalisedGreedyTokensEqualTransformersAndLlamaCpp) {
+    std::ifstream in(k_ref / "penalties.json");
+    ASSERT_TRUE(in.good()) << k_ref / "penalties.json";
+    const nlohmann::json ref = nlohmann::json::parse(in);
+    const Model model = Model::load_folder(k_model.string());
+    auto be = test::open_cpu_backend(2);
+    ASSERT_NE(be, nullptr);
+    SchedulerOptions so;
+    so.max_batch = 64;
+    so.kv_blocks = 128;
+    Scheduler sched(model, *be, so);
+    std::map<uint64_t, std::pair<std::vector<int32_t>, std::string>> want, got;
+    for (const auto & c : ref.at("cases")) {
+        SamplerParams sp;
+        sp.repetition_penalty = c.at("repetition_penalty").get<float>();
+        sp.frequency_penalty = c.at("frequency_penalty").get<float>();
+        sp.presence_penalty = c.at("presence_penalty").get<float>();
+        const std::string name = c.dump().substr(0, 90);
+        for (const auto & p : c.at("prompts")) {
+            const auto ids = p.at("ids").get<std::vector<int32_t>>();
+            const auto expected = p.at("generated").get<std::vector<int32_t>>();
+            GenerateOptions o;
+            o.prompt = ids;
+            o.n_generate = int64_t(expected.size());
+            o.sampling = sp;
+            EXPECT_EQ(generate(model, *be, o).tokens, expected) << "generate(), " << name;
+            GenRequest r;
+            r.prompt = ids;
+            r.max_tokens = int64_t(expected.size());
+            r.sampling = sp;
+            r.on_done = [&got](uint64_t h, FinishReason, const std::vector<int32_t> & toks, const RequestTimings &) {
+                got[h].first = toks;
+            };
+            uint64_t h = 0;
+            ASSERT_EQ(sched.submit(std::move(r), &h), Admit::Queued);
+            want[h] = {expected, name};
+        }
+    }
+    while (!sched.idle()) sched.step();
+    for (const auto & [h, w] : want) EXPECT_EQ(got[h].first, w.first) << "scheduler, " << w.second;
+}
+
 TEST(ShippedModel, PerplexityOnHeldOutTextEqualsTransformers) {
     const nlohmann::json ref = reference();
     const auto & pr = ref.at("perplexity");
