@@ -13,6 +13,9 @@ std::string validate(const SamplerParams & p) {
     if (!(p.repetition_penalty > 0.0f && p.repetition_penalty <= 10.0f)) return "repetition penalty must be in (0, 10] (1 = off)";
     if (!(p.frequency_penalty >= -2.0f && p.frequency_penalty <= 2.0f)) return "frequency penalty must be in [-2, 2] (0 = off)";
     if (!(p.presence_penalty >= -2.0f && p.presence_penalty <= 2.0f)) return "presence penalty must be in [-2, 2] (0 = off)";
+    for (const auto & [t, b] : p.logit_bias)
+        if (t < 0 || !(b >= -100.0f && b <= 100.0f))
+            return "logit bias of token " + std::to_string(t) + ": the id must be >= 0 and the bias in [-100, 100]";
     return {};
 }
 
@@ -40,13 +43,16 @@ Sampler::Sampler(const SamplerParams & params, int64_t n_vocab, const std::vecto
 }
 
 bool Sampler::penalized() const {
-    return params_.repetition_penalty != 1.0f || params_.frequency_penalty != 0.0f || params_.presence_penalty != 0.0f;
+    return params_.repetition_penalty != 1.0f || params_.frequency_penalty != 0.0f || params_.presence_penalty != 0.0f ||
+           !params_.logit_bias.empty();
 }
 
 // The row with the penalties applied to the ids seen so far (a copy; the caller's row is left).
 const float * Sampler::penalize(const float * logits, int64_t n_vocab) {
     if (!penalized() || int64_t(count_.size()) != n_vocab) return logits;   // off, or sized for another vocabulary
     work_.assign(logits, logits + n_vocab);
+    for (const auto & [t, b] : params_.logit_bias)
+        if (t >= 0 && t < n_vocab) work_[size_t(t)] += b;
     for (int32_t t : seen_) {
         float & l = work_[size_t(t)];
         const int32_t n = count_[size_t(t)];

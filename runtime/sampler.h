@@ -3,7 +3,8 @@
 //   Sampler s(SamplerParams{.temperature = 0.8f, .top_k = 40, .top_p = 0.95f, .seed = 1});
 //   int32_t tok = s.sample(logits, n_vocab);
 //
-// Penalties on tokens seen before come first, in vLLM's order: repetition
+// The logit bias comes first (added to the listed tokens' logits, as OpenAI's logit_bias), then
+// penalties on tokens seen before, in vLLM's order: repetition
 // (Hugging Face's: every token of the prompt and of the output so far, a
 // positive logit divided by it, a negative one multiplied), then frequency and
 // presence (OpenAI's: minus frequency times the token's count in the output,
@@ -22,6 +23,7 @@
 
 #include <cstdint>
 #include <random>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -35,6 +37,7 @@ struct SamplerParams {
     float repetition_penalty = 1.0f;   // (0, 10]; 1 = off
     float frequency_penalty = 0.0f;    // [-2, 2]; 0 = off
     float presence_penalty = 0.0f;     // [-2, 2]; 0 = off
+    std::vector<std::pair<int32_t, float>> logit_bias = {};   // (token id >= 0, bias in [-100, 100]); ids past the vocabulary are ignored
 };
 
 // Empty when valid, else a message naming the bad parameter.
@@ -49,8 +52,8 @@ public:
     int32_t sample(const float * logits, int64_t n_vocab);
     // Counts token as output without sampling it (replaying a history).
     void accept(int32_t token);
-    // logits [n_vocab] with the penalties applied, in a buffer of the Sampler's (valid until the
-    // next call); logits themselves when no penalty is set.
+    // logits [n_vocab] with the bias and penalties applied, in a buffer of the Sampler's (valid
+    // until the next call); logits themselves when neither is set.
     const float * penalize(const float * logits, int64_t n_vocab);
 
 private:

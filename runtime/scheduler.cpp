@@ -63,6 +63,10 @@ Admit Scheduler::submit(GenRequest r, uint64_t * handle, std::string * why) {
         return refuse(Admit::Invalid, r.prompt_logprobs >= 0 ? "max_tokens must be at least 0"
                                                              : "max_tokens must be at least 1 (0 only with prompt logprobs)");
     if (std::string e = validate(r.sampling); !e.empty()) return refuse(Admit::Invalid, e);
+    for (const auto & [t, b] : r.sampling.logit_bias)
+        if (t >= c.n_vocab)
+            return refuse(Admit::Invalid, "logit bias token " + std::to_string(t) + " is outside the vocabulary [0, " +
+                                              std::to_string(c.n_vocab) + ")");
     for (int32_t k : {r.logprobs, r.prompt_logprobs})
         if (k < -1 || k > k_max_top_logprobs)
             return refuse(Admit::Invalid, std::string(k == r.logprobs ? "logprobs" : "prompt logprobs") + " must be in [0, " +

@@ -106,7 +106,9 @@ void Server::send_pending(uint64_t handle, Active & a, size_t safe) {
     if (!a.pending) return;
     const std::string piece = safe > a.sent ? a.text.substr(a.sent, safe - a.sent) : std::string();
     a.sent = std::max(a.sent, safe);
-    const protocol::Logprobs * lp = a.logprobs && !a.token_logprobs.empty() ? &a.token_logprobs.back() : nullptr;
+    // entries are kept for every sampled token in order, and frames go out in the same order
+    const protocol::Logprobs * lp =
+        a.logprobs && a.index < int64_t(a.token_logprobs.size()) ? &a.token_logprobs[size_t(a.index)] : nullptr;
     if (a.stream && !a.gone && !send(a.origin, token_frame(a.id, a.index, *a.pending, piece, lp))) {
         a.gone = true;
         to_cancel_.push_back(handle);
@@ -139,14 +141,14 @@ bool Server::on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp) 
     if (a.any_token) itl_.observe(std::chrono::duration<double>(now - a.last_token).count());
     a.last_token = now;
     a.any_token = true;
+    if (a.logprobs && lp) a.token_logprobs.push_back(logprobs_entry(token, lp));   // the end of sequence's too
     if (std::find(eos_.begin(), eos_.end(), token) != eos_.end() ||
-        std::find(chat_stop_.begin(), chat_stop_.end(), token) != chat_stop_.end())
+        (a.chat && std::find(chat_stop_.begin(), chat_stop_.end(), token) != chat_stop_.end()))
         return true;   // the scheduler ends the request (Eos); its text is not part of the completion
     const size_t hold = a.stop.empty() ? 0 : max_stop_bytes_ - 1;
     send_pending(handle, a, a.text.size() > hold ? a.text.size() - hold : 0);
     if (a.decoder && token >= 0 && token < tok_->n_vocab()) a.text += std::string(a.decoder->push(token));
     a.pending = token;
-    if (a.logprobs && lp) a.token_logprobs.push_back(logprobs_entry(token, lp));
     if (a.stop.empty() && a.index + 1 < a.max_tokens) send_pending(handle, a, a.text.size());   // no reason to wait
     for (const std::string & s : a.stop)   // only the tail can hold a new match
         if (a.text.find(s, a.text.size() > s.size() + 64 ? a.text.size() - s.size() - 64 : 0) != std::string::npos) return false;
@@ -168,11 +170,9 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     protocol::Done d;
     d.tokens = tokens;
     if (why == FinishReason::Eos && !d.tokens.empty()) d.tokens.pop_back();   // the end-of-sequence token itself
-    if (a.logprobs) d.logprobs = std::move(a.token_logprobs);   // on_token kept none for the EOS token
-    if (!a.prompt.empty()) {
-        d.prompt_logprobs = std::move(a.prompt_logprobs);
-        d.prompt_text = tok_ ? tok_->decode(a.prompt, /*skip_special=*/true) : std::string();
-    }
+    if (a.logprobs) d.logprobs = std::move(a.token_logprobs);   // with the EOS token's entry last, when it ended it
+    if (a.scoring) d.prompt_logprobs = std::move(a.prompt_logprobs);
+    if (a.echo) d.prompt_text = std::move(a.prompt_text);
     d.text = a.text;
     d.finish_reason = why == FinishReason::Length ? protocol::FinishReason::Length
                       : why == FinishReason::Eos  ? protocol::FinishReason::Eos
@@ -223,14 +223,27 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     }
     g.stop_ids.insert(g.stop_ids.end(), eos_.begin(), eos_.end());
     g.max_tokens = req.max_tokens;
-    g.sampling = SamplerParams{req.temperature, req.top_k,           req.top_p,          req.seed,
-                               req.repetition_penalty, req.frequency_penalty, req.presence_penalty};
+    g.sampling = SamplerParams{req.temperature,        req.top_k,             req.top_p,
+                               req.seed,               req.repetition_penalty, req.frequency_penalty,
+                               req.presence_penalty,   std::move(req.logit_bias)};
     g.logprobs = req.logprobs;
     g.on_token = [this](uint64_t h, int32_t t, const TokenLogprobs * lp) { return on_token(h, t, lp); };
     g.prompt_logprobs = req.prompt_logprobs;
-    std::vector<int32_t> scored;
+    std::vector<int32_t> prompt;   // kept to score it or echo it
+    if (req.prompt_logprobs >= 0 || req.echo) prompt = g.prompt;
+    std::string prompt_text;
+    if (req.echo && tok_) prompt_text = tok_->decode(prompt, /*skip_special=*/true);
+    if (req.max_tokens == 0 && req.prompt_logprobs < 0) {   // echo alone: nothing to compute
+        protocol::Done d;
+        d.prompt_text = std::move(prompt_text);
+        d.prompt_tokens = int64_t(prompt.size());
+        d.ttft_ms = d.decode_tokens_per_second = std::nan("");
+        ++stats_.requests;
+        ++stats_.completed;
+        send(from, done_frame(req.id, d));
+        return;
+    }
     if (req.prompt_logprobs >= 0) {
-        scored = g.prompt;
         g.on_prompt_logprobs = [this](uint64_t h, int64_t pos, const TokenLogprobs & lp) {
             auto it = active_.find(h);
             if (it == active_.end() || pos >= int64_t(it->second.prompt.size())) return;
@@ -259,11 +272,19 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     act.prompt_tokens = n_prompt;
     act.max_tokens = req.max_tokens;
     act.logprobs = req.logprobs >= 0;
-    if (!scored.empty()) {
-        act.prompt_logprobs.push_back(logprobs_entry(scored[0], nullptr));   // nothing before it to score it by
-        act.prompt = std::move(scored);
+    act.chat = req.messages.has_value();
+    act.scoring = req.prompt_logprobs >= 0;
+    act.echo = req.echo;
+    act.prompt_text = std::move(prompt_text);
+    if (act.scoring) act.prompt_logprobs.push_back(logprobs_entry(prompt[0], nullptr));   // nothing before it scores it
+    if (tok_) {
+        act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/act.chat);
+        // echo: the completion's text continues the prompt's (a tokenizer that strips the text's
+        // first space must not strip the completion's)
+        if (act.echo)
+            for (int32_t t : prompt) (void)act.decoder->push(t);
     }
-    if (tok_) act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/req.messages.has_value());
+    act.prompt = std::move(prompt);
 }
 
 void Server::handle(const Origin & from, const std::string & body, bool draining) {

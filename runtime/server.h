@@ -112,8 +112,11 @@ private:
         std::optional<int32_t> pending;   // the last token, its frame not sent yet (see on_token)
         bool logprobs = false;                   // the request asked for them: one per token in order
         std::vector<protocol::Logprobs> token_logprobs;
-        std::vector<int32_t> prompt;             // only when the request scores its prompt:
-        std::vector<protocol::Logprobs> prompt_logprobs;   // one per prompt token so far
+        bool chat = false;                       // messages: the chat template's end-of-turn tokens end it
+        bool scoring = false, echo = false;      // prompt_logprobs, echo
+        std::vector<int32_t> prompt;             // when scoring or echoing
+        std::vector<protocol::Logprobs> prompt_logprobs;   // scoring: one per prompt token so far
+        std::string prompt_text;                 // echo
     };
 
     void handle(const Origin & from, const std::string & body, bool draining);

@@ -2,11 +2,12 @@
 """Greedy tokens of the shipped model (models/moesh-tiny-py) under sampling penalties, from
 implementations not written here, for tests/runtime/shipped_model_test.cpp:
 
+  logit bias   transformers' SequenceBiasLogitsProcessor with one-token sequences
   repetition   transformers' RepetitionPenaltyLogitsProcessor (prompt and output tokens)
   frequency,   llama.cpp's penalties sampler (llama_sampler_init_penalties, through
   presence     llama-cpp-python's C API) fed the output tokens only, as OpenAI defines them
 
-and both together in vLLM's order (repetition, then frequency and presence). Logits come from
+and together in vLLM's order (bias, repetition, then frequency and presence). Logits come from
 transformers' forward over the whole sequence at each step (float32, 1 thread), as in
 scripts/make_shipped_model_references.py (not generate(): see there).
 
@@ -38,7 +39,9 @@ CASES = [
     dict(repetition_penalty=1.3, frequency_penalty=0.0, presence_penalty=0.0),
     dict(repetition_penalty=1.0, frequency_penalty=0.5, presence_penalty=0.3),
     dict(repetition_penalty=1.2, frequency_penalty=0.4, presence_penalty=-0.2),
+    dict(repetition_penalty=1.1, frequency_penalty=0.3, presence_penalty=0.0, logit_bias=[[277, -100.0], [339, 4.0], [12, -2.5]]),
 ]
+ROW_BIAS = [[5, -3.0], [9, 2.0], [40, 1.5]]   # ids within the 64-logit rows
 
 
 class LlamaPenalties:
@@ -82,7 +85,12 @@ def main() -> int:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
-    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
+
+    def biased(case, ids, row, bias):
+        if not bias:
+            return row
+        return SequenceBiasLogitsProcessor(sequence_bias=[[[t], b] for t, b in bias])(torch.tensor([ids]), row)
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -104,6 +112,7 @@ def main() -> int:
                 seq, min_gap = list(ids), math.inf
                 for _ in range(N_GENERATE):
                     row = model(input_ids=torch.tensor([seq])).logits[0, -1:].float()
+                    row = biased(case, seq, row, case.get("logit_bias"))
                     if rep is not None:
                         row = rep(torch.tensor([seq]), row)
                     row = row[0].numpy().astype(np.float32)
@@ -120,7 +129,7 @@ def main() -> int:
                 runs.append(dict(ids=ids, generated=seq[len(ids):], min_top2_gap=min_gap))
                 print(f"{case}: {runs[-1]['generated']} (smallest top-2 gap {min_gap:.3g})")
                 assert min_gap > 1e-3, "a near tie: choose other penalties"
-            cases.append(dict(**case, prompts=runs))
+            cases.append(dict(**{"logit_bias": [], **case}, prompts=runs))
 
     rng = np.random.default_rng(7)
     rows = []
@@ -128,7 +137,8 @@ def main() -> int:
         logits = (rng.standard_normal(64) * 3).astype(np.float32)
         prompt = [int(t) for t in rng.integers(0, 64, 10)]
         output = [int(t) for t in rng.integers(0, 64, 20)] + [5, 5, 5, 9]   # repeats for the counts
-        row = torch.tensor(logits)[None, :]
+        bias = ROW_BIAS if "logit_bias" in case else []
+        row = biased(case, prompt + output, torch.tensor(logits)[None, :], bias)
         if case["repetition_penalty"] != 1.0:
             row = RepetitionPenaltyLogitsProcessor(case["repetition_penalty"])(torch.tensor([prompt + output]), row)
         row = row[0].numpy().astype(np.float32)
@@ -138,7 +148,7 @@ def main() -> int:
                 pen.accept(t)
             row = np.array(pen.apply(row.tolist()), dtype=np.float32)
             pen.close()
-        rows.append(dict(**case, logits=[float(v) for v in logits], prompt=prompt, output=output,
+        rows.append(dict(**{**case, "logit_bias": bias}, logits=[float(v) for v in logits], prompt=prompt, output=output,
                          penalized=[float(v) for v in row]))
 
     out = dict(

@@ -29,10 +29,8 @@ struct OffOnly {
     const char * why;     // what moesh does instead
 };
 
-bool zero(const json & v) { return v.is_number() && v.get<double>() == 0; }
 bool one(const json & v) { return v.is_number_integer() && v.get<int64_t>() == 1; }
 bool falsy(const json & v) { return v.is_boolean() && !v.get<bool>(); }
-bool empty_object(const json & v) { return v.is_object() && v.empty(); }
 bool empty_array(const json & v) { return v.is_array() && v.empty(); }
 bool empty_string(const json & v) { return v.is_string() && v.get_ref<const std::string &>().empty(); }
 bool text_format(const json & v) { return v.is_object() && v.size() == 1 && v.value("type", json()) == "text"; }
@@ -43,7 +41,6 @@ bool any_object(const json & v) { return v.is_object(); }
 
 constexpr OffOnly common_off[] = {
     {"n", one, "1", "one choice per request; send n requests (they are batched together)"},
-    {"logit_bias", empty_object, "{}", "logit bias is not implemented"},
     {"user", any_string, "a string", ""},
 };
 constexpr OffOnly completion_off[] = {
@@ -61,7 +58,7 @@ constexpr OffOnly chat_off[] = {
 
 // Passed through to the protocol, which checks them (and names them in its messages).
 constexpr const char * pass_through[] = {"temperature",       "top_p",            "top_k",             "seed", "stop",
-                                         "frequency_penalty", "presence_penalty", "repetition_penalty"};
+                                         "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias"};
 
 // A field name from the input, for a message: printable ASCII, others as '?', at most 40 bytes.
 std::string printable(std::string_view s) {
@@ -180,8 +177,38 @@ ojson head(Endpoint e, const Reply & r, bool chunk) {
     return {{"id", r.id}, {"object", object}, {"created", r.created}, {"model", r.model}};
 }
 
-// A protocol logprobs entry's token as text: its text, or "token_id:N" (a server without a tokenizer).
+bool valid_utf8(const std::vector<uint8_t> & b) {
+    for (size_t i = 0; i < b.size();) {
+        const uint8_t c = b[i];
+        const size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+        if (n == 0 || i + n > b.size()) return false;
+        for (size_t k = 1; k < n; ++k)
+            if ((b[i + k] & 0xC0) != 0x80) return false;
+        const uint32_t cp = n == 1 ? c
+                            : n == 2 ? ((c & 0x1Fu) << 6) | (b[i + 1] & 0x3Fu)
+                            : n == 3 ? ((c & 0x0Fu) << 12) | ((b[i + 1] & 0x3Fu) << 6) | (b[i + 2] & 0x3Fu)
+                                     : ((c & 0x07u) << 18) | ((b[i + 1] & 0x3Fu) << 12) | ((b[i + 2] & 0x3Fu) << 6) | (b[i + 3] & 0x3Fu);
+        const uint32_t min = n == 1 ? 0 : n == 2 ? 0x80 : n == 3 ? 0x800 : 0x10000;
+        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+        i += n;
+    }
+    return true;
+}
+
+// A protocol logprobs entry's token as text: its text; "bytes:\xNN..." when its bytes are not
+// whole UTF-8 characters (OpenAI's form; their text would be a U+FFFD shared by many tokens);
+// "token_id:N" from a server without a tokenizer.
 std::string token_string(const json & entry) {
+    if (auto b = entry.find("bytes"); b != entry.end() && b->is_array()) {
+        std::vector<uint8_t> bytes;
+        for (const json & v : *b) bytes.push_back(uint8_t(v.get<int>()));   // parse_response checked 0..255
+        if (!valid_utf8(bytes)) {
+            static constexpr char hex[] = "0123456789abcdef";
+            std::string s = "bytes:";
+            for (uint8_t c : bytes) s += std::string("\\x") + hex[c >> 4] + hex[c & 15];
+            return s;
+        }
+    }
     if (auto t = entry.find("text"); t != entry.end() && t->is_string()) return t->get<std::string>();
     return "token_id:" + std::to_string(entry.value("token", 0));
 }
@@ -229,7 +256,8 @@ ojson openai_logprobs(Endpoint e, const json & entries, int64_t & offset) {
         if (!top.contains(text) && !lp.is_null()) top[text] = lp;
         tops.push_back(top.empty() ? ojson(nullptr) : std::move(top));   // a prompt's first token: nothing scored it
         offsets.push_back(offset);
-        offset += code_points(text);
+        const auto t = x.find("text");   // what the token adds to the text (a bytes form is longer)
+        offset += code_points(t != x.end() && t->is_string() ? t->get<std::string>() : text);
     }
     return {{"tokens", std::move(tokens)}, {"token_logprobs", std::move(lps)}, {"top_logprobs", std::move(tops)},
             {"text_offset", std::move(offsets)}};
@@ -350,8 +378,9 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
     else if (top_logprobs) return bad("field 'top_logprobs': only allowed with \"logprobs\": true", "top_logprobs");
     if (echo) {   // the prompt's text, and its tokens' log-probabilities when logprobs asks for them
         if (t.stream) return bad("field 'echo': only without \"stream\": true (the prompt comes back with the whole answer)", "echo");
-        const auto lp = frame.find("logprobs");
-        frame["prompt_logprobs"] = lp != frame.end() && lp->is_number_integer() ? *lp : json(0);
+        frame["echo"] = true;
+        if (const auto lp = frame.find("logprobs"); lp != frame.end() && lp->is_number_integer())
+            frame["prompt_logprobs"] = *lp;   // else the protocol refuses 'logprobs' itself
     }
     if (!have_max) frame["max_tokens"] = d.max_tokens;
     if (!have_temperature) frame["temperature"] = 1.0;   // OpenAI's default: sampling
@@ -408,7 +437,7 @@ std::string completion_body(Endpoint e, const Reply & r, const nlohmann::json & 
         entries.insert(entries.end(), it->begin(), it->end());
         lp = openai_logprobs(e, entries, offset);
     }
-    if (prompt != done.end()) text = done.value("prompt_text", "") + text;   // echo
+    if (auto p = done.find("prompt_text"); p != done.end()) text = p->get<std::string>() + text;   // echo
     o["choices"] = ojson::array({choice(e, text, finish_reason(done), false, true, std::move(lp))});
     o["usage"] = usage(done);
     if (auto t = done.find("timings"); t != done.end()) o["timings"] = *t;   // moesh's: queue, first token, total

@@ -153,7 +153,7 @@ bool generate_field(std::string_view k) {
     static constexpr std::string_view fields[] = {
         "prompt", "prompt_ids", "messages", "max_tokens", "temperature",        "top_p",             "top_k",
         "seed",   "stop",       "stream",   "logprobs",   "repetition_penalty", "frequency_penalty", "presence_penalty",
-        "prompt_logprobs"};
+        "prompt_logprobs", "logit_bias", "echo"};
     for (std::string_view f : fields)
         if (k == f) return true;
     return false;
@@ -200,14 +200,24 @@ public:
         if (r.type != RequestType::Generate) return r;
 
         if (!read_prompt(o, r)) return fail(error_);
+        if (auto it = o.find("logprobs"); it != o.end()) {
+            int64_t k = 0;
+            if (!get_integer(*it, 0, limits_.max_logprobs, k))
+                return fail(expected("logprobs", "an integer in " + range(0, limits_.max_logprobs), *it));
+            r.logprobs = int32_t(k);
+        }
+        if (auto it = o.find("echo"); it != o.end()) {
+            if (!it->is_boolean()) return fail(expected("echo", "true or false", *it));
+            r.echo = it->get<bool>();
+        }
         if (auto it = o.find("prompt_logprobs"); it != o.end()) {
             int64_t k = 0;
             if (!get_integer(*it, 0, limits_.max_logprobs, k))
                 return fail(expected("prompt_logprobs", "an integer in " + range(0, limits_.max_logprobs), *it));
             r.prompt_logprobs = int32_t(k);
         }
-        // 0 tokens: only scoring a prompt
-        if (const int64_t lo = r.prompt_logprobs >= 0 ? 0 : 1; o.contains("max_tokens") &&
+        // 0 tokens: only scoring or echoing a prompt
+        if (const int64_t lo = r.prompt_logprobs >= 0 || r.echo ? 0 : 1; o.contains("max_tokens") &&
                                                                 !get_integer(o.at("max_tokens"), lo, limits_.max_tokens, r.max_tokens))
             return fail(expected("max_tokens", "an integer in " + range(lo, limits_.max_tokens), o.at("max_tokens")));
         if (auto it = o.find("temperature"); it != o.end()) {
@@ -240,18 +250,13 @@ public:
             if (!it->is_boolean()) return fail(expected("stream", "true or false", *it));
             r.stream = it->get<bool>();
         }
-        if (auto it = o.find("logprobs"); it != o.end()) {
-            int64_t k = 0;
-            if (!get_integer(*it, 0, limits_.max_logprobs, k))
-                return fail(expected("logprobs", "an integer in " + range(0, limits_.max_logprobs), *it));
-            r.logprobs = int32_t(k);
-        }
         if (auto it = o.find("repetition_penalty"); it != o.end()) {
             double d = 0;
             if (!get_finite(*it, d) || !(d > 0 && d <= 10) || !(float(d) > 0))
                 return fail(expected("repetition_penalty", "a number in (0, 10]", *it));
             r.repetition_penalty = float(d);
         }
+        if (auto it = o.find("logit_bias"); it != o.end() && !read_logit_bias(*it, r.logit_bias)) return fail(error_);
         for (const char * k : {"frequency_penalty", "presence_penalty"})
             if (auto it = o.find(k); it != o.end()) {
                 double d = 0;
@@ -268,6 +273,29 @@ private:
     bool error(std::string message) {
         error_ = std::move(message);
         return false;
+    }
+
+    // {"<token id>": bias, ...}: ids in decimal, as OpenAI's logit_bias.
+    bool read_logit_bias(const json & v, std::vector<std::pair<int32_t, float>> & out) {
+        if (!v.is_object()) return error(expected("logit_bias", "an object {\"<token id>\": bias}", v));
+        if (int64_t(v.size()) > limits_.max_logit_bias)
+            return error("field 'logit_bias': " + std::to_string(v.size()) + " tokens, more than the limit of " +
+                         std::to_string(limits_.max_logit_bias));
+        const int64_t n_vocab = limits_.n_vocab > 0 ? std::min<int64_t>(limits_.n_vocab, INT32_MAX) : INT32_MAX;
+        for (const auto & [k, b] : v.items()) {
+            int64_t id = 0;
+            bool ok = !k.empty() && k.size() <= 10 && (k.size() == 1 || k[0] != '0');   // "05" would repeat "5"
+            for (char ch : k) ok = ok && ch >= '0' && ch <= '9';
+            if (ok) id = std::stoll(k);
+            if (!ok || id >= n_vocab)
+                return error("field 'logit_bias': key '" + name_of(k) + "' is not a token id in " + range(0, n_vocab - 1));
+            double d = 0;
+            if (!get_finite(b, d) || d < -100 || d > 100)
+                return error(expected("logit_bias." + name_of(k), "a number in [-100, 100]", b));
+            out.push_back({int32_t(id), float(d)});
+        }
+        std::sort(out.begin(), out.end());   // by id (JSON keys "10" < "9"); keys are distinct
+        return true;
     }
 
     bool read_prompt(const json & o, Request & r) {
@@ -399,7 +427,8 @@ public:
                     return expected("tokens[" + std::to_string(i) + "]", "a token id", (*tokens)[i]);
             }
             if (auto lp = o_.find("logprobs"); lp != o_.end()) {
-                if (!lp->is_array() || lp->size() != tokens->size())
+                // an entry per token, and one for the end-of-sequence token that ended it
+                if (!lp->is_array() || (lp->size() != tokens->size() && lp->size() != tokens->size() + 1))
                     return expected("logprobs", "an array with an entry per token", *lp);
                 for (size_t i = 0; i < lp->size(); ++i)
                     if (std::string e = check_logprobs((*lp)[i], "logprobs[" + std::to_string(i) + "]", true); !e.empty())
@@ -410,8 +439,8 @@ public:
                 for (size_t i = 0; i < lp->size(); ++i)
                     if (std::string e = check_logprobs((*lp)[i], "prompt_logprobs[" + std::to_string(i) + "]", true); !e.empty())
                         return e;
-                if (!has_string("prompt_text", true)) return error_;
             }
+            if (o_.contains("prompt_text") && !has_string("prompt_text", true)) return error_;
             if (!has_string("text", true) || !has_string("finish_reason", false)) return error_;
             const auto usage = o_.find("usage");
             if (usage == o_.end() || !usage->is_object()) return expected_or_missing("usage", "an object");
@@ -621,9 +650,14 @@ std::string request_frame(const Request & r) {
     o["stream"] = r.stream;
     if (r.logprobs >= 0) o["logprobs"] = r.logprobs;
     if (r.prompt_logprobs >= 0) o["prompt_logprobs"] = r.prompt_logprobs;
+    if (r.echo) o["echo"] = true;
     if (r.repetition_penalty != 1) o["repetition_penalty"] = float_value(r.repetition_penalty);
     if (r.frequency_penalty != 0) o["frequency_penalty"] = float_value(r.frequency_penalty);
     if (r.presence_penalty != 0) o["presence_penalty"] = float_value(r.presence_penalty);
+    if (!r.logit_bias.empty()) {
+        ojson & b = o["logit_bias"] = ojson::object();
+        for (const auto & [t, v] : r.logit_bias) b[std::to_string(t)] = float_value(v);
+    }
     return dump(o);
 }
 
@@ -673,8 +707,8 @@ std::string done_frame(std::string_view id, const Done & d) {
     if (d.prompt_logprobs) {
         ojson & a = o["prompt_logprobs"] = ojson::array();
         for (const Logprobs & l : *d.prompt_logprobs) a.push_back(logprobs_object(l));
-        o["prompt_text"] = d.prompt_text.value_or("");
     }
+    if (d.prompt_text) o["prompt_text"] = *d.prompt_text;
     o["text"] = d.text;
     o["finish_reason"] = finish_reason_name(d.finish_reason);
     o["usage"] = {{"prompt_tokens", d.prompt_tokens}, {"completion_tokens", d.completion_tokens}};

@@ -43,6 +43,7 @@ struct Limits {
     int64_t max_id_bytes = 128;
     int64_t max_messages = 256;            // chat messages per request
     int64_t max_logprobs = 20;             // most likely tokens a request may ask for with each token
+    int64_t max_logit_bias = 1024;         // tokens a request's logit_bias may list
 };
 
 // Not runtime's moesh::ChatMessage (the same shape): the protocol stays free
@@ -71,9 +72,11 @@ struct Request {
     bool stream = false;
     int32_t logprobs = -1;   // -1: none; k >= 0: each token's log-probability and the k most likely
     int32_t prompt_logprobs = -1;   // as logprobs, for the prompt's tokens; then max_tokens may be 0
+    bool echo = false;              // the done frame carries the prompt's text; then max_tokens may be 0
     float repetition_penalty = 1;   // (0, 10]: prompt and output tokens (Hugging Face's)
     float frequency_penalty = 0;    // [-2, 2]: per count in the output (OpenAI's)
     float presence_penalty = 0;     // [-2, 2]: once in the output (OpenAI's)
+    std::vector<std::pair<int32_t, float>> logit_bias;   // (token id, [-100, 100]) added to its logit
 };
 
 enum class ErrorCode { BadRequest, TooLarge, TooLong, Busy, NotFound, ShuttingDown, Internal };
@@ -119,11 +122,13 @@ struct Logprobs {
 
 struct Done {
     std::vector<int32_t> tokens;   // [completion_tokens]: the generated ids
-    std::optional<std::vector<Logprobs>> logprobs;   // [completion_tokens], when the request asked
+    // When the request asked: an entry per token, and one more for the end-of-sequence token when
+    // it ended the request (finish_reason eos), which is not in tokens.
+    std::optional<std::vector<Logprobs>> logprobs;
     // When the request asked prompt_logprobs: [prompt_tokens] (fewer if cancelled while its prompt
-    // was computed), the first with a null logprob; and the prompt as text (special tokens left out).
+    // was computed), the first with a null logprob.
     std::optional<std::vector<Logprobs>> prompt_logprobs;
-    std::optional<std::string> prompt_text;
+    std::optional<std::string> prompt_text;   // echo: the prompt as text (special tokens left out)
     std::string text;              // their text, stop string excluded
     FinishReason finish_reason = FinishReason::Length;
     int64_t prompt_tokens = 0, completion_tokens = 0;

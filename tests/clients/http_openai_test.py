@@ -246,19 +246,33 @@ def logprobs_and_penalties(moesh, model, srv):
     check([e["logprob"] for e in d["logprobs"]] == lp.token_logprobs,
           f"`moesh client --logprobs 5`: the done frame carries the same logprobs {out.stderr[-300:]}")
     check(all(e["bytes"] == list(e["text"].encode()) for e in d["logprobs"]), "each entry's bytes are its text's")
-    # lm-eval's loglikelihood request: prompt and continuation echoed with their logprobs, nothing generated;
-    # the continuation scores as it was generated (one prefill against decode steps: f16 KV, other kernel
-    # paths, ~1e-4 apart; against transformers: the ShippedModel tests)
+    # lm-eval's loglikelihood request: prompt and continuation echoed with their logprobs, one token generated
+    # (its entry last); the continuation scores as it was generated (one prefill against decode steps: f16 KV,
+    # other kernel paths, ~1e-4 apart; against transformers: the ShippedModel tests)
     ids = moesh_run(moesh, model, p, 1)["prompt_ids"]
-    e = c.completions.create(model="any", prompt=ids + d["tokens"], max_tokens=0, echo=True, logprobs=1, temperature=0)
+    e = c.completions.create(model="any", prompt=[ids + d["tokens"]], max_tokens=1, echo=True, logprobs=1, temperature=0)
     el = e.choices[0].logprobs
-    check(e.usage.completion_tokens == 0 and e.usage.prompt_tokens == len(ids) + len(d["tokens"])
-          and len(el.token_logprobs) == e.usage.prompt_tokens and el.token_logprobs[0] is None and el.top_logprobs[0] is None,
-          f"echo, max_tokens 0: a logprob per prompt token, none for the first ({e.usage})")
-    tail = el.token_logprobs[len(ids):]
+    n_ctx = len(ids) + len(d["tokens"])
+    check(e.usage.completion_tokens == 1 and e.usage.prompt_tokens == n_ctx and len(el.token_logprobs) == n_ctx + 1
+          and el.token_logprobs[0] is None and el.top_logprobs[0] is None,
+          f"echo: a logprob per prompt token (none for the first) and the generated one ({e.usage})")
+    tail = el.token_logprobs[len(ids):-1]
     check(len(tail) == len(lp.token_logprobs) and max(abs(a - b) for a, b in zip(tail, lp.token_logprobs)) < 1e-3,
-          f"the greedy continuation, scored, has the logprobs it was generated with: max difference {max(abs(a - b) for a, b in zip(tail, lp.token_logprobs)):.3g}")
-    check(e.choices[0].text == p + ch.text, f"echo's text is the prompt's and the continuation's: {e.choices[0].text!r}")
+          f"the greedy continuation, scored, has the logprobs it was generated with: max difference "
+          f"{max(abs(a - b) for a, b in zip(tail, lp.token_logprobs)):.3g}")
+    check(all(t == max(top.values()) for t, top in zip(tail, el.top_logprobs[len(ids):-1])),
+          "lm-eval's is_greedy holds for the greedy continuation")
+    check(e.choices[0].text.startswith(p + ch.text), f"echo's text is the prompt's, then the completion's: {e.choices[0].text!r}")
+    z = c.completions.create(model="any", prompt=ids, max_tokens=0, echo=True, logprobs=0, temperature=0)
+    check(z.usage.completion_tokens == 0 and len(z.choices[0].logprobs.token_logprobs) == len(ids) and z.choices[0].text == p,
+          "echo with max_tokens 0 scores the prompt alone")
+    t = c.completions.create(model="any", prompt=p, max_tokens=0, echo=True)
+    check(t.choices[0].text == p and t.choices[0].logprobs is None, f"echo without logprobs: the prompt's text ({t.choices[0].text!r})")
+    # a logit bias that forces the end of sequence at once: no text, and its entry is the one logprob
+    eos = c.completions.create(model="any", prompt=p, max_tokens=8, temperature=0, logprobs=2, logit_bias={"0": 100})
+    check(eos.choices[0].finish_reason == "stop" and eos.choices[0].text == "" and eos.usage.completion_tokens == 0
+          and len(eos.choices[0].logprobs.token_logprobs) == 1,
+          f"logit_bias on the end-of-sequence token ends at once, its logprob kept: {eos.choices[0].logprobs}")
     pen = dict(frequency_penalty=0.5, presence_penalty=0.3)
     ref = moesh_run(moesh, model, p, 24, extra=["--frequency-penalty", "0.5", "--presence-penalty", "0.3",
                                                 "--repetition-penalty", "1.2"])
@@ -277,7 +291,7 @@ def logprobs_and_penalties(moesh, model, srv):
 def refusals(srv):
     c = srv.client()
     cases = [(dict(max_tokens=-1), "max_tokens"), (dict(max_tokens=100000), "max_tokens"), (dict(temperature=-1), "temperature"),
-             (dict(n=2), "n"), (dict(extra_body={"temprature": 0.5}), "temprature"), (dict(logit_bias={"5": 1}), "logit_bias"),
+             (dict(n=2), "n"), (dict(extra_body={"temprature": 0.5}), "temprature"), (dict(suffix="x"), "suffix"),
              (dict(extra_body={"top_k": -3}), "top_k")]
     for kw, param in cases:
         try:

@@ -124,11 +124,13 @@ def run_tests(c, moesh, model, eos_ids):
     tokens, done = stream_all(c, prompt=p, max_tokens=8, timeout=60, logprobs=2, presence_penalty=0.2)
     check([f["logprobs"] for f in tokens] == done["logprobs"] and all(len(e["top_logprobs"]) == 2 for e in done["logprobs"]),
           "logprobs=2: each token frame carries its entry, the done frame all of them")
-    scored = c.generate(prompt=p, max_tokens=0, prompt_logprobs=0, timeout=60)
+    scored = c.generate(prompt=p, max_tokens=0, prompt_logprobs=0, echo=True, timeout=60)
     pl = scored["prompt_logprobs"]
     check(scored["tokens"] == [] and len(pl) == scored["usage"]["prompt_tokens"] and pl[0]["logprob"] is None
           and all(e["logprob"] < 0 for e in pl[1:]) and scored["prompt_text"] == p,
           f"max_tokens 0 with prompt_logprobs scores the prompt: {len(pl)} entries, text {scored['prompt_text']!r}")
+    banned = c.generate(prompt=p, max_tokens=6, logit_bias={done["tokens"][0]: -100}, timeout=60)
+    check(banned["tokens"][0] != done["tokens"][0], "logit_bias -100 bans the greedy first token")
 
     # Two requests on one socket: the generate() reads the stream's frames and queues them for it.
     s = c.stream(prompt=prompts[0], max_tokens=n, timeout=60)

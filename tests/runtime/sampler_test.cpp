@@ -95,15 +95,16 @@ TEST(Sampler, RepetitionPenaltyDividesPositiveAndMultipliesNegativeLogits) {
     EXPECT_EQ(t.sample(m, 3), 1);  // -0.6 * 2 = -1.2 < -0.9
 }
 
-// Whole rows against transformers' RepetitionPenaltyLogitsProcessor and llama.cpp's penalties
+// Whole rows against transformers' SequenceBiasLogitsProcessor and RepetitionPenaltyLogitsProcessor and llama.cpp's penalties
 // sampler (scripts/make_penalty_references.py): every value, not only where the argmax moves.
 TEST(Sampler, PenalisedRowsEqualTransformersAndLlamaCpp) {
     std::ifstream in(std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/shipped/moesh-tiny-py/penalties.json");
     ASSERT_TRUE(in.good());
     const auto rows = nlohmann::json::parse(in).at("rows");
-    ASSERT_EQ(rows.size(), 3u);
+    ASSERT_EQ(rows.size(), 4u);
     for (const auto & r : rows) {
         SamplerParams p;
+        for (const auto & b : r.at("logit_bias")) p.logit_bias.push_back({b.at(0).get<int32_t>(), b.at(1).get<float>()});
         p.repetition_penalty = r.at("repetition_penalty").get<float>();
         p.frequency_penalty = r.at("frequency_penalty").get<float>();
         p.presence_penalty = r.at("presence_penalty").get<float>();

@@ -154,7 +154,9 @@ TEST(ShippedModel, ServedLogprobsEqualTransformersLogSoftmax) {
                 // the same ids, unless two candidates are too close for float logits to order
                 const bool clear = (k == 0 || ref_lp(order[size_t(k - 1)]) - ref_lp(order[size_t(k)]) > 1e-3) &&
                                    ref_lp(order[size_t(k)]) - ref_lp(order[size_t(k + 1)]) > 1e-3;
-                if (clear) EXPECT_EQ(lp.top_ids[k], order[size_t(k)]) << "step " << j << ", rank " << k;
+                if (clear) {
+                    EXPECT_EQ(lp.top_ids[k], order[size_t(k)]) << "step " << j << ", rank " << k;
+                }
             }
         }
     }
@@ -226,8 +228,8 @@ TEST(ShippedModel, PromptLogprobsEqualTransformersLogSoftmax) {
     std::printf("[ shipped  ] prompt logprobs over %zu tokens: max |moesh - transformers| %.3g\n", seq.size(), worst);
 }
 
-// Greedy tokens under penalties equal those of transformers' logits with its repetition-penalty
-// processor and llama.cpp's frequency/presence sampler (penalties.json, written by
+// Greedy tokens under penalties and a logit bias equal those of transformers' logits with its
+// sequence-bias and repetition-penalty processors and llama.cpp's frequency/presence sampler (penalties.json, written by
 // scripts/make_penalty_references.py), through generate() and through the scheduler, every
 // case and prompt in one batch.
 TEST(ShippedModel, PenalisedGreedyTokensEqualTransformersAndLlamaCpp) {
@@ -247,6 +249,7 @@ TEST(ShippedModel, PenalisedGreedyTokensEqualTransformersAndLlamaCpp) {
         sp.repetition_penalty = c.at("repetition_penalty").get<float>();
         sp.frequency_penalty = c.at("frequency_penalty").get<float>();
         sp.presence_penalty = c.at("presence_penalty").get<float>();
+        for (const auto & b : c.at("logit_bias")) sp.logit_bias.push_back({b.at(0).get<int32_t>(), b.at(1).get<float>()});
         const std::string name = c.dump().substr(0, 90);
         for (const auto & p : c.at("prompts")) {
             const auto ids = p.at("ids").get<std::vector<int32_t>>();

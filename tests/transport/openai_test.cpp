@@ -92,7 +92,7 @@ TEST(OpenAi, UnhonouredValuesAreRefusedByName) {
     };
     for (const Case & c : {Case{R"({"prompt":"x","n":2})", "n", "one choice per request"},
                            Case{R"({"prompt":"x","echo":true,"stream":true})", "echo", "only without"},
-                           Case{R"({"prompt":"x","logit_bias":{"5":1}})", "logit_bias", "not implemented"},
+                           Case{R"({"prompt":"x","suffix":"y"})", "suffix", "not implemented"},
                            Case{R"({"prompt":"x","temprature":0})", "temprature", "unknown field"},
                            Case{R"({"prompt":"x","stream_options":{"include_usage":true}})", "stream_options", "only allowed with"}}) {
         const HttpError e = error_of(Endpoint::Completions, c.body);
@@ -126,9 +126,15 @@ TEST(OpenAi, LogprobsAndPenaltiesPassThrough) {
     // echo: the prompt's text, and its tokens' logprobs with logprobs (lm-eval's loglikelihood request)
     const json echo = frame_of(Endpoint::Completions, {{"prompt", {1, 2, 3}}, {"echo", true}, {"max_tokens", 0}, {"logprobs", 1}});
     EXPECT_EQ(echo["prompt_logprobs"], 1);
+    EXPECT_EQ(echo["echo"], true);
     EXPECT_EQ(echo["max_tokens"], 0);
-    EXPECT_EQ(frame_of(Endpoint::Completions, {{"prompt", "x"}, {"echo", true}})["prompt_logprobs"], 0);
-    EXPECT_FALSE(frame_of(Endpoint::Completions, {{"prompt", "x"}, {"echo", false}}).contains("prompt_logprobs"));
+    const json text_only = frame_of(Endpoint::Completions, {{"prompt", "x"}, {"echo", true}});   // nothing scored
+    EXPECT_EQ(text_only["echo"], true);
+    EXPECT_FALSE(text_only.contains("prompt_logprobs"));
+    EXPECT_FALSE(frame_of(Endpoint::Completions, {{"prompt", "x"}, {"echo", false}}).contains("echo"));
+    // an out-of-range logprobs with echo is refused as 'logprobs', the field the client sent
+    EXPECT_FALSE(frame_of(Endpoint::Completions, {{"prompt", "x"}, {"echo", true}, {"logprobs", "5"}}).contains("prompt_logprobs"));
+    EXPECT_EQ(frame_of(Endpoint::Completions, {{"prompt", "x"}, {"logit_bias", {{"5", -100}}}})["logit_bias"], json({{"5", -100}}));
     EXPECT_EQ(error_of(Endpoint::Completions, R"({"prompt":"x","echo":true,"stream":true})").param, "echo");
     EXPECT_EQ(error_of(Endpoint::Completions, R"({"prompt":"x","echo":1})").param, "echo");
     EXPECT_EQ(error_of(Endpoint::Chat, "{" + m + R"(,"echo":true})").param, "echo");   // not a chat field
@@ -136,25 +142,31 @@ TEST(OpenAi, LogprobsAndPenaltiesPassThrough) {
 
 TEST(OpenAi, LogprobsReplyShapes) {
     const Reply r{"cmpl-1", "tiny", 1};
-    // two tokens: "H\xc3" (ends inside a character; the server's text replaced it) and "i"
-    const json e0 = {{"token", 5}, {"logprob", -0.5}, {"text", "H\xef\xbf\xbd"}, {"bytes", {72, 195}},
-                     {"top_logprobs", {{{"token", 5}, {"logprob", -0.5}, {"text", "H\xef\xbf\xbd"}, {"bytes", {72, 195}}},
+    // two tokens: "H\xc3\xa9" and one from a server without a tokenizer
+    const json e0 = {{"token", 5}, {"logprob", -0.5}, {"text", "H\xc3\xa9"}, {"bytes", {72, 195, 169}},
+                     {"top_logprobs", {{{"token", 5}, {"logprob", -0.5}, {"text", "H\xc3\xa9"}, {"bytes", {72, 195, 169}}},
                                        {{"token", 6}, {"logprob", -1.5}, {"text", "A"}, {"bytes", {65}}}}}};
     const json e1 = {{"token", 9}, {"logprob", -2.0}, {"top_logprobs", {{{"token", 4}, {"logprob", -0.1}}}}};   // no tokenizer
+    // a token ending inside a UTF-8 character is written by its bytes, not as the U+FFFD of its text
+    const json partial = {{"token", 3}, {"logprob", -1.0}, {"text", "\xef\xbf\xbd"}, {"bytes", {226, 130}}, {"top_logprobs", json::array()}};
+    int64_t off = 0;
+    const json pc = json::parse(text_chunk(Endpoint::Completions, r, "", false, &partial, &off).substr(6));
+    EXPECT_EQ(pc["choices"][0]["logprobs"]["tokens"], json({"bytes:\\xe2\\x82"}));
+    EXPECT_EQ(off, 1);   // offsets advance by the token's text (here one U+FFFD), not its bytes form
     const json done = {{"text", "Hi"}, {"finish_reason", "length"}, {"usage", {{"prompt_tokens", 1}, {"completion_tokens", 2}}},
                        {"logprobs", {e0, e1}}};
     const json c = json::parse(completion_body(Endpoint::Completions, r, done))["choices"][0]["logprobs"];
-    EXPECT_EQ(c["tokens"], json({"H\xef\xbf\xbd", "token_id:9"}));
+    EXPECT_EQ(c["tokens"], json({"H\xc3\xa9", "token_id:9"}));
     EXPECT_EQ(c["token_logprobs"], json({-0.5, -2.0}));
-    EXPECT_EQ(c["top_logprobs"][0], json({{"H\xef\xbf\xbd", -0.5}, {"A", -1.5}}));
+    EXPECT_EQ(c["top_logprobs"][0], json({{"H\xc3\xa9", -0.5}, {"A", -1.5}}));
     EXPECT_EQ(c["top_logprobs"][1], json({{"token_id:4", -0.1}, {"token_id:9", -2.0}}));   // the sampled one added
-    EXPECT_EQ(c["text_offset"], json({0, 2}));   // characters: "H" and the replacement character
+    EXPECT_EQ(c["text_offset"], json({0, 2}));   // characters, not bytes
 
     const json chat = json::parse(completion_body(Endpoint::Chat, r, done))["choices"][0]["logprobs"];
     EXPECT_TRUE(chat["refusal"].is_null());
     ASSERT_EQ(chat["content"].size(), 2u);
-    EXPECT_EQ(chat["content"][0]["token"], "H\xef\xbf\xbd");
-    EXPECT_EQ(chat["content"][0]["bytes"], json({72, 195}));
+    EXPECT_EQ(chat["content"][0]["token"], "H\xc3\xa9");
+    EXPECT_EQ(chat["content"][0]["bytes"], json({72, 195, 169}));
     EXPECT_EQ(chat["content"][0]["top_logprobs"][1], json({{"token", "A"}, {"logprob", -1.5}, {"bytes", {65}}}));
     EXPECT_TRUE(chat["content"][1]["bytes"].is_null());
 
@@ -166,11 +178,11 @@ TEST(OpenAi, LogprobsReplyShapes) {
     echoed["prompt_text"] = "ab";
     const json ec = json::parse(completion_body(Endpoint::Completions, r, echoed))["choices"][0];
     EXPECT_EQ(ec["text"], "abHi");
-    EXPECT_EQ(ec["logprobs"]["tokens"], json({"<s>", "ab", "H\xef\xbf\xbd", "token_id:9"}));
+    EXPECT_EQ(ec["logprobs"]["tokens"], json({"<s>", "ab", "H\xc3\xa9", "token_id:9"}));
     EXPECT_EQ(ec["logprobs"]["token_logprobs"], json({nullptr, -3.0, -0.5, -2.0}));
     EXPECT_TRUE(ec["logprobs"]["top_logprobs"][0].is_null());
     EXPECT_EQ(ec["logprobs"]["top_logprobs"][1], json({{"ab", -3.0}}));
-    EXPECT_EQ(ec["logprobs"]["text_offset"], json({0, 3, 5, 7}));
+    EXPECT_EQ(ec["logprobs"]["text_offset"], json({0, 3, 5, 7}));   // the BOS's text counts
     echoed.erase("logprobs");   // echo without logprobs: the text only
     EXPECT_TRUE(json::parse(completion_body(Endpoint::Completions, r, echoed))["choices"][0]["logprobs"].is_null());
 

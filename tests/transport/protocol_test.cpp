@@ -406,6 +406,19 @@ TEST(ProtocolRequest, ChecksLogprobsAndPenalties) {
     EXPECT_EQ(accept(R"({"id":"r1","prompt":"a","max_tokens":0,"prompt_logprobs":0})").max_tokens, 0);
     EXPECT_EQ(accept(R"({"id":"r1","max_tokens":0,"prompt_logprobs":1,"prompt":"a"})").max_tokens, 0);   // any order
     EXPECT_BAD_REQUEST(with("max_tokens", 0), "field 'max_tokens': expected an integer in [1, 4096], got 0");
+    EXPECT_EQ(accept(R"({"id":"r1","prompt":"a","max_tokens":0,"echo":true})").max_tokens, 0);
+    EXPECT_TRUE(accept(with("echo", true)).echo);
+    EXPECT_BAD_REQUEST(with("echo", 1), "field 'echo': expected true or false");
+    // logit_bias: token ids as keys
+    const Request b = accept(R"({"id":"r1","prompt":"a","logit_bias":{"5":-100,"31999":2.5}})");
+    EXPECT_EQ(b.logit_bias, (std::vector<std::pair<int32_t, float>>{{5, -100.0f}, {31999, 2.5f}}));   // by id
+    EXPECT_BAD_REQUEST(R"({"id":"r1","prompt":"a","logit_bias":{"32000":1}})", "field 'logit_bias': key '32000' is not a token id in [0, 31999]");
+    EXPECT_BAD_REQUEST(R"({"id":"r1","prompt":"a","logit_bias":{"-1":1}})", "key '-1'");
+    EXPECT_BAD_REQUEST(R"({"id":"r1","prompt":"a","logit_bias":{"x":1}})", "key 'x'");
+    EXPECT_BAD_REQUEST(R"({"id":"r1","prompt":"a","logit_bias":{"5":1,"05":1}})", "key '05'");
+    EXPECT_BAD_REQUEST(R"({"id":"r1","prompt":"a","logit_bias":{"99999999999":1}})", "key '99999999999'");
+    EXPECT_BAD_REQUEST(R"({"id":"r1","prompt":"a","logit_bias":{"5":101}})", "field 'logit_bias.5': expected a number in [-100, 100], got 101");
+    EXPECT_BAD_REQUEST(R"({"id":"r1","prompt":"a","logit_bias":[1]})", "field 'logit_bias': expected an object");
     Limits l;
     l.max_logprobs = 3;
     auto parsed = parse_request(with("logprobs", 4).dump(), l);
@@ -443,6 +456,8 @@ TEST(ProtocolRequest, RequestFrameReadsBackAsTheSameRequest) {
     g.stream = true;
     g.logprobs = 4;
     g.prompt_logprobs = 0;
+    g.echo = true;
+    g.logit_bias = {{0, 100.0f}, {7, -1.5f}};
     g.repetition_penalty = 1.1f;
     g.frequency_penalty = -0.3f;
     g.presence_penalty = 0.7f;
@@ -459,6 +474,8 @@ TEST(ProtocolRequest, RequestFrameReadsBackAsTheSameRequest) {
     EXPECT_TRUE(r.stream);
     EXPECT_EQ(r.logprobs, 4);
     EXPECT_EQ(r.prompt_logprobs, 0);
+    EXPECT_TRUE(r.echo);
+    EXPECT_EQ(r.logit_bias, g.logit_bias);
     EXPECT_EQ(r.repetition_penalty, g.repetition_penalty);
     EXPECT_EQ(r.frequency_penalty, g.frequency_penalty);
     EXPECT_EQ(r.presence_penalty, g.presence_penalty);
@@ -657,7 +674,7 @@ TEST(ProtocolResponse, RefusesMalformedFrames) {
         {R"({"type":"token","id":"r1","index":0,"token":1,"text":"","logprobs":{"token":1,"logprob":0}})", "field 'logprobs.top_logprobs'"},
         {R"({"type":"token","id":"r1","index":0,"token":1,"text":"","logprobs":{"token":1,"logprob":0,"top_logprobs":[{"token":-2,"logprob":0}]}})", "field 'logprobs.top_logprobs[0].token'"},
         {R"({"type":"token","id":"r1","index":0,"token":1,"text":"","logprobs":{"token":1,"logprob":0,"bytes":[256],"top_logprobs":[]}})", "field 'logprobs.bytes'"},
-        {R"({"type":"done","id":"r1","tokens":[],"prompt_logprobs":[],"text":"","finish_reason":"eos","usage":{"prompt_tokens":1,"completion_tokens":0},"timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'prompt_text': missing"},
+        {R"({"type":"done","id":"r1","tokens":[],"prompt_logprobs":[],"prompt_text":5,"text":"","finish_reason":"eos","usage":{"prompt_tokens":1,"completion_tokens":0},"timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'prompt_text'"},
         {R"({"type":"done","id":"r1","tokens":[1],"logprobs":[{"token":1}],"text":"","finish_reason":"eos","usage":{"prompt_tokens":1,"completion_tokens":1},"timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'logprobs[0].logprob'"},
         {R"({"type":"done","id":"r1","tokens":[1,"2"],"text":"","finish_reason":"eos","usage":{"prompt_tokens":1,"completion_tokens":2},"timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'tokens[1]'"},
         {R"({"type":"done","id":"r1","tokens":[],"text":"","finish_reason":"eos","timings":{"queue_ms":0,"ttft_ms":0,"total_ms":0,"decode_tokens_per_second":0}})", "field 'usage': missing"},

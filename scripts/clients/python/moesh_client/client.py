@@ -73,15 +73,16 @@ class Client:
 
     def generate(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
                  seed=0, stop=None, id=None, timeout=60, logprobs=None, repetition_penalty=1.0,
-                 frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None):
+                 frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None, logit_bias=None, echo=False):
         """The done frame as a dict; MoeshError on an error frame, TimeoutError when no
         answer came within timeout seconds (the request is then cancelled). logprobs=k
         (0..20) adds each token's log-probability and the k most likely tokens
         (docs/PROTOCOL.md), prompt_logprobs=k the same for the prompt's tokens (then
-        max_tokens may be 0: score the prompt only); the penalties are Hugging Face's
-        repetition penalty and OpenAI's frequency and presence penalties."""
+        max_tokens may be 0: score the prompt only), echo=True the prompt's text
+        (prompt_text); the penalties are Hugging Face's repetition penalty and OpenAI's
+        frequency and presence penalties, logit_bias {token id: bias} OpenAI's."""
         req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, False,
-                            logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs)
+                            logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo)
         deadline = time.monotonic() + timeout
         self._submit(req)
         try:
@@ -95,12 +96,12 @@ class Client:
 
     def stream(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
                seed=0, stop=None, id=None, timeout=60, logprobs=None, repetition_penalty=1.0,
-               frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None):
+               frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None, logit_bias=None, echo=False):
         """A generator of the token frames, then the done frame (dicts). Arguments are
         checked now; the request is sent on the first next(), and timeout bounds it
         from there to its done frame. Options as for generate()."""
         req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, True,
-                            logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs)
+                            logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo)
         return self._stream(req, timeout)
 
     def cancel(self, id):
@@ -127,7 +128,7 @@ class Client:
     # -- internals --
 
     def _request(self, prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, rid, stream,
-                 logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs):
+                 logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo):
         given = [(k, v) for k, v in (("prompt", prompt), ("prompt_ids", prompt_ids), ("messages", messages)) if v is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of prompt, prompt_ids and messages")
@@ -146,6 +147,10 @@ class Client:
             req["logprobs"] = int(logprobs)
         if prompt_logprobs is not None:
             req["prompt_logprobs"] = int(prompt_logprobs)
+        if logit_bias:
+            req["logit_bias"] = {str(int(t)): float(b) for t, b in logit_bias.items()}
+        if echo:
+            req["echo"] = True
         for k, v, off in (("repetition_penalty", repetition_penalty, 1.0), ("frequency_penalty", frequency_penalty, 0.0),
                           ("presence_penalty", presence_penalty, 0.0)):
             if float(v) != off:
