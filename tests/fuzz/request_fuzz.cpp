@@ -10,6 +10,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cmath>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -71,7 +72,17 @@ void check_request(const Request & r, const Limits & l) {
             check(valid_utf8(m.content), "invalid content accepted");
         }
     }
-    check(r.max_tokens >= 1 && r.max_tokens <= l.max_tokens, "max_tokens out of range");
+    check(r.max_tokens >= (r.prompt_logprobs >= 0 || r.echo ? 0 : 1) && r.max_tokens <= l.max_tokens, "max_tokens out of range");
+    check(r.logprobs >= -1 && r.logprobs <= l.max_logprobs && r.prompt_logprobs >= -1 && r.prompt_logprobs <= l.max_logprobs,
+          "logprobs out of range");
+    check(r.repetition_penalty > 0 && r.repetition_penalty <= 10 && std::fabs(r.frequency_penalty) <= 2 &&
+              std::fabs(r.presence_penalty) <= 2,
+          "penalty out of range");
+    check(int64_t(r.logit_bias.size()) <= l.max_logit_bias, "too many logit biases");
+    for (size_t i = 0; i < r.logit_bias.size(); ++i)
+        check(r.logit_bias[i].first >= 0 && r.logit_bias[i].first < l.n_vocab && std::fabs(r.logit_bias[i].second) <= 100 &&
+                  (i == 0 || r.logit_bias[i - 1].first < r.logit_bias[i].first),
+              "logit bias out of range, or a token twice");
     check(r.temperature >= 0 && r.temperature <= 100, "temperature out of range");
     check(r.top_p > 0 && r.top_p <= 1, "top_p out of range");
     check(r.top_k >= 0 && r.top_k <= l.n_vocab, "top_k out of range");
@@ -93,8 +104,21 @@ void check_request(const Request & r, const Limits & l) {
                       b.messages->at(i).content == r.messages->at(i).content,
                   "round trip: a message");
     check(b.max_tokens == r.max_tokens && b.temperature == r.temperature && b.top_p == r.top_p &&
-              b.top_k == r.top_k && b.seed == r.seed && b.stop == r.stop && b.stream == r.stream,
+              b.top_k == r.top_k && b.seed == r.seed && b.stop == r.stop && b.stream == r.stream &&
+              b.logprobs == r.logprobs && b.prompt_logprobs == r.prompt_logprobs && b.echo == r.echo &&
+              b.repetition_penalty == r.repetition_penalty && b.frequency_penalty == r.frequency_penalty &&
+              b.presence_penalty == r.presence_penalty && b.logit_bias == r.logit_bias,
           "round trip: sampling fields");
+}
+
+// A logprobs entry as a client reads it (with its alternatives when top).
+void read_entry(const nlohmann::json & e, bool top) {
+    (void)e.at("token").get<int32_t>();
+    if (!e.at("logprob").is_null()) (void)e.at("logprob").get<double>();
+    if (e.contains("text")) (void)e.at("text").get<std::string>();
+    if (e.contains("bytes")) (void)e.at("bytes").get<std::vector<uint8_t>>();
+    if (top)
+        for (const auto & t : e.at("top_logprobs")) read_entry(t, false);
 }
 
 // A client reads every documented field of an accepted frame with its type.
@@ -105,8 +129,13 @@ void check_response(const Response & r) {
             (void)b.at("index").get<int64_t>();
             (void)b.at("token").get<int32_t>();
             (void)b.at("text").get<std::string>();
+            if (b.contains("logprobs")) read_entry(b.at("logprobs"), true);
         } else if (r.type == "done") {
             (void)b.at("tokens").get<std::vector<int32_t>>();
+            for (const char * k : {"logprobs", "prompt_logprobs"})
+                if (b.contains(k))
+                    for (const auto & e : b.at(k)) read_entry(e, true);
+            if (b.contains("prompt_text")) (void)b.at("prompt_text").get<std::string>();
             (void)b.at("text").get<std::string>();
             (void)b.at("finish_reason").get<std::string>();
             (void)b.at("usage").at("prompt_tokens").get<int64_t>();
