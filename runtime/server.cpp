@@ -121,7 +121,10 @@ protocol::TokenLogprob Server::token_logprob(int32_t token, float logprob) const
     protocol::TokenLogprob t;
     t.token = token;
     t.logprob = logprob;
-    if (tok_ && token >= 0 && token < tok_->n_vocab()) t.bytes = tok_->token_to_piece(token);
+    if (tok_ && token >= 0 && token < tok_->n_vocab()) {
+        t.bytes = tok_->token_to_piece(token);
+        t.special = tok_->is_special(token);
+    }
     return t;
 }
 

@@ -256,8 +256,9 @@ ojson openai_logprobs(Endpoint e, const json & entries, int64_t & offset) {
         if (!top.contains(text) && !lp.is_null()) top[text] = lp;
         tops.push_back(top.empty() ? ojson(nullptr) : std::move(top));   // a prompt's first token: nothing scored it
         offsets.push_back(offset);
-        const auto t = x.find("text");   // what the token adds to the text (a bytes form is longer)
-        offset += code_points(t != x.end() && t->is_string() ? t->get<std::string>() : text);
+        // what the token adds to the text: its text (a bytes form is longer); a special token's is not in it
+        const auto t = x.find("text");
+        if (!x.value("special", false)) offset += code_points(t != x.end() && t->is_string() ? t->get<std::string>() : text);
     }
     return {{"tokens", std::move(tokens)}, {"token_logprobs", std::move(lps)}, {"top_logprobs", std::move(tops)},
             {"text_offset", std::move(offsets)}};

@@ -479,6 +479,7 @@ private:
         if (logprob == e.end() || !(logprob->is_number() || logprob->is_null()))
             return expected(f + ".logprob", "a number or null", logprob == e.end() ? json() : *logprob);
         if (auto it = e.find("text"); it != e.end() && !it->is_string()) return expected(f + ".text", "a string", *it);
+        if (auto it = e.find("special"); it != e.end() && !it->is_boolean()) return expected(f + ".special", "true or false", *it);
         if (auto it = e.find("bytes"); it != e.end()) {
             bool ok = it->is_array();
             for (size_t i = 0; ok && i < it->size(); ++i) ok = get_integer((*it)[i], 0, 255, t);
@@ -672,6 +673,7 @@ ojson logprob_entry(const TokenLogprob & t) {
         ojson & b = o["bytes"] = ojson::array();
         for (unsigned char c : *t.bytes) b.push_back(int(c));
     }
+    if (t.special) o["special"] = true;
     return o;
 }
 

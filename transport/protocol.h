@@ -106,13 +106,14 @@ std::string request_frame(const Request & r);
 enum class FinishReason { Length, Stop, Eos, Cancelled };
 const char * finish_reason_name(FinishReason);   // "length", "stop", "eos", "cancelled"
 
-// A token's log-probability: {"token", "logprob" (null when not finite), "text", "bytes"}
+// A token's log-probability: {"token", "logprob" (null when not finite), "text", "bytes"[, "special"]}
 // (text and bytes when the server has a tokenizer: the token's bytes, and them as UTF-8
 // with invalid bytes replaced).
 struct TokenLogprob {
     int32_t token = 0;
     float logprob = 0;
     std::optional<std::string> bytes;
+    bool special = false;   // a special token (BOS, chat markers): "special": true; its text is not in texts
 };
 // The sampled token's entry with "top_logprobs": [entries], the most likely first.
 struct Logprobs {

@@ -263,6 +263,8 @@ def logprobs_and_penalties(moesh, model, srv):
     check(all(t == max(top.values()) for t, top in zip(tail, el.top_logprobs[len(ids):-1])),
           "lm-eval's is_greedy holds for the greedy continuation")
     check(e.choices[0].text.startswith(p + ch.text), f"echo's text is the prompt's, then the completion's: {e.choices[0].text!r}")
+    bad = [k for k in range(1, n_ctx) if not e.choices[0].text[el.text_offset[k]:].startswith(el.tokens[k])]
+    check(not bad, f"each echoed token's text_offset points at its text in the echoed text (not at: {bad[:5]})")
     z = c.completions.create(model="any", prompt=ids, max_tokens=0, echo=True, logprobs=0, temperature=0)
     check(z.usage.completion_tokens == 0 and len(z.choices[0].logprobs.token_logprobs) == len(ids) and z.choices[0].text == p,
           "echo with max_tokens 0 scores the prompt alone")

@@ -171,7 +171,7 @@ TEST(OpenAi, LogprobsReplyShapes) {
     EXPECT_TRUE(chat["content"][1]["bytes"].is_null());
 
     // echo: the prompt's text first, its tokens' logprobs first; the first token has none
-    const json p0 = {{"token", 1}, {"logprob", nullptr}, {"text", "<s>"}, {"top_logprobs", json::array()}};
+    const json p0 = {{"token", 1}, {"logprob", nullptr}, {"text", "<s>"}, {"special", true}, {"top_logprobs", json::array()}};
     const json p1 = {{"token", 2}, {"logprob", -3.0}, {"text", "ab"}, {"top_logprobs", json::array()}};
     json echoed = done;
     echoed["prompt_logprobs"] = {p0, p1};
@@ -182,7 +182,7 @@ TEST(OpenAi, LogprobsReplyShapes) {
     EXPECT_EQ(ec["logprobs"]["token_logprobs"], json({nullptr, -3.0, -0.5, -2.0}));
     EXPECT_TRUE(ec["logprobs"]["top_logprobs"][0].is_null());
     EXPECT_EQ(ec["logprobs"]["top_logprobs"][1], json({{"ab", -3.0}}));
-    EXPECT_EQ(ec["logprobs"]["text_offset"], json({0, 3, 5, 7}));   // the BOS's text counts
+    EXPECT_EQ(ec["logprobs"]["text_offset"], json({0, 0, 2, 4}));   // into "abHi": the BOS's text is not in it
     echoed.erase("logprobs");   // echo without logprobs: the text only
     EXPECT_TRUE(json::parse(completion_body(Endpoint::Completions, r, echoed))["choices"][0]["logprobs"].is_null());
 
