@@ -262,8 +262,10 @@ class ZmqLoadClient(LoadClient):
         self.loop.watch(self.sock, self.on_readable)
 
     def send(self, ids, max_tokens):
-        self.sock.send(json.dumps({"id": self.rid, "prompt_ids": ids, "max_tokens": max_tokens, "temperature": 0,
-                                   "stream": True}).encode())
+        req = {"id": self.rid, "prompt_ids": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        if self.args.logprobs is not None:
+            req["logprobs"] = self.args.logprobs
+        self.sock.send(json.dumps(req).encode())
 
     def on_readable(self):
         # Asking for EVENTS costs less than the exception of a recv on an empty socket.
@@ -309,8 +311,11 @@ class HttpLoadClient(LoadClient):
         self.resp = None
 
     def send(self, ids, max_tokens):
-        body = json.dumps({"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                           "stream_options": {"include_usage": True}}).encode()
+        req = {"prompt": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+               "stream_options": {"include_usage": True}}
+        if self.args.logprobs is not None:
+            req["logprobs"] = self.args.logprobs
+        body = json.dumps(req).encode()
         head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         try:
@@ -535,6 +540,7 @@ def report(engine, n_clients, total, wall, cpu, args, server):
         "shared_prefix": args.shared_prefix,
         "max_tokens": args.max_tokens,
         "max_tokens_spread": args.max_tokens_spread,
+        "logprobs": args.logprobs,
         "duration_s": args.duration,
         "requests_per_client_max": args.requests,
         "server": server,
@@ -786,6 +792,8 @@ def main():
     ap.add_argument("--max-tokens-spread", type=float, default=0.0, metavar="S",
                     help="draw each request's max_tokens from [M (1 - S), M (1 + S)] (0 <= S < 1; default 0: every "
                          "request M, so clients that finish in the same step send again together)")
+    ap.add_argument("--logprobs", type=int, metavar="K",
+                    help="ask for each token's log-probability and the K most likely (default: none)")
     ap.add_argument("--duration", type=float, default=30, help="seconds each client keeps sending, per C")
     ap.add_argument("--requests", type=int, default=1000, help="requests per client at most, per C")
     ap.add_argument("--timeout", type=float, default=120, help="seconds one request may take")
