@@ -96,6 +96,14 @@ TEST(ShippedModel, GreedyTokensAndLogitsEqualTransformers) {
     }
 }
 
+// log(sum(exp(row))) in double: a reference log-softmax is row[t] minus this.
+double log_sum_exp(const float * row, int64_t n) {
+    double mx = row[0], z = 0;
+    for (int64_t v = 1; v < n; ++v) mx = std::max(mx, double(row[v]));
+    for (int64_t v = 0; v < n; ++v) z += std::exp(double(row[v]) - mx);
+    return mx + std::log(z);
+}
+
 // The scheduler's logprobs (every prompt in one batch) are the log-softmax of transformers'
 // logits at each generated position: the sampled token's value and the 5 most likely, in order.
 TEST(ShippedModel, ServedLogprobsEqualTransformersLogSoftmax) {
@@ -139,10 +147,8 @@ TEST(ShippedModel, ServedLogprobsEqualTransformersLogSoftmax) {
             const auto & [tok, lp] = got[i][j];
             EXPECT_EQ(tok, expected[j]);
             const float * row = logits.data.data() + size_t(n_prompt - 1 + int64_t(j)) * size_t(n_vocab);
-            double mx = row[0], z = 0;
-            for (int64_t v = 1; v < n_vocab; ++v) mx = std::max(mx, double(row[v]));
-            for (int64_t v = 0; v < n_vocab; ++v) z += std::exp(double(row[v]) - mx);
-            auto ref_lp = [&](int32_t t) { return double(row[t]) - mx - std::log(z); };
+            const double lse = log_sum_exp(row, n_vocab);
+            auto ref_lp = [&](int32_t t) { return double(row[t]) - lse; };
             std::vector<int32_t> order(static_cast<size_t>(n_vocab));
             for (int64_t v = 0; v < n_vocab; ++v) order[size_t(v)] = int32_t(v);
             std::partial_sort(order.begin(), order.begin() + k_top + 1, order.end(),
@@ -215,13 +221,11 @@ TEST(ShippedModel, PromptLogprobsEqualTransformersLogSoftmax) {
             const auto & [pos, lp] = got[k];
             ASSERT_EQ(pos, int64_t(k + 1));
             const float * row = logits.data.data() + size_t(pos - 1) * size_t(n_vocab);
-            double mx = row[0], z = 0;
-            for (int64_t v = 1; v < n_vocab; ++v) mx = std::max(mx, double(row[v]));
-            for (int64_t v = 0; v < n_vocab; ++v) z += std::exp(double(row[v]) - mx);
-            const double want = double(row[seq[size_t(pos)]]) - mx - std::log(z);
+            const double lse = log_sum_exp(row, n_vocab);
+            const double want = double(row[seq[size_t(pos)]]) - lse;
             worst = std::max(worst, std::fabs(lp.logprob - want));
             ASSERT_EQ(lp.n_top, 3);
-            EXPECT_NEAR(lp.top_logprobs[0], double(row[lp.top_ids[0]]) - mx - std::log(z), 2e-4);
+            EXPECT_NEAR(lp.top_logprobs[0], double(row[lp.top_ids[0]]) - lse, 2e-4);
         }
     }
     EXPECT_LE(worst, 2e-4);
