@@ -435,7 +435,10 @@ std::string completion_body(Endpoint e, const Reply & r, const nlohmann::json & 
     const auto prompt = done.find("prompt_logprobs");
     if (auto it = done.find("logprobs"); it != done.end()) {
         json entries = prompt != done.end() ? *prompt : json::array();   // echo: the prompt's tokens first
-        entries.insert(entries.end(), it->begin(), it->end());
+        // chat's content lists the message's tokens: not the end of turn (completions keep it, for scorers)
+        const auto toks = done.find("tokens");
+        const size_t n = e == Endpoint::Chat && toks != done.end() ? std::min(it->size(), toks->size()) : it->size();
+        entries.insert(entries.end(), it->begin(), it->begin() + std::ptrdiff_t(n));
         lp = openai_logprobs(e, entries, offset);
     }
     if (auto p = done.find("prompt_text"); p != done.end()) text = p->get<std::string>() + text;   // echo

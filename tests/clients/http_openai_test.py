@@ -484,6 +484,14 @@ def chat(moesh, chat_model, tmp):
             check(text == m.content and chunks[0].choices[0].delta.role == "assistant",
                   f"streamed chat adds up, first delta has the role: {text!r}")
             check(r.choices[0].finish_reason in ("stop", "length"), f"finish reason {r.choices[0].finish_reason}")
+            lr = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": q}], max_tokens=24,
+                                           temperature=0, logprobs=True, top_logprobs=3)
+            content = lr.choices[0].logprobs.content
+            check(len(content) == lr.usage.completion_tokens and lr.choices[0].message.content == m.content
+                  and all(len(x.top_logprobs) == 3 and x.logprob == x.top_logprobs[0].logprob for x in content)
+                  and b"".join(bytes(x.bytes) for x in content).decode() == m.content,
+                  f"chat logprobs: an entry per message token (not the end of turn), greedy tokens on top, "
+                  f"their bytes add up to the message ({len(content)} entries, {lr.usage.completion_tokens} tokens)")
     finally:
         srv.stop()
 

@@ -81,8 +81,8 @@ bool openai_one_input(const uint8_t * data, size_t size) {
     const std::string token_text = nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     const nlohmann::json entry = {{"token", 1}, {"logprob", -0.5}, {"text", nlohmann::json::parse(token_text)},
                                   {"top_logprobs", {{{"token", 2}, {"logprob", nullptr}, {"text", nlohmann::json::parse(token_text)}}}}};
-    const nlohmann::json done = {{"text", text}, {"finish_reason", "eos"}, {"usage", {{"prompt_tokens", 3}, {"completion_tokens", 2}}},
-                                 {"logprobs", {entry, entry}}};
+    const nlohmann::json done = {{"tokens", {1}}, {"text", text}, {"finish_reason", "eos"},
+                                 {"usage", {{"prompt_tokens", 3}, {"completion_tokens", 1}}}, {"logprobs", {entry, entry}}};
     for (openai::Endpoint ep : {openai::Endpoint::Completions, openai::Endpoint::Chat}) {
         int64_t offset = 0;
         check_event(openai::text_chunk(ep, r, text, true));

@@ -153,8 +153,8 @@ TEST(OpenAi, LogprobsReplyShapes) {
     const json pc = json::parse(text_chunk(Endpoint::Completions, r, "", false, &partial, &off).substr(6));
     EXPECT_EQ(pc["choices"][0]["logprobs"]["tokens"], json({"bytes:\\xe2\\x82"}));
     EXPECT_EQ(off, 1);   // offsets advance by the token's text (here one U+FFFD), not its bytes form
-    const json done = {{"text", "Hi"}, {"finish_reason", "length"}, {"usage", {{"prompt_tokens", 1}, {"completion_tokens", 2}}},
-                       {"logprobs", {e0, e1}}};
+    const json done = {{"tokens", {5, 9}}, {"text", "Hi"}, {"finish_reason", "length"},
+                       {"usage", {{"prompt_tokens", 1}, {"completion_tokens", 2}}}, {"logprobs", {e0, e1}}};
     const json c = json::parse(completion_body(Endpoint::Completions, r, done))["choices"][0]["logprobs"];
     EXPECT_EQ(c["tokens"], json({"H\xc3\xa9", "token_id:9"}));
     EXPECT_EQ(c["token_logprobs"], json({-0.5, -2.0}));
@@ -169,6 +169,11 @@ TEST(OpenAi, LogprobsReplyShapes) {
     EXPECT_EQ(chat["content"][0]["bytes"], json({72, 195, 169}));
     EXPECT_EQ(chat["content"][0]["top_logprobs"][1], json({{"token", "A"}, {"logprob", -1.5}, {"bytes", {65}}}));
     EXPECT_TRUE(chat["content"][1]["bytes"].is_null());
+    json ended = done;   // an end-of-turn token: its entry follows the tokens'
+    ended["finish_reason"] = "eos";
+    ended["logprobs"].push_back({{"token", 2}, {"logprob", -0.2}, {"special", true}, {"top_logprobs", json::array()}});
+    EXPECT_EQ(json::parse(completion_body(Endpoint::Chat, r, ended))["choices"][0]["logprobs"]["content"].size(), 2u);
+    EXPECT_EQ(json::parse(completion_body(Endpoint::Completions, r, ended))["choices"][0]["logprobs"]["tokens"].size(), 3u);
 
     // echo: the prompt's text first, its tokens' logprobs first; the first token has none
     const json p0 = {{"token", 1}, {"logprob", nullptr}, {"text", "<s>"}, {"special", true}, {"top_logprobs", json::array()}};
