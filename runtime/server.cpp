@@ -287,7 +287,7 @@ void Server::generate(const Origin & from, protocol::Request && req) {
         if (act.echo)
             for (int32_t t : prompt) (void)act.decoder->push(t);
     }
-    act.prompt = std::move(prompt);
+    if (act.scoring) act.prompt = std::move(prompt);
 }
 
 void Server::handle(const Origin & from, const std::string & body, bool draining) {

@@ -114,7 +114,7 @@ private:
         std::vector<protocol::Logprobs> token_logprobs;
         bool chat = false;                       // messages: the chat template's end-of-turn tokens end it
         bool scoring = false, echo = false;      // prompt_logprobs, echo
-        std::vector<int32_t> prompt;             // when scoring or echoing
+        std::vector<int32_t> prompt;             // when scoring
         std::vector<protocol::Logprobs> prompt_logprobs;   // scoring: one per prompt token so far
         std::string prompt_text;                 // echo
     };

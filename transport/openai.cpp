@@ -177,39 +177,23 @@ ojson head(Endpoint e, const Reply & r, bool chunk) {
     return {{"id", r.id}, {"object", object}, {"created", r.created}, {"model", r.model}};
 }
 
-bool valid_utf8(const std::vector<uint8_t> & b) {
-    for (size_t i = 0; i < b.size();) {
-        const uint8_t c = b[i];
-        const size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
-        if (n == 0 || i + n > b.size()) return false;
-        for (size_t k = 1; k < n; ++k)
-            if ((b[i + k] & 0xC0) != 0x80) return false;
-        const uint32_t cp = n == 1 ? c
-                            : n == 2 ? ((c & 0x1Fu) << 6) | (b[i + 1] & 0x3Fu)
-                            : n == 3 ? ((c & 0x0Fu) << 12) | ((b[i + 1] & 0x3Fu) << 6) | (b[i + 2] & 0x3Fu)
-                                     : ((c & 0x07u) << 18) | ((b[i + 1] & 0x3Fu) << 12) | ((b[i + 2] & 0x3Fu) << 6) | (b[i + 3] & 0x3Fu);
-        const uint32_t min = n == 1 ? 0 : n == 2 ? 0x80 : n == 3 ? 0x800 : 0x10000;
-        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
-        i += n;
-    }
-    return true;
-}
-
 // A protocol logprobs entry's token as text: its text; "bytes:\xNN..." when its bytes are not
-// whole UTF-8 characters (OpenAI's form; their text would be a U+FFFD shared by many tokens);
-// "token_id:N" from a server without a tokenizer.
+// whole UTF-8 characters, i.e. differ from the text the server made valid (OpenAI's form: the
+// text would be a U+FFFD shared by many tokens); "token_id:N" from a server without a tokenizer.
 std::string token_string(const json & entry) {
-    if (auto b = entry.find("bytes"); b != entry.end() && b->is_array()) {
-        std::vector<uint8_t> bytes;
-        for (const json & v : *b) bytes.push_back(uint8_t(v.get<int>()));   // parse_response checked 0..255
-        if (!valid_utf8(bytes)) {
+    const auto t = entry.find("text"), b = entry.find("bytes");
+    if (t != entry.end() && t->is_string() && b != entry.end() && b->is_array()) {
+        std::string bytes;   // parse_response checked 0..255
+        for (const json & v : *b) bytes += char(uint8_t(v.get<int>()));
+        if (bytes != t->get_ref<const std::string &>()) {   // the server replaced invalid UTF-8 in the text
             static constexpr char hex[] = "0123456789abcdef";
             std::string s = "bytes:";
-            for (uint8_t c : bytes) s += std::string("\\x") + hex[c >> 4] + hex[c & 15];
+            for (unsigned char c : bytes) s += std::string("\\x") + hex[c >> 4] + hex[c & 15];
             return s;
         }
+        return bytes;
     }
-    if (auto t = entry.find("text"); t != entry.end() && t->is_string()) return t->get<std::string>();
+    if (t != entry.end() && t->is_string()) return t->get<std::string>();
     return "token_id:" + std::to_string(entry.value("token", 0));
 }
 
