@@ -1,0 +1,135 @@
+// Grammar-constrained decoding: a context-free grammar in GBNF, llama.cpp's notation, decides
+// which tokens may come next.
+//
+//   std::string err;
+//   std::shared_ptr<const Grammar> g = Grammar::parse("root ::= \"yes\" | \"no\"", &err);  // null + err if bad
+//   auto vocab = std::make_shared<const GrammarVocab>(tokenizer);    // once per model
+//   GrammarMatcher m(g, vocab, {tokenizer.eos_id()});
+//   if (!m.allows(tok)) { m.fill_allowed(&allowed); ... }            // resample among the allowed
+//   m.accept(tok);
+//   if (m.must_end()) ...                                            // the text is complete
+//
+// Notation (as llama.cpp's, token references excepted): `name ::= alternatives` per rule, `root`
+// first matched; "literals" and [character classes] ([^...] negated, a-z ranges) with the escapes
+// \n \r \t \\ \" \[ \] \- \xHH \uHHHH \UHHHHHHHH; `.` any character; ( groups ); `|`; repetitions
+// * + ? {m} {m,} {m,n}; # comments; a rule ends at a newline outside parentheses. Left recursion
+// is refused (it would never end); write it as repetition.
+//
+// Matching is over the text the tokens decode to, as code points; a token may end inside a UTF-8
+// character and the next one complete it. Bytes that can never be UTF-8 (a stray continuation,
+// C0, C1, F5-FF, NUL) are refused, as is an end token where the root cannot be complete. Special
+// tokens other than the given end tokens are never allowed (llama.cpp matches a control token's
+// text; moesh does not let `<|im_start|>` pass as characters).
+//
+// Memory: a matcher's stacks are shared, interned nodes (at most k_max_nodes before it compacts)
+// and a stack is at most k_max_depth deep; a grammar more ambiguous than k_max_stacks live
+// alternatives at once fails the matcher (error()) rather than growing without bound.
+// Thread safety: Grammar and GrammarVocab are immutable and may be shared across threads; a
+// GrammarMatcher belongs to one thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+namespace moesh {
+
+class Tokenizer;
+
+struct Grammar {
+    enum Kind : uint8_t { End, Char, Ref };
+    struct Sym {
+        Kind kind;
+        uint32_t arg;   // Char: index in sets; Ref: index in rules
+    };
+    std::vector<Sym> syms;                                   // alternatives, each closed by End; [0,1] = root, End
+    std::vector<std::vector<uint32_t>> rules;                // rule -> its alternatives' first symbols
+    std::vector<std::vector<std::pair<uint32_t, uint32_t>>> sets;   // character class -> sorted disjoint [lo, hi]
+    std::vector<std::string> rule_names;
+
+    // Null and *error ("grammar line 3, column 7: ...") when text is not a valid grammar.
+    static std::shared_ptr<const Grammar> parse(std::string_view text, std::string * error);
+    bool matches(uint32_t set, uint32_t cp) const;
+    bool intersects(uint32_t set, uint32_t lo, uint32_t hi) const;
+};
+
+// Limits on what a grammar's text may build.
+constexpr size_t k_max_grammar_bytes = 1 << 20;
+constexpr size_t k_max_grammar_syms = 1 << 20;
+constexpr uint32_t k_max_grammar_repeat = 10000;
+
+// The vocabulary as a byte trie: every token that is not special, by its bytes.
+class GrammarVocab {
+public:
+    explicit GrammarVocab(const Tokenizer & tok);
+    int32_t n_vocab() const { return n_vocab_; }
+    const std::string & piece(int32_t id) const;   // empty: never allowed as text
+
+    struct Node {
+        uint32_t first_edge, n_edges;     // edges [first_edge, first_edge + n_edges)
+        uint32_t first_token, n_tokens;   // tokens ending here, in tokens_
+    };
+    std::vector<Node> nodes;              // [0] = root
+    std::vector<uint8_t> edge_byte;
+    std::vector<uint32_t> edge_node;
+    std::vector<int32_t> tokens;
+
+private:
+    int32_t n_vocab_ = 0;
+    std::vector<std::string> pieces_;
+};
+
+class GrammarMatcher {
+public:
+    static constexpr uint32_t k_max_depth = 1024;
+    static constexpr size_t k_max_stacks = 4096;
+    static constexpr size_t k_max_nodes = 1 << 18;
+
+    GrammarMatcher(std::shared_ptr<const Grammar> grammar, std::shared_ptr<const GrammarVocab> vocab,
+                   std::vector<int32_t> end_ids);
+
+    bool allows(int32_t token);
+    // allowed [n_vocab]: 1 where the grammar allows the token next; returns how many.
+    int64_t fill_allowed(std::vector<uint8_t> * allowed);
+    // Advances past token; false (and nothing changes) when the grammar does not allow it.
+    bool accept(int32_t token);
+    bool can_end() const;    // the text so far is a whole match (an end token is allowed)
+    bool must_end() const;   // ... and nothing can follow it
+    const std::string & error() const { return error_; }   // set once the grammar proved too ambiguous
+
+private:
+    struct Node { uint32_t pos, parent, depth; };
+    struct State {
+        std::vector<uint32_t> stacks;   // sorted node ids; 0 = the empty stack (the root is complete)
+        uint32_t partial = 0;           // a UTF-8 character begun: its value so far
+        int32_t remain = 0;             // and how many continuation bytes it still needs
+    };
+
+    uint32_t push(uint32_t parent, uint32_t pos);
+    void expand(uint32_t stack, std::vector<uint32_t> * out);
+    const uint32_t * transition(uint32_t stack, uint32_t cp, uint32_t * n);
+    bool step(const State & in, uint8_t byte, State * out);
+    bool feasible(const State & s) const;
+    bool walk(const State & from, const std::string & bytes, State * out);
+    void visit(uint32_t node, size_t depth, std::vector<uint8_t> * allowed, int64_t * n);
+    void compact();
+    bool is_end(int32_t token) const;
+
+    std::shared_ptr<const Grammar> g_;
+    std::shared_ptr<const GrammarVocab> vocab_;
+    std::vector<int32_t> end_ids_;
+    State state_;
+    std::vector<Node> nodes_;                                       // [0] = the empty stack
+    std::unordered_map<uint64_t, uint32_t> interned_;               // (pos, parent) -> node
+    std::unordered_map<uint64_t, std::pair<uint32_t, uint32_t>> memo_;   // (stack, cp) -> range of memo_out_
+    std::vector<uint32_t> memo_out_;
+    std::vector<State> levels_;                                     // the trie walk's states, by depth
+    std::vector<uint32_t> todo_, seen_, scratch_;
+    std::string error_;
+};
+
+} // namespace moesh
