@@ -73,12 +73,25 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
         if (o.keep_logits) r.logits.insert(r.logits.end(), logits, logits + size_t(n_rows) * n_vocab);
         if (p1 == n_prompt) last = logits + size_t(n_rows - 1) * n_vocab;
     }
-    r.tokens.push_back(sampler.sample(last, c.n_vocab));
-    if (o.on_token) o.on_token(r.tokens.back());
+    bool ended = false;   // the grammar allows nothing more
+    auto next = [&](const float * logits) {
+        const int32_t t = sampler.sample(logits, c.n_vocab, o.grammar.get());
+        if (t < 0) {
+            ended = true;
+            return;
+        }
+        r.tokens.push_back(t);
+        if (o.grammar) {
+            o.grammar->accept(t);
+            ended = o.grammar->must_end();
+        }
+        if (o.on_token) o.on_token(t);
+    };
+    next(last);
     auto t1 = clock::now();
     r.prompt_seconds = std::chrono::duration<double>(t1 - t0).count();
 
-    for (int64_t step = 1; step < o.n_generate; ++step) {
+    for (int64_t step = 1; step < o.n_generate && !ended; ++step) {
         if (o.stop_at_eos && (std::find(c.eos_token_ids.begin(), c.eos_token_ids.end(), r.tokens.back()) != c.eos_token_ids.end() ||
                               std::find(o.stop_ids.begin(), o.stop_ids.end(), r.tokens.back()) != o.stop_ids.end()))
             break;
@@ -86,8 +99,7 @@ GenerateResult generate(const Model & model, Backend & backend, const GenerateOp
         batch.add(r.tokens.back(), int32_t(n_prompt + step - 1), 0, true);
         const float * logits = run(batch);
         if (o.keep_logits) r.logits.insert(r.logits.end(), logits, logits + n_vocab);
-        r.tokens.push_back(sampler.sample(logits, c.n_vocab));
-        if (o.on_token) o.on_token(r.tokens.back());
+        next(logits);
         ++r.n_decode_steps;
     }
     r.decode_seconds = std::chrono::duration<double>(clock::now() - t1).count();

@@ -14,6 +14,7 @@
 #include "runtime/backend_weights.h"
 #include "runtime/forward.h"
 #include "runtime/route_trace.h"
+#include "runtime/grammar.h"
 #include "runtime/sampler.h"
 
 #include <cstdint>
@@ -29,6 +30,9 @@ struct GenerateOptions {
     bool keep_logits = false;    // keep every prompt position's and every step's logits
     bool stop_at_eos = false;    // stop after the model's EOS ids or any of stop_ids
     std::vector<int32_t> stop_ids; // e.g. a chat template's end-of-turn token
+    // Null, or what the output must match (runtime/grammar.h): generation stops once nothing
+    // can follow, or where the grammar allows no token.
+    std::shared_ptr<GrammarMatcher> grammar;
     int64_t max_batch = 64;      // prefill chunk
     int64_t kv_block_size = 16;
     int32_t kv_type = MOESH_DTYPE_F32;   // KV cache elements: MOESH_DTYPE_F32 or MOESH_DTYPE_F16

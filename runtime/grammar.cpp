@@ -420,13 +420,21 @@ bool Grammar::intersects(uint32_t set, uint32_t lo, uint32_t hi) const {
 
 // ---------------------------------------------------------------------------------------------
 
-GrammarVocab::GrammarVocab(const Tokenizer & tok) : n_vocab_(tok.n_vocab()), pieces_(size_t(tok.n_vocab())) {
+namespace {
+std::vector<std::string> text_pieces(const Tokenizer & tok) {
+    std::vector<std::string> pieces(size_t(tok.n_vocab()));
+    for (int32_t id = 0; id < tok.n_vocab(); ++id)
+        if (!tok.is_special(id)) pieces[size_t(id)] = tok.token_to_piece(id);
+    return pieces;
+}
+} // namespace
+
+GrammarVocab::GrammarVocab(const Tokenizer & tok) : GrammarVocab(text_pieces(tok)) {}
+
+GrammarVocab::GrammarVocab(std::vector<std::string> pieces) : n_vocab_(int32_t(pieces.size())), pieces_(std::move(pieces)) {
     std::vector<int32_t> ids;
-    for (int32_t id = 0; id < n_vocab_; ++id) {
-        if (tok.is_special(id)) continue;
-        pieces_[size_t(id)] = tok.token_to_piece(id);
+    for (int32_t id = 0; id < n_vocab_; ++id)
         if (!pieces_[size_t(id)].empty()) ids.push_back(id);
-    }
     std::sort(ids.begin(), ids.end(), [&](int32_t a, int32_t b) {
         return pieces_[size_t(a)] != pieces_[size_t(b)] ? pieces_[size_t(a)] < pieces_[size_t(b)] : a < b;
     });
@@ -527,11 +535,13 @@ const uint32_t * GrammarMatcher::transition(uint32_t stack, uint32_t cp, uint32_
 }
 
 bool GrammarMatcher::feasible(const State & s) const {
-    // The code points the begun character can still become (llama.cpp's bounds, overlongs out).
-    if (s.remain == 1 && s.partial < 2) return false;
+    // The code points the begun character can still become.
     uint32_t lo = s.partial << (6 * s.remain);
-    const uint32_t hi = lo | ((1u << (6 * s.remain)) - 1);
-    if (lo == 0) lo = s.remain == 2 ? 0x800 : 0x10000;
+    uint32_t hi = lo | ((1u << (6 * s.remain)) - 1);
+    if (s.lead == 0xE0 && s.remain == 2) lo = 0x800;
+    if (s.lead == 0xF0 && s.remain == 3) lo = 0x10000;
+    if (s.lead == 0xED) hi = std::min<uint32_t>(hi, 0xD7FF);
+    hi = std::min<uint32_t>(hi, 0x10FFFF);
     for (uint32_t st : s.stacks)
         if (st != 0 && g_->intersects(g_->syms[nodes_[st].pos].arg, lo, hi)) return true;
     return false;
@@ -541,11 +551,17 @@ bool GrammarMatcher::step(const State & in, uint8_t b, State * out) {
     uint32_t cp;
     if (in.remain > 0) {
         if ((b & 0xC0) != 0x80) return false;
+        // The second byte's narrower ranges (RFC 3629): no overlongs, surrogates, or past U+10FFFF.
+        const int len = in.lead >= 0xF0 ? 3 : in.lead >= 0xE0 ? 2 : 1;
+        if (in.remain == len && ((in.lead == 0xE0 && b < 0xA0) || (in.lead == 0xED && b > 0x9F) ||
+                                 (in.lead == 0xF0 && b < 0x90) || (in.lead == 0xF4 && b > 0x8F)))
+            return false;
         cp = (in.partial << 6) | (b & 0x3F);
         if (in.remain > 1) {
             out->stacks = in.stacks;
             out->partial = cp;
             out->remain = in.remain - 1;
+            out->lead = in.lead;
             return feasible(*out);
         }
     } else if (b < 0x80) {
@@ -557,11 +573,13 @@ bool GrammarMatcher::step(const State & in, uint8_t b, State * out) {
         out->stacks = in.stacks;
         out->partial = b & (0x3F >> remain);
         out->remain = remain;
+        out->lead = b;
         return feasible(*out);
     }
     out->stacks.clear();
     out->partial = 0;
     out->remain = 0;
+    out->lead = 0;
     size_t sources = 0;
     for (uint32_t s : in.stacks) {
         if (s == 0) continue;

@@ -16,8 +16,9 @@
 // is refused (it would never end); write it as repetition.
 //
 // Matching is over the text the tokens decode to, as code points; a token may end inside a UTF-8
-// character and the next one complete it. Bytes that can never be UTF-8 (a stray continuation,
-// C0, C1, F5-FF, NUL) are refused, as is an end token where the root cannot be complete. Special
+// character and the next one complete it. Only well-formed UTF-8 passes (RFC 3629: no stray
+// continuation, overlong form, surrogate or code point past U+10FFFF; llama.cpp lets some through),
+// and no NUL; an end token passes only where the root can be complete. Special
 // tokens other than the given end tokens are never allowed (llama.cpp matches a control token's
 // text; moesh does not let `<|im_start|>` pass as characters).
 //
@@ -66,6 +67,9 @@ constexpr uint32_t k_max_grammar_repeat = 10000;
 class GrammarVocab {
 public:
     explicit GrammarVocab(const Tokenizer & tok);
+    // pieces[id]: the token's bytes; empty = never allowed (special tokens). With the 256 single
+    // bytes as tokens, a matcher checks or writes plain text.
+    explicit GrammarVocab(std::vector<std::string> pieces);
     int32_t n_vocab() const { return n_vocab_; }
     const std::string & piece(int32_t id) const;   // empty: never allowed as text
 
@@ -105,8 +109,9 @@ private:
     struct Node { uint32_t pos, parent, depth; };
     struct State {
         std::vector<uint32_t> stacks;   // sorted node ids; 0 = the empty stack (the root is complete)
-        uint32_t partial = 0;           // a UTF-8 character begun: its value so far
-        int32_t remain = 0;             // and how many continuation bytes it still needs
+        uint32_t partial = 0;           // a UTF-8 character begun: its value so far,
+        int32_t remain = 0;             // how many continuation bytes it still needs
+        uint8_t lead = 0;               // and its first byte
     };
 
     uint32_t push(uint32_t parent, uint32_t pos);

@@ -8,7 +8,9 @@
 #include "runtime/expert_placement.h"
 #include "runtime/generate.h"
 #include "runtime/gguf.h"
+#include "runtime/grammar.h"
 #include "runtime/heatmap.h"
+#include "runtime/json_schema.h"
 #include "runtime/mapped_file.h"
 #include "runtime/model.h"
 #include "runtime/npy.h"
@@ -37,6 +39,7 @@
 #include <cstdio>
 #include <iostream>
 #include <map>
+#include <random>
 #include <sstream>
 
 namespace {
@@ -131,6 +134,50 @@ struct ChatOptions {
 };
 
 bool g_debug = false;   // MOESH_LOG=debug
+
+// What the output must match: a GBNF file, a JSON Schema file, or any JSON object.
+struct GrammarOptions {
+    std::string grammar_file, schema_file;
+    bool json_object = false;
+    bool any() const { return !grammar_file.empty() || !schema_file.empty() || json_object; }
+};
+
+std::string read_whole_file(const std::string & path, const char * what) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw Error(path + ": cannot open the " + what + " file");
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+}
+
+// The options' grammar, parsed; throws naming the file and the problem.
+std::shared_ptr<const moesh::Grammar> load_grammar(const GrammarOptions & g) {
+    std::string text, err;
+    std::string source = "--json-object";
+    if (!g.grammar_file.empty()) {
+        source = g.grammar_file;
+        text = read_whole_file(g.grammar_file, "grammar");
+    } else if (!g.schema_file.empty()) {
+        source = g.schema_file;
+        text = moesh::json_schema_to_grammar(read_whole_file(g.schema_file, "JSON Schema"), &err);
+        if (text.empty()) throw Error(source + ": " + err);
+    } else {
+        text = moesh::json_object_grammar();
+    }
+    auto grammar = moesh::Grammar::parse(text, &err);
+    if (!grammar) throw Error(source + ": " + err);
+    return grammar;
+}
+
+void add_grammar_options(CLI::App * app, GrammarOptions & g) {
+    auto * a = app->add_option("--grammar", g.grammar_file,
+                               "A GBNF grammar file (llama.cpp's notation) the output must match; generation ends "
+                               "where the grammar is complete and nothing can follow");
+    auto * b = app->add_option("--json-schema", g.schema_file, "A JSON Schema file the output must be an instance of");
+    auto * c = app->add_flag("--json-object", g.json_object, "The output must be a JSON object");
+    a->excludes(b)->excludes(c);
+    b->excludes(c);
+}
 
 struct CommonOptions {
     std::string model;
@@ -444,7 +491,8 @@ void add_sampling(CLI::App * app, moesh::SamplerParams & sp) {
 
 int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std::string & prompt_text, int64_t n,
             const moesh::SamplerParams & sampling, const std::string & output,
-            const std::string & dump_logits, const std::string & trace_path, const ChatOptions & chat) {
+            const std::string & dump_logits, const std::string & trace_path, const ChatOptions & chat,
+            const GrammarOptions & grammar_opts) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
     apply_expert_budget(co, rc);
     std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
@@ -484,8 +532,19 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
     go.max_batch = rc.max_batch;
     go.kv_block_size = rc.kv_block_size;
     if (std::string e = moesh::validate(go.sampling); !e.empty()) throw Error(e);
+    std::shared_ptr<const moesh::Grammar> grammar;
+    if (grammar_opts.any()) {
+        if (!tok) throw Error(co.model + ": no tokenizer, and a grammar matches text: --grammar/--json-schema/--json-object need one");
+        grammar = load_grammar(grammar_opts);
+    }
 
     moesh::Model model = load_model(co.model, rc.quantize, co.threads >= 0 ? co.threads : rc.threads);
+    if (grammar) {   // its end tokens end generation
+        go.stop_at_eos = true;
+        std::vector<int32_t> ends(model.config().eos_token_ids.begin(), model.config().eos_token_ids.end());
+        ends.insert(ends.end(), go.stop_ids.begin(), go.stop_ids.end());
+        go.grammar = std::make_shared<moesh::GrammarMatcher>(grammar, std::make_shared<const moesh::GrammarVocab>(*tok), ends);
+    }
     auto backend = open_backend(co, rc);
     resolve_kv_type(rc, *backend);
     std::fprintf(stderr, "moesh: backend '%s' (%s)\n", backend->name().c_str(), backend->path().c_str());
@@ -582,6 +641,75 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
                 std::printf("experts: no expert budget (--expert-budget or [[tier]] in --config): every expert read from the mapping\n");
         }
     }
+    return 0;
+}
+
+// Prints the grammar, checks a text against it, or writes random texts it matches.
+int cmd_grammar(const GrammarOptions & g, const std::string & check_file, int64_t n_sample, uint64_t seed, int64_t max_bytes) {
+    const auto grammar = load_grammar(g);
+    // The 256 bytes as tokens, and 256 as the end.
+    std::vector<std::string> bytes(257);
+    for (int b = 0; b < 256; ++b) bytes[size_t(b)] = std::string(1, char(b));
+    const auto vocab = std::make_shared<const moesh::GrammarVocab>(std::move(bytes));
+    constexpr int32_t k_end = 256;
+    if (!check_file.empty()) {
+        const std::string text = read_whole_file(check_file, "text");
+        moesh::GrammarMatcher m(grammar, vocab, {k_end});
+        int64_t line = 1, col = 1;
+        for (size_t i = 0; i < text.size(); ++i) {
+            if (!m.accept(uint8_t(text[i]))) {
+                std::fprintf(stderr, "%s: byte %zu (line %lld, column %lld): the grammar does not allow '%s' here%s%s\n",
+                             check_file.c_str(), i, (long long)line, (long long)col,
+                             moesh::quote_untrusted(text.substr(i, 1), false).c_str(), m.error().empty() ? "" : ": ",
+                             m.error().c_str());
+                return 1;
+            }
+            if (text[i] == '\n') ++line, col = 1;
+            else ++col;
+        }
+        if (!m.can_end()) {
+            std::fprintf(stderr, "%s: the text ends before the grammar is complete\n", check_file.c_str());
+            return 1;
+        }
+        std::fprintf(stderr, "%s: matches\n", check_file.c_str());
+        return 0;
+    }
+    if (n_sample > 0) {
+        std::mt19937_64 rng(seed);
+        std::vector<uint8_t> allowed;
+        std::vector<int32_t> choices;
+        int64_t made = 0, tries = 0;
+        while (made < n_sample) {
+            if (++tries > 20 * n_sample + 100)
+                throw Error("could not finish " + std::to_string(n_sample) + " texts within --max-bytes " + std::to_string(max_bytes));
+            moesh::GrammarMatcher m(grammar, vocab, {k_end});
+            std::string text;
+            bool done = false;
+            while (!done && int64_t(text.size()) <= max_bytes) {
+                // End with a chance of 1/4 where the grammar can, and always past half the budget.
+                if (m.can_end() && (rng() % 4 == 0 || int64_t(text.size()) > max_bytes / 2)) { done = true; break; }
+                if (m.fill_allowed(&allowed) == 0) break;
+                choices.clear();
+                for (int32_t t = 0; t < 256; ++t)
+                    if (allowed[size_t(t)]) choices.push_back(t);
+                if (choices.empty()) { done = m.can_end(); break; }
+                const int32_t t = choices[size_t(rng() % choices.size())];
+                m.accept(t);
+                text += char(t);
+            }
+            if (!done) continue;
+            std::cout << nlohmann::json(text).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << '\n';
+            ++made;
+        }
+        return 0;
+    }
+    if (!g.grammar_file.empty()) {
+        std::fprintf(stderr, "%s: a valid grammar of %zu rules\n", g.grammar_file.c_str(), grammar->rules.size());
+        return 0;
+    }
+    std::string err;
+    std::cout << (g.schema_file.empty() ? moesh::json_object_grammar()
+                                        : moesh::json_schema_to_grammar(read_whole_file(g.schema_file, "JSON Schema"), &err));
     return 0;
 }
 
@@ -1189,6 +1317,8 @@ int main(int argc, char ** argv) {
     });
     run->add_option("-n,--n-predict", n, "Tokens to generate")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 30));
     add_sampling(run, sampling);
+    GrammarOptions run_grammar;
+    add_grammar_options(run, run_grammar);
     run->add_option("--output", output, "text, or json: one JSON object on the last line of stdout")
         ->check(CLI::IsMember({"text", "json"}));
     run->add_option("--dump-logits", dump_logits,
@@ -1263,6 +1393,26 @@ int main(int argc, char ** argv) {
         ->check(CLI::IsMember({"text", "json"}));
     tokenize->callback([&]() {
         if (tok_text.empty() && tok_file.empty() && !*tt) throw CLI::ValidationError("--text or --file is required");
+    });
+
+    CLI::App * grammar_cmd = app.add_subcommand(
+        "grammar", "Print the GBNF grammar a JSON Schema becomes, check a text against a grammar, or write random texts "
+                   "it matches (what `run --grammar`, and the server's grammar, json_schema and response_format, use)");
+    GrammarOptions gr_opts;
+    std::string gr_check;
+    int64_t gr_sample = 0, gr_max_bytes = 4096;
+    uint64_t gr_seed = 0;
+    add_grammar_options(grammar_cmd, gr_opts);
+    grammar_cmd->add_option("--check", gr_check,
+                            "A text file: exit 0 if the grammar matches it whole, else 1 with the byte, line and column "
+                            "where it stops matching");
+    grammar_cmd->add_option("--sample", gr_sample, "Write this many random texts the grammar matches, one JSON string per line")
+        ->check(CLI::Range(int64_t(0), int64_t(100000)));
+    grammar_cmd->add_option("--seed", gr_seed, "Seed for --sample")->capture_default_str();
+    grammar_cmd->add_option("--max-bytes", gr_max_bytes, "Longest text --sample writes (longer ones are drawn again)")
+        ->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+    grammar_cmd->callback([&]() {
+        if (!gr_opts.any()) throw CLI::ValidationError("--grammar, --json-schema or --json-object is required");
     });
 
     CLI::App * inspect = app.add_subcommand("inspect", "Show architecture, hyper-parameters, tensors and expert sizes");
@@ -1359,7 +1509,8 @@ int main(int argc, char ** argv) {
                             "executable; pass --model DIR_OR.gguf");
             std::fprintf(stderr, "moesh: no --model given: using the shipped model %s\n", co.model.c_str());
         }
-        if (*run) return cmd_run(co, prompt_ids, prompt_text, n, sampling, output, dump_logits, trace_path, chat);
+        if (*run) return cmd_run(co, prompt_ids, prompt_text, n, sampling, output, dump_logits, trace_path, chat, run_grammar);
+        if (*grammar_cmd) return cmd_grammar(gr_opts, gr_check, gr_sample, gr_seed, gr_max_bytes);
         if (*tokenize) return cmd_tokenize(tok_model, tok_text, tok_file, tok_add_special, tok_output);
         if (*inspect) return cmd_inspect(ico);
         if (*quant) return cmd_quantize(q_in, q_out, q_type, q_class, q_threads);

@@ -1,5 +1,7 @@
 #include "runtime/sampler.h"
 
+#include "runtime/grammar.h"
+
 #include <algorithm>
 #include <cmath>
 #include <numeric>
@@ -62,10 +64,17 @@ const float * Sampler::penalize(const float * logits, int64_t n_vocab) {
     return work_.data();
 }
 
-int32_t Sampler::sample(const float * logits, int64_t n_vocab) {
-    if (!penalized()) return draw(logits, n_vocab);
-    const int32_t t = draw(penalize(logits, n_vocab), n_vocab);
-    accept(t);
+int32_t Sampler::sample(const float * logits, int64_t n_vocab, GrammarMatcher * grammar) {
+    const float * row = penalized() ? penalize(logits, n_vocab) : logits;
+    int32_t t = draw(row, n_vocab);
+    if (grammar && !grammar->allows(t)) {
+        if (grammar->fill_allowed(&allowed_) == 0) return -1;
+        masked_.assign(row, row + n_vocab);
+        for (int64_t i = 0; i < n_vocab; ++i)
+            if (!allowed_[size_t(i)]) masked_[size_t(i)] = -INFINITY;
+        t = draw(masked_.data(), n_vocab);
+    }
+    if (penalized()) accept(t);
     return t;
 }
 
@@ -159,8 +168,10 @@ int32_t Sampler::draw(const float * logits, int64_t n_vocab) {
         r -= probs_[size_t(idx_[size_t(i)])];
         if (r <= 0.0) return idx_[size_t(i)];
     }
-    ensure_sorted(n);
-    return idx_[size_t(n - 1)];
+    ensure_sorted(n);   // rounding left r > 0: the last candidate with any weight (never a -inf one)
+    for (int64_t i = n - 1; i > 0; --i)
+        if (probs_[size_t(idx_[size_t(i)])] > 0.0f) return idx_[size_t(i)];
+    return idx_[0];
 }
 
 } // namespace moesh

@@ -29,6 +29,8 @@
 
 namespace moesh {
 
+class GrammarMatcher;
+
 struct SamplerParams {
     float temperature = 0.0f;
     int32_t top_k = 0;      // 0 = off
@@ -49,7 +51,10 @@ public:
     // [0, n_vocab) are ignored).
     explicit Sampler(const SamplerParams & params, int64_t n_vocab = 0, const std::vector<int32_t> & prompt = {});
     // The next token from logits [n_vocab], which stay as they are; it counts as output.
-    int32_t sample(const float * logits, int64_t n_vocab);
+    // With a grammar, a token it refuses is drawn again among the tokens it allows (llama.cpp's
+    // order: without truncation this is exactly the distribution restricted to them); -1 when it
+    // allows none. The caller advances the grammar.
+    int32_t sample(const float * logits, int64_t n_vocab, GrammarMatcher * grammar = nullptr);
     // Counts token as output without sampling it (replaying a history).
     void accept(int32_t token);
     // logits [n_vocab] with the bias and penalties applied, in a buffer of the Sampler's (valid
@@ -70,6 +75,8 @@ private:
     std::vector<uint8_t> in_prompt_;
     std::vector<int32_t> seen_;
     std::vector<float> work_;
+    std::vector<uint8_t> allowed_;   // grammar only: [n_vocab]
+    std::vector<float> masked_;      // grammar only: the row with refused tokens at -inf
 };
 
 constexpr int32_t k_max_top_logprobs = 20;

@@ -223,7 +223,12 @@ bool Scheduler::step() {
             if (s.req.on_prompt_logprobs) s.req.on_prompt_logprobs(s.handle, p + 1, logprobs_);
             continue;
         }
-        const int32_t tok = s.sampler->sample(row_logits, c.n_vocab);
+        const int32_t tok = s.sampler->sample(row_logits, c.n_vocab, s.req.grammar.get());
+        if (tok < 0) {   // the grammar allows no token here
+            ended.push_back({i, FinishReason::Stop});
+            continue;
+        }
+        if (s.req.grammar) s.req.grammar->accept(tok);
         if (s.generated.empty()) s.first_token = Clock::now();
         s.generated.push_back(tok);
         ++stats_.tokens_generated;
@@ -236,6 +241,8 @@ bool Scheduler::step() {
         if (!keep) ended.push_back({i, FinishReason::Stop});
         else if (std::find(s.req.stop_ids.begin(), s.req.stop_ids.end(), tok) != s.req.stop_ids.end())
             ended.push_back({i, FinishReason::Eos});
+        else if (s.req.grammar && s.req.grammar->must_end())
+            ended.push_back({i, FinishReason::Stop});
         else if (int64_t(s.generated.size()) >= s.req.max_tokens)
             ended.push_back({i, FinishReason::Length});
     }

@@ -24,6 +24,7 @@
 #include "runtime/forward.h"
 #include "runtime/kv_cache.h"
 #include "runtime/model.h"
+#include "runtime/grammar.h"
 #include "runtime/sampler.h"
 
 #include <chrono>
@@ -62,6 +63,9 @@ struct GenRequest {
     int64_t max_tokens = 16;
     SamplerParams sampling;
     std::vector<int32_t> stop_ids;   // end the request when sampled (e.g. the model's EOS)
+    // Null, or what the output must match (runtime/grammar.h; its end tokens should be stop_ids):
+    // only tokens it allows are sampled, and the request ends (Stop) once nothing can follow.
+    std::shared_ptr<GrammarMatcher> grammar;
     // -1: none; 0..k_max_top_logprobs: each token's log-probability and this many of the most
     // likely tokens (token_logprobs in runtime/sampler.h), given to on_token.
     int32_t logprobs = -1;

@@ -142,7 +142,9 @@ ws ::= | " " | "\n" [ \t]{0,20}
             count += allowed[size_t(id)];
         }
         ASSERT_EQ(n, count);
-        if (i < ids.size()) ASSERT_TRUE(m.accept(ids[i])) << "token " << i << " '" << tok.token_to_piece(ids[i]) << "'";
+        if (i < ids.size()) {
+            ASSERT_TRUE(m.accept(ids[i])) << "token " << i << " '" << tok.token_to_piece(ids[i]) << "'";
+        }
     }
     EXPECT_TRUE(m.can_end());
 }
