@@ -77,7 +77,8 @@ private:
 
     uint32_t new_rule(const std::string & base) {
         std::string name;
-        do name = base + "-" + std::to_string(++n_generated_); while (ids_.count(name));
+        // '~' cannot be written in a rule name, so a rule defined later cannot clash with it.
+        name = base + "~" + std::to_string(++n_generated_);
         const uint32_t id = rule_id(name, p_);
         defined_[id] = true;
         return id;

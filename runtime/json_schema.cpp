@@ -24,17 +24,21 @@ struct Refused {
 const std::map<std::string, std::string> & primitives() {
     static const std::map<std::string, std::string> p = {
         {"ws", "[ \\t\\n]{0,32}"},
-        {"char", "[^\"\\\\\\x7F\\x00-\\x1F] | \"\\\\\" ([\"\\\\/bfnrt] | \"u\" [0-9a-fA-F]{4})"},
+        {"char", "[^\"\\\\\\x00-\\x1F] | \"\\\\\" ([\"\\\\/bfnrt] | \"u\" [0-9a-fA-F]{4})"},
         {"string", "\"\\\"\" char* \"\\\"\""},
         {"integer", "\"-\"? (\"0\" | [1-9] [0-9]{0,15})"},
-        {"number", "integer (\".\" [0-9]{1,16})? ([eE] [-+]? [0-9]{1,3})?"},
+        {"number", "integer (\".\" [0-9]{1,16})? ([eE] [-+]? [0-9]{1,2})?"},
         {"boolean", "\"true\" | \"false\""},
         {"null", "\"null\""},
         {"value", "object | array | string | number | boolean | null"},
         {"object", "\"{\" ws ( string ws \":\" ws value ( ws \",\" ws string ws \":\" ws value )* ws )? \"}\""},
         {"array", "\"[\" ws ( value ( ws \",\" ws value )* ws )? \"]\""},
         {"uuid", "\"\\\"\" [0-9a-fA-F]{8} \"-\" [0-9a-fA-F]{4} \"-\" [0-9a-fA-F]{4} \"-\" [0-9a-fA-F]{4} \"-\" [0-9a-fA-F]{12} \"\\\"\""},
-        {"date-part", "[0-9]{4} \"-\" ( \"0\" [1-9] | \"1\" [0-2] ) \"-\" ( \"0\" [1-9] | [12] [0-9] | \"3\" [01] )"},
+        // a real calendar date: 30-day months, February's 28 days and the 29th of leap years
+        {"date-part", "[0-9]{4} \"-\" ( ( \"0\" [13578] | \"1\" [02] ) \"-\" ( \"0\" [1-9] | [12] [0-9] | \"3\" [01] ) | "
+                      "( \"0\" [469] | \"11\" ) \"-\" ( \"0\" [1-9] | [12] [0-9] | \"30\" ) | \"02-\" ( \"0\" [1-9] | \"1\" [0-9] | \"2\" [0-8] ) ) | "
+                      "leap-year \"-02-29\""},
+        {"leap-year", "[0-9] [0-9] ( \"0\" [48] | [2468] [048] | [13579] [26] ) | ( \"0\" [048] | [2468] [048] | [13579] [26] ) \"00\""},
         {"time-part", "( [01] [0-9] | \"2\" [0-3] ) \":\" [0-5] [0-9] \":\" [0-5] [0-9] ( \".\" [0-9]{1,9} )? ( \"Z\" | [+-] ( [01] [0-9] | \"2\" [0-3] ) \":\" [0-5] [0-9] )"},
         {"date", "\"\\\"\" date-part \"\\\"\""},
         {"time", "\"\\\"\" time-part \"\\\"\""},
@@ -49,6 +53,7 @@ const std::map<std::string, std::vector<std::string>> & primitive_uses() {
         {"value", {"object", "array", "string", "number", "boolean", "null"}},
         {"object", {"ws", "string", "value"}}, {"array", {"ws", "value"}},
         {"date", {"date-part"}},   {"time", {"time-part"}}, {"date-time", {"date-part", "time-part"}},
+        {"date-part", {"leap-year"}},
     };
     return u;
 }
@@ -146,6 +151,22 @@ private:
         if (s.contains("uniqueItems") && s.at("uniqueItems") == true) refuse(at, "'uniqueItems' is not supported");
     }
 
+    // The JSON value v as written compactly, but with whitespace allowed where JSON allows it.
+    std::string value_literal(const json & v) {
+        if (!v.is_structured()) return literal(v.dump());
+        use("ws");
+        const bool obj = v.is_object();
+        std::string out = obj ? "( \"{\" ws" : "( \"[\" ws";
+        bool first = true;
+        for (auto it = v.begin(); it != v.end(); ++it) {
+            out += first ? " " : " ws \",\" ws ";
+            if (obj) out += literal(json(it.key()).dump()) + " ws \":\" ws ";
+            out += value_literal(it.value());
+            first = false;
+        }
+        return out + (first ? "" : " ws") + (obj ? " \"}\" )" : " \"]\" )");
+    }
+
     static int64_t count(const json & s, const char * key, const std::string & at, int64_t dflt) {
         if (!s.contains(key)) return dflt;
         const json & v = s.at(key);
@@ -175,11 +196,11 @@ private:
             bodies_[name] = body;
             return name;
         }
-        if (auto it = s.find("const"); it != s.end()) return add(hint, literal(it->dump()));
+        if (auto it = s.find("const"); it != s.end()) return add(hint, value_literal(*it));
         if (auto it = s.find("enum"); it != s.end()) {
             if (!it->is_array() || it->empty()) refuse(at + "/enum", "must be a non-empty array");
             std::string body;
-            for (const json & v : *it) body += (body.empty() ? "" : " | ") + literal(v.dump());
+            for (const json & v : *it) body += (body.empty() ? "" : " | ") + value_literal(v);
             return add(hint, body);
         }
         for (const char * k : {"anyOf", "oneOf"})
@@ -281,8 +302,9 @@ private:
         }
         const json * extra = s.contains("additionalProperties") ? &s.at("additionalProperties") : nullptr;
         if (props.empty() && (!extra || *extra == true)) return use("object");
-        std::string extra_pair;   // a property the schema does not name
-        if (extra && !(extra->is_boolean() && !extra->get<bool>())) {
+        std::string extra_pair;   // a property the schema does not name (only when it names none:
+                                  // a grammar cannot easily say "any key but these")
+        if (props.empty() && extra && !(extra->is_boolean() && !extra->get<bool>())) {
             const std::string v = visit(*extra, hint + "-extra", at + "/additionalProperties", depth + 1);
             extra_pair = use("string") + " ws \":\" ws " + v;
         }

@@ -658,7 +658,7 @@ int cmd_grammar(const GrammarOptions & g, const std::string & check_file, int64_
         int64_t line = 1, col = 1;
         for (size_t i = 0; i < text.size(); ++i) {
             if (!m.accept(uint8_t(text[i]))) {
-                std::fprintf(stderr, "%s: byte %zu (line %lld, column %lld): the grammar does not allow '%s' here%s%s\n",
+                std::fprintf(stderr, "%s: offset %zu (line %lld, column %lld): the grammar does not allow %s here%s%s\n",
                              check_file.c_str(), i, (long long)line, (long long)col,
                              moesh::quote_untrusted(text.substr(i, 1), false).c_str(), m.error().empty() ? "" : ": ",
                              m.error().c_str());
@@ -841,7 +841,8 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
 
 // One request to a server; streamed text as it comes, or the final frame.
 int cmd_client(const std::string & endpoint, const std::string & prompt, const std::string & prompt_ids, int64_t max_tokens,
-               const moesh::SamplerParams & sp, int logprobs, bool stream, const std::string & output, double timeout_s) {
+               const moesh::SamplerParams & sp, int logprobs, bool stream, const std::string & output, double timeout_s,
+               const GrammarOptions & grammar) {
     moesh::Client c(endpoint);
     nlohmann::json req = {{"id", "moesh-client-" + std::to_string(::getpid())},
                           {"max_tokens", max_tokens},
@@ -856,6 +857,17 @@ int cmd_client(const std::string & endpoint, const std::string & prompt, const s
     if (sp.presence_penalty != 0.0f) req["presence_penalty"] = sp.presence_penalty;
     if (!prompt_ids.empty()) req["prompt_ids"] = parse_ids(prompt_ids);
     else req["prompt"] = prompt;
+    // A schema is sent as the grammar it becomes here (a request's JSON would not keep its key order).
+    if (grammar.any()) {
+        (void)load_grammar(grammar);   // refused here, with the file's name, rather than by the server
+        req["grammar"] = grammar.grammar_file.empty() ? std::string() : read_whole_file(grammar.grammar_file, "grammar");
+        if (!grammar.schema_file.empty()) {
+            std::string err;
+            req["grammar"] = moesh::json_schema_to_grammar(read_whole_file(grammar.schema_file, "JSON Schema"), &err);
+        } else if (grammar.json_object) {
+            req["grammar"] = moesh::json_object_grammar();
+        }
+    }
     auto r = c.request(req, std::chrono::milliseconds(int64_t(timeout_s * 1000)), [&](const moesh::protocol::Response & f) {
         if (output == "text") {
             const std::string piece = f.body.value("text", "");
@@ -1450,6 +1462,8 @@ int main(int argc, char ** argv) {
                        "with --output json)")
         ->check(CLI::Range(0, 20));
     client->add_flag("--stream", cl_stream, "Print tokens as they are generated");
+    GrammarOptions cl_grammar;
+    add_grammar_options(client, cl_grammar);
     client->add_option("--output", cl_output, "text, or json: the frames as JSON lines")->check(CLI::IsMember({"text", "json"}));
     client->add_option("--timeout", cl_timeout, "Seconds to wait for the answer")->capture_default_str();
 
@@ -1526,7 +1540,8 @@ int main(int argc, char ** argv) {
         }
         if (*client) {
             if (cl_prompt.empty() && cl_ids.empty()) throw Error("client: give --prompt or --prompt-ids");
-            return cmd_client(cl_endpoint, cl_prompt, cl_ids, cl_max, cl_sampling, cl_logprobs, cl_stream, cl_output, cl_timeout);
+            return cmd_client(cl_endpoint, cl_prompt, cl_ids, cl_max, cl_sampling, cl_logprobs, cl_stream, cl_output, cl_timeout,
+                              cl_grammar);
         }
         if (*ppl) return cmd_perplexity(pco, ppl_file, ppl_ctx, ppl_batch, ppl_chunks, ppl_output, ppl_trace);
     } catch (const moesh::BackendError & e) {

@@ -3,6 +3,7 @@
 #include "experts/device_experts.h"
 #include "experts/expert_store.h"
 #include "runtime/error.h"
+#include "runtime/json_schema.h"
 
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
@@ -225,6 +226,17 @@ void Server::generate(const Origin & from, protocol::Request && req) {
         g.prompt = tok_->encode(*req.prompt, /*add_special=*/true);
     }
     g.stop_ids.insert(g.stop_ids.end(), eos_.begin(), eos_.end());
+    if (req.grammar || req.json_schema) {
+        std::string why;
+        std::shared_ptr<const Grammar> grammar = request_grammar(req, &why);
+        if (!grammar) {
+            ++stats_.bad_requests;
+            send(from, error_frame(req.id, ErrorCode::BadRequest, why));
+            return;
+        }
+        if (!grammar_vocab_) grammar_vocab_ = std::make_shared<const GrammarVocab>(*tok_);
+        g.grammar = std::make_shared<GrammarMatcher>(std::move(grammar), grammar_vocab_, g.stop_ids);
+    }
     g.max_tokens = req.max_tokens;
     g.sampling = SamplerParams{req.temperature,        req.top_k,             req.top_p,
                                req.seed,               req.repetition_penalty, req.frequency_penalty,
@@ -288,6 +300,33 @@ void Server::generate(const Origin & from, protocol::Request && req) {
             for (int32_t t : prompt) (void)act.decoder->push(t);
     }
     if (act.scoring) act.prompt = std::move(prompt);
+}
+
+std::shared_ptr<const Grammar> Server::request_grammar(const protocol::Request & req, std::string * why) {
+    const char * field = req.grammar ? "grammar" : "json_schema";
+    if (!tok_) {
+        *why = std::string("field '") + field + "': this model has no tokenizer, and a grammar matches text";
+        return nullptr;
+    }
+    std::string text = req.grammar ? *req.grammar : json_schema_to_grammar(*req.json_schema, why);
+    if (text.empty()) {
+        *why = "field 'json_schema': " + *why;
+        return nullptr;
+    }
+    for (size_t i = 0; i < grammars_.size(); ++i)
+        if (grammars_[i].first == text) {
+            std::rotate(grammars_.begin(), grammars_.begin() + long(i), grammars_.begin() + long(i) + 1);
+            return grammars_.front().second;
+        }
+    std::shared_ptr<const Grammar> g = Grammar::parse(text, why);
+    if (!g) {
+        *why = std::string("field '") + field + "': " + *why;
+        return nullptr;
+    }
+    constexpr size_t k_cached = 16;
+    grammars_.insert(grammars_.begin(), {std::move(text), g});
+    if (grammars_.size() > k_cached) grammars_.pop_back();
+    return g;
 }
 
 void Server::handle(const Origin & from, const std::string & body, bool draining) {

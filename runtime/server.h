@@ -128,6 +128,9 @@ private:
     protocol::TokenLogprob token_logprob(int32_t token, float logprob) const;
     protocol::Logprobs logprobs_entry(int32_t token, const TokenLogprobs * lp) const;   // lp null: logprob unknown
     void on_done(uint64_t handle, FinishReason why, const std::vector<int32_t> & tokens, const RequestTimings & t);
+    // The request's grammar (grammar or json_schema), compiled or from the cache; null and *why
+    // when it is invalid.
+    std::shared_ptr<const Grammar> request_grammar(const protocol::Request & req, std::string * why);
 
     const Model & model_;
     const Tokenizer * tok_;
@@ -147,6 +150,9 @@ private:
     SchedulerStats logged_;
     int64_t logged_tokens_out_ = 0;
     std::vector<int32_t> eos_;
+    std::shared_ptr<const GrammarVocab> grammar_vocab_;   // built at the first grammar
+    // The last grammars compiled, most recent first: requests often repeat a schema.
+    std::vector<std::pair<std::string, std::shared_ptr<const Grammar>>> grammars_;
     size_t max_stop_bytes_ = 0;
     ServerStats stats_;
     LocalPort * port_ = nullptr;

@@ -12,7 +12,7 @@ using json = nlohmann::json;
 using ojson = nlohmann::ordered_json;   // bodies keep OpenAI's field order for people reading them
 
 // The body nests object > messages > message > content parts > part: 6 is room to spare.
-constexpr int max_body_depth = 8;
+constexpr int max_body_depth = 64;   // JSON Schemas nest
 
 HttpError bad(std::string message, std::string param = {}) { return HttpError{400, "invalid_request_error", std::move(message), std::move(param), {}}; }
 
@@ -33,7 +33,6 @@ bool one(const json & v) { return v.is_number_integer() && v.get<int64_t>() == 1
 bool falsy(const json & v) { return v.is_boolean() && !v.get<bool>(); }
 bool empty_array(const json & v) { return v.is_array() && v.empty(); }
 bool empty_string(const json & v) { return v.is_string() && v.get_ref<const std::string &>().empty(); }
-bool text_format(const json & v) { return v.is_object() && v.size() == 1 && v.value("type", json()) == "text"; }
 bool none_choice(const json & v) { return v == "none"; }
 bool any_string(const json & v) { return v.is_string(); }
 bool any_bool(const json & v) { return v.is_boolean(); }
@@ -48,7 +47,6 @@ constexpr OffOnly completion_off[] = {
     {"suffix", empty_string, "\"\"", "insertion (suffix) is not implemented"},
 };
 constexpr OffOnly chat_off[] = {
-    {"response_format", text_format, "{\"type\": \"text\"}", "constrained output (JSON mode) is not implemented"},
     {"tools", empty_array, "[]", "tool calling is not implemented"},
     {"tool_choice", none_choice, "\"none\"", "tool calling is not implemented"},
     {"parallel_tool_calls", any_bool, "true or false", ""},
@@ -282,6 +280,8 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
     bool have_max = false, have_seed = false, have_temperature = false;
     const json * stream_options = nullptr;
     bool echo = false;
+    const json * response_format = nullptr;
+    const char * constraint = nullptr;      // "grammar" or "json_schema" (llama-server's fields)
     const json * chat_logprobs = nullptr;   // chat: "logprobs" (true/false) and "top_logprobs" (how many)
     const json * top_logprobs = nullptr;
     for (const auto & item : o.items()) {
@@ -314,6 +314,13 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
             else frame["logprobs"] = v;   // how many most likely tokens; the protocol checks it
         } else if (chat && k == "top_logprobs") {
             top_logprobs = &v;
+        } else if (k == "response_format") {
+            response_format = &v;
+        } else if (k == "grammar" || k == "json_schema") {
+            if (constraint) return bad("fields 'grammar' and 'json_schema': give one, not both", k);
+            constraint = k == "grammar" ? "grammar" : "json_schema";
+            if (k == "grammar") frame["grammar"] = v;   // a json_schema keeps its key order: added below
+            else if (!v.is_object()) return expected("json_schema", "an object (a JSON Schema)", v);
         } else if (!chat && k == "echo") {
             if (!v.is_boolean()) return expected("echo", "true or false", v);
             echo = v.get<bool>();
@@ -367,9 +374,51 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
         if (const auto lp = frame.find("logprobs"); lp != frame.end() && lp->is_number_integer())
             frame["prompt_logprobs"] = *lp;   // else the protocol refuses 'logprobs' itself
     }
+    // The JSON Schema to follow, as a path in the body (read again with its keys in order).
+    std::vector<std::string> schema_path;
+    if (constraint && std::string(constraint) == "json_schema") schema_path = {"json_schema"};
+    if (response_format) {
+        const json & rf = *response_format;
+        const auto type = rf.is_object() ? rf.find("type") : rf.end();
+        if (!rf.is_object() || type == rf.end() || !type->is_string())
+            return expected("response_format", "an object {\"type\": \"text\" | \"json_object\" | \"json_schema\"}", rf);
+        for (const auto & [k, v] : rf.items())
+            if (k != "type" && !(k == "json_schema" && *type == "json_schema"))
+                return bad("unknown field 'response_format." + printable(k) + "'", "response_format." + printable(k));
+        if (*type != "text" && constraint)
+            return bad(std::string("fields 'response_format' and '") + constraint + "': give one, not both", "response_format");
+        if (*type == "json_object") {
+            frame["json_schema"] = {{"type", "object"}};
+        } else if (*type == "json_schema") {
+            const auto js = rf.find("json_schema");
+            if (js == rf.end() || !js->is_object())
+                return expected("response_format.json_schema", "an object {\"name\", \"schema\", \"strict\", \"description\"}",
+                                js == rf.end() ? json() : *js);
+            for (const auto & [k, v] : js->items()) {
+                if (k == "schema" && !v.is_object() && !v.is_boolean()) return expected("response_format.json_schema.schema", "an object (a JSON Schema)", v);
+                if ((k == "name" || k == "description") && !v.is_string()) return expected("response_format.json_schema." + k, "a string", v);
+                if (k == "strict" && !v.is_boolean() && !v.is_null()) return expected("response_format.json_schema.strict", "true or false", v);
+                if (k != "schema" && k != "name" && k != "description" && k != "strict")
+                    return bad("unknown field 'response_format.json_schema." + printable(k) + "'", "response_format.json_schema." + printable(k));
+            }
+            if (js->contains("schema")) schema_path = {"response_format", "json_schema", "schema"};
+            else frame["json_schema"] = {{"type", "object"}};   // OpenAI requires one; any object then
+        } else if (*type != "text") {
+            return expected("response_format.type", "one of \"text\", \"json_object\", \"json_schema\"", *type);
+        }
+    }
     if (!have_max) frame["max_tokens"] = d.max_tokens;
     if (!have_temperature) frame["temperature"] = 1.0;   // OpenAI's default: sampling
     if (!have_seed) frame["seed"] = d.seed;
+    if (!schema_path.empty()) {   // properties are generated in the schema's order: keep it
+        ojson ordered = ojson::parse(frame.dump(-1, ' ', false, json::error_handler_t::replace));
+        const ojson body_doc = ojson::parse(body);
+        const ojson * schema = &body_doc;
+        for (const auto & key : schema_path) schema = &schema->at(key);
+        ordered["json_schema"] = *schema;
+        t.frame = dump(ordered);
+        return t;
+    }
     t.frame = frame.dump(-1, ' ', false, json::error_handler_t::replace);
     return t;
 }

@@ -19,7 +19,7 @@ using ojson = nlohmann::ordered_json;   // frames keep "type" and "id" first for
 
 // A request nests three deep (object, messages, message); anything deeper is
 // refused while parsing, before it costs memory. Pong info is the server's own.
-constexpr int max_request_depth = 8;
+constexpr int max_request_depth = 64;   // JSON Schemas nest (an object's properties' items' ...)
 constexpr int max_response_depth = 64;
 
 constexpr uint64_t max_seed = std::numeric_limits<uint64_t>::max();
@@ -153,7 +153,7 @@ bool generate_field(std::string_view k) {
     static constexpr std::string_view fields[] = {
         "prompt", "prompt_ids", "messages", "max_tokens", "temperature",        "top_p",             "top_k",
         "seed",   "stop",       "stream",   "logprobs",   "repetition_penalty", "frequency_penalty", "presence_penalty",
-        "prompt_logprobs", "logit_bias", "echo"};
+        "prompt_logprobs", "logit_bias", "echo", "grammar", "json_schema"};
     for (std::string_view f : fields)
         if (k == f) return true;
     return false;
@@ -257,6 +257,17 @@ public:
             r.repetition_penalty = float(d);
         }
         if (auto it = o.find("logit_bias"); it != o.end() && !read_logit_bias(*it, r.logit_bias)) return fail(error_);
+        if (auto it = o.find("grammar"); it != o.end()) {
+            if (!it->is_string() || it->get_ref<const std::string &>().empty())
+                return fail(expected("grammar", "a non-empty string (GBNF)", *it));
+            r.grammar = it->get<std::string>();
+        }
+        if (auto it = o.find("json_schema"); it != o.end()) {
+            if (!it->is_object() && !it->is_boolean()) return fail(expected("json_schema", "an object (a JSON Schema)", *it));
+            if (r.grammar) return fail("fields 'grammar' and 'json_schema': give one, not both");
+            // Read again keeping key order: properties are generated in the order the schema gives.
+            r.json_schema = nlohmann::ordered_json::parse(bytes).at("json_schema").dump();
+        }
         for (const char * k : {"frequency_penalty", "presence_penalty"})
             if (auto it = o.find(k); it != o.end()) {
                 double d = 0;
@@ -659,6 +670,8 @@ std::string request_frame(const Request & r) {
         ojson & b = o["logit_bias"] = ojson::object();
         for (const auto & [t, v] : r.logit_bias) b[std::to_string(t)] = float_value(v);
     }
+    if (r.grammar) o["grammar"] = *r.grammar;
+    if (r.json_schema) o["json_schema"] = ojson::parse(*r.json_schema);
     return dump(o);
 }
 

@@ -74,10 +74,10 @@ def read_endpoint(proc):
     return line.decode(errors="replace").split("\n")[0]
 
 
-def moesh_run(moesh, model, prompt, n):
+def moesh_run(moesh, model, prompt, n, extra=()):
     """The tokens `moesh run` generates alone, greedily."""
     out = subprocess.run([moesh, "run", "--model", model, "--prompt", prompt, "-n", str(n), "--output", "json",
-                          "--threads", THREADS], capture_output=True, text=True, timeout=120)
+                          "--threads", THREADS, *extra], capture_output=True, text=True, timeout=120)
     if out.returncode != 0:
         raise RuntimeError(f"moesh run failed ({out.returncode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["tokens"]
@@ -131,6 +131,30 @@ def run_tests(c, moesh, model, eos_ids):
           f"max_tokens 0 with prompt_logprobs scores the prompt: {len(pl)} entries, text {scored['prompt_text']!r}")
     banned = c.generate(prompt=p, max_tokens=6, logit_bias={done["tokens"][0]: -100}, timeout=60)
     check(banned["tokens"][0] != done["tokens"][0], "logit_bias -100 bans the greedy first token")
+
+    # A JSON Schema: the text is an instance (keys in the schema's order), ended by the grammar
+    # itself, with the tokens `moesh run --json-schema` picks; a bad grammar is refused by name.
+    schema = {"type": "object", "properties": {"zeta": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "alpha": {"enum": ["yes", "no"]}},
+              "required": ["zeta", "alpha"], "additionalProperties": False}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(schema, f)
+    try:
+        want = moesh_run(moesh, model, p, 40, ["--json-schema", f.name])
+    finally:
+        os.unlink(f.name)
+    shaped = c.generate(prompt=p, max_tokens=40, json_schema=schema, timeout=60)
+    doc = json.loads(shaped["text"])
+    check(shaped["finish_reason"] == "stop" and list(doc) == ["zeta", "alpha"] and doc["alpha"] in ("yes", "no")
+          and 0 <= doc["zeta"] <= 99, f"json_schema: an instance, ended by the grammar: {shaped['text']!r}")
+    check(shaped["tokens"] == want, f"json_schema: moesh run --json-schema's tokens {want} vs {shaped['tokens']}")
+    kw = c.generate(prompt=p, max_tokens=10, grammar='root ::= "yes" | "no" | "maybe"', timeout=60)
+    check(kw["text"] in ("yes", "no", "maybe") and kw["finish_reason"] == "stop", f"grammar: {kw['text']!r}")
+    try:
+        c.generate(prompt=p, max_tokens=4, grammar="root ::= x", timeout=60)
+        check(False, "an undefined rule is refused")
+    except MoeshError as e:
+        check("rule 'x' is used but never defined" in str(e), f"an undefined rule is refused by name: {e}")
 
     # Two requests on one socket: the generate() reads the stream's frames and queues them for it.
     s = c.stream(prompt=prompts[0], max_tokens=n, timeout=60)

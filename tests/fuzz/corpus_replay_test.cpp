@@ -60,6 +60,10 @@ TEST(FuzzCorpus, RequestSeedsParseAsLabelledAndNothingCrashes) { replay("request
 
 TEST(FuzzCorpus, OpenAiSeedsParseAsLabelledAndNothingCrashes) { replay("openai", openai_one_input, 20); }
 
+TEST(FuzzCorpus, GrammarSeedsParseAsLabelledAndNothingCrashes) { replay("grammar", grammar_one_input, 12); }
+
+TEST(FuzzCorpus, JsonSchemaSeedsParseAsLabelledAndNothingCrashes) { replay("json_schema", json_schema_one_input, 12); }
+
 TEST(FuzzCorpus, NpySeedsParseAsLabelledAndNothingCrashes) { replay("npy", npy_one_input, 8); }
 
 TEST(FuzzCorpus, GgufSeedsParseAsLabelledAndNothingCrashes) { replay("gguf", gguf_one_input, 16); }

@@ -20,5 +20,7 @@ bool tokenizer_gguf_one_input(const uint8_t * data, size_t size);
 bool route_trace_one_input(const uint8_t * data, size_t size);
 bool request_one_input(const uint8_t * data, size_t size);   // transport/protocol.h: parse_request
 bool openai_one_input(const uint8_t * data, size_t size);    // transport/openai.h: translate
+bool grammar_one_input(const uint8_t * data, size_t size);       // runtime/grammar.h: Grammar::parse, matching
+bool json_schema_one_input(const uint8_t * data, size_t size);   // runtime/json_schema.h
 
 } // namespace moesh::fuzz

@@ -105,6 +105,38 @@ TEST(OpenAi, UnhonouredValuesAreRefusedByName) {
                                            {"echo", false}, {"best_of", 1}, {"logit_bias", json::object()}, {"suffix", ""}});
 }
 
+TEST(OpenAi, ResponseFormatBecomesAJsonSchemaInItsKeyOrder) {
+    auto frame_text = [](Endpoint e, const std::string & body) {
+        auto t = translate(e, body, defaults());
+        if (auto * err = std::get_if<HttpError>(&t)) return "refused: " + err->message;
+        return std::get<Translated>(t).frame;
+    };
+    const std::string schema = R"({"type":"object","properties":{"zeta":{"type":"string"},"alpha":{"type":"integer"}},"required":["zeta"]})";
+    const std::string f = frame_text(Endpoint::Chat, R"({"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"n","strict":true,"schema":)" + schema + "}}}");
+    EXPECT_NE(f.find(R"("json_schema":)" + schema), std::string::npos) << f;
+    EXPECT_EQ(frame_of(Endpoint::Chat, json::parse(R"({"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}})"))["json_schema"],
+              json({{"type", "object"}}));
+    EXPECT_FALSE(frame_of(Endpoint::Chat, json::parse(R"({"messages":[{"role":"user","content":"x"}],"response_format":{"type":"text"}})")).contains("json_schema"));
+    // llama-server's fields, on both endpoints
+    EXPECT_EQ(frame_of(Endpoint::Completions, {{"prompt", "x"}, {"grammar", "root ::= \"a\""}})["grammar"], "root ::= \"a\"");
+    const std::string c = frame_text(Endpoint::Completions, R"({"prompt":"x","json_schema":)" + schema + "}");
+    EXPECT_NE(c.find(R"("json_schema":)" + schema), std::string::npos) << c;
+    struct Case { const char * body; const char * param; const char * says; };
+    for (const Case & e : {Case{R"({"prompt":"x","response_format":{"type":"yaml"}})", "response_format.type", "one of"},
+                           Case{R"({"prompt":"x","response_format":"json"})", "response_format", "expected an object"},
+                           Case{R"({"prompt":"x","response_format":{"type":"json_schema"}})", "response_format.json_schema", "expected an object"},
+                           Case{R"({"prompt":"x","response_format":{"type":"json_schema","json_schema":{"schema":{},"nme":"a"}}})",
+                                "response_format.json_schema.nme", "unknown field"},
+                           Case{R"({"prompt":"x","response_format":{"type":"json_object"},"grammar":"root ::= \"a\""})", "response_format", "give one"},
+                           Case{R"({"prompt":"x","grammar":"root ::= \"a\"","json_schema":{}})", "json_schema", "give one"},
+                           Case{R"({"prompt":"x","json_schema":[]})", "json_schema", "expected an object"}}) {
+        const HttpError err = error_of(Endpoint::Completions, e.body);
+        EXPECT_EQ(err.status, 400) << e.body;
+        EXPECT_EQ(err.param, e.param) << e.body << ": " << err.message;
+        EXPECT_NE(err.message.find(e.says), std::string::npos) << err.message;
+    }
+}
+
 TEST(OpenAi, LogprobsAndPenaltiesPassThrough) {
     const json f = frame_of(Endpoint::Completions, {{"prompt", "x"}, {"logprobs", 3}, {"presence_penalty", 0.5},
                                                     {"frequency_penalty", -1}, {"repetition_penalty", 1.2}});
@@ -219,8 +251,8 @@ TEST(OpenAi, ChatRefusals) {
     EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":[{"type":"image_url"}]}]})").param,
               "messages[0].content[0].type");
     EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]})").param, "tools");
-    EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}})").param,
-              "response_format");
+    EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":"x"}],"response_format":{"type":"regex"}})").param,
+              "response_format.type");
     EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":"x"}],"max_tokens":3,"max_completion_tokens":4})").status, 400);
     EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[]})").param, "messages");
     EXPECT_EQ(error_of(Endpoint::Chat, R"({"prompt":"x"})").param, "prompt");   // not a chat field

@@ -426,6 +426,26 @@ TEST(ProtocolRequest, ChecksLogprobsAndPenalties) {
     EXPECT_NE(std::get<ParseError>(parsed).message.find("[0, 3]"), std::string::npos);
 }
 
+TEST(ProtocolRequest, GrammarOrJsonSchemaKeepsTheSchemasKeyOrder) {
+    EXPECT_EQ(accept(with("grammar", "root ::= \"a\"")).grammar, "root ::= \"a\"");
+    // properties are generated in the order sent, so the schema's text keeps it (not sorted)
+    const Request r = accept(R"({"id":"r1","prompt":"a","json_schema":{"type":"object","properties":{"zeta":{},"alpha":{}}}})");
+    ASSERT_TRUE(r.json_schema);
+    EXPECT_EQ(*r.json_schema, R"({"type":"object","properties":{"zeta":{},"alpha":{}}})");
+    EXPECT_FALSE(r.grammar);
+    EXPECT_EQ(*accept(request_frame(r)).json_schema, *r.json_schema);   // the frame round-trips it
+    EXPECT_EQ(*accept(request_frame(accept(with("grammar", "root ::= [0-9]+")))).grammar, "root ::= [0-9]+");
+    EXPECT_BAD_REQUEST(with("grammar", ""), "field 'grammar': expected a non-empty string (GBNF)");
+    EXPECT_BAD_REQUEST(with("grammar", 5), "field 'grammar'");
+    EXPECT_BAD_REQUEST(with("json_schema", "x"), "field 'json_schema': expected an object (a JSON Schema)");
+    EXPECT_BAD_REQUEST(R"({"id":"r1","prompt":"a","grammar":"root ::= \"a\"","json_schema":{}})", "give one, not both");
+    // schemas nest: 30 levels are fine
+    std::string deep = R"({"type":"array","items":)";
+    std::string nested = "{}";
+    for (int i = 0; i < 30; ++i) nested = R"({"type":"array","items":)" + nested + "}";
+    EXPECT_TRUE(accept(R"({"id":"r1","prompt":"a","json_schema":)" + nested + "}").json_schema);
+}
+
 TEST(ProtocolRequest, NeverThrowsOnPrefixesOrByteNoise) {
     const std::string valid = R"({"type":"generate","id":"r1","messages":[{"role":"user","content":"h\u00e9"}],"stop":["x"],"seed":1})";
     for (size_t n = 0; n <= valid.size(); ++n) {

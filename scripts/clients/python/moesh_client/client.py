@@ -73,16 +73,20 @@ class Client:
 
     def generate(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
                  seed=0, stop=None, id=None, timeout=60, logprobs=None, repetition_penalty=1.0,
-                 frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None, logit_bias=None, echo=False):
+                 frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None, logit_bias=None, echo=False,
+                 grammar=None, json_schema=None):
         """The done frame as a dict; MoeshError on an error frame, TimeoutError when no
         answer came within timeout seconds (the request is then cancelled). logprobs=k
         (0..20) adds each token's log-probability and the k most likely tokens
         (docs/PROTOCOL.md), prompt_logprobs=k the same for the prompt's tokens (then
         max_tokens may be 0: score the prompt only), echo=True the prompt's text
         (prompt_text); the penalties are Hugging Face's repetition penalty and OpenAI's
-        frequency and presence penalties, logit_bias {token id: bias} OpenAI's."""
+        frequency and presence penalties, logit_bias {token id: bias} OpenAI's. grammar (GBNF
+        text) or json_schema (a dict; properties are generated in its order) constrain the
+        output; the request ends with finish_reason "stop" once the text is complete."""
         req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, False,
-                            logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo)
+                            logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo,
+                            grammar, json_schema)
         deadline = time.monotonic() + timeout
         self._submit(req)
         try:
@@ -96,12 +100,14 @@ class Client:
 
     def stream(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
                seed=0, stop=None, id=None, timeout=60, logprobs=None, repetition_penalty=1.0,
-               frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None, logit_bias=None, echo=False):
+               frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None, logit_bias=None, echo=False,
+               grammar=None, json_schema=None):
         """A generator of the token frames, then the done frame (dicts). Arguments are
         checked now; the request is sent on the first next(), and timeout bounds it
         from there to its done frame. Options as for generate()."""
         req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, True,
-                            logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo)
+                            logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo,
+                            grammar, json_schema)
         return self._stream(req, timeout)
 
     def cancel(self, id):
@@ -128,7 +134,8 @@ class Client:
     # -- internals --
 
     def _request(self, prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, rid, stream,
-                 logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo):
+                 logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo,
+                 grammar, json_schema):
         given = [(k, v) for k, v in (("prompt", prompt), ("prompt_ids", prompt_ids), ("messages", messages)) if v is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of prompt, prompt_ids and messages")
@@ -151,6 +158,12 @@ class Client:
             req["logit_bias"] = {str(int(t)): float(b) for t, b in logit_bias.items()}
         if echo:
             req["echo"] = True
+        if grammar is not None and json_schema is not None:
+            raise ValueError("give grammar or json_schema, not both")
+        if grammar is not None:
+            req["grammar"] = str(grammar)
+        if json_schema is not None:
+            req["json_schema"] = json_schema
         for k, v, off in (("repetition_penalty", repetition_penalty, 1.0), ("frequency_penalty", frequency_penalty, 0.0),
                           ("presence_penalty", presence_penalty, 0.0)):
             if float(v) != off:
