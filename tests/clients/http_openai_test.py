@@ -492,8 +492,62 @@ def chat(moesh, chat_model, tmp):
                   and b"".join(bytes(x.bytes) for x in content).decode() == m.content,
                   f"chat logprobs: an entry per message token (not the end of turn), greedy tokens on top, "
                   f"their bytes add up to the message ({len(content)} entries, {lr.usage.completion_tokens} tokens)")
+        structured(moesh, chat_model, c, tmp)
     finally:
         srv.stop()
+
+
+def structured(moesh, chat_model, c, tmp):
+    """Structured output: the SDK's own parse() with a pydantic model (it writes the strict JSON
+    Schema and reads the answer back), a raw json_schema equal to `moesh run --json-schema`'s
+    greedy text, JSON mode, and llama-server's grammar field."""
+    from typing import Literal
+
+    import pydantic
+
+    class Pet(pydantic.BaseModel):
+        name: str
+        species: Literal["cat", "dog", "bird"]
+        age: int
+
+    q = "Describe a cat named Tom who is 3 years old as JSON."
+    r = c.chat.completions.parse(model="smol", messages=[{"role": "user", "content": q}], response_format=Pet,
+                                 max_tokens=80, temperature=0)
+    pet = r.choices[0].message.parsed
+    check(isinstance(pet, Pet) and r.choices[0].finish_reason == "stop",
+          f"openai's parse() with a pydantic model gets a Pet back: {pet!r} ({r.choices[0].finish_reason})")
+    schema = Pet.model_json_schema()
+    schema["additionalProperties"] = False
+    path = pathlib.Path(tmp) / "pet.schema.json"
+    path.write_text(json.dumps(schema))
+    ref = moesh_run(moesh, chat_model, q, 80, chat=True, extra=["--json-schema", str(path)])
+    raw = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": q}], max_tokens=80, temperature=0,
+                                    response_format={"type": "json_schema",
+                                                     "json_schema": {"name": "pet", "strict": True, "schema": schema}})
+    text = raw.choices[0].message.content
+    check(text == ref["text"] and list(json.loads(text)) == ["name", "species", "age"],
+          f"response_format json_schema equals moesh run --chat --json-schema's text, keys in order: {text!r} vs {ref['text']!r}")
+    chunks = list(c.chat.completions.create(model="smol", messages=[{"role": "user", "content": q}], max_tokens=80,
+                                            temperature=0, stream=True,
+                                            response_format={"type": "json_schema", "json_schema": {"name": "pet", "schema": schema}}))
+    check("".join(x.choices[0].delta.content or "" for x in chunks if x.choices) == text, "streamed structured output adds up")
+    jm = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": "List three colours as JSON."}],
+                                   max_tokens=120, temperature=0, response_format={"type": "json_object"})
+    m = jm.choices[0].message.content
+    ok = jm.choices[0].finish_reason == "length" and m.startswith("{")   # a long answer may be cut
+    if jm.choices[0].finish_reason == "stop":
+        ok = isinstance(json.loads(m), dict)
+    check(ok, f"JSON mode: an object ({jm.choices[0].finish_reason}): {m[:80]!r}")
+    g = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=8,
+                                  temperature=0, extra_body={"grammar": 'root ::= "yes" | "no"'})
+    check(g.choices[0].message.content in ("yes", "no") and g.choices[0].finish_reason == "stop",
+          f"llama-server's grammar field: {g.choices[0].message.content!r}")
+    try:
+        c.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                                  response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "string", "pattern": "a+"}}})
+        check(False, "a schema with pattern is refused")
+    except openai.BadRequestError as e:
+        check("'pattern' is not supported" in str(e), f"a schema with pattern is refused by name: {e}")
 
 
 def drain(srv):
