@@ -653,6 +653,7 @@ void GrammarMatcher::visit(uint32_t node, size_t depth, std::vector<uint8_t> * a
 }
 
 int64_t GrammarMatcher::fill_allowed(std::vector<uint8_t> * allowed) {
+    ++n_masks_;
     allowed->assign(size_t(vocab_->n_vocab()), 0);
     int64_t n = 0;
     if (levels_.empty()) levels_.resize(1);

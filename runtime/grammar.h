@@ -104,6 +104,7 @@ public:
     bool can_end() const;    // the text so far is a whole match (an end token is allowed)
     bool must_end() const;   // ... and nothing can follow it
     const std::string & error() const { return error_; }   // set once the grammar proved too ambiguous
+    int64_t n_masks() const { return n_masks_; }          // fill_allowed calls so far (the slow path)
 
 private:
     struct Node { uint32_t pos, parent, depth; };
@@ -135,6 +136,7 @@ private:
     std::vector<State> levels_;                                     // the trie walk's states, by depth
     std::vector<uint32_t> todo_, seen_, scratch_;
     std::string error_;
+    int64_t n_masks_ = 0;
 };
 
 } // namespace moesh

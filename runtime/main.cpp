@@ -576,6 +576,9 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
     go.trace = trace ? &*trace : nullptr;
     moesh::GenerateResult r = moesh::generate(model, *backend, go);
     report_trace(trace, trace_path);
+    if (go.grammar && co.verbose)   // how often the model's own choice was refused (a whole-vocabulary mask each)
+        std::fprintf(stderr, "moesh: grammar: %zu tokens, %lld masked after a refused choice\n", r.tokens.size(),
+                     (long long)go.grammar->n_masks());
     std::string text;
     if (tok) {
         std::vector<int32_t> in_vocab;
