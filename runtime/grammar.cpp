@@ -488,6 +488,10 @@ uint32_t GrammarMatcher::push(uint32_t parent, uint32_t pos) {
     if (it != interned_.end()) return it->second;
     const uint32_t depth = nodes_[parent].depth + 1;
     if (depth > k_max_depth) return UINT32_MAX;
+    if (nodes_.size() >= k_hard_nodes) {
+        if (error_.empty()) error_ = "the grammar needs more than " + std::to_string(k_hard_nodes) + " stack nodes to follow the text";
+        return UINT32_MAX;
+    }
     const auto id = uint32_t(nodes_.size());
     nodes_.push_back({pos, parent, depth});
     interned_.emplace(key, id);
@@ -616,12 +620,13 @@ bool GrammarMatcher::is_end(int32_t token) const {
 }
 
 bool GrammarMatcher::can_end() const {
-    return state_.remain == 0 && !state_.stacks.empty() && state_.stacks.front() == 0;
+    return error_.empty() && state_.remain == 0 && !state_.stacks.empty() && state_.stacks.front() == 0;
 }
 
 bool GrammarMatcher::must_end() const { return can_end() && state_.stacks.size() == 1; }
 
 bool GrammarMatcher::allows(int32_t token) {
+    if (!error_.empty()) return false;
     if (is_end(token)) return can_end();
     const std::string & p = vocab_->piece(token);
     State out;
@@ -629,12 +634,13 @@ bool GrammarMatcher::allows(int32_t token) {
 }
 
 bool GrammarMatcher::accept(int32_t token) {
+    if (!error_.empty()) return false;
     if (is_end(token)) return can_end();
     const std::string & p = vocab_->piece(token);
     State out;
     if (p.empty() || !walk(state_, p, &out)) return false;
     state_ = std::move(out);
-    if (nodes_.size() > k_max_nodes) compact();
+    if (nodes_.size() > k_max_nodes || memo_out_.size() > k_max_nodes * 4) compact();
     return true;
 }
 
@@ -655,14 +661,19 @@ void GrammarMatcher::visit(uint32_t node, size_t depth, std::vector<uint8_t> * a
 int64_t GrammarMatcher::fill_allowed(std::vector<uint8_t> * allowed) {
     ++n_masks_;
     allowed->assign(size_t(vocab_->n_vocab()), 0);
+    if (!error_.empty()) return 0;
     int64_t n = 0;
     if (levels_.empty()) levels_.resize(1);
     levels_[0] = state_;
     visit(0, 0, allowed, &n);
+    if (!error_.empty()) {   // the walk was cut short: nothing it found can be trusted
+        allowed->assign(size_t(vocab_->n_vocab()), 0);
+        return 0;
+    }
     if (can_end())
         for (int32_t id : end_ids_)
             if (id >= 0 && id < vocab_->n_vocab() && !(*allowed)[size_t(id)]) (*allowed)[size_t(id)] = 1, ++n;
-    if (nodes_.size() > k_max_nodes) compact();
+    if (nodes_.size() > k_max_nodes || memo_out_.size() > k_max_nodes * 4) compact();
     return n;
 }
 

@@ -22,9 +22,10 @@
 // tokens other than the given end tokens are never allowed (llama.cpp matches a control token's
 // text; moesh does not let `<|im_start|>` pass as characters).
 //
-// Memory: a matcher's stacks are shared, interned nodes (at most k_max_nodes before it compacts)
-// and a stack is at most k_max_depth deep; a grammar more ambiguous than k_max_stacks live
-// alternatives at once fails the matcher (error()) rather than growing without bound.
+// Memory: a matcher's stacks are shared, interned nodes (compacted past k_max_nodes, never more
+// than k_hard_nodes) and a stack is at most k_max_depth deep; a grammar more ambiguous than
+// k_max_stacks live alternatives, or needing more nodes, fails the matcher (error(); it then
+// allows nothing) rather than growing without bound.
 // Thread safety: Grammar and GrammarVocab are immutable and may be shared across threads; a
 // GrammarMatcher belongs to one thread.
 #pragma once
@@ -91,7 +92,8 @@ class GrammarMatcher {
 public:
     static constexpr uint32_t k_max_depth = 1024;
     static constexpr size_t k_max_stacks = 4096;
-    static constexpr size_t k_max_nodes = 1 << 18;
+    static constexpr size_t k_max_nodes = 1 << 16;    // compacted past this between tokens
+    static constexpr size_t k_hard_nodes = 1 << 19;   // never more (about 30 MB with the maps): error()
 
     GrammarMatcher(std::shared_ptr<const Grammar> grammar, std::shared_ptr<const GrammarVocab> vocab,
                    std::vector<int32_t> end_ids);

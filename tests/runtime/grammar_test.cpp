@@ -159,6 +159,21 @@ TEST(Grammar, RecursionNestsAndCompactionKeepsTheState) {
     EXPECT_TRUE(m.error().empty());
 }
 
+TEST(Grammar, LongTextsCompactTheStackNodesAndKeepMatching) {
+    // Every position of a bounded repetition is its own rule, so 30000 bytes make more stack
+    // nodes than a matcher keeps before compacting.
+    auto m = matcher("root ::= x{0,10000} y{0,10000} z{0,10000}\nx ::= \"a\" | \"b\"\ny ::= \"c\"\nz ::= \"d\"");
+    const std::string text = std::string(10000, 'a') + std::string(10000, 'c') + std::string(9999, 'd');
+    ASSERT_TRUE(feed_bytes(m, text));
+    EXPECT_TRUE(m.can_end());
+    EXPECT_FALSE(m.must_end());
+    EXPECT_TRUE(m.allows(byte_token('d')));
+    EXPECT_FALSE(m.allows(byte_token('c')));
+    ASSERT_TRUE(feed_bytes(m, "d"));
+    EXPECT_TRUE(m.must_end());
+    EXPECT_TRUE(m.error().empty());
+}
+
 TEST(Grammar, NestingPastTheDepthLimitIsRefusedNotCrashed) {
     auto m = matcher("root ::= p\np ::= \"(\" p? \")\"");
     int opened = 0;
