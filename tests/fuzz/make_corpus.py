@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the seed corpora of the fuzz targets (standard library only).
 
-    python3 tests/fuzz/make_corpus.py        # rewrites tests/fuzz/corpus/{safetensors,model_config,npy,gguf,route_trace,request}/
+    python3 tests/fuzz/make_corpus.py        # rewrites tests/fuzz/corpus/{safetensors,model_config,npy,gguf,route_trace,request,openai,grammar,json_schema}/
 
 Seeds named valid_* must be accepted and invalid_* rejected: the corpus replay
 test (moesh_fuzz_corpus_tests) checks that, so the seeds double as regression
@@ -435,11 +435,62 @@ OPENAI = {
     "invalid_role.json": body(messages=[{"role": "tool", "content": "x"}]),
     "invalid_image_part.json": body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
     "invalid_tools.json": body(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]),
-    "invalid_json_mode.json": body(messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}),
+    "valid_json_mode.json": body(messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}),
+    "valid_json_schema.json": body(messages=[{"role": "user", "content": "x"}], response_format={
+        "type": "json_schema", "json_schema": {"name": "n", "strict": True, "schema": {
+            "type": "object", "properties": {"b": {"type": "integer"}, "a": {"enum": ["x", 1]}}, "required": ["b"]}}}),
+    "valid_grammar.json": body(prompt="x", grammar='root ::= "yes" | "no"'),
+    "invalid_response_format.json": body(prompt="x", response_format={"type": "regex"}),
+    "invalid_two_constraints.json": body(prompt="x", grammar='root ::= "a"', json_schema={}),
     "invalid_max_disagree.json": body(messages=[{"role": "user", "content": "x"}], max_tokens=3, max_completion_tokens=4),
     "invalid_too_large.json": body(prompt="x" * 3000),
     "invalid_bad_utf8.json": b'{"prompt":"\xff\xfe"}',
 }
+
+
+# GBNF grammars (runtime/grammar.h): the grammars of the llama.cpp reference fixture are valid;
+# one invalid seed per way the parser refuses. JSON Schemas (runtime/json_schema.h): valid_*
+# convert, invalid_* are refused.
+def grammars():
+    masks = json.loads((HERE.parent / "fixtures" / "grammar" / "masks.json").read_text())
+    out = {f"valid_{g['name']}.gbnf": g["text"].encode() for g in masks["grammars"]}
+    for name, text in {
+        "undefined": 'root ::= a\n', "left_recursion": 'root ::= root "a" | "b"\n',
+        "hidden_left_recursion": 'root ::= e? x\ne ::= ""\nx ::= root "a" | "b"\n', "bad_escape": 'root ::= "\\q"\n',
+        "unclosed_group": 'root ::= ("a" | "b"\n', "empty_class": "root ::= []\n", "reversed_range": "root ::= [z-a]\n",
+        "repeat_nothing": "root ::= *\n", "twice": 'root ::= "a"\nroot ::= "b"\n', "no_root": 'x ::= "a"\n',
+        "max_below_min": 'root ::= "a"{3,1}\n', "token_ref": "root ::= <[12]>\n", "double_repeat": 'root ::= "a"**\n',
+    }.items():
+        out[f"invalid_{name}.gbnf"] = text.encode()
+    out["invalid_bad_utf8.gbnf"] = b'root ::= "\xff"\n'
+    return out
+
+
+JSON_SCHEMA = {f"valid_{k}.json": json.dumps(v).encode() for k, v in {
+    "object": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0},
+               "tags": {"type": "array", "items": {"enum": ["a", "b", 1, None]}, "maxItems": 3}}, "required": ["name", "age"]},
+    "any_object": {"type": "object"}, "any": {}, "true": True,
+    "type_list": {"type": ["string", "null"], "maxLength": 3},
+    "tree": {"$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array",
+             "items": {"$ref": "#/$defs/node"}}}, "required": ["v"]}}, "$ref": "#/$defs/node"},
+    "formats": {"type": "object", "properties": {"d": {"type": "string", "format": "date"}, "t": {"type": "string", "format": "date-time"},
+                "u": {"type": "string", "format": "uuid"}}},
+    "tuple": {"type": "array", "prefixItems": [{"type": "number"}, {"const": {"a": [1, 2]}}], "items": False},
+    "any_of": {"anyOf": [{"type": "boolean"}, {"type": "integer", "minimum": 1, "maximum": 12}]},
+    "map": {"type": "object", "additionalProperties": {"type": "number"}},
+    "bounded_array": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 4},
+    "definitions_allof": {"definitions": {"p": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"],
+                          "additionalProperties": False}}, "allOf": [{"$ref": "#/definitions/p"}]},
+}.items()}
+JSON_SCHEMA.update({f"invalid_{k}.json": json.dumps(v).encode() for k, v in {
+    "pattern": {"type": "string", "pattern": "a+"}, "not": {"not": {"type": "string"}},
+    "number_min": {"type": "number", "minimum": 0}, "false": False, "bad_ref": {"$ref": "#/$defs/nope"},
+    "foreign_ref": {"$ref": "http://example.com/s.json"}, "items_bounds": {"type": "array", "minItems": 3, "maxItems": 1},
+    "unknown_type": {"type": "decimal"}, "big_range": {"type": "integer", "minimum": 0, "maximum": 100000},
+    "required_unknown": {"type": "object", "properties": {"a": {}}, "required": ["b"]},
+    "multiple_of": {"type": "integer", "multipleOf": 3},
+}.items()})
+JSON_SCHEMA["invalid_not_json.json"] = b'{"type": '
 
 
 if __name__ == "__main__":
@@ -450,5 +501,7 @@ if __name__ == "__main__":
     write(HERE / "corpus" / "route_trace", ROUTE_TRACE)
     write(HERE / "corpus" / "request", REQUEST)
     write(HERE / "corpus" / "openai", OPENAI)
+    write(HERE / "corpus" / "grammar", grammars())
+    write(HERE / "corpus" / "json_schema", JSON_SCHEMA)
     print(f"wrote {len(SAFETENSORS)} safetensors, {len(MODEL_CONFIG)} config.json, {len(NPY)} .npy and {len(GGUF)} GGUF seeds "
           f"and {len(REQUEST)} request seeds under {HERE / 'corpus'}")
