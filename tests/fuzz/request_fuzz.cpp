@@ -109,6 +109,8 @@ void check_request(const Request & r, const Limits & l) {
               b.repetition_penalty == r.repetition_penalty && b.frequency_penalty == r.frequency_penalty &&
               b.presence_penalty == r.presence_penalty && b.logit_bias == r.logit_bias,
           "round trip: sampling fields");
+    check(!(r.grammar && r.json_schema) && (!r.grammar || !r.grammar->empty()), "grammar and json_schema together, or empty");
+    check(b.grammar == r.grammar && b.json_schema == r.json_schema, "round trip: grammar or json_schema (its key order too)");
 }
 
 // A logprobs entry as a client reads it (with its alternatives when top).
