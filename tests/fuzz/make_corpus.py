@@ -310,6 +310,11 @@ def gen(**fields):
 USER = {"role": "user", "content": "Hi"}
 REQUEST = {
     "valid_minimal.json": req(id="r1", prompt="Hello"),
+    "valid_grammar.json": req(id="r1", prompt="Is it?", grammar='root ::= "yes" | "no"'),
+    "valid_json_schema.json": req(id="r1", prompt="x", json_schema={"type": "object", "properties": {"z": {}, "a": {"type": "integer"}}}),
+    "invalid_grammar_and_schema.json": req(id="r1", prompt="x", grammar='root ::= "a"', json_schema={}),
+    "invalid_empty_grammar.json": req(id="r1", prompt="x", grammar=""),
+    "invalid_schema_not_object.json": req(id="r1", prompt="x", json_schema="{}"),
     "valid_every_field.json": req(type="generate", id="abc-123", prompt="Once upon a time", max_tokens=64,
                                   temperature=0.7, top_p=0.9, top_k=40, seed=18446744073709551615,
                                   stop=["\n\n", "END"], stream=True),
