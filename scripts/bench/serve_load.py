@@ -265,6 +265,8 @@ class ZmqLoadClient(LoadClient):
         req = {"id": self.rid, "prompt_ids": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True}
         if self.args.logprobs is not None:
             req["logprobs"] = self.args.logprobs
+        if self.args.grammar_text is not None:
+            req["grammar"] = self.args.grammar_text
         self.sock.send(json.dumps(req).encode())
 
     def on_readable(self):
@@ -315,6 +317,8 @@ class HttpLoadClient(LoadClient):
                "stream_options": {"include_usage": True}}
         if self.args.logprobs is not None:
             req["logprobs"] = self.args.logprobs
+        if self.args.grammar_text is not None:
+            req["grammar"] = self.args.grammar_text   # llama-server takes the same field
         body = json.dumps(req).encode()
         head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
@@ -541,6 +545,7 @@ def report(engine, n_clients, total, wall, cpu, args, server):
         "max_tokens": args.max_tokens,
         "max_tokens_spread": args.max_tokens_spread,
         "logprobs": args.logprobs,
+        "grammar": args.grammar,
         "duration_s": args.duration,
         "requests_per_client_max": args.requests,
         "server": server,
@@ -794,6 +799,9 @@ def main():
                          "request M, so clients that finish in the same step send again together)")
     ap.add_argument("--logprobs", type=int, metavar="K",
                     help="ask for each token's log-probability and the K most likely (default: none)")
+    ap.add_argument("--grammar", metavar="FILE",
+                    help="a GBNF grammar every request's output must match (sent as \"grammar\", which llama-server "
+                         "takes too; default: none)")
     ap.add_argument("--duration", type=float, default=30, help="seconds each client keeps sending, per C")
     ap.add_argument("--requests", type=int, default=1000, help="requests per client at most, per C")
     ap.add_argument("--timeout", type=float, default=120, help="seconds one request may take")
@@ -803,6 +811,10 @@ def main():
                          "send time, client and server TTFT, tokens), to see what sets the TTFT tail")
     ap.add_argument("--vocab", type=int, help="vocabulary size for the prompt ids (default: from the model/server)")
     args = ap.parse_args()
+    args.grammar_text = None
+    if args.grammar:
+        with open(args.grammar, encoding="utf-8") as f:
+            args.grammar_text = f.read()
     if zmq is None:
         sys.exit(f"serve_load: needs pyzmq ({ZMQ_MISSING}): apt install python3-zmq and use /usr/bin/python3, "
                  "or pip install pyzmq")

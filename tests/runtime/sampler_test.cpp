@@ -1,5 +1,7 @@
 #include "runtime/sampler.h"
 
+#include "runtime/grammar.h"
+
 #include <gtest/gtest.h>
 
 #include <nlohmann/json.hpp>
@@ -41,6 +43,38 @@ TEST(Sampler, FollowsTheDistribution) {
     const int n = 4000;
     for (int i = 0; i < n; ++i) ones += s.sample(l, 2);
     EXPECT_NEAR(double(ones) / n, 0.75, 0.03);
+}
+
+// Under a grammar: greedy picks the most likely allowed token; a draw follows the model's
+// distribution restricted to the allowed tokens (a refused draw is drawn again among them).
+TEST(Sampler, GrammarRestrictsTheDistributionExactly) {
+    std::vector<std::string> pieces(256);
+    for (int b = 0; b < 256; ++b) pieces[size_t(b)] = std::string(1, char(b));
+    const auto vocab = std::make_shared<const GrammarVocab>(std::move(pieces));
+    std::string err;
+    const auto g = Grammar::parse("root ::= [a-f] | \"z\"", &err);
+    ASSERT_TRUE(g) << err;
+    std::vector<float> logits(256);
+    for (int i = 0; i < 256; ++i) logits[size_t(i)] = float((i * 37) % 11) * 0.5f;   // 'z' (122) is 5.0 high
+    logits[size_t('c')] = 6.0f;
+    logits[size_t('0')] = 9.0f;   // the most likely token, refused
+    GrammarMatcher m(g, vocab, {});
+    Sampler greedy(SamplerParams{});
+    EXPECT_EQ(greedy.sample(logits.data(), 256, &m), 'c');
+
+    Sampler s(SamplerParams{.temperature = 1.0f, .seed = 11});
+    std::map<int32_t, int> counts;
+    const int n = 40000;
+    for (int i = 0; i < n; ++i) ++counts[s.sample(logits.data(), 256, &m)];   // m stays at the start
+    double z = 0;
+    for (int32_t t : {'a', 'b', 'c', 'd', 'e', 'f', 'z'}) z += std::exp(double(logits[size_t(t)]));
+    int in = 0;
+    for (int32_t t : {'a', 'b', 'c', 'd', 'e', 'f', 'z'}) {
+        const double p = std::exp(double(logits[size_t(t)])) / z;
+        EXPECT_NEAR(double(counts[t]) / n, p, 4 * std::sqrt(p * (1 - p) / n) + 1e-4) << char(t);
+        in += counts[t];
+    }
+    EXPECT_EQ(in, n);   // nothing refused came out
 }
 
 TEST(Sampler, SameSeedSameTokens) {
