@@ -479,7 +479,68 @@ GrammarMatcher::GrammarMatcher(std::shared_ptr<const Grammar> grammar, std::shar
                                std::vector<int32_t> end_ids)
     : g_(std::move(grammar)), vocab_(std::move(vocab)), end_ids_(std::move(end_ids)) {
     nodes_.push_back({UINT32_MAX, 0, 0});
-    expand(push(0, 0), &state_.stacks);
+    std::vector<uint32_t> start;
+    expand(push(0, 0), &start);
+    const int32_t set = intern(start);
+    if (set < 0) {   // (only past the matcher's limits) an empty set that allows nothing
+        if (error_.empty()) error_ = "the grammar cannot start";
+        sets_.emplace_back();
+        ascii_next_.emplace_back().fill(-1);
+    }
+    state_.set = set < 0 ? 0 : uint32_t(set);
+}
+
+size_t GrammarMatcher::VecHash::operator()(const std::vector<uint32_t> & v) const {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ v.size();
+    for (uint32_t x : v) h = (h ^ x) * 0x100000001B3ull, h ^= h >> 29;
+    return size_t(h);
+}
+
+int32_t GrammarMatcher::intern(std::vector<uint32_t> & stacks) {
+    if (stacks.empty()) return -1;
+    if (stacks.size() > k_max_stacks) {
+        if (error_.empty()) error_ = "the grammar is too ambiguous: over " + std::to_string(k_max_stacks) + " ways to read the text at once";
+        return -1;
+    }
+    auto it = set_ids_.find(stacks);
+    if (it != set_ids_.end()) return int32_t(it->second);
+    const auto id = uint32_t(sets_.size());
+    sets_.push_back(stacks);
+    set_ids_.emplace(stacks, id);
+    ascii_next_.emplace_back();
+    ascii_next_.back().fill(-2);
+    return int32_t(id);
+}
+
+int32_t GrammarMatcher::advance(uint32_t set, uint32_t cp) {
+    int32_t * slot = nullptr;
+    if (cp < 128) {
+        slot = &ascii_next_[set][cp];
+    } else {
+        auto [it, fresh] = next_.emplace((uint64_t(set) << 21) | cp, -2);
+        slot = &it->second;
+    }
+    if (*slot != -2) return *slot;
+    scratch_.clear();
+    size_t sources = 0;
+    for (size_t i = 0; i < sets_[set].size(); ++i) {
+        const uint32_t s = sets_[set][i];
+        if (s == 0) continue;
+        uint32_t n = 0;
+        const uint32_t * next = transition(s, cp, &n);
+        if (n == 0) continue;
+        ++sources;
+        scratch_.insert(scratch_.end(), next, next + n);
+    }
+    if (sources > 1) {
+        std::sort(scratch_.begin(), scratch_.end());
+        scratch_.erase(std::unique(scratch_.begin(), scratch_.end()), scratch_.end());
+    }
+    const int32_t id = intern(scratch_);
+    // intern may have grown ascii_next_: find the slot again
+    if (cp < 128) ascii_next_[set][cp] = id;
+    else next_[(uint64_t(set) << 21) | cp] = id;
+    return id;
 }
 
 uint32_t GrammarMatcher::push(uint32_t parent, uint32_t pos) {
@@ -547,7 +608,7 @@ bool GrammarMatcher::feasible(const State & s) const {
     if (s.lead == 0xF0 && s.remain == 3) lo = 0x10000;
     if (s.lead == 0xED) hi = std::min<uint32_t>(hi, 0xD7FF);
     hi = std::min<uint32_t>(hi, 0x10FFFF);
-    for (uint32_t st : s.stacks)
+    for (uint32_t st : sets_[s.set])
         if (st != 0 && g_->intersects(g_->syms[nodes_[st].pos].arg, lo, hi)) return true;
     return false;
 }
@@ -563,10 +624,7 @@ bool GrammarMatcher::step(const State & in, uint8_t b, State * out) {
             return false;
         cp = (in.partial << 6) | (b & 0x3F);
         if (in.remain > 1) {
-            out->stacks = in.stacks;
-            out->partial = cp;
-            out->remain = in.remain - 1;
-            out->lead = in.lead;
+            *out = {in.set, cp, in.remain - 1, in.lead};
             return feasible(*out);
         }
     } else if (b < 0x80) {
@@ -575,34 +633,13 @@ bool GrammarMatcher::step(const State & in, uint8_t b, State * out) {
     } else {
         const int remain = b >= 0xC2 && b < 0xE0 ? 1 : b >= 0xE0 && b < 0xF0 ? 2 : b >= 0xF0 && b < 0xF5 ? 3 : 0;
         if (remain == 0) return false;
-        out->stacks = in.stacks;
-        out->partial = b & (0x3F >> remain);
-        out->remain = remain;
-        out->lead = b;
+        *out = {in.set, uint32_t(b & (0x3F >> remain)), remain, b};
         return feasible(*out);
     }
-    out->stacks.clear();
-    out->partial = 0;
-    out->remain = 0;
-    out->lead = 0;
-    size_t sources = 0;
-    for (uint32_t s : in.stacks) {
-        if (s == 0) continue;
-        uint32_t n = 0;
-        const uint32_t * next = transition(s, cp, &n);
-        if (n == 0) continue;
-        ++sources;
-        out->stacks.insert(out->stacks.end(), next, next + n);
-    }
-    if (sources > 1) {
-        std::sort(out->stacks.begin(), out->stacks.end());
-        out->stacks.erase(std::unique(out->stacks.begin(), out->stacks.end()), out->stacks.end());
-    }
-    if (out->stacks.size() > k_max_stacks) {
-        if (error_.empty()) error_ = "the grammar is too ambiguous: over " + std::to_string(k_max_stacks) + " ways to read the text at once";
-        return false;
-    }
-    return !out->stacks.empty();
+    const int32_t next = advance(in.set, cp);
+    if (next < 0) return false;
+    *out = {uint32_t(next), 0, 0, 0};
+    return true;
 }
 
 bool GrammarMatcher::walk(const State & from, const std::string & bytes, State * out) {
@@ -620,10 +657,10 @@ bool GrammarMatcher::is_end(int32_t token) const {
 }
 
 bool GrammarMatcher::can_end() const {
-    return error_.empty() && state_.remain == 0 && !state_.stacks.empty() && state_.stacks.front() == 0;
+    return error_.empty() && state_.remain == 0 && sets_[state_.set].front() == 0;
 }
 
-bool GrammarMatcher::must_end() const { return can_end() && state_.stacks.size() == 1; }
+bool GrammarMatcher::must_end() const { return can_end() && sets_[state_.set].size() == 1; }
 
 bool GrammarMatcher::allows(int32_t token) {
     if (!error_.empty()) return false;
@@ -640,7 +677,7 @@ bool GrammarMatcher::accept(int32_t token) {
     State out;
     if (p.empty() || !walk(state_, p, &out)) return false;
     state_ = std::move(out);
-    if (nodes_.size() > k_max_nodes || memo_out_.size() > k_max_nodes * 4) compact();
+    if (nodes_.size() > k_max_nodes || memo_out_.size() > k_max_nodes * 4 || sets_.size() > k_max_sets) compact();
     return true;
 }
 
@@ -673,21 +710,26 @@ int64_t GrammarMatcher::fill_allowed(std::vector<uint8_t> * allowed) {
     if (can_end())
         for (int32_t id : end_ids_)
             if (id >= 0 && id < vocab_->n_vocab() && !(*allowed)[size_t(id)]) (*allowed)[size_t(id)] = 1, ++n;
-    if (nodes_.size() > k_max_nodes || memo_out_.size() > k_max_nodes * 4) compact();
+    if (nodes_.size() > k_max_nodes || memo_out_.size() > k_max_nodes * 4 || sets_.size() > k_max_sets) compact();
     return n;
 }
 
-// Rebuilds the node table with only what the current stacks hold; the memo goes with it.
+// Rebuilds the node table with only what the current stacks hold; memos and sets go with it.
 void GrammarMatcher::compact() {
+    std::vector<uint32_t> live = sets_[state_.set];
     std::vector<Node> old;
     old.swap(nodes_);
     interned_.clear();
     memo_.clear();
     memo_out_.clear();
+    sets_.clear();
+    set_ids_.clear();
+    ascii_next_.clear();
+    next_.clear();
     nodes_.push_back({UINT32_MAX, 0, 0});
     std::unordered_map<uint32_t, uint32_t> moved{{0, 0}};
     std::vector<uint32_t> chain;
-    for (uint32_t & s : state_.stacks) {
+    for (uint32_t & s : live) {
         chain.clear();
         uint32_t x = s;
         while (!moved.count(x)) chain.push_back(x), x = old[x].parent;
@@ -698,7 +740,8 @@ void GrammarMatcher::compact() {
         }
         s = id;
     }
-    std::sort(state_.stacks.begin(), state_.stacks.end());
+    std::sort(live.begin(), live.end());
+    state_.set = uint32_t(intern(live));
 }
 
 } // namespace moesh

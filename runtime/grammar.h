@@ -30,6 +30,7 @@
 // GrammarMatcher belongs to one thread.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -111,15 +112,21 @@ public:
 private:
     struct Node { uint32_t pos, parent, depth; };
     struct State {
-        std::vector<uint32_t> stacks;   // sorted node ids; 0 = the empty stack (the root is complete)
-        uint32_t partial = 0;           // a UTF-8 character begun: its value so far,
-        int32_t remain = 0;             // how many continuation bytes it still needs
-        uint8_t lead = 0;               // and its first byte
+        uint32_t set = 0;       // in sets_: the stacks (sorted node ids; 0 = the empty stack, the root complete)
+        uint32_t partial = 0;   // a UTF-8 character begun: its value so far,
+        int32_t remain = 0;     // how many continuation bytes it still needs
+        uint8_t lead = 0;       // and its first byte
     };
+    struct VecHash {
+        size_t operator()(const std::vector<uint32_t> & v) const;
+    };
+    static constexpr size_t k_max_sets = 1 << 14;   // compacted past this between tokens
 
     uint32_t push(uint32_t parent, uint32_t pos);
     void expand(uint32_t stack, std::vector<uint32_t> * out);
     const uint32_t * transition(uint32_t stack, uint32_t cp, uint32_t * n);
+    int32_t intern(std::vector<uint32_t> & stacks);       // the set's id; -1 (dead) when empty or too wide
+    int32_t advance(uint32_t set, uint32_t cp);           // the set after code point cp; -1: dead
     bool step(const State & in, uint8_t byte, State * out);
     bool feasible(const State & s) const;
     bool walk(const State & from, const std::string & bytes, State * out);
@@ -135,6 +142,12 @@ private:
     std::unordered_map<uint64_t, uint32_t> interned_;               // (pos, parent) -> node
     std::unordered_map<uint64_t, std::pair<uint32_t, uint32_t>> memo_;   // (stack, cp) -> range of memo_out_
     std::vector<uint32_t> memo_out_;
+    // Sets of stacks, interned: a state is one id, and the next set after an ASCII byte is a
+    // table lookup (-2: not computed yet; -1: dead), so the trie walk mostly reads arrays.
+    std::vector<std::vector<uint32_t>> sets_;
+    std::unordered_map<std::vector<uint32_t>, uint32_t, VecHash> set_ids_;
+    std::vector<std::array<int32_t, 128>> ascii_next_;              // [set][byte]
+    std::unordered_map<uint64_t, int32_t> next_;                    // (set, cp >= 128) -> set
     std::vector<State> levels_;                                     // the trie walk's states, by depth
     std::vector<uint32_t> todo_, seen_, scratch_;
     std::string error_;
