@@ -697,8 +697,15 @@ void GrammarMatcher::visit(uint32_t node, size_t depth, std::vector<uint8_t> * a
 
 int64_t GrammarMatcher::fill_allowed(std::vector<uint8_t> * allowed) {
     ++n_masks_;
-    allowed->assign(size_t(vocab_->n_vocab()), 0);
+    const auto n_vocab = size_t(vocab_->n_vocab());
+    allowed->assign(n_vocab, 0);
     if (!error_.empty()) return 0;
+    if (state_.remain == 0 && keep_masks_)
+        for (const CachedMask & c : masks_)
+            if (c.set == state_.set) {
+                for (size_t i = 0; i < n_vocab; ++i) (*allowed)[i] = uint8_t((c.bits[i >> 6] >> (i & 63)) & 1);
+                return c.n;
+            }
     int64_t n = 0;
     if (levels_.empty()) levels_.resize(1);
     levels_[0] = state_;
@@ -710,6 +717,14 @@ int64_t GrammarMatcher::fill_allowed(std::vector<uint8_t> * allowed) {
     if (can_end())
         for (int32_t id : end_ids_)
             if (id >= 0 && id < vocab_->n_vocab() && !(*allowed)[size_t(id)]) (*allowed)[size_t(id)] = 1, ++n;
+    if (state_.remain == 0 && keep_masks_) {
+        if (masks_.size() < k_cached_masks) masks_.emplace_back();
+        CachedMask & c = masks_[next_mask_++ % masks_.size()];
+        c.set = state_.set;
+        c.n = n;
+        c.bits.assign((n_vocab + 63) / 64, 0);
+        for (size_t i = 0; i < n_vocab; ++i) c.bits[i >> 6] |= uint64_t((*allowed)[i]) << (i & 63);
+    }
     if (nodes_.size() > k_max_nodes || memo_out_.size() > k_max_nodes * 4 || sets_.size() > k_max_sets) compact();
     return n;
 }
@@ -724,6 +739,8 @@ void GrammarMatcher::compact() {
     memo_out_.clear();
     sets_.clear();
     set_ids_.clear();
+    masks_.clear();
+    next_mask_ = 0;
     ascii_next_.clear();
     next_.clear();
     nodes_.push_back({UINT32_MAX, 0, 0});

@@ -108,6 +108,7 @@ public:
     bool must_end() const;   // ... and nothing can follow it
     const std::string & error() const { return error_; }   // set once the grammar proved too ambiguous
     int64_t n_masks() const { return n_masks_; }          // fill_allowed calls so far (the slow path)
+    void keep_masks(bool on) { keep_masks_ = on; masks_.clear(); }   // the mask cache (on); off to measure a walk
 
 private:
     struct Node { uint32_t pos, parent, depth; };
@@ -148,6 +149,13 @@ private:
     std::unordered_map<std::vector<uint32_t>, uint32_t, VecHash> set_ids_;
     std::vector<std::array<int32_t, 128>> ascii_next_;              // [set][byte]
     std::unordered_map<uint64_t, int32_t> next_;                    // (set, cp >= 128) -> set
+    // The last k_cached_masks whole-vocabulary masks, by set (states between characters recur:
+    // inside a JSON string, after any ordinary character, the set is the same).
+    static constexpr size_t k_cached_masks = 16;
+    struct CachedMask { uint32_t set; int64_t n; std::vector<uint64_t> bits; };
+    std::vector<CachedMask> masks_;
+    size_t next_mask_ = 0;
+    bool keep_masks_ = true;
     std::vector<State> levels_;                                     // the trie walk's states, by depth
     std::vector<uint32_t> todo_, seen_, scratch_;
     std::string error_;
