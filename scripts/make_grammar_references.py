@@ -424,24 +424,12 @@ def walk(vocab: Vocab, table: MaskTable, text: str, kind: str, tokens=None, rng=
 # ---------------------------------------------------------------- files
 
 def make_shipped_gguf(tmp: pathlib.Path) -> pathlib.Path:
+    """The shipped GGUF with tokenizer keys and config.json's BOS/EOS (id 0) for llama.cpp."""
     spec = importlib.util.spec_from_file_location("gguf_add_tokenizer", "scripts/bench/gguf_add_tokenizer.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    cfg = json.loads(pathlib.Path(SHIPPED, "config.json").read_text())
-    reader = mod.GGUFReader(SHIPPED_GGUF)
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     dst = tmp / "moesh-tiny-py.gguf"
-    writer = mod.GGUFWriter(str(dst), arch)
-    mod.copy_fields(reader, writer)
-    mod.add_tokenizer(writer, f"{SHIPPED}/tokenizer.json")
-    writer.add_bos_token_id(cfg["bos_token_id"])
-    writer.add_eos_token_id(cfg["eos_token_id"])
-    for t in reader.tensors:
-        writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    mod.write_with_tokenizer(SHIPPED_GGUF, f"{SHIPPED}/tokenizer.json", str(dst))
     return dst
 
 

@@ -7,10 +7,11 @@
 moesh reads the shipped model's tokenizer from its folder; llama.cpp (llama-server, llama-bench)
 insists on tokenizer keys inside the GGUF. The serving benchmark (serve_load.py) sends token ids,
 so only the vocabulary's size and ids have to be right: tensors and every other key are copied
-unchanged. Ids the tokenizer.json leaves unassigned become unused "[PADn]" tokens.
+unchanged. Ids the tokenizer.json leaves unassigned become unused "[PADn]" tokens. BOS/EOS ids come from the config.json next to the tokenizer.json.
 Needs the `gguf` package (pip install gguf).
 """
 import json
+import os
 import sys
 
 import gguf
@@ -53,21 +54,35 @@ def add_tokenizer(writer, tokenizer_json):
     return n, len(merges)
 
 
-def main():
-    if len(sys.argv) != 4:
-        sys.exit(__doc__)
-    src, tokenizer_json, dst = sys.argv[1:4]
+def write_with_tokenizer(src, tokenizer_json, dst):
+    """dst: src with the tokenizer's keys, and BOS/EOS ids from the config.json beside the
+    tokenizer.json when there is one (without them llama.cpp takes GPT-2's defaults, which
+    are another token of this vocabulary). Returns (tokens, merges)."""
     reader = GGUFReader(src)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     writer = GGUFWriter(dst, arch)
     copy_fields(reader, writer)
     n_tokens, n_merges = add_tokenizer(writer, tokenizer_json)
+    config = os.path.join(os.path.dirname(os.path.abspath(tokenizer_json)), "config.json")
+    if os.path.exists(config):
+        cfg = json.load(open(config, encoding="utf-8"))
+        for key, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id)):
+            if isinstance(cfg.get(key), int):
+                add(cfg[key])
     for t in reader.tensors:
         writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return n_tokens, n_merges
+
+
+def main():
+    if len(sys.argv) != 4:
+        sys.exit(__doc__)
+    src, tokenizer_json, dst = sys.argv[1:4]
+    n_tokens, n_merges = write_with_tokenizer(src, tokenizer_json, dst)
     print(f"wrote {dst}: {n_tokens} tokens, {n_merges} merges")
 
 
