@@ -1419,7 +1419,7 @@ int main(int argc, char ** argv) {
     uint64_t gr_seed = 0;
     add_grammar_options(grammar_cmd, gr_opts);
     grammar_cmd->add_option("--check", gr_check,
-                            "A text file: exit 0 if the grammar matches it whole, else 1 with the byte, line and column "
+                            "A text file: exit 0 if the grammar matches it whole, else 1 with the byte offset, line and column "
                             "where it stops matching");
     grammar_cmd->add_option("--sample", gr_sample, "Write this many random texts the grammar matches, one JSON string per line")
         ->check(CLI::Range(int64_t(0), int64_t(100000)));
