@@ -236,7 +236,7 @@ private:
         reply_ = {d.id, f_.opt.model_name, unix_now()};
         stream_req_ = tr.stream;
         include_usage_ = tr.include_usage;
-        prompt_ids_ = tr.prompt_ids;
+        renames_ = tr.renames;
         begin(Wait::Generate);
         f_.port.send(client_, tr.frame);
         watch();
@@ -325,7 +325,7 @@ private:
             std::string retry;   // whole seconds, at least 1 (RFC 9110)
             if (auto it = r.body.find("retry_after_ms"); it != r.body.end() && it->is_number_integer())
                 retry = std::to_string(std::max<int64_t>(1, (it->get<int64_t>() + 999) / 1000));
-            fail_exchange(openai::from_protocol_error(code.value_or(protocol::ErrorCode::Internal), r.body.value("message", ""), prompt_ids_),
+            fail_exchange(openai::from_protocol_error(code.value_or(protocol::ErrorCode::Internal), r.body.value("message", ""), renames_),
                           retry.empty() ? nullptr : retry.c_str());
         }
     }
@@ -442,7 +442,8 @@ private:
     uint64_t exchange_ = 0;
     openai::Endpoint endpoint_ = openai::Endpoint::Completions;
     openai::Reply reply_;
-    bool stream_req_ = false, include_usage_ = false, prompt_ids_ = false;
+    bool stream_req_ = false, include_usage_ = false;
+    std::vector<std::pair<std::string, std::string>> renames_;   // openai::Translated::renames
     bool headers_sent_ = false, first_chunk_ = true;
     int64_t text_offset_ = 0;   // completions' characters streamed so far (logprobs' text_offset)
     const int64_t created_ = unix_now();

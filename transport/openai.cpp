@@ -410,6 +410,9 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
     if (!have_max) frame["max_tokens"] = d.max_tokens;
     if (!have_temperature) frame["temperature"] = 1.0;   // OpenAI's default: sampling
     if (!have_seed) frame["seed"] = d.seed;
+    if (t.prompt_ids) t.renames.push_back({"prompt_ids", "prompt"});
+    if (schema_path.size() > 1) t.renames.push_back({"json_schema", "response_format.json_schema.schema"});
+    else if (response_format && frame.contains("json_schema")) t.renames.push_back({"json_schema", "response_format"});
     if (!schema_path.empty()) {   // properties are generated in the schema's order: keep it
         ojson ordered = ojson::parse(frame.dump(-1, ' ', false, json::error_handler_t::replace));
         const ojson body_doc = ojson::parse(body);
@@ -441,10 +444,12 @@ std::string error_body(const HttpError & e) {
     return dump(ojson{{"error", std::move(err)}});
 }
 
-HttpError from_protocol_error(protocol::ErrorCode code, std::string message, bool prompt_ids) {
+HttpError from_protocol_error(protocol::ErrorCode code, std::string message,
+                              const std::vector<std::pair<std::string, std::string>> & renames) {
     using protocol::ErrorCode;
-    if (prompt_ids)   // the client sent "prompt": the protocol's name for token ids is not theirs
-        for (size_t p = 0; (p = message.find("'prompt_ids", p)) != std::string::npos;) message.replace(p, 11, "'prompt");
+    for (const auto & [ours, theirs] : renames)   // "field 'prompt_ids[2]'" -> "field 'prompt[2]'"
+        for (size_t p = 0; (p = message.find("'" + ours, p)) != std::string::npos; p += theirs.size() + 1)
+            message.replace(p, ours.size() + 1, "'" + theirs);
     std::string param;   // "field 'max_tokens': ..." names it
     if (message.rfind("field '", 0) == 0)
         if (size_t end = message.find('\'', 7); end != std::string::npos) param = message.substr(7, end - 7);

@@ -19,7 +19,9 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <variant>
+#include <vector>
 
 namespace moesh::openai {
 
@@ -36,7 +38,10 @@ struct Translated {
     std::string frame;           // a protocol generate request
     bool stream = false;
     bool include_usage = false;  // stream_options.include_usage: a last chunk with usage
-    bool prompt_ids = false;     // the prompt was token ids (error messages name 'prompt')
+    bool prompt_ids = false;     // the prompt was token ids
+    // The protocol's names for fields the client named otherwise ("prompt_ids" for "prompt"),
+    // so that a protocol error names what the client sent.
+    std::vector<std::pair<std::string, std::string>> renames;
 };
 
 struct HttpError {
@@ -52,7 +57,9 @@ std::variant<Translated, HttpError> translate(Endpoint endpoint, std::string_vie
 // {"error":{"message","type","param","code"}}
 std::string error_body(const HttpError & e);
 // A protocol error frame's code and message as the HTTP error a client of this API expects.
-HttpError from_protocol_error(protocol::ErrorCode code, std::string message, bool prompt_ids);
+// renames: Translated::renames of the request.
+HttpError from_protocol_error(protocol::ErrorCode code, std::string message,
+                              const std::vector<std::pair<std::string, std::string>> & renames = {});
 
 struct Reply {
     std::string id, model;

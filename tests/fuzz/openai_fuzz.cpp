@@ -62,7 +62,7 @@ bool translate_one(openai::Endpoint ep, std::string_view bytes) {
     } else {   // the protocol refuses what it checks (ranges, types of passed-through fields): with a readable message
         const auto & e = std::get<protocol::ParseError>(parsed);
         check(e.code == protocol::ErrorCode::BadRequest, "translated frame refused for its size or form");
-        const openai::HttpError h = openai::from_protocol_error(e.code, e.message, tr.prompt_ids);
+        const openai::HttpError h = openai::from_protocol_error(e.code, e.message, tr.renames);
         (void)json_of(openai::error_body(h), "protocol error body is not JSON");
     }
     return true;

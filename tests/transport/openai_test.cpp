@@ -269,14 +269,23 @@ TEST(OpenAi, MalformedBodies) {
 
 TEST(OpenAi, ProtocolErrorsBecomeHttpStatuses) {
     using protocol::ErrorCode;
-    const HttpError busy = from_protocol_error(ErrorCode::Busy, "queue full", false);
+    const HttpError busy = from_protocol_error(ErrorCode::Busy, "queue full");
     EXPECT_EQ(busy.status, 503);
-    EXPECT_EQ(from_protocol_error(ErrorCode::TooLong, "prompt too long", false).code, "context_length_exceeded");
-    EXPECT_EQ(from_protocol_error(ErrorCode::TooLarge, "big", false).status, 413);
-    EXPECT_EQ(from_protocol_error(ErrorCode::Internal, "oops", false).status, 500);
-    const HttpError ids = from_protocol_error(ErrorCode::BadRequest, "field 'prompt_ids[2]': expected an integer in [0, 9], got 12", true);
+    EXPECT_EQ(from_protocol_error(ErrorCode::TooLong, "prompt too long").code, "context_length_exceeded");
+    EXPECT_EQ(from_protocol_error(ErrorCode::TooLarge, "big").status, 413);
+    EXPECT_EQ(from_protocol_error(ErrorCode::Internal, "oops").status, 500);
+    const HttpError ids = from_protocol_error(ErrorCode::BadRequest, "field 'prompt_ids[2]': expected an integer in [0, 9], got 12",
+                                              {{"prompt_ids", "prompt"}});
     EXPECT_EQ(ids.message, "field 'prompt[2]': expected an integer in [0, 9], got 12");
     EXPECT_EQ(ids.param, "prompt[2]");
+    // a schema sent in response_format is named there
+    auto t = translate(Endpoint::Chat, R"({"messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_schema","json_schema":{"name":"n","schema":{}}}})",
+                       defaults());
+    ASSERT_TRUE(std::holds_alternative<Translated>(t));
+    const HttpError s = from_protocol_error(ErrorCode::BadRequest, "field 'json_schema': json_schema at /: 'pattern' is not supported",
+                                            std::get<Translated>(t).renames);
+    EXPECT_EQ(s.param, "response_format.json_schema.schema");
+    EXPECT_EQ(s.message, "field 'response_format.json_schema.schema': json_schema at /: 'pattern' is not supported");
 }
 
 TEST(OpenAi, ReplyShapes) {
