@@ -717,6 +717,11 @@ int64_t GrammarMatcher::fill_allowed(std::vector<uint8_t> * allowed) {
     if (can_end())
         for (int32_t id : end_ids_)
             if (id >= 0 && id < vocab_->n_vocab() && !(*allowed)[size_t(id)]) (*allowed)[size_t(id)] = 1, ++n;
+    if (n == 0) {   // a dead end: the request cannot go on
+        error_ = can_end() ? "the text is complete and nothing ends it (no end token)"
+                           : "no token of the vocabulary can continue the text here";
+        return 0;
+    }
     if (state_.remain == 0 && keep_masks_) {
         if (masks_.size() < k_cached_masks) masks_.emplace_back();
         CachedMask & c = masks_[next_mask_++ % masks_.size()];

@@ -106,7 +106,9 @@ public:
     bool accept(int32_t token);
     bool can_end() const;    // the text so far is a whole match (an end token is allowed)
     bool must_end() const;   // ... and nothing can follow it
-    const std::string & error() const { return error_; }   // set once the grammar proved too ambiguous
+    // Set once the matcher cannot go on: the grammar proved too ambiguous or too large, or no
+    // token can continue the text (a whole mask came out empty); it then allows nothing.
+    const std::string & error() const { return error_; }
     int64_t n_masks() const { return n_masks_; }          // fill_allowed calls so far (the slow path)
     void keep_masks(bool on) { keep_masks_ = on; masks_.clear(); }   // the mask cache (on); off to measure a walk
 

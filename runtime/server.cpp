@@ -177,6 +177,10 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     if (a.logprobs) d.logprobs = std::move(a.token_logprobs);   // with the EOS token's entry last, when it ended it
     if (a.scoring) d.prompt_logprobs = std::move(a.prompt_logprobs);
     if (a.echo) d.prompt_text = std::move(a.prompt_text);
+    if (a.grammar && !a.grammar->error().empty()) {
+        d.grammar_error = a.grammar->error();
+        std::fprintf(stderr, "moesh: request '%s': its grammar stopped it: %s\n", a.id.c_str(), d.grammar_error->c_str());
+    }
     d.text = a.text;
     d.finish_reason = why == FinishReason::Length ? protocol::FinishReason::Length
                       : why == FinishReason::Eos  ? protocol::FinishReason::Eos
@@ -267,6 +271,7 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     }
     g.on_done = [this](uint64_t h, FinishReason w, const std::vector<int32_t> & toks, const RequestTimings & t) { on_done(h, w, toks, t); };
     const int64_t n_prompt = int64_t(g.prompt.size());
+    std::shared_ptr<GrammarMatcher> grammar = g.grammar;
     uint64_t handle = 0;
     std::string why;
     const Admit a = sched_->submit(std::move(g), &handle, &why);
@@ -291,6 +296,7 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     act.scoring = req.prompt_logprobs >= 0;
     act.echo = req.echo;
     act.prompt_text = std::move(prompt_text);
+    act.grammar = std::move(grammar);
     if (act.scoring) act.prompt_logprobs.push_back(logprobs_entry(prompt[0], nullptr));   // nothing before it scores it
     if (tok_) {
         act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/act.chat);

@@ -117,6 +117,7 @@ private:
         std::vector<int32_t> prompt;             // when scoring
         std::vector<protocol::Logprobs> prompt_logprobs;   // scoring: one per prompt token so far
         std::string prompt_text;                 // echo
+        std::shared_ptr<GrammarMatcher> grammar; // the request's, to say why it stopped it
     };
 
     void handle(const Origin & from, const std::string & body, bool draining);

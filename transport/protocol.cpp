@@ -452,6 +452,7 @@ public:
                         return e;
             }
             if (o_.contains("prompt_text") && !has_string("prompt_text", true)) return error_;
+            if (o_.contains("grammar_error") && !has_string("grammar_error", false)) return error_;
             if (!has_string("text", true) || !has_string("finish_reason", false)) return error_;
             const auto usage = o_.find("usage");
             if (usage == o_.end() || !usage->is_object()) return expected_or_missing("usage", "an object");
@@ -724,6 +725,7 @@ std::string done_frame(std::string_view id, const Done & d) {
         for (const Logprobs & l : *d.prompt_logprobs) a.push_back(logprobs_object(l));
     }
     if (d.prompt_text) o["prompt_text"] = *d.prompt_text;
+    if (d.grammar_error) o["grammar_error"] = *d.grammar_error;
     o["text"] = d.text;
     o["finish_reason"] = finish_reason_name(d.finish_reason);
     o["usage"] = {{"prompt_tokens", d.prompt_tokens}, {"completion_tokens", d.completion_tokens}};

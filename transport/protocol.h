@@ -134,6 +134,7 @@ struct Done {
     // was computed), the first with a null logprob.
     std::optional<std::vector<Logprobs>> prompt_logprobs;
     std::optional<std::string> prompt_text;   // echo: the prompt as text (special tokens left out)
+    std::optional<std::string> grammar_error;   // why the request's grammar stopped it (finish_reason stop)
     std::string text;              // their text, stop string excluded
     FinishReason finish_reason = FinishReason::Length;
     int64_t prompt_tokens = 0, completion_tokens = 0;

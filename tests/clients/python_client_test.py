@@ -148,6 +148,9 @@ def run_tests(c, moesh, model, eos_ids):
     check(shaped["finish_reason"] == "stop" and list(doc) == ["zeta", "alpha"] and doc["alpha"] in ("yes", "no")
           and 0 <= doc["zeta"] <= 99, f"json_schema: an instance, ended by the grammar: {shaped['text']!r}")
     check(shaped["tokens"] == want, f"json_schema: moesh run --json-schema's tokens {want} vs {shaped['tokens']}")
+    stuck = c.generate(prompt=p, max_tokens=10, grammar='root ::= "ok" [\\x00]', timeout=60)
+    check(stuck["text"] == "ok" and stuck["finish_reason"] == "stop" and "no token" in stuck.get("grammar_error", ""),
+          f"a grammar no token can continue ends the request and says why: {stuck.get('grammar_error')!r}")
     kw = c.generate(prompt=p, max_tokens=10, grammar='root ::= "yes" | "no" | "maybe"', timeout=60)
     check(kw["text"] in ("yes", "no", "maybe") and kw["finish_reason"] == "stop", f"grammar: {kw['text']!r}")
     try:

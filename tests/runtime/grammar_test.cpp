@@ -174,6 +174,16 @@ TEST(Grammar, LongTextsCompactTheStackNodesAndKeepMatching) {
     EXPECT_TRUE(m.error().empty());
 }
 
+TEST(Grammar, ADeadEndSaysSoAndAllowsNothing) {
+    auto m = matcher("root ::= \"ok\" [\\x00]");   // NUL is never text
+    ASSERT_TRUE(feed_bytes(m, "ok"));
+    std::vector<uint8_t> allowed;
+    EXPECT_EQ(m.fill_allowed(&allowed), 0);
+    EXPECT_EQ(m.error(), "no token of the vocabulary can continue the text here");
+    EXPECT_FALSE(m.can_end());
+    EXPECT_FALSE(m.allows(byte_token('a')));
+}
+
 TEST(Grammar, NestingPastTheDepthLimitIsRefusedNotCrashed) {
     auto m = matcher("root ::= p\np ::= \"(\" p? \")\"");
     int opened = 0;
