@@ -150,23 +150,30 @@ std::string read_whole_file(const std::string & path, const char * what) {
     return ss.str();
 }
 
-// The options' grammar, parsed; throws naming the file and the problem.
-std::shared_ptr<const moesh::Grammar> load_grammar(const GrammarOptions & g) {
-    std::string text, err;
+// The options' grammar: its GBNF text (a schema converted) and the grammar parsed from it;
+// throws naming the file and the problem.
+struct LoadedGrammar {
+    std::string text;
+    std::shared_ptr<const moesh::Grammar> grammar;
+};
+
+LoadedGrammar load_grammar(const GrammarOptions & g) {
+    LoadedGrammar out;
+    std::string err;
     std::string source = "--json-object";
     if (!g.grammar_file.empty()) {
         source = g.grammar_file;
-        text = read_whole_file(g.grammar_file, "grammar");
+        out.text = read_whole_file(g.grammar_file, "grammar");
     } else if (!g.schema_file.empty()) {
         source = g.schema_file;
-        text = moesh::json_schema_to_grammar(read_whole_file(g.schema_file, "JSON Schema"), &err);
-        if (text.empty()) throw Error(source + ": " + err);
+        out.text = moesh::json_schema_to_grammar(read_whole_file(g.schema_file, "JSON Schema"), &err);
+        if (out.text.empty()) throw Error(source + ": " + err);
     } else {
-        text = moesh::json_object_grammar();
+        out.text = moesh::json_object_grammar();
     }
-    auto grammar = moesh::Grammar::parse(text, &err);
-    if (!grammar) throw Error(source + ": " + err);
-    return grammar;
+    out.grammar = moesh::Grammar::parse(out.text, &err);
+    if (!out.grammar) throw Error(source + ": " + err);
+    return out;
 }
 
 void add_grammar_options(CLI::App * app, GrammarOptions & g) {
@@ -535,7 +542,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
     std::shared_ptr<const moesh::Grammar> grammar;
     if (grammar_opts.any()) {
         if (!tok) throw Error(co.model + ": no tokenizer, and a grammar matches text: --grammar/--json-schema/--json-object need one");
-        grammar = load_grammar(grammar_opts);
+        grammar = load_grammar(grammar_opts).grammar;
     }
 
     moesh::Model model = load_model(co.model, rc.quantize, co.threads >= 0 ? co.threads : rc.threads);
@@ -649,7 +656,8 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
 
 // Prints the grammar, checks a text against it, or writes random texts it matches.
 int cmd_grammar(const GrammarOptions & g, const std::string & check_file, int64_t n_sample, uint64_t seed, int64_t max_bytes) {
-    const auto grammar = load_grammar(g);
+    const LoadedGrammar loaded = load_grammar(g);
+    const auto & grammar = loaded.grammar;
     // The 256 bytes as tokens, and 256 as the end.
     std::vector<std::string> bytes(257);
     for (int b = 0; b < 256; ++b) bytes[size_t(b)] = std::string(1, char(b));
@@ -710,9 +718,7 @@ int cmd_grammar(const GrammarOptions & g, const std::string & check_file, int64_
         std::fprintf(stderr, "%s: a valid grammar of %zu rules\n", g.grammar_file.c_str(), grammar->rules.size());
         return 0;
     }
-    std::string err;
-    std::cout << (g.schema_file.empty() ? moesh::json_object_grammar()
-                                        : moesh::json_schema_to_grammar(read_whole_file(g.schema_file, "JSON Schema"), &err));
+    std::cout << loaded.text;
     return 0;
 }
 
@@ -862,14 +868,7 @@ int cmd_client(const std::string & endpoint, const std::string & prompt, const s
     else req["prompt"] = prompt;
     // A schema is sent as the grammar it becomes here (a request's JSON would not keep its key order).
     if (grammar.any()) {
-        (void)load_grammar(grammar);   // refused here, with the file's name, rather than by the server
-        req["grammar"] = grammar.grammar_file.empty() ? std::string() : read_whole_file(grammar.grammar_file, "grammar");
-        if (!grammar.schema_file.empty()) {
-            std::string err;
-            req["grammar"] = moesh::json_schema_to_grammar(read_whole_file(grammar.schema_file, "JSON Schema"), &err);
-        } else if (grammar.json_object) {
-            req["grammar"] = moesh::json_object_grammar();
-        }
+        req["grammar"] = load_grammar(grammar).text;   // a bad one is refused here, with the file's name
     }
     auto r = c.request(req, std::chrono::milliseconds(int64_t(timeout_s * 1000)), [&](const moesh::protocol::Response & f) {
         if (output == "text") {
