@@ -128,6 +128,30 @@ std::optional<std::string> find_chat_template_text(const std::string & model) {
     return std::nullopt;
 }
 
+// The chat template: --chat-template FILE, else the model's own (GGUF or
+// tokenizer_config.json). nullopt, with *why, when there is none; a template
+// that cannot be parsed throws, naming the line.
+std::optional<moesh::ChatTemplate> load_chat_template(const std::string & model, const std::string & file,
+                                                      const moesh::Tokenizer & tok, std::string * why) {
+    if (!file.empty()) {
+        try {
+            return moesh::ChatTemplate(moesh::read_text_file(file, "--chat-template"), tok);
+        } catch (const Error & e) {
+            throw Error(file + ": " + e.what());
+        }
+    }
+    const std::optional<std::string> text = find_chat_template_text(model);
+    if (!text) {
+        *why = "the model has no chat template (give one with --chat-template FILE)";
+        return std::nullopt;
+    }
+    try {
+        return moesh::ChatTemplate(*text, tok);
+    } catch (const Error & e) {
+        throw Error(model + ": the model's " + e.what() + " (give a working one with --chat-template FILE)");
+    }
+}
+
 struct ChatOptions {
     bool enabled = false;
     std::string system;
@@ -198,6 +222,7 @@ struct CommonOptions {
     std::string expert_budget;   // --expert-budget: host tier of this size + disk tier
     std::string kv_type;         // --kv-type: "", "f32" or "f16"
     bool stats = false;          // --stats
+    std::string chat_template;   // --chat-template FILE (run, serve): replaces the model's own
 };
 
 // The weights as the backend reads them: packed into its layout where it has one and
@@ -509,12 +534,9 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
         if (!tok) throw Error(co.model + ": no tokenizer (tokenizer.json or GGUF vocabulary), so --prompt cannot be used; give --prompt-ids instead");
         std::optional<moesh::ChatTemplate> tmpl;
         if (chat.enabled) {
-            const std::optional<std::string> text = find_chat_template_text(co.model);
-            if (text) tmpl = moesh::detect_chat_template(*text, *tok);
-            if (!tmpl)
-                std::fprintf(stderr, "moesh: warning: --chat: %s; using the prompt as it is (raw mode). Known: ChatML, "
-                                     "Llama-3, Mistral v0.1/v0.3 templates\n",
-                             text ? "the model's chat template is not one moesh recognises" : "the model has no chat template");
+            std::string why;
+            tmpl = load_chat_template(co.model, co.chat_template, *tok, &why);
+            if (!tmpl) std::fprintf(stderr, "moesh: warning: --chat: %s; using the prompt as it is (raw mode)\n", why.c_str());
         }
         if (tmpl) {
             std::vector<moesh::ChatMessage> msgs;
@@ -523,10 +545,9 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
             const std::string rendered = tmpl->apply(msgs, /*add_generation_prompt=*/true);
             go.prompt = tok->encode(rendered, /*add_special=*/false); // BOS is in the rendering where the template wants it
             go.stop_at_eos = true;
-            for (const char * end : {"<|im_end|>", "<|eot_id|>", "</s>"})
-                if (int32_t id = tok->token_id(end); id >= 0) go.stop_ids.push_back(id);
+            go.stop_ids = moesh::chat_stop_ids(*tok);
             chatting = true;
-            if (co.verbose) std::fprintf(stderr, "moesh: chat template %.*s\n", int(tmpl->name().size()), tmpl->name().data());
+            if (co.verbose) std::fprintf(stderr, "moesh: chat prompt (%zu tokens):\n%s\n", go.prompt.size(), rendered.c_str());
         } else {
             go.prompt = tok->encode(prompt_text, /*add_special=*/true);
         }
@@ -814,8 +835,16 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
     }
     std::optional<moesh::Tokenizer> tok = find_tokenizer(co.model);
     std::optional<moesh::ChatTemplate> chat;
-    if (tok)
-        if (const std::optional<std::string> text = find_chat_template_text(co.model)) chat = moesh::detect_chat_template(*text, *tok);
+    if (tok) {
+        std::string why;
+        try {
+            chat = load_chat_template(co.model, co.chat_template, *tok, &why);
+        } catch (const Error & e) {
+            if (!co.chat_template.empty()) throw;
+            why = e.what();
+        }
+        if (!chat) std::fprintf(stderr, "moesh: warning: chat requests will be refused: %s\n", why.c_str());
+    }
     moesh::Model model = load_model(co.model, rc.quantize, co.threads >= 0 ? co.threads : rc.threads);
     auto backend = open_backend(co, rc);
     resolve_kv_type(rc, *backend);
@@ -1323,8 +1352,9 @@ int main(int argc, char ** argv) {
     ids_opt->excludes(text_opt);
     ChatOptions chat;
     run->add_flag("--chat", chat.enabled,
-                  "Treat --prompt as a user message and apply the model's chat template (ChatML, Llama-3, Mistral; "
-                  "recognised from the GGUF or tokenizer_config.json, never executed); stops at the end of the turn");
+                  "Treat --prompt as a user message and apply the model's chat template (the GGUF's or "
+                  "tokenizer_config.json's Jinja, rendered as transformers renders it); stops at the end of the turn");
+    run->add_option("--chat-template", co.chat_template, "A Jinja chat template file to use instead of the model's");
     run->add_option("--system", chat.system, "System message for --chat");
     run->callback([&]() {
         if (prompt_ids.empty() && prompt_text.empty()) throw CLI::ValidationError("--prompt or --prompt-ids is required");
@@ -1440,6 +1470,8 @@ int main(int argc, char ** argv) {
                  "ready. SIGTERM stops accepting, drains running requests, and exits");
     CommonOptions sco;
     add_common(serve, sco, /*model_optional=*/true);
+    serve->add_option("--chat-template", sco.chat_template,
+                      "A Jinja chat template file for /v1/chat/completions and `messages`, instead of the model's");
     std::string serve_endpoint, serve_http;
     serve->add_option("--endpoint", serve_endpoint, "ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:5555 (default: [server] endpoint)");
     serve->add_option("--http", serve_http,

@@ -52,9 +52,7 @@ Server::Server(const Model & model, Backend & backend, const Tokenizer * tokeniz
             for (int64_t i = 0; i < n * n_used; ++i) ++row[ids[i]];
         });
     }
-    if (tok_ && chat_)
-        for (const char * end : {"<|im_end|>", "<|eot_id|>", "</s>"})
-            if (int32_t id = tok_->token_id(end); id >= 0) chat_stop_.push_back(id);
+    if (tok_ && chat_) chat_stop_ = chat_stop_ids(*tok_);
 }
 
 Server::~Server() = default;
@@ -219,12 +217,18 @@ void Server::generate(const Origin & from, protocol::Request && req) {
         if (!chat_) {
             ++stats_.bad_requests;
             send(from, error_frame(req.id, ErrorCode::BadRequest,
-                                   "this model has no chat template moesh recognises (ChatML, Llama-3, Mistral): send prompt"));
+                                   "this model has no usable chat template (the server's log says why; `moesh serve --chat-template FILE` gives one): send prompt"));
             return;
         }
         std::vector<moesh::ChatMessage> msgs;
         for (const auto & m : *req.messages) msgs.push_back({m.role, m.content});
-        g.prompt = tok_->encode(chat_->apply(msgs, /*add_generation_prompt=*/true), /*add_special=*/false);
+        try {   // the template's own checks (roles that must alternate, ...) refuse the request, not the server
+            g.prompt = tok_->encode(chat_->apply(msgs, /*add_generation_prompt=*/true), /*add_special=*/false);
+        } catch (const Error & e) {
+            ++stats_.bad_requests;
+            send(from, error_frame(req.id, ErrorCode::BadRequest, e.what()));
+            return;
+        }
         g.stop_ids = chat_stop_;
     } else {
         g.prompt = tok_->encode(*req.prompt, /*add_special=*/true);

@@ -191,12 +191,17 @@ TEST_F(SmolLM2, PerplexityWithinHalfAPercentOfLlamaCpp) {
     }
 }
 
-TEST_F(SmolLM2, ChatTemplateIsChatMLAndTheAnswerIsRight) {
-    const auto tmpl = detect_chat_template(file_->get_string("tokenizer.chat_template"), *tok_);
-    ASSERT_TRUE(tmpl.has_value());
-    EXPECT_EQ(tmpl->name(), "chatml");
+// Without a system message the template adds SmolLM's own, and this 135M model then answers
+// in French nonsense (llama.cpp greedy gives the same tokens); with one it answers right.
+TEST_F(SmolLM2, ChatTemplateRendersAndTheAnswerIsRight) {
+    const ChatTemplate tmpl(file_->get_string("tokenizer.chat_template"), *tok_);
+    EXPECT_EQ(tmpl.apply({{"user", "Hi"}}, true),
+              "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+              "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    const std::vector<int32_t> stops = chat_stop_ids(*tok_);
+    EXPECT_NE(std::find(stops.begin(), stops.end(), tok_->token_id("<|im_end|>")), stops.end());
     const test::CommandResult r = test::run_moesh("run --model " + model_path() +
-                                                  " --chat --prompt \"What is the capital of France?\" -n 24 -t 2 --output json",
+                                                  " --chat --system \"You are a helpful AI assistant.\" --prompt \"What is the capital of France?\" -n 24 -t 2 --output json",
                                                   /*with_stderr=*/false);
     ASSERT_EQ(r.status, 0) << r.out;
     const auto j = nlohmann::json::parse(r.out.substr(r.out.rfind('\n', r.out.size() - 2) + 1));

@@ -1,0 +1,131 @@
+// The Jinja interpreter against jinja2 under transformers' environment
+// (tests/fixtures/chat_templates/jinja.json, scripts/make_jinja_fixtures.py):
+// snippets of each construct and the chat templates of real models.
+#include "runtime/jinja.h"
+
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+namespace moesh::jinja {
+namespace {
+
+using ojson = nlohmann::ordered_json;
+
+const ojson & fixtures() {
+    static const ojson doc = [] {
+        std::ifstream in(std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/chat_templates/jinja.json");
+        return ojson::parse(in);
+    }();
+    return doc;
+}
+
+RenderOptions fixed_clock() {
+    RenderOptions o;
+    std::tm tm{};   // the fixture's "now": 2026-03-07T14:05:09, a Saturday
+    tm.tm_year = 2026 - 1900;
+    tm.tm_mon = 2;
+    tm.tm_mday = 7;
+    tm.tm_hour = 14;
+    tm.tm_min = 5;
+    tm.tm_sec = 9;
+    tm.tm_wday = 6;
+    tm.tm_yday = 65;
+    o.now = tm;
+    return o;
+}
+
+// Renders one case; compares with jinja2's text, or for its errors checks
+// that we fail too and, where our message mimics Python's, that it matches.
+void check(const std::string & source, const ojson & vars, const ojson & expected) {
+    std::string got;
+    try {
+        Template t(source);
+        got = t.render(vars, fixed_clock());
+    } catch (const RaisedError & e) {
+        ASSERT_TRUE(expected.contains("error")) << "raised " << e.what();
+        EXPECT_EQ("TemplateError: " + std::string(e.what()), expected["error"].get<std::string>());
+        return;
+    } catch (const Error & e) {
+        ASSERT_TRUE(expected.contains("error")) << "failed: " << e.what();
+        const std::string want = expected["error"].get<std::string>();
+        for (const char * kind : {"UndefinedError: ", "TypeError: ", "SecurityError: ", "ZeroDivisionError: "}) {
+            if (want.rfind(kind, 0) != 0 || std::string(e.what()).find("not supported in chat templates") != std::string::npos) continue;
+            std::string msg = want.substr(std::strlen(kind));
+            if (!msg.empty() && msg.back() == '.') msg.pop_back();
+            EXPECT_NE(std::string(e.what()).find(msg), std::string::npos) << e.what() << "\nwanted " << want;
+        }
+        EXPECT_EQ(want.rfind("TemplateError: ", 0), std::string::npos) << "expected the template's own error, got " << e.what();
+        return;
+    }
+    ASSERT_TRUE(expected.contains("rendered")) << "rendered " << got << "\nbut jinja2 failed: " << expected["error"];
+    EXPECT_EQ(got, expected["rendered"].get<std::string>());
+}
+
+TEST(Jinja, SnippetsRenderAsJinja2Does) {
+    const ojson & doc = fixtures();
+    ASSERT_GE(doc["snippets"].size(), 50u);
+    for (const auto & s : doc["snippets"]) {
+        SCOPED_TRACE(s["template"].get<std::string>());
+        check(s["template"], s["vars"], s);
+    }
+}
+
+TEST(Jinja, RealChatTemplatesRenderAsTransformersDoes) {
+    const ojson & doc = fixtures();
+    ASSERT_GE(doc["templates"].size(), 20u);
+    size_t rendered = 0;
+    for (const auto & t : doc["templates"]) {
+        SCOPED_TRACE(t["name"].get<std::string>());
+        for (const auto & c : t["cases"]) {
+            SCOPED_TRACE(c["vars"].dump().substr(0, 300));
+            check(t["template"], c["vars"], c);
+            rendered += c.contains("rendered");
+        }
+    }
+    EXPECT_GE(rendered, 175u);
+}
+
+TEST(Jinja, SyntaxErrorsNameTheLine) {
+    auto message = [](const char * src) -> std::string {
+        try {
+            Template t(src);
+            return "parsed";
+        } catch (const Error & e) {
+            return e.what();
+        }
+    };
+    EXPECT_EQ(message("a\nb {% if x %}\nc"), "template line 2: 'if' opened here is never closed with {% elif %} (or another of its clauses)");
+    EXPECT_EQ(message("{{ x |\n nosuch }}"), "template line 2: no filter named 'nosuch'");
+    EXPECT_EQ(message("\n\n{% include 'x' %}"), "template line 3: the 'include' tag is not supported in chat templates by moesh");
+    EXPECT_EQ(message("{{ 'abc }}"), "template line 1: a string is never closed");
+    EXPECT_EQ(message("{% for x in y %}{% endif %}"), "template line 1: 'endif' without an open block it could close");
+    EXPECT_EQ(message("{% break %}"), "template line 1: 'break' outside a loop");
+    EXPECT_EQ(message("{{ (1 }}"), "template line 1: unexpected '}'");
+    EXPECT_EQ(message("{{ a b }}"), "template line 1: expected '}}', got 'b'");
+}
+
+TEST(Jinja, RenderingIsBoundedForHostileTemplates) {
+    RenderOptions o;
+    o.limits.max_steps = 100000;
+    auto fails_with = [&](const char * src, const char * what) {
+        try {
+            Template(src).render(ojson::object(), o);
+            ADD_FAILURE() << "rendered " << src;
+        } catch (const Error & e) {
+            EXPECT_NE(std::string(e.what()).find(what), std::string::npos) << e.what();
+        }
+    };
+    fails_with("{% for i in range(10000000) %}{% endfor %}", "range() longer than");
+    fails_with("{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}", "steps");
+    fails_with("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "nested deeper than");
+    fails_with("{{ 'x' * 100000000 }}", "too long");
+    o.limits.max_output = 1000;
+    fails_with("{% for i in range(2000) %}ab{% endfor %}", "produced more than 1000 bytes");
+    fails_with("{{ 2 ** 64 }}", "integer overflow");
+    std::string deep(400, '(');
+    EXPECT_THROW(Template("{{ " + deep + "1" + std::string(400, ')') + " }}"), Error);
+}
+
+} // namespace
+} // namespace moesh::jinja
