@@ -47,7 +47,8 @@ ChatTemplate::ChatTemplate(std::string_view jinja, std::string bos_token, std::s
               throw Error(std::string("chat ") + e.what());
           }
       }()),
-      bos_(std::move(bos_token)), eos_(std::move(eos_token)) {}
+      bos_(std::move(bos_token)), eos_(std::move(eos_token)), takes_tools_(jinja.find("tools") != std::string_view::npos),
+      tool_format_(moesh::tool_call_format(jinja)) {}
 
 ChatTemplate::ChatTemplate(std::string_view jinja, const Tokenizer & tok)
     : ChatTemplate(jinja, token_text(tok, tok.bos_id()), token_text(tok, tok.eos_id())) {}

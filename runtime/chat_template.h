@@ -14,6 +14,7 @@
 
 #include "runtime/jinja.h"
 #include "runtime/tokenizer.h"
+#include "runtime/tool_calls.h"
 
 #include <nlohmann/json.hpp>
 
@@ -53,9 +54,14 @@ public:
     // The same for plain role/content messages.
     std::string apply(const std::vector<ChatMessage> & messages, bool add_generation_prompt) const;
 
+    bool takes_tools() const { return takes_tools_; }   // the template reads a `tools` variable
+    ToolCallFormat tool_call_format() const { return tool_format_; }   // how it shows the model calls
+
 private:
     jinja::Template tmpl_;
     std::string bos_, eos_;
+    bool takes_tools_ = false;
+    ToolCallFormat tool_format_ = ToolCallFormat::None;
 };
 
 // The tokens a chat reply ends at: the tokenizer's end-of-sequence token and

@@ -4,6 +4,7 @@
 #include "experts/expert_store.h"
 #include "runtime/error.h"
 #include "runtime/json_schema.h"
+#include "runtime/tool_calls.h"
 
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
@@ -101,6 +102,47 @@ bool Server::send(const Origin & to, const std::string & frame) {
 // token (it carries the decoder's final bytes). The end-of-sequence token is never sent, and a
 // dangling part of a UTF-8 character after the last frame is dropped, so the frames' texts add
 // up to the done frame's text.
+// How much of the text can go out in token frames: not its last `hold` bytes (a stop string may
+// still end there), nor a tool call or what may still become the start of one.
+size_t Server::streamable(const Active & a, size_t hold) const {
+    size_t n = a.text.size() > hold ? a.text.size() - hold : 0;
+    if (a.tool_format != ToolCallFormat::None) n = std::min(n, tool_call_safe_prefix(a.tool_format, a.text));
+    return n;
+}
+
+// 9 letters and digits: what Mistral's templates require of the ids they are sent back.
+std::string Server::new_call_id() {
+    static constexpr char k_alnum[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    std::string id(9, ' ');
+    for (char & c : id) c = k_alnum[call_ids_() % 62];
+    return id;
+}
+
+// The messages as chat templates read them (OpenAI's shape; arguments as objects, as
+// transformers and vLLM give them, where they are JSON objects).
+nlohmann::ordered_json Server::template_messages(const std::vector<protocol::ChatMessage> & messages) {
+    using ojson = nlohmann::ordered_json;
+    ojson out = ojson::array();
+    for (const protocol::ChatMessage & m : messages) {
+        ojson msg = {{"role", m.role}, {"content", m.content}};
+        if (!m.tool_calls.empty()) {
+            ojson & calls = msg["tool_calls"] = ojson::array();
+            for (const protocol::ToolCall & c : m.tool_calls) {
+                ojson args = ojson::parse(c.arguments, nullptr, /*allow_exceptions=*/false);
+                if (!args.is_object()) args = c.arguments;
+                calls.push_back({{"id", c.id}, {"type", "function"}, {"function", {{"name", c.name}, {"arguments", std::move(args)}}}});
+            }
+        }
+        if (m.reasoning_content) msg["reasoning_content"] = *m.reasoning_content;
+        if (m.role == "tool") {
+            msg["tool_call_id"] = m.tool_call_id;
+            if (!m.name.empty()) msg["name"] = m.name;
+        }
+        out.push_back(std::move(msg));
+    }
+    return out;
+}
+
 void Server::send_pending(uint64_t handle, Active & a, size_t safe) {
     if (!a.pending) return;
     const std::string piece = safe > a.sent ? a.text.substr(a.sent, safe - a.sent) : std::string();
@@ -148,10 +190,10 @@ bool Server::on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp) 
         (a.chat && std::find(chat_stop_.begin(), chat_stop_.end(), token) != chat_stop_.end()))
         return true;   // the scheduler ends the request (Eos); its text is not part of the completion
     const size_t hold = a.stop.empty() ? 0 : max_stop_bytes_ - 1;
-    send_pending(handle, a, a.text.size() > hold ? a.text.size() - hold : 0);
+    send_pending(handle, a, streamable(a, hold));
     if (a.decoder && token >= 0 && token < tok_->n_vocab()) a.text += std::string(a.decoder->push(token));
     a.pending = token;
-    if (a.stop.empty() && a.index + 1 < a.max_tokens) send_pending(handle, a, a.text.size());   // no reason to wait
+    if (a.stop.empty() && a.index + 1 < a.max_tokens) send_pending(handle, a, streamable(a, 0));   // no reason to wait
     for (const std::string & s : a.stop)   // only the tail can hold a new match
         if (a.text.find(s, a.text.size() > s.size() + 64 ? a.text.size() - s.size() - 64 : 0) != std::string::npos) return false;
     return true;
@@ -168,8 +210,15 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
             if (size_t p = a.text.find(s); p != std::string::npos) cut = std::min(cut, p);
         a.text.resize(cut);
     }
+    std::vector<ParsedCall> calls;
+    if (a.tool_format != ToolCallFormat::None) {   // the calls are not text: the text is what came before them
+        ParsedOutput out = parse_tool_calls(a.tool_format, a.text);
+        calls = std::move(out.calls);
+        a.text = std::move(out.content);
+    }
     send_pending(handle, a, a.text.size());
     protocol::Done d;
+    for (ParsedCall & c : calls) d.tool_calls.push_back({new_call_id(), std::move(c.name), std::move(c.arguments)});
     d.tokens = tokens;
     if (why == FinishReason::Eos && !d.tokens.empty()) d.tokens.pop_back();   // the end-of-sequence token itself
     if (a.logprobs) d.logprobs = std::move(a.token_logprobs);   // with the EOS token's entry last, when it ended it
@@ -184,6 +233,7 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
                       : why == FinishReason::Eos  ? protocol::FinishReason::Eos
                       : why == FinishReason::Stop ? protocol::FinishReason::Stop
                                                   : protocol::FinishReason::Cancelled;
+    if (!d.tool_calls.empty() && (why == FinishReason::Eos || why == FinishReason::Stop)) d.finish_reason = protocol::FinishReason::ToolCalls;
     d.prompt_tokens = a.prompt_tokens;
     d.completion_tokens = int64_t(d.tokens.size());
     d.queue_ms = t.queue_ms;
@@ -207,6 +257,8 @@ void Server::generate(const Origin & from, protocol::Request && req) {
             return;
         }
     GenRequest g;
+    ToolCallFormat tool_format = ToolCallFormat::None;   // the request's calls are read from its text
+    std::shared_ptr<const Grammar> forced;                // tool_choice required or named: the call's grammar
     if (req.prompt_ids) {
         g.prompt = std::move(*req.prompt_ids);
     } else if (!tok_) {
@@ -220,23 +272,38 @@ void Server::generate(const Origin & from, protocol::Request && req) {
                                    "this model has no usable chat template (the server's log says why; `moesh serve --chat-template FILE` gives one): send prompt"));
             return;
         }
-        std::vector<moesh::ChatMessage> msgs;
-        for (const auto & m : *req.messages) msgs.push_back({m.role, m.content});
-        try {   // the template's own checks (roles that must alternate, ...) refuse the request, not the server
-            g.prompt = tok_->encode(chat_->apply(msgs, /*add_generation_prompt=*/true), /*add_special=*/false);
-        } catch (const Error & e) {
+        auto refuse = [&](const std::string & why) {
             ++stats_.bad_requests;
-            send(from, error_frame(req.id, ErrorCode::BadRequest, e.what()));
-            return;
+            send(from, error_frame(req.id, ErrorCode::BadRequest, why));
+        };
+        const bool offer_tools = req.tools && req.tool_choice != protocol::ToolChoice::None;
+        if (offer_tools && !chat_->takes_tools()) return refuse("field 'tools': this model's chat template does not take tools");
+        if (offer_tools && chat_->tool_call_format() == ToolCallFormat::None)
+            return refuse("field 'tools': this model's chat template writes tool calls in a format moesh does not read (it "
+                          "reads <tool_call> JSON: Qwen2.5, Qwen3, QwQ, Hermes); tool_choice \"none\" offers no tools");
+        try {   // the template's own checks (roles that must alternate, ...) refuse the request, not the server
+            nlohmann::ordered_json extra = req.chat_template_kwargs ? nlohmann::ordered_json::parse(*req.chat_template_kwargs)
+                                                                    : nlohmann::ordered_json::object();
+            if (offer_tools) extra["tools"] = nlohmann::ordered_json::parse(*req.tools);
+            g.prompt = tok_->encode(chat_->render(template_messages(*req.messages), /*add_generation_prompt=*/true, extra),
+                                    /*add_special=*/false);
+        } catch (const Error & e) {
+            return refuse(e.what());
+        }
+        if (offer_tools) tool_format = chat_->tool_call_format();
+        if (req.tool_choice == protocol::ToolChoice::Required || req.tool_choice == protocol::ToolChoice::Named) {
+            std::string why;
+            const std::string text = forced_tool_call_grammar(tool_format, *req.tools, req.tool_choice_name, &why);
+            if (text.empty() || !(forced = compile_grammar(text, &why))) return refuse("field 'tool_choice': " + why);
         }
         g.stop_ids = chat_stop_;
     } else {
         g.prompt = tok_->encode(*req.prompt, /*add_special=*/true);
     }
     g.stop_ids.insert(g.stop_ids.end(), eos_.begin(), eos_.end());
-    if (req.grammar || req.json_schema) {
+    if (req.grammar || req.json_schema || forced) {
         std::string why;
-        std::shared_ptr<const Grammar> grammar = request_grammar(req, &why);
+        std::shared_ptr<const Grammar> grammar = forced ? forced : request_grammar(req, &why);
         if (!grammar) {
             ++stats_.bad_requests;
             send(from, error_frame(req.id, ErrorCode::BadRequest, why));
@@ -301,6 +368,7 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     act.echo = req.echo;
     act.prompt_text = std::move(prompt_text);
     act.grammar = std::move(grammar);
+    act.tool_format = tool_format;
     if (act.scoring) act.prompt_logprobs.push_back(logprobs_entry(prompt[0], nullptr));   // nothing before it scores it
     if (tok_) {
         act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/act.chat);
@@ -323,18 +391,21 @@ std::shared_ptr<const Grammar> Server::request_grammar(const protocol::Request &
         *why = "field 'json_schema': " + *why;
         return nullptr;
     }
+    std::shared_ptr<const Grammar> g = compile_grammar(text, why);
+    if (!g) *why = std::string("field '") + field + "': " + *why;
+    return g;
+}
+
+std::shared_ptr<const Grammar> Server::compile_grammar(const std::string & text, std::string * why) {
     for (size_t i = 0; i < grammars_.size(); ++i)
         if (grammars_[i].first == text) {
             std::rotate(grammars_.begin(), grammars_.begin() + long(i), grammars_.begin() + long(i) + 1);
             return grammars_.front().second;
         }
     std::shared_ptr<const Grammar> g = Grammar::parse(text, why);
-    if (!g) {
-        *why = std::string("field '") + field + "': " + *why;
-        return nullptr;
-    }
+    if (!g) return nullptr;
     constexpr size_t k_cached = 16;
-    grammars_.insert(grammars_.begin(), {std::move(text), g});
+    grammars_.insert(grammars_.begin(), {text, g});
     if (grammars_.size() > k_cached) grammars_.pop_back();
     return g;
 }

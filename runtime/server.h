@@ -32,6 +32,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -118,6 +119,7 @@ private:
         std::vector<protocol::Logprobs> prompt_logprobs;   // scoring: one per prompt token so far
         std::string prompt_text;                 // echo
         std::shared_ptr<GrammarMatcher> grammar; // the request's, to say why it stopped it
+        ToolCallFormat tool_format = ToolCallFormat::None;   // the request gave tools: calls are read from the text
     };
 
     void handle(const Origin & from, const std::string & body, bool draining);
@@ -132,6 +134,10 @@ private:
     // The request's grammar (grammar or json_schema), compiled or from the cache; null and *why
     // when it is invalid.
     std::shared_ptr<const Grammar> request_grammar(const protocol::Request & req, std::string * why);
+    std::shared_ptr<const Grammar> compile_grammar(const std::string & text, std::string * why);   // cached
+    size_t streamable(const Active & a, size_t hold) const;
+    std::string new_call_id();
+    static nlohmann::ordered_json template_messages(const std::vector<protocol::ChatMessage> & messages);
 
     const Model & model_;
     const Tokenizer * tok_;
@@ -154,6 +160,7 @@ private:
     std::shared_ptr<const GrammarVocab> grammar_vocab_;   // built at the first grammar
     // The last grammars compiled, most recent first: requests often repeat a schema.
     std::vector<std::pair<std::string, std::shared_ptr<const Grammar>>> grammars_;
+    std::mt19937_64 call_ids_{std::random_device{}()};   // ids of the tool calls models make
     size_t max_stop_bytes_ = 0;
     ServerStats stats_;
     LocalPort * port_ = nullptr;

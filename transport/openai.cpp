@@ -33,7 +33,6 @@ bool one(const json & v) { return v.is_number_integer() && v.get<int64_t>() == 1
 bool falsy(const json & v) { return v.is_boolean() && !v.get<bool>(); }
 bool empty_array(const json & v) { return v.is_array() && v.empty(); }
 bool empty_string(const json & v) { return v.is_string() && v.get_ref<const std::string &>().empty(); }
-bool none_choice(const json & v) { return v == "none"; }
 bool any_string(const json & v) { return v.is_string(); }
 bool any_bool(const json & v) { return v.is_boolean(); }
 bool any_object(const json & v) { return v.is_object(); }
@@ -47,8 +46,6 @@ constexpr OffOnly completion_off[] = {
     {"suffix", empty_string, "\"\"", "insertion (suffix) is not implemented"},
 };
 constexpr OffOnly chat_off[] = {
-    {"tools", empty_array, "[]", "tool calling is not implemented"},
-    {"tool_choice", none_choice, "\"none\"", "tool calling is not implemented"},
     {"parallel_tool_calls", any_bool, "true or false", ""},
     {"store", falsy, "false", "completions are not stored"},
     {"metadata", any_object, "an object", ""},
@@ -103,27 +100,33 @@ std::variant<json, HttpError> read_messages(const json & a) {
         if (role == m.end()) return bad("field '" + field + ".role': missing", field + ".role");
         std::string r;
         if (*role == "system" || *role == "developer") r = "system";
-        else if (*role == "user" || *role == "assistant") r = role->get<std::string>();
-        else if (*role == "tool" || *role == "function")
-            return bad("field '" + field + ".role': tool messages are not accepted (tool calling is not implemented)", field + ".role");
-        else return expected(field + ".role", "one of \"system\", \"developer\", \"user\", \"assistant\"", *role);
+        else if (*role == "user" || *role == "assistant" || *role == "tool") r = role->get<std::string>();
+        else if (*role == "function")
+            return bad("field '" + field + ".role': \"function\" messages (the deprecated function calling) are not accepted; use tools", field + ".role");
+        else return expected(field + ".role", "one of \"system\", \"developer\", \"user\", \"assistant\", \"tool\"", *role);
         std::string content;
+        json msg = {{"role", r}};
         for (const auto & [k, v] : m.items()) {
-            if (k == "role" || k == "name") continue;
+            if (k == "role" || (k == "name" && r != "tool")) continue;
             if (k == "content") {
+                if (v.is_null()) continue;   // an assistant's message with tool calls
                 auto c = read_content(v, field + ".content");
                 if (auto * e = std::get_if<HttpError>(&c)) return *e;
                 content = std::move(std::get<std::string>(c));
-            } else if ((k == "tool_calls" && empty_array(v)) || (k == "refusal" && v.is_null())) {
+            } else if ((k == "tool_calls" && empty_array(v)) || (k == "refusal" && v.is_null()) || v.is_null()) {
                 continue;
-            } else if (k == "tool_calls" || k == "function_call" || k == "audio") {
-                return bad("field '" + field + "." + k + "': not accepted (tool calling and audio are not implemented)", field + "." + k);
+            } else if ((r == "assistant" && (k == "tool_calls" || k == "reasoning_content")) ||
+                       (r == "tool" && (k == "tool_call_id" || k == "name"))) {
+                msg[k] = v;   // the protocol checks them
+            } else if (k == "function_call" || k == "audio") {
+                return bad("field '" + field + "." + k + "': not accepted (the deprecated function calling and audio are not implemented)", field + "." + k);
             } else {
                 return bad("unknown field '" + field + "." + printable(k) + "'", field + "." + printable(k));
             }
         }
         if (m.find("content") == m.end() && r != "assistant") return bad("field '" + field + ".content': missing", field + ".content");
-        out.push_back({{"role", r}, {"content", content}});
+        msg["content"] = content;
+        out.push_back(std::move(msg));
     }
     return out;
 }
@@ -161,6 +164,7 @@ const char * finish_reason(const json & done) {
     const std::string r = done.value("finish_reason", "");
     if (r == "length") return "length";
     if (r == "cancelled") return "cancelled";   // the server drained or the client left: not an OpenAI reason
+    if (r == "tool_calls") return "tool_calls";
     return "stop";                              // eos or a stop string
 }
 
@@ -246,12 +250,33 @@ ojson openai_logprobs(Endpoint e, const json & entries, int64_t & offset) {
             {"text_offset", std::move(offsets)}};
 }
 
-ojson choice(Endpoint e, std::string_view text, const char * finish, bool first, bool whole, ojson logprobs = nullptr) {
+// A done frame's tool_calls in OpenAI's shape ("index" added for stream deltas).
+ojson tool_calls(const json & done, bool delta) {
+    ojson out = ojson::array();
+    const auto it = done.find("tool_calls");
+    if (it == done.end()) return out;
+    for (size_t i = 0; i < it->size(); ++i) {
+        const json & c = (*it)[i];
+        ojson call = ojson::object();
+        if (delta) call["index"] = i;
+        call["id"] = c.at("id");
+        call["type"] = "function";
+        call["function"] = {{"name", c.at("function").at("name")}, {"arguments", c.at("function").at("arguments")}};
+        out.push_back(std::move(call));
+    }
+    return out;
+}
+
+ojson choice(Endpoint e, std::string_view text, const char * finish, bool first, bool whole, ojson logprobs = nullptr,
+             ojson calls = ojson::array()) {
     ojson c = {{"index", 0}};
     if (e == Endpoint::Completions) {
         c["text"] = std::string(text);
     } else if (whole) {
-        c["message"] = {{"role", "assistant"}, {"content", std::string(text)}};
+        c["message"] = {{"role", "assistant"}, {"content", text.empty() && !calls.empty() ? ojson(nullptr) : ojson(std::string(text))}};
+        if (!calls.empty()) c["message"]["tool_calls"] = std::move(calls);
+    } else if (!calls.empty()) {
+        c["delta"] = {{"tool_calls", std::move(calls)}};
     } else {
         ojson delta = ojson::object();
         if (first) delta["role"] = "assistant";
@@ -284,6 +309,8 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
     const char * constraint = nullptr;      // "grammar" or "json_schema" (llama-server's fields)
     const json * chat_logprobs = nullptr;   // chat: "logprobs" (true/false) and "top_logprobs" (how many)
     const json * top_logprobs = nullptr;
+    const json * tool_choice = nullptr;
+    std::vector<std::string> ordered_fields;   // tools, chat_template_kwargs: taken from the body with their key order
     for (const auto & item : o.items()) {
         const std::string & k = item.key();   // not structured bindings: clang 14's lambdas cannot capture them
         const json & v = item.value();
@@ -321,6 +348,12 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
             constraint = k == "grammar" ? "grammar" : "json_schema";
             if (k == "grammar") frame["grammar"] = v;   // a json_schema keeps its key order: added below
             else if (!v.is_object()) return expected("json_schema", "an object (a JSON Schema)", v);
+        } else if (chat && (k == "tools" || k == "chat_template_kwargs")) {
+            if (k == "tools" && empty_array(v)) continue;   // some clients send [] for none
+            ordered_fields.push_back(k);   // kept in the client's key order: added below
+            frame[k] = v;
+        } else if (chat && k == "tool_choice") {
+            tool_choice = &v;
         } else if (!chat && k == "echo") {
             if (!v.is_boolean()) return expected("echo", "true or false", v);
             echo = v.get<bool>();
@@ -374,6 +407,8 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
         if (const auto lp = frame.find("logprobs"); lp != frame.end() && lp->is_number_integer())
             frame["prompt_logprobs"] = *lp;   // else the protocol refuses 'logprobs' itself
     }
+    // tool_choice "none" or "auto" without tools is no choice at all (clients send it by default)
+    if (tool_choice && (frame.contains("tools") || (*tool_choice != "none" && *tool_choice != "auto"))) frame["tool_choice"] = *tool_choice;
     // The JSON Schema to follow, as a path in the body (read again with its keys in order).
     std::vector<std::string> schema_path;
     if (constraint && std::string(constraint) == "json_schema") schema_path = {"json_schema"};
@@ -413,12 +448,15 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
     if (t.prompt_ids) t.renames.push_back({"prompt_ids", "prompt"});
     if (schema_path.size() > 1) t.renames.push_back({"json_schema", "response_format.json_schema.schema"});
     else if (response_format && frame.contains("json_schema")) t.renames.push_back({"json_schema", "response_format"});
-    if (!schema_path.empty()) {   // properties are generated in the schema's order: keep it
+    if (!schema_path.empty() || !ordered_fields.empty()) {   // properties are generated, tools shown, in the client's order
         ojson ordered = ojson::parse(frame.dump(-1, ' ', false, json::error_handler_t::replace));
         const ojson body_doc = ojson::parse(body);
-        const ojson * schema = &body_doc;
-        for (const auto & key : schema_path) schema = &schema->at(key);
-        ordered["json_schema"] = *schema;
+        if (!schema_path.empty()) {
+            const ojson * schema = &body_doc;
+            for (const auto & key : schema_path) schema = &schema->at(key);
+            ordered["json_schema"] = *schema;
+        }
+        for (const std::string & k : ordered_fields) ordered[k] = body_doc.at(k);
         t.frame = dump(ordered);
         return t;
     }
@@ -480,7 +518,7 @@ std::string completion_body(Endpoint e, const Reply & r, const nlohmann::json & 
         lp = openai_logprobs(e, entries, offset);
     }
     if (auto p = done.find("prompt_text"); p != done.end()) text = p->get<std::string>() + text;   // echo
-    o["choices"] = ojson::array({choice(e, text, finish_reason(done), false, true, std::move(lp))});
+    o["choices"] = ojson::array({choice(e, text, finish_reason(done), false, true, std::move(lp), tool_calls(done, false))});
     o["usage"] = usage(done);
     if (auto t = done.find("timings"); t != done.end()) o["timings"] = *t;   // moesh's: queue, first token, total
     return dump(o);
@@ -497,9 +535,15 @@ std::string text_chunk(Endpoint e, const Reply & r, std::string_view text, bool 
 }
 
 std::string finish_chunk(Endpoint e, const Reply & r, const nlohmann::json & done) {
+    std::string out;
+    if (ojson calls = tool_calls(done, true); e == Endpoint::Chat && !calls.empty()) {   // the calls come whole, before the end
+        ojson o = head(e, r, true);
+        o["choices"] = ojson::array({choice(e, "", nullptr, false, false, nullptr, std::move(calls))});
+        out = sse(o);
+    }
     ojson o = head(e, r, true);
     o["choices"] = ojson::array({choice(e, "", finish_reason(done), false, false)});
-    return sse(o);
+    return out + sse(o);
 }
 
 std::string usage_chunk(Endpoint e, const Reply & r, const nlohmann::json & done) {

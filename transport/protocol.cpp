@@ -153,7 +153,7 @@ bool generate_field(std::string_view k) {
     static constexpr std::string_view fields[] = {
         "prompt", "prompt_ids", "messages", "max_tokens", "temperature",        "top_p",             "top_k",
         "seed",   "stop",       "stream",   "logprobs",   "repetition_penalty", "frequency_penalty", "presence_penalty",
-        "prompt_logprobs", "logit_bias", "echo", "grammar", "json_schema"};
+        "prompt_logprobs", "logit_bias", "echo", "grammar", "json_schema", "tools", "tool_choice", "chat_template_kwargs"};
     for (std::string_view f : fields)
         if (k == f) return true;
     return false;
@@ -268,6 +268,24 @@ public:
             // Read again keeping key order: properties are generated in the order the schema gives.
             r.json_schema = nlohmann::ordered_json::parse(bytes).at("json_schema").dump();
         }
+        const auto tools = o.find("tools"), choice = o.find("tool_choice"), kwargs = o.find("chat_template_kwargs");
+        for (const auto & it : {tools, choice, kwargs})
+            if (it != o.end() && !r.messages) return fail("field '" + it.key() + "' needs 'messages' (it is for the chat template)");
+        if (tools != o.end() && !check_tools(*tools)) return fail(error_);
+        if (choice != o.end() && !read_tool_choice(*choice, tools != o.end() ? &*tools : nullptr, r)) return fail(error_);
+        if (r.tool_choice == ToolChoice::Required || r.tool_choice == ToolChoice::Named)
+            if (r.grammar || r.json_schema) return fail("field 'tool_choice': a call that must be made is its own grammar; not with 'grammar' or 'json_schema'");
+        if (kwargs != o.end()) {
+            if (!kwargs->is_object()) return fail(expected("chat_template_kwargs", "an object", *kwargs));
+            for (const char * k : {"messages", "tools", "documents", "add_generation_prompt", "bos_token", "eos_token"})
+                if (kwargs->contains(k)) return fail(std::string("field 'chat_template_kwargs.") + k + "': set by the server, not by a request");
+        }
+        if (tools != o.end() || kwargs != o.end()) {
+            // Read again keeping key order: templates print tools and arguments as they were sent.
+            const auto ordered = nlohmann::ordered_json::parse(bytes);
+            if (tools != o.end()) r.tools = ordered.at("tools").dump();
+            if (kwargs != o.end()) r.chat_template_kwargs = ordered.at("chat_template_kwargs").dump();
+        }
         for (const char * k : {"frequency_penalty", "presence_penalty"})
             if (auto it = o.find(k); it != o.end()) {
                 double d = 0;
@@ -354,17 +372,137 @@ private:
             const std::string field = "messages[" + std::to_string(i) + "]";
             const json & m = a[i];
             if (!m.is_object()) return error(expected(field, "an object {\"role\", \"content\"}", m));
-            for (const auto & [k, v] : m.items())
-                if (k != "role" && k != "content") return error("unknown field '" + field + "." + name_of(k) + "'");
             const auto role = m.find("role"), content = m.find("content");
             if (role == m.end()) return error("field '" + field + ".role': missing");
-            if (*role != "system" && *role != "user" && *role != "assistant")
-                return error(expected(field + ".role", "one of \"system\", \"user\", \"assistant\"", *role));
-            if (content == m.end()) return error("field '" + field + ".content': missing");
-            if (!content->is_string()) return error(expected(field + ".content", "a string", *content));
-            out.push_back({role->get<std::string>(), content->get<std::string>()});
+            if (*role != "system" && *role != "user" && *role != "assistant" && *role != "tool")
+                return error(expected(field + ".role", "one of \"system\", \"user\", \"assistant\", \"tool\"", *role));
+            ChatMessage msg;
+            msg.role = role->get<std::string>();
+            for (const auto & [k, v] : m.items()) {
+                const bool ok = k == "role" || k == "content" ||
+                                (msg.role == "assistant" && (k == "tool_calls" || k == "reasoning_content")) ||
+                                (msg.role == "tool" && (k == "tool_call_id" || k == "name"));
+                if (!ok) return error("unknown field '" + field + "." + name_of(k) + "'" +
+                                      (k == "tool_calls" || k == "tool_call_id" || k == "reasoning_content" || k == "name"
+                                           ? " for a message with role '" + msg.role + "'" : ""));
+            }
+            const bool calls = m.contains("tool_calls");
+            if (content == m.end() && !calls) return error("field '" + field + ".content': missing");
+            if (content != m.end()) {
+                if (!content->is_string()) return error(expected(field + ".content", "a string", *content));
+                msg.content = content->get<std::string>();
+            }
+            if (calls && !read_tool_calls(m.at("tool_calls"), field + ".tool_calls", msg.tool_calls)) return false;
+            if (auto it = m.find("reasoning_content"); it != m.end()) {
+                if (!it->is_string()) return error(expected(field + ".reasoning_content", "a string", *it));
+                msg.reasoning_content = it->get<std::string>();
+            }
+            if (msg.role == "tool") {
+                const auto id = m.find("tool_call_id");
+                if (id == m.end()) return error("field '" + field + ".tool_call_id': missing (the id of the call this answers)");
+                if (!id->is_string() || !valid_id(id->get_ref<const std::string &>(), limits_.max_id_bytes))
+                    return error(expected(field + ".tool_call_id", "a string of 1 to " + std::to_string(limits_.max_id_bytes) +
+                                                                       " printable ASCII characters", *id));
+                msg.tool_call_id = id->get<std::string>();
+                if (auto it = m.find("name"); it != m.end()) {
+                    if (!it->is_string() || it->get_ref<const std::string &>().empty())
+                        return error(expected(field + ".name", "a function's name", *it));
+                    msg.name = it->get<std::string>();
+                }
+            }
+            out.push_back(std::move(msg));
         }
         r.messages = std::move(out);
+        return true;
+    }
+
+    // [{"id", "type": "function", "function": {"name", "arguments": JSON text of an object}}]
+    bool read_tool_calls(const json & a, const std::string & field, std::vector<ToolCall> & out) {
+        if (!a.is_array()) return error(expected(field, "an array of {\"id\", \"type\", \"function\"} objects", a));
+        if (int64_t(a.size()) > limits_.max_tools)
+            return error("field '" + field + "': more than " + std::to_string(limits_.max_tools) + " calls");
+        for (size_t i = 0; i < a.size(); ++i) {
+            const std::string f = field + "[" + std::to_string(i) + "]";
+            const json & c = a[i];
+            if (!c.is_object()) return error(expected(f, "an object {\"id\", \"type\", \"function\"}", c));
+            for (const auto & [k, v] : c.items())
+                if (k != "id" && k != "type" && k != "function") return error("unknown field '" + f + "." + name_of(k) + "'");
+            ToolCall call;
+            const auto id = c.find("id"), type = c.find("type"), fn = c.find("function");
+            if (id == c.end() || !id->is_string() || !valid_id(id->get_ref<const std::string &>(), limits_.max_id_bytes))
+                return error(id == c.end() ? "field '" + f + ".id': missing"
+                                           : expected(f + ".id", "a string of 1 to " + std::to_string(limits_.max_id_bytes) +
+                                                                     " printable ASCII characters", *id));
+            call.id = id->get<std::string>();
+            if (type != c.end() && *type != "function") return error(expected(f + ".type", "\"function\"", *type));
+            if (fn == c.end() || !fn->is_object()) return error(fn == c.end() ? "field '" + f + ".function': missing"
+                                                                             : expected(f + ".function", "an object {\"name\", \"arguments\"}", *fn));
+            for (const auto & [k, v] : fn->items())
+                if (k != "name" && k != "arguments") return error("unknown field '" + f + ".function." + name_of(k) + "'");
+            const auto name = fn->find("name"), args = fn->find("arguments");
+            if (name == fn->end() || !name->is_string() || name->get_ref<const std::string &>().empty())
+                return error(name == fn->end() ? "field '" + f + ".function.name': missing" : expected(f + ".function.name", "a function's name", *name));
+            call.name = name->get<std::string>();
+            if (args == fn->end()) return error("field '" + f + ".function.arguments': missing");
+            if (!args->is_string()) return error(expected(f + ".function.arguments", "a string (the JSON text of an object)", *args));
+            call.arguments = args->get<std::string>();
+            out.push_back(std::move(call));
+        }
+        return true;
+    }
+
+    // [{"type": "function", "function": {"name", "description"?, "parameters"?, "strict"?}}]
+    bool check_tools(const json & a) {
+        if (!a.is_array() || a.empty()) return error(expected("tools", "a non-empty array of {\"type\": \"function\", \"function\"} objects", a));
+        if (int64_t(a.size()) > limits_.max_tools)
+            return error("field 'tools': more than " + std::to_string(limits_.max_tools) + " functions");
+        for (size_t i = 0; i < a.size(); ++i) {
+            const std::string f = "tools[" + std::to_string(i) + "]";
+            const json & t = a[i];
+            if (!t.is_object()) return error(expected(f, "an object {\"type\": \"function\", \"function\"}", t));
+            for (const auto & [k, v] : t.items())
+                if (k != "type" && k != "function") return error("unknown field '" + f + "." + name_of(k) + "'");
+            if (t.value("type", json()) != "function") return error(expected(f + ".type", "\"function\"", t.value("type", json())));
+            const auto fn = t.find("function");
+            if (fn == t.end() || !fn->is_object()) return error(fn == t.end() ? "field '" + f + ".function': missing"
+                                                                           : expected(f + ".function", "an object {\"name\", ...}", *fn));
+            for (const auto & [k, v] : fn->items())
+                if (k != "name" && k != "description" && k != "parameters" && k != "strict")
+                    return error("unknown field '" + f + ".function." + name_of(k) + "'");
+            const auto name = fn->find("name");
+            if (name == fn->end() || !name->is_string() || name->get_ref<const std::string &>().empty() ||
+                name->get_ref<const std::string &>().size() > 64)
+                return error(name == fn->end() ? "field '" + f + ".function.name': missing"
+                                               : expected(f + ".function.name", "a name of 1 to 64 characters", *name));
+            for (size_t j = 0; j < i; ++j)
+                if (a[j].at("function").at("name") == *name) return error("field '" + f + ".function.name': '" + printable(name->get<std::string>()) + "' is offered twice");
+            if (auto d = fn->find("description"); d != fn->end() && !d->is_string())
+                return error(expected(f + ".function.description", "a string", *d));
+            if (auto pr = fn->find("parameters"); pr != fn->end() && !pr->is_object())
+                return error(expected(f + ".function.parameters", "an object (a JSON Schema)", *pr));
+            if (auto st = fn->find("strict"); st != fn->end() && !st->is_boolean())
+                return error(expected(f + ".function.strict", "true or false", *st));
+        }
+        return true;
+    }
+
+    bool read_tool_choice(const json & v, const json * tools, Request & r) {
+        if (v == "auto") r.tool_choice = ToolChoice::Auto;
+        else if (v == "none") r.tool_choice = ToolChoice::None;
+        else if (v == "required") r.tool_choice = ToolChoice::Required;
+        else if (v.is_object() && v.size() == 2 && v.value("type", json()) == "function" && v.contains("function") &&
+                 v["function"].is_object() && v["function"].size() == 1 && v["function"].contains("name") &&
+                 v["function"]["name"].is_string()) {
+            r.tool_choice = ToolChoice::Named;
+            r.tool_choice_name = v["function"]["name"].get<std::string>();
+            bool found = false;
+            for (const json & t : tools ? *tools : json::array()) found = found || t["function"]["name"] == r.tool_choice_name;
+            if (!found) return error("field 'tool_choice': '" + printable(r.tool_choice_name) + "' is not one of the request's tools");
+            return true;
+        } else {
+            return error(expected("tool_choice", "\"auto\", \"none\", \"required\" or {\"type\": \"function\", \"function\": {\"name\"}}", v));
+        }
+        if (r.tool_choice == ToolChoice::Required && !tools) return error("field 'tool_choice': \"required\" without 'tools'");
         return true;
     }
 
@@ -453,6 +591,16 @@ public:
             }
             if (o_.contains("prompt_text") && !has_string("prompt_text", true)) return error_;
             if (o_.contains("grammar_error") && !has_string("grammar_error", false)) return error_;
+            if (auto tc = o_.find("tool_calls"); tc != o_.end()) {
+                if (!tc->is_array()) return expected("tool_calls", "an array of calls", *tc);
+                for (size_t i = 0; i < tc->size(); ++i) {
+                    const json & c = (*tc)[i];
+                    const bool ok = c.is_object() && c.contains("id") && c["id"].is_string() && c.contains("function") &&
+                                    c["function"].is_object() && c["function"].contains("name") && c["function"]["name"].is_string() &&
+                                    c["function"].contains("arguments") && c["function"]["arguments"].is_string();
+                    if (!ok) return expected("tool_calls[" + std::to_string(i) + "]", "{\"id\", \"type\", \"function\": {\"name\", \"arguments\"}}", c);
+                }
+            }
             if (!has_string("text", true) || !has_string("finish_reason", false)) return error_;
             const auto usage = o_.find("usage");
             if (usage == o_.end() || !usage->is_object()) return expected_or_missing("usage", "an object");
@@ -628,6 +776,7 @@ const char * finish_reason_name(FinishReason f) {
     case FinishReason::Stop: return "stop";
     case FinishReason::Eos: return "eos";
     case FinishReason::Cancelled: return "cancelled";
+    case FinishReason::ToolCalls: return "tool_calls";
     }
     return "?";
 }
@@ -652,7 +801,20 @@ std::string request_frame(const Request & r) {
     if (r.prompt_ids) o["prompt_ids"] = *r.prompt_ids;
     if (r.messages) {
         ojson & a = o["messages"] = ojson::array();
-        for (const ChatMessage & m : *r.messages) a.push_back({{"role", m.role}, {"content", m.content}});
+        for (const ChatMessage & m : *r.messages) {
+            ojson msg = {{"role", m.role}, {"content", m.content}};
+            if (!m.tool_calls.empty()) {
+                ojson & calls = msg["tool_calls"] = ojson::array();
+                for (const ToolCall & c : m.tool_calls)
+                    calls.push_back({{"id", c.id}, {"type", "function"}, {"function", {{"name", c.name}, {"arguments", c.arguments}}}});
+            }
+            if (m.reasoning_content) msg["reasoning_content"] = *m.reasoning_content;
+            if (m.role == "tool") {
+                msg["tool_call_id"] = m.tool_call_id;
+                if (!m.name.empty()) msg["name"] = m.name;
+            }
+            a.push_back(std::move(msg));
+        }
     }
     o["max_tokens"] = r.max_tokens;
     o["temperature"] = float_value(r.temperature);
@@ -673,6 +835,14 @@ std::string request_frame(const Request & r) {
     }
     if (r.grammar) o["grammar"] = *r.grammar;
     if (r.json_schema) o["json_schema"] = ojson::parse(*r.json_schema);
+    if (r.tools) o["tools"] = ojson::parse(*r.tools);
+    switch (r.tool_choice) {
+    case ToolChoice::Auto: break;
+    case ToolChoice::None: o["tool_choice"] = "none"; break;
+    case ToolChoice::Required: o["tool_choice"] = "required"; break;
+    case ToolChoice::Named: o["tool_choice"] = {{"type", "function"}, {"function", {{"name", r.tool_choice_name}}}}; break;
+    }
+    if (r.chat_template_kwargs) o["chat_template_kwargs"] = ojson::parse(*r.chat_template_kwargs);
     return dump(o);
 }
 
@@ -726,6 +896,11 @@ std::string done_frame(std::string_view id, const Done & d) {
     }
     if (d.prompt_text) o["prompt_text"] = *d.prompt_text;
     if (d.grammar_error) o["grammar_error"] = *d.grammar_error;
+    if (!d.tool_calls.empty()) {
+        ojson & calls = o["tool_calls"] = ojson::array();
+        for (const ToolCall & c : d.tool_calls)
+            calls.push_back({{"id", c.id}, {"type", "function"}, {"function", {{"name", c.name}, {"arguments", c.arguments}}}});
+    }
     o["text"] = d.text;
     o["finish_reason"] = finish_reason_name(d.finish_reason);
     o["usage"] = {{"prompt_tokens", d.prompt_tokens}, {"completion_tokens", d.completion_tokens}};

@@ -44,14 +44,30 @@ struct Limits {
     int64_t max_messages = 256;            // chat messages per request
     int64_t max_logprobs = 20;             // most likely tokens a request may ask for with each token
     int64_t max_logit_bias = 1024;         // tokens a request's logit_bias may list
+    int64_t max_tools = 128;               // functions a request may offer, and calls per message
 };
 
-// Not runtime's moesh::ChatMessage (the same shape): the protocol stays free
-// of the runtime; the server copies one into the other.
-struct ChatMessage {
-    std::string role;   // "system", "user" or "assistant"
-    std::string content;
+// A function call: one the model made (a done frame's tool_calls) or one a
+// client sends back in an assistant message.
+struct ToolCall {
+    std::string id;          // 1..max_id_bytes printable ASCII
+    std::string name;        // the function's name
+    std::string arguments;   // its arguments: the JSON text of an object
 };
+
+// Not runtime's moesh::ChatMessage: the protocol stays free of the runtime; the
+// server turns these into what the chat template reads.
+struct ChatMessage {
+    std::string role;                 // "system", "user", "assistant" or "tool"
+    std::string content;              // may be empty for an assistant's message with tool_calls
+    std::vector<ToolCall> tool_calls; // assistant: the calls it made
+    std::string tool_call_id;         // tool: the call this message answers (required)
+    std::string name;                 // tool: the function's name (optional)
+    std::optional<std::string> reasoning_content;   // assistant: its reasoning, for templates that show it
+};
+
+// Which tool the model must call: none, any (auto: may; required: must), or one by name.
+enum class ToolChoice { Auto, None, Required, Named };
 
 enum class RequestType { Generate, Cancel, Ping };
 const char * request_type_name(RequestType);   // "generate", "cancel", "ping"
@@ -81,6 +97,14 @@ struct Request {
     // the order sent) the output must be an instance of. The server compiles and checks them.
     std::optional<std::string> grammar;
     std::optional<std::string> json_schema;
+    // With messages: the functions the model may call (the JSON text of an array of
+    // {"type": "function", "function": {"name", "description"?, "parameters"?}}, key order kept),
+    // which one it must call, and more variables for the chat template (the JSON text of an object,
+    // e.g. {"enable_thinking": false}).
+    std::optional<std::string> tools;
+    ToolChoice tool_choice = ToolChoice::Auto;
+    std::string tool_choice_name;   // ToolChoice::Named
+    std::optional<std::string> chat_template_kwargs;
 };
 
 enum class ErrorCode { BadRequest, TooLarge, TooLong, Busy, NotFound, ShuttingDown, Internal };
@@ -107,8 +131,9 @@ std::string describe_json(const nlohmann::json & v);
 // parse_request reads it back as r when r is within the limits.
 std::string request_frame(const Request & r);
 
-enum class FinishReason { Length, Stop, Eos, Cancelled };
-const char * finish_reason_name(FinishReason);   // "length", "stop", "eos", "cancelled"
+// ToolCalls: the model ended its turn after calling tools (Done::tool_calls).
+enum class FinishReason { Length, Stop, Eos, Cancelled, ToolCalls };
+const char * finish_reason_name(FinishReason);   // "length", "stop", "eos", "cancelled", "tool_calls"
 
 // A token's log-probability: {"token", "logprob" (null when not finite), "text", "bytes"[, "special"]}
 // (text and bytes when the server has a tokenizer: the token's bytes, and them as UTF-8
@@ -135,6 +160,9 @@ struct Done {
     std::optional<std::vector<Logprobs>> prompt_logprobs;
     std::optional<std::string> prompt_text;   // echo: the prompt as text (special tokens left out)
     std::optional<std::string> grammar_error;   // why the request's grammar stopped it (finish_reason stop)
+    // The calls the model made, when the request gave tools and the chat template's format is
+    // one moesh reads; text is then what came before the first call.
+    std::vector<ToolCall> tool_calls;
     std::string text;              // their text, stop string excluded
     FinishReason finish_reason = FinishReason::Length;
     int64_t prompt_tokens = 0, completion_tokens = 0;

@@ -61,6 +61,7 @@ TEST(FuzzCorpus, RequestSeedsParseAsLabelledAndNothingCrashes) { replay("request
 TEST(FuzzCorpus, OpenAiSeedsParseAsLabelledAndNothingCrashes) { replay("openai", openai_one_input, 20); }
 
 TEST(FuzzCorpus, GrammarSeedsParseAsLabelledAndNothingCrashes) { replay("grammar", grammar_one_input, 12); }
+TEST(FuzzCorpus, JinjaSeedsParseAsLabelledAndNothingCrashes) { replay("jinja", jinja_one_input, 30); }
 
 TEST(FuzzCorpus, JsonSchemaSeedsParseAsLabelledAndNothingCrashes) { replay("json_schema", json_schema_one_input, 12); }
 

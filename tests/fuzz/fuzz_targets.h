@@ -22,5 +22,6 @@ bool request_one_input(const uint8_t * data, size_t size);   // transport/protoc
 bool openai_one_input(const uint8_t * data, size_t size);    // transport/openai.h: translate
 bool grammar_one_input(const uint8_t * data, size_t size);       // runtime/grammar.h: Grammar::parse, matching
 bool json_schema_one_input(const uint8_t * data, size_t size);   // runtime/json_schema.h
+bool jinja_one_input(const uint8_t * data, size_t size);         // runtime/jinja.h: parse and render
 
 } // namespace moesh::fuzz

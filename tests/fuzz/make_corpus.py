@@ -387,10 +387,10 @@ REQUEST = {
 }
 
 
-def write(folder, files):
+def write(folder, files, max_bytes=4096):
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in files.items():
-        assert len(data) < 4096, name
+        assert len(data) < max_bytes, name
         (folder / name).write_bytes(data)
 
 
@@ -498,6 +498,29 @@ JSON_SCHEMA.update({f"invalid_{k}.json": json.dumps(v).encode() for k, v in {
 JSON_SCHEMA["invalid_not_json.json"] = b'{"type": '
 
 
+# Jinja chat templates (runtime/jinja.h): valid_* parse (the real templates of the reference
+# fixture, and templates whose rendering fails), invalid_* are refused by the parser.
+def jinja_templates():
+    doc = json.loads((HERE.parent / "fixtures" / "chat_templates" / "jinja.json").read_text())
+    out = {f"valid_{t['name']}.jinja": t["template"].encode() for t in doc["templates"]}
+    for name, text in {
+        "unclosed_if": "{% if x %}a", "unknown_filter": "{{ x | nosuch }}", "unclosed_string": "{{ 'a }}",
+        "stray_end": "{% endfor %}", "include": "{% include 'x' %}", "deep": "{{ " + "(" * 300 + "1" + ")" * 300 + " }}",
+        "bad_escape": "{{ '\\x4' }}", "break_outside": "{% break %}", "unclosed_comment": "{# never",
+    }.items():
+        out[f"invalid_{name}.jinja"] = text.encode()
+    # parse, then fail while rendering (the target checks the error names the line)
+    for name, text in {
+        "raise": "{{ raise_exception('no') }}", "undefined_attr": "{{ nothing.here }}", "type_error": "{{ 'a' + 1 }}",
+        "range_limit": "{% for i in range(100000) %}{% endfor %}", "recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    }.items():
+        out[f"valid_render_fails_{name}.jinja"] = text.encode()
+    out["valid_snippets.jinja"] = ("{% set ns = namespace(n=0) %}{% for m in messages if m.role != 'tool' %}{% set ns.n = ns.n + 1 %}"
+                                   "{{ loop.index }}{{ m.role|upper }}{{ m.content|string|trim|tojson }}{% endfor %}{{ ns.n }}"
+                                   "{{ tools|map(attribute='function')|list|tojson(indent=2) }}{{ '%s'|length }}{{ 'a,b'.split(',') }}").encode()
+    return out
+
+
 if __name__ == "__main__":
     write(HERE / "corpus" / "safetensors", SAFETENSORS)
     write(HERE / "corpus" / "model_config", MODEL_CONFIG)
@@ -508,5 +531,6 @@ if __name__ == "__main__":
     write(HERE / "corpus" / "openai", OPENAI)
     write(HERE / "corpus" / "grammar", grammars())
     write(HERE / "corpus" / "json_schema", JSON_SCHEMA)
+    write(HERE / "corpus" / "jinja", jinja_templates(), max_bytes=32768)   # real chat templates run to 15 kB
     print(f"wrote {len(SAFETENSORS)} safetensors, {len(MODEL_CONFIG)} config.json, {len(NPY)} .npy and {len(GGUF)} GGUF seeds "
           f"and {len(REQUEST)} request seeds under {HERE / 'corpus'}")

@@ -246,11 +246,64 @@ TEST(OpenAi, ChatMessagesAreNormalised) {
     EXPECT_FALSE(f.contains("prompt"));
 }
 
+// What OpenAI's SDKs send for tools: passed to the protocol with the client's key order, an
+// assistant's content null where it called tools, a tool's result with its call's id.
+TEST(OpenAi, ToolsPassThroughInTheirKeyOrder) {
+    const std::string body = R"({"model":"m","messages":[{"role":"user","content":"Weather?"},
+        {"role":"assistant","content":null,"tool_calls":[{"id":"abcDEF123","type":"function","function":{"name":"get_weather","arguments":"{\"city\":\"Paris\"}"}}]},
+        {"role":"tool","tool_call_id":"abcDEF123","content":[{"type":"text","text":"21 C"}]}],
+        "tools":[{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"z":{},"a":{}}}}}],
+        "tool_choice":"required","parallel_tool_calls":false,"chat_template_kwargs":{"enable_thinking":false,"b":1,"a":2}})";
+    auto t = translate(Endpoint::Chat, body, defaults());
+    ASSERT_TRUE(std::holds_alternative<Translated>(t)) << std::get<HttpError>(t).message;
+    const std::string frame = std::get<Translated>(t).frame;
+    EXPECT_LT(frame.find(R"("z")"), frame.find(R"("a":{})")) << frame;
+    EXPECT_NE(frame.find(R"({"enable_thinking":false,"b":1,"a":2})"), std::string::npos) << frame;
+    protocol::Limits l;
+    auto r = protocol::parse_request(frame, l);
+    ASSERT_TRUE(std::holds_alternative<protocol::Request>(r)) << std::get<protocol::ParseError>(r).message;
+    const protocol::Request & req = std::get<protocol::Request>(r);
+    EXPECT_EQ(req.tool_choice, protocol::ToolChoice::Required);
+    ASSERT_EQ(req.messages->size(), 3u);
+    EXPECT_EQ(req.messages->at(1).content, "");
+    EXPECT_EQ(req.messages->at(1).tool_calls.at(0).arguments, R"({"city":"Paris"})");
+    EXPECT_EQ(req.messages->at(2).tool_call_id, "abcDEF123");
+    EXPECT_EQ(req.messages->at(2).content, "21 C");
+    // tool_choice none/auto without tools, and tools [], are what clients send by default: nothing
+    const json plain = frame_of(Endpoint::Chat, json::parse(R"({"messages":[{"role":"user","content":"x"}],"tools":[],"tool_choice":"none"})"));
+    EXPECT_FALSE(plain.contains("tools"));
+    EXPECT_FALSE(plain.contains("tool_choice"));
+}
+
+TEST(OpenAi, ToolCallRepliesHaveOpenAisShape) {
+    Reply r{"chatcmpl-1", "m", 7};
+    const json done = json::parse(R"({"type":"done","id":"x","tokens":[1,2],"text":"","finish_reason":"tool_calls",
+        "tool_calls":[{"id":"abcDEF123","type":"function","function":{"name":"f","arguments":"{\"x\":1}"}}],
+        "usage":{"prompt_tokens":3,"completion_tokens":2},"timings":{}})");
+    const json whole = json::parse(completion_body(Endpoint::Chat, r, done));
+    const json & c = whole["choices"][0];
+    EXPECT_EQ(c["finish_reason"], "tool_calls");
+    EXPECT_TRUE(c["message"]["content"].is_null());
+    EXPECT_EQ(c["message"]["tool_calls"][0]["id"], "abcDEF123");
+    EXPECT_EQ(c["message"]["tool_calls"][0]["type"], "function");
+    EXPECT_EQ(c["message"]["tool_calls"][0]["function"]["arguments"], R"({"x":1})");
+    // streamed: one chunk with the calls (each with its index), then the finish
+    const std::string events = finish_chunk(Endpoint::Chat, r, done);
+    const size_t split = events.find("\n\ndata: ");
+    ASSERT_NE(split, std::string::npos) << events;
+    const json calls = json::parse(events.substr(6, split - 6));
+    EXPECT_EQ(calls["choices"][0]["delta"]["tool_calls"][0]["index"], 0);
+    EXPECT_EQ(calls["choices"][0]["delta"]["tool_calls"][0]["function"]["name"], "f");
+    EXPECT_TRUE(calls["choices"][0]["finish_reason"].is_null());
+    const json end = json::parse(events.substr(split + 8));
+    EXPECT_EQ(end["choices"][0]["finish_reason"], "tool_calls");
+}
+
 TEST(OpenAi, ChatRefusals) {
-    EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"tool","content":"x"}]})").param, "messages[0].role");
+    EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"function","content":"x"}]})").param, "messages[0].role");
     EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":[{"type":"image_url"}]}]})").param,
               "messages[0].content[0].type");
-    EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function"}]})").param, "tools");
+    EXPECT_EQ(error_of(Endpoint::Completions, R"({"prompt":"x","tools":[{"type":"function"}]})").param, "tools");   // chat only
     EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":"x"}],"response_format":{"type":"regex"}})").param,
               "response_format.type");
     EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":"x"}],"max_tokens":3,"max_completion_tokens":4})").status, 400);

@@ -286,8 +286,8 @@ TEST(ProtocolRequest, ChecksMessages) {
     EXPECT_BAD_REQUEST(msgs({user, "hi"}), "field 'messages[1]': expected an object");
     EXPECT_BAD_REQUEST(msgs({{{"content", "hi"}}}), "field 'messages[0].role': missing");
     EXPECT_BAD_REQUEST(msgs({{{"role", "user"}}}), "field 'messages[0].content': missing");
-    EXPECT_BAD_REQUEST(msgs({{{"role", "tool"}, {"content", "x"}}}),
-                       "field 'messages[0].role': expected one of \"system\", \"user\", \"assistant\", got a string \"tool\"");
+    EXPECT_BAD_REQUEST(msgs({{{"role", "function"}, {"content", "x"}}}),
+                       "field 'messages[0].role': expected one of \"system\", \"user\", \"assistant\", \"tool\", got a string \"function\"");
     EXPECT_BAD_REQUEST(msgs({{{"role", 1}, {"content", "x"}}}), "field 'messages[0].role'");
     EXPECT_BAD_REQUEST(msgs({{{"role", "user"}, {"content", {"x"}}}}), "field 'messages[0].content': expected a string");
     EXPECT_BAD_REQUEST(msgs({{{"role", "user"}, {"content", "x"}, {"name", "bob"}}}), "unknown field 'messages[0].name'");
@@ -463,10 +463,80 @@ TEST(ProtocolRequest, NeverThrowsOnPrefixesOrByteNoise) {
     }
 }
 
+TEST(ProtocolRequest, ToolsAndToolMessagesRoundTrip) {
+    Request g;
+    g.id = "t1";
+    ChatMessage user{"user", "Weather?", {}, {}, {}, {}};
+    ChatMessage call{"assistant", "", {{"abcDEF123", "get_weather", R"({"city":"Paris"})"}}, {}, {}, std::string("hm")};
+    ChatMessage result{"tool", R"({"temp": 21})", {}, "abcDEF123", "get_weather", {}};
+    g.messages = std::vector<ChatMessage>{user, call, result};
+    g.tools = R"([{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":{"z":{},"a":{}}}}}])";
+    g.tool_choice = ToolChoice::Named;
+    g.tool_choice_name = "get_weather";
+    g.chat_template_kwargs = R"({"enable_thinking":false,"b":1,"a":2})";
+    const Request r = accept(request_frame(g));
+    ASSERT_TRUE(r.messages);
+    ASSERT_EQ(r.messages->at(1).tool_calls.size(), 1u);
+    EXPECT_EQ(r.messages->at(1).tool_calls[0].id, "abcDEF123");
+    EXPECT_EQ(r.messages->at(1).tool_calls[0].arguments, R"({"city":"Paris"})");
+    EXPECT_EQ(r.messages->at(1).reasoning_content, "hm");
+    EXPECT_EQ(r.messages->at(2).tool_call_id, "abcDEF123");
+    EXPECT_EQ(r.messages->at(2).name, "get_weather");
+    EXPECT_EQ(r.tools, g.tools);   // key order kept: "z" before "a"
+    EXPECT_EQ(r.tool_choice, ToolChoice::Named);
+    EXPECT_EQ(r.tool_choice_name, "get_weather");
+    EXPECT_EQ(r.chat_template_kwargs, g.chat_template_kwargs);
+}
+
+TEST(ProtocolRequest, ToolFieldsAreChecked) {
+    const std::string m = R"("id":"t","messages":[{"role":"user","content":"x"}])";
+    const std::string tool = R"({"type":"function","function":{"name":"f"}})";
+    auto msg = [](const std::string & body) { return refuse("{" + body + "}").message; };
+    EXPECT_EQ(msg(R"("id":"t","prompt":"x","tools":[)" + tool + "]"), "field 'tools' needs 'messages' (it is for the chat template)");
+    EXPECT_EQ(msg(m + R"(,"tools":[{"type":"function","function":{"name":"f"}},{"type":"function","function":{"name":"f"}}])"),
+              "field 'tools[1].function.name': 'f' is offered twice");
+    EXPECT_EQ(msg(m + R"(,"tools":[{"type":"function","function":{"name":"f","params":{}}}])"), "unknown field 'tools[0].function.params'");
+    EXPECT_EQ(msg(m + R"(,"tools":[{"type":"retrieval"}])"), "field 'tools[0].type': expected \"function\", got a string \"retrieval\"");
+    EXPECT_EQ(msg(m + R"(,"tool_choice":"required")"), "field 'tool_choice': \"required\" without 'tools'");
+    EXPECT_EQ(msg(m + R"(,"tools":[)" + tool + R"(],"tool_choice":{"type":"function","function":{"name":"g"}})"),
+              "field 'tool_choice': 'g' is not one of the request's tools");
+    EXPECT_EQ(msg(m + R"(,"tools":[)" + tool + R"(],"tool_choice":"required","grammar":"root ::= \"a\"")"),
+              "field 'tool_choice': a call that must be made is its own grammar; not with 'grammar' or 'json_schema'");
+    EXPECT_EQ(msg(m + R"(,"chat_template_kwargs":{"messages":[]})"), "field 'chat_template_kwargs.messages': set by the server, not by a request");
+    EXPECT_EQ(msg(R"("id":"t","messages":[{"role":"tool","content":"x"}])"),
+              "field 'messages[0].tool_call_id': missing (the id of the call this answers)");
+    EXPECT_EQ(msg(R"("id":"t","messages":[{"role":"user","content":"x","tool_calls":[]}])"),
+              "unknown field 'messages[0].tool_calls' for a message with role 'user'");
+    EXPECT_EQ(msg(R"("id":"t","messages":[{"role":"assistant","tool_calls":[{"id":"a","function":{"name":"f","arguments":{}}}]}])"),
+              "field 'messages[0].tool_calls[0].function.arguments': expected a string (the JSON text of an object), got an object");
+    EXPECT_EQ(msg(R"("id":"t","messages":[{"role":"assistant","tool_calls":[{"id":"a","function":{"name":"f","arguments":"{}"},"x":1}]}])"),
+              "unknown field 'messages[0].tool_calls[0].x'");
+    // an assistant's message with calls needs no content
+    EXPECT_TRUE(accept(R"({"id":"t","messages":[{"role":"assistant","tool_calls":[{"id":"a","type":"function","function":{"name":"f","arguments":"{}"}}]}]})").messages);
+}
+
+TEST(ProtocolResponse, DoneFramesCarryToolCalls) {
+    Done d;
+    d.tool_calls = {{"abcDEF123", "f", R"({"x":1})"}};
+    d.finish_reason = FinishReason::ToolCalls;
+    const std::string frame = done_frame("r1", d);
+    auto parsed = parse_response(frame);
+    ASSERT_TRUE(std::holds_alternative<Response>(parsed)) << frame;
+    const auto & body = std::get<Response>(parsed).body;
+    EXPECT_EQ(body["finish_reason"], "tool_calls");
+    EXPECT_EQ(body["tool_calls"][0]["function"]["arguments"], R"({"x":1})");
+    std::string bad = frame;
+    bad.replace(bad.find(R"("arguments":)"), 12, R"("argumentz":)");
+    EXPECT_TRUE(std::holds_alternative<ParseError>(parse_response(bad)));
+}
+
 TEST(ProtocolRequest, RequestFrameReadsBackAsTheSameRequest) {
     Request g;
     g.id = "g1";
-    g.messages = std::vector<ChatMessage>{{"system", "S"}, {"user", "caf\xc3\xa9"}};
+    ChatMessage sys, user;
+    sys.role = "system", sys.content = "S";
+    user.role = "user", user.content = "caf\xc3\xa9";
+    g.messages = std::vector<ChatMessage>{sys, user};
     g.max_tokens = 33;
     g.temperature = 0.7f;
     g.top_p = 0.95f;
