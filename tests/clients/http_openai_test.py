@@ -493,6 +493,96 @@ def chat(moesh, chat_model, tmp):
                   f"chat logprobs: an entry per message token (not the end of turn), greedy tokens on top, "
                   f"their bytes add up to the message ({len(content)} entries, {lr.usage.completion_tokens} tokens)")
         structured(moesh, chat_model, c, tmp)
+        try:   # SmolLM2's own template shows no tools
+            c.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x"}], tools=WEATHER, max_tokens=4)
+            check(False, "tools for a template without them are refused")
+        except openai.BadRequestError as e:
+            check("does not take tools" in str(e), f"tools for a template without them: 400 that says so ({e})")
+    finally:
+        srv.stop()
+    tools(moesh, chat_model, tmp)
+
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+
+
+def tools(moesh, chat_model, tmp):
+    """Tool calling with OpenAI's SDK: SmolLM2 served with Qwen2.5's chat template (--chat-template),
+    whose <tool_call> format moesh reads; tool_choice required/named make the call certain."""
+    doc = json.loads((pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates" / "jinja.json").read_text())
+    qwen = next(t["template"] for t in doc["templates"] if t["name"] == "Qwen-Qwen2.5-7B-Instruct")
+    path = pathlib.Path(tmp) / "qwen25.jinja"
+    # a line in front lets a request ask the template to fail, through chat_template_kwargs
+    path.write_text("{% if fail_now is defined %}{{ raise_exception('failing as asked') }}{% endif %}" + qwen)
+    srv = Server(moesh, chat_model, tmp, "tools", extra=("--chat-template", str(path)))
+    try:
+        if not check(srv.port > 0, f"server with --chat-template up: {srv.url!r}"):
+            print(srv.log())
+            return
+        c = srv.client()
+        q = "What is the capital of France?"
+        ref = moesh_run(moesh, chat_model, q, 24, chat=True, extra=["--chat-template", str(path)])
+        r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0)
+        check(ref["text"].startswith(r.choices[0].message.content) and len(r.choices[0].message.content) > 0,
+              f"--chat-template: the served answer equals moesh run --chat --chat-template's: "
+              f"{r.choices[0].message.content!r} vs {ref['text']!r}")
+        ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+        r = c.chat.completions.create(model="smol", messages=ask, tools=WEATHER, tool_choice="required", max_tokens=80, temperature=0)
+        ch = r.choices[0]
+        calls = ch.message.tool_calls or []
+        args = json.loads(calls[0].function.arguments) if calls else {}
+        check(ch.finish_reason == "tool_calls" and ch.message.content is None and len(calls) == 1
+              and calls[0].function.name in ("get_weather", "get_time") and calls[0].type == "function"
+              and re.fullmatch(r"[A-Za-z0-9]{9}", calls[0].id or "") is not None,
+              f"tool_choice required: one call, finish_reason tool_calls, no content: {ch.finish_reason} {ch.message}")
+        if calls and calls[0].function.name == "get_weather":
+            check(isinstance(args.get("city"), str) and args.get("unit") in ("celsius", "fahrenheit"),
+                  f"the call's arguments are an instance of its parameters: {args}")
+        named = c.chat.completions.create(model="smol", messages=ask, tools=WEATHER, max_tokens=80, temperature=0,
+                                          tool_choice={"type": "function", "function": {"name": "get_weather"}})
+        ncalls = named.choices[0].message.tool_calls or []
+        nargs = json.loads(ncalls[0].function.arguments) if ncalls else {}
+        check(len(ncalls) == 1 and ncalls[0].function.name == "get_weather" and set(nargs) == {"city", "unit"},
+              f"tool_choice naming get_weather: that call, with its required arguments: {named.choices[0].message}")
+        chunks = list(c.chat.completions.create(model="smol", messages=ask, tools=WEATHER, max_tokens=80, temperature=0,
+                                                tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True))
+        deltas = [tc for x in chunks if x.choices for tc in (x.choices[0].delta.tool_calls or [])]
+        finish = [x.choices[0].finish_reason for x in chunks if x.choices and x.choices[0].finish_reason]
+        text = "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
+        check(len(deltas) == 1 and deltas[0].index == 0 and deltas[0].function.name == "get_weather"
+              and json.loads(deltas[0].function.arguments) == nargs and finish == ["tool_calls"] and text == "",
+              f"streamed: the call comes whole in one delta, no text, finish tool_calls: {deltas} {finish} {text!r}")
+        # the second turn: the call and its result go back, and the model answers in text
+        turn = ask + [{"role": "assistant", "content": None, "tool_calls": [ncalls[0].model_dump()] if ncalls else []},
+                      {"role": "tool", "tool_call_id": ncalls[0].id if ncalls else "x", "content": '{"temperature": 21}'}]
+        second = c.chat.completions.create(model="smol", messages=turn, tools=WEATHER, tool_choice="none", max_tokens=16, temperature=0)
+        check(second.choices[0].message.content is not None and not second.choices[0].message.tool_calls
+              and second.choices[0].finish_reason in ("stop", "length"),
+              f"tool results go back through the template; tool_choice none answers in text: {second.choices[0].message.content!r}")
+        auto = c.chat.completions.create(model="smol", messages=ask, tools=WEATHER, max_tokens=48, temperature=0)
+        a = auto.choices[0]
+        check((a.finish_reason == "tool_calls") == bool(a.message.tool_calls) and "<tool_call>" not in (a.message.content or ""),
+              f"tool_choice auto: calls when the model makes them, never a call left in the text: {a.finish_reason} {a.message}")
+        try:
+            c.chat.completions.create(model="smol", messages=ask, max_tokens=4, extra_body={"chat_template_kwargs": {"fail_now": True}})
+            check(False, "a template's raise_exception refuses the request")
+        except openai.BadRequestError as e:
+            check("chat template: failing as asked" in str(e), f"raise_exception: 400 with the template's message ({e})")
+        r = c.chat.completions.create(model="smol", messages=ask, max_tokens=4, temperature=0)
+        check(r.choices[0].message.content is not None, "and the server goes on serving")
+        bad = dict(WEATHER[0]["function"], parameters={"type": "object", "properties": {"city": {"type": "string", "pattern": "^[A-Z]"}}})
+        try:
+            c.chat.completions.create(model="smol", messages=ask, tools=[{"type": "function", "function": bad}],
+                                      tool_choice="required", max_tokens=8)
+            check(False, "a required call with a schema moesh cannot follow is refused")
+        except openai.BadRequestError as e:
+            check("tools[0].function.parameters at /properties/city: 'pattern' is not supported" in str(e),
+                  f"the refusal names the tool's schema: {e}")
     finally:
         srv.stop()
 
