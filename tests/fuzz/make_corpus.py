@@ -315,6 +315,14 @@ REQUEST = {
     "invalid_grammar_and_schema.json": req(id="r1", prompt="x", grammar='root ::= "a"', json_schema={}),
     "invalid_empty_grammar.json": req(id="r1", prompt="x", grammar=""),
     "invalid_schema_not_object.json": req(id="r1", prompt="x", json_schema="{}"),
+    "valid_tools.json": req(id="r1", messages=[USER, {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function",
+                            "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "c1", "content": "ok"}],
+                            tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+                            tool_choice={"type": "function", "function": {"name": "f"}}, chat_template_kwargs={"x": 1}),
+    "invalid_tools_without_messages.json": req(id="r1", prompt="x", tools=[{"type": "function", "function": {"name": "f"}}]),
+    "invalid_tool_message_without_id.json": req(id="r1", messages=[{"role": "tool", "content": "x"}]),
+    "invalid_tool_choice_unknown.json": req(id="r1", messages=[USER], tools=[{"type": "function", "function": {"name": "f"}}],
+                                            tool_choice={"type": "function", "function": {"name": "g"}}),
     "valid_every_field.json": req(type="generate", id="abc-123", prompt="Once upon a time", max_tokens=64,
                                   temperature=0.7, top_p=0.9, top_k=40, seed=18446744073709551615,
                                   stop=["\n\n", "END"], stream=True),
@@ -437,9 +445,16 @@ OPENAI = {
     "invalid_top_logprobs_alone.json": body(messages=[{"role": "user", "content": "x"}], top_logprobs=2),
     "invalid_stream_options_alone.json": body(prompt="x", stream_options={"include_usage": True}),
     "invalid_stream_type.json": body(prompt="x", stream="yes"),
-    "invalid_role.json": body(messages=[{"role": "tool", "content": "x"}]),
+    "invalid_role.json": body(messages=[{"role": "function", "content": "x"}]),
     "invalid_image_part.json": body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
-    "invalid_tools.json": body(messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]),
+    "invalid_tools.json": body(prompt="x", tools=[{"type": "function"}]),   # chat only
+    "valid_tools.json": body(messages=[{"role": "user", "content": "Weather?"},
+                                       {"role": "assistant", "content": None, "tool_calls": [{"id": "abcDEF123", "type": "function",
+                                        "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                                       {"role": "tool", "tool_call_id": "abcDEF123", "content": "21 C"}],
+                             tools=[{"type": "function", "function": {"name": "get_weather", "parameters": {
+                                 "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+                             tool_choice="auto", parallel_tool_calls=True, chat_template_kwargs={"enable_thinking": False}),
     "valid_json_mode.json": body(messages=[{"role": "user", "content": "x"}], response_format={"type": "json_object"}),
     "valid_json_schema.json": body(messages=[{"role": "user", "content": "x"}], response_format={
         "type": "json_schema", "json_schema": {"name": "n", "strict": True, "schema": {

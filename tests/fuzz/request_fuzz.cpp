@@ -68,8 +68,13 @@ void check_request(const Request & r, const Limits & l) {
     if (r.messages) {
         check(!r.messages->empty() && int64_t(r.messages->size()) <= l.max_messages, "message count");
         for (const ChatMessage & m : *r.messages) {
-            check(m.role == "system" || m.role == "user" || m.role == "assistant", "unknown role accepted");
+            check(m.role == "system" || m.role == "user" || m.role == "assistant" || m.role == "tool", "unknown role accepted");
             check(valid_utf8(m.content), "invalid content accepted");
+            check(m.tool_calls.empty() || m.role == "assistant", "tool calls on a message that is not the assistant's");
+            check((m.role == "tool") == !m.tool_call_id.empty(), "a tool message without its call's id, or an id elsewhere");
+            check(int64_t(m.tool_calls.size()) <= l.max_tools, "too many tool calls");
+            for (const ToolCall & c : m.tool_calls)
+                check(id_ok(c.id, l) && !c.id.empty() && !c.name.empty() && valid_utf8(c.arguments), "a tool call out of limits");
         }
     }
     check(r.max_tokens >= (r.prompt_logprobs >= 0 || r.echo ? 0 : 1) && r.max_tokens <= l.max_tokens, "max_tokens out of range");
@@ -111,6 +116,23 @@ void check_request(const Request & r, const Limits & l) {
           "round trip: sampling fields");
     check(!(r.grammar && r.json_schema) && (!r.grammar || !r.grammar->empty()), "grammar and json_schema together, or empty");
     check(b.grammar == r.grammar && b.json_schema == r.json_schema, "round trip: grammar or json_schema (its key order too)");
+    check((!r.tools && !r.chat_template_kwargs && r.tool_choice == ToolChoice::Auto) || r.messages, "tools without messages");
+    check(r.tool_choice != ToolChoice::Required || r.tools, "a required call without tools");
+    check(b.tools == r.tools && b.chat_template_kwargs == r.chat_template_kwargs && b.tool_choice == r.tool_choice &&
+              b.tool_choice_name == r.tool_choice_name,
+          "round trip: tools, tool_choice or chat_template_kwargs (their key order too)");
+    if (r.messages)
+        for (size_t i = 0; i < r.messages->size(); ++i) {
+            const ChatMessage & x = r.messages->at(i);
+            const ChatMessage & y = b.messages->at(i);
+            check(x.tool_call_id == y.tool_call_id && x.name == y.name && x.reasoning_content == y.reasoning_content &&
+                      x.tool_calls.size() == y.tool_calls.size(),
+                  "round trip: a message's tool fields");
+            for (size_t k = 0; k < x.tool_calls.size(); ++k)
+                check(x.tool_calls[k].id == y.tool_calls[k].id && x.tool_calls[k].name == y.tool_calls[k].name &&
+                          x.tool_calls[k].arguments == y.tool_calls[k].arguments,
+                      "round trip: a tool call");
+        }
 }
 
 // A logprobs entry as a client reads it (with its alternatives when top).
