@@ -221,6 +221,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--moesh", required=True, help="the moesh binary")
     ap.add_argument("--model", required=True, help="model folder")
+    ap.add_argument("--chat-model", default="", help="a chat model for tool calls (skipped when absent)")
     args = ap.parse_args()
 
     cfg = json.loads((pathlib.Path(args.model) / "config.json").read_text())
@@ -263,8 +264,58 @@ def main():
             proc.stdout.close()
             if failures:
                 print("server log (tail):\n" + log_path.read_text(errors="replace")[-4000:])
+    if args.chat_model and pathlib.Path(args.chat_model).exists():
+        tool_calls(args.moesh, args.chat_model)
+    else:
+        print(f"note: no chat model at {args.chat_model!r}; tool calls not checked")
     print(f"{len(failures)} failed" if failures else "all passed")
     return 1 if failures else 0
+
+
+def tool_calls(moesh, chat_model):
+    """A call the model must make, through ZeroMQ: SmolLM2 with Qwen2.5's template (--chat-template)."""
+    doc = json.loads((ROOT / "tests" / "fixtures" / "chat_templates" / "jinja.json").read_text())
+    qwen = next(t["template"] for t in doc["templates"] if t["name"] == "Qwen-Qwen2.5-7B-Instruct")
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}]
+    with tempfile.TemporaryDirectory() as tmp:
+        template = pathlib.Path(tmp) / "qwen.jinja"
+        template.write_text(qwen)
+        config = pathlib.Path(tmp) / "serve.toml"
+        config.write_text(CONFIG)
+        with open(pathlib.Path(tmp) / "chat.log", "wb") as log:
+            proc = subprocess.Popen([moesh, "serve", "--model", chat_model, "--config", str(config), "--endpoint", "tcp://127.0.0.1:*",
+                                     "--http", "off", "--threads", THREADS, "--chat-template", str(template)], stdout=subprocess.PIPE, stderr=log)
+        try:
+            endpoint = read_endpoint(proc)
+            if not check(endpoint.startswith("tcp://"), f"chat server up: {endpoint!r}"):
+                return
+            with Client(endpoint) as c:
+                msgs = [{"role": "user", "content": "What is 2 plus 3?"}]
+                d = c.generate(messages=msgs, tools=tools, tool_choice={"type": "function", "function": {"name": "add"}},
+                               max_tokens=60, timeout=120)
+                calls = d.get("tool_calls", [])
+                args = json.loads(calls[0]["function"]["arguments"]) if calls else {}
+                check(d["finish_reason"] == "tool_calls" and len(calls) == 1 and calls[0]["function"]["name"] == "add"
+                      and set(args) == {"a", "b"} and all(isinstance(v, int) for v in args.values()) and d["text"] == "",
+                      f"Python client: a named tool call comes back in the done frame: {d.get('tool_calls')} {d['finish_reason']}")
+                frames = list(c.stream(messages=msgs, tools=tools, tool_choice="required", max_tokens=60, timeout=120))
+                text = "".join(f["text"] for f in frames if f["type"] == "token")
+                check(frames[-1]["type"] == "done" and frames[-1].get("tool_calls") and text == frames[-1]["text"] == "",
+                      f"streamed: no call text in the token frames, the call in the done frame ({text!r})")
+                back = msgs + [{"role": "assistant", "tool_calls": calls},
+                               {"role": "tool", "tool_call_id": calls[0]["id"] if calls else "x", "content": "5"}]
+                d2 = c.generate(messages=back, tools=tools, tool_choice="none", max_tokens=12, timeout=120,
+                                chat_template_kwargs={"unused": 1})
+                check(d2["finish_reason"] in ("eos", "length") and not d2.get("tool_calls"),
+                      f"the call and its result go back as messages: {d2['text']!r}")
+        except (MoeshError, TimeoutError, RuntimeError) as e:
+            check(False, f"tool calls: unexpected {type(e).__name__}: {e}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            proc.stdout.close()
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ class Client:
     def generate(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
                  seed=0, stop=None, id=None, timeout=60, logprobs=None, repetition_penalty=1.0,
                  frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None, logit_bias=None, echo=False,
-                 grammar=None, json_schema=None):
+                 grammar=None, json_schema=None, tools=None, tool_choice=None, chat_template_kwargs=None):
         """The done frame as a dict; MoeshError on an error frame, TimeoutError when no
         answer came within timeout seconds (the request is then cancelled). logprobs=k
         (0..20) adds each token's log-probability and the k most likely tokens
@@ -83,10 +83,14 @@ class Client:
         (prompt_text); the penalties are Hugging Face's repetition penalty and OpenAI's
         frequency and presence penalties, logit_bias {token id: bias} OpenAI's. grammar (GBNF
         text) or json_schema (a dict; properties are generated in its order) constrain the
-        output; the request ends with finish_reason "stop" once the text is complete."""
+        output; the request ends with finish_reason "stop" once the text is complete. With
+        messages: tools (OpenAI's list of {"type": "function", "function": {...}}), tool_choice
+        ("auto", "none", "required" or {"type": "function", "function": {"name": ...}}) and
+        chat_template_kwargs (a dict for the chat template); the model's calls come back in the
+        done frame's "tool_calls" with finish_reason "tool_calls"."""
         req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, False,
                             logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo,
-                            grammar, json_schema)
+                            grammar, json_schema, tools, tool_choice, chat_template_kwargs)
         deadline = time.monotonic() + timeout
         self._submit(req)
         try:
@@ -101,13 +105,13 @@ class Client:
     def stream(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
                seed=0, stop=None, id=None, timeout=60, logprobs=None, repetition_penalty=1.0,
                frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None, logit_bias=None, echo=False,
-               grammar=None, json_schema=None):
+               grammar=None, json_schema=None, tools=None, tool_choice=None, chat_template_kwargs=None):
         """A generator of the token frames, then the done frame (dicts). Arguments are
         checked now; the request is sent on the first next(), and timeout bounds it
         from there to its done frame. Options as for generate()."""
         req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, True,
                             logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo,
-                            grammar, json_schema)
+                            grammar, json_schema, tools, tool_choice, chat_template_kwargs)
         return self._stream(req, timeout)
 
     def cancel(self, id):
@@ -135,7 +139,7 @@ class Client:
 
     def _request(self, prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, rid, stream,
                  logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo,
-                 grammar, json_schema):
+                 grammar, json_schema, tools=None, tool_choice=None, chat_template_kwargs=None):
         given = [(k, v) for k, v in (("prompt", prompt), ("prompt_ids", prompt_ids), ("messages", messages)) if v is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of prompt, prompt_ids and messages")
@@ -164,6 +168,11 @@ class Client:
             req["grammar"] = str(grammar)
         if json_schema is not None:
             req["json_schema"] = json_schema
+        for k, v in (("tools", tools), ("tool_choice", tool_choice), ("chat_template_kwargs", chat_template_kwargs)):
+            if v is not None:
+                if messages is None:
+                    raise ValueError(f"{k} needs messages (it is for the chat template)")
+                req[k] = v
         for k, v, off in (("repetition_penalty", repetition_penalty, 1.0), ("frequency_penalty", frequency_penalty, 0.0),
                           ("presence_penalty", presence_penalty, 0.0)):
             if float(v) != off:
