@@ -4,6 +4,7 @@
 #include "experts/expert_store.h"
 #include "runtime/error.h"
 #include "runtime/json_schema.h"
+#include "runtime/reasoning.h"
 #include "runtime/tool_calls.h"
 
 #include <zmq.hpp>
@@ -102,12 +103,27 @@ bool Server::send(const Origin & to, const std::string & frame) {
 // token (it carries the decoder's final bytes). The end-of-sequence token is never sent, and a
 // dangling part of a UTF-8 character after the last frame is dropped, so the frames' texts add
 // up to the done frame's text.
-// How much of the text can go out in token frames: not its last `hold` bytes (a stop string may
-// still end there), nor a tool call or what may still become the start of one.
-size_t Server::streamable(const Active & a, size_t hold) const {
-    size_t n = a.text.size() > hold ? a.text.size() - hold : 0;
-    if (a.tool_format != ToolCallFormat::None) n = std::min(n, tool_call_safe_prefix(a.tool_format, a.text));
-    return n;
+// The text as reasoning and answer, and how much of each can go out in token frames: not the
+// last `hold` bytes (a stop string may still end there), nor a tool call or what may still
+// become the start of one, nor a tail that may still become a <think> marker. Final: the whole
+// text is known.
+Server::OutputView Server::view(const Active & a, size_t hold, bool final) const {
+    OutputView v;
+    const std::string_view text = a.text;
+    const size_t certain = text.size() > hold ? text.size() - hold : 0;
+    v.content = text;
+    if (a.reasoning) {
+        const ReasoningSplit s = split_reasoning(text, a.reasoning_open, final);
+        v.reasoned = s.reasoned;
+        v.reasoning = text.substr(s.reasoning_begin, s.reasoning_end - s.reasoning_begin);
+        v.reasoning_safe = certain > s.reasoning_begin ? std::min(v.reasoning.size(), certain - s.reasoning_begin) : 0;
+        v.content = text.substr(std::min(s.content_begin, text.size()));
+    }
+    const size_t content_from = text.size() - v.content.size();
+    v.content_safe = certain > content_from ? certain - content_from : 0;
+    if (a.tool_format != ToolCallFormat::None && !final)
+        v.content_safe = std::min(v.content_safe, tool_call_safe_prefix(a.tool_format, v.content));
+    return v;
 }
 
 // 9 letters and digits: what Mistral's templates require of the ids they are sent back.
@@ -143,14 +159,17 @@ nlohmann::ordered_json Server::template_messages(const std::vector<protocol::Cha
     return out;
 }
 
-void Server::send_pending(uint64_t handle, Active & a, size_t safe) {
+void Server::send_pending(uint64_t handle, Active & a, const OutputView & v) {
     if (!a.pending) return;
-    const std::string piece = safe > a.sent ? a.text.substr(a.sent, safe - a.sent) : std::string();
-    a.sent = std::max(a.sent, safe);
+    const std::string piece = v.content_safe > a.sent ? std::string(v.content.substr(a.sent, v.content_safe - a.sent)) : std::string();
+    a.sent = std::max(a.sent, v.content_safe);
+    const std::string thought =
+        v.reasoning_safe > a.reasoning_sent ? std::string(v.reasoning.substr(a.reasoning_sent, v.reasoning_safe - a.reasoning_sent)) : std::string();
+    a.reasoning_sent = std::max(a.reasoning_sent, v.reasoning_safe);
     // entries are kept for every sampled token in order, and frames go out in the same order
     const protocol::Logprobs * lp =
         a.logprobs && a.index < int64_t(a.token_logprobs.size()) ? &a.token_logprobs[size_t(a.index)] : nullptr;
-    if (a.stream && !a.gone && !send(a.origin, token_frame(a.id, a.index, *a.pending, piece, lp))) {
+    if (a.stream && !a.gone && !send(a.origin, token_frame(a.id, a.index, *a.pending, piece, lp, thought))) {
         a.gone = true;
         to_cancel_.push_back(handle);
     }
@@ -190,10 +209,10 @@ bool Server::on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp) 
         (a.chat && std::find(chat_stop_.begin(), chat_stop_.end(), token) != chat_stop_.end()))
         return true;   // the scheduler ends the request (Eos); its text is not part of the completion
     const size_t hold = a.stop.empty() ? 0 : max_stop_bytes_ - 1;
-    send_pending(handle, a, streamable(a, hold));
+    send_pending(handle, a, view(a, hold, false));
     if (a.decoder && token >= 0 && token < tok_->n_vocab()) a.text += std::string(a.decoder->push(token));
     a.pending = token;
-    if (a.stop.empty() && a.index + 1 < a.max_tokens) send_pending(handle, a, streamable(a, 0));   // no reason to wait
+    if (a.stop.empty() && a.index + 1 < a.max_tokens) send_pending(handle, a, view(a, 0, false));   // no reason to wait
     for (const std::string & s : a.stop)   // only the tail can hold a new match
         if (a.text.find(s, a.text.size() > s.size() + 64 ? a.text.size() - s.size() - 64 : 0) != std::string::npos) return false;
     return true;
@@ -210,14 +229,19 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
             if (size_t p = a.text.find(s); p != std::string::npos) cut = std::min(cut, p);
         a.text.resize(cut);
     }
+    OutputView v = view(a, 0, true);
     std::vector<ParsedCall> calls;
+    std::string content(v.content);
     if (a.tool_format != ToolCallFormat::None) {   // the calls are not text: the text is what came before them
-        ParsedOutput out = parse_tool_calls(a.tool_format, a.text);
+        ParsedOutput out = parse_tool_calls(a.tool_format, content);
         calls = std::move(out.calls);
-        a.text = std::move(out.content);
+        content = std::move(out.content);
+        v.content = content;
+        v.content_safe = content.size();
     }
-    send_pending(handle, a, a.text.size());
+    send_pending(handle, a, v);
     protocol::Done d;
+    if (v.reasoned) d.reasoning = std::string(v.reasoning);
     for (ParsedCall & c : calls) d.tool_calls.push_back({new_call_id(), std::move(c.name), std::move(c.arguments)});
     d.tokens = tokens;
     if (why == FinishReason::Eos && !d.tokens.empty()) d.tokens.pop_back();   // the end-of-sequence token itself
@@ -228,7 +252,7 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
         d.grammar_error = a.grammar->error();
         std::fprintf(stderr, "moesh: request '%s': its grammar stopped it: %s\n", a.id.c_str(), d.grammar_error->c_str());
     }
-    d.text = a.text;
+    d.text = std::move(content);
     d.finish_reason = why == FinishReason::Length ? protocol::FinishReason::Length
                       : why == FinishReason::Eos  ? protocol::FinishReason::Eos
                       : why == FinishReason::Stop ? protocol::FinishReason::Stop
@@ -258,6 +282,7 @@ void Server::generate(const Origin & from, protocol::Request && req) {
         }
     GenRequest g;
     ToolCallFormat tool_format = ToolCallFormat::None;   // the request's calls are read from its text
+    std::string rendered;                                 // the chat prompt, when messages
     std::shared_ptr<const Grammar> forced;                // tool_choice required or named: the call's grammar
     if (req.prompt_ids) {
         g.prompt = std::move(*req.prompt_ids);
@@ -285,8 +310,8 @@ void Server::generate(const Origin & from, protocol::Request && req) {
             nlohmann::ordered_json extra = req.chat_template_kwargs ? nlohmann::ordered_json::parse(*req.chat_template_kwargs)
                                                                     : nlohmann::ordered_json::object();
             if (offer_tools) extra["tools"] = nlohmann::ordered_json::parse(*req.tools);
-            g.prompt = tok_->encode(chat_->render(template_messages(*req.messages), /*add_generation_prompt=*/true, extra),
-                                    /*add_special=*/false);
+            rendered = chat_->render(template_messages(*req.messages), /*add_generation_prompt=*/true, extra);
+            g.prompt = tok_->encode(rendered, /*add_special=*/false);
         } catch (const Error & e) {
             return refuse(e.what());
         }
@@ -369,6 +394,8 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     act.prompt_text = std::move(prompt_text);
     act.grammar = std::move(grammar);
     act.tool_format = tool_format;
+    act.reasoning = act.chat && chat_->reasons();
+    act.reasoning_open = act.reasoning && prompt_opens_reasoning(rendered);
     if (act.scoring) act.prompt_logprobs.push_back(logprobs_entry(prompt[0], nullptr));   // nothing before it scores it
     if (tok_) {
         act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/act.chat);

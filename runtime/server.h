@@ -109,7 +109,7 @@ private:
         bool gone = false;     // a reply was undeliverable
         std::chrono::steady_clock::time_point last_token;   // inter-token latency
         bool any_token = false;
-        size_t sent = 0;       // bytes of text already in token frames
+        size_t sent = 0;       // bytes of the answer's text already in token frames
         std::optional<int32_t> pending;   // the last token, its frame not sent yet (see on_token)
         bool logprobs = false;                   // the request asked for them: one per token in order
         std::vector<protocol::Logprobs> token_logprobs;
@@ -120,13 +120,24 @@ private:
         std::string prompt_text;                 // echo
         std::shared_ptr<GrammarMatcher> grammar; // the request's, to say why it stopped it
         ToolCallFormat tool_format = ToolCallFormat::None;   // the request gave tools: calls are read from the text
+        bool reasoning = false;        // the chat template reasons: <think> blocks are split from the answer
+        bool reasoning_open = false;   // ... and its prompt opened one
+        size_t reasoning_sent = 0;     // bytes of reasoning already in token frames (sent: of the answer)
     };
 
     void handle(const Origin & from, const std::string & body, bool draining);
     void generate(const Origin & from, protocol::Request && req);
     bool send(const Origin & to, const std::string & frame);   // false: undeliverable
     void take_local(bool draining);   // the port's waiting messages
-    void send_pending(uint64_t handle, Active & a, size_t safe);   // the held token frame, text up to safe
+    // The text as the client sees it: reasoning (when the template reasons) and answer, with how
+    // much of each is certain enough to stream.
+    struct OutputView {
+        bool reasoned = false;
+        std::string_view reasoning, content;
+        size_t reasoning_safe = 0, content_safe = 0;
+    };
+    OutputView view(const Active & a, size_t hold, bool final) const;
+    void send_pending(uint64_t handle, Active & a, const OutputView & v);   // the held token frame, the certain text
     bool on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp);
     protocol::TokenLogprob token_logprob(int32_t token, float logprob) const;
     protocol::Logprobs logprobs_entry(int32_t token, const TokenLogprobs * lp) const;   // lp null: logprob unknown
@@ -135,7 +146,6 @@ private:
     // when it is invalid.
     std::shared_ptr<const Grammar> request_grammar(const protocol::Request & req, std::string * why);
     std::shared_ptr<const Grammar> compile_grammar(const std::string & text, std::string * why);   // cached
-    size_t streamable(const Active & a, size_t hold) const;
     std::string new_call_id();
     static nlohmann::ordered_json template_messages(const std::vector<protocol::ChatMessage> & messages);
 

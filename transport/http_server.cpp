@@ -308,8 +308,10 @@ private:
             const std::string & text = r.body["text"].get_ref<const std::string &>();
             const auto lp = r.body.find("logprobs");
             const bool with_lp = lp != r.body.end();
-            if (text.empty() && !first_chunk_ && !with_lp) return;
-            sse(openai::text_chunk(endpoint_, reply_, text, first_chunk_, with_lp ? &*lp : nullptr, &text_offset_));
+            const auto reasoning = r.body.find("reasoning");
+            const std::string_view thought = reasoning != r.body.end() ? std::string_view(reasoning->get_ref<const std::string &>()) : std::string_view();
+            if (text.empty() && thought.empty() && !first_chunk_ && !with_lp) return;
+            sse(openai::text_chunk(endpoint_, reply_, text, first_chunk_, with_lp ? &*lp : nullptr, &text_offset_, thought));
             first_chunk_ = false;
         } else if (r.type == "done") {
             finish();

@@ -267,20 +267,23 @@ ojson tool_calls(const json & done, bool delta) {
     return out;
 }
 
+// reasoning: the chat message's reasoning_content (vLLM's and DeepSeek's name), when the model reasoned.
 ojson choice(Endpoint e, std::string_view text, const char * finish, bool first, bool whole, ojson logprobs = nullptr,
-             ojson calls = ojson::array()) {
+             ojson calls = ojson::array(), const std::string * reasoning = nullptr) {
     ojson c = {{"index", 0}};
     if (e == Endpoint::Completions) {
         c["text"] = std::string(text);
     } else if (whole) {
         c["message"] = {{"role", "assistant"}, {"content", text.empty() && !calls.empty() ? ojson(nullptr) : ojson(std::string(text))}};
+        if (reasoning) c["message"]["reasoning_content"] = *reasoning;
         if (!calls.empty()) c["message"]["tool_calls"] = std::move(calls);
     } else if (!calls.empty()) {
         c["delta"] = {{"tool_calls", std::move(calls)}};
     } else {
         ojson delta = ojson::object();
         if (first) delta["role"] = "assistant";
-        if (!text.empty() || first) delta["content"] = std::string(text);
+        if (reasoning && !reasoning->empty()) delta["reasoning_content"] = *reasoning;
+        if (!text.empty() || (first && !reasoning)) delta["content"] = std::string(text);
         c["delta"] = std::move(delta);
     }
     c["logprobs"] = std::move(logprobs);
@@ -518,19 +521,23 @@ std::string completion_body(Endpoint e, const Reply & r, const nlohmann::json & 
         lp = openai_logprobs(e, entries, offset);
     }
     if (auto p = done.find("prompt_text"); p != done.end()) text = p->get<std::string>() + text;   // echo
-    o["choices"] = ojson::array({choice(e, text, finish_reason(done), false, true, std::move(lp), tool_calls(done, false))});
+    const auto rs = done.find("reasoning");
+    const std::string reasoning = rs != done.end() ? rs->get<std::string>() : std::string();
+    o["choices"] = ojson::array({choice(e, text, finish_reason(done), false, true, std::move(lp), tool_calls(done, false),
+                                        rs != done.end() ? &reasoning : nullptr)});
     o["usage"] = usage(done);
     if (auto t = done.find("timings"); t != done.end()) o["timings"] = *t;   // moesh's: queue, first token, total
     return dump(o);
 }
 
 std::string text_chunk(Endpoint e, const Reply & r, std::string_view text, bool first, const nlohmann::json * logprobs,
-                       int64_t * text_offset) {
+                       int64_t * text_offset, std::string_view reasoning) {
     ojson o = head(e, r, true);
     ojson lp = nullptr;
     int64_t unused = 0;
     if (logprobs) lp = openai_logprobs(e, json::array({*logprobs}), text_offset ? *text_offset : unused);
-    o["choices"] = ojson::array({choice(e, text, nullptr, first, false, std::move(lp))});
+    const std::string thought(reasoning);
+    o["choices"] = ojson::array({choice(e, text, nullptr, first, false, std::move(lp), ojson::array(), reasoning.empty() ? nullptr : &thought)});
     return sse(o);
 }
 

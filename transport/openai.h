@@ -70,9 +70,10 @@ struct Reply {
 std::string completion_body(Endpoint endpoint, const Reply & r, const nlohmann::json & done);
 // One SSE event "data: {...}\n\n": a text delta (first: the chat chunk also carries the role),
 // with the log-probabilities of its token when logprobs is a token frame's "logprobs";
-// text_offset: completions' characters so far, advanced past the token.
+// text_offset: completions' characters so far, advanced past the token; reasoning: the token's
+// reasoning text (chat: delta.reasoning_content).
 std::string text_chunk(Endpoint endpoint, const Reply & r, std::string_view text, bool first,
-                       const nlohmann::json * logprobs = nullptr, int64_t * text_offset = nullptr);
+                       const nlohmann::json * logprobs = nullptr, int64_t * text_offset = nullptr, std::string_view reasoning = {});
 // The closing chunk with the finish reason (and its text, when a last delta remains).
 std::string finish_chunk(Endpoint endpoint, const Reply & r, const nlohmann::json & done);
 // stream_options.include_usage: the chunk with no choices and the usage.

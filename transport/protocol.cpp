@@ -565,6 +565,7 @@ public:
             if (!has_integer("index", 0, std::numeric_limits<int64_t>::max())) return error_;
             if (!has_integer("token", 0, INT32_MAX)) return error_;
             if (!has_string("text", true)) return error_;
+            if (o_.contains("reasoning") && !has_string("reasoning", true)) return error_;
             if (auto lp = o_.find("logprobs"); lp != o_.end())
                 if (std::string e = check_logprobs(*lp, "logprobs", true); !e.empty()) return e;
         } else if (type == "done") {
@@ -591,6 +592,7 @@ public:
             }
             if (o_.contains("prompt_text") && !has_string("prompt_text", true)) return error_;
             if (o_.contains("grammar_error") && !has_string("grammar_error", false)) return error_;
+            if (o_.contains("reasoning") && !has_string("reasoning", true)) return error_;
             if (auto tc = o_.find("tool_calls"); tc != o_.end()) {
                 if (!tc->is_array()) return expected("tool_calls", "an array of calls", *tc);
                 for (size_t i = 0; i < tc->size(); ++i) {
@@ -870,13 +872,15 @@ ojson logprobs_object(const Logprobs & l) {
 
 } // namespace
 
-std::string token_frame(std::string_view id, int64_t index, int32_t token, std::string_view text, const Logprobs * logprobs) {
+std::string token_frame(std::string_view id, int64_t index, int32_t token, std::string_view text, const Logprobs * logprobs,
+                        std::string_view reasoning) {
     ojson o;
     o["type"] = "token";
     o["id"] = id_or_null(id);
     o["index"] = index;
     o["token"] = token;
     o["text"] = std::string(text);
+    if (!reasoning.empty()) o["reasoning"] = std::string(reasoning);
     if (logprobs) o["logprobs"] = logprobs_object(*logprobs);
     return dump(o);
 }
@@ -901,6 +905,7 @@ std::string done_frame(std::string_view id, const Done & d) {
         for (const ToolCall & c : d.tool_calls)
             calls.push_back({{"id", c.id}, {"type", "function"}, {"function", {{"name", c.name}, {"arguments", c.arguments}}}});
     }
+    if (d.reasoning) o["reasoning"] = *d.reasoning;
     o["text"] = d.text;
     o["finish_reason"] = finish_reason_name(d.finish_reason);
     o["usage"] = {{"prompt_tokens", d.prompt_tokens}, {"completion_tokens", d.completion_tokens}};

@@ -163,15 +163,18 @@ struct Done {
     // The calls the model made, when the request gave tools and the chat template's format is
     // one moesh reads; text is then what came before the first call.
     std::vector<ToolCall> tool_calls;
+    // When the chat template reasons and the model did: what it wrote in its <think> block; text
+    // is then the answer after it.
+    std::optional<std::string> reasoning;
     std::string text;              // their text, stop string excluded
     FinishReason finish_reason = FinishReason::Length;
     int64_t prompt_tokens = 0, completion_tokens = 0;
     double queue_ms = 0, ttft_ms = 0, total_ms = 0, decode_tokens_per_second = 0;   // non-finite: null
 };
 
-// {"type":"token","id","index","token","text"[,"logprobs":{...}]}
+// {"type":"token","id","index","token","text"[,"reasoning"][,"logprobs":{...}]}
 std::string token_frame(std::string_view id, int64_t index, int32_t token, std::string_view text,
-                        const Logprobs * logprobs = nullptr);
+                        const Logprobs * logprobs = nullptr, std::string_view reasoning = {});
 // {"type":"done","id","tokens"[,"logprobs":[...]][,"prompt_logprobs":[...],"prompt_text"],"text","finish_reason",
 //  "usage":{...},"timings":{...}}
 std::string done_frame(std::string_view id, const Done & done);

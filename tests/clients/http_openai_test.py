@@ -501,6 +501,7 @@ def chat(moesh, chat_model, tmp):
     finally:
         srv.stop()
     tools(moesh, chat_model, tmp)
+    reasoning(moesh, chat_model, tmp)
 
 
 WEATHER = [{"type": "function", "function": {
@@ -583,6 +584,39 @@ def tools(moesh, chat_model, tmp):
         except openai.BadRequestError as e:
             check("tools[0].function.parameters at /properties/city: 'pattern' is not supported" in str(e),
                   f"the refusal names the tool's schema: {e}")
+    finally:
+        srv.stop()
+
+
+def reasoning(moesh, chat_model, tmp):
+    """<think> blocks as reasoning_content: SmolLM2 with Qwen3's template, a grammar (llama-server's
+    field) making it write a block and then an answer; streamed deltas add up to the whole message."""
+    doc = json.loads((pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates" / "jinja.json").read_text())
+    path = pathlib.Path(tmp) / "qwen3.jinja"
+    path.write_text(next(t["template"] for t in doc["templates"] if t["name"] == "Qwen-Qwen3-0.6B"))
+    srv = Server(moesh, chat_model, tmp, "reasoning", extra=("--chat-template", str(path)))
+    try:
+        if not check(srv.port > 0, f"server with Qwen3's template up: {srv.url!r}"):
+            return
+        c = srv.client()
+        ask = [{"role": "user", "content": "What is the capital of France?"}]
+        think = {"grammar": 'root ::= "<think>\\n" [a-z ]{3,40} "\\n</think>\\n\\n" [A-Za-z ,.]{3,40}'}
+        r = c.chat.completions.create(model="smol", messages=ask, max_tokens=100, temperature=0, extra_body=think)
+        m = r.choices[0].message
+        thought = getattr(m, "reasoning_content", None)
+        check(isinstance(thought, str) and len(thought) >= 3 and "<think>" not in thought and thought == thought.strip()
+              and m.content and "</think>" not in m.content and m.content == m.content.lstrip(),
+              f"the block is reasoning_content, the rest the answer: {thought!r} / {m.content!r}")
+        chunks = list(c.chat.completions.create(model="smol", messages=ask, max_tokens=100, temperature=0, extra_body=think, stream=True))
+        streamed_thought = "".join(getattr(x.choices[0].delta, "reasoning_content", None) or "" for x in chunks if x.choices)
+        streamed = "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
+        check(streamed_thought == thought and streamed == m.content,
+              f"streamed reasoning and answer add up: {streamed_thought!r} / {streamed!r}")
+        plain = c.chat.completions.create(model="smol", messages=ask, max_tokens=30, temperature=0,
+                                          extra_body={"chat_template_kwargs": {"enable_thinking": False},
+                                                      "grammar": "root ::= [A-Za-z ,.]{3,30}"})
+        check(getattr(plain.choices[0].message, "reasoning_content", None) is None and plain.choices[0].message.content,
+              f"enable_thinking false: the template closes the block, no reasoning: {plain.choices[0].message}")
     finally:
         srv.stop()
 
