@@ -67,20 +67,25 @@ struct Value {
     const DictP & dict() const { return std::get<DictP>(v); }
 };
 
+int depth_of(const Value & v);
+
 struct ListObj {
     std::vector<Value> items;
     bool tuple = false;
+    int depth = 1;   // 1 + the deepest element's (a scalar's is 0)
 };
 
 struct DictObj {
     std::vector<std::pair<std::string, Value>> items;   // insertion order, as Python's dict
     bool ns = false;                                     // a namespace(): attributes assignable by set
+    int depth = 1;
     const Value * find(std::string_view k) const {
         for (const auto & [key, val] : items)
             if (key == k) return &val;
         return nullptr;
     }
     void set(const std::string & k, Value val) {
+        depth = std::max(depth, 1 + depth_of(val));
         for (auto & [key, old] : items)
             if (key == k) {
                 old = std::move(val);
@@ -112,11 +117,26 @@ Value key_value(const std::string & k) {
 }
 std::string key_text(const std::string & k) { return !k.empty() && k[0] == '\x01' ? k.substr(1) : k; }
 
+int depth_of(const Value & v) {
+    if (v.is_list()) return v.list()->depth;
+    if (v.is_dict()) return v.dict()->depth;
+    return 0;
+}
+
 ListP new_list(std::vector<Value> items = {}, bool tuple = false) {
     auto l = std::make_shared<ListObj>();
+    for (const Value & v : items) l->depth = std::max(l->depth, 1 + depth_of(v));
     l->items = std::move(items);
     l->tuple = tuple;
     return l;
+}
+
+// What a copy of a value costs: strings are copied, lists and dicts shared.
+size_t weight(const Value & v) { return 16 + (v.is_str() ? v.str().size() : 0); }
+size_t weight(const std::vector<Value> & items) {
+    size_t n = 0;
+    for (const Value & v : items) n += weight(v);
+    return n;
 }
 
 Value from_json(const ojson & j) {
@@ -131,13 +151,16 @@ Value from_json(const ojson & j) {
     case ojson::value_t::number_float: return j.get<double>();
     case ojson::value_t::string: return j.get<std::string>();
     case ojson::value_t::array: {
-        auto l = new_list();
-        for (const auto & e : j) l->items.push_back(from_json(e));
-        return l;
+        std::vector<Value> items;
+        for (const auto & e : j) items.push_back(from_json(e));
+        return new_list(std::move(items));
     }
     case ojson::value_t::object: {
         auto d = std::make_shared<DictObj>();
-        for (const auto & [k, e] : j.items()) d->items.emplace_back(k, from_json(e));
+        for (const auto & [k, e] : j.items()) {
+            d->depth = std::max(d->depth, 1 + depth_of(from_json(e)));
+            d->items.emplace_back(k, from_json(e));
+        }
         return d;
     }
     default: return None{};
@@ -283,36 +306,63 @@ std::string type_name(const Value & v) {
     }
 }
 
-std::string to_str(const Value & v);
+// Thrown by the value walks below when they pass their budget (shared sublists can make a text
+// or a comparison exponentially larger than the values); the renderer turns it into its error.
+struct Exhausted {};
 
-std::string repr(const Value & v) {
-    if (v.is_str()) return str_repr(v.str());
-    return to_str(v);
-}
-
-std::string to_str(const Value & v) {
+// Python's str() appended to out; past `limit` bytes, Exhausted.
+void append_str(std::string & out, const Value & v, size_t limit, bool as_repr = false) {
+    if (out.size() > limit) throw Exhausted{};
     switch (v.v.index()) {
-    case 0: return "";
-    case 1: return "None";
-    case 2: return std::get<bool>(v.v) ? "True" : "False";
-    case 3: return std::to_string(std::get<int64_t>(v.v));
-    case 4: return float_repr(std::get<double>(v.v));
-    case 5: return v.str();
+    case 0:
+        if (as_repr) out += "Undefined";   // inside a list, as Python prints jinja2's Undefined
+        return;
+    case 1: out += "None"; return;
+    case 2: out += std::get<bool>(v.v) ? "True" : "False"; return;
+    case 3: out += std::to_string(std::get<int64_t>(v.v)); return;
+    case 4: out += float_repr(std::get<double>(v.v)); return;
+    case 5:
+        if (as_repr) out += str_repr(v.str());
+        else out += v.str();
+        return;
     case 6: {
         const auto & l = *v.list();
-        std::string out = l.tuple ? "(" : "[";
-        for (size_t i = 0; i < l.items.size(); ++i) out += (i ? ", " : "") + repr(l.items[i]);
+        out += l.tuple ? "(" : "[";
+        for (size_t i = 0; i < l.items.size(); ++i) {
+            if (i) out += ", ";
+            append_str(out, l.items[i], limit, true);
+        }
         if (l.tuple && l.items.size() == 1) out += ",";
-        return out + (l.tuple ? ")" : "]");
+        out += l.tuple ? ")" : "]";
+        return;
     }
     case 7: {
         const auto & d = *v.dict();
-        std::string out = d.ns ? "<Namespace {" : "{";
-        for (size_t i = 0; i < d.items.size(); ++i) out += (i ? ", " : "") + repr(key_value(d.items[i].first)) + ": " + repr(d.items[i].second);
-        return out + (d.ns ? "}>" : "}");
+        out += d.ns ? "<Namespace {" : "{";
+        for (size_t i = 0; i < d.items.size(); ++i) {
+            if (i) out += ", ";
+            append_str(out, key_value(d.items[i].first), limit, true);
+            out += ": ";
+            append_str(out, d.items[i].second, limit, true);
+        }
+        out += d.ns ? "}>" : "}";
+        return;
     }
-    default: return "<function " + std::get<FuncP>(v.v)->name + ">";
+    default: out += "<function " + std::get<FuncP>(v.v)->name + ">";
     }
+}
+
+std::string to_str(const Value & v, size_t limit = SIZE_MAX) {
+    if (v.is_str()) return v.str();
+    std::string out;
+    append_str(out, v, limit);
+    return out;
+}
+
+std::string repr(const Value & v, size_t limit = SIZE_MAX) {
+    std::string out;
+    append_str(out, v, limit, true);
+    return out;
 }
 
 bool truthy(const Value & v) {
@@ -340,7 +390,10 @@ int64_t as_int(const Value & v) {
 }
 bool int_like(const Value & v) { return v.is_int() || v.is_bool(); }
 
-bool equals(const Value & a, const Value & b) {
+// Python's ==; *count grows by the elements compared (the renderer bills them as work), and
+// past `limit` the comparison gives up (Exhausted).
+bool equals(const Value & a, const Value & b, int64_t * count, int64_t limit) {
+    if (++*count > limit) throw Exhausted{};
     if (a.is_number() && b.is_number()) {
         if (int_like(a) && int_like(b)) return as_int(a) == as_int(b);
         return as_double(a) == as_double(b);
@@ -351,11 +404,12 @@ bool equals(const Value & a, const Value & b) {
     case 1: return true;
     case 5: return a.str() == b.str();
     case 6: {
+        if (a.list() == b.list()) return true;
         const auto & x = a.list()->items;
         const auto & y = b.list()->items;
         if (a.list()->tuple != b.list()->tuple || x.size() != y.size()) return false;
         for (size_t i = 0; i < x.size(); ++i)
-            if (!equals(x[i], y[i])) return false;
+            if (!equals(x[i], y[i], count, limit)) return false;
         return true;
     }
     case 7: {
@@ -364,7 +418,7 @@ bool equals(const Value & a, const Value & b) {
         if (x.size() != b.dict()->items.size()) return false;
         for (const auto & [k, val] : x) {
             const Value * o = b.dict()->find(k);
-            if (!o || !equals(val, *o)) return false;
+            if (!o || !equals(val, *o, count, limit)) return false;
         }
         return true;
     }
@@ -1312,7 +1366,8 @@ private:
             f->s = expect_name();
             while (is_op(".")) {
                 ++p_;
-                f->s += "." + expect_name();
+                f->s += '.';
+                f->s += expect_name();
             }
             // as Jinja 3: an unknown filter inside an if block fails only if that block runs
             if (!filter_names().count(f->s) && ifs_ == 0) syntax(f->line, "no filter named " + quote_untrusted(f->s, true));
@@ -1391,8 +1446,78 @@ private:
     Scope * top_ = nullptr;
     int64_t steps_ = 0;
     size_t produced_ = 0;
-    int depth_ = 0;
+    size_t allocated_ = 0;
+    int depth_ = 0;     // macro calls
+    int nesting_ = 0;   // evaluations on the stack
     int line_ = 0;
+
+    // Work proportional to n elements (so that a loop inside a builtin is bounded like one in the template).
+    void work(size_t n) {
+        steps_ += int64_t(std::min<size_t>(n, size_t(INT64_MAX / 2)));
+        if (steps_ > opt_.limits.max_steps) fail("the template ran more than " + std::to_string(opt_.limits.max_steps) + " steps");
+    }
+    bool eq(const Value & a, const Value & b) {
+        int64_t n = 0;
+        bool r = false;
+        try {
+            r = equals(a, b, &n, opt_.limits.max_steps - steps_);
+        } catch (const Exhausted &) {
+            work(size_t(opt_.limits.max_steps));
+        }
+        work(size_t(n));
+        return r;
+    }
+    // str() of a value, within the output limit
+    std::string str(const Value & v) {
+        try {
+            std::string s = to_str(v, opt_.limits.max_output);
+            if (!v.is_str()) charge(s.size());
+            return s;
+        } catch (const Exhausted &) {
+            fail("a value's text is longer than " + std::to_string(opt_.limits.max_output) + " bytes");
+        }
+    }
+    std::string rep(const Value & v) {
+        try {
+            return repr(v, opt_.limits.max_output);
+        } catch (const Exhausted &) {
+            fail("a value's text is longer than " + std::to_string(opt_.limits.max_output) + " bytes");
+        }
+    }
+    // Memory a new string or list costs.
+    void charge(size_t bytes) {
+        allocated_ += bytes;
+        if (allocated_ > opt_.limits.max_alloc) fail("the template built more than " + std::to_string(opt_.limits.max_alloc) + " bytes of values");
+    }
+    const Value & shallow(const Value & v) {   // a new list or dict: not nested too deep
+        if (depth_of(v) > opt_.limits.max_value_depth)
+            fail("lists and dicts nested deeper than " + std::to_string(opt_.limits.max_value_depth));
+        return v;
+    }
+    struct Nest {
+        Renderer & r;
+        explicit Nest(Renderer & rr) : r(rr) {
+            if (++r.nesting_ > r.opt_.limits.max_depth) r.fail("evaluations nested deeper than " + std::to_string(r.opt_.limits.max_depth));
+        }
+        ~Nest() { --r.nesting_; }
+    };
+    // Whether `v` holds `target` (a namespace must not hold itself: the cycle would never be freed).
+    bool reaches(const Value & v, const DictObj * target, std::vector<const void *> & seen) {
+        const void * p = v.is_list() ? static_cast<const void *>(v.list().get()) : v.is_dict() ? static_cast<const void *>(v.dict().get()) : nullptr;
+        if (!p) return false;
+        if (p == target) return true;
+        if (std::find(seen.begin(), seen.end(), p) != seen.end()) return false;
+        seen.push_back(p);
+        work(1);
+        if (v.is_list()) {
+            for (const Value & x : v.list()->items)
+                if (reaches(x, target, seen)) return true;
+        } else {
+            for (const auto & kv : v.dict()->items)
+                if (reaches(kv.second, target, seen)) return true;
+        }
+        return false;
+    }
 
     [[noreturn]] void fail(const std::string & msg) const { throw Error("template line " + std::to_string(line_) + ": " + msg); }
 
@@ -1428,10 +1553,13 @@ private:
             const int64_t start = n.size() > 1 ? n[0] : 0, stop = n.size() > 1 ? n[1] : n[0], st = n.size() > 2 ? n[2] : 1;
             if (st == 0) fail("range() step must not be zero");
             auto l = new_list();
-            for (int64_t i = start; st > 0 ? i < stop : i > stop; i += st) {
+            for (int64_t i = start; st > 0 ? i < stop : i > stop;) {
                 if (int64_t(l->items.size()) >= opt_.limits.max_range) fail("range() longer than " + std::to_string(opt_.limits.max_range));
                 l->items.emplace_back(i);
+                if (__builtin_add_overflow(i, st, &i)) break;
             }
+            work(l->items.size());
+            charge(16 * l->items.size());
             return l;
         });
         auto make_dict = [this](Args & a, bool ns) -> Value {
@@ -1443,14 +1571,15 @@ private:
             }
             for (auto & [k, v] : a.kw) {
                 if (ns && !k.empty() && k[0] == '_') fail("a namespace attribute may not start with '_': '" + k + "'");
+                charge(weight(v));
                 d->set(k, v);
             }
-            return d;
+            return shallow(Value(d));
         };
         globals_.vars["namespace"] = func("namespace", [make_dict](Args & a) { return make_dict(a, true); });
         globals_.vars["dict"] = func("dict", [make_dict](Args & a) { return make_dict(a, false); });
-        globals_.vars["raise_exception"] = func("raise_exception", [](Args & a) -> Value {
-            throw RaisedError(a.pos.empty() ? std::string() : to_str(a.pos[0]));
+        globals_.vars["raise_exception"] = func("raise_exception", [this](Args & a) -> Value {
+            throw RaisedError(a.pos.empty() ? std::string() : str(a.pos[0]));
         });
         globals_.vars["strftime_now"] = func("strftime_now", [this](Args & a) -> Value {
             const Value f = arg(a, 0, "format");
@@ -1481,6 +1610,7 @@ private:
 
     Flow exec(const Node & n, Scope & sc, std::string & out) {
         step(n);
+        Nest nest(*this);
         switch (n.k) {
         case NK::Block:
             for (const auto & s : n.c) {
@@ -1491,7 +1621,7 @@ private:
         case NK::Text: emit(out, n.s); return Flow::Normal;
         case NK::Output: {
             const Value v = eval(*n.c[0], sc);
-            if (!v.undef()) emit(out, to_str(v));
+            if (!v.undef()) emit(out, str(v));
             return Flow::Normal;
         }
         case NK::If: {
@@ -1519,7 +1649,7 @@ private:
         case NK::FilterBlock: {
             std::string body;
             exec(*n.c[1], sc, body);
-            emit(out, to_str(apply_filters(*n.c[0], Value(std::move(body)), sc)));
+            emit(out, str(apply_filters(*n.c[0], Value(std::move(body)), sc)));
             return Flow::Normal;
         }
         case NK::Break: return Flow::Break;
@@ -1535,7 +1665,11 @@ private:
             Value obj = eval(*target.c[0], sc);
             if (!obj.is_dict() || !obj.dict()->ns) fail("cannot assign attribute '" + target.s + "' on a " + type_name(obj) + " (only on a namespace())");
             if (!target.s.empty() && target.s[0] == '_') fail("a namespace attribute may not start with '_'");
+            std::vector<const void *> seen;
+            if (reaches(v, obj.dict().get(), seen)) fail("a namespace cannot hold itself ('" + target.s + "')");
+            charge(weight(v));
             obj.dict()->set(target.s, std::move(v));
+            shallow(obj);
         } else {
             std::vector<Value> items = iterate(v);
             if (items.size() != target.names.size())
@@ -1577,6 +1711,7 @@ private:
                 if (a.pos.empty()) fail("loop.cycle() needs at least one value");
                 return a.pos[size_t(i) % a.pos.size()];
             }));
+            charge(weight(items[size_t(i)]) + 512 + (i > 0 ? weight(items[size_t(i - 1)]) : 0) + (i + 1 < len ? weight(items[size_t(i + 1)]) : 0));
             s.vars["loop"] = Value(loop);
             const Flow f = exec(*n.c[2], s, out);
             if (f == Flow::Break) break;
@@ -1627,15 +1762,23 @@ private:
     // ------------------------------------------------------------ expressions
 
     std::vector<Value> iterate(const Value & v) {
-        if (v.is_list()) return v.list()->items;
+        if (v.is_list()) {
+            work(v.list()->items.size());
+            charge(weight(v.list()->items));
+            return v.list()->items;
+        }
         if (v.is_dict()) {
             std::vector<Value> keys;
             for (const auto & kv : v.dict()->items) keys.push_back(key_value(kv.first));
+            work(keys.size());
+            charge(weight(keys));
             return keys;
         }
         if (v.is_str()) {
             std::vector<Value> chars;
             const std::string & s = v.str();
+            work(s.size());
+            charge(17 * s.size());
             const auto starts = cp_starts(s);
             for (size_t i = 0; i < starts.size(); ++i)
                 chars.emplace_back(s.substr(starts[i], (i + 1 < starts.size() ? starts[i + 1] : s.size()) - starts[i]));
@@ -1655,23 +1798,27 @@ private:
 
     Value eval(const Node & n, Scope & sc) {
         step(n);
+        Nest nest(*this);
         switch (n.k) {
         case NK::Lit: return n.lit;
         case NK::Name: return lookup(n.s, sc);
         case NK::ListLit:
         case NK::TupleLit: {
-            auto l = new_list({}, n.k == NK::TupleLit);
-            for (const auto & e : n.c) l->items.push_back(eval(*e, sc));
-            return l;
+            std::vector<Value> items;
+            for (const auto & e : n.c) items.push_back(eval(*e, sc));
+            charge(weight(items));
+            return shallow(Value(new_list(std::move(items), n.k == NK::TupleLit)));
         }
         case NK::DictLit: {
             auto d = std::make_shared<DictObj>();
             for (size_t i = 0; i + 1 < n.c.size(); i += 2) {
                 const Value k = eval(*n.c[i], sc);
                 if (!k.is_str() && !k.is_int()) fail("dictionary keys must be strings or integers here, got " + type_name(k));
-                d->set(dict_key(k), eval(*n.c[i + 1], sc));
+                Value v = eval(*n.c[i + 1], sc);
+                charge(weight(v) + weight(k));
+                d->set(dict_key(k), std::move(v));
             }
-            return d;
+            return shallow(Value(d));
         }
         case NK::Attr: return get_attr(eval(*n.c[0], sc), n.s);
         case NK::Index: return get_item(eval(*n.c[0], sc), eval(*n.c[1], sc));
@@ -1724,7 +1871,11 @@ private:
             return n.c[2] ? eval(*n.c[2], sc) : Value(Undef{"the conditional expression has no else branch"});
         case NK::Concat: {
             std::string s;
-            for (const auto & e : n.c) s += to_str(eval(*e, sc));
+            for (const auto & e : n.c) {
+                const std::string part = str(eval(*e, sc));
+                charge(part.size());
+                s += part;
+            }
             return s;
         }
         case NK::Binary: {
@@ -1802,7 +1953,7 @@ private:
             }
             if (key.is_int())
                 if (const Value * v = obj.dict()->find(dict_key(key))) return *v;
-            return Undef{"'" + type_name(obj) + " object' has no attribute " + repr(key)};
+            return Undef{"'" + type_name(obj) + " object' has no attribute " + rep(key)};
         }
         if ((obj.is_list() || obj.is_str()) && int_like(key)) {
             int64_t i = as_int(key);
@@ -1820,7 +1971,7 @@ private:
             return s.substr(b, e - b);
         }
         if (key.is_str()) return get_attr(obj, key.str());
-        return Undef{"'" + type_name(obj) + " object' has no item " + repr(key)};
+        return Undef{"'" + type_name(obj) + " object' has no item " + rep(key)};
     }
 
     Value slice(const Value & obj, std::optional<int64_t> start, std::optional<int64_t> stop, std::optional<int64_t> st) {
@@ -1843,7 +1994,12 @@ private:
         };
         const int64_t b = clamp(start, step > 0 ? 0 : len - 1), e = clamp(stop, step > 0 ? len : -1);
         std::vector<int64_t> idx;
-        for (int64_t i = b; step > 0 ? i < e : i > e; i += step) idx.push_back(i);
+        for (int64_t i = b; step > 0 ? i < e : i > e;) {
+            idx.push_back(i);
+            if (__builtin_add_overflow(i, step, &i)) break;
+        }
+        work(idx.size());
+        charge(16 * idx.size());
         if (obj.is_list()) {
             auto l = new_list({}, obj.list()->tuple);
             for (int64_t i : idx) l->items.push_back(obj.list()->items[size_t(i)]);
@@ -1898,9 +2054,14 @@ private:
                 }
                 if (op == "**") {
                     if (b < 0) return std::pow(double(a), double(b));
-                    int64_t acc = 1;
-                    for (int64_t i = 0; i < b; ++i)
-                        if (__builtin_mul_overflow(acc, a, &acc)) fail("integer overflow");
+                    int64_t acc = 1, base = a;
+                    for (int64_t e = b; e > 0; e >>= 1) {   // by squaring: 0, 1 and -1 to a huge power end too
+                        if ((e & 1) && __builtin_mul_overflow(acc, base, &acc)) fail("integer overflow");
+                        if (e > 1 && __builtin_mul_overflow(base, base, &base)) {
+                            if (acc == 0) return int64_t(0);
+                            fail("integer overflow");
+                        }
+                    }
                     return acc;
                 }
             }
@@ -1917,16 +2078,24 @@ private:
             if (op == "**") return std::pow(a, b);
             return unsupported();
         }
-        if (op == "+" && l.is_str() && r.is_str()) return l.str() + r.str();
+        if (op == "+" && l.is_str() && r.is_str()) {
+            charge(l.str().size() + r.str().size());
+            return l.str() + r.str();
+        }
         if (op == "+" && l.is_list() && r.is_list() && l.list()->tuple == r.list()->tuple) {
-            auto out = new_list(l.list()->items, l.list()->tuple);
-            out->items.insert(out->items.end(), r.list()->items.begin(), r.list()->items.end());
-            return out;
+            std::vector<Value> items = l.list()->items;
+            items.insert(items.end(), r.list()->items.begin(), r.list()->items.end());
+            work(items.size());
+            charge(weight(items));
+            return new_list(std::move(items), l.list()->tuple);
         }
         if (op == "*" && (l.is_str() || l.is_list()) && int_like(r)) {
             const int64_t times = std::max<int64_t>(0, as_int(r));
-            const size_t unit = l.is_str() ? l.str().size() : l.list()->items.size();
-            if (unit && uint64_t(times) > opt_.limits.max_output / unit) fail("the repetition is too long");
+            const size_t unit = l.is_str() ? l.str().size() : weight(l.list()->items);
+            if (unit == 0) return l.is_str() ? Value(std::string()) : Value(new_list({}, l.list()->tuple));
+            if (uint64_t(times) > opt_.limits.max_output / unit) fail("the repetition is too long");
+            charge(unit * size_t(times));
+            work(unit * size_t(times) / 256);   // copying bytes is cheap next to an evaluation
             if (l.is_str()) {
                 std::string s;
                 for (int64_t i = 0; i < times; ++i) s += l.str();
@@ -1946,8 +2115,9 @@ private:
             return container.str().find(item.str()) != std::string::npos;
         }
         if (container.is_list()) {
+            work(container.list()->items.size());
             for (const Value & v : container.list()->items)
-                if (equals(v, item)) return true;
+                if (eq(v, item)) return true;
             return false;
         }
         if (container.is_dict()) return (item.is_str() || item.is_int()) && container.dict()->find(dict_key(item)) != nullptr;
@@ -1967,7 +2137,7 @@ private:
             const auto & x = a.list()->items;
             const auto & y = b.list()->items;
             for (size_t i = 0; i < x.size() && i < y.size(); ++i)
-                if (!equals(x[i], y[i])) return order(x[i], y[i], op);
+                if (!eq(x[i], y[i])) return order(x[i], y[i], op);
             return x.size() < y.size() ? -1 : x.size() > y.size();
         }
         need_defined(a);
@@ -1976,8 +2146,8 @@ private:
     }
 
     bool compare_op(const std::string & op, const Value & l, const Value & r) {
-        if (op == "==") return equals(l, r);
-        if (op == "!=") return !equals(l, r);
+        if (op == "==") return eq(l, r);
+        if (op == "!=") return !eq(l, r);
         if (op == "in") return contains(r, l);
         if (op == "not in") return !contains(r, l);
         const int c = order(l, r, op);
@@ -2003,14 +2173,20 @@ private:
         if (recv.is_dict()) {
             const auto & d = *recv.dict();
             if (name == "items") {
-                auto l = new_list();
-                for (const auto & [k, v] : d.items) l->items.emplace_back(new_list({key_value(k), v}, true));
-                return l;
+                std::vector<Value> items;
+                for (const auto & [k, v] : d.items) {
+                    charge(weight(v) + k.size() + 48);
+                    items.emplace_back(new_list({key_value(k), v}, true));
+                }
+                work(items.size());
+                return new_list(std::move(items));
             }
             if (name == "keys" || name == "values") {
-                auto l = new_list();
-                for (const auto & [k, v] : d.items) l->items.push_back(name == "keys" ? key_value(k) : v);
-                return l;
+                std::vector<Value> items;
+                for (const auto & [k, v] : d.items) items.push_back(name == "keys" ? key_value(k) : v);
+                work(items.size());
+                charge(weight(items));
+                return new_list(std::move(items));
             }
             if (name == "copy") {
                 auto c = std::make_shared<DictObj>();
@@ -2027,11 +2203,11 @@ private:
             const auto & items = recv.list()->items;
             int64_t count = 0;
             for (size_t i = 0; i < items.size(); ++i)
-                if (equals(items[i], x)) {
+                if (eq(items[i], x)) {
                     if (name == "index") return int64_t(i);
                     ++count;
                 }
-            if (name == "index") fail(repr(x) + " is not in list");
+            if (name == "index") fail(rep(x) + " is not in list");
             return count;
         }
         const std::string & s = recv.str();
@@ -2099,6 +2275,7 @@ private:
                 if (!v.is_str()) fail("join expects strings, got " + type_name(v));
                 if (!first) out += s;
                 out += v.str();
+                charge(s.size() + v.str().size());
                 first = false;
             }
             return out;
@@ -2149,7 +2326,9 @@ private:
                     if (name == field) v = &kv;
                 if (!v) fail("str.format: no argument named '" + field + "'");
             }
-            out += to_str(*v);
+            const std::string field_text = str(*v);
+            charge(field_text.size());
+            out += field_text;
             i = e;
         }
         return out;
@@ -2174,7 +2353,17 @@ private:
         if (!out.empty() && out[0] >= 'a' && out[0] <= 'z') out[0] = char(out[0] - 'a' + 'A');
         return out;
     }
-    static std::string replace(const std::string & s, const std::string & o, const std::string & n, int64_t count) {
+    std::string replace(const std::string & s, const std::string & o, const std::string & n, int64_t count) {
+        // the size first: a replacement can multiply the text
+        size_t hits = 0;
+        if (o.empty()) hits = size_t(cp_len(s)) + 1;
+        else
+            for (size_t p = s.find(o); p != std::string::npos && (count < 0 || int64_t(hits) < count); p = s.find(o, p + o.size())) ++hits;
+        if (count >= 0) hits = std::min(hits, size_t(count));
+        if (n.size() > o.size() && hits > (opt_.limits.max_alloc + s.size()) / (n.size() - o.size()))
+            fail("replace: the text would be longer than " + std::to_string(opt_.limits.max_alloc) + " bytes");
+        work(s.size() / 16 + hits);
+        charge(s.size() + hits * n.size());
         if (o.empty()) {   // Python inserts `n` between characters
             std::string out;
             const auto starts = cp_starts(s);
@@ -2249,6 +2438,8 @@ private:
         }
         auto l = new_list();
         for (auto & p : parts) l->items.emplace_back(std::move(p));
+        work(l->items.size());
+        charge(weight(l->items));
         return l;
     }
 
@@ -2271,8 +2462,10 @@ private:
         for (;;) {
             const size_t dot = path.find('.', b);
             const std::string part = path.substr(b, dot == std::string::npos ? std::string::npos : dot - b);
-            bool digits = !part.empty() && std::all_of(part.begin(), part.end(), [](char c) { return c >= '0' && c <= '9'; });
-            cur = digits ? get_item(cur, Value(int64_t(std::stoll(part)))) : get_item(cur, Value(part));
+            int64_t index = 0;
+            const auto r = std::from_chars(part.data(), part.data() + part.size(), index);
+            const bool digits = !part.empty() && r.ec == std::errc() && r.ptr == part.data() + part.size() && part[0] != '-';
+            cur = digits ? get_item(cur, Value(index)) : get_item(cur, Value(part));
             if (dot == std::string::npos) return cur;
             b = dot + 1;
         }
@@ -2290,19 +2483,19 @@ private:
             return (v.undef() || (boolean && !truthy(v))) ? dflt : v;
         }
         if (name == "length" || name == "count") return length(v);
-        if (name == "string") return v.undef() ? std::string() : to_str(v);
+        if (name == "string") return v.undef() ? std::string() : str(v);
         if (name == "safe") return v;
         if (name == "trim") {
             const std::optional<std::string> chars = opt_str(arg(a, 0, "chars"), "trim");
-            return py_strip(to_str(v), chars, true, true);
+            return py_strip(str(v), chars, true, true);
         }
-        if (name == "upper") return ascii_upper(to_str(v));
-        if (name == "lower") return ascii_lower(to_str(v));
-        if (name == "title") return title(to_str(v));
-        if (name == "capitalize") return capitalize(to_str(v));
+        if (name == "upper") return ascii_upper(str(v));
+        if (name == "lower") return ascii_lower(str(v));
+        if (name == "title") return title(str(v));
+        if (name == "capitalize") return capitalize(str(v));
         if (name == "e" || name == "escape") {
             std::string out;
-            for (char c : to_str(v)) {
+            for (char c : str(v)) {
                 switch (c) {
                 case '&': out += "&amp;"; break;
                 case '<': out += "&lt;"; break;
@@ -2317,7 +2510,7 @@ private:
         if (name == "replace") {
             const Value o = arg(a, 0, "old"), nw = arg(a, 1, "new"), cnt = arg(a, 2, "count", None{});
             if (!o.is_str() || !nw.is_str()) fail("replace takes (old, new[, count]) strings");
-            return replace(to_str(v), o.str(), nw.str(), cnt.none() || cnt.undef() ? -1 : as_int(cnt));
+            return replace(str(v), o.str(), nw.str(), cnt.none() || cnt.undef() ? -1 : as_int(cnt));
         }
         if (name == "tojson") {
             const Value indent = arg(a, 0, "indent", None{});
@@ -2372,9 +2565,11 @@ private:
             const Value attr = arg(a, 1, "attribute", None{});
             std::string out;
             bool first = true;
+            const std::string separator = str(sep);
             for (const Value & it : iterate(v)) {
-                if (!first) out += to_str(sep);
-                out += to_str(attr.none() || attr.undef() ? it : attribute_of(it, attr));
+                if (!first) out += separator;
+                out += str(attr.none() || attr.undef() ? it : attribute_of(it, attr));
+                charge(separator.size());
                 first = false;
             }
             return out;
@@ -2450,13 +2645,15 @@ private:
                 std::vector<Value> seen;
                 for (const Value & x : items) {
                     const Value k = key(x);
-                    if (std::none_of(seen.begin(), seen.end(), [&](const Value & s) { return equals(s, k); })) {
+                    work(seen.size());
+                    if (std::none_of(seen.begin(), seen.end(), [&](const Value & s) { return eq(s, k); })) {
                         seen.push_back(k);
                         l->items.push_back(x);
                     }
                 }
                 return l;
             }
+            work(items.size() * 32);   // the comparisons of a sort
             std::stable_sort(items.begin(), items.end(), [&](const Value & x, const Value & y) { return order(key(x), key(y), "<") < 0; });
             if (name == "min" || name == "max") {
                 if (items.empty()) return Undef{"No aggregated item, sequence was empty."};
@@ -2525,7 +2722,10 @@ private:
             const bool first = truthy(arg(a, 1, "first", false));
             const bool blank = truthy(arg(a, 2, "blank", false));
             const std::string pad = width.is_str() ? width.str() : std::string(size_t(std::clamp<int64_t>(int_like(width) ? as_int(width) : 4, 0, 256)), ' ');
-            std::string s = to_str(v) + "\n";
+            std::string s = str(v) + "\n";
+            const size_t n_lines = size_t(std::count(s.begin(), s.end(), '\n'));
+            if (pad.size() && n_lines > opt_.limits.max_alloc / pad.size()) fail("indent: the text would be too long");
+            charge(s.size() + n_lines * pad.size());
             std::vector<std::string> lines;
             size_t b = 0;
             for (size_t p; (p = s.find('\n', b)) != std::string::npos; b = p + 1) lines.push_back(s.substr(b, p - b));
@@ -2540,7 +2740,7 @@ private:
         }
         if (name == "wordcount") {
             Args none;
-            return int64_t(split(to_str(v), std::nullopt, -1, false).list()->items.size());
+            return int64_t(split(str(v), std::nullopt, -1, false).list()->items.size());
         }
         if (name == "attr") {
             const Value n = arg(a, 0, "name");
@@ -2577,12 +2777,12 @@ private:
             }
             return (as_int(v) % 2 != 0) == (name == "odd");
         }
-        if (name == "eq" || name == "equalto" || name == "==") return equals(v, x);
-        if (name == "ne" || name == "!=") return !equals(v, x);
+        if (name == "eq" || name == "equalto" || name == "==") return eq(v, x);
+        if (name == "ne" || name == "!=") return !eq(v, x);
         if (name == "sameas") {
             if (v.is_list() && x.is_list()) return v.list() == x.list();
             if (v.is_dict() && x.is_dict()) return v.dict() == x.dict();
-            return v.v.index() == x.v.index() && (v.none() || v.undef() || (v.is_bool() && equals(v, x)));
+            return v.v.index() == x.v.index() && (v.none() || v.undef() || (v.is_bool() && eq(v, x)));
         }
         if (name == "in") return contains(x, v);
         if (name == "lt" || name == "lessthan" || name == "<") return order(v, x, "<") < 0;

@@ -45,10 +45,13 @@ public:
 };
 
 struct RenderLimits {
-    int64_t max_steps = 20'000'000;         // expression and statement evaluations
-    size_t max_output = 16u << 20;          // bytes of text produced, buffers of set blocks and macros included
-    int max_call_depth = 100;               // nested macro calls
-    int64_t max_range = 1'000'000;          // elements of one range()
+    int64_t max_steps = 20'000'000;   // evaluations, and one per element a filter, method or operator walks
+    size_t max_output = 16u << 20;    // bytes of text produced, buffers of set blocks and macros included
+    size_t max_alloc = 64u << 20;     // bytes of strings and list and dict elements built while rendering
+    int max_call_depth = 100;         // nested macro calls
+    int max_depth = 400;              // nested evaluations (expressions in statements in macros ...): the stack
+    int max_value_depth = 100;        // lists and dicts inside each other
+    int64_t max_range = 1'000'000;    // elements of one range()
 };
 
 struct RenderOptions {

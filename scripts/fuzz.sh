@@ -41,7 +41,8 @@ for name in "${targets[@]}"; do
   work=$build/fuzz-corpus/$name
   artifacts=$build/fuzz-artifacts
   mkdir -p "$work" "$artifacts"
-  args=(-max_total_time="$seconds" -max_len=65536 -print_final_stats=1 -artifact_prefix="$artifacts/$name-")
+  # -timeout: a unit slower than 10 s is a finding (libFuzzer's default, 1200 s, would never report one)
+  args=(-max_total_time="$seconds" -max_len=65536 -timeout=10 -print_final_stats=1 -artifact_prefix="$artifacts/$name-")
   [[ -f $root/tests/fuzz/$name.dict ]] && args+=(-dict="$root/tests/fuzz/$name.dict")
   echo "== $name: ${seconds}s over tests/fuzz/corpus/$name"
   log=$build/fuzz-$name.log

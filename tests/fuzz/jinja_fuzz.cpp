@@ -39,6 +39,7 @@ bool jinja_one_input(const uint8_t * data, size_t size) {
     o.limits.max_steps = 200000;
     o.limits.max_output = 1 << 20;
     o.limits.max_range = 10000;
+    o.limits.max_alloc = 32u << 20;
     o.now = std::tm{};
     std::optional<jinja::Template> t;
     try {

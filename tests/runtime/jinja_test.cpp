@@ -127,5 +127,40 @@ TEST(Jinja, RenderingIsBoundedForHostileTemplates) {
     EXPECT_THROW(Template("{{ " + deep + "1" + std::string(400, ')') + " }}"), Error);
 }
 
+// What a fuzzing helper found (each was a crash, a leak, a hang or unbounded memory).
+TEST(Jinja, HostileValuesAreBoundedToo) {
+    RenderOptions o;
+    o.limits.max_steps = 1000000;
+    o.limits.max_alloc = 32u << 20;
+    auto outcome = [&](const std::string & src) -> std::string {
+        try {
+            return "rendered " + Template(src).render(ojson::object(), o);
+        } catch (const Error & e) {
+            return e.what();
+        }
+    };
+    auto fails_with = [&](const std::string & src, const char * what) {
+        const std::string got = outcome(src);
+        EXPECT_NE(got.find(what), std::string::npos) << src << "\n" << got;
+    };
+    fails_with("{% set ns = namespace() %}{% set ns.a = ns %}{{ ns }}", "a namespace cannot hold itself ('a')");
+    fails_with("{% set a = namespace() %}{% set b = namespace(x=[a]) %}{% set a.y = {'k': b} %}", "cannot hold itself");
+    fails_with("{% set ns = namespace(x=1) %}{% for i in range(1000) %}{% set ns.x = [ns.x] %}{% endfor %}", "nested deeper than 100");
+    fails_with("{% macro m(n) %}{{ " + std::string(150, '-') + "m(n) }}{% endmacro %}{{ m(1) }}", "evaluations nested deeper than");
+    fails_with("{% set ns = namespace(s='ab') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "bytes of values");
+    fails_with("{{ ('x' * 1000000).replace('', 'y' * 1000000) }}", "replace: the text would be longer");
+    fails_with("{{ range(100000)|unique|length }}", "steps");
+    // shared sublists: a text or a comparison exponentially larger than the values
+    const std::string dag = "{% set ns = namespace(x=[1], y=[1]) %}{% for i in range(60) %}{% set ns.x = [ns.x, ns.x] %}"
+                            "{% set ns.y = [ns.y, ns.y] %}{% endfor %}";
+    fails_with(dag + "{{ ns.x }}", "text is longer than");
+    fails_with(dag + "{{ ns.x == ns.y }}", "steps");
+    EXPECT_EQ(outcome(dag + "{{ ns.x == ns.x }}"), "rendered True");   // the same list: no walk
+    EXPECT_EQ(outcome("{{ ''*9000000000 }}|{{ []*9000000000 }}|{{ 1 ** 9000000000000 }}|{{ (-1) ** 9000000000001 }}"), "rendered |[]|1|-1");
+    EXPECT_EQ(outcome("{{ range(9223372036854775806, 9223372036854775807, 10)|list }}"), "rendered [9223372036854775806]");
+    EXPECT_EQ(outcome("{{ 'ab'[1::9223372036854775807] }}"), "rendered b");
+    EXPECT_EQ(outcome("{{ [[7]]|map(attribute='99999999999999999999')|list }}"), "rendered [Undefined]");   // as jinja2
+}
+
 } // namespace
 } // namespace moesh::jinja
