@@ -97,12 +97,6 @@ bool Server::send(const Origin & to, const std::string & frame) {
     }
 }
 
-// A token's frame goes out as soon as it is sampled, except in two cases where it waits for the
-// next token (or the end): when the request has stop strings (the text that may still turn into
-// one, its last max_stop_bytes - 1 bytes, is held back), and for the request's last possible
-// token (it carries the decoder's final bytes). The end-of-sequence token is never sent, and a
-// dangling part of a UTF-8 character after the last frame is dropped, so the frames' texts add
-// up to the done frame's text.
 // The text as reasoning and answer, and how much of each can go out in token frames: not the
 // last `hold` bytes (a stop string may still end there), nor a tool call or what may still
 // become the start of one, nor a tail that may still become a <think> marker. Final: the whole
@@ -159,6 +153,12 @@ nlohmann::ordered_json Server::template_messages(const std::vector<protocol::Cha
     return out;
 }
 
+// A token's frame goes out as soon as it is sampled, except in two cases where it waits for the
+// next token (or the end): when the request has stop strings (the text that may still turn into
+// one, its last max_stop_bytes - 1 bytes, is held back), and for the request's last possible
+// token (it carries the decoder's final bytes). The end-of-sequence token is never sent, and a
+// dangling part of a UTF-8 character after the last frame is dropped, so the frames' texts add
+// up to the done frame's text (and their reasoning to its reasoning).
 void Server::send_pending(uint64_t handle, Active & a, const OutputView & v) {
     if (!a.pending) return;
     const std::string piece = v.content_safe > a.sent ? std::string(v.content.substr(a.sent, v.content_safe - a.sent)) : std::string();

@@ -3,12 +3,12 @@
 #include "runtime/chat_template.h"
 #include "runtime/error.h"
 #include "runtime/gguf.h"
+#include "jinja_fixture.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <ctime>
 #include <fstream>
 
 namespace moesh {
@@ -51,12 +51,8 @@ TEST(ChatTemplate, RendersExactlyAsTransformersDoes) {
 // (null), reasoning aliased to `thinking`, the caller's extra variables.
 TEST(ChatTemplate, PassesWhatTransformersPasses) {
     using ojson = nlohmann::ordered_json;
-    std::ifstream in(std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/chat_templates/jinja.json");
-    const ojson doc = ojson::parse(in);
-    jinja::RenderOptions o;
-    std::tm tm{};
-    tm.tm_year = 126, tm.tm_mon = 2, tm.tm_mday = 7, tm.tm_hour = 14, tm.tm_min = 5, tm.tm_sec = 9, tm.tm_wday = 6, tm.tm_yday = 65;
-    o.now = tm;
+    const ojson & doc = test::jinja_fixture();
+    const jinja::RenderOptions o = test::fixture_clock();
     size_t checked = 0;
     for (const auto & t : doc["templates"]) {
         SCOPED_TRACE(t["name"].get<std::string>());

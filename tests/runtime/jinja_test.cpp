@@ -2,38 +2,16 @@
 // (tests/fixtures/chat_templates/jinja.json, scripts/make_jinja_fixtures.py):
 // snippets of each construct and the chat templates of real models.
 #include "runtime/jinja.h"
+#include "jinja_fixture.h"
 
 #include <gtest/gtest.h>
 
-#include <fstream>
+#include <cstring>
 
 namespace moesh::jinja {
 namespace {
 
 using ojson = nlohmann::ordered_json;
-
-const ojson & fixtures() {
-    static const ojson doc = [] {
-        std::ifstream in(std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/chat_templates/jinja.json");
-        return ojson::parse(in);
-    }();
-    return doc;
-}
-
-RenderOptions fixed_clock() {
-    RenderOptions o;
-    std::tm tm{};   // the fixture's "now": 2026-03-07T14:05:09, a Saturday
-    tm.tm_year = 2026 - 1900;
-    tm.tm_mon = 2;
-    tm.tm_mday = 7;
-    tm.tm_hour = 14;
-    tm.tm_min = 5;
-    tm.tm_sec = 9;
-    tm.tm_wday = 6;
-    tm.tm_yday = 65;
-    o.now = tm;
-    return o;
-}
 
 // Renders one case; compares with jinja2's text, or for its errors checks
 // that we fail too and, where our message mimics Python's, that it matches.
@@ -41,7 +19,7 @@ void check(const std::string & source, const ojson & vars, const ojson & expecte
     std::string got;
     try {
         Template t(source);
-        got = t.render(vars, fixed_clock());
+        got = t.render(vars, test::fixture_clock());
     } catch (const RaisedError & e) {
         ASSERT_TRUE(expected.contains("error")) << "raised " << e.what();
         EXPECT_EQ("TemplateError: " + std::string(e.what()), expected["error"].get<std::string>());
@@ -63,7 +41,7 @@ void check(const std::string & source, const ojson & vars, const ojson & expecte
 }
 
 TEST(Jinja, SnippetsRenderAsJinja2Does) {
-    const ojson & doc = fixtures();
+    const ojson & doc = test::jinja_fixture();
     ASSERT_GE(doc["snippets"].size(), 50u);
     for (const auto & s : doc["snippets"]) {
         SCOPED_TRACE(s["template"].get<std::string>());
@@ -72,7 +50,7 @@ TEST(Jinja, SnippetsRenderAsJinja2Does) {
 }
 
 TEST(Jinja, RealChatTemplatesRenderAsTransformersDoes) {
-    const ojson & doc = fixtures();
+    const ojson & doc = test::jinja_fixture();
     ASSERT_GE(doc["templates"].size(), 20u);
     size_t rendered = 0;
     for (const auto & t : doc["templates"]) {

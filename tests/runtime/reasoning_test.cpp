@@ -4,11 +4,11 @@
 #include "runtime/reasoning.h"
 
 #include "runtime/chat_template.h"
+#include "jinja_fixture.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include <fstream>
 
 namespace moesh {
 namespace {
@@ -65,23 +65,10 @@ TEST(Reasoning, WhatIsCertainWhileGeneratingNeverChanges) {
     }
 }
 
-const ojson & fixture() {
-    static const ojson doc = [] {
-        std::ifstream in(std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/chat_templates/jinja.json");
-        return ojson::parse(in);
-    }();
-    return doc;
-}
-
 std::string render(const std::string & name, const ojson & extra = ojson::object()) {
-    for (const auto & t : fixture()["templates"])
-        if (t["name"] == name) {
-            const ChatTemplate c(t["template"].get<std::string>(), "<s>", "</s>");
-            EXPECT_TRUE(c.reasons()) << name;
-            return c.render(ojson::parse(R"([{"role": "user", "content": "Hi"}])"), true, extra);
-        }
-    ADD_FAILURE() << name;
-    return {};
+    const ChatTemplate c(test::fixture_template(name), "<s>", "</s>");
+    EXPECT_TRUE(c.reasons()) << name;
+    return c.render(ojson::parse(R"([{"role": "user", "content": "Hi"}])"), true, extra);
 }
 
 TEST(Reasoning, KnowsWhichPromptsOpenABlock) {

@@ -5,31 +5,18 @@
 
 #include "runtime/chat_template.h"
 #include "runtime/grammar.h"
+#include "jinja_fixture.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
-#include <fstream>
 
 namespace moesh {
 namespace {
 
 using ojson = nlohmann::ordered_json;
 
-const ojson & fixture() {
-    static const ojson doc = [] {
-        std::ifstream in(std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/chat_templates/jinja.json");
-        return ojson::parse(in);
-    }();
-    return doc;
-}
-
-std::string template_text(const std::string & name) {
-    for (const auto & t : fixture()["templates"])
-        if (t["name"] == name) return t["template"];
-    ADD_FAILURE() << "no template " << name;
-    return {};
-}
+std::string template_text(const std::string & name) { return test::fixture_template(name); }
 
 TEST(ToolCalls, FormatIsKnownFromTheTemplate) {
     EXPECT_EQ(tool_call_format(template_text("Qwen-Qwen2.5-7B-Instruct")), ToolCallFormat::Hermes);
