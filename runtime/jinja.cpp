@@ -182,6 +182,23 @@ int64_t cp_len(std::string_view s) {
     return n;
 }
 
+// Substring search in linear time (glibc's memmem is two-way), where std::string::find can take
+// length x needle steps.
+size_t find_sub(std::string_view h, std::string_view n, size_t from = 0) {
+    if (from > h.size()) return std::string_view::npos;
+    if (n.empty()) return from;
+    const void * p = memmem(h.data() + from, h.size() - from, n.data(), n.size());
+    return p ? size_t(static_cast<const char *>(p) - h.data()) : std::string_view::npos;
+}
+// The last occurrence starting at or before `before`, by the same search.
+size_t rfind_sub(std::string_view h, std::string_view n, size_t before = std::string_view::npos) {
+    size_t best = std::string_view::npos;
+    for (size_t p = find_sub(h, n); p != std::string_view::npos && (before == std::string_view::npos || p <= before);
+         p = find_sub(h, n, p + 1))
+        best = p;
+    return best;
+}
+
 // The characters Python's str.isspace() accepts, as UTF-8.
 size_t space_at(std::string_view s, size_t i, bool backwards) {
     static const std::string_view k_spaces[] = {
@@ -751,6 +768,22 @@ struct Node;
 using NodeP = std::unique_ptr<Node>;
 
 struct Node {
+    Node() = default;
+    Node(const Node &) = delete;
+    Node & operator=(const Node &) = delete;
+    // Without recursion: a chain (a.b.c..., x|f|g..., a + b + ...) is as deep as it is long.
+    ~Node() {
+        std::vector<std::unique_ptr<Node>> stack;
+        for (auto & ch : c)
+            if (ch) stack.push_back(std::move(ch));
+        while (!stack.empty()) {
+            std::unique_ptr<Node> n = std::move(stack.back());
+            stack.pop_back();
+            for (auto & ch : n->c)
+                if (ch) stack.push_back(std::move(ch));
+        }
+    }
+
     NK k;
     int line = 0;
     std::string s;                    // name, attribute, operator, filter/test name, text
@@ -1469,6 +1502,7 @@ private:
     }
     // str() of a value, within the output limit
     std::string str(const Value & v) {
+        if (v.is_str()) work(v.str().size() / 64);
         try {
             std::string s = to_str(v, opt_.limits.max_output);
             if (!v.is_str()) charge(s.size());
@@ -1486,6 +1520,7 @@ private:
     }
     // Memory a new string or list costs.
     void charge(size_t bytes) {
+        work(bytes / 64);
         allocated_ += bytes;
         if (allocated_ > opt_.limits.max_alloc) fail("the template built more than " + std::to_string(opt_.limits.max_alloc) + " bytes of values");
     }
@@ -1567,7 +1602,10 @@ private:
             d->ns = ns;
             if (!a.pos.empty()) {
                 if (a.pos.size() > 1 || !a.pos[0].is_dict()) fail(std::string(ns ? "namespace" : "dict") + "() takes one mapping and keyword arguments");
-                for (const auto & [k, v] : a.pos[0].dict()->items) d->set(k, v);
+                d->items = a.pos[0].dict()->items;   // its keys are distinct already
+                d->depth = a.pos[0].dict()->depth;
+                work(d->items.size());
+                charge(weight(a.pos[0]) + 48 * d->items.size());
             }
             for (auto & [k, v] : a.kw) {
                 if (ns && !k.empty() && k[0] == '_') fail("a namespace attribute may not start with '_': '" + k + "'");
@@ -1598,7 +1636,10 @@ private:
     }
 
     Value lookup(const std::string & name, Scope & sc) {
-        if (const Value * v = sc.find(name)) return *v;
+        if (const Value * v = sc.find(name)) {
+            if (v->is_str()) work(v->str().size() / 64);   // a string is copied
+            return *v;
+        }
         return Undef{"'" + name + "' is undefined"};
     }
 
@@ -1779,6 +1820,7 @@ private:
             const std::string & s = v.str();
             work(s.size());
             charge(17 * s.size());
+            work(s.size() / 64);
             const auto starts = cp_starts(s);
             for (size_t i = 0; i < starts.size(); ++i)
                 chars.emplace_back(s.substr(starts[i], (i + 1 < starts.size() ? starts[i + 1] : s.size()) - starts[i]));
@@ -1789,7 +1831,10 @@ private:
     }
 
     int64_t length(const Value & v) {
-        if (v.is_str()) return cp_len(v.str());
+        if (v.is_str()) {
+            work(v.str().size() / 64);
+            return cp_len(v.str());
+        }
         if (v.is_list()) return int64_t(v.list()->items.size());
         if (v.is_dict()) return int64_t(v.dict()->items.size());
         if (v.undef()) return 0;
@@ -1816,6 +1861,7 @@ private:
                 if (!k.is_str() && !k.is_int()) fail("dictionary keys must be strings or integers here, got " + type_name(k));
                 Value v = eval(*n.c[i + 1], sc);
                 charge(weight(v) + weight(k));
+                work(d->items.size());   // set() looks for the key
                 d->set(dict_key(k), std::move(v));
             }
             return shallow(Value(d));
@@ -1840,7 +1886,12 @@ private:
             line_ = n.line;
             return call(callee, a);
         }
-        case NK::Filter: return apply_filters(n, n.c[0] ? eval(*n.c[0], sc) : Value(), sc);
+        case NK::Filter: {   // its input (an inner filter of the chain included) is evaluated once
+            const Value v = n.c[0] ? eval(*n.c[0], sc) : Value();
+            Args a = eval_args(n, 1, sc);
+            line_ = n.line;
+            return filter(n.s, v, a);
+        }
         case NK::Test: {
             const Value v = eval(*n.c[0], sc);
             Args a = eval_args(n, 1, sc);
@@ -1964,6 +2015,7 @@ private:
                 return items[size_t(i)];
             }
             const std::string & s = obj.str();
+            work(s.size() / 64);
             const auto starts = cp_starts(s);
             if (i < 0) i += int64_t(starts.size());
             if (i < 0 || i >= int64_t(starts.size())) return Undef{"string index out of range"};
@@ -1982,6 +2034,7 @@ private:
         int64_t len;
         if (obj.is_list()) len = int64_t(obj.list()->items.size());
         else if (obj.is_str()) {
+            work(obj.str().size() / 64);
             starts = cp_starts(obj.str());
             len = int64_t(starts.size());
         } else fail("'" + type_name(obj) + "' object is not subscriptable");
@@ -2112,7 +2165,8 @@ private:
     bool contains(const Value & container, const Value & item) {
         if (container.is_str()) {
             if (!item.is_str()) fail("'in <string>' requires string as left operand, not " + type_name(item));
-            return container.str().find(item.str()) != std::string::npos;
+            work(container.str().size() / 64);
+            return find_sub(container.str(), item.str()) != std::string::npos;
         }
         if (container.is_list()) {
             work(container.list()->items.size());
@@ -2160,6 +2214,7 @@ private:
     // ------------------------------------------------------------ methods of str, list, dict
 
     Value method(const Value & recv, const std::string & name) {
+        if (recv.is_str()) work(recv.str().size() / 64);   // the receiver is copied into the bound method
         return func(name, [this, recv, name](Args & a) -> Value { return call_method(recv, name, a); });
     }
 
@@ -2246,15 +2301,17 @@ private:
             return split(s, sep, as_int(mx), name == "rsplit");
         }
         if (name == "splitlines") {
-            auto l = new_list();
+            std::vector<Value> lines;
             size_t b = 0;
             while (b < s.size()) {
                 size_t e = s.find('\n', b);
                 if (e == std::string::npos) e = s.size();
-                l->items.emplace_back(s.substr(b, e - b));
+                charge(16 + e - b);
+                lines.emplace_back(s.substr(b, e - b));
                 b = e + 1;
             }
-            return l;
+            work(lines.size());
+            return new_list(std::move(lines));
         }
         if (name == "find" || name == "rfind" || name == "count") {
             const Value sub = arg(a, 0, "sub");
@@ -2262,10 +2319,12 @@ private:
             if (name == "count") {
                 if (sub.str().empty()) return cp_len(s) + 1;
                 int64_t c = 0;
-                for (size_t p = s.find(sub.str()); p != std::string::npos; p = s.find(sub.str(), p + sub.str().size())) ++c;
+                work(s.size() / 64);
+                for (size_t p = find_sub(s, sub.str()); p != std::string::npos; p = find_sub(s, sub.str(), p + sub.str().size())) ++c;
                 return c;
             }
-            const size_t p = name == "find" ? s.find(sub.str()) : s.rfind(sub.str());
+            work(s.size() / 16);
+            const size_t p = name == "find" ? find_sub(s, sub.str()) : rfind_sub(s, sub.str());
             return p == std::string::npos ? int64_t(-1) : cp_len(std::string_view(s).substr(0, p));
         }
         if (name == "join") {
@@ -2358,7 +2417,7 @@ private:
         size_t hits = 0;
         if (o.empty()) hits = size_t(cp_len(s)) + 1;
         else
-            for (size_t p = s.find(o); p != std::string::npos && (count < 0 || int64_t(hits) < count); p = s.find(o, p + o.size())) ++hits;
+            for (size_t p = find_sub(s, o); p != std::string::npos && (count < 0 || int64_t(hits) < count); p = find_sub(s, o, p + o.size())) ++hits;
         if (count >= 0) hits = std::min(hits, size_t(count));
         if (n.size() > o.size() && hits > (opt_.limits.max_alloc + s.size()) / (n.size() - o.size()))
             fail("replace: the text would be longer than " + std::to_string(opt_.limits.max_alloc) + " bytes");
@@ -2366,6 +2425,7 @@ private:
         charge(s.size() + hits * n.size());
         if (o.empty()) {   // Python inserts `n` between characters
             std::string out;
+            work(s.size() / 64);
             const auto starts = cp_starts(s);
             int64_t done = 0;
             for (size_t i = 0; i <= starts.size(); ++i) {
@@ -2380,7 +2440,7 @@ private:
         std::string out;
         size_t b = 0;
         int64_t done = 0;
-        for (size_t p = s.find(o); p != std::string::npos && (count < 0 || done < count); p = s.find(o, b)) {
+        for (size_t p = find_sub(s, o); p != std::string::npos && (count < 0 || done < count); p = find_sub(s, o, b)) {
             out.append(s, b, p - b);
             out += n;
             b = p + o.size();
@@ -2394,7 +2454,7 @@ private:
             if (sep->empty()) fail("empty separator");
             if (!from_right) {
                 size_t b = 0;
-                for (size_t p = s.find(*sep); p != std::string::npos && (maxsplit < 0 || int64_t(parts.size()) < maxsplit); p = s.find(*sep, b)) {
+                for (size_t p = find_sub(s, *sep); p != std::string::npos && (maxsplit < 0 || int64_t(parts.size()) < maxsplit); p = find_sub(s, *sep, b)) {
                     parts.push_back(s.substr(b, p - b));
                     b = p + sep->size();
                 }
@@ -2405,7 +2465,8 @@ private:
                 for (;;) {
                     if (maxsplit >= 0 && int64_t(rev.size()) >= maxsplit) break;
                     if (e < sep->size()) break;
-                    const size_t p = s.rfind(*sep, e - sep->size());
+                    work(e / 64);
+                    const size_t p = rfind_sub(s, *sep, e - sep->size());
                     if (p == std::string::npos) break;
                     rev.push_back(s.substr(p + sep->size(), e - p - sep->size()));
                     e = p;
@@ -2445,9 +2506,8 @@ private:
 
     // ------------------------------------------------------------ filters
 
+    // The chain of a filter block or a set block (its innermost filter has no input of its own) applied to input.
     Value apply_filters(const Node & f, Value input, Scope & sc) {
-        // A chain a|f|g is nested: the innermost filter has the input (or nothing, in a filter block).
-        if (f.k != NK::Filter) return eval(f, sc);
         Value v = f.c[0] ? apply_filters(*f.c[0], std::move(input), sc) : std::move(input);
         Args a = eval_args(f, 1, sc);
         line_ = f.line;
@@ -2531,6 +2591,7 @@ private:
             const bool sort = truthy(arg(a, 3, "sort_keys", false));
             std::string out;
             dump_json(v, out, ind, item_sep, key_sep, ascii, sort, 0);
+            charge(out.size());
             return out;
         }
         if (name == "items") {
@@ -2796,6 +2857,7 @@ private:
     void dump_json(const Value & v, std::string & out, const std::optional<std::string> & indent, const std::string & item_sep,
                    const std::string & key_sep, bool ascii, bool sort, int level) {
         if (level > 256) fail("tojson: nesting too deep");
+        work(1 + (v.is_str() ? v.str().size() / 64 : 0));
         if (out.size() > opt_.limits.max_output) fail("tojson: the text is too long");
         auto newline = [&](int lv) {
             if (!indent) return;

@@ -138,6 +138,20 @@ TEST(Jinja, HostileValuesAreBoundedToo) {
     EXPECT_EQ(outcome("{{ range(9223372036854775806, 9223372036854775807, 10)|list }}"), "rendered [9223372036854775806]");
     EXPECT_EQ(outcome("{{ 'ab'[1::9223372036854775807] }}"), "rendered b");
     EXPECT_EQ(outcome("{{ [[7]]|map(attribute='99999999999999999999')|list }}"), "rendered [Undefined]");   // as jinja2
+    // a chain is as deep as it is long: refused while rendering, freed without recursion
+    std::string chain = "{% if false %}{{ x";
+    for (int i = 0; i < 60000; ++i) chain += ".a";
+    EXPECT_EQ(outcome(chain + " }}{% endif %}ok"), "rendered ok");
+    fails_with(chain.substr(std::string("{% if false %}").size()) + " }}", "evaluations nested deeper than");
+    fails_with("{% set h = 'a' * 1000000 %}{% for i in range(100000) %}{% if h %}{% endif %}{% endfor %}", "steps");   // copies count
+}
+
+// A filter's input is evaluated once: a macro recursing through |trim is linear, not 2^n.
+TEST(Jinja, FiltersEvaluateTheirInputOnce) {
+    RenderOptions o;
+    o.limits.max_steps = 20000;
+    const std::string t = "{% macro f(n) %}{% if n > 0 %}{{ n }}{{ f(n - 1)|trim|string }}{% endif %}{% endmacro %}{{ f(20) }}";
+    EXPECT_EQ(Template(t).render(ojson::object(), o), "2019181716151413121110987654321");
 }
 
 } // namespace
