@@ -49,7 +49,8 @@ ChatTemplate::ChatTemplate(std::string_view jinja, std::string bos_token, std::s
           }
       }()),
       bos_(std::move(bos_token)), eos_(std::move(eos_token)), takes_tools_(jinja.find("tools") != std::string_view::npos),
-      tool_format_(moesh::tool_call_format(jinja)), reasons_(template_reasons(jinja)) {}
+      tool_format_(moesh::tool_call_format(jinja)), reasons_(template_reasons(jinja)),
+      harmony_(template_uses_harmony(jinja)) {}
 
 ChatTemplate::ChatTemplate(std::string_view jinja, const Tokenizer & tok)
     : ChatTemplate(jinja, token_text(tok, tok.bos_id()), token_text(tok, tok.eos_id())) {}

@@ -57,6 +57,7 @@ public:
     bool takes_tools() const { return takes_tools_; }   // the template reads a `tools` variable
     ToolCallFormat tool_call_format() const { return tool_format_; }   // how it shows the model calls
     bool reasons() const { return reasons_; }   // it writes <think> blocks (runtime/reasoning.h)
+    bool harmony() const { return harmony_; }   // gpt-oss' channels (runtime/reasoning.h)
 
 private:
     jinja::Template tmpl_;
@@ -64,6 +65,7 @@ private:
     bool takes_tools_ = false;
     ToolCallFormat tool_format_ = ToolCallFormat::None;
     bool reasons_ = false;
+    bool harmony_ = false;
 };
 
 // The tokens a chat reply ends at: the tokenizer's end-of-sequence token and

@@ -70,4 +70,67 @@ ReasoningSplit split_reasoning(std::string_view text, bool starts_inside, bool f
     return s;
 }
 
+bool template_uses_harmony(std::string_view t) {
+    return t.find("<|channel|>") != std::string_view::npos && t.find("<|message|>") != std::string_view::npos;
+}
+
+HarmonySplit split_harmony(std::string_view text, bool final) {
+    constexpr std::string_view k_start = "<|start|>", k_channel = "<|channel|>", k_message = "<|message|>";
+    constexpr std::string_view k_ends[] = {"<|end|>", "<|return|>", "<|call|>"};
+    HarmonySplit h;
+    // a tail that may still grow into `marker`: nothing after `from` is certain yet
+    auto may_become = [&](size_t from, std::string_view marker) {
+        const std::string_view rest = text.substr(from);
+        return !final && rest.size() < marker.size() && marker.substr(0, rest.size()) == rest;
+    };
+    size_t pos = 0;
+    bool first = true;
+    while (pos < text.size()) {
+        if (text.compare(pos, k_start.size(), k_start) == 0) {   // <|start|>assistant between messages
+            const size_t ch = text.find(k_channel, pos);
+            if (ch == std::string_view::npos) break;   // the role is still coming (or never a channel)
+            pos = ch;
+        }
+        if (text.compare(pos, k_channel.size(), k_channel) != 0) {
+            if (may_become(pos, k_channel) || may_become(pos, k_start)) break;
+            if (first) {   // no channels at all: the whole reply is the answer
+                h.content = std::string(text);
+                h.content_certain = h.content.size();
+                return h;
+            }
+            break;
+        }
+        const size_t msg = text.find(k_message, pos + k_channel.size());
+        if (msg == std::string_view::npos) break;   // the channel's name is still coming
+        const std::string_view channel = text.substr(pos + k_channel.size(), msg - pos - k_channel.size());
+        const bool analysis = channel.substr(0, 8) == "analysis";
+        std::string & out = analysis ? h.reasoning : h.content;
+        size_t & certain = analysis ? h.reasoning_certain : h.content_certain;
+        if (analysis) h.reasoned = true;
+        if (!out.empty()) out += "\n\n";   // a second message on the same side
+        certain = out.size();
+        const size_t body = msg + k_message.size();
+        size_t end = std::string_view::npos, after = 0;
+        for (std::string_view e : k_ends)
+            if (const size_t p = text.find(e, body); p < end) end = p, after = p + e.size();
+        if (end == std::string_view::npos) {   // the message is still being written
+            size_t stop = text.size();
+            if (!final)   // hold back what may become a marker
+                for (size_t n = std::min<size_t>(text.size() - body, 10); n > 0; --n)
+                    if (text.substr(text.size() - n).find("<|") == 0 || text.substr(text.size() - n) == "<") {
+                        stop = text.size() - n;
+                        break;
+                    }
+            out += text.substr(body, stop - body);
+            certain = out.size();
+            break;
+        }
+        out += text.substr(body, end - body);
+        certain = out.size();
+        pos = after;
+        first = false;
+    }
+    return h;
+}
+
 } // namespace moesh

@@ -18,6 +18,7 @@
 #pragma once
 
 #include <cstddef>
+#include <string>
 #include <string_view>
 
 namespace moesh {
@@ -35,5 +36,20 @@ struct ReasoningSplit {
 };
 
 ReasoningSplit split_reasoning(std::string_view text, bool starts_inside, bool final);
+
+// gpt-oss' harmony format: the reply is messages on channels,
+//   <|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>...<|return|>
+// (the markers are special tokens, so the text must be decoded with them). The analysis
+// channel is the reasoning; the final channel, and any other (commentary), the answer.
+bool template_uses_harmony(std::string_view template_text);
+
+struct HarmonySplit {
+    bool reasoned = false;          // an analysis message was opened
+    std::string reasoning, content;
+    size_t reasoning_certain = 0;   // prefixes that can no longer change while the text grows
+    size_t content_certain = 0;
+};
+
+HarmonySplit split_harmony(std::string_view text, bool final);
 
 } // namespace moesh

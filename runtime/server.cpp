@@ -105,13 +105,22 @@ Server::OutputView Server::view(const Active & a, size_t hold, bool final) const
     OutputView v;
     const std::string_view text = a.text;
     const size_t certain = text.size() > hold ? text.size() - hold : 0;
-    v.content = text;
+    if (a.harmony) {   // the channels are not contiguous in the text: the parts are rebuilt
+        HarmonySplit h = split_harmony(text, final);
+        v.reasoned = h.reasoned;
+        v.reasoning = std::move(h.reasoning);
+        v.content = std::move(h.content);
+        v.reasoning_safe = std::min(h.reasoning_certain, v.reasoning.size() > hold ? v.reasoning.size() - hold : 0);
+        v.content_safe = std::min(h.content_certain, v.content.size() > hold ? v.content.size() - hold : 0);
+        return v;
+    }
+    v.content = std::string(text);
     if (a.reasoning) {
         const ReasoningSplit s = split_reasoning(text, a.reasoning_open, final);
         v.reasoned = s.reasoned;
-        v.reasoning = text.substr(s.reasoning_begin, s.reasoning_end - s.reasoning_begin);
+        v.reasoning = std::string(text.substr(s.reasoning_begin, s.reasoning_end - s.reasoning_begin));
         v.reasoning_safe = certain > s.reasoning_begin ? std::min(v.reasoning.size(), certain - s.reasoning_begin) : 0;
-        v.content = text.substr(std::min(s.content_begin, text.size()));
+        v.content = std::string(text.substr(std::min(s.content_begin, text.size())));
     }
     const size_t content_from = text.size() - v.content.size();
     v.content_safe = certain > content_from ? certain - content_from : 0;
@@ -161,10 +170,10 @@ nlohmann::ordered_json Server::template_messages(const std::vector<protocol::Cha
 // up to the done frame's text (and their reasoning to its reasoning).
 void Server::send_pending(uint64_t handle, Active & a, const OutputView & v) {
     if (!a.pending) return;
-    const std::string piece = v.content_safe > a.sent ? std::string(v.content.substr(a.sent, v.content_safe - a.sent)) : std::string();
+    const std::string piece = v.content_safe > a.sent ? v.content.substr(a.sent, v.content_safe - a.sent) : std::string();
     a.sent = std::max(a.sent, v.content_safe);
     const std::string thought =
-        v.reasoning_safe > a.reasoning_sent ? std::string(v.reasoning.substr(a.reasoning_sent, v.reasoning_safe - a.reasoning_sent)) : std::string();
+        v.reasoning_safe > a.reasoning_sent ? v.reasoning.substr(a.reasoning_sent, v.reasoning_safe - a.reasoning_sent) : std::string();
     a.reasoning_sent = std::max(a.reasoning_sent, v.reasoning_safe);
     // entries are kept for every sampled token in order, and frames go out in the same order
     const protocol::Logprobs * lp =
@@ -231,17 +240,16 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     }
     OutputView v = view(a, 0, true);
     std::vector<ParsedCall> calls;
-    std::string content(v.content);
     if (a.tool_format != ToolCallFormat::None) {   // the calls are not text: the text is what came before them
-        ParsedOutput out = parse_tool_calls(a.tool_format, content);
+        ParsedOutput out = parse_tool_calls(a.tool_format, v.content);
         calls = std::move(out.calls);
-        content = std::move(out.content);
-        v.content = content;
-        v.content_safe = content.size();
+        v.content = std::move(out.content);
+        v.content_safe = v.content.size();
     }
     send_pending(handle, a, v);
     protocol::Done d;
-    if (v.reasoned) d.reasoning = std::string(v.reasoning);
+    if (v.reasoned) d.reasoning = v.reasoning;
+    std::string content = std::move(v.content);
     for (ParsedCall & c : calls) d.tool_calls.push_back({new_call_id(), std::move(c.name), std::move(c.arguments)});
     d.tokens = tokens;
     if (why == FinishReason::Eos && !d.tokens.empty()) d.tokens.pop_back();   // the end-of-sequence token itself
@@ -394,11 +402,13 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     act.prompt_text = std::move(prompt_text);
     act.grammar = std::move(grammar);
     act.tool_format = tool_format;
-    act.reasoning = act.chat && chat_->reasons();
+    act.harmony = act.chat && chat_->harmony();
+    act.reasoning = act.chat && !act.harmony && chat_->reasons();
     act.reasoning_open = act.reasoning && prompt_opens_reasoning(rendered);
     if (act.scoring) act.prompt_logprobs.push_back(logprobs_entry(prompt[0], nullptr));   // nothing before it scores it
     if (tok_) {
-        act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/act.chat);
+        // a chat's special tokens are not text, except harmony's channel markers, which are read
+        act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/act.chat && !act.harmony);
         // echo: the completion's text continues the prompt's (a tokenizer that strips the text's
         // first space must not strip the completion's)
         if (act.echo)

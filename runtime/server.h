@@ -122,6 +122,7 @@ private:
         ToolCallFormat tool_format = ToolCallFormat::None;   // the request gave tools: calls are read from the text
         bool reasoning = false;        // the chat template reasons: <think> blocks are split from the answer
         bool reasoning_open = false;   // ... and its prompt opened one
+        bool harmony = false;          // gpt-oss' channels: analysis is the reasoning, final the answer
         size_t reasoning_sent = 0;     // bytes of reasoning already in token frames (sent: of the answer)
     };
 
@@ -133,7 +134,7 @@ private:
     // much of each is certain enough to stream.
     struct OutputView {
         bool reasoned = false;
-        std::string_view reasoning, content;
+        std::string reasoning, content;
         size_t reasoning_safe = 0, content_safe = 0;
     };
     OutputView view(const Active & a, size_t hold, bool final) const;

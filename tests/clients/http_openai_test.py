@@ -619,6 +619,28 @@ def reasoning(moesh, chat_model, tmp):
               f"enable_thinking false: the template closes the block, no reasoning: {plain.choices[0].message}")
     finally:
         srv.stop()
+    # gpt-oss' channels (SmolLM2 writes the markers as plain text here; gpt-oss has them as special tokens)
+    path = pathlib.Path(tmp) / "gpt-oss.jinja"
+    path.write_text(next(t["template"] for t in doc["templates"] if t["name"] == "openai-gpt-oss-120b"))
+    srv = Server(moesh, chat_model, tmp, "harmony", extra=("--chat-template", str(path)))
+    try:
+        if not check(srv.port > 0, f"server with gpt-oss' template up: {srv.url!r}"):
+            return
+        c = srv.client()
+        channels = {"grammar": 'root ::= "<|channel|>analysis<|message|>" [a-z ]{3,30} '
+                               '"<|end|><|start|>assistant<|channel|>final<|message|>" [A-Za-z ,.]{3,30}'}
+        r = c.chat.completions.create(model="smol", messages=ask, max_tokens=120, temperature=0, extra_body=channels)
+        m = r.choices[0].message
+        thought = getattr(m, "reasoning_content", None)
+        check(isinstance(thought, str) and len(thought) >= 3 and "<|" not in thought and m.content and "<|" not in m.content,
+              f"harmony: the analysis channel is reasoning_content, the final channel the answer: {thought!r} / {m.content!r}")
+        chunks = list(c.chat.completions.create(model="smol", messages=ask, max_tokens=120, temperature=0, extra_body=channels, stream=True))
+        streamed_thought = "".join(getattr(x.choices[0].delta, "reasoning_content", None) or "" for x in chunks if x.choices)
+        streamed = "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
+        check(streamed_thought == thought and streamed == m.content,
+              f"harmony streamed: reasoning and answer add up: {streamed_thought!r} / {streamed!r}")
+    finally:
+        srv.stop()
 
 
 def structured(moesh, chat_model, c, tmp):

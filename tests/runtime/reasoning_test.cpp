@@ -65,6 +65,33 @@ TEST(Reasoning, WhatIsCertainWhileGeneratingNeverChanges) {
     }
 }
 
+// gpt-oss' channels (the markers come from its special tokens, decoded as text).
+TEST(Reasoning, HarmonyChannelsSplitIntoReasoningAndAnswer) {
+    const std::string reply = "<|channel|>analysis<|message|>User asks capital. Answer Paris.<|end|>"
+                              "<|start|>assistant<|channel|>final<|message|>The capital is Paris.";
+    HarmonySplit h = split_harmony(reply, true);
+    EXPECT_TRUE(h.reasoned);
+    EXPECT_EQ(h.reasoning, "User asks capital. Answer Paris.");
+    EXPECT_EQ(h.content, "The capital is Paris.");
+    h = split_harmony("<|channel|>final<|message|>Hi", true);   // low reasoning effort: no analysis
+    EXPECT_FALSE(h.reasoned);
+    EXPECT_EQ(h.content, "Hi");
+    h = split_harmony("Plain text, no channels", true);
+    EXPECT_EQ(h.content, "Plain text, no channels");
+    h = split_harmony("<|channel|>commentary to=functions.f <|constrain|>json<|message|>{\"x\": 1}", true);
+    EXPECT_EQ(h.content, "{\"x\": 1}");   // tool calls are not read from harmony: they stay the answer
+    // what is certain while the reply grows never changes
+    for (size_t n = 0; n <= reply.size(); ++n) {
+        const HarmonySplit part = split_harmony(std::string_view(reply).substr(0, n), false);
+        const HarmonySplit whole = split_harmony(reply, true);
+        EXPECT_EQ(whole.reasoning.compare(0, part.reasoning_certain, part.reasoning, 0, part.reasoning_certain), 0) << n;
+        EXPECT_EQ(whole.content.compare(0, part.content_certain, part.content, 0, part.content_certain), 0) << n;
+        EXPECT_EQ(part.reasoning.find("<|"), std::string::npos) << n << ": " << part.reasoning;
+    }
+    EXPECT_TRUE(ChatTemplate(test::fixture_template("openai-gpt-oss-120b"), "", "").harmony());
+    EXPECT_FALSE(ChatTemplate(test::fixture_template("Qwen-Qwen3-0.6B"), "", "").harmony());
+}
+
 std::string render(const std::string & name, const ojson & extra = ojson::object()) {
     const ChatTemplate c(test::fixture_template(name), "<s>", "</s>");
     EXPECT_TRUE(c.reasons()) << name;
