@@ -588,59 +588,49 @@ def tools(moesh, chat_model, tmp):
         srv.stop()
 
 
+def split_reply(c, ask, body, max_tokens, label, marker):
+    """One whole and one streamed answer under a grammar (body): reasoning_content and content
+    are both there, without the format's markers, and the streamed deltas add up to them."""
+    r = c.chat.completions.create(model="smol", messages=ask, max_tokens=max_tokens, temperature=0, extra_body=body)
+    m = r.choices[0].message
+    thought = getattr(m, "reasoning_content", None)
+    check(isinstance(thought, str) and len(thought) >= 3 and marker not in thought and thought == thought.strip()
+          and m.content and marker not in m.content and m.content == m.content.lstrip(),
+          f"{label}: the reasoning is reasoning_content, the rest the answer: {thought!r} / {m.content!r}")
+    chunks = list(c.chat.completions.create(model="smol", messages=ask, max_tokens=max_tokens, temperature=0, extra_body=body,
+                                            stream=True))
+    streamed_thought = "".join(getattr(x.choices[0].delta, "reasoning_content", None) or "" for x in chunks if x.choices)
+    streamed = "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
+    check(streamed_thought == thought and streamed == m.content,
+          f"{label} streamed: reasoning and answer add up: {streamed_thought!r} / {streamed!r}")
+
+
 def reasoning(moesh, chat_model, tmp):
-    """<think> blocks as reasoning_content: SmolLM2 with Qwen3's template, a grammar (llama-server's
-    field) making it write a block and then an answer; streamed deltas add up to the whole message."""
+    """Reasoning as reasoning_content: SmolLM2 with Qwen3's template (<think> blocks) and with
+    gpt-oss' (harmony channels; SmolLM2 writes the markers as plain text, gpt-oss has them as
+    special tokens), a grammar (llama-server's field) making it write reasoning and an answer."""
     doc = json.loads((pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates" / "jinja.json").read_text())
-    path = pathlib.Path(tmp) / "qwen3.jinja"
-    path.write_text(next(t["template"] for t in doc["templates"] if t["name"] == "Qwen-Qwen3-0.6B"))
-    srv = Server(moesh, chat_model, tmp, "reasoning", extra=("--chat-template", str(path)))
-    try:
-        if not check(srv.port > 0, f"server with Qwen3's template up: {srv.url!r}"):
-            return
-        c = srv.client()
-        ask = [{"role": "user", "content": "What is the capital of France?"}]
-        think = {"grammar": 'root ::= "<think>\\n" [a-z ]{3,40} "\\n</think>\\n\\n" [A-Za-z ,.]{3,40}'}
-        r = c.chat.completions.create(model="smol", messages=ask, max_tokens=100, temperature=0, extra_body=think)
-        m = r.choices[0].message
-        thought = getattr(m, "reasoning_content", None)
-        check(isinstance(thought, str) and len(thought) >= 3 and "<think>" not in thought and thought == thought.strip()
-              and m.content and "</think>" not in m.content and m.content == m.content.lstrip(),
-              f"the block is reasoning_content, the rest the answer: {thought!r} / {m.content!r}")
-        chunks = list(c.chat.completions.create(model="smol", messages=ask, max_tokens=100, temperature=0, extra_body=think, stream=True))
-        streamed_thought = "".join(getattr(x.choices[0].delta, "reasoning_content", None) or "" for x in chunks if x.choices)
-        streamed = "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
-        check(streamed_thought == thought and streamed == m.content,
-              f"streamed reasoning and answer add up: {streamed_thought!r} / {streamed!r}")
-        plain = c.chat.completions.create(model="smol", messages=ask, max_tokens=30, temperature=0,
-                                          extra_body={"chat_template_kwargs": {"enable_thinking": False},
-                                                      "grammar": "root ::= [A-Za-z ,.]{3,30}"})
-        check(getattr(plain.choices[0].message, "reasoning_content", None) is None and plain.choices[0].message.content,
-              f"enable_thinking false: the template closes the block, no reasoning: {plain.choices[0].message}")
-    finally:
-        srv.stop()
-    # gpt-oss' channels (SmolLM2 writes the markers as plain text here; gpt-oss has them as special tokens)
-    path = pathlib.Path(tmp) / "gpt-oss.jinja"
-    path.write_text(next(t["template"] for t in doc["templates"] if t["name"] == "openai-gpt-oss-120b"))
-    srv = Server(moesh, chat_model, tmp, "harmony", extra=("--chat-template", str(path)))
-    try:
-        if not check(srv.port > 0, f"server with gpt-oss' template up: {srv.url!r}"):
-            return
-        c = srv.client()
-        channels = {"grammar": 'root ::= "<|channel|>analysis<|message|>" [a-z ]{3,30} '
-                               '"<|end|><|start|>assistant<|channel|>final<|message|>" [A-Za-z ,.]{3,30}'}
-        r = c.chat.completions.create(model="smol", messages=ask, max_tokens=120, temperature=0, extra_body=channels)
-        m = r.choices[0].message
-        thought = getattr(m, "reasoning_content", None)
-        check(isinstance(thought, str) and len(thought) >= 3 and "<|" not in thought and m.content and "<|" not in m.content,
-              f"harmony: the analysis channel is reasoning_content, the final channel the answer: {thought!r} / {m.content!r}")
-        chunks = list(c.chat.completions.create(model="smol", messages=ask, max_tokens=120, temperature=0, extra_body=channels, stream=True))
-        streamed_thought = "".join(getattr(x.choices[0].delta, "reasoning_content", None) or "" for x in chunks if x.choices)
-        streamed = "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
-        check(streamed_thought == thought and streamed == m.content,
-              f"harmony streamed: reasoning and answer add up: {streamed_thought!r} / {streamed!r}")
-    finally:
-        srv.stop()
+    ask = [{"role": "user", "content": "What is the capital of France?"}]
+    for name, label, grammar, marker in [
+            ("Qwen-Qwen3-0.6B", "<think>", 'root ::= "<think>\\n" [a-z ]{3,40} "\\n</think>\\n\\n" [A-Za-z ,.]{3,40}', "think>"),
+            ("openai-gpt-oss-120b", "harmony", 'root ::= "<|channel|>analysis<|message|>" [a-z ]{3,30} '
+                                               '"<|end|><|start|>assistant<|channel|>final<|message|>" [A-Za-z ,.]{3,30}', "<|")]:
+        path = pathlib.Path(tmp) / f"{name}.jinja"
+        path.write_text(next(t["template"] for t in doc["templates"] if t["name"] == name))
+        srv = Server(moesh, chat_model, tmp, name, extra=("--chat-template", str(path)))
+        try:
+            if not check(srv.port > 0, f"server with {name}'s template up: {srv.url!r}"):
+                continue
+            c = srv.client()
+            split_reply(c, ask, {"grammar": grammar}, 120, label, marker)
+            if name.startswith("Qwen"):
+                plain = c.chat.completions.create(model="smol", messages=ask, max_tokens=30, temperature=0,
+                                                  extra_body={"chat_template_kwargs": {"enable_thinking": False},
+                                                              "grammar": "root ::= [A-Za-z ,.]{3,30}"})
+                check(getattr(plain.choices[0].message, "reasoning_content", None) is None and plain.choices[0].message.content,
+                      f"enable_thinking false: the template closes the block, no reasoning: {plain.choices[0].message}")
+        finally:
+            srv.stop()
 
 
 def structured(moesh, chat_model, c, tmp):
