@@ -14,8 +14,12 @@
 // operators and semantics (str() of lists and dicts, floor division and
 // modulo, code-point string indexing and slices); the filters, tests and
 // str/list/dict methods chat templates use. Not covered: include, extends,
-// import, call blocks, with, `%` string formatting, str.format; a template
-// using them gets an error that names the construct.
+// import, call blocks, with, `%` string formatting, str.format's format specs;
+// a template using them gets an error that names the construct. Differences
+// from jinja2 that do not raise: no Markup (`|safe` marks nothing, so
+// `Markup + str` does not escape), map/select/reject return lists rather than
+// generators (tojson and length work on them), and upper/lower/title/capitalize
+// change ASCII letters only.
 //
 // Templates come from model files, so they are untrusted: parsing bounds
 // nesting, rendering bounds steps, output size, macro recursion and range()
