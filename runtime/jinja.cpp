@@ -158,8 +158,9 @@ Value from_json(const ojson & j) {
     case ojson::value_t::object: {
         auto d = std::make_shared<DictObj>();
         for (const auto & [k, e] : j.items()) {
-            d->depth = std::max(d->depth, 1 + depth_of(from_json(e)));
-            d->items.emplace_back(k, from_json(e));
+            Value v = from_json(e);
+            d->depth = std::max(d->depth, 1 + depth_of(v));
+            d->items.emplace_back(k, std::move(v));
         }
         return d;
     }

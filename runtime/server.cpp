@@ -101,32 +101,32 @@ bool Server::send(const Origin & to, const std::string & frame) {
 // last `hold` bytes (a stop string may still end there), nor a tool call or what may still
 // become the start of one, nor a tail that may still become a <think> marker. Final: the whole
 // text is known.
-Server::OutputView Server::view(const Active & a, size_t hold, bool final) const {
-    OutputView v;
+void Server::view(const Active & a, size_t hold, bool final, OutputView & v) const {
     const std::string_view text = a.text;
     const size_t certain = text.size() > hold ? text.size() - hold : 0;
     if (a.harmony) {   // the channels are not contiguous in the text: the parts are rebuilt
         HarmonySplit h = split_harmony(text, final);
         v.reasoned = h.reasoned;
-        v.reasoning = std::move(h.reasoning);
-        v.content = std::move(h.content);
+        v.own_reasoning = std::move(h.reasoning);
+        v.own_content = std::move(h.content);
+        v.reasoning = v.own_reasoning;
+        v.content = v.own_content;
         v.reasoning_safe = std::min(h.reasoning_certain, v.reasoning.size() > hold ? v.reasoning.size() - hold : 0);
         v.content_safe = std::min(h.content_certain, v.content.size() > hold ? v.content.size() - hold : 0);
-        return v;
+        return;
     }
-    v.content = std::string(text);
+    v.content = text;
     if (a.reasoning) {
         const ReasoningSplit s = split_reasoning(text, a.reasoning_open, final);
         v.reasoned = s.reasoned;
-        v.reasoning = std::string(text.substr(s.reasoning_begin, s.reasoning_end - s.reasoning_begin));
+        v.reasoning = text.substr(s.reasoning_begin, s.reasoning_end - s.reasoning_begin);
         v.reasoning_safe = certain > s.reasoning_begin ? std::min(v.reasoning.size(), certain - s.reasoning_begin) : 0;
-        v.content = std::string(text.substr(std::min(s.content_begin, text.size())));
+        v.content = text.substr(std::min(s.content_begin, text.size()));
     }
     const size_t content_from = text.size() - v.content.size();
     v.content_safe = certain > content_from ? certain - content_from : 0;
     if (a.tool_format != ToolCallFormat::None && !final)
         v.content_safe = std::min(v.content_safe, tool_call_safe_prefix(a.tool_format, v.content));
-    return v;
 }
 
 // 9 letters and digits: what Mistral's templates require of the ids they are sent back.
@@ -170,10 +170,10 @@ nlohmann::ordered_json Server::template_messages(const std::vector<protocol::Cha
 // up to the done frame's text (and their reasoning to its reasoning).
 void Server::send_pending(uint64_t handle, Active & a, const OutputView & v) {
     if (!a.pending) return;
-    const std::string piece = v.content_safe > a.sent ? v.content.substr(a.sent, v.content_safe - a.sent) : std::string();
+    const std::string_view piece = v.content_safe > a.sent ? v.content.substr(a.sent, v.content_safe - a.sent) : std::string_view();
     a.sent = std::max(a.sent, v.content_safe);
-    const std::string thought =
-        v.reasoning_safe > a.reasoning_sent ? v.reasoning.substr(a.reasoning_sent, v.reasoning_safe - a.reasoning_sent) : std::string();
+    const std::string_view thought =
+        v.reasoning_safe > a.reasoning_sent ? v.reasoning.substr(a.reasoning_sent, v.reasoning_safe - a.reasoning_sent) : std::string_view();
     a.reasoning_sent = std::max(a.reasoning_sent, v.reasoning_safe);
     // entries are kept for every sampled token in order, and frames go out in the same order
     const protocol::Logprobs * lp =
@@ -218,10 +218,18 @@ bool Server::on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp) 
         (a.chat && std::find(chat_stop_.begin(), chat_stop_.end(), token) != chat_stop_.end()))
         return true;   // the scheduler ends the request (Eos); its text is not part of the completion
     const size_t hold = a.stop.empty() ? 0 : max_stop_bytes_ - 1;
-    send_pending(handle, a, view(a, hold, false));
+    if (a.pending) {   // the view is only worth building for a frame to send
+        OutputView v;
+        view(a, hold, false, v);
+        send_pending(handle, a, v);
+    }
     if (a.decoder && token >= 0 && token < tok_->n_vocab()) a.text += std::string(a.decoder->push(token));
     a.pending = token;
-    if (a.stop.empty() && a.index + 1 < a.max_tokens) send_pending(handle, a, view(a, 0, false));   // no reason to wait
+    if (a.stop.empty() && a.index + 1 < a.max_tokens) {   // no reason to wait
+        OutputView v;
+        view(a, 0, false, v);
+        send_pending(handle, a, v);
+    }
     for (const std::string & s : a.stop)   // only the tail can hold a new match
         if (a.text.find(s, a.text.size() > s.size() + 64 ? a.text.size() - s.size() - 64 : 0) != std::string::npos) return false;
     return true;
@@ -238,18 +246,20 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
             if (size_t p = a.text.find(s); p != std::string::npos) cut = std::min(cut, p);
         a.text.resize(cut);
     }
-    OutputView v = view(a, 0, true);
+    OutputView v;
+    view(a, 0, true, v);
     std::vector<ParsedCall> calls;
     if (a.tool_format != ToolCallFormat::None) {   // the calls are not text: the text is what came before them
         ParsedOutput out = parse_tool_calls(a.tool_format, v.content);
         calls = std::move(out.calls);
-        v.content = std::move(out.content);
+        v.own_content = std::move(out.content);
+        v.content = v.own_content;
         v.content_safe = v.content.size();
     }
     send_pending(handle, a, v);
     protocol::Done d;
-    if (v.reasoned) d.reasoning = v.reasoning;
-    std::string content = std::move(v.content);
+    if (v.reasoned) d.reasoning = std::string(v.reasoning);
+    std::string content(v.content);
     for (ParsedCall & c : calls) d.tool_calls.push_back({new_call_id(), std::move(c.name), std::move(c.arguments)});
     d.tokens = tokens;
     if (why == FinishReason::Eos && !d.tokens.empty()) d.tokens.pop_back();   // the end-of-sequence token itself

@@ -132,12 +132,18 @@ private:
     void take_local(bool draining);   // the port's waiting messages
     // The text as the client sees it: reasoning (when the template reasons) and answer, with how
     // much of each is certain enough to stream.
+    // Views into the request's text, or into the view's own buffers where the parts had to be
+    // rebuilt (harmony's channels, the text before tool calls): filled in place, never copied.
     struct OutputView {
+        OutputView() = default;
+        OutputView(const OutputView &) = delete;
+        OutputView & operator=(const OutputView &) = delete;
         bool reasoned = false;
-        std::string reasoning, content;
+        std::string_view reasoning, content;
         size_t reasoning_safe = 0, content_safe = 0;
+        std::string own_reasoning, own_content;
     };
-    OutputView view(const Active & a, size_t hold, bool final) const;
+    void view(const Active & a, size_t hold, bool final, OutputView & v) const;
     void send_pending(uint64_t handle, Active & a, const OutputView & v);   // the held token frame, the certain text
     bool on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp);
     protocol::TokenLogprob token_logprob(int32_t token, float logprob) const;
