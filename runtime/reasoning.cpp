@@ -78,41 +78,54 @@ HarmonySplit split_harmony(std::string_view text, bool final) {
     constexpr std::string_view k_start = "<|start|>", k_channel = "<|channel|>", k_message = "<|message|>";
     constexpr std::string_view k_ends[] = {"<|end|>", "<|return|>", "<|call|>"};
     HarmonySplit h;
-    // a tail that may still grow into `marker`: nothing after `from` is certain yet
-    auto may_become = [&](size_t from, std::string_view marker) {
+    // the text from `from` may still grow into one of `markers`: nothing after it is certain yet
+    auto may_become = [&](size_t from, std::initializer_list<std::string_view> markers) {
         const std::string_view rest = text.substr(from);
-        return !final && rest.size() < marker.size() && marker.substr(0, rest.size()) == rest;
+        for (std::string_view m : markers)
+            if (!final && rest.size() < m.size() && m.substr(0, rest.size()) == rest) return true;
+        return false;
     };
+    // The reply starts inside the header of its first message (the prompt ends "<|start|>assistant"):
+    // a channel, or a recipient (" to=functions.f<|channel|>..."). Anything else: no channels at all.
+    if (text.substr(0, k_channel.size()) != k_channel && text.substr(0, 4) != " to=" && text.substr(0, k_start.size()) != k_start) {
+        if (!may_become(0, {k_channel, k_start, " to="})) {
+            h.content = std::string(text);
+            h.content_certain = h.content.size();
+        }
+        return h;
+    }
     size_t pos = 0;
-    bool first = true;
     while (pos < text.size()) {
-        if (text.compare(pos, k_start.size(), k_start) == 0) {   // <|start|>assistant between messages
-            const size_t ch = text.find(k_channel, pos);
-            if (ch == std::string_view::npos) break;   // the role is still coming (or never a channel)
-            pos = ch;
+        if (pos > 0 && text.compare(pos, k_start.size(), k_start) != 0) break;   // between messages only <|start|> is expected
+        const size_t msg = text.find(k_message, pos);
+        if (msg == std::string_view::npos) break;   // the header is still coming
+        const std::string_view header = text.substr(pos, msg - pos);
+        std::string_view channel, recipient;
+        if (const size_t c = header.find(k_channel); c != std::string_view::npos) {
+            channel = header.substr(c + k_channel.size());
+            channel = channel.substr(0, std::min(channel.find(' '), channel.find("<|")));
         }
-        if (text.compare(pos, k_channel.size(), k_channel) != 0) {
-            if (may_become(pos, k_channel) || may_become(pos, k_start)) break;
-            if (first) {   // no channels at all: the whole reply is the answer
-                h.content = std::string(text);
-                h.content_certain = h.content.size();
-                return h;
-            }
-            break;
+        if (const size_t r = header.find("to="); r != std::string_view::npos) {
+            recipient = header.substr(r + 3);
+            recipient = recipient.substr(0, std::min({recipient.find(' '), recipient.find("<|"), recipient.size()}));
         }
-        const size_t msg = text.find(k_message, pos + k_channel.size());
-        if (msg == std::string_view::npos) break;   // the channel's name is still coming
-        const std::string_view channel = text.substr(pos + k_channel.size(), msg - pos - k_channel.size());
+        const size_t body = msg + k_message.size();
+        size_t end = std::string_view::npos, after = 0;
+        for (std::string_view e : k_ends)
+            if (const size_t p = text.find(e, body); p < end) end = p, after = p + e.size();
+        if (!recipient.empty()) {   // a call: kept out of the reasoning and the answer
+            const bool whole = end != std::string_view::npos || final;
+            h.calls.push_back({std::string(recipient), std::string(text.substr(body, end == std::string_view::npos ? std::string_view::npos : end - body)), whole});
+            if (end == std::string_view::npos) break;
+            pos = after;
+            continue;
+        }
         const bool analysis = channel.substr(0, 8) == "analysis";
         std::string & out = analysis ? h.reasoning : h.content;
         size_t & certain = analysis ? h.reasoning_certain : h.content_certain;
         if (analysis) h.reasoned = true;
         if (!out.empty()) out += "\n\n";   // a second message on the same side
         certain = out.size();
-        const size_t body = msg + k_message.size();
-        size_t end = std::string_view::npos, after = 0;
-        for (std::string_view e : k_ends)
-            if (const size_t p = text.find(e, body); p < end) end = p, after = p + e.size();
         if (end == std::string_view::npos) {   // the message is still being written
             size_t stop = text.size();
             if (!final)   // hold back what may become a marker
@@ -128,7 +141,6 @@ HarmonySplit split_harmony(std::string_view text, bool final) {
         out += text.substr(body, end - body);
         certain = out.size();
         pos = after;
-        first = false;
     }
     return h;
 }

@@ -20,6 +20,7 @@
 #include <cstddef>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace moesh {
 
@@ -40,7 +41,8 @@ ReasoningSplit split_reasoning(std::string_view text, bool starts_inside, bool f
 // gpt-oss' harmony format: the reply is messages on channels,
 //   <|channel|>analysis<|message|>...<|end|><|start|>assistant<|channel|>final<|message|>...<|return|>
 // (the markers are special tokens, so the text must be decoded with them). The analysis
-// channel is the reasoning; the final channel, and any other (commentary), the answer.
+// channel is the reasoning; the final channel, and any other (commentary), the answer. A message
+// addressed to a recipient (to=functions.get_weather) is a tool call, neither.
 bool template_uses_harmony(std::string_view template_text);
 
 struct HarmonySplit {
@@ -48,6 +50,12 @@ struct HarmonySplit {
     std::string reasoning, content;
     size_t reasoning_certain = 0;   // prefixes that can no longer change while the text grows
     size_t content_certain = 0;
+    struct Call {
+        std::string recipient;      // "functions.get_weather"
+        std::string body;
+        bool whole = false;         // its end was seen (or the text is final)
+    };
+    std::vector<Call> calls;
 };
 
 HarmonySplit split_harmony(std::string_view text, bool final);

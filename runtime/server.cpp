@@ -231,7 +231,8 @@ bool Server::on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp) 
         send_pending(handle, a, v);
     }
     for (const std::string & s : a.stop)   // only the tail can hold a new match
-        if (a.text.find(s, a.text.size() > s.size() + 64 ? a.text.size() - s.size() - 64 : 0) != std::string::npos) return false;
+        if (a.text.find(s, std::max(a.text_from, a.text.size() > s.size() + 64 ? a.text.size() - s.size() - 64 : 0)) != std::string::npos)
+            return false;
     return true;
 }
 
@@ -243,13 +244,22 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     if (why == FinishReason::Stop) {   // cut the text at the first stop string
         size_t cut = a.text.size();
         for (const std::string & s : a.stop)
-            if (size_t p = a.text.find(s); p != std::string::npos) cut = std::min(cut, p);
+            if (size_t p = a.text.find(s, a.text_from); p != std::string::npos) cut = std::min(cut, p);
         a.text.resize(cut);
     }
     OutputView v;
     view(a, 0, true, v);
     std::vector<ParsedCall> calls;
-    if (a.tool_format != ToolCallFormat::None) {   // the calls are not text: the text is what came before them
+    if (a.harmony) {   // calls are messages of their own; without tools offered, their words are the answer's
+        ParsedOutput out = parse_tool_calls(ToolCallFormat::Harmony, a.text);
+        if (a.tool_format == ToolCallFormat::None)
+            for (const ParsedCall & c : out.calls) out.content += (out.content.empty() ? "" : "\n\n") + c.arguments;
+        else
+            calls = std::move(out.calls);
+        v.own_content = std::move(out.content);
+        v.content = v.own_content;
+        v.content_safe = v.content.size();
+    } else if (a.tool_format != ToolCallFormat::None) {   // the calls are not text: the text is what came before them
         ParsedOutput out = parse_tool_calls(a.tool_format, v.content);
         calls = std::move(out.calls);
         v.own_content = std::move(out.content);
@@ -301,7 +311,8 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     GenRequest g;
     ToolCallFormat tool_format = ToolCallFormat::None;   // the request's calls are read from its text
     std::string rendered;                                 // the chat prompt, when messages
-    std::shared_ptr<const Grammar> forced;                // tool_choice required or named: the call's grammar
+    ForcedCall forced;                                    // tool_choice required or named: the call's opening and grammar
+    std::shared_ptr<const Grammar> forced_grammar;
     if (req.prompt_ids) {
         g.prompt = std::move(*req.prompt_ids);
     } else if (!tok_) {
@@ -323,30 +334,36 @@ void Server::generate(const Origin & from, protocol::Request && req) {
         if (offer_tools && !chat_->takes_tools()) return refuse("field 'tools': this model's chat template does not take tools");
         if (offer_tools && chat_->tool_call_format() == ToolCallFormat::None)
             return refuse("field 'tools': this model's chat template writes tool calls in a format moesh does not read (it "
-                          "reads <tool_call> JSON: Qwen2.5, Qwen3, QwQ, Hermes); tool_choice \"none\" offers no tools");
+                          "reads Hermes' <tool_call>, Llama 3's, Mistral's, DeepSeek's, Kimi K2's and gpt-oss' calls: "
+                          "docs/PROTOCOL.md); tool_choice \"none\" offers no tools");
+        if (offer_tools) tool_format = chat_->tool_call_format();
+        if (req.tool_choice == protocol::ToolChoice::Required || req.tool_choice == protocol::ToolChoice::Named) {
+            std::string why;
+            if (!force_tool_call(tool_format, *req.tools, req.tool_choice_name, &forced, &why) ||
+                (!forced.grammar.empty() && !(forced_grammar = compile_grammar(forced.grammar, &why))))
+                return refuse("field 'tool_choice': " + why);
+        }
         try {   // the template's own checks (roles that must alternate, ...) refuse the request, not the server
             nlohmann::ordered_json extra = req.chat_template_kwargs ? nlohmann::ordered_json::parse(*req.chat_template_kwargs)
                                                                     : nlohmann::ordered_json::object();
             if (offer_tools) extra["tools"] = nlohmann::ordered_json::parse(*req.tools);
             rendered = chat_->render(template_messages(*req.messages), /*add_generation_prompt=*/true, extra);
+            // a forced call's opening follows the prompt (closing a reasoning block the prompt opened)
+            if (!forced.prefill.empty() && !chat_->harmony() && chat_->reasons() && prompt_opens_reasoning(rendered))
+                rendered += "</think>\n\n";
+            rendered += forced.prefill;
             g.prompt = tok_->encode(rendered, /*add_special=*/false);
         } catch (const Error & e) {
             return refuse(e.what());
-        }
-        if (offer_tools) tool_format = chat_->tool_call_format();
-        if (req.tool_choice == protocol::ToolChoice::Required || req.tool_choice == protocol::ToolChoice::Named) {
-            std::string why;
-            const std::string text = forced_tool_call_grammar(tool_format, *req.tools, req.tool_choice_name, &why);
-            if (text.empty() || !(forced = compile_grammar(text, &why))) return refuse("field 'tool_choice': " + why);
         }
         g.stop_ids = chat_stop_;
     } else {
         g.prompt = tok_->encode(*req.prompt, /*add_special=*/true);
     }
     g.stop_ids.insert(g.stop_ids.end(), eos_.begin(), eos_.end());
-    if (req.grammar || req.json_schema || forced) {
+    if (req.grammar || req.json_schema || forced_grammar) {
         std::string why;
-        std::shared_ptr<const Grammar> grammar = forced ? forced : request_grammar(req, &why);
+        std::shared_ptr<const Grammar> grammar = forced_grammar ? forced_grammar : request_grammar(req, &why);
         if (!grammar) {
             ++stats_.bad_requests;
             send(from, error_frame(req.id, ErrorCode::BadRequest, why));
@@ -412,13 +429,19 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     act.prompt_text = std::move(prompt_text);
     act.grammar = std::move(grammar);
     act.tool_format = tool_format;
+    act.text = std::move(forced.prefill);   // the model's reply goes on from the call's opening
+    act.text_from = act.text.size();
     act.harmony = act.chat && chat_->harmony();
     act.reasoning = act.chat && !act.harmony && chat_->reasons();
     act.reasoning_open = act.reasoning && prompt_opens_reasoning(rendered);
     if (act.scoring) act.prompt_logprobs.push_back(logprobs_entry(prompt[0], nullptr));   // nothing before it scores it
     if (tok_) {
-        // a chat's special tokens are not text, except harmony's channel markers, which are read
-        act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/act.chat && !act.harmony);
+        // a chat's special tokens are not text, except harmony's channel markers and the markers
+        // of the tool calls it reads
+        std::vector<int32_t> keep;
+        for (std::string_view m : tool_call_markers(tool_format))
+            if (const int32_t id = tok_->token_id(m); id >= 0) keep.push_back(id);
+        act.decoder = std::make_unique<StreamDecoder>(*tok_, /*skip_special=*/act.chat && !act.harmony, std::move(keep));
         // echo: the completion's text continues the prompt's (a tokenizer that strips the text's
         // first space must not strip the completion's)
         if (act.echo)

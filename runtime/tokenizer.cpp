@@ -805,11 +805,14 @@ const std::string & Tokenizer::source() const {
 
 // ---- StreamDecoder ------------------------------------------------------------------
 
-StreamDecoder::StreamDecoder(const Tokenizer & tok, bool skip_special) : tok_(&tok), skip_special_(skip_special) {}
+StreamDecoder::StreamDecoder(const Tokenizer & tok, bool skip_special, std::vector<int32_t> keep)
+    : tok_(&tok), skip_special_(skip_special), keep_(std::move(keep)) {}
 
 std::string_view StreamDecoder::push(int32_t id) {
     out_.clear();
-    if (id < 0 || id >= tok_->n_vocab() || (skip_special_ && tok_->is_special(id))) return out_;
+    if (id < 0 || id >= tok_->n_vocab() ||
+        (skip_special_ && tok_->is_special(id) && std::find(keep_.begin(), keep_.end(), id) == keep_.end()))
+        return out_;
     pending_ += tok_->token_to_piece(id);
     size_t used = append_lossy(out_, pending_, true);
     pending_.erase(0, used);

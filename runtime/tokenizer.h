@@ -101,7 +101,8 @@ private:
 // Tokenizer::decode of the same ids. The Tokenizer must outlive the decoder.
 class StreamDecoder {
 public:
-    explicit StreamDecoder(const Tokenizer & tok, bool skip_special = false);
+    // skip_special: special tokens are not text, except those in keep.
+    explicit StreamDecoder(const Tokenizer & tok, bool skip_special = false, std::vector<int32_t> keep = {});
 
     // The text completed by this id; the view is valid until the next call.
     std::string_view push(int32_t id);
@@ -113,6 +114,7 @@ private:
 
     const Tokenizer * tok_;
     bool skip_special_;
+    std::vector<int32_t> keep_;
     std::string pending_;   // bytes not yet emitted: at most an incomplete character
     std::string out_;
     size_t n_stripped_ = 0; // leading characters the decoder's Strip has removed so far

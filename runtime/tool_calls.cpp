@@ -1,10 +1,13 @@
-// Hermes-format tool calls: splitting output, holding back a call's start
-// while streaming, and the grammar of a call that must be made.
+// Tool calls in the formats of runtime/tool_calls.h: splitting output, holding
+// back a call's start while streaming, and what forces a call.
 #include "runtime/tool_calls.h"
 
 #include "runtime/json_schema.h"
+#include "runtime/reasoning.h"
 
 #include <nlohmann/json.hpp>
+
+#include <optional>
 
 namespace moesh {
 
@@ -12,112 +15,494 @@ namespace {
 
 using ojson = nlohmann::ordered_json;
 
-constexpr std::string_view k_open = "<tool_call>", k_close = "</tool_call>";
+constexpr std::string_view k_hermes_open = "<tool_call>", k_hermes_close = "</tool_call>";
+constexpr std::string_view k_python_tag = "<|python_tag|>";
+constexpr std::string_view k_mistral_calls = "[TOOL_CALLS]", k_mistral_args = "[ARGS]", k_mistral_id = "[CALL_ID]";
+// DeepSeek's markers: fullwidth bars (U+FF5C) and lower one-eighth blocks (U+2581) for spaces
+constexpr std::string_view k_ds_calls_begin = "<\uff5ctool\u2581calls\u2581begin\uff5c>";
+constexpr std::string_view k_ds_calls_end = "<\uff5ctool\u2581calls\u2581end\uff5c>";
+constexpr std::string_view k_ds_call_begin = "<\uff5ctool\u2581call\u2581begin\uff5c>";
+constexpr std::string_view k_ds_call_end = "<\uff5ctool\u2581call\u2581end\uff5c>";
+constexpr std::string_view k_ds_sep = "<\uff5ctool\u2581sep\uff5c>";
+constexpr std::string_view k_ds_json_open = "\n```json\n", k_ds_json_close = "\n```";
+constexpr std::string_view k_kimi_begin = "<|tool_calls_section_begin|>", k_kimi_end = "<|tool_calls_section_end|>";
+constexpr std::string_view k_kimi_call_begin = "<|tool_call_begin|>", k_kimi_args = "<|tool_call_argument_begin|>";
+constexpr std::string_view k_kimi_call_end = "<|tool_call_end|>";
+
+bool space(char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; }
 
 std::string_view trim(std::string_view s) {
-    while (!s.empty() && (s.front() == ' ' || s.front() == '\n' || s.front() == '\t' || s.front() == '\r')) s.remove_prefix(1);
-    while (!s.empty() && (s.back() == ' ' || s.back() == '\n' || s.back() == '\t' || s.back() == '\r')) s.remove_suffix(1);
+    while (!s.empty() && space(s.front())) s.remove_prefix(1);
+    while (!s.empty() && space(s.back())) s.remove_suffix(1);
     return s;
+}
+
+bool contains(std::string_view t, std::string_view s) { return t.find(s) != std::string_view::npos; }
+
+// Where the JSON value starting at i (after whitespace) ends, or npos when it is not whole: a
+// scan of brackets and strings only; the value is then parsed for real.
+size_t json_end(std::string_view t, size_t i) {
+    while (i < t.size() && space(t[i])) ++i;
+    if (i >= t.size() || (t[i] != '{' && t[i] != '[')) return std::string_view::npos;
+    int depth = 0;
+    for (bool str = false; i < t.size(); ++i) {
+        const char c = t[i];
+        if (str) {
+            if (c == '\\') ++i;
+            else if (c == '"') str = false;
+        } else if (c == '"') {
+            str = true;
+        } else if (c == '{' || c == '[') {
+            if (++depth > 512) return std::string_view::npos;
+        } else if ((c == '}' || c == ']') && --depth == 0) {
+            return i + 1;
+        }
+    }
+    return std::string_view::npos;
+}
+
+// Arguments: a JSON object, as compact text in its own key order.
+std::optional<std::string> arguments_of(const ojson & v) {
+    if (!v.is_object()) return std::nullopt;
+    return v.dump(-1, ' ', false, ojson::error_handler_t::replace);
+}
+
+std::optional<std::string> arguments_text(std::string_view t) {
+    const ojson v = ojson::parse(t, nullptr, /*allow_exceptions=*/false);
+    return arguments_of(v);
+}
+
+bool good_name(std::string_view n) {
+    if (n.empty() || n.size() > 256) return false;
+    for (const char c : n)
+        if (space(c) || c == '<' || c == '[' || c == '{' || c == '"') return false;
+    return true;
+}
+
+// {"name": N, <args_key>: {...}} (Llama 3 writes "parameters", the others "arguments").
+std::optional<ParsedCall> call_object(const ojson & v, bool parameters_too) {
+    if (!v.is_object()) return std::nullopt;
+    const auto n = v.find("name");
+    if (n == v.end() || !n->is_string() || !good_name(n->get_ref<const std::string &>())) return std::nullopt;
+    auto a = v.find("arguments");
+    if (a == v.end() && parameters_too) a = v.find("parameters");
+    if (a == v.end()) return std::nullopt;
+    std::optional<std::string> args = arguments_of(*a);
+    if (!args && a->is_string()) args = arguments_text(a->get_ref<const std::string &>());   // arguments as JSON text
+    if (!args) return std::nullopt;
+    return ParsedCall{n->get<std::string>(), std::move(*args)};
+}
+
+// Reads the calls of `t`, which starts where they start. nullopt when they are not well formed.
+using Calls = std::optional<std::vector<ParsedCall>>;
+
+// A cursor over the call text: markers, names and JSON values in order.
+struct Reader {
+    std::string_view t;
+    size_t i = 0;
+    void skip_space() {
+        while (i < t.size() && space(t[i])) ++i;
+    }
+    bool eat(std::string_view s) {
+        if (t.compare(i, s.size(), s) != 0) return false;
+        i += s.size();
+        return true;
+    }
+    bool done() {
+        skip_space();
+        return i >= t.size();
+    }
+    // text up to the first of the markers (or the end), and the cursor at that marker
+    std::string_view until(std::initializer_list<std::string_view> markers) {
+        size_t end = t.size();
+        for (std::string_view m : markers) end = std::min(end, t.find(m, i));
+        const std::string_view s = t.substr(i, end - i);
+        i = end;
+        return s;
+    }
+    std::optional<std::string> args() {
+        const size_t e = json_end(t, i);
+        if (e == std::string_view::npos) return std::nullopt;
+        std::optional<std::string> a = arguments_text(t.substr(i, e - i));
+        i = e;
+        return a;
+    }
+    std::optional<ojson> value() {
+        const size_t e = json_end(t, i);
+        if (e == std::string_view::npos) return std::nullopt;
+        ojson v = ojson::parse(t.substr(i, e - i), nullptr, false);
+        i = e;
+        if (v.is_discarded()) return std::nullopt;
+        return v;
+    }
+};
+
+Calls hermes_calls(std::string_view t) {
+    std::vector<ParsedCall> calls;
+    Reader r{t};
+    while (r.eat(k_hermes_open)) {
+        const std::optional<ojson> v = r.value();
+        std::optional<ParsedCall> c = v ? call_object(*v, false) : std::nullopt;
+        if (!c) return std::nullopt;
+        calls.push_back(std::move(*c));
+        r.skip_space();
+        if (!r.eat(k_hermes_close)) return r.done() ? Calls(std::move(calls)) : std::nullopt;   // ended inside its last call
+        r.skip_space();
+    }
+    return r.done() ? Calls(std::move(calls)) : std::nullopt;
+}
+
+Calls llama3_calls(std::string_view t) {
+    std::vector<ParsedCall> calls;
+    Reader r{t};
+    r.skip_space();
+    r.eat(k_python_tag);
+    do {
+        const std::optional<ojson> v = r.value();
+        std::optional<ParsedCall> c = v ? call_object(*v, true) : std::nullopt;
+        if (!c) return std::nullopt;
+        calls.push_back(std::move(*c));
+        r.skip_space();
+    } while (r.eat(";") || (!r.done() && r.t[r.i] == '{'));   // several, as some fine-tunes write them
+    return r.done() ? Calls(std::move(calls)) : std::nullopt;
+}
+
+Calls mistral_calls(std::string_view t) {
+    std::vector<ParsedCall> calls;
+    Reader r{t};
+    while (r.eat(k_mistral_calls)) {
+        const std::optional<ojson> v = r.value();
+        if (!v) return std::nullopt;
+        const ojson list = v->is_array() ? *v : ojson::array({*v});
+        for (const ojson & o : list) {
+            std::optional<ParsedCall> c = call_object(o, false);
+            if (!c) return std::nullopt;
+            calls.push_back(std::move(*c));
+        }
+        r.skip_space();
+    }
+    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+}
+
+Calls mistral_args_calls(std::string_view t) {
+    std::vector<ParsedCall> calls;
+    Reader r{t};
+    while (r.eat(k_mistral_calls)) {
+        const std::string_view name = trim(r.until({k_mistral_args, k_mistral_id}));
+        if (r.eat(k_mistral_id)) r.until({k_mistral_args});
+        std::optional<std::string> args = r.eat(k_mistral_args) ? r.args() : std::nullopt;
+        if (!good_name(name) || !args) return std::nullopt;
+        calls.push_back({std::string(name), std::move(*args)});
+        r.skip_space();
+    }
+    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+}
+
+// DeepSeek V3.1 (r1 false) and R1 / V3 (r1 true); the model may end inside its last call.
+Calls deepseek_calls(std::string_view t, bool r1) {
+    std::vector<ParsedCall> calls;
+    Reader r{t};
+    r.eat(k_ds_calls_begin);
+    r.skip_space();
+    while (r.eat(k_ds_call_begin)) {
+        std::string_view name;
+        if (r1) {
+            r.until({k_ds_sep});   // the call's type, "function"
+            if (!r.eat(k_ds_sep)) return std::nullopt;
+            name = trim(r.until({k_ds_json_open}));
+            if (!r.eat(k_ds_json_open)) return std::nullopt;
+        } else {
+            name = trim(r.until({k_ds_sep}));
+            if (!r.eat(k_ds_sep)) return std::nullopt;
+        }
+        std::optional<std::string> args = r.args();
+        if (!good_name(name) || !args) return std::nullopt;
+        calls.push_back({std::string(name), std::move(*args)});
+        if (r1 && !r.eat(k_ds_json_close) && !r.done()) return std::nullopt;
+        r.skip_space();
+        if (!r.eat(k_ds_call_end)) break;
+        r.skip_space();
+    }
+    r.eat(k_ds_calls_end);
+    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+}
+
+Calls kimi_calls(std::string_view t) {
+    std::vector<ParsedCall> calls;
+    Reader r{t};
+    r.eat(k_kimi_begin);
+    r.skip_space();
+    while (r.eat(k_kimi_call_begin)) {
+        std::string_view id = trim(r.until({k_kimi_args}));   // functions.get_weather:0
+        if (!r.eat(k_kimi_args)) return std::nullopt;
+        if (id.substr(0, 10) == "functions.") id.remove_prefix(10);
+        if (const size_t colon = id.rfind(':'); colon != std::string_view::npos) id = id.substr(0, colon);
+        std::optional<std::string> args = r.args();
+        if (!good_name(id) || !args) return std::nullopt;
+        calls.push_back({std::string(id), std::move(*args)});
+        r.skip_space();
+        if (!r.eat(k_kimi_call_end)) break;
+        r.skip_space();
+    }
+    r.eat(k_kimi_end);
+    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+}
+
+// Where the calls start in `text` (npos: none), for every format but harmony.
+size_t calls_start(ToolCallFormat f, std::string_view text) {
+    switch (f) {
+    case ToolCallFormat::Hermes: return text.find(k_hermes_open);
+    case ToolCallFormat::Llama3: {   // the whole reply is the call
+        const std::string_view t = trim(text);
+        const bool call = !t.empty() && (t.front() == '{' || t.substr(0, k_python_tag.size()) == k_python_tag);
+        return call ? size_t(t.data() - text.data()) : std::string_view::npos;
+    }
+    case ToolCallFormat::Mistral:
+    case ToolCallFormat::MistralArgs: return text.find(k_mistral_calls);
+    case ToolCallFormat::DeepSeekV31:
+    case ToolCallFormat::DeepSeekR1: return std::min(text.find(k_ds_calls_begin), text.find(k_ds_call_begin));
+    case ToolCallFormat::KimiK2: return std::min(text.find(k_kimi_begin), text.find(k_kimi_call_begin));
+    case ToolCallFormat::None:
+    case ToolCallFormat::Harmony: break;
+    }
+    return std::string_view::npos;
+}
+
+Calls read_calls(ToolCallFormat f, std::string_view t) {
+    switch (f) {
+    case ToolCallFormat::Hermes: return hermes_calls(t);
+    case ToolCallFormat::Llama3: return llama3_calls(t);
+    case ToolCallFormat::Mistral: return mistral_calls(t);
+    case ToolCallFormat::MistralArgs: return mistral_args_calls(t);
+    case ToolCallFormat::DeepSeekV31: return deepseek_calls(t, false);
+    case ToolCallFormat::DeepSeekR1: return deepseek_calls(t, true);
+    case ToolCallFormat::KimiK2: return kimi_calls(t);
+    case ToolCallFormat::None:
+    case ToolCallFormat::Harmony: break;
+    }
+    return std::nullopt;
+}
+
+// ---- forced calls ----
+
+// A GBNF string literal.
+std::string literal(std::string_view s) {
+    std::string out = "\"";
+    for (const char c : s) {
+        if (c == '"' || c == '\\') out += '\\', out += c;
+        else if (c == '\n') out += "\\n";
+        else if (c == '\r') out += "\\r";
+        else if (c == '\t') out += "\\t";
+        else out += c;
+    }
+    return out + "\"";
+}
+
+// A schema's grammar with its top wrapped: root ::= before (top) after, the schema's other rules kept.
+std::string wrap(const std::string & g, std::string_view before, std::string_view after) {
+    constexpr std::string_view k_root = "root ::= ";
+    const size_t eol = g.find('\n');
+    const std::string top = g.substr(k_root.size(), eol - k_root.size());
+    std::string out = "root ::= ";
+    if (!before.empty()) out += literal(before) + " ";
+    out += "(" + top + ")";
+    if (!after.empty()) out += " " + literal(after);
+    return out + g.substr(eol);
+}
+
+// The schema converter's "... at /anyOf/K/properties/<key>/P: what" is tools[index[K]].function.parameters at /P.
+std::string tools_error(std::string why, const std::vector<size_t> & index, std::string_view key) {
+    if (const size_t p = why.find("/anyOf/"); p != std::string::npos) {
+        const size_t k = std::strtoul(why.c_str() + p + 7, nullptr, 10);
+        const std::string args = "/properties/" + std::string(key);
+        const size_t at = why.find(args, p);
+        if (k < index.size() && at != std::string::npos) {
+            const std::string rest = why.substr(at + args.size());
+            why = "tools[" + std::to_string(index[k]) + "].function.parameters" + (rest.rfind('/', 0) == 0 ? " at " + rest : rest);
+        }
+    }
+    return why;
 }
 
 } // namespace
 
 ToolCallFormat tool_call_format(std::string_view t) {
-    // Qwen3-Coder also opens calls with <tool_call>, but writes XML parameters inside
-    if (t.find(k_open) != std::string_view::npos && t.find("<function=") == std::string_view::npos) return ToolCallFormat::Hermes;
+    if (template_uses_harmony(t) && contains(t, "functions.")) return ToolCallFormat::Harmony;
+    if (contains(t, k_ds_call_begin)) return contains(t, "```json") ? ToolCallFormat::DeepSeekR1 : ToolCallFormat::DeepSeekV31;
+    if (contains(t, k_kimi_call_begin)) return ToolCallFormat::KimiK2;
+    if (contains(t, k_mistral_calls)) return contains(t, k_mistral_args) ? ToolCallFormat::MistralArgs : ToolCallFormat::Mistral;
+    // Qwen3-Coder and Nemotron write XML parameters inside <tool_call>, GLM <arg_key> pairs
+    if (contains(t, k_hermes_open) && !contains(t, "<function=") && !contains(t, "<arg_key>") &&
+        (contains(t, "\"arguments\": ") || contains(t, "\\\"arguments\\\": ")))
+        return ToolCallFormat::Hermes;
+    if (contains(t, "function name, \"parameters\"")) return ToolCallFormat::Llama3;
     return ToolCallFormat::None;
+}
+
+std::string_view tool_call_format_name(ToolCallFormat f) {
+    switch (f) {
+    case ToolCallFormat::None: return "none";
+    case ToolCallFormat::Hermes: return "hermes";
+    case ToolCallFormat::Llama3: return "llama3";
+    case ToolCallFormat::Mistral: return "mistral";
+    case ToolCallFormat::MistralArgs: return "mistral-args";
+    case ToolCallFormat::DeepSeekV31: return "deepseek-v3.1";
+    case ToolCallFormat::DeepSeekR1: return "deepseek-r1";
+    case ToolCallFormat::KimiK2: return "kimi-k2";
+    case ToolCallFormat::Harmony: return "harmony";
+    }
+    return "none";
+}
+
+std::vector<std::string_view> tool_call_markers(ToolCallFormat f) {
+    switch (f) {
+    case ToolCallFormat::Hermes: return {k_hermes_open, k_hermes_close};
+    case ToolCallFormat::Llama3: return {k_python_tag};
+    case ToolCallFormat::Mistral: return {k_mistral_calls};
+    case ToolCallFormat::MistralArgs: return {k_mistral_calls, k_mistral_args, k_mistral_id};
+    case ToolCallFormat::DeepSeekV31:
+    case ToolCallFormat::DeepSeekR1: return {k_ds_calls_begin, k_ds_calls_end, k_ds_call_begin, k_ds_call_end, k_ds_sep};
+    case ToolCallFormat::KimiK2: return {k_kimi_begin, k_kimi_end, k_kimi_call_begin, k_kimi_args, k_kimi_call_end};
+    case ToolCallFormat::Harmony: return {"<|channel|>", "<|message|>", "<|constrain|>", "<|start|>", "<|end|>", "<|call|>"};
+    case ToolCallFormat::None: break;
+    }
+    return {};
 }
 
 ParsedOutput parse_tool_calls(ToolCallFormat format, std::string_view text) {
     ParsedOutput out;
-    const size_t first = format == ToolCallFormat::Hermes ? text.find(k_open) : std::string_view::npos;
-    if (first == std::string_view::npos) {
-        out.content = std::string(text);
+    if (format == ToolCallFormat::Harmony) {
+        HarmonySplit h = split_harmony(text, true);
+        out.content = std::move(h.content);
+        for (HarmonySplit::Call & c : h.calls) {
+            const std::string_view to = c.recipient;
+            std::optional<std::string> args = arguments_text(trim(c.body));
+            if (to.substr(0, 10) == "functions." && good_name(to.substr(10)) && args) {
+                out.calls.push_back({std::string(to.substr(10)), std::move(*args)});
+            } else {   // not a call this reads: the model's words stay
+                out.content += (out.content.empty() ? "" : "\n\n") + c.body;
+            }
+        }
         return out;
     }
-    for (size_t at = first; at != std::string_view::npos;) {
-        const size_t body = at + k_open.size();
-        size_t end = text.find(k_close, body);
-        const std::string_view inner = trim(text.substr(body, end == std::string_view::npos ? std::string_view::npos : end - body));
-        const ojson call = ojson::parse(inner, nullptr, /*allow_exceptions=*/false);
-        const bool ok = call.is_object() && call.contains("name") && call["name"].is_string() && !call["name"].get_ref<const std::string &>().empty() &&
-                        call.contains("arguments") && call["arguments"].is_object();
-        if (!ok) {
-            out.calls.clear();
-            out.content = std::string(text);
+    const size_t first = calls_start(format, text);
+    if (first != std::string_view::npos)
+        if (Calls calls = read_calls(format, text.substr(first))) {
+            out.calls = std::move(*calls);
+            out.content = std::string(text.substr(0, first));
             return out;
         }
-        out.calls.push_back({call["name"].get<std::string>(), call["arguments"].dump(-1, ' ', false, ojson::error_handler_t::replace)});
-        if (end == std::string_view::npos) break;   // the model ended inside its last call: what it wrote is whole
-        at = text.find(k_open, end + k_close.size());
-        if (at == std::string_view::npos && !trim(text.substr(end + k_close.size())).empty()) {
-            out.calls.clear();   // text after the calls: not a call-only tail, keep it all as content
-            out.content = std::string(text);
-            return out;
-        }
-    }
-    out.content = std::string(text.substr(0, first));
+    out.content = std::string(text);
     return out;
 }
 
 size_t tool_call_safe_prefix(ToolCallFormat format, std::string_view text) {
-    if (format != ToolCallFormat::Hermes) return text.size();
-    if (const size_t p = text.find(k_open); p != std::string_view::npos) return p;
-    for (size_t n = std::min(text.size(), k_open.size() - 1); n > 0; --n)   // a tail that may still grow into the marker
-        if (text.substr(text.size() - n) == k_open.substr(0, n)) return text.size() - n;
-    return text.size();
+    if (format == ToolCallFormat::None || format == ToolCallFormat::Harmony) return text.size();
+    if (format == ToolCallFormat::Llama3) {   // a reply that is, or may still become, a call is held back whole
+        const std::string_view t = trim(text);
+        if (t.empty() || t.front() == '{') return 0;
+        const size_t n = std::min(t.size(), k_python_tag.size());
+        return t.substr(0, n) == k_python_tag.substr(0, n) ? 0 : text.size();
+    }
+    if (const size_t p = calls_start(format, text); p != std::string_view::npos) return p;
+    size_t safe = text.size();
+    for (std::string_view m : tool_call_markers(format))   // a tail that may still grow into an opening marker
+        for (size_t n = std::min(text.size(), m.size() - 1); n > 0; --n)
+            if (text.substr(text.size() - n) == m.substr(0, n)) {
+                safe = std::min(safe, text.size() - n);
+                break;
+            }
+    return safe;
 }
 
-std::string forced_tool_call_grammar(ToolCallFormat format, std::string_view tools_json, const std::string & only,
-                                     std::string * error) {
-    if (format != ToolCallFormat::Hermes) {
+bool force_tool_call(ToolCallFormat format, std::string_view tools_json, const std::string & only, ForcedCall * out,
+                     std::string * error) {
+    *out = {};
+    if (format == ToolCallFormat::None) {
         *error = "this model's chat template writes tool calls in a format moesh does not read";
-        return {};
+        return false;
     }
     const ojson tools = ojson::parse(tools_json, nullptr, false);
     if (!tools.is_array()) {
         *error = "tools: not a JSON array";
-        return {};
+        return false;
     }
-    ojson any = ojson::array();
-    std::vector<size_t> index;   // anyOf position -> tools index
-    for (size_t i = 0; i < tools.size(); ++i) {
-        const ojson & fn = tools[i].at("function");
-        const std::string name = fn.at("name").get<std::string>();
-        if (!only.empty() && name != only) continue;
-        ojson call = ojson::object();
-        call["type"] = "object";
-        call["properties"] = ojson::object();
-        call["properties"]["name"] = {{"const", name}};
-        call["properties"]["arguments"] = fn.contains("parameters") ? fn["parameters"] : ojson{{"type", "object"}};
-        call["required"] = {"name", "arguments"};
-        any.push_back(std::move(call));
-        index.push_back(i);
-    }
-    if (any.empty()) {
+    std::vector<size_t> index;   // the candidates, as tools indices
+    for (size_t i = 0; i < tools.size(); ++i)
+        if (only.empty() || tools[i].at("function").at("name") == only) index.push_back(i);
+    if (index.empty()) {
         *error = "tool_choice: no such tool '" + only + "'";
-        return {};
+        return false;
     }
-    std::string why;
-    std::string g = json_schema_to_grammar(ojson{{"anyOf", any}}.dump(), &why);
-    if (g.empty()) {
-        // "... at /anyOf/K/properties/arguments/P: what" is tools[index[K]].function.parameters at /P
-        const std::string_view args = "/properties/arguments";
-        if (const size_t p = why.find("/anyOf/"); p != std::string::npos) {
-            const size_t k = std::strtoul(why.c_str() + p + 7, nullptr, 10);
-            const size_t at = why.find(args, p);
-            if (k < index.size() && at != std::string::npos) {
-                const std::string rest = why.substr(at + args.size());
-                why = "tools[" + std::to_string(index[k]) + "].function.parameters" + (rest.rfind('/', 0) == 0 ? " at " + rest : rest);
-            }
+    auto params = [&](size_t i) -> ojson {
+        const ojson & fn = tools[i].at("function");
+        return fn.contains("parameters") ? fn["parameters"] : ojson{{"type", "object"}};
+    };
+    // Formats whose call is plain JSON text: one grammar for every candidate, name included.
+    if (format == ToolCallFormat::Hermes || format == ToolCallFormat::Llama3 || format == ToolCallFormat::Mistral) {
+        const char * key = format == ToolCallFormat::Llama3 ? "parameters" : "arguments";
+        ojson any = ojson::array();
+        for (const size_t i : index) {
+            ojson call = ojson::object();
+            call["type"] = "object";
+            call["properties"] = ojson::object();
+            call["properties"]["name"] = {{"const", tools[i]["function"]["name"]}};
+            call["properties"][key] = params(i);
+            call["required"] = {"name", key};
+            any.push_back(std::move(call));
         }
-        *error = why;
-        return {};
+        std::string why;
+        const std::string g = json_schema_to_grammar(ojson{{"anyOf", any}}.dump(), &why);
+        if (g.empty()) {
+            *error = tools_error(why, index, key);
+            return false;
+        }
+        if (format == ToolCallFormat::Hermes) {
+            out->grammar = wrap(g, "<tool_call>\n", "\n</tool_call>");
+        } else if (format == ToolCallFormat::Llama3) {
+            out->grammar = g;
+        } else {
+            out->prefill = std::string(k_mistral_calls);
+            out->grammar = wrap(g, "[", "]");
+        }
+        return true;
     }
-    // the schema's grammar starts with "root ::= <its top>"; the call wraps that top
-    const size_t eol = g.find('\n');
-    const std::string top = g.substr(std::string("root ::= ").size(), eol - std::string("root ::= ").size());
-    return "root ::= \"<tool_call>\\n\" (" + top + ") \"\\n</tool_call>\"" + g.substr(eol);
+    // The others put the name between markers: with one candidate it is written for the model
+    // and a grammar holds the arguments; with several the model writes the rest freely.
+    const bool known = index.size() == 1;
+    const std::string name = tools[index[0]]["function"]["name"].get<std::string>();
+    std::string after;   // what the arguments' grammar ends with
+    switch (format) {
+    case ToolCallFormat::MistralArgs:
+        out->prefill = std::string(k_mistral_calls) + (known ? name + std::string(k_mistral_args) : "");
+        break;
+    case ToolCallFormat::DeepSeekV31:
+        out->prefill = std::string(k_ds_calls_begin) + std::string(k_ds_call_begin) + (known ? name + std::string(k_ds_sep) : "");
+        break;
+    case ToolCallFormat::DeepSeekR1:
+        out->prefill = std::string(k_ds_calls_begin) + std::string(k_ds_call_begin) + "function" + std::string(k_ds_sep) +
+                       (known ? name + std::string(k_ds_json_open) : "");
+        after = k_ds_json_close;
+        break;
+    case ToolCallFormat::KimiK2:
+        out->prefill = std::string(k_kimi_begin) + std::string(k_kimi_call_begin) + "functions." +
+                       (known ? name + ":0" + std::string(k_kimi_args) : "");
+        break;
+    case ToolCallFormat::Harmony:
+        out->prefill = "<|channel|>commentary to=functions." + (known ? name + " <|constrain|>json<|message|>" : "");
+        break;
+    default: break;
+    }
+    if (!known) return true;
+    std::string why;
+    const std::string g = json_schema_to_grammar(params(index[0]).dump(), &why);
+    if (g.empty()) {
+        const std::string at = why.find(" at /") != std::string::npos ? why.substr(why.find(" at /")) : ": " + why;
+        *error = "tools[" + std::to_string(index[0]) + "].function.parameters" + at;
+        return false;
+    }
+    out->grammar = wrap(g, "", after);
+    return true;
 }
 
 } // namespace moesh

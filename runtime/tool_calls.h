@@ -1,12 +1,22 @@
 // Function calls in a model's output, in the format its chat template shows
-// the model (OpenAI's tools). One format is read today, Hermes': each call is
-//   <tool_call>
-//   {"name": "get_weather", "arguments": {"city": "Paris"}}
-//   </tool_call>
-// as the templates of Qwen2.5, Qwen3 and Qwen3-MoE, QwQ and Hermes 2/3 write
-// it. Others (Llama 3.1's JSON, Mistral's [TOOL_CALLS], DeepSeek's, gpt-oss',
-// Qwen3-Coder's XML, SmolLM3's xml_tools) are not read: a request with tools
-// for such a template is refused, never answered with calls left in the text.
+// the model (OpenAI's tools). Formats read (the template tells which):
+//   hermes         <tool_call>\n{"name": N, "arguments": {...}}\n</tool_call>   Qwen2.5, Qwen3, Qwen3-MoE,
+//                  QwQ, Hermes 2/3, Granite 4
+//   llama3         {"name": N, "parameters": {...}} as the whole reply (<|python_tag|> may precede it)
+//                  Llama 3.1, 3.2, 3.3
+//   mistral        [TOOL_CALLS][{"name": N, "arguments": {...}, "id": I}, ...]   Mistral Nemo, Mixtral 8x22B
+//   mistral-args   [TOOL_CALLS]N[CALL_ID]I[ARGS]{...}, once per call ([CALL_ID] optional)
+//                  Mistral Small 3.2, Devstral, Ministral 3, Magistral
+//   deepseek-v3.1  <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>N<｜tool▁sep｜>{...}<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
+//   deepseek-r1    the same with function<｜tool▁sep｜>N\n```json\n{...}\n``` in each call   DeepSeek-R1, V3-0324
+//   kimi-k2        <|tool_calls_section_begin|><|tool_call_begin|>functions.N:0<|tool_call_argument_begin|>{...}
+//                  <|tool_call_end|>...<|tool_calls_section_end|>
+//   harmony        gpt-oss: a message addressed to functions.N (<|channel|>commentary to=functions.N
+//                  <|constrain|>json<|message|>{...}<|call|>, or " to=functions.N" before its channel)
+// Other templates (Qwen3-Coder's, GLM's and MiniMax's XML parameters, DeepSeek V3.2's DSML,
+// SmolLM3's xml_tools, ...) are not read: a request with tools for such a template is refused,
+// never answered with calls left in the text. Many markers are special tokens: the text must be
+// decoded with the ones tool_call_markers() names.
 //
 //   const ToolCallFormat f = tool_call_format(template_text);
 //   ParsedOutput out = parse_tool_calls(f, generated_text);   // out.calls, out.content
@@ -20,10 +30,14 @@
 
 namespace moesh {
 
-enum class ToolCallFormat { None, Hermes };
+enum class ToolCallFormat { None, Hermes, Llama3, Mistral, MistralArgs, DeepSeekV31, DeepSeekR1, KimiK2, Harmony };
 
 // From a chat template's Jinja text.
 ToolCallFormat tool_call_format(std::string_view template_text);
+// "hermes", "llama3", ... as listed above; "none".
+std::string_view tool_call_format_name(ToolCallFormat format);
+// The marker strings of the format's calls that a tokenizer may hold as special tokens.
+std::vector<std::string_view> tool_call_markers(ToolCallFormat format);
 
 struct ParsedCall {
     std::string name;
@@ -36,20 +50,32 @@ struct ParsedOutput {
 };
 
 // Splits generated text into content and calls. A call that is not well formed
-// (not JSON, no name, arguments not an object) makes the whole text content,
-// with no calls, rather than half an answer.
+// (not JSON, no name, arguments not an object, text after the calls) makes the
+// whole text content, with no calls, rather than half an answer. Harmony: the
+// text is the raw reply, with its markers; content is what split_harmony
+// gives (runtime/reasoning.h), and a malformed call's body is added to it.
 ParsedOutput parse_tool_calls(ToolCallFormat format, std::string_view text);
 
 // How much of a growing text can be streamed as content: up to the first call,
-// and never a tail that may still become the start of one.
+// and never a tail that may still become the start of one. (Harmony's calls are
+// messages of their own, which split_harmony keeps out of its content.)
 size_t tool_call_safe_prefix(ToolCallFormat format, std::string_view text);
 
-// A GBNF grammar whose every match is one call, in the format, of a function
-// of `tools_json` (a request's tools: a JSON array of {"type": "function",
-// "function": {"name", "parameters"?}}) or only of the one named `only`, with
-// arguments that are an instance of its parameters schema. "" and *error
-// (naming tools[i]) when a schema cannot be made a grammar.
-std::string forced_tool_call_grammar(ToolCallFormat format, std::string_view tools_json, const std::string & only,
-                                     std::string * error);
+// A call the model must make (tool_choice "required" or a named tool): text
+// written for it after the generation prompt (the call's opening markers, and
+// the name where the tool is known), then a GBNF grammar for what it writes
+// after that ("" = unconstrained: the name stands between special tokens,
+// which no grammar can hold, and several tools could be called).
+struct ForcedCall {
+    std::string prefill;
+    std::string grammar;
+};
+
+// From `tools_json` (a request's tools: a JSON array of {"type": "function",
+// "function": {"name", "parameters"?}}), only the one named `only` when not
+// empty. False and *error (naming tools[i]) when a schema cannot be made a
+// grammar or `only` is not a tool.
+bool force_tool_call(ToolCallFormat format, std::string_view tools_json, const std::string & only, ForcedCall * out,
+                     std::string * error);
 
 } // namespace moesh

@@ -79,7 +79,10 @@ TEST(Reasoning, HarmonyChannelsSplitIntoReasoningAndAnswer) {
     h = split_harmony("Plain text, no channels", true);
     EXPECT_EQ(h.content, "Plain text, no channels");
     h = split_harmony("<|channel|>commentary to=functions.f <|constrain|>json<|message|>{\"x\": 1}", true);
-    EXPECT_EQ(h.content, "{\"x\": 1}");   // tool calls are not read from harmony: they stay the answer
+    EXPECT_EQ(h.content, "");   // a call: a message of its own (runtime/tool_calls.h reads it)
+    ASSERT_EQ(h.calls.size(), 1u);
+    EXPECT_EQ(h.calls[0].recipient, "functions.f");
+    EXPECT_EQ(h.calls[0].body, "{\"x\": 1}");
     // what is certain while the reply grows never changes
     for (size_t n = 0; n <= reply.size(); ++n) {
         const HarmonySplit part = split_harmony(std::string_view(reply).substr(0, n), false);

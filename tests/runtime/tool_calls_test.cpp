@@ -1,31 +1,94 @@
-// Tool calls in the Hermes format: split from the text, held back while
-// streaming, forced by a grammar, and the same format the real Qwen2.5
-// template writes an assistant's calls in (tests/fixtures/chat_templates/jinja.json).
+// Tool calls: split from the text, held back while streaming, forced, in every format read;
+// against what the real templates write for an assistant's calls
+// (tests/fixtures/chat_templates/tool_calls.json, scripts/make_tool_call_fixtures.py).
 #include "runtime/tool_calls.h"
 
-#include "runtime/chat_template.h"
 #include "runtime/grammar.h"
+#include "runtime/reasoning.h"
 #include "jinja_fixture.h"
 
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <fstream>
 
 namespace moesh {
 namespace {
 
 using ojson = nlohmann::ordered_json;
 
-std::string template_text(const std::string & name) { return test::fixture_template(name); }
+const ojson & calls_fixture() {
+    static const ojson doc = [] {
+        std::ifstream in(std::string(MOESH_SOURCE_DIR) + "/tests/fixtures/chat_templates/tool_calls.json");
+        return ojson::parse(in);
+    }();
+    return doc;
+}
+
+constexpr ToolCallFormat k_formats[] = {ToolCallFormat::Hermes,      ToolCallFormat::Llama3,     ToolCallFormat::Mistral,
+                                        ToolCallFormat::MistralArgs, ToolCallFormat::DeepSeekV31, ToolCallFormat::DeepSeekR1,
+                                        ToolCallFormat::KimiK2,      ToolCallFormat::Harmony};
+
+ToolCallFormat format_named(const std::string & name) {
+    for (ToolCallFormat f : k_formats)
+        if (tool_call_format_name(f) == name) return f;
+    ADD_FAILURE() << "no format " << name;
+    return ToolCallFormat::None;
+}
+
+// The part of a fixture text the calls are read from: after a <think> block the template writes.
+std::string_view answer_part(const std::string & tmpl, ToolCallFormat f, std::string_view text) {
+    if (f == ToolCallFormat::Harmony || !template_reasons(tmpl)) return text;
+    return text.substr(std::min(text.size(), split_reasoning(text, false, true).content_begin));
+}
+
+std::string_view rtrim(std::string_view s) {
+    while (!s.empty() && (s.back() == ' ' || s.back() == '\n')) s.remove_suffix(1);
+    return s;
+}
 
 TEST(ToolCalls, FormatIsKnownFromTheTemplate) {
-    EXPECT_EQ(tool_call_format(template_text("Qwen-Qwen2.5-7B-Instruct")), ToolCallFormat::Hermes);
-    EXPECT_EQ(tool_call_format(template_text("Qwen-Qwen3-0.6B")), ToolCallFormat::Hermes);
-    EXPECT_EQ(tool_call_format(template_text("NousResearch-Hermes-3-Llama-3.1-8B-tool_use")), ToolCallFormat::Hermes);
-    EXPECT_EQ(tool_call_format(template_text("HuggingFaceTB-SmolLM3-3B")), ToolCallFormat::None);   // xml_tools, its own
-    EXPECT_EQ(tool_call_format(template_text("Qwen3-Coder")), ToolCallFormat::None);   // XML parameters
-    EXPECT_EQ(tool_call_format(template_text("meta-llama-Llama-3.1-8B-Instruct")), ToolCallFormat::None);
-    EXPECT_EQ(tool_call_format(template_text("openai-gpt-oss-120b")), ToolCallFormat::None);
+    for (const auto & t : calls_fixture()["templates"])
+        EXPECT_EQ(tool_call_format_name(tool_call_format(t["template"].get<std::string>())), t["format"].get<std::string>()) << t["name"];
+    // templates whose calls are not read: XML parameters, their own formats, no tools
+    for (const char * name : {"HuggingFaceTB-SmolLM3-3B", "Qwen3-Coder", "GLM-4.6", "MiniMax-M2", "NVIDIA-Nemotron-3-Nano-30B-A3B-BF16",
+                              "google-gemma-2-2b-it", "microsoft-Phi-3.5-mini-instruct"})
+        EXPECT_EQ(tool_call_format(test::fixture_template(name)), ToolCallFormat::None) << name;
+}
+
+// What each real template writes for an assistant's calls reads back as the same calls, and
+// streaming it never shows part of a call as content.
+TEST(ToolCalls, WhatRealTemplatesWriteReadsBack) {
+    int n = 0;
+    for (const auto & t : calls_fixture()["templates"]) {
+        const std::string tmpl = t["template"];
+        const ToolCallFormat f = format_named(t["format"]);
+        for (const auto & c : t["cases"]) {
+            const std::string text = c["text"];
+            const std::string_view answer = answer_part(tmpl, f, text);
+            const ParsedOutput out = parse_tool_calls(f, answer);
+            SCOPED_TRACE(t["name"].get<std::string>() + ": " + text);
+            EXPECT_EQ(rtrim(out.content), c["content"].get<std::string>());
+            ASSERT_EQ(out.calls.size(), c["calls"].size());
+            for (size_t i = 0; i < out.calls.size(); ++i) {
+                EXPECT_EQ(out.calls[i].name, c["calls"][i]["name"]);
+                EXPECT_EQ(ojson::parse(out.calls[i].arguments).dump(), c["calls"][i]["arguments"].dump());
+            }
+            if (f == ToolCallFormat::Harmony) {   // calls are messages of their own, never content
+                for (size_t k = 0; k <= answer.size(); ++k)
+                    ASSERT_EQ(split_harmony(answer.substr(0, k), false).content_certain, 0u) << "at " << k;
+            } else {
+                for (size_t k = 0; k <= answer.size(); ++k) {
+                    const std::string_view part = answer.substr(0, k);
+                    const size_t safe = tool_call_safe_prefix(f, part);
+                    ASSERT_LE(safe, out.content.size()) << "at " << k;
+                    ASSERT_EQ(out.content.compare(0, safe, part.substr(0, safe)), 0) << "at " << k;
+                }
+            }
+            ++n;
+        }
+    }
+    EXPECT_GE(n, 30);
 }
 
 TEST(ToolCalls, SplitsContentAndCalls) {
@@ -42,17 +105,6 @@ TEST(ToolCalls, SplitsContentAndCalls) {
     EXPECT_EQ(parse_tool_calls(ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": {}}").calls.size(), 1u);
 }
 
-TEST(ToolCalls, MalformedCallsStayText) {
-    for (const char * text : {"<tool_call>{\"name\": \"f\", \"arguments\": {\"x\": </tool_call>",   // not JSON
-                              "<tool_call>{\"arguments\": {}}</tool_call>",                          // no name
-                              "<tool_call>{\"name\": \"f\", \"arguments\": \"x\"}</tool_call>",      // arguments not an object
-                              "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call> and then more words"}) {
-        const auto out = parse_tool_calls(ToolCallFormat::Hermes, text);
-        EXPECT_TRUE(out.calls.empty()) << text;
-        EXPECT_EQ(out.content, text);
-    }
-    EXPECT_TRUE(parse_tool_calls(ToolCallFormat::None, "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>").calls.empty());
-}
 
 TEST(ToolCalls, StreamingHoldsBackWhatMayBecomeACall) {
     EXPECT_EQ(tool_call_safe_prefix(ToolCallFormat::Hermes, "Hello"), 5u);
@@ -63,22 +115,45 @@ TEST(ToolCalls, StreamingHoldsBackWhatMayBecomeACall) {
     EXPECT_EQ(tool_call_safe_prefix(ToolCallFormat::None, "Hello <tool"), 11u);
 }
 
-// The calls the real template writes into a prompt read back as the same calls.
-TEST(ToolCalls, WhatQwensTemplateWritesReadsBack) {
-    const ChatTemplate t(template_text("Qwen-Qwen2.5-7B-Instruct"), "", "<|im_end|>");
-    const ojson messages = ojson::parse(R"([{"role": "user", "content": "Weather?"},
-        {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}},
-            {"id": "b", "type": "function", "function": {"name": "now", "arguments": {}}}]}])");
-    const std::string prompt = t.render(messages, false);
-    const size_t from = prompt.find("<|im_start|>assistant\n") + std::string("<|im_start|>assistant\n").size();
-    const std::string turn = prompt.substr(from, prompt.rfind("<|im_end|>") - from);
-    const auto out = parse_tool_calls(ToolCallFormat::Hermes, turn);
-    ASSERT_EQ(out.calls.size(), 2u) << turn;
+TEST(ToolCalls, MalformedCallsStayText) {
+    const std::pair<ToolCallFormat, const char *> cases[] = {
+        {ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": {\"x\": </tool_call>"},   // not JSON
+        {ToolCallFormat::Hermes, "<tool_call>{\"arguments\": {}}</tool_call>"},                          // no name
+        {ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": \"x\"}</tool_call>"},      // arguments not an object
+        {ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call> and then more words"},
+        {ToolCallFormat::Llama3, "{\"name\": \"f\"}"},                                    // no parameters
+        {ToolCallFormat::Llama3, "{\"name\": \"f\", \"parameters\": {}} is what I would call"},
+        {ToolCallFormat::Llama3, "{\"answer\": 42}"},                                     // JSON, not a call
+        {ToolCallFormat::Mistral, "[TOOL_CALLS]{\"name\": \"f\", \"arguments\": [1]}"},
+        {ToolCallFormat::Mistral, "[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {}"},   // cut short
+        {ToolCallFormat::MistralArgs, "[TOOL_CALLS]f{\"x\": 1}"},                         // no [ARGS]
+        {ToolCallFormat::MistralArgs, "[TOOL_CALLS]two words[ARGS]{}"},                   // not a name
+        {ToolCallFormat::DeepSeekV31, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f{\"x\": 1}<｜tool▁call▁end｜>"},
+        {ToolCallFormat::DeepSeekR1, "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n{}\n<｜tool▁call▁end｜>"},
+        {ToolCallFormat::KimiK2, "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0{}<|tool_call_end|>"},
+        {ToolCallFormat::None, "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>"},
+    };
+    for (const auto & [f, text] : cases) {
+        const auto out = parse_tool_calls(f, text);
+        EXPECT_TRUE(out.calls.empty()) << text;
+        EXPECT_EQ(out.content, text);
+    }
+    // harmony: a message to functions.* whose body is not an object stays the model's words
+    const auto h = parse_tool_calls(ToolCallFormat::Harmony, "<|channel|>commentary to=functions.f <|constrain|>json<|message|>not json");
+    EXPECT_TRUE(h.calls.empty());
+    EXPECT_EQ(h.content, "not json");
+}
+
+TEST(ToolCalls, HarmonyCallsAfterReasoning) {
+    const std::string reply = "<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+                              "to=functions.get_weather <|constrain|>json<|message|>{\"city\":\"Paris\"}";
+    const HarmonySplit h = split_harmony(reply, true);
+    EXPECT_EQ(h.reasoning, "Need the weather.");
+    EXPECT_EQ(h.content, "");
+    const auto out = parse_tool_calls(ToolCallFormat::Harmony, reply);
+    ASSERT_EQ(out.calls.size(), 1u);
     EXPECT_EQ(out.calls[0].name, "get_weather");
-    EXPECT_EQ(out.calls[0].arguments, R"({"city":"Paris","unit":"celsius"})");
-    EXPECT_EQ(out.calls[1].name, "now");
-    EXPECT_EQ(out.content, "");
+    EXPECT_EQ(out.calls[0].arguments, R"({"city":"Paris"})");
 }
 
 // Byte tokens: the grammar's matcher then checks plain text.
@@ -96,31 +171,66 @@ bool grammar_matches(const std::string & grammar, const std::string & text) {
     return m.can_end();
 }
 
-TEST(ToolCalls, ARequiredCallIsAGrammar) {
-    const std::string tools = R"([
-        {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
-            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}},
-        {"type": "function", "function": {"name": "now"}}])";
+const std::string k_tools = R"([
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
+        "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now"}}])";
+
+TEST(ToolCalls, ARequiredHermesCallIsAGrammar) {
+    ForcedCall any, one;
     std::string why;
-    const std::string any = forced_tool_call_grammar(ToolCallFormat::Hermes, tools, "", &why);
-    ASSERT_FALSE(any.empty()) << why;
-    EXPECT_TRUE(grammar_matches(any, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"));
-    EXPECT_TRUE(grammar_matches(any, "<tool_call>\n{\"name\":\"now\",\"arguments\":{\"x\": 1}}\n</tool_call>"));
-    EXPECT_FALSE(grammar_matches(any, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"unit\": \"celsius\"}}\n</tool_call>"));
-    EXPECT_FALSE(grammar_matches(any, "<tool_call>\n{\"name\": \"other\", \"arguments\": {}}\n</tool_call>"));
-    EXPECT_FALSE(grammar_matches(any, "Sure! <tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>"));
-    const std::string one = forced_tool_call_grammar(ToolCallFormat::Hermes, tools, "now", &why);
-    ASSERT_FALSE(one.empty()) << why;
-    EXPECT_FALSE(grammar_matches(one, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"));
-    EXPECT_TRUE(grammar_matches(one, "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>"));
-    // what a forced call writes, the parser reads
-    EXPECT_EQ(parse_tool_calls(ToolCallFormat::Hermes, "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>").calls.size(), 1u);
+    ASSERT_TRUE(force_tool_call(ToolCallFormat::Hermes, k_tools, "", &any, &why)) << why;
+    EXPECT_EQ(any.prefill, "");
+    EXPECT_TRUE(grammar_matches(any.grammar, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"));
+    EXPECT_TRUE(grammar_matches(any.grammar, "<tool_call>\n{\"name\":\"now\",\"arguments\":{\"x\": 1}}\n</tool_call>"));
+    EXPECT_FALSE(grammar_matches(any.grammar, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"unit\": \"celsius\"}}\n</tool_call>"));
+    EXPECT_FALSE(grammar_matches(any.grammar, "<tool_call>\n{\"name\": \"other\", \"arguments\": {}}\n</tool_call>"));
+    EXPECT_FALSE(grammar_matches(any.grammar, "Sure! <tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>"));
+    ASSERT_TRUE(force_tool_call(ToolCallFormat::Hermes, k_tools, "now", &one, &why)) << why;
+    EXPECT_FALSE(grammar_matches(one.grammar, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"));
+    EXPECT_TRUE(grammar_matches(one.grammar, "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>"));
 
     const std::string bad = R"([{"type": "function", "function": {"name": "a"}},
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}}}])";
-    EXPECT_TRUE(forced_tool_call_grammar(ToolCallFormat::Hermes, bad, "", &why).empty());
+    EXPECT_FALSE(force_tool_call(ToolCallFormat::Hermes, bad, "", &any, &why));
     EXPECT_EQ(why.rfind("tools[1].function.parameters at /properties/x: 'pattern' is not supported", 0), 0u) << why;
-    EXPECT_TRUE(forced_tool_call_grammar(ToolCallFormat::None, tools, "", &why).empty());
+    EXPECT_FALSE(force_tool_call(ToolCallFormat::DeepSeekV31, bad, "f", &any, &why));
+    EXPECT_EQ(why.rfind("tools[1].function.parameters at /properties/x: 'pattern' is not supported", 0), 0u) << why;
+    EXPECT_FALSE(force_tool_call(ToolCallFormat::Hermes, k_tools, "other", &any, &why));
+    EXPECT_EQ(why, "tool_choice: no such tool 'other'");
+    EXPECT_FALSE(force_tool_call(ToolCallFormat::None, k_tools, "", &any, &why));
+}
+
+// In every format, a forced call of a known tool is its opening written for the model and its
+// arguments held by a grammar; what the model then writes reads back as the call.
+TEST(ToolCalls, AForcedCallReadsBackInEveryFormat) {
+    const std::string args = "{\"city\": \"Paris\", \"unit\": \"celsius\"}";
+    for (ToolCallFormat f : k_formats) {
+        SCOPED_TRACE(std::string(tool_call_format_name(f)));
+        ForcedCall c;
+        std::string why;
+        ASSERT_TRUE(force_tool_call(f, k_tools, "get_weather", &c, &why)) << why;
+        std::string written;   // what a model held by the grammar may write
+        if (f == ToolCallFormat::Hermes) written = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": " + args + "}\n</tool_call>";
+        else if (f == ToolCallFormat::Llama3) written = "{\"name\": \"get_weather\", \"parameters\": " + args + "}";
+        else if (f == ToolCallFormat::Mistral) written = "[{\"name\": \"get_weather\", \"arguments\": " + args + "}]";
+        else if (f == ToolCallFormat::DeepSeekR1) written = args + "\n```";
+        else written = args;
+        EXPECT_TRUE(grammar_matches(c.grammar, written)) << c.grammar;
+        EXPECT_FALSE(grammar_matches(c.grammar, written.substr(0, written.size() - 1)));
+        const ParsedOutput out = parse_tool_calls(f, c.prefill + written);
+        ASSERT_EQ(out.calls.size(), 1u) << c.prefill + written;
+        EXPECT_EQ(out.calls[0].name, "get_weather");
+        EXPECT_EQ(out.calls[0].arguments, R"({"city":"Paris","unit":"celsius"})");
+        EXPECT_EQ(out.content, "");
+        // several tools: one grammar where the call is plain text, else the opening alone
+        ASSERT_TRUE(force_tool_call(f, k_tools, "", &c, &why)) << why;
+        const bool plain = f == ToolCallFormat::Hermes || f == ToolCallFormat::Llama3 || f == ToolCallFormat::Mistral;
+        EXPECT_EQ(c.grammar.empty(), !plain);
+        if (!plain) {
+            EXPECT_FALSE(c.prefill.empty());
+        }
+    }
 }
 
 } // namespace
