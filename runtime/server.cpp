@@ -331,7 +331,8 @@ void Server::generate(const Origin & from, protocol::Request && req) {
             send(from, error_frame(req.id, ErrorCode::BadRequest, why));
         };
         const bool offer_tools = req.tools && req.tool_choice != protocol::ToolChoice::None;
-        if (offer_tools && !chat_->takes_tools()) return refuse("field 'tools': this model's chat template does not take tools");
+        if (offer_tools && !chat_->takes_tools() && chat_->tool_call_format() == ToolCallFormat::None)
+            return refuse("field 'tools': this model's chat template does not take tools");
         if (offer_tools && chat_->tool_call_format() == ToolCallFormat::None)
             return refuse("field 'tools': this model's chat template writes tool calls in a format moesh does not read (it "
                           "reads Hermes' <tool_call>, Llama 3's, Mistral's, DeepSeek's, Kimi K2's and gpt-oss' calls: "
@@ -347,7 +348,15 @@ void Server::generate(const Origin & from, protocol::Request && req) {
             nlohmann::ordered_json extra = req.chat_template_kwargs ? nlohmann::ordered_json::parse(*req.chat_template_kwargs)
                                                                     : nlohmann::ordered_json::object();
             if (offer_tools) extra["tools"] = nlohmann::ordered_json::parse(*req.tools);
-            rendered = chat_->render(template_messages(*req.messages), /*add_generation_prompt=*/true, extra);
+            nlohmann::ordered_json messages = template_messages(*req.messages);
+            if (offer_tools && !chat_->takes_tools()) {   // the template never shows the tools: a system message does
+                const std::string shown = tools_system_prompt(tool_format, *req.tools);
+                if (!messages.empty() && messages[0]["role"] == "system" && messages[0]["content"].is_string())
+                    messages[0]["content"] = shown + "\n\n" + messages[0]["content"].get<std::string>();
+                else
+                    messages.insert(messages.begin(), nlohmann::ordered_json{{"role", "system"}, {"content", shown}});
+            }
+            rendered = chat_->render(messages, /*add_generation_prompt=*/true, extra);
             // a forced call's opening follows the prompt (closing a reasoning block the prompt opened)
             if (!forced.prefill.empty() && !chat_->harmony() && chat_->reasons() && prompt_opens_reasoning(rendered))
                 rendered += "</think>\n\n";

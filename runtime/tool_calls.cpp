@@ -415,6 +415,40 @@ size_t tool_call_safe_prefix(ToolCallFormat format, std::string_view text) {
     return safe;
 }
 
+std::string write_tool_call(ToolCallFormat f, const std::string & name, const std::string & args) {
+    const std::string n = ojson(name).dump();
+    switch (f) {
+    case ToolCallFormat::Hermes: return "<tool_call>\n{\"name\": " + n + ", \"arguments\": " + args + "}\n</tool_call>";
+    case ToolCallFormat::Llama3: return "{\"name\": " + n + ", \"parameters\": " + args + "}";
+    case ToolCallFormat::Mistral: return std::string(k_mistral_calls) + "[{\"name\": " + n + ", \"arguments\": " + args + "}]";
+    case ToolCallFormat::MistralArgs: return std::string(k_mistral_calls) + name + std::string(k_mistral_args) + args;
+    case ToolCallFormat::DeepSeekV31:
+        return std::string(k_ds_calls_begin) + std::string(k_ds_call_begin) + name + std::string(k_ds_sep) + args +
+               std::string(k_ds_call_end) + std::string(k_ds_calls_end);
+    case ToolCallFormat::DeepSeekR1:
+        return std::string(k_ds_calls_begin) + std::string(k_ds_call_begin) + "function" + std::string(k_ds_sep) + name +
+               std::string(k_ds_json_open) + args + std::string(k_ds_json_close) + std::string(k_ds_call_end) + std::string(k_ds_calls_end);
+    case ToolCallFormat::KimiK2:
+        return std::string(k_kimi_begin) + std::string(k_kimi_call_begin) + "functions." + name + ":0" + std::string(k_kimi_args) + args +
+               std::string(k_kimi_call_end) + std::string(k_kimi_end);
+    case ToolCallFormat::Harmony: return "<|channel|>commentary to=functions." + name + " <|constrain|>json<|message|>" + args + "<|call|>";
+    case ToolCallFormat::None: break;
+    }
+    return {};
+}
+
+std::string tools_system_prompt(ToolCallFormat format, std::string_view tools_json) {
+    const ojson tools = ojson::parse(tools_json, nullptr, false);
+    std::string out = "You can call these tools, given as JSON, one per line:\n";
+    if (tools.is_array())
+        for (const ojson & t : tools) out += (t.contains("function") ? t["function"] : t).dump(-1, ' ', false, ojson::error_handler_t::replace) + "\n";
+    out += "\nTo call a tool, reply with the call in exactly this form, with the tool's name and a JSON object of arguments "
+           "that follows its parameters schema:\n" +
+           write_tool_call(format, "tool_name", "{\"argument\": \"value\"}") +
+           "\nTo call several tools, write one call after the other. Answer in text when no tool is needed.";
+    return out;
+}
+
 bool force_tool_call(ToolCallFormat format, std::string_view tools_json, const std::string & only, ForcedCall * out,
                      std::string * error) {
     *out = {};

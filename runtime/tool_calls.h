@@ -61,6 +61,14 @@ ParsedOutput parse_tool_calls(ToolCallFormat format, std::string_view text);
 // messages of their own, which split_harmony keeps out of its content.)
 size_t tool_call_safe_prefix(ToolCallFormat format, std::string_view text);
 
+// A call in the format: what the model is shown as an example.
+std::string write_tool_call(ToolCallFormat format, const std::string & name, const std::string & arguments);
+
+// For templates that read calls in a known format but never show the model its tools
+// (DeepSeek V3.1's and R1's): a system message's text that lists the tools (their JSON, one per
+// line) and shows the format of a call, as llama.cpp's template polyfill does.
+std::string tools_system_prompt(ToolCallFormat format, std::string_view tools_json);
+
 // A call the model must make (tool_choice "required" or a named tool): text
 // written for it after the generation prompt (the call's opening markers, and
 // the name where the tool is known), then a GBNF grammar for what it writes

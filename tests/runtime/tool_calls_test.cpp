@@ -233,5 +233,21 @@ TEST(ToolCalls, AForcedCallReadsBackInEveryFormat) {
     }
 }
 
+// What the model is shown (write_tool_call, in tools_system_prompt for templates that do not show
+// tools) is what the parser reads.
+TEST(ToolCalls, TheShownCallFormatReadsBack) {
+    for (ToolCallFormat f : k_formats) {
+        SCOPED_TRACE(std::string(tool_call_format_name(f)));
+        const std::string call = write_tool_call(f, "get_weather", R"({"city": "Paris"})");
+        const ParsedOutput out = parse_tool_calls(f, call);
+        ASSERT_EQ(out.calls.size(), 1u) << call;
+        EXPECT_EQ(out.calls[0].name, "get_weather");
+        EXPECT_EQ(out.calls[0].arguments, R"({"city":"Paris"})");
+        const std::string shown = tools_system_prompt(f, k_tools);
+        EXPECT_NE(shown.find(write_tool_call(f, "tool_name", R"({"argument": "value"})")), std::string::npos) << shown;
+        EXPECT_NE(shown.find(R"({"name":"get_weather","parameters":{"type":"object")"), std::string::npos) << shown;
+    }
+}
+
 } // namespace
 } // namespace moesh
