@@ -63,6 +63,8 @@ TEST(FuzzCorpus, OpenAiSeedsParseAsLabelledAndNothingCrashes) { replay("openai",
 TEST(FuzzCorpus, GrammarSeedsParseAsLabelledAndNothingCrashes) { replay("grammar", grammar_one_input, 12); }
 TEST(FuzzCorpus, JinjaSeedsParseAsLabelledAndNothingCrashes) { replay("jinja", jinja_one_input, 30); }
 
+TEST(FuzzCorpus, ToolCallSeedsReadAsLabelledAndNothingCrashes) { replay("tool_calls", tool_calls_one_input, 30); }
+
 TEST(FuzzCorpus, JsonSchemaSeedsParseAsLabelledAndNothingCrashes) { replay("json_schema", json_schema_one_input, 12); }
 
 TEST(FuzzCorpus, NpySeedsParseAsLabelledAndNothingCrashes) { replay("npy", npy_one_input, 8); }

@@ -23,5 +23,6 @@ bool openai_one_input(const uint8_t * data, size_t size);    // transport/openai
 bool grammar_one_input(const uint8_t * data, size_t size);       // runtime/grammar.h: Grammar::parse, matching
 bool json_schema_one_input(const uint8_t * data, size_t size);   // runtime/json_schema.h
 bool jinja_one_input(const uint8_t * data, size_t size);         // runtime/jinja.h: parse and render
+bool tool_calls_one_input(const uint8_t * data, size_t size);    // runtime/tool_calls.h: reading model output
 
 } // namespace moesh::fuzz

@@ -536,6 +536,28 @@ def jinja_templates():
     return out
 
 
+# Model output with tool calls (runtime/tool_calls.h): valid_* hold a call some format reads (what
+# the real templates write, tests/fixtures/chat_templates/tool_calls.json), invalid_* none.
+def tool_call_outputs():
+    doc = json.loads((HERE.parent / "fixtures" / "chat_templates" / "tool_calls.json").read_text())
+    out = {}
+    for t in doc["templates"]:
+        for i, c in enumerate(t["cases"]):
+            out[f"valid_{t['name']}_{i}.txt"] = c["text"].encode()
+    for name, text in {
+        "plain": "The weather in Paris is mild.",
+        "hermes_not_json": '<tool_call>{"name": "f", "arguments": {"x": </tool_call>',
+        "llama3_no_parameters": '{"name": "f"}',
+        "mistral_cut": '[TOOL_CALLS][{"name": "f", "arguments": {}',
+        "mistral_args_no_args": "[TOOL_CALLS]f{}",
+        "deepseek_no_sep": "<\uff5ctool\u2581calls\u2581begin\uff5c><\uff5ctool\u2581call\u2581begin\uff5c>f{}",
+        "kimi_deep": "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>" + "[" * 600,
+        "harmony_not_json": "<|channel|>commentary to=functions.f <|constrain|>json<|message|>not json<|call|>",
+    }.items():
+        out[f"invalid_{name}.txt"] = text.encode()
+    return out
+
+
 if __name__ == "__main__":
     write(HERE / "corpus" / "safetensors", SAFETENSORS)
     write(HERE / "corpus" / "model_config", MODEL_CONFIG)
@@ -547,5 +569,6 @@ if __name__ == "__main__":
     write(HERE / "corpus" / "grammar", grammars())
     write(HERE / "corpus" / "json_schema", JSON_SCHEMA)
     write(HERE / "corpus" / "jinja", jinja_templates(), max_bytes=32768)   # real chat templates run to 15 kB
+    write(HERE / "corpus" / "tool_calls", tool_call_outputs())
     print(f"wrote {len(SAFETENSORS)} safetensors, {len(MODEL_CONFIG)} config.json, {len(NPY)} .npy and {len(GGUF)} GGUF seeds "
           f"and {len(REQUEST)} request seeds under {HERE / 'corpus'}")

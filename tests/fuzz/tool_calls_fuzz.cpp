@@ -1,0 +1,58 @@
+// libFuzzer target for reading tool calls from model output (runtime/tool_calls.h): the bytes
+// as generated text, read in every format. Accepted means some format read a call. A call's
+// arguments must be a JSON object and its name not empty; the content before the calls must be
+// the text's start; what streaming lets out of a prefix must be the final content's start.
+#include "fuzz_targets.h"
+
+#include "runtime/tool_calls.h"
+
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <cstdlib>
+
+namespace moesh::fuzz {
+
+namespace {
+
+void require(bool ok, const char * what) {
+    if (!ok) {
+        std::fprintf(stderr, "tool_calls fuzz: %s\n", what);
+        std::abort();
+    }
+}
+
+} // namespace
+
+bool tool_calls_one_input(const uint8_t * data, size_t size) {
+    const std::string_view text(reinterpret_cast<const char *>(data), size);
+    bool any = false;
+    for (ToolCallFormat f : {ToolCallFormat::Hermes, ToolCallFormat::Llama3, ToolCallFormat::Mistral, ToolCallFormat::MistralArgs,
+                             ToolCallFormat::DeepSeekV31, ToolCallFormat::DeepSeekR1, ToolCallFormat::KimiK2, ToolCallFormat::Harmony}) {
+        const ParsedOutput out = parse_tool_calls(f, text);
+        for (const ParsedCall & c : out.calls) {
+            require(!c.name.empty(), "a call without a name");
+            const auto args = nlohmann::ordered_json::parse(c.arguments, nullptr, false);
+            require(args.is_object(), "arguments that are not a JSON object");
+        }
+        any = any || !out.calls.empty();
+        if (f == ToolCallFormat::Harmony) continue;   // content is rebuilt from its channels
+        require(text.substr(0, out.content.size()) == out.content, "content that is not the text's start");
+        require(out.calls.empty() || out.content.size() < text.size(), "calls and all the text as content");
+        for (size_t cut : {size / 3, size / 2, size - size / 4}) {
+            const size_t safe = tool_call_safe_prefix(f, text.substr(0, cut));
+            require(safe <= cut, "a safe prefix longer than the text");
+            require(safe <= out.content.size(), "streamed text that is not the final content");
+        }
+    }
+    return any;
+}
+
+} // namespace moesh::fuzz
+
+#ifdef MOESH_FUZZ_ENTRY
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t * data, size_t size) {
+    moesh::fuzz::tool_calls_one_input(data, size);
+    return 0;
+}
+#endif
