@@ -260,7 +260,7 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
         v.content = v.own_content;
         v.content_safe = v.content.size();
     } else if (a.tool_format != ToolCallFormat::None) {   // the calls are not text: the text is what came before them
-        ParsedOutput out = parse_tool_calls(a.tool_format, v.content);
+        ParsedOutput out = parse_tool_calls(a.tool_format, v.content, a.tools);
         calls = std::move(out.calls);
         v.own_content = std::move(out.content);
         v.content = v.own_content;
@@ -335,8 +335,8 @@ void Server::generate(const Origin & from, protocol::Request && req) {
             return refuse("field 'tools': this model's chat template does not take tools");
         if (offer_tools && chat_->tool_call_format() == ToolCallFormat::None)
             return refuse("field 'tools': this model's chat template writes tool calls in a format moesh does not read (it "
-                          "reads Hermes' <tool_call>, Llama 3's, Mistral's, DeepSeek's, Kimi K2's and gpt-oss' calls: "
-                          "docs/PROTOCOL.md); tool_choice \"none\" offers no tools");
+                          "reads the calls of Qwen/Hermes, Qwen3-Coder, Llama 3, Mistral, DeepSeek, Kimi K2, GLM, MiniMax and "
+                          "gpt-oss: docs/PROTOCOL.md); tool_choice \"none\" offers no tools");
         if (offer_tools) tool_format = chat_->tool_call_format();
         if (req.tool_choice == protocol::ToolChoice::Required || req.tool_choice == protocol::ToolChoice::Named) {
             std::string why;
@@ -438,6 +438,7 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     act.prompt_text = std::move(prompt_text);
     act.grammar = std::move(grammar);
     act.tool_format = tool_format;
+    if (tool_format != ToolCallFormat::None) act.tools = *req.tools;
     act.text = std::move(forced.prefill);   // the model's reply goes on from the call's opening
     act.text_from = act.text.size();
     act.harmony = act.chat && chat_->harmony();

@@ -121,6 +121,7 @@ private:
         std::string prompt_text;                 // echo
         std::shared_ptr<GrammarMatcher> grammar; // the request's, to say why it stopped it
         ToolCallFormat tool_format = ToolCallFormat::None;   // the request gave tools: calls are read from the text
+        std::string tools;                                     // ... and these (JSON) type the XML formats' values
         bool reasoning = false;        // the chat template reasons: <think> blocks are split from the answer
         bool reasoning_open = false;   // ... and its prompt opened one
         bool harmony = false;          // gpt-oss' channels: analysis is the reasoning, final the answer

@@ -7,7 +7,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <optional>
+#include <utility>
 
 namespace moesh {
 
@@ -28,6 +30,11 @@ constexpr std::string_view k_ds_json_open = "\n```json\n", k_ds_json_close = "\n
 constexpr std::string_view k_kimi_begin = "<|tool_calls_section_begin|>", k_kimi_end = "<|tool_calls_section_end|>";
 constexpr std::string_view k_kimi_call_begin = "<|tool_call_begin|>", k_kimi_args = "<|tool_call_argument_begin|>";
 constexpr std::string_view k_kimi_call_end = "<|tool_call_end|>";
+constexpr std::string_view k_function = "<function=", k_function_end = "</function>";
+constexpr std::string_view k_parameter = "<parameter=", k_parameter_end = "</parameter>";
+constexpr std::string_view k_arg_key = "<arg_key>", k_arg_key_end = "</arg_key>", k_arg_value = "<arg_value>", k_arg_value_end = "</arg_value>";
+constexpr std::string_view k_minimax = "<minimax:tool_call>", k_minimax_end = "</minimax:tool_call>";
+constexpr std::string_view k_invoke = "<invoke name=\"", k_invoke_end = "</invoke>", k_mm_parameter = "<parameter name=\"";
 
 bool space(char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; }
 
@@ -248,6 +255,131 @@ Calls kimi_calls(std::string_view t) {
     return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
 }
 
+// ---- XML formats: values are text, typed by the tool's schema ----
+
+// The schema of parameter `key` of the tool `name` in tools (a request's tools), or null.
+const ojson * param_schema(const ojson & tools, std::string_view name, const std::string & key) {
+    if (!tools.is_array()) return nullptr;
+    for (const ojson & t : tools) {
+        const auto fn = t.find("function");
+        if (fn == t.end() || !fn->is_object() || fn->value("name", std::string()) != name) continue;
+        const auto params = fn->find("parameters");
+        if (params == fn->end() || !params->is_object()) return nullptr;
+        const auto props = params->find("properties");
+        if (props == params->end() || !props->is_object()) return nullptr;
+        const auto p = props->find(key);
+        return p == props->end() ? nullptr : &*p;
+    }
+    return nullptr;
+}
+
+bool has_type(const ojson * schema, std::string_view type) {
+    if (!schema || !schema->is_object()) return false;
+    const auto t = schema->find("type");
+    if (t == schema->end()) return false;
+    if (t->is_string()) return t->get_ref<const std::string &>() == type;
+    if (t->is_array())
+        for (const ojson & x : *t)
+            if (x.is_string() && x.get_ref<const std::string &>() == type) return true;
+    return false;
+}
+
+// A value written as text, as JSON of the type its schema gives (JSON or Python's str() of it);
+// text when it is a string, the schema says nothing, or the text is not of the type.
+ojson typed_value(std::string_view raw, const ojson * schema) {
+    if (!schema || !schema->is_object()) return std::string(raw);   // not a parameter of the schema: text
+    const bool typed = schema->contains("type");
+    if (typed ? has_type(schema, "string") : !(schema->contains("anyOf") || schema->contains("oneOf"))) return std::string(raw);
+    const std::string_view t = trim(raw);
+    if (!typed || has_type(schema, "boolean")) {
+        if (t == "True") return true;
+        if (t == "False") return false;
+    }
+    if ((!typed || has_type(schema, "null")) && t == "None") return nullptr;
+    ojson v = ojson::parse(t, nullptr, false);
+    if (!v.is_discarded() && !v.is_string()) return v;
+    return std::string(raw);
+}
+
+// Qwen3-Coder writes a value between newlines: one on each side is the format's.
+std::string_view between_newlines(std::string_view v) {
+    if (!v.empty() && v.front() == '\n') v.remove_prefix(1);
+    if (!v.empty() && v.back() == '\n') v.remove_suffix(1);
+    return v;
+}
+
+Calls qwen_xml_calls(std::string_view t, const ojson & tools) {
+    std::vector<ParsedCall> calls;
+    Reader r{t};
+    while (r.eat(k_hermes_open)) {
+        r.skip_space();
+        if (!r.eat(k_function)) return std::nullopt;
+        const std::string_view name = r.until({">"});
+        if (!r.eat(">") || !good_name(name)) return std::nullopt;
+        ojson args = ojson::object();
+        for (r.skip_space(); r.eat(k_parameter); r.skip_space()) {
+            const std::string key(r.until({">"}));
+            if (!r.eat(">") || key.empty()) return std::nullopt;
+            const std::string_view value = r.until({k_parameter_end});
+            if (!r.eat(k_parameter_end)) return std::nullopt;
+            args[key] = typed_value(between_newlines(value), param_schema(tools, name, key));
+        }
+        calls.push_back({std::string(name), *arguments_of(args)});
+        if (!r.eat(k_function_end)) return r.done() ? Calls(std::move(calls)) : std::nullopt;   // ended inside its last call
+        r.skip_space();
+        if (!r.eat(k_hermes_close)) return r.done() ? Calls(std::move(calls)) : std::nullopt;
+        r.skip_space();
+    }
+    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+}
+
+Calls glm_calls(std::string_view t, const ojson & tools) {
+    std::vector<ParsedCall> calls;
+    Reader r{t};
+    while (r.eat(k_hermes_open)) {
+        const std::string_view name = trim(r.until({k_arg_key, k_hermes_close}));
+        if (!good_name(name)) return std::nullopt;
+        ojson args = ojson::object();
+        for (r.skip_space(); r.eat(k_arg_key); r.skip_space()) {
+            const std::string key(trim(r.until({k_arg_key_end})));
+            if (!r.eat(k_arg_key_end) || key.empty()) return std::nullopt;
+            r.skip_space();
+            if (!r.eat(k_arg_value)) return std::nullopt;
+            const std::string_view value = r.until({k_arg_value_end});
+            if (!r.eat(k_arg_value_end)) return std::nullopt;
+            args[key] = typed_value(value, param_schema(tools, name, key));
+        }
+        calls.push_back({std::string(name), *arguments_of(args)});
+        if (!r.eat(k_hermes_close)) return r.done() ? Calls(std::move(calls)) : std::nullopt;
+        r.skip_space();
+    }
+    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+}
+
+Calls minimax_calls(std::string_view t, const ojson & tools) {
+    std::vector<ParsedCall> calls;
+    Reader r{t};
+    while (r.eat(k_minimax)) {
+        for (r.skip_space(); r.eat(k_invoke); r.skip_space()) {
+            const std::string_view name = r.until({"\""});
+            if (!r.eat("\">") || !good_name(name)) return std::nullopt;
+            ojson args = ojson::object();
+            for (r.skip_space(); r.eat(k_mm_parameter); r.skip_space()) {
+                const std::string key(r.until({"\""}));
+                if (!r.eat("\">") || key.empty()) return std::nullopt;
+                const std::string_view value = r.until({k_parameter_end});
+                if (!r.eat(k_parameter_end)) return std::nullopt;
+                args[key] = typed_value(value, param_schema(tools, name, key));
+            }
+            calls.push_back({std::string(name), *arguments_of(args)});
+            if (!r.eat(k_invoke_end)) return r.done() ? Calls(std::move(calls)) : std::nullopt;
+        }
+        if (!r.eat(k_minimax_end)) return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+        r.skip_space();
+    }
+    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+}
+
 // Where the calls start in `text` (npos: none), for every format but harmony.
 size_t calls_start(ToolCallFormat f, std::string_view text) {
     switch (f) {
@@ -262,13 +394,16 @@ size_t calls_start(ToolCallFormat f, std::string_view text) {
     case ToolCallFormat::DeepSeekV31:
     case ToolCallFormat::DeepSeekR1: return std::min(text.find(k_ds_calls_begin), text.find(k_ds_call_begin));
     case ToolCallFormat::KimiK2: return std::min(text.find(k_kimi_begin), text.find(k_kimi_call_begin));
+    case ToolCallFormat::QwenXml:
+    case ToolCallFormat::GlmXml: return text.find(k_hermes_open);
+    case ToolCallFormat::MiniMaxXml: return text.find(k_minimax);
     case ToolCallFormat::None:
     case ToolCallFormat::Harmony: break;
     }
     return std::string_view::npos;
 }
 
-Calls read_calls(ToolCallFormat f, std::string_view t) {
+Calls read_calls(ToolCallFormat f, std::string_view t, const ojson & tools) {
     switch (f) {
     case ToolCallFormat::Hermes: return hermes_calls(t);
     case ToolCallFormat::Llama3: return llama3_calls(t);
@@ -277,6 +412,9 @@ Calls read_calls(ToolCallFormat f, std::string_view t) {
     case ToolCallFormat::DeepSeekV31: return deepseek_calls(t, false);
     case ToolCallFormat::DeepSeekR1: return deepseek_calls(t, true);
     case ToolCallFormat::KimiK2: return kimi_calls(t);
+    case ToolCallFormat::QwenXml: return qwen_xml_calls(t, tools);
+    case ToolCallFormat::GlmXml: return glm_calls(t, tools);
+    case ToolCallFormat::MiniMaxXml: return minimax_calls(t, tools);
     case ToolCallFormat::None:
     case ToolCallFormat::Harmony: break;
     }
@@ -324,10 +462,75 @@ std::string tools_error(std::string why, const std::vector<size_t> & index, std:
     return why;
 }
 
+// The XML formats' pieces: a call's opening up to its parameters, a parameter's around its value,
+// and what closes the call.
+std::string xml_open(ToolCallFormat f, const std::string & name) {
+    if (f == ToolCallFormat::QwenXml) return std::string(k_hermes_open) + "\n" + std::string(k_function) + name + ">\n";
+    if (f == ToolCallFormat::GlmXml) return std::string(k_hermes_open) + name + "\n";
+    return std::string(k_minimax) + "\n" + std::string(k_invoke) + name + "\">\n";
+}
+
+std::pair<std::string, std::string> xml_param(ToolCallFormat f, const std::string & key) {
+    if (f == ToolCallFormat::QwenXml) return {std::string(k_parameter) + key + ">\n", "\n" + std::string(k_parameter_end) + "\n"};
+    if (f == ToolCallFormat::GlmXml)
+        return {std::string(k_arg_key) + key + std::string(k_arg_key_end) + "\n" + std::string(k_arg_value), std::string(k_arg_value_end) + "\n"};
+    return {std::string(k_mm_parameter) + key + "\">", std::string(k_parameter_end) + "\n"};
+}
+
+std::string xml_close(ToolCallFormat f) {
+    if (f == ToolCallFormat::QwenXml) return std::string(k_function_end) + "\n" + std::string(k_hermes_close);
+    if (f == ToolCallFormat::GlmXml) return std::string(k_hermes_close);
+    return std::string(k_invoke_end) + "\n" + std::string(k_minimax_end);
+}
+
+// Values as the XML formats write them: text for strings (not holding "</"), JSON for the rest.
+constexpr std::string_view k_xml_value_rules = R"(
+xv-text ::= ([^<] | "<" [^/])*
+xv-int ::= "-"? [0-9]{1,18}
+xv-num ::= "-"? [0-9]{1,18} ("." [0-9]{1,18})? ([eE] [-+]? [0-9]{1,4})?
+xv-str ::= "\"" ([^"\\\x00-\x1f] | "\\" ["\\/bfnrt] | "\\u" [0-9a-fA-F]{4})* "\""
+xv-ws ::= [ \t\n]{0,8}
+xv-json ::= xv-obj | xv-arr | xv-str | xv-num | "true" | "false" | "null"
+xv-obj ::= "{" xv-ws (xv-str xv-ws ":" xv-ws xv-json xv-ws ("," xv-ws xv-str xv-ws ":" xv-ws xv-json xv-ws)*)? "}"
+xv-arr ::= "[" xv-ws (xv-json xv-ws ("," xv-ws xv-json xv-ws)*)? "]"
+)";
+
+// A grammar for an XML call's parameters (after its opening, to its close): the required ones,
+// then the optional ones, each at most once, in the schema's order; values by type.
+std::string xml_params_grammar(ToolCallFormat f, const ojson & schema) {
+    std::string root = "root ::=";
+    const ojson props = schema.is_object() && schema.contains("properties") && schema["properties"].is_object() ? schema["properties"] : ojson::object();
+    const ojson required = schema.is_object() && schema.contains("required") && schema["required"].is_array() ? schema["required"] : ojson::array();
+    for (const auto & [key, p] : props.items()) {
+        std::string value = "xv-text";
+        if (p.is_object() && p.contains("enum") && p["enum"].is_array() && !p["enum"].empty()) {
+            value = "(";
+            for (const ojson & e : p["enum"]) value += (value.size() > 1 ? " | " : "") + literal(e.is_string() ? e.get<std::string>() : e.dump());
+            value += ")";
+        } else if (has_type(&p, "string")) {
+        } else if (has_type(&p, "integer")) {
+            value = "xv-int";
+        } else if (has_type(&p, "number")) {
+            value = "xv-num";
+        } else if (has_type(&p, "boolean")) {
+            value = "(\"true\" | \"false\")";
+        } else if (p.is_object() && p.contains("type")) {
+            value = "xv-json";
+        }
+        const auto [open, close] = xml_param(f, key);
+        const bool needed = std::find(required.begin(), required.end(), ojson(key)) != required.end();
+        root += " (" + literal(open) + " " + value + " " + literal(close) + ")" + (needed ? "" : "?");
+    }
+    return root + " " + literal(xml_close(f)) + std::string(k_xml_value_rules);
+}
+
 } // namespace
 
 ToolCallFormat tool_call_format(std::string_view t) {
     if (template_uses_harmony(t) && contains(t, "functions.")) return ToolCallFormat::Harmony;
+    if (contains(t, k_minimax) && contains(t, k_invoke)) return ToolCallFormat::MiniMaxXml;
+    if (contains(t, k_hermes_open) && contains(t, k_function) && contains(t, k_parameter)) return ToolCallFormat::QwenXml;
+    if (contains(t, k_hermes_open) && contains(t, k_arg_key) && contains(t, k_arg_value)) return ToolCallFormat::GlmXml;
     if (contains(t, k_ds_call_begin)) return contains(t, "```json") ? ToolCallFormat::DeepSeekR1 : ToolCallFormat::DeepSeekV31;
     if (contains(t, k_kimi_call_begin)) return ToolCallFormat::KimiK2;
     if (contains(t, k_mistral_calls)) return contains(t, k_mistral_args) ? ToolCallFormat::MistralArgs : ToolCallFormat::Mistral;
@@ -350,6 +553,9 @@ std::string_view tool_call_format_name(ToolCallFormat f) {
     case ToolCallFormat::DeepSeekR1: return "deepseek-r1";
     case ToolCallFormat::KimiK2: return "kimi-k2";
     case ToolCallFormat::Harmony: return "harmony";
+    case ToolCallFormat::QwenXml: return "qwen3-coder";
+    case ToolCallFormat::GlmXml: return "glm";
+    case ToolCallFormat::MiniMaxXml: return "minimax";
     }
     return "none";
 }
@@ -364,12 +570,15 @@ std::vector<std::string_view> tool_call_markers(ToolCallFormat f) {
     case ToolCallFormat::DeepSeekR1: return {k_ds_calls_begin, k_ds_calls_end, k_ds_call_begin, k_ds_call_end, k_ds_sep};
     case ToolCallFormat::KimiK2: return {k_kimi_begin, k_kimi_end, k_kimi_call_begin, k_kimi_args, k_kimi_call_end};
     case ToolCallFormat::Harmony: return {"<|channel|>", "<|message|>", "<|constrain|>", "<|start|>", "<|end|>", "<|call|>"};
+    case ToolCallFormat::QwenXml: return {k_hermes_open, k_hermes_close};
+    case ToolCallFormat::GlmXml: return {k_hermes_open, k_hermes_close, k_arg_key, k_arg_key_end, k_arg_value, k_arg_value_end};
+    case ToolCallFormat::MiniMaxXml: return {k_minimax, k_minimax_end};
     case ToolCallFormat::None: break;
     }
     return {};
 }
 
-ParsedOutput parse_tool_calls(ToolCallFormat format, std::string_view text) {
+ParsedOutput parse_tool_calls(ToolCallFormat format, std::string_view text, std::string_view tools_json) {
     ParsedOutput out;
     if (format == ToolCallFormat::Harmony) {
         HarmonySplit h = split_harmony(text, true);
@@ -387,7 +596,8 @@ ParsedOutput parse_tool_calls(ToolCallFormat format, std::string_view text) {
     }
     const size_t first = calls_start(format, text);
     if (first != std::string_view::npos)
-        if (Calls calls = read_calls(format, text.substr(first))) {
+        if (Calls calls = read_calls(format, text.substr(first),
+                                     tools_json.empty() ? ojson() : ojson::parse(tools_json, nullptr, false))) {
             out.calls = std::move(*calls);
             out.content = std::string(text.substr(0, first));
             return out;
@@ -432,6 +642,18 @@ std::string write_tool_call(ToolCallFormat f, const std::string & name, const st
         return std::string(k_kimi_begin) + std::string(k_kimi_call_begin) + "functions." + name + ":0" + std::string(k_kimi_args) + args +
                std::string(k_kimi_call_end) + std::string(k_kimi_end);
     case ToolCallFormat::Harmony: return "<|channel|>commentary to=functions." + name + " <|constrain|>json<|message|>" + args + "<|call|>";
+    case ToolCallFormat::QwenXml:
+    case ToolCallFormat::GlmXml:
+    case ToolCallFormat::MiniMaxXml: {
+        const ojson a = ojson::parse(args, nullptr, false);
+        std::string out = xml_open(f, name);
+        if (a.is_object())
+            for (const auto & [k, v] : a.items()) {
+                const auto [open, close] = xml_param(f, k);
+                out += open + (v.is_string() ? v.get<std::string>() : v.dump()) + close;
+            }
+        return out + xml_close(f);
+    }
     case ToolCallFormat::None: break;
     }
     return {};
@@ -525,6 +747,17 @@ bool force_tool_call(ToolCallFormat format, std::string_view tools_json, const s
     case ToolCallFormat::Harmony:
         out->prefill = "<|channel|>commentary to=functions." + (known ? name + " <|constrain|>json<|message|>" : "");
         break;
+    case ToolCallFormat::QwenXml:
+    case ToolCallFormat::GlmXml:
+    case ToolCallFormat::MiniMaxXml:
+        if (!known) {   // the opening up to the name
+            const std::string open = xml_open(format, "\x01");
+            out->prefill = open.substr(0, open.find('\x01'));
+            return true;
+        }
+        out->prefill = xml_open(format, name);
+        out->grammar = xml_params_grammar(format, params(index[0]));
+        return true;
     default: break;
     }
     if (!known) return true;

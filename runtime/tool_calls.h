@@ -13,10 +13,16 @@
 //                  <|tool_call_end|>...<|tool_calls_section_end|>
 //   harmony        gpt-oss: a message addressed to functions.N (<|channel|>commentary to=functions.N
 //                  <|constrain|>json<|message|>{...}<|call|>, or " to=functions.N" before its channel)
-// Other templates (Qwen3-Coder's, GLM's and MiniMax's XML parameters, DeepSeek V3.2's DSML,
-// SmolLM3's xml_tools, ...) are not read: a request with tools for such a template is refused,
-// never answered with calls left in the text. Many markers are special tokens: the text must be
-// decoded with the ones tool_call_markers() names.
+//   qwen3-coder    <tool_call>\n<function=N>\n<parameter=K>\nV\n</parameter>\n...</function>\n</tool_call>
+//                  Qwen3-Coder, Qwen3.5, Nemotron 3, Step 3.5
+//   glm            <tool_call>N\n<arg_key>K</arg_key>\n<arg_value>V</arg_value>\n...</tool_call>   GLM-4.5/4.6/4.7
+//   minimax        <minimax:tool_call>\n<invoke name="N">\n<parameter name="K">V</parameter>\n...</invoke>\n
+//                  </minimax:tool_call>   MiniMax-M2
+// In the XML formats a value V is text: strings as they are, other values as JSON (or Python's
+// str(): True, None), so they are read by the type the tool's parameters schema gives them.
+// Other templates (DeepSeek V3.2's DSML, SmolLM3's xml_tools, ...) are not read: a request with
+// tools for such a template is refused, never answered with calls left in the text. Many markers
+// are special tokens: the text must be decoded with the ones tool_call_markers() names.
 //
 //   const ToolCallFormat f = tool_call_format(template_text);
 //   ParsedOutput out = parse_tool_calls(f, generated_text);   // out.calls, out.content
@@ -30,7 +36,7 @@
 
 namespace moesh {
 
-enum class ToolCallFormat { None, Hermes, Llama3, Mistral, MistralArgs, DeepSeekV31, DeepSeekR1, KimiK2, Harmony };
+enum class ToolCallFormat { None, Hermes, Llama3, Mistral, MistralArgs, DeepSeekV31, DeepSeekR1, KimiK2, Harmony, QwenXml, GlmXml, MiniMaxXml };
 
 // From a chat template's Jinja text.
 ToolCallFormat tool_call_format(std::string_view template_text);
@@ -54,7 +60,8 @@ struct ParsedOutput {
 // whole text content, with no calls, rather than half an answer. Harmony: the
 // text is the raw reply, with its markers; content is what split_harmony
 // gives (runtime/reasoning.h), and a malformed call's body is added to it.
-ParsedOutput parse_tool_calls(ToolCallFormat format, std::string_view text);
+// tools_json (the request's tools) types the XML formats' values.
+ParsedOutput parse_tool_calls(ToolCallFormat format, std::string_view text, std::string_view tools_json = {});
 
 // How much of a growing text can be streamed as content: up to the first call,
 // and never a tail that may still become the start of one. (Harmony's calls are

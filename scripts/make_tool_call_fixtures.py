@@ -21,7 +21,9 @@ generation prompt. Where a template renders history differently from a new
 turn (DeepSeek-R1's distills), the calls' span is cut out of the rendering.
 Cases: one call with nested and Unicode arguments, two calls, and text before
 a call, each only where the template writes it (Llama 3.x allows one call and
-drops the text; gpt-oss writes one call per message). Deterministic.
+drops the text; gpt-oss writes one call per message). XML formats write each
+argument's value as text (strings as they are, the rest as JSON or Python's
+str()), so reading them back needs the tools' schemas ("tools"). Deterministic.
 """
 import json
 import os
@@ -49,13 +51,20 @@ TEMPLATES = [
     ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B", "deepseek-r1", "<｜tool▁calls▁begin｜>"),
     ("moonshotai-Kimi-K2", "kimi-k2", None),
     ("openai-gpt-oss-120b", "harmony", None),
+    ("Qwen3-Coder", "qwen3-coder", None),
+    ("Qwen3.5-4B", "qwen3-coder", None),
+    ("NVIDIA-Nemotron-3-Nano-30B-A3B-BF16", "qwen3-coder", "<tool_call>"),
+    ("StepFun3.5-Flash", "qwen3-coder", None),
+    ("GLM-4.6", "glm", None),
+    ("GLM-4.7-Flash", "glm", "<tool_call>"),
+    ("MiniMax-M2", "minimax", "<minimax:tool_call>"),
 ]
 
 TOOLS = [
     {"type": "function", "function": {
         "name": "get_weather", "description": "Current weather in a city.",
         "parameters": {"type": "object", "properties": {
-            "city": {"type": "string"}, "days": {"type": "integer"},
+            "city": {"type": "string"}, "days": {"type": "integer"}, "alerts": {"type": "boolean"},
             "opts": {"type": "object"}}, "required": ["city"]}}},
     {"type": "function", "function": {
         "name": "local_time", "description": "The time now.",
@@ -63,11 +72,11 @@ TOOLS = [
 ]
 CALL_A = {"id": "call0AbC9", "type": "function", "function": {
     "name": "get_weather",
-    "arguments": {"city": "Paris \"Fr\"", "days": 3, "opts": {"metric": True, "tags": ["a", "\u00e9\u65e5"], "x": None}}}}
+    "arguments": {"city": "Paris \"Fr\"", "days": 3, "alerts": False, "opts": {"metric": True, "tags": ["a", "\u00e9\u65e5"], "x": None}}}}
 CALL_B = {"id": "call1XyZ8", "type": "function", "function": {"name": "local_time", "arguments": {}}}
 
 # What ends a turn: the model's end token, never part of its text.
-ENDS = ["<|im_end|>", "<EOS>", "<|eot_id|>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<|call|>", "<|end|>", "<|return|>"]
+ENDS = ["[e~[", "<|im_end|>", "<EOS>", "<|eot_id|>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<|call|>", "<|end|>", "<|return|>"]
 
 
 def render(template, messages, add_generation_prompt):
@@ -84,7 +93,7 @@ def model_text(template, content, calls, opener):
         assert full.startswith(prompt), "the turn does not continue the generation prompt"
         text = full[len(prompt):]
     else:
-        text = full[full.index(opener):]
+        text = full[full.index(opener, full.rindex(user[0]["content"])):]   # after the question: not the tools' instructions
     changed = True
     while changed:   # the end token and what the template writes after it
         changed = False

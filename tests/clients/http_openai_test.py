@@ -599,10 +599,11 @@ def tool_formats(moesh, chat_model, tmp):
     ask = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "What is the weather in Paris?"}]
     named = {"type": "function", "function": {"name": "get_weather"}}
     tools = [WEATHER[0], {"type": "function", "function": dict(WEATHER[1]["function"], description="The time now.")}]   # gpt-oss needs it
+    seen = {"hermes"}   # tools() above
     for t in doc["templates"]:
-        if t["format"] == "hermes" or t["name"] in ("meta-llama-Llama-3.2-3B-Instruct", "meta-llama-Llama-3.3-70B-Instruct",
-                                                    "unsloth-mistral-Devstral-Small-2507", "mistralai-Ministral-3-14B-Reasoning-2512"):
-            continue   # hermes: tools() above; the others: a format already covered by a sibling
+        if t["format"] in seen:
+            continue   # one template per format
+        seen.add(t["format"])
         path = pathlib.Path(tmp) / (t["name"] + ".jinja")
         path.write_text(t["template"])
         srv = Server(moesh, chat_model, tmp, "fmt-" + t["format"], extra=("--chat-template", str(path)))

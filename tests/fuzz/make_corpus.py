@@ -552,6 +552,8 @@ def tool_call_outputs():
         "mistral_args_no_args": "[TOOL_CALLS]f{}",
         "deepseek_no_sep": "<\uff5ctool\u2581calls\u2581begin\uff5c><\uff5ctool\u2581call\u2581begin\uff5c>f{}",
         "kimi_deep": "<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>" + "[" * 600,
+        "qwen_xml_unclosed": "<tool_call>\n<function=f>\n<parameter=i>\n1\n</tool_call>",
+        "glm_no_value": "<tool_call>f\n<arg_key>i</arg_key>\n</tool_call>",
         "harmony_not_json": "<|channel|>commentary to=functions.f <|constrain|>json<|message|>not json<|call|>",
     }.items():
         out[f"invalid_{name}.txt"] = text.encode()

@@ -22,14 +22,19 @@ void require(bool ok, const char * what) {
     }
 }
 
+// typed XML values
+constexpr std::string_view k_tools = R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+    "properties": {"s": {"type": "string"}, "i": {"type": "integer"}, "b": {"type": "boolean"}, "o": {"type": "object"}}}}}])";
+
 } // namespace
 
 bool tool_calls_one_input(const uint8_t * data, size_t size) {
     const std::string_view text(reinterpret_cast<const char *>(data), size);
     bool any = false;
     for (ToolCallFormat f : {ToolCallFormat::Hermes, ToolCallFormat::Llama3, ToolCallFormat::Mistral, ToolCallFormat::MistralArgs,
-                             ToolCallFormat::DeepSeekV31, ToolCallFormat::DeepSeekR1, ToolCallFormat::KimiK2, ToolCallFormat::Harmony}) {
-        const ParsedOutput out = parse_tool_calls(f, text);
+                             ToolCallFormat::DeepSeekV31, ToolCallFormat::DeepSeekR1, ToolCallFormat::KimiK2, ToolCallFormat::Harmony,
+                             ToolCallFormat::QwenXml, ToolCallFormat::GlmXml, ToolCallFormat::MiniMaxXml}) {
+        const ParsedOutput out = parse_tool_calls(f, text, k_tools);
         for (const ParsedCall & c : out.calls) {
             require(!c.name.empty(), "a call without a name");
             const auto args = nlohmann::ordered_json::parse(c.arguments, nullptr, false);
