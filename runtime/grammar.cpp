@@ -199,6 +199,36 @@ private:
         }
     }
 
+    // <[id]> or <text> (the whole of it, brackets included, is the token's text).
+    uint32_t token_ref() {
+        const size_t start = p_;
+        Grammar::TokenRef ref;
+        if (peek(1) == '[') {
+            p_ += 2;
+            const size_t digits = p_;
+            int64_t id = 0;
+            while (peek() >= '0' && peek() <= '9') {
+                id = id * 10 + (peek() - '0');
+                if (id > INT32_MAX) fail("a token id past " + std::to_string(INT32_MAX));
+                ++p_;
+            }
+            if (p_ == digits || peek() != ']' || peek(1) != '>') {
+                p_ = start;
+                fail("expected a token id as <[123]>");
+            }
+            p_ += 2;
+            ref.id = id;
+        } else {
+            const size_t close = s_.find('>', p_);
+            const size_t eol = s_.find_first_of("\r\n", p_);
+            if (close == std::string_view::npos || close > eol) fail("a token reference '<' is never closed with '>' on its line");
+            p_ = close + 1;
+            ref.text = std::string(s_.substr(start, p_ - start));
+        }
+        g_->token_refs.push_back(std::move(ref));
+        return uint32_t(g_->token_refs.size() - 1);
+    }
+
     uint32_t count() {
         const size_t start = p_;
         uint64_t v = 0;
@@ -285,8 +315,11 @@ private:
                 }
                 repeat(seq, item, lo, hi, rule_name);
                 item = SIZE_MAX;   // x** is refused as llama.cpp does
-            } else if (c == '<' || c == '!') {
-                fail("token references (<...>) are not supported; write the token's text as a literal");
+            } else if (c == '!') {
+                fail("negated token references (!<...>) are not supported");
+            } else if (c == '<') {
+                item = seq.size();
+                emit(seq, {Grammar::Token, token_ref()});
             } else {
                 break;
             }
@@ -430,7 +463,24 @@ std::vector<std::string> text_pieces(const Tokenizer & tok) {
 }
 } // namespace
 
-GrammarVocab::GrammarVocab(const Tokenizer & tok) : GrammarVocab(text_pieces(tok)) {}
+GrammarVocab::GrammarVocab(const Tokenizer & tok) : GrammarVocab(text_pieces(tok)) {
+    for (int32_t id = 0; id < tok.n_vocab(); ++id)
+        if (tok.is_special(id)) specials_.emplace(tok.token_text(id), id);
+}
+
+int32_t GrammarVocab::token_of(std::string_view text) const {
+    if (auto it = specials_.find(std::string(text)); it != specials_.end()) return it->second;
+    uint32_t node = 0;   // the trie, byte by byte
+    for (const char c : text) {
+        const Node & n = nodes[node];
+        uint32_t next = UINT32_MAX;
+        for (uint32_t e = n.first_edge; e < n.first_edge + n.n_edges; ++e)
+            if (edge_byte[e] == uint8_t(c)) next = edge_node[e];
+        if (next == UINT32_MAX) return -1;
+        node = next;
+    }
+    return !text.empty() && nodes[node].n_tokens > 0 ? tokens[nodes[node].first_token] : -1;
+}
 
 GrammarVocab::GrammarVocab(std::vector<std::string> pieces) : n_vocab_(int32_t(pieces.size())), pieces_(std::move(pieces)) {
     std::vector<int32_t> ids;
@@ -478,6 +528,13 @@ const std::string & GrammarVocab::piece(int32_t id) const {
 GrammarMatcher::GrammarMatcher(std::shared_ptr<const Grammar> grammar, std::shared_ptr<const GrammarVocab> vocab,
                                std::vector<int32_t> end_ids)
     : g_(std::move(grammar)), vocab_(std::move(vocab)), end_ids_(std::move(end_ids)) {
+    for (const Grammar::TokenRef & r : g_->token_refs) {
+        const int32_t id = r.text.empty() ? (r.id < vocab_->n_vocab() ? int32_t(r.id) : -1) : vocab_->token_of(r.text);
+        if (id < 0 && error_.empty())
+            error_ = r.text.empty() ? "grammar token <[" + std::to_string(r.id) + "]>: past the vocabulary's " + std::to_string(vocab_->n_vocab()) + " tokens"
+                                    : "grammar token " + r.text + ": not one token of this vocabulary";
+        ref_ids_.push_back(id);
+    }
     nodes_.push_back({UINT32_MAX, 0, 0});
     std::vector<uint32_t> start;
     expand(push(0, 0), &start);
@@ -569,7 +626,7 @@ void GrammarMatcher::expand(uint32_t stack, std::vector<uint32_t> * out) {
         todo_.pop_back();
         if (s == UINT32_MAX || std::find(seen_.begin(), seen_.end(), s) != seen_.end()) continue;
         seen_.push_back(s);
-        if (s == 0 || g_->syms[nodes_[s].pos].kind == Grammar::Char) {
+        if (s == 0 || g_->syms[nodes_[s].pos].kind == Grammar::Char || g_->syms[nodes_[s].pos].kind == Grammar::Token) {
             out->push_back(s);
             continue;
         }
@@ -589,7 +646,7 @@ const uint32_t * GrammarMatcher::transition(uint32_t stack, uint32_t cp, uint32_
     if (it == memo_.end()) {
         const auto start = uint32_t(memo_out_.size());
         const Node node = nodes_[stack];
-        if (g_->matches(g_->syms[node.pos].arg, cp)) {
+        if (g_->syms[node.pos].kind == Grammar::Char && g_->matches(g_->syms[node.pos].arg, cp)) {
             const uint32_t after = node.pos + 1;
             const uint32_t next = g_->syms[after].kind == Grammar::End ? node.parent : push(node.parent, after);
             if (next != UINT32_MAX) expand(next, &memo_out_);
@@ -609,8 +666,28 @@ bool GrammarMatcher::feasible(const State & s) const {
     if (s.lead == 0xED) hi = std::min<uint32_t>(hi, 0xD7FF);
     hi = std::min<uint32_t>(hi, 0x10FFFF);
     for (uint32_t st : sets_[s.set])
-        if (st != 0 && g_->intersects(g_->syms[nodes_[st].pos].arg, lo, hi)) return true;
+        if (st != 0 && g_->syms[nodes_[st].pos].kind == Grammar::Char && g_->intersects(g_->syms[nodes_[st].pos].arg, lo, hi))
+            return true;
     return false;
+}
+
+int32_t GrammarMatcher::advance_token(uint32_t set, int32_t token) {
+    auto [it, fresh] = token_next_.emplace((uint64_t(set) << 32) | uint32_t(token), -1);
+    if (!fresh) return it->second;
+    std::vector<uint32_t> out;
+    for (const uint32_t s : sets_[set]) {
+        if (s == 0) continue;
+        const Node node = nodes_[s];
+        const Grammar::Sym sym = g_->syms[node.pos];
+        if (sym.kind != Grammar::Token || ref_ids_[sym.arg] != token) continue;
+        const uint32_t after = node.pos + 1;
+        const uint32_t next = g_->syms[after].kind == Grammar::End ? node.parent : push(node.parent, after);
+        if (next != UINT32_MAX) expand(next, &out);
+    }
+    std::sort(out.begin(), out.end());
+    out.erase(std::unique(out.begin(), out.end()), out.end());
+    it->second = intern(out);
+    return it->second;
 }
 
 bool GrammarMatcher::step(const State & in, uint8_t b, State * out) {
@@ -667,7 +744,8 @@ bool GrammarMatcher::allows(int32_t token) {
     if (is_end(token)) return can_end();
     const std::string & p = vocab_->piece(token);
     State out;
-    return !p.empty() && walk(state_, p, &out);
+    if (!p.empty() && walk(state_, p, &out)) return true;
+    return !g_->token_refs.empty() && state_.remain == 0 && advance_token(state_.set, token) >= 0;
 }
 
 bool GrammarMatcher::accept(int32_t token) {
@@ -675,7 +753,23 @@ bool GrammarMatcher::accept(int32_t token) {
     if (is_end(token)) return can_end();
     const std::string & p = vocab_->piece(token);
     State out;
-    if (p.empty() || !walk(state_, p, &out)) return false;
+    const bool as_text = !p.empty() && walk(state_, p, &out);
+    // by reference, between characters; with the text's reading too when that also ends between
+    // characters (a reference to a piece the grammar also allows as text)
+    const int32_t by_ref = !g_->token_refs.empty() && state_.remain == 0 ? advance_token(state_.set, token) : -1;
+    if (by_ref >= 0 && (!as_text || out.remain == 0)) {
+        std::vector<uint32_t> both = sets_[uint32_t(by_ref)];
+        if (as_text) {
+            both.insert(both.end(), sets_[out.set].begin(), sets_[out.set].end());
+            std::sort(both.begin(), both.end());
+            both.erase(std::unique(both.begin(), both.end()), both.end());
+        }
+        const int32_t set = intern(both);
+        if (set < 0) return false;
+        out = {uint32_t(set), 0, 0, 0};
+    } else if (!as_text) {
+        return false;
+    }
     state_ = std::move(out);
     if (nodes_.size() > k_max_nodes || memo_out_.size() > k_max_nodes * 4 || sets_.size() > k_max_sets) compact();
     return true;
@@ -710,6 +804,14 @@ int64_t GrammarMatcher::fill_allowed(std::vector<uint8_t> * allowed) {
     if (levels_.empty()) levels_.resize(1);
     levels_[0] = state_;
     visit(0, 0, allowed, &n);
+    if (state_.remain == 0 && !g_->token_refs.empty())   // tokens by reference, between characters
+        for (const uint32_t s : sets_[state_.set]) {
+            if (s == 0) continue;
+            const Grammar::Sym sym = g_->syms[nodes_[s].pos];
+            if (sym.kind != Grammar::Token) continue;
+            const int32_t id = ref_ids_[sym.arg];
+            if (id >= 0 && id < vocab_->n_vocab() && !is_end(id) && !(*allowed)[size_t(id)]) (*allowed)[size_t(id)] = 1, ++n;
+        }
     if (!error_.empty()) {   // the walk was cut short: nothing it found can be trusted
         allowed->assign(size_t(vocab_->n_vocab()), 0);
         return 0;
@@ -748,6 +850,7 @@ void GrammarMatcher::compact() {
     next_mask_ = 0;
     ascii_next_.clear();
     next_.clear();
+    token_next_.clear();
     nodes_.push_back({UINT32_MAX, 0, 0});
     std::unordered_map<uint32_t, uint32_t> moved{{0, 0}};
     std::vector<uint32_t> chain;

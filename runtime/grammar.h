@@ -9,18 +9,22 @@
 //   m.accept(tok);
 //   if (m.must_end()) ...                                            // the text is complete
 //
-// Notation (as llama.cpp's, token references excepted): `name ::= alternatives` per rule, `root`
-// first matched; "literals" and [character classes] ([^...] negated, a-z ranges) with the escapes
-// \n \r \t \\ \" \[ \] \- \xHH \uHHHH \UHHHHHHHH; `.` any character; ( groups ); `|`; repetitions
-// * + ? {m} {m,} {m,n}; # comments; a rule ends at a newline outside parentheses. Left recursion
-// is refused (it would never end); write it as repetition.
+// Notation (as llama.cpp's): `name ::= alternatives` per rule, `root` first matched; "literals"
+// and [character classes] ([^...] negated, a-z ranges) with the escapes \n \r \t \\ \" \[ \] \-
+// \xHH \uHHHH \UHHHHHHHH; `.` any character; ( groups ); `|`; repetitions * + ? {m} {m,} {m,n};
+// token references, one token by id `<[128000]>` or by its whole text `<|im_end|>` (a special token
+// or one piece of the vocabulary; llama.cpp's negated `!<...>` is refused); # comments; a rule ends
+// at a newline outside parentheses. Left recursion is refused (it would never end); write it as
+// repetition.
 //
 // Matching is over the text the tokens decode to, as code points; a token may end inside a UTF-8
 // character and the next one complete it. Only well-formed UTF-8 passes (RFC 3629: no stray
 // continuation, overlong form, surrogate or code point past U+10FFFF; llama.cpp lets some through),
 // and no NUL; an end token passes only where the root can be complete. Special
-// tokens other than the given end tokens are never allowed (llama.cpp matches a control token's
-// text; moesh does not let `<|im_start|>` pass as characters).
+// tokens other than the given end tokens are never allowed as characters (llama.cpp matches a
+// control token's text; moesh does not let `<|im_start|>` pass as characters): only a token
+// reference lets one through, between characters. A reference to an end token never matches (the
+// end token ends the text).
 //
 // Memory: a matcher's stacks are shared, interned nodes (compacted past k_max_nodes, never more
 // than k_hard_nodes) and a stack is at most k_max_depth deep; a grammar more ambiguous than
@@ -44,11 +48,16 @@ namespace moesh {
 class Tokenizer;
 
 struct Grammar {
-    enum Kind : uint8_t { End, Char, Ref };
+    enum Kind : uint8_t { End, Char, Ref, Token };
     struct Sym {
         Kind kind;
-        uint32_t arg;   // Char: index in sets; Ref: index in rules
+        uint32_t arg;   // Char: index in sets; Ref: index in rules; Token: index in token_refs
     };
+    struct TokenRef {
+        int64_t id = -1;    // <[id]>
+        std::string text;   // <text>: resolved against the vocabulary by each matcher
+    };
+    std::vector<TokenRef> token_refs;
     std::vector<Sym> syms;                                   // alternatives, each closed by End; [0,1] = root, End
     std::vector<std::vector<uint32_t>> rules;                // rule -> its alternatives' first symbols
     std::vector<std::vector<std::pair<uint32_t, uint32_t>>> sets;   // character class -> sorted disjoint [lo, hi]
@@ -74,6 +83,8 @@ public:
     explicit GrammarVocab(std::vector<std::string> pieces);
     int32_t n_vocab() const { return n_vocab_; }
     const std::string & piece(int32_t id) const;   // empty: never allowed as text
+    // The token whose whole text is `text` (a special token's, or a piece); -1 when none.
+    int32_t token_of(std::string_view text) const;
 
     struct Node {
         uint32_t first_edge, n_edges;     // edges [first_edge, first_edge + n_edges)
@@ -87,6 +98,7 @@ public:
 private:
     int32_t n_vocab_ = 0;
     std::vector<std::string> pieces_;
+    std::unordered_map<std::string, int32_t> specials_;   // text -> id of the special tokens
 };
 
 class GrammarMatcher {
@@ -96,6 +108,7 @@ public:
     static constexpr size_t k_max_nodes = 1 << 16;    // compacted past this between tokens
     static constexpr size_t k_hard_nodes = 1 << 19;   // never more (about 30 MB with the maps): error()
 
+    // A token reference the vocabulary does not have sets error() at once.
     GrammarMatcher(std::shared_ptr<const Grammar> grammar, std::shared_ptr<const GrammarVocab> vocab,
                    std::vector<int32_t> end_ids);
 
@@ -130,6 +143,7 @@ private:
     const uint32_t * transition(uint32_t stack, uint32_t cp, uint32_t * n);
     int32_t intern(std::vector<uint32_t> & stacks);       // the set's id; -1 (dead) when empty or too wide
     int32_t advance(uint32_t set, uint32_t cp);           // the set after code point cp; -1: dead
+    int32_t advance_token(uint32_t set, int32_t token);   // the set after a token its references match; -1: none
     bool step(const State & in, uint8_t byte, State * out);
     bool feasible(const State & s) const;
     bool walk(const State & from, const std::string & bytes, State * out);
@@ -151,6 +165,8 @@ private:
     std::unordered_map<std::vector<uint32_t>, uint32_t, VecHash> set_ids_;
     std::vector<std::array<int32_t, 128>> ascii_next_;              // [set][byte]
     std::unordered_map<uint64_t, int32_t> next_;                    // (set, cp >= 128) -> set
+    std::unordered_map<uint64_t, int32_t> token_next_;              // (set, token) -> set, by references
+    std::vector<int32_t> ref_ids_;                                  // token_refs resolved in this vocabulary
     // The last k_cached_masks whole-vocabulary masks, by set (states between characters recur:
     // inside a JSON string, after any ordinary character, the set is the same).
     static constexpr size_t k_cached_masks = 16;

@@ -479,9 +479,13 @@ def grammars():
         "hidden_left_recursion": 'root ::= e? x\ne ::= ""\nx ::= root "a" | "b"\n', "bad_escape": 'root ::= "\\q"\n',
         "unclosed_group": 'root ::= ("a" | "b"\n', "empty_class": "root ::= []\n", "reversed_range": "root ::= [z-a]\n",
         "repeat_nothing": "root ::= *\n", "twice": 'root ::= "a"\nroot ::= "b"\n', "no_root": 'x ::= "a"\n',
-        "max_below_min": 'root ::= "a"{3,1}\n', "token_ref": "root ::= <[12]>\n", "double_repeat": 'root ::= "a"**\n',
+        "max_below_min": 'root ::= "a"{3,1}\n', "negated_token": "root ::= !<[12]>\n", "double_repeat": 'root ::= "a"**\n',
+        "unclosed_token": "root ::= <think\n", "token_id_word": "root ::= <[twelve]>\n",
     }.items():
         out[f"invalid_{name}.gbnf"] = text.encode()
+    # token references: \x01 in the walked text stands for a special token (grammar_check.h)
+    out["valid_token_refs.gbnf"] = b'root ::= <[257]> "a"* (<[258]> | "b") <think> <[259]>{0,2}\n'
+    out["valid_token_refs_mixed.gbnf"] = b'root ::= (<[97]> | "a" "b") <[260]>? [a-z]+\n'
     out["invalid_bad_utf8.gbnf"] = b'root ::= "\xff"\n'
     return out
 

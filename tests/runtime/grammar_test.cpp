@@ -120,6 +120,51 @@ TEST(Grammar, SpecialTokensAreNeverText) {
     EXPECT_FALSE(without[0]);   // special, and not an end token: never allowed
 }
 
+// Token references (llama.cpp's <[id]> and <text>) let exactly that token through, special ones
+// included, between characters.
+TEST(Grammar, TokenReferencesLetThatTokenThrough) {
+    std::vector<std::string> pieces(260);   // bytes, 256 the end, 257..259 special (no text)
+    for (int b = 0; b < 256; ++b) pieces[size_t(b)] = std::string(1, char(b));
+    const auto vocab = std::make_shared<const GrammarVocab>(std::move(pieces));
+    GrammarMatcher m(parse_ok("root ::= \"a\" <[257]> (\"b\" | <[258]>) <[97]>?"), vocab, {256});
+    std::vector<uint8_t> allowed;
+    ASSERT_TRUE(m.accept('a'));
+    EXPECT_EQ(m.fill_allowed(&allowed), 1);
+    EXPECT_TRUE(allowed[257]);
+    EXPECT_FALSE(m.allows(258));
+    ASSERT_TRUE(m.accept(257));
+    EXPECT_EQ(m.fill_allowed(&allowed), 2);
+    EXPECT_TRUE(allowed['b'] && allowed[258]);
+    ASSERT_TRUE(m.accept(258));
+    EXPECT_TRUE(m.can_end());
+    EXPECT_TRUE(m.allows('a'));   // <[97]>: the token "a" by its id
+    ASSERT_TRUE(m.accept('a'));
+    EXPECT_TRUE(m.must_end());
+    // a token the grammar takes both by reference and as text: both readings go on
+    GrammarMatcher both(parse_ok("root ::= <[97]> \"x\" | \"a\" \"y\""), vocab, {256});
+    ASSERT_TRUE(both.accept('a'));
+    EXPECT_TRUE(both.allows('x') && both.allows('y'));
+    // never inside a character: after the first byte of "é" only its second byte
+    GrammarMatcher split(parse_ok("root ::= (\"\u00e9\" | [\u00c3] <[257]>)"), vocab, {256});
+    ASSERT_TRUE(split.accept(0xC3));
+    EXPECT_FALSE(split.allows(257));
+    // a reference the vocabulary does not have
+    GrammarMatcher bad(parse_ok("root ::= <nope>"), vocab, {256});
+    EXPECT_EQ(bad.error(), "grammar token <nope>: not one token of this vocabulary");
+    GrammarMatcher far(parse_ok("root ::= <[5000]>"), vocab, {256});
+    EXPECT_EQ(far.error(), "grammar token <[5000]>: past the vocabulary's 260 tokens");
+    // <text> by a tokenizer's special token: the shipped model's <|endoftext|>, not an end token here
+    GrammarMatcher special(parse_ok("root ::= <|endoftext|> \"a\""), shipped_vocab(), {});
+    EXPECT_EQ(special.error(), "");
+    EXPECT_EQ(special.fill_allowed(&allowed), 1);
+    EXPECT_TRUE(allowed[0]);
+    ASSERT_TRUE(special.accept(0));
+    EXPECT_TRUE(special.allows(byte_token('a')));
+    // an end token ends the text: a reference to it never matches
+    GrammarMatcher end(parse_ok("root ::= <|endoftext|> \"a\""), shipped_vocab(), {0});
+    EXPECT_FALSE(end.allows(0));
+}
+
 // fill_allowed (the trie walk) says what allows (one token's walk) says, in every state met.
 TEST(Grammar, MaskEqualsTokenByTokenChecks) {
     const std::string json = R"(root ::= object
@@ -205,7 +250,10 @@ TEST(Grammar, ErrorsNameTheLineAndColumn) {
     EXPECT_EQ(parse_error("x ::= \"a\""), "grammar: no rule named root");
     EXPECT_EQ(parse_error("root ::= \"a\"{3,1}"), "grammar line 1, column 18: a repetition {3,1} with max < min");
     EXPECT_NE(parse_error("root ::= \"a\"{99999}").find("repetition count over 10000"), std::string::npos);
-    EXPECT_NE(parse_error("root ::= <[12]>").find("token references"), std::string::npos);
+    EXPECT_EQ(parse_error("root ::= !<[12]>"), "grammar line 1, column 10: negated token references (!<...>) are not supported");
+    EXPECT_EQ(parse_error("root ::= <think\n"), "grammar line 1, column 10: a token reference '<' is never closed with '>' on its line");
+    EXPECT_EQ(parse_error("root ::= <[x]>"), "grammar line 1, column 10: expected a token id as <[123]>");
+    EXPECT_NE(parse_error("root ::= <[99999999999]>").find("a token id past"), std::string::npos);
     EXPECT_NE(parse_error("root ::= \"a\" )").find("unexpected ')'"), std::string::npos);
     EXPECT_NE(parse_error("root ::= \"\xff\"").find("invalid UTF-8"), std::string::npos);
     EXPECT_NE(parse_error("root ::= " + std::string(300, '(')).find("nested over 200"), std::string::npos);
