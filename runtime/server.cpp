@@ -231,8 +231,7 @@ bool Server::on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp) 
         send_pending(handle, a, v);
     }
     for (const std::string & s : a.stop)   // only the tail can hold a new match
-        if (a.text.find(s, std::max(a.text_from, a.text.size() > s.size() + 64 ? a.text.size() - s.size() - 64 : 0)) != std::string::npos)
-            return false;
+        if (a.text.find(s, a.text.size() > s.size() + 64 ? a.text.size() - s.size() - 64 : 0) != std::string::npos) return false;
     return true;
 }
 
@@ -244,7 +243,7 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     if (why == FinishReason::Stop) {   // cut the text at the first stop string
         size_t cut = a.text.size();
         for (const std::string & s : a.stop)
-            if (size_t p = a.text.find(s, a.text_from); p != std::string::npos) cut = std::min(cut, p);
+            if (size_t p = a.text.find(s); p != std::string::npos) cut = std::min(cut, p);
         a.text.resize(cut);
     }
     OutputView v;
@@ -311,8 +310,7 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     GenRequest g;
     ToolCallFormat tool_format = ToolCallFormat::None;   // the request's calls are read from its text
     std::string rendered;                                 // the chat prompt, when messages
-    ForcedCall forced;                                    // tool_choice required or named: the call's opening and grammar
-    std::shared_ptr<const Grammar> forced_grammar;
+    std::shared_ptr<const Grammar> forced;                // tool_choice required or named: the call's grammar
     if (req.prompt_ids) {
         g.prompt = std::move(*req.prompt_ids);
     } else if (!tok_) {
@@ -340,9 +338,12 @@ void Server::generate(const Origin & from, protocol::Request && req) {
         if (offer_tools) tool_format = chat_->tool_call_format();
         if (req.tool_choice == protocol::ToolChoice::Required || req.tool_choice == protocol::ToolChoice::Named) {
             std::string why;
-            if (!force_tool_call(tool_format, *req.tools, req.tool_choice_name, &forced, &why) ||
-                (!forced.grammar.empty() && !(forced_grammar = compile_grammar(forced.grammar, &why))))
-                return refuse("field 'tool_choice': " + why);
+            auto special_id = [this](std::string_view marker) {
+                const int32_t id = tok_->token_id(marker);
+                return id >= 0 && tok_->is_special(id) ? id : -1;
+            };
+            const std::string text = force_tool_call(tool_format, *req.tools, req.tool_choice_name, special_id, &why);
+            if (text.empty() || !(forced = compile_grammar(text, &why))) return refuse("field 'tool_choice': " + why);
         }
         try {   // the template's own checks (roles that must alternate, ...) refuse the request, not the server
             nlohmann::ordered_json extra = req.chat_template_kwargs ? nlohmann::ordered_json::parse(*req.chat_template_kwargs)
@@ -357,10 +358,8 @@ void Server::generate(const Origin & from, protocol::Request && req) {
                     messages.insert(messages.begin(), nlohmann::ordered_json{{"role", "system"}, {"content", shown}});
             }
             rendered = chat_->render(messages, /*add_generation_prompt=*/true, extra);
-            // a forced call's opening follows the prompt (closing a reasoning block the prompt opened)
-            if (!forced.prefill.empty() && !chat_->harmony() && chat_->reasons() && prompt_opens_reasoning(rendered))
-                rendered += "</think>\n\n";
-            rendered += forced.prefill;
+            // a forced call comes first: a reasoning block the prompt opened is closed for it
+            if (forced && !chat_->harmony() && chat_->reasons() && prompt_opens_reasoning(rendered)) rendered += "</think>\n\n";
             g.prompt = tok_->encode(rendered, /*add_special=*/false);
         } catch (const Error & e) {
             return refuse(e.what());
@@ -370,9 +369,9 @@ void Server::generate(const Origin & from, protocol::Request && req) {
         g.prompt = tok_->encode(*req.prompt, /*add_special=*/true);
     }
     g.stop_ids.insert(g.stop_ids.end(), eos_.begin(), eos_.end());
-    if (req.grammar || req.json_schema || forced_grammar) {
+    if (req.grammar || req.json_schema || forced) {
         std::string why;
-        std::shared_ptr<const Grammar> grammar = forced_grammar ? forced_grammar : request_grammar(req, &why);
+        std::shared_ptr<const Grammar> grammar = forced ? forced : request_grammar(req, &why);
         if (!grammar) {
             ++stats_.bad_requests;
             send(from, error_frame(req.id, ErrorCode::BadRequest, why));
@@ -380,6 +379,11 @@ void Server::generate(const Origin & from, protocol::Request && req) {
         }
         if (!grammar_vocab_) grammar_vocab_ = std::make_shared<const GrammarVocab>(*tok_);
         g.grammar = std::make_shared<GrammarMatcher>(std::move(grammar), grammar_vocab_, g.stop_ids);
+        if (!g.grammar->error().empty()) {   // a token reference this vocabulary does not have
+            ++stats_.bad_requests;
+            send(from, error_frame(req.id, ErrorCode::BadRequest, "field 'grammar': " + g.grammar->error()));
+            return;
+        }
     }
     g.max_tokens = req.max_tokens;
     g.sampling = SamplerParams{req.temperature,        req.top_k,             req.top_p,
@@ -439,8 +443,6 @@ void Server::generate(const Origin & from, protocol::Request && req) {
     act.grammar = std::move(grammar);
     act.tool_format = tool_format;
     if (tool_format != ToolCallFormat::None) act.tools = *req.tools;
-    act.text = std::move(forced.prefill);   // the model's reply goes on from the call's opening
-    act.text_from = act.text.size();
     act.harmony = act.chat && chat_->harmony();
     act.reasoning = act.chat && !act.harmony && chat_->reasons();
     act.reasoning_open = act.reasoning && prompt_opens_reasoning(rendered);

@@ -101,8 +101,7 @@ private:
         std::string id;        // the client's request id
         bool stream = false;
         std::vector<std::string> stop;
-        std::string text;      // decoded so far (stop strings, final text), after what the server wrote
-        size_t text_from = 0;  // bytes of text the server wrote for the model: a forced tool call's opening
+        std::string text;      // decoded so far (stop strings, final text)
         std::unique_ptr<StreamDecoder> decoder;
         int64_t prompt_tokens = 0;
         int64_t index = 0;

@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <functional>
 #include <optional>
 #include <utility>
 
@@ -436,16 +437,13 @@ std::string literal(std::string_view s) {
     return out + "\"";
 }
 
-// A schema's grammar with its top wrapped: root ::= before (top) after, the schema's other rules kept.
-std::string wrap(const std::string & g, std::string_view before, std::string_view after) {
+// A schema's grammar with its top wrapped: root ::= before (top) after (both GBNF), the schema's
+// other rules kept.
+std::string wrap(const std::string & g, const std::string & before, const std::string & after) {
     constexpr std::string_view k_root = "root ::= ";
     const size_t eol = g.find('\n');
     const std::string top = g.substr(k_root.size(), eol - k_root.size());
-    std::string out = "root ::= ";
-    if (!before.empty()) out += literal(before) + " ";
-    out += "(" + top + ")";
-    if (!after.empty()) out += " " + literal(after);
-    return out + g.substr(eol);
+    return "root ::= " + before + " (" + top + ") " + after + g.substr(eol);
 }
 
 // The schema converter's "... at /anyOf/K/properties/<key>/P: what" is tools[index[K]].function.parameters at /P.
@@ -495,9 +493,10 @@ xv-obj ::= "{" xv-ws (xv-str xv-ws ":" xv-ws xv-json xv-ws ("," xv-ws xv-str xv-
 xv-arr ::= "[" xv-ws (xv-json xv-ws ("," xv-ws xv-json xv-ws)*)? "]"
 )";
 
-// A grammar for an XML call's parameters (after its opening, to its close): the required ones,
-// then the optional ones, each at most once, in the schema's order; values by type.
-std::string xml_params_grammar(ToolCallFormat f, const ojson & schema) {
+// A grammar for an XML call's parameters, to its close: the required ones, then the optional ones,
+// each at most once, in the schema's order; values by type. `seq` writes the format's text.
+template <class Seq>
+std::string xml_params_grammar(ToolCallFormat f, const ojson & schema, const Seq & seq) {
     std::string root = "root ::=";
     const ojson props = schema.is_object() && schema.contains("properties") && schema["properties"].is_object() ? schema["properties"] : ojson::object();
     const ojson required = schema.is_object() && schema.contains("required") && schema["required"].is_array() ? schema["required"] : ojson::array();
@@ -519,9 +518,40 @@ std::string xml_params_grammar(ToolCallFormat f, const ojson & schema) {
         }
         const auto [open, close] = xml_param(f, key);
         const bool needed = std::find(required.begin(), required.end(), ojson(key)) != required.end();
-        root += " (" + literal(open) + " " + value + " " + literal(close) + ")" + (needed ? "" : "?");
+        root += " (" + seq(open) + " " + value + " " + seq(close) + ")" + (needed ? "" : "?");
     }
-    return root + " " + literal(xml_close(f)) + std::string(k_xml_value_rules);
+    return root + " " + seq(xml_close(f)) + std::string(k_xml_value_rules);
+}
+
+// A grammar's rules renamed with a prefix, so that several can live in one grammar: every rule
+// name (a bare word outside literals, classes, token references, repetition counts and comments).
+std::string prefix_rules(std::string_view g, const std::string & prefix) {
+    std::string out;
+    auto word = [](char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' || c == '_'; };
+    for (size_t i = 0; i < g.size();) {
+        const char c = g[i];
+        if (c == '"' || c == '[' || c == '<' || c == '{') {   // copied through their close, escapes kept
+            const char end = c == '"' ? '"' : c == '[' ? ']' : c == '<' ? '>' : '}';
+            size_t j = i + 1;
+            while (j < g.size() && g[j] != end) j += (g[j] == '\\' && c != '<' && c != '{') ? 2 : 1;
+            out.append(g.substr(i, std::min(j + 1, g.size()) - i));
+            i = j + 1;
+        } else if (c == '#') {
+            const size_t j = std::min(g.find('\n', i), g.size());
+            out.append(g.substr(i, j - i));
+            i = j;
+        } else if (word(c)) {
+            size_t j = i;
+            while (j < g.size() && word(g[j])) ++j;
+            out += prefix;
+            out.append(g.substr(i, j - i));
+            i = j;
+        } else {
+            out += c;
+            ++i;
+        }
+    }
+    return out;
 }
 
 } // namespace
@@ -671,30 +701,56 @@ std::string tools_system_prompt(ToolCallFormat format, std::string_view tools_js
     return out;
 }
 
-bool force_tool_call(ToolCallFormat format, std::string_view tools_json, const std::string & only, ForcedCall * out,
-                     std::string * error) {
-    *out = {};
+std::string force_tool_call(ToolCallFormat format, std::string_view tools_json, const std::string & only,
+                            const std::function<int32_t(std::string_view)> & special_id, std::string * error) {
     if (format == ToolCallFormat::None) {
         *error = "this model's chat template writes tool calls in a format moesh does not read";
-        return false;
+        return {};
     }
     const ojson tools = ojson::parse(tools_json, nullptr, false);
     if (!tools.is_array()) {
         *error = "tools: not a JSON array";
-        return false;
+        return {};
     }
     std::vector<size_t> index;   // the candidates, as tools indices
     for (size_t i = 0; i < tools.size(); ++i)
         if (only.empty() || tools[i].at("function").at("name") == only) index.push_back(i);
     if (index.empty()) {
         *error = "tool_choice: no such tool '" + only + "'";
-        return false;
+        return {};
     }
     auto params = [&](size_t i) -> ojson {
         const ojson & fn = tools[i].at("function");
         return fn.contains("parameters") ? fn["parameters"] : ojson{{"type", "object"}};
     };
-    // Formats whose call is plain JSON text: one grammar for every candidate, name included.
+    // Text of the format as grammar: its markers as token references where the vocabulary holds
+    // them as special tokens (a grammar never lets a special token through as text), the rest literal.
+    std::vector<std::string_view> markers = tool_call_markers(format);
+    std::sort(markers.begin(), markers.end(), [](std::string_view a, std::string_view b) { return a.size() > b.size(); });
+    auto seq = [&](std::string_view s) {
+        std::string out, text;
+        auto flush = [&] {
+            if (!text.empty()) out += (out.empty() ? "" : " ") + literal(text);
+            text.clear();
+        };
+        for (size_t i = 0; i < s.size();) {
+            bool marked = false;
+            for (std::string_view m : markers)
+                if (s.compare(i, m.size(), m) == 0) {
+                    if (const int32_t id = special_id ? special_id(m) : -1; id >= 0) {
+                        flush();
+                        out += (out.empty() ? "<[" : " <[") + std::to_string(id) + "]>";
+                        i += m.size();
+                        marked = true;
+                    }
+                    break;
+                }
+            if (!marked) text += s[i++];
+        }
+        flush();
+        return out.empty() ? std::string("\"\"") : out;
+    };
+    // Formats whose call is plain JSON: one schema for every candidate, name included.
     if (format == ToolCallFormat::Hermes || format == ToolCallFormat::Llama3 || format == ToolCallFormat::Mistral) {
         const char * key = format == ToolCallFormat::Llama3 ? "parameters" : "arguments";
         ojson any = ojson::array();
@@ -711,65 +767,61 @@ bool force_tool_call(ToolCallFormat format, std::string_view tools_json, const s
         const std::string g = json_schema_to_grammar(ojson{{"anyOf", any}}.dump(), &why);
         if (g.empty()) {
             *error = tools_error(why, index, key);
-            return false;
+            return {};
         }
-        if (format == ToolCallFormat::Hermes) {
-            out->grammar = wrap(g, "<tool_call>\n", "\n</tool_call>");
-        } else if (format == ToolCallFormat::Llama3) {
-            out->grammar = g;
-        } else {
-            out->prefill = std::string(k_mistral_calls);
-            out->grammar = wrap(g, "[", "]");
-        }
-        return true;
+        if (format == ToolCallFormat::Hermes) return wrap(g, seq("<tool_call>\n"), seq("\n</tool_call>"));
+        if (format == ToolCallFormat::Llama3) return g;
+        return wrap(g, seq(k_mistral_calls) + " \"[\"", "\"]\"");
     }
-    // The others put the name between markers: with one candidate it is written for the model
-    // and a grammar holds the arguments; with several the model writes the rest freely.
-    const bool known = index.size() == 1;
-    const std::string name = tools[index[0]]["function"]["name"].get<std::string>();
-    std::string after;   // what the arguments' grammar ends with
+    // The others write the name outside the arguments: a rule per candidate, its arguments' grammar
+    // (the schema's, or the XML parameters') under names of its own.
+    const bool xml = format == ToolCallFormat::QwenXml || format == ToolCallFormat::GlmXml || format == ToolCallFormat::MiniMaxXml;
+    std::string before, after, alternatives, rules;
     switch (format) {
-    case ToolCallFormat::MistralArgs:
-        out->prefill = std::string(k_mistral_calls) + (known ? name + std::string(k_mistral_args) : "");
-        break;
+    case ToolCallFormat::MistralArgs: before = seq(k_mistral_calls); break;
     case ToolCallFormat::DeepSeekV31:
-        out->prefill = std::string(k_ds_calls_begin) + std::string(k_ds_call_begin) + (known ? name + std::string(k_ds_sep) : "");
-        break;
     case ToolCallFormat::DeepSeekR1:
-        out->prefill = std::string(k_ds_calls_begin) + std::string(k_ds_call_begin) + "function" + std::string(k_ds_sep) +
-                       (known ? name + std::string(k_ds_json_open) : "");
-        after = k_ds_json_close;
+        before = seq(std::string(k_ds_calls_begin) + std::string(k_ds_call_begin));
+        after = seq(std::string(k_ds_call_end) + std::string(k_ds_calls_end));
         break;
     case ToolCallFormat::KimiK2:
-        out->prefill = std::string(k_kimi_begin) + std::string(k_kimi_call_begin) + "functions." +
-                       (known ? name + ":0" + std::string(k_kimi_args) : "");
+        before = seq(std::string(k_kimi_begin) + std::string(k_kimi_call_begin));
+        after = seq(std::string(k_kimi_call_end) + std::string(k_kimi_end));
         break;
-    case ToolCallFormat::Harmony:
-        out->prefill = "<|channel|>commentary to=functions." + (known ? name + " <|constrain|>json<|message|>" : "");
-        break;
-    case ToolCallFormat::QwenXml:
-    case ToolCallFormat::GlmXml:
-    case ToolCallFormat::MiniMaxXml:
-        if (!known) {   // the opening up to the name
-            const std::string open = xml_open(format, "\x01");
-            out->prefill = open.substr(0, open.find('\x01'));
-            return true;
-        }
-        out->prefill = xml_open(format, name);
-        out->grammar = xml_params_grammar(format, params(index[0]));
-        return true;
+    case ToolCallFormat::Harmony: before = seq("<|channel|>commentary to=functions."); break;
     default: break;
     }
-    if (!known) return true;
-    std::string why;
-    const std::string g = json_schema_to_grammar(params(index[0]).dump(), &why);
-    if (g.empty()) {
-        const std::string at = why.find(" at /") != std::string::npos ? why.substr(why.find(" at /")) : ": " + why;
-        *error = "tools[" + std::to_string(index[0]) + "].function.parameters" + at;
-        return false;
+    for (size_t k = 0; k < index.size(); ++k) {
+        const std::string name = tools[index[k]]["function"]["name"].get<std::string>();
+        const std::string prefix = "t" + std::to_string(k) + "-";
+        std::string g, open, close;
+        if (xml) {
+            g = xml_params_grammar(format, params(index[k]), seq);
+            open = seq(xml_open(format, name));
+        } else {
+            std::string why;
+            g = json_schema_to_grammar(params(index[k]).dump(), &why);
+            if (g.empty()) {
+                const std::string at = why.find(" at /") != std::string::npos ? why.substr(why.find(" at /")) : ": " + why;
+                *error = "tools[" + std::to_string(index[k]) + "].function.parameters" + at;
+                return {};
+            }
+            switch (format) {
+            case ToolCallFormat::MistralArgs: open = seq(name + std::string(k_mistral_args)); break;
+            case ToolCallFormat::DeepSeekV31: open = seq(name + std::string(k_ds_sep)); break;
+            case ToolCallFormat::DeepSeekR1:
+                open = seq("function" + std::string(k_ds_sep) + name + std::string(k_ds_json_open));
+                close = seq(k_ds_json_close);
+                break;
+            case ToolCallFormat::KimiK2: open = seq("functions." + name + ":0" + std::string(k_kimi_args)); break;
+            case ToolCallFormat::Harmony: open = seq(name + " <|constrain|>json<|message|>"); break;
+            default: break;
+            }
+        }
+        alternatives += (k ? " | (" : "(") + open + " " + prefix + "root" + (close.empty() ? "" : " " + close) + ")";
+        rules += "\n" + prefix_rules(g, prefix);
     }
-    out->grammar = wrap(g, "", after);
-    return true;
+    return "root ::= " + before + " (" + alternatives + ")" + (after.empty() ? "" : " " + after) + rules;
 }
 
 } // namespace moesh

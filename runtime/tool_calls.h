@@ -30,6 +30,8 @@
 // Thread safety: pure functions.
 #pragma once
 
+#include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -76,21 +78,14 @@ std::string write_tool_call(ToolCallFormat format, const std::string & name, con
 // line) and shows the format of a call, as llama.cpp's template polyfill does.
 std::string tools_system_prompt(ToolCallFormat format, std::string_view tools_json);
 
-// A call the model must make (tool_choice "required" or a named tool): text
-// written for it after the generation prompt (the call's opening markers, and
-// the name where the tool is known), then a GBNF grammar for what it writes
-// after that ("" = unconstrained: the name stands between special tokens,
-// which no grammar can hold, and several tools could be called).
-struct ForcedCall {
-    std::string prefill;
-    std::string grammar;
-};
-
-// From `tools_json` (a request's tools: a JSON array of {"type": "function",
-// "function": {"name", "parameters"?}}), only the one named `only` when not
-// empty. False and *error (naming tools[i]) when a schema cannot be made a
-// grammar or `only` is not a tool.
-bool force_tool_call(ToolCallFormat format, std::string_view tools_json, const std::string & only, ForcedCall * out,
-                     std::string * error);
+// A call the model must make (tool_choice "required" or a named tool): a GBNF grammar whose every
+// match is one call, in the format, of a function of `tools_json` (a request's tools: a JSON array
+// of {"type": "function", "function": {"name", "parameters"?}}) or only of the one named `only`,
+// with arguments that are an instance of its parameters schema. The format's markers that
+// `special_id` says are special tokens (their id; -1: not one) are token references in it (a
+// grammar never lets a special token through as text). "" and *error (naming tools[i]) when a
+// schema cannot be made a grammar or `only` is not a tool.
+std::string force_tool_call(ToolCallFormat format, std::string_view tools_json, const std::string & only,
+                            const std::function<int32_t(std::string_view)> & special_id, std::string * error);
 
 } // namespace moesh

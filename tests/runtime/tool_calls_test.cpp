@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include <fstream>
+#include <functional>
 
 namespace moesh {
 namespace {
@@ -29,8 +30,6 @@ constexpr ToolCallFormat k_formats[] = {ToolCallFormat::Hermes,      ToolCallFor
                                         ToolCallFormat::MistralArgs, ToolCallFormat::DeepSeekV31, ToolCallFormat::DeepSeekR1,
                                         ToolCallFormat::KimiK2,      ToolCallFormat::Harmony,     ToolCallFormat::QwenXml,
                                         ToolCallFormat::GlmXml,      ToolCallFormat::MiniMaxXml};
-
-bool xml(ToolCallFormat f) { return f == ToolCallFormat::QwenXml || f == ToolCallFormat::GlmXml || f == ToolCallFormat::MiniMaxXml; }
 
 ToolCallFormat format_named(const std::string & name) {
     for (ToolCallFormat f : k_formats)
@@ -201,60 +200,97 @@ const std::string k_tools = R"([
         "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city"]}}},
     {"type": "function", "function": {"name": "now"}}])";
 
+std::string forced(ToolCallFormat f, const std::string & tools, const std::string & only, std::string * why,
+                   const std::function<int32_t(std::string_view)> & special_id = {}) {
+    return force_tool_call(f, tools, only, special_id, why);
+}
+
 TEST(ToolCalls, ARequiredHermesCallIsAGrammar) {
-    ForcedCall any, one;
     std::string why;
-    ASSERT_TRUE(force_tool_call(ToolCallFormat::Hermes, k_tools, "", &any, &why)) << why;
-    EXPECT_EQ(any.prefill, "");
-    EXPECT_TRUE(grammar_matches(any.grammar, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"));
-    EXPECT_TRUE(grammar_matches(any.grammar, "<tool_call>\n{\"name\":\"now\",\"arguments\":{\"x\": 1}}\n</tool_call>"));
-    EXPECT_FALSE(grammar_matches(any.grammar, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"unit\": \"celsius\"}}\n</tool_call>"));
-    EXPECT_FALSE(grammar_matches(any.grammar, "<tool_call>\n{\"name\": \"other\", \"arguments\": {}}\n</tool_call>"));
-    EXPECT_FALSE(grammar_matches(any.grammar, "Sure! <tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>"));
-    ASSERT_TRUE(force_tool_call(ToolCallFormat::Hermes, k_tools, "now", &one, &why)) << why;
-    EXPECT_FALSE(grammar_matches(one.grammar, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"));
-    EXPECT_TRUE(grammar_matches(one.grammar, "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>"));
+    const std::string any = forced(ToolCallFormat::Hermes, k_tools, "", &why);
+    ASSERT_FALSE(any.empty()) << why;
+    EXPECT_TRUE(grammar_matches(any, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"));
+    EXPECT_TRUE(grammar_matches(any, "<tool_call>\n{\"name\":\"now\",\"arguments\":{\"x\": 1}}\n</tool_call>"));
+    EXPECT_FALSE(grammar_matches(any, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"unit\": \"celsius\"}}\n</tool_call>"));
+    EXPECT_FALSE(grammar_matches(any, "<tool_call>\n{\"name\": \"other\", \"arguments\": {}}\n</tool_call>"));
+    EXPECT_FALSE(grammar_matches(any, "Sure! <tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>"));
+    const std::string one = forced(ToolCallFormat::Hermes, k_tools, "now", &why);
+    ASSERT_FALSE(one.empty()) << why;
+    EXPECT_FALSE(grammar_matches(one, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"));
+    EXPECT_TRUE(grammar_matches(one, "<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>"));
 
     const std::string bad = R"([{"type": "function", "function": {"name": "a"}},
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}}}])";
-    EXPECT_FALSE(force_tool_call(ToolCallFormat::Hermes, bad, "", &any, &why));
+    EXPECT_TRUE(forced(ToolCallFormat::Hermes, bad, "", &why).empty());
     EXPECT_EQ(why.rfind("tools[1].function.parameters at /properties/x: 'pattern' is not supported", 0), 0u) << why;
-    EXPECT_FALSE(force_tool_call(ToolCallFormat::DeepSeekV31, bad, "f", &any, &why));
+    EXPECT_TRUE(forced(ToolCallFormat::DeepSeekV31, bad, "", &why).empty());
     EXPECT_EQ(why.rfind("tools[1].function.parameters at /properties/x: 'pattern' is not supported", 0), 0u) << why;
-    EXPECT_FALSE(force_tool_call(ToolCallFormat::Hermes, k_tools, "other", &any, &why));
+    EXPECT_TRUE(forced(ToolCallFormat::Hermes, k_tools, "other", &why).empty());
     EXPECT_EQ(why, "tool_choice: no such tool 'other'");
-    EXPECT_FALSE(force_tool_call(ToolCallFormat::None, k_tools, "", &any, &why));
+    EXPECT_TRUE(forced(ToolCallFormat::None, k_tools, "", &why).empty());
 }
 
-// In every format, a forced call of a known tool is its opening written for the model and its
-// arguments held by a grammar; what the model then writes reads back as the call.
-TEST(ToolCalls, AForcedCallReadsBackInEveryFormat) {
+// The text a forced call may take, as tokens: the format's markers as special tokens (ids from 257
+// on, no text) where `specials`, every other byte as its byte token.
+std::vector<int32_t> tokens_of(ToolCallFormat f, const std::string & text, bool specials) {
+    std::vector<std::string_view> markers = tool_call_markers(f);
+    std::vector<int32_t> out;
+    for (size_t i = 0; i < text.size();) {
+        bool marker = false;
+        for (size_t m = 0; m < markers.size() && specials; ++m)
+            if (text.compare(i, markers[m].size(), markers[m]) == 0) {
+                out.push_back(257 + int32_t(m));
+                i += markers[m].size();
+                marker = true;
+                break;
+            }
+        if (!marker) out.push_back(uint8_t(text[i++]));
+    }
+    return out;
+}
+
+// In every format a forced call is one grammar, for one tool or several; what a model held by it
+// writes reads back as the call, with the markers as text or as special tokens.
+TEST(ToolCalls, AForcedCallIsOneGrammarInEveryFormat) {
     const std::string args = "{\"city\": \"Paris\", \"unit\": \"celsius\"}";
     for (ToolCallFormat f : k_formats) {
-        SCOPED_TRACE(std::string(tool_call_format_name(f)));
-        ForcedCall c;
-        std::string why;
-        ASSERT_TRUE(force_tool_call(f, k_tools, "get_weather", &c, &why)) << why;
-        std::string written;   // what a model held by the grammar may write
-        if (f == ToolCallFormat::Hermes) written = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": " + args + "}\n</tool_call>";
-        else if (f == ToolCallFormat::Llama3) written = "{\"name\": \"get_weather\", \"parameters\": " + args + "}";
-        else if (f == ToolCallFormat::Mistral) written = "[{\"name\": \"get_weather\", \"arguments\": " + args + "}]";
-        else if (f == ToolCallFormat::DeepSeekR1) written = args + "\n```";
-        else if (xml(f)) written = write_tool_call(f, "get_weather", args).substr(c.prefill.size());
-        else written = args;
-        EXPECT_TRUE(grammar_matches(c.grammar, written)) << c.grammar;
-        EXPECT_FALSE(grammar_matches(c.grammar, written.substr(0, written.size() - 1)));
-        const ParsedOutput out = parse_tool_calls(f, c.prefill + written, k_tools);
-        ASSERT_EQ(out.calls.size(), 1u) << c.prefill + written;
-        EXPECT_EQ(out.calls[0].name, "get_weather");
-        EXPECT_EQ(out.calls[0].arguments, R"({"city":"Paris","unit":"celsius"})");
-        EXPECT_EQ(out.content, "");
-        // several tools: one grammar where the call is plain text, else the opening alone
-        ASSERT_TRUE(force_tool_call(f, k_tools, "", &c, &why)) << why;
-        const bool plain = f == ToolCallFormat::Hermes || f == ToolCallFormat::Llama3 || f == ToolCallFormat::Mistral;
-        EXPECT_EQ(c.grammar.empty(), !plain);
-        if (!plain) {
-            EXPECT_FALSE(c.prefill.empty());
+        for (bool specials : {false, true}) {
+            SCOPED_TRACE(std::string(tool_call_format_name(f)) + (specials ? ", markers as special tokens" : ", markers as text"));
+            const std::vector<std::string_view> markers = tool_call_markers(f);
+            auto special_id = [&](std::string_view m) -> int32_t {
+                for (size_t k = 0; k < markers.size(); ++k)
+                    if (specials && markers[k] == m) return 257 + int32_t(k);
+                return -1;
+            };
+            std::vector<std::string> pieces(257 + markers.size());   // bytes, 256 the end, then the markers (special)
+            for (int b = 0; b < 256; ++b) pieces[size_t(b)] = std::string(1, char(b));
+            const auto vocab = std::make_shared<const GrammarVocab>(std::move(pieces));
+            for (const std::string only : {"get_weather", ""}) {
+                std::string why;
+                const std::string g = forced(f, k_tools, only, &why, special_id);
+                ASSERT_FALSE(g.empty()) << why;
+                auto grammar = Grammar::parse(g, &why);
+                ASSERT_TRUE(grammar) << why << "\n" << g;
+                // what a model writes: the call as the format shows it
+                std::string written = write_tool_call(f, "get_weather", args);
+                if (f == ToolCallFormat::Harmony) written.resize(written.size() - std::string("<|call|>").size());   // ends the turn
+                GrammarMatcher m(grammar, vocab, {256});
+                bool ok = true;
+                for (int32_t t : tokens_of(f, written, specials)) ok = ok && m.accept(t);
+                EXPECT_TRUE(ok && m.can_end()) << written << "\n" << g;
+                const ParsedOutput out = parse_tool_calls(f, written, k_tools);
+                ASSERT_EQ(out.calls.size(), 1u) << written;
+                EXPECT_EQ(out.calls[0].name, "get_weather");
+                EXPECT_EQ(out.calls[0].arguments, R"({"city":"Paris","unit":"celsius"})");
+                EXPECT_EQ(out.content, "");
+                // the other tool too, unless the choice named one
+                std::string other = write_tool_call(f, "now", "{}");
+                if (f == ToolCallFormat::Harmony) other.resize(other.size() - std::string("<|call|>").size());
+                GrammarMatcher m2(grammar, vocab, {256});
+                bool ok2 = true;
+                for (int32_t t : tokens_of(f, other, specials)) ok2 = ok2 && m2.accept(t);
+                EXPECT_EQ(ok2 && m2.can_end(), only.empty()) << other;
+            }
         }
     }
 }
