@@ -137,6 +137,11 @@ ws     ::= [ \t\n]{0,8}
 root ::= "yes" | "yesterday" | "no" | "nope" | "none"
 ''', texts=["yesterday", "nope"]),
 
+    # token references: by id (<|im_start|>) and by text, control tokens between characters; no class
+    # admits "<", so llama.cpp matches the control tokens only through the references
+    dict(name="token-refs", vocabs=["SmolLM2-135M-Instruct"], special=True, text=r'''root ::= "Q" [a-z]{1,8} <[1]> ( [a-z ]{1,6} <file_sep> )? [0-9]{1,4} <filename> "."
+''', texts=["Qabc<|im_start|>def <file_sep>12<filename>.", "Qz<|im_start|>7<filename>."]),
+
     dict(name="split-utf8", text=r'''# characters a byte-level vocabulary spells in pieces, then up to three non-ASCII ones
 root  ::= glyph{1,6} ( " " [^\x00-\x7F]{1,3} )?
 glyph ::= [\U0001D400-\U0001D7FF] | "ꙮ" | [ᚠ-ᛪ] | "𓂀"
@@ -164,7 +169,9 @@ tokens) and `SmolLM2-135M-Instruct` (.cache/models/SmolLM2-135M-Instruct.Q4_1.gg
   `mask_table`; one more than tokens: before each token and after the last), `ended`
   (`eog_only` or `length`, random walks), `cut` (where llama.cpp refused a text walk's token; none do now),
   and, where not all empty, `lax`: per step, the allowed ids (ranges) that a strict UTF-8 reading
-  rejects after the walk's bytes. Random walks never pick end-of-generation, control or lax tokens.
+  rejects after the walk's bytes. Random walks never pick end-of-generation, control or lax tokens,
+  except the control tokens a grammar references (`token-refs`, SmolLM2 only: `grammars[].token_refs`
+  lists their ids per vocabulary; its text walks are tokenized with special tokens parsed).
 * `greedy.runs[]`: the shipped model's greedy tokens under {greedy} for the 3 prompts of
   shipped/moesh-tiny-py/reference.json (`prompt_ids`), up to 24 tokens; `ended`: `eog_only` (llama.cpp
   allowed only end-of-generation: not appended), `eog_sampled` (appended) or `length`;
@@ -287,10 +294,10 @@ class Vocab:
         self.data = np.zeros(self.n, dtype=[("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
         assert self.data.itemsize == ctypes.sizeof(ll.llama_token_data)
 
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, special: bool = False) -> list[int]:
         raw = text.encode()
         toks = (self.ll.llama_token * (len(raw) + 8))()
-        k = self.ll.llama_tokenize(self.vocab, raw, len(raw), toks, len(toks), False, False)
+        k = self.ll.llama_tokenize(self.vocab, raw, len(raw), toks, len(toks), False, special)
         assert k >= 0
         return list(toks[:k])
 
@@ -350,8 +357,9 @@ class MaskTable:
         return self.index[key]
 
 
-def walk(vocab: Vocab, table: MaskTable, text: str, kind: str, tokens=None, rng=None, prefer_partial=False):
-    """Runs one walk; `tokens` given: a text walk, else a random one."""
+def walk(vocab: Vocab, table: MaskTable, text: str, kind: str, tokens=None, rng=None, prefer_partial=False, refs=()):
+    """Runs one walk; `tokens` given: a text walk, else a random one. `refs`: control tokens the
+    grammar references, which a random walk may pick."""
     np = vocab.np
     g = Grammar(vocab, text)
     out_tokens, masks, lax, sizes, eog_allowed = [], [], [], [], []
@@ -363,7 +371,7 @@ def walk(vocab: Vocab, table: MaskTable, text: str, kind: str, tokens=None, rng=
         masks.append(table.add(allowed))
         sizes.append(len(allowed))
         eog_allowed.append(bool(vocab.is_eog[allowed].any()))
-        normal = allowed[~vocab.excluded[allowed]]
+        normal = allowed[~vocab.excluded[allowed] | np.isin(allowed, list(refs))]
         ok = vocab.strict_ok(state, normal)
         lax.append(ranges(normal[~ok]))
         if tokens is not None:
@@ -483,20 +491,28 @@ def main() -> int:
     tables = {v.name: MaskTable() for v in vocabs}
     grammars_out = []
     for gi, gr in enumerate(GRAMMARS):
-        walks = {}
+        walks, refs = {}, {}
         for vi, v in enumerate(vocabs):
+            if v.name not in gr.get("vocabs", [v.name]):
+                continue
             rng = np.random.default_rng([zlib.crc32(gr["name"].encode()), vi])
             ws = []
+            # the control tokens the grammar references: <[id]> and <text>
+            import re
+            refs[v.name] = sorted({int(i) for i in re.findall(r"<\[(\d+)\]>", gr["text"])} |
+                                  {v.tokenize(t, special=True)[0] for t in re.findall(r"<[a-z_|]+>", gr["text"])})
             for s in gr["texts"]:
-                w, sizes, eogs = walk(v, tables[v.name], gr["text"], "text", tokens=v.tokenize(s))
+                w, sizes, eogs = walk(v, tables[v.name], gr["text"], "text", tokens=v.tokenize(s, gr.get("special", False)),
+                                      refs=refs[v.name])
                 ws.append(dict(text=s, **w))
                 if "cut" in w:
                     print(f"  {gr['name']} / {v.name}: text walk {s!r} cut at {w['cut']}")
             n_random = args.random_walks if v.n < 10000 else args.random_walks_large
             for _ in range(n_random):
-                w, sizes, eogs = walk(v, tables[v.name], gr["text"], "random", rng=rng)
+                w, sizes, eogs = walk(v, tables[v.name], gr["text"], "random", rng=rng, refs=refs[v.name])
                 ws.append(w)
-            w, sizes, eogs = walk(v, tables[v.name], gr["text"], "random_partial_utf8", rng=rng, prefer_partial=True)
+            w, sizes, eogs = walk(v, tables[v.name], gr["text"], "random_partial_utf8", rng=rng, prefer_partial=True,
+                                  refs=refs[v.name])
             ws.append(w)
             walks[v.name] = ws
             for w in ws:
@@ -504,7 +520,10 @@ def main() -> int:
                 print(f"{gr['name']:13s} {v.name:22s} {w['kind']:20s} {len(w['tokens']):3d} tokens, "
                       f"{sum(1 for m in w['masks'] if m is not None)} masks, ranges/step max {max(sz)}"
                       f"{', lax' if 'lax' in w else ''}{', ended ' + w['ended'] if 'ended' in w else ''}")
-        grammars_out.append(dict(name=gr["name"], text=gr["text"], texts=gr["texts"], walks=walks))
+        g_out = dict(name=gr["name"], text=gr["text"], texts=gr["texts"], walks=walks)
+        if any(refs.values()):
+            g_out["token_refs"] = refs
+        grammars_out.append(g_out)
 
     # ------------------------------------------------------------ greedy under a grammar (shipped model)
     import torch
