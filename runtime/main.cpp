@@ -155,6 +155,7 @@ std::optional<moesh::ChatTemplate> load_chat_template(const std::string & model,
 struct ChatOptions {
     bool enabled = false;
     std::string system;
+    std::string tools_file, tool_choice;   // `client` only: tools the model may call
 };
 
 bool g_debug = false;   // MOESH_LOG=debug
@@ -880,7 +881,7 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
 // One request to a server; streamed text as it comes, or the final frame.
 int cmd_client(const std::string & endpoint, const std::string & prompt, const std::string & prompt_ids, int64_t max_tokens,
                const moesh::SamplerParams & sp, int logprobs, bool stream, const std::string & output, double timeout_s,
-               const GrammarOptions & grammar) {
+               const GrammarOptions & grammar, const ChatOptions & chat) {
     moesh::Client c(endpoint);
     nlohmann::json req = {{"id", "moesh-client-" + std::to_string(::getpid())},
                           {"max_tokens", max_tokens},
@@ -893,8 +894,23 @@ int cmd_client(const std::string & endpoint, const std::string & prompt, const s
     if (sp.repetition_penalty != 1.0f) req["repetition_penalty"] = sp.repetition_penalty;
     if (sp.frequency_penalty != 0.0f) req["frequency_penalty"] = sp.frequency_penalty;
     if (sp.presence_penalty != 0.0f) req["presence_penalty"] = sp.presence_penalty;
-    if (!prompt_ids.empty()) req["prompt_ids"] = parse_ids(prompt_ids);
-    else req["prompt"] = prompt;
+    if (!prompt_ids.empty()) {
+        req["prompt_ids"] = parse_ids(prompt_ids);
+    } else if (chat.enabled) {
+        req["messages"] = nlohmann::json::array();
+        if (!chat.system.empty()) req["messages"].push_back({{"role", "system"}, {"content", chat.system}});
+        req["messages"].push_back({{"role", "user"}, {"content", prompt}});
+        if (!chat.tools_file.empty()) {
+            const auto tools = nlohmann::json::parse(read_whole_file(chat.tools_file, "tools"), nullptr, false);
+            if (!tools.is_array()) throw Error(chat.tools_file + ": not a JSON array of tools ([{\"type\": \"function\", \"function\": {...}}])");
+            req["tools"] = tools;
+        }
+        if (chat.tool_choice == "auto" || chat.tool_choice == "none" || chat.tool_choice == "required") req["tool_choice"] = chat.tool_choice;
+        else if (!chat.tool_choice.empty())
+            req["tool_choice"] = nlohmann::json{{"type", "function"}, {"function", {{"name", chat.tool_choice}}}};
+    } else {
+        req["prompt"] = prompt;
+    }
     // A schema is sent as the grammar it becomes here (a request's JSON would not keep its key order).
     if (grammar.any()) {
         req["grammar"] = load_grammar(grammar).text;   // a bad one is refused here, with the file's name
@@ -915,7 +931,11 @@ int cmd_client(const std::string & endpoint, const std::string & prompt, const s
     if (output == "json") {
         std::cout << r->body.dump() << std::endl;
     } else {
+        if (!stream && r->body.contains("reasoning")) std::cout << "[reasoning] " << r->body["reasoning"].get<std::string>() << "\n";
         if (!stream) std::cout << r->body.value("text", "");
+        if (r->body.contains("tool_calls"))
+            for (const auto & call : r->body["tool_calls"])
+                std::cout << "\n[call " << call["function"].value("name", "?") << " " << call["function"].value("arguments", "") << "]";
         std::cout << "\n[" << r->body.value("finish_reason", "?") << ", " << r->body["usage"].value("completion_tokens", 0)
                   << " tokens]" << std::endl;
     }
@@ -1498,6 +1518,14 @@ int main(int argc, char ** argv) {
     client->add_flag("--stream", cl_stream, "Print tokens as they are generated");
     GrammarOptions cl_grammar;
     add_grammar_options(client, cl_grammar);
+    ChatOptions cl_chat;
+    client->add_flag("--chat", cl_chat.enabled, "Send the prompt as a user's message, through the model's chat template");
+    client->add_option("--system", cl_chat.system, "With --chat: a system message first");
+    client->add_option("--tools", cl_chat.tools_file,
+                       "With --chat: a JSON file of tools the model may call (OpenAI's [{\"type\": \"function\", \"function\": "
+                       "{\"name\", \"description\", \"parameters\"}}]); calls print as [call NAME ARGUMENTS]")
+        ->check(CLI::ExistingFile);
+    client->add_option("--tool-choice", cl_chat.tool_choice, "With --tools: auto (default), none, required, or a tool's name (it must call it)");
     client->add_option("--output", cl_output, "text, or json: the frames as JSON lines")->check(CLI::IsMember({"text", "json"}));
     client->add_option("--timeout", cl_timeout, "Seconds to wait for the answer")->capture_default_str();
 
@@ -1574,8 +1602,11 @@ int main(int argc, char ** argv) {
         }
         if (*client) {
             if (cl_prompt.empty() && cl_ids.empty()) throw Error("client: give --prompt or --prompt-ids");
+            if (!cl_chat.enabled && (!cl_chat.system.empty() || !cl_chat.tools_file.empty() || !cl_chat.tool_choice.empty()))
+                throw Error("client: --system, --tools and --tool-choice go with --chat");
+            if (cl_chat.enabled && !cl_ids.empty()) throw Error("client: --chat sends text: give --prompt, not --prompt-ids");
             return cmd_client(cl_endpoint, cl_prompt, cl_ids, cl_max, cl_sampling, cl_logprobs, cl_stream, cl_output, cl_timeout,
-                              cl_grammar);
+                              cl_grammar, cl_chat);
         }
         if (*ppl) return cmd_perplexity(pco, ppl_file, ppl_ctx, ppl_batch, ppl_chunks, ppl_output, ppl_trace);
     } catch (const moesh::BackendError & e) {

@@ -559,6 +559,22 @@ def tools(moesh, chat_model, tmp):
         check(len(deltas) == 1 and deltas[0].index == 0 and deltas[0].function.name == "get_weather"
               and json.loads(deltas[0].function.arguments) == nargs and finish == ["tool_calls"] and text == "",
               f"streamed: the call comes whole in one delta, no text, finish tool_calls: {deltas} {finish} {text!r}")
+        # the C++ client: moesh client --chat --tools --tool-choice, over ZeroMQ
+        tools_file = pathlib.Path(tmp) / "weather_tools.json"
+        tools_file.write_text(json.dumps(WEATHER))
+        out = subprocess.run([moesh, "client", "--endpoint", srv.endpoint, "--chat", "-p", ask[0]["content"], "--tools", str(tools_file),
+                              "--tool-choice", "get_weather", "-n", "80", "--temperature", "0", "--output", "json"],
+                             capture_output=True, text=True, timeout=60)
+        done = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else {}
+        ccalls = done.get("tool_calls", [])
+        check(done.get("finish_reason") == "tool_calls" and len(ccalls) == 1 and ccalls[0]["function"]["name"] == "get_weather"
+              and json.loads(ccalls[0]["function"]["arguments"]) == nargs,
+              f"moesh client --chat --tools --tool-choice get_weather: the same call as the SDK's: {ccalls} {out.stderr[-300:]}")
+        text_out = subprocess.run([moesh, "client", "--endpoint", srv.endpoint, "--chat", "-p", ask[0]["content"], "--tools",
+                                   str(tools_file), "--tool-choice", "get_weather", "-n", "80", "--temperature", "0"],
+                                  capture_output=True, text=True, timeout=60)
+        check(text_out.returncode == 0 and "[call get_weather {" in text_out.stdout and "[tool_calls," in text_out.stdout,
+              f"moesh client prints the call: {text_out.stdout!r}")
         # the second turn: the call and its result go back, and the model answers in text
         turn = ask + [{"role": "assistant", "content": None, "tool_calls": [ncalls[0].model_dump()] if ncalls else []},
                       {"role": "tool", "tool_call_id": ncalls[0].id if ncalls else "x", "content": '{"temperature": 21}'}]
