@@ -7,8 +7,18 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 
 namespace moesh::fuzz {
+
+// A failed invariant is a finding: say which target's and what, then abort.
+inline void require(bool ok, const char * target, const char * what) {
+    if (!ok) {
+        std::fprintf(stderr, "%s invariant violated: %s\n", target, what);
+        std::abort();
+    }
+}
 
 bool safetensors_one_input(const uint8_t * data, size_t size);
 bool model_config_one_input(const uint8_t * data, size_t size);

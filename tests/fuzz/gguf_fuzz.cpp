@@ -19,12 +19,7 @@ namespace moesh::fuzz {
 
 namespace {
 
-void check(bool ok, const char * what) {
-    if (!ok) {
-        std::fprintf(stderr, "gguf invariant violated: %s\n", what);
-        std::abort();
-    }
-}
+void check(bool ok, const char * what) { require(ok, "gguf", what); }
 
 struct Image {
     const uint8_t * begin;

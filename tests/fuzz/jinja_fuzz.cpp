@@ -13,12 +13,7 @@ namespace moesh::fuzz {
 
 namespace {
 
-void require(bool ok, const char * what) {
-    if (!ok) {
-        std::fprintf(stderr, "jinja fuzz: %s\n", what);
-        std::abort();
-    }
-}
+void check(bool ok, const char * what) { require(ok, "jinja", what); }
 
 const nlohmann::ordered_json & conversation() {
     static const nlohmann::ordered_json vars = nlohmann::ordered_json::parse(R"({
@@ -45,7 +40,7 @@ bool jinja_one_input(const uint8_t * data, size_t size) {
     try {
         t.emplace(text);
     } catch (const Error & e) {
-        require(std::string_view(e.what()).rfind("template line ", 0) == 0, "a syntax error that does not name the line");
+        check(std::string_view(e.what()).rfind("template line ", 0) == 0, "a syntax error that does not name the line");
         return false;
     }
     std::string first;
@@ -54,10 +49,10 @@ bool jinja_one_input(const uint8_t * data, size_t size) {
     } catch (const jinja::RaisedError &) {
         return true;
     } catch (const Error & e) {
-        require(std::string_view(e.what()).rfind("template line ", 0) == 0, "a render error that does not name the line");
+        check(std::string_view(e.what()).rfind("template line ", 0) == 0, "a render error that does not name the line");
         return true;
     }
-    require(t->render(conversation(), o) == first, "two renders differ");
+    check(t->render(conversation(), o) == first, "two renders differ");
     return true;
 }
 

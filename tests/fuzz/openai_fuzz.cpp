@@ -21,12 +21,7 @@ namespace moesh::fuzz {
 
 namespace {
 
-void check(bool ok, const char * what) {
-    if (!ok) {
-        std::fprintf(stderr, "openai invariant violated: %s\n", what);
-        std::abort();
-    }
-}
+void check(bool ok, const char * what) { require(ok, "openai", what); }
 
 nlohmann::json json_of(std::string_view s, const char * what) {
     auto doc = protocol::parse_json(s, 64);

@@ -21,12 +21,7 @@ namespace {
 
 using namespace moesh::protocol;
 
-void check(bool ok, const char * what) {
-    if (!ok) {
-        std::fprintf(stderr, "protocol invariant violated: %s\n", what);
-        std::abort();
-    }
-}
+void check(bool ok, const char * what) { require(ok, "protocol", what); }
 
 Limits fuzz_limits() {
     Limits l;

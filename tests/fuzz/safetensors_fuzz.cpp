@@ -14,12 +14,7 @@ namespace moesh::fuzz {
 
 namespace {
 
-void check(bool ok, const char * what) {
-    if (!ok) {
-        std::fprintf(stderr, "safetensors invariant violated: %s\n", what);
-        std::abort();
-    }
-}
+void check(bool ok, const char * what) { require(ok, "safetensors", what); }
 
 } // namespace
 

@@ -15,12 +15,7 @@ namespace moesh::fuzz {
 
 namespace {
 
-void require(bool ok, const char * what) {
-    if (!ok) {
-        std::fprintf(stderr, "tool_calls fuzz: %s\n", what);
-        std::abort();
-    }
-}
+void check(bool ok, const char * what) { require(ok, "tool_calls", what); }
 
 // typed XML values
 constexpr std::string_view k_tools = R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
@@ -36,18 +31,18 @@ bool tool_calls_one_input(const uint8_t * data, size_t size) {
                              ToolCallFormat::QwenXml, ToolCallFormat::GlmXml, ToolCallFormat::MiniMaxXml}) {
         const ParsedOutput out = parse_tool_calls(f, text, k_tools);
         for (const ParsedCall & c : out.calls) {
-            require(!c.name.empty(), "a call without a name");
+            check(!c.name.empty(), "a call without a name");
             const auto args = nlohmann::ordered_json::parse(c.arguments, nullptr, false);
-            require(args.is_object(), "arguments that are not a JSON object");
+            check(args.is_object(), "arguments that are not a JSON object");
         }
         any = any || !out.calls.empty();
         if (f == ToolCallFormat::Harmony) continue;   // content is rebuilt from its channels
-        require(text.substr(0, out.content.size()) == out.content, "content that is not the text's start");
-        require(out.calls.empty() || out.content.size() < text.size(), "calls and all the text as content");
+        check(text.substr(0, out.content.size()) == out.content, "content that is not the text's start");
+        check(out.calls.empty() || out.content.size() < text.size(), "calls and all the text as content");
         for (size_t cut : {size / 3, size / 2, size - size / 4}) {
             const size_t safe = tool_call_safe_prefix(f, text.substr(0, cut));
-            require(safe <= cut, "a safe prefix longer than the text");
-            require(safe <= out.content.size(), "streamed text that is not the final content");
+            check(safe <= cut, "a safe prefix longer than the text");
+            check(safe <= out.content.size(), "streamed text that is not the final content");
         }
     }
     return any;

@@ -180,6 +180,18 @@ TEST(Tokenizer, ReportsSpecialTokensAndBosFromTheTemplate) {
     EXPECT_EQ(qwen.decode({-5, 1 << 30}), "");
 }
 
+// A chat's special tokens are not text, except those kept (a tool-call format's markers).
+TEST(Tokenizer, StreamDecoderKeepsTheSpecialTokensItIsToldTo) {
+    Tokenizer tok = load_tokenizer_json_file(fixture_dir("qwen2") + "/tokenizer.json");
+    const int32_t end = tok.token_id("<|im_end|>"), start = tok.token_id("<|im_start|>"), a = tok.token_id("a");
+    ASSERT_TRUE(end >= 0 && start >= 0 && a >= 0 && tok.is_special(end) && tok.is_special(start));
+    StreamDecoder skip(tok, true), keep(tok, true, {end});
+    std::string skipped, kept;
+    for (int32_t id : {a, end, start, a}) skipped += skip.push(id), kept += keep.push(id);
+    EXPECT_EQ(skipped, "aa");
+    EXPECT_EQ(kept, "a<|im_end|>a");
+}
+
 TEST(Tokenizer, StreamDecoderHoldsBackSplitCharacters) {
     Tokenizer tok = load_tokenizer_json_file(fixture_dir("gpt2") + "/tokenizer.json");
     // "€" is E2 82 AC: feed it one byte token at a time.
