@@ -91,7 +91,7 @@ std::vector<int32_t> chat_stop_ids(const Tokenizer & tok) {
     add(tok.eos_id());
     for (const char * end : {"<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>",
                              "</s>", "<|end_of_text|>", "<\xef\xbd\x9c" "end\xe2\x96\x81of\xe2\x96\x81sentence\xef\xbd\x9c>",
-                             "<|END_OF_TURN_TOKEN|>"})
+                             "<|END_OF_TURN_TOKEN|>", "<|role_end|>"})
         if (const int32_t id = tok.token_id(end); id >= 0 && tok.is_special(id)) add(id);
     // Phi-3's end of turn; in gpt-oss's format <|end|> closes the reasoning and the answer follows, <|return|> ends it
     if (const int32_t id = tok.token_id("<|end|>"); id >= 0 && tok.is_special(id) && tok.token_id("<|return|>") < 0) add(id);

@@ -36,6 +36,12 @@ constexpr std::string_view k_parameter = "<parameter=", k_parameter_end = "</par
 constexpr std::string_view k_arg_key = "<arg_key>", k_arg_key_end = "</arg_key>", k_arg_value = "<arg_value>", k_arg_value_end = "</arg_value>";
 constexpr std::string_view k_minimax = "<minimax:tool_call>", k_minimax_end = "</minimax:tool_call>";
 constexpr std::string_view k_invoke = "<invoke name=\"", k_invoke_end = "</invoke>", k_mm_parameter = "<parameter name=\"";
+// DeepSeek V3.2's and V4's DSML: tags whose names start with ｜DSML｜ (fullwidth bars)
+constexpr std::string_view k_dsml_open = "<\uff5cDSML\uff5c", k_dsml_close = "</\uff5cDSML\uff5c";
+constexpr std::string_view k_dsml_function_calls = "<\uff5cDSML\uff5cfunction_calls>", k_dsml_function_calls_end = "</\uff5cDSML\uff5cfunction_calls>";
+constexpr std::string_view k_dsml_tool_calls = "<\uff5cDSML\uff5ctool_calls>", k_dsml_tool_calls_end = "</\uff5cDSML\uff5ctool_calls>";
+constexpr std::string_view k_dsml_invoke = "<\uff5cDSML\uff5cinvoke name=\"", k_dsml_invoke_end = "</\uff5cDSML\uff5cinvoke>";
+constexpr std::string_view k_dsml_parameter = "<\uff5cDSML\uff5cparameter name=\"", k_dsml_parameter_end = "</\uff5cDSML\uff5cparameter>";
 
 bool space(char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; }
 
@@ -381,6 +387,46 @@ Calls minimax_calls(std::string_view t, const ojson & tools) {
     return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
 }
 
+// DSML: each value says whether it is a string (string="true": as written) or JSON ("false").
+Calls dsml_calls(std::string_view t, bool v4, const ojson & tools) {
+    const std::string_view block = v4 ? k_dsml_tool_calls : k_dsml_function_calls, block_end = v4 ? k_dsml_tool_calls_end : k_dsml_function_calls_end;
+    std::vector<ParsedCall> calls;
+    Reader r{t};
+    while (r.eat(block)) {
+        for (r.skip_space(); r.eat(k_dsml_invoke); r.skip_space()) {
+            const std::string_view name = r.until({"\""});
+            if (!r.eat("\">") || !good_name(name)) return std::nullopt;
+            ojson args = ojson::object();
+            for (r.skip_space(); r.eat(k_dsml_parameter); r.skip_space()) {
+                const std::string key(r.until({"\""}));
+                if (!r.eat("\"") || key.empty()) return std::nullopt;
+                r.skip_space();
+                std::string_view is_string;
+                if (r.eat("string=\"")) {
+                    is_string = r.until({"\""});
+                    if (!r.eat("\"")) return std::nullopt;
+                }
+                if (!r.eat(">")) return std::nullopt;
+                const std::string_view value = r.until({k_dsml_parameter_end});
+                if (!r.eat(k_dsml_parameter_end)) return std::nullopt;
+                if (is_string == "true") {
+                    args[key] = std::string(value);
+                } else if (is_string == "false") {
+                    const ojson v = ojson::parse(trim(value), nullptr, false);
+                    args[key] = v.is_discarded() ? ojson(std::string(value)) : v;
+                } else {
+                    args[key] = typed_value(value, param_schema(tools, name, key));
+                }
+            }
+            calls.push_back({std::string(name), *arguments_of(args)});
+            if (!r.eat(k_dsml_invoke_end)) return r.done() ? Calls(std::move(calls)) : std::nullopt;
+        }
+        if (!r.eat(block_end)) return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+        r.skip_space();
+    }
+    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+}
+
 // Where the calls start in `text` (npos: none), for every format but harmony.
 size_t calls_start(ToolCallFormat f, std::string_view text) {
     switch (f) {
@@ -398,6 +444,8 @@ size_t calls_start(ToolCallFormat f, std::string_view text) {
     case ToolCallFormat::QwenXml:
     case ToolCallFormat::GlmXml: return text.find(k_hermes_open);
     case ToolCallFormat::MiniMaxXml: return text.find(k_minimax);
+    case ToolCallFormat::DsmlV32: return text.find(k_dsml_function_calls);
+    case ToolCallFormat::DsmlV4: return text.find(k_dsml_tool_calls);
     case ToolCallFormat::None:
     case ToolCallFormat::Harmony: break;
     }
@@ -416,6 +464,8 @@ Calls read_calls(ToolCallFormat f, std::string_view t, const ojson & tools) {
     case ToolCallFormat::QwenXml: return qwen_xml_calls(t, tools);
     case ToolCallFormat::GlmXml: return glm_calls(t, tools);
     case ToolCallFormat::MiniMaxXml: return minimax_calls(t, tools);
+    case ToolCallFormat::DsmlV32: return dsml_calls(t, false, tools);
+    case ToolCallFormat::DsmlV4: return dsml_calls(t, true, tools);
     case ToolCallFormat::None:
     case ToolCallFormat::Harmony: break;
     }
@@ -462,22 +512,34 @@ std::string tools_error(std::string why, const std::vector<size_t> & index, std:
 
 // The XML formats' pieces: a call's opening up to its parameters, a parameter's around its value,
 // and what closes the call.
+bool is_xml(ToolCallFormat f) {
+    return f == ToolCallFormat::QwenXml || f == ToolCallFormat::GlmXml || f == ToolCallFormat::MiniMaxXml || f == ToolCallFormat::DsmlV32 ||
+           f == ToolCallFormat::DsmlV4;
+}
+
 std::string xml_open(ToolCallFormat f, const std::string & name) {
     if (f == ToolCallFormat::QwenXml) return std::string(k_hermes_open) + "\n" + std::string(k_function) + name + ">\n";
     if (f == ToolCallFormat::GlmXml) return std::string(k_hermes_open) + name + "\n";
+    if (f == ToolCallFormat::DsmlV32 || f == ToolCallFormat::DsmlV4)
+        return std::string(f == ToolCallFormat::DsmlV4 ? k_dsml_tool_calls : k_dsml_function_calls) + "\n" + std::string(k_dsml_invoke) + name + "\">\n";
     return std::string(k_minimax) + "\n" + std::string(k_invoke) + name + "\">\n";
 }
 
-std::pair<std::string, std::string> xml_param(ToolCallFormat f, const std::string & key) {
+// `text`: the value is a string, written as it is (DSML says so in the tag; the others do not say).
+std::pair<std::string, std::string> xml_param(ToolCallFormat f, const std::string & key, bool text) {
     if (f == ToolCallFormat::QwenXml) return {std::string(k_parameter) + key + ">\n", "\n" + std::string(k_parameter_end) + "\n"};
     if (f == ToolCallFormat::GlmXml)
         return {std::string(k_arg_key) + key + std::string(k_arg_key_end) + "\n" + std::string(k_arg_value), std::string(k_arg_value_end) + "\n"};
+    if (f == ToolCallFormat::DsmlV32 || f == ToolCallFormat::DsmlV4)
+        return {std::string(k_dsml_parameter) + key + "\" string=\"" + (text ? "true" : "false") + "\">", std::string(k_dsml_parameter_end) + "\n"};
     return {std::string(k_mm_parameter) + key + "\">", std::string(k_parameter_end) + "\n"};
 }
 
 std::string xml_close(ToolCallFormat f) {
     if (f == ToolCallFormat::QwenXml) return std::string(k_function_end) + "\n" + std::string(k_hermes_close);
     if (f == ToolCallFormat::GlmXml) return std::string(k_hermes_close);
+    if (f == ToolCallFormat::DsmlV32 || f == ToolCallFormat::DsmlV4)
+        return std::string(k_dsml_invoke_end) + "\n" + std::string(f == ToolCallFormat::DsmlV4 ? k_dsml_tool_calls_end : k_dsml_function_calls_end);
     return std::string(k_invoke_end) + "\n" + std::string(k_minimax_end);
 }
 
@@ -502,21 +564,23 @@ std::string xml_params_grammar(ToolCallFormat f, const ojson & schema, const Seq
     const ojson required = schema.is_object() && schema.contains("required") && schema["required"].is_array() ? schema["required"] : ojson::array();
     for (const auto & [key, p] : props.items()) {
         std::string value = "xv-text";
+        bool text = true;   // written as it is (a string), not as JSON
         if (p.is_object() && p.contains("enum") && p["enum"].is_array() && !p["enum"].empty()) {
+            for (const ojson & e : p["enum"]) text = text && e.is_string();
             value = "(";
             for (const ojson & e : p["enum"]) value += (value.size() > 1 ? " | " : "") + literal(e.is_string() ? e.get<std::string>() : e.dump());
             value += ")";
         } else if (has_type(&p, "string")) {
         } else if (has_type(&p, "integer")) {
-            value = "xv-int";
+            value = "xv-int", text = false;
         } else if (has_type(&p, "number")) {
-            value = "xv-num";
+            value = "xv-num", text = false;
         } else if (has_type(&p, "boolean")) {
-            value = "(\"true\" | \"false\")";
+            value = "(\"true\" | \"false\")", text = false;
         } else if (p.is_object() && p.contains("type")) {
-            value = "xv-json";
+            value = "xv-json", text = false;
         }
-        const auto [open, close] = xml_param(f, key);
+        const auto [open, close] = xml_param(f, key, text);
         const bool needed = std::find(required.begin(), required.end(), ojson(key)) != required.end();
         root += " (" + seq(open) + " " + value + " " + seq(close) + ")" + (needed ? "" : "?");
     }
@@ -558,6 +622,7 @@ std::string prefix_rules(std::string_view g, const std::string & prefix) {
 
 ToolCallFormat tool_call_format(std::string_view t) {
     if (template_uses_harmony(t) && contains(t, "functions.")) return ToolCallFormat::Harmony;
+    if (contains(t, "\uff5cDSML\uff5c")) return contains(t, "function_calls>") ? ToolCallFormat::DsmlV32 : ToolCallFormat::DsmlV4;
     if (contains(t, k_minimax) && contains(t, k_invoke)) return ToolCallFormat::MiniMaxXml;
     if (contains(t, k_hermes_open) && contains(t, k_function) && contains(t, k_parameter)) return ToolCallFormat::QwenXml;
     if (contains(t, k_hermes_open) && contains(t, k_arg_key) && contains(t, k_arg_value)) return ToolCallFormat::GlmXml;
@@ -586,6 +651,8 @@ std::string_view tool_call_format_name(ToolCallFormat f) {
     case ToolCallFormat::QwenXml: return "qwen3-coder";
     case ToolCallFormat::GlmXml: return "glm";
     case ToolCallFormat::MiniMaxXml: return "minimax";
+    case ToolCallFormat::DsmlV32: return "deepseek-v3.2";
+    case ToolCallFormat::DsmlV4: return "deepseek-v4";
     }
     return "none";
 }
@@ -603,6 +670,8 @@ std::vector<std::string_view> tool_call_markers(ToolCallFormat f) {
     case ToolCallFormat::QwenXml: return {k_hermes_open, k_hermes_close};
     case ToolCallFormat::GlmXml: return {k_hermes_open, k_hermes_close, k_arg_key, k_arg_key_end, k_arg_value, k_arg_value_end};
     case ToolCallFormat::MiniMaxXml: return {k_minimax, k_minimax_end};
+    case ToolCallFormat::DsmlV32: return {k_dsml_function_calls, k_dsml_function_calls_end, k_dsml_open, k_dsml_close};
+    case ToolCallFormat::DsmlV4: return {k_dsml_tool_calls, k_dsml_tool_calls_end, k_dsml_open, k_dsml_close};
     case ToolCallFormat::None: break;
     }
     return {};
@@ -674,12 +743,14 @@ std::string write_tool_call(ToolCallFormat f, const std::string & name, const st
     case ToolCallFormat::Harmony: return "<|channel|>commentary to=functions." + name + " <|constrain|>json<|message|>" + args + "<|call|>";
     case ToolCallFormat::QwenXml:
     case ToolCallFormat::GlmXml:
-    case ToolCallFormat::MiniMaxXml: {
+    case ToolCallFormat::MiniMaxXml:
+    case ToolCallFormat::DsmlV32:
+    case ToolCallFormat::DsmlV4: {
         const ojson a = ojson::parse(args, nullptr, false);
         std::string out = xml_open(f, name);
         if (a.is_object())
             for (const auto & [k, v] : a.items()) {
-                const auto [open, close] = xml_param(f, k);
+                const auto [open, close] = xml_param(f, k, v.is_string());
                 out += open + (v.is_string() ? v.get<std::string>() : v.dump()) + close;
             }
         return out + xml_close(f);
@@ -775,7 +846,7 @@ std::string force_tool_call(ToolCallFormat format, std::string_view tools_json, 
     }
     // The others write the name outside the arguments: a rule per candidate, its arguments' grammar
     // (the schema's, or the XML parameters') under names of its own.
-    const bool xml = format == ToolCallFormat::QwenXml || format == ToolCallFormat::GlmXml || format == ToolCallFormat::MiniMaxXml;
+    const bool xml = is_xml(format);
     std::string before, after, alternatives, rules;
     switch (format) {
     case ToolCallFormat::MistralArgs: before = seq(k_mistral_calls); break;

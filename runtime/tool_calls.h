@@ -18,9 +18,12 @@
 //   glm            <tool_call>N\n<arg_key>K</arg_key>\n<arg_value>V</arg_value>\n...</tool_call>   GLM-4.5/4.6/4.7
 //   minimax        <minimax:tool_call>\n<invoke name="N">\n<parameter name="K">V</parameter>\n...</invoke>\n
 //                  </minimax:tool_call>   MiniMax-M2
+//   deepseek-v3.2  <｜DSML｜function_calls>\n<｜DSML｜invoke name="N">\n<｜DSML｜parameter name="K" string="true">V
+//                  </｜DSML｜parameter>\n...</｜DSML｜invoke>\n</｜DSML｜function_calls>   DeepSeek V3.2
+//   deepseek-v4    the same in a <｜DSML｜tool_calls> block   DeepSeek V4
 // In the XML formats a value V is text: strings as they are, other values as JSON (or Python's
-// str(): True, None), so they are read by the type the tool's parameters schema gives them.
-// Other templates (DeepSeek V3.2's DSML, SmolLM3's xml_tools, ...) are not read: a request with
+// str(): True, None), so they are read by the type the tool's parameters schema gives them (DSML
+// says it: string="false" is JSON). Other templates (SmolLM3's xml_tools, Kimi K3's, ...) are not read: a request with
 // tools for such a template is refused, never answered with calls left in the text. Many markers
 // are special tokens: the text must be decoded with the ones tool_call_markers() names.
 //
@@ -38,7 +41,9 @@
 
 namespace moesh {
 
-enum class ToolCallFormat { None, Hermes, Llama3, Mistral, MistralArgs, DeepSeekV31, DeepSeekR1, KimiK2, Harmony, QwenXml, GlmXml, MiniMaxXml };
+enum class ToolCallFormat {
+    None, Hermes, Llama3, Mistral, MistralArgs, DeepSeekV31, DeepSeekR1, KimiK2, Harmony, QwenXml, GlmXml, MiniMaxXml, DsmlV32, DsmlV4
+};
 
 // From a chat template's Jinja text.
 ToolCallFormat tool_call_format(std::string_view template_text);

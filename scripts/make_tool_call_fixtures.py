@@ -58,6 +58,9 @@ TEMPLATES = [
     ("GLM-4.6", "glm", None),
     ("GLM-4.7-Flash", "glm", "<tool_call>"),
     ("MiniMax-M2", "minimax", "<minimax:tool_call>"),
+    ("inclusionai-ling-3.0-flash", "glm", None),
+    ("deepseek-ai-DeepSeek-V3.2", "deepseek-v3.2", "<\uff5cDSML\uff5cfunction_calls>"),
+    ("deepseek-ai-DeepSeek-V4", "deepseek-v4", None),
 ]
 
 TOOLS = [
@@ -76,7 +79,7 @@ CALL_A = {"id": "call0AbC9", "type": "function", "function": {
 CALL_B = {"id": "call1XyZ8", "type": "function", "function": {"name": "local_time", "arguments": {}}}
 
 # What ends a turn: the model's end token, never part of its text.
-ENDS = ["[e~[", "<|im_end|>", "<EOS>", "<|eot_id|>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<|call|>", "<|end|>", "<|return|>"]
+ENDS = ["[e~[", "<|role_end|>", "<|im_end|>", "<EOS>", "<|eot_id|>", "<\uff5cend\u2581of\u2581sentence\uff5c>", "<|call|>", "<|end|>", "<|return|>"]
 
 
 def render(template, messages, add_generation_prompt):

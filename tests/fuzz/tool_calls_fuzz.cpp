@@ -28,7 +28,8 @@ bool tool_calls_one_input(const uint8_t * data, size_t size) {
     bool any = false;
     for (ToolCallFormat f : {ToolCallFormat::Hermes, ToolCallFormat::Llama3, ToolCallFormat::Mistral, ToolCallFormat::MistralArgs,
                              ToolCallFormat::DeepSeekV31, ToolCallFormat::DeepSeekR1, ToolCallFormat::KimiK2, ToolCallFormat::Harmony,
-                             ToolCallFormat::QwenXml, ToolCallFormat::GlmXml, ToolCallFormat::MiniMaxXml}) {
+                             ToolCallFormat::QwenXml, ToolCallFormat::GlmXml, ToolCallFormat::MiniMaxXml, ToolCallFormat::DsmlV32,
+                             ToolCallFormat::DsmlV4}) {
         const ParsedOutput out = parse_tool_calls(f, text, k_tools);
         for (const ParsedCall & c : out.calls) {
             check(!c.name.empty(), "a call without a name");

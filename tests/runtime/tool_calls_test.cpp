@@ -29,7 +29,8 @@ const ojson & calls_fixture() {
 constexpr ToolCallFormat k_formats[] = {ToolCallFormat::Hermes,      ToolCallFormat::Llama3,      ToolCallFormat::Mistral,
                                         ToolCallFormat::MistralArgs, ToolCallFormat::DeepSeekV31, ToolCallFormat::DeepSeekR1,
                                         ToolCallFormat::KimiK2,      ToolCallFormat::Harmony,     ToolCallFormat::QwenXml,
-                                        ToolCallFormat::GlmXml,      ToolCallFormat::MiniMaxXml};
+                                        ToolCallFormat::GlmXml,      ToolCallFormat::MiniMaxXml,  ToolCallFormat::DsmlV32,
+                                        ToolCallFormat::DsmlV4};
 
 ToolCallFormat format_named(const std::string & name) {
     for (ToolCallFormat f : k_formats)
@@ -91,7 +92,7 @@ TEST(ToolCalls, WhatRealTemplatesWriteReadsBack) {
             ++n;
         }
     }
-    EXPECT_GE(n, 48);
+    EXPECT_GE(n, 56);
 }
 
 TEST(ToolCalls, SplitsContentAndCalls) {
@@ -138,6 +139,8 @@ TEST(ToolCalls, MalformedCallsStayText) {
         {ToolCallFormat::QwenXml, "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>"},   // Hermes' JSON
         {ToolCallFormat::GlmXml, "<tool_call>f\n<arg_key>x</arg_key>\n</tool_call>"},             // a key without a value
         {ToolCallFormat::MiniMaxXml, "<minimax:tool_call>\n<invoke name=\"f\">\n<parameter name=\"x\">1</invoke>"},
+        {ToolCallFormat::DsmlV4, "<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n<｜DSML｜parameter name=\"x\" string=\"true\">1\n</｜DSML｜invoke>"},
+        {ToolCallFormat::DsmlV32, "<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>"},   // V4's block
         {ToolCallFormat::None, "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call>"},
     };
     for (const auto & [f, text] : cases) {
