@@ -24,7 +24,9 @@ struct Refused {
 const std::map<std::string, std::string> & primitives() {
     static const std::map<std::string, std::string> p = {
         {"ws", "[ \\t\\n]{0,32}"},
-        {"char", "[^\"\\\\\\x00-\\x1F] | \"\\\\\" ([\"\\\\/bfnrt] | \"u\" [0-9a-fA-F]{4})"},
+        // \u escapes: no lone surrogate (nlohmann, and JSON parsers at large, refuse one), pairs whole
+        {"char", "[^\"\\\\\\x00-\\x1F] | \"\\\\\" ([\"\\\\/bfnrt] | \"u\" ([0-9a-cA-CeEfF] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2} | "
+                 "[dD] [89abAB] [0-9a-fA-F]{2} \"\\\\u\" [dD] [c-fC-F] [0-9a-fA-F]{2}))"},
         {"string", "\"\\\"\" char* \"\\\"\""},
         {"integer", "\"-\"? (\"0\" | [1-9] [0-9]{0,15})"},
         {"number", "integer (\".\" [0-9]{1,16})? ([eE] [-+]? [0-9]{1,2})?"},

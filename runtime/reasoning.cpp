@@ -110,9 +110,13 @@ HarmonySplit split_harmony(std::string_view text, bool final) {
             recipient = recipient.substr(0, std::min({recipient.find(' '), recipient.find("<|"), recipient.size()}));
         }
         const size_t body = msg + k_message.size();
-        size_t end = std::string_view::npos, after = 0;
-        for (std::string_view e : k_ends)
-            if (const size_t p = text.find(e, body); p < end) end = p, after = p + e.size();
+        size_t end = std::string_view::npos, after = 0;   // the first end marker: one pass, not a search per marker
+        for (size_t p = text.find("<|", body); p != std::string_view::npos && end == std::string_view::npos; p = text.find("<|", p + 1))
+            for (std::string_view e : k_ends)
+                if (text.compare(p, e.size(), e) == 0) {
+                    end = p, after = p + e.size();
+                    break;
+                }
         if (!recipient.empty()) {   // a call: kept out of the reasoning and the answer
             const bool whole = end != std::string_view::npos || final;
             h.calls.push_back({std::string(recipient), std::string(text.substr(body, end == std::string_view::npos ? std::string_view::npos : end - body)), whole});

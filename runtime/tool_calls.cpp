@@ -53,8 +53,12 @@ std::string_view trim(std::string_view s) {
 
 bool contains(std::string_view t, std::string_view s) { return t.find(s) != std::string_view::npos; }
 
-// Where the JSON value starting at i (after whitespace) ends, or npos when it is not whole: a
-// scan of brackets and strings only; the value is then parsed for real.
+// Model output is untrusted: JSON nested deeper than this is not read (writing it back, nlohmann's
+// dump recurses once per level).
+constexpr int k_max_json_depth = 256;
+
+// Where the JSON value starting at i (after whitespace) ends, or npos when it is not whole or nests
+// too deep: a scan of brackets and strings only; the value is then parsed for real.
 size_t json_end(std::string_view t, size_t i) {
     while (i < t.size() && space(t[i])) ++i;
     if (i >= t.size() || (t[i] != '{' && t[i] != '[')) return std::string_view::npos;
@@ -67,12 +71,31 @@ size_t json_end(std::string_view t, size_t i) {
         } else if (c == '"') {
             str = true;
         } else if (c == '{' || c == '[') {
-            if (++depth > 512) return std::string_view::npos;
+            if (++depth > k_max_json_depth) return std::string_view::npos;
         } else if ((c == '}' || c == ']') && --depth == 0) {
             return i + 1;
         }
     }
     return std::string_view::npos;
+}
+
+// JSON text as a value; discarded when it is not JSON or nests deeper than k_max_json_depth.
+ojson parse_json(std::string_view t) {
+    int depth = 0;
+    for (size_t i = 0, str = 0; i < t.size(); ++i) {
+        const char c = t[i];
+        if (str) {
+            if (c == '\\') ++i;
+            else if (c == '"') str = 0;
+        } else if (c == '"') {
+            str = 1;
+        } else if ((c == '{' || c == '[') && ++depth > k_max_json_depth) {
+            return ojson(ojson::value_t::discarded);
+        } else if (c == '}' || c == ']') {
+            --depth;
+        }
+    }
+    return ojson::parse(t, nullptr, /*allow_exceptions=*/false);
 }
 
 // Arguments: a JSON object, as compact text in its own key order.
@@ -81,15 +104,13 @@ std::optional<std::string> arguments_of(const ojson & v) {
     return v.dump(-1, ' ', false, ojson::error_handler_t::replace);
 }
 
-std::optional<std::string> arguments_text(std::string_view t) {
-    const ojson v = ojson::parse(t, nullptr, /*allow_exceptions=*/false);
-    return arguments_of(v);
-}
+std::optional<std::string> arguments_text(std::string_view t) { return arguments_of(parse_json(t)); }
 
+// A function's name as requests may give it (transport/protocol.cpp): letters, digits, _ - .
 bool good_name(std::string_view n) {
-    if (n.empty() || n.size() > 256) return false;
+    if (n.empty() || n.size() > 64) return false;
     for (const char c : n)
-        if (space(c) || c == '<' || c == '[' || c == '{' || c == '"') return false;
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '.')) return false;
     return true;
 }
 
@@ -126,10 +147,19 @@ struct Reader {
         skip_space();
         return i >= t.size();
     }
-    // text up to the first of the markers (or the end), and the cursor at that marker
+    // text up to the first of the markers (or the end), and the cursor at that marker; one pass
+    // to it, not a search per marker to the end of the text
     std::string_view until(std::initializer_list<std::string_view> markers) {
-        size_t end = t.size();
-        for (std::string_view m : markers) end = std::min(end, t.find(m, i));
+        size_t end = i;
+        for (; end < t.size(); ++end) {
+            bool at = false;
+            for (std::string_view m : markers)
+                if (t[end] == m[0] && t.compare(end, m.size(), m) == 0) {
+                    at = true;
+                    break;
+                }
+            if (at) break;
+        }
         const std::string_view s = t.substr(i, end - i);
         i = end;
         return s;
@@ -144,7 +174,7 @@ struct Reader {
     std::optional<ojson> value() {
         const size_t e = json_end(t, i);
         if (e == std::string_view::npos) return std::nullopt;
-        ojson v = ojson::parse(t.substr(i, e - i), nullptr, false);
+        ojson v = parse_json(t.substr(i, e - i));
         i = e;
         if (v.is_discarded()) return std::nullopt;
         return v;
@@ -293,18 +323,32 @@ bool has_type(const ojson * schema, std::string_view type) {
 
 // A value written as text, as JSON of the type its schema gives (JSON or Python's str() of it);
 // text when it is a string, the schema says nothing, or the text is not of the type.
+// Whether v is of one of the schema's types (no type: of any).
+bool of_type(const ojson & v, const ojson * schema) {
+    if (!schema->contains("type")) return true;
+    return (v.is_number_integer() && has_type(schema, "integer")) || (v.is_number() && has_type(schema, "number")) ||
+           (v.is_boolean() && has_type(schema, "boolean")) || (v.is_null() && has_type(schema, "null")) ||
+           (v.is_object() && has_type(schema, "object")) || (v.is_array() && has_type(schema, "array"));
+}
+
 ojson typed_value(std::string_view raw, const ojson * schema) {
     if (!schema || !schema->is_object()) return std::string(raw);   // not a parameter of the schema: text
     const bool typed = schema->contains("type");
-    if (typed ? has_type(schema, "string") : !(schema->contains("anyOf") || schema->contains("oneOf"))) return std::string(raw);
+    const bool listed = schema->contains("enum") || schema->contains("const");
+    if (typed ? has_type(schema, "string") : !(schema->contains("anyOf") || schema->contains("oneOf") || listed)) return std::string(raw);
     const std::string_view t = trim(raw);
-    if (!typed || has_type(schema, "boolean")) {
-        if (t == "True") return true;
-        if (t == "False") return false;
+    ojson v = parse_json(t);
+    if (v.is_discarded()) {   // Python's str() of True, False, None
+        if (t == "True" || t == "False") v = t == "True";
+        else if (t == "None") v = nullptr;
     }
-    if ((!typed || has_type(schema, "null")) && t == "None") return nullptr;
-    ojson v = ojson::parse(t, nullptr, false);
-    if (!v.is_discarded() && !v.is_string()) return v;
+    if (listed && !v.is_discarded()) {   // the value must be one listed, else it is the text
+        const auto e = schema->find("enum");
+        const bool in = (e != schema->end() && e->is_array() && std::find(e->begin(), e->end(), v) != e->end()) ||
+                        (schema->contains("const") && (*schema)["const"] == v);
+        return in ? v : ojson(std::string(raw));
+    }
+    if (!v.is_discarded() && !v.is_string() && of_type(v, schema)) return v;
     return std::string(raw);
 }
 
@@ -412,7 +456,7 @@ Calls dsml_calls(std::string_view t, bool v4, const ojson & tools) {
                 if (is_string == "true") {
                     args[key] = std::string(value);
                 } else if (is_string == "false") {
-                    const ojson v = ojson::parse(trim(value), nullptr, false);
+                    const ojson v = parse_json(trim(value));
                     args[key] = v.is_discarded() ? ojson(std::string(value)) : v;
                 } else {
                     args[key] = typed_value(value, param_schema(tools, name, key));
@@ -487,27 +531,14 @@ std::string literal(std::string_view s) {
     return out + "\"";
 }
 
-// A schema's grammar with its top wrapped: root ::= before (top) after (both GBNF), the schema's
-// other rules kept.
-std::string wrap(const std::string & g, const std::string & before, const std::string & after) {
-    constexpr std::string_view k_root = "root ::= ";
-    const size_t eol = g.find('\n');
-    const std::string top = g.substr(k_root.size(), eol - k_root.size());
-    return "root ::= " + before + " (" + top + ") " + after + g.substr(eol);
-}
-
-// The schema converter's "... at /anyOf/K/properties/<key>/P: what" is tools[index[K]].function.parameters at /P.
-std::string tools_error(std::string why, const std::vector<size_t> & index, std::string_view key) {
-    if (const size_t p = why.find("/anyOf/"); p != std::string::npos) {
-        const size_t k = std::strtoul(why.c_str() + p + 7, nullptr, 10);
-        const std::string args = "/properties/" + std::string(key);
-        const size_t at = why.find(args, p);
-        if (k < index.size() && at != std::string::npos) {
-            const std::string rest = why.substr(at + args.size());
-            why = "tools[" + std::to_string(index[k]) + "].function.parameters" + (rest.rfind('/', 0) == 0 ? " at " + rest : rest);
-        }
-    }
-    return why;
+// A schema's conversion error ("json_schema at /p: what") as the tool's: "tools[i].function.parameters at /p: what".
+std::string schema_error(const std::string & why, size_t tool, const std::string & under = "") {
+    constexpr std::string_view k_at = "json_schema at ", k_plain = "json_schema: ";
+    std::string rest = why;
+    if (why.rfind(k_at, 0) == 0) rest = " at " + under + why.substr(k_at.size());
+    else if (why.rfind(k_plain, 0) == 0) rest = (under.empty() ? ": " : " at " + under + ": ") + why.substr(k_plain.size());
+    else rest = (under.empty() ? ": " : " at " + under + ": ") + why;
+    return "tools[" + std::to_string(tool) + "].function.parameters" + rest;
 }
 
 // The XML formats' pieces: a call's opening up to its parameters, a parameter's around its value,
@@ -546,46 +577,7 @@ std::string xml_close(ToolCallFormat f) {
 // Values as the XML formats write them: text for strings (not holding "</"), JSON for the rest.
 constexpr std::string_view k_xml_value_rules = R"(
 xv-text ::= ([^<] | "<" [^/])*
-xv-int ::= "-"? [0-9]{1,18}
-xv-num ::= "-"? [0-9]{1,18} ("." [0-9]{1,18})? ([eE] [-+]? [0-9]{1,4})?
-xv-str ::= "\"" ([^"\\\x00-\x1f] | "\\" ["\\/bfnrt] | "\\u" [0-9a-fA-F]{4})* "\""
-xv-ws ::= [ \t\n]{0,8}
-xv-json ::= xv-obj | xv-arr | xv-str | xv-num | "true" | "false" | "null"
-xv-obj ::= "{" xv-ws (xv-str xv-ws ":" xv-ws xv-json xv-ws ("," xv-ws xv-str xv-ws ":" xv-ws xv-json xv-ws)*)? "}"
-xv-arr ::= "[" xv-ws (xv-json xv-ws ("," xv-ws xv-json xv-ws)*)? "]"
 )";
-
-// A grammar for an XML call's parameters, to its close: the required ones, then the optional ones,
-// each at most once, in the schema's order; values by type. `seq` writes the format's text.
-template <class Seq>
-std::string xml_params_grammar(ToolCallFormat f, const ojson & schema, const Seq & seq) {
-    std::string root = "root ::=";
-    const ojson props = schema.is_object() && schema.contains("properties") && schema["properties"].is_object() ? schema["properties"] : ojson::object();
-    const ojson required = schema.is_object() && schema.contains("required") && schema["required"].is_array() ? schema["required"] : ojson::array();
-    for (const auto & [key, p] : props.items()) {
-        std::string value = "xv-text";
-        bool text = true;   // written as it is (a string), not as JSON
-        if (p.is_object() && p.contains("enum") && p["enum"].is_array() && !p["enum"].empty()) {
-            for (const ojson & e : p["enum"]) text = text && e.is_string();
-            value = "(";
-            for (const ojson & e : p["enum"]) value += (value.size() > 1 ? " | " : "") + literal(e.is_string() ? e.get<std::string>() : e.dump());
-            value += ")";
-        } else if (has_type(&p, "string")) {
-        } else if (has_type(&p, "integer")) {
-            value = "xv-int", text = false;
-        } else if (has_type(&p, "number")) {
-            value = "xv-num", text = false;
-        } else if (has_type(&p, "boolean")) {
-            value = "(\"true\" | \"false\")", text = false;
-        } else if (p.is_object() && p.contains("type")) {
-            value = "xv-json", text = false;
-        }
-        const auto [open, close] = xml_param(f, key, text);
-        const bool needed = std::find(required.begin(), required.end(), ojson(key)) != required.end();
-        root += " (" + seq(open) + " " + value + " " + seq(close) + ")" + (needed ? "" : "?");
-    }
-    return root + " " + seq(xml_close(f)) + std::string(k_xml_value_rules);
-}
 
 // A grammar's rules renamed with a prefix, so that several can live in one grammar: every rule
 // name (a bare word outside literals, classes, token references, repetition counts and comments).
@@ -616,6 +608,75 @@ std::string prefix_rules(std::string_view g, const std::string & prefix) {
         }
     }
     return out;
+}
+
+// A grammar for an XML call's parameters of tool `tool`, to its close: each parameter at most once
+// (the required ones always), in the schema's order. A string is text (an enum or const of strings
+// its literals; min/maxLength bound it, without "<"); any other value is JSON, the parameter's
+// schema through the JSON Schema converter. `seq` writes the format's text. "" and *error when a
+// parameter cannot be written in the format or its schema cannot be followed.
+template <class Seq>
+std::string xml_params_grammar(ToolCallFormat f, const ojson & schema, size_t tool, const Seq & seq, std::string * error) {
+    std::string root = "root ::=", rules;
+    const ojson props = schema.is_object() && schema.contains("properties") && schema["properties"].is_object() ? schema["properties"] : ojson::object();
+    const ojson required = schema.is_object() && schema.contains("required") && schema["required"].is_array() ? schema["required"] : ojson::array();
+    size_t j = 0;
+    for (const auto & [key, p] : props.items()) {
+        const std::string at = "/properties/" + key;
+        if (key.empty() || key.find_first_of("<>\"\r\n") != std::string::npos) {
+            *error = "tools[" + std::to_string(tool) + "].function.parameters at " + at + ": a name this model's call format cannot write";
+            return {};
+        }
+        const ojson * ps = p.is_object() ? &p : nullptr;
+        bool all_strings = ps && (ps->contains("enum") || ps->contains("const"));
+        if (ps && ps->contains("enum") && (*ps)["enum"].is_array())
+            for (const ojson & e : (*ps)["enum"]) all_strings = all_strings && e.is_string();
+        if (ps && ps->contains("const")) all_strings = all_strings && (*ps)["const"].is_string();
+        const bool typed = ps && ps->contains("type");
+        const bool text = all_strings || (typed && has_type(ps, "string")) ||
+                          (!typed && ps && !ps->contains("enum") && !ps->contains("const") && !ps->contains("anyOf") && !ps->contains("oneOf") &&
+                           !ps->contains("$ref") && !ps->contains("allOf"));
+        std::string value;
+        if (text && all_strings) {
+            std::vector<std::string> options;
+            if (ps->contains("const")) options.push_back((*ps)["const"].get<std::string>());
+            else for (const ojson & e : (*ps)["enum"]) options.push_back(e.get<std::string>());
+            value = "(";
+            for (const std::string & o : options) value += (value.size() > 1 ? " | " : "") + (o.empty() ? std::string("\"\"") : literal(o));
+            value += ")";
+        } else if (text) {
+            for (const char * k : {"pattern", "format"})
+                if (ps && ps->contains(k)) {
+                    *error = "tools[" + std::to_string(tool) + "].function.parameters at " + at + ": '" + k +
+                             "' is not supported in this model's call format (its strings are plain text)";
+                    return {};
+                }
+            const int64_t lo = ps ? ps->value("minLength", int64_t(0)) : 0, hi = ps ? ps->value("maxLength", int64_t(-1)) : -1;
+            if (lo < 0 || lo > 10000 || hi > 10000 || (hi >= 0 && hi < lo)) {
+                *error = "tools[" + std::to_string(tool) + "].function.parameters at " + at + ": string lengths past 10000";
+                return {};
+            }
+            value = lo == 0 && hi < 0 ? "xv-text" : "[^<]{" + std::to_string(lo) + "," + (hi < 0 ? "" : std::to_string(hi)) + "}";
+        } else {   // JSON: the parameter's schema, with the tool's $defs for its references
+            ojson sub = p;
+            for (const char * defs : {"$defs", "definitions"})
+                if (schema.contains(defs) && sub.is_object() && !sub.contains(defs)) sub[defs] = schema[defs];
+            std::string why;
+            const std::string g = json_schema_to_grammar(sub.dump(), &why);
+            if (g.empty()) {
+                *error = schema_error(why, tool, at);
+                return {};
+            }
+            const std::string prefix = "p" + std::to_string(j) + "-";
+            value = prefix + "root";
+            rules += "\n" + prefix_rules(g, prefix);
+        }
+        const auto [open, close] = xml_param(f, key, text);
+        const bool needed = std::find(required.begin(), required.end(), ojson(key)) != required.end();
+        root += " (" + seq(open) + " " + value + " " + seq(close) + ")" + (needed ? "" : "?");
+        ++j;
+    }
+    return root + " " + seq(xml_close(f)) + "\nxv-text ::= ([^<] | \"<\" [^/])*" + rules;
 }
 
 } // namespace
@@ -790,10 +851,6 @@ std::string force_tool_call(ToolCallFormat format, std::string_view tools_json, 
         *error = "tool_choice: no such tool '" + only + "'";
         return {};
     }
-    auto params = [&](size_t i) -> ojson {
-        const ojson & fn = tools[i].at("function");
-        return fn.contains("parameters") ? fn["parameters"] : ojson{{"type", "object"}};
-    };
     // Text of the format as grammar: its markers as token references where the vocabulary holds
     // them as special tokens (a grammar never lets a special token through as text), the rest literal.
     std::vector<std::string_view> markers = tool_call_markers(format);
@@ -821,34 +878,18 @@ std::string force_tool_call(ToolCallFormat format, std::string_view tools_json, 
         flush();
         return out.empty() ? std::string("\"\"") : out;
     };
-    // Formats whose call is plain JSON: one schema for every candidate, name included.
-    if (format == ToolCallFormat::Hermes || format == ToolCallFormat::Llama3 || format == ToolCallFormat::Mistral) {
-        const char * key = format == ToolCallFormat::Llama3 ? "parameters" : "arguments";
-        ojson any = ojson::array();
-        for (const size_t i : index) {
-            ojson call = ojson::object();
-            call["type"] = "object";
-            call["properties"] = ojson::object();
-            call["properties"]["name"] = {{"const", tools[i]["function"]["name"]}};
-            call["properties"][key] = params(i);
-            call["required"] = {"name", key};
-            any.push_back(std::move(call));
-        }
-        std::string why;
-        const std::string g = json_schema_to_grammar(ojson{{"anyOf", any}}.dump(), &why);
-        if (g.empty()) {
-            *error = tools_error(why, index, key);
-            return {};
-        }
-        if (format == ToolCallFormat::Hermes) return wrap(g, seq("<tool_call>\n"), seq("\n</tool_call>"));
-        if (format == ToolCallFormat::Llama3) return g;
-        return wrap(g, seq(k_mistral_calls) + " \"[\"", "\"]\"");
-    }
-    // The others write the name outside the arguments: a rule per candidate, its arguments' grammar
-    // (the schema's, or the XML parameters') under names of its own.
-    const bool xml = is_xml(format);
-    std::string before, after, alternatives, rules;
+    // What comes before and after the one call, and per candidate its opening, its arguments'
+    // grammar (the schema's, or the XML parameters'; rules renamed apart) and its close.
+    std::string before = "\"\"", after = "\"\"";
     switch (format) {
+    case ToolCallFormat::Hermes:
+        before = seq("<tool_call>\n");
+        after = seq("\n</tool_call>");
+        break;
+    case ToolCallFormat::Mistral:
+        before = seq(k_mistral_calls) + " \"[\"";
+        after = "\"]\"";
+        break;
     case ToolCallFormat::MistralArgs: before = seq(k_mistral_calls); break;
     case ToolCallFormat::DeepSeekV31:
     case ToolCallFormat::DeepSeekR1:
@@ -862,22 +903,34 @@ std::string force_tool_call(ToolCallFormat format, std::string_view tools_json, 
     case ToolCallFormat::Harmony: before = seq("<|channel|>commentary to=functions."); break;
     default: break;
     }
+    std::string alternatives, rules;
     for (size_t k = 0; k < index.size(); ++k) {
-        const std::string name = tools[index[k]]["function"]["name"].get<std::string>();
-        const std::string prefix = "t" + std::to_string(k) + "-";
+        const ojson & fn = tools[index[k]].at("function");
+        const std::string name = fn.at("name").get<std::string>();
+        const ojson params = fn.contains("parameters") ? fn["parameters"] : ojson{{"type", "object"}};
         std::string g, open, close;
-        if (xml) {
-            g = xml_params_grammar(format, params(index[k]), seq);
+        if (is_xml(format)) {
+            g = xml_params_grammar(format, params, index[k], seq, error);
+            if (g.empty()) return {};
             open = seq(xml_open(format, name));
         } else {
             std::string why;
-            g = json_schema_to_grammar(params(index[k]).dump(), &why);
+            g = json_schema_to_grammar(params.dump(), &why);
             if (g.empty()) {
-                const std::string at = why.find(" at /") != std::string::npos ? why.substr(why.find(" at /")) : ": " + why;
-                *error = "tools[" + std::to_string(index[k]) + "].function.parameters" + at;
+                *error = schema_error(why, index[k]);
                 return {};
             }
+            const std::string json_name = ojson(name).dump();
             switch (format) {
+            case ToolCallFormat::Hermes:
+            case ToolCallFormat::Mistral:
+                open = literal("{\"name\": " + json_name + ", \"arguments\": ");
+                close = "\"}\"";
+                break;
+            case ToolCallFormat::Llama3:
+                open = literal("{\"name\": " + json_name + ", \"parameters\": ");
+                close = "\"}\"";
+                break;
             case ToolCallFormat::MistralArgs: open = seq(name + std::string(k_mistral_args)); break;
             case ToolCallFormat::DeepSeekV31: open = seq(name + std::string(k_ds_sep)); break;
             case ToolCallFormat::DeepSeekR1:
@@ -889,10 +942,11 @@ std::string force_tool_call(ToolCallFormat format, std::string_view tools_json, 
             default: break;
             }
         }
+        const std::string prefix = "t" + std::to_string(k) + "-";
         alternatives += (k ? " | (" : "(") + open + " " + prefix + "root" + (close.empty() ? "" : " " + close) + ")";
         rules += "\n" + prefix_rules(g, prefix);
     }
-    return "root ::= " + before + " (" + alternatives + ")" + (after.empty() ? "" : " " + after) + rules;
+    return "root ::= " + before + " (" + alternatives + ") " + after + rules;
 }
 
 } // namespace moesh

@@ -470,10 +470,15 @@ private:
                 if (k != "name" && k != "description" && k != "parameters" && k != "strict")
                     return error("unknown field '" + f + ".function." + name_of(k) + "'");
             const auto name = fn->find("name");
-            if (name == fn->end() || !name->is_string() || name->get_ref<const std::string &>().empty() ||
-                name->get_ref<const std::string &>().size() > 64)
+            // OpenAI's rule (and dots): every call format can write such a name, and read it back
+            auto good = [](const std::string & n) {
+                return !n.empty() && n.size() <= 64 && std::all_of(n.begin(), n.end(), [](char c) {
+                    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-' || c == '.';
+                });
+            };
+            if (name == fn->end() || !name->is_string() || !good(name->get_ref<const std::string &>()))
                 return error(name == fn->end() ? "field '" + f + ".function.name': missing"
-                                               : expected(f + ".function.name", "a name of 1 to 64 characters", *name));
+                                               : expected(f + ".function.name", "1 to 64 letters, digits, '_', '-' or '.'", *name));
             for (size_t j = 0; j < i; ++j)
                 if (a[j].at("function").at("name") == *name) return error("field '" + f + ".function.name': '" + printable(name->get<std::string>()) + "' is offered twice");
             if (auto d = fn->find("description"); d != fn->end() && !d->is_string())

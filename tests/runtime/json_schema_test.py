@@ -836,6 +836,17 @@ def test_json_object(moesh):
     check("allow ',' here" in err, "[json-object] a failed --check quotes the character once", err)
 
 
+def test_surrogates(moesh):
+    """\\u escapes: a surrogate pair (an emoji) matches, a lone surrogate does not: JSON parsers
+    such as nlohmann's (what reads a tool call's arguments) refuse it, so a forced text with one
+    would be lost."""
+    schema = {"type": "string"}
+    for text, ok in [('"\\ud83d\\ude00"', True), ('"\\u00e9\\uFFFD"', True), ('"\\udca0"', False), ('"\\ud83d"', False),
+                     ('"\\ud83d\\u0041"', False)]:
+        rc, err = moesh.check(schema, text)
+        check((rc == 0) == ok, f"[surrogates] {text} {'matches' if ok else 'does not match'}", err)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--moesh", required=True)
@@ -848,6 +859,7 @@ def main():
             test_schema(moesh, i, case)
         test_refusals(moesh)
         test_json_object(moesh)
+        test_surrogates(moesh)
     print(f"{len(failures)} failed, {time.monotonic() - t0:.1f} s (jsonschema {importlib.metadata.version('jsonschema')})"
           if failures else f"all passed, {time.monotonic() - t0:.1f} s")
     for f in failures:

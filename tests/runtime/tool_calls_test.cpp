@@ -213,7 +213,7 @@ TEST(ToolCalls, ARequiredHermesCallIsAGrammar) {
     const std::string any = forced(ToolCallFormat::Hermes, k_tools, "", &why);
     ASSERT_FALSE(any.empty()) << why;
     EXPECT_TRUE(grammar_matches(any, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"));
-    EXPECT_TRUE(grammar_matches(any, "<tool_call>\n{\"name\":\"now\",\"arguments\":{\"x\": 1}}\n</tool_call>"));
+    EXPECT_TRUE(grammar_matches(any, "<tool_call>\n{\"name\": \"now\", \"arguments\": {\"x\": 1}}\n</tool_call>"));
     EXPECT_FALSE(grammar_matches(any, "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"unit\": \"celsius\"}}\n</tool_call>"));
     EXPECT_FALSE(grammar_matches(any, "<tool_call>\n{\"name\": \"other\", \"arguments\": {}}\n</tool_call>"));
     EXPECT_FALSE(grammar_matches(any, "Sure! <tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>"));
@@ -231,6 +231,67 @@ TEST(ToolCalls, ARequiredHermesCallIsAGrammar) {
     EXPECT_TRUE(forced(ToolCallFormat::Hermes, k_tools, "other", &why).empty());
     EXPECT_EQ(why, "tool_choice: no such tool 'other'");
     EXPECT_TRUE(forced(ToolCallFormat::None, k_tools, "", &why).empty());
+}
+
+// A forced call's arguments follow the tool's own schema: "#" is its parameters (not a wrapper),
+// $defs resolve, and in the XML formats non-string values follow their schemas as JSON.
+TEST(ToolCalls, AForcedCallFollowsEachToolsOwnSchema) {
+    const std::string tools = R"([{"type": "function", "function": {"name": "tree", "parameters": {"type": "object",
+        "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/leaf"}, "maxItems": 2}},
+        "required": ["v"], "$defs": {"leaf": {"type": "object", "properties": {"n": {"enum": [1, 2]}}, "required": ["n"]}}}}}])";
+    std::string why;
+    for (ToolCallFormat f : {ToolCallFormat::Hermes, ToolCallFormat::QwenXml}) {
+        SCOPED_TRACE(std::string(tool_call_format_name(f)));
+        const std::string g = forced(f, tools, "", &why);
+        ASSERT_FALSE(g.empty()) << why;
+        const std::string good = write_tool_call(f, "tree", R"({"v": 7, "kids": [{"n": 1}, {"n": 2}]})");
+        EXPECT_TRUE(grammar_matches(g, good)) << good << "\n" << g;
+        for (const char * bad : {R"({"v": 07})", R"({"v": 7, "kids": [{"n": 3}]})", R"({"v": 7, "kids": [{"n": 1}, {"n": 1}, {"n": 1}]})"})
+            EXPECT_FALSE(grammar_matches(g, write_tool_call(f, "tree", bad))) << bad;
+        const ParsedOutput out = parse_tool_calls(f, good, tools);
+        ASSERT_EQ(out.calls.size(), 1u);
+        EXPECT_EQ(out.calls[0].arguments, R"({"v":7,"kids":[{"n":1},{"n":2}]})");
+    }
+    // what an XML format cannot write or hold is refused, naming the place
+    const std::string pattern = R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+        "properties": {"s": {"type": "string", "pattern": "a+"}}}}}])";
+    EXPECT_TRUE(forced(ToolCallFormat::GlmXml, pattern, "", &why).empty());
+    EXPECT_EQ(why, "tools[0].function.parameters at /properties/s: 'pattern' is not supported in this model's call format (its strings are plain text)");
+    const std::string key = R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+        "properties": {"a<b": {"type": "string"}}}}}])";
+    EXPECT_TRUE(forced(ToolCallFormat::MiniMaxXml, key, "", &why).empty());
+    EXPECT_EQ(why, "tools[0].function.parameters at /properties/a<b: a name this model's call format cannot write");
+}
+
+// Model output nested past any sensible depth is text, not a call (writing it back would recurse).
+TEST(ToolCalls, DeeplyNestedArgumentsAreNotACall) {
+    const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+    const std::string tools = R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+        "properties": {"x": {"type": "array"}}}}}])";
+    for (const std::string & text : {"<|channel|>commentary to=functions.f <|constrain|>json<|message|>{\"a\": " + deep + "}",
+                                     "<tool_call>{\"name\": \"f\", \"arguments\": \"{\\\"a\\\": " + deep + "}\"}</tool_call>",
+                                     "<tool_call>\n<function=f>\n<parameter=x>\n" + deep + "\n</parameter>\n</function>\n</tool_call>"}) {
+        for (ToolCallFormat f : k_formats) {   // (before: a crash in writing the arguments back)
+            const ParsedOutput out = parse_tool_calls(f, text, tools);
+            for (const ParsedCall & c : out.calls) {   // only the XML value, as the text it is
+                EXPECT_EQ(f, ToolCallFormat::QwenXml);
+                EXPECT_EQ(c.arguments, "{\"x\":\"" + deep + "\"}");
+            }
+        }
+    }
+}
+
+// Long hostile outputs are read in one pass (before: a search to the end of the text per call,
+// 20-30 s for these 1-1.4 MB).
+TEST(ToolCalls, ManyCallsAreReadInOnePass) {
+    std::string mistral, glm;
+    for (int i = 0; i < 50000; ++i) mistral += "[TOOL_CALLS]a[ARGS]{}";
+    for (int i = 0; i < 60000; ++i) glm += "<tool_call>a</tool_call>";
+    EXPECT_EQ(parse_tool_calls(ToolCallFormat::MistralArgs, mistral).calls.size(), 50000u);
+    EXPECT_EQ(parse_tool_calls(ToolCallFormat::GlmXml, glm).calls.size(), 60000u);
+    std::string harmony;   // many short messages: split_harmony finds each end in one pass
+    for (int i = 0; i < 50000; ++i) harmony += "<|start|>assistant<|channel|>final<|message|>x<|end|>";
+    EXPECT_EQ(split_harmony(harmony.substr(std::string("<|start|>assistant").size()), true).content.size(), 50000u + 2 * 49999u);
 }
 
 // The text a forced call may take, as tokens: the format's markers as special tokens (ids from 257
