@@ -496,6 +496,9 @@ TEST(ProtocolRequest, ToolFieldsAreChecked) {
     EXPECT_EQ(msg(m + R"(,"tools":[{"type":"function","function":{"name":"f"}},{"type":"function","function":{"name":"f"}}])"),
               "field 'tools[1].function.name': 'f' is offered twice");
     EXPECT_EQ(msg(m + R"(,"tools":[{"type":"function","function":{"name":"f","params":{}}}])"), "unknown field 'tools[0].function.params'");
+    EXPECT_EQ(msg(m + R"(,"tools":[{"type":"function","function":{"name":"get weather"}}])"),
+              "field 'tools[0].function.name': expected 1 to 64 letters, digits, '_', '-' or '.', got a string \"get weather\"");
+    EXPECT_TRUE(accept("{" + m + R"(,"tools":[{"type":"function","function":{"name":"mcp.get_weather-2"}}]})").tools.has_value());
     EXPECT_EQ(msg(m + R"(,"tools":[{"type":"retrieval"}])"), "field 'tools[0].type': expected \"function\", got a string \"retrieval\"");
     EXPECT_EQ(msg(m + R"(,"tool_choice":"required")"), "field 'tool_choice': \"required\" without 'tools'");
     EXPECT_EQ(msg(m + R"(,"tools":[)" + tool + R"(],"tool_choice":{"type":"function","function":{"name":"g"}})"),
