@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <map>
 #include <set>
 #include <vector>
@@ -269,14 +270,22 @@ private:
         if (!has_lo && !has_hi) return use("integer");
         auto bound = [&](const char * k) {
             const json & v = s.at(k);
-            if (!v.is_number_integer() && !(v.is_number_float() && v.get<double>() == double(int64_t(v.get<double>()))))
-                refuse(at + "/" + k, "must be an integer");
-            return v.is_number_integer() ? v.get<int64_t>() : int64_t(v.get<double>());
+            // 2^63 as a double: integers in (-2^63, 2^63) convert exactly and without overflow
+            constexpr double k_limit = 9223372036854775808.0;
+            if (v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX)) refuse(at + "/" + k, "out of the 64-bit range");
+            if (v.is_number_float()) {
+                const double d = v.get<double>();
+                if (!(d > -k_limit && d < k_limit)) refuse(at + "/" + k, "out of the 64-bit range");
+                if (d != std::floor(d)) refuse(at + "/" + k, "must be an integer");
+                return int64_t(d);
+            }
+            if (!v.is_number_integer()) refuse(at + "/" + k, "must be an integer");
+            return v.get<int64_t>();
         };
         const int64_t lo = has_lo ? bound("minimum") : 0, hi = has_hi ? bound("maximum") : 0;
         if (has_lo && has_hi) {
             if (hi < lo) refuse(at, "maximum < minimum");
-            if (hi - lo >= k_max_enumerated)
+            if (uint64_t(hi) - uint64_t(lo) >= uint64_t(k_max_enumerated))   // hi >= lo: exact, no overflow
                 refuse(at, "an integer range of more than " + std::to_string(k_max_enumerated) + " values is not supported");
             std::string body;
             for (int64_t v = lo; v <= hi; ++v) body += (body.empty() ? "\"" : " | \"") + std::to_string(v) + "\"";
