@@ -757,13 +757,13 @@ bool GrammarMatcher::accept(int32_t token) {
     // by reference, between characters; with the text's reading too when that also ends between
     // characters (a reference to a piece the grammar also allows as text)
     const int32_t by_ref = !g_->token_refs.empty() && state_.remain == 0 ? advance_token(state_.set, token) : -1;
-    if (by_ref >= 0 && (!as_text || out.remain == 0)) {
+    if (by_ref >= 0 && !as_text) {
+        out = {uint32_t(by_ref), 0, 0, 0};
+    } else if (by_ref >= 0 && out.remain == 0) {   // both readings go on
         std::vector<uint32_t> both = sets_[uint32_t(by_ref)];
-        if (as_text) {
-            both.insert(both.end(), sets_[out.set].begin(), sets_[out.set].end());
-            std::sort(both.begin(), both.end());
-            both.erase(std::unique(both.begin(), both.end()), both.end());
-        }
+        both.insert(both.end(), sets_[out.set].begin(), sets_[out.set].end());
+        std::sort(both.begin(), both.end());
+        both.erase(std::unique(both.begin(), both.end()), both.end());
         const int32_t set = intern(both);
         if (set < 0) return false;
         out = {uint32_t(set), 0, 0, 0};

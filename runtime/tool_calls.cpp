@@ -57,11 +57,14 @@ bool contains(std::string_view t, std::string_view s) { return t.find(s) != std:
 // dump recurses once per level).
 constexpr int k_max_json_depth = 256;
 
-// Where the JSON value starting at i (after whitespace) ends, or npos when it is not whole or nests
-// too deep: a scan of brackets and strings only; the value is then parsed for real.
-size_t json_end(std::string_view t, size_t i) {
-    while (i < t.size() && space(t[i])) ++i;
-    if (i >= t.size() || (t[i] != '{' && t[i] != '[')) return std::string_view::npos;
+// A scan of JSON's brackets and strings from i: with `one`, where the value starting there (after
+// whitespace, an object or array) closes; else the text's end. npos when the value is not whole,
+// or anything nests deeper than k_max_json_depth. The value is then parsed for real.
+size_t json_scan(std::string_view t, size_t i, bool one) {
+    if (one) {
+        while (i < t.size() && space(t[i])) ++i;
+        if (i >= t.size() || (t[i] != '{' && t[i] != '[')) return std::string_view::npos;
+    }
     int depth = 0;
     for (bool str = false; i < t.size(); ++i) {
         const char c = t[i];
@@ -72,29 +75,16 @@ size_t json_end(std::string_view t, size_t i) {
             str = true;
         } else if (c == '{' || c == '[') {
             if (++depth > k_max_json_depth) return std::string_view::npos;
-        } else if ((c == '}' || c == ']') && --depth == 0) {
+        } else if ((c == '}' || c == ']') && --depth == 0 && one) {
             return i + 1;
         }
     }
-    return std::string_view::npos;
+    return one ? std::string_view::npos : t.size();
 }
 
 // JSON text as a value; discarded when it is not JSON or nests deeper than k_max_json_depth.
 ojson parse_json(std::string_view t) {
-    int depth = 0;
-    for (size_t i = 0, str = 0; i < t.size(); ++i) {
-        const char c = t[i];
-        if (str) {
-            if (c == '\\') ++i;
-            else if (c == '"') str = 0;
-        } else if (c == '"') {
-            str = 1;
-        } else if ((c == '{' || c == '[') && ++depth > k_max_json_depth) {
-            return ojson(ojson::value_t::discarded);
-        } else if (c == '}' || c == ']') {
-            --depth;
-        }
-    }
+    if (json_scan(t, 0, false) == std::string_view::npos) return ojson(ojson::value_t::discarded);
     return ojson::parse(t, nullptr, /*allow_exceptions=*/false);
 }
 
@@ -165,16 +155,16 @@ struct Reader {
         return s;
     }
     std::optional<std::string> args() {
-        const size_t e = json_end(t, i);
+        const size_t e = json_scan(t, i, true);
         if (e == std::string_view::npos) return std::nullopt;
-        std::optional<std::string> a = arguments_text(t.substr(i, e - i));
+        std::optional<std::string> a = arguments_of(ojson::parse(t.substr(i, e - i), nullptr, false));   // depth checked
         i = e;
         return a;
     }
     std::optional<ojson> value() {
-        const size_t e = json_end(t, i);
+        const size_t e = json_scan(t, i, true);
         if (e == std::string_view::npos) return std::nullopt;
-        ojson v = parse_json(t.substr(i, e - i));
+        ojson v = ojson::parse(t.substr(i, e - i), nullptr, false);   // depth checked
         i = e;
         if (v.is_discarded()) return std::nullopt;
         return v;
