@@ -104,6 +104,7 @@ bool Server::send(const Origin & to, const std::string & frame) {
 void Server::view(const Active & a, size_t hold, bool final, OutputView & v) const {
     const std::string_view text = a.text;
     const size_t certain = text.size() > hold ? text.size() - hold : 0;
+    if (a.harmony && a.tool_format != ToolCallFormat::None) v.calls_text = text.substr(0, certain);
     if (a.harmony) {   // the channels are not contiguous in the text: the parts are rebuilt
         HarmonySplit h = split_harmony(text, final);
         v.reasoned = h.reasoned;
@@ -125,8 +126,30 @@ void Server::view(const Active & a, size_t hold, bool final, OutputView & v) con
     }
     const size_t content_from = text.size() - v.content.size();
     v.content_safe = certain > content_from ? certain - content_from : 0;
-    if (a.tool_format != ToolCallFormat::None && !final)
-        v.content_safe = std::min(v.content_safe, tool_call_safe_prefix(a.tool_format, v.content));
+    if (a.tool_format != ToolCallFormat::None) {
+        v.calls_text = v.content.substr(0, v.content_safe);
+        if (!final) v.content_safe = std::min(v.content_safe, tool_call_safe_prefix(a.tool_format, v.content));
+    }
+}
+
+void Server::call_deltas(Active & a, std::string_view text, std::vector<protocol::ToolCallDelta> & out) {
+    const std::vector<PartialCall> now = tool_call_prefix(a.tool_format, text, a.tools);
+    if (now.size() < a.calls_sent.size()) a.calls_diverged = true;   // no longer well formed
+    for (size_t i = 0; i < now.size() && !a.calls_diverged; ++i) {
+        if (i == a.calls_sent.size()) {   // a new call: its id and name
+            a.call_ids.push_back(new_call_id());
+            out.push_back({int64_t(i), a.call_ids.back(), now[i].name, now[i].arguments});
+            a.calls_sent.push_back(now[i]);
+            continue;
+        }
+        PartialCall & sent = a.calls_sent[i];
+        if (now[i].name != sent.name || now[i].arguments.compare(0, sent.arguments.size(), sent.arguments) != 0) {
+            a.calls_diverged = true;
+        } else if (now[i].arguments.size() > sent.arguments.size()) {
+            out.push_back({int64_t(i), {}, {}, now[i].arguments.substr(sent.arguments.size())});
+            sent.arguments = now[i].arguments;
+        }
+    }
 }
 
 // 9 letters and digits: what Mistral's templates require of the ids they are sent back.
@@ -178,7 +201,9 @@ void Server::send_pending(uint64_t handle, Active & a, const OutputView & v) {
     // entries are kept for every sampled token in order, and frames go out in the same order
     const protocol::Logprobs * lp =
         a.logprobs && a.index < int64_t(a.token_logprobs.size()) ? &a.token_logprobs[size_t(a.index)] : nullptr;
-    if (a.stream && !a.gone && !send(a.origin, token_frame(a.id, a.index, *a.pending, piece, lp, thought))) {
+    std::vector<protocol::ToolCallDelta> calls;
+    if (a.stream && a.tool_format != ToolCallFormat::None && !a.calls_diverged) call_deltas(a, v.calls_text, calls);
+    if (a.stream && !a.gone && !send(a.origin, token_frame(a.id, a.index, *a.pending, piece, lp, thought, calls))) {
         a.gone = true;
         to_cancel_.push_back(handle);
     }
@@ -269,7 +294,15 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     protocol::Done d;
     if (v.reasoned) d.reasoning = std::string(v.reasoning);
     std::string content(v.content);
-    for (ParsedCall & c : calls) d.tool_calls.push_back({new_call_id(), std::move(c.name), std::move(c.arguments)});
+    for (size_t i = 0; i < calls.size(); ++i) {   // a call streamed as it was written keeps its id
+        const bool streamed = i < a.calls_sent.size() && a.calls_sent[i].name == calls[i].name;
+        if (i < a.calls_sent.size() && (!streamed || calls[i].arguments.compare(0, a.calls_sent[i].arguments.size(), a.calls_sent[i].arguments) != 0))
+            a.calls_diverged = true;
+        d.tool_calls.push_back({streamed ? a.call_ids[i] : new_call_id(), std::move(calls[i].name), std::move(calls[i].arguments)});
+    }
+    if (a.calls_diverged || calls.size() < a.calls_sent.size())
+        std::fprintf(stderr, "moesh: request '%s': a tool call streamed as it was written did not end well formed; the done frame has what was read\n",
+                     a.id.c_str());
     d.tokens = tokens;
     if (why == FinishReason::Eos && !d.tokens.empty()) d.tokens.pop_back();   // the end-of-sequence token itself
     if (a.logprobs) d.logprobs = std::move(a.token_logprobs);   // with the EOS token's entry last, when it ended it

@@ -125,6 +125,9 @@ private:
         bool reasoning_open = false;   // ... and its prompt opened one
         bool harmony = false;          // gpt-oss' channels: analysis is the reasoning, final the answer
         size_t reasoning_sent = 0;     // bytes of reasoning already in token frames (sent: of the answer)
+        std::vector<PartialCall> calls_sent;   // streaming: each call as far as token frames carried it
+        std::vector<std::string> call_ids;     // ... and its id, which the done frame keeps
+        bool calls_diverged = false;           // the calls stopped reading as they were sent: no more deltas
     };
 
     void handle(const Origin & from, const std::string & body, bool draining);
@@ -142,10 +145,13 @@ private:
         bool reasoned = false;
         std::string_view reasoning, content;
         size_t reasoning_safe = 0, content_safe = 0;
+        std::string_view calls_text;   // the certain text tool calls are read from (when the request has tools)
         std::string own_reasoning, own_content;
     };
     void view(const Active & a, size_t hold, bool final, OutputView & v) const;
     void send_pending(uint64_t handle, Active & a, const OutputView & v);   // the held token frame, the certain text
+    // What the certain text adds to the calls being written, since the last frame.
+    void call_deltas(Active & a, std::string_view text, std::vector<protocol::ToolCallDelta> & out);
     bool on_token(uint64_t handle, int32_t token, const TokenLogprobs * lp);
     protocol::TokenLogprob token_logprob(int32_t token, float logprob) const;
     protocol::Logprobs logprobs_entry(int32_t token, const TokenLogprobs * lp) const;   // lp null: logprob unknown

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <functional>
 #include <optional>
+#include <unordered_set>
 #include <utility>
 
 namespace moesh {
@@ -59,8 +60,8 @@ constexpr int k_max_json_depth = 256;
 
 // A scan of JSON's brackets and strings from i: with `one`, where the value starting there (after
 // whitespace, an object or array) closes; else the text's end. npos when the value is not whole,
-// or anything nests deeper than k_max_json_depth. The value is then parsed for real.
-size_t json_scan(std::string_view t, size_t i, bool one) {
+// or anything nests deeper than k_max_json_depth (then *deep). The value is then parsed for real.
+size_t json_scan(std::string_view t, size_t i, bool one, bool * deep = nullptr) {
     if (one) {
         while (i < t.size() && space(t[i])) ++i;
         if (i >= t.size() || (t[i] != '{' && t[i] != '[')) return std::string_view::npos;
@@ -74,7 +75,10 @@ size_t json_scan(std::string_view t, size_t i, bool one) {
         } else if (c == '"') {
             str = true;
         } else if (c == '{' || c == '[') {
-            if (++depth > k_max_json_depth) return std::string_view::npos;
+            if (++depth > k_max_json_depth) {
+                if (deep) *deep = true;
+                return std::string_view::npos;
+            }
         } else if ((c == '}' || c == ']') && --depth == 0 && one) {
             return i + 1;
         }
@@ -82,10 +86,27 @@ size_t json_scan(std::string_view t, size_t i, bool one) {
     return one ? std::string_view::npos : t.size();
 }
 
-// JSON text as a value; discarded when it is not JSON or nests deeper than k_max_json_depth.
+// JSON text (its nesting checked) as a value; discarded when it is not JSON or an object repeats a
+// key: readers differ on which of the two they keep, and a call streamed as it was written has
+// already sent the first.
+ojson parse_checked(std::string_view t) {
+    std::vector<std::unordered_set<std::string>> keys;   // of each object being read
+    bool repeated = false;
+    const ojson::parser_callback_t note = [&](int, ojson::parse_event_t e, ojson & parsed) {
+        if (e == ojson::parse_event_t::object_start) keys.emplace_back();
+        else if (e == ojson::parse_event_t::object_end && !keys.empty()) keys.pop_back();
+        else if (e == ojson::parse_event_t::key && !keys.empty() && !keys.back().insert(parsed.get<std::string>()).second) repeated = true;
+        return true;
+    };
+    ojson v = ojson::parse(t, note, /*allow_exceptions=*/false);
+    return repeated ? ojson(ojson::value_t::discarded) : v;
+}
+
+// JSON text as a value; discarded when it is not JSON, nests deeper than k_max_json_depth or
+// repeats a key.
 ojson parse_json(std::string_view t) {
     if (json_scan(t, 0, false) == std::string_view::npos) return ojson(ojson::value_t::discarded);
-    return ojson::parse(t, nullptr, /*allow_exceptions=*/false);
+    return parse_checked(t);
 }
 
 // Arguments: a JSON object, as compact text in its own key order.
@@ -121,64 +142,108 @@ std::optional<ParsedCall> call_object(const ojson & v, bool parameters_too) {
 // Reads the calls of `t`, which starts where they start. nullopt when they are not well formed.
 using Calls = std::optional<std::vector<ParsedCall>>;
 
-// A cursor over the call text: markers, names and JSON values in order.
+// Partial reading (a growing text): the text ended where more of it may still complete a call.
+struct End {};
+
+// A cursor over the call text: markers, names and JSON values in order. The readers keep what
+// they have read in it, so that a partial read (`partial`) that reaches the text's end (End) still
+// has it: the calls read whole, and how far the one being read got (`open`).
 struct Reader {
+    Reader(std::string_view text, bool partial_read) : t(text), partial(partial_read) {}
     std::string_view t;
     size_t i = 0;
+    bool partial = false;
+    std::vector<ParsedCall> calls;
+    ojson xml_args;          // XML formats: the parameters of the call being read
+    struct Open {
+        std::string name;       // the call's name, once it is certain
+        bool json_call = false; // the JSON being read is the call's object (or a list of them): the name is in it
+        bool xml = false;       // xml_args holds its parameters so far
+        std::string key;        // XML: the parameter whose value is being read
+        bool text = false;      // ... its value is text (any other is known only whole)
+        bool newlines = false;  // ... written between newlines (Qwen3-Coder)
+        std::string_view close; // ... the marker that ends it
+    } open;
+    std::string_view tail;   // at End: the unread text from where the value or name being read starts
+    void end() {
+        tail = t.substr(std::min(i, t.size()));
+        throw End{};
+    }
     void skip_space() {
         while (i < t.size() && space(t[i])) ++i;
     }
     bool eat(std::string_view s) {
-        if (t.compare(i, s.size(), s) != 0) return false;
+        if (t.compare(i, s.size(), s) != 0) {
+            if (partial && t.size() - i < s.size() && s.substr(0, t.size() - i) == t.substr(i)) end();   // it may still come
+            return false;
+        }
         i += s.size();
         return true;
     }
     bool done() {
         skip_space();
+        if (partial && i >= t.size()) end();
         return i >= t.size();
     }
     // text up to the first of the markers (or the end), and the cursor at that marker; one pass
     // to it, not a search per marker to the end of the text
     std::string_view until(std::initializer_list<std::string_view> markers) {
-        size_t end = i;
-        for (; end < t.size(); ++end) {
+        size_t stop = i;
+        for (; stop < t.size(); ++stop) {
             bool at = false;
             for (std::string_view m : markers)
-                if (t[end] == m[0] && t.compare(end, m.size(), m) == 0) {
+                if (t[stop] == m[0] && t.compare(stop, m.size(), m) == 0) {
                     at = true;
                     break;
                 }
             if (at) break;
         }
-        const std::string_view s = t.substr(i, end - i);
-        i = end;
+        if (partial && stop == t.size()) end();   // none of the markers yet: what comes before it is not known
+        const std::string_view s = t.substr(i, stop - i);
+        i = stop;
         return s;
     }
+    // where the JSON value starting at i (after whitespace) ends; npos when it is not one
+    size_t json_end() {
+        bool deep = false;
+        const size_t e = json_scan(t, i, true, &deep);
+        if (e == std::string_view::npos && partial && !deep) {   // the text ended inside it, or before it
+            size_t j = i;
+            while (j < t.size() && space(t[j])) ++j;
+            if (j == t.size() || t[j] == '{' || t[j] == '[') end();
+        }
+        return e;
+    }
     std::optional<std::string> args() {
-        const size_t e = json_scan(t, i, true);
+        const size_t e = json_end();
         if (e == std::string_view::npos) return std::nullopt;
-        std::optional<std::string> a = arguments_of(ojson::parse(t.substr(i, e - i), nullptr, false));   // depth checked
+        std::optional<std::string> a = arguments_of(parse_checked(t.substr(i, e - i)));   // depth checked
         i = e;
         return a;
     }
     std::optional<ojson> value() {
-        const size_t e = json_scan(t, i, true);
+        const size_t e = json_end();
         if (e == std::string_view::npos) return std::nullopt;
-        ojson v = ojson::parse(t.substr(i, e - i), nullptr, false);   // depth checked
+        ojson v = parse_checked(t.substr(i, e - i));   // depth checked
         i = e;
         if (v.is_discarded()) return std::nullopt;
         return v;
     }
 };
 
-Calls hermes_calls(std::string_view t) {
-    std::vector<ParsedCall> calls;
-    Reader r{t};
+// Each reader takes the text from where its calls start and keeps what it reads in the Reader
+// (see Reader). `r.open` says how far the call being read got, for a partial read.
+
+Calls hermes_calls(Reader & r) {
+    std::vector<ParsedCall> & calls = r.calls;
     while (r.eat(k_hermes_open)) {
+        r.open = {};
+        r.open.json_call = true;
         const std::optional<ojson> v = r.value();
         std::optional<ParsedCall> c = v ? call_object(*v, false) : std::nullopt;
         if (!c) return std::nullopt;
         calls.push_back(std::move(*c));
+        r.open = {};
         r.skip_space();
         if (!r.eat(k_hermes_close)) return r.done() ? Calls(std::move(calls)) : std::nullopt;   // ended inside its last call
         r.skip_space();
@@ -186,25 +251,28 @@ Calls hermes_calls(std::string_view t) {
     return r.done() ? Calls(std::move(calls)) : std::nullopt;
 }
 
-Calls llama3_calls(std::string_view t) {
-    std::vector<ParsedCall> calls;
-    Reader r{t};
+Calls llama3_calls(Reader & r) {
+    std::vector<ParsedCall> & calls = r.calls;
     r.skip_space();
     r.eat(k_python_tag);
     do {
+        r.open = {};
+        r.open.json_call = true;
         const std::optional<ojson> v = r.value();
         std::optional<ParsedCall> c = v ? call_object(*v, true) : std::nullopt;
         if (!c) return std::nullopt;
         calls.push_back(std::move(*c));
+        r.open = {};
         r.skip_space();
     } while (r.eat(";") || (!r.done() && r.t[r.i] == '{'));   // several, as some fine-tunes write them
     return r.done() ? Calls(std::move(calls)) : std::nullopt;
 }
 
-Calls mistral_calls(std::string_view t) {
-    std::vector<ParsedCall> calls;
-    Reader r{t};
+Calls mistral_calls(Reader & r) {
+    std::vector<ParsedCall> & calls = r.calls;
     while (r.eat(k_mistral_calls)) {
+        r.open = {};
+        r.open.json_call = true;
         const std::optional<ojson> v = r.value();
         if (!v) return std::nullopt;
         const ojson list = v->is_array() ? *v : ojson::array({*v});
@@ -213,29 +281,38 @@ Calls mistral_calls(std::string_view t) {
             if (!c) return std::nullopt;
             calls.push_back(std::move(*c));
         }
+        r.open = {};
         r.skip_space();
     }
     return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
 }
 
-Calls mistral_args_calls(std::string_view t) {
-    std::vector<ParsedCall> calls;
-    Reader r{t};
+// A call whose name is known and whose arguments, a JSON object, come next.
+bool json_args_call(Reader & r, std::string_view name) {
+    if (!good_name(name)) return false;
+    r.open = {};
+    r.open.name = std::string(name);
+    std::optional<std::string> args = r.args();
+    if (!args) return false;
+    r.calls.push_back({std::string(name), std::move(*args)});
+    r.open = {};
+    return true;
+}
+
+Calls mistral_args_calls(Reader & r) {
+    std::vector<ParsedCall> & calls = r.calls;
     while (r.eat(k_mistral_calls)) {
         const std::string_view name = trim(r.until({k_mistral_args, k_mistral_id}));
         if (r.eat(k_mistral_id)) r.until({k_mistral_args});
-        std::optional<std::string> args = r.eat(k_mistral_args) ? r.args() : std::nullopt;
-        if (!good_name(name) || !args) return std::nullopt;
-        calls.push_back({std::string(name), std::move(*args)});
+        if (!r.eat(k_mistral_args) || !json_args_call(r, name)) return std::nullopt;
         r.skip_space();
     }
     return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
 }
 
 // DeepSeek V3.1 (r1 false) and R1 / V3 (r1 true); the model may end inside its last call.
-Calls deepseek_calls(std::string_view t, bool r1) {
-    std::vector<ParsedCall> calls;
-    Reader r{t};
+Calls deepseek_calls(Reader & r, bool r1) {
+    std::vector<ParsedCall> & calls = r.calls;
     r.eat(k_ds_calls_begin);
     r.skip_space();
     while (r.eat(k_ds_call_begin)) {
@@ -249,9 +326,7 @@ Calls deepseek_calls(std::string_view t, bool r1) {
             name = trim(r.until({k_ds_sep}));
             if (!r.eat(k_ds_sep)) return std::nullopt;
         }
-        std::optional<std::string> args = r.args();
-        if (!good_name(name) || !args) return std::nullopt;
-        calls.push_back({std::string(name), std::move(*args)});
+        if (!json_args_call(r, name)) return std::nullopt;
         if (r1 && !r.eat(k_ds_json_close) && !r.done()) return std::nullopt;
         r.skip_space();
         if (!r.eat(k_ds_call_end)) break;
@@ -261,9 +336,8 @@ Calls deepseek_calls(std::string_view t, bool r1) {
     return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
 }
 
-Calls kimi_calls(std::string_view t) {
-    std::vector<ParsedCall> calls;
-    Reader r{t};
+Calls kimi_calls(Reader & r) {
+    std::vector<ParsedCall> & calls = r.calls;
     r.eat(k_kimi_begin);
     r.skip_space();
     while (r.eat(k_kimi_call_begin)) {
@@ -271,9 +345,7 @@ Calls kimi_calls(std::string_view t) {
         if (!r.eat(k_kimi_args)) return std::nullopt;
         if (id.substr(0, 10) == "functions.") id.remove_prefix(10);
         if (const size_t colon = id.rfind(':'); colon != std::string_view::npos) id = id.substr(0, colon);
-        std::optional<std::string> args = r.args();
-        if (!good_name(id) || !args) return std::nullopt;
-        calls.push_back({std::string(id), std::move(*args)});
+        if (!json_args_call(r, id)) return std::nullopt;
         r.skip_space();
         if (!r.eat(k_kimi_call_end)) break;
         r.skip_space();
@@ -311,8 +383,6 @@ bool has_type(const ojson * schema, std::string_view type) {
     return false;
 }
 
-// A value written as text, as JSON of the type its schema gives (JSON or Python's str() of it);
-// text when it is a string, the schema says nothing, or the text is not of the type.
 // Whether v is of one of the schema's types (no type: of any).
 bool of_type(const ojson & v, const ojson * schema) {
     if (!schema->contains("type")) return true;
@@ -321,11 +391,18 @@ bool of_type(const ojson & v, const ojson * schema) {
            (v.is_object() && has_type(schema, "object")) || (v.is_array() && has_type(schema, "array"));
 }
 
+// Whether a value of this schema is read as text, whatever it is (else it is read as JSON first).
+bool text_param(const ojson * schema) {
+    if (!schema || !schema->is_object()) return true;   // not a parameter of the schema
+    if (schema->contains("type")) return has_type(schema, "string");
+    return !(schema->contains("anyOf") || schema->contains("oneOf") || schema->contains("enum") || schema->contains("const"));
+}
+
+// A value written as text, as JSON of the type its schema gives (JSON or Python's str() of it);
+// text when it is a string, the schema says nothing, or the text is not of the type.
 ojson typed_value(std::string_view raw, const ojson * schema) {
-    if (!schema || !schema->is_object()) return std::string(raw);   // not a parameter of the schema: text
-    const bool typed = schema->contains("type");
+    if (text_param(schema)) return std::string(raw);
     const bool listed = schema->contains("enum") || schema->contains("const");
-    if (typed ? has_type(schema, "string") : !(schema->contains("anyOf") || schema->contains("oneOf") || listed)) return std::string(raw);
     const std::string_view t = trim(raw);
     ojson v = parse_json(t);
     if (v.is_discarded()) {   // Python's str() of True, False, None
@@ -349,23 +426,48 @@ std::string_view between_newlines(std::string_view v) {
     return v;
 }
 
-Calls qwen_xml_calls(std::string_view t, const ojson & tools) {
-    std::vector<ParsedCall> calls;
-    Reader r{t};
+// An XML call's opening is read: its parameters come next.
+void xml_call_open(Reader & r, std::string_view name) {
+    r.open = {};
+    r.open.name = std::string(name);
+    r.open.xml = true;
+    r.xml_args = ojson::object();
+}
+
+// The text of parameter `key`'s value, to `close` (the cursor then at it): the parameter of the
+// call being read, for a partial read.
+std::string_view xml_value(Reader & r, const std::string & key, bool text, bool newlines, std::string_view close) {
+    r.open.key = key;
+    r.open.text = text;
+    r.open.newlines = newlines;
+    r.open.close = close;
+    const std::string_view v = r.until({close});
+    r.open.key.clear();
+    return v;
+}
+
+void xml_call_close(Reader & r) {
+    r.calls.push_back({r.open.name, *arguments_of(r.xml_args)});
+    r.open = {};
+}
+
+Calls qwen_xml_calls(Reader & r, const ojson & tools) {
+    std::vector<ParsedCall> & calls = r.calls;
     while (r.eat(k_hermes_open)) {
         r.skip_space();
         if (!r.eat(k_function)) return std::nullopt;
         const std::string_view name = r.until({">"});
         if (!r.eat(">") || !good_name(name)) return std::nullopt;
-        ojson args = ojson::object();
+        xml_call_open(r, name);
         for (r.skip_space(); r.eat(k_parameter); r.skip_space()) {
             const std::string key(r.until({">"}));
             if (!r.eat(">") || key.empty()) return std::nullopt;
-            const std::string_view value = r.until({k_parameter_end});
-            if (!r.eat(k_parameter_end)) return std::nullopt;
-            args[key] = typed_value(between_newlines(value), param_schema(tools, name, key));
+            const ojson * schema = param_schema(tools, name, key);
+            const std::string_view value = xml_value(r, key, text_param(schema), true, k_parameter_end);
+            if (!r.eat(k_parameter_end) || r.xml_args.contains(key)) return std::nullopt;   // (a parameter given twice)
+            r.xml_args[key] = typed_value(between_newlines(value), schema);
         }
-        calls.push_back({std::string(name), *arguments_of(args)});
+        xml_call_close(r);
         if (!r.eat(k_function_end)) return r.done() ? Calls(std::move(calls)) : std::nullopt;   // ended inside its last call
         r.skip_space();
         if (!r.eat(k_hermes_close)) return r.done() ? Calls(std::move(calls)) : std::nullopt;
@@ -374,45 +476,45 @@ Calls qwen_xml_calls(std::string_view t, const ojson & tools) {
     return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
 }
 
-Calls glm_calls(std::string_view t, const ojson & tools) {
-    std::vector<ParsedCall> calls;
-    Reader r{t};
+Calls glm_calls(Reader & r, const ojson & tools) {
+    std::vector<ParsedCall> & calls = r.calls;
     while (r.eat(k_hermes_open)) {
         const std::string_view name = trim(r.until({k_arg_key, k_hermes_close}));
         if (!good_name(name)) return std::nullopt;
-        ojson args = ojson::object();
+        xml_call_open(r, name);
         for (r.skip_space(); r.eat(k_arg_key); r.skip_space()) {
             const std::string key(trim(r.until({k_arg_key_end})));
             if (!r.eat(k_arg_key_end) || key.empty()) return std::nullopt;
             r.skip_space();
             if (!r.eat(k_arg_value)) return std::nullopt;
-            const std::string_view value = r.until({k_arg_value_end});
-            if (!r.eat(k_arg_value_end)) return std::nullopt;
-            args[key] = typed_value(value, param_schema(tools, name, key));
+            const ojson * schema = param_schema(tools, name, key);
+            const std::string_view value = xml_value(r, key, text_param(schema), false, k_arg_value_end);
+            if (!r.eat(k_arg_value_end) || r.xml_args.contains(key)) return std::nullopt;
+            r.xml_args[key] = typed_value(value, schema);
         }
-        calls.push_back({std::string(name), *arguments_of(args)});
+        xml_call_close(r);
         if (!r.eat(k_hermes_close)) return r.done() ? Calls(std::move(calls)) : std::nullopt;
         r.skip_space();
     }
     return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
 }
 
-Calls minimax_calls(std::string_view t, const ojson & tools) {
-    std::vector<ParsedCall> calls;
-    Reader r{t};
+Calls minimax_calls(Reader & r, const ojson & tools) {
+    std::vector<ParsedCall> & calls = r.calls;
     while (r.eat(k_minimax)) {
         for (r.skip_space(); r.eat(k_invoke); r.skip_space()) {
             const std::string_view name = r.until({"\""});
             if (!r.eat("\">") || !good_name(name)) return std::nullopt;
-            ojson args = ojson::object();
+            xml_call_open(r, name);
             for (r.skip_space(); r.eat(k_mm_parameter); r.skip_space()) {
                 const std::string key(r.until({"\""}));
                 if (!r.eat("\">") || key.empty()) return std::nullopt;
-                const std::string_view value = r.until({k_parameter_end});
-                if (!r.eat(k_parameter_end)) return std::nullopt;
-                args[key] = typed_value(value, param_schema(tools, name, key));
+                const ojson * schema = param_schema(tools, name, key);
+                const std::string_view value = xml_value(r, key, text_param(schema), false, k_parameter_end);
+                if (!r.eat(k_parameter_end) || r.xml_args.contains(key)) return std::nullopt;
+                r.xml_args[key] = typed_value(value, schema);
             }
-            calls.push_back({std::string(name), *arguments_of(args)});
+            xml_call_close(r);
             if (!r.eat(k_invoke_end)) return r.done() ? Calls(std::move(calls)) : std::nullopt;
         }
         if (!r.eat(k_minimax_end)) return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
@@ -422,15 +524,14 @@ Calls minimax_calls(std::string_view t, const ojson & tools) {
 }
 
 // DSML: each value says whether it is a string (string="true": as written) or JSON ("false").
-Calls dsml_calls(std::string_view t, bool v4, const ojson & tools) {
+Calls dsml_calls(Reader & r, bool v4, const ojson & tools) {
     const std::string_view block = v4 ? k_dsml_tool_calls : k_dsml_function_calls, block_end = v4 ? k_dsml_tool_calls_end : k_dsml_function_calls_end;
-    std::vector<ParsedCall> calls;
-    Reader r{t};
+    std::vector<ParsedCall> & calls = r.calls;
     while (r.eat(block)) {
         for (r.skip_space(); r.eat(k_dsml_invoke); r.skip_space()) {
             const std::string_view name = r.until({"\""});
             if (!r.eat("\">") || !good_name(name)) return std::nullopt;
-            ojson args = ojson::object();
+            xml_call_open(r, name);
             for (r.skip_space(); r.eat(k_dsml_parameter); r.skip_space()) {
                 const std::string key(r.until({"\""}));
                 if (!r.eat("\"") || key.empty()) return std::nullopt;
@@ -441,18 +542,20 @@ Calls dsml_calls(std::string_view t, bool v4, const ojson & tools) {
                     if (!r.eat("\"")) return std::nullopt;
                 }
                 if (!r.eat(">")) return std::nullopt;
-                const std::string_view value = r.until({k_dsml_parameter_end});
-                if (!r.eat(k_dsml_parameter_end)) return std::nullopt;
+                const ojson * schema = param_schema(tools, name, key);
+                const bool text = is_string == "true" || (is_string != "false" && text_param(schema));
+                const std::string_view value = xml_value(r, key, text, false, k_dsml_parameter_end);
+                if (!r.eat(k_dsml_parameter_end) || r.xml_args.contains(key)) return std::nullopt;
                 if (is_string == "true") {
-                    args[key] = std::string(value);
+                    r.xml_args[key] = std::string(value);
                 } else if (is_string == "false") {
                     const ojson v = parse_json(trim(value));
-                    args[key] = v.is_discarded() ? ojson(std::string(value)) : v;
+                    r.xml_args[key] = v.is_discarded() ? ojson(std::string(value)) : v;
                 } else {
-                    args[key] = typed_value(value, param_schema(tools, name, key));
+                    r.xml_args[key] = typed_value(value, schema);
                 }
             }
-            calls.push_back({std::string(name), *arguments_of(args)});
+            xml_call_close(r);
             if (!r.eat(k_dsml_invoke_end)) return r.done() ? Calls(std::move(calls)) : std::nullopt;
         }
         if (!r.eat(block_end)) return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
@@ -486,20 +589,20 @@ size_t calls_start(ToolCallFormat f, std::string_view text) {
     return std::string_view::npos;
 }
 
-Calls read_calls(ToolCallFormat f, std::string_view t, const ojson & tools) {
+Calls read_calls(ToolCallFormat f, Reader & r, const ojson & tools) {
     switch (f) {
-    case ToolCallFormat::Hermes: return hermes_calls(t);
-    case ToolCallFormat::Llama3: return llama3_calls(t);
-    case ToolCallFormat::Mistral: return mistral_calls(t);
-    case ToolCallFormat::MistralArgs: return mistral_args_calls(t);
-    case ToolCallFormat::DeepSeekV31: return deepseek_calls(t, false);
-    case ToolCallFormat::DeepSeekR1: return deepseek_calls(t, true);
-    case ToolCallFormat::KimiK2: return kimi_calls(t);
-    case ToolCallFormat::QwenXml: return qwen_xml_calls(t, tools);
-    case ToolCallFormat::GlmXml: return glm_calls(t, tools);
-    case ToolCallFormat::MiniMaxXml: return minimax_calls(t, tools);
-    case ToolCallFormat::DsmlV32: return dsml_calls(t, false, tools);
-    case ToolCallFormat::DsmlV4: return dsml_calls(t, true, tools);
+    case ToolCallFormat::Hermes: return hermes_calls(r);
+    case ToolCallFormat::Llama3: return llama3_calls(r);
+    case ToolCallFormat::Mistral: return mistral_calls(r);
+    case ToolCallFormat::MistralArgs: return mistral_args_calls(r);
+    case ToolCallFormat::DeepSeekV31: return deepseek_calls(r, false);
+    case ToolCallFormat::DeepSeekR1: return deepseek_calls(r, true);
+    case ToolCallFormat::KimiK2: return kimi_calls(r);
+    case ToolCallFormat::QwenXml: return qwen_xml_calls(r, tools);
+    case ToolCallFormat::GlmXml: return glm_calls(r, tools);
+    case ToolCallFormat::MiniMaxXml: return minimax_calls(r, tools);
+    case ToolCallFormat::DsmlV32: return dsml_calls(r, false, tools);
+    case ToolCallFormat::DsmlV4: return dsml_calls(r, true, tools);
     case ToolCallFormat::None:
     case ToolCallFormat::Harmony: break;
     }
@@ -745,14 +848,242 @@ ParsedOutput parse_tool_calls(ToolCallFormat format, std::string_view text, std:
         return out;
     }
     const size_t first = calls_start(format, text);
+    Reader r(text.substr(std::min(first, text.size())), false);
     if (first != std::string_view::npos)
-        if (Calls calls = read_calls(format, text.substr(first),
-                                     tools_json.empty() ? ojson() : ojson::parse(tools_json, nullptr, false))) {
+        if (Calls calls = read_calls(format, r, tools_json.empty() ? ojson() : ojson::parse(tools_json, nullptr, false))) {
             out.calls = std::move(*calls);
             out.content = std::string(text.substr(0, first));
             return out;
         }
     out.content = std::string(text);
+    return out;
+}
+
+namespace {
+
+// ---- partial calls: what of a growing text's calls is certain ----
+
+// A text's start without an unfinished UTF-8 character at its end.
+std::string_view whole_utf8(std::string_view v) {
+    for (size_t back = 1; back <= std::min<size_t>(4, v.size()); ++back) {
+        const auto c = static_cast<unsigned char>(v[v.size() - back]);
+        if ((c & 0xC0) == 0x80) continue;   // a continuation byte: look further back
+        const size_t n = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 1;
+        return n > back ? v.substr(0, v.size() - back) : v;
+    }
+    return v;
+}
+
+// JSON text cut off anywhere (a value from its first non-space character), made whole with `mark`
+// where what is certain ends: in a string value being written, or as a member (a key in an
+// object, an element in a list) where the next one would go. Keys, numbers and literals being
+// written are left out whole: they may still grow. "" when it starts no object or list.
+std::string heal_json(std::string_view t, const std::string & mark) {
+    struct Frame {
+        bool object;
+        int expect;   // 0: a member (or the close), 1: a colon, 2: a value, 3: a comma or the close
+    };
+    std::vector<Frame> stack;
+    size_t keep = 0;    // t[0, keep) is certain, and then the innermost container expects keep_expect
+    int keep_expect = 0;
+    auto close_all = [&](std::string & out) {
+        for (auto it = stack.rbegin(); it != stack.rend(); ++it) out += it->object ? '}' : ']';
+    };
+    size_t i = 0;
+    while (i < t.size()) {
+        const char c = t[i];
+        if (space(c)) {
+            ++i;
+        } else if (c == '{' || c == '[') {
+            if (stack.size() >= size_t(k_max_json_depth)) return {};
+            stack.push_back({c == '{', 0});
+            keep = ++i, keep_expect = 0;
+        } else if (stack.empty()) {
+            return {};   // not an object or a list
+        } else if (c == '}' || c == ']') {
+            stack.pop_back();
+            if (stack.empty()) return std::string(t.substr(0, i + 1));   // whole
+            stack.back().expect = 3;
+            keep = ++i, keep_expect = 3;
+        } else if (c == ':') {
+            stack.back().expect = 2;
+            ++i;
+        } else if (c == ',') {
+            stack.back().expect = 0;
+            keep = ++i, keep_expect = 0;
+        } else if (c == '"') {
+            const bool key = stack.back().object && stack.back().expect == 0;
+            size_t j = i + 1, safe = j;   // safe: after the string's last whole character
+            bool closed = false;
+            while (j < t.size()) {
+                const auto d = static_cast<unsigned char>(t[j]);
+                size_t n = 1;
+                if (d == '"') {
+                    closed = true;
+                    break;
+                }
+                if (d == '\\') {
+                    n = j + 1 < t.size() && t[j + 1] == 'u' ? 6 : 2;
+                    if (n == 6 && j + 6 <= t.size()) {   // a high surrogate is whole with its low one
+                        const std::string_view hex = t.substr(j + 2, 4);
+                        if ((hex[0] == 'd' || hex[0] == 'D') && std::string_view("89abAB").find(hex[1]) != std::string_view::npos) n = 12;
+                    }
+                } else if (d >= 0xC0) {
+                    n = d >= 0xF0 ? 4 : d >= 0xE0 ? 3 : 2;
+                }
+                if (j + n > t.size()) break;
+                j += n;
+                safe = j;
+            }
+            if (closed) {
+                i = j + 1;
+                stack.back().expect = key ? 1 : 3;
+                if (!key) keep = i, keep_expect = 3;
+            } else if (key) {
+                break;
+            } else {   // the text ends in a string value: what of it is written is certain
+                std::string out(t.substr(0, safe));
+                out += mark;
+                out += '"';
+                close_all(out);
+                return out;
+            }
+        } else {   // a number or a literal: whole once something follows it
+            size_t j = i;
+            while (j < t.size() && !space(t[j]) && std::string_view(",]}:\"").find(t[j]) == std::string_view::npos) ++j;
+            if (j == t.size()) break;
+            i = j;
+            stack.back().expect = 3;
+            keep = i, keep_expect = 3;
+        }
+    }
+    if (stack.empty()) return {};
+    std::string out(t.substr(0, keep));
+    if (keep_expect == 3) out += ',';
+    out += '"' + mark + (stack.back().object ? "\":0" : "\"");
+    close_all(out);
+    return out;
+}
+
+// A mark no text of t holds, so that healed JSON cut at it is cut where the healing began.
+std::string mark_for(std::string_view t) {
+    std::string mark = "~moesh~";
+    while (t.find(mark) != std::string_view::npos) mark += '~';
+    return mark;
+}
+
+// A value healed with `mark`, written as arguments are, up to the mark. A mark that stands for a
+// whole member goes with its quotes and the comma before it. nullopt when the mark is not there
+// exactly once (the text spelled it with escapes).
+std::optional<std::string> cut_at_mark(const ojson & v, const std::string & mark) {
+    const std::string d = v.dump(-1, ' ', false, ojson::error_handler_t::replace);
+    size_t p = d.find(mark);
+    if (p == std::string::npos) return d;
+    if (d.find(mark, p + 1) != std::string::npos) return std::nullopt;
+    const bool member = p >= 2 && d[p - 1] == '"' && std::string_view("{[,:").find(d[p - 2]) != std::string_view::npos &&
+                        d.compare(p + mark.size(), 1, "\"") == 0;
+    if (member) {
+        --p;
+        if (d[p - 1] == ',') --p;
+    }
+    return d.substr(0, p);
+}
+
+// The certain start of an arguments object being written as JSON; "" when none is.
+std::string json_args_prefix(std::string_view t) {
+    const std::string mark = mark_for(t);
+    const std::string healed = heal_json(t, mark);
+    if (healed.empty()) return {};
+    const ojson v = parse_json(healed);
+    if (!v.is_object()) return {};
+    return cut_at_mark(v, mark).value_or(std::string());
+}
+
+// The calls in JSON call objects being written (hermes, llama3, mistral): each whose name is whole.
+void json_calls_prefix(std::string_view t, bool parameters_too, std::vector<PartialCall> & out) {
+    const std::string mark = mark_for(t);
+    const std::string healed = heal_json(t, mark);
+    if (healed.empty()) return;
+    const ojson v = parse_json(healed);
+    if (v.is_discarded()) return;
+    for (const ojson & o : v.is_array() ? v : ojson::array({v})) {
+        const auto n = o.is_object() ? o.find("name") : o.end();
+        if (!o.is_object() || n == o.end() || !n->is_string() || !good_name(n->get_ref<const std::string &>())) return;
+        PartialCall c{n->get<std::string>(), {}};
+        auto a = o.find("arguments");
+        if (a == o.end() && parameters_too) a = o.find("parameters");
+        if (a != o.end() && a->is_object()) {
+            const std::optional<std::string> args = cut_at_mark(*a, mark);
+            if (!args) return;
+            c.arguments = *args;
+        } else if (a != o.end() && a->is_string() && a->get_ref<const std::string &>().find(mark) == std::string::npos) {
+            c.arguments = arguments_text(a->get_ref<const std::string &>()).value_or(std::string());   // arguments as JSON text: whole
+        }
+        out.push_back(std::move(c));
+    }
+}
+
+// The call an XML reader was in when the text ended: its parameters so far, and the text of one
+// being written.
+std::string xml_args_prefix(const Reader & r) {
+    ojson args = r.xml_args;
+    const std::string mark = mark_for(r.t);
+    if (!r.open.key.empty() && r.open.text && !args.contains(r.open.key)) {
+        std::string_view v = r.tail;
+        const std::string_view close = r.open.close;
+        for (size_t n = std::min(v.size(), close.size() - 1); n > 0; --n)   // what may still become the close
+            if (v.substr(v.size() - n) == close.substr(0, n)) {
+                v.remove_suffix(n);
+                break;
+            }
+        if (r.open.newlines) v = between_newlines(v);   // a last newline may be the format's
+        args[r.open.key] = std::string(whole_utf8(v)) + mark;
+    } else {
+        args[mark] = 0;
+    }
+    return cut_at_mark(args, mark).value_or(std::string());
+}
+
+} // namespace
+
+std::vector<PartialCall> tool_call_prefix(ToolCallFormat format, std::string_view text, std::string_view tools_json) {
+    std::vector<PartialCall> out;
+    if (format == ToolCallFormat::None) return out;
+    if (format == ToolCallFormat::Harmony) {
+        for (const HarmonySplit::Call & c : split_harmony(text, false).calls) {
+            const std::string_view to = c.recipient;
+            if (to.substr(0, 10) != "functions." || !good_name(to.substr(10))) break;
+            std::string_view body = c.body;
+            if (c.whole) {
+                std::optional<std::string> args = arguments_text(trim(body));
+                if (!args) break;
+                out.push_back({std::string(to.substr(10)), std::move(*args)});
+                continue;
+            }
+            for (std::string_view e : {"<|end|>", "<|return|>", "<|call|>"})   // what may still become its end
+                for (size_t n = std::min(body.size(), e.size() - 1); n > 0; --n)
+                    if (body.substr(body.size() - n) == e.substr(0, n)) {
+                        body.remove_suffix(n);
+                        break;
+                    }
+            out.push_back({std::string(to.substr(10)), json_args_prefix(body)});
+            break;
+        }
+        return out;
+    }
+    const size_t first = calls_start(format, text);
+    if (first == std::string_view::npos) return out;
+    Reader r(text.substr(first), true);
+    try {
+        Calls calls = read_calls(format, r, is_xml(format) && !tools_json.empty() ? ojson::parse(tools_json, nullptr, false) : ojson());
+        if (calls)
+            for (ParsedCall & c : *calls) out.push_back({std::move(c.name), std::move(c.arguments)});
+    } catch (const End &) {
+        for (ParsedCall & c : r.calls) out.push_back({std::move(c.name), std::move(c.arguments)});
+        if (r.open.json_call) json_calls_prefix(r.tail, format == ToolCallFormat::Llama3, out);
+        else if (r.open.xml) out.push_back({r.open.name, xml_args_prefix(r)});
+        else if (!r.open.name.empty()) out.push_back({r.open.name, json_args_prefix(r.tail)});
+    }
     return out;
 }
 

@@ -70,6 +70,20 @@ struct ParsedOutput {
 // tools_json (the request's tools) types the XML formats' values.
 ParsedOutput parse_tool_calls(ToolCallFormat format, std::string_view text, std::string_view tools_json = {});
 
+// A call as far as a growing text shows it.
+struct PartialCall {
+    std::string name;
+    std::string arguments;   // the start of its arguments' JSON text that can no longer change
+};
+
+// The calls of a growing text, for streaming them while they are written: each call begun so far
+// whose name is certain, in order, with the certain start of its arguments (of what
+// parse_tool_calls gives once the text is whole: the same compact JSON). Numbers and other
+// non-text values come whole; text comes as it is written. This holds if the calls end well
+// formed; if they do not, parse_tool_calls makes the whole text content, as it always does.
+// Empty when the calls so far are not well formed.
+std::vector<PartialCall> tool_call_prefix(ToolCallFormat format, std::string_view text, std::string_view tools_json = {});
+
 // How much of a growing text can be streamed as content: up to the first call,
 // and never a tail that may still become the start of one. (Harmony's calls are
 // messages of their own, which split_harmony keeps out of its content.)

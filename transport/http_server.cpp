@@ -247,6 +247,7 @@ private:
         headers_sent_ = false;
         first_chunk_ = true;
         text_offset_ = 0;
+        streamed_calls_ = {};
         client_ = f_.port.new_client();
         std::lock_guard<std::mutex> lock(f_.mu);
         f_.clients[client_] = shared_from_this();
@@ -310,14 +311,20 @@ private:
             const bool with_lp = lp != r.body.end();
             const auto reasoning = r.body.find("reasoning");
             const std::string_view thought = reasoning != r.body.end() ? std::string_view(reasoning->get_ref<const std::string &>()) : std::string_view();
-            if (text.empty() && thought.empty() && !first_chunk_ && !with_lp) return;
-            sse(openai::text_chunk(endpoint_, reply_, text, first_chunk_, with_lp ? &*lp : nullptr, &text_offset_, thought));
-            first_chunk_ = false;
+            const auto calls = r.body.find("tool_calls");
+            if (!text.empty() || !thought.empty() || first_chunk_ || with_lp) {
+                sse(openai::text_chunk(endpoint_, reply_, text, first_chunk_, with_lp ? &*lp : nullptr, &text_offset_, thought));
+                first_chunk_ = false;
+            }
+            if (calls != r.body.end() && calls->is_array() && endpoint_ == openai::Endpoint::Chat) {
+                streamed_calls_.add(*calls);
+                sse(openai::calls_chunk(reply_, *calls));
+            }
         } else if (r.type == "done") {
             finish();
             if (!stream_req_) return respond(200, "application/json", openai::completion_body(endpoint_, reply_, r.body), keep_alive_);
             if (first_chunk_ && endpoint_ == openai::Endpoint::Chat) sse(openai::text_chunk(endpoint_, reply_, "", true));
-            sse(openai::finish_chunk(endpoint_, reply_, r.body));
+            sse(openai::finish_chunk(endpoint_, reply_, r.body, streamed_calls_));
             if (include_usage_) sse(openai::usage_chunk(endpoint_, reply_, r.body));
             sse(std::string(openai::done_event));
             end_stream();
@@ -448,6 +455,7 @@ private:
     std::vector<std::pair<std::string, std::string>> renames_;   // openai::Translated::renames
     bool headers_sent_ = false, first_chunk_ = true;
     int64_t text_offset_ = 0;   // completions' characters streamed so far (logprobs' text_offset)
+    openai::StreamedCalls streamed_calls_;   // chat: the tool calls streamed as they were written
     const int64_t created_ = unix_now();
 };
 

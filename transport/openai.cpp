@@ -541,12 +541,43 @@ std::string text_chunk(Endpoint e, const Reply & r, std::string_view text, bool 
     return sse(o);
 }
 
-std::string finish_chunk(Endpoint e, const Reply & r, const nlohmann::json & done) {
+void StreamedCalls::add(const json & deltas) {
+    for (const json & d : deltas) {
+        const auto i = size_t(d.value("index", int64_t(0)));
+        if (i > 1024) continue;   // our own server's frame: never this many
+        if (i >= ids.size()) ids.resize(i + 1), arguments.resize(i + 1);
+        if (auto id = d.find("id"); id != d.end() && id->is_string()) ids[i] = id->get<std::string>();
+        if (auto f = d.find("function"); f != d.end() && f->is_object())
+            if (auto a = f->find("arguments"); a != f->end() && a->is_string()) arguments[i] += a->get<std::string>();
+    }
+}
+
+std::string calls_chunk(const Reply & r, const json & deltas) {
+    ojson o = head(Endpoint::Chat, r, true);
+    o["choices"] = ojson::array({choice(Endpoint::Chat, "", nullptr, false, false, nullptr, ojson(deltas))});
+    return sse(o);
+}
+
+std::string finish_chunk(Endpoint e, const Reply & r, const nlohmann::json & done, const StreamedCalls & streamed) {
     std::string out;
-    if (ojson calls = tool_calls(done, true); e == Endpoint::Chat && !calls.empty()) {   // the calls come whole, before the end
-        ojson o = head(e, r, true);
-        o["choices"] = ojson::array({choice(e, "", nullptr, false, false, nullptr, std::move(calls))});
-        out = sse(o);
+    if (ojson calls = tool_calls(done, true); e == Endpoint::Chat && !calls.empty()) {   // what the stream lacks, before the end
+        ojson rest = ojson::array();
+        for (ojson & c : calls) {
+            const size_t i = c["index"].get<size_t>();
+            if (i >= streamed.ids.size() || streamed.ids[i] != c["id"].get<std::string>()) {
+                rest.push_back(std::move(c));   // not streamed: whole
+                continue;
+            }
+            const std::string & whole = c["function"]["arguments"].get_ref<const std::string &>();
+            const std::string & sent = streamed.arguments[i];
+            if (whole.size() > sent.size() && whole.compare(0, sent.size(), sent) == 0)
+                rest.push_back({{"index", i}, {"function", {{"arguments", whole.substr(sent.size())}}}});
+        }
+        if (!rest.empty()) {
+            ojson o = head(e, r, true);
+            o["choices"] = ojson::array({choice(e, "", nullptr, false, false, nullptr, std::move(rest))});
+            out = sse(o);
+        }
     }
     ojson o = head(e, r, true);
     o["choices"] = ojson::array({choice(e, "", finish_reason(done), false, false)});

@@ -74,8 +74,16 @@ std::string completion_body(Endpoint endpoint, const Reply & r, const nlohmann::
 // reasoning text (chat: delta.reasoning_content).
 std::string text_chunk(Endpoint endpoint, const Reply & r, std::string_view text, bool first,
                        const nlohmann::json * logprobs = nullptr, int64_t * text_offset = nullptr, std::string_view reasoning = {});
-// The closing chunk with the finish reason (and its text, when a last delta remains).
-std::string finish_chunk(Endpoint endpoint, const Reply & r, const nlohmann::json & done);
+// The tool calls a chat stream has sent as they were written: each call's id and arguments so far.
+struct StreamedCalls {
+    std::vector<std::string> ids, arguments;
+    void add(const nlohmann::json & deltas);   // a token frame's tool_calls
+};
+// A chat chunk with a token frame's tool_calls (OpenAI's delta.tool_calls, the same shape).
+std::string calls_chunk(const Reply & r, const nlohmann::json & deltas);
+// The closing chunk with the finish reason, after one with what the done frame's tool calls add to
+// those streamed (each call's rest, or the whole call).
+std::string finish_chunk(Endpoint endpoint, const Reply & r, const nlohmann::json & done, const StreamedCalls & streamed = {});
 // stream_options.include_usage: the chunk with no choices and the usage.
 std::string usage_chunk(Endpoint endpoint, const Reply & r, const nlohmann::json & done);
 inline constexpr std::string_view done_event = "data: [DONE]\n\n";

@@ -878,7 +878,7 @@ ojson logprobs_object(const Logprobs & l) {
 } // namespace
 
 std::string token_frame(std::string_view id, int64_t index, int32_t token, std::string_view text, const Logprobs * logprobs,
-                        std::string_view reasoning) {
+                        std::string_view reasoning, const std::vector<ToolCallDelta> & calls) {
     ojson o;
     o["type"] = "token";
     o["id"] = id_or_null(id);
@@ -887,6 +887,17 @@ std::string token_frame(std::string_view id, int64_t index, int32_t token, std::
     o["text"] = std::string(text);
     if (!reasoning.empty()) o["reasoning"] = std::string(reasoning);
     if (logprobs) o["logprobs"] = logprobs_object(*logprobs);
+    if (!calls.empty()) {
+        ojson & a = o["tool_calls"] = ojson::array();
+        for (const ToolCallDelta & c : calls) {
+            ojson d = {{"index", c.index}};
+            if (!c.id.empty()) d["id"] = c.id, d["type"] = "function";
+            d["function"] = ojson::object();
+            if (!c.id.empty()) d["function"]["name"] = c.name;
+            d["function"]["arguments"] = c.arguments;
+            a.push_back(std::move(d));
+        }
+    }
     return dump(o);
 }
 

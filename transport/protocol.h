@@ -172,9 +172,18 @@ struct Done {
     double queue_ms = 0, ttft_ms = 0, total_ms = 0, decode_tokens_per_second = 0;   // non-finite: null
 };
 
-// {"type":"token","id","index","token","text"[,"reasoning"][,"logprobs":{...}]}
+// What a token adds to a tool call being written (OpenAI's stream delta): the call's first delta
+// has its id and name, every delta the next piece of its arguments' JSON text.
+struct ToolCallDelta {
+    int64_t index = 0;       // the call's place among the reply's calls
+    std::string id, name;    // the first delta of a call only (empty otherwise)
+    std::string arguments;
+};
+
+// {"type":"token","id","index","token","text"[,"reasoning"][,"logprobs":{...}][,"tool_calls":[...]]}
 std::string token_frame(std::string_view id, int64_t index, int32_t token, std::string_view text,
-                        const Logprobs * logprobs = nullptr, std::string_view reasoning = {});
+                        const Logprobs * logprobs = nullptr, std::string_view reasoning = {},
+                        const std::vector<ToolCallDelta> & calls = {});
 // {"type":"done","id","tokens"[,"logprobs":[...]][,"prompt_logprobs":[...],"prompt_text"],"text","finish_reason",
 //  "usage":{...},"timings":{...}}
 std::string done_frame(std::string_view id, const Done & done);

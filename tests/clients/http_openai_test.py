@@ -556,9 +556,14 @@ def tools(moesh, chat_model, tmp):
         deltas = [tc for x in chunks if x.choices for tc in (x.choices[0].delta.tool_calls or [])]
         finish = [x.choices[0].finish_reason for x in chunks if x.choices and x.choices[0].finish_reason]
         text = "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
-        check(len(deltas) == 1 and deltas[0].index == 0 and deltas[0].function.name == "get_weather"
-              and json.loads(deltas[0].function.arguments) == nargs and finish == ["tool_calls"] and text == "",
-              f"streamed: the call comes whole in one delta, no text, finish tool_calls: {deltas} {finish} {text!r}")
+        streamed = streamed_calls(chunks, WEATHER)
+        check(len(deltas) > 3 and deltas[0].index == 0 and deltas[0].function.name == "get_weather" and deltas[0].id
+              and all(d.index == 0 and not d.id and not d.function.name for d in deltas[1:])
+              and len(streamed) == 1 and streamed[0].function.name == "get_weather" and streamed[0].id == deltas[0].id
+              and streamed[0].function.arguments == ncalls[0].function.arguments and finish == ["tool_calls"] and text == "",
+              f"streamed: the call's id and name first, then its arguments in pieces as they are written, adding up (by the SDK's "
+              f"own accumulator) to the call made without streaming; no text, finish tool_calls: {len(deltas)} deltas, {streamed} "
+              f"{finish} {text!r}")
         # the C++ client: moesh client --chat --tools --tool-choice, over ZeroMQ
         tools_file = pathlib.Path(tmp) / "weather_tools.json"
         tools_file.write_text(json.dumps(WEATHER))
@@ -605,6 +610,16 @@ def tools(moesh, chat_model, tmp):
         srv.stop()
 
 
+def streamed_calls(chunks, tools):
+    """A chat stream's tool calls as the openai SDK's own stream accumulator puts them together."""
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    state = ChatCompletionStreamState(input_tools=tools)
+    for chunk in chunks:
+        for _ in state.handle_chunk(chunk):
+            pass
+    return state.get_final_completion().choices[0].message.tool_calls or []
+
+
 def tool_formats(moesh, chat_model, tmp):
     """The other call formats moesh reads, each with its real template on SmolLM2 (--chat-template):
     a forced call (named, or required with two tools) is a grammar of the format, and comes back
@@ -639,8 +654,11 @@ def tool_formats(moesh, chat_model, tmp):
                                                     temperature=0, stream=True))
             deltas = [tc for x in chunks if x.choices for tc in (x.choices[0].delta.tool_calls or [])]
             text = "".join(x.choices[0].delta.content or "" for x in chunks if x.choices)
-            check(len(deltas) == 1 and deltas[0].function.name == "get_weather" and json.loads(deltas[0].function.arguments) == args
-                  and text == "", f"{t['format']} streamed: the same call in one delta, no text: {deltas} {text!r}")
+            streamed = streamed_calls(chunks, tools)
+            check(len(deltas) > 3 and deltas[0].function.name == "get_weather" and len(streamed) == 1
+                  and streamed[0].function.name == "get_weather" and streamed[0].function.arguments == calls[0].function.arguments
+                  and text == "", f"{t['format']} streamed: the call in pieces as it is written, adding up to the same call, "
+                                  f"no text: {len(deltas)} deltas, {streamed} {text!r}")
             r = c.chat.completions.create(model="smol", messages=ask, tools=tools, tool_choice="required", max_tokens=200, temperature=0)
             calls = r.choices[0].message.tool_calls or []
             check(r.choices[0].finish_reason == "tool_calls" and len(calls) == 1 and calls[0].function.name in ("get_weather", "get_time")

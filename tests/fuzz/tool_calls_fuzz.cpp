@@ -1,7 +1,9 @@
 // libFuzzer target for reading tool calls from model output (runtime/tool_calls.h): the bytes
 // as generated text, read in every format. Accepted means some format read a call. A call's
 // arguments must be a JSON object and its name not empty; the content before the calls must be
-// the text's start; what streaming lets out of a prefix must be the final content's start.
+// the text's start; what streaming lets out of a prefix must be the final content's start; the
+// calls streamed from a prefix, when the whole text reads as calls, must be those calls' names
+// with starts of their arguments, a longer prefix's extending a shorter one's.
 #include "fuzz_targets.h"
 
 #include "runtime/tool_calls.h"
@@ -10,6 +12,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
 namespace moesh::fuzz {
 
@@ -37,6 +40,21 @@ bool tool_calls_one_input(const uint8_t * data, size_t size) {
             check(args.is_object(), "arguments that are not a JSON object");
         }
         any = any || !out.calls.empty();
+        std::vector<PartialCall> last;
+        for (size_t cut : {size / 3, size / 2, size - size / 4, size}) {
+            const std::vector<PartialCall> now = tool_call_prefix(f, text.substr(0, cut), k_tools);
+            if (out.calls.empty()) continue;   // a stream that turns out malformed: the done frame says so
+            check(now.size() <= out.calls.size(), "more calls streamed than read");
+            check(now.size() >= last.size(), "a streamed call that went away");
+            for (size_t i = 0; i < now.size(); ++i) {
+                check(now[i].name == out.calls[i].name, "a streamed call's name that is not the call's");
+                check(out.calls[i].arguments.compare(0, now[i].arguments.size(), now[i].arguments) == 0,
+                      "streamed arguments that are not the start of the call's");
+                check(i >= last.size() || now[i].arguments.compare(0, last[i].arguments.size(), last[i].arguments) == 0,
+                      "streamed arguments that do not extend those streamed before");
+            }
+            last = now;
+        }
         if (f == ToolCallFormat::Harmony) continue;   // content is rebuilt from its channels
         check(text.substr(0, out.content.size()) == out.content, "content that is not the text's start");
         check(out.calls.empty() || out.content.size() < text.size(), "calls and all the text as content");

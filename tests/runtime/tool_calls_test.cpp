@@ -95,6 +95,93 @@ TEST(ToolCalls, WhatRealTemplatesWriteReadsBack) {
     EXPECT_GE(n, 56);
 }
 
+// Streaming calls as they are written: at every cut of what the real templates write, the calls
+// begun so far are the final calls' names with a start of their arguments, each cut's a start of
+// the next one's, and one byte before the end every call's arguments are there but for their close.
+TEST(ToolCalls, StreamedCallsGrowIntoTheCalls) {
+    const std::string tools = calls_fixture()["tools"].dump();
+    for (const auto & t : calls_fixture()["templates"]) {
+        const ToolCallFormat f = format_named(t["format"]);
+        for (const auto & c : t["cases"]) {
+            const std::string text = c["text"];
+            const std::string_view answer = answer_part(t["template"], f, text);
+            const ParsedOutput out = parse_tool_calls(f, answer, tools);
+            SCOPED_TRACE(t["name"].get<std::string>() + ": " + text);
+            std::vector<PartialCall> last;
+            for (size_t k = 0; k <= answer.size(); ++k) {
+                const std::vector<PartialCall> now = tool_call_prefix(f, answer.substr(0, k), tools);
+                ASSERT_LE(now.size(), out.calls.size()) << "at " << k;
+                ASSERT_GE(now.size(), last.size()) << "at " << k;
+                for (size_t i = 0; i < now.size(); ++i) {
+                    ASSERT_EQ(now[i].name, out.calls[i].name) << "at " << k;
+                    ASSERT_EQ(out.calls[i].arguments.compare(0, now[i].arguments.size(), now[i].arguments), 0)
+                        << "at " << k << ": " << now[i].arguments;
+                    if (i < last.size()) {
+                        ASSERT_EQ(now[i].arguments.compare(0, last[i].arguments.size(), last[i].arguments), 0) << "at " << k;
+                    }
+                }
+                if (k + 1 == answer.size()) {   // (a name that ends at the call's close is known with it)
+                    ASSERT_GE(now.size() + 1, out.calls.size());
+                    for (size_t i = 0; i < now.size(); ++i) {
+                        EXPECT_GE(now[i].arguments.size() + 1, out.calls[i].arguments.size()) << i;
+                    }
+                }
+                last = now;
+            }
+            ASSERT_EQ(last.size(), out.calls.size());
+            for (size_t i = 0; i < last.size(); ++i) EXPECT_EQ(last[i].arguments, out.calls[i].arguments);
+        }
+    }
+}
+
+TEST(ToolCalls, StreamedArgumentsHoldBackWhatMayStillChange) {
+    auto args = [](ToolCallFormat f, std::string_view text, std::string_view tools = {}) {
+        const std::vector<PartialCall> p = tool_call_prefix(f, text, tools);
+        return p.empty() ? std::string("(none)") : p.back().name + " " + p.back().arguments;
+    };
+    const auto h = ToolCallFormat::Hermes;
+    EXPECT_EQ(args(h, "Sure. <tool_call>\n{\"name\": \"get_wea"), "(none)");   // the name may grow
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"argu"), "f ");
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"n\": 12"), "f {");   // 12 may be 123
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"n\": 12, \"s\": \"ab"), "f {\"n\":12,\"s\":\"ab");
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"n\": tr"), "f {");
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"n\": true"), "f {");
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"n\": true}"), "f {\"n\":true}");
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"s\": \"a\\"), "f {\"s\":\"a");   // half an escape
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"s\": \"a\\u00e"), "f {\"s\":\"a");
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"s\": \"a\\ud83d\\ude0"), "f {\"s\":\"a");   // half a pair
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"s\": \"a\\ud83d\\ude00"), "f {\"s\":\"a\xf0\x9f\x98\x80");
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"s\": \"a\xe6\x97"), "f {\"s\":\"a");   // half a character
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"s\": \"a\\\"b\\n"), "f {\"s\":\"a\\\"b\\n");
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"l\": [1, \"x"), "f {\"l\":[1,\"x");
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"l\": [1, 2"), "f {\"l\":[1");
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"o\": {\"k\": \"\"}, \"p\""), "f {\"o\":{\"k\":\"\"}");
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1,, "), "(none)");   // not JSON: nothing
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>\n<tool_call>\n{\"name\": \"g\""), "g ");
+    // a text that spells the mark changes nothing
+    EXPECT_EQ(args(h, "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"s\": \"~moesh~ \\u007emoesh\\u007e"), "(none)");
+    // XML: text values come as written; others whole; a tail that may be the close is held back
+    const std::string tools = R"([{"type": "function", "function": {"name": "write", "parameters": {"type": "object",
+        "properties": {"path": {"type": "string"}, "mode": {"type": "integer"}, "text": {"type": "string"}}}}}])";
+    const auto q = ToolCallFormat::QwenXml;
+    EXPECT_EQ(args(q, "<tool_call>\n<function=wri", tools), "(none)");
+    EXPECT_EQ(args(q, "<tool_call>\n<function=write>\n<parameter=path>\n/tmp/a.txt\n</param", tools), "write {\"path\":\"/tmp/a.txt");
+    EXPECT_EQ(args(q, "<tool_call>\n<function=write>\n<parameter=path>\na\n</parameter>\n<parameter=mode>\n64", tools), "write {\"path\":\"a\"");
+    EXPECT_EQ(args(q, "<tool_call>\n<function=write>\n<parameter=mode>\n644\n</parameter>\n<parameter=text>\nline 1\nline 2\n", tools),
+              "write {\"mode\":644,\"text\":\"line 1\\nline 2");
+    EXPECT_EQ(args(ToolCallFormat::GlmXml, "<tool_call>write\n<arg_key>text</arg_key>\n<arg_value>x <b>\n</arg_val", tools),
+              "write {\"text\":\"x <b>\\n");
+    EXPECT_EQ(args(ToolCallFormat::DsmlV32,
+                   "<｜DSML｜function_calls>\n<｜DSML｜invoke name=\"write\">\n<｜DSML｜parameter name=\"text\" string=\"false\">\"ab", tools),
+              "write {");
+    EXPECT_EQ(args(ToolCallFormat::Harmony, "<|channel|>commentary to=functions.write <|constrain|>json<|message|>{\"path\": \"a.t<|ca"),
+              "write {\"path\":\"a.t");
+    EXPECT_EQ(args(ToolCallFormat::Mistral, "[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {}}, {\"name\": \"g\", \"arguments\": {\"x\": \"y"),
+              "g {\"x\":\"y");
+    // nesting past what is read: nothing, and no crash
+    EXPECT_EQ(args(h, "<tool_call>{\"name\": \"f\", \"arguments\": " + std::string(100000, '[')), "(none)");
+}
+
 TEST(ToolCalls, SplitsContentAndCalls) {
     const auto out = parse_tool_calls(ToolCallFormat::Hermes,
                                       "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"n\": [1, 2]}}\n</tool_call>\n"
@@ -125,6 +212,9 @@ TEST(ToolCalls, MalformedCallsStayText) {
         {ToolCallFormat::Hermes, "<tool_call>{\"arguments\": {}}</tool_call>"},                          // no name
         {ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": \"x\"}</tool_call>"},      // arguments not an object
         {ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call> and then more words"},
+        // a key twice: which one counts differs between readers, and streaming has sent the first
+        {ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": 1, \"b\": {\"c\": 2, \"c\": 3}}}</tool_call>"},
+        {ToolCallFormat::GlmXml, "<tool_call>f\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n<arg_key>a</arg_key>\n<arg_value>2</arg_value>\n</tool_call>"},
         {ToolCallFormat::Llama3, "{\"name\": \"f\"}"},                                    // no parameters
         {ToolCallFormat::Llama3, "{\"name\": \"f\", \"parameters\": {}} is what I would call"},
         {ToolCallFormat::Llama3, "{\"answer\": 42}"},                                     // JSON, not a call

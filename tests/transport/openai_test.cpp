@@ -299,6 +299,39 @@ TEST(OpenAi, ToolCallRepliesHaveOpenAisShape) {
     EXPECT_EQ(end["choices"][0]["finish_reason"], "tool_calls");
 }
 
+// Calls streamed as they were written: token frames' deltas pass as they are, and the end adds
+// only what they lack (the rest of a call's arguments; a call never streamed, whole).
+TEST(OpenAi, StreamedToolCallsGetTheirRestAtTheEnd) {
+    Reply r{"chatcmpl-1", "m", 7};
+    const json first = json::parse(R"([{"index":0,"id":"abcDEF123","type":"function","function":{"name":"f","arguments":"{\"x\""}}])");
+    const json more = json::parse(R"([{"index":0,"function":{"arguments":":1"}}])");
+    const json chunk = json::parse(calls_chunk(r, first).substr(6));
+    EXPECT_EQ(chunk["object"], "chat.completion.chunk");
+    EXPECT_EQ(chunk["choices"][0]["delta"]["tool_calls"], first);
+    EXPECT_TRUE(chunk["choices"][0]["finish_reason"].is_null());
+    StreamedCalls streamed;
+    streamed.add(first);
+    streamed.add(more);
+    EXPECT_EQ(streamed.arguments.at(0), R"({"x":1)");
+    const json done = json::parse(R"({"type":"done","id":"x","tokens":[1,2],"text":"","finish_reason":"tool_calls",
+        "tool_calls":[{"id":"abcDEF123","type":"function","function":{"name":"f","arguments":"{\"x\":1}"}},
+                      {"id":"ghiJKL456","type":"function","function":{"name":"g","arguments":"{}"}}],
+        "usage":{"prompt_tokens":3,"completion_tokens":2},"timings":{}})");
+    const std::string events = finish_chunk(Endpoint::Chat, r, done, streamed);
+    const size_t split = events.find("\n\ndata: ");
+    ASSERT_NE(split, std::string::npos) << events;
+    const json rest = json::parse(events.substr(6, split - 6))["choices"][0]["delta"]["tool_calls"];
+    ASSERT_EQ(rest.size(), 2u) << rest;
+    EXPECT_EQ(rest[0], json::parse(R"({"index":0,"function":{"arguments":"}"}})"));   // the rest of the first
+    EXPECT_EQ(rest[1]["index"], 1);                                                    // the second, whole
+    EXPECT_EQ(rest[1]["id"], "ghiJKL456");
+    EXPECT_EQ(rest[1]["function"]["arguments"], "{}");
+    // all of it streamed: nothing before the finishing chunk
+    streamed.add(json::parse(R"([{"index":0,"function":{"arguments":"}"}},{"index":1,"id":"ghiJKL456","function":{"name":"g","arguments":"{}"}}])"));
+    const std::string end = finish_chunk(Endpoint::Chat, r, done, streamed);
+    EXPECT_EQ(end.find("tool_calls\":["), std::string::npos) << end;
+}
+
 TEST(OpenAi, ChatRefusals) {
     EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"function","content":"x"}]})").param, "messages[0].role");
     EXPECT_EQ(error_of(Endpoint::Chat, R"({"messages":[{"role":"user","content":[{"type":"image_url"}]}]})").param,

@@ -629,6 +629,16 @@ TEST(ProtocolFrames, TokenFrameReadsBack) {
     EXPECT_EQ(r.body["text"], " world");
 }
 
+TEST(ProtocolFrames, TokenFramesCarryToolCallDeltas) {
+    const std::vector<ToolCallDelta> calls = {{0, "abcDEF123", "get_weather", ""}, {1, "", "", "{\"city\":\"Pa"}};
+    const Response r = read_back(token_frame("r1", 4, 9, "", nullptr, {}, calls));
+    ASSERT_EQ(r.body["tool_calls"].size(), 2u);
+    EXPECT_EQ(r.body["tool_calls"][0],
+              nlohmann::json::parse(R"({"index":0,"id":"abcDEF123","type":"function","function":{"name":"get_weather","arguments":""}})"));
+    EXPECT_EQ(r.body["tool_calls"][1], nlohmann::json::parse(R"({"index":1,"function":{"arguments":"{\"city\":\"Pa"}})"));
+    EXPECT_FALSE(read_back(token_frame("r1", 0, 7, "a")).body.contains("tool_calls"));
+}
+
 TEST(ProtocolFrames, DoneFrameReadsBack) {
     Done d;
     d.tokens = {5, 6, 7};
