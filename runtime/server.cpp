@@ -133,7 +133,11 @@ void Server::view(const Active & a, size_t hold, bool final, OutputView & v) con
 }
 
 void Server::call_deltas(Active & a, std::string_view text, std::vector<protocol::ToolCallDelta> & out) {
+    const auto start = std::chrono::steady_clock::now();
+    if (start - a.calls_read_at < 20 * a.calls_read_cost) return;   // at most 1/21 of the time: the done frame has the rest
     const std::vector<PartialCall> now = tool_call_prefix(a.tool_format, text, a.tools);
+    a.calls_read_at = std::chrono::steady_clock::now();
+    a.calls_read_cost = a.calls_read_at - start;
     if (now.size() < a.calls_sent.size()) a.calls_diverged = true;   // no longer well formed
     for (size_t i = 0; i < now.size() && !a.calls_diverged; ++i) {
         if (i == a.calls_sent.size()) {   // a new call: its id and name

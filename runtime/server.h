@@ -128,6 +128,10 @@ private:
         std::vector<PartialCall> calls_sent;   // streaming: each call as far as token frames carried it
         std::vector<std::string> call_ids;     // ... and its id, which the done frame keeps
         bool calls_diverged = false;           // the calls stopped reading as they were sent: no more deltas
+        // Reading the calls again costs more as they grow (a file's content as an argument): it is
+        // done when the time since it was last done is 20 times what it took then.
+        std::chrono::steady_clock::time_point calls_read_at{};
+        std::chrono::steady_clock::duration calls_read_cost{};
     };
 
     void handle(const Origin & from, const std::string & body, bool draining);

@@ -562,10 +562,12 @@ std::string finish_chunk(Endpoint e, const Reply & r, const nlohmann::json & don
     std::string out;
     if (ojson calls = tool_calls(done, true); e == Endpoint::Chat && !calls.empty()) {   // what the stream lacks, before the end
         ojson rest = ojson::array();
+        size_t next = streamed.ids.size();   // a call not streamed goes after those that were, never onto one
         for (ojson & c : calls) {
             const size_t i = c["index"].get<size_t>();
             if (i >= streamed.ids.size() || streamed.ids[i] != c["id"].get<std::string>()) {
-                rest.push_back(std::move(c));   // not streamed: whole
+                c["index"] = next++;   // not streamed: whole
+                rest.push_back(std::move(c));
                 continue;
             }
             const std::string & whole = c["function"]["arguments"].get_ref<const std::string &>();
