@@ -915,10 +915,27 @@ int cmd_client(const std::string & endpoint, const std::string & prompt, const s
     if (grammar.any()) {
         req["grammar"] = load_grammar(grammar).text;   // a bad one is refused here, with the file's name
     }
+    // Streamed calls are printed as they are written: a call's pieces come in order, and it is whole
+    // (but for what the done frame adds to the last one) when the next one starts.
+    std::vector<std::string> call_ids, call_args;
     auto r = c.request(req, std::chrono::milliseconds(int64_t(timeout_s * 1000)), [&](const moesh::protocol::Response & f) {
         if (output == "text") {
             const std::string piece = f.body.value("text", "");
             std::fwrite(piece.data(), 1, piece.size(), stdout);
+            if (auto calls = f.body.find("tool_calls"); calls != f.body.end() && calls->is_array())
+                for (const auto & d : *calls) {
+                    const auto fn = d.value("function", nlohmann::json::object());
+                    if (d.contains("id")) {
+                        if (!call_ids.empty()) std::fputs("]", stdout);
+                        call_ids.push_back(d.value("id", ""));
+                        call_args.emplace_back();
+                        std::printf("\n[call %s ", fn.value("name", "?").c_str());
+                    }
+                    if (call_ids.empty()) continue;
+                    const std::string a = fn.value("arguments", "");
+                    call_args.back() += a;
+                    std::fwrite(a.data(), 1, a.size(), stdout);
+                }
             std::fflush(stdout);
         } else {
             std::cout << f.body.dump() << std::endl;
@@ -933,9 +950,22 @@ int cmd_client(const std::string & endpoint, const std::string & prompt, const s
     } else {
         if (!stream && r->body.contains("reasoning")) std::cout << "[reasoning] " << r->body["reasoning"].get<std::string>() << "\n";
         if (!stream) std::cout << r->body.value("text", "");
-        if (r->body.contains("tool_calls"))
-            for (const auto & call : r->body["tool_calls"])
-                std::cout << "\n[call " << call["function"].value("name", "?") << " " << call["function"].value("arguments", "") << "]";
+        if (r->body.contains("tool_calls")) {
+            const auto & calls = r->body["tool_calls"];
+            for (size_t i = 0; i < calls.size(); ++i) {
+                const std::string args = calls[i]["function"].value("arguments", "");
+                if (i + 1 < call_ids.size()) continue;   // printed whole as it streamed
+                if (i + 1 == call_ids.size()) {   // the rest of the call being streamed
+                    if (calls[i].value("id", "") == call_ids[i] && args.rfind(call_args[i], 0) == 0) std::cout << args.substr(call_args[i].size());
+                    std::cout << "]";
+                } else {
+                    std::cout << "\n[call " << calls[i]["function"].value("name", "?") << " " << args << "]";
+                }
+            }
+            if (calls.size() < call_ids.size()) std::cout << "]";
+        } else if (!call_ids.empty()) {
+            std::cout << "]";
+        }
         std::cout << "\n[" << r->body.value("finish_reason", "?") << ", " << r->body["usage"].value("completion_tokens", 0)
                   << " tokens]" << std::endl;
     }

@@ -580,6 +580,12 @@ def tools(moesh, chat_model, tmp):
                                   capture_output=True, text=True, timeout=60)
         check(text_out.returncode == 0 and "[call get_weather {" in text_out.stdout and "[tool_calls," in text_out.stdout,
               f"moesh client prints the call: {text_out.stdout!r}")
+        streamed_out = subprocess.run([moesh, "client", "--endpoint", srv.endpoint, "--chat", "-p", ask[0]["content"], "--tools",
+                                       str(tools_file), "--tool-choice", "get_weather", "-n", "80", "--temperature", "0", "--stream"],
+                                      capture_output=True, text=True, timeout=60)
+        check(streamed_out.returncode == 0 and f"[call get_weather {ccalls[0]['function']['arguments'] if ccalls else '?'}]"
+              in streamed_out.stdout and "[tool_calls," in streamed_out.stdout,
+              f"moesh client --stream prints the call as it is written, whole in the end: {streamed_out.stdout!r}")
         # the second turn: the call and its result go back, and the model answers in text
         turn = ask + [{"role": "assistant", "content": None, "tool_calls": [ncalls[0].model_dump()] if ncalls else []},
                       {"role": "tool", "tool_call_id": ncalls[0].id if ncalls else "x", "content": '{"temperature": 21}'}]
