@@ -1,5 +1,7 @@
 #include "runtime/synthetic_model.h"
 
+#include "runtime/error.h"
+
 #include "experts/quant.h"
 
 #include <cmath>
@@ -61,6 +63,8 @@ private:
 } // namespace
 
 std::shared_ptr<MemoryWeightSource> make_synthetic_weights(const ModelConfig & c, moesh_dtype dtype, uint64_t seed) {
+    if (dtype != MOESH_DTYPE_F32 && dtype != MOESH_DTYPE_BF16 && dtype != MOESH_DTYPE_F16)   // block types: quantize_model after
+        throw Error("synthetic weights: dtype " + std::to_string(int(dtype)) + " is not f32, bf16 or f16 (block types come from quantizing those)");
     auto src = std::make_shared<MemoryWeightSource>("synthetic " + std::string(arch_name(c.arch)));
     Filler f(*src, dtype, seed);
     f.matrix("model.embed_tokens.weight", {c.n_vocab, c.n_embd});

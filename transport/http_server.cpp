@@ -232,22 +232,44 @@ private:
         d.max_body_bytes = f_.opt.max_body_bytes;
         auto t = openai::translate(endpoint_, req.body(), d);
         if (auto * e = std::get_if<openai::HttpError>(&t)) return respond(e->status, "application/json", openai::error_body(*e), keep_alive_);
-        const openai::Translated & tr = std::get<openai::Translated>(t);
+        tr_ = std::move(std::get<openai::Translated>(t));
         reply_ = {d.id, f_.opt.model_name, unix_now()};
-        stream_req_ = tr.stream;
-        include_usage_ = tr.include_usage;
-        renames_ = tr.renames;
+        stream_req_ = tr_.stream;
+        include_usage_ = tr_.include_usage;
+        renames_ = tr_.renames;
         begin(Wait::Generate);
-        f_.port.send(client_, tr.frame);
+        choices_.assign(size_t(tr_.n), Choice{});
+        dones_.assign(size_t(tr_.n), nlohmann::json());
+        for (size_t i = 0; i < choices_.size(); ++i) choices_[i].id = i == 0 ? d.id : d.id + "." + std::to_string(i);
+        // The first choice goes alone: once it has a token its prompt's KV blocks are cached, and
+        // the others (the same prompt) start from them instead of computing it again.
+        f_.port.send(client_, openai::choice_frame(tr_, 0));
+        choices_[0].sent = true;
         watch();
+    }
+
+    void send_other_choices() {
+        for (size_t i = 1; i < choices_.size(); ++i)
+            if (!choices_[i].sent) {
+                f_.port.send(client_, openai::choice_frame(tr_, int(i)));
+                choices_[i].sent = true;
+            }
+    }
+
+    void cancel_choices() {   // those sent and not done
+        for (const Choice & c : choices_)
+            if (c.sent && !c.done) {
+                protocol::Request cancel;
+                cancel.type = protocol::RequestType::Cancel;
+                cancel.id = c.id;
+                f_.port.send(client_, protocol::request_frame(cancel));
+            }
     }
 
     void begin(Wait w) {
         wait_ = w;
         headers_sent_ = false;
-        first_chunk_ = true;
-        text_offset_ = 0;
-        streamed_calls_ = {};
+
         client_ = f_.port.new_client();
         std::lock_guard<std::mutex> lock(f_.mu);
         f_.clients[client_] = shared_from_this();
@@ -282,12 +304,7 @@ private:
 
     void gone() {   // the peer left mid-request: cancel it, drop the connection
         closed_ = true;
-        if (wait_ == Wait::Generate && client_) {
-            protocol::Request c;
-            c.type = protocol::RequestType::Cancel;
-            c.id = reply_.id;
-            f_.port.send(client_, protocol::request_frame(c));
-        }
+        if (wait_ == Wait::Generate && client_) cancel_choices();
         close();
     }
 
@@ -304,7 +321,12 @@ private:
             return fail_exchange(openai::HttpError{500, "server_error", "unreadable reply from the engine: " + e->message, {}, {}});
         }
         const protocol::Response & r = std::get<protocol::Response>(parsed);
+        size_t ci = 0;   // the choice the frame is for
+        while (ci < choices_.size() && choices_[ci].id != r.id) ++ci;
+        if (ci == choices_.size() && r.type != "error") return;
         if (r.type == "token") {
+            Choice & c = choices_[ci];
+            send_other_choices();
             if (!stream_req_) return;
             const std::string & text = r.body["text"].get_ref<const std::string &>();
             const auto lp = r.body.find("logprobs");
@@ -312,23 +334,33 @@ private:
             const auto reasoning = r.body.find("reasoning");
             const std::string_view thought = reasoning != r.body.end() ? std::string_view(reasoning->get_ref<const std::string &>()) : std::string_view();
             const auto calls = r.body.find("tool_calls");
-            if (!text.empty() || !thought.empty() || first_chunk_ || with_lp) {
-                sse(openai::text_chunk(endpoint_, reply_, text, first_chunk_, with_lp ? &*lp : nullptr, &text_offset_, thought));
-                first_chunk_ = false;
+            if (!text.empty() || !thought.empty() || c.first_chunk || with_lp) {
+                sse(openai::text_chunk(endpoint_, reply_, text, c.first_chunk, with_lp ? &*lp : nullptr, &c.text_offset, thought, int(ci)));
+                c.first_chunk = false;
             }
             if (calls != r.body.end() && calls->is_array() && endpoint_ == openai::Endpoint::Chat) {
-                streamed_calls_.add(*calls);
-                sse(openai::calls_chunk(reply_, *calls));
+                c.calls.add(*calls);
+                sse(openai::calls_chunk(reply_, *calls, int(ci)));
             }
         } else if (r.type == "done") {
+            Choice & c = choices_[ci];
+            c.done = true;
+            dones_[ci] = r.body;
+            send_other_choices();
+            if (stream_req_) {
+                if (c.first_chunk && endpoint_ == openai::Endpoint::Chat) sse(openai::text_chunk(endpoint_, reply_, "", true, nullptr, nullptr, {}, int(ci)));
+                sse(openai::finish_chunk(endpoint_, reply_, r.body, c.calls, int(ci)));
+            }
+            for (const Choice & other : choices_)
+                if (!other.done) return;
             finish();
-            if (!stream_req_) return respond(200, "application/json", openai::completion_body(endpoint_, reply_, r.body), keep_alive_);
-            if (first_chunk_ && endpoint_ == openai::Endpoint::Chat) sse(openai::text_chunk(endpoint_, reply_, "", true));
-            sse(openai::finish_chunk(endpoint_, reply_, r.body, streamed_calls_));
-            if (include_usage_) sse(openai::usage_chunk(endpoint_, reply_, r.body));
+            if (!stream_req_) return respond(200, "application/json", openai::completion_body(endpoint_, reply_, dones_), keep_alive_);
+            if (include_usage_) sse(openai::usage_chunk(endpoint_, reply_, dones_));
             sse(std::string(openai::done_event));
             end_stream();
         } else if (r.type == "error") {
+            if (ci < choices_.size()) choices_[ci].done = true;
+            cancel_choices();   // one choice failed: the request did
             finish();
             const auto code = protocol::error_code_from_name(r.body.value("code", "internal"));
             std::string retry;   // whole seconds, at least 1 (RFC 9110)
@@ -453,9 +485,17 @@ private:
     openai::Reply reply_;
     bool stream_req_ = false, include_usage_ = false;
     std::vector<std::pair<std::string, std::string>> renames_;   // openai::Translated::renames
-    bool headers_sent_ = false, first_chunk_ = true;
-    int64_t text_offset_ = 0;   // completions' characters streamed so far (logprobs' text_offset)
-    openai::StreamedCalls streamed_calls_;   // chat: the tool calls streamed as they were written
+    bool headers_sent_ = false;
+    openai::Translated tr_;
+    struct Choice {   // one of the request's n choices: a generate request of its own
+        std::string id;
+        bool sent = false, done = false;
+        bool first_chunk = true;
+        int64_t text_offset = 0;          // completions' characters streamed so far (logprobs' text_offset)
+        openai::StreamedCalls calls;      // chat: the tool calls streamed as they were written
+    };
+    std::vector<Choice> choices_;
+    std::vector<nlohmann::json> dones_;   // each choice's done frame
     const int64_t created_ = unix_now();
 };
 

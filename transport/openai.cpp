@@ -38,7 +38,6 @@ bool any_bool(const json & v) { return v.is_boolean(); }
 bool any_object(const json & v) { return v.is_object(); }
 
 constexpr OffOnly common_off[] = {
-    {"n", one, "1", "one choice per request; send n requests (they are batched together)"},
     {"user", any_string, "a string", ""},
 };
 constexpr OffOnly completion_off[] = {
@@ -168,9 +167,14 @@ const char * finish_reason(const json & done) {
     return "stop";                              // eos or a stop string
 }
 
-ojson usage(const json & done) {
-    const json & u = done.at("usage");
-    const int64_t p = u.value("prompt_tokens", int64_t(0)), c = u.value("completion_tokens", int64_t(0));
+// The prompt counted once (every choice has the same), the completions of all choices.
+ojson usage(const std::vector<json> & dones) {
+    int64_t p = 0, c = 0;
+    for (const json & done : dones) {
+        const json & u = done.at("usage");
+        p = u.value("prompt_tokens", int64_t(0));
+        c += u.value("completion_tokens", int64_t(0));
+    }
     return {{"prompt_tokens", p}, {"completion_tokens", c}, {"total_tokens", p + c}};
 }
 
@@ -269,8 +273,8 @@ ojson tool_calls(const json & done, bool delta) {
 
 // reasoning: the chat message's reasoning_content (vLLM's and DeepSeek's name), when the model reasoned.
 ojson choice(Endpoint e, std::string_view text, const char * finish, bool first, bool whole, ojson logprobs = nullptr,
-             ojson calls = ojson::array(), const std::string * reasoning = nullptr) {
-    ojson c = {{"index", 0}};
+             ojson calls = ojson::array(), const std::string * reasoning = nullptr, int index = 0) {
+    ojson c = {{"index", index}};
     if (e == Endpoint::Completions) {
         c["text"] = std::string(text);
     } else if (whole) {
@@ -328,6 +332,10 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
             } else if (auto p = read_prompt(v, frame, t.prompt_ids); std::holds_alternative<HttpError>(p)) {
                 return std::get<HttpError>(p);
             }
+        } else if (k == "n") {
+            if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > max_choices)
+                return expected("n", "an integer in [1, " + std::to_string(max_choices) + "]", v);
+            t.n = int(v.get<int64_t>());
         } else if (k == "max_tokens" || (chat && k == "max_completion_tokens")) {
             if (have_max && frame["max_tokens"] != v)
                 return bad("fields 'max_tokens' and 'max_completion_tokens' disagree: give one", k);
@@ -445,6 +453,7 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
             return expected("response_format.type", "one of \"text\", \"json_object\", \"json_schema\"", *type);
         }
     }
+    if (t.n > 1) frame["stream"] = true;   // a choice's first token sends the others (they start from its cached prompt)
     if (!have_max) frame["max_tokens"] = d.max_tokens;
     if (!have_temperature) frame["temperature"] = 1.0;   // OpenAI's default: sampling
     if (!have_seed) frame["seed"] = d.seed;
@@ -506,38 +515,52 @@ HttpError from_protocol_error(protocol::ErrorCode code, std::string message,
     return {500, "server_error", std::move(message), {}, {}};
 }
 
-std::string completion_body(Endpoint e, const Reply & r, const nlohmann::json & done) {
+std::string choice_frame(const Translated & t, int i) {
+    if (i == 0) return t.frame;
+    ojson f = ojson::parse(t.frame);
+    f["id"] = f["id"].get<std::string>() + "." + std::to_string(i);
+    if (f["seed"].is_number_unsigned()) f["seed"] = f["seed"].get<uint64_t>() + uint64_t(i);   // wraps at 2^64
+    else if (f["seed"].is_number_integer()) f["seed"] = uint64_t(f["seed"].get<int64_t>()) + uint64_t(i);
+    return dump(f);
+}
+
+std::string completion_body(Endpoint e, const Reply & r, const std::vector<json> & dones) {
     ojson o = head(e, r, false);
-    ojson lp = nullptr;
-    int64_t offset = 0;
-    std::string text = done.value("text", "");
-    const auto prompt = done.find("prompt_logprobs");
-    if (auto it = done.find("logprobs"); it != done.end()) {
-        json entries = prompt != done.end() ? *prompt : json::array();   // echo: the prompt's tokens first
-        // chat's content lists the message's tokens: not the end of turn (completions keep it, for scorers)
-        const auto toks = done.find("tokens");
-        const size_t n = e == Endpoint::Chat && toks != done.end() ? std::min(it->size(), toks->size()) : it->size();
-        entries.insert(entries.end(), it->begin(), it->begin() + std::ptrdiff_t(n));
-        lp = openai_logprobs(e, entries, offset);
+    o["choices"] = ojson::array();
+    for (size_t i = 0; i < dones.size(); ++i) {
+        const json & done = dones[i];
+        ojson lp = nullptr;
+        int64_t offset = 0;
+        std::string text = done.value("text", "");
+        const auto prompt = done.find("prompt_logprobs");
+        if (auto it = done.find("logprobs"); it != done.end()) {
+            json entries = prompt != done.end() ? *prompt : json::array();   // echo: the prompt's tokens first
+            // chat's content lists the message's tokens: not the end of turn (completions keep it, for scorers)
+            const auto toks = done.find("tokens");
+            const size_t n = e == Endpoint::Chat && toks != done.end() ? std::min(it->size(), toks->size()) : it->size();
+            entries.insert(entries.end(), it->begin(), it->begin() + std::ptrdiff_t(n));
+            lp = openai_logprobs(e, entries, offset);
+        }
+        if (auto p = done.find("prompt_text"); p != done.end()) text = p->get<std::string>() + text;   // echo
+        const auto rs = done.find("reasoning");
+        const std::string reasoning = rs != done.end() ? rs->get<std::string>() : std::string();
+        o["choices"].push_back(choice(e, text, finish_reason(done), false, true, std::move(lp), tool_calls(done, false),
+                                      rs != done.end() ? &reasoning : nullptr, int(i)));
     }
-    if (auto p = done.find("prompt_text"); p != done.end()) text = p->get<std::string>() + text;   // echo
-    const auto rs = done.find("reasoning");
-    const std::string reasoning = rs != done.end() ? rs->get<std::string>() : std::string();
-    o["choices"] = ojson::array({choice(e, text, finish_reason(done), false, true, std::move(lp), tool_calls(done, false),
-                                        rs != done.end() ? &reasoning : nullptr)});
-    o["usage"] = usage(done);
-    if (auto t = done.find("timings"); t != done.end()) o["timings"] = *t;   // moesh's: queue, first token, total
+    o["usage"] = usage(dones);
+    if (auto t = dones.at(0).find("timings"); t != dones[0].end()) o["timings"] = *t;   // moesh's (the first choice's): queue, first token, total
     return dump(o);
 }
 
 std::string text_chunk(Endpoint e, const Reply & r, std::string_view text, bool first, const nlohmann::json * logprobs,
-                       int64_t * text_offset, std::string_view reasoning) {
+                       int64_t * text_offset, std::string_view reasoning, int index) {
     ojson o = head(e, r, true);
     ojson lp = nullptr;
     int64_t unused = 0;
     if (logprobs) lp = openai_logprobs(e, json::array({*logprobs}), text_offset ? *text_offset : unused);
     const std::string thought(reasoning);
-    o["choices"] = ojson::array({choice(e, text, nullptr, first, false, std::move(lp), ojson::array(), reasoning.empty() ? nullptr : &thought)});
+    o["choices"] = ojson::array(
+        {choice(e, text, nullptr, first, false, std::move(lp), ojson::array(), reasoning.empty() ? nullptr : &thought, index)});
     return sse(o);
 }
 
@@ -552,13 +575,13 @@ void StreamedCalls::add(const json & deltas) {
     }
 }
 
-std::string calls_chunk(const Reply & r, const json & deltas) {
+std::string calls_chunk(const Reply & r, const json & deltas, int index) {
     ojson o = head(Endpoint::Chat, r, true);
-    o["choices"] = ojson::array({choice(Endpoint::Chat, "", nullptr, false, false, nullptr, ojson(deltas))});
+    o["choices"] = ojson::array({choice(Endpoint::Chat, "", nullptr, false, false, nullptr, ojson(deltas), nullptr, index)});
     return sse(o);
 }
 
-std::string finish_chunk(Endpoint e, const Reply & r, const nlohmann::json & done, const StreamedCalls & streamed) {
+std::string finish_chunk(Endpoint e, const Reply & r, const nlohmann::json & done, const StreamedCalls & streamed, int index) {
     std::string out;
     if (ojson calls = tool_calls(done, true); e == Endpoint::Chat && !calls.empty()) {   // what the stream lacks, before the end
         ojson rest = ojson::array();
@@ -577,19 +600,19 @@ std::string finish_chunk(Endpoint e, const Reply & r, const nlohmann::json & don
         }
         if (!rest.empty()) {
             ojson o = head(e, r, true);
-            o["choices"] = ojson::array({choice(e, "", nullptr, false, false, nullptr, std::move(rest))});
+            o["choices"] = ojson::array({choice(e, "", nullptr, false, false, nullptr, std::move(rest), nullptr, index)});
             out = sse(o);
         }
     }
     ojson o = head(e, r, true);
-    o["choices"] = ojson::array({choice(e, "", finish_reason(done), false, false)});
+    o["choices"] = ojson::array({choice(e, "", finish_reason(done), false, false, nullptr, ojson::array(), nullptr, index)});
     return out + sse(o);
 }
 
-std::string usage_chunk(Endpoint e, const Reply & r, const nlohmann::json & done) {
+std::string usage_chunk(Endpoint e, const Reply & r, const std::vector<json> & dones) {
     ojson o = head(e, r, true);
     o["choices"] = ojson::array();
-    o["usage"] = usage(done);
+    o["usage"] = usage(dones);
     return sse(o);
 }
 

@@ -35,7 +35,8 @@ struct Defaults {
 };
 
 struct Translated {
-    std::string frame;           // a protocol generate request
+    std::string frame;           // a protocol generate request (the first choice's, when n > 1)
+    int n = 1;                   // choices asked for: choice_frame(t, i) is the request of choice i
     bool stream = false;
     bool include_usage = false;  // stream_options.include_usage: a last chunk with usage
     bool prompt_ids = false;     // the prompt was token ids
@@ -66,26 +67,41 @@ struct Reply {
     int64_t created = 0;         // Unix seconds
 };
 
-// The whole answer, from the server's done frame (a parse_response "done").
-std::string completion_body(Endpoint endpoint, const Reply & r, const nlohmann::json & done);
+// The most choices (`n`) one request may ask for.
+inline constexpr int max_choices = 16;
+
+// Choice i's generate request: the first's with the id "<id>.<i>" and the seed plus i (the same
+// prompt, so it starts from the first's cached KV blocks when it follows it).
+std::string choice_frame(const Translated & t, int i);
+
+// The whole answer, from the server's done frames (a parse_response "done"), one per choice in order.
+std::string completion_body(Endpoint endpoint, const Reply & r, const std::vector<nlohmann::json> & dones);
+inline std::string completion_body(Endpoint endpoint, const Reply & r, const nlohmann::json & done) {
+    return completion_body(endpoint, r, std::vector<nlohmann::json>{done});
+}
 // One SSE event "data: {...}\n\n": a text delta (first: the chat chunk also carries the role),
 // with the log-probabilities of its token when logprobs is a token frame's "logprobs";
 // text_offset: completions' characters so far, advanced past the token; reasoning: the token's
 // reasoning text (chat: delta.reasoning_content).
 std::string text_chunk(Endpoint endpoint, const Reply & r, std::string_view text, bool first,
-                       const nlohmann::json * logprobs = nullptr, int64_t * text_offset = nullptr, std::string_view reasoning = {});
+                       const nlohmann::json * logprobs = nullptr, int64_t * text_offset = nullptr, std::string_view reasoning = {},
+                       int index = 0);
 // The tool calls a chat stream has sent as they were written: each call's id and arguments so far.
 struct StreamedCalls {
     std::vector<std::string> ids, arguments;
     void add(const nlohmann::json & deltas);   // a token frame's tool_calls
 };
 // A chat chunk with a token frame's tool_calls (OpenAI's delta.tool_calls, the same shape).
-std::string calls_chunk(const Reply & r, const nlohmann::json & deltas);
+std::string calls_chunk(const Reply & r, const nlohmann::json & deltas, int index = 0);
 // The closing chunk with the finish reason, after one with what the done frame's tool calls add to
 // those streamed (each call's rest, or the whole call).
-std::string finish_chunk(Endpoint endpoint, const Reply & r, const nlohmann::json & done, const StreamedCalls & streamed = {});
-// stream_options.include_usage: the chunk with no choices and the usage.
-std::string usage_chunk(Endpoint endpoint, const Reply & r, const nlohmann::json & done);
+std::string finish_chunk(Endpoint endpoint, const Reply & r, const nlohmann::json & done, const StreamedCalls & streamed = {},
+                         int index = 0);
+// stream_options.include_usage: the chunk with no choices and the usage (of all choices' done frames).
+std::string usage_chunk(Endpoint endpoint, const Reply & r, const std::vector<nlohmann::json> & dones);
+inline std::string usage_chunk(Endpoint endpoint, const Reply & r, const nlohmann::json & done) {
+    return usage_chunk(endpoint, r, std::vector<nlohmann::json>{done});
+}
 inline constexpr std::string_view done_event = "data: [DONE]\n\n";
 
 // GET /v1/models

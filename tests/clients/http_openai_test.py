@@ -293,7 +293,7 @@ def logprobs_and_penalties(moesh, model, srv):
 def refusals(srv):
     c = srv.client()
     cases = [(dict(max_tokens=-1), "max_tokens"), (dict(max_tokens=100000), "max_tokens"), (dict(temperature=-1), "temperature"),
-             (dict(n=2), "n"), (dict(extra_body={"temprature": 0.5}), "temprature"), (dict(suffix="x"), "suffix"),
+             (dict(n=17), "n"), (dict(n=0), "n"), (dict(extra_body={"temprature": 0.5}), "temprature"), (dict(suffix="x"), "suffix"),
              (dict(extra_body={"top_k": -3}), "top_k")]
     for kw, param in cases:
         try:
@@ -492,6 +492,7 @@ def chat(moesh, chat_model, tmp):
                   and b"".join(bytes(x.bytes) for x in content).decode() == m.content,
                   f"chat logprobs: an entry per message token (not the end of turn), greedy tokens on top, "
                   f"their bytes add up to the message ({len(content)} entries, {lr.usage.completion_tokens} tokens)")
+        chat_choices(c)
         structured(moesh, chat_model, c, tmp)
         try:   # SmolLM2's own template shows no tools
             c.chat.completions.create(model="smol", messages=[{"role": "user", "content": "x"}], tools=WEATHER, max_tokens=4)
@@ -503,6 +504,50 @@ def chat(moesh, chat_model, tmp):
     tools(moesh, chat_model, tmp)
     tool_formats(moesh, chat_model, tmp)
     reasoning(moesh, chat_model, tmp)
+
+
+def choices(srv):
+    """n choices on /v1/completions (the shipped model, whose kernels give a token the same result
+    alone or batched): each choice its own sequence, batched together; the later ones start from
+    the first's cached prompt. Greedy choices are the greedy answer n times; sampled ones follow
+    seed, seed+1, ..."""
+    c = srv.client()
+    p = "Once upon a time there was a little fox who lived in the forest. " * 4   # a few KV blocks
+    one = c.completions.create(model="any", prompt=p, max_tokens=16, temperature=0)
+    hits = metric(srv, "moesh_prefix_cache_hit_tokens_total")
+    three = c.completions.create(model="any", prompt=p, max_tokens=16, temperature=0, n=3)
+    hits = metric(srv, "moesh_prefix_cache_hit_tokens_total") - hits
+    check([x.index for x in three.choices] == [0, 1, 2] and all(x.text == one.choices[0].text for x in three.choices)
+          and three.usage.prompt_tokens == one.usage.prompt_tokens and three.usage.completion_tokens == 3 * one.usage.completion_tokens,
+          f"n=3 greedy: three choices, each the greedy answer; usage counts the prompt once and every completion: "
+          f"{[x.text for x in three.choices]} vs {one.choices[0].text!r}, {three.usage}")
+    check(hits >= 2 * 16 * (one.usage.prompt_tokens // 16 - 1),
+          f"the later choices start from the first's cached prompt ({hits} prompt tokens from the prefix cache, "
+          f"prompt {one.usage.prompt_tokens})")
+    sampled = c.completions.create(model="any", prompt=p, max_tokens=12, temperature=1.0, seed=7, n=2)
+    alone = [c.completions.create(model="any", prompt=p, max_tokens=12, temperature=1.0, seed=s).choices[0].text for s in (7, 8)]
+    check([x.text for x in sampled.choices] == alone and alone[0] != alone[1],
+          f"sampled choices follow seed, seed+1: {[x.text for x in sampled.choices]} vs {alone}")
+    chunks = list(c.completions.create(model="any", prompt=p, max_tokens=12, temperature=1.0, seed=7, n=2, stream=True,
+                                       stream_options={"include_usage": True}))
+    texts = ["".join(x.choices[0].text for x in chunks if x.choices and x.choices[0].index == i) for i in (0, 1)]
+    ends = sorted(x.choices[0].index for x in chunks if x.choices and x.choices[0].finish_reason)
+    check(texts == alone and ends == [0, 1] and chunks[-1].usage.completion_tokens == 24,
+          f"streamed n=2: each choice's chunks carry its index and its finish, adding up to the same texts; "
+          f"usage covers both: {texts} {ends} {chunks[-1].usage}")
+
+
+def chat_choices(c):
+    """n on chat: each choice a message, streamed with its role first and its own finish."""
+    ask = [{"role": "user", "content": "Name a colour."}]
+    r = c.chat.completions.create(model="smol", messages=ask, max_tokens=8, temperature=1.0, seed=3, n=2)
+    chunks = list(c.chat.completions.create(model="smol", messages=ask, max_tokens=8, temperature=1.0, seed=3, n=2, stream=True))
+    roles = [next((x.choices[0].delta.role for x in chunks if x.choices and x.choices[0].index == i), None) for i in (0, 1)]
+    ends = sorted(x.choices[0].index for x in chunks if x.choices and x.choices[0].finish_reason)
+    check([x.index for x in r.choices] == [0, 1] and all(x.message.role == "assistant" and x.message.content for x in r.choices)
+          and roles == ["assistant", "assistant"] and ends == [0, 1],
+          f"chat n=2: two messages; streamed, each choice's role first and its finish: {[x.message.content for x in r.choices]} "
+          f"{roles} {ends}")
 
 
 WEATHER = [{"type": "function", "function": {
@@ -819,7 +864,7 @@ def main():
             if not check(srv.port > 0, f"the server prints its ZeroMQ endpoint, then its HTTP URL: {srv.url!r}"):
                 print(srv.log())
                 return 1
-            for part in (completions, logprobs_and_penalties, refusals, health_and_metrics, disconnects):
+            for part in (completions, logprobs_and_penalties, refusals, health_and_metrics, choices, disconnects):
                 try:
                     part(args.moesh, args.model, srv) if part in (completions, logprobs_and_penalties) else part(srv)
                 except Exception as e:  # noqa: BLE001 - any escape is a failure, with what it was

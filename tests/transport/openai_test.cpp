@@ -90,7 +90,8 @@ TEST(OpenAi, UnhonouredValuesAreRefusedByName) {
         const char * param;
         const char * says;
     };
-    for (const Case & c : {Case{R"({"prompt":"x","n":2})", "n", "one choice per request"},
+    for (const Case & c : {Case{R"({"prompt":"x","n":17})", "n", "an integer in [1, 16]"},
+                           Case{R"({"prompt":"x","n":0})", "n", "an integer in [1, 16]"},
                            Case{R"({"prompt":"x","echo":true,"stream":true})", "echo", "only without"},
                            Case{R"({"prompt":"x","suffix":"y"})", "suffix", "not implemented"},
                            Case{R"({"prompt":"x","temprature":0})", "temprature", "unknown field"},
@@ -103,6 +104,34 @@ TEST(OpenAi, UnhonouredValuesAreRefusedByName) {
     // The values that mean "off" are accepted.
     (void)frame_of(Endpoint::Completions, {{"prompt", "x"}, {"n", 1}, {"presence_penalty", 0}, {"frequency_penalty", 0.0},
                                            {"echo", false}, {"best_of", 1}, {"logit_bias", json::object()}, {"suffix", ""}});
+}
+
+// n choices: choice i's request is the first's with its own id and the seed plus i, streamed (its
+// first token sends the others); the answer has a choice per done frame and counts the prompt once.
+TEST(OpenAi, ChoicesAreRequestsOfTheirOwn) {
+    auto t = translate(Endpoint::Completions, R"({"prompt":"x","n":3,"seed":18446744073709551615})", defaults());
+    ASSERT_TRUE(std::holds_alternative<Translated>(t));
+    const Translated & tr = std::get<Translated>(t);
+    EXPECT_EQ(tr.n, 3);
+    EXPECT_FALSE(tr.stream);   // the client's wish; the requests stream
+    const json first = json::parse(choice_frame(tr, 0)), last = json::parse(choice_frame(tr, 2));
+    EXPECT_EQ(first["stream"], true);
+    EXPECT_EQ(last["id"], first["id"].get<std::string>() + ".2");
+    EXPECT_EQ(last["seed"], 1u);   // wraps at 2^64
+    EXPECT_EQ(last["prompt"], first["prompt"]);
+    Reply r{"cmpl-1", "m", 7};
+    auto done = [](const char * text, int completion) {
+        return json{{"type", "done"}, {"id", "x"}, {"tokens", json::array()}, {"text", text}, {"finish_reason", "length"},
+                    {"usage", {{"prompt_tokens", 5}, {"completion_tokens", completion}}}};
+    };
+    const json body = json::parse(completion_body(Endpoint::Completions, r, std::vector<json>{done("a", 2), done("b", 3)}));
+    ASSERT_EQ(body["choices"].size(), 2u);
+    EXPECT_EQ(body["choices"][1]["index"], 1);
+    EXPECT_EQ(body["choices"][1]["text"], "b");
+    EXPECT_EQ(body["usage"], json::parse(R"({"prompt_tokens":5,"completion_tokens":5,"total_tokens":10})"));
+    const json chunk = json::parse(text_chunk(Endpoint::Chat, r, "hi", true, nullptr, nullptr, {}, 1).substr(6));
+    EXPECT_EQ(chunk["choices"][0]["index"], 1);
+    EXPECT_EQ(chunk["choices"][0]["delta"]["role"], "assistant");
 }
 
 TEST(OpenAi, ResponseFormatBecomesAJsonSchemaInItsKeyOrder) {
