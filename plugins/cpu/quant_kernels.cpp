@@ -649,8 +649,22 @@ HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * H
                 a[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, xd[t]), a[r][t]);
             }
         }
+        if constexpr (K == Kind::Unsigned) {
+            // Each 8 groups' offsets right after them, in the order decode_tile adds them: a token's
+            // dots then have the same bits alone (decode_tile) and batched (here).
+            if ((g & 7) == 7 || g + 1 == n_g) {
+                const int64_t k = g & ~int64_t(7);
+                const float * ow0 = p.ow + r0 * 2 * p.n_g8;
+                for (int t = 0; t < NT; ++t) {
+                    const __m256 sv = _mm256_loadu_ps(x[t].s + k);
+                    for (int r = 0; r < k_tile_rows; ++r) {
+                        a[r][t] = _mm256_fmadd_ps(_mm256_loadu_ps(ow0 + r * 2 * p.n_g8 + k), sv, a[r][t]);
+                    }
+                }
+            }
+        }
     }
-    add_offsets<NT, K>(p, r0, x, a);
+    if constexpr (K != Kind::Unsigned) add_offsets<NT, K>(p, r0, x, a);
     for (int r = 0; r < k_tile_rows; ++r) {
         for (int t = 0; t < NT; ++t) {
             _mm256_storeu_ps(acc + (r * NT + t) * 8, a[r][t]);

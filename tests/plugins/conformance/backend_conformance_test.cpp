@@ -786,14 +786,14 @@ TEST_P(BackendConformance, ExpertFfnMatchesReference) {
 // A token's result must not depend on the tokens it is batched with: continuous batching puts a
 // request's tokens beside others', and a greedy answer should not change with the server's load.
 // Each token of a batch against the same token alone: equal but for float rounding (far below the
-// 8-bit activations' rounding, which a different path would show). Not yet so for the block types
-// with offsets or sub-scales (Q4_0, Q4_1, the K-quants): the cpu backend's one-token kernel adds a
-// row's offsets every 8 groups and the batched one at the end, and a last-bit difference in h can
-// round to the next 8-bit step before the down projection (SmolLM2's Q4_1 logits: up to 0.25
-// apart alone and batched; 0.0015 with precise activations). Those types are left out here.
+// 8-bit activations' rounding, which a different path would show: a last-bit difference in h can
+// round to the next 8-bit step before the down projection; SmolLM2's Q4_1 logits were 0.25 apart
+// alone and batched while the cpu backend's one-token kernel added Q4_0/Q4_1 offsets every 8
+// groups and the batched one at the end). The K-quants are left out: their one-token kernel scales
+// each group, the batched one a super-block's int32 sum (not the same arithmetic yet).
 TEST_P(BackendConformance, ATokensResultDoesNotDependOnItsBatch) {
     std::mt19937 rng(5);
-    for (moesh_dtype type : {MOESH_DTYPE_F32, MOESH_DTYPE_F16, MOESH_DTYPE_BF16, MOESH_DTYPE_Q8_0}) {
+    for (moesh_dtype type : {MOESH_DTYPE_F32, MOESH_DTYPE_F16, MOESH_DTYPE_BF16, MOESH_DTYPE_Q8_0, MOESH_DTYPE_Q4_0, MOESH_DTYPE_Q4_1}) {
         const int64_t b = 32;
         const int64_t n_in = 18 * b, n_out = 192, n_ff = 48 * b;   // SmolLM2-135M's: 18 groups, not whole vectors of 8
         for (int64_t n_tokens : {2, 5, 17}) {
