@@ -133,11 +133,19 @@ void Server::view(const Active & a, size_t hold, bool final, OutputView & v) con
 }
 
 void Server::call_deltas(Active & a, std::string_view text, std::vector<protocol::ToolCallDelta> & out) {
+    using namespace std::chrono_literals;
     const auto start = std::chrono::steady_clock::now();
-    if (start - a.calls_read_at < 20 * a.calls_read_cost) return;   // at most 1/21 of the time: the done frame has the rest
+    // all requests' reading at most ~1/21 of the time: each waits 20 times its last read, times the requests
+    if (start - a.calls_read_at < int64_t(20 * active_.size()) * a.calls_read_cost) return;
     const std::vector<PartialCall> now = tool_call_prefix(a.tool_format, text, a.tools);
     a.calls_read_at = std::chrono::steady_clock::now();
     a.calls_read_cost = a.calls_read_at - start;
+    if (a.calls_read_cost > 5ms) {   // a call too large to read again per token (tens of thousands of keys): the done frame has it
+        a.calls_diverged = true;
+        std::fprintf(stderr, "moesh: request '%s': its tool calls took %.0f ms to read; they stream no more, the done frame has them\n",
+                     a.id.c_str(), std::chrono::duration<double, std::milli>(a.calls_read_cost).count());
+        return;
+    }
     if (now.size() < a.calls_sent.size()) a.calls_diverged = true;   // no longer well formed
     for (size_t i = 0; i < now.size() && !a.calls_diverged; ++i) {
         if (i == a.calls_sent.size()) {   // a new call: its id and name
@@ -298,10 +306,10 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     protocol::Done d;
     if (v.reasoned) d.reasoning = std::string(v.reasoning);
     std::string content(v.content);
-    for (size_t i = 0; i < calls.size(); ++i) {   // a call streamed as it was written keeps its id
-        const bool streamed = i < a.calls_sent.size() && a.calls_sent[i].name == calls[i].name;
-        if (i < a.calls_sent.size() && (!streamed || calls[i].arguments.compare(0, a.calls_sent[i].arguments.size(), a.calls_sent[i].arguments) != 0))
-            a.calls_diverged = true;
+    for (size_t i = 0; i < calls.size(); ++i) {   // a call streamed as it was written keeps its id; one that it is not, a new one
+        const bool streamed = i < a.calls_sent.size() && a.calls_sent[i].name == calls[i].name &&
+                              calls[i].arguments.compare(0, a.calls_sent[i].arguments.size(), a.calls_sent[i].arguments) == 0;
+        if (i < a.calls_sent.size() && !streamed) a.calls_diverged = true;
         d.tool_calls.push_back({streamed ? a.call_ids[i] : new_call_id(), std::move(calls[i].name), std::move(calls[i].arguments)});
     }
     if (a.calls_diverged || calls.size() < a.calls_sent.size())

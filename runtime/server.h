@@ -127,9 +127,8 @@ private:
         size_t reasoning_sent = 0;     // bytes of reasoning already in token frames (sent: of the answer)
         std::vector<PartialCall> calls_sent;   // streaming: each call as far as token frames carried it
         std::vector<std::string> call_ids;     // ... and its id, which the done frame keeps
-        bool calls_diverged = false;           // the calls stopped reading as they were sent: no more deltas
-        // Reading the calls again costs more as they grow (a file's content as an argument): it is
-        // done when the time since it was last done is 20 times what it took then.
+        bool calls_diverged = false;           // the calls stopped reading as they were sent (or grew too large): no more deltas
+        // Reading the calls again costs more as they grow (a file's content as an argument): see call_deltas.
         std::chrono::steady_clock::time_point calls_read_at{};
         std::chrono::steady_clock::duration calls_read_cost{};
     };

@@ -131,7 +131,10 @@ std::optional<ParsedCall> call_object(const ojson & v, bool parameters_too) {
     const auto n = v.find("name");
     if (n == v.end() || !n->is_string() || !good_name(n->get_ref<const std::string &>())) return std::nullopt;
     auto a = v.find("arguments");
-    if (a == v.end() && parameters_too) a = v.find("parameters");
+    if (parameters_too && v.contains("parameters")) {
+        if (a != v.end()) return std::nullopt;   // both: which one counts is anyone's guess (and a stream sent the first)
+        a = v.find("parameters");
+    }
     if (a == v.end()) return std::nullopt;
     std::optional<std::string> args = arguments_of(*a);
     if (!args && a->is_string()) args = arguments_text(a->get_ref<const std::string &>());   // arguments as JSON text
@@ -1011,7 +1014,10 @@ void json_calls_prefix(std::string_view t, bool parameters_too, std::vector<Part
         if (!o.is_object() || n == o.end() || !n->is_string() || !good_name(n->get_ref<const std::string &>())) return;
         PartialCall c{n->get<std::string>(), {}};
         auto a = o.find("arguments");
-        if (a == o.end() && parameters_too) a = o.find("parameters");
+        if (parameters_too && o.contains("parameters")) {
+            if (a != o.end()) return;   // both: not a call (call_object)
+            a = o.find("parameters");
+        }
         if (a != o.end() && a->is_object()) {
             const std::optional<std::string> args = cut_at_mark(*a, mark);
             if (!args) return;

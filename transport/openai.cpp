@@ -565,10 +565,11 @@ std::string text_chunk(Endpoint e, const Reply & r, std::string_view text, bool 
 }
 
 void StreamedCalls::add(const json & deltas) {
-    for (const json & d : deltas) {
-        const auto i = size_t(d.value("index", int64_t(0)));
-        if (i > 1024) continue;   // our own server's frame: never this many
-        if (i >= ids.size()) ids.resize(i + 1), arguments.resize(i + 1);
+    for (const json & d : deltas) {   // calls come in order: a delta is for a call seen, or the next one
+        const auto index = d.is_object() ? d.find("index") : d.end();
+        if (!d.is_object() || index == d.end() || !index->is_number_unsigned() || index->get<uint64_t>() > ids.size()) continue;
+        const auto i = size_t(index->get<uint64_t>());
+        if (i == ids.size()) ids.emplace_back(), arguments.emplace_back();
         if (auto id = d.find("id"); id != d.end() && id->is_string()) ids[i] = id->get<std::string>();
         if (auto f = d.find("function"); f != d.end() && f->is_object())
             if (auto a = f->find("arguments"); a != f->end() && a->is_string()) arguments[i] += a->get<std::string>();

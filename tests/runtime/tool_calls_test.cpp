@@ -218,6 +218,7 @@ TEST(ToolCalls, MalformedCallsStayText) {
         {ToolCallFormat::Llama3, "{\"name\": \"f\"}"},                                    // no parameters
         {ToolCallFormat::Llama3, "{\"name\": \"f\", \"parameters\": {}} is what I would call"},
         {ToolCallFormat::Llama3, "{\"answer\": 42}"},                                     // JSON, not a call
+        {ToolCallFormat::Llama3, "{\"name\": \"f\", \"parameters\": {\"x\": 1}, \"arguments\": {\"y\": 2}}"},   // which?
         {ToolCallFormat::Mistral, "[TOOL_CALLS]{\"name\": \"f\", \"arguments\": [1]}"},
         {ToolCallFormat::Mistral, "[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {}"},   // cut short
         {ToolCallFormat::MistralArgs, "[TOOL_CALLS]f{\"x\": 1}"},                         // no [ARGS]

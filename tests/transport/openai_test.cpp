@@ -355,6 +355,11 @@ TEST(OpenAi, StreamedToolCallsGetTheirRestAtTheEnd) {
     EXPECT_EQ(rest[1]["index"], 1);                                                    // the second, whole
     EXPECT_EQ(rest[1]["id"], "ghiJKL456");
     EXPECT_EQ(rest[1]["function"]["arguments"], "{}");
+    // frames it cannot read are passed over, never thrown on; a delta for a call not next is ignored
+    StreamedCalls odd;
+    odd.add(json::parse(R"([1, {"index": "0"}, {"index": -1}, {"index": 5, "id": "x"}, {"index": 0, "function": "f"}])"));
+    EXPECT_EQ(odd.ids.size(), 1u);
+    EXPECT_EQ(odd.arguments.at(0), "");
     // all of it streamed: nothing before the finishing chunk
     streamed.add(json::parse(R"([{"index":0,"function":{"arguments":"}"}},{"index":1,"id":"ghiJKL456","function":{"name":"g","arguments":"{}"}}])"));
     const std::string end = finish_chunk(Endpoint::Chat, r, done, streamed);
