@@ -312,6 +312,31 @@ HWY_INLINE void k_panel_scales(const uint8_t * b, float * sw, float * ow, int16_
 }
 
 #if MOESH_QK_AVX2
+// k_scales_mins in registers: the 8 scales as int16 in both 128-bit halves (for k_pick_scale),
+// the mins as floats.
+// Bytes (2g, 2g + 1) in every int16 lane: _mm256_shuffle_epi8 of the 8 scales (in both halves)
+// with it puts group g's scale in every lane, one shuffle per group.
+alignas(32) constexpr int16_t k_pick_scale[8][16] = {
+#define MOESH_PICK(g) {int16_t(0x0100 + 0x0202 * g), int16_t(0x0100 + 0x0202 * g), int16_t(0x0100 + 0x0202 * g), int16_t(0x0100 + 0x0202 * g), \
+                       int16_t(0x0100 + 0x0202 * g), int16_t(0x0100 + 0x0202 * g), int16_t(0x0100 + 0x0202 * g), int16_t(0x0100 + 0x0202 * g), \
+                       int16_t(0x0100 + 0x0202 * g), int16_t(0x0100 + 0x0202 * g), int16_t(0x0100 + 0x0202 * g), int16_t(0x0100 + 0x0202 * g), \
+                       int16_t(0x0100 + 0x0202 * g), int16_t(0x0100 + 0x0202 * g), int16_t(0x0100 + 0x0202 * g), int16_t(0x0100 + 0x0202 * g)}
+    MOESH_PICK(0), MOESH_PICK(1), MOESH_PICK(2), MOESH_PICK(3), MOESH_PICK(4), MOESH_PICK(5), MOESH_PICK(6), MOESH_PICK(7)
+#undef MOESH_PICK
+};
+
+HWY_INLINE void k_scales_mins_v(const uint8_t * s /* [12] */, __m256i & sc_both, __m256 & mn) {
+    uint32_t w[3];
+    std::memcpy(w, s, sizeof w);
+    const uint32_t sc_lo = w[0] & 0x3f3f3f3fu;
+    const uint32_t mn_lo = w[1] & 0x3f3f3f3fu;
+    const uint32_t sc_hi = (w[2] & 0x0f0f0f0fu) | ((w[0] >> 2) & 0x30303030u);
+    const uint32_t mn_hi = ((w[2] >> 4) & 0x0f0f0f0fu) | ((w[1] >> 2) & 0x30303030u);
+    const __m128i sc = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(int64_t(uint64_t(sc_lo) | (uint64_t(sc_hi) << 32))));
+    sc_both = _mm256_broadcastsi128_si256(sc);
+    mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(uint64_t(mn_lo) | (uint64_t(mn_hi) << 32)))));
+}
+
 // The decode scales d * sc and offsets -dmin * mn of a super-block's 8 groups,
 // in registers: the 12 bytes as three u32, each byte's fields moved into place
 // with shifts and masks (as k_scales_mins).
@@ -591,15 +616,23 @@ HWY_INLINE void tile_super(const Panel & p, int64_t r0, const TokenActs * x, flo
                 }
             }
         }
+        const float * ow0 = p.ow + r0 * 2 * p.n_g8;
         for (int r = 0; r < k_tile_rows; ++r) {
             const __m256 s = _mm256_broadcast_ss(sw0 + r * p.n_g8 + sb);
             for (int t = 0; t < NT; ++t) {
                 a[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai[r][t]),
                                           _mm256_mul_ps(s, _mm256_broadcast_ss(x[t].d + sb)), a[r][t]);
+                // the super-block's offsets right after it, as decode_tile adds them
+                const float * ow = ow0 + r * 2 * p.n_g8;
+                if constexpr (K == Kind::Unsigned) {
+                    a[r][t] = _mm256_fmadd_ps(_mm256_loadu_ps(ow + sb), _mm256_loadu_ps(x[t].s + sb), a[r][t]);
+                } else if constexpr (K == Kind::Sub16) {
+                    a[r][t] = _mm256_fmadd_ps(_mm256_loadu_ps(ow + 2 * sb), _mm256_loadu_ps(x[t].s + 2 * sb), a[r][t]);
+                    a[r][t] = _mm256_fmadd_ps(_mm256_loadu_ps(ow + 2 * sb + 8), _mm256_loadu_ps(x[t].s + 2 * sb + 8), a[r][t]);
+                }
             }
         }
     }
-    add_offsets<NT, K>(p, r0, x, a);
     for (int r = 0; r < k_tile_rows; ++r) {
         for (int t = 0; t < NT; ++t) {
             _mm256_storeu_ps(acc + (r * NT + t) * 8, a[r][t]);
@@ -728,6 +761,61 @@ HWY_INLINE void decode_tile(const uint8_t * const * rows, int64_t n_g, const Tok
     for (int64_t c = 0; c < n_g; c += 8) {
         const int64_t n = std::min<int64_t>(8, n_g - c);
         const size_t off = size_t(c * 32 / Ty::block_elems) * Ty::block_bytes;
+        if constexpr (Ty::block_elems == 256) {
+            // A super-block as tile_super (the batched kernel) does it, so that a token's dots have
+            // the same bits alone and batched: its 8 groups summed in int32 with their integer
+            // sub-scales, scaled once, then its offsets.
+            const __m256 dx = _mm256_broadcast_ss(x.d + c);
+            for (int r = 0; r < k_tile_rows; ++r) {
+                const size_t ahead = off + k_prefetch_chunks * chunk_bytes;   // as below
+                const size_t pf = ahead < row_bytes ? ahead : ahead + (k_tile_rows - 1) * row_bytes;
+                for (size_t b = 0; b < chunk_bytes; b += 64) {
+                    __builtin_prefetch(reinterpret_cast<const void *>(reinterpret_cast<uintptr_t>(rows[r]) + pf + b), 0, 3);
+                }
+                // the values panel_scales gives the batched kernel, computed the same way
+                float d;
+                __m256 ow_lo, ow_hi = _mm256_setzero_ps();
+                __m256i sc16;   // the integer scales: sub(g) puts group g's in every lane
+                if constexpr (K == Kind::Unsigned) {   // Q4_K, Q5_K: d, dmin, then 6-bit scales and mins
+                    const uint8_t * b = rows[r] + off;
+                    d = f16_to_f32(load_u16(b));
+                    const float dmin = f16_to_f32(load_u16(b + 2));
+                    __m256 mn;
+                    k_scales_mins_v(b + 4, sc16, mn);
+                    ow_lo = _mm256_mul_ps(_mm256_set1_ps(-dmin), mn);
+                } else {   // Q6_K: int8 scales per half-group
+                    Sc scv;
+                    Ty::scales(rows[r], c, n, scv);
+                    d = _mm256_cvtss_f32(scv.sw);
+                    sc16 = scv.sc16;
+                    ow_lo = scv.ow;
+                    ow_hi = scv.ow_hi;
+                }
+                auto sub = [&](int64_t g) {
+                    if constexpr (K == Kind::Unsigned)
+                        return _mm256_shuffle_epi8(sc16, _mm256_load_si256(reinterpret_cast<const __m256i *>(k_pick_scale[g])));
+                    else
+                        return sub_of(sc16, g);
+                };
+                __m256i ai = _mm256_setzero_si256();
+                for (int64_t g = 0; g < 8; g += 2) {
+                    __m256i w0, w1;
+                    group2<Ty>(rows[r], c + g, w0, w1);
+                    const __m256i x0 = load256(reinterpret_cast<const uint8_t *>(x.q + 32 * (c + g)));
+                    const __m256i x1 = load256(reinterpret_cast<const uint8_t *>(x.q + 32 * (c + g + 1)));
+                    ai = _mm256_add_epi32(ai, _mm256_madd_epi16(_mm256_maddubs_epi16(w0, x0), sub(g)));
+                    ai = _mm256_add_epi32(ai, _mm256_madd_epi16(_mm256_maddubs_epi16(w1, x1), sub(g + 1)));
+                }
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_mul_ps(_mm256_set1_ps(d), dx), acc[r]);
+                if constexpr (K == Kind::Unsigned) {
+                    acc[r] = _mm256_fmadd_ps(ow_lo, _mm256_loadu_ps(x.s + c), acc[r]);
+                } else {
+                    acc[r] = _mm256_fmadd_ps(ow_lo, _mm256_loadu_ps(x.s + 2 * c), acc[r]);
+                    acc[r] = _mm256_fmadd_ps(ow_hi, _mm256_loadu_ps(x.s + 2 * c + 8), acc[r]);
+                }
+            }
+            continue;
+        }
         const __m256 dx = _mm256_loadu_ps(x.d + c);   // zero past the row
         for (int r = 0; r < k_tile_rows; ++r) {
             // Past the end of its row, each stream prefetches the same place in
