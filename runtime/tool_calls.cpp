@@ -188,6 +188,16 @@ struct Reader {
         if (partial && i >= t.size()) end();
         return i >= t.size();
     }
+    // After the last call: what follows is the message's text too (a model that calls, then says
+    // more), content after what came before the calls (`after`). No calls: not well formed.
+    std::optional<std::vector<ParsedCall>> finish() {
+        skip_space();
+        if (partial && i >= t.size()) end();   // another call may still come
+        if (calls.empty()) return std::nullopt;
+        after = t.substr(i);
+        return std::move(calls);
+    }
+    std::string_view after;
     // text up to the first of the markers (or the end), and the cursor at that marker; one pass
     // to it, not a search per marker to the end of the text
     std::string_view until(std::initializer_list<std::string_view> markers) {
@@ -251,7 +261,7 @@ Calls hermes_calls(Reader & r) {
         if (!r.eat(k_hermes_close)) return r.done() ? Calls(std::move(calls)) : std::nullopt;   // ended inside its last call
         r.skip_space();
     }
-    return r.done() ? Calls(std::move(calls)) : std::nullopt;
+    return r.finish();
 }
 
 Calls llama3_calls(Reader & r) {
@@ -287,7 +297,7 @@ Calls mistral_calls(Reader & r) {
         r.open = {};
         r.skip_space();
     }
-    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+    return r.finish();
 }
 
 // A call whose name is known and whose arguments, a JSON object, come next.
@@ -310,7 +320,7 @@ Calls mistral_args_calls(Reader & r) {
         if (!r.eat(k_mistral_args) || !json_args_call(r, name)) return std::nullopt;
         r.skip_space();
     }
-    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+    return r.finish();
 }
 
 // DeepSeek V3.1 (r1 false) and R1 / V3 (r1 true); the model may end inside its last call.
@@ -336,7 +346,7 @@ Calls deepseek_calls(Reader & r, bool r1) {
         r.skip_space();
     }
     r.eat(k_ds_calls_end);
-    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+    return r.finish();
 }
 
 Calls kimi_calls(Reader & r) {
@@ -354,7 +364,7 @@ Calls kimi_calls(Reader & r) {
         r.skip_space();
     }
     r.eat(k_kimi_end);
-    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+    return r.finish();
 }
 
 // ---- XML formats: values are text, typed by the tool's schema ----
@@ -476,7 +486,7 @@ Calls qwen_xml_calls(Reader & r, const ojson & tools) {
         if (!r.eat(k_hermes_close)) return r.done() ? Calls(std::move(calls)) : std::nullopt;
         r.skip_space();
     }
-    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+    return r.finish();
 }
 
 Calls glm_calls(Reader & r, const ojson & tools) {
@@ -499,7 +509,7 @@ Calls glm_calls(Reader & r, const ojson & tools) {
         if (!r.eat(k_hermes_close)) return r.done() ? Calls(std::move(calls)) : std::nullopt;
         r.skip_space();
     }
-    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+    return r.finish();
 }
 
 Calls minimax_calls(Reader & r, const ojson & tools) {
@@ -523,7 +533,7 @@ Calls minimax_calls(Reader & r, const ojson & tools) {
         if (!r.eat(k_minimax_end)) return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
         r.skip_space();
     }
-    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+    return r.finish();
 }
 
 // DSML: each value says whether it is a string (string="true": as written) or JSON ("false").
@@ -564,7 +574,7 @@ Calls dsml_calls(Reader & r, bool v4, const ojson & tools) {
         if (!r.eat(block_end)) return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
         r.skip_space();
     }
-    return r.done() && !calls.empty() ? Calls(std::move(calls)) : std::nullopt;
+    return r.finish();
 }
 
 // Where the calls start in `text` (npos: none), for every format but harmony.
@@ -855,7 +865,7 @@ ParsedOutput parse_tool_calls(ToolCallFormat format, std::string_view text, std:
     if (first != std::string_view::npos)
         if (Calls calls = read_calls(format, r, tools_json.empty() ? ojson() : ojson::parse(tools_json, nullptr, false))) {
             out.calls = std::move(*calls);
-            out.content = std::string(text.substr(0, first));
+            out.content = std::string(text.substr(0, first)) + std::string(r.after);
             return out;
         }
     out.content = std::string(text);

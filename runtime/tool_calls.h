@@ -58,13 +58,15 @@ struct ParsedCall {
 };
 
 struct ParsedOutput {
-    std::string content;            // the text before the first call (all of it when there is none)
+    std::string content;            // the text before the first call and after the last (all of it when there is none)
     std::vector<ParsedCall> calls;
 };
 
 // Splits generated text into content and calls. A call that is not well formed
-// (not JSON, no name, arguments not an object, text after the calls) makes the
-// whole text content, with no calls, rather than half an answer. Harmony: the
+// (not JSON, no name, arguments not an object) makes the whole text content, with
+// no calls, rather than half an answer. Text after the calls (a model that calls,
+// then says more) is content too, after the text before them; Llama 3's reply,
+// which is the call, takes none. Harmony: the
 // text is the raw reply, with its markers; content is what split_harmony
 // gives (runtime/reasoning.h), and a malformed call's body is added to it.
 // tools_json (the request's tools) types the XML formats' values.

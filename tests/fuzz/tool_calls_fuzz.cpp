@@ -1,7 +1,7 @@
 // libFuzzer target for reading tool calls from model output (runtime/tool_calls.h): the bytes
 // as generated text, read in every format. Accepted means some format read a call. A call's
-// arguments must be a JSON object and its name not empty; the content before the calls must be
-// the text's start; what streaming lets out of a prefix must be the final content's start; the
+// arguments must be a JSON object and its name not empty; the content must be the text's start and
+// end (before and after the calls); what streaming lets out of a prefix must be the final content's start; the
 // calls streamed from a prefix, when the whole text reads as calls, must be those calls' names
 // with starts of their arguments, a longer prefix's extending a shorter one's.
 #include "fuzz_targets.h"
@@ -56,7 +56,11 @@ bool tool_calls_one_input(const uint8_t * data, size_t size) {
             last = now;
         }
         if (f == ToolCallFormat::Harmony) continue;   // content is rebuilt from its channels
-        check(text.substr(0, out.content.size()) == out.content, "content that is not the text's start");
+        size_t same = 0;   // content: the text's start, then its end (what came after the calls)
+        while (same < out.content.size() && same < text.size() && out.content[same] == text[same]) ++same;
+        const std::string_view rest = std::string_view(out.content).substr(same);
+        check(rest.size() <= text.size() - same && text.substr(text.size() - rest.size()) == rest,
+              "content that is not the text's start and end");
         check(out.calls.empty() || out.content.size() < text.size(), "calls and all the text as content");
         for (size_t cut : {size / 3, size / 2, size - size / 4}) {
             const size_t safe = tool_call_safe_prefix(f, text.substr(0, cut));

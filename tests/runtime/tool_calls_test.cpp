@@ -197,6 +197,24 @@ TEST(ToolCalls, SplitsContentAndCalls) {
 }
 
 
+// A model that calls, then says more: the calls, and the text before and after them as content
+// (streamed, the calls as they are written stay calls).
+TEST(ToolCalls, TextAfterTheCallsIsContent) {
+    const std::string text = "Checking.\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"a\": 1}}\n</tool_call>\nLet me know.";
+    const ParsedOutput out = parse_tool_calls(ToolCallFormat::Hermes, text);
+    ASSERT_EQ(out.calls.size(), 1u);
+    EXPECT_EQ(out.content, "Checking.\nLet me know.");
+    for (size_t k = 0; k <= text.size(); ++k) {   // never a call that goes away
+        const std::vector<PartialCall> p = tool_call_prefix(ToolCallFormat::Hermes, std::string_view(text).substr(0, k));
+        if (k >= text.find("</tool_call>") + 12) ASSERT_EQ(p.size(), 1u) << "at " << k;
+    }
+    const ParsedOutput glm = parse_tool_calls(ToolCallFormat::GlmXml, "<tool_call>f\n</tool_call>\nDone.");
+    EXPECT_EQ(glm.calls.size(), 1u);
+    EXPECT_EQ(glm.content, "Done.");
+    // Llama 3's reply is the call: JSON followed by words is words
+    EXPECT_TRUE(parse_tool_calls(ToolCallFormat::Llama3, "{\"name\": \"f\", \"parameters\": {}} is what I would call").calls.empty());
+}
+
 TEST(ToolCalls, StreamingHoldsBackWhatMayBecomeACall) {
     EXPECT_EQ(tool_call_safe_prefix(ToolCallFormat::Hermes, "Hello"), 5u);
     EXPECT_EQ(tool_call_safe_prefix(ToolCallFormat::Hermes, "Hello <tool"), 6u);
@@ -211,7 +229,6 @@ TEST(ToolCalls, MalformedCallsStayText) {
         {ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": {\"x\": </tool_call>"},   // not JSON
         {ToolCallFormat::Hermes, "<tool_call>{\"arguments\": {}}</tool_call>"},                          // no name
         {ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": \"x\"}</tool_call>"},      // arguments not an object
-        {ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": {}}</tool_call> and then more words"},
         // a key twice: which one counts differs between readers, and streaming has sent the first
         {ToolCallFormat::Hermes, "<tool_call>{\"name\": \"f\", \"arguments\": {\"a\": 1, \"b\": {\"c\": 2, \"c\": 3}}}</tool_call>"},
         {ToolCallFormat::GlmXml, "<tool_call>f\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n<arg_key>a</arg_key>\n<arg_value>2</arg_value>\n</tool_call>"},
