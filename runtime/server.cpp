@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <ctime>
 #include <cmath>
 #include <cstdio>
 
@@ -132,14 +133,25 @@ void Server::view(const Active & a, size_t hold, bool final, OutputView & v) con
     }
 }
 
+namespace {
+// This thread's CPU time: what a read cost, without the time it was descheduled (a loaded machine
+// would otherwise make a short read look long, and stop a stream for nothing).
+std::chrono::nanoseconds thread_cpu_now() {
+    timespec ts{};
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return std::chrono::seconds(ts.tv_sec) + std::chrono::nanoseconds(ts.tv_nsec);
+}
+} // namespace
+
 void Server::call_deltas(Active & a, std::string_view text, std::vector<protocol::ToolCallDelta> & out) {
     using namespace std::chrono_literals;
     const auto start = std::chrono::steady_clock::now();
     // all requests' reading at most ~1/21 of the time: each waits 20 times its last read, times the requests
     if (start - a.calls_read_at < int64_t(20 * active_.size()) * a.calls_read_cost) return;
+    const auto cpu0 = thread_cpu_now();
     const std::vector<PartialCall> now = tool_call_prefix(a.tool_format, text, a.tools);
+    a.calls_read_cost = thread_cpu_now() - cpu0;
     a.calls_read_at = std::chrono::steady_clock::now();
-    a.calls_read_cost = a.calls_read_at - start;
     if (a.calls_read_cost > 5ms) {   // a call too large to read again per token (tens of thousands of keys): the done frame has it
         a.calls_diverged = true;
         std::fprintf(stderr, "moesh: request '%s': its tool calls took %.0f ms to read; they stream no more, the done frame has them\n",

@@ -130,7 +130,7 @@ private:
         bool calls_diverged = false;           // the calls stopped reading as they were sent (or grew too large): no more deltas
         // Reading the calls again costs more as they grow (a file's content as an argument): see call_deltas.
         std::chrono::steady_clock::time_point calls_read_at{};
-        std::chrono::steady_clock::duration calls_read_cost{};
+        std::chrono::nanoseconds calls_read_cost{};   // the last read's CPU time
     };
 
     void handle(const Origin & from, const std::string & body, bool draining);
