@@ -234,13 +234,10 @@ private:
         if (auto * e = std::get_if<openai::HttpError>(&t)) return respond(e->status, "application/json", openai::error_body(*e), keep_alive_);
         tr_ = std::move(std::get<openai::Translated>(t));
         reply_ = {d.id, f_.opt.model_name, unix_now()};
-        stream_req_ = tr_.stream;
-        include_usage_ = tr_.include_usage;
-        renames_ = tr_.renames;
         begin(Wait::Generate);
         choices_.assign(size_t(tr_.n), Choice{});
         dones_.assign(size_t(tr_.n), nlohmann::json());
-        for (size_t i = 0; i < choices_.size(); ++i) choices_[i].id = i == 0 ? d.id : d.id + "." + std::to_string(i);
+        for (size_t i = 0; i < choices_.size(); ++i) choices_[i].id = openai::choice_id(d.id, int(i));
         // The first choice goes alone: once it has a token its prompt's KV blocks are cached, and
         // the others (the same prompt) start from them instead of computing it again.
         f_.port.send(client_, openai::choice_frame(tr_, 0));
@@ -269,7 +266,6 @@ private:
     void begin(Wait w) {
         wait_ = w;
         headers_sent_ = false;
-
         client_ = f_.port.new_client();
         std::lock_guard<std::mutex> lock(f_.mu);
         f_.clients[client_] = shared_from_this();
@@ -327,7 +323,7 @@ private:
         if (r.type == "token") {
             Choice & c = choices_[ci];
             send_other_choices();
-            if (!stream_req_) return;
+            if (!tr_.stream) return;
             const std::string & text = r.body["text"].get_ref<const std::string &>();
             const auto lp = r.body.find("logprobs");
             const bool with_lp = lp != r.body.end();
@@ -347,15 +343,15 @@ private:
             c.done = true;
             dones_[ci] = r.body;
             send_other_choices();
-            if (stream_req_) {
+            if (tr_.stream) {
                 if (c.first_chunk && endpoint_ == openai::Endpoint::Chat) sse(openai::text_chunk(endpoint_, reply_, "", true, nullptr, nullptr, {}, int(ci)));
                 sse(openai::finish_chunk(endpoint_, reply_, r.body, c.calls, int(ci)));
             }
             for (const Choice & other : choices_)
                 if (!other.done) return;
             finish();
-            if (!stream_req_) return respond(200, "application/json", openai::completion_body(endpoint_, reply_, dones_), keep_alive_);
-            if (include_usage_) sse(openai::usage_chunk(endpoint_, reply_, dones_));
+            if (!tr_.stream) return respond(200, "application/json", openai::completion_body(endpoint_, reply_, dones_), keep_alive_);
+            if (tr_.include_usage) sse(openai::usage_chunk(endpoint_, reply_, dones_));
             sse(std::string(openai::done_event));
             end_stream();
         } else if (r.type == "error") {
@@ -366,7 +362,7 @@ private:
             std::string retry;   // whole seconds, at least 1 (RFC 9110)
             if (auto it = r.body.find("retry_after_ms"); it != r.body.end() && it->is_number_integer())
                 retry = std::to_string(std::max<int64_t>(1, (it->get<int64_t>() + 999) / 1000));
-            fail_exchange(openai::from_protocol_error(code.value_or(protocol::ErrorCode::Internal), r.body.value("message", ""), renames_),
+            fail_exchange(openai::from_protocol_error(code.value_or(protocol::ErrorCode::Internal), r.body.value("message", ""), tr_.renames),
                           retry.empty() ? nullptr : retry.c_str());
         }
     }
@@ -483,10 +479,8 @@ private:
     uint64_t exchange_ = 0;
     openai::Endpoint endpoint_ = openai::Endpoint::Completions;
     openai::Reply reply_;
-    bool stream_req_ = false, include_usage_ = false;
-    std::vector<std::pair<std::string, std::string>> renames_;   // openai::Translated::renames
     bool headers_sent_ = false;
-    openai::Translated tr_;
+    openai::Translated tr_;   // the request (stream, include_usage, renames) and its choices' frames
     struct Choice {   // one of the request's n choices: a generate request of its own
         std::string id;
         bool sent = false, done = false;

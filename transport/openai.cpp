@@ -515,10 +515,12 @@ HttpError from_protocol_error(protocol::ErrorCode code, std::string message,
     return {500, "server_error", std::move(message), {}, {}};
 }
 
+std::string choice_id(const std::string & id, int i) { return i == 0 ? id : id + "." + std::to_string(i); }
+
 std::string choice_frame(const Translated & t, int i) {
     if (i == 0) return t.frame;
     ojson f = ojson::parse(t.frame);
-    f["id"] = f["id"].get<std::string>() + "." + std::to_string(i);
+    f["id"] = choice_id(f["id"].get<std::string>(), i);
     if (f["seed"].is_number_unsigned()) f["seed"] = f["seed"].get<uint64_t>() + uint64_t(i);   // wraps at 2^64
     else if (f["seed"].is_number_integer()) f["seed"] = uint64_t(f["seed"].get<int64_t>()) + uint64_t(i);
     return dump(f);

@@ -70,6 +70,9 @@ struct Reply {
 // The most choices (`n`) one request may ask for.
 inline constexpr int max_choices = 16;
 
+// Choice i's request id: the request's own for the first, "<id>.<i>" after it.
+std::string choice_id(const std::string & id, int i);
+
 // Choice i's generate request: the first's with the id "<id>.<i>" and the seed plus i (the same
 // prompt, so it starts from the first's cached KV blocks when it follows it).
 std::string choice_frame(const Translated & t, int i);

@@ -566,24 +566,6 @@ HWY_INLINE TokenActs token_acts(const QuantActs & a, int64_t t, Kind kind) {
 }
 
 #if MOESH_QK_AVX2
-// a[r][t] += offsets times activation sums, 8 (half-)groups per vector: the
-// lanes are summed anyway.
-template <int NT, Kind K>
-HWY_INLINE void add_offsets(const Panel & p, int64_t r0, const TokenActs * x, __m256 (&a)[k_tile_rows][NT]) {
-    if constexpr (K != Kind::Signed) {
-        const int64_t n_off = K == Kind::Sub16 ? 2 * p.n_g : p.n_g8;
-        const float * ow0 = p.ow + r0 * 2 * p.n_g8;
-        for (int64_t k = 0; k < n_off; k += 8) {
-            for (int t = 0; t < NT; ++t) {
-                const __m256 sv = _mm256_loadu_ps(x[t].s + k);
-                for (int r = 0; r < k_tile_rows; ++r) {
-                    a[r][t] = _mm256_fmadd_ps(_mm256_loadu_ps(ow0 + r * 2 * p.n_g8 + k), sv, a[r][t]);
-                }
-            }
-        }
-    }
-}
-
 template <int NT, Kind K>
 HWY_INLINE void tile_super(const Panel & p, int64_t r0, const TokenActs * x, float * HWY_RESTRICT acc) {
     const int64_t n_g = p.n_g;
@@ -648,6 +630,7 @@ HWY_INLINE void tile_super(const Panel & p, int64_t r0, const TokenActs * x, flo
 // scaled to float once.
 template <int NT, Kind K, bool Super>
 HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * HWY_RESTRICT acc) {
+    static_assert(Super || K != Kind::Sub16, "half-group offsets only come with super-blocks (tile_super)");
     const int64_t n_g = p.n_g;
 #if MOESH_QK_AVX2
     if constexpr (Super) {
@@ -697,7 +680,6 @@ HWY_INLINE void tile(const Panel & p, int64_t r0, const TokenActs * x, float * H
             }
         }
     }
-    if constexpr (K != Kind::Unsigned) add_offsets<NT, K>(p, r0, x, a);
     for (int r = 0; r < k_tile_rows; ++r) {
         for (int t = 0; t < NT; ++t) {
             _mm256_storeu_ps(acc + (r * NT + t) * 8, a[r][t]);
