@@ -313,7 +313,6 @@ bool json_args_call(Reader & r, std::string_view name) {
 }
 
 Calls mistral_args_calls(Reader & r) {
-    std::vector<ParsedCall> & calls = r.calls;
     while (r.eat(k_mistral_calls)) {
         const std::string_view name = trim(r.until({k_mistral_args, k_mistral_id}));
         if (r.eat(k_mistral_id)) r.until({k_mistral_args});
@@ -325,7 +324,6 @@ Calls mistral_args_calls(Reader & r) {
 
 // DeepSeek V3.1 (r1 false) and R1 / V3 (r1 true); the model may end inside its last call.
 Calls deepseek_calls(Reader & r, bool r1) {
-    std::vector<ParsedCall> & calls = r.calls;
     r.eat(k_ds_calls_begin);
     r.skip_space();
     while (r.eat(k_ds_call_begin)) {
@@ -350,7 +348,6 @@ Calls deepseek_calls(Reader & r, bool r1) {
 }
 
 Calls kimi_calls(Reader & r) {
-    std::vector<ParsedCall> & calls = r.calls;
     r.eat(k_kimi_begin);
     r.skip_space();
     while (r.eat(k_kimi_call_begin)) {
