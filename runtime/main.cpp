@@ -23,6 +23,7 @@
 #include "transport/http_server.h"
 #include "runtime/tokenizer.h"
 #include "transport/client.h"
+#include "transport/security.h"
 
 #include <CLI/CLI.hpp>
 
@@ -807,11 +808,44 @@ extern "C" void on_stop_signal(int) { g_stop.store(true); }
 
 // A ZeroMQ server, and the HTTP front when configured, until SIGTERM/SIGINT, then a bounded
 // drain (server.h). HTTP listens before the model loads, so /health can say "loading".
+// Who may connect: the files [server] names, read before the model loads so a bad one stops
+// the server at once.
+struct ServeSecurity {
+    moesh::security::CurveCert curve;          // the server's, when CURVE is on
+    std::vector<std::string> curve_clients;     // empty: any client with the server's key
+    std::vector<std::string> api_keys;          // empty: HTTP open
+};
+
+ServeSecurity load_serve_security(const moesh::ServerConfig & sc) {
+    ServeSecurity s;
+    try {
+        if (!sc.curve_secret_key.empty()) s.curve = moesh::security::load_curve_cert(sc.curve_secret_key, true);
+        if (!sc.curve_authorized_keys.empty()) s.curve_clients = moesh::security::load_authorized_keys(sc.curve_authorized_keys);
+        if (!sc.api_key_file.empty()) s.api_keys = moesh::security::load_api_keys(sc.api_key_file);
+    } catch (const std::runtime_error & e) {
+        throw Error(std::string("[server] security: ") + e.what());
+    }
+    return s;
+}
+
+// "tcp://HOST:PORT" -> HOST (brackets of an IPv6 address dropped).
+std::string zmq_host(const std::string & endpoint) {
+    std::string h = endpoint.substr(6);
+    if (size_t c = h.rfind(':'); c != std::string::npos) h.resize(c);
+    if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+    return h;
+}
+
+bool is_loopback(const std::string & host) {
+    return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0 || host == "lo";
+}
+
 int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std::string & http) {
     moesh::RunConfig rc = co.config.empty() ? moesh::RunConfig{} : moesh::load_run_config(co.config);
     apply_expert_budget(co, rc);
     if (!endpoint.empty()) rc.server.endpoint = endpoint;
     if (!http.empty()) rc.server.http = http == "off" ? "" : http;
+    const ServeSecurity security = load_serve_security(rc.server);
     moesh::LocalPort port;
     std::unique_ptr<moesh::HttpFront> front;
     const std::filesystem::path mp = std::filesystem::path(co.model).lexically_normal();
@@ -826,6 +860,10 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
         ho.default_max_tokens = std::min<int64_t>(16, rc.server.max_tokens);
         ho.default_chat_max_tokens = std::min(rc.server.default_max_tokens, rc.server.max_tokens);
         ho.model_name = model_name;
+        ho.api_keys = security.api_keys;
+        if (ho.api_keys.empty() && !is_loopback(ho.address))
+            std::fprintf(stderr, "moesh: warning: http listens on %s without API keys: anyone who reaches it can use it "
+                                 "(set [server] api_key_file)\n", rc.server.http.c_str());
         front = std::make_unique<moesh::HttpFront>(ho, port);
         try {
             front->start();
@@ -856,7 +894,16 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
                          weights.get(),
                          model_name);
     if (!placement.routed_experts_in_weights()) server.set_placement(placement.refs(rc.placement.prefetch, rc.placement.prefetch_extra));
+    if (!security.curve.secret_key.empty()) server.set_curve(security.curve.secret_key, security.curve_clients);
     server.bind();
+    if (!security.curve.secret_key.empty())
+        std::fprintf(stderr, "moesh: CURVE on %s: server public key %s; %s\n", server.endpoint().c_str(), security.curve.public_key.c_str(),
+                     security.curve_clients.empty()
+                         ? "any client that knows it may connect (curve_authorized_keys limits that)"
+                         : (std::to_string(security.curve_clients.size()) + " client key(s) let in").c_str());
+    else if (server.endpoint().rfind("tcp://", 0) == 0 && !is_loopback(zmq_host(server.endpoint())))
+        std::fprintf(stderr, "moesh: warning: %s is not loopback and has no CURVE: anyone who reaches it can use it, in clear text "
+                             "(set [server] curve_secret_key)\n", server.endpoint().c_str());
     if (front) server.attach(port);
     std::signal(SIGTERM, on_stop_signal);
     std::signal(SIGINT, on_stop_signal);
@@ -879,10 +926,21 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
 }
 
 // One request to a server; streamed text as it comes, or the final frame.
+// A CURVE key given on the command line: 40 Z85 characters, or the path of a certificate file.
+std::string curve_key_arg(const std::string & arg, bool secret, const char * what) {
+    if (!secret && moesh::security::is_z85_key(arg) && !std::filesystem::exists(arg)) return arg;
+    try {
+        const moesh::security::CurveCert c = moesh::security::load_curve_cert(arg, secret);
+        return secret ? c.secret_key : c.public_key;
+    } catch (const std::runtime_error & e) {
+        throw Error(std::string(what) + ": " + e.what());
+    }
+}
+
 int cmd_client(const std::string & endpoint, const std::string & prompt, const std::string & prompt_ids, int64_t max_tokens,
                const moesh::SamplerParams & sp, int logprobs, bool stream, const std::string & output, double timeout_s,
-               const GrammarOptions & grammar, const ChatOptions & chat) {
-    moesh::Client c(endpoint);
+               const GrammarOptions & grammar, const ChatOptions & chat, const moesh::CurveClientKeys & curve) {
+    moesh::Client c(endpoint, curve);
     nlohmann::json req = {{"id", "moesh-client-" + std::to_string(::getpid())},
                           {"max_tokens", max_tokens},
                           {"temperature", sp.temperature},
@@ -941,8 +999,11 @@ int cmd_client(const std::string & endpoint, const std::string & prompt, const s
             std::cout << f.body.dump() << std::endl;
         }
     });
-    if (!r) throw Error("no answer from " + endpoint + " within " + std::to_string(int(timeout_s)) +
-                        " s (is `moesh serve` running there?)");
+    if (!r) {
+        const std::string note = c.connection_note();
+        throw Error("no answer from " + endpoint + " within " + std::to_string(int(timeout_s)) + " s (" +
+                    (note.empty() ? "is `moesh serve` running there?" : note) + ")");
+    }
     if (r->type == "error")
         throw Error("the server refused the request: " + r->body.value("code", "?") + ": " + r->body.value("message", ""));
     if (output == "json") {
@@ -1558,6 +1619,19 @@ int main(int argc, char ** argv) {
     client->add_option("--tool-choice", cl_chat.tool_choice, "With --tools: auto (default), none, required, or a tool's name (it must call it)");
     client->add_option("--output", cl_output, "text, or json: the frames as JSON lines")->check(CLI::IsMember({"text", "json"}));
     client->add_option("--timeout", cl_timeout, "Seconds to wait for the answer")->capture_default_str();
+    std::string cl_server_key, cl_client_cert;
+    client->add_option("--server-key", cl_server_key,
+                       "A server with CURVE (curve_secret_key): its public key, as 40 Z85 characters or its NAME.key certificate file");
+    client->add_option("--client-cert", cl_client_cert,
+                       "With --server-key: this client's NAME.key_secret certificate (`moesh keygen`), for a server that lets in "
+                       "only listed keys (curve_authorized_keys); without it a fresh key pair is used");
+
+    CLI::App * keygen = app.add_subcommand(
+        "keygen", "Make a CURVE key pair for `moesh serve` or a client: writes NAME.key (the public certificate, to give to "
+                  "the other side) and NAME.key_secret (mode 0600, keep it private), in the format CZMQ and pyzmq use");
+    std::string kg_name, kg_dir = ".";
+    keygen->add_option("name", kg_name, "The certificates' file name, e.g. server or client-alice")->required();
+    keygen->add_option("--dir", kg_dir, "The folder to write them in")->capture_default_str();
 
     CLI::App * plan = app.add_subcommand(
         "plan", "Print where every expert, the attention weights and the KV cache will live under the [[tier]] budgets of "
@@ -1635,8 +1709,19 @@ int main(int argc, char ** argv) {
             if (!cl_chat.enabled && (!cl_chat.system.empty() || !cl_chat.tools_file.empty() || !cl_chat.tool_choice.empty()))
                 throw Error("client: --system, --tools and --tool-choice go with --chat");
             if (cl_chat.enabled && !cl_ids.empty()) throw Error("client: --chat sends text: give --prompt, not --prompt-ids");
+            if (!cl_client_cert.empty() && cl_server_key.empty()) throw Error("client: --client-cert goes with --server-key");
+            moesh::CurveClientKeys curve;
+            if (!cl_server_key.empty()) curve.server_public = curve_key_arg(cl_server_key, false, "--server-key");
+            if (!cl_client_cert.empty()) curve.client_secret = curve_key_arg(cl_client_cert, true, "--client-cert");
             return cmd_client(cl_endpoint, cl_prompt, cl_ids, cl_max, cl_sampling, cl_logprobs, cl_stream, cl_output, cl_timeout,
-                              cl_grammar, cl_chat);
+                              cl_grammar, cl_chat, curve);
+        }
+        if (*keygen) {
+            const moesh::security::CurveCert cert = moesh::security::new_curve_cert();
+            const auto [pub, sec] = moesh::security::write_curve_cert(kg_dir, kg_name, cert);
+            std::fprintf(stderr, "moesh: wrote %s (public) and %s (secret, mode 0600)\n", pub.c_str(), sec.c_str());
+            std::printf("%s\n", cert.public_key.c_str());
+            return 0;
         }
         if (*ppl) return cmd_perplexity(pco, ppl_file, ppl_ctx, ppl_batch, ppl_chunks, ppl_output, ppl_trace);
     } catch (const moesh::BackendError & e) {

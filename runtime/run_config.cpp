@@ -345,16 +345,26 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                     if (!(v.is_floating_point() || v.is_integer()) || !d || !(*d >= 0 && *d <= 86400))
                         fail(source, v, key, "expected seconds in [0, 86400] (0: no status lines)");
                     sc.log_interval_s = *d;
+                } else if (k == "curve_secret_key" || k == "curve_authorized_keys" || k == "api_key_file") {
+                    std::string & slot = k == "curve_secret_key" ? sc.curve_secret_key
+                                         : k == "api_key_file"   ? sc.api_key_file
+                                                                 : sc.curve_authorized_keys;
+                    slot = string_value(source, v, key);
+                    if (slot.empty()) fail(source, v, key, "expected a path (leave the key out for none)");
                 } else {
                     fail(source, v, key, "unknown key (known: endpoint, max_sequences, kv_cache, prefill_chunk, prefix_cache, max_queue, "
                                          "max_tokens, max_message_bytes, send_hwm, recv_hwm, drain_timeout_s, http, "
-                                         "http_max_connections, http_request_timeout_s, default_max_tokens, log_interval_s)");
+                                         "http_max_connections, http_request_timeout_s, default_max_tokens, log_interval_s, curve_secret_key, "
+                                         "curve_authorized_keys, api_key_file)");
                 }
             }
         } else {
             fail(source, section, sname, "unknown table (known: [plugins], [runtime], [quantize], [[tier]], [placement], [server])");
         }
     }
+    if (!rc.server.curve_authorized_keys.empty() && rc.server.curve_secret_key.empty())
+        fail(source, *root["server"]["curve_authorized_keys"].node(), "server.curve_authorized_keys",
+             "needs server.curve_secret_key (the server's own certificate, from `moesh keygen`): without CURVE no client has a key to check");
     // Pins name tiers that exist (tiers may come after [placement] in the file).
     if (auto * pl = root["placement"].as_table())
         if (auto * pins = (*pl)["pin"].as_array())
@@ -373,6 +383,8 @@ RunConfig load_run_config(const std::string & path) {
     const std::filesystem::path base = std::filesystem::path(path).parent_path();
     for (auto & d : rc.plugin_dirs)
         if (std::filesystem::path(d).is_relative()) d = (base / d).lexically_normal().string();
+    for (std::string * p : {&rc.server.curve_secret_key, &rc.server.curve_authorized_keys, &rc.server.api_key_file})
+        if (!p->empty() && std::filesystem::path(*p).is_relative()) *p = (base / *p).lexically_normal().string();
     return rc;
 }
 

@@ -71,6 +71,10 @@ struct ServerConfig {
     double http_request_timeout_s = 30;   // to receive a request; also the keep-alive idle limit
     int64_t default_max_tokens = 256;     // a chat request that gives no max_tokens
     double log_interval_s = 10;           // a status line on stderr this often while serving; 0: none
+    // Who may connect (transport/security.h); paths, relative to the config file's folder.
+    std::string curve_secret_key;         // the server's CURVE certificate (NAME.key_secret): CURVE on
+    std::string curve_authorized_keys;    // a folder of *.key certificates or a file of keys: only these clients
+    std::string api_key_file;             // HTTP: /v1/ routes need "Authorization: Bearer KEY" with a key from it
 };
 
 // "127.0.0.1:8080" / "[::1]:8080" -> address and port; false when not that shape.

@@ -6,6 +6,7 @@
 #include "runtime/json_schema.h"
 #include "runtime/reasoning.h"
 #include "runtime/tool_calls.h"
+#include "transport/security.h"
 
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
@@ -60,9 +61,22 @@ Server::Server(const Model & model, Backend & backend, const Tokenizer * tokeniz
 
 Server::~Server() = default;
 
+void Server::set_curve(std::string secret_key_z85, std::vector<std::string> authorized_z85) {
+    curve_secret_ = std::move(secret_key_z85);
+    curve_clients_ = std::move(authorized_z85);
+}
+
 void Server::bind() {
     ctx_ = std::make_unique<zmq::context_t>(1);
+    if (!curve_clients_.empty())
+        zap_ = std::make_unique<security::ZapHandler>(*ctx_, curve_clients_, [](const std::string & what) {
+            std::fprintf(stderr, "moesh: %s\n", what.c_str());
+        });
     sock_ = std::make_unique<zmq::socket_t>(*ctx_, zmq::socket_type::router);
+    if (!curve_secret_.empty()) {
+        sock_->set(zmq::sockopt::curve_server, true);
+        sock_->set(zmq::sockopt::curve_secretkey, curve_secret_);
+    }
     sock_->set(zmq::sockopt::router_mandatory, 1);   // an unroutable reply fails the send: we see it
     sock_->set(zmq::sockopt::sndhwm, int(cfg_.send_hwm));
     sock_->set(zmq::sockopt::rcvhwm, int(cfg_.recv_hwm));
@@ -732,6 +746,12 @@ std::string Server::metrics_text() const {
     for (const auto & [name, n] : outcomes) o += std::string("moesh_requests_total{outcome=\"") + name + "\"} " + std::to_string(n) + "\n";
     metric(o, "moesh_prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", double(stats_.prompt_tokens));
     metric(o, "moesh_generated_tokens_total", "counter", "Tokens generated.", double(stats_.tokens_out));
+    if (zap_) {
+        metric(o, "moesh_curve_clients_refused_total", "counter",
+               "ZeroMQ connections refused because their CURVE key is not in curve_authorized_keys.", double(zap_->denied()));
+        metric(o, "moesh_curve_clients_accepted_total", "counter", "ZeroMQ connections whose CURVE key was let in.",
+               double(zap_->allowed()));
+    }
     metric(o, "moesh_replies_undeliverable_total", "counter", "Replies a client could not take (gone, or not reading): its request was cancelled.",
            double(stats_.undeliverable));
     const SchedulerStats st = sched_->stats();

@@ -42,6 +42,9 @@ class socket_t;
 } // namespace zmq
 
 namespace moesh {
+namespace security {
+class ZapHandler;
+}
 
 struct ServerStats {
     int64_t requests = 0, completed = 0, cancelled = 0, rejected = 0, busy = 0, bad_requests = 0;
@@ -73,6 +76,9 @@ public:
            std::string model_name = "");
     ~Server();
 
+    // CURVE on the ZeroMQ endpoint (before bind()): the server's secret key (Z85) and, when not
+    // empty, the only client public keys let in (transport/security.h).
+    void set_curve(std::string secret_key_z85, std::vector<std::string> authorized_z85);
     void bind();                                   // the endpoint actually bound: endpoint()
     const std::string & endpoint() const { return bound_; }
     // Serves until stop is set, then refuses new requests ("shutting_down"), lets running ones
@@ -175,7 +181,10 @@ private:
     protocol::Limits limits_;
     std::unique_ptr<Scheduler> sched_;
     std::unique_ptr<zmq::context_t> ctx_;
+    std::unique_ptr<security::ZapHandler> zap_;   // after ctx_, before sock_: closed between them
     std::unique_ptr<zmq::socket_t> sock_;
+    std::string curve_secret_;
+    std::vector<std::string> curve_clients_;
     std::string bound_;
     std::map<uint64_t, Active> active_;
     std::vector<uint64_t> to_cancel_;   // undeliverable: cancelled after the step

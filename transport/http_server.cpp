@@ -2,6 +2,7 @@
 
 #include "transport/openai.h"
 #include "transport/protocol.h"
+#include "transport/security.h"
 
 #include <boost/asio.hpp>
 #include <boost/beast/core.hpp>
@@ -181,6 +182,21 @@ private:
             nlohmann::json j = {{"status", s}, {"running", f_.port.running.load()}, {"queued", f_.port.queued.load()}};
             return respond(state == LocalPort::State::Ready && !busy ? 200 : 503, "application/json", j.dump(), keep_alive_,
                            state == LocalPort::State::Ready ? nullptr : "1");
+        }
+        if (target.rfind("/v1/", 0) == 0 && !f_.opt.api_keys.empty()) {
+            const auto auth = req.find(http::field::authorization);
+            const std::string_view header = auth == req.end() ? std::string_view() : std::string_view(auth->value().data(), auth->value().size());
+            const auto check = security::check_api_key(f_.opt.api_keys, header);
+            if (check != security::ApiKeyCheck::Ok) {
+                route_ = target == "/v1/models" || target == "/v1/completions" || target == "/v1/chat/completions" ? target : "other";
+                const char * what = check == security::ApiKeyCheck::Missing
+                                        ? "no API key: this server needs an 'Authorization: Bearer KEY' header (OpenAI clients: api_key)"
+                                    : check == security::ApiKeyCheck::Malformed
+                                        ? "the Authorization header is not 'Bearer KEY'"
+                                        : "the API key is not one of this server's (api_key_file)";
+                return respond(401, "application/json", openai::error_body({401, "invalid_request_error", what, {}, "invalid_api_key"}),
+                               keep_alive_, nullptr, nullptr, "Bearer");
+            }
         }
         if (target == "/v1/models") {
             route_ = target;
@@ -403,13 +419,14 @@ private:
     }
 
     void respond(int status, const char * type, std::string body, bool keep_alive, const char * retry_after = nullptr,
-                 const char * allow = nullptr) {
+                 const char * allow = nullptr, const char * www_authenticate = nullptr) {
         if (!route_.empty()) f_.count(route_, status);
         http::response<http::string_body> res{http::int_to_status(unsigned(status)), version_ == 10 ? 10u : 11u};
         res.set(http::field::server, "moesh");
         res.set(http::field::content_type, type);
         if (retry_after) res.set(http::field::retry_after, retry_after);
         if (allow) res.set(http::field::allow, allow);
+        if (www_authenticate) res.set(http::field::www_authenticate, www_authenticate);
         res.keep_alive(keep_alive);
         res.body() = std::move(body);
         res.prepare_payload();

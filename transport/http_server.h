@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace moesh {
 
@@ -39,6 +40,9 @@ struct HttpOptions {
     int64_t default_max_tokens = 16;   // a request without max_tokens (OpenAI's default for completions)
     int64_t default_chat_max_tokens = 256;   // a chat request without max_tokens
     std::string model_name = "moesh";
+    // When not empty, /v1/ routes need "Authorization: Bearer KEY" with one of these (else 401);
+    // /health and /metrics stay open (load balancers and scrapers; they carry no text).
+    std::vector<std::string> api_keys;
 };
 
 class HttpFront {

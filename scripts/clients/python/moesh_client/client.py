@@ -14,16 +14,28 @@ advanced in turns): frames are matched by id, and frames that arrive for another
 request wait in that request's queue. Leaving a stream() early, or a timeout,
 cancels the request on the server.
 
+A server with CURVE (its [server] curve_secret_key) needs its public key: server_key is
+the 40-character Z85 key or the path of its NAME.key certificate. client_key is this
+client's NAME.key_secret certificate (`moesh keygen`, or pyzmq's zmq.auth), needed when
+the server lets in only listed keys; without it a fresh key pair is used. A refused
+handshake raises HandshakeError saying why, instead of a timeout.
+
+    with Client("tcp://10.0.0.5:5555", server_key="server.key", client_key="alice.key_secret") as c:
+        ...
+
 Thread safety: none; use one Client per thread (each has its own socket).
 """
 
 import collections
 import itertools
 import json
+import os
 import time
 import uuid
 
 import zmq
+import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
 
 _MAX_ID_BYTES = 128   # the protocol's max_id_bytes
 
@@ -38,6 +50,21 @@ class MoeshError(Exception):
         self.retry_after_ms = retry_after_ms
 
 
+class HandshakeError(ConnectionError):
+    """The server refused this client's connection (CURVE key not let in, or CURVE on one
+    side only); the message says which and what to do."""
+
+
+def _z85_key(key, what):
+    """A Z85 key (str or bytes), or a certificate file's public key."""
+    if isinstance(key, (str, bytes)) and len(key) == 40 and not os.path.exists(key):
+        return key.encode() if isinstance(key, str) else key
+    public, _ = zmq.auth.load_certificate(key)
+    if public is None:
+        raise ValueError(f"{what}: no public key in {key!r}")
+    return public
+
+
 class _InFlight:
     def __init__(self):
         self.frames = collections.deque()
@@ -47,10 +74,33 @@ class _InFlight:
 
 
 class Client:
-    def __init__(self, endpoint, context=None):
+    def __init__(self, endpoint, context=None, server_key=None, client_key=None):
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._endpoint = endpoint
+        self.public_key = None   # this client's CURVE public key (Z85 bytes), to give the server's operator
+        if server_key is not None:
+            if client_key is None:
+                public, secret = zmq.curve_keypair()
+            else:
+                public, secret = zmq.auth.load_certificate(client_key)
+                if secret is None:
+                    raise ValueError(f"client_key: {client_key!r} holds no secret key (give the NAME.key_secret file)")
+            self.public_key = public
+            self._sock.curve_serverkey = _z85_key(server_key, "server_key")
+            self._sock.curve_publickey = public
+            self._sock.curve_secretkey = secret
+        elif client_key is not None:
+            raise ValueError("client_key goes with server_key")
+        # Its own address: pyzmq's default names it by a file descriptor, which a closed
+        # client's socket may still hold while libzmq tears it down.
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+            addr=f"inproc://moesh-client-monitor-{uuid.uuid4().hex}")
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._sock.connect(endpoint)
         self._prefix = f"py-{uuid.uuid4().hex[:12]}-"
         self._counter = itertools.count()
@@ -60,6 +110,8 @@ class Client:
         self._stale_not_found = collections.Counter()
 
     def close(self):
+        self._sock.disable_monitor()
+        self._monitor.close(0)
         self._sock.close(0)
 
     def __enter__(self):
@@ -214,10 +266,12 @@ class Client:
         r.frames.clear()
         if cancel and r.cancels == 0:
             try:
-                self._send({"type": "cancel", "id": rid})
+                # Never blocks: with no connection to queue it on (a refused handshake), the
+                # server has nothing of this request to cancel.
+                self._sock.send(json.dumps({"type": "cancel", "id": rid}).encode(), zmq.NOBLOCK)
                 r.cancels += 1
             except zmq.ZMQError:
-                pass   # the socket is closed (the client is going away): nothing to cancel with
+                pass   # the socket is closed (the client is going away), or there is no connection
 
     def _next(self, rid, deadline):
         """The next frame of request rid (raising MoeshError for an error frame), reading
@@ -225,8 +279,13 @@ class Client:
         r = self._inflight[rid]
         while not r.frames:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
-                raise TimeoutError(f"no answer to request {rid!r} in time")
+            ready = dict(self._poller.poll(max(1, int(left * 1000)))) if left > 0 else {}
+            if self._monitor in ready:
+                self._handshake_failed(recv_monitor_message(self._monitor))
+            if self._sock not in ready:
+                if not ready:
+                    raise TimeoutError(f"no answer to request {rid!r} in time")
+                continue
             self._dispatch(self._sock.recv_multipart()[-1])   # [body] or [empty, body]
         frame = r.frames.popleft()
         if frame["type"] in ("done", "error", "pong"):
@@ -260,6 +319,18 @@ class Client:
                 self._finish(fid, frame)
             return
         r.frames.append(frame)
+
+    def _handshake_failed(self, event):
+        where = f"the server at {self._endpoint}"
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            raise HandshakeError(f"{where} refused this client's CURVE key (ZAP status {event['value']}): its operator "
+                                 f"must add the public key {self.public_key.decode()} to its curve_authorized_keys")
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and event["value"] == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            raise HandshakeError(f"{where} does not use CURVE: connect without server_key" if self.public_key else
+                                 f"{where} requires CURVE: give its public key (server_key)")
+        raise HandshakeError(f"the handshake with {self._endpoint} failed: " +
+                             ("is server_key its public key, and does it use CURVE?" if self.public_key
+                              else "the server may require CURVE (give its public key as server_key)"))
 
     def _owner_of_anonymous_error(self):
         # The server answers with a null id when it cannot read the request (too_large):
