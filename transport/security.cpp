@@ -154,6 +154,15 @@ CurveCert load_curve_cert(const std::string & path, bool want_secret) {
     return parse_curve_cert(read_file(path, "the certificate", 1 << 16), path, want_secret);
 }
 
+std::string curve_cert_text(const CurveCert & cert, bool secret) {
+    std::ostringstream o;
+    o << "#   ZeroMQ CURVE " << (secret ? "secret" : "public") << " certificate, written by moesh keygen\n";
+    if (secret) o << "#   Keep it private: whoever holds it can act as this key's owner.\n";
+    o << "\nmetadata\ncurve\n    public-key = \"" << cert.public_key << "\"\n";
+    if (secret) o << "    secret-key = \"" << cert.secret_key << "\"\n";
+    return o.str();
+}
+
 std::pair<std::string, std::string> write_curve_cert(const std::string & dir, const std::string & name, const CurveCert & cert) {
     if (name.empty() || name.find('/') != std::string::npos) throw std::runtime_error("a certificate's name must be a file name: " + shown(name));
     const std::string base = (std::filesystem::path(dir) / name).string();
@@ -176,17 +185,9 @@ std::pair<std::string, std::string> write_curve_cert(const std::string & dir, co
         }
         if (::close(fd) != 0) throw std::runtime_error("cannot write " + path + ": " + std::strerror(errno));
     };
-    auto text = [&](bool secret) {
-        std::ostringstream o;
-        o << "#   ZeroMQ CURVE " << (secret ? "secret" : "public") << " certificate, written by moesh keygen\n";
-        if (secret) o << "#   Keep it private: whoever holds it can act as this key's owner.\n";
-        o << "\nmetadata\ncurve\n    public-key = \"" << cert.public_key << "\"\n";
-        if (secret) o << "    secret-key = \"" << cert.secret_key << "\"\n";
-        return o.str();
-    };
-    write(pub_path, text(false), 0644);
+    write(pub_path, curve_cert_text(cert, false), 0644);
     try {
-        write(sec_path, text(true), 0600);
+        write(sec_path, curve_cert_text(cert, true), 0600);
     } catch (...) {
         ::unlink(pub_path.c_str());
         throw;

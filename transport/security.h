@@ -45,6 +45,9 @@ bool is_z85_key(std::string_view text);
 CurveCert parse_curve_cert(std::string_view text, std::string_view source, bool want_secret);
 CurveCert load_curve_cert(const std::string & path, bool want_secret);
 
+// A certificate's text: the public key, and the secret key too when secret.
+std::string curve_cert_text(const CurveCert & cert, bool secret);
+
 // Writes DIR/NAME.key (public) and DIR/NAME.key_secret (both keys, mode 0600); refuses to replace
 // existing files. Returns the two paths.
 std::pair<std::string, std::string> write_curve_cert(const std::string & dir, const std::string & name, const CurveCert & cert);

@@ -65,9 +65,9 @@ def check(ok, what):
 class Server:
     """`moesh serve` with a config, its ZeroMQ endpoint and HTTP URL read from stdout."""
 
-    def __init__(self, moesh, model, tmp, name, seqs=4, queue=64, extra=()):
+    def __init__(self, moesh, model, tmp, name, seqs=4, queue=64, extra=(), server_lines=""):
         self.config = pathlib.Path(tmp) / f"{name}.toml"
-        self.config.write_text(CONFIG.format(seqs=seqs, queue=queue))
+        self.config.write_text(CONFIG.format(seqs=seqs, queue=queue).replace("[runtime]", server_lines + "[runtime]"))
         self.log_path = pathlib.Path(tmp) / f"{name}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen([moesh, "serve", "--model", model, "--config", str(self.config),
@@ -104,11 +104,11 @@ class Server:
         return self.log_path.read_text(errors="replace")[-3000:]
 
 
-def http(server, method, path, body=None, timeout=30):
+def http(server, method, path, body=None, timeout=30, headers=None):
     """(status, headers, body text) of one request on its own connection."""
     req = urllib.request.Request(server.url + path, method=method,
                                  data=None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode()),
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, dict(r.headers), r.read().decode()
@@ -462,6 +462,38 @@ def expert_budget(moesh, model, tmp):
         requests = metric(srv, "moesh_expert_host_requests_total")
         check(misses is not None and misses > 0 and requests >= misses and metric(srv, "moesh_expert_disk_read_bytes_total") > 0,
               f"/metrics reports the host tier: {misses} misses of {requests}, bytes read from disk")
+    finally:
+        srv.stop()
+
+
+def api_keys(moesh, model, tmp):
+    """api_key_file: /v1/ routes need one of its keys (the openai SDK sends it as a Bearer token);
+    /health and /metrics stay open."""
+    keys = pathlib.Path(tmp) / "api_keys"
+    keys.write_text("# the team's keys\nsk-moesh-test-0123456789\nsk-moesh-other-0123456789\n")
+    srv = Server(moesh, model, tmp, "keys", server_lines=f'api_key_file = "{keys}"\n')
+    try:
+        if not check(srv.port > 0, f"server with api_key_file up: {srv.url!r}"):
+            return
+        base = dict(base_url=srv.url + "/v1", max_retries=0, timeout=60)
+        try:
+            openai.OpenAI(api_key="sk-moesh-test-012345678", **base).completions.create(model="m", prompt="x", max_tokens=2)
+            check(False, "a wrong key is served")
+        except openai.AuthenticationError as e:
+            check(e.status_code == 401 and e.code == "invalid_api_key", f"a wrong key: the SDK raises AuthenticationError (401, {e.code})")
+        r = openai.OpenAI(api_key="sk-moesh-other-0123456789", **base).completions.create(model="m", prompt="def f(", max_tokens=4)
+        check(r.usage.completion_tokens == 4, "the second key of the file is served")
+        models = openai.OpenAI(api_key="sk-moesh-test-0123456789", **base).models.list()
+        check(len(models.data) == 1, "/v1/models with a key")
+        status, headers, body = http(srv, "POST", "/v1/chat/completions", {"messages": []})
+        check(status == 401 and headers.get("WWW-Authenticate") == "Bearer" and "Authorization: Bearer" in body,
+              f"no key: 401 with WWW-Authenticate and what to send ({status}, {body[:120]})")
+        status, _, body = http(srv, "GET", "/v1/models", headers={"Authorization": "Basic dXNlcjpwYXNz"})
+        check(status == 401 and "not 'Bearer KEY'" in body, f"another scheme: 401 ({status})")
+        check(http(srv, "GET", "/health")[0] == 200, "/health needs no key")
+        status, _, text = http(srv, "GET", "/metrics")
+        check(status == 200 and 'moesh_http_responses_total{route="/v1/completions",status="401"} 1' in text,
+              "/metrics needs no key and counts the 401s by route")
     finally:
         srv.stop()
 
@@ -876,6 +908,7 @@ def main():
                 print("--- server log ---\n" + srv.log())
         overload(args.moesh, args.model, tmp)
         expert_budget(args.moesh, args.model, tmp)
+        api_keys(args.moesh, args.model, tmp)
         if args.chat_model and pathlib.Path(args.chat_model).exists():
             chat(args.moesh, args.chat_model, tmp)
         else:

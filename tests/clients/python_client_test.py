@@ -30,7 +30,7 @@ except ImportError as e:
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "clients" / "python"))
-from moesh_client import Client, MoeshError  # noqa: E402
+from moesh_client import Client, HandshakeError, MoeshError  # noqa: E402
 
 CONFIG = """[server]
 max_sequences = 4
@@ -264,12 +264,59 @@ def main():
             proc.stdout.close()
             if failures:
                 print("server log (tail):\n" + log_path.read_text(errors="replace")[-4000:])
+    curve(args.moesh, args.model)
     if args.chat_model and pathlib.Path(args.chat_model).exists():
         tool_calls(args.moesh, args.chat_model)
     else:
         print(f"note: no chat model at {args.chat_model!r}; tool calls not checked")
     print(f"{len(failures)} failed" if failures else "all passed")
     return 1 if failures else 0
+
+
+def curve(moesh, model):
+    """CURVE with certificates written by pyzmq (zmq.auth, the reference for the format): the
+    listed client is served; a key not listed, no CURVE and the wrong server key each get a
+    HandshakeError that says why, at once rather than as a timeout."""
+    import shutil
+    import zmq.auth
+    with tempfile.TemporaryDirectory() as tmp:
+        t = pathlib.Path(tmp)
+        (t / "clients").mkdir()
+        server_pub, server_sec = zmq.auth.create_certificates(tmp, "server")
+        alice_pub, alice_sec = zmq.auth.create_certificates(tmp, "alice")
+        shutil.copy(alice_pub, t / "clients")
+        config = t / "serve.toml"
+        config.write_text(CONFIG.replace("[runtime]", 'curve_secret_key = "server.key_secret"\ncurve_authorized_keys = "clients"\n[runtime]'))
+        log_path = t / "curve.log"
+        with open(log_path, "wb") as log:
+            proc = start_server(moesh, model, str(config), log)
+        try:
+            endpoint = read_endpoint(proc)
+            if not check(endpoint.startswith("tcp://"), f"CURVE server up: {endpoint!r}"):
+                return
+            with Client(endpoint, server_key=server_pub, client_key=alice_sec) as c:
+                d = c.generate(prompt_ids=[5, 6, 7], max_tokens=4, timeout=60)
+                check(d["finish_reason"] == "length" and len(d["tokens"]) == 4,
+                      f"CURVE: the listed client (pyzmq's certificate) is served: {d['tokens']}")
+            for name, kw, want in (("a key not listed", {"server_key": server_pub}, "refused this client's CURVE key"),
+                                   ("no CURVE", {}, "require"),
+                                   ("the wrong server key", {"server_key": alice_pub, "client_key": alice_sec}, "handshake")):
+                t0 = time.monotonic()
+                try:
+                    with Client(endpoint, **kw) as c:
+                        c.generate(prompt_ids=[5], max_tokens=1, timeout=20)
+                    check(False, f"CURVE: {name} is served")
+                except HandshakeError as e:
+                    check(want in str(e) and time.monotonic() - t0 < 10, f"CURVE: {name} gets HandshakeError: {e}")
+                except TimeoutError as e:
+                    check(False, f"CURVE: {name} times out instead of saying why: {e}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            proc.stdout.close()
+            refusals = [l for l in log_path.read_text(errors="replace").splitlines() if "not in curve_authorized_keys" in l]
+            check(len(refusals) >= 1, f"CURVE: the server logs refused keys: {refusals[:1]}")
 
 
 def tool_calls(moesh, chat_model):

@@ -65,6 +65,8 @@ TEST(FuzzCorpus, JinjaSeedsParseAsLabelledAndNothingCrashes) { replay("jinja", j
 
 TEST(FuzzCorpus, ToolCallSeedsReadAsLabelledAndNothingCrashes) { replay("tool_calls", tool_calls_one_input, 30); }
 
+TEST(FuzzCorpus, SecuritySeedsReadAsLabelledAndNothingCrashes) { replay("security", security_one_input, 16); }
+
 TEST(FuzzCorpus, JsonSchemaSeedsParseAsLabelledAndNothingCrashes) { replay("json_schema", json_schema_one_input, 12); }
 
 TEST(FuzzCorpus, NpySeedsParseAsLabelledAndNothingCrashes) { replay("npy", npy_one_input, 8); }

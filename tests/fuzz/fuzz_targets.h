@@ -34,5 +34,6 @@ bool grammar_one_input(const uint8_t * data, size_t size);       // runtime/gram
 bool json_schema_one_input(const uint8_t * data, size_t size);   // runtime/json_schema.h
 bool jinja_one_input(const uint8_t * data, size_t size);         // runtime/jinja.h: parse and render
 bool tool_calls_one_input(const uint8_t * data, size_t size);    // runtime/tool_calls.h: reading model output
+bool security_one_input(const uint8_t * data, size_t size);      // transport/security.h: certificates, key lists, API keys
 
 } // namespace moesh::fuzz

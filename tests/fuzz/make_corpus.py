@@ -439,7 +439,8 @@ OPENAI = {
     "invalid_no_prompt.json": body(max_tokens=3),
     "invalid_two_prompts.json": body(prompt=["a", "b"]),
     "invalid_prompt_type.json": body(prompt={"text": "a"}),
-    "invalid_n.json": body(prompt="x", n=3),
+    "valid_completion_n.json": body(prompt="x", n=3),
+    "invalid_n_too_many.json": body(prompt="x", n=17),
     "invalid_suffix.json": body(prompt="x", suffix="y"),
     "invalid_logprobs.json": body(messages=[{"role": "user", "content": "x"}], logprobs=3),
     "invalid_top_logprobs_alone.json": body(messages=[{"role": "user", "content": "x"}], top_logprobs=2),
@@ -564,6 +565,37 @@ def tool_call_outputs():
     return out
 
 
+# Who may connect (transport/security.h): CURVE certificates (valid_* read as a public
+# certificate), key lists, API key files and Authorization headers. Keys: the zmq_curve(7)
+# example pairs.
+def security_inputs():
+    spub, ssec = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7", "JTKVSB%%)wK0E.X)V>+}o?pNmC{O&4W4b!Ni{Lh6"
+    cpub, csec = "Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID", "D:)Q[IlAW!ahhC2ac:9*A}h:p?([4%wOTJ%JR%cs"
+    pyzmq = ("#   ****  Generated on 2026-11-30 by pyzmq  ****\n#   ZeroMQ CURVE **Secret** Certificate\n\n"
+             "metadata\n    name = \"server\"\ncurve\n    public-key = \"{pub}\"\n{sec}")
+    files = {
+        "valid_pyzmq_public.key": pyzmq.format(pub=spub, sec=""),
+        "valid_pyzmq_secret.key_secret": pyzmq.format(pub=spub, sec=f'    secret-key = "{ssec}"\n'),
+        "valid_secret_only.key_secret": f'curve\n    secret-key = "{csec}"\n',
+        "valid_bare_public.txt": f"{cpub}\n",
+        "valid_single_quotes.key": f"public-key = '{cpub}'\n",
+        "invalid_mismatched_pair.key_secret": pyzmq.format(pub=spub, sec=f'    secret-key = "{csec}"\n'),
+        "invalid_short_key.key": 'curve\n    public-key = "rq:rM>}U?@Lns47E1%kR"\n',
+        "invalid_quote_in_key.key": 'public-key = "rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf"7"\n',
+        "invalid_two_bare_keys.txt": f"{spub}\n{cpub}\n",
+        "invalid_twice.key": f'public-key = "{spub}"\npublic-key = "{spub}"\n',
+        "invalid_empty.key": "",
+        "invalid_text.key": "hello world\n",
+        "key_list.txt": f"# clients\n{spub}\n\n  {cpub}\n",
+        "api_keys.txt": "# team\nsk-moesh-0123456789abcdef\nsk-other-0123456789abcdef\n",
+        "authorization_bearer.txt": "Bearer sk-fuzz-0123456789abcdef",
+        "authorization_basic.txt": "Basic dXNlcjpwYXNz",
+    }
+    out = {k: v.encode() for k, v in files.items()}
+    out["invalid_binary.key"] = b"public-key = \"\x00\xff" + b"a" * 38 + b"\"\n"
+    return out
+
+
 if __name__ == "__main__":
     write(HERE / "corpus" / "safetensors", SAFETENSORS)
     write(HERE / "corpus" / "model_config", MODEL_CONFIG)
@@ -576,5 +608,6 @@ if __name__ == "__main__":
     write(HERE / "corpus" / "json_schema", JSON_SCHEMA)
     write(HERE / "corpus" / "jinja", jinja_templates(), max_bytes=32768)   # real chat templates run to 15 kB
     write(HERE / "corpus" / "tool_calls", tool_call_outputs())
+    write(HERE / "corpus" / "security", security_inputs())
     print(f"wrote {len(SAFETENSORS)} safetensors, {len(MODEL_CONFIG)} config.json, {len(NPY)} .npy and {len(GGUF)} GGUF seeds "
           f"and {len(REQUEST)} request seeds under {HERE / 'corpus'}")

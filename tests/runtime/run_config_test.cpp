@@ -1,7 +1,10 @@
 #include "runtime/error.h"
 #include "runtime/run_config.h"
+#include "test_support.h"
 
 #include <gtest/gtest.h>
+
+#include <fstream>
 
 namespace moesh {
 namespace {
@@ -37,6 +40,18 @@ TEST(RunConfig, LoadsTheShippedServeConfig) {
     ASSERT_TRUE(parse_host_port(rc.server.http, &address, &port));
     EXPECT_EQ(address, "127.0.0.1");
     EXPECT_EQ(port, 8090);
+}
+
+TEST(RunConfig, SecurityFilesAreFoundBesideTheConfig) {
+    test::TempDir tmp;
+    const std::string dir = tmp.path().string();
+    const std::string path = dir + "/serve.toml";
+    std::ofstream(path) << "[server]\ncurve_secret_key = \"keys/server.key_secret\"\ncurve_authorized_keys = \"/etc/moesh/clients\"\n"
+                           "api_key_file = \"api_keys\"\n";
+    const RunConfig rc = load_run_config(path);
+    EXPECT_EQ(rc.server.curve_secret_key, dir + "/keys/server.key_secret");
+    EXPECT_EQ(rc.server.curve_authorized_keys, "/etc/moesh/clients");
+    EXPECT_EQ(rc.server.api_key_file, dir + "/api_keys");
 }
 
 TEST(RunConfig, HttpAddresses) {
@@ -148,6 +163,9 @@ TEST(PlacementConfig, MistakesNameTheLineAndColumn) {
         {"[placement]\ndirect_io = 1\n", "t.toml:2:13: key 'placement.direct_io': expected true or false"},
         {"[server]\nprefix_cache = \"yes\"\n", "t.toml:2:16: key 'server.prefix_cache': expected true or false"},
         {"[server]\nlog_interval_s = -1\n", "key 'server.log_interval_s': expected seconds"},
+        {"[server]\ncurve_authorized_keys = \"clients\"\n", "t.toml:2:25: key 'server.curve_authorized_keys': needs server.curve_secret_key"},
+        {"[server]\napi_key_file = \"\"\n", "key 'server.api_key_file': expected a path"},
+        {"[server]\ncurve_secret_key = 1\n", "key 'server.curve_secret_key'"},
         {"tier = 3\n", "expected [[tier]] tables"},
     };
     for (const Bad & b : bad) {

@@ -8,6 +8,7 @@
 #include "runtime/tokenizer.h"
 #include "test_support.h"
 #include "transport/client.h"
+#include "transport/security.h"
 
 #include <zmq.hpp>
 
@@ -266,6 +267,60 @@ TEST(Server, BadInputGetsErrorFramesAndEveryoneElseIsServed) {
     ASSERT_TRUE(ok) << srv.log();
     EXPECT_EQ(ok->type, "done") << ok->body.dump();
     EXPECT_EQ(srv.stop(), 0) << srv.log();
+}
+
+// CURVE with a list of client keys: the listed client is served, others are refused with a reason
+// (the C++ client and `moesh client` both say it), and the server counts and logs the refusals.
+TEST(Server, CurveLetsInListedClientsOnlyAndClientsSayWhy) {
+    test::TempDir keys;
+    std::filesystem::create_directories(keys.path() / "clients");
+    const auto server = security::new_curve_cert(), alice = security::new_curve_cert(), mallory = security::new_curve_cert();
+    const auto [server_pub, server_sec] = security::write_curve_cert(keys.path().string(), "server", server);
+    const auto [alice_pub, alice_sec] = security::write_curve_cert(keys.path().string(), "alice", alice);
+    const auto [mallory_pub, mallory_sec] = security::write_curve_cert(keys.path().string(), "mallory", mallory);
+    std::filesystem::copy_file(alice_pub, keys.path() / "clients" / "alice.key");
+    std::string config = k_config;
+    config.insert(config.find("[runtime]"), "curve_secret_key = \"" + server_sec + "\"\ncurve_authorized_keys = \"" +
+                                                (keys.path() / "clients").string() + "\"\n");
+    ServerProcess srv(config);
+    ASSERT_FALSE(srv.endpoint().empty()) << srv.log();
+    const nlohmann::json req = {{"id", "a"}, {"prompt", "import os"}, {"max_tokens", 6}};
+    {
+        Client c(srv.endpoint(), {server.public_key, alice.secret_key});
+        auto done = c.request(req, 60s);
+        ASSERT_TRUE(done) << c.connection_note() << srv.log();
+        EXPECT_EQ(done->type, "done") << done->body.dump();
+        EXPECT_EQ(done->body["tokens"].size(), 6u);
+    }
+    auto refusal = [&](const CurveClientKeys & k) -> std::string {
+        try {
+            Client c(srv.endpoint(), k);
+            auto r = c.request(req, 20s);
+            return r ? "answered: " + r->type : "no answer: " + c.connection_note();
+        } catch (const std::runtime_error & e) {
+            return e.what();
+        }
+    };
+    EXPECT_NE(refusal({server.public_key, mallory.secret_key}).find("refused this client's CURVE key"), std::string::npos);
+    EXPECT_NE(refusal({server.public_key, ""}).find("refused this client's CURVE key"), std::string::npos) << "a fresh key";
+    EXPECT_NE(refusal({}).find("require"), std::string::npos) << "no CURVE";
+
+    const auto ok = test::run_moesh("client --endpoint " + srv.endpoint() + " --server-key " + server_pub + " --client-cert " +
+                                    alice_sec + " --prompt-ids 5,6,7 -n 4 --output json --timeout 60");
+    EXPECT_EQ(ok.status, 0) << ok.out;
+    EXPECT_NE(ok.out.find("\"finish_reason\":\"length\""), std::string::npos) << ok.out;
+    const auto no = test::run_moesh("client --endpoint " + srv.endpoint() + " --server-key '" + server.public_key + "' --client-cert " +
+                                    mallory_sec + " --prompt-ids 5,6,7 -n 4 --timeout 20");
+    EXPECT_EQ(no.status, 1) << no.out;
+    EXPECT_NE(no.out.find("add the client's public key " + mallory.public_key), std::string::npos) << no.out;
+    const auto bad = test::run_moesh("client --endpoint " + srv.endpoint() + " --server-key " + alice_sec + "x --prompt-ids 5 -n 1");
+    EXPECT_NE(bad.out.find("--server-key: cannot read the certificate"), std::string::npos) << bad.out;
+
+    EXPECT_EQ(srv.stop(), 0) << srv.log();
+    const std::string log = srv.log();
+    EXPECT_NE(log.find("CURVE on tcp://127.0.0.1:"), std::string::npos) << log;
+    EXPECT_NE(log.find("1 client key(s) let in"), std::string::npos) << log;
+    EXPECT_NE(log.find("whose key is not in curve_authorized_keys"), std::string::npos) << log;
 }
 
 } // namespace
