@@ -97,10 +97,16 @@ std::string public_of(const std::string & secret_z85) {
 } // namespace
 
 bool is_z85_key(std::string_view text) {
+    // Checked here, not only by zmq_z85_decode: it reads up to a NUL, and a group may overflow
+    // 32 bits; a key must encode back to itself.
+    static constexpr std::string_view alphabet =
+        "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#";
     if (text.size() != 40) return false;
+    for (char ch : text)
+        if (alphabet.find(ch) == std::string_view::npos) return false;
     const std::string s(text);
     uint8_t b[32];
-    return zmq_z85_decode(b, s.c_str()) != nullptr;
+    return zmq_z85_decode(b, s.c_str()) != nullptr && z85(b) == s;
 }
 
 CurveCert new_curve_cert() {

@@ -258,6 +258,9 @@ class ZmqLoadClient(LoadClient):
         super().__init__(*a)
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if self.args.curve_keys:
+            server_pub, pub, sec = self.args.curve_keys
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = server_pub, pub, sec
         self.sock.connect(endpoint)
         self.loop.watch(self.sock, self.on_readable)
 
@@ -661,10 +664,34 @@ def run_moesh_http(args, clients):
         end_server(proc, log_file, "moesh serve")
 
 
+def curve_config(args):
+    """--curve: certificates for the server and one client key (pyzmq's zmq.auth) in a temporary
+    folder, and a copy of --config whose [server] turns CURVE on and lets that key in."""
+    import zmq.auth
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="serve-load-curve-"))
+    (folder / "clients").mkdir()
+    server_pub, server_sec = zmq.auth.create_certificates(folder, "server")
+    client_pub, client_sec = zmq.auth.create_certificates(folder / "clients", "load")
+    text = pathlib.Path(args.config).read_text()
+    keys = f'curve_secret_key = "{server_sec}"\ncurve_authorized_keys = "{folder / "clients"}"\n'
+    text = text.replace("[server]\n", "[server]\n" + keys, 1) if "[server]\n" in text else text + "\n[server]\n" + keys
+    config = folder / "serve.toml"
+    config.write_text(text)
+    args.config = str(config)
+    args.curve_keys = (zmq.auth.load_certificate(server_pub)[0], *zmq.auth.load_certificate(client_sec))
+    return server_pub, client_sec
+
+
 def run_moesh(args, clients):
     sys.path.insert(0, str(ROOT / "scripts" / "clients" / "python"))
     from moesh_client import Client
     vocab = moesh_vocab(args)
+    client_keys = {}
+    if args.curve:
+        if args.endpoint:
+            sys.exit("serve_load: --curve starts its own server (it makes the keys); leave out --endpoint")
+        server_pub, client_sec = curve_config(args)
+        client_keys = {"server_key": server_pub, "client_key": client_sec}
     proc = None
     log_file = None
     server = {"model": args.model}
@@ -679,8 +706,9 @@ def run_moesh(args, clients):
             sys.exit(f"serve_load: moesh serve printed no endpoint within 120 s; see {log_file.name}")
         server.update(started_here=True, command=cmd, config_file=args.config, config=read_toml(args.config))
     try:
-        with Client(endpoint) as c:
+        with Client(endpoint, **client_keys) as c:
             server["info"] = c.ping(timeout=30).get("info")
+        server["curve"] = bool(args.curve)
         ctx = zmq.Context.instance()
 
         def make(index, st, stop_at, loop):
@@ -788,6 +816,9 @@ def main():
     ap.add_argument("--llama-server", help="drive llama.cpp's llama-server (this binary) instead of moesh")
     ap.add_argument("--http", action="store_true",
                     help="drive moesh through its HTTP API (/v1/completions, SSE), as llama-server is driven")
+    ap.add_argument("--curve", action="store_true",
+                    help="moesh over ZeroMQ with CURVE: the server started here with fresh certificates and a "
+                         "curve_authorized_keys list holding the clients' key (what encryption and the ZAP check cost)")
     ap.add_argument("--threads", type=int, help="server threads (default: the server's own default)")
     ap.add_argument("--clients", default="1,4,16,64", help="comma-separated client counts, one run each")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
@@ -812,6 +843,7 @@ def main():
     ap.add_argument("--vocab", type=int, help="vocabulary size for the prompt ids (default: from the model/server)")
     args = ap.parse_args()
     args.grammar_text = None
+    args.curve_keys = None   # (server public, client public, client secret) with --curve
     if args.grammar:
         with open(args.grammar, encoding="utf-8") as f:
             args.grammar_text = f.read()

@@ -100,6 +100,8 @@ TEST(Security, BadCertificatesAndKeyListsNameTheFileLineAndProblem) {
     EXPECT_NE(err(std::string("public-key = \"\x01\xff") + std::string(38, 'a') + "\"\n", false).find("\\x01\\xff"), std::string::npos)
         << "binary is shown escaped";
 
+    EXPECT_FALSE(is_z85_key(std::string(40, '#'))) << "a group over 32 bits";
+    EXPECT_FALSE(is_z85_key(std::string("Bearerk-fu") + std::string(10, '\0') + "zz-0123456788abcdef")) << "a NUL (fuzz find)";
     EXPECT_EQ(parse_key_list("# clients\n" + good + "\n\n  " + good + "  \n", "keys").size(), 2u);
     EXPECT_EQ(error_of([] { parse_key_list("# nobody\n", "keys"); }), "keys: no keys: every client would be refused");
     EXPECT_NE(error_of([&] { parse_key_list(good + "\n" + good.substr(1) + "~\n", "keys"); }).find("keys:2: not a Z85 key"), std::string::npos);
