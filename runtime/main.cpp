@@ -1578,7 +1578,8 @@ int main(int argc, char ** argv) {
         "serve", "Serve requests over ZeroMQ and HTTP (OpenAI-compatible /v1/completions, /v1/chat/completions, "
                  "/v1/models, /health, /metrics; docs/PROTOCOL.md) with continuous batching; settings in [server] of "
                  "--config (configs/serve.toml). Prints the bound ZeroMQ endpoint, then the HTTP URL, on stdout once "
-                 "ready. SIGTERM stops accepting, drains running requests, and exits");
+                 "ready. SIGTERM stops accepting, drains running requests, and exits. Beyond loopback, set curve_secret_key "
+                 "(and curve_authorized_keys) and api_key_file (docs/PROTOCOL.md, Security)");
     CommonOptions sco;
     add_common(serve, sco, /*model_optional=*/true);
     serve->add_option("--chat-template", sco.chat_template,
