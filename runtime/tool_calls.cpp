@@ -858,14 +858,27 @@ ParsedOutput parse_tool_calls(ToolCallFormat format, std::string_view text, std:
         return out;
     }
     const size_t first = calls_start(format, text);
+    const ojson tools = tools_json.empty() ? ojson() : ojson::parse(tools_json, nullptr, false);
     Reader r(text.substr(std::min(first, text.size())), false);
-    if (first != std::string_view::npos)
-        if (Calls calls = read_calls(format, r, tools_json.empty() ? ojson() : ojson::parse(tools_json, nullptr, false))) {
-            out.calls = std::move(*calls);
-            out.content = std::string(text.substr(0, first)) + std::string(r.after);
-            return out;
-        }
-    out.content = std::string(text);
+    Calls calls = first != std::string_view::npos ? read_calls(format, r, tools) : std::nullopt;
+    if (!calls) {
+        out.content = std::string(text);
+        return out;
+    }
+    out.calls = std::move(*calls);
+    out.content = std::string(text.substr(0, first));
+    // Calls, text, more calls: the text between is content too, and so is a later run that is
+    // not well formed (the calls before it stand).
+    std::string_view rest = r.after;
+    for (size_t next; (next = calls_start(format, rest)) != std::string_view::npos;) {
+        Reader more(rest.substr(next), false);
+        Calls c = read_calls(format, more, tools);
+        if (!c) break;
+        out.content += rest.substr(0, next);
+        for (ParsedCall & call : *c) out.calls.push_back(std::move(call));
+        rest = more.after;
+    }
+    out.content += rest;
     return out;
 }
 
@@ -1084,18 +1097,24 @@ std::vector<PartialCall> tool_call_prefix(ToolCallFormat format, std::string_vie
         }
         return out;
     }
-    const size_t first = calls_start(format, text);
-    if (first == std::string_view::npos) return out;
-    Reader r(text.substr(first), true);
-    try {
-        Calls calls = read_calls(format, r, is_xml(format) && !tools_json.empty() ? ojson::parse(tools_json, nullptr, false) : ojson());
-        if (calls)
+    const ojson tools = is_xml(format) && !tools_json.empty() ? ojson::parse(tools_json, nullptr, false) : ojson();
+    // Each run of calls, as parse_tool_calls reads them: the text between runs is content.
+    for (std::string_view rest = text; !rest.empty();) {
+        const size_t next = calls_start(format, rest);
+        if (next == std::string_view::npos) break;
+        Reader r(rest.substr(next), true);
+        try {
+            Calls calls = read_calls(format, r, tools);
+            if (!calls) break;
             for (ParsedCall & c : *calls) out.push_back({std::move(c.name), std::move(c.arguments)});
-    } catch (const End &) {
-        for (ParsedCall & c : r.calls) out.push_back({std::move(c.name), std::move(c.arguments)});
-        if (r.open.json_call) json_calls_prefix(r.tail, format == ToolCallFormat::Llama3, out);
-        else if (r.open.xml) out.push_back({r.open.name, xml_args_prefix(r)});
-        else if (!r.open.name.empty()) out.push_back({r.open.name, json_args_prefix(r.tail)});
+            rest = r.after;
+        } catch (const End &) {
+            for (ParsedCall & c : r.calls) out.push_back({std::move(c.name), std::move(c.arguments)});
+            if (r.open.json_call) json_calls_prefix(r.tail, format == ToolCallFormat::Llama3, out);
+            else if (r.open.xml) out.push_back({r.open.name, xml_args_prefix(r)});
+            else if (!r.open.name.empty()) out.push_back({r.open.name, json_args_prefix(r.tail)});
+            break;
+        }
     }
     return out;
 }

@@ -58,7 +58,7 @@ struct ParsedCall {
 };
 
 struct ParsedOutput {
-    std::string content;            // the text before the first call and after the last (all of it when there is none)
+    std::string content;            // the text around and between the runs of calls (all of it when there is none)
     std::vector<ParsedCall> calls;
 };
 

@@ -1,7 +1,8 @@
 // libFuzzer target for reading tool calls from model output (runtime/tool_calls.h): the bytes
 // as generated text, read in every format. Accepted means some format read a call. A call's
-// arguments must be a JSON object and its name not empty; the content must be the text's start and
-// end (before and after the calls); what streaming lets out of a prefix must be the final content's start; the
+// arguments must be a JSON object and its name not empty; the content must be pieces of the text in
+// order (before, between and after the runs of calls); what streaming lets out of a prefix must be
+// the final content's start; the
 // calls streamed from a prefix, when the whole text reads as calls, must be those calls' names
 // with starts of their arguments, a longer prefix's extending a shorter one's.
 #include "fuzz_targets.h"
@@ -43,7 +44,9 @@ bool tool_calls_one_input(const uint8_t * data, size_t size) {
         std::vector<PartialCall> last;
         for (size_t cut : {size / 3, size / 2, size - size / 4, size}) {
             const std::vector<PartialCall> now = tool_call_prefix(f, text.substr(0, cut), k_tools);
-            if (out.calls.empty()) continue;   // a stream that turns out malformed: the done frame says so
+            // a stream that turns out malformed (all of it, or a later run of calls, whose text is then
+            // content with its markers): the done frame says so
+            if (out.calls.empty() || tool_call_safe_prefix(f, out.content) < out.content.size()) continue;
             check(now.size() <= out.calls.size(), "more calls streamed than read");
             check(now.size() >= last.size(), "a streamed call that went away");
             for (size_t i = 0; i < now.size(); ++i) {
@@ -56,16 +59,18 @@ bool tool_calls_one_input(const uint8_t * data, size_t size) {
             last = now;
         }
         if (f == ToolCallFormat::Harmony) continue;   // content is rebuilt from its channels
-        size_t same = 0;   // content: the text's start, then its end (what came after the calls)
-        while (same < out.content.size() && same < text.size() && out.content[same] == text[same]) ++same;
-        const std::string_view rest = std::string_view(out.content).substr(same);
-        check(rest.size() <= text.size() - same && text.substr(text.size() - rest.size()) == rest,
-              "content that is not the text's start and end");
+        size_t at = 0;   // content: pieces of the text, in order (the text around and between the calls)
+        for (char ch : out.content) {
+            while (at < text.size() && text[at] != ch) ++at;
+            check(at < text.size(), "content that is not pieces of the text in order");
+            ++at;
+        }
         check(out.calls.empty() || out.content.size() < text.size(), "calls and all the text as content");
         for (size_t cut : {size / 3, size / 2, size - size / 4}) {
             const size_t safe = tool_call_safe_prefix(f, text.substr(0, cut));
             check(safe <= cut, "a safe prefix longer than the text");
-            check(safe <= out.content.size(), "streamed text that is not the final content");
+            check(safe <= out.content.size() && text.substr(0, safe) == std::string_view(out.content).substr(0, safe),
+                  "streamed text that is not the final content's start");
         }
     }
     return any;

@@ -215,6 +215,45 @@ TEST(ToolCalls, TextAfterTheCallsIsContent) {
     EXPECT_TRUE(parse_tool_calls(ToolCallFormat::Llama3, "{\"name\": \"f\", \"parameters\": {}} is what I would call").calls.empty());
 }
 
+// A model that calls, says something, and calls again: both calls, the words between are content, and
+// streaming sees the second call as it is written. Every format whose calls may be followed by text.
+TEST(ToolCalls, CallsTextAndMoreCalls) {
+    const std::string tools = R"([{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+        "properties": {"a": {"type": "integer"}}}}}, {"type": "function", "function": {"name": "g", "parameters":
+        {"type": "object", "properties": {"b": {"type": "string"}}}}}])";
+    for (ToolCallFormat f : {ToolCallFormat::Hermes, ToolCallFormat::Mistral, ToolCallFormat::MistralArgs, ToolCallFormat::DeepSeekV31,
+                             ToolCallFormat::KimiK2, ToolCallFormat::QwenXml, ToolCallFormat::GlmXml, ToolCallFormat::MiniMaxXml,
+                             ToolCallFormat::DsmlV32, ToolCallFormat::DsmlV4}) {
+        SCOPED_TRACE(std::string(tool_call_format_name(f)));
+        const std::string first = write_tool_call(f, "f", R"({"a":1})"), second = write_tool_call(f, "g", R"({"b":"x y"})");
+        const std::string text = "Checking.\n" + first + "\nAnd the other one:\n" + second + "\nDone.";
+        const ParsedOutput out = parse_tool_calls(f, text, tools);
+        ASSERT_EQ(out.calls.size(), 2u) << text;
+        EXPECT_EQ(out.calls[0].name, "f");
+        EXPECT_EQ(out.calls[0].arguments, R"({"a":1})");
+        EXPECT_EQ(out.calls[1].name, "g");
+        EXPECT_EQ(out.calls[1].arguments, R"({"b":"x y"})");
+        EXPECT_EQ(out.content.find("<"), std::string::npos) << "no markup in the content: " << out.content;
+        EXPECT_NE(out.content.find("And the other one:"), std::string::npos) << out.content;
+        EXPECT_NE(out.content.find("Done."), std::string::npos) << out.content;
+        size_t most = 0;
+        for (size_t k = 0; k <= text.size(); ++k) {   // calls only grow, each a start of the final one
+            const std::vector<PartialCall> p = tool_call_prefix(f, std::string_view(text).substr(0, k), tools);
+            ASSERT_GE(p.size(), most) << "at " << k;
+            ASSERT_LE(p.size(), 2u) << "at " << k;
+            for (size_t i = 0; i < p.size(); ++i) {
+                EXPECT_EQ(p[i].name, out.calls[i].name) << "at " << k;
+                EXPECT_EQ(out.calls[i].arguments.rfind(p[i].arguments, 0), 0u) << "at " << k << ": " << p[i].arguments;
+            }
+            most = p.size();
+        }
+        EXPECT_EQ(most, 2u);
+        // a later run that is not well formed stays content; the calls before it stand
+        const ParsedOutput cut = parse_tool_calls(f, "Checking.\n" + first + "\nAnd:\n" + second.substr(0, second.size() / 2), tools);
+        EXPECT_EQ(cut.calls.size(), 1u);
+    }
+}
+
 TEST(ToolCalls, StreamingHoldsBackWhatMayBecomeACall) {
     EXPECT_EQ(tool_call_safe_prefix(ToolCallFormat::Hermes, "Hello"), 5u);
     EXPECT_EQ(tool_call_safe_prefix(ToolCallFormat::Hermes, "Hello <tool"), 6u);
