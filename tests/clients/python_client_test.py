@@ -61,6 +61,13 @@ def start_server(moesh, model, config, log):
                              "--threads", THREADS], stdout=subprocess.PIPE, stderr=log)
 
 
+def kill_server(proc):
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+    proc.stdout.close()
+
+
 def read_endpoint(proc):
     """The server's first stdout line: the endpoint it bound (loading the model may take a while)."""
     line = b""
@@ -258,10 +265,7 @@ def main():
         except TimeoutError as e:
             check(False, str(e))
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-            proc.stdout.close()
+            kill_server(proc)
             if failures:
                 print("server log (tail):\n" + log_path.read_text(errors="replace")[-4000:])
     curve(args.moesh, args.model)
@@ -311,10 +315,7 @@ def curve(moesh, model):
                 except TimeoutError as e:
                     check(False, f"CURVE: {name} times out instead of saying why: {e}")
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-            proc.stdout.close()
+            kill_server(proc)
             refusals = [l for l in log_path.read_text(errors="replace").splitlines() if "not in curve_authorized_keys" in l]
             check(len(refusals) >= 1, f"CURVE: the server logs refused keys: {refusals[:1]}")
 
@@ -367,10 +368,7 @@ def tool_calls(moesh, chat_model):
         except (MoeshError, TimeoutError, RuntimeError) as e:
             check(False, f"tool calls: unexpected {type(e).__name__}: {e}")
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-            proc.stdout.close()
+            kill_server(proc)
 
 
 if __name__ == "__main__":
