@@ -805,6 +805,8 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
 // (the model's header and small norm vectors are).
 std::atomic<bool> g_stop{false};
 extern "C" void on_stop_signal(int) { g_stop.store(true); }
+std::atomic<bool> g_reload{false};
+extern "C" void on_reload_signal(int) { g_reload.store(true); }
 
 // A ZeroMQ server, and the HTTP front when configured, until SIGTERM/SIGINT, then a bounded
 // drain (server.h). HTTP listens before the model loads, so /health can say "loading".
@@ -905,6 +907,25 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
         std::fprintf(stderr, "moesh: warning: %s is not loopback and has no CURVE: anyone who reaches it can use it, in clear text "
                              "(set [server] curve_secret_key)\n", server.endpoint().c_str());
     if (front) server.attach(port);
+    // SIGHUP: read the client keys and the API keys again (rotating them without a restart); a file
+    // that is now bad leaves the keys as they were.
+    server.set_reload(&g_reload, [&] {
+        try {
+            const ServeSecurity s = load_serve_security(rc.server);
+            if (s.curve.secret_key != security.curve.secret_key)
+                std::fprintf(stderr, "moesh: reload: curve_secret_key changed; the server's own key changes only with a restart\n");
+            if (!security.curve.secret_key.empty()) server.set_curve_clients(s.curve_clients);
+            if (front) front->set_api_keys(s.api_keys);
+            std::fprintf(stderr, "moesh: reloaded: %s, %zu API key(s)\n",
+                         security.curve.secret_key.empty() ? "no CURVE"
+                         : s.curve_clients.empty()         ? "CURVE lets in any client with the server's key"
+                                                           : (std::to_string(s.curve_clients.size()) + " CURVE client key(s)").c_str(),
+                         s.api_keys.size());
+        } catch (const std::exception & e) {
+            std::fprintf(stderr, "moesh: reload failed, the keys stay as they were: %s\n", e.what());
+        }
+    });
+    std::signal(SIGHUP, on_reload_signal);
     std::signal(SIGTERM, on_stop_signal);
     std::signal(SIGINT, on_stop_signal);
     std::fprintf(stderr, "moesh: serving %s on %s%s%s (%lld sequences, KV %s in %s, queue %lld); SIGTERM drains for %.0f s\n",
@@ -1579,7 +1600,8 @@ int main(int argc, char ** argv) {
                  "/v1/models, /health, /metrics; docs/PROTOCOL.md) with continuous batching; settings in [server] of "
                  "--config (configs/serve.toml). Prints the bound ZeroMQ endpoint, then the HTTP URL, on stdout once "
                  "ready. SIGTERM stops accepting, drains running requests, and exits. Beyond loopback, set curve_secret_key "
-                 "(and curve_authorized_keys) and api_key_file (docs/PROTOCOL.md, Security)");
+                 "(and curve_authorized_keys) and api_key_file (docs/PROTOCOL.md, Security); SIGHUP reads those key "
+                 "files again");
     CommonOptions sco;
     add_common(serve, sco, /*model_optional=*/true);
     serve->add_option("--chat-template", sco.chat_template,

@@ -66,9 +66,19 @@ void Server::set_curve(std::string secret_key_z85, std::vector<std::string> auth
     curve_clients_ = std::move(authorized_z85);
 }
 
+void Server::set_curve_clients(const std::vector<std::string> & authorized_z85) {
+    if (zap_) zap_->set_allowed(authorized_z85);
+}
+
+void Server::set_reload(std::atomic<bool> * flag, std::function<void()> reload) {
+    reload_flag_ = flag;
+    reload_ = std::move(reload);
+}
+
 void Server::bind() {
     ctx_ = std::make_unique<zmq::context_t>(1);
-    if (!curve_clients_.empty())
+    // With CURVE always, so that a reload can start or change a list of client keys.
+    if (!curve_secret_.empty())
         zap_ = std::make_unique<security::ZapHandler>(*ctx_, curve_clients_, [](const std::string & what) {
             std::fprintf(stderr, "moesh: %s\n", what.c_str());
         });
@@ -631,6 +641,7 @@ void Server::run(const std::atomic<bool> & stop) {
             if (port_) port_->drain();   // the HTTP front stops accepting at once
         }
         if (drain_until && (sched_->idle() || Clock::now() >= *drain_until)) break;
+        if (reload_flag_ && reload_flag_->exchange(false) && reload_) reload_();
         // Read everything waiting (without blocking while there is work to step).
         zmq::pollitem_t items[2] = {{sock_->handle(), 0, ZMQ_POLLIN, 0}, {nullptr, port_ ? port_->fd() : -1, ZMQ_POLLIN, 0}};
         const int n_items = port_ ? 2 : 1;

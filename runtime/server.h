@@ -27,6 +27,7 @@
 #include "transport/protocol.h"
 
 #include <atomic>
+#include <functional>
 #include <chrono>
 #include <cstdint>
 #include <map>
@@ -79,6 +80,10 @@ public:
     // CURVE on the ZeroMQ endpoint (before bind()): the server's secret key (Z85) and, when not
     // empty, the only client public keys let in (transport/security.h).
     void set_curve(std::string secret_key_z85, std::vector<std::string> authorized_z85);
+    // After bind(): a new list of client keys (empty: any client with the server's key).
+    void set_curve_clients(const std::vector<std::string> & authorized_z85);
+    // run() calls reload() on its own thread, between steps, whenever *flag was set (SIGHUP).
+    void set_reload(std::atomic<bool> * flag, std::function<void()> reload);
     void bind();                                   // the endpoint actually bound: endpoint()
     const std::string & endpoint() const { return bound_; }
     // Serves until stop is set, then refuses new requests ("shutting_down"), lets running ones
@@ -185,6 +190,8 @@ private:
     std::unique_ptr<zmq::socket_t> sock_;
     std::string curve_secret_;
     std::vector<std::string> curve_clients_;
+    std::atomic<bool> * reload_flag_ = nullptr;
+    std::function<void()> reload_;
     std::string bound_;
     std::map<uint64_t, Active> active_;
     std::vector<uint64_t> to_cancel_;   // undeliverable: cancelled after the step

@@ -53,7 +53,14 @@ struct HttpFront::Impl {
     asio::io_context ioc{1};
     tcp::acceptor acceptor{ioc};
 
-    Impl(HttpOptions o, LocalPort & p) : opt(std::move(o)), port(p) {}
+    std::mutex keys_mu;   // guards api_keys: set_api_keys may come from another thread
+    std::vector<std::string> api_keys;
+    Impl(HttpOptions o, LocalPort & p) : opt(std::move(o)), port(p), api_keys(opt.api_keys) {}
+    // Ok when no keys are set.
+    security::ApiKeyCheck check_key(std::string_view authorization) {
+        std::lock_guard<std::mutex> lock(keys_mu);
+        return api_keys.empty() ? security::ApiKeyCheck::Ok : security::check_api_key(api_keys, authorization);
+    }
     void accept();
     bool receive(uint64_t client, std::string frame);   // the server's thread
     void count(const std::string & route, int status) {
@@ -183,10 +190,10 @@ private:
             return respond(state == LocalPort::State::Ready && !busy ? 200 : 503, "application/json", j.dump(), keep_alive_,
                            state == LocalPort::State::Ready ? nullptr : "1");
         }
-        if (target.rfind("/v1/", 0) == 0 && !f_.opt.api_keys.empty()) {
+        if (target.rfind("/v1/", 0) == 0) {
             const auto auth = req.find(http::field::authorization);
             const std::string_view header = auth == req.end() ? std::string_view() : std::string_view(auth->value().data(), auth->value().size());
-            const auto check = security::check_api_key(f_.opt.api_keys, header);
+            const auto check = f_.check_key(header);
             if (check != security::ApiKeyCheck::Ok) {
                 route_ = target == "/v1/models" || target == "/v1/completions" || target == "/v1/chat/completions" ? target : "other";
                 const char * what = check == security::ApiKeyCheck::Missing
@@ -574,6 +581,11 @@ void HttpFront::start() {
 }
 
 std::string HttpFront::url() const { return impl_->url; }
+
+void HttpFront::set_api_keys(std::vector<std::string> keys) {
+    std::lock_guard<std::mutex> lock(impl_->keys_mu);
+    impl_->api_keys = std::move(keys);
+}
 
 void HttpFront::stop_accepting() {
     Impl & m = *impl_;

@@ -57,6 +57,8 @@ public:
     void start();
     std::string url() const;   // "http://127.0.0.1:8080": the address actually bound
     void stop_accepting();     // SIGTERM: no new connections; /health answers 503 "draining"
+    // Replaces the API keys (any thread; empty: /v1/ routes open); requests read from then on use them.
+    void set_api_keys(std::vector<std::string> keys);
     void stop();               // closes every connection, joins the thread
 
     struct Impl;

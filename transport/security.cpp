@@ -267,8 +267,7 @@ ApiKeyCheck check_api_key(const std::vector<std::string> & keys, std::string_vie
 
 ZapHandler::ZapHandler(zmq::context_t & ctx, std::vector<std::string> allowed_z85, std::function<void(const std::string &)> on_deny)
     : on_deny_(std::move(on_deny)) {
-    for (const std::string & k : allowed_z85) keys_.push_back(binary_key(k));
-    std::sort(keys_.begin(), keys_.end());
+    set_allowed(allowed_z85);
     // Bound here, before the caller binds its CURVE socket, so no handshake finds no handler.
     auto sock = std::make_shared<zmq::socket_t>(ctx, zmq::socket_type::rep);
     sock->set(zmq::sockopt::linger, 0);
@@ -278,6 +277,19 @@ ZapHandler::ZapHandler(zmq::context_t & ctx, std::vector<std::string> allowed_z8
         throw std::runtime_error(std::string("cannot start the ZAP handler: ") + e.what());
     }
     thread_ = std::thread([this, sock] { loop(sock.get()); });
+}
+
+void ZapHandler::set_allowed(const std::vector<std::string> & allowed_z85) {
+    std::vector<std::string> keys;
+    for (const std::string & k : allowed_z85) keys.push_back(binary_key(k));
+    std::sort(keys.begin(), keys.end());
+    std::lock_guard<std::mutex> lock(mu_);
+    keys_ = std::move(keys);
+}
+
+bool ZapHandler::allows(const std::string & key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return keys_.empty() || std::binary_search(keys_.begin(), keys_.end(), key);
 }
 
 ZapHandler::~ZapHandler() {
@@ -315,7 +327,7 @@ void ZapHandler::loop(void * socket) {
                 const std::string_view mechanism = req[5].to_string_view();
                 if (mechanism == "CURVE" && req.size() == 7 && req[6].size() == 32) {
                     const std::string key = req[6].to_string();
-                    if (std::binary_search(keys_.begin(), keys_.end(), key)) {
+                    if (allows(key)) {
                         status = "200", text = "OK";
                         ++allowed_;
                     } else {

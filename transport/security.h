@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -70,11 +71,14 @@ ApiKeyCheck check_api_key(const std::vector<std::string> & keys, std::string_vie
 
 // The ZAP handler of one context: answers libzmq's authentication requests on
 // inproc://zeromq.zap.01 from its own thread. CURVE clients whose public key is in the list are
-// let in; others are refused (and counted, and reported through on_deny, at most once per
-// second with the count since). Create it before binding a CURVE socket of that context.
+// let in (every CURVE client while the list is empty); others are refused (and counted, and
+// reported through on_deny, at most once per second with the count since). Create it before
+// binding a CURVE socket of that context.
 class ZapHandler {
 public:
     ZapHandler(zmq::context_t & ctx, std::vector<std::string> allowed_z85, std::function<void(const std::string &)> on_deny);
+    // Replaces the list (any thread); connections made from then on are checked against it.
+    void set_allowed(const std::vector<std::string> & allowed_z85);
     ~ZapHandler();   // stops the thread
     ZapHandler(const ZapHandler &) = delete;
     ZapHandler & operator=(const ZapHandler &) = delete;
@@ -84,6 +88,8 @@ public:
 
 private:
     void loop(void * socket);
+    bool allows(const std::string & key);
+    std::mutex mu_;                   // guards keys_
     std::vector<std::string> keys_;   // 32-byte binary keys, sorted
     std::function<void(const std::string &)> on_deny_;
     std::atomic<bool> stop_{false};

@@ -494,6 +494,16 @@ def api_keys(moesh, model, tmp):
         status, _, text = http(srv, "GET", "/metrics")
         check(status == 200 and 'moesh_http_responses_total{route="/v1/completions",status="401"} 1' in text,
               "/metrics needs no key and counts the 401s by route")
+        # SIGHUP reads the file again: a rotated key works at once, the old one no more
+        keys.write_text("sk-moesh-rotated-0123456789\n")
+        srv.proc.send_signal(signal.SIGHUP)
+        check(wait_for(lambda: "moesh: reloaded: no CURVE, 1 API key(s)" in srv.log()), "SIGHUP: the server reloads its keys")
+        try:
+            openai.OpenAI(api_key="sk-moesh-test-0123456789", **base).models.list()
+            check(False, "after the reload the old key is still served")
+        except openai.AuthenticationError:
+            check(True, "after the reload the old key gets 401")
+        check(len(openai.OpenAI(api_key="sk-moesh-rotated-0123456789", **base).models.list().data) == 1, "and the new key is served")
     finally:
         srv.stop()
 

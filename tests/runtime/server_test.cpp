@@ -68,6 +68,19 @@ public:
         }
     }
     const std::string & endpoint() const { return endpoint_; }
+    void signal(int sig) const { ::kill(pid_, sig); }
+    // Waits (bounded) until the log holds `text` n times.
+    bool log_has(const std::string & text, int n = 1, std::chrono::seconds limit = 20s) const {
+        const auto deadline = std::chrono::steady_clock::now() + limit;
+        for (;;) {
+            const std::string l = log();
+            int found = 0;
+            for (size_t at = l.find(text); at != std::string::npos; at = l.find(text, at + 1)) ++found;
+            if (found >= n) return true;
+            if (std::chrono::steady_clock::now() >= deadline) return false;
+            std::this_thread::sleep_for(20ms);
+        }
+    }
     // SIGTERM, then wait (bounded); returns the exit status, -1 if it had to be killed.
     int stop(std::chrono::seconds limit = 30s) {
         ::kill(pid_, SIGTERM);
@@ -315,6 +328,27 @@ TEST(Server, CurveLetsInListedClientsOnlyAndClientsSayWhy) {
     EXPECT_NE(no.out.find("add the client's public key " + mallory.public_key), std::string::npos) << no.out;
     const auto bad = test::run_moesh("client --endpoint " + srv.endpoint() + " --server-key " + alice_sec + "x --prompt-ids 5 -n 1");
     EXPECT_NE(bad.out.find("--server-key: cannot read the certificate"), std::string::npos) << bad.out;
+
+    // SIGHUP reads the list again: mallory is let in; a list that is now bad leaves it as it was.
+    std::filesystem::copy_file(mallory_pub, keys.path() / "clients" / "mallory.key");
+    srv.signal(SIGHUP);
+    ASSERT_TRUE(srv.log_has("moesh: reloaded: 2 CURVE client key(s)")) << srv.log();
+    {
+        Client c(srv.endpoint(), {server.public_key, mallory.secret_key});
+        auto done = c.request(req, 60s);
+        ASSERT_TRUE(done) << c.connection_note() << srv.log();
+        EXPECT_EQ(done->type, "done");
+    }
+    std::ofstream(keys.path() / "clients" / "broken.key") << "public-key = \"not a key\"\n";
+    srv.signal(SIGHUP);
+    ASSERT_TRUE(srv.log_has("moesh: reload failed, the keys stay as they were: [server] security: ")) << srv.log();
+    EXPECT_TRUE(srv.log_has("broken.key:1: a key is 40 Z85 characters")) << srv.log();
+    {
+        Client c(srv.endpoint(), {server.public_key, mallory.secret_key});
+        auto done = c.request(req, 60s);
+        ASSERT_TRUE(done) << c.connection_note() << srv.log();
+        EXPECT_EQ(done->type, "done") << "the keys as they were";
+    }
 
     EXPECT_EQ(srv.stop(), 0) << srv.log();
     const std::string log = srv.log();

@@ -213,6 +213,13 @@ TEST(Security, ZapHandlerLetsInListedKeysOnlyAndClientsSayWhy) {
     EXPECT_NE(wrong_server.find("handshake"), std::string::npos) << wrong_server;
     EXPECT_GE(r.zap->denied(), 1u);
     EXPECT_EQ(r.zap->allowed(), 1u);
+    r.zap->set_allowed({alice.public_key, mallory.public_key});   // a reload (SIGHUP) lets mallory in
+    {
+        Client c(r.endpoint, {server.public_key, mallory.secret_key});
+        auto f = c.request(ping, 10s);
+        ASSERT_TRUE(f.has_value()) << c.connection_note();
+        EXPECT_EQ(f->type, "pong");
+    }
     // The refusal is logged (at most once a second; the handler reports the rest when it stops).
     const auto deadline = std::chrono::steady_clock::now() + 5s;
     while (log.first().empty() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(20ms);
