@@ -49,12 +49,12 @@ struct HttpFront::Impl {
     std::mt19937_64 rng{std::random_device{}()};   // request ids and default seeds; io thread only
     std::string url;
     std::thread thread;
+    std::mutex keys_mu;   // guards api_keys: set_api_keys may come from another thread
+    std::vector<std::string> api_keys;
     // Last, so destroyed first: the sessions its queued handlers own still find the members above.
     asio::io_context ioc{1};
     tcp::acceptor acceptor{ioc};
 
-    std::mutex keys_mu;   // guards api_keys: set_api_keys may come from another thread
-    std::vector<std::string> api_keys;
     Impl(HttpOptions o, LocalPort & p) : opt(std::move(o)), port(p), api_keys(opt.api_keys) {}
     // Ok when no keys are set.
     security::ApiKeyCheck check_key(std::string_view authorization) {
