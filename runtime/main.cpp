@@ -818,10 +818,11 @@ struct ServeSecurity {
     std::vector<std::string> api_keys;          // empty: HTTP open
 };
 
-ServeSecurity load_serve_security(const moesh::ServerConfig & sc) {
+// with_cert false: the lists only (a reload; the server's own key changes only with a restart).
+ServeSecurity load_serve_security(const moesh::ServerConfig & sc, bool with_cert) {
     ServeSecurity s;
     try {
-        if (!sc.curve_secret_key.empty()) s.curve = moesh::security::load_curve_cert(sc.curve_secret_key, true);
+        if (with_cert && !sc.curve_secret_key.empty()) s.curve = moesh::security::load_curve_cert(sc.curve_secret_key, true);
         if (!sc.curve_authorized_keys.empty()) s.curve_clients = moesh::security::load_authorized_keys(sc.curve_authorized_keys);
         if (!sc.api_key_file.empty()) s.api_keys = moesh::security::load_api_keys(sc.api_key_file);
     } catch (const std::runtime_error & e) {
@@ -847,7 +848,7 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
     apply_expert_budget(co, rc);
     if (!endpoint.empty()) rc.server.endpoint = endpoint;
     if (!http.empty()) rc.server.http = http == "off" ? "" : http;
-    const ServeSecurity security = load_serve_security(rc.server);
+    const ServeSecurity security = load_serve_security(rc.server, true);
     moesh::LocalPort port;
     std::unique_ptr<moesh::HttpFront> front;
     const std::filesystem::path mp = std::filesystem::path(co.model).lexically_normal();
@@ -911,9 +912,7 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
     // that is now bad leaves the keys as they were.
     server.set_reload(&g_reload, [&] {
         try {
-            const ServeSecurity s = load_serve_security(rc.server);
-            if (s.curve.secret_key != security.curve.secret_key)
-                std::fprintf(stderr, "moesh: reload: curve_secret_key changed; the server's own key changes only with a restart\n");
+            const ServeSecurity s = load_serve_security(rc.server, false);
             if (!security.curve.secret_key.empty()) server.set_curve_clients(s.curve_clients);
             if (front) front->set_api_keys(s.api_keys);
             std::fprintf(stderr, "moesh: reloaded: %s, %zu API key(s)\n",

@@ -36,23 +36,6 @@ std::string quote(std::string_view s, size_t max_bytes = 40) {
     return q;
 }
 
-// Input bytes for a message, between single quotes: printable ASCII as is,
-// anything else as \xNN, at most max_bytes of input.
-std::string escaped(std::string_view s, size_t max_bytes = 40) {
-    std::string out;
-    for (unsigned char c : s.substr(0, max_bytes)) {
-        if (c >= 0x20 && c <= 0x7e && c != '\\') {
-            out += char(c);
-        } else {
-            char buf[5];
-            std::snprintf(buf, sizeof buf, "\\x%02x", c);
-            out += buf;
-        }
-    }
-    if (s.size() > max_bytes) out += "...";
-    return out;
-}
-
 // A field name from the input, for 'name' in a message.
 std::string name_of(std::string_view key) { return escaped(key); }
 
@@ -959,6 +942,21 @@ std::variant<Response, ParseError> parse_response(std::string_view bytes) {
     } catch (const std::exception & e) {
         return ParseError{ErrorCode::Internal, internal_message(e.what()), {}};
     }
+}
+
+std::string escaped(std::string_view s, size_t max_bytes) {
+    std::string out;
+    for (unsigned char c : s.substr(0, max_bytes)) {
+        if (c >= 0x20 && c <= 0x7e && c != '\\') {
+            out += char(c);
+        } else {
+            char buf[5];
+            std::snprintf(buf, sizeof buf, "\\x%02x", c);
+            out += buf;
+        }
+    }
+    if (s.size() > max_bytes) out += "...";
+    return out;
 }
 
 } // namespace moesh::protocol

@@ -203,4 +203,8 @@ struct Response {
 // fields are kept and ignored; unknown error codes are accepted as strings).
 std::variant<Response, ParseError> parse_response(std::string_view bytes);
 
+// Untrusted bytes for a message: printable ASCII as is, anything else (and '\\') as \xNN, at
+// most max_bytes of them, then "..." when there were more.
+std::string escaped(std::string_view s, size_t max_bytes = 40);
+
 } // namespace moesh::protocol

@@ -1,5 +1,7 @@
 #include "transport/security.h"
 
+#include "transport/protocol.h"
+
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
 
@@ -55,19 +57,12 @@ template <class F> void for_lines(std::string_view text, F f) {
     }
 }
 
-// A short, printable rendering of untrusted text for an error message.
+// Untrusted text for an error message, quoted.
 std::string shown(std::string_view s) {
-    std::string out = "\"";
-    for (size_t i = 0; i < s.size() && i < 48; ++i) {
-        const unsigned char c = static_cast<unsigned char>(s[i]);
-        if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') out += char(c);
-        else {
-            char b[8];
-            std::snprintf(b, sizeof b, "\\x%02x", c);
-            out += b;
-        }
-    }
-    return out + (s.size() > 48 ? "\"..." : "\"");
+    std::string q(1, '"');   // appended, not "\"" + ...: GCC 12 warns falsely (-Wrestrict) on that
+    q += protocol::escaped(s, 48);
+    q += '"';
+    return q;
 }
 
 std::string key_problem(std::string_view key) {
