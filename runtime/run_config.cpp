@@ -305,6 +305,12 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                     if (v.is_integer() && v.as_integer()->get() > 0) sc.kv_cache = uint64_t(v.as_integer()->get());
                     else if (!v.is_string() || !parse_byte_size(*v.value<std::string>(), &sc.kv_cache) || sc.kv_cache == 0)
                         fail(source, v, key, "expected a positive size such as \"256MiB\" or a byte count");
+                } else if (k == "kv_allocation") {
+                    const std::string a = string_value(source, v, key);
+                    if (a != "on_demand" && a != "up_front")
+                        fail(source, v, key, "expected \"on_demand\" (blocks as a request grows; the newest request is preempted "
+                                             "and recomputed when the pool is out) or \"up_front\" (prompt + max_tokens reserved at admission)");
+                    sc.kv_up_front = a == "up_front";
                 } else if (k == "prefill_chunk") {
                     sc.prefill_chunk = integer(source, v, key, 1, 1 << 16);
                 } else if (k == "prefix_cache") {
@@ -352,7 +358,7 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                     slot = string_value(source, v, key);
                     if (slot.empty()) fail(source, v, key, "expected a path (leave the key out for none)");
                 } else {
-                    fail(source, v, key, "unknown key (known: endpoint, max_sequences, kv_cache, prefill_chunk, prefix_cache, max_queue, "
+                    fail(source, v, key, "unknown key (known: endpoint, max_sequences, kv_cache, kv_allocation, prefill_chunk, prefix_cache, max_queue, "
                                          "max_tokens, max_message_bytes, send_hwm, recv_hwm, drain_timeout_s, http, "
                                          "http_max_connections, http_request_timeout_s, default_max_tokens, log_interval_s, curve_secret_key, "
                                          "curve_authorized_keys, api_key_file)");

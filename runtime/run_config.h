@@ -28,7 +28,8 @@
 //   direct_io = true             # O_DIRECT reads from the disk tier where the file system allows it
 //   [server]                     # moesh serve (configs/serve.toml)
 //   endpoint = "tcp://127.0.0.1:5555"
-//   max_sequences = 16, kv_cache = "256MiB", prefill_chunk = 32, prefix_cache = true, max_queue = 64,
+//   max_sequences = 16, kv_cache = "256MiB", kv_allocation = "on_demand", prefill_chunk = 32,
+//   prefix_cache = true, max_queue = 64,
 //   max_tokens = 4096, max_message_bytes = 1048576, send_hwm = 10000, recv_hwm = 10000,
 //   drain_timeout_s = 30, log_interval_s = 10
 //   [[placement.pin]]            # experts that always live on a tier
@@ -58,6 +59,9 @@ struct ServerConfig {
     uint64_t kv_cache = 256ull << 20;   // bytes of KV pool shared by the running requests
     int64_t prefill_chunk = 32;      // prompt tokens of one request per step
     bool prefix_cache = true;        // reuse cached KV blocks of a prompt's start
+    // "on_demand": KV blocks as a request grows, preempting the newest when the pool is out;
+    // "up_front": prompt + max_tokens reserved at admission (scheduler.h, KvAllocation).
+    bool kv_up_front = false;
     int64_t max_queue = 64;          // waiting requests; beyond: "busy"
     int64_t max_tokens = 4096;       // largest max_tokens a request may ask
     int64_t max_message_bytes = 1 << 20;

@@ -16,6 +16,8 @@ const char * finish_reason_name(FinishReason r) {
     return "?";
 }
 
+const char * kv_allocation_name(KvAllocation a) { return a == KvAllocation::UpFront ? "up_front" : "on_demand"; }
+
 namespace {
 
 KvCacheSpec kv_spec(const ModelConfig & c, const SchedulerOptions & o) {
@@ -90,38 +92,92 @@ Admit Scheduler::submit(GenRequest r, uint64_t * handle, std::string * why) {
 }
 
 // First come, first served: a request that does not fit yet blocks the ones behind it, so a
-// long request is not starved by a stream of short ones.
+// long request is not starved by a stream of short ones. A preempted request waits at the head.
 void Scheduler::admit() {
     while (!queue_.empty() && !free_slots_.empty()) {
         Seq & s = queue_.front();
         const int32_t slot = free_slots_.back();
-        const int64_t n_prompt = int64_t(s.req.prompt.size());
-        // The last prompt token is always computed: its logits give the first token. Scoring the
-        // prompt needs every position's logits, so such a request computes it all.
+        const bool resumed = s.sampler != nullptr;
+        const int64_t n_prompt = s.n_prompt(), n_gen = int64_t(s.generated.size());
+        const int64_t n_fill = n_gen == 0 ? n_prompt : n_prompt + n_gen - 1;
+        const int32_t * tokens = s.req.prompt.data();
+        if (n_gen > 1) {
+            fed_.assign(s.req.prompt.begin(), s.req.prompt.end());
+            fed_.insert(fed_.end(), s.generated.begin(), s.generated.end());
+            tokens = fed_.data();
+        }
+        // Before the first token the last prompt position is always computed: its logits give the
+        // token. Scoring the prompt needs every position's logits, so such a request computes it all.
         const int64_t cached = opt_.prefix_cache && s.req.prompt_logprobs < 0
-                                   ? kv_.attach_prefix(slot, s.req.prompt.data(), n_prompt - 1) : 0;
-        if (!kv_.reserve(slot, n_prompt + s.req.max_tokens)) {
+                                   ? kv_.attach_prefix(slot, tokens, n_gen == 0 ? n_prompt - 1 : n_fill) : 0;
+        const bool whole = opt_.kv_allocation == KvAllocation::UpFront || s.req.prompt_logprobs >= 0;
+        const int64_t full = n_prompt + s.req.max_tokens;
+        // On demand: what prefill computes and the next position, leaving the blocks that running
+        // requests grow into next step, so that admitting this one preempts nobody at once.
+        const int64_t need = whole ? full : std::min(full, n_fill + 1);
+        const int64_t bs = kv_.spec().block_size;
+        const int64_t new_blocks = std::max<int64_t>(0, (need + bs - 1) / bs - kv_.capacity(slot) / bs);
+        int64_t headroom = 0;
+        for (const Seq & r : running_)
+            headroom += !whole && !r.whole && r.n_prefilled >= r.n_fill &&
+                        r.n_prompt() + int64_t(r.generated.size()) > kv_.capacity(r.slot);
+        if (kv_.n_free_blocks() - new_blocks < headroom || !kv_.reserve(slot, need)) {
             kv_.release(slot);
             break;
         }
         free_slots_.pop_back();
         s.slot = slot;
+        s.whole = whole;
+        s.n_fill = n_fill;
         s.n_prefilled = cached;
-        stats_.tokens_prefix_cached += cached;
-        s.admitted = Clock::now();
-        s.sampler = std::make_unique<Sampler>(s.req.sampling, model_.config().n_vocab, s.req.prompt);
-        s.generated.reserve(size_t(s.req.max_tokens));
+        if (resumed) {
+            stats_.tokens_recomputed += n_fill - cached;
+        } else {
+            stats_.tokens_prefix_cached += cached;
+            s.admitted = Clock::now();
+            s.sampler = std::make_unique<Sampler>(s.req.sampling, model_.config().n_vocab, s.req.prompt);
+            s.generated.reserve(size_t(s.req.max_tokens));
+        }
         running_.push_back(std::move(s));
         queue_.pop_front();
     }
 }
 
+bool Scheduler::grow() {
+    for (size_t i = 0; i < running_.size();) {
+        Seq & s = running_[i];
+        if (s.whole || s.n_prefilled < s.n_fill || kv_.reserve(s.slot, s.n_prompt() + int64_t(s.generated.size()))) {
+            ++i;
+            continue;
+        }
+        // The pool is out: the newest request that can give its blocks back does (s, if it is).
+        size_t v = i;
+        for (size_t j = 0; j < running_.size(); ++j)
+            if (!running_[j].whole && running_[j].handle > running_[v].handle) v = j;
+        preempt(v);
+        if (v < i) --i;   // s moved down one; if v == i the next request is at i now
+    }
+    return !running_.empty();
+}
+
+void Scheduler::preempt(size_t i) {
+    Seq s = std::move(running_[i]);
+    running_.erase(running_.begin() + std::ptrdiff_t(i));
+    publish(s);   // what it computed stays cached while the pool can keep it: a cheap resume
+    kv_.release(s.slot);
+    free_slots_.push_back(s.slot);
+    s.slot = -1;
+    s.n_prefilled = 0;
+    ++stats_.requests_preempted;
+    queue_.push_front(std::move(s));   // newest first, so the older ones end up ahead
+}
+
 void Scheduler::publish(const Seq & s) {
     if (!opt_.prefix_cache) return;
-    // Positions holding KV: the prompt computed so far, then every generated token but the last
+    // Positions holding KV: what prefill computed so far, then every generated token but the last
     // (a token's KV is written when it is fed back).
-    const int64_t n_prompt = int64_t(s.req.prompt.size());
-    const int64_t n = s.n_prefilled < n_prompt || s.generated.empty() ? s.n_prefilled
+    const int64_t n_prompt = s.n_prompt();
+    const int64_t n = s.n_prefilled < s.n_fill || s.generated.empty() ? s.n_prefilled
                                                                        : n_prompt + int64_t(s.generated.size()) - 1;
     if (n <= n_prompt) {
         kv_.publish(s.slot, s.req.prompt.data(), n);
@@ -171,30 +227,32 @@ bool Scheduler::cancel(uint64_t handle) {
 
 bool Scheduler::step() {
     admit();
-    if (running_.empty()) return false;
+    if (running_.empty() || !grow()) return false;
     batch_.clear();
     logit_rows_.clear();
     // Decodes first: one token each, so they never wait behind a prompt.
     for (size_t i = 0; i < running_.size() && batch_.size() < opt_.max_batch; ++i) {
         const Seq & s = running_[i];
-        if (s.n_prefilled < int64_t(s.req.prompt.size())) continue;
+        if (s.n_prefilled < s.n_fill) continue;
         const int64_t pos = int64_t(s.req.prompt.size() + s.generated.size()) - 1;
         batch_.add(s.generated.back(), int32_t(pos), s.slot, true);
         logit_rows_.push_back({int64_t(i), -1});
     }
-    // Then prompt chunks in admission order.
-    for (size_t i = 0; i < running_.size() && batch_.size() < opt_.max_batch; ++i) {
+    // Then prompt chunks (and a preempted request's positions again) in admission order.
+    for (size_t i = 0; i < running_.size(); ++i) {
         Seq & s = running_[i];
-        const int64_t n_prompt = int64_t(s.req.prompt.size());
-        if (s.n_prefilled >= n_prompt) continue;
-        const int64_t n = std::min({opt_.prefill_chunk, n_prompt - s.n_prefilled, opt_.max_batch - batch_.size()});
+        s.prefilled_now = false;
+        if (s.n_prefilled >= s.n_fill || batch_.size() >= opt_.max_batch) continue;
+        const int64_t n_prompt = s.n_prompt();
+        const int64_t n = std::min({opt_.prefill_chunk, s.n_fill - s.n_prefilled, opt_.max_batch - batch_.size()});
         for (int64_t p = s.n_prefilled; p < s.n_prefilled + n; ++p) {
-            const bool sample = p == n_prompt - 1 && s.req.max_tokens > 0;
+            const bool sample = p == n_prompt - 1 && s.generated.empty() && s.req.max_tokens > 0;
             const bool score = p + 1 < n_prompt && s.req.prompt_logprobs >= 0;
-            batch_.add(s.req.prompt[size_t(p)], int32_t(p), s.slot, sample || score);
+            batch_.add(s.token_at(p), int32_t(p), s.slot, sample || score);
             if (sample || score) logit_rows_.push_back({int64_t(i), sample ? -1 : p});
         }
         s.n_prefilled += n;
+        s.prefilled_now = true;
         stats_.tokens_prefilled += n;
     }
     std::string err;
@@ -205,7 +263,7 @@ bool Scheduler::step() {
     step_seconds_ = stats_.steps == 0 ? secs : 0.8 * step_seconds_ + 0.2 * secs;
     // Prompts that grew this step: their new full blocks can serve the next request now.
     for (size_t i = 0; i < running_.size() && opt_.prefix_cache; ++i)
-        if (running_[i].generated.empty()) publish(running_[i]);
+        if (running_[i].prefilled_now) publish(running_[i]);
     ++stats_.steps;
     stats_.last_step_tokens = batch_.size();
     stats_.last_step_seconds = secs;
@@ -261,7 +319,7 @@ double Scheduler::retry_after_seconds() const {
     if (running_.empty()) return 0.05;
     int64_t soonest = INT64_MAX;
     for (const Seq & s : running_) {
-        const int64_t prompt_left = int64_t(s.req.prompt.size()) - s.n_prefilled;
+        const int64_t prompt_left = s.n_fill - s.n_prefilled;
         const int64_t steps = (prompt_left + opt_.prefill_chunk - 1) / opt_.prefill_chunk + s.req.max_tokens -
                               int64_t(s.generated.size());
         soonest = std::min(soonest, steps);

@@ -1,8 +1,13 @@
 // Continuous batching: many generation requests share each forward step.
-// Requests wait in a bounded queue until a sequence slot and the KV blocks for
-// their whole length (prompt + max_tokens) can be had — admission is decided
-// up front, so a running request never runs out of KV memory — then join the
-// running set between steps. Each step takes one token from every decoding
+// Requests wait in a bounded queue until a sequence slot and KV blocks can be
+// had, then join the running set between steps. KV blocks are allocated one of
+// two ways (KvAllocation): on demand (the prompt's blocks at admission, one more
+// block as a request grows; when the pool is out, the newest request is
+// preempted — its blocks freed, kept in the prefix cache while they last — and
+// waits at the queue's head to be recomputed, with its sampler and grammar
+// state, and go on where it stopped), or up front (prompt + max_tokens at
+// admission; never preempted). Either way a running request never finds the
+// pool empty and the pool's size is fixed. Each step takes one token from every decoding
 // sequence first, then fills the rest of the batch with prompt chunks (at most
 // prefill_chunk tokens of one prompt per step), so a long prompt never stalls
 // the others. The forward pass groups all the step's tokens by expert, across
@@ -37,6 +42,11 @@
 
 namespace moesh {
 
+// How a request gets its KV blocks. OnDemand runs more requests at once when answers end before
+// max_tokens (most chat answers): UpFront holds every request's max_tokens positions from the start.
+enum class KvAllocation { OnDemand, UpFront };
+const char * kv_allocation_name(KvAllocation a);   // "on_demand", "up_front"
+
 struct SchedulerOptions {
     int64_t max_batch = 64;        // tokens per forward step
     int64_t max_sequences = 16;    // requests running at once (KV sequence slots)
@@ -46,6 +56,7 @@ struct SchedulerOptions {
     int64_t prefill_chunk = 32;    // prompt tokens of one request per step
     int64_t max_queue = 64;        // waiting requests; beyond that submit() says Busy
     bool prefix_cache = true;      // reuse the KV blocks of a prompt's start computed before (kv_cache.h)
+    KvAllocation kv_allocation = KvAllocation::OnDemand;
 };
 
 enum class FinishReason { Length, Eos, Stop, Cancelled };
@@ -91,6 +102,8 @@ struct SchedulerStats {
     int64_t tokens_prefix_cached = 0;   // prompt tokens not computed: their KV blocks were cached
     int64_t kv_blocks_cached_idle = 0;  // cached blocks no request holds (reclaimable)
     int64_t requests_done = 0, requests_cancelled = 0, requests_refused = 0;
+    int64_t requests_preempted = 0;     // times a running request gave its KV blocks back (on demand)
+    int64_t tokens_recomputed = 0;      // positions computed again after a preemption
     int64_t last_step_tokens = 0;      // tokens (prompt and decode) the last forward step ran
     double last_step_seconds = 0;      // its forward pass, wall time
 };
@@ -126,12 +139,24 @@ private:
         uint64_t handle = 0;
         GenRequest req;
         int32_t slot = -1;
-        int64_t n_prefilled = 0;          // prompt tokens already in the KV cache
+        // Positions prefill computes before the request decodes (n_fill): its prompt, and after a
+        // preemption its generated tokens too, all but the last (which the next decode feeds);
+        // and how many of them are in the KV cache (n_prefilled).
+        int64_t n_fill = 0;
+        int64_t n_prefilled = 0;
         std::vector<int32_t> generated;
-        std::unique_ptr<Sampler> sampler;
+        std::unique_ptr<Sampler> sampler;   // kept across a preemption, as the grammar is
+        bool whole = false;                 // its KV blocks were reserved up front: never preempted
+        bool prefilled_now = false;         // this step computed some of its positions
         Clock::time_point submitted, admitted, first_token;
+        int64_t n_prompt() const { return int64_t(req.prompt.size()); }
+        int32_t token_at(int64_t p) const { return p < n_prompt() ? req.prompt[size_t(p)] : generated[size_t(p - n_prompt())]; }
     };
     void admit();
+    // Gives every decoding request room for the token it feeds this step, preempting the newest
+    // requests while the pool is out (on demand); false if nothing is left running.
+    bool grow();
+    void preempt(size_t running_index);
     void finish(size_t running_index, FinishReason why);
     void publish(const Seq & s);   // its computed full blocks, to the prefix cache
 
@@ -151,7 +176,7 @@ private:
     };
     std::vector<LogitRow> logit_rows_;   // each logits row of the step
     std::vector<std::pair<size_t, FinishReason>> ended_;   // requests a step finished (reserved: no allocation per step)
-    std::vector<int32_t> fed_;   // publish(): a request's prompt and generated tokens (reused)
+    std::vector<int32_t> fed_;   // publish() and admit(): a request's prompt and generated tokens (reused)
     TokenLogprobs logprobs_;     // the token on_token is called with, when its request asked
     SchedulerStats stats_;
     double step_seconds_ = 0;   // recent forward step time (moving average)

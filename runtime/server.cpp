@@ -41,6 +41,7 @@ Server::Server(const Model & model, Backend & backend, const Tokenizer * tokeniz
         throw Error("[server] kv_cache = " + std::to_string(config.kv_cache) + " bytes holds no KV block of this model; raise it");
     so.prefill_chunk = config.prefill_chunk;
     so.prefix_cache = config.prefix_cache;
+    so.kv_allocation = config.kv_up_front ? KvAllocation::UpFront : KvAllocation::OnDemand;
     so.max_queue = config.max_queue;
     sched_ = std::make_unique<Scheduler>(model, backend, so, weights);
     limits_.max_message_bytes = config.max_message_bytes;
@@ -697,6 +698,17 @@ void Server::run(const std::atomic<bool> & stop) {
     for (uint64_t h : left) sched_->cancel(h);
 }
 
+namespace {
+
+// Preemptions mean the KV pool is too small for the load: say so, with what to do.
+std::string preempted_note(int64_t n) {
+    if (n <= 0) return "";
+    return "; " + std::to_string(n) + " request" + (n == 1 ? "" : "s") +
+           " preempted (the KV pool ran out: raise [server] kv_cache or lower max_sequences)";
+}
+
+} // namespace
+
 // What vLLM users look for every few seconds: throughput both ways, the queue and the KV pool.
 void Server::log_status(double seconds) {
     const SchedulerStats st = sched_->stats();
@@ -707,10 +719,10 @@ void Server::log_status(double seconds) {
     const double total = double(std::max<int64_t>(1, st.kv_blocks_total));
     std::fprintf(stderr,
                  "moesh: last %.1f s: prompt %.1f tokens/s (%.0f%% from the prefix cache), generation %.1f tokens/s; "
-                 "%lld running, %lld queued; KV %.0f%% used, %.0f%% cached\n",
+                 "%lld running, %lld queued; KV %.0f%% used, %.0f%% cached%s\n",
                  seconds, double(prefilled) / seconds, prefilled + cached > 0 ? 100.0 * double(cached) / double(prefilled + cached) : 0.0,
                  double(out) / seconds, (long long)st.running, (long long)st.queued, 100.0 * double(st.kv_blocks_used) / total,
-                 100.0 * double(st.kv_blocks_cached_idle) / total);
+                 100.0 * double(st.kv_blocks_cached_idle) / total, preempted_note(st.requests_preempted - logged_.requests_preempted).c_str());
     logged_ = st;
     logged_tokens_out_ = stats_.tokens_out;
 }
@@ -775,6 +787,11 @@ std::string Server::metrics_text() const {
            double(st.kv_blocks_cached_idle));
     metric(o, "moesh_prefix_cache_hit_tokens_total", "counter", "Prompt tokens not computed: their KV blocks were cached from an earlier request.",
            double(st.tokens_prefix_cached));
+    metric(o, "moesh_requests_preempted_total", "counter",
+           "Times a running request gave its KV blocks back because the pool was out (kv_allocation on_demand); it waited at the queue's head.",
+           double(st.requests_preempted));
+    metric(o, "moesh_recomputed_tokens_total", "counter", "Positions computed again when preempted requests resumed (those still cached are not).",
+           double(st.tokens_recomputed));
     metric(o, "moesh_forward_steps_total", "counter", "Batched forward steps.", double(st.steps));
     ttft_.write(o, "moesh_time_to_first_token_seconds", "From the server reading a request (between forward steps) to its first generated token.");
     itl_.write(o, "moesh_inter_token_latency_seconds", "Between consecutive tokens of a request.");

@@ -17,7 +17,8 @@ token's frame or event. One JSON line per C on stdout (progress on stderr):
   requests              completed requests (a done frame / a finished stream)
   errors                failed requests by code; "busy" is counted like any other, and
                         timeouts, HTTP statuses ("http_500") and broken connections too
-  finish_reasons        of the completed requests (eos ends a request early)
+  finish_reasons        of the completed requests (eos ends a request early; client_stop: the
+                        client stopped it, --ask-max-tokens)
   decode_tokens_per_second   completion tokens of all completed requests / wall seconds
   ttft_ms, latency_ms   p50 and p99 over completed requests (latency: send to done)
   ttft_ms_after_first   the same over each client's later requests: all C clients send their
@@ -201,13 +202,14 @@ class LoadClient:
         self.gen = prompts(args.seed, index, vocab, args.prompt_len, args.shared_prefix)
         self.lens = lengths(args.seed, index, args)
         self.active = True
+        self.max_requests = args.requests   # run_phase sets its own (the warm-up's 1)
         self.rid = None   # the request in flight
         self.t0 = 0.0
         self.ttft = None
 
     def next_request(self):
         self.rid = None
-        if time.monotonic() >= self.stop_at or self.st.n_sent >= self.args.requests:
+        if time.monotonic() >= self.stop_at or self.st.n_sent >= self.max_requests:
             self.active = False
             self.close()
             return
@@ -265,7 +267,11 @@ class ZmqLoadClient(LoadClient):
         self.loop.watch(self.sock, self.on_readable)
 
     def send(self, ids, max_tokens):
-        req = {"id": self.rid, "prompt_ids": ids, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        # With --ask-max-tokens the request asks for more than the client reads: it stops the
+        # request (cancel) after max_tokens tokens, as a chat user or an agent's stop rule does.
+        self.want, self.got = max_tokens, 0
+        asked = self.args.ask_max_tokens or max_tokens
+        req = {"id": self.rid, "prompt_ids": ids, "max_tokens": asked, "temperature": 0, "stream": True}
         if self.args.logprobs is not None:
             req["logprobs"] = self.args.logprobs
         if self.args.grammar_text is not None:
@@ -286,6 +292,10 @@ class ZmqLoadClient(LoadClient):
                 continue   # a late frame of a request that timed out
             if kind == "token":
                 self.first_token()
+                self.got += 1
+                if self.args.ask_max_tokens and self.got >= self.want:
+                    self.sock.send(json.dumps({"type": "cancel", "id": self.rid}).encode())
+                    self.completed(self.got, "client_stop")
             elif kind == "done":
                 self.completed(f["usage"]["completion_tokens"], f["finish_reason"], (f.get("timings") or {}).get("ttft_ms"))
             elif kind == "error":
@@ -509,6 +519,7 @@ def run_phase(n_clients, make_client, args, index=None):
     stop_at = start + args.duration
     clients = [make_client(i if index is None else index, stats[i], stop_at, loop) for i in range(n_clients)]
     for c in clients:
+        c.max_requests = args.requests   # make_client's args may be the run's, not this phase's
         c.next_request()
     # A client ends at most one request timeout after stop_at; a stuck one is reported, not waited for.
     loop.run(lambda: any(c.active for c in clients), stop_at + args.timeout + 10)
@@ -547,6 +558,7 @@ def report(engine, n_clients, total, wall, cpu, args, server):
         "shared_prefix": args.shared_prefix,
         "max_tokens": args.max_tokens,
         "max_tokens_spread": args.max_tokens_spread,
+        "ask_max_tokens": args.ask_max_tokens,
         "logprobs": args.logprobs,
         "grammar": args.grammar,
         "duration_s": args.duration,
@@ -823,6 +835,9 @@ def main():
     ap.add_argument("--clients", default="1,4,16,64", help="comma-separated client counts, one run each")
     ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per request")
+    ap.add_argument("--ask-max-tokens", type=int, metavar="D",
+                    help="ZeroMQ: each request asks for D tokens, and the client stops it (cancel) once it has "
+                         "its --max-tokens: answers that end before max_tokens, as most chat answers do")
     ap.add_argument("--shared-prefix", type=int, default=0, metavar="N",
                     help="put the same N random tokens before every prompt (a system prompt; default 0)")
     ap.add_argument("--max-tokens-spread", type=float, default=0.0, metavar="S",
@@ -860,6 +875,8 @@ def main():
                  "--shared-prefix not negative")
     if not 0 <= args.max_tokens_spread < 1:
         sys.exit(f"serve_load: --max-tokens-spread {args.max_tokens_spread}: must be in [0, 1)")
+    if args.ask_max_tokens is not None and (args.http or args.llama_server or args.ask_max_tokens < 1):
+        sys.exit("serve_load: --ask-max-tokens: a positive count, with moesh over ZeroMQ (its cancel frame)")
     if args.endpoint and not args.endpoint.startswith(("tcp://127.0.0.1:", "tcp://localhost:", "ipc://")):
         sys.exit(f"serve_load: --endpoint {args.endpoint}: loopback only (tcp://127.0.0.1:PORT)")
     if args.llama_server:

@@ -35,6 +35,8 @@ TEST(RunConfig, LoadsTheShippedServeConfig) {
     EXPECT_TRUE(rc.server.prefix_cache);
     EXPECT_EQ(rc.server.log_interval_s, 10);
     EXPECT_FALSE(parse_run_config("[server]\nprefix_cache = false\n", "x").server.prefix_cache);
+    EXPECT_FALSE(rc.server.kv_up_front);   // on demand
+    EXPECT_TRUE(parse_run_config("[server]\nkv_allocation = \"up_front\"\n", "x").server.kv_up_front);
     std::string address;
     uint16_t port = 0;
     ASSERT_TRUE(parse_host_port(rc.server.http, &address, &port));
@@ -162,6 +164,7 @@ TEST(PlacementConfig, MistakesNameTheLineAndColumn) {
         {"[[tier]]\nkind = \"disk\"\nbudget = \"1GiB\"\n", "t.toml:1:1: key 'tier.budget': a disk tier has no budget"},
         {"[placement]\ndirect_io = 1\n", "t.toml:2:13: key 'placement.direct_io': expected true or false"},
         {"[server]\nprefix_cache = \"yes\"\n", "t.toml:2:16: key 'server.prefix_cache': expected true or false"},
+        {"[server]\nkv_allocation = \"lazy\"\n", "t.toml:2:17: key 'server.kv_allocation': expected \"on_demand\""},
         {"[server]\nlog_interval_s = -1\n", "key 'server.log_interval_s': expected seconds"},
         {"[server]\ncurve_authorized_keys = \"clients\"\n", "t.toml:2:25: key 'server.curve_authorized_keys': needs server.curve_secret_key"},
         {"[server]\napi_key_file = \"\"\n", "key 'server.api_key_file': expected a path"},

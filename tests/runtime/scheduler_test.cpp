@@ -258,5 +258,109 @@ TEST(Scheduler, SharedPrefixTablesOutnumberThePoolsBlocks) {
     EXPECT_EQ(s.stats().tokens_prefix_cached, 3 * 28);
 }
 
+// On demand a request gets KV blocks as it grows; when the pool is out the newest request gives
+// them back and is computed again later, with its sampler's state. More requests run at once than
+// with blocks up front, and each still gets what it gets alone (greedy, seeded sampling, penalties),
+// with the prefix cache (a resume finds its blocks while they last) and without it.
+TEST(Scheduler, OnDemandBlocksRunMoreAtOnceAndPreemptionChangesNoToken) {
+    const Model model = Model::load_folder(k_model);
+    auto be = test::open_cpu_backend(2);
+    ASSERT_NE(be, nullptr);
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<SamplerParams> sps;
+    std::vector<std::vector<int32_t>> want;
+    const int64_t n_gen = 40;
+    for (int i = 0; i < 5; ++i) {
+        std::vector<int32_t> p;
+        for (int j = 0; j < 12 + 6 * i; ++j) p.push_back(int32_t((41 * i + 7 * j + 3) % 4000));
+        SamplerParams sp;
+        if (i % 3 == 1) sp = SamplerParams{0.8f, 20, 0.95f, 77u + uint64_t(i)};
+        if (i % 3 == 2) sp = SamplerParams{0.0f, 0, 1.0f, 0, 1.3f, 0.0f, 0.5f};
+        prompts.push_back(p);
+        sps.push_back(sp);
+        want.push_back(alone(model, *be, p, n_gen, sp));
+    }
+    for (const KvAllocation mode : {KvAllocation::UpFront, KvAllocation::OnDemand})
+        for (const bool prefix_cache : {true, false}) {
+            SCOPED_TRACE(std::string(kv_allocation_name(mode)) + (prefix_cache ? ", prefix cache" : ", no prefix cache"));
+            SchedulerOptions so;
+            so.max_batch = 32;
+            so.max_sequences = 5;
+            so.kv_blocks = 12;   // 192 positions; the requests reach 52, 58, 64, 70 and 76 of them: 4 or 5 blocks
+            so.kv_block_size = 16;
+            so.prefill_chunk = 16;
+            so.prefix_cache = prefix_cache;
+            so.kv_allocation = mode;
+            Scheduler s(model, *be, so);
+            std::map<uint64_t, Outcome> out;
+            std::vector<uint64_t> handles;
+            for (size_t i = 0; i < prompts.size(); ++i) {
+                uint64_t h = 0;
+                ASSERT_EQ(s.submit(request(prompts[i], n_gen, out, sps[i]), &h), Admit::Queued);
+                handles.push_back(h);
+            }
+            int64_t max_running = 0;
+            for (int k = 0; !s.idle() && k < 10000; ++k) {
+                s.step();
+                max_running = std::max(max_running, s.stats().running);
+                ASSERT_LE(s.stats().kv_blocks_used, so.kv_blocks);
+            }
+            ASSERT_TRUE(s.idle());
+            for (size_t i = 0; i < prompts.size(); ++i) {
+                const Outcome & o = out[handles[i]];
+                EXPECT_EQ(o.done, 1) << i;
+                EXPECT_EQ(o.final_tokens, want[i]) << "request " << i;
+                EXPECT_EQ(o.streamed, o.final_tokens) << i;
+            }
+            const SchedulerStats st = s.stats();
+            EXPECT_EQ(st.kv_blocks_used, 0);
+            if (mode == KvAllocation::UpFront) {
+                EXPECT_EQ(max_running, 3);   // 3 x 4 blocks
+                EXPECT_EQ(st.requests_preempted, 0);
+            } else {
+                EXPECT_EQ(max_running, 5);   // each starts with its prompt's blocks
+                EXPECT_GT(st.requests_preempted, 0);
+                EXPECT_GT(st.tokens_recomputed, 0);
+            }
+        }
+}
+
+// A preempted request waits in the queue with the tokens it has streamed: cancelling it there
+// ends it with those tokens; the others go on.
+TEST(Scheduler, CancellingAPreemptedRequestGivesItsTokens) {
+    const Model model = Model::load_folder(k_model);
+    auto be = test::open_cpu_backend(2);
+    ASSERT_NE(be, nullptr);
+    SchedulerOptions so;
+    so.max_batch = 32;
+    so.max_sequences = 4;
+    so.kv_blocks = 6;
+    so.kv_block_size = 16;
+    Scheduler s(model, *be, so);
+    std::map<uint64_t, Outcome> out;
+    std::vector<uint64_t> hs;
+    std::vector<std::vector<int32_t>> prompts;
+    for (int i = 0; i < 4; ++i) {
+        std::vector<int32_t> p;
+        for (int j = 0; j < 10; ++j) p.push_back(int32_t((53 * i + 5 * j + 1) % 4000));
+        prompts.push_back(p);
+        uint64_t h = 0;
+        ASSERT_EQ(s.submit(request(p, 40, out), &h), Admit::Queued);
+        hs.push_back(h);
+    }
+    for (int k = 0; s.stats().requests_preempted == 0 && k < 1000; ++k) s.step();
+    ASSERT_EQ(s.stats().requests_preempted, 1);
+    ASSERT_EQ(s.stats().queued, 1);
+    ASSERT_TRUE(s.cancel(hs.back()));   // the newest went first
+    const Outcome & c = out[hs.back()];
+    EXPECT_EQ(c.why, FinishReason::Cancelled);
+    EXPECT_FALSE(c.final_tokens.empty());
+    EXPECT_EQ(c.final_tokens, c.streamed);
+    EXPECT_EQ(s.stats().queued, 0);
+    while (!s.idle()) s.step();
+    for (size_t i = 0; i + 1 < hs.size(); ++i) EXPECT_EQ(out[hs[i]].final_tokens, alone(model, *be, prompts[i], 40)) << i;
+    EXPECT_EQ(s.stats().kv_blocks_used, 0);
+}
+
 } // namespace
 } // namespace moesh

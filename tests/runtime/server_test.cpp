@@ -199,6 +199,42 @@ TEST(Server, AnswersEqualGenerateStreamingAddsUpAndManyClientsShareSteps) {
     EXPECT_NE(srv.log().find("11 requests, 11 completed"), std::string::npos) << srv.log();
 }
 
+// A KV pool too small for its clients' answers (kv_allocation on_demand, the default): six
+// streaming clients start at once, the newest are preempted and resumed, and every client's frames
+// still add up to what it would get alone. The status line says what happened and what to do.
+TEST(Server, ASmallKvPoolPreemptsAndEveryStreamIsUnchanged) {
+    // 12 blocks of 16 positions (f16: 2 KiB a position on this model); the answers reach 52-77.
+    ServerProcess srv("[server]\nmax_sequences = 6\nkv_cache = 393216\nprefill_chunk = 16\nmax_tokens = 100\n"
+                      "log_interval_s = 0.2\ndrain_timeout_s = 10\n[runtime]\nmax_batch = 32\nkv_type = \"f16\"\n");
+    ASSERT_FALSE(srv.endpoint().empty()) << srv.log();
+    const Model model = Model::load_folder(k_model);
+    auto be = test::open_cpu_backend(2);
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<std::unique_ptr<Client>> clients;
+    for (int i = 0; i < 6; ++i) {
+        std::vector<int32_t> p;
+        for (int j = 0; j < 12 + 5 * i; ++j) p.push_back(int32_t((61 * i + 3 * j + 2) % 4000));
+        prompts.push_back(p);
+        clients.push_back(std::make_unique<Client>(srv.endpoint()));
+        clients.back()->send({{"id", "k" + std::to_string(i)}, {"prompt_ids", p}, {"max_tokens", 40}, {"stream", true}});
+    }
+    for (size_t i = 0; i < prompts.size(); ++i) {
+        std::vector<int32_t> streamed;
+        std::optional<protocol::Response> f;
+        while ((f = clients[i]->receive(60s)) && f->type == "token") {
+            EXPECT_EQ(f->body["index"], int64_t(streamed.size())) << "client " << i;
+            streamed.push_back(f->body["token"].get<int32_t>());
+        }
+        ASSERT_TRUE(f) << "client " << i << srv.log();
+        ASSERT_EQ(f->type, "done") << f->body.dump();
+        const std::vector<int32_t> want = alone(model, *be, prompts[i], 40);
+        EXPECT_EQ(f->body["tokens"].get<std::vector<int32_t>>(), want) << "client " << i;
+        EXPECT_EQ(streamed, want) << "client " << i;
+    }
+    EXPECT_TRUE(srv.log_has("preempted (the KV pool ran out: raise [server] kv_cache")) << srv.log();
+    EXPECT_EQ(srv.stop(), 0) << srv.log();
+}
+
 TEST(Server, CancelBusyAndVanishingClientsLoseNothing) {
     ServerProcess srv("[server]\nmax_sequences = 1\nkv_cache = \"16MiB\"\nmax_queue = 2\nmax_tokens = 1000\n"
                       "drain_timeout_s = 10\n");   // the model's context is 1024
