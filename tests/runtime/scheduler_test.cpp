@@ -7,6 +7,7 @@
 #include "test_support.h"
 
 #include <map>
+#include <random>
 
 namespace moesh {
 namespace {
@@ -360,6 +361,97 @@ TEST(Scheduler, CancellingAPreemptedRequestGivesItsTokens) {
     while (!s.idle()) s.step();
     for (size_t i = 0; i + 1 < hs.size(); ++i) EXPECT_EQ(out[hs[i]].final_tokens, alone(model, *be, prompts[i], 40)) << i;
     EXPECT_EQ(s.stats().kv_blocks_used, 0);
+}
+
+// Random loads on a small pool: requests of random lengths (many sharing a start) arrive over
+// time with greedy, seeded or penalised sampling; some stop themselves, some are cancelled. In
+// every mode the pool and the slots hold, each request ends once, and each gets generate()'s
+// tokens alone (a cancelled one a start of them, as it streamed).
+TEST(Scheduler, RandomLoadsOnASmallPoolGiveEveryRequestItsTokens) {
+    const Model model = Model::load_folder(k_model);
+    auto be = test::open_cpu_backend(2);
+    ASSERT_NE(be, nullptr);
+    std::mt19937 rng(20261130);
+    auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+    struct Spec {
+        std::vector<int32_t> prompt;
+        int64_t max_tokens;
+        SamplerParams sp;
+        int stop_after;   // on_token ends the request at this many tokens; 0: never
+        int arrive_step, cancel_step;   // cancel_step < 0: never
+        std::vector<int32_t> alone;
+    };
+    std::vector<int32_t> common;
+    for (int j = 0; j < 20; ++j) common.push_back(int32_t(uniform(0, 3999)));
+    std::vector<Spec> specs(24);
+    for (Spec & r : specs) {
+        const int n = uniform(1, 40);
+        if (uniform(0, 1)) r.prompt.assign(common.begin(), common.begin() + std::min(n, 20));
+        while (int(r.prompt.size()) < n) r.prompt.push_back(int32_t(uniform(0, 3999)));
+        r.max_tokens = uniform(1, 30);
+        const int kind = uniform(0, 2);
+        if (kind == 1) r.sp = SamplerParams{0.9f, 40, 0.9f, uint64_t(uniform(1, 1 << 20))};
+        if (kind == 2) r.sp = SamplerParams{0.0f, 0, 1.0f, 0, 1.2f, 0.3f, 0.2f};
+        r.stop_after = uniform(0, 3) == 0 ? uniform(1, 10) : 0;
+        r.arrive_step = uniform(0, 40);
+        r.cancel_step = uniform(0, 5) == 0 ? r.arrive_step + uniform(0, 20) : -1;
+        r.alone = alone(model, *be, r.prompt, r.max_tokens, r.sp);
+    }
+    for (const KvAllocation mode : {KvAllocation::OnDemand, KvAllocation::UpFront})
+        for (const bool prefix_cache : {true, false}) {
+            SCOPED_TRACE(std::string(kv_allocation_name(mode)) + (prefix_cache ? ", prefix cache" : ", no prefix cache"));
+            SchedulerOptions so;
+            so.max_batch = 16;
+            so.max_sequences = 6;
+            so.kv_blocks = 10;   // 80 positions; a request needs up to 70
+            so.kv_block_size = 8;
+            so.prefill_chunk = 8;
+            so.max_queue = 64;
+            so.prefix_cache = prefix_cache;
+            so.kv_allocation = mode;
+            Scheduler s(model, *be, so);
+            std::map<uint64_t, Outcome> out;
+            std::vector<uint64_t> handles(specs.size(), 0);
+            int step = 0;
+            for (; step < 5000; ++step) {
+                for (size_t i = 0; i < specs.size(); ++i) {
+                    const Spec & r = specs[i];
+                    if (r.arrive_step == step) {
+                        GenRequest g = request(r.prompt, r.max_tokens, out, r.sp);
+                        if (r.stop_after > 0)
+                            g.on_token = [&out, n = size_t(r.stop_after)](uint64_t h, int32_t t, const TokenLogprobs *) {
+                                out[h].streamed.push_back(t);
+                                return out[h].streamed.size() < n;
+                            };
+                        ASSERT_EQ(s.submit(std::move(g), &handles[i]), Admit::Queued) << i;
+                    }
+                    if (r.cancel_step == step && handles[i] != 0) s.cancel(handles[i]);
+                }
+                if (step > 60 && s.idle()) break;
+                s.step();
+                ASSERT_LE(s.stats().kv_blocks_used, so.kv_blocks);
+                ASSERT_LE(s.stats().running, so.max_sequences);
+            }
+            ASSERT_TRUE(s.idle()) << "still running after " << step << " steps";
+            int64_t cancelled = 0;
+            for (size_t i = 0; i < specs.size(); ++i) {
+                const Spec & r = specs[i];
+                const Outcome & o = out[handles[i]];
+                ASSERT_EQ(o.done, 1) << i;
+                EXPECT_EQ(o.streamed, o.final_tokens) << i;
+                std::vector<int32_t> want = r.alone;
+                if (r.stop_after > 0 && size_t(r.stop_after) < want.size()) want.resize(size_t(r.stop_after));
+                if (o.why == FinishReason::Cancelled) {
+                    ++cancelled;
+                    ASSERT_LE(o.final_tokens.size(), want.size()) << i;
+                    want.resize(o.final_tokens.size());
+                }
+                EXPECT_EQ(o.final_tokens, want) << "request " << i;
+            }
+            EXPECT_GT(cancelled, 0);
+            EXPECT_EQ(s.stats().kv_blocks_used, 0);
+            if (mode == KvAllocation::OnDemand) EXPECT_GT(s.stats().requests_preempted, 0);
+        }
 }
 
 } // namespace
