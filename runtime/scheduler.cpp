@@ -46,6 +46,7 @@ Scheduler::Scheduler(const Model & model, Backend & backend, const SchedulerOpti
     batch_.token.reserve(size_t(o.max_batch));
     logit_rows_.reserve(size_t(o.max_batch));
     ended_.reserve(size_t(o.max_sequences));
+    fed_.reserve(size_t(max_context_));
     stats_.kv_blocks_total = o.kv_blocks;
 }
 
@@ -119,7 +120,7 @@ void Scheduler::admit() {
         const int64_t new_blocks = std::max<int64_t>(0, (need + bs - 1) / bs - kv_.capacity(slot) / bs);
         int64_t headroom = 0;
         for (const Seq & r : running_)
-            headroom += !whole && !r.whole && r.n_prefilled >= r.n_fill &&
+            headroom += !r.whole && r.n_prefilled >= r.n_fill &&
                         r.n_prompt() + int64_t(r.generated.size()) > kv_.capacity(r.slot);
         if (kv_.n_free_blocks() - new_blocks < headroom || !kv_.reserve(slot, need)) {
             kv_.release(slot);
@@ -130,9 +131,7 @@ void Scheduler::admit() {
         s.whole = whole;
         s.n_fill = n_fill;
         s.n_prefilled = cached;
-        if (resumed) {
-            stats_.tokens_recomputed += n_fill - cached;
-        } else {
+        if (!resumed) {
             stats_.tokens_prefix_cached += cached;
             s.admitted = Clock::now();
             s.sampler = std::make_unique<Sampler>(s.req.sampling, model_.config().n_vocab, s.req.prompt);
@@ -163,6 +162,7 @@ bool Scheduler::grow() {
 void Scheduler::preempt(size_t i) {
     Seq s = std::move(running_[i]);
     running_.erase(running_.begin() + std::ptrdiff_t(i));
+    s.n_held = std::max(s.n_held, kv_positions(s));
     publish(s);   // what it computed stays cached while the pool can keep it: a cheap resume
     kv_.release(s.slot);
     free_slots_.push_back(s.slot);
@@ -172,13 +172,16 @@ void Scheduler::preempt(size_t i) {
     queue_.push_front(std::move(s));   // newest first, so the older ones end up ahead
 }
 
+// Positions holding KV: what prefill computed so far, then every generated token but the last (a
+// token's KV is written when it is fed back).
+int64_t Scheduler::kv_positions(const Seq & s) {
+    return s.n_prefilled < s.n_fill || s.generated.empty() ? s.n_prefilled : s.n_prompt() + int64_t(s.generated.size()) - 1;
+}
+
 void Scheduler::publish(const Seq & s) {
     if (!opt_.prefix_cache) return;
-    // Positions holding KV: what prefill computed so far, then every generated token but the last
-    // (a token's KV is written when it is fed back).
     const int64_t n_prompt = s.n_prompt();
-    const int64_t n = s.n_prefilled < s.n_fill || s.generated.empty() ? s.n_prefilled
-                                                                       : n_prompt + int64_t(s.generated.size()) - 1;
+    const int64_t n = kv_positions(s);
     if (n <= n_prompt) {
         kv_.publish(s.slot, s.req.prompt.data(), n);
         return;
@@ -188,22 +191,30 @@ void Scheduler::publish(const Seq & s) {
     kv_.publish(s.slot, fed_.data(), n);
 }
 
+RequestTimings Scheduler::timings(const Seq & s) {
+    const auto now = Clock::now();
+    RequestTimings t;
+    t.total_ms = ms(now - s.submitted);
+    if (!s.sampler) {   // never admitted
+        t.queue_ms = t.total_ms;
+        return t;
+    }
+    t.queue_ms = ms(s.admitted - s.submitted);
+    t.ttft_ms = s.generated.empty() ? 0 : ms(s.first_token - s.submitted);
+    const double decode_s = std::chrono::duration<double>(now - s.first_token).count();
+    t.decode_tokens_per_second = s.generated.size() > 1 && decode_s > 0 ? double(s.generated.size() - 1) / decode_s : 0;
+    return t;
+}
+
 void Scheduler::finish(size_t i, FinishReason why) {
     Seq s = std::move(running_[i]);
     running_.erase(running_.begin() + std::ptrdiff_t(i));
     publish(s);
     kv_.release(s.slot);
     free_slots_.push_back(s.slot);
-    const auto now = Clock::now();
-    RequestTimings t;
-    t.queue_ms = ms(s.admitted - s.submitted);
-    t.ttft_ms = s.generated.empty() ? 0 : ms(s.first_token - s.submitted);
-    t.total_ms = ms(now - s.submitted);
-    const double decode_s = std::chrono::duration<double>(now - s.first_token).count();
-    t.decode_tokens_per_second = s.generated.size() > 1 && decode_s > 0 ? double(s.generated.size() - 1) / decode_s : 0;
     if (why == FinishReason::Cancelled) ++stats_.requests_cancelled;
     else ++stats_.requests_done;
-    if (s.req.on_done) s.req.on_done(s.handle, why, s.generated, t);
+    if (s.req.on_done) s.req.on_done(s.handle, why, s.generated, timings(s));
 }
 
 bool Scheduler::cancel(uint64_t handle) {
@@ -217,9 +228,7 @@ bool Scheduler::cancel(uint64_t handle) {
             Seq s = std::move(*it);
             queue_.erase(it);
             ++stats_.requests_cancelled;
-            RequestTimings t;
-            t.total_ms = t.queue_ms = ms(Clock::now() - s.submitted);
-            if (s.req.on_done) s.req.on_done(s.handle, FinishReason::Cancelled, s.generated, t);
+            if (s.req.on_done) s.req.on_done(s.handle, FinishReason::Cancelled, s.generated, timings(s));   // preempted: it has some
             return true;
         }
     return false;
@@ -251,6 +260,7 @@ bool Scheduler::step() {
             batch_.add(s.token_at(p), int32_t(p), s.slot, sample || score);
             if (sample || score) logit_rows_.push_back({int64_t(i), sample ? -1 : p});
         }
+        stats_.tokens_recomputed += std::max<int64_t>(0, std::min(s.n_prefilled + n, s.n_held) - s.n_prefilled);
         s.n_prefilled += n;
         s.prefilled_now = true;
         stats_.tokens_prefilled += n;

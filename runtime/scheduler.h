@@ -103,7 +103,7 @@ struct SchedulerStats {
     int64_t kv_blocks_cached_idle = 0;  // cached blocks no request holds (reclaimable)
     int64_t requests_done = 0, requests_cancelled = 0, requests_refused = 0;
     int64_t requests_preempted = 0;     // times a running request gave its KV blocks back (on demand)
-    int64_t tokens_recomputed = 0;      // positions computed again after a preemption
+    int64_t tokens_recomputed = 0;      // positions computed again after a preemption (in tokens_prefilled too)
     int64_t last_step_tokens = 0;      // tokens (prompt and decode) the last forward step ran
     double last_step_seconds = 0;      // its forward pass, wall time
 };
@@ -147,6 +147,7 @@ private:
         std::vector<int32_t> generated;
         std::unique_ptr<Sampler> sampler;   // kept across a preemption, as the grammar is
         bool whole = false;                 // its KV blocks were reserved up front: never preempted
+        int64_t n_held = 0;                 // most positions it held KV for when preempted (what a resume computes again)
         bool prefilled_now = false;         // this step computed some of its positions
         Clock::time_point submitted, admitted, first_token;
         int64_t n_prompt() const { return int64_t(req.prompt.size()); }
@@ -159,6 +160,8 @@ private:
     void preempt(size_t running_index);
     void finish(size_t running_index, FinishReason why);
     void publish(const Seq & s);   // its computed full blocks, to the prefix cache
+    static int64_t kv_positions(const Seq & s);
+    static RequestTimings timings(const Seq & s);   // now
 
     const Model & model_;
     SchedulerOptions opt_;

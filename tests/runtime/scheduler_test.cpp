@@ -17,6 +17,7 @@ const std::string k_model = std::string(MOESH_SOURCE_DIR) + "/models/moesh-tiny-
 struct Outcome {
     std::vector<int32_t> streamed, final_tokens;
     FinishReason why = FinishReason::Length;
+    RequestTimings timings;
     int done = 0;
 };
 
@@ -29,9 +30,10 @@ GenRequest request(std::vector<int32_t> prompt, int64_t max_tokens, std::map<uin
         out[h].streamed.push_back(t);
         return true;
     };
-    r.on_done = [&out](uint64_t h, FinishReason why, const std::vector<int32_t> & toks, const RequestTimings &) {
+    r.on_done = [&out](uint64_t h, FinishReason why, const std::vector<int32_t> & toks, const RequestTimings & t) {
         out[h].final_tokens = toks;
         out[h].why = why;
+        out[h].timings = t;
         ++out[h].done;
     };
     return r;
@@ -357,6 +359,8 @@ TEST(Scheduler, CancellingAPreemptedRequestGivesItsTokens) {
     EXPECT_EQ(c.why, FinishReason::Cancelled);
     EXPECT_FALSE(c.final_tokens.empty());
     EXPECT_EQ(c.final_tokens, c.streamed);
+    EXPECT_GT(c.timings.ttft_ms, 0);   // its time as a request that ran, not as one that only waited
+    EXPECT_LT(c.timings.queue_ms, c.timings.total_ms);
     EXPECT_EQ(s.stats().queued, 0);
     while (!s.idle()) s.step();
     for (size_t i = 0; i + 1 < hs.size(); ++i) EXPECT_EQ(out[hs[i]].final_tokens, alone(model, *be, prompts[i], 40)) << i;
@@ -452,6 +456,46 @@ TEST(Scheduler, RandomLoadsOnASmallPoolGiveEveryRequestItsTokens) {
             EXPECT_EQ(s.stats().kv_blocks_used, 0);
             if (mode == KvAllocation::OnDemand) EXPECT_GT(s.stats().requests_preempted, 0);
         }
+}
+
+// A request admitted on demand leaves the blocks that running requests grow into next step, also
+// when it reserves up front itself (scoring a prompt): it waits rather than make an older request
+// give its blocks back at once.
+TEST(Scheduler, ANewRequestLeavesRunningOnesRoomToGrow) {
+    const Model model = Model::load_folder(k_model);
+    auto be = test::open_cpu_backend(2);
+    ASSERT_NE(be, nullptr);
+    SchedulerOptions so;
+    so.max_batch = 64;
+    so.max_sequences = 4;
+    so.kv_blocks = 8;
+    so.kv_block_size = 16;
+    so.prefill_chunk = 16;
+    Scheduler s(model, *be, so);
+    std::map<uint64_t, Outcome> out;
+    auto prompt = [](int n, int salt) {
+        std::vector<int32_t> p;
+        for (int j = 0; j < n; ++j) p.push_back(int32_t((salt * 97 + 13 * j + 1) % 4000));
+        return p;
+    };
+    uint64_t a = 0, b = 0, w = 0;
+    ASSERT_EQ(s.submit(request(prompt(10, 1), 60, out), &a), Admit::Queued);
+    ASSERT_EQ(s.submit(request(prompt(10, 2), 60, out), &b), Admit::Queued);
+    for (int k = 0; k < 7; ++k) s.step();   // 16 positions each: both need a second block next step
+    ASSERT_EQ(out[a].streamed.size(), 7u);
+    GenRequest score = request(prompt(96, 3), 0, out);   // 6 blocks, the 6 free ones
+    score.prompt_logprobs = 0;
+    int64_t scored = 0;
+    score.on_prompt_logprobs = [&](uint64_t, int64_t, const TokenLogprobs &) { ++scored; };
+    ASSERT_EQ(s.submit(std::move(score), &w), Admit::Queued);
+    s.step();
+    EXPECT_EQ(s.stats().requests_preempted, 0);
+    EXPECT_EQ(s.stats().queued, 1);
+    while (!s.idle()) s.step();
+    EXPECT_EQ(scored, 95);
+    EXPECT_EQ(out[a].final_tokens, alone(model, *be, prompt(10, 1), 60));
+    EXPECT_EQ(out[b].final_tokens, alone(model, *be, prompt(10, 2), 60));
+    EXPECT_EQ(s.stats().kv_blocks_used, 0);
 }
 
 } // namespace
