@@ -258,19 +258,21 @@ private:
         tr_ = std::move(std::get<openai::Translated>(t));
         reply_ = {d.id, f_.opt.model_name, unix_now()};
         begin(Wait::Generate);
-        choices_.assign(size_t(tr_.n), Choice{});
-        dones_.assign(size_t(tr_.n), nlohmann::json());
+        choices_.assign(size_t(tr_.choices()), Choice{});
+        dones_.assign(choices_.size(), nlohmann::json());
         for (size_t i = 0; i < choices_.size(); ++i) choices_[i].id = openai::choice_id(d.id, int(i));
-        // The first choice goes alone: once it has a token its prompt's KV blocks are cached, and
-        // the others (the same prompt) start from them instead of computing it again.
-        f_.port.send(client_, openai::choice_frame(tr_, 0));
-        choices_[0].sent = true;
+        // Each prompt's first choice goes at once, its others after it: once it has a token its
+        // prompt's KV blocks are cached, and they start from them instead of computing it again.
+        for (size_t i = 0; i < choices_.size(); i += size_t(tr_.n)) {
+            f_.port.send(client_, openai::choice_frame(tr_, int(i)));
+            choices_[i].sent = true;
+        }
         watch();
     }
 
-    void send_other_choices() {
+    void send_other_choices() {   // of the prompts whose first choice has answered
         for (size_t i = 1; i < choices_.size(); ++i)
-            if (!choices_[i].sent) {
+            if (!choices_[i].sent && choices_[i - i % size_t(tr_.n)].answered) {
                 f_.port.send(client_, openai::choice_frame(tr_, int(i)));
                 choices_[i].sent = true;
             }
@@ -345,6 +347,7 @@ private:
         if (ci == choices_.size() && r.type != "error") return;
         if (r.type == "token") {
             Choice & c = choices_[ci];
+            c.answered = true;
             send_other_choices();
             if (!tr_.stream) return;
             const std::string & text = r.body["text"].get_ref<const std::string &>();
@@ -363,7 +366,7 @@ private:
             }
         } else if (r.type == "done") {
             Choice & c = choices_[ci];
-            c.done = true;
+            c.done = c.answered = true;
             dones_[ci] = r.body;
             send_other_choices();
             if (tr_.stream) {
@@ -373,8 +376,8 @@ private:
             for (const Choice & other : choices_)
                 if (!other.done) return;
             finish();
-            if (!tr_.stream) return respond(200, "application/json", openai::completion_body(endpoint_, reply_, dones_), keep_alive_);
-            if (tr_.include_usage) sse(openai::usage_chunk(endpoint_, reply_, dones_));
+            if (!tr_.stream) return respond(200, "application/json", openai::completion_body(endpoint_, reply_, dones_, tr_.n), keep_alive_);
+            if (tr_.include_usage) sse(openai::usage_chunk(endpoint_, reply_, dones_, tr_.n));
             sse(std::string(openai::done_event));
             end_stream();
         } else if (r.type == "error") {
@@ -385,7 +388,14 @@ private:
             std::string retry;   // whole seconds, at least 1 (RFC 9110)
             if (auto it = r.body.find("retry_after_ms"); it != r.body.end() && it->is_number_integer())
                 retry = std::to_string(std::max<int64_t>(1, (it->get<int64_t>() + 999) / 1000));
-            fail_exchange(openai::from_protocol_error(code.value_or(protocol::ErrorCode::Internal), r.body.value("message", ""), tr_.renames),
+            std::string message = r.body.value("message", "");
+            auto renames = tr_.renames;
+            if (tr_.prompts.size() > 1 && ci < choices_.size()) {   // name the prompt: 'prompt[1][3]', or "prompt 1: ..."
+                const size_t p = ci / size_t(tr_.n);
+                renames.insert(renames.begin(), {tr_.prompts[p].first, "prompt[" + std::to_string(p) + "]"});
+                if (message.rfind("field '", 0) != 0) message = "prompt " + std::to_string(p) + ": " + message;
+            }
+            fail_exchange(openai::from_protocol_error(code.value_or(protocol::ErrorCode::Internal), message, renames),
                           retry.empty() ? nullptr : retry.c_str());
         }
     }
@@ -508,6 +518,7 @@ private:
     struct Choice {   // one of the request's n choices: a generate request of its own
         std::string id;
         bool sent = false, done = false;
+        bool answered = false;            // a token or the done frame came: its prompt's KV blocks are cached
         bool first_chunk = true;
         int64_t text_offset = 0;          // completions' characters streamed so far (logprobs' text_offset)
         openai::StreamedCalls calls;      // chat: the tool calls streamed as they were written

@@ -137,26 +137,29 @@ bool is_token_array(const json & v) {
     return true;
 }
 
-// prompt: a string, an array of token ids, or either inside a one-element array.
-std::variant<json, HttpError> read_prompt(const json & p, json & frame, bool & ids) {
-    const json * one = &p;
+// prompt: a string, an array of token ids, or an array of either (several prompts). The first
+// goes into frame; all go into prompts.
+std::optional<HttpError> read_prompt(const json & p, json & frame, Translated & t) {
+    std::vector<const json *> list{&p};
     if (p.is_array() && !p.empty() && (p[0].is_string() || p[0].is_array())) {
-        if (p.size() != 1)
-            return bad("field 'prompt': " + std::to_string(p.size()) +
-                           " prompts in one request are not accepted; send one request per prompt (they are batched together)",
+        if (p.size() > size_t(max_requests))
+            return bad("field 'prompt': " + std::to_string(p.size()) + " prompts in one request; at most " +
+                           std::to_string(max_requests) + " (send the rest in another request: they are batched together)",
                        "prompt");
-        one = &p[0];
+        list.clear();
+        for (const json & one : p) list.push_back(&one);
     }
-    if (one->is_string()) {
-        frame["prompt"] = *one;
-        return json();
+    for (size_t i = 0; i < list.size(); ++i) {
+        const json & one = *list[i];
+        if (one.is_string()) t.prompts.push_back({"prompt", one});
+        else if (is_token_array(one)) t.prompts.push_back({"prompt_ids", one});
+        else
+            return expected(list.size() > 1 ? "prompt[" + std::to_string(i) + "]" : "prompt",
+                            "a non-empty string or a non-empty array of token ids", one);
+        t.prompt_ids = t.prompt_ids || t.prompts.back().first == "prompt_ids";
     }
-    if (is_token_array(*one)) {
-        frame["prompt_ids"] = *one;
-        ids = true;
-        return json();
-    }
-    return expected("prompt", "a non-empty string or a non-empty array of token ids", p);
+    frame[t.prompts[0].first] = t.prompts[0].second;
+    return std::nullopt;
 }
 
 const char * finish_reason(const json & done) {
@@ -167,12 +170,12 @@ const char * finish_reason(const json & done) {
     return "stop";                              // eos or a stop string
 }
 
-// The prompt counted once (every choice has the same), the completions of all choices.
-ojson usage(const std::vector<json> & dones) {
+// Each prompt counted once (its choices have the same), the completions of all choices.
+ojson usage(const std::vector<json> & dones, int per_prompt) {
     int64_t p = 0, c = 0;
-    for (const json & done : dones) {
-        const json & u = done.at("usage");
-        p = u.value("prompt_tokens", int64_t(0));
+    for (size_t i = 0; i < dones.size(); ++i) {
+        const json & u = dones[i].at("usage");
+        if (i % size_t(std::max(1, per_prompt)) == 0) p += u.value("prompt_tokens", int64_t(0));
         c += u.value("completion_tokens", int64_t(0));
     }
     return {{"prompt_tokens", p}, {"completion_tokens", c}, {"total_tokens", p + c}};
@@ -329,8 +332,8 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
                 auto m = read_messages(v);
                 if (auto * e = std::get_if<HttpError>(&m)) return *e;
                 frame["messages"] = std::move(std::get<json>(m));
-            } else if (auto p = read_prompt(v, frame, t.prompt_ids); std::holds_alternative<HttpError>(p)) {
-                return std::get<HttpError>(p);
+            } else if (auto e = read_prompt(v, frame, t)) {
+                return *e;
             }
         } else if (k == "n") {
             if (!v.is_number_integer() || v.get<int64_t>() < 1 || v.get<int64_t>() > max_choices)
@@ -394,7 +397,7 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
                            printable(k));
         }
     }
-    if (!frame.contains(chat ? "messages" : (t.prompt_ids ? "prompt_ids" : "prompt")))
+    if (chat ? !frame.contains("messages") : t.prompts.empty())
         return bad(std::string("field '") + (chat ? "messages" : "prompt") + "': missing", chat ? "messages" : "prompt");
     if (stream_options) {
         if (!t.stream) return bad("field 'stream_options': only allowed with \"stream\": true", "stream_options");
@@ -453,6 +456,10 @@ std::variant<Translated, HttpError> translate_checked(Endpoint endpoint, std::st
             return expected("response_format.type", "one of \"text\", \"json_object\", \"json_schema\"", *type);
         }
     }
+    if (t.choices() > max_requests)
+        return bad("n (" + std::to_string(t.n) + ") times the " + std::to_string(t.prompts.size()) + " prompts is " +
+                       std::to_string(t.choices()) + " completions; at most " + std::to_string(max_requests) + " in one request",
+                   "n");
     if (t.n > 1) frame["stream"] = true;   // a choice's first token sends the others (they start from its cached prompt)
     if (!have_max) frame["max_tokens"] = d.max_tokens;
     if (!have_temperature) frame["temperature"] = 1.0;   // OpenAI's default: sampling
@@ -521,12 +528,18 @@ std::string choice_frame(const Translated & t, int i) {
     if (i == 0) return t.frame;
     ojson f = ojson::parse(t.frame);
     f["id"] = choice_id(f["id"].get<std::string>(), i);
-    if (f["seed"].is_number_unsigned()) f["seed"] = f["seed"].get<uint64_t>() + uint64_t(i);   // wraps at 2^64
-    else if (f["seed"].is_number_integer()) f["seed"] = uint64_t(f["seed"].get<int64_t>()) + uint64_t(i);
+    if (const size_t p = size_t(i / t.n); p > 0 && p < t.prompts.size()) {
+        f.erase("prompt");
+        f.erase("prompt_ids");
+        f[t.prompts[p].first] = ojson::parse(t.prompts[p].second.dump());
+    }
+    const uint64_t j = uint64_t(i % t.n);
+    if (f["seed"].is_number_unsigned()) f["seed"] = f["seed"].get<uint64_t>() + j;   // wraps at 2^64
+    else if (f["seed"].is_number_integer()) f["seed"] = uint64_t(f["seed"].get<int64_t>()) + j;
     return dump(f);
 }
 
-std::string completion_body(Endpoint e, const Reply & r, const std::vector<json> & dones) {
+std::string completion_body(Endpoint e, const Reply & r, const std::vector<json> & dones, int per_prompt) {
     ojson o = head(e, r, false);
     o["choices"] = ojson::array();
     for (size_t i = 0; i < dones.size(); ++i) {
@@ -549,7 +562,7 @@ std::string completion_body(Endpoint e, const Reply & r, const std::vector<json>
         o["choices"].push_back(choice(e, text, finish_reason(done), false, true, std::move(lp), tool_calls(done, false),
                                       rs != done.end() ? &reasoning : nullptr, int(i)));
     }
-    o["usage"] = usage(dones);
+    o["usage"] = usage(dones, per_prompt);
     if (auto t = dones.at(0).find("timings"); t != dones[0].end()) o["timings"] = *t;   // moesh's (the first choice's): queue, first token, total
     return dump(o);
 }
@@ -612,10 +625,10 @@ std::string finish_chunk(Endpoint e, const Reply & r, const nlohmann::json & don
     return out + sse(o);
 }
 
-std::string usage_chunk(Endpoint e, const Reply & r, const std::vector<json> & dones) {
+std::string usage_chunk(Endpoint e, const Reply & r, const std::vector<json> & dones, int per_prompt) {
     ojson o = head(e, r, true);
     o["choices"] = ojson::array();
-    o["usage"] = usage(dones);
+    o["usage"] = usage(dones, per_prompt);
     return sse(o);
 }
 

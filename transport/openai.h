@@ -16,6 +16,7 @@
 
 #include "transport/protocol.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -36,7 +37,12 @@ struct Defaults {
 
 struct Translated {
     std::string frame;           // a protocol generate request (the first choice's, when n > 1)
-    int n = 1;                   // choices asked for: choice_frame(t, i) is the request of choice i
+    int n = 1;                   // choices asked for, per prompt
+    // Completions: each prompt of the request as the frame's field and value ("prompt" and a
+    // string, or "prompt_ids" and token ids); the first is in frame. Empty for chat.
+    std::vector<std::pair<std::string, nlohmann::json>> prompts;
+    // choice_frame(t, i) is the request of choice i, i < choices(): prompt i / n, its choice i % n
+    int choices() const { return n * std::max(1, int(prompts.size())); }
     bool stream = false;
     bool include_usage = false;  // stream_options.include_usage: a last chunk with usage
     bool prompt_ids = false;     // the prompt was token ids
@@ -67,20 +73,24 @@ struct Reply {
     int64_t created = 0;         // Unix seconds
 };
 
-// The most choices (`n`) one request may ask for.
+// The most choices (`n`) one request may ask for, and the most generate requests one request
+// may make (prompts x n: each takes a queue place).
 inline constexpr int max_choices = 16;
+inline constexpr int max_requests = 64;
 
 // Choice i's request id: the request's own for the first, "<id>.<i>" after it.
 std::string choice_id(const std::string & id, int i);
 
-// Choice i's generate request: the first's with the id "<id>.<i>" and the seed plus i (the same
-// prompt, so it starts from the first's cached KV blocks when it follows it).
+// Choice i's generate request: the first's with the id "<id>.<i>", its prompt (i / n) and the seed
+// plus i % n (the same prompt as the prompt's first choice, so it starts from that one's cached KV
+// blocks when it follows it).
 std::string choice_frame(const Translated & t, int i);
 
-// The whole answer, from the server's done frames (a parse_response "done"), one per choice in order.
-std::string completion_body(Endpoint endpoint, const Reply & r, const std::vector<nlohmann::json> & dones);
+// The whole answer, from the server's done frames (a parse_response "done"), one per choice in
+// order; per_prompt: choices per prompt (usage counts each prompt once).
+std::string completion_body(Endpoint endpoint, const Reply & r, const std::vector<nlohmann::json> & dones, int per_prompt);
 inline std::string completion_body(Endpoint endpoint, const Reply & r, const nlohmann::json & done) {
-    return completion_body(endpoint, r, std::vector<nlohmann::json>{done});
+    return completion_body(endpoint, r, std::vector<nlohmann::json>{done}, 1);
 }
 // One SSE event "data: {...}\n\n": a text delta (first: the chat chunk also carries the role),
 // with the log-probabilities of its token when logprobs is a token frame's "logprobs";
@@ -101,9 +111,9 @@ std::string calls_chunk(const Reply & r, const nlohmann::json & deltas, int inde
 std::string finish_chunk(Endpoint endpoint, const Reply & r, const nlohmann::json & done, const StreamedCalls & streamed = {},
                          int index = 0);
 // stream_options.include_usage: the chunk with no choices and the usage (of all choices' done frames).
-std::string usage_chunk(Endpoint endpoint, const Reply & r, const std::vector<nlohmann::json> & dones);
+std::string usage_chunk(Endpoint endpoint, const Reply & r, const std::vector<nlohmann::json> & dones, int per_prompt);
 inline std::string usage_chunk(Endpoint endpoint, const Reply & r, const nlohmann::json & done) {
-    return usage_chunk(endpoint, r, std::vector<nlohmann::json>{done});
+    return usage_chunk(endpoint, r, std::vector<nlohmann::json>{done}, 1);
 }
 inline constexpr std::string_view done_event = "data: [DONE]\n\n";
 

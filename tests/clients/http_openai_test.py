@@ -579,6 +579,42 @@ def choices(srv):
           f"usage covers both: {texts} {ends} {chunks[-1].usage}")
 
 
+def several_prompts(srv):
+    """A list of prompts on /v1/completions (the openai SDK's prompt=[...], lm-evaluation-harness
+    with batch_size > 1): a choice per prompt (and per n), prompt-major, each what the prompt gets
+    alone; usage counts each prompt once; streamed chunks carry their choice's index."""
+    c = srv.client()
+    ps = ["def fibonacci(n):", "import os\nimport sys\n", "class Stack:"]
+    alone = [c.completions.create(model="any", prompt=p, max_tokens=10, temperature=0) for p in ps]
+    r = c.completions.create(model="any", prompt=ps, max_tokens=10, temperature=0)
+    check([x.index for x in r.choices] == [0, 1, 2] and [x.text for x in r.choices] == [a.choices[0].text for a in alone]
+          and r.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+          and r.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone),
+          f"three prompts: three choices, each the prompt's answer alone; usage adds up: {[x.text for x in r.choices]} {r.usage}")
+    sampled = c.completions.create(model="any", prompt=ps[:2], max_tokens=8, temperature=1.0, seed=11, n=2)
+    want = [c.completions.create(model="any", prompt=p, max_tokens=8, temperature=1.0, seed=s).choices[0].text
+            for p in ps[:2] for s in (11, 12)]
+    check([x.text for x in sampled.choices] == want,
+          f"two prompts, n=2: choice i is prompt i // 2 with seed + i % 2: {[x.text for x in sampled.choices]} vs {want}")
+    ids = [[5, 6, 7, 8], [9, 10]]
+    chunks = list(c.completions.create(model="any", prompt=ids, max_tokens=6, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}))
+    texts = ["".join(x.choices[0].text for x in chunks if x.choices and x.choices[0].index == i) for i in (0, 1)]
+    each = [c.completions.create(model="any", prompt=p, max_tokens=6, temperature=0).choices[0].text for p in ids]
+    check(texts == each and chunks[-1].usage.prompt_tokens == 6,
+          f"token-id prompts, streamed: each choice's chunks add up to its answer; usage {chunks[-1].usage}")
+    try:
+        c.completions.create(model="any", prompt=["ok", [1, 999999]], max_tokens=4)
+        check(False, "a bad second prompt is refused")
+    except openai.BadRequestError as e:
+        check("field 'prompt[1][1]'" in str(e) and e.body.get("param") == "prompt[1][1]", f"a bad second prompt: 400 naming it ({e})")
+    try:
+        c.completions.create(model="any", prompt=["ok", "x " * 2000], max_tokens=4)
+        check(False, "a second prompt longer than the context is refused")
+    except openai.BadRequestError as e:
+        check(str(e).count("prompt 1: ") == 1 and e.code == "context_length_exceeded", f"too long a second prompt: 400 naming it ({e})")
+
+
 def chat_choices(c):
     """n on chat: each choice a message, streamed with its role first and its own finish."""
     ask = [{"role": "user", "content": "Name a colour."}]
@@ -906,7 +942,7 @@ def main():
             if not check(srv.port > 0, f"the server prints its ZeroMQ endpoint, then its HTTP URL: {srv.url!r}"):
                 print(srv.log())
                 return 1
-            for part in (completions, logprobs_and_penalties, refusals, health_and_metrics, choices, disconnects):
+            for part in (completions, logprobs_and_penalties, refusals, health_and_metrics, choices, several_prompts, disconnects):
                 try:
                     part(args.moesh, args.model, srv) if part in (completions, logprobs_and_penalties) else part(srv)
                 except Exception as e:  # noqa: BLE001 - any escape is a failure, with what it was

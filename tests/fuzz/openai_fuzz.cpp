@@ -53,10 +53,13 @@ bool translate_one(openai::Endpoint ep, std::string_view bytes) {
     if (const auto * r = std::get_if<protocol::Request>(&parsed)) {
         check(r->type == protocol::RequestType::Generate && r->id == d.id, "translated frame is not a generate with our id");
         check(r->stream == (tr.stream || tr.n > 1), "stream flag differs");   // n > 1: a choice's first token sends the others
-        if (tr.n > 1) {   // the last choice's request: the same, with its own id
-            auto last = protocol::parse_request(openai::choice_frame(tr, tr.n - 1), wide);
-            const auto * lr = std::get_if<protocol::Request>(&last);
-            check(lr && lr->id == d.id + "." + std::to_string(tr.n - 1) && lr->max_tokens == r->max_tokens, "a choice's request differs");
+        if (const int last_i = tr.choices() - 1; last_i > 0) {   // the last choice's request: the same, with its own id
+            check(last_i < openai::max_requests, "more requests than one request may make");
+            auto last = protocol::parse_request(openai::choice_frame(tr, last_i), wide);
+            if (const auto * lr = std::get_if<protocol::Request>(&last))
+                check(lr->id == d.id + "." + std::to_string(last_i) && lr->max_tokens == r->max_tokens, "a choice's request differs");
+            else   // its own prompt may be one the protocol refuses
+                check(std::get<protocol::ParseError>(last).code == protocol::ErrorCode::BadRequest, "a choice's request refused for its form");
         }
         check(bool(r->messages) == (ep == openai::Endpoint::Chat), "chat endpoint without messages, or the reverse");
     } else {   // the protocol refuses what it checks (ranges, types of passed-through fields): with a readable message

@@ -69,10 +69,18 @@ TEST(OpenAi, PromptShapes) {
     EXPECT_EQ(frame_of(Endpoint::Completions, {{"prompt", {"one"}}})["prompt"], "one");
     EXPECT_EQ(frame_of(Endpoint::Completions, {{"prompt", {1, 2, 3}}})["prompt_ids"], json({1, 2, 3}));
     EXPECT_EQ(frame_of(Endpoint::Completions, {{"prompt", {{4, 5}}}})["prompt_ids"], json({4, 5}));
-    const HttpError many = error_of(Endpoint::Completions, R"({"prompt": ["a", "b"]})");
+    std::string big = "[";
+    for (int i = 0; i < 65; ++i) big += std::string(i ? "," : "") + "\"p\"";
+    const HttpError many = error_of(Endpoint::Completions, R"({"prompt": )" + big + "]}");
     EXPECT_EQ(many.status, 400);
     EXPECT_EQ(many.param, "prompt");
-    EXPECT_NE(many.message.find("2 prompts"), std::string::npos) << many.message;
+    EXPECT_NE(many.message.find("65 prompts in one request; at most 64"), std::string::npos) << many.message;
+    const HttpError product = error_of(Endpoint::Completions, R"({"prompt": ["a", "b", "c", "d", "e"], "n": 16})");
+    EXPECT_EQ(product.param, "n");
+    EXPECT_NE(product.message.find("is 80 completions; at most 64"), std::string::npos) << product.message;
+    const HttpError mixed = error_of(Endpoint::Completions, R"({"prompt": ["a", 3]})");
+    EXPECT_EQ(mixed.param, "prompt[1]");
+    EXPECT_EQ(error_of(Endpoint::Completions, R"({"prompt": ["a", []]})").param, "prompt[1]");
     EXPECT_EQ(error_of(Endpoint::Completions, R"({"prompt": {"a": 1}})").param, "prompt");
     EXPECT_EQ(error_of(Endpoint::Completions, R"({"max_tokens": 3})").message, "field 'prompt': missing");
 }
@@ -124,7 +132,7 @@ TEST(OpenAi, ChoicesAreRequestsOfTheirOwn) {
         return json{{"type", "done"}, {"id", "x"}, {"tokens", json::array()}, {"text", text}, {"finish_reason", "length"},
                     {"usage", {{"prompt_tokens", 5}, {"completion_tokens", completion}}}};
     };
-    const json body = json::parse(completion_body(Endpoint::Completions, r, std::vector<json>{done("a", 2), done("b", 3)}));
+    const json body = json::parse(completion_body(Endpoint::Completions, r, std::vector<json>{done("a", 2), done("b", 3)}, 2));
     ASSERT_EQ(body["choices"].size(), 2u);
     EXPECT_EQ(body["choices"][1]["index"], 1);
     EXPECT_EQ(body["choices"][1]["text"], "b");
@@ -132,6 +140,41 @@ TEST(OpenAi, ChoicesAreRequestsOfTheirOwn) {
     const json chunk = json::parse(text_chunk(Endpoint::Chat, r, "hi", true, nullptr, nullptr, {}, 1).substr(6));
     EXPECT_EQ(chunk["choices"][0]["index"], 1);
     EXPECT_EQ(chunk["choices"][0]["delta"]["role"], "assistant");
+}
+
+// Several prompts: a request per prompt and choice, prompt-major (choice i is prompt i / n), each
+// prompt's choices seeded from the request's seed as for one prompt; usage counts each prompt once.
+TEST(OpenAi, SeveralPromptsAreRequestsOfTheirOwn) {
+    auto t = translate(Endpoint::Completions, R"({"prompt":["ab",[7,8,9],"c"],"n":2,"seed":10})", defaults());
+    ASSERT_TRUE(std::holds_alternative<Translated>(t)) << std::get<HttpError>(t).message;
+    const Translated & tr = std::get<Translated>(t);
+    EXPECT_EQ(tr.choices(), 6);
+    EXPECT_TRUE(tr.prompt_ids);   // errors about prompt_ids name 'prompt'
+    std::vector<json> f;
+    for (int i = 0; i < tr.choices(); ++i) f.push_back(json::parse(choice_frame(tr, i)));
+    EXPECT_EQ(f[0]["prompt"], "ab");
+    EXPECT_EQ(f[1]["prompt"], "ab");
+    EXPECT_EQ(f[2]["prompt_ids"], json({7, 8, 9}));
+    EXPECT_FALSE(f[2].contains("prompt"));
+    EXPECT_EQ(f[3]["prompt_ids"], json({7, 8, 9}));
+    EXPECT_EQ(f[5]["prompt"], "c");
+    EXPECT_EQ(f[5]["id"], f[0]["id"].get<std::string>() + ".5");
+    for (int i = 0; i < 6; ++i) EXPECT_EQ(f[size_t(i)]["seed"], 10 + i % 2) << i;
+    auto done = [](int prompt, int completion) {
+        return json{{"type", "done"}, {"id", "x"}, {"tokens", json::array()}, {"text", "t"}, {"finish_reason", "length"},
+                    {"usage", {{"prompt_tokens", prompt}, {"completion_tokens", completion}}}};
+    };
+    const std::vector<json> dones{done(2, 1), done(2, 1), done(3, 1), done(3, 1), done(1, 2), done(1, 2)};
+    const json body = json::parse(completion_body(Endpoint::Completions, {"cmpl-1", "m", 7}, dones, tr.n));
+    ASSERT_EQ(body["choices"].size(), 6u);
+    EXPECT_EQ(body["choices"][5]["index"], 5);
+    EXPECT_EQ(body["usage"], json::parse(R"({"prompt_tokens":6,"completion_tokens":8,"total_tokens":14})"));
+    const json usage = json::parse(usage_chunk(Endpoint::Completions, {"cmpl-1", "m", 7}, dones, tr.n).substr(6));
+    EXPECT_EQ(usage["usage"]["prompt_tokens"], 6);
+    // One prompt in a list is one prompt.
+    auto one = translate(Endpoint::Completions, R"({"prompt":[[4,5]]})", defaults());
+    ASSERT_TRUE(std::holds_alternative<Translated>(one));
+    EXPECT_EQ(std::get<Translated>(one).choices(), 1);
 }
 
 TEST(OpenAi, ResponseFormatBecomesAJsonSchemaInItsKeyOrder) {
