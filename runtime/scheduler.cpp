@@ -3,6 +3,7 @@
 #include "runtime/error.h"
 
 #include <algorithm>
+#include <utility>
 
 namespace moesh {
 
@@ -87,15 +88,40 @@ Admit Scheduler::submit(GenRequest r, uint64_t * handle, std::string * why) {
     s.req = std::move(r);
     s.submitted = Clock::now();
     *handle = s.handle;
-    queue_.push_back(std::move(s));
+    enqueue(std::move(s), false);
     admit();
     return Admit::Queued;
+}
+
+void Scheduler::enqueue(Seq s, bool resumed) {
+    const int32_t p = s.req.priority;
+    auto at = std::find_if(queue_.begin(), queue_.end(), [&](const Seq & q) { return resumed ? q.req.priority >= p : q.req.priority > p; });
+    queue_.insert(at, std::move(s));
+}
+
+size_t Scheduler::worst(int32_t than) const {
+    size_t v = running_.size();
+    for (size_t j = 0; j < running_.size(); ++j) {
+        const Seq & r = running_[j];
+        if (r.whole || r.req.priority <= than) continue;
+        if (v == running_.size() || std::pair(r.req.priority, r.handle) > std::pair(running_[v].req.priority, running_[v].handle)) v = j;
+    }
+    return v;
 }
 
 // First come, first served: a request that does not fit yet blocks the ones behind it, so a
 // long request is not starved by a stream of short ones. A preempted request waits at the head.
 void Scheduler::admit() {
-    while (!queue_.empty() && !free_slots_.empty()) {
+    while (!queue_.empty()) {
+        // A request that cannot be admitted takes the place of running ones of a worse priority.
+        const int32_t priority = queue_.front().req.priority;
+        if (free_slots_.empty()) {
+            if (const size_t v = worst(priority); v < running_.size()) {
+                preempt(v);
+                continue;
+            }
+            break;
+        }
         Seq & s = queue_.front();
         const int32_t slot = free_slots_.back();
         const bool resumed = s.sampler != nullptr;
@@ -124,6 +150,10 @@ void Scheduler::admit() {
                         r.n_prompt() + int64_t(r.generated.size()) > kv_.capacity(r.slot);
         if (kv_.n_free_blocks() - new_blocks < headroom || !kv_.reserve(slot, need)) {
             kv_.release(slot);
+            if (const size_t v = worst(priority); v < running_.size()) {
+                preempt(v);
+                continue;
+            }
             break;
         }
         free_slots_.pop_back();
@@ -149,10 +179,9 @@ bool Scheduler::grow() {
             ++i;
             continue;
         }
-        // The pool is out: the newest request that can give its blocks back does (s, if it is).
-        size_t v = i;
-        for (size_t j = 0; j < running_.size(); ++j)
-            if (!running_[j].whole && running_[j].handle > running_[v].handle) v = j;
+        // The pool is out: the worst priority's newest request that can give its blocks back does
+        // (s, if it is; s is one, so there is one).
+        const size_t v = worst(INT32_MIN);
         preempt(v);
         if (v < i) --i;   // s moved down one; if v == i the next request is at i now
     }
@@ -169,7 +198,7 @@ void Scheduler::preempt(size_t i) {
     s.slot = -1;
     s.n_prefilled = 0;
     ++stats_.requests_preempted;
-    queue_.push_front(std::move(s));   // newest first, so the older ones end up ahead
+    enqueue(std::move(s), true);   // newest first, so the older ones end up ahead
 }
 
 // Positions holding KV: what prefill computed so far, then every generated token but the last (a

@@ -72,6 +72,10 @@ struct RequestTimings {
 struct GenRequest {
     std::vector<int32_t> prompt;
     int64_t max_tokens = 16;
+    // Lower runs first: the queue is in priority order, first come first served within one, and a
+    // request that cannot be admitted preempts running ones of a worse priority (on demand); the
+    // pool running out preempts the worst priority's newest request.
+    int32_t priority = 0;
     SamplerParams sampling;
     std::vector<int32_t> stop_ids;   // end the request when sampled (e.g. the model's EOS)
     // Null, or what the output must match (runtime/grammar.h; its end tokens should be stop_ids):
@@ -158,6 +162,10 @@ private:
     // requests while the pool is out (on demand); false if nothing is left running.
     bool grow();
     void preempt(size_t running_index);
+    // The running request (not reserved whole) of the worst priority, newest first, among those worse
+    // than `than`; running_.size() when there is none.
+    size_t worst(int32_t than) const;
+    void enqueue(Seq s, bool resumed);   // in priority order: behind its equals, or (resumed) before them
     void finish(size_t running_index, FinishReason why);
     void publish(const Seq & s);   // its computed full blocks, to the prefix cache
     static int64_t kv_positions(const Seq & s);

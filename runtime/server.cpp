@@ -468,6 +468,7 @@ void Server::generate(const Origin & from, protocol::Request && req) {
         }
     }
     g.max_tokens = req.max_tokens;
+    g.priority = req.priority;
     g.sampling = SamplerParams{req.temperature,        req.top_k,             req.top_p,
                                req.seed,               req.repetition_penalty, req.frequency_penalty,
                                req.presence_penalty,   std::move(req.logit_bias)};

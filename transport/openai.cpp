@@ -52,7 +52,8 @@ constexpr OffOnly chat_off[] = {
 
 // Passed through to the protocol, which checks them (and names them in its messages).
 constexpr const char * pass_through[] = {"temperature",       "top_p",            "top_k",             "seed", "stop",
-                                         "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias"};
+                                         "frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias",
+                                         "priority"};
 
 // A field name from the input, for a message: printable ASCII, others as '?', at most 40 bytes.
 std::string printable(std::string_view s) {

@@ -23,6 +23,7 @@ constexpr int max_request_depth = 64;   // JSON Schemas nest (an object's proper
 constexpr int max_response_depth = 64;
 
 constexpr uint64_t max_seed = std::numeric_limits<uint64_t>::max();
+constexpr int64_t max_priority = 1000;
 
 // Stops the parser from inside its callback; caught in parse_json.
 struct Refused {
@@ -136,7 +137,8 @@ bool generate_field(std::string_view k) {
     static constexpr std::string_view fields[] = {
         "prompt", "prompt_ids", "messages", "max_tokens", "temperature",        "top_p",             "top_k",
         "seed",   "stop",       "stream",   "logprobs",   "repetition_penalty", "frequency_penalty", "presence_penalty",
-        "prompt_logprobs", "logit_bias", "echo", "grammar", "json_schema", "tools", "tool_choice", "chat_template_kwargs"};
+        "prompt_logprobs", "logit_bias", "echo", "grammar", "json_schema", "tools", "tool_choice", "chat_template_kwargs",
+        "priority"};
     for (std::string_view f : fields)
         if (k == f) return true;
     return false;
@@ -240,6 +242,12 @@ public:
             r.repetition_penalty = float(d);
         }
         if (auto it = o.find("logit_bias"); it != o.end() && !read_logit_bias(*it, r.logit_bias)) return fail(error_);
+        if (auto it = o.find("priority"); it != o.end()) {
+            int64_t p = 0;
+            if (!get_integer(*it, -max_priority, max_priority, p))
+                return fail(expected("priority", "an integer in " + range(-max_priority, max_priority) + " (lower runs first)", *it));
+            r.priority = int32_t(p);
+        }
         if (auto it = o.find("grammar"); it != o.end()) {
             if (!it->is_string() || it->get_ref<const std::string &>().empty())
                 return fail(expected("grammar", "a non-empty string (GBNF)", *it));
@@ -819,6 +827,7 @@ std::string request_frame(const Request & r) {
     if (r.repetition_penalty != 1) o["repetition_penalty"] = float_value(r.repetition_penalty);
     if (r.frequency_penalty != 0) o["frequency_penalty"] = float_value(r.frequency_penalty);
     if (r.presence_penalty != 0) o["presence_penalty"] = float_value(r.presence_penalty);
+    if (r.priority != 0) o["priority"] = r.priority;
     if (!r.logit_bias.empty()) {
         ojson & b = o["logit_bias"] = ojson::object();
         for (const auto & [t, v] : r.logit_bias) b[std::to_string(t)] = float_value(v);

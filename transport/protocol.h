@@ -93,6 +93,7 @@ struct Request {
     float frequency_penalty = 0;    // [-2, 2]: per count in the output (OpenAI's)
     float presence_penalty = 0;     // [-2, 2]: once in the output (OpenAI's)
     std::vector<std::pair<int32_t, float>> logit_bias;   // (token id, [-100, 100]) added to its logit
+    int32_t priority = 0;   // [-1000, 1000]: lower runs first (vLLM's); equal ones first come, first served
     // At most one: a GBNF grammar the output must match, or a JSON Schema (its JSON text, keys in
     // the order sent) the output must be an instance of. The server compiles and checks them.
     std::optional<std::string> grammar;

@@ -615,6 +615,19 @@ def several_prompts(srv):
         check(str(e).count("prompt 1: ") == 1 and e.code == "context_length_exceeded", f"too long a second prompt: 400 naming it ({e})")
 
 
+def priority(srv):
+    """vLLM's `priority` (lower runs first) is taken on /v1/completions; out of range it is a 400
+    naming it."""
+    c = srv.client()
+    r = c.completions.create(model="any", prompt="def f():", max_tokens=4, temperature=0, extra_body={"priority": -5})
+    check(r.usage.completion_tokens == 4, f"a request with a priority is served: {r.usage}")
+    try:
+        c.completions.create(model="any", prompt="def f():", max_tokens=4, extra_body={"priority": 5000})
+        check(False, "a priority out of range is refused")
+    except openai.BadRequestError as e:
+        check(e.body.get("param") == "priority", f"a priority out of range: 400 naming it ({e})")
+
+
 def chat_choices(c):
     """n on chat: each choice a message, streamed with its role first and its own finish."""
     ask = [{"role": "user", "content": "Name a colour."}]
@@ -942,7 +955,7 @@ def main():
             if not check(srv.port > 0, f"the server prints its ZeroMQ endpoint, then its HTTP URL: {srv.url!r}"):
                 print(srv.log())
                 return 1
-            for part in (completions, logprobs_and_penalties, refusals, health_and_metrics, choices, several_prompts, disconnects):
+            for part in (completions, logprobs_and_penalties, refusals, health_and_metrics, choices, several_prompts, priority, disconnects):
                 try:
                     part(args.moesh, args.model, srv) if part in (completions, logprobs_and_penalties) else part(srv)
                 except Exception as e:  # noqa: BLE001 - any escape is a failure, with what it was

@@ -357,6 +357,8 @@ REQUEST = {
     "invalid_missing_prompt.json": req(id="r1", max_tokens=3),
     "invalid_two_prompts.json": gen(prompt_ids=[1]),
     "invalid_empty_prompt.json": gen(prompt=""),
+    "valid_priority.json": gen(prompt="x", priority=-2),
+    "invalid_priority.json": gen(prompt="x", priority=5000),
     "invalid_prompt_ids_range.json": req(id="r1", prompt_ids=[1, 32000]),
     "invalid_prompt_ids_float.json": req(id="r1", prompt_ids=[1.0]),
     "invalid_messages_role.json": req(id="r1", messages=[{"role": "tool", "content": "x"}]),

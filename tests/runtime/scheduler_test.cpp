@@ -8,6 +8,7 @@
 
 #include <map>
 #include <random>
+#include <tuple>
 
 namespace moesh {
 namespace {
@@ -367,8 +368,8 @@ TEST(Scheduler, CancellingAPreemptedRequestGivesItsTokens) {
     EXPECT_EQ(s.stats().kv_blocks_used, 0);
 }
 
-// Random loads on a small pool: requests of random lengths (many sharing a start) arrive over
-// time with greedy, seeded or penalised sampling; some stop themselves, some are cancelled. In
+// Random loads on a small pool: requests of random lengths (many sharing a start) and priorities
+// arrive over time with greedy, seeded or penalised sampling; some stop themselves, some are cancelled. In
 // every mode the pool and the slots hold, each request ends once, and each gets generate()'s
 // tokens alone (a cancelled one a start of them, as it streamed).
 TEST(Scheduler, RandomLoadsOnASmallPoolGiveEveryRequestItsTokens) {
@@ -382,6 +383,7 @@ TEST(Scheduler, RandomLoadsOnASmallPoolGiveEveryRequestItsTokens) {
         int64_t max_tokens;
         SamplerParams sp;
         int stop_after;   // on_token ends the request at this many tokens; 0: never
+        int32_t priority;
         int arrive_step, cancel_step;   // cancel_step < 0: never
         std::vector<int32_t> alone;
     };
@@ -397,6 +399,7 @@ TEST(Scheduler, RandomLoadsOnASmallPoolGiveEveryRequestItsTokens) {
         if (kind == 1) r.sp = SamplerParams{0.9f, 40, 0.9f, uint64_t(uniform(1, 1 << 20))};
         if (kind == 2) r.sp = SamplerParams{0.0f, 0, 1.0f, 0, 1.2f, 0.3f, 0.2f};
         r.stop_after = uniform(0, 3) == 0 ? uniform(1, 10) : 0;
+        r.priority = int32_t(uniform(0, 2));
         r.arrive_step = uniform(0, 40);
         r.cancel_step = uniform(0, 5) == 0 ? r.arrive_step + uniform(0, 20) : -1;
         r.alone = alone(model, *be, r.prompt, r.max_tokens, r.sp);
@@ -422,6 +425,7 @@ TEST(Scheduler, RandomLoadsOnASmallPoolGiveEveryRequestItsTokens) {
                     const Spec & r = specs[i];
                     if (r.arrive_step == step) {
                         GenRequest g = request(r.prompt, r.max_tokens, out, r.sp);
+                        g.priority = r.priority;
                         if (r.stop_after > 0)
                             g.on_token = [&out, n = size_t(r.stop_after)](uint64_t h, int32_t t, const TokenLogprobs *) {
                                 out[h].streamed.push_back(t);
@@ -496,6 +500,88 @@ TEST(Scheduler, ANewRequestLeavesRunningOnesRoomToGrow) {
     EXPECT_EQ(out[a].final_tokens, alone(model, *be, prompt(10, 1), 60));
     EXPECT_EQ(out[b].final_tokens, alone(model, *be, prompt(10, 2), 60));
     EXPECT_EQ(s.stats().kv_blocks_used, 0);
+}
+
+// Priorities: the queue runs in priority order (first come, first served within one), a request
+// that cannot be admitted preempts running ones of a worse priority (for a slot or for blocks),
+// never an equal or better one, and every request still gets its tokens alone.
+TEST(Scheduler, PrioritiesOrderTheQueueAndPreemptOnlyWorseRequests) {
+    const Model model = Model::load_folder(k_model);
+    auto be = test::open_cpu_backend(2);
+    ASSERT_NE(be, nullptr);
+    auto prompt = [](int n, int salt) {
+        std::vector<int32_t> p;
+        for (int j = 0; j < n; ++j) p.push_back(int32_t((salt * 31 + 7 * j + 2) % 4000));
+        return p;
+    };
+    std::map<uint64_t, Outcome> out;
+    std::vector<uint64_t> order;   // on_done calls, in order
+    auto submit = [&](Scheduler & s, int n_prompt, int salt, int64_t max_tokens, int32_t priority) {
+        GenRequest g = request(prompt(n_prompt, salt), max_tokens, out);
+        g.priority = priority;
+        auto inner = g.on_done;
+        g.on_done = [&order, inner](uint64_t h, FinishReason w, const std::vector<int32_t> & t, const RequestTimings & tm) {
+            order.push_back(h);
+            inner(h, w, t, tm);
+        };
+        uint64_t h = 0;
+        EXPECT_EQ(s.submit(std::move(g), &h), Admit::Queued);
+        return h;
+    };
+    auto check_alone = [&](uint64_t h, int n_prompt, int salt, int64_t max_tokens) {
+        EXPECT_EQ(out[h].final_tokens, alone(model, *be, prompt(n_prompt, salt), max_tokens)) << "salt " << salt;
+    };
+    {   // for a slot: a better request takes the newest of the worst priority's
+        SchedulerOptions so;
+        so.max_sequences = 2;
+        so.kv_blocks = 64;
+        Scheduler s(model, *be, so);
+        const uint64_t l1 = submit(s, 8, 1, 30, 5), l2 = submit(s, 8, 2, 30, 5);
+        for (int k = 0; k < 3; ++k) s.step();
+        const uint64_t m = submit(s, 8, 3, 4, 5);   // an equal priority waits for a slot
+        EXPECT_EQ(s.stats().requests_preempted, 0);
+        const uint64_t h = submit(s, 8, 4, 10, 0);
+        EXPECT_EQ(s.stats().requests_preempted, 1);
+        EXPECT_EQ(s.stats().running, 2);
+        while (!s.idle()) s.step();
+        // h first, though it came last; m after l1 (an equal priority preempts nobody); l2 last
+        EXPECT_EQ(order, (std::vector<uint64_t>{h, l1, m, l2}));
+        for (auto [hh, salt, n] : {std::tuple{l1, 1, 30}, {l2, 2, 30}, {m, 3, 4}, {h, 4, 10}}) check_alone(hh, 8, salt, n);
+    }
+    order.clear();
+    {   // the queue in priority order, first come first served within one; a better running
+        // request is never preempted
+        SchedulerOptions so;
+        so.max_sequences = 1;
+        so.kv_blocks = 64;
+        Scheduler s(model, *be, so);
+        const uint64_t r = submit(s, 6, 10, 8, -5);
+        s.step();
+        const uint64_t a = submit(s, 6, 11, 4, 2), b = submit(s, 6, 12, 4, 1), c = submit(s, 6, 13, 4, 1),
+                       d = submit(s, 6, 14, 4, 2), e = submit(s, 6, 15, 4, -1);
+        while (!s.idle()) s.step();
+        EXPECT_EQ(order, (std::vector<uint64_t>{r, e, b, c, a, d}));
+        EXPECT_EQ(s.stats().requests_preempted, 0);
+    }
+    order.clear();
+    {   // for blocks: a better request preempts a worse one that holds the pool, which resumes after
+        SchedulerOptions so;
+        so.max_sequences = 4;
+        so.kv_blocks = 8;   // 128 positions
+        so.kv_block_size = 16;
+        so.prefill_chunk = 64;
+        so.max_batch = 64;
+        Scheduler s(model, *be, so);
+        const uint64_t l = submit(s, 100, 20, 20, 1);
+        for (int k = 0; k < 3; ++k) s.step();   // 7 blocks
+        const uint64_t h = submit(s, 30, 21, 10, 0);
+        EXPECT_EQ(s.stats().requests_preempted, 1);
+        while (!s.idle()) s.step();
+        EXPECT_EQ(order, (std::vector<uint64_t>{h, l}));
+        check_alone(l, 100, 20, 20);
+        check_alone(h, 30, 21, 10);
+        EXPECT_EQ(s.stats().kv_blocks_used, 0);
+    }
 }
 
 } // namespace

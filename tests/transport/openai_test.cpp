@@ -85,6 +85,11 @@ TEST(OpenAi, PromptShapes) {
     EXPECT_EQ(error_of(Endpoint::Completions, R"({"max_tokens": 3})").message, "field 'prompt': missing");
 }
 
+TEST(OpenAi, PriorityPassesThrough) {   // vLLM's extra field: the protocol checks it
+    EXPECT_EQ(frame_of(Endpoint::Completions, {{"prompt", "x"}, {"priority", -2}})["priority"], -2);
+    EXPECT_EQ(frame_of(Endpoint::Chat, {{"messages", {{{"role", "user"}, {"content", "x"}}}}, {"priority", 3}})["priority"], 3);
+}
+
 TEST(OpenAi, NullMeansNotGiven) {
     const json f = frame_of(Endpoint::Completions, {{"prompt", "x"}, {"max_tokens", nullptr}, {"stop", nullptr}, {"n", nullptr},
                                                     {"logprobs", nullptr}, {"user", "u"}});

@@ -398,6 +398,12 @@ TEST(ProtocolRequest, ChecksLogprobsAndPenalties) {
     EXPECT_BAD_REQUEST(with("repetition_penalty", 1e-300), "field 'repetition_penalty'");   // 0 as a float
     EXPECT_FLOAT_EQ(accept(with("frequency_penalty", -2)).frequency_penalty, -2.0f);
     EXPECT_FLOAT_EQ(accept(with("presence_penalty", 1.5)).presence_penalty, 1.5f);
+    EXPECT_EQ(accept(with("top_k", 0)).priority, 0);   // absent: 0
+    EXPECT_EQ(accept(with("priority", -1000)).priority, -1000);
+    EXPECT_EQ(accept(with("priority", 7)).priority, 7);
+    EXPECT_BAD_REQUEST(with("priority", 1001), "field 'priority': expected an integer in [-1000, 1000] (lower runs first), got 1001");
+    EXPECT_BAD_REQUEST(with("priority", 1.5), "field 'priority'");
+    EXPECT_BAD_REQUEST(with("priority", "high"), "field 'priority'");
     EXPECT_BAD_REQUEST(with("frequency_penalty", 2.01), "field 'frequency_penalty': expected a number in [-2, 2], got 2.01");
     EXPECT_BAD_REQUEST(with("presence_penalty", "1"), "field 'presence_penalty'");
     EXPECT_EQ(accept(with("prompt_logprobs", 2)).prompt_logprobs, 2);
@@ -554,6 +560,7 @@ TEST(ProtocolRequest, RequestFrameReadsBackAsTheSameRequest) {
     g.repetition_penalty = 1.1f;
     g.frequency_penalty = -0.3f;
     g.presence_penalty = 0.7f;
+    g.priority = -3;
     const Request r = accept(request_frame(g));
     EXPECT_EQ(r.id, g.id);
     ASSERT_TRUE(r.messages);
@@ -572,6 +579,7 @@ TEST(ProtocolRequest, RequestFrameReadsBackAsTheSameRequest) {
     EXPECT_EQ(r.repetition_penalty, g.repetition_penalty);
     EXPECT_EQ(r.frequency_penalty, g.frequency_penalty);
     EXPECT_EQ(r.presence_penalty, g.presence_penalty);
+    EXPECT_EQ(r.priority, -3);
 
     EXPECT_NE(request_frame(g).find(R"("temperature":0.7,"top_p":0.95,)"), std::string::npos) << request_frame(g);
 
