@@ -272,6 +272,8 @@ class ZmqLoadClient(LoadClient):
         self.want, self.got = max_tokens, 0
         asked = self.args.ask_max_tokens or max_tokens
         req = {"id": self.rid, "prompt_ids": ids, "max_tokens": asked, "temperature": 0, "stream": True}
+        if self.args.priority is not None:
+            req["priority"] = self.args.priority
         if self.args.logprobs is not None:
             req["logprobs"] = self.args.logprobs
         if self.args.grammar_text is not None:
@@ -559,6 +561,7 @@ def report(engine, n_clients, total, wall, cpu, args, server):
         "max_tokens": args.max_tokens,
         "max_tokens_spread": args.max_tokens_spread,
         "ask_max_tokens": args.ask_max_tokens,
+        "priority": args.priority,
         "logprobs": args.logprobs,
         "grammar": args.grammar,
         "duration_s": args.duration,
@@ -838,6 +841,9 @@ def main():
     ap.add_argument("--ask-max-tokens", type=int, metavar="D",
                     help="ZeroMQ: each request asks for D tokens, and the client stops it (cancel) once it has "
                          "its --max-tokens: answers that end before max_tokens, as most chat answers do")
+    ap.add_argument("--priority", type=int, metavar="P",
+                    help="ZeroMQ: every request's priority (lower runs first); run a second serve_load with "
+                         "--endpoint and another priority beside it to measure what priorities do")
     ap.add_argument("--shared-prefix", type=int, default=0, metavar="N",
                     help="put the same N random tokens before every prompt (a system prompt; default 0)")
     ap.add_argument("--max-tokens-spread", type=float, default=0.0, metavar="S",
@@ -875,6 +881,8 @@ def main():
                  "--shared-prefix not negative")
     if not 0 <= args.max_tokens_spread < 1:
         sys.exit(f"serve_load: --max-tokens-spread {args.max_tokens_spread}: must be in [0, 1)")
+    if args.priority is not None and (args.http or args.llama_server):
+        sys.exit("serve_load: --priority: with moesh over ZeroMQ")
     if args.ask_max_tokens is not None and (args.http or args.llama_server or args.ask_max_tokens < 1):
         sys.exit("serve_load: --ask-max-tokens: a positive count, with moesh over ZeroMQ (its cancel frame)")
     if args.endpoint and not args.endpoint.startswith(("tcp://127.0.0.1:", "tcp://localhost:", "ipc://")):
