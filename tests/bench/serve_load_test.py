@@ -143,6 +143,23 @@ def runs(moesh, model):
           f"busy answers are counted and retried ({line.get('requests')} done, {line.get('errors')})")
 
 
+    # --ask-max-tokens: each request asks for 100 tokens and the client stops it after 5 (cancel);
+    # --priority goes along.
+    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+        f.write(CONFIG)
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench" / "serve_load.py"), "--moesh", moesh, "--model", model,
+           "--config", f.name, "--threads", "1", "--clients", "2", "--requests", "3", "--duration", "60",
+           "--max-tokens", "5", "--ask-max-tokens", "100", "--priority", "-2", "--prompt-len", "12", "--timeout", "60"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    pathlib.Path(f.name).unlink()
+    line = json.loads(p.stdout) if p.returncode == 0 else {}
+    stopped = line.get("finish_reasons", {}).get("client_stop", 0)
+    check(line.get("requests") == 6 and not line.get("errors") and 5 * stopped <= line["completion_tokens"] <= 30
+          and stopped + line["finish_reasons"].get("eos", 0) == 6 and line["ask_max_tokens"] == 100 and line["priority"] == -2,
+          f"--ask-max-tokens: requests stopped by the client after 5 tokens ({line.get('finish_reasons')}, "
+          f"{line.get('completion_tokens')} tokens)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--moesh", required=True)
