@@ -197,6 +197,7 @@ void Scheduler::preempt(size_t i) {
     free_slots_.push_back(s.slot);
     s.slot = -1;
     s.n_prefilled = 0;
+    ++s.n_preempted;
     ++stats_.requests_preempted;
     enqueue(std::move(s), true);   // newest first, so the older ones end up ahead
 }
@@ -224,6 +225,7 @@ RequestTimings Scheduler::timings(const Seq & s) {
     const auto now = Clock::now();
     RequestTimings t;
     t.total_ms = ms(now - s.submitted);
+    t.preempted = s.n_preempted;
     if (!s.sampler) {   // never admitted
         t.queue_ms = t.total_ms;
         return t;

@@ -67,6 +67,7 @@ struct RequestTimings {
     double ttft_ms = 0;      // submitted -> first token
     double total_ms = 0;     // submitted -> done
     double decode_tokens_per_second = 0;   // after the first token
+    int64_t preempted = 0;   // times it gave its KV blocks back and waited (kv_allocation on_demand)
 };
 
 struct GenRequest {
@@ -151,7 +152,8 @@ private:
         std::vector<int32_t> generated;
         std::unique_ptr<Sampler> sampler;   // kept across a preemption, as the grammar is
         bool whole = false;                 // its KV blocks were reserved up front: never preempted
-        int64_t n_held = 0;                 // most positions it held KV for when preempted (what a resume computes again)
+        int64_t n_held = 0;
+        int64_t n_preempted = 0;                 // most positions it held KV for when preempted (what a resume computes again)
         bool prefilled_now = false;         // this step computed some of its positions
         Clock::time_point submitted, admitted, first_token;
         int64_t n_prompt() const { return int64_t(req.prompt.size()); }

@@ -370,6 +370,7 @@ void Server::on_done(uint64_t handle, FinishReason why, const std::vector<int32_
     d.prompt_tokens = a.prompt_tokens;
     d.completion_tokens = int64_t(d.tokens.size());
     d.queue_ms = t.queue_ms;
+    d.preempted = t.preempted;
     d.ttft_ms = tokens.empty() ? std::nan("") : t.ttft_ms;   // not measured: null
     d.total_ms = t.total_ms;
     d.decode_tokens_per_second = tokens.size() > 1 ? t.decode_tokens_per_second : std::nan("");

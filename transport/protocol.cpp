@@ -617,6 +617,10 @@ public:
                 if (!it->is_number() && !it->is_null())
                     return expected(std::string("timings.") + k, "a number or null", *it);
             }
+            int64_t preempted = 0;   // absent from servers before it
+            if (const auto it = timings->find("preempted");
+                it != timings->end() && !get_integer(*it, 0, std::numeric_limits<int64_t>::max(), preempted))
+                return expected("timings.preempted", "a non-negative integer", *it);
         } else if (type == "error") {
             if (!has_string("code", false) || !has_string("message", true)) return error_;
             if (o_.contains("retry_after_ms") &&
@@ -922,6 +926,7 @@ std::string done_frame(std::string_view id, const Done & d) {
     t["ttft_ms"] = finite_or_null(d.ttft_ms);
     t["total_ms"] = finite_or_null(d.total_ms);
     t["decode_tokens_per_second"] = finite_or_null(d.decode_tokens_per_second);
+    t["preempted"] = d.preempted;
     return dump(o);
 }
 

@@ -171,6 +171,7 @@ struct Done {
     FinishReason finish_reason = FinishReason::Length;
     int64_t prompt_tokens = 0, completion_tokens = 0;
     double queue_ms = 0, ttft_ms = 0, total_ms = 0, decode_tokens_per_second = 0;   // non-finite: null
+    int64_t preempted = 0;   // times the request gave its KV blocks back and waited to go on
 };
 
 // What a token adds to a tool call being written (OpenAI's stream delta): the call's first delta

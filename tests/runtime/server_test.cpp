@@ -218,6 +218,7 @@ TEST(Server, ASmallKvPoolPreemptsAndEveryStreamIsUnchanged) {
         clients.push_back(std::make_unique<Client>(srv.endpoint()));
         clients.back()->send({{"id", "k" + std::to_string(i)}, {"prompt_ids", p}, {"max_tokens", 40}, {"stream", true}});
     }
+    int64_t preempted = 0;
     for (size_t i = 0; i < prompts.size(); ++i) {
         std::vector<int32_t> streamed;
         std::optional<protocol::Response> f;
@@ -230,7 +231,9 @@ TEST(Server, ASmallKvPoolPreemptsAndEveryStreamIsUnchanged) {
         const std::vector<int32_t> want = alone(model, *be, prompts[i], 40);
         EXPECT_EQ(f->body["tokens"].get<std::vector<int32_t>>(), want) << "client " << i;
         EXPECT_EQ(streamed, want) << "client " << i;
+        preempted += f->body["timings"]["preempted"].get<int64_t>();
     }
+    EXPECT_GT(preempted, 0);   // the done frames say which waited
     EXPECT_TRUE(srv.log_has("preempted (the KV pool ran out: raise [server] kv_cache")) << srv.log();
     EXPECT_EQ(srv.stop(), 0) << srv.log();
 }

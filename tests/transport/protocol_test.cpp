@@ -658,6 +658,7 @@ TEST(ProtocolFrames, DoneFrameReadsBack) {
     d.ttft_ms = 20;
     d.total_ms = 45.25;
     d.decode_tokens_per_second = 80;
+    d.preempted = 2;
     const Response r = read_back(done_frame("r1", d));
     EXPECT_EQ(r.type, "done");
     EXPECT_EQ(r.id, "r1");
@@ -669,6 +670,7 @@ TEST(ProtocolFrames, DoneFrameReadsBack) {
     EXPECT_EQ(r.body["timings"]["ttft_ms"], 20.0);
     EXPECT_EQ(r.body["timings"]["total_ms"], 45.25);
     EXPECT_EQ(r.body["timings"]["decode_tokens_per_second"], 80.0);
+    EXPECT_EQ(r.body["timings"]["preempted"], 2);
 }
 
 TEST(ProtocolFrames, LogprobsReadBackInTokenAndDoneFrames) {
