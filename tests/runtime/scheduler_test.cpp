@@ -48,6 +48,13 @@ std::vector<int32_t> alone(const Model & m, Backend & be, const std::vector<int3
     return generate(m, be, o).tokens;
 }
 
+// n token ids of a prompt, different for each salt.
+std::vector<int32_t> ids(int n, int salt) {
+    std::vector<int32_t> p;
+    for (int j = 0; j < n; ++j) p.push_back(int32_t((salt * 97 + 13 * j + 1) % 4000));
+    return p;
+}
+
 TEST(Scheduler, BatchedRequestsGetWhatTheyGetAlone) {
     const Model model = Model::load_folder(k_model);
     auto be = test::open_cpu_backend(2);
@@ -345,11 +352,9 @@ TEST(Scheduler, CancellingAPreemptedRequestGivesItsTokens) {
     std::vector<uint64_t> hs;
     std::vector<std::vector<int32_t>> prompts;
     for (int i = 0; i < 4; ++i) {
-        std::vector<int32_t> p;
-        for (int j = 0; j < 10; ++j) p.push_back(int32_t((53 * i + 5 * j + 1) % 4000));
-        prompts.push_back(p);
+        prompts.push_back(ids(10, i));
         uint64_t h = 0;
-        ASSERT_EQ(s.submit(request(p, 40, out), &h), Admit::Queued);
+        ASSERT_EQ(s.submit(request(prompts.back(), 40, out), &h), Admit::Queued);
         hs.push_back(h);
     }
     for (int k = 0; s.stats().requests_preempted == 0 && k < 1000; ++k) s.step();
@@ -477,11 +482,7 @@ TEST(Scheduler, ANewRequestLeavesRunningOnesRoomToGrow) {
     so.prefill_chunk = 16;
     Scheduler s(model, *be, so);
     std::map<uint64_t, Outcome> out;
-    auto prompt = [](int n, int salt) {
-        std::vector<int32_t> p;
-        for (int j = 0; j < n; ++j) p.push_back(int32_t((salt * 97 + 13 * j + 1) % 4000));
-        return p;
-    };
+    const auto prompt = ids;
     uint64_t a = 0, b = 0, w = 0;
     ASSERT_EQ(s.submit(request(prompt(10, 1), 60, out), &a), Admit::Queued);
     ASSERT_EQ(s.submit(request(prompt(10, 2), 60, out), &b), Admit::Queued);
@@ -509,11 +510,7 @@ TEST(Scheduler, PrioritiesOrderTheQueueAndPreemptOnlyWorseRequests) {
     const Model model = Model::load_folder(k_model);
     auto be = test::open_cpu_backend(2);
     ASSERT_NE(be, nullptr);
-    auto prompt = [](int n, int salt) {
-        std::vector<int32_t> p;
-        for (int j = 0; j < n; ++j) p.push_back(int32_t((salt * 31 + 7 * j + 2) % 4000));
-        return p;
-    };
+    const auto prompt = ids;
     std::map<uint64_t, Outcome> out;
     std::vector<uint64_t> order;   // on_done calls, in order
     auto submit = [&](Scheduler & s, int n_prompt, int salt, int64_t max_tokens, int32_t priority) {
