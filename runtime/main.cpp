@@ -958,7 +958,7 @@ std::string curve_key_arg(const std::string & arg, bool secret, const char * wha
 }
 
 int cmd_client(const std::string & endpoint, const std::string & prompt, const std::string & prompt_ids, int64_t max_tokens,
-               const moesh::SamplerParams & sp, int logprobs, bool stream, const std::string & output, double timeout_s,
+               const moesh::SamplerParams & sp, int logprobs, int priority, bool stream, const std::string & output, double timeout_s,
                const GrammarOptions & grammar, const ChatOptions & chat, const moesh::CurveClientKeys & curve) {
     moesh::Client c(endpoint, curve);
     nlohmann::json req = {{"id", "moesh-client-" + std::to_string(::getpid())},
@@ -969,6 +969,7 @@ int cmd_client(const std::string & endpoint, const std::string & prompt, const s
                           {"seed", sp.seed},
                           {"stream", stream}};
     if (logprobs >= 0) req["logprobs"] = logprobs;
+    if (priority != 0) req["priority"] = priority;
     if (sp.repetition_penalty != 1.0f) req["repetition_penalty"] = sp.repetition_penalty;
     if (sp.frequency_penalty != 0.0f) req["frequency_penalty"] = sp.frequency_penalty;
     if (sp.presence_penalty != 0.0f) req["presence_penalty"] = sp.presence_penalty;
@@ -1615,7 +1616,7 @@ int main(int argc, char ** argv) {
     std::string cl_endpoint = "tcp://127.0.0.1:5555", cl_prompt, cl_ids, cl_output = "text";
     int64_t cl_max = 64;
     moesh::SamplerParams cl_sampling;
-    int cl_logprobs = -1;
+    int cl_logprobs = -1, cl_priority = 0;
     bool cl_stream = false;
     double cl_timeout = 120;
     client->add_option("--endpoint", cl_endpoint, "The server's endpoint")->capture_default_str();
@@ -1628,6 +1629,11 @@ int main(int argc, char ** argv) {
                        "Ask for each token's log-probability and this many of the most likely tokens (0-20; see them "
                        "with --output json)")
         ->check(CLI::Range(0, 20));
+    client->add_option("--priority", cl_priority,
+                       "Lower runs first (-1000 to 1000): the server's queue is in priority order, and a request that finds no "
+                       "room preempts running requests of a worse priority")
+        ->check(CLI::Range(-1000, 1000))
+        ->capture_default_str();
     client->add_flag("--stream", cl_stream, "Print tokens as they are generated");
     GrammarOptions cl_grammar;
     add_grammar_options(client, cl_grammar);
@@ -1735,7 +1741,7 @@ int main(int argc, char ** argv) {
             moesh::CurveClientKeys curve;
             if (!cl_server_key.empty()) curve.server_public = curve_key_arg(cl_server_key, false, "--server-key");
             if (!cl_client_cert.empty()) curve.client_secret = curve_key_arg(cl_client_cert, true, "--client-cert");
-            return cmd_client(cl_endpoint, cl_prompt, cl_ids, cl_max, cl_sampling, cl_logprobs, cl_stream, cl_output, cl_timeout,
+            return cmd_client(cl_endpoint, cl_prompt, cl_ids, cl_max, cl_sampling, cl_logprobs, cl_priority, cl_stream, cl_output, cl_timeout,
                               cl_grammar, cl_chat, curve);
         }
         if (*keygen) {

@@ -615,9 +615,9 @@ def several_prompts(srv):
         check(str(e).count("prompt 1: ") == 1 and e.code == "context_length_exceeded", f"too long a second prompt: 400 naming it ({e})")
 
 
-def priority(srv):
+def priority(moesh, model, srv):
     """vLLM's `priority` (lower runs first) is taken on /v1/completions; out of range it is a 400
-    naming it."""
+    naming it. `moesh client --priority` sends it over ZeroMQ."""
     c = srv.client()
     r = c.completions.create(model="any", prompt="def f():", max_tokens=4, temperature=0, extra_body={"priority": -5})
     check(r.usage.completion_tokens == 4, f"a request with a priority is served: {r.usage}")
@@ -626,6 +626,14 @@ def priority(srv):
         check(False, "a priority out of range is refused")
     except openai.BadRequestError as e:
         check(e.body.get("param") == "priority", f"a priority out of range: 400 naming it ({e})")
+    out = subprocess.run([moesh, "client", "--endpoint", srv.endpoint, "--prompt", "def f():", "-n", "4", "--priority", "-5",
+                          "--temperature", "0", "--output", "json"], capture_output=True, text=True, timeout=60)
+    d = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else {}
+    check(d.get("type") == "done" and d.get("text") == r.choices[0].text,
+          f"`moesh client --priority -5`: the same answer over ZeroMQ {out.stderr[-300:]}")
+    out = subprocess.run([moesh, "client", "--endpoint", srv.endpoint, "--prompt", "x", "--priority", "2000"],
+                         capture_output=True, text=True, timeout=60)
+    check(out.returncode != 0 and "--priority" in out.stderr, f"`moesh client --priority 2000` is refused: {out.stderr[-200:]}")
 
 
 def chat_choices(c):
@@ -957,7 +965,7 @@ def main():
                 return 1
             for part in (completions, logprobs_and_penalties, refusals, health_and_metrics, choices, several_prompts, priority, disconnects):
                 try:
-                    part(args.moesh, args.model, srv) if part in (completions, logprobs_and_penalties) else part(srv)
+                    part(args.moesh, args.model, srv) if part in (completions, logprobs_and_penalties, priority) else part(srv)
                 except Exception as e:  # noqa: BLE001 - any escape is a failure, with what it was
                     check(False, f"{part.__name__}: unexpected {type(e).__name__}: {e}")
             drain(srv)

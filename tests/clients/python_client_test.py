@@ -187,6 +187,14 @@ def run_tests(c, moesh, model, eos_ids):
     check([f["token"] for f in [first] + rest[:-1]] == done["tokens"],
           "the cancelled request's done frame holds the tokens streamed")
 
+    urgent = c.generate(prompt=prompts[0], max_tokens=n, priority=-3, timeout=60)
+    check(matches_run(urgent, expected[prompts[0]], eos_ids, n) and urgent["timings"]["preempted"] == 0,
+          "a request with a priority gets the same answer (nothing to preempt it)")
+    try:
+        c.generate(prompt="x", max_tokens=4, priority=1001, timeout=30)
+        check(False, "priority 1001 is refused")
+    except MoeshError as e:
+        check(e.code == "bad_request" and "priority" in e.message, f"priority 1001 is a bad_request MoeshError: {e}")
     try:
         c.generate(prompt="x", max_tokens=-5, timeout=30)
         check(False, "max_tokens -5 is refused")

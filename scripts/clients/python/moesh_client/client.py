@@ -126,7 +126,7 @@ class Client:
     def generate(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
                  seed=0, stop=None, id=None, timeout=60, logprobs=None, repetition_penalty=1.0,
                  frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None, logit_bias=None, echo=False,
-                 grammar=None, json_schema=None, tools=None, tool_choice=None, chat_template_kwargs=None):
+                 grammar=None, json_schema=None, tools=None, tool_choice=None, chat_template_kwargs=None, priority=0):
         """The done frame as a dict; MoeshError on an error frame, TimeoutError when no
         answer came within timeout seconds (the request is then cancelled). logprobs=k
         (0..20) adds each token's log-probability and the k most likely tokens
@@ -139,10 +139,11 @@ class Client:
         messages: tools (OpenAI's list of {"type": "function", "function": {...}}), tool_choice
         ("auto", "none", "required" or {"type": "function", "function": {"name": ...}}) and
         chat_template_kwargs (a dict for the chat template); the model's calls come back in the
-        done frame's "tool_calls" with finish_reason "tool_calls"."""
+        done frame's "tool_calls" with finish_reason "tool_calls". priority (-1000..1000, lower
+        first) orders the server's queue; a better one may preempt worse running requests."""
         req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, False,
                             logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo,
-                            grammar, json_schema, tools, tool_choice, chat_template_kwargs)
+                            grammar, json_schema, tools, tool_choice, chat_template_kwargs, priority)
         deadline = time.monotonic() + timeout
         self._submit(req)
         try:
@@ -157,13 +158,13 @@ class Client:
     def stream(self, prompt=None, prompt_ids=None, messages=None, max_tokens=16, temperature=0, top_p=1, top_k=0,
                seed=0, stop=None, id=None, timeout=60, logprobs=None, repetition_penalty=1.0,
                frequency_penalty=0.0, presence_penalty=0.0, prompt_logprobs=None, logit_bias=None, echo=False,
-               grammar=None, json_schema=None, tools=None, tool_choice=None, chat_template_kwargs=None):
+               grammar=None, json_schema=None, tools=None, tool_choice=None, chat_template_kwargs=None, priority=0):
         """A generator of the token frames, then the done frame (dicts). Arguments are
         checked now; the request is sent on the first next(), and timeout bounds it
         from there to its done frame. Options as for generate()."""
         req = self._request(prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, id, True,
                             logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo,
-                            grammar, json_schema, tools, tool_choice, chat_template_kwargs)
+                            grammar, json_schema, tools, tool_choice, chat_template_kwargs, priority)
         return self._stream(req, timeout)
 
     def cancel(self, id):
@@ -191,7 +192,7 @@ class Client:
 
     def _request(self, prompt, prompt_ids, messages, max_tokens, temperature, top_p, top_k, seed, stop, rid, stream,
                  logprobs, repetition_penalty, frequency_penalty, presence_penalty, prompt_logprobs, logit_bias, echo,
-                 grammar, json_schema, tools=None, tool_choice=None, chat_template_kwargs=None):
+                 grammar, json_schema, tools=None, tool_choice=None, chat_template_kwargs=None, priority=0):
         given = [(k, v) for k, v in (("prompt", prompt), ("prompt_ids", prompt_ids), ("messages", messages)) if v is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of prompt, prompt_ids and messages")
@@ -214,6 +215,8 @@ class Client:
             req["logit_bias"] = {str(int(t)): float(b) for t, b in logit_bias.items()}
         if echo:
             req["echo"] = True
+        if int(priority) != 0:
+            req["priority"] = int(priority)
         if grammar is not None and json_schema is not None:
             raise ValueError("give grammar or json_schema, not both")
         if grammar is not None:
