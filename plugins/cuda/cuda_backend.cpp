@@ -616,8 +616,8 @@ moesh_status cuda_rope(moesh_backend * be, const moesh_rope_args * args) {
         MOESH_PLUGIN_REQUIRE(a.n_tokens > 0 && a.n_head > 0 && a.head_dim > 0,
                            "rope: n_tokens (%lld), n_head (%lld) and head_dim (%lld) must be positive", ll(a.n_tokens),
                            ll(a.n_head), ll(a.head_dim));
-        MOESH_PLUGIN_REQUIRE(a.rot_dim >= 0 && a.rot_dim % 2 == 0 && a.rot_dim <= a.head_dim,
-                           "rope: rot_dim (%lld) must be even and at most head_dim (%lld)", ll(a.rot_dim),
+        MOESH_PLUGIN_REQUIRE(a.rot_dim > 0 && a.rot_dim % 2 == 0 && a.rot_dim <= a.head_dim,
+                           "rope: rot_dim (%lld) must be even, positive and <= head_dim (%lld)", ll(a.rot_dim),
                            ll(a.head_dim));
         int64_t n = 0;
         MOESH_PLUGIN_REQUIRE(product_fits(a.n_tokens, a.n_head, &n) && product_fits(n, a.head_dim),
@@ -648,6 +648,12 @@ moesh_status cuda_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * a
         MOESH_PLUGIN_REQUIRE(a.n_embd % block_elems(a.w_type) == 0 && a.n_ff % block_elems(a.w_type) == 0,
                            "expert_ffn: n_embd (%lld) and n_ff (%lld) must be multiples of %lld for dtype %d",
                            ll(a.n_embd), ll(a.n_ff), ll(block_elems(a.w_type)), int(a.w_type));
+        // The ABI's aliasing rules, checked as the cpu backend checks them (device addresses compare alike).
+        const size_t x_bytes = size_t(a.n_tokens * a.n_embd) * sizeof(float), h_bytes = size_t(2 * a.n_tokens * a.n_ff) * sizeof(float);
+        MOESH_PLUGIN_REQUIRE(moesh::plugin::disjoint(a.scratch, h_bytes, a.x, x_bytes) && moesh::plugin::disjoint(a.scratch, h_bytes, a.out, x_bytes),
+                           "expert_ffn: scratch overlaps x or out");
+        MOESH_PLUGIN_REQUIRE(a.out == a.x || moesh::plugin::disjoint(a.out, x_bytes, a.x, x_bytes),
+                           "expert_ffn: out partly overlaps x (only out == x is allowed)");
         return cuda_check(be, moesh::cuda::launch_expert_ffn(a, be->compute), "expert_ffn");
     });
 }
