@@ -127,16 +127,11 @@ void Scheduler::admit() {
         const bool resumed = s.sampler != nullptr;
         const int64_t n_prompt = s.n_prompt(), n_gen = int64_t(s.generated.size());
         const int64_t n_fill = n_gen == 0 ? n_prompt : n_prompt + n_gen - 1;
-        const int32_t * tokens = s.req.prompt.data();
-        if (n_gen > 1) {
-            fed_.assign(s.req.prompt.begin(), s.req.prompt.end());
-            fed_.insert(fed_.end(), s.generated.begin(), s.generated.end());
-            tokens = fed_.data();
-        }
         // Before the first token the last prompt position is always computed: its logits give the
         // token. Scoring the prompt needs every position's logits, so such a request computes it all.
+        const int64_t attachable = n_gen == 0 ? n_prompt - 1 : n_fill;
         const int64_t cached = opt_.prefix_cache && s.req.prompt_logprobs < 0
-                                   ? kv_.attach_prefix(slot, tokens, n_gen == 0 ? n_prompt - 1 : n_fill) : 0;
+                                   ? kv_.attach_prefix(slot, tokens(s, attachable), attachable) : 0;
         const bool whole = opt_.kv_allocation == KvAllocation::UpFront || s.req.prompt_logprobs >= 0;
         const int64_t full = n_prompt + s.req.max_tokens;
         // On demand: what prefill computes and the next position, leaving the blocks that running
@@ -208,17 +203,17 @@ int64_t Scheduler::kv_positions(const Seq & s) {
     return s.n_prefilled < s.n_fill || s.generated.empty() ? s.n_prefilled : s.n_prompt() + int64_t(s.generated.size()) - 1;
 }
 
-void Scheduler::publish(const Seq & s) {
-    if (!opt_.prefix_cache) return;
-    const int64_t n_prompt = s.n_prompt();
-    const int64_t n = kv_positions(s);
-    if (n <= n_prompt) {
-        kv_.publish(s.slot, s.req.prompt.data(), n);
-        return;
-    }
+const int32_t * Scheduler::tokens(const Seq & s, int64_t n) {
+    if (n <= s.n_prompt()) return s.req.prompt.data();
     fed_.assign(s.req.prompt.begin(), s.req.prompt.end());
     fed_.insert(fed_.end(), s.generated.begin(), s.generated.end());
-    kv_.publish(s.slot, fed_.data(), n);
+    return fed_.data();
+}
+
+void Scheduler::publish(const Seq & s) {
+    if (!opt_.prefix_cache) return;
+    const int64_t n = kv_positions(s);
+    kv_.publish(s.slot, tokens(s, n), n);
 }
 
 RequestTimings Scheduler::timings(const Seq & s) {
@@ -267,7 +262,7 @@ bool Scheduler::cancel(uint64_t handle) {
 
 bool Scheduler::step() {
     admit();
-    if (running_.empty() || !grow()) return false;
+    if (!grow()) return false;   // nothing running
     batch_.clear();
     logit_rows_.clear();
     // Decodes first: one token each, so they never wait behind a prompt.

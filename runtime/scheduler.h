@@ -171,6 +171,8 @@ private:
     void finish(size_t running_index, FinishReason why);
     void publish(const Seq & s);   // its computed full blocks, to the prefix cache
     static int64_t kv_positions(const Seq & s);
+    // Its tokens at positions [0, n): the prompt's array, or its prompt and generated tokens in fed_.
+    const int32_t * tokens(const Seq & s, int64_t n);
     static RequestTimings timings(const Seq & s);   // now
 
     const Model & model_;
@@ -189,7 +191,7 @@ private:
     };
     std::vector<LogitRow> logit_rows_;   // each logits row of the step
     std::vector<std::pair<size_t, FinishReason>> ended_;   // requests a step finished (reserved: no allocation per step)
-    std::vector<int32_t> fed_;   // publish() and admit(): a request's prompt and generated tokens (reused)
+    std::vector<int32_t> fed_;   // tokens(): a request's prompt and generated tokens (reused)
     TokenLogprobs logprobs_;     // the token on_token is called with, when its request asked
     SchedulerStats stats_;
     double step_seconds_ = 0;   // recent forward step time (moving average)

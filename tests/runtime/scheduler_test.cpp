@@ -463,7 +463,9 @@ TEST(Scheduler, RandomLoadsOnASmallPoolGiveEveryRequestItsTokens) {
             }
             EXPECT_GT(cancelled, 0);
             EXPECT_EQ(s.stats().kv_blocks_used, 0);
-            if (mode == KvAllocation::OnDemand) EXPECT_GT(s.stats().requests_preempted, 0);
+            if (mode == KvAllocation::OnDemand) {
+                EXPECT_GT(s.stats().requests_preempted, 0);
+            }
         }
 }
 
