@@ -9,6 +9,7 @@
 #include <cmath>
 #include <fstream>
 #include <map>
+#include <vector>
 
 namespace moesh {
 namespace {
@@ -17,6 +18,32 @@ TEST(Sampler, TemperatureZeroIsArgmaxWithLowestIdOnTies) {
     const float l[5] = {0.0f, 3.0f, 1.0f, 3.0f, -2.0f};
     Sampler s({0.0f, 0, 1.0f, 0});
     EXPECT_EQ(s.sample(l, 5), 1);
+}
+
+// argmax against the plain scan (the first index whose value no later one beats) on rows of
+// every length around the vector width, with ties, signed zeros, infinities and NaNs anywhere.
+TEST(Sampler, ArgmaxIsTheFirstLargestAndNeverANan) {
+    auto scan = [](const float * x, int64_t n) {
+        int64_t best = 0;
+        for (int64_t i = 1; i < n; ++i)
+            if (x[i] > x[best]) best = i;
+        return int32_t(best);
+    };
+    const float special[] = {0.0f, -0.0f, INFINITY, -INFINITY, NAN, 1.0f, 1.0f, -1.0f};
+    uint32_t r = 7;
+    auto next = [&r] { return r = r * 1664525u + 1013904223u; };
+    for (int64_t n = 1; n <= 70; ++n)
+        for (int rep = 0; rep < 200; ++rep) {
+            std::vector<float> x(static_cast<size_t>(n));
+            for (float & v : x) v = next() % 4 == 0 ? special[next() % 8] : float(int(next() % 9) - 4);
+            ASSERT_EQ(argmax(x.data(), n), scan(x.data(), n)) << "n " << n << " rep " << rep;
+        }
+    std::vector<float> row(32000, -5.0f);
+    row[31999] = 2.0f;
+    row[17] = NAN;
+    EXPECT_EQ(argmax(row.data(), 32000), 31999);
+    row[0] = NAN;
+    EXPECT_EQ(argmax(row.data(), 32000), 0);
 }
 
 TEST(Sampler, TopKOneIsGreedy) {
