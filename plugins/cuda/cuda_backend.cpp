@@ -105,6 +105,15 @@ moesh_status cuda_check(moesh_backend * be, cudaError_t e, const char * what) {
                 cudaGetErrorString(e), cudaGetErrorName(e));
 }
 
+// A kernel launch's own error. cudaGetLastError() after <<<>>> also returns the error of an
+// earlier call of this thread that was reported already (a refused cudaMalloc), so that one is
+// cleared first; a sticky error (a broken context) survives the clearing and fails the launch.
+template <class F>
+moesh_status launched(moesh_backend * be, const char * what, F && launch) {
+    (void)cudaGetLastError();
+    return cuda_check(be, launch(), what);
+}
+
 #define MOESH_CUDA_CALL(expr, what)                                     \
     do {                                                                \
         const moesh_status st_ = cuda_check(be, (expr), what);          \
@@ -587,7 +596,7 @@ moesh_status cuda_matmul(moesh_backend * be, const moesh_matmul_args * args) {
         MOESH_PLUGIN_REQUIRE(a.n_in % block_elems(a.w_type) == 0,
                            "matmul: n_in (%lld) is not a multiple of %lld, as block weight dtype %d needs", ll(a.n_in),
                            ll(block_elems(a.w_type)), int(a.w_type));
-        return cuda_check(be, moesh::cuda::launch_matmul(a, be->compute), "matmul");
+        return launched(be, "matmul", [&] { return moesh::cuda::launch_matmul(a, be->compute); });
     });
 }
 
@@ -600,7 +609,7 @@ moesh_status cuda_rms_norm(moesh_backend * be, const moesh_rms_norm_args * args)
                            "rms_norm: n (%lld) and n_rows (%lld) must be positive", ll(a.n), ll(a.n_rows));
         MOESH_PLUGIN_REQUIRE(a.eps >= 0.0f && a.eps <= 3.4e38f, "rms_norm: eps must be finite and >= 0");
         MOESH_PLUGIN_REQUIRE(product_fits(a.n, a.n_rows), "rms_norm: sizes overflow");
-        return cuda_check(be, moesh::cuda::launch_rms_norm(a, be->compute), "rms_norm");
+        return launched(be, "rms_norm", [&] { return moesh::cuda::launch_rms_norm(a, be->compute); });
     });
 }
 
@@ -622,7 +631,7 @@ moesh_status cuda_rope(moesh_backend * be, const moesh_rope_args * args) {
         int64_t n = 0;
         MOESH_PLUGIN_REQUIRE(product_fits(a.n_tokens, a.n_head, &n) && product_fits(n, a.head_dim),
                            "rope: sizes overflow");
-        return cuda_check(be, moesh::cuda::launch_rope(a, be->compute), "rope");
+        return launched(be, "rope", [&] { return moesh::cuda::launch_rope(a, be->compute); });
     });
 }
 
@@ -654,7 +663,7 @@ moesh_status cuda_expert_ffn(moesh_backend * be, const moesh_expert_ffn_args * a
                            "expert_ffn: scratch overlaps x or out");
         MOESH_PLUGIN_REQUIRE(a.out == a.x || moesh::plugin::disjoint(a.out, x_bytes, a.x, x_bytes),
                            "expert_ffn: out partly overlaps x (only out == x is allowed)");
-        return cuda_check(be, moesh::cuda::launch_expert_ffn(a, be->compute), "expert_ffn");
+        return launched(be, "expert_ffn", [&] { return moesh::cuda::launch_expert_ffn(a, be->compute); });
     });
 }
 
@@ -667,7 +676,7 @@ moesh_status cuda_softmax(moesh_backend * be, const moesh_softmax_args * args) {
         MOESH_PLUGIN_REQUIRE(a.n > 0 && a.n_rows > 0 && a.n_rows <= INT32_MAX,
                            "softmax: n (%lld) and n_rows (%lld) must be positive", ll(a.n), ll(a.n_rows));
         MOESH_PLUGIN_REQUIRE(product_fits(a.n, a.n_rows), "softmax: sizes overflow");
-        return cuda_check(be, moesh::cuda::launch_softmax(a, be->compute), "softmax");
+        return launched(be, "softmax", [&] { return moesh::cuda::launch_softmax(a, be->compute); });
     });
 }
 
@@ -694,7 +703,7 @@ moesh_status cuda_attention(moesh_backend * be, const moesh_attention_args * arg
         if (!read_args(be, args, "attention", "moesh_attention_args", &a)) return MOESH_ERR_INVALID_ARGUMENT;
         const moesh_status s = check_attention(be, a, "attention");
         if (s != MOESH_OK) return s;
-        return cuda_check(be, moesh::cuda::launch_attention(a, be->error_flag, be->compute), "attention");
+        return launched(be, "attention", [&] { return moesh::cuda::launch_attention(a, be->error_flag, be->compute); });
     });
 }
 
@@ -717,7 +726,7 @@ moesh_status cuda_attention_batch(moesh_backend * be, const moesh_attention_batc
             std::snprintf(op, sizeof op, "attention_batch: run %lld", ll(r));
             if ((s = check_attention(be, a, op)) != MOESH_OK) return s;
         }
-        return cuda_check(be, moesh::cuda::launch_attention_batch(b, be->error_flag, be->compute), "attention_batch");
+        return launched(be, "attention_batch", [&] { return moesh::cuda::launch_attention_batch(b, be->error_flag, be->compute); });
     });
 }
 
@@ -728,7 +737,7 @@ moesh_status cuda_copy_rows(moesh_backend * be, const moesh_copy_rows_args * arg
         const moesh_status s = moesh::plugin::check_copy_rows(be, a);
         if (s != MOESH_OK || a.n_rows == 0) return s;
         // The indices are device memory: the kernel checks them and sets error_flag.
-        return cuda_check(be, moesh::cuda::launch_copy_rows(a, be->error_flag, be->compute), "copy_rows");
+        return launched(be, "copy_rows", [&] { return moesh::cuda::launch_copy_rows(a, be->error_flag, be->compute); });
     });
 }
 

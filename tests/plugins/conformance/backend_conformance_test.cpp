@@ -2445,6 +2445,18 @@ TEST_P(BackendConformance, ReportsMemoryAndCopiesBuffers) {
     EXPECT_EQ(be_->buffer_alloc(ctx_, size_t(1) << 62, &huge), MOESH_ERR_OUT_OF_MEMORY);
     EXPECT_EQ(huge, nullptr);
     EXPECT_STRNE(last_error(), "");
+
+    // The refusal was reported once: the next op does not report it again (CUDA keeps a failed
+    // call's error for the thread's next cudaGetLastError, which a kernel launch checks).
+    const std::vector<float> x = {1.0f, -2.0f, 3.0f, 4.0f};
+    DeviceBuffer src = upload(x), dst = upload(std::vector<float>(x.size(), 0.0f));
+    const moesh_copy_rows_args c = {.struct_size = sizeof(moesh_copy_rows_args), .accumulate = 0, .clamp = 0.0f, .reserved = 0,
+                                    .src = src.as<float>(), .dst = dst.as<float>(), .src_rows = nullptr, .dst_rows = nullptr,
+                                    .n_rows = 2, .n_cols = 2, .src_stride = 2, .dst_stride = 2,
+                                    .src_n_rows = 2, .dst_n_rows = 2, .dst_type = MOESH_DTYPE_F32, .reserved2 = 0};
+    ASSERT_EQ(be_->copy_rows(ctx_, &c), MOESH_OK) << "an op after a refused allocation: " << last_error();
+    ASSERT_EQ(be_->synchronize(ctx_), MOESH_OK) << last_error();
+    EXPECT_EQ(download<float>(dst, x.size()), x);
 }
 
 // The optional copy queue (copy_to_device_async / copy_wait): copies land in ticket order, an op
