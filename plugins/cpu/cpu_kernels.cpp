@@ -12,6 +12,7 @@
 #define HWY_TARGET_INCLUDE "cpu_kernels.cpp"
 #include <hwy/foreach_target.h>  // must precede highway.h
 
+#include <hwy/cache_control.h>
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
 
@@ -628,10 +629,22 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
             // Row 0 of the cache block holding position p0, for kv head h_kv.
             return static_cast<const T *>(pool) + (int64_t(a.block_table[p0 / bs]) * bs * a.n_head_kv + h_kv) * n_dim;
         };
+        // Cache blocks lie anywhere in the pool, and the hardware prefetcher follows a stream
+        // only within a page: the next block's K rows are asked for while this block's are
+        // read, and this block's V rows while its scores are computed (the V pass reads them).
+        auto prefetch_rows = [&](const T * rows, int64_t n_rows) {
+            for (int64_t r = 0; r < n_rows; ++r) {
+                const char * row = reinterpret_cast<const char *>(rows + r * row_stride);
+                for (int64_t b = 0; b < n_dim * int64_t(sizeof(T)); b += 64) hwy::Prefetch(row + b);
+            }
+        };
+        prefetch_rows(block_base(a.k_pool, 0), std::min(bs, n_ctx));
 
         for (int64_t p0 = 0; p0 < n_ctx; p0 += bs) {
             const T * k = block_base(a.k_pool, p0);   // [bs, row_stride]
             const int64_t n_r = std::min(bs, n_ctx - p0);
+            if (p0 + bs < n_ctx) prefetch_rows(block_base(a.k_pool, p0 + bs), std::min(bs, n_ctx - p0 - bs));
+            prefetch_rows(block_base(a.v_pool, p0), n_r);
             int64_t r = 0;
             for (; r + R <= n_r; r += R) {
                 VF acc[R][HPI];
