@@ -182,7 +182,7 @@ std::string describe_plan(const ModelFootprint & m, const PlacementPlan & p) {
     row("token embedding", m.embedding_bytes);
     row(m.output_bytes ? "output projection" : "output projection (tied: the embedding)", m.output_bytes);
     row("routers, dense/shared FFN, norms", m.other_bytes);
-    row(m.kv_f16 ? "KV cache (f16)" : "KV cache (f32)", m.kv_bytes);
+    row(("KV cache (" + m.kv_type + ")").c_str(), m.kv_bytes);
     row("activations", m.activation_bytes);
 
     if (p.tiers.empty()) {

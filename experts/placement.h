@@ -72,7 +72,7 @@ struct ModelFootprint {
     size_t output_bytes = 0;              // output projection
     size_t other_bytes = 0;               // routers, dense and shared FFNs, norms
     size_t kv_bytes = 0;                  // KV cache for the run's context
-    bool kv_f16 = false;                  // ... kept in f16 (else f32)
+    std::string kv_type = "f32";          // ... its elements: "f32", "f16" or "q8_0"
     size_t activation_bytes = 0;          // forward-pass buffers
 
     size_t routed_expert_bytes() const;   // all of them

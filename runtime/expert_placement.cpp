@@ -29,7 +29,7 @@ ModelFootprint footprint_of(const Model & model, const std::string & name, int64
     }
     const KvCacheSpec ks{c.n_layer, c.n_head_kv, c.head_dim, 16, (std::max<int64_t>(1, n_ctx) + 15) / 16, 1, kv_type};
     f.kv_bytes = ks.bytes();
-    f.kv_f16 = kv_type == MOESH_DTYPE_F16;
+    f.kv_type = kv_type_name(kv_type);
     f.activation_bytes = ForwardPass::scratch_bytes(c, std::max<int64_t>(1, max_batch), ks);
     return f;
 }

@@ -8,15 +8,19 @@
 
 namespace moesh {
 
+size_t KvCacheSpec::row_bytes(int32_t type, int64_t head_dim) {
+    return type == MOESH_DTYPE_Q8_0 ? size_t(head_dim / MOESH_QK_BLOCK) * 34
+                                    : size_t(head_dim) * (type == MOESH_DTYPE_F16 ? 2 : 4);
+}
+
 size_t KvCacheSpec::bytes() const {
     return size_t(2) * size_t(n_layer) * size_t(n_blocks) * size_t(block_size) * size_t(n_head_kv) *
-           size_t(head_dim) * elem_bytes();
+           row_bytes(type, head_dim);
 }
 
 int64_t KvCacheSpec::blocks_for_budget(size_t budget, int64_t n_layer, int64_t n_head_kv, int64_t head_dim,
                                        int64_t block_size, int32_t type) {
-    const size_t per_block = size_t(2) * size_t(n_layer) * size_t(block_size) * size_t(n_head_kv) *
-                             size_t(head_dim) * (type == MOESH_DTYPE_F16 ? 2 : 4);
+    const size_t per_block = size_t(2) * size_t(n_layer) * size_t(block_size) * size_t(n_head_kv) * row_bytes(type, head_dim);
     return per_block == 0 ? 0 : int64_t(budget / per_block);
 }
 
@@ -33,15 +37,19 @@ KvCache::KvCache(const KvCacheSpec & spec, const Backend & backend) : spec_(spec
     if (spec.n_layer <= 0 || spec.n_head_kv <= 0 || spec.head_dim <= 0 || spec.block_size <= 0 || spec.n_blocks <= 0 ||
         spec.n_seq_max <= 0)
         throw Error("KV cache: every size must be positive");
-    if (spec.type != MOESH_DTYPE_F32 && spec.type != MOESH_DTYPE_F16) throw Error("KV cache: the type must be f32 or f16");
+    if (spec.type != MOESH_DTYPE_F32 && spec.type != MOESH_DTYPE_F16 && spec.type != MOESH_DTYPE_Q8_0)
+        throw Error("KV cache: the type must be f32, f16 or q8_0");
+    if (spec.type == MOESH_DTYPE_Q8_0 && spec.head_dim % MOESH_QK_BLOCK != 0)
+        throw Error("a q8_0 KV cache needs the model's head_dim (" + std::to_string(spec.head_dim) +
+                    ") to be a multiple of 32; use --kv-type f16");
     if (!backend_offers_kv_type(backend, spec.type))
         throw Error(std::string("backend '") + backend.name() + "' cannot keep the KV cache in " + kv_type_name(spec.type) +
                     " (its attention or copy_rows does not offer it); use --kv-type f32");
     if (spec.n_blocks > INT32_MAX / spec.block_size)
         throw Error("KV cache: " + std::to_string(spec.n_blocks) + " blocks of " + std::to_string(spec.block_size) +
                     " positions are more rows than a 32-bit index holds");
-    const size_t pool = size_t(spec.n_blocks) * size_t(spec.block_size) * size_t(spec.n_head_kv * spec.head_dim) *
-                        spec.elem_bytes();
+    const size_t pool =
+        size_t(spec.n_blocks) * size_t(spec.block_size) * size_t(spec.n_head_kv) * KvCacheSpec::row_bytes(spec.type, spec.head_dim);
     try {
         for (int64_t il = 0; il < spec.n_layer; ++il) {
             k_.emplace_back(backend, pool, "buffer_alloc (KV cache)");

@@ -36,23 +36,27 @@ struct KvCacheSpec {
     int64_t block_size = 16;   // positions per block
     int64_t n_blocks = 0;      // blocks in the pool (shared by all sequences)
     int64_t n_seq_max = 1;     // sequence ids are 0..n_seq_max-1
-    int32_t type = MOESH_DTYPE_F32;   // of the pools: MOESH_DTYPE_F32 or MOESH_DTYPE_F16
+    int32_t type = MOESH_DTYPE_F32;   // of the pools: MOESH_DTYPE_F32, MOESH_DTYPE_F16 or MOESH_DTYPE_Q8_0
 
     size_t bytes() const; // the whole pool, keys and values, all layers
-    size_t elem_bytes() const { return type == MOESH_DTYPE_F16 ? 2 : 4; }
+    // One position's row of one kv head (head_dim values): 4 or 2 bytes a value, or head_dim / 32
+    // Q8_0 blocks of 34 bytes (8.5 bits a value).
+    static size_t row_bytes(int32_t type, int64_t head_dim);
     // blocks that fit a budget in bytes
     static int64_t blocks_for_budget(size_t budget, int64_t n_layer, int64_t n_head_kv, int64_t head_dim,
                                      int64_t block_size, int32_t type = MOESH_DTYPE_F32);
 };
 
-// "f32" / "f16" -> MOESH_DTYPE_F32 / MOESH_DTYPE_F16; -1 for anything else. Inline: the TOML
-// parser (and its fuzz target) uses it without the cache.
+// "f32" / "f16" / "q8_0" -> MOESH_DTYPE_F32 / MOESH_DTYPE_F16 / MOESH_DTYPE_Q8_0; -1 for anything
+// else. Inline: the TOML parser (and its fuzz target) uses it without the cache.
 inline int32_t parse_kv_type(const std::string & name) {
-    return name == "f32" ? MOESH_DTYPE_F32 : name == "f16" ? MOESH_DTYPE_F16 : -1;
+    return name == "f32" ? MOESH_DTYPE_F32 : name == "f16" ? MOESH_DTYPE_F16 : name == "q8_0" ? MOESH_DTYPE_Q8_0 : -1;
 }
-inline const char * kv_type_name(int32_t type) { return type == MOESH_DTYPE_F16 ? "f16" : type < 0 ? "auto" : "f32"; }
+inline const char * kv_type_name(int32_t type) {
+    return type == MOESH_DTYPE_F16 ? "f16" : type == MOESH_DTYPE_Q8_0 ? "q8_0" : type < 0 ? "auto" : "f32";
+}
 
-// Whether backend's attention and copy_rows take KV pools of type. f32 always; f16 only from a
+// Whether backend's attention and copy_rows take KV pools of type. f32 always; f16 and q8_0 only from a
 // plugin that answers supports() per type: one built before the KV type existed ignored w_type
 // for these ops and says yes to anything (an unknown type too), yet reads the pools as f32.
 bool backend_offers_kv_type(const Backend & backend, int32_t type);

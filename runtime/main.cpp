@@ -1433,9 +1433,11 @@ void add_common(CLI::App * sub, CommonOptions & co, bool model_optional = false)
                   "disk and time stalled (always in --output json when a budget is set)");
     sub->add_option("--kv-type", co.kv_type,
                     "KV cache elements: f16 (half the memory and half the bytes attention reads, as llama.cpp keeps "
-                    "it; logits move by a few 1e-4), f32, or auto: f16 where the backend offers it (the cpu and cuda "
-                    "plugins do); default: [runtime] kv_type, else auto")
-        ->check(CLI::IsMember({"auto", "f32", "f16"}));
+                    "it; logits move by a few 1e-4), q8_0 (8.5 bits a value, 0.53 of f16's memory, as llama.cpp's "
+                    "--cache-type-k/v q8_0; the cpu plugin offers it, for a head_dim that is a multiple of 32), f32, "
+                    "or auto: f16 where the backend offers it (the cpu and cuda plugins do); default: [runtime] "
+                    "kv_type, else auto")
+        ->check(CLI::IsMember({"auto", "f32", "f16", "q8_0"}));
     sub->add_flag("--no-repack", co.no_repack,
                   "Keep quantized weights in the file's layout instead of repacking them at load into the backend's "
                   "faster one (which takes a second copy of them in memory); also [runtime] repack = false");
@@ -1670,8 +1672,8 @@ int main(int argc, char ** argv) {
     plan->add_option("--config", plco.config, "moesh TOML with [[tier]] and [placement] (see configs/placement.toml)");
     plan->add_option("--expert-budget", plco.expert_budget, "Instead of --config's tiers: host memory for experts, e.g. 1.5GiB");
     plan->add_option("--kv-type", plco.kv_type,
-                     "KV cache elements the plan sizes it in: f32, f16 or auto (planned as f16; default: config, else auto)")
-        ->check(CLI::IsMember({"auto", "f32", "f16"}));
+                     "KV cache elements the plan sizes it in: f32, f16, q8_0 or auto (planned as f16; default: config, else auto)")
+        ->check(CLI::IsMember({"auto", "f32", "f16", "q8_0"}));
     plan->add_option("-c,--ctx", plan_ctx, "Context length the KV cache is sized for")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 24));
     plan->add_option("-b,--batch", plan_batch, "Tokens per forward step (activation buffers)")->capture_default_str()->check(CLI::Range(int64_t(1), int64_t(1) << 20));
 

@@ -266,7 +266,7 @@ RunConfig parse_run_config(std::string_view text, std::string_view source) {
                 } else if (k == "kv_type") {
                     auto s = v.value<std::string>();
                     if (!v.is_string() || !s || (*s != "auto" && parse_kv_type(*s) < 0))
-                        fail(source, v, key, "expected \"auto\", \"f16\" (half the KV cache's memory) or \"f32\"");
+                        fail(source, v, key, "expected \"auto\", \"f16\" (half the KV cache's memory), \"q8_0\" (0.27 of it) or \"f32\"");
                     rc.kv_type = *s == "auto" ? -1 : parse_kv_type(*s);
                 } else {
                     fail(source, v, key, "unknown key (known: threads, max_batch, kv_block_size, activations, repack, kv_type)");

@@ -10,7 +10,7 @@
 //   kv_block_size = 16
 //   activations = "fast"         # or "precise": see moesh_activations in plugin.h
 //   repack = true                # weights in the backend's own layout at load (runtime/backend_weights.h)
-//   kv_type = "auto"             # KV cache elements: f16 where the backend offers it, else f32; or "f16"/"f32"
+//   kv_type = "auto"             # KV cache elements: f16 where the backend offers it, else f32; or "f16"/"q8_0"/"f32"
 //   [quantize]                   # at load time, from f32/f16/bf16 weights (see runtime/quantize.h)
 //   experts = "q4_0"             # q8_0, q4_0 or q4_1 per class:
 //   attention = "q8_0"           #   experts, attention, ffn, embeddings, output
@@ -96,7 +96,7 @@ struct RunConfig {
     int64_t kv_block_size = 16;
     bool precise_activations = false;
     bool repack = true;
-    int32_t kv_type = -1;   // [runtime] kv_type: MOESH_DTYPE_F32, MOESH_DTYPE_F16, or -1 (auto: f16 where offered)
+    int32_t kv_type = -1;   // [runtime] kv_type: MOESH_DTYPE_F32, MOESH_DTYPE_F16, MOESH_DTYPE_Q8_0, or -1 (auto: f16 where offered)
     QuantizePlan quantize;
     PlacementConfig placement;
     ServerConfig server;

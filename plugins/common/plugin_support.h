@@ -132,9 +132,13 @@ moesh_status check_attention_shape(Be * be, const moesh_attention_args & a, cons
     if (a.n_head % a.n_head_kv != 0)
         return fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: n_head (%lld) is not a multiple of n_head_kv (%lld)", op,
                     ll(a.n_head), ll(a.n_head_kv));
-    if ((a.kv_type != MOESH_DTYPE_F32 && a.kv_type != MOESH_DTYPE_F16) || a.reserved2 != 0)
-        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: kv_type %d is neither f32 (%d) nor f16 (%d), or reserved2 (%u) is not 0",
-                    op, int(a.kv_type), int(MOESH_DTYPE_F32), int(MOESH_DTYPE_F16), unsigned(a.reserved2));
+    if ((a.kv_type != MOESH_DTYPE_F32 && a.kv_type != MOESH_DTYPE_F16 && a.kv_type != MOESH_DTYPE_Q8_0) || a.reserved2 != 0)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT,
+                    "%s: kv_type %d is none of f32 (%d), f16 (%d) and q8_0 (%d), or reserved2 (%u) is not 0", op, int(a.kv_type),
+                    int(MOESH_DTYPE_F32), int(MOESH_DTYPE_F16), int(MOESH_DTYPE_Q8_0), unsigned(a.reserved2));
+    if (a.kv_type == MOESH_DTYPE_Q8_0 && a.head_dim % MOESH_QK_BLOCK != 0)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "%s: a q8_0 KV pool needs head_dim (%lld) a multiple of %d", op,
+                    ll(a.head_dim), MOESH_QK_BLOCK);
     return MOESH_OK;
 }
 
@@ -200,9 +204,13 @@ moesh_status check_copy_rows(Be * be, const moesh_copy_rows_args & a) {
     if (a.reserved != 0 || a.reserved2 != 0)
         return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: reserved (%u) and reserved2 (%u) must be 0", unsigned(a.reserved),
                     unsigned(a.reserved2));
-    if (a.dst_type != MOESH_DTYPE_F32 && a.dst_type != MOESH_DTYPE_F16)
-        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: dst_type %d is neither f32 (%d) nor f16 (%d)", int(a.dst_type),
-                    int(MOESH_DTYPE_F32), int(MOESH_DTYPE_F16));
+    if (a.dst_type != MOESH_DTYPE_F32 && a.dst_type != MOESH_DTYPE_F16 && a.dst_type != MOESH_DTYPE_Q8_0)
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: dst_type %d is none of f32 (%d), f16 (%d) and q8_0 (%d)",
+                    int(a.dst_type), int(MOESH_DTYPE_F32), int(MOESH_DTYPE_F16), int(MOESH_DTYPE_Q8_0));
+    if (a.dst_type == MOESH_DTYPE_Q8_0 && (a.n_cols % MOESH_QK_BLOCK != 0 || a.dst_stride % MOESH_QK_BLOCK != 0 || a.accumulate))
+        return fail(be, MOESH_ERR_INVALID_ARGUMENT,
+                    "copy_rows: a q8_0 dst needs n_cols (%lld) and dst_stride (%lld) multiples of %d and accumulate 0 (is %d)",
+                    ll(a.n_cols), ll(a.dst_stride), MOESH_QK_BLOCK, int(a.accumulate));
     if (a.accumulate != 0 && a.accumulate != 1)
         return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: accumulate is %d, must be 0 or 1", int(a.accumulate));
     if (!(a.clamp >= 0.0f && a.clamp <= 3.4e38f))
@@ -224,12 +232,14 @@ moesh_status check_copy_rows(Be * be, const moesh_copy_rows_args & a) {
     if (a.src && !a.src_rows && a.n_rows > a.src_n_rows)
         return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: n_rows (%lld) is more than src_n_rows (%lld)", ll(a.n_rows),
                     ll(a.src_n_rows));
-    const size_t dst_elem = a.dst_type == MOESH_DTYPE_F16 ? 2 : sizeof(float);
+    const size_t dst_bytes = a.dst_type == MOESH_DTYPE_F16    ? size_t(n_dst) * 2
+                             : a.dst_type == MOESH_DTYPE_Q8_0 ? size_t(n_dst) / MOESH_QK_BLOCK * 34
+                                                              : size_t(n_dst) * sizeof(float);
     if (a.src == a.dst) {
         if (a.src_rows || a.dst_rows || a.src_stride != a.dst_stride || a.dst_type != MOESH_DTYPE_F32)
             return fail(be, MOESH_ERR_INVALID_ARGUMENT,
                         "copy_rows: in place (src == dst) needs f32, no index arrays and equal strides");
-    } else if (a.src && !disjoint(a.src, size_t(n_src) * sizeof(float), a.dst, size_t(n_dst) * dst_elem)) {
+    } else if (a.src && !disjoint(a.src, size_t(n_src) * sizeof(float), a.dst, dst_bytes)) {
         return fail(be, MOESH_ERR_INVALID_ARGUMENT, "copy_rows: src overlaps dst");
     }
     return MOESH_OK;

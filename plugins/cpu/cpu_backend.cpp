@@ -336,7 +336,7 @@ int32_t cpu_supports(moesh_backend * be, int32_t op, int32_t w_type) {
         return be && !be->precise && moesh::cpu::is_quant_type(w_type) ? 1 : 0;
     case MOESH_OP_ATTENTION:   // w_type: the KV pools' type; copy_rows: dst's
     case MOESH_OP_COPY_ROWS:
-        return w_type == MOESH_DTYPE_F32 || w_type == MOESH_DTYPE_F16 ? 1 : 0;
+        return w_type == MOESH_DTYPE_F32 || w_type == MOESH_DTYPE_F16 || w_type == MOESH_DTYPE_Q8_0 ? 1 : 0;
     case MOESH_OP_RMS_NORM:
     case MOESH_OP_ROPE:
     case MOESH_OP_SOFTMAX:
@@ -951,6 +951,10 @@ moesh_status cpu_copy_rows(moesh_backend * be, const moesh_copy_rows_args * args
                 const Range r = split(a.n_rows, part, n_parts);
                 if (a.dst_type == MOESH_DTYPE_F16) {   // KV cache writes: few rows, converted one by one
                     moesh::cpu::copy_rows_f16(a, r.begin, r.end);
+                    return;
+                }
+                if (a.dst_type == MOESH_DTYPE_Q8_0) {   // KV cache writes, quantized as the reference does
+                    moesh::cpu::copy_rows_q8_0(a, r.begin, r.end);
                     return;
                 }
                 for (int64_t i = r.begin; i < r.end; ++i) {

@@ -565,34 +565,88 @@ HWY_INLINE float kv_at(const hwy::float16_t * p) {
     return moesh::ref::f16_to_f32(bits);
 }
 
+// A Q8_0 KV pool (the pool type's tag): rows of head_dim / 32 blocks of 34 bytes.
+struct KvQ8 {};
+
+// A KV pool read by element offsets, as the ABI counts a pool's elements: f32 and f16 pools are
+// arrays; in a Q8_0 pool element e is value e % 32 of block e / 32. load() reads the lanes from e,
+// which a caller starts at a multiple of the lane count within a row.
 template <class T>
-HWY_INLINE float dot_q_1(const float * HWY_RESTRICT q, const T * HWY_RESTRICT k, int64_t n) {
+struct KvPool {
+    const T * base;
+    explicit KvPool(const void * p) : base(static_cast<const T *>(p)) {}
+    HWY_INLINE VF load(DF d, int64_t e) const { return load_kv(d, base + e); }
+    HWY_INLINE float at(int64_t e) const { return kv_at(base + e); }
+    HWY_INLINE const char * bytes(int64_t e) const { return reinterpret_cast<const char *>(base + e); }
+    static int64_t row_bytes(int64_t n) { return n * int64_t(sizeof(T)); }
+};
+
+template <>
+struct KvPool<KvQ8> {
+    const uint8_t * base;
+    explicit KvPool(const void * p) : base(static_cast<const uint8_t *>(p)) {}
+    // e >= 0: unsigned shifts, not a signed division's fix-ups, on every load
+    HWY_INLINE const uint8_t * block(int64_t e) const { return base + (uint64_t(e) / MOESH_QK_BLOCK) * 34; }
+    HWY_INLINE static size_t in_block(int64_t e) { return uint64_t(e) % MOESH_QK_BLOCK; }
+    HWY_INLINE static float scale(const uint8_t * b) {
+        uint16_t h;
+        std::memcpy(&h, b, sizeof h);
+        return moesh::ref::f16_to_f32(h);
+    }
+    // float(q) * d in every lane, as at() and the reference compute it.
+    HWY_INLINE VF load(DF d, int64_t e) const {
+        const size_t n = hn::Lanes(d);
+        const bool halves_fit = n * 2 <= 34;   // load_kv reads n halves
+        if (MOESH_QK_BLOCK % n == 0) {   // the lanes lie in one block
+            const uint8_t * b = block(e);
+            const hn::Rebind<int8_t, DF> d8;
+            const hn::RebindToSigned<DF> di;
+            const VF q = hn::ConvertTo(d, hn::PromoteTo(di, hn::LoadU(d8, reinterpret_cast<const int8_t *>(b + 2 + in_block(e)))));
+            // The scale widened as load_kv widens f16 (F16C where there is one; exact, as scale()),
+            // from the block's first lanes: a vector's halves, within the block's 34 bytes.
+            const float dv = halves_fit ? hn::GetLane(load_kv(d, reinterpret_cast<const hwy::float16_t *>(b))) : scale(b);
+            return hn::Mul(q, hn::Set(d, dv));
+        }
+        HWY_ALIGN float lanes[HWY_MAX_BYTES / sizeof(float)];
+        for (size_t l = 0; l < n; ++l) lanes[l] = at(e + int64_t(l));
+        return hn::Load(d, lanes);
+    }
+    HWY_INLINE float at(int64_t e) const {
+        const uint8_t * b = block(e);
+        return float(int8_t(b[2 + in_block(e)])) * scale(b);
+    }
+    HWY_INLINE const char * bytes(int64_t e) const { return reinterpret_cast<const char *>(block(e)); }
+    static int64_t row_bytes(int64_t n) { return n / MOESH_QK_BLOCK * 34; }
+};
+
+template <class T>
+HWY_INLINE float dot_q_1(const float * HWY_RESTRICT q, const KvPool<T> & k, int64_t e, int64_t n) {
     const DF d;
     const int64_t N = int64_t(hn::Lanes(d));
     VF acc = hn::Zero(d);
     int64_t i = 0;
     for (; i + N <= n; i += N) {
-        acc = hn::MulAdd(hn::LoadU(d, q + i), load_kv(d, k + i), acc);
+        acc = hn::MulAdd(hn::LoadU(d, q + i), k.load(d, e + i), acc);
     }
     float sum = reduce_sum(d, acc);
     for (; i < n; ++i) {
-        sum = std::fma(q[i], kv_at(k + i), sum);
+        sum = std::fma(q[i], k.at(e + i), sum);
     }
     return sum;
 }
 
-// o += p v for one cache row (f32 or f16, widened in registers).
+// o += p v for one cache row (f32, f16 or Q8_0, widened in registers).
 template <class T>
-HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const T * HWY_RESTRICT v, float p, int64_t n) {
+HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const KvPool<T> & v, int64_t e, float p, int64_t n) {
     const DF d;
     const int64_t N = int64_t(hn::Lanes(d));
     const VF vp = hn::Set(d, p);
     int64_t i = 0;
     for (; i + N <= n; i += N) {
-        hn::StoreU(hn::MulAdd(vp, load_kv(d, v + i), hn::LoadU(d, o + i)), d, o + i);
+        hn::StoreU(hn::MulAdd(vp, v.load(d, e + i), hn::LoadU(d, o + i)), d, o + i);
     }
     for (; i < n; ++i) {   // fma, as the vector lanes
-        o[i] = std::fma(p, kv_at(v + i), o[i]);
+        o[i] = std::fma(p, v.at(e + i), o[i]);
     }
 }
 
@@ -612,6 +666,8 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
     const int64_t n_dim = a.head_dim;
     const int64_t bs = a.block_size;
     const int64_t row_stride = a.n_head_kv * n_dim;   // elements between cache rows of one kv head
+    const int64_t row_bytes = KvPool<T>::row_bytes(n_dim);
+    const KvPool<T> kp(a.k_pool), vp(a.v_pool);
     for (int64_t item = i0; item < i1; ++item) {
         const int64_t t = item / n_items_token;
         const int64_t h0 = (item % n_items_token) * HPI;   // first query head
@@ -625,26 +681,26 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
             o[h] = a.out + (t * a.n_head + h0 + h) * n_dim;
             sc[h] = scores + h * n_ctx;
         }
-        auto block_base = [&](const void * pool, int64_t p0) {
-            // Row 0 of the cache block holding position p0, for kv head h_kv.
-            return static_cast<const T *>(pool) + (int64_t(a.block_table[p0 / bs]) * bs * a.n_head_kv + h_kv) * n_dim;
+        auto block_base = [&](int64_t p0) {
+            // Row 0 of the cache block holding position p0, for kv head h_kv (an element offset).
+            return (int64_t(a.block_table[p0 / bs]) * bs * a.n_head_kv + h_kv) * n_dim;
         };
         // Cache blocks lie anywhere in the pool, and the hardware prefetcher follows a stream
         // only within a page: the next block's K rows are asked for while this block's are
         // read, and this block's V rows while its scores are computed (the V pass reads them).
-        auto prefetch_rows = [&](const T * rows, int64_t n_rows) {
+        auto prefetch_rows = [&](const KvPool<T> & pool, int64_t rows, int64_t n_rows) {
             for (int64_t r = 0; r < n_rows; ++r) {
-                const char * row = reinterpret_cast<const char *>(rows + r * row_stride);
-                for (int64_t b = 0; b < n_dim * int64_t(sizeof(T)); b += 64) hwy::Prefetch(row + b);
+                const char * row = pool.bytes(rows + r * row_stride);
+                for (int64_t b = 0; b < row_bytes; b += 64) hwy::Prefetch(row + b);
             }
         };
-        prefetch_rows(block_base(a.k_pool, 0), std::min(bs, n_ctx));
+        prefetch_rows(kp, block_base(0), std::min(bs, n_ctx));
 
         for (int64_t p0 = 0; p0 < n_ctx; p0 += bs) {
-            const T * k = block_base(a.k_pool, p0);   // [bs, row_stride]
+            const int64_t k = block_base(p0);   // [bs, row_stride]
             const int64_t n_r = std::min(bs, n_ctx - p0);
-            if (p0 + bs < n_ctx) prefetch_rows(block_base(a.k_pool, p0 + bs), std::min(bs, n_ctx - p0 - bs));
-            prefetch_rows(block_base(a.v_pool, p0), n_r);
+            if (p0 + bs < n_ctx) prefetch_rows(kp, block_base(p0 + bs), std::min(bs, n_ctx - p0 - bs));
+            prefetch_rows(vp, k, n_r);
             int64_t r = 0;
             for (; r + R <= n_r; r += R) {
                 VF acc[R][HPI];
@@ -656,7 +712,7 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
                 int64_t i = 0;
                 for (; i + N <= n_dim; i += N) {
                     for (int j = 0; j < R; ++j) {
-                        const VF vk = load_kv(d, k + (r + j) * row_stride + i);
+                        const VF vk = kp.load(d, k + (r + j) * row_stride + i);
                         for (int h = 0; h < HPI; ++h) {
                             acc[j][h] = hn::MulAdd(hn::LoadU(d, q[h] + i), vk, acc[j][h]);
                         }
@@ -666,7 +722,7 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
                     for (int h = 0; h < HPI; ++h) {
                         float sum = reduce_sum(d, acc[j][h]);
                         for (int64_t ii = i; ii < n_dim; ++ii) {
-                            sum = std::fma(q[h][ii], kv_at(k + (r + j) * row_stride + ii), sum);
+                            sum = std::fma(q[h][ii], kp.at(k + (r + j) * row_stride + ii), sum);
                         }
                         sc[h][p0 + r + j] = sum;
                     }
@@ -674,7 +730,7 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
             }
             for (; r < n_r; ++r) {
                 for (int h = 0; h < HPI; ++h) {
-                    sc[h][p0 + r] = dot_q_1(q[h], k + r * row_stride, n_dim);
+                    sc[h][p0 + r] = dot_q_1(q[h], kp, k + r * row_stride, n_dim);
                 }
             }
         }
@@ -705,7 +761,7 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
         }
 
         for (int64_t p0 = 0; p0 < n_ctx; p0 += bs) {
-            const T * v = block_base(a.v_pool, p0);   // [bs, row_stride]
+            const int64_t v = block_base(p0);   // [bs, row_stride]
             const int64_t n_r = std::min(bs, n_ctx - p0);
             int64_t r = 0;
             for (; r + RV <= n_r; r += RV) {
@@ -719,7 +775,7 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
                 for (; i + N <= n_dim; i += N) {
                     VF vv[RV];
                     for (int j = 0; j < RV; ++j) {
-                        vv[j] = load_kv(d, v + (r + j) * row_stride + i);
+                        vv[j] = vp.load(d, v + (r + j) * row_stride + i);
                     }
                     for (int h = 0; h < HPI; ++h) {
                         VF acc = hn::LoadU(d, o[h] + i);
@@ -733,7 +789,7 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
                     for (int h = 0; h < HPI; ++h) {
                         float x = o[h][i];
                         for (int j = 0; j < RV; ++j) {
-                            x = std::fma(sc[h][p0 + r + j], kv_at(v + (r + j) * row_stride + i), x);
+                            x = std::fma(sc[h][p0 + r + j], vp.at(v + (r + j) * row_stride + i), x);
                         }
                         o[h][i] = x;
                     }
@@ -741,7 +797,7 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
             }
             for (; r < n_r; ++r) {
                 for (int h = 0; h < HPI; ++h) {
-                    accumulate_v(o[h], v + r * row_stride, sc[h][p0 + r], n_dim);
+                    accumulate_v(o[h], vp, v + r * row_stride, sc[h][p0 + r], n_dim);
                 }
             }
         }
@@ -800,7 +856,9 @@ void attention_items_kv(const moesh_attention_args & a, int heads_per_item, int6
 }
 
 void attention_items(const moesh_attention_args & a, int heads_per_item, int64_t i0, int64_t i1, float * scores) {
-    if (a.kv_type == MOESH_DTYPE_F16)
+    if (a.kv_type == MOESH_DTYPE_Q8_0)
+        attention_items_kv<KvQ8>(a, heads_per_item, i0, i1, scores);
+    else if (a.kv_type == MOESH_DTYPE_F16)
         attention_items_kv<hwy::float16_t>(a, heads_per_item, i0, i1, scores);
     else
         attention_items_kv<float>(a, heads_per_item, i0, i1, scores);
@@ -897,6 +955,23 @@ int attention_heads_per_item(int64_t n_head, int64_t n_head_kv, int64_t n_tokens
 }
 
 void copy_rows_f16(const moesh_copy_rows_args & a, int64_t r0, int64_t r1) { HWY_DYNAMIC_DISPATCH(copy_rows_f16)(a, r0, r1); }
+
+void copy_rows_q8_0(const moesh_copy_rows_args & a, int64_t r0, int64_t r1) {
+    float x[MOESH_QK_BLOCK];
+    const int64_t row_bytes = a.dst_stride / MOESH_QK_BLOCK * 34;
+    for (int64_t i = r0; i < r1; ++i) {
+        const int64_t k = a.src_rows ? a.src_rows[i] : i;
+        const float * src = a.src ? a.src + k * a.src_stride : nullptr;
+        uint8_t * dst = static_cast<uint8_t *>(a.dst) + (a.dst_rows ? a.dst_rows[i] : i) * row_bytes;
+        for (int64_t b = 0; b < a.n_cols / MOESH_QK_BLOCK; ++b) {
+            for (int j = 0; j < MOESH_QK_BLOCK; ++j) {
+                const float v = src ? src[b * MOESH_QK_BLOCK + j] : 0.0f;
+                x[j] = a.clamp > 0.0f ? std::clamp(v, -a.clamp, a.clamp) : v;
+            }
+            moesh::ref::quantize_q8_0_block(x, dst + b * 34);
+        }
+    }
+}
 
 } // namespace moesh::cpu
 #endif // HWY_ONCE

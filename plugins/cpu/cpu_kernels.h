@@ -55,5 +55,8 @@ int attention_heads_per_item(int64_t n_head, int64_t n_head_kv, int64_t n_tokens
 
 // copy_rows into an f16 dst (dst_type F16), rows [r0, r1) of the call.
 void copy_rows_f16(const moesh_copy_rows_args & a, int64_t r0, int64_t r1);
+// copy_rows into a Q8_0 dst (dst_type Q8_0; accumulate 0), rows [r0, r1): each 32 values, clamped,
+// quantized by the reference's quantize_q8_0_block, so that both write the same bytes.
+void copy_rows_q8_0(const moesh_copy_rows_args & a, int64_t r0, int64_t r1);
 
 } // namespace moesh::cpu

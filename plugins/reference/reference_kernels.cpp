@@ -327,8 +327,34 @@ void softmax(const moesh_softmax_args & a) {
     }
 }
 
+void quantize_q8_0_block(const float * x, uint8_t * out) {
+    float amax = 0.0f;
+    for (int j = 0; j < MOESH_QK_BLOCK; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float d = amax / 127.0f;
+    const float id = d != 0.0f ? 1.0f / d : 0.0f;
+    const uint16_t dh = f32_to_f16(d);
+    std::memcpy(out, &dh, sizeof dh);
+    for (int j = 0; j < MOESH_QK_BLOCK; ++j) {
+        const float v = std::round(x[j] * id);
+        out[2 + j] = uint8_t(int8_t(std::isnan(v) ? 0 : v <= -127.0f ? -127 : v >= 127.0f ? 127 : int(v)));
+    }
+}
+
 void copy_rows(const moesh_copy_rows_args & a) {
     const bool f16 = a.dst_type == MOESH_DTYPE_F16;
+    if (a.dst_type == MOESH_DTYPE_Q8_0) {   // accumulate is 0 (the ABI)
+        std::vector<float> row(size_t(a.n_cols));
+        for (int64_t i = 0; i < a.n_rows; ++i) {
+            const int64_t s = a.src_rows ? a.src_rows[i] : i, d = a.dst_rows ? a.dst_rows[i] : i;
+            for (int64_t j = 0; j < a.n_cols; ++j) {
+                const float v = a.src ? a.src[s * a.src_stride + j] : 0.0f;
+                row[size_t(j)] = a.clamp > 0.0f ? std::clamp(v, -a.clamp, a.clamp) : v;
+            }
+            uint8_t * dst = static_cast<uint8_t *>(a.dst) + d * (a.dst_stride / MOESH_QK_BLOCK) * 34;
+            for (int64_t b = 0; b < a.n_cols / MOESH_QK_BLOCK; ++b) quantize_q8_0_block(row.data() + b * MOESH_QK_BLOCK, dst + b * 34);
+        }
+        return;
+    }
     for (int64_t i = 0; i < a.n_rows; ++i) {
         const int64_t s = a.src_rows ? a.src_rows[i] : i, d = a.dst_rows ? a.dst_rows[i] : i;
         float * dst = f16 ? nullptr : static_cast<float *>(a.dst) + d * a.dst_stride;
@@ -359,8 +385,9 @@ void attention(const moesh_attention_args & a) {
                 const int64_t block = a.block_table[pos / a.block_size];
                 const int64_t row = block * a.block_size + pos % a.block_size;
                 const int64_t i = (row * a.n_head_kv + h_kv) * a.head_dim + d;
-                return a.kv_type == MOESH_DTYPE_F16 ? f16_to_f32(static_cast<const uint16_t *>(pool)[i])
-                                                    : static_cast<const float *>(pool)[i];
+                return a.kv_type == MOESH_DTYPE_F16    ? f16_to_f32(static_cast<const uint16_t *>(pool)[i])
+                       : a.kv_type == MOESH_DTYPE_Q8_0 ? load_weight(pool, MOESH_DTYPE_Q8_0, i)
+                                                       : static_cast<const float *>(pool)[i];
             };
             double max = -std::numeric_limits<double>::infinity();
             for (int64_t j = 0; j < n_ctx; ++j) {

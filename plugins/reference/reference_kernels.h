@@ -40,6 +40,10 @@ float load_weight(const void * w, int32_t w_type /* moesh_dtype */, int64_t i);
 // dequantize_row (tests/experts checks them against experts/quant.cpp).
 void load_weight_row(const void * w, int32_t w_type /* moesh_dtype */, int64_t row, int64_t n, float * out);
 
+// One GGUF Q8_0 block (34 bytes at out) of x[0..32), as GGUF's quantizer writes it:
+// d = max|x| / 127 stored as f16, q = round(x / d) (halves away from zero), 0 where d is 0.
+void quantize_q8_0_block(const float * x, uint8_t * out);
+
 // Bytes of one row of n elements of w_type (0 for an unknown dtype or for a
 // block type when n is not a whole number of blocks).
 size_t weight_row_bytes(int32_t w_type /* moesh_dtype */, int64_t n);

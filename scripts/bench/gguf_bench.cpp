@@ -194,7 +194,7 @@ int main(int argc, char ** argv) {
         else if (a == "--kv-type") {
             kv_type = moesh::parse_kv_type(next());
             if (kv_type < 0) {
-                std::fprintf(stderr, "--kv-type: f32 or f16\n");
+                std::fprintf(stderr, "--kv-type: f32, f16 or q8_0\n");
                 return 2;
             }
         }
@@ -211,7 +211,7 @@ int main(int argc, char ** argv) {
         else {
             std::fprintf(stderr,
                          "usage: %s --model PATH [--threads 1,2] [--prompt 128] [--gen 64] [--batch 128] [--reps 3]\n"
-                         "          [--probe-gib 1] [--plugin-dir D] [--no-repack] [--kv-type f32|f16] [--backend cpu]\n"
+                         "          [--probe-gib 1] [--plugin-dir D] [--no-repack] [--kv-type f32|f16|q8_0] [--backend cpu]\n"
                          "          [--roofline-gbps G] [--sequences N]\n"
                          "          [--gpu-budgets 50,25 [--costs auto,auto-sync,promote,in-place]]   (a device backend)\n"
                          "       %s --synthetic moe-small|moe-mid [--type q4_0|q8_0|q4_1|bf16] [same options]\n"

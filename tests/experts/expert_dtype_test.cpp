@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <string>
@@ -35,6 +37,24 @@ TEST(ExpertDtype, RowBytesOfElementAndBlockTypes) {
     EXPECT_EQ(m.n_bytes(), 10u * 2u * 18u);
     const moesh::WeightMatrix f{nullptr, MOESH_DTYPE_BF16, 10, 64};
     EXPECT_EQ(f.n_bytes(), 10u * 64u * 2u);
+}
+
+// The reference kernels' Q8_0 quantizer (what a Q8_0 KV cache write must produce) against
+// experts/quant's, which the GGUF fixtures tie to gguf-py: the same bytes, halves, zeros, tiny
+// and huge values included.
+TEST(ExpertDtype, ReferenceQ8_0QuantizerMatchesGgufBitForBit) {
+    std::mt19937 rng(9);
+    std::uniform_real_distribution<float> u(-3.0f, 3.0f);
+    for (int rep = 0; rep < 200; ++rep) {
+        float x[32];
+        for (float & v : x) v = u(rng) * (rep % 4 == 0 ? 1e-6f : rep % 4 == 1 ? 1e4f : 1.0f);
+        if (rep % 5 == 0) std::fill(x, x + 32, 0.0f);
+        if (rep % 7 == 0) x[3] = 127.0f / 2.0f * (x[0] != 0.0f ? std::fabs(x[0]) : 1.0f);
+        uint8_t got[34], want[34];
+        moesh::ref::quantize_q8_0_block(x, got);
+        ASSERT_TRUE(moesh::quantize_row(QuantType::Q8_0, x, want, 32));
+        ASSERT_EQ(std::memcmp(got, want, sizeof got), 0) << "rep " << rep;
+    }
 }
 
 TEST(ExpertDtype, ReferenceDequantizationMatchesGgufBitForBit) {

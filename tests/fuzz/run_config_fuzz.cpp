@@ -19,7 +19,7 @@ bool run_config_one_input(const uint8_t * data, size_t size) {
         return false;
     }
     if (rc.threads < 0 || rc.max_batch < 1 || rc.kv_block_size < 1 ||
-        (rc.kv_type != -1 && rc.kv_type != MOESH_DTYPE_F32 && rc.kv_type != MOESH_DTYPE_F16)) {
+        (rc.kv_type != -1 && rc.kv_type != MOESH_DTYPE_F32 && rc.kv_type != MOESH_DTYPE_F16 && rc.kv_type != MOESH_DTYPE_Q8_0)) {
         std::fprintf(stderr, "run_config invariant violated: out-of-range value accepted\n");
         std::abort();
     }

@@ -154,6 +154,38 @@ TEST(KvCacheType, OnlyAPluginThatAnswersPerTypeGetsAnF16Cache) {
     }
 }
 
+// A q8_0 KV cache: the cpu plugin offers it (devsim, standing in for a device plugin, does not,
+// nor does cuda), it takes 34 bytes per 32 values, and a head_dim that is not a multiple of 32 is
+// refused with what to do instead.
+TEST(KvCacheType, AQ8_0CacheNeedsAPluginThatOffersItAndWholeBlocks) {
+    auto cpu = test::open_cpu_backend(1);
+    auto dev = test::open_devsim_backend();
+    auto old = test::open_test_plugin("says_yes");
+    ASSERT_TRUE(cpu && dev && old);
+    EXPECT_TRUE(backend_offers_kv_type(*cpu, MOESH_DTYPE_Q8_0));
+    EXPECT_FALSE(backend_offers_kv_type(*dev, MOESH_DTYPE_Q8_0));
+    EXPECT_FALSE(backend_offers_kv_type(*old, MOESH_DTYPE_Q8_0));
+    EXPECT_EQ(KvCacheSpec::row_bytes(MOESH_DTYPE_Q8_0, 128), 4u * 34u);
+    EXPECT_EQ(KvCacheSpec::row_bytes(MOESH_DTYPE_F16, 128), 256u);
+    KvCacheSpec ks;
+    ks.n_layer = 2;
+    ks.n_head_kv = 2;
+    ks.n_blocks = 3;
+    ks.head_dim = 64;
+    ks.type = MOESH_DTYPE_Q8_0;
+    EXPECT_EQ(ks.bytes(), size_t(2 * 2 * 3 * 16 * 2 * 2 * 34));
+    EXPECT_EQ(KvCacheSpec::blocks_for_budget(ks.bytes(), 2, 2, 64, 16, MOESH_DTYPE_Q8_0), 3);
+    EXPECT_NO_THROW(KvCache(ks, *cpu));
+    EXPECT_THROW(KvCache(ks, *dev), Error);
+    ks.head_dim = 80;
+    try {
+        KvCache kv(ks, *cpu);
+        FAIL() << "a q8_0 cache of 80-value rows";
+    } catch (const Error & e) {
+        EXPECT_NE(std::string(e.what()).find("head_dim (80) to be a multiple of 32"), std::string::npos) << e.what();
+    }
+}
+
 class DeviceArch : public testing::TestWithParam<const char *> {};
 
 // Prefill in chunks, then decode: logits equal the cpu backend's (f32 weights:

@@ -84,6 +84,8 @@ TEST(RunConfig, ParsesAllKeys) {
     EXPECT_EQ(rc.kv_type, MOESH_DTYPE_F32);
     rc = parse_run_config("[runtime]\nkv_type = 'auto'\n", "x");
     EXPECT_EQ(rc.kv_type, -1);
+    rc = parse_run_config("[runtime]\nkv_type = 'q8_0'\n", "x");
+    EXPECT_EQ(rc.kv_type, MOESH_DTYPE_Q8_0);
 }
 
 TEST(RunConfig, ErrorsNameFileLineColumnAndKey) {
@@ -96,7 +98,7 @@ TEST(RunConfig, ErrorsNameFileLineColumnAndKey) {
     EXPECT_NE(e.find("unknown key"), std::string::npos) << e;
     e = error_of("[placements]\n");
     EXPECT_NE(e.find("unknown table"), std::string::npos) << e;
-    e = error_of("[runtime]\nkv_type = 'q8_0'\n");
+    e = error_of("[runtime]\nkv_type = 'q4_0'\n");
     EXPECT_NE(e.find("moesh.toml:2:"), std::string::npos) << e;
     EXPECT_NE(e.find("expected \"auto\", \"f16\""), std::string::npos) << e;
     e = error_of("[plugins]\ndirs = 'x'\n");

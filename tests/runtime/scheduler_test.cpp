@@ -40,11 +40,13 @@ GenRequest request(std::vector<int32_t> prompt, int64_t max_tokens, std::map<uin
     return r;
 }
 
-std::vector<int32_t> alone(const Model & m, Backend & be, const std::vector<int32_t> & prompt, int64_t n, SamplerParams sp = {}) {
+std::vector<int32_t> alone(const Model & m, Backend & be, const std::vector<int32_t> & prompt, int64_t n, SamplerParams sp = {},
+                           int32_t kv_type = MOESH_DTYPE_F32) {
     GenerateOptions o;
     o.prompt = prompt;
     o.n_generate = n;
     o.sampling = sp;
+    o.kv_type = kv_type;
     return generate(m, be, o).tokens;
 }
 
@@ -55,10 +57,14 @@ std::vector<int32_t> ids(int n, int salt) {
     return p;
 }
 
+// With an f32 and with a q8_0 KV cache (whose rows are quantized as they are written, the same
+// alone and batched).
 TEST(Scheduler, BatchedRequestsGetWhatTheyGetAlone) {
     const Model model = Model::load_folder(k_model);
     auto be = test::open_cpu_backend(2);
     ASSERT_NE(be, nullptr);
+    for (const int32_t kv_type : {MOESH_DTYPE_F32, MOESH_DTYPE_Q8_0}) {
+    SCOPED_TRACE(kv_type_name(kv_type));
     std::vector<std::vector<int32_t>> prompts;
     for (int i = 0; i < 7; ++i) {
         std::vector<int32_t> p;
@@ -70,6 +76,7 @@ TEST(Scheduler, BatchedRequestsGetWhatTheyGetAlone) {
     so.max_sequences = 4;   // fewer than the requests: some wait, then join between steps
     so.kv_blocks = 64;
     so.prefill_chunk = 8;   // the longer prompts take several steps
+    so.kv_type = kv_type;
     Scheduler s(model, *be, so);
     std::map<uint64_t, Outcome> out;
     std::vector<uint64_t> handles;
@@ -95,13 +102,14 @@ TEST(Scheduler, BatchedRequestsGetWhatTheyGetAlone) {
     for (size_t i = 0; i < prompts.size(); ++i) {
         const Outcome & o = out[handles[i]];
         EXPECT_EQ(o.done, 1) << i;
-        EXPECT_EQ(o.final_tokens, alone(model, *be, prompts[i], 10 + int64_t(i), sps[i])) << "request " << i;
+        EXPECT_EQ(o.final_tokens, alone(model, *be, prompts[i], 10 + int64_t(i), sps[i], kv_type)) << "request " << i;
         EXPECT_EQ(o.streamed, o.final_tokens) << i;
         EXPECT_EQ(o.why, FinishReason::Length);
     }
     const SchedulerStats st = s.stats();
     EXPECT_EQ(st.kv_blocks_used, 0);
     EXPECT_EQ(st.requests_done, int64_t(prompts.size()));
+    }
 }
 
 TEST(Scheduler, RefusesWhatItCannotHoldAndCancelFreesAtOnce) {

@@ -15,6 +15,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -64,9 +65,9 @@ TEST(ShippedModel, GreedyTokensAndLogitsEqualTransformers) {
     auto be = test::open_cpu_backend(2);
     ASSERT_NE(be, nullptr);
     const int64_t n_vocab = model.config().n_vocab;
-    for (const int32_t kv_type : {MOESH_DTYPE_F32, MOESH_DTYPE_F16})
+    for (const int32_t kv_type : {MOESH_DTYPE_F32, MOESH_DTYPE_F16, MOESH_DTYPE_Q8_0})
     for (size_t i = 0; i < ref.at("prompts").size(); ++i) {
-        SCOPED_TRACE("prompt " + std::to_string(i) + (kv_type == MOESH_DTYPE_F16 ? ", f16 KV cache" : ""));
+        SCOPED_TRACE("prompt " + std::to_string(i) + ", " + kv_type_name(kv_type) + " KV cache");
         const auto & p = ref.at("prompts")[i];
         GenerateOptions o;
         o.prompt = p.at("ids").get<std::vector<int32_t>>();
@@ -75,13 +76,34 @@ TEST(ShippedModel, GreedyTokensAndLogitsEqualTransformers) {
         o.keep_logits = true;
         o.kv_type = kv_type;
         const GenerateResult r = generate(model, *be, o);
-        EXPECT_EQ(r.tokens, expected);
         const NpyArray want = read_npy_f32(k_ref / ("prompt" + std::to_string(i) + ".logits.npy"));
         ASSERT_EQ(want.shape.size(), 2u);
         ASSERT_EQ(want.shape[0], r.n_logit_rows);
         ASSERT_EQ(want.shape[1], n_vocab);
+        // Rows compared: all of them, or with a q8_0 cache up to a step where transformers' best two
+        // logits are within 1% of the row's largest and moesh took the second (a near tie that the
+        // cache's rounding may flip; the rows after it continue another text).
+        int64_t n_rows = r.n_logit_rows;
+        ASSERT_EQ(r.tokens.size(), expected.size());
+        const size_t first_diff = size_t(std::mismatch(r.tokens.begin(), r.tokens.end(), expected.begin()).first - r.tokens.begin());
+        if (first_diff < expected.size()) {
+            ASSERT_EQ(kv_type, MOESH_DTYPE_Q8_0) << "generated token " << first_diff << " differs";
+            const int64_t row = int64_t(o.prompt.size()) - 1 + int64_t(first_diff);
+            const float * w = want.data.data() + size_t(row * n_vocab);
+            const int32_t best = int32_t(std::max_element(w, w + n_vocab) - w);
+            float second = -INFINITY, top = 0;
+            for (int64_t v = 0; v < n_vocab; ++v) {
+                top = std::max(top, std::fabs(w[v]));
+                if (v != best) second = std::max(second, w[v]);
+            }
+            EXPECT_EQ(w[r.tokens[first_diff]], second) << "step " << first_diff << ": moesh took neither of the best two";
+            EXPECT_LT(w[best] - second, 0.01f * top) << "step " << first_diff << " is no near tie";
+            std::printf("[ shipped  ] prompt %zu, q8_0 KV cache: token %zu of %zu took transformers' second best "
+                        "(logits %.4f apart of %.2f)\n", i, first_diff, expected.size(), double(w[best] - second), double(top));
+            n_rows = row + 1;
+        }
         double worst = 0;
-        for (int64_t row = 0; row < r.n_logit_rows; ++row) {
+        for (int64_t row = 0; row < n_rows; ++row) {
             double diff = 0, scale = 0;
             for (int64_t v = 0; v < n_vocab; ++v) {
                 const size_t k = size_t(row * n_vocab + v);
@@ -90,9 +112,10 @@ TEST(ShippedModel, GreedyTokensAndLogitsEqualTransformers) {
             }
             worst = std::max(worst, diff / std::max(scale, 1e-30));
         }
-        EXPECT_LE(worst, kv_type == MOESH_DTYPE_F16 ? 1e-3 : 1e-4);
+        // q8_0 keeps 8 bits a value and a scale per 32 (a relative step of 1/127 of the block's largest)
+        EXPECT_LE(worst, kv_type == MOESH_DTYPE_Q8_0 ? 1e-2 : kv_type == MOESH_DTYPE_F16 ? 1e-3 : 1e-4);
         std::printf("[ shipped  ] prompt %zu, %s KV cache: %lld rows, max relative logit error %.3g\n", i,
-                    kv_type_name(kv_type), (long long)r.n_logit_rows, worst);
+                    kv_type_name(kv_type), (long long)n_rows, worst);
     }
 }
 

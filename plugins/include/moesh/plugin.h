@@ -299,7 +299,11 @@ typedef struct moesh_attention_args {
     int64_t n_blocks;           /* blocks in k_pool and in v_pool */
     int64_t n_kv;               /* cache positions filled for this sequence */
     /* Appended in ABI v1 (a caller whose struct_size ends before them means F32): */
-    int32_t kv_type;            /* MOESH_DTYPE_F32 or MOESH_DTYPE_F16, as supports(ATTENTION) offers */
+    int32_t kv_type;            /* MOESH_DTYPE_F32, MOESH_DTYPE_F16 or MOESH_DTYPE_Q8_0, as
+                                   supports(ATTENTION) offers. Q8_0 needs head_dim a multiple of 32:
+                                   a pool row of head_dim values is head_dim / 32 GGUF Q8_0 blocks of
+                                   34 bytes (f16 scale d, 32 int8 q; value d * q), so element i of a
+                                   pool lies in its block i / 32, at byte (i / 32) * 34 */
     uint32_t reserved2;         /* 0 */
 } moesh_attention_args;
 
@@ -374,7 +378,11 @@ typedef struct moesh_copy_rows_args {
     int64_t dst_n_rows;         /* rows dst holds */
     /* Appended in ABI v1 (a caller whose struct_size ends before them means F32): */
     int32_t dst_type;           /* MOESH_DTYPE_F32, or MOESH_DTYPE_F16 (values rounded to nearest
-                                   even; with accumulate, dst is read as f16, added in f32, rounded) */
+                                   even; with accumulate, dst is read as f16, added in f32, rounded),
+                                   or MOESH_DTYPE_Q8_0: n_cols and dst_stride multiples of 32 (strides
+                                   still count values), accumulate 0; each 32 written values (after
+                                   the clamp) become one block as GGUF quantizes Q8_0: d = max|x| / 127
+                                   stored as f16, q = round(x / d), halves away from zero */
     uint32_t reserved2;         /* 0 */
 } moesh_copy_rows_args;
 

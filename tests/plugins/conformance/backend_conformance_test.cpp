@@ -55,6 +55,27 @@ std::vector<float> f16_values(const std::vector<uint16_t> & h) {
     return f;
 }
 
+// A pool of float rows as a Q8_0 KV pool keeps it (each 32 values one block, quantized by the
+// reference). A block with a NaN gets a NaN scale, so that a read of it still poisons the output.
+std::vector<uint8_t> q8_0_pool(const std::vector<float> & x) {
+    std::vector<uint8_t> q(x.size() / MOESH_QK_BLOCK * 34);
+    for (size_t b = 0; b < x.size() / MOESH_QK_BLOCK; ++b) {
+        const float * v = x.data() + b * MOESH_QK_BLOCK;
+        moesh::ref::quantize_q8_0_block(v, q.data() + b * 34);
+        if (std::any_of(v, v + MOESH_QK_BLOCK, [](float f) { return std::isnan(f); })) {
+            const uint16_t nan16 = 0x7e00;
+            std::memcpy(q.data() + b * 34, &nan16, sizeof nan16);
+        }
+    }
+    return q;
+}
+
+std::vector<float> q8_0_values(const std::vector<uint8_t> & q) {
+    std::vector<float> f(q.size() / 34 * MOESH_QK_BLOCK);
+    for (size_t i = 0; i < f.size(); ++i) f[i] = moesh::ref::load_weight(q.data(), MOESH_DTYPE_Q8_0, int64_t(i));
+    return f;
+}
+
 // Error of a float32 sum of n terms in any order, relative to the sum of the
 // terms' magnitudes. The worst case is n*u, but for terms of random sign (all
 // inputs here) rounding errors add up like a random walk, ~sqrt(n)*u; using
@@ -1322,8 +1343,9 @@ std::vector<double> attention_bound(const moesh_attention_args & a, const std::v
             auto kv = [&](const void * pool, int64_t p, int64_t d) {   // element d of position p's row, as f32
                 const int64_t block = a.block_table[p / a.block_size];
                 const int64_t i = ((block * a.block_size + p % a.block_size) * a.n_head_kv + h / n_group) * a.head_dim + d;
-                return a.kv_type == MOESH_DTYPE_F16 ? moesh::ref::f16_to_f32(static_cast<const uint16_t *>(pool)[i])
-                                                    : static_cast<const float *>(pool)[i];
+                return a.kv_type == MOESH_DTYPE_F16    ? moesh::ref::f16_to_f32(static_cast<const uint16_t *>(pool)[i])
+                       : a.kv_type == MOESH_DTYPE_Q8_0 ? moesh::ref::load_weight(pool, MOESH_DTYPE_Q8_0, i)
+                                                       : static_cast<const float *>(pool)[i];
             };
             std::vector<double> s(static_cast<size_t>(n_ctx)), e_s(static_cast<size_t>(n_ctx));
             double m = -std::numeric_limits<double>::infinity(), e_s_max = 0.0;
@@ -1375,12 +1397,13 @@ TEST_P(BackendConformance, AttentionMatchesReference) {
         {20, 4, 1, 3, 5, 30, 2.0f, false},   // 4 a kv head, with tails
     };
     std::mt19937 rng(6);
-    for (const int32_t kv_type : {MOESH_DTYPE_F32, MOESH_DTYPE_F16})
+    for (const int32_t kv_type : {MOESH_DTYPE_F32, MOESH_DTYPE_F16, MOESH_DTYPE_Q8_0})
     for (const Shape & s : shapes) {
         if (!be_->supports(ctx_, MOESH_OP_ATTENTION, kv_type)) {
-            EXPECT_FALSE(GetParam().all_weight_types) << "the cpu backend reads f16 KV pools";
+            EXPECT_FALSE(GetParam().all_weight_types) << "the cpu backend reads f16 and q8_0 KV pools";
             continue;
         }
+        if (kv_type == MOESH_DTYPE_Q8_0 && s.head_dim % MOESH_QK_BLOCK != 0) continue;   // refused (RejectsInvalidAttentionArguments)
         SCOPED_TRACE(testing::Message() << "kv_type " << kv_type << " head_dim " << s.head_dim << " n_head " << s.n_head
                                         << " n_head_kv " << s.n_head_kv << " n_tokens " << s.n_tokens << " block_size "
                                         << s.block_size << " n_kv " << s.n_kv);
@@ -1417,10 +1440,12 @@ TEST_P(BackendConformance, AttentionMatchesReference) {
             k16[i] = moesh::ref::f32_to_f16(k_pool[i]);
             v16[i] = moesh::ref::f32_to_f16(v_pool[i]);
         }
-        const bool f16 = kv_type == MOESH_DTYPE_F16;
+        const bool f16 = kv_type == MOESH_DTYPE_F16, q8 = kv_type == MOESH_DTYPE_Q8_0;
+        const std::vector<uint8_t> k8 = q8 ? q8_0_pool(k_pool) : std::vector<uint8_t>();
+        const std::vector<uint8_t> v8 = q8 ? q8_0_pool(v_pool) : std::vector<uint8_t>();
         DeviceBuffer d_q = upload(q);
-        DeviceBuffer d_k = f16 ? upload(k16) : upload(k_pool);
-        DeviceBuffer d_v = f16 ? upload(v16) : upload(v_pool);
+        DeviceBuffer d_k = f16 ? upload(k16) : q8 ? upload(k8) : upload(k_pool);
+        DeviceBuffer d_v = f16 ? upload(v16) : q8 ? upload(v8) : upload(v_pool);
         DeviceBuffer d_table = upload(block_table);
         DeviceBuffer d_pos = upload(pos);
         DeviceBuffer d_out = upload(std::vector<float>(q.size(), k_sentinel));
@@ -1447,8 +1472,8 @@ TEST_P(BackendConformance, AttentionMatchesReference) {
         std::vector<float> out_ref(q.size());
         moesh_attention_args r = a;
         r.q = q.data();
-        r.k_pool = f16 ? static_cast<const void *>(k16.data()) : k_pool.data();
-        r.v_pool = f16 ? static_cast<const void *>(v16.data()) : v_pool.data();
+        r.k_pool = f16 ? static_cast<const void *>(k16.data()) : q8 ? static_cast<const void *>(k8.data()) : k_pool.data();
+        r.v_pool = f16 ? static_cast<const void *>(v16.data()) : q8 ? static_cast<const void *>(v8.data()) : v_pool.data();
         r.block_table = block_table.data();
         r.pos = pos.data();
         r.out = out_ref.data();
@@ -1535,10 +1560,12 @@ TEST_P(BackendConformance, AttentionBatchEqualsAttentionPerRun) {
     };
     const int64_t gap_every = 9;   // in the last shape, a row no run covers after every 9th run: left as it was
     std::mt19937 rng(14);
-    for (const int32_t kv_type : {int32_t(MOESH_DTYPE_F32), int32_t(MOESH_DTYPE_F16)}) {
+    for (const int32_t kv_type : {int32_t(MOESH_DTYPE_F32), int32_t(MOESH_DTYPE_F16), int32_t(MOESH_DTYPE_Q8_0)}) {
         if (!be_->supports(ctx_, MOESH_OP_ATTENTION, kv_type)) continue;
         for (const Shape & s : shapes) {
-            SCOPED_TRACE(testing::Message() << (kv_type == MOESH_DTYPE_F16 ? "f16" : "f32") << " KV, head_dim " << s.head_dim
+            if (kv_type == MOESH_DTYPE_Q8_0 && s.head_dim % MOESH_QK_BLOCK != 0) continue;
+            SCOPED_TRACE(testing::Message() << (kv_type == MOESH_DTYPE_F16 ? "f16" : kv_type == MOESH_DTYPE_Q8_0 ? "q8_0" : "f32")
+                                            << " KV, head_dim " << s.head_dim
                                             << " runs " << s.runs.size());
             const bool gaps = s.runs.size() > 64;
             std::vector<int64_t> n_blocks, gap_rows;
@@ -1585,8 +1612,12 @@ TEST_P(BackendConformance, AttentionBatchEqualsAttentionPerRun) {
                 k16[i] = moesh::ref::f32_to_f16(k_pool[i]);
                 v16[i] = moesh::ref::f32_to_f16(v_pool[i]);
             }
-            const bool f16 = kv_type == MOESH_DTYPE_F16;
-            DeviceBuffer d_q = upload(q), d_k = f16 ? upload(k16) : upload(k_pool), d_v = f16 ? upload(v16) : upload(v_pool);
+            const bool f16 = kv_type == MOESH_DTYPE_F16, q8 = kv_type == MOESH_DTYPE_Q8_0;
+            const std::vector<uint8_t> k8 = q8 ? q8_0_pool(k_pool) : std::vector<uint8_t>();
+            const std::vector<uint8_t> v8 = q8 ? q8_0_pool(v_pool) : std::vector<uint8_t>();
+            DeviceBuffer d_q = upload(q);
+            DeviceBuffer d_k = f16 ? upload(k16) : q8 ? upload(k8) : upload(k_pool);
+            DeviceBuffer d_v = f16 ? upload(v16) : q8 ? upload(v8) : upload(v_pool);
             DeviceBuffer d_tables = upload(tables), d_pos = upload(pos);
             DeviceBuffer d_out = upload(std::vector<float>(q.size(), k_sentinel));
             const moesh_attention_batch_args a = {.struct_size = sizeof(moesh_attention_batch_args),
@@ -1602,8 +1633,8 @@ TEST_P(BackendConformance, AttentionBatchEqualsAttentionPerRun) {
             const std::vector<float> out = download<float>(d_out, q.size());
             for (const int64_t g : gap_rows)
                 for (size_t j = 0; j < q_row; ++j) ASSERT_EQ(out[size_t(g) * q_row + j], k_sentinel) << "row " << g << " is in no run";
-            const std::vector<float> & k_ref = f16 ? f16_values(k16) : k_pool;
-            const std::vector<float> & v_ref = f16 ? f16_values(v16) : v_pool;
+            const std::vector<float> & k_ref = f16 ? f16_values(k16) : q8 ? q8_0_values(k8) : k_pool;
+            const std::vector<float> & v_ref = f16 ? f16_values(v16) : q8 ? q8_0_values(v8) : v_pool;
             for (const moesh_attention_run & r : runs) {
                 DeviceBuffer d_one = upload(std::vector<float>(size_t(r.n_tokens) * q_row, k_sentinel));
                 moesh_attention_args b = {.struct_size = sizeof(moesh_attention_args), .scale = a.scale,
@@ -1779,6 +1810,12 @@ TEST_P(BackendConformance, CopyRowsChecksIndicesAndShapes) {
         {"overlap", [](moesh_copy_rows_args & a) { a.src = static_cast<float *>(a.dst) + 4; a.src_n_rows = 2; }},
         {"in place with indices", [](moesh_copy_rows_args & a) { a.src = static_cast<float *>(a.dst); a.dst_rows = a.src_rows = nullptr; a.dst_stride = 8; a.src_stride = 16; }},
         {"dst_type bf16", [](moesh_copy_rows_args & a) { a.dst_type = MOESH_DTYPE_BF16; }},
+        {"q8_0 dst, n_cols not a multiple of 32", [](moesh_copy_rows_args & a) { a.dst_type = MOESH_DTYPE_Q8_0; }},
+        {"q8_0 dst with accumulate", [](moesh_copy_rows_args & a) {
+             a.dst_type = MOESH_DTYPE_Q8_0;
+             a.n_cols = a.src_stride = a.dst_stride = 32;
+             a.accumulate = 1;
+         }},
         {"reserved2", [](moesh_copy_rows_args & a) { a.reserved2 = 1; }},
     };
     for (const Bad & b : bad) {
@@ -1787,6 +1824,54 @@ TEST_P(BackendConformance, CopyRowsChecksIndicesAndShapes) {
         b.change(a);
         rj.expect(be_->copy_rows(rj.ctx(), &a), MOESH_ERR_INVALID_ARGUMENT, b.what);
     }
+}
+
+// copy_rows into a Q8_0 dst (KV cache writes): the reference's blocks byte for byte, with clamp,
+// gathered and scattered rows, rows of zeros (no src), and rows beside them left as they were.
+TEST_P(BackendConformance, CopyRowsIntoQ8_0MatchesReference) {
+    if (!be_->supports(ctx_, MOESH_OP_COPY_ROWS, MOESH_DTYPE_Q8_0)) {
+        EXPECT_FALSE(GetParam().all_weight_types) << "the cpu backend writes q8_0";
+        GTEST_SKIP() << "copy_rows into q8_0 not offered";
+    }
+    std::mt19937 rng(13);
+    for (const int64_t n_cols : {int64_t(32), int64_t(128)})
+        for (const float clamp : {0.0f, 1.5f})
+            for (const bool zeros : {false, true}) {
+                SCOPED_TRACE(testing::Message() << "n_cols " << n_cols << " clamp " << clamp << " zeros " << zeros);
+                const int64_t n_src = 8, n_dst = 10, n_rows = 6, src_stride = n_cols + 3, dst_stride = n_cols + 32;
+                std::vector<float> src = uniform(size_t(n_src * src_stride), -4.0f, 4.0f, rng);
+                src[size_t(3 * src_stride + 5)] = 0.0f;
+                std::vector<uint8_t> dst(size_t(n_dst * dst_stride / 32 * 34));
+                for (uint8_t & b : dst) b = uint8_t(rng());
+                const std::vector<int32_t> src_rows = {7, 0, 3, 3, 5, 1}, dst_rows = {9, 2, 0, 4, 6, 1};
+                DeviceBuffer d_src = upload(src), d_dst = upload(dst), d_sr = upload(src_rows), d_dr = upload(dst_rows);
+                moesh_copy_rows_args a = {.struct_size = sizeof(moesh_copy_rows_args), .accumulate = 0, .clamp = clamp,
+                                          .reserved = 0, .src = zeros ? nullptr : d_src.as<float>(), .dst = d_dst.get(),
+                                          .src_rows = d_sr.as<int32_t>(), .dst_rows = d_dr.as<int32_t>(), .n_rows = n_rows,
+                                          .n_cols = n_cols, .src_stride = src_stride, .dst_stride = dst_stride,
+                                          .src_n_rows = n_src, .dst_n_rows = n_dst, .dst_type = MOESH_DTYPE_Q8_0, .reserved2 = 0};
+                ASSERT_EQ(be_->copy_rows(ctx_, &a), MOESH_OK) << last_error();
+                std::vector<uint8_t> want = dst;
+                moesh_copy_rows_args r = a;
+                r.src = zeros ? nullptr : src.data();
+                r.dst = want.data();
+                r.src_rows = src_rows.data();
+                r.dst_rows = dst_rows.data();
+                moesh::ref::copy_rows(r);
+                ASSERT_EQ(be_->synchronize(ctx_), MOESH_OK) << last_error();
+                EXPECT_EQ(download<uint8_t>(d_dst, dst.size()), want);
+                // What was written reads back within half a quantization step of the (clamped) source,
+                // plus the f16 rounding of the block's scale (2^-11 of the value at most).
+                const std::vector<float> back = q8_0_values(want);
+                for (size_t i = 0; i < src_rows.size(); ++i)
+                    for (int64_t j = 0; j < n_cols; ++j) {
+                        float x = zeros ? 0.0f : src[size_t(src_rows[i] * src_stride + j)];
+                        if (clamp > 0.0f) x = std::clamp(x, -clamp, clamp);
+                        const float step = (clamp > 0.0f ? clamp : 4.0f) / 127.0f;
+                        EXPECT_NEAR(back[size_t(dst_rows[i] * dst_stride + j)], x, 0.5f * step * 1.01f + std::fabs(x) / 2048.0f)
+                            << "row " << i << " col " << j;
+                    }
+            }
 }
 
 // copy_rows into an f16 dst (KV cache writes): bit for bit the reference's rounding to
@@ -2185,6 +2270,7 @@ TEST_P(BackendConformance, RejectsInvalidAttentionArguments) {
     check("n_head_kv 0", [](moesh_attention_args & a) { a.n_head_kv = 0; });
     check("n_head % n_head_kv != 0", [](moesh_attention_args & a) { a.n_head = 3; });
     check("head_dim 0", [](moesh_attention_args & a) { a.head_dim = 0; });
+    check("q8_0 KV, head_dim not a multiple of 32", [](moesh_attention_args & a) { a.kv_type = MOESH_DTYPE_Q8_0; });
     check("block_size 0", [](moesh_attention_args & a) { a.block_size = 0; });
     check("n_kv 0", [](moesh_attention_args & a) { a.n_kv = 0; });
     check("n_blocks 0", [](moesh_attention_args & a) { a.n_blocks = 0; });
