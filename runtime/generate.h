@@ -35,7 +35,7 @@ struct GenerateOptions {
     std::shared_ptr<GrammarMatcher> grammar;
     int64_t max_batch = 64;      // prefill chunk
     int64_t kv_block_size = 16;
-    int32_t kv_type = MOESH_DTYPE_F32;   // KV cache elements: MOESH_DTYPE_F32 or MOESH_DTYPE_F16
+    int32_t kv_type = MOESH_DTYPE_F32;   // KV cache elements: MOESH_DTYPE_F32, MOESH_DTYPE_F16 or MOESH_DTYPE_Q8_0
     std::function<void(int32_t)> on_token; // called with each generated id as soon as it is sampled
     const BackendWeights * weights = nullptr; // weights as the backend reads them (runtime/backend_weights.h); null: the model as is
     RouteTraceWriter * trace = nullptr;       // gets every token's routing (runtime/route_trace.h)

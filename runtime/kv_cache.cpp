@@ -9,8 +9,16 @@
 namespace moesh {
 
 size_t KvCacheSpec::row_bytes(int32_t type, int64_t head_dim) {
-    return type == MOESH_DTYPE_Q8_0 ? size_t(head_dim / MOESH_QK_BLOCK) * 34
+    // q8_0: whole blocks (a head_dim that is not a multiple of 32 is refused: kv_type_problem)
+    return type == MOESH_DTYPE_Q8_0 ? size_t((head_dim + MOESH_QK_BLOCK - 1) / MOESH_QK_BLOCK) * 34
                                     : size_t(head_dim) * (type == MOESH_DTYPE_F16 ? 2 : 4);
+}
+
+std::string kv_type_problem(int32_t type, int64_t head_dim) {
+    if (type == MOESH_DTYPE_Q8_0 && head_dim % MOESH_QK_BLOCK != 0)
+        return "a q8_0 KV cache needs the model's head_dim (" + std::to_string(head_dim) +
+               ") to be a multiple of 32; use --kv-type f16 (or [runtime] kv_type = \"f16\")";
+    return {};
 }
 
 size_t KvCacheSpec::bytes() const {
@@ -39,12 +47,11 @@ KvCache::KvCache(const KvCacheSpec & spec, const Backend & backend) : spec_(spec
         throw Error("KV cache: every size must be positive");
     if (spec.type != MOESH_DTYPE_F32 && spec.type != MOESH_DTYPE_F16 && spec.type != MOESH_DTYPE_Q8_0)
         throw Error("KV cache: the type must be f32, f16 or q8_0");
-    if (spec.type == MOESH_DTYPE_Q8_0 && spec.head_dim % MOESH_QK_BLOCK != 0)
-        throw Error("a q8_0 KV cache needs the model's head_dim (" + std::to_string(spec.head_dim) +
-                    ") to be a multiple of 32; use --kv-type f16");
+    if (const std::string why = kv_type_problem(spec.type, spec.head_dim); !why.empty()) throw Error(why);
     if (!backend_offers_kv_type(backend, spec.type))
         throw Error(std::string("backend '") + backend.name() + "' cannot keep the KV cache in " + kv_type_name(spec.type) +
-                    " (its attention or copy_rows does not offer it); use --kv-type f32");
+                    " (its attention or copy_rows does not offer it); use --kv-type " +
+                    (spec.type == MOESH_DTYPE_Q8_0 ? "f16 or auto" : "f32"));
     if (spec.n_blocks > INT32_MAX / spec.block_size)
         throw Error("KV cache: " + std::to_string(spec.n_blocks) + " blocks of " + std::to_string(spec.block_size) +
                     " positions are more rows than a 32-bit index holds");

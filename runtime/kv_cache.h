@@ -56,6 +56,10 @@ inline const char * kv_type_name(int32_t type) {
     return type == MOESH_DTYPE_F16 ? "f16" : type == MOESH_DTYPE_Q8_0 ? "q8_0" : type < 0 ? "auto" : "f32";
 }
 
+// Why a KV cache of type cannot hold rows of head_dim values ("" when it can): q8_0 needs whole
+// blocks of 32.
+std::string kv_type_problem(int32_t type, int64_t head_dim);
+
 // Whether backend's attention and copy_rows take KV pools of type. f32 always; f16 and q8_0 only from a
 // plugin that answers supports() per type: one built before the KV type existed ignored w_type
 // for these ops and says yes to anything (an unknown type too), yet reads the pools as f32.

@@ -222,7 +222,7 @@ struct CommonOptions {
     std::string activations;   // "", "fast" or "precise"
     bool no_repack = false;
     std::string expert_budget;   // --expert-budget: host tier of this size + disk tier
-    std::string kv_type;         // --kv-type: "", "f32" or "f16"
+    std::string kv_type;         // --kv-type: "", "auto", "f32", "f16" or "q8_0"
     bool stats = false;          // --stats
     std::string chat_template;   // --chat-template FILE (run, serve): replaces the model's own
 };
@@ -282,13 +282,16 @@ std::unique_ptr<moesh::Backend> open_backend(const CommonOptions & o, const moes
 }
 
 // [runtime] kv_type auto: f16 where the backend's attention and copy_rows offer it, else f32. An
-// explicit type the backend lacks is refused here, before any weight is read.
-void resolve_kv_type(moesh::RunConfig & rc, const moesh::Backend & backend) {
+// explicit type the backend lacks, or that cannot hold the model's rows, is refused here, before
+// the weights are packed or uploaded.
+void resolve_kv_type(moesh::RunConfig & rc, const moesh::Backend & backend, const moesh::Model & model) {
     if (rc.kv_type < 0)
         rc.kv_type = moesh::backend_offers_kv_type(backend, MOESH_DTYPE_F16) ? MOESH_DTYPE_F16 : MOESH_DTYPE_F32;
     else if (!moesh::backend_offers_kv_type(backend, rc.kv_type))
         throw Error(std::string("backend '") + backend.name() + "' cannot keep the KV cache in " +
-                    moesh::kv_type_name(rc.kv_type) + "; use --kv-type f32 or auto (or [runtime] kv_type)");
+                    moesh::kv_type_name(rc.kv_type) + "; use --kv-type " + (rc.kv_type == MOESH_DTYPE_Q8_0 ? "f16" : "f32") +
+                    " or auto (or [runtime] kv_type)");
+    if (const std::string why = moesh::kv_type_problem(rc.kv_type, model.config().head_dim); !why.empty()) throw Error(why);
 }
 
 // --expert-budget SIZE: the same as a host tier of SIZE and a disk tier in the TOML; --kv-type
@@ -576,7 +579,7 @@ int cmd_run(const CommonOptions & co, const std::string & prompt_ids, const std:
         go.grammar = std::make_shared<moesh::GrammarMatcher>(grammar, std::make_shared<const moesh::GrammarVocab>(*tok), ends);
     }
     auto backend = open_backend(co, rc);
-    resolve_kv_type(rc, *backend);
+    resolve_kv_type(rc, *backend, model);
     std::fprintf(stderr, "moesh: backend '%s' (%s)\n", backend->name().c_str(), backend->path().c_str());
 
     if (tok && tok->n_vocab() > model.config().n_vocab)
@@ -764,7 +767,7 @@ int cmd_perplexity(const CommonOptions & co, const std::string & file, int64_t n
     po.n_chunks = n_chunks;
     moesh::Model model = load_model(co.model, rc.quantize, co.threads >= 0 ? co.threads : rc.threads);
     auto backend = open_backend(co, rc);
-    resolve_kv_type(rc, *backend);
+    resolve_kv_type(rc, *backend, model);
     std::fprintf(stderr, "moesh: %zu tokens, %lld chunks of %lld (BOS %s), backend '%s'\n", tokens.size(),
                  (long long)(n_chunks > 0 ? std::min<int64_t>(n_chunks, int64_t(tokens.size()) / n_ctx)
                                           : int64_t(tokens.size()) / n_ctx),
@@ -889,7 +892,7 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
     }
     moesh::Model model = load_model(co.model, rc.quantize, co.threads >= 0 ? co.threads : rc.threads);
     auto backend = open_backend(co, rc);
-    resolve_kv_type(rc, *backend);
+    resolve_kv_type(rc, *backend, model);
     const int64_t n_ctx = std::min<int64_t>(model.config().max_positions, int64_t(rc.server.max_tokens) + 1024);
     const PlacementSetup placement = open_placement(model, co, rc, *backend, n_ctx, rc.max_batch);
     const auto weights = prepare_weights(model, *backend, co, rc, n_ctx, rc.max_batch, placement.routed_experts_in_weights());
@@ -1060,6 +1063,7 @@ int cmd_plan(const CommonOptions & co, int64_t n_ctx, int64_t max_batch) {
     const moesh::Model model = moesh::Model::load_path(co.model);
     // auto: f16, as both the cpu and the cuda plugin keep it (no plugin is loaded here)
     const int32_t kv_type = rc.kv_type >= 0 ? rc.kv_type : MOESH_DTYPE_F16;
+    if (const std::string why = moesh::kv_type_problem(kv_type, model.config().head_dim); !why.empty()) throw Error(why);
     const moesh::ModelFootprint f = moesh::footprint_of(model, co.model, n_ctx, std::min(max_batch, n_ctx), kv_type);
     try {
         const moesh::PlacementPlan plan = moesh::plan_placement(f, rc.placement);

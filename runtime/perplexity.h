@@ -34,7 +34,7 @@ struct PerplexityOptions {
     int64_t n_chunks = -1;        // at most this many chunks; <= 0: all
     bool add_bos = false;
     int32_t bos_id = -1;          // required when add_bos
-    int32_t kv_type = MOESH_DTYPE_F32;   // KV cache elements: MOESH_DTYPE_F32 or MOESH_DTYPE_F16
+    int32_t kv_type = MOESH_DTYPE_F32;   // KV cache elements: MOESH_DTYPE_F32, MOESH_DTYPE_F16 or MOESH_DTYPE_Q8_0
     // Called after each chunk with its index (0-based) and the running PPL.
     std::function<void(int64_t, double)> on_chunk;
     const BackendWeights * weights = nullptr; // weights as the backend reads them (runtime/backend_weights.h); null: the model as is

@@ -52,7 +52,7 @@ struct SchedulerOptions {
     int64_t max_sequences = 16;    // requests running at once (KV sequence slots)
     int64_t kv_blocks = 256;       // KV pool, in blocks of kv_block_size positions
     int64_t kv_block_size = 16;
-    int32_t kv_type = MOESH_DTYPE_F32;   // KV pool elements: MOESH_DTYPE_F32 or MOESH_DTYPE_F16
+    int32_t kv_type = MOESH_DTYPE_F32;   // KV pool elements: MOESH_DTYPE_F32, MOESH_DTYPE_F16 or MOESH_DTYPE_Q8_0
     int64_t prefill_chunk = 32;    // prompt tokens of one request per step
     int64_t max_queue = 64;        // waiting requests; beyond that submit() says Busy
     bool prefix_cache = true;      // reuse the KV blocks of a prompt's start computed before (kv_cache.h)

@@ -684,6 +684,9 @@ moesh_status cuda_softmax(moesh_backend * be, const moesh_softmax_args * args) {
 moesh_status check_attention(moesh_backend * be, const moesh_attention_args & a, const char * op) {
     const moesh_status s = moesh::plugin::check_attention_shape(be, a, op);
     if (s != MOESH_OK) return s;
+    if (a.kv_type == MOESH_DTYPE_Q8_0) {   // valid by the ABI, not offered here (supports says 0)
+        return fail(be, MOESH_ERR_UNSUPPORTED, "%s: the cuda backend reads KV pools of f32 or f16, not q8_0; use --kv-type f16", op);
+    }
     if (a.head_dim > moesh::cuda::attention_max_head_dim()) {
         return fail(be, MOESH_ERR_UNSUPPORTED, "%s: head_dim %lld is more than the cuda backend's %lld", op,
                     ll(a.head_dim), ll(moesh::cuda::attention_max_head_dim()));
@@ -735,7 +738,10 @@ moesh_status cuda_copy_rows(moesh_backend * be, const moesh_copy_rows_args * arg
         moesh_copy_rows_args a;
         if (!read_args(be, args, "copy_rows", "moesh_copy_rows_args", &a)) return MOESH_ERR_INVALID_ARGUMENT;
         const moesh_status s = moesh::plugin::check_copy_rows(be, a);
-        if (s != MOESH_OK || a.n_rows == 0) return s;
+        if (s != MOESH_OK) return s;
+        if (a.dst_type == MOESH_DTYPE_Q8_0)   // valid by the ABI, not offered here (supports says 0)
+            return fail(be, MOESH_ERR_UNSUPPORTED, "copy_rows: the cuda backend writes f32 or f16, not q8_0; use --kv-type f16");
+        if (a.n_rows == 0) return s;
         // The indices are device memory: the kernel checks them and sets error_flag.
         return launched(be, "copy_rows", [&] { return moesh::cuda::launch_copy_rows(a, be->error_flag, be->compute); });
     });

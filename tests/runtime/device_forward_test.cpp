@@ -177,6 +177,16 @@ TEST(KvCacheType, AQ8_0CacheNeedsAPluginThatOffersItAndWholeBlocks) {
     EXPECT_EQ(KvCacheSpec::blocks_for_budget(ks.bytes(), 2, 2, 64, 16, MOESH_DTYPE_Q8_0), 3);
     EXPECT_NO_THROW(KvCache(ks, *cpu));
     EXPECT_THROW(KvCache(ks, *dev), Error);
+    // A q8_0 call is valid by the ABI: devsim must refuse it itself (UNSUPPORTED), not run as f32.
+    void * buf = nullptr;
+    ASSERT_EQ(dev->iface().buffer_alloc(dev->ctx(), 4096, &buf), MOESH_OK);
+    const moesh_copy_rows_args c = {.struct_size = sizeof(moesh_copy_rows_args), .accumulate = 0, .clamp = 0.0f, .reserved = 0,
+                                    .src = static_cast<const float *>(buf), .dst = static_cast<char *>(buf) + 2048,
+                                    .src_rows = nullptr, .dst_rows = nullptr, .n_rows = 1, .n_cols = 32, .src_stride = 32,
+                                    .dst_stride = 32, .src_n_rows = 1, .dst_n_rows = 1, .dst_type = MOESH_DTYPE_Q8_0, .reserved2 = 0};
+    EXPECT_EQ(dev->iface().copy_rows(dev->ctx(), &c), MOESH_ERR_UNSUPPORTED);
+    EXPECT_NE(std::string(dev->iface().last_error(dev->ctx())).find("not q8_0"), std::string::npos);
+    dev->iface().buffer_free(dev->ctx(), buf);
     ks.head_dim = 80;
     try {
         KvCache kv(ks, *cpu);

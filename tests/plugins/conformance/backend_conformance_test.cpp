@@ -1826,6 +1826,36 @@ TEST_P(BackendConformance, CopyRowsChecksIndicesAndShapes) {
     }
 }
 
+// A q8_0 KV pool is valid by the ABI, so a backend whose supports() does not offer it must refuse
+// such calls itself (UNSUPPORTED) rather than run its f32 kernels on 34/32 bytes a value.
+TEST_P(BackendConformance, AQ8_0KvCallIsRefusedWhereNotOffered) {
+    if (be_->supports(ctx_, MOESH_OP_ATTENTION, MOESH_DTYPE_Q8_0) && be_->supports(ctx_, MOESH_OP_COPY_ROWS, MOESH_DTYPE_Q8_0)) {
+        GTEST_SKIP() << "q8_0 KV offered (AttentionMatchesReference, CopyRowsIntoQ8_0MatchesReference)";
+    }
+    const int64_t head_dim = 32, n_pool = 2 * 4 * head_dim;   // 2 blocks of 4 positions, 1 kv head
+    DeviceBuffer pool = upload(std::vector<uint8_t>(size_t(n_pool) / 32 * 34, 0));
+    DeviceBuffer q = upload(std::vector<float>(size_t(head_dim), 0.5f)), out = upload(std::vector<float>(size_t(head_dim), 0.0f));
+    DeviceBuffer table = upload(std::vector<int32_t>{0}), pos = upload(std::vector<int32_t>{0});
+    if (!be_->supports(ctx_, MOESH_OP_ATTENTION, MOESH_DTYPE_Q8_0)) {
+        Rejection r(be_, create_context());
+        const moesh_attention_args a = {.struct_size = sizeof(moesh_attention_args), .scale = 1.0f, .q = q.as<float>(),
+                                        .k_pool = pool.get(), .v_pool = pool.get(), .block_table = table.as<int32_t>(),
+                                        .pos = pos.as<int32_t>(), .out = out.as<float>(), .n_tokens = 1, .n_head = 1,
+                                        .n_head_kv = 1, .head_dim = head_dim, .block_size = 4, .n_blocks = 2, .n_kv = 1,
+                                        .kv_type = MOESH_DTYPE_Q8_0, .reserved2 = 0};
+        r.expect(be_->attention(r.ctx(), &a), MOESH_ERR_UNSUPPORTED, "attention with a q8_0 pool");
+    }
+    if (!be_->supports(ctx_, MOESH_OP_COPY_ROWS, MOESH_DTYPE_Q8_0)) {
+        Rejection r(be_, create_context());
+        DeviceBuffer src = upload(std::vector<float>(size_t(head_dim), 1.0f));
+        const moesh_copy_rows_args c = {.struct_size = sizeof(moesh_copy_rows_args), .accumulate = 0, .clamp = 0.0f, .reserved = 0,
+                                        .src = src.as<float>(), .dst = pool.get(), .src_rows = nullptr, .dst_rows = nullptr,
+                                        .n_rows = 1, .n_cols = head_dim, .src_stride = head_dim, .dst_stride = head_dim,
+                                        .src_n_rows = 1, .dst_n_rows = 8, .dst_type = MOESH_DTYPE_Q8_0, .reserved2 = 0};
+        r.expect(be_->copy_rows(r.ctx(), &c), MOESH_ERR_UNSUPPORTED, "copy_rows into q8_0");
+    }
+}
+
 // copy_rows into a Q8_0 dst (KV cache writes): the reference's blocks byte for byte, with clamp,
 // gathered and scattered rows, rows of zeros (no src), and rows beside them left as they were.
 TEST_P(BackendConformance, CopyRowsIntoQ8_0MatchesReference) {

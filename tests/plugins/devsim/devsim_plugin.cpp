@@ -116,6 +116,7 @@ bool settle(moesh_backend * be, const void * p, size_t n, const char * what, boo
 class Access {
 public:
     explicit Access(moesh_backend * be) : be_(be) {}
+    moesh_status refusal = MOESH_ERR_INVALID_ARGUMENT;   // what a failed check returns; a check may set it
     ~Access() {
         for (auto & [start, size] : open_) mprotect(reinterpret_cast<void *>(start), size, PROT_NONE);
     }
@@ -297,7 +298,7 @@ moesh_status op(moesh_backend * be, const T * args, const char * name, Check che
         T a;
         if (!read_args(be, args, name, name, &a)) return MOESH_ERR_INVALID_ARGUMENT;
         Access acc(be);
-        if (!check(a, acc)) return MOESH_ERR_INVALID_ARGUMENT;
+        if (!check(a, acc)) return acc.refusal;
         return run(a);
     });
 }
@@ -348,6 +349,10 @@ moesh_status devsim_softmax(moesh_backend * be, const moesh_softmax_args * args)
 
 moesh_status devsim_attention(moesh_backend * be, const moesh_attention_args * args) {
     return op(be, args, "attention", [&](const moesh_attention_args & a, Access & acc) {
+        if (a.kv_type == MOESH_DTYPE_Q8_0) {   // valid by the ABI; devsim, standing in for a device, does not offer it
+            acc.refusal = fail(be, MOESH_ERR_UNSUPPORTED, "attention: devsim reads KV pools of f32 or f16, not q8_0");
+            return false;
+        }
         if ((a.kv_type != MOESH_DTYPE_F32 && a.kv_type != MOESH_DTYPE_F16) || a.reserved2 != 0) {
             fail(be, MOESH_ERR_INVALID_ARGUMENT, "attention: kv_type %d is neither f32 nor f16, or reserved2 (%u) is not 0",
                  int(a.kv_type), unsigned(a.reserved2));
@@ -386,6 +391,10 @@ moesh_status devsim_attention(moesh_backend * be, const moesh_attention_args * a
 
 moesh_status devsim_copy_rows(moesh_backend * be, const moesh_copy_rows_args * args) {
     return op(be, args, "copy_rows", [&](const moesh_copy_rows_args & a, Access & acc) {
+        if (a.dst_type == MOESH_DTYPE_Q8_0) {   // valid by the ABI; devsim, standing in for a device, does not offer it
+            acc.refusal = fail(be, MOESH_ERR_UNSUPPORTED, "copy_rows: devsim writes f32 or f16, not q8_0");
+            return false;
+        }
         return moesh::plugin::check_copy_rows(be, a) == MOESH_OK &&
                acc.need(a.dst, rows(a.dst_n_rows, a.dst_stride, a.n_cols) / (a.dst_type == MOESH_DTYPE_F16 ? 2 : 1),
                         "copy_rows dst") &&
