@@ -206,7 +206,9 @@ TEST(ToolCalls, TextAfterTheCallsIsContent) {
     EXPECT_EQ(out.content, "Checking.\nLet me know.");
     for (size_t k = 0; k <= text.size(); ++k) {   // never a call that goes away
         const std::vector<PartialCall> p = tool_call_prefix(ToolCallFormat::Hermes, std::string_view(text).substr(0, k));
-        if (k >= text.find("</tool_call>") + 12) ASSERT_EQ(p.size(), 1u) << "at " << k;
+        if (k >= text.find("</tool_call>") + 12) {
+            ASSERT_EQ(p.size(), 1u) << "at " << k;
+        }
     }
     const ParsedOutput glm = parse_tool_calls(ToolCallFormat::GlmXml, "<tool_call>f\n</tool_call>\nDone.");
     EXPECT_EQ(glm.calls.size(), 1u);
