@@ -593,22 +593,26 @@ struct KvPool<KvQ8> {
         std::memcpy(&h, b, sizeof h);
         return moesh::ref::f16_to_f32(h);
     }
+    // Whether a vector's lanes lie in one block (every fixed-width target): the attention loops
+    // then take raw() and scale_of() a block at a time; otherwise load() a value at a time.
+    static bool blockwise(DF d) { return MOESH_QK_BLOCK % hn::Lanes(d) == 0; }
+    // float(q) of lanes e.. (blockwise), without the block's scale.
+    HWY_INLINE VF raw(DF d, int64_t e) const {
+        const hn::Rebind<int8_t, DF> d8;
+        const hn::RebindToSigned<DF> di;
+        return hn::ConvertTo(d, hn::PromoteTo(di, hn::LoadU(d8, reinterpret_cast<const int8_t *>(block(e) + 2 + in_block(e)))));
+    }
+    // The scale of e's block, widened as load_kv widens f16 (F16C where there is one; exact, as
+    // scale()), from the block's first lanes when a vector's halves fit in its 34 bytes.
+    HWY_INLINE float scale_of(DF d, int64_t e) const {
+        const uint8_t * b = block(e);
+        return hn::Lanes(d) * 2 <= 34 ? hn::GetLane(load_kv(d, reinterpret_cast<const hwy::float16_t *>(b))) : scale(b);
+    }
     // float(q) * d in every lane, as at() and the reference compute it.
     HWY_INLINE VF load(DF d, int64_t e) const {
-        const size_t n = hn::Lanes(d);
-        const bool halves_fit = n * 2 <= 34;   // load_kv reads n halves
-        if (MOESH_QK_BLOCK % n == 0) {   // the lanes lie in one block
-            const uint8_t * b = block(e);
-            const hn::Rebind<int8_t, DF> d8;
-            const hn::RebindToSigned<DF> di;
-            const VF q = hn::ConvertTo(d, hn::PromoteTo(di, hn::LoadU(d8, reinterpret_cast<const int8_t *>(b + 2 + in_block(e)))));
-            // The scale widened as load_kv widens f16 (F16C where there is one; exact, as scale()),
-            // from the block's first lanes: a vector's halves, within the block's 34 bytes.
-            const float dv = halves_fit ? hn::GetLane(load_kv(d, reinterpret_cast<const hwy::float16_t *>(b))) : scale(b);
-            return hn::Mul(q, hn::Set(d, dv));
-        }
+        if (blockwise(d)) return hn::Mul(raw(d, e), hn::Set(d, scale_of(d, e)));
         HWY_ALIGN float lanes[HWY_MAX_BYTES / sizeof(float)];
-        for (size_t l = 0; l < n; ++l) lanes[l] = at(e + int64_t(l));
+        for (size_t l = 0; l < hn::Lanes(d); ++l) lanes[l] = at(e + int64_t(l));
         return hn::Load(d, lanes);
     }
     HWY_INLINE float at(int64_t e) const {
@@ -619,10 +623,26 @@ struct KvPool<KvQ8> {
     static int64_t row_bytes(int64_t n) { return n / MOESH_QK_BLOCK * 34; }
 };
 
+// A Q8_0 row's dot product with q, a block at a time: the products with float(q) summed over the
+// block, then times its scale into the total (a multiply per block instead of per value). The
+// attention loops below do exactly this per row, grouped or not.
+HWY_INLINE VF dot_q8_blocks(DF d, const float * HWY_RESTRICT q, const KvPool<KvQ8> & k, int64_t e, int64_t n, VF acc) {
+    const int64_t N = int64_t(hn::Lanes(d));
+    for (int64_t b0 = 0; b0 < n; b0 += MOESH_QK_BLOCK) {
+        VF part = hn::Zero(d);
+        for (int64_t i = b0; i < b0 + MOESH_QK_BLOCK; i += N) part = hn::MulAdd(hn::LoadU(d, q + i), k.raw(d, e + i), part);
+        acc = hn::MulAdd(part, hn::Set(d, k.scale_of(d, e + b0)), acc);
+    }
+    return acc;
+}
+
 template <class T>
 HWY_INLINE float dot_q_1(const float * HWY_RESTRICT q, const KvPool<T> & k, int64_t e, int64_t n) {
     const DF d;
     const int64_t N = int64_t(hn::Lanes(d));
+    if constexpr (std::is_same_v<T, KvQ8>) {
+        if (KvPool<KvQ8>::blockwise(d)) return reduce_sum(d, dot_q8_blocks(d, q, k, e, n, hn::Zero(d)));
+    }
     VF acc = hn::Zero(d);
     int64_t i = 0;
     for (; i + N <= n; i += N) {
@@ -640,6 +660,16 @@ template <class T>
 HWY_INLINE void accumulate_v(float * HWY_RESTRICT o, const KvPool<T> & v, int64_t e, float p, int64_t n) {
     const DF d;
     const int64_t N = int64_t(hn::Lanes(d));
+    if constexpr (std::is_same_v<T, KvQ8>) {
+        if (KvPool<KvQ8>::blockwise(d)) {   // o += (p d) float(q): p times the block's scale once
+            for (int64_t b0 = 0; b0 < n; b0 += MOESH_QK_BLOCK) {
+                const VF pd = hn::Set(d, p * v.scale_of(d, e + b0));
+                for (int64_t i = b0; i < b0 + MOESH_QK_BLOCK; i += N)
+                    hn::StoreU(hn::MulAdd(pd, v.raw(d, e + i), hn::LoadU(d, o + i)), d, o + i);
+            }
+            return;
+        }
+    }
     const VF vp = hn::Set(d, p);
     int64_t i = 0;
     for (; i + N <= n; i += N) {
@@ -668,6 +698,9 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
     const int64_t row_stride = a.n_head_kv * n_dim;   // elements between cache rows of one kv head
     const int64_t row_bytes = KvPool<T>::row_bytes(n_dim);
     const KvPool<T> kp(a.k_pool), vp(a.v_pool);
+    constexpr bool kQ8 = std::is_same_v<T, KvQ8>;
+    bool q8_blocks = false;   // Q8_0 rows a block at a time (see dot_q8_blocks)
+    if constexpr (kQ8) q8_blocks = KvPool<KvQ8>::blockwise(d);
     for (int64_t item = i0; item < i1; ++item) {
         const int64_t t = item / n_items_token;
         const int64_t h0 = (item % n_items_token) * HPI;   // first query head
@@ -710,6 +743,27 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
                     }
                 }
                 int64_t i = 0;
+                if constexpr (kQ8) {
+                    if (q8_blocks) {   // per row and block as dot_q8_blocks, the rows' loads interleaved
+                        for (int64_t b0 = 0; b0 < n_dim; b0 += MOESH_QK_BLOCK) {
+                            VF part[R][HPI];
+                            for (int j = 0; j < R; ++j) {
+                                for (int h = 0; h < HPI; ++h) part[j][h] = hn::Zero(d);
+                            }
+                            for (int64_t ib = b0; ib < b0 + MOESH_QK_BLOCK; ib += N) {
+                                for (int j = 0; j < R; ++j) {
+                                    const VF vk = kp.raw(d, k + (r + j) * row_stride + ib);
+                                    for (int h = 0; h < HPI; ++h) part[j][h] = hn::MulAdd(hn::LoadU(d, q[h] + ib), vk, part[j][h]);
+                                }
+                            }
+                            for (int j = 0; j < R; ++j) {
+                                const VF dv = hn::Set(d, kp.scale_of(d, k + (r + j) * row_stride + b0));
+                                for (int h = 0; h < HPI; ++h) acc[j][h] = hn::MulAdd(part[j][h], dv, acc[j][h]);
+                            }
+                        }
+                        i = n_dim;
+                    }
+                }
                 for (; i + N <= n_dim; i += N) {
                     for (int j = 0; j < R; ++j) {
                         const VF vk = kp.load(d, k + (r + j) * row_stride + i);
@@ -772,6 +826,27 @@ void attention_items_t(const moesh_attention_args & a, int64_t i0, int64_t i1, f
                     }
                 }
                 int64_t i = 0;
+                if constexpr (kQ8) {
+                    if (q8_blocks) {   // as accumulate_v: each row's weight times its block's scale, once
+                        for (int64_t b0 = 0; b0 < n_dim; b0 += MOESH_QK_BLOCK) {
+                            VF pd[RV][HPI];
+                            for (int j = 0; j < RV; ++j) {
+                                const float dj = vp.scale_of(d, v + (r + j) * row_stride + b0);
+                                for (int h = 0; h < HPI; ++h) pd[j][h] = hn::Set(d, sc[h][p0 + r + j] * dj);
+                            }
+                            for (int64_t ib = b0; ib < b0 + MOESH_QK_BLOCK; ib += N) {
+                                VF vv[RV];
+                                for (int j = 0; j < RV; ++j) vv[j] = vp.raw(d, v + (r + j) * row_stride + ib);
+                                for (int h = 0; h < HPI; ++h) {
+                                    VF acc = hn::LoadU(d, o[h] + ib);
+                                    for (int j = 0; j < RV; ++j) acc = hn::MulAdd(pd[j][h], vv[j], acc);
+                                    hn::StoreU(acc, d, o[h] + ib);
+                                }
+                            }
+                        }
+                        i = n_dim;
+                    }
+                }
                 for (; i + N <= n_dim; i += N) {
                     VF vv[RV];
                     for (int j = 0; j < RV; ++j) {
