@@ -76,6 +76,29 @@ std::vector<float> q8_0_values(const std::vector<uint8_t> & q) {
     return f;
 }
 
+// A KV pool of f32 rows (NaN where nothing was written) as a backend keeps it in kv_type: its
+// bytes, which the backend gets and the reference reads, and the values they stand for.
+struct KvPoolAs {
+    std::vector<uint8_t> bytes;
+    std::vector<float> values;
+    KvPoolAs(const std::vector<float> & f, int32_t kv_type) {
+        if (kv_type == MOESH_DTYPE_Q8_0) {
+            bytes = q8_0_pool(f);
+            values = q8_0_values(bytes);
+        } else if (kv_type == MOESH_DTYPE_F16) {   // rounded, NaN staying NaN
+            std::vector<uint16_t> h(f.size());
+            for (size_t i = 0; i < f.size(); ++i) h[i] = moesh::ref::f32_to_f16(f[i]);
+            bytes.resize(h.size() * 2);
+            std::memcpy(bytes.data(), h.data(), bytes.size());
+            values = f16_values(h);
+        } else {
+            bytes.resize(f.size() * sizeof(float));
+            std::memcpy(bytes.data(), f.data(), bytes.size());
+            values = f;
+        }
+    }
+};
+
 // Error of a float32 sum of n terms in any order, relative to the sum of the
 // terms' magnitudes. The worst case is n*u, but for terms of random sign (all
 // inputs here) rounding errors add up like a random walk, ~sqrt(n)*u; using
@@ -1434,18 +1457,10 @@ TEST_P(BackendConformance, AttentionMatchesReference) {
             pos[size_t(t)] = s.random_pos ? pos_dist(rng) : int32_t(s.n_kv - s.n_tokens + t);
         }
         const std::vector<float> q = uniform(size_t(s.n_tokens * s.n_head * s.head_dim), -s.q_scale, s.q_scale, rng);
-        // f16 pools: the same values rounded (NaN stays NaN), read by both sides.
-        std::vector<uint16_t> k16(pool_size), v16(pool_size);
-        for (size_t i = 0; i < pool_size; ++i) {
-            k16[i] = moesh::ref::f32_to_f16(k_pool[i]);
-            v16[i] = moesh::ref::f32_to_f16(v_pool[i]);
-        }
-        const bool f16 = kv_type == MOESH_DTYPE_F16, q8 = kv_type == MOESH_DTYPE_Q8_0;
-        const std::vector<uint8_t> k8 = q8 ? q8_0_pool(k_pool) : std::vector<uint8_t>();
-        const std::vector<uint8_t> v8 = q8 ? q8_0_pool(v_pool) : std::vector<uint8_t>();
+        const KvPoolAs k_as(k_pool, kv_type), v_as(v_pool, kv_type);   // read by both sides
         DeviceBuffer d_q = upload(q);
-        DeviceBuffer d_k = f16 ? upload(k16) : q8 ? upload(k8) : upload(k_pool);
-        DeviceBuffer d_v = f16 ? upload(v16) : q8 ? upload(v8) : upload(v_pool);
+        DeviceBuffer d_k = upload(k_as.bytes);
+        DeviceBuffer d_v = upload(v_as.bytes);
         DeviceBuffer d_table = upload(block_table);
         DeviceBuffer d_pos = upload(pos);
         DeviceBuffer d_out = upload(std::vector<float>(q.size(), k_sentinel));
@@ -1472,8 +1487,8 @@ TEST_P(BackendConformance, AttentionMatchesReference) {
         std::vector<float> out_ref(q.size());
         moesh_attention_args r = a;
         r.q = q.data();
-        r.k_pool = f16 ? static_cast<const void *>(k16.data()) : q8 ? static_cast<const void *>(k8.data()) : k_pool.data();
-        r.v_pool = f16 ? static_cast<const void *>(v16.data()) : q8 ? static_cast<const void *>(v8.data()) : v_pool.data();
+        r.k_pool = k_as.bytes.data();
+        r.v_pool = v_as.bytes.data();
         r.block_table = block_table.data();
         r.pos = pos.data();
         r.out = out_ref.data();
@@ -1607,17 +1622,8 @@ TEST_P(BackendConformance, AttentionBatchEqualsAttentionPerRun) {
             const size_t q_row = size_t(s.n_head * s.head_dim);
             const std::vector<float> q = uniform(size_t(n_rows) * q_row, -3.0f, 3.0f, rng);
             // The pools as the backend keeps them; the reference reads the same values.
-            std::vector<uint16_t> k16(k_pool.size()), v16(v_pool.size());
-            for (size_t i = 0; i < k_pool.size(); ++i) {
-                k16[i] = moesh::ref::f32_to_f16(k_pool[i]);
-                v16[i] = moesh::ref::f32_to_f16(v_pool[i]);
-            }
-            const bool f16 = kv_type == MOESH_DTYPE_F16, q8 = kv_type == MOESH_DTYPE_Q8_0;
-            const std::vector<uint8_t> k8 = q8 ? q8_0_pool(k_pool) : std::vector<uint8_t>();
-            const std::vector<uint8_t> v8 = q8 ? q8_0_pool(v_pool) : std::vector<uint8_t>();
-            DeviceBuffer d_q = upload(q);
-            DeviceBuffer d_k = f16 ? upload(k16) : q8 ? upload(k8) : upload(k_pool);
-            DeviceBuffer d_v = f16 ? upload(v16) : q8 ? upload(v8) : upload(v_pool);
+            const KvPoolAs k_as(k_pool, kv_type), v_as(v_pool, kv_type);
+            DeviceBuffer d_q = upload(q), d_k = upload(k_as.bytes), d_v = upload(v_as.bytes);
             DeviceBuffer d_tables = upload(tables), d_pos = upload(pos);
             DeviceBuffer d_out = upload(std::vector<float>(q.size(), k_sentinel));
             const moesh_attention_batch_args a = {.struct_size = sizeof(moesh_attention_batch_args),
@@ -1633,8 +1639,8 @@ TEST_P(BackendConformance, AttentionBatchEqualsAttentionPerRun) {
             const std::vector<float> out = download<float>(d_out, q.size());
             for (const int64_t g : gap_rows)
                 for (size_t j = 0; j < q_row; ++j) ASSERT_EQ(out[size_t(g) * q_row + j], k_sentinel) << "row " << g << " is in no run";
-            const std::vector<float> & k_ref = f16 ? f16_values(k16) : q8 ? q8_0_values(k8) : k_pool;
-            const std::vector<float> & v_ref = f16 ? f16_values(v16) : q8 ? q8_0_values(v8) : v_pool;
+            const std::vector<float> & k_ref = k_as.values;
+            const std::vector<float> & v_ref = v_as.values;
             for (const moesh_attention_run & r : runs) {
                 DeviceBuffer d_one = upload(std::vector<float>(size_t(r.n_tokens) * q_row, k_sentinel));
                 moesh_attention_args b = {.struct_size = sizeof(moesh_attention_args), .scale = a.scale,
