@@ -234,6 +234,7 @@ TEST(Server, ASmallKvPoolPreemptsAndEveryStreamIsUnchanged) {
         preempted += f->body["timings"]["preempted"].get<int64_t>();
     }
     EXPECT_GT(preempted, 0);   // the done frames say which waited
+    EXPECT_TRUE(srv.log_has("in f16: 192 positions")) << srv.log();   // what the pool holds, said at start
     EXPECT_TRUE(srv.log_has("preempted (the KV pool ran out: raise [server] kv_cache")) << srv.log();
     EXPECT_EQ(srv.stop(), 0) << srv.log();
 }
