@@ -930,9 +930,7 @@ int cmd_serve(const CommonOptions & co, const std::string & endpoint, const std:
     std::signal(SIGHUP, on_reload_signal);
     std::signal(SIGTERM, on_stop_signal);
     std::signal(SIGINT, on_stop_signal);
-    const moesh::ModelConfig & mc = model.config();
-    const int64_t kv_positions = moesh::KvCacheSpec::blocks_for_budget(rc.server.kv_cache, mc.n_layer, mc.n_head_kv, mc.head_dim,
-                                                                       rc.kv_block_size, rc.kv_type) * rc.kv_block_size;
+    const int64_t kv_positions = server.scheduler().stats().kv_blocks_total * rc.kv_block_size;
     std::fprintf(stderr, "moesh: serving %s on %s%s%s (%lld sequences, KV %s in %s: %lld positions, queue %lld); SIGTERM drains for %.0f s\n",
                  co.model.c_str(), server.endpoint().c_str(), front ? " and " : "", front ? front->url().c_str() : "",
                  (long long)rc.server.max_sequences, human_bytes(double(rc.server.kv_cache)).c_str(),

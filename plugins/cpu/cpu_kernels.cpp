@@ -608,9 +608,9 @@ struct KvPool<KvQ8> {
         const uint8_t * b = block(e);
         return hn::Lanes(d) * 2 <= 34 ? hn::GetLane(load_kv(d, reinterpret_cast<const hwy::float16_t *>(b))) : scale(b);
     }
-    // float(q) * d in every lane, as at() and the reference compute it.
+    // float(q) * d in every lane, a value at a time: only where !blockwise (the loops take raw()
+    // and scale_of() a block at a time otherwise).
     HWY_INLINE VF load(DF d, int64_t e) const {
-        if (blockwise(d)) return hn::Mul(raw(d, e), hn::Set(d, scale_of(d, e)));
         HWY_ALIGN float lanes[HWY_MAX_BYTES / sizeof(float)];
         for (size_t l = 0; l < hn::Lanes(d); ++l) lanes[l] = at(e + int64_t(l));
         return hn::Load(d, lanes);
